@@ -1,0 +1,139 @@
+"""Entry point of ``pure``: global options, command registration, the one error handler.
+
+Each command group lives in its own module under ``purestore.cli`` and exposes
+``register(cli: Registry)``.  Library code is imported inside command functions so that
+``pure --help`` and quick commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable
+
+from .. import __version__
+from ..errors import PurestoreError
+
+# Command modules, in the order their commands appear in --help.
+COMMAND_MODULES = [
+    "hash_cmd",      # pure hash
+    "nar_cmd",       # pure nar
+    "store_cmd",     # pure store add/path-info/ls/references/requisites/verify/delete
+    "eval_cmd",      # pure eval / instantiate / show-derivation
+    "build_cmd",     # pure build / log / store realise
+    "cache_cmd",     # pure key / copy / cache serve / store sign
+    "env_cmd",       # pure shell / run / profile / gc
+    "evidence_cmd",  # pure sbom / provenance / report / why-depends
+]
+
+
+class Registry:
+    """What a command module registers into: top-level commands and named groups (``store``…)."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self._top = parser.add_subparsers(dest="command", metavar="COMMAND")
+        self._groups: dict[str, argparse._SubParsersAction] = {}
+
+    def command(self, name: str, help: str, func: Callable, group: str | None = None,
+                description: str | None = None, **kw) -> argparse.ArgumentParser:
+        """Add a command; ``func(args, ctx) -> int | None`` runs it."""
+        subs = self._top if group is None else self.group(group)
+        p = subs.add_parser(name, help=help, description=description or help,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    def group(self, name: str, help: str | None = None) -> argparse._SubParsersAction:
+        if name not in self._groups:
+            p = self._top.add_parser(name, help=help or f"{name} commands", description=help)
+            p.set_defaults(func=lambda args, ctx: _group_help(p))
+            self._groups[name] = p.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+        return self._groups[name]
+
+
+def _group_help(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+class Context:
+    """What a command gets besides its arguments: settings (loaded on first use) and output helpers."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self._settings = None
+
+    @property
+    def settings(self):
+        if self._settings is None:
+            from ..store.settings import load_settings
+            self._settings = load_settings(
+                root=self.args.store, store_dir=self.args.store_dir,
+            )
+        return self._settings
+
+    def open_store(self):
+        from ..store.local import LocalStore
+        return LocalStore.open(self.settings)
+
+    @staticmethod
+    def info(msg: str) -> None:
+        """Progress and status for people: stderr, so stdout stays parseable."""
+        print(msg, file=sys.stderr, flush=True)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pure",
+        description="purestore: hermetic, reproducible builds and a Nix-compatible package store.",
+        epilog="Run 'pure COMMAND --help' for a command's options. Docs: docs/ in the source tree.",
+    )
+    parser.add_argument("--version", action="version", version=f"pure (purestore) {__version__}")
+    parser.add_argument("--store", metavar="ROOT", default=None,
+                        help="use a rooted store under ROOT (env PURE_STORE); hashes stay the same")
+    parser.add_argument("--store-dir", metavar="DIR", default=None,
+                        help="logical store dir (env PURE_STORE_DIR, default /pure/store); "
+                             "/nix/store gives Nix's paths")
+    reg = Registry(parser)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # not written yet
+            raise
+        mod.register(reg)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    ctx = Context(args)
+    try:
+        rc = args.func(args, ctx)
+    except PurestoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    return rc or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

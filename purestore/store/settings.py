@@ -1,0 +1,137 @@
+"""Settings: where the store lives and how purestore behaves.  Passed explicitly, never global.
+
+Sources, later ones winning: built-in defaults, the config file (``$PURE_CONFIG``, else
+``/etc/pure/pure.conf`` then ``~/.config/pure/pure.conf``), environment variables
+(``PURE_STORE``, ``PURE_STORE_DIR``), command-line options.
+
+The config file is ``key = value`` lines; ``#`` starts a comment; lists are space-separated::
+
+    substituters = file:///srv/cache http://127.0.0.1:5000
+    trusted-public-keys = cache-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=
+    max-jobs = 4
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+from ..errors import UsageError
+from ..formats.store_path import DEFAULT_STORE_DIR, check_store_dir
+
+_LIST_KEYS = {"substituters", "trusted-public-keys"}
+_INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout"}
+_BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance"}
+
+
+def _parse_bool(v: str, where: str) -> bool:
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise UsageError(f"{where}: expected true or false, got {v!r}")
+
+
+@attrs.frozen
+class Settings:
+    """Everything that configures a store and the commands acting on it."""
+
+    store_dir: str = DEFAULT_STORE_DIR
+    root: str = "/"
+    substituters: tuple[str, ...] = ()
+    trusted_public_keys: tuple[str, ...] = ()
+    max_jobs: int = attrs.field(factory=lambda: os.cpu_count() or 1)
+    cores: int = 0
+    keep_derivations: bool = True
+    keep_outputs: bool = False
+    offline: bool = False
+    sandbox: bool = True
+    require_provenance: bool = False
+    narinfo_cache_negative_ttl: int = 300
+    connect_timeout: int = 10
+    stalled_download_timeout: int = 30
+
+    @property
+    def real_store_dir(self) -> str:
+        """Where the store's files physically are (store dir under the root)."""
+        return os.path.normpath(self.root + "/" + self.store_dir) if self.root != "/" else self.store_dir
+
+    @property
+    def state_dir(self) -> str:
+        """The state dir (database, locks, roots, logs): ``<parent of store dir>/var/pure`` under the root."""
+        logical = os.path.dirname(self.store_dir) + "/var/pure"
+        return os.path.normpath(self.root + "/" + logical) if self.root != "/" else os.path.normpath(logical)
+
+    @property
+    def rooted(self) -> bool:
+        return self.root != "/"
+
+    def evolve(self, **kw) -> "Settings":
+        return attrs.evolve(self, **kw)
+
+
+def config_files(env: dict[str, str]) -> list[Path]:
+    if env.get("PURE_CONFIG"):
+        return [Path(env["PURE_CONFIG"])]
+    files = [Path("/etc/pure/pure.conf")]
+    home = env.get("XDG_CONFIG_HOME") or (env.get("HOME", "") + "/.config")
+    files.append(Path(home) / "pure" / "pure.conf")
+    return files
+
+
+def parse_config(text: str, where: str) -> dict[str, object]:
+    """Parse a config file's text into Settings keyword arguments."""
+    out: dict[str, object] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        loc = f"{where}:{lineno}"
+        if not eq:
+            raise UsageError(f"{loc}: expected 'key = value', got {line!r}")
+        field = key.replace("-", "_")
+        if key in _LIST_KEYS:
+            out[field] = tuple(value.split())
+        elif key in _INT_KEYS:
+            try:
+                out[field] = int(value)
+            except ValueError:
+                raise UsageError(f"{loc}: {key} must be an integer, got {value!r}") from None
+        elif key in _BOOL_KEYS:
+            out[field] = _parse_bool(value, loc)
+        elif key in ("store-dir", "store"):
+            out["store_dir" if key == "store-dir" else "root"] = value
+        else:
+            raise UsageError(f"{loc}: unknown setting {key!r}")
+    return out
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
+    """Build Settings from config files, the environment and explicit overrides (None = unset)."""
+    env = dict(os.environ) if env is None else env
+    kw: dict[str, object] = {}
+    for f in config_files(env):
+        try:
+            text = f.read_text()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot read config file {str(f)!r}: {e.strerror}") from e
+        kw.update(parse_config(text, str(f)))
+    if env.get("PURE_STORE"):
+        kw["root"] = env["PURE_STORE"]
+    if env.get("PURE_STORE_DIR"):
+        kw["store_dir"] = env["PURE_STORE_DIR"]
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if "root" in kw:
+        kw["root"] = os.path.abspath(str(kw["root"]))
+    s = Settings(**kw)
+    try:
+        check_store_dir(s.store_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return s
