@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs the test suite from the project venv (made by `make venv`).
+# Runs the test suite (creating .venv and installing what it needs first).
 # System packages the tests use, installed when we are root on Debian and they are missing:
 #   busybox-static  a static shell + core utilities used as the builder in sandbox tests
 #   nix-bin         Nix 2.8, the oracle for live format comparisons (tests skip without it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh
 want=()
 dpkg -s busybox-static >/dev/null 2>&1 || want+=(busybox-static)
 command -v nix-store >/dev/null || want+=(nix-bin)
