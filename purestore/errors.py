@@ -100,3 +100,12 @@ class UsageError(PurestoreError):
     """Raised when a command is called with inconsistent arguments."""
 
     exit_status = 2
+
+
+class ProvenanceError(SignatureError):
+    """Raised when a provenance statement is malformed, unsigned, signed by an untrusted key, does
+    not verify, or is about other content than the store path it is checked against."""
+
+
+class SbomError(PurestoreError):
+    """Raised when an SBOM cannot be made (unknown deriver, missing derivation, bad format)."""
