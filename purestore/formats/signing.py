@@ -1,0 +1,192 @@
+"""Ed25519 signing keys and signatures in Nix's text formats (FORMATS.md section 5).
+
+Formats::
+
+    secret key file   keyname:base64(32-byte seed + 32-byte public key)
+    public key        keyname:base64(32-byte public key)
+    signature         keyname:base64(64-byte detached Ed25519 signature)
+
+Signatures are plain Ed25519 (not the pre-hashed variant) over a fingerprint string; verifiers pick
+the key by the signature's name.  Key names may not be empty nor contain ``:``.  Parsers are
+strict: wrong lengths, bad base64 and mismatched halves of a secret key raise :class:`KeyError_`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Iterable, Mapping
+
+import attrs
+import nacl.exceptions
+import nacl.signing
+
+from ..errors import KeyError_, SignatureError
+
+
+def _split(text: str, what: str, size: int) -> tuple[str, bytes]:
+    if not isinstance(text, str):
+        raise KeyError_(f"{what} must be text, got {type(text).__name__}")
+    text = text.strip()
+    name, sep, b64 = text.partition(":")
+    if not sep:
+        raise KeyError_(f"{what} {_short(text)!r} is not of the form 'name:base64'")
+    if not name:
+        raise KeyError_(f"{what} {_short(text)!r} has an empty key name")
+    if any(c.isspace() for c in name):
+        raise KeyError_(f"{what} name {name!r} contains white space")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyError_(f"{what} {name!r} has invalid base64") from None
+    if len(raw) != size:
+        raise KeyError_(f"{what} {name!r} decodes to {len(raw)} bytes, expected {size}")
+    return name, raw
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 24 else text[:20] + "…"
+
+
+def _check_name(name: str) -> str:
+    if not name or ":" in name or any(c.isspace() for c in name):
+        raise KeyError_(f"key name {name!r} must be non-empty, without ':' or white space")
+    return name
+
+
+@attrs.frozen
+class PublicKey:
+    """A named Ed25519 verification key."""
+
+    name: str = attrs.field(validator=lambda _i, _a, v: _check_name(v))
+    key: bytes = attrs.field(repr=False)
+
+    def __attrs_post_init__(self):
+        if len(self.key) != 32:
+            raise KeyError_(f"public key {self.name!r} is {len(self.key)} bytes, expected 32")
+
+    @classmethod
+    def parse(cls, text: str) -> "PublicKey":
+        """Parse ``name:base64(32 bytes)``; raise :class:`KeyError_` if malformed."""
+        name, raw = _split(text, "public key", 32)
+        return cls(name, raw)
+
+    def render(self) -> str:
+        return f"{self.name}:{base64.b64encode(self.key).decode()}"
+
+    def verify(self, fingerprint: str | bytes, sig: "Signature") -> bool:
+        """True if ``sig`` is this key's valid signature of ``fingerprint``."""
+        if sig.name != self.name:
+            return False
+        data = fingerprint.encode() if isinstance(fingerprint, str) else fingerprint
+        try:
+            nacl.signing.VerifyKey(self.key).verify(data, sig.sig)
+        except (nacl.exceptions.BadSignatureError, ValueError):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+@attrs.frozen
+class Signature:
+    """A named detached signature."""
+
+    name: str = attrs.field(validator=lambda _i, _a, v: _check_name(v))
+    sig: bytes = attrs.field(repr=False)
+
+    def __attrs_post_init__(self):
+        if len(self.sig) != 64:
+            raise KeyError_(f"signature by {self.name!r} is {len(self.sig)} bytes, expected 64")
+
+    @classmethod
+    def parse(cls, text: str) -> "Signature":
+        """Parse ``name:base64(64 bytes)``; raise :class:`KeyError_` if malformed."""
+        name, raw = _split(text, "signature", 64)
+        return cls(name, raw)
+
+    def render(self) -> str:
+        return f"{self.name}:{base64.b64encode(self.sig).decode()}"
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+@attrs.frozen
+class SecretKey:
+    """A named Ed25519 signing key (seed and public half)."""
+
+    name: str = attrs.field(validator=lambda _i, _a, v: _check_name(v))
+    seed: bytes = attrs.field(repr=False)
+
+    def __attrs_post_init__(self):
+        if len(self.seed) != 32:
+            raise KeyError_(f"secret key {self.name!r} seed is {len(self.seed)} bytes, expected 32")
+
+    @classmethod
+    def generate(cls, name: str) -> "SecretKey":
+        """A fresh random key named ``name``."""
+        _check_name(name)
+        return cls(name, bytes(nacl.signing.SigningKey.generate()))
+
+    @classmethod
+    def parse(cls, text: str) -> "SecretKey":
+        """Parse ``name:base64(seed + public)``; the public half must match the seed."""
+        name, raw = _split(text, "secret key", 64)
+        key = cls(name, raw[:32])
+        if key.public_key().key != raw[32:]:
+            raise KeyError_(f"secret key {name!r}: the public half does not match the seed")
+        return key
+
+    def render(self) -> str:
+        return f"{self.name}:{base64.b64encode(self.seed + self.public_key().key).decode()}"
+
+    def public_key(self) -> PublicKey:
+        return PublicKey(self.name, bytes(nacl.signing.SigningKey(self.seed).verify_key))
+
+    def sign(self, fingerprint: str | bytes) -> Signature:
+        data = fingerprint.encode() if isinstance(fingerprint, str) else fingerprint
+        return Signature(self.name, nacl.signing.SigningKey(self.seed).sign(data).signature)
+
+
+def parse_public_keys(texts: Iterable[str]) -> dict[str, PublicKey]:
+    """Parse trusted public keys into a name → key map (what :func:`verify_any` takes)."""
+    out: dict[str, PublicKey] = {}
+    for t in texts:
+        k = PublicKey.parse(t)
+        out[k.name] = k
+    return out
+
+
+def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, PublicKey]) -> str:
+    """Return the name of a trusted key with a valid signature among ``sigs``.
+
+    Raises :class:`SignatureError` saying why none qualifies: no signature at all, only
+    signatures by keys not in ``trusted`` (named), or signatures that do not verify.
+    Malformed signature lines count as invalid signatures.
+    """
+    sigs = list(sigs)
+    if not sigs:
+        raise SignatureError("it has no signature")
+    untrusted: list[str] = []
+    bad: list[str] = []
+    for text in sigs:
+        try:
+            sig = Signature.parse(text)
+        except KeyError_:
+            bad.append(text.partition(":")[0] or "?")
+            continue
+        key = trusted.get(sig.name)
+        if key is None:
+            untrusted.append(sig.name)
+        elif key.verify(fingerprint, sig):
+            return sig.name
+        else:
+            bad.append(sig.name)
+    parts = []
+    if bad:
+        parts.append(f"invalid signature by {', '.join(repr(n) for n in bad)}")
+    if untrusted:
+        parts.append(f"signed only by untrusted key {', '.join(repr(n) for n in untrusted)}")
+    raise SignatureError("; ".join(parts))

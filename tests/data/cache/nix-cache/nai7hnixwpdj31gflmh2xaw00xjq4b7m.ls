@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"a":{"type":"regular","size":2,"narOffset":232},"sub":{"type":"directory","entries":{"link":{"type":"symlink","target":"../a"},"x":{"type":"regular","size":10,"executable":true,"narOffset":784}}}}}}
