@@ -1,0 +1,98 @@
+"""Build logs: every build's output stored zstd-compressed in ``<state_dir>/log/``.
+
+Layout: ``log/<first 2 chars of the .drv base name>/<rest of it>.zst`` (like Nix's
+``log/drvs/``).  A log is written to a temporary file and renamed into place when the build ends,
+so a reader never sees half a log; the newest build of a derivation wins.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Callable
+
+import zstandard
+
+from ..errors import StoreError
+
+TAIL_LINES = 25
+
+
+def log_path(state_dir: str, drv_base: str) -> str:
+    """Where the log of the derivation with base name ``<hash>-<name>.drv`` is kept."""
+    return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + ".zst")
+
+
+class BuildLog:
+    """Collects one build's output: compressed to disk, last lines kept in memory.
+
+    ``echo`` (optional) gets every complete line as text (for ``--print-build-logs``).
+    """
+
+    def __init__(self, state_dir: str, drv_base: str, echo: Callable[[str], None] | None = None):
+        self.path = log_path(state_dir, drv_base)
+        self._tmp = f"{self.path}.tmp-{os.getpid()}-{id(self)}"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._file = open(self._tmp, "wb")
+        self._z = zstandard.ZstdCompressor(level=3).stream_writer(self._file, closefd=False)
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._partial = b""
+        self._echo = echo
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._z.write(data)
+        self.size += len(data)
+        data = self._partial + data
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace")
+            self._tail.append(text)
+            if self._echo:
+                self._echo(text)
+        if len(self._partial) > 65536:  # a very long line: keep its end only
+            self._partial = self._partial[-65536:]
+
+    def line(self, text: str) -> None:
+        """Add a line of our own (e.g. a builtin builder's messages)."""
+        self.write(text.encode() + b"\n")
+
+    def tail(self) -> list[str]:
+        lines = list(self._tail)
+        if self._partial:
+            lines.append(self._partial.decode(errors="replace"))
+        return lines[-TAIL_LINES:]
+
+    def close(self) -> None:
+        """Finish the log and move it into place (idempotent)."""
+        if self._file.closed:
+            return
+        if self._partial and self._echo:
+            self._echo(self._partial.decode(errors="replace"))
+        try:
+            self._z.close()
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            raise StoreError(f"cannot store the build log {self.path!r}: {e.strerror}") from e
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._z.close()
+            self._file.close()
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+
+def read_log(state_dir: str, drv_base: str) -> bytes | None:
+    """The stored log of a derivation, or None if there is none."""
+    p = log_path(state_dir, drv_base)
+    try:
+        with open(p, "rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
+    except FileNotFoundError:
+        return None
+    except (OSError, zstandard.ZstdError) as e:
+        raise StoreError(f"cannot read the build log {p!r}: {e}") from e
