@@ -1,0 +1,153 @@
+"""The store database: SQLite in WAL mode at ``<state_dir>/db/db.sqlite``.
+
+Schema (version 1)::
+
+    Config(key PRIMARY KEY, value)                      -- schema version, store dir
+    ValidPaths(id INTEGER PRIMARY KEY, path UNIQUE,     -- path is the base name <hash>-<name>
+               hash, narSize, registrationTime,         -- hash is "sha256:<base16>" like Nix
+               deriver, sigs, ca)                       -- deriver a base name; sigs space-separated
+    Refs(referrer, reference)                           -- ValidPaths ids; cascade on delete
+    DerivationOutputs(drv, id, path)                    -- base names; id is the output name
+
+One connection per :class:`StoreDB`, shared between threads behind a lock (the builder calls in
+from worker threads).  :meth:`StoreDB.transaction` nests: only the outermost one commits.
+Other modules may add their own tables with :meth:`StoreDB.ensure_schema`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from typing import Iterator
+
+from ..errors import StoreError
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS Config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ValidPaths (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    path             TEXT UNIQUE NOT NULL,
+    hash             TEXT NOT NULL,
+    narSize          INTEGER NOT NULL,
+    registrationTime INTEGER NOT NULL,
+    deriver          TEXT,
+    sigs             TEXT,
+    ca               TEXT
+);
+CREATE TABLE IF NOT EXISTS Refs (
+    referrer  INTEGER NOT NULL REFERENCES ValidPaths(id) ON DELETE CASCADE,
+    reference INTEGER NOT NULL REFERENCES ValidPaths(id) ON DELETE RESTRICT,
+    PRIMARY KEY (referrer, reference)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS IndexReferrer ON Refs(reference);
+CREATE TABLE IF NOT EXISTS DerivationOutputs (
+    drv  TEXT NOT NULL,
+    id   TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (drv, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS IndexDerivationOutputs ON DerivationOutputs(path);
+"""
+
+
+class StoreDB:
+    """The SQLite database of one store.
+
+    Raises :class:`StoreError` when the database cannot be opened or belongs to another store
+    dir or schema version.
+    """
+
+    def __init__(self, path: str, store_dir: str, *, busy_timeout_ms: int = 60_000):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a commit is atomic and survives a process crash; a power loss
+            # may drop the last commits but never leaves a torn database.
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the store database {path!r}: {e}") from e
+        self.lock = threading.RLock()
+        self._depth = 0
+        self.ensure_schema(_SCHEMA)
+        self._check_config(store_dir)
+
+    def _check_config(self, store_dir: str) -> None:
+        with self.transaction() as c:
+            rows = dict(c.execute("SELECT key, value FROM Config").fetchall())
+            if not rows:
+                c.executemany("INSERT INTO Config(key, value) VALUES (?, ?)",
+                              [("schema", SCHEMA_VERSION), ("storeDir", store_dir)])
+                return
+        if rows.get("schema") != SCHEMA_VERSION:
+            raise StoreError(f"store database {self.path!r} has schema version {rows.get('schema')!r}, "
+                             f"this purestore reads version {SCHEMA_VERSION!r}")
+        if rows.get("storeDir") != store_dir:
+            raise StoreError(f"store database {self.path!r} belongs to store dir {rows.get('storeDir')!r}, "
+                             f"not {store_dir!r}", hint="pass the matching --store-dir")
+
+    def ensure_schema(self, sql: str) -> None:
+        """Run ``CREATE … IF NOT EXISTS`` statements (idempotent) in one transaction."""
+        with self.lock:
+            if self._depth:
+                raise StoreError("ensure_schema cannot be called inside a transaction")
+            try:
+                # executescript commits any open transaction first; we hold the lock, and
+                # callers do not call this inside a transaction.
+                self.conn.executescript("BEGIN IMMEDIATE;\n" + sql + "\nCOMMIT;")
+            except sqlite3.Error as e:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise StoreError(f"cannot create tables in {self.path!r}: {e}") from e
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``); commits on success, rolls back on error.
+
+        Nested calls join the outer transaction.  Holds the connection lock throughout.
+        """
+        with self.lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot start a transaction on {self.path!r}: {e}") from e
+            self._depth = 1
+            try:
+                yield self.conn
+            except BaseException:
+                self._depth = 0
+                self.conn.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self.conn.execute("ROLLBACK")
+                raise StoreError(f"cannot commit to {self.path!r}: {e}") from e
+
+    def query(self, sql: str, params=()) -> list[tuple]:
+        """Run a read query and return all rows."""
+        with self.lock:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"store database query failed: {e}") from e
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()

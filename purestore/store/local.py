@@ -1,0 +1,698 @@
+"""The local store: store dir, state dir, database, atomic adds, locks, closures, verify, delete.
+
+Layout: the store's files live in ``settings.real_store_dir`` (the logical store dir under the
+store root) and its state in ``settings.state_dir`` (see docs/internals.md).  Temporary entries
+are prepared in ``<real_store_dir>/.tmp/<pid>-<random>-<what>``; whoever owns them holds the
+flock on ``<state_dir>/temproots/<pid>`` (see :mod:`purestore.store.roots`), so leftovers of a
+killed process are recognised and removed by the next :meth:`LocalStore.open`.
+
+Adding is atomic: copy to a temporary name while hashing (canonical metadata), take the path
+lock, rename into place, flush the file system, register in one transaction.  A path is valid
+only once its row is committed, and the row is committed only after the files are complete, so
+a crash at any moment leaves no registered-but-incomplete path; a complete but unregistered
+path left by a crash is replaced by the next add of that path (it is never used unregistered).
+
+Blocking throughout (layer 2 is synchronous); trio code calls it from worker threads, which is
+safe: the database connection is guarded by a lock and path locks exclude threads too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import secrets
+import shutil
+import stat
+import time
+from typing import Iterable, Iterator, ContextManager
+
+import attrs
+
+from ..errors import InvalidStorePath, PathInUse, PathNotValid, StoreError
+from ..formats.hash import Hash
+from ..formats.nar import nar_of_bytes
+from ..formats.path_info import PathInfo
+from ..formats.store_path import (
+    StorePath, check_name, make_fixed_output_path, make_source_path, make_text_path,
+)
+from .db import StoreDB
+from .lock import PathLocks
+from .roots import TempRoots, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
+from .settings import Settings
+
+TMP_DIR = ".tmp"
+_SQL_CHUNK = 900  # bound parameters per IN (...) query
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _syncfs(path: str) -> None:
+    """Flush the file system holding ``path`` (so files are on disk before they are registered)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise StoreError(f"cannot sync the file system of {path!r}: {os.strerror(e)}")
+    finally:
+        os.close(fd)
+
+
+def force_remove(path: str) -> None:
+    """Remove a file or tree even where canonicalisation made directories read-only."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+
+    for dirpath, dirnames, _files in os.walk(path):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755)
+    os.chmod(path, 0o755)
+    shutil.rmtree(path)
+
+
+@attrs.frozen
+class VerifyProblem:
+    """One thing :meth:`LocalStore.verify` found wrong: ``kind`` is ``missing``, ``hash``,
+    ``size``, ``dangling-reference`` or ``unreadable``."""
+
+    path: str
+    kind: str
+    message: str
+
+
+@attrs.frozen
+class VerifyReport:
+    checked: int
+    problems: tuple[VerifyProblem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _chunks(seq: list, n: int = _SQL_CHUNK) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+class LocalStore:
+    """A store on the local file system.  Create it with :meth:`open`; close it (or use ``with``).
+
+    Paths are :class:`StorePath` values; :meth:`print_path` gives the logical absolute path,
+    :meth:`real_path` the physical one.
+    """
+
+    def __init__(self, settings: Settings, db: StoreDB, temp_roots: TempRoots, *, durable: bool):
+        self.settings = settings
+        self.store_dir = settings.store_dir
+        self.real_store_dir = settings.real_store_dir
+        self.state_dir = settings.state_dir
+        self.db = db
+        self.locks = PathLocks(os.path.join(self.state_dir, "locks"))
+        self.durable = durable
+        self._temp_roots = temp_roots
+        self._tmp_dir = os.path.join(self.real_store_dir, TMP_DIR)
+
+    # -- opening and closing -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, settings: Settings, *, durable: bool = True) -> "LocalStore":
+        """Open (creating if needed) the store of ``settings`` and clean up after crashed adds.
+
+        ``durable`` flushes the file system before registering added paths (power-loss safety).
+        Raises :class:`StoreError` when the directories or database cannot be created.
+        """
+        state = settings.state_dir
+        try:
+            os.makedirs(settings.real_store_dir, exist_ok=True)
+            os.makedirs(os.path.join(settings.real_store_dir, TMP_DIR), exist_ok=True)
+            for sub in ("db", "locks", "profiles", "log"):
+                os.makedirs(os.path.join(state, sub), exist_ok=True)
+            os.makedirs(temproots_dir(state), exist_ok=True)
+            os.makedirs(gcroots_dir(state), exist_ok=True)
+            os.makedirs(auto_roots_dir(state), exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store at {settings.real_store_dir!r} "
+                             f"(state {state!r}): {e.strerror}") from e
+        db = StoreDB(os.path.join(state, "db", "db.sqlite"), settings.store_dir)
+        try:
+            temp_roots = TempRoots(state)
+        except BaseException:
+            db.close()
+            raise
+        store = cls(settings, db, temp_roots, durable=durable)
+        store.clean_leftovers()
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+        self._temp_roots.close()
+
+    def __enter__(self) -> "LocalStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove temporary entries of processes that are gone; returns what was removed."""
+        removed = []
+        try:
+            names = os.listdir(self._tmp_dir)
+        except FileNotFoundError:
+            return removed
+        alive: dict[int, bool] = {}
+        for name in names:
+            pid_text = name.split("-", 1)[0]
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid not in alive:
+                alive[pid] = pid == os.getpid() or owner_alive(self.state_dir, pid)
+            if not alive[pid]:
+                force_remove(os.path.join(self._tmp_dir, name))
+                removed.append(name)
+        remove_dead_temproots(self.state_dir)
+        return removed
+
+    # -- naming paths ---------------------------------------------------------------------------
+
+    def print_path(self, sp: StorePath) -> str:
+        """The logical absolute path (``/pure/store/<hash>-<name>``)."""
+        return f"{self.store_dir}/{sp.base_name}"
+
+    def real_path(self, sp: StorePath) -> str:
+        """Where ``sp`` physically is (under the store root)."""
+        return f"{self.real_store_dir}/{sp.base_name}"
+
+    def parse_path(self, text: str, *, valid: bool = False) -> StorePath:
+        """The store path that ``text`` names.
+
+        Accepts a logical absolute store path, the physical path under the root's store dir, a
+        path inside a store path (gives its store path), a symlink (such as ``result``) to any
+        of these, or a bare base name ``<hash>-<name>``.  Raises :class:`InvalidStorePath` when
+        ``text`` names nothing in the store, and with ``valid=True`` :class:`PathNotValid`
+        when the path is not valid.
+        """
+        sp = self._parse_path(str(text), 0)
+        if valid and not self.is_valid(sp):
+            raise PathNotValid(f"path {self.print_path(sp)!r} is not valid in the store "
+                               f"at {self.real_store_dir!r}")
+        return sp
+
+    def _parse_path(self, text: str, depth: int) -> StorePath:
+        if not text:
+            raise InvalidStorePath("empty store path")
+        if "/" not in text:
+            try:
+                return StorePath.from_base_name(text)
+            except InvalidStorePath:
+                if not os.path.lexists(text):
+                    raise InvalidStorePath(
+                        f"{text!r} is neither a store path nor a store path base name (<hash>-<name>)"
+                    ) from None
+        absolute = os.path.abspath(text) if not text.startswith("/") else os.path.normpath(text)
+        for prefix in (self.store_dir, self.real_store_dir):
+            if absolute.startswith(prefix + "/"):
+                return StorePath.parse_prefix(absolute, prefix)[0]
+        if depth < 40 and os.path.islink(absolute):
+            target = os.readlink(absolute)
+            return self._parse_path(os.path.join(os.path.dirname(absolute), target), depth + 1)
+        real = os.path.realpath(absolute)
+        if real != absolute:
+            for prefix in (self.store_dir, self.real_store_dir):
+                if real.startswith(prefix + "/"):
+                    return StorePath.parse_prefix(real, prefix)[0]
+        raise InvalidStorePath(f"path {text!r} is not in the store dir {self.store_dir!r}"
+                               + (f" (physically {self.real_store_dir!r})" if self.settings.rooted else ""))
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def is_valid(self, sp: StorePath) -> bool:
+        return bool(self.db.query("SELECT 1 FROM ValidPaths WHERE path = ?", (sp.base_name,)))
+
+    def _require_valid(self, sp: StorePath) -> int:
+        rows = self.db.query("SELECT id FROM ValidPaths WHERE path = ?", (sp.base_name,))
+        if not rows:
+            raise PathNotValid(f"path {self.print_path(sp)!r} is not valid in the store "
+                               f"at {self.real_store_dir!r}")
+        return rows[0][0]
+
+    def query_path_info(self, sp: StorePath) -> PathInfo | None:
+        """The path info of ``sp``, or None when it is not valid."""
+        rows = self.db.query(
+            "SELECT id, hash, narSize, registrationTime, deriver, sigs, ca FROM ValidPaths WHERE path = ?",
+            (sp.base_name,))
+        if not rows:
+            return None
+        id_, h, size, rtime, deriver, sigs, ca = rows[0]
+        refs = self.db.query(
+            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?", (id_,))
+        return PathInfo(
+            path=sp, nar_hash=Hash.parse(h, "sha256"), nar_size=size,
+            references=frozenset(StorePath.from_base_name(r[0]) for r in refs),
+            deriver=StorePath.from_base_name(deriver) if deriver else None,
+            sigs=frozenset(sigs.split()) if sigs else frozenset(), ca=ca, registration_time=rtime,
+        )
+
+    def valid_paths(self) -> list[StorePath]:
+        """Every valid path, sorted."""
+        return sorted(StorePath.from_base_name(r[0]) for r in self.db.query("SELECT path FROM ValidPaths"))
+
+    def query_references(self, sp: StorePath) -> set[StorePath]:
+        """What ``sp`` refers to (raises :class:`PathNotValid` if it is not valid)."""
+        id_ = self._require_valid(sp)
+        rows = self.db.query(
+            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?", (id_,))
+        return {StorePath.from_base_name(r[0]) for r in rows}
+
+    def query_referrers(self, sp: StorePath) -> set[StorePath]:
+        """Valid paths that refer to ``sp`` (``sp`` itself if self-referencing)."""
+        id_ = self._require_valid(sp)
+        rows = self.db.query(
+            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer WHERE r.reference = ?", (id_,))
+        return {StorePath.from_base_name(r[0]) for r in rows}
+
+    def query_closure(self, paths: Iterable[StorePath]) -> set[StorePath]:
+        """``paths`` and everything they refer to, transitively.
+
+        Raises :class:`PathNotValid` if one of ``paths`` is not valid.
+        """
+        names = sorted({p.base_name for p in paths})
+        if not names:
+            return set()
+        with self.db.transaction() as c:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS ClosureStart (path TEXT PRIMARY KEY)")
+            c.execute("DELETE FROM ClosureStart")
+            c.executemany("INSERT OR IGNORE INTO ClosureStart VALUES (?)", [(n,) for n in names])
+            found = c.execute("SELECT COUNT(*) FROM ClosureStart s JOIN ValidPaths v ON v.path = s.path").fetchone()[0]
+            if found != len(names):
+                missing = c.execute("SELECT path FROM ClosureStart WHERE path NOT IN "
+                                    "(SELECT path FROM ValidPaths)").fetchone()[0]
+                raise PathNotValid(f"path {self.store_dir + '/' + missing!r} is not valid in the store "
+                                   f"at {self.real_store_dir!r}")
+            rows = c.execute("""
+                WITH RECURSIVE closure(id) AS (
+                    SELECT v.id FROM ValidPaths v JOIN ClosureStart s ON v.path = s.path
+                    UNION
+                    SELECT r.reference FROM Refs r JOIN closure ON r.referrer = closure.id)
+                SELECT v.path FROM closure JOIN ValidPaths v ON v.id = closure.id""").fetchall()
+            c.execute("DELETE FROM ClosureStart")
+        return {StorePath.from_base_name(r[0]) for r in rows}
+
+    def closure_size(self, paths: Iterable[StorePath]) -> int:
+        """Sum of the NAR sizes of the closure of ``paths``."""
+        total = 0
+        names = [p.base_name for p in self.query_closure(paths)]
+        for chunk in _chunks(names):
+            total += self.db.query(
+                f"SELECT COALESCE(SUM(narSize), 0) FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})",
+                chunk)[0][0]
+        return total
+
+    def _references_of(self, names: list[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {n: set() for n in names}
+        for chunk in _chunks(names):
+            rows = self.db.query(
+                "SELECT a.path, b.path FROM Refs r JOIN ValidPaths a ON a.id = r.referrer "
+                f"JOIN ValidPaths b ON b.id = r.reference WHERE a.path IN ({','.join('?' * len(chunk))})",
+                chunk)
+            for a, b in rows:
+                out[a].add(b)
+        return out
+
+    def topo_sort(self, paths: Iterable[StorePath]) -> list[StorePath]:
+        """``paths`` ordered so that every path comes after the paths it refers to.
+
+        Only references among ``paths`` count; ties are broken by name, so the order is stable.
+        """
+        names = sorted({p.base_name for p in paths})
+        refs = self._references_of(names)
+        inset = set(names)
+        order: list[str] = []
+        state: dict[str, int] = {}
+        for root in names:
+            if root in state:
+                continue
+            stack = [(root, iter(sorted(refs[root] & inset - {root})))]
+            state[root] = 1
+            while stack:
+                node, it = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    stack.pop()
+                    state[node] = 2
+                    order.append(node)
+                elif nxt not in state:
+                    state[nxt] = 1
+                    stack.append((nxt, iter(sorted(refs[nxt] & inset - {nxt}))))
+                elif state[nxt] == 1:
+                    raise StoreError(f"reference cycle between {self.store_dir}/{node} and {self.store_dir}/{nxt}")
+        return [StorePath.from_base_name(n) for n in order]
+
+    def query_deriver(self, sp: StorePath) -> StorePath | None:
+        rows = self.db.query("SELECT deriver FROM ValidPaths WHERE path = ?", (sp.base_name,))
+        return StorePath.from_base_name(rows[0][0]) if rows and rows[0][0] else None
+
+    def query_derivation_outputs(self, drv: StorePath) -> dict[str, StorePath]:
+        """Output name -> path recorded for derivation ``drv`` (empty if none)."""
+        rows = self.db.query("SELECT id, path FROM DerivationOutputs WHERE drv = ?", (drv.base_name,))
+        return {name: StorePath.from_base_name(p) for name, p in rows}
+
+    def query_derivers_of(self, sp: StorePath) -> list[StorePath]:
+        """Derivations recorded as having ``sp`` as an output."""
+        rows = self.db.query("SELECT drv FROM DerivationOutputs WHERE path = ? ORDER BY drv", (sp.base_name,))
+        return [StorePath.from_base_name(r[0]) for r in rows]
+
+    def register_derivation_outputs(self, drv: StorePath, outputs: dict[str, StorePath]) -> None:
+        """Record the output paths of ``drv`` (replacing earlier records of the same outputs)."""
+        with self.db.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)",
+                          [(drv.base_name, name, sp.base_name) for name, sp in sorted(outputs.items())])
+
+    # -- locks and roots ------------------------------------------------------------------------
+
+    def lock_path(self, sp: StorePath) -> ContextManager[None]:
+        """Exclusive lock on ``sp`` across processes and threads, reentrant within a thread."""
+        return self.locks.lock(sp.base_name)
+
+    def lock_paths(self, sps: Iterable[StorePath]) -> ContextManager[None]:
+        """Lock several paths, in sorted order (no deadlock between two callers)."""
+        return self.locks.lock_many(sp.base_name for sp in sps)
+
+    def add_temp_root(self, sp: StorePath) -> None:
+        """Keep ``sp`` from garbage collection until this process exits."""
+        self._temp_roots.add(self.print_path(sp))
+
+    def add_temp_roots(self, sps: Iterable[StorePath]) -> None:
+        text = "\n".join(self.print_path(sp) for sp in sps)
+        if text:
+            self._temp_roots.add(text)
+
+    def temp_name(self, sp: StorePath | None = None) -> str:
+        """A fresh physical path inside the store dir for preparing ``sp`` (nothing is created).
+
+        Removed by the next :meth:`open` once this process is gone.  Move it into place with
+        :meth:`install_path`.
+        """
+        what = sp.hash_part if sp is not None else "add"
+        return os.path.join(self._tmp_dir, f"{os.getpid()}-{secrets.token_hex(6)}-{what}")
+
+    def install_path(self, tmp: str, sp: StorePath) -> None:
+        """Rename a finished temporary entry to ``sp``'s real path (caller holds the lock on
+        ``sp`` and has checked it is not valid).  A stale unregistered copy is replaced."""
+        real = self.real_path(sp)
+        try:
+            if os.path.lexists(real):
+                force_remove(real)
+            st = os.lstat(tmp)
+            readonly_dir = stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR
+            if readonly_dir:  # moving a directory to another parent needs write access to it
+                os.chmod(tmp, 0o755)
+            os.rename(tmp, real)
+            if readonly_dir:
+                os.chmod(real, stat.S_IMODE(st.st_mode))
+        except OSError as e:
+            raise StoreError(f"cannot move {tmp!r} into place at {real!r}: {e.strerror}") from e
+
+    def remove_temp(self, tmp: str) -> None:
+        force_remove(tmp)
+
+    # -- adding ---------------------------------------------------------------------------------
+
+    def register(self, infos: Iterable[PathInfo]) -> None:
+        """Make paths valid, all in ONE transaction.
+
+        The files must already be complete at :meth:`real_path`.  Every reference must be valid
+        or registered in the same call.  An already valid path keeps its row; its signatures are
+        merged.  Raises :class:`StoreError` for a missing reference or file.
+        """
+        infos = list(infos)
+        if not infos:
+            return
+        batch = {i.path.base_name for i in infos}
+        for i in infos:
+            if not os.path.lexists(self.real_path(i.path)):
+                raise StoreError(f"cannot register {self.print_path(i.path)!r}: "
+                                 f"nothing at {self.real_path(i.path)!r}")
+        with self.db.transaction() as c:
+            existing = {}
+            for chunk in _chunks(sorted(batch)):
+                existing.update(c.execute(
+                    f"SELECT path, sigs FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})", chunk))
+            new = [i for i in infos if i.path.base_name not in existing]
+            for i in infos:
+                if i.path.base_name in existing and i.sigs:
+                    old = set((existing[i.path.base_name] or "").split())
+                    c.execute("UPDATE ValidPaths SET sigs = ? WHERE path = ?",
+                              (" ".join(sorted(old | i.sigs)), i.path.base_name))
+            c.executemany(
+                "INSERT INTO ValidPaths(path, hash, narSize, registrationTime, deriver, sigs, ca) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(i.path.base_name, f"sha256:{i.nar_hash.base16}", i.nar_size,
+                  i.registration_time or int(time.time()),
+                  i.deriver.base_name if i.deriver else None,
+                  " ".join(sorted(i.sigs)) or None, i.ca) for i in new])
+            wanted = sorted({r.base_name for i in new for r in i.references} | {i.path.base_name for i in new})
+            ids: dict[str, int] = {}
+            for chunk in _chunks(wanted):
+                ids.update(c.execute(
+                    f"SELECT path, id FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})", chunk))
+            rows = []
+            for i in new:
+                for r in i.references:
+                    if r.base_name not in ids:
+                        raise StoreError(f"cannot register {self.print_path(i.path)!r}: its reference "
+                                         f"{self.print_path(r)!r} is not valid")
+                    rows.append((ids[i.path.base_name], ids[r.base_name]))
+            c.executemany("INSERT OR IGNORE INTO Refs(referrer, reference) VALUES (?, ?)", rows)
+
+    def add_signatures(self, sp: StorePath, sigs: Iterable[str]) -> None:
+        """Add signatures to a valid path (raises :class:`PathNotValid` if it is not)."""
+        with self.db.transaction() as c:
+            row = c.execute("SELECT sigs FROM ValidPaths WHERE path = ?", (sp.base_name,)).fetchone()
+            if row is None:
+                raise PathNotValid(f"cannot sign {self.print_path(sp)!r}: it is not valid")
+            merged = set((row[0] or "").split()) | set(sigs)
+            c.execute("UPDATE ValidPaths SET sigs = ? WHERE path = ?", (" ".join(sorted(merged)) or None, sp.base_name))
+
+    def add_path(self, src: str, name: str | None = None, *, flat: bool = False,
+                 dry_run: bool = False) -> StorePath:
+        """Add a file or tree, like ``nix-store --add`` (or ``--add-fixed sha256`` with ``flat``).
+
+        Recursive (default): a ``source`` path of the NAR hash; ``src`` itself is not followed if
+        it is a symlink.  ``flat``: ``src`` (followed) must be a regular file; the path is the
+        fixed-output path of the sha256 of its contents.  ``dry_run`` computes the path only.
+        Raises :class:`StoreError` when ``src`` cannot be read, :class:`InvalidStorePath` when
+        the name is not a valid store path name.
+        """
+        from . import fsnar
+
+        src = os.path.abspath(src)
+        try:
+            st = os.stat(src) if flat else os.lstat(src)
+        except OSError as e:
+            raise StoreError(f"cannot add {src!r} to the store: {e.strerror}") from e
+        if name is None:
+            name = os.path.basename(src.rstrip("/")) or "root"
+            try:
+                check_name(name)
+            except InvalidStorePath as e:
+                raise InvalidStorePath(f"cannot add {src!r}: {e}", hint="give a valid name with --name") from e
+        else:
+            check_name(name)
+        if flat and not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"cannot add {src!r} flat: expected a regular file, got a "
+                             f"{'directory' if stat.S_ISDIR(st.st_mode) else 'special file'}")
+        try:
+            if dry_run:
+                if flat:
+                    return make_fixed_output_path(name, _file_sha256(src), False, self.store_dir)
+                nar_hash, _size = fsnar.hash_path(src)
+                return make_source_path(name, nar_hash, (), self.store_dir)
+            tmp = self.temp_name()
+            try:
+                nar_hash, nar_size, _ = fsnar.copy_and_hash(src, tmp)
+                if flat:
+                    content = _file_sha256(tmp)
+                    sp = make_fixed_output_path(name, content, False, self.store_dir)
+                    ca = f"fixed:sha256:{content.nix32}"
+                else:
+                    sp = make_source_path(name, nar_hash, (), self.store_dir)
+                    ca = f"fixed:r:sha256:{nar_hash.nix32}"
+                info = PathInfo(sp, nar_hash, nar_size, ca=ca, registration_time=int(time.time()))
+                self._install_and_register(tmp, info)
+            finally:
+                force_remove(tmp)
+        except OSError as e:
+            if isinstance(e, StoreError):
+                raise
+            where = e.filename or src
+            raise StoreError(f"cannot add {src!r} to the store: {where!r}: {e.strerror}") from e
+        return sp
+
+    def _install_and_register(self, tmp: str, info: PathInfo) -> None:
+        self.add_temp_root(info.path)
+        with self.lock_path(info.path):
+            if self.is_valid(info.path):
+                return
+            self.install_path(tmp, info.path)
+            if self.durable:
+                _syncfs(self.real_store_dir)
+            self.register([info])
+
+    def add_text(self, name: str, data: bytes, references: Iterable[StorePath] = ()) -> StorePath:
+        """Add a text object (``.drv``, ``to_file``); no-op if already valid."""
+        return self.add_texts([(name, data, references)])[0]
+
+    def add_texts(self, items: Iterable[tuple[str, bytes, Iterable[StorePath]]]) -> list[StorePath]:
+        """Add many text objects, registering all new ones in ONE transaction.
+
+        Text paths are content-addressed: two writers of one path write identical bytes, and a
+        rename over an unregistered file is atomic, so no path lock is needed.  References must
+        be valid or among ``items``.  Returns the paths in the order of ``items``.
+        """
+        prepared = []
+        for name, data, refs in items:
+            if isinstance(data, str):
+                data = data.encode()
+            refs = frozenset(refs)
+            sp = make_text_path(name, data, refs, self.store_dir)
+            prepared.append((sp, data, refs))
+        paths = [p[0] for p in prepared]
+        if not prepared:
+            return paths
+        self.add_temp_roots(dict.fromkeys(paths))
+        valid: set[str] = set()
+        names = sorted({sp.base_name for sp in paths})
+        for chunk in _chunks(names):
+            valid.update(r[0] for r in self.db.query(
+                f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})", chunk))
+        infos = {}
+        now = int(time.time())
+        for sp, data, refs in prepared:
+            if sp.base_name in valid or sp in infos:
+                continue
+            tmp = self.temp_name(sp)
+            real = self.real_path(sp)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+                os.utime(tmp, (1, 1))
+                try:
+                    os.rename(tmp, real)
+                except OSError:
+                    if not os.path.isdir(real):
+                        raise
+                    force_remove(real)
+                    os.rename(tmp, real)
+            except OSError as e:
+                force_remove(tmp)
+                raise StoreError(f"cannot write {real!r}: {e.strerror}") from e
+            nar = nar_of_bytes(data)
+            infos[sp] = PathInfo(sp, Hash("sha256", hashlib.sha256(nar).digest()), len(nar), references=refs,
+                                 ca=f"text:sha256:{Hash.of_bytes(data).nix32}", registration_time=now)
+        if infos:
+            if self.durable:
+                _syncfs(self.real_store_dir)
+            self.register(infos.values())
+        return paths
+
+    # -- verify and delete ----------------------------------------------------------------------
+
+    def verify(self, check_contents: bool = False) -> VerifyReport:
+        """Check that every valid path exists (and, with ``check_contents``, that its NAR hash and
+        size match the database) and that no reference dangles."""
+        from . import fsnar
+
+        problems: list[VerifyProblem] = []
+        rows = self.db.query("SELECT path, hash, narSize FROM ValidPaths ORDER BY path")
+        for base, h, size in rows:
+            logical = f"{self.store_dir}/{base}"
+            real = f"{self.real_store_dir}/{base}"
+            if not os.path.lexists(real):
+                problems.append(VerifyProblem(logical, "missing", f"path {logical!r} is valid but {real!r} does not exist"))
+                continue
+            if check_contents:
+                try:
+                    got, got_size = fsnar.hash_path(real)
+                except (OSError, ValueError) as e:
+                    problems.append(VerifyProblem(logical, "unreadable", f"cannot read {real!r}: {e}"))
+                    continue
+                want = Hash.parse(h, "sha256")
+                if got != want:
+                    problems.append(VerifyProblem(
+                        logical, "hash", f"path {logical!r} was modified: expected NAR hash {want.typed()}, got {got.typed()}"))
+                elif got_size != size:
+                    problems.append(VerifyProblem(
+                        logical, "size", f"path {logical!r} has NAR size {got_size}, expected {size}"))
+        dangling = self.db.query(
+            "SELECT a.path, r.reference FROM Refs r JOIN ValidPaths a ON a.id = r.referrer "
+            "WHERE r.reference NOT IN (SELECT id FROM ValidPaths)")
+        for base, ref in dangling:
+            problems.append(VerifyProblem(f"{self.store_dir}/{base}", "dangling-reference",
+                                          f"path {self.store_dir}/{base!r} refers to a path that is not valid (id {ref})"))
+        return VerifyReport(checked=len(rows), problems=tuple(problems))
+
+    def is_live(self, sp: StorePath, *, deleting: Iterable[StorePath] = ()) -> str | None:
+        """Why ``sp`` must not be deleted, or None.  For now: valid referrers outside ``deleting``.
+
+        (The garbage collector extends this with GC roots and temporary roots.)
+        """
+        others = sorted(self.query_referrers(sp) - set(deleting) - {sp})
+        if not others:
+            return None
+        shown = ", ".join(repr(self.print_path(r)) for r in others[:3])
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        return f"it is referenced by {shown}{more}"
+
+    def delete(self, paths: Iterable[StorePath]) -> list[StorePath]:
+        """Delete valid paths that nothing else needs; returns them in deletion order.
+
+        Raises :class:`PathNotValid` for a path that is not valid and :class:`PathInUse` when
+        :meth:`is_live` says a path is still needed; nothing is deleted then.
+        """
+        targets = set(paths)
+        for sp in sorted(targets):
+            self._require_valid(sp)
+        order = list(reversed(self.topo_sort(targets)))  # referrers first
+        with self.lock_paths(targets):
+            for sp in order:
+                reason = self.is_live(sp, deleting=targets)
+                if reason:
+                    raise PathInUse(f"cannot delete {self.print_path(sp)!r}: {reason}")
+            with self.db.transaction() as c:
+                for sp in order:
+                    row = c.execute("SELECT id FROM ValidPaths WHERE path = ?", (sp.base_name,)).fetchone()
+                    if row is None:
+                        continue
+                    c.execute("DELETE FROM Refs WHERE referrer = ?", (row[0],))
+                    c.execute("DELETE FROM DerivationOutputs WHERE drv = ?", (sp.base_name,))
+                    c.execute("DELETE FROM ValidPaths WHERE id = ?", (row[0],))
+            for sp in order:
+                try:
+                    force_remove(self.real_path(sp))
+                except OSError as e:
+                    raise StoreError(f"cannot remove {self.real_path(sp)!r}: {e.strerror}") from e
+        return order
+
+
+def _file_sha256(path: str) -> Hash:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return Hash("sha256", h.digest())
