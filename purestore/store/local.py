@@ -654,7 +654,8 @@ class LocalStore:
         """
         others = sorted(self.query_referrers(sp) - set(deleting) - {sp})
         if not others:
-            return None
+            from .gc import live_reason  # GC roots, profiles, temporary roots (store/gc.py)
+            return live_reason(self, sp)
         shown = ", ".join(repr(self.print_path(r)) for r in others[:3])
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         return f"it is referenced by {shown}{more}"

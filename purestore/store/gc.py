@@ -1,0 +1,555 @@
+"""Garbage collection: which store paths are live, and deleting the rest.
+
+Roots (:func:`find_roots`):
+
+- every symlink under ``<state_dir>/gcroots/`` (recursively).  A link whose target is in the store
+  (logical store dir or the physical one of a rooted store; a file inside a store path counts
+  for the whole path) is a *direct* root.  A link whose target is elsewhere is an *indirect*
+  root: its target (e.g. a ``result`` link, registered by ``pure build`` as
+  ``gcroots/auto/<hash>``) is followed, link by link, until it reaches the store.  An indirect
+  root whose target no longer exists is *stale*: the collector removes it (a deleted ``result``
+  link stops rooting its path);
+- every symlink under ``<state_dir>/profiles/`` (profiles and their generations);
+- the temporary roots of running ``pure`` processes (``temproots/<pid>``, see
+  :mod:`purestore.store.roots`).
+
+The live set (:func:`live_paths`) is the closure of the valid roots under references, plus, when
+``keep-derivations`` is on (the default), the deriver (``.drv``) of every live path, and, when
+``keep-outputs`` is on, the valid outputs of every live derivation, repeated until nothing changes.
+Every other valid path is dead.
+
+Concurrency (``docs/gc.md``): a collection holds ``<state_dir>/gc.lock`` exclusively from before
+it reads the roots until it has invalidated the dead paths.  Adding a temporary root takes the
+same lock shared, so it waits while a collection runs; a process that temp-roots a path before
+using it therefore either had its root read by the collector or sees the path gone afterwards and
+rebuilds it.  Inside the invalidation transaction the collector checks once more that no path
+outside the dead set refers to a dead path, and spares such paths with their closures.
+
+Deletion is crash-safe: dead paths are first removed from the database in one transaction (so a
+path is never valid with missing files), then renamed into a trash directory inside the store
+(``.tmp/<pid>-gc-trash``), then removed by a few threads in parallel.  A crash leaves only
+invalid files behind, which the next collection (or the store's leftover cleanup) removes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import os
+import stat
+import time
+from typing import Iterable
+
+import attrs
+
+from ..errors import StoreError
+from ..formats.store_path import StorePath
+from . import roots as _roots
+
+PROFILES = "profiles"
+TRASH_SUFFIX = "-gc-trash"
+_MAX_LINK_DEPTH = 40
+
+
+@attrs.frozen
+class GcRoot:
+    """One root: ``link`` roots ``path``.  ``kind`` is ``direct``, ``indirect``, ``profile`` or
+    ``temp`` (then ``link`` is ``{temp:<pid>}``-like text, not a file)."""
+
+    link: str
+    path: StorePath
+    kind: str
+
+
+@attrs.frozen
+class GcResult:
+    """What a collection found and did.
+
+    ``dead``: every dead path found (referrers before references); ``deleted``: those removed
+    (none on a dry run; a prefix of ``dead`` when ``max_freed`` stopped early); ``bytes_freed``:
+    the sum of their NAR sizes; ``pruned_links``: stale indirect roots removed;
+    ``invalid_removed``: unregistered leftovers removed from the store dir.
+    """
+
+    dead: tuple[StorePath, ...]
+    deleted: tuple[StorePath, ...]
+    bytes_freed: int
+    pruned_links: tuple[str, ...] = ()
+    invalid_removed: tuple[str, ...] = ()
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def to_json(self, store_dir: str) -> dict:
+        return {
+            "dryRun": self.dry_run,
+            "dead": [p.absolute(store_dir) for p in self.dead],
+            "deleted": [p.absolute(store_dir) for p in self.deleted],
+            "bytesFreed": self.bytes_freed,
+            "prunedLinks": list(self.pruned_links),
+            "invalidRemoved": list(self.invalid_removed),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# roots
+
+
+def profiles_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, PROFILES)
+
+
+def _store_path_of(target: str, store_dir: str, real_store_dir: str) -> StorePath | None:
+    for prefix in (store_dir, real_store_dir):
+        if target.startswith(prefix + "/"):
+            try:
+                sp, _rest = StorePath.parse_prefix(prefix + target[len(prefix):], prefix)
+            except ValueError:
+                return None
+            return sp
+    return None
+
+
+def _resolve_link(link: str, store_dir: str, real_store_dir: str) -> tuple[StorePath | None, bool]:
+    """Follow ``link`` (a symlink) until it points into the store.
+
+    Returns ``(path, exists)``: the store path reached (or None), and whether the chain ended
+    somewhere that exists (False = a dangling chain, i.e. a stale root).  The store path itself is
+    not required to exist on the host: in a rooted store links name the logical store dir.
+    """
+    cur = link
+    for _ in range(_MAX_LINK_DEPTH):
+        try:
+            target = os.readlink(cur)
+        except FileNotFoundError:
+            return None, False
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # not a symlink: a regular file or directory
+                return None, True
+            return None, True
+        if not target.startswith("/"):
+            target = os.path.normpath(os.path.join(os.path.dirname(cur), target))
+        sp = _store_path_of(target, store_dir, real_store_dir)
+        if sp is not None:
+            return sp, True
+        if not os.path.lexists(target):
+            return None, False
+        if not os.path.islink(target):
+            return None, True
+        cur = target
+    return None, True
+
+
+def _walk_links(top: str) -> Iterable[str]:
+    """Every symlink under ``top`` (not following symlinked directories)."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for e in it:
+                if e.is_symlink():
+                    yield e.path
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+
+
+def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) -> tuple[list[GcRoot], list[str]]:
+    """All roots of ``store`` and the stale indirect root links (removed when ``prune_stale``).
+
+    Returns ``(roots, stale_links)``.  Roots naming paths that are not valid are included; the
+    caller decides (they root nothing).
+    """
+    sd, rsd, state = store.store_dir, store.real_store_dir, store.state_dir
+    found: list[GcRoot] = []
+    stale: list[str] = []
+    gcroots = _roots.gcroots_dir(state)
+    for link in _walk_links(gcroots):
+        try:
+            direct = _store_path_of(_abs_target(link), sd, rsd)
+        except OSError:
+            continue
+        if direct is not None:
+            found.append(GcRoot(link, direct, "direct"))
+            continue
+        sp, exists = _resolve_link(link, sd, rsd)
+        if sp is not None:
+            found.append(GcRoot(_abs_target(link), sp, "indirect"))
+        elif not exists:
+            stale.append(link)
+            if prune_stale:
+                try:
+                    os.unlink(link)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise StoreError(f"cannot remove stale GC root {link!r}: {e.strerror}") from e
+    for link in _walk_links(profiles_dir(state)):
+        sp, _exists = _resolve_link(link, sd, rsd)
+        if sp is not None:
+            found.append(GcRoot(link, sp, "profile"))
+    if include_temp:
+        for pid, sp in _read_temp_roots_by_pid(state, sd):
+            found.append(GcRoot(f"{{temp:{pid}}}", sp, "temp"))
+    return found, stale
+
+
+def _abs_target(link: str) -> str:
+    t = os.readlink(link)
+    return t if t.startswith("/") else os.path.normpath(os.path.join(os.path.dirname(link), t))
+
+
+def _read_temp_roots_by_pid(state_dir: str, store_dir: str) -> list[tuple[int, StorePath]]:
+    out: list[tuple[int, StorePath]] = []
+    d = _roots.temproots_dir(state_dir)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not name.isdigit() or not _roots.owner_alive(state_dir, int(name)):
+            continue
+        try:
+            with open(os.path.join(d, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                out.append((int(name), StorePath.parse(line, store_dir)))
+            except ValueError:
+                continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# liveness
+
+
+class _Graph:
+    """The whole reference graph, read in three queries (fast for tens of thousands of paths)."""
+
+    def __init__(self, store):
+        db = store.db
+        rows = db.query("SELECT id, path, deriver, narSize FROM ValidPaths")
+        self.id_of: dict[str, int] = {}
+        self.name_of: dict[int, str] = {}
+        self.deriver: dict[int, str] = {}
+        self.size: dict[int, int] = {}
+        for id_, path, deriver, size in rows:
+            self.id_of[path] = id_
+            self.name_of[id_] = path
+            self.size[id_] = size or 0
+            if deriver:
+                self.deriver[id_] = deriver
+        self.refs: dict[int, list[int]] = {}
+        self.referrers: dict[int, list[int]] = {}
+        for referrer, reference in db.query("SELECT referrer, reference FROM Refs"):
+            self.refs.setdefault(referrer, []).append(reference)
+            self.referrers.setdefault(reference, []).append(referrer)
+        self.outputs: dict[str, list[str]] = {}
+        self._store = store
+
+    def load_outputs(self) -> None:
+        for drv, path in self._store.db.query("SELECT drv, path FROM DerivationOutputs"):
+            self.outputs.setdefault(drv, []).append(path)
+
+    def live(self, root_names: Iterable[str], keep_derivations: bool, keep_outputs: bool) -> set[int]:
+        if keep_outputs and not self.outputs:
+            self.load_outputs()
+        live: set[int] = set()
+        todo = [self.id_of[n] for n in root_names if n in self.id_of]
+        while todo:
+            i = todo.pop()
+            if i in live:
+                continue
+            live.add(i)
+            todo.extend(self.refs.get(i, ()))
+            if keep_derivations:
+                d = self.deriver.get(i)
+                if d is not None and d in self.id_of:
+                    todo.append(self.id_of[d])
+            if keep_outputs:
+                name = self.name_of[i]
+                if name.endswith(".drv"):
+                    for o in self.outputs.get(name, ()):
+                        if o in self.id_of:
+                            todo.append(self.id_of[o])
+        return live
+
+    def referrers_first(self, ids: set[int]) -> list[int]:
+        """Order ``ids`` so that every path comes after all its referrers within ``ids``."""
+        pending = {i: sum(1 for r in self.referrers.get(i, ()) if r in ids and r != i) for i in ids}
+        ready = sorted((i for i, n in pending.items() if n == 0), reverse=True)
+        out: list[int] = []
+        while ready:
+            i = ready.pop()
+            out.append(i)
+            for ref in self.refs.get(i, ()):
+                if ref != i and ref in pending:
+                    pending[ref] -= 1
+                    if pending[ref] == 0:
+                        ready.append(ref)
+        if len(out) != len(ids):  # a reference cycle (cannot happen in a sound store): append the rest
+            seen = set(out)
+            out.extend(sorted(i for i in ids if i not in seen))
+        return out
+
+
+def live_paths(store, *, roots: list[GcRoot] | None = None) -> set[StorePath]:
+    """The live valid paths of ``store`` (see the module docstring)."""
+    if roots is None:
+        roots, _ = find_roots(store, prune_stale=False)
+    g = _Graph(store)
+    s = store.settings
+    ids = g.live({r.path.base_name for r in roots}, s.keep_derivations, s.keep_outputs)
+    return {StorePath.from_base_name(g.name_of[i]) for i in ids}
+
+
+def is_live(store, path: StorePath) -> bool:
+    """Whether ``path`` is reachable from a root (so ``pure store delete`` must refuse it)."""
+    return live_reason(store, path) is not None
+
+
+def live_reason(store, path: StorePath) -> str | None:
+    """Why the roots keep ``path`` alive (a message fragment), or None when no root reaches it.
+
+    Used by :meth:`LocalStore.is_live` (``pure store delete``).  The reference graph is cached
+    on the store while the database is unchanged, so deleting many paths reads it once.
+    """
+    own = f"{{temp:{os.getpid()}}}"  # what this process itself asks to delete is not rooted by it
+    roots = [r for r in find_roots(store, prune_stale=False)[0] if r.link != own]
+    key = (store.db.query("PRAGMA data_version")[0][0], store.db.conn.total_changes)
+    cached = getattr(store, "_gc_graph_cache", None)
+    if cached is not None and cached[0] == key:
+        g = cached[1]
+    else:
+        g = _Graph(store)
+        store._gc_graph_cache = (key, g)
+    target = g.id_of.get(path.base_name)
+    if target is None:
+        return None
+    s = store.settings
+    if target not in g.live({r.path.base_name for r in roots}, s.keep_derivations, s.keep_outputs):
+        return None
+    for r in sorted(roots, key=lambda r: (r.kind != "direct", r.link)):
+        if r.path == path:
+            what = {"temp": f"a temporary root of process {r.link[6:-1]}",
+                    "profile": f"in use by the profile {r.link!r}"}.get(r.kind, f"a GC root ({r.link!r})")
+            return f"it is {what}"
+    for r in sorted(roots, key=lambda r: (r.kind != "direct", r.link)):
+        if target in g.live([r.path.base_name], s.keep_derivations, s.keep_outputs):
+            src = f"temporary root of process {r.link[6:-1]}" if r.kind == "temp" else f"root {r.link!r}"
+            return f"it is reachable from the {src} ({r.path.absolute(store.store_dir)})"
+    return None
+
+
+def print_roots(store, roots: list[GcRoot]) -> list[str]:
+    """Lines ``<link> -> <store path>`` like ``nix-store --gc --print-roots``, sorted."""
+    return sorted(f"{r.link} -> {r.path.absolute(store.store_dir)}" for r in roots)
+
+
+# --------------------------------------------------------------------------------------------
+# deletion
+
+
+def _make_writable_and_remove(path: str) -> None:
+    """Remove a file tree whose directories may be read-only (store paths are 0555)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if not st.st_mode & stat.S_IWUSR:
+        os.chmod(path, 0o755)
+    with os.scandir(path) as it:
+        entries = list(it)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            _make_writable_and_remove(e.path)
+        else:
+            os.unlink(e.path)
+    os.rmdir(path)
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        os.unlink(path)  # most store paths in bulk are single files or links
+        return
+    except IsADirectoryError:
+        pass
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    _make_writable_and_remove(path)
+
+
+def _remove_many(paths: list[str], workers: int) -> None:
+    if not paths:
+        return
+    if workers <= 1 or len(paths) < 64:
+        for p in paths:
+            _remove_tree(p)
+        return
+    chunk = (len(paths) + workers - 1) // workers
+    parts = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
+        for f in [ex.submit(lambda ps: [_remove_tree(p) for p in ps], part) for part in parts]:
+            f.result()
+
+
+def _rename_into(src: str, trash: str, name: str) -> bool:
+    dst = os.path.join(trash, name)
+    try:
+        os.rename(src, dst)
+        return True
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        # moving a directory needs write access to it (its ".." changes) unless we are root
+        os.chmod(src, 0o755)
+        os.rename(src, dst)
+        return True
+
+
+def _trash_dir(store) -> str:
+    d = os.path.join(store.real_store_dir, ".tmp", f"{os.getpid()}{TRASH_SUFFIX}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _invalidate(store, g: _Graph, order: list[int]) -> list[int]:
+    """Remove ``order`` (referrers first) from the database in ONE transaction.
+
+    Re-checks, inside the transaction, that nothing outside the set refers to a member (a path
+    registered since the graph was read); such members and their references are spared.
+    Returns the ids actually invalidated, in order.
+    """
+    with store.db.transaction() as c:
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS GcDead (id INTEGER PRIMARY KEY)")
+        c.execute("DELETE FROM GcDead")
+        c.executemany("INSERT INTO GcDead(id) VALUES (?)", ((i,) for i in order))
+        while True:
+            spared = [row[0] for row in c.execute(
+                "SELECT DISTINCT r.reference FROM Refs r JOIN GcDead d ON d.id = r.reference "
+                "WHERE r.referrer NOT IN (SELECT id FROM GcDead)")]
+            if not spared:
+                break
+            todo, keep = list(spared), set()
+            while todo:
+                i = todo.pop()
+                if i in keep:
+                    continue
+                keep.add(i)
+                todo.extend(row[0] for row in c.execute("SELECT reference FROM Refs WHERE referrer = ?", (i,)))
+            c.executemany("DELETE FROM GcDead WHERE id = ?", ((i,) for i in keep))
+            order = [i for i in order if i not in keep]
+        c.execute("DELETE FROM Refs WHERE referrer IN (SELECT id FROM GcDead)")
+        c.execute("DELETE FROM DerivationOutputs WHERE drv IN "
+                  "(SELECT v.path FROM ValidPaths v JOIN GcDead d ON d.id = v.id)")
+        c.execute("DELETE FROM ValidPaths WHERE id IN (SELECT id FROM GcDead)")
+        c.execute("DELETE FROM GcDead")
+    return order
+
+
+def _invalid_leftovers(store, valid_names: set[str], temp_names: set[str]) -> list[str]:
+    """Entries of the store dir that look like store paths but are not valid nor temp-rooted."""
+    out = []
+    locks = os.path.join(store.state_dir, "locks")
+    try:
+        it = os.scandir(store.real_store_dir)
+    except FileNotFoundError:
+        return out
+    with it:
+        for e in it:
+            n = e.name
+            if n.startswith(".") or n in valid_names or n in temp_names:
+                continue
+            if os.path.lexists(os.path.join(locks, n + ".lock")):
+                continue  # someone holds (or just held) its path lock: being built or added
+            try:
+                StorePath.from_base_name(n)
+            except ValueError:
+                continue
+            out.append(n)
+    return out
+
+
+def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = None,
+                    workers: int | None = None) -> GcResult:
+    """Delete every dead path of ``store`` (or, with ``max_freed``, dead paths until at least
+    that many bytes of NAR size are freed), referrers before references.
+
+    Blocks while another collection runs.  Raises :class:`StoreError` when the database or the
+    file system refuse an operation.
+    """
+    t0 = time.perf_counter()
+    state = store.state_dir
+    workers = workers or min(4, max(2, os.cpu_count() or 1))
+    lock = _roots.gc_lock(state)
+    try:
+        roots, stale = find_roots(store, prune_stale=not dry_run)
+        g = _Graph(store)
+        s = store.settings
+        live = g.live({r.path.base_name for r in roots}, s.keep_derivations, s.keep_outputs)
+        dead_ids = set(g.name_of) - live
+        order = g.referrers_first(dead_ids)
+        dead = tuple(StorePath.from_base_name(g.name_of[i]) for i in order)
+        if max_freed is not None:
+            chosen, total = [], 0
+            for i in order:
+                if total >= max_freed:
+                    break
+                chosen.append(i)
+                total += g.size.get(i, 0)
+            order = chosen
+        if dry_run:
+            return GcResult(dead=dead, deleted=(), bytes_freed=0, pruned_links=tuple(stale),
+                            dry_run=True, seconds=time.perf_counter() - t0)
+        order = _invalidate(store, g, order)
+        temp_names = {r.path.base_name for r in roots if r.kind == "temp"}
+        leftovers = [] if max_freed is not None else _invalid_leftovers(
+            store, set(g.name_of) - {g.name_of[i] for i in order}, temp_names)
+        # Move the files aside while still holding the lock: once it is released a builder may
+        # temp-root one of these (now invalid) paths and write it anew at the same name.
+        trash = _trash_dir(store)
+        moved = []
+        rsd = store.real_store_dir
+        for name in [g.name_of[i] for i in order] + leftovers:
+            try:
+                if _rename_into(os.path.join(rsd, name), trash, name):
+                    moved.append(os.path.join(trash, name))
+            except OSError as e:
+                raise StoreError(f"cannot move dead path {os.path.join(rsd, name)!r} "
+                                 f"to the trash {trash!r}: {e.strerror}") from e
+    finally:
+        lock.close()
+    try:
+        _remove_many(moved, workers)
+        os.rmdir(trash)
+    except OSError as e:
+        raise StoreError(f"cannot remove dead paths in {trash!r}: {e.strerror}") from e
+    deleted = tuple(StorePath.from_base_name(g.name_of[i]) for i in order)
+    return GcResult(dead=dead, deleted=deleted, bytes_freed=sum(g.size.get(i, 0) for i in order),
+                    pruned_links=tuple(stale), invalid_removed=tuple(leftovers), dry_run=False,
+                    seconds=time.perf_counter() - t0)
+
+
+def remove_trash_leftovers(store) -> None:
+    """Remove trash directories of collections that crashed (their process is gone)."""
+    d = os.path.join(store.real_store_dir, ".tmp")
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.endswith(TRASH_SUFFIX):
+            pid = n[: -len(TRASH_SUFFIX)]
+            if pid.isdigit() and not _roots.owner_alive(store.state_dir, int(pid)) and int(pid) != os.getpid():
+                _make_writable_and_remove(os.path.join(d, n))
