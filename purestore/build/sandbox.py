@@ -175,7 +175,7 @@ def prepare_root(spec: SandboxSpec) -> None:
             with open(f"{r}/etc/{name}", "w") as f:
                 f.write(text.format(uid=SANDBOX_UID, gid=SANDBOX_GID))
         if spec.network:
-            for name in ("resolv.conf", "services", "nsswitch.conf"):
+            for name in ("resolv.conf", "services"):
                 try:
                     with open(f"/etc/{name}", "rb") as src, open(f"{r}/etc/{name}", "wb") as dst:
                         dst.write(src.read())

@@ -1,0 +1,238 @@
+"""The Linux build sandbox (purestore.build.sandbox), driven directly: each test runs a real
+static busybox inside real namespaces and checks what it can and cannot see or do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from purestore.build.sandbox import SandboxSpec, prepare_root, run_sync, sandbox_available
+from purestore.errors import SandboxError
+
+BUSYBOX = "/bin/busybox"
+STORE = "/pure/store"
+BB_PATH = f"{STORE}/0c6kzph7l0dcbfmjap64f0czdafn3b7x-busybox"
+
+
+def _static_busybox_reason() -> str | None:
+    if not os.path.exists(BUSYBOX):
+        return "no /bin/busybox (install busybox-static)"
+    with open(BUSYBOX, "rb") as f:
+        head = f.read(1 << 20)
+    if b"ld-linux" in head or b"/lib64/ld" in head:
+        return "/bin/busybox is dynamically linked (install busybox-static)"
+    return sandbox_available()
+
+
+_reason = _static_busybox_reason()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+
+@pytest.fixture(scope="module")
+def busybox_dir(tmp_path_factory):
+    """A store-path-like directory holding bin/busybox, to bind into the sandbox."""
+    d = tmp_path_factory.mktemp("bb") / "busybox"
+    (d / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, d / "bin" / "busybox")
+    return d
+
+
+def run(tmp_path, busybox_dir, script: str, *, network=False, inputs=None, env=None):
+    top = tmp_path / f"top{len(list(tmp_path.iterdir()))}"
+    top.mkdir()
+    spec = SandboxSpec(
+        argv=(f"{BB_PATH}/bin/busybox", "sh", "-c", f"B={BB_PATH}/bin/busybox\n" + script),
+        env={"PATH": "/path-not-set", "HOME": "/homeless-shelter", "out": f"{STORE}/x-out", **(env or {})},
+        top=str(top), store_dir=STORE, inputs={BB_PATH: str(busybox_dir), **(inputs or {})},
+        network=network,
+    )
+    status, out = run_sync(spec)
+    return status, out.decode(), spec
+
+
+@pytest.fixture
+def tcp_server():
+    """A TCP server on the host's 127.0.0.1 that answers 'hello' to every connection."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
+            c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_identity_uid_hostname_pid1(tmp_path, busybox_dir):
+    status, out, _ = run(tmp_path, busybox_dir, '$B id -u; $B id -g; $B hostname; echo $$; $B pwd')
+    assert status == 0, out
+    assert out.split() == ["1000", "100", "localhost", "1", "/build"]
+
+
+def test_environment_is_exactly_what_was_given(tmp_path, busybox_dir):
+    status, out, _ = run(tmp_path, busybox_dir, "$B env", env={"FOO": "bar baz"})
+    assert status == 0, out
+    keys = {line.split("=", 1)[0] for line in out.splitlines()}
+    # sh adds PWD and SHLVL itself; nothing from the host leaks in
+    assert keys == {"PATH", "HOME", "out", "FOO", "PWD", "SHLVL"}
+    assert "FOO=bar baz" in out.splitlines()
+
+
+def test_no_network_to_host_loopback(tmp_path, busybox_dir, tcp_server):
+    status, out, _ = run(tmp_path, busybox_dir,
+                         f"$B nc -w 3 127.0.0.1 {tcp_server} </dev/null && echo REACHED; exit 0")
+    assert "REACHED" not in out and "hello" not in out
+    assert "refused" in out or "unreachable" in out, out
+    # the same command does reach the server when the network is allowed (fixed-output builds)
+    status, out, _ = run(tmp_path, busybox_dir,
+                         f"$B nc -w 3 127.0.0.1 {tcp_server} </dev/null && echo REACHED", network=True)
+    assert status == 0 and "hello" in out and "REACHED" in out, out
+
+
+def test_only_loopback_interface_and_no_dns(tmp_path, busybox_dir):
+    status, out, _ = run(tmp_path, busybox_dir,
+                         "$B ls /sys/class/net 2>/dev/null; $B ip -o link | $B cut -d: -f2; "
+                         "$B nslookup example.com && echo RESOLVED; $B cat /etc/resolv.conf; exit 0")
+    assert "RESOLVED" not in out
+    ifaces = {w.strip() for w in out.splitlines() if w.strip() in ("lo", "eth0", "ens3", "enp0s3")}
+    assert ifaces == {"lo"}, out
+
+
+def test_store_paths_outside_the_inputs_are_invisible(tmp_path, busybox_dir):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "secret").write_text("s")
+    dep = f"{STORE}/1b9p07z77phvv2hh6qd1dpkh3vidrl4w-dep"
+    status, out, _ = run(tmp_path, busybox_dir, "$B ls /pure/store", inputs={dep: str(other)})
+    assert status == 0, out
+    assert sorted(out.split()) == sorted([BB_PATH.rsplit("/", 1)[1], dep.rsplit("/", 1)[1]])
+
+
+def test_host_files_are_invisible(tmp_path, busybox_dir):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    status, out, _ = run(tmp_path, busybox_dir,
+                         f"for f in /etc/shadow /root {repo} /home /usr /bin/sh /work; do "
+                         f"[ -e $f ] && echo VISIBLE $f; done; $B ls /; $B cat /etc/passwd")
+    assert status == 0, out
+    assert "VISIBLE" not in out, out
+    assert set(out.split("root:x")[0].split()) == {"build", "dev", "etc", "proc", "pure", "tmp"}
+
+
+def test_inputs_root_and_proc_are_read_only_build_dir_is_writable(tmp_path, busybox_dir):
+    script = textwrap.dedent(f"""\
+        $B touch {BB_PATH}/new 2>/dev/null && echo WROTE-INPUT
+        $B rm {BB_PATH}/bin/busybox 2>/dev/null; [ -e {BB_PATH}/bin/busybox ] || echo DELETED-INPUT
+        $B touch /etc/passwd 2>/dev/null && echo WROTE-ETC
+        $B mkdir /bin 2>/dev/null && echo WROTE-ROOT
+        $B mount -o remount,rw {BB_PATH} 2>/dev/null && echo REMOUNTED
+        $B umount {BB_PATH} 2>/dev/null && echo UNMOUNTED
+        echo ok > /build/f && echo ok > /tmp/f && $B mkdir $out && echo BUILD-OK
+    """)
+    status, out, spec = run(tmp_path, busybox_dir, script)
+    assert status == 0, out
+    for bad in ("WROTE-INPUT", "DELETED-INPUT", "WROTE-ETC", "WROTE-ROOT", "REMOUNTED", "UNMOUNTED"):
+        assert bad not in out
+    assert "BUILD-OK" in out
+    assert os.path.isdir(spec.host_path(f"{STORE}/x-out"))
+    assert (busybox_dir / "bin" / "busybox").exists() and not (busybox_dir / "new").exists()
+
+
+def test_dev_has_the_minimal_devices(tmp_path, busybox_dir):
+    status, out, _ = run(tmp_path, busybox_dir,
+                         "$B ls /dev; $B head -c 4 /dev/urandom | $B wc -c; echo x > /dev/null && echo NULL-OK")
+    assert status == 0, out
+    names = set(out.split())
+    assert {"null", "zero", "full", "random", "urandom", "shm", "pts", "fd", "stdin", "stdout", "stderr"} <= names
+    assert "sda" not in names and "vda" not in names and "NULL-OK" in out
+
+
+def test_no_privileges_inside(tmp_path, busybox_dir):
+    """The builder has no capabilities: it cannot mount, chroot, or change its uid."""
+    status, out, _ = run(tmp_path, busybox_dir,
+                         "$B mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED; "
+                         "$B chroot / /bin/true 2>/dev/null && echo CHROOTED; "
+                         "$B grep CapEff /proc/self/status; exit 0")
+    assert "MOUNTED" not in out and "CHROOTED" not in out
+    assert "CapEff:\t0000000000000000" in out
+
+
+def test_processes_of_the_host_are_invisible(tmp_path, busybox_dir):
+    status, out, _ = run(tmp_path, busybox_dir, "$B ls /proc | $B grep -c '^[0-9]'")
+    assert status == 0
+    assert int(out.strip()) <= 3  # sh, ls, grep
+
+
+def test_exit_status_is_passed_through(tmp_path, busybox_dir):
+    status, out, _ = run(tmp_path, busybox_dir, "echo bye; exit 7")
+    assert status == 7 and out == "bye\n"
+
+
+def test_missing_builder_is_a_sandbox_error(tmp_path, busybox_dir):
+    top = tmp_path / "t"
+    top.mkdir()
+    spec = SandboxSpec(argv=(f"{STORE}/nothing/bin/sh",), env={}, top=str(top), store_dir=STORE,
+                       inputs={BB_PATH: str(busybox_dir)})
+    with pytest.raises(SandboxError, match="nothing/bin/sh"):
+        run_sync(spec)
+
+
+def test_unreadable_input_is_a_sandbox_error(tmp_path, busybox_dir):
+    top = tmp_path / "t"
+    top.mkdir()
+    spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "true"), env={}, top=str(top), store_dir=STORE,
+                       inputs={BB_PATH: str(busybox_dir), f"{STORE}/1b9p07z77phvv2hh6qd1dpkh3vidrl4w-gone":
+                               str(tmp_path / "does-not-exist")})
+    prepare_root(spec)
+    with pytest.raises(SandboxError, match="cannot set up the sandbox"):
+        run_sync(spec)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged uid")
+def test_works_for_an_unprivileged_user(tmp_path, busybox_dir):
+    """As uid 65534 (no capabilities), with unprivileged user namespaces: same sandbox."""
+    import tempfile
+    work = tempfile.mkdtemp(prefix="pure-unpriv-")
+    request_cleanup = lambda: shutil.rmtree(work, ignore_errors=True)  # noqa: E731
+    from pathlib import Path
+    work = Path(work)
+    shutil.copytree(busybox_dir, work / "bb")
+    for p in [work, *work.rglob("*")]:
+        os.chown(p, 65534, 65534)
+    code = textwrap.dedent(f"""\
+        import sys
+        from purestore.build.sandbox import SandboxSpec, run_sync
+        spec = SandboxSpec(argv=({BB_PATH + '/bin/busybox'!r}, "sh", "-c",
+                                 "{BB_PATH}/bin/busybox id -u; {BB_PATH}/bin/busybox hostname; echo $$"),
+                           env={{}}, top={str(work / 'top')!r}, store_dir={STORE!r},
+                           inputs={{{BB_PATH!r}: {str(work / 'bb')!r}}})
+        status, out = run_sync(spec)
+        sys.stdout.write(out.decode()); sys.exit(status)
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                       capture_output=True, text=True, cwd=str(work), env={"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"})
+    request_cleanup()
+    if p.returncode != 0 and "cannot create the namespaces" in p.stderr:
+        pytest.skip(f"unprivileged user namespaces unavailable: {p.stderr.strip()[-200:]}")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["1000", "localhost", "1"]
