@@ -1,0 +1,509 @@
+"""File trees <-> NARs: the one module that walks file trees (DESIGN.md, FORMATS.md 3 and 6).
+
+- :func:`dump_path` writes the NAR of a file, symlink or directory to a sink.
+- :func:`hash_path` gives its NAR hash and size; :func:`scan_path` the references in it;
+  :func:`nar_hash_and_scan` both in one pass.
+- :func:`copy_and_hash` copies a tree into the store reading every file once, hashing, scanning
+  and giving the copy canonical metadata on the way.
+- :func:`restore_nar` materialises a NAR stream as a new tree, never writing outside it.
+- :func:`canonicalise_path` applies canonical metadata to an existing tree (builder outputs).
+
+Canonical metadata: mtime 1 on everything (symlinks too), files 0444 or 0555 when the owner x bit
+was set, directories 0555, no setuid/setgid/sticky bits, no extended attributes.
+
+Speed matters (``pure hash path`` is benchmarked against ``nix hash path``): paths are handled as
+bytes, names sorted as bytes, the NAR framing and small files are batched into one buffer before
+it is handed to the hash, big files are read in 1 MiB chunks into a reused buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from typing import Callable, Iterable
+
+from ..errors import BadHash, NarError, StoreError
+from ..formats import nar as _nar
+from ..formats.hash import ALGOS, Hash
+from ..formats.refscan import RefScanner
+
+_FLUSH = 1 << 20  # hand the batch buffer to the consumers when it is this big
+_SMALL = 1 << 18  # files up to this size are read in one go into the batch buffer
+_CHUNK = 1 << 20
+
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_NODE_REGULAR = _nar.NODE_REGULAR
+_NODE_REGULAR_X = _nar.NODE_REGULAR + _nar.EXECUTABLE
+_CONTENTS = _nar.CONTENTS
+_NODE_SYMLINK = _nar.NODE_SYMLINK
+_NODE_DIRECTORY = _nar.NODE_DIRECTORY
+_ENTRY_NAME = _nar.ENTRY_NAME
+_NODE = _nar.NODE
+_CLOSE = _nar.CLOSE
+_CLOSE2 = _nar.CLOSE + _nar.CLOSE
+_ZEROS = bytes(8)
+_pack = _nar._pack
+
+_KIND = {
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _show(p: bytes) -> str:
+    return os.fsdecode(p)
+
+
+def _unsupported(p: bytes, mode: int) -> StoreError:
+    kind = _KIND.get(stat.S_IFMT(mode), f"of unknown type {stat.S_IFMT(mode):o}")
+    return StoreError(
+        f"{_show(p)!r} is {kind}: only regular files, directories and symlinks can be archived"
+    )
+
+
+def _oserror(what: str, p: bytes, e: OSError) -> StoreError:
+    return StoreError(f"cannot {what} {_show(p)!r}: {e.strerror or e}")
+
+
+class _Dumper:
+    """Serialises a tree as NAR bytes into consumers, optionally copying it to ``dst``."""
+
+    __slots__ = ("buf", "size", "emit", "rbuf", "copy")
+
+    def __init__(self, emit: Callable[[bytes], object], copy: bool = False):
+        self.buf = bytearray(_nar.HEADER)
+        self.size = 0
+        self.emit = emit
+        self.rbuf = None
+        self.copy = copy
+
+    def flush(self) -> None:
+        buf = self.buf
+        if buf:
+            data = bytes(buf)
+            self.size += len(data)
+            self.emit(data)
+            buf.clear()
+
+    def finish(self) -> None:
+        self.flush()
+
+    # -- nodes --------------------------------------------------------------------------------
+
+    def node(self, p: bytes, dst: bytes | None, depth: int) -> None:
+        try:
+            st = os.lstat(p)
+        except OSError as e:
+            raise _oserror("read", p, e) from e
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            self.regular(p, dst)
+        elif stat.S_ISDIR(mode):
+            self.directory(p, dst, depth)
+        elif stat.S_ISLNK(mode):
+            self.symlink(p, dst)
+        else:
+            raise _unsupported(p, mode)
+
+    def symlink(self, p: bytes, dst: bytes | None) -> None:
+        try:
+            target = os.readlink(p)
+        except OSError as e:
+            raise _oserror("read symlink", p, e) from e
+        n = len(target)
+        self.buf += _NODE_SYMLINK + _pack(n) + target + _ZEROS[: (-n) & 7] + _CLOSE
+        if dst is not None:
+            try:
+                os.symlink(target, dst)
+                os.utime(dst, (1, 1), follow_symlinks=False)
+            except OSError as e:
+                raise _oserror("create symlink", dst, e) from e
+
+    def regular(self, p: bytes, dst: bytes | None) -> None:
+        try:
+            fd = os.open(p, _O_READ)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # replaced by a symlink under our feet
+                raise StoreError(f"{_show(p)!r} changed while it was being archived") from e
+            raise _oserror("open", p, e) from e
+        wfd = -1
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _unsupported(p, st.st_mode)
+            size = st.st_size
+            x = st.st_mode & 0o100
+            buf = self.buf
+            buf += (_NODE_REGULAR_X if x else _NODE_REGULAR) + _CONTENTS + _pack(size)
+            if dst is not None:
+                try:
+                    wfd = os.open(dst, _O_CREATE, 0o600)
+                except OSError as e:
+                    raise _oserror("create", dst, e) from e
+            if size <= _SMALL:
+                data = os.read(fd, size + 1)
+                if len(data) != size:
+                    while 0 < len(data) < size:
+                        more = os.read(fd, size + 1 - len(data))
+                        if not more:
+                            break
+                        data += more
+                    if len(data) != size:
+                        raise StoreError(f"{_show(p)!r} changed size while it was being archived")
+                buf += data
+                if wfd >= 0 and size:
+                    _write_all(wfd, data, dst)
+            else:
+                self.flush()
+                self.big(fd, size, p, wfd, dst)
+                buf = self.buf
+            buf += _ZEROS[: (-size) & 7] + _CLOSE
+            if wfd >= 0:
+                os.fchmod(wfd, 0o555 if x else 0o444)
+                os.utime(wfd, (1, 1))
+        except StoreError:
+            raise
+        except OSError as e:
+            raise _oserror("read", p, e) from e
+        finally:
+            os.close(fd)
+            if wfd >= 0:
+                os.close(wfd)
+        if len(self.buf) >= _FLUSH:
+            self.flush()
+
+    def big(self, fd: int, size: int, p: bytes, wfd: int, dst) -> None:
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+        rbuf = self.rbuf
+        if rbuf is None:
+            rbuf = self.rbuf = bytearray(_CHUNK)
+        mv = memoryview(rbuf)
+        left = size
+        emit = self.emit
+        readv = os.readv
+        while left:
+            n = readv(fd, [mv[: min(left, _CHUNK)]])
+            if not n:
+                raise StoreError(f"{_show(p)!r} changed size while it was being archived")
+            chunk = bytes(mv[:n])
+            emit(chunk)
+            if wfd >= 0:
+                _write_all(wfd, chunk, dst)
+            left -= n
+        self.size += size
+        if os.read(fd, 1):
+            raise StoreError(f"{_show(p)!r} changed size while it was being archived")
+
+    def directory(self, p: bytes, dst: bytes | None, depth: int) -> None:
+        if depth >= _nar.MAX_DEPTH:
+            raise StoreError(f"{_show(p)!r} is nested more than {_nar.MAX_DEPTH} directories deep")
+        try:
+            with os.scandir(p) as it:
+                entries = sorted((e.name, e) for e in it)
+        except OSError as e:
+            raise _oserror("list directory", p, e) from e
+        if dst is not None:
+            try:
+                os.mkdir(dst, 0o700)
+            except OSError as e:
+                raise _oserror("create directory", dst, e) from e
+        buf = self.buf
+        buf += _NODE_DIRECTORY
+        for name, e in entries:
+            n = len(name)
+            buf += _ENTRY_NAME + _pack(n) + name + _ZEROS[: (-n) & 7] + _NODE
+            sub = p + b"/" + name
+            subdst = dst + b"/" + name if dst is not None else None
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    self.directory(sub, subdst, depth + 1)
+                elif e.is_symlink():
+                    self.symlink(sub, subdst)
+                elif e.is_file(follow_symlinks=False):
+                    self.regular(sub, subdst)
+                else:
+                    self.node(sub, subdst, depth + 1)
+            except StoreError:
+                raise
+            except OSError as ex:
+                raise _oserror("read", sub, ex) from ex
+            buf = self.buf
+            buf += _CLOSE
+        buf += _CLOSE
+        if dst is not None:
+            try:
+                os.chmod(dst, 0o555)
+                os.utime(dst, (1, 1))
+            except OSError as ex:
+                raise _oserror("set metadata of", dst, ex) from ex
+
+
+def _write_all(fd: int, data, dst) -> None:
+    try:
+        n = os.write(fd, data)
+        while n < len(data):
+            n += os.write(fd, memoryview(data)[n:])
+    except OSError as e:
+        raise _oserror("write", dst, e) from e
+
+
+def _run(path: str, emit, dst: str | None = None) -> int:
+    p = os.fsencode(path)
+    d = _Dumper(emit, copy=dst is not None)
+    d.node(p, os.fsencode(dst) if dst is not None else None, 0)
+    d.finish()
+    return d.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def dump_path(path: str, sink) -> None:
+    """Write the NAR of ``path`` (file, directory or symlink, not followed) to ``sink.write``.
+
+    Raises :class:`StoreError` for unreadable files and for sockets, FIFOs and devices.
+    """
+    _run(path, sink.write)
+
+
+def hash_path(path: str, algo: str = "sha256") -> tuple[Hash, int]:
+    """The NAR hash (with ``algo``) and NAR size of ``path``."""
+    if algo not in ALGOS:
+        raise BadHash(f"unknown hash algorithm {algo!r}, expected one of {', '.join(ALGOS)}")
+    h = hashlib.new(algo)
+    size = _run(path, h.update)
+    return Hash(algo, h.digest()), size
+
+
+def scan_path(path: str, hash_parts: Iterable[str]) -> set[str]:
+    """The hash parts among ``hash_parts`` that occur in the NAR serialisation of ``path``."""
+    s = RefScanner(hash_parts)
+    _run(path, s.feed)
+    return s.found
+
+
+def nar_hash_and_scan(path: str, hash_parts: Iterable[str]) -> tuple[Hash, int, set[str]]:
+    """sha256 NAR hash, NAR size and references of ``path``, reading it once."""
+    h = hashlib.sha256()
+    s = RefScanner(hash_parts)
+    update, feed = h.update, s.feed
+
+    def emit(data):
+        update(data)
+        feed(data)
+
+    size = _run(path, emit)
+    return Hash("sha256", h.digest()), size, s.found
+
+
+def copy_and_hash(src: str, dst: str, *, scan: Iterable[str] = ()) -> tuple[Hash, int, set[str]]:
+    """Copy the tree at ``src`` to ``dst`` (which must not exist), reading each file once.
+
+    Returns the sha256 NAR hash, NAR size and the hash parts of ``scan`` found in the NAR.  The
+    copy has canonical metadata.  Raises :class:`StoreError` when ``dst`` exists, for unreadable
+    files and for sockets, FIFOs and devices (``dst`` may then hold a partial copy).
+    """
+    if os.path.lexists(dst):
+        raise StoreError(f"cannot copy to {dst!r}: it already exists")
+    h = hashlib.sha256()
+    s = RefScanner(scan)
+    update = h.update
+    if s._wanted:
+        feed = s.feed
+
+        def emit(data):
+            update(data)
+            feed(data)
+    else:
+        emit = update
+    size = _run(src, emit, dst)
+    return Hash("sha256", h.digest()), size, s.found
+
+
+def restore_nar(source, dest: str) -> None:
+    """Materialise the NAR read from ``source`` at ``dest``, which must not exist.
+
+    Strict (the NAR reader rejects anything malformed); never writes outside ``dest`` and never
+    follows a symlink: every entry is created relative to its parent directory's descriptor with
+    ``O_EXCL``/``O_NOFOLLOW``.  Files get mode 0644 or 0755, directories 0755.  On any error the
+    partial tree is removed and the error re-raised (:class:`NarError` for a bad NAR,
+    :class:`StoreError` for the file system).
+    """
+    if os.path.lexists(dest):
+        raise StoreError(f"cannot restore a NAR to {dest!r}: it already exists")
+    parent = os.path.dirname(os.path.abspath(dest)) or "/"
+    created = False
+    try:
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"cannot restore a NAR to {dest!r}: {e.strerror}") from e
+    base = os.fsencode(os.path.basename(os.path.abspath(dest)))
+    dirs: list[tuple[tuple, int]] = []  # open directories: (path, fd)
+    try:
+        for ev in _nar.parse_nar(source):
+            path = ev.path
+            if not path:
+                at_fd, name = pfd, base
+            else:
+                while dirs and dirs[-1][0] != path[:-1]:
+                    os.close(dirs.pop()[1])
+                if not dirs:  # cannot happen with a valid event stream
+                    raise NarError(f"entry {_nar.render_path(path)!r} outside any directory")
+                at_fd, name = dirs[-1][1], path[-1]
+            created = True
+            try:
+                if isinstance(ev, _nar.NarDirectory):
+                    os.mkdir(name, 0o755, dir_fd=at_fd)
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=at_fd)
+                    dirs.append((path, fd))
+                elif isinstance(ev, _nar.NarSymlink):
+                    os.symlink(ev.target, name, dir_fd=at_fd)
+                else:
+                    fd = os.open(name, _O_CREATE, 0o600, dir_fd=at_fd)
+                    try:
+                        for chunk in ev.chunks:
+                            _write_all(fd, chunk, name)
+                        os.fchmod(fd, 0o755 if ev.executable else 0o644)
+                    finally:
+                        os.close(fd)
+            except OSError as e:
+                raise StoreError(
+                    f"cannot restore {_nar.render_path(path)!r} under {dest!r}: {e.strerror or e}"
+                ) from e
+    except BaseException:
+        for _p, fd in dirs:
+            os.close(fd)
+        dirs = []
+        if created:
+            _remove_tree(dest)
+        raise
+    finally:
+        for _p, fd in dirs:
+            os.close(fd)
+        os.close(pfd)
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a tree we created, making read-only directories writable first."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        os.chmod(path, 0o700)
+        with os.scandir(path) as it:
+            names = [e.name for e in it]
+        for n in names:
+            _remove_tree(os.path.join(path, n))
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def canonicalise_path(path: str, *, reject_writable: bool = False) -> None:
+    """Give the tree at ``path`` canonical metadata in place (directories after their children).
+
+    With ``reject_writable``, raise :class:`StoreError` naming the first group- or
+    world-writable file or directory (builder outputs).  setuid/setgid/sticky bits are stripped,
+    extended attributes removed.  Raises :class:`StoreError` for sockets, FIFOs and devices.
+    """
+    _canon(os.fsencode(path), reject_writable, 0)
+
+
+def _canon(p: bytes, reject_writable: bool, depth: int) -> None:
+    try:
+        st = os.lstat(p)
+    except OSError as e:
+        raise _oserror("read", p, e) from e
+    mode = st.st_mode
+    if reject_writable and not stat.S_ISLNK(mode) and mode & 0o022:
+        raise StoreError(
+            f"{_show(p)!r} is group- or world-writable (mode {stat.S_IMODE(mode):04o}): "
+            "refusing a suspicious build output"
+        )
+    try:
+        if stat.S_ISLNK(mode):
+            if st.st_mtime_ns != 1_000_000_000:
+                os.utime(p, (1, 1), follow_symlinks=False)
+            return
+        if stat.S_ISREG(mode):
+            _strip_xattrs(p)
+            want = 0o555 if mode & 0o100 else 0o444
+            if stat.S_IMODE(mode) != want:
+                os.chmod(p, want)
+            if st.st_mtime_ns != 1_000_000_000:
+                os.utime(p, (1, 1))
+            return
+        if stat.S_ISDIR(mode):
+            if depth >= _nar.MAX_DEPTH:
+                raise StoreError(f"{_show(p)!r} is nested more than {_nar.MAX_DEPTH} directories deep")
+            if mode & 0o700 != 0o700:
+                os.chmod(p, 0o700)
+            with os.scandir(p) as it:
+                names = [e.name for e in it]
+            for n in names:
+                _canon(p + b"/" + n, reject_writable, depth + 1)
+            _strip_xattrs(p)
+            os.chmod(p, 0o555)
+            os.utime(p, (1, 1))
+            return
+    except StoreError:
+        raise
+    except OSError as e:
+        raise _oserror("canonicalise", p, e) from e
+    raise _unsupported(p, mode)
+
+
+def _strip_xattrs(p: bytes) -> None:
+    try:
+        names = os.listxattr(p, follow_symlinks=False)
+    except OSError:
+        return
+    for n in names:
+        try:
+            os.removexattr(p, n, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
+
+
+def hash_file(path: str, algo: str = "sha256") -> Hash:
+    """The flat hash of the contents of the file at ``path`` (symlinks followed)."""
+    if algo not in ALGOS:
+        raise BadHash(f"unknown hash algorithm {algo!r}, expected one of {', '.join(ALGOS)}")
+    h = hashlib.new(algo)
+    p = os.fsencode(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise _oserror("open", p, e) from e
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{path!r} is a directory: use 'hash path' for trees")
+        buf = bytearray(_CHUNK)
+        mv = memoryview(buf)
+        while True:
+            n = os.readv(fd, [buf])
+            if not n:
+                break
+            h.update(mv[:n])
+    except StoreError:
+        raise
+    except OSError as e:
+        raise _oserror("read", p, e) from e
+    finally:
+        os.close(fd)
+    return Hash(algo, h.digest())
