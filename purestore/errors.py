@@ -109,3 +109,8 @@ class ProvenanceError(SignatureError):
 
 class SbomError(PurestoreError):
     """Raised when an SBOM cannot be made (unknown deriver, missing derivation, bad format)."""
+
+
+class DerivationArgumentError(EvalError, TypeError):
+    """Raised when ``derivation()`` (or a helper built on it) gets a bad argument: the message names
+    the derivation, the field, the expected type and the value."""
