@@ -222,7 +222,10 @@ class LocalStore:
         absolute = os.path.abspath(text) if not text.startswith("/") else os.path.normpath(text)
         for prefix in (self.store_dir, self.real_store_dir):
             if absolute.startswith(prefix + "/"):
-                return StorePath.parse_prefix(absolute, prefix)[0]
+                try:
+                    return StorePath.parse_prefix(absolute, prefix)[0]
+                except InvalidStorePath as e:
+                    raise InvalidStorePath(f"{text!r} is not a store path: {e}") from e
         if depth < 40 and os.path.islink(absolute):
             target = os.readlink(absolute)
             return self._parse_path(os.path.join(os.path.dirname(absolute), target), depth + 1)
@@ -500,7 +503,7 @@ class LocalStore:
         try:
             st = os.stat(src) if flat else os.lstat(src)
         except OSError as e:
-            raise StoreError(f"cannot add {src!r} to the store: {e.strerror}") from e
+            raise StoreError(f"cannot add {src!r} to the store: {_lower(e.strerror)}") from e
         if name is None:
             name = os.path.basename(src.rstrip("/")) or "root"
             try:
@@ -536,7 +539,7 @@ class LocalStore:
             if isinstance(e, StoreError):
                 raise
             where = e.filename or src
-            raise StoreError(f"cannot add {src!r} to the store: {where!r}: {e.strerror}") from e
+            raise StoreError(f"cannot add {src!r} to the store: {where!r}: {_lower(e.strerror)}") from e
         return sp
 
     def _install_and_register(self, tmp: str, info: PathInfo) -> None:
@@ -697,3 +700,7 @@ def _file_sha256(path: str) -> Hash:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return Hash("sha256", h.digest())
+
+
+def _lower(msg: str | None) -> str:
+    return (msg[:1].lower() + msg[1:]) if msg else "unknown error"

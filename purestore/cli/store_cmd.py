@@ -1,0 +1,176 @@
+"""``pure store …``: add, path-info, ls, references, requisites, verify, delete.
+
+Presentation only; the work is :class:`purestore.store.local.LocalStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+_ADD_HELP = """\
+Copy PATH into the store and print the store path.
+
+By default PATH is added recursively (its NAR, like `nix-store --add`): the store path is a
+`source` path of its NAR hash and NAME (default: PATH's base name). With --flat, PATH must be a
+regular file and the store path is the fixed sha256 path of its contents (like
+`nix-store --add-fixed sha256`). With --store-dir /nix/store the paths equal Nix's.
+
+The copy is atomic: it is written under a temporary name with canonical metadata (mtime 1,
+modes 0444/0555) while being hashed, renamed into place and then registered, so an interrupted
+add leaves nothing valid behind.
+"""
+
+_PATH_INFO_HELP = """\
+Show what the store records for valid paths: NAR hash and size, references, deriver,
+signatures, content address, registration time. Without --json, prints one line per path with
+the sizes asked for (-s NAR size, -S closure size), tab-separated.
+
+PATH may be a store path, a file inside one, a symlink to one (such as `result`), the physical
+path in a rooted store, or a base name <hash>-<name>.
+"""
+
+
+def register(reg) -> None:
+    reg.group("store", help="manage the local store (add paths, query, verify, delete)")
+
+    p = reg.command("add", "add files or trees to the store", cmd_add, group="store",
+                    description=_ADD_HELP)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="file, directory or symlink to add")
+    p.add_argument("--name", help="store path name (default: the base name of PATH)")
+    p.add_argument("--flat", action="store_true",
+                   help="add a regular file by the sha256 of its contents (fixed path)")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="print the store path without copying anything")
+
+    p = reg.command("path-info", "show path info (hash, size, references, signatures)",
+                    cmd_path_info, group="store", description=_PATH_INFO_HELP)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print JSON like `nix path-info --json`")
+    p.add_argument("-r", "--recursive", action="store_true", help="show the whole closure of PATH")
+    p.add_argument("-s", "--size", action="store_true", help="show the NAR size")
+    p.add_argument("-S", "--closure-size", action="store_true", help="show the closure size")
+
+    p = reg.command("ls", "list all valid paths", cmd_ls, group="store")
+    p.add_argument("--json", action="store_true", help="print a JSON list of paths")
+
+    p = reg.command("references", "list the paths PATH refers to", cmd_references, group="store")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = reg.command("referrers", "list the valid paths that refer to PATH", cmd_referrers, group="store")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = reg.command("requisites", "list the closure of PATHs (dependencies first)", cmd_requisites,
+                    group="store")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = reg.command("verify", "check the store's consistency; exit 1 and list problems if any",
+                    cmd_verify, group="store",
+                    description="Check that every valid path exists on disk and that no reference "
+                                "dangles; with --check-contents also that each path's NAR hash "
+                                "and size match the database. Exits 1 when problems are found.")
+    p.add_argument("--check-contents", action="store_true", help="rehash every valid path")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+
+    p = reg.command("delete", "delete paths that nothing refers to", cmd_delete, group="store",
+                    description="Delete valid paths. Refuses (and deletes nothing) while a path is "
+                                "referenced by a valid path not being deleted too.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=None, separators=(",", ":"))
+    sys.stdout.write("\n")
+
+
+def cmd_add(args, ctx) -> int:
+    from ..errors import UsageError
+
+    if args.name is not None and len(args.paths) > 1:
+        raise UsageError(f"--name applies to one path, got {len(args.paths)} paths")
+    with ctx.open_store() as store:
+        for path in args.paths:
+            sp = store.add_path(path, args.name, flat=args.flat, dry_run=args.dry_run)
+            print(store.print_path(sp), flush=True)
+    return 0
+
+
+def cmd_path_info(args, ctx) -> int:
+    with ctx.open_store() as store:
+        roots = [store.parse_path(p, valid=True) for p in args.paths]
+        paths = store.topo_sort(store.query_closure(roots)) if args.recursive else list(dict.fromkeys(roots))
+        infos = [store.query_path_info(sp) for sp in paths]
+        closure = {sp: store.closure_size([sp]) for sp in paths} if args.closure_size else {}
+        if args.json:
+            _print_json([i.to_json(store.store_dir, closure.get(i.path)) for i in infos])
+            return 0
+        for i in infos:
+            cols = [store.print_path(i.path)]
+            if args.size:
+                cols.append(f"{i.nar_size:>11}")
+            if args.closure_size:
+                cols.append(f"{closure[i.path]:>11}")
+            print("\t".join(cols))
+    return 0
+
+
+def _print_paths(store, paths, as_json: bool) -> None:
+    text = [store.print_path(sp) for sp in paths]
+    if as_json:
+        _print_json(text)
+    else:
+        for t in text:
+            print(t)
+
+
+def cmd_ls(args, ctx) -> int:
+    with ctx.open_store() as store:
+        _print_paths(store, store.valid_paths(), args.json)
+    return 0
+
+
+def cmd_references(args, ctx) -> int:
+    with ctx.open_store() as store:
+        sp = store.parse_path(args.path, valid=True)
+        _print_paths(store, sorted(store.query_references(sp)), args.json)
+    return 0
+
+
+def cmd_referrers(args, ctx) -> int:
+    with ctx.open_store() as store:
+        sp = store.parse_path(args.path, valid=True)
+        _print_paths(store, sorted(store.query_referrers(sp)), args.json)
+    return 0
+
+
+def cmd_requisites(args, ctx) -> int:
+    with ctx.open_store() as store:
+        roots = [store.parse_path(p, valid=True) for p in args.paths]
+        _print_paths(store, store.topo_sort(store.query_closure(roots)), args.json)
+    return 0
+
+
+def cmd_verify(args, ctx) -> int:
+    with ctx.open_store() as store:
+        report = store.verify(check_contents=args.check_contents)
+    if args.json:
+        _print_json({"checked": report.checked, "ok": report.ok,
+                     "problems": [{"path": p.path, "kind": p.kind, "message": p.message}
+                                  for p in report.problems]})
+    else:
+        for p in report.problems:
+            print(f"{p.kind}: {p.message}")
+        ctx.info(f"checked {report.checked} paths: "
+                 + ("no problems" if report.ok else f"{len(report.problems)} problem(s)"))
+    return 0 if report.ok else 1
+
+
+def cmd_delete(args, ctx) -> int:
+    with ctx.open_store() as store:
+        targets = [store.parse_path(p, valid=True) for p in args.paths]
+        for sp in store.delete(targets):
+            ctx.info(f"deleted {store.print_path(sp)}")
+    return 0
