@@ -472,3 +472,67 @@ def render(sbom: Sbom, fmt: str, now: datetime.datetime | None = None) -> str:
     if fmt == "spdx-json":
         return render_spdx(sbom, now)
     raise SbomError(f"unknown SBOM format {fmt!r}, expected one of {', '.join(FORMATS)}")
+
+
+# -- reading a LocalStore ----------------------------------------------------------------------
+
+
+def fixed_output_of(drv) -> FixedOutput | None:
+    """URLs and pinned hash of a fixed-output :class:`~purestore.formats.derivation.Derivation`.
+
+    URLs come from the ``urls`` (space-separated) or ``url`` attribute, the convention of
+    purestore's ``fetchurl`` and of Nix's.
+    """
+    if not drv.is_fixed_output:
+        return None
+    h, recursive = drv.fixed_output_hash()
+    urls = tuple(drv.env.get("urls", "").split()) or tuple(drv.env.get("url", "").split())
+    return FixedOutput(urls, h, recursive)
+
+
+def store_views(store) -> tuple[Callable[[str], PathView | None], Callable[[str], DrvView | None]]:
+    """``path_info`` and ``read_drv`` functions for :func:`collect_sbom` over a LocalStore."""
+    from ..errors import InvalidStorePath
+    from ..formats.derivation import parse_aterm
+    from ..formats.store_path import StorePath
+
+    sd = store.store_dir
+
+    def parse(p: str) -> StorePath | None:
+        try:
+            return StorePath.parse(p, sd)
+        except InvalidStorePath:
+            return None
+
+    def path_info(p: str) -> PathView | None:
+        sp = parse(p)
+        info = store.query_path_info(sp) if sp else None
+        if info is None:
+            return None
+        return PathView(info.nar_hash, info.nar_size,
+                        tuple(store.print_path(r) for r in info.references),
+                        store.print_path(info.deriver) if info.deriver else None)
+
+    def read_drv(p: str) -> DrvView | None:
+        sp = parse(p)
+        if sp is None:
+            return None
+        try:
+            with open(store.real_path(sp), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise SbomError(f"cannot read derivation {p!r}: {e.strerror}") from e
+        drv = parse_aterm(data, where=p)
+        return DrvView(p, drv.name, drv.system, drv.env, drv.output_paths(),
+                       {k: tuple(sorted(v)) for k, v in drv.input_drvs.items()},
+                       tuple(sorted(drv.input_srcs)), fixed_output_of(drv))
+
+    return path_info, read_drv
+
+
+def sbom_of_paths(store, paths: Iterable[str]) -> Sbom:
+    """The SBOM of store paths (outputs or ``.drv``), read from ``store``."""
+    path_info, read_drv = store_views(store)
+    return collect_sbom(list(paths), path_info=path_info, read_drv=read_drv)

@@ -319,3 +319,13 @@ def check_subject(verified: VerifiedStatement, path: str, nar_hash: Hash,
         raise ProvenanceError(
             f"{where}: subject {path!r} has digest sha256:{got.base16} but the store's NAR hash is "
             f"sha256:{nar_hash.base16}: the statement is not about this content")
+
+
+def verify_for_path(data: bytes | str, trusted: Mapping[str, PublicKey], path: str, nar_hash: Hash,
+                    where: str = "provenance") -> VerifiedStatement:
+    """What a substituter checks before accepting ``path``: the envelope carries a valid
+    signature by a trusted key, and ``path`` is a subject whose digest is ``nar_hash`` (the
+    narinfo's NarHash).  Raises :class:`ProvenanceError` otherwise."""
+    v = verify_envelope(data, trusted, where)
+    check_subject(v, path, nar_hash, where)
+    return v

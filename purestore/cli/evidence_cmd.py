@@ -1,0 +1,248 @@
+"""``pure sbom``, ``pure provenance [verify]``, ``pure report``, ``pure why-depends``: supply-chain evidence."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def register(reg) -> None:
+    p = reg.command(
+        "sbom", "print a software bill of materials (CycloneDX or SPDX JSON) of a built path",
+        cmd_sbom,
+        description=(
+            "Print the SBOM of TARGET: a store path (an output, or a .drv), a result link, or an\n"
+            "expression file (with -A ATTR). It is made from the derivation graph and the store's\n"
+            "metadata, not by scanning binaries: one component per store path of the build\n"
+            "closure with its NAR sha256, name and version, whether it is needed at run time\n"
+            "(in the output's reference closure: scope 'required') or only to build it (scope\n"
+            "'excluded'), the dependency graph, and for fetched inputs their URLs and pinned hash.\n"
+            "CycloneDX output is validated against the official 1.6 schema before it is printed."),
+    )
+    p.add_argument("target", metavar="PATH|FILE", help="store path, .drv, result link, or expression file")
+    p.add_argument("-A", "--attr", metavar="ATTR", help="attribute of the expression file (default: default)")
+    p.add_argument("--format", choices=("cyclonedx-json", "spdx-json"), default="cyclonedx-json",
+                   help="output format (default cyclonedx-json, spec 1.6; spdx-json is SPDX 2.3)")
+    p.add_argument("--runtime-only", action="store_true",
+                   help="only the run-time closure (leave out build-time-only components)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+
+    p = reg.command(
+        "provenance", "write or verify signed SLSA provenance of a built path", cmd_provenance,
+        usage=("pure provenance PATH --key-file KEY [-o FILE]\n"
+               "       pure provenance verify FILE --trusted-key PUB [--trusted-key PUB...] [PATH]"),
+        description=(
+            "pure provenance PATH --key-file KEY: describe how PATH was built as an in-toto\n"
+            "Statement v1 with a SLSA Provenance v1 predicate (subject: PATH and its NAR sha256;\n"
+            "build definition: its derivation and resolved inputs with digests; run details:\n"
+            "builder, purestore version, start and finish times), signed in a DSSE envelope with\n"
+            "an ed25519 key in the caches' format ('pure key generate'). The envelope is kept in\n"
+            "the store's state (so 'pure copy' uploads it next to the narinfo) and printed, or\n"
+            "written to FILE with -o.\n\n"
+            "pure provenance verify FILE --trusted-key PUB [PATH]: check the envelope's signature\n"
+            "by a trusted key, and that its subject digest matches the store's NAR hash of PATH\n"
+            "(or of every subject when no PATH is given). Exits 1 with the reason otherwise."),
+    )
+    p.add_argument("args", nargs="+", metavar="ARG", help="PATH, or 'verify' FILE [PATH]")
+    p.add_argument("--key-file", metavar="KEY", help="secret key file to sign with")
+    p.add_argument("-o", "--output", metavar="FILE", help="also write the envelope to FILE ('-' for stdout)")
+    p.add_argument("--trusted-key", metavar="PUB", action="append", default=[],
+                   help="trusted public key 'name:base64' or a file holding one (repeatable)")
+    p.add_argument("--allow-unrecorded", action="store_true",
+                   help="sign even when this store has no record of building the path (no times)")
+    p.add_argument("--json", action="store_true", help="verify: print the verified statement as JSON")
+
+    p = reg.command(
+        "report", "hermeticity report: builds, network use, pinning, reproducibility, cache hits",
+        cmd_report,
+        description=(
+            "Summarise the store's records: builds run; the share built without network (only\n"
+            "fixed-output fetches get it); the share of network-using builds pinned by hash;\n"
+            "the reproducibility rate over --check/--rounds runs, listing failing derivations;\n"
+            "the cache hit rate (substituted vs built); sandbox refusals. --json for dashboards."),
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--since", metavar="SECONDS", type=float,
+                   help="only records of the last SECONDS seconds")
+
+    p = reg.command(
+        "why-depends", "show why PATH depends on DEP: the chain of references", cmd_why_depends,
+        description=(
+            "Print a shortest chain of references from PATH to DEP (both store paths or result\n"
+            "links), and for each link the files of the referrer that mention the next path.\n"
+            "Exits 1 when PATH does not depend on DEP."),
+    )
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("dep", metavar="DEP")
+    p.add_argument("--all", action="store_true", help="show every path from PATH to DEP as a tree")
+    p.add_argument("--json", action="store_true", help="print the chain as a JSON list")
+
+
+# -- sbom ------------------------------------------------------------------------------------
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output and output != "-":
+        tmp = output + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, output)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _targets_of(store, ctx, target: str, attr: str | None) -> list[str]:
+    """Store paths named by TARGET: a store path / result link, or the outputs of an expression."""
+    from ..errors import UsageError
+    is_expr = target.endswith(".py") and os.path.isfile(target)
+    if not is_expr:
+        if attr:
+            raise UsageError("-A ATTR needs an expression file as TARGET")
+        return [store.print_path(store.parse_path(target))]
+    return _instantiate(store, ctx, target, attr)
+
+
+def _instantiate(store, ctx, file: str, attr: str | None) -> list[str]:
+    """Evaluate FILE (-A ATTR) and return the .drv paths it instantiates to."""
+    from ..errors import UsageError
+    try:
+        from ..expr import instantiate_file  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise UsageError(f"cannot evaluate {file!r}: the expression evaluator is not available ({e})",
+                         hint="pass the built store path (or ./result) instead") from e
+    return [str(d) for d in instantiate_file(store, ctx.settings, file, attr)]
+
+
+def cmd_sbom(args, ctx) -> int:
+    from ..build.sbom import render, sbom_of_paths
+    with ctx.open_store() as store:
+        targets = _targets_of(store, ctx, args.target, args.attr)
+        sbom = sbom_of_paths(store, targets)
+    for w in sbom.warnings:
+        ctx.info(f"warning: {w}")
+    if args.runtime_only:
+        sbom = sbom.runtime_only()
+    _emit(render(sbom, args.format), args.output)
+    return 0
+
+
+# -- provenance ------------------------------------------------------------------------------
+
+
+def _load_trusted(specs: list[str]):
+    from ..errors import UsageError
+    from ..formats.signing import parse_public_keys
+    texts = []
+    for s in specs:
+        if os.path.isfile(s):
+            with open(s) as f:
+                texts.extend(line for line in f.read().split() if line)
+        else:
+            texts.append(s)
+    if not texts:
+        raise UsageError("no trusted key given", hint="pass --trusted-key NAME:BASE64 (or a file holding it)")
+    return parse_public_keys(texts)
+
+
+def cmd_provenance(args, ctx) -> int:
+    from ..errors import UsageError
+    if args.args[0] == "verify":
+        rest = args.args[1:]
+        if not 1 <= len(rest) <= 2:
+            raise UsageError("usage: pure provenance verify FILE --trusted-key PUB [PATH]")
+        if args.key_file:
+            raise UsageError("--key-file is for signing; verify takes --trusted-key")
+        return _provenance_verify(args, ctx, rest[0], rest[1] if len(rest) == 2 else None)
+    if len(args.args) != 1:
+        raise UsageError(f"expected one PATH, got {len(args.args)} arguments: {' '.join(args.args)}")
+    if not args.key_file:
+        raise UsageError("pure provenance PATH needs --key-file KEY",
+                         hint="create a key with 'pure key generate'")
+    if args.trusted_key:
+        raise UsageError("--trusted-key is for 'pure provenance verify'")
+    return _provenance_make(args, ctx, args.args[0])
+
+
+def _provenance_make(args, ctx, target: str) -> int:
+    from ..build.provenance import make_provenance
+    from ..errors import UsageError
+    from ..formats.signing import SecretKey
+    from ..store.provenance import write_provenance
+    try:
+        with open(args.key_file) as f:
+            key = SecretKey.parse(f.read())
+    except OSError as e:
+        raise UsageError(f"cannot read key file {args.key_file!r}: {e.strerror}") from e
+    with ctx.open_store() as store:
+        sp = store.parse_path(target, valid=True)
+        env = make_provenance(store, sp, key, require_build_record=not args.allow_unrecorded)
+        data = env.render()
+        where = write_provenance(store, sp, data)
+    ctx.info(f"signed provenance of {store.print_path(sp)} with key {key.name!r} (kept in {where})")
+    _emit(data.decode(), args.output)
+    return 0
+
+
+def _provenance_verify(args, ctx, file: str, target: str | None) -> int:
+    from ..build.provenance import verify_provenance
+    from ..errors import UsageError
+    trusted = _load_trusted(args.trusted_key)
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read provenance file {file!r}: {e.strerror}") from e
+    with ctx.open_store() as store:
+        sp = store.parse_path(target, valid=True) if target else None
+        v = verify_provenance(store, data, trusted, sp, where=file)
+    if args.json:
+        print(json.dumps({"key": v.key_name, "statement": v.statement}, indent=2))
+    else:
+        names = ", ".join(v.subject_digests())
+        print(f"ok: {file} is signed by {v.key_name!r} and matches the store for {names}")
+    return 0
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def cmd_report(args, ctx) -> int:
+    import time
+    from ..build.report import make_report, render_report
+    since = time.time() - args.since if args.since is not None else None
+    with ctx.open_store() as store:
+        r = make_report(store, since)
+    if args.json:
+        print(json.dumps(r, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(render_report(r))
+    return 0
+
+
+# -- why-depends -----------------------------------------------------------------------------
+
+
+def cmd_why_depends(args, ctx) -> int:
+    from ..build.why import find_chain, find_all, render_chain, render_tree, where_referenced
+    with ctx.open_store() as store:
+        src = store.parse_path(args.path, valid=True)
+        dep = store.parse_path(args.dep, valid=True)
+        chain = find_chain(store, src, dep)
+        if chain is None:
+            ctx.info(f"{store.print_path(src)} does not depend on {store.print_path(dep)}")
+            return 1
+        if args.json:
+            out = []
+            for i, sp in enumerate(chain):
+                item = {"path": store.print_path(sp)}
+                if i + 1 < len(chain):
+                    item["files"] = where_referenced(store, sp, chain[i + 1])
+                out.append(item)
+            print(json.dumps(out, indent=2))
+        elif args.all:
+            sys.stdout.write(render_tree(store, find_all(store, src, dep)))
+        else:
+            sys.stdout.write(render_chain(store, chain))
+    return 0
