@@ -1,0 +1,67 @@
+"""Builtin builders: derivations whose builder is ``builtin:NAME`` run here, not in a sandbox.
+
+Each entry of :data:`BUILTIN_BUILDERS` is ``fn(drv, out, log)``: ``drv`` the
+:class:`~purestore.formats.derivation.Derivation`, ``out`` the physical path of the output to
+create (it does not exist yet), ``log(line)`` adds a line to the build log.  It runs in a worker
+thread outside the sandbox and may use the network; it raises
+:class:`~purestore.errors.BuildError` on failure.  Builtin builders are only allowed for
+fixed-output derivations, whose output hash the scheduler checks afterwards.
+
+``builtin:fetchurl`` (Nix's ``builtin:fetchurl``): env ``url`` (or ``urls``, space-separated,
+tried in order), optional ``executable`` ("1"), ``unpack`` is not supported.  http, https and
+file URLs, through urllib.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.error
+import urllib.request
+from typing import Callable
+
+from ..errors import BuildError
+from ..formats.derivation import Derivation
+
+Log = Callable[[str], None]
+
+FETCH_TIMEOUT = 60
+
+
+def fetchurl(drv: Derivation, out: str, log: Log) -> None:
+    urls = (drv.env.get("urls") or drv.env.get("url") or "").split()
+    if not urls:
+        raise BuildError(f"builtin:fetchurl for {drv.env.get('name', '?')!r} has no 'url' attribute")
+    if drv.env.get("unpack") == "1":
+        raise BuildError("builtin:fetchurl: unpack = True is not supported")
+    errors = []
+    for url in urls:
+        scheme = url.split(":", 1)[0].lower()
+        if scheme not in ("http", "https", "file"):
+            errors.append(f"{url}: unsupported URL scheme {scheme!r} (expected http, https or file)")
+            continue
+        log(f"downloading '{url}'...")
+        tmp = out + ".part"
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "purestore"})
+            with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT) as resp, open(tmp, "wb") as f:
+                shutil.copyfileobj(resp, f, 1 << 20)
+            os.rename(tmp, out)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            errors.append(f"{url}: {reason}")
+            log(f"error: {url}: {reason}")
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            continue
+        os.chmod(out, 0o755 if drv.env.get("executable") == "1" else 0o644)
+        return
+    raise BuildError("builtin:fetchurl could not download " + drv.env.get("name", "?") + ":\n  "
+                     + "\n  ".join(errors))
+
+
+BUILTIN_BUILDERS: dict[str, Callable[[Derivation, str, Log], None]] = {
+    "builtin:fetchurl": fetchurl,
+}

@@ -1,0 +1,562 @@
+"""The trio scheduler: realise derivations, dependencies first, up to N builds at once.
+
+:func:`realise` is the entry point::
+
+    results = await realise(store, settings, [drv_path, ...], BuildOptions(max_jobs=4), progress)
+
+1. Load the ``.drv`` graph (worker thread) and find what is missing: a derivation whose wanted
+   outputs are all valid is not needed, nor are its inputs.
+2. Try the substituters for missing outputs (when the caches layer is installed and configured).
+3. Announce the plan, then build: one task per derivation waits for its inputs, then for a job
+   slot; it takes the output path locks (so two ``pure`` processes build a path once: the
+   second waits and then finds it valid), runs the builder in the sandbox (or a builtin builder
+   in a thread), checks and registers the outputs, and stores the log.
+4. Fail fast (the first failure cancels the rest) unless ``keep_going``; cancellation (Ctrl-C)
+   kills the builders (SIGKILL on the whole PID namespace), removes temporary outputs and
+   releases the locks before :func:`realise` returns.
+
+Blocking work (reading ``.drv`` files, hashing, scanning, SQLite) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import tempfile
+import time
+from typing import Iterable
+
+import attrs
+import trio
+
+from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
+from ..formats.derivation import Derivation, parse_aterm
+from ..formats.store_path import StorePath
+from ..store import events
+from . import check as check_mod
+from . import sandbox as sb
+from .builtins import BUILTIN_BUILDERS
+from .logs import BuildLog
+from .outputs import check_outputs, install_outputs
+from .progress import Progress
+
+SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
+
+
+@attrs.frozen
+class BuildOptions:
+    """How to realise: ``max_jobs`` builds at once; ``cores`` (NIX_BUILD_CORES, 0 = all);
+    ``keep_going`` builds what it can after a failure; ``keep_failed`` keeps failed build dirs;
+    ``check`` rebuilds already valid outputs of the requested derivations and compares;
+    ``rounds`` builds each requested derivation that many times and compares."""
+
+    max_jobs: int = 1
+    cores: int = 0
+    keep_going: bool = False
+    keep_failed: bool = False
+    check: bool = False
+    rounds: int = 1
+
+
+@attrs.define(eq=False)
+class _Node:
+    path: StorePath
+    drv: Derivation
+    label: str
+    outputs: dict[str, StorePath]
+    deps: list["_Node"] = attrs.field(factory=list)
+    needed: bool = False
+    top: bool = False
+    done: trio.Event = attrs.field(factory=trio.Event)
+    ok: bool = False
+    error: str | None = None
+
+
+class BuildFailures(BuildError):
+    """Raised when one or more derivations failed (``--keep-going``) or a dependency failed."""
+
+    def __init__(self, errors: list[BuildError]):
+        self.errors = errors
+        if len(errors) == 1:
+            super().__init__(str(errors[0]), hint=errors[0].hint)
+        else:
+            super().__init__(f"{len(errors)} derivations failed:\n" + "\n".join(f"- {e}" for e in errors))
+
+
+class NotReproducible(BuildError):
+    """Raised by ``--check``/``--rounds`` when a rebuild differs from the first build."""
+
+    exit_status = 104
+
+
+async def realise(store, settings, drv_paths: Iterable[StorePath], options: BuildOptions,
+                  progress: Progress | None = None) -> dict[StorePath, dict[str, StorePath]]:
+    """Make the outputs of ``drv_paths`` valid; returns drv -> {output name: path}.
+
+    Raises :class:`BuildFailures` when a build fails (after stopping the others, or after
+    building everything possible with ``keep_going``), :class:`NotReproducible` when a check
+    finds a difference, :class:`StoreError` for store problems.
+    """
+    return await _Realiser(store, settings, options, progress or Progress(quiet=True)).run(list(drv_paths))
+
+
+class _Realiser:
+    def __init__(self, store, settings, options: BuildOptions, progress: Progress):
+        self.store = store
+        self.settings = settings
+        self.options = options
+        self.progress = progress
+        self.sd = settings.store_dir
+        self.nodes: dict[StorePath, _Node] = {}
+        self.errors: list[BuildError] = []
+        self.limiter = trio.CapacityLimiter(max(1, options.max_jobs))
+        self.in_progress: dict[StorePath, trio.Event] = {}
+        self.unreproducible: list[str] = []
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _load_graph(self, tops: list[StorePath]) -> None:
+        """Read the .drv closure of ``tops`` and mark what must be built (blocking)."""
+        store = self.store
+        self.store.add_temp_roots(tops)
+        stack = list(tops)
+        order: list[_Node] = []
+        while stack:
+            p = stack.pop()
+            if p in self.nodes:
+                continue
+            real = store.real_path(p)
+            try:
+                with open(real, "rb") as f:
+                    drv = parse_aterm(f.read(), where=store.print_path(p))
+            except FileNotFoundError:
+                raise StoreError(f"derivation {store.print_path(p)!r} does not exist in the store "
+                                 f"at {store.real_store_dir!r}") from None
+            except OSError as e:
+                raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
+            outs = {n: StorePath.parse(o.path, self.sd) for n, o in drv.outputs.items()}
+            node = _Node(p, drv, store.print_path(p), outs)
+            self.nodes[p] = node
+            order.append(node)
+            for d in drv.input_drvs:
+                stack.append(StorePath.parse(d, self.sd))
+        for node in order:
+            node.deps = [self.nodes[StorePath.parse(d, self.sd)] for d in node.drv.input_drvs]
+        for t in tops:
+            self.nodes[t].top = True
+        # what is needed: walk down from the tops, stopping at derivations whose outputs are valid
+        seen: set[StorePath] = set()
+        stack = list(tops)
+        while stack:
+            p = stack.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            node = self.nodes[p]
+            missing = [o for o in node.outputs.values() if not store.is_valid(o)]
+            if missing:
+                node.needed = True
+                stack.extend(d.path for d in node.deps)
+            else:
+                node.ok = True
+                node.done.set()
+        for node in self.nodes.values():
+            if not node.needed and not node.ok:
+                node.ok = True  # not reachable through a missing output: nothing to do
+                node.done.set()
+
+    async def _substitute(self) -> list[str]:
+        if not self.settings.substituters or self.settings.offline:
+            return []
+        try:
+            from ..cache.substituter import substitute
+        except ImportError:
+            return []
+        wanted = {o for n in self.nodes.values() if n.needed for o in n.outputs.values()}
+        got = await substitute(self.store, self.settings, wanted)
+        for node in self.nodes.values():
+            if node.needed and all(o in got or self.store.is_valid(o) for o in node.outputs.values()):
+                node.needed = False
+        # dependencies of substituted nodes are no longer needed unless a needed node uses them
+        self._recompute_needed()
+        return sorted(self.store.print_path(p) for p in got)
+
+    def _recompute_needed(self) -> None:
+        needed_before = {p for p, n in self.nodes.items() if n.needed}
+        keep: set[StorePath] = set()
+        stack = [p for p, n in self.nodes.items() if n.top]
+        while stack:
+            p = stack.pop()
+            if p in keep:
+                continue
+            n = self.nodes[p]
+            if p in needed_before:
+                keep.add(p)
+                stack.extend(d.path for d in n.deps)
+        for p, n in self.nodes.items():
+            n.needed = p in keep
+            if not n.needed and not n.done.is_set():
+                n.ok = True
+                n.done.set()
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
+        await trio.to_thread.run_sync(self._load_graph, tops)
+        substituted = await self._substitute()
+        to_build = [n for n in self.nodes.values() if n.needed]
+        checks = []
+        if self.options.check:
+            checks = [self.nodes[t] for t in tops if not self.nodes[t].needed]
+        self.progress.event("plan", will_build=sorted(n.label for n in to_build),
+                            will_substitute=substituted,
+                            will_check=sorted(n.label for n in checks))
+        try:
+            async with trio.open_nursery() as nursery:
+                for node in to_build:
+                    nursery.start_soon(self._run_node, node, nursery.cancel_scope)
+                for node in checks:
+                    nursery.start_soon(self._check_node, node)
+        finally:
+            self.progress.event("done")
+        if self.errors:
+            raise BuildFailures(self.errors)
+        if self.unreproducible:
+            raise NotReproducible("\n".join(self.unreproducible))
+        return {t: dict(self.nodes[t].outputs) for t in tops}
+
+    async def _run_node(self, node: _Node, scope: trio.CancelScope) -> None:
+        try:
+            for d in node.deps:
+                await d.done.wait()
+            failed = [d for d in node.deps if not d.ok]
+            if failed:
+                node.error = f"dependency {failed[0].label} failed"
+                return
+            async with self.limiter:
+                rounds = self.options.rounds if node.top else 1
+                await self._build_node(node, rounds)
+            node.ok = True
+        except BuildError as e:
+            node.error = str(e)
+            self.errors.append(e)
+            self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))
+            if not self.options.keep_going:
+                scope.cancel()
+        finally:
+            node.done.set()
+
+    async def _check_node(self, node: _Node) -> None:
+        try:
+            async with self.limiter:
+                await self._rebuild_and_compare(node, "check", 1)
+        except BuildError as e:
+            self.errors.append(e)
+            self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))
+
+    async def _lock_outputs(self, node: _Node) -> list[str]:
+        """Take the path locks of ``node``'s outputs in the trio thread (without blocking it)."""
+        names = sorted(o.base_name for o in node.outputs.values())
+        locks = self.store.locks
+        taken: list[str] = []
+        try:
+            for name in names:
+                while not locks.acquire(name, blocking=False):
+                    # another process builds it: wait for its flock in a thread, then retry
+                    await trio.to_thread.run_sync(_wait_flock, locks._file(name), abandon_on_cancel=True)
+                taken.append(name)
+        except BaseException:
+            for name in reversed(taken):
+                locks.release(name)
+            raise
+        return taken
+
+    def _unlock(self, taken: list[str]) -> None:
+        for name in reversed(taken):
+            self.store.locks.release(name)
+
+    async def _build_node(self, node: _Node, rounds: int) -> None:
+        # one in-process builder per output path (two FODs may share an output path)
+        for o in node.outputs.values():
+            ev = self.in_progress.get(o)
+            if ev is not None:
+                await ev.wait()
+        evs = {o: trio.Event() for o in node.outputs.values()}
+        self.in_progress.update(evs)
+        try:
+            taken = await self._lock_outputs(node)
+            try:
+                valid = await trio.to_thread.run_sync(
+                    lambda: all(self.store.is_valid(o) for o in node.outputs.values()))
+                if not valid:
+                    await self._build_once(node, "build", 1, install=True)
+            finally:
+                self._unlock(taken)
+        finally:
+            for o, ev in evs.items():
+                self.in_progress.pop(o, None)
+                ev.set()
+        for r in range(2, rounds + 1):
+            await self._rebuild_and_compare(node, "round", r, rounds)
+
+    async def _rebuild_and_compare(self, node: _Node, kind: str, round_: int, rounds: int = 2) -> None:
+        infos = await trio.to_thread.run_sync(
+            lambda: {n: self.store.query_path_info(o) for n, o in node.outputs.items()})
+        if any(i is None for i in infos.values()):
+            raise BuildError(f"cannot check {node.label}: not all of its outputs are valid")
+        await self._build_once(node, kind, round_, install=False, compare_with=infos, rounds=rounds)
+
+    def _input_closure(self, node: _Node) -> set[StorePath]:
+        roots = {StorePath.parse(s, self.sd) for s in node.drv.input_srcs}
+        for d, outs in node.drv.input_drvs.items():
+            dep = self.nodes[StorePath.parse(d, self.sd)]
+            for o in outs:
+                if o not in dep.outputs:
+                    raise BuildError(f"{node.label} uses output {o!r} of {dep.label}, which has no such output")
+                roots.add(dep.outputs[o])
+        self.store.add_temp_roots(roots)
+        return self.store.query_closure(roots)
+
+    def _env(self, node: _Node) -> tuple[dict[str, str], dict[str, bytes]]:
+        drv = node.drv
+        cores = self.options.cores or os.cpu_count() or 1
+        env = {
+            "PATH": "/path-not-set",
+            "HOME": "/homeless-shelter",
+            "NIX_STORE": self.sd,
+            "NIX_BUILD_CORES": str(cores),
+            "NIX_BUILD_TOP": "/build",
+            "TMPDIR": "/build", "TEMPDIR": "/build", "TMP": "/build", "TEMP": "/build",
+            "PWD": "/build",
+            "NIX_LOG_FD": "2",
+            "TERM": "xterm-256color",
+            "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
+        }
+        files: dict[str, bytes] = {}
+        pass_as_file = set(drv.env.get("passAsFile", "").split())
+        for k, v in drv.env.items():
+            if k in pass_as_file:
+                import hashlib
+                fn = ".attr-" + hashlib.sha256(k.encode()).hexdigest()
+                files[fn] = v.encode(errors="surrogateescape")
+                env[k + "Path"] = "/build/" + fn
+            else:
+                env[k] = v
+        return env, files
+
+    async def _build_once(self, node: _Node, kind: str, round_: int, *, install: bool,
+                          compare_with: dict | None = None, rounds: int = 1) -> None:
+        store, drv = self.store, node.drv
+        builtin = drv.builder.startswith("builtin:")
+        network = drv.is_fixed_output
+        if builtin and drv.builder not in BUILTIN_BUILDERS:
+            raise BuildError(f"{node.label} uses unknown builtin builder {drv.builder!r} "
+                             f"(known: {', '.join(sorted(BUILTIN_BUILDERS))})")
+        if builtin and not drv.is_fixed_output:
+            raise BuildError(f"builtin builder {drv.builder!r} of {node.label} is only allowed "
+                             f"for fixed-output derivations")
+        if drv.system not in ("x86_64-linux", "builtin") and not builtin:
+            raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
+        event_id = await trio.to_thread.run_sync(lambda: events.record_build_start(
+            store, node.label, drv.name, fixed_output=drv.is_fixed_output, network=network,
+            kind=kind, round=round_))
+        self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_)
+        top = store.temp_name(node.path)
+        log = BuildLog(store.state_dir, node.path.base_name,
+                       echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
+                       if self.progress.print_logs or self.progress.json_stream else None)
+        status = "failed"
+        keep_top = False
+        outs_info = {}
+        try:
+            closure, (env, files) = await trio.to_thread.run_sync(
+                lambda: (self._input_closure(node), self._env(node)))
+            inputs = {store.print_path(p): store.real_path(p) for p in closure}
+            spec = sb.SandboxSpec(argv=(drv.builder, *drv.args), env=env, top=top, store_dir=self.sd,
+                                  inputs=inputs, network=network)
+            host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
+
+            def prepare():
+                os.mkdir(top, 0o700)
+                sb.prepare_root(spec)
+                for fn, data in files.items():
+                    with open(os.path.join(spec.build_dir, fn), "wb") as f:
+                        f.write(data)
+            await trio.to_thread.run_sync(prepare)
+            if builtin:
+                await self._run_builtin(node, host_outs["out"], log)
+            else:
+                code = await _run_sandboxed(spec, log)
+                if code != 0:
+                    keep_top = self.options.keep_failed
+                    raise self._failure(node, code, log, spec if keep_top else None)
+            built = await trio.to_thread.run_sync(
+                lambda: check_outputs(drv, node.path, host_outs, closure, self.sd, node.label))
+            outs_info = {n: (store.print_path(b.info.path), f"sha256:{b.info.nar_hash.nix32}")
+                         for n, b in built.items()}
+            if install:
+                await trio.to_thread.run_sync(lambda: install_outputs(store, built, node.path))
+            else:
+                await self._compare(node, kind, built, compare_with, rounds)
+            status = "built"
+            self.progress.event("built", drv=node.label, name=drv.name,
+                                outputs={n: p for n, (p, _) in outs_info.items()})
+        except HashMismatch as e:
+            await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(
+                store, node.label, f"fixed-output hash mismatch: {e}"))
+            raise
+        except SandboxError as e:
+            await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
+            raise BuildError(f"cannot build {node.label}: {e}") from e
+        except BuildError as e:
+            if "suspicious" in str(e):
+                await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
+            raise
+        except trio.Cancelled:
+            status = "interrupted"
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    if status == "built" or status == "interrupted":
+                        await trio.to_thread.run_sync(log.close)
+                    else:
+                        log.close()
+                except StoreError:
+                    pass
+                if not keep_top:
+                    await trio.to_thread.run_sync(_remove_tree, top)
+                await trio.to_thread.run_sync(lambda: events.record_build_finish(
+                    store, event_id, status, outs_info, None if status == "built" else status))
+
+    async def _run_builtin(self, node: _Node, out: str, log: BuildLog) -> None:
+        fn = BUILTIN_BUILDERS[node.drv.builder]
+        lines: list[str] = []
+        try:
+            await trio.to_thread.run_sync(lambda: fn(node.drv, out, lines.append), abandon_on_cancel=False)
+        finally:
+            for line in lines:
+                log.line(line)
+
+    def _failure(self, node: _Node, code: int, log: BuildLog, spec) -> BuildError:
+        tail = log.tail()
+        if code > 128:
+            how = f"was killed by signal {code - 128} ({signal.Signals(code - 128).name})" \
+                if code - 128 in signal.valid_signals() else f"exited with status {code}"
+        else:
+            how = f"exited with status {code}"
+        msg = f"builder for {node.label} {how}"
+        if tail:
+            msg += f"\nlast {len(tail)} log lines:\n" + "\n".join(f"  > {line}" for line in tail)
+        msg += f"\nfull log: {log.path} (or: pure log {node.label})"
+        if spec is not None:
+            kept = _keep_dir(spec.top, node.drv.name)
+            msg += f"\nkeeping build directory {kept}/root/build (the sandbox root is {kept}/root)"
+        return BuildError(msg)
+
+    async def _compare(self, node: _Node, kind: str, built: dict, infos: dict, rounds: int) -> None:
+        diffs: list[dict] = []
+        for n, b in built.items():
+            old = infos[n]
+            if old.nar_hash == b.info.nar_hash:
+                continue
+            real = self.store.real_path(b.info.path)
+            keep = real + ".check"
+
+            def work(b=b, real=real, keep=keep, n=n):
+                d = check_mod.diff_trees(real, b.host_path)
+                _remove_tree(keep)
+                os.rename(b.host_path, keep)
+                extra = check_mod.diffoscope(real, keep)
+                return [{"output": n, **x} for x in d], extra
+            d, extra = await trio.to_thread.run_sync(work)
+            lines = [f"output {n!r} of {node.label} differs ({kind}): "
+                     f"{old.nar_hash.sri} before, {b.info.nar_hash.sri} now; the new result is kept at {keep}"]
+            lines += ["  " + check_mod.describe(x) for x in d]
+            if extra:
+                lines.append("diffoscope:\n" + extra)
+            self.unreproducible.append("\n".join(lines))
+            diffs.extend({**x, "kept": keep} for x in d)
+        reproducible = not diffs and all(infos[n].nar_hash == b.info.nar_hash for n, b in built.items())
+        await trio.to_thread.run_sync(lambda: events.record_check(
+            self.store, node.label, kind="check" if kind == "check" else "rounds",
+            rounds=rounds if kind == "round" else 2, reproducible=reproducible, differences=diffs))
+        self.progress.event("check", drv=node.label, reproducible=reproducible, differences=diffs)
+
+
+async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> int:
+    """Run the builder; feed its output to ``log``; return its exit status.  On cancellation the
+    whole sandbox is SIGKILLed and reaped before the Cancelled propagates."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc, err_r = sb.spawn(spec, out_w)
+    except BaseException:
+        os.close(out_r)
+        raise
+    finally:
+        os.close(out_w)
+    pidfd = os.pidfd_open(proc.pid)
+    stream = trio.lowlevel.FdStream(out_r)
+    try:
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                log.write(data)
+            await trio.lowlevel.wait_readable(pidfd)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await trio.lowlevel.wait_readable(pidfd)
+                proc.wait()
+            raise
+        code = proc.wait()
+        err = sb.read_setup_error(err_r)
+        err_r = -1
+        if err:
+            raise SandboxError(err)
+        return code
+    finally:
+        if err_r >= 0:
+            os.close(err_r)
+        os.close(pidfd)
+        await stream.aclose()
+
+
+def _wait_flock(path: str) -> None:
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    if not os.path.lexists(path):
+        return
+    from ..store.local import force_remove
+    force_remove(path)
+
+
+def _keep_dir(top: str, name: str) -> str:
+    """Move a failed build's top dir out of the store's temp area (which is cleaned on open)."""
+    dest = tempfile.mkdtemp(prefix=f"pure-build-{name}-")
+    os.rmdir(dest)
+    try:
+        os.rename(top, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            return top
+        shutil.copytree(top, dest, symlinks=True)
+        _remove_tree(top)
+    return dest
