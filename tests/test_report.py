@@ -1,0 +1,85 @@
+"""`pure report`: the hermeticity figures, checked against a known sequence of recorded events.
+
+The events are recorded through the builder's own recording API (store/events.py) into the real
+SQLite database; `pure report` then runs as a separate process and reads them back.
+"""
+
+import json
+
+import pytest
+
+from purestore.store import events
+from purestore.store.local import LocalStore
+
+A = "/pure/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a.drv"
+B = "/pure/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b.drv"
+F = "/pure/store/ffffffffffffffffffffffffffffffff-src.tar.gz.drv"
+N = "/pure/store/nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn-net.drv"
+
+
+def build(store, drv, status, *, fod=False, network=False, kind="build", round=1):
+    eid = events.record_build_start(store, drv, drv.rsplit("-", 1)[-1], fixed_output=fod, network=network,
+                                    kind=kind, round=round, start=1000.0)
+    events.record_build_finish(store, eid, status, finish=1005.0)
+
+
+@pytest.fixture
+def recorded(settings):
+    with LocalStore.open(settings, durable=False) as store:
+        build(store, A, "built")
+        build(store, F, "built", fod=True, network=True)
+        build(store, B, "failed")
+        build(store, A, "built", kind="check", round=2)            # a --check re-run: not a build
+        events.record_check(store, A, kind="check", rounds=2, reproducible=True)
+        events.record_check(store, B, kind="rounds", rounds=3, reproducible=False,
+                            differences=[{"output": "out", "file": "bin/b", "change": "contents"}])
+        events.record_check(store, B, kind="rounds", rounds=2, reproducible=True)
+        events.record_substitution(store, "/pure/store/cccccccccccccccccccccccccccccccc-c", "file:///c", 100)
+        events.record_substitution(store, "/pure/store/dddddddddddddddddddddddddddddddd-d", "file:///c", 50)
+        events.record_substitution(store, "/pure/store/gggggggggggggggggggggggggggggggg-g", "file:///c", 10)
+        events.record_sandbox_refusal(store, B, "output is world-writable")
+
+
+def test_report_json_figures_match_the_recorded_sequence(pure, recorded):
+    r = json.loads(pure("report", "--json").stdout)
+    assert r["builds"] == {"total": 3, "by_status": {"built": 2, "failed": 1}, "fixed_output": 1}
+    n = r["built_without_network"]
+    assert (n["without_network"], n["finished"]) == (2, 3)
+    assert n["share"] == pytest.approx(2 / 3)
+    assert n["non_fixed_output_with_network"] == []
+    assert r["fixed_output_pinned"]["share"] == 1.0
+    assert r["fixed_output_pinned"]["derivations"] == [F]
+    rp = r["reproducibility"]
+    assert (rp["reproducible"], rp["runs"]) == (2, 3) and rp["rate"] == pytest.approx(2 / 3)
+    assert [f["drv"] for f in rp["failing"]] == [B]
+    assert rp["failing"][0]["differences"][0]["file"] == "bin/b"
+    c = r["cache"]
+    assert (c["substituted"], c["built"], c["substituted_bytes"]) == (3, 2, 160)
+    assert c["hit_rate"] == pytest.approx(3 / 5)
+    assert r["sandbox_refusals"]["count"] == 1
+    assert r["sandbox_refusals"]["refusals"][0]["what"] == "output is world-writable"
+
+
+def test_report_text_is_readable(pure, recorded):
+    out = pure("report").stdout
+    assert "built without network:           66.7% (2 of 3)" in out
+    assert "reproducible (--check/--rounds): 66.7% (2 of 3 runs)" in out
+    assert f"! not reproducible: {B}" in out
+    assert "cache hit rate:                  60.0% (3 substituted, 2 built)" in out
+    assert "sandbox refusals:                1" in out
+
+
+def test_a_networked_build_that_is_not_fixed_output_is_flagged(pure, settings):
+    with LocalStore.open(settings, durable=False) as store:
+        build(store, N, "built", network=True)
+    r = json.loads(pure("report", "--json").stdout)
+    assert r["built_without_network"]["non_fixed_output_with_network"] == [N]
+    assert r["fixed_output_pinned"]["share"] == 0.0
+    assert "! had network but is not fixed-output" in pure("report").stdout
+
+
+def test_empty_store_reports_n_a_not_100_percent(pure):
+    r = json.loads(pure("report", "--json").stdout)
+    assert r["builds"]["total"] == 0
+    assert r["built_without_network"]["share"] is None and r["cache"]["hit_rate"] is None
+    assert "n/a" in pure("report").stdout

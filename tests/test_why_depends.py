@@ -1,0 +1,56 @@
+"""`pure why-depends PATH DEP`: the reference chain, the files that hold each reference."""
+
+import json
+
+import pytest
+
+from purestore.store.local import LocalStore
+
+
+@pytest.fixture
+def chain(settings):
+    """a -> b -> c, a -> d (no path to c through d), and an unrelated e."""
+    with LocalStore.open(settings, durable=False) as store:
+        c = store.add_text("c", b"leaf\n")
+        e = store.add_text("e", b"unrelated\n")
+        d = store.add_text("d", b"nothing\n")
+        b = store.add_text("b", f"exec {store.print_path(c)}/bin/x\n".encode(), [c])
+        a = store.add_text("a", f"{store.print_path(b)}\n{store.print_path(d)}\n".encode(), [b, d])
+        return {k: store.print_path(v) for k, v in dict(a=a, b=b, c=c, d=d, e=e).items()}
+
+
+def test_shortest_chain_is_printed_with_the_referring_file(pure, chain):
+    out = pure("why-depends", chain["a"], chain["c"]).stdout.splitlines()
+    assert out[0] == chain["a"]
+    assert out[1].startswith("└───" + chain["b"])
+    assert out[2].startswith("    └───" + chain["c"])
+    assert len(out) == 3
+
+
+def test_json_names_the_files_that_hold_the_hash(pure, chain):
+    got = json.loads(pure("why-depends", "--json", chain["a"], chain["c"]).stdout)
+    assert [x["path"] for x in got] == [chain["a"], chain["b"], chain["c"]]
+    assert got[0]["files"] == [""] and got[1]["files"] == [""]  # text paths are single files
+
+
+def test_no_dependency_exits_1_with_a_message(pure, chain):
+    p = pure("why-depends", chain["a"], chain["e"], check=False)
+    assert p.returncode == 1
+    assert "does not depend on" in p.stderr and p.stdout == ""
+
+
+def test_all_shows_every_route_as_a_tree(pure, settings):
+    with LocalStore.open(settings, durable=False) as store:
+        z = store.add_text("z", b"z\n")
+        x = store.add_text("x", f"{store.print_path(z)}".encode(), [z])
+        y = store.add_text("y", f"{store.print_path(z)}".encode(), [z])
+        top = store.add_text("top", f"{store.print_path(x)} {store.print_path(y)}".encode(), [x, y])
+        P = store.print_path
+        out = pure("why-depends", "--all", P(top), P(z)).stdout
+    assert out.splitlines()[0] == P(top)
+    assert P(x) in out and P(y) in out and out.count(P(z)) == 2
+
+
+def test_invalid_path_is_a_clean_error(pure, chain):
+    p = pure("why-depends", chain["a"], "/pure/store/00000000000000000000000000000000-nope", check=False)
+    assert p.returncode != 0 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
