@@ -404,6 +404,38 @@ def _remove_many(paths: list[str], workers: int) -> None:
             f.result()
 
 
+def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) -> list[str]:
+    """Unlink each non-directory ``store_dir/name``; rename directories into ``trash``.
+
+    Returns the trash paths.  Runs in ``workers`` threads (the system calls release the GIL).
+    """
+    def work(part: list[str]) -> list[str]:
+        out = []
+        for name in part:
+            src = f"{store_dir}/{name}"
+            try:
+                os.unlink(src)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EISDIR, errno.EPERM):
+                    raise StoreError(f"cannot remove dead path {src!r}: {e.strerror}") from e
+                try:
+                    if _rename_into(src, trash, name):
+                        out.append(f"{trash}/{name}")
+                except OSError as e2:
+                    raise StoreError(f"cannot move dead path {src!r} to the trash {trash!r}: "
+                                     f"{e2.strerror}") from e2
+        return out
+
+    if workers <= 1 or len(names) < 256:
+        return work(names)
+    chunk = (len(names) + workers - 1) // workers
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
+        futures = [ex.submit(work, names[i:i + chunk]) for i in range(0, len(names), chunk)]
+        return [p for f in futures for p in f.result()]
+
+
 def _rename_into(src: str, trash: str, name: str) -> bool:
     dst = os.path.join(trash, name)
     try:
@@ -499,7 +531,7 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
         s = store.settings
         live = g.live({r.path.base_name for r in roots}, s.keep_derivations, s.keep_outputs)
         dead_ids = set(g.name_of) - live
-        order = g.referrers_first(dead_ids)
+        order = order_all = g.referrers_first(dead_ids)
         dead = tuple(StorePath.from_base_name(g.name_of[i]) for i in order)
         if max_freed is not None:
             chosen, total = [], 0
@@ -515,19 +547,14 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
         order = _invalidate(store, g, order)
         temp_names = {r.path.base_name for r in roots if r.kind == "temp"}
         leftovers = [] if max_freed is not None else _invalid_leftovers(
-            store, set(g.name_of) - {g.name_of[i] for i in order}, temp_names)
-        # Move the files aside while still holding the lock: once it is released a builder may
-        # temp-root one of these (now invalid) paths and write it anew at the same name.
+            store, {r[0] for r in store.db.query("SELECT path FROM ValidPaths")}
+            | {g.name_of[i] for i in order}, temp_names)
+        # Remove files and links, and move directories aside, while still holding the lock:
+        # once it is released a builder may temp-root one of these (now invalid) paths and write
+        # it anew at the same name.  Unlinking a file costs what renaming it would.
         trash = _trash_dir(store)
-        moved = []
-        rsd = store.real_store_dir
-        for name in [g.name_of[i] for i in order] + leftovers:
-            try:
-                if _rename_into(os.path.join(rsd, name), trash, name):
-                    moved.append(os.path.join(trash, name))
-            except OSError as e:
-                raise StoreError(f"cannot move dead path {os.path.join(rsd, name)!r} "
-                                 f"to the trash {trash!r}: {e.strerror}") from e
+        moved = _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order] + leftovers,
+                                trash, workers)
     finally:
         lock.close()
     try:
@@ -535,21 +562,9 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
         os.rmdir(trash)
     except OSError as e:
         raise StoreError(f"cannot remove dead paths in {trash!r}: {e.strerror}") from e
-    deleted = tuple(StorePath.from_base_name(g.name_of[i]) for i in order)
+    by_id = dict(zip(order_all, dead))
+    deleted = tuple(by_id[i] for i in order)
     return GcResult(dead=dead, deleted=deleted, bytes_freed=sum(g.size.get(i, 0) for i in order),
                     pruned_links=tuple(stale), invalid_removed=tuple(leftovers), dry_run=False,
                     seconds=time.perf_counter() - t0)
 
-
-def remove_trash_leftovers(store) -> None:
-    """Remove trash directories of collections that crashed (their process is gone)."""
-    d = os.path.join(store.real_store_dir, ".tmp")
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return
-    for n in names:
-        if n.endswith(TRASH_SUFFIX):
-            pid = n[: -len(TRASH_SUFFIX)]
-            if pid.isdigit() and not _roots.owner_alive(store.state_dir, int(pid)) and int(pid) != os.getpid():
-                _make_writable_and_remove(os.path.join(d, n))
