@@ -1,0 +1,67 @@
+"""The few things the cache layer asks of a local store, in one place.
+
+Everything the push and the substituter need from :class:`purestore.store.local.LocalStore` goes
+through these functions, so that the store's API can evolve without touching the cache logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterable
+
+from ..formats.path_info import PathInfo
+from ..formats.store_path import StorePath
+
+
+def path_info(store, path: StorePath) -> PathInfo | None:
+    return store.query_path_info(path)
+
+
+def is_valid(store, path: StorePath) -> bool:
+    return store.is_valid(path)
+
+
+def closure(store, paths: Iterable[StorePath]) -> set[StorePath]:
+    return set(store.query_closure(set(paths)))
+
+
+def topo_sort(store, paths: Iterable[StorePath]) -> list[StorePath]:
+    """References before referrers."""
+    return list(store.topo_sort(set(paths)))
+
+
+def real_path(store, path: StorePath) -> str:
+    return store.real_path(path)
+
+
+def lock_path(store, path: StorePath):
+    return store.lock_path(path)
+
+
+def temp_path(store, path: StorePath) -> str:
+    """A fresh name inside the real store dir to restore into before the final rename."""
+    return store.temp_name(path)
+
+
+def register(store, infos: Iterable[PathInfo]) -> None:
+    store.register(list(infos))
+
+
+def add_signatures(store, path: StorePath, sigs: Iterable[str]) -> None:
+    store.add_signatures(path, set(sigs))
+
+
+def add_temp_root(store, path: StorePath) -> None:
+    fn = getattr(store, "add_temp_root", None)
+    if fn is not None:
+        fn(path)
+
+
+def state_dir(store) -> str:
+    return store.settings.state_dir
+
+
+@contextlib.contextmanager
+def no_lock():
+    yield

@@ -1,0 +1,397 @@
+"""Binary cache storage backends: ``file://DIR`` and ``http(s)://HOST[:PORT][/PREFIX]``.
+
+A backend knows nothing of narinfo or NARs: it stores named files (``nix-cache-info``,
+``<hash>.narinfo``, ``nar/<hash>.nar.zst``, ``log/<drv>``) behind four async operations:
+
+- ``exists(name) -> bool``
+- ``get(name) -> bytes | None`` for small files (``None`` when absent)
+- ``open_read(name)`` an async context manager yielding an async iterator of chunks
+  (raises :class:`CacheMissing` when absent)
+- ``put_file(name, local_path, content_type)`` / ``put(name, data, content_type)``; ``file://``
+  writes to a temporary name and renames, so a reader never sees a partial file.
+
+Names are checked by :func:`check_name`: relative, ``/``-separated, no ``..``, no empty or hidden
+segments.  That is what keeps a narinfo ``URL`` from pointing outside the cache.
+
+OS and HTTP errors are turned into :class:`CacheError` here, at the storage boundary.
+Cache URL parameters (``?compression=zstd&secret-key=FILE`` …) are parsed by :func:`parse_url`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import tempfile
+import urllib.parse
+from typing import AsyncIterator
+
+import attrs
+import trio
+
+from ..errors import CacheError
+
+CHUNK = 1 << 20
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9+_=-][A-Za-z0-9+_.=-]*\Z")
+
+
+class CacheMissing(CacheError, FileNotFoundError):
+    """Raised by ``open_read`` when the cache does not have the named file."""
+
+
+def check_name(name: str, where: str = "cache") -> str:
+    """Validate a file name inside a cache; raise :class:`CacheError` if it could leave the cache."""
+    if not isinstance(name, str) or not name or len(name) > 1000:
+        raise CacheError(f"{where}: invalid file name {name!r}")
+    if "://" in name or name.startswith("/"):
+        raise CacheError(f"{where}: {name!r} points outside the cache (absolute URLs are not followed)")
+    for seg in name.split("/"):
+        if seg in ("", ".", "..") or not _SEGMENT_RE.match(seg):
+            raise CacheError(f"{where}: {name!r} points outside the cache or has a bad segment {seg!r}")
+    return name
+
+
+@attrs.frozen
+class CacheURL:
+    """A parsed cache URL: the base location and the ``?key=value`` parameters."""
+
+    url: str            # as given
+    scheme: str         # file, http, https
+    base: str           # directory for file://, URL prefix ending in '/' for http(s)
+    params: dict[str, str] = attrs.field(factory=dict, hash=False)
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        return self.params.get(key, default)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+_KNOWN_PARAMS = {
+    "compression", "compression-level", "secret-key", "write-nar-listing", "priority",
+    "want-mass-query", "token-file", "parallel-compression", "trusted", "index-debug-info",
+}
+
+
+def parse_url(url: str) -> CacheURL:
+    """Parse ``file:///dir?…`` or ``http(s)://host:port/prefix?…``; raise :class:`CacheError`."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        params = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query)))
+    except ValueError:
+        raise CacheError(f"cache URL {url!r}: malformed query {u.query!r}") from None
+    unknown = sorted(set(params) - _KNOWN_PARAMS)
+    if unknown:
+        raise CacheError(f"cache URL {url!r}: unknown parameter {unknown[0]!r}, expected one of "
+                         f"{', '.join(sorted(_KNOWN_PARAMS))}")
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost"):
+            raise CacheError(f"cache URL {url!r}: file URLs must be file:///absolute/dir")
+        path = urllib.parse.unquote(u.path)
+        if not path.startswith("/"):
+            raise CacheError(f"cache URL {url!r}: expected an absolute directory")
+        return CacheURL(url, "file", os.path.normpath(path), params)
+    if u.scheme in ("http", "https"):
+        if not u.netloc:
+            raise CacheError(f"cache URL {url!r}: missing host")
+        path = u.path if u.path.endswith("/") else u.path + "/"
+        return CacheURL(url, u.scheme, f"{u.scheme}://{u.netloc}{path}", params)
+    raise CacheError(f"unsupported cache URL {url!r}: expected file:///dir or http(s)://host[:port]/",
+                     hint="S3 and ssh caches are not supported yet")
+
+
+def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_timeout: float = 30,
+                 max_connections: int = 16, token: str | None = None) -> "Backend":
+    """The backend for a cache URL (not yet connected; close it with ``aclose``)."""
+    cu = parse_url(url) if isinstance(url, str) else url
+    if cu.scheme == "file":
+        return FileBackend(cu)
+    if token is None and cu.param("token-file"):
+        try:
+            with open(cu.param("token-file")) as f:  # type: ignore[arg-type]
+                token = f.read().strip()
+        except OSError as e:
+            raise CacheError(f"cannot read upload token file {cu.param('token-file')!r}: {e.strerror}") from e
+    if token is None:
+        token = os.environ.get("PURE_CACHE_TOKEN") or None
+    return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
+                       max_connections=max_connections, token=token)
+
+
+class Backend:
+    """Interface of a cache backend (see the module docstring)."""
+
+    cache_url: CacheURL
+
+    @property
+    def url(self) -> str:
+        return self.cache_url.url
+
+    async def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    async def get(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    def open_read(self, name: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        raise NotImplementedError
+
+    async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        raise NotImplementedError
+
+    async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
+                       *, move: bool = False) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
+# -- file:// ------------------------------------------------------------------------------------
+
+
+class FileBackend(Backend):
+    """A cache in a local directory; writes are atomic (temporary file, fsync-free rename)."""
+
+    def __init__(self, cu: CacheURL):
+        self.cache_url = cu
+        self.dir = cu.base
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, check_name(name, self.url))
+
+    def _err(self, what: str, name: str, e: OSError) -> CacheError:
+        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: {e.strerror}")
+
+    async def exists(self, name: str) -> bool:
+        p = self._path(name)
+        return await trio.to_thread.run_sync(os.path.exists, p)
+
+    async def get(self, name: str) -> bytes | None:
+        p = self._path(name)
+
+        def read():
+            try:
+                with open(p, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise self._err("read", name, e) from e
+        return await trio.to_thread.run_sync(read)
+
+    @contextlib.asynccontextmanager
+    async def open_read(self, name: str):
+        p = self._path(name)
+        try:
+            f = await trio.to_thread.run_sync(open, p, "rb")
+        except FileNotFoundError:
+            raise CacheMissing(f"cache {self.url!r} has no file {name!r}") from None
+        except OSError as e:
+            raise self._err("read", name, e) from e
+
+        async def chunks():
+            while True:
+                data = await trio.to_thread.run_sync(f.read, CHUNK)
+                if not data:
+                    return
+                yield data
+        try:
+            yield chunks()
+        finally:
+            f.close()
+
+    def local_path(self, name: str) -> str:
+        """The file's path on disk (lets the substituter read a local cache without copying)."""
+        return self._path(name)
+
+    def _ensure_dir(self, p: str) -> None:
+        try:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        except OSError as e:
+            raise self._err("create directory for", p, e) from e
+
+    async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        p = self._path(name)
+
+        def write():
+            self._ensure_dir(p)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(p))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, p)
+            except OSError as e:
+                _unlink(tmp)
+                raise self._err("write", name, e) from e
+            except BaseException:
+                _unlink(tmp)
+                raise
+        await trio.to_thread.run_sync(write)
+
+    async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
+                       *, move: bool = False) -> None:
+        p = self._path(name)
+
+        def write():
+            self._ensure_dir(p)
+            if move:
+                try:
+                    os.chmod(local, 0o644)
+                    os.replace(local, p)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise self._err("write", name, e) from e
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(p))
+            try:
+                with os.fdopen(fd, "wb") as out, open(local, "rb") as src:
+                    while chunk := src.read(CHUNK):
+                        out.write(chunk)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, p)
+            except OSError as e:
+                _unlink(tmp)
+                raise self._err("write", name, e) from e
+            if move:
+                _unlink(local)
+        await trio.to_thread.run_sync(write)
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+# -- http(s):// ---------------------------------------------------------------------------------
+
+
+class HttpBackend(Backend):
+    """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
+
+    One pooled :class:`httpx.AsyncClient` (HTTP/1.1 keep-alive) per backend.  A connection that
+    delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
+    """
+
+    def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
+                 max_connections: int, token: str | None):
+        import httpx
+        self._httpx = httpx
+        self.cache_url = cu
+        self.token = token
+        headers = {"User-Agent": "purestore"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            headers=headers, follow_redirects=False, trust_env=False,
+        )
+
+    def _url(self, name: str) -> str:
+        return self.cache_url.base + urllib.parse.quote(check_name(name, self.url))
+
+    def _err(self, what: str, name: str, e: Exception) -> CacheError:
+        httpx = self._httpx
+        if isinstance(e, httpx.TimeoutException):
+            reason = "timed out (server stalled)"
+        elif isinstance(e, httpx.RemoteProtocolError):
+            reason = f"connection broken ({e})"
+        elif isinstance(e, httpx.ConnectError):
+            reason = f"cannot connect ({e})"
+        else:
+            reason = str(e) or type(e).__name__
+        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
+
+    def _status(self, what: str, name: str, r) -> CacheError:
+        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status_code} {r.reason_phrase}")
+
+    async def exists(self, name: str) -> bool:
+        url = self._url(name)
+        try:
+            r = await self.client.head(url)
+        except self._httpx.HTTPError as e:
+            raise self._err("query", name, e) from e
+        if r.status_code in (404, 403, 410):
+            return False
+        if r.status_code != 200:
+            raise self._status("query", name, r)
+        return True
+
+    async def get(self, name: str) -> bytes | None:
+        url = self._url(name)
+        try:
+            r = await self.client.get(url)
+        except self._httpx.HTTPError as e:
+            raise self._err("get", name, e) from e
+        if r.status_code in (404, 403, 410):
+            return None
+        if r.status_code != 200:
+            raise self._status("get", name, r)
+        return r.content
+
+    @contextlib.asynccontextmanager
+    async def open_read(self, name: str):
+        url = self._url(name)
+        httpx = self._httpx
+        try:
+            async with self.client.stream("GET", url) as r:
+                if r.status_code in (404, 410):
+                    raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
+                if r.status_code != 200:
+                    raise self._status("get", name, r)
+
+                async def chunks():
+                    try:
+                        async for c in r.aiter_raw(CHUNK):
+                            yield c
+                    except httpx.HTTPError as e:
+                        raise self._err("download", name, e) from e
+                yield chunks()
+        except httpx.HTTPError as e:
+            raise self._err("download", name, e) from e
+
+    async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await self._put(name, data, content_type)
+
+    async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
+                       *, move: bool = False) -> None:
+        size = os.path.getsize(local)
+
+        async def body():
+            f = await trio.to_thread.run_sync(open, local, "rb")
+            try:
+                while chunk := await trio.to_thread.run_sync(f.read, CHUNK):
+                    yield chunk
+            finally:
+                f.close()
+        await self._put(name, body(), content_type, size)
+        if move:
+            _unlink(local)
+
+    async def _put(self, name, content, content_type, size=None) -> None:
+        headers = {"Content-Type": content_type}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        try:
+            r = await self.client.put(self._url(name), content=content, headers=headers)
+        except self._httpx.HTTPError as e:
+            raise self._err("upload", name, e) from e
+        if r.status_code in (401, 403):
+            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status_code})",
+                             hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
+        if r.status_code not in (200, 201, 204):
+            raise self._status("upload", name, r)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

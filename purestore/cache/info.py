@@ -1,0 +1,59 @@
+"""``nix-cache-info``: the one file that describes a binary cache.
+
+::
+
+    StoreDir: /pure/store
+    WantMassQuery: 1        (optional)
+    Priority: 40            (optional; lower is preferred)
+
+A client must refuse a cache whose ``StoreDir`` differs from its own store dir: paths (and their
+hashes) only mean the same thing under the same store dir.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ..errors import CacheError
+
+
+@attrs.frozen
+class CacheInfo:
+    store_dir: str
+    want_mass_query: bool = False
+    priority: int = 50
+
+    def render(self) -> str:
+        out = f"StoreDir: {self.store_dir}\n"
+        if self.want_mass_query:
+            out += "WantMassQuery: 1\n"
+        if self.priority != 50:
+            out += f"Priority: {self.priority}\n"
+        return out
+
+    @classmethod
+    def parse(cls, text: bytes | str, where: str) -> "CacheInfo":
+        """Parse ``nix-cache-info``; raise :class:`CacheError` naming ``where`` and the line."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        fields: dict[str, str] = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            key, sep, value = line.partition(":")
+            if not sep:
+                raise CacheError(f"{where}:{lineno}: expected 'Key: value', got {line[:60]!r}")
+            fields[key.strip()] = value.strip()
+        if "StoreDir" not in fields:
+            raise CacheError(f"{where}: no 'StoreDir' line")
+        prio = fields.get("Priority", "50")
+        if not prio.isdigit():
+            raise CacheError(f"{where}: Priority must be a non-negative integer, got {prio!r}")
+        return cls(fields["StoreDir"], fields.get("WantMassQuery") == "1", int(prio))
+
+    def check_store_dir(self, store_dir: str, where: str) -> None:
+        if self.store_dir != store_dir:
+            raise CacheError(
+                f"binary cache {where!r} is for store dir {self.store_dir!r}, "
+                f"but this store's dir is {store_dir!r}",
+                hint="use a cache made for the same --store-dir")

@@ -1,0 +1,74 @@
+"""A small on-disk memory of negative narinfo lookups (``<state_dir>/narinfo-cache.sqlite``).
+
+When a cache says it does not have ``<hash>.narinfo``, that answer is remembered for
+``narinfo-cache-negative-ttl`` seconds (setting; default 300, 0 disables), so a build that asks
+again soon does not query every cache again.  Positive answers are not cached: a narinfo is
+always fetched fresh and verified.  Any error with the file just disables the memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+
+
+class NegativeCache:
+    def __init__(self, state_dir: str | None, ttl: int):
+        self.ttl = ttl
+        self._mem: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if ttl > 0 and state_dir:
+            try:
+                os.makedirs(state_dir, exist_ok=True)
+                db = sqlite3.connect(os.path.join(state_dir, "narinfo-cache.sqlite"),
+                                     timeout=5, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS Negative (cache TEXT NOT NULL, hash TEXT NOT NULL,"
+                           " time REAL NOT NULL, PRIMARY KEY (cache, hash)) WITHOUT ROWID")
+                self._db = db
+            except sqlite3.Error:
+                self._db = None
+
+    def is_negative(self, cache: str, hash_part: str) -> bool:
+        if self.ttl <= 0:
+            return False
+        now = time.time()
+        with self._lock:
+            t = self._mem.get((cache, hash_part))
+            if t is None and self._db is not None:
+                try:
+                    row = self._db.execute("SELECT time FROM Negative WHERE cache = ? AND hash = ?",
+                                           (cache, hash_part)).fetchone()
+                except sqlite3.Error:
+                    row = None
+                t = row[0] if row else None
+        return t is not None and now - t < self.ttl
+
+    def add(self, cache: str, hash_part: str) -> None:
+        if self.ttl <= 0:
+            return
+        now = time.time()
+        with self._lock:
+            self._mem[(cache, hash_part)] = now
+            if self._db is not None:
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO Negative VALUES (?, ?, ?)", (cache, hash_part, now))
+                except sqlite3.Error:
+                    pass
+
+    def forget(self, cache: str, hash_part: str) -> None:
+        with self._lock:
+            self._mem.pop((cache, hash_part), None)
+            if self._db is not None:
+                try:
+                    self._db.execute("DELETE FROM Negative WHERE cache = ? AND hash = ?", (cache, hash_part))
+                except sqlite3.Error:
+                    pass
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

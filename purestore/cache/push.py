@@ -1,0 +1,292 @@
+"""Pushing closures to a binary cache (``pure copy --to URL``).
+
+For each path of the closure of the given paths that the cache lacks (``<hash>.narinfo`` absent):
+
+1. in a worker thread, dump the path's NAR, hashing it (checked against the NAR hash the store
+   registered: a corrupt local path is never published) and compressing it into a temporary file
+   while hashing the compressed bytes (FileHash);
+2. upload ``nar/<nix32 FileHash>.nar<ext>`` (skipped if present: NARs are content-addressed);
+3. optionally upload the ``<hash>.ls`` listing, the build log ``log/<drv>``, and extra files
+   (:func:`extra_files_for`);
+4. sign the narinfo with the given secret keys (signing happens here, on the client; the cache
+   server never sees a key) and upload ``<hash>.narinfo`` only after the narinfos of all its
+   references: a reader never finds a narinfo whose references are missing.
+
+Paths are processed in parallel (compression and hashing release the GIL, so worker threads use
+all cores), each NAR compressed single-threaded so the output is byte-identical to Nix's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Iterable
+
+import attrs
+import trio
+
+from ..errors import CacheError, StoreError
+from ..formats.hash import Hash
+from ..formats.narinfo import NarInfo
+from ..formats.signing import SecretKey
+from ..formats.store_path import StorePath
+from . import _storeapi as S
+from .backend import Backend, FileBackend, open_backend, parse_url
+from .compression import compressor, extension
+from .info import CacheInfo
+from .progress import Progress
+
+
+def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
+    """Extra files to upload next to a path's narinfo (name in the cache → contents).
+
+    Hook for the evidence layer: e.g. ``<hashpart>.provenance``.  Returns ``{}`` for now.
+    """
+    return {}
+
+
+@attrs.frozen
+class PushResult:
+    uploaded: tuple[StorePath, ...]
+    skipped: tuple[StorePath, ...]
+    nar_bytes: int
+    file_bytes: int
+
+
+def load_secret_key(path: str) -> SecretKey:
+    """Read a secret key file; raise :class:`CacheError` when unreadable, ``KeyError_`` when malformed."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise CacheError(f"cannot read secret key file {path!r}: {e.strerror}",
+                         hint="create one with 'pure key generate --name NAME --secret-out FILE --public-out FILE'") from e
+    return SecretKey.parse(text)
+
+
+async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:
+    """Read ``nix-cache-info`` (checking the store dir) or create it."""
+    data = await backend.get("nix-cache-info")
+    if data is None:
+        info = CacheInfo(store_dir)
+        await backend.put("nix-cache-info", info.render().encode(), "text/x-nix-cache-info")
+        return info
+    info = CacheInfo.parse(data, f"{backend.url}/nix-cache-info")
+    info.check_store_dir(store_dir, backend.url)
+    return info
+
+
+def nar_listing(nar_source) -> bytes:
+    """The ``.ls`` JSON listing of a NAR read from ``nar_source`` (as Nix writes it)."""
+    from ..formats import nar as _nar
+
+    root: dict | None = None
+    dirs: dict[tuple, dict] = {}
+    for ev in _nar.parse_nar(nar_source):
+        if isinstance(ev, _nar.NarDirectory):
+            node: dict = {"type": "directory", "entries": {}}
+            dirs[ev.path] = node
+        elif isinstance(ev, _nar.NarSymlink):
+            node = {"type": "symlink", "target": ev.target.decode("utf-8", "replace")}
+        else:
+            node = {"type": "regular", "size": ev.size}
+            if ev.executable:
+                node["executable"] = True
+            node["narOffset"] = ev.offset
+            for _ in ev.chunks:
+                pass
+        if not ev.path:
+            root = node
+        else:
+            dirs[ev.path[:-1]]["entries"][ev.path[-1].decode("utf-8", "replace")] = node
+    return json.dumps({"version": 1, "root": root}, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _CompressSink:
+    """NAR bytes in: hashed and counted, compressed to a file whose bytes are hashed and counted."""
+
+    def __init__(self, out, method: str, level: int | None, progress: Progress | None):
+        self.out = out
+        self.comp = compressor(method, level)
+        self.nar = hashlib.sha256()
+        self.nar_size = 0
+        self.file = hashlib.sha256()
+        self.file_size = 0
+        self.progress = progress
+
+    def _emit(self, c: bytes) -> None:
+        if c:
+            self.file.update(c)
+            self.file_size += len(c)
+            self.out.write(c)
+
+    def write(self, data) -> None:
+        self.nar.update(data)
+        self.nar_size += len(data)
+        self._emit(self.comp.compress(data))
+        if self.progress is not None:
+            self.progress.add_bytes(len(data))
+
+    def finish(self) -> None:
+        self._emit(self.comp.flush())
+
+
+def _compress_path(store, info, method: str, level: int | None, tmp_dir: str | None,
+                   listing: bool, progress: Progress | None):
+    """Worker thread: NAR of the path compressed into a temp file; returns (tmp, file hash, size, listing)."""
+    from ..store.fsnar import dump_path
+
+    real = S.real_path(store, info.path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-push-", suffix=".nar", dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+            sink = _CompressSink(out, method, level, progress)
+            dump_path(real, sink)
+            sink.finish()
+        nar_hash = Hash("sha256", sink.nar.digest())
+        if nar_hash != info.nar_hash or sink.nar_size != info.nar_size:
+            raise StoreError(
+                f"path {real!r} is corrupt: its NAR hash is {nar_hash.typed()} ({sink.nar_size} bytes), "
+                f"but the store registered {info.nar_hash.typed()} ({info.nar_size} bytes)",
+                hint="run 'pure store verify --check-contents --repair'")
+        ls = None
+        if listing:
+            import io
+            buf = io.BytesIO()
+            dump_path(real, buf)
+            buf.seek(0)
+            ls = nar_listing(buf)
+        return tmp, Hash("sha256", sink.file.digest()), sink.file_size, ls
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_build_log(store, drv: StorePath) -> bytes | None:
+    """The build log of ``drv`` if the store keeps one (``<state>/log/<2>/<rest>.zst``)."""
+    import zstandard
+
+    base = drv.base_name
+    p = os.path.join(S.state_dir(store), "log", base[:2], base[2:] + ".zst")
+    try:
+        with open(p, "rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
+    except (OSError, zstandard.ZstdError):
+        return None
+
+
+async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
+                  secret_keys: Iterable[SecretKey] = (), compression: str | None = None,
+                  level: int | None = None, write_listing: bool | None = None, jobs: int | None = None,
+                  upload_logs: bool = True, progress: Progress | None = None) -> PushResult:
+    """Copy the closure of ``paths`` to the cache at ``url`` (references first).
+
+    URL parameters: ``compression`` (zstd, xz, none), ``compression-level``, ``secret-key``
+    (a key file; added to ``secret_keys``), ``write-nar-listing`` (true/1).  Keyword arguments
+    override them.  Raises :class:`CacheError` for cache failures, :class:`StoreError` for a
+    corrupt or missing local path.
+    """
+    cu = parse_url(url)
+    method = compression or cu.param("compression") or "zstd"
+    ext = extension(method)
+    if level is None and cu.param("compression-level"):
+        try:
+            level = int(cu.param("compression-level"))  # type: ignore[arg-type]
+        except ValueError:
+            raise CacheError(f"cache URL {url!r}: compression-level must be an integer") from None
+    compressor(method, level)  # validate early
+    keys = list(secret_keys)
+    if cu.param("secret-key"):
+        keys.append(load_secret_key(cu.param("secret-key")))  # type: ignore[arg-type]
+    if write_listing is None:
+        write_listing = cu.param("write-nar-listing", "false") in ("1", "true")
+    jobs = jobs or max(1, os.cpu_count() or 1)
+    store_dir = settings.store_dir
+
+    paths = set(paths)
+    for p in paths:
+        if not S.is_valid(store, p):
+            raise StoreError(f"path {p.absolute(store_dir)!r} is not valid in the local store")
+    closure = await trio.to_thread.run_sync(S.closure, store, paths)
+    order = await trio.to_thread.run_sync(S.topo_sort, store, closure)
+    infos = {p: S.path_info(store, p) for p in order}
+
+    backend = open_backend(cu, connect_timeout=settings.connect_timeout,
+                           stall_timeout=settings.stalled_download_timeout)
+    async with backend:
+        await ensure_cache_info(backend, store_dir)
+        have: set[StorePath] = set()
+        query_limit = trio.CapacityLimiter(32)
+
+        async def query(p):
+            async with query_limit:
+                if await backend.exists(f"{p.hash_part}.narinfo"):
+                    have.add(p)
+        async with trio.open_nursery() as n:
+            for p in order:
+                n.start_soon(query, p)
+        todo = [p for p in order if p not in have]
+        if progress:
+            progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
+
+        done = {p: trio.Event() for p in todo}
+        limiter = trio.CapacityLimiter(jobs)
+        tmp_dir = os.path.join(backend.dir, "nar") if isinstance(backend, FileBackend) else None
+        if tmp_dir:
+            try:
+                os.makedirs(tmp_dir, exist_ok=True)
+            except OSError as e:
+                raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
+        totals = [0, 0]
+
+        async def push_one(p: StorePath):
+            info = infos[p]
+            async with limiter:
+                tmp, file_hash, file_size, ls = await trio.to_thread.run_sync(
+                    _compress_path, store, info, method, level, tmp_dir, write_listing, progress)
+            totals[0] += info.nar_size
+            totals[1] += file_size
+            nar_name = f"nar/{file_hash.nix32}.nar{ext}"
+            try:
+                if await backend.exists(nar_name):
+                    os.unlink(tmp)
+                else:
+                    await backend.put_file(nar_name, tmp, "application/x-nix-nar", move=True)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            if ls is not None:
+                await backend.put(f"{p.hash_part}.ls", ls, "application/json")
+            if upload_logs and info.deriver is not None:
+                log = await trio.to_thread.run_sync(_read_build_log, store, info.deriver)
+                if log is not None:
+                    await backend.put(f"log/{info.deriver.base_name}", log, "text/plain; charset=utf-8")
+            for name, data in extra_files_for(store, p).items():
+                await backend.put(name, data)
+            ni = NarInfo(
+                store_path=p, url=nar_name, compression=method, file_hash=file_hash,
+                file_size=file_size, nar_hash=info.nar_hash, nar_size=info.nar_size,
+                references=info.references, deriver=info.deriver, sigs=info.sigs, ca=info.ca,
+            )
+            fp = ni.fingerprint(store_dir)
+            ni = ni.with_sigs(k.sign(fp).render() for k in keys)
+            for r in info.references:
+                if r != p and r in done:
+                    await done[r].wait()
+            await backend.put(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), "text/x-nix-narinfo")
+            done[p].set()
+            if progress:
+                progress.path_done(p.absolute(store_dir))
+
+        async with trio.open_nursery() as n:
+            for p in todo:
+                n.start_soon(push_one, p)
+        if progress:
+            progress.finish()
+    return PushResult(tuple(todo), tuple(p for p in order if p in have), totals[0], totals[1])

@@ -1,0 +1,197 @@
+"""``pure cache serve``: an HTTP/1.1 server for a binary cache directory (hypercorn on trio).
+
+The cache is plain files, so any static web server can serve it too; this one adds nothing a
+client depends on.  It answers:
+
+- ``GET``/``HEAD`` of a file in the cache (``nix-cache-info``, ``*.narinfo``, ``nar/…``, ``log/…``,
+  ``*.ls``), with ``Content-Length`` and a content type; 404 when absent; names that could leave
+  the directory (``..``, hidden files, absolute) are refused with 400.
+- ``PUT`` only when started with an upload token, and only with ``Authorization: Bearer TOKEN``;
+  the body is written to a temporary file and renamed into place, so readers never see partial
+  files.  Uploads never need a signing key: clients sign before they upload.
+
+:func:`make_app` returns the ASGI application; :func:`serve_cache` runs it (``task_status``
+reports the bound URLs, which is how tests learn an ephemeral port).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import tempfile
+import urllib.parse
+
+import trio
+
+from ..errors import CacheError
+from .backend import CHUNK, check_name
+
+log = logging.getLogger("purestore.cache.server")
+
+MAX_UPLOAD = 1 << 40
+
+_TYPES = {
+    ".narinfo": b"text/x-nix-narinfo",
+    ".ls": b"application/json",
+    "nix-cache-info": b"text/x-nix-cache-info",
+}
+
+
+def _content_type(name: str) -> bytes:
+    for suffix, t in _TYPES.items():
+        if name.endswith(suffix):
+            return t
+    if name.startswith("log/"):
+        return b"text/plain; charset=utf-8"
+    return b"application/octet-stream"
+
+
+def make_app(directory: str, upload_token: str | None = None):
+    """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set)."""
+    directory = os.path.abspath(directory)
+    token = upload_token.encode() if upload_token else None
+
+    async def respond(send, status: int, body: bytes = b"", headers=(), head=False):
+        hdrs = [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/plain")]
+        hdrs.extend(headers)
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": b"" if head else body})
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        raw = urllib.parse.unquote(scope["path"])
+        name = raw.lstrip("/")
+        if method in ("GET", "HEAD") and name == "":
+            await respond(send, 200, b"purestore binary cache\n", head=method == "HEAD")
+            return
+        try:
+            check_name(name)
+        except CacheError:
+            await respond(send, 400, b"bad path\n", head=method == "HEAD")
+            return
+        path = os.path.join(directory, name)
+        if method in ("GET", "HEAD"):
+            await _get(send, path, name, head=method == "HEAD", respond=respond)
+        elif method == "PUT":
+            if token is None:
+                await respond(send, 405, b"uploads are disabled (start the server with an upload token)\n",
+                              [(b"allow", b"GET, HEAD")])
+                return
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + token):
+                await respond(send, 401, b"bad or missing upload token\n",
+                              [(b"www-authenticate", b"Bearer")])
+                return
+            await _put(receive, send, path, name, respond)
+        else:
+            await respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
+
+    return app
+
+
+async def _get(send, path: str, name: str, *, head: bool, respond) -> None:
+    try:
+        f = await trio.to_thread.run_sync(open, path, "rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        await respond(send, 404, b"not found\n", head=head)
+        return
+    except OSError:
+        await respond(send, 500, b"cannot read file\n", head=head)
+        return
+    try:
+        size = os.fstat(f.fileno()).st_size
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(size).encode()), (b"content-type", _content_type(name)),
+        ]})
+        if head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        while True:
+            data = await trio.to_thread.run_sync(f.read, CHUNK)
+            if not data:
+                break
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        f.close()
+
+
+async def _put(receive, send, path: str, name: str, respond) -> None:
+    parent = os.path.dirname(path)
+    try:
+        await trio.to_thread.run_sync(lambda: os.makedirs(parent, exist_ok=True))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
+    except OSError:
+        await respond(send, 500, b"cannot create file\n")
+        return
+    ok = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            total = 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body = msg.get("body", b"")
+                total += len(body)
+                if total > MAX_UPLOAD:
+                    await respond(send, 413, b"upload too large\n")
+                    return
+                if body:
+                    await trio.to_thread.run_sync(f.write, body)
+                if not msg.get("more_body", False):
+                    break
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        ok = True
+        log.info("stored %s (%d bytes)", name, total)
+        await respond(send, 201, b"stored\n")
+    finally:
+        if not ok:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port); raise :class:`CacheError`."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise CacheError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+async def serve_cache(directory: str, listen: str, *, upload_token: str | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED, shutdown_trigger=None) -> None:
+    """Serve ``directory`` on ``listen`` until cancelled; ``task_status.started(urls)``."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    if not os.path.isdir(directory):
+        raise CacheError(f"cache directory {directory!r} does not exist",
+                         hint="create it with 'pure copy --to file://DIR ...' first")
+    host, port = parse_listen(listen)
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 30
+    config.h11_max_incomplete_size = 64 * 1024
+    config.include_server_header = False
+    app = make_app(directory, upload_token)
+    try:
+        await serve(app, config, task_status=task_status, shutdown_trigger=shutdown_trigger)
+    except OSError as e:
+        raise CacheError(f"cannot listen on {listen!r}: {e.strerror}") from e

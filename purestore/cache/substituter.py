@@ -1,0 +1,531 @@
+"""Substitution: making paths valid by downloading them from binary caches.
+
+:func:`substitute` is what the builder calls; :func:`copy_from` backs ``pure copy --from``;
+:func:`fetch_path` re-fetches one path (``repair``).
+
+How a path is substituted:
+
+1. **Query** (all wanted paths and, transitively, their missing references, in parallel, with a
+   pooled HTTP client): every configured cache is asked for ``<hash>.narinfo``; a cache whose
+   ``nix-cache-info`` names another store dir is refused.  A narinfo is used only if it parses
+   strictly, is for the path asked, its ``URL`` stays inside the cache, and it carries a valid
+   signature by a trusted key.  Among caches that qualify, the lowest ``Priority`` wins.
+   Negative answers are remembered briefly (:mod:`.narinfo_cache`).
+2. **Fetch** (references before referrers, several at once): the NAR file is streamed from the
+   cache (a ``file://`` cache is read in place) through a reader that hashes the compressed
+   bytes (FileHash/FileSize), decompresses them, hashes and counts the NAR (NarHash/NarSize,
+   never decompressing beyond NarSize) and restores it into a temporary directory in the store
+   (never writing outside it).  Only when every check passed is it given canonical metadata,
+   renamed into place under the path lock and registered with its references and signatures.
+
+Untrusted or corrupt data is never registered: the path fails with a reason naming the path and
+what was wrong, its referrers fail too, and everything else goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Callable, Iterable
+
+import attrs
+import trio
+
+from ..errors import CacheError, FormatError, NarError, NarInfoError, SignatureError, StoreError
+from ..formats.hash import Hash
+from ..formats.narinfo import NarInfo
+from ..formats.path_info import PathInfo
+from ..formats.signing import parse_public_keys, verify_any
+from ..formats.store_path import StorePath
+from . import _storeapi as S
+from .backend import Backend, FileBackend, check_name, open_backend, parse_url
+from .compression import decompressor
+from .info import CacheInfo
+from .narinfo_cache import NegativeCache
+from .progress import Progress
+
+log = logging.getLogger("purestore.cache")
+
+QUERY_CONCURRENCY = 32
+
+
+@attrs.define
+class SubstituteReport:
+    """What a substitution run did: ``valid`` (requested paths now valid), ``fetched`` (paths
+    downloaded, requested or not), ``failures`` (path → reason; not registered)."""
+
+    valid: set[StorePath] = attrs.field(factory=set)
+    fetched: list[StorePath] = attrs.field(factory=list)
+    failures: dict[StorePath, str] = attrs.field(factory=dict)
+    nar_bytes: int = 0
+
+
+class _Rejected(Exception):
+    """No cache had a usable narinfo, and at least one had an unusable one (reason)."""
+
+
+@attrs.define
+class _Cache:
+    url: str
+    backend: Backend
+    priority: int
+
+
+class Substituters:
+    """An open session on a list of binary caches (use ``async with``)."""
+
+    def __init__(self, settings, urls: Iterable[str] | None = None,
+                 trusted_keys: Iterable[str] | None = None, *, negative_ttl: int | None = None):
+        self.settings = settings
+        self.urls = list(settings.substituters if urls is None else urls)
+        self.trusted = parse_public_keys(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
+        self.caches: list[_Cache] = []
+        self.rejected: dict[str, str] = {}
+        ttl = settings.narinfo_cache_negative_ttl if negative_ttl is None else negative_ttl
+        self.negative = NegativeCache(getattr(settings, "state_dir", None), ttl)
+
+    async def __aenter__(self) -> "Substituters":
+        async def open_one(i: int, url: str):
+            try:
+                cu = parse_url(url)
+                backend = open_backend(cu, connect_timeout=self.settings.connect_timeout,
+                                       stall_timeout=self.settings.stalled_download_timeout)
+            except CacheError as e:
+                self.rejected[url] = str(e)
+                return
+            try:
+                data = await backend.get("nix-cache-info")
+                if data is None:
+                    raise CacheError(f"binary cache {url!r} has no nix-cache-info (is it a cache?)")
+                info = CacheInfo.parse(data, f"{url}/nix-cache-info")
+                info.check_store_dir(self.settings.store_dir, url)
+            except CacheError as e:
+                await backend.aclose()
+                self.rejected[url] = str(e)
+                log.warning("warning: not using binary cache %r: %s", url, e)
+                return
+            prio = cu.param("priority")
+            priority = int(prio) if prio and prio.isdigit() else info.priority
+            opened.append((priority, i, _Cache(url, backend, priority)))
+
+        opened: list[tuple[int, int, _Cache]] = []
+        async with trio.open_nursery() as n:
+            for i, url in enumerate(self.urls):
+                n.start_soon(open_one, i, url)
+        self.caches = [c for _p, _i, c in sorted(opened, key=lambda t: (t[0], t[1]))]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for c in self.caches:
+            await c.backend.aclose()
+        self.negative.close()
+
+    async def query(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
+        """The best trusted narinfo for ``path``; None if no cache has one; raises
+        :class:`_Rejected` if some cache had one that cannot be used (and none a good one)."""
+        results: list[NarInfo | str | None] = [None] * len(self.caches)
+
+        async def one(i: int, cache: _Cache):
+            results[i] = await self._query_one(cache, path)
+
+        async with trio.open_nursery() as n:
+            for i, c in enumerate(self.caches):
+                n.start_soon(one, i, c)
+        for cache, r in zip(self.caches, results):
+            if isinstance(r, NarInfo):
+                return cache, r
+        reasons = [r for r in results if isinstance(r, str)]
+        if reasons:
+            raise _Rejected("; ".join(reasons))
+        return None
+
+    async def _query_one(self, cache: _Cache, path: StorePath) -> NarInfo | str | None:
+        sd = self.settings.store_dir
+        name = f"{path.hash_part}.narinfo"
+        if self.negative.is_negative(cache.url, path.hash_part):
+            return None
+        try:
+            data = await cache.backend.get(name)
+        except CacheError as e:
+            return str(e)
+        if data is None:
+            self.negative.add(cache.url, path.hash_part)
+            return None
+        where = f"{cache.url.rstrip('/')}/{name}"
+        try:
+            ni = NarInfo.parse(data, sd, where=where)
+        except NarInfoError as e:
+            return f"bad narinfo: {e}"
+        if ni.store_path != path:
+            return f"{where} describes {ni.store_path.absolute(sd)!r}, not the path asked for"
+        try:
+            verify_any(ni.fingerprint(sd), ni.sigs, self.trusted)
+        except SignatureError as e:
+            return f"narinfo {where} is not trusted: {e}"
+        try:
+            check_name(ni.url, where)
+        except CacheError:
+            return f"narinfo {where} has URL {ni.url!r}, which points outside the cache"
+        return ni
+
+
+# -- fetching one path ---------------------------------------------------------------------------
+
+
+class _VerifyingReader:
+    """A file-like NAR source over compressed chunks that checks sizes and hashes on the way.
+
+    ``next_chunk()`` returns compressed bytes, ``b""`` at the end.  Raises :class:`CacheError`
+    when the compressed file exceeds FileSize, ends early, or decompresses beyond NarSize.
+    """
+
+    def __init__(self, next_chunk: Callable[[], bytes], ni: NarInfo, where: str, progress: Progress | None):
+        self._next = next_chunk
+        self.ni = ni
+        self.where = where
+        self.dec = decompressor(ni.compression)
+        self.file_h = hashlib.sha256()
+        self.file_n = 0
+        self.nar_h = hashlib.sha256()
+        self.nar_n = 0
+        self.ended = False
+        self.progress = progress
+
+    def read(self, _n: int = -1) -> bytes:
+        while not self.ended:
+            c = self._next()
+            if not c:
+                self.ended = True
+                if self.ni.file_size is not None and self.file_n < self.ni.file_size:
+                    raise CacheError(f"download of {self.where} is truncated: got {self.file_n} of "
+                                     f"{self.ni.file_size} bytes (FileSize)")
+                if not self.dec.eof:
+                    raise CacheError(f"compressed NAR {self.where} is truncated")
+                return b""
+            self.file_h.update(c)
+            self.file_n += len(c)
+            if self.ni.file_size is not None and self.file_n > self.ni.file_size:
+                raise CacheError(f"{self.where} is larger than its FileSize {self.ni.file_size}")
+            try:
+                out = self.dec.decompress(c)
+            except CacheError as e:
+                raise CacheError(f"{self.where}: {e}") from e
+            if out:
+                self.nar_h.update(out)
+                self.nar_n += len(out)
+                if self.nar_n > self.ni.nar_size:
+                    raise CacheError(f"{self.where} decompresses to more than its NarSize {self.ni.nar_size}")
+                if self.progress is not None:
+                    self.progress.add_bytes(len(out))
+                return out
+        return b""
+
+    def finish(self) -> None:
+        """Read to the end and check FileSize, FileHash, NarSize and NarHash."""
+        while self.read():
+            pass
+        ni = self.ni
+        if ni.file_size is not None and self.file_n != ni.file_size:
+            raise CacheError(f"{self.where} has {self.file_n} bytes, FileSize says {ni.file_size}")
+        if ni.file_hash is not None:
+            got = Hash("sha256", self.file_h.digest())
+            if got != ni.file_hash:
+                raise CacheError(f"{self.where} has hash {got.typed()}, FileHash says {ni.file_hash.typed()}")
+        if self.nar_n != ni.nar_size:
+            raise CacheError(f"NAR {self.where} has {self.nar_n} bytes, NarSize says {ni.nar_size}")
+        got = Hash("sha256", self.nar_h.digest())
+        if got != ni.nar_hash:
+            raise CacheError(f"NAR {self.where} has hash {got.typed()}, NarHash says {ni.nar_hash.typed()}")
+
+
+def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
+    """Worker thread: stream, verify and restore into ``tmp``; canonical metadata after."""
+    from ..store.fsnar import canonicalise_path, restore_nar
+
+    reader = _VerifyingReader(next_chunk, ni, where, progress)
+    try:
+        restore_nar(reader, tmp)
+    except NarError as e:
+        # a hash mismatch found later explains a bad NAR better, but the NAR error names the spot
+        raise CacheError(f"NAR {where} is invalid: {e}") from e
+    reader.finish()
+    canonicalise_path(tmp)
+
+
+def _install(store, info: PathInfo, tmp: str, repair: bool) -> bool:
+    """Worker thread: under the path lock, rename into place and register (False if already valid)."""
+    p = info.path
+    S.add_temp_root(store, p)
+    with S.lock_path(store, p):
+        existing = S.path_info(store, p)
+        if existing is not None and not repair:
+            return False
+        if existing is not None and existing.nar_hash != info.nar_hash:
+            raise StoreError(f"cannot repair {store.print_path(p)!r}: the cache's NAR hash "
+                             f"{info.nar_hash.typed()} differs from the registered {existing.nar_hash.typed()}")
+        store.install_path(tmp, p)
+        if getattr(store, "durable", False):
+            from ..store.local import _syncfs
+            _syncfs(store.real_store_dir)
+        if existing is None:
+            S.register(store, [info])
+    return True
+
+
+async def _fetch_one(store, cache: _Cache, ni: NarInfo, progress: Progress | None, repair: bool) -> bool:
+    p = ni.store_path
+    backend = cache.backend
+    where = f"{cache.url.rstrip('/')}/{ni.url}"
+    tmp = S.temp_path(store, p)
+    try:
+        if isinstance(backend, FileBackend):
+            local = backend.local_path(ni.url)
+            try:
+                f = open(local, "rb")
+            except FileNotFoundError:
+                raise CacheError(f"{where} is missing from the cache") from None
+            except OSError as e:
+                raise CacheError(f"cannot read {where}: {e.strerror}") from e
+            with f:
+                await trio.to_thread.run_sync(_restore, lambda: f.read(1 << 20), ni, where, tmp, progress)
+        else:
+            await _fetch_http(backend, ni, where, tmp, progress)
+        info = PathInfo(path=p, nar_hash=ni.nar_hash, nar_size=ni.nar_size, references=ni.references,
+                        deriver=ni.deriver, sigs=ni.sigs, ca=ni.ca)
+        return await trio.to_thread.run_sync(_install, store, info, tmp, repair)
+    finally:
+        if os.path.lexists(tmp):
+            await trio.to_thread.run_sync(_remove, store, tmp)
+
+
+def _remove(store, tmp: str) -> None:
+    fn = getattr(store, "remove_temp", None)
+    if fn is not None:
+        fn(tmp)
+
+
+async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progress) -> None:
+    send, recv = trio.open_memory_channel(8)
+    pump_error: list[BaseException] = []
+
+    async def pump():
+        try:
+            async with send:
+                async with backend.open_read(ni.url) as chunks:
+                    async for c in chunks:
+                        await send.send(c)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except CacheError as e:
+            pump_error.append(e)
+
+    token = trio.lowlevel.current_trio_token()
+
+    def next_chunk() -> bytes:
+        try:
+            return trio.from_thread.run(recv.receive, trio_token=token)
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if pump_error:
+                raise pump_error[0]
+            return b""
+
+    async with trio.open_nursery() as n:
+        n.start_soon(pump)
+        try:
+            await trio.to_thread.run_sync(_restore, next_chunk, ni, where, tmp, progress)
+        except CacheError:
+            if pump_error:
+                raise pump_error[0] from None
+            raise
+        finally:
+            recv.close()
+
+
+# -- the closure -----------------------------------------------------------------------------------
+
+
+def _record(store, settings, path: StorePath, url: str, nar_size: int) -> None:
+    try:
+        from ..store import events
+    except ImportError:
+        return
+    fn = getattr(events, "record_substitution", None)
+    if fn is not None:
+        fn(store, path.absolute(settings.store_dir), url, nar_size)
+
+
+async def substitute_report(store, settings, paths: Iterable[StorePath], *,
+                            urls: Iterable[str] | None = None, trusted_keys: Iterable[str] | None = None,
+                            progress: Progress | None = None, repair: Iterable[StorePath] = (),
+                            jobs: int | None = None) -> SubstituteReport:
+    """Substitute ``paths`` (and their missing references) from the caches; never raises for a
+    single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
+    valid and put back in place."""
+    paths = set(paths)
+    repair = set(repair)
+    sd = settings.store_dir
+    report = SubstituteReport()
+    jobs = jobs or max(2, 2 * (os.cpu_count() or 1))
+
+    def valid(p: StorePath) -> bool:
+        return p not in repair and S.is_valid(store, p)
+
+    wanted = {p for p in paths if not valid(p)}
+    if not wanted:
+        report.valid = set(paths)
+        return report
+    if settings.offline:
+        report.valid = {p for p in paths if S.is_valid(store, p)}
+        return report
+
+    async with Substituters(settings, urls, trusted_keys) as subs:
+        if not subs.caches and not subs.rejected:
+            report.valid = {p for p in paths if S.is_valid(store, p)}
+            return report
+        found: dict[StorePath, tuple[_Cache, NarInfo]] = {}
+        seen = set(wanted)
+        qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
+
+        async def visit(p: StorePath, nursery):
+            async with qlimit:
+                try:
+                    r = await subs.query(p)
+                except _Rejected as e:
+                    report.failures[p] = str(e)
+                    return
+            if r is None:
+                extra = "; ".join(subs.rejected.values())
+                report.failures[p] = "no binary cache has it" + (f" ({extra})" if extra else "")
+                return
+            found[p] = r
+            for ref in r[1].references:
+                if ref != p and ref not in seen and not valid(ref):
+                    seen.add(ref)
+                    nursery.start_soon(visit, ref, nursery)
+
+        async with trio.open_nursery() as n:
+            for p in sorted(wanted):
+                n.start_soon(visit, p, n)
+
+        # references before referrers; members of reference cycles fail
+        order = _topo(found)
+        for p in found:
+            if p not in order:
+                report.failures[p] = "its narinfo is part of a reference cycle"
+        if progress:
+            progress.expect(len(order), sum(found[p][1].nar_size for p in order))
+
+        events = {p: trio.Event() for p in order}
+        ok: set[StorePath] = set()
+        flimit = trio.CapacityLimiter(jobs)
+
+        async def fetch(p: StorePath):
+            cache, ni = found[p]
+            try:
+                for r in sorted(ni.references):
+                    if r == p:
+                        continue
+                    if r in events:
+                        await events[r].wait()
+                        if r not in ok:
+                            report.failures[p] = f"its reference {r.absolute(sd)!r} could not be substituted"
+                            return
+                    elif not S.is_valid(store, r):
+                        report.failures[p] = (f"its reference {r.absolute(sd)!r} is not valid and no cache "
+                                              f"has it: {report.failures.get(r, 'unknown')}")
+                        return
+                async with flimit:
+                    if progress:
+                        progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
+                    try:
+                        fetched = await _fetch_one(store, cache, ni, progress, p in repair)
+                    except (CacheError, FormatError, StoreError, SignatureError) as e:
+                        report.failures[p] = str(e)
+                        return
+                ok.add(p)
+                if fetched:
+                    report.fetched.append(p)
+                    report.nar_bytes += ni.nar_size
+                    await trio.to_thread.run_sync(_record, store, settings, p, cache.url, ni.nar_size)
+                if progress:
+                    progress.path_done(p.absolute(sd))
+            finally:
+                events[p].set()
+
+        async with trio.open_nursery() as n:
+            for p in order:
+                n.start_soon(fetch, p)
+        if progress:
+            progress.finish()
+
+    report.valid = {p for p in paths if S.is_valid(store, p)}
+    return report
+
+
+def _topo(found: dict[StorePath, tuple[_Cache, NarInfo]]) -> list[StorePath]:
+    deps = {p: {r for r in ni.references if r != p and r in found} for p, (_c, ni) in found.items()}
+    users: dict[StorePath, set[StorePath]] = {p: set() for p in found}
+    for p, ds in deps.items():
+        for d in ds:
+            users[d].add(p)
+    ready = sorted(p for p, ds in deps.items() if not ds)
+    order: list[StorePath] = []
+    remaining = {p: len(ds) for p, ds in deps.items()}
+    while ready:
+        p = ready.pop()
+        order.append(p)
+        for u in users[p]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                ready.append(u)
+    return order
+
+
+async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None) -> set[StorePath]:
+    """Make ``paths`` valid from the configured substituters where possible.
+
+    For each wanted path that is not valid, query the substituters (priority order, in
+    parallel, only narinfos signed by a trusted key), fetch its closure (references first) and
+    register it.  Returns the requested paths that are now valid.  Failures of single paths are
+    logged as warnings (``purestore.cache`` logger) and never registered.
+    """
+    report = await substitute_report(store, settings, paths, progress=progress)
+    for p, why in sorted(report.failures.items()):
+        log.warning("warning: cannot substitute %r: %s", p.absolute(settings.store_dir), why)
+    return report.valid
+
+
+async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
+                    trusted_keys: Iterable[str] | None = None, progress: Progress | None = None,
+                    check_sigs: bool = True) -> SubstituteReport:
+    """``pure copy --from URL PATH…``: fetch ``paths`` and their closures from one cache.
+
+    Raises :class:`CacheError` naming each path that could not be fetched and why.
+    """
+    paths = set(paths)
+    report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
+                                     trusted_keys=trusted_keys, progress=progress)
+    missing = sorted(paths - report.valid)
+    if missing:
+        sd = settings.store_dir
+        lines = [f"cannot substitute {p.absolute(sd)!r}: {report.failures.get(p, 'unknown reason')}"
+                 for p in missing]
+        raise CacheError("\n".join(lines) if len(lines) > 1 else lines[0])
+    return report
+
+
+async def fetch_path(store, settings, path: StorePath, *, repair: bool = False) -> bool:
+    """Fetch ``path``'s NAR again from the substituters (with ``repair``, even if it is valid,
+    replacing the files on disk after checking the NAR hash against the registered one).
+    Returns True if the path is valid afterwards; raises :class:`CacheError` with the reason
+    otherwise."""
+    report = await substitute_report(store, settings, {path}, repair={path} if repair else ())
+    if path in report.failures:
+        raise CacheError(f"cannot fetch {path.absolute(settings.store_dir)!r}: {report.failures[path]}")
+    if path not in report.valid:
+        raise CacheError(f"cannot fetch {path.absolute(settings.store_dir)!r}: no substituter is configured")
+    return True

@@ -1,0 +1,220 @@
+"""``pure key``, ``pure store sign``, ``pure copy``, ``pure cache serve``: signed binary caches.
+
+Presentation only; the work is in :mod:`purestore.formats.signing` and :mod:`purestore.cache`.
+See docs/caches.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+_KEYGEN_HELP = """\
+Generate an Ed25519 signing key pair in Nix's formats.
+
+The secret key file holds NAME:BASE64(seed + public key) and is created with mode 0600; the
+public key is NAME:BASE64(public key). Give the public key to every machine that should trust
+the cache (trusted-public-keys in pure.conf); keep the secret key on the machine that pushes.
+Without --secret-out the secret key is printed on stdout.
+"""
+
+_COPY_HELP = """\
+Copy store paths and their closures to or from a binary cache.
+
+  pure copy --to 'file:///srv/cache?compression=zstd&secret-key=/etc/pure/cache.sec' PATH...
+  pure copy --to http://127.0.0.1:8080/ --secret-key-file cache.sec PATH...
+  pure copy --from http://cache.example:8080/ --trusted-public-keys 'cache-1:...' PATH...
+
+--to uploads references first, skips paths the cache already has, signs narinfos with the
+secret keys given (the cache itself never needs a key), and writes nix-cache-info, narinfo,
+nar/<filehash>.nar.<ext>, optional .ls listings and build logs under log/. URL parameters:
+compression=zstd|xz|none (default zstd), compression-level=N, secret-key=FILE,
+write-nar-listing=true, token-file=FILE (HTTP upload token; or env PURE_CACHE_TOKEN).
+
+--from fetches PATHs (store paths, which need not be valid yet) with their closures; only
+narinfos signed by a trusted key are used, and every NAR is checked against its hashes and sizes.
+"""
+
+_SERVE_HELP = """\
+Serve a binary cache directory over HTTP/1.1 (GET and HEAD).
+
+With --upload-token-file FILE (or env PURE_CACHE_TOKEN) the server also accepts PUT with
+'Authorization: Bearer TOKEN', so that 'pure copy --to http://HOST:PORT/?token-file=FILE'
+can push to it. The server never needs a signing key: clients sign before uploading.
+Any static web server can serve the same directory read-only.
+"""
+
+
+def register(reg) -> None:
+    reg.group("key", help="signing keys for binary caches")
+    p = reg.command("generate", "generate a signing key pair", cmd_key_generate, group="key",
+                    description=_KEYGEN_HELP)
+    p.add_argument("--name", required=True, help="key name, e.g. cache.example.org-1")
+    p.add_argument("--secret-out", metavar="FILE", help="write the secret key here (mode 0600)")
+    p.add_argument("--public-out", metavar="FILE", help="write the public key here")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    reg.command("public", "print the public key of a secret key read from stdin", cmd_key_public,
+                group="key", description="Read a secret key file on stdin; print its public key.")
+
+    p = reg.command("sign", "sign valid paths with a secret key", cmd_store_sign, group="store",
+                    description="Add signatures by the secret key in KEYFILE to the path infos of "
+                                "valid paths (kept in the store database and copied into narinfos).")
+    p.add_argument("--key-file", "-k", required=True, metavar="KEYFILE", action="append",
+                   help="secret key file (may be repeated)")
+    p.add_argument("-r", "--recursive", action="store_true", help="sign the closures of PATHs")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+    p = reg.command("copy", "copy paths to or from a binary cache", cmd_copy, description=_COPY_HELP)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to", metavar="URL", help="cache to push to")
+    g.add_argument("--from", dest="from_", metavar="URL", help="cache to fetch from")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--secret-key-file", metavar="FILE", action="append", default=[],
+                   help="sign pushed narinfos with this key (may be repeated)")
+    p.add_argument("--compression", choices=["zstd", "xz", "none"], help="NAR compression (default zstd)")
+    p.add_argument("--compression-level", type=int, metavar="N", help="compression level")
+    p.add_argument("--write-nar-listing", action="store_true", help="also write <hash>.ls listings")
+    p.add_argument("-j", "--jobs", type=int, metavar="N", help="paths processed in parallel")
+    p.add_argument("--trusted-public-keys", dest="copy_trusted_keys", metavar="KEYS",
+                   help="keys trusted for --from (default: the trusted-public-keys setting)")
+    p.add_argument("--json", action="store_true", help="print what was copied as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="name each path as it is copied")
+
+    reg.group("cache", help="binary cache server")
+    p = reg.command("serve", "serve a binary cache directory over HTTP", cmd_cache_serve,
+                    group="cache", description=_SERVE_HELP)
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
+    p.add_argument("--upload-token-file", metavar="FILE", help="enable PUT for this bearer token")
+
+
+def _write_new(path: str, text: str, mode: int, force: bool) -> None:
+    from ..errors import UsageError
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it") from None
+    except OSError as e:
+        raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def cmd_key_generate(args, ctx) -> int:
+    from ..formats.signing import SecretKey
+    key = SecretKey.generate(args.name)
+    if args.secret_out:
+        _write_new(args.secret_out, key.render(), 0o600, args.force)
+    else:
+        print(key.render())
+    if args.public_out:
+        _write_new(args.public_out, key.public_key().render(), 0o644, args.force)
+    elif args.secret_out:
+        print(key.public_key().render())
+    return 0
+
+
+def cmd_key_public(args, ctx) -> int:
+    from ..formats.signing import SecretKey
+    print(SecretKey.parse(sys.stdin.read()).public_key().render())
+    return 0
+
+
+def cmd_store_sign(args, ctx) -> int:
+    from ..cache.push import load_secret_key
+    keys = [load_secret_key(f) for f in args.key_file]
+    from ..formats.narinfo import fingerprint
+    with ctx.open_store() as store:
+        paths = {store.parse_path(p, valid=True) for p in args.paths}
+        if args.recursive:
+            paths = store.query_closure(paths)
+        n = 0
+        for sp in sorted(paths):
+            info = store.query_path_info(sp)
+            fp = fingerprint(store.store_dir, sp, info.nar_hash, info.nar_size, info.references)
+            sigs = {k.sign(fp).render() for k in keys}
+            if not sigs <= info.sigs:
+                store.add_signatures(sp, sigs)
+                n += 1
+        ctx.info(f"added signatures to {n} path{'s' if n != 1 else ''}")
+    return 0
+
+
+def cmd_copy(args, ctx) -> int:
+    import trio
+    from ..cache.progress import TextProgress
+
+    settings = ctx.settings
+    with ctx.open_store() as store:
+        progress = TextProgress("copying", verbose=args.verbose)
+        if args.to:
+            from ..cache.push import copy_to, load_secret_key
+            keys = [load_secret_key(f) for f in args.secret_key_file]
+            paths = [store.parse_path(p, valid=True) for p in args.paths]
+            res = trio.run(lambda: copy_to(
+                store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
+                level=args.compression_level, write_listing=True if args.write_nar_listing else None,
+                jobs=args.jobs, progress=progress))
+            if args.json:
+                print(json.dumps({
+                    "uploaded": [store.print_path(p) for p in res.uploaded],
+                    "skipped": [store.print_path(p) for p in res.skipped],
+                    "narBytes": res.nar_bytes, "fileBytes": res.file_bytes,
+                }, indent=2))
+            else:
+                ctx.info(f"copied {len(res.uploaded)} paths to {args.to.split('?')[0]} "
+                         f"({res.nar_bytes} NAR bytes, {res.file_bytes} compressed); "
+                         f"{len(res.skipped)} already there")
+            return 0
+        from ..cache.substituter import copy_from
+        paths = [store.parse_path(p) for p in args.paths]
+        trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
+        rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
+                                         progress=progress))
+        if args.json:
+            print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
+                              "narBytes": rep.nar_bytes}, indent=2))
+        else:
+            ctx.info(f"fetched {len(rep.fetched)} paths ({rep.nar_bytes} NAR bytes) from "
+                     f"{args.from_.split('?')[0]}")
+    return 0
+
+
+def cmd_cache_serve(args, ctx) -> int:
+    import logging
+    import signal
+
+    import trio
+    from ..cache.server import serve_cache
+    from ..errors import UsageError
+
+    token = None
+    if args.upload_token_file:
+        try:
+            with open(args.upload_token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read upload token file {args.upload_token_file!r}: {e.strerror}") from e
+        if not token:
+            raise UsageError(f"upload token file {args.upload_token_file!r} is empty")
+    else:
+        token = os.environ.get("PURE_CACHE_TOKEN") or None
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    async def main():
+        async with trio.open_nursery() as n:
+            urls = await n.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
+                args.dir, args.listen, upload_token=token, task_status=task_status))
+            ctx.info(f"serving {args.dir!r} on {' '.join(urls)}"
+                     + (" (uploads enabled)" if token else " (read-only)"))
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    n.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
