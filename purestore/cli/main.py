@@ -72,6 +72,9 @@ class Context:
             from ..store.settings import load_settings
             self._settings = load_settings(
                 root=self.args.store, store_dir=self.args.store_dir,
+                substituters=_split_opt(getattr(self.args, "global_substituters", None)),
+                trusted_public_keys=_split_opt(getattr(self.args, "global_trusted_public_keys", None)),
+                offline=True if getattr(self.args, "global_offline", False) else None,
             )
         return self._settings
 
@@ -83,6 +86,10 @@ class Context:
     def info(msg: str) -> None:
         """Progress and status for people: stderr, so stdout stays parseable."""
         print(msg, file=sys.stderr, flush=True)
+
+
+def _split_opt(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value.split())
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -97,6 +104,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store-dir", metavar="DIR", default=None,
                         help="logical store dir (env PURE_STORE_DIR, default /pure/store); "
                              "/nix/store gives Nix's paths")
+    # binary caches (docs/caches.md); dests are prefixed so no command's own option can clash
+    parser.add_argument("--substituters", dest="global_substituters", metavar="URLS", default=None,
+                        help="space-separated binary cache URLs, replacing the config file's")
+    parser.add_argument("--trusted-public-keys", dest="global_trusted_public_keys", metavar="KEYS",
+                        default=None, help="space-separated NAME:BASE64 keys trusted for substitution")
+    parser.add_argument("--offline", dest="global_offline", action="store_true",
+                        help="do not use binary caches")
     reg = Registry(parser)
     for name in COMMAND_MODULES:
         try:
