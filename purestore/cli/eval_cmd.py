@@ -1,0 +1,133 @@
+"""``pure eval``, ``pure instantiate``, ``pure show-derivation``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _add_expr_args(p, file_help="the expression file (a .py)"):
+    p.add_argument("file", metavar="FILE", help=file_help)
+    p.add_argument("-A", "--attr", metavar="ATTR", default=None,
+                   help="dotted path of the value to select (default: the module's 'default')")
+    p.add_argument("-I", "--include", metavar="DIR", action="append", default=[],
+                   help="add DIR to the import roots of expressions (also PURE_PATH, colon-separated)")
+
+
+def register(reg) -> None:
+    p = reg.command(
+        "eval", "evaluate an expression file in pure mode and print the selected value", cmd_eval,
+        description="Evaluate FILE in pure mode (no environment, no network, no subprocesses, no reads "
+                    "outside the expression's tree) and print the selected value.\n"
+                    "Derivations print as their output path; --json prints name, version, system, "
+                    ".drv path and outputs.  Nothing is written to the store.")
+    _add_expr_args(p)
+    p.add_argument("--json", action="store_true", help="print the value as JSON")
+
+    p = reg.command(
+        "instantiate", "write the .drv files of an expression into the store", cmd_instantiate,
+        description="Evaluate FILE, add its sources, to_file texts and .drv files to the store (with "
+                    "their references) and print the .drv paths of the selected derivations, one per line.")
+    _add_expr_args(p)
+    p.add_argument("--json", action="store_true", help="print {attr: drv path} as JSON")
+
+    p = reg.command(
+        "show-derivation", "print derivations as JSON (like nix show-derivation)", cmd_show,
+        description="Print the derivation(s) of a .drv store path, or of the selected value of an "
+                    "expression FILE (evaluated, not written), as JSON in the shape of `nix show-derivation`.")
+    _add_expr_args(p, "a .drv store path, or an expression file (a .py)")
+    p.add_argument("-r", "--recursive", action="store_true", help="include every input derivation, recursively")
+
+
+def _settings_and_eval(args, ctx, allow_values=False):
+    from ..expr.loader import evaluate
+    return evaluate(args.file, args.attr, ctx.settings, args.include, allow_values=allow_values)
+
+
+def _value_json(v):
+    from ..expr.values import Drv, Output, Source
+    if isinstance(v, Drv):
+        return {"type": "derivation", "name": v.name, "version": v.version, "system": v.system,
+                "drvPath": v.drv_path, "outputs": {o: out.path for o, out in v.outputs.items()}}
+    if isinstance(v, Output):
+        return {"type": "output", "derivation": v.derivation.drv_path, "output": v.name, "path": v.path}
+    if isinstance(v, Source):
+        return {"type": v.kind, "path": v.path}
+    if isinstance(v, dict):
+        return {str(k): _value_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_value_json(x) for x in v]
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return repr(v)
+
+
+def _value_lines(v, out: list[str]) -> None:
+    if isinstance(v, dict):
+        for x in v.values():
+            _value_lines(x, out)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _value_lines(x, out)
+    else:
+        out.append(str(v))
+
+
+def cmd_eval(args, ctx):
+    result = _settings_and_eval(args, ctx, allow_values=True)
+    if args.json:
+        json.dump(_value_json(result.value), sys.stdout, indent=2)
+        print()
+    else:
+        lines: list[str] = []
+        _value_lines(result.value, lines)
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_instantiate(args, ctx):
+    from ..expr.loader import instantiate
+    result = _settings_and_eval(args, ctx)
+    with ctx.open_store() as store:
+        paths = instantiate(store, result)
+        shown = [store.print_path(p) for p in paths]
+    if args.json:
+        json.dump(shown, sys.stdout, indent=2)
+        print()
+    else:
+        if shown:
+            print("\n".join(shown))
+    return 0
+
+
+def cmd_show(args, ctx):
+    from ..formats.derivation import to_json
+    out: dict = {}
+    settings = ctx.settings
+    target = args.file
+    if target.endswith(".drv") and target.startswith(settings.store_dir + "/"):
+        from ..errors import UsageError
+        from ..expr.loader import read_derivation
+        if args.attr:
+            raise UsageError("-A selects from an expression file, not from a .drv path")
+        with ctx.open_store() as store:
+            sp = store.parse_path(target)
+            todo = [sp]
+            seen = set()
+            while todo:
+                p = todo.pop()
+                if p in seen:
+                    continue
+                seen.add(p)
+                drv = read_derivation(store, p)
+                out.update(to_json(store.print_path(p), drv))
+                if args.recursive:
+                    todo.extend(store.parse_path(d) for d in drv.input_drvs)
+    else:
+        result = _settings_and_eval(args, ctx)
+        drvs = result.graph.values() if args.recursive else result.selected
+        for d in drvs:
+            out.update(to_json(d.drv_path, d.drv))
+    json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
+    print()
+    return 0

@@ -1,0 +1,458 @@
+"""Load an expression file in pure mode, select a value, instantiate the derivation graph.
+
+- :func:`evaluate` runs the file (no store writes) and returns an :class:`EvalResult`: the
+  selected value, the derivations in it, and their whole graph, dependencies first.
+- :func:`instantiate` writes what an evaluation computed into a store: sources with
+  ``add_path``, ``to_file`` texts and ``.drv`` files with one ``add_texts`` transaction.
+- :func:`read_derivation` reads and parses a ``.drv`` from a store.
+
+Imports inside expressions: the package set (``<repo>/expressions`` or ``$PURE_PKGS``) is the
+package ``pkgs``; a plain ``import name`` finds ``name.py`` (or ``name/__init__.py``) in the
+expression's directory, then in each ``-I``/``PURE_PATH`` root.  Modules are compiled without
+writing ``__pycache__`` and forgotten after each evaluation, so two evaluations never share state.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Iterable
+
+import attrs
+
+from ..errors import DerivationError, EvalError, PurityError
+from ..formats.derivation import Derivation, drv_references, parse_aterm
+from ..formats.store_path import StorePath
+from .api import EvalContext, evaluating
+from .purity import pure_mode
+from .values import Drv, Output, Source
+
+__all__ = ["EvalResult", "evaluate", "instantiate", "read_derivation", "find_pkgs_dir", "search_path",
+           "select_attr"]
+
+
+# -- where things are -----------------------------------------------------------------------------
+
+
+def find_pkgs_dir(env: dict[str, str] | None = None) -> str | None:
+    """The package set: ``$PURE_PKGS``, else ``<repo>/expressions`` next to the package."""
+    env = os.environ if env is None else env
+    if env.get("PURE_PKGS"):
+        return os.path.abspath(env["PURE_PKGS"])
+    here = Path(__file__).resolve().parent.parent.parent / "expressions"
+    return str(here) if here.is_dir() else None
+
+
+def search_path(include_paths: Iterable[str] = (), env: dict[str, str] | None = None) -> list[str]:
+    """``-I`` roots first, then the colon-separated ``$PURE_PATH``."""
+    env = os.environ if env is None else env
+    roots = [os.path.abspath(p) for p in include_paths]
+    roots += [os.path.abspath(p) for p in env.get("PURE_PATH", "").split(":") if p]
+    return roots
+
+
+# -- the importer ---------------------------------------------------------------------------------
+
+
+class _Importer(importlib.abc.MetaPathFinder):
+    def __init__(self, roots: list[str], pkgs_dir: str | None):
+        self.roots = roots
+        self.pkgs_dir = pkgs_dir
+        self.owned: set[str] = set()     # top-level module names this importer provides
+        self.loaded: list[str] = []      # every module name it created
+        self.files: set[str] = set()     # every file it compiled
+        self.stack: list[str] = []       # modules being executed (for cycle reports)
+
+    # finder
+    def find_spec(self, fullname, path, target=None):
+        top = fullname.partition(".")[0]
+        if fullname == "pkgs":
+            if self.pkgs_dir is None:
+                return None
+            self.owned.add("pkgs")
+            init = os.path.join(self.pkgs_dir, "__init__.py")
+            if os.path.isfile(init):
+                return self._spec(fullname, init, package_dir=self.pkgs_dir)
+            spec = importlib.machinery.ModuleSpec(fullname, _EmptyLoader(), is_package=True)
+            spec.submodule_search_locations = [self.pkgs_dir]
+            return spec
+        if "." in fullname:
+            if top not in self.owned or not path:
+                return None
+            dirs = list(path)
+        else:
+            dirs = self.roots
+        last = fullname.rpartition(".")[2]
+        for d in dirs:
+            pkg_init = os.path.join(d, last, "__init__.py")
+            if os.path.isfile(pkg_init):
+                self.owned.add(top)
+                return self._spec(fullname, pkg_init, package_dir=os.path.join(d, last))
+            f = os.path.join(d, last + ".py")
+            if os.path.isfile(f):
+                self.owned.add(top)
+                return self._spec(fullname, f)
+        return None
+
+    def _spec(self, fullname, file, package_dir=None):
+        return importlib.util.spec_from_file_location(
+            fullname, file, loader=_ExprLoader(self, file),
+            submodule_search_locations=[package_dir] if package_dir else None)
+
+    def where(self) -> str:
+        """`` (at file:line)`` of the innermost expression frame, or ``""``."""
+        f = sys._getframe(1)
+        while f is not None:
+            if f.f_code.co_filename in self.files:
+                return f" (at {f.f_code.co_filename}:{f.f_lineno})"
+            f = f.f_back
+        return ""
+
+    def compile_file(self, file: str):
+        with open(file, "rb") as fh:
+            src = fh.read()
+        self.files.add(file)
+        try:
+            return compile(src, file, "exec", dont_inherit=True)
+        except SyntaxError as e:
+            line = (e.text or "").rstrip("\n")
+            caret = ""
+            if line and e.offset:
+                stripped = line.lstrip()
+                caret = "\n    " + " " * max(0, e.offset - 1 - (len(line) - len(stripped))) + "^"
+                line = stripped
+            raise EvalError(f"syntax error in {file}:{e.lineno}: {e.msg}"
+                            + (f"\n    {line}{caret}" if line else "")) from None
+
+    def run(self, module, file: str) -> None:
+        code = self.compile_file(file)
+        name = module.__name__
+        self.stack.append(name)
+        importer = self
+
+        def __getattr__(attr):
+            if name in importer.stack:
+                i = importer.stack.index(name)
+                cycle = " -> ".join(importer.stack[i:] + [name])
+                raise EvalError(f"import cycle: {cycle}: {importer.stack[-1]!r} uses {name}.{attr} "
+                                f"before {name!r} has finished loading")
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+        module.__dict__["__getattr__"] = __getattr__
+        try:
+            exec(code, module.__dict__)
+        finally:
+            self.stack.pop()
+            if module.__dict__.get("__getattr__") is __getattr__:
+                del module.__dict__["__getattr__"]
+
+
+class _ExprLoader(importlib.abc.Loader):
+    def __init__(self, importer: _Importer, file: str):
+        self.importer = importer
+        self.file = file
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        self.importer.loaded.append(module.__name__)
+        self.importer.run(module, self.file)
+
+
+class _EmptyLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        pass
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EvalResult:
+    """What an evaluation produced.
+
+    ``value``: the selected value as the expression made it; ``selected``: the derivations in it
+    (a derivation, or the derivations of a list/dict, in order); ``graph``: ``.drv`` path ->
+    :class:`Drv` for the whole closure of ``selected``, dependencies before dependents.
+    """
+
+    file: str
+    attr: str | None
+    store_dir: str
+    value: object
+    selected: tuple[Drv, ...]
+    graph: dict[str, Drv]
+
+    def derivations(self) -> dict[str, Derivation]:
+        """``.drv`` path -> Derivation for the whole graph."""
+        return {p: d.drv for p, d in self.graph.items()}
+
+    def sources(self) -> list[Source]:
+        """Every source and text the graph refers to (texts' own references included)."""
+        seen: dict[str, Source] = {}
+        stack = [s for d in self.graph.values() for s in d.input_srcs.values() if isinstance(s, Source)]
+        while stack:
+            s = stack.pop()
+            if s.path not in seen:
+                seen[s.path] = s
+                stack.extend(s.references)
+        return list(seen.values())
+
+
+def _flatten(value, path: str, out: list, allow_values: bool) -> None:
+    if isinstance(value, Drv):
+        out.append(value)
+    elif isinstance(value, Output):
+        out.append(value.derivation)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{path}.{k}" if path else str(k), out, allow_values)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _flatten(v, f"{path}[{i}]", out, allow_values)
+    elif not allow_values:
+        raise EvalError(f"{path or 'the selected value'} is {type(value).__name__} {_short(value)}; expected a "
+                        f"derivation, or a list or dict of derivations")
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) < 60 else r[:57] + "..."
+
+
+def topo_order(roots: Iterable[Drv]) -> dict[str, Drv]:
+    """The closure of ``roots``, dependencies first; a cycle raises :class:`EvalError` naming it."""
+    order: dict[str, Drv] = {}
+    state: dict[str, int] = {}
+    for root in roots:
+        if root.drv_path in order:
+            continue
+        stack: list[tuple[Drv, Iterable]] = [(root, iter(root.input_drvs.values()))]
+        state[root.drv_path] = 1
+        path = [root]
+        while stack:
+            d, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                path.pop()
+                state[d.drv_path] = 2
+                order[d.drv_path] = d
+                continue
+            s = state.get(nxt.drv_path)
+            if s == 2:
+                continue
+            if s == 1:
+                i = next(k for k, x in enumerate(path) if x.drv_path == nxt.drv_path)
+                cycle = " -> ".join(x.name for x in path[i:] + [nxt])
+                raise EvalError(f"dependency cycle between derivations: {cycle}")
+            state[nxt.drv_path] = 1
+            path.append(nxt)
+            stack.append((nxt, iter(nxt.input_drvs.values())))
+    return order
+
+
+# -- selecting --------------------------------------------------------------------------------------
+
+
+def _available(obj) -> list[str]:
+    if isinstance(obj, dict):
+        return [str(k) for k in obj]
+    names = []
+    for k, v in vars(obj).items() if hasattr(obj, "__dict__") else []:
+        if k.startswith("_") or type(v).__name__ == "module" or callable(v) and not isinstance(v, Drv):
+            continue
+        names.append(k)
+    return sorted(names)
+
+
+def select_attr(root, attr: str | None, file: str):
+    """Follow the dotted ``attr`` (``default`` when None) from the module ``root``."""
+    parts = (attr or "default").split(".")
+    cur = root
+    done: list[str] = []
+    for part in parts:
+        where = ".".join(done) or file
+        if isinstance(cur, dict):
+            if part in cur:
+                cur = cur[part]
+            else:
+                raise EvalError(_missing(attr, part, where, cur))
+        elif isinstance(cur, (list, tuple)):
+            try:
+                cur = cur[int(part)]
+            except (ValueError, IndexError):
+                raise EvalError(f"attribute {'.'.join(parts)!r} not found: {where} is a list of {len(cur)} "
+                                f"items, {part!r} is not an index into it") from None
+        elif isinstance(cur, Drv) and part in cur.outputs:
+            cur = cur.outputs[part]
+        else:
+            try:
+                cur = getattr(cur, part)
+            except AttributeError:
+                raise EvalError(_missing(attr, part, where, cur)) from None
+        done.append(part)
+    return cur
+
+
+def _missing(attr, part, where, obj) -> str:
+    avail = _available(obj)
+    shown = ", ".join(avail) if avail else "(none)"
+    if attr is None:
+        return (f"{where} defines no 'default'; choose a value with -A ATTR; available: {shown}")
+    return f"attribute {attr!r} not found: {where} has no {part!r}; available: {shown}"
+
+
+# -- evaluate ----------------------------------------------------------------------------------------
+
+
+def _expression_traceback(exc: BaseException, files: set[str]) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in files]
+    if not frames:
+        return ""
+    lines = ["expression traceback (most recent call last):"]
+    for f in frames:
+        lines.append(f'  File "{f.filename}", line {f.lineno}, in {f.name}')
+        if f.line:
+            lines.append(f"    {f.line.strip()}")
+    return "\n".join(lines)
+
+
+def evaluate(file: str, attr: str | None = None, settings=None, include_paths: Iterable[str] = (), *,
+             store_dir: str | None = None, env: dict[str, str] | None = None,
+             allow_values: bool = False) -> EvalResult:
+    """Evaluate the expression ``file`` in pure mode and select ``attr`` (``default`` if None).
+
+    The store dir comes from ``settings`` (or ``store_dir``); ``include_paths`` and ``$PURE_PATH``
+    add import roots; ``$PURE_PKGS`` overrides the package set.  ``allow_values`` lets the
+    selected value hold non-derivations (for ``pure eval``).  Raises :class:`EvalError` (syntax
+    errors with file:line, exceptions with the expression frames of the traceback, missing
+    attributes with the available ones), :class:`PurityError` for refused operations and
+    :class:`DerivationArgumentError` for bad ``derivation()`` arguments.
+    """
+    if store_dir is None:
+        if settings is None:
+            raise EvalError("evaluate() needs settings or store_dir")
+        store_dir = settings.store_dir
+    env = os.environ if env is None else env
+    file = os.path.abspath(file)
+    if not os.path.isfile(file):
+        raise EvalError(f"expression file {file!r} does not exist or is not a file")
+    pkgs_dir = find_pkgs_dir(env)
+    roots = [os.path.dirname(file), *search_path(include_paths, env)]
+    importer = _Importer(roots, pkgs_dir)
+    ctx = EvalContext(store_dir)
+    allowed = list(roots) + [os.path.realpath(r) for r in roots]
+    if pkgs_dir:
+        allowed += [pkgs_dir, os.path.realpath(pkgs_dir)]
+    stem = Path(file).stem
+    mod_name = stem if stem.isidentifier() and stem not in sys.modules \
+        and stem not in sys.stdlib_module_names else "__pure_main__"
+    failure: BaseException | None = None
+    value = None
+    sys.meta_path.insert(0, importer)
+    try:
+        with evaluating(store_dir, ctx), pure_mode(allowed, importer.where) as mode:
+            mode.dynamic = ctx.source_roots
+            try:
+                module = importlib.util.module_from_spec(
+                    importlib.util.spec_from_file_location(mod_name, file, loader=_ExprLoader(importer, file)))
+                sys.modules[mod_name] = module
+                importer.loaded.append(mod_name)
+                importer.run(module, file)
+                value = select_attr(module, attr, file)
+            except Exception as e:  # turned into an EvalError below, outside pure mode
+                failure = e
+    finally:
+        try:
+            sys.meta_path.remove(importer)
+        except ValueError:
+            pass
+        for name in importer.loaded:
+            sys.modules.pop(name, None)
+    if failure is not None:
+        raise _as_eval_error(failure, file, importer.files)
+    if mode.refusals:
+        raise mode.refusals[0]
+    selected: list[Drv] = []
+    _flatten(value, attr or "", selected, allow_values)
+    selected = list(dict.fromkeys(selected))
+    return EvalResult(file=file, attr=attr, store_dir=store_dir, value=value, selected=tuple(selected),
+                      graph=topo_order(selected))
+
+
+def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
+    tb = _expression_traceback(e, files)
+    if isinstance(e, EvalError):
+        msg = e.message + (f"\n{tb}" if tb and "expression traceback" not in e.message else "")
+        err = type(e)(msg, hint=e.hint)
+    else:
+        text = str(e)
+        err = EvalError(f"evaluating {file} failed: {type(e).__name__}" + (f": {text}" if text else "")
+                        + (f"\n{tb}" if tb else ""))
+    err.__cause__ = e
+    return err
+
+
+# -- instantiate -------------------------------------------------------------------------------------
+
+
+def instantiate(store, result: EvalResult) -> list[StorePath]:
+    """Write the evaluation's sources, texts and ``.drv`` files into ``store``; return the ``.drv``
+    paths of ``result.selected``.  Sources are copied with ``add_path``; texts and ``.drv`` files
+    are registered with their references in one ``add_texts`` transaction; output paths are
+    recorded with ``register_derivation_outputs``."""
+    store_dir = result.store_dir
+    if store.store_dir != store_dir:
+        raise EvalError(f"the evaluation used store dir {store_dir!r} but the store's is {store.store_dir!r}")
+    items = []
+    for src in result.sources():
+        sp = StorePath.parse(src.path, store_dir)
+        if src.kind == "source":
+            if store.is_valid(sp):
+                continue
+            got = store.add_path(src.host_path, src.name)
+            if got != sp:
+                raise EvalError(f"source {src.host_path!r} changed during evaluation: it was hashed as "
+                                f"{src.path!r} but added as {store.print_path(got)!r}")
+        else:
+            refs = [StorePath.parse(r.path, store_dir) for r in src.references]
+            items.append((src.name, src.text, refs))
+    new_drvs = []
+    for d in result.graph.values():
+        sp = StorePath.parse(d.drv_path, store_dir)
+        items.append((d.name + ".drv", d.aterm, drv_references(d.drv, store_dir)))
+        new_drvs.append((sp, d))
+    if items:
+        known_valid = {sp for sp, _ in new_drvs if store.is_valid(sp)} if len(new_drvs) < 64 else set()
+        got = store.add_texts(items)
+        for (sp, d), g in zip(new_drvs, got[len(items) - len(new_drvs):]):
+            if g != sp:
+                raise DerivationError(f"internal error: .drv of {d.name!r} was written at {g}, expected {sp}")
+        for sp, d in new_drvs:
+            if sp in known_valid:
+                continue
+            store.register_derivation_outputs(
+                sp, {o: StorePath.parse(out.path, store_dir) for o, out in d.outputs.items()})
+    return [StorePath.parse(d.drv_path, store_dir) for d in result.selected]
+
+
+def read_derivation(store, drv: StorePath) -> Derivation:
+    """Read and parse the ``.drv`` file ``drv`` from ``store`` (raises :class:`EvalError` if
+    missing, :class:`DerivationError` if malformed)."""
+    real = store.real_path(drv)
+    try:
+        with open(real, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise EvalError(f"cannot read derivation {store.print_path(drv)!r}: {e.strerror}") from e
+    return parse_aterm(data, store.print_path(drv))
