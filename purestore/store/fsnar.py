@@ -29,7 +29,9 @@ from ..formats import nar as _nar
 from ..formats.hash import ALGOS, Hash
 from ..formats.refscan import RefScanner
 
-_FLUSH = 1 << 20  # hand the batch buffer to the consumers when it is this big
+_BUFSIZE = 2 << 20  # pooled buffers
+_POOL = 8  # at most this many buffers (16 MiB) in flight
+_FLUSH = 1 << 20  # hand a buffer to the consumer once it holds this much
 _SMALL = 1 << 18  # files up to this size are read in one go into the batch buffer
 _CHUNK = 1 << 20
 
@@ -71,28 +73,126 @@ def _oserror(what: str, p: bytes, e: OSError) -> StoreError:
     return StoreError(f"cannot {what} {_show(p)!r}: {e.strerror or e}")
 
 
+class _Consumer:
+    """Hands filled buffers to ``emit`` in a worker thread, so that hashing (which releases the
+    GIL) overlaps with reading the next files.  Order is kept; buffers go back to ``free``; an
+    exception in ``emit`` is re-raised in the producer at the next ``put`` or at ``close``."""
+
+    def __init__(self, emit: Callable[[memoryview], object], free):
+        import queue
+        import threading
+
+        self.emit = emit
+        self.free = free
+        self.q: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="nar-consumer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        get, emit, free = self.q.get, self.emit, self.free.put
+        while True:
+            item = get()
+            if item is None:
+                return
+            buf, n = item
+            if self.error is None:
+                try:
+                    with memoryview(buf) as mv, mv[:n] as data:
+                        emit(data)
+                except BaseException as e:  # handed to the producer
+                    self.error = e
+            free(buf)
+
+    def put(self, buf, n: int) -> None:
+        if self.error is not None:
+            self.close()
+        self.q.put((buf, n))
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+
 class _Dumper:
-    """Serialises a tree as NAR bytes into consumers, optionally copying it to ``dst``."""
+    """Serialises a tree as NAR bytes into ``emit``, optionally copying it to a destination.
 
-    __slots__ = ("buf", "size", "emit", "rbuf", "copy")
+    NAR bytes are written into pooled 2 MiB buffers (``buf`` up to ``pos``): framing and small
+    files are batched; big files are read straight into fresh pool buffers.  A buffer holding
+    ``_FLUSH`` bytes or more goes to the consumer: a worker thread (started only once the NAR
+    outgrows one buffer) calls ``emit`` with a memoryview valid during the call, then recycles it.
+    """
 
-    def __init__(self, emit: Callable[[bytes], object], copy: bool = False):
-        self.buf = bytearray(_nar.HEADER)
+    __slots__ = ("buf", "mv", "pos", "size", "emit", "consumer", "free", "nbufs")
+
+    def __init__(self, emit: Callable[[memoryview], object]):
+        import queue
+
+        self.free: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.nbufs = 0
         self.size = 0
         self.emit = emit
-        self.rbuf = None
-        self.copy = copy
+        self.consumer: _Consumer | None = None
+        self._new_buffer()
+        h = _nar.HEADER
+        self.buf[: len(h)] = h
+        self.pos = len(h)
+
+    def _new_buffer(self) -> None:
+        import queue
+
+        try:
+            buf = self.free.get_nowait()
+        except queue.Empty:
+            if self.nbufs < _POOL:
+                self.nbufs += 1
+                buf = bytearray(_BUFSIZE)
+            else:
+                buf = self.free.get()
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.pos = 0
+
+    def _hand_over(self, n: int) -> None:
+        c = self.consumer
+        if c is None:
+            c = self.consumer = _Consumer(self.emit, self.free)
+        self.mv.release()
+        c.put(self.buf, n)
+        self.size += n
+        self._new_buffer()
 
     def flush(self) -> None:
-        buf = self.buf
-        if buf:
-            data = bytes(buf)
-            self.size += len(data)
-            self.emit(data)
-            buf.clear()
+        if self.pos:
+            self._hand_over(self.pos)
+
+    def add(self, data: bytes) -> None:
+        pos = self.pos
+        end = pos + len(data)
+        self.buf[pos:end] = data
+        self.pos = end
 
     def finish(self) -> None:
-        self.flush()
+        if self.consumer is None:
+            self.size += self.pos
+            with self.mv[: self.pos] as data:
+                self.emit(data)
+            self.mv.release()
+        else:
+            self.flush()
+            self.consumer.close()
+
+    def abort(self) -> None:
+        self.mv.release()
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except BaseException:
+                pass
 
     # -- nodes --------------------------------------------------------------------------------
 
@@ -117,7 +217,7 @@ class _Dumper:
         except OSError as e:
             raise _oserror("read symlink", p, e) from e
         n = len(target)
-        self.buf += _NODE_SYMLINK + _pack(n) + target + _ZEROS[: (-n) & 7] + _CLOSE
+        self.add(_NODE_SYMLINK + _pack(n) + target + _ZEROS[: (-n) & 7] + _CLOSE)
         if dst is not None:
             try:
                 os.symlink(target, dst)
@@ -139,31 +239,36 @@ class _Dumper:
                 raise _unsupported(p, st.st_mode)
             size = st.st_size
             x = st.st_mode & 0o100
-            buf = self.buf
-            buf += (_NODE_REGULAR_X if x else _NODE_REGULAR) + _CONTENTS + _pack(size)
+            head = (_NODE_REGULAR_X if x else _NODE_REGULAR) + _CONTENTS + _pack(size)
+            pos = self.pos
+            end = pos + len(head)
+            self.buf[pos:end] = head
             if dst is not None:
                 try:
                     wfd = os.open(dst, _O_CREATE, 0o600)
                 except OSError as e:
                     raise _oserror("create", dst, e) from e
             if size <= _SMALL:
-                data = os.read(fd, size + 1)
-                if len(data) != size:
-                    while 0 < len(data) < size:
-                        more = os.read(fd, size + 1 - len(data))
-                        if not more:
-                            break
-                        data += more
-                    if len(data) != size:
-                        raise StoreError(f"{_show(p)!r} changed size while it was being archived")
-                buf += data
+                mv = self.mv
+                start = end
+                stop = start + size
+                # Ask for one byte more than the size: a regular file gives a short read only at
+                # its end, so one read normally gets the whole file and proves it did not grow.
+                while True:
+                    n = os.readv(fd, [mv[end : stop + 1]])
+                    end += n
+                    if not n or end >= stop:
+                        break
+                if end != stop:
+                    raise StoreError(f"{_show(p)!r} changed size while it was being archived")
                 if wfd >= 0 and size:
-                    _write_all(wfd, data, dst)
+                    _write_all(wfd, mv[start:stop], dst)
+                self.pos = end
             else:
+                self.pos = end
                 self.flush()
                 self.big(fd, size, p, wfd, dst)
-                buf = self.buf
-            buf += _ZEROS[: (-size) & 7] + _CLOSE
+            self.add(_ZEROS[: (-size) & 7] + _CLOSE)
             if wfd >= 0:
                 os.fchmod(wfd, 0o555 if x else 0o444)
                 os.utime(wfd, (1, 1))
@@ -175,7 +280,7 @@ class _Dumper:
             os.close(fd)
             if wfd >= 0:
                 os.close(wfd)
-        if len(self.buf) >= _FLUSH:
+        if self.pos >= _FLUSH:
             self.flush()
 
     def big(self, fd: int, size: int, p: bytes, wfd: int, dst) -> None:
@@ -183,23 +288,18 @@ class _Dumper:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
-        rbuf = self.rbuf
-        if rbuf is None:
-            rbuf = self.rbuf = bytearray(_CHUNK)
-        mv = memoryview(rbuf)
         left = size
-        emit = self.emit
         readv = os.readv
         while left:
-            n = readv(fd, [mv[: min(left, _CHUNK)]])
+            mv = self.mv
+            want = left if left < _BUFSIZE else _BUFSIZE
+            n = readv(fd, [mv[:want]])
             if not n:
                 raise StoreError(f"{_show(p)!r} changed size while it was being archived")
-            chunk = bytes(mv[:n])
-            emit(chunk)
             if wfd >= 0:
-                _write_all(wfd, chunk, dst)
+                _write_all(wfd, mv[:n], dst)
             left -= n
-        self.size += size
+            self._hand_over(n)
         if os.read(fd, 1):
             raise StoreError(f"{_show(p)!r} changed size while it was being archived")
 
@@ -216,11 +316,11 @@ class _Dumper:
                 os.mkdir(dst, 0o700)
             except OSError as e:
                 raise _oserror("create directory", dst, e) from e
-        buf = self.buf
-        buf += _NODE_DIRECTORY
+        add = self.add
+        add(_NODE_DIRECTORY)
         for name, e in entries:
             n = len(name)
-            buf += _ENTRY_NAME + _pack(n) + name + _ZEROS[: (-n) & 7] + _NODE
+            add(_ENTRY_NAME + _pack(n) + name + _ZEROS[: (-n) & 7] + _NODE)
             sub = p + b"/" + name
             subdst = dst + b"/" + name if dst is not None else None
             try:
@@ -236,9 +336,10 @@ class _Dumper:
                 raise
             except OSError as ex:
                 raise _oserror("read", sub, ex) from ex
-            buf = self.buf
-            buf += _CLOSE
-        buf += _CLOSE
+            add(_CLOSE)
+            if self.pos >= _FLUSH:
+                self.flush()
+        add(_CLOSE)
         if dst is not None:
             try:
                 os.chmod(dst, 0o555)
@@ -258,8 +359,12 @@ def _write_all(fd: int, data, dst) -> None:
 
 def _run(path: str, emit, dst: str | None = None) -> int:
     p = os.fsencode(path)
-    d = _Dumper(emit, copy=dst is not None)
-    d.node(p, os.fsencode(dst) if dst is not None else None, 0)
+    d = _Dumper(emit)
+    try:
+        d.node(p, os.fsencode(dst) if dst is not None else None, 0)
+    except BaseException:
+        d.abort()
+        raise
     d.finish()
     return d.size
 
@@ -274,7 +379,8 @@ def dump_path(path: str, sink) -> None:
 
     Raises :class:`StoreError` for unreadable files and for sockets, FIFOs and devices.
     """
-    _run(path, sink.write)
+    write = sink.write
+    _run(path, lambda data: write(bytes(data)))
 
 
 def hash_path(path: str, algo: str = "sha256") -> tuple[Hash, int]:
