@@ -150,3 +150,25 @@ def test_spdx_validates_with_the_spdx_tools_validator():
     lib_id = next(k for k, v in by_id.items() if v["name"] == "libfoo")
     assert (app_id, "DEPENDS_ON", lib_id) in rels
     assert (tar["SPDXID"], "BUILD_DEPENDENCY_OF", app_id) in rels
+
+
+def test_registry_fetch_without_url_is_identified_by_its_purl():
+    from purestore.build.sbom import registry_purl
+    purl = registry_purl("builtin:fetch-apt", {"package": "busybox-static", "version": "1:1.35.0-4+deb12u1+b1",
+                                               "kind": "binary"})
+    assert purl == "pkg:deb/debian/busybox-static@1:1.35.0-4%2Bdeb12u1%2Bb1?arch=amd64"
+    assert registry_purl("builtin:fetch-pip", {"package": "ziglang", "version": "0.17.0"}) == "pkg:pypi/ziglang@0.17.0"
+    seed_hash = Hash.of_bytes(b"busybox tree")
+    drvs = dict(DRVS)
+    drvs[D["tool"]] = DrvView(D["tool"], "busybox", "x86_64-linux", {}, {"out": TOOL}, {}, (),
+                              FixedOutput((), seed_hash, True, purl))
+    s = collect(drvs=drvs)
+    doc = json.loads(render_cyclonedx(s, NOW))
+    tool = next(c for c in doc["components"] if c["bom-ref"] == TOOL)
+    assert tool["purl"] == purl
+    assert tool["externalReferences"][0]["url"] == purl
+    assert tool["externalReferences"][0]["hashes"][0]["content"] == seed_hash.base16
+    spdx = json.loads(render_spdx(s, NOW))
+    pkg = next(x for x in spdx["packages"] if x["name"] == "busybox")
+    assert {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl", "referenceLocator": purl} \
+        in pkg["externalRefs"]

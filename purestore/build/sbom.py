@@ -47,6 +47,7 @@ class FixedOutput:
     urls: tuple[str, ...]
     hash: Hash
     recursive: bool
+    purl: str | None = None   # package URL when fetched from a package registry by its client
 
 
 @attrs.frozen
@@ -321,7 +322,8 @@ def render_cyclonedx(sbom: Sbom, now: datetime.datetime | None = None, validate:
         if c.fixed is not None:
             props.append(Property(name="purestore:fixed-output-hash",
                                   value=f"{'r:' if c.fixed.recursive else ''}{c.fixed.hash.typed('base16')}"))
-            for u in c.fixed.urls:
+            locations = list(c.fixed.urls) or ([c.fixed.purl] if c.fixed.purl else [])
+            for u in locations:
                 ext.append(ExternalReference(
                     type=ExternalReferenceType.DISTRIBUTION, url=XsUri(u),
                     comment=("pinned hash of the file as fetched" if not c.fixed.recursive
@@ -329,8 +331,12 @@ def render_cyclonedx(sbom: Sbom, now: datetime.datetime | None = None, validate:
                     hashes=[cdx_hash(c.fixed.hash)]))
         ctype = (ComponentType.APPLICATION if c.target else
                  ComponentType.FILE if c.fixed is not None or not c.deriver else ComponentType.LIBRARY)
+        purl = None
+        if c.fixed is not None and c.fixed.purl:
+            from packageurl import PackageURL
+            purl = PackageURL.from_string(c.fixed.purl)
         comps[p] = CdxComponent(
-            name=c.name, version=c.version, type=ctype, bom_ref=p,
+            name=c.name, version=c.version, type=ctype, bom_ref=p, purl=purl,
             scope=ComponentScope.REQUIRED if c.runtime else ComponentScope.EXCLUDED,
             hashes=[cdx_hash(c.nar_hash)] if c.nar_hash else None,
             external_references=ext or None, properties=props,
@@ -427,7 +433,10 @@ def render_spdx(sbom: Sbom, now: datetime.datetime | None = None) -> str:
             pkg["externalRefs"] = [{
                 "referenceCategory": "OTHER", "referenceType": "purestore-fetch-url",
                 "referenceLocator": u, "comment": "a URL this fixed-output derivation fetches from",
-            } for u in c.fixed.urls if not any(ch.isspace() for ch in u)] + [{
+            } for u in c.fixed.urls if not any(ch.isspace() for ch in u)] + ([{
+                "referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                "referenceLocator": c.fixed.purl,
+            }] if c.fixed.purl else []) + [{
                 "referenceCategory": "OTHER", "referenceType": "purestore-fixed-output-hash",
                 "referenceLocator": f"{'r:' if c.fixed.recursive else ''}{c.fixed.hash.typed('base16')}",
                 "comment": "the hash this fixed-output derivation pins: "
@@ -487,7 +496,28 @@ def fixed_output_of(drv) -> FixedOutput | None:
         return None
     h, recursive = drv.fixed_output_hash()
     urls = tuple(drv.env.get("urls", "").split()) or tuple(drv.env.get("url", "").split())
-    return FixedOutput(urls, h, recursive)
+    return FixedOutput(urls, h, recursive, registry_purl(drv.builder, drv.env))
+
+
+def registry_purl(builder: str, env: Mapping[str, str]) -> str | None:
+    """The package URL (purl) of an artifact fetched by a registry client builtin.
+
+    ``builtin:fetch-apt`` gives ``pkg:deb/debian/NAME@VERSION?arch=source`` for a source package
+    (``kind = source``) or ``arch=amd64`` for a binary one; ``builtin:fetch-pip`` gives
+    ``pkg:pypi/NAME@VERSION``.  Such fetches have no URL of their own: the purl says where the
+    artifact comes from, and the pinned hash which one it is.
+    """
+    from packageurl import PackageURL
+    pkg, ver = env.get("package"), env.get("version")
+    if not pkg or not ver:
+        return None
+    if builder == "builtin:fetch-apt":
+        arch = "source" if env.get("kind") == "source" else "amd64"
+        return PackageURL(type="deb", namespace="debian", name=pkg, version=ver,
+                          qualifiers={"arch": arch}).to_string()
+    if builder == "builtin:fetch-pip":
+        return PackageURL(type="pypi", name=pkg.lower(), version=ver).to_string()
+    return None
 
 
 def store_views(store) -> tuple[Callable[[str], PathView | None], Callable[[str], DrvView | None]]:

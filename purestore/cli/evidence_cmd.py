@@ -108,11 +108,12 @@ def _instantiate(store, ctx, file: str, attr: str | None) -> list[str]:
     """Evaluate FILE (-A ATTR) and return the .drv paths it instantiates to."""
     from ..errors import UsageError
     try:
-        from ..expr import instantiate_file  # type: ignore[attr-defined]
+        from ..expr.loader import evaluate, instantiate
     except ImportError as e:
         raise UsageError(f"cannot evaluate {file!r}: the expression evaluator is not available ({e})",
                          hint="pass the built store path (or ./result) instead") from e
-    return [str(d) for d in instantiate_file(store, ctx.settings, file, attr)]
+    result = evaluate(file, attr, ctx.settings)
+    return [store.print_path(d) for d in instantiate(store, result)]
 
 
 def cmd_sbom(args, ctx) -> int:
