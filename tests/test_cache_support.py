@@ -1,0 +1,126 @@
+"""Helpers shared by the binary cache tests (no tests in here).
+
+- :func:`open_store` opens a rooted store with the library;
+- :func:`make_path` registers a synthetic input-addressed path (no content address, so even Nix
+  insists on a signature) with given files and references;
+- :func:`start_server` runs `pure cache serve` as a real process and returns its URL;
+- :func:`resign` rewrites a narinfo in a cache, optionally re-signing it with a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import DATA, pure_env
+
+SEC = (DATA / "cache" / "test-key-1.sec").read_text()
+PUB = (DATA / "cache" / "test-key-1.pub").read_text()
+
+
+def settings_for(root, store_dir="/pure/store", **kw):
+    from purestore.store.settings import load_settings
+    return load_settings(env={"PURE_CONFIG": "/dev/null"}, root=str(root), store_dir=store_dir, **kw)
+
+
+def open_store(root, store_dir="/pure/store", **kw):
+    from purestore.store.local import LocalStore
+    return LocalStore.open(settings_for(root, store_dir, **kw), durable=False)
+
+
+def make_path(store, name: str, files: dict[str, bytes | str], refs=(), deriver=None):
+    """Register an input-addressed path holding ``files`` (relative name → bytes; str = symlink
+    target; '' key = the path is a single file) that refers to ``refs``.  Returns the StorePath."""
+    from purestore.formats.path_info import PathInfo
+    from purestore.formats.store_path import make_store_path
+    from purestore.store.fsnar import canonicalise_path, hash_path
+
+    refs = list(refs)
+    seed = repr(sorted((k, v) for k, v in files.items())) + repr(sorted(map(str, refs)))
+    sp = make_store_path("output:out", hashlib.sha256(seed.encode()).digest(), name, store.store_dir)
+    tmp = store.temp_name(sp)
+    if "" in files:
+        Path(tmp).write_bytes(files[""])
+    else:
+        os.makedirs(tmp)
+        for rel, data in files.items():
+            p = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            if isinstance(data, str):
+                os.symlink(data, p)
+            else:
+                Path(p).write_bytes(data)
+    canonicalise_path(tmp)
+    nar_hash, nar_size = hash_path(tmp)
+    with store.lock_path(sp):
+        store.install_path(tmp, sp)
+        store.register([PathInfo(sp, nar_hash, nar_size, references=frozenset(refs), deriver=deriver)])
+    return sp
+
+
+def make_closure(store):
+    """A small closure: lib (a file), app (a tree referring to lib and itself). Returns (lib, app)."""
+    lib = make_path(store, "lib-1.0", {"": b"library contents\n" * 100})
+    app_files = {
+        "bin/app": b"#!/bin/sh\nexec " + store.print_path(lib).encode() + b"\n",
+        "share/doc": b"documentation " * 500,
+        "share/link": "../bin/app",
+    }
+    app = make_path(store, "app-2.0", app_files, refs=[lib])
+    return lib, app
+
+
+def start_server(directory, *, token_file=None, env=None):
+    """Run `pure cache serve DIR --listen 127.0.0.1:0`; returns (process, base URL)."""
+    args = [sys.executable, "-m", "purestore.cli.main", "cache", "serve", str(directory),
+            "--listen", "127.0.0.1:0"]
+    if token_file:
+        args += ["--upload-token-file", str(token_file)]
+    proc = subprocess.Popen(args, env=pure_env(None, extra=env), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        m = re.search(r"on (http://\S+)", line)
+        if m:
+            return proc, m.group(1).rstrip("/") + "/"
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"cache server did not start: {line!r}")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def narinfo_file(cache_dir, sp) -> Path:
+    return Path(cache_dir) / f"{sp.hash_part}.narinfo"
+
+
+def rewrite_narinfo(cache_dir, sp, store_dir="/pure/store", *, sign_with: str | None = None,
+                    drop_sigs=False, **changes):
+    """Change fields of a narinfo in a cache (attrs of NarInfo); re-sign with ``sign_with``."""
+    import attrs
+    from purestore.formats.narinfo import NarInfo
+    from purestore.formats.signing import SecretKey
+
+    f = narinfo_file(cache_dir, sp)
+    ni = NarInfo.parse(f.read_text(), store_dir)
+    ni = attrs.evolve(ni, **changes)
+    if drop_sigs or sign_with:
+        ni = attrs.evolve(ni, sigs=())
+    if sign_with:
+        ni = ni.with_sigs([SecretKey.parse(sign_with).sign(ni.fingerprint(store_dir)).render()])
+    f.write_text(ni.render(store_dir))
+    return ni

@@ -1,0 +1,160 @@
+"""`pure copy`, `pure key`, `pure store sign`: push closures to caches and fetch them back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+
+from conftest import DATA, run_pure
+from test_cache_support import (
+    PUB, SEC, make_closure, open_store, start_server, stop_server,
+)
+
+GOLD = DATA / "cache" / "nix-cache"
+SRC = DATA / "cache" / "src"
+NIX_H = "/nix/store/hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt"
+NIX_TREE = "/nix/store/nai7hnixwpdj31gflmh2xaw00xjq4b7m-tree"
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    p = tmp_path / "test-key-1.sec"
+    p.write_text(SEC)
+    return p
+
+
+def test_push_of_same_paths_is_byte_identical_to_nix_copy(tmp_path, keyfile):
+    """Same paths, zstd, same key, listings on: every file of our cache equals Nix 2.8's."""
+    root = tmp_path / "r"
+    src = tmp_path / "src"
+    shutil.copytree(SRC, src, symlinks=True)
+    out = run_pure("store", "add", src / "h.txt", src / "tree", root=root, store_dir="/nix/store")
+    assert out.stdout.split() == [NIX_H, NIX_TREE]
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}?compression=zstd&secret-key={keyfile}&write-nar-listing=true",
+             NIX_H, NIX_TREE, root=root, store_dir="/nix/store")
+    ours = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    theirs = sorted(str(p.relative_to(GOLD)) for p in GOLD.rglob("*") if p.is_file())
+    assert ours == theirs
+    for rel in theirs:
+        assert (cache / rel).read_bytes() == (GOLD / rel).read_bytes(), rel
+
+
+def test_push_then_fetch_round_trip_with_closure(tmp_path, keyfile):
+    src_root, dst_root, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    with open_store(src_root) as store:
+        lib, app = make_closure(store)
+        app_p, lib_p = store.print_path(app), store.print_path(lib)
+    res = run_pure("copy", "--json", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=src_root)
+    pushed = json.loads(res.stdout)
+    assert pushed["uploaded"] == [lib_p, app_p]  # references first
+    ni = (cache / f"{app.hash_part}.narinfo").read_text()
+    assert f"References: {lib.base_name}\n" in ni and "Compression: zstd\n" in ni
+    assert (cache / "nix-cache-info").read_text() == "StoreDir: /pure/store\n"
+
+    res = run_pure("copy", "--json", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p, root=dst_root)
+    assert sorted(json.loads(res.stdout)["fetched"]) == sorted([lib_p, app_p])
+    info = json.loads(run_pure("store", "path-info", "--json", app_p, root=dst_root).stdout)[0]
+    assert info["references"] == [lib_p]
+    assert any(s.startswith("test-key-1:") for s in info["signatures"])
+    assert run_pure("store", "verify", "--check-contents", root=dst_root).returncode == 0
+    real = dst_root / "pure/store" / app.base_name
+    assert os.readlink(real / "share/link") == "../bin/app"
+    assert stat.S_IMODE(os.stat(real / "bin/app").st_mode) == 0o444
+    assert os.stat(real / "bin/app").st_mtime == 1
+
+
+def test_push_skips_paths_already_in_cache(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        lib_p, app_p = store.print_path(lib), store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, lib_p, root=root)
+    before = (cache / f"{lib.hash_part}.narinfo").stat().st_mtime_ns
+    res = json.loads(run_pure("copy", "--json", "--to", f"file://{cache}", app_p, root=root).stdout)
+    assert res["uploaded"] == [app_p] and res["skipped"] == [lib_p]
+    assert (cache / f"{lib.hash_part}.narinfo").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("comp,ext", [("xz", ".nar.xz"), ("none", ".nar")])
+def test_other_compressions_round_trip(tmp_path, keyfile, comp, ext):
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}?compression={comp}&secret-key={keyfile}", app_p, root=root)
+    assert all(p.name.endswith(ext) for p in (cache / "nar").iterdir())
+    run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")
+    run_pure("store", "verify", "--check-contents", root=tmp_path / "b")
+
+
+def test_push_and_fetch_over_http_with_upload_token(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "served"
+    cache.mkdir()
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    proc, url = start_server(cache, token_file=token)
+    try:
+        # without the token the server refuses uploads
+        r = run_pure("copy", "--to", url, app_p, root=root, check=False)
+        assert r.returncode == 1 and "refused (HTTP 401)" in r.stderr and "Traceback" not in r.stderr
+        run_pure("copy", "--to", f"{url}?token-file={token}", "--secret-key-file", keyfile, app_p, root=root)
+        assert (cache / f"{app.hash_part}.narinfo").exists()
+        run_pure("copy", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")
+        run_pure("store", "verify", "--check-contents", root=tmp_path / "b")
+    finally:
+        stop_server(proc)
+
+
+def test_server_without_token_is_read_only(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "nix-cache-info").write_text("StoreDir: /pure/store\n")
+    proc, url = start_server(tmp_path / "c")
+    try:
+        import httpx
+        assert httpx.get(url + "nix-cache-info").text == "StoreDir: /pure/store\n"
+        assert httpx.head(url + "nix-cache-info").headers["content-length"] == "22"
+        assert httpx.get(url + "missing.narinfo").status_code == 404
+        assert httpx.put(url + "x.narinfo", content=b"x").status_code == 405
+        assert httpx.get(url + "nar/%2e%2e/%2e%2e/etc/passwd").status_code in (400, 404)
+    finally:
+        stop_server(proc)
+
+
+def test_key_generate_and_public(tmp_path):
+    sec, pub = tmp_path / "k.sec", tmp_path / "k.pub"
+    run_pure("key", "generate", "--name", "cache.example-1", "--secret-out", sec, "--public-out", pub)
+    assert stat.S_IMODE(sec.stat().st_mode) == 0o600
+    assert pub.read_text().startswith("cache.example-1:")
+    out = run_pure("key", "public", input=sec.read_text()).stdout.strip()
+    assert out == pub.read_text()
+    again = run_pure("key", "generate", "--name", "x", "--secret-out", sec, check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    bad = run_pure("key", "public", input="nope", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: secret key")
+
+
+def test_vector_key_public():
+    assert run_pure("key", "public", input=SEC).stdout.strip() == PUB
+
+
+def test_store_sign_adds_signature_that_verifies(tmp_path, keyfile):
+    from purestore.formats.narinfo import fingerprint
+    from purestore.formats.signing import PublicKey, Signature
+
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    run_pure("store", "sign", "--key-file", keyfile, store.print_path(lib), root=root)
+    with open_store(root) as store:
+        info = store.query_path_info(lib)
+        fp = fingerprint("/pure/store", lib, info.nar_hash, info.nar_size, info.references)
+    (sig,) = info.sigs
+    assert PublicKey.parse(PUB).verify(fp, Signature.parse(sig))
