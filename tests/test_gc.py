@@ -1,0 +1,335 @@
+"""Garbage collection: roots keep their closures, dead paths go, concurrent users stay safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO, pure_env, run_pure
+from purestore.formats.hash import nix32_encode
+from purestore.formats.path_info import PathInfo
+from purestore.formats.store_path import StorePath
+from purestore.store import fsnar
+from purestore.store.local import LocalStore
+
+
+def _open(settings):
+    return LocalStore.open(settings, durable=False)
+
+
+def add_output(st, name: str, content: bytes, *, deriver=None, refs=()) -> StorePath:
+    """Register a file as if a builder had produced it (with a deriver)."""
+    sp = StorePath(nix32_encode(os.urandom(20)), name)
+    real = st.real_path(sp)
+    with open(real, "wb") as f:
+        f.write(content)
+    os.chmod(real, 0o444)
+    h, size = fsnar.hash_path(real)
+    st.register([PathInfo(sp, h, size, references=frozenset(refs), deriver=deriver)])
+    return sp
+
+
+def valid(pure) -> set[str]:
+    return set(pure("store", "ls").stdout.split())
+
+
+@pytest.fixture
+def graph(settings):
+    """a <- b (rooted by gcroots/b), c <- d (dead), e (dead, a directory tree)."""
+    with _open(settings) as st:
+        p = {}
+        p["a"] = st.add_text("a", b"a")
+        p["b"] = st.add_text("b", b"b " + st.print_path(p["a"]).encode(), [p["a"]])
+        p["c"] = st.add_text("c", b"c")
+        p["d"] = st.add_text("d", b"d", [p["c"]])
+        tree = os.path.join(os.path.dirname(settings.state_dir), "tree-src")
+        os.makedirs(tree + "/sub/deeper")
+        with open(tree + "/sub/deeper/f", "w") as f:
+            f.write("x")
+        p["e"] = st.add_path(tree, "e")
+        os.symlink(st.print_path(p["b"]), os.path.join(st.state_dir, "gcroots", "b"))
+        return {k: st.print_path(v) for k, v in p.items()}
+
+
+def test_roots_and_their_closure_survive_dead_paths_go(pure, graph, settings):
+    p = pure("gc")
+    deleted = p.stdout.split()
+    assert sorted(deleted) == sorted([graph["c"], graph["d"], graph["e"]])
+    assert deleted.index(graph["d"]) < deleted.index(graph["c"]), "referrers are deleted first"
+    assert "3 store paths deleted" in p.stderr
+    assert valid(pure) == {graph["a"], graph["b"]}
+    left = sorted(n for n in os.listdir(settings.real_store_dir) if not n.startswith("."))
+    assert left == sorted(os.path.basename(graph[k]) for k in "ab")
+    assert os.listdir(os.path.join(settings.real_store_dir, ".tmp")) == []
+    pure("store", "verify", "--check-contents")
+    # a second run finds nothing
+    assert pure("gc").stdout == ""
+
+
+def test_dry_run_and_print_options_delete_nothing(pure, graph):
+    before = valid(pure)
+    dry = pure("gc", "--dry-run")
+    assert sorted(dry.stdout.split()) == sorted([graph["c"], graph["d"], graph["e"]])
+    assert sorted(pure("gc", "--print-dead").stdout.split()) == sorted(dry.stdout.split())
+    assert sorted(pure("gc", "--print-live").stdout.split()) == sorted([graph["a"], graph["b"]])
+    roots = pure("gc", "--print-roots").stdout.splitlines()
+    assert len(roots) == 1 and roots[0].endswith(f"gcroots/b -> {graph['b']}")
+    j = json.loads(pure("gc", "--print-roots", "--json").stdout)
+    assert j[0]["kind"] == "direct" and j[0]["path"] == graph["b"]
+    assert valid(pure) == before
+
+
+def test_deleted_result_link_stops_rooting(pure, graph, settings, tmp_path):
+    result = tmp_path / "result"
+    result.symlink_to(graph["d"])
+    auto = os.path.join(settings.state_dir, "gcroots", "auto", "abc")
+    os.symlink(str(result), auto)
+    roots = pure("gc", "--print-roots").stdout
+    assert f"{result} -> {graph['d']}" in roots
+    pure("gc")
+    assert graph["d"] in valid(pure) and graph["c"] in valid(pure)
+    result.unlink()
+    p = pure("gc")
+    assert graph["d"] in p.stdout.split() and graph["c"] in p.stdout.split()
+    assert "removed stale GC root" in p.stderr
+    assert not os.path.lexists(auto), "the stale indirect root is pruned"
+
+
+def busybox_expr(tmp_path, body: str) -> str:
+    """Write an expression file with ``bb`` (a source path holding a static busybox in bin/)
+    and ``sh(name, script)`` (a derivation running busybox sh -c script) in scope."""
+    bb = tmp_path / "bbsrc" / "busybox"
+    if not bb.exists():
+        (bb / "bin").mkdir(parents=True)
+        shutil.copy("/bin/busybox", bb / "bin" / "busybox")
+    f = tmp_path / "expr.py"
+    f.write_text(textwrap.dedent('''
+        from purestore.expr import derivation, source
+        bb = source("bbsrc/busybox")
+        def sh(name, script, **kw):
+            return derivation(name=name, system="x86_64-linux", builder=f"{bb}/bin/busybox",
+                              args=["sh", "-c", script], PATH=f"{bb}/bin", **kw)
+    ''') + textwrap.dedent(body))
+    return str(f)
+
+
+def _build(pure, *args, **kw):
+    r = pure("build", *args, check=False, **kw)
+    if r.returncode != 0 and ("sandbox" in r.stderr or "namespace" in r.stderr):
+        pytest.skip(f"pure build cannot build here: {r.stderr.strip()[-300:]}")
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_result_link_made_by_pure_build_roots_its_output(pure, tmp_path):
+    expr = busybox_expr(tmp_path, '''
+        default = sh("gc-built", "echo hi > $out")
+    ''')
+    out = _build(pure, expr, cwd=tmp_path).stdout.split()[-1]
+    pure("gc")
+    assert out in valid(pure)
+    (tmp_path / "result").unlink()
+    assert out in pure("gc").stdout.split()
+
+
+@pytest.mark.slow
+def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root):
+    """A collection while `pure build` runs deletes neither its .drv nor its inputs; the build
+    (whose output refers to an input) then registers fine."""
+    expr = busybox_expr(tmp_path, '''
+        default = sh("slow", f"sleep 3; echo {bb} > $out")
+    ''')
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", expr], cwd=tmp_path,
+                            env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "building" in line:
+                break
+        else:
+            out, err = proc.communicate()
+            pytest.skip(f"pure build did not start building: {''.join(seen)}{err}"[-300:])
+        p = pure("gc", "--json")
+        deleted = json.loads(p.stdout)["deleted"]
+        assert not [d for d in deleted if d.endswith(".drv") or d.endswith("-busybox")], deleted
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, "".join(seen) + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    built = out.split()[-1]
+    assert built in valid(pure)
+    assert any(r.endswith("-busybox") for r in pure("store", "references", built).stdout.split())
+
+
+def test_profiles_root_their_paths(pure, graph, settings):
+    prof = os.path.join(settings.state_dir, "profiles")
+    os.symlink(graph["d"], os.path.join(prof, "p-1-link"))
+    os.symlink("p-1-link", os.path.join(prof, "p"))
+    pure("gc")
+    assert {graph["c"], graph["d"]} <= valid(pure)
+    assert any(l.endswith(f"p-1-link -> {graph['d']}") for l in pure("gc", "--print-roots").stdout.splitlines())
+
+
+def test_keep_derivations_and_keep_outputs(pure, settings, tmp_path):
+    with _open(settings) as st:
+        drv = st.add_text("thing.drv", b"Derive(...)")
+        out = add_output(st, "thing", b"built", deriver=drv)
+        drv2 = st.add_text("other.drv", b"Derive(other)")
+        out2 = add_output(st, "other", b"built2", deriver=drv2)
+        st.register_derivation_outputs(drv2, {"out": out2})
+        os.symlink(st.print_path(out), os.path.join(st.state_dir, "gcroots", "out"))
+        os.symlink(st.print_path(drv2), os.path.join(st.state_dir, "gcroots", "drv2"))
+        drv, out, drv2, out2 = map(st.print_path, (drv, out, drv2, out2))
+    live = set(pure("gc", "--print-live").stdout.split())
+    assert live == {drv, out, drv2}, "keep-derivations is on and keep-outputs off by default"
+    cfg = tmp_path / "pure.conf"
+    cfg.write_text("keep-outputs = true\n")
+    assert set(pure("gc", "--print-live", env={"PURE_CONFIG": str(cfg)}).stdout.split()) == {drv, out, drv2, out2}
+    cfg.write_text("keep-derivations = false\n")
+    pure("gc", env={"PURE_CONFIG": str(cfg)})
+    assert valid(pure) == {out, drv2}
+
+
+def test_max_freed_deletes_referrers_first_and_stops(pure, settings):
+    with _open(settings) as st:
+        chain = [st.add_text("c0", b"x" * 1000)]
+        for i in range(1, 6):
+            chain.append(st.add_text(f"c{i}", b"y" * 1000 + st.print_path(chain[-1]).encode(), [chain[-1]]))
+        names = [st.print_path(c) for c in chain]
+    p = pure("gc", "--max-freed", "2K")
+    deleted = p.stdout.split()
+    assert deleted == [names[5], names[4], names[3]] or deleted == [names[5], names[4]]
+    assert valid(pure) == set(names) - set(deleted)
+    pure("store", "verify")
+    assert pure("gc", "--max-freed", "nonsense", check=False).stderr.startswith("error: --max-freed")
+
+
+def test_temp_roots_of_a_live_process_are_kept(pure, graph, store_root):
+    """A running process that temp-rooted a path keeps it (and its closure); once it exits, not."""
+    code = textwrap.dedent(f"""
+        import sys
+        from purestore.store.settings import load_settings
+        from purestore.store.local import LocalStore
+        st = LocalStore.open(load_settings(env={{"PURE_CONFIG": "/dev/null"}}, root={str(store_root)!r}))
+        st.add_temp_root(st.parse_path({graph['d']!r}))
+        print("rooted", flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=pure_env(store_root))
+    try:
+        assert proc.stdout.readline().strip() == "rooted"
+        deleted = pure("gc").stdout.split()
+        assert graph["d"] not in deleted and graph["c"] not in deleted and graph["e"] in deleted
+        assert f"{{temp:{proc.pid}}} -> {graph['d']}" in pure("gc", "--print-roots").stdout
+        r = pure("store", "delete", graph["d"], check=False)
+        assert r.returncode != 0 and f"temporary root of process {proc.pid}" in r.stderr
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert sorted(pure("gc").stdout.split()) == sorted([graph["c"], graph["d"]])
+
+
+def test_store_delete_uses_the_same_liveness_rules(pure, graph):
+    r = pure("store", "delete", graph["b"], check=False)
+    assert r.returncode != 0 and "gcroots/b" in r.stderr and r.stderr.startswith("error: ")
+    r = pure("store", "delete", graph["a"], check=False)
+    assert r.returncode != 0 and "referenced by" in r.stderr
+    pure("store", "delete", graph["d"])
+    assert graph["d"] not in valid(pure)
+
+
+def test_gc_lock_makes_temp_root_registration_wait(pure, settings, store_root):
+    """While a collection holds gc.lock, adding a temporary root blocks until it is released."""
+    from purestore.store import roots
+
+    with _open(settings) as st:
+        sp = st.print_path(st.add_text("x", b"x"))
+    code = textwrap.dedent(f"""
+        from purestore.store.settings import load_settings
+        from purestore.store.local import LocalStore
+        st = LocalStore.open(load_settings(env={{"PURE_CONFIG": "/dev/null"}}, root={str(store_root)!r}))
+        print("opened", flush=True)
+        st.add_temp_root(st.parse_path({sp!r}))
+        print("rooted", flush=True)
+        input()
+    """)
+    lock = roots.gc_lock(settings.state_dir)  # what a collection holds
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=pure_env(store_root))
+    try:
+        assert proc.stdout.readline().strip() == "opened"
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        assert not ready and proc.poll() is None, "it must be stuck waiting for the lock"
+        lock.close()
+        assert proc.stdout.readline().strip() == "rooted"
+        assert sp not in pure("gc").stdout.split()
+    finally:
+        lock.close()
+        proc.kill()
+        proc.wait()
+
+
+ADDER = textwrap.dedent("""
+    import sys
+    from purestore.store.settings import load_settings
+    from purestore.store.local import LocalStore
+    st = LocalStore.open(load_settings(env={"PURE_CONFIG": "/dev/null"}, root=sys.argv[1]), durable=False)
+    prev = None
+    for i in range(int(sys.argv[2])):
+        # what a build does: inputs are temp-rooted, the output is added (temp-rooted by the store)
+        sp = st.add_text(f"n{i}", (f"node {i} " + (st.print_path(prev) if prev else "")).encode(),
+                         [prev] if prev else [])
+        assert st.is_valid(sp), sp
+        prev = sp
+        print(st.print_path(sp), flush=True)
+    input()
+""")
+
+
+@pytest.mark.slow
+def test_gc_while_a_process_adds_paths_loses_nothing(pure, store_root, settings):
+    """Collections running concurrently with a writer never delete what it has added."""
+    with _open(settings) as st:  # some garbage for the collectors to chew on
+        st.add_texts([(f"junk{i}", f"junk {i}".encode(), ()) for i in range(300)])
+    n = 150
+    proc = subprocess.Popen([sys.executable, "-c", ADDER, str(store_root), str(n)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=pure_env(store_root))
+    collectors = [subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "gc", "-q"],
+                                   env=pure_env(store_root), stderr=subprocess.PIPE, text=True)
+                  for _ in range(3)]
+    try:
+        added = [proc.stdout.readline().strip() for _ in range(n)]
+        for c in collectors:
+            _, err = c.communicate(timeout=120)
+            assert c.returncode == 0, err
+        assert all(added), "the writer failed"
+        assert pure("gc").returncode == 0
+        assert set(added) <= valid(pure), "a collection deleted a path a live process had added"
+        pure("store", "verify", "--check-contents")
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert set(added) & valid(pure) == set(added)
+    pure("gc", "-q")
+    assert valid(pure) == set()
+
+
+def test_invalid_leftovers_are_removed_unless_temp_rooted(pure, settings):
+    junk = os.path.join(settings.real_store_dir, "0" * 32 + "-junk")
+    os.makedirs(junk + "/d")
+    os.chmod(junk + "/d", 0o555)
+    os.chmod(junk, 0o555)
+    p = pure("gc")
+    assert "1 invalid leftovers removed" in p.stderr
+    assert not os.path.lexists(junk)
