@@ -114,3 +114,13 @@ class SbomError(PurestoreError):
 class DerivationArgumentError(EvalError, TypeError):
     """Raised when ``derivation()`` (or a helper built on it) gets a bad argument: the message names
     the derivation, the field, the expected type and the value."""
+
+
+class ProfileError(PurestoreError):
+    """Raised when a profile operation cannot be done (unknown profile or generation, nothing to
+    roll back to, colliding files between installed packages, an element not installed)."""
+
+
+class ShellError(PurestoreError):
+    """Raised when ``pure shell``/``pure run`` cannot set up or start what was asked (no program
+    to run, no namespace support for a rooted store)."""
