@@ -32,7 +32,7 @@ from ..formats.derivation import (
     fill_output_paths,
     render_aterm,
 )
-from ..formats.hash import Hash
+from ..formats.hash import ALGOS, Hash
 from ..formats.store_path import check_name, make_source_path, make_text_path, StorePath
 from ..errors import BadHash, InvalidStorePath
 from .values import Drv, Output, Source
@@ -256,6 +256,9 @@ def derivation(*, name=_MISSING, system=_MISSING, builder=_MISSING, args=(), out
             raise DerivationArgumentError(f"derivation {name!r}: attribute 'outputHashMode' must be 'flat' or "
                                           f"'recursive', got {mode!r}")
         algo = env.get("outputHashAlgo", "")
+        if algo and algo not in ALGOS:
+            raise DerivationArgumentError(f"derivation {name!r}: attribute 'outputHashAlgo' must be one of "
+                                          f"{', '.join(ALGOS)} (or empty with an SRI hash), got {algo!r}")
         try:
             h = Hash.parse(env["outputHash"], algo or None)
         except BadHash as e:

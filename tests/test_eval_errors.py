@@ -1,0 +1,157 @@
+"""Errors point into the user's expression: syntax errors, exceptions, missing attributes,
+bad derivation() arguments, cycles."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import run_pure
+from purestore.errors import DerivationArgumentError, EvalError
+from purestore.expr.loader import evaluate, topo_order
+from purestore.expr import derivation, evaluating
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def ev(file, attr=None, **kw):
+    return evaluate(str(file), attr, store_dir="/pure/store", env={}, **kw)
+
+
+def test_syntax_error_shows_file_line_and_the_line(tmp_path):
+    f = write(tmp_path / "expr.py", "x = 1\ndef f(:\n    pass\n")
+    with pytest.raises(EvalError) as ei:
+        ev(f)
+    msg = str(ei.value)
+    assert msg.startswith(f"syntax error in {f}:2: ")
+    assert "    def f(:\n" in msg and msg.rstrip().endswith("^")
+
+
+def test_syntax_error_in_an_imported_sibling_names_the_sibling_and_the_import(tmp_path):
+    write(tmp_path / "broken.py", "x = (\n")
+    f = write(tmp_path / "expr.py", "import broken\n")
+    with pytest.raises(EvalError) as ei:
+        ev(f)
+    msg = str(ei.value)
+    assert f"syntax error in {tmp_path / 'broken.py'}:1" in msg
+    assert f'File "{f}", line 1, in <module>' in msg
+
+
+def test_exception_shows_only_expression_frames(tmp_path):
+    write(tmp_path / "helper.py", "import json\ndef make():\n    return json.loads('{bad')\n")
+    f = write(tmp_path / "expr.py", "import helper\ndefault = helper.make()\n")
+    with pytest.raises(EvalError) as ei:
+        ev(f)
+    msg = str(ei.value)
+    assert msg.startswith(f"evaluating {f} failed: JSONDecodeError: ")
+    assert f'File "{f}", line 2, in <module>\n    default = helper.make()' in msg
+    assert f'File "{tmp_path / "helper.py"}", line 3, in make' in msg
+    assert "json/decoder.py" not in msg and "importlib" not in msg and "loader.py" not in msg
+
+
+def test_missing_default_and_missing_attribute_list_the_available_ones(tmp_path):
+    f = write(tmp_path / "expr.py", """
+        from purestore.expr import derivation
+        a = derivation(name="a", system="x", builder="/b")
+        pkgs = {"b": a, "c": [a]}
+        def helper(): pass
+    """)
+    with pytest.raises(EvalError, match=r"defines no 'default'; choose a value with -A ATTR; available: a, pkgs$"):
+        ev(f)
+    with pytest.raises(EvalError, match=r"attribute 'nope' not found: .*expr.py has no 'nope'; available: a, pkgs"):
+        ev(f, "nope")
+    with pytest.raises(EvalError, match=r"attribute 'pkgs.d' not found: pkgs has no 'd'; available: b, c"):
+        ev(f, "pkgs.d")
+    assert ev(f, "pkgs.c.0").selected[0].name == "a"
+    assert ev(f, "pkgs").selected[0].name == "a"
+
+
+def test_selected_value_must_hold_derivations(tmp_path):
+    f = write(tmp_path / "expr.py", "default = {'x': 3}\n")
+    with pytest.raises(EvalError, match=r"x is int 3; expected a derivation, or a list or dict of derivations"):
+        ev(f)
+    assert ev(f, allow_values=True).value == {"x": 3}
+
+
+BAD_ARGS = [
+    (dict(system="x", builder="/b"), "required attribute 'name' is missing"),
+    (dict(name="n", builder="/b"), "derivation 'n': required attribute 'system' is missing"),
+    (dict(name=3, system="x", builder="/b"), "attribute 'name' must be a string, got int 3"),
+    (dict(name="a b", system="x", builder="/b"), "attribute 'name' is not a valid store path name"),
+    (dict(name="a.drv", system="x", builder="/b"), "must not end in '.drv'"),
+    (dict(name="n", system="x", builder="/b", args="-c x"), "attribute 'args' must be a list, got str '-c x'"),
+    (dict(name="n", system="x", builder="/b", outputs="out"), "attribute 'outputs' must be a list of strings, got str 'out'"),
+    (dict(name="n", system="x", builder="/b", outputs=["out", "out"]), "duplicate output 'out'"),
+    (dict(name="n", system="x", builder="/b", outputs=["drv"]), "invalid output name 'drv'"),
+    (dict(name="n", system="x", builder="/b", x={"a": 1}), "attribute 'x' must be a string, bool, None, int, float, list, derivation, output or source, got dict {'a': 1}"),
+    (dict(name="n", system="x", builder="/b", x=[1, object]), "attribute 'x' must be a string"),
+    (dict(name="n", system="x", builder="/b", outputHash="sha256:zz"), "attribute 'outputHash' (outputHashAlgo '') is not a valid hash"),
+    (dict(name="n", system="x", builder="/b", outputHash="abc", outputHashAlgo="md4"), "'outputHashAlgo' must be one of md5, sha1, sha256, sha512 (or empty with an SRI hash), got 'md4'"),
+    (dict(name="n", system="x", builder="/b", outputHash="sha1-qvTGHdzF6KLavt4PO0gs2a6pQ00=", outputHashAlgo="sha256"), "is sha1, expected sha256"),
+    (dict(name="n", system="x", builder="/b", outputHash="sha1-qvTGHdzF6KLavt4PO0gs2a6pQ00=", outputHashMode="nar"), "'outputHashMode' must be 'flat' or 'recursive', got 'nar'"),
+    (dict(name="n", system="x", builder="/b", outputHash="sha1-qvTGHdzF6KLavt4PO0gs2a6pQ00=", outputs=["out", "dev"]), "must have the single output 'out'"),
+    (dict(name="n", system="x", builder="/b", __structuredAttrs=True), "'__structuredAttrs' is not supported"),
+]
+
+
+@pytest.mark.parametrize("kw, msg", BAD_ARGS, ids=[m[:30] for _, m in BAD_ARGS])
+def test_bad_derivation_argument_names_field_expected_and_value(kw, msg):
+    with evaluating("/pure/store"):
+        with pytest.raises(DerivationArgumentError) as ei:
+            derivation(**kw)
+    assert msg in str(ei.value)
+    assert isinstance(ei.value, TypeError)
+
+
+def test_bad_argument_in_a_file_points_at_the_line(tmp_path):
+    f = write(tmp_path / "expr.py", """
+        from purestore.expr import derivation
+        x = 1
+        default = derivation(name="x", system="x", builder="/b", outputs="out")
+    """)
+    with pytest.raises(DerivationArgumentError) as ei:
+        ev(f)
+    assert f'File "{f}", line 4, in <module>' in str(ei.value)
+
+
+def test_import_cycle_is_named(tmp_path):
+    write(tmp_path / "b.py", "import a\ny = a.x\n")
+    write(tmp_path / "a.py", "import b\nx = 1\n")
+    f = write(tmp_path / "expr.py", "import a\ndefault = []\n")
+    with pytest.raises(EvalError, match=r"import cycle: a -> b -> a: 'b' uses a.x before 'a' has finished loading"):
+        ev(f)
+
+
+def test_from_import_cycle_is_named(tmp_path):
+    write(tmp_path / "b.py", "from a import x\n")
+    write(tmp_path / "a.py", "from b import y\nx = 1\n")
+    f = write(tmp_path / "expr.py", "import a\n")
+    with pytest.raises(EvalError, match=r"import cycle: a -> b -> a"):
+        ev(f)
+
+
+def test_dependency_cycle_between_derivations_is_named():
+    # derivations are immutable values, so a cycle can only come from tampering; the graph walk still names it
+    with evaluating("/pure/store"):
+        a = derivation(name="a", system="x", builder="/b")
+        b = derivation(name="b", system="x", builder="/b", dep=a)
+    a.input_drvs[b.drv_path] = b
+    with pytest.raises(EvalError, match=r"dependency cycle between derivations: (a -> b -> a|b -> a -> b)"):
+        topo_order([b])
+
+
+def test_missing_file_and_cli_exit_status(tmp_path):
+    with pytest.raises(EvalError, match="does not exist"):
+        ev(tmp_path / "nope.py")
+    p = run_pure("instantiate", tmp_path / "nope.py", root=tmp_path / "root", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: expression file") and "Traceback" not in p.stderr
+
+
+def test_api_outside_an_evaluation_says_how_to_use_it():
+    with pytest.raises(EvalError, match="work only during an evaluation"):
+        derivation(name="x", system="x", builder="/b")
