@@ -70,6 +70,12 @@ class _Importer(importlib.abc.MetaPathFinder):
 
     # finder
     def find_spec(self, fullname, path, target=None):
+        spec = self._find_spec(fullname, path)
+        if spec is not None:
+            self.loaded.append(fullname)
+        return spec
+
+    def _find_spec(self, fullname, path):
         top = fullname.partition(".")[0]
         if fullname == "pkgs":
             if self.pkgs_dir is None:
@@ -161,7 +167,6 @@ class _ExprLoader(importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
-        self.importer.loaded.append(module.__name__)
         self.importer.run(module, self.file)
 
 
