@@ -1,0 +1,418 @@
+"""store/fsnar.py: dumping, hashing, copying, restoring and canonicalising real file trees."""
+
+import io
+import os
+import socket
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import DATA, needs_nix
+from purestore.errors import NarError, StoreError
+from purestore.formats import nar as N
+from purestore.formats.hash import Hash
+from purestore.store import fsnar
+
+GOLDEN = DATA / "nar"
+HASHES = {line.split("\t")[0]: line.split("\t")[1:] for line in (GOLDEN / "hashes.tsv").read_text().splitlines()}
+NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
+
+
+@pytest.fixture(scope="module")
+def golden_trees(tmp_path_factory):
+    d = tmp_path_factory.mktemp("golden") / "t"
+    subprocess.run(["bash", str(GOLDEN / "make-golden.sh"), "trees", str(d)], check=True)
+    return d
+
+
+def ref_nar(path: str) -> bytes:
+    """An independent, simple NAR serialiser (NarWriter + lstat), to check the fast one against."""
+    out = io.BytesIO()
+    w = N.NarWriter(out)
+
+    def node(p: bytes):
+        st_ = os.lstat(p)
+        if stat.S_ISLNK(st_.st_mode):
+            w.symlink(os.readlink(p))
+        elif stat.S_ISREG(st_.st_mode):
+            with open(p, "rb") as f:
+                w.regular_bytes(f.read(), bool(st_.st_mode & 0o100))
+        else:
+            w.directory()
+            for name in sorted(os.listdir(p)):
+                w.entry(name)
+                node(p + b"/" + name)
+            w.end()
+
+    node(os.fsencode(path))
+    w.close()
+    return out.getvalue()
+
+
+def dump(path) -> bytes:
+    out = io.BytesIO()
+    fsnar.dump_path(str(path), out)
+    return out.getvalue()
+
+
+def walk_all(root: Path):
+    yield root
+    if stat.S_ISDIR(os.lstat(root).st_mode):
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in dirnames + filenames:
+                yield Path(dirpath) / n
+
+
+# -- byte-identical to Nix --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(HASHES))
+def test_dump_is_byte_identical_to_nix_golden(golden_trees, name):
+    assert dump(golden_trees / name) == (GOLDEN / f"{name}.nar").read_bytes()
+
+
+@pytest.mark.parametrize("name", sorted(HASHES))
+def test_hash_path_matches_nix_for_every_algorithm(golden_trees, name):
+    size, sri, nix32, sha1_16, sha512_64, md5_32 = HASHES[name]
+    p = str(golden_trees / name)
+    h, n = fsnar.hash_path(p)
+    assert (h.sri, h.nix32, n) == (sri, nix32, int(size))
+    assert fsnar.hash_path(p, "sha1")[0].base16 == sha1_16
+    assert fsnar.hash_path(p, "sha512")[0].base64 == sha512_64
+    assert fsnar.hash_path(p, "md5")[0].nix32 == md5_32
+
+
+def test_hash_file_matches_nix(golden_trees):
+    for line in (GOLDEN / "files.tsv").read_text().splitlines():
+        f, sri, nix32, sha1 = line.split("\t")
+        assert fsnar.hash_file(str(golden_trees / f)).sri == sri
+        assert fsnar.hash_file(str(golden_trees / f), "sha1").base16 == sha1
+
+
+def test_hash_file_refuses_directories(tmp_path):
+    with pytest.raises(StoreError, match="directory"):
+        fsnar.hash_file(str(tmp_path))
+
+
+def make_big_tree(root: Path, seed: int = 7) -> Path:
+    """Files around the batching limits (256 KiB, 1 MiB, 2 MiB buffers), many small files."""
+    import random
+    rng = random.Random(seed)
+    root.mkdir()
+    for size in (0, 1, (1 << 18) - 1, 1 << 18, (1 << 18) + 1, (1 << 20) + 3, (2 << 20) + 5, 5 << 20):
+        (root / f"f{size}").write_bytes(rng.randbytes(size))
+    (root / "exe").write_bytes(rng.randbytes(3 << 20))
+    (root / "exe").chmod(0o755)
+    sub = root / "many"
+    sub.mkdir()
+    for i in range(600):
+        (sub / f"s{i}").write_bytes(rng.randbytes(rng.randrange(4000)))
+    (root / "link").symlink_to("many/s1")
+    return root
+
+
+def test_big_and_many_files_match_the_reference_serialiser(tmp_path):
+    root = make_big_tree(tmp_path / "big")
+    data = dump(root)
+    assert data == ref_nar(str(root))
+    h, n = fsnar.hash_path(str(root))
+    assert n == len(data) and h == Hash.of_bytes(data)
+
+
+@needs_nix
+def test_live_against_nix(tmp_path, golden_trees):
+    root = make_big_tree(tmp_path / "big", seed=11)
+    for p in (root, golden_trees / "tree", root / "f1", root / "link"):
+        nar = subprocess.run(["nix-store", "--dump", str(p)], check=True, capture_output=True).stdout
+        assert dump(p) == nar
+        sri = subprocess.run(["nix", "hash", "path", str(p)], check=True, capture_output=True,
+                             text=True, env=NIX_ENV).stdout.strip()
+        assert fsnar.hash_path(str(p))[0].sri == sri
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.recursive(
+    st.binary(max_size=50),
+    lambda kids: st.dictionaries(st.text(alphabet="abcXYZ_.é-", min_size=1, max_size=6)
+                                 .filter(lambda n: n not in (".", "..")), kids, max_size=4),
+    max_leaves=12), st.data())
+def test_dump_restore_round_trip(tmp_path, tree, data):
+    """dump -> restore -> dump gives the same NAR, for random trees of files and directories."""
+    import uuid
+    base = tmp_path / uuid.uuid4().hex
+    base.mkdir()
+    src = base / "src"
+
+    def make(p: Path, t):
+        if isinstance(t, bytes):
+            p.write_bytes(t)
+            if data.draw(st.booleans()):
+                p.chmod(0o755)
+        else:
+            p.mkdir(parents=True)
+            for k, v in t.items():
+                make(p / k, v)
+
+    make(src, tree)
+    nar = dump(src)
+    fsnar.restore_nar(io.BytesIO(nar), str(base / "dst"))
+    assert dump(base / "dst") == nar
+
+
+# -- restore ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(HASHES))
+def test_restore_golden_then_dump_is_identical(tmp_path, name):
+    nar = (GOLDEN / f"{name}.nar").read_bytes()
+    dest = tmp_path / "out"
+    fsnar.restore_nar(io.BytesIO(nar), str(dest))
+    assert dump(dest) == nar
+    for p in walk_all(dest):
+        st_ = os.lstat(p)
+        if stat.S_ISREG(st_.st_mode):
+            assert stat.S_IMODE(st_.st_mode) in (0o644, 0o755)
+
+
+def test_restore_refuses_an_existing_dest(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(StoreError, match="already exists"):
+        fsnar.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "x"))
+    (tmp_path / "l").symlink_to("nowhere")
+    with pytest.raises(StoreError, match="already exists"):
+        fsnar.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "l"))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def _s(b: bytes) -> bytes:
+    import struct
+    return struct.pack("<Q", len(b)) + b + bytes((-len(b)) & 7)
+
+
+def _file(data=b"pwned"):
+    return _s(b"(") + _s(b"type") + _s(b"regular") + _s(b"contents") + _s(data) + _s(b")")
+
+
+def _sym(t):
+    return _s(b"(") + _s(b"type") + _s(b"symlink") + _s(b"target") + _s(t) + _s(b")")
+
+
+def _entry(name, node):
+    return _s(b"entry") + _s(b"(") + _s(b"name") + _s(name) + _s(b"node") + node + _s(b")")
+
+
+def _dir(*entries):
+    return _s(b"(") + _s(b"type") + _s(b"directory") + b"".join(entries) + _s(b")")
+
+
+def _nar(node):
+    return _s(b"nix-archive-1") + node
+
+
+def test_restore_never_writes_through_a_symlink_it_created(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    attacks = [
+        # a symlink to the outside, then a directory of the same name with a file in it
+        _nar(_dir(_entry(b"a", _sym(str(outside).encode())), _entry(b"a", _dir(_entry(b"f", _file()))))),
+        # a symlink to an outside file, then a regular file of the same name
+        _nar(_dir(_entry(b"a", _sym(str(outside / "f").encode())), _entry(b"a", _file()))),
+        # the same, unsorted
+        _nar(_dir(_entry(b"b", _sym(str(outside).encode())), _entry(b"a", _file()),
+                  _entry(b"b", _dir(_entry(b"f", _file()))))),
+        # names that climb
+        _nar(_dir(_entry(b"..", _dir(_entry(b"outside", _dir(_entry(b"f", _file()))))))),
+        _nar(_dir(_entry(b"../outside/f", _file()))),
+        _nar(_dir(_entry(b"x/../../outside/f", _file()))),
+        _nar(_dir(_entry(b".", _file()))),
+    ]
+    for i, attack in enumerate(attacks):
+        dest = tmp_path / f"dest{i}"
+        with pytest.raises(NarError) as ei:
+            fsnar.restore_nar(io.BytesIO(attack), str(dest))
+        assert ei.value.offset is not None
+        assert list(outside.iterdir()) == [], f"attack {i} wrote outside"
+        assert not dest.exists() and not dest.is_symlink(), "partial tree left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
+
+
+def test_restore_removes_the_partial_tree_on_truncation(tmp_path):
+    nar = (GOLDEN / "tree.nar").read_bytes()
+    with pytest.raises(NarError, match="truncated"):
+        fsnar.restore_nar(io.BytesIO(nar[: len(nar) // 2]), str(tmp_path / "d"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_into_a_missing_parent_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError):
+        fsnar.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "no" / "dest"))
+
+
+# -- copy_and_hash and canonical metadata -----------------------------------------------------
+
+def assert_canonical(root: Path):
+    for p in walk_all(root):
+        st_ = os.lstat(p)
+        assert st_.st_mtime == 1, p
+        if stat.S_ISDIR(st_.st_mode):
+            assert stat.S_IMODE(st_.st_mode) == 0o555, p
+        elif stat.S_ISREG(st_.st_mode):
+            assert stat.S_IMODE(st_.st_mode) in (0o444, 0o555), p
+
+
+def make_writable(root: Path):
+    for p in walk_all(root):
+        if stat.S_ISDIR(os.lstat(p).st_mode):
+            p.chmod(0o755)
+
+
+def test_copy_and_hash(golden_trees, tmp_path):
+    src = golden_trees / "tree"
+    dst = tmp_path / "copy"
+    marker = "abcdfghijklmnpqrsvwxyz0123456789"
+    h, n, found = fsnar.copy_and_hash(str(src), str(dst), scan=[marker, "0" * 32])
+    size, sri, *_ = HASHES["tree"]
+    assert (h.sri, n, found) == (sri, int(size), set())
+    assert dump(dst) == dump(src)
+    assert_canonical(dst)
+    make_writable(dst)
+
+
+def test_copy_and_hash_scans_contents_names_and_targets(tmp_path):
+    a, b, c, d = ("a" * 31 + x for x in "0123")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"\0\1 binary /pure/store/" + a.encode() + b"-dep\n" + os.urandom(3 << 20))
+    (src / f"name-{b}").write_text("x")
+    (src / "l").symlink_to(f"/pure/store/{c}-x/bin")
+    dst = tmp_path / "dst"
+    h, n, found = fsnar.copy_and_hash(str(src), str(dst), scan=[a, b, c, d])
+    assert found == {a, b, c}
+    assert (h, n) == fsnar.hash_path(str(src))
+    assert fsnar.scan_path(str(src), [a, b, c, d]) == {a, b, c}
+    assert fsnar.nar_hash_and_scan(str(dst), [a, d]) == (h, n, {a})
+    assert_canonical(dst)
+    with pytest.raises(StoreError, match="already exists"):
+        fsnar.copy_and_hash(str(src), str(dst))
+    make_writable(dst)
+
+
+def test_copy_of_single_file_and_symlink(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"#!/bin/sh\n")
+    f.chmod(0o4755)  # setuid is dropped
+    h, n, _ = fsnar.copy_and_hash(str(f), str(tmp_path / "g"))
+    assert stat.S_IMODE(os.lstat(tmp_path / "g").st_mode) == 0o555
+    assert h == Hash.of_bytes(N.nar_of_bytes(b"#!/bin/sh\n", executable=True))
+    (tmp_path / "l").symlink_to("f")
+    fsnar.copy_and_hash(str(tmp_path / "l"), str(tmp_path / "m"))
+    assert os.readlink(tmp_path / "m") == "f" and os.lstat(tmp_path / "m").st_mtime == 1
+
+
+def test_canonicalise_path(tmp_path):
+    root = tmp_path / "out"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tool").write_text("x")
+    (root / "bin" / "tool").chmod(0o6711)          # setuid+setgid, owner x
+    (root / "data").write_text("y")
+    (root / "data").chmod(0o600)
+    (root / "gx").write_text("z")
+    (root / "gx").chmod(0o654)                     # group x only: not executable
+    (root / "link").symlink_to("data")
+    (root / "private").mkdir(mode=0o700)
+    (root / "private" / "f").write_text("p")
+    os.setxattr(root / "data", "user.junk", b"1") if hasattr(os, "setxattr") else None
+    fsnar.canonicalise_path(str(root))
+    assert_canonical(root)
+    assert stat.S_IMODE(os.lstat(root / "bin" / "tool").st_mode) == 0o555
+    assert stat.S_IMODE(os.lstat(root / "data").st_mode) == 0o444
+    assert stat.S_IMODE(os.lstat(root / "gx").st_mode) == 0o444
+    assert os.listxattr(root / "data") == []
+    fsnar.canonicalise_path(str(root))  # idempotent
+    assert_canonical(root)
+    make_writable(root)
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o775, 0o777])
+def test_canonicalise_rejects_writable_outputs_when_asked(tmp_path, mode):
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "ok").write_text("x")
+    bad = root / "bad"
+    if mode & 0o100:
+        bad.mkdir()
+    else:
+        bad.write_text("x")
+    bad.chmod(mode)
+    with pytest.raises(StoreError, match="bad.*writable"):
+        fsnar.canonicalise_path(str(root), reject_writable=True)
+    make_writable(root)
+
+
+def test_special_files_are_refused(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    os.mkfifo(root / "fifo")
+    with pytest.raises(StoreError, match="FIFO"):
+        fsnar.hash_path(str(root))
+    with pytest.raises(StoreError, match="FIFO"):
+        fsnar.copy_and_hash(str(root), str(tmp_path / "c"))
+    with pytest.raises(StoreError, match="FIFO"):
+        fsnar.canonicalise_path(str(root / "fifo"))
+    os.unlink(root / "fifo")
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(root / "sock"))
+        with pytest.raises(StoreError, match="socket"):
+            fsnar.dump_path(str(root), io.BytesIO())
+        with pytest.raises(StoreError, match="socket"):
+            fsnar.hash_path(str(root / "sock"))
+    finally:
+        s.close()
+    with pytest.raises(StoreError, match="No such file"):
+        fsnar.hash_path(str(tmp_path / "missing"))
+
+
+def test_too_deep_trees_are_refused(tmp_path):
+    p = tmp_path / "deep"
+    p.mkdir()
+    q = p
+    for _ in range(N.MAX_DEPTH + 1):
+        q = q / "d"
+        q.mkdir()
+    with pytest.raises(StoreError, match="nested"):
+        fsnar.hash_path(str(p))
+
+
+def test_sink_errors_propagate_and_leave_no_thread(tmp_path):
+    root = make_big_tree(tmp_path / "big")
+
+    class Full:
+        def __init__(self):
+            self.n = 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > (3 << 20):
+                raise OSError(28, "No space left on device")
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="No space"):
+        fsnar.dump_path(str(root), Full())
+    assert threading.active_count() == before
+
+
+def test_dump_sink_gets_immutable_bytes(tmp_path):
+    """The sink may keep what it is given (the pooled buffers are never handed out)."""
+    root = make_big_tree(tmp_path / "big")
+    kept = []
+
+    class Keep:
+        def write(self, data):
+            kept.append(data)
+
+    fsnar.dump_path(str(root), Keep())
+    assert all(isinstance(k, bytes) for k in kept)
+    assert b"".join(kept) == ref_nar(str(root))
