@@ -70,6 +70,123 @@ def cmd_gc(args, ctx) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- profile
+
+def _profile(ctx, store, args):
+    from ..env.profiles import Profile
+    return Profile(store, args.profile)
+
+
+def _fmt_time(t: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_profile_install(args, ctx) -> int:
+    from ..build.progress import Progress
+    from ..env.installable import realise_installables
+    from ..env.profiles import element_for
+
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        built = []
+        for what in args.installables:
+            built += realise_installables(store, ctx.settings, what, args.attr or [None],
+                                          include_paths=args.include, progress=Progress())
+        gen = prof.install([element_for(store, list(b.outputs), b.source) for b in built])
+        for b in built:
+            ctx.info(f"installed {b.name} ({', '.join(store.print_path(p) for p in b.outputs)})")
+        ctx.info(f"profile {prof.name!r} is now at generation {gen.number}")
+        print(gen.path)
+    return 0
+
+
+def cmd_profile_remove(args, ctx) -> int:
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        gen, removed = prof.remove(args.elements)
+        for e in removed:
+            ctx.info(f"removed {e.name}")
+        ctx.info(f"profile {prof.name!r} is now at generation {gen.number}")
+        print(gen.path)
+    return 0
+
+
+def cmd_profile_list(args, ctx) -> int:
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        elements = prof.elements()
+        if args.json:
+            print(json.dumps({"profile": prof.link, "generation": prof.current_number(),
+                              "path": prof.current_path(),
+                              "elements": [dict(e.to_json(), index=i) for i, e in enumerate(elements)]}, indent=2))
+            return 0
+        for i, e in enumerate(elements):
+            print(f"{i} {e.name} {' '.join(e.store_paths)}")
+    return 0
+
+
+def cmd_profile_history(args, ctx) -> int:
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        gens = prof.generations()
+        rows = []
+        prev: set[str] = set()
+        for g in gens:
+            try:
+                names = {e.name for e in prof.elements(g.path)}
+            except Exception:  # noqa: BLE001 - a generation whose path was deleted by hand
+                names = set()
+            rows.append({"generation": g.number, "path": g.path, "created": _fmt_time(g.created),
+                         "current": g.current, "added": sorted(names - prev), "removed": sorted(prev - names)})
+            prev = names
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            mark = "   (current)" if r["current"] else ""
+            print(f"Version {r['generation']} {r['created']} {r['path']}{mark}")
+            for n in r["added"]:
+                print(f"  + {n}")
+            for n in r["removed"]:
+                print(f"  - {n}")
+    return 0
+
+
+def cmd_profile_rollback(args, ctx) -> int:
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        old = prof.current_number()
+        g = prof.rollback()
+        ctx.info(f"switched profile {prof.name!r} from generation {old} to {g.number}")
+    return 0
+
+
+def cmd_profile_switch(args, ctx) -> int:
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        old = prof.current_number()
+        g = prof.switch_generation(args.generation)
+        ctx.info(f"switched profile {prof.name!r} from generation {old} to {g.number}")
+    return 0
+
+
+def cmd_profile_delete_generations(args, ctx) -> int:
+    with ctx.open_store() as store:
+        prof = _profile(ctx, store, args)
+        if args.generations == ["old"]:
+            nums = None
+        else:
+            try:
+                nums = [int(n) for n in args.generations]
+            except ValueError:
+                raise UsageError(f"expected generation numbers or 'old', got {' '.join(args.generations)!r}") from None
+        gone = prof.delete_generations(nums)
+        ctx.info(f"deleted generations {', '.join(map(str, gone)) or '(none)'} of profile {prof.name!r}; "
+                 f"run `pure gc` to free their paths")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ register
 
 def register(reg) -> None:
@@ -93,3 +210,34 @@ def register(reg) -> None:
     g.add_argument("--print-dead", action="store_true", help="print the dead paths and exit")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="do not list the deleted paths")
+
+    grp = reg.group("profile", "manage profiles: installed packages with numbered generations")
+
+    def sub(name, help_, func, description=None):
+        q = reg.command(name, help_, func, group="profile", description=description)
+        q.add_argument("--profile", "-p", metavar="NAME", default="default",
+                       help="profile name under <state>/profiles (default: default)")
+        return q
+
+    q = sub("install", "build and add packages; makes a new generation", cmd_profile_install,
+            description="Build FILE (attribute -A ATTR), or take a valid store path, and add it to the\n"
+                        "profile as a new generation. An installed package with the same name (without\n"
+                        "version) is replaced. Prints the new user environment's store path.")
+    q.add_argument("installables", nargs="+", metavar="FILE|PATH")
+    q.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute of FILE (repeatable)")
+    q.add_argument("-I", "--include", action="append", default=[], metavar="PATH",
+                   help="extra directory the expression may import from")
+    q = sub("remove", "remove packages (by index, name, name without version or store path)",
+            cmd_profile_remove)
+    q.add_argument("elements", nargs="+", metavar="ELEMENT")
+    q = sub("list", "list the packages of the current generation", cmd_profile_list)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = sub("history", "list the generations with what each added and removed", cmd_profile_history)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    sub("rollback", "switch to the previous generation", cmd_profile_rollback)
+    q = sub("switch-generation", "switch to generation N", cmd_profile_switch)
+    q.add_argument("generation", type=int, metavar="N")
+    q = sub("delete-generations", "delete generations (numbers, or 'old' for all but the current)",
+            cmd_profile_delete_generations)
+    q.add_argument("generations", nargs="+", metavar="N|old")
+    del grp

@@ -1,0 +1,76 @@
+"""What ``pure profile install``, ``pure shell`` and ``pure run`` act on: an expression file
+attribute (evaluated, instantiated and realised) or store paths that are already valid."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import attrs
+
+from ..errors import UsageError
+from ..formats.store_path import StorePath
+
+
+@attrs.frozen
+class Built:
+    """One realised package: its name, output paths (``out`` first), the derivation (if any) and
+    where it came from."""
+
+    name: str
+    outputs: tuple[StorePath, ...]
+    drv: StorePath | None = None
+    source: dict | None = None
+
+
+def is_store_path_text(store, text: str) -> bool:
+    return text.startswith(store.store_dir + "/") or text.startswith(store.real_store_dir + "/") or (
+        os.path.islink(text) and not text.endswith(".py"))
+
+
+def realise_installables(store, settings, file: str, attrs_: Iterable[str | None] = (None,), *,
+                         include_paths: Iterable[str] = (), max_jobs: int | None = None,
+                         progress=None) -> list[Built]:
+    """Evaluate ``file`` (each attribute of ``attrs_``), build what is missing and return the
+    packages.  ``file`` may instead be a store path (or a link to one such as ``result``), which
+    must be valid.  All returned paths are temporary roots of this process.
+
+    Raises :class:`EvalError` for expression errors, :class:`BuildError` when a build fails,
+    :class:`PathNotValid`/:class:`InvalidStorePath` for a bad store path.
+    """
+    attrs_ = list(attrs_) or [None]
+    if is_store_path_text(store, file):
+        if attrs_ != [None]:
+            raise UsageError(f"-A/--attr makes no sense with the store path {file!r}")
+        sp = store.parse_path(file, valid=True)
+        store.add_temp_root(sp)
+        if sp.name.endswith(".drv"):
+            return _realise(store, settings, [sp], [{"drv": store.print_path(sp)}], max_jobs, progress)
+        return [Built(sp.name, (sp,), store.query_deriver(sp), {"path": store.print_path(sp)})]
+    from ..expr.loader import evaluate, instantiate
+
+    drvs, sources = [], []
+    for a in attrs_:
+        result = evaluate(file, a, settings, include_paths)
+        got = instantiate(store, result)
+        drvs.extend(got)
+        sources.extend({"file": os.path.abspath(file), "attr": a or "default"} for _ in got)
+    return _realise(store, settings, drvs, sources, max_jobs, progress)
+
+
+def _realise(store, settings, drvs: list[StorePath], sources: list[dict], max_jobs, progress) -> list[Built]:
+    import trio
+
+    from ..build.scheduler import BuildOptions, realise
+
+    store.add_temp_roots(drvs)
+    opts = BuildOptions(max_jobs=max_jobs or settings.max_jobs, cores=settings.cores)
+    results = trio.run(realise, store, settings, drvs, opts, progress)
+    out = []
+    for drv, src in zip(drvs, sources):
+        outs = results[drv]
+        ordered = tuple(p for _, p in sorted(outs.items(), key=lambda kv: (kv[0] != "out", kv[0])))
+        store.add_temp_roots(ordered)
+        name = drv.name[:-4] if drv.name.endswith(".drv") else drv.name
+        out.append(Built(name, ordered, drv, src))
+    return out

@@ -1,0 +1,125 @@
+"""Profiles: generations as symlinks, merged user environments, rollback, GC roots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from test_gc import _build, busybox_expr, valid
+
+
+def make_pkg(tmp_path, pure, name: str, files: dict[str, str]) -> str:
+    d = tmp_path / "pkgsrc" / name
+    for rel, text in files.items():
+        f = d / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+        if rel.startswith("bin/"):
+            f.chmod(0o755)
+    return pure("store", "add", d, "--name", name).stdout.strip()
+
+
+@pytest.fixture
+def pkgs(tmp_path, pure):
+    return {
+        "hello": make_pkg(tmp_path, pure, "hello-1.0", {"bin/hello": "#!/bin/sh\necho hello\n",
+                                                        "share/man/hello.1": "man"}),
+        "tool": make_pkg(tmp_path, pure, "tool-2.0", {"bin/tool": "#!/bin/sh\necho tool\n",
+                                                      "share/doc/tool.txt": "doc"}),
+    }
+
+
+def profile_dir(store_root) -> str:
+    return os.path.join(store_root, "pure/var/pure/profiles")
+
+
+def test_install_makes_generations_with_a_merged_tree(pure, pkgs, store_root):
+    env1 = pure("profile", "install", pkgs["hello"]).stdout.strip()
+    env2 = pure("profile", "install", pkgs["tool"]).stdout.strip()
+    pd = profile_dir(store_root)
+    assert os.readlink(f"{pd}/default") == "default-2-link"
+    assert os.readlink(f"{pd}/default-1-link") == env1
+    assert os.readlink(f"{pd}/default-2-link") == env2
+    real = os.path.join(store_root, env2.lstrip("/"))
+    assert os.readlink(f"{real}/bin/hello") == f"{pkgs['hello']}/bin/hello"
+    assert os.readlink(f"{real}/bin/tool") == f"{pkgs['tool']}/bin/tool"
+    assert os.path.isdir(f"{real}/share") and not os.path.islink(f"{real}/share")
+    assert os.readlink(f"{real}/share/doc") == f"{pkgs['tool']}/share/doc"  # unshared dirs stay links
+    manifest = json.load(open(f"{real}/manifest.json"))
+    assert [e["name"] for e in manifest["elements"]] == ["hello-1.0", "tool-2.0"]
+    refs = set(pure("store", "references", env2).stdout.split())
+    assert refs == {pkgs["hello"], pkgs["tool"]}, "the environment refers to what it holds"
+    lines = pure("profile", "list").stdout.splitlines()
+    assert lines == [f"0 hello-1.0 {pkgs['hello']}", f"1 tool-2.0 {pkgs['tool']}"]
+    j = json.loads(pure("profile", "list", "--json").stdout)
+    assert j["generation"] == 2 and j["path"] == env2
+
+
+def test_history_rollback_switch_and_errors(pure, pkgs, store_root):
+    pure("profile", "install", pkgs["hello"])
+    pure("profile", "install", pkgs["tool"])
+    pure("profile", "remove", "hello")
+    assert pure("profile", "list").stdout.split()[1] == "tool-2.0"
+    hist = pure("profile", "history").stdout
+    assert "Version 1" in hist and "Version 3" in hist and "(current)" in hist.splitlines()[-2] + hist
+    h = json.loads(pure("profile", "history", "--json").stdout)
+    assert [r["generation"] for r in h] == [1, 2, 3]
+    assert h[0]["added"] == ["hello-1.0"] and h[2]["removed"] == ["hello-1.0"] and h[2]["current"]
+    pure("profile", "rollback")
+    assert [e.split()[1] for e in pure("profile", "list").stdout.splitlines()] == ["hello-1.0", "tool-2.0"]
+    pure("profile", "switch-generation", "1")
+    assert os.readlink(f"{profile_dir(store_root)}/default") == "default-1-link"
+    r = pure("profile", "rollback", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "no generation older than 1" in r.stderr
+    r = pure("profile", "switch-generation", "9", check=False)
+    assert r.returncode == 1 and "no generation 9 (generations: 1, 2, 3)" in r.stderr
+    r = pure("profile", "remove", "nothing-here", check=False)
+    assert r.returncode == 1 and "has no element 'nothing-here'" in r.stderr
+    r = pure("profile", "list", "-p", "bad/name", check=False)
+    assert r.returncode == 1 and "bad profile name" in r.stderr
+
+
+def test_reinstalling_a_name_replaces_it(pure, pkgs, tmp_path):
+    pure("profile", "install", pkgs["hello"])
+    newer = make_pkg(tmp_path, pure, "hello-1.1", {"bin/hello": "#!/bin/sh\necho hello 1.1\n"})
+    pure("profile", "install", newer)
+    assert pure("profile", "list").stdout.splitlines() == [f"0 hello-1.1 {newer}"]
+
+
+def test_collisions_are_refused(pure, pkgs, tmp_path):
+    other = make_pkg(tmp_path, pure, "other-hello", {"bin/hello": "#!/bin/sh\necho another\n"})
+    pure("profile", "install", pkgs["hello"])
+    r = pure("profile", "install", other, check=False)
+    assert r.returncode == 1 and "collision: 'bin/hello'" in r.stderr
+    assert len(pure("profile", "list").stdout.splitlines()) == 1
+
+
+def test_generations_are_gc_roots_until_deleted(pure, pkgs):
+    pure("profile", "install", pkgs["hello"])
+    pure("profile", "install", pkgs["tool"])
+    pure("profile", "remove", "0")
+    pure("gc")
+    assert {pkgs["hello"], pkgs["tool"]} <= valid(pure), "older generations still root hello"
+    pure("profile", "delete-generations", "old")
+    deleted = pure("gc").stdout.split()
+    assert pkgs["hello"] in deleted and pkgs["tool"] not in deleted
+    r = pure("profile", "delete-generations", "3", check=False)
+    assert r.returncode == 1 and "it is the current one" in r.stderr
+
+
+def test_install_builds_an_expression(pure, tmp_path, store_root):
+    expr = busybox_expr(tmp_path, '''
+        greeter = sh("greeter-0.1", "mkdir -p $out/bin; printf '#!/bin/sh\\necho hi\\n' > $out/bin/greet; chmod +x $out/bin/greet")
+    ''')
+    _build(pure, expr, "-A", "greeter", cwd=tmp_path)  # skips when the sandbox is unavailable
+    env = pure("profile", "install", expr, "-A", "greeter").stdout.strip()
+    elements = json.loads(pure("profile", "list", "--json").stdout)["elements"]
+    assert elements[0]["name"] == "greeter-0.1"
+    assert elements[0]["source"] == {"file": expr, "attr": "greeter"}
+    real = os.path.join(store_root, env.lstrip("/"))
+    assert os.readlink(f"{real}/bin").endswith("-greeter-0.1/bin")  # one package: the dir is a link
+    os.unlink(tmp_path / "result")
+    pure("gc")
+    assert elements[0]["storePaths"][0] in valid(pure)
