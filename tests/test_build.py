@@ -87,3 +87,221 @@ def drvs(settings):
     store = LocalStore.open(settings)
     yield Drvs(store)
     store.close()
+
+
+# -- helpers for expression-file tests ---------------------------------------------------------
+
+HEADER = '''\
+from purestore.expr import derivation, source, fetchurl
+bb = source("bb")
+B = f"{bb}/bin/busybox"
+def sh(name, script, **kw):
+    return derivation(name=name, system="x86_64-linux", builder=B, args=["sh", "-c", script], B=B, **kw)
+'''
+
+
+@pytest.fixture
+def expr(tmp_path):
+    """expr(BODY) writes an expression file (HEADER + BODY) next to a busybox source dir."""
+    bbdir = tmp_path / "bb" / "bin"
+    bbdir.mkdir(parents=True)
+    shutil.copy(BUSYBOX, bbdir / "busybox")
+
+    def write(body: str, name: str = "e.py") -> Path:
+        f = tmp_path / name
+        f.write_text(HEADER + body)
+        return f
+    return write
+
+
+def build(pure, tmp_path, f, *args, check=True, **kw):
+    return pure("build", f, *args, cwd=tmp_path, check=check, **kw)
+
+
+def open_store(store_root, store_dir=None):
+    from purestore.store.local import LocalStore
+    from purestore.store.settings import load_settings
+    s = load_settings(env={"PURE_CONFIG": "/dev/null"}, root=str(store_root), store_dir=store_dir)
+    return LocalStore.open(s)
+
+
+# -- building and linking ----------------------------------------------------------------------
+
+
+def test_build_links_result_registers_root_and_prints_paths(pure, expr, tmp_path, store_root):
+    f = expr('default = sh("hello", "$B mkdir $out; echo hello > $out/greeting")\n')
+    p = build(pure, tmp_path, f)
+    out = p.stdout.strip()
+    assert out.startswith("/pure/store/") and out.endswith("-hello")
+    link = tmp_path / "result"
+    assert (link / "greeting").read_text() == "hello\n"
+    assert os.readlink(link) == f"{store_root}{out}"  # rooted store: the link points at the real path
+    roots = list((store_root / "pure/var/pure/gcroots/auto").iterdir())
+    assert [os.readlink(r) for r in roots] == [str(link)]
+    info = json.loads(pure("store", "path-info", "--json", out).stdout)[0]
+    assert info["deriver"].endswith("-hello.drv") and info["references"] == []
+    # a second build does nothing and prints the same path
+    p2 = build(pure, tmp_path, f)
+    assert p2.stdout.strip() == out and "will be built" not in p2.stderr
+
+
+def test_multiple_outputs_link_result_dash_output_and_out_link_name(pure, expr, tmp_path):
+    f = expr('default = sh("multi", "$B mkdir $out $dev; echo $dev > $out/devpath; echo d > $dev/x", '
+             'outputs=["out", "dev"])\n')
+    p = build(pure, tmp_path, f, "-o", "res")
+    outs = p.stdout.split()
+    assert len(outs) == 2
+    assert (tmp_path / "res").is_symlink() and (tmp_path / "res-dev").is_symlink()
+    assert (tmp_path / "res-dev" / "x").read_text() == "d\n"
+    info = {i["path"]: i for i in json.loads(pure("store", "path-info", "--json", *outs).stdout)}
+    out_path = next(o for o in outs if not o.endswith("-dev"))
+    dev_path = next(o for o in outs if o.endswith("-dev"))
+    assert info[out_path]["references"] == [dev_path]  # out refers to dev, not the other way
+    assert info[dev_path]["references"] == []
+    build(pure, tmp_path, f, "--no-link", "-o", "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_references_are_scanned_only_among_inputs_and_self(pure, expr, tmp_path):
+    f = expr('''\
+a = sh("a", "$B mkdir $out; echo hi > $out/f; $B ln -s $out/f $out/self")
+unrelated = sh("unrelated", "echo x > $out")
+hidden = "".join(reversed(str(unrelated)))  # no string context: not an input of b
+b = sh("b", f"$B mkdir $out; echo {a} > $out/ref; echo {hidden} | $B rev > $out/noref")
+default = [b, unrelated]
+''')
+    p = build(pure, tmp_path, f, "--no-link", "-j", "1")
+    b = next(l for l in p.stdout.split() if l.endswith("-b"))
+    unrelated = next(l for l in p.stdout.split() if l.endswith("-unrelated"))
+    assert Path(f"{tmp_path}/root{b}/noref").read_text().strip() == unrelated
+    info = json.loads(pure("store", "path-info", "--json", "-r", b).stdout)
+    by = {i["path"].rsplit("-", 1)[1]: i for i in info}
+    assert by["a"]["references"] == [by["a"]["path"]]  # self-reference kept
+    assert by["b"]["references"] == [by["a"]["path"]]  # the unrelated hash is not an input: ignored
+
+
+def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr, tmp_path, store_root):
+    lines = "; ".join(f"echo line{i}" for i in range(40))
+    f = expr(f'default = sh("broken", "{lines}; $B mkdir $out; exit 3")\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1
+    assert "builder for " in p.stderr and "broken.drv" in p.stderr and "exited with status 3" in p.stderr
+    assert "line39" in p.stderr and "line15" in p.stderr and "line14\n" not in p.stderr  # last 25 lines
+    assert "Traceback" not in p.stderr
+    assert "pure log" in p.stderr
+    assert not (tmp_path / "result").exists()
+    drv = pure("instantiate", f, check=False).stdout.strip() if False else None  # noqa: F841
+    st = open_store(store_root)
+    try:
+        assert [p for p in st.valid_paths() if p.name == "broken"] == []
+        drvp = next(p for p in st.valid_paths() if p.name == "broken.drv")
+        log = pure("log", st.print_path(drvp)).stdout
+        assert log.splitlines()[0] == "line0" and log.splitlines()[-1] == "line39"
+        from purestore.store import events
+        b = events.query_builds(st)
+        assert b[0]["status"] == "failed" and b[0]["name"] == "broken"
+    finally:
+        st.close()
+
+
+def test_keep_failed_keeps_the_build_dir_and_says_where(pure, expr, tmp_path):
+    f = expr('default = sh("kf", "echo data > /build/left; exit 1")\n')
+    p = build(pure, tmp_path, f, "--keep-failed", check=False)
+    assert p.returncode == 1
+    line = next(l for l in p.stderr.splitlines() if l.startswith("keeping build directory "))
+    kept = line.split()[3]
+    assert Path(kept, "left").read_text() == "data\n"
+    shutil.rmtree(Path(kept).parent.parent, ignore_errors=True)
+
+
+def test_fail_fast_by_default_and_keep_going_on_request(pure, expr, tmp_path, store_root):
+    f = expr('''\
+bad = sh("bad", "exit 1")
+slow = [sh(f"ok{i}", f"echo {i} > $out") for i in range(4)]
+after = sh("after", f"echo {bad} > $out")
+default = [bad, after] + slow
+''')
+    p = build(pure, tmp_path, f, "-k", "-j", "1", "--no-link", check=False)
+    assert p.returncode == 1
+    st = open_store(store_root)
+    try:
+        names = {p.name for p in st.valid_paths()}
+    finally:
+        st.close()
+    assert {"ok0", "ok1", "ok2", "ok3"} <= names and "bad" not in names and "after" not in names
+
+
+def test_setuid_bits_do_not_survive_and_writable_outputs_are_refused(pure, expr, tmp_path, store_root):
+    f = expr('''\
+suid = sh("suid", "$B mkdir $out; $B cp $B $out/x; $B chmod 6755 $out/x; $B chmod 1755 $out")
+ww = sh("ww", "$B mkdir $out; echo x > $out/f; $B chmod 666 $out/f")
+''')
+    p = build(pure, tmp_path, f, "-A", "suid")
+    out = p.stdout.strip()
+    real = f"{store_root}{out}"
+    assert oct(os.lstat(real + "/x").st_mode & 0o7777) == oct(0o555)
+    assert oct(os.lstat(real).st_mode & 0o7777) == oct(0o555)
+    p = build(pure, tmp_path, f, "-A", "ww", check=False)
+    assert p.returncode == 1 and "world-writable" in p.stderr and "/f" in p.stderr
+    st = open_store(store_root)
+    try:
+        assert not [x for x in st.valid_paths() if x.name == "ww"]
+        from purestore.store import events
+        assert any("writable" in r["what"] for r in events.query_sandbox_refusals(st))
+    finally:
+        st.close()
+
+
+def test_cycle_between_outputs_is_an_error(pure, expr, tmp_path):
+    f = expr('default = sh("cyc", "$B mkdir $out $dev; echo $dev > $out/d; echo $out > $dev/o", '
+             'outputs=["out", "dev"])\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1 and "cycle" in p.stderr
+
+
+def test_builder_environment_is_exactly_as_specified(pure, expr, tmp_path, store_root):
+    f = expr('default = sh("envdump", "$B env > $out; $B id -u >> $out; $B hostname >> $out; echo $$ >> $out", '
+             'FOO="bar")\n')
+    p = build(pure, tmp_path, f, "--cores", "3")
+    text = Path(f"{store_root}{p.stdout.strip()}").read_text().splitlines()
+    env = dict(l.split("=", 1) for l in text if "=" in l)
+    assert text[-3:] == ["1000", "localhost", "1"]
+    assert env["PATH"] == "/path-not-set" and env["HOME"] == "/homeless-shelter"
+    assert env["NIX_BUILD_CORES"] == "3" and env["NIX_STORE"] == "/pure/store"
+    assert env["SOURCE_DATE_EPOCH"] == "315532800"
+    assert env["TMPDIR"] == env["TEMPDIR"] == env["TMP"] == env["TEMP"] == env["PWD"] == "/build"
+    assert env["FOO"] == "bar" and env["name"] == "envdump" and env["out"] == p.stdout.strip()
+    expected = {"PATH", "HOME", "NIX_STORE", "NIX_BUILD_CORES", "NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP",
+                "TEMP", "PWD", "NIX_LOG_FD", "TERM", "SOURCE_DATE_EPOCH", "SHLVL",
+                "name", "system", "builder", "out", "B", "FOO"}
+    assert set(env) == expected
+
+
+def test_pass_as_file(pure, expr, tmp_path, store_root):
+    f = expr('default = sh("paf", "$B cat $bigPath > $out", big="some\\ntext", passAsFile=["big"])\n')
+    p = build(pure, tmp_path, f)
+    assert Path(f"{store_root}{p.stdout.strip()}").read_text() == "some\ntext"
+
+
+def test_json_events(pure, expr, tmp_path):
+    f = expr('default = sh("js", "echo hi; echo $B > $out")\n')
+    p = build(pure, tmp_path, f, "--json", "-L")
+    evs = [json.loads(l) for l in p.stdout.splitlines()]
+    types = [e["type"] for e in evs]
+    assert types[0] == "plan" and "start" in types and "built" in types and types[-1] == "result"
+    assert any(e["type"] == "log" and e["line"] == "hi" for e in evs)
+    assert evs[-1]["results"][0]["outputs"]["out"].endswith("-js")
+
+
+def test_print_build_logs(pure, expr, tmp_path):
+    f = expr('default = sh("pl", "echo visible-line; echo x > $out")\n')
+    p = build(pure, tmp_path, f, "-L")
+    assert "pl> visible-line" in p.stderr
+
+
+def test_store_realise_and_log_of_an_output(pure, drvs, store_root):
+    d = drvs.add("rl", "echo from-the-builder; echo x > $out")
+    p = pure("store", "realise", d)
+    assert p.stdout.strip() == drvs.out(d)
+    assert pure("log", drvs.out(d)).stdout == "from-the-builder\n"
+    assert pure("log", d).stdout == "from-the-builder\n"

@@ -63,7 +63,7 @@ class BuildOptions:
 @attrs.define(eq=False)
 class _Node:
     path: StorePath
-    drv: Derivation
+    drv: Derivation | None  # None: not parsed (its outputs were valid)
     label: str
     outputs: dict[str, StorePath]
     deps: list["_Node"] = attrs.field(factory=list)
@@ -118,54 +118,52 @@ class _Realiser:
     # -- planning ------------------------------------------------------------------------------
 
     def _load_graph(self, tops: list[StorePath]) -> None:
-        """Read the .drv closure of ``tops`` and mark what must be built (blocking)."""
+        """Read the .drv closure of ``tops`` and mark what must be built (blocking).
+
+        A derivation whose recorded outputs are all valid is not needed: its ``.drv`` is not
+        even parsed (unless it is to be checked), and its inputs are not visited."""
         store = self.store
-        self.store.add_temp_roots(tops)
+        store.add_temp_roots(tops)
+        reparse = self.options.check or self.options.rounds > 1
+        top_set = set(tops)
         stack = list(tops)
         order: list[_Node] = []
         while stack:
             p = stack.pop()
             if p in self.nodes:
                 continue
-            real = store.real_path(p)
-            try:
-                with open(real, "rb") as f:
-                    drv = parse_aterm(f.read(), where=store.print_path(p))
-            except FileNotFoundError:
-                raise StoreError(f"derivation {store.print_path(p)!r} does not exist in the store "
-                                 f"at {store.real_store_dir!r}") from None
-            except OSError as e:
-                raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
+            known = store.query_derivation_outputs(p)
+            if known and all(store.is_valid(o) for o in known.values()) and not (reparse and p in top_set):
+                node = _Node(p, None, store.print_path(p), known, ok=True)
+                node.done.set()
+                self.nodes[p] = node
+                continue
+            drv = self._read_drv(p)
             outs = {n: StorePath.parse(o.path, self.sd) for n, o in drv.outputs.items()}
             node = _Node(p, drv, store.print_path(p), outs)
             self.nodes[p] = node
+            if all(store.is_valid(o) for o in outs.values()):
+                node.ok = True
+                node.done.set()
+                continue
+            node.needed = True
             order.append(node)
-            for d in drv.input_drvs:
-                stack.append(StorePath.parse(d, self.sd))
+            stack.extend(StorePath.parse(d, self.sd) for d in drv.input_drvs)
         for node in order:
             node.deps = [self.nodes[StorePath.parse(d, self.sd)] for d in node.drv.input_drvs]
         for t in tops:
             self.nodes[t].top = True
-        # what is needed: walk down from the tops, stopping at derivations whose outputs are valid
-        seen: set[StorePath] = set()
-        stack = list(tops)
-        while stack:
-            p = stack.pop()
-            if p in seen:
-                continue
-            seen.add(p)
-            node = self.nodes[p]
-            missing = [o for o in node.outputs.values() if not store.is_valid(o)]
-            if missing:
-                node.needed = True
-                stack.extend(d.path for d in node.deps)
-            else:
-                node.ok = True
-                node.done.set()
-        for node in self.nodes.values():
-            if not node.needed and not node.ok:
-                node.ok = True  # not reachable through a missing output: nothing to do
-                node.done.set()
+
+    def _read_drv(self, p: StorePath) -> Derivation:
+        real = self.store.real_path(p)
+        try:
+            with open(real, "rb") as f:
+                return parse_aterm(f.read(), where=self.store.print_path(p))
+        except FileNotFoundError:
+            raise StoreError(f"derivation {self.store.print_path(p)!r} does not exist in the store "
+                             f"at {self.store.real_store_dir!r}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
 
     async def _substitute(self) -> list[str]:
         if not self.settings.substituters or self.settings.offline:
@@ -311,11 +309,15 @@ class _Realiser:
     def _input_closure(self, node: _Node) -> set[StorePath]:
         roots = {StorePath.parse(s, self.sd) for s in node.drv.input_srcs}
         for d, outs in node.drv.input_drvs.items():
-            dep = self.nodes[StorePath.parse(d, self.sd)]
+            dp = StorePath.parse(d, self.sd)
+            dep = self.nodes.get(dp)
+            dep_outs = dep.outputs if dep is not None else (
+                self.store.query_derivation_outputs(dp)
+                or {n: StorePath.parse(o.path, self.sd) for n, o in self._read_drv(dp).outputs.items()})
             for o in outs:
-                if o not in dep.outputs:
-                    raise BuildError(f"{node.label} uses output {o!r} of {dep.label}, which has no such output")
-                roots.add(dep.outputs[o])
+                if o not in dep_outs:
+                    raise BuildError(f"{node.label} uses output {o!r} of {d}, which has no such output")
+                roots.add(dep_outs[o])
         self.store.add_temp_roots(roots)
         return self.store.query_closure(roots)
 
