@@ -36,6 +36,7 @@ from . import _storeapi as S
 from .backend import Backend, FileBackend, open_backend, parse_url
 from .compression import compressor, extension
 from .info import CacheInfo
+from ._nursery import open_nursery
 from .progress import Progress
 
 
@@ -227,7 +228,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             async with query_limit:
                 if await backend.exists(f"{p.hash_part}.narinfo"):
                     have.add(p)
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             for p in order:
                 n.start_soon(query, p)
         todo = [p for p in order if p not in have]
@@ -284,7 +285,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             if progress:
                 progress.path_done(p.absolute(store_dir))
 
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             for p in todo:
                 n.start_soon(push_one, p)
         if progress:

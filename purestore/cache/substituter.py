@@ -43,6 +43,7 @@ from .backend import Backend, FileBackend, check_name, open_backend, parse_url
 from .compression import decompressor
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache
+from ._nursery import open_nursery
 from .progress import Progress
 
 log = logging.getLogger("purestore.cache")
@@ -110,7 +111,7 @@ class Substituters:
             opened.append((priority, i, _Cache(url, backend, priority)))
 
         opened: list[tuple[int, int, _Cache]] = []
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             for i, url in enumerate(self.urls):
                 n.start_soon(open_one, i, url)
         self.caches = [c for _p, _i, c in sorted(opened, key=lambda t: (t[0], t[1]))]
@@ -132,7 +133,7 @@ class Substituters:
         async def one(i: int, cache: _Cache):
             results[i] = await self._query_one(cache, path)
 
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             for i, c in enumerate(self.caches):
                 n.start_soon(one, i, c)
         for cache, r in zip(self.caches, results):
@@ -250,7 +251,11 @@ def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
     try:
         restore_nar(reader, tmp)
     except NarError as e:
-        # a hash mismatch found later explains a bad NAR better, but the NAR error names the spot
+        # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
+        try:
+            reader.finish()
+        except CacheError as mismatch:
+            raise CacheError(f"{mismatch} (and it is not a valid NAR: {e})") from e
         raise CacheError(f"NAR {where} is invalid: {e}") from e
     reader.finish()
     canonicalise_path(tmp)
@@ -320,7 +325,7 @@ async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progr
                         await send.send(c)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except CacheError as e:
+        except Exception as e:  # handed to the restoring thread and re-raised by the caller
             pump_error.append(e)
 
     token = trio.lowlevel.current_trio_token()
@@ -333,16 +338,20 @@ async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progr
                 raise pump_error[0]
             return b""
 
+    failure: list[Exception] = []
     async with trio.open_nursery() as n:
         n.start_soon(pump)
         try:
             await trio.to_thread.run_sync(_restore, next_chunk, ni, where, tmp, progress)
-        except CacheError:
-            if pump_error:
-                raise pump_error[0] from None
-            raise
+        except Exception as e:  # re-raised below, outside the nursery (no exception group)
+            failure.append(e)
         finally:
             recv.close()
+            n.cancel_scope.cancel()
+    if pump_error:
+        raise pump_error[0]
+    if failure:
+        raise failure[0]
 
 
 # -- the closure -----------------------------------------------------------------------------------
@@ -407,7 +416,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     seen.add(ref)
                     nursery.start_soon(visit, ref, nursery)
 
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             for p in sorted(wanted):
                 n.start_soon(visit, p, n)
 
@@ -432,7 +441,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     if r in events:
                         await events[r].wait()
                         if r not in ok:
-                            report.failures[p] = f"its reference {r.absolute(sd)!r} could not be substituted"
+                            report.failures[p] = (f"its reference {r.absolute(sd)!r} could not be substituted: "
+                                                  f"{report.failures.get(r, 'unknown reason')}")
                             return
                     elif not S.is_valid(store, r):
                         report.failures[p] = (f"its reference {r.absolute(sd)!r} is not valid and no cache "
@@ -456,7 +466,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             finally:
                 events[p].set()
 
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             for p in order:
                 n.start_soon(fetch, p)
         if progress:
