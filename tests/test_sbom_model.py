@@ -62,7 +62,8 @@ def test_parse_drv_name_follows_nix():
     assert parse_drv_name("hello-2.10") == ("hello", "2.10")
     assert parse_drv_name("gcc-wrapper-13.2") == ("gcc-wrapper", "13.2")
     assert parse_drv_name("busybox") == ("busybox", None)
-    assert parse_drv_name("hello-2.10.tar.gz") == ("hello", "2.10.tar.gz")
+    assert parse_drv_name("hello-2.10.tar.gz") == ("hello", "2.10")
+    assert parse_drv_name("zig-0.17.0.whl") == ("zig", "0.17.0")
 
 
 def test_build_closure_runtime_split_and_edges():
@@ -140,7 +141,7 @@ def test_spdx_validates_with_the_spdx_tools_validator():
     assert msgs == [], [m.validation_message for m in msgs]
     data = json.loads(text)
     by_id = {x["SPDXID"]: x for x in data["packages"]}
-    tar = next(x for x in data["packages"] if x["name"] == "hello" and x.get("versionInfo") == "2.10.tar.gz")
+    tar = next(x for x in data["packages"] if x["name"] == "hello" and x.get("versionInfo") == "2.10" and x["primaryPackagePurpose"] == "SOURCE")
     assert tar["downloadLocation"] == "NOASSERTION"  # SPDX has no file:// download locations
     refs = {r["referenceType"]: r["referenceLocator"] for r in tar["externalRefs"]}
     assert refs["purestore-fetch-url"] == "file:///srv/hello-2.10.tar.gz"

@@ -95,12 +95,19 @@ class Sbom:
 _VERSION_START = re.compile(r"-(?=[^A-Za-z])")
 
 
+_ARCHIVE_EXT = re.compile(r"\.(tar(\.(gz|bz2|xz|zst|lz|Z))?|tgz|tbz2?|txz|zip|gem|whl|deb|crate)$")
+
+
 def parse_drv_name(name: str) -> tuple[str, str | None]:
-    """Nix's ``parseDrvName``: split at the first ``-`` followed by a non-letter."""
+    """Nix's ``parseDrvName``: split at the first ``-`` followed by a non-letter.
+
+    An archive extension is not part of the version: ``hello-2.10.tar.gz`` → ``hello``, ``2.10``.
+    """
     m = _VERSION_START.search(name)
     if not m:
         return name, None
-    return name[: m.start()], name[m.end():] or None
+    version = _ARCHIVE_EXT.sub("", name[m.end():])
+    return name[: m.start()], version or None
 
 
 # -- collecting from a store -----------------------------------------------------------------
@@ -292,8 +299,9 @@ def _serial(sbom: Sbom) -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_URL, "urn:purestore:sbom:" + key)
 
 
-def render_cyclonedx(sbom: Sbom, now: datetime.datetime | None = None, validate: bool = True) -> str:
-    """The SBOM as CycloneDX 1.6 JSON text; validated against the bundled official schema."""
+def render_cyclonedx(sbom: Sbom, now: datetime.datetime | None = None, validate: bool = False) -> str:
+    """The SBOM as CycloneDX 1.6 JSON text; with ``validate``, checked against the official schema
+    (loading the validator costs seconds: jsonschema's format checkers compile grammars)."""
     from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, \
         Property, XsUri
     from cyclonedx.model.bom import Bom, BomMetaData
@@ -475,9 +483,9 @@ def render_spdx(sbom: Sbom, now: datetime.datetime | None = None) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render(sbom: Sbom, fmt: str, now: datetime.datetime | None = None) -> str:
+def render(sbom: Sbom, fmt: str, now: datetime.datetime | None = None, validate: bool = False) -> str:
     if fmt == "cyclonedx-json":
-        return render_cyclonedx(sbom, now)
+        return render_cyclonedx(sbom, now, validate=validate)
     if fmt == "spdx-json":
         return render_spdx(sbom, now)
     raise SbomError(f"unknown SBOM format {fmt!r}, expected one of {', '.join(FORMATS)}")
