@@ -48,7 +48,10 @@ def fetchurl(drv: Derivation, out: str, log: Log) -> None:
                 shutil.copyfileobj(resp, f, 1 << 20)
             os.rename(tmp, out)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            if isinstance(e, urllib.error.HTTPError):
+                reason = f"HTTP error {e.code} ({e.reason})"
+            else:
+                reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
             errors.append(f"{url}: {reason}")
             log(f"error: {url}: {reason}")
             try:

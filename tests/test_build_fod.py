@@ -1,0 +1,122 @@
+"""Fixed-output derivations: builtin fetchurl (http, file), hash checks, network only for FODs."""
+
+from __future__ import annotations
+
+import hashlib
+import base64
+import http.server
+import json
+import threading
+
+import pytest
+
+from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
+
+pytestmark = needs_sandbox
+
+PAYLOAD = b"fetched content\n"
+SRI = "sha256-" + base64.b64encode(hashlib.sha256(PAYLOAD).digest()).decode()
+
+
+@pytest.fixture
+def http_server():
+    """A real HTTP server on 127.0.0.1 serving PAYLOAD at /file.txt (404 elsewhere)."""
+    hits = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path == "/file.txt":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                self.wfile.write(PAYLOAD)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", hits
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_builtin_fetchurl_over_http(pure, expr, tmp_path, store_root, http_server):
+    url, hits = http_server
+    f = expr(f'default = fetchurl(url="{url}/file.txt", hash="{SRI}")\n')
+    p = build(pure, tmp_path, f)
+    out = p.stdout.strip()
+    assert (store_root / out.lstrip("/")).read_bytes() == PAYLOAD
+    assert hits == ["/file.txt"]
+    info = json.loads(pure("store", "path-info", "--json", out).stdout)[0]
+    assert info["ca"].startswith("fixed:sha256:") and info["references"] == []
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        b = events.query_builds(st)[0]
+        assert b["fixed_output"] and b["network"] and b["status"] == "built"
+    finally:
+        st.close()
+
+
+def test_builtin_fetchurl_file_url(pure, expr, tmp_path, store_root):
+    src = tmp_path / "local.txt"
+    src.write_bytes(PAYLOAD)
+    f = expr(f'default = fetchurl(url="file://{src}", hash="{SRI}", name="local")\n')
+    out = build(pure, tmp_path, f).stdout.strip()
+    assert (store_root / out.lstrip("/")).read_bytes() == PAYLOAD
+
+
+def test_fetchurl_wrong_hash_registers_nothing_and_shows_both_hashes(pure, expr, tmp_path, store_root, http_server):
+    url, _ = http_server
+    wrong = "sha256-" + base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    f = expr(f'default = fetchurl(url="{url}/file.txt", hash="{wrong}")\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1
+    assert "hash mismatch" in p.stderr and wrong in p.stderr and SRI in p.stderr
+    st = open_store(store_root)
+    try:
+        assert [x for x in st.valid_paths() if x.name == "file.txt"] == []
+    finally:
+        st.close()
+
+
+def test_fetchurl_404_fails_cleanly(pure, expr, tmp_path, http_server):
+    url, _ = http_server
+    f = expr(f'default = fetchurl(url="{url}/missing", hash="{SRI}")\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1 and "could not download" in p.stderr and "404" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_sandboxed_fod_gets_network_and_hash_is_checked(pure, expr, tmp_path, store_root, http_server):
+    url, hits = http_server
+    port = url.rsplit(":", 1)[1]
+    # busybox nc speaks HTTP well enough; strip the headers
+    script = (f"printf 'GET /file.txt HTTP/1.0\\\\r\\\\n\\\\r\\\\n' | $B nc 127.0.0.1 {port} > /build/resp; "
+              "$B sed '1,/^\\\\r$/d' /build/resp > $out")
+    f = expr(f'''\
+fod = sh("netfod", "{script}", outputHash="{SRI}", outputHashAlgo="", outputHashMode="flat")
+nonfod = sh("netplain", "{script}; [ -s $out ] || exit 9")
+''')
+    p = build(pure, tmp_path, f, "-A", "fod")
+    assert (store_root / p.stdout.strip().lstrip("/")).read_bytes() == PAYLOAD
+    n = len(hits)
+    p = build(pure, tmp_path, f, "-A", "nonfod", check=False)
+    assert p.returncode == 1 and len(hits) == n  # the plain derivation never reached the server
+
+
+def test_sandboxed_fod_with_wrong_output_registers_nothing(pure, expr, tmp_path, store_root):
+    f = expr(f'default = sh("fodwrong", "echo not-it > $out", outputHash="{SRI}", outputHashAlgo="", '
+             f'outputHashMode="flat")\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1 and "specified: " + SRI in p.stderr and "got: sha256-" in p.stderr
+    st = open_store(store_root)
+    try:
+        assert [x for x in st.valid_paths() if x.name == "fodwrong"] == []
+    finally:
+        st.close()
