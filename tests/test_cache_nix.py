@@ -1,0 +1,116 @@
+"""Interop with real Nix 2.8 (skipped without Nix): caches written by one are read by the other,
+and our narinfo text equals Nix's for the same paths, compression and key."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import DATA, needs_nix, run_pure
+from test_cache_support import PUB, SEC, make_closure, open_store, start_server, stop_server
+
+pytestmark = [needs_nix, pytest.mark.nix]
+
+NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
+
+DEMO_NIX = """
+let dep = builtins.toFile "dep.txt" "dependency\\n"; in
+derivation { name = "demo"; system = "x86_64-linux"; builder = "/bin/sh";
+             args = [ "-c" "echo ${dep}" ]; src = ./tree; }
+"""
+
+
+def nix(*args, check=True):
+    p = subprocess.run([str(a) for a in args], env=NIX_ENV, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed: {p.stderr}")
+    return p
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    p = tmp_path / "k.sec"
+    p.write_text(SEC)
+    return p
+
+
+def nix_closure_cache(tmp_path, keyfile):
+    """A .drv with two references, instantiated by Nix and pushed with `nix copy` (zstd, signed)."""
+    expr = tmp_path / "expr"
+    expr.mkdir()
+    shutil.copytree(DATA / "cache" / "src" / "tree", expr / "tree", symlinks=True)
+    (expr / "demo.nix").write_text(DEMO_NIX)
+    nixroot = tmp_path / "nixroot"
+    drv = nix("nix-instantiate", "--store", nixroot, expr / "demo.nix").stdout.strip()
+    closure = nix("nix-store", "--store", nixroot, "-qR", drv).stdout.split()
+    cache = tmp_path / "nixcache"
+    nix("nix", "copy", "--store", nixroot, "--derivation",
+        "--to", f"file://{cache}?compression=zstd&secret-key={keyfile}", drv)
+    return drv, closure, cache
+
+
+def test_nix_cache_is_substituted_and_our_push_equals_nix(tmp_path, keyfile):
+    drv, closure, nixcache = nix_closure_cache(tmp_path, keyfile)
+    root = tmp_path / "pure"
+    # substitute from Nix's cache with Nix's key trusted (config file, like a real setup)
+    cfg = tmp_path / "pure.conf"
+    cfg.write_text(f"substituters = file://{nixcache}\ntrusted-public-keys = {PUB}\n")
+    run_pure("copy", "--from", f"file://{nixcache}", drv, root=root, store_dir="/nix/store",
+             env={"PURE_CONFIG": str(cfg)})
+    run_pure("store", "verify", "--check-contents", root=root, store_dir="/nix/store")
+    info = json.loads(run_pure("store", "path-info", "--json", drv, root=root, store_dir="/nix/store").stdout)[0]
+    assert sorted(info["references"]) == sorted(p for p in closure if p != drv)
+    # push the same paths with the same key and compression: narinfos and NARs equal Nix's
+    ours = tmp_path / "ourcache"
+    run_pure("copy", "--to", f"file://{ours}?compression=zstd&secret-key={keyfile}", drv,
+             root=root, store_dir="/nix/store")
+    for p in closure:
+        h = os.path.basename(p)[:32]
+        assert (ours / f"{h}.narinfo").read_text() == (nixcache / f"{h}.narinfo").read_text()
+    assert sorted(os.listdir(ours / "nar")) == sorted(os.listdir(nixcache / "nar"))
+    assert (ours / "nix-cache-info").read_text() == (nixcache / "nix-cache-info").read_text()
+
+
+def test_nix_cache_with_untrusted_key_is_refused(tmp_path, keyfile):
+    drv, _closure, nixcache = nix_closure_cache(tmp_path, keyfile)
+    r = run_pure("copy", "--from", f"file://{nixcache}", "--trusted-public-keys",
+                 "other-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=", drv,
+                 root=tmp_path / "pure", store_dir="/nix/store", check=False)
+    assert r.returncode == 1 and "untrusted key 'test-key-1'" in r.stderr
+
+
+@pytest.mark.parametrize("via", ["file", "http"])
+def test_pure_cache_is_read_by_nix_copy(tmp_path, keyfile, via):
+    """Input-addressed paths (no CA: Nix insists on a valid signature) pushed by `pure copy`."""
+    root = tmp_path / "pure"
+    with open_store(root, "/nix/store") as store:
+        lib, app = make_closure(store)
+        app_p, lib_p = store.print_path(app), store.print_path(lib)
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, "--write-nar-listing",
+             app_p, root=root, store_dir="/nix/store")
+    proc = None
+    url = f"file://{cache}"
+    if via == "http":
+        proc, url = start_server(cache)
+    try:
+        # an untrusted key: Nix refuses our paths
+        bad = nix("nix", "copy", "--store", tmp_path / "nixbad", "--from", url, "--option",
+                  "trusted-public-keys", "other-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=", app_p, check=False)
+        assert bad.returncode != 0 and "signature" in bad.stderr
+        nixroot = tmp_path / "nixroot"
+        nix("nix", "copy", "--store", nixroot, "--from", url, "--option", "trusted-public-keys", PUB, app_p)
+    finally:
+        if proc:
+            stop_server(proc)
+    out = json.loads(nix("nix", "path-info", "--store", nixroot, "--json", "-r", app_p).stdout)
+    by_path = {o["path"]: o for o in out}
+    assert set(by_path) == {app_p, lib_p}
+    assert by_path[app_p]["references"] == [lib_p]
+    assert any(s.startswith("test-key-1:") for s in by_path[app_p]["signatures"])
+    nix("nix-store", "--store", nixroot, "--verify", "--check-contents")
+    assert (nixroot / "nix/store" / app.base_name / "share/link").is_symlink()
