@@ -1,0 +1,150 @@
+"""The substituter API the builder uses: `substitute`, `fetch_path`; priorities, negative caching,
+partial success, repair, offline, and many paths over HTTP with the in-process trio server."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import trio
+
+from test_cache_support import PUB, SEC, make_closure, make_path, open_store, rewrite_narinfo, settings_for
+
+
+async def push(store, settings, url, paths, key=SEC):
+    from purestore.cache import copy_to
+    from purestore.formats.signing import SecretKey
+    return await copy_to(store, settings, url, paths, secret_keys=[SecretKey.parse(key)] if key else [])
+
+
+@pytest.fixture
+def source(tmp_path):
+    root = tmp_path / "src"
+    store = open_store(root)
+    lib, app = make_closure(store)
+    yield store, settings_for(root), lib, app
+    store.close()
+
+
+def dest(tmp_path, *caches, name="dst", **kw):
+    root = tmp_path / name
+    s = settings_for(root, substituters=tuple(caches), trusted_public_keys=(PUB,), **kw)
+    from purestore.store.local import LocalStore
+    return LocalStore.open(s, durable=False), s
+
+
+async def test_substitute_fetches_closure_and_records_event(source, tmp_path):
+    from purestore.cache import substitute
+    from purestore.store import events
+    store, s, lib, app = source
+    await push(store, s, f"file://{tmp_path}/c", [app])
+    d, ds = dest(tmp_path, f"file://{tmp_path}/c")
+    with d:
+        got = await substitute(d, ds, {app})
+        assert got == {app}
+        assert d.is_valid(lib) and d.query_path_info(app).references == frozenset({lib})
+        assert d.verify(check_contents=True).ok
+        subs = events.query_substitutions(d)
+        assert {e["path"] for e in subs} == {d.print_path(app), d.print_path(lib)}
+        assert all(e["cache"] == f"file://{tmp_path}/c" for e in subs)
+
+
+async def test_priority_order_and_untrusted_cache_skipped(source, tmp_path):
+    """The cache with the lower Priority wins; a cache with bad signatures is passed over."""
+    from purestore.cache import substitute
+    from purestore.formats.signing import SecretKey
+    from purestore.store import events
+    store, s, lib, app = source
+    for name in ("slow", "fast", "evil"):
+        key = SecretKey.generate("evil-1").render() if name == "evil" else SEC
+        await push(store, s, f"file://{tmp_path}/{name}", [app], key=key)
+    (tmp_path / "fast" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 10\n")
+    (tmp_path / "evil" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 1\n")
+    d, ds = dest(tmp_path, f"file://{tmp_path}/evil", f"file://{tmp_path}/slow", f"file://{tmp_path}/fast")
+    with d:
+        assert await substitute(d, ds, {app}) == {app}
+        assert {e["cache"] for e in events.query_substitutions(d)} == {f"file://{tmp_path}/fast"}
+
+
+async def test_partial_success_and_nothing_untrusted_registered(source, tmp_path):
+    from purestore.cache import substitute_report
+    store, s, lib, app = source
+    other = make_path(store, "other-1", {"": b"other\n"})
+    c = tmp_path / "c"
+    await push(store, s, f"file://{c}", [app, other])
+    rewrite_narinfo(c, other, drop_sigs=True)
+    d, ds = dest(tmp_path, f"file://{c}")
+    with d:
+        rep = await substitute_report(d, ds, {app, other})
+        assert rep.valid == {app}
+        assert "no signature" in rep.failures[other]
+        assert not d.is_valid(other)
+
+
+async def test_negative_lookups_are_cached_briefly(source, tmp_path):
+    from purestore.cache import substitute
+    store, s, lib, app = source
+    c = f"file://{tmp_path}/c"
+    await push(store, s, c, [lib])
+    d, ds = dest(tmp_path, c, narinfo_cache_negative_ttl=3600)
+    with d:
+        assert await substitute(d, ds, {app}) == set()
+        await push(store, s, c, [app])
+        assert await substitute(d, ds, {app}) == set()  # still remembered as missing
+        assert await substitute(d, ds.evolve(narinfo_cache_negative_ttl=0), {app}) == {app}
+
+
+async def test_offline_and_no_substituters_do_nothing(source, tmp_path):
+    from purestore.cache import substitute
+    store, s, lib, app = source
+    c = f"file://{tmp_path}/c"
+    await push(store, s, c, [app])
+    d, ds = dest(tmp_path, c, offline=True)
+    with d:
+        assert await substitute(d, ds, {app}) == set()
+        assert await substitute(d, ds.evolve(substituters=()), {app}) == set()
+        assert d.valid_paths() == []
+
+
+async def test_fetch_path_repairs_a_corrupted_path(source, tmp_path):
+    from purestore.cache import fetch_path, substitute
+    store, s, lib, app = source
+    c = f"file://{tmp_path}/c"
+    await push(store, s, c, [app])
+    d, ds = dest(tmp_path, c)
+    with d:
+        await substitute(d, ds, {app})
+        doc = os.path.join(d.real_path(app), "share", "doc")
+        os.chmod(os.path.dirname(doc), 0o755)
+        os.chmod(doc, 0o644)
+        with open(doc, "ab") as f:
+            f.write(b"tampered")
+        assert not d.verify(check_contents=True).ok
+        assert await fetch_path(d, ds, app, repair=True)
+        assert d.verify(check_contents=True).ok
+        assert stat.S_IMODE(os.stat(doc).st_mode) == 0o444
+
+
+async def test_many_small_paths_over_http_in_parallel(tmp_path):
+    """60 paths in a chain of dependencies and a fan-out, served by `serve_cache` in-process."""
+    from purestore.cache import serve_cache, substitute
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        s = settings_for(root)
+        leaves = [make_path(store, f"leaf-{i}", {"": f"leaf {i}\n".encode()}) for i in range(50)]
+        top = make_path(store, "top", {"refs": "\n".join(map(store.print_path, leaves)).encode()}, refs=leaves)
+        chain = [top]
+        for i in range(10):
+            chain.append(make_path(store, f"chain-{i}", {"": store.print_path(chain[-1]).encode()}, refs=[chain[-1]]))
+        cache = tmp_path / "c"
+        await push(store, s, f"file://{cache}", [chain[-1]])
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(serve_cache, str(cache), "127.0.0.1:0")
+        d, ds = dest(tmp_path, url + "/")
+        with d:
+            with trio.fail_after(60):
+                assert await substitute(d, ds, {chain[-1]}) == {chain[-1]}
+            assert len(d.valid_paths()) == 61
+            assert d.verify(check_contents=True).ok
+        n.cancel_scope.cancel()
