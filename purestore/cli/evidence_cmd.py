@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -47,14 +48,10 @@ def register(reg) -> None:
             "by a trusted key, and that its subject digest matches the store's NAR hash of PATH\n"
             "(or of every subject when no PATH is given). Exits 1 with the reason otherwise."),
     )
-    p.add_argument("args", nargs="+", metavar="ARG", help="PATH, or 'verify' FILE [PATH]")
-    p.add_argument("--key-file", metavar="KEY", help="secret key file to sign with")
-    p.add_argument("-o", "--output", metavar="FILE", help="also write the envelope to FILE ('-' for stdout)")
-    p.add_argument("--trusted-key", metavar="PUB", action="append", default=[],
-                   help="trusted public key 'name:base64' or a file holding one (repeatable)")
-    p.add_argument("--allow-unrecorded", action="store_true",
-                   help="sign even when this store has no record of building the path (no times)")
-    p.add_argument("--json", action="store_true", help="verify: print the verified statement as JSON")
+    # argparse cannot take positionals on both sides of an option ("verify FILE --trusted-key K
+    # PATH"), so everything after the first positional is parsed again, intermixed, below.
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG", help="PATH, or 'verify' FILE [PATH]")
+    _provenance_options(p)
 
     p = reg.command(
         "report", "hermeticity report: builds, network use, pinning, reproducibility, cache hits",
@@ -135,6 +132,37 @@ def cmd_sbom(args, ctx) -> int:
 # -- provenance ------------------------------------------------------------------------------
 
 
+def _provenance_options(p, suppress: bool = False) -> None:
+    d = (lambda x: argparse.SUPPRESS) if suppress else (lambda x: x)
+    p.add_argument("--key-file", metavar="KEY", default=d(None), help="secret key file to sign with")
+    p.add_argument("-o", "--output", metavar="FILE", default=d(None),
+                   help="write the envelope to FILE instead of standard output")
+    p.add_argument("--trusted-key", metavar="PUB", action="append", default=d([]),
+                   help="trusted public key 'name:base64' or a file holding one (repeatable)")
+    p.add_argument("--allow-unrecorded", action="store_true", default=d(False),
+                   help="sign even when this store has no record of building the path (no times)")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="verify: print the verified statement as JSON")
+
+
+def _reparse_provenance(args) -> None:
+    from ..errors import UsageError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"pure provenance: {message}", hint="see 'pure provenance --help'")
+
+    inner = Parser(prog="pure provenance", add_help=False)
+    inner.add_argument("args", nargs="*")
+    _provenance_options(inner, suppress=True)
+    ns = inner.parse_intermixed_args(args.args)
+    for k, v in vars(ns).items():
+        if k == "trusted_key":
+            args.trusted_key = list(args.trusted_key) + list(v)
+        else:
+            setattr(args, k, v)
+
+
 def _load_trusted(specs: list[str]):
     from ..errors import UsageError
     from ..formats.signing import parse_public_keys
@@ -152,6 +180,9 @@ def _load_trusted(specs: list[str]):
 
 def cmd_provenance(args, ctx) -> int:
     from ..errors import UsageError
+    _reparse_provenance(args)
+    if not args.args:
+        raise UsageError("pure provenance needs a PATH (or 'verify FILE')")
     if args.args[0] == "verify":
         rest = args.args[1:]
         if not 1 <= len(rest) <= 2:

@@ -1,0 +1,171 @@
+"""`pure provenance` / `pure provenance verify` on a real build: round trip and every refusal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_pure
+from purestore.build.sandbox import sandbox_available
+from purestore.formats.hash import Hash
+from purestore.formats.provenance import Envelope, sign_statement
+from purestore.formats.signing import SecretKey
+
+BUSYBOX = "/bin/busybox"
+
+
+def _reason():
+    if not os.path.exists(BUSYBOX):
+        return "no /bin/busybox (install busybox-static)"
+    with open(BUSYBOX, "rb") as f:
+        if b"ld-linux" in f.read(1 << 20):
+            return "/bin/busybox is dynamically linked (install busybox-static)"
+    return sandbox_available()
+
+
+REASON = _reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+EXPR = '''
+import os
+from purestore.expr import derivation, source, fetchurl
+
+bb = source("bb", name="busybox")
+B = f"{bb}/bin/busybox"
+src = fetchurl(url="file://" + os.path.join(os.path.dirname(__file__), "data.txt"), sha256="@SHA@")
+dep = derivation(name="dep-1.0", system="x86_64-linux", builder=B,
+                 args=["sh", "-c", f"echo dep > $out"])
+app = derivation(name="app-1.0", system="x86_64-linux", builder=B,
+                 args=["sh", "-c", f"{B} cat {src} {dep} > $out"])
+other = derivation(name="other-1.0", system="x86_64-linux", builder=B, args=["sh", "-c", "echo other > $out"])
+default = app
+'''
+DATA = b"pinned input\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prov")
+    root = tmp / "root"
+    root.mkdir()
+    proj = tmp / "proj"
+    (proj / "bb" / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, proj / "bb" / "bin" / "busybox")
+    (proj / "data.txt").write_bytes(DATA)
+    (proj / "expr.py").write_text(EXPR.replace("@SHA@", Hash.of_bytes(DATA).base16))
+    app = run_pure("build", "expr.py", cwd=proj, root=root).stdout.split()[-1]
+    other = run_pure("build", "expr.py", "-A", "other", "--no-link", cwd=proj, root=root).stdout.split()[-1]
+    key = SecretKey.generate("builder-1")
+    (tmp / "sk").write_text(key.render())
+    (tmp / "pk").write_text(key.public_key().render())
+    return dict(root=root, proj=proj, app=app, other=other, key=key, tmp=tmp)
+
+
+def pure(b, *args, **kw):
+    kw.setdefault("root", b["root"])
+    kw.setdefault("cwd", b["proj"])
+    return run_pure(*args, **kw)
+
+
+def statement_of(path):
+    env = json.loads(open(path).read())
+    return json.loads(base64.b64decode(env["payload"]))
+
+
+@pytest.fixture(scope="module")
+def signed(built):
+    out = built["tmp"] / "app.provenance"
+    p = pure(built, "provenance", built["app"], "--key-file", built["tmp"] / "sk", "-o", out)
+    assert "signed provenance" in p.stderr
+    return out
+
+
+def test_round_trip_sign_then_verify(built, signed):
+    pk = built["key"].public_key().render()
+    p = pure(built, "provenance", "verify", signed, "--trusted-key", pk, built["app"])
+    assert p.stdout.startswith(f"ok: {signed} is signed by 'builder-1'")
+    # without PATH every subject is checked against the store; a key file works as well as text
+    pure(built, "provenance", "verify", signed, "--trusted-key", built["tmp"] / "pk")
+
+
+def test_statement_is_slsa_v1_with_the_derivation_inputs_and_times(built, signed):
+    st = statement_of(signed)
+    assert st["_type"] == "https://in-toto.io/Statement/v1"
+    assert st["predicateType"] == "https://slsa.dev/provenance/v1"
+    (subject,) = st["subject"]
+    assert subject["name"] == built["app"]
+    nar = pure(built, "hash", "path", "--base16", str(built["root"]) + built["app"]).stdout.strip()
+    assert subject["digest"] == {"sha256": nar}
+    bd = st["predicate"]["buildDefinition"]
+    assert bd["buildType"] == "urn:purestore:build-type:derivation:v1"
+    drv = bd["externalParameters"]["derivation"]
+    assert drv.endswith("-app-1.0.drv") and bd["externalParameters"]["output"] == "out"
+    assert bd["externalParameters"]["derivationJson"]["outputs"]["out"]["path"] == built["app"]
+    deps = {d["name"]: d for d in bd["resolvedDependencies"]}
+    assert drv in deps and all("sha256" in d.get("digest", {}) for d in deps.values())
+    fetched = [d for d in deps.values() if d.get("uri", "").startswith("file://")]
+    assert len(fetched) == 1 and fetched[0]["annotations"]["fixedOutputHash"] == \
+        "sha256:" + Hash.of_bytes(DATA).base16
+    rd = st["predicate"]["runDetails"]
+    assert rd["builder"]["id"] == "urn:purestore:builder:builder-1"
+    assert rd["builder"]["version"]["purestore"]
+    assert rd["metadata"]["startedOn"] <= rd["metadata"]["finishedOn"]
+    assert rd["metadata"]["startedOn"].endswith("Z")
+
+
+def test_modified_statement_fails_with_a_clear_error(built, signed):
+    env = json.loads(signed.read_text())
+    st = json.loads(base64.b64decode(env["payload"]))
+    st["predicate"]["runDetails"]["builder"]["id"] = "urn:purestore:builder:someone-else"
+    env["payload"] = base64.b64encode(json.dumps(st).encode()).decode()
+    bad = built["tmp"] / "modified.provenance"
+    bad.write_text(json.dumps(env))
+    p = pure(built, "provenance", "verify", bad, "--trusted-key", built["key"].public_key().render(),
+             built["app"], check=False)
+    assert p.returncode == 1
+    assert p.stderr.startswith("error: ") and "does not verify" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_wrong_key_fails(built, signed):
+    other = SecretKey.generate("builder-1").public_key().render()  # same name, other key
+    p = pure(built, "provenance", "verify", signed, "--trusted-key", other, check=False)
+    assert p.returncode == 1 and "does not verify" in p.stderr
+    stranger = SecretKey.generate("stranger").public_key().render()
+    p = pure(built, "provenance", "verify", signed, "--trusted-key", stranger, check=False)
+    assert p.returncode == 1 and "untrusted key 'builder-1'" in p.stderr
+
+
+def test_subject_that_does_not_match_the_store_fails(built, signed):
+    pk = built["key"].public_key().render()
+    # a valid statement about the app, checked against another path
+    p = pure(built, "provenance", "verify", signed, "--trusted-key", pk, built["other"], check=False)
+    assert p.returncode == 1 and "is not a subject" in p.stderr
+    # a correctly signed statement whose digest is not the store's NAR hash of the path
+    st = statement_of(signed)
+    st["subject"][0]["digest"]["sha256"] = Hash.of_bytes(b"other content").base16
+    forged = built["tmp"] / "forged.provenance"
+    forged.write_bytes(sign_statement(st, built["key"]).render())
+    for extra in ([built["app"]], []):
+        p = pure(built, "provenance", "verify", forged, "--trusted-key", pk, *extra, check=False)
+        assert p.returncode == 1 and "not about this content" in p.stderr, p.stderr
+
+
+def test_provenance_is_kept_in_the_store_state(built, signed):
+    from purestore.formats.store_path import StorePath
+    sp = StorePath.parse(built["app"], "/pure/store")
+    kept = built["root"] / "pure" / "var" / "pure" / "provenance" / f"{sp.hash_part}.provenance"
+    assert Envelope.parse(kept.read_bytes()).payload == Envelope.parse(signed.read_bytes()).payload
+
+
+def test_usage_errors(built):
+    p = pure(built, "provenance", built["app"], check=False)
+    assert p.returncode == 2 and "--key-file" in p.stderr
+    p = pure(built, "provenance", "verify", "nothing.json", check=False)
+    assert p.returncode == 2 and "trusted key" in p.stderr
+    p = pure(built, "provenance", "/pure/store/00000000000000000000000000000000-x", "--key-file",
+             built["tmp"] / "sk", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ")
