@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -187,6 +188,73 @@ def cmd_profile_delete_generations(args, ctx) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- shell and run
+
+def _built(ctx, store, args):
+    from ..build.progress import Progress
+    from ..env.installable import realise_installables
+    return realise_installables(store, ctx.settings, args.file, args.attr or [None],
+                                include_paths=args.include, progress=Progress())
+
+
+def cmd_shell(args, ctx) -> int:
+    from ..env.namespace import spawn
+    from ..env.shell import shell_environment
+
+    with ctx.open_store() as store:
+        built = _built(ctx, store, args)
+        senv = shell_environment(store, built, pure=args.pure)
+        env = dict(senv.env)
+        if args.command is not None:
+            argv = [senv.shell, "-c", args.command]
+        else:
+            env.setdefault("PS1", "[pure-shell:\\w]$ ")
+            argv = [senv.shell]
+            ctx.info(f"entering a {'pure ' if args.pure else ''}shell with "
+                     f"{len(senv.paths)} store paths ({senv.shell}); exit to leave")
+        return spawn(argv, env, settings=ctx.settings)
+
+
+def _split_run_args(args) -> None:
+    """argparse hands everything after FILE to ``args``: options before ``--`` are ours (argparse
+    swallows a ``--`` that directly follows FILE, so then everything is the program's)."""
+    rest = list(args.args)
+    if "--" in rest:
+        ours, theirs = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+    elif rest and rest[0].startswith("-"):
+        ours, theirs = rest, []
+    else:  # argparse already ate the '--' right after FILE
+        ours, theirs = [], rest
+    if ours:
+        p = argparse.ArgumentParser(prog="pure run", add_help=False)
+        p.add_argument("-A", "--attr", action="append")
+        p.add_argument("-I", "--include", action="append", default=[])
+        p.add_argument("--program")
+        got, unknown = p.parse_known_args(ours)
+        if unknown:
+            raise UsageError(f"pure run: unexpected {' '.join(unknown)!r}; arguments for the program "
+                             f"go after '--' (pure run FILE [-A ATTR] -- ARGS)")
+        args.attr = (args.attr or []) + (got.attr or []) or None
+        args.include = list(args.include) + got.include
+        args.program = got.program or args.program
+    args.args = theirs
+
+
+def cmd_run(args, ctx) -> int:
+    from ..env.namespace import spawn
+    from ..env.shell import find_program, make_environment, environment_paths
+
+    _split_run_args(args)
+    with ctx.open_store() as store:
+        built = _built(ctx, store, args)
+        if len(built) != 1:
+            raise UsageError(f"pure run needs exactly one package, {args.file!r} gave {len(built)}")
+        prog = find_program(store, built[0], args.program)
+        env = make_environment(store, environment_paths(store, built), pure=False)
+        argv = list(args.args)
+        return spawn([prog, *argv], env, settings=ctx.settings)
+
+
 # ------------------------------------------------------------------------------------ register
 
 def register(reg) -> None:
@@ -241,3 +309,38 @@ def register(reg) -> None:
             cmd_profile_delete_generations)
     q.add_argument("generations", nargs="+", metavar="N|old")
     del grp
+
+    p = reg.command(
+        "shell", "start a shell (or run a command) with a built environment on PATH", cmd_shell,
+        description=(
+            "Build FILE (attribute -A ATTR; or take a store path) and start a shell whose PATH\n"
+            "(and CPATH, LIBRARY_PATH, PKG_CONFIG_PATH, MANPATH) come from the outputs, their\n"
+            "build inputs and their runtime closure. --pure clears the rest of the environment\n"
+            "(keeping HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL and PURE_*), so PATH holds\n"
+            "store paths only. With a rooted store (--store ROOT) the shell runs in a mount\n"
+            "namespace where ROOT's store appears at the logical store dir. The shell is bash or\n"
+            "sh from the environment, else the host's /bin/sh. Exits with the shell's status."),
+    )
+    p.add_argument("file", metavar="FILE|PATH", help="expression file, or a store path")
+    p.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute (repeatable)")
+    p.add_argument("-I", "--include", action="append", default=[], metavar="PATH",
+                   help="extra directory the expression may import from")
+    p.add_argument("--pure", action="store_true", help="clear the rest of the host environment")
+    p.add_argument("--command", "-c", metavar="CMD", default=None, help="run CMD with the shell, then exit")
+
+    p = reg.command(
+        "run", "build a package and run its program", cmd_run,
+        description=(
+            "Build FILE (attribute -A ATTR; or take a store path) and run its program with ARGS:\n"
+            "--program NAME from its bin/, else the only program there, else the one named like\n"
+            "the package without version. The environment's bin directories are put in front of\n"
+            "PATH. With a rooted store the program runs in the store namespace (see pure shell).\n"
+            "Exits with the program's status."),
+    )
+    p.add_argument("file", metavar="FILE|PATH", help="expression file, or a store path")
+    p.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute")
+    p.add_argument("-I", "--include", action="append", default=[], metavar="PATH",
+                   help="extra directory the expression may import from")
+    p.add_argument("--program", metavar="NAME", default=None, help="which program of bin/ to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                   help="arguments for the program (after --)")

@@ -1,0 +1,166 @@
+"""Start a program that sees a rooted store at its logical store dir.
+
+A rooted store (``--store ROOT``) keeps its files in ``ROOT/pure/store`` while every path in it
+says ``/pure/store``.  To run something from it, :func:`spawn` forks a child that
+
+1. enters a new mount namespace (and a user namespace mapping the caller's uid/gid to itself
+   when not root), and makes every mount private so nothing propagates to the host;
+2. mounts a tmpfs on ``<state_dir>/ns-root`` and builds a new root there: every top-level entry
+   of the host's ``/`` is bind-mounted (recursively) or re-created as a symlink, except the
+   directories leading to the store dir, which are re-created with their other entries bound;
+3. bind-mounts the real store dir at the logical store dir (read-only), ``chroot``s into the new
+   root, returns to the working directory, and ``exec``s the program.
+
+The parent waits and returns the exit status; it keeps the store open meanwhile, so the
+program's closure stays temp-rooted (a ``pure gc`` during the session does not touch it).
+With the default root ``/`` no namespace is needed and the program runs directly (still as a
+child, for the same reason).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+from typing import Mapping, Sequence
+
+from ..errors import ShellError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(src.encode() if src else None, dst.encode(), fstype.encode() if fstype else None,
+                       flags, data.encode() if data else None), f"mount {src or fstype} on {dst}")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _bind_entries(host_dir: str, new_dir: str, skip: str | None) -> None:
+    """Re-create ``host_dir``'s entries (except ``skip``) under ``new_dir`` as binds or links."""
+    try:
+        names = os.listdir(host_dir)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n == skip:
+            continue
+        src, dst = os.path.join(host_dir, n), os.path.join(new_dir, n)
+        try:
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+            elif os.path.isdir(src):
+                os.mkdir(dst)
+                _mount(src, dst, None, MS_BIND | MS_REC)
+            else:
+                open(dst, "w").close()
+                _mount(src, dst, None, MS_BIND)
+        except OSError:
+            continue  # an entry we may not bind (e.g. a special file): leave it out
+
+
+def enter_store_namespace(real_store_dir: str, store_dir: str, scratch: str, cwd: str) -> None:
+    """Steps 1-3 of the module docstring, in the calling (single-threaded) process."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    else:
+        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(CLONE_NEWUSER|CLONE_NEWNS)")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("tmpfs", scratch, "tmpfs", 0, "mode=0755")
+    parts = [p for p in store_dir.split("/") if p]
+    host, new = "/", scratch
+    for p in parts:
+        _bind_entries(host, new, p)
+        host, new = os.path.join(host, p), os.path.join(new, p)
+        os.mkdir(new, 0o755)
+    _mount(real_store_dir, new, None, MS_BIND | MS_REC)
+    try:
+        _mount(None, new, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_REC)
+    except OSError:
+        pass  # read-only is hygiene, not a requirement
+    os.chroot(scratch)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/")
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | None = None) -> int:
+    """Run ``argv`` (``argv[0]`` an absolute path as seen inside) with ``env``; wait; return its
+    exit status (128 + signal number when killed by a signal).
+
+    For a rooted store the child enters the store namespace first.  Raises :class:`ShellError`
+    when the namespace cannot be set up or the program cannot be started.
+    """
+    cwd = cwd or os.getcwd()
+    scratch = None
+    if settings.rooted:
+        scratch = os.path.join(settings.state_dir, "ns-root")
+        os.makedirs(scratch, exist_ok=True)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child: only async-signal-safe-ish work, then exec or _exit
+        try:
+            os.close(r)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            if scratch is not None:
+                enter_store_namespace(settings.real_store_dir, settings.store_dir, scratch, cwd)
+            os.execve(argv[0], list(argv), dict(env))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent through the pipe
+            try:
+                stage = "start " + argv[0] if isinstance(e, OSError) and e.filename == argv[0] else "set up the store namespace"
+                msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                os.write(w, f"{stage}\0{msg}\0{getattr(e, 'errno', 0) or 0}".encode())
+            finally:
+                os._exit(127)
+    os.close(w)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    try:
+        with os.fdopen(r, "rb") as f:
+            report = f.read()
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGQUIT, old_quit)
+    if report:
+        stage, msg, err = report.decode(errors="replace").split("\0")
+        hint = None
+        if stage.startswith("set up") and int(err or 0) in (errno.EPERM, errno.EINVAL, errno.ENOSPC):
+            hint = "user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone)"
+        raise ShellError(f"cannot {stage}: {msg}", hint=hint)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

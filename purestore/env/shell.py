@@ -1,0 +1,142 @@
+"""``pure shell`` and ``pure run``: environments built from a closure.
+
+The *environment paths* of a set of built packages are, in this order: the packages' outputs,
+the outputs of the input derivations of the packages' derivations (a ``devshell`` derivation's
+tools, like ``nix-shell``'s build inputs), then the rest of the runtime closure of all of these
+(dependents before their dependencies).  From them (only those that have the directory):
+
+    PATH             <p>/bin
+    CPATH            <p>/include
+    LIBRARY_PATH     <p>/lib
+    PKG_CONFIG_PATH  <p>/lib/pkgconfig and <p>/share/pkgconfig
+    MANPATH          <p>/share/man
+
+Without ``--pure`` these are put in front of the caller's values; with ``--pure`` the caller's
+environment is cleared except ``HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL`` and ``PURE_*``
+(so ``pure`` inside the shell still finds its store), and PATH holds store paths only.
+``IN_PURE_SHELL`` is ``pure`` or ``impure``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping
+
+import attrs
+
+from ..errors import ShellError
+from ..formats.store_path import StorePath
+from .installable import Built
+
+KEEP_WHEN_PURE = ("HOME", "USER", "LOGNAME", "DISPLAY", "TERM", "TZ", "PAGER", "SHLVL")
+SEARCH_VARS = (
+    ("PATH", ("bin",)),
+    ("CPATH", ("include",)),
+    ("LIBRARY_PATH", ("lib",)),
+    ("PKG_CONFIG_PATH", ("lib/pkgconfig", "share/pkgconfig")),
+    ("MANPATH", ("share/man",)),
+)
+
+
+@attrs.frozen
+class ShellEnv:
+    paths: tuple[StorePath, ...]   # environment paths, in order
+    env: dict                      # the full environment for the program
+    shell: str                     # the shell to run (logical path, or a host shell)
+
+
+def environment_paths(store, built: Iterable[Built]) -> list[StorePath]:
+    built = list(built)
+    first: list[StorePath] = [p for b in built for p in b.outputs]
+    for b in built:
+        if b.drv is None or not store.is_valid(b.drv):
+            continue
+        for inp in _input_outputs(store, b.drv):
+            first.append(inp)
+    first = [p for p in dict.fromkeys(first) if store.is_valid(p)]
+    closure = store.query_closure(first)
+    rest = [p for p in reversed(store.topo_sort(closure)) if p not in set(first)]
+    return first + rest
+
+
+def _input_outputs(store, drv: StorePath) -> list[StorePath]:
+    from ..expr.loader import read_derivation
+
+    try:
+        d = read_derivation(store, drv)
+    except Exception:  # noqa: BLE001 - not readable as a derivation: no build inputs then
+        return []
+    out = []
+    for inp_drv, names in sorted(d.input_drvs.items()):
+        try:
+            outs = store.query_derivation_outputs(store.parse_path(inp_drv))
+        except (ValueError, OSError):
+            continue
+        out.extend(outs[n] for n in sorted(names) if n in outs)
+    return out
+
+
+def make_environment(store, paths: list[StorePath], *, pure: bool,
+                     base: Mapping[str, str] | None = None) -> dict:
+    base = dict(os.environ if base is None else base)
+    if pure:
+        env = {k: v for k, v in base.items() if k in KEEP_WHEN_PURE or k.startswith("PURE_")}
+    else:
+        env = dict(base)
+    for var, subdirs in SEARCH_VARS:
+        dirs = [f"{store.print_path(p)}/{s}" for p in paths for s in subdirs
+                if os.path.isdir(f"{store.real_path(p)}/{s}")]
+        old = env.get(var) if not pure else None
+        if dirs or old:
+            env[var] = ":".join(dirs + ([old] if old else []))
+    if pure and "PATH" not in env:
+        env["PATH"] = ""
+    env["IN_PURE_SHELL"] = "pure" if pure else "impure"
+    return env
+
+
+def find_shell(store, paths: list[StorePath]) -> str:
+    """``bash``, else ``sh``, from the environment paths; else the host's ``/bin/sh``."""
+    for prog in ("bash", "sh"):
+        for p in paths:
+            if os.access(f"{store.real_path(p)}/bin/{prog}", os.X_OK):
+                return f"{store.print_path(p)}/bin/{prog}"
+    for host in ("/bin/bash", "/bin/sh"):
+        if os.access(host, os.X_OK):
+            return host
+    raise ShellError("no shell found: the environment has no bin/bash or bin/sh and the host has no /bin/sh")
+
+
+def shell_environment(store, built: list[Built], *, pure: bool, base: Mapping[str, str] | None = None) -> ShellEnv:
+    paths = environment_paths(store, built)
+    env = make_environment(store, paths, pure=pure, base=base)
+    return ShellEnv(tuple(paths), env, find_shell(store, paths))
+
+
+def find_program(store, built: Built, program: str | None) -> str:
+    """The program ``pure run`` starts: ``--program``, else the only executable in the first
+    output's ``bin/``, else the one named like the package without its version."""
+    out = built.outputs[0]
+    bindir = f"{store.real_path(out)}/bin"
+    try:
+        names = sorted(n for n in os.listdir(bindir) if os.access(f"{bindir}/{n}", os.X_OK)
+                       or os.path.islink(f"{bindir}/{n}"))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    if program is not None:
+        if "/" in program:
+            raise ShellError(f"--program takes a name in {store.print_path(out)}/bin, got {program!r}")
+        if program not in names:
+            raise ShellError(f"{store.print_path(out)}/bin has no program {program!r}; it has: "
+                             f"{', '.join(names) or 'nothing'}")
+        return f"{store.print_path(out)}/bin/{program}"
+    if len(names) == 1:
+        return f"{store.print_path(out)}/bin/{names[0]}"
+    import re
+
+    m = re.match(r"(.+?)-\d", built.name)
+    pname = m.group(1) if m else built.name
+    if pname in names:
+        return f"{store.print_path(out)}/bin/{pname}"
+    raise ShellError(f"do not know which program of {store.print_path(out)} to run: its bin/ has "
+                     f"{', '.join(names) or 'nothing'}", hint="choose one with --program NAME")
