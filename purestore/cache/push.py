@@ -43,9 +43,13 @@ from .progress import Progress
 def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
     """Extra files to upload next to a path's narinfo (name in the cache → contents).
 
-    Hook for the evidence layer: e.g. ``<hashpart>.provenance``.  Returns ``{}`` for now.
+    Hook for the evidence layer: the path's signed provenance ``<hashpart>.provenance`` when the
+    store keeps one (:mod:`purestore.store.provenance`).
     """
-    return {}
+    from ..formats.provenance import provenance_file_name
+    from ..store.provenance import read_provenance
+    data = read_provenance(store, path)
+    return {provenance_file_name(path.hash_part): data} if data is not None else {}
 
 
 @attrs.frozen

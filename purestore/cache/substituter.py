@@ -83,6 +83,7 @@ class Substituters:
         self.trusted = parse_public_keys(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
         self.caches: list[_Cache] = []
         self.rejected: dict[str, str] = {}
+        self.provenance: dict[StorePath, bytes] = {}  # verified statements (require-provenance)
         ttl = settings.narinfo_cache_negative_ttl if negative_ttl is None else negative_ttl
         self.negative = NegativeCache(getattr(settings, "state_dir", None), ttl)
 
@@ -171,7 +172,34 @@ class Substituters:
             check_name(ni.url, where)
         except CacheError:
             return f"narinfo {where} has URL {ni.url!r}, which points outside the cache"
+        if getattr(self.settings, "require_provenance", False) and ni.ca is None:
+            # content-addressed paths (sources, texts, fixed-output fetches) are checked by their
+            # content address; provenance is required of input-addressed (built) paths
+            reason = await self._check_provenance(cache, path, ni)
+            if reason:
+                return reason
         return ni
+
+    async def _check_provenance(self, cache: _Cache, path: StorePath, ni: NarInfo) -> str | None:
+        """With require-provenance: the cache's ``<hash>.provenance`` must be a DSSE envelope
+        signed by a trusted key whose statement has this path, with the narinfo's NarHash, as a
+        subject.  Returns why not, or None (and keeps the envelope for the local store)."""
+        from ..errors import ProvenanceError
+        from ..formats.provenance import provenance_file_name, verify_for_path
+        name = provenance_file_name(path.hash_part)
+        where = f"{cache.url.rstrip('/')}/{name}"
+        try:
+            data = await cache.backend.get(name)
+        except CacheError as e:
+            return f"cannot read its provenance {where}: {e}"
+        if data is None:
+            return f"{cache.url!r} has no provenance statement for it (require-provenance is set)"
+        try:
+            verify_for_path(data, self.trusted, path.absolute(self.settings.store_dir), ni.nar_hash, where)
+        except ProvenanceError as e:
+            return f"its provenance is not valid: {e}"
+        self.provenance[path] = data
+        return None
 
 
 # -- fetching one path ---------------------------------------------------------------------------
@@ -367,6 +395,11 @@ def _record(store, settings, path: StorePath, url: str, nar_size: int) -> None:
         fn(store, path.absolute(settings.store_dir), url, nar_size)
 
 
+def _keep_provenance(store, path: StorePath, data: bytes) -> None:
+    from ..store.provenance import write_provenance
+    write_provenance(store, path, data)
+
+
 async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             urls: Iterable[str] | None = None, trusted_keys: Iterable[str] | None = None,
                             progress: Progress | None = None, repair: Iterable[StorePath] = (),
@@ -461,6 +494,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     report.fetched.append(p)
                     report.nar_bytes += ni.nar_size
                     await trio.to_thread.run_sync(_record, store, settings, p, cache.url, ni.nar_size)
+                    if p in subs.provenance:
+                        await trio.to_thread.run_sync(_keep_provenance, store, p, subs.provenance[p])
                 if progress:
                     progress.path_done(p.absolute(sd))
             finally:

@@ -81,6 +81,8 @@ def register(reg) -> None:
                    help="keys trusted for --from (default: the trusted-public-keys setting)")
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="name each path as it is copied")
+    p.add_argument("--require-provenance", action="store_true",
+                   help="--from: refuse paths without a valid provenance statement by a trusted key")
 
     reg.group("cache", help="binary cache server")
     p = reg.command("serve", "serve a binary cache directory over HTTP", cmd_cache_serve,
@@ -149,6 +151,8 @@ def cmd_copy(args, ctx) -> int:
     from ..cache.progress import TextProgress
 
     settings = ctx.settings
+    if getattr(args, "require_provenance", False):
+        settings = settings.evolve(require_provenance=True)
     with ctx.open_store() as store:
         progress = TextProgress("copying", verbose=args.verbose)
         if args.to:

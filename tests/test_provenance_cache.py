@@ -1,0 +1,129 @@
+"""Provenance through binary caches: `pure copy --to` uploads it next to the narinfo;
+`pure copy --from --require-provenance` refuses paths whose statement is missing or invalid."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_pure
+from purestore.build.sandbox import sandbox_available
+from purestore.formats.provenance import sign_statement
+from purestore.formats.signing import SecretKey
+from purestore.formats.store_path import StorePath
+
+BUSYBOX = "/bin/busybox"
+
+
+def _reason():
+    if not os.path.exists(BUSYBOX):
+        return "no /bin/busybox (install busybox-static)"
+    return sandbox_available()
+
+
+REASON = _reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+EXPR = '''
+from purestore.expr import derivation, source
+bb = source("bb", name="busybox")
+B = f"{bb}/bin/busybox"
+dep = derivation(name="dep-1.0", system="x86_64-linux", builder=B, args=["sh", "-c", "echo dep > $out"])
+app = derivation(name="app-1.0", system="x86_64-linux", builder=B,
+                 args=["sh", "-c", f"{B} mkdir $out && echo {dep} > $out/uses"])
+bare = derivation(name="bare-1.0", system="x86_64-linux", builder=B, args=["sh", "-c", "echo bare > $out"])
+'''
+
+
+def hp(path):
+    return StorePath.parse(path, "/pure/store").hash_part
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Store A builds app (-> dep) and bare, signs provenance of app and dep only, pushes all."""
+    tmp = tmp_path_factory.mktemp("pcache")
+    root = tmp / "a"
+    root.mkdir()
+    proj = tmp / "proj"
+    (proj / "bb" / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, proj / "bb" / "bin" / "busybox")
+    (proj / "expr.py").write_text(EXPR)
+    key = SecretKey.generate("cache-1")
+    (tmp / "sk").write_text(key.render())
+    a = lambda *args, **kw: run_pure(*args, root=root, cwd=proj, **kw)
+    app = a("build", "expr.py", "-A", "app", "--no-link").stdout.split()[-1]
+    bare = a("build", "expr.py", "-A", "bare", "--no-link").stdout.split()[-1]
+    dep = [r for r in a("store", "references", app).stdout.split() if r.endswith("-dep-1.0")][0]
+    for p in (app, dep):
+        a("provenance", p, "--key-file", tmp / "sk", "-o", tmp / f"{hp(p)}.provenance")
+    url = f"file://{tmp / 'cache'}"
+    a("copy", "--to", url, "--secret-key-file", tmp / "sk", app, bare)
+    return dict(tmp=tmp, url=url, key=key, app=app, dep=dep, bare=bare, dir=tmp / "cache")
+
+
+def fresh(cache, name):
+    root = cache["tmp"] / name
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    return lambda *args, **kw: run_pure(*args, root=root, **kw)
+
+
+def copy_from(b, cache, path, *extra):
+    return b("copy", "--from", cache["url"], "--trusted-public-keys", cache["key"].public_key().render(),
+             *extra, path, check=False)
+
+
+def test_copy_uploads_provenance_next_to_the_narinfo(cache):
+    d = cache["dir"]
+    for p in (cache["app"], cache["dep"]):
+        assert (d / f"{hp(p)}.narinfo").exists()
+        assert (d / f"{hp(p)}.provenance").read_bytes() == (cache["tmp"] / f"{hp(p)}.provenance").read_bytes()
+    assert not (d / f"{hp(cache['bare'])}.provenance").exists()
+
+
+def test_require_provenance_accepts_a_valid_statement_and_keeps_it(cache):
+    b = fresh(cache, "b")
+    p = copy_from(b, cache, cache["app"], "--require-provenance")
+    assert p.returncode == 0, p.stderr
+    # the statement came along and verifies in the new store
+    kept = cache["tmp"] / "b" / "pure" / "var" / "pure" / "provenance" / f"{hp(cache['app'])}.provenance"
+    b("provenance", "verify", kept, "--trusted-key", cache["key"].public_key().render(), cache["app"])
+
+
+def test_require_provenance_refuses_a_path_without_a_statement(cache):
+    b = fresh(cache, "c")
+    p = copy_from(b, cache, cache["bare"], "--require-provenance")
+    assert p.returncode == 1 and "no provenance statement" in p.stderr, p.stderr
+    assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    assert copy_from(b, cache, cache["bare"]).returncode == 0  # without the flag it is fine
+
+
+@pytest.mark.parametrize("tamper", ["modified", "untrusted-key", "other-subject"])
+def test_require_provenance_refuses_an_invalid_statement(cache, tamper):
+    d, app = cache["dir"], cache["app"]
+    f = d / f"{hp(app)}.provenance"
+    good = f.read_bytes()
+    env = json.loads(good)
+    st = json.loads(base64.b64decode(env["payload"]))
+    if tamper == "modified":
+        st["predicate"]["buildDefinition"]["externalParameters"]["output"] = "dev"
+        env["payload"] = base64.b64encode(json.dumps(st).encode()).decode()
+        bad = json.dumps(env).encode()
+    elif tamper == "untrusted-key":
+        bad = sign_statement(st, SecretKey.generate("mallory")).render()
+    else:  # correctly signed, but about the dependency's content
+        bad = (d / f"{hp(cache['dep'])}.provenance").read_bytes()
+    try:
+        f.write_bytes(bad)
+        b = fresh(cache, f"t-{tamper}")
+        p = copy_from(b, cache, app, "--require-provenance")
+        assert p.returncode == 1 and "provenance is not valid" in p.stderr, p.stderr
+        assert copy_from(b, cache, app).returncode == 0  # the NAR itself is fine
+    finally:
+        f.write_bytes(good)
