@@ -217,6 +217,8 @@ class _Realiser:
                     nursery.start_soon(self._run_node, node, nursery.cancel_scope)
                 for node in checks:
                     nursery.start_soon(self._check_node, node)
+        except BaseExceptionGroup as eg:
+            raise _unwrap(eg) from None
         finally:
             self.progress.event("done")
         if self.errors:
@@ -416,8 +418,9 @@ class _Realiser:
             if "suspicious" in str(e):
                 await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
             raise
-        except trio.Cancelled:
-            status = "interrupted"
+        except BaseException as e:  # Cancelled, KeyboardInterrupt: the build was interrupted
+            if not isinstance(e, Exception):
+                status = "interrupted"
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -529,6 +532,22 @@ async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> int:
             os.close(err_r)
         os.close(pidfd)
         await stream.aclose()
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in _leaves(sub)]
+    return [e]
+
+
+def _unwrap(eg: BaseExceptionGroup) -> BaseException:
+    """The one exception to raise for a nursery's group: Ctrl-C first, then a purestore error."""
+    leaves = _leaves(eg)
+    for kind in (KeyboardInterrupt, SystemExit, PurestoreError):
+        for e in leaves:
+            if isinstance(e, kind):
+                return e
+    return leaves[0] if len(leaves) == 1 else eg
 
 
 def _wait_flock(path: str) -> None:

@@ -1,0 +1,136 @@
+"""Concurrency and crashes: two builders on one store, SIGKILL and Ctrl-C in the middle of a build."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import pure_env
+from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
+
+pytestmark = needs_sandbox
+
+
+def start_build(store_root, tmp_path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", *map(str, args)],
+                            cwd=tmp_path, env=pure_env(store_root), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            # a Ctrl-C must reach it even if our own SIGINT is ignored (background job)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_line(stream, needle: str, timeout: float = 60) -> str:
+    """Read lines from a pipe until one contains ``needle`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not seen; got {''.join(seen)!r}")
+
+
+def processes_with(marker: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def wait_gone(marker: str, timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = processes_with(marker)
+        if not left:
+            return []
+        time.sleep(0.05)
+    return processes_with(marker)
+
+
+def running_sandbox(marker: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not processes_with(marker):
+        time.sleep(0.02)
+    assert processes_with(marker), "the builder never started"
+
+
+def test_two_builders_on_overlapping_graphs_build_each_path_once(expr, tmp_path, store_root):
+    f = expr('''\
+shared = [sh(f"shared{i}", f"$B sleep 0.3; echo {i} > $out") for i in range(3)]
+left = sh("left", f"echo {' '.join(map(str, shared))} > $out")
+right = sh("right", f"echo {' '.join(map(str, shared))} right > $out")
+''')
+    p1 = start_build(store_root, tmp_path, f, "-A", "left", "--no-link", "-j", "2")
+    p2 = start_build(store_root, tmp_path, f, "-A", "right", "--no-link", "-j", "2")
+    o1, e1 = p1.communicate(timeout=300)
+    o2, e2 = p2.communicate(timeout=300)
+    assert p1.returncode == 0, e1
+    assert p2.returncode == 0, e2
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        built = [b["name"] for b in events.query_builds(st) if b["status"] == "built"]
+        assert sorted(built) == ["left", "right", "shared0", "shared1", "shared2"]
+        assert st.verify().ok
+    finally:
+        st.close()
+
+
+def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tmp_path, store_root, pure):
+    marker = f"MARK{os.getpid()}kill"
+    f = expr(f'default = sh("victim", ": {marker}; $B sleep 3; $B mkdir $out; echo done > $out/f")\n')
+    p = start_build(store_root, tmp_path, f)
+    wait_for_line(p.stderr, "building")
+    running_sandbox(marker)
+    p.kill()
+    p.wait()
+    assert wait_gone(marker) == [], "the builder outlived pure"
+    st = open_store(store_root)  # opening cleans the dead process's temporary entries
+    try:
+        assert not [x for x in st.valid_paths() if x.name == "victim"]
+        assert st.verify().ok
+        tmp = Path(st.real_store_dir, ".tmp")
+        assert list(tmp.iterdir()) == []
+    finally:
+        st.close()
+    out = build(pure, tmp_path, f).stdout.strip()
+    assert (store_root / out.lstrip("/") / "f").read_text() == "done\n"
+
+
+def test_ctrl_c_kills_the_builders_removes_temporaries_and_releases_locks(expr, tmp_path, store_root, pure):
+    marker = f"MARK{os.getpid()}int"
+    f = expr(f'default = [sh(f"int{{i}}", f": {marker}; $B sleep 30; echo {{i}} > $out") for i in range(2)]\n')
+    p = start_build(store_root, tmp_path, f, "-j", "2")
+    wait_for_line(p.stderr, "building")
+    running_sandbox(marker)
+    t = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    p.wait(timeout=30)
+    assert time.monotonic() - t < 10
+    assert p.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    assert processes_with(marker) == []  # killed before pure exited
+    st = open_store(store_root)
+    try:
+        assert list(Path(st.real_store_dir, ".tmp").iterdir()) == []
+        assert list(Path(st.state_dir, "locks").iterdir()) == []
+        from purestore.store import events
+        assert {b["status"] for b in events.query_builds(st)} == {"interrupted"}
+    finally:
+        st.close()
