@@ -73,6 +73,9 @@ def register(reg) -> None:
                                 "dangles; with --check-contents also that each path's NAR hash "
                                 "and size match the database. Exits 1 when problems are found.")
     p.add_argument("--check-contents", action="store_true", help="rehash every valid path")
+    p.add_argument("--repair", action="store_true",
+                   help="fetch missing or corrupted paths again from the substituters (signatures "
+                        "and NAR hashes checked) and put them back")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
     p = reg.command("delete", "delete paths that nothing refers to", cmd_delete, group="store",
@@ -156,10 +159,15 @@ def cmd_requisites(args, ctx) -> int:
 def cmd_verify(args, ctx) -> int:
     with ctx.open_store() as store:
         report = store.verify(check_contents=args.check_contents)
+        repaired = []
+        if getattr(args, "repair", False) and not report.ok:
+            from ..build.repair import repair_report
+            report, repaired = repair_report(store, ctx.settings, report, info=ctx.info)
     if args.json:
         _print_json({"checked": report.checked, "ok": report.ok,
                      "problems": [{"path": p.path, "kind": p.kind, "message": p.message}
-                                  for p in report.problems]})
+                                  for p in report.problems],
+                     **({"repaired": repaired} if getattr(args, "repair", False) else {})})
     else:
         for p in report.problems:
             print(f"{p.kind}: {p.message}")
