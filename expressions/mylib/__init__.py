@@ -1,0 +1,32 @@
+"""A small C library (libgreet: ``lib/libgreet.a``, ``include/greet.h``) and a program that links
+it (``greet``), both built with the stdenv from sources in this directory.
+
+    pure build expressions/mylib -A greet && ./result/bin/greet you    # Hello, you!
+"""
+
+import os
+
+from purestore.expr import source
+
+from pkgs.stdenv import mk_derivation
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+libgreet = mk_derivation(
+    "libgreet-1.0",
+    source(os.path.join(_HERE, "libgreet"), name="libgreet-1.0-source"),
+    make_flags=["CC=cc", "AR=ar"],
+    preInstall='makeFlags="$makeFlags PREFIX=$out"',
+    do_check=True,
+)
+
+greet = mk_derivation(
+    "greet-1.0",
+    source(os.path.join(_HERE, "greet"), name="greet-1.0-source"),
+    build_inputs=[libgreet],
+    make_flags=["CC=cc", f"GREET={libgreet}"],
+    preInstall='makeFlags="$makeFlags PREFIX=$out"',
+    do_check=True,
+)
+
+default = greet
