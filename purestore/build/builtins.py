@@ -68,3 +68,7 @@ def fetchurl(drv: Derivation, out: str, log: Log) -> None:
 BUILTIN_BUILDERS: dict[str, Callable[[Derivation, str, Log], None]] = {
     "builtin:fetchurl": fetchurl,
 }
+
+# Registry fetchers for the bootstrap seeds and source tarballs (pip, apt): see registry_fetch.py.
+from .registry_fetch import BUILTINS as _REGISTRY_FETCHERS  # noqa: E402
+BUILTIN_BUILDERS.update(_REGISTRY_FETCHERS)
