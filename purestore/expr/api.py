@@ -30,6 +30,7 @@ from ..formats.derivation import (
     DerivationOutput,
     drv_store_path,
     fill_output_paths,
+    modulo_of_unmasked,
     render_aterm,
 )
 from ..formats.hash import ALGOS, Hash
@@ -287,6 +288,7 @@ def derivation(*, name=_MISSING, system=_MISSING, builder=_MISSING, args=(), out
         return existing
     value = Drv(name, drv, drv_path, aterm, out_names, input_drvs, input_srcs, raw)
     ctx.drvs[drv_path] = value
+    ctx.modulo[drv_path] = modulo_of_unmasked(drv, ctx.modulo, aterm)
     for o in value.outputs.values():
         ctx.known[_hash_part(o.path)] = o
     ctx.known[_hash_part(drv_path)] = value

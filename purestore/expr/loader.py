@@ -443,11 +443,14 @@ def instantiate(store, result: EvalResult) -> list[StorePath]:
         for (sp, d), g in zip(new_drvs, got[len(items) - len(new_drvs):]):
             if g != sp:
                 raise DerivationError(f"internal error: .drv of {d.name!r} was written at {g}, expected {sp}")
-        for sp, d in new_drvs:
-            if sp in known_valid:
-                continue
-            store.register_derivation_outputs(
-                sp, {o: StorePath.parse(out.path, store_dir) for o, out in d.outputs.items()})
+        records = [(sp, {o: StorePath.parse(out.path, store_dir) for o, out in d.outputs.items()})
+                   for sp, d in new_drvs if sp not in known_valid]
+        many = getattr(store, "register_derivation_outputs_many", None)
+        if many is not None:
+            many(records)
+        else:
+            for sp, outs in records:
+                store.register_derivation_outputs(sp, outs)
     return [StorePath.parse(d.drv_path, store_dir) for d in result.selected]
 
 

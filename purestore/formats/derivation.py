@@ -404,6 +404,16 @@ def hash_derivation_modulo(drv: Derivation, lookup: Callable[[str], Derivation],
     return _modulo_of(drv, cache, mask_outputs)
 
 
+def modulo_of_unmasked(drv: Derivation, cache: dict[str, bytes], aterm: bytes | None = None) -> bytes:
+    """hashDerivationModulo(unmasked) of a non-fixed ``drv`` whose inputs are all in ``cache``;
+    ``aterm`` (its rendering) saves a render when it has no input derivations."""
+    if drv.is_fixed_output:
+        return _fixed_modulo(drv)
+    if aterm is not None and not drv.input_drvs:
+        return hashlib.sha256(aterm).digest()
+    return _modulo_of(drv, cache, False)
+
+
 def _modulo_of(drv: Derivation, cache: dict[str, bytes], mask: bool) -> bytes:
     merged: dict[str, set[str]] = {}
     for p, outs in drv.input_drvs.items():
@@ -418,9 +428,14 @@ def _store_path_of(full: str, store_dir: str) -> StorePath:
 
 def drv_references(drv: Derivation, store_dir: str) -> list[StorePath]:
     """References of the ``.drv`` file: its input sources and input derivations (not outputs)."""
-    refs = [_store_path_of(s, store_dir) for s in drv.input_srcs]
-    refs.extend(_store_path_of(d, store_dir) for d in drv.input_drvs)
-    return sorted(set(refs))
+    refs = [_store_path_of(s, store_dir) for s in sorted(drv.input_srcs)]
+    refs.extend(_store_path_of(d, store_dir) for d in sorted(drv.input_drvs))
+    refs.sort(key=_base_name)
+    return refs
+
+
+def _base_name(sp: StorePath) -> str:
+    return sp.base_name
 
 
 def drv_store_path(drv: Derivation, store_dir: str, aterm: bytes | None = None) -> StorePath:
