@@ -381,6 +381,14 @@ class LocalStore:
             c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)",
                           [(drv.base_name, name, sp.base_name) for name, sp in sorted(outputs.items())])
 
+    def register_derivation_outputs_many(self, items: Iterable[tuple[StorePath, dict[str, StorePath]]]) -> None:
+        """:meth:`register_derivation_outputs` for many derivations in ONE transaction
+        (used by ``pure instantiate``)."""
+        rows = [(drv.base_name, name, sp.base_name) for drv, outs in items for name, sp in sorted(outs.items())]
+        if rows:
+            with self.db.transaction() as c:
+                c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)", rows)
+
     # -- locks and roots ------------------------------------------------------------------------
 
     def lock_path(self, sp: StorePath) -> ContextManager[None]:
