@@ -49,6 +49,11 @@ _CLOSE = _nar.CLOSE
 _CLOSE2 = _nar.CLOSE + _nar.CLOSE
 _ZEROS = bytes(8)
 _pack = _nar._pack
+_HEAD = _NODE_REGULAR + _CONTENTS
+_HEAD_X = _NODE_REGULAR_X + _CONTENTS
+_TAILS = [_ZEROS[: (-k) & 7] + _CLOSE for k in range(8)]  # after a file's contents
+_TAILS_ENTRY = [t + _CLOSE for t in _TAILS]  # ... that is a directory entry
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 _KIND = {
     stat.S_IFSOCK: "a socket",
@@ -197,27 +202,28 @@ class _Dumper:
     # -- nodes --------------------------------------------------------------------------------
 
     def node(self, p: bytes, dst: bytes | None, depth: int) -> None:
+        """The root: a file, directory or symlink given by path."""
         try:
             st = os.lstat(p)
         except OSError as e:
             raise _oserror("read", p, e) from e
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            self.regular(p, dst)
+            self.regular(None, p, p, dst, b"", _TAILS)
         elif stat.S_ISDIR(mode):
             self.directory(p, dst, depth)
         elif stat.S_ISLNK(mode):
-            self.symlink(p, dst)
+            self.symlink(None, p, p, dst, b"", _CLOSE)
         else:
             raise _unsupported(p, mode)
 
-    def symlink(self, p: bytes, dst: bytes | None) -> None:
+    def symlink(self, at, name: bytes, p: bytes, dst: bytes | None, prefix: bytes, suffix: bytes) -> None:
         try:
-            target = os.readlink(p)
+            target = os.readlink(name, dir_fd=at)
         except OSError as e:
             raise _oserror("read symlink", p, e) from e
         n = len(target)
-        self.add(_NODE_SYMLINK + _pack(n) + target + _ZEROS[: (-n) & 7] + _CLOSE)
+        self.add(prefix + _NODE_SYMLINK + _pack(n) + target + _ZEROS[: (-n) & 7] + suffix)
         if dst is not None:
             try:
                 os.symlink(target, dst)
@@ -225,9 +231,11 @@ class _Dumper:
             except OSError as e:
                 raise _oserror("create symlink", dst, e) from e
 
-    def regular(self, p: bytes, dst: bytes | None) -> None:
+    def regular(self, at, name: bytes, p: bytes, dst: bytes | None, prefix: bytes, tails) -> None:
+        """A regular file ``name`` (relative to directory fd ``at``, or a path when ``at`` is
+        None; ``p`` is its path for messages), framed by ``prefix`` and ``tails[size % 8]``."""
         try:
-            fd = os.open(p, _O_READ)
+            fd = os.open(name, _O_READ, dir_fd=at)
         except OSError as e:
             if e.errno == errno.ELOOP:  # replaced by a symlink under our feet
                 raise StoreError(f"{_show(p)!r} changed while it was being archived") from e
@@ -239,7 +247,7 @@ class _Dumper:
                 raise _unsupported(p, st.st_mode)
             size = st.st_size
             x = st.st_mode & 0o100
-            head = (_NODE_REGULAR_X if x else _NODE_REGULAR) + _CONTENTS + _pack(size)
+            head = prefix + (_HEAD_X if x else _HEAD) + _pack(size)
             pos = self.pos
             end = pos + len(head)
             self.buf[pos:end] = head
@@ -263,12 +271,14 @@ class _Dumper:
                     raise StoreError(f"{_show(p)!r} changed size while it was being archived")
                 if wfd >= 0 and size:
                     _write_all(wfd, mv[start:stop], dst)
-                self.pos = end
+                tail = tails[size & 7]
+                self.buf[end : end + len(tail)] = tail
+                self.pos = end + len(tail)
             else:
                 self.pos = end
                 self.flush()
                 self.big(fd, size, p, wfd, dst)
-            self.add(_ZEROS[: (-size) & 7] + _CLOSE)
+                self.add(tails[size & 7])
             if wfd >= 0:
                 os.fchmod(wfd, 0o555 if x else 0o444)
                 os.utime(wfd, (1, 1))
@@ -307,39 +317,46 @@ class _Dumper:
         if depth >= _nar.MAX_DEPTH:
             raise StoreError(f"{_show(p)!r} is nested more than {_nar.MAX_DEPTH} directories deep")
         try:
-            with os.scandir(p) as it:
-                entries = sorted((e.name, e) for e in it)
+            dfd = os.open(p, _O_DIR)
         except OSError as e:
-            raise _oserror("list directory", p, e) from e
-        if dst is not None:
+            raise _oserror("open directory", p, e) from e
+        try:
             try:
-                os.mkdir(dst, 0o700)
+                with os.scandir(p) as it:
+                    entries = sorted((e.name, e) for e in it)
             except OSError as e:
-                raise _oserror("create directory", dst, e) from e
-        add = self.add
-        add(_NODE_DIRECTORY)
-        for name, e in entries:
-            n = len(name)
-            add(_ENTRY_NAME + _pack(n) + name + _ZEROS[: (-n) & 7] + _NODE)
-            sub = p + b"/" + name
-            subdst = dst + b"/" + name if dst is not None else None
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    self.directory(sub, subdst, depth + 1)
-                elif e.is_symlink():
-                    self.symlink(sub, subdst)
-                elif e.is_file(follow_symlinks=False):
-                    self.regular(sub, subdst)
-                else:
-                    self.node(sub, subdst, depth + 1)
-            except StoreError:
-                raise
-            except OSError as ex:
-                raise _oserror("read", sub, ex) from ex
-            add(_CLOSE)
-            if self.pos >= _FLUSH:
-                self.flush()
-        add(_CLOSE)
+                raise _oserror("list directory", p, e) from e
+            if dst is not None:
+                try:
+                    os.mkdir(dst, 0o700)
+                except OSError as e:
+                    raise _oserror("create directory", dst, e) from e
+            self.add(_NODE_DIRECTORY)
+            for name, e in entries:
+                n = len(name)
+                prefix = _ENTRY_NAME + _pack(n) + name + _ZEROS[: (-n) & 7] + _NODE
+                subdst = dst + b"/" + name if dst is not None else None
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        self.regular(dfd, name, p + b"/" + name, subdst, prefix, _TAILS_ENTRY)
+                    elif e.is_dir(follow_symlinks=False):
+                        self.add(prefix)
+                        self.directory(p + b"/" + name, subdst, depth + 1)
+                        self.add(_CLOSE)
+                    elif e.is_symlink():
+                        self.symlink(dfd, name, p + b"/" + name, subdst, prefix, _CLOSE2)
+                    else:
+                        sub = p + b"/" + name
+                        raise _unsupported(sub, os.lstat(sub).st_mode)
+                except StoreError:
+                    raise
+                except OSError as ex:
+                    raise _oserror("read", p + b"/" + name, ex) from ex
+                if self.pos >= _FLUSH:
+                    self.flush()
+            self.add(_CLOSE)
+        finally:
+            os.close(dfd)
         if dst is not None:
             try:
                 os.chmod(dst, 0o555)
