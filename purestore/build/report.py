@@ -102,6 +102,18 @@ def make_report(store, since: float | None = None) -> dict[str, Any]:
     }
 
 
+def _describe(d) -> str:
+    """One line for a recorded difference (the builder's wording when it is one of its records)."""
+    from .check import describe
+    if isinstance(d, dict):
+        try:
+            prefix = f"output {d['output']!r}: " if "output" in d else ""
+            return prefix + describe(d)
+        except KeyError:
+            return ", ".join(f"{k}={v}" for k, v in d.items())
+    return str(d)
+
+
 def render_report(r: dict[str, Any]) -> str:
     """The report for a person."""
     lines = []
@@ -122,8 +134,7 @@ def render_report(r: dict[str, Any]) -> str:
     for fl in rp["failing"]:
         lines.append(f"  ! not reproducible: {fl['drv']} ({fl['kind']}, {fl['rounds']} rounds)")
         for d in fl["differences"][:3]:
-            what = ", ".join(f"{k}={v}" for k, v in d.items()) if isinstance(d, dict) else str(d)
-            lines.append(f"      {what}")
+            lines.append(f"      {_describe(d)}")
     c = r["cache"]
     lines.append(f"cache hit rate:                  {_pct(c['hit_rate'])} ({c['substituted']} substituted, {c['built']} built)")
     sr = r["sandbox_refusals"]
