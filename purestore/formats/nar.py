@@ -98,7 +98,10 @@ def check_target(target: bytes, where: str = "", offset: int | None = None) -> b
 
 
 def _where(path: tuple) -> str:
-    return f" at {render_path(path)!r}"
+    shown = render_path(path)
+    if len(shown) > 200:
+        shown = "…" + shown[-200:]
+    return f" at {shown!r}"
 
 
 def render_path(path: tuple[bytes, ...]) -> str:
@@ -135,7 +138,6 @@ class NarWriter:
         self._write = sink.write
         self._stack: list = []  # ("dir", last_name) | ("file", remaining) frames
         self._in_entry: list[bool] = []
-        self._done = False
         self._started_root = False
         self._write(HEADER)
 
@@ -225,7 +227,6 @@ class NarWriter:
         """Check that the NAR is complete (the root node written and everything closed)."""
         if self._stack or not self._started_root:
             raise NarError("NAR is incomplete: nodes are still open or there is no root")
-        self._done = True
 
 
 def nar_of_bytes(data: bytes, executable: bool = False) -> bytes:
