@@ -416,3 +416,25 @@ def test_dump_sink_gets_immutable_bytes(tmp_path):
     fsnar.dump_path(str(root), Keep())
     assert all(isinstance(k, bytes) for k in kept)
     assert b"".join(kept) == ref_nar(str(root))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_restoring_corrupted_nars_fails_cleanly(tmp_path, data):
+    """A corrupted NAR either restores to a tree that dumps back to it, or raises NarError and
+    leaves nothing behind; nothing is ever created outside the destination."""
+    import uuid
+    good = (GOLDEN / "links-only.nar").read_bytes() if data.draw(st.booleans()) else \
+        (GOLDEN / "exec.nar").read_bytes()
+    pos = data.draw(st.integers(0, len(good) - 1))
+    bad = good[:pos] + data.draw(st.binary(min_size=1, max_size=8)) + good[pos + data.draw(st.integers(0, 8)):]
+    base = tmp_path / uuid.uuid4().hex
+    base.mkdir()
+    dest = base / "dest"
+    try:
+        fsnar.restore_nar(io.BytesIO(bad), str(dest))
+    except NarError:
+        assert not os.path.lexists(dest)
+    else:
+        assert dump(dest) == bad
+    assert [p.name for p in base.iterdir()] in ([], ["dest"])

@@ -394,7 +394,10 @@ def _run(path: str, emit, dst: str | None = None) -> int:
 def dump_path(path: str, sink) -> None:
     """Write the NAR of ``path`` (file, directory or symlink, not followed) to ``sink.write``.
 
-    Raises :class:`StoreError` for unreadable files and for sockets, FIFOs and devices.
+    ``sink.write`` gets ``bytes`` chunks in order; for big NARs it is called from a worker
+    thread (while the caller's thread reads the next files), so it must not depend on running
+    in the caller's thread.  An exception from it is re-raised here.  Raises
+    :class:`StoreError` for unreadable files and for sockets, FIFOs and devices.
     """
     write = sink.write
     _run(path, lambda data: write(bytes(data)))
