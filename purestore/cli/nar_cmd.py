@@ -79,7 +79,7 @@ def cmd_ls(args, ctx) -> int:
 
     if not args.path.startswith("/"):
         raise UsageError(f"path in NAR {args.path!r} is not absolute, expected it to start with '/'")
-    want = tuple(p.encode() for p in args.path.split("/") if p)
+    want = tuple(p.encode("utf-8", "surrogateescape") for p in args.path.split("/") if p)
     if any(p in (b".", b"..") for p in want):
         raise UsageError(f"path in NAR {args.path!r} must not contain '.' or '..'")
     try:
@@ -119,8 +119,9 @@ def cmd_ls(args, ctx) -> int:
     if args.json:
         import json
 
-        sys.stdout.write(json.dumps(_json(root, args.recursive, top=not args.directory),
-                                    ensure_ascii=False, separators=(",", ":")) + "\n")
+        text = json.dumps(_json(root, args.recursive, top=not args.directory),
+                          ensure_ascii=False, separators=(",", ":")) + "\n"
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
         return 0
     lines: list[str] = []
     if root["type"] == "directory" and not args.directory:
