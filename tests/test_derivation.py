@@ -204,3 +204,10 @@ def test_corruption_raises_the_format_error_or_round_trips(pos, byte):
     except DerivationError:
         return
     assert render_aterm(d) == bytes(data)
+
+
+def test_drv_references_are_unique_when_a_drv_is_both_source_and_input():
+    dp = "/nix/store/" + "b" * 32 + "-dep.drv"
+    d = _drv(input_drvs={dp: frozenset({"out"})}, input_srcs=frozenset({dp, _SP}))
+    refs = drv_references(d, "/nix/store")
+    assert [r.absolute("/nix/store") for r in refs] == sorted({dp, _SP})

@@ -339,7 +339,9 @@ def source(path, name: str | None = None, *, base: str | None = None) -> Source:
     if not os.path.lexists(p):
         raise EvalError(f"source(): {p!r} does not exist")
     from ..store.fsnar import hash_path
-    nar_hash, _size = hash_path(p)
+    from .purity import suspended
+    with suspended():  # the path is allowed; fsnar may open entries relative to directory fds
+        nar_hash, _size = hash_path(p)
     sp = make_source_path(name, nar_hash, (), ctx.store_dir)
     src = Source(ctx.abs(sp), name, "source", host_path=p)
     ctx.sources[key] = src

@@ -187,7 +187,7 @@ def pure_mode(roots: list[str], where=lambda: "") -> Iterator[PureMode]:
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
-    """Lift pure mode for purestore's own work inside an evaluation (none needs it today)."""
+    """Lift pure mode for purestore's own work inside an evaluation (hashing a source() tree)."""
     token = _MODE.set(None)
     try:
         yield

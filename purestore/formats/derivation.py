@@ -428,14 +428,10 @@ def _store_path_of(full: str, store_dir: str) -> StorePath:
 
 def drv_references(drv: Derivation, store_dir: str) -> list[StorePath]:
     """References of the ``.drv`` file: its input sources and input derivations (not outputs)."""
-    refs = [_store_path_of(s, store_dir) for s in sorted(drv.input_srcs)]
-    refs.extend(_store_path_of(d, store_dir) for d in sorted(drv.input_drvs))
-    refs.sort(key=_base_name)
-    return refs
+    paths = set(drv.input_srcs)
+    paths.update(drv.input_drvs)  # a .drv may be both (a drvPath reference)
+    return [_store_path_of(p, store_dir) for p in sorted(paths)]
 
-
-def _base_name(sp: StorePath) -> str:
-    return sp.base_name
 
 
 def drv_store_path(drv: Derivation, store_dir: str, aterm: bytes | None = None) -> StorePath:
