@@ -104,3 +104,18 @@ def test_live_nix_instantiate_agrees(tmp_path, instantiated):
     for dp in (nix_store / "nix" / "store").glob("*.drv"):
         ours = root / "nix" / "store" / dp.name
         assert ours.read_bytes() == dp.read_bytes(), dp.name
+
+
+@needs_nix
+@pytest.mark.slow
+@pytest.mark.parametrize("attr", ["level3", "strings", "fod_rec_sha1_sri", "multi", "drv_path_ref"])
+def test_show_derivation_json_equals_nix_show_derivation(tmp_path, instantiated, attr):
+    root, _ = instantiated
+    env = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command")
+    nix_store = tmp_path / "nix"
+    drv = subprocess.run(["nix-instantiate", "--store", str(nix_store), str(D / "cases.nix"), "-A", attr],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip().split("!")[0]
+    nix_json = json.loads(subprocess.run(["nix", "show-derivation", "-r", "--store", str(nix_store), drv],
+                                         capture_output=True, text=True, env=env, check=True).stdout)
+    ours = json.loads(run_pure("show-derivation", "-r", drv, root=root, store_dir="/nix/store").stdout)
+    assert ours == nix_json
