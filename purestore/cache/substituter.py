@@ -289,27 +289,54 @@ def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
     canonicalise_path(tmp)
 
 
-def _install(store, info: PathInfo, tmp: str, repair: bool) -> bool:
-    """Worker thread: under the path lock, rename into place and register (False if already valid)."""
-    p = info.path
-    S.add_temp_root(store, p)
-    with S.lock_path(store, p):
-        existing = S.path_info(store, p)
-        if existing is not None and not repair:
-            return False
-        if existing is not None and existing.nar_hash != info.nar_hash:
-            raise StoreError(f"cannot repair {store.print_path(p)!r}: the cache's NAR hash "
-                             f"{info.nar_hash.typed()} differs from the registered {existing.nar_hash.typed()}")
-        store.install_path(tmp, p)
-        if getattr(store, "durable", False):
+def _install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath]) -> dict:
+    """Worker thread: under the path locks, rename restored trees into place, flush the file
+    system once, and register the whole batch in one transaction.
+
+    ``items`` are (info, tmp, cache url); every reference of every item is already valid.
+    Returns path → None (installed and registered), "valid" (someone else got it first) or the
+    exception that stopped it.
+    """
+    paths = [info.path for info, _t, _u in items]
+    result: dict = {}
+    store.add_temp_roots(paths)
+    with store.lock_paths(paths):
+        new: list[tuple[PathInfo, str]] = []
+        for info, tmp, url in items:
+            p = info.path
+            existing = S.path_info(store, p)
+            if existing is not None and p not in repair:
+                result[p] = "valid"
+                continue
+            if existing is not None and existing.nar_hash != info.nar_hash:
+                result[p] = StoreError(
+                    f"cannot repair {p.absolute(settings.store_dir)!r}: the cache's NAR hash "
+                    f"{info.nar_hash.typed()} differs from the registered {existing.nar_hash.typed()}")
+                continue
+            try:
+                store.install_path(tmp, p)
+            except StoreError as e:
+                result[p] = e
+                continue
+            result[p] = None
+            if existing is None:
+                new.append((info, url))
+        if any(v is None for v in result.values()) and getattr(store, "durable", False):
             from ..store.local import _syncfs
             _syncfs(store.real_store_dir)
-        if existing is None:
-            S.register(store, [info])
-    return True
+        try:
+            S.register(store, [info for info, _u in new])
+        except StoreError as e:
+            for info, _u in new:
+                result[info.path] = e
+            return result
+    for info, url in new:
+        _record(store, settings, info.path, url, info.nar_size)
+    return result
 
 
-async def _fetch_one(store, cache: _Cache, ni: NarInfo, progress: Progress | None, repair: bool) -> bool:
+async def _download(store, cache: _Cache, ni: NarInfo, progress: Progress | None) -> str:
+    """Stream, verify and restore the NAR into a fresh temporary name in the store; return it."""
     p = ni.store_path
     backend = cache.backend
     where = f"{cache.url.rstrip('/')}/{ni.url}"
@@ -327,12 +354,11 @@ async def _fetch_one(store, cache: _Cache, ni: NarInfo, progress: Progress | Non
                 await trio.to_thread.run_sync(_restore, lambda: f.read(1 << 20), ni, where, tmp, progress)
         else:
             await _fetch_http(backend, ni, where, tmp, progress)
-        info = PathInfo(path=p, nar_hash=ni.nar_hash, nar_size=ni.nar_size, references=ni.references,
-                        deriver=ni.deriver, sigs=ni.sigs, ca=ni.ca)
-        return await trio.to_thread.run_sync(_install, store, info, tmp, repair)
-    finally:
+    except BaseException:
         if os.path.lexists(tmp):
             await trio.to_thread.run_sync(_remove, store, tmp)
+        raise
+    return tmp
 
 
 def _remove(store, tmp: str) -> None:
@@ -464,10 +490,40 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         events = {p: trio.Event() for p in order}
         ok: set[StorePath] = set()
         flimit = trio.CapacityLimiter(jobs)
+        send, recv = trio.open_memory_channel(len(order) or 1)
+        outcome: dict[StorePath, object] = {}
+
+        async def registrar():
+            """Registers restored paths in batches: one lock round, one flush, one transaction."""
+            async with recv:
+                async for first in recv:
+                    batch = [first]
+                    while True:
+                        try:
+                            batch.append(recv.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    items = [(info, tmp, url) for info, tmp, url, _e in batch]
+                    try:
+                        res = await trio.to_thread.run_sync(_install_batch, store, settings, items, repair)
+                    except StoreError as e:
+                        res = {info.path: e for info, _t, _u in items}
+                    for info, _tmp, _url, done in batch:
+                        outcome[info.path] = res.get(info.path)
+                        done.set()
 
         async def fetch(p: StorePath):
             cache, ni = found[p]
+            tmp = None
             try:
+                async with flimit:
+                    if progress:
+                        progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
+                    try:
+                        tmp = await _download(store, cache, ni, progress)
+                    except (CacheError, FormatError, StoreError, SignatureError) as e:
+                        report.failures[p] = str(e)
+                        return
                 for r in sorted(ni.references):
                     if r == p:
                         continue
@@ -479,31 +535,35 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             return
                     elif not S.is_valid(store, r):
                         report.failures[p] = (f"its reference {r.absolute(sd)!r} is not valid and no cache "
-                                              f"has it: {report.failures.get(r, 'unknown')}")
+                                              f"has it: {report.failures.get(r, 'unknown reason')}")
                         return
-                async with flimit:
-                    if progress:
-                        progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
-                    try:
-                        fetched = await _fetch_one(store, cache, ni, progress, p in repair)
-                    except (CacheError, FormatError, StoreError, SignatureError) as e:
-                        report.failures[p] = str(e)
-                        return
+                info = PathInfo(path=p, nar_hash=ni.nar_hash, nar_size=ni.nar_size,
+                                references=ni.references, deriver=ni.deriver, sigs=ni.sigs, ca=ni.ca)
+                done = trio.Event()
+                await send.send((info, tmp, cache.url, done))
+                await done.wait()
+                res = outcome.get(p)
+                if isinstance(res, BaseException):
+                    report.failures[p] = str(res)
+                    return
                 ok.add(p)
-                if fetched:
+                if res is None:
                     report.fetched.append(p)
                     report.nar_bytes += ni.nar_size
-                    await trio.to_thread.run_sync(_record, store, settings, p, cache.url, ni.nar_size)
-                    if p in subs.provenance:
-                        await trio.to_thread.run_sync(_keep_provenance, store, p, subs.provenance[p])
                 if progress:
                     progress.path_done(p.absolute(sd))
             finally:
                 events[p].set()
+                if tmp is not None and os.path.lexists(tmp):
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(_remove, store, tmp)
 
-        async with open_nursery() as n:
-            for p in order:
-                n.start_soon(fetch, p)
+        async with open_nursery() as outer:
+            outer.start_soon(registrar)
+            async with send:
+                async with open_nursery() as n:
+                    for p in order:
+                        n.start_soon(fetch, p)
         if progress:
             progress.finish()
 

@@ -1,0 +1,153 @@
+"""Benchmark: push a ~350 MB, ~20,000-file closure to a file:// zstd cache and substitute it into a
+fresh store, with `pure copy` and with `nix copy`; then 200 small paths substituted over HTTP.
+
+Setup (not timed): the tree of benchmarks/_tree.py is split into its ~50 top-level package
+directories, each added as a store path to a rooted purestore store (--store-dir /nix/store) and
+to a Nix chroot store; both give the same paths.  Then, in rounds, alternating pure and Nix:
+
+1. push:       `pure copy --to file://C?compression=zstd&secret-key=K PATHS`  vs  `nix copy --to ...`
+2. substitute: `pure copy --from file://C PATHS` into a fresh rooted store      vs  `nix copy --from`
+               into a fresh chroot store, each trusting the key
+3. http:       200 small paths (pushed once by pure) served by `pure cache serve` on 127.0.0.1;
+               `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores
+
+The best round of each counts (the machine is shared).  Prints each time and the ratio pure/nix.
+
+    .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--small N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _tree import default_tree, make_tree  # noqa: E402
+
+PURE = [sys.executable, "-m", "purestore.cli.main"]
+PURE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PURE_")}
+PURE_ENV.update(PURE_CONFIG="/dev/null", PYTHONPATH=str(REPO))
+
+
+def nix_env(cache_home: Path) -> dict:
+    return dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command",
+                XDG_CACHE_HOME=str(cache_home))
+
+
+def wipe(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(cmd, env, what) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"{what} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tree", help="use (or create) the tree here instead of the cached default")
+    ap.add_argument("--small", type=int, default=200, help="number of small paths for the HTTP part")
+    args = ap.parse_args()
+    tree = Path(make_tree(args.tree) if args.tree else default_tree())
+    work = Path(tempfile.mkdtemp(prefix="bench-copy-cache-", dir="/var/tmp"))
+    key = REPO / "tests/data/cache/test-key-1.sec"
+    pub = (REPO / "tests/data/cache/test-key-1.pub").read_text().strip()
+    try:
+        # -- setup ---------------------------------------------------------------------------
+        pkgs = sorted(p for p in tree.iterdir() if p.is_dir())
+        size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
+        nfiles = sum(1 for _ in tree.rglob("*"))
+        src_pure, src_nix = work / "src-pure", work / "src-nix"
+        out = subprocess.run(PURE + ["--store", src_pure, "--store-dir", "/nix/store", "store", "add",
+                                     *pkgs], env=PURE_ENV, capture_output=True, text=True, check=True)
+        paths = out.stdout.split()
+        nout = subprocess.run(["nix-store", "--store", src_nix, "--add", *pkgs], env=nix_env(work / "xdg"),
+                              capture_output=True, text=True, check=True)
+        assert nout.stdout.split() == paths, "pure and Nix disagree on the store paths"
+        print(f"closure: {len(paths)} paths, {nfiles} entries, {size / 2**20:.0f} MiB of files")
+
+        small_pure, small_nix = work / "small-pure", work / "small-nix"
+        sdir = work / "small-src"
+        sdir.mkdir()
+        for i in range(args.small):
+            (sdir / f"small-{i:03d}").write_text(f"small path {i}\n" * 20)
+        small_files = sorted(sdir.iterdir())
+        small_paths = subprocess.run(PURE + ["--store", small_pure, "--store-dir", "/nix/store", "store", "add",
+                                             *small_files], env=PURE_ENV, capture_output=True, text=True,
+                                     check=True).stdout.split()
+        small_cache = work / "small-cache"
+        subprocess.run(PURE + ["--store", small_pure, "--store-dir", "/nix/store", "copy", "--to",
+                               f"file://{small_cache}?compression=zstd&secret-key={key}", *small_paths],
+                       env=PURE_ENV, capture_output=True, check=True)
+
+        subprocess.run(["tar", "cf", "/dev/null", str(src_pure), str(src_nix)], check=True)
+        times: dict[str, list[float]] = {k: [] for k in
+                                         ("push-pure", "push-nix", "subst-pure", "subst-nix", "http-pure", "http-nix")}
+        server = subprocess.Popen(PURE + ["cache", "serve", str(small_cache), "--listen", "127.0.0.1:0"],
+                                  env=PURE_ENV, stderr=subprocess.PIPE, text=True)
+        line = server.stderr.readline()
+        m = re.search(r"on (http://\S+)", line)
+        if not m:
+            sys.exit(f"cache server did not start: {line}")
+        url = m.group(1) + "/"
+        try:
+            for rnd in range(args.rounds):
+                for who in ("pure", "nix"):
+                    cache = work / f"cache-{who}"
+                    dst = work / f"dst-{who}"
+                    xdg = work / f"xdg-{who}-{rnd}"
+                    wipe(cache), wipe(dst), wipe(xdg)
+                    curl = f"file://{cache}?compression=zstd&secret-key={key}"
+                    if who == "pure":
+                        push = PURE + ["--store", src_pure, "--store-dir", "/nix/store", "copy", "--to", curl, *paths]
+                        pull = PURE + ["--store", dst, "--store-dir", "/nix/store", "copy", "--from",
+                                       f"file://{cache}", "--trusted-public-keys", pub, *paths]
+                        env = PURE_ENV
+                    else:
+                        push = ["nix", "copy", "--store", src_nix, "--to", curl, *paths]
+                        pull = ["nix", "copy", "--store", dst, "--from", f"file://{cache}",
+                                "--option", "trusted-public-keys", pub, *paths]
+                        env = nix_env(xdg)
+                    times[f"push-{who}"].append(run(push, env, f"{who} push"))
+                    subprocess.run(["sync"], check=True)
+                    times[f"subst-{who}"].append(run(pull, env, f"{who} substitute"))
+                    wipe(dst)
+                    subprocess.run(["sync"], check=True)
+                    if who == "pure":
+                        hpull = PURE + ["--store", dst, "--store-dir", "/nix/store", "copy", "--from", url,
+                                        "--trusted-public-keys", pub, *small_paths]
+                    else:
+                        hpull = ["nix", "copy", "--store", dst, "--from", url,
+                                 "--option", "trusted-public-keys", pub, *small_paths]
+                    times[f"http-{who}"].append(run(hpull, env, f"{who} http substitute"))
+                    wipe(dst)
+                print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+        finally:
+            server.terminate()
+            server.wait()
+        print()
+        for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
+                            ("http", f"{args.small} small paths over HTTP")):
+            p, n = min(times[f"{what}-pure"]), min(times[f"{what}-nix"])
+            print(f"{label:32s} pure {p:6.2f} s   nix {n:6.2f} s   ratio pure/nix {p / n:.2f}")
+    finally:
+        wipe(work)
+
+
+if __name__ == "__main__":
+    main()
