@@ -360,7 +360,12 @@ class _Contents:
         self._dead = True
 
 
+_FRAMES = {t: nar_str(t) for t in (b"(", b")", b"type", b"target", b"node", b"name", b"contents")}
+
+
 class _Parser:
+    """Recursive-descent over the grammar; error messages are only formatted on failure."""
+
     def __init__(self, source):
         self.src = _Source(source)
 
@@ -369,33 +374,37 @@ class _Parser:
         (n,) = _unpack(self.src.take(8))
         return n, at
 
-    def pad(self, n: int) -> None:
-        p = (-n) & 7
-        if p:
-            at = self.src.offset
-            if self.src.take(p) != _ZEROS[:p]:
-                raise NarError("non-zero padding", at)
+    def _padded(self, n: int, at: int) -> bytes:
+        """The ``n`` bytes of a string whose length field was at ``at``, padding checked."""
+        p = (n + 7) & ~7
+        raw = self.src.take(p)
+        if p != n and raw[n:] != _ZEROS[: p - n]:
+            raise NarError("non-zero padding", at + 8 + n)
+        return raw[:n] if p != n else raw
 
-    def string(self, limit: int, what: str) -> tuple[bytes, int]:
+    def string(self, limit: int, what: str, path: tuple) -> tuple[bytes, int]:
         n, at = self.length()
         if n > limit:
-            raise NarError(f"{what} of {n} bytes is too long (at most {limit})", at)
-        s = self.src.take(n)
-        self.pad(n)
-        return s, at
+            raise NarError(f"{what}{_where(path)} of {n} bytes is too long (at most {limit})", at)
+        return self._padded(n, at), at
 
     def token(self) -> tuple[bytes, int]:
         n, at = self.length()
         if n > _TOKEN_MAX:
             raise NarError(f"expected a NAR token, got a string of {n} bytes", at)
-        s = self.src.take(n)
-        self.pad(n)
-        return s, at
+        return self._padded(n, at), at
 
-    def expect(self, want: bytes, context: str) -> None:
-        tok, at = self.token()
+    def expect(self, want: bytes, context: str, path: tuple) -> None:
+        frame = _FRAMES[want]
+        at = self.src.offset
+        raw = self.src.take(8)
+        if raw != frame[:8]:
+            (n,) = _unpack(raw)
+            got = f"a string of {n} bytes" if n > _TOKEN_MAX else repr(self._padded(n, at))
+            raise NarError(f"expected {want.decode()!r} {context}{_where(path)}, got {got}", at)
+        tok = self._padded(len(want), at)
         if tok != want:
-            raise NarError(f"expected {want.decode()!r} {context}, got {tok!r}", at)
+            raise NarError(f"expected {want.decode()!r} {context}{_where(path)}, got {tok!r}", at)
 
     def events(self) -> Iterator:
         tok, at = self.token()
@@ -407,34 +416,37 @@ class _Parser:
 
     def node(self, path: tuple) -> Iterator:
         # Iterative over directories so that nesting never hits Python's recursion limit.
-        stack: list[tuple[tuple, bytes | None]] = []  # open directories: (path, last name)
+        expect = self.expect
+        stack: list[list] = []  # open directories: [path, last name]
         while True:
-            self.expect(b"(", f"to open a node{_where(path)}")
-            self.expect(b"type", f"in a node{_where(path)}")
+            expect(b"(", "to open a node", path)
+            expect(b"type", "in a node", path)
             kind, at = self.token()
             if kind == b"regular":
                 yield from self.regular(path)
             elif kind == b"symlink":
-                self.expect(b"target", f"in symlink{_where(path)}")
-                target, tat = self.string(MAX_TARGET, f"symlink target{_where(path)}")
-                check_target(target, _where(path), tat)
-                self.expect(b")", f"to close symlink{_where(path)}")
+                expect(b"target", "in a symlink", path)
+                target, tat = self.string(MAX_TARGET, "symlink target", path)
+                if not target or b"\0" in target:
+                    check_target(target, _where(path), tat)
+                expect(b")", "to close a symlink", path)
                 yield NarSymlink(path, target)
             elif kind == b"directory":
                 if len(path) >= MAX_DEPTH:
                     raise NarError(f"NAR nesting exceeds {MAX_DEPTH} directories{_where(path)}", at)
                 yield NarDirectory(path)
-                stack.append((path, None))
+                stack.append([path, None])
             else:
                 raise NarError(f"unknown node type {kind!r}{_where(path)}", at)
             # Close finished nodes and find the next entry, if any.
             while True:
                 if not stack:
                     return
-                dpath, last = stack[-1]
-                if kind != b"directory" or path != dpath:
+                top = stack[-1]
+                dpath = top[0]
+                if kind != b"directory" or path is not dpath:
                     # we just finished a child node: close its entry
-                    self.expect(b")", f"to close entry{_where(path)}")
+                    expect(b")", "to close an entry", path)
                 tok, at = self.token()
                 if tok == b")":
                     stack.pop()
@@ -442,19 +454,21 @@ class _Parser:
                     continue
                 if tok != b"entry":
                     raise NarError(f"expected 'entry' or ')' in directory{_where(dpath)}, got {tok!r}", at)
-                self.expect(b"(", f"after 'entry'{_where(dpath)}")
-                self.expect(b"name", f"in entry{_where(dpath)}")
-                name, nat = self.string(MAX_NAME, f"entry name{_where(dpath)}")
-                check_name(name, f" in directory {render_path(dpath)!r}", nat)
+                expect(b"(", "after 'entry'", dpath)
+                expect(b"name", "in an entry", dpath)
+                name, nat = self.string(MAX_NAME, "entry name", dpath)
+                if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+                    check_name(name, f" in directory {render_path(dpath)!r}", nat)
+                last = top[1]
                 if last is not None and name <= last:
                     raise NarError(
                         f"entry {name!r} in directory {render_path(dpath)!r} "
                         f"{'duplicates' if name == last else 'is out of order after'} {last!r}",
                         nat,
                     )
-                stack[-1] = (dpath, name)
-                self.expect(b"node", f"in entry{_where(dpath + (name,))}")
+                top[1] = name
                 path = dpath + (name,)
+                expect(b"node", "in an entry", path)
                 break
 
     def regular(self, path: tuple) -> Iterator:
@@ -467,15 +481,19 @@ class _Parser:
                 raise NarError(f"expected '' after 'executable'{_where(path)}, got {flag!r}", fat)
             tok, at = self.token()
         if tok != b"contents":
-            raise NarError(f"expected 'contents' in regular file{_where(path)}, got {tok!r}", at)
+            raise NarError(f"expected 'contents' in a regular file{_where(path)}, got {tok!r}", at)
         size, sat = self.length()
         if size > MAX_CONTENTS:
             raise NarError(f"absurd file size {size}{_where(path)}", sat)
         contents = _Contents(self.src, size)
         yield NarRegular(path, executable, size, contents, self.src.offset)
         contents._finish()
-        self.pad(size)
-        self.expect(b")", f"to close regular file{_where(path)}")
+        p = (-size) & 7
+        if p:
+            pat = self.src.offset
+            if self.src.take(p) != _ZEROS[:p]:
+                raise NarError("non-zero padding", pat)
+        self.expect(b")", "to close a regular file", path)
 
 
 def parse_nar(source) -> Iterator[NarEvent]:
