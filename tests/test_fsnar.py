@@ -438,3 +438,13 @@ def test_restoring_corrupted_nars_fails_cleanly(tmp_path, data):
     else:
         assert dump(dest) == bad
     assert [p.name for p in base.iterdir()] in ([], ["dest"])
+
+
+def test_restore_modes_do_not_depend_on_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        fsnar.restore_nar(io.BytesIO((GOLDEN / "tree.nar").read_bytes()), str(tmp_path / "t"))
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(os.lstat(p).st_mode) for p in walk_all(tmp_path / "t") if not os.path.islink(p)}
+    assert modes == {0o755, 0o644}

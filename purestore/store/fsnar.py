@@ -494,6 +494,7 @@ def restore_nar(source, dest: str) -> None:
                     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  dir_fd=at_fd)
                     dirs.append((path, fd))
+                    os.fchmod(fd, 0o755)  # whatever the umask
                 elif isinstance(ev, _nar.NarSymlink):
                     os.symlink(ev.target, name, dir_fd=at_fd)
                 else:
