@@ -158,3 +158,13 @@ def test_spdx_sbom_of_a_build_validates(pure, project):
 def test_sbom_of_a_path_that_is_not_valid_is_a_clean_error(pure):
     p = pure("sbom", "/pure/store/00000000000000000000000000000000-nothing", check=False)
     assert p.returncode != 0 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_sbom_of_the_derivation_equals_that_of_its_output(pure, project):
+    proj, app = project
+    info = json.loads(pure("store", "path-info", "--json", app).stdout)
+    entry = info[0] if isinstance(info, list) else next(iter(info.values())) if app not in info else info[app]
+    drv = entry["deriver"]
+    a = json.loads(pure("sbom", drv).stdout)
+    b = json.loads(pure("sbom", app).stdout)
+    assert components(a).keys() == components(b).keys()
