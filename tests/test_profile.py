@@ -114,7 +114,7 @@ def test_install_builds_an_expression(pure, tmp_path, store_root):
         greeter = sh("greeter-0.1", "mkdir -p $out/bin; printf '#!/bin/sh\\necho hi\\n' > $out/bin/greet; chmod +x $out/bin/greet")
     ''')
     _build(pure, expr, "-A", "greeter", cwd=tmp_path)  # skips when the sandbox is unavailable
-    env = pure("profile", "install", expr, "-A", "greeter").stdout.strip()
+    env = pure("profile", "install", expr, "-A", "greeter", cwd=tmp_path).stdout.strip()
     elements = json.loads(pure("profile", "list", "--json").stdout)["elements"]
     assert elements[0]["name"] == "greeter-0.1"
     assert elements[0]["source"] == {"file": expr, "attr": "greeter"}
@@ -123,3 +123,13 @@ def test_install_builds_an_expression(pure, tmp_path, store_root):
     os.unlink(tmp_path / "result")
     pure("gc")
     assert elements[0]["storePaths"][0] in valid(pure)
+
+
+def test_a_profile_is_usable_in_pure_shell_and_run(pure, pkgs, store_root, tmp_path):
+    pure("profile", "install", pkgs["hello"], pkgs["tool"])
+    link = os.path.join(profile_dir(store_root), "default")
+    p = pure("shell", link, "--pure", "--command", 'hello; tool; echo "$PATH"', cwd=tmp_path)
+    out = p.stdout.splitlines()
+    assert out[:2] == ["hello", "tool"]
+    assert out[2].split(":")[0].endswith("-user-environment/bin")
+    assert pure("run", link, "--program", "tool", cwd=tmp_path).stdout == "tool\n"

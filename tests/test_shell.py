@@ -59,15 +59,15 @@ def test_shell_exit_status_and_interactive_stdin(pure, expr, tmp_path):
 
 
 def test_run_passes_arguments_and_picks_the_program(pure, expr, tmp_path):
-    assert pure("run", expr, "-A", "hello", "--", "a", "-b").stdout == "hello from run a -b\n"
-    assert pure("run", expr, "-A", "tools", "--program", "echo", "--", "x", "y").stdout == "x y\n"
-    r = pure("run", expr, "-A", "tools", check=False)
+    assert pure("run", expr, "-A", "hello", "--", "a", "-b", cwd=tmp_path).stdout == "hello from run a -b\n"
+    assert pure("run", expr, "-A", "tools", "--program", "echo", "--", "x", "y", cwd=tmp_path).stdout == "x y\n"
+    r = pure("run", expr, "-A", "tools", check=False, cwd=tmp_path)
     assert r.returncode == 1 and "do not know which program" in r.stderr and "--program" in r.stderr
-    r = pure("run", expr, "-A", "hello", "stray", check=False)
+    r = pure("run", expr, "-A", "hello", "stray", check=False, cwd=tmp_path)
     assert r.returncode == 2 and "go after '--'" in r.stderr
-    r = pure("run", expr, "-A", "both", check=False)
+    r = pure("run", expr, "-A", "both", check=False, cwd=tmp_path)
     assert r.returncode == 2 and "exactly one package" in r.stderr
-    out = pure("build", expr, "-A", "hello", "--no-link").stdout.strip()
+    out = pure("build", expr, "-A", "hello", "--no-link", cwd=tmp_path).stdout.strip()
     assert pure("run", out, "--", "by-path").stdout == "hello from run by-path\n"
 
 

@@ -336,24 +336,43 @@ def build_user_environment(store, elements: list[Element]) -> StorePath:
             store.remove_temp(tmp)
 
 
+def host_path(store, path: str) -> str | None:
+    """Where ``path`` physically is: symlinks are followed, and those naming the logical store
+    dir are mapped to the real one (for a rooted store).  None when it does not exist."""
+    p = path
+    if store.store_dir != store.real_store_dir and p.startswith(store.store_dir + "/"):
+        p = store.real_store_dir + p[len(store.store_dir):]
+    parts = p.split("/")
+    resolved = ""
+    budget = 40
+    i = 1
+    while i < len(parts):
+        cand = resolved + "/" + parts[i]
+        if os.path.islink(cand):
+            budget -= 1
+            if budget < 0:
+                return None
+            t = os.readlink(cand)
+            if not t.startswith("/"):
+                t = os.path.normpath(os.path.join(resolved or "/", t))
+            if store.store_dir != store.real_store_dir and (t + "/").startswith(store.store_dir + "/"):
+                t = store.real_store_dir + t[len(store.store_dir):]
+            parts = t.split("/") + parts[i + 1:]
+            resolved, i = "", 1
+            continue
+        if not os.path.lexists(cand):
+            return None
+        resolved = cand
+        i += 1
+    return resolved or "/"
+
+
 def _host_kind(store, real: str) -> str:
     """'dir', 'file' or 'missing' for ``real``, following symlinks that name the logical store."""
-    p = real
-    for _ in range(40):
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            return "missing"
-        if os.path.islink(p):
-            t = os.readlink(p)
-            if not t.startswith("/"):
-                t = os.path.join(os.path.dirname(p), t)
-            if t.startswith(store.store_dir + "/") and store.store_dir != store.real_store_dir:
-                t = store.real_store_dir + t[len(store.store_dir):]
-            p = os.path.normpath(t)
-            continue
-        return "dir" if os.path.isdir(p) else "file"
-    return "file"
+    p = host_path(store, real)
+    if p is None:
+        return "missing"
+    return "dir" if os.path.isdir(p) else "file"
 
 
 def _merge_top(store, dst: str, pkgs: list[tuple[str, str, str]]) -> None:

@@ -27,6 +27,7 @@ import attrs
 from ..errors import ShellError
 from ..formats.store_path import StorePath
 from .installable import Built
+from .profiles import host_path
 
 KEEP_WHEN_PURE = ("HOME", "USER", "LOGNAME", "DISPLAY", "TERM", "TZ", "PAGER", "SHLVL")
 SEARCH_VARS = (
@@ -85,7 +86,7 @@ def make_environment(store, paths: list[StorePath], *, pure: bool,
         env = dict(base)
     for var, subdirs in SEARCH_VARS:
         dirs = [f"{store.print_path(p)}/{s}" for p in paths for s in subdirs
-                if os.path.isdir(f"{store.real_path(p)}/{s}")]
+                if _isdir(store, f"{store.real_path(p)}/{s}")]
         old = env.get(var) if not pure else None
         if dirs or old:
             env[var] = ":".join(dirs + ([old] if old else []))
@@ -95,11 +96,21 @@ def make_environment(store, paths: list[StorePath], *, pure: bool,
     return env
 
 
+def _isdir(store, real: str) -> bool:
+    p = host_path(store, real)
+    return p is not None and os.path.isdir(p)
+
+
+def _executable(store, real: str) -> bool:
+    p = host_path(store, real)
+    return p is not None and os.path.isfile(p) and os.access(p, os.X_OK)
+
+
 def find_shell(store, paths: list[StorePath]) -> str:
     """``bash``, else ``sh``, from the environment paths; else the host's ``/bin/sh``."""
     for prog in ("bash", "sh"):
         for p in paths:
-            if os.access(f"{store.real_path(p)}/bin/{prog}", os.X_OK):
+            if _executable(store, f"{store.real_path(p)}/bin/{prog}"):
                 return f"{store.print_path(p)}/bin/{prog}"
     for host in ("/bin/bash", "/bin/sh"):
         if os.access(host, os.X_OK):
@@ -118,9 +129,9 @@ def find_program(store, built: Built, program: str | None) -> str:
     output's ``bin/``, else the one named like the package without its version."""
     out = built.outputs[0]
     bindir = f"{store.real_path(out)}/bin"
+    host_bin = host_path(store, bindir)
     try:
-        names = sorted(n for n in os.listdir(bindir) if os.access(f"{bindir}/{n}", os.X_OK)
-                       or os.path.islink(f"{bindir}/{n}"))
+        names = sorted(n for n in os.listdir(host_bin) if _executable(store, f"{bindir}/{n}")) if host_bin else []
     except (FileNotFoundError, NotADirectoryError):
         names = []
     if program is not None:
