@@ -77,7 +77,12 @@ unpackPhase() {
             425a68*) decomp="bzip2 -dc" ;;
             *) decomp="cat" ;;
         esac
-        $decomp < "$src" | (cd unpack && tar xf -)
+        # untar (from the toolchain) also reads pre-POSIX archives, which busybox tar refuses.
+        if command -v untar >/dev/null 2>&1; then
+            $decomp < "$src" | untar -C unpack
+        else
+            $decomp < "$src" | (cd unpack && tar xf -)
+        fi
         n=$(ls unpack | wc -l)
         if [ "$n" != 1 ]; then echo "setup: $src unpacked into $n entries, expected 1" >&2; exit 1; fi
         mv unpack/* . && rmdir unpack
