@@ -127,3 +127,22 @@ def test_require_provenance_refuses_an_invalid_statement(cache, tamper):
         assert copy_from(b, cache, app).returncode == 0  # the NAR itself is fine
     finally:
         f.write_bytes(good)
+
+
+def test_build_with_require_provenance_substitutes_only_attested_paths(cache):
+    conf = cache["tmp"] / "subst.conf"
+    conf.write_text(f"substituters = {cache['url']}\n"
+                    f"trusted-public-keys = {cache['key'].public_key().render()}\n")
+    env = {"PURE_CONFIG": str(conf)}
+    proj = cache["tmp"] / "proj"
+    reports = {}
+    for flag in ("--require-provenance", None):
+        b = fresh(cache, f"builder{flag or ''}")
+        for attr in ("app", "bare"):
+            b("build", *([flag] if flag else []), "--no-link", "expr.py", "-A", attr, cwd=proj, env=env)
+        reports[flag] = json.loads(b("report", "--json", env=env).stdout)
+    # with the flag: app and dep come from the cache (attested); bare has no statement: built here
+    r = reports["--require-provenance"]
+    assert r["builds"]["total"] == 1 and r["cache"]["substituted"] >= 2, r
+    # without it, everything is substituted
+    assert reports[None]["builds"]["total"] == 0

@@ -35,6 +35,9 @@ def _add_build_options(p) -> None:
     p.add_argument("--rounds", type=int, default=1, metavar="N", help="build N times and compare (N >= 1)")
     p.add_argument("-L", "--print-build-logs", action="store_true", help="print build logs as they come")
     p.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
+    p.add_argument("--require-provenance", action="store_true",
+                   help="substitute only paths with a valid provenance statement by a trusted key "
+                        "(see docs/evidence.md)")
 
 
 def register(reg) -> None:
@@ -74,7 +77,9 @@ def _realise(ctx, store, drvs, args):
     from ..build.progress import Progress
     from ..build.scheduler import realise
     progress = Progress(json_stream=sys.stdout if args.json else None, print_logs=args.print_build_logs)
-    return trio.run(realise, store, ctx.settings, drvs, _options(args, ctx.settings), progress)
+    settings = ctx.settings.evolve(require_provenance=True) if getattr(args, "require_provenance", False) \
+        else ctx.settings
+    return trio.run(realise, store, settings, drvs, _options(args, settings), progress)
 
 
 def _drv_paths_from_file(ctx, store, args):
