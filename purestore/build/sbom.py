@@ -259,7 +259,7 @@ def collect_sbom(
                 pname, v = parse_drv_name(d.name)
                 version = version or v
             if oname and oname != "out":
-                pname = f"{pname}-{oname}" if pname == d.name else pname
+                pname = f"{pname}-{oname}"  # hello-dev: the dev output of hello
         else:
             pname, version = parse_drv_name(store_name)
         refs = tuple(sorted(r for r in (i.references if i else ()) if r != p))
