@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,12 +50,19 @@ def wipe(path: Path) -> None:
 
 
 def run(cmd, env, what) -> float:
+    """Wall time of the command; its CPU time (user + sys) is appended to CPU[what]."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault(what, []).append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     if p.returncode != 0:
         sys.exit(f"{what} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
     return dt
+
+
+CPU: dict[str, list[float]] = {}
 
 
 def main() -> None:
@@ -123,9 +131,9 @@ def main() -> None:
                         pull = ["nix", "copy", "--store", dst, "--from", f"file://{cache}",
                                 "--option", "trusted-public-keys", pub, *paths]
                         env = nix_env(xdg)
-                    times[f"push-{who}"].append(run(push, env, f"{who} push"))
+                    times[f"push-{who}"].append(run(push, env, f"push-{who}"))
                     subprocess.run(["sync"], check=True)
-                    times[f"subst-{who}"].append(run(pull, env, f"{who} substitute"))
+                    times[f"subst-{who}"].append(run(pull, env, f"subst-{who}"))
                     wipe(dst)
                     subprocess.run(["sync"], check=True)
                     if who == "pure":
@@ -134,7 +142,7 @@ def main() -> None:
                     else:
                         hpull = ["nix", "copy", "--store", dst, "--from", url,
                                  "--option", "trusted-public-keys", pub, *small_paths]
-                    times[f"http-{who}"].append(run(hpull, env, f"{who} http substitute"))
+                    times[f"http-{who}"].append(run(hpull, env, f"http-{who}"))
                     wipe(dst)
                 print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
         finally:
@@ -144,7 +152,10 @@ def main() -> None:
         for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
                             ("http", f"{args.small} small paths over HTTP")):
             p, n = min(times[f"{what}-pure"]), min(times[f"{what}-nix"])
-            print(f"{label:32s} pure {p:6.2f} s   nix {n:6.2f} s   ratio pure/nix {p / n:.2f}")
+            pc, nc = min(CPU[f"{what}-pure"]), min(CPU[f"{what}-nix"])
+            print(f"{label:32s} wall: pure {p:6.2f} s  nix {n:6.2f} s  ratio {p / n:.2f}   "
+                  f"cpu: pure {pc:5.2f} s  nix {nc:5.2f} s  ratio {pc / nc:.2f}")
+        print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     finally:
         wipe(work)
 

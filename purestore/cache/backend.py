@@ -296,6 +296,7 @@ class HttpBackend(Backend):
             timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers=headers, follow_redirects=False, trust_env=False,
+            verify=cu.scheme == "https",  # plain http: skip loading the CA bundle
         )
 
     def _url(self, name: str) -> str:

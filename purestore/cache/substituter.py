@@ -48,7 +48,7 @@ from .progress import Progress
 
 log = logging.getLogger("purestore.cache")
 
-QUERY_CONCURRENCY = 32
+QUERY_CONCURRENCY = 16  # matches the HTTP connection pool (httpcore's queueing is O(n^2))
 
 
 @attrs.define
@@ -289,7 +289,8 @@ def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
     canonicalise_path(tmp)
 
 
-def _install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath]) -> dict:
+def _install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath],
+                   provenance: dict[StorePath, bytes] | None = None) -> dict:
     """Worker thread: under the path locks, rename restored trees into place, flush the file
     system once, and register the whole batch in one transaction.
 
@@ -332,6 +333,8 @@ def _install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repa
             return result
     for info, url in new:
         _record(store, settings, info.path, url, info.nar_size)
+        if provenance and info.path in provenance:
+            _keep_provenance(store, info.path, provenance[info.path])
     return result
 
 
@@ -505,7 +508,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             break
                     items = [(info, tmp, url) for info, tmp, url, _e in batch]
                     try:
-                        res = await trio.to_thread.run_sync(_install_batch, store, settings, items, repair)
+                        res = await trio.to_thread.run_sync(_install_batch, store, settings, items, repair,
+                                                            subs.provenance)
                     except StoreError as e:
                         res = {info.path: e for info, _t, _u in items}
                     for info, _tmp, _url, done in batch:
