@@ -432,22 +432,21 @@ def instantiate(store, result: EvalResult) -> list[StorePath]:
         else:
             refs = [StorePath.parse(r.path, store_dir) for r in src.references]
             items.append((src.name, src.text, refs))
-    new_drvs = []
+    drvs = []
     for d in result.graph.values():
         sp = StorePath.parse(d.drv_path, store_dir)
         items.append((d.name + ".drv", d.aterm, drv_references(d.drv, store_dir)))
-        new_drvs.append((sp, d))
+        drvs.append((sp, d))
     if items:
-        known_valid = {sp for sp, _ in new_drvs if store.is_valid(sp)} if len(new_drvs) < 64 else set()
         got = store.add_texts(items)
-        for (sp, d), g in zip(new_drvs, got[len(items) - len(new_drvs):]):
+        for (sp, d), g in zip(drvs, got[len(items) - len(drvs):]):
             if g != sp:
                 raise DerivationError(f"internal error: .drv of {d.name!r} was written at {g}, expected {sp}")
         records = [(sp, {o: StorePath.parse(out.path, store_dir) for o, out in d.outputs.items()})
-                   for sp, d in new_drvs if sp not in known_valid]
+                   for sp, d in drvs]
         many = getattr(store, "register_derivation_outputs_many", None)
         if many is not None:
-            many(records)
+            many(records)  # one transaction
         else:
             for sp, outs in records:
                 store.register_derivation_outputs(sp, outs)
