@@ -22,6 +22,8 @@ in rec {
 
   multi = mk { name = "multi-1.2"; outputs = [ "out" "dev" "doc" ]; };
   multi_first_not_out = mk { name = "libs"; outputs = [ "lib" "out" ]; };
+  ignore_nulls = mk { name = "ign"; __ignoreNulls = true; a = null; b = "x"; c = false; };
+  coerced_args = mk { name = "coerced"; args = [ "-c" 1 true false null 2.5 [ "x" "y" ] ]; builder = ./hello.txt; };
   pass_as_file = mk { name = "paf"; passAsFile = [ "script" "data" ]; script = "echo hi\n"; data = "x y z"; };
   values = mk {
     name = "values"; yes = true; no = false; nothing = null; zero = 0; neg = -42; big = 1234567890123;

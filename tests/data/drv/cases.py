@@ -29,6 +29,8 @@ fetch_exec = fetchurl(url="http://127.0.0.1/dist/tool", sha1="aaf4c61ddcc5e8a2da
 
 multi = mk(name="multi-1.2", outputs=["out", "dev", "doc"])
 multi_first_not_out = mk(name="libs", outputs=["lib", "out"])
+ignore_nulls = mk(name="ign", __ignoreNulls=True, a=None, b="x", c=False)
+coerced_args = mk(name="coerced", args=["-c", 1, True, False, None, 2.5, ["x", "y"]], builder=source("hello.txt"))
 pass_as_file = mk(name="paf", passAsFile=["script", "data"], script="echo hi\n", data="x y z")
 values = mk(
     name="values", yes=True, no=False, nothing=None, zero=0, neg=-42, big=1234567890123,
