@@ -100,6 +100,15 @@ def test_add_flat_gives_the_formats_vector(nix_store, tmp_path):
     assert info.ca == "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
 
 
+def test_add_flat_follows_a_symlink_to_the_file(nix_store, tmp_path):
+    (tmp_path / "h.txt").write_bytes(b"hello\n")
+    os.symlink("h.txt", tmp_path / "link.txt")
+    sp = nix_store.add_path(str(tmp_path / "link.txt"), flat=True)
+    assert nix_store.print_path(sp) == "/nix/store/pihdd9cadryc4gkk8zsdbvpvilql139b-h.txt"
+    assert not os.path.islink(nix_store.real_path(sp))
+    assert nix_store.verify(check_contents=True).ok
+
+
 def test_add_flat_refuses_a_directory(store, tmp_path):
     with pytest.raises(StoreError, match="expected a regular file, got a directory"):
         store.add_path(str(tmp_path), flat=True)

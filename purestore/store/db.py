@@ -81,12 +81,14 @@ class StoreDB:
         self._check_config(store_dir)
 
     def _check_config(self, store_dir: str) -> None:
-        with self.transaction() as c:
-            rows = dict(c.execute("SELECT key, value FROM Config").fetchall())
-            if not rows:
-                c.executemany("INSERT INTO Config(key, value) VALUES (?, ?)",
-                              [("schema", SCHEMA_VERSION), ("storeDir", store_dir)])
-                return
+        rows = dict(self.query("SELECT key, value FROM Config"))
+        if not rows:
+            with self.transaction() as c:
+                rows = dict(c.execute("SELECT key, value FROM Config").fetchall())
+                if not rows:
+                    c.executemany("INSERT INTO Config(key, value) VALUES (?, ?)",
+                                  [("schema", SCHEMA_VERSION), ("storeDir", store_dir)])
+                    return
         if rows.get("schema") != SCHEMA_VERSION:
             raise StoreError(f"store database {self.path!r} has schema version {rows.get('schema')!r}, "
                              f"this purestore reads version {SCHEMA_VERSION!r}")
@@ -95,18 +97,47 @@ class StoreDB:
                              f"not {store_dir!r}", hint="pass the matching --store-dir")
 
     def ensure_schema(self, sql: str) -> None:
-        """Run ``CREATE … IF NOT EXISTS`` statements (idempotent) in one transaction."""
+        """Run ``CREATE … IF NOT EXISTS`` statements (idempotent) in one transaction.
+
+        Tried first as a deferred transaction, which takes no write lock when everything
+        exists already (the common case: every ``pure`` command opens the store).
+        """
         with self.lock:
             if self._depth:
                 raise StoreError("ensure_schema cannot be called inside a transaction")
+            for begin in ("BEGIN", "BEGIN IMMEDIATE"):
+                try:
+                    # executescript commits any open transaction first; none is open here.
+                    self.conn.executescript(f"{begin};\n{sql}\nCOMMIT;")
+                    return
+                except sqlite3.OperationalError as e:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    if begin == "BEGIN" and ("locked" in str(e) or "busy" in str(e)):
+                        continue  # lost a race for the write lock: wait for it properly
+                    raise StoreError(f"cannot create tables in {self.path!r}: {e}") from e
+                except sqlite3.Error as e:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise StoreError(f"cannot create tables in {self.path!r}: {e}") from e
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A read snapshot (deferred transaction, no write lock) for consistent multi-query reads."""
+        with self.lock:
+            if self._depth:
+                yield self.conn
+                return
             try:
-                # executescript commits any open transaction first; we hold the lock, and
-                # callers do not call this inside a transaction.
-                self.conn.executescript("BEGIN IMMEDIATE;\n" + sql + "\nCOMMIT;")
+                self.conn.execute("BEGIN")
             except sqlite3.Error as e:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise StoreError(f"cannot create tables in {self.path!r}: {e}") from e
+                raise StoreError(f"cannot start a read transaction on {self.path!r}: {e}") from e
+            self._depth = 1
+            try:
+                yield self.conn
+            finally:
+                self._depth = 0
+                self.conn.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

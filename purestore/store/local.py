@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -292,23 +293,21 @@ class LocalStore:
         names = sorted({p.base_name for p in paths})
         if not names:
             return set()
-        with self.db.transaction() as c:
-            c.execute("CREATE TEMP TABLE IF NOT EXISTS ClosureStart (path TEXT PRIMARY KEY)")
-            c.execute("DELETE FROM ClosureStart")
-            c.executemany("INSERT OR IGNORE INTO ClosureStart VALUES (?)", [(n,) for n in names])
-            found = c.execute("SELECT COUNT(*) FROM ClosureStart s JOIN ValidPaths v ON v.path = s.path").fetchone()[0]
-            if found != len(names):
-                missing = c.execute("SELECT path FROM ClosureStart WHERE path NOT IN "
-                                    "(SELECT path FROM ValidPaths)").fetchone()[0]
-                raise PathNotValid(f"path {self.store_dir + '/' + missing!r} is not valid in the store "
-                                   f"at {self.real_store_dir!r}")
-            rows = c.execute("""
-                WITH RECURSIVE closure(id) AS (
-                    SELECT v.id FROM ValidPaths v JOIN ClosureStart s ON v.path = s.path
-                    UNION
-                    SELECT r.reference FROM Refs r JOIN closure ON r.referrer = closure.id)
-                SELECT v.path FROM closure JOIN ValidPaths v ON v.id = closure.id""").fetchall()
-            c.execute("DELETE FROM ClosureStart")
+        start = json.dumps(names)
+        with self.db.lock:  # one read snapshot for both queries (no write lock taken)
+            with self.db.read_transaction() as c:
+                found = c.execute("SELECT path FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+                                  (start,)).fetchall()
+                if len(found) != len(names):
+                    missing = sorted(set(names) - {r[0] for r in found})[0]
+                    raise PathNotValid(f"path {self.store_dir + '/' + missing!r} is not valid in the store "
+                                       f"at {self.real_store_dir!r}")
+                rows = c.execute("""
+                    WITH RECURSIVE closure(id) AS (
+                        SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
+                        UNION
+                        SELECT r.reference FROM Refs r JOIN closure ON r.referrer = closure.id)
+                    SELECT v.path FROM closure JOIN ValidPaths v ON v.id = closure.id""", (start,)).fetchall()
         return {StorePath.from_base_name(r[0]) for r in rows}
 
     def closure_size(self, paths: Iterable[StorePath]) -> int:
@@ -508,6 +507,8 @@ class LocalStore:
         from . import fsnar
 
         src = os.path.abspath(src)
+        if flat:  # a flat add follows symlinks (to the file whose contents are hashed)
+            src = os.path.realpath(src)
         try:
             st = os.stat(src) if flat else os.lstat(src)
         except OSError as e:
