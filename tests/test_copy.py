@@ -181,3 +181,30 @@ def test_push_uploads_build_log_and_extra_files_hook(tmp_path, keyfile, monkeypa
     assert f"Deriver: {drv.base_name}\n" in (cache / f"{out.hash_part}.narinfo").read_text()
     with open_store(root) as store:
         assert push.extra_files_for(store, out) == {}  # no provenance kept for this path
+
+
+def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    cache.mkdir()
+    (cache / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    r = run_pure("copy", "--to", f"file://{cache}", store.print_path(lib), root=root, check=False)
+    assert r.returncode == 1
+    assert "is for store dir '/nix/store', but this store's dir is '/pure/store'" in r.stderr
+    assert list((cache).iterdir()) == [cache / "nix-cache-info"]
+
+
+@pytest.mark.parametrize("url,msg", [
+    ("s3://bucket", "unsupported cache URL"),
+    ("file://relative/dir", "file URLs must be file:///absolute/dir"),
+    ("file:///x?compression=lz4", "unknown compression 'lz4'"),
+    ("file:///x?bogus=1", "unknown parameter 'bogus'"),
+    ("file:///x?compression-level=99", "zstd compression level must be 1..19"),
+])
+def test_bad_cache_urls(tmp_path, url, msg):
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    r = run_pure("copy", "--to", url, store.print_path(lib), root=root, check=False)
+    assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -20,7 +20,6 @@ import hmac
 import logging
 import os
 import tempfile
-import urllib.parse
 
 import trio
 
@@ -70,8 +69,7 @@ def make_app(directory: str, upload_token: str | None = None):
         if scope["type"] != "http":
             return
         method = scope["method"]
-        raw = urllib.parse.unquote(scope["path"])
-        name = raw.lstrip("/")
+        name = scope["path"].lstrip("/")  # already percent-decoded by the server
         if method in ("GET", "HEAD") and name == "":
             await respond(send, 200, b"purestore binary cache\n", head=method == "HEAD")
             return

@@ -432,7 +432,7 @@ def _keep_provenance(store, path: StorePath, data: bytes) -> None:
 async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             urls: Iterable[str] | None = None, trusted_keys: Iterable[str] | None = None,
                             progress: Progress | None = None, repair: Iterable[StorePath] = (),
-                            jobs: int | None = None) -> SubstituteReport:
+                            jobs: int | None = None, negative_ttl: int | None = None) -> SubstituteReport:
     """Substitute ``paths`` (and their missing references) from the caches; never raises for a
     single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
     valid and put back in place."""
@@ -453,7 +453,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         report.valid = {p for p in paths if S.is_valid(store, p)}
         return report
 
-    async with Substituters(settings, urls, trusted_keys) as subs:
+    async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl) as subs:
         if not subs.caches and not subs.rejected:
             report.valid = {p for p in paths if S.is_valid(store, p)}
             return report
@@ -611,13 +611,14 @@ async def substitute(store, settings, paths: set[StorePath], progress: Progress 
 async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
                     trusted_keys: Iterable[str] | None = None, progress: Progress | None = None,
                     check_sigs: bool = True) -> SubstituteReport:
-    """``pure copy --from URL PATH…``: fetch ``paths`` and their closures from one cache.
+    """``pure copy --from URL PATH…``: fetch ``paths`` and their closures from one cache
+    (asking it afresh: remembered negative answers are ignored).
 
     Raises :class:`CacheError` naming each path that could not be fetched and why.
     """
     paths = set(paths)
     report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
-                                     trusted_keys=trusted_keys, progress=progress)
+                                     trusted_keys=trusted_keys, progress=progress, negative_ttl=0)
     missing = sorted(paths - report.valid)
     if missing:
         sd = settings.store_dir

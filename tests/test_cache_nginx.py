@@ -1,0 +1,91 @@
+"""A cache written by `pure copy` served by a plain static web server (nginx, where installed)
+is substituted by purestore (and by Nix, where installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import HAVE_NIX, run_pure
+from test_cache_support import PUB, SEC, make_closure, open_store
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """nginx serving tmp_path/cache read-only on 127.0.0.1 (single process, no daemon)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    types {{ text/x-nix-narinfo narinfo; }}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {cache};
+    }}
+}}
+""")
+    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"nginx failed: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+    yield cache, f"http://127.0.0.1:{port}/"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
+    cache, url = nginx
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
+    with open_store(tmp_path / "a", store_dir) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
+             root=tmp_path / "a", store_dir=store_dir)
+    out = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p,
+                   root=tmp_path / "b", store_dir=store_dir)
+    assert len(json.loads(out.stdout)["fetched"]) == 2
+    run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+    if HAVE_NIX:
+        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
+        subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
+                        "--option", "trusted-public-keys", PUB, app_p], env=env, check=True,
+                       capture_output=True, timeout=120)
