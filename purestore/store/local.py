@@ -18,6 +18,7 @@ safe: the database connection is guarded by a lock and path locks exclude thread
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import hashlib
@@ -344,7 +345,7 @@ class LocalStore:
         for root in names:
             if root in state:
                 continue
-            stack = [(root, iter(sorted(refs[root] & inset - {root})))]
+            stack = [(root, iter(sorted((refs[root] & inset) - {root})))]
             state[root] = 1
             while stack:
                 node, it = stack[-1]
@@ -355,7 +356,7 @@ class LocalStore:
                     order.append(node)
                 elif nxt not in state:
                     state[nxt] = 1
-                    stack.append((nxt, iter(sorted(refs[nxt] & inset - {nxt}))))
+                    stack.append((nxt, iter(sorted((refs[nxt] & inset) - {nxt}))))
                 elif state[nxt] == 1:
                     raise StoreError(f"reference cycle between {self.store_dir}/{node} and {self.store_dir}/{nxt}")
         return [StorePath.from_base_name(n) for n in order]
@@ -588,11 +589,32 @@ class LocalStore:
         for chunk in _chunks(names):
             valid.update(r[0] for r in self.db.query(
                 f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})", chunk))
-        infos = {}
+        infos: dict[StorePath, PathInfo] = {}
+        todo: list[tuple[StorePath, bytes]] = []
         now = int(time.time())
         for sp, data, refs in prepared:
             if sp.base_name in valid or sp in infos:
                 continue
+            nar = nar_of_bytes(data)
+            infos[sp] = PathInfo(sp, Hash("sha256", hashlib.sha256(nar).digest()), len(nar), references=refs,
+                                 ca=f"text:sha256:{Hash.of_bytes(data).nix32}", registration_time=now)
+            todo.append((sp, data))
+        if len(todo) > 64:
+            # creating files is mostly waiting on the file system: overlap it in a few threads
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                for f in [pool.submit(self._write_texts, todo[i::4]) for i in range(4)]:
+                    f.result()
+        else:
+            self._write_texts(todo)
+        if infos:
+            if self.durable:
+                _syncfs(self.real_store_dir)
+            self.register(infos.values())
+        return paths
+
+    def _write_texts(self, todo: list[tuple[StorePath, bytes]]) -> None:
+        """Write text objects at their real paths (temp name, canonical metadata, rename)."""
+        for sp, data in todo:
             tmp = self.temp_name(sp)
             real = self.real_path(sp)
             try:
@@ -609,19 +631,11 @@ class LocalStore:
                 except OSError:
                     if not os.path.isdir(real):
                         raise
-                    force_remove(real)
+                    force_remove(real)  # a stale unregistered directory of that name
                     os.rename(tmp, real)
             except OSError as e:
                 force_remove(tmp)
                 raise StoreError(f"cannot write {real!r}: {e.strerror}") from e
-            nar = nar_of_bytes(data)
-            infos[sp] = PathInfo(sp, Hash("sha256", hashlib.sha256(nar).digest()), len(nar), references=refs,
-                                 ca=f"text:sha256:{Hash.of_bytes(data).nix32}", registration_time=now)
-        if infos:
-            if self.durable:
-                _syncfs(self.real_store_dir)
-            self.register(infos.values())
-        return paths
 
     # -- verify and delete ----------------------------------------------------------------------
 
