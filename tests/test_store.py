@@ -393,3 +393,35 @@ def test_lock_paths_and_concurrent_threads_adding_the_same_tree(store, tmp_path)
     assert store.valid_paths() == results[:1]
     assert os.listdir(os.path.join(store.real_store_dir, TMP_DIR)) == []
     assert os.listdir(store.locks.directory) == []
+
+
+def test_db_transactions_nest_and_roll_back_as_a_whole(store):
+    from purestore.store.db import StoreDB
+    store.db.ensure_schema("CREATE TABLE IF NOT EXISTS Extra (k TEXT PRIMARY KEY, v TEXT);")
+    store.db.ensure_schema("CREATE TABLE IF NOT EXISTS Extra (k TEXT PRIMARY KEY, v TEXT);")  # idempotent
+    with pytest.raises(RuntimeError):
+        with store.db.transaction() as c:
+            c.execute("INSERT INTO Extra VALUES ('a', '1')")
+            with store.db.transaction() as c2:
+                c2.execute("INSERT INTO Extra VALUES ('b', '2')")
+            raise RuntimeError("boom")
+    assert store.db.query("SELECT * FROM Extra") == []
+    with store.db.transaction() as c:
+        c.execute("INSERT INTO Extra VALUES ('a', '1')")
+        with pytest.raises(StoreError, match="inside a transaction"):
+            store.db.ensure_schema("CREATE TABLE IF NOT EXISTS Other (x);")
+    # another connection (another process would be the same) sees the committed row
+    other = StoreDB(store.db.path, store.store_dir)
+    assert other.query("SELECT * FROM Extra") == [("a", "1")]
+    other.close()
+
+
+def test_readers_are_not_blocked_by_a_writer(store, settings):
+    """WAL: closure queries and path info work while another connection holds a write transaction."""
+    sp = store.add_text("r.txt", b"r")
+    with LocalStore.open(settings) as other:
+        with other.db.transaction() as c:
+            c.execute("UPDATE ValidPaths SET narSize = narSize WHERE path = ?", (sp.base_name,))
+            assert store.query_closure([sp]) == {sp}
+            assert store.query_path_info(sp).nar_size > 0
+            assert store.is_valid(sp)
