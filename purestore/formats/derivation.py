@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _BASE16_RE = re.compile(r"[0-9a-f]+\Z")
+_SPECIAL = re.compile(r'["\\\n\r\t]')
 _ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
@@ -122,6 +123,8 @@ class Derivation:
 
 
 def _q(s: str) -> str:
+    if _SPECIAL.search(s) is None:  # the common case: nothing to escape
+        return '"' + s + '"'
     return '"' + s.translate(_ESCAPES) + '"'
 
 
