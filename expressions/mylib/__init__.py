@@ -1,7 +1,7 @@
 """A small C library (libgreet: ``lib/libgreet.a``, ``include/greet.h``) and a program that links
 it (``greet``), both built with the stdenv from sources in this directory.
 
-    pure build expressions/mylib -A greet && ./result/bin/greet you    # Hello, you!
+    pure build expressions/mylib/__init__.py -A greet && ./result/bin/greet you    # Hello, you!
 """
 
 import os
