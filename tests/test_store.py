@@ -425,3 +425,13 @@ def test_readers_are_not_blocked_by_a_writer(store, settings):
             assert store.query_closure([sp]) == {sp}
             assert store.query_path_info(sp).nar_size > 0
             assert store.is_valid(sp)
+
+
+def test_a_failed_add_leaves_nothing_behind(store, tmp_path):
+    src = make_tree(tmp_path / "src")
+    os.mkfifo(src / "zz-fifo")
+    with pytest.raises(StoreError, match="zz-fifo"):
+        store.add_path(str(src))
+    assert store.valid_paths() == []
+    assert os.listdir(os.path.join(store.real_store_dir, TMP_DIR)) == []
+    assert sorted(os.listdir(store.real_store_dir)) == [TMP_DIR]
