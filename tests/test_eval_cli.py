@@ -1,0 +1,62 @@
+"""The pure eval / instantiate / show-derivation commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from conftest import run_pure
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+EXPR = """
+    from purestore.expr import derivation
+    import helpers
+    a = derivation(name="a-1.0", system="x86_64-linux", builder="/bin/sh", outputs=["out", "dev"])
+    b = derivation(name="b", system="x86_64-linux", builder="/bin/sh", args=["-c", f"echo {a.outputs['dev']}"],
+                   note=helpers.NOTE)
+    default = [a, b]
+    tools = {"b": b, "numbers": [1, 2]}
+"""
+
+
+def test_eval_text_and_json(tmp_path, pure):
+    write(tmp_path / "inc" / "helpers.py", "NOTE = 'included'\n")
+    f = write(tmp_path / "e" / "expr.py", EXPR)
+    text = pure("eval", f, "-I", tmp_path / "inc").stdout.splitlines()
+    assert len(text) == 2 and text[0].endswith("-a-1.0") and text[1].endswith("-b")
+    j = json.loads(pure("eval", f, "-A", "tools", "--json", env={"PURE_PATH": str(tmp_path / "inc")}).stdout)
+    assert j["numbers"] == [1, 2]
+    assert j["b"]["type"] == "derivation" and j["b"]["name"] == "b" and j["b"]["drvPath"].endswith("-b.drv")
+    dev = json.loads(pure("eval", f, "-A", "default.0.dev", "--json", "-I", tmp_path / "inc").stdout)
+    assert dev["type"] == "output" and dev["output"] == "dev" and dev["path"].endswith("-a-1.0-dev")
+
+
+def test_instantiate_prints_one_drv_per_line_and_show_derivation_reads_them(tmp_path, pure):
+    write(tmp_path / "inc" / "helpers.py", "NOTE = 'included'\n")
+    f = write(tmp_path / "e" / "expr.py", EXPR)
+    lines = pure("instantiate", f, "-I", tmp_path / "inc").stdout.splitlines()
+    assert [l.rsplit("-", 1)[-1] for l in lines] == ["1.0.drv", "b.drv"]
+    shown = json.loads(pure("show-derivation", lines[1]).stdout)
+    assert shown[lines[1]]["inputDrvs"] == {lines[0]: ["dev"]}
+    assert shown[lines[1]]["env"]["note"] == "included"
+    from_file = json.loads(pure("show-derivation", f, "-A", "tools.b", "-I", tmp_path / "inc").stdout)
+    assert from_file == shown
+
+
+def test_show_derivation_errors(tmp_path, pure):
+    p = pure("show-derivation", "/pure/store/" + "a" * 32 + "-x.drv", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    p = pure("show-derivation", "/pure/store/" + "a" * 32 + "-x.drv", "-A", "x", check=False)
+    assert p.returncode == 2 and "-A selects from an expression file" in p.stderr
+
+
+def test_help_texts_exist():
+    for cmd in ("eval", "instantiate", "show-derivation"):
+        p = run_pure(cmd, "--help")
+        assert "-A ATTR" in p.stdout and "-I DIR" in p.stdout
