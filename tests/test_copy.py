@@ -208,3 +208,17 @@ def test_bad_cache_urls(tmp_path, url, msg):
         lib, _app = make_closure(store)
     r = run_pure("copy", "--to", url, store.print_path(lib), root=root, check=False)
     assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serve_errors_are_clear(tmp_path):
+    r = run_pure("cache", "serve", tmp_path / "missing", "--listen", "127.0.0.1:0", check=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_pure("cache", "serve", tmp_path, "--listen", "127.0.0.1:99999", check=False)
+    assert r.returncode == 1 and "expected HOST:PORT" in r.stderr
+    proc, url = start_server(tmp_path)
+    try:
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        r = run_pure("cache", "serve", tmp_path, "--listen", f"127.0.0.1:{port}", check=False, timeout=60)
+        assert r.returncode == 1 and "Address already in use" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        stop_server(proc)

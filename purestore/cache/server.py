@@ -193,3 +193,10 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
         await serve(app, config, task_status=task_status, shutdown_trigger=shutdown_trigger)
     except OSError as e:
         raise CacheError(f"cannot listen on {listen!r}: {e.strerror}") from e
+    except BaseExceptionGroup as eg:  # hypercorn binds inside its own nursery
+        bind = eg.subgroup(lambda e: isinstance(e, OSError))
+        if bind is None:
+            raise
+        while isinstance(bind, BaseExceptionGroup):
+            bind = bind.exceptions[0]
+        raise CacheError(f"cannot listen on {listen!r}: {bind.strerror or bind}") from eg

@@ -209,8 +209,10 @@ def cmd_cache_serve(args, ctx) -> int:
         token = os.environ.get("PURE_CACHE_TOKEN") or None
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
+    from ..cache._nursery import open_nursery
+
     async def main():
-        async with trio.open_nursery() as n:
+        async with open_nursery() as n:
             urls = await n.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
                 args.dir, args.listen, upload_token=token, task_status=task_status))
             ctx.info(f"serving {args.dir!r} on {' '.join(urls)}"
