@@ -54,6 +54,7 @@ _HEAD_X = _NODE_REGULAR_X + _CONTENTS
 _TAILS = [_ZEROS[: (-k) & 7] + _CLOSE for k in range(8)]  # after a file's contents
 _TAILS_ENTRY = [t + _CLOSE for t in _TAILS]  # ... that is a directory entry
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_open, _fstat, _readv, _close, _S_ISREG = os.open, os.fstat, os.readv, os.close, stat.S_ISREG
 
 _KIND = {
     stat.S_IFSOCK: "a socket",
@@ -209,7 +210,7 @@ class _Dumper:
             raise _oserror("read", p, e) from e
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            self.regular(None, p, p, dst, b"", _TAILS)
+            self.regular(None, p, b"", dst, b"", _TAILS)
         elif stat.S_ISDIR(mode):
             self.directory(p, dst, depth)
         elif stat.S_ISLNK(mode):
@@ -231,22 +232,26 @@ class _Dumper:
             except OSError as e:
                 raise _oserror("create symlink", dst, e) from e
 
-    def regular(self, at, name: bytes, p: bytes, dst: bytes | None, prefix: bytes, tails) -> None:
-        """A regular file ``name`` (relative to directory fd ``at``, or a path when ``at`` is
-        None; ``p`` is its path for messages), framed by ``prefix`` and ``tails[size % 8]``."""
+    def regular(self, at, name: bytes, parent: bytes, dst: bytes | None, prefix: bytes, tails) -> None:
+        """A regular file ``name`` in directory ``parent`` whose fd is ``at`` (or, when ``at`` is
+        None, the path ``name``), framed by ``prefix`` and ``tails[size % 8]``."""
         try:
-            fd = os.open(name, _O_READ, dir_fd=at)
+            fd = _open(name, _O_READ, dir_fd=at)
         except OSError as e:
+            p = name if at is None else parent + b"/" + name
             if e.errno == errno.ELOOP:  # replaced by a symlink under our feet
                 raise StoreError(f"{_show(p)!r} changed while it was being archived") from e
             raise _oserror("open", p, e) from e
         wfd = -1
+        p = None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _unsupported(p, st.st_mode)
+            st = _fstat(fd)
+            mode = st.st_mode
+            if not _S_ISREG(mode):
+                p = name if at is None else parent + b"/" + name
+                raise _unsupported(p, mode)
             size = st.st_size
-            x = st.st_mode & 0o100
+            x = mode & 0o100
             head = prefix + (_HEAD_X if x else _HEAD) + _pack(size)
             pos = self.pos
             end = pos + len(head)
@@ -263,11 +268,12 @@ class _Dumper:
                 # Ask for one byte more than the size: a regular file gives a short read only at
                 # its end, so one read normally gets the whole file and proves it did not grow.
                 while True:
-                    n = os.readv(fd, [mv[end : stop + 1]])
+                    n = _readv(fd, [mv[end : stop + 1]])
                     end += n
                     if not n or end >= stop:
                         break
                 if end != stop:
+                    p = name if at is None else parent + b"/" + name
                     raise StoreError(f"{_show(p)!r} changed size while it was being archived")
                 if wfd >= 0 and size:
                     _write_all(wfd, mv[start:stop], dst)
@@ -277,7 +283,7 @@ class _Dumper:
             else:
                 self.pos = end
                 self.flush()
-                self.big(fd, size, p, wfd, dst)
+                self.big(fd, size, name if at is None else parent + b"/" + name, wfd, dst)
                 self.add(tails[size & 7])
             if wfd >= 0:
                 os.fchmod(wfd, 0o555 if x else 0o444)
@@ -285,11 +291,11 @@ class _Dumper:
         except StoreError:
             raise
         except OSError as e:
-            raise _oserror("read", p, e) from e
+            raise _oserror("read", name if at is None else parent + b"/" + name, e) from e
         finally:
-            os.close(fd)
+            _close(fd)
             if wfd >= 0:
-                os.close(wfd)
+                _close(wfd)
         if self.pos >= _FLUSH:
             self.flush()
 
@@ -332,13 +338,14 @@ class _Dumper:
                 except OSError as e:
                     raise _oserror("create directory", dst, e) from e
             self.add(_NODE_DIRECTORY)
+            regular = self.regular
             for name, e in entries:
                 n = len(name)
                 prefix = _ENTRY_NAME + _pack(n) + name + _ZEROS[: (-n) & 7] + _NODE
                 subdst = dst + b"/" + name if dst is not None else None
                 try:
                     if e.is_file(follow_symlinks=False):
-                        self.regular(dfd, name, p + b"/" + name, subdst, prefix, _TAILS_ENTRY)
+                        regular(dfd, name, p, subdst, prefix, _TAILS_ENTRY)
                     elif e.is_dir(follow_symlinks=False):
                         self.add(prefix)
                         self.directory(p + b"/" + name, subdst, depth + 1)
