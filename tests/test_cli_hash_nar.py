@@ -148,3 +148,17 @@ def test_help_texts():
                 ["nar", "restore"], ["nar", "ls"]):
         p = run_pure(*cmd, "--help")
         assert "usage: pure" in p.stdout and len(p.stdout) > 200
+
+
+def test_hash_path_stays_lean(tmp_path):
+    """`pure hash path` is benchmarked against Nix with start-up included: it must not pull in
+    the store, trio, compression or crypto."""
+    import sys
+    f = tmp_path / "f"
+    f.write_text("x")
+    code = ("import sys\nfrom purestore.cli.main import main\nmain(['hash', 'path', %r])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'trio', 'sqlite3', 'zstandard', 'nacl', 'asyncio', 'ssl', 'subprocess'}"
+            " or m == 'purestore.store.local'))" % str(f))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.splitlines()[-1] == "[]", p.stdout

@@ -136,9 +136,7 @@ class _Dumper:
     __slots__ = ("buf", "mv", "pos", "size", "emit", "consumer", "free", "nbufs")
 
     def __init__(self, emit: Callable[[memoryview], object]):
-        import queue
-
-        self.free: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.free = None  # the pool's free list, made with the consumer (small NARs need neither)
         self.nbufs = 0
         self.size = 0
         self.emit = emit
@@ -149,16 +147,12 @@ class _Dumper:
         self.pos = len(h)
 
     def _new_buffer(self) -> None:
-        import queue
-
-        try:
-            buf = self.free.get_nowait()
-        except queue.Empty:
-            if self.nbufs < _POOL:
-                self.nbufs += 1
-                buf = bytearray(_BUFSIZE)
-            else:
-                buf = self.free.get()
+        free = self.free
+        if free is not None and (self.nbufs >= _POOL or not free.empty()):
+            buf = free.get()
+        else:
+            self.nbufs += 1
+            buf = bytearray(_BUFSIZE)
         self.buf = buf
         self.mv = memoryview(buf)
         self.pos = 0
@@ -166,6 +160,9 @@ class _Dumper:
     def _hand_over(self, n: int) -> None:
         c = self.consumer
         if c is None:
+            import queue
+
+            self.free = queue.SimpleQueue()
             c = self.consumer = _Consumer(self.emit, self.free)
         self.mv.release()
         c.put(self.buf, n)
