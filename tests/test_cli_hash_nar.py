@@ -162,3 +162,18 @@ def test_hash_path_stays_lean(tmp_path):
             " or m == 'purestore.store.local'))" % str(f))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.splitlines()[-1] == "[]", p.stdout
+
+
+def test_nar_dump_refuses_a_terminal(tmp_path):
+    import os
+    import pty
+    import sys
+    from conftest import pure_env
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([sys.executable, "-m", "purestore.cli.main", "nar", "dump", str(tmp_path)],
+                           stdout=slave, stderr=subprocess.PIPE, env=pure_env(None), text=True)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 2 and p.stderr.startswith("error: refusing to write a NAR to a terminal")
