@@ -126,7 +126,8 @@ class NarWriter:
         w.regular(3, executable=True)  #     a file of 3 bytes
         w.contents(b"abc")
         w.end()                        #     closes the file and the entry
-        w.entry(b"b"); w.symlink(b"a"); w.end()
+        w.entry(b"b")
+        w.symlink(b"a")                #     a symlink is complete at once (entry closed too)
         w.end()                        # closes the root directory
         w.close()                      # checks the NAR is complete
 
@@ -136,8 +137,8 @@ class NarWriter:
 
     def __init__(self, sink):
         self._write = sink.write
-        self._stack: list = []  # ("dir", last_name) | ("file", remaining) frames
-        self._in_entry: list[bool] = []
+        # open frames: ["dir", last name] | ("entry",) | ("entry-filled",) | ["file", left, size]
+        self._stack: list = []
         self._started_root = False
         self._write(HEADER)
 
