@@ -9,14 +9,16 @@ How a sandboxed build is spawned (all through libc via ctypes, no helper binary)
   1000 / gid 100 inside to the caller's uid/gid outside, and forks.  It then only waits for the
   builder and exits with its status, so ``Popen.pid`` stands for the whole build.
 * The builder (PID 1 of the new PID namespace, SIGKILLed if ``middle`` dies) sets the hostname
-  ``localhost``, brings up loopback, and assembles its root from a host directory prepared by
-  :func:`prepare_root`: the root itself is remounted read-only; ``/build`` (cwd), ``/tmp`` and the
-  store dir are writable bind mounts (the builder creates its outputs in the store dir); each
-  input path is bind-mounted read-only into the store dir; ``/proc`` is a new procfs; ``/dev`` a
-  tmpfs with null, zero, full, random, urandom, tty bound from the host, ``shm``, ``pts`` and the
-  fd links; ``/etc`` holds generated ``passwd``, ``group``, ``hosts``.  It then ``pivot_root``\\ s,
-  detaches the old root, sets no-new-privs and execs the builder with exactly the given
-  environment.  Because uid 1000 is not root inside, exec drops every capability.
+  ``localhost``, brings up loopback, and assembles its root in memory: a tmpfs (read-only once
+  assembled) with ``/build`` (cwd; bind of the on-disk build dir), ``/tmp`` (tmpfs), ``/proc``
+  (a new procfs), ``/dev`` (tmpfs with null, zero, full, random, urandom, tty bound from the
+  host, ``shm``, ``pts`` and the fd links), ``/etc`` (generated ``passwd``, ``group``,
+  ``hosts``) and the store dir.  The store dir is an overlay: its lower layer is a tmpfs holding
+  one mount point per input, on which each input path is bind-mounted read-only; its upper layer
+  is on disk (``top/upper``), so whatever the builder creates there (its outputs) lands on the
+  store's file system, ready to be renamed into place.  It then ``pivot_root``\\ s, detaches the
+  old root, sets no-new-privs and execs the builder with exactly the given environment.  Because
+  uid 1000 is not root inside, exec drops every capability.
 
 Setup errors in the builder process are written to a dedicated pipe and raised here as
 :class:`~purestore.errors.SandboxError`; builder output (stdout and stderr) goes to one pipe that
@@ -126,9 +128,11 @@ def _bind(src: str, dst: str, readonly: bool, rec: bool = True) -> None:
 class SandboxSpec:
     """One sandboxed process.
 
-    ``top`` is an empty host directory that will hold the new root (``top/root``); the build dir
-    is ``top/root/build`` and outputs the builder writes to the logical store dir appear under
-    ``top/root/<store_dir>``.  ``inputs`` maps logical store paths to their physical location.
+    ``top`` is an empty host directory on the store's file system.  It gets ``build/`` (the build
+    dir, ``/build`` inside), ``upper/`` (whatever the builder creates in the store dir, e.g. its
+    outputs: see :meth:`host_path`), ``work/`` (overlayfs' work dir) and ``root/`` (the mount
+    point of the sandbox's in-memory root).  ``inputs`` maps logical store paths to their
+    physical location.
     """
 
     argv: tuple[str, ...]
@@ -145,11 +149,15 @@ class SandboxSpec:
 
     @property
     def build_dir(self) -> str:
-        return os.path.join(self.root, "build")
+        return os.path.join(self.top, "build")
 
     def host_path(self, logical: str) -> str:
-        """Where a path the builder wrote (e.g. an output under the store dir) is on the host."""
-        return self.root + logical
+        """Where a path the builder wrote (an output in the store dir, or in /build) is on the host."""
+        if logical.startswith(self.store_dir + "/"):
+            return os.path.join(self.top, "upper", logical[len(self.store_dir) + 1:])
+        if logical == "/build" or logical.startswith("/build/"):
+            return self.top + logical
+        raise ValueError(f"{logical!r} is neither in the store dir nor in /build")
 
 
 _PASSWD = (
@@ -162,36 +170,32 @@ _HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 
 
 def prepare_root(spec: SandboxSpec) -> None:
-    """Create the host side of the root: directories, mount points, ``/etc`` files (blocking)."""
-    r = spec.root
+    """Create the host side: ``build/``, ``upper/``, ``work/``, ``root/`` under ``top`` (blocking).
+
+    Everything else (``/etc``, ``/dev``, ``/tmp``, the input mount points) is made in memory
+    inside the sandbox, so a build costs four directory creations on disk whatever its inputs.
+    """
     try:
-        os.makedirs(r, mode=0o755)
-        for d in ("build", "tmp", "proc", "dev", "etc"):
-            os.mkdir(f"{r}/{d}", 0o755)
-        os.chmod(f"{r}/tmp", 0o1777)
-        os.chmod(f"{r}/build", 0o700)
-        os.makedirs(r + spec.store_dir, mode=0o1775)
-        for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("hosts", _HOSTS)):
-            with open(f"{r}/etc/{name}", "w") as f:
-                f.write(text.format(uid=SANDBOX_UID, gid=SANDBOX_GID))
-        if spec.network:
-            for name in ("resolv.conf", "services"):
-                try:
-                    with open(f"/etc/{name}", "rb") as src, open(f"{r}/etc/{name}", "wb") as dst:
-                        dst.write(src.read())
-                except OSError:
-                    pass
-        for name, data in spec.extra_etc.items():
-            with open(f"{r}/etc/{name}", "wb") as f:
-                f.write(data)
-        for logical, physical in spec.inputs.items():
-            target = r + logical
-            if os.path.isdir(physical) and not os.path.islink(physical):
-                os.mkdir(target)
-            else:
-                open(target, "w").close()
+        if not os.path.isdir(spec.top):
+            os.mkdir(spec.top, 0o700)
+        for d in ("build", "upper", "work", "root"):
+            os.mkdir(os.path.join(spec.top, d), 0o700)
     except OSError as e:
         raise SandboxError(f"cannot prepare the build root in {spec.top!r}: {e}") from e
+
+
+def _etc_files(spec: SandboxSpec) -> tuple[tuple[str, bytes], ...]:
+    files = {name: text.format(uid=SANDBOX_UID, gid=SANDBOX_GID).encode()
+             for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("hosts", _HOSTS))}
+    if spec.network:
+        for name in ("resolv.conf", "services"):
+            try:
+                with open(f"/etc/{name}", "rb") as src:
+                    files[name] = src.read()
+            except OSError:
+                pass
+    files.update(spec.extra_etc)
+    return tuple(sorted(files.items()))
 
 
 # --- the child side ---------------------------------------------------------------------------
@@ -211,13 +215,32 @@ def _setup_in_child(spec: SandboxSpec, plan: "_Plan") -> None:
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
         finally:
             s.close()
-    r = plan.root
+    r, top = plan.root, plan.top
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _bind(r, r, readonly=False, rec=False)
-    for d in (r + "/build", r + "/tmp", plan.store):
-        _bind(d, d, readonly=False, rec=False)
+    # the root: an in-memory file system, read-only once assembled
+    _mount("none", r, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
+    for d in ("build", "tmp", "proc", "dev", "etc"):
+        os.mkdir(f"{r}/{d}", 0o755)
+    for name, data in plan.etc:
+        with open(f"{r}/etc/{name}", "wb") as f:
+            f.write(data)
+    _bind(top + "/build", r + "/build", readonly=False, rec=False)
+    _mount("none", r + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    # the store dir: an overlay whose upper layer is on disk (outputs land in top/upper) and whose
+    # lower layer is a small tmpfs holding one mount point per input
+    store = plan.store
+    os.makedirs(store, 0o755)
+    _mount("none", store, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for (physical, target), is_dir in zip(plan.binds, plan.bind_dirs):
+        if is_dir:
+            os.mkdir(target)
+        else:
+            open(target, "wb").close()
+    os.chmod(store, 0o1775)
+    _mount("overlay", store, "overlay", MS_NOSUID | MS_NODEV,
+           f"lowerdir={store},upperdir={top}/upper,workdir={top}/work,userxattr")
     for physical, target in plan.binds:
-        _bind(physical, target, readonly=True)
+        _bind(physical, target, readonly=True, rec=False)
     _mount("proc", r + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     dev = r + "/dev"
     _mount("none", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=0755,size=65536k")
@@ -240,8 +263,7 @@ def _setup_in_child(spec: SandboxSpec, plan: "_Plan") -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
-    # Make the root read-only; the binds above stay writable/read-only as set.
-    _mount(None, r, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _locked_flags(r))
+    _mount(None, r, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(r)
     _check(_libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
@@ -252,9 +274,12 @@ def _setup_in_child(spec: SandboxSpec, plan: "_Plan") -> None:
 
 @attrs.frozen
 class _Plan:
+    top: str
     root: str
     store: str
     binds: tuple[tuple[str, str], ...]
+    bind_dirs: tuple[bool, ...]
+    etc: tuple[tuple[str, bytes], ...]
     flags: int
     uid: int
     gid: int
@@ -318,13 +343,16 @@ def spawn(spec: SandboxSpec, stdout: int) -> tuple[subprocess.Popen, int]:
 
     Raises :class:`SandboxError` when the builder cannot be executed (e.g. does not exist).
     """
-    r = os.path.realpath(spec.root)
+    top = os.path.realpath(spec.top)
+    r = top + "/root"
     binds = tuple((os.path.realpath(phys), r + logical) for logical, phys in sorted(spec.inputs.items()))
+    bind_dirs = tuple(os.path.isdir(phys) and not os.path.islink(phys) for _, phys in sorted(spec.inputs.items()))
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
     if not spec.network:
         flags |= CLONE_NEWNET
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    plan = _Plan(root=r, store=r + spec.store_dir, binds=binds, flags=flags, uid=os.geteuid(),
+    plan = _Plan(top=top, root=r, store=r + spec.store_dir, binds=binds, bind_dirs=bind_dirs,
+                 etc=_etc_files(spec), flags=flags, uid=os.geteuid(),
                  gid=os.getegid(), parent=os.getpid(), err_w=err_w)
     try:
         proc = subprocess.Popen(

@@ -383,7 +383,6 @@ class _Realiser:
             host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
 
             def prepare():
-                os.mkdir(top, 0o700)
                 sb.prepare_root(spec)
                 for fn, data in files.items():
                     with open(os.path.join(spec.build_dir, fn), "wb") as f:
@@ -458,7 +457,7 @@ class _Realiser:
         msg += f"\nfull log: {log.path} (or: pure log {node.label})"
         if spec is not None:
             kept = _keep_dir(spec.top, node.drv.name)
-            msg += f"\nkeeping build directory {kept}/root/build (the sandbox root is {kept}/root)"
+            msg += f"\nkeeping build directory {kept}/build (what the builder wrote to the store dir: {kept}/upper)"
         return BuildError(msg)
 
     async def _compare(self, node: _Node, kind: str, built: dict, infos: dict, rounds: int) -> None:

@@ -1,0 +1,91 @@
+"""Reproducibility checks: --check and --rounds rebuild and compare, naming the differing files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from purestore.build.check import describe, diff_trees
+from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
+
+NONDET = '''\
+det = sh("det", "$B mkdir $out; echo stable > $out/same; $B mkdir $out/sub; echo x > $out/sub/f")
+rand = sh("rand", "$B mkdir $out; echo stable > $out/same; $B head -c 16 /dev/urandom > $out/noise")
+clock = sh("clock", "$B mkdir $out; echo stable > $out/same; $B date > $out/stamp; $B cat /proc/uptime >> $out/stamp")
+'''
+
+
+@needs_sandbox
+def test_check_passes_on_a_deterministic_derivation(pure, expr, tmp_path, store_root):
+    f = expr(NONDET)
+    build(pure, tmp_path, f, "-A", "det")
+    p = build(pure, tmp_path, f, "-A", "det", "--check")
+    assert p.returncode == 0 and "checking" in p.stderr
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        c = events.query_checks(st)
+        assert len(c) == 1 and c[0]["reproducible"] and c[0]["kind"] == "check" and c[0]["differences"] == []
+    finally:
+        st.close()
+
+
+@needs_sandbox
+def test_check_detects_random_bytes_and_names_the_file(pure, expr, tmp_path, store_root):
+    f = expr(NONDET)
+    out = build(pure, tmp_path, f, "-A", "rand").stdout.strip()
+    p = build(pure, tmp_path, f, "-A", "rand", "--check", check=False)
+    assert p.returncode == 104, p.stderr
+    assert "changed noise: 16 -> 16 bytes, first difference at byte" in p.stderr
+    assert "same" not in p.stderr.replace("stable", "")  # the stable file is not reported
+    kept = f"{store_root}{out}.check"
+    assert Path(kept, "noise").stat().st_size == 16 and kept in p.stderr
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        c = events.query_checks(st)[0]
+        assert not c["reproducible"] and [d["file"] for d in c["differences"]] == ["noise"]
+        # the registered output is untouched
+        assert st.verify(check_contents=True).ok
+    finally:
+        st.close()
+
+
+@needs_sandbox
+def test_rounds_detects_a_timestamp(pure, expr, tmp_path, store_root):
+    f = expr(NONDET)
+    p = build(pure, tmp_path, f, "-A", "clock", "--rounds", "2", check=False)
+    assert p.returncode == 104 and "changed stamp" in p.stderr
+    p = build(pure, tmp_path, f, "-A", "det", "--rounds", "3")
+    assert p.returncode == 0
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        kinds = [(c["kind"], c["reproducible"]) for c in events.query_checks(st)]
+        assert ("rounds", False) in kinds and ("rounds", True) in kinds
+        rounds = sorted(b["round"] for b in events.query_builds(st) if b["name"] == "det")
+        assert rounds == [1, 2, 3]
+    finally:
+        st.close()
+
+
+def test_diff_trees_reports_added_removed_changed_and_type_changes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "same").write_text("x")
+    (a / "gone").write_text("old")
+    (b / "new").write_text("fresh")
+    (a / "f").write_bytes(b"abcdef")
+    (b / "f").write_bytes(b"abcXefg")
+    (a / "t").write_text("file")
+    (b / "t").mkdir()
+    os.symlink("one", a / "l")
+    os.symlink("two", b / "l")
+    d = {x["file"]: x for x in diff_trees(str(a), str(b))}
+    assert set(d) == {"gone", "new", "f", "t", "l"}
+    assert d["gone"]["change"] == "removed" and d["new"]["change"] == "added"
+    assert d["f"]["first_difference"] == 3 and d["f"]["old_size"] == 6 and d["f"]["new_size"] == 7
+    assert d["t"] == {"file": "t", "change": "type", "old_type": "regular", "new_type": "directory"}
+    assert "symlink target 'one' -> 'two'" in describe(d["l"])
+    assert diff_trees(str(a), str(a)) == []
