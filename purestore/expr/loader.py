@@ -142,7 +142,9 @@ class _Importer(importlib.abc.MetaPathFinder):
         importer = self
 
         def __getattr__(attr):
-            if name in importer.stack:
+            # only a module further up the import stack reading a name that is not defined yet
+            # is a cycle; libraries probing dunders, or the module itself, get AttributeError
+            if name in importer.stack and importer.stack[-1] != name and not attr.startswith("__"):
                 i = importer.stack.index(name)
                 cycle = " -> ".join(importer.stack[i:] + [name])
                 raise EvalError(f"import cycle: {cycle}: {importer.stack[-1]!r} uses {name}.{attr} "
