@@ -508,14 +508,15 @@ class LocalStore:
         from . import fsnar
 
         src = os.path.abspath(src)
+        given = src
         if flat:  # a flat add follows symlinks (to the file whose contents are hashed)
             src = os.path.realpath(src)
         try:
             st = os.stat(src) if flat else os.lstat(src)
         except OSError as e:
-            raise StoreError(f"cannot add {src!r} to the store: {_lower(e.strerror)}") from e
-        if name is None:
-            name = os.path.basename(src.rstrip("/")) or "root"
+            raise StoreError(f"cannot add {given!r} to the store: {_lower(e.strerror)}") from e
+        if name is None:  # like Nix: the base name of the path as given, even for a followed link
+            name = os.path.basename(given.rstrip("/")) or "root"
             try:
                 check_name(name)
             except InvalidStorePath as e:
