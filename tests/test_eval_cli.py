@@ -60,3 +60,15 @@ def test_help_texts_exist():
     for cmd in ("eval", "instantiate", "show-derivation"):
         p = run_pure(cmd, "--help")
         assert "-A ATTR" in p.stdout and "-I DIR" in p.stdout
+
+
+def test_show_derivation_accepts_physical_paths_and_base_names(tmp_path, pure, store_root):
+    f = write(tmp_path / "e" / "expr.py", """
+        from purestore.expr import derivation
+        default = derivation(name="a", system="x86_64-linux", builder="/bin/sh")
+    """)
+    [drv] = pure("instantiate", f).stdout.split()
+    want = json.loads(pure("show-derivation", drv).stdout)
+    physical = str(store_root) + drv
+    assert json.loads(pure("show-derivation", physical).stdout) == want
+    assert json.loads(pure("show-derivation", drv.rsplit("/", 1)[1]).stdout) == want

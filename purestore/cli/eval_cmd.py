@@ -103,9 +103,8 @@ def cmd_instantiate(args, ctx):
 def cmd_show(args, ctx):
     from ..formats.derivation import to_json
     out: dict = {}
-    settings = ctx.settings
     target = args.file
-    if target.endswith(".drv") and target.startswith(settings.store_dir + "/"):
+    if target.endswith(".drv"):  # a store path: logical, physical, or a base name
         from ..errors import UsageError
         from ..expr.loader import read_derivation
         if args.attr:
