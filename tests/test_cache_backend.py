@@ -1,0 +1,115 @@
+"""Cache backends (file://, http:// against the real trio server) behind one interface, the cache
+server's HTTP behaviour, cache URLs and nix-cache-info."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+import trio
+from hypothesis import given, strategies as st
+
+from purestore.cache.backend import CacheMissing, check_name, open_backend, parse_url
+from purestore.cache.info import CacheInfo
+from purestore.cache.server import serve_cache
+from purestore.errors import CacheError
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "nar/../../x", "a//b", ".hidden", "nar/.tmp-1",
+                                  "http://evil/x", "", "a/./b", "x y", "nar/\x00"])
+def test_check_name_refuses_names_that_could_leave_the_cache(name):
+    with pytest.raises(CacheError):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["nix-cache-info", "abc.narinfo", "nar/0abc.nar.zst", "log/x-foo.drv",
+                                  "abc.ls"])
+def test_check_name_accepts_cache_files(name):
+    assert check_name(name) == name
+
+
+@given(st.text(max_size=40))
+def test_check_name_never_accepts_an_escape(name):
+    try:
+        check_name(name)
+    except CacheError:
+        return
+    parts = name.split("/")
+    assert ".." not in parts and "" not in parts and not name.startswith("/")
+
+
+def test_parse_url():
+    u = parse_url("file:///srv/cache?compression=xz&secret-key=/k")
+    assert (u.scheme, u.base, u.param("compression"), u.param("secret-key")) == ("file", "/srv/cache", "xz", "/k")
+    assert parse_url("http://127.0.0.1:8080").base == "http://127.0.0.1:8080/"
+    assert parse_url("https://h/prefix").base == "https://h/prefix/"
+    with pytest.raises(CacheError, match="unknown parameter"):
+        parse_url("file:///x?nope=1")
+
+
+def test_cache_info_round_trip_and_store_dir_check():
+    info = CacheInfo.parse("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n", "x")
+    assert info == CacheInfo("/nix/store", True, 40)
+    assert CacheInfo.parse(info.render(), "x") == info
+    with pytest.raises(CacheError, match="is for store dir '/nix/store'"):
+        info.check_store_dir("/pure/store", "file:///c")
+    with pytest.raises(CacheError, match="no 'StoreDir' line"):
+        CacheInfo.parse("Priority: 1\n", "x")
+
+
+async def exercise(backend, cache_dir):
+    """The same checks for every backend."""
+    assert await backend.get("nix-cache-info") is None
+    assert not await backend.exists("nix-cache-info")
+    await backend.put("nix-cache-info", b"StoreDir: /pure/store\n")
+    assert await backend.exists("nix-cache-info")
+    assert await backend.get("nix-cache-info") == b"StoreDir: /pure/store\n"
+    big = os.urandom(3 << 20)
+    local = cache_dir.parent / "upload.bin"
+    local.write_bytes(big)
+    await backend.put_file("nar/big.nar", str(local))
+    async with backend.open_read("nar/big.nar") as chunks:
+        got = b"".join([c async for c in chunks])
+    assert got == big
+    assert (cache_dir / "nar" / "big.nar").read_bytes() == big
+    assert not [p for p in (cache_dir / "nar").iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(CacheMissing):
+        async with backend.open_read("nar/missing.nar") as chunks:
+            pass
+    with pytest.raises(CacheError):
+        await backend.get("../outside")
+
+
+async def test_file_backend(tmp_path):
+    c = tmp_path / "cache"
+    async with open_backend(f"file://{c}") as b:
+        await exercise(b, c)
+
+
+async def test_http_backend_against_our_server(tmp_path):
+    c = tmp_path / "cache"
+    c.mkdir()
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(lambda task_status: serve_cache(str(c), "127.0.0.1:0", upload_token="tok",
+                                                               task_status=task_status))
+        async with open_backend(url + "/", token="tok") as b:
+            await exercise(b, c)
+        async with open_backend(url + "/", token="wrong") as b:
+            with pytest.raises(CacheError, match="refused \\(HTTP 401\\)"):
+                await b.put("x.narinfo", b"x")
+        async with httpx.AsyncClient() as client:
+            r = await client.put(url + "/x.narinfo", content=b"x")
+            assert r.status_code == 401
+            r = await client.request("DELETE", url + "/nix-cache-info")
+            assert r.status_code == 405
+            r = await client.get(url + "/nix-cache-info")
+            assert r.headers["content-type"] == "text/x-nix-cache-info"
+        assert not (c / "x.narinfo").exists()
+        n.cancel_scope.cancel()
+
+
+async def test_http_backend_connect_error_is_a_cache_error(tmp_path):
+    async with open_backend("http://127.0.0.1:9/", connect_timeout=2) as b:
+        with pytest.raises(CacheError, match="cannot connect"):
+            await b.get("nix-cache-info")
