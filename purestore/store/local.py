@@ -507,31 +507,10 @@ class LocalStore:
         """
         from . import fsnar
 
-        src = os.path.abspath(src)
-        given = src
-        if flat:  # a flat add follows symlinks (to the file whose contents are hashed)
-            src = os.path.realpath(src)
+        src, name = _check_add_source(src, name, flat)
+        if dry_run:
+            return compute_add_path(src, name, flat=flat, store_dir=self.store_dir)
         try:
-            st = os.stat(src) if flat else os.lstat(src)
-        except OSError as e:
-            raise StoreError(f"cannot add {given!r} to the store: {_lower(e.strerror)}") from e
-        if name is None:  # like Nix: the base name of the path as given, even for a followed link
-            name = os.path.basename(given.rstrip("/")) or "root"
-            try:
-                check_name(name)
-            except InvalidStorePath as e:
-                raise InvalidStorePath(f"cannot add {src!r}: {e}", hint="give a valid name with --name") from e
-        else:
-            check_name(name)
-        if flat and not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"cannot add {src!r} flat: expected a regular file, got a "
-                             f"{'directory' if stat.S_ISDIR(st.st_mode) else 'special file'}")
-        try:
-            if dry_run:
-                if flat:
-                    return make_fixed_output_path(name, _file_sha256(src), False, self.store_dir)
-                nar_hash, _size = fsnar.hash_path(src)
-                return make_source_path(name, nar_hash, (), self.store_dir)
             tmp = self.temp_name()
             try:
                 nar_hash, nar_size, _ = fsnar.copy_and_hash(src, tmp)
@@ -549,8 +528,7 @@ class LocalStore:
         except OSError as e:
             if isinstance(e, StoreError):
                 raise
-            where = e.filename or src
-            raise StoreError(f"cannot add {src!r} to the store: {where!r}: {_lower(e.strerror)}") from e
+            raise _add_error(src, e) from e
         return sp
 
     def _install_and_register(self, tmp: str, info: PathInfo) -> None:
@@ -716,6 +694,55 @@ class LocalStore:
                 except OSError as e:
                     raise StoreError(f"cannot remove {self.real_path(sp)!r}: {e.strerror}") from e
         return order
+
+
+def _check_add_source(src: str, name: str | None, flat: bool) -> tuple[str, str]:
+    """The absolute path to read and the store path name for adding ``src``."""
+    src = os.path.abspath(src)
+    given = src
+    if flat:  # a flat add follows symlinks (to the file whose contents are hashed)
+        src = os.path.realpath(src)
+    try:
+        st = os.stat(src) if flat else os.lstat(src)
+    except OSError as e:
+        raise StoreError(f"cannot add {given!r} to the store: {_lower(e.strerror)}") from e
+    if name is None:  # like Nix: the base name of the path as given, even for a followed link
+        name = os.path.basename(given.rstrip("/")) or "root"
+        try:
+            check_name(name)
+        except InvalidStorePath as e:
+            raise InvalidStorePath(f"cannot add {given!r}: {e}", hint="give a valid name with --name") from e
+    else:
+        check_name(name)
+    if flat and not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"cannot add {given!r} flat: expected a regular file, got a "
+                         f"{'directory' if stat.S_ISDIR(st.st_mode) else 'special file'}")
+    return src, name
+
+
+def _add_error(src: str, e: OSError) -> StoreError:
+    where = e.filename or src
+    return StoreError(f"cannot add {src!r} to the store: {where!r}: {_lower(e.strerror)}")
+
+
+def compute_add_path(src: str, name: str | None = None, *, flat: bool = False,
+                     store_dir: str) -> StorePath:
+    """The path :meth:`LocalStore.add_path` would give ``src``, computed without any store.
+
+    Raises the errors of :meth:`LocalStore.add_path`.
+    """
+    from . import fsnar
+
+    src, name = _check_add_source(src, name, flat)
+    try:
+        if flat:
+            return make_fixed_output_path(name, _file_sha256(src), False, store_dir)
+        nar_hash, _size = fsnar.hash_path(src)
+    except OSError as e:
+        if isinstance(e, StoreError):
+            raise
+        raise _add_error(src, e) from e
+    return make_source_path(name, nar_hash, (), store_dir)
 
 
 def _file_sha256(path: str) -> Hash:
