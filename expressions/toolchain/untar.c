@@ -4,7 +4,8 @@
  * 2.10's release tarball ("invalid tar magic").  This reader accepts v7, ustar, GNU (long names
  * 'L'/'K') and pax ('x' path/linkpath; 'g' ignored) headers; writes regular files (owner x bit
  * kept), directories, symlinks and hard links (as copies); refuses absolute paths and '..'.
- * Times, owners and other mode bits are not restored: the store canonicalises them anyway.
+ * Modification times are restored (make compares them: generated files such as 'configure' must
+ * stay newer than their sources); owners and other mode bits are not.
  *
  * Usage: untar [-C DIR] [-v] < archive.tar
  */
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 static int verbose;
@@ -111,6 +113,16 @@ static void copy_file(const char *from, const char *to)
 }
 
 /* pax extended header: "LEN key=value\n" records */
+static void set_mtime(const char *name, long long mtime, int nofollow)
+{
+    struct timespec ts[2];
+    ts[0].tv_sec = ts[1].tv_sec = (time_t)mtime;
+    ts[0].tv_nsec = ts[1].tv_nsec = 0;
+    utimensat(AT_FDCWD, name, ts, nofollow ? AT_SYMLINK_NOFOLLOW : 0);
+}
+
+static long long pax_mtime = -1;
+
 static void pax(const char *data, unsigned long long size, char **path, char **linkpath)
 {
     const char *p = data, *end = data + size;
@@ -125,6 +137,7 @@ static void pax(const char *data, unsigned long long size, char **path, char **l
             char **dst = NULL;
             if (klen == 4 && !memcmp(kv, "path", 4)) dst = path;
             else if (klen == 8 && !memcmp(kv, "linkpath", 8)) dst = linkpath;
+            if (klen == 5 && !memcmp(kv, "mtime", 5)) pax_mtime = strtoll(eq + 1, NULL, 10);
             if (dst) {
                 free(*dst);
                 *dst = malloc(vlen + 1);
@@ -163,6 +176,7 @@ int main(int argc, char **argv)
         char type = (char)h[156];
         unsigned long long size = octal((char *)h + 124, 12);
         unsigned mode = (unsigned)octal((char *)h + 100, 8);
+        long long mtime = (long long)octal((char *)h + 136, 12);
         if (type == 'L' || type == 'K') {
             char *d = read_data(size);
             if (type == 'L') { free(long_name); long_name = d; } else { free(long_link); long_link = d; }
@@ -194,6 +208,7 @@ int main(int argc, char **argv)
         else { memcpy(link, h + 157, 100); link[100] = 0; }
         free(long_name); long_name = NULL;
         free(long_link); long_link = NULL;
+        if (pax_mtime >= 0) { mtime = pax_mtime; pax_mtime = -1; }
 
         size_t len = strlen(name);
         while (len > 1 && name[len - 1] == '/') { if (type == 0 || type == '0') type = '5'; name[--len] = 0; }
@@ -211,10 +226,12 @@ int main(int argc, char **argv)
         case '2':
             unlink(name);
             if (symlink(link, name) != 0) die("cannot create symlink", name);
+            set_mtime(name, mtime, 1);
             break;
         case '1':
             check_path(link);
             copy_file(link, name);
+            set_mtime(name, mtime, 0);
             break;
         case 0: case '0': case '7': {
             unlink(name);
@@ -229,6 +246,7 @@ int main(int argc, char **argv)
                 left -= n;
             }
             close(fd);
+            set_mtime(name, mtime, 0);
             break;
         }
         default:  /* devices, fifos, unknown: skipped */
