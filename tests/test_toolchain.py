@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,19 +61,8 @@ def elf_program_header_types(data: bytes) -> list[int]:
 def store(tmp_path_factory):
     """One rooted store with everything in expressions/all.py built; returns (root, {name: path})."""
     root = os.environ.get("PURE_TEST_HELLO_STORE") or str(tmp_path_factory.mktemp("pkgs-store"))
-    p = build(root, "--no-link", "--json", EXPR / "all.py")
-    outs = {}
-    for line in p.stdout.split():
-        if line.startswith("/"):
-            outs[line.split("-", 1)[1]] = line
-    if not outs:  # --json output: take the paths from the JSON lines instead
-        for line in p.stdout.splitlines():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            for v in (ev.get("outputs") or {}).values() if isinstance(ev, dict) else ():
-                outs[v.split("-", 1)[1]] = v
+    p = build(root, "--no-link", EXPR / "all.py")
+    outs = {line.split("-", 1)[1]: line for line in p.stdout.split() if line.startswith("/")}
     assert "hello-2.10" in outs, p.stdout
     return root, outs
 
@@ -133,24 +124,36 @@ def test_build_check_rebuilds_everything_bit_for_bit(store):
     assert p.returncode == 0, p.stderr[-4000:]
 
 
-def test_hello_is_reproduced_in_an_independent_store(store, tmp_path):
-    """Another rooted store, another time, hostname, TMPDIR, working directory and (when we are
-    root) user: the same hello output path and NAR hash."""
+def test_hello_is_reproduced_in_an_independent_store(store, tmp_path, request):
+    """Another rooted store, another time, hostname (UTS namespace), TMPDIR, working directory,
+    locale and time zone, and (when we are root) another user (nobody): the same hello output
+    path and NAR hash."""
     root, outs = store
-    other = tmp_path / "other-store"
-    other.mkdir()
-    tmp = tmp_path / "other-tmp"
-    tmp.mkdir()
-    cmd = ["unshare", "--uts", "sh", "-c", 'hostname repro-host-2 && exec "$@"', "sh"]
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        cmd = []
+    as_nobody = os.geteuid() == 0 and bool(shutil.which("unshare")) and bool(shutil.which("setpriv"))
+    # pytest's tmp dirs are private to root: the other user works under /var/tmp instead.
+    base = Path(tempfile.mkdtemp(prefix="pure-repro-", dir="/var/tmp")) if as_nobody else tmp_path
+    request.addfinalizer(lambda: (subprocess.run(["chmod", "-R", "u+w", str(base)]),
+                                  shutil.rmtree(base, ignore_errors=True)))
+    other, tmp, cache = base / "store", base / "tmp", base / "seed-cache"
+    for d in (other, tmp, cache):
+        d.mkdir()
+    # Seeds come from the shared download cache (hash-checked) so the other user needs no network
+    # beyond what the fetchers do anyway; copy it where that user can read it.
+    for f in Path(SEED_CACHE).glob("sha256-*"):
+        shutil.copyfile(f, cache / f.name)
+    env = {"PATH": os.environ["PATH"], "PURE_STORE": str(other), "PURE_CONFIG": "/dev/null",
+           "PYTHONPATH": str(REPO), "TMPDIR": str(tmp), "HOME": str(tmp), "USER": "someone-else",
+           "LANG": "C.UTF-8", "TZ": "Pacific/Kiritimati", "PURE_SEED_CACHE": str(cache),
+           "PURE_APT_DIR": str(tmp / "apt")}
+    prefix = []
+    if as_nobody:
+        subprocess.run(["chown", "-R", "65534:65534", str(base)], check=True)
+        prefix = ["unshare", "--uts", "sh", "-c", 'hostname repro-host-2 && exec "$@"', "sh",
+                  "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     p = subprocess.run(
-        [*cmd, os.sys.executable, "-m", "purestore.cli.main", "build", "--no-link",
+        [*prefix, sys.executable, "-m", "purestore.cli.main", "build", "--no-link",
          str(EXPR / "hello.py")],
-        capture_output=True, text=True, timeout=3000, cwd=tmp,
-        env={"PATH": os.environ["PATH"], "PURE_STORE": str(other), "PURE_CONFIG": "/dev/null",
-             "PYTHONPATH": str(REPO), "TMPDIR": str(tmp), "HOME": str(tmp), "USER": "someone-else",
-             "LANG": "fr_FR.UTF-8", "TZ": "Pacific/Kiritimati", **ENV})
+        capture_output=True, text=True, timeout=3000, cwd=tmp, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
     path = p.stdout.split()[-1]
     assert path == outs["hello-2.10"]
