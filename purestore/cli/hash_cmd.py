@@ -48,8 +48,7 @@ def _add_format(p) -> None:
 
 
 def register(reg) -> None:
-    grp = reg.group("hash", help="compute and convert hashes (NAR hashes, file hashes, encodings)")
-    del grp
+    reg.group("hash", help="compute and convert hashes (NAR hashes, file hashes, encodings)")
     p = reg.command("path", "print the NAR hash of files, directories or symlinks", cmd_path,
                     group="hash", description=_PATH_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH")
