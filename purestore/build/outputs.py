@@ -105,18 +105,27 @@ def _check_no_cycles(outs: dict[str, BuiltOutput], store_dir: str, label: str) -
             visit(n, [])
 
 
-def install_outputs(store, outs: dict[str, BuiltOutput], drv_path: StorePath) -> None:
-    """Move outputs into the store and register them (with the drv's outputs) in one transaction.
-
-    The caller holds the path locks of the outputs.  Outputs that are already valid are left as
-    they are (another builder won).
-    """
+def move_outputs(store, outs: dict[str, BuiltOutput]) -> list[BuiltOutput]:
+    """Rename outputs that are not yet valid into the store (caller holds their path locks);
+    returns the moved ones.  They are not valid until :func:`register_outputs`."""
     new = [o for o in outs.values() if not store.is_valid(o.info.path)]
     for o in new:
         store.install_path(o.host_path, o.info.path)
-    if new and store.durable:
-        from ..store.local import _syncfs
-        _syncfs(store.real_store_dir)
+    return new
+
+
+def register_outputs(store, outs: dict[str, BuiltOutput], new: list[BuiltOutput], drv_path: StorePath) -> None:
+    """Register moved outputs and the derivation's output names in ONE transaction (after the
+    caller made the files durable)."""
     with store.db.transaction():
         store.register([o.info for o in new])
         store.register_derivation_outputs(drv_path, {n: o.info.path for n, o in outs.items()})
+
+
+def install_outputs(store, outs: dict[str, BuiltOutput], drv_path: StorePath) -> None:
+    """:func:`move_outputs`, flush the file system when the store is durable, :func:`register_outputs`."""
+    new = move_outputs(store, outs)
+    if new and store.durable:
+        from ..store.local import _syncfs
+        _syncfs(store.real_store_dir)
+    register_outputs(store, outs, new, drv_path)

@@ -131,7 +131,7 @@ class SandboxSpec:
     ``top`` is an empty host directory on the store's file system.  It gets ``build/`` (the build
     dir, ``/build`` inside), ``upper/`` (whatever the builder creates in the store dir, e.g. its
     outputs: see :meth:`host_path`), ``work/`` (overlayfs' work dir) and ``root/`` (the mount
-    point of the sandbox's in-memory root).  ``inputs`` maps logical store paths to their
+    point of the sandbox's in-memory root, unless ``root_mount`` names a shared one).  ``inputs`` maps logical store paths to their
     physical location.
     """
 
@@ -142,10 +142,13 @@ class SandboxSpec:
     inputs: Mapping[str, str] = attrs.field(factory=dict)
     network: bool = False
     extra_etc: Mapping[str, bytes] = attrs.field(factory=dict)
+    root_mount: str | None = None
 
     @property
     def root(self) -> str:
-        return os.path.join(self.top, "root")
+        """Where the in-memory root is mounted (in the sandbox's own mount namespace): the
+        shared empty directory ``root_mount`` if given (no per-build directory), else ``top/root``."""
+        return self.root_mount or os.path.join(self.top, "root")
 
     @property
     def build_dir(self) -> str:
@@ -178,7 +181,7 @@ def prepare_root(spec: SandboxSpec) -> None:
     try:
         if not os.path.isdir(spec.top):
             os.mkdir(spec.top, 0o700)
-        for d in ("build", "upper", "work", "root"):
+        for d in ("build", "upper", "work") + (() if spec.root_mount else ("root",)):
             os.mkdir(os.path.join(spec.top, d), 0o700)
     except OSError as e:
         raise SandboxError(f"cannot prepare the build root in {spec.top!r}: {e}") from e
@@ -344,7 +347,7 @@ def spawn(spec: SandboxSpec, stdout: int) -> tuple[subprocess.Popen, int]:
     Raises :class:`SandboxError` when the builder cannot be executed (e.g. does not exist).
     """
     top = os.path.realpath(spec.top)
-    r = top + "/root"
+    r = os.path.realpath(spec.root)
     binds = tuple((os.path.realpath(phys), r + logical) for logical, phys in sorted(spec.inputs.items()))
     bind_dirs = tuple(os.path.isdir(phys) and not os.path.islink(phys) for _, phys in sorted(spec.inputs.items()))
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
@@ -392,7 +395,7 @@ def run_sync(spec: SandboxSpec) -> tuple[int, bytes]:
     For tests and tools; the scheduler uses :func:`spawn` under trio.  Raises
     :class:`SandboxError` when the sandbox cannot be set up.
     """
-    if not os.path.exists(spec.root):
+    if not os.path.exists(spec.build_dir):
         prepare_root(spec)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     try:

@@ -39,7 +39,7 @@ from . import check as check_mod
 from . import sandbox as sb
 from .builtins import BUILTIN_BUILDERS
 from .logs import BuildLog
-from .outputs import check_outputs, install_outputs
+from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
 
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
@@ -114,6 +114,7 @@ class _Realiser:
         self.limiter = trio.CapacityLimiter(max(1, options.max_jobs))
         self.in_progress: dict[StorePath, trio.Event] = {}
         self.unreproducible: list[str] = []
+        self.syncer = _GroupSync(store.real_store_dir)
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -202,7 +203,12 @@ class _Realiser:
     # -- running -------------------------------------------------------------------------------
 
     async def run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
-        await trio.to_thread.run_sync(self._load_graph, tops)
+        self.root_mount = os.path.join(self.store.state_dir, "sandbox-root")
+
+        def setup():
+            os.makedirs(self.root_mount, mode=0o755, exist_ok=True)
+            self._load_graph(tops)
+        await trio.to_thread.run_sync(setup)
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
         checks = []
@@ -363,11 +369,28 @@ class _Realiser:
                              f"for fixed-output derivations")
         if drv.system not in ("x86_64-linux", "builtin") and not builtin:
             raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
-        event_id = await trio.to_thread.run_sync(lambda: events.record_build_start(
-            store, node.label, drv.name, fixed_output=drv.is_fixed_output, network=network,
-            kind=kind, round=round_))
-        self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_)
         top = store.temp_name(node.path)
+        spec = None
+
+        def begin():
+            event = events.record_build_start(store, node.label, drv.name, fixed_output=drv.is_fixed_output,
+                                              network=network, kind=kind, round=round_)
+            try:
+                closure = self._input_closure(node)
+                env, files = self._env(node)
+                inputs = {store.print_path(p): store.real_path(p) for p in closure}
+                sp = sb.SandboxSpec(argv=(drv.builder, *drv.args), env=env, top=top, store_dir=self.sd,
+                                    inputs=inputs, network=network, root_mount=self.root_mount)
+                sb.prepare_root(sp)
+                for fn, data in files.items():
+                    with open(os.path.join(sp.build_dir, fn), "wb") as f:
+                        f.write(data)
+            except BaseException as e:
+                events.record_build_finish(store, event, "failed", error=str(e))
+                raise
+            return event, closure, sp
+        event_id, closure, spec = await trio.to_thread.run_sync(begin)
+        self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_)
         log = BuildLog(store.state_dir, node.path.base_name,
                        echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
                        if self.progress.print_logs or self.progress.json_stream else None)
@@ -375,19 +398,7 @@ class _Realiser:
         keep_top = False
         outs_info = {}
         try:
-            closure, (env, files) = await trio.to_thread.run_sync(
-                lambda: (self._input_closure(node), self._env(node)))
-            inputs = {store.print_path(p): store.real_path(p) for p in closure}
-            spec = sb.SandboxSpec(argv=(drv.builder, *drv.args), env=env, top=top, store_dir=self.sd,
-                                  inputs=inputs, network=network)
             host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
-
-            def prepare():
-                sb.prepare_root(spec)
-                for fn, data in files.items():
-                    with open(os.path.join(spec.build_dir, fn), "wb") as f:
-                        f.write(data)
-            await trio.to_thread.run_sync(prepare)
             if builtin:
                 await self._run_builtin(node, host_outs["out"], log)
             else:
@@ -400,7 +411,10 @@ class _Realiser:
             outs_info = {n: (store.print_path(b.info.path), f"sha256:{b.info.nar_hash.nix32}")
                          for n, b in built.items()}
             if install:
-                await trio.to_thread.run_sync(lambda: install_outputs(store, built, node.path))
+                moved = await trio.to_thread.run_sync(lambda: move_outputs(store, built))
+                if moved and store.durable:
+                    await self.syncer.sync()
+                await trio.to_thread.run_sync(lambda: register_outputs(store, built, moved, node.path))
             else:
                 await self._compare(node, kind, built, compare_with, rounds)
             status = "built"
@@ -424,16 +438,15 @@ class _Realiser:
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    if status == "built" or status == "interrupted":
-                        await trio.to_thread.run_sync(log.close)
-                    else:
-                        log.close()
+                    log.close()
                 except StoreError:
                     pass
-                if not keep_top:
-                    await trio.to_thread.run_sync(_remove_tree, top)
-                await trio.to_thread.run_sync(lambda: events.record_build_finish(
-                    store, event_id, status, outs_info, None if status == "built" else status))
+                def finish():
+                    if not keep_top:
+                        _remove_tree(top)
+                    events.record_build_finish(store, event_id, status, outs_info,
+                                               None if status == "built" else status)
+                await trio.to_thread.run_sync(finish)
 
     async def _run_builtin(self, node: _Node, out: str, log: BuildLog) -> None:
         fn = BUILTIN_BUILDERS[node.drv.builder]
@@ -531,6 +544,49 @@ async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> int:
             os.close(err_r)
         os.close(pidfd)
         await stream.aclose()
+
+
+class _GroupSync:
+    """Group commit for ``syncfs``: whoever arrives while a flush runs shares the next one.
+
+    A flush covers everything written before it started, so a waiter needs the flush after the
+    one in progress; one such flush serves all who arrived meanwhile."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.busy = False
+        self.waiters: trio.Event | None = None
+        self.error: BaseException | None = None
+
+    async def _flush(self) -> None:
+        from ..store.local import _syncfs
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_syncfs, self.path)
+
+    async def sync(self) -> None:
+        if self.busy:
+            if self.waiters is None:
+                self.waiters = trio.Event()
+            ev = self.waiters
+            await ev.wait()
+            if self.error is not None:
+                raise self.error
+            return
+        self.busy = True
+        try:
+            await self._flush()
+            while self.waiters is not None:
+                ev, self.waiters = self.waiters, None
+                try:
+                    await self._flush()
+                    self.error = None
+                except BaseException as e:
+                    self.error = e
+                    raise
+                finally:
+                    ev.set()
+        finally:
+            self.busy = False
 
 
 def _leaves(e: BaseException) -> list[BaseException]:
