@@ -159,6 +159,9 @@ def cmd_copy(args, ctx) -> int:
             from ..cache.push import copy_to, load_secret_key
             keys = [load_secret_key(f) for f in args.secret_key_file]
             paths = [store.parse_path(p, valid=True) for p in args.paths]
+            if not keys and "secret-key=" not in args.to:
+                ctx.info("warning: no secret key given: narinfos carry only the paths' existing "
+                         "signatures (use --secret-key-file FILE or ?secret-key=FILE)")
             res = trio.run(lambda: copy_to(
                 store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
                 level=args.compression_level, write_listing=True if args.write_nar_listing else None,
