@@ -186,7 +186,7 @@ def derivations(draw):
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(derivations())
 def test_render_parse_round_trip(drv):
     text = render_aterm(drv)
@@ -194,7 +194,7 @@ def test_render_parse_round_trip(drv):
     assert render_aterm(parse_aterm(text)) == text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.integers(min_value=0), st.integers(min_value=0, max_value=255))
 def test_corruption_raises_the_format_error_or_round_trips(pos, byte):
     data = bytearray(TEXTS["top"])
