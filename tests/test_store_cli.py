@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import DATA, HAVE_NIX, needs_nix, pure_env, run_pure
+from conftest import DATA, needs_nix, pure_env, run_pure
 
 GOLDEN = json.loads((DATA / "store" / "golden.json").read_text())
 _spec = importlib.util.spec_from_file_location("store_trees", DATA / "store" / "trees.py")
