@@ -89,7 +89,7 @@ def test_signed_payload_that_is_not_a_slsa_statement_is_refused():
         verify_envelope(env.render(), parse_public_keys([PUBLIC]))
 
 
-@hsettings(max_examples=200, deadline=None)
+@hsettings(max_examples=50, deadline=None)
 @given(st.data())
 def test_random_corruption_raises_provenance_error_only(data):
     raw = bytearray(sign_statement(statement(), SecretKey.parse(SECRET)).render())
