@@ -12,3 +12,5 @@ from pkgs.toolchain import bootstrap_tools, untar, zig_cc
 built = [bootstrap_tools, zig_cc, untar, bmake, hello, libgreet, greet, devshell]
 default = built
 fetched = seeds.default
+#: A cheap subset for the test suite's --check (one musl build instead of five).
+quick_check = [bootstrap_tools, zig_cc, libgreet, devshell]

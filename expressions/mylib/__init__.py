@@ -15,7 +15,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 libgreet = mk_derivation(
     "libgreet-1.0",
     source(os.path.join(_HERE, "libgreet"), name="libgreet-1.0-source"),
-    make_flags=["CC=cc", "AR=ar"],
     preInstall='makeFlags="$makeFlags PREFIX=$out"',
     do_check=True,
 )
@@ -24,7 +23,7 @@ greet = mk_derivation(
     "greet-1.0",
     source(os.path.join(_HERE, "greet"), name="greet-1.0-source"),
     build_inputs=[libgreet],
-    make_flags=["CC=cc", f"GREET={libgreet}"],
+    make_flags=[f"GREET={libgreet}"],
     preInstall='makeFlags="$makeFlags PREFIX=$out"',
     do_check=True,
 )

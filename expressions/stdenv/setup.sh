@@ -28,6 +28,23 @@ for p in $stdenvPath $buildInputs; do
 done
 export PATH
 
+# busybox's shell runs its own applets in preference to PATH (its 'ar' cannot write archives):
+# name the toolchain's programs by absolute path, for make (BSD make's sys.mk uses ${AR} etc.)
+# and configure scripts alike.  Derivations may still set these themselves.
+findTool() {
+    _ifs=$IFS; IFS=:
+    for _d in $PATH; do
+        if [ -x "$_d/$1" ] && [ ! -d "$_d/$1" ]; then IFS=$_ifs; echo "$_d/$1"; return 0; fi
+    done
+    IFS=$_ifs
+    return 1
+}
+for _t in CC:cc CXX:c++ LD:ld AR:ar RANLIB:ranlib OBJCOPY:objcopy STRIP:strip; do
+    _var=${_t%%:*}
+    eval "_set=\${$_var:-}"
+    if [ -z "$_set" ] && _p=$(findTool "${_t#*:}"); then export "$_var=$_p"; fi
+done
+
 # One place for every compiler cache: the same path in every build of a derivation (/build in the
 # sandbox), so nothing that leaks into debug info differs between builds.
 : "${TMPDIR:=/tmp}"
