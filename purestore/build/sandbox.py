@@ -309,17 +309,29 @@ def _make_preexec(spec: SandboxSpec, plan: _Plan) -> Callable[[], None]:
             _report(plan.err_w, f"cannot create the namespaces: {e}")
         pid = os.fork()
         if pid:
-            # middle: keep nothing but our stdio, wait for the builder, exit with its status.
-            _libc.syscall(SYS_close_range, 3, 0xFFFFFFFF, 0)
+            # middle: keep only the status pipe (stdio to /dev/null, so the log pipe ends as soon
+            # as the builder's processes are gone), wait for the builder, report its status
+            # before exiting: tearing the namespaces down can take a while, and nobody needs to
+            # wait for that to see the result.
+            w = plan.err_w
+            if w > 3:
+                _libc.syscall(SYS_close_range, 3, w - 1, 0)
+            _libc.syscall(SYS_close_range, w + 1, 0xFFFFFFFF, 0)
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
             while True:
                 try:
                     _, status = os.waitpid(pid, 0)
                     break
                 except InterruptedError:
                     continue
-            if os.WIFEXITED(status):
-                os._exit(os.WEXITSTATUS(status))
-            os._exit(128 + os.WTERMSIG(status))
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            try:
+                os.write(w, STATUS_MARK + str(code).encode() + b"\n")
+            finally:
+                os._exit(code)
         try:
             _setup_in_child(spec, plan)
             os.set_inheritable(plan.err_w, False)
@@ -340,8 +352,9 @@ def spawn(spec: SandboxSpec, stdout: int) -> tuple[subprocess.Popen, int]:
     """Start ``spec`` in a new sandbox with stdout and stderr going to fd ``stdout``.
 
     Returns the process (its pid is the "middle" process whose exit status is the builder's) and
-    the read end of the setup-error pipe (read it after the process exits: non-empty means the
-    sandbox could not be set up).  Must be called from the thread that lives as long as the build
+    the read end of the status pipe: it carries a setup error message if the sandbox could not be
+    set up, then the builder's exit status (see :func:`parse_status`), possibly before the
+    process has exited (namespace teardown continues after the status is known).  Must be called from the thread that lives as long as the build
     (the trio thread): the build is SIGKILLed when that thread exits.
 
     Raises :class:`SandboxError` when the builder cannot be executed (e.g. does not exist).
@@ -375,16 +388,30 @@ def spawn(spec: SandboxSpec, stdout: int) -> tuple[subprocess.Popen, int]:
     return proc, err_r
 
 
-def read_setup_error(err_r: int) -> str:
-    """Read what the sandbox setup reported (empty if all went well) and close the pipe."""
+STATUS_MARK = b"\0STATUS:"
+
+
+def parse_status(data: bytes) -> tuple[int | None, str]:
+    """Split what the status pipe carried into (builder exit status or None if not (yet)
+    reported, setup error message or "")."""
+    i = data.find(STATUS_MARK)
+    if i < 0 or not data.endswith(b"\n"):
+        return None, data.decode(errors="replace")
+    return int(data[i + len(STATUS_MARK):-1]), data[:i].decode(errors="replace")
+
+
+def read_status(err_r: int) -> tuple[int | None, str]:
+    """Block until the status pipe reports (or ends), close it, and :func:`parse_status`."""
     try:
-        chunks = []
+        data = b""
         while True:
             b = os.read(err_r, 4096)
             if not b:
                 break
-            chunks.append(b)
-        return b"".join(chunks).decode(errors="replace")
+            data += b
+            if parse_status(data)[0] is not None:
+                break
+        return parse_status(data)
     finally:
         os.close(err_r)
 
@@ -409,11 +436,11 @@ def run_sync(spec: SandboxSpec) -> tuple[int, bytes]:
             if not b:
                 break
             chunks.append(b)
+    code, err = read_status(err_r)
     status = proc.wait()
-    err = read_setup_error(err_r)
     if err:
         raise SandboxError(err)
-    return status, b"".join(chunks)
+    return (status if code is None else code), b"".join(chunks)
 
 
 def sandbox_available() -> str | None:

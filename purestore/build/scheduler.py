@@ -115,6 +115,7 @@ class _Realiser:
         self.in_progress: dict[StorePath, trio.Event] = {}
         self.unreproducible: list[str] = []
         self.syncer = _GroupSync(store.real_store_dir)
+        self.background: trio.Nursery | None = None
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -218,11 +219,14 @@ class _Realiser:
                             will_substitute=substituted,
                             will_check=sorted(n.label for n in checks))
         try:
-            async with trio.open_nursery() as nursery:
-                for node in to_build:
-                    nursery.start_soon(self._run_node, node, nursery.cancel_scope)
-                for node in checks:
-                    nursery.start_soon(self._check_node, node)
+            async with trio.open_nursery() as background:
+                # clean-ups (reaping sandboxes, removing build dirs) overlap with the next builds
+                self.background = background
+                async with trio.open_nursery() as nursery:
+                    for node in to_build:
+                        nursery.start_soon(self._run_node, node, nursery.cancel_scope)
+                    for node in checks:
+                        nursery.start_soon(self._check_node, node)
         except BaseExceptionGroup as eg:
             raise _unwrap(eg) from None
         finally:
@@ -371,6 +375,7 @@ class _Realiser:
             raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
         top = store.temp_name(node.path)
         spec = None
+        sandboxed: _Sandboxed | None = None
 
         def begin():
             event = events.record_build_start(store, node.label, drv.name, fixed_output=drv.is_fixed_output,
@@ -402,8 +407,9 @@ class _Realiser:
             if builtin:
                 await self._run_builtin(node, host_outs["out"], log)
             else:
-                code = await _run_sandboxed(spec, log)
+                code, sandboxed = await _run_sandboxed(spec, log)
                 if code != 0:
+                    await sandboxed.reap()
                     keep_top = self.options.keep_failed
                     raise self._failure(node, code, log, spec if keep_top else None)
             built = await trio.to_thread.run_sync(
@@ -446,7 +452,20 @@ class _Realiser:
                         _remove_tree(top)
                     events.record_build_finish(store, event_id, status, outs_info,
                                                None if status == "built" else status)
-                await trio.to_thread.run_sync(finish)
+
+                async def cleanup():
+                    # after the namespaces are gone (they hold the build dir): remove, record
+                    if sandboxed is not None:
+                        await sandboxed.reap()
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await trio.to_thread.run_sync(finish)
+                        except (PurestoreError, OSError):
+                            pass
+                if status == "built" and self.background is not None:
+                    self.background.start_soon(cleanup)
+                else:
+                    await cleanup()
 
     async def _run_builtin(self, node: _Node, out: str, log: BuildLog) -> None:
         fn = BUILTIN_BUILDERS[node.drv.builder]
@@ -503,9 +522,29 @@ class _Realiser:
         self.progress.event("check", drv=node.label, reproducible=reproducible, differences=diffs)
 
 
-async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> int:
-    """Run the builder; feed its output to ``log``; return its exit status.  On cancellation the
-    whole sandbox is SIGKILLed and reaped before the Cancelled propagates."""
+class _Sandboxed:
+    """A finished sandbox whose namespaces may still be tearing down: :meth:`reap` waits for that."""
+
+    def __init__(self, proc, pidfd: int):
+        self.proc = proc
+        self.pidfd = pidfd
+
+    async def reap(self) -> None:
+        if self.pidfd < 0:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.lowlevel.wait_readable(self.pidfd)
+                self.proc.wait()
+            finally:
+                os.close(self.pidfd)
+                self.pidfd = -1
+
+
+async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, _Sandboxed]:
+    """Run the builder; feed its output to ``log``; return its exit status as soon as it is known
+    (with a handle to reap the sandbox later).  On cancellation the whole sandbox is SIGKILLed and
+    reaped before the Cancelled propagates.  Raises :class:`SandboxError` if it could not be set up."""
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     try:
         proc, err_r = sb.spawn(spec, out_w)
@@ -514,8 +553,9 @@ async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> int:
         raise
     finally:
         os.close(out_w)
-    pidfd = os.pidfd_open(proc.pid)
+    handle = _Sandboxed(proc, os.pidfd_open(proc.pid))
     stream = trio.lowlevel.FdStream(out_r)
+    err_stream = trio.lowlevel.FdStream(err_r)
     try:
         try:
             while True:
@@ -523,27 +563,30 @@ async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> int:
                 if not data:
                     break
                 log.write(data)
-            await trio.lowlevel.wait_readable(pidfd)
+            status = b""
+            while True:
+                chunk = await err_stream.receive_some(4096)
+                status += chunk
+                code, err = sb.parse_status(status)
+                if code is not None or not chunk:
+                    break
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
                     proc.send_signal(signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                await trio.lowlevel.wait_readable(pidfd)
-                proc.wait()
+                await handle.reap()
             raise
-        code = proc.wait()
-        err = sb.read_setup_error(err_r)
-        err_r = -1
-        if err:
-            raise SandboxError(err)
-        return code
+        if err or code is None:
+            await handle.reap()
+            raise SandboxError(err or f"the sandbox ended without reporting a status "
+                                      f"(exit status {proc.returncode})")
+        return code, handle
     finally:
-        if err_r >= 0:
-            os.close(err_r)
-        os.close(pidfd)
-        await stream.aclose()
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+            await err_stream.aclose()
 
 
 class _GroupSync:
