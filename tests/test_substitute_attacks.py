@@ -188,7 +188,7 @@ def _symlink_node(target: bytes) -> bytes:
     return N.NODE_SYMLINK + N.nar_str(target) + N.CLOSE
 
 
-def publish_raw(cache: Path, sp, nar: bytes):
+def publish_raw(cache: Path, sp, nar: bytes, refs=()):
     """Put ``nar`` (uncompressed) into the cache as ``sp``, with true hashes and a valid signature."""
     from purestore.formats.hash import Hash
     from purestore.formats.narinfo import NarInfo
@@ -196,7 +196,7 @@ def publish_raw(cache: Path, sp, nar: bytes):
     fh = Hash.of_bytes(nar)
     name = f"nar/{fh.nix32}.nar"
     (cache / name).write_bytes(nar)
-    ni = NarInfo(sp, name, Hash.of_bytes(nar), len(nar), "none", fh, len(nar), ())
+    ni = NarInfo(sp, name, Hash.of_bytes(nar), len(nar), "none", fh, len(nar), refs)
     ni = ni.with_sigs([SecretKey.parse(SEC).sign(ni.fingerprint("/pure/store")).render()])
     (cache / f"{sp.hash_part}.narinfo").write_text(ni.render("/pure/store"))
 
@@ -283,3 +283,15 @@ async def test_http_truncated_or_stalled_download(attack, tmp_path, mode, reason
         n.cancel_scope.cancel()
     r.stderr = r.stderr.decode()
     assert_refused(r, root, app, reason)
+
+
+def test_reference_cycle_between_narinfos_fails_without_hanging(attack, tmp_path):
+    """Two signed narinfos that refer to each other (only a hostile signer can make that)."""
+    from purestore.formats.nar import nar_of_bytes
+    from purestore.formats.store_path import StorePath
+    cache, lib, app = attack
+    a, b = StorePath("0" * 31 + "a", "cyc-a"), StorePath("0" * 31 + "b", "cyc-b")
+    publish_raw(cache, a, nar_of_bytes(b"a refers to b\n"), refs=[b])
+    publish_raw(cache, b, nar_of_bytes(b"b refers to a\n"), refs=[a])
+    r = fetch(f"file://{cache}", a, tmp_path / "r")
+    assert_refused(r, tmp_path / "r", a, "reference cycle")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from typing import Callable, Iterable
 
@@ -459,42 +460,39 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             return report
         found: dict[StorePath, tuple[_Cache, NarInfo]] = {}
         seen = set(wanted)
-        qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
-
-        async def visit(p: StorePath, nursery):
-            async with qlimit:
-                try:
-                    r = await subs.query(p)
-                except _Rejected as e:
-                    report.failures[p] = str(e)
-                    return
-            if r is None:
-                extra = "; ".join(subs.rejected.values())
-                report.failures[p] = "no binary cache has it" + (f" ({extra})" if extra else "")
-                return
-            found[p] = r
-            for ref in r[1].references:
-                if ref != p and ref not in seen and not valid(ref):
-                    seen.add(ref)
-                    nursery.start_soon(visit, ref, nursery)
-
-        async with open_nursery() as n:
-            for p in sorted(wanted):
-                n.start_soon(visit, p, n)
-
-        # references before referrers; members of reference cycles fail
-        order = _topo(found)
-        for p in found:
-            if p not in order:
-                report.failures[p] = "its narinfo is part of a reference cycle"
-        if progress:
-            progress.expect(len(order), sum(found[p][1].nar_size for p in order))
-
-        events = {p: trio.Event() for p in order}
+        queried = {p: trio.Event() for p in wanted}  # set when p's narinfo query has finished
+        events: dict[StorePath, trio.Event] = {}     # set when p is registered or has failed
         ok: set[StorePath] = set()
+        qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
         flimit = trio.CapacityLimiter(jobs)
-        send, recv = trio.open_memory_channel(len(order) or 1)
+        send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
+
+        async def visit(p: StorePath, queries, fetches):
+            """Query p's narinfo; on success start fetching it at once and query its references."""
+            try:
+                async with qlimit:
+                    try:
+                        r = await subs.query(p)
+                    except _Rejected as e:
+                        report.failures[p] = str(e)
+                        return
+                if r is None:
+                    extra = "; ".join(subs.rejected.values())
+                    report.failures[p] = "no binary cache has it" + (f" ({extra})" if extra else "")
+                    return
+                found[p] = r
+                events[p] = trio.Event()
+                if progress:
+                    progress.expect(1, r[1].nar_size)
+                for ref in r[1].references:
+                    if ref != p and ref not in seen and not valid(ref):
+                        seen.add(ref)
+                        queried[ref] = trio.Event()
+                        queries.start_soon(visit, ref, queries, fetches)
+                fetches.start_soon(fetch, p)
+            finally:
+                queried[p].set()
 
         async def registrar():
             """Registers restored paths in batches: one lock round, one flush, one transaction."""
@@ -516,6 +514,10 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         outcome[info.path] = res.get(info.path)
                         done.set()
 
+        def ref_failure(p: StorePath, r: StorePath) -> str:
+            return (f"its reference {r.absolute(sd)!r} could not be substituted: "
+                    f"{report.failures.get(r, 'unknown reason')}")
+
         async def fetch(p: StorePath):
             cache, ni = found[p]
             tmp = None
@@ -528,19 +530,24 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     except (CacheError, FormatError, StoreError, SignatureError) as e:
                         report.failures[p] = str(e)
                         return
+                # references before referrers: wait until each is registered (or has failed)
                 for r in sorted(ni.references):
                     if r == p:
                         continue
-                    if r in events:
+                    if r in queried:
+                        await queried[r].wait()
+                        if r not in events:
+                            report.failures[p] = ref_failure(p, r)
+                            return
                         await events[r].wait()
                         if r not in ok:
-                            report.failures[p] = (f"its reference {r.absolute(sd)!r} could not be substituted: "
-                                                  f"{report.failures.get(r, 'unknown reason')}")
+                            report.failures.setdefault(p, ref_failure(p, r))
                             return
                     elif not S.is_valid(store, r):
-                        report.failures[p] = (f"its reference {r.absolute(sd)!r} is not valid and no cache "
-                                              f"has it: {report.failures.get(r, 'unknown reason')}")
+                        report.failures[p] = ref_failure(p, r)
                         return
+                if p in report.failures:  # part of a reference cycle
+                    return
                 info = PathInfo(path=p, nar_hash=ni.nar_hash, nar_size=ni.nar_size,
                                 references=ni.references, deriver=ni.deriver, sigs=ni.sigs, ca=ni.ca)
                 done = trio.Event()
@@ -565,9 +572,17 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         async with open_nursery() as outer:
             outer.start_soon(registrar)
             async with send:
-                async with open_nursery() as n:
-                    for p in order:
-                        n.start_soon(fetch, p)
+                async with open_nursery() as fetches:
+                    async with open_nursery() as queries:
+                        for p in sorted(wanted):
+                            queries.start_soon(visit, p, queries, fetches)
+                    # every narinfo is known: members of reference cycles (only a hostile cache
+                    # can make one) fail, which releases the fetches waiting on each other
+                    order = set(_topo(found))
+                    for p in found:
+                        if p not in order:
+                            report.failures[p] = "its narinfo is part of a reference cycle"
+                            events[p].set()
         if progress:
             progress.finish()
 
