@@ -53,5 +53,7 @@ in rec {
   level1 = mk { name = "level1"; outputs = [ "out" "dev" ]; };
   level2 = mk { name = "level2-0.1"; args = [ "-c" "cp ${level1.dev}/x $out; echo ${fod_flat_sha256_base16}" ]; lib = level1; };
   level3 = mk { name = "level3"; deps = [ level2 level1 ]; script = text_a; args = [ "-c" "echo ${level2}" ]; };
+  fod_with_inputs = mk { name = "fod-inputs"; outputHash = "sha256-LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ="; args = [ "-c" "cat ${level1}/x > $out" ]; };
+  uses_fod_with_inputs = mk { name = "uses-fod"; src = fod_with_inputs; };
   drv_path_ref = mk { name = "drvref"; ref = level2.drvPath; };
 }

@@ -60,6 +60,8 @@ use_texts = mk(name="use-texts", script=text_b, args=["-c", f". {text_b}"])
 level1 = mk(name="level1", outputs=["out", "dev"])
 level2 = mk(name="level2-0.1", args=["-c", f"cp {level1.outputs['dev']}/x $out; echo {fod_flat_sha256_base16}"], lib=level1)
 level3 = mk(name="level3", deps=[level2, level1], script=text_a, args=["-c", f"echo {level2}"])
+fod_with_inputs = mk(name="fod-inputs", outputHash="sha256-LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=", args=["-c", f"cat {level1}/x > $out"])
+uses_fod_with_inputs = mk(name="uses-fod", src=fod_with_inputs)
 drv_path_ref = mk(name="drvref", ref=level2.drv_path)
 
 # every derivation above, for one `pure instantiate` run (sorted by name like nix-instantiate)
