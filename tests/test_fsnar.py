@@ -448,3 +448,23 @@ def test_restore_modes_do_not_depend_on_the_umask(tmp_path):
         os.umask(old)
     modes = {stat.S_IMODE(os.lstat(p).st_mode) for p in walk_all(tmp_path / "t") if not os.path.islink(p)}
     assert modes == {0o755, 0o644}
+
+
+def test_worst_case_framing_fits_the_batch_buffers(tmp_path):
+    """250 directories deep, ending in the largest batched file and a long symlink, after enough
+    small files to bring the batch buffer right up to its flush threshold."""
+    import random
+    rng = random.Random(3)
+    root = tmp_path / "w"
+    root.mkdir()
+    for i in range(70):
+        (root / f"a{i:03d}").write_bytes(rng.randbytes(7000 + i))
+    deep = root
+    for _ in range(250):
+        deep = deep / ("n" * 14)
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(rng.randbytes(fsnar._SMALL))
+    (deep / "l").symlink_to("t" * 4000)
+    data = dump(root)
+    assert data == ref_nar(str(root))
+    assert fsnar.hash_path(str(root)) == (Hash.of_bytes(data), len(data))

@@ -29,9 +29,9 @@ from ..formats import nar as _nar
 from ..formats.hash import ALGOS, Hash
 from ..formats.refscan import RefScanner
 
-_BUFSIZE = 2 << 20  # pooled buffers
-_POOL = 8  # at most this many buffers (16 MiB) in flight
-_FLUSH = 1 << 20  # hand a buffer to the consumer once it holds this much
+_BUFSIZE = 1 << 20  # pooled buffers; must hold _FLUSH + _SMALL + 256 levels of framing
+_POOL = 4  # buffers in flight at most (4 MiB)
+_FLUSH = 1 << 19  # hand a buffer to the consumer once it holds this much
 _SMALL = 1 << 18  # files up to this size are read in one go into the batch buffer
 _CHUNK = 1 << 20
 
@@ -127,7 +127,7 @@ class _Consumer:
 class _Dumper:
     """Serialises a tree as NAR bytes into ``emit``, optionally copying it to a destination.
 
-    NAR bytes are written into pooled 2 MiB buffers (``buf`` up to ``pos``): framing and small
+    NAR bytes are written into pooled 1 MiB buffers (``buf`` up to ``pos``): framing and small
     files are batched; big files are read straight into fresh pool buffers.  A buffer holding
     ``_FLUSH`` bytes or more goes to the consumer: a worker thread (started only once the NAR
     outgrows one buffer) calls ``emit`` with a memoryview valid during the call, then recycles it.
