@@ -295,3 +295,25 @@ def test_reference_cycle_between_narinfos_fails_without_hanging(attack, tmp_path
     publish_raw(cache, b, nar_of_bytes(b"b refers to a\n"), refs=[a])
     r = fetch(f"file://{cache}", a, tmp_path / "r")
     assert_refused(r, tmp_path / "r", a, "reference cycle")
+
+
+@pytest.mark.parametrize("mode,reason", [("truncate", "connection broken"), ("stall", "timed out")])
+async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mode, reason, monkeypatch):
+    """The same attacks against the streaming download path used for big NARs (in-process)."""
+    from purestore.cache import substituter
+    from purestore.errors import CacheError
+    from test_cache_support import settings_for
+    monkeypatch.setattr(substituter, "SMALL_NAR", 0)
+    cache, lib, app = attack
+    root = tmp_path / "r"
+    s = settings_for(root, stalled_download_timeout=1)
+    async with trio.open_nursery() as n:
+        url = await n.start(_broken_server, cache, mode)
+        with open_store(root) as store:
+            with trio.fail_after(60):
+                with pytest.raises(CacheError) as e:
+                    await substituter.copy_from(store, s, url, [app], trusted_keys=[PUB])
+            assert f"cannot substitute '/pure/store/{app.base_name}'" in str(e.value)
+            assert reason in str(e.value), str(e.value)
+            assert store.valid_paths() == [] and store.verify(check_contents=True).ok
+        n.cancel_scope.cancel()

@@ -49,6 +49,7 @@ from .progress import Progress
 
 log = logging.getLogger("purestore.cache")
 
+SMALL_NAR = 1 << 20  # compressed NARs up to this size are fetched in one piece over HTTP
 QUERY_CONCURRENCY = 8  # matches the HTTP connection pool (httpcore's queueing is O(n^2))
 
 
@@ -356,6 +357,13 @@ async def _download(store, cache: _Cache, ni: NarInfo, progress: Progress | None
                 raise CacheError(f"cannot read {where}: {e.strerror}") from e
             with f:
                 await trio.to_thread.run_sync(_restore, lambda: f.read(1 << 20), ni, where, tmp, progress)
+        elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
+            # small NARs: one request for the whole body, one thread hop to verify and restore
+            data = await backend.get(ni.url)
+            if data is None:
+                raise CacheError(f"{where} is missing from the cache")
+            chunks = iter((data, b""))
+            await trio.to_thread.run_sync(_restore, lambda: next(chunks, b""), ni, where, tmp, progress)
         else:
             await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:
