@@ -137,7 +137,8 @@ def test_nar_ls_text(tmp_path):
 def test_nar_ls_text_matches_nix():
     nar = str(GOLDEN / "tree.nar")
     for args, path in ((["-lR"], "/"), (["-R"], "/sub"), (["-l"], "/sub/inner"), ([], "/"),
-                       ([], "/size-9"), (["-l"], "/dir-link"), (["-l"], "/all-exec")):
+                       ([], "/size-9"), (["-l"], "/dir-link"), (["-l"], "/all-exec"),
+                       (["-d"], "/sub"), (["-ld"], "/size-9")):
         nix = subprocess.run(["nix", "nar", "ls", *args, nar, path], capture_output=True,
                              text=True, env=NIX_ENV, check=True).stdout
         assert out("nar", "ls", *args, nar, path) == nix, (args, path)

@@ -119,6 +119,9 @@ def cmd_ls(args, ctx) -> int:
     if args.json:
         import json
 
+        if args.directory:
+            raise UsageError("'--directory' is useless with '--json'")
+
         text = json.dumps(_json(root, args.recursive, top=not args.directory),
                           ensure_ascii=False, separators=(",", ":")) + "\n"
         sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
@@ -127,7 +130,8 @@ def cmd_ls(args, ctx) -> int:
     if root["type"] == "directory" and not args.directory:
         _list(root, ".", args.recursive, args.long, lines)
     else:
-        name = want[-1].decode("utf-8", "surrogateescape") if want else "."
+        # like Nix: a file shows as its base name, a directory (with -d) as "."
+        name = _dec(want[-1]) if want and root["type"] != "directory" else "."
         lines.append(_line(root, name, args.long))
     out = "".join(line + "\n" for line in lines)
     sys.stdout.buffer.write(out.encode("utf-8", "surrogateescape"))
