@@ -116,6 +116,13 @@ class _Realiser:
         self.unreproducible: list[str] = []
         self.syncer = _GroupSync(store.real_store_dir)
         self.background: trio.Nursery | None = None
+        self.fork_server: sb.ForkServer | None = None
+
+    def _server(self) -> sb.ForkServer:
+        """The fork server, started on first use (in the trio thread: it dies with that thread)."""
+        if self.fork_server is None:
+            self.fork_server = sb.ForkServer()
+        return self.fork_server
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -230,6 +237,8 @@ class _Realiser:
         except BaseExceptionGroup as eg:
             raise _unwrap(eg) from None
         finally:
+            if self.fork_server is not None:
+                self.fork_server.close()
             self.progress.event("done")
         if self.errors:
             raise BuildFailures(self.errors)
@@ -407,7 +416,7 @@ class _Realiser:
             if builtin:
                 await self._run_builtin(node, host_outs["out"], log)
             else:
-                code, sandboxed = await _run_sandboxed(spec, log)
+                code, sandboxed = await _run_sandboxed(self._server(), spec, log)
                 if code != 0:
                     await sandboxed.reap()
                     keep_top = self.options.keep_failed
@@ -525,37 +534,33 @@ class _Realiser:
 class _Sandboxed:
     """A finished sandbox whose namespaces may still be tearing down: :meth:`reap` waits for that."""
 
-    def __init__(self, proc, pidfd: int):
-        self.proc = proc
-        self.pidfd = pidfd
+    def __init__(self, sandbox: sb.Sandbox):
+        self.sandbox = sandbox
 
     async def reap(self) -> None:
-        if self.pidfd < 0:
-            return
         with trio.CancelScope(shield=True):
             try:
-                await trio.lowlevel.wait_readable(self.pidfd)
-                self.proc.wait()
+                if self.sandbox.pidfd >= 0:
+                    await trio.lowlevel.wait_readable(self.sandbox.pidfd)
             finally:
-                os.close(self.pidfd)
-                self.pidfd = -1
+                self.sandbox.close()
 
 
-async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, _Sandboxed]:
+async def _run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, _Sandboxed]:
     """Run the builder; feed its output to ``log``; return its exit status as soon as it is known
     (with a handle to reap the sandbox later).  On cancellation the whole sandbox is SIGKILLed and
     reaped before the Cancelled propagates.  Raises :class:`SandboxError` if it could not be set up."""
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     try:
-        proc, err_r = sb.spawn(spec, out_w)
+        sandbox = sb.spawn(server, spec, out_w)
     except BaseException:
         os.close(out_r)
         raise
     finally:
         os.close(out_w)
-    handle = _Sandboxed(proc, os.pidfd_open(proc.pid))
+    handle = _Sandboxed(sandbox)
     stream = trio.lowlevel.FdStream(out_r)
-    err_stream = trio.lowlevel.FdStream(err_r)
+    err_stream = trio.lowlevel.FdStream(os.dup(sandbox.status_fd))
     try:
         try:
             while True:
@@ -571,17 +576,12 @@ async def _run_sandboxed(spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, _San
                 if code is not None or not chunk:
                     break
         except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    proc.send_signal(signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await handle.reap()
+            sandbox.kill()
+            await handle.reap()
             raise
         if err or code is None:
             await handle.reap()
-            raise SandboxError(err or f"the sandbox ended without reporting a status "
-                                      f"(exit status {proc.returncode})")
+            raise SandboxError(err or "the sandbox ended without reporting a status")
         return code, handle
     finally:
         with trio.CancelScope(shield=True):

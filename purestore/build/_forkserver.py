@@ -1,0 +1,277 @@
+"""The child side of the sandbox, and a small fork server that runs it.
+
+Forking ``pure`` itself for every build is slow (a big Python process: page tables, and every
+page Python touches after the fork is copied).  So :class:`purestore.build.sandbox.ForkServer`
+starts this file once, as ``python -S -E _forkserver.py FD`` (stdlib only, no purestore
+imports, a few MiB), and asks it over a SOCK_SEQPACKET socket to spawn each sandbox::
+
+    request:  pickle of a plain dict (see sandbox.py) + fds [log write end, status write end]
+    reply:    pid of "middle" (4 bytes) + its pidfd
+
+For each request the server forks "middle", which unshares the namespaces, maps uid 1000 / gid
+100 to the caller's ids, forks the builder (PID 1 of the new PID namespace), waits for it and
+writes ``\\0STATUS:<code>\\n`` to the status pipe before exiting (namespace teardown can be slow;
+nobody needs to wait for it).  The builder sets up its root (see sandbox.py's docstring) and
+execs; setup or exec errors go to the status pipe as text, then it exits 125.
+
+The server dies with ``pure`` (PR_SET_PDEATHSIG), and each middle and builder with its parent, so
+killing ``pure`` kills every build.  The server reaps its children automatically (SIGCHLD
+ignored); ``pure`` watches them through their pidfds.
+"""
+
+import ctypes
+import fcntl
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+SYS_pivot_root = 155  # x86_64
+SYS_close_range = 436
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+STATUS_MARK = b"\0STATUS:"
+SETUP_FAILED = 125
+
+
+def _check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _mount(src, dst, fstype, flags, data=None):
+    _check(_libc.mount(src.encode() if src else None, dst.encode(), fstype.encode() if fstype else None,
+                       flags, data.encode() if data else None), f"mount {src or fstype} on {dst}")
+
+
+def _locked_flags(path):
+    """Mount flags that a remount inside a user namespace must keep (they are locked)."""
+    f = os.statvfs(path).f_flag
+    out = 0
+    for st, ms in ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+                   (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+                   (os.ST_RELATIME, MS_RELATIME)):
+        if f & st:
+            out |= ms
+    return out
+
+
+def _bind(src, dst, readonly):
+    _mount(src, dst, None, MS_BIND)
+    if readonly:
+        _mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | _locked_flags(dst))
+
+
+def _close_from(first, keep=-1):
+    if keep >= first:
+        if keep > first:
+            _libc.syscall(SYS_close_range, first, keep - 1, 0)
+        _libc.syscall(SYS_close_range, keep + 1, 0xFFFFFFFF, 0)
+    else:
+        _libc.syscall(SYS_close_range, first, 0xFFFFFFFF, 0)
+
+
+def _report(fd, msg):
+    try:
+        os.write(fd, msg.encode(errors="replace")[:4000])
+    finally:
+        os._exit(SETUP_FAILED)
+
+
+def setup_root(req):
+    """In the builder process, before exec: hostname, loopback, the root, pivot_root."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    hn = req["hostname"].encode()
+    _check(_libc.sethostname(hn, len(hn)), "sethostname")
+    _check(_libc.setdomainname(b"(none)", 6), "setdomainname")
+    if not req["network"]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            ifr = struct.pack("16sH14x", b"lo", 0)
+            flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        finally:
+            s.close()
+    r, top, store = req["root"], req["top"], req["store"]
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # the root: an in-memory file system, read-only once assembled
+    _mount("none", r, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
+    for d in ("build", "tmp", "proc", "dev", "etc"):
+        os.mkdir(f"{r}/{d}", 0o755)
+    for name, data in req["etc"]:
+        with open(f"{r}/etc/{name}", "wb") as f:
+            f.write(data)
+    _bind(top + "/build", r + "/build", readonly=False)
+    _mount("none", r + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    # the store dir: an overlay whose upper layer is on disk (outputs land in top/upper) and
+    # whose lower layer is a small tmpfs holding one mount point per input
+    os.makedirs(store, 0o755)
+    _mount("none", store, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for physical, target, is_dir in req["binds"]:
+        if is_dir:
+            os.mkdir(target)
+        else:
+            open(target, "wb").close()
+    os.chmod(store, 0o1775)
+    _mount("overlay", store, "overlay", MS_NOSUID | MS_NODEV,
+           f"lowerdir={store},upperdir={top}/upper,workdir={top}/work,userxattr")
+    for physical, target, _ in req["binds"]:
+        _bind(physical, target, readonly=True)
+    _mount("proc", r + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = r + "/dev"
+    _mount("none", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=0755,size=65536k")
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        open(f"{dev}/{name}", "w").close()
+        try:
+            _bind("/dev/" + name, f"{dev}/{name}", readonly=False)
+        except OSError:
+            if name != "tty":
+                raise
+            os.unlink(f"{dev}/{name}")
+    os.mkdir(dev + "/shm", 0o1777)
+    _mount("none", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=65536k")
+    os.mkdir(dev + "/pts", 0o755)
+    try:
+        _mount("devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+        os.symlink("pts/ptmx", dev + "/ptmx")
+    except OSError:
+        pass
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    _mount(None, r, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chdir(r)
+    _check(_libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/build")
+    os.umask(0o022)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+
+
+def run_middle(req, out_w, err_w):
+    """In a fresh child of the server: namespaces, then the builder.  Never returns."""
+    try:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        _check(_libc.unshare(req["flags"]), "unshare")
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{req['uid_inside']} {req['uid']} 1\n")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{req['gid_inside']} {req['gid']} 1\n")
+        pid = os.fork()
+    except BaseException as e:  # noqa: BLE001 - reported through the status pipe
+        _report(err_w, f"cannot create the namespaces: {e}")
+    if pid:
+        # middle: keep only the status pipe; stdio to /dev/null so the log pipe ends as soon as
+        # the builder's processes are gone; report the status before the (slow) teardown.
+        _close_from(3, keep=err_w)
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        try:
+            os.write(err_w, STATUS_MARK + str(code).encode() + b"\n")
+        finally:
+            os._exit(code)
+    try:
+        setup_root(req)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        keep = err_w
+        if keep <= 2:  # cannot happen (0-2 were taken), but stay safe
+            keep = os.dup(err_w)
+        _close_from(3, keep=keep)
+        os.set_inheritable(keep, False)
+        err_w = keep
+    except BaseException as e:  # noqa: BLE001
+        _report(err_w, f"cannot set up the sandbox: {e}")
+    argv = req["argv"]
+    try:
+        os.execve(argv[0], argv, req["env"])
+    except OSError as e:
+        hint = (" (it must be a store path among the inputs, or a static binary inside one)"
+                if e.errno == 2 else "")
+        _report(err_w, f"cannot run builder {argv[0]!r} in the sandbox: {e.strerror}{hint}")
+    except BaseException as e:  # noqa: BLE001
+        _report(err_w, f"cannot run builder {argv[0]!r} in the sandbox: {e}")
+
+
+def serve(sock_fd):
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is pure's to handle
+    sock = socket.socket(fileno=sock_fd)
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 22, 2)
+        except InterruptedError:
+            continue
+        if not msg:
+            return
+        req = pickle.loads(msg)
+        out_w, err_w = fds
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                run_middle(req, out_w, err_w)
+            finally:
+                os._exit(SETUP_FAILED)
+        os.close(out_w)
+        os.close(err_w)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pidfd = -1
+        socket.send_fds(sock, [struct.pack("i", pid)], [pidfd] if pidfd >= 0 else [])
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
