@@ -18,10 +18,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
   fi
 fi
-stamp="$VENV/.installed"
+stamp="$VENV/.installed"  # compat editable mode: a plain .pth entry, no import hook at start-up
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== installing purestore and its dependencies into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/pip" install -q -e '.[test]' --config-settings editable_mode=compat
   touch "$stamp"
 fi

@@ -28,6 +28,36 @@ COMMAND_MODULES = [
     "evidence_cmd",  # pure sbom / provenance / report / why-depends
 ]
 
+# Which modules register each top-level command or group.  Only those are imported when a
+# command runs, so `pure hash path` does not pay for building every other parser.
+# (tests/test_cli_main.py checks this table against what the modules really register.)
+COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
+    "hash": ("hash_cmd",),
+    "nar": ("nar_cmd",),
+    "store": ("store_cmd", "build_cmd", "cache_cmd"),
+    "eval": ("eval_cmd",), "instantiate": ("eval_cmd",), "show-derivation": ("eval_cmd",),
+    "build": ("build_cmd",), "log": ("build_cmd",),
+    "key": ("cache_cmd",), "copy": ("cache_cmd",), "cache": ("cache_cmd",),
+    "gc": ("env_cmd",), "profile": ("env_cmd",), "shell": ("env_cmd",), "run": ("env_cmd",),
+    "sbom": ("evidence_cmd",), "provenance": ("evidence_cmd",), "report": ("evidence_cmd",),
+    "why-depends": ("evidence_cmd",),
+}
+_GLOBAL_OPTS_WITH_VALUE = {"--store", "--store-dir", "--substituters", "--trusted-public-keys"}
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The first positional word of argv (the command), skipping global options."""
+    it = iter(argv)
+    for word in it:
+        if word == "--":
+            return None
+        if word.startswith("-"):
+            if word in _GLOBAL_OPTS_WITH_VALUE:
+                next(it, None)
+            continue
+        return word
+    return None
+
 
 class Registry:
     """What a command module registers into: top-level commands and named groups (``store``…)."""
@@ -92,7 +122,8 @@ def _split_opt(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(value.split())
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the commands of ``modules`` (default: all command modules)."""
     parser = argparse.ArgumentParser(
         prog="pure",
         description="purestore: hermetic, reproducible builds and a Nix-compatible package store.",
@@ -112,19 +143,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offline", dest="global_offline", action="store_true",
                         help="do not use binary caches")
     reg = Registry(parser)
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{name}":
-                continue  # not written yet
-            raise
-        mod.register(reg)
+    for name in COMMAND_MODULES if modules is None else modules:
+        importlib.import_module(f"{__package__}.{name}").register(reg)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    owners = COMMAND_OWNERS.get(_command_word(argv))
+    parser = make_parser(list(owners) if owners else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
