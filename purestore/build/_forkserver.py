@@ -144,8 +144,19 @@ def setup_root(req):
     os.chmod(store, 0o1775)
     _mount("overlay", store, "overlay", MS_NOSUID | MS_NODEV,
            f"lowerdir={store},upperdir={top}/upper,workdir={top}/work,userxattr")
+    # Inputs under ro_base are bound from one read-only bind of ro_base: a bind mount inherits
+    # its source mount's read-only flag, so each input costs one mount call, not two.
+    ro_base, ro = req.get("ro_base"), None
+    if ro_base and any(p.startswith(ro_base + "/") for p, _, _ in req["binds"]):
+        ro = r + "/dev"  # not yet used: a temporary place for the read-only view
+        _bind(ro_base, ro, readonly=True)
     for physical, target, _ in req["binds"]:
-        _bind(physical, target, readonly=True)
+        if ro is not None and physical.startswith(ro_base + "/"):
+            _mount(ro + physical[len(ro_base):], target, None, MS_BIND)
+        else:
+            _bind(physical, target, readonly=True)
+    if ro is not None:
+        _check(_libc.umount2(ro.encode(), MNT_DETACH), "umount the read-only store view")
     _mount("proc", r + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     dev = r + "/dev"
     _mount("none", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=0755,size=65536k")

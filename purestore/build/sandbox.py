@@ -77,6 +77,8 @@ class SandboxSpec:
     network: bool = False
     extra_etc: Mapping[str, bytes] = attrs.field(factory=dict)
     root_mount: str | None = None
+    ro_base: str | None = None  # physical store dir: inputs under it are canonical paths there
+
 
     @property
     def root(self) -> str:
@@ -210,8 +212,13 @@ def make_request(spec: SandboxSpec) -> dict:
     top = os.path.realpath(spec.top)
     r = os.path.realpath(spec.root)
     binds = []
+    base = spec.ro_base
+    real_base = os.path.realpath(base) if base else None
     for logical, phys in sorted(spec.inputs.items()):
-        real = os.path.realpath(phys)
+        if base and phys.startswith(base + "/") and "/" not in phys[len(base) + 1:]:
+            real = real_base + phys[len(base):]  # a store path: canonical below the store dir
+        else:
+            real = os.path.realpath(phys)
         binds.append((real, r + logical, os.path.isdir(real)))
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
     if not spec.network:
@@ -220,7 +227,7 @@ def make_request(spec: SandboxSpec) -> dict:
         "argv": list(spec.argv), "env": dict(spec.env), "top": top, "root": r, "store": r + spec.store_dir,
         "binds": binds, "etc": _etc_files(spec), "flags": flags, "network": spec.network,
         "uid": os.geteuid(), "gid": os.getegid(), "uid_inside": SANDBOX_UID, "gid_inside": SANDBOX_GID,
-        "hostname": SANDBOX_HOSTNAME,
+        "hostname": SANDBOX_HOSTNAME, "ro_base": real_base,
     }
 
 

@@ -394,7 +394,8 @@ class _Realiser:
                 env, files = self._env(node)
                 inputs = {store.print_path(p): store.real_path(p) for p in closure}
                 sp = sb.SandboxSpec(argv=(drv.builder, *drv.args), env=env, top=top, store_dir=self.sd,
-                                    inputs=inputs, network=network, root_mount=self.root_mount)
+                                    inputs=inputs, network=network, root_mount=self.root_mount,
+                                    ro_base=store.real_store_dir)
                 sb.prepare_root(sp)
                 for fn, data in files.items():
                     with open(os.path.join(sp.build_dir, fn), "wb") as f:

@@ -73,6 +73,15 @@ def _options(args, settings):
 
 
 def _realise(ctx, store, drvs, args):
+    if not args.check and args.rounds == 1:
+        from ..build.plan import valid_outputs
+        done = valid_outputs(store, drvs)  # nothing to do: skip the scheduler (and importing trio)
+        if done is not None:
+            store.add_temp_roots([p for outs in done.values() for p in outs.values()])
+            if args.json:
+                print(json.dumps({"type": "plan", "will_build": [], "will_check": [], "will_substitute": []},
+                                 sort_keys=True))
+            return done
     import trio
     from ..build.progress import Progress
     from ..build.scheduler import realise
