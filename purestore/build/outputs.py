@@ -70,7 +70,8 @@ def check_outputs(drv: Derivation, drv_path: StorePath, host_paths: dict[str, st
             if got != want:
                 raise HashMismatch(
                     f"hash mismatch in fixed-output derivation {drv_label}:\n"
-                    f"  specified: {want.sri}\n       got: {got.sri}",
+                    f"  specified: {want.sri} ({want.typed()})\n"
+                    f"       got: {got.sri} ({got.typed()})",
                     hint=f"if the new content is right, declare hash {got.sri!r}")
             ca = content_address(want, recursive)
         nar_hash, nar_size, found = fsnar.nar_hash_and_scan(path, candidates)
