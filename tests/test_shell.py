@@ -126,3 +126,19 @@ def test_devshell_gives_cc_and_make_with_store_paths_only(pure, tmp_path):
     path_line = [l for l in r.stdout.splitlines() if l.startswith("PATH=")][-1]
     dirs = path_line.removeprefix("PATH=").split(":")
     assert dirs and all(d.startswith("/pure/store/") for d in dirs), dirs
+
+
+def test_unrooted_store_runs_without_a_namespace(tmp_path):
+    """With the store at its logical dir (root /), the program runs directly."""
+    from conftest import run_pure
+
+    store_dir = str(tmp_path / "s" / "store")
+    f = busybox_expr(tmp_path, TOOLS)
+    r = run_pure("build", f, "-A", "tools", "--no-link", store_dir=store_dir, cwd=tmp_path, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"pure build cannot build here: {r.stderr.strip()[-300:]}")
+    p = run_pure("shell", f, "-A", "tools", "--pure", "--command", 'echo "$PATH"; ls "$PATH"',
+                 store_dir=store_dir, cwd=tmp_path)
+    path, *listing = p.stdout.splitlines()
+    assert path.startswith(store_dir + "/") and path.endswith("-bbtools-1.0/bin")
+    assert "busybox" in listing and "sh" in listing
