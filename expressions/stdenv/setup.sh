@@ -136,7 +136,10 @@ configurePhase() {
 
 buildPhase() {
     runHook preBuild
-    make -j"$jobs" SHELL="$SHELL" ${makeFlags:-} ${buildFlags:-}
+    # Serial unless the derivation says otherwise: BSD make's parallel (jobs) mode does not treat
+    # './lib/x.a' and 'lib/x.a' as one target, which automake's Makefiles rely on.
+    if [ -n "${enableParallelBuilding:-}" ]; then set -- -j"$jobs"; else set --; fi
+    make "$@" SHELL="$SHELL" ${makeFlags:-} ${buildFlags:-}
     runHook postBuild
 }
 
