@@ -9,7 +9,7 @@ benchmarks/hello.nix (same builder scripts and attributes) in a fresh chroot sto
 Also timed for purestore alone: "from nothing", i.e. obtaining the seeds too (from the
 PURE_SEED_CACHE download cache when warm, else through apt-get/pip).
 
-    .venv/bin/python benchmarks/hello.py [--no-nix] [--keep DIR]
+    .venv/bin/python benchmarks/hello.py [--no-nix] [--no-from-nothing] [--keep DIR]
 
 Prints each wall time and the ratio pure/nix.  Takes several minutes (zig builds musl in each C
 derivation).  Not a test.
@@ -49,13 +49,14 @@ def pure_env(root: Path) -> dict:
     return env
 
 
-def bench_pure(work: Path) -> dict:
+def bench_pure(work: Path, from_nothing: bool) -> dict:
     res = {}
-    # From nothing: seeds obtained too (download cache warm after the first run on a machine).
-    root0 = work / "pure-from-nothing"
-    root0.mkdir()
-    res["pure from nothing"], _ = run([*PURE, "build", "--no-link", REPO / "expressions/hello.py"],
-                                      env=pure_env(root0))
+    if from_nothing:
+        # Seeds obtained too (from the download cache when warm, else with the clients).
+        root0 = work / "pure-from-nothing"
+        root0.mkdir()
+        res["pure from nothing"], _ = run(
+            [*PURE, "build", "--no-link", REPO / "expressions/hello.py"], env=pure_env(root0))
     # Cold with seeds present (the like-for-like comparison with Nix).
     root = work / "pure"
     root.mkdir()
@@ -100,13 +101,16 @@ def bench_nix(work: Path, pure_root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-nix", action="store_true", help="time purestore only")
+    ap.add_argument("--no-from-nothing", action="store_true",
+                    help="skip the extra purestore build that also obtains the seeds")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temp dir)")
     args = ap.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-hello-", dir=os.environ.get("TMPDIR")))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        r = bench_pure(work)
-        print(f"pure  from nothing (incl. seeds): {r['pure from nothing']:8.1f} s")
+        r = bench_pure(work, not args.no_from_nothing)
+        if "pure from nothing" in r:
+            print(f"pure  from nothing (incl. seeds): {r['pure from nothing']:8.1f} s")
         print(f"pure  cold (seeds present):       {r['pure cold']:8.1f} s")
         print(f"pure  warm (all valid):           {r['pure warm']:8.2f} s")
         print(f"pure  output: {r['pure out']}")
