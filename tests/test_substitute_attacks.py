@@ -300,10 +300,10 @@ def test_reference_cycle_between_narinfos_fails_without_hanging(attack, tmp_path
 @pytest.mark.parametrize("mode,reason", [("truncate", "connection broken"), ("stall", "timed out")])
 async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mode, reason, monkeypatch):
     """The same attacks against the streaming download path used for big NARs (in-process)."""
-    from purestore.cache import substituter
+    from purestore.cache import fetch, substituter
     from purestore.errors import CacheError
     from test_cache_support import settings_for
-    monkeypatch.setattr(substituter, "SMALL_NAR", 0)
+    monkeypatch.setattr(fetch, "SMALL_NAR", 0)
     cache, lib, app = attack
     root = tmp_path / "r"
     s = settings_for(root, stalled_download_timeout=1)
