@@ -69,9 +69,14 @@ class _Node:
     deps: list["_Node"] = attrs.field(factory=list)
     needed: bool = False
     top: bool = False
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: trio.Event = attrs.field(factory=trio.Event)  # finished: outputs valid (ok) or failed
+    ready: trio.Event = attrs.field(factory=trio.Event)  # outputs complete at their real paths, or done
     ok: bool = False
     error: str | None = None
+
+    def finish(self) -> None:
+        self.ready.set()
+        self.done.set()
 
 
 class BuildFailures(BuildError):
@@ -117,6 +122,7 @@ class _Realiser:
         self.syncer = _GroupSync(store.real_store_dir)
         self.background: trio.Nursery | None = None
         self.fork_server: sb.ForkServer | None = None
+        self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -144,7 +150,7 @@ class _Realiser:
             known = store.query_derivation_outputs(p)
             if known and all(store.is_valid(o) for o in known.values()) and not (reparse and p in top_set):
                 node = _Node(p, None, store.print_path(p), known, ok=True)
-                node.done.set()
+                node.finish()
                 self.nodes[p] = node
                 continue
             drv = self._read_drv(p)
@@ -153,7 +159,7 @@ class _Realiser:
             self.nodes[p] = node
             if all(store.is_valid(o) for o in outs.values()):
                 node.ok = True
-                node.done.set()
+                node.finish()
                 continue
             node.needed = True
             order.append(node)
@@ -206,7 +212,7 @@ class _Realiser:
             n.needed = p in keep
             if not n.needed and not n.done.is_set():
                 n.ok = True
-                n.done.set()
+                n.finish()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -248,15 +254,16 @@ class _Realiser:
 
     async def _run_node(self, node: _Node, scope: trio.CancelScope) -> None:
         try:
+            # a dependency's outputs may be used as soon as they are complete at their real paths;
+            # registering ours waits until the dependencies are registered (see _build_once)
             for d in node.deps:
-                await d.done.wait()
-            failed = [d for d in node.deps if not d.ok]
+                await d.ready.wait()
+            failed = [d for d in node.deps if d.done.is_set() and not d.ok]
             if failed:
                 node.error = f"dependency {failed[0].label} failed"
                 return
-            async with self.limiter:
-                rounds = self.options.rounds if node.top else 1
-                await self._build_node(node, rounds)
+            rounds = self.options.rounds if node.top else 1
+            await self._build_node(node, rounds)
             node.ok = True
         except BuildError as e:
             node.error = str(e)
@@ -265,12 +272,11 @@ class _Realiser:
             if not self.options.keep_going:
                 scope.cancel()
         finally:
-            node.done.set()
+            node.finish()
 
     async def _check_node(self, node: _Node) -> None:
         try:
-            async with self.limiter:
-                await self._rebuild_and_compare(node, "check", 1)
+            await self._rebuild_and_compare(node, "check", 1)
         except BuildError as e:
             self.errors.append(e)
             self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))
@@ -340,7 +346,21 @@ class _Realiser:
                     raise BuildError(f"{node.label} uses output {o!r} of {d}, which has no such output")
                 roots.add(dep_outs[o])
         self.store.add_temp_roots(roots)
-        return self.store.query_closure(roots)
+        # outputs built by this run but not registered yet: their references are known here
+        closure: set[StorePath] = set()
+        from_db: list[StorePath] = []
+        stack = list(roots)
+        while stack:
+            p = stack.pop()
+            if p in closure:
+                continue
+            refs = self.pending_refs.get(p)
+            if refs is None:
+                from_db.append(p)
+                continue
+            closure.add(p)
+            stack.extend(refs)
+        return closure | self.store.query_closure(from_db)
 
     def _env(self, node: _Node) -> tuple[dict[str, str], dict[str, bytes]]:
         drv = node.drv
@@ -385,6 +405,14 @@ class _Realiser:
         top = store.temp_name(node.path)
         spec = None
         sandboxed: _Sandboxed | None = None
+        token = object()
+        await self.limiter.acquire_on_behalf_of(token)  # -j: how many builders run at once
+        holding = [True]
+
+        def release_slot():
+            if holding[0]:
+                holding[0] = False
+                self.limiter.release_on_behalf_of(token)
 
         def begin():
             event = events.record_build_start(store, node.label, drv.name, fixed_output=drv.is_fixed_output,
@@ -404,7 +432,11 @@ class _Realiser:
                 events.record_build_finish(store, event, "failed", error=str(e))
                 raise
             return event, closure, sp
-        event_id, closure, spec = await trio.to_thread.run_sync(begin)
+        try:
+            event_id, closure, spec = await trio.to_thread.run_sync(begin)
+        except BaseException:
+            release_slot()
+            raise
         self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_)
         log = BuildLog(store.state_dir, node.path.base_name,
                        echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
@@ -416,8 +448,10 @@ class _Realiser:
             host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
             if builtin:
                 await self._run_builtin(node, host_outs["out"], log)
+                release_slot()
             else:
                 code, sandboxed = await _run_sandboxed(self._server(), spec, log)
+                release_slot()  # checking and registering the outputs does not count against -j
                 if code != 0:
                     await sandboxed.reap()
                     keep_top = self.options.keep_failed
@@ -427,9 +461,17 @@ class _Realiser:
             outs_info = {n: (store.print_path(b.info.path), f"sha256:{b.info.nar_hash.nix32}")
                          for n, b in built.items()}
             if install:
+                for b in built.values():
+                    self.pending_refs[b.info.path] = b.info.references
                 moved = await trio.to_thread.run_sync(lambda: move_outputs(store, built))
+                node.ready.set()
                 if moved and store.durable:
                     await self.syncer.sync()
+                for d in node.deps:
+                    await d.done.wait()
+                    if not d.ok:
+                        raise BuildError(f"cannot register the outputs of {node.label}: "
+                                         f"its dependency {d.label} failed")
                 await trio.to_thread.run_sync(lambda: register_outputs(store, built, moved, node.path))
             else:
                 await self._compare(node, kind, built, compare_with, rounds)
@@ -452,6 +494,7 @@ class _Realiser:
                 status = "interrupted"
             raise
         finally:
+            release_slot()
             with trio.CancelScope(shield=True):
                 try:
                     log.close()
