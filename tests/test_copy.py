@@ -222,3 +222,16 @@ def test_serve_errors_are_clear(tmp_path):
         assert r.returncode == 1 and "Address already in use" in r.stderr and "Traceback" not in r.stderr
     finally:
         stop_server(proc)
+
+
+def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    (cache / "nar").mkdir(parents=True)
+    old, fresh = cache / "nar" / ".tmp-push-old.nar", cache / "nar" / ".tmp-push-fresh.nar"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (1, 1))
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, store.print_path(lib), root=root)
+    assert not old.exists() and fresh.exists()

@@ -172,6 +172,26 @@ def _compress_path(store, info, method: str, level: int | None, tmp_dir: str | N
         raise
 
 
+STALE_TEMP_SECONDS = 24 * 3600
+
+
+def _remove_stale_temps(directory: str) -> None:
+    """Remove temporary files of pushes that were killed (older than a day, so never a live one's)."""
+    import time
+    now = time.time()
+    try:
+        with os.scandir(directory) as it:
+            for e in it:
+                if e.name.startswith(".tmp-"):
+                    try:
+                        if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                            os.unlink(e.path)
+                    except OSError:
+                        pass
+    except OSError:
+        pass
+
+
 def _read_build_log(store, drv: StorePath) -> bytes | None:
     """The build log of ``drv`` if the store keeps one (``<state>/log/<2>/<rest>.zst``)."""
     import zstandard
@@ -247,6 +267,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 os.makedirs(tmp_dir, exist_ok=True)
             except OSError as e:
                 raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
+            await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
         totals = [0, 0]
 
         async def push_one(p: StorePath):
