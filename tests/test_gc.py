@@ -211,6 +211,9 @@ def test_max_freed_deletes_referrers_first_and_stops(pure, settings):
     assert deleted == [names[5], names[4], names[3]] or deleted == [names[5], names[4]]
     assert valid(pure) == set(names) - set(deleted)
     pure("store", "verify")
+    dry = pure("gc", "--dry-run", "--max-freed", "1")
+    left = len(names) - len(deleted)
+    assert dry.stdout.split() == [names[left - 1]] and f"would delete 1 of {left} dead store paths" in dry.stderr
     assert pure("gc", "--max-freed", "nonsense", check=False).stderr.startswith("error: --max-freed")
 
 

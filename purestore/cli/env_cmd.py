@@ -39,8 +39,8 @@ def cmd_gc(args, ctx) -> int:
                 if args.json:
                     print(json.dumps([{"link": r.link, "path": store.print_path(r.path), "kind": r.kind}
                                       for r in sorted(roots, key=lambda r: (r.link, r.path))], indent=2))
-                else:
-                    print("\n".join(lines)) if lines else None
+                elif lines:
+                    print("\n".join(lines))
                 return 0
             live = gc.live_paths(store, roots=roots)
             if args.print_live:
@@ -57,9 +57,10 @@ def cmd_gc(args, ctx) -> int:
             print(json.dumps(result.to_json(store.store_dir), indent=2))
             return 0
         if args.dry_run:
-            sys.stdout.write("".join(store.print_path(p) + "\n" for p in result.dead))
-            ctx.info(f"would delete {len(result.dead)} store paths "
-                     f"({sum(1 for _ in result.pruned_links)} stale roots to prune)")
+            sys.stdout.write("".join(store.print_path(p) + "\n" for p in result.would_delete))
+            ctx.info(f"would delete {len(result.would_delete)} of {len(result.dead)} dead store paths, "
+                     f"freeing {result.would_free} bytes ({_human(result.would_free)}); "
+                     f"{len(result.pruned_links)} stale roots to prune")
             return 0
         if not args.quiet:
             sys.stdout.write("".join(store.print_path(p) + "\n" for p in result.deleted))

@@ -78,11 +78,14 @@ class GcResult:
     invalid_removed: tuple[str, ...] = ()
     dry_run: bool = False
     seconds: float = 0.0
+    would_delete: tuple[StorePath, ...] = ()   # dry run: what would be deleted (respecting max_freed)
+    would_free: int = 0
 
     def to_json(self, store_dir: str) -> dict:
         return {
             "dryRun": self.dry_run,
             "dead": [p.absolute(store_dir) for p in self.dead],
+            "wouldDelete": [p.absolute(store_dir) for p in self.would_delete],
             "deleted": [p.absolute(store_dir) for p in self.deleted],
             "bytesFreed": self.bytes_freed,
             "prunedLinks": list(self.pruned_links),
@@ -544,8 +547,11 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
                 total += g.size.get(i, 0)
             order = chosen
         if dry_run:
+            chosen_set = set(order)
             return GcResult(dead=dead, deleted=(), bytes_freed=0, pruned_links=tuple(stale),
-                            dry_run=True, seconds=time.perf_counter() - t0)
+                            dry_run=True, seconds=time.perf_counter() - t0,
+                            would_delete=tuple(p for i, p in zip(order_all, dead) if i in chosen_set),
+                            would_free=sum(g.size.get(i, 0) for i in order))
         order = _invalidate(store, g, order)
         temp_names = {r.path.base_name for r in roots if r.kind == "temp"}
         leftovers = [] if max_freed is not None else _invalid_leftovers(
