@@ -19,6 +19,7 @@ TOOLS = '''
     hello = sh("hello-2.0", f"mkdir -p $out/bin $out/include; echo '#define X 1' > $out/include/x.h; "
                f"printf '#!{tools}/bin/sh\\\\necho hello from run \\"$@\\"\\\\n' > $out/bin/hello; chmod +x $out/bin/hello")
     both = [tools, hello]
+    hooked = sh("hooked", "mkdir $out", shellHook="export GREETING=from-hook; echo hook-ran")
 '''
 
 
@@ -142,3 +143,11 @@ def test_unrooted_store_runs_without_a_namespace(tmp_path):
     path, *listing = p.stdout.splitlines()
     assert path.startswith(store_dir + "/") and path.endswith("-bbtools-1.0/bin")
     assert "busybox" in listing and "sh" in listing
+
+
+def test_shell_hook_runs_before_the_command_and_the_prompt(pure, expr, tmp_path):
+    p = pure("shell", expr, "-A", "hooked", "-A", "tools", "--pure", "--command", 'echo "got $GREETING"', cwd=tmp_path)
+    assert p.stdout.splitlines() == ["hook-ran", "got from-hook"]
+    p = pure("shell", expr, "-A", "hooked", "-A", "tools", "--pure", input='echo "again $GREETING"\nexit\n',
+             cwd=tmp_path)
+    assert "again from-hook" in p.stdout

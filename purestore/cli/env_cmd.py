@@ -207,13 +207,25 @@ def cmd_shell(args, ctx) -> int:
         senv = shell_environment(store, built, pure=args.pure)
         env = dict(senv.env)
         if args.command is not None:
-            argv = [senv.shell, "-c", args.command]
-        else:
-            env.setdefault("PS1", "[pure-shell:\\w]$ ")
-            argv = [senv.shell]
-            ctx.info(f"entering a {'pure ' if args.pure else ''}shell with "
-                     f"{len(senv.paths)} store paths ({senv.shell}); exit to leave")
-        return spawn(argv, env, settings=ctx.settings)
+            argv = [senv.shell, "-c", (senv.hook + "\n" if senv.hook else "") + args.command]
+            return spawn(argv, env, settings=ctx.settings)
+        env.setdefault("PS1", "[pure-shell:\\w]$ ")
+        argv = [senv.shell]
+        ctx.info(f"entering a {'pure ' if args.pure else ''}shell with "
+                 f"{len(senv.paths)} store paths ({senv.shell}); exit to leave")
+        if not senv.hook:
+            return spawn(argv, env, settings=ctx.settings)
+        import tempfile
+        # an interactive bash reads --rcfile, a POSIX sh reads $ENV: both get the hook
+        with tempfile.NamedTemporaryFile("w", prefix="pure-shell-hook-", suffix=".sh") as rc:
+            rc.write(senv.hook + "\n")
+            rc.flush()
+            if senv.shell.endswith("/bash"):
+                argv += ["--rcfile", rc.name, "-i"]
+            else:
+                env["ENV"] = rc.name
+                argv.append("-i")  # read $ENV even when stdin is not a terminal
+            return spawn(argv, env, settings=ctx.settings)
 
 
 def _split_run_args(args) -> None:
@@ -320,7 +332,8 @@ def register(reg) -> None:
             "(keeping HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL and PURE_*), so PATH holds\n"
             "store paths only. With a rooted store (--store ROOT) the shell runs in a mount\n"
             "namespace where ROOT's store appears at the logical store dir. The shell is bash or\n"
-            "sh from the environment, else the host's /bin/sh. Exits with the shell's status."),
+            "sh from the environment, else the host's /bin/sh. A derivation's shellHook attribute\n"
+            "runs first (as in nix-shell). Exits with the shell's status."),
     )
     p.add_argument("file", metavar="FILE|PATH", help="expression file, or a store path")
     p.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute (repeatable)")

@@ -14,7 +14,8 @@ tools, like ``nix-shell``'s build inputs), then the rest of the runtime closure 
 Without ``--pure`` these are put in front of the caller's values; with ``--pure`` the caller's
 environment is cleared except ``HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL`` and ``PURE_*``
 (so ``pure`` inside the shell still finds its store), and PATH holds store paths only.
-``IN_PURE_SHELL`` is ``pure`` or ``impure``.
+``IN_PURE_SHELL`` is ``pure`` or ``impure``.  A derivation's ``shellHook`` attribute is run by
+the shell before the command (or before the prompt), as in ``nix-shell``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,25 @@ class ShellEnv:
     paths: tuple[StorePath, ...]   # environment paths, in order
     env: dict                      # the full environment for the program
     shell: str                     # the shell to run (logical path, or a host shell)
+    hook: str = ""                 # the derivations' shellHook attributes, joined
+
+
+def shell_hook(store, built: Iterable[Built]) -> str:
+    """The ``shellHook`` attributes of the built derivations (run by the shell first, as
+    ``nix-shell`` does), joined by newlines."""
+    from ..expr.loader import read_derivation
+
+    hooks = []
+    for b in built:
+        if b.drv is None or not store.is_valid(b.drv):
+            continue
+        try:
+            h = read_derivation(store, b.drv).env.get("shellHook")
+        except Exception:  # noqa: BLE001 - not a readable derivation: no hook
+            continue
+        if h:
+            hooks.append(h)
+    return "\n".join(hooks)
 
 
 def environment_paths(store, built: Iterable[Built]) -> list[StorePath]:
@@ -121,7 +141,7 @@ def find_shell(store, paths: list[StorePath]) -> str:
 def shell_environment(store, built: list[Built], *, pure: bool, base: Mapping[str, str] | None = None) -> ShellEnv:
     paths = environment_paths(store, built)
     env = make_environment(store, paths, pure=pure, base=base)
-    return ShellEnv(tuple(paths), env, find_shell(store, paths))
+    return ShellEnv(tuple(paths), env, find_shell(store, paths), shell_hook(store, built))
 
 
 def find_program(store, built: Built, program: str | None) -> str:
