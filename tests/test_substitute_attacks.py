@@ -317,3 +317,27 @@ async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mod
             assert reason in str(e.value), str(e.value)
             assert store.valid_paths() == [] and store.verify(check_contents=True).ok
         n.cancel_scope.cancel()
+
+
+def test_bottomless_download_without_file_size_is_cut_off(attack, tmp_path):
+    """No FileSize/FileHash in the narinfo (they are not signed) and a NAR file padded with a
+    2 MiB zstd skippable frame that decompresses to nothing: the download is stopped."""
+    import struct
+    import attrs
+    import zstandard
+    from purestore.formats.nar import nar_of_bytes
+    cache, lib, app = attack
+    nar = nar_of_bytes(b"small\n")
+    skippable = struct.pack("<II", 0x184D2A50, 2 << 20) + bytes(2 << 20)
+    data = skippable + zstandard.ZstdCompressor().compress(nar)
+    nar_path(cache, lib).write_bytes(data)
+    from purestore.formats.hash import Hash
+    from purestore.formats.narinfo import NarInfo
+    from purestore.formats.signing import SecretKey
+    f = cache / f"{lib.hash_part}.narinfo"
+    ni = NarInfo.parse(f.read_text(), "/pure/store")
+    ni = attrs.evolve(ni, file_hash=None, file_size=None, nar_hash=Hash.of_bytes(nar), nar_size=len(nar), sigs=())
+    ni = ni.with_sigs([SecretKey.parse(SEC).sign(ni.fingerprint("/pure/store")).render()])
+    f.write_text(ni.render("/pure/store"))
+    r = fetch(f"file://{cache}", app, tmp_path / "r")
+    assert_refused(r, tmp_path / "r", app, "much larger than its NarSize")

@@ -48,6 +48,8 @@ class _VerifyingReader:
         self.nar_n = 0
         self.ended = False
         self.progress = progress
+        # no FileSize: no compressor expands a NAR by more than this, so stop a bottomless stream
+        self.max_file = ni.file_size if ni.file_size is not None else ni.nar_size + ni.nar_size // 64 + (1 << 20)
 
     def read(self, _n: int = -1) -> bytes:
         while not self.ended:
@@ -62,8 +64,11 @@ class _VerifyingReader:
                 return b""
             self.file_h.update(c)
             self.file_n += len(c)
-            if self.ni.file_size is not None and self.file_n > self.ni.file_size:
-                raise CacheError(f"{self.where} is larger than its FileSize {self.ni.file_size}")
+            if self.file_n > self.max_file:
+                if self.ni.file_size is not None:
+                    raise CacheError(f"{self.where} is larger than its FileSize {self.ni.file_size}")
+                raise CacheError(f"{self.where} is much larger than its NarSize {self.ni.nar_size} "
+                                 f"(and its narinfo gives no FileSize)")
             try:
                 out = self.dec.decompress(c)
             except CacheError as e:
