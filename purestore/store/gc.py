@@ -123,20 +123,22 @@ def _resolve_link(link: str, store_dir: str, real_store_dir: str) -> tuple[Store
     for _ in range(_MAX_LINK_DEPTH):
         try:
             target = os.readlink(cur)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None, False
-        except OSError as e:
-            if e.errno == errno.EINVAL:  # not a symlink: a regular file or directory
-                return None, True
+        except OSError:  # EINVAL: not a symlink (a file or directory); EACCES: cannot tell
             return None, True
         if not target.startswith("/"):
             target = os.path.normpath(os.path.join(os.path.dirname(cur), target))
         sp = _store_path_of(target, store_dir, real_store_dir)
         if sp is not None:
             return sp, True
-        if not os.path.lexists(target):
-            return None, False
-        if not os.path.islink(target):
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, False  # only a link whose target is surely gone is stale
+        except OSError:
+            return None, True   # e.g. a directory we may not search: keep the root link
+        if not stat.S_ISLNK(st.st_mode):
             return None, True
         cur = target
     return None, True
