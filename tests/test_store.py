@@ -438,3 +438,19 @@ def test_a_failed_add_leaves_nothing_behind(store, tmp_path):
     assert store.valid_paths() == []
     assert os.listdir(os.path.join(store.real_store_dir, TMP_DIR)) == []
     assert sorted(os.listdir(store.real_store_dir)) == [TMP_DIR]
+
+
+def test_concurrent_cleaners_of_one_leftover_do_not_trip_over_each_other(settings, store_root):
+    dead = _child("""
+        t = store.temp_name()
+        for i in range(200):
+            os.makedirs(f"{t}/d{i}/e")
+        print(t, flush=True)
+        os._exit(0)
+    """, store_root)
+    leftover = dead.stdout.readline().strip()
+    dead.wait()
+    cleaners = [_child("print('ok', flush=True)", store_root) for _ in range(3)]
+    assert [c.communicate()[0] for c in cleaners] == ["ok\n"] * 3
+    assert [c.returncode for c in cleaners] == [0, 0, 0]
+    assert not os.path.exists(leftover)

@@ -180,7 +180,14 @@ class LocalStore:
             if pid not in alive:
                 alive[pid] = pid == os.getpid() or owner_alive(self.state_dir, pid)
             if not alive[pid]:
-                force_remove(os.path.join(self._tmp_dir, name))
+                # claim it first (rename to a name of this live process), so that two processes
+                # cleaning at once never remove the same tree under each other's feet
+                claimed = self.temp_name()
+                try:
+                    os.rename(os.path.join(self._tmp_dir, name), claimed)
+                except FileNotFoundError:
+                    continue  # another process claimed it
+                force_remove(claimed)
                 removed.append(name)
         remove_dead_temproots(self.state_dir)
         return removed
