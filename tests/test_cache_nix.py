@@ -114,3 +114,27 @@ def test_pure_cache_is_read_by_nix_copy(tmp_path, keyfile, via):
     assert any(s.startswith("test-key-1:") for s in by_path[app_p]["signatures"])
     nix("nix-store", "--store", nixroot, "--verify", "--check-contents")
     assert (nixroot / "nix/store" / app.base_name / "share/link").is_symlink()
+
+
+def test_narinfo_equals_nix_for_big_compressible_paths(tmp_path, keyfile):
+    """zstd output depends on the library version: compressing with the system libzstd (as Nix's
+    libarchive does) gives the same NAR files, FileHash and FileSize for NARs beyond one block."""
+    import random
+    src = tmp_path / "big"
+    src.mkdir()
+    r = random.Random(7)
+    words = [b"alpha ", b"beta ", b"gamma\n", b"delta ", b"epsilon "]
+    (src / "text").write_bytes(b"".join(r.choice(words) for _ in range(120_000)))
+    (src / "rand").write_bytes(r.randbytes(700_000))
+    nixroot = tmp_path / "nixroot"
+    path = nix("nix-store", "--store", nixroot, "--add", src).stdout.strip()
+    nixcache, ours = tmp_path / "nixcache", tmp_path / "ours"
+    nix("nix", "copy", "--store", nixroot, "--to", f"file://{nixcache}?compression=zstd&secret-key={keyfile}", path)
+    root = tmp_path / "pure"
+    assert run_pure("store", "add", src, root=root, store_dir="/nix/store").stdout.strip() == path
+    run_pure("copy", "--to", f"file://{ours}?compression=zstd&secret-key={keyfile}", path,
+             root=root, store_dir="/nix/store")
+    h = os.path.basename(path)[:32]
+    assert (ours / f"{h}.narinfo").read_text() == (nixcache / f"{h}.narinfo").read_text()
+    (nar,) = os.listdir(nixcache / "nar")
+    assert (ours / "nar" / nar).read_bytes() == (nixcache / "nar" / nar).read_bytes()

@@ -1,7 +1,10 @@
 """Streaming compression of NARs for caches: ``zstd`` (default), ``xz``, ``none``; reading also ``bzip2``.
 
-``zstd`` at level 3 without checksum or content size is byte-identical to what Nix 2.8 writes
-(libarchive's zstd filter), so FileHash and FileSize match Nix's for the same NAR.
+zstd output depends on the library version, and Nix writes through libarchive with the system's
+libzstd.  So compression uses the system ``libzstd`` through ctypes when there is one (the same
+library Nix uses, hence the same bytes, FileHash and FileSize as ``nix copy`` for any NAR), and
+the ``zstandard`` module otherwise (identical for small NARs; decompression always uses it).
+Both stream at the given level without checksum or content size, as libarchive does.
 ``compressor(method, level)`` returns an object with ``compress(data) -> bytes`` and
 ``flush() -> bytes``; ``decompressor(method)`` one with ``decompress(data) -> bytes`` and
 ``eof``.  zstandard, lzma and bz2 release the GIL while they work, so callers run them in
@@ -11,6 +14,8 @@ worker threads in parallel.
 from __future__ import annotations
 
 import bz2
+import ctypes
+import ctypes.util
 import lzma
 
 import zstandard
@@ -53,6 +58,102 @@ class _Zstd:
         return self._c.flush()
 
 
+class _Buf(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+def _load_libzstd():
+    name = ctypes.util.find_library("zstd")
+    if not name:
+        return None
+    try:
+        lib = ctypes.CDLL(name)  # CDLL releases the GIL during calls
+        lib.ZSTD_createCStream.restype = ctypes.c_void_p
+        lib.ZSTD_initCStream.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.ZSTD_initCStream.restype = ctypes.c_size_t
+        lib.ZSTD_compressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buf), ctypes.POINTER(_Buf)]
+        lib.ZSTD_compressStream.restype = ctypes.c_size_t
+        lib.ZSTD_endStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buf)]
+        lib.ZSTD_endStream.restype = ctypes.c_size_t
+        lib.ZSTD_freeCStream.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_freeCStream.restype = ctypes.c_size_t
+        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        lib.ZSTD_CStreamOutSize.restype = ctypes.c_size_t
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+_LIBZSTD = _load_libzstd()
+
+
+class _SysZstd:
+    """Streaming zstd compression with the system libzstd (what Nix's libarchive uses)."""
+
+    def __init__(self, level: int):
+        lib = self._lib = _LIBZSTD
+        self._cs = lib.ZSTD_createCStream()
+        if not self._cs:
+            raise CacheError("cannot create a zstd compression stream (out of memory)")
+        self._check(lib.ZSTD_initCStream(self._cs, level))
+        self._osz = max(lib.ZSTD_CStreamOutSize(), 1 << 17)
+        self._obuf = ctypes.create_string_buffer(self._osz)
+        self._oaddr = ctypes.addressof(self._obuf)
+
+    def _check(self, r: int) -> int:
+        if self._lib.ZSTD_isError(r):
+            raise CacheError(f"zstd compression failed: {self._lib.ZSTD_getErrorName(r).decode()}")
+        return r
+
+    def compress(self, data) -> bytes:
+        n = len(data)
+        if not n:
+            return b""
+        keep = data
+        if isinstance(data, bytes):
+            addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        else:
+            mv = memoryview(data)
+            if mv.readonly or not mv.c_contiguous:
+                keep = bytes(mv)
+                addr = ctypes.cast(ctypes.c_char_p(keep), ctypes.c_void_p).value
+            else:
+                keep = (ctypes.c_char * n).from_buffer(mv)
+                addr = ctypes.addressof(keep)
+        ib = _Buf(addr, n, 0)
+        out = []
+        while ib.pos < n:
+            ob = _Buf(self._oaddr, self._osz, 0)
+            self._check(self._lib.ZSTD_compressStream(self._cs, ctypes.byref(ob), ctypes.byref(ib)))
+            if ob.pos:
+                out.append(ctypes.string_at(self._oaddr, ob.pos))
+        del keep
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        out = []
+        while True:
+            ob = _Buf(self._oaddr, self._osz, 0)
+            left = self._check(self._lib.ZSTD_endStream(self._cs, ctypes.byref(ob)))
+            if ob.pos:
+                out.append(ctypes.string_at(self._oaddr, ob.pos))
+            if left == 0:
+                break
+        self._free()
+        return b"".join(out)
+
+    def _free(self) -> None:
+        if self._cs:
+            self._lib.ZSTD_freeCStream(self._cs)
+            self._cs = None
+
+    def __del__(self):
+        self._free()
+
+
 class _ZstdD:
     def __init__(self):
         self._d = zstandard.ZstdDecompressor().decompressobj()
@@ -90,7 +191,7 @@ def compressor(method: str, level: int | None = None):
     if method == "zstd":
         if not 1 <= level <= 19:
             raise CacheError(f"zstd compression level must be 1..19, got {level}")
-        return _Zstd(level)
+        return _SysZstd(level) if _LIBZSTD is not None else _Zstd(level)
     if method == "xz":
         if not 0 <= level <= 9:
             raise CacheError(f"xz compression level must be 0..9, got {level}")
