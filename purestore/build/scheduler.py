@@ -20,12 +20,8 @@ Blocking work (reading ``.drv`` files, hashing, scanning, SQLite) runs in worker
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import signal
-import tempfile
-import time
 from typing import Iterable
 
 import attrs
@@ -41,6 +37,7 @@ from .builtins import BUILTIN_BUILDERS
 from .logs import BuildLog
 from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
+from .running import GroupSync, Sandboxed, keep_dir, remove_tree, run_sandboxed, unwrap, wait_flock
 
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
 
@@ -119,7 +116,7 @@ class _Realiser:
         self.limiter = trio.CapacityLimiter(max(1, options.max_jobs))
         self.in_progress: dict[StorePath, trio.Event] = {}
         self.unreproducible: list[str] = []
-        self.syncer = _GroupSync(store.real_store_dir)
+        self.syncer = GroupSync(store.real_store_dir)
         self.background: trio.Nursery | None = None
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
@@ -241,7 +238,7 @@ class _Realiser:
                     for node in checks:
                         nursery.start_soon(self._check_node, node)
         except BaseExceptionGroup as eg:
-            raise _unwrap(eg) from None
+            raise unwrap(eg) from None
         finally:
             if self.fork_server is not None:
                 self.fork_server.close()
@@ -290,7 +287,7 @@ class _Realiser:
             for name in names:
                 while not locks.acquire(name, blocking=False):
                     # another process builds it: wait for its flock in a thread, then retry
-                    await trio.to_thread.run_sync(_wait_flock, locks._file(name), abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(wait_flock, locks._file(name), abandon_on_cancel=True)
                 taken.append(name)
         except BaseException:
             for name in reversed(taken):
@@ -404,7 +401,7 @@ class _Realiser:
             raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
         top = store.temp_name(node.path)
         spec = None
-        sandboxed: _Sandboxed | None = None
+        sandboxed: Sandboxed | None = None
         token = object()
         await self.limiter.acquire_on_behalf_of(token)  # -j: how many builders run at once
         holding = [True]
@@ -450,7 +447,7 @@ class _Realiser:
                 await self._run_builtin(node, host_outs["out"], log)
                 release_slot()
             else:
-                code, sandboxed = await _run_sandboxed(self._server(), spec, log)
+                code, sandboxed = await run_sandboxed(self._server(), spec, log)
                 release_slot()  # checking and registering the outputs does not count against -j
                 if code != 0:
                     await sandboxed.reap()
@@ -502,7 +499,7 @@ class _Realiser:
                     pass
                 def finish():
                     if not keep_top:
-                        _remove_tree(top)
+                        remove_tree(top)
                     events.record_build_finish(store, event_id, status, outs_info,
                                                None if status == "built" else status)
 
@@ -541,7 +538,7 @@ class _Realiser:
             msg += f"\nlast {len(tail)} log lines:\n" + "\n".join(f"  > {line}" for line in tail)
         msg += f"\nfull log: {log.path} (or: pure log {node.label})"
         if spec is not None:
-            kept = _keep_dir(spec.top, node.drv.name)
+            kept = keep_dir(spec.top, node.drv.name)
             msg += f"\nkeeping build directory {kept}/build (what the builder wrote to the store dir: {kept}/upper)"
         return BuildError(msg)
 
@@ -556,7 +553,7 @@ class _Realiser:
 
             def work(b=b, real=real, keep=keep, n=n):
                 d = check_mod.diff_trees(real, b.host_path)
-                _remove_tree(keep)
+                remove_tree(keep)
                 os.rename(b.host_path, keep)
                 extra = check_mod.diffoscope(real, keep)
                 return [{"output": n, **x} for x in d], extra
@@ -573,153 +570,3 @@ class _Realiser:
             self.store, node.label, kind="check" if kind == "check" else "rounds",
             rounds=rounds if kind == "round" else 2, reproducible=reproducible, differences=diffs))
         self.progress.event("check", drv=node.label, reproducible=reproducible, differences=diffs)
-
-
-class _Sandboxed:
-    """A finished sandbox whose namespaces may still be tearing down: :meth:`reap` waits for that."""
-
-    def __init__(self, sandbox: sb.Sandbox):
-        self.sandbox = sandbox
-
-    async def reap(self) -> None:
-        with trio.CancelScope(shield=True):
-            try:
-                if self.sandbox.pidfd >= 0:
-                    await trio.lowlevel.wait_readable(self.sandbox.pidfd)
-            finally:
-                self.sandbox.close()
-
-
-async def _run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, _Sandboxed]:
-    """Run the builder; feed its output to ``log``; return its exit status as soon as it is known
-    (with a handle to reap the sandbox later).  On cancellation the whole sandbox is SIGKILLed and
-    reaped before the Cancelled propagates.  Raises :class:`SandboxError` if it could not be set up."""
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        sandbox = sb.spawn(server, spec, out_w)
-    except BaseException:
-        os.close(out_r)
-        raise
-    finally:
-        os.close(out_w)
-    handle = _Sandboxed(sandbox)
-    stream = trio.lowlevel.FdStream(out_r)
-    err_stream = trio.lowlevel.FdStream(os.dup(sandbox.status_fd))
-    try:
-        try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                log.write(data)
-            status = b""
-            while True:
-                chunk = await err_stream.receive_some(4096)
-                status += chunk
-                code, err = sb.parse_status(status)
-                if code is not None or not chunk:
-                    break
-        except BaseException:
-            sandbox.kill()
-            await handle.reap()
-            raise
-        if err or code is None:
-            await handle.reap()
-            raise SandboxError(err or "the sandbox ended without reporting a status")
-        return code, handle
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-            await err_stream.aclose()
-
-
-class _GroupSync:
-    """Group commit for ``syncfs``: whoever arrives while a flush runs shares the next one.
-
-    A flush covers everything written before it started, so a waiter needs the flush after the
-    one in progress; one such flush serves all who arrived meanwhile."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.busy = False
-        self.waiters: trio.Event | None = None
-        self.error: BaseException | None = None
-
-    async def _flush(self) -> None:
-        from ..store.local import _syncfs
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_syncfs, self.path)
-
-    async def sync(self) -> None:
-        if self.busy:
-            if self.waiters is None:
-                self.waiters = trio.Event()
-            ev = self.waiters
-            await ev.wait()
-            if self.error is not None:
-                raise self.error
-            return
-        self.busy = True
-        try:
-            await self._flush()
-            while self.waiters is not None:
-                ev, self.waiters = self.waiters, None
-                try:
-                    await self._flush()
-                    self.error = None
-                except BaseException as e:
-                    self.error = e
-                    raise
-                finally:
-                    ev.set()
-        finally:
-            self.busy = False
-
-
-def _leaves(e: BaseException) -> list[BaseException]:
-    if isinstance(e, BaseExceptionGroup):
-        return [x for sub in e.exceptions for x in _leaves(sub)]
-    return [e]
-
-
-def _unwrap(eg: BaseExceptionGroup) -> BaseException:
-    """The one exception to raise for a nursery's group: Ctrl-C first, then a purestore error."""
-    leaves = _leaves(eg)
-    for kind in (KeyboardInterrupt, SystemExit, PurestoreError):
-        for e in leaves:
-            if isinstance(e, kind):
-                return e
-    return leaves[0] if len(leaves) == 1 else eg
-
-
-def _wait_flock(path: str) -> None:
-    import fcntl
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    finally:
-        os.close(fd)
-
-
-def _remove_tree(path: str) -> None:
-    if not os.path.lexists(path):
-        return
-    from ..store.local import force_remove
-    force_remove(path)
-
-
-def _keep_dir(top: str, name: str) -> str:
-    """Move a failed build's top dir out of the store's temp area (which is cleaned on open)."""
-    dest = tempfile.mkdtemp(prefix=f"pure-build-{name}-")
-    os.rmdir(dest)
-    try:
-        os.rename(top, dest)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            return top
-        shutil.copytree(top, dest, symlinks=True)
-        _remove_tree(top)
-    return dest

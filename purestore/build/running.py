@@ -1,0 +1,165 @@
+"""Helpers of the scheduler: running one sandboxed builder under trio, group-committed
+``syncfs``, lock waits, build directory clean-up, exception-group unwrapping."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+
+import trio
+
+from ..errors import PurestoreError, SandboxError
+from . import sandbox as sb
+from .logs import BuildLog
+
+
+class Sandboxed:
+    """A finished sandbox whose namespaces may still be tearing down: :meth:`reap` waits for that."""
+
+    def __init__(self, sandbox: sb.Sandbox):
+        self.sandbox = sandbox
+
+    async def reap(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                if self.sandbox.pidfd >= 0:
+                    await trio.lowlevel.wait_readable(self.sandbox.pidfd)
+            finally:
+                self.sandbox.close()
+
+
+async def run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, Sandboxed]:
+    """Run the builder; feed its output to ``log``; return its exit status as soon as it is known
+    (with a handle to reap the sandbox later).  On cancellation the whole sandbox is SIGKILLed and
+    reaped before the Cancelled propagates.  Raises :class:`SandboxError` if it could not be set up."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        sandbox = sb.spawn(server, spec, out_w)
+    except BaseException:
+        os.close(out_r)
+        raise
+    finally:
+        os.close(out_w)
+    handle = Sandboxed(sandbox)
+    stream = trio.lowlevel.FdStream(out_r)
+    err_stream = trio.lowlevel.FdStream(os.dup(sandbox.status_fd))
+    try:
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                log.write(data)
+            status = b""
+            while True:
+                chunk = await err_stream.receive_some(4096)
+                status += chunk
+                code, err = sb.parse_status(status)
+                if code is not None or not chunk:
+                    break
+        except BaseException:
+            sandbox.kill()
+            await handle.reap()
+            raise
+        if err or code is None:
+            await handle.reap()
+            raise SandboxError(err or "the sandbox ended without reporting a status")
+        return code, handle
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+            await err_stream.aclose()
+
+
+class GroupSync:
+    """Group commit for ``syncfs``: whoever arrives while a flush runs shares the next one.
+
+    A flush covers everything written before it started, so a waiter needs the flush after the
+    one in progress; one such flush serves all who arrived meanwhile."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.busy = False
+        self.waiters: trio.Event | None = None
+        self.error: BaseException | None = None
+
+    async def _flush(self) -> None:
+        from ..store.local import _syncfs
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_syncfs, self.path)
+
+    async def sync(self) -> None:
+        if self.busy:
+            if self.waiters is None:
+                self.waiters = trio.Event()
+            ev = self.waiters
+            await ev.wait()
+            if self.error is not None:
+                raise self.error
+            return
+        self.busy = True
+        try:
+            await self._flush()
+            while self.waiters is not None:
+                ev, self.waiters = self.waiters, None
+                try:
+                    await self._flush()
+                    self.error = None
+                except BaseException as e:
+                    self.error = e
+                    raise
+                finally:
+                    ev.set()
+        finally:
+            self.busy = False
+
+
+def leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in leaves(sub)]
+    return [e]
+
+
+def unwrap(eg: BaseExceptionGroup) -> BaseException:
+    """The one exception to raise for a nursery's group: Ctrl-C first, then a purestore error."""
+    found = leaves(eg)
+    for kind in (KeyboardInterrupt, SystemExit, PurestoreError):
+        for e in found:
+            if isinstance(e, kind):
+                return e
+    return found[0] if len(found) == 1 else eg
+
+
+def wait_flock(path: str) -> None:
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: str) -> None:
+    if not os.path.lexists(path):
+        return
+    from ..store.local import force_remove
+    force_remove(path)
+
+
+def keep_dir(top: str, name: str) -> str:
+    """Move a failed build's top dir out of the store's temp area (which is cleaned on open)."""
+    dest = tempfile.mkdtemp(prefix=f"pure-build-{name}-")
+    os.rmdir(dest)
+    try:
+        os.rename(top, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            return top
+        shutil.copytree(top, dest, symlinks=True)
+        remove_tree(top)
+    return dest
