@@ -334,3 +334,55 @@ def test_live_status_line_on_a_terminal_plain_lines_otherwise(expr, tmp_path, st
     # not a terminal: no control sequences
     p2 = build(lambda *a, **k: run_pure(*a, root=store_root, **k), tmp_path, f, "--no-link", "--check")
     assert "\x1b" not in p2.stderr and "checking" in p2.stderr
+
+
+def test_a_real_build_sees_only_its_inputs_and_no_network(pure, expr, tmp_path, store_root):
+    """One build probes its sandbox: another valid store path, host files, the host's loopback
+    server, DNS, writing to inputs and to the store dir root."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    hits = []
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+            hits.append(1)
+            c.close()
+        except OSError:
+            pass
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    repo = Path(__file__).resolve().parent.parent
+    f = expr(f'''\
+secret = sh("secret", "echo s > $out")
+hidden = "".join(reversed(str(secret)))  # no string context: not an input of probe
+probe = sh("probe", """
+  r=$($B echo {{hidden}} | $B rev)
+  [ -e $r ] && echo SEES-SECRET
+  for p in /etc/shadow /root {repo} /bin/sh /usr; do [ -e $p ] && echo SEES-HOST $p; done
+  $B nc -w 2 127.0.0.1 {port} </dev/null && echo REACHED-HOST
+  $B nslookup example.com >/dev/null 2>&1 && echo RESOLVED
+  $B touch {{bb}}/x 2>/dev/null && echo WROTE-INPUT
+  $B touch /etc/passwd 2>/dev/null && echo WROTE-ETC
+  $B ls /pure/store
+  $B id -u; $B hostname; echo $$
+  $B mkdir $out
+""".replace("{{hidden}}", hidden).replace("{{bb}}", str(bb)))
+''')
+    build(pure, tmp_path, f, "-A", "secret", "--no-link")
+    p = build(pure, tmp_path, f, "-A", "probe", "--no-link", "-L")
+    srv.close()
+    log = "\n".join(l.split("> ", 1)[1] for l in p.stderr.splitlines() if l.startswith("probe> "))
+    for bad in ("SEES-SECRET", "SEES-HOST", "REACHED-HOST", "RESOLVED", "WROTE-INPUT", "WROTE-ETC"):
+        assert bad not in log, log
+    assert hits == []
+    lines = log.splitlines()
+    assert lines[-3:] == ["1000", "localhost", "1"]
+    import re
+    entries = [l for l in lines if re.fullmatch(r"[0-9a-df-np-sv-z]{32}-.*", l)]
+    assert len(entries) == 1 and entries[0].endswith("-bb"), log  # only the busybox source is visible
+    assert "refused" in log or "unreachable" in log  # the connection was tried, and failed

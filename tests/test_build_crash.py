@@ -70,6 +70,7 @@ def running_sandbox(marker: str, timeout: float = 30) -> None:
     assert processes_with(marker), "the builder never started"
 
 
+@pytest.mark.slow
 def test_two_builders_on_overlapping_graphs_build_each_path_once(expr, tmp_path, store_root):
     f = expr('''\
 shared = [sh(f"shared{i}", f"$B sleep 0.3; echo {i} > $out") for i in range(3)]
@@ -92,6 +93,7 @@ right = sh("right", f"echo {' '.join(map(str, shared))} right > $out")
         st.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tmp_path, store_root, pure):
     marker = f"MARK{os.getpid()}kill"
     f = expr(f'default = sh("victim", ": {marker}; $B sleep 3; $B mkdir $out; echo done > $out/f")\n')
@@ -113,6 +115,7 @@ def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tm
     assert (store_root / out.lstrip("/") / "f").read_text() == "done\n"
 
 
+@pytest.mark.slow
 def test_ctrl_c_kills_the_builders_removes_temporaries_and_releases_locks(expr, tmp_path, store_root, pure):
     marker = f"MARK{os.getpid()}int"
     f = expr(f'default = [sh(f"int{{i}}", f": {marker}; $B sleep 30; echo {{i}} > $out") for i in range(2)]\n')

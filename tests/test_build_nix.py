@@ -44,6 +44,7 @@ def test_same_outputs_as_the_nix_golden_file(tmp_path):
     assert _pure_infos(tmp_path) == golden["paths"]
 
 
+@pytest.mark.slow
 @needs_nix
 def test_same_outputs_as_a_live_nix_build(tmp_path):
     _setup(tmp_path)
