@@ -15,6 +15,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 libgreet = mk_derivation(
     "libgreet-1.0",
     source(os.path.join(_HERE, "libgreet"), name="libgreet-1.0-source"),
+    # No -g (BSD make's default CFLAGS has it): a static archive is not stripped at link time,
+    # and debug info would name the compiler's headers, a needless run-time reference.
+    make_flags=["CFLAGS=-O2"],
     preInstall='makeFlags="$makeFlags PREFIX=$out"',
     do_check=True,
 )

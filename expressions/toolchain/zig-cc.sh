@@ -21,10 +21,27 @@ wrap() {  # wrap NAME ZIG-SUBCOMMAND...
     chmod 0555 "$out/bin/$name"
 }
 
-wrap cc cc -target "$target"
-wrap gcc cc -target "$target"
-wrap c++ c++ -target "$target"
-wrap g++ c++ -target "$target"
+# The compiler drivers strip debug information when they link (-Wl,--strip-debug), as Nix's
+# fixup does: musl's debug info names zig's source tree, which would otherwise make every
+# program refer to the whole compiler at run time.  PURE_CC_KEEP_DEBUG=1 keeps it.
+wrap_cc() {  # wrap_cc NAME ZIG-SUBCOMMAND
+    {
+        echo "#!$tools/bin/sh"
+        echo "# $1: purestore's wrapper around zig $2 -target $target"
+        echo ': "${ZIG_GLOBAL_CACHE_DIR:=${TMPDIR:-/tmp}/.zig-cache}"'
+        echo ': "${ZIG_LOCAL_CACHE_DIR:=$ZIG_GLOBAL_CACHE_DIR}"'
+        echo 'export ZIG_GLOBAL_CACHE_DIR ZIG_LOCAL_CACHE_DIR'
+        echo 'link=1'
+        echo 'for a in "$@"; do case "$a" in -c|-S|-E|-M|-MM|-fsyntax-only|--version|-v|-V|-qversion|-print-*|-dump*) link=0 ;; esac; done'
+        echo 'if [ "$link" = 1 ] && [ -z "${PURE_CC_KEEP_DEBUG:-}" ]; then set -- "$@" -Wl,--strip-debug; fi'
+        echo "exec $zigbin $2 -target $target \"\$@\""
+    } > "$out/bin/$1"
+    chmod 0555 "$out/bin/$1"
+}
+wrap_cc cc cc
+wrap_cc gcc cc
+wrap_cc c++ c++
+wrap_cc g++ c++
 wrap cpp cc -target "$target" -E
 wrap ld ld.lld
 wrap ar ar
