@@ -386,3 +386,39 @@ probe = sh("probe", """
     entries = [l for l in lines if re.fullmatch(r"[0-9a-df-np-sv-z]{32}-.*", l)]
     assert len(entries) == 1 and entries[0].endswith("-bb"), log  # only the busybox source is visible
     assert "refused" in log or "unreachable" in log  # the connection was tried, and failed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged uid")
+def test_pure_build_works_for_an_unprivileged_user(tmp_path):
+    """uid 65534, its own rooted store, user namespaces only: a two-step build succeeds."""
+    import sysconfig
+    import tempfile
+    python = sys.executable
+    if not os.access(python, os.X_OK) or "/root/" in os.path.realpath(python):
+        python = "/usr/bin/python3"  # ours lives in a private directory: use the system's
+    if not os.path.exists(python):
+        pytest.skip("no Python interpreter that uid 65534 can execute")
+    repo = Path(__file__).resolve().parent.parent
+    work = Path(tempfile.mkdtemp(prefix="pure-unpriv-build-"))
+    try:
+        (work / "bb" / "bin").mkdir(parents=True)
+        shutil.copy(BUSYBOX, work / "bb" / "bin" / "busybox")
+        (work / "e.py").write_text(HEADER + '''\
+dep = sh("dep", "$B mkdir $out; $B id -u > $out/uid")
+default = sh("top", f"$B cat {dep}/uid > $out; $B hostname >> $out")
+''')
+        for p in [work, *work.rglob("*")]:
+            os.chown(p, 65534, 65534, follow_symlinks=False)
+        env = {"PATH": "/usr/bin:/bin", "PURE_CONFIG": "/dev/null",
+               "PYTHONPATH": ":".join([str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])}
+        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m",
+                            "purestore.cli.main", "--store", str(work / "root"), "build", "e.py"],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        if p.returncode != 0 and ("cannot create the namespaces" in p.stderr or "ModuleNotFoundError" in p.stderr
+                                  or "Permission denied" in p.stderr and python in p.stderr):
+            pytest.skip(f"cannot run pure as uid 65534 here: {p.stderr.strip()[-300:]}")
+        assert p.returncode == 0, p.stderr
+        assert (work / "result").read_text() == "1000\nlocalhost\n"
+        assert os.stat(work / "root" / "pure" / "store").st_uid == 65534
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
