@@ -336,3 +336,11 @@ def test_invalid_leftovers_are_removed_unless_temp_rooted(pure, settings):
     p = pure("gc")
     assert "1 invalid leftovers removed" in p.stderr
     assert not os.path.lexists(junk)
+
+
+def test_only_stale_links_under_auto_are_pruned(pure, graph, settings, tmp_path):
+    mine = os.path.join(settings.state_dir, "gcroots", "mine")
+    os.symlink(str(tmp_path / "gone"), mine)
+    p = pure("gc")
+    assert os.path.islink(mine), "a stale link the user made outside gcroots/auto is left alone"
+    assert "removed stale GC root" not in p.stderr

@@ -7,8 +7,8 @@ Roots (:func:`find_roots`):
   for the whole path) is a *direct* root.  A link whose target is elsewhere is an *indirect*
   root: its target (e.g. a ``result`` link, registered by ``pure build`` as
   ``gcroots/auto/<hash>``) is followed, link by link, until it reaches the store.  An indirect
-  root whose target no longer exists is *stale*: the collector removes it (a deleted ``result``
-  link stops rooting its path);
+  root whose target no longer exists is *stale*: it roots nothing, and under ``gcroots/auto/``
+  the collector removes it (a deleted ``result`` link stops rooting its path);
 - every symlink under ``<state_dir>/profiles/`` (profiles and their generations);
 - the temporary roots of running ``pure`` processes (``temproots/<pid>``, see
   :mod:`purestore.store.roots`).
@@ -171,6 +171,7 @@ def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) ->
     found: list[GcRoot] = []
     stale: list[str] = []
     gcroots = _roots.gcroots_dir(state)
+    auto = _roots.auto_roots_dir(state)
     for link in _walk_links(gcroots):
         try:
             direct = _store_path_of(_abs_target(link), sd, rsd)
@@ -182,7 +183,7 @@ def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) ->
         sp, exists = _resolve_link(link, sd, rsd)
         if sp is not None:
             found.append(GcRoot(_abs_target(link), sp, "indirect"))
-        elif not exists:
+        elif not exists and link.startswith(auto + "/"):  # like Nix, only gcroots/auto is pruned
             stale.append(link)
             if prune_stale:
                 try:
