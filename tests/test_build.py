@@ -278,9 +278,12 @@ def test_builder_environment_is_exactly_as_specified(pure, expr, tmp_path, store
 
 
 def test_pass_as_file(pure, expr, tmp_path, store_root):
-    f = expr('default = sh("paf", "$B cat $bigPath > $out", big="some\\ntext", passAsFile=["big"])\n')
+    f = expr('default = sh("paf", "$B cat $bigPath > $out; echo >> $out; echo $bigPath >> $out", '
+             'big="some\\ntext", passAsFile=["big"])\n')
     p = build(pure, tmp_path, f)
-    assert Path(f"{store_root}{p.stdout.strip()}").read_text() == "some\ntext"
+    # the file name is Nix's: .attr-<nix32 of sha256 of the attribute name>
+    assert Path(f"{store_root}{p.stdout.strip()}").read_text() == \
+        "some\ntext\n/build/.attr-1lak0mvllw8rv9i9ygkglvhqsq19qi9ynl4bi7gbf69ab5nzw89a\n"
 
 
 def test_json_events(pure, expr, tmp_path):
@@ -399,7 +402,7 @@ def test_pure_build_works_for_an_unprivileged_user(tmp_path):
     if not os.path.exists(python):
         pytest.skip("no Python interpreter that uid 65534 can execute")
     repo = Path(__file__).resolve().parent.parent
-    work = Path(tempfile.mkdtemp(prefix="pure-unpriv-build-"))
+    work = Path(tempfile.mkdtemp(prefix="purestore-test-unpriv-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
     try:
         (work / "bb" / "bin").mkdir(parents=True)
         shutil.copy(BUSYBOX, work / "bb" / "bin" / "busybox")

@@ -223,7 +223,7 @@ def _world_executable(path: str) -> bool:
 def test_works_for_an_unprivileged_user(tmp_path, busybox_dir):
     """As uid 65534 (no capabilities), with unprivileged user namespaces: same sandbox."""
     import tempfile
-    work = tempfile.mkdtemp(prefix="pure-unpriv-")
+    work = tempfile.mkdtemp(prefix="purestore-test-unpriv-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
     request_cleanup = lambda: shutil.rmtree(work, ignore_errors=True)  # noqa: E731
     from pathlib import Path
     work = Path(work)

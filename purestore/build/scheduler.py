@@ -29,6 +29,7 @@ import trio
 
 from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
 from ..formats.derivation import Derivation, parse_aterm
+from ..formats.hash import Hash
 from ..formats.store_path import StorePath
 from ..store import events
 from . import check as check_mod
@@ -374,12 +375,17 @@ class _Realiser:
             "TERM": "xterm-256color",
             "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
         }
+        if drv.is_fixed_output:
+            # like Nix: a fixed-output build may see the host's values of the variables it
+            # declares impure (proxies and the like); its output is checked against its hash
+            for k in drv.env.get("impureEnvVars", "").split():
+                if k in os.environ:
+                    env[k] = os.environ[k]
         files: dict[str, bytes] = {}
         pass_as_file = set(drv.env.get("passAsFile", "").split())
         for k, v in drv.env.items():
             if k in pass_as_file:
-                import hashlib
-                fn = ".attr-" + hashlib.sha256(k.encode()).hexdigest()
+                fn = ".attr-" + Hash.of_bytes(k.encode()).nix32  # Nix's file name
                 files[fn] = v.encode(errors="surrogateescape")
                 env[k + "Path"] = "/build/" + fn
             else:
