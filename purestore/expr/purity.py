@@ -95,6 +95,8 @@ def _system_roots() -> list[str]:
         except KeyError:
             pass
     roots.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the purestore package
+    if sys.pycache_prefix:  # bytecode of the above, when kept elsewhere (PYTHONPYCACHEPREFIX)
+        roots.add(sys.pycache_prefix)
     roots.update(("/dev/null", "/dev/urandom", "/dev/random"))
     return [r for r in roots if r]
 
@@ -172,6 +174,10 @@ def pure_mode(roots: list[str], where=lambda: "") -> Iterator[PureMode]:
     saved_environb = getattr(os, "environb", None)
     token = _MODE.set(mode)
     _active += 1
+    # Imports made during evaluation (stdlib or purestore modules not yet compiled) must not try
+    # to write .pyc files: that is a write pure mode refuses, and it is not the expression's doing.
+    saved_dont_write_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
     os.environ = {}  # type: ignore[assignment]
     if saved_environb is not None:
         os.environb = {}  # type: ignore[assignment]
@@ -181,6 +187,7 @@ def pure_mode(roots: list[str], where=lambda: "") -> Iterator[PureMode]:
         os.environ = saved_environ
         if saved_environb is not None:
             os.environb = saved_environb
+        sys.dont_write_bytecode = saved_dont_write_bytecode
         _active -= 1
         _MODE.reset(token)
 
