@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
@@ -47,7 +46,7 @@ from .settings import Settings
 TMP_DIR = ".tmp"
 _SQL_CHUNK = 900  # bound parameters per IN (...) query
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would fork ldconfig
 
 
 def _syncfs(path: str) -> None:
