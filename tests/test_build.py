@@ -209,9 +209,10 @@ def test_keep_failed_keeps_the_build_dir_and_says_where(pure, expr, tmp_path):
     p = build(pure, tmp_path, f, "--keep-failed", check=False)
     assert p.returncode == 1
     line = next(l for l in p.stderr.splitlines() if l.startswith("keeping build directory "))
-    kept = line.split()[3]
-    assert Path(kept, "left").read_text() == "data\n"
-    shutil.rmtree(Path(kept).parent.parent, ignore_errors=True)
+    kept = Path(line.split()[3])  # <tmp>/pure-build-kf-XXXX/build
+    assert kept.name == "build" and kept.parent.name.startswith("pure-build-kf-"), kept
+    assert (kept / "left").read_text() == "data\n"
+    shutil.rmtree(kept.parent)  # only the kept directory: never its parent (the shared TMPDIR)
 
 
 def test_fail_fast_by_default_and_keep_going_on_request(pure, expr, tmp_path, store_root):
