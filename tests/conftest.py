@@ -66,3 +66,26 @@ def pure(store_root):
 def settings(store_root):
     from purestore.store.settings import load_settings
     return load_settings(env={"PURE_CONFIG": "/dev/null"}, root=str(store_root))
+
+
+# -- one toolchain store per test session --------------------------------------------------------
+# Growing the toolchain from the seeds takes minutes, so the modules that need it
+# (test_toolchain, test_sbom_hello, test_shell's devshell test) share one rooted store, named by
+# PURE_TEST_HELLO_STORE.  When the caller did not name one, the session makes a fresh one and
+# removes it at the end; the second and later builds in it are then no-ops.
+_SESSION_TOOLCHAIN_STORE: str | None = None
+
+
+def pytest_configure(config):
+    global _SESSION_TOOLCHAIN_STORE
+    if not os.environ.get("PURE_TEST_HELLO_STORE"):
+        import tempfile
+        _SESSION_TOOLCHAIN_STORE = tempfile.mkdtemp(prefix="pure-test-toolchain-", dir="/var/tmp")
+        os.environ["PURE_TEST_HELLO_STORE"] = _SESSION_TOOLCHAIN_STORE
+
+
+def pytest_unconfigure(config):
+    if _SESSION_TOOLCHAIN_STORE and os.path.isdir(_SESSION_TOOLCHAIN_STORE):
+        subprocess.run(["chmod", "-R", "u+w", _SESSION_TOOLCHAIN_STORE], check=False)
+        shutil.rmtree(_SESSION_TOOLCHAIN_STORE, ignore_errors=True)
+        os.environ.pop("PURE_TEST_HELLO_STORE", None)
