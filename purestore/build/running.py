@@ -12,6 +12,7 @@ import trio
 
 from ..errors import PurestoreError, SandboxError
 from . import sandbox as sb
+from ..store.fsnar import remove_tree
 from .logs import BuildLog
 
 
@@ -144,11 +145,6 @@ def wait_flock(path: str) -> None:
         os.close(fd)
 
 
-def remove_tree(path: str) -> None:
-    if not os.path.lexists(path):
-        return
-    from ..store.local import force_remove
-    force_remove(path)
 
 
 def keep_dir(top: str, name: str) -> str:

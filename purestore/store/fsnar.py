@@ -518,7 +518,7 @@ def restore_nar(source, dest: str) -> None:
             os.close(fd)
         dirs = []
         if created:
-            _remove_tree(dest)
+            remove_tree(dest)
         raise
     finally:
         for _p, fd in dirs:
@@ -526,21 +526,26 @@ def restore_nar(source, dest: str) -> None:
         os.close(pfd)
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a tree we created, making read-only directories writable first."""
+def remove_tree(path: str) -> None:
+    """Remove a file, symlink or tree, making read-only directories (0555 store paths) writable
+    first; a missing path is fine.  The one tree remover of the store layer."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        os.chmod(path, 0o700)
-        with os.scandir(path) as it:
-            names = [e.name for e in it]
-        for n in names:
-            _remove_tree(os.path.join(path, n))
-        os.rmdir(path)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
+        return
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    with os.scandir(path) as it:
+        entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
+    for p, is_dir in entries:
+        if is_dir:
+            remove_tree(p)
+        else:
+            os.unlink(p)
+    os.rmdir(path)
 
 
 def canonicalise_path(path: str, *, reject_writable: bool = False) -> None:

@@ -45,6 +45,7 @@ import attrs
 from ..errors import StoreError
 from ..formats.store_path import StorePath
 from . import roots as _roots
+from .fsnar import remove_tree
 
 PROFILES = "profiles"
 TRASH_SUFFIX = "-gc-trash"
@@ -197,7 +198,7 @@ def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) ->
         if sp is not None:
             found.append(GcRoot(link, sp, "profile"))
     if include_temp:
-        for pid, sp in _read_temp_roots_by_pid(state, sd):
+        for pid, sp in _roots.read_temp_roots_by_pid(state, sd):
             found.append(GcRoot(f"{{temp:{pid}}}", sp, "temp"))
     return found, stale
 
@@ -205,29 +206,6 @@ def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) ->
 def _abs_target(link: str) -> str:
     t = os.readlink(link)
     return t if t.startswith("/") else os.path.normpath(os.path.join(os.path.dirname(link), t))
-
-
-def _read_temp_roots_by_pid(state_dir: str, store_dir: str) -> list[tuple[int, StorePath]]:
-    out: list[tuple[int, StorePath]] = []
-    d = _roots.temproots_dir(state_dir)
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return out
-    for name in names:
-        if not name.isdigit() or not _roots.owner_alive(state_dir, int(name)):
-            continue
-        try:
-            with open(os.path.join(d, name), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        for line in data.decode(errors="replace").splitlines():
-            try:
-                out.append((int(name), StorePath.parse(line, store_dir)))
-            except ValueError:
-                continue
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,52 +339,17 @@ def print_roots(store, roots: list[GcRoot]) -> list[str]:
 # deletion
 
 
-def _make_writable_and_remove(path: str) -> None:
-    """Remove a file tree whose directories may be read-only (store paths are 0555)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-    if not st.st_mode & stat.S_IWUSR:
-        os.chmod(path, 0o755)
-    with os.scandir(path) as it:
-        entries = list(it)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            _make_writable_and_remove(e.path)
-        else:
-            os.unlink(e.path)
-    os.rmdir(path)
-
-
-def _remove_tree(path: str) -> None:
-    try:
-        os.unlink(path)  # most store paths in bulk are single files or links
-        return
-    except IsADirectoryError:
-        pass
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        if e.errno not in (errno.EISDIR, errno.EPERM):
-            raise
-    _make_writable_and_remove(path)
-
-
 def _remove_many(paths: list[str], workers: int) -> None:
     if not paths:
         return
     if workers <= 1 or len(paths) < 64:
         for p in paths:
-            _remove_tree(p)
+            remove_tree(p)
         return
     chunk = (len(paths) + workers - 1) // workers
     parts = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
-        for f in [ex.submit(lambda ps: [_remove_tree(p) for p in ps], part) for part in parts]:
+        for f in [ex.submit(lambda ps: [remove_tree(p) for p in ps], part) for part in parts]:
             f.result()
 
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import stat
 import time
 from typing import Iterable, Iterator, ContextManager
@@ -39,6 +38,7 @@ from ..formats.store_path import (
     StorePath, check_name, make_fixed_output_path, make_source_path, make_text_path,
 )
 from .db import StoreDB
+from .fsnar import remove_tree
 from .lock import PathLocks
 from .roots import TempRoots, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
 from .settings import Settings
@@ -58,25 +58,6 @@ def _syncfs(path: str) -> None:
             raise StoreError(f"cannot sync the file system of {path!r}: {os.strerror(e)}")
     finally:
         os.close(fd)
-
-
-def force_remove(path: str) -> None:
-    """Remove a file or tree even where canonicalisation made directories read-only."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-
-    for dirpath, dirnames, _files in os.walk(path):
-        for d in dirnames:
-            p = os.path.join(dirpath, d)
-            if not os.path.islink(p):
-                os.chmod(p, 0o755)
-    os.chmod(path, 0o755)
-    shutil.rmtree(path)
 
 
 @attrs.frozen
@@ -186,7 +167,7 @@ class LocalStore:
                     os.rename(os.path.join(self._tmp_dir, name), claimed)
                 except FileNotFoundError:
                     continue  # another process claimed it
-                force_remove(claimed)
+                remove_tree(claimed)
                 removed.append(name)
         remove_dead_temproots(self.state_dir)
         return removed
@@ -429,7 +410,7 @@ class LocalStore:
         real = self.real_path(sp)
         try:
             if os.path.lexists(real):
-                force_remove(real)
+                remove_tree(real)
             st = os.lstat(tmp)
             readonly_dir = stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR
             if readonly_dir:  # moving a directory to another parent needs write access to it
@@ -441,7 +422,7 @@ class LocalStore:
             raise StoreError(f"cannot move {tmp!r} into place at {real!r}: {e.strerror}") from e
 
     def remove_temp(self, tmp: str) -> None:
-        force_remove(tmp)
+        remove_tree(tmp)
 
     # -- adding ---------------------------------------------------------------------------------
 
@@ -530,7 +511,7 @@ class LocalStore:
                 info = PathInfo(sp, nar_hash, nar_size, ca=ca, registration_time=int(time.time()))
                 self._install_and_register(tmp, info)
             finally:
-                force_remove(tmp)
+                remove_tree(tmp)
         except OSError as e:
             if isinstance(e, StoreError):
                 raise
@@ -616,10 +597,10 @@ class LocalStore:
                 except OSError:
                     if not os.path.isdir(real):
                         raise
-                    force_remove(real)  # a stale unregistered directory of that name
+                    remove_tree(real)  # a stale unregistered directory of that name
                     os.rename(tmp, real)
             except OSError as e:
-                force_remove(tmp)
+                remove_tree(tmp)
                 raise StoreError(f"cannot write {real!r}: {e.strerror}") from e
 
     # -- verify and delete ----------------------------------------------------------------------
@@ -696,7 +677,7 @@ class LocalStore:
                     c.execute("DELETE FROM ValidPaths WHERE id = ?", (row[0],))
             for sp in order:
                 try:
-                    force_remove(self.real_path(sp))
+                    remove_tree(self.real_path(sp))
                 except OSError as e:
                     raise StoreError(f"cannot remove {self.real_path(sp)!r}: {e.strerror}") from e
         return order

@@ -162,14 +162,14 @@ def remove_dead_temproots(state_dir: str) -> list[int]:
     return dead
 
 
-def read_temp_roots(state_dir: str, store_dir: str) -> set[StorePath]:
-    """All temporary roots of live processes (call while holding ``gc.lock`` exclusively)."""
-    roots: set[StorePath] = set()
+def read_temp_roots_by_pid(state_dir: str, store_dir: str) -> list[tuple[int, StorePath]]:
+    """(pid, path) for every temporary root of a live process (hold ``gc.lock`` exclusively)."""
+    out: list[tuple[int, StorePath]] = []
     d = temproots_dir(state_dir)
     try:
         names = os.listdir(d)
     except FileNotFoundError:
-        return roots
+        return out
     for name in names:
         if not name.isdigit() or not owner_alive(state_dir, int(name)):
             continue
@@ -180,7 +180,12 @@ def read_temp_roots(state_dir: str, store_dir: str) -> set[StorePath]:
             continue
         for line in data.decode(errors="replace").splitlines():
             try:
-                roots.add(StorePath.parse(line, store_dir))
+                out.append((int(name), StorePath.parse(line, store_dir)))
             except ValueError:
                 continue
-    return roots
+    return out
+
+
+def read_temp_roots(state_dir: str, store_dir: str) -> set[StorePath]:
+    """All temporary roots of live processes (call while holding ``gc.lock`` exclusively)."""
+    return {sp for _pid, sp in read_temp_roots_by_pid(state_dir, store_dir)}
