@@ -240,12 +240,21 @@ def test_works_for_an_unprivileged_user(tmp_path, busybox_dir):
         status, out = run_sync(spec)
         sys.stdout.write(out.decode()); sys.exit(status)
     """)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # an interpreter uid 65534 can execute: ours, or the system's with our packages on the path
-    python, path = sys.executable, [repo]
+    # The checkout and the venv may sit under a private directory (CI clones under /root): give
+    # uid 65534 a readable copy of the packages the sandbox needs (purestore, attrs).
+    import attr
+    import attrs
+    import purestore
+    lib = work / "pylib"
+    for mod in (purestore, attr, attrs):
+        src = Path(mod.__file__).parent
+        shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for p_ in [lib, *lib.rglob("*")]:
+        os.chmod(p_, 0o755 if p_.is_dir() else 0o644)
+    # an interpreter uid 65534 can execute: ours, or the system's
+    python, path = sys.executable, [str(lib)]
     if not _world_executable(python) and os.path.exists("/usr/bin/python3"):
-        import sysconfig
-        python, path = "/usr/bin/python3", [repo, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        python = "/usr/bin/python3"
     p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", code],
                        capture_output=True, text=True, cwd=str(work),
                        env={"PYTHONPATH": ":".join(path), "PATH": "/usr/bin:/bin"})
