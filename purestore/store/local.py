@@ -106,10 +106,12 @@ class LocalStore:
     # -- opening and closing -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, settings: Settings, *, durable: bool = True) -> "LocalStore":
+    def open(cls, settings: Settings, *, durable: bool | None = None) -> "LocalStore":
         """Open (creating if needed) the store of ``settings`` and clean up after crashed adds.
 
-        ``durable`` flushes the file system before registering added paths (power-loss safety).
+        ``durable`` (default: the ``fsync-store-paths`` setting, on) flushes the file system
+        before registering new paths, so a power loss cannot leave a registered path whose
+        data never reached the disk.
         Raises :class:`StoreError` when the directories or database cannot be created.
         """
         state = settings.state_dir
@@ -130,6 +132,8 @@ class LocalStore:
         except BaseException:
             db.close()
             raise
+        if durable is None:
+            durable = settings.fsync_store_paths
         store = cls(settings, db, temp_roots, durable=durable)
         store.clean_leftovers()
         return store

@@ -23,7 +23,8 @@ from ..formats.store_path import DEFAULT_STORE_DIR, check_store_dir
 
 _LIST_KEYS = {"substituters", "trusted-public-keys"}
 _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout"}
-_BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance"}
+_BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
+              "fsync-store-paths"}
 
 
 def _parse_bool(v: str, where: str) -> bool:
@@ -49,6 +50,8 @@ class Settings:
     offline: bool = False
     sandbox: bool = True
     require_provenance: bool = False
+    # flush the file system before registering a new path (power-loss safety; Nix does not)
+    fsync_store_paths: bool = True
     narinfo_cache_negative_ttl: int = 300
     connect_timeout: int = 10
     stalled_download_timeout: int = 30

@@ -1,0 +1,47 @@
+"""Settings: config file parsing, environment and overrides, and what they switch."""
+
+import pytest
+
+from purestore.errors import UsageError
+from purestore.store.local import LocalStore
+from purestore.store.settings import load_settings, parse_config
+
+
+def test_config_file_keys_and_types(tmp_path):
+    conf = tmp_path / "pure.conf"
+    conf.write_text("# comment\nsubstituters = file:///a http://127.0.0.1:1\nmax-jobs = 3\n"
+                    "keep-outputs = true\nfsync-store-paths = false\n")
+    s = load_settings(env={"PURE_CONFIG": str(conf)})
+    assert s.substituters == ("file:///a", "http://127.0.0.1:1")
+    assert (s.max_jobs, s.keep_outputs, s.fsync_store_paths) == (3, True, False)
+
+
+def test_environment_and_overrides_win_over_the_file(tmp_path):
+    conf = tmp_path / "pure.conf"
+    conf.write_text("max-jobs = 3\n")
+    s = load_settings(env={"PURE_CONFIG": str(conf), "PURE_STORE": str(tmp_path / "r"),
+                           "PURE_STORE_DIR": "/nix/store"}, max_jobs=5)
+    assert (s.max_jobs, s.store_dir, s.root) == (5, "/nix/store", str(tmp_path / "r"))
+    assert s.real_store_dir == str(tmp_path / "r" / "nix" / "store")
+    assert s.state_dir == str(tmp_path / "r" / "nix" / "var" / "pure")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max-jobs = many\n", "pure.conf:1: max-jobs must be an integer, got 'many'"),
+    ("keep-outputs = maybe\n", "pure.conf:1: expected true or false, got 'maybe'"),
+    ("frobnicate = 1\n", "pure.conf:1: unknown setting 'frobnicate'"),
+    ("\njust words\n", "pure.conf:2: expected 'key = value', got 'just words'"),
+])
+def test_bad_config_lines_name_file_and_line(text, message):
+    with pytest.raises(UsageError) as e:
+        parse_config(text, "pure.conf")
+    assert str(e.value) == message
+
+
+def test_fsync_setting_controls_store_durability(tmp_path):
+    for value, expected in (("true", True), ("false", False)):
+        conf = tmp_path / f"{value}.conf"
+        conf.write_text(f"fsync-store-paths = {value}\n")
+        s = load_settings(env={"PURE_CONFIG": str(conf)}, root=str(tmp_path / value))
+        with LocalStore.open(s) as store:
+            assert store.durable is expected
