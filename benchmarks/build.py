@@ -11,6 +11,10 @@ benchmark checks.  Each runs against its own fresh rooted store (`--store DIR`),
 number of parallel jobs (`-j`, default 2 = this machine's cores).
 
 Run: .venv/bin/python benchmarks/build.py [--n 400] [-j 2]
+
+purestore flushes the file system before registering each output (`fsync-store-paths`, on by
+default; Nix does not).  BENCH_PURE_CONFIG=FILE runs pure with that config file instead of none,
+e.g. one saying `fsync-store-paths = false` to compare like with like.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def main() -> None:
         (work / "bench.py").write_text(PY_EXPR.format(n=a.n))
         (work / "bench.nix").write_text(NIX_EXPR.format(n=a.n))
         pure_env = {k: v for k, v in os.environ.items() if not k.startswith("PURE_")}
-        pure_env.update(PURE_CONFIG="/dev/null", PYTHONPATH=str(REPO))
+        pure_env.update(PURE_CONFIG=os.environ.get("BENCH_PURE_CONFIG", "/dev/null"), PYTHONPATH=str(REPO))
         # like an installed package (pip byte-compiles at install time): compiled modules cached
         cenv = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "purestore")], env=cenv, check=False)
