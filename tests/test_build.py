@@ -392,6 +392,12 @@ probe = sh("probe", """
     assert "refused" in log or "unreachable" in log  # the connection was tried, and failed
 
 
+def _reachable_by_others(path: str) -> bool:
+    """Can a user other than the owner reach ``path`` (every directory on the way has o+x)?"""
+    p = Path(path).resolve()
+    return all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents])
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged uid")
 def test_pure_build_works_for_an_unprivileged_user(tmp_path):
     """uid 65534, its own rooted store, user namespaces only: a two-step build succeeds."""
@@ -413,8 +419,19 @@ default = sh("top", f"$B cat {dep}/uid > $out; $B hostname >> $out")
 ''')
         for p in [work, *work.rglob("*")]:
             os.chown(p, 65534, 65534, follow_symlinks=False)
-        env = {"PATH": "/usr/bin:/bin", "PURE_CONFIG": "/dev/null",
-               "PYTHONPATH": ":".join([str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])}
+        path = [str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        if not all(_reachable_by_others(d) for d in path):
+            # the checkout or the venv sits under a private directory (CI clones under /root):
+            # give uid 65534 a readable copy of purestore and the installed packages
+            lib = work / "pylib"
+            for d in path[1:]:
+                shutil.copytree(d, lib, dirs_exist_ok=True, symlinks=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pth"))
+            shutil.copytree(repo / "purestore", lib / "purestore", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            subprocess.run(["chmod", "-R", "a+rX", str(lib)], check=True)
+            path = [str(lib)]
+        env = {"PATH": "/usr/bin:/bin", "PURE_CONFIG": "/dev/null", "PYTHONPATH": ":".join(path)}
         p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m",
                             "purestore.cli.main", "--store", str(work / "root"), "build", "e.py"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
