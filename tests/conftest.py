@@ -16,6 +16,20 @@ DATA = Path(__file__).resolve().parent / "data"
 HAVE_NIX = shutil.which("nix-store") is not None
 needs_nix = pytest.mark.skipif(not HAVE_NIX, reason="Nix (nix-bin) is not installed")
 
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static, installed by scripts/test.sh
+
+
+def sandbox_build_reason() -> str | None:
+    """Why real sandboxed builds with a static busybox cannot run here (None: they can)."""
+    if not os.path.exists(BUSYBOX):
+        return "no /bin/busybox (install busybox-static)"
+    with open(BUSYBOX, "rb") as f:
+        head = f.read(1 << 20)
+    if b"ld-linux" in head or b"/lib64/ld" in head:
+        return "/bin/busybox is dynamically linked (install busybox-static)"
+    from purestore.build.sandbox import sandbox_available
+    return sandbox_available()
+
 
 def pure_env(root: Path | None, store_dir: str | None = None, extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURE_")}

@@ -11,25 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_pure
-from purestore.build.sandbox import sandbox_available
-from purestore.formats.derivation import Derivation, DerivationOutput, fill_output_paths, render_aterm, drv_store_path
+from conftest import BUSYBOX, run_pure, sandbox_build_reason
+from purestore.formats.derivation import Derivation, DerivationOutput, fill_output_paths, render_aterm
 from purestore.formats.derivation import drv_references, parse_aterm
-from purestore.formats.hash import Hash
 
-BUSYBOX = "/bin/busybox"
-
-
-def _reason() -> str | None:
-    if not os.path.exists(BUSYBOX):
-        return "no /bin/busybox (install busybox-static)"
-    with open(BUSYBOX, "rb") as f:
-        if b"ld-linux" in f.read(1 << 20):
-            return "/bin/busybox is dynamically linked (install busybox-static)"
-    return sandbox_available()
-
-
-REASON = _reason()
+REASON = sandbox_build_reason()
 needs_sandbox = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 pytestmark = needs_sandbox
 
@@ -190,7 +176,6 @@ def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr
     assert "Traceback" not in p.stderr
     assert "pure log" in p.stderr
     assert not (tmp_path / "result").exists()
-    drv = pure("instantiate", f, check=False).stdout.strip() if False else None  # noqa: F841
     st = open_store(store_root)
     try:
         assert [p for p in st.valid_paths() if p.name == "broken"] == []

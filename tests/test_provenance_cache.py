@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 
 import pytest
 
-from conftest import run_pure
-from purestore.build.sandbox import sandbox_available
+from conftest import BUSYBOX, run_pure, sandbox_build_reason
 from purestore.formats.provenance import sign_statement
 from purestore.formats.signing import SecretKey
 from purestore.formats.store_path import StorePath
 
-BUSYBOX = "/bin/busybox"
-
-
-def _reason():
-    if not os.path.exists(BUSYBOX):
-        return "no /bin/busybox (install busybox-static)"
-    return sandbox_available()
-
-
-REASON = _reason()
+REASON = sandbox_build_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 EXPR = '''

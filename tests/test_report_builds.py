@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 
 import pytest
 
-from conftest import run_pure
-from purestore.build.sandbox import sandbox_available
+from conftest import BUSYBOX, run_pure, sandbox_build_reason
 from purestore.formats.signing import SecretKey
 
-BUSYBOX = "/bin/busybox"
-REASON = "no /bin/busybox (install busybox-static)" if not os.path.exists(BUSYBOX) else sandbox_available()
+REASON = sandbox_build_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 EXPR = '''

@@ -13,25 +13,14 @@ import threading
 
 import pytest
 
-from purestore.build.sandbox import SandboxSpec, prepare_root, run_sync, sandbox_available
+from conftest import BUSYBOX, sandbox_build_reason
+from purestore.build.sandbox import SandboxSpec, prepare_root, run_sync
 from purestore.errors import SandboxError
 
-BUSYBOX = "/bin/busybox"
 STORE = "/pure/store"
 BB_PATH = f"{STORE}/0c6kzph7l0dcbfmjap64f0czdafn3b7x-busybox"
 
-
-def _static_busybox_reason() -> str | None:
-    if not os.path.exists(BUSYBOX):
-        return "no /bin/busybox (install busybox-static)"
-    with open(BUSYBOX, "rb") as f:
-        head = f.read(1 << 20)
-    if b"ld-linux" in head or b"/lib64/ld" in head:
-        return "/bin/busybox is dynamically linked (install busybox-static)"
-    return sandbox_available()
-
-
-_reason = _static_busybox_reason()
+_reason = sandbox_build_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 

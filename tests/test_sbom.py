@@ -7,30 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import run_pure
+from conftest import BUSYBOX, run_pure, sandbox_build_reason
 
-from purestore.build.sandbox import sandbox_available
 from purestore.build.sbom import validate_cyclonedx
 
-BUSYBOX = "/bin/busybox"
-
-
-def _reason():
-    if not os.path.exists(BUSYBOX):
-        return "no /bin/busybox (install busybox-static)"
-    with open(BUSYBOX, "rb") as f:
-        if b"ld-linux" in f.read(1 << 20):
-            return "/bin/busybox is dynamically linked (install busybox-static)"
-    return sandbox_available()
-
-
-REASON = _reason()
+REASON = sandbox_build_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 EXPR = '''
