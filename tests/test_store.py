@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -417,6 +418,27 @@ def test_db_transactions_nest_and_roll_back_as_a_whole(store):
     other = StoreDB(store.db.path, store.store_dir)
     assert other.query("SELECT * FROM Extra") == [("a", "1")]
     other.close()
+
+
+def test_many_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path):
+    """Racing to create the database and switch it to WAL gives "database is locked" without
+    SQLite's busy handler; opening must wait instead of failing (a CI run once lost a build so)."""
+    script = textwrap.dedent("""
+        import sys, time
+        from purestore.store.db import StoreDB
+        while time.time() < float(sys.argv[2]):  # start together
+            pass
+        db = StoreDB(sys.argv[1], "/pure/store")
+        db.query("SELECT count(*) FROM ValidPaths")
+        db.close()
+    """)
+    for round_ in range(5):
+        path = str(tmp_path / f"r{round_}" / "db.sqlite")
+        start = str(time.time() + 1.0)
+        procs = [subprocess.Popen([sys.executable, "-c", script, path, start], cwd=REPO,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(12)]
+        errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(timeout=120) != 0]
+        assert errors == []
 
 
 def test_readers_are_not_blocked_by_a_writer(store, settings):

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sqlite3
 import threading
+import time
 from typing import Iterator
 
 from ..errors import StoreError
@@ -64,21 +66,45 @@ class StoreDB:
     def __init__(self, path: str, store_dir: str, *, busy_timeout_ms: int = 60_000):
         self.path = path
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                                        check_same_thread=False)
-            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            self.conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a commit is atomic and survives a process crash; a power loss
-            # may drop the last commits but never leaves a torn database.
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open the store database {path!r}: {e}") from e
+        self.conn = self._connect(path, busy_timeout_ms)
         self.lock = threading.RLock()
         self._depth = 0
         self.ensure_schema(_SCHEMA)
         self._check_config(store_dir)
+
+    @staticmethod
+    def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+        """Open the database and switch it to WAL, retrying while another process holds it.
+
+        SQLite returns "database is locked" without calling its busy handler when two processes
+        race to create a fresh database or to switch it to WAL (the mode change needs an
+        exclusive lock), so the busy timeout alone does not cover opening; retry here with a
+        short growing sleep until the same timeout has passed.
+        """
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        delay = 0.002
+        while True:
+            conn = None
+            try:
+                conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                # NORMAL in WAL mode: a commit is atomic and survives a process crash; a power
+                # loss may drop the last commits but never leaves a torn database.
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                return conn
+            except sqlite3.Error as e:
+                if conn is not None:
+                    conn.close()
+                transient = isinstance(e, sqlite3.OperationalError) and (
+                    "locked" in str(e) or "busy" in str(e))
+                if not transient or time.monotonic() + delay > deadline:
+                    raise StoreError(f"cannot open the store database {path!r}: {e}") from e
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.1)
 
     def _check_config(self, store_dir: str) -> None:
         rows = dict(self.query("SELECT key, value FROM Config"))
