@@ -279,91 +279,93 @@ def _unlink(p: str) -> None:
 class HttpBackend(Backend):
     """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
 
-    One pooled :class:`httpx.AsyncClient` (HTTP/1.1 keep-alive) per backend.  A connection that
-    delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
+    One pooled :class:`~purestore.cache.http.HttpClient` (HTTP/1.1 keep-alive) per backend.  A
+    connection that delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
     """
 
     def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
                  max_connections: int, token: str | None):
-        import httpx
-        self._httpx = httpx
+        from . import http
+        self._http = http
         self.cache_url = cu
         self.token = token
+        u = urllib.parse.urlsplit(cu.base)
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError:
+            raise CacheError(f"cache URL {cu.url!r}: bad port") from None
+        if not u.hostname:
+            raise CacheError(f"cache URL {cu.url!r}: missing host")
+        self._prefix = u.path  # ends with '/'
         headers = {"User-Agent": "purestore"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            headers=headers, follow_redirects=False, trust_env=False,
-            verify=cu.scheme == "https",  # plain http: skip loading the CA bundle
-        )
+        self.client = http.HttpClient(u.scheme, u.hostname, port, connect_timeout=connect_timeout,
+                                      stall_timeout=stall_timeout, max_connections=max_connections,
+                                      headers=headers)
 
-    def _url(self, name: str) -> str:
-        return self.cache_url.base + urllib.parse.quote(check_name(name, self.url))
+    def _target(self, name: str) -> str:
+        return self._prefix + urllib.parse.quote(check_name(name, self.url))
 
     def _err(self, what: str, name: str, e: Exception) -> CacheError:
-        httpx = self._httpx
-        if isinstance(e, httpx.TimeoutException):
-            reason = "timed out (server stalled)"
-        elif isinstance(e, httpx.RemoteProtocolError):
+        http = self._http
+        if isinstance(e, http.Stalled):
+            reason = f"timed out (server stalled: {e})"
+        elif isinstance(e, http.Broken):
             reason = f"connection broken ({e})"
-        elif isinstance(e, httpx.ConnectError):
+        elif isinstance(e, http.ConnectFailed):
             reason = f"cannot connect ({e})"
         else:
             reason = str(e) or type(e).__name__
         return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
 
     def _status(self, what: str, name: str, r) -> CacheError:
-        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status_code} {r.reason_phrase}")
+        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}")
 
     async def exists(self, name: str) -> bool:
-        url = self._url(name)
         try:
-            r = await self.client.head(url)
-        except self._httpx.HTTPError as e:
+            r, _ = await self.client.request("HEAD", self._target(name))
+        except self._http.HttpError as e:
             raise self._err("query", name, e) from e
-        if r.status_code in (404, 403, 410):
+        if r.status in (404, 403, 410):
             return False
-        if r.status_code != 200:
+        if r.status != 200:
             raise self._status("query", name, r)
         return True
 
     async def get(self, name: str) -> bytes | None:
-        url = self._url(name)
         try:
-            r = await self.client.get(url)
-        except self._httpx.HTTPError as e:
+            r, data = await self.client.request("GET", self._target(name))
+        except self._http.HttpError as e:
             raise self._err("get", name, e) from e
-        if r.status_code in (404, 403, 410):
+        if r.status in (404, 403, 410):
             return None
-        if r.status_code != 200:
+        if r.status != 200:
             raise self._status("get", name, r)
-        return r.content
+        return data
 
     @contextlib.asynccontextmanager
     async def open_read(self, name: str):
-        url = self._url(name)
-        httpx = self._httpx
+        http = self._http
         try:
-            async with self.client.stream("GET", url) as r:
-                if r.status_code in (404, 410):
+            async with self.client.stream("GET", self._target(name)) as (r, body):
+                if r.status in (404, 410):
                     raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
-                if r.status_code != 200:
+                if r.status != 200:
                     raise self._status("get", name, r)
 
                 async def chunks():
                     try:
-                        async for c in r.aiter_raw(CHUNK):
+                        async for c in body:
                             yield c
-                    except httpx.HTTPError as e:
+                    except http.HttpError as e:
                         raise self._err("download", name, e) from e
                 yield chunks()
-        except httpx.HTTPError as e:
+        except http.HttpError as e:
             raise self._err("download", name, e) from e
 
     async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        await self._put(name, data, content_type)
+        await self._put(name, data, content_type, len(data))
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
                        *, move: bool = False) -> None:
@@ -380,18 +382,16 @@ class HttpBackend(Backend):
         if move:
             _unlink(local)
 
-    async def _put(self, name, content, content_type, size=None) -> None:
-        headers = {"Content-Type": content_type}
-        if size is not None:
-            headers["Content-Length"] = str(size)
+    async def _put(self, name, content, content_type, size) -> None:
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
         try:
-            r = await self.client.put(self._url(name), content=content, headers=headers)
-        except self._httpx.HTTPError as e:
+            r, _ = await self.client.request("PUT", self._target(name), headers=headers, body=content)
+        except self._http.HttpError as e:
             raise self._err("upload", name, e) from e
-        if r.status_code in (401, 403):
-            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status_code})",
+        if r.status in (401, 403):
+            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
                              hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
-        if r.status_code not in (200, 201, 204):
+        if r.status not in (200, 201, 204):
             raise self._status("upload", name, r)
 
     async def aclose(self) -> None:

@@ -98,9 +98,14 @@ def make_app(directory: str, upload_token: str | None = None):
     return app
 
 
+SMALL_FILE = 1 << 18  # read in the event loop: a page-cache read is quicker than a thread hop
+
+
 async def _get(send, path: str, name: str, *, head: bool, respond) -> None:
     try:
-        f = await trio.to_thread.run_sync(open, path, "rb")
+        # Opening and reading a small file from the page cache takes microseconds; doing it here
+        # instead of in a worker thread roughly halves the cost of a narinfo request.
+        f = open(path, "rb")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         await respond(send, 404, b"not found\n", head=head)
         return
@@ -109,16 +114,29 @@ async def _get(send, path: str, name: str, *, head: bool, respond) -> None:
         return
     try:
         size = os.fstat(f.fileno()).st_size
-        await send({"type": "http.response.start", "status": 200, "headers": [
+        start = {"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(size).encode()), (b"content-type", _content_type(name)),
-        ]})
+        ]}
         if head:
+            await send(start)
             await send({"type": "http.response.body", "body": b""})
             return
-        while True:
-            data = await trio.to_thread.run_sync(f.read, CHUNK)
+        if size <= SMALL_FILE:
+            data = f.read(SMALL_FILE + 1)
+            if len(data) == size:
+                await send(start)
+                await send({"type": "http.response.body", "body": data})
+                return
+            f.seek(0)  # changed under us: stream what is there now
+            size = os.fstat(f.fileno()).st_size
+            start["headers"][0] = (b"content-length", str(size).encode())
+        await send(start)
+        sent = 0
+        while sent < size:
+            data = await trio.to_thread.run_sync(f.read, min(CHUNK, size - sent))
             if not data:
-                break
+                break  # truncated meanwhile: the client sees a short body and refuses it
+            sent += len(data)
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:

@@ -1,0 +1,299 @@
+"""A small HTTP/1.1 client for binary caches: trio streams, h11 for the protocol, a keep-alive pool.
+
+Why not a general-purpose client: substituting many small paths is a stream of tiny GETs
+(``<hash>.narinfo``, then a NAR of a few hundred bytes), and the per-request bookkeeping of a
+general client (its pool scans every connection for every request) cost more CPU than the
+transfers.  A cache needs little: GET, HEAD and PUT against one origin, ``Content-Length`` or
+chunked bodies, no redirects, no cookies, no proxies.
+
+:class:`HttpClient` keeps up to ``max_connections`` connections to its origin.  A request takes
+an idle connection (most recently used first, dropping any the server has closed meanwhile) or
+opens one.  A request on a reused connection that fails before any byte of the response arrived
+is retried once on a fresh connection when it can be replayed (GET, HEAD, or a PUT of bytes):
+servers close idle keep-alive connections whenever they like.
+
+Timeouts: ``connect_timeout`` for the TCP (and TLS) connect; ``stall_timeout`` for every wait
+for bytes from the server, so a server that stops sending fails the request however large the
+body.  Errors raised: :class:`ConnectFailed`, :class:`Stalled`, :class:`Broken` (all
+:class:`HttpError`); callers turn them into their own messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from typing import AsyncIterable, AsyncIterator
+
+import attrs
+import h11
+import trio
+
+RECEIVE = 1 << 18  # bytes asked of the socket per read
+FRESH = 1.0  # seconds an idle connection is trusted without checking it is still open
+
+
+class HttpError(Exception):
+    """A request failed below HTTP (no status to report)."""
+
+
+class ConnectFailed(HttpError):
+    pass
+
+
+class Stalled(HttpError):
+    pass
+
+
+class Broken(HttpError):
+    """The connection broke or the server spoke malformed HTTP."""
+
+
+@attrs.define
+class Response:
+    status: int
+    reason: str
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+
+
+class _Conn:
+    __slots__ = ("stream", "h", "socket", "received", "idle_since")
+
+    def __init__(self, stream: trio.abc.Stream, socket):
+        self.stream = stream
+        self.socket = socket
+        self.h = h11.Connection(h11.CLIENT)
+        self.received = 0  # bytes read from the server so far
+        self.idle_since = 0.0
+
+    def reusable(self) -> bool:
+        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE
+
+    def server_hung_up(self) -> bool:
+        """An idle connection with something to read has been closed by the server (or is
+        out of step with it): either way it must not carry another request."""
+        try:
+            return self.socket.is_readable()
+        except OSError:
+            return True
+
+
+_RETRYABLE = (Broken, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _NothingReceived(Exception):
+    """A request on a reused connection failed before any response byte (may be retried)."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+
+
+class HttpClient:
+    """Requests to one origin (``scheme://host:port``) over pooled HTTP/1.1 connections."""
+
+    def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float = 10,
+                 stall_timeout: float = 30, max_connections: int = 8,
+                 headers: dict[str, str] | None = None):
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {scheme!r}")
+        self.scheme, self.host, self.port = scheme, host, port
+        self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout
+        self._limit = trio.Semaphore(max_connections)
+        self._idle: list[_Conn] = []
+        self._ssl: ssl.SSLContext | None = None
+        default_port = 443 if scheme == "https" else 80
+        hosthdr = f"[{host}]" if ":" in host else host
+        self._host_header = (hosthdr if port == default_port else f"{hosthdr}:{port}").encode()
+        self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        self._closed = False
+
+    # -- connections ------------------------------------------------------------------------
+
+    async def _connect(self) -> _Conn:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                if self.scheme == "https":
+                    if self._ssl is None:
+                        self._ssl = ssl.create_default_context()
+                    stream = await trio.open_ssl_over_tcp_stream(
+                        self.host, self.port, ssl_context=self._ssl, https_compatible=True)
+                    await stream.do_handshake()
+                    sock = stream.transport_stream.socket
+                else:
+                    stream = await trio.open_tcp_stream(self.host, self.port)
+                    sock = stream.socket
+        except trio.TooSlowError:
+            raise ConnectFailed(f"no connection within {self.connect_timeout:g} s") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
+            raise ConnectFailed(_describe(e)) from e
+        return _Conn(stream, sock)
+
+    def _take_idle(self) -> _Conn | None:
+        now = trio.current_time()
+        while self._idle:
+            conn = self._idle.pop()
+            # A server does not drop a connection it used a moment ago: skip the poll then (a
+            # lost race is retried anyway, see stream()).
+            if now - conn.idle_since < FRESH or not conn.server_hung_up():
+                return conn
+            _close_now(conn)
+        return None
+
+    def _release(self, conn: _Conn) -> None:
+        if not self._closed and conn.reusable():
+            try:
+                conn.h.start_next_cycle()
+            except h11.LocalProtocolError:
+                _close_now(conn)
+                return
+            conn.idle_since = trio.current_time()
+            self._idle.append(conn)
+        else:
+            _close_now(conn)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_now(conn)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def _receive_event(self, conn: _Conn):
+        h = conn.h
+        while True:
+            state = h.their_state
+            try:
+                ev = h.next_event()
+            except h11.RemoteProtocolError as e:
+                if h.trailing_data[1]:  # the server hung up
+                    what = "a response" if state is h11.SEND_RESPONSE else "the whole body"
+                    raise Broken(f"server closed the connection before sending {what}") from e
+                raise Broken(str(e)) from e
+            if ev is not h11.NEED_DATA:
+                return ev
+            try:
+                with trio.fail_after(self.stall_timeout):
+                    data = await conn.stream.receive_some(RECEIVE)
+            except trio.TooSlowError:
+                raise Stalled(f"no data for {self.stall_timeout:g} s") from None
+            except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
+                raise Broken(_describe(e)) from e
+            conn.received += len(data)
+            try:
+                h.receive_data(data)  # b"" is the end of the stream
+            except h11.RemoteProtocolError as e:
+                raise Broken(str(e)) from e
+
+    async def _send(self, conn: _Conn, data: bytes) -> None:
+        try:
+            with trio.fail_after(self.stall_timeout):
+                await conn.stream.send_all(data)
+        except trio.TooSlowError:
+            raise Stalled(f"could not send for {self.stall_timeout:g} s") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
+            raise Broken(_describe(e)) from e
+
+    async def _exchange(self, conn: _Conn, reused: bool, method: str, target: str,
+                        headers: list, body) -> Response:
+        """Send the request and read the response head."""
+        h = conn.h
+        start = conn.received
+        try:
+            head = h.send(h11.Request(method=method, target=target,
+                                      headers=[(b"host", self._host_header), *self._headers, *headers]))
+            if body is None:
+                await self._send(conn, head + h.send(h11.EndOfMessage()))
+            elif isinstance(body, (bytes, bytearray, memoryview)):
+                await self._send(conn, head + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
+            else:
+                await self._send(conn, head)
+                async for chunk in body:
+                    await self._send(conn, h.send(h11.Data(data=chunk)))
+                await self._send(conn, h.send(h11.EndOfMessage()))
+            ev = await self._receive_event(conn)
+        except h11.LocalProtocolError as e:
+            raise Broken(f"request not sent: {e}") from e
+        except _RETRYABLE as e:
+            if reused and conn.received == start:
+                raise _NothingReceived(e) from e
+            raise
+        while isinstance(ev, h11.InformationalResponse):  # 100 Continue and the like
+            ev = await self._receive_event(conn)
+        if isinstance(ev, h11.ConnectionClosed):
+            if reused and conn.received == start:
+                raise _NothingReceived(Broken("server closed the connection"))
+            raise Broken("server closed the connection without a response")
+        if not isinstance(ev, h11.Response):
+            raise Broken(f"unexpected {type(ev).__name__} instead of a response")
+        return Response(ev.status_code, ev.reason.decode("latin-1", "replace"),
+                        {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, target: str, *, headers: dict[str, str] | None = None,
+                     body: bytes | AsyncIterable[bytes] | None = None
+                     ) -> AsyncIterator[tuple[Response, AsyncIterator[bytes]]]:
+        """Make a request; yield the response head and an iterator over the body's chunks.
+
+        The connection returns to the pool when the body was read to its end; leaving early
+        closes it.  ``target`` is the path (and query), already percent-encoded.
+        """
+        hdrs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        replayable = body is None or isinstance(body, (bytes, bytearray, memoryview))
+        async with self._limit:
+            conn: _Conn | None = None
+            try:
+                while True:
+                    reused = False
+                    conn = self._take_idle()
+                    if conn is None:
+                        conn = await self._connect()
+                    else:
+                        reused = True
+                    try:
+                        resp = await self._exchange(conn, reused, method, target, hdrs, body)
+                    except _NothingReceived as e:
+                        _close_now(conn)
+                        conn = None
+                        if not replayable:
+                            raise e.cause from None
+                        continue  # the next round takes another idle one or connects afresh
+                    break
+                yield resp, self._body(conn)
+            finally:
+                if conn is not None:
+                    self._release(conn)
+
+    async def _body(self, conn: _Conn) -> AsyncIterator[bytes]:
+        while True:
+            ev = await self._receive_event(conn)
+            if isinstance(ev, h11.Data):
+                yield bytes(ev.data)
+            elif isinstance(ev, h11.EndOfMessage):
+                return
+            elif isinstance(ev, h11.ConnectionClosed):
+                raise Broken("server closed the connection in the middle of the body")
+
+    async def request(self, method: str, target: str, *, headers: dict[str, str] | None = None,
+                      body: bytes | AsyncIterable[bytes] | None = None) -> tuple[Response, bytes]:
+        """Make a request and read the whole response body."""
+        async with self.stream(method, target, headers=headers, body=body) as (resp, chunks):
+            parts = [c async for c in chunks]
+        return resp, b"".join(parts)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    cause = e.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(e) or type(e).__name__
+
+
+def _close_now(conn: _Conn) -> None:
+    """Close without waiting (no TLS goodbye: the connection is being abandoned)."""
+    try:
+        conn.socket.close()
+    except OSError:
+        pass

@@ -1,0 +1,265 @@
+"""The caches' HTTP/1.1 client (purestore/cache/http.py) against real sockets on 127.0.0.1:
+keep-alive reuse, a server that drops idle connections, chunked bodies, stalls, truncation,
+refused connections; and against the cache server (hypercorn)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from purestore.cache.http import Broken, ConnectFailed, HttpClient, Stalled
+from purestore.cache.server import serve_cache
+
+
+class Scripted:
+    """A raw TCP server answering each request with ``respond(request_bytes) -> bytes | None``
+    (None: close the connection without answering).  Counts connections and requests."""
+
+    def __init__(self, respond, *, close_after: int | None = None):
+        self.respond = respond
+        self.close_after = close_after  # close each connection after this many responses
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream):
+        self.connections += 1
+        buf = b""
+        served = 0
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v)
+                while len(buf) < length:
+                    buf += await stream.receive_some(65536)
+                body, buf = buf[:length], buf[length:]
+                self.requests.append(head + b"\r\n\r\n" + body)
+                out = self.respond(head + b"\r\n\r\n" + body)
+                if out is None:
+                    return
+                await out(stream) if callable(out) else await stream.send_all(out)
+                served += 1
+                if self.close_after is not None and served >= self.close_after:
+                    return
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+async def with_server(server, fn):
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        try:
+            await fn(server.port)
+        finally:
+            n.cancel_scope.cancel()
+
+
+async def test_requests_reuse_one_keep_alive_connection():
+    server = Scripted(lambda req: ok(b"hello " + req.split(b" ")[1]))
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port, max_connections=4)
+        for i in range(20):
+            r, body = await c.request("GET", f"/x{i}")
+            assert (r.status, body) == (200, f"hello /x{i}".encode())
+        await c.aclose()
+    await with_server(server, go)
+    assert server.connections == 1 and len(server.requests) == 20
+    assert b"host: 127.0.0.1:" in server.requests[0].lower()
+
+
+async def test_parallel_requests_use_at_most_max_connections():
+    async def slow(stream):
+        await trio.sleep(0.05)
+        await stream.send_all(ok(b"x"))
+    server = Scripted(lambda req: slow)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port, max_connections=3)
+        async with trio.open_nursery() as n:
+            for i in range(12):
+                n.start_soon(c.request, "GET", f"/{i}")
+        await c.aclose()
+    await with_server(server, go)
+    assert server.connections == 3 and len(server.requests) == 12
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced():
+    server = Scripted(lambda req: ok(b"fine"), close_after=1)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port)
+        for _ in range(3):
+            r, body = await c.request("GET", "/a")  # checked at once, within FRESH
+            assert body == b"fine"
+            await trio.sleep(0.05)
+        await c.aclose()
+    await with_server(server, go)
+    assert server.connections == 3
+
+
+async def test_a_reused_connection_closed_without_an_answer_is_retried_once():
+    answered = []
+
+    def respond(req):
+        if len(answered) == 1 and not hasattr(respond, "dropped"):
+            respond.dropped = True
+            return None  # hang up instead of answering the second request
+        answered.append(req)
+        return ok(b"ok")
+    server = Scripted(respond)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port)
+        assert (await c.request("GET", "/1"))[1] == b"ok"
+        assert (await c.request("GET", "/2"))[1] == b"ok"
+        await c.aclose()
+    await with_server(server, go)
+    assert len(answered) == 2 and server.connections == 2
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_an_error():
+    server = Scripted(lambda req: None)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port)
+        with pytest.raises(Broken, match="closed the connection"):
+            await c.request("GET", "/x")
+        await c.aclose()
+    await with_server(server, go)
+
+
+async def test_chunked_bodies_and_connection_close_responses():
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye"
+    replies = iter([chunked, closing, ok(b"again")])
+    server = Scripted(lambda req: next(replies))
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port)
+        assert (await c.request("GET", "/c"))[1] == b"hello world"
+        assert (await c.request("GET", "/d"))[1] == b"bye"
+        assert (await c.request("GET", "/e"))[1] == b"again"
+        await c.aclose()
+    await with_server(server, go)
+    assert server.connections == 2  # the Connection: close reply ended the first one
+
+
+async def test_a_truncated_body_is_broken_and_not_reused():
+    server = Scripted(lambda req: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", close_after=1)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port)
+        with pytest.raises(Broken):
+            await c.request("GET", "/t")
+        await c.aclose()
+    await with_server(server, go)
+
+
+async def test_a_stalled_server_times_out_mid_body():
+    async def stall(stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await trio.sleep(30)
+    server = Scripted(lambda req: stall)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port, stall_timeout=0.3)
+        with trio.fail_after(10):
+            async with c.stream("GET", "/s") as (r, body):
+                assert r.status == 200
+                with pytest.raises(Stalled):
+                    async for _ in body:
+                        pass
+        await c.aclose()
+    await with_server(server, go)
+
+
+async def test_head_has_no_body_and_put_sends_an_async_body():
+    def respond(req):
+        if req.startswith(b"HEAD"):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+        return b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    server = Scripted(respond)
+
+    async def body():
+        for part in (b"abc", b"def"):
+            yield part
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port, headers={"Authorization": "Bearer t"})
+        r, data = await c.request("HEAD", "/h")
+        assert (r.status, r.headers["content-length"], data) == (200, "1234", b"")
+        r, _ = await c.request("PUT", "/p", headers={"Content-Length": "6"}, body=body())
+        assert r.status == 201
+        await c.aclose()
+    await with_server(server, go)
+    assert server.connections == 1
+    assert server.requests[1].endswith(b"\r\n\r\nabcdef")
+    assert b"authorization: bearer t" in server.requests[1].lower()
+
+
+async def test_refused_connection_is_connect_failed():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    c = HttpClient("http", "127.0.0.1", port, connect_timeout=2)
+    with pytest.raises(ConnectFailed):
+        await c.request("GET", "/")
+
+
+async def test_against_the_cache_server(tmp_path):
+    (tmp_path / "nix-cache-info").write_text("StoreDir: /pure/store\n")
+    (tmp_path / "nar").mkdir()
+    big = bytes(range(256)) * 8192  # 2 MiB: streamed by the server in chunks
+    (tmp_path / "nar" / "big.nar").write_bytes(big)
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(lambda task_status: serve_cache(str(tmp_path), "127.0.0.1:0",
+                                                               task_status=task_status))
+        port = int(url.rsplit(":", 1)[1])
+        c = HttpClient("http", "127.0.0.1", port)
+        for _ in range(3):
+            r, data = await c.request("GET", "/nix-cache-info")
+            assert (r.status, data) == (200, b"StoreDir: /pure/store\n")
+            r, data = await c.request("GET", "/nar/big.nar")
+            assert data == big
+            r, data = await c.request("GET", "/missing.narinfo")
+            assert r.status == 404
+        await c.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_error_messages_say_what_the_server_did():
+    replies = iter([None, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", b"garbage\r\n\r\n"])
+    server = Scripted(lambda req: next(replies), close_after=1)
+
+    async def go(port):
+        c = HttpClient("http", "127.0.0.1", port)
+        with pytest.raises(Broken, match="before sending a response"):
+            await c.request("GET", "/1")
+        with pytest.raises(Broken, match="before sending the whole body"):
+            await c.request("GET", "/2")
+        with pytest.raises(Broken):
+            await c.request("GET", "/3")
+        await c.aclose()
+    await with_server(server, go)
