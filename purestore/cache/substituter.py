@@ -47,7 +47,7 @@ from .progress import Progress
 
 log = logging.getLogger("purestore.cache")
 
-QUERY_CONCURRENCY = 8  # matches the HTTP connection pool (httpcore's queueing is O(n^2))
+QUERY_CONCURRENCY = 16  # narinfo queries in flight; the connection pool (8 per cache) queues the rest
 
 
 @attrs.define
