@@ -6,9 +6,11 @@ library Nix uses, hence the same bytes, FileHash and FileSize as ``nix copy`` fo
 the ``zstandard`` module otherwise (identical for small NARs; decompression always uses it).
 Both stream at the given level without checksum or content size, as libarchive does.
 ``compressor(method, level)`` returns an object with ``compress(data) -> bytes`` and
-``flush() -> bytes``; ``decompressor(method)`` one with ``decompress(data) -> bytes`` and
-``eof``.  zstandard, lzma and bz2 release the GIL while they work, so callers run them in
-worker threads in parallel.
+``flush() -> bytes``; :func:`compress_to` and :func:`flush_to` hand the output to a callback
+instead (for the system libzstd as views of its output buffer, saving a copy of every byte);
+``decompressor(method)`` one with ``decompress(data) -> bytes`` and ``eof``.  zstandard,
+libzstd, lzma and bz2 release the GIL while they work, so callers run them in worker threads
+in parallel.
 """
 
 from __future__ import annotations
@@ -63,11 +65,19 @@ class _Buf(ctypes.Structure):
 
 
 def _load_libzstd():
-    name = ctypes.util.find_library("zstd")
-    if not name:
-        return None
+    # The soname first: the library the dynamic linker gives Nix too, without find_library's
+    # ldconfig run (milliseconds of start-up).
     try:
-        lib = ctypes.CDLL(name)  # CDLL releases the GIL during calls
+        lib = ctypes.CDLL("libzstd.so.1")
+    except OSError:
+        name = ctypes.util.find_library("zstd")
+        if not name:
+            return None
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            return None
+    try:  # CDLL releases the GIL during calls
         lib.ZSTD_createCStream.restype = ctypes.c_void_p
         lib.ZSTD_initCStream.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.ZSTD_initCStream.restype = ctypes.c_size_t
@@ -82,6 +92,8 @@ def _load_libzstd():
         lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
         lib.ZSTD_getErrorName.restype = ctypes.c_char_p
         lib.ZSTD_CStreamOutSize.restype = ctypes.c_size_t
+        lib.ZSTD_compressBound.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_compressBound.restype = ctypes.c_size_t
     except (OSError, AttributeError):
         return None
     return lib
@@ -90,8 +102,17 @@ def _load_libzstd():
 _LIBZSTD = _load_libzstd()
 
 
+# Input handed to one ZSTD_compressStream call at most: with an output buffer of its compress
+# bound, each call normally drains in one go into a single output piece.
+_IN_CHUNK = 1 << 20
+
+
 class _SysZstd:
-    """Streaming zstd compression with the system libzstd (what Nix's libarchive uses)."""
+    """Streaming zstd compression with the system libzstd (what Nix's libarchive uses).
+
+    The bytes do not depend on how the input is split or how much output room each call gets:
+    zstd buffers input into whole blocks whatever the call pattern.
+    """
 
     def __init__(self, level: int):
         lib = self._lib = _LIBZSTD
@@ -99,19 +120,24 @@ class _SysZstd:
         if not self._cs:
             raise CacheError("cannot create a zstd compression stream (out of memory)")
         self._check(lib.ZSTD_initCStream(self._cs, level))
-        self._osz = max(lib.ZSTD_CStreamOutSize(), 1 << 17)
+        self._osz = max(lib.ZSTD_CStreamOutSize(), lib.ZSTD_compressBound(_IN_CHUNK))
         self._obuf = ctypes.create_string_buffer(self._osz)
         self._oaddr = ctypes.addressof(self._obuf)
+        self._oview = memoryview(self._obuf).cast("B")
 
     def _check(self, r: int) -> int:
         if self._lib.ZSTD_isError(r):
             raise CacheError(f"zstd compression failed: {self._lib.ZSTD_getErrorName(r).decode()}")
         return r
 
-    def compress(self, data) -> bytes:
+    def compress_to(self, data, emit) -> None:
+        """Compress ``data``, calling ``emit`` with views of the output buffer (each valid only
+        during the call)."""
         n = len(data)
         if not n:
-            return b""
+            return
+        if not self._cs:
+            raise CacheError("zstd compression stream used after its end")
         keep = data
         if isinstance(data, bytes):
             addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
@@ -121,28 +147,50 @@ class _SysZstd:
                 keep = bytes(mv)
                 addr = ctypes.cast(ctypes.c_char_p(keep), ctypes.c_void_p).value
             else:
-                keep = (ctypes.c_char * n).from_buffer(mv)
+                keep = ctypes.c_char.from_buffer(mv)  # pins the buffer; no array type per size
                 addr = ctypes.addressof(keep)
-        ib = _Buf(addr, n, 0)
-        out = []
-        while ib.pos < n:
-            ob = _Buf(self._oaddr, self._osz, 0)
-            self._check(self._lib.ZSTD_compressStream(self._cs, ctypes.byref(ob), ctypes.byref(ib)))
-            if ob.pos:
-                out.append(ctypes.string_at(self._oaddr, ob.pos))
-        del keep
-        return b"".join(out)
+        try:
+            compress, cs, check = self._lib.ZSTD_compressStream, self._cs, self._check
+            oaddr, osz, oview = self._oaddr, self._osz, self._oview
+            ib = _Buf(addr, 0, 0)
+            ob = _Buf(oaddr, osz, 0)
+            pib, pob = ctypes.byref(ib), ctypes.byref(ob)
+            start = 0
+            while start < n:
+                ib.size = min(n, start + _IN_CHUNK)
+                while ib.pos < ib.size:
+                    ob.pos = 0
+                    check(compress(cs, pob, pib))
+                    if ob.pos:
+                        with oview[: ob.pos] as out:
+                            emit(out)
+                start = ib.size
+        finally:
+            del keep
 
-    def flush(self) -> bytes:
-        out = []
+    def flush_to(self, emit) -> None:
+        """End the frame, calling ``emit`` with views of the output buffer; frees the stream."""
+        if not self._cs:
+            raise CacheError("zstd compression stream used after its end")
+        ob = _Buf(self._oaddr, self._osz, 0)
         while True:
-            ob = _Buf(self._oaddr, self._osz, 0)
+            ob.pos = 0
             left = self._check(self._lib.ZSTD_endStream(self._cs, ctypes.byref(ob)))
             if ob.pos:
-                out.append(ctypes.string_at(self._oaddr, ob.pos))
+                with self._oview[: ob.pos] as out:
+                    emit(out)
             if left == 0:
                 break
         self._free()
+
+    def compress(self, data) -> bytes:
+        out: list[bytes] = []
+        self.compress_to(data, lambda v: out.append(bytes(v)))
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        out: list[bytes] = []
+        self.flush_to(lambda v: out.append(bytes(v)))
         return b"".join(out)
 
     def _free(self) -> None:
@@ -152,6 +200,29 @@ class _SysZstd:
 
     def __del__(self):
         self._free()
+
+
+def compress_to(comp, data, emit) -> None:
+    """Feed ``data`` to a :func:`compressor`, handing any output to ``emit`` (bytes or a view
+    valid only during the call; never empty)."""
+    f = getattr(comp, "compress_to", None)
+    if f is not None:
+        f(data, emit)
+        return
+    out = comp.compress(data)
+    if out:
+        emit(out)
+
+
+def flush_to(comp, emit) -> None:
+    """End a :func:`compressor`'s stream, handing the rest of the output to ``emit``."""
+    f = getattr(comp, "flush_to", None)
+    if f is not None:
+        f(emit)
+        return
+    out = comp.flush()
+    if out:
+        emit(out)
 
 
 class _ZstdD:

@@ -13,11 +13,15 @@ For each path of the closure of the given paths that the cache lacks (``<hash>.n
    references: a reader never finds a narinfo whose references are missing.
 
 Paths are processed in parallel (compression and hashing release the GIL, so worker threads use
-all cores), each NAR compressed single-threaded so the output is byte-identical to Nix's.
+all cores), largest NAR first so that the run does not end with one core busy on a big path, and
+each NAR compressed single-threaded so the output is byte-identical to Nix's.  The bytes are not
+copied on the way: NAR chunks are views of the dumper's buffers (``fsnar.stream_path``), and the
+compressed output is hashed and written straight from the compressor's buffer.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -34,7 +38,7 @@ from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend, open_backend, parse_url
-from .compression import compressor, extension
+from .compression import compress_to, compressor, extension, flush_to
 from .info import CacheInfo
 from ._nursery import open_nursery
 from .progress import Progress
@@ -110,10 +114,14 @@ def nar_listing(nar_source) -> bytes:
 
 
 class _CompressSink:
-    """NAR bytes in: hashed and counted, compressed to a file whose bytes are hashed and counted."""
+    """NAR bytes in: hashed and counted, compressed to a file whose bytes are hashed and counted.
 
-    def __init__(self, out, method: str, level: int | None, progress: Progress | None):
-        self.out = out
+    Works on views: the NAR chunks are the dumper's buffers and the compressed output the
+    compressor's buffer, hashed and written with ``os.write`` straight from there."""
+
+    def __init__(self, fd: int, path: str, method: str, level: int | None, progress: Progress | None):
+        self.fd = fd
+        self.path = path
         self.comp = compressor(method, level)
         self.nar = hashlib.sha256()
         self.nar_size = 0
@@ -121,35 +129,45 @@ class _CompressSink:
         self.file_size = 0
         self.progress = progress
 
-    def _emit(self, c: bytes) -> None:
-        if c:
-            self.file.update(c)
-            self.file_size += len(c)
-            self.out.write(c)
+    def _emit(self, c) -> None:
+        self.file.update(c)
+        n = len(c)
+        self.file_size += n
+        fd = self.fd
+        try:
+            done = os.write(fd, c)
+            if done < n:
+                with memoryview(c) as mv:
+                    while done < n:
+                        done += os.write(fd, mv[done:])
+        except OSError as e:
+            raise CacheError(f"cannot write {self.path!r}: {e.strerror}") from e
 
     def write(self, data) -> None:
         self.nar.update(data)
         self.nar_size += len(data)
-        self._emit(self.comp.compress(data))
+        compress_to(self.comp, data, self._emit)
         if self.progress is not None:
             self.progress.add_bytes(len(data))
 
     def finish(self) -> None:
-        self._emit(self.comp.flush())
+        flush_to(self.comp, self._emit)
 
 
 def _compress_path(store, info, method: str, level: int | None, tmp_dir: str | None,
                    listing: bool, progress: Progress | None):
     """Worker thread: NAR of the path compressed into a temp file; returns (tmp, file hash, size, listing)."""
-    from ..store.fsnar import dump_path
+    from ..store.fsnar import dump_path, stream_path
 
     real = S.real_path(store, info.path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-push-", suffix=".nar", dir=tmp_dir)
     try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            sink = _CompressSink(out, method, level, progress)
-            dump_path(real, sink)
+        try:
+            sink = _CompressSink(fd, tmp, method, level, progress)
+            stream_path(real, sink.write)
             sink.finish()
+        finally:
+            os.close(fd)
         nar_hash = Hash("sha256", sink.nar.digest())
         if nar_hash != info.nar_hash or sink.nar_size != info.nar_size:
             raise StoreError(
@@ -231,6 +249,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     if write_listing is None:
         write_listing = cu.param("write-nar-listing", "false") in ("1", "true")
     jobs = jobs or max(1, os.cpu_count() or 1)
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     store_dir = settings.store_dir
 
     paths = set(paths)
@@ -260,7 +280,6 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 
         done = {p: trio.Event() for p in todo}
-        limiter = trio.CapacityLimiter(jobs)
         tmp_dir = os.path.join(backend.dir, "nar") if isinstance(backend, FileBackend) else None
         if tmp_dir:
             try:
@@ -270,11 +289,19 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
         totals = [0, 0]
 
-        async def push_one(p: StorePath):
+        # Largest NARs first, so that the last ones to finish are short and no core idles long
+        # at the end; ``jobs`` workers compress, each handing a finished path to a publishing task.
+        pending = collections.deque(sorted(todo, key=lambda p: -infos[p].nar_size))
+
+        async def compress_worker(n) -> None:
+            while pending:
+                p = pending.popleft()
+                res = await trio.to_thread.run_sync(
+                    _compress_path, store, infos[p], method, level, tmp_dir, write_listing, progress)
+                n.start_soon(push_one, p, *res)
+
+        async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
             info = infos[p]
-            async with limiter:
-                tmp, file_hash, file_size, ls = await trio.to_thread.run_sync(
-                    _compress_path, store, info, method, level, tmp_dir, write_listing, progress)
             totals[0] += info.nar_size
             totals[1] += file_size
             nar_name = f"nar/{file_hash.nix32}.nar{ext}"
@@ -311,8 +338,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 progress.path_done(p.absolute(store_dir))
 
         async with open_nursery() as n:
-            for p in todo:
-                n.start_soon(push_one, p)
+            for _ in range(min(jobs, len(todo))):
+                n.start_soon(compress_worker, n)
         if progress:
             progress.finish()
     return PushResult(tuple(todo), tuple(p for p in order if p in have), totals[0], totals[1])

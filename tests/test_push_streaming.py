@@ -1,0 +1,190 @@
+"""The push data path: NAR views from fsnar.stream_path, compression output handed over as views
+(compression.compress_to / flush_to), reused dump buffers, and what a push guarantees whatever
+order it compresses paths in (largest first)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import threading
+
+import pytest
+import trio
+import zstandard
+
+from conftest import run_pure
+from purestore.cache import compression as C
+from purestore.store import fsnar
+from test_cache_support import SEC, make_closure, make_path, open_store, settings_for
+
+
+def _data(n: int, seed: int = 1) -> bytes:
+    """Half random, half repetitive: both raw and compressed zstd blocks."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += rng.randbytes(70_000) if rng.random() < 0.5 else b"text %d\n" % rng.randrange(50) * 4000
+    return bytes(out[:n])
+
+
+def _via_views(comp, pieces) -> bytes:
+    out = bytearray()
+    for p in pieces:
+        C.compress_to(comp, p, out.extend)
+    C.flush_to(comp, out.extend)
+    return bytes(out)
+
+
+@pytest.mark.skipif(C._LIBZSTD is None, reason="no system libzstd")
+def test_system_zstd_bytes_do_not_depend_on_how_input_is_split():
+    data = _data(5 << 20)
+    whole = C.compressor("zstd")
+    ref = whole.compress(data) + whole.flush()
+    rng = random.Random(7)
+    cuts = sorted(rng.randrange(len(data)) for _ in range(40)) + [len(data)]
+    pieces, start = [], 0
+    for c in cuts:
+        pieces.append(memoryview(bytearray(data[start:c])))  # writable views, like the dumper's
+        start = c
+    assert _via_views(C.compressor("zstd"), pieces) == ref
+    assert _via_views(C.compressor("zstd"), [data]) == ref  # one call bigger than the 1 MiB slices
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(ref) == data
+
+
+@pytest.mark.parametrize("method", C.WRITABLE)
+def test_compress_to_equals_compress_for_every_method(method):
+    data = _data(600_000, seed=3)
+    pieces = [data[:1], data[1:300_000], b"", data[300_000:]]
+    a = C.compressor(method)
+    ref = b"".join(a.compress(p) for p in pieces) + a.flush()
+    views = []
+    b = C.compressor(method)
+    for p in pieces:
+        C.compress_to(b, p, lambda v: views.append(bytes(v)))
+    C.flush_to(b, lambda v: views.append(bytes(v)))
+    assert all(views) and b"".join(views) == ref
+    d = C.decompressor(method)
+    assert d.decompress(ref) == data
+
+
+def _tree(root, seed: int):
+    rng = random.Random(seed)
+    root.mkdir()
+    (root / "big").write_bytes(rng.randbytes(fsnar._BUFSIZE * 2 + 12345))
+    (root / "mid").write_bytes(rng.randbytes(fsnar._SMALL))
+    d = root / "sub"
+    d.mkdir()
+    for i in range(300):
+        (d / f"f{i:03d}").write_bytes(rng.randbytes(rng.randrange(3000)))
+    os.symlink("big", root / "link")
+    os.chmod(root / "mid", 0o755)
+
+
+def _dump(path) -> bytes:
+    out = io.BytesIO()
+    fsnar.dump_path(str(path), out)
+    return out.getvalue()
+
+
+def test_stream_path_gives_the_dump_path_bytes_as_views(tmp_path):
+    _tree(tmp_path / "t", 1)
+    (tmp_path / "small").write_bytes(b"tiny\n")
+    for p in (tmp_path / "t", tmp_path / "small"):
+        got, kinds = bytearray(), set()
+
+        def emit(v):
+            kinds.add(type(v))
+            got.extend(v)
+
+        size = fsnar.stream_path(str(p), emit)
+        assert bytes(got) == _dump(p) and size == len(got)
+        assert kinds == {memoryview}
+
+
+def test_reused_buffers_keep_dumps_correct_in_threads_and_after_errors(tmp_path):
+    trees = []
+    for i in range(4):
+        _tree(tmp_path / f"t{i}", i)
+        trees.append((tmp_path / f"t{i}", hashlib.sha256(_dump(tmp_path / f"t{i}")).digest()))
+
+    class Boom(Exception):
+        pass
+
+    def fail(v):
+        raise Boom
+
+    with pytest.raises(Boom):  # a failed dump must not hand out a buffer still in use
+        fsnar.stream_path(str(trees[0][0]), fail)
+    errors = []
+
+    def work(k):
+        try:
+            for j in range(3):
+                p, want = trees[(k + j) % len(trees)]
+                h, _n = fsnar.hash_path(str(p))
+                assert h.digest == want
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(fsnar._SPARE) <= fsnar._SPARE_MAX
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    p = tmp_path / "test-key-1.sec"
+    p.write_text(SEC)
+    return p
+
+
+def test_push_refuses_a_corrupt_path_and_leaves_no_temporary_file(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    real = root / app_p.lstrip("/")
+    os.chmod(real / "share", 0o755)
+    os.chmod(real / "share/doc", 0o644)
+    (real / "share/doc").write_bytes(b"tampered " * 500)
+    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p,
+                 root=root, check=False)
+    assert r.returncode == 1 and "is corrupt: its NAR hash is" in r.stderr and "Traceback" not in r.stderr
+    assert not (cache / f"{app.hash_part}.narinfo").exists()
+    assert not [p for p in (cache / "nar").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_push_of_big_referrers_first_still_writes_references_narinfos_first(tmp_path, monkeypatch):
+    """Paths are compressed largest first; a narinfo still appears only after its references'."""
+    from purestore.cache import push
+    from purestore.cache.backend import FileBackend
+
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    rng = random.Random(5)
+    with open_store(root) as store:
+        base = make_path(store, "base", {"": b"small\n"})
+        mid = make_path(store, "mid", {"f": rng.randbytes(300_000)}, refs=[base])
+        top = make_path(store, "top", {"f": rng.randbytes(3_000_000)}, refs=[mid, base])
+        others = [make_path(store, f"o{i}", {"": rng.randbytes(rng.randrange(1, 200_000))}, refs=[base])
+                  for i in range(6)]
+        written = []
+        real_put = FileBackend.put
+
+        async def put(self, name, data, *a, **kw):
+            if name.endswith(".narinfo"):
+                written.append(name[:-len(".narinfo")])
+            return await real_put(self, name, data, *a, **kw)
+
+        monkeypatch.setattr(FileBackend, "put", put)
+        res = trio.run(lambda: push.copy_to(store, settings_for(root), f"file://{cache}", [top, *others],
+                                            jobs=2))
+    assert set(res.uploaded) == {base, mid, top, *others}
+    assert written.index(base.hash_part) < written.index(mid.hash_part) < written.index(top.hash_part)
+    assert all(written.index(base.hash_part) < written.index(o.hash_part) for o in others)
+    assert sorted(written) == sorted(p.hash_part for p in res.uploaded)
