@@ -11,7 +11,8 @@ to a Nix chroot store; both give the same paths.  Then, in rounds, alternating p
 3. http:       200 small paths (pushed once by pure) served by `pure cache serve` on 127.0.0.1;
                `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores
 
-The best round of each counts (the machine is shared).  Prints each time and the ratio pure/nix.
+Every timed run starts after a `sync`.  The best round of each counts (the machine is shared).
+Prints each time and the ratio pure/nix.
 
     .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--small N]
 """
@@ -34,7 +35,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _tree import default_tree, make_tree  # noqa: E402
 
 PURE = [sys.executable, "-m", "purestore.cli.main"]
-PURE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PURE_")}
+# Without PYTHONDONTWRITEBYTECODE: the untimed setup leaves compiled bytecode, as an installed
+# pure has (otherwise every timed run recompiles the modules edited since the last compile).
+PURE_ENV = {k: v for k, v in os.environ.items()
+            if not k.startswith("PURE_") and k != "PYTHONDONTWRITEBYTECODE"}
 PURE_ENV.update(PURE_CONFIG="/dev/null", PYTHONPATH=str(REPO))
 
 
@@ -120,6 +124,7 @@ def main() -> None:
                     dst = work / f"dst-{who}"
                     xdg = work / f"xdg-{who}-{rnd}"
                     wipe(cache), wipe(dst), wipe(xdg)
+                    subprocess.run(["sync"], check=True)  # the deletions' writeback and discards too
                     curl = f"file://{cache}?compression=zstd&secret-key={key}"
                     if who == "pure":
                         push = PURE + ["--store", src_pure, "--store-dir", "/nix/store", "copy", "--to", curl, *paths]
