@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from typing import Iterable, Mapping
 
 import attrs
@@ -143,11 +144,18 @@ class SecretKey:
         return f"{self.name}:{base64.b64encode(self.seed + self.public_key().key).decode()}"
 
     def public_key(self) -> PublicKey:
-        return PublicKey(self.name, bytes(nacl.signing.SigningKey(self.seed).verify_key))
+        return PublicKey(self.name, bytes(_signing_key(self.seed).verify_key))
 
     def sign(self, fingerprint: str | bytes) -> Signature:
         data = fingerprint.encode() if isinstance(fingerprint, str) else fingerprint
-        return Signature(self.name, nacl.signing.SigningKey(self.seed).sign(data).signature)
+        return Signature(self.name, _signing_key(self.seed).sign(data).signature)
+
+
+@functools.lru_cache(maxsize=16)
+def _signing_key(seed: bytes) -> nacl.signing.SigningKey:
+    """The expanded key of a seed (deriving it costs about as much as a signature; a push signs
+    one narinfo per path with the same key)."""
+    return nacl.signing.SigningKey(seed)
 
 
 def parse_public_keys(texts: Iterable[str]) -> dict[str, PublicKey]:
