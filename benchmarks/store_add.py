@@ -15,6 +15,11 @@ Nix's does not.  So pure is timed twice per round: with the default, and with
 ``fsync-store-paths = false`` (like Nix).  Every timed run starts after a ``sync`` (not timed), so
 no run pays for writing out the previous run's data.
 
+The stores of all rounds are kept until the end: this machine's root file system is ext4
+without a journal, where creating a file scans past every inode deleted in the last minutes
+(ext4's ``recently_deleted``), so deleting a 20,000-file store before the next timed run made
+that run several times slower, whichever tool it was (Nix's time swung from 2 to 15 s).
+
 Prints each time and the ratios pure/nix (target <= 1.0).
 """
 
@@ -74,17 +79,15 @@ def main() -> None:
         for r in range(args.rounds):
             nix_store = work / f"nix{r}"
             pure_root = work / f"pure{r}"
+            noflush_root = work / f"pure-noflush{r}"
             dt, nix_path = timed(["nix-store", "--store", str(nix_store), "--add", tree], NIX_ENV)
             nix_times.append(dt)
-            wipe(nix_store)
             dt, pure_path = timed([*pure_exe, "--store", str(pure_root), "--store-dir", "/nix/store",
                                    "store", "add", tree], PURE_ENV)
             pure_times.append(dt)
-            wipe(pure_root)
-            dt, noflush_path = timed([*pure_exe, "--store", str(pure_root), "--store-dir", "/nix/store",
+            dt, noflush_path = timed([*pure_exe, "--store", str(noflush_root), "--store-dir", "/nix/store",
                                       "store", "add", tree], noflush_env)
             noflush_times.append(dt)
-            wipe(pure_root)
             if not pure_path == noflush_path == nix_path:
                 sys.exit(f"paths differ: pure {pure_path} / {noflush_path} nix {nix_path}")
             print(f"round {r + 1}: nix {nix_times[-1]:.2f} s, pure {pure_times[-1]:.2f} s, "
