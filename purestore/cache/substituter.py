@@ -399,7 +399,7 @@ async def substitute(store, settings, paths: set[StorePath], progress: Progress 
 
 async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
                     trusted_keys: Iterable[str] | None = None, progress: Progress | None = None,
-                    check_sigs: bool = True) -> SubstituteReport:
+                    check_sigs: bool = True, jobs: int | None = None) -> SubstituteReport:
     """``pure copy --from URL PATH…``: fetch ``paths`` and their closures from one cache
     (asking it afresh: remembered negative answers are ignored).
 
@@ -407,7 +407,8 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     """
     paths = set(paths)
     report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
-                                     trusted_keys=trusted_keys, progress=progress, negative_ttl=0)
+                                     trusted_keys=trusted_keys, progress=progress, negative_ttl=0,
+                                     jobs=jobs)
     missing = sorted(paths - report.valid)
     if missing:
         sd = settings.store_dir

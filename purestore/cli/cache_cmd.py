@@ -76,7 +76,8 @@ def register(reg) -> None:
     p.add_argument("--compression", choices=["zstd", "xz", "none"], help="NAR compression (default zstd)")
     p.add_argument("--compression-level", type=int, metavar="N", help="compression level")
     p.add_argument("--write-nar-listing", action="store_true", help="also write <hash>.ls listings")
-    p.add_argument("-j", "--jobs", type=int, metavar="N", help="paths processed in parallel")
+    p.add_argument("-j", "--jobs", type=int, metavar="N", help="paths compressed (--to) or downloaded and restored (--from) in parallel "
+                        "(default: the number of cores for --to, twice that for --from)")
     p.add_argument("--trusted-public-keys", dest="copy_trusted_keys", metavar="KEYS",
                    help="keys trusted for --from (default: the trusted-public-keys setting)")
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
@@ -181,7 +182,7 @@ def cmd_copy(args, ctx) -> int:
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
         rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
-                                         progress=progress))
+                                         progress=progress, jobs=args.jobs))
         if args.json:
             print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
                               "narBytes": rep.nar_bytes}, indent=2))
