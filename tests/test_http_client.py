@@ -4,6 +4,7 @@ refused connections; and against the cache server (hypercorn)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -263,3 +264,43 @@ async def test_error_messages_say_what_the_server_did():
             await c.request("GET", "/3")
         await c.aclose()
     await with_server(server, go)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_https_verifies_the_certificate(tmp_path):
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handler(stream):
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = await stream.receive_some(4096)
+                if not more:
+                    return
+                data += more
+            await stream.send_all(ok(b"secure"))
+            await stream.receive_some(4096)
+        except (trio.BrokenResourceError, ssl.SSLError):
+            pass
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_ssl_over_tcp, handler, 0, server_ctx)
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        c = HttpClient("https", "127.0.0.1", port, connect_timeout=5)
+        with pytest.raises(ConnectFailed, match="certificate verify failed"):
+            await c.request("GET", "/")  # self-signed: not trusted by default
+        c = HttpClient("https", "127.0.0.1", port, connect_timeout=5,
+                       ssl_context=ssl.create_default_context(cafile=str(cert)))
+        for _ in range(2):
+            r, body = await c.request("GET", "/")
+            assert (r.status, body) == (200, b"secure")
+        await c.aclose()
+        n.cancel_scope.cancel()

@@ -92,7 +92,7 @@ class HttpClient:
 
     def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float = 10,
                  stall_timeout: float = 30, max_connections: int = 8,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, ssl_context: ssl.SSLContext | None = None):
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme {scheme!r}")
         self.scheme, self.host, self.port = scheme, host, port
@@ -100,7 +100,7 @@ class HttpClient:
         self.stall_timeout = stall_timeout
         self._limit = trio.Semaphore(max_connections)
         self._idle: list[_Conn] = []
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # https: the system's trusted CAs unless given
         default_port = 443 if scheme == "https" else 80
         hosthdr = f"[{host}]" if ":" in host else host
         self._host_header = (hosthdr if port == default_port else f"{hosthdr}:{port}").encode()
