@@ -31,6 +31,7 @@ def test_environment_and_overrides_win_over_the_file(tmp_path):
     ("keep-outputs = maybe\n", "pure.conf:1: expected true or false, got 'maybe'"),
     ("frobnicate = 1\n", "pure.conf:1: unknown setting 'frobnicate'"),
     ("\njust words\n", "pure.conf:2: expected 'key = value', got 'just words'"),
+    ("sandbox = false\n", "pure.conf:1: sandbox = false is not supported: purestore always builds in the sandbox"),
 ])
 def test_bad_config_lines_name_file_and_line(text, message):
     with pytest.raises(UsageError) as e:

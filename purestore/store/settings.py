@@ -106,6 +106,10 @@ def parse_config(text: str, where: str) -> dict[str, object]:
                 raise UsageError(f"{loc}: {key} must be an integer, got {value!r}") from None
         elif key in _BOOL_KEYS:
             out[field] = _parse_bool(value, loc)
+            if key == "sandbox" and not out[field]:
+                # never silently weaker than asked: a build outside the sandbox is not offered
+                raise UsageError(f"{loc}: sandbox = false is not supported: purestore always builds "
+                                 f"in the sandbox", hint="remove the line (see docs/building.md)")
         elif key in ("store-dir", "store"):
             out["store_dir" if key == "store-dir" else "root"] = value
         else:
