@@ -95,7 +95,7 @@ def cmd_add(args, ctx) -> int:
     if args.name is not None and len(args.paths) > 1:
         raise UsageError(f"--name applies to one path, got {len(args.paths)} paths")
     if args.dry_run:  # computing paths needs no store (nothing is created)
-        from ..store.local import compute_add_path
+        from ..store.adding import compute_add_path
         sd = ctx.settings.store_dir
         for path in args.paths:
             print(f"{sd}/{compute_add_path(path, args.name, flat=args.flat, store_dir=sd).base_name}", flush=True)

@@ -1,4 +1,5 @@
-"""The local store: store dir, state dir, database, atomic adds, locks, closures, verify, delete.
+"""The local store: store dir, state dir, database, atomic adds, locks, closures, delete
+(verifying is in :mod:`.verify`, checking what to add in :mod:`.adding`).
 
 Layout: the store's files live in ``settings.real_store_dir`` (the logical store dir under the
 store root) and its state in ``settings.state_dir`` (see docs/internals.md).  Temporary entries
@@ -28,20 +29,20 @@ import stat
 import time
 from typing import Iterable, Iterator, ContextManager
 
-import attrs
-
 from ..errors import InvalidStorePath, PathInUse, PathNotValid, StoreError
 from ..formats.hash import Hash
 from ..formats.nar import nar_of_bytes
 from ..formats.path_info import PathInfo
 from ..formats.store_path import (
-    StorePath, check_name, make_fixed_output_path, make_source_path, make_text_path,
+    StorePath, make_fixed_output_path, make_source_path, make_text_path,
 )
+from .adding import add_error, check_add_source, compute_add_path, file_sha256  # noqa: F401
 from .db import StoreDB
 from .fsnar import remove_tree
 from .lock import PathLocks
 from .roots import TempRoots, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
 from .settings import Settings
+from .verify import VerifyProblem, VerifyReport  # noqa: F401 - re-exported for callers
 
 TMP_DIR = ".tmp"
 _SQL_CHUNK = 900  # bound parameters per IN (...) query
@@ -58,26 +59,6 @@ def _syncfs(path: str) -> None:
             raise StoreError(f"cannot sync the file system of {path!r}: {os.strerror(e)}")
     finally:
         os.close(fd)
-
-
-@attrs.frozen
-class VerifyProblem:
-    """One thing :meth:`LocalStore.verify` found wrong: ``kind`` is ``missing``, ``hash``,
-    ``size``, ``dangling-reference`` or ``unreadable``."""
-
-    path: str
-    kind: str
-    message: str
-
-
-@attrs.frozen
-class VerifyReport:
-    checked: int
-    problems: tuple[VerifyProblem, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _chunks(seq: list, n: int = _SQL_CHUNK) -> Iterator[list]:
@@ -498,7 +479,7 @@ class LocalStore:
         """
         from . import fsnar
 
-        src, name = _check_add_source(src, name, flat)
+        src, name = check_add_source(src, name, flat)
         if dry_run:
             return compute_add_path(src, name, flat=flat, store_dir=self.store_dir)
         try:
@@ -506,7 +487,7 @@ class LocalStore:
             try:
                 nar_hash, nar_size, _ = fsnar.copy_and_hash(src, tmp)
                 if flat:
-                    content = _file_sha256(tmp)
+                    content = file_sha256(tmp)
                     sp = make_fixed_output_path(name, content, False, self.store_dir)
                     ca = f"fixed:sha256:{content.nix32}"
                 else:
@@ -519,7 +500,7 @@ class LocalStore:
         except OSError as e:
             if isinstance(e, StoreError):
                 raise
-            raise _add_error(src, e) from e
+            raise add_error(src, e) from e
         return sp
 
     def _install_and_register(self, tmp: str, info: PathInfo) -> None:
@@ -609,39 +590,11 @@ class LocalStore:
 
     # -- verify and delete ----------------------------------------------------------------------
 
-    def verify(self, check_contents: bool = False) -> VerifyReport:
+    def verify(self, check_contents: bool = False) -> "VerifyReport":
         """Check that every valid path exists (and, with ``check_contents``, that its NAR hash and
-        size match the database) and that no reference dangles."""
-        from . import fsnar
-
-        problems: list[VerifyProblem] = []
-        rows = self.db.query("SELECT path, hash, narSize FROM ValidPaths ORDER BY path")
-        for base, h, size in rows:
-            logical = f"{self.store_dir}/{base}"
-            real = f"{self.real_store_dir}/{base}"
-            if not os.path.lexists(real):
-                problems.append(VerifyProblem(logical, "missing", f"path {logical!r} is valid but {real!r} does not exist"))
-                continue
-            if check_contents:
-                try:
-                    got, got_size = fsnar.hash_path(real)
-                except (OSError, ValueError) as e:
-                    problems.append(VerifyProblem(logical, "unreadable", f"cannot read {real!r}: {e}"))
-                    continue
-                want = Hash.parse(h, "sha256")
-                if got != want:
-                    problems.append(VerifyProblem(
-                        logical, "hash", f"path {logical!r} was modified: expected NAR hash {want.typed()}, got {got.typed()}"))
-                elif got_size != size:
-                    problems.append(VerifyProblem(
-                        logical, "size", f"path {logical!r} has NAR size {got_size}, expected {size}"))
-        dangling = self.db.query(
-            "SELECT a.path, r.reference FROM Refs r JOIN ValidPaths a ON a.id = r.referrer "
-            "WHERE r.reference NOT IN (SELECT id FROM ValidPaths)")
-        for base, ref in dangling:
-            problems.append(VerifyProblem(f"{self.store_dir}/{base}", "dangling-reference",
-                                          f"path {self.store_dir}/{base!r} refers to a path that is not valid (id {ref})"))
-        return VerifyReport(checked=len(rows), problems=tuple(problems))
+        size match the database) and that no reference dangles (:mod:`.verify`)."""
+        from .verify import verify_store
+        return verify_store(self, check_contents)
 
     def is_live(self, sp: StorePath, *, deleting: Iterable[StorePath] = ()) -> str | None:
         """Why ``sp`` must not be deleted, or None.  For now: valid referrers outside ``deleting``.
@@ -685,64 +638,3 @@ class LocalStore:
                 except OSError as e:
                     raise StoreError(f"cannot remove {self.real_path(sp)!r}: {e.strerror}") from e
         return order
-
-
-def _check_add_source(src: str, name: str | None, flat: bool) -> tuple[str, str]:
-    """The absolute path to read and the store path name for adding ``src``."""
-    src = os.path.abspath(src)
-    given = src
-    if flat:  # a flat add follows symlinks (to the file whose contents are hashed)
-        src = os.path.realpath(src)
-    try:
-        st = os.stat(src) if flat else os.lstat(src)
-    except OSError as e:
-        raise StoreError(f"cannot add {given!r} to the store: {_lower(e.strerror)}") from e
-    if name is None:  # like Nix: the base name of the path as given, even for a followed link
-        name = os.path.basename(given.rstrip("/")) or "root"
-        try:
-            check_name(name)
-        except InvalidStorePath as e:
-            raise InvalidStorePath(f"cannot add {given!r}: {e}", hint="give a valid name with --name") from e
-    else:
-        check_name(name)
-    if flat and not stat.S_ISREG(st.st_mode):
-        raise StoreError(f"cannot add {given!r} flat: expected a regular file, got a "
-                         f"{'directory' if stat.S_ISDIR(st.st_mode) else 'special file'}")
-    return src, name
-
-
-def _add_error(src: str, e: OSError) -> StoreError:
-    where = e.filename or src
-    return StoreError(f"cannot add {src!r} to the store: {where!r}: {_lower(e.strerror)}")
-
-
-def compute_add_path(src: str, name: str | None = None, *, flat: bool = False,
-                     store_dir: str) -> StorePath:
-    """The path :meth:`LocalStore.add_path` would give ``src``, computed without any store.
-
-    Raises the errors of :meth:`LocalStore.add_path`.
-    """
-    from . import fsnar
-
-    src, name = _check_add_source(src, name, flat)
-    try:
-        if flat:
-            return make_fixed_output_path(name, _file_sha256(src), False, store_dir)
-        nar_hash, _size = fsnar.hash_path(src)
-    except OSError as e:
-        if isinstance(e, StoreError):
-            raise
-        raise _add_error(src, e) from e
-    return make_source_path(name, nar_hash, (), store_dir)
-
-
-def _file_sha256(path: str) -> Hash:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return Hash("sha256", h.digest())
-
-
-def _lower(msg: str | None) -> str:
-    return (msg[:1].lower() + msg[1:]) if msg else "unknown error"
