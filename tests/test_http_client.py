@@ -4,6 +4,7 @@ refused connections; and against the cache server (hypercorn)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 
@@ -246,6 +247,13 @@ async def test_against_the_cache_server(tmp_path):
             assert data == big
             r, data = await c.request("GET", "/missing.narinfo")
             assert r.status == 404
+        # neither a FIFO nor a directory in the cache is served, and neither hangs the server
+        os.mkfifo(tmp_path / "fifo.narinfo")
+        (tmp_path / "dir.narinfo").mkdir()
+        with trio.fail_after(10):
+            for name in ("fifo.narinfo", "dir.narinfo"):
+                r, _ = await c.request("GET", "/" + name)
+                assert r.status == 404
         await c.aclose()
         n.cancel_scope.cancel()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import stat
 import tempfile
 
 import trio
@@ -105,15 +106,22 @@ async def _get(send, path: str, name: str, *, head: bool, respond) -> None:
     try:
         # Opening and reading a small file from the page cache takes microseconds; doing it here
         # instead of in a worker thread roughly halves the cost of a narinfo request.
-        f = open(path, "rb")
+        # O_NONBLOCK: a FIFO planted in the cache directory must not hang the server.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         await respond(send, 404, b"not found\n", head=head)
         return
     except OSError:
         await respond(send, 500, b"cannot read file\n", head=head)
         return
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        await respond(send, 404, b"not found\n", head=head)
+        return
+    f = os.fdopen(fd, "rb")
     try:
-        size = os.fstat(f.fileno()).st_size
+        size = st.st_size
         start = {"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(size).encode()), (b"content-type", _content_type(name)),
         ]}
