@@ -167,15 +167,18 @@ async def test_chunked_bodies_and_connection_close_responses():
     assert server.connections == 2  # the Connection: close reply ended the first one
 
 
-async def test_a_truncated_body_is_broken_and_not_reused():
-    server = Scripted(lambda req: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", close_after=1)
+async def test_a_truncated_body_is_broken_and_the_next_request_connects_afresh():
+    replies = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", ok(b"whole")])
+    server = Scripted(lambda req: next(replies), close_after=1)
 
     async def go(port):
         c = HttpClient("http", "127.0.0.1", port)
         with pytest.raises(Broken):
             await c.request("GET", "/t")
+        assert (await c.request("GET", "/u"))[1] == b"whole"
         await c.aclose()
     await with_server(server, go)
+    assert server.connections == 2
 
 
 async def test_a_stalled_server_times_out_mid_body():
