@@ -468,3 +468,74 @@ def test_worst_case_framing_fits_the_batch_buffers(tmp_path):
     data = dump(root)
     assert data == ref_nar(str(root))
     assert fsnar.hash_path(str(root)) == (Hash.of_bytes(data), len(data))
+
+
+# -- restore with canonical metadata (substitution) --------------------------------------------
+
+def _metadata(root: Path) -> dict:
+    return {str(p.relative_to(root.parent)) if p != root else ".":
+            (stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), s.st_mtime_ns)
+            for p in walk_all(root) for s in [os.lstat(p)]}
+
+
+@pytest.mark.parametrize("name", sorted(HASHES))
+def test_canonical_restore_equals_restore_then_canonicalise(tmp_path, name):
+    """Setting the metadata while restoring gives exactly what the separate pass gives."""
+    nar = (GOLDEN / f"{name}.nar").read_bytes()
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    fsnar.restore_nar(io.BytesIO(nar), str(a), canonical=True)
+    fsnar.restore_nar(io.BytesIO(nar), str(b))
+    fsnar.canonicalise_path(str(b))
+    assert dump(a) == nar
+    assert_canonical(a)
+    assert _metadata(a) == _metadata(b)
+    make_writable(a)
+    make_writable(b)
+
+
+def test_canonical_restore_removes_read_only_partial_trees(tmp_path):
+    """Directories finished (made read-only) before the NAR turns out truncated are removed too."""
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f").write_bytes(b"x" * 100)
+    (src / "z").write_bytes(b"y" * 5000)
+    nar = dump(src)
+    cut = nar.index(b"y" * 100)  # in the contents of z, after a/ is complete
+    with pytest.raises(NarError, match="truncated"):
+        fsnar.restore_nar(io.BytesIO(nar[:cut]), str(tmp_path / "d"), canonical=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _default_acl_bytes(uid: int) -> bytes:
+    """A POSIX default ACL in the kernel's xattr format: user::rwx user:UID:r-x group::r-x
+    mask::r-x other::r-x (a named user makes it more than the mode bits, so it is kept)."""
+    import struct
+    entries = [(0x01, 7, 0xFFFFFFFF), (0x02, 5, uid), (0x04, 5, 0xFFFFFFFF), (0x10, 5, 0xFFFFFFFF),
+               (0x20, 5, 0xFFFFFFFF)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_canonical_restore_strips_inherited_acls(tmp_path):
+    """A default ACL on the store directory would give every new file an ACL xattr: the
+    restore notices and strips them, as the canonicalising pass does."""
+    parent = tmp_path / "store"
+    parent.mkdir()
+    try:
+        os.setxattr(parent, "system.posix_acl_default", _default_acl_bytes(4242))
+    except OSError as e:
+        pytest.skip(f"no POSIX ACLs on this file system: {e}")
+    probe = parent / "probe"
+    probe.write_text("x")
+    if not os.listxattr(probe):
+        pytest.skip("the file system did not apply the default ACL")
+    probe.unlink()
+    nar = (GOLDEN / "tree.nar").read_bytes()
+    fsnar.restore_nar(io.BytesIO(nar), str(parent / "out"), canonical=True)
+    assert dump(parent / "out") == nar
+    assert_canonical(parent / "out")
+    for p in walk_all(parent / "out"):
+        if not p.is_symlink():
+            assert os.listxattr(p) == [], p
+    make_writable(parent / "out")

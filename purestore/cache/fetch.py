@@ -102,12 +102,12 @@ class _VerifyingReader:
 
 
 def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
-    """Worker thread: stream, verify and restore into ``tmp``; canonical metadata after."""
-    from ..store.fsnar import canonicalise_path, restore_nar
+    """Worker thread: stream, verify and restore into ``tmp``, with canonical metadata."""
+    from ..store.fsnar import restore_nar
 
     reader = _VerifyingReader(next_chunk, ni, where, progress)
     try:
-        restore_nar(reader, tmp)
+        restore_nar(reader, tmp, canonical=True)
     except NarError as e:
         # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
         try:
@@ -116,7 +116,6 @@ def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
             raise CacheError(f"{mismatch} (and it is not a valid NAR: {e})") from e
         raise CacheError(f"NAR {where} is invalid: {e}") from e
     reader.finish()
-    canonicalise_path(tmp)
 
 
 def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath],

@@ -296,6 +296,30 @@ class _Source:
         self._buf = b"".join(parts) if len(parts) != 1 else parts[0]
         self._pos = 0
 
+    def skip(self, frame: bytes) -> bool:
+        """Consume ``frame`` if the stream continues with exactly these bytes; else consume
+        nothing and return False (the caller then parses token by token, for the error).
+        At the end of the stream this is False too, with everything read kept buffered."""
+        n = len(frame)
+        if len(self._buf) - self._pos < n:
+            parts = [self._buf[self._pos :]]
+            have = len(parts[0])
+            while have < n:
+                data = self._read(max(n - have, 65536))
+                if not data:
+                    break
+                parts.append(data)
+                have += len(data)
+            self._buf = b"".join(parts)
+            self._pos = 0
+            if have < n:
+                return False
+        if self._buf.startswith(frame, self._pos):
+            self._pos += n
+            self.offset += n
+            return True
+        return False
+
     def take(self, n: int) -> bytes:
         if len(self._buf) - self._pos < n:
             self._fill(n)
@@ -417,28 +441,41 @@ class _Parser:
 
     def node(self, path: tuple) -> Iterator:
         # Iterative over directories so that nesting never hits Python's recursion limit.
+        # The common shapes are matched whole (``skip``), which consumes nothing when they do
+        # not match; the token-by-token parse after each is what finds and words the errors.
         expect = self.expect
+        skip = self.src.skip
         stack: list[list] = []  # open directories: [path, last name]
+        typed = False  # the next node's "(" "type" was consumed with its entry
         while True:
-            expect(b"(", "to open a node", path)
-            expect(b"type", "in a node", path)
-            kind, at = self.token()
-            if kind == b"regular":
-                yield from self.regular(path)
-            elif kind == b"symlink":
-                expect(b"target", "in a symlink", path)
-                target, tat = self.string(MAX_TARGET, "symlink target", path)
-                if not target or b"\0" in target:
-                    check_target(target, _where(path), tat)
-                expect(b")", "to close a symlink", path)
-                yield NarSymlink(path, target)
-            elif kind == b"directory":
-                if len(path) >= MAX_DEPTH:
-                    raise NarError(f"NAR nesting exceeds {MAX_DEPTH} directories{_where(path)}", at)
-                yield NarDirectory(path)
-                stack.append([path, None])
+            if not typed and not skip(_OPEN_TYPE):
+                expect(b"(", "to open a node", path)
+                expect(b"type", "in a node", path)
+            typed = False
+            if skip(_REGULAR):
+                kind = b"regular"
+                yield from self.contents(path, False)
+            elif skip(_REGULAR_X):
+                kind = b"regular"
+                yield from self.contents(path, True)
             else:
-                raise NarError(f"unknown node type {kind!r}{_where(path)}", at)
+                kind, at = self.token()
+                if kind == b"regular":
+                    yield from self.regular(path)
+                elif kind == b"symlink":
+                    expect(b"target", "in a symlink", path)
+                    target, tat = self.string(MAX_TARGET, "symlink target", path)
+                    if not target or b"\0" in target:
+                        check_target(target, _where(path), tat)
+                    expect(b")", "to close a symlink", path)
+                    yield NarSymlink(path, target)
+                elif kind == b"directory":
+                    if len(path) >= MAX_DEPTH:
+                        raise NarError(f"NAR nesting exceeds {MAX_DEPTH} directories{_where(path)}", at)
+                    yield NarDirectory(path)
+                    stack.append([path, None])
+                else:
+                    raise NarError(f"unknown node type {kind!r}{_where(path)}", at)
             # Close finished nodes and find the next entry, if any.
             while True:
                 if not stack:
@@ -446,17 +483,24 @@ class _Parser:
                 top = stack[-1]
                 dpath = top[0]
                 if kind != b"directory" or path is not dpath:
-                    # we just finished a child node: close its entry
-                    expect(b")", "to close an entry", path)
-                tok, at = self.token()
-                if tok == b")":
-                    stack.pop()
-                    path, kind = dpath, b"done"
-                    continue
-                if tok != b"entry":
-                    raise NarError(f"expected 'entry' or ')' in directory{_where(dpath)}, got {tok!r}", at)
-                expect(b"(", "after 'entry'", dpath)
-                expect(b"name", "in an entry", dpath)
+                    # we just finished a child node: close its entry (and often open the next)
+                    if skip(_CLOSE_ENTRY):
+                        entry = True
+                    else:
+                        expect(b")", "to close an entry", path)
+                        entry = skip(_ENTRY)
+                else:
+                    entry = skip(_ENTRY)
+                if not entry:
+                    tok, at = self.token()
+                    if tok == b")":
+                        stack.pop()
+                        path, kind = dpath, b"done"
+                        continue
+                    if tok != b"entry":
+                        raise NarError(f"expected 'entry' or ')' in directory{_where(dpath)}, got {tok!r}", at)
+                    expect(b"(", "after 'entry'", dpath)
+                    expect(b"name", "in an entry", dpath)
                 name, nat = self.string(MAX_NAME, "entry name", dpath)
                 if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
                     check_name(name, f" in directory {render_path(dpath)!r}", nat)
@@ -469,7 +513,10 @@ class _Parser:
                     )
                 top[1] = name
                 path = dpath + (name,)
-                expect(b"node", "in an entry", path)
+                if skip(_NODE_OPEN_TYPE):
+                    typed = True
+                else:
+                    expect(b"node", "in an entry", path)
                 break
 
     def regular(self, path: tuple) -> Iterator:
@@ -483,18 +530,34 @@ class _Parser:
             tok, at = self.token()
         if tok != b"contents":
             raise NarError(f"expected 'contents' in a regular file{_where(path)}, got {tok!r}", at)
+        yield from self.contents(path, executable)
+
+    def contents(self, path: tuple, executable: bool) -> Iterator:
+        """The length, contents, padding and ")" of a regular file, after its "contents"."""
         size, sat = self.length()
         if size > MAX_CONTENTS:
             raise NarError(f"absurd file size {size}{_where(path)}", sat)
         contents = _Contents(self.src, size)
         yield NarRegular(path, executable, size, contents, self.src.offset)
         contents._finish()
+        if self.src.skip(_TAILS[size & 7]):
+            return
         p = (-size) & 7
         if p:
             pat = self.src.offset
             if self.src.take(p) != _ZEROS[:p]:
                 raise NarError("non-zero padding", pat)
         self.expect(b")", "to close a regular file", path)
+
+
+# Whole frames of the common shapes, for the parser's fast paths.
+_OPEN_TYPE = OPEN + nar_str(b"type")
+_REGULAR = nar_str(b"regular") + CONTENTS
+_REGULAR_X = nar_str(b"regular") + EXECUTABLE + CONTENTS
+_ENTRY = nar_str(b"entry") + OPEN + nar_str(b"name")
+_CLOSE_ENTRY = CLOSE + _ENTRY
+_NODE_OPEN_TYPE = NODE + _OPEN_TYPE
+_TAILS = [_ZEROS[: (-k) & 7] + CLOSE for k in range(8)]  # padding and ")" after contents
 
 
 def parse_nar(source) -> Iterator[NarEvent]:

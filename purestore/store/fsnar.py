@@ -485,14 +485,16 @@ def copy_and_hash(src: str, dst: str, *, scan: Iterable[str] = ()) -> tuple[Hash
     return Hash("sha256", h.digest()), size, s.found
 
 
-def restore_nar(source, dest: str) -> None:
+def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
     """Materialise the NAR read from ``source`` at ``dest``, which must not exist.
 
     Strict (the NAR reader rejects anything malformed); never writes outside ``dest`` and never
     follows a symlink: every entry is created relative to its parent directory's descriptor with
-    ``O_EXCL``/``O_NOFOLLOW``.  Files get mode 0644 or 0755, directories 0755.  On any error the
-    partial tree is removed and the error re-raised (:class:`NarError` for a bad NAR,
-    :class:`StoreError` for the file system).
+    ``O_EXCL``/``O_NOFOLLOW``.  Files get mode 0644 or 0755, directories 0755; with
+    ``canonical``, the store's canonical metadata instead (0444/0555, directories 0555, mtime 1),
+    set through the descriptors while restoring, so that no second walk over the tree is needed.
+    On any error the partial tree is removed and the error re-raised (:class:`NarError` for a bad
+    NAR, :class:`StoreError` for the file system).
     """
     if os.path.lexists(dest):
         raise StoreError(f"cannot restore a NAR to {dest!r}: it already exists")
@@ -502,8 +504,13 @@ def restore_nar(source, dest: str) -> None:
         pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise StoreError(f"cannot restore a NAR to {dest!r}: {e.strerror}") from e
+    # New files inherit a default ACL of the directory as extended attributes: then the
+    # canonical metadata needs the full pass after all (it strips them).
+    walk_after = canonical and _has_default_acl(pfd)
+    canonical = canonical and not walk_after
     base = os.fsencode(os.path.basename(os.path.abspath(dest)))
     dirs: list[tuple[tuple, int]] = []  # open directories: (path, fd)
+    fchmod, utime, close = os.fchmod, os.utime, os.close
     try:
         for ev in _nar.parse_nar(source):
             path = ev.path
@@ -511,43 +518,77 @@ def restore_nar(source, dest: str) -> None:
                 at_fd, name = pfd, base
             else:
                 while dirs and dirs[-1][0] != path[:-1]:
-                    os.close(dirs.pop()[1])
+                    _finish_dir(dirs, canonical, dest)
                 if not dirs:  # cannot happen with a valid event stream
                     raise NarError(f"entry {_nar.render_path(path)!r} outside any directory")
                 at_fd, name = dirs[-1][1], path[-1]
             created = True
             try:
-                if isinstance(ev, _nar.NarDirectory):
-                    os.mkdir(name, 0o755, dir_fd=at_fd)
-                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 dir_fd=at_fd)
-                    dirs.append((path, fd))
-                    os.fchmod(fd, 0o755)  # whatever the umask
-                elif isinstance(ev, _nar.NarSymlink):
-                    os.symlink(ev.target, name, dir_fd=at_fd)
-                else:
+                if isinstance(ev, _nar.NarRegular):
                     fd = os.open(name, _O_CREATE, 0o600, dir_fd=at_fd)
                     try:
                         for chunk in ev.chunks:
                             _write_all(fd, chunk, name)
-                        os.fchmod(fd, 0o755 if ev.executable else 0o644)
+                        if canonical:
+                            fchmod(fd, 0o555 if ev.executable else 0o444)
+                            utime(fd, _EPOCH1)
+                        else:
+                            fchmod(fd, 0o755 if ev.executable else 0o644)
                     finally:
-                        os.close(fd)
+                        close(fd)
+                elif isinstance(ev, _nar.NarDirectory):
+                    os.mkdir(name, 0o755, dir_fd=at_fd)
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=at_fd)
+                    dirs.append((path, fd))
+                    fchmod(fd, 0o755)  # whatever the umask
+                else:
+                    os.symlink(ev.target, name, dir_fd=at_fd)
+                    if canonical:
+                        utime(name, _EPOCH1, dir_fd=at_fd, follow_symlinks=False)
             except OSError as e:
                 raise StoreError(
                     f"cannot restore {_nar.render_path(path)!r} under {dest!r}: {e.strerror or e}"
                 ) from e
+        while dirs:
+            _finish_dir(dirs, canonical, dest)
     except BaseException:
         for _p, fd in dirs:
-            os.close(fd)
+            close(fd)
         dirs = []
         if created:
             remove_tree(dest)
         raise
     finally:
         for _p, fd in dirs:
-            os.close(fd)
-        os.close(pfd)
+            close(fd)
+        close(pfd)
+    if walk_after:
+        canonicalise_path(dest)
+
+
+_EPOCH1 = (1, 1)
+
+
+def _finish_dir(dirs: list, canonical: bool, dest: str) -> None:
+    """Close the innermost open directory of a restore, all its entries written (canonical:
+    read-only, mtime 1, now that nothing more is created in it)."""
+    path, fd = dirs[-1]
+    try:
+        if canonical:
+            os.fchmod(fd, 0o555)
+            os.utime(fd, _EPOCH1)
+    except OSError as e:
+        raise StoreError(f"cannot restore {_nar.render_path(path)!r} under {dest!r}: {e.strerror or e}") from e
+    dirs.pop()
+    os.close(fd)
+
+
+def _has_default_acl(dir_fd: int) -> bool:
+    try:
+        return "system.posix_acl_default" in os.listxattr(dir_fd)
+    except OSError:
+        return False
 
 
 def remove_tree(path: str) -> None:
