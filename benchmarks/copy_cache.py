@@ -12,13 +12,17 @@ to a Nix chroot store; both give the same paths.  Then, in rounds, alternating p
                `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores
 
 Every timed run starts after a `sync`.  The best round of each counts (the machine is shared).
-Nothing is deleted until the end: every round writes into new directories.  This machine's root
-file system is ext4 without a journal, where creating a file scans past every inode deleted in
-the last minutes (ext4's ``recently_deleted``), so a substitution (20,000 new files) right after
-a store was deleted ran several times slower, whichever tool it was.
+Nothing is deleted until the end: every round writes into new directories.  By default all of it
+runs on a fresh ext4 made for the run (benchmarks/_scratchfs.py says why: this machine's root file
+system makes file creation slow for minutes after a deletion, whichever tool creates them);
+``--fs host`` runs in /var/tmp instead.
+
+Substitution by pure flushes the file system before it registers the paths (``fsync-store-paths``,
+on by default: a path is never valid before its files are on disk; Nix does not flush).  It is
+timed both ways: the default, and with ``fsync-store-paths = false`` like Nix.
 Prints each time and the ratio pure/nix.
 
-    .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--small N]
+    .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--small N] [--fs ext4|host]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _scratchfs import available as scratch_unavailable, scratch_ext4  # noqa: E402
 from _tree import default_tree, make_tree  # noqa: E402
 
 PURE = [sys.executable, "-m", "purestore.cli.main"]
@@ -78,9 +83,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tree", help="use (or create) the tree here instead of the cached default")
     ap.add_argument("--small", type=int, default=200, help="number of small paths for the HTTP part")
+    ap.add_argument("--fs", choices=("ext4", "host"), default=None,
+                    help="where to work: a fresh ext4 (default when root) or /var/tmp")
     args = ap.parse_args()
     tree = Path(make_tree(args.tree) if args.tree else default_tree())
-    work = Path(tempfile.mkdtemp(prefix="bench-copy-cache-", dir="/var/tmp"))
+    why_not = scratch_unavailable()
+    if args.fs == "ext4" and why_not:
+        sys.exit(f"cannot make a scratch ext4: {why_not}")
+    if args.fs == "host" or why_not:
+        print(f"working in /var/tmp{f' (no scratch ext4: {why_not})' if why_not and args.fs != 'host' else ''}")
+        bench(args, tree, "/var/tmp")
+    else:
+        with scratch_ext4() as mnt:
+            print(f"working on a fresh ext4 mounted at {mnt}")
+            bench(args, tree, mnt)
+
+
+def bench(args, tree: Path, where: str) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-copy-cache-", dir=where))
+    noflush = work / "noflush.conf"
+    noflush.write_text("fsync-store-paths = false\n")
     key = REPO / "tests/data/cache/test-key-1.sec"
     pub = (REPO / "tests/data/cache/test-key-1.pub").read_text().strip()
     try:
@@ -113,7 +135,8 @@ def main() -> None:
 
         subprocess.run(["tar", "cf", "/dev/null", str(src_pure), str(src_nix)], check=True)
         times: dict[str, list[float]] = {k: [] for k in
-                                         ("push-pure", "push-nix", "subst-pure", "subst-nix", "http-pure", "http-nix")}
+                                         ("push-pure", "push-nix", "subst-pure", "subst-nix", "subst0-pure",
+                                          "http-pure", "http-nix")}
         server = subprocess.Popen(PURE + ["cache", "serve", str(small_cache), "--listen", "127.0.0.1:0"],
                                   env=PURE_ENV, stderr=subprocess.PIPE, text=True)
         line = server.stderr.readline()
@@ -144,6 +167,10 @@ def main() -> None:
                     subprocess.run(["sync"], check=True)
                     times[f"subst-{who}"].append(run(pull, env, f"subst-{who}"))
                     subprocess.run(["sync"], check=True)
+                    if who == "pure":  # again, without the flush before registering
+                        pull[pull.index(dst)] = work / f"dst0-{who}-{rnd}"
+                        times["subst0-pure"].append(run(pull, dict(env, PURE_CONFIG=str(noflush)), "subst0-pure"))
+                        subprocess.run(["sync"], check=True)
                     if who == "pure":
                         hpull = PURE + ["--store", hdst, "--store-dir", "/nix/store", "copy", "--from", url,
                                         "--trusted-public-keys", pub, *small_paths]
@@ -157,9 +184,11 @@ def main() -> None:
             server.wait()
         print()
         for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
+                            ("subst0", "  the same, pure without flush"),
                             ("http", f"{args.small} small paths over HTTP")):
-            p, n = min(times[f"{what}-pure"]), min(times[f"{what}-nix"])
-            pc, nc = min(CPU[f"{what}-pure"]), min(CPU[f"{what}-nix"])
+            nwhat = "subst" if what == "subst0" else what
+            p, n = min(times[f"{what}-pure"]), min(times[f"{nwhat}-nix"])
+            pc, nc = min(CPU[f"{what}-pure"]), min(CPU[f"{nwhat}-nix"])
             print(f"{label:32s} wall: pure {p:6.2f} s  nix {n:6.2f} s  ratio {p / n:.2f}   "
                   f"cpu: pure {pc:5.2f} s  nix {nc:5.2f} s  ratio {pc / nc:.2f}")
         print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")

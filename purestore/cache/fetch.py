@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from typing import Callable
 
 import trio
@@ -87,6 +89,10 @@ class _VerifyingReader:
         """Read to the end and check FileSize, FileHash, NarSize and NarHash."""
         while self.read():
             pass
+        self.verify()
+
+    def verify(self) -> None:
+        """Check FileSize, FileHash, NarSize and NarHash, all read."""
         ni = self.ni
         if ni.file_size is not None and self.file_n != ni.file_size:
             raise CacheError(f"{self.where} has {self.file_n} bytes, FileSize says {ni.file_size}")
@@ -101,21 +107,76 @@ class _VerifyingReader:
             raise CacheError(f"NAR {self.where} has hash {got.typed()}, NarHash says {ni.nar_hash.typed()}")
 
 
+class _Ahead:
+    """The verifying reader run in a thread of its own, a few chunks ahead of the restore.
+
+    Reading, decompressing and both hashes are C work that releases the GIL; parsing the NAR
+    and creating the files is Python work between system calls.  One thread for each keeps both
+    busy, where several restoring threads mostly wait for each other's GIL.
+    """
+
+    def __init__(self, reader: _VerifyingReader, depth: int = 4):
+        self._q: queue.Queue = queue.Queue(depth)
+        self._stop = False
+        self._done = False
+        self._t = threading.Thread(target=self._run, args=(reader,), name="pure-nar-reader", daemon=True)
+        self._t.start()
+
+    def _run(self, reader: _VerifyingReader) -> None:
+        try:
+            while not self._stop:
+                c = reader.read()
+                self._q.put(c)
+                if not c:
+                    return
+        except BaseException as e:  # handed to the restoring thread
+            self._q.put(e)
+
+    def read(self, _n: int = -1) -> bytes:
+        if self._done:
+            return b""
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if not item:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        """Stop the reading thread (it may be waiting to hand over a chunk) and wait for it."""
+        self._stop = True
+        while self._t.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._t.join()
+
+
 def _restore(next_chunk, ni: NarInfo, where: str, tmp: str, progress) -> None:
     """Worker thread: stream, verify and restore into ``tmp``, with canonical metadata."""
     from ..store.fsnar import restore_nar
 
     reader = _VerifyingReader(next_chunk, ni, where, progress)
+    ahead = _Ahead(reader)
     try:
-        restore_nar(reader, tmp, canonical=True)
-    except NarError as e:
-        # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
         try:
-            reader.finish()
-        except CacheError as mismatch:
-            raise CacheError(f"{mismatch} (and it is not a valid NAR: {e})") from e
-        raise CacheError(f"NAR {where} is invalid: {e}") from e
-    reader.finish()
+            restore_nar(ahead, tmp, canonical=True)
+        except NarError as e:
+            # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
+            try:
+                while ahead.read():
+                    pass
+                reader.verify()
+            except CacheError as mismatch:
+                raise CacheError(f"{mismatch} (and it is not a valid NAR: {e})") from e
+            raise CacheError(f"NAR {where} is invalid: {e}") from e
+        while ahead.read():
+            pass
+        reader.verify()
+    finally:
+        ahead.close()
 
 
 def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath],

@@ -38,7 +38,7 @@ from ..formats.path_info import PathInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, check_name, open_backend, parse_url
+from .backend import Backend, FileBackend, check_name, open_backend, parse_url
 from .fetch import download, install_batch, remove_temp
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache
@@ -239,6 +239,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         ok: set[StorePath] = set()
         qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
         flimit = trio.CapacityLimiter(jobs)
+        # Restoring from a file:// cache is CPU work (each restore keeps two threads busy, see
+        # fetch._Ahead): more restores than cores at once only contend for the GIL.
+        llimit = trio.CapacityLimiter(max(1, min(jobs, os.cpu_count() or 1)))
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
 
@@ -296,7 +299,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             cache, ni = found[p]
             tmp = None
             try:
-                async with flimit:
+                async with (llimit if isinstance(cache.backend, FileBackend) else flimit):
                     if progress:
                         progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
                     try:
