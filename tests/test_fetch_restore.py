@@ -12,7 +12,7 @@ import time
 import pytest
 import zstandard
 
-from purestore.cache.fetch import _restore
+from purestore.cache.nar_jobs import restore_stream as _restore
 from purestore.errors import CacheError
 from purestore.formats.hash import Hash
 from purestore.formats.narinfo import NarInfo
@@ -114,4 +114,24 @@ def test_a_consumer_that_stops_does_not_leave_the_reader_blocked(tmp_path):
     before = threading.active_count()
     with pytest.raises(Exception):
         _restore(_chunks(comp, 500), _narinfo(nar, comp), "test", str(tmp_path / "gone" / "out"), None)
+    _threads_settle(before)
+
+
+def test_restore_file_refuses_a_missing_nar_and_removes_a_tree_that_does_not_hash(tmp_path):
+    """A NAR whose bytes restore fine but do not match the narinfo (a flipped byte inside a
+    file's contents): the complete tree is removed, the error names the cache file."""
+    from purestore.cache.nar_jobs import restore_file
+    _tree(tmp_path / "src")
+    nar = _nar(tmp_path / "src")
+    comp = bytearray(zstandard.ZstdCompressor(level=1).compress(nar))
+    ni = _narinfo(nar, bytes(comp))
+    with pytest.raises(CacheError, match="the-cache/nope is missing from the cache"):
+        restore_file(str(tmp_path / "nope"), ni, "the-cache/nope", str(tmp_path / "out"))
+    # random file contents are stored raw: a flipped byte there still decompresses and parses
+    comp[len(comp) // 2] ^= 0xFF
+    (tmp_path / "x.nar.zst").write_bytes(bytes(comp))
+    before = threading.active_count()
+    with pytest.raises(CacheError, match="the-cache/x"):
+        restore_file(str(tmp_path / "x.nar.zst"), ni, "the-cache/x", str(tmp_path / "out"))
+    assert not os.path.lexists(tmp_path / "out")
     _threads_settle(before)

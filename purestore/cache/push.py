@@ -4,7 +4,7 @@ For each path of the closure of the given paths that the cache lacks (``<hash>.n
 
 1. in a worker thread, dump the path's NAR, hashing it (checked against the NAR hash the store
    registered: a corrupt local path is never published) and compressing it into a temporary file
-   while hashing the compressed bytes (FileHash);
+   while hashing the compressed bytes (FileHash) (:func:`.nar_jobs.compress_path`);
 2. upload ``nar/<nix32 FileHash>.nar<ext>`` (skipped if present: NARs are content-addressed);
 3. optionally upload the ``<hash>.ls`` listing, the build log ``log/<drv>``, and extra files
    (:func:`extra_files_for`);
@@ -22,10 +22,7 @@ compressed output is hashed and written straight from the compressor's buffer.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import os
-import tempfile
 from typing import Iterable
 
 import attrs
@@ -38,8 +35,9 @@ from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend, open_backend, parse_url
-from .compression import compress_to, compressor, extension, flush_to
+from .compression import compressor, extension
 from .info import CacheInfo
+from .nar_jobs import compress_path, nar_listing  # noqa: F401 (nar_listing: part of this module's API)
 from ._nursery import open_nursery
 from .progress import Progress
 
@@ -85,109 +83,6 @@ async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:
     info = CacheInfo.parse(data, f"{backend.url}/nix-cache-info")
     info.check_store_dir(store_dir, backend.url)
     return info
-
-
-def nar_listing(nar_source) -> bytes:
-    """The ``.ls`` JSON listing of a NAR read from ``nar_source`` (as Nix writes it)."""
-    from ..formats import nar as _nar
-
-    root: dict | None = None
-    dirs: dict[tuple, dict] = {}
-    for ev in _nar.parse_nar(nar_source):
-        if isinstance(ev, _nar.NarDirectory):
-            node: dict = {"type": "directory", "entries": {}}
-            dirs[ev.path] = node
-        elif isinstance(ev, _nar.NarSymlink):
-            node = {"type": "symlink", "target": ev.target.decode("utf-8", "replace")}
-        else:
-            node = {"type": "regular", "size": ev.size}
-            if ev.executable:
-                node["executable"] = True
-            node["narOffset"] = ev.offset
-            for _ in ev.chunks:
-                pass
-        if not ev.path:
-            root = node
-        else:
-            dirs[ev.path[:-1]]["entries"][ev.path[-1].decode("utf-8", "replace")] = node
-    return json.dumps({"version": 1, "root": root}, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-class _CompressSink:
-    """NAR bytes in: hashed and counted, compressed to a file whose bytes are hashed and counted.
-
-    Works on views: the NAR chunks are the dumper's buffers and the compressed output the
-    compressor's buffer, hashed and written with ``os.write`` straight from there."""
-
-    def __init__(self, fd: int, path: str, method: str, level: int | None, progress: Progress | None):
-        self.fd = fd
-        self.path = path
-        self.comp = compressor(method, level)
-        self.nar = hashlib.sha256()
-        self.nar_size = 0
-        self.file = hashlib.sha256()
-        self.file_size = 0
-        self.progress = progress
-
-    def _emit(self, c) -> None:
-        self.file.update(c)
-        n = len(c)
-        self.file_size += n
-        fd = self.fd
-        try:
-            done = os.write(fd, c)
-            if done < n:
-                with memoryview(c) as mv:
-                    while done < n:
-                        done += os.write(fd, mv[done:])
-        except OSError as e:
-            raise CacheError(f"cannot write {self.path!r}: {e.strerror}") from e
-
-    def write(self, data) -> None:
-        self.nar.update(data)
-        self.nar_size += len(data)
-        compress_to(self.comp, data, self._emit)
-        if self.progress is not None:
-            self.progress.add_bytes(len(data))
-
-    def finish(self) -> None:
-        flush_to(self.comp, self._emit)
-
-
-def _compress_path(store, info, method: str, level: int | None, tmp_dir: str | None,
-                   listing: bool, progress: Progress | None):
-    """Worker thread: NAR of the path compressed into a temp file; returns (tmp, file hash, size, listing)."""
-    from ..store.fsnar import dump_path, stream_path
-
-    real = S.real_path(store, info.path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-push-", suffix=".nar", dir=tmp_dir)
-    try:
-        try:
-            sink = _CompressSink(fd, tmp, method, level, progress)
-            stream_path(real, sink.write)
-            sink.finish()
-        finally:
-            os.close(fd)
-        nar_hash = Hash("sha256", sink.nar.digest())
-        if nar_hash != info.nar_hash or sink.nar_size != info.nar_size:
-            raise StoreError(
-                f"path {real!r} is corrupt: its NAR hash is {nar_hash.typed()} ({sink.nar_size} bytes), "
-                f"but the store registered {info.nar_hash.typed()} ({info.nar_size} bytes)",
-                hint="run 'pure store verify --check-contents --repair'")
-        ls = None
-        if listing:
-            import io
-            buf = io.BytesIO()
-            dump_path(real, buf)
-            buf.seek(0)
-            ls = nar_listing(buf)
-        return tmp, Hash("sha256", sink.file.digest()), sink.file_size, ls
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 STALE_TEMP_SECONDS = 24 * 3600
@@ -296,8 +191,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         async def compress_worker(n) -> None:
             while pending:
                 p = pending.popleft()
+                info = infos[p]
                 res = await trio.to_thread.run_sync(
-                    _compress_path, store, infos[p], method, level, tmp_dir, write_listing, progress)
+                    compress_path, S.real_path(store, p), info.nar_hash, info.nar_size, method, level,
+                    tmp_dir, write_listing, progress)
                 n.start_soon(push_one, p, *res)
 
         async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):

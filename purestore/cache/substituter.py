@@ -240,7 +240,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
         flimit = trio.CapacityLimiter(jobs)
         # Restoring from a file:// cache is CPU work (each restore keeps two threads busy, see
-        # fetch._Ahead): more restores than cores at once only contend for the GIL.
+        # nar_jobs._Ahead): more restores at once than cores only contend for the GIL.
         llimit = trio.CapacityLimiter(max(1, min(jobs, os.cpu_count() or 1)))
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}

@@ -1,0 +1,299 @@
+"""The CPU-heavy halves of pushing and substituting, free of trio: they run in worker threads.
+
+- :class:`_VerifyingReader` turns compressed chunks into NAR bytes while checking FileSize,
+  FileHash, NarSize and NarHash (never decompressing beyond NarSize); :class:`_Ahead` runs it
+  in a thread of its own ahead of the restore;
+- :func:`restore_stream` restores a NAR from such chunks into a temporary name in the store,
+  :func:`restore_file` from a ``file://`` cache's NAR file;
+- :func:`compress_path` dumps a store path's NAR, checks it against the registered hash, and
+  compresses it into a temporary file, hashing both (:class:`_CompressSink`);
+- :func:`nar_listing` gives the ``.ls`` listing of a NAR.
+
+They take and return plain values (paths, :class:`NarInfo`, :class:`Hash`) and raise
+:class:`CacheError`/:class:`StoreError`.  Worker processes instead of threads were tried for
+them (a forkserver pool): on two cores the pool's start-up (~0.2 s of CPU) cost more than the
+GIL contention it removed, pushes got slower and substitutions no faster, so threads stayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import tempfile
+import threading
+from typing import Callable
+
+from ..errors import CacheError, NarError, StoreError
+from ..formats.hash import Hash
+from ..formats.narinfo import NarInfo
+from .compression import compress_to, compressor, decompressor, flush_to
+from .progress import Progress
+
+
+class _VerifyingReader:
+    """A file-like NAR source over compressed chunks that checks sizes and hashes on the way.
+
+    ``next_chunk()`` returns compressed bytes, ``b""`` at the end.  Raises :class:`CacheError`
+    when the compressed file exceeds FileSize, ends early, or decompresses beyond NarSize.
+    """
+
+    def __init__(self, next_chunk: Callable[[], bytes], ni: NarInfo, where: str, progress: Progress | None):
+        self._next = next_chunk
+        self.ni = ni
+        self.where = where
+        self.dec = decompressor(ni.compression)
+        self.file_h = hashlib.sha256()
+        self.file_n = 0
+        self.nar_h = hashlib.sha256()
+        self.nar_n = 0
+        self.ended = False
+        self.progress = progress
+        # no FileSize: no compressor expands a NAR by more than this, so stop a bottomless stream
+        self.max_file = ni.file_size if ni.file_size is not None else ni.nar_size + ni.nar_size // 64 + (1 << 20)
+
+    def read(self, _n: int = -1) -> bytes:
+        while not self.ended:
+            c = self._next()
+            if not c:
+                self.ended = True
+                if self.ni.file_size is not None and self.file_n < self.ni.file_size:
+                    raise CacheError(f"download of {self.where} is truncated: got {self.file_n} of "
+                                     f"{self.ni.file_size} bytes (FileSize)")
+                if not self.dec.eof:
+                    raise CacheError(f"compressed NAR {self.where} is truncated")
+                return b""
+            self.file_h.update(c)
+            self.file_n += len(c)
+            if self.file_n > self.max_file:
+                if self.ni.file_size is not None:
+                    raise CacheError(f"{self.where} is larger than its FileSize {self.ni.file_size}")
+                raise CacheError(f"{self.where} is much larger than its NarSize {self.ni.nar_size} "
+                                 f"(and its narinfo gives no FileSize)")
+            try:
+                out = self.dec.decompress(c)
+            except CacheError as e:
+                raise CacheError(f"{self.where}: {e}") from e
+            if out:
+                self.nar_h.update(out)
+                self.nar_n += len(out)
+                if self.nar_n > self.ni.nar_size:
+                    raise CacheError(f"{self.where} decompresses to more than its NarSize {self.ni.nar_size}")
+                if self.progress is not None:
+                    self.progress.add_bytes(len(out))
+                return out
+        return b""
+
+    def finish(self) -> None:
+        """Read to the end and check FileSize, FileHash, NarSize and NarHash."""
+        while self.read():
+            pass
+        self.verify()
+
+    def verify(self) -> None:
+        """Check FileSize, FileHash, NarSize and NarHash, all read."""
+        ni = self.ni
+        if ni.file_size is not None and self.file_n != ni.file_size:
+            raise CacheError(f"{self.where} has {self.file_n} bytes, FileSize says {ni.file_size}")
+        if ni.file_hash is not None:
+            got = Hash("sha256", self.file_h.digest())
+            if got != ni.file_hash:
+                raise CacheError(f"{self.where} has hash {got.typed()}, FileHash says {ni.file_hash.typed()}")
+        if self.nar_n != ni.nar_size:
+            raise CacheError(f"NAR {self.where} has {self.nar_n} bytes, NarSize says {ni.nar_size}")
+        got = Hash("sha256", self.nar_h.digest())
+        if got != ni.nar_hash:
+            raise CacheError(f"NAR {self.where} has hash {got.typed()}, NarHash says {ni.nar_hash.typed()}")
+
+
+class _Ahead:
+    """The verifying reader run in a thread of its own, a few chunks ahead of the restore.
+
+    Reading, decompressing and both hashes are C work that releases the GIL; parsing the NAR
+    and creating the files is Python work between system calls.  One thread for each keeps both
+    busy, where several restoring threads mostly wait for each other's GIL.
+    """
+
+    def __init__(self, reader: _VerifyingReader, depth: int = 4):
+        self._q: queue.Queue = queue.Queue(depth)
+        self._stop = False
+        self._done = False
+        self._t = threading.Thread(target=self._run, args=(reader,), name="pure-nar-reader", daemon=True)
+        self._t.start()
+
+    def _run(self, reader: _VerifyingReader) -> None:
+        try:
+            while not self._stop:
+                c = reader.read()
+                self._q.put(c)
+                if not c:
+                    return
+        except BaseException as e:  # handed to the restoring thread
+            self._q.put(e)
+
+    def read(self, _n: int = -1) -> bytes:
+        if self._done:
+            return b""
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if not item:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        """Stop the reading thread (it may be waiting to hand over a chunk) and wait for it."""
+        self._stop = True
+        while self._t.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._t.join()
+
+
+def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None) -> None:
+    """Stream, verify and restore into ``tmp``, with canonical metadata; when anything fails,
+    ``tmp`` is removed and the error raised."""
+    from ..store.fsnar import remove_tree, restore_nar
+
+    reader = _VerifyingReader(next_chunk, ni, where, progress)
+    ahead = _Ahead(reader)
+    try:
+        try:
+            restore_nar(ahead, tmp, canonical=True)
+        except NarError as e:
+            # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
+            try:
+                while ahead.read():
+                    pass
+                reader.verify()
+            except CacheError as mismatch:
+                raise CacheError(f"{mismatch} (and it is not a valid NAR: {e})") from e
+            raise CacheError(f"NAR {where} is invalid: {e}") from e
+        try:
+            while ahead.read():
+                pass
+            reader.verify()
+        except BaseException:
+            remove_tree(tmp)  # restored completely, but not what the narinfo promised
+            raise
+    finally:
+        ahead.close()
+
+
+def nar_listing(nar_source) -> bytes:
+    """The ``.ls`` JSON listing of a NAR read from ``nar_source`` (as Nix writes it)."""
+    from ..formats import nar as _nar
+
+    root: dict | None = None
+    dirs: dict[tuple, dict] = {}
+    for ev in _nar.parse_nar(nar_source):
+        if isinstance(ev, _nar.NarDirectory):
+            node: dict = {"type": "directory", "entries": {}}
+            dirs[ev.path] = node
+        elif isinstance(ev, _nar.NarSymlink):
+            node = {"type": "symlink", "target": ev.target.decode("utf-8", "replace")}
+        else:
+            node = {"type": "regular", "size": ev.size}
+            if ev.executable:
+                node["executable"] = True
+            node["narOffset"] = ev.offset
+            for _ in ev.chunks:
+                pass
+        if not ev.path:
+            root = node
+        else:
+            dirs[ev.path[:-1]]["entries"][ev.path[-1].decode("utf-8", "replace")] = node
+    return json.dumps({"version": 1, "root": root}, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _CompressSink:
+    """NAR bytes in: hashed and counted, compressed to a file whose bytes are hashed and counted.
+
+    Works on views: the NAR chunks are the dumper's buffers and the compressed output the
+    compressor's buffer, hashed and written with ``os.write`` straight from there."""
+
+    def __init__(self, fd: int, path: str, method: str, level: int | None, progress: Progress | None):
+        self.fd = fd
+        self.path = path
+        self.comp = compressor(method, level)
+        self.nar = hashlib.sha256()
+        self.nar_size = 0
+        self.file = hashlib.sha256()
+        self.file_size = 0
+        self.progress = progress
+
+    def _emit(self, c) -> None:
+        self.file.update(c)
+        n = len(c)
+        self.file_size += n
+        fd = self.fd
+        try:
+            done = os.write(fd, c)
+            if done < n:
+                with memoryview(c) as mv:
+                    while done < n:
+                        done += os.write(fd, mv[done:])
+        except OSError as e:
+            raise CacheError(f"cannot write {self.path!r}: {e.strerror}") from e
+
+    def write(self, data) -> None:
+        self.nar.update(data)
+        self.nar_size += len(data)
+        compress_to(self.comp, data, self._emit)
+        if self.progress is not None:
+            self.progress.add_bytes(len(data))
+
+    def finish(self) -> None:
+        flush_to(self.comp, self._emit)
+
+
+def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: int | None,
+                  tmp_dir: str | None, listing: bool, progress: Progress | None = None):
+    """NAR of the path at ``real`` compressed into a temporary file in ``tmp_dir``, its NAR hash
+    and size checked against the registered ones; returns (tmp, file hash, file size, listing)."""
+    from ..store.fsnar import dump_path, stream_path
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-push-", suffix=".nar", dir=tmp_dir)
+    try:
+        try:
+            sink = _CompressSink(fd, tmp, method, level, progress)
+            stream_path(real, sink.write)
+            sink.finish()
+        finally:
+            os.close(fd)
+        got = Hash("sha256", sink.nar.digest())
+        if got != nar_hash or sink.nar_size != nar_size:
+            raise StoreError(
+                f"path {real!r} is corrupt: its NAR hash is {got.typed()} ({sink.nar_size} bytes), "
+                f"but the store registered {nar_hash.typed()} ({nar_size} bytes)",
+                hint="run 'pure store verify --check-contents --repair'")
+        ls = None
+        if listing:
+            import io
+            buf = io.BytesIO()
+            dump_path(real, buf)
+            buf.seek(0)
+            ls = nar_listing(buf)
+        return tmp, Hash("sha256", sink.file.digest()), sink.file_size, ls
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None) -> None:
+    """Restore the NAR file of a ``file://`` cache (read in place) into ``tmp``."""
+    try:
+        f = open(nar_file, "rb")
+    except FileNotFoundError:
+        raise CacheError(f"{where} is missing from the cache") from None
+    except OSError as e:
+        raise CacheError(f"cannot read {where}: {e.strerror}") from e
+    with f:
+        restore_stream(lambda: f.read(1 << 20), ni, where, tmp, progress)
