@@ -9,7 +9,9 @@ to a Nix chroot store; both give the same paths.  Then, in rounds, alternating p
 2. substitute: `pure copy --from file://C PATHS` into a fresh rooted store      vs  `nix copy --from`
                into a fresh chroot store, each trusting the key
 3. http:       200 small paths (pushed once by pure) served by `pure cache serve` on 127.0.0.1;
-               `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores
+               `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores;
+               then the same served by nginx where installed (a static server much faster than
+               ours, so that the clients' own speed shows, not the server's)
 
 Every timed run starts after a `sync`.  The best round of each counts (the machine is shared).
 Nothing is deleted until the end: every round writes into new directories.  By default all of it
@@ -59,6 +61,45 @@ def wipe(path: Path) -> None:
     if path.exists() or path.is_symlink():
         subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def start_nginx(prefix: Path, root: Path):
+    """nginx serving ``root`` on a free port of 127.0.0.1: (process, URL), or None without nginx."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if exe is None:
+        return None
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prefix.mkdir()
+    temps = "\n".join(f"    {k}_temp_path {prefix}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (prefix / "nginx.conf").write_text(f"""daemon off;
+master_process off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+{temps}
+    types {{ text/x-nix-narinfo narinfo; }}
+    default_type application/octet-stream;
+    server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+""")
+    proc = subprocess.Popen([exe, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}/"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    print("nginx did not start: the nginx-served part is skipped")
+    return None
 
 
 def busy_seconds() -> float:
@@ -145,7 +186,10 @@ def bench(args, tree: Path, where: str) -> None:
         subprocess.run(["tar", "cf", "/dev/null", str(src_pure), str(src_nix)], check=True)
         times: dict[str, list[float]] = {k: [] for k in
                                          ("push-pure", "push-nix", "subst-pure", "subst-nix", "subst0-pure",
-                                          "http-pure", "http-nix")}
+                                          "http-pure", "http-nix", "nginx-pure", "nginx-nix")}
+        nginx = start_nginx(work / "nginx", small_cache)
+        if nginx is None:
+            del times["nginx-pure"], times["nginx-nix"]
         server = subprocess.Popen(PURE + ["cache", "serve", str(small_cache), "--listen", "127.0.0.1:0"],
                                   env=PURE_ENV, stderr=subprocess.PIPE, text=True)
         line = server.stderr.readline()
@@ -187,14 +231,24 @@ def bench(args, tree: Path, where: str) -> None:
                         hpull = ["nix", "copy", "--store", hdst, "--from", url,
                                  "--option", "trusted-public-keys", pub, *small_paths]
                     times[f"http-{who}"].append(run(hpull, env, f"http-{who}"))
+                    if nginx is not None:
+                        hpull[hpull.index(url)] = nginx[1]
+                        hpull[hpull.index(hdst)] = work / f"ndst-{who}-{rnd}"
+                        times[f"nginx-{who}"].append(run(hpull, env, f"nginx-{who}"))
                 print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
         finally:
             server.terminate()
             server.wait()
+            if nginx is not None:
+                nginx[0].terminate()
+                nginx[0].wait()
         print()
         for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
                             ("subst0", "  the same, pure without flush"),
-                            ("http", f"{args.small} small paths over HTTP")):
+                            ("http", f"{args.small} small paths over HTTP"),
+                            ("nginx", "  the same served by nginx")):
+            if f"{what}-pure" not in times:
+                continue
             nwhat = "subst" if what == "subst0" else what
             p, n = min(times[f"{what}-pure"]), min(times[f"{nwhat}-nix"])
             pc, nc = min(CPU[f"{what}-pure"]), min(CPU[f"{nwhat}-nix"])

@@ -25,6 +25,7 @@ from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
 
 SMALL_NAR = 1 << 20  # compressed NARs up to this size are fetched in one piece over HTTP
+TINY_NAR = 32 << 10  # NARs up to this size are restored in the event loop's thread
 def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath],
                    provenance: dict[StorePath, bytes] | None = None) -> dict:
     """Worker thread: under the path locks, rename restored trees into place, flush the file
@@ -89,7 +90,13 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None) -> str:
             if data is None:
                 raise CacheError(f"{where} is missing from the cache")
             chunks = iter((data, b""))
-            await trio.to_thread.run_sync(restore_stream, lambda: next(chunks, b""), ni, where, tmp, progress)
+            if ni.nar_size <= TINY_NAR:
+                # a few files of a few KiB: restoring costs less than the hop to a thread would
+                restore_stream(lambda: next(chunks, b""), ni, where, tmp, progress)
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.to_thread.run_sync(restore_stream, lambda: next(chunks, b""), ni, where, tmp,
+                                              progress)
         else:
             await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:
