@@ -539,3 +539,16 @@ def test_canonical_restore_strips_inherited_acls(tmp_path):
         if not p.is_symlink():
             assert os.listxattr(p) == [], p
     make_writable(parent / "out")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o277, 0o002])
+def test_canonical_restore_modes_do_not_depend_on_the_umask(tmp_path, umask):
+    nar = (GOLDEN / "tree.nar").read_bytes()
+    old = os.umask(umask)
+    try:
+        fsnar.restore_nar(io.BytesIO(nar), str(tmp_path / "t"), canonical=True)
+    finally:
+        os.umask(old)
+    assert dump(tmp_path / "t") == nar
+    assert_canonical(tmp_path / "t")
+    make_writable(tmp_path / "t")

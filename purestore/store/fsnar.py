@@ -511,6 +511,7 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
     base = os.fsencode(os.path.basename(os.path.abspath(dest)))
     dirs: list[tuple[tuple, int]] = []  # open directories: (path, fd)
     fchmod, utime, close = os.fchmod, os.utime, os.close
+    umask = _read_umask() if canonical else 0o777  # read for each restore: callers may change it
     try:
         for ev in _nar.parse_nar(source):
             path = ev.path
@@ -525,12 +526,16 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
             created = True
             try:
                 if isinstance(ev, _nar.NarRegular):
-                    fd = os.open(name, _O_CREATE, 0o600, dir_fd=at_fd)
+                    mode = (0o555 if ev.executable else 0o444) if canonical else 0o600
+                    fd = os.open(name, _O_CREATE, mode, dir_fd=at_fd)
                     try:
                         for chunk in ev.chunks:
                             _write_all(fd, chunk, name)
                         if canonical:
-                            fchmod(fd, 0o555 if ev.executable else 0o444)
+                            # created with its final mode (opened for writing all the same)
+                            # unless the umask took bits away
+                            if umask & mode:
+                                fchmod(fd, mode)
                             utime(fd, _EPOCH1)
                         else:
                             fchmod(fd, 0o755 if ev.executable else 0o644)
@@ -541,7 +546,8 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
                     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  dir_fd=at_fd)
                     dirs.append((path, fd))
-                    fchmod(fd, 0o755)  # whatever the umask
+                    if umask & 0o700:
+                        fchmod(fd, 0o755)  # writable for us whatever the umask
                 else:
                     os.symlink(ev.target, name, dir_fd=at_fd)
                     if canonical:
@@ -568,6 +574,22 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
 
 
 _EPOCH1 = (1, 1)
+
+
+def _read_umask() -> int:
+    """The process's umask, without changing it (Linux reports it in /proc since 4.7)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
 
 
 def _finish_dir(dirs: list, canonical: bool, dest: str) -> None:
