@@ -148,3 +148,29 @@ async def test_many_small_paths_over_http_in_parallel(tmp_path):
             assert len(d.valid_paths()) == 61
             assert d.verify(check_contents=True).ok
         n.cancel_scope.cancel()
+
+
+async def test_big_paths_over_http_stream_through_the_reading_thread(tmp_path):
+    """NARs of several MiB are streamed (not fetched in one piece) and read ahead of the restore
+    by a thread that takes the chunks from the trio side; small ones are restored in one go."""
+    from purestore.cache import serve_cache, substitute
+    from purestore.cache import fetch, nar_jobs
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        s = settings_for(root)
+        bigs = [make_path(store, f"big-{i}", {"blob": os.urandom(3 << 20), "x/small": b"s\n"}) for i in range(3)]
+        top = make_path(store, "top", {"": "\n".join(map(store.print_path, bigs)).encode()}, refs=bigs)
+        cache = tmp_path / "c"
+        await push(store, s, f"file://{cache}", [top])
+    sizes = [int(l.split()[1]) for f in cache.glob("*.narinfo") for l in f.read_text().splitlines()
+             if l.startswith("FileSize:")]
+    assert sum(n > fetch.SMALL_NAR for n in sizes) == 3 and sum(n >= nar_jobs.AHEAD_MIN for n in sizes) == 3
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(serve_cache, str(cache), "127.0.0.1:0")
+        d, ds = dest(tmp_path, url + "/")
+        with d:
+            with trio.fail_after(60):
+                assert await substitute(d, ds, {top}) == {top}
+            assert len(d.valid_paths()) == 4
+            assert d.verify(check_contents=True).ok
+        n.cancel_scope.cancel()

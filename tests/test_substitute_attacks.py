@@ -297,13 +297,16 @@ def test_reference_cycle_between_narinfos_fails_without_hanging(attack, tmp_path
     assert_refused(r, tmp_path / "r", a, "reference cycle")
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["one-thread", "reading-thread"])
 @pytest.mark.parametrize("mode,reason", [("truncate", "connection broken"), ("stall", "timed out")])
-async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mode, reason, monkeypatch):
-    """The same attacks against the streaming download path used for big NARs (in-process)."""
-    from purestore.cache import fetch, substituter
+async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mode, reason, ahead, monkeypatch):
+    """The same attacks against the streaming download path used for big NARs (in-process),
+    restored in one thread or with the thread that reads ahead (used from 1 MiB on)."""
+    from purestore.cache import fetch, nar_jobs, substituter
     from purestore.errors import CacheError
     from test_cache_support import settings_for
     monkeypatch.setattr(fetch, "SMALL_NAR", 0)
+    monkeypatch.setattr(nar_jobs, "AHEAD_MIN", 0 if ahead else 1 << 62)
     cache, lib, app = attack
     root = tmp_path / "r"
     s = settings_for(root, stalled_download_timeout=1)
