@@ -144,7 +144,8 @@ def main() -> None:
         print(f"working in /var/tmp{f' (no scratch ext4: {why_not})' if why_not and args.fs != 'host' else ''}")
         bench(args, tree, "/var/tmp")
     else:
-        with scratch_ext4() as mnt:
+        # each round keeps ~2 GB (caches and stores of both tools): size the file system for all
+        with scratch_ext4(size_gb=4 + 3 * args.rounds) as mnt:
             print(f"working on a fresh ext4 mounted at {mnt}")
             bench(args, tree, mnt)
 
