@@ -25,7 +25,9 @@ from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
 
 SMALL_NAR = 1 << 20  # compressed NARs up to this size are fetched in one piece over HTTP
-TINY_NAR = 32 << 10  # NARs up to this size are restored in the event loop's thread
+TINY_NAR = 32 << 10  # NARs up to this size (signed NarSize, enforced) restore in the event loop
+
+
 def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath],
                    provenance: dict[StorePath, bytes] | None = None) -> dict:
     """Worker thread: under the path locks, rename restored trees into place, flush the file
@@ -85,7 +87,7 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None) -> str:
         if isinstance(backend, FileBackend):
             await trio.to_thread.run_sync(restore_file, backend.local_path(ni.url), ni, where, tmp, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
-            # small NARs: one request for the whole body, one thread hop to verify and restore
+            # small NARs: one request for the whole body, verified and restored in one go
             data = await backend.get(ni.url)
             if data is None:
                 raise CacheError(f"{where} is missing from the cache")
