@@ -25,6 +25,7 @@ from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
 
 SMALL_NAR = 1 << 20  # compressed NARs up to this size are fetched in one piece over HTTP
+HAND_OVER = 1 << 20  # bytes of a streamed download handed to the restoring thread at once
 TINY_NAR = 32 << 10  # NARs up to this size (signed NarSize, enforced) restore in the event loop
 
 
@@ -122,8 +123,18 @@ async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progr
         try:
             async with send:
                 async with backend.open_read(ni.url) as chunks:
+                    # the socket gives ~100 KiB at a time; each hand-over to the restoring thread
+                    # costs a round trip between threads, so hand over about 1 MiB at once
+                    parts: list[bytes] = []
+                    size = 0
                     async for c in chunks:
-                        await send.send(c)
+                        parts.append(c)
+                        size += len(c)
+                        if size >= HAND_OVER:
+                            await send.send(b"".join(parts) if len(parts) > 1 else parts[0])
+                            parts, size = [], 0
+                    if parts:
+                        await send.send(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception as e:  # handed to the restoring thread and re-raised by the caller

@@ -28,7 +28,7 @@ import attrs
 import h11
 import trio
 
-RECEIVE = 1 << 18  # bytes asked of the socket per read
+RECEIVE = 1 << 20  # bytes asked of the socket per read
 FRESH = 1.0  # seconds an idle connection is trusted without checking it is still open
 
 
