@@ -12,6 +12,8 @@ to a Nix chroot store; both give the same paths.  Then, in rounds, alternating p
                `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores;
                then the same served by nginx where installed (a static server much faster than
                ours, so that the clients' own speed shows, not the server's)
+4. http big:   where nginx is installed, the big closure substituted over HTTP from the cache
+               each tool pushed in step 1
 
 Every timed run starts after a `sync`.  The best round of each counts (the machine is shared).
 Nothing is deleted until the end: every round writes into new directories.  By default all of it
@@ -144,8 +146,8 @@ def main() -> None:
         print(f"working in /var/tmp{f' (no scratch ext4: {why_not})' if why_not and args.fs != 'host' else ''}")
         bench(args, tree, "/var/tmp")
     else:
-        # each round keeps ~2 GB (caches and stores of both tools): size the file system for all
-        with scratch_ext4(size_gb=4 + 3 * args.rounds) as mnt:
+        # each round keeps ~3 GB (caches and stores of both tools): size the file system for all
+        with scratch_ext4(size_gb=4 + 4 * args.rounds) as mnt:
             print(f"working on a fresh ext4 mounted at {mnt}")
             bench(args, tree, mnt)
 
@@ -187,10 +189,11 @@ def bench(args, tree: Path, where: str) -> None:
         subprocess.run(["tar", "cf", "/dev/null", str(src_pure), str(src_nix)], check=True)
         times: dict[str, list[float]] = {k: [] for k in
                                          ("push-pure", "push-nix", "subst-pure", "subst-nix", "subst0-pure",
-                                          "http-pure", "http-nix", "nginx-pure", "nginx-nix")}
-        nginx = start_nginx(work / "nginx", small_cache)
+                                          "http-pure", "http-nix", "nginx-pure", "nginx-nix",
+                                          "hbig-pure", "hbig-nix")}
+        nginx = start_nginx(work / "nginx", work)  # serves every cache of the run by its directory
         if nginx is None:
-            del times["nginx-pure"], times["nginx-nix"]
+            del times["nginx-pure"], times["nginx-nix"], times["hbig-pure"], times["hbig-nix"]
         server = subprocess.Popen(PURE + ["cache", "serve", str(small_cache), "--listen", "127.0.0.1:0"],
                                   env=PURE_ENV, stderr=subprocess.PIPE, text=True)
         line = server.stderr.readline()
@@ -233,9 +236,15 @@ def bench(args, tree: Path, where: str) -> None:
                                  "--option", "trusted-public-keys", pub, *small_paths]
                     times[f"http-{who}"].append(run(hpull, env, f"http-{who}"))
                     if nginx is not None:
-                        hpull[hpull.index(url)] = nginx[1]
+                        hpull[hpull.index(url)] = nginx[1] + "small-cache/"
                         hpull[hpull.index(hdst)] = work / f"ndst-{who}-{rnd}"
                         times[f"nginx-{who}"].append(run(hpull, env, f"nginx-{who}"))
+                        subprocess.run(["sync"], check=True)
+                        # the big closure over HTTP, from the cache this round's push wrote
+                        bpull = list(pull)
+                        bpull[bpull.index(f"file://{cache}")] = f"{nginx[1]}{cache.name}/"
+                        bpull[bpull.index("--store") + 1] = work / f"bdst-{who}-{rnd}"
+                        times[f"hbig-{who}"].append(run(bpull, env, f"hbig-{who}"))
                 print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
         finally:
             server.terminate()
@@ -247,7 +256,8 @@ def bench(args, tree: Path, where: str) -> None:
         for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
                             ("subst0", "  the same, pure without flush"),
                             ("http", f"{args.small} small paths over HTTP"),
-                            ("nginx", "  the same served by nginx")):
+                            ("nginx", "  the same served by nginx"),
+                            ("hbig", "the big closure from nginx")):
             if f"{what}-pure" not in times:
                 continue
             nwhat = "subst" if what == "subst0" else what
