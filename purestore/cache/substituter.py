@@ -215,6 +215,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     repair = set(repair)
     sd = settings.store_dir
     report = SubstituteReport()
+    explicit_jobs = jobs is not None
     jobs = jobs or max(2, 2 * (os.cpu_count() or 1))
 
     def valid(p: StorePath) -> bool:
@@ -242,8 +243,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         # Restoring a big NAR, or any from a file:// cache, is CPU work (each keeps two threads
         # busy, see nar_jobs._Ahead): more at once than cores only contend for the GIL (measured:
         # 50 big paths from nginx took 2.7 s with 4 at once, 1.9 s with 2).  Small NARs over
-        # HTTP wait on the network instead and go ``jobs`` at a time.
-        llimit = trio.CapacityLimiter(max(1, min(jobs, os.cpu_count() or 1)))
+        # HTTP wait on the network instead and go ``jobs`` at a time.  An explicit ``jobs``
+        # (say, for a distant cache where each connection is slow) applies to all.
+        llimit = trio.CapacityLimiter(jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1)))
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
 
