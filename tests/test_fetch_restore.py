@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from purestore.cache.nar_jobs import restore_stream as _restore
-from purestore.errors import CacheError
+from purestore.errors import CacheError, StoreError
 from purestore.formats.hash import Hash
 from purestore.formats.narinfo import NarInfo
 from purestore.formats.store_path import StorePath
@@ -112,7 +112,7 @@ def test_a_consumer_that_stops_does_not_leave_the_reader_blocked(tmp_path):
     nar = _nar(tmp_path / "src")
     comp = zstandard.ZstdCompressor().compress(nar)
     before = threading.active_count()
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError, match="cannot restore a NAR"):
         _restore(_chunks(comp, 500), _narinfo(nar, comp), "test", str(tmp_path / "gone" / "out"), None)
     _threads_settle(before)
 
