@@ -93,13 +93,13 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None) -> str:
             if data is None:
                 raise CacheError(f"{where} is missing from the cache")
             chunks = iter((data, b""))
+            args = (lambda: next(chunks, b""), ni, where, tmp, progress)
             if ni.nar_size <= TINY_NAR:
                 # a few files of a few KiB: restoring costs less than the hop to a thread would
-                restore_stream(lambda: next(chunks, b""), ni, where, tmp, progress)
+                restore_stream(*args)
                 await trio.lowlevel.checkpoint()
             else:
-                await trio.to_thread.run_sync(restore_stream, lambda: next(chunks, b""), ni, where, tmp,
-                                              progress)
+                await trio.to_thread.run_sync(restore_stream, *args)
         else:
             await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:

@@ -85,12 +85,6 @@ class _VerifyingReader:
                 return out
         return b""
 
-    def finish(self) -> None:
-        """Read to the end and check FileSize, FileHash, NarSize and NarHash."""
-        while self.read():
-            pass
-        self.verify()
-
     def verify(self) -> None:
         """Check FileSize, FileHash, NarSize and NarHash, all read."""
         ni = self.ni
@@ -165,22 +159,24 @@ def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Prog
     reader = _VerifyingReader(next_chunk, ni, where, progress)
     # a thread of its own pays off for big NARs only (starting one costs ~0.1 ms and GIL hops)
     ahead = _Ahead(reader) if ni.nar_size >= AHEAD_MIN else reader
+
+    def read_to_end_and_verify() -> None:
+        while ahead.read():
+            pass
+        reader.verify()
+
     try:
         try:
             restore_nar(ahead, tmp, canonical=True)
         except NarError as e:
             # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
             try:
-                while ahead.read():
-                    pass
-                reader.verify()
+                read_to_end_and_verify()
             except CacheError as mismatch:
                 raise CacheError(f"{mismatch} (and it is not a valid NAR: {e})") from e
             raise CacheError(f"NAR {where} is invalid: {e}") from e
         try:
-            while ahead.read():
-                pass
-            reader.verify()
+            read_to_end_and_verify()
         except BaseException:
             remove_tree(tmp)  # restored completely, but not what the narinfo promised
             raise
