@@ -38,7 +38,8 @@ def make_path(store, name: str, files: dict[str, bytes | str], refs=(), deriver=
     target; '' key = the path is a single file) that refers to ``refs``.  Returns the StorePath."""
     from purestore.formats.path_info import PathInfo
     from purestore.formats.store_path import make_store_path
-    from purestore.store.fsnar import canonicalise_path, hash_path
+    from purestore.store.fsnar import hash_path
+    from purestore.store.fstree import canonicalise_path
 
     refs = list(refs)
     seed = repr(sorted((k, v) for k, v in files.items())) + repr(sorted(map(str, refs)))

@@ -15,7 +15,7 @@ from conftest import DATA, needs_nix
 from purestore.errors import NarError, StoreError
 from purestore.formats import nar as N
 from purestore.formats.hash import Hash
-from purestore.store import fsnar
+from purestore.store import fsnar, fstree
 
 GOLDEN = DATA / "nar"
 HASHES = {line.split("\t")[0]: line.split("\t")[1:] for line in (GOLDEN / "hashes.tsv").read_text().splitlines()}
@@ -158,7 +158,7 @@ def test_dump_restore_round_trip(tmp_path, tree, data):
 
     make(src, tree)
     nar = dump(src)
-    fsnar.restore_nar(io.BytesIO(nar), str(base / "dst"))
+    fstree.restore_nar(io.BytesIO(nar), str(base / "dst"))
     assert dump(base / "dst") == nar
 
 
@@ -168,7 +168,7 @@ def test_dump_restore_round_trip(tmp_path, tree, data):
 def test_restore_golden_then_dump_is_identical(tmp_path, name):
     nar = (GOLDEN / f"{name}.nar").read_bytes()
     dest = tmp_path / "out"
-    fsnar.restore_nar(io.BytesIO(nar), str(dest))
+    fstree.restore_nar(io.BytesIO(nar), str(dest))
     assert dump(dest) == nar
     for p in walk_all(dest):
         st_ = os.lstat(p)
@@ -179,10 +179,10 @@ def test_restore_golden_then_dump_is_identical(tmp_path, name):
 def test_restore_refuses_an_existing_dest(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(StoreError, match="already exists"):
-        fsnar.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "x"))
+        fstree.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "x"))
     (tmp_path / "l").symlink_to("nowhere")
     with pytest.raises(StoreError, match="already exists"):
-        fsnar.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "l"))
+        fstree.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "l"))
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -231,7 +231,7 @@ def test_restore_never_writes_through_a_symlink_it_created(tmp_path):
     for i, attack in enumerate(attacks):
         dest = tmp_path / f"dest{i}"
         with pytest.raises(NarError) as ei:
-            fsnar.restore_nar(io.BytesIO(attack), str(dest))
+            fstree.restore_nar(io.BytesIO(attack), str(dest))
         assert ei.value.offset is not None
         assert list(outside.iterdir()) == [], f"attack {i} wrote outside"
         assert not dest.exists() and not dest.is_symlink(), "partial tree left behind"
@@ -241,13 +241,13 @@ def test_restore_never_writes_through_a_symlink_it_created(tmp_path):
 def test_restore_removes_the_partial_tree_on_truncation(tmp_path):
     nar = (GOLDEN / "tree.nar").read_bytes()
     with pytest.raises(NarError, match="truncated"):
-        fsnar.restore_nar(io.BytesIO(nar[: len(nar) // 2]), str(tmp_path / "d"))
+        fstree.restore_nar(io.BytesIO(nar[: len(nar) // 2]), str(tmp_path / "d"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_restore_into_a_missing_parent_is_a_store_error(tmp_path):
     with pytest.raises(StoreError):
-        fsnar.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "no" / "dest"))
+        fstree.restore_nar(io.BytesIO(N.nar_of_bytes(b"x")), str(tmp_path / "no" / "dest"))
 
 
 # -- copy_and_hash and canonical metadata -----------------------------------------------------
@@ -324,13 +324,13 @@ def test_canonicalise_path(tmp_path):
     (root / "private").mkdir(mode=0o700)
     (root / "private" / "f").write_text("p")
     os.setxattr(root / "data", "user.junk", b"1") if hasattr(os, "setxattr") else None
-    fsnar.canonicalise_path(str(root))
+    fstree.canonicalise_path(str(root))
     assert_canonical(root)
     assert stat.S_IMODE(os.lstat(root / "bin" / "tool").st_mode) == 0o555
     assert stat.S_IMODE(os.lstat(root / "data").st_mode) == 0o444
     assert stat.S_IMODE(os.lstat(root / "gx").st_mode) == 0o444
     assert os.listxattr(root / "data") == []
-    fsnar.canonicalise_path(str(root))  # idempotent
+    fstree.canonicalise_path(str(root))  # idempotent
     assert_canonical(root)
     make_writable(root)
 
@@ -347,7 +347,7 @@ def test_canonicalise_rejects_writable_outputs_when_asked(tmp_path, mode):
         bad.write_text("x")
     bad.chmod(mode)
     with pytest.raises(StoreError, match="bad.*writable"):
-        fsnar.canonicalise_path(str(root), reject_writable=True)
+        fstree.canonicalise_path(str(root), reject_writable=True)
     make_writable(root)
 
 
@@ -360,7 +360,7 @@ def test_special_files_are_refused(tmp_path):
     with pytest.raises(StoreError, match="FIFO"):
         fsnar.copy_and_hash(str(root), str(tmp_path / "c"))
     with pytest.raises(StoreError, match="FIFO"):
-        fsnar.canonicalise_path(str(root / "fifo"))
+        fstree.canonicalise_path(str(root / "fifo"))
     os.unlink(root / "fifo")
     s = socket.socket(socket.AF_UNIX)
     try:
@@ -432,7 +432,7 @@ def test_restoring_corrupted_nars_fails_cleanly(tmp_path, data):
     base.mkdir()
     dest = base / "dest"
     try:
-        fsnar.restore_nar(io.BytesIO(bad), str(dest))
+        fstree.restore_nar(io.BytesIO(bad), str(dest))
     except NarError:
         assert not os.path.lexists(dest)
     else:
@@ -443,7 +443,7 @@ def test_restoring_corrupted_nars_fails_cleanly(tmp_path, data):
 def test_restore_modes_do_not_depend_on_the_umask(tmp_path):
     old = os.umask(0o077)
     try:
-        fsnar.restore_nar(io.BytesIO((GOLDEN / "tree.nar").read_bytes()), str(tmp_path / "t"))
+        fstree.restore_nar(io.BytesIO((GOLDEN / "tree.nar").read_bytes()), str(tmp_path / "t"))
     finally:
         os.umask(old)
     modes = {stat.S_IMODE(os.lstat(p).st_mode) for p in walk_all(tmp_path / "t") if not os.path.islink(p)}
@@ -485,9 +485,9 @@ def test_canonical_restore_equals_restore_then_canonicalise(tmp_path, name):
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
     a.parent.mkdir()
     b.parent.mkdir()
-    fsnar.restore_nar(io.BytesIO(nar), str(a), canonical=True)
-    fsnar.restore_nar(io.BytesIO(nar), str(b))
-    fsnar.canonicalise_path(str(b))
+    fstree.restore_nar(io.BytesIO(nar), str(a), canonical=True)
+    fstree.restore_nar(io.BytesIO(nar), str(b))
+    fstree.canonicalise_path(str(b))
     assert dump(a) == nar
     assert_canonical(a)
     assert _metadata(a) == _metadata(b)
@@ -504,7 +504,7 @@ def test_canonical_restore_removes_read_only_partial_trees(tmp_path):
     nar = dump(src)
     cut = nar.index(b"y" * 100)  # in the contents of z, after a/ is complete
     with pytest.raises(NarError, match="truncated"):
-        fsnar.restore_nar(io.BytesIO(nar[:cut]), str(tmp_path / "d"), canonical=True)
+        fstree.restore_nar(io.BytesIO(nar[:cut]), str(tmp_path / "d"), canonical=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -532,7 +532,7 @@ def test_canonical_restore_strips_inherited_acls(tmp_path):
         pytest.skip("the file system did not apply the default ACL")
     probe.unlink()
     nar = (GOLDEN / "tree.nar").read_bytes()
-    fsnar.restore_nar(io.BytesIO(nar), str(parent / "out"), canonical=True)
+    fstree.restore_nar(io.BytesIO(nar), str(parent / "out"), canonical=True)
     assert dump(parent / "out") == nar
     assert_canonical(parent / "out")
     for p in walk_all(parent / "out"):
@@ -546,7 +546,7 @@ def test_canonical_restore_modes_do_not_depend_on_the_umask(tmp_path, umask):
     nar = (GOLDEN / "tree.nar").read_bytes()
     old = os.umask(umask)
     try:
-        fsnar.restore_nar(io.BytesIO(nar), str(tmp_path / "t"), canonical=True)
+        fstree.restore_nar(io.BytesIO(nar), str(tmp_path / "t"), canonical=True)
     finally:
         os.umask(old)
     assert dump(tmp_path / "t") == nar

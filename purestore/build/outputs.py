@@ -21,7 +21,7 @@ from ..formats.derivation import Derivation
 from ..formats.hash import Hash
 from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath, content_address
-from ..store import fsnar
+from ..store import fsnar, fstree
 
 
 @attrs.frozen
@@ -59,7 +59,7 @@ def check_outputs(drv: Derivation, drv_path: StorePath, host_paths: dict[str, st
             raise BuildError(f"builder for {drv_label} did not create its output {name!r} "
                              f"({sp.absolute(store_dir)})")
         try:
-            fsnar.canonicalise_path(path, reject_writable=True)
+            fstree.canonicalise_path(path, reject_writable=True)
         except StoreError as e:
             msg = str(e).replace(os.path.dirname(path) + "/", store_dir + "/")
             raise BuildError(f"output {name!r} of {drv_label}: {msg}") from e

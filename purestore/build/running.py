@@ -12,7 +12,7 @@ import trio
 
 from ..errors import PurestoreError, SandboxError
 from . import sandbox as sb
-from ..store.fsnar import remove_tree
+from ..store.fstree import remove_tree
 from .logs import BuildLog
 
 

@@ -38,7 +38,7 @@ from .builtins import BUILTIN_BUILDERS
 from .logs import BuildLog
 from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
-from ..store.fsnar import remove_tree
+from ..store.fstree import remove_tree
 from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap, wait_flock
 
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)

@@ -154,7 +154,7 @@ class _Ahead:
 def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None) -> None:
     """Stream, verify and restore into ``tmp``, with canonical metadata; when anything fails,
     ``tmp`` is removed and the error raised."""
-    from ..store.fsnar import remove_tree, restore_nar
+    from ..store.fstree import remove_tree, restore_nar
 
     reader = _VerifyingReader(next_chunk, ni, where, progress)
     # a thread of its own pays off for big NARs only (starting one costs ~0.1 ms and GIL hops)

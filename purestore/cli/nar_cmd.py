@@ -67,7 +67,7 @@ def cmd_dump(args, ctx) -> int:
 
 
 def cmd_restore(args, ctx) -> int:
-    from ..store.fsnar import restore_nar
+    from ..store.fstree import restore_nar
 
     restore_nar(sys.stdin.buffer, args.dest)
     return 0

@@ -311,9 +311,9 @@ def build_user_environment(store, elements: list[Element]) -> StorePath:
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
-        from ..store import fsnar
+        from ..store import fsnar, fstree
 
-        fsnar.canonicalise_path(tmp)
+        fstree.canonicalise_path(tmp)
         candidates = {store.parse_path(p).hash_part: store.parse_path(p)
                       for e in elements for p in e.store_paths}
         nar_hash, nar_size, found = fsnar.nar_hash_and_scan(tmp, candidates)

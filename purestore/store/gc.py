@@ -45,7 +45,7 @@ import attrs
 from ..errors import StoreError
 from ..formats.store_path import StorePath
 from . import roots as _roots
-from .fsnar import remove_tree
+from .fstree import remove_tree
 
 PROFILES = "profiles"
 TRASH_SUFFIX = "-gc-trash"

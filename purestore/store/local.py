@@ -38,7 +38,7 @@ from ..formats.store_path import (
 )
 from .adding import add_error, check_add_source, compute_add_path, file_sha256  # noqa: F401
 from .db import StoreDB
-from .fsnar import remove_tree
+from .fstree import remove_tree
 from .lock import PathLocks
 from .roots import TempRoots, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
 from .settings import Settings

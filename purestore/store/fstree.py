@@ -1,0 +1,236 @@
+"""NARs -> file trees, and trees made canonical: the writing half of ``fsnar`` (DESIGN.md, FORMATS.md 3 and 6).
+
+- :func:`restore_nar` materialises a NAR stream as a new tree, never writing outside it, with
+  canonical metadata set on the way when asked (substitution);
+- :func:`canonicalise_path` applies canonical metadata to an existing tree (builder outputs,
+  profiles);
+- :func:`remove_tree` removes a tree whatever its modes (the one tree remover of the store layer).
+
+Canonical metadata: mtime 1 on everything (symlinks too), files 0444 or 0555 when the owner x bit
+was set, directories 0555, no setuid/setgid/sticky bits, no extended attributes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ..errors import NarError, StoreError
+from ..formats import nar as _nar
+from .fsnar import _O_CREATE, _oserror, _show, _unsupported, _write_all
+
+
+def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
+    """Materialise the NAR read from ``source`` at ``dest``, which must not exist.
+
+    Strict (the NAR reader rejects anything malformed); never writes outside ``dest`` and never
+    follows a symlink: every entry is created relative to its parent directory's descriptor with
+    ``O_EXCL``/``O_NOFOLLOW``.  Files get mode 0644 or 0755, directories 0755; with
+    ``canonical``, the store's canonical metadata instead (0444/0555, directories 0555, mtime 1),
+    set through the descriptors while restoring, so that no second walk over the tree is needed.
+    On any error the partial tree is removed and the error re-raised (:class:`NarError` for a bad
+    NAR, :class:`StoreError` for the file system).
+    """
+    if os.path.lexists(dest):
+        raise StoreError(f"cannot restore a NAR to {dest!r}: it already exists")
+    parent = os.path.dirname(os.path.abspath(dest)) or "/"
+    created = False
+    try:
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"cannot restore a NAR to {dest!r}: {e.strerror}") from e
+    # New files inherit a default ACL of the directory as extended attributes: then the
+    # canonical metadata needs the full pass after all (it strips them).
+    walk_after = canonical and _has_default_acl(pfd)
+    canonical = canonical and not walk_after
+    base = os.fsencode(os.path.basename(os.path.abspath(dest)))
+    dirs: list[tuple[tuple, int]] = []  # open directories: (path, fd)
+    fchmod, utime, close = os.fchmod, os.utime, os.close
+    umask = _read_umask() if canonical else 0o777  # read for each restore: callers may change it
+    try:
+        for ev in _nar.parse_nar(source):
+            path = ev.path
+            if not path:
+                at_fd, name = pfd, base
+            else:
+                while dirs and dirs[-1][0] != path[:-1]:
+                    _finish_dir(dirs, canonical, dest)
+                if not dirs:  # cannot happen with a valid event stream
+                    raise NarError(f"entry {_nar.render_path(path)!r} outside any directory")
+                at_fd, name = dirs[-1][1], path[-1]
+            created = True
+            try:
+                if isinstance(ev, _nar.NarRegular):
+                    mode = (0o555 if ev.executable else 0o444) if canonical else 0o600
+                    fd = os.open(name, _O_CREATE, mode, dir_fd=at_fd)
+                    try:
+                        for chunk in ev.chunks:
+                            _write_all(fd, chunk, name)
+                        if canonical:
+                            # created with its final mode (opened for writing all the same)
+                            # unless the umask took bits away
+                            if umask & mode:
+                                fchmod(fd, mode)
+                            utime(fd, _EPOCH1)
+                        else:
+                            fchmod(fd, 0o755 if ev.executable else 0o644)
+                    finally:
+                        close(fd)
+                elif isinstance(ev, _nar.NarDirectory):
+                    os.mkdir(name, 0o755, dir_fd=at_fd)
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=at_fd)
+                    dirs.append((path, fd))
+                    if umask & 0o700:
+                        fchmod(fd, 0o755)  # writable for us whatever the umask
+                else:
+                    os.symlink(ev.target, name, dir_fd=at_fd)
+                    if canonical:
+                        utime(name, _EPOCH1, dir_fd=at_fd, follow_symlinks=False)
+            except OSError as e:
+                raise StoreError(
+                    f"cannot restore {_nar.render_path(path)!r} under {dest!r}: {e.strerror or e}"
+                ) from e
+        while dirs:
+            _finish_dir(dirs, canonical, dest)
+    except BaseException:
+        for _p, fd in dirs:
+            close(fd)
+        dirs = []
+        if created:
+            remove_tree(dest)
+        raise
+    finally:
+        for _p, fd in dirs:
+            close(fd)
+        close(pfd)
+    if walk_after:
+        canonicalise_path(dest)
+
+
+_EPOCH1 = (1, 1)
+
+
+def _read_umask() -> int:
+    """The process's umask, without changing it (Linux reports it in /proc since 4.7)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def _finish_dir(dirs: list, canonical: bool, dest: str) -> None:
+    """Close the innermost open directory of a restore, all its entries written (canonical:
+    read-only, mtime 1, now that nothing more is created in it)."""
+    path, fd = dirs[-1]
+    try:
+        if canonical:
+            os.fchmod(fd, 0o555)
+            os.utime(fd, _EPOCH1)
+    except OSError as e:
+        raise StoreError(f"cannot restore {_nar.render_path(path)!r} under {dest!r}: {e.strerror or e}") from e
+    dirs.pop()
+    os.close(fd)
+
+
+def _has_default_acl(dir_fd: int) -> bool:
+    try:
+        return "system.posix_acl_default" in os.listxattr(dir_fd)
+    except OSError:
+        return False
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file, symlink or tree, making read-only directories (0555 store paths) writable
+    first; a missing path is fine.  The one tree remover of the store layer."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    with os.scandir(path) as it:
+        entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
+    for p, is_dir in entries:
+        if is_dir:
+            remove_tree(p)
+        else:
+            os.unlink(p)
+    os.rmdir(path)
+
+
+def canonicalise_path(path: str, *, reject_writable: bool = False) -> None:
+    """Give the tree at ``path`` canonical metadata in place (directories after their children).
+
+    With ``reject_writable``, raise :class:`StoreError` naming the first group- or
+    world-writable file or directory (builder outputs).  setuid/setgid/sticky bits are stripped,
+    extended attributes removed.  Raises :class:`StoreError` for sockets, FIFOs and devices.
+    """
+    _canon(os.fsencode(path), reject_writable, 0)
+
+
+def _canon(p: bytes, reject_writable: bool, depth: int) -> None:
+    try:
+        st = os.lstat(p)
+    except OSError as e:
+        raise _oserror("read", p, e) from e
+    mode = st.st_mode
+    if reject_writable and not stat.S_ISLNK(mode) and mode & 0o022:
+        raise StoreError(
+            f"{_show(p)!r} is group- or world-writable (mode {stat.S_IMODE(mode):04o}): "
+            "refusing a suspicious build output"
+        )
+    try:
+        if stat.S_ISLNK(mode):
+            if st.st_mtime_ns != 1_000_000_000:
+                os.utime(p, (1, 1), follow_symlinks=False)
+            return
+        if stat.S_ISREG(mode):
+            _strip_xattrs(p)
+            want = 0o555 if mode & 0o100 else 0o444
+            if stat.S_IMODE(mode) != want:
+                os.chmod(p, want)
+            if st.st_mtime_ns != 1_000_000_000:
+                os.utime(p, (1, 1))
+            return
+        if stat.S_ISDIR(mode):
+            if depth >= _nar.MAX_DEPTH:
+                raise StoreError(f"{_show(p)!r} is nested more than {_nar.MAX_DEPTH} directories deep")
+            if mode & 0o700 != 0o700:
+                os.chmod(p, 0o700)
+            with os.scandir(p) as it:
+                names = [e.name for e in it]
+            for n in names:
+                _canon(p + b"/" + n, reject_writable, depth + 1)
+            _strip_xattrs(p)
+            os.chmod(p, 0o555)
+            os.utime(p, (1, 1))
+            return
+    except StoreError:
+        raise
+    except OSError as e:
+        raise _oserror("canonicalise", p, e) from e
+    raise _unsupported(p, mode)
+
+
+def _strip_xattrs(p: bytes) -> None:
+    try:
+        names = os.listxattr(p, follow_symlinks=False)
+    except OSError:
+        return
+    for n in names:
+        try:
+            os.removexattr(p, n, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
