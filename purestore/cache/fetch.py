@@ -21,6 +21,7 @@ from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend
+from .forked import WorkerGone
 from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
 
@@ -78,15 +79,26 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
     return result
 
 
-async def download(store, cache, ni: NarInfo, progress: Progress | None) -> str:
-    """Stream, verify and restore the NAR into a fresh temporary name in the store; return it."""
+async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=None) -> str:
+    """Stream, verify and restore the NAR into a fresh temporary name in the store; return it.
+
+    ``worker`` (a :class:`.forked.ForkedWorker`), when given and idle, restores from a
+    ``file://`` cache in its process instead of a thread of this one."""
     p = ni.store_path
     backend = cache.backend
     where = f"{cache.url.rstrip('/')}/{ni.url}"
     tmp = S.temp_path(store, p)
     try:
         if isinstance(backend, FileBackend):
-            await trio.to_thread.run_sync(restore_file, backend.local_path(ni.url), ni, where, tmp, progress)
+            args = (backend.local_path(ni.url), ni, where, tmp)
+            if worker is not None and worker.usable and not worker.busy:
+                try:
+                    await worker.call(restore_file, *args, progress=progress)
+                    return tmp
+                except WorkerGone:  # it left a partial tree at most: start again here
+                    if os.path.lexists(tmp):
+                        await trio.to_thread.run_sync(remove_temp, store, tmp)
+            await trio.to_thread.run_sync(restore_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
             data = await backend.get(ni.url)
@@ -104,7 +116,8 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None) -> str:
             await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:
         if os.path.lexists(tmp):
-            await trio.to_thread.run_sync(remove_temp, store, tmp)
+            with trio.CancelScope(shield=True):  # cancelled too (Ctrl-C): nothing writes there now
+                await trio.to_thread.run_sync(remove_temp, store, tmp)
         raise
     return tmp
 

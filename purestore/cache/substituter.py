@@ -24,6 +24,7 @@ what was wrong, its referrers fail too, and everything else goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend, check_name, open_backend, parse_url
 from .fetch import SMALL_NAR, download, install_batch, remove_temp
+from .forked import ForkedWorker
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache
 from ._nursery import open_nursery
@@ -207,10 +209,14 @@ class Substituters:
 async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             urls: Iterable[str] | None = None, trusted_keys: Iterable[str] | None = None,
                             progress: Progress | None = None, repair: Iterable[StorePath] = (),
-                            jobs: int | None = None, negative_ttl: int | None = None) -> SubstituteReport:
+                            jobs: int | None = None, negative_ttl: int | None = None,
+                            fork_worker: bool = False) -> SubstituteReport:
     """Substitute ``paths`` (and their missing references) from the caches; never raises for a
     single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
-    valid and put back in place."""
+    valid and put back in place.
+
+    ``fork_worker``: restore from ``file://`` caches in a forked copy of this process as well
+    (:mod:`.forked`); only for a caller whose other threads are all idle now (the CLI)."""
     paths = set(paths)
     repair = set(repair)
     sd = settings.store_dir
@@ -229,7 +235,11 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         report.valid = {p for p in paths if S.is_valid(store, p)}
         return report
 
-    async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl) as subs:
+    lanes = jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1))
+    use_worker = fork_worker and lanes >= 2 and any(
+        u.startswith("file://") for u in (settings.substituters if urls is None else urls))
+    async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl) as subs, \
+            _forked_worker(use_worker) as worker:
         if not subs.caches and not subs.rejected:
             report.valid = {p for p in paths if S.is_valid(store, p)}
             return report
@@ -245,7 +255,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         # 50 big paths from nginx took 2.7 s with 4 at once, 1.9 s with 2).  Small NARs over
         # HTTP wait on the network instead and go ``jobs`` at a time.  An explicit ``jobs``
         # (say, for a distant cache where each connection is slow) applies to all.
-        llimit = trio.CapacityLimiter(jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1)))
+        llimit = trio.CapacityLimiter(lanes)
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
 
@@ -308,7 +318,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     if progress:
                         progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
                     try:
-                        tmp = await download(store, cache, ni, progress)
+                        tmp = await download(store, cache, ni, progress, worker)
                     except (CacheError, FormatError, StoreError, SignatureError) as e:
                         report.failures[p] = str(e)
                         return
@@ -372,6 +382,18 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     return report
 
 
+@contextlib.asynccontextmanager
+async def _forked_worker(wanted: bool):
+    """A :class:`.forked.ForkedWorker` (or None), forked now: before any fetch has started a
+    thread, so that no lock is held by a busy thread at the fork."""
+    worker = ForkedWorker.start() if wanted else None
+    try:
+        yield worker
+    finally:
+        if worker is not None:
+            await worker.aclose()
+
+
 def _topo(found: dict[StorePath, tuple[_Cache, NarInfo]]) -> list[StorePath]:
     deps = {p: {r for r in ni.references if r != p and r in found} for p, (_c, ni) in found.items()}
     users: dict[StorePath, set[StorePath]] = {p: set() for p in found}
@@ -407,16 +429,18 @@ async def substitute(store, settings, paths: set[StorePath], progress: Progress 
 
 async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
                     trusted_keys: Iterable[str] | None = None, progress: Progress | None = None,
-                    check_sigs: bool = True, jobs: int | None = None) -> SubstituteReport:
+                    check_sigs: bool = True, jobs: int | None = None,
+                    fork_worker: bool = False) -> SubstituteReport:
     """``pure copy --from URL PATH…``: fetch ``paths`` and their closures from one cache
     (asking it afresh: remembered negative answers are ignored).
 
     Raises :class:`CacheError` naming each path that could not be fetched and why.
+    ``fork_worker``: see :func:`substitute_report`.
     """
     paths = set(paths)
     report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
                                      trusted_keys=trusted_keys, progress=progress, negative_ttl=0,
-                                     jobs=jobs)
+                                     jobs=jobs, fork_worker=fork_worker)
     missing = sorted(paths - report.valid)
     if missing:
         sd = settings.store_dir

@@ -182,8 +182,9 @@ def cmd_copy(args, ctx) -> int:
         from ..cache.substituter import copy_from
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
+        # fork_worker: nothing else runs in this process, so a forked restoring process is safe
         rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
-                                         progress=progress, jobs=args.jobs))
+                                         progress=progress, jobs=args.jobs, fork_worker=True))
         if args.json:
             print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
                               "narBytes": rep.nar_bytes}, indent=2))

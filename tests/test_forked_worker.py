@@ -1,0 +1,246 @@
+"""The forked restoring process of `pure copy --from file://` (purestore/cache/forked.py).
+
+The jobs below are module-level functions: the child, forked from this test process, finds them
+by name.  The substitution tests (test_substitute_attacks.py among them) run `pure copy --from
+file://…` through the CLI, which uses the worker on a machine with two cores or more."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import types
+
+import pytest
+import trio
+
+from conftest import run_pure
+from purestore.cache.backend import open_backend
+from purestore.cache.fetch import download
+from purestore.cache.forked import ForkedWorker, WorkerGone
+from purestore.cache.progress import Progress
+from purestore.errors import CacheError, StoreError
+from purestore.formats.narinfo import NarInfo
+from purestore.store.fsnar import hash_path
+from test_cache_support import SEC, make_closure, make_path, open_store
+
+
+def job_pid(progress=None):
+    return os.getpid()
+
+
+def job_progress(total, step, progress=None):
+    for _ in range(total // step):
+        progress.add_bytes(step)
+    return "done"
+
+
+class Picky(Exception):
+    """Pickles, but does not unpickle (its constructor wants two arguments)."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def job_fails(kind, progress=None):
+    if kind == "picky":
+        raise Picky("half a story", "the other half")
+    if kind == "store":
+        raise StoreError("disk on fire", hint="call the fire brigade")
+    if kind == "unpicklable":
+        class Local(Exception):
+            pass
+        raise Local("cannot be pickled")
+    raise CacheError("bad NAR")
+
+
+def job_dies(progress=None):
+    os._exit(3)
+
+
+def job_sleeps(seconds, progress=None):
+    time.sleep(seconds)
+    return "woke"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_jobs_run_in_another_process_and_progress_is_relayed():
+    w = ForkedWorker.start()
+    try:
+        assert await w.call(job_pid) not in (os.getpid(), None)
+        p = Progress()
+        assert await w.call(job_progress, 3 << 20, 64 << 10, progress=p) == "done"
+        assert p.bytes_done == 3 << 20
+        assert not w.busy and w.usable
+    finally:
+        await w.aclose()
+
+
+async def test_errors_come_back_with_their_type_message_and_hint():
+    w = ForkedWorker.start()
+    try:
+        with pytest.raises(CacheError, match="^bad NAR$"):
+            await w.call(job_fails, "cache")
+        with pytest.raises(StoreError) as e:
+            await w.call(job_fails, "store")
+        assert str(e.value) == "disk on fire" and e.value.hint == "call the fire brigade"
+        with pytest.raises(CacheError, match="Local: cannot be pickled"):
+            await w.call(job_fails, "unpicklable")
+        with pytest.raises(CacheError, match="Picky: half a story"):
+            await w.call(job_fails, "picky")
+        assert w.usable  # a job's failure is not the worker's
+        assert await w.call(job_sleeps, 0) == "woke"
+    finally:
+        await w.aclose()
+
+
+async def test_a_child_that_dies_is_reported_and_reaped():
+    w = ForkedWorker.start()
+    pid = w.pid
+    with pytest.raises(WorkerGone, match="exited unexpectedly"):
+        await w.call(job_dies)
+    assert not w.usable
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # already reaped
+    await w.aclose()
+
+
+async def test_a_cancelled_job_kills_the_child_at_once():
+    w = ForkedWorker.start()
+    pid = w.pid
+    t0 = time.monotonic()
+    with trio.move_on_after(0.3):
+        await w.call(job_sleeps, 30)
+    assert time.monotonic() - t0 < 5
+    assert not w.usable and not alive(pid)
+    await w.aclose()
+
+
+async def test_aclose_lets_the_child_exit():
+    w = ForkedWorker.start()
+    pid = w.pid
+    await w.call(job_pid)
+    await w.aclose()
+    assert not alive(pid)
+
+
+async def test_download_falls_back_to_a_thread_when_the_worker_is_gone(tmp_path):
+    src = tmp_path / "src"
+    with open_store(src) as store:
+        lib, app = make_closure(store)
+        want = hash_path(store.real_path(app))
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(app), root=src)
+    ni = NarInfo.parse((cache / f"{app.hash_part}.narinfo").read_text(), "/pure/store")
+
+    w = ForkedWorker.start()
+    os.kill(w.pid, signal.SIGKILL)  # the child is gone before the job is sent
+    url = f"file://{cache}"
+    c = types.SimpleNamespace(url=url, backend=open_backend(url))
+    with open_store(tmp_path / "dst") as dst:
+        tmp = await download(dst, c, ni, None, w)
+        assert hash_path(tmp) == want  # restored here, after the worker failed
+    assert not w.usable
+    await w.aclose()
+
+
+def test_cli_copy_from_file_cache_with_the_worker(tmp_path):
+    """Several paths from a file:// cache through the CLI (the worker restores some of them)."""
+    src = tmp_path / "src"
+    with open_store(src) as store:
+        lib, app = make_closure(store)
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(app), root=src)
+    from test_cache_support import PUB
+    dst = tmp_path / "dst"
+    r = run_pure("copy", "-j", "2", "--from", f"file://{cache}", "--trusted-public-keys", PUB,
+                 f"/pure/store/{app.base_name}", root=dst)
+    assert "fetched 2 paths" in r.stderr
+    run_pure("store", "verify", "--check-contents", root=dst)
+
+
+@pytest.mark.parametrize("to", ["group", "command"])
+def test_ctrl_c_while_the_worker_and_a_thread_restore_leaves_nothing_behind(tmp_path, to):
+    """Both NARs are FIFOs fed two thirds of the way: one restore is in the worker, one in a thread of the
+    command, both waiting for more, when SIGINT reaches the process group (Ctrl-C: the worker
+    dies of it at once) or the command alone (it must stop the worker itself)."""
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import pure_env
+    from test_cache_support import PUB
+
+    src = tmp_path / "src"
+    with open_store(src) as store:  # NARs of 3 MiB: the restores read 1 MiB at a time
+        lib = make_path(store, "big-lib", {"": os.urandom(3 << 20)})
+        app = make_path(store, "big-app", {"data": os.urandom(3 << 20)}, refs=[lib])
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}?compression=none", "--secret-key-file", key,
+             store.print_path(app), root=src)
+
+    started = []
+    release = threading.Event()
+
+    def feed(fifo, data):
+        with open(fifo, "wb", buffering=0) as f:  # blocks until pure opens it for reading
+            f.write(data[: 2 << 20])
+            started.append(fifo)
+            release.wait(30)
+
+    feeders = []
+    for sp in (lib, app):
+        text = (cache / f"{sp.hash_part}.narinfo").read_text()
+        nar = cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+        data = nar.read_bytes()
+        nar.unlink()
+        os.mkfifo(nar)
+        t = threading.Thread(target=feed, args=(nar, data), daemon=True)
+        t.start()
+        feeders.append(t)
+
+    dst = tmp_path / "dst"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"file://{cache}",
+         "--trusted-public-keys", PUB, f"/pure/store/{app.base_name}"],
+        env=pure_env(dst, None, None), stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 30
+        while len(started) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        assert len(started) == 2, "both restores should be under way"
+        while len(os.listdir(dst / "pure/store/.tmp")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until both have created their temporary trees
+        assert len(os.listdir(dst / "pure/store/.tmp")) == 2
+
+        if to == "group":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            os.kill(p.pid, signal.SIGINT)
+        time.sleep(0.3)
+        release.set()  # the thread's read ends (the worker's was killed)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        release.set()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err, err
+    store_dir = dst / "pure/store"
+    assert [n for n in os.listdir(store_dir) if n != ".tmp"] == []
+    assert os.listdir(store_dir / ".tmp") == []
+    run_pure("store", "verify", "--check-contents", root=dst)
