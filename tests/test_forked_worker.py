@@ -244,3 +244,49 @@ def test_ctrl_c_while_the_worker_and_a_thread_restore_leaves_nothing_behind(tmp_
     assert [n for n in os.listdir(store_dir) if n != ".tmp"] == []
     assert os.listdir(store_dir / ".tmp") == []
     run_pure("store", "verify", "--check-contents", root=dst)
+
+
+@pytest.mark.parametrize("to", ["group", "command"])
+def test_ctrl_c_during_a_push_leaves_no_temporary_file(tmp_path, to):
+    """Two big paths compress at once, one in the worker and one in a thread, when SIGINT comes."""
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+
+    src = tmp_path / "src"
+    with open_store(src) as store:
+        lib = make_path(store, "big-lib", {"": os.urandom(4 << 20)})  # ~0.5 s each with xz
+        app = make_path(store, "big-app", {"data": os.urandom(4 << 20)}, refs=[lib])
+        app_p = store.print_path(app)
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    cache = tmp_path / "cache"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "purestore.cli.main", "copy", "--to", f"file://{cache}?compression=xz&compression-level=0",
+         "--secret-key-file", str(key), app_p],
+        env=pure_env(src, None, None), stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def temps():
+        try:
+            return [n for n in os.listdir(cache / "nar") if n.startswith(".tmp-")]
+        except FileNotFoundError:
+            return []
+    try:
+        deadline = time.monotonic() + 60
+        while len(temps()) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.005)
+        assert len(temps()) == 2, "both compressions should be under way"
+        if to == "group":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            os.kill(p.pid, signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err, err
+    assert temps() == []
+    assert not list(cache.glob("*.narinfo"))

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import queue
+import secrets
 import tempfile
 import threading
 from typing import Callable
@@ -252,13 +253,22 @@ class _CompressSink:
         flush_to(self.comp, self._emit)
 
 
+def push_temp_name(tmp_dir: str | None) -> str:
+    """A fresh name for :func:`compress_path`'s output in ``tmp_dir`` (None: the system's)."""
+    return os.path.join(tmp_dir or tempfile.gettempdir(), f".tmp-push-{secrets.token_hex(8)}.nar")
+
+
 def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: int | None,
-                  tmp_dir: str | None, listing: bool, progress: Progress | None = None):
-    """NAR of the path at ``real`` compressed into a temporary file in ``tmp_dir``, its NAR hash
-    and size checked against the registered ones; returns (tmp, file hash, file size, listing)."""
+                  tmp: str, listing: bool, progress: Progress | None = None):
+    """NAR of the path at ``real`` compressed into the new file ``tmp`` (see
+    :func:`push_temp_name`; removed again on failure), its NAR hash and size checked against the
+    registered ones; returns (tmp, file hash, file size, listing)."""
     from ..store.fsnar import dump_path, stream_path
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-push-", suffix=".nar", dir=tmp_dir)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise CacheError(f"cannot create {tmp!r}: {e.strerror}") from e
     try:
         try:
             sink = _CompressSink(fd, tmp, method, level, progress)

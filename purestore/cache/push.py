@@ -37,7 +37,8 @@ from . import _storeapi as S
 from .backend import Backend, FileBackend, open_backend, parse_url
 from .compression import compressor, extension
 from .info import CacheInfo
-from .nar_jobs import compress_path, nar_listing  # noqa: F401 (nar_listing: part of this module's API)
+from .forked import ForkedWorker, WorkerGone
+from .nar_jobs import compress_path, nar_listing, push_temp_name  # noqa: F401 (nar_listing: API)
 from ._nursery import open_nursery
 from .progress import Progress
 
@@ -88,6 +89,13 @@ async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:
 STALE_TEMP_SECONDS = 24 * 3600
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _remove_stale_temps(directory: str) -> None:
     """Remove temporary files of pushes that were killed (older than a day, so never a live one's)."""
     import time
@@ -121,13 +129,15 @@ def _read_build_log(store, drv: StorePath) -> bytes | None:
 async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                   secret_keys: Iterable[SecretKey] = (), compression: str | None = None,
                   level: int | None = None, write_listing: bool | None = None, jobs: int | None = None,
-                  upload_logs: bool = True, progress: Progress | None = None) -> PushResult:
+                  upload_logs: bool = True, progress: Progress | None = None,
+                  fork_worker: bool = False) -> PushResult:
     """Copy the closure of ``paths`` to the cache at ``url`` (references first).
 
     URL parameters: ``compression`` (zstd, xz, none), ``compression-level``, ``secret-key``
     (a key file; added to ``secret_keys``), ``write-nar-listing`` (true/1).  Keyword arguments
     override them.  Raises :class:`CacheError` for cache failures, :class:`StoreError` for a
-    corrupt or missing local path.
+    corrupt or missing local path.  ``fork_worker``: compress in a forked copy of this process
+    as well (:mod:`.forked`); only for a caller whose other threads are all idle (the CLI).
     """
     cu = parse_url(url)
     method = compression or cu.param("compression") or "zstd"
@@ -188,13 +198,26 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         # at the end; ``jobs`` workers compress, each handing a finished path to a publishing task.
         pending = collections.deque(sorted(todo, key=lambda p: -infos[p].nar_size))
 
-        async def compress_worker(n) -> None:
+        async def compress_worker(n, worker: ForkedWorker | None) -> None:
             while pending:
                 p = pending.popleft()
                 info = infos[p]
-                res = await trio.to_thread.run_sync(
-                    compress_path, S.real_path(store, p), info.nar_hash, info.nar_size, method, level,
-                    tmp_dir, write_listing, progress)
+                tmp = push_temp_name(tmp_dir)
+                args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, tmp, write_listing)
+                res = None
+                if worker is not None and worker.usable:
+                    try:
+                        res = await worker.call(compress_path, *args, progress=progress)
+                    except BaseException as e:
+                        # a job's own error removed its file; a child that died or was killed
+                        # (cancelled, interrupted) leaves it to us
+                        if isinstance(e, WorkerGone) or not isinstance(e, Exception):
+                            with trio.CancelScope(shield=True):
+                                await trio.to_thread.run_sync(_unlink_quietly, tmp)
+                        if not isinstance(e, WorkerGone):
+                            raise
+                if res is None:
+                    res = await trio.to_thread.run_sync(compress_path, *args, progress)
                 n.start_soon(push_one, p, *res)
 
         async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
@@ -234,9 +257,17 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             if progress:
                 progress.path_done(p.absolute(store_dir))
 
-        async with open_nursery() as n:
-            for _ in range(min(jobs, len(todo))):
-                n.start_soon(compress_worker, n)
+        lanes = min(jobs, len(todo))
+        # one lane compresses in a forked copy of this process (see .forked): forked now, while
+        # no thread of ours is busy
+        worker = ForkedWorker.start() if fork_worker and lanes >= 2 else None
+        try:
+            async with open_nursery() as n:
+                for i in range(lanes):
+                    n.start_soon(compress_worker, n, worker if i == 0 else None)
+        finally:
+            if worker is not None:
+                await worker.aclose()
         if progress:
             progress.finish()
     return PushResult(tuple(todo), tuple(p for p in order if p in have), totals[0], totals[1])

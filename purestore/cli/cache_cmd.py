@@ -167,7 +167,7 @@ def cmd_copy(args, ctx) -> int:
             res = trio.run(lambda: copy_to(
                 store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
                 level=args.compression_level, write_listing=True if args.write_nar_listing else None,
-                jobs=args.jobs, progress=progress))
+                jobs=args.jobs, progress=progress, fork_worker=True))  # nothing else runs here
             if args.json:
                 print(json.dumps({
                     "uploaded": [store.print_path(p) for p in res.uploaded],
