@@ -63,6 +63,14 @@ def job_sleeps(seconds, progress=None):
     return "woke"
 
 
+async def call(w, fn, *args, **kw):
+    assert w.claim()
+    try:
+        return await w.call(fn, *args, **kw)
+    finally:
+        w.release()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -74,9 +82,9 @@ def alive(pid: int) -> bool:
 async def test_jobs_run_in_another_process_and_progress_is_relayed():
     w = ForkedWorker.start()
     try:
-        assert await w.call(job_pid) not in (os.getpid(), None)
+        assert await call(w, job_pid) not in (os.getpid(), None)
         p = Progress()
-        assert await w.call(job_progress, 3 << 20, 64 << 10, progress=p) == "done"
+        assert await call(w, job_progress, 3 << 20, 64 << 10, progress=p) == "done"
         assert p.bytes_done == 3 << 20
         assert not w.busy and w.usable
     finally:
@@ -87,16 +95,16 @@ async def test_errors_come_back_with_their_type_message_and_hint():
     w = ForkedWorker.start()
     try:
         with pytest.raises(CacheError, match="^bad NAR$"):
-            await w.call(job_fails, "cache")
+            await call(w, job_fails, "cache")
         with pytest.raises(StoreError) as e:
-            await w.call(job_fails, "store")
+            await call(w, job_fails, "store")
         assert str(e.value) == "disk on fire" and e.value.hint == "call the fire brigade"
         with pytest.raises(CacheError, match="Local: cannot be pickled"):
-            await w.call(job_fails, "unpicklable")
+            await call(w, job_fails, "unpicklable")
         with pytest.raises(CacheError, match="Picky: half a story"):
-            await w.call(job_fails, "picky")
+            await call(w, job_fails, "picky")
         assert w.usable  # a job's failure is not the worker's
-        assert await w.call(job_sleeps, 0) == "woke"
+        assert await call(w, job_sleeps, 0) == "woke"
     finally:
         await w.aclose()
 
@@ -105,7 +113,7 @@ async def test_a_child_that_dies_is_reported_and_reaped():
     w = ForkedWorker.start()
     pid = w.pid
     with pytest.raises(WorkerGone, match="exited unexpectedly"):
-        await w.call(job_dies)
+        await call(w, job_dies)
     assert not w.usable
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # already reaped
@@ -117,7 +125,7 @@ async def test_a_cancelled_job_kills_the_child_at_once():
     pid = w.pid
     t0 = time.monotonic()
     with trio.move_on_after(0.3):
-        await w.call(job_sleeps, 30)
+        await call(w, job_sleeps, 30)
     assert time.monotonic() - t0 < 5
     assert not w.usable and not alive(pid)
     await w.aclose()
@@ -126,7 +134,7 @@ async def test_a_cancelled_job_kills_the_child_at_once():
 async def test_aclose_lets_the_child_exit():
     w = ForkedWorker.start()
     pid = w.pid
-    await w.call(job_pid)
+    await call(w, job_pid)
     await w.aclose()
     assert not alive(pid)
 

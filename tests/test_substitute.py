@@ -150,10 +150,13 @@ async def test_many_small_paths_over_http_in_parallel(tmp_path):
         n.cancel_scope.cancel()
 
 
-async def test_big_paths_over_http_stream_through_the_reading_thread(tmp_path):
+@pytest.mark.parametrize("forked", [False, True], ids=["threads", "forked-worker"])
+async def test_big_paths_over_http_stream_through_the_reading_thread(tmp_path, forked):
     """NARs of several MiB are streamed (not fetched in one piece) and read ahead of the restore
-    by a thread that takes the chunks from the trio side; small ones are restored in one go."""
-    from purestore.cache import serve_cache, substitute
+    by a thread that takes the chunks from the trio side; small ones are restored in one go.
+    With the forked worker of `pure copy`, it takes one of the big NARs at a time, fed through
+    a pipe, while threads restore the others."""
+    from purestore.cache import serve_cache, substitute_report
     from purestore.cache import fetch, nar_jobs
     root = tmp_path / "src"
     with open_store(root) as store:
@@ -170,7 +173,8 @@ async def test_big_paths_over_http_stream_through_the_reading_thread(tmp_path):
         d, ds = dest(tmp_path, url + "/")
         with d:
             with trio.fail_after(60):
-                assert await substitute(d, ds, {top}) == {top}
+                rep = await substitute_report(d, ds, {top}, jobs=2, fork_worker=forked)
+                assert rep.valid == {top} and not rep.failures
             assert len(d.valid_paths()) == 4
             assert d.verify(check_contents=True).ok
         n.cancel_scope.cancel()

@@ -297,11 +297,14 @@ def test_reference_cycle_between_narinfos_fails_without_hanging(attack, tmp_path
     assert_refused(r, tmp_path / "r", a, "reference cycle")
 
 
-@pytest.mark.parametrize("ahead", [False, True], ids=["one-thread", "reading-thread"])
+@pytest.mark.parametrize("ahead,forked", [(False, False), (True, False), (True, True)],
+                         ids=["one-thread", "reading-thread", "forked-worker"])
 @pytest.mark.parametrize("mode,reason", [("truncate", "connection broken"), ("stall", "timed out")])
-async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mode, reason, ahead, monkeypatch):
+async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mode, reason, ahead, forked,
+                                                           monkeypatch):
     """The same attacks against the streaming download path used for big NARs (in-process),
-    restored in one thread or with the thread that reads ahead (used from 1 MiB on)."""
+    restored in one thread, with the thread that reads ahead (used from 1 MiB on), or fed
+    through a pipe to the forked worker of `pure copy` (lib in it, app in a thread)."""
     from purestore.cache import fetch, nar_jobs, substituter
     from purestore.errors import CacheError
     from test_cache_support import settings_for
@@ -315,7 +318,8 @@ async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mod
         with open_store(root) as store:
             with trio.fail_after(60):
                 with pytest.raises(CacheError) as e:
-                    await substituter.copy_from(store, s, url, [app], trusted_keys=[PUB])
+                    await substituter.copy_from(store, s, url, [app], trusted_keys=[PUB],
+                                                jobs=2, fork_worker=forked)
             assert f"cannot substitute '/pure/store/{app.base_name}'" in str(e.value)
             assert reason in str(e.value), str(e.value)
             assert store.valid_paths() == [] and store.verify(check_contents=True).ok

@@ -21,7 +21,7 @@ from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend
-from .forked import WorkerGone
+from .forked import DATA, WorkerGone
 from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
 
@@ -82,8 +82,9 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
 async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=None) -> str:
     """Stream, verify and restore the NAR into a fresh temporary name in the store; return it.
 
-    ``worker`` (a :class:`.forked.ForkedWorker`), when given and idle, restores from a
-    ``file://`` cache in its process instead of a thread of this one."""
+    ``worker`` (a :class:`.forked.ForkedWorker`), when given and idle, restores in its process
+    instead of a thread of this one: from a ``file://`` cache, or a big NAR streamed over HTTP
+    (downloaded here, restored there)."""
     p = ni.store_path
     backend = cache.backend
     where = f"{cache.url.rstrip('/')}/{ni.url}"
@@ -91,13 +92,15 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
     try:
         if isinstance(backend, FileBackend):
             args = (backend.local_path(ni.url), ni, where, tmp)
-            if worker is not None and worker.usable and not worker.busy:
+            if worker is not None and worker.claim():
                 try:
                     await worker.call(restore_file, *args, progress=progress)
                     return tmp
                 except WorkerGone:  # it left a partial tree at most: start again here
                     if os.path.lexists(tmp):
                         await trio.to_thread.run_sync(remove_temp, store, tmp)
+                finally:
+                    worker.release()
             await trio.to_thread.run_sync(restore_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
@@ -113,6 +116,16 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
             else:
                 await trio.to_thread.run_sync(restore_stream, *args)
         else:
+            if worker is not None and worker.claim():
+                try:
+                    async with backend.open_read(ni.url) as chunks:
+                        await worker.call(restore_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
+                    return tmp
+                except WorkerGone:  # start again here, with a new download
+                    if os.path.lexists(tmp):
+                        await trio.to_thread.run_sync(remove_temp, store, tmp)
+                finally:
+                    worker.release()
             await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:
         if os.path.lexists(tmp):

@@ -13,6 +13,11 @@ and its arguments, pickled) and relays its byte progress.  The child serves jobs
 parent closes the pipe; the parent kills it when a job is cancelled, so that the caller can
 remove the job's temporary tree knowing nobody writes into it any more.
 
+A job can also be fed a stream (``feed=``, an async iterable of bytes: a NAR downloaded over
+HTTP by the parent's event loop): it goes through a pipe of its own, passed to the child with
+the job, and the job reads it where its arguments hold :class:`DATA`.  The pipe's end is the
+stream's end; a download that fails closes it early and the parent reports the download's error.
+
 Forking copies the process as it is: a lock that another thread holds at that moment stays held
 in the child forever.  So the worker must be started while no other thread of the process is
 doing anything (the CLI, before the substitution starts); library callers do not get one unless
@@ -21,9 +26,11 @@ they ask for it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import signal
+import socket
 import struct
 import threading
 
@@ -35,6 +42,14 @@ from .progress import Progress
 
 class WorkerGone(CacheError):
     """The child died (or could not be reached) during a job: run the job in-process instead."""
+
+
+class DATA:
+    """Stands, among a job's arguments, for the ``next_chunk`` callable of its fed stream."""
+
+
+_JOB_MAX = 1 << 20  # a job's pickled call, in one message
+_PIPE_SIZE = 1 << 20  # asked for the data pipes (Linux gives at most /proc/sys/fs/pipe-max-size)
 
 _LEN = struct.Struct("<I")
 _PROGRESS_EVERY = 1 << 20  # bytes of progress batched into one message
@@ -53,17 +68,6 @@ def _write_frame(fd: int, obj, lock: threading.Lock | None = None) -> None:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _read_exact(fd: int, n: int) -> bytes | None:
-    parts = []
-    while n:
-        b = os.read(fd, n)
-        if not b:
-            return None
-        parts.append(b)
-        n -= len(b)
-    return b"".join(parts)
 
 
 class _PipeProgress(Progress):
@@ -96,8 +100,32 @@ def _portable(e: Exception) -> Exception:
         return CacheError(f"{type(e).__name__}: {e}")
 
 
-def _serve(jobs_fd: int, results_fd: int) -> None:
-    """The child: run each job read from ``jobs_fd``, answer on ``results_fd``; exit at EOF."""
+def _release_inherited(keep: set[int]) -> None:
+    """Let go of every descriptor inherited from the parent but ``keep``: its sockets must
+    close when the parent closes them (a server waits for that; the parent's epoll would go on
+    reporting a socket a child still holds), its database and lock files are none of ours.
+
+    Each is pointed at /dev/null rather than closed, so that its number is not reused: an object
+    copied from the parent that closes its descriptor when collected then closes /dev/null, not
+    a file this child opened since."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    keep = keep | {null}
+    for name in names:
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass  # the directory listing's own descriptor, already closed
+
+
+def _serve(jobs: socket.socket, results_fd: int) -> None:
+    """The child: run each job received on ``jobs`` (one message each, with the read end of its
+    data pipe if it is fed), answer on ``results_fd``; exit when the parent closes ``jobs``."""
     status = 0
     try:
         # trio's handlers belong to the parent's event loop: the child dies of a plain signal
@@ -105,20 +133,24 @@ def _serve(jobs_fd: int, results_fd: int) -> None:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        _release_inherited({0, 1, 2, jobs.fileno(), results_fd})
         wlock = threading.Lock()
         while True:
-            head = _read_exact(jobs_fd, _LEN.size)
-            if head is None:
-                break
-            data = _read_exact(jobs_fd, _LEN.unpack(head)[0])
-            if data is None:
+            data, fds, _flags, _addr = socket.recv_fds(jobs, _JOB_MAX, 1)
+            if not data:
                 break
             progress = _PipeProgress(results_fd, wlock)
             try:
                 fn, args = pickle.loads(data)
+                if fds:
+                    fd = fds[0]
+                    args = tuple((lambda: os.read(fd, _PIPE_SIZE)) if a is DATA else a for a in args)
                 result = ("ok", fn(*args, progress=progress))
             except Exception as e:
                 result = ("err", _portable(e))
+            finally:
+                for fd in fds:
+                    os.close(fd)  # the parent's writes fail now, if it is still writing
             progress.flush()
             _write_frame(results_fd, result, wlock)
     except BaseException:
@@ -130,15 +162,15 @@ def _serve(jobs_fd: int, results_fd: int) -> None:
 class ForkedWorker:
     """A forked child that runs one job at a time; see the module docstring.
 
-    ``await call(fn, *args, progress=p)`` runs ``fn(*args, progress=…)`` in the child and
-    returns its result or raises its exception; ``busy`` says whether a job is running.  When
-    the child is gone (it died, or a job was cancelled), ``usable`` is False and callers run
-    their jobs themselves.
+    ``claim()``, then ``await call(fn, *args, progress=p, feed=chunks)`` runs
+    ``fn(*args, progress=…)`` in the child and returns its result or raises its exception, then
+    ``release()``.  When the child is gone (it died, or a job was cancelled), ``usable`` is
+    False, ``claim()`` says no, and callers run their jobs themselves.
     """
 
-    def __init__(self, pid: int, jobs_fd: int, results_fd: int):
+    def __init__(self, pid: int, jobs: socket.socket, results_fd: int):
         self.pid = pid
-        self._jobs = trio.lowlevel.FdStream(jobs_fd)
+        self._jobs = jobs  # blocking: a job is one small message, and the child reads them all
         self._results = trio.lowlevel.FdStream(results_fd)
         self._buf = bytearray()
         self.busy = False
@@ -149,24 +181,24 @@ class ForkedWorker:
         """Fork the child (call it while no other thread is busy); None where fork is missing."""
         if not hasattr(os, "fork"):
             return None
-        fds = []
+        made: list = []
         try:
-            jobs_r, jobs_w = os.pipe()
-            fds += [jobs_r, jobs_w]
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            made += [parent_end, child_end]
             res_r, res_w = os.pipe()
-            fds += [res_r, res_w]
+            made += [res_r, res_w]
             pid = os.fork()
-        except OSError:  # no more processes or memory: the caller restores in threads
-            for fd in fds:
-                os.close(fd)
+        except OSError:  # no more processes or memory: the caller works in threads
+            for x in made:
+                x.close() if isinstance(x, socket.socket) else os.close(x)
             return None
         if pid == 0:  # the child never returns from here
-            os.close(jobs_w)
+            parent_end.close()
             os.close(res_r)
-            _serve(jobs_r, res_w)
-        os.close(jobs_r)
+            _serve(child_end, res_w)
+        child_end.close()
         os.close(res_w)
-        return cls(pid, jobs_w, res_r)
+        return cls(pid, parent_end, res_r)
 
     async def _frame(self):
         while True:
@@ -181,34 +213,78 @@ class ForkedWorker:
                 return None
             self._buf += chunk
 
-    async def call(self, fn, *args, progress: Progress | None = None):
+    def claim(self) -> bool:
+        """Take the worker for one :meth:`call` (True), unless it is busy or gone; give it back
+        with :meth:`release`.  Claim it before awaiting anything on the way to the call."""
         if self.busy or not self.usable:
-            raise RuntimeError("the forked worker is busy or gone")
+            return False
         self.busy = True
+        return True
+
+    def release(self) -> None:
+        self.busy = False
+
+    async def call(self, fn, *args, progress: Progress | None = None, feed=None):
+        """Run the job in the child (the caller has claimed the worker)."""
+        if not self.busy or not self.usable:
+            raise RuntimeError("the forked worker must be claimed first, and not be gone")
         finished = False
         relayed = 0
+        feed_error: list[BaseException] = []
+        data_w = None
         try:
-            data = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+            job = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+            fds = []
+            if feed is not None:
+                data_r, data_w = os.pipe()
+                fds = [data_r]
+                try:
+                    fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+                except OSError:
+                    pass  # a smaller pipe only means more, smaller reads
             try:
-                await self._jobs.send_all(_LEN.pack(len(data)) + data)
-            except (trio.BrokenResourceError, OSError) as e:
-                raise WorkerGone(f"the restoring process has gone away ({e})") from None
-            while True:
-                msg = await self._frame()
-                if msg is None:
-                    raise WorkerGone("the restoring process exited unexpectedly")
-                kind, value = msg
-                if kind == "p":
+                socket.send_fds(self._jobs, [job], fds)
+            except OSError as e:
+                raise WorkerGone(f"the restoring process has gone away ({e.strerror or e})") from None
+            finally:
+                for fd in fds:
+                    os.close(fd)  # the child has its own copy now
+
+            async def pump(data: trio.lowlevel.FdStream) -> None:
+                try:
+                    async with data:  # closing it is the end of the stream for the child
+                        async for chunk in feed:
+                            await data.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the child stopped reading: its result says why
+                except Exception as e:  # the download failed: the child sees the stream end early
+                    feed_error.append(e)
+
+            msg = None
+            async with trio.open_nursery() as nursery:  # nothing raised in here but Cancelled
+                if data_w is not None:
+                    nursery.start_soon(pump, trio.lowlevel.FdStream(data_w))
+                    data_w = None  # the stream owns it
+                while True:
+                    msg = await self._frame()
+                    if msg is None or msg[0] != "p":
+                        break
                     if progress is not None:
-                        progress.add_bytes(value)
-                        relayed += value
-                    continue
-                finished = True
-                if kind == "ok":
-                    return value
-                raise value
+                        progress.add_bytes(msg[1])
+                        relayed += msg[1]
+                nursery.cancel_scope.cancel()
+            if msg is None:
+                raise WorkerGone("the restoring process exited unexpectedly")
+            kind, value = msg
+            finished = True
+            if kind == "ok":
+                return value
+            if feed_error:  # the child only saw a short stream; this is why
+                raise feed_error[0]
+            raise value
         finally:
-            self.busy = False
+            if data_w is not None:
+                os.close(data_w)
             if not finished:
                 # cancelled, or the child died: make sure it writes nothing more before the
                 # caller removes the job's temporary tree (and runs the job again, counting anew)
@@ -233,10 +309,10 @@ class ForkedWorker:
         self.pid = 0
 
     async def aclose(self) -> None:
-        """Let the child finish (it exits when its job pipe closes) and reap it."""
+        """Let the child finish (it exits when its job socket closes) and reap it."""
         self.usable = False
         with trio.CancelScope(shield=True):
-            await self._jobs.aclose()
+            self._jobs.close()
             if self.pid:
                 await trio.to_thread.run_sync(self._reap)
             await self._results.aclose()

@@ -205,7 +205,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 tmp = push_temp_name(tmp_dir)
                 args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, tmp, write_listing)
                 res = None
-                if worker is not None and worker.usable:
+                if worker is not None and worker.claim():
                     try:
                         res = await worker.call(compress_path, *args, progress=progress)
                     except BaseException as e:
@@ -216,6 +216,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                                 await trio.to_thread.run_sync(_unlink_quietly, tmp)
                         if not isinstance(e, WorkerGone):
                             raise
+                    finally:
+                        worker.release()
                 if res is None:
                     res = await trio.to_thread.run_sync(compress_path, *args, progress)
                 n.start_soon(push_one, p, *res)

@@ -215,8 +215,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
     valid and put back in place.
 
-    ``fork_worker``: restore from ``file://`` caches in a forked copy of this process as well
-    (:mod:`.forked`); only for a caller whose other threads are all idle now (the CLI)."""
+    ``fork_worker``: restore from ``file://`` caches and big NARs over HTTP in a forked copy of
+    this process as well (:mod:`.forked`); only for a caller whose other threads are all idle
+    now (the CLI)."""
     paths = set(paths)
     repair = set(repair)
     sd = settings.store_dir
@@ -236,8 +237,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         return report
 
     lanes = jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1))
-    use_worker = fork_worker and lanes >= 2 and any(
-        u.startswith("file://") for u in (settings.substituters if urls is None else urls))
+    use_worker = fork_worker and lanes >= 2
     async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl) as subs, \
             _forked_worker(use_worker) as worker:
         if not subs.caches and not subs.rejected:
