@@ -7,7 +7,6 @@ through these functions, so that the store's API can evolve without touching the
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterable
 
 from ..formats.path_info import PathInfo
