@@ -1,17 +1,19 @@
-"""A second restoring process for ``pure copy --from file://…``, made by ``fork`` (no exec).
+"""A forked copy of ``pure copy`` that compresses (push) or restores (substitution) one path at
+a time, next to the command's own threads.
 
 Restoring a NAR keeps a core busy with Python work between system calls (parsing the NAR,
-creating files).  Two restoring threads of one process mostly hand the GIL back and forth: each
-of the ~5 system calls per file releases it, and every hand-over is a context switch (23,000 of
-them for the benchmark closure, against 3,000 with one restoring thread).  A worker *process*
+creating files), and so does dumping one.  Two such threads of one process mostly hand the GIL
+back and forth: each of the ~5 system calls per file releases it, and every hand-over is a
+context switch (23,000 of them for the benchmark closure, against 3,000 with one restoring
+thread).  A worker *process*
 started with a forkserver or ``spawn`` avoids that, but it imports everything again (~0.2 s of
 CPU on two cores, more than it saves).  A plain ``fork`` of the running command costs a few
 milliseconds: the child has every module already imported.
 
 :class:`ForkedWorker` forks such a child, sends it one job at a time (a module-level function
 and its arguments, pickled) and relays its byte progress.  The child serves jobs until the
-parent closes the pipe; the parent kills it when a job is cancelled, so that the caller can
-remove the job's temporary tree knowing nobody writes into it any more.
+parent closes the job socket; the parent kills it when a job is cancelled, so that the caller
+can remove the job's temporary tree or file knowing nobody writes into it any more.
 
 A job can also be fed a stream (``feed=``, an async iterable of bytes: a NAR downloaded over
 HTTP by the parent's event loop): it goes through a pipe of its own, passed to the child with
@@ -143,8 +145,9 @@ def _serve(jobs: socket.socket, results_fd: int) -> None:
             try:
                 fn, args = pickle.loads(data)
                 if fds:
-                    fd = fds[0]
-                    args = tuple((lambda: os.read(fd, _PIPE_SIZE)) if a is DATA else a for a in args)
+                    def next_chunk(fd=fds[0]) -> bytes:
+                        return os.read(fd, _PIPE_SIZE)
+                    args = tuple(next_chunk if a is DATA else a for a in args)
                 result = ("ok", fn(*args, progress=progress))
             except Exception as e:
                 result = ("err", _portable(e))
@@ -178,7 +181,8 @@ class ForkedWorker:
 
     @classmethod
     def start(cls) -> "ForkedWorker | None":
-        """Fork the child (call it while no other thread is busy); None where fork is missing."""
+        """Fork the child (call it while no other thread is busy); None where fork is missing
+        or fails."""
         if not hasattr(os, "fork"):
             return None
         made: list = []
@@ -252,13 +256,14 @@ class ForkedWorker:
 
             async def pump(data: trio.lowlevel.FdStream) -> None:
                 try:
-                    async with data:  # closing it is the end of the stream for the child
-                        async for chunk in feed:
-                            await data.send_all(chunk)
+                    async for chunk in feed:
+                        await data.send_all(chunk)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the child stopped reading: its result says why
                 except Exception as e:  # the download failed: the child sees the stream end early
-                    feed_error.append(e)
+                    feed_error.append(e)  # (noted before the child can answer, so it is not missed)
+                finally:
+                    data.close()  # the end of the stream for the child; no checkpoint
 
             msg = None
             async with trio.open_nursery() as nursery:  # nothing raised in here but Cancelled
@@ -277,10 +282,10 @@ class ForkedWorker:
                 raise WorkerGone("the restoring process exited unexpectedly")
             kind, value = msg
             finished = True
+            if feed_error:  # the download failed (the child then saw a short stream): that is why
+                raise feed_error[0]
             if kind == "ok":
                 return value
-            if feed_error:  # the child only saw a short stream; this is why
-                raise feed_error[0]
             raise value
         finally:
             if data_w is not None:
