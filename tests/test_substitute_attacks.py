@@ -304,7 +304,7 @@ async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mod
                                                            monkeypatch):
     """The same attacks against the streaming download path used for big NARs (in-process),
     restored in one thread, with the thread that reads ahead (used from 1 MiB on), or fed
-    through a pipe to the forked worker of `pure copy` (lib in it, app in a thread)."""
+    through a pipe to the forked worker of `pure copy` (one NAR in it, the other in a thread)."""
     from purestore.cache import fetch, nar_jobs, substituter
     from purestore.errors import CacheError
     from test_cache_support import settings_for
