@@ -298,3 +298,13 @@ def test_ctrl_c_during_a_push_leaves_no_temporary_file(tmp_path, to):
     assert "error: interrupted" in err and "Traceback" not in err, err
     assert temps() == []
     assert not list(cache.glob("*.narinfo"))
+
+
+def test_a_fork_that_fails_gives_no_worker_and_leaks_nothing(monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert ForkedWorker.start() is None
+    assert sorted(os.listdir("/proc/self/fd")) == before
