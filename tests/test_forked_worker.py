@@ -1,8 +1,9 @@
-"""The forked restoring process of `pure copy --from file://` (purestore/cache/forked.py).
+"""The forked helper process of `pure copy` (purestore/cache/forked.py).
 
 The jobs below are module-level functions: the child, forked from this test process, finds them
-by name.  The substitution tests (test_substitute_attacks.py among them) run `pure copy --from
-file://…` through the CLI, which uses the worker on a machine with two cores or more."""
+by name.  Besides these tests, the substitution attack tests run `pure copy --from file://…`
+through the CLI, which uses the worker on a machine with two cores or more, and the streamed
+HTTP attacks and big-paths-over-HTTP test run with it explicitly."""
 
 from __future__ import annotations
 
