@@ -92,16 +92,9 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
     try:
         if isinstance(backend, FileBackend):
             args = (backend.local_path(ni.url), ni, where, tmp)
-            if worker is not None and worker.claim():
-                try:
-                    await worker.call(restore_file, *args, progress=progress)
-                    return tmp
-                except WorkerGone:  # it left a partial tree at most: start again here
-                    if os.path.lexists(tmp):
-                        await trio.to_thread.run_sync(remove_temp, store, tmp)
-                finally:
-                    worker.release()
-            await trio.to_thread.run_sync(restore_file, *args, progress)
+            if not await _in_worker(worker, store, tmp,
+                                    lambda: worker.call(restore_file, *args, progress=progress)):
+                await trio.to_thread.run_sync(restore_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
             data = await backend.get(ni.url)
@@ -116,23 +109,35 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
             else:
                 await trio.to_thread.run_sync(restore_stream, *args)
         else:
-            if worker is not None and worker.claim():
-                try:
-                    async with backend.open_read(ni.url) as chunks:
-                        await worker.call(restore_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
-                    return tmp
-                except WorkerGone:  # start again here, with a new download
-                    if os.path.lexists(tmp):
-                        await trio.to_thread.run_sync(remove_temp, store, tmp)
-                finally:
-                    worker.release()
-            await _fetch_http(backend, ni, where, tmp, progress)
+            async def streamed_to_worker():
+                async with backend.open_read(ni.url) as chunks:
+                    await worker.call(restore_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
+
+            if not await _in_worker(worker, store, tmp, streamed_to_worker):
+                await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:
         if os.path.lexists(tmp):
             with trio.CancelScope(shield=True):  # cancelled too (Ctrl-C): nothing writes there now
                 await trio.to_thread.run_sync(remove_temp, store, tmp)
         raise
     return tmp
+
+
+async def _in_worker(worker, store, tmp: str, job) -> bool:
+    """Run ``job()`` (an async call of ``worker``) with the worker claimed: True when it
+    restored ``tmp``; False when the worker is missing, busy or gone (a child that died left a
+    partial tree at most, removed here), and the caller restores in a thread instead."""
+    if worker is None or not worker.claim():
+        return False
+    try:
+        await job()
+        return True
+    except WorkerGone:
+        if os.path.lexists(tmp):
+            await trio.to_thread.run_sync(remove_temp, store, tmp)
+        return False
+    finally:
+        worker.release()
 
 
 def remove_temp(store, tmp: str) -> None:
