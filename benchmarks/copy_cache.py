@@ -177,7 +177,7 @@ def bench(args, tree: Path, where: str) -> None:
         assert nout.stdout.split() == paths, "pure and Nix disagree on the store paths"
         print(f"closure: {len(paths)} paths, {nfiles} entries, {size / 2**20:.0f} MiB of files ({args.content} content)")
 
-        small_pure, small_nix = work / "small-pure", work / "small-nix"
+        small_pure = work / "small-pure"
         sdir = work / "small-src"
         sdir.mkdir()
         for i in range(args.small):
