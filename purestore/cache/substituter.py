@@ -11,12 +11,13 @@ How a path is substituted:
    strictly, is for the path asked, its ``URL`` stays inside the cache, and it carries a valid
    signature by a trusted key.  Among caches that qualify, the lowest ``Priority`` wins.
    Negative answers are remembered briefly (:mod:`.narinfo_cache`).
-2. **Fetch** (references before referrers, several at once): the NAR file is streamed from the
-   cache (a ``file://`` cache is read in place) through a reader that hashes the compressed
-   bytes (FileHash/FileSize), decompresses them, hashes and counts the NAR (NarHash/NarSize,
-   never decompressing beyond NarSize) and restores it into a temporary directory in the store
-   (never writing outside it).  Only when every check passed is it given canonical metadata,
-   renamed into place under the path lock and registered with its references and signatures.
+2. **Fetch** (several at once, the biggest waiting NAR first; registered references before
+   referrers): the NAR file is streamed from the cache (a ``file://`` cache is read in place)
+   through a reader that hashes the compressed bytes (FileHash/FileSize), decompresses them,
+   hashes and counts the NAR (NarHash/NarSize, never decompressing beyond NarSize) and restores
+   it into a temporary directory in the store (never writing outside it).  Only when every
+   check passed is it given canonical metadata, renamed into place under the path lock and
+   registered with its references and signatures.
 
 Untrusted or corrupt data is never registered: the path fails with a reason naming the path and
 what was wrong, its referrers fail too, and everything else goes on.
@@ -44,6 +45,7 @@ from .fetch import SMALL_NAR, download, install_batch, remove_temp
 from .forked import ForkedWorker
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache
+from ._gate import LargestFirst
 from ._nursery import open_nursery
 from .progress import Progress
 
@@ -254,8 +256,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         # busy, see nar_jobs._Ahead): more at once than cores only contend for the GIL (measured:
         # 50 big paths from nginx took 2.7 s with 4 at once, 1.9 s with 2).  Small NARs over
         # HTTP wait on the network instead and go ``jobs`` at a time.  An explicit ``jobs``
-        # (say, for a distant cache where each connection is slow) applies to all.
-        llimit = trio.CapacityLimiter(lanes)
+        # (say, for a distant cache where each connection is slow) applies to all.  The biggest
+        # waiting NAR gets the next lane (_gate.LargestFirst).
+        lanes_gate = LargestFirst(lanes)
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
 
@@ -314,7 +317,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             tmp = None
             try:
                 big = (ni.file_size if ni.file_size is not None else ni.nar_size) > SMALL_NAR
-                async with (llimit if big or isinstance(cache.backend, FileBackend) else flimit):
+                async with (lanes_gate.enter(ni.nar_size) if big or isinstance(cache.backend, FileBackend)
+                            else flimit):
                     if progress:
                         progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
                     try:
