@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import pure_env
 from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
 
 pytestmark = needs_sandbox
@@ -39,3 +45,130 @@ def test_outputs_in_a_trusted_cache_are_fetched_not_built(pure, expr, tmp_path, 
         assert [s["path"] for s in events.query_substitutions(st)] == [out]
     finally:
         st.close()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                kids.append(int(name))
+    return kids
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _half_fed_cache(pure, expr, tmp_path):
+    """An expression, built and pushed to a file:// cache whose NAR is then a FIFO fed half
+    way until ``release`` is set: (expression, output path, cache URL, key, NAR, release)."""
+    f = expr('default = sh("forked", "$B mkdir $out; $B seq 1 400000 > $out/numbers")\n')
+    out = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = tmp_path / "cache"
+    pure("copy", "--to", f"file://{cache}?compression=none", "--secret-key-file", tmp_path / "k.sec", out)
+    hash_part = out.rsplit("/", 1)[1].split("-", 1)[0]
+    text = (cache / f"{hash_part}.narinfo").read_text()
+    nar = cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    data = nar.read_bytes()
+    assert len(data) > 2 << 20
+    nar.unlink()
+    os.mkfifo(nar)
+    release = threading.Event()
+
+    def feed():
+        with open(nar, "wb", buffering=0) as w:  # blocks until pure opens it
+            w.write(data[: len(data) // 2])
+            release.wait(60)
+            try:
+                w.write(data[len(data) // 2:])
+            except BrokenPipeError:  # the reader was stopped
+                pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    return f, out, f"file://{cache}", (tmp_path / "k.pub").read_text().strip(), nar, release
+
+
+def _start_build(f, cache: str, pub: str, root: Path, cwd: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "--substituters", cache,
+                             "--trusted-public-keys", pub, "build", str(f), "--no-link"],
+                            env=pure_env(root), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def _reader_of(p: subprocess.Popen, nar: Path) -> int | None:
+    """The child of ``p`` that has ``nar`` open, waiting up to a minute for one."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        reader = next((k for k in _children(p.pid) if _has_open(k, nar)), None)
+        if reader is not None:
+            return reader
+        time.sleep(0.05)
+    return None
+
+
+needs_two_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the forked restorer needs two cores")
+
+
+@needs_two_cores
+def test_pure_build_restores_from_a_file_cache_in_the_forked_copy(pure, expr, tmp_path):
+    """`pure build` substitutes as `pure copy --from` does: a NAR from a file:// cache is restored
+    by the forked copy of the command (seen reading it, while the NAR, a FIFO, is half fed)."""
+    f, out, cache, pub, nar, release = _half_fed_cache(pure, expr, tmp_path)
+    other = tmp_path / "other-root"
+    other.mkdir()
+    p = _start_build(f, cache, pub, other, tmp_path)
+    try:
+        assert _reader_of(p, nar) is not None, "a child of pure build should be reading the NAR"
+        assert not _has_open(p.pid, nar)  # the command itself does not read it
+        release.set()
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        release.set()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, stderr
+    assert stdout.strip() == out and "will be fetched" in stderr
+    assert (other / out.lstrip("/") / "numbers").read_bytes() == b"".join(b"%d\n" % i for i in range(1, 400001))
+    pure("store", "verify", "--check-contents", root=other)
+
+
+@needs_two_cores
+def test_ctrl_c_while_pure_build_restores_in_the_forked_copy_leaves_nothing_behind(pure, expr, tmp_path):
+    f, out, cache, pub, nar, release = _half_fed_cache(pure, expr, tmp_path)
+    other = tmp_path / "other-root"
+    other.mkdir()
+    p = _start_build(f, cache, pub, other, tmp_path, start_new_session=True,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        reader = _reader_of(p, nar)
+        assert reader is not None, "a child of pure build should be reading the NAR"
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C
+        _stdout, stderr = p.communicate(timeout=60)
+    finally:
+        release.set()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr
+    assert "error: interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert not os.path.exists(f"/proc/{reader}")  # the forked copy is gone (and was reaped)
+    assert not (other / out.lstrip("/")).exists()
+    assert os.listdir(other / "pure/store/.tmp") == []
+    pure("store", "verify", "--check-contents", root=other)

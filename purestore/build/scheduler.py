@@ -49,7 +49,9 @@ class BuildOptions:
     """How to realise: ``max_jobs`` builds at once; ``cores`` (NIX_BUILD_CORES, 0 = all);
     ``keep_going`` builds what it can after a failure; ``keep_failed`` keeps failed build dirs;
     ``check`` rebuilds already valid outputs of the requested derivations and compares;
-    ``rounds`` builds each requested derivation that many times and compares."""
+    ``rounds`` builds each requested derivation that many times and compares;
+    ``fork_worker`` lets substitution restore in a forked copy of this process (for a caller
+    with no other thread at work when the realisation starts: the CLI; see cache/forked.py)."""
 
     max_jobs: int = 1
     cores: int = 0
@@ -57,6 +59,7 @@ class BuildOptions:
     keep_failed: bool = False
     check: bool = False
     rounds: int = 1
+    fork_worker: bool = False
 
 
 @attrs.define(eq=False)
@@ -187,7 +190,7 @@ class _Realiser:
         except ImportError:
             return []
         wanted = {o for n in self.nodes.values() if n.needed for o in n.outputs.values()}
-        got = await substitute(self.store, self.settings, wanted)
+        got = await substitute(self.store, self.settings, wanted, fork_worker=self.options.fork_worker)
         for node in self.nodes.values():
             if node.needed and all(o in got or self.store.is_valid(o) for o in node.outputs.values()):
                 node.needed = False

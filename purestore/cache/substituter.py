@@ -417,15 +417,17 @@ def _topo(found: dict[StorePath, tuple[_Cache, NarInfo]]) -> list[StorePath]:
     return order
 
 
-async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None) -> set[StorePath]:
+async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
+                     fork_worker: bool = False) -> set[StorePath]:
     """Make ``paths`` valid from the configured substituters where possible.
 
     For each wanted path that is not valid, query the substituters (priority order, in
     parallel, only narinfos signed by a trusted key), fetch its closure (references first) and
     register it.  Returns the requested paths that are now valid.  Failures of single paths are
-    logged as warnings (``purestore.cache`` logger) and never registered.
+    logged as warnings (``purestore.cache`` logger) and never registered.  ``fork_worker``:
+    see :func:`substitute_report`.
     """
-    report = await substitute_report(store, settings, paths, progress=progress)
+    report = await substitute_report(store, settings, paths, progress=progress, fork_worker=fork_worker)
     for p, why in sorted(report.failures.items()):
         log.warning("warning: cannot substitute %r: %s", p.absolute(settings.store_dir), why)
     return report.valid

@@ -69,7 +69,7 @@ def _options(args, settings):
         raise UsageError(f"--max-jobs must be at least 1, got {args.max_jobs}")
     return BuildOptions(max_jobs=args.max_jobs or settings.max_jobs, cores=args.cores or settings.cores,
                         keep_going=args.keep_going, keep_failed=args.keep_failed, check=args.check,
-                        rounds=args.rounds)
+                        rounds=args.rounds, fork_worker=True)  # a command: nothing else runs
 
 
 def _realise(ctx, store, drvs, args):

@@ -94,7 +94,7 @@ def cmd_profile_install(args, ctx) -> int:
         built = []
         for what in args.installables:
             built += realise_installables(store, ctx.settings, what, args.attr or [None],
-                                          include_paths=args.include, progress=Progress())
+                                          include_paths=args.include, progress=Progress(), fork_worker=True)
         gen = prof.install([element_for(store, list(b.outputs), b.source) for b in built])
         for b in built:
             ctx.info(f"installed {b.name} ({', '.join(store.print_path(p) for p in b.outputs)})")
@@ -195,7 +195,7 @@ def _built(ctx, store, args):
     from ..build.progress import Progress
     from ..env.installable import realise_installables
     return realise_installables(store, ctx.settings, args.file, args.attr or [None],
-                                include_paths=args.include, progress=Progress())
+                                include_paths=args.include, progress=Progress(), fork_worker=True)
 
 
 def cmd_shell(args, ctx) -> int:

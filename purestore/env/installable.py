@@ -30,10 +30,13 @@ def is_store_path_text(store, text: str) -> bool:
 
 def realise_installables(store, settings, file: str, attrs_: Iterable[str | None] = (None,), *,
                          include_paths: Iterable[str] = (), max_jobs: int | None = None,
-                         progress=None) -> list[Built]:
+                         progress=None, fork_worker: bool = False) -> list[Built]:
     """Evaluate ``file`` (each attribute of ``attrs_``), build what is missing and return the
     packages.  ``file`` may instead be a store path (or a link to one such as ``result``), which
     must be valid.  All returned paths are temporary roots of this process.
+
+    ``fork_worker``: substitutions may restore in a forked copy of this process (see
+    ``BuildOptions``; the CLI's commands, nothing else running).
 
     Raises :class:`EvalError` for expression errors, :class:`BuildError` when a build fails,
     :class:`PathNotValid`/:class:`InvalidStorePath` for a bad store path.
@@ -45,7 +48,8 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
         sp = store.parse_path(file, valid=True)
         store.add_temp_root(sp)
         if sp.name.endswith(".drv"):
-            return _realise(store, settings, [sp], [{"drv": store.print_path(sp)}], max_jobs, progress)
+            return _realise(store, settings, [sp], [{"drv": store.print_path(sp)}], max_jobs, progress,
+                            fork_worker)
         return [Built(sp.name, (sp,), store.query_deriver(sp), {"path": store.print_path(sp)})]
     from ..expr.loader import evaluate, instantiate
 
@@ -55,16 +59,17 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
         got = instantiate(store, result)
         drvs.extend(got)
         sources.extend({"file": os.path.abspath(file), "attr": a or "default"} for _ in got)
-    return _realise(store, settings, drvs, sources, max_jobs, progress)
+    return _realise(store, settings, drvs, sources, max_jobs, progress, fork_worker)
 
 
-def _realise(store, settings, drvs: list[StorePath], sources: list[dict], max_jobs, progress) -> list[Built]:
+def _realise(store, settings, drvs: list[StorePath], sources: list[dict], max_jobs, progress,
+             fork_worker: bool = False) -> list[Built]:
     import trio
 
     from ..build.scheduler import BuildOptions, realise
 
     store.add_temp_roots(drvs)
-    opts = BuildOptions(max_jobs=max_jobs or settings.max_jobs, cores=settings.cores)
+    opts = BuildOptions(max_jobs=max_jobs or settings.max_jobs, cores=settings.cores, fork_worker=fork_worker)
     results = trio.run(realise, store, settings, drvs, opts, progress)
     out = []
     for drv, src in zip(drvs, sources):
