@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,11 +107,21 @@ def _half_fed_cache(pure, expr, tmp_path):
     return f, out, f"file://{cache}", (tmp_path / "k.pub").read_text().strip(), nar, release
 
 
-def _start_build(f, cache: str, pub: str, root: Path, cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "--substituters", cache,
-                             "--trusted-public-keys", pub, "build", str(f), "--no-link"],
-                            env=pure_env(root), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+@contextlib.contextmanager
+def _started_build(f, cache: str, pub: str, root: Path, cwd: Path, release: threading.Event, **kw):
+    """`pure build f` substituting from ``cache`` into ``root``, running; at the end the NAR's
+    feeder is released and the build killed if it still runs."""
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "--substituters", cache,
+                          "--trusted-public-keys", pub, "build", str(f), "--no-link"],
+                         env=pure_env(root), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, **kw)
+    try:
+        yield p
+    finally:
+        release.set()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def _reader_of(p: subprocess.Popen, nar: Path) -> int | None:
@@ -134,16 +145,11 @@ def test_pure_build_restores_from_a_file_cache_in_the_forked_copy(pure, expr, tm
     f, out, cache, pub, nar, release = _half_fed_cache(pure, expr, tmp_path)
     other = tmp_path / "other-root"
     other.mkdir()
-    p = _start_build(f, cache, pub, other, tmp_path)
-    try:
+    with _started_build(f, cache, pub, other, tmp_path, release) as p:
         assert _reader_of(p, nar) is not None, "a child of pure build should be reading the NAR"
         assert not _has_open(p.pid, nar)  # the command itself does not read it
         release.set()
         stdout, stderr = p.communicate(timeout=120)
-    finally:
-        release.set()
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, stderr
     assert stdout.strip() == out and "will be fetched" in stderr
     assert (other / out.lstrip("/") / "numbers").read_bytes() == b"".join(b"%d\n" % i for i in range(1, 400001))
@@ -155,17 +161,12 @@ def test_ctrl_c_while_pure_build_restores_in_the_forked_copy_leaves_nothing_behi
     f, out, cache, pub, nar, release = _half_fed_cache(pure, expr, tmp_path)
     other = tmp_path / "other-root"
     other.mkdir()
-    p = _start_build(f, cache, pub, other, tmp_path, start_new_session=True,
-                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+    with _started_build(f, cache, pub, other, tmp_path, release, start_new_session=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as p:
         reader = _reader_of(p, nar)
         assert reader is not None, "a child of pure build should be reading the NAR"
         os.killpg(p.pid, signal.SIGINT)  # Ctrl-C
         _stdout, stderr = p.communicate(timeout=60)
-    finally:
-        release.set()
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 130, stderr
     assert "error: interrupted" in stderr and "Traceback" not in stderr, stderr
     assert not os.path.exists(f"/proc/{reader}")  # the forked copy is gone (and was reaped)

@@ -7,18 +7,10 @@ import trio.testing
 from purestore.cache._gate import LargestFirst
 
 
-async def _run_waiters(gate: LargestFirst, sizes, order: list, hold: trio.Event | None = None):
-    async def one(i, size):
-        async with gate.enter(size):
-            order.append((i, size))
-            await trio.sleep(0)
-
-    async with trio.open_nursery() as n:
-        for i, size in enumerate(sizes):
-            n.start_soon(one, i, size)
-            await trio.testing.wait_all_tasks_blocked()
-        if hold is not None:
-            hold.set()
+async def _hold(gate: LargestFirst, until: trio.Event) -> None:
+    """Take a place of ``gate`` and keep it until ``until`` is set."""
+    async with gate.enter(0):
+        await until.wait()
 
 
 async def test_biggest_waiter_goes_first_equal_sizes_in_arrival_order():
@@ -26,14 +18,18 @@ async def test_biggest_waiter_goes_first_equal_sizes_in_arrival_order():
     order: list = []
     hold = trio.Event()
 
-    async def holder():
-        async with gate.enter(0):
-            await hold.wait()
+    async def one(i, size):
+        async with gate.enter(size):
+            order.append((i, size))
+            await trio.sleep(0)
 
     async with trio.open_nursery() as n:
-        n.start_soon(holder)
+        n.start_soon(_hold, gate, hold)
         await trio.testing.wait_all_tasks_blocked()
-        await _run_waiters(gate, [3, 10, 1, 10, 7], order, hold)
+        for i, size in enumerate([3, 10, 1, 10, 7]):  # all arrive while the place is taken
+            n.start_soon(one, i, size)
+            await trio.testing.wait_all_tasks_blocked()
+        hold.set()
     assert order == [(1, 10), (3, 10), (4, 7), (0, 3), (2, 1)]
 
 
@@ -62,10 +58,6 @@ async def test_a_cancelled_waiter_gives_up_its_turn_and_takes_no_place():
     order: list = []
     hold = trio.Event()
 
-    async def holder():
-        async with gate.enter(0):
-            await hold.wait()
-
     async def waiter(name, size, scope_box=None):
         with trio.CancelScope() as cs:
             if scope_box is not None:
@@ -76,7 +68,7 @@ async def test_a_cancelled_waiter_gives_up_its_turn_and_takes_no_place():
     box: list = []
     with trio.fail_after(5):
         async with trio.open_nursery() as n:
-            n.start_soon(holder)
+            n.start_soon(_hold, gate, hold)
             await trio.testing.wait_all_tasks_blocked()
             n.start_soon(waiter, "big, cancelled", 100, box)
             n.start_soon(waiter, "small", 1)
