@@ -25,7 +25,8 @@ system makes file creation slow for minutes after a deletion, whichever tool cre
 Substitution by pure flushes the file system before it registers the paths (``fsync-store-paths``,
 on by default: a path is never valid before its files are on disk; Nix does not flush).  It is
 timed both ways: the default, and with ``fsync-store-paths = false`` like Nix.
-Prints each time and the ratio pure/nix.
+Prints each time, the ratio pure/nix of the best rounds, and the ratio within each round (the
+two tools ran back to back there, in the same state of the machine).
 
     .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--content mixed|random] [--small N]
                                               [--fs ext4|host]
@@ -268,8 +269,10 @@ def bench(args, tree: Path, where: str) -> None:
             nwhat = "subst" if what == "subst0" else what
             p, n = min(times[f"{what}-pure"]), min(times[f"{nwhat}-nix"])
             pc, nc = min(CPU[f"{what}-pure"]), min(CPU[f"{nwhat}-nix"])
+            rounds = [a / b for a, b in zip(times[f"{what}-pure"], times[f"{nwhat}-nix"])]
             print(f"{label:32s} wall: pure {p:6.2f} s  nix {n:6.2f} s  ratio {p / n:.2f}   "
-                  f"cpu: pure {pc:5.2f} s  nix {nc:5.2f} s  ratio {pc / nc:.2f}")
+                  f"cpu: pure {pc:5.2f} s  nix {nc:5.2f} s  ratio {pc / nc:.2f}   "
+                  f"each round: {' '.join(f'{r:.2f}' for r in rounds)}")
         print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     finally:
         wipe(work)
