@@ -210,6 +210,40 @@ def test_bad_cache_urls(tmp_path, url, msg):
     assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["not a cache", "unreachable", "other store dir"])
+def test_fetch_from_an_unusable_cache_is_one_error_naming_the_paths(tmp_path, kind):
+    """`pure copy --from` a cache that cannot be used at all: one `error:` line naming the
+    wanted paths and what is wrong with the cache (no warning before it), nothing registered."""
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+    paths = [f"/pure/store/{lib.base_name}", f"/pure/store/{app.base_name}"]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    url, reason = f"file://{cache}", "has no nix-cache-info (is it a cache?)"
+    if kind == "unreachable":
+        url, reason = f"http://127.0.0.1:{_free_port()}/", "cannot connect"
+    elif kind == "other store dir":
+        (cache / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+        reason = "is for store dir '/nix/store', but this store's dir is '/pure/store'"
+    dst = tmp_path / "dst"
+    r = run_pure("copy", "--from", url, "--trusted-public-keys", PUB, *paths, root=dst, check=False)
+    assert r.returncode == 1, r.stderr
+    first, *rest = r.stderr.splitlines()
+    assert first.startswith(f"error: cannot substitute {', '.join(repr(p) for p in sorted(paths))}: ")
+    assert reason in first
+    assert rest == (["hint: use a cache made for the same --store-dir"] if kind == "other store dir" else [])
+    with open_store(dst) as st:
+        assert st.valid_paths() == []
+
+
 def test_serve_errors_are_clear(tmp_path):
     r = run_pure("cache", "serve", tmp_path / "missing", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

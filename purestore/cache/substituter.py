@@ -65,6 +65,11 @@ class SubstituteReport:
     nar_bytes: int = 0
 
 
+class CacheUnusable(CacheError):
+    """A cache that cannot be used at all (with ``strict``): unreachable, not a cache, another
+    store dir."""
+
+
 class _Rejected(Exception):
     """No cache had a usable narinfo, and at least one had an unusable one (reason)."""
 
@@ -77,10 +82,13 @@ class _Cache:
 
 
 class Substituters:
-    """An open session on a list of binary caches (use ``async with``)."""
+    """An open session on a list of binary caches (use ``async with``).  A cache that cannot be
+    used (unreachable, no ``nix-cache-info``, another store dir) is left out with a warning, or
+    with ``strict`` makes opening fail (:class:`CacheUnusable`)."""
 
     def __init__(self, settings, urls: Iterable[str] | None = None,
-                 trusted_keys: Iterable[str] | None = None, *, negative_ttl: int | None = None):
+                 trusted_keys: Iterable[str] | None = None, *, negative_ttl: int | None = None,
+                 strict: bool = False):
         self.settings = settings
         self.urls = list(settings.substituters if urls is None else urls)
         self.trusted = parse_public_keys(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
@@ -89,6 +97,7 @@ class Substituters:
         self.provenance: dict[StorePath, bytes] = {}  # verified statements (require-provenance)
         ttl = settings.narinfo_cache_negative_ttl if negative_ttl is None else negative_ttl
         self.negative = NegativeCache(getattr(settings, "state_dir", None), ttl)
+        self.strict = strict
 
     async def __aenter__(self) -> "Substituters":
         async def open_one(i: int, url: str):
@@ -98,6 +107,7 @@ class Substituters:
                                        stall_timeout=self.settings.stalled_download_timeout)
             except CacheError as e:
                 self.rejected[url] = str(e)
+                failed.append(e)
                 return
             try:
                 data = await backend.get("nix-cache-info")
@@ -108,17 +118,23 @@ class Substituters:
             except CacheError as e:
                 await backend.aclose()
                 self.rejected[url] = str(e)
-                log.warning("warning: not using binary cache %r: %s", url, e)
+                failed.append(e)
+                if not self.strict:
+                    log.warning("warning: not using binary cache %r: %s", url, e)
                 return
             prio = cu.param("priority")
             priority = int(prio) if prio and prio.isdigit() else info.priority
             opened.append((priority, i, _Cache(url, backend, priority)))
 
         opened: list[tuple[int, int, _Cache]] = []
+        failed: list[CacheError] = []
         async with open_nursery() as n:
             for i, url in enumerate(self.urls):
                 n.start_soon(open_one, i, url)
         self.caches = [c for _p, _i, c in sorted(opened, key=lambda t: (t[0], t[1]))]
+        if failed and self.strict:
+            await self.aclose()
+            raise CacheUnusable(str(failed[0]), hint=failed[0].hint)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -212,14 +228,15 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             urls: Iterable[str] | None = None, trusted_keys: Iterable[str] | None = None,
                             progress: Progress | None = None, repair: Iterable[StorePath] = (),
                             jobs: int | None = None, negative_ttl: int | None = None,
-                            fork_worker: bool = False) -> SubstituteReport:
+                            fork_worker: bool = False, strict_caches: bool = False) -> SubstituteReport:
     """Substitute ``paths`` (and their missing references) from the caches; never raises for a
     single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
     valid and put back in place.
 
     ``fork_worker``: restore from ``file://`` caches and big NARs over HTTP in a forked copy of
     this process as well (:mod:`.forked`); only for a caller whose other threads are all idle
-    now (the CLI)."""
+    now (the CLI).  ``strict_caches``: a cache that cannot be used raises
+    :class:`CacheUnusable` instead of being left out with a warning."""
     paths = set(paths)
     repair = set(repair)
     sd = settings.store_dir
@@ -240,7 +257,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
 
     lanes = jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1))
     use_worker = fork_worker and lanes >= 2
-    async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl) as subs, \
+    async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl, strict=strict_caches) as subs, \
             _forked_worker(use_worker) as worker:
         if not subs.caches and not subs.rejected:
             report.valid = {p for p in paths if S.is_valid(store, p)}
@@ -440,16 +457,22 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     """``pure copy --from URL PATH…``: fetch ``paths`` and their closures from one cache
     (asking it afresh: remembered negative answers are ignored).
 
-    Raises :class:`CacheError` naming each path that could not be fetched and why.
+    Raises :class:`CacheError` when the cache cannot be used (unreachable, no
+    ``nix-cache-info``, another store dir), and naming each path that could not be fetched and why.
     ``fork_worker``: see :func:`substitute_report`.
     """
     paths = set(paths)
-    report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
-                                     trusted_keys=trusted_keys, progress=progress, negative_ttl=0,
-                                     jobs=jobs, fork_worker=fork_worker)
+    sd = settings.store_dir
+    try:
+        report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
+                                         trusted_keys=trusted_keys, progress=progress, negative_ttl=0,
+                                         jobs=jobs, fork_worker=fork_worker, strict_caches=True)
+    except CacheUnusable as e:  # one error for all the paths, not one line each
+        names = [repr(p.absolute(sd)) for p in sorted(paths) if not S.is_valid(store, p)]
+        what = ", ".join(names) if len(names) <= 3 else f"{len(names)} paths ({', '.join(names[:2])}, ...)"
+        raise CacheError(f"cannot substitute {what}: {e}", hint=e.hint) from None
     missing = sorted(paths - report.valid)
     if missing:
-        sd = settings.store_dir
         lines = [f"cannot substitute {p.absolute(sd)!r}: {report.failures.get(p, 'unknown reason')}"
                  for p in missing]
         raise CacheError("\n".join(lines) if len(lines) > 1 else lines[0])
