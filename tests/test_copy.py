@@ -210,6 +210,27 @@ def test_bad_cache_urls(tmp_path, url, msg):
     assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("content,reason", [
+    (SEC.split(":", 1)[1], "is not of the form 'name:base64'"),  # the name left out
+    (":" + SEC.split(":", 1)[1], "has an empty key name"),
+    ("test-key-1:" + SEC.split(":", 1)[1][:-8], "decodes to"),
+])
+def test_a_malformed_secret_key_file_is_named_and_never_quoted(tmp_path, content, reason):
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    bad = tmp_path / "bad.sec"
+    bad.write_text(content + "\n")
+    cache = tmp_path / "cache"
+    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", bad, store.print_path(lib),
+                 root=root, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: secret key file '{bad}': " in r.stderr and reason in r.stderr, r.stderr
+    secret = SEC.split(":", 1)[1]
+    assert secret[:8] not in r.stderr and secret[-12:-8] not in r.stderr
+    assert not cache.exists()
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as sock:

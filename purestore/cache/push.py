@@ -28,7 +28,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from ..errors import CacheError, StoreError
+from ..errors import CacheError, KeyError_, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
@@ -63,15 +63,23 @@ class PushResult:
     file_bytes: int
 
 
+_KEY_HINT = "create one with 'pure key generate --name NAME --secret-out FILE --public-out FILE'"
+
+
 def load_secret_key(path: str) -> SecretKey:
-    """Read a secret key file; raise :class:`CacheError` when unreadable, ``KeyError_`` when malformed."""
+    """Read a secret key file; raise :class:`CacheError` when unreadable, ``KeyError_`` (naming
+    the file, never quoting its contents) when malformed."""
     try:
         with open(path) as f:
             text = f.read()
     except OSError as e:
-        raise CacheError(f"cannot read secret key file {path!r}: {e.strerror}",
-                         hint="create one with 'pure key generate --name NAME --secret-out FILE --public-out FILE'") from e
-    return SecretKey.parse(text)
+        raise CacheError(f"cannot read secret key file {path!r}: {e.strerror}", hint=_KEY_HINT) from e
+    except UnicodeDecodeError:
+        raise KeyError_(f"secret key file {path!r} is not text", hint=_KEY_HINT) from None
+    try:
+        return SecretKey.parse(text)
+    except KeyError_ as e:
+        raise KeyError_(f"secret key file {path!r}: {e}", hint=_KEY_HINT) from None
 
 
 async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:

@@ -25,15 +25,18 @@ import nacl.signing
 from ..errors import KeyError_, SignatureError
 
 
-def _split(text: str, what: str, size: int) -> tuple[str, bytes]:
+def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[str, bytes]:
+    """(name, decoded bytes) of ``name:base64``; messages quote the text, except of a secret
+    key (where the text may be the secret itself): only its name, when it has one."""
     if not isinstance(text, str):
         raise KeyError_(f"{what} must be text, got {type(text).__name__}")
     text = text.strip()
     name, sep, b64 = text.partition(":")
+    shown = "" if secret else f" {_short(text)!r}"
     if not sep:
-        raise KeyError_(f"{what} {_short(text)!r} is not of the form 'name:base64'")
+        raise KeyError_(f"{what}{shown} is not of the form 'name:base64'")
     if not name:
-        raise KeyError_(f"{what} {_short(text)!r} has an empty key name")
+        raise KeyError_(f"{what}{shown} has an empty key name")
     if any(c.isspace() for c in name):
         raise KeyError_(f"{what} name {name!r} contains white space")
     try:
@@ -134,7 +137,7 @@ class SecretKey:
     @classmethod
     def parse(cls, text: str) -> "SecretKey":
         """Parse ``name:base64(seed + public)``; the public half must match the seed."""
-        name, raw = _split(text, "secret key", 64)
+        name, raw = _split(text, "secret key", 64, secret=True)
         key = cls(name, raw[:32])
         if key.public_key().key != raw[32:]:
             raise KeyError_(f"secret key {name!r}: the public half does not match the seed")
