@@ -231,6 +231,16 @@ def test_a_malformed_secret_key_file_is_named_and_never_quoted(tmp_path, content
     assert not cache.exists()
 
 
+def test_a_malformed_trusted_key_is_an_error_even_with_nothing_to_fetch(tmp_path):
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    (tmp_path / "cache").mkdir()
+    r = run_pure("copy", "--from", f"file://{tmp_path / 'cache'}", "--trusted-public-keys", "not-a-key",
+                 store.print_path(lib), root=root, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: public key 'not-a-key' is not of the form"), r.stderr
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as sock:

@@ -463,6 +463,9 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     """
     paths = set(paths)
     sd = settings.store_dir
+    if trusted_keys is not None:
+        trusted_keys = list(trusted_keys)
+        parse_public_keys(trusted_keys)  # a malformed key is an error even when nothing is fetched
     try:
         report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
                                          trusted_keys=trusted_keys, progress=progress, negative_ttl=0,
