@@ -10,14 +10,15 @@ What the files hold (``content``):
 
 - ``"random"``: random bytes.  Nothing compresses; enough where only the amount of data and the
   number of files matter (hashing, adding to the store).
-- ``"mixed"``: bytes that compress like software does.  Text files (``.c``, ``.h``, ``.py``,
+- ``"mixed"``: bytes that compress like software does. Text files (``.c``, ``.h``, ``.py``,
   ``.txt``, ``.1``, ``.json``) are token soup drawn from a skewed vocabulary of identifiers,
   keywords and punctuation; libraries and programs (``.so``, ``.a``, no extension) mix
   "instructions" from a skewed vocabulary of short byte strings with runs of random bytes and of
-  zeros; ``.tar`` files are random (an archive is already compressed).  zstd -3 makes the whole
+  zeros; ``.tar`` files are random (an archive is already compressed). zstd -3 makes the whole
   2.3 times smaller (text 3.0-3.2, binaries 1.9, archives 1.0) at about the speed it has on real
-  files: on this machine's /usr/lib, /usr/bin, /usr/share and /usr/include it gives 2.1-4.3.  Each file is slices, at random offsets, of a 32 MiB pool of its
-  kind, so that generating 350 MB takes seconds.
+  files: on this machine's /usr/lib, /usr/bin, /usr/share and /usr/include it gives 2.1-4.3.
+  Each file is slices, at random offsets, of a 32 MiB pool of its kind, so that generating 350
+  MB takes seconds.
 
 ``default_tree(content)`` returns the cached default tree of that content under /var/tmp.
 """
