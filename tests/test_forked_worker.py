@@ -18,7 +18,7 @@ import trio
 from conftest import run_pure
 from purestore.cache.backend import open_backend
 from purestore.cache.fetch import download
-from purestore.cache.forked import ForkedWorker, WorkerGone
+from purestore.cache.forked import ForkedWorker, WorkerGone, run_claimed
 from purestore.cache.progress import Progress
 from purestore.errors import CacheError, StoreError
 from purestore.formats.narinfo import NarInfo
@@ -130,6 +130,37 @@ async def test_a_cancelled_job_kills_the_child_at_once():
     assert time.monotonic() - t0 < 5
     assert not w.usable and not alive(pid)
     await w.aclose()
+
+
+async def test_run_claimed_says_when_the_caller_must_do_the_job_and_cleans_up_after_a_dead_child():
+    """run_claimed (what push and substitution use): a result, or (False, None) when the worker
+    is missing, busy or died during the job; cleanup only after a death or a cancellation."""
+    cleaned = []
+
+    def cleanup():
+        cleaned.append(1)
+
+    assert await run_claimed(None, None, cleanup) == (False, None)
+    w = ForkedWorker.start()
+    try:
+        assert await run_claimed(w, lambda: w.call(job_sleeps, 0), cleanup) == (True, "woke")
+        with pytest.raises(CacheError, match="^bad NAR$"):  # the job's own error: no clean-up
+            await run_claimed(w, lambda: w.call(job_fails, "cache"), cleanup)
+        assert cleaned == [] and not w.busy
+        assert w.claim()  # busy: the caller does the job itself
+        assert await run_claimed(w, lambda: w.call(job_pid), cleanup) == (False, None)
+        w.release()
+        assert await run_claimed(w, lambda: w.call(job_dies), cleanup) == (False, None)
+        assert cleaned == [1] and not w.usable
+    finally:
+        await w.aclose()
+    w = ForkedWorker.start()
+    try:
+        with trio.move_on_after(0.3):
+            await run_claimed(w, lambda: w.call(job_sleeps, 30), cleanup)
+        assert cleaned == [1, 1] and not w.usable
+    finally:
+        await w.aclose()
 
 
 async def test_aclose_lets_the_child_exit():

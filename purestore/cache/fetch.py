@@ -21,7 +21,7 @@ from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend
-from .forked import DATA, WorkerGone
+from .forked import DATA, run_claimed
 from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
 
@@ -92,8 +92,9 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
     try:
         if isinstance(backend, FileBackend):
             args = (backend.local_path(ni.url), ni, where, tmp)
-            if not await _in_worker(worker, store, tmp,
-                                    lambda: worker.call(restore_file, *args, progress=progress)):
+            ran, _ = await run_claimed(worker, lambda: worker.call(restore_file, *args, progress=progress),
+                                       lambda: _remove_partial(store, tmp))
+            if not ran:
                 await trio.to_thread.run_sync(restore_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
@@ -113,31 +114,21 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
                 async with backend.open_read(ni.url) as chunks:
                     await worker.call(restore_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
 
-            if not await _in_worker(worker, store, tmp, streamed_to_worker):
+            ran, _ = await run_claimed(worker, streamed_to_worker, lambda: _remove_partial(store, tmp))
+            if not ran:
                 await _fetch_http(backend, ni, where, tmp, progress)
     except BaseException:
         if os.path.lexists(tmp):
             with trio.CancelScope(shield=True):  # cancelled too (Ctrl-C): nothing writes there now
-                await trio.to_thread.run_sync(remove_temp, store, tmp)
+                await trio.to_thread.run_sync(_remove_partial, store, tmp)
         raise
     return tmp
 
 
-async def _in_worker(worker, store, tmp: str, job) -> bool:
-    """Run ``job()`` (an async call of ``worker``) with the worker claimed: True when it
-    restored ``tmp``; False when the worker is missing, busy or gone (a child that died left a
-    partial tree at most, removed here), and the caller restores in a thread instead."""
-    if worker is None or not worker.claim():
-        return False
-    try:
-        await job()
-        return True
-    except WorkerGone:
-        if os.path.lexists(tmp):
-            await trio.to_thread.run_sync(remove_temp, store, tmp)
-        return False
-    finally:
-        worker.release()
+def _remove_partial(store, tmp: str) -> None:
+    """What a restore killed half way left: a partial tree at ``tmp``, or nothing."""
+    if os.path.lexists(tmp):
+        remove_temp(store, tmp)
 
 
 def remove_temp(store, tmp: str) -> None:

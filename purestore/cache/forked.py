@@ -321,3 +321,28 @@ class ForkedWorker:
             if self.pid:
                 await trio.to_thread.run_sync(self._reap)
             await self._results.aclose()
+
+
+async def run_claimed(worker: ForkedWorker | None, job, cleanup):
+    """Run ``job()`` (an async call of ``worker``) with the worker claimed and return
+    ``(True, its result)``; ``(False, None)`` when the worker is missing or busy, or died during
+    the job, and the caller then does the job itself.
+
+    ``cleanup()`` (blocking; run in a thread, shielded) removes what a job that did not finish
+    may have left: after the child died, and when the job was cancelled (the child is killed
+    then).  A job's own error needs none: the job removed its output before raising it."""
+    if worker is None or not worker.claim():
+        return False, None
+    try:
+        return True, await job()
+    except WorkerGone:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cleanup)
+        return False, None
+    except BaseException as e:
+        if not isinstance(e, Exception):  # cancelled, interrupted
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(cleanup)
+        raise
+    finally:
+        worker.release()

@@ -37,7 +37,7 @@ from . import _storeapi as S
 from .backend import Backend, FileBackend, open_backend, parse_url
 from .compression import compressor, extension
 from .info import CacheInfo
-from .forked import ForkedWorker, WorkerGone
+from .forked import ForkedWorker, run_claimed
 from .nar_jobs import compress_path, nar_listing, push_temp_name  # noqa: F401 (nar_listing: API)
 from ._nursery import open_nursery
 from .progress import Progress
@@ -212,21 +212,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 info = infos[p]
                 tmp = push_temp_name(tmp_dir)
                 args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, tmp, write_listing)
-                res = None
-                if worker is not None and worker.claim():
-                    try:
-                        res = await worker.call(compress_path, *args, progress=progress)
-                    except BaseException as e:
-                        # a job's own error removed its file; a child that died or was killed
-                        # (cancelled, interrupted) leaves it to us
-                        if isinstance(e, WorkerGone) or not isinstance(e, Exception):
-                            with trio.CancelScope(shield=True):
-                                await trio.to_thread.run_sync(_unlink_quietly, tmp)
-                        if not isinstance(e, WorkerGone):
-                            raise
-                    finally:
-                        worker.release()
-                if res is None:
+                ran, res = await run_claimed(
+                    worker, lambda: worker.call(compress_path, *args, progress=progress),
+                    lambda: _unlink_quietly(tmp))
+                if not ran:
                     res = await trio.to_thread.run_sync(compress_path, *args, progress)
                 n.start_soon(push_one, p, *res)
 
