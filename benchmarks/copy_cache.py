@@ -4,7 +4,8 @@ fresh store, with `pure copy` and with `nix copy`; then 200 small paths substitu
 Setup (not timed): the tree of benchmarks/_tree.py (by default with contents that compress about as
 software does, 2.3 times with zstd; ``--content random`` for random bytes) is split into its ~50 top-level package
 directories, each added as a store path to a rooted purestore store (--store-dir /nix/store) and
-to a Nix chroot store; both give the same paths.  Then, in rounds, alternating pure and Nix:
+to a Nix chroot store; both give the same paths.  Then, in rounds, each tool runs all of the
+following in turn (pure first in odd rounds, Nix first in even ones):
 
 1. push:       `pure copy --to file://C?compression=zstd&secret-key=K PATHS`  vs  `nix copy --to ...`
 2. substitute: `pure copy --from file://C PATHS` into a fresh rooted store      vs  `nix copy --from`
@@ -17,6 +18,10 @@ to a Nix chroot store; both give the same paths.  Then, in rounds, alternating p
                each tool pushed in step 1
 
 Every timed run starts after a `sync`.  The best round of each counts (the machine is shared).
+Which tool goes first alternates because the order matters here: this VM returns freed memory to
+its host (free page reporting), so filling fresh page-cache pages costs a host fault each, and the
+figures of a command depend on how much recently freed memory it finds; whichever tool runs first
+in a round meets what the previous round left.
 Nothing is deleted until the end: every round writes into new directories.  By default all of it
 runs on a fresh ext4 made for the run (benchmarks/_scratchfs.py says why: this machine's root file
 system makes file creation slow for minutes after a deletion, whichever tool creates them);
@@ -26,7 +31,7 @@ Substitution by pure flushes the file system before it registers the paths (``fs
 on by default: a path is never valid before its files are on disk; Nix does not flush).  It is
 timed both ways: the default, and with ``fsync-store-paths = false`` like Nix.
 Prints each time, the ratio pure/nix of the best rounds, and the ratio within each round (the
-two tools ran back to back there, in the same state of the machine).
+two tools ran back to back there, in the same state of the machine) with its median.
 
     .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--content mixed|random] [--small N]
                                               [--fs ext4|host]
@@ -38,6 +43,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,7 +215,9 @@ def bench(args, tree: Path, where: str) -> None:
         url = m.group(1) + "/"
         try:
             for rnd in range(args.rounds):
-                for who in ("pure", "nix"):
+                # who goes first alternates: the first command of a round meets the memory state
+                # the previous round left, which this machine makes slower (see the docstring)
+                for who in ("pure", "nix") if rnd % 2 == 0 else ("nix", "pure"):
                     cache = work / f"cache-{who}-{rnd}"
                     dst = work / f"dst-{who}-{rnd}"
                     hdst = work / f"hdst-{who}-{rnd}"
@@ -272,7 +280,7 @@ def bench(args, tree: Path, where: str) -> None:
             rounds = [a / b for a, b in zip(times[f"{what}-pure"], times[f"{nwhat}-nix"])]
             print(f"{label:32s} wall: pure {p:6.2f} s  nix {n:6.2f} s  ratio {p / n:.2f}   "
                   f"cpu: pure {pc:5.2f} s  nix {nc:5.2f} s  ratio {pc / nc:.2f}   "
-                  f"each round: {' '.join(f'{r:.2f}' for r in rounds)}")
+                  f"each round: {' '.join(f'{r:.2f}' for r in rounds)} (median {statistics.median(rounds):.2f})")
         print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     finally:
         wipe(work)
