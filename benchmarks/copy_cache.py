@@ -13,7 +13,10 @@ following in turn (pure first in odd rounds, Nix first in even ones):
 3. http:       200 small paths (pushed once by pure) served by `pure cache serve` on 127.0.0.1;
                `pure copy --from http://...` vs `nix copy --from http://...` into fresh stores;
                then the same served by nginx where installed (a static server much faster than
-               ours, so that the clients' own speed shows, not the server's)
+               ours, so that the clients' own speed shows, not the server's), and then through a
+               proxy that delays everything by half of ``--rtt`` (10 ms) each way, as a cache
+               across a network is: what parallel queries and downloads are for, which loopback
+               cannot show (the proxy's threads use a little CPU, counted for both tools)
 4. http big:   where nginx is installed, the big closure substituted over HTTP from the cache
                each tool pushed in step 1
 
@@ -34,7 +37,7 @@ Prints each time, the ratio pure/nix of the best rounds, and the ratio within ea
 two tools ran back to back there, in the same state of the machine) with its median.
 
     .venv/bin/python benchmarks/copy_cache.py [--rounds N] [--tree DIR] [--content mixed|random] [--small N]
-                                              [--fs ext4|host]
+                                              [--rtt MS] [--fs ext4|host]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _scratchfs import available as scratch_unavailable, scratch_ext4  # noqa: E402
 from _tree import CONTENTS, default_tree, make_tree  # noqa: E402
+from _latency import LatencyProxy  # noqa: E402
 
 PURE = [sys.executable, "-m", "purestore.cli.main"]
 # Without PYTHONDONTWRITEBYTECODE: the untimed setup leaves compiled bytecode, as an installed
@@ -147,6 +151,9 @@ def main() -> None:
     ap.add_argument("--content", choices=CONTENTS, default="mixed",
                     help="what the files of the default tree hold (benchmarks/_tree.py): bytes that compress "
                          "like software (default) or random bytes, which nothing compresses")
+    ap.add_argument("--rtt", type=float, default=10,
+                    help="round-trip time in ms added by a proxy (benchmarks/_latency.py) in front of nginx "
+                         "for a third run of the small paths (0: none)")
     ap.add_argument("--fs", choices=("ext4", "host"), default=None,
                     help="where to work: a fresh ext4 (default when root) or /var/tmp")
     args = ap.parse_args()
@@ -202,10 +209,18 @@ def bench(args, tree: Path, where: str) -> None:
         times: dict[str, list[float]] = {k: [] for k in
                                          ("push-pure", "push-nix", "subst-pure", "subst-nix", "subst0-pure",
                                           "http-pure", "http-nix", "nginx-pure", "nginx-nix",
-                                          "hbig-pure", "hbig-nix")}
+                                          "lat-pure", "lat-nix", "hbig-pure", "hbig-nix")}
         nginx = start_nginx(work / "nginx", work)  # serves every cache of the run by its directory
+        proxy = None
         if nginx is None:
-            del times["nginx-pure"], times["nginx-nix"], times["hbig-pure"], times["hbig-nix"]
+            for k in ("nginx", "lat", "hbig"):
+                del times[f"{k}-pure"], times[f"{k}-nix"]
+        elif args.rtt > 0:
+            host, port = nginx[1].split("//")[1].rstrip("/").split(":")
+            proxy = LatencyProxy((host, int(port)), args.rtt / 2000)
+            proxy_url = f"http://127.0.0.1:{proxy.port}/"
+        else:
+            del times["lat-pure"], times["lat-nix"]
         server = subprocess.Popen(PURE + ["cache", "serve", str(small_cache), "--listen", "127.0.0.1:0"],
                                   env=PURE_ENV, stderr=subprocess.PIPE, text=True)
         line = server.stderr.readline()
@@ -254,6 +269,11 @@ def bench(args, tree: Path, where: str) -> None:
                         hpull[hpull.index(hdst)] = work / f"ndst-{who}-{rnd}"
                         times[f"nginx-{who}"].append(run(hpull, env, f"nginx-{who}"))
                         subprocess.run(["sync"], check=True)
+                        if proxy is not None:  # the same again, a round trip away
+                            hpull[hpull.index(nginx[1] + "small-cache/")] = proxy_url + "small-cache/"
+                            hpull[hpull.index(work / f"ndst-{who}-{rnd}")] = work / f"ldst-{who}-{rnd}"
+                            times[f"lat-{who}"].append(run(hpull, env, f"lat-{who}"))
+                            subprocess.run(["sync"], check=True)
                         # the big closure over HTTP, from the cache this round's push wrote
                         bpull = list(pull)
                         bpull[bpull.index(f"file://{cache}")] = f"{nginx[1]}{cache.name}/"
@@ -263,6 +283,8 @@ def bench(args, tree: Path, where: str) -> None:
         finally:
             server.terminate()
             server.wait()
+            if proxy is not None:
+                proxy.close()
             if nginx is not None:
                 nginx[0].terminate()
                 nginx[0].wait()
@@ -271,6 +293,7 @@ def bench(args, tree: Path, where: str) -> None:
                             ("subst0", "  the same, pure without flush"),
                             ("http", f"{args.small} small paths over HTTP"),
                             ("nginx", "  the same served by nginx"),
+                            ("lat", f"  the same, {args.rtt:g} ms away"),
                             ("hbig", "the big closure from nginx")):
             if f"{what}-pure" not in times:
                 continue

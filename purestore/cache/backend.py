@@ -102,7 +102,7 @@ def parse_url(url: str) -> CacheURL:
 
 
 def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_timeout: float = 30,
-                 max_connections: int = 8, token: str | None = None) -> "Backend":
+                 max_connections: int = 16, token: str | None = None) -> "Backend":
     """The backend for a cache URL (not yet connected; close it with ``aclose``)."""
     cu = parse_url(url) if isinstance(url, str) else url
     if cu.scheme == "file":

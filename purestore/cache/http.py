@@ -91,7 +91,7 @@ class HttpClient:
     """Requests to one origin (``scheme://host:port``) over pooled HTTP/1.1 connections."""
 
     def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float = 10,
-                 stall_timeout: float = 30, max_connections: int = 8,
+                 stall_timeout: float = 30, max_connections: int = 16,
                  headers: dict[str, str] | None = None, ssl_context: ssl.SSLContext | None = None):
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme {scheme!r}")

@@ -78,10 +78,11 @@ def register(reg) -> None:
     p.add_argument("--write-nar-listing", action="store_true", help="also write <hash>.ls listings")
     p.add_argument("-j", "--jobs", type=int, metavar="N",
                    help="paths compressed (--to) or downloaded and restored (--from) in parallel, the "
-                        "biggest first (default: the number of cores for --to, twice that for --from, "
-                        "where restores from a file:// cache and of NARs over 1 MiB then run one per "
-                        "core); with two or more, one of them runs in a forked copy of pure (for --to; "
-                        "for --from, restores from a file:// cache and of NARs over 1 MiB)")
+                        "biggest first (default: the number of cores for --to; for --from, 16 small "
+                        "NARs over HTTP at once, which wait on the network, while restores from a "
+                        "file:// cache and of NARs over 1 MiB run one per core); with two or more, one "
+                        "of them runs in a forked copy of pure (for --to; for --from, restores from a "
+                        "file:// cache and of NARs over 1 MiB)")
     p.add_argument("--trusted-public-keys", dest="copy_trusted_keys", metavar="KEYS",
                    help="keys trusted for --from (default: the trusted-public-keys setting)")
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
