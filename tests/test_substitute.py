@@ -210,7 +210,7 @@ async def test_small_nars_over_http_download_many_at_once_by_default(tmp_path):
                 now[0] += 1
                 now[1] = max(now)
             try:
-                time.sleep(0.05)
+                time.sleep(0.25)
                 return super().do_GET()
             finally:
                 with lock:
