@@ -241,6 +241,19 @@ def test_a_malformed_trusted_key_is_an_error_even_with_nothing_to_fetch(tmp_path
     assert r.returncode == 1 and r.stderr.startswith("error: public key 'not-a-key' is not of the form"), r.stderr
 
 
+@pytest.mark.parametrize("url,msg", [
+    ("ftp://cache.example/", "unsupported cache URL 'ftp://cache.example/'"),
+    ("http://", "cache URL 'http://': missing host"),
+    ("file://relative/dir", "file URLs must be file:///absolute/dir"),
+])
+def test_a_malformed_cache_url_is_an_error_even_with_nothing_to_fetch(tmp_path, url, msg):
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    r = run_pure("copy", "--from", url, store.print_path(lib), root=root, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as sock:
@@ -248,7 +261,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["not a cache", "unreachable", "other store dir"])
+@pytest.mark.parametrize("kind", ["not a cache", "no such directory", "unreachable", "other store dir"])
 def test_fetch_from_an_unusable_cache_is_one_error_naming_the_paths(tmp_path, kind):
     """`pure copy --from` a cache that cannot be used at all: one `error:` line naming the
     wanted paths and what is wrong with the cache (no warning before it), nothing registered."""
@@ -261,6 +274,8 @@ def test_fetch_from_an_unusable_cache_is_one_error_naming_the_paths(tmp_path, ki
     url, reason = f"file://{cache}", "has no nix-cache-info (is it a cache?)"
     if kind == "unreachable":
         url, reason = f"http://127.0.0.1:{_free_port()}/", "cannot connect"
+    elif kind == "no such directory":
+        url, reason = f"file://{cache}-typo", f"directory '{cache}-typo' does not exist"
     elif kind == "other store dir":
         (cache / "nix-cache-info").write_text("StoreDir: /nix/store\n")
         reason = "is for store dir '/nix/store', but this store's dir is '/pure/store'"

@@ -117,6 +117,8 @@ class Substituters:
             try:
                 data = await backend.get("nix-cache-info")
                 if data is None:
+                    if isinstance(backend, FileBackend) and not os.path.isdir(backend.dir):
+                        raise CacheError(f"binary cache {url!r}: directory {backend.dir!r} does not exist")
                     raise CacheError(f"binary cache {url!r} has no nix-cache-info (is it a cache?)")
                 info = CacheInfo.parse(data, f"{url}/nix-cache-info")
                 info.check_store_dir(self.settings.store_dir, url)
@@ -468,9 +470,10 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     """
     paths = set(paths)
     sd = settings.store_dir
+    parse_url(url)  # a malformed URL or key is an error even when nothing needs fetching
     if trusted_keys is not None:
         trusted_keys = list(trusted_keys)
-        parse_public_keys(trusted_keys)  # a malformed key is an error even when nothing is fetched
+        parse_public_keys(trusted_keys)
     try:
         report = await substitute_report(store, settings.evolve(offline=False), paths, urls=[url],
                                          trusted_keys=trusted_keys, progress=progress, negative_ttl=0,
