@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -73,11 +74,16 @@ def test_push_skips_paths_already_in_cache(tmp_path, keyfile):
     with open_store(root) as store:
         lib, app = make_closure(store)
         lib_p, app_p = store.print_path(lib), store.print_path(app)
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, lib_p, root=root)
+    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, lib_p, root=root)
+    assert re.search(rf"^copied 1 path to file://{re.escape(str(cache))} \([\d.]+ K?i?B of NAR, [\d.]+ K?i?B compressed\); "
+                     r"0 already there$", r.stderr, re.M), r.stderr
     before = (cache / f"{lib.hash_part}.narinfo").stat().st_mtime_ns
-    res = json.loads(run_pure("copy", "--json", "--to", f"file://{cache}", app_p, root=root).stdout)
+    res = json.loads(run_pure("copy", "--json", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p,
+                              root=root).stdout)
     assert res["uploaded"] == [app_p] and res["skipped"] == [lib_p]
     assert (cache / f"{lib.hash_part}.narinfo").stat().st_mtime_ns == before
+    r = run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")
+    assert re.search(r"^fetched 2 paths \([\d.]+ K?i?B of NAR\) from file://", r.stderr, re.M), r.stderr
 
 
 @pytest.mark.parametrize("comp,ext", [("xz", ".nar.xz"), ("none", ".nar")])

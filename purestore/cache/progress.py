@@ -49,7 +49,8 @@ class Progress:
         pass
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """A byte count for people: 120 B, 88.0 KiB, 353.6 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -68,7 +69,7 @@ class TextProgress(Progress):
 
     def line(self) -> str:
         return (f"{self.verb} {self.paths_done}/{self.paths_total} paths, "
-                f"{_size(self.bytes_done)}/{_size(self.bytes_total)}")
+                f"{format_size(self.bytes_done)}/{format_size(self.bytes_total)}")
 
     def message(self, text: str) -> None:
         if self.verbose:

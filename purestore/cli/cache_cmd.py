@@ -152,9 +152,13 @@ def cmd_store_sign(args, ctx) -> int:
     return 0
 
 
+def _paths(n: int) -> str:
+    return f"{n} path" if n == 1 else f"{n} paths"
+
+
 def cmd_copy(args, ctx) -> int:
     import trio
-    from ..cache.progress import TextProgress
+    from ..cache.progress import TextProgress, format_size as _size
 
     settings = ctx.settings
     if getattr(args, "require_provenance", False):
@@ -179,8 +183,8 @@ def cmd_copy(args, ctx) -> int:
                     "narBytes": res.nar_bytes, "fileBytes": res.file_bytes,
                 }, indent=2))
             else:
-                ctx.info(f"copied {len(res.uploaded)} paths to {args.to.split('?')[0]} "
-                         f"({res.nar_bytes} NAR bytes, {res.file_bytes} compressed); "
+                ctx.info(f"copied {_paths(len(res.uploaded))} to {args.to.split('?')[0]} "
+                         f"({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} compressed); "
                          f"{len(res.skipped)} already there")
             return 0
         from ..cache.substituter import copy_from
@@ -193,7 +197,7 @@ def cmd_copy(args, ctx) -> int:
             print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
                               "narBytes": rep.nar_bytes}, indent=2))
         else:
-            ctx.info(f"fetched {len(rep.fetched)} paths ({rep.nar_bytes} NAR bytes) from "
+            ctx.info(f"fetched {_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
                      f"{args.from_.split('?')[0]}")
     return 0
 
