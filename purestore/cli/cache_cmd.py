@@ -166,12 +166,11 @@ def cmd_copy(args, ctx) -> int:
     with ctx.open_store() as store:
         progress = TextProgress("copying", verbose=args.verbose)
         if args.to:
+            from ..cache.backend import parse_url
             from ..cache.push import copy_to, load_secret_key
+            cu = parse_url(args.to)
             keys = [load_secret_key(f) for f in args.secret_key_file]
             paths = [store.parse_path(p, valid=True) for p in args.paths]
-            if not keys and "secret-key=" not in args.to:
-                ctx.info("warning: no secret key given: narinfos carry only the paths' existing "
-                         "signatures (use --secret-key-file FILE or ?secret-key=FILE)")
             res = trio.run(lambda: copy_to(
                 store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
                 level=args.compression_level, write_listing=True if args.write_nar_listing else None,
@@ -186,6 +185,9 @@ def cmd_copy(args, ctx) -> int:
                 ctx.info(f"copied {_paths(len(res.uploaded))} to {args.to.split('?')[0]} "
                          f"({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} compressed); "
                          f"{len(res.skipped)} already there")
+            if not keys and not cu.param("secret-key") and res.uploaded:  # last, to be seen
+                ctx.info("warning: no secret key given: the narinfos carry only the paths' existing "
+                         "signatures (use --secret-key-file FILE or ?secret-key=FILE)")
             return 0
         from ..cache.substituter import copy_from
         paths = [store.parse_path(p) for p in args.paths]
