@@ -253,6 +253,20 @@ def test_a_malformed_secret_key_file_is_named_and_never_quoted(tmp_path, content
     assert not cache.exists()
 
 
+def test_a_public_key_file_given_as_the_secret_key_says_so(tmp_path):
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    pub = tmp_path / "key.pub"
+    pub.write_text(PUB + "\n")
+    for args in (["copy", "--to", f"file://{tmp_path / 'cache'}", "--secret-key-file", pub],
+                 ["store", "sign", "--key-file", pub]):
+        r = run_pure(*args, store.print_path(lib), root=root, check=False)
+        assert r.returncode == 1 and r.stderr.splitlines() == [
+            f"error: secret key file '{pub}': secret key 'test-key-1' decodes to 32 bytes, expected 64",
+            "hint: this is a public key: give the secret key instead"], r.stderr
+
+
 def test_a_malformed_trusted_key_is_an_error_even_with_nothing_to_fetch(tmp_path):
     root = tmp_path / "a"
     with open_store(root) as store:

@@ -51,6 +51,21 @@ def test_malformed_public_keys(text, msg):
         PublicKey.parse(text)
 
 
+def test_a_public_key_given_for_a_secret_one_and_back_says_so():
+    """The two keys of a pair are easy to swap: the error's hint says which one was given, and
+    never shows any of the secret."""
+    with pytest.raises(KeyError_, match="decodes to 32 bytes, expected 64") as e:
+        SecretKey.parse(PUBLIC)
+    assert e.value.hint == "this is a public key: give the secret key instead"
+    with pytest.raises(KeyError_, match="decodes to 64 bytes, expected 32") as e:
+        PublicKey.parse(SECRET)
+    assert "pure key public" in e.value.hint
+    assert SECRET.split(":", 1)[1][:8] not in str(e.value)
+    with pytest.raises(KeyError_) as e:
+        PublicKey.parse("k:" + base64.b64encode(b"x" * 31).decode())
+    assert e.value.hint is None
+
+
 def test_secret_key_with_mismatched_public_half_is_rejected():
     raw = base64.b64decode(SECRET.split(":", 1)[1])
     bad = "test-key-1:" + base64.b64encode(raw[:32] + bytes(32)).decode()

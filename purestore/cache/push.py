@@ -79,7 +79,7 @@ def load_secret_key(path: str) -> SecretKey:
     try:
         return SecretKey.parse(text)
     except KeyError_ as e:
-        raise KeyError_(f"secret key file {path!r}: {e}", hint=_KEY_HINT) from None
+        raise KeyError_(f"secret key file {path!r}: {e}", hint=e.hint or _KEY_HINT) from None
 
 
 async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:

@@ -44,7 +44,10 @@ def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[st
     except (binascii.Error, ValueError):
         raise KeyError_(f"{what} {name!r} has invalid base64") from None
     if len(raw) != size:
-        raise KeyError_(f"{what} {name!r} decodes to {len(raw)} bytes, expected {size}")
+        swapped = {(64, 32): "this is a public key: give the secret key instead",
+                   (32, 64): "this is a secret key: give its public key ('pure key public < FILE')"}
+        raise KeyError_(f"{what} {name!r} decodes to {len(raw)} bytes, expected {size}",
+                        hint=swapped.get((size, len(raw))))
     return name, raw
 
 
