@@ -168,11 +168,12 @@ def make_tree(path: str, files: int = 20000, total_mb: int = 350, seed: int = 1,
         with open(full, "wb") as f:
             if content == "mixed":
                 f.write(_mixed_bytes(crng, pools, os.path.splitext(name)[1], size))
-            left = size if content == "random" else 0
-            while left:
-                n = min(left, 1 << 20)
-                f.write(rng.randbytes(n))
-                left -= n
+            else:
+                left = size
+                while left:
+                    n = min(left, 1 << 20)
+                    f.write(rng.randbytes(n))
+                    left -= n
         if rng.random() < 0.05 or "/bin" in d:
             os.chmod(full, 0o755)
         else:
