@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -271,7 +270,7 @@ async def test_http_truncated_or_stalled_download(attack, tmp_path, mode, reason
     cache, lib, app = attack
     root = tmp_path / "r"
     cfg = tmp_path / "pure.conf"
-    cfg.write_text("stalled-download-timeout = 1\n")
+    cfg.write_text("stalled-download-timeout = 1\ndownload-attempts = 2\n")
     async with trio.open_nursery() as n:
         url = await n.start(_broken_server, cache, mode)
         with trio.fail_after(60):
@@ -283,6 +282,9 @@ async def test_http_truncated_or_stalled_download(attack, tmp_path, mode, reason
         n.cancel_scope.cancel()
     r.stderr = r.stderr.decode()
     assert_refused(r, root, app, reason)
+    # tried twice (the second time asking for the rest, which this server ignores), then given up
+    assert "; retrying in " in r.stderr and "(attempt 2 of 2)" in r.stderr, r.stderr
+    assert f"{reason}" in r.stderr.split("error: ", 1)[1] and "(2 attempts)" in r.stderr, r.stderr
 
 
 def test_reference_cycle_between_narinfos_fails_without_hanging(attack, tmp_path):
@@ -312,7 +314,7 @@ async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mod
     monkeypatch.setattr(nar_jobs, "AHEAD_MIN", 0 if ahead else 1 << 62)
     cache, lib, app = attack
     root = tmp_path / "r"
-    s = settings_for(root, stalled_download_timeout=1)
+    s = settings_for(root, stalled_download_timeout=1, download_attempts=2)
     async with trio.open_nursery() as n:
         url = await n.start(_broken_server, cache, mode)
         with open_store(root) as store:
@@ -321,7 +323,7 @@ async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mod
                     await substituter.copy_from(store, s, url, [app], trusted_keys=[PUB],
                                                 jobs=2, fork_worker=forked)
             assert f"cannot substitute '/pure/store/{app.base_name}'" in str(e.value)
-            assert reason in str(e.value), str(e.value)
+            assert reason in str(e.value) and "(2 attempts)" in str(e.value), str(e.value)
             assert store.valid_paths() == [] and store.verify(check_contents=True).ok
         n.cancel_scope.cancel()
 

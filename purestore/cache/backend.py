@@ -13,7 +13,10 @@ A backend knows nothing of narinfo or NARs: it stores named files (``nix-cache-i
 Names are checked by :func:`check_name`: relative, ``/``-separated, no ``..``, no empty or hidden
 segments.  That is what keeps a narinfo ``URL`` from pointing outside the cache.
 
-OS and HTTP errors are turned into :class:`CacheError` here, at the storage boundary.
+OS and HTTP errors are turned into :class:`CacheError` here, at the storage boundary.  Over
+HTTP a transient failure (a broken or stalled connection, HTTP 408, 429, 500, 502, 503, 504) is
+retried up to ``attempts`` times in all, after 0.25 s, 0.5 s, 1 s, ... (as Nix's
+``download-attempts``); a download broken half way resumes where it stopped (``Range``).
 Cache URL parameters (``?compression=zstd&secret-key=FILE`` …) are parsed by :func:`parse_url`.
 """
 
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import random
 import re
 import tempfile
 import urllib.parse
@@ -33,6 +38,10 @@ import trio
 from ..errors import CacheError
 
 CHUNK = 1 << 20
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_DELAY = 0.25  # seconds before the second attempt; doubled for each further one
+
+log = logging.getLogger("purestore.cache")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9+_=-][A-Za-z0-9+_.=-]*\Z")
 
 
@@ -102,8 +111,9 @@ def parse_url(url: str) -> CacheURL:
 
 
 def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_timeout: float = 30,
-                 max_connections: int = 16, token: str | None = None) -> "Backend":
-    """The backend for a cache URL (not yet connected; close it with ``aclose``)."""
+                 max_connections: int = 16, token: str | None = None, attempts: int = 5) -> "Backend":
+    """The backend for a cache URL (not yet connected; close it with ``aclose``).  ``attempts``:
+    how many times an HTTP request is tried before a transient failure is reported."""
     cu = parse_url(url) if isinstance(url, str) else url
     if cu.scheme == "file":
         return FileBackend(cu)
@@ -116,7 +126,7 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
     if token is None:
         token = os.environ.get("PURE_CACHE_TOKEN") or None
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
-                       max_connections=max_connections, token=token)
+                       max_connections=max_connections, token=token, attempts=attempts)
 
 
 class Backend:
@@ -266,6 +276,12 @@ class FileBackend(Backend):
         await trio.to_thread.run_sync(write)
 
 
+async def _failed(e: BaseException):
+    """An async iterator that raises ``e`` when read (a retry whose request failed)."""
+    raise e
+    yield  # pragma: no cover (makes this an async generator)
+
+
 def _unlink(p: str) -> None:
     try:
         os.unlink(p)
@@ -276,19 +292,38 @@ def _unlink(p: str) -> None:
 # -- http(s):// ---------------------------------------------------------------------------------
 
 
+class _Transient(CacheError):
+    """A failure worth another attempt (see :data:`TRANSIENT_STATUS`)."""
+
+
 class HttpBackend(Backend):
     """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
 
     One pooled :class:`~purestore.cache.http.HttpClient` (HTTP/1.1 keep-alive) per backend.  A
     connection that delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
+
+    Retries: a request that fails in a way that may pass (the connection broke or stalled, or the
+    server answered 408, 429 or 5xx other than 501 and 505) is made again, up to ``attempts`` in
+    all, after a pause that doubles each time (0.25 s, 0.5 s, 1 s, ..., with some jitter so that
+    many clients do not come back at once); each retry is logged as a warning.  A cache that has
+    not answered once yet is not retried when it cannot be connected to: nothing listens there,
+    and a build should not wait seconds to learn it.  A NAR download broken half way goes on
+    where it stopped: the next request asks for the rest (``Range: bytes=N-``), and a server that
+    sends the whole file instead has the part already received skipped.
     """
 
     def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
-                 max_connections: int, token: str | None):
+                 max_connections: int, token: str | None, attempts: int = 5,
+                 retry_delay: float | None = None):
         from . import http
         self._http = http
         self.cache_url = cu
         self.token = token
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.attempts = attempts
+        self.retry_delay = RETRY_DELAY if retry_delay is None else retry_delay
+        self._answered = False  # the server has answered a request of this backend
         u = urllib.parse.urlsplit(cu.base)
         try:
             port = u.port or (443 if u.scheme == "https" else 80)
@@ -308,25 +343,54 @@ class HttpBackend(Backend):
         return self._prefix + urllib.parse.quote(check_name(name, self.url))
 
     def _err(self, what: str, name: str, e: Exception) -> CacheError:
+        """The :class:`CacheError` for a failed request: :class:`_Transient` when another
+        attempt may succeed."""
         http = self._http
+        transient = True
         if isinstance(e, http.Stalled):
             reason = f"timed out (server stalled: {e})"
         elif isinstance(e, http.Broken):
             reason = f"connection broken ({e})"
         elif isinstance(e, http.ConnectFailed):
             reason = f"cannot connect ({e})"
+            transient = self._answered
         else:
             reason = str(e) or type(e).__name__
-        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
+            transient = False
+        return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
 
     def _status(self, what: str, name: str, r) -> CacheError:
-        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}")
+        kind = _Transient if r.status in TRANSIENT_STATUS else CacheError
+        return kind(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}")
+
+    async def _retry_after(self, e: _Transient, attempt: int) -> None:
+        """After failed attempt number ``attempt``: raise the final error, or warn and wait."""
+        if attempt >= self.attempts:
+            tries = f" ({attempt} attempts)" if attempt > 1 else ""
+            raise CacheError(f"{e}{tries}", hint=e.hint) from None
+        delay = self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5))
+        log.warning("warning: %s; retrying in %.1f s (attempt %d of %d)", e, delay, attempt + 1, self.attempts)
+        await trio.sleep(delay)
+
+    async def _request(self, what: str, name: str, method: str, **kw):
+        """One request, retried while it fails transiently; returns (response, body)."""
+        attempt = 1
+        while True:
+            try:
+                try:
+                    r, data = await self.client.request(method, self._target(name), **kw)
+                except self._http.HttpError as e:
+                    raise self._err(what, name, e) from e
+                self._answered = True
+                if r.status in TRANSIENT_STATUS:
+                    raise self._status(what, name, r)
+                return r, data
+            except _Transient as e:
+                await self._retry_after(e, attempt)
+                attempt += 1
 
     async def exists(self, name: str) -> bool:
-        try:
-            r, _ = await self.client.request("HEAD", self._target(name))
-        except self._http.HttpError as e:
-            raise self._err("query", name, e) from e
+        r, _ = await self._request("query", name, "HEAD")
         if r.status in (404, 403, 410):
             return False
         if r.status != 200:
@@ -334,10 +398,7 @@ class HttpBackend(Backend):
         return True
 
     async def get(self, name: str) -> bytes | None:
-        try:
-            r, data = await self.client.request("GET", self._target(name))
-        except self._http.HttpError as e:
-            raise self._err("get", name, e) from e
+        r, data = await self._request("get", name, "GET")
         if r.status in (404, 403, 410):
             return None
         if r.status != 200:
@@ -347,25 +408,73 @@ class HttpBackend(Backend):
     @contextlib.asynccontextmanager
     async def open_read(self, name: str):
         http = self._http
-        try:
-            async with self.client.stream("GET", self._target(name)) as (r, body):
-                if r.status in (404, 410):
-                    raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
-                if r.status != 200:
-                    raise self._status("get", name, r)
+        target = self._target(name)
+        current = contextlib.AsyncExitStack()  # the response being read (one at a time)
 
-                async def chunks():
+        async def respond(offset: int):
+            """Request the file from ``offset`` on; return (body chunks, bytes to skip)."""
+            await current.aclose()
+            headers = {"Range": f"bytes={offset}-"} if offset else None
+            try:
+                r, body = await current.enter_async_context(self.client.stream("GET", target, headers=headers))
+            except http.HttpError as e:
+                raise self._err("download", name, e) from e
+            self._answered = True
+            if r.status in (404, 410):
+                raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
+            if offset and r.status == 206:
+                first = r.headers.get("content-range", "").partition(" ")[2].partition("-")[0]
+                if first != str(offset):
+                    raise CacheError(f"cache {self.url!r}: cannot download {name!r}: asked for the rest "
+                                     f"from byte {offset}, got Content-Range "
+                                     f"{r.headers.get('content-range')!r}")
+                return body, 0
+            if r.status != 200:
+                raise self._status("download", name, r)
+            return body, offset  # the whole file again: skip what was received
+
+        async def first_response():
+            attempt = 1
+            while True:
+                try:
+                    return await respond(0)
+                except _Transient as e:
+                    await self._retry_after(e, attempt)
+                    attempt += 1
+
+        async def chunks(body, attempt: int):
+            received = 0
+            skip = 0
+            while True:
+                try:
                     try:
                         async for c in body:
+                            if skip:
+                                if len(c) <= skip:
+                                    skip -= len(c)
+                                    continue
+                                c, skip = c[skip:], 0
+                            received += len(c)
                             yield c
+                        return
                     except http.HttpError as e:
                         raise self._err("download", name, e) from e
-                yield chunks()
-        except http.HttpError as e:
-            raise self._err("download", name, e) from e
+                except _Transient as e:
+                    await self._retry_after(e, attempt)
+                    attempt += 1
+                    try:
+                        body, skip = await respond(received)
+                    except _Transient as e2:  # counts as this attempt's failure
+                        body, skip = _failed(e2), 0
+
+        try:
+            body, _ = await first_response()
+            yield chunks(body, 1)
+        finally:
+            await current.aclose()
 
     async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        await self._put(name, data, content_type, len(data))
+        await self._put(name, lambda: data, content_type, len(data))
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
                        *, move: bool = False) -> None:
@@ -378,21 +487,31 @@ class HttpBackend(Backend):
                     yield chunk
             finally:
                 f.close()
-        await self._put(name, body(), content_type, size)
+        await self._put(name, body, content_type, size)
         if move:
             _unlink(local)
 
     async def _put(self, name, content, content_type, size) -> None:
+        """PUT ``content()`` (bytes, or an async iterator made afresh for each attempt)."""
         headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        try:
-            r, _ = await self.client.request("PUT", self._target(name), headers=headers, body=content)
-        except self._http.HttpError as e:
-            raise self._err("upload", name, e) from e
-        if r.status in (401, 403):
-            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
-                             hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
-        if r.status not in (200, 201, 204):
-            raise self._status("upload", name, r)
+        attempt = 1
+        while True:
+            try:
+                try:
+                    r, _ = await self.client.request("PUT", self._target(name), headers=headers, body=content())
+                except self._http.HttpError as e:
+                    raise self._err("upload", name, e) from e
+                self._answered = True
+                if r.status in (401, 403):
+                    raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
+                                     hint="give the server's upload token with ?token-file=FILE or "
+                                          "PURE_CACHE_TOKEN")
+                if r.status not in (200, 201, 204):
+                    raise self._status("upload", name, r)
+                return
+            except _Transient as e:
+                await self._retry_after(e, attempt)
+                attempt += 1
 
     async def aclose(self) -> None:
         await self.client.aclose()

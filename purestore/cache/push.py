@@ -175,7 +175,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     infos = {p: S.path_info(store, p) for p in order}
 
     backend = open_backend(cu, connect_timeout=settings.connect_timeout,
-                           stall_timeout=settings.stalled_download_timeout)
+                           stall_timeout=settings.stalled_download_timeout, attempts=settings.download_attempts)
     async with backend:
         await ensure_cache_info(backend, store_dir)
         have: set[StorePath] = set()

@@ -5,7 +5,9 @@ client depends on.  It answers:
 
 - ``GET``/``HEAD`` of a file in the cache (``nix-cache-info``, ``*.narinfo``, ``nar/…``, ``log/…``,
   ``*.ls``), with ``Content-Length`` and a content type; 404 when absent; names that could leave
-  the directory (``..``, hidden files, absolute) are refused with 400.
+  the directory (``..``, hidden files, absolute) are refused with 400.  One byte range
+  (``Range: bytes=N-`` or ``bytes=N-M``) gets ``206 Partial Content``: a client resumes a broken
+  download that way; other range forms get the whole file, as RFC 9110 allows.
 - ``PUT`` only when started with an upload token, and only with ``Authorization: Bearer TOKEN``;
   the body is written to a temporary file and renamed into place, so readers never see partial
   files.  Uploads never need a signing key: clients sign before they upload.
@@ -81,7 +83,11 @@ def make_app(directory: str, upload_token: str | None = None):
             return
         path = os.path.join(directory, name)
         if method in ("GET", "HEAD"):
-            await _get(send, path, name, head=method == "HEAD", respond=respond)
+            rng = None
+            for k, v in scope["headers"]:
+                if k == b"range":
+                    rng = v
+            await _get(send, path, name, head=method == "HEAD", respond=respond, rng=rng)
         elif method == "PUT":
             if token is None:
                 await respond(send, 405, b"uploads are disabled (start the server with an upload token)\n",
@@ -102,7 +108,27 @@ def make_app(directory: str, upload_token: str | None = None):
 SMALL_FILE = 1 << 18  # read in the event loop: a page-cache read is quicker than a thread hop
 
 
-async def _get(send, path: str, name: str, *, head: bool, respond) -> None:
+def parse_range(value: bytes | None, size: int) -> tuple[int, int] | None | str:
+    """``Range`` header → (first, last) byte to send; None: send the whole file (no header, or a
+    form this server does not do: several ranges, suffix ranges, other units); "unsatisfiable"
+    when the range starts at or beyond the end."""
+    if value is None:
+        return None
+    unit, _, spec = value.decode("latin-1").strip().partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip().lower() != "bytes" or not dash or "," in spec or not first.isdigit() \
+            or not (last == "" or last.isdigit()):
+        return None
+    a = int(first)
+    b = size - 1 if last == "" else min(int(last), size - 1)
+    if last != "" and int(last) < a:
+        return None  # invalid: ignored
+    if a >= size:
+        return "unsatisfiable"
+    return a, b
+
+
+async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | None = None) -> None:
     try:
         # Opening and reading a small file from the page cache takes microseconds; doing it here
         # instead of in a worker thread roughly halves the cost of a narinfo request.
@@ -122,26 +148,40 @@ async def _get(send, path: str, name: str, *, head: bool, respond) -> None:
     f = os.fdopen(fd, "rb")
     try:
         size = st.st_size
+        part = parse_range(rng, size)
+        if part == "unsatisfiable":
+            await respond(send, 416, b"range not satisfiable\n", [(b"content-range", b"bytes */%d" % size)],
+                          head=head)
+            return
         start = {"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(size).encode()), (b"content-type", _content_type(name)),
+            (b"accept-ranges", b"bytes"),
         ]}
+        offset, length = 0, size
+        if isinstance(part, tuple):
+            offset, length = part[0], part[1] - part[0] + 1
+            start["status"] = 206
+            start["headers"][0] = (b"content-length", str(length).encode())
+            start["headers"].append((b"content-range", b"bytes %d-%d/%d" % (part[0], part[1], size)))
+            f.seek(offset)
         if head:
             await send(start)
             await send({"type": "http.response.body", "body": b""})
             return
-        if size <= SMALL_FILE:
-            data = f.read(SMALL_FILE + 1)
-            if len(data) == size:
+        if length <= SMALL_FILE:
+            data = f.read(length if offset else SMALL_FILE + 1)  # the whole file: one more to see growth
+            if len(data) == length:
                 await send(start)
                 await send({"type": "http.response.body", "body": data})
                 return
-            f.seek(0)  # changed under us: stream what is there now
-            size = os.fstat(f.fileno()).st_size
-            start["headers"][0] = (b"content-length", str(size).encode())
+            f.seek(offset)  # changed under us: stream what is there now
+            if not offset:
+                length = os.fstat(f.fileno()).st_size
+                start["headers"][0] = (b"content-length", str(length).encode())
         await send(start)
         sent = 0
-        while sent < size:
-            data = await trio.to_thread.run_sync(f.read, min(CHUNK, size - sent))
+        while sent < length:
+            data = await trio.to_thread.run_sync(f.read, min(CHUNK, length - sent))
             if not data:
                 break  # truncated meanwhile: the client sees a short body and refuses it
             sent += len(data)

@@ -109,7 +109,8 @@ class Substituters:
             try:
                 cu = parse_url(url)
                 backend = open_backend(cu, connect_timeout=self.settings.connect_timeout,
-                                       stall_timeout=self.settings.stalled_download_timeout)
+                                       stall_timeout=self.settings.stalled_download_timeout,
+                                       attempts=self.settings.download_attempts)
             except CacheError as e:
                 self.rejected[url] = str(e)
                 failed.append(e)

@@ -22,7 +22,9 @@ from ..errors import UsageError
 from ..formats.store_path import DEFAULT_STORE_DIR, check_store_dir
 
 _LIST_KEYS = {"substituters", "trusted-public-keys"}
-_INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout"}
+_INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout",
+             "download-attempts"}
+_MIN = {"download-attempts": 1}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths"}
 
@@ -55,6 +57,7 @@ class Settings:
     narinfo_cache_negative_ttl: int = 300
     connect_timeout: int = 10
     stalled_download_timeout: int = 30
+    download_attempts: int = 5  # tries of an HTTP request to a cache that fails transiently
 
     @property
     def real_store_dir(self) -> str:
@@ -104,6 +107,8 @@ def parse_config(text: str, where: str) -> dict[str, object]:
                 out[field] = int(value)
             except ValueError:
                 raise UsageError(f"{loc}: {key} must be an integer, got {value!r}") from None
+            if key in _MIN and out[field] < _MIN[key]:  # type: ignore[operator]
+                raise UsageError(f"{loc}: {key} must be at least {_MIN[key]}, got {value!r}")
         elif key in _BOOL_KEYS:
             out[field] = _parse_bool(value, loc)
             if key == "sandbox" and not out[field]:

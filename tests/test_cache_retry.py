@@ -1,0 +1,365 @@
+"""Transient failures of an HTTP cache are retried (``download-attempts``), and a NAR download
+broken half way resumes where it stopped (``Range``): against a file server on 127.0.0.1 that
+fails on purpose, and against ``pure cache serve``'s own Range support."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import trio
+
+from test_cache_support import PUB, SEC, make_closure, make_path, open_store, settings_for
+from purestore.cache.backend import open_backend
+from purestore.errors import CacheError
+
+
+class FlakyCache:
+    """An HTTP/1.1 file server over a cache directory that fails on purpose.
+
+    ``faults`` maps a name prefix or suffix (``"nar/"``, ``".narinfo"``) to the faults for the
+    next requests of such files, used up one per request:
+
+    - ``"cut"``: the head and half of the body asked for, then the connection is closed;
+    - ``"stall"``: the same, then nothing more (the client's stall timeout ends it);
+    - ``"503"``: HTTP 503 Service Unavailable;
+    - ``"bad-range"``: a ``206`` whose Content-Range starts elsewhere than asked.
+
+    ``ranges=False``: ``Range`` headers are ignored (the whole file is sent, as RFC 9110 allows).
+    ``requests`` records (method, name, Range header or None, status sent).
+    """
+
+    def __init__(self, directory, faults: dict[str, list[str]] | None = None, *, ranges: bool = True):
+        self.dir = directory
+        self.faults = {k: list(v) for k, v in (faults or {}).items()}
+        self.ranges = ranges
+        self.requests: list[tuple[str, str, str | None, int]] = []
+        self.url = ""
+
+    def _fault(self, name: str) -> str | None:
+        for key, left in self.faults.items():
+            if left and (name.startswith(key) or name.endswith(key)):
+                return left.pop(0)
+        return None
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream):
+        buf = b""
+        try:
+            async with stream:
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        buf += data
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    if not await self._answer(stream, head.decode("latin-1")):
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _answer(self, stream, head: str) -> bool:
+        """Answer one request; False: the connection is to be closed."""
+        lines = head.split("\r\n")
+        method, target, _ = lines[0].split(" ")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        name = target.lstrip("/")
+        rng = headers.get("range")
+        path = os.path.join(self.dir, name)
+        fault = self._fault(name)
+        if fault == "503":
+            self.requests.append((method, name, rng, 503))
+            await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            return True
+        if not os.path.isfile(path):
+            self.requests.append((method, name, rng, 404))
+            await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return True
+        with open(path, "rb") as f:
+            data = f.read()
+        status, first, extra = 200, 0, b""
+        if rng and self.ranges:
+            first = int(rng.removeprefix("bytes=").rstrip("-"))
+            status = 206
+            shown = first + 1 if fault == "bad-range" else first
+            extra = b"Content-Range: bytes %d-%d/%d\r\n" % (shown, len(data) - 1, len(data))
+        body = data[first:]
+        self.requests.append((method, name, rng, status))
+        reason = b"OK" if status == 200 else b"Partial Content"
+        out = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n%s\r\n" % (status, reason, len(body), extra)
+        if method == "HEAD":
+            await stream.send_all(out)
+            return True
+        if fault in ("cut", "stall"):
+            await stream.send_all(out + body[: len(body) // 2])
+            if fault == "stall":
+                await trio.sleep_forever()
+            return False
+        await stream.send_all(out + body)
+        return True
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A file:// cache holding a small closure (lib, app) and a 3 MiB path (streamed: big)."""
+    from purestore.cache import copy_to
+    from purestore.formats.signing import SecretKey
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        big = make_path(store, "big-1.0", {"blob": os.urandom(3 << 20), "README": b"big\n"}, refs=[lib])
+        trio.run(lambda: copy_to(store, settings_for(root), f"file://{tmp_path}/cache", [app, big],
+                                 secret_keys=[SecretKey.parse(SEC)]))
+    return tmp_path / "cache", lib, app, big
+
+
+async def fetch_all(tmp_path, server, paths, *, attempts=3, stall=30, fork_worker=False):
+    """``copy_from`` the server's cache into a fresh store; returns (report, store root)."""
+    from purestore.cache import substituter
+    root = tmp_path / "dst"
+    s = settings_for(root, download_attempts=attempts, stalled_download_timeout=stall)
+    with open_store(root) as store:
+        with trio.fail_after(60):
+            rep = await substituter.copy_from(store, s, server.url, paths, trusted_keys=[PUB],
+                                              fork_worker=fork_worker)
+        assert store.verify(check_contents=True).ok
+        assert set(paths) <= set(store.valid_paths())
+    return rep, root
+
+
+def nar_requests(server):
+    return [(m, n, r, st) for m, n, r, st in server.requests if n.startswith("nar/")]
+
+
+@pytest.fixture
+def retry_fast(monkeypatch):
+    """Backends wait 10 ms before a retry (not 0.25 s)."""
+    from purestore.cache import backend
+    monkeypatch.setattr(backend, "RETRY_DELAY", 0.01)
+
+
+@pytest.mark.parametrize("forked", [False, True], ids=["in-process", "forked-worker"])
+@pytest.mark.parametrize("ranges", [True, False], ids=["range-honoured", "range-ignored"])
+async def test_a_download_cut_half_way_resumes_where_it_stopped(cache, tmp_path, retry_fast, caplog,
+                                                                ranges, forked):
+    """Every NAR's first request breaks half way; each is fetched whole on the second: a big
+    (streamed) one asking only for the rest, or skipping what it had when the server sends the
+    whole file again; a small one (fetched in one piece) asking for it all again."""
+    c, lib, app, big = cache
+    server = FlakyCache(c, {"nar/": ["cut"] * 3}, ranges=ranges)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with caplog.at_level(logging.WARNING, "purestore.cache"):
+            rep, _root = await fetch_all(tmp_path, server, [app, big], fork_worker=forked)
+        n.cancel_scope.cancel()
+    assert sorted(rep.fetched) == sorted([lib, app, big])
+    reqs = nar_requests(server)
+    assert len(reqs) == 6
+    for name in {n for _m, n, _r, _s in reqs}:
+        first, second = [(r, st) for _m, n, r, st in reqs if n == name]
+        size = os.path.getsize(c / name)
+        assert first == (None, 200)
+        if size > (1 << 20):
+            assert second == (f"bytes={size // 2}-", 206 if ranges else 200)
+        else:
+            assert second == (None, 200)
+    assert any(r for _m, _n, r, _s in reqs)
+    warnings = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(warnings) == 3 and all("(attempt 2 of 3)" in w and "connection broken" in w for w in warnings)
+
+
+async def test_a_stalled_download_resumes(cache, tmp_path, retry_fast):
+    c, lib, app, big = cache
+    server = FlakyCache(c, {"nar/": ["stall"]})
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        rep, _root = await fetch_all(tmp_path, server, [big], stall=1)
+        n.cancel_scope.cancel()
+    assert sorted(rep.fetched) == sorted([lib, big])
+    assert sorted(st for _m, _n, _r, st in nar_requests(server)) == [200, 200, 206]
+
+
+async def test_service_unavailable_is_retried_for_narinfos_and_nars(cache, tmp_path, retry_fast):
+    c, lib, app, big = cache
+    server = FlakyCache(c, {".narinfo": ["503", "503"], "nar/": ["503"]})
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        rep, _root = await fetch_all(tmp_path, server, [app])
+        n.cancel_scope.cancel()
+    assert sorted(rep.fetched) == sorted([lib, app])
+    assert [st for _m, n, _r, st in server.requests if n.endswith(".narinfo")].count(503) == 2
+    assert [st for _m, _n, _r, st in nar_requests(server)].count(503) == 1
+
+
+@pytest.mark.parametrize("fault,reason", [("503", "HTTP 503 Service Unavailable (3 attempts)"),
+                                          ("cut", "connection broken"),
+                                          ("bad-range", "asked for the rest from byte")])
+async def test_giving_up_leaves_nothing_behind(cache, tmp_path, retry_fast, fault, reason):
+    """A cache that keeps failing (or answers a resume with the wrong part) gets a clear error
+    after the attempts, naming the path; nothing is registered and no temporary tree is left."""
+    from purestore.cache import substituter
+    c, lib, app, big = cache
+    big_nar = next(ln[5:] for ln in (c / f"{big.hash_part}.narinfo").read_text().splitlines()
+                   if ln.startswith("URL: "))
+    server = FlakyCache(c, {big_nar: ["cut"] + ["bad-range"] * 5 if fault == "bad-range" else [fault] * 9})
+    root = tmp_path / "dst"
+    s = settings_for(root, download_attempts=3)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store:
+            with pytest.raises(CacheError) as e:
+                with trio.fail_after(60):
+                    await substituter.copy_from(store, s, server.url, [big], trusted_keys=[PUB])
+            assert store.valid_paths() == [lib] and store.verify(check_contents=True).ok
+        n.cancel_scope.cancel()
+    msg = str(e.value)
+    assert f"cannot substitute '/pure/store/{big.base_name}'" in msg and reason in msg, msg
+    assert len([1 for _m, n, _r, _s in nar_requests(server) if n == big_nar]) == (2 if fault == "bad-range" else 3)
+    assert [n for n in os.listdir(root / "pure/store") if n != ".tmp"] == [lib.base_name]
+
+
+async def test_not_found_is_not_retried(cache, tmp_path, retry_fast):
+    c, *_ = cache
+    server = FlakyCache(c)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        async with open_backend(server.url, attempts=5) as b:
+            assert await b.get("0" * 32 + ".narinfo") is None
+            assert not await b.exists("0" * 32 + ".narinfo")
+        n.cancel_scope.cancel()
+    assert [st for *_x, st in server.requests] == [404, 404]
+
+
+async def test_connect_failures_are_retried_only_once_the_cache_has_answered(tmp_path):
+    """Nothing listening: one attempt, at once.  A cache that answered and then went away: the
+    attempts are made (a server being restarted), then the error says how many."""
+    from test_http_client import Scripted, ok
+    server = Scripted(lambda req: ok(b"StoreDir: /pure/store\n"), close_after=1)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        b = open_backend(f"http://127.0.0.1:{server.port}/", attempts=3)
+        b.retry_delay = 0.01
+        assert await b.get("nix-cache-info") == b"StoreDir: /pure/store\n"
+        n.cancel_scope.cancel()
+    with pytest.raises(CacheError, match=r"cannot connect .*\(3 attempts\)"):
+        await b.get("nix-cache-info")
+    await b.aclose()
+    async with open_backend(f"http://127.0.0.1:{server.port}/", attempts=3) as fresh:
+        with trio.fail_after(2):
+            with pytest.raises(CacheError, match=r"cannot connect \([^)]*\)$"):
+                await fresh.get("nix-cache-info")
+
+
+async def test_an_upload_refused_for_a_while_is_retried(tmp_path):
+    """PUT answered 503 twice, then stored: the push goes on (bytes and file bodies alike)."""
+    from test_http_client import Scripted
+    stored = []
+
+    def respond(req: bytes):
+        if len(stored) < 2 or (len(stored) in (3, 4)):
+            stored.append(None)
+            return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        stored.append(req.partition(b"\r\n\r\n")[2])
+        return b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    server = Scripted(respond)
+    f = tmp_path / "nar"
+    f.write_bytes(b"nar bytes " * 1000)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        async with open_backend(f"http://127.0.0.1:{server.port}/", attempts=3) as b:
+            b.retry_delay = 0.01
+            await b.put("x.narinfo", b"narinfo text")
+            await b.put_file("nar/x.nar", str(f))
+        n.cancel_scope.cancel()
+    assert stored == [None, None, b"narinfo text", None, None, b"nar bytes " * 1000]
+
+
+async def test_attempts_must_be_at_least_one(tmp_path):
+    from purestore.errors import UsageError
+    from purestore.store.settings import parse_config
+    with pytest.raises(ValueError, match="at least 1"):
+        open_backend("http://127.0.0.1:1/", attempts=0)
+    with pytest.raises(UsageError, match="download-attempts must be at least 1"):
+        parse_config("download-attempts = 0\n", "pure.conf")
+    assert parse_config("download-attempts = 2\n", "pure.conf") == {"download_attempts": 2}
+
+
+@pytest.mark.parametrize("size", [100, 600 << 10], ids=["small", "streamed"])
+async def test_cache_serve_answers_one_byte_range(tmp_path, size):
+    """`pure cache serve` sends the part asked for (206 with Content-Range), 416 for a range
+    beyond the end, and the whole file for forms it does not do or invalid ones."""
+    from purestore.cache.http import HttpClient
+    from purestore.cache.server import serve_cache
+    data = os.urandom(size)
+    (tmp_path / "nar").mkdir()
+    (tmp_path / "nar" / "x.nar").write_bytes(data)
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(lambda task_status: serve_cache(str(tmp_path), "127.0.0.1:0",
+                                                               task_status=task_status))
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        c = HttpClient("http", "127.0.0.1", port)
+
+        async def get(rng, method="GET"):
+            r, body = await c.request(method, "/nar/x.nar", headers={"Range": rng} if rng else None)
+            return r.status, r.headers.get("content-range"), body
+
+        assert await get(None) == (200, None, data)
+        assert await get("bytes=10-") == (206, f"bytes 10-{size - 1}/{size}", data[10:])
+        assert await get("bytes=2-5") == (206, f"bytes 2-5/{size}", data[2:6])
+        assert await get(f"bytes={size - 1}-{size + 50}") == (206, f"bytes {size - 1}-{size - 1}/{size}",
+                                                              data[-1:])
+        assert await get("bytes=3-", "HEAD") == (206, f"bytes 3-{size - 1}/{size}", b"")
+        assert (await get(f"bytes={size}-"))[:2] == (416, f"bytes */{size}")
+        for ignored in ("bytes=5-2", "bytes=0-1,4-5", "bytes=-10", "items=0-1", "bytes=x-"):
+            assert await get(ignored) == (200, None, data), ignored
+        await c.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_a_big_download_from_cache_serve_resumes_with_a_range(cache, tmp_path, retry_fast):
+    """The client's resume against our own server: a proxy cuts the first response of the big
+    NAR half way; the second request, with Range, is answered 206 by `pure cache serve`."""
+    from purestore.cache.server import serve_cache
+    c, lib, app, big = cache
+    seen = []
+
+    cut = []
+
+    async def proxy(client_stream, upstream_port):
+        """Relays both ways; the first connection to relay over 1 MiB back is cut there."""
+        upstream = await trio.open_tcp_stream("127.0.0.1", upstream_port)
+        async with client_stream, upstream:
+            async def up():
+                while data := await client_stream.receive_some(65536):
+                    seen.append(data)
+                    await upstream.send_all(data)
+            async with trio.open_nursery() as pn:
+                pn.start_soon(up)
+                sent = 0
+                while data := await upstream.receive_some(65536):
+                    sent += len(data)
+                    if sent > (1 << 20) and not cut:
+                        cut.append(sent)
+                        break
+                    await client_stream.send_all(data)
+                pn.cancel_scope.cancel()
+
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(lambda task_status: serve_cache(str(c), "127.0.0.1:0", task_status=task_status))
+        upstream_port = int(url.rstrip("/").rsplit(":", 1)[1])
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await n.start(trio.serve_listeners, lambda s: proxy(s, upstream_port), listeners)
+
+        class Front:
+            url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        rep, _root = await fetch_all(tmp_path, Front, [big], attempts=2)
+        n.cancel_scope.cancel()
+    assert sorted(rep.fetched) == sorted([lib, big])
+    assert cut and any(b"range: bytes=" in s.lower() for s in seen)
