@@ -30,10 +30,16 @@ class FlakyCache:
     ``requests`` records (method, name, Range header or None, status sent).
     """
 
-    def __init__(self, directory, faults: dict[str, list[str]] | None = None, *, ranges: bool = True):
+    def __init__(self, directory, faults: dict[str, list[str]] | None = None, *, ranges: bool = True,
+                 overlap: int = 0):
         self.dir = directory
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.ranges = ranges
+        # overlap=N: a NAR's body is finished only once N NAR requests have come (or 5 s passed)
+        self.overlap = overlap
+        self.nar_asked = 0
+        self.overlapped: list[bool] = []
+        self._asked = trio.Event()
         self.requests: list[tuple[str, str, str | None, int]] = []
         self.url = ""
 
@@ -92,6 +98,10 @@ class FlakyCache:
             extra = b"Content-Range: bytes %d-%d/%d\r\n" % (shown, len(data) - 1, len(data))
         body = data[first:]
         self.requests.append((method, name, rng, status))
+        if name.startswith("nar/"):
+            self.nar_asked += 1
+            self._asked.set()
+            self._asked = trio.Event()
         reason = b"OK" if status == 200 else b"Partial Content"
         out = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n%s\r\n" % (status, reason, len(body), extra)
         if method == "HEAD":
@@ -102,6 +112,14 @@ class FlakyCache:
             if fault == "stall":
                 await trio.sleep_forever()
             return False
+        if self.overlap and name.startswith("nar/"):
+            await stream.send_all(out + body[: len(body) // 2])
+            with trio.move_on_after(5):
+                while self.nar_asked < self.overlap:
+                    await self._asked.wait()
+            self.overlapped.append(self.nar_asked >= self.overlap)
+            body = body[len(body) // 2:]
+            out = b""
         await stream.send_all(out + body)
         return True
 
@@ -118,6 +136,19 @@ def cache(tmp_path):
         trio.run(lambda: copy_to(store, settings_for(root), f"file://{tmp_path}/cache", [app, big],
                                  secret_keys=[SecretKey.parse(SEC)]))
     return tmp_path / "cache", lib, app, big
+
+
+@pytest.fixture
+def bigs(tmp_path):
+    """A file:// cache holding three unrelated 2 MiB paths."""
+    from purestore.cache import copy_to
+    from purestore.formats.signing import SecretKey
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        paths = [make_path(store, f"big-{i}", {"blob": os.urandom(2 << 20)}) for i in range(3)]
+        trio.run(lambda: copy_to(store, settings_for(root), f"file://{tmp_path}/cache", paths,
+                                 secret_keys=[SecretKey.parse(SEC)]))
+    return tmp_path / "cache", paths
 
 
 async def fetch_all(tmp_path, server, paths, *, attempts=3, stall=30, fork_worker=False):
@@ -363,3 +394,23 @@ async def test_a_big_download_from_cache_serve_resumes_with_a_range(cache, tmp_p
         n.cancel_scope.cancel()
     assert sorted(rep.fetched) == sorted([lib, big])
     assert cut and any(b"range: bytes=" in s.lower() for s in seen)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+async def test_a_big_nar_is_asked_for_while_it_waits_for_a_lane(bigs, tmp_path, jobs):
+    """With ``jobs`` restore lanes, big NARs are requested ahead: the server holds back the rest
+    of each body until one more NAR request than there are lanes has come, which happens only
+    if the next NAR was asked for before a lane was free."""
+    from purestore.cache import substituter
+    c, paths = bigs
+    server = FlakyCache(c, overlap=jobs + 1)
+    root = tmp_path / "dst"
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store:
+            with trio.fail_after(60):
+                await substituter.copy_from(store, settings_for(root), server.url, paths,
+                                            trusted_keys=[PUB], jobs=jobs)
+            assert sorted(store.valid_paths()) == sorted(paths)
+        n.cancel_scope.cancel()
+    assert server.overlapped[:jobs] == [True] * jobs, server.overlapped

@@ -193,6 +193,38 @@ async def test_download_falls_back_to_a_thread_when_the_worker_is_gone(tmp_path)
     await w.aclose()
 
 
+@pytest.mark.parametrize("kill", [False, True], ids=["worker", "worker-gone"])
+async def test_a_big_nar_asked_for_ahead_is_restored_by_the_worker_or_asked_for_again(tmp_path, kill):
+    """A big NAR whose response was opened before its restore started (fetch.Opened), fed to
+    the forked worker; when the worker is gone (and may have read part of that response), the
+    restore in a thread asks the cache afresh."""
+    from purestore.cache.fetch import Opened
+    from purestore.cache.server import serve_cache
+    src = tmp_path / "src"
+    with open_store(src) as store:
+        big = make_path(store, "big", {"blob": os.urandom(2 << 20)})
+        want = hash_path(store.real_path(big))
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(big), root=src)
+    ni = NarInfo.parse((cache / f"{big.hash_part}.narinfo").read_text(), "/pure/store")
+    w = ForkedWorker.start()
+    if kill:
+        os.kill(w.pid, signal.SIGKILL)
+    async with trio.open_nursery() as n:
+        (url,) = await n.start(lambda task_status: serve_cache(str(cache), "127.0.0.1:0", task_status=task_status))
+        async with open_backend(url) as b:
+            c = types.SimpleNamespace(url=url, backend=b)
+            async with b.open_read(ni.url) as chunks:
+                with open_store(tmp_path / "dst") as dst:
+                    tmp = await download(dst, c, ni, None, w, Opened(chunks))
+                    assert hash_path(tmp) == want
+        n.cancel_scope.cancel()
+    assert w.usable is not kill
+    await w.aclose()
+
+
 def test_cli_copy_from_file_cache_with_the_worker(tmp_path):
     """Several paths from a file:// cache through the CLI (the worker restores some of them)."""
     src = tmp_path / "src"

@@ -28,13 +28,14 @@ class LargestFirst:
 
     @contextlib.asynccontextmanager
     async def enter(self, size: int):
-        await self._acquire(size)
+        await self.acquire(size)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, size: int) -> None:
+    async def acquire(self, size: int) -> None:
+        """Wait for a place (the biggest waiter first); give it back with :meth:`release`."""
         if self._free and not self._waiting:
             self._free -= 1
             await trio.lowlevel.checkpoint()
@@ -45,13 +46,13 @@ class LargestFirst:
             await entry[2].wait()
         except BaseException:
             if entry[2].is_set():  # handed a place just as it was cancelled: pass it on
-                self._release()
+                self.release()
             else:
                 self._waiting.remove(entry)
                 heapq.heapify(self._waiting)
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if self._waiting:
             heapq.heappop(self._waiting)[2].set()  # the place goes straight to the biggest waiter
         else:

@@ -11,6 +11,7 @@ The closure logic (which paths, in which order) is in :mod:`.substituter`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import trio
@@ -79,12 +80,36 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
     return result
 
 
-async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=None) -> str:
+class Opened:
+    """A NAR's response, opened (request sent, head received) before a lane was free to restore
+    it: the chunks of its body, to be read once (see :func:`download`)."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+
+    def take(self):
+        """The chunks the first time; None after (the reader must ask the cache afresh)."""
+        chunks, self._chunks = self._chunks, None
+        return chunks
+
+
+@contextlib.asynccontextmanager
+async def _nar_body(backend: Backend, ni: NarInfo, opened: Opened | None):
+    chunks = opened.take() if opened is not None else None
+    if chunks is not None:
+        yield chunks
+    else:
+        async with backend.open_read(ni.url) as chunks:
+            yield chunks
+
+
+async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=None,
+                   opened: Opened | None = None) -> str:
     """Stream, verify and restore the NAR into a fresh temporary name in the store; return it.
 
     ``worker`` (a :class:`.forked.ForkedWorker`), when given and idle, restores in its process
     instead of a thread of this one: from a ``file://`` cache, or a big NAR streamed over HTTP
-    (downloaded here, restored there)."""
+    (downloaded here, restored there).  ``opened``: the big NAR's response, already asked for."""
     p = ni.store_path
     backend = cache.backend
     where = f"{cache.url.rstrip('/')}/{ni.url}"
@@ -111,12 +136,12 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
                 await trio.to_thread.run_sync(restore_stream, *args)
         else:
             async def streamed_to_worker():
-                async with backend.open_read(ni.url) as chunks:
+                async with _nar_body(backend, ni, opened) as chunks:
                     await worker.call(restore_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
 
             ran, _ = await run_claimed(worker, streamed_to_worker, lambda: _remove_partial(store, tmp))
-            if not ran:
-                await _fetch_http(backend, ni, where, tmp, progress)
+            if not ran:  # (a worker that died half way used ``opened`` up: it is asked for afresh)
+                await _fetch_http(backend, ni, where, tmp, progress, opened)
     except BaseException:
         if os.path.lexists(tmp):
             with trio.CancelScope(shield=True):  # cancelled too (Ctrl-C): nothing writes there now
@@ -137,14 +162,15 @@ def remove_temp(store, tmp: str) -> None:
         fn(tmp)
 
 
-async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progress) -> None:
+async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progress,
+                      opened: Opened | None = None) -> None:
     send, recv = trio.open_memory_channel(8)
     pump_error: list[BaseException] = []
 
     async def pump():
         try:
             async with send:
-                async with backend.open_read(ni.url) as chunks:
+                async with _nar_body(backend, ni, opened) as chunks:
                     # the socket gives ~100 KiB at a time; each hand-over to the restoring thread
                     # costs a round trip between threads, so hand over about 1 MiB at once
                     parts: list[bytes] = []
