@@ -414,3 +414,31 @@ async def test_a_big_nar_is_asked_for_while_it_waits_for_a_lane(bigs, tmp_path, 
             assert sorted(store.valid_paths()) == sorted(paths)
         n.cancel_scope.cancel()
     assert server.overlapped[:jobs] == [True] * jobs, server.overlapped
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_a_warning_never_shares_the_status_line(tty):
+    """`pure copy` shows warnings (retries) through its progress display: on a terminal the status
+    line is cleared before a warning and drawn again after it."""
+    import io
+    from purestore.cache.progress import TextProgress
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+    out = Stream()
+    p = TextProgress("copying", stream=out)
+    with p.showing_warnings():
+        p.expect(2, 2048)
+        p.add_bytes(1024)
+        p.path_done("/pure/store/x")
+        logging.getLogger("purestore.cache").warning("warning: cache 'X': retrying")
+    logging.getLogger("purestore.cache").info("not shown")
+    p.finish()
+    text = out.getvalue()
+    if tty:
+        assert "\r\x1b[Kwarning: cache 'X': retrying\ncopying 1/2 paths, 1.0 KiB/2.0 KiB" in text, repr(text)
+    else:
+        assert "\nwarning: cache 'X': retrying\n" in "\n" + text, repr(text)
+    assert "not shown" not in text
+    assert not [h for h in logging.getLogger("purestore").handlers if type(h).__name__ == "_NoteHandler"]

@@ -7,6 +7,8 @@ The methods are called from trio tasks and worker threads alike; they only add i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import threading
 import time
@@ -96,6 +98,42 @@ class TextProgress(Progress):
         except (OSError, ValueError):
             pass
 
+    def note(self, text: str) -> None:
+        """A line of its own (a warning): on a terminal the status line is cleared first and
+        drawn again after it, so that the two never share a line."""
+        try:
+            if self.tty:
+                redraw = self.line() if self._shown and self.paths_total else ""
+                self.stream.write("\r\x1b[K" + text + "\n" + redraw)
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    @contextlib.contextmanager
+    def showing_warnings(self, logger: str = "purestore"):
+        """Within: the warnings logged under ``logger`` are written through :meth:`note`."""
+        handler = _NoteHandler(self)
+        log = logging.getLogger(logger)
+        log.addHandler(handler)
+        try:
+            yield self
+        finally:
+            log.removeHandler(handler)
+
     def finish(self) -> None:
         if self.paths_total:
             self._write(self.line(), final=True)
+
+
+class _NoteHandler(logging.Handler):
+    def __init__(self, progress: TextProgress):
+        super().__init__(logging.WARNING)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.progress.note(record.getMessage())
+        except Exception:  # never let a warning break the work
+            self.handleError(record)

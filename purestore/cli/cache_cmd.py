@@ -171,10 +171,11 @@ def cmd_copy(args, ctx) -> int:
             cu = parse_url(args.to)
             keys = [load_secret_key(f) for f in args.secret_key_file]
             paths = [store.parse_path(p, valid=True) for p in args.paths]
-            res = trio.run(lambda: copy_to(
-                store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
-                level=args.compression_level, write_listing=True if args.write_nar_listing else None,
-                jobs=args.jobs, progress=progress, fork_worker=True))  # nothing else runs here
+            with progress.showing_warnings():
+                res = trio.run(lambda: copy_to(
+                    store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
+                    level=args.compression_level, write_listing=True if args.write_nar_listing else None,
+                    jobs=args.jobs, progress=progress, fork_worker=True))  # nothing else runs here
             if args.json:
                 print(json.dumps({
                     "uploaded": [store.print_path(p) for p in res.uploaded],
@@ -193,8 +194,9 @@ def cmd_copy(args, ctx) -> int:
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
         # fork_worker: nothing else runs in this process, so a forked restoring process is safe
-        rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
-                                         progress=progress, jobs=args.jobs, fork_worker=True))
+        with progress.showing_warnings():
+            rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
+                                             progress=progress, jobs=args.jobs, fork_worker=True))
         if args.json:
             print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
                               "narBytes": rep.nar_bytes}, indent=2))
