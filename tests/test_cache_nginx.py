@@ -89,3 +89,25 @@ def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
         subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
                         "--option", "trusted-public-keys", PUB, app_p], env=env, check=True,
                        capture_output=True, timeout=120)
+
+
+async def test_a_download_from_nginx_cut_half_way_resumes_with_a_range(tmp_path, nginx, monkeypatch):
+    """nginx answers the resume of a broken big NAR download (``Range: bytes=N-``) with 206."""
+    import trio
+    from purestore.cache import backend
+    from test_cache_retry import CuttingProxy, fetch_all
+    from test_cache_support import make_path
+    monkeypatch.setattr(backend, "RETRY_DELAY", 0.01)
+    cache, url = nginx
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    with open_store(tmp_path / "a") as store:
+        big = make_path(store, "big", {"blob": os.urandom(3 << 20)})
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(big),
+             root=tmp_path / "a")
+    proxy = CuttingProxy(int(url.rstrip("/").rsplit(":", 1)[1]))
+    async with trio.open_nursery() as n:
+        await n.start(proxy.run)
+        rep, _root = await fetch_all(tmp_path, proxy, [big], attempts=2)
+        n.cancel_scope.cancel()
+    assert rep.fetched == [big] and proxy.resumed()

@@ -354,46 +354,58 @@ async def test_cache_serve_answers_one_byte_range(tmp_path, size):
         n.cancel_scope.cancel()
 
 
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``upstream_port`` that cuts the first connection to
+    relay more than 1 MiB back there (a connection lost in the middle of a big NAR).  ``seen``:
+    what clients sent."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.seen: list[bytes] = []
+        self.cut = False
+        self.url = ""
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client):
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+        async with client, upstream:
+            async def up():
+                while data := await client.receive_some(65536):
+                    self.seen.append(data)
+                    await upstream.send_all(data)
+            async with trio.open_nursery() as n:
+                n.start_soon(up)
+                sent = 0
+                while data := await upstream.receive_some(65536):
+                    sent += len(data)
+                    if sent > (1 << 20) and not self.cut:
+                        self.cut = True
+                        break
+                    await client.send_all(data)
+                n.cancel_scope.cancel()
+
+    def resumed(self) -> bool:
+        return self.cut and any(b"range: bytes=" in s.lower() for s in self.seen)
+
+
 async def test_a_big_download_from_cache_serve_resumes_with_a_range(cache, tmp_path, retry_fast):
     """The client's resume against our own server: a proxy cuts the first response of the big
     NAR half way; the second request, with Range, is answered 206 by `pure cache serve`."""
     from purestore.cache.server import serve_cache
     c, lib, app, big = cache
-    seen = []
-
-    cut = []
-
-    async def proxy(client_stream, upstream_port):
-        """Relays both ways; the first connection to relay over 1 MiB back is cut there."""
-        upstream = await trio.open_tcp_stream("127.0.0.1", upstream_port)
-        async with client_stream, upstream:
-            async def up():
-                while data := await client_stream.receive_some(65536):
-                    seen.append(data)
-                    await upstream.send_all(data)
-            async with trio.open_nursery() as pn:
-                pn.start_soon(up)
-                sent = 0
-                while data := await upstream.receive_some(65536):
-                    sent += len(data)
-                    if sent > (1 << 20) and not cut:
-                        cut.append(sent)
-                        break
-                    await client_stream.send_all(data)
-                pn.cancel_scope.cancel()
-
     async with trio.open_nursery() as n:
         (url,) = await n.start(lambda task_status: serve_cache(str(c), "127.0.0.1:0", task_status=task_status))
-        upstream_port = int(url.rstrip("/").rsplit(":", 1)[1])
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        await n.start(trio.serve_listeners, lambda s: proxy(s, upstream_port), listeners)
-
-        class Front:
-            url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
-        rep, _root = await fetch_all(tmp_path, Front, [big], attempts=2)
+        proxy = CuttingProxy(int(url.rstrip("/").rsplit(":", 1)[1]))
+        await n.start(proxy.run)
+        rep, _root = await fetch_all(tmp_path, proxy, [big], attempts=2)
         n.cancel_scope.cancel()
     assert sorted(rep.fetched) == sorted([lib, big])
-    assert cut and any(b"range: bytes=" in s.lower() for s in seen)
+    assert proxy.resumed()
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
