@@ -454,3 +454,28 @@ def test_a_warning_never_shares_the_status_line(tty):
         assert "\nwarning: cache 'X': retrying\n" in "\n" + text, repr(text)
     assert "not shown" not in text
     assert not [h for h in logging.getLogger("purestore").handlers if type(h).__name__ == "_NoteHandler"]
+
+
+async def test_a_cache_that_keeps_failing_costs_one_attempt_per_request_after_the_first_gives_up(
+        cache, tmp_path, retry_fast):
+    """Every narinfo answered 503: the first requests use up their attempts; after that each
+    request is made once (until one succeeds), not ``download-attempts`` times."""
+    from purestore.cache import substituter
+    from purestore.formats.store_path import StorePath
+    c, *_ = cache
+    wanted = [StorePath(f"{i:032d}".replace("0", "a"), f"p{i}") for i in range(60)]
+    server = FlakyCache(c, {".narinfo": ["503"] * 1000})
+    root = tmp_path / "dst"
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store:
+            with pytest.raises(CacheError) as e:
+                with trio.fail_after(60):
+                    await substituter.copy_from(store, settings_for(root, download_attempts=4), server.url,
+                                                wanted, trusted_keys=[PUB])
+        n.cancel_scope.cancel()
+    asked = [n for _m, n, _r, st in server.requests if n.endswith(".narinfo")]
+    assert len(set(asked)) == 60
+    # at most the 16 queries in flight used 4 attempts; the others one or two
+    assert len(asked) <= 16 * 4 + 44 * 2, len(asked)
+    assert "HTTP 503 Service Unavailable" in str(e.value)

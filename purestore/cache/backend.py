@@ -324,6 +324,7 @@ class HttpBackend(Backend):
         self.attempts = attempts
         self.retry_delay = RETRY_DELAY if retry_delay is None else retry_delay
         self._answered = False  # the server has answered a request of this backend
+        self._failing = False  # a request used up its attempts, and none has succeeded since
         u = urllib.parse.urlsplit(cu.base)
         try:
             port = u.port or (443 if u.scheme == "https" else 80)
@@ -364,8 +365,13 @@ class HttpBackend(Backend):
         return kind(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}")
 
     async def _retry_after(self, e: _Transient, attempt: int) -> None:
-        """After failed attempt number ``attempt``: raise the final error, or warn and wait."""
-        if attempt >= self.attempts:
+        """After failed attempt number ``attempt``: raise the final error, or warn and wait.
+
+        Once a request has used up its attempts, the cache is taken to be failing: later
+        requests get one attempt each until one succeeds again (Nix disables such a cache for a
+        minute), so that a cache answering 500 to everything costs a build seconds, not minutes."""
+        if attempt >= (1 if self._failing else self.attempts):
+            self._failing = True
             tries = f" ({attempt} attempts)" if attempt > 1 else ""
             raise CacheError(f"{e}{tries}", hint=e.hint) from None
         delay = self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5))
@@ -384,6 +390,7 @@ class HttpBackend(Backend):
                 self._answered = True
                 if r.status in TRANSIENT_STATUS:
                     raise self._status(what, name, r)
+                self._failing = False
                 return r, data
             except _Transient as e:
                 await self._retry_after(e, attempt)
@@ -428,9 +435,11 @@ class HttpBackend(Backend):
                     raise CacheError(f"cache {self.url!r}: cannot download {name!r}: asked for the rest "
                                      f"from byte {offset}, got Content-Range "
                                      f"{r.headers.get('content-range')!r}")
+                self._failing = False
                 return body, 0
             if r.status != 200:
                 raise self._status("download", name, r)
+            self._failing = False
             return body, offset  # the whole file again: skip what was received
 
         async def first_response():
@@ -508,6 +517,7 @@ class HttpBackend(Backend):
                                           "PURE_CACHE_TOKEN")
                 if r.status not in (200, 201, 204):
                     raise self._status("upload", name, r)
+                self._failing = False
                 return
             except _Transient as e:
                 await self._retry_after(e, attempt)
