@@ -434,13 +434,14 @@ def test_a_warning_never_shares_the_status_line(tty):
     line is cleared before a warning and drawn again after it."""
     import io
     from purestore.cache.progress import TextProgress
+    from purestore.cli._warnings import warnings_to
 
     class Stream(io.StringIO):
         def isatty(self):
             return tty
     out = Stream()
     p = TextProgress("copying", stream=out)
-    with p.showing_warnings():
+    with warnings_to(p.note):
         p.expect(2, 2048)
         p.add_bytes(1024)
         p.path_done("/pure/store/x")
@@ -453,7 +454,7 @@ def test_a_warning_never_shares_the_status_line(tty):
     else:
         assert "\nwarning: cache 'X': retrying\n" in "\n" + text, repr(text)
     assert "not shown" not in text
-    assert not [h for h in logging.getLogger("purestore").handlers if type(h).__name__ == "_NoteHandler"]
+    assert not [h for h in logging.getLogger("purestore").handlers if type(h).__name__ == "_To"]
 
 
 async def test_a_cache_that_keeps_failing_costs_one_attempt_per_request_after_the_first_gives_up(
@@ -479,3 +480,18 @@ async def test_a_cache_that_keeps_failing_costs_one_attempt_per_request_after_th
     # at most the 16 queries in flight used 4 attempts; the others one or two
     assert len(asked) <= 16 * 4 + 44 * 2, len(asked)
     assert "HTTP 503 Service Unavailable" in str(e.value)
+
+
+def test_a_warning_during_a_build_clears_the_build_status_line():
+    import io
+    from purestore.build.progress import Progress
+    from purestore.cli._warnings import warnings_to
+    out = io.StringIO()
+    p = Progress(out, live=True)
+    p.event("plan", will_build=["/pure/store/x.drv"])
+    p.event("start", drv="/pure/store/x.drv", name="x")
+    with warnings_to(p.message):
+        logging.getLogger("purestore.cache").warning("warning: cache 'X': retrying")
+    text = out.getvalue()
+    before, _, after = text.partition("warning: cache 'X': retrying\n")
+    assert before.endswith("\r\x1b[K") and after.startswith("\r\x1b[K[0:00] built 0/1, running 1"), repr(text)

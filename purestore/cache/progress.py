@@ -7,8 +7,6 @@ The methods are called from trio tasks and worker threads alike; they only add i
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 import threading
 import time
@@ -111,29 +109,7 @@ class TextProgress(Progress):
         except (OSError, ValueError):
             pass
 
-    @contextlib.contextmanager
-    def showing_warnings(self, logger: str = "purestore"):
-        """Within: the warnings logged under ``logger`` are written through :meth:`note`."""
-        handler = _NoteHandler(self)
-        log = logging.getLogger(logger)
-        log.addHandler(handler)
-        try:
-            yield self
-        finally:
-            log.removeHandler(handler)
-
     def finish(self) -> None:
         if self.paths_total:
             self._write(self.line(), final=True)
 
-
-class _NoteHandler(logging.Handler):
-    def __init__(self, progress: TextProgress):
-        super().__init__(logging.WARNING)
-        self.progress = progress
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.progress.note(record.getMessage())
-        except Exception:  # never let a warning break the work
-            self.handleError(record)

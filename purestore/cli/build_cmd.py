@@ -85,10 +85,12 @@ def _realise(ctx, store, drvs, args):
     import trio
     from ..build.progress import Progress
     from ..build.scheduler import realise
+    from ._warnings import warnings_to
     progress = Progress(json_stream=sys.stdout if args.json else None, print_logs=args.print_build_logs)
     settings = ctx.settings.evolve(require_provenance=True) if getattr(args, "require_provenance", False) \
         else ctx.settings
-    return trio.run(realise, store, settings, drvs, _options(args, settings), progress)
+    with warnings_to(None if args.json else progress.message):  # --json: stderr as it is
+        return trio.run(realise, store, settings, drvs, _options(args, settings), progress)
 
 
 def _drv_paths_from_file(ctx, store, args):

@@ -159,6 +159,7 @@ def _paths(n: int) -> str:
 def cmd_copy(args, ctx) -> int:
     import trio
     from ..cache.progress import TextProgress, format_size as _size
+    from ._warnings import warnings_to
 
     settings = ctx.settings
     if getattr(args, "require_provenance", False):
@@ -171,7 +172,7 @@ def cmd_copy(args, ctx) -> int:
             cu = parse_url(args.to)
             keys = [load_secret_key(f) for f in args.secret_key_file]
             paths = [store.parse_path(p, valid=True) for p in args.paths]
-            with progress.showing_warnings():
+            with warnings_to(progress.note):
                 res = trio.run(lambda: copy_to(
                     store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
                     level=args.compression_level, write_listing=True if args.write_nar_listing else None,
@@ -194,7 +195,7 @@ def cmd_copy(args, ctx) -> int:
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
         # fork_worker: nothing else runs in this process, so a forked restoring process is safe
-        with progress.showing_warnings():
+        with warnings_to(progress.note):
             rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
                                              progress=progress, jobs=args.jobs, fork_worker=True))
         if args.json:
