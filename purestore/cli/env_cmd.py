@@ -88,13 +88,16 @@ def cmd_profile_install(args, ctx) -> int:
     from ..build.progress import Progress
     from ..env.installable import realise_installables
     from ..env.profiles import element_for
+    from ._warnings import warnings_to
 
     with ctx.open_store() as store:
         prof = _profile(ctx, store, args)
         built = []
         for what in args.installables:
-            built += realise_installables(store, ctx.settings, what, args.attr or [None],
-                                          include_paths=args.include, progress=Progress(), fork_worker=True)
+            progress = Progress()
+            with warnings_to(progress.message):
+                built += realise_installables(store, ctx.settings, what, args.attr or [None],
+                                              include_paths=args.include, progress=progress, fork_worker=True)
         gen = prof.install([element_for(store, list(b.outputs), b.source) for b in built])
         for b in built:
             ctx.info(f"installed {b.name} ({', '.join(store.print_path(p) for p in b.outputs)})")
@@ -194,8 +197,11 @@ def cmd_profile_delete_generations(args, ctx) -> int:
 def _built(ctx, store, args):
     from ..build.progress import Progress
     from ..env.installable import realise_installables
-    return realise_installables(store, ctx.settings, args.file, args.attr or [None],
-                                include_paths=args.include, progress=Progress(), fork_worker=True)
+    from ._warnings import warnings_to
+    progress = Progress()
+    with warnings_to(progress.message):
+        return realise_installables(store, ctx.settings, args.file, args.attr or [None],
+                                    include_paths=args.include, progress=progress, fork_worker=True)
 
 
 def cmd_shell(args, ctx) -> int:
