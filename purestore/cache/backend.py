@@ -378,23 +378,33 @@ class HttpBackend(Backend):
         log.warning("warning: %s; retrying in %.1f s (attempt %d of %d)", e, delay, attempt + 1, self.attempts)
         await trio.sleep(delay)
 
-    async def _request(self, what: str, name: str, method: str, **kw):
-        """One request, retried while it fails transiently; returns (response, body)."""
+    async def _retrying(self, once):
+        """``await once()`` until it does not fail transiently (or the attempts are used up)."""
         attempt = 1
         while True:
             try:
-                try:
-                    r, data = await self.client.request(method, self._target(name), **kw)
-                except self._http.HttpError as e:
-                    raise self._err(what, name, e) from e
-                self._answered = True
-                if r.status in TRANSIENT_STATUS:
-                    raise self._status(what, name, r)
-                self._failing = False
-                return r, data
+                return await once()
             except _Transient as e:
                 await self._retry_after(e, attempt)
                 attempt += 1
+
+    async def _request(self, what: str, name: str, method: str, **kw):
+        """One request, retried while it fails transiently; returns (response, body).  A
+        callable ``body`` is called for each attempt (a stream is read once)."""
+        body = kw.pop("body", None)
+
+        async def once():
+            try:
+                r, data = await self.client.request(method, self._target(name),
+                                                    body=body() if callable(body) else body, **kw)
+            except self._http.HttpError as e:
+                raise self._err(what, name, e) from e
+            self._answered = True
+            if r.status in TRANSIENT_STATUS:
+                raise self._status(what, name, r)
+            self._failing = False
+            return r, data
+        return await self._retrying(once)
 
     async def exists(self, name: str) -> bool:
         r, _ = await self._request("query", name, "HEAD")
@@ -442,15 +452,6 @@ class HttpBackend(Backend):
             self._failing = False
             return body, offset  # the whole file again: skip what was received
 
-        async def first_response():
-            attempt = 1
-            while True:
-                try:
-                    return await respond(0)
-                except _Transient as e:
-                    await self._retry_after(e, attempt)
-                    attempt += 1
-
         async def chunks(body, attempt: int):
             received = 0
             skip = 0
@@ -477,7 +478,7 @@ class HttpBackend(Backend):
                         body, skip = _failed(e2), 0
 
         try:
-            body, _ = await first_response()
+            body, _ = await self._retrying(lambda: respond(0))
             yield chunks(body, 1)
         finally:
             await current.aclose()
@@ -503,25 +504,12 @@ class HttpBackend(Backend):
     async def _put(self, name, content, content_type, size) -> None:
         """PUT ``content()`` (bytes, or an async iterator made afresh for each attempt)."""
         headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        attempt = 1
-        while True:
-            try:
-                try:
-                    r, _ = await self.client.request("PUT", self._target(name), headers=headers, body=content())
-                except self._http.HttpError as e:
-                    raise self._err("upload", name, e) from e
-                self._answered = True
-                if r.status in (401, 403):
-                    raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
-                                     hint="give the server's upload token with ?token-file=FILE or "
-                                          "PURE_CACHE_TOKEN")
-                if r.status not in (200, 201, 204):
-                    raise self._status("upload", name, r)
-                self._failing = False
-                return
-            except _Transient as e:
-                await self._retry_after(e, attempt)
-                attempt += 1
+        r, _ = await self._request("upload", name, "PUT", headers=headers, body=content)
+        if r.status in (401, 403):
+            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
+                             hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
+        if r.status not in (200, 201, 204):
+            raise self._status("upload", name, r)
 
     async def aclose(self) -> None:
         await self.client.aclose()
