@@ -11,11 +11,12 @@ import pytest
 import trio
 
 from test_cache_support import PUB, SEC, make_closure, make_path, open_store, settings_for
+from test_http_client import Scripted
 from purestore.cache.backend import open_backend
 from purestore.errors import CacheError
 
 
-class FlakyCache:
+class FlakyCache(Scripted):
     """An HTTP/1.1 file server over a cache directory that fails on purpose.
 
     ``faults`` maps a name prefix or suffix (``"nar/"``, ``".narinfo"``) to the faults for the
@@ -27,11 +28,12 @@ class FlakyCache:
     - ``"bad-range"``: a ``206`` whose Content-Range starts elsewhere than asked.
 
     ``ranges=False``: ``Range`` headers are ignored (the whole file is sent, as RFC 9110 allows).
-    ``requests`` records (method, name, Range header or None, status sent).
+    ``asked`` records (method, name, Range header or None, status sent).
     """
 
     def __init__(self, directory, faults: dict[str, list[str]] | None = None, *, ranges: bool = True,
                  overlap: int = 0):
+        super().__init__(self._respond)
         self.dir = directory
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.ranges = ranges
@@ -39,9 +41,8 @@ class FlakyCache:
         self.overlap = overlap
         self.nar_asked = 0
         self.overlapped: list[bool] = []
-        self._asked = trio.Event()
-        self.requests: list[tuple[str, str, str | None, int]] = []
-        self.url = ""
+        self._nar_came = trio.Event()
+        self.asked: list[tuple[str, str, str | None, int]] = []
 
     def _fault(self, name: str) -> str | None:
         for key, left in self.faults.items():
@@ -49,27 +50,12 @@ class FlakyCache:
                 return left.pop(0)
         return None
 
-    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
 
-    async def _handle(self, stream):
-        buf = b""
-        try:
-            async with stream:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            return
-                        buf += data
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    if not await self._answer(stream, head.decode("latin-1")):
-                        return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+    def _respond(self, request: bytes):
+        return lambda stream: self._answer(stream, request.partition(b"\r\n\r\n")[0].decode("latin-1"))
 
     async def _answer(self, stream, head: str) -> bool:
         """Answer one request; False: the connection is to be closed."""
@@ -81,11 +67,11 @@ class FlakyCache:
         path = os.path.join(self.dir, name)
         fault = self._fault(name)
         if fault == "503":
-            self.requests.append((method, name, rng, 503))
+            self.asked.append((method, name, rng, 503))
             await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
             return True
         if not os.path.isfile(path):
-            self.requests.append((method, name, rng, 404))
+            self.asked.append((method, name, rng, 404))
             await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
             return True
         with open(path, "rb") as f:
@@ -97,11 +83,11 @@ class FlakyCache:
             shown = first + 1 if fault == "bad-range" else first
             extra = b"Content-Range: bytes %d-%d/%d\r\n" % (shown, len(data) - 1, len(data))
         body = data[first:]
-        self.requests.append((method, name, rng, status))
+        self.asked.append((method, name, rng, status))
         if name.startswith("nar/"):
             self.nar_asked += 1
-            self._asked.set()
-            self._asked = trio.Event()
+            self._nar_came.set()
+            self._nar_came = trio.Event()
         reason = b"OK" if status == 200 else b"Partial Content"
         out = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n%s\r\n" % (status, reason, len(body), extra)
         if method == "HEAD":
@@ -116,7 +102,7 @@ class FlakyCache:
             await stream.send_all(out + body[: len(body) // 2])
             with trio.move_on_after(5):
                 while self.nar_asked < self.overlap:
-                    await self._asked.wait()
+                    await self._nar_came.wait()
             self.overlapped.append(self.nar_asked >= self.overlap)
             body = body[len(body) // 2:]
             out = b""
@@ -166,7 +152,7 @@ async def fetch_all(tmp_path, server, paths, *, attempts=3, stall=30, fork_worke
 
 
 def nar_requests(server):
-    return [(m, n, r, st) for m, n, r, st in server.requests if n.startswith("nar/")]
+    return [(m, n, r, st) for m, n, r, st in server.asked if n.startswith("nar/")]
 
 
 @pytest.fixture
@@ -225,7 +211,7 @@ async def test_service_unavailable_is_retried_for_narinfos_and_nars(cache, tmp_p
         rep, _root = await fetch_all(tmp_path, server, [app])
         n.cancel_scope.cancel()
     assert sorted(rep.fetched) == sorted([lib, app])
-    assert [st for _m, n, _r, st in server.requests if n.endswith(".narinfo")].count(503) == 2
+    assert [st for _m, n, _r, st in server.asked if n.endswith(".narinfo")].count(503) == 2
     assert [st for _m, _n, _r, st in nar_requests(server)].count(503) == 1
 
 
@@ -265,7 +251,7 @@ async def test_not_found_is_not_retried(cache, tmp_path, retry_fast):
             assert await b.get("0" * 32 + ".narinfo") is None
             assert not await b.exists("0" * 32 + ".narinfo")
         n.cancel_scope.cancel()
-    assert [st for *_x, st in server.requests] == [404, 404]
+    assert [st for *_x, st in server.asked] == [404, 404]
 
 
 async def test_connect_failures_are_retried_only_once_the_cache_has_answered(tmp_path):
@@ -475,7 +461,7 @@ async def test_a_cache_that_keeps_failing_costs_one_attempt_per_request_after_th
                     await substituter.copy_from(store, settings_for(root, download_attempts=4), server.url,
                                                 wanted, trusted_keys=[PUB])
         n.cancel_scope.cancel()
-    asked = [n for _m, n, _r, st in server.requests if n.endswith(".narinfo")]
+    asked = [n for _m, n, _r, st in server.asked if n.endswith(".narinfo")]
     assert len(set(asked)) == 60
     # at most the 16 queries in flight used 4 attempts; the others one or two
     assert len(asked) <= 16 * 4 + 44 * 2, len(asked)

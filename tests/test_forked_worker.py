@@ -171,16 +171,22 @@ async def test_aclose_lets_the_child_exit():
     assert not alive(pid)
 
 
-async def test_download_falls_back_to_a_thread_when_the_worker_is_gone(tmp_path):
+def pushed(tmp_path, make):
+    """``make(store)`` a path in a new store and push it to a file:// cache; returns (cache dir,
+    its narinfo, its NAR hash)."""
     src = tmp_path / "src"
     with open_store(src) as store:
-        lib, app = make_closure(store)
-        want = hash_path(store.real_path(app))
+        p = make(store)
+        want = hash_path(store.real_path(p))
     key = tmp_path / "k.sec"
     key.write_text(SEC)
     cache = tmp_path / "cache"
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(app), root=src)
-    ni = NarInfo.parse((cache / f"{app.hash_part}.narinfo").read_text(), "/pure/store")
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(p), root=src)
+    return cache, NarInfo.parse((cache / f"{p.hash_part}.narinfo").read_text(), "/pure/store"), want
+
+
+async def test_download_falls_back_to_a_thread_when_the_worker_is_gone(tmp_path):
+    cache, ni, want = pushed(tmp_path, lambda store: make_closure(store)[1])
 
     w = ForkedWorker.start()
     os.kill(w.pid, signal.SIGKILL)  # the child is gone before the job is sent
@@ -200,15 +206,7 @@ async def test_a_big_nar_asked_for_ahead_is_restored_by_the_worker_or_asked_for_
     restore in a thread asks the cache afresh."""
     from purestore.cache.fetch import Opened
     from purestore.cache.server import serve_cache
-    src = tmp_path / "src"
-    with open_store(src) as store:
-        big = make_path(store, "big", {"blob": os.urandom(2 << 20)})
-        want = hash_path(store.real_path(big))
-    key = tmp_path / "k.sec"
-    key.write_text(SEC)
-    cache = tmp_path / "cache"
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, store.print_path(big), root=src)
-    ni = NarInfo.parse((cache / f"{big.hash_part}.narinfo").read_text(), "/pure/store")
+    cache, ni, want = pushed(tmp_path, lambda store: make_path(store, "big", {"blob": os.urandom(2 << 20)}))
     w = ForkedWorker.start()
     if kill:
         os.kill(w.pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ refused connections; and against the cache server (hypercorn)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -16,8 +17,9 @@ from purestore.cache.server import serve_cache
 
 
 class Scripted:
-    """A raw TCP server answering each request with ``respond(request_bytes) -> bytes | None``
-    (None: close the connection without answering).  Counts connections and requests."""
+    """A raw TCP server answering each request with ``respond(request_bytes)``: bytes to send,
+    None to close the connection without answering, or an async ``out(stream)`` that answers
+    itself (returning False: close the connection after).  Counts connections and requests."""
 
     def __init__(self, respond, *, close_after: int | None = None):
         self.respond = respond
@@ -34,32 +36,40 @@ class Scripted:
 
     async def handle(self, stream):
         self.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with stream:
+                await self._serve(stream)
+
+    async def _serve(self, stream):
         buf = b""
         served = 0
-        async with stream:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    k, _, v = line.partition(b":")
-                    if k.strip().lower() == b"content-length":
-                        length = int(v)
-                while len(buf) < length:
-                    buf += await stream.receive_some(65536)
-                body, buf = buf[:length], buf[length:]
-                self.requests.append(head + b"\r\n\r\n" + body)
-                out = self.respond(head + b"\r\n\r\n" + body)
-                if out is None:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
                     return
-                await out(stream) if callable(out) else await stream.send_all(out)
-                served += 1
-                if self.close_after is not None and served >= self.close_after:
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v)
+            while len(buf) < length:
+                buf += await stream.receive_some(65536)
+            body, buf = buf[:length], buf[length:]
+            self.requests.append(head + b"\r\n\r\n" + body)
+            out = self.respond(head + b"\r\n\r\n" + body)
+            if out is None:
+                return
+            if callable(out):
+                if await out(stream) is False:
                     return
+            else:
+                await stream.send_all(out)
+            served += 1
+            if self.close_after is not None and served >= self.close_after:
+                return
 
 
 def ok(body: bytes) -> bytes:

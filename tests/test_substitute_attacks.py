@@ -228,41 +228,11 @@ def test_nar_that_tries_to_escape_its_target(attack, tmp_path, case):
 # -- HTTP: truncated and stalled downloads, against a deliberately broken server -----------------
 
 
-async def _broken_server(cache: Path, mode: str, task_status=trio.TASK_STATUS_IGNORED):
-    """A tiny HTTP/1.1 server over the cache dir that misbehaves on nar/ files."""
-
-    async def handle(stream):
-        buf = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                method, target, _ = head.split(b"\r\n")[0].split(b" ")
-                f = cache / target.decode().lstrip("/")
-                if not f.is_file():
-                    await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                    continue
-                body = f.read_bytes()
-                hdr = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
-                if target.startswith(b"/nar/"):
-                    await stream.send_all(hdr + body[: len(body) // 2])
-                    if mode == "stall":
-                        await trio.sleep_forever()
-                    await stream.aclose()
-                    return
-                await stream.send_all(hdr + (b"" if method == b"HEAD" else body))
-        except trio.BrokenResourceError:
-            return
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as n:
-        await n.start(trio.serve_listeners, handle, listeners)
-        task_status.started(f"http://127.0.0.1:{port}/")
+def _broken_server(cache: Path, mode: str):
+    """An HTTP/1.1 server over the cache dir that sends half of every nar/ file and then closes
+    the connection (``truncate``) or sends nothing more (``stall``), asked again or not."""
+    from test_cache_retry import FlakyCache
+    return FlakyCache(cache, {"nar/": [{"truncate": "cut", "stall": "stall"}[mode]] * 100}, ranges=False)
 
 
 @pytest.mark.parametrize("mode,reason", [("truncate", "connection broken"), ("stall", "timed out")])
@@ -272,7 +242,9 @@ async def test_http_truncated_or_stalled_download(attack, tmp_path, mode, reason
     cfg = tmp_path / "pure.conf"
     cfg.write_text("stalled-download-timeout = 1\ndownload-attempts = 2\n")
     async with trio.open_nursery() as n:
-        url = await n.start(_broken_server, cache, mode)
+        server = _broken_server(cache, mode)
+        await n.start(server.run)
+        url = server.url
         with trio.fail_after(60):
             r = await trio.run_process(
                 [sys.executable, "-m", "purestore.cli.main", "copy", "--from", url,
@@ -316,7 +288,9 @@ async def test_http_streamed_download_truncated_or_stalled(attack, tmp_path, mod
     root = tmp_path / "r"
     s = settings_for(root, stalled_download_timeout=1, download_attempts=2)
     async with trio.open_nursery() as n:
-        url = await n.start(_broken_server, cache, mode)
+        server = _broken_server(cache, mode)
+        await n.start(server.run)
+        url = server.url
         with open_store(root) as store:
             with trio.fail_after(60):
                 with pytest.raises(CacheError) as e:
