@@ -16,10 +16,9 @@ from conftest import pure_env, run_pure
 from test_cache_support import PUB, SEC, make_closure, open_store, rewrite_narinfo
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """A signed file:// cache holding lib and app (app refers to lib), pushed by `pure copy`."""
-    base = tmp_path_factory.mktemp("tmpl")
+def signed_cache(base: Path):
+    """A signed file:// cache at base/cache holding lib and app (app refers to lib), pushed by
+    `pure copy`; returns (cache, lib, app)."""
     root, cache = base / "src", base / "cache"
     with open_store(root) as store:
         lib, app = make_closure(store)
@@ -30,12 +29,21 @@ def template(tmp_path_factory):
     return cache, lib, app
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return signed_cache(tmp_path_factory.mktemp("tmpl"))
+
+
+def copy_of(template, tmp_path):
+    """A copy of the template cache in tmp_path/cache: (cache, lib, app)."""
+    cache, lib, app = template
+    shutil.copytree(cache, tmp_path / "cache")
+    return tmp_path / "cache", lib, app
+
+
 @pytest.fixture
 def attack(template, tmp_path):
-    cache, lib, app = template
-    c = tmp_path / "cache"
-    shutil.copytree(cache, c)
-    return c, lib, app
+    return copy_of(template, tmp_path)
 
 
 def fetch(cache_url, app, root, *extra, config=None, check=False):

@@ -164,14 +164,23 @@ def remove_temp(store, tmp: str) -> None:
 
 async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progress,
                       opened: Opened | None = None) -> None:
+    await stream_to_thread(lambda: _nar_body(backend, ni, opened),
+                           lambda next_chunk: restore_stream(next_chunk, ni, where, tmp, progress))
+
+
+async def stream_to_thread(open_chunks, consume):
+    """Read the async chunks of ``open_chunks()`` (an async context manager) in this task while
+    ``consume(next_chunk)`` runs in a worker thread (``next_chunk()`` gives bytes, ``b""`` at
+    the end); return what ``consume`` returns.  An error of the stream is raised before one of
+    ``consume`` (which then mostly just saw the stream end early)."""
     send, recv = trio.open_memory_channel(8)
     pump_error: list[BaseException] = []
 
     async def pump():
         try:
             async with send:
-                async with _nar_body(backend, ni, opened) as chunks:
-                    # the socket gives ~100 KiB at a time; each hand-over to the restoring thread
+                async with open_chunks() as chunks:
+                    # the socket gives ~100 KiB at a time; each hand-over to the worker thread
                     # costs a round trip between threads, so hand over about 1 MiB at once
                     parts: list[bytes] = []
                     size = 0
@@ -184,8 +193,8 @@ async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progr
                     if parts:
                         await send.send(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception as e:  # handed to the restoring thread and re-raised by the caller
+            pass  # the consumer stopped early
+        except Exception as e:  # handed to the consumer and re-raised by the caller
             pump_error.append(e)
 
     token = trio.lowlevel.current_trio_token()
@@ -199,10 +208,11 @@ async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progr
             return b""
 
     failure: list[Exception] = []
+    result = None
     async with trio.open_nursery() as n:
         n.start_soon(pump)
         try:
-            await trio.to_thread.run_sync(restore_stream, next_chunk, ni, where, tmp, progress)
+            result = await trio.to_thread.run_sync(consume, next_chunk)
         except Exception as e:  # re-raised below, outside the nursery (no exception group)
             failure.append(e)
         finally:
@@ -212,6 +222,7 @@ async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progr
         raise pump_error[0]
     if failure:
         raise failure[0]
+    return result
 
 
 

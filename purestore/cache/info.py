@@ -57,3 +57,17 @@ class CacheInfo:
                 f"binary cache {where!r} is for store dir {self.store_dir!r}, "
                 f"but this store's dir is {store_dir!r}",
                 hint="use a cache made for the same --store-dir")
+
+
+async def read_cache_info(backend, url: str) -> CacheInfo:
+    """Read and parse the ``nix-cache-info`` of the cache behind ``backend``; raise
+    :class:`CacheError` when there is none (naming a ``file://`` directory that does not exist)."""
+    import os
+
+    from .backend import FileBackend
+    data = await backend.get("nix-cache-info")
+    if data is None:
+        if isinstance(backend, FileBackend) and not os.path.isdir(backend.dir):
+            raise CacheError(f"binary cache {url!r}: directory {backend.dir!r} does not exist")
+        raise CacheError(f"binary cache {url!r} has no nix-cache-info (is it a cache?)")
+    return CacheInfo.parse(data, f"{url}/nix-cache-info")

@@ -1,6 +1,6 @@
 """The CPU-heavy halves of pushing and substituting, free of trio: they run in worker threads.
 
-- :class:`_VerifyingReader` turns compressed chunks into NAR bytes while checking FileSize,
+- :class:`VerifyingReader` turns compressed chunks into NAR bytes while checking FileSize,
   FileHash, NarSize and NarHash (never decompressing beyond NarSize); :class:`_Ahead` runs it
   in a thread of its own ahead of the restore;
 - :func:`restore_stream` restores a NAR from such chunks into a temporary name in the store,
@@ -33,7 +33,7 @@ from .compression import compress_to, compressor, decompressor, flush_to
 from .progress import Progress
 
 
-class _VerifyingReader:
+class VerifyingReader:
     """A file-like NAR source over compressed chunks that checks sizes and hashes on the way.
 
     ``next_chunk()`` returns compressed bytes, ``b""`` at the end.  Raises :class:`CacheError`
@@ -113,14 +113,14 @@ class _Ahead:
     busy, where several restoring threads mostly wait for each other's GIL.
     """
 
-    def __init__(self, reader: _VerifyingReader, depth: int = 4):
+    def __init__(self, reader: VerifyingReader, depth: int = 4):
         self._q: queue.Queue = queue.Queue(depth)
         self._stop = False
         self._done = False
         self._t = threading.Thread(target=self._run, args=(reader,), name="pure-nar-reader", daemon=True)
         self._t.start()
 
-    def _run(self, reader: _VerifyingReader) -> None:
+    def _run(self, reader: VerifyingReader) -> None:
         try:
             while not self._stop:
                 c = reader.read()
@@ -157,7 +157,7 @@ def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Prog
     ``tmp`` is removed and the error raised."""
     from ..store.fstree import remove_tree, restore_nar
 
-    reader = _VerifyingReader(next_chunk, ni, where, progress)
+    reader = VerifyingReader(next_chunk, ni, where, progress)
     # a thread of its own pays off for big NARs only (starting one costs ~0.1 ms and GIL hops)
     ahead = _Ahead(reader) if ni.nar_size >= AHEAD_MIN else reader
 

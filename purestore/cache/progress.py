@@ -68,8 +68,10 @@ class TextProgress(Progress):
         self._shown = False
 
     def line(self) -> str:
-        return (f"{self.verb} {self.paths_done}/{self.paths_total} paths, "
-                f"{format_size(self.bytes_done)}/{format_size(self.bytes_total)}")
+        text = f"{self.verb} {self.paths_done}/{self.paths_total} paths"
+        if self.bytes_total:  # nothing to count (say, narinfos only): paths alone
+            text += f", {format_size(self.bytes_done)}/{format_size(self.bytes_total)}"
+        return text
 
     def message(self, text: str) -> None:
         if self.verbose:

@@ -43,7 +43,7 @@ from . import _storeapi as S
 from .backend import Backend, FileBackend, check_name, open_backend, parse_url
 from .fetch import SMALL_NAR, Opened, download, install_batch, remove_temp
 from .forked import ForkedWorker
-from .info import CacheInfo
+from .info import read_cache_info
 from .narinfo_cache import NegativeCache
 from ._gate import LargestFirst
 from ._nursery import open_nursery
@@ -117,12 +117,7 @@ class Substituters:
                 failed.append(e)
                 return
             try:
-                data = await backend.get("nix-cache-info")
-                if data is None:
-                    if isinstance(backend, FileBackend) and not os.path.isdir(backend.dir):
-                        raise CacheError(f"binary cache {url!r}: directory {backend.dir!r} does not exist")
-                    raise CacheError(f"binary cache {url!r} has no nix-cache-info (is it a cache?)")
-                info = CacheInfo.parse(data, f"{url}/nix-cache-info")
+                info = await read_cache_info(backend, url)
                 info.check_store_dir(self.settings.store_dir, url)
             except CacheError as e:
                 await backend.aclose()

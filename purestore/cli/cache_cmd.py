@@ -45,6 +45,18 @@ can push to it. The server never needs a signing key: clients sign before upload
 Any static web server can serve the same directory read-only.
 """
 
+_VERIFY_HELP = """\
+Check a binary cache as it stands, without a store: for each path's narinfo, that it is there
+and parses, is signed by a trusted key (when keys are given, or set as trusted-public-keys),
+that its URL stays inside the cache and its NAR file is there (with the size FileSize says, for
+a file:// cache), and that every path it refers to is in the cache too. With --check-contents
+each NAR file is also read whole and checked as substitution would check it: FileSize,
+FileHash, NarSize, NarHash, a well-formed NAR. Nothing is written.
+
+Without PATHs, every narinfo of a file:// cache is checked (an HTTP cache cannot be listed).
+Prints one line per problem ('bad: PATH: reason') and exits 1 if there is any.
+"""
+
 
 def register(reg) -> None:
     reg.group("key", help="signing keys for binary caches")
@@ -90,13 +102,25 @@ def register(reg) -> None:
     p.add_argument("--require-provenance", action="store_true",
                    help="--from: refuse paths without a valid provenance statement by a trusted key")
 
-    reg.group("cache", help="binary cache server")
+    reg.group("cache", help="binary cache server and checks")
     p = reg.command("serve", "serve a binary cache directory over HTTP", cmd_cache_serve,
                     group="cache", description=_SERVE_HELP)
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
     p.add_argument("--upload-token-file", metavar="FILE", help="enable PUT for this bearer token")
+
+    p = reg.command("verify", "check a binary cache: narinfos, signatures, NAR files, closure",
+                    cmd_cache_verify, group="cache", description=_VERIFY_HELP)
+    p.add_argument("url", metavar="URL")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="store paths to check (default: all, for a file:// cache)")
+    p.add_argument("--trusted-public-keys", dest="verify_trusted_keys", metavar="KEYS",
+                   help="keys a narinfo must be signed by (default: the trusted-public-keys setting; "
+                        "none: signatures are not checked)")
+    p.add_argument("--check-contents", action="store_true",
+                   help="read every NAR file and check its hashes, sizes and format")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
 
 
 def _write_new(path: str, text: str, mode: int, force: bool) -> None:
@@ -243,3 +267,47 @@ def cmd_cache_serve(args, ctx) -> int:
 
     trio.run(main)
     return 0
+
+
+def cmd_cache_verify(args, ctx) -> int:
+    import trio
+    from ..cache.progress import TextProgress
+    from ..cache.verify import verify_cache
+    from ..formats.store_path import StorePath
+    from ._warnings import warnings_to
+
+    settings = ctx.settings
+    paths = None
+    if args.paths:
+        from ..errors import InvalidStorePath, UsageError
+        paths = []
+        for p in args.paths:
+            # the cache's store dir is known only once it is read: a path names its narinfo by
+            # its base name, whatever its directory
+            try:
+                paths.append(StorePath.from_base_name(os.path.basename(p.rstrip("/"))))
+            except InvalidStorePath as e:
+                raise UsageError(f"{p!r} is not a store path: {e}") from None
+    keys = args.verify_trusted_keys.split() if args.verify_trusted_keys is not None else None
+    progress = TextProgress("checking")
+    with warnings_to(progress.note):
+        rep = trio.run(lambda: verify_cache(settings, args.url, paths, trusted_keys=keys,
+                                            check_contents=args.check_contents, progress=progress))
+    bad = rep.bad
+    if args.json:
+        print(json.dumps({
+            "url": rep.url, "storeDir": rep.store_dir, "checked": len(rep.results),
+            "signaturesChecked": rep.signatures_checked, "contentsChecked": rep.contents_checked,
+            "ok": not bad,
+            "problems": [{"narinfo": n, "path": rep.paths.get(n), "message": m}
+                         for n, ms in bad.items() for m in ms],
+        }, indent=2))
+    else:
+        for n, ms in bad.items():
+            for m in ms:
+                print(f"bad: {rep.label(n)!r}: {m}")
+        how = ["signatures checked" if rep.signatures_checked else "signatures not checked: no trusted keys",
+               "NAR contents checked" if rep.contents_checked else "NAR contents not read"]
+        ctx.info(f"checked {_paths(len(rep.results))} in {args.url.split('?')[0]}: "
+                 + ("no problems" if not bad else f"{len(bad)} bad") + f" ({'; '.join(how)})")
+    return 0 if not bad else 1

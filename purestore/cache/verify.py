@@ -1,0 +1,187 @@
+"""Checking a binary cache as it stands (``pure cache verify``), without a store.
+
+For every narinfo asked for (the given paths, or all of a ``file://`` cache's):
+
+- it is there and parses strictly, for the path its file name names, with the cache's store dir;
+- it has a valid signature by a trusted key (when trusted keys are given);
+- its ``URL`` stays inside the cache and the NAR file is there (with the size ``FileSize`` says,
+  where the cache tells sizes: a ``file://`` cache);
+- each of its references has a narinfo in the cache (else substituting it would fail);
+- with ``check_contents``: the NAR file is read whole and checked as substitution checks it
+  (FileSize, FileHash, NarSize, NarHash, and a well-formed NAR), without writing anything.
+
+Each path gets a list of problems (empty: good).  Nothing here raises for one path's problem;
+a cache that cannot be used at all (unreachable, no ``nix-cache-info``) raises
+:class:`CacheError`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import attrs
+import trio
+
+from ..errors import CacheError, FormatError, NarError, SignatureError
+from ..formats.narinfo import NarInfo
+from ..formats.signing import parse_public_keys, verify_any
+from ..formats.store_path import StorePath
+from ._nursery import open_nursery
+from .backend import CacheMissing, FileBackend, check_name, open_backend
+from .fetch import stream_to_thread
+from .info import read_cache_info
+from .nar_jobs import VerifyingReader
+from .progress import Progress
+
+CONCURRENCY = 16  # narinfos checked at once (their requests share the connection pool)
+
+
+@attrs.define
+class CacheReport:
+    """What :func:`verify_cache` found: narinfo file name → problems (empty: good)."""
+
+    url: str
+    store_dir: str
+    signatures_checked: bool
+    contents_checked: bool
+    results: dict[str, list[str]] = attrs.field(factory=dict)
+    paths: dict[str, str] = attrs.field(factory=dict)  # narinfo name → store path (when known)
+
+    @property
+    def bad(self) -> dict[str, list[str]]:
+        return {n: p for n, p in sorted(self.results.items()) if p}
+
+    def label(self, name: str) -> str:
+        """The store path a narinfo is for, else its file name."""
+        return self.paths.get(name, name)
+
+
+async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = None, *,
+                       trusted_keys: Iterable[str] | None = None, check_contents: bool = False,
+                       progress: Progress | None = None) -> CacheReport:
+    """Check the narinfos of ``paths`` in the cache at ``url`` (None: all of them, for a
+    ``file://`` cache; an HTTP cache cannot be listed).  ``trusted_keys``: None for the
+    settings' ``trusted-public-keys``; no keys at all: signatures are not checked."""
+    keys = list(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
+    trusted = parse_public_keys(keys)
+    backend = open_backend(url, connect_timeout=settings.connect_timeout,
+                           stall_timeout=settings.stalled_download_timeout,
+                           attempts=settings.download_attempts)
+    async with backend:
+        info = await read_cache_info(backend, url)
+        sd = info.store_dir
+        if paths is None:
+            if not isinstance(backend, FileBackend):
+                raise CacheError(f"binary cache {url!r} cannot be listed over HTTP",
+                                 hint="name the store paths to check")
+            names = await trio.to_thread.run_sync(_narinfo_names, backend.dir)
+        else:
+            names = sorted({f"{p.hash_part}.narinfo" for p in paths})
+        report = CacheReport(url, sd, bool(trusted), check_contents)
+        if progress:
+            progress.expect(len(names), 0)
+        present: dict[str, bool] = {}  # narinfo name → the cache has it (references' checks)
+
+        async def has(name: str) -> bool:
+            if name not in present:
+                present[name] = await backend.exists(name)
+            return present[name]
+
+        limit = trio.CapacityLimiter(CONCURRENCY)
+
+        async def one(name: str) -> None:
+            async with limit:
+                problems = report.results[name] = []
+                try:
+                    await _check(backend, sd, name, trusted, check_contents, has, problems, report, progress)
+                except CacheError as e:
+                    problems.append(str(e))
+            if progress:
+                progress.path_done(report.label(name))
+
+        async with open_nursery() as n:
+            for name in names:
+                n.start_soon(one, name)
+        if progress:
+            progress.finish()
+    return report
+
+
+def _narinfo_names(directory: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(directory) if e.name.endswith(".narinfo") and e.is_file())
+
+
+async def _check(backend, sd: str, name: str, trusted, check_contents: bool, has, problems: list[str],
+                 report: CacheReport, progress) -> None:
+    data = await backend.get(name)
+    if data is None:
+        problems.append("the cache has no narinfo for it")
+        return
+    try:
+        ni = NarInfo.parse(data, sd, where=name)
+    except FormatError as e:
+        problems.append(f"bad narinfo: {e}")
+        return
+    report.paths[name] = ni.store_path.absolute(sd)
+    if f"{ni.store_path.hash_part}.narinfo" != name:
+        problems.append(f"{name} describes {ni.store_path.absolute(sd)!r}, another path")
+    if trusted:
+        try:
+            verify_any(ni.fingerprint(sd), ni.sigs, trusted)
+        except SignatureError as e:
+            problems.append(f"not trusted: {e}")
+    for r in ni.references:
+        if r != ni.store_path and not await has(f"{r.hash_part}.narinfo"):
+            problems.append(f"its reference {r.absolute(sd)!r} is not in the cache")
+    try:
+        check_name(ni.url, name)
+    except CacheError:
+        problems.append(f"its URL {ni.url!r} points outside the cache")
+        return
+    if check_contents:
+        if progress:
+            progress.expect(0, ni.nar_size)
+        try:
+            await _check_nar(backend, ni, name, progress)
+        except (CacheError, NarError) as e:
+            problems.append(str(e))
+        return
+    if isinstance(backend, FileBackend):
+        try:
+            size = os.stat(backend.local_path(ni.url)).st_size
+        except FileNotFoundError:
+            problems.append(f"its NAR file {ni.url!r} is missing")
+            return
+        except OSError as e:
+            problems.append(f"cannot read its NAR file {ni.url!r}: {e.strerror}")
+            return
+        if ni.file_size is not None and size != ni.file_size:
+            problems.append(f"its NAR file {ni.url!r} has {size} bytes, FileSize says {ni.file_size}")
+    elif not await backend.exists(ni.url):
+        problems.append(f"its NAR file {ni.url!r} is missing")
+
+
+async def _check_nar(backend, ni: NarInfo, name: str, progress) -> None:
+    """Read the NAR file whole through the substituter's verifying reader, parse the NAR."""
+    from ..formats.nar import NarRegular, parse_nar
+    where = f"{backend.url.rstrip('/')}/{ni.url}"
+
+    def read_all(next_chunk) -> None:
+        reader = VerifyingReader(next_chunk, ni, where, progress)
+        try:
+            for ev in parse_nar(reader):
+                if isinstance(ev, NarRegular):
+                    for _ in ev.chunks:
+                        pass
+        except NarError as e:
+            while reader.read():  # a size or hash mismatch explains a bad NAR better
+                pass
+            reader.verify()
+            raise CacheError(f"NAR {where} is invalid: {e}") from e
+        reader.verify()
+
+    try:
+        await stream_to_thread(lambda: backend.open_read(ni.url), read_all)
+    except CacheMissing:
+        raise CacheError(f"its NAR file {ni.url!r} is missing") from None

@@ -1,0 +1,170 @@
+"""`pure cache verify`: a cache checked as it stands (narinfos, signatures, NAR files, closure,
+and with --check-contents every NAR's hashes and format), each problem named with its path."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_pure
+from test_cache_support import PUB, rewrite_narinfo, start_server, stop_server
+from test_substitute_attacks import _nar_dir, _symlink_node, copy_of, nar_path, publish_raw, signed_cache
+
+
+def verify(url, *args, check=False):
+    return run_pure("cache", "verify", url, *args, check=check)
+
+
+def report(r) -> dict:
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return signed_cache(tmp_path_factory.mktemp("tmpl"))
+
+
+@pytest.fixture
+def cache(template, tmp_path):
+    """A copy of the attack tests' signed file:// cache (lib, app referring to lib)."""
+    return copy_of(template, tmp_path)
+
+
+
+def test_a_good_cache_has_no_problems(cache):
+    c, lib, app = cache
+    for extra in ([], ["--check-contents"]):
+        r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--json", *extra, check=True)
+        rep = report(r)
+        assert rep["ok"] and rep["checked"] == 2 and rep["problems"] == []
+        assert rep["signaturesChecked"] and rep["contentsChecked"] == bool(extra)
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, check=True)
+    assert r.stdout == "" and f"checked 2 paths in file://{c}: no problems (signatures checked" in r.stderr
+
+
+def test_without_trusted_keys_signatures_are_not_checked_and_it_says_so(cache):
+    c, lib, app = cache
+    rewrite_narinfo(c, lib, drop_sigs=True)
+    r = verify(f"file://{c}", check=True)
+    assert "signatures not checked: no trusted keys" in r.stderr
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB)
+    assert r.returncode == 1
+    assert f"bad: '/pure/store/{lib.base_name}': not trusted: it has no signature" in r.stdout.splitlines()
+
+
+def _corrupt(kind, c, lib, app):
+    """Damage the cache; returns (the path that is bad, what the report must say)."""
+    from purestore.formats.signing import SecretKey
+    if kind == "untrusted key":
+        rewrite_narinfo(c, app, sign_with=SecretKey.generate("evil-1").render())
+        return app, "not trusted: "
+    if kind == "altered after signing":
+        rewrite_narinfo(c, app, nar_size=12345)
+        return app, "not trusted: "
+    if kind == "NAR file missing":
+        os.unlink(nar_path(c, lib))
+        return lib, "is missing"
+    if kind == "NAR file truncated":
+        f = nar_path(c, app)
+        f.write_bytes(f.read_bytes()[:-10])
+        return app, "FileSize says"
+    if kind == "reference not in the cache":
+        os.unlink(c / f"{lib.hash_part}.narinfo")
+        return app, f"its reference '/pure/store/{lib.base_name}' is not in the cache"
+    if kind == "URL outside":
+        rewrite_narinfo(c, app, url="../etc/passwd")
+        return app, "points outside the cache"
+    if kind == "garbage narinfo":
+        (c / f"{app.hash_part}.narinfo").write_text("StorePath: nonsense\n")
+        return app, "bad narinfo"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["untrusted key", "altered after signing", "NAR file missing",
+                                  "NAR file truncated", "reference not in the cache", "URL outside",
+                                  "garbage narinfo"])
+def test_each_kind_of_damage_is_named_with_its_path(cache, kind):
+    c, lib, app = cache
+    bad, why = _corrupt(kind, c, lib, app)
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    label = f"{bad.hash_part}.narinfo" if kind == "garbage narinfo" else f"/pure/store/{bad.base_name}"
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(f"bad: {label!r}: ")]
+    assert any(why in ln for ln in lines), r.stdout
+    assert "1 bad" in r.stderr
+    rep = report(verify(f"file://{c}", "--trusted-public-keys", PUB, "--json"))
+    assert not rep["ok"] and {p["narinfo"] for p in rep["problems"]} == {f"{bad.hash_part}.narinfo"}
+
+
+def test_nar_contents_are_read_only_when_asked(cache):
+    """Bytes flipped inside a NAR file (same size): only --check-contents sees it (FileHash)."""
+    c, lib, app = cache
+    f = nar_path(c, app)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert verify(f"file://{c}", "--trusted-public-keys", PUB).returncode == 0
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--check-contents")
+    assert r.returncode == 1 and f"bad: '/pure/store/{app.base_name}': " in r.stdout
+    assert "FileHash says" in r.stdout or "truncated" in r.stdout or "invalid" in r.stdout, r.stdout
+
+
+def test_a_malformed_nar_with_true_hashes_is_found_by_check_contents(cache):
+    """A NAR whose hashes match its narinfo (a hostile signer made it) but that breaks the NAR
+    rules (a symlink entry followed by a second entry of the same name)."""
+    from purestore.formats.store_path import StorePath
+    c, lib, app = cache
+    evil = StorePath("1" * 32, "evil")
+    publish_raw(c, evil, _nar_dir([(b"a", _symlink_node(b"/etc")), (b"a", _symlink_node(b"/tmp"))]))
+    r = verify(f"file://{c}", f"/pure/store/{evil.base_name}", "--trusted-public-keys", PUB, "--check-contents")
+    assert r.returncode == 1 and "is invalid" in r.stdout, r.stdout
+    assert verify(f"file://{c}", f"/pure/store/{evil.base_name}", "--trusted-public-keys", PUB).returncode == 0
+
+
+def test_over_http_paths_are_named(cache, tmp_path):
+    c, lib, app = cache
+    os.unlink(nar_path(c, lib))
+    proc, url = start_server(c)
+    try:
+        r = verify(url, f"/pure/store/{app.base_name}", f"/pure/store/{lib.base_name}",
+                   "--trusted-public-keys", PUB, "--check-contents")
+        assert r.returncode == 1
+        assert f"bad: '/pure/store/{lib.base_name}': its NAR file" in r.stdout and "is missing" in r.stdout
+        assert f"'/pure/store/{app.base_name}'" not in r.stdout
+        r = verify(url, f"/pure/store/{app.base_name}", "--trusted-public-keys", PUB, check=True)
+        assert "checked 1 path in" in r.stderr
+        r = verify(url, "--trusted-public-keys", PUB)
+        assert r.returncode == 1 and "cannot be listed over HTTP" in r.stderr and "hint: name the" in r.stderr
+        r = verify(url, "/pure/store/" + "3" * 32 + "-absent")
+        assert r.returncode == 1 and "the cache has no narinfo for it" in r.stdout
+    finally:
+        stop_server(proc)
+
+
+def test_unusable_caches_and_bad_arguments_are_clear_errors(tmp_path):
+    r = verify(f"file://{tmp_path}/none")
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = verify(f"file://{tmp_path}")
+    assert r.returncode == 1 and "has no nix-cache-info" in r.stderr
+    (tmp_path / "nix-cache-info").write_text("StoreDir: /pure/store\n")
+    r = verify(f"file://{tmp_path}", "not-a-path")
+    assert r.returncode == 2 and "is not a store path" in r.stderr
+    r = verify(f"file://{tmp_path}", check=True)
+    assert "checked 0 paths" in r.stderr
+
+
+def test_the_golden_cache_written_by_nix_verifies(tmp_path):
+    """The cache Nix 2.8 wrote (tests/data/cache/nix-cache, store dir /nix/store) checks clean
+    with its key, contents included; with another key every path is named untrusted."""
+    from conftest import DATA
+    from purestore.formats.signing import SecretKey
+    url = f"file://{DATA}/cache/nix-cache"
+    pub = (DATA / "cache/test-key-1.pub").read_text().strip()
+    rep = report(verify(url, "--trusted-public-keys", pub, "--check-contents", "--json", check=True))
+    assert rep["ok"] and rep["checked"] == 2 and rep["storeDir"] == "/nix/store"
+    other = SecretKey.generate("other-1").public_key().render()
+    rep = report(verify(url, "--trusted-public-keys", other, "--json"))
+    assert sorted(p["path"] for p in rep["problems"]) == [
+        "/nix/store/hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt", "/nix/store/nai7hnixwpdj31gflmh2xaw00xjq4b7m-tree"]
