@@ -89,12 +89,16 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
             return present[name]
 
         limit = trio.CapacityLimiter(CONCURRENCY)
+        # reading NARs is CPU work (decompressing, hashing, parsing: the parse holds the GIL):
+        # one per core (measured: 50 NARs, 350 MB: 0.73-0.79 s, against 0.90-1.02 s 16 at once)
+        nar_limit = trio.CapacityLimiter(os.cpu_count() or 1)
 
         async def one(name: str) -> None:
             async with limit:
                 problems = report.results[name] = []
                 try:
-                    await _check(backend, sd, name, trusted, check_contents, has, problems, report, progress)
+                    await _check(backend, sd, name, trusted, nar_limit if check_contents else None, has,
+                                 problems, report, progress)
                 except CacheError as e:
                     problems.append(str(e))
             if progress:
@@ -112,8 +116,9 @@ def _narinfo_names(directory: str) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.name.endswith(".narinfo") and e.is_file())
 
 
-async def _check(backend, sd: str, name: str, trusted, check_contents: bool, has, problems: list[str],
-                 report: CacheReport, progress) -> None:
+async def _check(backend, sd: str, name: str, trusted, nar_limit: trio.CapacityLimiter | None, has,
+                 problems: list[str], report: CacheReport, progress) -> None:
+    """Check one narinfo; ``nar_limit``: read the NAR too, holding it (None: do not)."""
     data = await backend.get(name)
     if data is None:
         problems.append("the cache has no narinfo for it")
@@ -139,11 +144,12 @@ async def _check(backend, sd: str, name: str, trusted, check_contents: bool, has
     except CacheError:
         problems.append(f"its URL {ni.url!r} points outside the cache")
         return
-    if check_contents:
+    if nar_limit is not None:
         if progress:
             progress.expect(0, ni.nar_size)
         try:
-            await _check_nar(backend, ni, name, progress)
+            async with nar_limit:
+                await _check_nar(backend, ni, name, progress)
         except (CacheError, NarError) as e:
             problems.append(str(e))
         return
