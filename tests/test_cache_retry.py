@@ -24,7 +24,7 @@ class FlakyCache(Scripted):
 
     - ``"cut"``: the head and half of the body asked for, then the connection is closed;
     - ``"stall"``: the same, then nothing more (the client's stall timeout ends it);
-    - ``"503"``: HTTP 503 Service Unavailable;
+    - ``"503"``: HTTP 503 Service Unavailable; ``"429-wait-1"``: 429 with ``Retry-After: 1``;
     - ``"bad-range"``: a ``206`` whose Content-Range starts elsewhere than asked.
 
     ``ranges=False``: ``Range`` headers are ignored (the whole file is sent, as RFC 9110 allows).
@@ -66,9 +66,11 @@ class FlakyCache(Scripted):
         rng = headers.get("range")
         path = os.path.join(self.dir, name)
         fault = self._fault(name)
-        if fault == "503":
-            self.asked.append((method, name, rng, 503))
-            await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        if fault in ("503", "429-wait-1"):
+            status = int(fault[:3])
+            self.asked.append((method, name, rng, status))
+            reason = b"Service Unavailable" if status == 503 else b"Too Many Requests\r\nRetry-After: 1"
+            await stream.send_all(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\n\r\n" % (status, reason))
             return True
         if not os.path.isfile(path):
             self.asked.append((method, name, rng, 404))
@@ -481,3 +483,28 @@ def test_a_warning_during_a_build_clears_the_build_status_line():
     text = out.getvalue()
     before, _, after = text.partition("warning: cache 'X': retrying\n")
     assert before.endswith("\r\x1b[K") and after.startswith("\r\x1b[K[0:00] built 0/1, running 1"), repr(text)
+
+
+async def test_a_server_asking_to_wait_is_given_the_time_it_asks(cache, tmp_path, retry_fast):
+    """429 with Retry-After: 1: the retry comes a second later (not after the 10 ms pause)."""
+    c, lib, app, big = cache
+    server = FlakyCache(c, {".narinfo": ["429-wait-1"]})
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        t0 = trio.current_time()
+        rep, _root = await fetch_all(tmp_path, server, [lib])
+        took = trio.current_time() - t0
+        n.cancel_scope.cancel()
+    assert rep.fetched == [lib] and took >= 1.0, took
+    assert [st for _m, n, _r, st in server.asked if n.endswith(".narinfo")] == [429, 200]
+
+
+def test_retry_after_is_read_as_seconds_and_capped():
+    import types
+    from purestore.cache.backend import MAX_RETRY_AFTER, _retry_after_header
+    def r(v):
+        return types.SimpleNamespace(headers={"retry-after": v} if v is not None else {})
+    assert _retry_after_header(r("3")) == 3.0
+    assert _retry_after_header(r("86400")) == MAX_RETRY_AFTER
+    assert _retry_after_header(r("Wed, 21 Oct 2026 07:28:00 GMT")) == 0.0
+    assert _retry_after_header(r(None)) == 0.0

@@ -293,7 +293,19 @@ def _unlink(p: str) -> None:
 
 
 class _Transient(CacheError):
-    """A failure worth another attempt (see :data:`TRANSIENT_STATUS`)."""
+    """A failure worth another attempt (see :data:`TRANSIENT_STATUS`); ``wait``: the seconds the
+    server asked for (``Retry-After``), if any."""
+
+    wait: float = 0.0
+
+
+MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
+
+
+def _retry_after_header(r) -> float:
+    """``Retry-After: SECONDS`` (the HTTP-date form is not used by caches) → seconds, capped."""
+    v = r.headers.get("retry-after", "").strip()
+    return float(min(int(v), MAX_RETRY_AFTER)) if v.isdigit() else 0.0
 
 
 class HttpBackend(Backend):
@@ -305,7 +317,8 @@ class HttpBackend(Backend):
     Retries: a request that fails in a way that may pass (the connection broke or stalled, or the
     server answered 408, 429 or 5xx other than 501 and 505) is made again, up to ``attempts`` in
     all, after a pause that doubles each time (0.25 s, 0.5 s, 1 s, ..., with some jitter so that
-    many clients do not come back at once); each retry is logged as a warning.  A cache that has
+    many clients do not come back at once), or as long as the server's ``Retry-After`` asks (at
+    most a minute) when that is longer; each retry is logged as a warning.  A cache that has
     not answered once yet is not retried when it cannot be connected to: nothing listens there,
     and a build should not wait seconds to learn it.  A NAR download broken half way goes on
     where it stopped: the next request asks for the rest (``Range: bytes=N-``), and a server that
@@ -361,8 +374,12 @@ class HttpBackend(Backend):
         return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
 
     def _status(self, what: str, name: str, r) -> CacheError:
-        kind = _Transient if r.status in TRANSIENT_STATUS else CacheError
-        return kind(f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}")
+        msg = f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}"
+        if r.status not in TRANSIENT_STATUS:
+            return CacheError(msg)
+        e = _Transient(msg)
+        e.wait = _retry_after_header(r)
+        return e
 
     async def _retry_after(self, e: _Transient, attempt: int) -> None:
         """After failed attempt number ``attempt``: raise the final error, or warn and wait.
@@ -374,7 +391,7 @@ class HttpBackend(Backend):
             self._failing = True
             tries = f" ({attempt} attempts)" if attempt > 1 else ""
             raise CacheError(f"{e}{tries}", hint=e.hint) from None
-        delay = self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5))
+        delay = max(self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)), e.wait)
         log.warning("warning: %s; retrying in %.1f s (attempt %d of %d)", e, delay, attempt + 1, self.attempts)
         await trio.sleep(delay)
 
