@@ -332,6 +332,8 @@ async def test_cache_serve_answers_one_byte_range(tmp_path, size):
         assert await get(None) == (200, None, data)
         assert await get("bytes=10-") == (206, f"bytes 10-{size - 1}/{size}", data[10:])
         assert await get("bytes=2-5") == (206, f"bytes 2-5/{size}", data[2:6])
+        assert await get("bytes=0-5") == (206, f"bytes 0-5/{size}", data[:6])
+        assert await get("bytes=0-") == (206, f"bytes 0-{size - 1}/{size}", data)
         assert await get(f"bytes={size - 1}-{size + 50}") == (206, f"bytes {size - 1}-{size - 1}/{size}",
                                                               data[-1:])
         assert await get("bytes=3-", "HEAD") == (206, f"bytes 3-{size - 1}/{size}", b"")

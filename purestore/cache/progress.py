@@ -114,4 +114,3 @@ class TextProgress(Progress):
     def finish(self) -> None:
         if self.paths_total:
             self._write(self.line(), final=True)
-

@@ -157,8 +157,8 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
             (b"content-length", str(size).encode()), (b"content-type", _content_type(name)),
             (b"accept-ranges", b"bytes"),
         ]}
-        offset, length = 0, size
-        if isinstance(part, tuple):
+        offset, length, whole = 0, size, not isinstance(part, tuple)
+        if not whole:
             offset, length = part[0], part[1] - part[0] + 1
             start["status"] = 206
             start["headers"][0] = (b"content-length", str(length).encode())
@@ -169,13 +169,13 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
             await send({"type": "http.response.body", "body": b""})
             return
         if length <= SMALL_FILE:
-            data = f.read(length if offset else SMALL_FILE + 1)  # the whole file: one more to see growth
+            data = f.read(SMALL_FILE + 1 if whole else length)  # the whole file: one more to see growth
             if len(data) == length:
                 await send(start)
                 await send({"type": "http.response.body", "body": data})
                 return
             f.seek(offset)  # changed under us: stream what is there now
-            if not offset:
+            if whole:
                 length = os.fstat(f.fileno()).st_size
                 start["headers"][0] = (b"content-length", str(length).encode())
         await send(start)
