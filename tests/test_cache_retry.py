@@ -510,3 +510,17 @@ def test_retry_after_is_read_as_seconds_and_capped():
     assert _retry_after_header(r("86400")) == MAX_RETRY_AFTER
     assert _retry_after_header(r("Wed, 21 Oct 2026 07:28:00 GMT")) == 0.0
     assert _retry_after_header(r(None)) == 0.0
+
+
+async def test_a_resume_that_fails_counts_as_an_attempt_and_is_retried(cache, tmp_path, retry_fast):
+    """The big NAR's response is cut, the request for the rest answered 503, the next one 206."""
+    c, lib, app, big = cache
+    big_nar = next(ln[5:] for ln in (c / f"{big.hash_part}.narinfo").read_text().splitlines()
+                   if ln.startswith("URL: "))
+    server = FlakyCache(c, {big_nar: ["cut", "503"]})
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        rep, _root = await fetch_all(tmp_path, server, [big], attempts=3)
+        n.cancel_scope.cancel()
+    assert sorted(rep.fetched) == sorted([lib, big])
+    assert [st for _m, n, _r, st in server.asked if n == big_nar] == [200, 503, 206]

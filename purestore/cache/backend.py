@@ -276,12 +276,6 @@ class FileBackend(Backend):
         await trio.to_thread.run_sync(write)
 
 
-async def _failed(e: BaseException):
-    """An async iterator that raises ``e`` when read (a retry whose request failed)."""
-    raise e
-    yield  # pragma: no cover (makes this an async generator)
-
-
 def _unlink(p: str) -> None:
     try:
         os.unlink(p)
@@ -487,12 +481,15 @@ class HttpBackend(Backend):
                     except http.HttpError as e:
                         raise self._err("download", name, e) from e
                 except _Transient as e:
-                    await self._retry_after(e, attempt)
-                    attempt += 1
-                    try:
-                        body, skip = await respond(received)
-                    except _Transient as e2:  # counts as this attempt's failure
-                        body, skip = _failed(e2), 0
+                    failure = e
+                    while True:  # ask for the rest; a request that fails counts as an attempt
+                        await self._retry_after(failure, attempt)
+                        attempt += 1
+                        try:
+                            body, skip = await respond(received)
+                            break
+                        except _Transient as again:
+                            failure = again
 
         try:
             body, _ = await self._retrying(lambda: respond(0))
