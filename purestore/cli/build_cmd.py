@@ -56,8 +56,19 @@ def register(reg) -> None:
     p.add_argument("drvs", nargs="+", metavar="DRV")
     _add_build_options(p)
 
-    p = reg.command("log", "print the build log of a derivation or of the derivation of a path", cmd_log)
+    p = reg.command("log", "print the build log of a derivation or of the derivation of a path", cmd_log,
+                    description=_LOG_HELP)
     p.add_argument("path", metavar="PATH|DRV")
+
+
+_LOG_HELP = """\
+Print the build log of DRV, or of the derivation that produced the output PATH.
+
+The local store's logs come first.  Then each binary cache (the configured substituters, or
+--substituters, in priority order) is asked for log/<drv base name>: for the derivations the
+local store knows for PATH, and for the Deriver of PATH's narinfo in that cache.  Caches hold
+the logs that `pure copy --to` (or Nix's `nix store copy-log`) put there.  Logs are not signed;
+stderr says which cache a log came from.  --offline asks no cache."""
 
 
 def _options(args, settings):
@@ -175,6 +186,7 @@ def _print_results(store, results, drvs, args, links) -> None:
 def cmd_log(args, ctx) -> int:
     from ..build.logs import read_log
     from ..errors import PathNotValid
+    settings = ctx.settings
     with ctx.open_store() as store:
         sp = store.parse_path(args.path)
         candidates = [sp] if sp.name.endswith(".drv") else []
@@ -182,11 +194,33 @@ def cmd_log(args, ctx) -> int:
             d = store.query_deriver(sp) if store.is_valid(sp) else None
             candidates = ([d] if d else []) + store.query_derivers_of(sp)
         for c in candidates:
-            data = read_log(ctx.settings.state_dir, c.base_name)
+            data = read_log(settings.state_dir, c.base_name)
             if data is not None:
-                sys.stdout.buffer.write(data)
-                sys.stdout.flush()
+                _write_log(data)
                 return 0
-        raise PathNotValid(f"no build log for {store.print_path(sp)!r}"
-                           + (f" (looked for the logs of {', '.join(store.print_path(c) for c in candidates)})"
-                              if candidates else " (its deriver is unknown)"))
+        where = (f"looked for the logs of {', '.join(store.print_path(c) for c in candidates)}"
+                 if candidates else "its deriver is unknown here")
+        if settings.offline or not settings.substituters:
+            raise PathNotValid(f"no build log for {store.print_path(sp)!r} ({where}; "
+                               + ("--offline: binary caches not asked)" if settings.offline
+                                  else "no binary caches configured)"))
+        import trio
+        from ..cache.logs import fetch_build_log
+        search = trio.run(fetch_build_log, settings, sp, candidates)
+        if search.found is None:
+            caches = (f"the binary caches {' '.join(search.caches)}" if search.caches
+                      else "no binary cache (none could be used)")
+            why = (f"looked for the logs of {', '.join(store.print_path(c) for c in search.drvs)} in the "
+                   f"local store and in {caches}" if search.drvs
+                   else f"its deriver is unknown: neither the local store nor {caches} name it")
+            raise PathNotValid(f"no build log for {store.print_path(sp)!r} ({why})")
+        f = search.found
+        print(f"pure: build log of {store.print_path(f.drv)} from {f.url} (cache logs are not signed)",
+              file=sys.stderr)
+        _write_log(f.data)
+    return 0
+
+
+def _write_log(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
