@@ -501,15 +501,22 @@ async def test_a_server_asking_to_wait_is_given_the_time_it_asks(cache, tmp_path
     assert [st for _m, n, _r, st in server.asked if n.endswith(".narinfo")] == [429, 200]
 
 
-def test_retry_after_is_read_as_seconds_and_capped():
+def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
     import types
     from purestore.cache.backend import MAX_RETRY_AFTER, _retry_after_header
     def r(v):
         return types.SimpleNamespace(headers={"retry-after": v} if v is not None else {})
     assert _retry_after_header(r("3")) == 3.0
     assert _retry_after_header(r("86400")) == MAX_RETRY_AFTER
-    assert _retry_after_header(r("Wed, 21 Oct 2026 07:28:00 GMT")) == 0.0
     assert _retry_after_header(r(None)) == 0.0
+    assert _retry_after_header(r("soon")) == 0.0
+    # the HTTP-date form: seconds from now, nothing for a date past, capped
+    import email.utils
+    now = 1_800_000_000.0
+    assert _retry_after_header(r(email.utils.formatdate(now + 7, usegmt=True)), now) == 7.0
+    assert _retry_after_header(r("Wed, 21 Oct 2026 07:28:00 GMT"), 1_792_567_680.0 - 2.5) == 2.5
+    assert _retry_after_header(r(email.utils.formatdate(now - 30, usegmt=True)), now) == 0.0
+    assert _retry_after_header(r(email.utils.formatdate(now + 3600, usegmt=True)), now) == MAX_RETRY_AFTER
 
 
 async def test_a_resume_that_fails_counts_as_an_attempt_and_is_retried(cache, tmp_path, retry_fast):

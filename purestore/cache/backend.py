@@ -23,12 +23,15 @@ Cache URL parameters (``?compression=zstd&secret-key=FILE`` …) are parsed by :
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import errno
 import logging
 import os
 import random
 import re
 import tempfile
+import time
 import urllib.parse
 from typing import AsyncIterator
 
@@ -296,10 +299,18 @@ class _Transient(CacheError):
 MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
 
 
-def _retry_after_header(r) -> float:
-    """``Retry-After: SECONDS`` (the HTTP-date form is not used by caches) → seconds, capped."""
+def _retry_after_header(r, now: float | None = None) -> float:
+    """``Retry-After: SECONDS`` or ``Retry-After: HTTP-DATE`` → seconds from ``now`` (default the
+    clock), at most :data:`MAX_RETRY_AFTER`; 0 when absent, past or unreadable."""
     v = r.headers.get("retry-after", "").strip()
-    return float(min(int(v), MAX_RETRY_AFTER)) if v.isdigit() else 0.0
+    if v.isdigit():
+        return float(min(int(v), MAX_RETRY_AFTER))
+    try:
+        dt = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+    when = (dt if dt.tzinfo else dt.replace(tzinfo=datetime.timezone.utc)).timestamp()  # HTTP dates are GMT
+    return min(max(when - (time.time() if now is None else now), 0.0), float(MAX_RETRY_AFTER))
 
 
 class HttpBackend(Backend):
