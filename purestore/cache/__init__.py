@@ -1,6 +1,7 @@
 """Binary caches (layer 3): backends, push, substitution, the cache server.
 
-Public API (re-exported here; the modules behind it are private to this package):
+Public API (re-exported here, imported when first used, so that a command that only substitutes
+does not load the push and server modules; the modules behind it are private to this package):
 
 - :func:`substitute` (builder), :func:`substitute_report`, :func:`copy_from`, :func:`fetch_path`
 - :func:`copy_to`, :func:`extra_files_for`, :func:`load_secret_key`
@@ -9,14 +10,30 @@ Public API (re-exported here; the modules behind it are private to this package)
 - :class:`Progress`, :class:`TextProgress`
 """
 
-from .backend import Backend as Backend, open_backend as open_backend, parse_url as parse_url
-from .progress import Progress as Progress, TextProgress as TextProgress
-from .push import (
-    copy_to as copy_to, extra_files_for as extra_files_for, load_secret_key as load_secret_key,
-    PushResult as PushResult,
-)
-from .substituter import (
-    substitute as substitute, substitute_report as substitute_report, copy_from as copy_from,
-    fetch_path as fetch_path, SubstituteReport as SubstituteReport,
-)
-from .server import serve_cache as serve_cache, make_app as make_app
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Backend": "backend", "open_backend": "backend", "parse_url": "backend",
+    "Progress": "progress", "TextProgress": "progress",
+    "copy_to": "push", "extra_files_for": "push", "load_secret_key": "push", "PushResult": "push",
+    "substitute": "substituter", "substitute_report": "substituter", "copy_from": "substituter",
+    "fetch_path": "substituter", "SubstituteReport": "substituter",
+    "serve_cache": "server", "make_app": "server",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
