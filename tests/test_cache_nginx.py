@@ -26,8 +26,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def nginx(tmp_path):
-    """nginx serving tmp_path/cache read-only on 127.0.0.1 (single process, no daemon)."""
+def nginx(tmp_path, request):
+    """nginx serving tmp_path/cache read-only on 127.0.0.1 (single process, no daemon); with an
+    indirect parameter, these directives added to its server block."""
+    extra = getattr(request, "param", "")
     cache = tmp_path / "cache"
     cache.mkdir()
     prefix = tmp_path / "nginx"
@@ -52,6 +54,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {cache};
+        {extra}
     }}
 }}
 """)
@@ -111,3 +114,43 @@ async def test_a_download_from_nginx_cut_half_way_resumes_with_a_range(tmp_path,
         rep, _root = await fetch_all(tmp_path, proxy, [big], attempts=2)
         n.cancel_scope.cancel()
     assert rep.fetched == [big] and proxy.resumed()
+
+
+@pytest.mark.parametrize("nginx", ["auth_basic cache; auth_basic_user_file users;"], indirect=True)
+def test_a_private_cache_behind_nginx_is_read_with_the_netrc_login(tmp_path, nginx):
+    """nginx asks for a login (basic authentication); `pure copy --from` gives the one in the
+    netrc file of the netrc-file setting, and so does Nix with the same file."""
+    cache, url = nginx
+    (tmp_path / "nginx" / "users").write_text("alice:{PLAIN}s3cret\n")
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
+    with open_store(tmp_path / "a", store_dir) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
+             root=tmp_path / "a", store_dir=store_dir)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
+    conf = tmp_path / "pure.conf"
+
+    conf.write_text(f"netrc-file = {tmp_path / 'nowhere'}\n")
+    r = run_pure("copy", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b",
+                 store_dir=store_dir, env={"PURE_CONFIG": str(conf)}, check=False)
+    assert r.returncode == 1
+    assert (f"HTTP 401 Unauthorized (the cache wants a login: put 'machine 127.0.0.1 login NAME password "
+            f"SECRET' in {tmp_path / 'nowhere'}, the netrc-file setting)") in r.stderr
+
+    conf.write_text(f"netrc-file = {netrc}\n")
+    out = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b",
+                   store_dir=store_dir, env={"PURE_CONFIG": str(conf)})
+    assert len(json.loads(out.stdout)["fetched"]) == 2
+    run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+    if HAVE_NIX:
+        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
+        nix = ["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
+               "--option", "trusted-public-keys", PUB, app_p]
+        p = subprocess.run(nix, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0  # Nix 2.8 says only "... does not appear to be a binary cache"
+        subprocess.run(nix + ["--option", "netrc-file", str(netrc)], env=env, check=True,
+                       capture_output=True, timeout=120)

@@ -4,6 +4,7 @@ fails on purpose, and against ``pure cache serve``'s own Range support."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 
@@ -28,12 +29,14 @@ class FlakyCache(Scripted):
     - ``"bad-range"``: a ``206`` whose Content-Range starts elsewhere than asked.
 
     ``ranges=False``: ``Range`` headers are ignored (the whole file is sent, as RFC 9110 allows).
+    ``login=(name, password)``: a request without that HTTP basic login gets 401.
     ``asked`` records (method, name, Range header or None, status sent).
     """
 
     def __init__(self, directory, faults: dict[str, list[str]] | None = None, *, ranges: bool = True,
-                 overlap: int = 0):
+                 overlap: int = 0, login: tuple[str, str] | None = None):
         super().__init__(self._respond)
+        self.login = login
         self.dir = directory
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.ranges = ranges
@@ -65,6 +68,11 @@ class FlakyCache(Scripted):
         name = target.lstrip("/")
         rng = headers.get("range")
         path = os.path.join(self.dir, name)
+        if self.login and headers.get("authorization") != "Basic " + base64.b64encode(":".join(self.login).encode()).decode():
+            self.asked.append((method, name, rng, 401))
+            await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cache\"\r\n"
+                                  b"Content-Length: 0\r\n\r\n")
+            return True
         fault = self._fault(name)
         if fault in ("503", "429-wait-1"):
             status = int(fault[:3])
@@ -139,11 +147,11 @@ def bigs(tmp_path):
     return tmp_path / "cache", paths
 
 
-async def fetch_all(tmp_path, server, paths, *, attempts=3, stall=30, fork_worker=False):
+async def fetch_all(tmp_path, server, paths, *, attempts=3, stall=30, fork_worker=False, **settings):
     """``copy_from`` the server's cache into a fresh store; returns (report, store root)."""
     from purestore.cache import substituter
     root = tmp_path / "dst"
-    s = settings_for(root, download_attempts=attempts, stalled_download_timeout=stall)
+    s = settings_for(root, download_attempts=attempts, stalled_download_timeout=stall, **settings)
     with open_store(root) as store:
         with trio.fail_after(60):
             rep = await substituter.copy_from(store, s, server.url, paths, trusted_keys=[PUB],

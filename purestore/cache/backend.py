@@ -22,6 +22,7 @@ Cache URL parameters (``?compression=zstd&secret-key=FILE`` …) are parsed by :
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import email.utils
@@ -113,10 +114,35 @@ def parse_url(url: str) -> CacheURL:
                      hint="S3 and ssh caches are not supported yet")
 
 
+def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
+    """The (login, password) for ``host`` in the netrc file (its ``machine HOST`` entry, else its
+    ``default`` one), as Nix's ``netrc-file`` gives curl; None when the file or an entry is
+    missing.  A file that cannot be read or parsed is an error that says where."""
+    if not netrc_file:
+        return None
+    import netrc
+    try:
+        entry = netrc.netrc(netrc_file).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except netrc.NetrcParseError as e:
+        raise CacheError(f"netrc file {netrc_file!r}, line {e.lineno}: {e.msg}",
+                         hint="the format is 'machine HOST login NAME password SECRET' (see netrc-file in docs/caches.md)") from None
+    except OSError as e:
+        raise CacheError(f"cannot read netrc file {netrc_file!r}: {e.strerror}") from None
+    if entry is None or not entry[0]:
+        return None
+    login, _account, password = entry
+    return login, password or ""
+
+
 def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_timeout: float = 30,
-                 max_connections: int = 16, token: str | None = None, attempts: int = 5) -> "Backend":
+                 max_connections: int = 16, token: str | None = None, attempts: int = 5,
+                 netrc_file: str | None = None) -> "Backend":
     """The backend for a cache URL (not yet connected; close it with ``aclose``).  ``attempts``:
-    how many times an HTTP request is tried before a transient failure is reported."""
+    how many times an HTTP request is tried before a transient failure is reported.
+    ``netrc_file``: where an HTTP cache's login is looked up (sent with HTTP basic
+    authentication; an upload token, when there is one, is sent instead)."""
     cu = parse_url(url) if isinstance(url, str) else url
     if cu.scheme == "file":
         return FileBackend(cu)
@@ -128,8 +154,19 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
             raise CacheError(f"cannot read upload token file {cu.param('token-file')!r}: {e.strerror}") from e
     if token is None:
         token = os.environ.get("PURE_CACHE_TOKEN") or None
+    host = urllib.parse.urlsplit(cu.base).hostname or ""
+    login = None if token else netrc_login(netrc_file, host)
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
-                       max_connections=max_connections, token=token, attempts=attempts)
+                       max_connections=max_connections, token=token, attempts=attempts,
+                       login=login, netrc_file=netrc_file)
+
+
+def backend_for(url: str | CacheURL, settings, **kw) -> "Backend":
+    """:func:`open_backend` with the timeouts, attempts and netrc file of ``settings``."""
+    return open_backend(url, connect_timeout=settings.connect_timeout,
+                        stall_timeout=settings.stalled_download_timeout,
+                        attempts=settings.download_attempts,
+                        netrc_file=getattr(settings, "netrc_file", None), **kw)
 
 
 class Backend:
@@ -332,11 +369,14 @@ class HttpBackend(Backend):
 
     def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
                  max_connections: int, token: str | None, attempts: int = 5,
-                 retry_delay: float | None = None):
+                 retry_delay: float | None = None, login: tuple[str, str] | None = None,
+                 netrc_file: str | None = None):
         from . import http
         self._http = http
         self.cache_url = cu
         self.token = token
+        self.login = login  # (name, password) sent with basic authentication (from netrc_file)
+        self.netrc_file = netrc_file
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         self.attempts = attempts
@@ -354,6 +394,8 @@ class HttpBackend(Backend):
         headers = {"User-Agent": "purestore"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        elif login:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
         self.client = http.HttpClient(u.scheme, u.hostname, port, connect_timeout=connect_timeout,
                                       stall_timeout=stall_timeout, max_connections=max_connections,
                                       headers=headers)
@@ -380,6 +422,17 @@ class HttpBackend(Backend):
 
     def _status(self, what: str, name: str, r) -> CacheError:
         msg = f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}"
+        if r.status == 401:  # said in the message, which a build's warning shows, not in a hint
+            host = self.client.host
+            if self.token:
+                msg += " (the cache refused the upload token)"
+            elif self.login:
+                msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
+            elif self.netrc_file:
+                msg += (f" (the cache wants a login: put 'machine {host} login NAME password SECRET' "
+                        f"in {self.netrc_file}, the netrc-file setting)")
+            else:
+                msg += " (the cache wants a login: set netrc-file)"
         if r.status not in TRANSIENT_STATUS:
             return CacheError(msg)
         e = _Transient(msg)

@@ -34,7 +34,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, open_backend, parse_url
+from .backend import Backend, FileBackend, backend_for, parse_url
 from .compression import compressor, extension
 from .info import CacheInfo
 from .forked import ForkedWorker, run_claimed
@@ -174,8 +174,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     order = await trio.to_thread.run_sync(S.topo_sort, store, closure)
     infos = {p: S.path_info(store, p) for p in order}
 
-    backend = open_backend(cu, connect_timeout=settings.connect_timeout,
-                           stall_timeout=settings.stalled_download_timeout, attempts=settings.download_attempts)
+    backend = backend_for(cu, settings)
     async with backend:
         await ensure_cache_info(backend, store_dir)
         have: set[StorePath] = set()

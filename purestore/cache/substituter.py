@@ -40,7 +40,7 @@ from ..formats.path_info import PathInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, check_name, open_backend, parse_url
+from .backend import Backend, FileBackend, backend_for, check_name, parse_url
 from .fetch import SMALL_NAR, Opened, download, install_batch, remove_temp
 from .forked import ForkedWorker
 from .info import read_cache_info
@@ -109,9 +109,7 @@ class Substituters:
         async def open_one(i: int, url: str):
             try:
                 cu = parse_url(url)
-                backend = open_backend(cu, connect_timeout=self.settings.connect_timeout,
-                                       stall_timeout=self.settings.stalled_download_timeout,
-                                       attempts=self.settings.download_attempts)
+                backend = backend_for(cu, self.settings)
             except CacheError as e:
                 self.rejected[url] = str(e)
                 failed.append(e)

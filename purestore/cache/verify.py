@@ -28,7 +28,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._nursery import open_nursery
-from .backend import CacheMissing, FileBackend, check_name, open_backend
+from .backend import CacheMissing, FileBackend, check_name, backend_for
 from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader
@@ -65,9 +65,7 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
     settings' ``trusted-public-keys``; no keys at all: signatures are not checked."""
     keys = list(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
     trusted = parse_public_keys(keys)
-    backend = open_backend(url, connect_timeout=settings.connect_timeout,
-                           stall_timeout=settings.stalled_download_timeout,
-                           attempts=settings.download_attempts)
+    backend = backend_for(url, settings)
     async with backend:
         info = await read_cache_info(backend, url)
         sd = info.store_dir

@@ -25,6 +25,7 @@ _LIST_KEYS = {"substituters", "trusted-public-keys"}
 _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout",
              "download-attempts"}
 _MIN = {"download-attempts": 1}
+_PATH_KEYS = {"netrc-file"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths"}
 
@@ -58,6 +59,8 @@ class Settings:
     connect_timeout: int = 10
     stalled_download_timeout: int = 30
     download_attempts: int = 5  # tries of an HTTP request to a cache that fails transiently
+    # logins for HTTP caches ('machine HOST login NAME password SECRET'), as Nix's netrc-file
+    netrc_file: str = "/etc/pure/netrc"
 
     @property
     def real_store_dir(self) -> str:
@@ -117,6 +120,8 @@ def parse_config(text: str, where: str) -> dict[str, object]:
                                  f"in the sandbox", hint="remove the line (see docs/building.md)")
         elif key in ("store-dir", "store"):
             out["store_dir" if key == "store-dir" else "root"] = value
+        elif key in _PATH_KEYS:
+            out[field] = value
         else:
             raise UsageError(f"{loc}: unknown setting {key!r}")
     return out

@@ -1,0 +1,101 @@
+"""Private HTTP caches: the login for a cache's host comes from a netrc file (``netrc-file``,
+as in Nix) and is sent with HTTP basic authentication; a 401 says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from test_cache_retry import FlakyCache, cache, fetch_all  # noqa: F401 - fixture
+from test_cache_support import settings_for
+from purestore.cache.backend import netrc_login
+from purestore.errors import CacheError, UsageError
+
+LOGIN = ("alice", "s3cret w1th spaces?")
+
+
+def write_netrc(path, text: str):
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_the_login_of_a_host_or_the_default_one_is_found(tmp_path):
+    f = write_netrc(tmp_path / "netrc", """
+machine cache.example.org login bob password hunter2
+machine 127.0.0.1
+  login alice
+  password "s3cret w1th spaces?"
+default login anyone password anything
+""")
+    assert netrc_login(str(f), "cache.example.org") == ("bob", "hunter2")
+    assert netrc_login(str(f), "127.0.0.1") == LOGIN
+    assert netrc_login(str(f), "elsewhere.example.org") == ("anyone", "anything")
+    write_netrc(f, "machine cache.example.org login bob password hunter2\nmachine no.login.example.org\n")
+    assert netrc_login(str(f), "elsewhere.example.org") is None
+    assert netrc_login(str(f), "no.login.example.org") is None
+    assert netrc_login(str(tmp_path / "none"), "cache.example.org") is None
+    assert netrc_login(None, "cache.example.org") is None
+    assert netrc_login("", "cache.example.org") is None
+
+
+def test_a_broken_netrc_file_is_an_error_that_says_where(tmp_path):
+    f = write_netrc(tmp_path / "netrc", "machine a login x password y\nsomething else\n")
+    with pytest.raises(CacheError) as e:
+        netrc_login(str(f), "a")
+    assert str(e.value) == f"netrc file {str(f)!r}, line 2: bad follower token 'something'"
+    assert "machine HOST login NAME password SECRET" in e.value.hint
+    d = tmp_path / "a-dir"
+    d.mkdir()
+    with pytest.raises(CacheError, match="cannot read netrc file .*a-dir'"):
+        netrc_login(str(d), "a")
+
+
+def test_netrc_file_is_a_setting(tmp_path):
+    from purestore.store.settings import load_settings, parse_config
+    assert settings_for(tmp_path).netrc_file == "/etc/pure/netrc"  # as Nix's /etc/nix/netrc
+    assert parse_config("netrc-file = /srv/pure/netrc\n", "pure.conf") == {"netrc_file": "/srv/pure/netrc"}
+    conf = tmp_path / "pure.conf"
+    conf.write_text("netrc-file = /srv/pure/netrc\n")
+    assert load_settings(env={"PURE_CONFIG": str(conf)}).netrc_file == "/srv/pure/netrc"
+    with pytest.raises(UsageError, match="unknown setting 'netrc'"):
+        parse_config("netrc = x\n", "pure.conf")
+
+
+async def test_a_private_cache_is_substituted_with_the_netrc_login(cache, tmp_path):  # noqa: F811
+    c, lib, app, big = cache
+    netrc = write_netrc(tmp_path / "netrc", f'machine 127.0.0.1 login {LOGIN[0]} password "{LOGIN[1]}"\n')
+    server = FlakyCache(c, login=LOGIN)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        rep, _root = await fetch_all(tmp_path, server, [app, big], netrc_file=str(netrc))
+        n.cancel_scope.cancel()
+    assert sorted(rep.fetched) == sorted([lib, app, big])
+    assert server.asked and all(st == 200 for *_x, st in server.asked)
+
+
+@pytest.mark.parametrize("netrc_text,says", [
+    (None, "HTTP 401 Unauthorized (the cache wants a login: put 'machine 127.0.0.1 login NAME password SECRET' in {netrc}, the netrc-file setting)"),
+    ("machine cache.example.org login alice password x\n", "HTTP 401 Unauthorized (the cache wants a login: put 'machine 127.0.0.1 login NAME password SECRET' in {netrc}, the netrc-file setting)"),
+    ("machine 127.0.0.1 login alice password wrong\n", "HTTP 401 Unauthorized (the cache refused the login 'alice' for 127.0.0.1 in {netrc})"),
+], ids=["no-file", "other-host", "wrong-password"])
+async def test_a_private_cache_without_the_right_login_says_what_to_do(cache, tmp_path, netrc_text, says):  # noqa: F811
+    from purestore.cache import substituter
+    c, lib, app, big = cache
+    netrc = tmp_path / "netrc"
+    if netrc_text is not None:
+        write_netrc(netrc, netrc_text)
+    server = FlakyCache(c, login=LOGIN)
+    root = tmp_path / "dst"
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with pytest.raises(CacheError) as e:
+            from test_cache_support import PUB, open_store
+            with open_store(root) as store:
+                await substituter.copy_from(store, settings_for(root, netrc_file=str(netrc)), server.url, [app],
+                                            trusted_keys=[PUB])
+        n.cancel_scope.cancel()
+    assert says.format(netrc=netrc) in str(e.value)
+    assert [st for *_x, st in server.asked] == [401]  # a 401 is an answer: not retried
+    with open_store(root) as store:
+        assert list(store.valid_paths()) == []
