@@ -113,8 +113,11 @@ def test_no_log_anywhere_says_where_it_looked(tmp_path, keyfile):
                         f"nor the binary caches file://{cache} name it)\n")
     r = run_pure("--substituters", f"file://{tmp_path / 'missing'}", "log", drv, root=tmp_path / "other", check=False)
     assert r.returncode == 1
-    assert r.stderr.endswith(f"error: no build log for {drv!r} (looked for the logs of {drv} in the local store "
-                             "and in no binary cache (none could be used))\n")
+    assert r.stderr.endswith(f"error: no build log for {drv!r} (looked for the logs of {drv} in the local store; "
+                             "no binary cache could be used)\n")
+    r = run_pure("--substituters", f"file://{tmp_path / 'missing'}", "log", out, root=tmp_path / "other", check=False)
+    assert r.stderr.endswith(f"error: no build log for {out!r} (its deriver is unknown here, and no binary cache "
+                             "could be used)\n")
 
 
 def test_a_bad_narinfo_in_a_cache_is_warned_about_not_trusted(tmp_path, keyfile):

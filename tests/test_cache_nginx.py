@@ -28,13 +28,24 @@ def free_port() -> int:
 @pytest.fixture
 def nginx(tmp_path, request):
     """nginx serving tmp_path/cache read-only on 127.0.0.1 (single process, no daemon); with an
-    indirect parameter, these directives added to its server block."""
+    indirect parameter, these directives added to its server block, or with "tls" (which needs
+    openssl), over https with a new self-signed certificate, tmp_path/nginx/cert.pem."""
     extra = getattr(request, "param", "")
     cache = tmp_path / "cache"
     cache.mkdir()
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     port = free_port()
+    listen, scheme = f"127.0.0.1:{port}", "http"
+    if extra == "tls":
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed")
+        key, cert = prefix / "key.pem", prefix / "cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        listen, scheme = listen + " ssl", "https"
+        extra = f"ssl_certificate {cert}; ssl_certificate_key {key};"
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 daemon off;
@@ -52,7 +63,7 @@ http {{
     types {{ text/x-nix-narinfo narinfo; }}
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         root {cache};
         {extra}
     }}
@@ -68,7 +79,7 @@ http {{
             if proc.poll() is not None:
                 raise AssertionError(f"nginx failed: {proc.stderr.read().decode()}")
             time.sleep(0.05)
-    yield cache, f"http://127.0.0.1:{port}/"
+    yield cache, f"{scheme}://127.0.0.1:{port}/"
     proc.terminate()
     proc.wait(10)
 
@@ -154,3 +165,56 @@ def test_a_private_cache_behind_nginx_is_read_with_the_netrc_login(tmp_path, ngi
         assert p.returncode != 0  # Nix 2.8 says only "... does not appear to be a binary cache"
         subprocess.run(nix + ["--option", "netrc-file", str(netrc)], env=env, check=True,
                        capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("nginx", ["tls"], indirect=True)
+def test_an_https_cache_with_its_own_ca_is_read_with_ssl_cert_file(tmp_path, nginx):
+    """Over TLS the cache's certificate is checked: against the system's CAs by default (a
+    self-signed one fails, saying what to do), or against the ssl-cert-file setting's."""
+    cache, url = nginx
+    assert url.startswith("https://")
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
+    with open_store(tmp_path / "a", store_dir) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
+             root=tmp_path / "a", store_dir=store_dir)
+    conf = tmp_path / "pure.conf"
+    cert = tmp_path / "nginx" / "cert.pem"
+
+    def copy_from(check=True):
+        return run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b",
+                        store_dir=store_dir, env={"PURE_CONFIG": str(conf)}, check=check)
+
+    conf.write_text("")
+    r = copy_from(check=False)
+    assert r.returncode == 1
+    assert ("cannot connect (TLS certificate verify failed: self-signed certificate) (a cache with a certificate "
+            "of its own CA needs that CA's certificate in a file named by the ssl-cert-file setting)") in r.stderr
+    conf.write_text(f"ssl-cert-file = {tmp_path / 'nowhere.pem'}\n")
+    r = copy_from(check=False)
+    assert r.returncode == 1
+    assert f"CA certificate file '{tmp_path / 'nowhere.pem'}' (ssl-cert-file) does not exist" in r.stderr
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    conf.write_text(f"ssl-cert-file = {tmp_path / 'junk.pem'}\n")
+    r = copy_from(check=False)
+    assert r.returncode == 1
+    assert f"cannot load CA certificates from '{tmp_path / 'junk.pem'}' (ssl-cert-file)" in r.stderr
+
+    conf.write_text(f"ssl-cert-file = {cert}\n")
+    # the certificate is for 127.0.0.1: asked by another name, the CA is not the trouble
+    r = run_pure("copy", "--from", url.replace("127.0.0.1", "localhost"), "--trusted-public-keys", PUB, app_p,
+                 root=tmp_path / "b", store_dir=store_dir, env={"PURE_CONFIG": str(conf)}, check=False)
+    assert r.returncode == 1
+    assert "(TLS certificate verify failed: Hostname mismatch, certificate is not valid for 'localhost'.)\n" in r.stderr
+    assert len(json.loads(copy_from().stdout)["fetched"]) == 2
+    run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+    if HAVE_NIX:
+        # Nix 2.8 takes the CA file from NIX_SSL_CERT_FILE only (its ssl-cert-file setting is not used)
+        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command",
+               "NIX_SSL_CERT_FILE": str(cert)}
+        subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
+                        "--option", "trusted-public-keys", PUB, app_p],
+                       env=env, check=True, capture_output=True, timeout=120)

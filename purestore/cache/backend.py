@@ -138,11 +138,13 @@ def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
 
 def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_timeout: float = 30,
                  max_connections: int = 16, token: str | None = None, attempts: int = 5,
-                 netrc_file: str | None = None) -> "Backend":
+                 netrc_file: str | None = None, ssl_cert_file: str | None = None) -> "Backend":
     """The backend for a cache URL (not yet connected; close it with ``aclose``).  ``attempts``:
     how many times an HTTP request is tried before a transient failure is reported.
     ``netrc_file``: where an HTTP cache's login is looked up (sent with HTTP basic
-    authentication; an upload token, when there is one, is sent instead)."""
+    authentication; an upload token, when there is one, is sent instead).  ``ssl_cert_file``:
+    the CA certificates an ``https://`` cache's certificate is checked against, instead of the
+    system's."""
     cu = parse_url(url) if isinstance(url, str) else url
     if cu.scheme == "file":
         return FileBackend(cu)
@@ -158,7 +160,27 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
     login = None if token else netrc_login(netrc_file, host)
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
                        max_connections=max_connections, token=token, attempts=attempts,
-                       login=login, netrc_file=netrc_file)
+                       login=login, netrc_file=netrc_file,
+                       ssl_context=_ssl_context(ssl_cert_file) if cu.scheme == "https" else None)
+
+
+def _ssl_context(ssl_cert_file: str | None):
+    """The TLS context for https caches: the system's CAs, or those of ``ssl_cert_file``."""
+    if not ssl_cert_file:
+        return None
+    import ssl
+    try:
+        return ssl.create_default_context(cafile=ssl_cert_file)
+    except FileNotFoundError:
+        raise CacheError(f"CA certificate file {ssl_cert_file!r} (ssl-cert-file) does not exist") from None
+    except ssl.SSLError as e:
+        from .http import ssl_message
+        raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {ssl_message(e)}",
+                         hint="ssl-cert-file names a file of PEM certificates") from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {reason}",
+                         hint="ssl-cert-file names a file of PEM certificates") from None
 
 
 def backend_for(url: str | CacheURL, settings, **kw) -> "Backend":
@@ -166,7 +188,8 @@ def backend_for(url: str | CacheURL, settings, **kw) -> "Backend":
     return open_backend(url, connect_timeout=settings.connect_timeout,
                         stall_timeout=settings.stalled_download_timeout,
                         attempts=settings.download_attempts,
-                        netrc_file=getattr(settings, "netrc_file", None), **kw)
+                        netrc_file=getattr(settings, "netrc_file", None),
+                        ssl_cert_file=getattr(settings, "ssl_cert_file", None), **kw)
 
 
 class Backend:
@@ -350,6 +373,11 @@ def _retry_after_header(r, now: float | None = None) -> float:
     return min(max(when - (time.time() if now is None else now), 0.0), float(MAX_RETRY_AFTER))
 
 
+# OpenSSL's words for a certificate signed by a CA the client does not know
+_UNKNOWN_CA = ("self-signed certificate", "self signed certificate", "unable to get local issuer certificate",
+               "unable to get issuer certificate", "certificate not trusted", "unable to verify the first certificate")
+
+
 class HttpBackend(Backend):
     """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
 
@@ -370,7 +398,7 @@ class HttpBackend(Backend):
     def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
                  max_connections: int, token: str | None, attempts: int = 5,
                  retry_delay: float | None = None, login: tuple[str, str] | None = None,
-                 netrc_file: str | None = None):
+                 netrc_file: str | None = None, ssl_context=None):
         from . import http
         self._http = http
         self.cache_url = cu
@@ -398,7 +426,8 @@ class HttpBackend(Backend):
             headers["Authorization"] = "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
         self.client = http.HttpClient(u.scheme, u.hostname, port, connect_timeout=connect_timeout,
                                       stall_timeout=stall_timeout, max_connections=max_connections,
-                                      headers=headers)
+                                      headers=headers, ssl_context=ssl_context)
+        self.custom_ca = ssl_context is not None
 
     def _target(self, name: str) -> str:
         return self._prefix + urllib.parse.quote(check_name(name, self.url))
@@ -414,6 +443,10 @@ class HttpBackend(Backend):
             reason = f"connection broken ({e})"
         elif isinstance(e, http.ConnectFailed):
             reason = f"cannot connect ({e})"
+            if "certificate verify failed" in str(e) and any(m in str(e) for m in _UNKNOWN_CA):
+                reason += (" (the certificate is not signed by the CAs of ssl-cert-file)" if self.custom_ca else
+                           " (a cache with a certificate of its own CA needs that CA's certificate in a file "
+                           "named by the ssl-cert-file setting)")
             transient = self._answered
         else:
             reason = str(e) or type(e).__name__

@@ -21,6 +21,7 @@ body.  Errors raised: :class:`ConnectFailed`, :class:`Stalled`, :class:`Broken` 
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 from typing import AsyncIterable, AsyncIterator
 
@@ -283,12 +284,25 @@ class HttpClient:
 
 
 def _describe(e: BaseException) -> str:
+    for x in (e, e.__cause__):  # trio raises BrokenResourceError from the ssl module's error
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return f"TLS certificate verify failed: {x.verify_message}"
+        if isinstance(x, ssl.SSLError):
+            return f"TLS: {ssl_message(x)}"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     cause = e.__cause__
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(e) or type(e).__name__
+
+
+def ssl_message(e: ssl.SSLError) -> str:
+    """OpenSSL's words for ``e``, without the library tag and the source line:
+    ``[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found (_ssl.c:4154)`` → ``no
+    certificate or crl found``."""
+    text = e.strerror or str(e)
+    return re.sub(r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", text) or text
 
 
 def _close_now(conn: _Conn) -> None:

@@ -208,11 +208,14 @@ def cmd_log(args, ctx) -> int:
         from ..cache.logs import fetch_build_log
         search = trio.run(fetch_build_log, settings, sp, candidates)
         if search.found is None:
-            caches = (f"the binary caches {' '.join(search.caches)}" if search.caches
-                      else "no binary cache (none could be used)")
-            why = (f"looked for the logs of {', '.join(store.print_path(c) for c in search.drvs)} in the "
-                   f"local store and in {caches}" if search.drvs
-                   else f"its deriver is unknown: neither the local store nor {caches} name it")
+            caches = f"the binary caches {' '.join(search.caches)}"
+            if search.drvs:
+                why = (f"looked for the logs of {', '.join(store.print_path(c) for c in search.drvs)} in the "
+                       + (f"local store and in {caches}" if search.caches
+                          else "local store; no binary cache could be used"))
+            else:
+                why = (f"its deriver is unknown: neither the local store nor {caches} name it" if search.caches
+                       else "its deriver is unknown here, and no binary cache could be used")
             raise PathNotValid(f"no build log for {store.print_path(sp)!r} ({why})")
         f = search.found
         print(f"pure: build log of {store.print_path(f.drv)} from {f.url} (cache logs are not signed)",

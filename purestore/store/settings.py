@@ -25,7 +25,7 @@ _LIST_KEYS = {"substituters", "trusted-public-keys"}
 _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout",
              "download-attempts"}
 _MIN = {"download-attempts": 1}
-_PATH_KEYS = {"netrc-file"}
+_PATH_KEYS = {"netrc-file", "ssl-cert-file"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths"}
 
@@ -61,6 +61,8 @@ class Settings:
     download_attempts: int = 5  # tries of an HTTP request to a cache that fails transiently
     # logins for HTTP caches ('machine HOST login NAME password SECRET'), as Nix's netrc-file
     netrc_file: str = "/etc/pure/netrc"
+    # CA certificates (PEM) for https caches; empty: the system's (OpenSSL's, SSL_CERT_FILE)
+    ssl_cert_file: str = ""
 
     @property
     def real_store_dir(self) -> str:
