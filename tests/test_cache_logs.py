@@ -126,7 +126,7 @@ def test_a_bad_narinfo_in_a_cache_is_warned_about_not_trusted(tmp_path, keyfile)
     ni.write_text("StorePath: nonsense\n")
     r = run_pure("--substituters", f"file://{cache}", "log", out, root=tmp_path / "other", check=False)
     assert r.returncode == 1
-    assert f"warning: " in r.stderr and ni.name in r.stderr
+    assert "warning: " in r.stderr and ni.name in r.stderr
     assert r.stderr.splitlines()[-1].startswith(f"error: no build log for {out!r} (its deriver is unknown")
 
 

@@ -8,7 +8,7 @@ import trio
 
 from test_cache_retry import FlakyCache, cache, fetch_all  # noqa: F401 - fixture
 from test_cache_support import settings_for
-from purestore.cache.backend import netrc_login
+from purestore.cache.http_backend import netrc_login
 from purestore.errors import CacheError, UsageError
 
 LOGIN = ("alice", "s3cret w1th spaces?")

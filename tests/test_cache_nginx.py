@@ -108,10 +108,10 @@ def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
 async def test_a_download_from_nginx_cut_half_way_resumes_with_a_range(tmp_path, nginx, monkeypatch):
     """nginx answers the resume of a broken big NAR download (``Range: bytes=N-``) with 206."""
     import trio
-    from purestore.cache import backend
+    from purestore.cache import http_backend
     from test_cache_retry import CuttingProxy, fetch_all
     from test_cache_support import make_path
-    monkeypatch.setattr(backend, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(http_backend, "RETRY_DELAY", 0.01)
     cache, url = nginx
     key = tmp_path / "k.sec"
     key.write_text(SEC)

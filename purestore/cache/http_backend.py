@@ -1,0 +1,373 @@
+"""The ``http(s)://HOST[:PORT][/PREFIX]`` cache backend (see :mod:`.backend` for what a backend
+does): GET/HEAD to read, PUT to write, over :mod:`.http`'s pooled HTTP/1.1 client.
+
+- Retries: a transient failure (a broken or stalled connection, HTTP 408, 429, 500, 502, 503,
+  504) is retried up to ``attempts`` times in all, after 0.25 s, 0.5 s, 1 s, ... or what the
+  server's ``Retry-After`` asks (as Nix's ``download-attempts``); a download broken half way
+  resumes where it stopped (``Range``).
+- Logins: an upload token (``?token-file=FILE``, ``PURE_CACHE_TOKEN``) is sent as a bearer
+  token; otherwise the login for the host in the netrc file (``netrc-file``), with basic
+  authentication.
+- TLS: the system's CAs, or those of ``ssl-cert-file``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import email.utils
+import logging
+import os
+import random
+import time
+import urllib.parse
+
+import trio
+
+from ..errors import CacheError
+from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_DELAY = 0.25  # seconds before the second attempt; doubled for each further one
+
+log = logging.getLogger("purestore.cache")
+
+
+def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: float, max_connections: int,
+                      token: str | None, attempts: int, netrc_file: str | None,
+                      ssl_cert_file: str | None) -> "HttpBackend":
+    """:func:`.backend.open_backend` for an HTTP cache: finds its upload token or login, and
+    its TLS context."""
+    if token is None and cu.param("token-file"):
+        try:
+            with open(cu.param("token-file")) as f:  # type: ignore[arg-type]
+                token = f.read().strip()
+        except OSError as e:
+            raise CacheError(f"cannot read upload token file {cu.param('token-file')!r}: {e.strerror}") from e
+    if token is None:
+        token = os.environ.get("PURE_CACHE_TOKEN") or None
+    host = urllib.parse.urlsplit(cu.base).hostname or ""
+    login = None if token else netrc_login(netrc_file, host)
+    return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
+                       max_connections=max_connections, token=token, attempts=attempts,
+                       login=login, netrc_file=netrc_file,
+                       ssl_context=_ssl_context(ssl_cert_file) if cu.scheme == "https" else None)
+
+
+def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
+    """The (login, password) for ``host`` in the netrc file (its ``machine HOST`` entry, else its
+    ``default`` one), as Nix's ``netrc-file`` gives curl; None when the file or an entry is
+    missing.  A file that cannot be read or parsed is an error that says where."""
+    if not netrc_file:
+        return None
+    import netrc
+    try:
+        entry = netrc.netrc(netrc_file).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except netrc.NetrcParseError as e:
+        raise CacheError(f"netrc file {netrc_file!r}, line {e.lineno}: {e.msg}",
+                         hint="the format is 'machine HOST login NAME password SECRET' (see netrc-file in docs/caches.md)") from None
+    except OSError as e:
+        raise CacheError(f"cannot read netrc file {netrc_file!r}: {e.strerror}") from None
+    if entry is None or not entry[0]:
+        return None
+    login, _account, password = entry
+    return login, password or ""
+
+
+def _ssl_context(ssl_cert_file: str | None):
+    """The TLS context for https caches: the system's CAs, or those of ``ssl_cert_file``."""
+    if not ssl_cert_file:
+        return None
+    import ssl
+    try:
+        return ssl.create_default_context(cafile=ssl_cert_file)
+    except FileNotFoundError:
+        raise CacheError(f"CA certificate file {ssl_cert_file!r} (ssl-cert-file) does not exist") from None
+    except ssl.SSLError as e:
+        from .http import ssl_message
+        raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {ssl_message(e)}",
+                         hint="ssl-cert-file names a file of PEM certificates") from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {reason}",
+                         hint="ssl-cert-file names a file of PEM certificates") from None
+
+
+class _Transient(CacheError):
+    """A failure worth another attempt (see :data:`TRANSIENT_STATUS`); ``wait``: the seconds the
+    server asked for (``Retry-After``), if any."""
+
+    wait: float = 0.0
+
+
+MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
+
+
+def _retry_after_header(r, now: float | None = None) -> float:
+    """``Retry-After: SECONDS`` or ``Retry-After: HTTP-DATE`` → seconds from ``now`` (default the
+    clock), at most :data:`MAX_RETRY_AFTER`; 0 when absent, past or unreadable."""
+    v = r.headers.get("retry-after", "").strip()
+    if v.isdigit():
+        return float(min(int(v), MAX_RETRY_AFTER))
+    try:
+        dt = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+    when = (dt if dt.tzinfo else dt.replace(tzinfo=datetime.timezone.utc)).timestamp()  # HTTP dates are GMT
+    return min(max(when - (time.time() if now is None else now), 0.0), float(MAX_RETRY_AFTER))
+
+
+# OpenSSL's words for a certificate signed by a CA the client does not know
+_UNKNOWN_CA = ("self-signed certificate", "self signed certificate", "unable to get local issuer certificate",
+               "unable to get issuer certificate", "certificate not trusted", "unable to verify the first certificate")
+
+
+class HttpBackend(Backend):
+    """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
+
+    One pooled :class:`~purestore.cache.http.HttpClient` (HTTP/1.1 keep-alive) per backend.  A
+    connection that delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
+
+    Retries: a request that fails in a way that may pass (the connection broke or stalled, or the
+    server answered 408, 429 or 5xx other than 501 and 505) is made again, up to ``attempts`` in
+    all, after a pause that doubles each time (0.25 s, 0.5 s, 1 s, ..., with some jitter so that
+    many clients do not come back at once), or as long as the server's ``Retry-After`` asks (at
+    most a minute) when that is longer; each retry is logged as a warning.  A cache that has
+    not answered once yet is not retried when it cannot be connected to: nothing listens there,
+    and a build should not wait seconds to learn it.  A NAR download broken half way goes on
+    where it stopped: the next request asks for the rest (``Range: bytes=N-``), and a server that
+    sends the whole file instead has the part already received skipped.
+    """
+
+    def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
+                 max_connections: int, token: str | None, attempts: int = 5,
+                 retry_delay: float | None = None, login: tuple[str, str] | None = None,
+                 netrc_file: str | None = None, ssl_context=None):
+        from . import http
+        self._http = http
+        self.cache_url = cu
+        self.token = token
+        self.login = login  # (name, password) sent with basic authentication (from netrc_file)
+        self.netrc_file = netrc_file
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.attempts = attempts
+        self.retry_delay = RETRY_DELAY if retry_delay is None else retry_delay
+        self._answered = False  # the server has answered a request of this backend
+        self._failing = False  # a request used up its attempts, and none has succeeded since
+        u = urllib.parse.urlsplit(cu.base)
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError:
+            raise CacheError(f"cache URL {cu.url!r}: bad port") from None
+        if not u.hostname:
+            raise CacheError(f"cache URL {cu.url!r}: missing host")
+        self._prefix = u.path  # ends with '/'
+        headers = {"User-Agent": "purestore"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        elif login:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+        self.client = http.HttpClient(u.scheme, u.hostname, port, connect_timeout=connect_timeout,
+                                      stall_timeout=stall_timeout, max_connections=max_connections,
+                                      headers=headers, ssl_context=ssl_context)
+        self.custom_ca = ssl_context is not None
+
+    def _target(self, name: str) -> str:
+        return self._prefix + urllib.parse.quote(check_name(name, self.url))
+
+    def _err(self, what: str, name: str, e: Exception) -> CacheError:
+        """The :class:`CacheError` for a failed request: :class:`_Transient` when another
+        attempt may succeed."""
+        http = self._http
+        transient = True
+        if isinstance(e, http.Stalled):
+            reason = f"timed out (server stalled: {e})"
+        elif isinstance(e, http.Broken):
+            reason = f"connection broken ({e})"
+        elif isinstance(e, http.ConnectFailed):
+            reason = f"cannot connect ({e})"
+            if "certificate verify failed" in str(e) and any(m in str(e) for m in _UNKNOWN_CA):
+                reason += (" (the certificate is not signed by the CAs of ssl-cert-file)" if self.custom_ca else
+                           " (a cache with a certificate of its own CA needs that CA's certificate in a file "
+                           "named by the ssl-cert-file setting)")
+            transient = self._answered
+        else:
+            reason = str(e) or type(e).__name__
+            transient = False
+        return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
+
+    def _status(self, what: str, name: str, r) -> CacheError:
+        msg = f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}"
+        if r.status == 401:  # said in the message, which a build's warning shows, not in a hint
+            host = self.client.host
+            if self.token:
+                msg += " (the cache refused the upload token)"
+            elif self.login:
+                msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
+            elif self.netrc_file:
+                msg += (f" (the cache wants a login: put 'machine {host} login NAME password SECRET' "
+                        f"in {self.netrc_file}, the netrc-file setting)")
+            else:
+                msg += " (the cache wants a login: set netrc-file)"
+        if r.status not in TRANSIENT_STATUS:
+            return CacheError(msg)
+        e = _Transient(msg)
+        e.wait = _retry_after_header(r)
+        return e
+
+    async def _retry_after(self, e: _Transient, attempt: int) -> None:
+        """After failed attempt number ``attempt``: raise the final error, or warn and wait.
+
+        Once a request has used up its attempts, the cache is taken to be failing: later
+        requests get one attempt each until one succeeds again (Nix disables such a cache for a
+        minute), so that a cache answering 500 to everything costs a build seconds, not minutes."""
+        if attempt >= (1 if self._failing else self.attempts):
+            self._failing = True
+            tries = f" ({attempt} attempts)" if attempt > 1 else ""
+            raise CacheError(f"{e}{tries}", hint=e.hint) from None
+        delay = max(self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)), e.wait)
+        log.warning("warning: %s; retrying in %.1f s (attempt %d of %d)", e, delay, attempt + 1, self.attempts)
+        await trio.sleep(delay)
+
+    async def _retrying(self, once):
+        """``await once()`` until it does not fail transiently (or the attempts are used up)."""
+        attempt = 1
+        while True:
+            try:
+                return await once()
+            except _Transient as e:
+                await self._retry_after(e, attempt)
+                attempt += 1
+
+    async def _request(self, what: str, name: str, method: str, **kw):
+        """One request, retried while it fails transiently; returns (response, body).  A
+        callable ``body`` is called for each attempt (a stream is read once)."""
+        body = kw.pop("body", None)
+
+        async def once():
+            try:
+                r, data = await self.client.request(method, self._target(name),
+                                                    body=body() if callable(body) else body, **kw)
+            except self._http.HttpError as e:
+                raise self._err(what, name, e) from e
+            self._answered = True
+            if r.status in TRANSIENT_STATUS:
+                raise self._status(what, name, r)
+            self._failing = False
+            return r, data
+        return await self._retrying(once)
+
+    async def exists(self, name: str) -> bool:
+        r, _ = await self._request("query", name, "HEAD")
+        if r.status in (404, 403, 410):
+            return False
+        if r.status != 200:
+            raise self._status("query", name, r)
+        return True
+
+    async def get(self, name: str) -> bytes | None:
+        r, data = await self._request("get", name, "GET")
+        if r.status in (404, 403, 410):
+            return None
+        if r.status != 200:
+            raise self._status("get", name, r)
+        return data
+
+    @contextlib.asynccontextmanager
+    async def open_read(self, name: str):
+        http = self._http
+        target = self._target(name)
+        current = contextlib.AsyncExitStack()  # the response being read (one at a time)
+
+        async def respond(offset: int):
+            """Request the file from ``offset`` on; return (body chunks, bytes to skip)."""
+            await current.aclose()
+            headers = {"Range": f"bytes={offset}-"} if offset else None
+            try:
+                r, body = await current.enter_async_context(self.client.stream("GET", target, headers=headers))
+            except http.HttpError as e:
+                raise self._err("download", name, e) from e
+            self._answered = True
+            if r.status in (404, 410):
+                raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
+            if offset and r.status == 206:
+                first = r.headers.get("content-range", "").partition(" ")[2].partition("-")[0]
+                if first != str(offset):
+                    raise CacheError(f"cache {self.url!r}: cannot download {name!r}: asked for the rest "
+                                     f"from byte {offset}, got Content-Range "
+                                     f"{r.headers.get('content-range')!r}")
+                self._failing = False
+                return body, 0
+            if r.status != 200:
+                raise self._status("download", name, r)
+            self._failing = False
+            return body, offset  # the whole file again: skip what was received
+
+        async def chunks(body, attempt: int):
+            received = 0
+            skip = 0
+            while True:
+                try:
+                    try:
+                        async for c in body:
+                            if skip:
+                                if len(c) <= skip:
+                                    skip -= len(c)
+                                    continue
+                                c, skip = c[skip:], 0
+                            received += len(c)
+                            yield c
+                        return
+                    except http.HttpError as e:
+                        raise self._err("download", name, e) from e
+                except _Transient as e:
+                    failure = e
+                    while True:  # ask for the rest; a request that fails counts as an attempt
+                        await self._retry_after(failure, attempt)
+                        attempt += 1
+                        try:
+                            body, skip = await respond(received)
+                            break
+                        except _Transient as again:
+                            failure = again
+
+        try:
+            body, _ = await self._retrying(lambda: respond(0))
+            yield chunks(body, 1)
+        finally:
+            await current.aclose()
+
+    async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await self._put(name, lambda: data, content_type, len(data))
+
+    async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
+                       *, move: bool = False) -> None:
+        size = os.path.getsize(local)
+
+        async def body():
+            f = await trio.to_thread.run_sync(open, local, "rb")
+            try:
+                while chunk := await trio.to_thread.run_sync(f.read, CHUNK):
+                    yield chunk
+            finally:
+                f.close()
+        await self._put(name, body, content_type, size)
+        if move:
+            _unlink(local)
+
+    async def _put(self, name, content, content_type, size) -> None:
+        """PUT ``content()`` (bytes, or an async iterator made afresh for each attempt)."""
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
+        r, _ = await self._request("upload", name, "PUT", headers=headers, body=content)
+        if r.status in (401, 403):
+            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
+                             hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
+        if r.status not in (200, 201, 204):
+            raise self._status("upload", name, r)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
