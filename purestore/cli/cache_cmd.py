@@ -57,6 +57,19 @@ Without PATHs, every narinfo of a file:// cache is checked (an HTTP cache cannot
 Prints one line per problem ('bad: PATH: reason') and exits 1 if there is any.
 """
 
+_PATH_INFO_HELP = """\
+Show what a binary cache holds for store paths, without fetching anything and without a store:
+from each path's narinfo, the NAR size, references, deriver, signatures and the download. Like
+`nix path-info --store URL`, with the same --json output.
+
+  pure cache path-info -rsS https://cache.example.org/ /nix/store/…-hello-2.10
+
+The cache's own store dir (its nix-cache-info) is used to read the paths. With trusted keys
+(--trusted-public-keys, or the trusted-public-keys setting) each line ends with 'trusted by
+KEY' or 'untrusted: why' (and --json says "trusted"/"untrusted" in those cases only). Exits 1
+when a path (or, with -r/-S, a path of its closure) is not in the cache.
+"""
+
 
 def register(reg) -> None:
     reg.group("key", help="signing keys for binary caches")
@@ -121,6 +134,21 @@ def register(reg) -> None:
     p.add_argument("--check-contents", action="store_true",
                    help="read every NAR file and check its hashes, sizes and format")
     p.add_argument("--json", action="store_true", help="print a JSON report")
+
+    p = reg.command("path-info", "show what a binary cache holds for store paths (sizes, references, signatures)",
+                    cmd_cache_path_info, group="cache", description=_PATH_INFO_HELP)
+    p.add_argument("url", metavar="URL")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="store paths (need not be valid here)")
+    p.add_argument("-r", "--recursive", action="store_true", help="show the whole closure of each PATH")
+    p.add_argument("-s", "--size", action="store_true", help="show the NAR size")
+    p.add_argument("-S", "--closure-size", action="store_true",
+                   help="show the closure's NAR size (and, with --json, its download size)")
+    p.add_argument("--download-size", action="store_true", help="show the compressed (download) size")
+    p.add_argument("--sigs", action="store_true", help="show the signatures")
+    p.add_argument("--trusted-public-keys", dest="info_trusted_keys", metavar="KEYS",
+                   help="say for each path whether one of these keys signed it (default: the "
+                        "trusted-public-keys setting)")
+    p.add_argument("--json", action="store_true", help="print JSON like `nix path-info --json --store URL`")
 
 
 def _write_new(path: str, text: str, mode: int, force: bool) -> None:
@@ -273,21 +301,10 @@ def cmd_cache_verify(args, ctx) -> int:
     import trio
     from ..cache.progress import TextProgress
     from ..cache.verify import verify_cache
-    from ..formats.store_path import StorePath
     from ._warnings import warnings_to
 
     settings = ctx.settings
-    paths = None
-    if args.paths:
-        from ..errors import InvalidStorePath, UsageError
-        paths = []
-        for p in args.paths:
-            # the cache's store dir is known only once it is read: a path names its narinfo by
-            # its base name, whatever its directory
-            try:
-                paths.append(StorePath.from_base_name(os.path.basename(p.rstrip("/"))))
-            except InvalidStorePath as e:
-                raise UsageError(f"{p!r} is not a store path: {e}") from None
+    paths = _base_name_paths(args.paths) if args.paths else None
     keys = args.verify_trusted_keys.split() if args.verify_trusted_keys is not None else None
     progress = TextProgress("checking")
     with warnings_to(progress.note):
@@ -311,3 +328,56 @@ def cmd_cache_verify(args, ctx) -> int:
         ctx.info(f"checked {_paths(len(rep.results))} in {args.url.split('?')[0]}: "
                  + ("no problems" if not bad else f"{len(bad)} bad") + f" ({'; '.join(how)})")
     return 0 if not bad else 1
+
+
+def cmd_cache_path_info(args, ctx) -> int:
+    import trio
+    from ..cache.query import cache_path_infos
+
+    settings = ctx.settings
+    paths = _base_name_paths(args.paths)
+    keys = (args.info_trusted_keys.split() if args.info_trusted_keys is not None
+            else list(settings.trusted_public_keys))
+    q = trio.run(lambda: cache_path_infos(settings, args.url, paths, recursive=args.recursive,
+                                          closure_sizes=args.closure_size, trusted_keys=keys))
+    if args.json:
+        out = []
+        for i in q.infos:
+            obj = i.to_json(q.store_dir)
+            if i.trusted:
+                obj["trusted"] = i.trusted
+            elif i.untrusted_reason:
+                obj["untrusted"] = i.untrusted_reason
+            out.append(obj)
+        print(json.dumps(out, separators=(",", ":")))
+        return 0
+    for i in q.infos:
+        ni = i.info
+        cols = [ni.store_path.absolute(q.store_dir)]
+        if args.size:
+            cols.append(f"{ni.nar_size:>11}")
+        if args.download_size:
+            cols.append(f"{ni.file_size or 0:>11}")
+        if args.closure_size:
+            cols.append(f"{i.closure_size:>11}")
+        if args.sigs:
+            cols.append(" ".join(ni.sigs))
+        if i.trusted:
+            cols.append(f"trusted by {i.trusted}")
+        elif i.untrusted_reason:
+            cols.append(f"untrusted: {i.untrusted_reason}")
+        print("\t".join(cols))
+    return 0
+
+
+def _base_name_paths(texts):
+    """Store paths named by their base names: a cache's store dir is known only once it is read."""
+    from ..errors import InvalidStorePath, UsageError
+    from ..formats.store_path import StorePath
+    paths = []
+    for p in texts:
+        try:
+            paths.append(StorePath.from_base_name(os.path.basename(p.rstrip("/"))))
+        except InvalidStorePath as e:
+            raise UsageError(f"{p!r} is not a store path: {e}") from None
+    return paths

@@ -1,0 +1,119 @@
+"""`pure cache path-info URL PATH...`: what a cache holds for paths, without a store; its --json
+is `nix path-info --json --store URL`'s (golden file by Nix 2.8, and live where Nix is)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA, needs_nix, run_pure
+from test_cache_support import PUB, SEC, make_closure, open_store, start_server, stop_server
+
+NIX_CACHE = DATA / "cache" / "nix-cache"
+H = "/nix/store/hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt"
+TREE = "/nix/store/nai7hnixwpdj31gflmh2xaw00xjq4b7m-tree"
+OTHER_KEY = "other-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+
+
+def test_json_is_the_bytes_nix_prints_for_its_own_cache():
+    # the store dir comes from the cache: this purestore's own is /pure/store
+    r = run_pure("cache", "path-info", "--json", "-rS", f"file://{NIX_CACHE}", H, TREE)
+    assert r.stdout.rstrip("\n") == (DATA / "cache" / "nix-path-info.json").read_text()
+
+
+def test_text_columns_and_trust(tmp_path):
+    r = run_pure("cache", "path-info", "-sS", "--download-size", f"file://{NIX_CACHE}", TREE, H)
+    assert r.stdout.splitlines() == [f"{H}\t{120:>11}\t{91:>11}\t{120:>11}",
+                                     f"{TREE}\t{880:>11}\t{234:>11}\t{880:>11}"]
+    r = run_pure("cache", "path-info", "--trusted-public-keys", PUB, f"file://{NIX_CACHE}", H)
+    assert r.stdout == f"{H}\ttrusted by test-key-1\n"
+    r = run_pure("cache", "path-info", "--trusted-public-keys", OTHER_KEY, "--json", f"file://{NIX_CACHE}", H)
+    (obj,) = json.loads(r.stdout)
+    assert obj["untrusted"] == "signed only by untrusted key 'test-key-1'"
+    r = run_pure("cache", "path-info", "--sigs", f"file://{NIX_CACHE}", "hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt")
+    assert r.stdout.startswith(f"{H}\ttest-key-1:8IR391I8")
+
+
+@pytest.fixture
+def closure_cache(tmp_path):
+    """A cache holding lib and app (app refers to lib), by `pure copy`; returns (cache, lib, app)."""
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    with open_store(tmp_path / "a") as store:
+        lib, app = make_closure(store)
+        lib_p, app_p = store.print_path(lib), store.print_path(app)
+        sizes = {lib_p: store.query_path_info(lib).nar_size, app_p: store.query_path_info(app).nar_size}
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p, root=tmp_path / "a")
+    return cache, lib_p, app_p, sizes
+
+
+def test_closure_sizes_and_recursion(closure_cache):
+    cache, lib, app, sizes = closure_cache
+    r = run_pure("cache", "path-info", "--json", "-S", f"file://{cache}", app)
+    (obj,) = json.loads(r.stdout)
+    assert obj["path"] == app and obj["references"] == [lib]
+    assert obj["closureSize"] == sizes[lib] + sizes[app]
+    assert obj["closureDownloadSize"] > 0 and obj["downloadSize"] < obj["closureDownloadSize"]
+    r = run_pure("cache", "path-info", "-r", f"file://{cache}", app)
+    assert r.stdout.split() == sorted([lib, app], key=lambda p: p.rsplit("/", 1)[1])
+
+
+def test_over_http(closure_cache):
+    cache, lib, app, _sizes = closure_cache
+    proc, url = start_server(cache)
+    try:
+        r = run_pure("cache", "path-info", "-r", "--trusted-public-keys", PUB, url, app)
+    finally:
+        stop_server(proc)
+    assert sorted(r.stdout.splitlines()) == sorted([f"{lib}\ttrusted by test-key-1", f"{app}\ttrusted by test-key-1"])
+
+
+def test_missing_paths_and_broken_narinfos_are_named(closure_cache):
+    cache, lib, app, _sizes = closure_cache
+    url = f"file://{cache}"
+    missing = "/pure/store/" + "0" * 32 + "-gone"
+    r = run_pure("cache", "path-info", url, app, missing, check=False)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"error: path {missing!r} is not in binary cache {url!r}\n"
+    (cache / f"{lib.rsplit('/', 1)[1][:32]}.narinfo").unlink()
+    assert run_pure("cache", "path-info", url, app).stdout == f"{app}\n"  # its closure is not needed
+    r = run_pure("cache", "path-info", "-S", url, app, check=False)
+    assert r.returncode == 1
+    assert r.stderr == f"error: path {lib!r}, which {app!r} refers to, is not in binary cache {url!r}\n"
+    ni = cache / f"{app.rsplit('/', 1)[1][:32]}.narinfo"
+    ni.write_text(ni.read_text().replace("NarSize: ", "NarSize: x"))
+    r = run_pure("cache", "path-info", url, app, check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: cannot read the narinfo of {app!r}: ")
+    assert "NarSize" in r.stderr
+    r = run_pure("cache", "path-info", url, "not-a-path", check=False)
+    assert r.returncode == 2 and "'not-a-path' is not a store path" in r.stderr
+    r = run_pure("cache", "path-info", f"file://{cache}-nowhere", app, check=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+WITHREF_NIX = """
+let B = "${./bb}/bin/busybox"; dep = builtins.toFile "dep.txt" "dependency\\n"; in
+derivation { name = "withref"; system = "x86_64-linux"; builder = B; inherit B;
+             args = [ "sh" "-c" "echo ${dep} > $out" ]; }
+"""
+
+
+@needs_nix
+def test_json_equals_nix_for_a_built_path_with_a_reference_and_a_deriver(tmp_path):
+    import shutil
+    from conftest import BUSYBOX
+    from test_cache_logs import _nix
+    (tmp_path / "bb" / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, tmp_path / "bb" / "bin" / "busybox")
+    (tmp_path / "withref.nix").write_text(WITHREF_NIX)
+    nixroot, cache = tmp_path / "nixroot", tmp_path / "nixcache"
+    out = _nix("nix-build", "--store", nixroot, "--no-out-link", "withref.nix", cwd=tmp_path).strip()
+    _nix("nix", "copy", "--store", nixroot, "--to", f"file://{cache}?compression=zstd", out)
+    url = f"file://{cache}"
+    theirs = _nix("nix", "path-info", "--json", "-rS", "--store", url, out)
+    ours = run_pure("cache", "path-info", "--json", "-rS", url, out).stdout
+    assert ours.rstrip("\n") == theirs
+    objs = json.loads(ours)
+    assert len(objs) == 2 and any(o.get("deriver") for o in objs) and any(o["references"] for o in objs)
