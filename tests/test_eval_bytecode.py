@@ -1,6 +1,5 @@
 """Evaluation works when Python wants to write bytecode caches for modules imported meanwhile."""
 
-import os
 
 from conftest import REPO, pure_env
 

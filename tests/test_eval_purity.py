@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from conftest import run_pure
-from purestore.errors import EvalError, PurityError
+from purestore.errors import PurityError
 from purestore.expr.loader import evaluate
 
 

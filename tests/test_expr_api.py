@@ -12,7 +12,6 @@ from purestore.errors import DerivationArgumentError, EvalError
 from purestore.expr import derivation, evaluating, source, to_file
 from purestore.expr.loader import evaluate, find_pkgs_dir, instantiate, read_derivation
 from purestore.expr.values import parse_version
-from purestore.formats.store_path import StorePath
 
 
 def write(path, text):

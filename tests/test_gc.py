@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO, pure_env, run_pure
+from conftest import pure_env
 from purestore.formats.hash import nix32_encode
 from purestore.formats.path_info import PathInfo
 from purestore.formats.store_path import StorePath

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 from purestore.errors import NarInfoError
 from purestore.formats.hash import Hash
 from purestore.formats.narinfo import NarInfo, fingerprint
-from purestore.formats.signing import PublicKey, SecretKey, verify_any, parse_public_keys
+from purestore.formats.signing import SecretKey, verify_any, parse_public_keys
 from purestore.formats.store_path import StorePath
 
 from conftest import DATA

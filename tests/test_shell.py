@@ -6,12 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, pure_env
-from test_gc import _build, busybox_expr, valid
+from test_gc import _build, busybox_expr
 
 TOOLS = '''
     tools = sh("bbtools-1.0", f"mkdir -p $out/bin; cp {bb}/bin/busybox $out/bin/; "

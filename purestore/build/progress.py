@@ -76,7 +76,7 @@ class Progress:
                 self._line(f"  {p}")
         builds = f.get("will_build") or []
         if builds:
-            self._line(f"this derivation will be built:" if len(builds) == 1
+            self._line("this derivation will be built:" if len(builds) == 1
                        else f"these {len(builds)} derivations will be built:")
             for d in builds:
                 self._line(f"  {d}")

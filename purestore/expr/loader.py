@@ -25,7 +25,7 @@ from typing import Iterable
 
 import attrs
 
-from ..errors import DerivationError, EvalError, PurityError
+from ..errors import DerivationError, EvalError
 from ..formats.derivation import Derivation, drv_references, parse_aterm
 from ..formats.store_path import StorePath
 from .api import EvalContext, evaluating
