@@ -159,14 +159,22 @@ def _nix(*args, cwd=None) -> str:
     return p.stdout
 
 
-@needs_nix
-def test_a_log_nix_copied_to_a_cache_is_read_by_pure_log(tmp_path):
+def nix_build(tmp_path, expr: str) -> tuple:
+    """Build the Nix expression ``expr`` (which may use ``./bb/bin/busybox``, a static busybox)
+    in a Nix chroot store, in the sandbox; returns (store root, output path, .drv path)."""
     (tmp_path / "bb" / "bin").mkdir(parents=True)
     shutil.copy(BUSYBOX, tmp_path / "bb" / "bin" / "busybox")
-    (tmp_path / "logged.nix").write_text(LOGGED_NIX)
-    nixroot, cache = tmp_path / "nixroot", tmp_path / "nixcache"
-    out = _nix("nix-build", "--store", nixroot, "--no-out-link", "logged.nix", cwd=tmp_path).strip()
-    drv = _nix("nix-instantiate", "--store", nixroot, "logged.nix", cwd=tmp_path).strip()
+    (tmp_path / "expr.nix").write_text(expr)
+    nixroot = tmp_path / "nixroot"
+    out = _nix("nix-build", "--store", nixroot, "--no-out-link", "expr.nix", cwd=tmp_path).strip()
+    drv = _nix("nix-instantiate", "--store", nixroot, "expr.nix", cwd=tmp_path).strip()
+    return nixroot, out, drv
+
+
+@needs_nix
+def test_a_log_nix_copied_to_a_cache_is_read_by_pure_log(tmp_path):
+    nixroot, out, drv = nix_build(tmp_path, LOGGED_NIX)
+    cache = tmp_path / "nixcache"
     _nix("nix", "store", "copy-log", "--store", nixroot, "--to", f"file://{cache}", drv)
     _nix("nix", "copy", "--store", nixroot, "--to", f"file://{cache}?compression=zstd", out)
     r = run_pure("--substituters", f"file://{cache}", "log", out, root=tmp_path / "pure", store_dir="/nix/store")

@@ -84,16 +84,23 @@ http {{
     proc.wait(10)
 
 
-def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
-    cache, url = nginx
+def _pushed_closure(tmp_path, cache):
+    """lib and app (app refers to lib), pushed by `pure copy` into ``cache`` (signed, store dir
+    /nix/store where Nix is installed, so that Nix can read it too); returns (store dir, app)."""
     key = tmp_path / "k.sec"
     key.write_text(SEC)
     store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
     with open_store(tmp_path / "a", store_dir) as store:
-        lib, app = make_closure(store)
+        _lib, app = make_closure(store)
         app_p = store.print_path(app)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
              root=tmp_path / "a", store_dir=store_dir)
+    return store_dir, app_p
+
+
+def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
+    cache, url = nginx
+    store_dir, app_p = _pushed_closure(tmp_path, cache)
     out = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p,
                    root=tmp_path / "b", store_dir=store_dir)
     assert len(json.loads(out.stdout)["fetched"]) == 2
@@ -133,14 +140,7 @@ def test_a_private_cache_behind_nginx_is_read_with_the_netrc_login(tmp_path, ngi
     netrc file of the netrc-file setting, and so does Nix with the same file."""
     cache, url = nginx
     (tmp_path / "nginx" / "users").write_text("alice:{PLAIN}s3cret\n")
-    key = tmp_path / "k.sec"
-    key.write_text(SEC)
-    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
-    with open_store(tmp_path / "a", store_dir) as store:
-        lib, app = make_closure(store)
-        app_p = store.print_path(app)
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
-             root=tmp_path / "a", store_dir=store_dir)
+    store_dir, app_p = _pushed_closure(tmp_path, cache)
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
     conf = tmp_path / "pure.conf"
@@ -173,14 +173,7 @@ def test_an_https_cache_with_its_own_ca_is_read_with_ssl_cert_file(tmp_path, ngi
     self-signed one fails, saying what to do), or against the ssl-cert-file setting's."""
     cache, url = nginx
     assert url.startswith("https://")
-    key = tmp_path / "k.sec"
-    key.write_text(SEC)
-    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
-    with open_store(tmp_path / "a", store_dir) as store:
-        lib, app = make_closure(store)
-        app_p = store.print_path(app)
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
-             root=tmp_path / "a", store_dir=store_dir)
+    store_dir, app_p = _pushed_closure(tmp_path, cache)
     conf = tmp_path / "pure.conf"
     cert = tmp_path / "nginx" / "cert.pem"
 

@@ -102,14 +102,9 @@ derivation { name = "withref"; system = "x86_64-linux"; builder = B; inherit B;
 
 @needs_nix
 def test_json_equals_nix_for_a_built_path_with_a_reference_and_a_deriver(tmp_path):
-    import shutil
-    from conftest import BUSYBOX
-    from test_cache_logs import _nix
-    (tmp_path / "bb" / "bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, tmp_path / "bb" / "bin" / "busybox")
-    (tmp_path / "withref.nix").write_text(WITHREF_NIX)
-    nixroot, cache = tmp_path / "nixroot", tmp_path / "nixcache"
-    out = _nix("nix-build", "--store", nixroot, "--no-out-link", "withref.nix", cwd=tmp_path).strip()
+    from test_cache_logs import _nix, nix_build
+    nixroot, out, _drv = nix_build(tmp_path, WITHREF_NIX)
+    cache = tmp_path / "nixcache"
     _nix("nix", "copy", "--store", nixroot, "--to", f"file://{cache}?compression=zstd", out)
     url = f"file://{cache}"
     theirs = _nix("nix", "path-info", "--json", "-rS", "--store", url, out)

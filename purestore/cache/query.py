@@ -41,20 +41,7 @@ class CachePathInfo:
         """The object ``nix path-info --json --store URL`` prints for this path (Nix 2.8's keys,
         in its order)."""
         ni = self.info
-        out: dict = {
-            "path": ni.store_path.absolute(store_dir),
-            "narHash": ni.nar_hash.sri,
-            "narSize": ni.nar_size,
-            "references": sorted(r.absolute(store_dir) for r in ni.references),
-        }
-        if ni.ca:
-            out["ca"] = ni.ca
-        if self.closure_size is not None:
-            out["closureSize"] = self.closure_size
-        if ni.deriver is not None:
-            out["deriver"] = ni.deriver.absolute(store_dir)
-        if ni.sigs:
-            out["signatures"] = sorted(ni.sigs)
+        out = ni.path_info().to_json(store_dir, self.closure_size)
         if ni.url:
             out["url"] = ni.url
         if ni.file_hash is not None:

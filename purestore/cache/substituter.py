@@ -36,7 +36,6 @@ import trio
 
 from ..errors import CacheError, FormatError, NarInfoError, SignatureError, StoreError
 from ..formats.narinfo import NarInfo
-from ..formats.path_info import PathInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from . import _storeapi as S
@@ -388,8 +387,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         return
                 if p in report.failures:  # part of a reference cycle
                     return
-                info = PathInfo(path=p, nar_hash=ni.nar_hash, nar_size=ni.nar_size,
-                                references=ni.references, deriver=ni.deriver, sigs=ni.sigs, ca=ni.ca)
+                info = ni.path_info()
                 done = trio.Event()
                 await send.send((info, tmp, cache.url, done))
                 await done.wait()

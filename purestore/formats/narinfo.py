@@ -30,6 +30,7 @@ import attrs
 
 from ..errors import BadHash, InvalidStorePath, NarInfoError
 from .hash import Hash
+from .path_info import PathInfo
 from .store_path import StorePath
 
 COMPRESSIONS = {"none": "", "zstd": ".zst", "xz": ".xz", "bzip2": ".bz2", "br": ".br", "gzip": ".gz"}
@@ -92,6 +93,11 @@ class NarInfo:
 
     def with_sigs(self, sigs: Iterable[str]) -> "NarInfo":
         return attrs.evolve(self, sigs=tuple(self.sigs) + tuple(sigs))
+
+    def path_info(self) -> PathInfo:
+        """What a store registers for this path (no registration time yet)."""
+        return PathInfo(path=self.store_path, nar_hash=self.nar_hash, nar_size=self.nar_size,
+                        references=self.references, deriver=self.deriver, sigs=self.sigs, ca=self.ca)
 
     @classmethod
     def parse(cls, text: str | bytes, store_dir: str, where: str = "narinfo") -> "NarInfo":

@@ -96,7 +96,8 @@ class PathInfo:
             out["closureSize"] = closure_size
         if self.deriver is not None:
             out["deriver"] = self.deriver.absolute(store_dir)
-        out["registrationTime"] = self.registration_time
+        if self.registration_time:  # as Nix: not for a path not registered (a cache's)
+            out["registrationTime"] = self.registration_time
         if self.sigs:
             out["signatures"] = sorted(self.sigs)
         return out
