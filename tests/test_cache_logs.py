@@ -54,7 +54,7 @@ def test_log_of_an_output_comes_from_the_cache_by_its_narinfo_deriver(tmp_path, 
     for what in (out, drv):
         r = run_pure("--substituters", f"file://{cache}", "log", what, root=other)
         assert r.stdout == LOG.decode()
-        assert r.stderr == f"pure: build log of {drv} from file://{cache} (cache logs are not signed)\n"
+        assert r.stderr == f"build log of {drv} from file://{cache} (cache logs are not signed)\n"
 
 
 def test_the_local_store_s_deriver_is_asked_for_when_the_cache_has_no_narinfo(tmp_path, keyfile):

@@ -218,8 +218,7 @@ def cmd_log(args, ctx) -> int:
                        else "its deriver is unknown here, and no binary cache could be used")
             raise PathNotValid(f"no build log for {store.print_path(sp)!r} ({why})")
         f = search.found
-        print(f"pure: build log of {store.print_path(f.drv)} from {f.url} (cache logs are not signed)",
-              file=sys.stderr)
+        ctx.info(f"build log of {store.print_path(f.drv)} from {f.url} (cache logs are not signed)")
         _write_log(f.data)
     return 0
 
