@@ -99,3 +99,72 @@ async def test_a_private_cache_without_the_right_login_says_what_to_do(cache, tm
     assert [st for *_x, st in server.asked] == [401]  # a 401 is an answer: not retried
     with open_store(root) as store:
         assert list(store.valid_paths()) == []
+
+
+def _authorizations(server) -> set[str]:
+    """The Authorization headers of the requests the server got ('' for none)."""
+    found = set()
+    for raw in server.requests:
+        head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+        values = [v.strip() for k, _, v in (h.partition(":") for h in head) if k.strip().lower() == "authorization"]
+        assert len(values) <= 1, raw
+        found.add(values[0] if values else "")
+    return found
+
+
+async def test_the_environment_s_upload_token_never_goes_with_reads(cache, tmp_path, monkeypatch):  # noqa: F811
+    """PURE_CACHE_TOKEN is meant for `pure copy --to`; every configured cache would get it if
+    reads carried it.  Reads carry the netrc login, if any, and nothing else."""
+    c, lib, app, big = cache
+    monkeypatch.setenv("PURE_CACHE_TOKEN", "for-uploads-only")
+    server = FlakyCache(c)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        await fetch_all(tmp_path, server, [app], netrc_file=str(tmp_path / "none"))
+        n.cancel_scope.cancel()
+    assert _authorizations(server) == {""}
+
+    netrc = write_netrc(tmp_path / "netrc", f'machine 127.0.0.1 login {LOGIN[0]} password "{LOGIN[1]}"\n')
+    server = FlakyCache(c, login=LOGIN)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        await fetch_all(tmp_path / "again", server, [app, big], netrc_file=str(netrc))
+        n.cancel_scope.cancel()
+    import base64
+    assert _authorizations(server) == {"Basic " + base64.b64encode(":".join(LOGIN).encode()).decode()}
+
+
+async def test_the_url_s_token_file_goes_with_every_request_to_that_cache(cache, tmp_path):  # noqa: F811
+    from purestore.cache import substituter
+    from test_cache_support import PUB, open_store
+    c, lib, app, big = cache
+    (tmp_path / "tok").write_text("reader-token\n")
+    server = FlakyCache(c)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        root = tmp_path / "dst"
+        with open_store(root) as store:
+            await substituter.copy_from(store, settings_for(root), f"{server.url}?token-file={tmp_path / 'tok'}",
+                                        [app, big], trusted_keys=[PUB])
+        n.cancel_scope.cancel()
+    assert _authorizations(server) == {"Bearer reader-token"}
+
+
+def test_uploads_carry_the_environment_s_token(tmp_path):
+    from conftest import run_pure
+    from test_cache_support import SEC, make_closure, open_store, start_server, stop_server
+    key, token = tmp_path / "k.sec", tmp_path / "token"
+    key.write_text(SEC)
+    token.write_text("s3cret\n")
+    served = tmp_path / "served"
+    served.mkdir()
+    with open_store(tmp_path / "a") as store:
+        _lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    proc, url = start_server(served, token_file=token)
+    try:
+        run_pure("copy", "--to", url, "--secret-key-file", key, app_p, root=tmp_path / "a",
+                 env={"PURE_CACHE_TOKEN": "s3cret"})
+    finally:
+        stop_server(proc)
+    assert (served / f"{app.hash_part}.narinfo").exists()

@@ -5,9 +5,10 @@ does): GET/HEAD to read, PUT to write, over :mod:`.http`'s pooled HTTP/1.1 clien
   504) is retried up to ``attempts`` times in all, after 0.25 s, 0.5 s, 1 s, ... or what the
   server's ``Retry-After`` asks (as Nix's ``download-attempts``); a download broken half way
   resumes where it stopped (``Range``).
-- Logins: an upload token (``?token-file=FILE``, ``PURE_CACHE_TOKEN``) is sent as a bearer
-  token; otherwise the login for the host in the netrc file (``netrc-file``), with basic
-  authentication.
+- Logins: the cache URL's token (``?token-file=FILE``) is sent as a bearer token with every
+  request to that cache; ``PURE_CACHE_TOKEN`` (an environment variable, so it would reach every
+  cache configured) only with uploads; otherwise the login for the host in the netrc file
+  (``netrc-file``), with basic authentication.
 - TLS: the system's CAs, or those of ``ssl-cert-file``.
 """
 
@@ -37,21 +38,20 @@ log = logging.getLogger("purestore.cache")
 def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: float, max_connections: int,
                       token: str | None, attempts: int, netrc_file: str | None,
                       ssl_cert_file: str | None) -> "HttpBackend":
-    """:func:`.backend.open_backend` for an HTTP cache: finds its upload token or login, and
-    its TLS context."""
+    """:func:`.backend.open_backend` for an HTTP cache: finds its tokens and login, and its TLS
+    context.  ``token`` (given, or read from the URL's ``token-file``) goes with every request;
+    ``PURE_CACHE_TOKEN`` with uploads only."""
     if token is None and cu.param("token-file"):
         try:
             with open(cu.param("token-file")) as f:  # type: ignore[arg-type]
                 token = f.read().strip()
         except OSError as e:
             raise CacheError(f"cannot read upload token file {cu.param('token-file')!r}: {e.strerror}") from e
-    if token is None:
-        token = os.environ.get("PURE_CACHE_TOKEN") or None
     host = urllib.parse.urlsplit(cu.base).hostname or ""
-    login = None if token else netrc_login(netrc_file, host)
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
                        max_connections=max_connections, token=token, attempts=attempts,
-                       login=login, netrc_file=netrc_file,
+                       upload_token=os.environ.get("PURE_CACHE_TOKEN") or None,
+                       login=netrc_login(netrc_file, host), netrc_file=netrc_file,
                        ssl_context=_ssl_context(ssl_cert_file) if cu.scheme == "https" else None)
 
 
@@ -128,6 +128,9 @@ _UNKNOWN_CA = ("self-signed certificate", "self signed certificate", "unable to 
 class HttpBackend(Backend):
     """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
 
+    Authorization: ``token`` (bearer) on every request; else ``upload_token`` (bearer) on
+    uploads; else ``login`` (basic authentication) when there is one.
+
     One pooled :class:`~purestore.cache.http.HttpClient` (HTTP/1.1 keep-alive) per backend.  A
     connection that delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
 
@@ -145,11 +148,12 @@ class HttpBackend(Backend):
     def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
                  max_connections: int, token: str | None, attempts: int = 5,
                  retry_delay: float | None = None, login: tuple[str, str] | None = None,
-                 netrc_file: str | None = None, ssl_context=None):
+                 netrc_file: str | None = None, ssl_context=None, upload_token: str | None = None):
         from . import http
         self._http = http
         self.cache_url = cu
         self.token = token
+        self.upload_token = upload_token
         self.login = login  # (name, password) sent with basic authentication (from netrc_file)
         self.netrc_file = netrc_file
         if attempts < 1:
@@ -166,15 +170,20 @@ class HttpBackend(Backend):
         if not u.hostname:
             raise CacheError(f"cache URL {cu.url!r}: missing host")
         self._prefix = u.path  # ends with '/'
-        headers = {"User-Agent": "purestore"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        elif login:
-            headers["Authorization"] = "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
         self.client = http.HttpClient(u.scheme, u.hostname, port, connect_timeout=connect_timeout,
                                       stall_timeout=stall_timeout, max_connections=max_connections,
-                                      headers=headers, ssl_context=ssl_context)
+                                      headers={"User-Agent": "purestore"}, ssl_context=ssl_context)
         self.custom_ca = ssl_context is not None
+
+    def _auth(self, method: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+        """``headers`` with the Authorization this request gets (see the class)."""
+        out = dict(headers or {})
+        token = self.token or (self.upload_token if method == "PUT" else None)
+        if token:
+            out["Authorization"] = f"Bearer {token}"
+        elif self.login:
+            out["Authorization"] = "Basic " + base64.b64encode(":".join(self.login).encode()).decode()
+        return out
 
     def _target(self, name: str) -> str:
         return self._prefix + urllib.parse.quote(check_name(name, self.url))
@@ -205,7 +214,7 @@ class HttpBackend(Backend):
         if r.status == 401:  # said in the message, which a build's warning shows, not in a hint
             host = self.client.host
             if self.token:
-                msg += " (the cache refused the upload token)"
+                msg += " (the cache refused the token of the URL's token-file)"
             elif self.login:
                 msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
             elif self.netrc_file:
@@ -247,10 +256,11 @@ class HttpBackend(Backend):
         """One request, retried while it fails transiently; returns (response, body).  A
         callable ``body`` is called for each attempt (a stream is read once)."""
         body = kw.pop("body", None)
+        headers = self._auth(method, kw.pop("headers", None))
 
         async def once():
             try:
-                r, data = await self.client.request(method, self._target(name),
+                r, data = await self.client.request(method, self._target(name), headers=headers,
                                                     body=body() if callable(body) else body, **kw)
             except self._http.HttpError as e:
                 raise self._err(what, name, e) from e
@@ -286,7 +296,7 @@ class HttpBackend(Backend):
         async def respond(offset: int):
             """Request the file from ``offset`` on; return (body chunks, bytes to skip)."""
             await current.aclose()
-            headers = {"Range": f"bytes={offset}-"} if offset else None
+            headers = self._auth("GET", {"Range": f"bytes={offset}-"} if offset else None)
             try:
                 r, body = await current.enter_async_context(self.client.stream("GET", target, headers=headers))
             except http.HttpError as e:

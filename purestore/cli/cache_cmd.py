@@ -30,7 +30,9 @@ Copy store paths and their closures to or from a binary cache.
 secret keys given (the cache itself never needs a key), and writes nix-cache-info, narinfo,
 nar/<filehash>.nar.<ext>, optional .ls listings and build logs under log/. URL parameters:
 compression=zstd|xz|none (default zstd), compression-level=N, secret-key=FILE,
-write-nar-listing=true, token-file=FILE (HTTP upload token; or env PURE_CACHE_TOKEN).
+write-nar-listing=true, token-file=FILE (bearer token sent to that cache; env
+PURE_CACHE_TOKEN: sent with uploads only). Logins for HTTP caches come from the netrc-file
+setting; an https cache's own CA from ssl-cert-file (docs/caches.md).
 
 --from fetches PATHs (store paths, which need not be valid yet) with their closures; only
 narinfos signed by a trusted key are used, and every NAR is checked against its hashes and sizes.
