@@ -29,14 +29,19 @@ def free_port() -> int:
 def nginx(tmp_path, request):
     """nginx serving tmp_path/cache read-only on 127.0.0.1 (single process, no daemon); with an
     indirect parameter, these directives added to its server block, or with "tls" (which needs
-    openssl), over https with a new self-signed certificate, tmp_path/nginx/cert.pem."""
+    openssl), over https with a new self-signed certificate, tmp_path/nginx/cert.pem, or with
+    "redirect", NARs only from a second server on another port, where the first redirects."""
     extra = getattr(request, "param", "")
     cache = tmp_path / "cache"
     cache.mkdir()
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     port = free_port()
-    listen, scheme = f"127.0.0.1:{port}", "http"
+    listen, scheme, second = f"127.0.0.1:{port}", "http", ""
+    if extra == "redirect":
+        port2 = free_port()
+        second = f"server {{ listen 127.0.0.1:{port2}; root {cache}; }}"
+        extra = f"location /nar/ {{ return 302 http://127.0.0.1:{port2}$request_uri; }}"
     if extra == "tls":
         if shutil.which("openssl") is None:
             pytest.skip("openssl is not installed")
@@ -67,6 +72,7 @@ http {{
         root {cache};
         {extra}
     }}
+    {second}
 }}
 """)
     proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.PIPE)
@@ -211,3 +217,20 @@ def test_an_https_cache_with_its_own_ca_is_read_with_ssl_cert_file(tmp_path, ngi
         subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
                         "--option", "trusted-public-keys", PUB, app_p],
                        env=env, check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("nginx", ["redirect"], indirect=True)
+def test_nars_behind_a_redirect_to_another_server_are_fetched(tmp_path, nginx):
+    """The cache's server sends every NAR request elsewhere (302), as caches that hand downloads
+    to a CDN or an object store do; pure follows, as Nix does."""
+    cache, url = nginx
+    store_dir, app_p = _pushed_closure(tmp_path, cache)
+    out = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b",
+                   store_dir=store_dir)
+    assert len(json.loads(out.stdout)["fetched"]) == 2
+    run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+    if HAVE_NIX:
+        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
+        subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
+                        "--option", "trusted-public-keys", PUB, app_p], env=env, check=True,
+                       capture_output=True, timeout=120)

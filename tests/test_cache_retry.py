@@ -30,6 +30,8 @@ class FlakyCache(Scripted):
 
     ``ranges=False``: ``Range`` headers are ignored (the whole file is sent, as RFC 9110 allows).
     ``login=(name, password)``: a request without that HTTP basic login gets 401.
+    ``redirects``: name prefix → where such files are (a URL or a path on this server, the
+    name appended), answered with ``302 Found``; ``"!nolocation"``: a 302 without a Location.
     ``asked`` records (method, name, Range header or None, status sent).
     """
 
@@ -37,6 +39,7 @@ class FlakyCache(Scripted):
                  overlap: int = 0, login: tuple[str, str] | None = None):
         super().__init__(self._respond)
         self.login = login
+        self.redirects: dict[str, str] = {}
         self.dir = directory
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.ranges = ranges
@@ -73,6 +76,12 @@ class FlakyCache(Scripted):
             await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cache\"\r\n"
                                   b"Content-Length: 0\r\n\r\n")
             return True
+        for prefix, to in self.redirects.items():
+            if name.startswith(prefix):
+                self.asked.append((method, name, rng, 302))
+                location = b"" if to == "!nolocation" else b"Location: %s\r\n" % (to + name).encode()
+                await stream.send_all(b"HTTP/1.1 302 Found\r\n%sContent-Length: 5\r\n\r\nmoved" % location)
+                return True
         fault = self._fault(name)
         if fault in ("503", "429-wait-1"):
             status = int(fault[:3])

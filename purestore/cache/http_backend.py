@@ -10,6 +10,9 @@ does): GET/HEAD to read, PUT to write, over :mod:`.http`'s pooled HTTP/1.1 clien
   cache configured) only with uploads; otherwise the login for the host in the netrc file
   (``netrc-file``), with basic authentication.
 - TLS: the system's CAs, or those of ``ssl-cert-file``.
+- Redirects (GET and HEAD; caches that hand NAR downloads to a CDN or object store): followed
+  up to :data:`MAX_REDIRECTS` times, never from https to http, and no token or login is sent to
+  another origin than the cache's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from ..errors import CacheError
 from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5  # redirects followed for one request (curl's default is 50; a cache needs one)
 RETRY_DELAY = 0.25  # seconds before the second attempt; doubled for each further one
 
 log = logging.getLogger("purestore.cache")
@@ -94,6 +99,14 @@ def _ssl_context(ssl_cert_file: str | None):
         reason = e.strerror or str(e)
         raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {reason}",
                          hint="ssl-cert-file names a file of PEM certificates") from None
+
+
+def _small(r, limit: int = 1 << 16) -> bool:
+    """The response declares a body of at most ``limit`` bytes."""
+    try:
+        return int(r.headers.get("content-length", "")) <= limit
+    except ValueError:
+        return False
 
 
 class _Transient(CacheError):
@@ -174,6 +187,12 @@ class HttpBackend(Backend):
                                       stall_timeout=stall_timeout, max_connections=max_connections,
                                       headers={"User-Agent": "purestore"}, ssl_context=ssl_context)
         self.custom_ca = ssl_context is not None
+        self._base = f"{u.scheme}://{u.netloc}"
+        # clients for the other origins redirects lead to, by (scheme, host, port)
+        self._others: dict[tuple[str, str, int], object] = {}
+        self._client_args = dict(connect_timeout=connect_timeout, stall_timeout=stall_timeout,
+                                 max_connections=max_connections, headers={"User-Agent": "purestore"},
+                                 ssl_context=ssl_context)
 
     def _auth(self, method: str, headers: dict[str, str] | None = None) -> dict[str, str]:
         """``headers`` with the Authorization this request gets (see the class)."""
@@ -185,12 +204,46 @@ class HttpBackend(Backend):
             out["Authorization"] = "Basic " + base64.b64encode(":".join(self.login).encode()).decode()
         return out
 
+    def _headers(self, client, method: str, headers: dict[str, str] | None) -> dict[str, str]:
+        """The request's headers: with its Authorization only for the cache's own origin."""
+        return self._auth(method, headers) if client is self.client else dict(headers or {})
+
+    def _redirect(self, r, method: str, what: str, name: str, hops: int, url: str):
+        """Where a redirect answer ``r`` to a request for ``url`` leads: (client, target, URL);
+        None when ``r`` is not one to follow."""
+        if r.status not in REDIRECT_STATUS or method not in ("GET", "HEAD"):
+            return None
+        where = f"cache {self.url!r}: cannot {what} {name!r}"
+        location = r.headers.get("location", "").strip()
+        if not location:
+            raise CacheError(f"{where}: HTTP {r.status} {r.reason} without a Location")
+        if hops >= MAX_REDIRECTS:
+            raise CacheError(f"{where}: more than {MAX_REDIRECTS} redirects (the last to {location!r})")
+        new = urllib.parse.urljoin(url, location)
+        u = urllib.parse.urlsplit(new)
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError:
+            port = None
+        if u.scheme not in ("http", "https") or not u.hostname or port is None:
+            raise CacheError(f"{where}: redirected to {new!r}, which is not an http(s) URL")
+        if self.client.scheme == "https" and u.scheme == "http":
+            raise CacheError(f"{where}: redirected from https to {new!r}: refused (plain http)")
+        key = (u.scheme, u.hostname, port)
+        if key == (self.client.scheme, self.client.host, self.client.port):
+            client = self.client
+        else:
+            client = self._others.get(key)
+            if client is None:
+                client = self._others[key] = self._http.HttpClient(u.scheme, u.hostname, port, **self._client_args)
+        return client, (u.path or "/") + (f"?{u.query}" if u.query else ""), new
+
     def _target(self, name: str) -> str:
         return self._prefix + urllib.parse.quote(check_name(name, self.url))
 
-    def _err(self, what: str, name: str, e: Exception) -> CacheError:
-        """The :class:`CacheError` for a failed request: :class:`_Transient` when another
-        attempt may succeed."""
+    def _err(self, what: str, name: str, e: Exception, via: str | None = None) -> CacheError:
+        """The :class:`CacheError` for a failed request (``via``: the URL a redirect led to):
+        :class:`_Transient` when another attempt may succeed."""
         http = self._http
         transient = True
         if isinstance(e, http.Stalled):
@@ -207,6 +260,8 @@ class HttpBackend(Backend):
         else:
             reason = str(e) or type(e).__name__
             transient = False
+        if via:
+            reason += f" (redirected to {via})"
         return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
 
     def _status(self, what: str, name: str, r) -> CacheError:
@@ -256,15 +311,21 @@ class HttpBackend(Backend):
         """One request, retried while it fails transiently; returns (response, body).  A
         callable ``body`` is called for each attempt (a stream is read once)."""
         body = kw.pop("body", None)
-        headers = self._auth(method, kw.pop("headers", None))
+        headers = kw.pop("headers", None)
 
         async def once():
-            try:
-                r, data = await self.client.request(method, self._target(name), headers=headers,
-                                                    body=body() if callable(body) else body, **kw)
-            except self._http.HttpError as e:
-                raise self._err(what, name, e) from e
-            self._answered = True
+            client, target, via = self.client, self._target(name), None
+            for hops in range(MAX_REDIRECTS + 1):
+                try:
+                    r, data = await client.request(method, target, headers=self._headers(client, method, headers),
+                                                   body=body() if callable(body) else body, **kw)
+                except self._http.HttpError as e:
+                    raise self._err(what, name, e, via) from e
+                self._answered = True
+                nxt = self._redirect(r, method, what, name, hops, via or self._base + target)
+                if nxt is None:
+                    break
+                client, target, via = nxt
             if r.status in TRANSIENT_STATUS:
                 raise self._status(what, name, r)
             self._failing = False
@@ -290,18 +351,28 @@ class HttpBackend(Backend):
     @contextlib.asynccontextmanager
     async def open_read(self, name: str):
         http = self._http
-        target = self._target(name)
         current = contextlib.AsyncExitStack()  # the response being read (one at a time)
+        via: str | None = None  # where a redirect led the response being read
 
         async def respond(offset: int):
             """Request the file from ``offset`` on; return (body chunks, bytes to skip)."""
-            await current.aclose()
-            headers = self._auth("GET", {"Range": f"bytes={offset}-"} if offset else None)
-            try:
-                r, body = await current.enter_async_context(self.client.stream("GET", target, headers=headers))
-            except http.HttpError as e:
-                raise self._err("download", name, e) from e
-            self._answered = True
+            nonlocal via
+            client, target, via = self.client, self._target(name), None
+            for hops in range(MAX_REDIRECTS + 1):
+                await current.aclose()
+                headers = self._headers(client, "GET", {"Range": f"bytes={offset}-"} if offset else None)
+                try:
+                    r, body = await current.enter_async_context(client.stream("GET", target, headers=headers))
+                    self._answered = True
+                    nxt = self._redirect(r, "GET", "download", name, hops, via or self._base + target)
+                    if nxt is None:
+                        break
+                    if _small(r):  # read a redirect's few bytes: the connection goes back to the pool
+                        async for _ in body:
+                            pass
+                except http.HttpError as e:
+                    raise self._err("download", name, e, via) from e
+                client, target, via = nxt
             if r.status in (404, 410):
                 raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
             if offset and r.status == 206:
@@ -333,7 +404,7 @@ class HttpBackend(Backend):
                             yield c
                         return
                     except http.HttpError as e:
-                        raise self._err("download", name, e) from e
+                        raise self._err("download", name, e, via) from e
                 except _Transient as e:
                     failure = e
                     while True:  # ask for the rest; a request that fails counts as an attempt
@@ -381,3 +452,5 @@ class HttpBackend(Backend):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        for c in self._others.values():
+            await c.aclose()
