@@ -90,6 +90,16 @@ http {{
     proc.wait(10)
 
 
+def nix_copy_from(tmp_path, url, path, *options, env=None, check=False):
+    """`nix copy --from URL PATH` into a chroot store, trusting the test key."""
+    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command", **(env or {})}
+    p = subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
+                        "--option", "trusted-public-keys", PUB, *options, path],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert not check or p.returncode == 0, p.stderr
+    return p
+
+
 def _pushed_closure(tmp_path, cache):
     """lib and app (app refers to lib), pushed by `pure copy` into ``cache`` (signed, store dir
     /nix/store where Nix is installed, so that Nix can read it too); returns (store dir, app)."""
@@ -112,10 +122,7 @@ def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
     assert len(json.loads(out.stdout)["fetched"]) == 2
     run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
     if HAVE_NIX:
-        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
-        subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
-                        "--option", "trusted-public-keys", PUB, app_p], env=env, check=True,
-                       capture_output=True, timeout=120)
+        nix_copy_from(tmp_path, url, app_p, check=True)
 
 
 async def test_a_download_from_nginx_cut_half_way_resumes_with_a_range(tmp_path, nginx, monkeypatch):
@@ -164,13 +171,9 @@ def test_a_private_cache_behind_nginx_is_read_with_the_netrc_login(tmp_path, ngi
     assert len(json.loads(out.stdout)["fetched"]) == 2
     run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
     if HAVE_NIX:
-        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
-        nix = ["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
-               "--option", "trusted-public-keys", PUB, app_p]
-        p = subprocess.run(nix, env=env, capture_output=True, text=True, timeout=120)
+        p = nix_copy_from(tmp_path, url, app_p)
         assert p.returncode != 0  # Nix 2.8 says only "... does not appear to be a binary cache"
-        subprocess.run(nix + ["--option", "netrc-file", str(netrc)], env=env, check=True,
-                       capture_output=True, timeout=120)
+        nix_copy_from(tmp_path, url, app_p, "--option", "netrc-file", str(netrc), check=True)
 
 
 @pytest.mark.parametrize("nginx", ["tls"], indirect=True)
@@ -212,11 +215,7 @@ def test_an_https_cache_with_its_own_ca_is_read_with_ssl_cert_file(tmp_path, ngi
     run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
     if HAVE_NIX:
         # Nix 2.8 takes the CA file from NIX_SSL_CERT_FILE only (its ssl-cert-file setting is not used)
-        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command",
-               "NIX_SSL_CERT_FILE": str(cert)}
-        subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
-                        "--option", "trusted-public-keys", PUB, app_p],
-                       env=env, check=True, capture_output=True, timeout=120)
+        nix_copy_from(tmp_path, url, app_p, env={"NIX_SSL_CERT_FILE": str(cert)}, check=True)
 
 
 @pytest.mark.parametrize("nginx", ["redirect"], indirect=True)
@@ -230,7 +229,4 @@ def test_nars_behind_a_redirect_to_another_server_are_fetched(tmp_path, nginx):
     assert len(json.loads(out.stdout)["fetched"]) == 2
     run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
     if HAVE_NIX:
-        env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
-        subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
-                        "--option", "trusted-public-keys", PUB, app_p], env=env, check=True,
-                       capture_output=True, timeout=120)
+        nix_copy_from(tmp_path, url, app_p, check=True)
