@@ -76,10 +76,10 @@ def make_closure(store):
     return lib, app
 
 
-def start_server(directory, *, token_file=None, env=None):
-    """Run `pure cache serve DIR --listen 127.0.0.1:0`; returns (process, base URL)."""
+def start_server(directory, *options, token_file=None, env=None):
+    """Run `pure cache serve DIR --listen 127.0.0.1:0 [OPTIONS]`; returns (process, base URL)."""
     args = [sys.executable, "-m", "purestore.cli.main", "cache", "serve", str(directory),
-            "--listen", "127.0.0.1:0"]
+            "--listen", "127.0.0.1:0", *map(str, options)]
     if token_file:
         args += ["--upload-token-file", str(token_file)]
     proc = subprocess.Popen(args, env=pure_env(None, extra=env), stderr=subprocess.PIPE, text=True)
@@ -87,7 +87,7 @@ def start_server(directory, *, token_file=None, env=None):
     line = ""
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        m = re.search(r"on (http://\S+)", line)
+        m = re.search(r"on (https?://\S+)", line)
         if m:
             return proc, m.group(1).rstrip("/") + "/"
         if not line and proc.poll() is not None:

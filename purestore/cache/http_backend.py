@@ -101,6 +101,19 @@ def _ssl_context(ssl_cert_file: str | None):
                          hint="ssl-cert-file names a file of PEM certificates") from None
 
 
+def _status_line(r) -> str:
+    """``HTTP 401 Unauthorized``: with the standard reason when the server sent none (HTTP/2
+    style servers such as hypercorn)."""
+    reason = r.reason
+    if not reason:
+        import http as stdlib_http
+        try:
+            reason = stdlib_http.HTTPStatus(r.status).phrase
+        except ValueError:
+            return f"HTTP {r.status}"
+    return f"HTTP {r.status} {reason}"
+
+
 def _small(r, limit: int = 1 << 16) -> bool:
     """The response declares a body of at most ``limit`` bytes."""
     try:
@@ -216,7 +229,7 @@ class HttpBackend(Backend):
         where = f"cache {self.url!r}: cannot {what} {name!r}"
         location = r.headers.get("location", "").strip()
         if not location:
-            raise CacheError(f"{where}: HTTP {r.status} {r.reason} without a Location")
+            raise CacheError(f"{where}: {_status_line(r)} without a Location")
         if hops >= MAX_REDIRECTS:
             raise CacheError(f"{where}: more than {MAX_REDIRECTS} redirects (the last to {location!r})")
         new = urllib.parse.urljoin(url, location)
@@ -265,11 +278,13 @@ class HttpBackend(Backend):
         return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
 
     def _status(self, what: str, name: str, r) -> CacheError:
-        msg = f"cache {self.url!r}: cannot {what} {name!r}: HTTP {r.status} {r.reason}"
+        msg = f"cache {self.url!r}: cannot {what} {name!r}: {_status_line(r)}"
         if r.status == 401:  # said in the message, which a build's warning shows, not in a hint
             host = self.client.host
             if self.token:
                 msg += " (the cache refused the token of the URL's token-file)"
+            elif r.headers.get("www-authenticate", "").lower().startswith("bearer"):
+                msg += " (the cache wants a token: give its file with ?token-file=FILE in the cache's URL)"
             elif self.login:
                 msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
             elif self.netrc_file:

@@ -11,6 +11,9 @@ client depends on.  It answers:
 - ``PUT`` only when started with an upload token, and only with ``Authorization: Bearer TOKEN``;
   the body is written to a temporary file and renamed into place, so readers never see partial
   files.  Uploads never need a signing key: clients sign before they upload.
+- With a read token (a private cache), ``GET``/``HEAD`` too only with ``Authorization: Bearer``
+  and that token (or the upload token); 401 otherwise.
+- Over TLS when given a certificate and its key (``https://``).
 
 :func:`make_app` returns the ASGI application; :func:`serve_cache` runs it (``task_status``
 reports the bound URLs, which is how tests learn an ephemeral port).
@@ -49,10 +52,19 @@ def _content_type(name: str) -> bytes:
     return b"application/octet-stream"
 
 
-def make_app(directory: str, upload_token: str | None = None):
-    """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set)."""
+def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None):
+    """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set; reads
+    only with ``read_token`` or ``upload_token`` when ``read_token`` is set)."""
     directory = os.path.abspath(directory)
     token = upload_token.encode() if upload_token else None
+    readers = [b"Bearer " + t.encode() for t in (read_token, upload_token) if t] if read_token else []
+
+    def may_read(scope) -> bool:
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        ok = False
+        for r in readers:  # compare with all of them: the time taken says nothing
+            ok |= hmac.compare_digest(auth, r)
+        return ok
 
     async def respond(send, status: int, body: bytes = b"", headers=(), head=False):
         hdrs = [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/plain")]
@@ -73,6 +85,10 @@ def make_app(directory: str, upload_token: str | None = None):
             return
         method = scope["method"]
         name = scope["path"].lstrip("/")  # already percent-decoded by the server
+        if readers and method in ("GET", "HEAD") and not may_read(scope):
+            await respond(send, 401, b"this cache needs a read token\n", [(b"www-authenticate", b"Bearer")],
+                          head=method == "HEAD")
+            return
         if method in ("GET", "HEAD") and name == "":
             await respond(send, 200, b"purestore binary cache\n", head=method == "HEAD")
             return
@@ -103,6 +119,21 @@ def make_app(directory: str, upload_token: str | None = None):
             await respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
     return app
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Load the certificate and key as the server will, for an error that names them."""
+    import ssl
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError as e:
+        raise CacheError(f"TLS certificate or key file {e.filename or cert!r} does not exist") from None
+    except ssl.SSLError as e:
+        from .http import ssl_message
+        raise CacheError(f"cannot use the TLS certificate {cert!r} with the key {key!r}: {ssl_message(e)}",
+                         hint="--tls-cert is a PEM certificate (chain), --tls-key its PEM private key") from None
+    except OSError as e:
+        raise CacheError(f"cannot read the TLS certificate {cert!r} or key {key!r}: {e.strerror or e}") from None
 
 
 SMALL_FILE = 1 << 18  # read in the event loop: a page-cache read is quicker than a thread hop
@@ -238,8 +269,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 async def serve_cache(directory: str, listen: str, *, upload_token: str | None = None,
+                      read_token: str | None = None, tls: tuple[str, str] | None = None,
                       task_status=trio.TASK_STATUS_IGNORED, shutdown_trigger=None) -> None:
-    """Serve ``directory`` on ``listen`` until cancelled; ``task_status.started(urls)``."""
+    """Serve ``directory`` on ``listen`` until cancelled; ``task_status.started(urls)``.
+    ``tls``: (certificate file, key file) to serve https."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -254,7 +287,10 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     config.keep_alive_timeout = 30
     config.h11_max_incomplete_size = 64 * 1024
     config.include_server_header = False
-    app = make_app(directory, upload_token)
+    if tls:
+        _check_tls(*tls)
+        config.certfile, config.keyfile = tls
+    app = make_app(directory, upload_token, read_token)
     try:
         await serve(app, config, task_status=task_status, shutdown_trigger=shutdown_trigger)
     except OSError as e:

@@ -45,6 +45,9 @@ With --upload-token-file FILE (or env PURE_CACHE_TOKEN) the server also accepts 
 'Authorization: Bearer TOKEN', so that 'pure copy --to http://HOST:PORT/?token-file=FILE'
 can push to it. The server never needs a signing key: clients sign before uploading.
 Any static web server can serve the same directory read-only.
+
+A private cache: --read-token-file FILE makes GET and HEAD need that bearer token too (clients
+add ?token-file=FILE to the cache's URL); --tls-cert and --tls-key serve https.
 """
 
 _VERIFY_HELP = """\
@@ -124,6 +127,11 @@ def register(reg) -> None:
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
     p.add_argument("--upload-token-file", metavar="FILE", help="enable PUT for this bearer token")
+    p.add_argument("--read-token-file", metavar="FILE",
+                   help="a private cache: GET and HEAD only with this bearer token (or the upload token); "
+                        "clients give it with ?token-file=FILE in the cache's URL")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
 
     p = reg.command("verify", "check a binary cache: narinfos, signatures, NAR files, closure",
                     cmd_cache_verify, group="cache", description=_VERIFY_HELP)
@@ -269,17 +277,24 @@ def cmd_cache_serve(args, ctx) -> int:
     from ..cache.server import serve_cache
     from ..errors import UsageError
 
-    token = None
-    if args.upload_token_file:
+    def read_token(path: str, what: str) -> str:
         try:
-            with open(args.upload_token_file) as f:
-                token = f.read().strip()
+            with open(path) as f:
+                text = f.read().strip()
         except OSError as e:
-            raise UsageError(f"cannot read upload token file {args.upload_token_file!r}: {e.strerror}") from e
-        if not token:
-            raise UsageError(f"upload token file {args.upload_token_file!r} is empty")
+            raise UsageError(f"cannot read {what} token file {path!r}: {e.strerror}") from e
+        if not text:
+            raise UsageError(f"{what} token file {path!r} is empty")
+        return text
+
+    if args.upload_token_file:
+        token = read_token(args.upload_token_file, "upload")
     else:
         token = os.environ.get("PURE_CACHE_TOKEN") or None
+    reader = read_token(args.read_token_file, "read") if args.read_token_file else None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from ..cache._nursery import open_nursery
@@ -287,9 +302,11 @@ def cmd_cache_serve(args, ctx) -> int:
     async def main():
         async with open_nursery() as n:
             urls = await n.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
-                args.dir, args.listen, upload_token=token, task_status=task_status))
+                args.dir, args.listen, upload_token=token, read_token=reader, tls=tls,
+                task_status=task_status))
             ctx.info(f"serving {args.dir!r} on {' '.join(urls)}"
-                     + (" (uploads enabled)" if token else " (read-only)"))
+                     + (" (uploads enabled" if token else " (read-only")
+                     + ("; reads need the read token)" if reader else ")"))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for _ in sigs:
                     n.cancel_scope.cancel()
