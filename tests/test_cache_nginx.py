@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import HAVE_NIX, run_pure
-from test_cache_support import PUB, SEC, make_closure, open_store
+from test_cache_support import PUB, SEC, nix_copy_from, open_store, pushed_closure
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
@@ -90,33 +90,9 @@ http {{
     proc.wait(10)
 
 
-def nix_copy_from(tmp_path, url, path, *options, env=None, check=False):
-    """`nix copy --from URL PATH` into a chroot store, trusting the test key."""
-    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command", **(env or {})}
-    p = subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
-                        "--option", "trusted-public-keys", PUB, *options, path],
-                       env=env, capture_output=True, text=True, timeout=120)
-    assert not check or p.returncode == 0, p.stderr
-    return p
-
-
-def _pushed_closure(tmp_path, cache):
-    """lib and app (app refers to lib), pushed by `pure copy` into ``cache`` (signed, store dir
-    /nix/store where Nix is installed, so that Nix can read it too); returns (store dir, app)."""
-    key = tmp_path / "k.sec"
-    key.write_text(SEC)
-    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
-    with open_store(tmp_path / "a", store_dir) as store:
-        _lib, app = make_closure(store)
-        app_p = store.print_path(app)
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
-             root=tmp_path / "a", store_dir=store_dir)
-    return store_dir, app_p
-
-
 def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
     cache, url = nginx
-    store_dir, app_p = _pushed_closure(tmp_path, cache)
+    store_dir, app_p = pushed_closure(tmp_path, cache)
     out = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p,
                    root=tmp_path / "b", store_dir=store_dir)
     assert len(json.loads(out.stdout)["fetched"]) == 2
@@ -153,7 +129,7 @@ def test_a_private_cache_behind_nginx_is_read_with_the_netrc_login(tmp_path, ngi
     netrc file of the netrc-file setting, and so does Nix with the same file."""
     cache, url = nginx
     (tmp_path / "nginx" / "users").write_text("alice:{PLAIN}s3cret\n")
-    store_dir, app_p = _pushed_closure(tmp_path, cache)
+    store_dir, app_p = pushed_closure(tmp_path, cache)
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
     conf = tmp_path / "pure.conf"
@@ -182,7 +158,7 @@ def test_an_https_cache_with_its_own_ca_is_read_with_ssl_cert_file(tmp_path, ngi
     self-signed one fails, saying what to do), or against the ssl-cert-file setting's."""
     cache, url = nginx
     assert url.startswith("https://")
-    store_dir, app_p = _pushed_closure(tmp_path, cache)
+    store_dir, app_p = pushed_closure(tmp_path, cache)
     conf = tmp_path / "pure.conf"
     cert = tmp_path / "nginx" / "cert.pem"
 
@@ -223,7 +199,7 @@ def test_nars_behind_a_redirect_to_another_server_are_fetched(tmp_path, nginx):
     """The cache's server sends every NAR request elsewhere (302), as caches that hand downloads
     to a CDN or an object store do; pure follows, as Nix does."""
     cache, url = nginx
-    store_dir, app_p = _pushed_closure(tmp_path, cache)
+    store_dir, app_p = pushed_closure(tmp_path, cache)
     out = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b",
                    store_dir=store_dir)
     assert len(json.loads(out.stdout)["fetched"]) == 2

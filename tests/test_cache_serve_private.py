@@ -4,28 +4,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 
 import pytest
 
 from conftest import HAVE_NIX, run_pure
-from test_cache_support import PUB, SEC, make_closure, open_store, start_server, stop_server
+from test_cache_support import PUB, nix_copy_from, open_store, pushed_closure, start_server, stop_server
 
 
 @pytest.fixture
 def pushed(tmp_path):
-    """A file cache holding lib and app (app refers to lib); returns (cache dir, app)."""
-    key = tmp_path / "k.sec"
-    key.write_text(SEC)
-    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
-    with open_store(tmp_path / "a", store_dir) as store:
-        _lib, app = make_closure(store)
-        app_p = store.print_path(app)
+    """A file cache holding lib and app (app refers to lib); returns (cache dir, app, store dir)."""
     cache = tmp_path / "cache"
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p, root=tmp_path / "a",
-             store_dir=store_dir)
+    store_dir, app_p = pushed_closure(tmp_path, cache)
     return cache, app_p, store_dir
 
 
@@ -104,11 +96,7 @@ def test_https_with_a_certificate_of_our_own(tmp_path, pushed):
                      store_dir=store_dir, env={"PURE_CONFIG": str(conf)})
         assert len(json.loads(r.stdout)["fetched"]) == 2
         if HAVE_NIX:
-            env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command",
-                   "NIX_SSL_CERT_FILE": str(cert)}
-            subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
-                            "--option", "trusted-public-keys", PUB, app], env=env, check=True,
-                           capture_output=True, timeout=120)
+            nix_copy_from(tmp_path, url, app, env={"NIX_SSL_CERT_FILE": str(cert)}, check=True)
     finally:
         stop_server(proc)
     run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)

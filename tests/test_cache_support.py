@@ -3,6 +3,8 @@
 - :func:`open_store` opens a rooted store with the library;
 - :func:`make_path` registers a synthetic input-addressed path (no content address, so even Nix
   insists on a signature) with given files and references;
+- :func:`pushed_closure` pushes a small closure into a file cache with `pure copy`;
+- :func:`nix_copy_from` runs `nix copy --from` into a chroot store (where Nix is installed);
 - :func:`start_server` runs `pure cache serve` as a real process and returns its URL;
 - :func:`resign` rewrites a narinfo in a cache, optionally re-signing it with a key.
 """
@@ -17,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import DATA, pure_env
+from conftest import DATA, HAVE_NIX, pure_env, run_pure
 
 SEC = (DATA / "cache" / "test-key-1.sec").read_text()
 PUB = (DATA / "cache" / "test-key-1.pub").read_text()
@@ -74,6 +76,30 @@ def make_closure(store):
     }
     app = make_path(store, "app-2.0", app_files, refs=[lib])
     return lib, app
+
+
+def pushed_closure(tmp_path, cache):
+    """lib and app (app refers to lib), pushed by `pure copy` into ``cache`` (signed, store dir
+    /nix/store where Nix is installed, so that Nix can read it too); returns (store dir, app)."""
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    store_dir = "/nix/store" if HAVE_NIX else "/pure/store"
+    with open_store(tmp_path / "a", store_dir) as store:
+        _lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, app_p,
+             root=tmp_path / "a", store_dir=store_dir)
+    return store_dir, app_p
+
+
+def nix_copy_from(tmp_path, url, path, *options, env=None, check=False):
+    """`nix copy --from URL PATH` into a chroot store, trusting the test key."""
+    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command", **(env or {})}
+    p = subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
+                        "--option", "trusted-public-keys", PUB, *options, path],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert not check or p.returncode == 0, p.stderr
+    return p
 
 
 def start_server(directory, *options, token_file=None, env=None):

@@ -64,7 +64,7 @@ def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
     """The (login, password) for ``host`` in the netrc file (its ``machine HOST`` entry, else its
     ``default`` one), as Nix's ``netrc-file`` gives curl; None when the file or an entry is
     missing.  A file that cannot be read or parsed is an error that says where."""
-    if not netrc_file:
+    if not netrc_file or not os.path.lexists(netrc_file):  # the usual case: no module to import
         return None
     import netrc
     try:
