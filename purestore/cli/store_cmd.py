@@ -1,4 +1,4 @@
-"""``pure store …``: add, path-info, ls, references, requisites, verify, delete.
+"""``pure store …``: add, path-info, ls, references, requisites, verify, copy-sigs, delete.
 
 Presentation only; the work is :class:`purestore.store.local.LocalStore`.
 """
@@ -29,6 +29,44 @@ the sizes asked for (-s NAR size, -S closure size), tab-separated.
 PATH may be a store path, a file inside one, a symlink to one (such as `result`), the physical
 path in a rooted store, or a base name <hash>-<name>.
 """
+
+_VERIFY_HELP = """\
+Check that every valid path (or each PATH, with -r its closure) exists on disk and that no
+reference dangles; with --check-contents also that each path's NAR hash and size match the
+database. Exits 1 when problems are found.
+
+With --sigs-needed N each path must also be trusted: carry valid signatures by N different keys
+of trusted-public-keys (the setting, or --trusted-public-keys), made over the path as this
+store records it (path, NAR hash, NAR size, references), or be content-addressed (its CA field
+gives back its path, as for added sources and fetched files). Signatures that the binary
+caches given with --substituter hold for the same contents count too, without being stored
+(`pure store copy-sigs` stores them). Like `nix store verify --sigs-needed N`.
+"""
+
+_COPY_SIGS_HELP = """\
+Add to valid paths the signatures that binary caches hold for the same contents.
+
+  pure store copy-sigs -r -s https://cache.example.org/ ./result
+
+For each PATH, each cache's narinfo is read; when its NAR hash, NAR size and references equal
+the local ones, its signatures by trusted keys (trusted-public-keys, or --trusted-public-keys)
+that verify are added to the local path info. So a path built here and by a trusted builder
+gets that builder's signature: evidence that both produced the same bytes, which `pure copy
+--to` then passes on. Unlike `nix store copy-sigs`, a signature by an untrusted key or one that
+does not verify is not copied; both are reported, and so is a cache that holds different
+contents for the path (the build did not reproduce there, or one side is corrupted).
+"""
+
+
+def _count(text: str) -> int:
+    import argparse
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of signatures (0 or more), got {text!r}")
+    return n
 
 
 def register(reg) -> None:
@@ -67,15 +105,29 @@ def register(reg) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
-    p = reg.command("verify", "check the store's consistency; exit 1 and list problems if any",
-                    cmd_verify, group="store",
-                    description="Check that every valid path exists on disk and that no reference "
-                                "dangles; with --check-contents also that each path's NAR hash "
-                                "and size match the database. Exits 1 when problems are found.")
+    p = reg.command("verify", "check the store's consistency (and trust); exit 1 and list problems if any",
+                    cmd_verify, group="store", description=_VERIFY_HELP)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="check only these paths (default: all valid paths)")
+    p.add_argument("-r", "--recursive", action="store_true", help="check the closures of PATHs")
     p.add_argument("--check-contents", action="store_true", help="rehash every valid path")
+    p.add_argument("--sigs-needed", type=_count, default=0, metavar="N",
+                   help="each path needs valid signatures by N different trusted keys (or a content "
+                        "address that gives back its path)")
+    p.add_argument("-s", "--substituter", action="append", default=[], metavar="URL",
+                   help="with --sigs-needed, also count the signatures this binary cache holds for "
+                        "the same contents (may be repeated)")
     p.add_argument("--repair", action="store_true",
                    help="fetch missing or corrupted paths again from the substituters (signatures "
                         "and NAR hashes checked) and put them back")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+
+    p = reg.command("copy-sigs", "add signatures that binary caches hold for the same contents",
+                    cmd_copy_sigs, group="store", description=_COPY_SIGS_HELP)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("-r", "--recursive", action="store_true", help="the closures of PATHs")
+    p.add_argument("-s", "--substituter", action="append", default=[], metavar="URL",
+                   help="binary cache to take signatures from (may be repeated; default: the "
+                        "substituters setting)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
     p = reg.command("delete", "delete paths that nothing refers to", cmd_delete, group="store",
@@ -162,9 +214,49 @@ def cmd_requisites(args, ctx) -> int:
     return 0
 
 
+def _trusted_keys(ctx, what: str):
+    from ..errors import UsageError
+    from ..formats.signing import parse_public_keys
+    trusted = parse_public_keys(ctx.settings.trusted_public_keys)
+    if not trusted:
+        raise UsageError(f"{what} needs trusted keys, and none are set",
+                         hint="set trusted-public-keys in the config file, or pass "
+                              "--trusted-public-keys 'NAME:BASE64 ...' before the command")
+    return trusted
+
+
+def _chosen_paths(store, args):
+    roots = [store.parse_path(p, valid=True) for p in args.paths]
+    return store.topo_sort(store.query_closure(roots)) if args.recursive else list(dict.fromkeys(roots))
+
+
+def _warn_failures(ctx, store, failures) -> None:
+    for url, path, why in failures:
+        what = f" for {store.print_path(path)}" if path is not None else ""
+        ctx.info(f"warning: cannot read {url}{what}: {why}")
+
+
 def cmd_verify(args, ctx) -> int:
+    from ..errors import UsageError
+    if args.recursive and not args.paths:
+        raise UsageError("--recursive needs PATHs (without them every valid path is checked)")
+    if args.substituter and not args.sigs_needed:
+        raise UsageError("--substituter is for counting signatures: use it with --sigs-needed N")
+    trusted = _trusted_keys(ctx, "--sigs-needed") if args.sigs_needed else None
     with ctx.open_store() as store:
-        report = store.verify(check_contents=args.check_contents)
+        paths = _chosen_paths(store, args) if args.paths else None
+        more_sigs = None
+        if args.substituter:
+            import trio
+            from ..cache.sigs import cache_narinfos, sigs_for_same_contents
+            chosen = paths if paths is not None else store.valid_paths()
+            found = trio.run(lambda: cache_narinfos(ctx.settings, chosen, args.substituter))
+            _warn_failures(ctx, store, found.failures)
+            more_sigs, differs = sigs_for_same_contents(store, found)
+            for sp, url, why in differs:
+                ctx.info(f"warning: {url} holds other contents for {store.print_path(sp)}: {why}")
+        report = store.verify(check_contents=args.check_contents, paths=paths,
+                              sigs_needed=args.sigs_needed, trusted=trusted, more_sigs=more_sigs)
         repaired = []
         if getattr(args, "repair", False) and not report.ok:
             from ..build.repair import repair_report
@@ -180,6 +272,37 @@ def cmd_verify(args, ctx) -> int:
         ctx.info(f"checked {report.checked} paths: "
                  + ("no problems" if report.ok else f"{len(report.problems)} problem(s)"))
     return 0 if report.ok else 1
+
+
+def cmd_copy_sigs(args, ctx) -> int:
+    import trio
+    from ..cache.sigs import copy_sigs
+    from ..errors import UsageError
+    trusted = _trusted_keys(ctx, "copy-sigs (it copies only signatures by trusted keys)")
+    urls = args.substituter or list(ctx.settings.substituters)
+    if not urls:
+        raise UsageError("no binary cache to take signatures from",
+                         hint="pass -s URL, or set substituters in the config file")
+    with ctx.open_store() as store:
+        paths = _chosen_paths(store, args)
+        copies, found = trio.run(lambda: copy_sigs(store, ctx.settings, paths, urls, trusted))
+        _warn_failures(ctx, store, found.failures)
+        if args.json:
+            _print_json([c.to_json(store.store_dir) for c in copies])
+        for c in copies:
+            where = store.print_path(c.path)
+            for key, url, _sig in c.added:
+                if not args.json:
+                    print(f"{where}: added the signature by {key!r} from {url}")
+            for key, url, why in c.left_out:
+                ctx.info(f"{where}: left out the signature by {key!r} from {url}: {why}")
+            for url, why in c.differs:
+                ctx.info(f"warning: {url} holds other contents for {where}: {why}")
+        n_sigs = sum(len(c.added) for c in copies)
+        n_paths = sum(1 for c in copies if c.added)
+        ctx.info(f"added {n_sigs} signature{'s' if n_sigs != 1 else ''} to {n_paths} of "
+                 f"{len(copies)} path{'s' if len(copies) != 1 else ''}")
+    return 0
 
 
 def cmd_delete(args, ctx) -> int:

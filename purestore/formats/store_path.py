@@ -14,7 +14,7 @@ from typing import Iterable
 
 import attrs
 
-from ..errors import InvalidStorePath
+from ..errors import BadHash, InvalidStorePath
 from .hash import Hash, fold20, nix32_encode, NIX32_ALPHABET
 
 DEFAULT_STORE_DIR = "/pure/store"
@@ -156,3 +156,33 @@ def make_output_path(output: str, drv_hash: bytes, drv_name: str, store_dir: str
 def content_address(hash_: Hash, recursive: bool) -> str:
     """The ``CA`` field of a fixed-output path: ``fixed:[r:]algo:nix32``."""
     return f"fixed:{'r:' if recursive else ''}{hash_.algo}:{hash_.nix32}"
+
+
+def path_from_ca(ca: str, path: StorePath, references: Iterable[StorePath], store_dir: str) -> StorePath:
+    """The store path that the content address ``ca`` (a ``CA`` field: ``text:sha256:…``,
+    ``fixed:r:sha256:…``, ``fixed:ALGO:…``) gives a path named like ``path`` with ``references``
+    (which may hold ``path`` itself: a self-reference).  ``path`` is content-addressed, and so
+    needs no signature to be trusted, when the result equals it (what Nix's
+    ``isContentAddressed`` checks).  Raises :class:`InvalidStorePath` for a malformed ``ca``."""
+    kind, _, rest = ca.partition(":")
+    recursive = kind == "fixed" and rest.startswith("r:")
+    if recursive:
+        rest = rest[2:]
+    algo, _, digest = rest.partition(":")
+    if kind not in ("text", "fixed") or not digest:
+        raise InvalidStorePath(f"malformed content address {ca!r}")
+    try:
+        h = Hash.parse(digest, algo)
+    except BadHash as e:
+        raise InvalidStorePath(f"malformed content address {ca!r}: {e}") from None
+    others = [r for r in references if r != path]
+    self_ref = len(others) != len(list(references))
+    if kind == "text":
+        if h.algo != "sha256" or self_ref:
+            raise InvalidStorePath(f"content address {ca!r}: a text path has a sha256 hash and no self-reference")
+        return make_store_path(_type_with_refs("text", others, store_dir, False), h.digest, path.name, store_dir)
+    if recursive and h.algo == "sha256":
+        return make_source_path(path.name, h, others, store_dir, self_ref)
+    if others or self_ref:
+        raise InvalidStorePath(f"content address {ca!r}: a fixed-output path of this kind has no references")
+    return make_store_path("output:out", fixed_inner(h, recursive), path.name, store_dir)

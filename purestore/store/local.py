@@ -590,11 +590,12 @@ class LocalStore:
 
     # -- verify and delete ----------------------------------------------------------------------
 
-    def verify(self, check_contents: bool = False) -> "VerifyReport":
+    def verify(self, check_contents: bool = False, **kw) -> "VerifyReport":
         """Check that every valid path exists (and, with ``check_contents``, that its NAR hash and
-        size match the database) and that no reference dangles (:mod:`.verify`)."""
+        size match the database) and that no reference dangles; ``paths=`` limits the check,
+        ``sigs_needed=`` with ``trusted=`` checks signatures too (:func:`.verify.verify_store`)."""
         from .verify import verify_store
-        return verify_store(self, check_contents)
+        return verify_store(self, check_contents, **kw)
 
     def is_live(self, sp: StorePath, *, deleting: Iterable[StorePath] = ()) -> str | None:
         """Why ``sp`` must not be deleted, or None.  For now: valid referrers outside ``deleting``.

@@ -1,19 +1,34 @@
 """``pure store verify``: every valid path exists, optionally with the NAR hash and size the
-database recorded, and no reference dangles."""
+database recorded, no reference dangles, and (with ``sigs_needed``) each path is trusted:
+signed by enough trusted keys, or content-addressed.
+
+Trust is judged as Nix's ``nix store verify --sigs-needed N`` judges it: a signature counts when
+it is by a trusted key and verifies against the fingerprint of the path as *this* store records
+it (path, NAR hash, NAR size, references), so a signature made for other contents never counts;
+each key counts once; a path whose content address gives back its own store path needs none.
+Signatures may also come from elsewhere (``more_sigs``: what binary caches hold for the path,
+see :mod:`purestore.cache.sigs`); they count only by the same rule.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Iterable, Mapping
 
 import attrs
 
+from ..errors import FormatError, KeyError_
 from ..formats.hash import Hash
+from ..formats.narinfo import fingerprint
+from ..formats.path_info import PathInfo
+from ..formats.signing import PublicKey, Signature
+from ..formats.store_path import StorePath, path_from_ca
 
 
 @attrs.frozen
 class VerifyProblem:
     """One thing :meth:`LocalStore.verify` found wrong: ``kind`` is ``missing``, ``hash``,
-    ``size``, ``dangling-reference`` or ``unreadable``."""
+    ``size``, ``dangling-reference``, ``unreadable`` or ``untrusted``."""
 
     path: str
     kind: str
@@ -30,12 +45,78 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_store(store, check_contents: bool = False) -> VerifyReport:
-    """Check the valid paths of ``store`` (a :class:`~.local.LocalStore`); see the module doc."""
+@attrs.frozen
+class Trust:
+    """What the signatures of one path amount to: ``keys``, the trusted keys with a valid
+    signature; ``untrusted``, names of keys that are not trusted; ``bad``, trusted keys (or
+    unreadable signatures) whose signature does not verify; ``content_addressed``."""
+
+    content_addressed: bool
+    keys: tuple[str, ...] = ()
+    untrusted: tuple[str, ...] = ()
+    bad: tuple[str, ...] = ()
+
+    def enough(self, needed: int) -> bool:
+        return self.content_addressed or len(self.keys) >= needed
+
+    def describe(self) -> str:
+        """'signed by trusted key 'a'; not trusted: 'b'; invalid signature by 'c'' or 'no signatures'."""
+        parts = []
+        if self.keys:
+            parts.append(f"valid signature by trusted key {', '.join(repr(k) for k in self.keys)}")
+        if self.bad:
+            parts.append(f"invalid signature by {', '.join(repr(k) for k in self.bad)}")
+        if self.untrusted:
+            parts.append(f"signed by key {', '.join(repr(k) for k in self.untrusted)}, not trusted here")
+        return "; ".join(parts) or "no signatures"
+
+
+def is_content_addressed(info: PathInfo, store_dir: str) -> bool:
+    """Whether ``info``'s content address gives back its own path (then it needs no signature)."""
+    if not info.ca:
+        return False
+    try:
+        return path_from_ca(info.ca, info.path, info.references, store_dir) == info.path
+    except FormatError:
+        return False
+
+
+def path_trust(info: PathInfo, store_dir: str, trusted: Mapping[str, PublicKey],
+               more_sigs: Iterable[str] = ()) -> Trust:
+    """Judge the signatures of ``info`` (and ``more_sigs``) against ``trusted`` (see the module doc)."""
+    fp = fingerprint(store_dir, info.path, info.nar_hash, info.nar_size, info.references)
+    keys: dict[str, None] = {}
+    untrusted: dict[str, None] = {}
+    bad: dict[str, None] = {}
+    for text in sorted(set(info.sigs) | set(more_sigs)):
+        try:
+            sig = Signature.parse(text)
+        except KeyError_:
+            bad[text.partition(":")[0] or "?"] = None
+            continue
+        key = trusted.get(sig.name)
+        if key is None:
+            untrusted[sig.name] = None
+        elif key.verify(fp, sig):
+            keys[sig.name] = None
+        else:
+            bad[sig.name] = None
+    bad = {k: None for k in bad if k not in keys}  # a good signature by the same key wins
+    return Trust(is_content_addressed(info, store_dir), tuple(keys), tuple(untrusted), tuple(bad))
+
+
+def verify_store(store, check_contents: bool = False, *, paths: Iterable[StorePath] | None = None,
+                 sigs_needed: int = 0, trusted: Mapping[str, PublicKey] | None = None,
+                 more_sigs: Mapping[StorePath, Iterable[str]] | None = None) -> VerifyReport:
+    """Check the valid paths of ``store`` (a :class:`~.local.LocalStore`), or only ``paths``;
+    with ``sigs_needed`` > 0 also their trust (see the module doc)."""
     from . import fsnar
 
     problems: list[VerifyProblem] = []
     rows = store.db.query("SELECT path, hash, narSize FROM ValidPaths ORDER BY path")
+    if paths is not None:
+        chosen = {sp.base_name for sp in paths}
+        rows = [r for r in rows if r[0] in chosen]
     for base, h, size in rows:
         logical = f"{store.store_dir}/{base}"
         real = f"{store.real_store_dir}/{base}"
@@ -55,10 +136,24 @@ def verify_store(store, check_contents: bool = False) -> VerifyReport:
             elif got_size != size:
                 problems.append(VerifyProblem(
                     logical, "size", f"path {logical!r} has NAR size {got_size}, expected {size}"))
+    if sigs_needed > 0:
+        more_sigs = more_sigs or {}
+        for base, _h, _size in rows:
+            sp = StorePath.from_base_name(base)
+            trust = path_trust(store.query_path_info(sp), store.store_dir, trusted or {}, more_sigs.get(sp, ()))
+            if not trust.enough(sigs_needed):
+                logical = f"{store.store_dir}/{base}"
+                problems.append(VerifyProblem(
+                    logical, "untrusted",
+                    f"path {logical!r} is untrusted: it needs {sigs_needed} valid signature"
+                    f"{'s' if sigs_needed != 1 else ''} by trusted keys and has {len(trust.keys)} "
+                    f"({trust.describe()})"))
     dangling = store.db.query(
         "SELECT a.path, r.reference FROM Refs r JOIN ValidPaths a ON a.id = r.referrer "
         "WHERE r.reference NOT IN (SELECT id FROM ValidPaths)")
+    checked = {r[0] for r in rows}
     for base, ref in dangling:
-        problems.append(VerifyProblem(f"{store.store_dir}/{base}", "dangling-reference",
-                                      f"path {store.store_dir}/{base!r} refers to a path that is not valid (id {ref})"))
+        if base in checked:
+            problems.append(VerifyProblem(f"{store.store_dir}/{base}", "dangling-reference",
+                                          f"path {store.store_dir}/{base!r} refers to a path that is not valid (id {ref})"))
     return VerifyReport(checked=len(rows), problems=tuple(problems))
