@@ -2,7 +2,8 @@
 one JSON object per line (``--json``).
 
 The scheduler calls :meth:`Progress.event` with a type and fields; every event is also what
-``--json`` prints.  Event types: ``plan`` (will_build, will_substitute), ``start`` (drv, name,
+``--json`` prints.  Event types: ``fetch-plan`` (will_fetch, download_size, nar_size: before
+substituting), ``plan`` (will_build, will_substitute: what was fetched), ``start`` (drv, name,
 kind, round), ``log`` (drv, line; only with ``print_logs``), ``built`` (drv, name, outputs),
 ``failed`` (drv, name, error), ``check`` (drv, reproducible, differences), ``done``.
 """
@@ -39,7 +40,11 @@ class Progress:
         if self.json_stream is not None:
             self.json_stream.write(json.dumps({"type": type_, **fields}, sort_keys=True) + "\n")
             self.json_stream.flush()
-        if type_ == "plan":
+        if type_ == "fetch-plan":
+            if self.json_stream is None and not self.quiet:
+                for line in fetch_lines(fields["will_fetch"], fields["download_size"], fields["nar_size"]):
+                    self._line(line)
+        elif type_ == "plan":
             self.total = len(fields.get("will_build", ()))
             self._plan(fields)
         elif type_ == "start":
@@ -69,17 +74,8 @@ class Progress:
     def _plan(self, f: dict) -> None:
         if self.json_stream is not None or self.quiet:
             return
-        subs = f.get("will_substitute") or []
-        if subs:
-            self._line(f"these {len(subs)} paths will be fetched:")
-            for p in subs:
-                self._line(f"  {p}")
-        builds = f.get("will_build") or []
-        if builds:
-            self._line("this derivation will be built:" if len(builds) == 1
-                       else f"these {len(builds)} derivations will be built:")
-            for d in builds:
-                self._line(f"  {d}")
+        for line in build_lines(f.get("will_build") or []):
+            self._line(line)
 
     def _line(self, text: str) -> None:
         if self.json_stream is not None or self.quiet:
@@ -110,3 +106,24 @@ class Progress:
         self.stream.write("\r\x1b[K" + text[:200])
         self.stream.flush()
         self._status_shown = True
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
+
+
+def fetch_lines(paths, download: int, unpacked: int) -> list[str]:
+    """'these N paths will be fetched (X MiB download, Y MiB unpacked):' and the paths (Nix's wording)."""
+    if not paths:
+        return []
+    head = "this path" if len(paths) == 1 else f"these {len(paths)} paths"
+    return [f"{head} will be fetched ({_mib(download)} download, {_mib(unpacked)} unpacked):",
+            *(f"  {p}" for p in paths)]
+
+
+def build_lines(drvs) -> list[str]:
+    """'these N derivations will be built:' and the derivations."""
+    if not drvs:
+        return []
+    head = "this derivation" if len(drvs) == 1 else f"these {len(drvs)} derivations"
+    return [f"{head} will be built:", *(f"  {d}" for d in drvs)]

@@ -20,6 +20,7 @@ Blocking work (reading ``.drv`` files, hashing, scanning, SQLite) runs in worker
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Iterable
@@ -41,6 +42,8 @@ from .progress import Progress
 from ..store.fstree import remove_tree
 from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap, wait_flock
 
+log = logging.getLogger("purestore.build")
+NOT_IN_CACHES = "no binary cache has it"  # cache.substituter.query_substitutable's reason
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
 
 
@@ -109,6 +112,41 @@ async def realise(store, settings, drv_paths: Iterable[StorePath], options: Buil
     return await _Realiser(store, settings, options, progress or Progress(quiet=True)).run(list(drv_paths))
 
 
+@attrs.frozen
+class Plan:
+    """What realising would do (``pure build --dry-run``): the derivations to build (labels), the
+    paths to fetch as ``(path, cache URL, download size, NAR size)``, and the outputs already
+    valid."""
+
+    will_build: tuple[str, ...]
+    will_fetch: tuple[tuple[str, str, int, int], ...]
+
+    @property
+    def download_size(self) -> int:
+        return sum(f[2] for f in self.will_fetch)
+
+    @property
+    def nar_size(self) -> int:
+        return sum(f[3] for f in self.will_fetch)
+
+    def to_json(self) -> dict:
+        return {"willBuild": list(self.will_build),
+                "willFetch": [{"path": p, "url": u, "downloadSize": d, "narSize": n}
+                              for p, u, d, n in self.will_fetch],
+                "downloadSize": self.download_size, "narSize": self.nar_size}
+
+
+async def plan(store, settings, drv_paths: Iterable[StorePath]) -> Plan:
+    """What :func:`realise` would build and fetch for ``drv_paths``, doing neither: the missing
+    outputs are looked up in the substituters (narinfos only; see :meth:`_Realiser._choose`)."""
+    r = _Realiser(store, settings, BuildOptions(), Progress(quiet=True))
+    await trio.to_thread.run_sync(r._load_graph, list(drv_paths))
+    found = await r._query()
+    fetch, build = r._choose(found)
+    r._warn_unfetchable(build)
+    return Plan(tuple(sorted(r.nodes[p].label for p in build)), r._fetch_list(fetch, found))
+
+
 class _Realiser:
     def __init__(self, store, settings, options: BuildOptions, progress: Progress):
         self.store = store
@@ -125,6 +163,7 @@ class _Realiser:
         self.background: trio.Nursery | None = None
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
+        self.query_failures: dict[StorePath, str] = {}
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -182,21 +221,105 @@ class _Realiser:
         except OSError as e:
             raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
 
-    async def _substitute(self) -> list[str]:
+    async def _query(self) -> dict:
+        """The substitutable missing outputs of needed derivations (and the missing paths they
+        refer to): path -> (cache URL, narinfo).  Nothing is fetched."""
         if not self.settings.substituters or self.settings.offline:
-            return []
+            return {}
         try:
-            from ..cache.substituter import substitute
+            from ..cache.substituter import query_substitutable
         except ImportError:
-            return []
-        wanted = {o for n in self.nodes.values() if n.needed for o in n.outputs.values()}
-        got = await substitute(self.store, self.settings, wanted, fork_worker=self.options.fork_worker)
+            return {}
+        wanted = {o for n in self.nodes.values() if n.needed for o in n.outputs.values()
+                  if not self.store.is_valid(o)}
+        if not wanted:
+            return {}
+        q = await query_substitutable(self.store, self.settings, wanted)
+        self.query_failures = q.failures
+        return dict(q.found)
+
+    def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
+        """``(outputs to fetch, derivations to build)``, walking down from the requested ones: a
+        needed derivation whose missing outputs can all be fetched is fetched, and then its
+        inputs are not needed (as in Nix, a build-time dependency is not downloaded for a
+        package that is); any other is built, and its inputs are visited."""
+        fetch: set[StorePath] = set()
+        build: set[StorePath] = set()
+        seen: set[StorePath] = set()
+        stack = [p for p, n in self.nodes.items() if n.top]
+        while stack:
+            p = stack.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            n = self.nodes[p]
+            if not n.needed:
+                continue
+            missing = [o for o in n.outputs.values() if not self.store.is_valid(o)]
+            if missing and all(o in found for o in missing):
+                fetch.update(missing)
+            else:
+                build.add(p)
+                stack.extend(d.path for d in n.deps)
+        return fetch, build
+
+    def _warn_unfetchable(self, build: set[StorePath]) -> None:
+        """Say why an output to be built could not be fetched, when a cache had it but it could
+        not be used (untrusted, a reference missing…); not when no cache has it."""
+        for p in sorted(build):
+            for o in self.nodes[p].outputs.values():
+                why = self.query_failures.get(o)
+                if why and why != NOT_IN_CACHES:
+                    log.warning("warning: cannot substitute %r: %s; building it", self.store.print_path(o), why)
+
+    def _fetch_list(self, fetch: set[StorePath], found: dict) -> tuple[tuple[str, str, int, int], ...]:
+        """``fetch`` with the missing paths of their closures: (path, cache, download, NAR size)."""
+        todo, closure = list(fetch), set()
+        while todo:
+            p = todo.pop()
+            if p in closure or p not in found:
+                continue
+            closure.add(p)
+            todo.extend(found[p][1].references)
+        return tuple((p.absolute(self.sd), found[p][0], found[p][1].file_size or 0, found[p][1].nar_size)
+                     for p in sorted(closure, key=lambda q: q.base_name))
+
+    async def _substitute(self) -> tuple[list, list[str]]:
+        """Fetch what can be fetched (see :meth:`_choose`); returns the plan's list of paths to
+        fetch (:meth:`_fetch_list`) and the requested paths that were fetched."""
+        found = await self._query()
+        if not found:
+            self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
+            return [], []
+        from ..cache.substituter import substitute
+        fetch, build = self._choose(found)
+        self._warn_unfetchable(build)
+        listed = self._fetch_list(fetch, found)
+        self._announce(listed)
+        got: set[StorePath] = set()
+        for _round in range(3):  # what failed to come is built, which may need inputs fetched
+            if not fetch:
+                break
+            new = await substitute(self.store, self.settings, fetch, fork_worker=self.options.fork_worker)
+            got |= new
+            failed = fetch - new
+            if not failed:
+                break
+            for p in failed:
+                found.pop(p, None)
+            fetch = self._choose(found)[0] - got
         for node in self.nodes.values():
             if node.needed and all(o in got or self.store.is_valid(o) for o in node.outputs.values()):
                 node.needed = False
         # dependencies of substituted nodes are no longer needed unless a needed node uses them
         self._recompute_needed()
-        return sorted(self.store.print_path(p) for p in got)
+        return listed, sorted(self.store.print_path(p) for p in got)
+
+    def _announce(self, listed) -> None:
+        """Say what will be fetched before fetching it (the builds are announced with the plan)."""
+        self.progress.event("fetch-plan", will_fetch=[p for p, _u, _d, _n in listed],
+                            download_size=sum(d for _p, _u, d, _n in listed),
+                            nar_size=sum(n for _p, _u, _d, n in listed))
 
     def _recompute_needed(self) -> None:
         needed_before = {p for p, n in self.nodes.items() if n.needed}
@@ -225,7 +348,7 @@ class _Realiser:
             os.makedirs(self.root_mount, mode=0o755, exist_ok=True)
             self._load_graph(tops)
         await trio.to_thread.run_sync(setup)
-        substituted = await self._substitute()
+        _listed, substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
         checks = []
         if self.options.check:

@@ -459,6 +459,61 @@ def _topo(found: dict[StorePath, tuple[_Cache, NarInfo]]) -> list[StorePath]:
     return order
 
 
+@attrs.frozen
+class Substitutable:
+    """What :func:`query_substitutable` found: ``found`` (path → (cache URL, narinfo)) for the
+    paths that could be fetched with every missing path of their closures, ``failures`` (path →
+    why not) for the others."""
+
+    found: dict[StorePath, tuple[str, NarInfo]]
+    failures: dict[StorePath, str]
+
+
+async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Substitutable:
+    """Which of ``paths`` (and of the missing paths they refer to) the substituters could provide,
+    without fetching anything: the narinfo queries of a substitution (trusted signatures, in
+    parallel, priority order), for ``pure build --dry-run``.  A path whose missing reference no
+    cache has is not substitutable.  Valid paths are left out; offline, nothing is asked."""
+    wanted = {p for p in paths if not S.is_valid(store, p)}
+    found: dict[StorePath, tuple[str, NarInfo]] = {}
+    failures: dict[StorePath, str] = {}
+    if not wanted or settings.offline or not settings.substituters:
+        return Substitutable(found, {p: "no substituter is used" for p in wanted})
+    async with Substituters(settings) as subs:
+        seen = set(wanted)
+        qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
+
+        async def visit(p: StorePath, nursery) -> None:
+            async with qlimit:
+                try:
+                    r = await subs.query(p)
+                except _Rejected as e:
+                    failures[p] = str(e)
+                    return
+            if r is None:
+                failures[p] = "no binary cache has it"
+                return
+            found[p] = (r[0].url, r[1])
+            for ref in r[1].references:
+                if ref != p and ref not in seen and not S.is_valid(store, ref):
+                    seen.add(ref)
+                    nursery.start_soon(visit, ref, nursery)
+
+        async with open_nursery() as n:
+            for p in wanted:
+                n.start_soon(visit, p, n)
+    changed = True
+    while changed:  # a path is only as substitutable as its missing references
+        changed = False
+        for p, (_url, ni) in list(found.items()):
+            bad = next((r for r in ni.references if r != p and r in failures), None)
+            if bad is not None:
+                del found[p]
+                failures[p] = f"its reference {bad.absolute(settings.store_dir)!r} cannot be substituted"
+                changed = True
+    return Substitutable(found, failures)
+
+
 async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
                      fork_worker: bool = False) -> set[StorePath]:
     """Make ``paths`` valid from the configured substituters where possible.

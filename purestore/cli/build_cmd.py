@@ -22,6 +22,11 @@ NIX_LOG_FD=2, TERM=xterm-256color and SOURCE_DATE_EPOCH=315532800 (1980-01-01).
 
 result links are indirect GC roots. Logs are kept (zstd) in the state dir: `pure log PATH`.
 
+Before anything is fetched, the paths to fetch from binary caches are listed with their
+download and unpacked sizes; a package found in a cache is fetched with its run-time closure
+only, not its build-time inputs. --dry-run stops there: it asks the caches (narinfos only) and
+prints what would be fetched and what built (--json: one object with willBuild and willFetch).
+
 Exit status: 0 on success, 1 when a build failed, 104 when --check/--rounds found a difference.
 """
 
@@ -35,6 +40,9 @@ def _add_build_options(p) -> None:
     p.add_argument("--rounds", type=int, default=1, metavar="N", help="build N times and compare (N >= 1)")
     p.add_argument("-L", "--print-build-logs", action="store_true", help="print build logs as they come")
     p.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="only say what would be built and what fetched from the binary caches "
+                        "(with download sizes); build, fetch and link nothing")
     p.add_argument("--require-provenance", action="store_true",
                    help="substitute only paths with a valid provenance statement by a trusted key "
                         "(see docs/evidence.md)")
@@ -152,9 +160,30 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
     return links
 
 
+def _dry_run(ctx, store, drvs, args) -> int:
+    import trio
+    from ..build.progress import build_lines, fetch_lines
+    from ..build.scheduler import plan
+    from ._warnings import warnings_to
+    if args.check or args.rounds != 1:
+        from ..errors import UsageError
+        raise UsageError("--dry-run does not combine with --check or --rounds")
+    with warnings_to(ctx.info):
+        p = trio.run(plan, store, ctx.settings, drvs)
+    if args.json:
+        print(json.dumps(p.to_json(), sort_keys=True))
+        return 0
+    lines = build_lines(p.will_build) + fetch_lines([f[0] for f in p.will_fetch], p.download_size, p.nar_size)
+    for line in lines or ["nothing to build or fetch: every output is valid"]:
+        ctx.info(line)
+    return 0
+
+
 def cmd_build(args, ctx) -> int:
     with ctx.open_store() as store:
         drvs = _drv_paths_from_file(ctx, store, args)
+        if args.dry_run:
+            return _dry_run(ctx, store, drvs, args)
         results = _realise(ctx, store, drvs, args)
         links = [] if args.no_link else _link(ctx, store, results, drvs, args.out_link)
         _print_results(store, results, drvs, args, links)
@@ -164,6 +193,8 @@ def cmd_build(args, ctx) -> int:
 def cmd_realise(args, ctx) -> int:
     with ctx.open_store() as store:
         drvs = [store.parse_path(d, valid=True) for d in args.drvs]
+        if args.dry_run:
+            return _dry_run(ctx, store, drvs, args)
         results = _realise(ctx, store, drvs, args)
         _print_results(store, results, drvs, args, [])
     return 0

@@ -1,0 +1,168 @@
+"""What `pure build` fetches and builds when a binary cache holds some outputs, and
+`pure build --dry-run`, which says so without doing it.
+
+The expression: ``app`` is built with ``tool`` (a build-time input: app's output copies a line
+from tool's, so it does not refer to it).  A package found in a cache is fetched with its
+run-time closure only; its build-time inputs are neither fetched nor built (as in Nix).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
+
+pytestmark = needs_sandbox
+
+BODY = '''\
+tool = sh("tool", "$B mkdir $out; echo tool > $out/t")
+default = sh("app", f"$B mkdir $out; $B cat {tool}/t > $out/f; echo app >> $out/f")
+'''
+
+
+@pytest.fixture
+def scene(pure, expr, tmp_path, store_root):
+    """Build app (and tool) in the test store, make a key; returns a helper object."""
+    try:
+        import purestore.cache.substituter  # noqa: F401
+    except ImportError:
+        pytest.skip("the caches layer is not installed")
+    f = expr(BODY)
+    app = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    tool = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-tool"))
+    drvs = pure("store", "ls").stdout.split()
+    app_drv = next(p for p in drvs if p.endswith("-app.drv"))
+    tool_drv = next(p for p in drvs if p.endswith("-tool.drv"))
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+
+    class Scene:
+        pass
+    s = Scene()
+    s.f, s.app, s.tool, s.app_drv, s.tool_drv = f, app, tool, app_drv, tool_drv
+    s.pub = (tmp_path / "k.pub").read_text().strip()
+    s.cache = tmp_path / "cache"
+    s.url = f"file://{s.cache}"
+
+    def push(*paths):
+        pure("copy", "--to", s.url, "--secret-key-file", tmp_path / "k.sec", *paths)
+
+    def fresh(name, *args, check=True):
+        root = tmp_path / name
+        root.mkdir(exist_ok=True)
+        return pure("--substituters", s.url, "--trusted-public-keys", s.pub, "build", f, "--no-link",
+                    *args, root=root, cwd=tmp_path, check=check), root
+
+    s.push, s.fresh = push, fresh
+    return s
+
+
+def _valid(root, path):
+    st = open_store(root)
+    try:
+        return st.is_valid(st.parse_path(path))
+    finally:
+        st.close()
+
+
+def _events(root):
+    from purestore.store import events
+    st = open_store(root)
+    try:
+        return ([b["drv"] for b in events.query_builds(st)],
+                sorted(s["path"] for s in events.query_substitutions(st)))
+    finally:
+        st.close()
+
+
+def test_a_package_in_the_cache_is_fetched_without_its_build_inputs(scene):
+    scene.push(scene.app, scene.tool)  # the cache has both; only app is needed
+    p, root = scene.fresh("b")
+    assert p.stdout.strip() == scene.app
+    assert "this path will be fetched (0.00 MiB download, 0.00 MiB unpacked):\n  " + scene.app in p.stderr
+    assert "will be built" not in p.stderr and "warning" not in p.stderr
+    assert not _valid(root, scene.tool)
+    assert _events(root) == ([], [scene.app])
+
+
+def test_a_build_input_missing_from_the_cache_is_not_warned_about(scene):
+    scene.push(scene.app)
+    p, root = scene.fresh("b")
+    assert p.stdout.strip() == scene.app
+    assert "warning" not in p.stderr, p.stderr
+    assert not _valid(root, scene.tool)
+
+
+def test_what_the_cache_lacks_is_built_from_what_it_has(scene):
+    scene.push(scene.tool)
+    p, root = scene.fresh("b")
+    assert p.stdout.strip() == scene.app
+    fetched = p.stderr.index("this path will be fetched")
+    assert p.stderr.index(scene.tool) > fetched
+    assert "this derivation will be built:\n  " + scene.app_drv in p.stderr
+    assert _events(root) == ([scene.app_drv], [scene.tool])
+
+
+def test_dry_run_says_what_would_happen_and_does_nothing(scene, tmp_path):
+    scene.push(scene.tool)
+    p, root = scene.fresh("b", "--dry-run")
+    assert p.stdout == ""
+    assert "this derivation will be built:\n  " + scene.app_drv in p.stderr
+    assert "this path will be fetched (0.00 MiB download, 0.00 MiB unpacked):\n  " + scene.tool in p.stderr
+    assert not _valid(root, scene.tool) and not _valid(root, scene.app)
+    assert _events(root) == ([], [])
+    assert not (tmp_path / "result").exists()
+    p, _ = scene.fresh("b", "--dry-run", "--json")
+    plan = json.loads(p.stdout)
+    assert plan["willBuild"] == [scene.app_drv]
+    [fetch] = plan["willFetch"]
+    assert fetch["path"] == scene.tool and fetch["url"] == scene.url
+    assert fetch["narSize"] > 0 and fetch["downloadSize"] > 0
+    assert plan["narSize"] == fetch["narSize"] and plan["downloadSize"] == fetch["downloadSize"]
+    # with the package itself in the cache: only it is fetched (a fresh store: "b" remembers for
+    # a while that the cache did not have app, as Nix does)
+    scene.push(scene.app)
+    p, _ = scene.fresh("b2", "--dry-run", "--json")
+    assert json.loads(p.stdout)["willBuild"] == [] and [x["path"] for x in json.loads(p.stdout)["willFetch"]] == [scene.app]
+    # built: nothing to do
+    scene.fresh("b2")
+    p, _ = scene.fresh("b2", "--dry-run")
+    assert "nothing to build or fetch" in p.stderr
+
+
+def test_dry_run_offline_and_untrusted(scene, pure, tmp_path):
+    scene.push(scene.app)
+    root = tmp_path / "d"
+    root.mkdir()
+    p = pure("--offline", "--substituters", scene.url, "--trusted-public-keys", scene.pub, "build", scene.f,
+             "--dry-run", root=root, cwd=tmp_path)
+    assert "these 2 derivations will be built" in p.stderr and "fetched" not in p.stderr
+    other = "test-cache-1:" + "A" * 43 + "="
+    p = pure("--substituters", scene.url, "--trusted-public-keys", other, "build", scene.f, "--dry-run",
+             root=root, cwd=tmp_path)
+    assert "these 2 derivations will be built" in p.stderr
+    assert f"warning: cannot substitute '{scene.app}': narinfo" in p.stderr
+    assert "is not trusted: invalid signature by 'test-cache-1'; building it" in p.stderr
+    p = pure("build", scene.f, "--dry-run", "--check", root=root, cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "error: --dry-run does not combine with --check" in p.stderr
+
+
+def test_a_fetch_that_fails_falls_back_to_building_with_inputs_fetched(scene):
+    """The cache lists app, but its NAR is corrupt: app is built after all, and tool, now
+    needed, is fetched from the cache rather than built."""
+    scene.push(scene.app, scene.tool)
+    hash_part = scene.app.rsplit("/", 1)[1].split("-", 1)[0]
+    text = (scene.cache / f"{hash_part}.narinfo").read_text()
+    nar = scene.cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    nar.write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 10)
+    p, root = scene.fresh("b")
+    assert p.stdout.strip() == scene.app
+    assert f"warning: cannot substitute '{scene.app}'" in p.stderr
+    assert _events(root) == ([scene.app_drv], [scene.tool])
+    st = open_store(root)
+    try:
+        assert st.verify(check_contents=True).ok
+    finally:
+        st.close()
