@@ -166,3 +166,37 @@ def test_a_fetch_that_fails_falls_back_to_building_with_inputs_fetched(scene):
         assert st.verify(check_contents=True).ok
     finally:
         st.close()
+
+
+def test_each_narinfo_is_asked_for_once(scene, pure, tmp_path):
+    """The lookup that decides what to fetch hands its narinfos to the download: over HTTP, a
+    build asks for each narinfo once, and downloads only app's NAR (here from a plain static server that records requests)."""
+    import functools
+    import http.server
+    import threading
+
+    scene.push(scene.app, scene.tool)
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(scene.cache)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root = tmp_path / "h"
+        root.mkdir()
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        p = pure("--substituters", url, "--trusted-public-keys", scene.pub, "build", scene.f, "--no-link",
+                 root=root, cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert p.stdout.strip() == scene.app
+    narinfos = [a for a in asked if a.endswith(".narinfo")]
+    app_hash = scene.app.rsplit("/", 1)[1].split("-", 1)[0]
+    # all missing outputs are looked up at once (one round trip, not one per level), each once
+    assert f"/{app_hash}.narinfo" in narinfos and len(narinfos) == len(set(narinfos)) == 2, asked
+    assert sum(a.startswith("/nar/") for a in asked) == 1

@@ -300,7 +300,8 @@ class _Realiser:
         for _round in range(3):  # what failed to come is built, which may need inputs fetched
             if not fetch:
                 break
-            new = await substitute(self.store, self.settings, fetch, fork_worker=self.options.fork_worker)
+            new = await substitute(self.store, self.settings, fetch, fork_worker=self.options.fork_worker,
+                                   known=found)
             got |= new
             failed = fetch - new
             if not failed:

@@ -229,7 +229,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             urls: Iterable[str] | None = None, trusted_keys: Iterable[str] | None = None,
                             progress: Progress | None = None, repair: Iterable[StorePath] = (),
                             jobs: int | None = None, negative_ttl: int | None = None,
-                            fork_worker: bool = False, strict_caches: bool = False) -> SubstituteReport:
+                            fork_worker: bool = False, strict_caches: bool = False,
+                            known: dict[StorePath, tuple[str, NarInfo]] | None = None) -> SubstituteReport:
     """Substitute ``paths`` (and their missing references) from the caches; never raises for a
     single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
     valid and put back in place.
@@ -237,8 +238,12 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     ``fork_worker``: restore from ``file://`` caches and big NARs over HTTP in a forked copy of
     this process as well (:mod:`.forked`); only for a caller whose other threads are all idle
     now (the CLI).  ``strict_caches``: a cache that cannot be used raises
-    :class:`CacheUnusable` instead of being left out with a warning."""
+    :class:`CacheUnusable` instead of being left out with a warning.  ``known``: narinfos that
+    :func:`query_substitutable` found in this run (cache URL, narinfo), used without asking
+    again."""
     paths = set(paths)
+    # with require-provenance the query keeps each verified statement for the store: ask again
+    known = {} if getattr(settings, "require_provenance", False) else (known or {})
     repair = set(repair)
     sd = settings.store_dir
     report = SubstituteReport()
@@ -264,6 +269,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             report.valid = {p for p in paths if S.is_valid(store, p)}
             return report
         found: dict[StorePath, tuple[_Cache, NarInfo]] = {}
+        by_url = {c.url: c for c in subs.caches}
         seen = set(wanted)
         queried = {p: trio.Event() for p in wanted}  # set when p's narinfo query has finished
         events: dict[StorePath, trio.Event] = {}     # set when p is registered or has failed
@@ -289,12 +295,15 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         async def visit(p: StorePath, queries, fetches):
             """Query p's narinfo; on success start fetching it at once and query its references."""
             try:
-                async with qlimit:
-                    try:
-                        r = await subs.query(p)
-                    except _Rejected as e:
-                        report.failures[p] = str(e)
-                        return
+                if p in known and known[p][0] in by_url:
+                    r = (by_url[known[p][0]], known[p][1])
+                else:
+                    async with qlimit:
+                        try:
+                            r = await subs.query(p)
+                        except _Rejected as e:
+                            report.failures[p] = str(e)
+                            return
                 if r is None:
                     extra = "; ".join(subs.rejected.values())
                     report.failures[p] = "no binary cache has it" + (f" ({extra})" if extra else "")
@@ -515,7 +524,8 @@ async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Su
 
 
 async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
-                     fork_worker: bool = False) -> set[StorePath]:
+                     fork_worker: bool = False,
+                     known: dict[StorePath, tuple[str, NarInfo]] | None = None) -> set[StorePath]:
     """Make ``paths`` valid from the configured substituters where possible.
 
     For each wanted path that is not valid, query the substituters (priority order, in
@@ -524,7 +534,8 @@ async def substitute(store, settings, paths: set[StorePath], progress: Progress 
     logged as warnings (``purestore.cache`` logger) and never registered.  ``fork_worker``:
     see :func:`substitute_report`.
     """
-    report = await substitute_report(store, settings, paths, progress=progress, fork_worker=fork_worker)
+    report = await substitute_report(store, settings, paths, progress=progress, fork_worker=fork_worker,
+                                     known=known)
     for p, why in sorted(report.failures.items()):
         log.warning("warning: cannot substitute %r: %s", p.absolute(settings.store_dir), why)
     return report.valid
