@@ -33,6 +33,8 @@ class Progress:
         self.running: dict[str, str] = {}
         self._status_shown = False
         self._last_draw = 0.0
+        self.fetch = None  # the counters of a running substitution (see fetch_progress)
+        self._last_fetch_line = 0.0
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -69,6 +71,45 @@ class Progress:
         """A line for people (not an event)."""
         self._line(text)
 
+    # -- substitution --------------------------------------------------------------------------
+
+    def fetch_progress(self):
+        """Counters for a substitution (:class:`purestore.cache.progress.Progress`) shown by this
+        display: in the status line on a terminal, else a line every few seconds.  Called from
+        trio tasks and worker threads alike, as the cache layer does."""
+        from ..cache.progress import Progress as Counters
+        outer = self
+
+        class _Fetch(Counters):
+            def update(self, force: bool = False) -> None:
+                outer._fetch_update(force)
+
+        self.fetch = _Fetch("fetching")
+        self._fetch_started = time.monotonic()
+        return self.fetch
+
+    def fetch_finished(self) -> None:
+        """The substitution is over: say what it fetched (one line)."""
+        c, self.fetch = self.fetch, None
+        if c is None or not c.paths_done or self.json_stream is not None or self.quiet:
+            self._draw(force=True)
+            return
+        took = time.monotonic() - self._fetch_started
+        self._line(f"fetched {c.paths_done} path{'s' if c.paths_done != 1 else ''} "
+                   f"({_size(c.bytes_done)} unpacked) in {took:.1f} s")
+
+    def _fetch_update(self, force: bool) -> None:
+        c = self.fetch
+        if c is None or self.json_stream is not None or self.quiet or not c.paths_total:
+            return
+        if self.live:
+            self._draw(force)
+            return
+        now = time.monotonic()
+        if now - self._last_fetch_line >= 5.0:
+            self._last_fetch_line = now
+            self._line(_fetch_status(c))
+
     # -- rendering -------------------------------------------------------------------------------
 
     def _plan(self, f: dict) -> None:
@@ -100,12 +141,27 @@ class Progress:
         queued = max(0, self.total - self.built - self.failed - len(self.running))
         el = int(now - self.start)
         names = ", ".join(list(self.running.values())[:3]) + (" …" if len(self.running) > 3 else "")
+        if self.fetch is not None and self.fetch.paths_total:
+            self.stream.write(f"\r\x1b[K[{el // 60}:{el % 60:02d}] " + _fetch_status(self.fetch)[:180])
+            self.stream.flush()
+            self._status_shown = True
+            return
         text = (f"[{el // 60}:{el % 60:02d}] built {self.built}/{self.total}, running {len(self.running)}, "
                 f"queued {queued}" + (f", failed {self.failed}" if self.failed else "")
                 + (f" | {names}" if names else ""))
         self.stream.write("\r\x1b[K" + text[:200])
         self.stream.flush()
         self._status_shown = True
+
+
+def _size(n: int) -> str:
+    from ..cache.progress import format_size
+    return format_size(n)
+
+
+def _fetch_status(c) -> str:
+    return (f"fetching {c.paths_done}/{c.paths_total} paths, "
+            f"{_size(c.bytes_done)}/{_size(c.bytes_total)}")
 
 
 def _mib(n: int) -> str:

@@ -300,8 +300,11 @@ class _Realiser:
         for _round in range(3):  # what failed to come is built, which may need inputs fetched
             if not fetch:
                 break
-            new = await substitute(self.store, self.settings, fetch, fork_worker=self.options.fork_worker,
-                                   known=found)
+            try:
+                new = await substitute(self.store, self.settings, fetch, self.progress.fetch_progress(),
+                                       fork_worker=self.options.fork_worker, known=found)
+            finally:
+                self.progress.fetch_finished()
             got |= new
             failed = fetch - new
             if not failed:
