@@ -203,3 +203,16 @@ def test_each_narinfo_is_asked_for_once(scene, pure, tmp_path):
     # all missing outputs are looked up at once (one round trip, not one per level), each once
     assert f"/{app_hash}.narinfo" in narinfos and len(narinfos) == len(set(narinfos)) == 2, asked
     assert sum(a.startswith("/nar/") for a in asked) == 1
+
+
+def test_an_unusable_cache_is_warned_about_once(scene, pure, tmp_path):
+    scene.push(scene.app)
+    root = tmp_path / "u"
+    root.mkdir()
+    gone = tmp_path / "gone"
+    p = pure("--substituters", f"file://{gone} {scene.url}", "--trusted-public-keys", scene.pub,
+             "build", scene.f, "--no-link", root=root, cwd=tmp_path)
+    assert p.stdout.strip() == scene.app
+    warning = f"warning: not using binary cache 'file://{gone}': directory '{gone}' does not exist"
+    assert p.stderr.count(warning) == 1, p.stderr
+    assert p.stderr.count("binary cache") == 1

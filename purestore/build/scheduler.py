@@ -164,6 +164,7 @@ class _Realiser:
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.query_failures: dict[StorePath, str] = {}
+        self.usable_caches: tuple[str, ...] | None = None  # known after _query (None: all)
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -236,6 +237,7 @@ class _Realiser:
             return {}
         q = await query_substitutable(self.store, self.settings, wanted)
         self.query_failures = q.failures
+        self.usable_caches = q.urls
         return dict(q.found)
 
     def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
@@ -302,7 +304,8 @@ class _Realiser:
                 break
             try:
                 new = await substitute(self.store, self.settings, fetch, self.progress.fetch_progress(),
-                                       fork_worker=self.options.fork_worker, known=found)
+                                       fork_worker=self.options.fork_worker, known=found,
+                                       urls=self.usable_caches)
             finally:
                 self.progress.fetch_finished()
             got |= new

@@ -121,7 +121,11 @@ class Substituters:
                 self.rejected[url] = str(e)
                 failed.append(e)
                 if not self.strict:
-                    log.warning("warning: not using binary cache %r: %s", url, e)
+                    why = str(e)
+                    if why.startswith(f"binary cache {url!r}"):  # said once is enough
+                        log.warning("warning: not using %s", why)
+                    else:
+                        log.warning("warning: not using binary cache %r: %s", url, why)
                 return
             prio = cu.param("priority")
             priority = int(prio) if prio and prio.isdigit() else info.priority
@@ -476,6 +480,7 @@ class Substitutable:
 
     found: dict[StorePath, tuple[str, NarInfo]]
     failures: dict[StorePath, str]
+    urls: tuple[str, ...] = ()  # the caches that could be used (the others were warned about)
 
 
 async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Substitutable:
@@ -489,6 +494,7 @@ async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Su
     if not wanted or settings.offline or not settings.substituters:
         return Substitutable(found, {p: "no substituter is used" for p in wanted})
     async with Substituters(settings) as subs:
+        usable = tuple(c.url for c in subs.caches)
         seen = set(wanted)
         qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
 
@@ -520,12 +526,12 @@ async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Su
                 del found[p]
                 failures[p] = f"its reference {bad.absolute(settings.store_dir)!r} cannot be substituted"
                 changed = True
-    return Substitutable(found, failures)
+    return Substitutable(found, failures, usable)
 
 
 async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
-                     fork_worker: bool = False,
-                     known: dict[StorePath, tuple[str, NarInfo]] | None = None) -> set[StorePath]:
+                     fork_worker: bool = False, known: dict[StorePath, tuple[str, NarInfo]] | None = None,
+                     urls: Iterable[str] | None = None) -> set[StorePath]:
     """Make ``paths`` valid from the configured substituters where possible.
 
     For each wanted path that is not valid, query the substituters (priority order, in
@@ -535,7 +541,7 @@ async def substitute(store, settings, paths: set[StorePath], progress: Progress 
     see :func:`substitute_report`.
     """
     report = await substitute_report(store, settings, paths, progress=progress, fork_worker=fork_worker,
-                                     known=known)
+                                     known=known, urls=urls)
     for p, why in sorted(report.failures.items()):
         log.warning("warning: cannot substitute %r: %s", p.absolute(settings.store_dir), why)
     return report.valid
