@@ -114,9 +114,8 @@ async def realise(store, settings, drv_paths: Iterable[StorePath], options: Buil
 
 @attrs.frozen
 class Plan:
-    """What realising would do (``pure build --dry-run``): the derivations to build (labels), the
-    paths to fetch as ``(path, cache URL, download size, NAR size)``, and the outputs already
-    valid."""
+    """What realising would do (``pure build --dry-run``): the derivations to build (labels) and
+    the paths to fetch as ``(path, cache URL, download size, NAR size)``."""
 
     will_build: tuple[str, ...]
     will_fetch: tuple[tuple[str, str, int, int], ...]
@@ -286,18 +285,17 @@ class _Realiser:
         return tuple((p.absolute(self.sd), found[p][0], found[p][1].file_size or 0, found[p][1].nar_size)
                      for p in sorted(closure, key=lambda q: q.base_name))
 
-    async def _substitute(self) -> tuple[list, list[str]]:
-        """Fetch what can be fetched (see :meth:`_choose`); returns the plan's list of paths to
-        fetch (:meth:`_fetch_list`) and the requested paths that were fetched."""
+    async def _substitute(self) -> list[str]:
+        """Fetch what can be fetched (see :meth:`_choose`), announcing it first; returns the
+        requested paths that were fetched."""
         found = await self._query()
         if not found:
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
-            return [], []
+            return []
         from ..cache.substituter import substitute
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
-        listed = self._fetch_list(fetch, found)
-        self._announce(listed)
+        self._announce(self._fetch_list(fetch, found))
         got: set[StorePath] = set()
         for _round in range(3):  # what failed to come is built, which may need inputs fetched
             if not fetch:
@@ -320,7 +318,7 @@ class _Realiser:
                 node.needed = False
         # dependencies of substituted nodes are no longer needed unless a needed node uses them
         self._recompute_needed()
-        return listed, sorted(self.store.print_path(p) for p in got)
+        return sorted(self.store.print_path(p) for p in got)
 
     def _announce(self, listed) -> None:
         """Say what will be fetched before fetching it (the builds are announced with the plan)."""
@@ -355,7 +353,7 @@ class _Realiser:
             os.makedirs(self.root_mount, mode=0o755, exist_ok=True)
             self._load_graph(tops)
         await trio.to_thread.run_sync(setup)
-        _listed, substituted = await self._substitute()
+        substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
         checks = []
         if self.options.check:

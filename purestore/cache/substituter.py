@@ -486,8 +486,9 @@ class Substitutable:
 async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Substitutable:
     """Which of ``paths`` (and of the missing paths they refer to) the substituters could provide,
     without fetching anything: the narinfo queries of a substitution (trusted signatures, in
-    parallel, priority order), for ``pure build --dry-run``.  A path whose missing reference no
-    cache has is not substitutable.  Valid paths are left out; offline, nothing is asked."""
+    parallel, priority order), what a build decides from and ``--dry-run`` shows.  A path
+    whose missing reference no cache has is not substitutable.  Valid paths are left out;
+    offline, nothing is asked."""
     wanted = {p for p in paths if not S.is_valid(store, p)}
     found: dict[StorePath, tuple[str, NarInfo]] = {}
     failures: dict[StorePath, str] = {}
