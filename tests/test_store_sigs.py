@@ -229,3 +229,16 @@ def test_copied_signatures_are_accepted_by_nix(tmp_path):
     p = nix_copy_from(tmp_path, f"file://{second}", app_p)
     assert p.returncode == 0, p.stderr
     assert HAVE_NIX
+
+
+def test_copy_sigs_from_the_configured_substituters_skips_an_unusable_one(tmp_path):
+    cache, lib, app, app_p = _scene(tmp_path)
+    gone = tmp_path / "gone"
+    p = run_pure("--substituters", f"file://{gone} file://{cache}", *KEYS, "store", "copy-sigs", "-r", app_p,
+                 root=tmp_path / "b")
+    assert p.stderr.count(f"warning: not using binary cache 'file://{gone}'") == 1, p.stderr
+    assert "added 2 signatures to 2 of 2 paths" in p.stderr
+    # named with -s, the same cache is an error
+    p = run_pure(*KEYS, "store", "copy-sigs", "-s", f"file://{gone}", "-s", f"file://{cache}", app_p,
+                 root=tmp_path / "b", check=False)
+    assert p.returncode != 0 and f"error: binary cache 'file://{gone}'" in p.stderr

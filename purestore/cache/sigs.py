@@ -39,23 +39,25 @@ CONCURRENCY = 16  # narinfo requests at once
 @attrs.frozen
 class CacheNarInfos:
     """What the caches said: for each path, ``(url, narinfo)`` of every cache that has one (in
-    priority order); ``failures``: ``(url, path or None, reason)`` of what could not be read."""
+    priority order); ``failures``: ``(url, path, reason)`` of what could not be read."""
 
     urls: tuple[str, ...]
     found: dict[StorePath, list[tuple[str, NarInfo]]]
-    failures: tuple[tuple[str, StorePath | None, str], ...]
+    failures: tuple[tuple[str, StorePath, str], ...]
 
 
 async def cache_narinfos(settings, paths: Iterable[StorePath], urls: Iterable[str] | None = None,
                          *, strict: bool = True) -> CacheNarInfos:
     """Ask every cache (``urls``, default the substituters setting) for the narinfo of every
     path, in parallel.  With ``strict`` a cache that cannot be used at all (unreachable, another
-    store dir) raises :class:`CacheError`; otherwise it is a failure.  A narinfo that cannot be
-    read, or describes another path, is a failure of that path at that cache."""
+    store dir) raises :class:`CacheError`; otherwise it is left out with a logged warning.  A
+    narinfo that cannot be read, or describes another path, is a failure of that path at that
+    cache."""
     paths = list(dict.fromkeys(paths))
     sd = settings.store_dir
     async with Substituters(settings, urls, trusted_keys=(), strict=strict) as subs:
-        failures: list[tuple[str, StorePath | None, str]] = [(u, None, why) for u, why in subs.rejected.items()]
+        # (without strict, an unusable cache has been warned about by Substituters)
+        failures: list[tuple[str, StorePath, str]] = []
         answers: dict[tuple[int, StorePath], NarInfo] = {}
         limit = trio.CapacityLimiter(CONCURRENCY)
 
@@ -165,11 +167,13 @@ def sigs_for_same_contents(store, found: CacheNarInfos) -> tuple[dict[StorePath,
 
 
 async def copy_sigs(store, settings, paths: Iterable[StorePath], urls: Iterable[str] | None = None,
-                    trusted: dict[str, PublicKey] | None = None) -> tuple[list[SigCopy], CacheNarInfos]:
+                    trusted: dict[str, PublicKey] | None = None, *,
+                    strict: bool = True) -> tuple[list[SigCopy], CacheNarInfos]:
     """Add to each of ``paths`` (valid in ``store``) the signatures by trusted keys that the caches
-    hold for the same contents; returns what was done per path, and what the caches said."""
+    hold for the same contents; returns what was done per path, and what the caches said.
+    ``strict``: see :func:`cache_narinfos`."""
     paths = list(dict.fromkeys(paths))
-    result = await cache_narinfos(settings, paths, urls)
+    result = await cache_narinfos(settings, paths, urls, strict=strict)
     out = []
     for p in paths:
         info = S.path_info(store, p)

@@ -232,8 +232,7 @@ def _chosen_paths(store, args):
 
 def _warn_failures(ctx, store, failures) -> None:
     for url, path, why in failures:
-        what = f" for {store.print_path(path)}" if path is not None else ""
-        ctx.info(f"warning: cannot read {url}{what}: {why}")
+        ctx.info(f"warning: cannot read {url} for {store.print_path(path)}: {why}")
 
 
 def cmd_verify(args, ctx) -> int:
@@ -279,13 +278,16 @@ def cmd_copy_sigs(args, ctx) -> int:
     from ..cache.sigs import copy_sigs
     from ..errors import UsageError
     trusted = _trusted_keys(ctx, "copy-sigs (it copies only signatures by trusted keys)")
-    urls = args.substituter or list(ctx.settings.substituters)
+    urls = args.substituter or ([] if ctx.settings.offline else list(ctx.settings.substituters))
     if not urls:
-        raise UsageError("no binary cache to take signatures from",
+        raise UsageError("no binary cache to take signatures from"
+                         + (" (--offline leaves out the substituters)" if ctx.settings.offline else ""),
                          hint="pass -s URL, or set substituters in the config file")
     with ctx.open_store() as store:
         paths = _chosen_paths(store, args)
-        copies, found = trio.run(lambda: copy_sigs(store, ctx.settings, paths, urls, trusted))
+        # caches named with -s must work; of the configured ones, an unusable one is a warning
+        copies, found = trio.run(lambda: copy_sigs(store, ctx.settings, paths, urls, trusted,
+                                                   strict=bool(args.substituter)))
         _warn_failures(ctx, store, found.failures)
         if args.json:
             _print_json([c.to_json(store.store_dir) for c in copies])
