@@ -60,7 +60,8 @@ class Trust:
         return self.content_addressed or len(self.keys) >= needed
 
     def describe(self) -> str:
-        """'signed by trusted key 'a'; not trusted: 'b'; invalid signature by 'c'' or 'no signatures'."""
+        """For people: "valid signature by trusted key 'a'; invalid signature by 'b'; signed by
+        key 'c', not trusted here", the parts that apply, or "no signatures"."""
         parts = []
         if self.keys:
             parts.append(f"valid signature by trusted key {', '.join(repr(k) for k in self.keys)}")
