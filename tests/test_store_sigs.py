@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import HAVE_NIX, needs_nix, run_pure
+from conftest import needs_nix, run_pure
 from test_cache_support import (PUB, SEC, make_closure, make_path, nix_copy_from, open_store,
                                 rewrite_narinfo)
 
@@ -143,7 +143,6 @@ def test_content_addressed_paths_need_no_signature(tmp_path, pure):
     p = pure(*KEYS, "store", "verify", "--sigs-needed", "3", tree, flat)
     assert "checked 2 paths: no problems" in p.stderr
     # a path whose CA field does not give back its path is not content-addressed
-    from purestore.formats.path_info import PathInfo
     from purestore.store.verify import is_content_addressed, path_trust
     with open_store(tmp_path / "root") as store:
         info = store.query_path_info(store.parse_path(tree))
@@ -152,7 +151,6 @@ def test_content_addressed_paths_need_no_signature(tmp_path, pure):
         finfo = store.query_path_info(fake).evolve(ca=info.ca)
         assert not is_content_addressed(finfo, store.store_dir)
         assert not path_trust(finfo.evolve(ca="fixed:r:sha256:garbage"), store.store_dir, {}).enough(1)
-        assert isinstance(finfo, PathInfo)
 
 
 def test_path_from_ca_gives_back_the_paths_of_every_kind():
@@ -228,7 +226,6 @@ def test_copied_signatures_are_accepted_by_nix(tmp_path):
     assert "Sig: test-key-1:" in (second / f"{app.hash_part}.narinfo").read_text()
     p = nix_copy_from(tmp_path, f"file://{second}", app_p)
     assert p.returncode == 0, p.stderr
-    assert HAVE_NIX
 
 
 def test_copy_sigs_from_the_configured_substituters_skips_an_unusable_one(tmp_path):

@@ -35,6 +35,7 @@ class Progress:
         self._last_draw = 0.0
         self.fetch = None  # the counters of a running substitution (see fetch_progress)
         self._last_fetch_line = 0.0
+        self._fetch_started = 0.0
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ class Progress:
 
 
 def _size(n: int) -> str:
-    from ..cache.progress import format_size
+    from ..cache.progress import format_size  # the caches layer is optional for builds
     return format_size(n)
 
 

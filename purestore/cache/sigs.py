@@ -109,7 +109,7 @@ class SigCopy:
                 "differs": [{"cache": u, "reason": r} for u, r in self.differs]}
 
 
-def _difference(info, ni: NarInfo, store_dir: str) -> str | None:
+def _difference(info, ni: NarInfo) -> str | None:
     """What differs between the local path info and a cache's narinfo for the same path."""
     if ni.nar_hash != info.nar_hash:
         return f"its NarHash is {ni.nar_hash.typed()}, here {info.nar_hash.typed()}"
@@ -132,7 +132,7 @@ def choose_sigs(info, store_dir: str, found: list[tuple[str, NarInfo]],
     differs: list[tuple[str, str]] = []
     have = set(info.sigs)
     for url, ni in found:
-        diff = _difference(info, ni, store_dir)
+        diff = _difference(info, ni)
         if diff:
             differs.append((url, diff))
             continue
@@ -158,7 +158,7 @@ def sigs_for_same_contents(store, found: CacheNarInfos) -> tuple[dict[StorePath,
     for p, got in found.found.items():
         info = S.path_info(store, p)
         for url, ni in got:
-            diff = _difference(info, ni, store.store_dir)
+            diff = _difference(info, ni)
             if diff:
                 differs.append((p, url, diff))
             else:
