@@ -103,6 +103,17 @@ def parse_url(url: str) -> CacheURL:
                      hint="S3 and ssh caches are not supported yet")
 
 
+def url_flag(cu: CacheURL, key: str) -> bool:
+    """A true/false parameter of a cache URL (as Nix reads one: ``true``/``yes``/``1`` or
+    ``false``/``no``/``0``; absent: false)."""
+    v = cu.param(key, "false")
+    if v in ("true", "yes", "1"):
+        return True
+    if v in ("false", "no", "0"):
+        return False
+    raise CacheError(f"cache URL {cu.url!r}: {key} must be true or false, got {v!r}")
+
+
 def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_timeout: float = 30,
                  max_connections: int = 16, token: str | None = None, attempts: int = 5,
                  netrc_file: str | None = None, ssl_cert_file: str | None = None) -> "Backend":

@@ -5,7 +5,16 @@ libzstd.  So compression uses the system ``libzstd`` through ctypes when there i
 library Nix uses, hence the same bytes, FileHash and FileSize as ``nix copy`` for any NAR), and
 the ``zstandard`` module otherwise (identical for small NARs; decompression always uses it).
 Both stream at the given level without checksum or content size, as libarchive does.
-``compressor(method, level)`` returns an object with ``compress(data) -> bytes`` and
+
+``parallel`` (the cache URL's ``parallel-compression=true``) compresses one NAR on all cores:
+zstd with libzstd's worker threads, xz with liblzma's multi-threaded encoder (through ctypes,
+with the options libarchive gives it: the preset's LZMA2 filter, CRC64, default block size).
+Either output is the same whatever the number of cores (the input is cut into jobs or blocks
+by size, not by thread), but differs from the single-threaded output.  xz matches Nix's
+``parallel-compression`` byte for byte; Nix 2.8's libarchive (3.6) ignores the setting for
+zstd and compresses single-threaded, newer ones use libzstd's workers as we do.
+
+``compressor(method, level, parallel)`` returns an object with ``compress(data) -> bytes`` and
 ``flush() -> bytes``; :func:`compress_to` and :func:`flush_to` hand the output to a callback
 instead (for the system libzstd as views of its output buffer, saving a copy of every byte);
 ``decompressor(method)`` one with ``decompress(data) -> bytes`` and ``eof``.  zstandard,
@@ -19,6 +28,7 @@ import bz2
 import ctypes
 import ctypes.util
 import lzma
+import os
 
 import zstandard
 
@@ -49,9 +59,9 @@ class _Identity:
 
 
 class _Zstd:
-    def __init__(self, level: int):
-        self._c = zstandard.ZstdCompressor(level=level, write_checksum=False,
-                                           write_content_size=False).compressobj()
+    def __init__(self, level: int, workers: int = 0):
+        self._c = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=False,
+                                           threads=workers).compressobj()
 
     def compress(self, data: bytes) -> bytes:
         return self._c.compress(data)
@@ -91,6 +101,8 @@ def _load_libzstd():
         lib.ZSTD_isError.restype = ctypes.c_uint
         lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
         lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        lib.ZSTD_CCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.ZSTD_CCtx_setParameter.restype = ctypes.c_size_t
         lib.ZSTD_CStreamOutSize.restype = ctypes.c_size_t
         lib.ZSTD_compressBound.argtypes = [ctypes.c_size_t]
         lib.ZSTD_compressBound.restype = ctypes.c_size_t
@@ -100,6 +112,15 @@ def _load_libzstd():
 
 
 _LIBZSTD = _load_libzstd()
+_ZSTD_C_NBWORKERS = 400  # ZSTD_cParameter ZSTD_c_nbWorkers
+
+
+def cores() -> int:
+    """Worker threads for parallel compression: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # Input handed to one ZSTD_compressStream call at most: with an output buffer of its compress
@@ -114,12 +135,18 @@ class _SysZstd:
     zstd buffers input into whole blocks whatever the call pattern.
     """
 
-    def __init__(self, level: int):
+    def __init__(self, level: int, workers: int = 0):
         lib = self._lib = _LIBZSTD
         self._cs = lib.ZSTD_createCStream()
         if not self._cs:
             raise CacheError("cannot create a zstd compression stream (out of memory)")
         self._check(lib.ZSTD_initCStream(self._cs, level))
+        if workers:
+            r = lib.ZSTD_CCtx_setParameter(self._cs, _ZSTD_C_NBWORKERS, workers)
+            if lib.ZSTD_isError(r):
+                self._free()
+                raise CacheError("parallel zstd compression is not available: the system libzstd "
+                                 f"was built without threads ({lib.ZSTD_getErrorName(r).decode()})")
         self._osz = max(lib.ZSTD_CStreamOutSize(), lib.ZSTD_compressBound(_IN_CHUNK))
         self._obuf = ctypes.create_string_buffer(self._osz)
         self._oaddr = ctypes.addressof(self._obuf)
@@ -202,6 +229,110 @@ class _SysZstd:
         self._free()
 
 
+# -- multi-threaded xz (liblzma's lzma_stream_encoder_mt, which Python's lzma module lacks) -----
+
+class _LzmaStream(ctypes.Structure):
+    _fields_ = [("next_in", ctypes.c_void_p), ("avail_in", ctypes.c_size_t), ("total_in", ctypes.c_uint64),
+                ("next_out", ctypes.c_void_p), ("avail_out", ctypes.c_size_t), ("total_out", ctypes.c_uint64),
+                ("allocator", ctypes.c_void_p), ("internal", ctypes.c_void_p),
+                ("reserved_ptr", ctypes.c_void_p * 4), ("reserved_int1", ctypes.c_uint64),
+                ("reserved_int2", ctypes.c_uint64), ("reserved_int3", ctypes.c_size_t),
+                ("reserved_int4", ctypes.c_size_t), ("reserved_enum", ctypes.c_int * 2)]
+
+
+class _LzmaMT(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("threads", ctypes.c_uint32), ("block_size", ctypes.c_uint64),
+                ("timeout", ctypes.c_uint32), ("preset", ctypes.c_uint32), ("filters", ctypes.c_void_p),
+                ("check", ctypes.c_int), ("reserved_enum", ctypes.c_int * 3),
+                ("reserved_int", ctypes.c_uint32 * 4), ("reserved_int64", ctypes.c_uint64 * 4),
+                ("reserved_ptr", ctypes.c_void_p * 4)]
+
+
+_LZMA_OK, _LZMA_STREAM_END = 0, 1
+_LZMA_RUN, _LZMA_FINISH = 0, 3
+_LZMA_CHECK_CRC64 = 4
+_LZMA_ERRORS = {5: "out of memory", 6: "memory limit reached", 8: "unsupported options",
+                9: "corrupt data", 11: "internal error"}
+_liblzma = None
+
+
+def _load_liblzma():
+    global _liblzma
+    if _liblzma is None:
+        try:
+            lib = ctypes.CDLL("liblzma.so.5")  # the library Python's lzma module is linked with
+            lib.lzma_stream_encoder_mt.argtypes = [ctypes.POINTER(_LzmaStream), ctypes.POINTER(_LzmaMT)]
+            lib.lzma_stream_encoder_mt.restype = ctypes.c_int
+            lib.lzma_code.argtypes = [ctypes.POINTER(_LzmaStream), ctypes.c_int]
+            lib.lzma_code.restype = ctypes.c_int
+            lib.lzma_end.argtypes = [ctypes.POINTER(_LzmaStream)]
+            lib.lzma_end.restype = None
+        except (OSError, AttributeError) as e:
+            raise CacheError(f"parallel xz compression needs liblzma 5.2 or later: {e}") from None
+        _liblzma = lib
+    return _liblzma
+
+
+class _XzMT:
+    """xz on ``threads`` threads, as libarchive asks liblzma for it (what Nix's
+    ``parallel-compression`` writes): the level's preset, CRC64, the default block size (three
+    times the dictionary), a timeout of 300 ms."""
+
+    _OUT = 1 << 20
+
+    def __init__(self, level: int, threads: int):
+        self._lib = _load_liblzma()
+        self._strm = _LzmaStream()
+        mt = _LzmaMT(threads=threads, timeout=300, preset=level, check=_LZMA_CHECK_CRC64)
+        self._check(self._lib.lzma_stream_encoder_mt(ctypes.byref(self._strm), ctypes.byref(mt)))
+        self._live = True
+        self._obuf = ctypes.create_string_buffer(self._OUT)
+
+    def _check(self, r: int) -> int:
+        if r not in (_LZMA_OK, _LZMA_STREAM_END):
+            raise CacheError(f"xz compression failed: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
+        return r
+
+    def _code(self, data, action: int) -> bytes:
+        if not self._live:
+            raise CacheError("xz compression stream used after its end")
+        keep = bytes(data) if not isinstance(data, bytes) else data
+        strm, out = self._strm, []
+        strm.next_in = ctypes.cast(ctypes.c_char_p(keep), ctypes.c_void_p).value if keep else None
+        strm.avail_in = len(keep)
+        oaddr = ctypes.addressof(self._obuf)
+        while True:
+            strm.next_out, strm.avail_out = oaddr, self._OUT
+            r = self._check(self._lib.lzma_code(ctypes.byref(strm), action))
+            n = self._OUT - strm.avail_out
+            if n:
+                out.append(ctypes.string_at(oaddr, n))
+            if action == _LZMA_FINISH:
+                if r == _LZMA_STREAM_END:
+                    break
+            elif strm.avail_in == 0 and strm.avail_out:
+                break
+        strm.next_in, strm.avail_in = None, 0
+        return b"".join(out)
+
+    def compress(self, data) -> bytes:
+        return self._code(data, _LZMA_RUN) if len(data) else b""
+
+    def flush(self) -> bytes:
+        try:
+            return self._code(b"", _LZMA_FINISH)
+        finally:
+            self._free()
+
+    def _free(self) -> None:
+        if self._live:
+            self._lib.lzma_end(ctypes.byref(self._strm))
+            self._live = False
+
+    def __del__(self):
+        self._free()
+
+
 def compress_to(comp, data, emit) -> None:
     """Feed ``data`` to a :func:`compressor`, handing any output to ``emit`` (bytes or a view
     valid only during the call; never empty)."""
@@ -254,7 +385,8 @@ class _Lzma:
             raise CacheError(f"corrupt compressed data: {e}") from e
 
 
-def compressor(method: str, level: int | None = None):
+def compressor(method: str, level: int | None = None, parallel: bool = False):
+    """A streaming compressor; ``parallel``: on all cores (see the module's docstring)."""
     if method not in WRITABLE:
         raise CacheError(f"cannot write compression {method!r}, expected one of {', '.join(WRITABLE)}")
     if level is None:
@@ -262,10 +394,13 @@ def compressor(method: str, level: int | None = None):
     if method == "zstd":
         if not 1 <= level <= 19:
             raise CacheError(f"zstd compression level must be 1..19, got {level}")
-        return _SysZstd(level) if _LIBZSTD is not None else _Zstd(level)
+        workers = cores() if parallel else 0
+        return _SysZstd(level, workers) if _LIBZSTD is not None else _Zstd(level, workers)
     if method == "xz":
         if not 0 <= level <= 9:
             raise CacheError(f"xz compression level must be 0..9, got {level}")
+        if parallel:
+            return _XzMT(level, cores())
         return lzma.LZMACompressor(lzma.FORMAT_XZ, preset=level)
     return _Identity()
 

@@ -218,10 +218,11 @@ class _CompressSink:
     Works on views: the NAR chunks are the dumper's buffers and the compressed output the
     compressor's buffer, hashed and written with ``os.write`` straight from there."""
 
-    def __init__(self, fd: int, path: str, method: str, level: int | None, progress: Progress | None):
+    def __init__(self, fd: int, path: str, method: str, level: int | None, progress: Progress | None,
+                 parallel: bool = False):
         self.fd = fd
         self.path = path
-        self.comp = compressor(method, level)
+        self.comp = compressor(method, level, parallel)
         self.nar = hashlib.sha256()
         self.nar_size = 0
         self.file = hashlib.sha256()
@@ -259,8 +260,8 @@ def push_temp_name(tmp_dir: str | None) -> str:
 
 
 def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: int | None,
-                  tmp: str, listing: bool, progress: Progress | None = None):
-    """NAR of the path at ``real`` compressed into the new file ``tmp`` (see
+                  parallel: bool, tmp: str, listing: bool, progress: Progress | None = None):
+    """NAR of the path at ``real`` compressed (on all cores if ``parallel``) into the new file ``tmp`` (see
     :func:`push_temp_name`; removed again on failure), its NAR hash and size checked against the
     registered ones; returns (tmp, file hash, file size, listing)."""
     from ..store.fsnar import dump_path, stream_path
@@ -271,7 +272,7 @@ def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: 
         raise CacheError(f"cannot create {tmp!r}: {e.strerror}") from e
     try:
         try:
-            sink = _CompressSink(fd, tmp, method, level, progress)
+            sink = _CompressSink(fd, tmp, method, level, progress, parallel)
             stream_path(real, sink.write)
             sink.finish()
         finally:

@@ -6,15 +6,16 @@ For each path of the closure of the given paths that the cache lacks (``<hash>.n
    registered: a corrupt local path is never published) and compressing it into a temporary file
    while hashing the compressed bytes (FileHash) (:func:`.nar_jobs.compress_path`);
 2. upload ``nar/<nix32 FileHash>.nar<ext>`` (skipped if present: NARs are content-addressed);
-3. optionally upload the ``<hash>.ls`` listing, the build log ``log/<drv>``, and extra files
-   (:func:`extra_files_for`);
+3. optionally upload the ``<hash>.ls`` listing and the ``debuginfo/`` links of its debug files
+   (``index-debug-info``), the build log ``log/<drv>``, and extra files (:func:`extra_files_for`);
 4. sign the narinfo with the given secret keys (signing happens here, on the client; the cache
    server never sees a key) and upload ``<hash>.narinfo`` only after the narinfos of all its
    references: a reader never finds a narinfo whose references are missing.
 
 Paths are processed in parallel (compression and hashing release the GIL, so worker threads use
 all cores), largest NAR first so that the run does not end with one core busy on a big path, and
-each NAR compressed single-threaded so the output is byte-identical to Nix's.  The bytes are not
+each NAR compressed single-threaded so the output is byte-identical to Nix's (unless
+``parallel-compression`` asks for each NAR on all cores: for one big path).  The bytes are not
 copied on the way: NAR chunks are views of the dumper's buffers (``fsnar.stream_path``), and the
 compressed output is hashed and written straight from the compressor's buffer.
 """
@@ -22,7 +23,9 @@ compressed output is hashed and written straight from the compressor's buffer.
 from __future__ import annotations
 
 import collections
+import json
 import os
+import stat
 from typing import Iterable
 
 import attrs
@@ -34,7 +37,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, backend_for, parse_url
+from .backend import Backend, FileBackend, backend_for, parse_url, url_flag
 from .compression import compressor, extension
 from .info import CacheInfo
 from .forked import ForkedWorker, run_claimed
@@ -53,6 +56,56 @@ def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
     from ..store.provenance import read_provenance
     data = read_provenance(store, path)
     return {provenance_file_name(path.hash_part): data} if data is not None else {}
+
+
+_BUILD_ID_DIR = ("lib", "debug", ".build-id")
+_HEX = frozenset("0123456789abcdef")
+
+
+def debug_info_files(real: str) -> list[tuple[str, str]]:
+    """The separate debug files of a path, as Nix's ``index-debug-info`` finds them: regular
+    files ``lib/debug/.build-id/XX/YYYY….debug`` (2 and 38 lower-case hex digits; nothing
+    through a symlink).  Returns (cache key ``debuginfo/XXYYYY….debug``, member) pairs; the
+    key keeps the ``.debug`` suffix, as Nix 2.8 writes it."""
+    d = real
+    for part in _BUILD_ID_DIR:
+        d = os.path.join(d, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                return []
+        except OSError:
+            return []
+    found = []
+    for s1 in sorted(os.listdir(d)):
+        sub = os.path.join(d, s1)
+        if len(s1) != 2 or not set(s1) <= _HEX or not stat.S_ISDIR(os.lstat(sub).st_mode):
+            continue
+        for s2 in sorted(os.listdir(sub)):
+            stem = s2[:-len(".debug")]
+            if not (s2.endswith(".debug") and len(stem) == 38 and set(stem) <= _HEX):
+                continue
+            if stat.S_ISREG(os.lstat(os.path.join(sub, s2)).st_mode):
+                found.append((f"debuginfo/{s1}{s2}", "/".join((*_BUILD_ID_DIR, s1, s2))))
+    return found
+
+
+async def _index_debug_info(backend: Backend, real: str, nar_name: str) -> None:
+    """Write ``debuginfo/<build id>`` links to the NAR holding each debug file (kept when the
+    cache has one already, as Nix does), for debuggers that look debug info up by build id."""
+    try:
+        files = await trio.to_thread.run_sync(debug_info_files, real)
+    except OSError as e:
+        raise StoreError(f"cannot list the debug files of {real!r}: {e.strerror}") from e
+    limit = trio.CapacityLimiter(8)
+
+    async def one(key: str, member: str) -> None:
+        async with limit:
+            if not await backend.exists(key):
+                body = json.dumps({"archive": f"../{nar_name}", "member": member}, separators=(",", ":"))
+                await backend.put(key, body.encode(), "application/json")
+    async with open_nursery() as n:
+        for key, member in files:
+            n.start_soon(one, key, member)
 
 
 @attrs.frozen
@@ -136,14 +189,18 @@ def _read_build_log(store, drv: StorePath) -> bytes | None:
 
 async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                   secret_keys: Iterable[SecretKey] = (), compression: str | None = None,
-                  level: int | None = None, write_listing: bool | None = None, jobs: int | None = None,
+                  level: int | None = None, parallel: bool | None = None,
+                  write_listing: bool | None = None, index_debug_info: bool | None = None,
+                  jobs: int | None = None,
                   upload_logs: bool = True, progress: Progress | None = None,
                   fork_worker: bool = False) -> PushResult:
     """Copy the closure of ``paths`` to the cache at ``url`` (references first).
 
-    URL parameters: ``compression`` (zstd, xz, none), ``compression-level``, ``secret-key``
-    (a key file; added to ``secret_keys``), ``write-nar-listing`` (true/1).  Keyword arguments
-    override them.  Raises :class:`CacheError` for cache failures, :class:`StoreError` for a
+    URL parameters: ``compression`` (zstd, xz, none), ``compression-level``,
+    ``parallel-compression`` (true/1: each NAR compressed on all cores, see :mod:`.compression`),
+    ``secret-key`` (a key file; added to ``secret_keys``), ``write-nar-listing`` (true/1),
+    ``index-debug-info`` (true/1: ``debuginfo/<build id>`` links, :func:`debug_info_files`).
+    Keyword arguments override them.  Raises :class:`CacheError` for cache failures, :class:`StoreError` for a
     corrupt or missing local path.  ``fork_worker``: compress in a forked copy of this process
     as well (:mod:`.forked`); only for a caller whose other threads are all idle (the CLI).
     """
@@ -155,12 +212,16 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             level = int(cu.param("compression-level"))  # type: ignore[arg-type]
         except ValueError:
             raise CacheError(f"cache URL {url!r}: compression-level must be an integer") from None
-    compressor(method, level)  # validate early
+    if parallel is None:
+        parallel = url_flag(cu, "parallel-compression")
+    compressor(method, level, parallel)  # validate early
     keys = list(secret_keys)
     if cu.param("secret-key"):
         keys.append(load_secret_key(cu.param("secret-key")))  # type: ignore[arg-type]
     if write_listing is None:
-        write_listing = cu.param("write-nar-listing", "false") in ("1", "true")
+        write_listing = url_flag(cu, "write-nar-listing")
+    if index_debug_info is None:
+        index_debug_info = url_flag(cu, "index-debug-info")
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -210,7 +271,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 p = pending.popleft()
                 info = infos[p]
                 tmp = push_temp_name(tmp_dir)
-                args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, tmp, write_listing)
+                args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, parallel, tmp,
+                        write_listing)
                 ran, res = await run_claimed(
                     worker, lambda: worker.call(compress_path, *args, progress=progress),
                     lambda: _unlink_quietly(tmp))
@@ -234,6 +296,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 raise
             if ls is not None:
                 await backend.put(f"{p.hash_part}.ls", ls, "application/json")
+            if index_debug_info:
+                await _index_debug_info(backend, S.real_path(store, p), nar_name)
             if upload_logs and info.deriver is not None:
                 log = await trio.to_thread.run_sync(_read_build_log, store, info.deriver)
                 if log is not None:

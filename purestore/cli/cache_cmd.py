@@ -29,9 +29,12 @@ Copy store paths and their closures to or from a binary cache.
 --to uploads references first, skips paths the cache already has, signs narinfos with the
 secret keys given (the cache itself never needs a key), and writes nix-cache-info, narinfo,
 nar/<filehash>.nar.<ext>, optional .ls listings and build logs under log/. URL parameters:
-compression=zstd|xz|none (default zstd), compression-level=N, secret-key=FILE,
-write-nar-listing=true, token-file=FILE (bearer token sent to that cache; env
-PURE_CACHE_TOKEN: sent with uploads only). Logins for HTTP caches come from the netrc-file
+compression=zstd|xz|none (default zstd), compression-level=N, parallel-compression=true
+(each NAR compressed on all cores: faster for one big path, but the bytes differ from the
+single-threaded ones), secret-key=FILE, write-nar-listing=true, index-debug-info=true
+(debuginfo/<build id> links to the NARs holding lib/debug/.build-id files),
+token-file=FILE (bearer token sent to that cache; env PURE_CACHE_TOKEN: sent with uploads
+only). Logins for HTTP caches come from the netrc-file
 setting; an https cache's own CA from ssl-cert-file (docs/caches.md).
 
 --from fetches PATHs (store paths, which need not be valid yet) with their closures; only
@@ -105,6 +108,8 @@ def register(reg) -> None:
                    help="sign pushed narinfos with this key (may be repeated)")
     p.add_argument("--compression", choices=["zstd", "xz", "none"], help="NAR compression (default zstd)")
     p.add_argument("--compression-level", type=int, metavar="N", help="compression level")
+    p.add_argument("--parallel-compression", action="store_true",
+                   help="compress each NAR on all cores (as ?parallel-compression=true)")
     p.add_argument("--write-nar-listing", action="store_true", help="also write <hash>.ls listings")
     p.add_argument("-j", "--jobs", type=int, metavar="N",
                    help="paths compressed (--to) or downloaded and restored (--from) in parallel, the "
@@ -223,6 +228,15 @@ def cmd_copy(args, ctx) -> int:
     from ..cache.progress import TextProgress, format_size as _size
     from ._warnings import warnings_to
 
+    if args.from_:
+        from ..errors import UsageError
+        push_only = [flag for flag, given in (
+            ("--secret-key-file", args.secret_key_file), ("--compression", args.compression),
+            ("--compression-level", args.compression_level is not None),
+            ("--parallel-compression", args.parallel_compression),
+            ("--write-nar-listing", args.write_nar_listing)) if given]
+        if push_only:
+            raise UsageError(f"{push_only[0]} applies to pushing (--to), not to --from")
     settings = ctx.settings
     if getattr(args, "require_provenance", False):
         settings = settings.evolve(require_provenance=True)
@@ -237,7 +251,8 @@ def cmd_copy(args, ctx) -> int:
             with warnings_to(progress.note):
                 res = trio.run(lambda: copy_to(
                     store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
-                    level=args.compression_level, write_listing=True if args.write_nar_listing else None,
+                    level=args.compression_level, parallel=True if args.parallel_compression else None,
+                    write_listing=True if args.write_nar_listing else None,
                     jobs=args.jobs, progress=progress, fork_worker=True))  # nothing else runs here
             if args.json:
                 print(json.dumps({
