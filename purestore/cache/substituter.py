@@ -108,10 +108,18 @@ class Substituters:
         async def open_one(i: int, url: str):
             try:
                 cu = parse_url(url)
+                prio = cu.param("priority")
+                if prio is not None and not prio.isdigit():
+                    raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
                 backend = backend_for(cu, self.settings)
             except CacheError as e:
                 self.rejected[url] = str(e)
                 failed.append(e)
+                if not self.strict:
+                    if repr(url) in str(e):  # the message names the URL already
+                        log.warning("warning: not using binary cache: %s", e)
+                    else:
+                        log.warning("warning: not using binary cache %r: %s", url, e)
                 return
             try:
                 info = await read_cache_info(backend, url)
@@ -127,8 +135,7 @@ class Substituters:
                     else:
                         log.warning("warning: not using binary cache %r: %s", url, why)
                 return
-            prio = cu.param("priority")
-            priority = int(prio) if prio and prio.isdigit() else info.priority
+            priority = int(prio) if prio is not None else info.priority
             opened.append((priority, i, _Cache(url, backend, priority)))
 
         opened: list[tuple[int, int, _Cache]] = []
