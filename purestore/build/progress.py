@@ -5,7 +5,9 @@ The scheduler calls :meth:`Progress.event` with a type and fields; every event i
 ``--json`` prints.  Event types: ``fetch-plan`` (will_fetch, download_size, nar_size: before
 substituting), ``plan`` (will_build, will_substitute: what was fetched), ``start`` (drv, name,
 kind, round), ``log`` (drv, line; only with ``print_logs``), ``built`` (drv, name, outputs),
-``failed`` (drv, name, error), ``check`` (drv, reproducible, differences), ``done``.
+``failed`` (drv, name, error), ``check`` (drv, reproducible, differences), ``hook`` (drv,
+name, hook: the post-build hook starts), ``hook-log`` (drv, name, line: a line of its output),
+``hook-failed`` (drv, name, error), ``done``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class Progress:
             self._draw()
         elif type_ == "log" and self.print_logs and self.json_stream is None:
             self._line(f"{fields['name']}> {fields['line']}")
+        elif type_ == "hook" and self.json_stream is None:
+            self._line(f"running post-build-hook '{fields['hook']}' for '{fields['drv']}'...")
+        elif type_ == "hook-log" and self.json_stream is None:
+            self._line(f"{fields['name']} (post)> {fields['line']}")
         elif type_ == "done":
             self._clear()
 

@@ -36,6 +36,7 @@ from ..store import events
 from . import check as check_mod
 from . import sandbox as sb
 from .builtins import BUILTIN_BUILDERS
+from .hook import check_hook, run_hook
 from .logs import BuildLog
 from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
@@ -355,6 +356,8 @@ class _Realiser:
         await trio.to_thread.run_sync(setup)
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
+        if to_build and self.settings.post_build_hook:
+            check_hook(self.settings.post_build_hook)
         checks = []
         if self.options.check:
             checks = [self.nodes[t] for t in tops if not self.nodes[t].needed]
@@ -393,8 +396,11 @@ class _Realiser:
                 node.error = f"dependency {failed[0].label} failed"
                 return
             rounds = self.options.rounds if node.top else 1
-            await self._build_node(node, rounds)
+            built = await self._build_node(node, rounds)
             node.ok = True
+            if built and self.settings.post_build_hook:
+                node.finish()  # what depends on it goes on while the hook runs
+                await self._post_build_hook(node, scope)
         except BuildError as e:
             node.error = str(e)
             self.errors.append(e)
@@ -403,6 +409,18 @@ class _Realiser:
                 scope.cancel()
         finally:
             node.finish()
+
+    async def _post_build_hook(self, node: _Node, scope: trio.CancelScope) -> None:
+        drv, outs = node.label, [self.store.print_path(node.outputs[n]) for n in sorted(node.outputs)]
+        self.progress.event("hook", drv=drv, name=node.drv.name, hook=self.settings.post_build_hook)
+        try:
+            await run_hook(self.settings, drv, outs,
+                           lambda line: self.progress.event("hook-log", drv=drv, name=node.drv.name, line=line))
+        except BuildError as e:
+            self.errors.append(e)
+            self.progress.event("hook-failed", drv=drv, name=node.drv.name, error=str(e))
+            if not self.options.keep_going:
+                scope.cancel()
 
     async def _check_node(self, node: _Node) -> None:
         try:
@@ -432,7 +450,8 @@ class _Realiser:
         for name in reversed(taken):
             self.store.locks.release(name)
 
-    async def _build_node(self, node: _Node, rounds: int) -> None:
+    async def _build_node(self, node: _Node, rounds: int) -> bool:
+        """Build ``node`` unless another process did meanwhile; True when this one built it."""
         # one in-process builder per output path (two FODs may share an output path)
         for o in node.outputs.values():
             ev = self.in_progress.get(o)
@@ -455,6 +474,7 @@ class _Realiser:
                 ev.set()
         for r in range(2, rounds + 1):
             await self._rebuild_and_compare(node, "round", r, rounds)
+        return not valid
 
     async def _rebuild_and_compare(self, node: _Node, kind: str, round_: int, rounds: int = 2) -> None:
         infos = await trio.to_thread.run_sync(

@@ -42,7 +42,8 @@ COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
     "sbom": ("evidence_cmd",), "provenance": ("evidence_cmd",), "report": ("evidence_cmd",),
     "why-depends": ("evidence_cmd",),
 }
-_GLOBAL_OPTS_WITH_VALUE = {"--store", "--store-dir", "--substituters", "--trusted-public-keys"}
+_GLOBAL_OPTS_WITH_VALUE = {"--store", "--store-dir", "--substituters", "--trusted-public-keys",
+                           "--post-build-hook"}
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -105,6 +106,7 @@ class Context:
                 substituters=_split_opt(getattr(self.args, "global_substituters", None)),
                 trusted_public_keys=_split_opt(getattr(self.args, "global_trusted_public_keys", None)),
                 offline=True if getattr(self.args, "global_offline", False) else None,
+                post_build_hook=getattr(self.args, "global_post_build_hook", None),
             )
         return self._settings
 
@@ -142,6 +144,9 @@ def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
                         default=None, help="space-separated NAME:BASE64 keys trusted for substitution")
     parser.add_argument("--offline", dest="global_offline", action="store_true",
                         help="do not use binary caches")
+    parser.add_argument("--post-build-hook", dest="global_post_build_hook", metavar="PROGRAM", default=None,
+                        help="run PROGRAM after each build, with DRV_PATH and OUT_PATHS set (e.g. to push "
+                             "the outputs to a binary cache; docs/building.md); '' turns the setting off")
     reg = Registry(parser)
     for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(f"{__package__}.{name}").register(reg)

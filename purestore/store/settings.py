@@ -25,7 +25,7 @@ _LIST_KEYS = {"substituters", "trusted-public-keys"}
 _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout",
              "download-attempts"}
 _MIN = {"download-attempts": 1}
-_PATH_KEYS = {"netrc-file", "ssl-cert-file"}
+_PATH_KEYS = {"netrc-file", "ssl-cert-file", "post-build-hook"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths"}
 
@@ -63,6 +63,8 @@ class Settings:
     netrc_file: str = "/etc/pure/netrc"
     # CA certificates (PEM) for https caches; empty: the system's (OpenSSL's, SSL_CERT_FILE)
     ssl_cert_file: str = ""
+    # a program run after each build with DRV_PATH and OUT_PATHS (Nix's post-build-hook)
+    post_build_hook: str = ""
 
     @property
     def real_store_dir(self) -> str:

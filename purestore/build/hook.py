@@ -1,0 +1,85 @@
+"""The post-build hook (Nix's ``post-build-hook``): a program run after each derivation is built.
+
+It runs outside the sandbox, as the user running ``pure``, with the environment of ``pure`` plus
+
+- ``DRV_PATH``: the derivation just built (a store path as printed, e.g. ``/pure/store/…drv``);
+- ``OUT_PATHS``: its outputs, space-separated, in the order of their output names;
+- ``PURE_STORE`` / ``PURE_STORE_DIR``: the store's root and store dir, so that a ``pure``
+  command the hook runs (``pure copy --to URL $OUT_PATHS``) acts on the same store.
+
+Its output (stdout and stderr) is shown line by line as ``NAME (post)> LINE``, as ``nix build
+-L`` shows it.  It runs only
+after a build, never for a path that was already valid or was fetched from a binary cache.
+Unlike Nix's, it does not hold up the other builds while it runs; the realisation waits for
+every hook before it returns, and a hook that fails (exit status other than 0, or cannot be
+started) fails the command: the outputs stay built and valid.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import trio
+
+from ..errors import BuildError
+
+TAIL = 20  # lines of a failed hook's output repeated in the error
+
+
+def check_hook(path: str) -> None:
+    """Fail early (before any build) when the hook cannot be run."""
+    if not os.path.isfile(path):
+        raise BuildError(f"post-build hook {path!r} does not exist" if not os.path.exists(path)
+                         else f"post-build hook {path!r} is not a file",
+                         hint="set post-build-hook to an executable program (or '' for none)")
+    if not os.access(path, os.X_OK):
+        raise BuildError(f"post-build hook {path!r} is not executable", hint=f"chmod +x {path}")
+
+
+def hook_env(settings, drv_path: str, out_paths: list[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DRV_PATH=drv_path, OUT_PATHS=" ".join(out_paths), PURE_STORE_DIR=settings.store_dir)
+    if settings.rooted:
+        env["PURE_STORE"] = settings.root
+    else:
+        env.pop("PURE_STORE", None)
+    return env
+
+
+async def run_hook(settings, drv_path: str, out_paths: list[str], emit) -> None:
+    """Run the hook for one built derivation; ``emit(line)`` gets each line of its output.
+    Raises :class:`BuildError` when it fails."""
+    hook = settings.post_build_hook
+    tail: list[str] = []
+    try:
+        proc = await trio.lowlevel.open_process(
+            [hook], env=hook_env(settings, drv_path, out_paths), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as e:
+        raise BuildError(f"post-build hook {hook!r} for {drv_path} cannot be run: {e.strerror}") from e
+    try:
+        buf = b""
+        async with proc.stdout:
+            while chunk := await proc.stdout.receive_some(65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                    tail = (tail + [line])[-TAIL:]
+                    emit(line)
+            if buf:
+                line = buf.decode("utf-8", "replace")
+                tail = (tail + [line])[-TAIL:]
+                emit(line)
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:  # cancelled (Ctrl-C, another build failed): stop it
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+    if code != 0:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        shown = "\n".join(f"  {line}" for line in tail)
+        raise BuildError(f"post-build hook {hook!r} {how} after building {drv_path}; its outputs are "
+                         f"built and valid" + (f"; its last lines:\n{shown}" if tail else ""))
