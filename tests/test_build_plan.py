@@ -173,7 +173,8 @@ def test_a_fetch_that_fails_falls_back_to_building_with_inputs_fetched(scene):
 
 def test_each_narinfo_is_asked_for_once(scene, pure, tmp_path):
     """The lookup that decides what to fetch hands its narinfos to the download: over HTTP, a
-    build asks for each narinfo once, and downloads only app's NAR (here from a plain static server that records requests)."""
+    build asks for each narinfo and for nix-cache-info once, and downloads only app's NAR (here
+    from a plain static server that records requests)."""
     import functools
     import http.server
     import threading
@@ -203,6 +204,8 @@ def test_each_narinfo_is_asked_for_once(scene, pure, tmp_path):
     # all missing outputs are looked up at once (one round trip, not one per level), each once
     assert f"/{app_hash}.narinfo" in narinfos and len(narinfos) == len(set(narinfos)) == 2, asked
     assert sum(a.startswith("/nar/") for a in asked) == 1
+    # the lookup and the download share one session on the cache: nix-cache-info is read once
+    assert asked.count("/nix-cache-info") == 1, asked
 
 
 def test_an_unusable_cache_is_warned_about_once(scene, pure, tmp_path):

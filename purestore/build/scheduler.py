@@ -141,7 +141,11 @@ async def plan(store, settings, drv_paths: Iterable[StorePath]) -> Plan:
     outputs are looked up in the substituters (narinfos only; see :meth:`_Realiser._choose`)."""
     r = _Realiser(store, settings, BuildOptions(), Progress(quiet=True))
     await trio.to_thread.run_sync(r._load_graph, list(drv_paths))
-    found = await r._query()
+    wanted = r._missing_outputs()
+    try:
+        found = await r._query(None, wanted) if wanted else {}
+    except ImportError:  # the caches layer is not installed
+        found = {}
     fetch, build = r._choose(found)
     r._warn_unfetchable(build)
     return Plan(tuple(sorted(r.nodes[p].label for p in build)), r._fetch_list(fetch, found))
@@ -164,7 +168,6 @@ class _Realiser:
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.query_failures: dict[StorePath, str] = {}
-        self.usable_caches: tuple[str, ...] | None = None  # known after _query (None: all)
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -222,22 +225,19 @@ class _Realiser:
         except OSError as e:
             raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
 
-    async def _query(self) -> dict:
-        """The substitutable missing outputs of needed derivations (and the missing paths they
-        refer to): path -> (cache URL, narinfo).  Nothing is fetched."""
+    def _missing_outputs(self) -> set[StorePath]:
+        """The missing outputs of needed derivations, when binary caches are to be asked."""
         if not self.settings.substituters or self.settings.offline:
-            return {}
-        try:
-            from ..cache.substituter import query_substitutable
-        except ImportError:
-            return {}
-        wanted = {o for n in self.nodes.values() if n.needed for o in n.outputs.values()
-                  if not self.store.is_valid(o)}
-        if not wanted:
-            return {}
-        q = await query_substitutable(self.store, self.settings, wanted)
+            return set()
+        return {o for n in self.nodes.values() if n.needed for o in n.outputs.values()
+                if not self.store.is_valid(o)}
+
+    async def _query(self, session, wanted: set[StorePath]) -> dict:
+        """The substitutable ``wanted`` outputs (and the missing paths they refer to):
+        path -> (cache URL, narinfo).  Nothing is fetched."""
+        from ..cache.substituter import query_substitutable
+        q = await query_substitutable(self.store, self.settings, wanted, session=session)
         self.query_failures = q.failures
-        self.usable_caches = q.urls
         return dict(q.found)
 
     def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
@@ -288,11 +288,29 @@ class _Realiser:
 
     async def _substitute(self) -> list[str]:
         """Fetch what can be fetched (see :meth:`_choose`), announcing it first; returns the
-        requested paths that were fetched."""
-        found = await self._query()
+        requested paths that were fetched.  One session on the caches serves the lookup and the
+        fetches (each cache is opened, and its nix-cache-info read, once)."""
+        wanted = self._missing_outputs()
+        try:
+            from ..cache.substituter import Substituters
+        except ImportError:  # the caches layer is not installed: build everything
+            wanted = set()
+        if not wanted:
+            return []
+        async with Substituters(self.settings) as session:
+            got = await self._fetch(session, wanted)
+        for node in self.nodes.values():
+            if node.needed and all(o in got or self.store.is_valid(o) for o in node.outputs.values()):
+                node.needed = False
+        # dependencies of substituted nodes are no longer needed unless a needed node uses them
+        self._recompute_needed()
+        return sorted(self.store.print_path(p) for p in got)
+
+    async def _fetch(self, session, wanted: set[StorePath]) -> set[StorePath]:
+        found = await self._query(session, wanted)
         if not found:
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
-            return []
+            return set()
         from ..cache.substituter import substitute
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
@@ -303,8 +321,7 @@ class _Realiser:
                 break
             try:
                 new = await substitute(self.store, self.settings, fetch, self.progress.fetch_progress(),
-                                       fork_worker=self.options.fork_worker, known=found,
-                                       urls=self.usable_caches)
+                                       fork_worker=self.options.fork_worker, known=found, session=session)
             finally:
                 self.progress.fetch_finished()
             got |= new
@@ -314,12 +331,7 @@ class _Realiser:
             for p in failed:
                 found.pop(p, None)
             fetch = self._choose(found)[0] - got
-        for node in self.nodes.values():
-            if node.needed and all(o in got or self.store.is_valid(o) for o in node.outputs.values()):
-                node.needed = False
-        # dependencies of substituted nodes are no longer needed unless a needed node uses them
-        self._recompute_needed()
-        return sorted(self.store.print_path(p) for p in got)
+        return got
 
     def _announce(self, listed) -> None:
         """Say what will be fetched before fetching it (the builds are announced with the plan)."""

@@ -281,6 +281,7 @@ class _XzMT:
     _OUT = 1 << 20
 
     def __init__(self, level: int, threads: int):
+        self._live = False
         self._lib = _load_liblzma()
         self._strm = _LzmaStream()
         mt = _LzmaMT(threads=threads, timeout=300, preset=level, check=_LZMA_CHECK_CRC64)

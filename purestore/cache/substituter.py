@@ -241,7 +241,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             progress: Progress | None = None, repair: Iterable[StorePath] = (),
                             jobs: int | None = None, negative_ttl: int | None = None,
                             fork_worker: bool = False, strict_caches: bool = False,
-                            known: dict[StorePath, tuple[str, NarInfo]] | None = None) -> SubstituteReport:
+                            known: dict[StorePath, tuple[str, NarInfo]] | None = None,
+                            session: Substituters | None = None) -> SubstituteReport:
     """Substitute ``paths`` (and their missing references) from the caches; never raises for a
     single path's failure: see the report's ``failures``.  ``repair`` paths are fetched even if
     valid and put back in place.
@@ -251,10 +252,15 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     now (the CLI).  ``strict_caches``: a cache that cannot be used raises
     :class:`CacheUnusable` instead of being left out with a warning.  ``known``: narinfos that
     :func:`query_substitutable` found in this run (cache URL, narinfo), used without asking
-    again."""
+    again.  ``session``: an open :class:`Substituters` to use (and leave open) instead of
+    opening the caches again (``urls``, ``trusted_keys``, ``negative_ttl`` and
+    ``strict_caches`` are then the session's)."""
     paths = set(paths)
-    # with require-provenance the query keeps each verified statement for the store: ask again
-    known = {} if getattr(settings, "require_provenance", False) else (known or {})
+    # with require-provenance the query keeps each verified statement in its session: known
+    # narinfos need that session, or else they are asked for again
+    if getattr(settings, "require_provenance", False) and session is None:
+        known = {}
+    known = known or {}
     repair = set(repair)
     sd = settings.store_dir
     report = SubstituteReport()
@@ -274,8 +280,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
 
     lanes = jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1))
     use_worker = fork_worker and lanes >= 2
-    async with Substituters(settings, urls, trusted_keys, negative_ttl=negative_ttl, strict=strict_caches) as subs, \
-            _forked_worker(use_worker) as worker:
+    async with _session(session, settings, urls, trusted_keys, negative_ttl=negative_ttl, strict=strict_caches) \
+            as subs, _forked_worker(use_worker) as worker:
         if not subs.caches and not subs.rejected:
             report.valid = {p for p in paths if S.is_valid(store, p)}
             return report
@@ -449,6 +455,16 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
 
 
 @contextlib.asynccontextmanager
+async def _session(session: Substituters | None, settings, *args, **kw):
+    """``session`` itself (left open), or a new :class:`Substituters` closed on the way out."""
+    if session is not None:
+        yield session
+    else:
+        async with Substituters(settings, *args, **kw) as subs:
+            yield subs
+
+
+@contextlib.asynccontextmanager
 async def _forked_worker(wanted: bool):
     """A :class:`.forked.ForkedWorker` (or None), forked now: before any fetch has started a
     thread, so that no lock is held by a busy thread at the fork."""
@@ -490,18 +506,19 @@ class Substitutable:
     urls: tuple[str, ...] = ()  # the caches that could be used (the others were warned about)
 
 
-async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Substitutable:
+async def query_substitutable(store, settings, paths: Iterable[StorePath], *,
+                              session: Substituters | None = None) -> Substitutable:
     """Which of ``paths`` (and of the missing paths they refer to) the substituters could provide,
     without fetching anything: the narinfo queries of a substitution (trusted signatures, in
     parallel, priority order), what a build decides from and ``--dry-run`` shows.  A path
     whose missing reference no cache has is not substitutable.  Valid paths are left out;
-    offline, nothing is asked."""
+    offline, nothing is asked.  ``session``: an open :class:`Substituters` to ask (left open)."""
     wanted = {p for p in paths if not S.is_valid(store, p)}
     found: dict[StorePath, tuple[str, NarInfo]] = {}
     failures: dict[StorePath, str] = {}
     if not wanted or settings.offline or not settings.substituters:
         return Substitutable(found, {p: "no substituter is used" for p in wanted})
-    async with Substituters(settings) as subs:
+    async with _session(session, settings) as subs:
         usable = tuple(c.url for c in subs.caches)
         seen = set(wanted)
         qlimit = trio.CapacityLimiter(QUERY_CONCURRENCY)
@@ -539,7 +556,7 @@ async def query_substitutable(store, settings, paths: Iterable[StorePath]) -> Su
 
 async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
                      fork_worker: bool = False, known: dict[StorePath, tuple[str, NarInfo]] | None = None,
-                     urls: Iterable[str] | None = None) -> set[StorePath]:
+                     urls: Iterable[str] | None = None, session: Substituters | None = None) -> set[StorePath]:
     """Make ``paths`` valid from the configured substituters where possible.
 
     For each wanted path that is not valid, query the substituters (priority order, in
@@ -549,7 +566,7 @@ async def substitute(store, settings, paths: set[StorePath], progress: Progress 
     see :func:`substitute_report`.
     """
     report = await substitute_report(store, settings, paths, progress=progress, fork_worker=fork_worker,
-                                     known=known, urls=urls)
+                                     known=known, urls=urls, session=session)
     for p, why in sorted(report.failures.items()):
         log.warning("warning: cannot substitute %r: %s", p.absolute(settings.store_dir), why)
     return report.valid
