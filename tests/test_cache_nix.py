@@ -138,3 +138,24 @@ def test_narinfo_equals_nix_for_big_compressible_paths(tmp_path, keyfile):
     assert (ours / f"{h}.narinfo").read_text() == (nixcache / f"{h}.narinfo").read_text()
     (nar,) = os.listdir(nixcache / "nar")
     assert (ours / "nar" / nar).read_bytes() == (nixcache / "nar" / nar).read_bytes()
+
+
+@pytest.mark.parametrize("query", ["compression=xz", "compression=none", "compression=zstd&compression-level=9",
+                                   "compression=xz&compression-level=2&write-nar-listing=true"])
+def test_narinfo_equals_nix_for_other_compressions(tmp_path, keyfile, query):
+    """Single-threaded xz (Python's lzma on the system liblzma, as libarchive), no compression and
+    other levels give Nix's bytes too."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "cache" / "src" / "tree", src, symlinks=True)
+    (src / "more").write_bytes(b"".join(b"line %d of some text\n" % i for i in range(40_000)))
+    nixroot = tmp_path / "nixroot"
+    path = nix("nix-store", "--store", nixroot, "--add", src).stdout.strip()
+    nixcache, ours = tmp_path / "nixcache", tmp_path / "ours"
+    nix("nix", "copy", "--store", nixroot, "--to", f"file://{nixcache}?{query}&secret-key={keyfile}", path)
+    root = tmp_path / "pure"
+    assert run_pure("store", "add", src, root=root, store_dir="/nix/store").stdout.strip() == path
+    run_pure("copy", "--to", f"file://{ours}?{query}&secret-key={keyfile}", path, root=root, store_dir="/nix/store")
+    h = os.path.basename(path)[:32]
+    assert (ours / f"{h}.narinfo").read_text() == (nixcache / f"{h}.narinfo").read_text()
+    if "write-nar-listing" in query:
+        assert (ours / f"{h}.ls").read_bytes() == (nixcache / f"{h}.ls").read_bytes()
