@@ -79,6 +79,33 @@ when a path (or, with -r/-S, a path of its closure) is not in the cache.
 """
 
 
+_LS_HELP = """\
+List the files of a store path held by a binary cache, without installing it; like
+`nix store ls --store URL`, with the same output.
+
+  pure cache ls -lR https://cache.example.org/ /nix/store/…-hello-2.10
+  pure cache ls file:///srv/cache /pure/store/…-hello-2.10/bin
+
+PATH is a store path or a path inside one, in the cache's own store dir. Its narinfo must be
+signed by a trusted key (--trusted-public-keys, or the trusted-public-keys setting) unless
+--no-check-sigs. The cache's <hash>.ls listing is used when it has one (written by
+'pure copy --to ...?write-nar-listing=true' or Nix); listings are not signed, so
+--no-listing reads the NAR instead, checked against the narinfo's hashes and sizes.
+Symlinks are shown, not followed.
+"""
+
+_CAT_HELP = """\
+Print a file of a store path held by a binary cache, without installing it; like
+`nix store cat --store URL`.
+
+  pure cache cat https://cache.example.org/ /nix/store/…-hello-2.10/share/info/hello.info
+
+The narinfo must be signed by a trusted key (unless --no-check-sigs), and the whole NAR is
+read and checked against it (FileSize, FileHash, NarSize, NarHash) before anything is printed:
+a file from a tampered NAR is never shown.
+"""
+
+
 def register(reg) -> None:
     reg.group("key", help="signing keys for binary caches")
     p = reg.command("generate", "generate a signing key pair", cmd_key_generate, group="key",
@@ -164,6 +191,26 @@ def register(reg) -> None:
                    help="say for each path whether one of these keys signed it (default: the "
                         "trusted-public-keys setting)")
     p.add_argument("--json", action="store_true", help="print JSON like `nix path-info --json --store URL`")
+
+    for name, func, short, desc in (
+            ("ls", cmd_cache_ls, "list the files of a path in a binary cache, without installing it", _LS_HELP),
+            ("cat", cmd_cache_cat, "print a file of a path in a binary cache (its NAR checked first)", _CAT_HELP)):
+        p = reg.command(name, short, func, group="cache", description=desc)
+        p.add_argument("url", metavar="URL")
+        p.add_argument("path", metavar="PATH", help="a store path, or a path inside one")
+        p.add_argument("--trusted-public-keys", dest="browse_trusted_keys", metavar="KEYS",
+                       help="keys one of which must have signed the narinfo (default: the "
+                            "trusted-public-keys setting)")
+        p.add_argument("--no-check-sigs", action="store_true",
+                       help="do not require a trusted signature (the NAR is still checked against the narinfo)")
+        if name == "ls":
+            p.add_argument("-l", "--long", action="store_true", help="show type, permissions and size")
+            p.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+            p.add_argument("-d", "--directory", action="store_true",
+                           help="show a directory itself, not its entries")
+            p.add_argument("--no-listing", action="store_true",
+                           help="read the NAR (checked) even when the cache has a .ls listing")
+            p.add_argument("--json", action="store_true", help="print JSON like `nix store ls --json`")
 
 
 def _write_new(path: str, text: str, mode: int, force: bool) -> None:
@@ -401,6 +448,36 @@ def cmd_cache_path_info(args, ctx) -> int:
         elif i.untrusted_reason:
             cols.append(f"untrusted: {i.untrusted_reason}")
         print("\t".join(cols))
+    return 0
+
+
+def _browse_keys(args):
+    return args.browse_trusted_keys.split() if args.browse_trusted_keys is not None else None
+
+
+def cmd_cache_ls(args, ctx) -> int:
+    import trio
+    from ..cache.browse import cache_tree, find, ls_lines
+
+    loc, root = trio.run(lambda: cache_tree(ctx.settings, args.url, args.path, trusted_keys=_browse_keys(args),
+                                            check_sigs=not args.no_check_sigs, use_listing=not args.no_listing))
+    node = find(root, loc)
+    if args.json:
+        print(json.dumps(node.to_json(args.recursive), separators=(",", ":")))
+    else:
+        for line in ls_lines(node, loc, long=args.long, recursive=args.recursive, directory=args.directory):
+            print(line)
+    return 0
+
+
+def cmd_cache_cat(args, ctx) -> int:
+    import trio
+    from ..cache.browse import cache_cat
+
+    out = sys.stdout.buffer
+    trio.run(lambda: cache_cat(ctx.settings, args.url, args.path, out, trusted_keys=_browse_keys(args),
+                               check_sigs=not args.no_check_sigs))
+    out.flush()
     return 0
 
 
