@@ -23,6 +23,7 @@ compressed output is hashed and written straight from the compressor's buffer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import stat
@@ -150,6 +151,38 @@ async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:
 STALE_TEMP_SECONDS = 24 * 3600
 
 
+@contextlib.asynccontextmanager
+async def _push_lock(directory: str):
+    """The cache directory's lock, shared (see :mod:`.prune`); waits for a running prune."""
+    import fcntl
+    import logging
+
+    from .prune import open_dir_lock
+    fd = open_dir_lock(directory)
+    try:
+        waited = False
+        while True:  # polled, so that Ctrl-C works while waiting
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    logging.getLogger("purestore.cache").warning("waiting for the prune of %r to finish", directory)
+                    waited = True
+                await trio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _touch(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            os.utime(p)
+        except OSError:
+            pass  # a read-only cache can still be pushed to when it has everything
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -236,8 +269,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     infos = {p: S.path_info(store, p) for p in order}
 
     backend = backend_for(cu, settings)
-    async with backend:
+    async with backend, contextlib.AsyncExitStack() as held:
         await ensure_cache_info(backend, store_dir)
+        if isinstance(backend, FileBackend):  # a prune of this directory waits for the push
+            await held.enter_async_context(_push_lock(backend.dir))
         have: set[StorePath] = set()
         query_limit = trio.CapacityLimiter(32)
 
@@ -249,6 +284,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             for p in order:
                 n.start_soon(query, p)
         todo = [p for p in order if p not in have]
+        if have and isinstance(backend, FileBackend):  # pushed again: recent for `cache prune`
+            await trio.to_thread.run_sync(_touch, [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have])
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 

@@ -106,6 +106,23 @@ a file from a tampered NAR is never shown.
 """
 
 
+_PRUNE_HELP = """\
+Remove from a local binary cache directory the paths nobody pushed for a while, keeping every
+closure whole.
+
+  pure cache prune /srv/cache --older-than 30d --dry-run
+  pure cache prune file:///srv/cache --older-than 90d --keep /pure/store/…-toolchain
+
+Kept: the paths whose narinfo was written within AGE (30d, 12h, 90m, 2w; 'pure copy --to'
+into the directory counts a path it finds already there as written again), the --keep paths,
+and everything these refer to. Removed: every other path's narinfo, .ls listing and
+provenance, the NAR files no kept path uses (and unused NAR files older than AGE), debuginfo
+links to removed NARs, and the build logs of the removed paths' derivations. Narinfos go
+first, so the cache is consistent at every moment. A running 'pure copy --to' into the
+directory is waited for; do not prune while Nix or a 'pure cache serve' upload writes to it.
+"""
+
+
 def register(reg) -> None:
     reg.group("key", help="signing keys for binary caches")
     p = reg.command("generate", "generate a signing key pair", cmd_key_generate, group="key",
@@ -191,6 +208,15 @@ def register(reg) -> None:
                    help="say for each path whether one of these keys signed it (default: the "
                         "trusted-public-keys setting)")
     p.add_argument("--json", action="store_true", help="print JSON like `nix path-info --json --store URL`")
+
+    p = reg.command("prune", "remove old paths from a local binary cache, keeping closures whole",
+                    cmd_cache_prune, group="cache", description=_PRUNE_HELP)
+    p.add_argument("directory", metavar="DIR", help="the cache directory (or its file:// URL)")
+    p.add_argument("--older-than", metavar="AGE", help="remove paths not pushed within AGE (e.g. 30d)")
+    p.add_argument("--keep", metavar="PATH", action="append", default=[],
+                   help="keep this store path and its closure whatever its age (may be repeated)")
+    p.add_argument("-n", "--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    p.add_argument("--json", action="store_true", help="print what was (or would be) removed as JSON")
 
     for name, func, short, desc in (
             ("ls", cmd_cache_ls, "list the files of a path in a binary cache, without installing it", _LS_HELP),
@@ -449,6 +475,48 @@ def cmd_cache_path_info(args, ctx) -> int:
             cols.append(f"untrusted: {i.untrusted_reason}")
         print("\t".join(cols))
     return 0
+
+
+def cmd_cache_prune(args, ctx) -> int:
+    from ..cache.backend import parse_url
+    from ..cache.progress import format_size
+    from ..cache.prune import apply_prune, cache_lock, parse_age, plan_prune
+    from ..errors import UsageError
+
+    d = args.directory
+    if "://" in d:
+        cu = parse_url(d)
+        if cu.scheme != "file":
+            raise UsageError(f"cannot prune {d!r}: only a local cache directory (or file:// URL) can be pruned")
+        d = cu.base
+    if not os.path.isdir(d):
+        raise UsageError(f"cache directory {d!r} does not exist")
+    age = parse_age(args.older_than) if args.older_than is not None else None
+    errors: list[str] = []
+    with cache_lock(d, exclusive=True,
+                    on_wait=lambda: ctx.info(f"waiting for the push into {d!r} to finish...")):
+        plan = plan_prune(d, older_than=age, keep=args.keep)
+        if not args.dry_run:
+            apply_prune(d, plan, errors.append)
+    sd = plan.store_dir
+    if args.json:
+        obj = plan.to_json(d, args.dry_run)
+        obj["errors"] = errors
+        print(json.dumps(obj, indent=2))
+    else:
+        verb = "would remove" if args.dry_run else "removing"
+        for p in plan.removed:
+            print(f"{verb} '{p.absolute(sd)}'")
+    for line in plan.unreadable:
+        ctx.info(f"warning: kept a narinfo that cannot be read: {line}")
+    for line in plan.missing:
+        ctx.info(f"warning: {line} (it was missing before this prune)")
+    for e in errors:
+        ctx.info(f"error: {e}")
+    what = "would remove" if args.dry_run else "removed"
+    ctx.info(f"{what} {_paths(len(plan.removed))} ({len(plan.files)} files, {format_size(plan.freed)}) "
+             f"from {d!r}; {_paths(len(plan.kept))} kept")
+    return 1 if errors else 0
 
 
 def _browse_keys(args):

@@ -1,0 +1,237 @@
+"""Pruning a local binary cache directory (``pure cache prune``): remove the paths nobody has
+pushed for a while, without ever breaking a closure.
+
+Which paths stay: those whose narinfo was written (or, by ``pure copy --to``, found already
+there) within the given age, the paths named with ``--keep``, and everything those refer to,
+transitively, so every kept narinfo's references stay in the cache.  Everything else goes: its
+narinfo, its ``.ls`` listing and ``.provenance``, the NAR file no kept narinfo uses, the
+``debuginfo/`` links to such NARs, and the build logs of its derivers (``log/<drv>``) when no
+kept path has the same deriver.  NAR files no narinfo uses at all (left by interrupted pushes)
+go when they are older than the age too.  A narinfo that cannot be parsed is kept and reported:
+nothing is removed on a guess.
+
+Order: narinfos first, then the files only they pointed to, so a reader at any moment finds
+either a narinfo with its NAR or no narinfo; a prune stopped half way leaves a consistent cache
+(and unused files the next prune removes).
+
+Pushes: ``pure copy --to file://DIR`` holds a shared lock (``flock``) on the directory itself
+while it runs (no lock file is added to the cache), and a prune takes it exclusively, so a prune never removes a NAR that a running push found
+present and skipped.  Other writers (Nix, or pushes through ``pure cache serve``) do not take the
+lock: prune when they are not pushing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from typing import Callable, Iterable
+
+import attrs
+
+from ..errors import CacheError, FormatError
+from ..formats.narinfo import NarInfo
+from ..formats.provenance import provenance_file_name
+from ..formats.store_path import StorePath
+from .info import CacheInfo
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``3600s``, ``2w`` → seconds."""
+    m = _AGE.match(text)
+    if not m:
+        raise CacheError(f"cannot read the age {text!r}: expected a number with a unit, e.g. 30d, 12h, 90m")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def open_dir_lock(directory: str) -> int:
+    """A descriptor of the directory to ``flock``."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CacheError(f"cannot lock the cache directory {directory!r}: {e.strerror}") from e
+
+
+@contextlib.contextmanager
+def cache_lock(directory: str, *, exclusive: bool, on_wait: Callable[[], None] | None = None):
+    """The cache directory's lock (shared for a push, exclusive for a prune): an ``flock`` on the
+    directory itself."""
+    fd = open_dir_lock(directory)
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@attrs.define
+class PrunePlan:
+    """What a prune removes (names relative to the cache directory) and keeps."""
+
+    store_dir: str
+    kept: list[StorePath] = attrs.field(factory=list)
+    removed: list[StorePath] = attrs.field(factory=list)
+    files: list[str] = attrs.field(factory=list)  # in removal order
+    freed: int = 0  # bytes of the files
+    missing: list[str] = attrs.field(factory=list)  # references of kept paths the cache lacks
+    unreadable: list[str] = attrs.field(factory=list)  # narinfos kept because they do not parse
+
+    def to_json(self, directory: str, dry_run: bool) -> dict:
+        sd = self.store_dir
+        return {"cache": directory, "dryRun": dry_run, "kept": len(self.kept),
+                "removed": [p.absolute(sd) for p in self.removed], "files": self.files,
+                "freedBytes": self.freed, "missingReferences": self.missing, "unreadable": self.unreadable}
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] = (),
+               now: float | None = None) -> PrunePlan:
+    """Decide what to remove (nothing is touched).  ``older_than``: seconds (None: only ``keep``
+    and their closures stay); ``keep``: store paths (absolute, or base names).  One of the two
+    must be given."""
+    keep = list(keep)
+    if older_than is None and not keep:
+        raise CacheError("say what to keep: an age (--older-than) or paths (--keep), or both")
+    try:
+        with open(os.path.join(directory, "nix-cache-info"), "rb") as f:
+            info = CacheInfo.parse(f.read(), os.path.join(directory, "nix-cache-info"))
+    except FileNotFoundError:
+        raise CacheError(f"{directory!r} is not a binary cache (it has no nix-cache-info)") from None
+    except OSError as e:
+        raise CacheError(f"cannot read {directory!r}: {e.strerror}") from e
+    sd = info.store_dir
+    now = time.time() if now is None else now
+    cutoff = None if older_than is None else now - older_than
+    plan = PrunePlan(sd)
+
+    infos: dict[str, NarInfo] = {}  # hash part → narinfo
+    recent: set[str] = set()
+    for name in _listdir(directory):
+        if not name.endswith(".narinfo"):
+            continue
+        p = os.path.join(directory, name)
+        try:
+            with open(p, "rb") as f:
+                ni = NarInfo.parse(f.read(), sd, where=p)
+        except (OSError, FormatError, UnicodeDecodeError) as e:
+            plan.unreadable.append(f"{name}: {e}")
+            continue
+        h = name[: -len(".narinfo")]
+        if ni.store_path.hash_part != h:
+            plan.unreadable.append(f"{name}: describes {ni.store_path.absolute(sd)!r}")
+            continue
+        infos[h] = ni
+        if cutoff is not None and _mtime(p) >= cutoff:
+            recent.add(h)
+
+    roots = set(recent)
+    for k in keep:
+        base = os.path.basename(k.rstrip("/"))
+        try:
+            sp = StorePath.from_base_name(base)
+        except FormatError as e:
+            raise CacheError(f"--keep {k!r} is not a store path: {e}") from None
+        if sp.hash_part not in infos:
+            raise CacheError(f"--keep {k!r}: the cache has no such path")
+        roots.add(sp.hash_part)
+
+    kept: set[str] = set()
+    todo = list(roots)
+    while todo:
+        h = todo.pop()
+        if h in kept:
+            continue
+        kept.add(h)
+        for r in infos[h].references:
+            if r.hash_part in infos:
+                todo.append(r.hash_part)
+            else:
+                plan.missing.append(f"{infos[h].store_path.absolute(sd)} refers to {r.absolute(sd)}, "
+                                    f"which the cache lacks")
+
+    gone = sorted(set(infos) - kept)
+    plan.kept = sorted((infos[h].store_path for h in kept), key=lambda p: p.base_name)
+    plan.removed = sorted((infos[h].store_path for h in gone), key=lambda p: p.base_name)
+
+    def add(name: str) -> None:
+        p = os.path.join(directory, name)
+        if os.path.lexists(p):
+            plan.files.append(name)
+            plan.freed += _size(p)
+
+    for h in gone:  # narinfos first: from here on nobody is sent to the files below
+        add(f"{h}.narinfo")
+    for h in gone:
+        add(f"{h}.ls")
+        add(provenance_file_name(h))
+    used = {infos[h].url for h in kept}
+    freed_nars = {infos[h].url for h in gone} - used
+    removed_nars: set[str] = set()
+    for n in _listdir(os.path.join(directory, "nar")):
+        name = f"nar/{n}"
+        if n.startswith(".") or name in used:
+            continue
+        if name in freed_nars or (cutoff is not None and _mtime(os.path.join(directory, name)) < cutoff):
+            add(name)
+            removed_nars.add(name)
+    for n in _listdir(os.path.join(directory, "debuginfo")):
+        p = os.path.join(directory, "debuginfo", n)
+        try:
+            with open(p, "rb") as f:
+                archive = json.loads(f.read()).get("archive", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        target = os.path.normpath(os.path.join("debuginfo", str(archive)))
+        if target in removed_nars:
+            add(f"debuginfo/{n}")
+    kept_drvs = {infos[h].deriver.base_name for h in kept if infos[h].deriver is not None}
+    for drv in sorted({infos[h].deriver.base_name for h in gone if infos[h].deriver is not None} - kept_drvs):
+        add(f"log/{drv}")
+    return plan
+
+
+def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]) -> int:
+    """Remove the plan's files in its order; returns how many were removed (a file already gone
+    counts as removed; another failure is reported and the rest goes on)."""
+    n = 0
+    for name in plan.files:
+        try:
+            os.unlink(os.path.join(directory, name))
+            n += 1
+        except FileNotFoundError:
+            n += 1
+        except OSError as e:
+            on_error(f"cannot remove {name!r} from {directory!r}: {e.strerror}")
+    return n

@@ -1,0 +1,135 @@
+"""pure cache prune: old paths leave a file:// cache, closures stay whole (the pruned cache
+verifies clean and still substitutes what it kept), --keep and re-pushing keep paths, a dry
+run touches nothing, and a prune waits for a push into the same directory."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+
+from conftest import REPO, pure_env, run_pure
+from test_cache_support import PUB, SEC, make_path, open_store
+
+OLD = time.time() - 40 * 86400
+
+
+def setup_cache(tmp_path):
+    """lib ← app (app refers to lib), other (alone), twin (same contents as other, another name:
+    the same NAR file), all pushed with listings, logs and provenance-less; returns names."""
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        lib = make_path(store, "lib-1.0", {"": b"library\n" * 50})
+        app = make_path(store, "app-2.0", {"bin/app": b"#!/bin/sh\nexec " + store.print_path(lib).encode() + b"\n"},
+                        refs=[lib])
+        other = make_path(store, "other-1.0", {"x": b"other\n"})
+        twin = make_path(store, "twin-1.0", {"x": b"other\n"})
+        names = {n: store.print_path(p) for n, p in (("lib", lib), ("app", app), ("other", other), ("twin", twin))}
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}?write-nar-listing=true", "--secret-key-file", key,
+             *names.values(), root=root)
+    return root, cache, names
+
+
+def narinfo(cache, path: str):
+    return cache / (os.path.basename(path)[:32] + ".narinfo")
+
+
+def age(files, when=OLD):
+    for f in files:
+        os.utime(f, (when, when))
+
+
+def prune(cache, *args, check=True):
+    return run_pure("cache", "prune", cache, *args, check=check)
+
+
+def test_old_paths_go_and_closures_stay(tmp_path):
+    root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
+    age([narinfo(cache, n["app"]), narinfo(cache, n["twin"])], time.time())  # pushed recently
+    before = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+    dry = prune(cache, "--older-than", "30d", "--dry-run", "--json")
+    plan = json.loads(dry.stdout)
+    assert plan["dryRun"] and plan["removed"] == [n["other"]]
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == before
+    r = prune(cache, "--older-than", "30d")
+    assert r.stdout == f"removing '{n['other']}'\n"
+    assert "removed 1 path (2 files" in r.stderr and "3 paths kept" in r.stderr
+    # lib is old but app refers to it; other's NAR is twin's too, so only its narinfo and listing go
+    assert not narinfo(cache, n["other"]).exists() and narinfo(cache, n["lib"]).exists()
+    assert not (cache / (os.path.basename(n["other"])[:32] + ".ls")).exists()
+    assert len(list(cache.glob("nar/*"))) == 3
+    v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}")
+    assert v.stdout == "" and "checked 3 paths" in v.stderr  # exit status 0: nothing bad
+    fresh = tmp_path / "fresh"
+    run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, n["app"], n["twin"], root=fresh)
+    # once twin is old too, the shared NAR goes with it
+    age([narinfo(cache, n["twin"])])
+    r = prune(cache, "--older-than", "30d", "--json")
+    out = json.loads(r.stdout)
+    assert out["removed"] == [n["twin"]] and any(f.startswith("nar/") for f in out["files"])
+    assert len(list(cache.glob("nar/*"))) == 2
+
+
+def test_keep_and_pushing_again_keep_old_paths(tmp_path):
+    root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
+    # pushing other again (the cache has it: nothing uploaded) marks it as recent
+    run_pure("copy", "--to", f"file://{cache}", n["other"], root=root)
+    assert narinfo(cache, n["other"]).stat().st_mtime > time.time() - 600
+    out = json.loads(prune(cache, "--older-than", "30d", "--keep", n["app"], "--json").stdout)
+    assert sorted(out["removed"]) == [n["twin"]]
+    assert narinfo(cache, n["other"]).exists() and narinfo(cache, n["lib"]).exists()
+    # only --keep: everything outside those closures goes, however recent
+    out = json.loads(prune(cache, "--keep", os.path.basename(n["lib"]), "--json").stdout)
+    assert sorted(out["removed"]) == sorted([n["app"], n["other"]])
+    assert [p.name for p in cache.glob("*.narinfo")] == [narinfo(cache, n["lib"]).name]
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path):
+    _root, cache, n = setup_cache(tmp_path)
+    (cache / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo").write_text("garbage\n")
+    before = sorted(p.name for p in cache.rglob("*"))
+    gone = "/pure/store/" + "0" * 32 + "-gone"
+    for args, msg in ((["--older-than", "soon"], "cannot read the age 'soon'"),
+                      ([], "say what to keep"),
+                      (["--keep", gone], f"--keep {gone!r}: the cache has no such path")):
+        r = prune(cache, *args, check=False)
+        assert r.returncode != 0 and f"error: {msg}" in r.stderr, r.stderr
+    assert sorted(p.name for p in cache.rglob("*")) == before
+    r = prune(tmp_path / "nowhere", "--older-than", "1d", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    r = run_pure("cache", "prune", "http://127.0.0.1:1/", "--older-than", "1d", check=False)
+    assert r.returncode != 0 and "only a local cache directory" in r.stderr
+    # an unreadable narinfo is kept and reported, the rest is pruned
+    age([*cache.glob("*.narinfo")])
+    r = prune(cache, "--older-than", "30d")
+    assert "warning: kept a narinfo that cannot be read: zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo" in r.stderr
+    assert [p.name for p in cache.glob("*.narinfo")] == ["zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo"]
+
+
+def test_a_prune_waits_for_a_push_into_the_directory(tmp_path):
+    _root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo")])
+    fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # as a running `pure copy --to` holds it
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "cache", "prune", str(cache),
+                             "--older-than", "30d"], env=pure_env(None), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = proc.stderr.readline()
+        assert "waiting for the push into" in line, line
+        time.sleep(0.3)
+        assert proc.poll() is None and len(list(cache.glob("*.narinfo"))) == 4  # nothing removed yet
+    finally:
+        os.close(fd)
+    out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    assert proc.returncode == 0, err
+    assert not list(cache.glob("*.narinfo"))
