@@ -12,7 +12,7 @@ import sys
 import time
 
 from conftest import REPO, pure_env, run_pure
-from test_cache_support import PUB, SEC, make_path, open_store
+from test_cache_support import PUB, SEC, make_path, open_store, start_server, stop_server
 
 OLD = time.time() - 40 * 86400
 
@@ -133,3 +133,19 @@ def test_a_prune_waits_for_a_push_into_the_directory(tmp_path):
     out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
     assert proc.returncode == 0, err
     assert not list(cache.glob("*.narinfo"))
+
+
+def test_serving_or_fetching_a_path_keeps_it(tmp_path):
+    _root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
+    proc, url = start_server(cache)
+    try:  # fetched through `pure cache serve`
+        run_pure("copy", "--from", url, "--trusted-public-keys", PUB, n["other"], root=tmp_path / "f1")
+    finally:
+        stop_server(proc)
+    # fetched straight from the directory
+    run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, n["twin"], root=tmp_path / "f2")
+    # only read (path-info, ls, verify): not a use
+    run_pure("cache", "path-info", f"file://{cache}", n["app"])
+    out = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)
+    assert sorted(out["removed"]) == sorted([n["app"], n["lib"]])

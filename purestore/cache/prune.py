@@ -1,8 +1,9 @@
 """Pruning a local binary cache directory (``pure cache prune``): remove the paths nobody has
 pushed for a while, without ever breaking a closure.
 
-Which paths stay: those whose narinfo was written (or, by ``pure copy --to``, found already
-there) within the given age, the paths named with ``--keep``, and everything those refer to,
+Which paths stay: those whose narinfo was written or used within the given age (used: found
+already there by ``pure copy --to``, fetched from this directory by a substitution, or served
+by ``pure cache serve``; see :func:`mark_used`), the paths named with ``--keep``, and everything those refer to,
 transitively, so every kept narinfo's references stay in the cache.  Everything else goes: its
 narinfo, its ``.ls`` listing and ``.provenance``, the NAR file no kept narinfo uses, the
 ``debuginfo/`` links to such NARs, and the build logs of its derivers (``log/<drv>``) when no
@@ -40,6 +41,21 @@ from .info import CacheInfo
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+MARK_AFTER = 3600  # a narinfo's time is updated at most this often (seconds) when it is used
+
+
+def mark_used(path: str, fd: int | None = None) -> None:
+    """Note that the narinfo at ``path`` was used (pushed again, fetched, served): its time,
+    which a prune goes by, is set to now, unless it is less than :data:`MARK_AFTER` old.  Quietly
+    does nothing where it cannot (a read-only cache)."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(path)
+        if time.time() - st.st_mtime > MARK_AFTER:
+            os.utime(fd if fd is not None and os.utime in os.supports_fd else path)
+    except OSError:
+        pass
 
 
 def parse_age(text: str) -> float:

@@ -175,14 +175,6 @@ async def _push_lock(directory: str):
         os.close(fd)
 
 
-def _touch(paths: list[str]) -> None:
-    for p in paths:
-        try:
-            os.utime(p)
-        except OSError:
-            pass  # a read-only cache can still be pushed to when it has everything
-
-
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -285,7 +277,9 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 n.start_soon(query, p)
         todo = [p for p in order if p not in have]
         if have and isinstance(backend, FileBackend):  # pushed again: recent for `cache prune`
-            await trio.to_thread.run_sync(_touch, [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have])
+            from .prune import mark_used
+            names = [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have]
+            await trio.to_thread.run_sync(lambda: [mark_used(n) for n in names])
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 

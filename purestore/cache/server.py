@@ -31,6 +31,7 @@ import trio
 
 from ..errors import CacheError
 from .backend import CHUNK, check_name
+from .prune import mark_used
 
 log = logging.getLogger("purestore.cache.server")
 
@@ -176,6 +177,8 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
         os.close(fd)
         await respond(send, 404, b"not found\n", head=head)
         return
+    if name.endswith(".narinfo"):  # asked for: recent for `pure cache prune` (at most hourly)
+        mark_used(path, fd)
     f = os.fdopen(fd, "rb")
     try:
         size = st.st_size

@@ -107,18 +107,18 @@ a file from a tampered NAR is never shown.
 
 
 _PRUNE_HELP = """\
-Remove from a local binary cache directory the paths nobody pushed for a while, keeping every
-closure whole.
+Remove from a local binary cache directory the paths nobody pushed or fetched for a while,
+keeping every closure whole.
 
   pure cache prune /srv/cache --older-than 30d --dry-run
   pure cache prune file:///srv/cache --older-than 90d --keep /pure/store/…-toolchain
 
-Kept: the paths whose narinfo was written within AGE (30d, 12h, 90m, 2w; 'pure copy --to'
-into the directory counts a path it finds already there as written again), the --keep paths,
-and everything these refer to. Removed: every other path's narinfo, .ls listing and
-provenance, the NAR files no kept path uses (and unused NAR files older than AGE), debuginfo
-links to removed NARs, and the build logs of the removed paths' derivations. Narinfos go
-first, so the cache is consistent at every moment. A running 'pure copy --to' into the
+Kept: the paths whose narinfo was written or used within AGE (30d, 12h, 90m, 2w; used: found
+already there by 'pure copy --to', fetched from the directory by pure, or served by
+'pure cache serve'), the --keep paths, and everything these refer to. Removed: every other
+path's narinfo, .ls listing and provenance, the NAR files no kept path uses (and unused NAR
+files older than AGE), debuginfo links to removed NARs, and the build logs of the removed
+paths' derivations. Narinfos go first, so the cache is consistent at every moment. A running 'pure copy --to' into the
 directory is waited for; do not prune while Nix or a 'pure cache serve' upload writes to it.
 """
 
