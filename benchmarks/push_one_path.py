@@ -34,19 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _scratchfs import available as scratch_unavailable, scratch_ext4  # noqa: E402
 from _tree import CONTENTS, default_tree  # noqa: E402
-
-PURE = [sys.executable, "-m", "purestore.cli.main"]
-PURE_ENV = {k: v for k, v in os.environ.items()
-            if not k.startswith("PURE_") and k != "PYTHONDONTWRITEBYTECODE"}
-PURE_ENV.update(PURE_CONFIG="/dev/null", PYTHONPATH=str(REPO))
+from copy_cache import PURE, PURE_ENV, nix_env  # noqa: E402 - the same commands and environments
 CASES = (("zstd", "compression=zstd", "big"),
          ("zstd parallel", "compression=zstd&parallel-compression=true", "big"),
          ("xz parallel", "compression=xz&compression-level=1&parallel-compression=true", "small"))
-
-
-def nix_env(work: Path) -> dict:
-    return dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command",
-                XDG_CACHE_HOME=str(work / "xdg"))
 
 
 def timed(cmd, env) -> float:
@@ -67,7 +58,7 @@ def bench(args, tree: Path, where: str) -> None:
     for name, src in (("big", tree), ("small", small_src)):
         out = subprocess.run(PURE + ["--store", work / "src-pure", "--store-dir", "/nix/store", "store", "add", src],
                              env=PURE_ENV, capture_output=True, text=True, check=True).stdout.strip()
-        nout = subprocess.run(["nix-store", "--store", work / "src-nix", "--add", src], env=nix_env(work),
+        nout = subprocess.run(["nix-store", "--store", work / "src-nix", "--add", src], env=nix_env(work / "xdg"),
                               capture_output=True, text=True, check=True).stdout.strip()
         assert out == nout, "pure and Nix disagree on the store path"
         paths[name] = out
@@ -91,7 +82,7 @@ def bench(args, tree: Path, where: str) -> None:
                     env = PURE_ENV
                 else:
                     cmd = ["nix", "copy", "--store", work / "src-nix", "--to", url, paths[which]]
-                    env = nix_env(work)
+                    env = nix_env(work / "xdg")
                 times.setdefault((case, who), []).append(timed(cmd, env))
         print(f"round {rnd + 1}: " + ", ".join(f"{c}/{w} {v[-1]:.2f}s" for (c, w), v in times.items()), flush=True)
     print()
