@@ -44,7 +44,6 @@ from .fetch import SMALL_NAR, Opened, download, install_batch, remove_temp
 from .forked import ForkedWorker
 from .info import read_cache_info
 from .narinfo_cache import NegativeCache
-from .prune import mark_used
 from ._gate import LargestFirst
 from ._nursery import open_nursery
 from .progress import Progress
@@ -424,6 +423,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     return
                 ok.add(p)
                 if isinstance(cache.backend, FileBackend):  # used: recent for `pure cache prune`
+                    from .prune import mark_used
                     mark_used(cache.backend.local_path(f"{p.hash_part}.narinfo"))
                 if res is None:
                     report.fetched.append(p)
