@@ -149,3 +149,17 @@ def test_serving_or_fetching_a_path_keeps_it(tmp_path):
     run_pure("cache", "path-info", f"file://{cache}", n["app"])
     out = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)
     assert sorted(out["removed"]) == sorted([n["app"], n["lib"]])
+
+
+def test_a_nar_goes_only_once_it_is_old_too(tmp_path):
+    """A push that finds a NAR present marks it used instead of uploading it; a prune must not
+    remove it under that push's narinfo, so an unused NAR waits until it is old as well."""
+    _root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo")])  # the NAR files stay recent
+    out = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)
+    assert len(out["removed"]) == 4 and not [f for f in out["files"] if f.startswith("nar/")]
+    assert len(list(cache.glob("nar/*"))) == 3
+    age([*cache.glob("nar/*")])
+    out = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)
+    assert out["removed"] == [] and len([f for f in out["files"] if f.startswith("nar/")]) == 3
+    assert not list(cache.glob("nar/*"))

@@ -5,10 +5,11 @@ Which paths stay: those whose narinfo was written or used within the given age (
 already there by ``pure copy --to``, fetched from this directory by a substitution, or served
 by ``pure cache serve``; see :func:`mark_used`), the paths named with ``--keep``, and everything those refer to,
 transitively, so every kept narinfo's references stay in the cache.  Everything else goes: its
-narinfo, its ``.ls`` listing and ``.provenance``, the NAR file no kept narinfo uses, the
-``debuginfo/`` links to such NARs, and the build logs of its derivers (``log/<drv>``) when no
-kept path has the same deriver.  NAR files no narinfo uses at all (left by interrupted pushes)
-go when they are older than the age too.  A narinfo that cannot be parsed is kept and reported:
+narinfo, its ``.ls`` listing and ``.provenance``, the NAR file no kept narinfo uses (once it is
+older than the age: a push that finds a NAR present marks it used), the ``debuginfo/`` links to
+such NARs, and the build logs of its derivers (``log/<drv>``) when no kept path has the same
+deriver.  NAR files no narinfo uses at all (left by interrupted pushes) go when they are older
+than the age too.  A narinfo that cannot be parsed is kept and reported:
 nothing is removed on a guess.
 
 Order: narinfos first, then the files only they pointed to, so a reader at any moment finds
@@ -219,7 +220,10 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
         name = f"nar/{n}"
         if n.startswith(".") or name in used:
             continue
-        if name in freed_nars or (cutoff is not None and _mtime(os.path.join(directory, name)) < cutoff):
+        # with an age, a NAR file goes only when it is old too: a push that just found it
+        # present (and so did not upload it) has marked it used; without one, only the NARs
+        # of removed paths go (an unused NAR may be a running push's, before its narinfo)
+        if (name in freed_nars if cutoff is None else _mtime(os.path.join(directory, name)) < cutoff):
             add(name)
             removed_nars.add(name)
     for n in _listdir(os.path.join(directory, "debuginfo")):

@@ -319,6 +319,9 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             try:
                 if await backend.exists(nar_name):
                     os.unlink(tmp)
+                    if isinstance(backend, FileBackend):  # used again: recent for `cache prune`
+                        from .prune import mark_used
+                        mark_used(backend.local_path(nar_name))
                 else:
                     await backend.put_file(nar_name, tmp, "application/x-nix-nar", move=True)
             except BaseException:

@@ -177,8 +177,8 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
         os.close(fd)
         await respond(send, 404, b"not found\n", head=head)
         return
-    if name.endswith(".narinfo"):  # asked for: recent for `pure cache prune` (at most hourly)
-        mark_used(path, fd)
+    if name.endswith(".narinfo") or name.startswith("nar/"):
+        mark_used(path, fd)  # asked for: recent for `pure cache prune` (at most hourly)
     f = os.fdopen(fd, "rb")
     try:
         size = st.st_size

@@ -116,8 +116,8 @@ keeping every closure whole.
 Kept: the paths whose narinfo was written or used within AGE (30d, 12h, 90m, 2w; used: found
 already there by 'pure copy --to', fetched from the directory by pure, or served by
 'pure cache serve'), the --keep paths, and everything these refer to. Removed: every other
-path's narinfo, .ls listing and provenance, the NAR files no kept path uses (and unused NAR
-files older than AGE), debuginfo links to removed NARs, and the build logs of the removed
+path's narinfo, .ls listing and provenance, the NAR files no kept path uses once they are
+older than AGE too, debuginfo links to removed NARs, and the build logs of the removed
 paths' derivations. Narinfos go first, so the cache is consistent at every moment. A
 running 'pure copy --to' into the directory is waited for; do not prune while Nix or a
 'pure cache serve' upload writes to it.
