@@ -479,13 +479,13 @@ def cmd_cache_path_info(args, ctx) -> int:
 
 
 def cmd_cache_prune(args, ctx) -> int:
-    from ..cache.backend import parse_url
     from ..cache.progress import format_size
     from ..cache.prune import apply_prune, cache_lock, parse_age, plan_prune
     from ..errors import UsageError
 
     d = args.directory
     if "://" in d:
+        from ..cache.backend import parse_url  # (imports trio: only for a URL)
         cu = parse_url(d)
         if cu.scheme != "file":
             raise UsageError(f"cannot prune {d!r}: only a local cache directory (or file:// URL) can be pruned")
