@@ -101,3 +101,14 @@ def test_a_hook_that_cannot_run_stops_before_any_build(pure, expr, tmp_path):
     assert "does not exist" in p.stderr
     p = pure("--post-build-hook", "", "build", f, "--no-link", cwd=tmp_path, env={"PURE_CONFIG": str(conf)})
     assert p.stdout.strip().endswith("-one")
+
+
+def test_a_hook_named_without_a_slash_is_found_on_path(pure, expr, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    seen = tmp_path / "seen"
+    hook(bindir, f'echo "$OUT_PATHS" > {seen}\n', name="push-outputs")
+    f = expr('default = sh("one", "$B mkdir $out; echo 1 > $out/x")\n')
+    p = pure("--post-build-hook", "push-outputs", "build", f, "--no-link", cwd=tmp_path,
+             env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert seen.read_text().strip() == p.stdout.strip()

@@ -27,8 +27,17 @@ from ..errors import BuildError
 TAIL = 20  # lines of a failed hook's output repeated in the error
 
 
+def resolve_hook(path: str) -> str:
+    """The hook's program: a path, or a bare name looked up on ``PATH``."""
+    if "/" not in path:
+        import shutil
+        return shutil.which(path) or path
+    return path
+
+
 def check_hook(path: str) -> None:
     """Fail early (before any build) when the hook cannot be run."""
+    path = resolve_hook(path)
     if not os.path.isfile(path):
         raise BuildError(f"post-build hook {path!r} does not exist" if not os.path.exists(path)
                          else f"post-build hook {path!r} is not a file",
@@ -54,7 +63,7 @@ async def run_hook(settings, drv_path: str, out_paths: list[str], emit) -> None:
     tail: list[str] = []
     try:
         proc = await trio.lowlevel.open_process(
-            [hook], env=hook_env(settings, drv_path, out_paths), stdin=subprocess.DEVNULL,
+            [resolve_hook(hook)], env=hook_env(settings, drv_path, out_paths), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as e:
         raise BuildError(f"post-build hook {hook!r} for {drv_path} cannot be run: {e.strerror}") from e
