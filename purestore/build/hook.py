@@ -37,10 +37,13 @@ def resolve_hook(path: str) -> str:
 
 def check_hook(path: str) -> None:
     """Fail early (before any build) when the hook cannot be run."""
-    path = resolve_hook(path)
+    given, path = path, resolve_hook(path)
     if not os.path.isfile(path):
-        raise BuildError(f"post-build hook {path!r} does not exist" if not os.path.exists(path)
-                         else f"post-build hook {path!r} is not a file",
+        if os.path.exists(path):
+            why = "is not a file"
+        else:
+            why = "is not on PATH" if "/" not in given else "does not exist"
+        raise BuildError(f"post-build hook {given!r} {why}",
                          hint="set post-build-hook to an executable program (or '' for none)")
     if not os.access(path, os.X_OK):
         raise BuildError(f"post-build hook {path!r} is not executable", hint=f"chmod +x {path}")
