@@ -112,5 +112,6 @@ def test_a_hook_named_without_a_slash_is_found_on_path(pure, expr, tmp_path):
     p = pure("--post-build-hook", "push-outputs", "build", f, "--no-link", cwd=tmp_path,
              env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert seen.read_text().strip() == p.stdout.strip()
-    p = pure("--post-build-hook", "no-such-hook-anywhere", "build", f, "--no-link", cwd=tmp_path, check=False)
+    f2 = expr('default = sh("two", "$B mkdir $out; echo 2 > $out/x")\n', name="e2.py")  # not built yet
+    p = pure("--post-build-hook", "no-such-hook-anywhere", "build", f2, "--no-link", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "error: post-build hook 'no-such-hook-anywhere' is not on PATH" in p.stderr
