@@ -118,3 +118,13 @@ def test_signatures_are_required_and_urls_stay_inside(tmp_path):
 def test_json_listing_object_for_a_file():
     out = ls(GOLD, "--json", f"{TREE}/sub/x").stdout
     assert json.loads(out) == {"type": "regular", "size": 10, "executable": True, "narOffset": 784}
+
+
+def test_a_malformed_listing_is_an_error_and_no_listing_reads_the_nar(tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(GOLD, cache)
+    (cache / "nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls").write_text('{"version": 1, "root": {"type": "socket"}}')
+    r = ls(cache, TREE, check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert f"error: listing file://{cache}/nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls is malformed: .: unknown type 'socket'" in r.stderr
+    assert ls(cache, "--no-listing", "-lR", TREE).stdout.rstrip("\n") == NIX_LS[("-lR", TREE)].rstrip("\n")
