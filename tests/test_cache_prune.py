@@ -107,11 +107,15 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     assert r.returncode != 0 and "does not exist" in r.stderr
     r = run_pure("cache", "prune", "http://127.0.0.1:1/", "--older-than", "1d", check=False)
     assert r.returncode != 0 and "only a local cache directory" in r.stderr
-    # an unreadable narinfo is kept and reported, the rest is pruned
-    age([*cache.glob("*.narinfo")])
+    # an unreadable narinfo is kept and reported, and so is the NAR its URL line names; the
+    # rest is pruned
+    other_nar = next(ln[5:] for ln in narinfo(cache, n["other"]).read_text().splitlines() if ln.startswith("URL: "))
+    (cache / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo").write_text(f"garbage\nURL: {other_nar}\n")
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
     r = prune(cache, "--older-than", "30d")
     assert "warning: kept a narinfo that cannot be read: zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo" in r.stderr
     assert [p.name for p in cache.glob("*.narinfo")] == ["zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo"]
+    assert [f"nar/{p.name}" for p in cache.glob("nar/*")] == [other_nar]
 
 
 def test_a_prune_waits_for_a_push_into_the_directory(tmp_path):

@@ -1,16 +1,17 @@
 """Pruning a local binary cache directory (``pure cache prune``): remove the paths nobody has
-pushed for a while, without ever breaking a closure.
+pushed or fetched for a while, without ever breaking a closure.
 
 Which paths stay: those whose narinfo was written or used within the given age (used: found
 already there by ``pure copy --to``, fetched from this directory by a substitution, or served
-by ``pure cache serve``; see :func:`mark_used`), the paths named with ``--keep``, and everything those refer to,
-transitively, so every kept narinfo's references stay in the cache.  Everything else goes: its
-narinfo, its ``.ls`` listing and ``.provenance``, the NAR file no kept narinfo uses (once it is
-older than the age: a push that finds a NAR present marks it used), the ``debuginfo/`` links to
-such NARs, and the build logs of its derivers (``log/<drv>``) when no kept path has the same
-deriver.  NAR files no narinfo uses at all (left by interrupted pushes) go when they are older
-than the age too.  A narinfo that cannot be parsed is kept and reported:
-nothing is removed on a guess.
+by ``pure cache serve``; see :func:`mark_used`), the paths named with ``--keep``, and
+everything those refer to, transitively, so every kept narinfo's references stay in the
+cache.  Everything else goes: its narinfo, its ``.ls`` listing and ``.provenance``, the NAR
+file no kept narinfo uses (once it is older than the age: a push that finds a NAR present
+marks it used), the ``debuginfo/`` links to such NARs, and the build logs of its derivers
+(``log/<drv>``) when no kept path has the same deriver.  NAR files no narinfo uses at all
+(left by interrupted pushes) go when they are older than the age too.  A narinfo that cannot
+be parsed is kept and reported, with the NAR its ``URL:`` line names (and when one cannot be
+read at all, no NAR file is removed): nothing is removed on a guess.
 
 Order: narinfos first, then the files only they pointed to, so a reader at any moment finds
 either a narinfo with its NAR or no narinfo; a prune stopped half way leaves a consistent cache
@@ -155,15 +156,25 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
 
     infos: dict[str, NarInfo] = {}  # hash part → narinfo
     recent: set[str] = set()
+    other_urls: set[str] = set()  # NAR files that narinfos we cannot parse seem to use
+    blind = False  # a narinfo could not be read at all: its NAR is unknown, so no NAR goes
     for name in _listdir(directory):
         if not name.endswith(".narinfo"):
             continue
         p = os.path.join(directory, name)
         try:
             with open(p, "rb") as f:
-                ni = NarInfo.parse(f.read(), sd, where=p)
-        except (OSError, FormatError, UnicodeDecodeError) as e:
+                data = f.read()
+        except OSError as e:
+            plan.unreadable.append(f"{name}: {e.strerror} (no NAR file is removed this time)")
+            blind = True
+            continue
+        try:
+            ni = NarInfo.parse(data, sd, where=p)
+        except (FormatError, UnicodeDecodeError) as e:
             plan.unreadable.append(f"{name}: {e}")
+            urls = [ln[5:].strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.startswith("URL: ")]
+            other_urls.update(urls)
             continue
         h = name[: -len(".narinfo")]
         if ni.store_path.hash_part != h:
@@ -213,12 +224,12 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
     for h in gone:
         add(f"{h}.ls")
         add(provenance_file_name(h))
-    used = {infos[h].url for h in kept}
+    used = {infos[h].url for h in kept} | other_urls
     freed_nars = {infos[h].url for h in gone} - used
     removed_nars: set[str] = set()
     for n in _listdir(os.path.join(directory, "nar")):
         name = f"nar/{n}"
-        if n.startswith(".") or name in used:
+        if n.startswith(".") or name in used or blind:
             continue
         # with an age, a NAR file goes only when it is old too: a push that just found it
         # present (and so did not upload it) has marked it used; without one, only the NARs
