@@ -12,7 +12,7 @@ with the options libarchive gives it: the preset's LZMA2 filter, CRC64, default 
 Either output is the same whatever the number of cores (the input is cut into jobs or blocks
 by size, not by thread), but differs from the single-threaded output.  xz matches Nix's
 ``parallel-compression`` byte for byte; Nix 2.8's libarchive (3.6) ignores the setting for
-zstd and compresses single-threaded, newer ones use libzstd's workers as we do.
+zstd and compresses single-threaded.
 
 ``compressor(method, level, parallel)`` returns an object with ``compress(data) -> bytes`` and
 ``flush() -> bytes``; :func:`compress_to` and :func:`flush_to` hand the output to a callback
