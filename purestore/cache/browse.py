@@ -74,7 +74,6 @@ class Located:
     sub: tuple[str, ...]
     store_dir: str
     where: str
-    listed_from: str = ""  # "listing" or "NAR" once the tree is read
 
     @property
     def absolute(self) -> str:
@@ -215,18 +214,19 @@ def find(root: Node, loc: Located) -> Node:
 
 async def cache_tree(settings, url: str, text: str, *, trusted_keys=None, check_sigs: bool = True,
                      use_listing: bool = True) -> tuple[Located, Node]:
-    """The tree of the store path ``text`` names in the cache, and where it was read from."""
+    """Where the store path ``text`` names is in the cache, and its tree (from the ``.ls``
+    listing, or else from the checked NAR)."""
     backend, loc = await locate(settings, url, text, trusted_keys=trusted_keys, check_sigs=check_sigs)
     async with backend:
         if use_listing:
             data = await backend.get(f"{loc.info.store_path.hash_part}.ls")
             if data is not None:
                 root = _from_listing(data, f"{url.split('?')[0].rstrip('/')}/{loc.info.store_path.hash_part}.ls")
-                return attrs.evolve(loc, listed_from="listing"), root
+                return loc, root
         with contextlib.ExitStack() as stack:
             nar = await _nar_file(backend, loc, stack)
             root = await trio.to_thread.run_sync(_read_nar, nar, loc, None, None)
-    return attrs.evolve(loc, listed_from="NAR"), root
+    return loc, root
 
 
 async def cache_cat(settings, url: str, text: str, out: BinaryIO, *, trusted_keys=None,

@@ -45,6 +45,7 @@ from .forked import ForkedWorker, run_claimed
 from .nar_jobs import compress_path, nar_listing, push_temp_name  # noqa: F401 (nar_listing: API)
 from ._nursery import open_nursery
 from .progress import Progress
+from .prune import mark_used, open_dir_lock
 
 
 def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
@@ -157,7 +158,6 @@ async def _push_lock(directory: str):
     import fcntl
     import logging
 
-    from .prune import open_dir_lock
     fd = open_dir_lock(directory)
     try:
         waited = False
@@ -277,7 +277,6 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 n.start_soon(query, p)
         todo = [p for p in order if p not in have]
         if have and isinstance(backend, FileBackend):  # pushed again: recent for `cache prune`
-            from .prune import mark_used
             names = [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have]
             await trio.to_thread.run_sync(lambda: [mark_used(n) for n in names])
         if progress:
@@ -320,7 +319,6 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 if await backend.exists(nar_name):
                     os.unlink(tmp)
                     if isinstance(backend, FileBackend):  # used again: recent for `cache prune`
-                        from .prune import mark_used
                         mark_used(backend.local_path(nar_name))
                 else:
                     await backend.put_file(nar_name, tmp, "application/x-nix-nar", move=True)
