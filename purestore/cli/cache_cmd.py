@@ -39,6 +39,13 @@ setting; an https cache's own CA from ssl-cert-file (docs/caches.md).
 
 --from fetches PATHs (store paths, which need not be valid yet) with their closures; only
 narinfos signed by a trusted key are used, and every NAR is checked against its hashes and sizes.
+
+--from and --to together copy the closures from one cache to the other without a store
+(mirroring; PATHs in the caches' store dir): narinfos must be signed by a trusted key (unless
+--no-check-sigs), each NAR file is checked as above and copied as it is (no recompression),
+and each narinfo is published only after its references', unchanged unless --secret-key-file
+adds signatures. Listings, provenance and build logs come along.
+  pure copy --from https://cache.example.org/ --to file:///srv/mirror /nix/store/…-hello-2.10
 """
 
 _SERVE_HELP = """\
@@ -145,9 +152,9 @@ def register(reg) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH")
 
     p = reg.command("copy", "copy paths to or from a binary cache", cmd_copy, description=_COPY_HELP)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--to", metavar="URL", help="cache to push to")
-    g.add_argument("--from", dest="from_", metavar="URL", help="cache to fetch from")
+    p.add_argument("--to", metavar="URL", help="cache to push to")
+    p.add_argument("--from", dest="from_", metavar="URL",
+                   help="cache to fetch from (with --to: copy from this cache to that one)")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--secret-key-file", metavar="FILE", action="append", default=[],
                    help="sign pushed narinfos with this key (may be repeated)")
@@ -169,6 +176,10 @@ def register(reg) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="name each path as it is copied")
     p.add_argument("--require-provenance", action="store_true",
                    help="--from: refuse paths without a valid provenance statement by a trusted key")
+    p.add_argument("--no-check-sigs", action="store_true",
+                   help="--from with --to: copy narinfos that no trusted key signed (they are still "
+                        "checked against their NARs); installing into the store always needs a "
+                        "trusted signature")
 
     reg.group("cache", help="binary cache server and checks")
     p = reg.command("serve", "serve a binary cache directory over HTTP", cmd_cache_serve,
@@ -302,8 +313,15 @@ def cmd_copy(args, ctx) -> int:
     from ..cache.progress import TextProgress, format_size as _size
     from ._warnings import warnings_to
 
+    from ..errors import UsageError
+    if not args.to and not args.from_:
+        raise UsageError("say where to copy: --to URL, --from URL, or both (from one cache to another)")
+    if args.to and args.from_:
+        return _copy_between(args, ctx)
+    if args.no_check_sigs:
+        raise UsageError("--no-check-sigs applies to copies between two caches (--from with --to); "
+                         "paths installed into the store always need a trusted signature")
     if args.from_:
-        from ..errors import UsageError
         push_only = [flag for flag, given in (
             ("--secret-key-file", args.secret_key_file), ("--compression", args.compression),
             ("--compression-level", args.compression_level is not None),
@@ -355,6 +373,44 @@ def cmd_copy(args, ctx) -> int:
         else:
             ctx.info(f"fetched {_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
                      f"{args.from_.split('?')[0]}")
+    return 0
+
+
+def _copy_between(args, ctx) -> int:
+    """``pure copy --from A --to B``: no store involved (see :mod:`purestore.cache.mirror`)."""
+    import trio
+    from ..cache.mirror import copy_between
+    from ..cache.progress import TextProgress, format_size as _size
+    from ..cache.push import load_secret_key
+    from ..errors import UsageError
+    from ._warnings import warnings_to
+
+    recompress = [flag for flag, given in (
+        ("--compression", args.compression), ("--compression-level", args.compression_level is not None),
+        ("--parallel-compression", args.parallel_compression)) if given]
+    if recompress:
+        raise UsageError(f"{recompress[0]} does not apply to a copy between caches: the source's NAR "
+                         "files are copied as they are")
+    paths = _base_name_paths(args.paths)
+    keys = [load_secret_key(f) for f in args.secret_key_file]
+    trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
+    progress = TextProgress("copying", verbose=args.verbose)
+    with warnings_to(progress.note):
+        res = trio.run(lambda: copy_between(
+            ctx.settings, args.from_, args.to, paths, trusted_keys=trusted,
+            check_sigs=not args.no_check_sigs, require_provenance=args.require_provenance,
+            secret_keys=keys, write_listing=True if args.write_nar_listing else None,
+            jobs=args.jobs, progress=progress))
+    if args.json:
+        print(json.dumps({
+            "copied": [p.absolute(res.store_dir) for p in res.copied],
+            "skipped": [p.absolute(res.store_dir) for p in res.skipped],
+            "narBytes": res.nar_bytes, "fileBytes": res.file_bytes,
+        }, indent=2))
+    else:
+        ctx.info(f"copied {_paths(len(res.copied))} from {args.from_.split('?')[0]} to "
+                 f"{args.to.split('?')[0]} ({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} "
+                 f"of NAR files transferred); {len(res.skipped)} already there")
     return 0
 
 
