@@ -82,6 +82,49 @@ async def test_partial_success_and_nothing_untrusted_registered(source, tmp_path
         assert not d.is_valid(other)
 
 
+def _spoil_nar(cache, sp, how):
+    text = (cache / f"{sp.hash_part}.narinfo").read_text()
+    nar = cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    if how == "missing":
+        nar.unlink()
+    else:
+        data = bytearray(nar.read_bytes())
+        data[len(data) // 2] ^= 1
+        nar.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt"])
+async def test_a_failing_nar_falls_back_to_the_next_cache(source, tmp_path, caplog, how):
+    """The preferred cache's NAR of lib is gone or corrupt: lib comes from the next cache with a
+    trusted narinfo for it (with a warning), app still from the preferred one."""
+    from purestore.cache import substitute_report
+    from purestore.store import events
+    store, s, lib, app = source
+    for name in ("near", "far"):
+        await push(store, s, f"file://{tmp_path}/{name}", [app])
+    (tmp_path / "near" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 10\n")
+    _spoil_nar(tmp_path / "near", lib, how)
+    near, far = f"file://{tmp_path}/near", f"file://{tmp_path}/far"
+    d, ds = dest(tmp_path, far, near)
+    with d:
+        rep = await substitute_report(d, ds, {app})
+        assert rep.valid == {app} and not rep.failures
+        assert d.verify(check_contents=True).ok
+        came = {e["path"]: e["cache"] for e in events.query_substitutions(d)}
+        assert came == {d.print_path(lib): far, d.print_path(app): near}
+    assert f"cannot substitute '{d.print_path(lib)}' from '{near}'" in caplog.text
+    assert f"trying '{far}'" in caplog.text
+    # every cache fails: the reason names each one, and nothing is registered
+    _spoil_nar(tmp_path / "far", lib, how)
+    d2, ds2 = dest(tmp_path, far, near, name="dst2")
+    with d2:
+        rep = await substitute_report(d2, ds2, {app})
+        assert rep.valid == set() and d2.valid_paths() == []
+        why = rep.failures[lib]
+        assert why.startswith(f"from '{near}': ") and f"; from '{far}': " in why
+        assert "could not be substituted" in rep.failures[app]
+
+
 async def test_negative_lookups_are_cached_briefly(source, tmp_path):
     from purestore.cache import substitute
     store, s, lib, app = source

@@ -157,18 +157,21 @@ class Substituters:
             await c.backend.aclose()
         self.negative.close()
 
-    async def query(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
-        """The best trusted narinfo for ``path``; None if no cache has one; raises
-        :class:`_Rejected` if some cache had one that cannot be used (and none a good one)."""
-        results: list[NarInfo | str | None] = [None] * len(self.caches)
+    async def query(self, path: StorePath, exclude: Iterable[_Cache] = ()) -> tuple[_Cache, NarInfo] | None:
+        """The best trusted narinfo for ``path`` (from a cache not in ``exclude``); None if no
+        cache has one; raises :class:`_Rejected` if some cache had one that cannot be used (and
+        none a good one)."""
+        skip = {id(c) for c in exclude}
+        caches = [c for c in self.caches if id(c) not in skip]
+        results: list[NarInfo | str | None] = [None] * len(caches)
 
         async def one(i: int, cache: _Cache):
             results[i] = await self._query_one(cache, path)
 
         async with open_nursery() as n:
-            for i, c in enumerate(self.caches):
+            for i, c in enumerate(caches):
                 n.start_soon(one, i, c)
-        for cache, r in zip(self.caches, results):
+        for cache, r in zip(caches, results):
             if isinstance(r, NarInfo):
                 return cache, r
         reasons = [r for r in results if isinstance(r, str)]
@@ -376,25 +379,44 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             chunks = await stack.enter_async_context(cache.backend.open_read(ni.url))
             return Opened(chunks), give_back
 
+        async def download_from(p: StorePath, cache: _Cache, ni: NarInfo) -> str:
+            big = (ni.file_size if ni.file_size is not None else ni.nar_size) > SMALL_NAR
+            local = isinstance(cache.backend, FileBackend)
+            async with contextlib.AsyncExitStack() as stack:
+                opened, give_back = (await open_ahead(stack, cache, ni) if big and not local
+                                     else (None, None))
+                async with lanes_gate.enter(ni.nar_size) if big or local else flimit:
+                    if give_back is not None:
+                        give_back()
+                    if progress:
+                        progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
+                    return await download(store, cache, ni, progress, worker, opened)
+
         async def fetch(p: StorePath):
             cache, ni = found[p]
             tmp = None
             try:
-                big = (ni.file_size if ni.file_size is not None else ni.nar_size) > SMALL_NAR
-                local = isinstance(cache.backend, FileBackend)
-                async with contextlib.AsyncExitStack() as stack:
+                # a cache whose NAR fails (missing, corrupt, cut off) is passed over for the next
+                # one with a trusted narinfo for the path, as Nix does
+                tried: list[tuple[_Cache, str]] = []
+                while tmp is None:
                     try:
-                        opened, give_back = (await open_ahead(stack, cache, ni) if big and not local
-                                             else (None, None))
-                        async with lanes_gate.enter(ni.nar_size) if big or local else flimit:
-                            if give_back is not None:
-                                give_back()
-                            if progress:
-                                progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
-                            tmp = await download(store, cache, ni, progress, worker, opened)
+                        tmp = await download_from(p, cache, ni)
                     except (CacheError, FormatError, StoreError, SignatureError) as e:
-                        report.failures[p] = str(e)
-                        return
+                        tried.append((cache, str(e)))
+                        try:
+                            nxt = await subs.query(p, exclude=[c for c, _ in tried])
+                        except _Rejected:
+                            nxt = None
+                        if nxt is None:
+                            report.failures[p] = (tried[0][1] if len(tried) == 1 else "; ".join(
+                                f"from {c.url!r}: {why}" for c, why in tried))
+                            return
+                        log.warning("warning: cannot substitute %r from %r: %s; trying %r",
+                                    p.absolute(sd), cache.url, e, nxt[0].url)
+                        cache, ni = found[p] = nxt
+                        if progress:
+                            progress.expect(0, ni.nar_size)
                 # references before referrers: wait until each is registered (or has failed)
                 for r in sorted(ni.references):
                     if r == p:
