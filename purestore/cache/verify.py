@@ -73,7 +73,7 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
             if not isinstance(backend, FileBackend):
                 raise CacheError(f"binary cache {url!r} cannot be listed over HTTP",
                                  hint="name the store paths to check")
-            names = await trio.to_thread.run_sync(_narinfo_names, backend.dir)
+            names = await trio.to_thread.run_sync(narinfo_names, backend.dir)
         else:
             names = sorted({f"{p.hash_part}.narinfo" for p in paths})
         report = CacheReport(url, sd, bool(trusted), check_contents)
@@ -110,7 +110,7 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
     return report
 
 
-def _narinfo_names(directory: str) -> list[str]:
+def narinfo_names(directory: str) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.name.endswith(".narinfo") and e.is_file())
 
 
@@ -147,7 +147,7 @@ async def _check(backend, sd: str, name: str, trusted, nar_limit: trio.CapacityL
             progress.expect(0, ni.nar_size)
         try:
             async with nar_limit:
-                await _check_nar(backend, ni, name, progress)
+                await check_nar(backend, ni, name, progress)
         except (CacheError, NarError) as e:
             problems.append(str(e))
         return
@@ -166,7 +166,7 @@ async def _check(backend, sd: str, name: str, trusted, nar_limit: trio.CapacityL
         problems.append(f"its NAR file {ni.url!r} is missing")
 
 
-async def _check_nar(backend, ni: NarInfo, name: str, progress) -> None:
+async def check_nar(backend, ni: NarInfo, name: str, progress) -> None:
     """Read the NAR file whole through the substituter's verifying reader, parse the NAR."""
     from ..formats.nar import NarRegular, parse_nar
     where = f"{backend.url.rstrip('/')}/{ni.url}"

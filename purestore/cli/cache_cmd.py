@@ -131,6 +131,21 @@ running 'pure copy --to' into the directory is waited for; do not prune while Ni
 """
 
 
+_SIGN_HELP = """\
+Add signatures to the narinfos a binary cache holds, in place and without a store: a new key
+for a cache whose paths an old key signed (key rotation), or a signature for paths pushed
+without one. Like `nix store sign --store URL`.
+
+  pure cache sign file:///srv/cache --key-file new.sec
+  pure cache sign https://cache.example.org/?token-file=up.token -r --key-file new.sec /pure/store/…-app
+
+Without PATHs every narinfo of a file:// cache is signed (an HTTP cache cannot be listed; it
+must take uploads). A narinfo is signed only if a trusted key (--trusted-public-keys, or the
+trusted-public-keys setting) signed it already, unless --no-check-sigs; with --check-contents
+its NAR is also read and checked against it first. Every narinfo is checked before the first is
+rewritten, so a refusal changes nothing. Only Sig lines are added.
+"""
+
 def register(reg) -> None:
     reg.group("key", help="signing keys for binary caches")
     p = reg.command("generate", "generate a signing key pair", cmd_key_generate, group="key",
@@ -199,6 +214,7 @@ def register(reg) -> None:
     p.add_argument("url", metavar="URL")
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="store paths to check (default: all, for a file:// cache)")
+    p.set_defaults(intermixed="paths")
     p.add_argument("--trusted-public-keys", dest="verify_trusted_keys", metavar="KEYS",
                    help="keys a narinfo must be signed by (default: the trusted-public-keys setting; "
                         "none: signatures are not checked)")
@@ -220,6 +236,24 @@ def register(reg) -> None:
                    help="say for each path whether one of these keys signed it (default: the "
                         "trusted-public-keys setting)")
     p.add_argument("--json", action="store_true", help="print JSON like `nix path-info --json --store URL`")
+
+    p = reg.command("sign", "add signatures to the narinfos of a binary cache, in place",
+                    cmd_cache_sign, group="cache", description=_SIGN_HELP)
+    p.add_argument("url", metavar="URL")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="store paths to sign (default: all, for a file:// cache)")
+    p.set_defaults(intermixed="paths")
+    p.add_argument("--key-file", "-k", required=True, metavar="KEYFILE", action="append",
+                   help="secret key file (may be repeated)")
+    p.add_argument("-r", "--recursive", action="store_true", help="sign the closures of PATHs")
+    p.add_argument("--trusted-public-keys", dest="sign_trusted_keys", metavar="KEYS",
+                   help="keys one of which must have signed a narinfo already (default: the "
+                        "trusted-public-keys setting)")
+    p.add_argument("--no-check-sigs", action="store_true",
+                   help="sign narinfos that no trusted key signed (paths pushed without a key)")
+    p.add_argument("--check-contents", action="store_true",
+                   help="read each NAR and check it against its narinfo before signing")
+    p.add_argument("--json", action="store_true", help="print what was signed as JSON")
 
     p = reg.command("prune", "remove old paths from a local binary cache, keeping closures whole",
                     cmd_cache_prune, group="cache", description=_PRUNE_HELP)
@@ -531,6 +565,33 @@ def cmd_cache_path_info(args, ctx) -> int:
         elif i.untrusted_reason:
             cols.append(f"untrusted: {i.untrusted_reason}")
         print("\t".join(cols))
+    return 0
+
+
+def cmd_cache_sign(args, ctx) -> int:
+    import trio
+    from ..cache.progress import TextProgress
+    from ..cache.push import load_secret_key
+    from ..cache.sign import sign_cache
+    from ..errors import UsageError
+    from ._warnings import warnings_to
+
+    if args.recursive and not args.paths:
+        raise UsageError("-r needs PATHs (without PATHs every narinfo is signed)")
+    keys = [load_secret_key(f) for f in args.key_file]
+    paths = _base_name_paths(args.paths) if args.paths else None
+    trusted = args.sign_trusted_keys.split() if args.sign_trusted_keys is not None else None
+    progress = TextProgress("checking" if args.check_contents else "signing")
+    with warnings_to(progress.note):
+        res = trio.run(lambda: sign_cache(ctx.settings, args.url, keys, paths, recursive=args.recursive,
+                                          trusted_keys=trusted, check_sigs=not args.no_check_sigs,
+                                          check_contents=args.check_contents, progress=progress))
+    if args.json:
+        print(json.dumps({"signed": [p.absolute(res.store_dir) for p in res.signed],
+                          "unchanged": [p.absolute(res.store_dir) for p in res.unchanged]}, indent=2))
+    else:
+        ctx.info(f"signed {_paths(len(res.signed))} in {args.url.split('?')[0]}; "
+                 f"{len(res.unchanged)} had the signatures already")
     return 0
 
 

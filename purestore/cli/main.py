@@ -182,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     owners = COMMAND_OWNERS.get(_command_word(argv))
     parser = make_parser(list(owners) if owners else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse gives an optional list of positionals (nargs="*") nothing once an option
+        # follows the positional before it (`URL --opt PATH`): such commands name the list in
+        # ``intermixed`` and take the stray positionals into it
+        into = getattr(args, "intermixed", None)
+        if into is None or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, into, [*getattr(args, into), *extra])
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
