@@ -303,7 +303,10 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
     tmp = push_temp_name(tmp_dir)
 
     def consume(next_chunk) -> bytes | None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise CacheError(f"cannot create {tmp!r}: {e.strerror}") from e
         with os.fdopen(fd, "wb") as out:
             def tee() -> bytes:
                 c = next_chunk()
