@@ -34,7 +34,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from ..errors import CacheError, NarError, NarInfoError, ProvenanceError, SignatureError
+from ..errors import CacheError, NarError, ProvenanceError, SignatureError
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
@@ -44,8 +44,8 @@ from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader, nar_listing
 from .progress import Progress
-from .push import _push_lock, _remove_stale_temps, ensure_cache_info, load_secret_key, push_temp_name
-from .query import CONCURRENCY
+from .push import push_lock, cached_paths, ensure_cache_info, load_secret_key, nar_temp_dir, push_temp_name
+from .query import CONCURRENCY, read_narinfo
 
 # URL parameters of a push that choose how NARs are written; a copy between caches keeps the
 # source's NAR files as they are, so these would silently do nothing
@@ -110,30 +110,13 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
 
         await ensure_cache_info(dst, sd)
         if isinstance(dst, FileBackend):  # a prune of the destination waits for the copy
-            await held.enter_async_context(_push_lock(dst.dir))
+            await held.enter_async_context(push_lock(dst.dir))
         order = _topo(found)
-        have: set[StorePath] = set()
-        limit = trio.CapacityLimiter(CONCURRENCY)
-
-        async def ask(p: StorePath) -> None:
-            async with limit:
-                if await dst.exists(f"{p.hash_part}.narinfo"):
-                    have.add(p)
-        async with open_nursery() as n:
-            for p in order:
-                n.start_soon(ask, p)
+        have = await cached_paths(dst, order, CONCURRENCY)
         todo = [p for p in order if p not in have]
         if progress:
             progress.expect(len(todo), sum(found[p][0].nar_size for p in todo))
-
-        tmp_dir = None
-        if isinstance(dst, FileBackend):
-            tmp_dir = os.path.join(dst.dir, "nar")
-            try:
-                os.makedirs(tmp_dir, exist_ok=True)
-            except OSError as e:
-                raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
-            await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
+        tmp_dir = await nar_temp_dir(dst)
 
         done = {p: trio.Event() for p in todo}
         failed: dict[StorePath, str] = {}
@@ -216,23 +199,10 @@ async def _read_closure(src, src_url: str, sd: str, wanted: list[StorePath]) -> 
     found: dict[StorePath, tuple[NarInfo, bytes]] = {}
     asked: dict[StorePath, StorePath | None] = {p: None for p in wanted}  # → who refers to it
     limit = trio.CapacityLimiter(CONCURRENCY)
-    base = src_url.split("?")[0].rstrip("/")
 
     async def fetch(p: StorePath) -> None:
-        name = f"{p.hash_part}.narinfo"
         async with limit:
-            data = await src.get(name)
-        if data is None:
-            by = asked[p]
-            why = f", which {by.absolute(sd)!r} refers to," if by else ""
-            raise CacheError(f"path {p.absolute(sd)!r}{why} is not in binary cache {src_url!r}")
-        where = f"{base}/{name}"
-        try:
-            ni = NarInfo.parse(data, sd, where=where)
-        except NarInfoError as e:
-            raise CacheError(f"cannot read the narinfo of {p.absolute(sd)!r}: {e}") from None
-        if ni.store_path != p:
-            raise CacheError(f"{where} describes {ni.store_path.absolute(sd)!r}, not {p.absolute(sd)!r}")
+            ni, data = await read_narinfo(src, src_url, sd, p, asked[p])
         found[p] = (ni, data)
         for r in ni.references:
             if r not in asked:

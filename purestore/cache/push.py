@@ -153,7 +153,7 @@ STALE_TEMP_SECONDS = 24 * 3600
 
 
 @contextlib.asynccontextmanager
-async def _push_lock(directory: str):
+async def push_lock(directory: str):
     """The cache directory's lock, shared (see :mod:`.prune`); waits for a running prune."""
     import fcntl
     import logging
@@ -173,6 +173,36 @@ async def _push_lock(directory: str):
         yield
     finally:
         os.close(fd)
+
+
+async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32) -> set[StorePath]:
+    """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time)."""
+    have: set[StorePath] = set()
+    limit = trio.CapacityLimiter(concurrency)
+
+    async def ask(p: StorePath) -> None:
+        async with limit:
+            if await backend.exists(f"{p.hash_part}.narinfo"):
+                have.add(p)
+    async with open_nursery() as n:
+        for p in paths:
+            n.start_soon(ask, p)
+    return have
+
+
+async def nar_temp_dir(backend: Backend) -> str | None:
+    """Where NAR files are made before they are put into the cache: its ``nar/`` directory
+    for a ``file://`` cache (so that putting one is a rename; temporary files left by killed
+    runs are removed), else None (the system's temporary directory)."""
+    if not isinstance(backend, FileBackend):
+        return None
+    tmp_dir = os.path.join(backend.dir, "nar")
+    try:
+        os.makedirs(tmp_dir, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
+    await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
+    return tmp_dir
 
 
 def _unlink_quietly(path: str) -> None:
@@ -264,17 +294,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     async with backend, contextlib.AsyncExitStack() as held:
         await ensure_cache_info(backend, store_dir)
         if isinstance(backend, FileBackend):  # a prune of this directory waits for the push
-            await held.enter_async_context(_push_lock(backend.dir))
-        have: set[StorePath] = set()
-        query_limit = trio.CapacityLimiter(32)
-
-        async def query(p):
-            async with query_limit:
-                if await backend.exists(f"{p.hash_part}.narinfo"):
-                    have.add(p)
-        async with open_nursery() as n:
-            for p in order:
-                n.start_soon(query, p)
+            await held.enter_async_context(push_lock(backend.dir))
+        have = await cached_paths(backend, order)
         todo = [p for p in order if p not in have]
         if have and isinstance(backend, FileBackend):  # pushed again: recent for `cache prune`
             names = [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have]
@@ -283,13 +304,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 
         done = {p: trio.Event() for p in todo}
-        tmp_dir = os.path.join(backend.dir, "nar") if isinstance(backend, FileBackend) else None
-        if tmp_dir:
-            try:
-                os.makedirs(tmp_dir, exist_ok=True)
-            except OSError as e:
-                raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
-            await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
+        tmp_dir = await nar_temp_dir(backend)
         totals = [0, 0]
 
         # Largest NARs first, so that the last ones to finish are short and no core idles long

@@ -118,6 +118,14 @@ async def cache_path_infos(settings, url: str, paths: Iterable[StorePath], *, re
 
 
 async def _narinfo(backend, url: str, sd: str, p: StorePath, referrer: StorePath | None) -> NarInfo:
+    return (await read_narinfo(backend, url, sd, p, referrer))[0]
+
+
+async def read_narinfo(backend, url: str, sd: str, p: StorePath,
+                       referrer: StorePath | None = None) -> tuple[NarInfo, bytes]:
+    """``p``'s narinfo in the cache, parsed strictly (with the file's bytes); raises
+    :class:`CacheError` when the cache lacks it (naming ``referrer``, the path that refers to
+    it, when given), or it is unreadable or for another path."""
     name = f"{p.hash_part}.narinfo"
     data = await backend.get(name)
     if data is None:
@@ -130,4 +138,4 @@ async def _narinfo(backend, url: str, sd: str, p: StorePath, referrer: StorePath
         raise CacheError(f"cannot read the narinfo of {p.absolute(sd)!r}: {e}") from None
     if ni.store_path != p:
         raise CacheError(f"{where} describes {ni.store_path.absolute(sd)!r}, not {p.absolute(sd)!r}")
-    return ni
+    return ni, data
