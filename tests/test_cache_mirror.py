@@ -56,7 +56,9 @@ def test_a_mirror_is_the_source_byte_for_byte_and_substitutes(tmp_path):
     a, p = source(tmp_path)
     b = tmp_path / "B"
     app, lone = p["app"].absolute("/pure/store"), p["lone"].absolute("/pure/store")
-    out = json.loads(mirror(f"file://{a}", f"file://{b}", app, lone, extra=["--json"]).stdout)
+    r = mirror(f"file://{a}", f"file://{b}", app, lone, extra=["--json", "-v"])
+    out = json.loads(r.stdout)
+    assert f"copying path '{lone}' from 'file://{a}'" in r.stderr
     # references first, each narinfo, NAR and listing as the source has it
     assert out["copied"] == [p["lib"].absolute("/pure/store"), app, lone]
     assert out["skipped"] == [] and out["fileBytes"] == sum(f.stat().st_size for f in (a / "nar").iterdir())

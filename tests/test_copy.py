@@ -79,14 +79,17 @@ def test_push_skips_paths_already_in_cache(tmp_path, keyfile):
                      r"0 already there$", r.stderr, re.M), r.stderr
     ni_file = cache / f"{lib.hash_part}.narinfo"
     before = (ni_file.stat().st_ino, ni_file.read_bytes())
-    res = json.loads(run_pure("copy", "--json", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p,
-                              root=root).stdout)
+    r = run_pure("copy", "--json", "-v", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    res = json.loads(r.stdout)
     assert res["uploaded"] == [app_p] and res["skipped"] == [lib_p]
+    # -v names each path copied, and only those
+    assert f"copying path '{app_p}' to 'file://{cache}'" in r.stderr and lib_p not in r.stderr
     # not written again (the same file, the same bytes); only its time is updated, which marks
     # it as recent for `pure cache prune`
     assert (ni_file.stat().st_ino, ni_file.read_bytes()) == before
-    r = run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")
+    r = run_pure("copy", "-v", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")
     assert re.search(r"^fetched 2 paths \([\d.]+ K?i?B of NAR\) from file://", r.stderr, re.M), r.stderr
+    assert f"copying path '{lib_p}' from 'file://{cache}'" in r.stderr
 
 
 def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):

@@ -160,6 +160,8 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
                 if bad_ref is not None:  # no need to copy a NAR that cannot be published
                     finish(p, f"its reference {bad_ref.absolute(sd)!r} could not be copied")
                     continue
+                if progress:
+                    progress.message(f"copying path {p.absolute(sd)!r} from {src_url.split('?')[0]!r}")
                 try:
                     listing = await _copy_nar(src, dst, ni, tmp_dir, write_listing, progress, totals)
                     await _copy_extras(src, dst, ni, listing)

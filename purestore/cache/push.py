@@ -315,6 +315,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             while pending:
                 p = pending.popleft()
                 info = infos[p]
+                if progress:
+                    progress.message(f"copying path {p.absolute(store_dir)!r} to {backend.url.split('?')[0]!r}")
                 tmp = push_temp_name(tmp_dir)
                 args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, parallel, tmp,
                         write_listing)
