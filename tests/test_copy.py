@@ -319,6 +319,37 @@ def test_fetch_from_an_unusable_cache_is_one_error_naming_the_paths(tmp_path, ki
         assert st.valid_paths() == []
 
 
+def test_serve_writes_an_access_log_in_the_combined_format(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "served"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    log = tmp_path / "access.log"
+    proc, url = start_server(cache, "--access-log", log)
+    try:
+        run_pure("copy", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")
+        import httpx
+        assert httpx.get(url + "missing.narinfo", headers={"User-Agent": 'probe "1"'}).status_code == 404
+        assert httpx.head(url + "nix-cache-info").status_code == 200
+    finally:
+        stop_server(proc)
+    lines = log.read_text().splitlines()
+    line = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                      r'"(GET|HEAD) (/\S*) HTTP/1\.1" (\d{3}) (\d+|-) "[^"]*" "([^"]*)"$')
+    parsed = [line.match(x) for x in lines]
+    assert all(parsed), lines
+    got = {(m.group(2), m.group(3)) for m in parsed}
+    assert ("/nix-cache-info", "200") in got
+    assert (f"/{app.hash_part}.narinfo", "200") in got and (f"/{lib.hash_part}.narinfo", "200") in got
+    assert sum(1 for m in parsed if m.group(2).startswith("/nar/") and m.group(3) == "200") == 2
+    # a client's quotes cannot break the line; a HEAD sends no body bytes
+    assert parsed[-2].group(2, 3, 5) == ("/missing.narinfo", "404", "probe \\x221\\x22")
+    assert parsed[-1].group(1, 2, 3, 4) == ("HEAD", "/nix-cache-info", "200", "0")
+    r = run_pure("cache", "serve", cache, "--access-log", tmp_path / "no" / "such.log", check=False)
+    assert r.returncode == 1 and "cannot open access log" in r.stderr
+
+
 def test_serve_errors_are_clear(tmp_path):
     r = run_pure("cache", "serve", tmp_path / "missing", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

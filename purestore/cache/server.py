@@ -53,9 +53,69 @@ def _content_type(name: str) -> bytes:
     return b"application/octet-stream"
 
 
-def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None):
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _log_time(t: float) -> str:
+    """``[26/Nov/2026:23:54:19 +0000]``, in local time and whatever the locale."""
+    import time
+    lt = time.localtime(t)
+    off = lt.tm_gmtoff // 60
+    return (f"[{lt.tm_mday:02d}/{_MONTHS[lt.tm_mon - 1]}/{lt.tm_year}:{lt.tm_hour:02d}:{lt.tm_min:02d}:"
+            f"{lt.tm_sec:02d} {'+' if off >= 0 else '-'}{abs(off) // 60:02d}{abs(off) % 60:02d}]")
+
+
+def _quoted(b: bytes) -> str:
+    """A request field for a log line: latin-1, with quotes, backslashes and control
+    characters escaped (a client cannot forge or break a line)."""
+    out = []
+    for ch in b.decode("latin-1"):
+        out.append(f"\\x{ord(ch):02x}" if ch in '"\\' or ord(ch) < 32 or ord(ch) == 127 else ch)
+    return "".join(out)
+
+
+class _Logged:
+    """Wraps an ASGI ``send`` to see the status and count the body bytes of the response."""
+
+    def __init__(self, send):
+        self._send = send
+        self.status: int | None = None
+        self.sent = 0
+        self.done = False  # the whole response was handed to the server
+        self.failed = False  # the handler raised
+
+    async def __call__(self, message) -> None:
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+
+
+def _access_line(scope, logged: _Logged, t: float) -> str:
+    client = scope.get("client")
+    host = client[0] if client else "-"
+    path = scope.get("raw_path") or scope["path"].encode("latin-1", "replace")
+    if scope.get("query_string"):
+        path += b"?" + scope["query_string"]
+    headers = dict(scope["headers"])
+    status = logged.status
+    if not logged.done:
+        # 499: the client went away before the whole response was sent (nginx's code for it);
+        # 500: the server failed before it could answer (the client gets hypercorn's 500)
+        status = 500 if logged.failed and status is None else 499
+    return (f'{host} - - {_log_time(t)} "{scope["method"]} {_quoted(path)} HTTP/{scope.get("http_version", "1.1")}" '
+            f'{status} {logged.sent} "{_quoted(headers.get(b"referer", b"-"))}" '
+            f'"{_quoted(headers.get(b"user-agent", b"-"))}"')
+
+
+def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None,
+             access_log: logging.Logger | None = None):
     """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set; reads
-    only with ``read_token`` or ``upload_token`` when ``read_token`` is set)."""
+    only with ``read_token`` or ``upload_token`` when ``read_token`` is set).  ``access_log``
+    gets a line per request, in nginx's "combined" format, once its response is sent (status
+    499 when the client went away first)."""
     directory = os.path.abspath(directory)
     token = upload_token.encode() if upload_token else None
     readers = [b"Bearer " + t.encode() for t in (read_token, upload_token) if t] if read_token else []
@@ -74,6 +134,20 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
         await send({"type": "http.response.body", "body": b"" if head else body})
 
     async def app(scope, receive, send):
+        if access_log is None or scope["type"] != "http":
+            return await handle(scope, receive, send)
+        import time
+        t = time.time()
+        logged = _Logged(send)
+        try:
+            await handle(scope, receive, logged)
+        except BaseException:
+            logged.failed = True
+            raise
+        finally:
+            access_log.info(_access_line(scope, logged, t))
+
+    async def handle(scope, receive, send):
         if scope["type"] == "lifespan":
             while True:
                 msg = await receive()
@@ -271,11 +345,30 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def access_logger(target: str) -> logging.Logger:
+    """A logger writing one line per request in the Common Log Format with the referrer and
+    user agent (what nginx and Apache call "combined") to ``target``: a file (appended to) or
+    ``-`` (stdout).  Raises :class:`CacheError` when the file cannot be opened."""
+    import sys
+    logger = logging.getLogger("purestore.cache.server.access")
+    try:
+        handler = logging.StreamHandler(sys.stdout) if target == "-" else logging.FileHandler(target)
+    except OSError as e:
+        raise CacheError(f"cannot open access log {target!r}: {e.strerror}") from e
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
 async def serve_cache(directory: str, listen: str, *, upload_token: str | None = None,
                       read_token: str | None = None, tls: tuple[str, str] | None = None,
+                      access_log: str | None = None,
                       task_status=trio.TASK_STATUS_IGNORED, shutdown_trigger=None) -> None:
     """Serve ``directory`` on ``listen`` until cancelled; ``task_status.started(urls)``.
-    ``tls``: (certificate file, key file) to serve https."""
+    ``tls``: (certificate file, key file) to serve https.  ``access_log``: a file, or ``-``
+    for stdout, that gets a line per request (:func:`access_logger`)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -285,7 +378,7 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     host, port = parse_listen(listen)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
+    config.accesslog = None  # the app logs requests itself (make_app's access_log)
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
     config.h11_max_incomplete_size = 64 * 1024
@@ -293,7 +386,8 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     if tls:
         _check_tls(*tls)
         config.certfile, config.keyfile = tls
-    app = make_app(directory, upload_token, read_token)
+    app = make_app(directory, upload_token, read_token,
+                   access_log=access_logger(access_log) if access_log else None)
     try:
         await serve(app, config, task_status=task_status, shutdown_trigger=shutdown_trigger)
     except OSError as e:

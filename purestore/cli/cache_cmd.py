@@ -208,6 +208,9 @@ def register(reg) -> None:
                         "clients give it with ?token-file=FILE in the cache's URL")
     p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument("--access-log", metavar="FILE",
+                   help="append a line per request to FILE ('-': stdout), in the combined log format "
+                        "of nginx and Apache")
 
     p = reg.command("verify", "check a binary cache: narinfos, signatures, NAR files, closure",
                     cmd_cache_verify, group="cache", description=_VERIFY_HELP)
@@ -482,7 +485,7 @@ def cmd_cache_serve(args, ctx) -> int:
         async with open_nursery() as n:
             urls = await n.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
                 args.dir, args.listen, upload_token=token, read_token=reader, tls=tls,
-                task_status=task_status))
+                access_log=args.access_log, task_status=task_status))
             ctx.info(f"serving {args.dir!r} on {' '.join(urls)}"
                      + (" (uploads enabled" if token else " (read-only")
                      + ("; reads need the read token)" if reader else ")"))
