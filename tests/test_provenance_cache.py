@@ -93,6 +93,26 @@ def test_require_provenance_refuses_a_path_without_a_statement(cache):
     assert copy_from(b, cache, cache["bare"]).returncode == 0  # without the flag it is fine
 
 
+def test_a_mirror_carries_provenance_and_can_require_it(cache):
+    """`pure copy --from A --to B`: the statements come along, byte for byte;
+    --require-provenance refuses a path without one before anything is written."""
+    pub = cache["key"].public_key().render()
+    m = cache["tmp"] / "mirror"
+    r = run_pure("copy", "--from", cache["url"], "--to", f"file://{m}", "--trusted-public-keys", pub,
+                 "--require-provenance", cache["app"])
+    for p in (cache["app"], cache["dep"]):
+        assert (m / f"{hp(p)}.provenance").read_bytes() == (cache["dir"] / f"{hp(p)}.provenance").read_bytes()
+    b = fresh(cache, "from-mirror")
+    p = b("copy", "--from", f"file://{m}", "--trusted-public-keys", pub, "--require-provenance", cache["app"],
+          check=False)
+    assert p.returncode == 0, p.stderr
+    m2 = cache["tmp"] / "mirror2"
+    r = run_pure("copy", "--from", cache["url"], "--to", f"file://{m2}", "--trusted-public-keys", pub,
+                 "--require-provenance", cache["bare"], check=False)
+    assert r.returncode == 1 and "no provenance statement" in r.stderr and "nothing was written" in r.stderr
+    assert not m2.exists()
+
+
 @pytest.mark.parametrize("tamper", ["modified", "untrusted-key", "other-subject"])
 def test_require_provenance_refuses_an_invalid_statement(cache, tamper):
     d, app = cache["dir"], cache["app"]

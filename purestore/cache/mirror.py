@@ -99,12 +99,18 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
     async with src, dst, contextlib.AsyncExitStack() as held:
         sd = (await read_cache_info(src, src_url)).store_dir
         found = await _read_closure(src, src_url, sd, wanted)
-        problems = {}
-        for p, (ni, _) in found.items():
-            why = await _refusal(src, sd, ni, trusted if check_sigs else None,
-                                 trusted if require_provenance else None)
+        problems: dict[StorePath, str] = {}
+        limit = trio.CapacityLimiter(CONCURRENCY)  # provenance statements are fetched
+
+        async def check(p: StorePath, ni: NarInfo) -> None:
+            async with limit:
+                why = await _refusal(src, sd, ni, trusted if check_sigs else None,
+                                     trusted if require_provenance else None)
             if why:
                 problems[p] = why
+        async with open_nursery() as n:
+            for p, (ni, _) in found.items():
+                n.start_soon(check, p, ni)
         if problems:
             raise _failed(sd, src_url, problems)
 
