@@ -219,7 +219,7 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
 
 
 @pytest.mark.parametrize("direction,url,msg", [
-    ("--to", "s3://bucket", "unsupported cache URL"),
+    ("--to", "ssh://host", "unsupported cache URL"),
     ("--to", "file://relative/dir", "file URLs must be file:///absolute/dir"),
     ("--to", "file:///x?compression=lz4", "unknown compression 'lz4'"),
     ("--to", "file:///x?bogus=1", "unknown parameter 'bogus'"),

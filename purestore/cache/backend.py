@@ -59,7 +59,7 @@ class CacheURL:
     """A parsed cache URL: the base location and the ``?key=value`` parameters."""
 
     url: str            # as given
-    scheme: str         # file, http, https
+    scheme: str         # file, http, https, s3
     base: str           # directory for file://, URL prefix ending in '/' for http(s)
     params: dict[str, str] = attrs.field(factory=dict, hash=False)
 
@@ -74,16 +74,24 @@ _KNOWN_PARAMS = {
     "compression", "compression-level", "secret-key", "write-nar-listing", "priority",
     "want-mass-query", "token-file", "parallel-compression", "trusted", "index-debug-info",
 }
+_S3_PARAMS = {"region", "endpoint", "scheme", "profile"}  # s3:// only
 
 
 def parse_url(url: str) -> CacheURL:
-    """Parse ``file:///dir?…`` or ``http(s)://host:port/prefix?…``; raise :class:`CacheError`."""
+    """Parse ``file:///dir?…``, ``http(s)://host:port/prefix?…`` or ``s3://bucket[/prefix]?…``;
+    raise :class:`CacheError`."""
     u = urllib.parse.urlsplit(url)
     try:
         params = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query)))
     except ValueError:
         raise CacheError(f"cache URL {url!r}: malformed query {u.query!r}") from None
-    unknown = sorted(set(params) - _KNOWN_PARAMS)
+    if u.scheme == "s3":
+        unknown = sorted(set(params) - _KNOWN_PARAMS - _S3_PARAMS - {"token-file"})
+    else:
+        unknown = sorted(set(params) - _KNOWN_PARAMS)
+        s3_only = sorted(set(params) & _S3_PARAMS)
+        if s3_only:
+            raise CacheError(f"cache URL {url!r}: {s3_only[0]!r} applies to s3:// caches only")
     if unknown:
         raise CacheError(f"cache URL {url!r}: unknown parameter {unknown[0]!r}, expected one of "
                          f"{', '.join(sorted(_KNOWN_PARAMS))}")
@@ -99,8 +107,15 @@ def parse_url(url: str) -> CacheURL:
             raise CacheError(f"cache URL {url!r}: missing host")
         path = u.path if u.path.endswith("/") else u.path + "/"
         return CacheURL(url, u.scheme, f"{u.scheme}://{u.netloc}{path}", params)
-    raise CacheError(f"unsupported cache URL {url!r}: expected file:///dir or http(s)://host[:port]/",
-                     hint="S3 and ssh caches are not supported yet")
+    if u.scheme == "s3":
+        if not u.netloc:
+            raise CacheError(f"cache URL {url!r}: missing bucket (s3://BUCKET[/PREFIX])")
+        if "token-file" in params:
+            raise CacheError(f"cache URL {url!r}: an S3 cache signs its requests with AWS credentials, "
+                             "not a token-file")
+        return CacheURL(url, "s3", f"s3://{u.netloc}{u.path.rstrip('/')}/", params)
+    raise CacheError(f"unsupported cache URL {url!r}: expected file:///dir, http(s)://host[:port]/ or s3://bucket",
+                     hint="ssh caches are not supported yet")
 
 
 def url_flag(cu: CacheURL, key: str) -> bool:
@@ -126,6 +141,10 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
     cu = parse_url(url) if isinstance(url, str) else url
     if cu.scheme == "file":
         return FileBackend(cu)
+    if cu.scheme == "s3":
+        from .s3_backend import open_s3_backend
+        return open_s3_backend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
+                               max_connections=max_connections, attempts=attempts, ssl_cert_file=ssl_cert_file)
     from .http_backend import open_http_backend
     return open_http_backend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
                              max_connections=max_connections, token=token, attempts=attempts,

@@ -105,6 +105,7 @@ class HttpClient:
         default_port = 443 if scheme == "https" else 80
         hosthdr = f"[{host}]" if ":" in host else host
         self._host_header = (hosthdr if port == default_port else f"{hosthdr}:{port}").encode()
+        self.host_header = self._host_header.decode()  # what requests send as Host (signers need it)
         self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
         self._closed = False
 

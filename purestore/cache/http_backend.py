@@ -207,8 +207,9 @@ class HttpBackend(Backend):
                                  max_connections=max_connections, headers={"User-Agent": "purestore"},
                                  ssl_context=ssl_context)
 
-    def _auth(self, method: str, headers: dict[str, str] | None = None) -> dict[str, str]:
-        """``headers`` with the Authorization this request gets (see the class)."""
+    def _auth(self, method: str, headers: dict[str, str] | None = None, target: str = "/") -> dict[str, str]:
+        """``headers`` with the Authorization this request (for ``target``, the path and query
+        sent) gets (see the class)."""
         out = dict(headers or {})
         token = self.token or (self.upload_token if method == "PUT" else None)
         if token:
@@ -217,9 +218,9 @@ class HttpBackend(Backend):
             out["Authorization"] = "Basic " + base64.b64encode(":".join(self.login).encode()).decode()
         return out
 
-    def _headers(self, client, method: str, headers: dict[str, str] | None) -> dict[str, str]:
+    def _headers(self, client, method: str, headers: dict[str, str] | None, target: str = "/") -> dict[str, str]:
         """The request's headers: with its Authorization only for the cache's own origin."""
-        return self._auth(method, headers) if client is self.client else dict(headers or {})
+        return self._auth(method, headers, target) if client is self.client else dict(headers or {})
 
     def _redirect(self, r, method: str, what: str, name: str, hops: int, url: str):
         """Where a redirect answer ``r`` to a request for ``url`` leads: (client, target, URL);
@@ -332,7 +333,7 @@ class HttpBackend(Backend):
             client, target, via = self.client, self._target(name), None
             for hops in range(MAX_REDIRECTS + 1):
                 try:
-                    r, data = await client.request(method, target, headers=self._headers(client, method, headers),
+                    r, data = await client.request(method, target, headers=self._headers(client, method, headers, target),
                                                    body=body() if callable(body) else body, **kw)
                 except self._http.HttpError as e:
                     raise self._err(what, name, e, via) from e
@@ -375,7 +376,7 @@ class HttpBackend(Backend):
             client, target, via = self.client, self._target(name), None
             for hops in range(MAX_REDIRECTS + 1):
                 await current.aclose()
-                headers = self._headers(client, "GET", {"Range": f"bytes={offset}-"} if offset else None)
+                headers = self._headers(client, "GET", {"Range": f"bytes={offset}-"} if offset else None, target)
                 try:
                     r, body = await current.enter_async_context(client.stream("GET", target, headers=headers))
                     self._answered = True
@@ -458,12 +459,16 @@ class HttpBackend(Backend):
     async def _put(self, name, content, content_type, size) -> None:
         """PUT ``content()`` (bytes, or an async iterator made afresh for each attempt)."""
         headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        r, _ = await self._request("upload", name, "PUT", headers=headers, body=content)
-        if r.status in (401, 403):
-            raise CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
-                             hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
+        r, data = await self._request("upload", name, "PUT", headers=headers, body=content)
         if r.status not in (200, 201, 204):
-            raise self._status("upload", name, r)
+            raise self._upload_refused(name, r, data)
+
+    def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
+        """The error for an upload the server did not take (``data``: its answer's body)."""
+        if r.status in (401, 403):
+            return CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
+                              hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
+        return self._status("upload", name, r)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -25,6 +25,7 @@ Copy store paths and their closures to or from a binary cache.
   pure copy --to 'file:///srv/cache?compression=zstd&secret-key=/etc/pure/cache.sec' PATH...
   pure copy --to http://127.0.0.1:8080/ --secret-key-file cache.sec PATH...
   pure copy --from http://cache.example:8080/ --trusted-public-keys 'cache-1:...' PATH...
+  pure copy --to 's3://bucket?region=eu-west-1&secret-key=cache.sec' PATH...
 
 --to uploads references first, skips paths the cache already has, signs narinfos with the
 secret keys given (the cache itself never needs a key), and writes nix-cache-info, narinfo,
@@ -35,7 +36,8 @@ single-threaded ones), secret-key=FILE, write-nar-listing=true, index-debug-info
 (debuginfo/<build id> links to the NARs holding lib/debug/.build-id files),
 token-file=FILE (bearer token sent to that cache; env PURE_CACHE_TOKEN: sent with uploads
 only). Logins for HTTP caches come from the netrc-file
-setting; an https cache's own CA from ssl-cert-file (docs/caches.md).
+setting; an https cache's own CA from ssl-cert-file; s3://BUCKET[/PREFIX] takes region=,
+endpoint=HOST[:PORT], scheme=http and profile=, and AWS credentials (docs/caches.md).
 
 --from fetches PATHs (store paths, which need not be valid yet) with their closures; only
 narinfos signed by a trusted key are used, and every NAR is checked against its hashes and sizes.

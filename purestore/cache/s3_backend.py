@@ -1,0 +1,249 @@
+"""The ``s3://BUCKET[/PREFIX]`` cache backend: a binary cache in an S3 bucket (Amazon S3, or a
+store that speaks its API: MinIO, Ceph, Garage, ...), as Nix's S3 binary cache store.
+
+    s3://BUCKET?region=eu-west-1
+    s3://BUCKET/PREFIX?endpoint=minio.internal:9000&scheme=http&profile=ci
+
+- Where: without ``endpoint``, Amazon S3 at ``https://BUCKET.s3.REGION.amazonaws.com/``
+  (``region`` defaults to ``us-east-1``); with ``endpoint=HOST[:PORT]``, path-style requests to
+  ``SCHEME://HOST:PORT/BUCKET/`` (``scheme`` https unless ``http``), as S3-compatible stores want.
+- Who: the credentials of ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` (with
+  ``AWS_SESSION_TOKEN`` when set), else those of the profile (``profile=``, else
+  ``AWS_PROFILE``, else ``default``) in the shared credentials file (``AWS_SHARED_CREDENTIALS_FILE``,
+  else ``~/.aws/credentials``); with none at all, requests go unsigned (a public bucket).
+- How: every request to the bucket is signed with AWS Signature Version 4
+  (:func:`sign_v4`); bodies are sent as ``UNSIGNED-PAYLOAD`` (a NAR is checked against its
+  narinfo by whoever reads it, and the narinfo against its signatures).  Everything else (the
+  pooled connections, retries, resumed downloads, redirects) is the HTTP backend's.
+- Errors: S3 answers 403 for a missing key when the credentials may not list the bucket, so a
+  403 whose error code is ``AccessDenied`` counts as "not there"; any other S3 error (a wrong
+  key or signature, an expired token, a bucket that does not exist) is reported with S3's code
+  and message.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime
+import hashlib
+import hmac
+import os
+import re
+import urllib.parse
+
+import attrs
+
+from ..errors import CacheError
+from .backend import CacheURL
+from .http_backend import HttpBackend, _status_line
+
+UNSIGNED = "UNSIGNED-PAYLOAD"
+
+
+@attrs.frozen(repr=False)
+class Credentials:
+    access_key: str
+    secret_key: str
+    token: str | None = None
+    source: str = ""  # where they came from, for messages (never the secret)
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.access_key!r}, from {self.source})"
+
+
+def load_credentials(profile: str | None = None, env=None) -> Credentials | None:
+    """The credentials to sign with (see the module docstring); None: none configured.
+    Raises :class:`CacheError` for a credentials file that cannot be read or lacks the
+    profile asked for by name."""
+    env = os.environ if env is None else env
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                           env.get("AWS_SESSION_TOKEN") or None, "the environment (AWS_ACCESS_KEY_ID)")
+    named = profile or env.get("AWS_PROFILE")
+    name = named or "default"
+    path = env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(env.get("HOME", "/root"), ".aws", "credentials")
+    if not os.path.exists(path):
+        if named:
+            raise CacheError(f"no AWS credentials file {path!r} for the profile {name!r}",
+                             hint="set AWS_SHARED_CREDENTIALS_FILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return None
+    cp = configparser.RawConfigParser()
+    try:
+        with open(path) as f:
+            cp.read_file(f)
+    except (OSError, configparser.Error) as e:
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise CacheError(f"cannot read AWS credentials file {path!r}: {why}") from None
+    if not cp.has_section(name):
+        if named:
+            raise CacheError(f"AWS credentials file {path!r} has no profile [{name}]")
+        return None
+    sec = cp[name]
+    if not sec.get("aws_access_key_id") or not sec.get("aws_secret_access_key"):
+        raise CacheError(f"AWS credentials file {path!r}: profile [{name}] needs aws_access_key_id "
+                         "and aws_secret_access_key")
+    return Credentials(sec["aws_access_key_id"].strip(), sec["aws_secret_access_key"].strip(),
+                       (sec.get("aws_session_token") or "").strip() or None, f"profile [{name}] of {path}")
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def sign_v4(method: str, host: str, target: str, headers: dict[str, str], creds: Credentials, region: str,
+            now: datetime.datetime | None = None, service: str = "s3") -> dict[str, str]:
+    """``headers`` plus what AWS Signature Version 4 adds (``x-amz-date``,
+    ``x-amz-content-sha256``, the session token, ``Authorization``) for a request of
+    ``method`` to ``target`` (the path, already URI-encoded as sent, and query) on ``host``
+    (the Host header).  Signs the host and the ``x-amz-*`` headers; the body is unsigned."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    out = dict(headers)
+    out["x-amz-date"] = amz_date
+    out["x-amz-content-sha256"] = UNSIGNED
+    if creds.token:
+        out["x-amz-security-token"] = creds.token
+    path, _, query = target.partition("?")
+    pairs = sorted(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    canonical_query = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+                               for k, v in pairs)
+    signed = {"host": host}
+    for k, v in out.items():
+        if k.lower().startswith("x-amz-"):
+            signed[k.lower()] = " ".join(v.split())
+    names = sorted(signed)
+    canonical = "\n".join([method, path, canonical_query, *(f"{k}:{signed[k]}" for k in names), "",
+                           ";".join(names), UNSIGNED])
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(("AWS4" + creds.secret_key).encode(), amz_date[:8])
+    for part in (region, service, "aws4_request"):
+        key = _hmac(key, part)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
+                            f"SignedHeaders={';'.join(names)}, Signature={signature}")
+    return out
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z0-9-]+$")
+
+
+def http_url(cu: CacheURL) -> tuple[str, str, str]:
+    """(the bucket's HTTP base URL ending in '/', the bucket, the region) for an ``s3://`` URL."""
+    u = urllib.parse.urlsplit(cu.url)
+    bucket = u.netloc
+    if not _BUCKET.match(bucket):
+        raise CacheError(f"cache URL {cu.url!r}: {bucket!r} is not an S3 bucket name",
+                         hint="bucket names have 3 to 63 lower-case letters, digits, dots and hyphens")
+    region = cu.param("region") or "us-east-1"
+    if not _REGION.match(region):
+        raise CacheError(f"cache URL {cu.url!r}: bad region {region!r}")
+    scheme = cu.param("scheme") or "https"
+    if scheme not in ("http", "https"):
+        raise CacheError(f"cache URL {cu.url!r}: scheme must be https or http, got {scheme!r}")
+    prefix = u.path.strip("/")
+    prefix = urllib.parse.quote(prefix + "/", safe="/-_.~") if prefix else ""
+    endpoint = cu.param("endpoint")
+    if endpoint:
+        endpoint = endpoint.split("://", 1)[-1].rstrip("/")  # tolerate a URL where a host is expected
+        if not endpoint or "/" in endpoint:
+            raise CacheError(f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got {cu.param('endpoint')!r}")
+        return f"{scheme}://{endpoint}/{bucket}/{prefix}", bucket, region
+    return f"{scheme}://{bucket}.s3.{region}.amazonaws.com/{prefix}", bucket, region
+
+
+def _s3_error(data: bytes | None) -> tuple[str, str] | None:
+    """(Code, Message) of an S3 XML error body, if it is one."""
+    if not data or b"<Error" not in data[:512]:
+        return None
+    text = data[:8192].decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]*)</Code>", text)
+    msg = re.search(r"<Message>([^<]*)</Message>", text)
+    if not code:
+        return None
+    return code.group(1), (msg.group(1) if msg else "")
+
+
+def _missing(r, data: bytes | None) -> bool:
+    """The answer says the key is not there: NoSuchKey, or AccessDenied (what S3 answers for a
+    missing key when the credentials may not list the bucket), or a bare 404."""
+    err = _s3_error(data)
+    if err is None:
+        return r.status == 404
+    return err[0] in ("NoSuchKey", "AccessDenied")
+
+
+class S3Backend(HttpBackend):
+    """An S3 bucket as a cache (see the module docstring): the HTTP backend, each request to the
+    bucket signed with :func:`sign_v4`."""
+
+    def __init__(self, cu: CacheURL, *, creds: Credentials | None, region: str, bucket: str, **kw):
+        self.s3_url = cu
+        self.creds = creds
+        self.region = region
+        self.bucket = bucket
+        base, _, _ = http_url(cu)
+        http_cu = CacheURL(cu.url, base.split(":", 1)[0], base, cu.params)
+        super().__init__(http_cu, token=None, **kw)
+
+    def _auth(self, method: str, headers: dict[str, str] | None = None, target: str = "/") -> dict[str, str]:
+        if self.creds is None:
+            return dict(headers or {})
+        return sign_v4(method, self.client.host_header, target, dict(headers or {}), self.creds, self.region)
+
+    def _s3_status(self, what: str, name: str, r, data: bytes | None) -> CacheError:
+        err = _s3_error(data)
+        if err is None:
+            e = self._status(what, name, r)
+            if r.status == 403 and self.creds is None:
+                e.hint = "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile"
+            return e
+        code, msg = err
+        hint = None
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            hint = (f"the credentials come from {self.creds.source}" if self.creds else
+                    "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile")
+        elif code == "NoSuchBucket":
+            hint = f"create the bucket {self.bucket!r} first (pure does not create buckets)"
+        elif code == "AuthorizationHeaderMalformed" or code == "PermanentRedirect":
+            hint = "give the bucket's region with ?region=REGION"
+        return CacheError(f"cache {self.url!r}: cannot {what} {name!r}: {_status_line(r)}: S3 {code}: {msg}",
+                          hint=hint)
+
+    async def exists(self, name: str) -> bool:
+        r, _ = await self._request("query", name, "HEAD")
+        if r.status in (200, 404):  # 404: no such key (the bucket was found when the cache was opened)
+            return r.status == 200
+        if r.status != 403:
+            raise self._status("query", name, r)
+        # 403 to a HEAD has no body to say why: a missing key the credentials may not list, or a
+        # refused signature; one byte of the object tells them apart
+        r, data = await self._request("query", name, "GET", headers={"Range": "bytes=0-0"})
+        if r.status in (200, 206):
+            return True
+        if r.status in (403, 404) and _missing(r, data):
+            return False
+        raise self._s3_status("query", name, r, data)
+
+    async def get(self, name: str) -> bytes | None:
+        r, data = await self._request("get", name, "GET")
+        if r.status == 200:
+            return data
+        if r.status in (403, 404) and _missing(r, data):
+            return None
+        raise self._s3_status("get", name, r, data)
+
+    def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
+        return self._s3_status("upload", name, r, data)
+
+
+def open_s3_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: float, max_connections: int,
+                    attempts: int, ssl_cert_file: str | None) -> S3Backend:
+    """:func:`.backend.open_backend` for an ``s3://`` URL."""
+    from .http_backend import _ssl_context
+    base, bucket, region = http_url(cu)
+    creds = load_credentials(cu.param("profile"))
+    return S3Backend(cu, creds=creds, region=region, bucket=bucket, connect_timeout=connect_timeout,
+                     stall_timeout=stall_timeout, max_connections=max_connections, attempts=attempts,
+                     ssl_context=_ssl_context(ssl_cert_file) if base.startswith("https:") else None)
