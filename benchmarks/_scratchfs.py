@@ -71,3 +71,17 @@ def scratch_ext4(size_gb: int = 10, where: str = "/var/tmp"):
         if dev is not None:
             subprocess.run(["losetup", "-d", dev], check=False)
         shutil.rmtree(top, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def work_dir(size_gb: int):
+    """Where a benchmark works: a fresh ext4 of ``size_gb`` GiB when one can be made, else
+    /var/tmp (saying why)."""
+    why_not = available()
+    if why_not:
+        print(f"working in /var/tmp (no scratch ext4: {why_not})")
+        yield "/var/tmp"
+        return
+    with scratch_ext4(size_gb=size_gb) as mnt:
+        print(f"working on a fresh ext4 mounted at {mnt}")
+        yield mnt

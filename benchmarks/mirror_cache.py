@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _scratchfs import available as scratch_unavailable, scratch_ext4  # noqa: E402
+from _scratchfs import work_dir  # noqa: E402
 from _tree import CONTENTS, default_tree  # noqa: E402
 from copy_cache import PURE, PURE_ENV, nix_env, run, start_nginx, wipe  # noqa: E402 - same commands
 
@@ -43,13 +43,8 @@ def main() -> None:
                     help="what the files of the tree hold (benchmarks/_tree.py)")
     args = ap.parse_args()
     tree = Path(default_tree(args.content))
-    if scratch_unavailable():
-        print(f"working in /var/tmp (no scratch ext4: {scratch_unavailable()})")
-        bench(args, tree, "/var/tmp")
-    else:
-        with scratch_ext4(size_gb=3 + 2 * args.rounds) as mnt:
-            print(f"working on a fresh ext4 mounted at {mnt}")
-            bench(args, tree, mnt)
+    with work_dir(3 + 2 * args.rounds) as where:
+        bench(args, tree, where)
 
 
 def bench(args, tree: Path, where: str) -> None:

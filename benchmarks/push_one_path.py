@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _scratchfs import available as scratch_unavailable, scratch_ext4  # noqa: E402
+from _scratchfs import work_dir  # noqa: E402
 from _tree import CONTENTS, default_tree  # noqa: E402
 from copy_cache import PURE, PURE_ENV, nix_env  # noqa: E402 - the same commands and environments
 CASES = (("zstd", "compression=zstd", "big"),
@@ -100,12 +100,8 @@ def main() -> None:
     ap.add_argument("--content", choices=CONTENTS, default="mixed")
     args = ap.parse_args()
     tree = Path(default_tree(args.content))
-    if scratch_unavailable():
-        print(f"working in /var/tmp (no scratch ext4: {scratch_unavailable()})")
-        bench(args, tree, "/var/tmp")
-    else:
-        with scratch_ext4(size_gb=4 + 2 * args.rounds) as mnt:
-            bench(args, tree, mnt)
+    with work_dir(4 + 2 * args.rounds) as where:
+        bench(args, tree, where)
 
 
 if __name__ == "__main__":
