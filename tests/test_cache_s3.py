@@ -241,3 +241,33 @@ def test_where_credentials_come_from(tmp_path):
     f.write_text("not an ini file")
     with pytest.raises(CacheError, match="cannot read AWS credentials file"):
         load_credentials(env=home)
+
+
+def test_a_bucket_in_another_region_is_named(tmp_path):
+    """S3's answer to the wrong region: 301 without a Location, the region in a header."""
+    import http.server
+    import threading
+
+    class Moved(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<Error><Code>PermanentRedirect</Code><Message>use the right endpoint</Message></Error>"
+            self.send_response(301)
+            self.send_header("x-amz-bucket-region", "eu-central-1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Moved)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = run_pure("cache", "path-info", f"s3://cache?endpoint=127.0.0.1:{server.server_port}&scheme=http",
+                     "/pure/store/0rzqlwgy4qwib41y722122yp0p6a6qrq-lib-1.0", check=False,
+                     env={"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
+    finally:
+        server.shutdown()
+    assert r.returncode == 1
+    assert "the bucket 'cache' is in the region 'eu-central-1'" in r.stderr
+    assert "hint: add region=eu-central-1 to the cache URL" in r.stderr

@@ -35,7 +35,7 @@ import attrs
 
 from ..errors import CacheError
 from .backend import CacheURL
-from .http_backend import HttpBackend, _status_line
+from .http_backend import REDIRECT_STATUS, HttpBackend, _status_line
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
 
@@ -191,6 +191,17 @@ class S3Backend(HttpBackend):
         if self.creds is None:
             return dict(headers or {})
         return sign_v4(method, self.client.host_header, target, dict(headers or {}), self.creds, self.region)
+
+    def _redirect(self, r, method: str, what: str, name: str, hops: int, url: str):
+        # S3 answers a request to the wrong region with 301 PermanentRedirect and no Location,
+        # naming the bucket's region in a header
+        if r.status in REDIRECT_STATUS and not r.headers.get("location", "").strip():
+            region = r.headers.get("x-amz-bucket-region", "").strip()
+            raise CacheError(f"cache {self.url!r}: cannot {what} {name!r}: {_status_line(r)}: the bucket "
+                             f"{self.bucket!r} is " + (f"in the region {region!r}" if region else "in another region"),
+                             hint=f"add region={region} to the cache URL" if region else
+                             "give the bucket's region with ?region=REGION")
+        return super()._redirect(r, method, what, name, hops, url)
 
     def _s3_status(self, what: str, name: str, r, data: bytes | None) -> CacheError:
         err = _s3_error(data)
