@@ -114,14 +114,19 @@ def test_push_to_s3_then_substitute_and_mirror(s3, tmp_path):
              app_p, env=s3["env"])
     for p in (lib, app):
         assert narinfo_file(tmp_path / "G", p).read_bytes() == narinfo_file(tmp_path / "F", p).read_bytes()
-    # checked and signed in place
-    run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, url(s3, "other"), app_p,
-             lib.absolute("/pure/store"), env=s3["env"])
+    # checked and signed in place, every narinfo of the bucket (listed) or those named
+    r = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, url(s3, "other"),
+                 env=s3["env"])
+    assert "checked 2 paths" in r.stderr and "no problems" in r.stderr
+    r = run_pure("cache", "verify", "--trusted-public-keys", PUB, url(s3, prefix=prefix), env=s3["env"])
+    assert "checked 2 paths" in r.stderr  # the prefix's narinfos only
     k2 = tmp_path / "k2.sec"
     run_pure("key", "generate", "--name", "s3-2", "--secret-out", k2)
-    run_pure("cache", "sign", url(s3, "other"), "-r", "--key-file", k2, "--trusted-public-keys", PUB, app_p,
+    run_pure("cache", "sign", url(s3, "other"), "--key-file", k2, "--trusted-public-keys", PUB, app_p,
              env=s3["env"])
     assert b"Sig: s3-2:" in body(s3, f"{app.hash_part}.narinfo", "other")
+    r = run_pure("cache", "sign", url(s3, "other"), "--key-file", k2, "--trusted-public-keys", PUB, env=s3["env"])
+    assert "signed 1 path" in r.stderr and "1 had the signatures already" in r.stderr
 
 
 def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, tmp_path):
@@ -271,3 +276,20 @@ def test_a_bucket_in_another_region_is_named(tmp_path):
     assert r.returncode == 1
     assert "the bucket 'cache' is in the region 'eu-central-1'" in r.stderr
     assert "hint: add region=eu-central-1 to the cache URL" in r.stderr
+
+
+async def test_listing_a_bucket_goes_page_by_page(s3, monkeypatch):
+    from purestore.cache.backend import open_backend
+
+    client = boto3.client("s3", **s3["admin"])
+    names = [f"{i:032d}.narinfo" for i in range(5)]
+    for n in names:
+        client.put_object(Bucket="other", Key=f"paged/{n}", Body=b"x")
+    client.put_object(Bucket="other", Key="paged/nar/x.narinfo", Body=b"x")  # not at the top
+    client.put_object(Bucket="other", Key="paged/nix-cache-info", Body=b"StoreDir: /pure/store\n")
+    for k, v in s3["env"].items():
+        monkeypatch.setenv(k, v)
+    backend = open_backend(url(s3, "other", prefix="/paged"))
+    backend.list_page = 2
+    async with backend:
+        assert await backend.list_narinfos() == names

@@ -185,6 +185,11 @@ class Backend:
                        *, move: bool = False) -> None:
         raise NotImplementedError
 
+    async def list_narinfos(self) -> list[str] | None:
+        """The names of the cache's narinfos (``<hash>.narinfo``, sorted); None when the cache
+        cannot be listed (plain HTTP)."""
+        return None
+
     async def aclose(self) -> None:
         pass
 
@@ -248,6 +253,14 @@ class FileBackend(Backend):
             yield chunks()
         finally:
             f.close()
+
+    async def list_narinfos(self) -> list[str] | None:
+        def names() -> list[str]:
+            try:
+                return sorted(e.name for e in os.scandir(self.dir) if e.name.endswith(".narinfo") and e.is_file())
+            except OSError as e:
+                raise self._err("list", ".", e) from e
+        return await trio.to_thread.run_sync(names)
 
     def local_path(self, name: str) -> str:
         """The file's path on disk (lets the substituter read a local cache without copying)."""

@@ -35,7 +35,7 @@ import attrs
 
 from ..errors import CacheError
 from .backend import CacheURL
-from .http_backend import REDIRECT_STATUS, HttpBackend, _status_line
+from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend, _status_line
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
 
@@ -178,6 +178,8 @@ class S3Backend(HttpBackend):
     """An S3 bucket as a cache (see the module docstring): the HTTP backend, each request to the
     bucket signed with :func:`sign_v4`."""
 
+    list_page = 1000  # keys asked for per ListObjectsV2 request (S3's most)
+
     def __init__(self, cu: CacheURL, *, creds: Credentials | None, region: str, bucket: str, **kw):
         self.s3_url = cu
         self.creds = creds
@@ -244,6 +246,52 @@ class S3Backend(HttpBackend):
         if r.status in (403, 404) and _missing(r, data):
             return None
         raise self._s3_status("get", name, r, data)
+
+    async def list_narinfos(self) -> list[str] | None:
+        """The narinfos under the URL's prefix, with ListObjectsV2 (:attr:`list_page` keys a
+        request; needs ``s3:ListBucket``)."""
+        import xml.etree.ElementTree as ET
+
+        u = urllib.parse.urlsplit(self.cache_url.base)
+        bucket_root, key_prefix = u.path, ""
+        if self.s3_url.param("endpoint"):  # path-style: /BUCKET/PREFIX
+            bucket_root = f"/{self.bucket}/"
+            key_prefix = urllib.parse.unquote(u.path[len(bucket_root):])
+        else:
+            bucket_root, key_prefix = "/", urllib.parse.unquote(u.path.lstrip("/"))
+        names: list[str] = []
+        token = None
+        while True:
+            q = {"list-type": "2", "prefix": key_prefix, "delimiter": "/", "max-keys": str(self.list_page)}
+            if token:
+                q["continuation-token"] = token
+            target = bucket_root + "?" + urllib.parse.urlencode(sorted(q.items()), quote_via=urllib.parse.quote)
+
+            async def once(target=target):
+                try:
+                    r, data = await self.client.request(
+                        "GET", target, headers=self._headers(self.client, "GET", None, target))
+                except self._http.HttpError as e:
+                    raise self._err("list", "the bucket", e) from e
+                if r.status in TRANSIENT_STATUS:
+                    raise self._status("list", "the bucket", r)
+                return r, data
+            r, data = await self._retrying(once)
+            if r.status != 200:
+                raise self._s3_status("list", "the bucket", r, data)
+            try:
+                root = ET.fromstring(data)
+            except ET.ParseError as e:
+                raise CacheError(f"cache {self.url!r}: cannot list the bucket: the answer is not XML ({e})") from None
+            ns = root.tag.partition("}")[0] + "}" if root.tag.startswith("{") else ""
+            for c in root.iter(f"{ns}Contents"):
+                key = c.findtext(f"{ns}Key") or ""
+                name = key[len(key_prefix):]
+                if key.startswith(key_prefix) and name.endswith(".narinfo") and "/" not in name:
+                    names.append(name)
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if root.findtext(f"{ns}IsTruncated") != "true" or not token:
+                return sorted(names)
 
     def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
         return self._s3_status("upload", name, r, data)

@@ -22,11 +22,11 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._nursery import open_nursery
-from .backend import FileBackend, backend_for, check_name
+from .backend import backend_for, check_name
 from .info import read_cache_info
 from .progress import Progress
 from .query import CONCURRENCY
-from .verify import check_nar, narinfo_names
+from .verify import check_nar
 
 
 @attrs.frozen
@@ -41,7 +41,7 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
                      check_sigs: bool = True, check_contents: bool = False,
                      progress: Progress | None = None) -> SignResult:
     """Add signatures by ``keys`` to the narinfos of ``paths`` (their closures with
-    ``recursive``; None: every narinfo of a ``file://`` cache) in the cache at ``url``.
+    ``recursive``; None: every narinfo of a ``file://`` or ``s3://`` cache) in the cache at ``url``.
     Raises :class:`CacheError` naming each path that cannot be signed and why, before
     anything is written."""
     keys = list(keys)
@@ -56,10 +56,10 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
     async with backend:
         sd = (await read_cache_info(backend, url)).store_dir
         if paths is None:
-            if not isinstance(backend, FileBackend):
+            names = await backend.list_narinfos()
+            if names is None:
                 raise CacheError(f"binary cache {url!r} cannot be listed over HTTP",
                                  hint="name the store paths to sign")
-            names = await trio.to_thread.run_sync(narinfo_names, backend.dir)
             wanted = [n[:-len(".narinfo")] for n in names]
         else:
             wanted = [p.hash_part for p in paths]

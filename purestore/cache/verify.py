@@ -61,7 +61,7 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
                        trusted_keys: Iterable[str] | None = None, check_contents: bool = False,
                        progress: Progress | None = None) -> CacheReport:
     """Check the narinfos of ``paths`` in the cache at ``url`` (None: all of them, for a
-    ``file://`` cache; an HTTP cache cannot be listed).  ``trusted_keys``: None for the
+    ``file://`` or ``s3://`` cache; an HTTP cache cannot be listed).  ``trusted_keys``: None for the
     settings' ``trusted-public-keys``; no keys at all: signatures are not checked."""
     keys = list(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
     trusted = parse_public_keys(keys)
@@ -70,10 +70,10 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
         info = await read_cache_info(backend, url)
         sd = info.store_dir
         if paths is None:
-            if not isinstance(backend, FileBackend):
+            names = await backend.list_narinfos()
+            if names is None:
                 raise CacheError(f"binary cache {url!r} cannot be listed over HTTP",
                                  hint="name the store paths to check")
-            names = await trio.to_thread.run_sync(narinfo_names, backend.dir)
         else:
             names = sorted({f"{p.hash_part}.narinfo" for p in paths})
         report = CacheReport(url, sd, bool(trusted), check_contents)
@@ -108,10 +108,6 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
         if progress:
             progress.finish()
     return report
-
-
-def narinfo_names(directory: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(directory) if e.name.endswith(".narinfo") and e.is_file())
 
 
 async def _check(backend, sd: str, name: str, trusted, nar_limit: trio.CapacityLimiter | None, has,

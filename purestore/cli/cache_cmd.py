@@ -70,7 +70,8 @@ a file:// cache), and that every path it refers to is in the cache too. With --c
 each NAR file is also read whole and checked as substitution would check it: FileSize,
 FileHash, NarSize, NarHash, a well-formed NAR. Nothing is written.
 
-Without PATHs, every narinfo of a file:// cache is checked (an HTTP cache cannot be listed).
+Without PATHs, every narinfo of a file:// or s3:// cache is checked (an HTTP cache cannot be
+listed).
 Prints one line per problem ('bad: PATH: reason') and exits 1 if there is any.
 """
 
@@ -141,7 +142,7 @@ without one. Like `nix store sign --store URL`.
   pure cache sign file:///srv/cache --key-file new.sec
   pure cache sign https://cache.example.org/?token-file=up.token -r --key-file new.sec /pure/store/…-app
 
-Without PATHs every narinfo of a file:// cache is signed (an HTTP cache cannot be listed; it
+Without PATHs every narinfo of a file:// or s3:// cache is signed (an HTTP cache cannot be listed; it
 must take uploads). A narinfo is signed only if a trusted key (--trusted-public-keys, or the
 trusted-public-keys setting) signed it already, unless --no-check-sigs; with --check-contents
 its NAR is also read and checked against it first. Every narinfo is checked before the first is
