@@ -12,6 +12,7 @@ refusal leaves the cache as it was.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import attrs
@@ -22,9 +23,10 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._nursery import open_nursery
-from .backend import backend_for, check_name
+from .backend import FileBackend, backend_for, check_name
 from .info import read_cache_info
 from .progress import Progress
+from .push import push_lock
 from .query import CONCURRENCY
 from .verify import check_nar
 
@@ -53,8 +55,10 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
                          hint="give --trusted-public-keys KEYS (or set trusted-public-keys), or "
                               "--no-check-sigs to sign what the cache holds as it is")
     backend = backend_for(url, settings)
-    async with backend:
+    async with backend, contextlib.AsyncExitStack() as held:
         sd = (await read_cache_info(backend, url)).store_dir
+        if isinstance(backend, FileBackend):  # a prune must not remove what is read to be rewritten
+            await held.enter_async_context(push_lock(backend.dir))
         if paths is None:
             names = await backend.list_narinfos()
             if names is None:

@@ -129,8 +129,8 @@ already there by 'pure copy --to', fetched from the directory by pure, or served
 path's narinfo, .ls listing and provenance, the NAR files no kept path uses once they are
 older than AGE too, debuginfo links to removed NARs, and the build logs of the removed
 paths' derivations. Narinfos go first, so the cache is consistent at every moment. A
-running 'pure copy --to' into the directory is waited for; do not prune while Nix or a
-'pure cache serve' upload writes to it.
+running 'pure copy --to' into the directory (also from another cache) or 'pure cache sign'
+of it is waited for; do not prune while Nix or a 'pure cache serve' upload writes to it.
 """
 
 
@@ -219,7 +219,7 @@ def register(reg) -> None:
                     cmd_cache_verify, group="cache", description=_VERIFY_HELP)
     p.add_argument("url", metavar="URL")
     p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="store paths to check (default: all, for a file:// cache)")
+                   help="store paths to check (default: all, for a file:// or s3:// cache)")
     p.set_defaults(intermixed="paths")
     p.add_argument("--trusted-public-keys", dest="verify_trusted_keys", metavar="KEYS",
                    help="keys a narinfo must be signed by (default: the trusted-public-keys setting; "
@@ -247,7 +247,7 @@ def register(reg) -> None:
                     cmd_cache_sign, group="cache", description=_SIGN_HELP)
     p.add_argument("url", metavar="URL")
     p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="store paths to sign (default: all, for a file:// cache)")
+                   help="store paths to sign (default: all, for a file:// or s3:// cache)")
     p.set_defaults(intermixed="paths")
     p.add_argument("--key-file", "-k", required=True, metavar="KEYFILE", action="append",
                    help="secret key file (may be repeated)")
