@@ -116,6 +116,20 @@ def test_pure_cache_is_read_by_nix_copy(tmp_path, keyfile, via):
     assert (nixroot / "nix/store" / app.base_name / "share/link").is_symlink()
 
 
+def push_with_both(tmp_path, src, query, keyfile):
+    """``src`` added to a Nix chroot store and to a rooted pure store (the same path), then
+    pushed by each to a new file:// cache with ``?QUERY&secret-key=KEY``; returns (hash part,
+    Nix's cache, ours)."""
+    nixroot = tmp_path / "nixroot"
+    path = nix("nix-store", "--store", nixroot, "--add", src).stdout.strip()
+    nixcache, ours = tmp_path / "nixcache", tmp_path / "ours"
+    nix("nix", "copy", "--store", nixroot, "--to", f"file://{nixcache}?{query}&secret-key={keyfile}", path)
+    root = tmp_path / "pure"
+    assert run_pure("store", "add", src, root=root, store_dir="/nix/store").stdout.strip() == path
+    run_pure("copy", "--to", f"file://{ours}?{query}&secret-key={keyfile}", path, root=root, store_dir="/nix/store")
+    return os.path.basename(path)[:32], nixcache, ours
+
+
 def test_narinfo_equals_nix_for_big_compressible_paths(tmp_path, keyfile):
     """zstd output depends on the library version: compressing with the system libzstd (as Nix's
     libarchive does) gives the same NAR files, FileHash and FileSize for NARs beyond one block."""
@@ -126,15 +140,7 @@ def test_narinfo_equals_nix_for_big_compressible_paths(tmp_path, keyfile):
     words = [b"alpha ", b"beta ", b"gamma\n", b"delta ", b"epsilon "]
     (src / "text").write_bytes(b"".join(r.choice(words) for _ in range(120_000)))
     (src / "rand").write_bytes(r.randbytes(700_000))
-    nixroot = tmp_path / "nixroot"
-    path = nix("nix-store", "--store", nixroot, "--add", src).stdout.strip()
-    nixcache, ours = tmp_path / "nixcache", tmp_path / "ours"
-    nix("nix", "copy", "--store", nixroot, "--to", f"file://{nixcache}?compression=zstd&secret-key={keyfile}", path)
-    root = tmp_path / "pure"
-    assert run_pure("store", "add", src, root=root, store_dir="/nix/store").stdout.strip() == path
-    run_pure("copy", "--to", f"file://{ours}?compression=zstd&secret-key={keyfile}", path,
-             root=root, store_dir="/nix/store")
-    h = os.path.basename(path)[:32]
+    h, nixcache, ours = push_with_both(tmp_path, src, "compression=zstd", keyfile)
     assert (ours / f"{h}.narinfo").read_text() == (nixcache / f"{h}.narinfo").read_text()
     (nar,) = os.listdir(nixcache / "nar")
     assert (ours / "nar" / nar).read_bytes() == (nixcache / "nar" / nar).read_bytes()
@@ -148,14 +154,7 @@ def test_narinfo_equals_nix_for_other_compressions(tmp_path, keyfile, query):
     src = tmp_path / "src"
     shutil.copytree(DATA / "cache" / "src" / "tree", src, symlinks=True)
     (src / "more").write_bytes(b"".join(b"line %d of some text\n" % i for i in range(40_000)))
-    nixroot = tmp_path / "nixroot"
-    path = nix("nix-store", "--store", nixroot, "--add", src).stdout.strip()
-    nixcache, ours = tmp_path / "nixcache", tmp_path / "ours"
-    nix("nix", "copy", "--store", nixroot, "--to", f"file://{nixcache}?{query}&secret-key={keyfile}", path)
-    root = tmp_path / "pure"
-    assert run_pure("store", "add", src, root=root, store_dir="/nix/store").stdout.strip() == path
-    run_pure("copy", "--to", f"file://{ours}?{query}&secret-key={keyfile}", path, root=root, store_dir="/nix/store")
-    h = os.path.basename(path)[:32]
+    h, nixcache, ours = push_with_both(tmp_path, src, query, keyfile)
     assert (ours / f"{h}.narinfo").read_text() == (nixcache / f"{h}.narinfo").read_text()
     if "write-nar-listing" in query:
         assert (ours / f"{h}.ls").read_bytes() == (nixcache / f"{h}.ls").read_bytes()

@@ -271,9 +271,10 @@ def _topo(found: dict[StorePath, tuple[NarInfo, bytes]]) -> list[StorePath]:
 
 async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: bool,
                     progress: Progress | None, totals: list[int]) -> bytes | None:
-    """Put ``ni``'s NAR file into ``dst`` (checked on the way) unless it is there already.
-    Returns the listing made from it (``write_listing``), else None."""
-    if await dst.exists(ni.url) and not write_listing:
+    """Put ``ni``'s NAR file into ``dst`` (checked on the way) unless it is there already (and,
+    with ``write_listing``, the path's listing too).  Returns the listing made from it
+    (``write_listing``), else None."""
+    if await dst.exists(ni.url) and (not write_listing or await dst.exists(f"{ni.store_path.hash_part}.ls")):
         if progress:
             progress.add_bytes(ni.nar_size)
         return None
