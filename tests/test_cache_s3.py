@@ -293,3 +293,148 @@ async def test_listing_a_bucket_goes_page_by_page(s3, monkeypatch):
     backend.list_page = 2
     async with backend:
         assert await backend.list_narinfos() == names
+
+
+def test_big_nars_go_up_in_parts_and_come_back(s3, tmp_path):
+    """multipart-upload=true: a NAR over buffer-size goes up in parts (S3 names a multipart
+    object's ETag with its number of parts), is the same object as one PUT gives, leaves no
+    unfinished upload, and substitutes like any other."""
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    root = tmp_path / "src"
+    with open_store(root) as store:  # incompressible: the zstd NAR is as big as the files
+        big = make_path(store, "big-1.0", {"blob": os.urandom(11 << 20), "README": b"big\n"})
+    big_p = big.absolute("/pure/store")
+    run_pure("copy", "--to", url(s3, prefix="/parts", **{"secret-key": key, "multipart-upload": "true",
+                                                         "buffer-size": 5 << 20}),
+             big_p, root=root, env=s3["env"])
+    run_pure("copy", "--to", url(s3, prefix="/whole", **{"secret-key": key}), big_p, root=root, env=s3["env"])
+    client = boto3.client("s3", **s3["admin"])
+    [nar] = [k for k in objects(s3, prefix="parts/nar/")]
+    assert client.head_object(Bucket="cache", Key=nar)["ETag"].endswith('-3"')  # 5 + 5 + 1 MiB
+    whole = "whole/" + nar[len("parts/"):]
+    assert "-" not in client.head_object(Bucket="cache", Key=whole)["ETag"]
+    assert body(s3, nar) == body(s3, whole)
+    assert body(s3, f"parts/{big.hash_part}.narinfo") == body(s3, f"whole/{big.hash_part}.narinfo")
+    assert client.list_multipart_uploads(Bucket="cache").get("Uploads", []) == []
+    dst = tmp_path / "dst"
+    run_pure("copy", "--from", url(s3, prefix="/parts"), "--trusted-public-keys", PUB, big_p, root=dst,
+             env=s3["env"])
+    run_pure("store", "verify", "--check-contents", root=dst)
+    for bad, message in [({"buffer-size": 1000}, "buffer-size must be a number of bytes of at least 5242880"),
+                         ({"buffer-size": "5M"}, "buffer-size must be a number of bytes"),
+                         ({"multipart-upload": "perhaps"}, "multipart-upload must be true or false")]:
+        r = run_pure("copy", "--to", url(s3, prefix="/bad", **bad), big_p, root=root, env=s3["env"], check=False)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_pure("copy", "--to", f"file://{tmp_path / 'F'}?buffer-size=6000000", big_p, root=root, check=False)
+    assert r.returncode == 1 and "'buffer-size' applies to s3:// caches only" in r.stderr
+
+
+class FaultyProxy:
+    """Between a client and moto: relays each request on a connection of its own (signatures
+    stay valid: the Host header is passed on as it came), except that an upload of part
+    ``fail`` is answered 500 and one of part ``stall`` never; records the requests."""
+
+    def __init__(self, upstream: str, fail: int | None = None, stall: int | None = None):
+        self.host, port = upstream.split(":")
+        self.port = int(port)
+        self.fail, self.stall = fail, stall
+        self.seen: list[str] = []
+
+    async def serve(self, task_status):
+        import trio
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._one, listeners)
+
+    async def _one(self, client):
+        import trio
+        async with client:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await client.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.split(b"\r\n")
+                size = next((int(v) for k, _, v in (line.partition(b":") for line in lines[1:])
+                             if k.strip().lower() == b"content-length"), 0)
+                while len(buf) < size:
+                    buf += await client.receive_some(65536)
+                req_body, buf = buf[:size], buf[size:]
+                target = lines[0].split(b" ")[1].decode()
+                self.seen.append(f"{lines[0].split(b' ')[0].decode()} {target}")
+                if self.stall is not None and f"partNumber={self.stall}&" in target:
+                    await trio.sleep_forever()
+                if self.fail is not None and f"partNumber={self.fail}&" in target:
+                    await client.send_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                kept = [line for line in lines[1:] if not line.lower().startswith(b"connection:")]
+                up = await trio.open_tcp_stream(self.host, self.port)
+                async with up:
+                    await up.send_all(b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n" + req_body)
+                    answer = b""
+                    while data := await up.receive_some(65536):
+                        answer += data
+                rhead, _, rbody = answer.partition(b"\r\n\r\n")
+                rlines = [line for line in rhead.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+                await client.send_all(b"\r\n".join([*rlines, b"Connection: close"]) + b"\r\n\r\n" + rbody)
+                return
+
+
+async def test_a_multipart_upload_that_fails_or_is_interrupted_is_aborted(s3, tmp_path, monkeypatch):
+    import trio
+
+    from purestore.cache import http_backend
+    from purestore.cache.backend import open_backend
+    from purestore.errors import CacheError
+
+    monkeypatch.setattr(http_backend, "RETRY_DELAY", 0.01)
+    for k, v in s3["env"].items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", **s3["admin"])
+    local = tmp_path / "nar"
+    local.write_bytes(os.urandom((11 << 20) + 7))
+
+    def unfinished():
+        return client.list_multipart_uploads(Bucket="cache").get("Uploads", [])
+
+    async with trio.open_nursery() as n:
+        failing = FaultyProxy(s3["endpoint"], fail=2)
+        port = await n.start(failing.serve)
+        proxied = f"s3://cache/faulty?endpoint=127.0.0.1:{port}&scheme=http&multipart-upload=true"
+        async with open_backend(proxied, attempts=2) as backend:
+            with pytest.raises(CacheError, match=r"cannot upload 'nar/x.nar': HTTP 500.*\(2 attempts\) \(part 2 of 3\)"):
+                await backend.put_file("nar/x.nar", str(local))
+        assert any(s.startswith("DELETE /cache/faulty/nar/x.nar?uploadId=") for s in failing.seen)
+        assert unfinished() == [] and objects(s3, prefix="faulty/") == []
+        assert local.exists()  # not moved away: it can be pushed again
+
+        stalling = FaultyProxy(s3["endpoint"], stall=3)
+        port = await n.start(stalling.serve)
+        proxied = f"s3://cache/faulty?endpoint=127.0.0.1:{port}&scheme=http&multipart-upload=true"
+        async with open_backend(proxied) as backend:
+            with trio.move_on_after(3) as scope:  # the user's Ctrl-C, or a build's cancellation
+                await backend.put_file("nar/x.nar", str(local))
+        assert scope.cancelled_caught
+        assert any(s.startswith("DELETE ") for s in stalling.seen)
+        assert unfinished() == [] and objects(s3, prefix="faulty/") == []
+
+        # over S3's limit for one PUT, a file goes up in parts whatever the URL says
+        async with open_backend(url(s3, prefix="/limit")) as backend:
+            backend.single_put_max = 6 << 20
+            await backend.put_file("nar/x.nar", str(local))
+        assert client.head_object(Bucket="cache", Key="limit/nar/x.nar")["ETag"].endswith('-3"')
+        assert body(s3, "limit/nar/x.nar") == local.read_bytes()
+        n.cancel_scope.cancel()
+
+
+def test_part_sizes_keep_under_s3s_limit_of_parts():
+    from purestore.cache.s3_backend import MAX_PARTS, part_size
+
+    assert part_size(100 << 20, 5 << 20) == 5 << 20
+    big = 80 << 30  # 80 GiB in 5 MiB parts would be 16384 parts
+    size = part_size(big, 5 << 20)
+    assert size % (1 << 20) == 0 and -(-big // size) <= MAX_PARTS and size < 10 << 20

@@ -323,14 +323,15 @@ class HttpBackend(Backend):
                 await self._retry_after(e, attempt)
                 attempt += 1
 
-    async def _request(self, what: str, name: str, method: str, **kw):
+    async def _request(self, what: str, name: str, method: str, *, query: str = "", **kw):
         """One request, retried while it fails transiently; returns (response, body).  A
-        callable ``body`` is called for each attempt (a stream is read once)."""
+        callable ``body`` is called for each attempt (a stream is read once).  ``query``: the
+        query string sent after the file's name (without the ``?``)."""
         body = kw.pop("body", None)
         headers = kw.pop("headers", None)
 
         async def once():
-            client, target, via = self.client, self._target(name), None
+            client, target, via = self.client, self._target(name) + (f"?{query}" if query else ""), None
             for hops in range(MAX_REDIRECTS + 1):
                 try:
                     r, data = await client.request(method, target, headers=self._headers(client, method, headers, target),

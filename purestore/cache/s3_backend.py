@@ -15,6 +15,11 @@ store that speaks its API: MinIO, Ceph, Garage, ...), as Nix's S3 binary cache s
   (:func:`sign_v4`); bodies are sent as ``UNSIGNED-PAYLOAD`` (a NAR is checked against its
   narinfo by whoever reads it, and the narinfo against its signatures).  Everything else (the
   pooled connections, retries, resumed downloads, redirects) is the HTTP backend's.
+- Big files: a file over 5 GiB (S3's limit for one PUT), or over ``buffer-size`` bytes (default
+  5 MiB) with ``multipart-upload=true`` (Nix's URL parameters), is uploaded in parts
+  (:meth:`S3Backend.put_file`): :data:`PARALLEL_PARTS` at a time, each with its ``Content-MD5``
+  (S3 refuses a part whose bytes changed on the way), each retried on its own; an upload that
+  fails or is interrupted is aborted, so that no stored parts are left behind to pay for.
 - Errors: S3 answers 403 for a missing key when the credentials may not list the bucket, so a
   403 whose error code is ``AccessDenied`` counts as "not there"; any other S3 error (a wrong
   key or signature, an expired token, a bucket that does not exist) is reported with S3's code
@@ -23,21 +28,33 @@ store that speaks its API: MinIO, Ceph, Garage, ...), as Nix's S3 binary cache s
 
 from __future__ import annotations
 
+import base64
 import configparser
 import datetime
 import hashlib
 import hmac
+import logging
 import os
 import re
 import urllib.parse
+from xml.sax.saxutils import escape
 
 import attrs
+import trio
 
 from ..errors import CacheError
-from .backend import CacheURL
+from ._nursery import open_nursery
+from .backend import CacheURL, _unlink, url_flag
 from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend, _status_line
 
+log = logging.getLogger("purestore.cache")
+
 UNSIGNED = "UNSIGNED-PAYLOAD"
+MIN_PART = 5 << 20  # S3's smallest part (but the last) of a multipart upload
+MAX_PARTS = 10_000  # S3's most parts of one upload
+SINGLE_PUT_MAX = 5 << 30  # S3's biggest object of one PUT
+PARALLEL_PARTS = 4  # parts of one file uploaded at a time
+ABORT_TIMEOUT = 10  # seconds an abort of a failed multipart upload may take
 
 
 @attrs.frozen(repr=False)
@@ -153,6 +170,39 @@ def http_url(cu: CacheURL) -> tuple[str, str, str]:
     return f"{scheme}://{bucket}.s3.{region}.amazonaws.com/{prefix}", bucket, region
 
 
+def upload_options(cu: CacheURL) -> tuple[bool, int]:
+    """(``multipart-upload``, ``buffer-size``) of an ``s3://`` URL, checked."""
+    multipart = url_flag(cu, "multipart-upload")
+    raw = cu.param("buffer-size")
+    if raw is None:
+        return multipart, MIN_PART
+    try:
+        size = int(raw)
+    except ValueError:
+        size = -1
+    if size < MIN_PART:
+        raise CacheError(f"cache URL {cu.url!r}: buffer-size must be a number of bytes of at least "
+                         f"{MIN_PART} (5 MiB, S3's smallest part), got {raw!r}")
+    return multipart, size
+
+
+def part_size(size: int, wanted: int) -> int:
+    """The size of the parts a file of ``size`` bytes is uploaded in: ``wanted``, or more (in
+    whole MiB) when the file would otherwise need more than :data:`MAX_PARTS` parts."""
+    least = -(-size // MAX_PARTS)
+    if wanted >= least:
+        return wanted
+    return -(-least // (1 << 20)) << 20
+
+
+def _read_part(fd: int, offset: int, n: int) -> tuple[bytes, str]:
+    """``n`` bytes of the file ``fd`` from ``offset``, and their base64 MD5 (``Content-MD5``)."""
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise OSError(0, f"file ended at {offset + len(data)} bytes, {n - len(data)} bytes early")
+    return data, base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
 def _s3_error(data: bytes | None) -> tuple[str, str] | None:
     """(Code, Message) of an S3 XML error body, if it is one."""
     if not data or b"<Error" not in data[:512]:
@@ -180,11 +230,14 @@ class S3Backend(HttpBackend):
 
     list_page = 1000  # keys asked for per ListObjectsV2 request (S3's most)
 
+    single_put_max = SINGLE_PUT_MAX  # files over this are uploaded in parts whatever the URL says
+
     def __init__(self, cu: CacheURL, *, creds: Credentials | None, region: str, bucket: str, **kw):
         self.s3_url = cu
         self.creds = creds
         self.region = region
         self.bucket = bucket
+        self.multipart, self.buffer_size = upload_options(cu)
         base, _, _ = http_url(cu)
         http_cu = CacheURL(cu.url, base.split(":", 1)[0], base, cu.params)
         super().__init__(http_cu, token=None, **kw)
@@ -295,6 +348,104 @@ class S3Backend(HttpBackend):
 
     def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
         return self._s3_status("upload", name, r, data)
+
+    async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
+                       *, move: bool = False) -> None:
+        size = os.path.getsize(local)
+        if size > self.single_put_max or (self.multipart and size > self.buffer_size):
+            await self.put_parts(name, local, size, content_type)
+            if move:
+                _unlink(local)
+        else:
+            await super().put_file(name, local, content_type, move=move)
+
+    async def put_parts(self, name: str, local: str, size: int, content_type: str) -> int:
+        """Upload the file ``local`` of ``size`` bytes as ``name`` with a multipart upload (see
+        the module docstring); returns the number of parts.  Aborts the upload when anything
+        fails, the caller's cancellation included."""
+        psize = part_size(size, self.buffer_size)
+        count = max(1, -(-size // psize))
+        r, data = await self._request("upload", name, "POST", query="uploads",
+                                      headers={"Content-Type": content_type, "Content-Length": "0"})
+        if r.status != 200:
+            raise self._upload_refused(name, r, data)
+        m = re.search(rb"<UploadId>([^<]+)</UploadId>", data or b"")
+        if m is None:
+            raise CacheError(f"cache {self.url!r}: cannot upload {name!r}: S3 started a multipart upload "
+                             "without an UploadId")
+        upload_id = m.group(1).decode()
+        uid = urllib.parse.quote(upload_id, safe="")
+        etags: dict[int, str] = {}
+        try:
+            try:
+                fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CacheError(f"cannot read {local!r} to upload it: {e.strerror}") from None
+            try:
+                numbers = iter(range(1, count + 1))
+
+                async def uploader() -> None:
+                    for n in numbers:
+                        offset = (n - 1) * psize
+                        try:
+                            body, md5 = await trio.to_thread.run_sync(_read_part, fd, offset,
+                                                                      min(psize, size - offset))
+                        except OSError as e:
+                            raise CacheError(f"cannot read {local!r} to upload it: "
+                                             f"{e.strerror or e}") from None
+                        try:
+                            r, data = await self._request(
+                                "upload", name, "PUT", query=f"partNumber={n}&uploadId={uid}",
+                                headers={"Content-Length": str(len(body)), "Content-MD5": md5}, body=body)
+                            if r.status != 200:
+                                raise self._upload_refused(name, r, data)
+                        except CacheError as e:
+                            raise CacheError(f"{e} (part {n} of {count})", hint=e.hint) from None
+                        etag = r.headers.get("etag", "").strip()
+                        if not etag:
+                            raise CacheError(f"cache {self.url!r}: cannot upload {name!r}: S3 took part {n} "
+                                             f"of {count} without an ETag")
+                        etags[n] = etag
+                async with open_nursery() as nursery:
+                    for _ in range(min(PARALLEL_PARTS, count)):
+                        nursery.start_soon(uploader)
+            finally:
+                os.close(fd)
+            done = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etags[n])}</ETag></Part>"
+                           for n in range(1, count + 1))
+            xml = ('<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                   f"{done}</CompleteMultipartUpload>").encode()
+            r, data = await self._request("upload", name, "POST", query=f"uploadId={uid}", body=xml,
+                                          headers={"Content-Type": "application/xml",
+                                                   "Content-Length": str(len(xml))})
+            # S3 may answer 200 and still fail the completion, in the body
+            if r.status != 200 or _s3_error(data) is not None:
+                raise self._upload_refused(name, r, data)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._abort(name, uid)
+            raise
+        return count
+
+    async def _abort(self, name: str, uid: str) -> None:
+        """Abort the multipart upload ``uid`` (S3 keeps, and bills, the parts of an upload
+        neither completed nor aborted); a failure to is only warned of."""
+        problem = None
+        target = self._target(name) + f"?uploadId={uid}"
+        with trio.move_on_after(ABORT_TIMEOUT) as scope:
+            try:
+                r, data = await self.client.request(
+                    "DELETE", target, headers=self._headers(self.client, "DELETE", None, target))
+                if r.status not in (200, 204, 404):
+                    problem = str(self._s3_status("abort the upload of", name, r, data))
+            except self._http.HttpError as e:
+                problem = str(e)
+        if scope.cancelled_caught:
+            problem = f"no answer in {ABORT_TIMEOUT} s"
+        if problem:
+            log.warning("warning: cache %r: the unfinished multipart upload of %r (UploadId %s) was not "
+                        "aborted: %s; its parts stay in the bucket until aborted (or removed by a "
+                        "lifecycle rule)", self.url, name, urllib.parse.unquote(uid), problem)
 
 
 def open_s3_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: float, max_connections: int,

@@ -37,7 +37,8 @@ single-threaded ones), secret-key=FILE, write-nar-listing=true, index-debug-info
 token-file=FILE (bearer token sent to that cache; env PURE_CACHE_TOKEN: sent with uploads
 only). Logins for HTTP caches come from the netrc-file
 setting; an https cache's own CA from ssl-cert-file; s3://BUCKET[/PREFIX] takes region=,
-endpoint=HOST[:PORT], scheme=http and profile=, and AWS credentials (docs/caches.md).
+endpoint=HOST[:PORT], scheme=http, profile=, multipart-upload=true and buffer-size=BYTES (files
+over it go up in parts; over 5 GiB always), and AWS credentials (docs/caches.md).
 
 --from fetches PATHs (store paths, which need not be valid yet) with their closures; only
 narinfos signed by a trusted key are used, and every NAR is checked against its hashes and sizes.
