@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import run_pure
-from test_cache_support import PUB, SEC, make_closure, make_path, narinfo_file, open_store
+from test_cache_support import PUB, SEC, make_closure, make_path, narinfo_file, open_store, settings_for
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -438,3 +438,79 @@ def test_part_sizes_keep_under_s3s_limit_of_parts():
     big = 80 << 30  # 80 GiB in 5 MiB parts would be 16384 parts
     size = part_size(big, 5 << 20)
     assert size % (1 << 20) == 0 and -(-big // size) <= MAX_PARTS and size < 10 << 20
+
+
+def test_pruning_a_bucket_keeps_closures_whole(s3, tmp_path):
+    """cache prune s3://: what was not pushed within the age goes, narinfos first, except the
+    closures of what stays; old unfinished uploads are aborted; a dry run changes nothing."""
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        other = make_path(store, "other-1.0", {"x": b"other\n"})
+        fresh = make_path(store, "fresh-1.0", {"x": b"fresh\n"})
+    sd = "/pure/store"
+    bucket = url(s3, prefix="/prune", **{"secret-key": key, "write-nar-listing": "true"})
+    run_pure("copy", "--to", bucket, app.absolute(sd), other.absolute(sd), root=root, env=s3["env"])
+    client = boto3.client("s3", **s3["admin"])
+    stale = client.create_multipart_upload(Bucket="cache", Key="prune/nar/cut-off.nar.zst")["UploadId"]
+    time.sleep(2.2)
+    run_pure("copy", "--to", bucket, fresh.absolute(sd), root=root, env=s3["env"])
+    before = objects(s3, prefix="prune/")
+
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "2s", "--keep", app.absolute(sd),
+                 "--dry-run", "--json", env=s3["env"])
+    plan = json.loads(r.stdout)
+    assert plan["removed"] == [other.absolute(sd)] and plan["kept"] == 3
+    assert plan["abortedUploads"] == ["nar/cut-off.nar.zst"] and plan["files"][0] == f"{other.hash_part}.narinfo"
+    assert "would abort 1 unfinished upload" in r.stderr
+    assert objects(s3, prefix="prune/") == before
+    assert [u["UploadId"] for u in client.list_multipart_uploads(Bucket="cache")["Uploads"]] == [stale]
+
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "2s", env=s3["env"])
+    assert "removed 3 paths" in r.stderr and "1 path kept" in r.stderr and "aborted 1 unfinished upload" in r.stderr
+    assert sorted(r.stdout.splitlines()) == sorted(f"removing '{p.absolute(sd)}'" for p in (lib, app, other))
+    left = objects(s3, prefix="prune/")
+    fresh_nar = next(ln[5:] for ln in body(s3, f"prune/{fresh.hash_part}.narinfo").decode().splitlines()
+                     if ln.startswith("URL: "))
+    assert left == sorted(["prune/nix-cache-info", f"prune/{fresh.hash_part}.narinfo", f"prune/{fresh.hash_part}.ls",
+                           f"prune/{fresh_nar}"])
+    assert client.list_multipart_uploads(Bucket="cache").get("Uploads", []) == []
+    r = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, url(s3, prefix="/prune"),
+                 env=s3["env"])
+    assert "checked 1 path" in r.stderr and "no problems" in r.stderr
+    # nothing to say what to keep, and a bucket that is not a cache: refused, nothing touched
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), env=s3["env"], check=False)
+    assert r.returncode == 1 and "say what to keep" in r.stderr
+    r = run_pure("cache", "prune", url(s3, "other", prefix="/nothing-here"), "--older-than", "1d", env=s3["env"],
+                 check=False)
+    assert r.returncode == 1 and "is not a binary cache (it has no nix-cache-info)" in r.stderr
+    assert objects(s3, prefix="prune/") == left
+
+
+async def test_pushing_again_renews_a_narinfo_in_a_bucket(s3, tmp_path, monkeypatch):
+    """A push that finds a path already in the bucket renews its narinfo's Last-Modified (what a
+    bucket's prune goes by) once it is older than MARK_AFTER, without changing its bytes."""
+    from purestore.cache import prune, push
+
+    for k, v in s3["env"].items():
+        monkeypatch.setenv(k, v)
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        p = make_path(store, "again-1.0", {"x": b"again\n"})
+        target = url(s3, prefix="/again")
+        await push.copy_to(store, settings_for(root), target, [p])
+        client = boto3.client("s3", **s3["admin"])
+        name = f"again/{p.hash_part}.narinfo"
+        first = client.head_object(Bucket="cache", Key=name)["LastModified"]
+        text = body(s3, name)
+        time.sleep(1.1)
+        await push.copy_to(store, settings_for(root), target, [p])  # younger than MARK_AFTER: untouched
+        assert client.head_object(Bucket="cache", Key=name)["LastModified"] == first
+        monkeypatch.setattr(prune, "MARK_AFTER", 0)
+        res = await push.copy_to(store, settings_for(root), target, [p])
+        assert not res.uploaded and p in res.skipped
+    assert client.head_object(Bucket="cache", Key=name)["LastModified"] > first
+    assert body(s3, name) == text
+    assert client.head_object(Bucket="cache", Key=name)["ContentType"] == "text/x-nix-narinfo"

@@ -105,26 +105,14 @@ class PrunePlan:
     freed: int = 0  # bytes of the files
     missing: list[str] = attrs.field(factory=list)  # references of kept paths the cache lacks
     unreadable: list[str] = attrs.field(factory=list)  # narinfos kept because they do not parse
+    uploads: list[tuple[str, str]] = attrs.field(factory=list)  # (name, id): S3 uploads to abort
 
     def to_json(self, directory: str, dry_run: bool) -> dict:
         sd = self.store_dir
         return {"cache": directory, "dryRun": dry_run, "kept": len(self.kept),
                 "removed": [p.absolute(sd) for p in self.removed], "files": self.files,
-                "freedBytes": self.freed, "missingReferences": self.missing, "unreadable": self.unreadable}
-
-
-def _size(path: str) -> int:
-    try:
-        return os.lstat(path).st_size
-    except OSError:
-        return 0
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.lstat(path).st_mtime
-    except OSError:
-        return 0.0
+                "freedBytes": self.freed, "missingReferences": self.missing, "unreadable": self.unreadable,
+                "abortedUploads": [name for name, _id in self.uploads]}
 
 
 def _listdir(path: str) -> list[str]:
@@ -136,19 +124,59 @@ def _listdir(path: str) -> list[str]:
 
 def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] = (),
                now: float | None = None) -> PrunePlan:
-    """Decide what to remove (nothing is touched).  ``older_than``: seconds (None: only ``keep``
-    and their closures stay); ``keep``: store paths (absolute, or base names).  One of the two
-    must be given."""
-    keep = list(keep)
-    if older_than is None and not keep:
-        raise CacheError("say what to keep: an age (--older-than) or paths (--keep), or both")
+    """Decide what to remove from the cache directory (nothing is touched).  ``older_than``:
+    seconds (None: only ``keep`` and their closures stay); ``keep``: store paths (absolute, or
+    base names).  One of the two must be given."""
+    check_what_to_keep(older_than, keep)
     try:
         with open(os.path.join(directory, "nix-cache-info"), "rb") as f:
-            info = CacheInfo.parse(f.read(), os.path.join(directory, "nix-cache-info"))
+            info_data = f.read()
     except FileNotFoundError:
         raise CacheError(f"{directory!r} is not a binary cache (it has no nix-cache-info)") from None
     except OSError as e:
         raise CacheError(f"cannot read {directory!r}: {e.strerror}") from e
+    listing: dict[str, tuple[int, float]] = {}  # name in the cache → (size, mtime)
+    for sub in ("", "nar", "debuginfo", "log"):
+        for n in _listdir(os.path.join(directory, sub)):
+            name = f"{sub}/{n}" if sub else n
+            try:
+                st = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue
+            listing[name] = (st.st_size, st.st_mtime)
+    narinfos: dict[str, bytes | str] = {}
+    debuginfo: dict[str, bytes] = {}
+    for name in listing:
+        if (name.endswith(".narinfo") and "/" not in name) or name.startswith("debuginfo/"):
+            try:
+                with open(os.path.join(directory, name), "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                data = e.strerror or str(e)
+            if name.startswith("debuginfo/"):
+                if isinstance(data, bytes):
+                    debuginfo[name] = data
+            else:
+                narinfos[name] = data
+    return plan_from_listing(directory, CacheInfo.parse(info_data, os.path.join(directory, "nix-cache-info")),
+                             listing, narinfos, debuginfo, older_than=older_than, keep=keep, now=now)
+
+
+def check_what_to_keep(older_than: float | None, keep: Iterable[str]) -> None:
+    if older_than is None and not list(keep):
+        raise CacheError("say what to keep: an age (--older-than) or paths (--keep), or both")
+
+
+def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int, float]],
+                      narinfos: dict[str, bytes | str], debuginfo: dict[str, bytes], *,
+                      older_than: float | None, keep: Iterable[str] = (), now: float | None = None) -> PrunePlan:
+    """The prune of a cache given as data, whatever holds it (a directory, a bucket).
+
+    ``listing``: every file of the cache (name → (size, time of last write or use));
+    ``narinfos``: the top-level narinfos' contents, or why one could not be read;
+    ``debuginfo``: the contents of the ``debuginfo/`` links."""
+    keep = list(keep)
+    check_what_to_keep(older_than, keep)
     sd = info.store_dir
     now = time.time() if now is None else now
     cutoff = None if older_than is None else now - older_than
@@ -158,19 +186,14 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
     recent: set[str] = set()
     other_urls: set[str] = set()  # NAR files that narinfos we cannot parse seem to use
     blind = False  # a narinfo could not be read at all: its NAR is unknown, so no NAR goes
-    for name in _listdir(directory):
-        if not name.endswith(".narinfo"):
-            continue
-        p = os.path.join(directory, name)
-        try:
-            with open(p, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            plan.unreadable.append(f"{name}: {e.strerror} (no NAR file is removed this time)")
+    for name in sorted(narinfos):
+        data = narinfos[name]
+        if isinstance(data, str):
+            plan.unreadable.append(f"{name}: {data} (no NAR file is removed this time)")
             blind = True
             continue
         try:
-            ni = NarInfo.parse(data, sd, where=p)
+            ni = NarInfo.parse(data, sd, where=f"{where.rstrip('/')}/{name}")
         except (FormatError, UnicodeDecodeError) as e:
             plan.unreadable.append(f"{name}: {e}")
             urls = [ln[5:].strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.startswith("URL: ")]
@@ -181,7 +204,7 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
             plan.unreadable.append(f"{name}: describes {ni.store_path.absolute(sd)!r}")
             continue
         infos[h] = ni
-        if cutoff is not None and _mtime(p) >= cutoff:
+        if cutoff is not None and listing.get(name, (0, 0.0))[1] >= cutoff:
             recent.add(h)
 
     roots = set(recent)
@@ -214,10 +237,9 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
     plan.removed = sorted((infos[h].store_path for h in gone), key=lambda p: p.base_name)
 
     def add(name: str) -> None:
-        p = os.path.join(directory, name)
-        if os.path.lexists(p):
+        if name in listing:
             plan.files.append(name)
-            plan.freed += _size(p)
+            plan.freed += listing[name][0]
 
     for h in gone:  # narinfos first: from here on nobody is sent to the files below
         add(f"{h}.narinfo")
@@ -227,26 +249,23 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
     used = {infos[h].url for h in kept} | other_urls
     freed_nars = {infos[h].url for h in gone} - used
     removed_nars: set[str] = set()
-    for n in _listdir(os.path.join(directory, "nar")):
-        name = f"nar/{n}"
-        if n.startswith(".") or name in used or blind:
+    for name in sorted(listing):
+        if not name.startswith("nar/") or name[4:].startswith(".") or name in used or blind:
             continue
         # with an age, a NAR file goes only when it is old too: a push that just found it
         # present (and so did not upload it) has marked it used; without one, only the NARs
         # of removed paths go (an unused NAR may be a running push's, before its narinfo)
-        if (name in freed_nars if cutoff is None else _mtime(os.path.join(directory, name)) < cutoff):
+        if (name in freed_nars if cutoff is None else listing[name][1] < cutoff):
             add(name)
             removed_nars.add(name)
-    for n in _listdir(os.path.join(directory, "debuginfo")):
-        p = os.path.join(directory, "debuginfo", n)
+    for name in sorted(debuginfo):
         try:
-            with open(p, "rb") as f:
-                archive = json.loads(f.read()).get("archive", "")
-        except (OSError, ValueError, AttributeError):
+            archive = json.loads(debuginfo[name]).get("archive", "")
+        except (ValueError, AttributeError):
             continue
         target = os.path.normpath(os.path.join("debuginfo", str(archive)))
         if target in removed_nars:
-            add(f"debuginfo/{n}")
+            add(name)
     kept_drvs = {infos[h].deriver.base_name for h in kept if infos[h].deriver is not None}
     for drv in sorted({infos[h].deriver.base_name for h in gone if infos[h].deriver is not None} - kept_drvs):
         add(f"log/{drv}")

@@ -300,6 +300,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         if have and isinstance(backend, FileBackend):  # pushed again: recent for `cache prune`
             names = [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have]
             await trio.to_thread.run_sync(lambda: [mark_used(n) for n in names])
+        elif have and hasattr(backend, "mark_used"):  # an S3 bucket's pruning goes by Last-Modified
+            await backend.mark_used(sorted(f"{p.hash_part}.narinfo" for p in have))
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import configparser
 import datetime
+import email.utils
 import hashlib
 import hmac
 import logging
@@ -238,6 +239,7 @@ class S3Backend(HttpBackend):
         self.region = region
         self.bucket = bucket
         self.multipart, self.buffer_size = upload_options(cu)
+        self._modified: dict[str, float] = {}  # Last-Modified of the files :meth:`exists` found
         base, _, _ = http_url(cu)
         http_cu = CacheURL(cu.url, base.split(":", 1)[0], base, cu.params)
         super().__init__(http_cu, token=None, **kw)
@@ -280,6 +282,8 @@ class S3Backend(HttpBackend):
     async def exists(self, name: str) -> bool:
         r, _ = await self._request("query", name, "HEAD")
         if r.status in (200, 404):  # 404: no such key (the bucket was found when the cache was opened)
+            if r.status == 200:
+                self._modified[name] = _http_date(r.headers.get("last-modified"))
             return r.status == 200
         if r.status != 403:
             raise self._status("query", name, r)
@@ -300,51 +304,140 @@ class S3Backend(HttpBackend):
             return None
         raise self._s3_status("get", name, r, data)
 
-    async def list_narinfos(self) -> list[str] | None:
-        """The narinfos under the URL's prefix, with ListObjectsV2 (:attr:`list_page` keys a
-        request; needs ``s3:ListBucket``)."""
-        import xml.etree.ElementTree as ET
-
+    def _bucket_root(self) -> tuple[str, str]:
+        """(the path of the bucket's root as requests name it, the URL's key prefix)."""
         u = urllib.parse.urlsplit(self.cache_url.base)
-        bucket_root, key_prefix = u.path, ""
         if self.s3_url.param("endpoint"):  # path-style: /BUCKET/PREFIX
-            bucket_root = f"/{self.bucket}/"
-            key_prefix = urllib.parse.unquote(u.path[len(bucket_root):])
-        else:
-            bucket_root, key_prefix = "/", urllib.parse.unquote(u.path.lstrip("/"))
-        names: list[str] = []
+            root = f"/{self.bucket}/"
+            return root, urllib.parse.unquote(u.path[len(root):])
+        return "/", urllib.parse.unquote(u.path.lstrip("/"))
+
+    async def _bucket_request(self, what: str, method: str, query: dict[str, str | None], *,
+                              body: bytes | None = None, headers: dict[str, str] | None = None):
+        """A request to the bucket itself (listing, deleting); returns (response, body) with a
+        200 answer, else raises the S3 error."""
+        root, _ = self._bucket_root()
+        target = root + "?" + "&".join(k if v is None else f"{k}={urllib.parse.quote(v, safe='-_.~')}"
+                                       for k, v in sorted(query.items()))
+
+        async def once():
+            try:
+                r, data = await self.client.request(
+                    method, target, headers=self._headers(self.client, method, headers, target), body=body)
+            except self._http.HttpError as e:
+                raise self._err(what, "the bucket", e) from e
+            if r.status in TRANSIENT_STATUS:
+                raise self._status(what, "the bucket", r)
+            return r, data
+        r, data = await self._retrying(once)
+        if r.status != 200 or (method == "POST" and _s3_error(data) is not None):
+            raise self._s3_status(what, "the bucket", r, data)
+        return r, data
+
+    def _xml(self, what: str, data: bytes):
+        import xml.etree.ElementTree as ET
+        try:
+            root = ET.fromstring(data)
+        except ET.ParseError as e:
+            raise CacheError(f"cache {self.url!r}: cannot {what} the bucket: the answer is not XML ({e})") from None
+        ns = root.tag.partition("}")[0] + "}" if root.tag.startswith("{") else ""
+        return root, ns
+
+    async def list_files(self, *, top_only: bool = False) -> dict[str, tuple[int, float]]:
+        """The files under the URL's prefix (names relative to it) → (size, time of last
+        write), with ListObjectsV2 (:attr:`list_page` keys a request; needs ``s3:ListBucket``);
+        ``top_only``: not those in "subdirectories" (``nar/``, ``log/``, ...)."""
+        _, key_prefix = self._bucket_root()
+        files: dict[str, tuple[int, float]] = {}
         token = None
         while True:
-            q = {"list-type": "2", "prefix": key_prefix, "delimiter": "/", "max-keys": str(self.list_page)}
+            q = {"list-type": "2", "prefix": key_prefix, "max-keys": str(self.list_page)}
+            if top_only:
+                q["delimiter"] = "/"
             if token:
                 q["continuation-token"] = token
-            target = bucket_root + "?" + urllib.parse.urlencode(sorted(q.items()), quote_via=urllib.parse.quote)
-
-            async def once(target=target):
-                try:
-                    r, data = await self.client.request(
-                        "GET", target, headers=self._headers(self.client, "GET", None, target))
-                except self._http.HttpError as e:
-                    raise self._err("list", "the bucket", e) from e
-                if r.status in TRANSIENT_STATUS:
-                    raise self._status("list", "the bucket", r)
-                return r, data
-            r, data = await self._retrying(once)
-            if r.status != 200:
-                raise self._s3_status("list", "the bucket", r, data)
-            try:
-                root = ET.fromstring(data)
-            except ET.ParseError as e:
-                raise CacheError(f"cache {self.url!r}: cannot list the bucket: the answer is not XML ({e})") from None
-            ns = root.tag.partition("}")[0] + "}" if root.tag.startswith("{") else ""
+            _r, data = await self._bucket_request("list", "GET", q)
+            root, ns = self._xml("list", data)
             for c in root.iter(f"{ns}Contents"):
                 key = c.findtext(f"{ns}Key") or ""
-                name = key[len(key_prefix):]
-                if key.startswith(key_prefix) and name.endswith(".narinfo") and "/" not in name:
-                    names.append(name)
+                if not key.startswith(key_prefix) or key == key_prefix:
+                    continue
+                files[key[len(key_prefix):]] = (_number(c.findtext(f"{ns}Size")),
+                                                _timestamp(c.findtext(f"{ns}LastModified")))
             token = root.findtext(f"{ns}NextContinuationToken")
             if root.findtext(f"{ns}IsTruncated") != "true" or not token:
-                return sorted(names)
+                return files
+
+    async def list_narinfos(self) -> list[str] | None:
+        """The narinfos under the URL's prefix (see :meth:`list_files`)."""
+        return sorted(n for n in await self.list_files(top_only=True) if n.endswith(".narinfo") and "/" not in n)
+
+    async def delete_files(self, names: list[str]) -> list[str]:
+        """Delete the files (names under the URL's prefix) with DeleteObjects, up to 1000 a
+        request, in the order given; returns the problems (a file already gone is no problem)."""
+        _, key_prefix = self._bucket_root()
+        problems: list[str] = []
+        for i in range(0, len(names), 1000):
+            batch = names[i:i + 1000]
+            xml = ("<Delete><Quiet>true</Quiet>" +
+                   "".join(f"<Object><Key>{escape(key_prefix + n)}</Key></Object>" for n in batch) +
+                   "</Delete>").encode()
+            headers = {"Content-Type": "application/xml", "Content-Length": str(len(xml)),
+                       "Content-MD5": base64.b64encode(hashlib.md5(xml).digest()).decode()}
+            _r, data = await self._bucket_request("delete files of", "POST", {"delete": None}, body=xml,
+                                                  headers=headers)
+            root, ns = self._xml("delete files of", data)
+            for err in root.iter(f"{ns}Error"):
+                code = err.findtext(f"{ns}Code") or "?"
+                if code != "NoSuchKey":
+                    problems.append(f"cannot remove {(err.findtext(f'{ns}Key') or '')[len(key_prefix):]!r} "
+                                    f"from {self.url!r}: S3 {code}: {err.findtext(f'{ns}Message') or ''}")
+        return problems
+
+    async def list_uploads(self) -> list[tuple[str, str, float]]:
+        """The unfinished multipart uploads under the URL's prefix: (name, UploadId, started)."""
+        _, key_prefix = self._bucket_root()
+        out: list[tuple[str, str, float]] = []
+        marker: dict[str, str] = {}
+        while True:
+            _r, data = await self._bucket_request("list the uploads of", "GET",
+                                                  {"uploads": None, "prefix": key_prefix, **marker})
+            root, ns = self._xml("list the uploads of", data)
+            for up in root.iter(f"{ns}Upload"):
+                key = up.findtext(f"{ns}Key") or ""
+                if key.startswith(key_prefix):
+                    out.append((key[len(key_prefix):], up.findtext(f"{ns}UploadId") or "",
+                                _timestamp(up.findtext(f"{ns}Initiated"))))
+            if root.findtext(f"{ns}IsTruncated") != "true":
+                return out
+            marker = {"key-marker": root.findtext(f"{ns}NextKeyMarker") or "",
+                      "upload-id-marker": root.findtext(f"{ns}NextUploadIdMarker") or ""}
+
+    async def mark_used(self, names: list[str]) -> None:
+        """Note that a push found these narinfos present (``cache prune`` keeps what was written
+        or used within its age): those whose Last-Modified (seen by :meth:`exists`) is older
+        than :data:`.prune.MARK_AFTER` are copied onto themselves, which renews it."""
+        from .prune import MARK_AFTER
+        now = datetime.datetime.now(datetime.timezone.utc).timestamp()
+        stale = [n for n in names if now - self._modified.get(n, now) > MARK_AFTER]
+        _, key_prefix = self._bucket_root()
+        limit = trio.CapacityLimiter(8)
+
+        async def touch(name: str) -> None:
+            source = urllib.parse.quote(f"/{self.bucket}/{key_prefix}{name}", safe="/-_.~")
+            async with limit:
+                r, data = await self._request("mark as used", name, "PUT", headers={
+                    "x-amz-copy-source": source, "x-amz-metadata-directive": "REPLACE",
+                    "Content-Type": "text/x-nix-narinfo", "Content-Length": "0"})
+            if r.status != 200 or _s3_error(data) is not None:
+                log.warning("warning: %s", self._s3_status("mark as used", name, r, data))
+        async with open_nursery() as n:
+            for name in stale:
+                n.start_soon(touch, name)
+
+    async def abort_upload(self, name: str, upload_id: str) -> str | None:
+        """Abort an unfinished multipart upload; returns the problem, if it could not be."""
+        return await self._abort_request(name, urllib.parse.quote(upload_id, safe=""))
 
     def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
         return self._s3_status("upload", name, r, data)
@@ -430,6 +523,14 @@ class S3Backend(HttpBackend):
     async def _abort(self, name: str, uid: str) -> None:
         """Abort the multipart upload ``uid`` (S3 keeps, and bills, the parts of an upload
         neither completed nor aborted); a failure to is only warned of."""
+        problem = await self._abort_request(name, uid)
+        if problem:
+            log.warning("warning: cache %r: the unfinished multipart upload of %r (UploadId %s) was not "
+                        "aborted: %s; its parts stay in the bucket until aborted (by 'pure cache prune', "
+                        "or a lifecycle rule)", self.url, name, urllib.parse.unquote(uid), problem)
+
+    async def _abort_request(self, name: str, uid: str) -> str | None:
+        """DELETE the upload ``uid`` (quoted) within :data:`ABORT_TIMEOUT`; the problem, if any."""
         problem = None
         target = self._target(name) + f"?uploadId={uid}"
         with trio.move_on_after(ABORT_TIMEOUT) as scope:
@@ -442,10 +543,31 @@ class S3Backend(HttpBackend):
                 problem = str(e)
         if scope.cancelled_caught:
             problem = f"no answer in {ABORT_TIMEOUT} s"
-        if problem:
-            log.warning("warning: cache %r: the unfinished multipart upload of %r (UploadId %s) was not "
-                        "aborted: %s; its parts stay in the bucket until aborted (or removed by a "
-                        "lifecycle rule)", self.url, name, urllib.parse.unquote(uid), problem)
+        return problem
+
+
+def _http_date(text: str | None) -> float:
+    try:
+        return email.utils.parsedate_to_datetime(text or "").timestamp()
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+def _number(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def _timestamp(text: str | None) -> float:
+    """Seconds since the epoch of S3's ISO 8601 times (``2026-11-27T02:01:02.000Z``); infinity
+    when there is none that can be read (a prune removes nothing on a guess: such a file counts
+    as just written)."""
+    try:
+        return datetime.datetime.fromisoformat(text or "").timestamp()
+    except ValueError:
+        return float("inf")
 
 
 def open_s3_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: float, max_connections: int,

@@ -132,6 +132,13 @@ older than AGE too, debuginfo links to removed NARs, and the build logs of the r
 paths' derivations. Narinfos go first, so the cache is consistent at every moment. A
 running 'pure copy --to' into the directory (also from another cache) or 'pure cache sign'
 of it is waited for; do not prune while Nix or a 'pure cache serve' upload writes to it.
+
+An S3 bucket (s3://BUCKET[/PREFIX]?...) is pruned the same way, with one difference: a
+bucket records writes, not reads, so "used" there means pushed, or found already there by
+'pure copy --to' (which renews the narinfo's Last-Modified). With an age, unfinished
+multipart uploads started before it are aborted too. A bucket has no lock: do not prune
+while anyone pushes into the same prefix. Needs s3:ListBucket, s3:GetObject and
+s3:DeleteObject (and s3:ListBucketMultipartUploads, s3:AbortMultipartUpload).
 """
 
 
@@ -262,9 +269,9 @@ def register(reg) -> None:
                    help="read each NAR and check it against its narinfo before signing")
     p.add_argument("--json", action="store_true", help="print what was signed as JSON")
 
-    p = reg.command("prune", "remove old paths from a local binary cache, keeping closures whole",
+    p = reg.command("prune", "remove old paths from a binary cache directory or S3 bucket, keeping closures whole",
                     cmd_cache_prune, group="cache", description=_PRUNE_HELP)
-    p.add_argument("directory", metavar="DIR", help="the cache directory (or its file:// URL)")
+    p.add_argument("directory", metavar="DIR|URL", help="the cache directory (or its file:// URL), or an s3:// URL")
     p.add_argument("--older-than", metavar="AGE", help="remove paths not pushed within AGE (e.g. 30d)")
     p.add_argument("--keep", metavar="PATH", action="append", default=[],
                    help="keep this store path and its closure whatever its age (may be repeated)")
@@ -603,26 +610,50 @@ def cmd_cache_sign(args, ctx) -> int:
 
 
 def cmd_cache_prune(args, ctx) -> int:
-    from ..cache.progress import format_size
     from ..cache.prune import apply_prune, cache_lock, parse_age, plan_prune
     from ..errors import UsageError
 
     d = args.directory
+    age = parse_age(args.older_than) if args.older_than is not None else None
+    errors: list[str] = []
     if "://" in d:
         from ..cache.backend import parse_url  # (imports trio: only for a URL)
         cu = parse_url(d)
+        if cu.scheme == "s3":
+            plan = _prune_bucket(ctx, d, age, args.keep, args.dry_run, errors)
+            return _prune_report(args, ctx, d.split("?")[0], plan, errors)
         if cu.scheme != "file":
-            raise UsageError(f"cannot prune {d!r}: only a local cache directory (or file:// URL) can be pruned")
+            raise UsageError(f"cannot prune {d!r}: only a local cache directory (file:// URL) or an s3:// "
+                             "bucket can be pruned", hint="prune an HTTP cache on the machine that holds its files")
         d = cu.base
     if not os.path.isdir(d):
         raise UsageError(f"cache directory {d!r} does not exist")
-    age = parse_age(args.older_than) if args.older_than is not None else None
-    errors: list[str] = []
     with cache_lock(d, exclusive=True,
                     on_wait=lambda: ctx.info(f"waiting for the push into {d!r} to finish...")):
         plan = plan_prune(d, older_than=age, keep=args.keep)
         if not args.dry_run:
             apply_prune(d, plan, errors.append)
+    return _prune_report(args, ctx, d, plan, errors)
+
+
+def _prune_bucket(ctx, url: str, age, keep, dry_run: bool, errors: list[str]):
+    import trio
+
+    from ..cache.backend import backend_for
+    from ..cache.prune_bucket import apply_prune_bucket, plan_prune_bucket
+
+    async def run():
+        async with backend_for(url, ctx.settings) as backend:
+            plan = await plan_prune_bucket(backend, older_than=age, keep=keep)
+            if not dry_run:
+                await apply_prune_bucket(backend, plan, errors.append)
+            return plan
+    return trio.run(run)
+
+
+def _prune_report(args, ctx, d: str, plan, errors: list[str]) -> int:
+    from ..cache.progress import format_size
+
     sd = plan.store_dir
     if args.json:
         obj = plan.to_json(d, args.dry_run)
@@ -639,8 +670,10 @@ def cmd_cache_prune(args, ctx) -> int:
     for e in errors:
         ctx.info(f"error: {e}")
     what = "would remove" if args.dry_run else "removed"
+    uploads = (f"; {'would abort' if args.dry_run else 'aborted'} {len(plan.uploads)} unfinished "
+               f"upload{'s' if len(plan.uploads) != 1 else ''}" if plan.uploads else "")
     ctx.info(f"{what} {_paths(len(plan.removed))} ({len(plan.files)} files, {format_size(plan.freed)}) "
-             f"from {d!r}; {_paths(len(plan.kept))} kept")
+             f"from {d!r}; {_paths(len(plan.kept))} kept{uploads}")
     return 1 if errors else 0
 
 
