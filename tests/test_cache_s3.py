@@ -499,7 +499,7 @@ async def test_pushing_again_renews_a_narinfo_in_a_bucket(s3, tmp_path, monkeypa
     root = tmp_path / "src"
     with open_store(root) as store:
         p = make_path(store, "again-1.0", {"x": b"again\n"})
-        target = url(s3, prefix="/again")
+        target = url(s3, prefix="/again", **{"narinfo-compression": "xz"})
         await push.copy_to(store, settings_for(root), target, [p])
         client = boto3.client("s3", **s3["admin"])
         name = f"again/{p.hash_part}.narinfo"
@@ -513,4 +513,56 @@ async def test_pushing_again_renews_a_narinfo_in_a_bucket(s3, tmp_path, monkeypa
         assert not res.uploaded and p in res.skipped
     assert client.head_object(Bucket="cache", Key=name)["LastModified"] > first
     assert body(s3, name) == text
-    assert client.head_object(Bucket="cache", Key=name)["ContentType"] == "text/x-nix-narinfo"
+    head = client.head_object(Bucket="cache", Key=name)
+    assert head["ContentType"] == "text/x-nix-narinfo" and head["ContentEncoding"] == "xz"  # kept by the copy
+
+
+def test_narinfos_listings_and_logs_stored_compressed(s3, tmp_path):
+    """narinfo-compression, ls-compression, log-compression (Nix's S3 parameters): the objects
+    are compressed with the method as their Content-Encoding, and everything reads them as the
+    plain files (substitution, ls, verify, log, a mirror to a directory)."""
+    import zstandard
+
+    from purestore.formats.store_path import StorePath
+
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    root = tmp_path / "src"
+    drv = StorePath("1" * 32, "thing.drv")
+    with open_store(root) as store:
+        out = make_path(store, "thing-1.0", {"bin/thing": b"#!/bin/sh\necho thing\n"}, deriver=drv)
+        log = os.path.join(store.state_dir, "log", drv.base_name[:2], drv.base_name[2:] + ".zst")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(b"building thing\n" * 100))
+    out_p = out.absolute("/pure/store")
+    packed = url(s3, prefix="/packed", **{"secret-key": key, "write-nar-listing": "true", "narinfo-compression": "xz",
+                                          "ls-compression": "br", "log-compression": "gzip"})
+    run_pure("copy", "--to", packed, out_p, root=root, env=s3["env"])
+    plain = tmp_path / "plain"
+    run_pure("copy", "--to", f"file://{plain}?write-nar-listing=true&secret-key={key}", out_p, root=root)
+    client = boto3.client("s3", **s3["admin"])
+    for name, encoding, magic in [(f"{out.hash_part}.narinfo", "xz", b"\xfd7zXZ"),
+                                  (f"{out.hash_part}.ls", "br", None),
+                                  (f"log/{drv.base_name}", "gzip", b"\x1f\x8b")]:
+        obj = client.get_object(Bucket="cache", Key=f"packed/{name}")
+        raw = obj["Body"].read()
+        assert obj["ContentEncoding"] == encoding
+        assert raw != (plain / name).read_bytes() and (magic is None or raw.startswith(magic))
+    reader = url(s3, prefix="/packed")
+    dst = tmp_path / "dst"
+    run_pure("copy", "--from", reader, "--trusted-public-keys", PUB, out_p, root=dst, env=s3["env"])
+    run_pure("store", "verify", "--check-contents", root=dst)
+    r = run_pure("cache", "ls", "--trusted-public-keys", PUB, reader, "-R", out_p, env=s3["env"])
+    assert r.stdout.split() == ["./bin", "./bin/thing"]
+    r = run_pure("cache", "verify", "--trusted-public-keys", PUB, reader, env=s3["env"])
+    assert "checked 1 path" in r.stderr and "no problems" in r.stderr
+    r = run_pure("--substituters", reader, "log", out_p, root=dst, env=s3["env"])
+    assert r.stdout == "building thing\n" * 100
+    mirror = tmp_path / "mirror"
+    run_pure("copy", "--from", reader, "--to", f"file://{mirror}", "--trusted-public-keys", PUB, out_p, env=s3["env"])
+    for name in (f"{out.hash_part}.narinfo", f"{out.hash_part}.ls"):
+        assert (mirror / name).read_bytes() == (plain / name).read_bytes()
+    r = run_pure("copy", "--to", url(s3, prefix="/bad", **{"ls-compression": "lz4"}), out_p, root=root,
+                 env=s3["env"], check=False)
+    assert r.returncode == 1 and "ls-compression must be one of br, gzip, xz, bzip2, zstd or none, got 'lz4'" in r.stderr

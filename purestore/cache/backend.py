@@ -74,7 +74,8 @@ _KNOWN_PARAMS = {
     "compression", "compression-level", "secret-key", "write-nar-listing", "priority",
     "want-mass-query", "token-file", "parallel-compression", "trusted", "index-debug-info",
 }
-_S3_PARAMS = {"region", "endpoint", "scheme", "profile", "multipart-upload", "buffer-size"}  # s3:// only
+_S3_PARAMS = {"region", "endpoint", "scheme", "profile", "multipart-upload", "buffer-size",
+              "narinfo-compression", "ls-compression", "log-compression"}  # s3:// only
 
 
 def parse_url(url: str) -> CacheURL:

@@ -31,6 +31,7 @@ import trio
 
 from ..errors import CacheError
 from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name
+from .content_encoding import decode, is_identity
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
@@ -363,7 +364,15 @@ class HttpBackend(Backend):
             return None
         if r.status != 200:
             raise self._status("get", name, r)
-        return data
+        return self._decoded(name, r, data)
+
+    def _decoded(self, name: str, r, data: bytes) -> bytes:
+        """The body of a whole file as the cache meant it: its Content-Encoding undone (as Nix
+        does; S3 caches may store narinfos, listings and logs compressed)."""
+        encoding = r.headers.get("content-encoding")
+        if is_identity(encoding):
+            return data
+        return decode(encoding, data, f"cache {self.url!r}: {name!r}")
 
     @contextlib.asynccontextmanager
     async def open_read(self, name: str):
@@ -392,6 +401,11 @@ class HttpBackend(Backend):
                 client, target, via = nxt
             if r.status in (404, 410):
                 raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
+            if r.status in (200, 206) and not is_identity(r.headers.get("content-encoding")):
+                raise CacheError(f"cache {self.url!r}: {name!r} is sent with Content-Encoding "
+                                 f"{r.headers.get('content-encoding')!r}: a NAR file streamed must come as it "
+                                 "is stored", hint="serve NAR files without a Content-Encoding (their "
+                                 "compression is part of the file)")
             if offset and r.status == 206:
                 first = r.headers.get("content-range", "").partition(" ")[2].partition("-")[0]
                 if first != str(offset):
@@ -457,9 +471,10 @@ class HttpBackend(Backend):
         if move:
             _unlink(local)
 
-    async def _put(self, name, content, content_type, size) -> None:
-        """PUT ``content()`` (bytes, or an async iterator made afresh for each attempt)."""
-        headers = {"Content-Type": content_type, "Content-Length": str(size)}
+    async def _put(self, name, content, content_type, size, extra: dict[str, str] | None = None) -> None:
+        """PUT ``content()`` (bytes, or an async iterator made afresh for each attempt), with the
+        ``extra`` headers."""
+        headers = {"Content-Type": content_type, "Content-Length": str(size), **(extra or {})}
         r, data = await self._request("upload", name, "PUT", headers=headers, body=content)
         if r.status not in (200, 201, 204):
             raise self._upload_refused(name, r, data)

@@ -20,6 +20,10 @@ store that speaks its API: MinIO, Ceph, Garage, ...), as Nix's S3 binary cache s
   (:meth:`S3Backend.put_file`): :data:`PARALLEL_PARTS` at a time, each with its ``Content-MD5``
   (S3 refuses a part whose bytes changed on the way), each retried on its own; an upload that
   fails or is interrupted is aborted, so that no stored parts are left behind to pay for.
+- Stored compressed: with Nix's ``narinfo-compression``, ``ls-compression`` and
+  ``log-compression`` (``br``, ``gzip``, ``xz``, ``bzip2``, ``zstd``), those files are
+  uploaded compressed with the method as their ``Content-Encoding``, which every reader (Nix,
+  pure: :mod:`.content_encoding`) undoes.
 - Errors: S3 answers 403 for a missing key when the credentials may not list the bucket, so a
   403 whose error code is ``AccessDenied`` counts as "not there"; any other S3 error (a wrong
   key or signature, an expired token, a bucket that does not exist) is reported with S3's code
@@ -46,6 +50,7 @@ import trio
 from ..errors import CacheError
 from ._nursery import open_nursery
 from .backend import CacheURL, _unlink, url_flag
+from .content_encoding import WRITABLE as WRITABLE_ENCODINGS, encode
 from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend, _status_line
 
 log = logging.getLogger("purestore.cache")
@@ -187,6 +192,31 @@ def upload_options(cu: CacheURL) -> tuple[bool, int]:
     return multipart, size
 
 
+def stored_encodings(cu: CacheURL) -> dict[str, str]:
+    """Which small files of an ``s3://`` cache are stored compressed, with which method (Nix's
+    ``narinfo-compression``, ``ls-compression``, ``log-compression``): kind → method."""
+    out = {}
+    for kind in ("narinfo", "ls", "log"):
+        method = cu.param(f"{kind}-compression")
+        if method in (None, "", "none"):
+            continue
+        if method not in WRITABLE_ENCODINGS:
+            raise CacheError(f"cache URL {cu.url!r}: {kind}-compression must be one of "
+                             f"{', '.join(WRITABLE_ENCODINGS)} or none, got {method!r}")
+        out[kind] = method
+    return out
+
+
+def _kind(name: str) -> str | None:
+    if name.startswith("log/"):
+        return "log"
+    if "/" not in name and name.endswith(".narinfo"):
+        return "narinfo"
+    if "/" not in name and name.endswith(".ls"):
+        return "ls"
+    return None
+
+
 def part_size(size: int, wanted: int) -> int:
     """The size of the parts a file of ``size`` bytes is uploaded in: ``wanted``, or more (in
     whole MiB) when the file would otherwise need more than :data:`MAX_PARTS` parts."""
@@ -239,7 +269,9 @@ class S3Backend(HttpBackend):
         self.region = region
         self.bucket = bucket
         self.multipart, self.buffer_size = upload_options(cu)
-        self._modified: dict[str, float] = {}  # Last-Modified of the files :meth:`exists` found
+        self.encodings = stored_encodings(cu)
+        # Last-Modified and Content-Encoding of the files :meth:`exists` found
+        self._modified: dict[str, tuple[float, str]] = {}
         base, _, _ = http_url(cu)
         http_cu = CacheURL(cu.url, base.split(":", 1)[0], base, cu.params)
         super().__init__(http_cu, token=None, **kw)
@@ -283,7 +315,8 @@ class S3Backend(HttpBackend):
         r, _ = await self._request("query", name, "HEAD")
         if r.status in (200, 404):  # 404: no such key (the bucket was found when the cache was opened)
             if r.status == 200:
-                self._modified[name] = _http_date(r.headers.get("last-modified"))
+                self._modified[name] = (_http_date(r.headers.get("last-modified")),
+                                        r.headers.get("content-encoding", ""))
             return r.status == 200
         if r.status != 403:
             raise self._status("query", name, r)
@@ -299,7 +332,7 @@ class S3Backend(HttpBackend):
     async def get(self, name: str) -> bytes | None:
         r, data = await self._request("get", name, "GET")
         if r.status == 200:
-            return data
+            return self._decoded(name, r, data)
         if r.status in (403, 404) and _missing(r, data):
             return None
         raise self._s3_status("get", name, r, data)
@@ -419,16 +452,19 @@ class S3Backend(HttpBackend):
         than :data:`.prune.MARK_AFTER` are copied onto themselves, which renews it."""
         from .prune import MARK_AFTER
         now = datetime.datetime.now(datetime.timezone.utc).timestamp()
-        stale = [n for n in names if now - self._modified.get(n, now) > MARK_AFTER]
+        stale = [n for n in names if now - self._modified.get(n, (now, ""))[0] > MARK_AFTER]
         _, key_prefix = self._bucket_root()
         limit = trio.CapacityLimiter(8)
 
         async def touch(name: str) -> None:
             source = urllib.parse.quote(f"/{self.bucket}/{key_prefix}{name}", safe="/-_.~")
+            headers = {"x-amz-copy-source": source, "x-amz-metadata-directive": "REPLACE",
+                       "Content-Type": "text/x-nix-narinfo", "Content-Length": "0"}
+            encoding = self._modified[name][1]
+            if encoding:  # the new metadata replaces all of the old: keep what readers decode by
+                headers["Content-Encoding"] = encoding
             async with limit:
-                r, data = await self._request("mark as used", name, "PUT", headers={
-                    "x-amz-copy-source": source, "x-amz-metadata-directive": "REPLACE",
-                    "Content-Type": "text/x-nix-narinfo", "Content-Length": "0"})
+                r, data = await self._request("mark as used", name, "PUT", headers=headers)
             if r.status != 200 or _s3_error(data) is not None:
                 log.warning("warning: %s", self._s3_status("mark as used", name, r, data))
         async with open_nursery() as n:
@@ -441,6 +477,13 @@ class S3Backend(HttpBackend):
 
     def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
         return self._s3_status("upload", name, r, data)
+
+    async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        method = self.encodings.get(_kind(name) or "")
+        if method is None:
+            return await super().put(name, data, content_type)
+        body = encode(method, data)
+        await self._put(name, lambda: body, content_type, len(body), {"Content-Encoding": method})
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
                        *, move: bool = False) -> None:

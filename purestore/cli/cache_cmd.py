@@ -38,7 +38,9 @@ token-file=FILE (bearer token sent to that cache; env PURE_CACHE_TOKEN: sent wit
 only). Logins for HTTP caches come from the netrc-file
 setting; an https cache's own CA from ssl-cert-file; s3://BUCKET[/PREFIX] takes region=,
 endpoint=HOST[:PORT], scheme=http, profile=, multipart-upload=true and buffer-size=BYTES (files
-over it go up in parts; over 5 GiB always), and AWS credentials (docs/caches.md).
+over it go up in parts; over 5 GiB always), narinfo-compression=, ls-compression= and
+log-compression= (br, gzip, xz, bzip2, zstd: stored compressed, sent with that
+Content-Encoding), and AWS credentials (docs/caches.md).
 
 --from fetches PATHs (store paths, which need not be valid yet) with their closures; only
 narinfos signed by a trusted key are used, and every NAR is checked against its hashes and sizes.
