@@ -468,6 +468,20 @@ def test_pruning_a_bucket_keeps_closures_whole(s3, tmp_path):
     assert objects(s3, prefix="prune/") == before
     assert [u["UploadId"] for u in client.list_multipart_uploads(Bucket="cache")["Uploads"]] == [stale]
 
+    # someone who may read the bucket but not delete from it: S3's refusal, nothing removed
+    iam = boto3.client("iam", **s3["admin"])
+    iam.create_user(UserName="looker")
+    iam.put_user_policy(UserName="looker", PolicyName="look", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
+            "s3:GetObject", "s3:ListBucket", "s3:ListBucketMultipartUploads"]}]}))
+    k = iam.create_access_key(UserName="looker")["AccessKey"]
+    looker = dict(s3["env"], AWS_ACCESS_KEY_ID=k["AccessKeyId"], AWS_SECRET_ACCESS_KEY=k["SecretAccessKey"])
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "2s", env=looker, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: cannot remove '{other.hash_part}.narinfo' from" in r.stderr and "S3 AccessDenied" in r.stderr
+    assert "no other file was removed" in r.stderr and "tried to remove 3 paths" in r.stderr
+    assert objects(s3, prefix="prune/") == before
+
     r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "2s", env=s3["env"])
     assert "removed 3 paths" in r.stderr and "1 path kept" in r.stderr and "aborted 1 unfinished upload" in r.stderr
     assert sorted(r.stdout.splitlines()) == sorted(f"removing '{p.absolute(sd)}'" for p in (lib, app, other))

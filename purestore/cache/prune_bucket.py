@@ -70,7 +70,8 @@ async def apply_prune_bucket(backend, plan: PrunePlan, on_error: Callable[[str],
     were removed.  A failure is reported and the rest goes on, but no NAR goes while a narinfo
     that may point to it could not be removed."""
     narinfos = [f for f in plan.files if f.endswith(".narinfo") and "/" not in f]
-    rest = [f for f in plan.files if f not in set(narinfos)]
+    first = set(narinfos)
+    rest = [f for f in plan.files if f not in first]
     problems = await backend.delete_files(narinfos)
     for p in problems:
         on_error(p)

@@ -235,8 +235,12 @@ def _read_part(fd: int, offset: int, n: int) -> tuple[bytes, str]:
 
 
 def _s3_error(data: bytes | None) -> tuple[str, str] | None:
-    """(Code, Message) of an S3 XML error body, if it is one."""
-    if not data or b"<Error" not in data[:512]:
+    """(Code, Message) of an S3 XML error body (its root element is ``Error``; a
+    DeleteObjects result that lists errors of single keys is not one), if it is one."""
+    head = (data or b"")[:512].lstrip()
+    if head.startswith(b"<?xml"):
+        head = head[head.find(b"?>") + 2:].lstrip()
+    if not head.startswith(b"<Error"):
         return None
     text = data[:8192].decode("utf-8", "replace")
     code = re.search(r"<Code>([^<]*)</Code>", text)

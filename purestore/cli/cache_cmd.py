@@ -671,7 +671,7 @@ def _prune_report(args, ctx, d: str, plan, errors: list[str]) -> int:
         ctx.info(f"warning: {line} (it was missing before this prune)")
     for e in errors:
         ctx.info(f"error: {e}")
-    what = "would remove" if args.dry_run else "removed"
+    what = "would remove" if args.dry_run else "tried to remove" if errors else "removed"
     uploads = (f"; {'would abort' if args.dry_run else 'aborted'} {len(plan.uploads)} unfinished "
                f"upload{'s' if len(plan.uploads) != 1 else ''}" if plan.uploads else "")
     ctx.info(f"{what} {_paths(len(plan.removed))} ({len(plan.files)} files, {format_size(plan.freed)}) "
