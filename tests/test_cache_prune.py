@@ -83,6 +83,15 @@ def test_keep_and_pushing_again_keep_old_paths(tmp_path):
     # pushing other again (the cache has it: nothing uploaded) marks it as recent
     run_pure("copy", "--to", f"file://{cache}", n["other"], root=root)
     assert narinfo(cache, n["other"]).stat().st_mtime > time.time() - 600
+    # so does copying it from another cache (a mirror that finds it there already)
+    assert narinfo(cache, n["twin"]).stat().st_mtime < time.time() - 86400
+    src = tmp_path / "src-cache"
+    run_pure("copy", "--to", f"file://{src}", n["twin"], root=root)
+    run_pure("copy", "--from", f"file://{src}", "--to", f"file://{cache}", "--no-check-sigs", n["twin"])
+    assert narinfo(cache, n["twin"]).stat().st_mtime > time.time() - 600
+    out = json.loads(prune(cache, "--older-than", "30d", "--keep", n["app"], "--json").stdout)
+    assert out["removed"] == []
+    age([narinfo(cache, n["twin"])])
     out = json.loads(prune(cache, "--older-than", "30d", "--keep", n["app"], "--json").stdout)
     assert sorted(out["removed"]) == [n["twin"]]
     assert narinfo(cache, n["other"]).exists() and narinfo(cache, n["lib"]).exists()

@@ -44,7 +44,8 @@ from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader, nar_listing
 from .progress import Progress
-from .push import push_lock, cached_paths, ensure_cache_info, load_secret_key, nar_temp_dir, push_temp_name
+from .push import (cached_paths, ensure_cache_info, load_secret_key, mark_present, nar_temp_dir, push_lock,
+                   push_temp_name)
 from .query import CONCURRENCY, read_narinfo
 
 # URL parameters of a push that choose how NARs are written; a copy between caches keeps the
@@ -120,6 +121,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
         order = _topo(found)
         have = await cached_paths(dst, order, CONCURRENCY)
         todo = [p for p in order if p not in have]
+        await mark_present(dst, have)
         if progress:
             progress.expect(len(todo), sum(found[p][0].nar_size for p in todo))
         tmp_dir = await nar_temp_dir(dst)

@@ -190,6 +190,19 @@ async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency
     return have
 
 
+async def mark_present(backend: Backend, have: Iterable[StorePath]) -> None:
+    """Paths a copy into the cache found there already count as used for ``cache prune``: a
+    directory's narinfos get the time now, a bucket's a new Last-Modified (at most once an hour)."""
+    names = sorted(f"{p.hash_part}.narinfo" for p in have)
+    if not names:
+        return
+    if isinstance(backend, FileBackend):
+        paths = [backend.local_path(n) for n in names]
+        await trio.to_thread.run_sync(lambda: [mark_used(p) for p in paths])
+    elif hasattr(backend, "mark_used"):
+        await backend.mark_used(names)
+
+
 async def nar_temp_dir(backend: Backend) -> str | None:
     """Where NAR files are made before they are put into the cache: its ``nar/`` directory
     for a ``file://`` cache (so that putting one is a rename; temporary files left by killed
@@ -297,11 +310,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             await held.enter_async_context(push_lock(backend.dir))
         have = await cached_paths(backend, order)
         todo = [p for p in order if p not in have]
-        if have and isinstance(backend, FileBackend):  # pushed again: recent for `cache prune`
-            names = [os.path.join(backend.dir, f"{p.hash_part}.narinfo") for p in have]
-            await trio.to_thread.run_sync(lambda: [mark_used(n) for n in names])
-        elif have and hasattr(backend, "mark_used"):  # an S3 bucket's pruning goes by Last-Modified
-            await backend.mark_used(sorted(f"{p.hash_part}.narinfo" for p in have))
+        await mark_present(backend, have)
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 

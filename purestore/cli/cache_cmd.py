@@ -127,7 +127,7 @@ keeping every closure whole.
   pure cache prune file:///srv/cache --older-than 90d --keep /pure/store/…-toolchain
 
 Kept: the paths whose narinfo was written or used within AGE (30d, 12h, 90m, 2w; used: found
-already there by 'pure copy --to', fetched from the directory by pure, or served by
+already there by 'pure copy --to' (from a store or another cache), fetched from the directory by pure, or served by
 'pure cache serve'), the --keep paths, and everything these refer to. Removed: every other
 path's narinfo, .ls listing and provenance, the NAR files no kept path uses once they are
 older than AGE too, debuginfo links to removed NARs, and the build logs of the removed
