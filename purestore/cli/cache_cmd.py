@@ -120,24 +120,26 @@ a file from a tampered NAR is never shown.
 
 
 _PRUNE_HELP = """\
-Remove from a local binary cache directory the paths nobody pushed or fetched for a while,
-keeping every closure whole.
+Remove from a binary cache directory (or S3 bucket) the paths nobody pushed or fetched for a
+while, keeping every closure whole.
 
   pure cache prune /srv/cache --older-than 30d --dry-run
   pure cache prune file:///srv/cache --older-than 90d --keep /pure/store/…-toolchain
+  pure cache prune 's3://team-cache/ci?region=eu-west-1' --older-than 30d
 
 Kept: the paths whose narinfo was written or used within AGE (30d, 12h, 90m, 2w; used: found
-already there by 'pure copy --to' (from a store or another cache), fetched from the directory by pure, or served by
-'pure cache serve'), the --keep paths, and everything these refer to. Removed: every other
-path's narinfo, .ls listing and provenance, the NAR files no kept path uses once they are
-older than AGE too, debuginfo links to removed NARs, and the build logs of the removed
-paths' derivations. Narinfos go first, so the cache is consistent at every moment. A
-running 'pure copy --to' into the directory (also from another cache) or 'pure cache sign'
-of it is waited for; do not prune while Nix or a 'pure cache serve' upload writes to it.
+already there by 'pure copy --to' (from a store or another cache), fetched from the
+directory by pure, or served by 'pure cache serve'), the --keep paths, and everything these
+refer to. Removed: every other path's narinfo, .ls listing and provenance, the NAR files no
+kept path uses once they are older than AGE too, debuginfo links to removed NARs, and the
+build logs of the removed paths' derivations. Narinfos go first, so the cache is consistent
+at every moment. A running 'pure copy --to' into the directory (also from another cache) or
+'pure cache sign' of it is waited for; do not prune while Nix or a 'pure cache serve'
+upload writes to it.
 
 An S3 bucket (s3://BUCKET[/PREFIX]?...) is pruned the same way, with one difference: a
 bucket records writes, not reads, so "used" there means pushed, or found already there by
-'pure copy --to' (which renews the narinfo's Last-Modified). With an age, unfinished
+'pure copy --to' (which renews the narinfo's Last-Modified at most once an hour). With an age, unfinished
 multipart uploads started before it are aborted too. A bucket has no lock: do not prune
 while anyone pushes into the same prefix. Needs s3:ListBucket, s3:GetObject and
 s3:DeleteObject (and s3:ListBucketMultipartUploads, s3:AbortMultipartUpload).
