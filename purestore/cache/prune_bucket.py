@@ -25,9 +25,11 @@ from .prune import PrunePlan, check_what_to_keep, plan_from_listing
 
 
 async def plan_prune_bucket(backend, *, older_than: float | None, keep: Iterable[str] = (),
-                            now: float | None = None, concurrency: int = 32) -> PrunePlan:
+                            now: float | None = None, concurrency: int = 32,
+                            say: Callable[[str], None] | None = None) -> PrunePlan:
     """What a prune of the bucket cache would remove (nothing is touched); as
-    :func:`.prune.plan_prune`, and ``plan.uploads``: the unfinished uploads to abort."""
+    :func:`.prune.plan_prune`, and ``plan.uploads``: the unfinished uploads to abort.  ``say``
+    gets a line before each long step (a bucket may hold many thousand narinfos)."""
     keep = list(keep)
     check_what_to_keep(older_than, keep)
     data = await backend.get("nix-cache-info")
@@ -53,10 +55,14 @@ async def plan_prune_bucket(backend, *, older_than: float | None, keep: Iterable
                 debuginfo[name] = body
         else:
             narinfos[name] = body
+    wanted = [name for name in listing
+              if (name.endswith(".narinfo") and "/" not in name) or name.startswith("debuginfo/")]
+    if say is not None:
+        count = sum(1 for name in wanted if name.endswith(".narinfo"))
+        say(f"reading the {count} narinfos among the {len(listing)} files of {backend.url.split('?')[0]!r}...")
     async with open_nursery() as n:
-        for name in listing:
-            if (name.endswith(".narinfo") and "/" not in name) or name.startswith("debuginfo/"):
-                n.start_soon(read, name)
+        for name in wanted:
+            n.start_soon(read, name)
     plan = plan_from_listing(backend.url, info, listing, narinfos, debuginfo, older_than=older_than,
                              keep=keep, now=now)
     if older_than is not None:

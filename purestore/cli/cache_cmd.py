@@ -648,7 +648,7 @@ def _prune_bucket(ctx, url: str, age, keep, dry_run: bool, errors: list[str]):
 
     async def run():
         async with backend_for(url, ctx.settings) as backend:
-            plan = await plan_prune_bucket(backend, older_than=age, keep=keep)
+            plan = await plan_prune_bucket(backend, older_than=age, keep=keep, say=ctx.info)
             if not dry_run:
                 await apply_prune_bucket(backend, plan, errors.append)
             return plan
