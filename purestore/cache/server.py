@@ -85,12 +85,19 @@ class _Logged:
         self.failed = False  # the handler raised
 
     async def __call__(self, message) -> None:
+        kind = message["type"]
+        body = message.get("body", b"")
+        last = kind == "http.response.body" and not message.get("more_body", False)
+        if last and not body:
+            # nothing left to send (a HEAD, an empty body): the client has the whole response,
+            # and may close the connection before the server is told it ended
+            self.done = True
         await self._send(message)
-        if message["type"] == "http.response.start":
+        if kind == "http.response.start":
             self.status = message["status"]
-        elif message["type"] == "http.response.body":
-            self.sent += len(message.get("body", b""))
-            self.done = not message.get("more_body", False)
+        elif kind == "http.response.body":
+            self.sent += len(body)
+            self.done = last
 
 
 def _access_line(scope, logged: _Logged, t: float) -> str:
