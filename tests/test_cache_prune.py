@@ -176,3 +176,34 @@ def test_a_nar_goes_only_once_it_is_old_too(tmp_path):
     out = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)
     assert out["removed"] == [] and len([f for f in out["files"] if f.startswith("nar/")]) == 3
     assert not list(cache.glob("nar/*"))
+
+
+def test_an_upload_through_cache_serve_waits_for_a_prune(tmp_path):
+    """`pure cache serve` renames each upload into place under the directory's shared lock: while
+    a prune holds it (exclusively, from its plan to its last removal), the file does not appear,
+    so a prune never removes a NAR that an upload put back after it planned."""
+    import httpx
+    import threading
+
+    _root, cache, _n = setup_cache(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    proc, url = start_server(cache, token_file=token)
+    fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running prune holds it
+        answer = {}
+
+        def upload():
+            answer["status"] = httpx.put(url + "nar/new.nar", content=b"nar bytes",
+                                         headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code
+        t = threading.Thread(target=upload)
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive() and not (cache / "nar" / "new.nar").exists()  # waiting for the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        t.join(30)
+        assert answer["status"] == 201 and (cache / "nar" / "new.nar").read_bytes() == b"nar bytes"
+    finally:
+        os.close(fd)
+        stop_server(proc)

@@ -19,8 +19,8 @@ either a narinfo with its NAR or no narinfo; a prune stopped half way leaves a c
 
 Pushes: ``pure copy --to file://DIR`` holds a shared lock (``flock``) on the directory itself
 while it runs (no lock file is added to the cache), and a prune takes it exclusively, so a prune never removes a NAR that a running push found
-present and skipped.  Other writers (Nix, or pushes through ``pure cache serve``) do not take the
-lock: prune when they are not pushing.
+present and skipped; ``pure cache serve`` renames each upload into place under the same shared
+lock.  Nix does not take the lock: prune when it is not pushing.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ client depends on.  It answers:
   (``Range: bytes=N-`` or ``bytes=N-M``) gets ``206 Partial Content``: a client resumes a broken
   download that way; other range forms get the whole file, as RFC 9110 allows.
 - ``PUT`` only when started with an upload token, and only with ``Authorization: Bearer TOKEN``;
-  the body is written to a temporary file and renamed into place, so readers never see partial
-  files.  Uploads never need a signing key: clients sign before they upload.
+  the body is written to a temporary file and renamed into place (under the directory's shared
+  lock, which ``cache prune`` takes exclusively), so readers never see partial files.  Uploads
+  never need a signing key: clients sign before they upload.
 - With a read token (a private cache), ``GET``/``HEAD`` too only with ``Authorization: Bearer``
   and that token (or the upload token); 401 otherwise.
 - Over TLS when given a certificate and its key (``https://``).
@@ -31,7 +32,7 @@ import trio
 
 from ..errors import CacheError
 from .backend import CHUNK, check_name
-from .prune import mark_used
+from .prune import cache_lock, mark_used
 
 log = logging.getLogger("purestore.cache.server")
 
@@ -196,7 +197,7 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
                 await respond(send, 401, b"bad or missing upload token\n",
                               [(b"www-authenticate", b"Bearer")])
                 return
-            await _put(receive, send, path, name, respond)
+            await _put(receive, send, directory, path, name, respond)
         else:
             await respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
@@ -306,7 +307,16 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
         f.close()
 
 
-async def _put(receive, send, path: str, name: str, respond) -> None:
+def _publish(directory: str, tmp: str, path: str) -> None:
+    """Rename an uploaded file into place under the cache directory's shared lock, as a push
+    into a directory does: a ``cache prune`` (which holds it exclusively from its plan to its
+    last removal) never removes a file that an upload put back after it planned."""
+    with cache_lock(directory, exclusive=False):
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+
+async def _put(receive, send, directory: str, path: str, name: str, respond) -> None:
     parent = os.path.dirname(path)
     try:
         await trio.to_thread.run_sync(lambda: os.makedirs(parent, exist_ok=True))
@@ -331,8 +341,12 @@ async def _put(receive, send, path: str, name: str, respond) -> None:
                     await trio.to_thread.run_sync(f.write, body)
                 if not msg.get("more_body", False):
                     break
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        try:
+            await trio.to_thread.run_sync(_publish, directory, tmp, path)
+        except (OSError, CacheError) as e:
+            log.error("cannot store %s: %s", name, getattr(e, "strerror", None) or e)
+            await respond(send, 500, b"cannot store the file\n")
+            return
         ok = True
         log.info("stored %s (%d bytes)", name, total)
         await respond(send, 201, b"stored\n")

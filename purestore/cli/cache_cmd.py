@@ -133,9 +133,9 @@ directory by pure, or served by 'pure cache serve'), the --keep paths, and every
 refer to. Removed: every other path's narinfo, .ls listing and provenance, the NAR files no
 kept path uses once they are older than AGE too, debuginfo links to removed NARs, and the
 build logs of the removed paths' derivations. Narinfos go first, so the cache is consistent
-at every moment. A running 'pure copy --to' into the directory (also from another cache) or
-'pure cache sign' of it is waited for; do not prune while Nix or a 'pure cache serve'
-upload writes to it.
+at every moment. A running 'pure copy --to' into the directory (also from another cache),
+'pure cache sign' of it, or an upload through 'pure cache serve' is waited for (and waits
+for the prune); do not prune while Nix writes to it.
 
 An S3 bucket (s3://BUCKET[/PREFIX]?...) is pruned the same way, with one difference: a
 bucket records writes, not reads, so "used" there means pushed, or found already there by
