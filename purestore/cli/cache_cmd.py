@@ -146,6 +146,22 @@ s3:DeleteObject (and s3:ListBucketMultipartUploads, s3:AbortMultipartUpload).
 """
 
 
+_INFO_HELP = """\
+Check binary caches as substitution would use them: is each one reachable, does it have a
+nix-cache-info, is it for this store's dir, with which priority and in which order would it
+be asked (like `nix store ping --store URL`, for all caches at once).
+
+  pure cache info                           # the configured substituters
+  pure cache info https://cache.example.org/ s3://team-cache?region=eu-west-1
+
+Prints one line per cache, usable ones first in the order substitution asks them (lower
+priority first, from the URL's ?priority= or nix-cache-info), with the time nix-cache-info
+took to arrive; then why each other cache is not used. Also says when caches are off
+(--offline) and how many trusted public keys are set. Exit status 1 when a cache is not usable.
+Whether a cache has a given path, signed by a trusted key: 'pure cache path-info URL PATH'.
+"""
+
+
 _SIGN_HELP = """\
 Add signatures to the narinfos a binary cache holds, in place and without a store: a new key
 for a cache whose paths an old key signed (key rotation), or a signature for paths pushed
@@ -239,6 +255,11 @@ def register(reg) -> None:
     p.add_argument("--check-contents", action="store_true",
                    help="read every NAR file and check its hashes, sizes and format")
     p.add_argument("--json", action="store_true", help="print a JSON report")
+
+    p = reg.command("info", "check that binary caches answer and can be used, in substitution order",
+                    cmd_cache_info, group="cache", description=_INFO_HELP)
+    p.add_argument("urls", nargs="*", metavar="URL", help="caches to check (default: the substituters setting)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
 
     p = reg.command("path-info", "show what a binary cache holds for store paths (sizes, references, signatures)",
                     cmd_cache_path_info, group="cache", description=_PATH_INFO_HELP)
@@ -544,6 +565,41 @@ def cmd_cache_verify(args, ctx) -> int:
         ctx.info(f"checked {_paths(len(rep.results))} in {args.url.split('?')[0]}: "
                  + ("no problems" if not bad else f"{len(bad)} bad") + f" ({'; '.join(how)})")
     return 0 if not bad else 1
+
+
+def cmd_cache_info(args, ctx) -> int:
+    import trio
+    from ..cache.ping import cache_status
+    from ..errors import UsageError
+
+    settings = ctx.settings
+    urls = list(args.urls) or list(settings.substituters)
+    if not urls:
+        raise UsageError("no binary caches to check: the substituters setting is empty",
+                         hint="give URLs, or set substituters in pure.conf (or --substituters)")
+    found = trio.run(lambda: cache_status(settings, urls))
+    keys = list(settings.trusted_public_keys)
+    if args.json:
+        print(json.dumps({"caches": [c.to_json() for c in found], "offline": settings.offline,
+                          "trustedPublicKeys": [k.split(":", 1)[0] for k in keys]}, indent=2))
+    else:
+        n = 0
+        for c in found:
+            if c.usable:
+                n += 1
+                extra = ", WantMassQuery" if c.want_mass_query else ""
+                print(f"{n}. {c.url}  ok ({c.millis:.0f} ms): StoreDir {c.store_dir}, Priority {c.priority}{extra}")
+        for c in found:
+            if not c.usable:
+                print(f"-  {c.url}  not used: {c.error}")
+        names = ", ".join(k.split(":", 1)[0] for k in keys) or "none"
+        ctx.info(f"{n} of {_caches(len(found))} usable; trusted public keys: {names}"
+                 + ("; offline: caches are not asked (--offline or offline = true)" if settings.offline else ""))
+    return 0 if all(c.usable for c in found) else 1
+
+
+def _caches(n: int) -> str:
+    return f"{n} cache" + ("" if n == 1 else "s")
 
 
 def cmd_cache_path_info(args, ctx) -> int:

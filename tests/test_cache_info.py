@@ -1,0 +1,62 @@
+"""pure cache info: each configured (or given) cache checked as substitution opens it, usable
+ones listed in the order substitution asks them, and the reason each other one is left out."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from conftest import run_pure
+from test_cache_support import PUB, start_server, stop_server
+
+
+def cache_dir(path, text: str):
+    path.mkdir()
+    (path / "nix-cache-info").write_text(text)
+    return f"file://{path}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_caches_are_listed_in_substitution_order_with_the_reasons_for_the_others(tmp_path):
+    fast = cache_dir(tmp_path / "fast", "StoreDir: /pure/store\nPriority: 30\nWantMassQuery: 1\n")
+    plain = cache_dir(tmp_path / "plain", "StoreDir: /pure/store\n")
+    nix = cache_dir(tmp_path / "nix", "StoreDir: /nix/store\n")
+    broken = cache_dir(tmp_path / "broken", "Priority: 10\n")
+    proc, served = start_server(tmp_path / "plain")
+    try:
+        urls = [plain, nix, f"{served}?priority=20", fast, f"file://{tmp_path / 'missing'}",
+                f"http://127.0.0.1:{free_port()}/", broken, "ftp://elsewhere/"]
+        r = run_pure("--trusted-public-keys", PUB, "cache", "info", *urls, check=False)
+        info = json.loads(run_pure("cache", "info", "--json", *urls, check=False).stdout)
+    finally:
+        stop_server(proc)
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert [ln.split()[1] for ln in lines[:3]] == [f"{served}?priority=20", fast, plain]
+    assert lines[0].startswith("1. ") and "ok (" in lines[0] and "Priority 20" in lines[0]
+    assert lines[1].endswith("StoreDir /pure/store, Priority 30, WantMassQuery")
+    assert lines[2].endswith("Priority 50")
+    rest = "\n".join(lines[3:])
+    assert f"is for store dir '/nix/store', but this store's dir is '/pure/store'" in rest
+    assert "does not exist" in rest and "cannot connect" in rest and "no 'StoreDir' line" in rest
+    assert "unsupported cache URL 'ftp://elsewhere/'" in rest
+    assert "3 of 8 caches usable; trusted public keys: test-key-1" in r.stderr
+    assert [c["usable"] for c in info["caches"]] == [True] * 3 + [False] * 5
+    assert info["caches"][0]["priority"] == 20 and info["caches"][1]["wantMassQuery"] is True
+    assert all(c["milliseconds"] >= 0 for c in info["caches"][:3])
+
+
+def test_the_configured_substituters_are_checked_by_default(tmp_path):
+    good = cache_dir(tmp_path / "good", "StoreDir: /pure/store\n")
+    conf = tmp_path / "pure.conf"
+    conf.write_text(f"substituters = {good}\ntrusted-public-keys = {PUB}\noffline = true\n")
+    r = run_pure("cache", "info", env={"PURE_CONFIG": str(conf)})
+    assert r.stdout.startswith(f"1. {good}  ok (")
+    assert "1 of 1 cache usable" in r.stderr and "offline: caches are not asked" in r.stderr
+    r = run_pure("cache", "info", check=False)  # PURE_CONFIG=/dev/null: nothing configured
+    assert r.returncode == 2 and "error: no binary caches to check" in r.stderr
