@@ -535,9 +535,8 @@ def test_narinfos_listings_and_logs_stored_compressed(s3, tmp_path):
     """narinfo-compression, ls-compression, log-compression (Nix's S3 parameters): the objects
     are compressed with the method as their Content-Encoding, and everything reads them as the
     plain files (substitution, ls, verify, log, a mirror to a directory)."""
-    import zstandard
-
     from purestore.formats.store_path import StorePath
+    from test_cache_support import keep_build_log
 
     key = tmp_path / "k.sec"
     key.write_text(SEC)
@@ -545,10 +544,7 @@ def test_narinfos_listings_and_logs_stored_compressed(s3, tmp_path):
     drv = StorePath("1" * 32, "thing.drv")
     with open_store(root) as store:
         out = make_path(store, "thing-1.0", {"bin/thing": b"#!/bin/sh\necho thing\n"}, deriver=drv)
-        log = os.path.join(store.state_dir, "log", drv.base_name[:2], drv.base_name[2:] + ".zst")
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "wb") as f:
-            f.write(zstandard.ZstdCompressor().compress(b"building thing\n" * 100))
+        keep_build_log(store, drv, b"building thing\n" * 100)
     out_p = out.absolute("/pure/store")
     packed = url(s3, prefix="/packed", **{"secret-key": key, "write-nar-listing": "true", "narinfo-compression": "xz",
                                           "ls-compression": "br", "log-compression": "gzip"})

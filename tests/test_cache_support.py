@@ -35,6 +35,16 @@ def open_store(root, store_dir="/pure/store", **kw):
     return LocalStore.open(settings_for(root, store_dir, **kw), durable=False)
 
 
+def keep_build_log(store, drv, text: bytes) -> None:
+    """Keep ``text`` as the build log of the derivation ``drv`` in the store (where a build
+    writes it: ``<state dir>/log/XX/REST.zst``), for pushes to upload."""
+    import zstandard
+    log = os.path.join(store.state_dir, "log", drv.base_name[:2], drv.base_name[2:] + ".zst")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress(text))
+
+
 def make_path(store, name: str, files: dict[str, bytes | str], refs=(), deriver=None):
     """Register an input-addressed path holding ``files`` (relative name → bytes; str = symlink
     target; '' key = the path is a single file) that refers to ``refs``.  Returns the StorePath."""

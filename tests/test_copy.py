@@ -185,19 +185,15 @@ def test_store_sign_adds_signature_that_verifies(tmp_path, keyfile):
 
 def test_push_uploads_build_log_and_extra_files_hook(tmp_path, keyfile, monkeypatch):
     """A pushed path with a deriver whose log the store keeps gets log/<drv> in the cache."""
-    import zstandard
     from purestore.cache import push
     from purestore.formats.store_path import StorePath
-    from test_cache_support import make_path
+    from test_cache_support import keep_build_log, make_path
 
     root, cache = tmp_path / "a", tmp_path / "cache"
     drv = StorePath("1" * 32, "thing.drv")
     with open_store(root) as store:
         out = make_path(store, "thing", {"": b"built\n"}, deriver=drv)
-        log = os.path.join(store.state_dir, "log", drv.base_name[:2], drv.base_name[2:] + ".zst")
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "wb") as f:
-            f.write(zstandard.ZstdCompressor().compress(b"building thing\ndone\n"))
+        keep_build_log(store, drv, b"building thing\ndone\n")
         out_p = store.print_path(out)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, out_p, root=root)
     assert (cache / "log" / drv.base_name).read_bytes() == b"building thing\ndone\n"
