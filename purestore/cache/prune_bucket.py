@@ -63,8 +63,8 @@ async def plan_prune_bucket(backend, *, older_than: float | None, keep: Iterable
     async with open_nursery() as n:
         for name in wanted:
             n.start_soon(read, name)
-    plan = plan_from_listing(backend.url, info, listing, narinfos, debuginfo, older_than=older_than,
-                             keep=keep, now=now)
+    plan = plan_from_listing(backend.url.split("?")[0], info, listing, narinfos, debuginfo,
+                             older_than=older_than, keep=keep, now=now)
     if older_than is not None:
         plan.uploads = sorted((name, uid) for name, uid, started in await backend.list_uploads()
                               if started < now - older_than)
