@@ -42,6 +42,7 @@ def test_caches_are_listed_in_substitution_order_with_the_reasons_for_the_others
     assert lines[1].endswith("StoreDir /pure/store, Priority 30, WantMassQuery")
     assert lines[2].endswith("Priority 50")
     rest = "\n".join(lines[3:])
+    assert len(lines) == 8 and all(ln.startswith("-  not used: ") for ln in lines[3:])  # each names its URL
     assert f"is for store dir '/nix/store', but this store's dir is '/pure/store'" in rest
     assert "does not exist" in rest and "cannot connect" in rest and "no 'StoreDir' line" in rest
     assert "unsupported cache URL 'ftp://elsewhere/'" in rest

@@ -590,8 +590,8 @@ def cmd_cache_info(args, ctx) -> int:
                 extra = ", WantMassQuery" if c.want_mass_query else ""
                 print(f"{n}. {c.url}  ok ({c.millis:.0f} ms): StoreDir {c.store_dir}, Priority {c.priority}{extra}")
         for c in found:
-            if not c.usable:
-                print(f"-  {c.url}  not used: {c.error}")
+            if not c.usable:  # the reason names the cache (said once is enough), else the URL does
+                print(f"-  not used: {c.error}" if c.url in c.error else f"-  {c.url}  not used: {c.error}")
         names = ", ".join(k.split(":", 1)[0] for k in keys) or "none"
         ctx.info(f"{n} of {_caches(len(found))} usable; trusted public keys: {names}"
                  + ("; offline: caches are not asked (--offline or offline = true)" if settings.offline else ""))
