@@ -17,7 +17,6 @@ by FileHash, and a cache that adds a ``Content-Encoding`` to them is refused by 
 from __future__ import annotations
 
 import bz2
-import gzip
 import lzma
 import zlib
 
@@ -74,6 +73,7 @@ def encode(method: str, data: bytes) -> bytes:
         import brotli
         return brotli.compress(data)
     if method == "gzip":
+        import gzip  # only to write (decoding is zlib's): not at every start of a cache command
         return gzip.compress(data, mtime=0)
     if method == "xz":
         return lzma.compress(data, lzma.FORMAT_XZ)

@@ -127,6 +127,7 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
     """Decide what to remove from the cache directory (nothing is touched).  ``older_than``:
     seconds (None: only ``keep`` and their closures stay); ``keep``: store paths (absolute, or
     base names).  One of the two must be given."""
+    keep = list(keep)  # read twice: checked before any file is read, then planned with
     check_what_to_keep(older_than, keep)
     try:
         with open(os.path.join(directory, "nix-cache-info"), "rb") as f:
