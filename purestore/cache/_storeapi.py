@@ -7,6 +7,7 @@ through these functions, so that the store's API can evolve without touching the
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable
 
 from ..formats.path_info import PathInfo
@@ -15,6 +16,10 @@ from ..formats.store_path import StorePath
 
 def path_info(store, path: StorePath) -> PathInfo | None:
     return store.query_path_info(path)
+
+
+def path_from_hash_part(store, hash_part: str) -> StorePath | None:
+    return store.query_path_from_hash_part(hash_part)
 
 
 def is_valid(store, path: StorePath) -> bool:
@@ -59,6 +64,19 @@ def add_temp_root(store, path: StorePath) -> None:
 
 def state_dir(store) -> str:
     return store.settings.state_dir
+
+
+def build_log(store, drv: StorePath) -> bytes | None:
+    """The build log of ``drv`` if the store keeps one (``<state>/log/<2>/<rest>.zst``)."""
+    import zstandard
+
+    base = drv.base_name
+    p = os.path.join(state_dir(store), "log", base[:2], base[2:] + ".zst")
+    try:
+        with open(p, "rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
+    except (OSError, zstandard.ZstdError):
+        return None
 
 
 @contextlib.contextmanager

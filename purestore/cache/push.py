@@ -242,19 +242,6 @@ def _remove_stale_temps(directory: str) -> None:
         pass
 
 
-def _read_build_log(store, drv: StorePath) -> bytes | None:
-    """The build log of ``drv`` if the store keeps one (``<state>/log/<2>/<rest>.zst``)."""
-    import zstandard
-
-    base = drv.base_name
-    p = os.path.join(S.state_dir(store), "log", base[:2], base[2:] + ".zst")
-    try:
-        with open(p, "rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
-    except (OSError, zstandard.ZstdError):
-        return None
-
-
 async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                   secret_keys: Iterable[SecretKey] = (), compression: str | None = None,
                   level: int | None = None, parallel: bool | None = None,
@@ -359,7 +346,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             if index_debug_info:
                 await _index_debug_info(backend, S.real_path(store, p), nar_name)
             if upload_logs and info.deriver is not None:
-                log = await trio.to_thread.run_sync(_read_build_log, store, info.deriver)
+                log = await trio.to_thread.run_sync(S.build_log, store, info.deriver)
                 if log is not None:
                     await backend.put(f"log/{info.deriver.base_name}", log, "text/plain; charset=utf-8")
             for name, data in extra_files_for(store, p).items():

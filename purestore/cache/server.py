@@ -118,31 +118,52 @@ def _access_line(scope, logged: _Logged, t: float) -> str:
             f'"{_quoted(headers.get(b"user-agent", b"-"))}"')
 
 
-def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None,
-             access_log: logging.Logger | None = None):
-    """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set; reads
-    only with ``read_token`` or ``upload_token`` when ``read_token`` is set).  ``access_log``
-    gets a line per request, in nginx's "combined" format, once its response is sent (status
-    499 when the client went away first)."""
-    directory = os.path.abspath(directory)
-    token = upload_token.encode() if upload_token else None
-    readers = [b"Bearer " + t.encode() for t in (read_token, upload_token) if t] if read_token else []
+async def respond(send, status: int, body: bytes = b"", headers=(), head=False) -> None:
+    """Send a whole short response (``head``: its headers only)."""
+    hdrs = [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/plain")]
+    hdrs.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def read_check(read_token: str | None, *others: str | None):
+    """The check of ``Authorization`` for reads: None when anyone may read (no ``read_token``),
+    else a function of the ASGI scope, true for ``Bearer`` and the read token or one of
+    ``others`` (compared with all of them: the time taken says nothing)."""
+    if not read_token:
+        return None
+    readers = [b"Bearer " + t.encode() for t in (read_token, *others) if t]
 
     def may_read(scope) -> bool:
         auth = dict(scope["headers"]).get(b"authorization", b"")
         ok = False
-        for r in readers:  # compare with all of them: the time taken says nothing
+        for r in readers:
             ok |= hmac.compare_digest(auth, r)
         return ok
+    return may_read
 
-    async def respond(send, status: int, body: bytes = b"", headers=(), head=False):
-        hdrs = [(b"content-length", str(len(body)).encode()), (b"content-type", b"text/plain")]
-        hdrs.extend(headers)
-        await send({"type": "http.response.start", "status": status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": b"" if head else body})
+
+def asgi_app(handle, access_log: logging.Logger | None = None):
+    """The ASGI application around ``handle(scope, receive, send)``, which gets HTTP requests
+    only: answers the lifespan protocol, and with ``access_log`` logs a line per request in
+    nginx's "combined" format once its response is sent (status 499 when the client went away
+    first)."""
+
+    async def lifespan(receive, send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def app(scope, receive, send):
-        if access_log is None or scope["type"] != "http":
+        if scope["type"] == "lifespan":
+            return await lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        if access_log is None:
             return await handle(scope, receive, send)
         import time
         t = time.time()
@@ -155,20 +176,22 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
         finally:
             access_log.info(_access_line(scope, logged, t))
 
+    return app
+
+
+def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None,
+             access_log: logging.Logger | None = None):
+    """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set; reads
+    only with ``read_token`` or ``upload_token`` when ``read_token`` is set).  ``access_log``
+    gets a line per request (:func:`asgi_app`)."""
+    directory = os.path.abspath(directory)
+    token = upload_token.encode() if upload_token else None
+    may_read = read_check(read_token, upload_token)
+
     async def handle(scope, receive, send):
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
         method = scope["method"]
         name = scope["path"].lstrip("/")  # already percent-decoded by the server
-        if readers and method in ("GET", "HEAD") and not may_read(scope):
+        if may_read is not None and method in ("GET", "HEAD") and not may_read(scope):
             await respond(send, 401, b"this cache needs a read token\n", [(b"www-authenticate", b"Bearer")],
                           head=method == "HEAD")
             return
@@ -201,7 +224,7 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
         else:
             await respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
-    return app
+    return asgi_app(handle, access_log)
 
 
 def _check_tls(cert: str, key: str) -> None:
@@ -390,16 +413,27 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     """Serve ``directory`` on ``listen`` until cancelled; ``task_status.started(urls)``.
     ``tls``: (certificate file, key file) to serve https.  ``access_log``: a file, or ``-``
     for stdout, that gets a line per request (:func:`access_logger`)."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
     if not os.path.isdir(directory):
         raise CacheError(f"cache directory {directory!r} does not exist",
                          hint="create it with 'pure copy --to file://DIR ...' first")
+    parse_listen(listen)  # before the access log is opened
+    app = make_app(directory, upload_token, read_token,
+                   access_log=access_logger(access_log) if access_log else None)
+    await run_app(app, listen, tls=tls, task_status=task_status, shutdown_trigger=shutdown_trigger)
+
+
+async def run_app(app, listen: str, *, tls: tuple[str, str] | None = None,
+                  task_status=trio.TASK_STATUS_IGNORED, shutdown_trigger=None) -> None:
+    """Run the ASGI ``app`` with hypercorn on ``listen`` (``HOST:PORT``) until cancelled;
+    ``task_status.started(urls)``.  Raises :class:`CacheError` when the address or the TLS
+    certificate cannot be used."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
     host, port = parse_listen(listen)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None  # the app logs requests itself (make_app's access_log)
+    config.accesslog = None  # the app logs requests itself (asgi_app's access_log)
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
     config.h11_max_incomplete_size = 64 * 1024
@@ -407,8 +441,6 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     if tls:
         _check_tls(*tls)
         config.certfile, config.keyfile = tls
-    app = make_app(directory, upload_token, read_token,
-                   access_log=access_logger(access_log) if access_log else None)
     try:
         await serve(app, config, task_status=task_status, shutdown_trigger=shutdown_trigger)
     except OSError as e:

@@ -65,6 +65,21 @@ A private cache: --read-token-file FILE makes GET and HEAD need that bearer toke
 add ?token-file=FILE to the cache's URL); --tls-cert and --tls-key serve https.
 """
 
+_STORE_SERVE_HELP = """\
+Serve the local store as a binary cache over HTTP/1.1, as nix-serve does: other machines
+substitute its valid paths with 'pure copy --from http://HOST:PORT/' or by listing it in their
+substituters (Nix too). Nothing is written beforehand: each narinfo and NAR is made from the
+store when asked for (NARs uncompressed, checked against the registered hash as they are sent).
+
+With --secret-key-file the narinfos are signed as they are served (the server holds the key;
+for a cache whose server never sees a key, push with 'pure copy --to' and use 'pure cache
+serve'). Without one, only the signatures the store already has are served, and clients that
+trust none of them refuse the paths.
+
+A private cache: --read-token-file FILE makes every request need that bearer token (clients add
+?token-file=FILE to the cache's URL); --tls-cert and --tls-key serve https.
+"""
+
 _VERIFY_HELP = """\
 Check a binary cache as it stands, without a store: for each path's narinfo, that it is there
 and parses, is signed by a trusted key (when keys are given, or set as trusted-public-keys),
@@ -237,6 +252,24 @@ def register(reg) -> None:
     p.add_argument("--read-token-file", metavar="FILE",
                    help="a private cache: GET and HEAD only with this bearer token (or the upload token); "
                         "clients give it with ?token-file=FILE in the cache's URL")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument("--access-log", metavar="FILE",
+                   help="append a line per request to FILE ('-': stdout), in the combined log format "
+                        "of nginx and Apache")
+
+    p = reg.command("serve", "serve the local store as a binary cache over HTTP (like nix-serve)",
+                    cmd_store_serve, group="store", description=_STORE_SERVE_HELP)
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
+    p.add_argument("--secret-key-file", "-k", metavar="FILE", action="append", default=[],
+                   help="sign the narinfos served with this key (may be repeated)")
+    p.add_argument("--priority", type=int, default=30, metavar="N",
+                   help="the Priority this cache announces in nix-cache-info (default 30; clients "
+                        "ask caches with lower numbers first)")
+    p.add_argument("--read-token-file", metavar="FILE",
+                   help="a private cache: requests only with this bearer token; clients give it "
+                        "with ?token-file=FILE in the cache's URL")
     p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
     p.add_argument("--access-log", metavar="FILE",
@@ -487,50 +520,86 @@ def _copy_between(args, ctx) -> int:
     return 0
 
 
-def cmd_cache_serve(args, ctx) -> int:
+def _read_token_file(path: str, what: str) -> str:
+    from ..errors import UsageError
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} token file {path!r}: {e.strerror}") from e
+    if not text:
+        raise UsageError(f"{what} token file {path!r} is empty")
+    return text
+
+
+def _tls_args(args) -> tuple[str, str] | None:
+    from ..errors import UsageError
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return (args.tls_cert, args.tls_key) if args.tls_cert else None
+
+
+def _run_server(ctx, start, describe) -> None:
+    """Run the server task ``start(task_status=)`` until SIGTERM or SIGINT; ``describe(urls)``
+    is the line said once it listens."""
     import logging
     import signal
 
     import trio
-    from ..cache.server import serve_cache
-    from ..errors import UsageError
-
-    def read_token(path: str, what: str) -> str:
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError as e:
-            raise UsageError(f"cannot read {what} token file {path!r}: {e.strerror}") from e
-        if not text:
-            raise UsageError(f"{what} token file {path!r} is empty")
-        return text
-
-    if args.upload_token_file:
-        token = read_token(args.upload_token_file, "upload")
-    else:
-        token = os.environ.get("PURE_CACHE_TOKEN") or None
-    reader = read_token(args.read_token_file, "read") if args.read_token_file else None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-
     from ..cache._nursery import open_nursery
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     async def main():
         async with open_nursery() as n:
-            urls = await n.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
-                args.dir, args.listen, upload_token=token, read_token=reader, tls=tls,
-                access_log=args.access_log, task_status=task_status))
-            ctx.info(f"serving {args.dir!r} on {' '.join(urls)}"
-                     + (" (uploads enabled" if token else " (read-only")
-                     + ("; reads need the read token)" if reader else ")"))
+            urls = await n.start(start)
+            ctx.info(describe(urls))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for _ in sigs:
                     n.cancel_scope.cancel()
                     break
 
     trio.run(main)
+
+
+def cmd_cache_serve(args, ctx) -> int:
+    import trio
+    from ..cache.server import serve_cache
+
+    if args.upload_token_file:
+        token = _read_token_file(args.upload_token_file, "upload")
+    else:
+        token = os.environ.get("PURE_CACHE_TOKEN") or None
+    reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
+    tls = _tls_args(args)
+    _run_server(ctx, lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
+        args.dir, args.listen, upload_token=token, read_token=reader, tls=tls,
+        access_log=args.access_log, task_status=task_status),
+        lambda urls: f"serving {args.dir!r} on {' '.join(urls)}"
+        + (" (uploads enabled" if token else " (read-only")
+        + ("; reads need the read token)" if reader else ")"))
+    return 0
+
+
+def cmd_store_serve(args, ctx) -> int:
+    import trio
+    from ..cache.push import load_secret_key
+    from ..cache.server import access_logger, parse_listen, run_app
+    from ..cache.store_server import StoreCache, make_store_app
+
+    keys = [load_secret_key(f) for f in args.secret_key_file]
+    reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
+    tls = _tls_args(args)
+    parse_listen(args.listen)
+    with ctx.open_store() as store:
+        cache = StoreCache(store, store.store_dir, keys, args.priority)
+        app = make_store_app(cache, reader, access_logger(args.access_log) if args.access_log else None)
+        signed = ", ".join(k.name for k in keys)
+        _run_server(ctx, lambda task_status=trio.TASK_STATUS_IGNORED: run_app(
+            app, args.listen, tls=tls, task_status=task_status),
+            lambda urls: f"serving the store {store.real_store_dir!r} on {' '.join(urls)}"
+            + (f" (narinfos signed by {signed}" if keys else " (narinfos not signed here")
+            + ("; requests need the read token)" if reader else ")"))
     return 0
 
 

@@ -240,6 +240,13 @@ class LocalStore:
             sigs=frozenset(sigs.split()) if sigs else frozenset(), ca=ca, registration_time=rtime,
         )
 
+    def query_path_from_hash_part(self, hash_part: str) -> StorePath | None:
+        """The valid path whose hash part is ``hash_part`` (what a binary cache's
+        ``<hash part>.narinfo`` asks for), or None."""
+        rows = self.db.query("SELECT path FROM ValidPaths WHERE path >= ? AND path < ? LIMIT 1",
+                             (hash_part + "-", hash_part + "."))  # "." sorts just after "-"
+        return StorePath.from_base_name(rows[0][0]) if rows else None
+
     def valid_paths(self) -> list[StorePath]:
         """Every valid path, sorted."""
         return sorted(StorePath.from_base_name(r[0]) for r in self.db.query("SELECT path FROM ValidPaths"))

@@ -1,0 +1,280 @@
+"""``pure store serve``: the local store served as a binary cache over HTTP, as nix-serve does.
+
+Nothing is written beforehand: each request is answered from the store as it is now.
+
+- ``nix-cache-info``: the store dir, ``WantMassQuery: 1`` and a priority (30 by default, so
+  that a cache of its own directory, Nix's default 50, is asked after it);
+- ``<hash part>.narinfo`` of a valid path: its NAR hash and size, references, deriver, content
+  address and signatures from the store, ``Compression: none`` (so that ``FileHash`` and
+  ``FileSize`` are the NAR's), ``URL: nar/<hash part>-<nix32 NAR hash>.nar``; signed on the fly
+  with the server's keys when it has any (this server holds a secret key, unlike ``pure cache
+  serve``: it signs what it serves);
+- ``nar/<hash part>-<nix32 NAR hash>.nar``: the NAR, dumped as it is sent (``Content-Length``
+  is the registered NarSize), checked against the registered hash and size on the way.  A NAR
+  up to :data:`WHOLE` bytes is checked before anything is sent (a corrupt path gets 500); a
+  bigger one holds its last chunk back until the check, so that a client never receives the
+  whole body of a path that does not match (the connection is closed short instead).  A URL
+  whose NAR hash is not the registered one is 404, as is a path that is no longer valid;
+- ``log/<drv base name>``: the build log the store keeps for that derivation;
+- 404 for anything else (``.ls`` listings are not made), 405 for methods other than GET/HEAD;
+- with a read token, GET/HEAD only with ``Authorization: Bearer TOKEN`` (401 otherwise); TLS
+  with a certificate and its key (``https://``); an access log.
+
+A path being sent is not protected from a concurrent ``pure gc``: if it is deleted meanwhile,
+the client sees a short body and refuses it.  Store queries run in worker threads (the store's
+SQLite connection is shared and locked), so a busy database never stalls the other requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import re
+import threading
+
+import trio
+
+from ..errors import StoreError
+from ..formats.hash import Hash
+from ..formats.narinfo import NarInfo
+from ..formats.path_info import PathInfo
+from ..formats.signing import SecretKey
+from ..formats.store_path import StorePath
+from . import _storeapi as S
+from .backend import CHUNK
+from .server import asgi_app, read_check, respond
+
+log = logging.getLogger("purestore.cache.store_server")
+
+DEFAULT_PRIORITY = 30
+WHOLE = 1 << 20  # NARs up to this size are dumped whole and checked before they are sent
+_NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
+_NARINFO_RE = re.compile(rf"([{_NIX32}]{{32}})\.narinfo")
+_NAR_RE = re.compile(rf"nar/([{_NIX32}]{{32}})-([{_NIX32}]{{52}})\.nar")
+_LOG_RE = re.compile(r"log/([^/]+)")
+
+
+class StoreCache:
+    """What the server knows of the store: lookups by hash part, narinfos (signed with ``keys``)."""
+
+    def __init__(self, store, store_dir: str, keys: list[SecretKey] = (), priority: int = DEFAULT_PRIORITY):
+        self.store = store
+        self.store_dir = store_dir
+        self.keys = list(keys)
+        self.priority = priority
+
+    def cache_info(self) -> bytes:
+        return f"StoreDir: {self.store_dir}\nWantMassQuery: 1\nPriority: {self.priority}\n".encode()
+
+    def lookup(self, hash_part: str) -> PathInfo | None:
+        """The path info of the valid path with this hash part (blocking: a worker thread)."""
+        sp = S.path_from_hash_part(self.store, hash_part)
+        return S.path_info(self.store, sp) if sp is not None else None
+
+    def narinfo(self, info: PathInfo) -> bytes:
+        ni = NarInfo(
+            store_path=info.path, url=nar_url(info), compression="none", file_hash=info.nar_hash,
+            file_size=info.nar_size, nar_hash=info.nar_hash, nar_size=info.nar_size,
+            references=info.references, deriver=info.deriver, sigs=info.sigs, ca=info.ca)
+        if self.keys:
+            fp = ni.fingerprint(self.store_dir)
+            ni = ni.with_sigs(k.sign(fp).render() for k in self.keys)
+        return ni.render(self.store_dir).encode()
+
+    def dump_whole(self, info: PathInfo) -> bytes:
+        """The NAR of a small path, checked (blocking: a worker thread)."""
+        parts: list[bytes] = []
+        check = _Check(self.store_dir, info)
+        from ..store.fsnar import stream_path
+
+        def emit(mv) -> None:
+            check.update(mv)
+            parts.append(bytes(mv))
+        stream_path(S.real_path(self.store, info.path), emit)
+        check.finish()
+        return b"".join(parts)
+
+
+def nar_url(info: PathInfo) -> str:
+    """Where this server has the NAR of ``info``'s path (nix-serve's form: the hash part finds
+    the path, the NAR hash says which contents)."""
+    return f"nar/{info.path.hash_part}-{info.nar_hash.nix32}.nar"
+
+
+class _Check:
+    """The NAR hash and size of a dump, against the registered ones."""
+
+    def __init__(self, store_dir: str, info: PathInfo):
+        self.where = f"{store_dir}/{info.path.base_name}"
+        self.info = info
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def update(self, data) -> None:
+        self.n += len(data)
+        if self.n > self.info.nar_size:
+            raise StoreError(f"path {self.where!r} is corrupt: its NAR is longer than the registered "
+                             f"{self.info.nar_size} bytes", hint="run 'pure store verify --check-contents --repair'")
+        self.h.update(data)
+
+    def finish(self) -> None:
+        got = Hash("sha256", self.h.digest())
+        if self.n != self.info.nar_size or got != self.info.nar_hash:
+            raise StoreError(f"path {self.where!r} is corrupt: its NAR hash is {got.typed()} ({self.n} bytes), "
+                             f"but the store registered {self.info.nar_hash.typed()} ({self.info.nar_size} bytes)",
+                             hint="run 'pure store verify --check-contents --repair'")
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _NarStream:
+    """A big path's NAR, dumped by a thread of its own a few chunks ahead of the sender, in
+    chunks of :data:`CHUNK` bytes; the last one is handed over only once the NAR is checked."""
+
+    def __init__(self, real: str, check: _Check, depth: int = 4):
+        self._q: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(real, check), name="pure-nar-dump", daemon=True)
+        self._t.start()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _run(self, real: str, check: _Check) -> None:
+        from ..store.fsnar import stream_path
+        buf = bytearray()
+
+        def emit(mv) -> None:
+            check.update(mv)
+            buf.extend(mv)
+            if len(buf) >= CHUNK:
+                self._put(bytes(buf))
+                buf.clear()
+        try:
+            try:
+                stream_path(real, emit)
+                check.finish()
+                self._put(bytes(buf))
+                self._put(b"")
+            except _Stopped:
+                raise
+            except BaseException as e:  # handed to the sender
+                self._put(e)
+        except _Stopped:
+            pass
+
+    async def next(self) -> bytes:
+        """The next chunk, ``b""`` at the end; raises what stopped the dump."""
+        item = await trio.to_thread.run_sync(self._q.get)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the dumping thread (it may be waiting to hand over a chunk)."""
+        self._stop.set()
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+
+
+def make_store_app(cache: StoreCache, read_token: str | None = None, access_log: logging.Logger | None = None):
+    """The ASGI app serving ``cache``'s store (reads only with ``read_token`` when it is set)."""
+    may_read = read_check(read_token)
+    lookups = trio.CapacityLimiter(8)
+
+    async def lookup(hash_part: str) -> PathInfo | None:
+        async with lookups:
+            return await trio.to_thread.run_sync(cache.lookup, hash_part)
+
+    async def handle(scope, receive, send):
+        method = scope["method"]
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            await respond(send, 405, b"method not allowed: this server only reads the store\n",
+                          [(b"allow", b"GET, HEAD")])
+            return
+        if may_read is not None and not may_read(scope):
+            await respond(send, 401, b"this cache needs a read token\n", [(b"www-authenticate", b"Bearer")],
+                          head=head)
+            return
+        name = scope["path"].lstrip("/")
+        try:
+            if name == "":
+                await respond(send, 200, b"purestore store server\n", head=head)
+            elif name == "nix-cache-info":
+                await _whole(send, cache.cache_info(), b"text/x-nix-cache-info", head)
+            elif m := _NARINFO_RE.fullmatch(name):
+                info = await lookup(m.group(1))
+                if info is None:
+                    await respond(send, 404, b"no such path\n", head=head)
+                else:
+                    await _whole(send, cache.narinfo(info), b"text/x-nix-narinfo", head)
+            elif m := _NAR_RE.fullmatch(name):
+                info = await lookup(m.group(1))
+                if info is None or info.nar_hash.nix32 != m.group(2):
+                    await respond(send, 404, b"no such NAR\n", head=head)
+                else:
+                    await _send_nar(send, cache, info, head)
+            elif m := _LOG_RE.fullmatch(name):
+                try:
+                    drv = StorePath.from_base_name(m.group(1))
+                except ValueError:
+                    drv = None
+                data = await trio.to_thread.run_sync(S.build_log, cache.store, drv) if drv else None
+                if data is None:
+                    await respond(send, 404, b"no such log\n", head=head)
+                else:
+                    await _whole(send, data, b"text/plain; charset=utf-8", head)
+            else:
+                await respond(send, 404, b"not found\n", head=head)
+        except StoreError as e:
+            log.error("error: %s", e)
+            await respond(send, 500, b"cannot read the store\n", head=head)
+
+    return asgi_app(handle, access_log)
+
+
+async def _whole(send, body: bytes, content_type: bytes, head: bool) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-length", str(len(body)).encode()), (b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool) -> None:
+    if head or info.nar_size <= WHOLE:
+        # HEAD: the path exists (it was just looked up); a small NAR: checked before it is sent
+        body = b"" if head else await trio.to_thread.run_sync(cache.dump_whole, info)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(info.nar_size).encode()), (b"content-type", b"application/x-nix-nar")]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    stream = _NarStream(S.real_path(cache.store, info.path), _Check(cache.store_dir, info))
+    try:
+        first = await stream.next()  # an unreadable path fails before the response starts
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(info.nar_size).encode()), (b"content-type", b"application/x-nix-nar")]})
+        chunk = first
+        while chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                chunk = await stream.next()
+            except StoreError as e:
+                # the response has started: returning without its end makes the server close
+                # the connection short, which the client sees as a truncated download
+                log.error("error: %s", e)
+                return
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        stream.close()
