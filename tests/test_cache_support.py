@@ -5,7 +5,8 @@
   insists on a signature) with given files and references;
 - :func:`pushed_closure` pushes a small closure into a file cache with `pure copy`;
 - :func:`nix_copy_from` runs `nix copy --from` into a chroot store (where Nix is installed);
-- :func:`start_server` runs `pure cache serve` as a real process and returns its URL;
+- :func:`start_server` runs `pure cache serve` as a real process and returns its URL
+  (:func:`start_store_server`: `pure store serve`);
 - :func:`resign` rewrites a narinfo in a cache, optionally re-signing it with a key.
 """
 
@@ -114,11 +115,21 @@ def nix_copy_from(tmp_path, url, path, *options, env=None, check=False):
 
 def start_server(directory, *options, token_file=None, env=None):
     """Run `pure cache serve DIR --listen 127.0.0.1:0 [OPTIONS]`; returns (process, base URL)."""
-    args = [sys.executable, "-m", "purestore.cli.main", "cache", "serve", str(directory),
-            "--listen", "127.0.0.1:0", *map(str, options)]
+    args = ["cache", "serve", directory, "--listen", "127.0.0.1:0", *options]
     if token_file:
-        args += ["--upload-token-file", str(token_file)]
-    proc = subprocess.Popen(args, env=pure_env(None, extra=env), stderr=subprocess.PIPE, text=True)
+        args += ["--upload-token-file", token_file]
+    return _start(args, pure_env(None, extra=env))
+
+
+def start_store_server(root, store_dir, *options):
+    """Run `pure store serve --listen 127.0.0.1:0 [OPTIONS]` on the rooted store at ``root``;
+    returns (process, base URL).  The server's stderr is left to the caller (``proc.stderr``)."""
+    return _start(["store", "serve", "--listen", "127.0.0.1:0", *options], pure_env(root, store_dir))
+
+
+def _start(args, env):
+    args = [sys.executable, "-m", "purestore.cli.main", *map(str, args)]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     line = ""
     while time.monotonic() < deadline:

@@ -1,0 +1,232 @@
+"""`pure store serve`: the local store served as a binary cache over HTTP, as nix-serve does.
+
+A real server process on 127.0.0.1, real clients (`pure copy --from`, Nix's `nix copy --from`
+where installed, and plain HTTP requests): narinfos made and signed on request, NARs dumped as
+they are sent and checked against the registered hash, corrupt paths refused."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from conftest import HAVE_NIX, needs_nix, run_pure
+from test_cache_support import (PUB, SEC, keep_build_log, make_closure, make_path, nix_copy_from, open_store,
+                                start_store_server, stop_server)
+
+STORE_DIR = "/nix/store" if HAVE_NIX else "/pure/store"
+
+
+def request(url: str, path: str, method: str = "GET", headers=None) -> tuple[int, dict, bytes]:
+    """One raw HTTP request (the path sent as it is, unnormalised); (status, headers, body)."""
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        c.request(method, path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Store A with lib, app (refers to lib, has a build log) and a 3 MiB path, served signed by
+    the test key; yields (url, store paths by name, process)."""
+    (tmp_path / "k.sec").write_text(SEC)
+    with open_store(tmp_path / "a", STORE_DIR) as store:
+        drv = make_path(store, "app-2.0.drv", {"": b"Derive(...)"})
+        keep_build_log(store, drv, b"building app\nok\n")
+        lib, app = make_closure(store)
+        # app again with a deriver, so that its log can be found
+        app2 = make_path(store, "app-2.1", {"bin/app": b"#!/bin/sh\n"}, refs=[lib], deriver=drv)
+        big = make_path(store, "big", {"data": os.urandom(3 << 20)})
+        paths = {"lib": lib, "app": app, "app2": app2, "big": big, "drv": drv}
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR, "--secret-key-file", tmp_path / "k.sec")
+    try:
+        yield url, paths, proc
+    finally:
+        stop_server(proc)
+
+
+def fetch(tmp_path, url, root, *paths, keys=PUB, check=False):
+    return run_pure("copy", "--json", "--from", url, "--trusted-public-keys", keys,
+                    *(f"{STORE_DIR}/{p.base_name}" for p in paths),
+                    root=tmp_path / root, store_dir=STORE_DIR, check=check)
+
+
+def test_a_served_store_is_substituted_and_checks_out(tmp_path, served):
+    url, paths, _proc = served
+    r = fetch(tmp_path, url, "b", paths["app2"], paths["big"], check=True)
+    assert sorted(json.loads(r.stdout)["fetched"]) == sorted(
+        f"{STORE_DIR}/{paths[n].base_name}" for n in ("lib", "app2", "big"))
+    r = run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=STORE_DIR)
+    assert "no problems" in r.stdout + r.stderr
+    with open_store(tmp_path / "a", STORE_DIR) as a, open_store(tmp_path / "b", STORE_DIR) as b:
+        for n in ("lib", "app2", "big"):
+            ia, ib = a.query_path_info(paths[n]), b.query_path_info(paths[n])
+            assert (ib.nar_hash, ib.nar_size, ib.references) == (ia.nar_hash, ia.nar_size, ia.references)
+            assert any(s.startswith("test-key-1:") for s in ib.sigs)
+            assert Path(b.real_path(paths[n])).exists()
+
+
+def test_narinfo_cache_info_and_log_as_served(tmp_path, served):
+    from purestore.formats.narinfo import NarInfo
+    from purestore.formats.signing import PublicKey, Signature
+
+    url, paths, _proc = served
+    status, hdrs, body = request(url, "/nix-cache-info")
+    assert status == 200 and hdrs["content-type"] == "text/x-nix-cache-info"
+    assert body.decode() == f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
+
+    app2 = paths["app2"]
+    status, hdrs, body = request(url, f"/{app2.hash_part}.narinfo")
+    assert status == 200 and hdrs["content-type"] == "text/x-nix-narinfo"
+    ni = NarInfo.parse(body.decode(), STORE_DIR)
+    with open_store(tmp_path / "a", STORE_DIR) as a:
+        info = a.query_path_info(app2)
+    assert ni.compression == "none" and ni.file_hash == ni.nar_hash == info.nar_hash
+    assert ni.file_size == ni.nar_size == info.nar_size
+    assert ni.url == f"nar/{app2.hash_part}-{info.nar_hash.nix32}.nar"
+    assert set(ni.references) == {paths["lib"]} and ni.deriver == paths["drv"]
+    assert PublicKey.parse(PUB).verify(ni.fingerprint(STORE_DIR), Signature.parse(ni.sigs[0]))
+
+    status, hdrs, body = request(url, "/" + ni.url, "HEAD")
+    assert status == 200 and int(hdrs["content-length"]) == info.nar_size and body == b""
+    status, _h, body = request(url, "/" + ni.url)
+    assert status == 200 and len(body) == info.nar_size and body.startswith(b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1")
+
+    status, hdrs, body = request(url, f"/log/{paths['drv'].base_name}")
+    assert status == 200 and body == b"building app\nok\n" and hdrs["content-type"].startswith("text/plain")
+    # `pure log` on another machine finds the log through the server
+    r = run_pure("--substituters", url, "log", f"{STORE_DIR}/{app2.base_name}", root=tmp_path / "b",
+                 store_dir=STORE_DIR, check=False)
+    assert "building app" in r.stdout, r.stderr
+
+
+def test_what_the_server_does_not_have_or_do(tmp_path, served):
+    url, paths, _proc = served
+    lib = paths["lib"]
+    with open_store(tmp_path / "a", STORE_DIR) as a:
+        info = a.query_path_info(lib)
+    other = "1" * 52
+    for path in (f"/{'0' * 32}.narinfo",                       # no such path
+                 f"/nar/{lib.hash_part}-{other}.nar",           # the path, but not those contents
+                 f"/nar/{'0' * 32}-{info.nar_hash.nix32}.nar",  # those contents, another path
+                 f"/{lib.hash_part}.ls", "/log/nothing", "/log/" + "a" * 33 + "-x.drv",
+                 "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", f"/{lib.hash_part}.narinfo/x"):
+        status, _h, _b = request(url, path)
+        assert status == 404, path
+    status, hdrs, _b = request(url, f"/{lib.hash_part}.narinfo", "PUT")
+    assert status == 405 and hdrs["allow"] == "GET, HEAD"
+    status, _h, body = request(url, "/")
+    assert status == 200 and body == b"purestore store server\n"
+
+
+def test_unsigned_paths_need_a_signature_the_client_trusts(tmp_path):
+    """Without --secret-key-file only the store's own signatures are served: a client trusting
+    none of them refuses the paths; signed in the store (no restart), they come through."""
+    (tmp_path / "k.sec").write_text(SEC)
+    with open_store(tmp_path / "a", STORE_DIR) as store:
+        lib = make_path(store, "lib", {"": b"lib\n"})
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR, "--priority", "42")
+    try:
+        assert request(url, "/nix-cache-info")[2].endswith(b"Priority: 42\n")
+        r = fetch(tmp_path, url, "b", lib)
+        assert r.returncode == 1
+        assert f"{STORE_DIR}/{lib.base_name}" in r.stderr and "signature" in r.stderr
+        with open_store(tmp_path / "b", STORE_DIR) as b:
+            assert not b.is_valid(lib)
+        run_pure("store", "sign", "--key-file", tmp_path / "k.sec", f"{STORE_DIR}/{lib.base_name}",
+                 root=tmp_path / "a", store_dir=STORE_DIR)
+        fetch(tmp_path, url, "b", lib, check=True)
+    finally:
+        stop_server(proc)
+
+
+def _corrupt(root, sp, rel: str = "") -> None:
+    """Flip the first byte of a file of a store path (same size, other contents)."""
+    with open_store(root, STORE_DIR) as store:
+        f = Path(store.real_path(sp), rel) if rel else Path(store.real_path(sp))
+    os.chmod(f.parent, 0o755)
+    os.chmod(f, 0o644)
+    data = bytearray(f.read_bytes())
+    data[0] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("which", ["lib", "big"])
+def test_a_corrupt_path_is_not_served_whole(tmp_path, served, which):
+    """A path whose files no longer match the registered hash: a small NAR gets 500 before any
+    byte is sent, a big one is cut short before its end; the client installs nothing and says
+    why, and the server's log names the path."""
+    url, paths, proc = served
+    sp = paths[which]
+    _corrupt(tmp_path / "a", sp, "data" if which == "big" else "")
+    with open_store(tmp_path / "a", STORE_DIR) as a:
+        info = a.query_path_info(sp)
+    nar = f"/nar/{sp.hash_part}-{info.nar_hash.nix32}.nar"
+    if which == "lib":
+        status, _h, body = request(url, nar)
+        assert status == 500 and body == b"cannot read the store\n"
+    else:
+        with pytest.raises(http.client.IncompleteRead):
+            request(url, nar)
+    r = fetch(tmp_path, url, "b", sp)
+    assert r.returncode == 1
+    assert f"{STORE_DIR}/{sp.base_name}" in r.stderr
+    with open_store(tmp_path / "b", STORE_DIR) as b:
+        assert not b.is_valid(sp)
+    r = run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=STORE_DIR)
+    assert "no problems" in r.stdout + r.stderr
+    stop_server(proc)
+    err = proc.stderr.read()
+    assert f"error: path '{STORE_DIR}/{sp.base_name}' is corrupt: its NAR hash is" in err
+    assert "Traceback" not in err
+
+
+def test_a_private_store_server_wants_its_token(tmp_path):
+    (tmp_path / "k.sec").write_text(SEC)
+    (tmp_path / "read.tok").write_text("s3cret\n")
+    with open_store(tmp_path / "a", STORE_DIR) as store:
+        lib = make_path(store, "lib", {"": b"lib\n"})
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR, "-k", tmp_path / "k.sec",
+                                   "--read-token-file", tmp_path / "read.tok")
+    try:
+        status, hdrs, _b = request(url, "/nix-cache-info")
+        assert status == 401 and hdrs["www-authenticate"] == "Bearer"
+        assert request(url, "/nix-cache-info", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        r = fetch(tmp_path, url, "b", lib)
+        assert r.returncode == 1 and "401" in r.stderr
+        fetch(tmp_path, f"{url}?token-file={tmp_path / 'read.tok'}", "b", lib, check=True)
+    finally:
+        stop_server(proc)
+
+
+def test_bad_options_get_clear_errors(tmp_path):
+    (tmp_path / "bad.sec").write_text("not a key\n")
+    r = run_pure("store", "serve", "--secret-key-file", tmp_path / "bad.sec", root=tmp_path / "a", check=False)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and "bad.sec" in r.stderr
+    r = run_pure("store", "serve", "--secret-key-file", tmp_path / "missing.sec", root=tmp_path / "a", check=False)
+    assert r.returncode != 0 and "missing.sec" in r.stderr and "Traceback" not in r.stderr
+    r = run_pure("store", "serve", "--listen", "nowhere", root=tmp_path / "a", check=False)
+    assert r.returncode != 0 and "expected HOST:PORT" in r.stderr
+    r = run_pure("store", "serve", "--tls-key", tmp_path / "k.pem", root=tmp_path / "a", check=False)
+    assert r.returncode == 2 and "--tls-cert and --tls-key go together" in r.stderr
+
+
+@needs_nix
+def test_nix_substitutes_from_a_served_store(tmp_path, served):
+    url, paths, _proc = served
+    target = f"{STORE_DIR}/{paths['app2'].base_name}"
+    nix_copy_from(tmp_path, url, target, check=True)
+    nix_copy_from(tmp_path, url, f"{STORE_DIR}/{paths['big'].base_name}", check=True)
+    import subprocess
+    r = subprocess.run(["nix-store", "--store", str(tmp_path / "nixroot"), "--verify-path", target],
+                       capture_output=True, text=True, env={**os.environ, "NIX_CONFIG": "substituters ="})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "nixroot" / STORE_DIR.lstrip("/") / paths["lib"].base_name).exists()
