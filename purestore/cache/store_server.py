@@ -174,7 +174,8 @@ class _NarStream:
 
     async def next(self) -> bytes:
         """The next chunk, ``b""`` at the end; raises what stopped the dump."""
-        item = await trio.to_thread.run_sync(self._q.get)
+        # abandoned when cancelled (the server stops): close() then stops the thread
+        item = await trio.to_thread.run_sync(self._q.get, abandon_on_cancel=True)
         if isinstance(item, BaseException):
             raise item
         return item
