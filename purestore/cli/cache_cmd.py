@@ -246,35 +246,17 @@ def register(reg) -> None:
     p = reg.command("serve", "serve a binary cache directory over HTTP", cmd_cache_serve,
                     group="cache", description=_SERVE_HELP)
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
-                   help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
     p.add_argument("--upload-token-file", metavar="FILE", help="enable PUT for this bearer token")
-    p.add_argument("--read-token-file", metavar="FILE",
-                   help="a private cache: GET and HEAD only with this bearer token (or the upload token); "
-                        "clients give it with ?token-file=FILE in the cache's URL")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
-    p.add_argument("--access-log", metavar="FILE",
-                   help="append a line per request to FILE ('-': stdout), in the combined log format "
-                        "of nginx and Apache")
+    _server_options(p, "GET and HEAD only with this bearer token (or the upload token)")
 
     p = reg.command("serve", "serve the local store as a binary cache over HTTP (like nix-serve)",
                     cmd_store_serve, group="store", description=_STORE_SERVE_HELP)
-    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
-                   help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
     p.add_argument("--secret-key-file", "-k", metavar="FILE", action="append", default=[],
                    help="sign the narinfos served with this key (may be repeated)")
     p.add_argument("--priority", type=int, default=30, metavar="N",
                    help="the Priority this cache announces in nix-cache-info (default 30; clients "
                         "ask caches with lower numbers first)")
-    p.add_argument("--read-token-file", metavar="FILE",
-                   help="a private cache: requests only with this bearer token; clients give it "
-                        "with ?token-file=FILE in the cache's URL")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
-    p.add_argument("--access-log", metavar="FILE",
-                   help="append a line per request to FILE ('-': stdout), in the combined log format "
-                        "of nginx and Apache")
+    _server_options(p, "requests only with this bearer token")
 
     p = reg.command("verify", "check a binary cache: narinfos, signatures, NAR files, closure",
                     cmd_cache_verify, group="cache", description=_VERIFY_HELP)
@@ -518,6 +500,19 @@ def _copy_between(args, ctx) -> int:
                  f"{args.to.split('?')[0]} ({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} "
                  f"of NAR files transferred); {len(res.skipped)} already there")
     return 0
+
+
+def _server_options(p, reads: str) -> None:
+    """The options both servers take: address, read token, TLS, access log."""
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)")
+    p.add_argument("--read-token-file", metavar="FILE",
+                   help=f"a private cache: {reads}; clients give it with ?token-file=FILE in the cache's URL")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument("--access-log", metavar="FILE",
+                   help="append a line per request to FILE ('-': stdout), in the combined log format "
+                        "of nginx and Apache")
 
 
 def _read_token_file(path: str, what: str) -> str:
