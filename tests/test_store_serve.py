@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -225,8 +227,34 @@ def test_nix_substitutes_from_a_served_store(tmp_path, served):
     target = f"{STORE_DIR}/{paths['app2'].base_name}"
     nix_copy_from(tmp_path, url, target, check=True)
     nix_copy_from(tmp_path, url, f"{STORE_DIR}/{paths['big'].base_name}", check=True)
-    import subprocess
     r = subprocess.run(["nix-store", "--store", str(tmp_path / "nixroot"), "--verify-path", target],
                        capture_output=True, text=True, env={**os.environ, "NIX_CONFIG": "substituters ="})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "nixroot" / STORE_DIR.lstrip("/") / paths["lib"].base_name).exists()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_a_store_served_over_https_with_an_access_log(tmp_path):
+    (tmp_path / "k.sec").write_text(SEC)
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with open_store(tmp_path / "a", STORE_DIR) as store:
+        lib = make_path(store, "lib", {"": b"lib\n"})
+    access = tmp_path / "access.log"
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR, "-k", tmp_path / "k.sec", "--tls-cert", cert,
+                                   "--tls-key", key, "--access-log", access)
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        (tmp_path / "pure.conf").write_text(f"ssl-cert-file = {cert}\n")
+        run_pure("copy", "--from", url, "--trusted-public-keys", PUB, f"{STORE_DIR}/{lib.base_name}",
+                 root=tmp_path / "b", store_dir=STORE_DIR, env={"PURE_CONFIG": str(tmp_path / "pure.conf")})
+    finally:
+        stop_server(proc)
+    lines = access.read_text().splitlines()
+    assert any(f'"GET /{lib.hash_part}.narinfo HTTP/1.1" 200 ' in ln for ln in lines), lines
+    assert any('"GET /nar/' in ln and '" 200 ' in ln for ln in lines), lines
+    r = run_pure("store", "serve", "--tls-cert", tmp_path / "nothing.pem", "--tls-key", key,
+                 "--access-log", tmp_path / "never.log", root=tmp_path / "a", check=False)
+    assert r.returncode == 1 and "nothing.pem" in r.stderr and not (tmp_path / "never.log").exists()

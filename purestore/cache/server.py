@@ -416,10 +416,17 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     if not os.path.isdir(directory):
         raise CacheError(f"cache directory {directory!r} does not exist",
                          hint="create it with 'pure copy --to file://DIR ...' first")
-    parse_listen(listen)  # before the access log is opened
+    check_listen_and_tls(listen, tls)  # before the access log is opened
     app = make_app(directory, upload_token, read_token,
                    access_log=access_logger(access_log) if access_log else None)
     await run_app(app, listen, tls=tls, task_status=task_status, shutdown_trigger=shutdown_trigger)
+
+
+def check_listen_and_tls(listen: str, tls: tuple[str, str] | None) -> None:
+    """Raise :class:`CacheError` for an address or a TLS certificate and key that cannot be used."""
+    parse_listen(listen)
+    if tls:
+        _check_tls(*tls)
 
 
 async def run_app(app, listen: str, *, tls: tuple[str, str] | None = None,

@@ -579,13 +579,13 @@ def cmd_cache_serve(args, ctx) -> int:
 def cmd_store_serve(args, ctx) -> int:
     import trio
     from ..cache.push import load_secret_key
-    from ..cache.server import access_logger, parse_listen, run_app
+    from ..cache.server import access_logger, check_listen_and_tls, run_app
     from ..cache.store_server import StoreCache, make_store_app
 
     keys = [load_secret_key(f) for f in args.secret_key_file]
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
     tls = _tls_args(args)
-    parse_listen(args.listen)
+    check_listen_and_tls(args.listen, tls)
     with ctx.open_store() as store:
         cache = StoreCache(store, store.store_dir, keys, args.priority)
         app = make_store_app(cache, reader, access_logger(args.access_log) if args.access_log else None)
