@@ -49,6 +49,7 @@ log = logging.getLogger("purestore.cache.store_server")
 
 DEFAULT_PRIORITY = 30
 WHOLE = 1 << 20  # NARs up to this size are dumped whole and checked before they are sent
+STREAMS = 32  # bigger NARs sent at once (each has a thread and up to 5 MiB in memory); others wait
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 _NARINFO_RE = re.compile(rf"([{_NIX32}]{{32}})\.narinfo")
 _NAR_RE = re.compile(rf"nar/([{_NIX32}]{{32}})-([{_NIX32}]{{52}})\.nar")
@@ -194,6 +195,7 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
     """The ASGI app serving ``cache``'s store (reads only with ``read_token`` when it is set)."""
     may_read = read_check(read_token)
     lookups = trio.CapacityLimiter(8)
+    streams = trio.CapacityLimiter(STREAMS)
 
     async def lookup(hash_part: str) -> PathInfo | None:
         async with lookups:
@@ -227,7 +229,7 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
                 if info is None or info.nar_hash.nix32 != m.group(2):
                     await respond(send, 404, b"no such NAR\n", head=head)
                 else:
-                    await _send_nar(send, cache, info, head)
+                    await _send_nar(send, cache, info, head, streams)
             elif m := _LOG_RE.fullmatch(name):
                 try:
                     drv = StorePath.from_base_name(m.group(1))
@@ -253,7 +255,7 @@ async def _whole(send, body: bytes, content_type: bytes, head: bool) -> None:
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool) -> None:
+async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool, streams: trio.CapacityLimiter) -> None:
     if head or info.nar_size <= WHOLE:
         # HEAD: the path exists (it was just looked up); a small NAR: checked before it is sent
         body = b"" if head else await trio.to_thread.run_sync(cache.dump_whole, info)
@@ -261,6 +263,11 @@ async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool) -> None
             (b"content-length", str(info.nar_size).encode()), (b"content-type", b"application/x-nix-nar")]})
         await send({"type": "http.response.body", "body": body})
         return
+    async with streams:
+        await _stream_nar(send, cache, info)
+
+
+async def _stream_nar(send, cache: StoreCache, info: PathInfo) -> None:
     stream = _NarStream(S.real_path(cache.store, info.path), _Check(cache.store_dir, info))
     try:
         first = await stream.next()  # an unreadable path fails before the response starts
