@@ -48,6 +48,30 @@ def test_outputs_in_a_trusted_cache_are_fetched_not_built(pure, expr, tmp_path, 
         st.close()
 
 
+def test_a_build_substitutes_from_another_store_served_as_it_is(pure, expr, tmp_path, store_root):
+    """Machine A builds and serves its store (`pure store serve`, signing); machine B's build of
+    the same expression fetches the output from it instead of building, and finds its log."""
+    from test_cache_support import start_store_server, stop_server
+    f = expr('default = sh("served", "$B mkdir $out; echo built-on-a > $out/f; echo a-log-line")\n')
+    out = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    pure("key", "generate", "--name", "build-a-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    proc, url = start_store_server(store_root, None, "--secret-key-file", tmp_path / "k.sec")
+    try:
+        other = tmp_path / "machine-b"
+        other.mkdir()
+        pub = (tmp_path / "k.pub").read_text().strip()
+        p = pure("--substituters", url, "--trusted-public-keys", pub, "build", f, "--no-link",
+                 root=other, cwd=tmp_path)
+        assert p.stdout.strip() == out
+        assert "will be built" not in p.stderr and "will be fetched" in p.stderr
+        assert (other / out.lstrip("/") / "f").read_text() == "built-on-a\n"
+        p = pure("--substituters", url, "log", out, root=other)
+        assert "a-log-line" in p.stdout
+    finally:
+        stop_server(proc)
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for name in os.listdir("/proc"):
