@@ -35,19 +35,24 @@ def request(url: str, path: str, method: str = "GET", headers=None) -> tuple[int
         c.close()
 
 
-@pytest.fixture
-def served(tmp_path):
-    """Store A with lib, app (refers to lib, has a build log) and a 3 MiB path, served signed by
-    the test key; yields (url, store paths by name, process)."""
+def populate(tmp_path) -> dict:
+    """Store A with lib, app (refers to lib), app2 (the same with a deriver that has a build
+    log) and a 3 MiB path; the test key in k.sec.  Returns the store paths by name."""
     (tmp_path / "k.sec").write_text(SEC)
     with open_store(tmp_path / "a", STORE_DIR) as store:
         drv = make_path(store, "app-2.0.drv", {"": b"Derive(...)"})
         keep_build_log(store, drv, b"building app\nok\n")
         lib, app = make_closure(store)
-        # app again with a deriver, so that its log can be found
         app2 = make_path(store, "app-2.1", {"bin/app": b"#!/bin/sh\n"}, refs=[lib], deriver=drv)
-        big = make_path(store, "big", {"data": os.urandom(3 << 20)})
-        paths = {"lib": lib, "app": app, "app2": app2, "big": big, "drv": drv}
+        big = make_path(store, "big", {"data": os.urandom(3 << 20) + b"compressible " * 100_000})
+        return {"lib": lib, "app": app, "app2": app2, "big": big, "drv": drv}
+
+
+@pytest.fixture
+def served(tmp_path):
+    """:func:`populate`'s store served signed by the test key; yields (url, store paths by
+    name, process)."""
+    paths = populate(tmp_path)
     proc, url = start_store_server(tmp_path / "a", STORE_DIR, "--secret-key-file", tmp_path / "k.sec")
     try:
         yield url, paths, proc
@@ -55,10 +60,14 @@ def served(tmp_path):
         stop_server(proc)
 
 
-def fetch(tmp_path, url, root, *paths, keys=PUB, check=False):
+def fetch(tmp_path, url, root, *paths, keys=PUB, check=False, attempts=None):
+    env = None
+    if attempts:  # fewer tries of a download that fails (a corrupt path fails every time)
+        (tmp_path / "attempts.conf").write_text(f"download-attempts = {attempts}\n")
+        env = {"PURE_CONFIG": str(tmp_path / "attempts.conf")}
     return run_pure("copy", "--json", "--from", url, "--trusted-public-keys", keys,
                     *(f"{STORE_DIR}/{p.base_name}" for p in paths),
-                    root=tmp_path / root, store_dir=STORE_DIR, check=check)
+                    root=tmp_path / root, store_dir=STORE_DIR, check=check, env=env)
 
 
 def test_a_served_store_is_substituted_and_checks_out(tmp_path, served):
@@ -129,6 +138,42 @@ def test_what_the_server_does_not_have_or_do(tmp_path, served):
     assert status == 200 and body == b"purestore store server\n"
 
 
+@pytest.mark.parametrize("method", ["zstd", "xz"])
+def test_nars_compressed_as_they_are_sent(tmp_path, method):
+    from purestore.formats.narinfo import NarInfo
+    paths = populate(tmp_path)
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR, "-k", tmp_path / "k.sec", "--compression", method,
+                                   *(["--compression-level", "1"] if method == "xz" else []))
+    try:
+        big = paths["big"]
+        ni = NarInfo.parse(request(url, f"/{big.hash_part}.narinfo")[2].decode(), STORE_DIR)
+        ext = {"zstd": ".nar.zst", "xz": ".nar.xz"}[method]
+        assert ni.compression == method and ni.url.endswith(ext)
+        assert ni.file_hash is None and ni.file_size is None
+        status, hdrs, body = request(url, "/" + ni.url, "HEAD")
+        assert status == 200 and "content-length" not in hdrs and body == b""
+        status, _h, body = request(url, "/" + ni.url)
+        assert status == 200 and len(body) < ni.nar_size
+        assert request(url, "/" + ni.url.removesuffix(ext) + ".nar")[0] == 404  # not the plain NAR
+        fetch(tmp_path, url, "b", paths["app2"], big, check=True)
+        r = run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=STORE_DIR)
+        assert "no problems" in r.stdout + r.stderr
+        if HAVE_NIX:
+            for n in ("app2", "big"):
+                nix_copy_from(tmp_path, url, f"{STORE_DIR}/{paths[n].base_name}", check=True)
+        # a corrupt big path is cut short, compressed too
+        _corrupt(tmp_path / "a", paths["big"], "data")
+        r = fetch(tmp_path, url, "c", big, attempts=2)
+        assert r.returncode == 1 and f"{STORE_DIR}/{big.base_name}" in r.stderr
+        with open_store(tmp_path / "c", STORE_DIR) as c:
+            assert not c.is_valid(big)
+    finally:
+        stop_server(proc)
+    r = run_pure("store", "serve", "--compression", method, "--compression-level", "42", root=tmp_path / "a",
+                 check=False)
+    assert r.returncode == 1 and f"error: {method} compression level must be" in r.stderr
+
+
 def test_unsigned_paths_need_a_signature_the_client_trusts(tmp_path):
     """Without --secret-key-file only the store's own signatures are served: a client trusting
     none of them refuses the paths; signed in the store (no restart), they come through."""
@@ -178,7 +223,7 @@ def test_a_corrupt_path_is_not_served_whole(tmp_path, served, which):
     else:
         with pytest.raises(http.client.IncompleteRead):
             request(url, nar)
-    r = fetch(tmp_path, url, "b", sp)
+    r = fetch(tmp_path, url, "b", sp, attempts=2)
     assert r.returncode == 1
     assert f"{STORE_DIR}/{sp.base_name}" in r.stderr
     with open_store(tmp_path / "b", STORE_DIR) as b:

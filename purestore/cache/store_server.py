@@ -5,16 +5,18 @@ Nothing is written beforehand: each request is answered from the store as it is 
 - ``nix-cache-info``: the store dir, ``WantMassQuery: 1`` and a priority (30 by default, so
   that a cache of its own directory, Nix's default 50, is asked after it);
 - ``<hash part>.narinfo`` of a valid path: its NAR hash and size, references, deriver, content
-  address and signatures from the store, ``Compression: none`` (so that ``FileHash`` and
-  ``FileSize`` are the NAR's), ``URL: nar/<hash part>-<nix32 NAR hash>.nar``; signed on the fly
+  address and signatures from the store, ``URL: nar/<hash part>-<nix32 NAR hash>.nar[.zst|.xz]``;
+  ``Compression: none`` by default, so that ``FileHash`` and ``FileSize`` are the NAR's (with
+  ``zstd`` or ``xz`` they are left out: the file is made when asked for); signed on the fly
   with the server's keys when it has any (this server holds a secret key, unlike ``pure cache
   serve``: it signs what it serves);
-- ``nar/<hash part>-<nix32 NAR hash>.nar``: the NAR, dumped as it is sent (``Content-Length``
-  is the registered NarSize), checked against the registered hash and size on the way.  A NAR
-  up to :data:`WHOLE` bytes is checked before anything is sent (a corrupt path gets 500); a
-  bigger one holds its last chunk back until the check, so that a client never receives the
-  whole body of a path that does not match (the connection is closed short instead).  A URL
-  whose NAR hash is not the registered one is 404, as is a path that is no longer valid;
+- ``nar/<hash part>-<nix32 NAR hash>.nar[…]``: the NAR, dumped (and compressed) as it is sent
+  (uncompressed, ``Content-Length`` is the registered NarSize; compressed, chunked), checked
+  against the registered hash and size on the way.  A NAR up to :data:`WHOLE` bytes is checked
+  before anything is sent (a corrupt path gets 500); a bigger one holds its last chunk back
+  until the check, so that a client never receives the whole body of a path that does not
+  match (the connection is closed short instead).  A URL whose NAR hash is not the registered
+  one is 404, as is a path that is no longer valid;
 - ``log/<drv base name>``: the build log the store keeps for that derivation;
 - 404 for anything else (``.ls`` listings are not made), 405 for methods other than GET/HEAD;
 - with a read token, GET/HEAD only with ``Authorization: Bearer TOKEN`` (401 otherwise); TLS
@@ -43,6 +45,7 @@ from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import CHUNK
+from .compression import compressor, extension
 from .server import asgi_app, read_check, respond
 
 log = logging.getLogger("purestore.cache.store_server")
@@ -52,18 +55,27 @@ WHOLE = 1 << 20  # NARs up to this size are dumped whole and checked before they
 STREAMS = 32  # bigger NARs sent at once (each has a thread and up to 5 MiB in memory); others wait
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 _NARINFO_RE = re.compile(rf"([{_NIX32}]{{32}})\.narinfo")
-_NAR_RE = re.compile(rf"nar/([{_NIX32}]{{32}})-([{_NIX32}]{{52}})\.nar")
+_NAR_RE = re.compile(rf"nar/([{_NIX32}]{{32}})-([{_NIX32}]{{52}})(\.nar(?:\.[a-z0-9]+)?)")
 _LOG_RE = re.compile(r"log/([^/]+)")
 
 
 class StoreCache:
     """What the server knows of the store: lookups by hash part, narinfos (signed with ``keys``)."""
 
-    def __init__(self, store, store_dir: str, keys: list[SecretKey] = (), priority: int = DEFAULT_PRIORITY):
+    def __init__(self, store, store_dir: str, keys: list[SecretKey] = (), priority: int = DEFAULT_PRIORITY,
+                 compression: str = "none", level: int | None = None):
         self.store = store
         self.store_dir = store_dir
         self.keys = list(keys)
         self.priority = priority
+        self.compression = compression
+        self.level = level
+        self.ext = ".nar" + extension(compression)  # what a NAR file is called
+        compressor(compression, level)  # check the level now
+
+    def compressor(self):
+        """A fresh compressor for one NAR, None without compression."""
+        return compressor(self.compression, self.level) if self.compression != "none" else None
 
     def cache_info(self) -> bytes:
         return f"StoreDir: {self.store_dir}\nWantMassQuery: 1\nPriority: {self.priority}\n".encode()
@@ -74,9 +86,11 @@ class StoreCache:
         return S.path_info(self.store, sp) if sp is not None else None
 
     def narinfo(self, info: PathInfo) -> bytes:
+        plain = self.compression == "none"  # the file is the NAR: its hash and size are known
         ni = NarInfo(
-            store_path=info.path, url=nar_url(info), compression="none", file_hash=info.nar_hash,
-            file_size=info.nar_size, nar_hash=info.nar_hash, nar_size=info.nar_size,
+            store_path=info.path, url=nar_url(info, self.ext), compression=self.compression,
+            file_hash=info.nar_hash if plain else None, file_size=info.nar_size if plain else None,
+            nar_hash=info.nar_hash, nar_size=info.nar_size,
             references=info.references, deriver=info.deriver, sigs=info.sigs, ca=info.ca)
         if self.keys:
             fp = ni.fingerprint(self.store_dir)
@@ -84,7 +98,7 @@ class StoreCache:
         return ni.render(self.store_dir).encode()
 
     def dump_whole(self, info: PathInfo) -> bytes:
-        """The NAR of a small path, checked (blocking: a worker thread)."""
+        """The NAR file of a small path, checked, then compressed (blocking: a worker thread)."""
         parts: list[bytes] = []
         check = _Check(self.store_dir, info)
         from ..store.fsnar import stream_path
@@ -94,13 +108,16 @@ class StoreCache:
             parts.append(bytes(mv))
         stream_path(S.real_path(self.store, info.path), emit)
         check.finish()
-        return b"".join(parts)
+        comp = self.compressor()
+        if comp is None:
+            return b"".join(parts)
+        return b"".join([*(comp.compress(p) for p in parts), comp.flush()])
 
 
-def nar_url(info: PathInfo) -> str:
+def nar_url(info: PathInfo, ext: str = ".nar") -> str:
     """Where this server has the NAR of ``info``'s path (nix-serve's form: the hash part finds
-    the path, the NAR hash says which contents)."""
-    return f"nar/{info.path.hash_part}-{info.nar_hash.nix32}.nar"
+    the path, the NAR hash says which contents); ``ext``: ``.nar`` and the compression's."""
+    return f"nar/{info.path.hash_part}-{info.nar_hash.nix32}{ext}"
 
 
 class _Check:
@@ -135,10 +152,11 @@ class _NarStream:
     """A big path's NAR, dumped by a thread of its own a few chunks ahead of the sender, in
     chunks of :data:`CHUNK` bytes; the last one is handed over only once the NAR is checked."""
 
-    def __init__(self, real: str, check: _Check, depth: int = 4):
+    def __init__(self, real: str, check: _Check, comp=None, depth: int = 4):
         self._q: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(real, check), name="pure-nar-dump", daemon=True)
+        self._t = threading.Thread(target=self._run, args=(real, check, comp), name="pure-nar-dump",
+                                   daemon=True)
         self._t.start()
 
     def _put(self, item) -> None:
@@ -150,13 +168,13 @@ class _NarStream:
                 continue
         raise _Stopped
 
-    def _run(self, real: str, check: _Check) -> None:
+    def _run(self, real: str, check: _Check, comp) -> None:
         from ..store.fsnar import stream_path
         buf = bytearray()
 
         def emit(mv) -> None:
             check.update(mv)
-            buf.extend(mv)
+            buf.extend(mv if comp is None else comp.compress(mv))
             if len(buf) >= CHUNK:
                 self._put(bytes(buf))
                 buf.clear()
@@ -164,6 +182,8 @@ class _NarStream:
             try:
                 stream_path(real, emit)
                 check.finish()
+                if comp is not None:
+                    buf.extend(comp.flush())
                 self._put(bytes(buf))
                 self._put(b"")
             except _Stopped:
@@ -226,7 +246,7 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
                     await _whole(send, cache.narinfo(info), b"text/x-nix-narinfo", head)
             elif m := _NAR_RE.fullmatch(name):
                 info = await lookup(m.group(1))
-                if info is None or info.nar_hash.nix32 != m.group(2):
+                if info is None or info.nar_hash.nix32 != m.group(2) or m.group(3) != cache.ext:
                     await respond(send, 404, b"no such NAR\n", head=head)
                 else:
                     await _send_nar(send, cache, info, head, streams)
@@ -255,12 +275,18 @@ async def _whole(send, body: bytes, content_type: bytes, head: bool) -> None:
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
+_NAR_TYPE = (b"content-type", b"application/x-nix-nar")
+
+
 async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool, streams: trio.CapacityLimiter) -> None:
+    plain = cache.compression == "none"
     if head or info.nar_size <= WHOLE:
-        # HEAD: the path exists (it was just looked up); a small NAR: checked before it is sent
+        # HEAD: the path exists (it was just looked up; a compressed size is not known before
+        # compressing); a small NAR: checked before it is sent
         body = b"" if head else await trio.to_thread.run_sync(cache.dump_whole, info)
+        size = info.nar_size if head and plain else None if head else len(body)
         await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(info.nar_size).encode()), (b"content-type", b"application/x-nix-nar")]})
+            _NAR_TYPE, *([(b"content-length", str(size).encode())] if size is not None else [])]})
         await send({"type": "http.response.body", "body": body})
         return
     async with streams:
@@ -268,11 +294,13 @@ async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool, streams
 
 
 async def _stream_nar(send, cache: StoreCache, info: PathInfo) -> None:
-    stream = _NarStream(S.real_path(cache.store, info.path), _Check(cache.store_dir, info))
+    comp = cache.compressor()
+    stream = _NarStream(S.real_path(cache.store, info.path), _Check(cache.store_dir, info), comp)
     try:
         first = await stream.next()  # an unreadable path fails before the response starts
+        # compressed: the size is not known before the end (chunked transfer)
         await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(info.nar_size).encode()), (b"content-type", b"application/x-nix-nar")]})
+            _NAR_TYPE, *([(b"content-length", str(info.nar_size).encode())] if comp is None else [])]})
         chunk = first
         while chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -69,7 +69,8 @@ _STORE_SERVE_HELP = """\
 Serve the local store as a binary cache over HTTP/1.1, as nix-serve does: other machines
 substitute its valid paths with 'pure copy --from http://HOST:PORT/' or by listing it in their
 substituters (Nix too). Nothing is written beforehand: each narinfo and NAR is made from the
-store when asked for (NARs uncompressed, checked against the registered hash as they are sent).
+store when asked for (NARs checked against the registered hash as they are sent; uncompressed
+unless --compression says otherwise).
 
 With --secret-key-file the narinfos are signed as they are served (the server holds the key;
 for a cache whose server never sees a key, push with 'pure copy --to' and use 'pure cache
@@ -256,6 +257,9 @@ def register(reg) -> None:
     p.add_argument("--priority", type=int, default=30, metavar="N",
                    help="the Priority this cache announces in nix-cache-info (default 30; clients "
                         "ask caches with lower numbers first)")
+    p.add_argument("--compression", choices=["none", "zstd", "xz"], default="none",
+                   help="compress NARs as they are sent (default none: the fastest on a local network)")
+    p.add_argument("--compression-level", type=int, metavar="N", help="compression level")
     _server_options(p, "requests only with this bearer token")
 
     p = reg.command("verify", "check a binary cache: narinfos, signatures, NAR files, closure",
@@ -587,13 +591,14 @@ def cmd_store_serve(args, ctx) -> int:
     tls = _tls_args(args)
     check_listen_and_tls(args.listen, tls)
     with ctx.open_store() as store:
-        cache = StoreCache(store, store.store_dir, keys, args.priority)
+        cache = StoreCache(store, store.store_dir, keys, args.priority, args.compression, args.compression_level)
         app = make_store_app(cache, reader, access_logger(args.access_log) if args.access_log else None)
         signed = ", ".join(k.name for k in keys)
         _run_server(ctx, lambda task_status=trio.TASK_STATUS_IGNORED: run_app(
             app, args.listen, tls=tls, task_status=task_status),
             lambda urls: f"serving the store {store.real_store_dir!r} on {' '.join(urls)}"
-            + (f" (narinfos signed by {signed}" if keys else " (narinfos not signed here")
+            + (f" (NARs compressed with {args.compression}" if args.compression != "none" else " (NARs uncompressed")
+            + (f"; narinfos signed by {signed}" if keys else "; narinfos not signed here")
             + ("; requests need the read token)" if reader else ")"))
     return 0
 
