@@ -24,8 +24,9 @@ derivation { name = "demo"; system = "x86_64-linux"; builder = "/bin/sh";
 """
 
 
-def nix(*args, check=True):
-    p = subprocess.run([str(a) for a in args], env=NIX_ENV, capture_output=True, text=True, timeout=300)
+def nix(*args, check=True, env=None):
+    p = subprocess.run([str(a) for a in args], env={**NIX_ENV, **(env or {})}, capture_output=True, text=True,
+                       timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed: {p.stderr}")
     return p
@@ -97,13 +98,17 @@ def test_pure_cache_is_read_by_nix_copy(tmp_path, keyfile, via):
     url = f"file://{cache}"
     if via == "http":
         proc, url = start_server(cache)
+    # Nix keeps narinfos in ~/.cache by URL: a server of an earlier test on this port must not answer
+    fresh = {"XDG_CACHE_HOME": str(tmp_path / "nix-xdg-cache")}
     try:
         # an untrusted key: Nix refuses our paths
         bad = nix("nix", "copy", "--store", tmp_path / "nixbad", "--from", url, "--option",
-                  "trusted-public-keys", "other-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=", app_p, check=False)
+                  "trusted-public-keys", "other-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=", app_p, check=False,
+                  env=fresh)
         assert bad.returncode != 0 and "signature" in bad.stderr
         nixroot = tmp_path / "nixroot"
-        nix("nix", "copy", "--store", nixroot, "--from", url, "--option", "trusted-public-keys", PUB, app_p)
+        nix("nix", "copy", "--store", nixroot, "--from", url, "--option", "trusted-public-keys", PUB, app_p,
+            env=fresh)
     finally:
         if proc:
             stop_server(proc)

@@ -104,8 +104,11 @@ def pushed_closure(tmp_path, cache):
 
 
 def nix_copy_from(tmp_path, url, path, *options, env=None, check=False):
-    """`nix copy --from URL PATH` into a chroot store, trusting the test key."""
-    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command", **(env or {})}
+    """`nix copy --from URL PATH` into a chroot store, trusting the test key.  Nix keeps the
+    narinfos it read in ~/.cache for days, by URL: each test gets its own, or else a server of an
+    earlier test on the same port would answer for this one."""
+    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command",
+           "XDG_CACHE_HOME": str(tmp_path / "nix-xdg-cache"), **(env or {})}
     p = subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixroot"), "--from", url,
                         "--option", "trusted-public-keys", PUB, *options, path],
                        env=env, capture_output=True, text=True, timeout=120)
