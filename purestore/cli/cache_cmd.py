@@ -586,6 +586,10 @@ def cmd_store_serve(args, ctx) -> int:
     from ..cache.server import access_logger, check_listen_and_tls, run_app
     from ..cache.store_server import StoreCache, make_store_app
 
+    from ..errors import UsageError
+    if args.compression_level is not None and args.compression == "none":
+        raise UsageError("--compression-level needs --compression zstd or xz "
+                         "(NARs are sent uncompressed by default)")
     keys = [load_secret_key(f) for f in args.secret_key_file]
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
     tls = _tls_args(args)
