@@ -25,7 +25,7 @@ def keyfile(tmp_path):
 
 def _keep_log(store, drv, data: bytes) -> None:
     """Store ``data`` as ``drv``'s build log, where the builder keeps logs."""
-    from purestore.build.logs import log_path
+    from purestore.store.build_logs import log_path
     p = log_path(store.state_dir, drv.base_name)
     os.makedirs(os.path.dirname(p), exist_ok=True)
     with open(p, "wb") as f:

@@ -1,8 +1,8 @@
 """Build logs: every build's output stored zstd-compressed in ``<state_dir>/log/``.
 
-Layout: ``log/<first 2 chars of the .drv base name>/<rest of it>.zst`` (like Nix's
-``log/drvs/``).  A log is written to a temporary file and renamed into place when the build ends,
-so a reader never sees half a log; the newest build of a derivation wins.
+Layout and reading: :mod:`purestore.store.build_logs`.  A log is written to a temporary file and
+renamed into place when the build ends, so a reader never sees half a log; the newest build of a
+derivation wins.
 """
 
 from __future__ import annotations
@@ -14,13 +14,9 @@ from typing import Callable
 import zstandard
 
 from ..errors import StoreError
+from ..store.build_logs import log_path
 
 TAIL_LINES = 25
-
-
-def log_path(state_dir: str, drv_base: str) -> str:
-    """Where the log of the derivation with base name ``<hash>-<name>.drv`` is kept."""
-    return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + ".zst")
 
 
 class BuildLog:
@@ -84,15 +80,3 @@ class BuildLog:
             os.unlink(self._tmp)
         except FileNotFoundError:
             pass
-
-
-def read_log(state_dir: str, drv_base: str) -> bytes | None:
-    """The stored log of a derivation, or None if there is none."""
-    p = log_path(state_dir, drv_base)
-    try:
-        with open(p, "rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
-    except FileNotFoundError:
-        return None
-    except (OSError, zstandard.ZstdError) as e:
-        raise StoreError(f"cannot read the build log {p!r}: {e}") from e

@@ -7,7 +7,6 @@ through these functions, so that the store's API can evolve without touching the
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterable
 
 from ..formats.path_info import PathInfo
@@ -67,15 +66,12 @@ def state_dir(store) -> str:
 
 
 def build_log(store, drv: StorePath) -> bytes | None:
-    """The build log of ``drv`` if the store keeps one (``<state>/log/<2>/<rest>.zst``)."""
-    import zstandard
-
-    base = drv.base_name
-    p = os.path.join(state_dir(store), "log", base[:2], base[2:] + ".zst")
+    """The build log of ``drv`` if the store keeps one and it can be read, else None."""
+    from ..errors import StoreError
+    from ..store.build_logs import read_log
     try:
-        with open(p, "rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
-    except (OSError, zstandard.ZstdError):
+        return read_log(state_dir(store), drv.base_name)
+    except StoreError:
         return None
 
 

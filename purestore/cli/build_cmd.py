@@ -215,7 +215,7 @@ def _print_results(store, results, drvs, args, links) -> None:
 
 
 def cmd_log(args, ctx) -> int:
-    from ..build.logs import read_log
+    from ..store.build_logs import read_log
     from ..errors import PathNotValid
     settings = ctx.settings
     with ctx.open_store() as store:
