@@ -349,21 +349,15 @@ class FaultyProxy:
 
     async def _one(self, client):
         import trio
+        from test_cache_support import read_http_request
         async with client:
             buf = b""
             while True:
-                while b"\r\n\r\n" not in buf:
-                    data = await client.receive_some(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                got = await read_http_request(client, buf)
+                if got is None:
+                    return
+                head, req_body, buf = got
                 lines = head.split(b"\r\n")
-                size = next((int(v) for k, _, v in (line.partition(b":") for line in lines[1:])
-                             if k.strip().lower() == b"content-length"), 0)
-                while len(buf) < size:
-                    buf += await client.receive_some(65536)
-                req_body, buf = buf[:size], buf[size:]
                 target = lines[0].split(b" ")[1].decode()
                 self.seen.append(f"{lines[0].split(b' ')[0].decode()} {target}")
                 if self.stall is not None and f"partNumber={self.stall}&" in target:

@@ -7,7 +7,8 @@
 - :func:`nix_copy_from` runs `nix copy --from` into a chroot store (where Nix is installed);
 - :func:`start_server` runs `pure cache serve` as a real process and returns its URL
   (:func:`start_store_server`: `pure store serve`);
-- :func:`resign` rewrites a narinfo in a cache, optionally re-signing it with a key.
+- :func:`resign` rewrites a narinfo in a cache, optionally re-signing it with a key;
+- :func:`read_http_request` reads one request for the fake HTTP servers of the tests.
 """
 
 from __future__ import annotations
@@ -114,6 +115,29 @@ def nix_copy_from(tmp_path, url, path, *options, env=None, check=False):
                        env=env, capture_output=True, text=True, timeout=120)
     assert not check or p.returncode == 0, p.stderr
     return p
+
+
+async def read_http_request(stream, buf: bytes = b"") -> tuple[bytes, bytes, bytes] | None:
+    """One HTTP/1.1 request read from a trio stream (``buf``: what was received already beyond
+    the previous one), for fake servers: (head, body, the bytes after it); None when the
+    client closes first."""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    while len(buf) < length:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buf += data
+    return head, buf[:length], buf[length:]
 
 
 def start_server(directory, *options, token_file=None, env=None):

@@ -14,6 +14,7 @@ import trio
 
 from purestore.cache.http import Broken, ConnectFailed, HttpClient, Stalled
 from purestore.cache.server import serve_cache
+from test_cache_support import read_http_request
 
 
 class Scripted:
@@ -44,20 +45,10 @@ class Scripted:
         buf = b""
         served = 0
         while True:
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    length = int(v)
-            while len(buf) < length:
-                buf += await stream.receive_some(65536)
-            body, buf = buf[:length], buf[length:]
+            got = await read_http_request(stream, buf)
+            if got is None:
+                return
+            head, body, buf = got
             self.requests.append(head + b"\r\n\r\n" + body)
             out = self.respond(head + b"\r\n\r\n" + body)
             if out is None:
