@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DATA, run_pure
 from test_cache_support import (
-    PUB, SEC, make_closure, open_store, start_server, stop_server,
+    PUB, SEC, make_closure, make_path, open_store, start_server, stop_server,
 )
 
 GOLD = DATA / "cache" / "nix-cache"
@@ -371,3 +371,27 @@ def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
         lib, _app = make_closure(store)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, store.print_path(lib), root=root)
     assert not old.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_big_files_round_trip_into_a_flushing_store(tmp_path, keyfile, served):
+    """Into a store that flushes before it registers (the default), files of 64 KiB and more are
+    written with O_DIRECT (store/fstree.py): sizes around its block and buffer edges, from a
+    file:// cache (restored in place) and over HTTP (a NAR over 1 MiB streams to the restore)."""
+    from purestore.store.fstree import DIRECT_MIN
+    sizes = [DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, (1 << 20) + 4097, (2 << 20) + 1, 3 << 20]
+    files = {f"f{i}": os.urandom(n) for i, n in enumerate(sizes)}
+    src_root, dst_root, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    with open_store(src_root) as store:
+        p = make_path(store, "big", files)
+        path = store.print_path(p)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, path, root=src_root)
+    proc, url = start_server(cache) if served else (None, f"file://{cache}")
+    try:
+        run_pure("copy", "--from", url, "--trusted-public-keys", PUB, path, root=dst_root)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    real = dst_root / "pure/store" / p.base_name
+    assert {f.name: f.read_bytes() for f in real.iterdir()} == files
+    assert run_pure("store", "verify", "--check-contents", root=dst_root).returncode == 0

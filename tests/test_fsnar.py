@@ -1,5 +1,6 @@
 """store/fsnar.py: dumping, hashing, copying, restoring and canonicalising real file trees."""
 
+import errno
 import io
 import os
 import socket
@@ -552,3 +553,114 @@ def test_canonical_restore_modes_do_not_depend_on_the_umask(tmp_path, umask):
     assert dump(tmp_path / "t") == nar
     assert_canonical(tmp_path / "t")
     make_writable(tmp_path / "t")
+
+
+# -- direct writes (substitution into a flushing store) ----------------------------------------
+
+_DIRECT_SIZES = [0, 1, 4095, fstree.DIRECT_MIN - 1, fstree.DIRECT_MIN, fstree.DIRECT_MIN + 1,
+                 (1 << 20) - 1, 1 << 20, (1 << 20) + 4097, (3 << 20) + 7]
+
+
+def _direct_tree(root: Path) -> None:
+    (root / "sub").mkdir(parents=True)
+    for i, size in enumerate(_DIRECT_SIZES):
+        f = root / ("sub" if i % 2 else ".") / f"f{i:02d}"
+        f.write_bytes(os.urandom(size))
+        if i % 3 == 0:
+            f.chmod(0o755)
+    (root / "link").symlink_to("sub/f01")
+
+
+class _OddReads(io.BytesIO):
+    """Hands out at most 77,777 bytes per read: chunks that straddle buffer and block edges."""
+
+    def read(self, n=-1):
+        return super().read(77_777 if n is None or n < 0 else min(n, 77_777))
+
+
+def _opens_with_direct(monkeypatch) -> list[tuple[bytes, bool]]:
+    """Record (name, O_DIRECT?) for every file the restore opens for writing."""
+    seen, real_open = [], os.open
+
+    def spy(path, flags, *args, **kw):
+        if flags & os.O_CREAT:
+            seen.append((os.fsencode(path), bool(flags & os.O_DIRECT)))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    return seen
+
+
+@pytest.mark.parametrize("canonical", [False, True])
+def test_direct_restore_writes_big_files_directly_and_gives_the_same_tree(tmp_path, monkeypatch, canonical):
+    _direct_tree(tmp_path / "src")
+    nar = dump(tmp_path / "src")
+    direct, plain = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    direct.parent.mkdir()
+    plain.parent.mkdir()
+    seen = _opens_with_direct(monkeypatch)
+    fstree.restore_nar(_OddReads(nar), str(direct), canonical=canonical, direct=True)
+    monkeypatch.undo()
+    fstree.restore_nar(io.BytesIO(nar), str(plain), canonical=canonical)
+    assert dump(direct) == nar
+    if canonical:
+        assert _metadata(direct) == _metadata(plain)
+    else:  # (mtimes are the restore's)
+        assert {k: v[:2] for k, v in _metadata(direct).items()} == {k: v[:2] for k, v in _metadata(plain).items()}
+    sizes = {f"f{i:02d}".encode(): s for i, s in enumerate(_DIRECT_SIZES)}
+    assert sorted(seen) == sorted((name, sizes[name] >= fstree.DIRECT_MIN) for name in sizes)
+    if canonical:
+        make_writable(direct)
+        make_writable(plain)
+
+
+def test_direct_restore_falls_back_when_open_refuses_o_direct(tmp_path, monkeypatch):
+    """As older kernels do on tmpfs: the file is created, then the open fails with EINVAL."""
+    _direct_tree(tmp_path / "src")
+    nar = dump(tmp_path / "src")
+    real_open, tries = os.open, []
+
+    def refusing(path, flags, *args, **kw):
+        if flags & os.O_DIRECT:
+            tries.append(path)
+            os.close(real_open(path, flags & ~os.O_DIRECT, *args, **kw))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refusing)
+    fstree.restore_nar(io.BytesIO(nar), str(tmp_path / "d"), canonical=True, direct=True)
+    monkeypatch.undo()
+    assert dump(tmp_path / "d") == nar
+    assert len(tries) == 1, "after one refusal the restore writes through the page cache"
+    make_writable(tmp_path / "d")
+
+
+def test_direct_restore_falls_back_when_a_direct_write_is_refused(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes (alignment): written on
+    through the page cache, from where the refused write stopped."""
+    import fcntl
+    _direct_tree(tmp_path / "src")
+    nar = dump(tmp_path / "src")
+    real_write, refused = os.write, []
+
+    def refusing(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            if refused:  # the first direct write succeeds, the next is refused
+                refused.append(fd)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            refused.append(None)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing)
+    fstree.restore_nar(_OddReads(nar), str(tmp_path / "d"), direct=True)
+    monkeypatch.undo()
+    assert dump(tmp_path / "d") == nar
+    assert len(refused) == 2, "one refusal turns direct writes off for the rest of the restore"
+
+
+def test_direct_restore_of_a_truncated_nar_leaves_nothing(tmp_path):
+    _direct_tree(tmp_path / "src")
+    nar = dump(tmp_path / "src")
+    with pytest.raises(NarError, match="truncated"):
+        fstree.restore_nar(io.BytesIO(nar[: len(nar) // 2]), str(tmp_path / "d"), canonical=True, direct=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from functools import partial
 
 import trio
 
@@ -114,13 +115,16 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
     backend = cache.backend
     where = f"{cache.url.rstrip('/')}/{ni.url}"
     tmp = S.temp_path(store, p)
+    # a store that flushes before it registers gets the big files' data written straight to disk
+    direct = bool(getattr(store, "durable", False))
+    from_file, from_stream = partial(restore_file, direct=direct), partial(restore_stream, direct=direct)
     try:
         if isinstance(backend, FileBackend):
             args = (backend.local_path(ni.url), ni, where, tmp)
-            ran, _ = await run_claimed(worker, lambda: worker.call(restore_file, *args, progress=progress),
+            ran, _ = await run_claimed(worker, lambda: worker.call(from_file, *args, progress=progress),
                                        lambda: _remove_partial(store, tmp))
             if not ran:
-                await trio.to_thread.run_sync(restore_file, *args, progress)
+                await trio.to_thread.run_sync(from_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
             data = await backend.get(ni.url)
@@ -133,15 +137,15 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
                 restore_stream(*args)
                 await trio.lowlevel.checkpoint()
             else:
-                await trio.to_thread.run_sync(restore_stream, *args)
+                await trio.to_thread.run_sync(from_stream, *args)
         else:
             async def streamed_to_worker():
                 async with _nar_body(backend, ni, opened) as chunks:
-                    await worker.call(restore_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
+                    await worker.call(from_stream, DATA, ni, where, tmp, progress=progress, feed=chunks)
 
             ran, _ = await run_claimed(worker, streamed_to_worker, lambda: _remove_partial(store, tmp))
             if not ran:  # (a worker that died half way used ``opened`` up: it is asked for afresh)
-                await _fetch_http(backend, ni, where, tmp, progress, opened)
+                await _fetch_http(backend, ni, where, tmp, progress, opened, direct)
     except BaseException:
         if os.path.lexists(tmp):
             with trio.CancelScope(shield=True):  # cancelled too (Ctrl-C): nothing writes there now
@@ -163,9 +167,9 @@ def remove_temp(store, tmp: str) -> None:
 
 
 async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progress,
-                      opened: Opened | None = None) -> None:
+                      opened: Opened | None = None, direct: bool = False) -> None:
     await stream_to_thread(lambda: _nar_body(backend, ni, opened),
-                           lambda next_chunk: restore_stream(next_chunk, ni, where, tmp, progress))
+                           lambda next_chunk: restore_stream(next_chunk, ni, where, tmp, progress, direct=direct))
 
 
 async def stream_to_thread(open_chunks, consume):

@@ -152,9 +152,11 @@ class _Ahead:
         self._t.join()
 
 
-def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None) -> None:
+def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None, *,
+                   direct: bool = False) -> None:
     """Stream, verify and restore into ``tmp``, with canonical metadata; when anything fails,
-    ``tmp`` is removed and the error raised."""
+    ``tmp`` is removed and the error raised.  ``direct``: big files are written with ``O_DIRECT``
+    (for a store that flushes before it registers: :func:`..store.fstree.restore_nar`)."""
     from ..store.fstree import remove_tree, restore_nar
 
     reader = VerifyingReader(next_chunk, ni, where, progress)
@@ -168,7 +170,7 @@ def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Prog
 
     try:
         try:
-            restore_nar(ahead, tmp, canonical=True)
+            restore_nar(ahead, tmp, canonical=True, direct=direct)
         except NarError as e:
             # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
             try:
@@ -299,7 +301,8 @@ def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: 
         raise
 
 
-def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None) -> None:
+def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None, *,
+                 direct: bool = False) -> None:
     """Restore the NAR file of a ``file://`` cache (read in place) into ``tmp``."""
     try:
         f = open(nar_file, "rb")
@@ -308,4 +311,4 @@ def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Pro
     except OSError as e:
         raise CacheError(f"cannot read {where}: {e.strerror}") from e
     with f:
-        restore_stream(lambda: f.read(1 << 20), ni, where, tmp, progress)
+        restore_stream(lambda: f.read(1 << 20), ni, where, tmp, progress, direct=direct)

@@ -6,6 +6,15 @@
   profiles);
 - :func:`remove_tree` removes a tree whatever its modes (the one tree remover of the store layer).
 
+Direct writes (``restore_nar(..., direct=True)``, substitution into a store that flushes before
+it registers, ``fsync-store-paths``): files of :data:`DIRECT_MIN` bytes and more are written with
+``O_DIRECT``, through an aligned buffer, and only their last partial block through the page
+cache.  Their data has to reach the disk before the path is registered anyway; written straight
+there it is not copied into page-cache pages first and written back by the kernel later.  On
+this machine's VM, where every freshly filled page-cache page costs a fault in the host, that
+copy was a quarter of a substitution's CPU time.  A file system that refuses ``O_DIRECT``
+(``EINVAL`` on open or write) gets ordinary writes instead, for the rest of the restore.
+
 Canonical metadata: mtime 1 on everything (symlinks too), files 0444 or 0555 when the owner x bit
 was set, directories 0555, no setuid/setgid/sticky bits, no extended attributes.
 """
@@ -13,15 +22,18 @@ was set, directories 0555, no setuid/setgid/sticky bits, no extended attributes.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import stat
+import threading
 
 from ..errors import NarError, StoreError
 from ..formats import nar as _nar
 from .fsnar import _O_CREATE, _oserror, _show, _unsupported, _write_all
 
 
-def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
+def restore_nar(source, dest: str, *, canonical: bool = False, direct: bool = False) -> None:
     """Materialise the NAR read from ``source`` at ``dest``, which must not exist.
 
     Strict (the NAR reader rejects anything malformed); never writes outside ``dest`` and never
@@ -30,7 +42,8 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
     ``canonical``, the store's canonical metadata instead (0444/0555, directories 0555, mtime 1),
     set through the descriptors while restoring, so that no second walk over the tree is needed.
     On any error the partial tree is removed and the error re-raised (:class:`NarError` for a bad
-    NAR, :class:`StoreError` for the file system).
+    NAR, :class:`StoreError` for the file system).  ``direct``: big files are written with
+    ``O_DIRECT`` where the file system allows it (see the module's docstring).
     """
     if os.path.lexists(dest):
         raise StoreError(f"cannot restore a NAR to {dest!r}: it already exists")
@@ -48,6 +61,7 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
     dirs: list[tuple[tuple, int]] = []  # open directories: (path, fd)
     fchmod, utime, close = os.fchmod, os.utime, os.close
     umask = _read_umask() if canonical else 0o777  # read for each restore: callers may change it
+    writer = _DirectWriter() if direct and _O_DIRECT else None
     try:
         for ev in _nar.parse_nar(source):
             path = ev.path
@@ -63,10 +77,14 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
             try:
                 if isinstance(ev, _nar.NarRegular):
                     mode = (0o555 if ev.executable else 0o444) if canonical else 0o600
-                    fd = os.open(name, _O_CREATE, mode, dir_fd=at_fd)
+                    big = writer is not None and writer.on and ev.size >= DIRECT_MIN
+                    fd = writer.open(name, mode, at_fd) if big else os.open(name, _O_CREATE, mode, dir_fd=at_fd)
                     try:
-                        for chunk in ev.chunks:
-                            _write_all(fd, chunk, name)
+                        if big:
+                            writer.write_file(fd, ev.chunks, name)
+                        else:
+                            for chunk in ev.chunks:
+                                _write_all(fd, chunk, name)
                         if canonical:
                             # created with its final mode (opened for writing all the same)
                             # unless the umask took bits away
@@ -110,6 +128,76 @@ def restore_nar(source, dest: str, *, canonical: bool = False) -> None:
 
 
 _EPOCH1 = (1, 1)
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+DIRECT_MIN = 64 << 10  # smaller files are written through the page cache (measured: no gain below)
+_ALIGN = 4096  # offsets and lengths of direct writes (any block size up to a page)
+_DIRECT_BUF = 1 << 20
+_buffers = threading.local()  # one aligned buffer per thread, kept: fresh pages cost faults
+
+
+class _DirectWriter:
+    """Writes a restore's big files with ``O_DIRECT`` until the file system refuses it."""
+
+    def __init__(self):
+        self.on = True
+        buf = getattr(_buffers, "buf", None)
+        if buf is None:
+            buf = _buffers.buf = memoryview(mmap.mmap(-1, _DIRECT_BUF))  # page-aligned
+        self.buf = buf
+
+    def open(self, name: bytes, mode: int, at_fd: int) -> int:
+        try:
+            return os.open(name, _O_CREATE | _O_DIRECT, mode, dir_fd=at_fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        # refused (older kernels create the file before they check for O_DIRECT support: the
+        # name may exist now, made by us a moment ago in the new tree)
+        self.on = False
+        return os.open(name, _O_CREATE & ~os.O_EXCL, mode, dir_fd=at_fd)
+
+    def write_file(self, fd: int, chunks, name: bytes) -> None:
+        buf, size = self.buf, _DIRECT_BUF
+        n = 0
+        for chunk in chunks:
+            with memoryview(chunk) as cv:
+                pos, length = 0, len(cv)
+                while pos < length:
+                    take = min(size - n, length - pos)
+                    buf[n:n + take] = cv[pos:pos + take]
+                    n += take
+                    pos += take
+                    if n == size:
+                        self._write(fd, buf, name)
+                        n = 0
+        whole = n & ~(_ALIGN - 1)
+        if whole:
+            self._write(fd, buf[:whole], name)
+        if n > whole:  # the last partial block: through the page cache
+            self._buffered(fd)
+            _write_all(fd, buf[whole:n], name)
+
+    def _write(self, fd: int, view, name: bytes) -> None:
+        done, n = 0, len(view)
+        while done < n:
+            try:
+                done += os.write(fd, view[done:])
+            except OSError as e:
+                # refused (alignment, or not for this file): write on through the page cache
+                if e.errno == errno.EINVAL and self._buffered(fd):
+                    self.on = False
+                    continue
+                raise _oserror("write", name, e) from e
+
+    @staticmethod
+    def _buffered(fd: int) -> bool:
+        """Clear ``O_DIRECT`` on ``fd``; False if it was not set."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not flags & _O_DIRECT:
+            return False
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+        return True
 
 
 def _read_umask() -> int:
