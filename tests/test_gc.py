@@ -243,6 +243,27 @@ def test_temp_roots_of_a_live_process_are_kept(pure, graph, store_root):
     assert sorted(pure("gc").stdout.split()) == sorted([graph["c"], graph["d"]])
 
 
+def test_a_temp_root_can_be_dropped_again(pure, graph, settings):
+    """What a long-running server does per download: add, and remove when done.  Each add needs
+    its own remove; other roots of the process stay; the collector sees the file as rewritten."""
+    with _open(settings) as st:
+        c, d = st.parse_path(graph["c"]), st.parse_path(graph["d"])
+        st.add_temp_root(d)
+        st.add_temp_roots([d, c])
+        f = os.path.join(settings.state_dir, "temproots", str(os.getpid()))
+        st.remove_temp_root(d)
+        assert sorted(open(f).read().split()) == sorted([graph["d"], graph["c"]])
+        assert graph["d"] not in pure("gc", "--print-dead").stdout.split()
+        st.remove_temp_root(d)
+        st.remove_temp_root(d)  # (one too many: nothing to drop)
+        assert open(f).read().split() == [graph["c"]]
+        dead = pure("gc", "--print-dead").stdout.split()
+        assert graph["d"] in dead and graph["c"] not in dead
+        st.remove_temp_root(c)
+        assert open(f).read() == ""
+    assert sorted(pure("gc").stdout.split()) == sorted([graph["c"], graph["d"], graph["e"]])
+
+
 def test_store_delete_uses_the_same_liveness_rules(pure, graph):
     r = pure("store", "delete", graph["b"], check=False)
     assert r.returncode != 0 and "gcroots/b" in r.stderr and r.stderr.startswith("error: ")

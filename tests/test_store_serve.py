@@ -306,3 +306,51 @@ def test_a_store_served_over_https_with_an_access_log(tmp_path):
     r = run_pure("store", "serve", "--tls-cert", tmp_path / "nothing.pem", "--tls-key", key,
                  "--access-log", tmp_path / "never.log", root=tmp_path / "a", check=False)
     assert r.returncode == 1 and "nothing.pem" in r.stderr and not (tmp_path / "never.log").exists()
+
+
+def test_a_path_being_sent_is_kept_from_the_garbage_collector(tmp_path):
+    """A collection while a NAR is on its way keeps the path (the server holds a temporary root
+    for each download); once the download is over, the path is collectable again."""
+    import hashlib
+    import socket
+    import time
+
+    with open_store(tmp_path / "a", STORE_DIR) as store:
+        sp = make_path(store, "big", {"data": os.urandom(24 << 20)})  # (more than socket buffers hold)
+        info = store.query_path_info(sp)
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR)
+    full = f"{STORE_DIR}/{sp.base_name}"
+    try:
+        u = urllib.parse.urlsplit(url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads slowly
+        sock.connect((u.hostname, u.port))
+        sock.sendall(f"GET /nar/{sp.hash_part}-{info.nar_hash.nix32}.nar HTTP/1.1\r\n"
+                     f"Host: {u.netloc}\r\n\r\n".encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += sock.recv(4096)
+        head, body = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200")
+        r = run_pure("gc", root=tmp_path / "a", store_dir=STORE_DIR)
+        assert full not in r.stdout.split()
+        assert full in run_pure("gc", "--print-roots", root=tmp_path / "a", store_dir=STORE_DIR).stdout
+        h = hashlib.sha256(body)
+        n = len(body)
+        while n < info.nar_size:
+            data = sock.recv(1 << 16)
+            assert data, "the download was cut short"
+            h.update(data)
+            n += len(data)
+        sock.close()
+        assert h.digest() == info.nar_hash.digest
+        deadline = time.monotonic() + 10  # the server drops the root as the response ends
+        while full in run_pure("gc", "--print-roots", root=tmp_path / "a", store_dir=STORE_DIR).stdout:
+            assert time.monotonic() < deadline, "the server kept its temporary root"
+            time.sleep(0.1)
+        assert full in run_pure("gc", root=tmp_path / "a", store_dir=STORE_DIR).stdout.split()
+        status, _h, _b = request(url, f"/nar/{sp.hash_part}-{info.nar_hash.nix32}.nar")
+        assert status == 404
+    finally:
+        stop_server(proc)
+    assert "Traceback" not in proc.stderr.read()

@@ -61,6 +61,12 @@ def add_temp_root(store, path: StorePath) -> None:
         fn(path)
 
 
+def remove_temp_root(store, path: StorePath) -> None:
+    fn = getattr(store, "remove_temp_root", None)
+    if fn is not None:
+        fn(path)
+
+
 def state_dir(store) -> str:
     return store.settings.state_dir
 

@@ -85,6 +85,19 @@ class StoreCache:
         sp = S.path_from_hash_part(self.store, hash_part)
         return S.path_info(self.store, sp) if sp is not None else None
 
+    def hold(self, info: PathInfo) -> bool:
+        """Keep ``info``'s path from the garbage collector while its NAR is sent (blocking: waits
+        for a collection that is running); False, holding nothing, if it is gone or changed by now."""
+        S.add_temp_root(self.store, info.path)
+        now = S.path_info(self.store, info.path)
+        if now is None or now.nar_hash != info.nar_hash:
+            S.remove_temp_root(self.store, info.path)
+            return False
+        return True
+
+    def release(self, info: PathInfo) -> None:
+        S.remove_temp_root(self.store, info.path)
+
     def narinfo(self, info: PathInfo) -> bytes:
         plain = self.compression == "none"  # the file is the NAR: its hash and size are known
         ni = NarInfo(
@@ -248,8 +261,16 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
                 info = await lookup(m.group(1))
                 if info is None or info.nar_hash.nix32 != m.group(2) or m.group(3) != cache.ext:
                     await respond(send, 404, b"no such NAR\n", head=head)
-                else:
+                elif head:
                     await _send_nar(send, cache, info, head, streams)
+                elif not await trio.to_thread.run_sync(cache.hold, info):  # deleted meanwhile
+                    await respond(send, 404, b"no such NAR\n")
+                else:
+                    try:
+                        await _send_nar(send, cache, info, head, streams)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(cache.release, info)
             elif m := _LOG_RE.fullmatch(name):
                 try:
                     drv = StorePath.from_base_name(m.group(1))

@@ -382,6 +382,10 @@ class LocalStore:
         """Keep ``sp`` from garbage collection until this process exits."""
         self._temp_roots.add(self.print_path(sp))
 
+    def remove_temp_root(self, sp: StorePath) -> None:
+        """Drop one :meth:`add_temp_root` of ``sp`` (for long-running processes: a server)."""
+        self._temp_roots.remove(self.print_path(sp))
+
     def add_temp_roots(self, sps: Iterable[StorePath]) -> None:
         text = "\n".join(self.print_path(sp) for sp in sps)
         if text:

@@ -9,7 +9,8 @@ Protocol (shared with the garbage collector, ``store/gc.py``):
 - A temporary root is one line, the logical absolute store path, appended to that file while
   holding ``<state_dir>/gc.lock`` *shared*.  The collector holds ``gc.lock`` *exclusive* for a
   whole collection, reads every temproots file (:func:`read_temp_roots`) and keeps those paths
-  and their closures.
+  and their closures.  A long-running process (``pure store serve``) can drop a temporary root
+  again (:meth:`TempRoots.remove`): the file is rewritten without it, under the same shared lock.
 - Permanent roots are symlinks under ``gcroots/``; ``gcroots/auto/`` holds indirect roots
   (links to ``result`` symlinks elsewhere).
 """
@@ -30,8 +31,19 @@ GCROOTS = "gcroots"
 GC_LOCK = "gc.lock"
 
 _registry_lock = threading.Lock()
-# temproots file path -> [pid, fd, users]
-_registry: dict[str, list] = {}
+# temproots file path -> _Entry (one per file and process, shared by the stores that use it)
+_registry: dict[str, "_Entry"] = {}
+
+
+class _Entry:
+    __slots__ = ("pid", "fd", "users", "lock", "lines")
+
+    def __init__(self, fd: int):
+        self.pid = os.getpid()
+        self.fd = fd
+        self.users = 0
+        self.lock = threading.Lock()  # writes to the file
+        self.lines: dict[bytes, int] = {}  # what the file holds: line -> count
 
 
 def temproots_dir(state_dir: str) -> str:
@@ -62,23 +74,45 @@ class TempRoots:
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
         self.path = os.path.join(temproots_dir(state_dir), str(os.getpid()))
-        self._write_lock = threading.Lock()
         with _registry_lock:
             entry = _registry.get(self.path)
-            if entry is None or entry[0] != os.getpid():
-                entry = _registry[self.path] = [os.getpid(), _open_locked(self.path), 0]
-            entry[2] += 1
-            self._fd = entry[1]
+            if entry is None or entry.pid != os.getpid():
+                entry = _registry[self.path] = _Entry(_open_locked(self.path))
+            entry.users += 1
+            self._entry = entry
         self._closed = False
 
     def add(self, logical_path: str) -> None:
-        """Record ``logical_path`` as a temporary root of this process."""
-        line = (logical_path + "\n").encode()
-        with gc_lock(self.state_dir, shared=True), self._write_lock:
+        """Record ``logical_path`` (or several, one per line) as a temporary root of this process."""
+        data = (logical_path + "\n").encode()
+        entry = self._entry
+        with gc_lock(self.state_dir, shared=True), entry.lock:
             try:
-                os.write(self._fd, line)
+                os.write(entry.fd, data)
             except OSError as e:
                 raise StoreError(f"cannot write temporary root to {self.path!r}: {e.strerror}") from e
+            for line in data.splitlines():
+                entry.lines[line] = entry.lines.get(line, 0) + 1
+
+    def remove(self, logical_path: str) -> None:
+        """Drop one earlier :meth:`add` of ``logical_path`` (the garbage collector may take the
+        path again once no other :meth:`add` of it remains)."""
+        line = logical_path.encode()
+        entry = self._entry
+        with gc_lock(self.state_dir, shared=True), entry.lock:
+            n = entry.lines.get(line, 0)
+            if n == 0:
+                return
+            if n == 1:
+                del entry.lines[line]
+            else:
+                entry.lines[line] = n - 1
+            data = b"".join((k + b"\n") * c for k, c in entry.lines.items())
+            try:
+                os.ftruncate(entry.fd, 0)
+                os.write(entry.fd, data)  # (appended: at the start of the emptied file)
+            except OSError as e:
+                raise StoreError(f"cannot rewrite temporary roots file {self.path!r}: {e.strerror}") from e
 
     def close(self) -> None:
         """Drop this user; the file is removed when the process's last store closes."""
@@ -87,16 +121,16 @@ class TempRoots:
         self._closed = True
         with _registry_lock:
             entry = _registry.get(self.path)
-            if entry is None or entry[0] != os.getpid():
+            if entry is None or entry.pid != os.getpid():
                 return
-            entry[2] -= 1
-            if entry[2] == 0:
+            entry.users -= 1
+            if entry.users == 0:
                 del _registry[self.path]
                 try:
                     os.unlink(self.path)
                 except FileNotFoundError:
                     pass
-                os.close(entry[1])
+                os.close(entry.fd)
 
 
 def _open_locked(path: str) -> int:
