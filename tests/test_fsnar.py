@@ -571,6 +571,20 @@ def _direct_tree(root: Path) -> None:
     (root / "link").symlink_to("sub/f01")
 
 
+@pytest.fixture
+def direct_ok(tmp_path):
+    """Skip where tmp_path's file system refuses O_DIRECT (the restore then writes as usual,
+    which the fallback tests below cover)."""
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    finally:
+        (tmp_path / "probe").unlink(missing_ok=True)
+
+
 class _OddReads(io.BytesIO):
     """Hands out at most 77,777 bytes per read: chunks that straddle buffer and block edges."""
 
@@ -592,7 +606,7 @@ def _opens_with_direct(monkeypatch) -> list[tuple[bytes, bool]]:
 
 
 @pytest.mark.parametrize("canonical", [False, True])
-def test_direct_restore_writes_big_files_directly_and_gives_the_same_tree(tmp_path, monkeypatch, canonical):
+def test_direct_restore_writes_big_files_directly_and_gives_the_same_tree(tmp_path, direct_ok, monkeypatch, canonical):
     _direct_tree(tmp_path / "src")
     nar = dump(tmp_path / "src")
     direct, plain = tmp_path / "a" / "out", tmp_path / "b" / "out"
@@ -635,7 +649,7 @@ def test_direct_restore_falls_back_when_open_refuses_o_direct(tmp_path, monkeypa
     make_writable(tmp_path / "d")
 
 
-def test_direct_restore_falls_back_when_a_direct_write_is_refused(tmp_path, monkeypatch):
+def test_direct_restore_falls_back_when_a_direct_write_is_refused(tmp_path, direct_ok, monkeypatch):
     """A file system that opens with O_DIRECT but refuses the writes (alignment): written on
     through the page cache, from where the refused write stopped."""
     import fcntl
@@ -666,7 +680,7 @@ def test_direct_restore_of_a_truncated_nar_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_a_failing_direct_write_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+def test_a_failing_direct_write_is_named_and_leaves_nothing(tmp_path, direct_ok, monkeypatch):
     """A disk that fills up during a direct write: the error names the file, the partial tree
     is removed and no descriptor is left open."""
     import fcntl
