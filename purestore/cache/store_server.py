@@ -22,8 +22,8 @@ Nothing is written beforehand: each request is answered from the store as it is 
 - with a read token, GET/HEAD only with ``Authorization: Bearer TOKEN`` (401 otherwise); TLS
   with a certificate and its key (``https://``); an access log.
 
-A path being sent is not protected from a concurrent ``pure gc``: if it is deleted meanwhile,
-the client sees a short body and refuses it.  Store queries run in worker threads (the store's
+A path whose NAR is being sent is kept from ``pure gc`` by a temporary root, dropped when the
+response ends (:meth:`StoreCache.hold`).  Store queries run in worker threads (the store's
 SQLite connection is shared and locked), so a busy database never stalls the other requests.
 """
 

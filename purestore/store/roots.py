@@ -36,14 +36,13 @@ _registry: dict[str, "_Entry"] = {}
 
 
 class _Entry:
-    __slots__ = ("pid", "fd", "users", "lock", "lines")
+    __slots__ = ("pid", "fd", "users", "lock")
 
     def __init__(self, fd: int):
         self.pid = os.getpid()
         self.fd = fd
         self.users = 0
         self.lock = threading.Lock()  # writes to the file
-        self.lines: dict[bytes, int] = {}  # what the file holds: line -> count
 
 
 def temproots_dir(state_dir: str) -> str:
@@ -91,8 +90,6 @@ class TempRoots:
                 os.write(entry.fd, data)
             except OSError as e:
                 raise StoreError(f"cannot write temporary root to {self.path!r}: {e.strerror}") from e
-            for line in data.splitlines():
-                entry.lines[line] = entry.lines.get(line, 0) + 1
 
     def remove(self, logical_path: str) -> None:
         """Drop one earlier :meth:`add` of ``logical_path`` (the garbage collector may take the
@@ -100,17 +97,13 @@ class TempRoots:
         line = logical_path.encode()
         entry = self._entry
         with gc_lock(self.state_dir, shared=True), entry.lock:
-            n = entry.lines.get(line, 0)
-            if n == 0:
-                return
-            if n == 1:
-                del entry.lines[line]
-            else:
-                entry.lines[line] = n - 1
-            data = b"".join((k + b"\n") * c for k, c in entry.lines.items())
             try:
+                lines = _read_all(entry.fd).splitlines()
+                if line not in lines:
+                    return
+                lines.remove(line)
                 os.ftruncate(entry.fd, 0)
-                os.write(entry.fd, data)  # (appended: at the start of the emptied file)
+                os.write(entry.fd, b"".join(k + b"\n" for k in lines))  # (appended: at the start)
             except OSError as e:
                 raise StoreError(f"cannot rewrite temporary roots file {self.path!r}: {e.strerror}") from e
 
@@ -131,6 +124,14 @@ class TempRoots:
                 except FileNotFoundError:
                     pass
                 os.close(entry.fd)
+
+
+def _read_all(fd: int) -> bytes:
+    parts, off = [], 0
+    while chunk := os.pread(fd, 1 << 16, off):
+        parts.append(chunk)
+        off += len(chunk)
+    return b"".join(parts)
 
 
 def _open_locked(path: str) -> int:
