@@ -164,6 +164,29 @@ def test_key_generate_and_public(tmp_path):
     assert bad.returncode == 1 and bad.stderr.startswith("error: secret key")
 
 
+def test_key_generate_writes_both_files_or_neither(tmp_path):
+    """An output that cannot be written is found before either key is: no half-made pair; and
+    --force replaces an existing file by a new one of mode 0600 (never keeping the old mode)."""
+    sec, pub = tmp_path / "k.sec", tmp_path / "k.pub"
+    pub.write_text("old\n")
+    r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec, "--public-out", pub, check=False)
+    assert r.returncode == 2 and f"error: '{pub}' already exists" in r.stderr
+    assert not sec.exists() and pub.read_text() == "old\n"
+    r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec, "--public-out", sec, check=False)
+    assert r.returncode == 2 and "a file each" in r.stderr and not sec.exists()
+    r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec,
+                 "--public-out", tmp_path / "nodir" / "k.pub", check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr and not sec.exists()
+
+    sec.write_text("old secret\n")
+    sec.chmod(0o644)
+    run_pure("key", "generate", "--name", "k-1", "--secret-out", sec, "--public-out", pub, "--force")
+    assert stat.S_IMODE(sec.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert run_pure("key", "public", input=sec.read_text()).stdout.strip() == pub.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pub", "k.sec"]  # no temporary files left
+
+
 def test_vector_key_public():
     assert run_pure("key", "public", input=SEC).stdout.strip() == PUB
 

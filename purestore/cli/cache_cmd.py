@@ -343,29 +343,66 @@ def register(reg) -> None:
             p.add_argument("--json", action="store_true", help="print JSON like `nix store ls --json`")
 
 
-def _write_new(path: str, text: str, mode: int, force: bool) -> None:
+def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
+    """Write each (path, text, mode) as a new file, all or none: every output is checked before
+    anything is written, each is written to a temporary name next to it (created with its mode,
+    so a secret key is never readable by others, even for a moment or over an existing file)
+    and then moved into place (without ``force``, never over a file that appeared meanwhile)."""
     from ..errors import UsageError
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
+    paths = [os.path.abspath(p) for p, _t, _m in files]
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"{files[0][0]!r} is given for both keys: the secret and the public key need "
+                         "a file each")
+    for (path, _t, _m), full in zip(files, paths):
+        if not os.path.isdir(os.path.dirname(full)):
+            raise UsageError(f"cannot write {path!r}: directory {os.path.dirname(full)!r} does not exist")
+        if os.path.isdir(full):
+            raise UsageError(f"cannot write {path!r}: it is a directory")
+        if not force and os.path.lexists(full):
+            raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it")
+    temps: list[str] = []
     try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
-        raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it") from None
-    except OSError as e:
-        raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+        for (path, text, mode), full in zip(files, paths):
+            tmp = f"{full}.tmp-{os.getpid()}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            except OSError as e:
+                raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+            temps.append(tmp)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, mode)  # exactly this mode, whatever the umask
+        for (path, _t, _m), full, tmp in zip(files, paths, temps):
+            try:
+                if force:
+                    os.rename(tmp, full)
+                else:
+                    os.link(tmp, full)  # fails if the name was taken meanwhile
+                    os.unlink(tmp)
+            except FileExistsError:
+                raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it") from None
+            except OSError as e:
+                raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+    finally:
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
 
 def cmd_key_generate(args, ctx) -> int:
     from ..formats.signing import SecretKey
     key = SecretKey.generate(args.name)
+    files = []
     if args.secret_out:
-        _write_new(args.secret_out, key.render(), 0o600, args.force)
-    else:
-        print(key.render())
+        files.append((args.secret_out, key.render(), 0o600))
     if args.public_out:
-        _write_new(args.public_out, key.public_key().render(), 0o644, args.force)
-    elif args.secret_out:
+        files.append((args.public_out, key.public_key().render(), 0o644))
+    _write_files(files, args.force)
+    if not args.secret_out:
+        print(key.render())
+    if args.secret_out and not args.public_out:
         print(key.public_key().render())
     return 0
 
