@@ -136,6 +136,34 @@ def test_push_and_fetch_over_http_with_upload_token(tmp_path, keyfile):
         stop_server(proc)
 
 
+def test_a_big_upload_the_server_refuses_gets_its_answer(tmp_path, keyfile):
+    """A NAR of a few MB (still being sent when the server answers): a missing token gets 401
+    and the hint, a server without uploads 405 and what it says, at once (no retries), and the
+    server logs nothing stored."""
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        big = store.print_path(make_path(store, "big", {"": os.urandom(6 << 20)}))
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    for what in ("no token", "read-only"):
+        cache = tmp_path / what.replace(" ", "-")
+        cache.mkdir()
+        (cache / "nix-cache-info").write_text("StoreDir: /pure/store\n")  # the NAR is the first upload
+        proc, url = start_server(cache, token_file=token if what == "no token" else None)
+        try:
+            r = run_pure("copy", "--to", url, "--secret-key-file", keyfile, big, root=root, check=False)
+        finally:
+            stop_server(proc)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "retrying" not in r.stderr and "broken" not in r.stderr, r.stderr
+        assert "upload of 'nar/" in r.stderr or "cannot upload 'nar/" in r.stderr
+        if what == "no token":
+            assert "refused (HTTP 401 Unauthorized" in r.stderr and "hint: give the server's upload token" in r.stderr
+        else:
+            assert "HTTP 405" in r.stderr and "uploads are disabled" in r.stderr
+        assert not list(cache.rglob("*.nar*")) and not list(cache.glob("*.narinfo"))
+
+
 def test_server_without_token_is_read_only(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "nix-cache-info").write_text("StoreDir: /pure/store\n")

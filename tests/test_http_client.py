@@ -278,6 +278,45 @@ async def test_error_messages_say_what_the_server_did():
     await with_server(server, go)
 
 
+async def test_an_answer_sent_before_the_upload_ended_is_read():
+    """A server that answers 401 to the head of a big upload and hangs up without reading the
+    body: the client's sending breaks, and the client reports the server's answer, not the
+    broken connection."""
+    async def refuse(stream):
+        await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n"
+                              b"WWW-Authenticate: Bearer\r\n\r\nnope\n")
+        return False  # closed with the body unread: the kernel resets the connection
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    seen = []
+
+    async def handle(stream):
+        async with stream:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some(65536)
+            seen.append(buf.split(b"\r\n", 1)[0])
+            await refuse(stream)
+
+    async def body():
+        for _ in range(64):  # 32 MiB, far more than the sockets' buffers hold
+            yield b"x" * (512 << 10)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.serve_listeners, handle, listeners)
+        c = HttpClient("http", "127.0.0.1", port)
+        with trio.fail_after(20):
+            r, data = await c.request("PUT", "/nar/x.nar", headers={"Content-Length": str(32 << 20)}, body=body())
+        assert (r.status, data) == (401, b"nope\n")
+        assert seen == [b"PUT /nar/x.nar HTTP/1.1"]
+        # the connection was not kept: the next request works on a new one
+        r, _ = await c.request("PUT", "/y", headers={"Content-Length": "5"}, body=b"small")
+        assert r.status == 401
+        await c.aclose()
+        n.cancel_scope.cancel()
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 async def test_https_verifies_the_certificate(tmp_path):
     import ssl

@@ -31,6 +31,7 @@ import trio
 
 RECEIVE = 1 << 20  # bytes asked of the socket per read
 FRESH = 1.0  # seconds an idle connection is trusted without checking it is still open
+EARLY_ANSWER_WAIT = 2.0  # seconds to wait for the answer of a server that broke off an upload
 
 
 class HttpError(Exception):
@@ -206,13 +207,20 @@ class HttpClient:
                                       headers=[(b"host", self._host_header), *self._headers, *headers]))
             if body is None:
                 await self._send(conn, head + h.send(h11.EndOfMessage()))
-            elif isinstance(body, (bytes, bytearray, memoryview)):
-                await self._send(conn, head + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
             else:
-                await self._send(conn, head)
-                async for chunk in body:
-                    await self._send(conn, h.send(h11.Data(data=chunk)))
-                await self._send(conn, h.send(h11.EndOfMessage()))
+                try:
+                    if isinstance(body, (bytes, bytearray, memoryview)):
+                        await self._send(conn, head + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
+                    else:
+                        await self._send(conn, head)
+                        async for chunk in body:
+                            await self._send(conn, h.send(h11.Data(data=chunk)))
+                        await self._send(conn, h.send(h11.EndOfMessage()))
+                except Broken:
+                    early = await self._early_response(conn)
+                    if early is None:
+                        raise
+                    return early
             ev = await self._receive_event(conn)
         except h11.LocalProtocolError as e:
             raise Broken(f"request not sent: {e}") from e
@@ -228,8 +236,22 @@ class HttpClient:
             raise Broken("server closed the connection without a response")
         if not isinstance(ev, h11.Response):
             raise Broken(f"unexpected {type(ev).__name__} instead of a response")
-        return Response(ev.status_code, ev.reason.decode("latin-1", "replace"),
-                        {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
+        return _response(ev)
+
+    async def _early_response(self, conn: _Conn) -> Response | None:
+        """The answer a server sent before it closed the connection on a request body it did
+        not want (401 or 405 for an upload, say), if it can still be read; else None.  The
+        connection is not reused afterwards (the request was never sent whole)."""
+        try:
+            with trio.move_on_after(min(self.stall_timeout, EARLY_ANSWER_WAIT)):
+                ev = await self._receive_event(conn)
+                while isinstance(ev, h11.InformationalResponse):
+                    ev = await self._receive_event(conn)
+                if isinstance(ev, h11.Response):
+                    return _response(ev)
+        except (*_RETRYABLE, Stalled):
+            pass
+        return None
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, target: str, *, headers: dict[str, str] | None = None,
@@ -282,6 +304,11 @@ class HttpClient:
         async with self.stream(method, target, headers=headers, body=body) as (resp, chunks):
             parts = [c async for c in chunks]
         return resp, b"".join(parts)
+
+
+def _response(ev: h11.Response) -> Response:
+    return Response(ev.status_code, ev.reason.decode("latin-1", "replace"),
+                    {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
 
 
 def _describe(e: BaseException) -> str:

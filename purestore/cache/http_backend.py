@@ -115,6 +115,20 @@ def _status_line(r) -> str:
     return f"HTTP {r.status} {reason}"
 
 
+def _server_says(r, data: bytes) -> str:
+    """``: "TEXT"`` for an answer whose body is one short line of plain text (what a cache
+    server says about a refusal), else ""."""
+    if not r.headers.get("content-type", "text/plain").lower().startswith("text/plain"):
+        return ""
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return ""
+    if not text or len(text) > 200 or "\n" in text or not text.isprintable():
+        return ""
+    return f': "{text}"'
+
+
 def _small(r, limit: int = 1 << 16) -> bool:
     """The response declares a body of at most ``limit`` bytes."""
     try:
@@ -279,8 +293,9 @@ class HttpBackend(Backend):
             reason += f" (redirected to {via})"
         return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
 
-    def _status(self, what: str, name: str, r) -> CacheError:
-        msg = f"cache {self.url!r}: cannot {what} {name!r}: {_status_line(r)}"
+    def _status(self, what: str, name: str, r, said: str = "") -> CacheError:
+        """The error for answer ``r`` (``said``: what its body says, see :func:`_server_says`)."""
+        msg = f"cache {self.url!r}: cannot {what} {name!r}: {_status_line(r)}{said}"
         if r.status == 401:  # said in the message, which a build's warning shows, not in a hint
             host = self.client.host
             if self.token:
@@ -345,7 +360,7 @@ class HttpBackend(Backend):
                     break
                 client, target, via = nxt
             if r.status in TRANSIENT_STATUS:
-                raise self._status(what, name, r)
+                raise self._status(what, name, r, _server_says(r, data))
             self._failing = False
             return r, data
         return await self._retrying(once)
@@ -480,11 +495,17 @@ class HttpBackend(Backend):
             raise self._upload_refused(name, r, data)
 
     def _upload_refused(self, name: str, r, data: bytes) -> CacheError:
-        """The error for an upload the server did not take (``data``: its answer's body)."""
+        """The error for an upload the server did not take (``data``: its answer's body, quoted
+        when it is a short line of text)."""
+        said = _server_says(r, data)
         if r.status in (401, 403):
-            return CacheError(f"cache {self.url!r}: upload of {name!r} refused (HTTP {r.status})",
-                              hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
-        return self._status("upload", name, r)
+            msg = f"cache {self.url!r}: upload of {name!r} refused ({_status_line(r)}{said})"
+            if self.token or self.upload_token:
+                given = "the URL's token-file" if self.token else "PURE_CACHE_TOKEN"
+                return CacheError(msg, hint=f"the server refused the upload token of {given}: check that it is "
+                                            "the one the server was started with")
+            return CacheError(msg, hint="give the server's upload token with ?token-file=FILE or PURE_CACHE_TOKEN")
+        return self._status("upload", name, r, said)
 
     async def aclose(self) -> None:
         await self.client.aclose()

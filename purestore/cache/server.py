@@ -212,11 +212,13 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
             await _get(send, path, name, head=method == "HEAD", respond=respond, rng=rng)
         elif method == "PUT":
             if token is None:
+                await _drain(receive)
                 await respond(send, 405, b"uploads are disabled (start the server with an upload token)\n",
                               [(b"allow", b"GET, HEAD")])
                 return
             auth = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(auth, b"Bearer " + token):
+                await _drain(receive)
                 await respond(send, 401, b"bad or missing upload token\n",
                               [(b"www-authenticate", b"Bearer")])
                 return
@@ -339,13 +341,34 @@ def _publish(directory: str, tmp: str, path: str) -> None:
         os.replace(tmp, path)
 
 
+DRAIN_MAX = 1 << 30  # bytes of a refused upload read (and dropped) before the answer
+
+
+async def _drain(receive) -> None:
+    """Read and drop the body of a request that is refused, before answering it (as nginx
+    does): a server that closes the connection with body bytes unread resets it, which can
+    destroy its answer before the client reads it, and the client then sees only a broken
+    connection instead of, say, 401 (a client sending a NAR of a few MB is still sending when
+    the answer comes).  Up to :data:`DRAIN_MAX` bytes; beyond that the connection is closed."""
+    total = 0
+    while total <= DRAIN_MAX:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+        total += len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return
+
+
 async def _put(receive, send, directory: str, path: str, name: str, respond) -> None:
     parent = os.path.dirname(path)
     try:
         await trio.to_thread.run_sync(lambda: os.makedirs(parent, exist_ok=True))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
-    except OSError:
-        await respond(send, 500, b"cannot create file\n")
+    except OSError as e:
+        log.error("error: cannot store %s: cannot create a file in %r: %s", name, parent, e.strerror or e)
+        await _drain(receive)
+        await respond(send, 500, f"cannot create a file for {name}: {e.strerror or e}\n".encode())
         return
     ok = False
     try:
@@ -367,8 +390,8 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
         try:
             await trio.to_thread.run_sync(_publish, directory, tmp, path)
         except (OSError, CacheError) as e:
-            log.error("cannot store %s: %s", name, getattr(e, "strerror", None) or e)
-            await respond(send, 500, b"cannot store the file\n")
+            log.error("error: cannot store %s: %s", name, getattr(e, "strerror", None) or e)
+            await respond(send, 500, f"cannot store {name}: {getattr(e, 'strerror', None) or e}\n".encode())
             return
         ok = True
         log.info("stored %s (%d bytes)", name, total)
