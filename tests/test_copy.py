@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 
 import pytest
 
@@ -162,6 +163,43 @@ def test_a_big_upload_the_server_refuses_gets_its_answer(tmp_path, keyfile):
         else:
             assert "HTTP 405" in r.stderr and "uploads are disabled" in r.stderr
         assert not list(cache.rglob("*.nar*")) and not list(cache.glob("*.narinfo"))
+
+
+def _immutable(path, on: bool) -> bool:
+    """chattr ±i (so that even root cannot write there); False where that is not possible."""
+    r = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.parametrize("locked", ["", "log"])
+def test_a_cache_directory_that_cannot_be_written_is_an_error(tmp_path, keyfile, locked):
+    """The narinfo (or the build log) cannot be written: an error naming the file, no traceback,
+    and no temporary file left in the cache."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    from purestore.formats.store_path import StorePath
+    from test_cache_support import keep_build_log
+    drv = StorePath("1" * 32, "app.drv")
+    with open_store(root) as store:
+        lib = make_path(store, "lib", {"": b"lib\n"})
+        app = make_path(store, "app", {"": b"app\n"}, deriver=drv if locked else None)
+        if locked:  # a build log to upload, into the directory that cannot be written
+            keep_build_log(store, drv, b"building app\n")
+        lib_p, app_p = store.print_path(lib), store.print_path(app)
+    url = f"file://{cache}?secret-key={keyfile}"
+    run_pure("copy", "--to", url, lib_p, root=root)
+    target = cache / locked if locked else cache
+    target.mkdir(exist_ok=True)
+    if not _immutable(target, True):
+        pytest.skip("chattr +i does not work here")
+    try:
+        r = run_pure("copy", "--to", url, app_p, root=root, check=False)
+    finally:
+        _immutable(target, False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and err[0].startswith(f"error: cache 'file://{cache}?"), r.stderr
+    assert re.search(r"cannot (write|create directory) .*: Operation not permitted$", err[0]), err
+    assert not [p for p in cache.rglob(".tmp-*")]
 
 
 def test_server_without_token_is_read_only(tmp_path):
@@ -446,3 +484,12 @@ def test_big_files_round_trip_into_a_flushing_store(tmp_path, keyfile, served):
     real = dst_root / "pure/store" / p.base_name
     assert {f.name: f.read_bytes() for f in real.iterdir()} == files
     assert run_pure("store", "verify", "--check-contents", root=dst_root).returncode == 0
+
+
+@pytest.mark.parametrize("direction", ["--to", "--from", "both"])
+def test_jobs_below_one_is_a_usage_error(tmp_path, direction):
+    urls = {"--to": ["--to", f"file://{tmp_path}/c"], "--from": ["--from", f"file://{tmp_path}/c"],
+            "both": ["--from", f"file://{tmp_path}/c", "--to", f"file://{tmp_path}/d"]}[direction]
+    for n in ("0", "-3"):
+        r = run_pure("copy", *urls, "-j", n, "/pure/store/" + "a" * 32 + "-x", root=tmp_path / "s", check=False)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: --jobs must be at least 1, got {n}"), r.stderr

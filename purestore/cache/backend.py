@@ -268,17 +268,25 @@ class FileBackend(Backend):
         return self._path(name)
 
     def _ensure_dir(self, p: str) -> None:
+        d = os.path.dirname(p)
         try:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
+            os.makedirs(d, exist_ok=True)
         except OSError as e:
-            raise self._err("create directory for", p, e) from e
+            raise CacheError(f"cache {self.url!r}: cannot create directory {d!r}: {e.strerror}") from e
+
+    def _temp_for(self, p: str, name: str) -> tuple[int, str]:
+        """A new temporary file next to ``p`` (its directory made first): (fd, path)."""
+        self._ensure_dir(p)
+        try:
+            return tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(p))
+        except OSError as e:
+            raise self._err("write", name, e) from e
 
     async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         p = self._path(name)
 
         def write():
-            self._ensure_dir(p)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(p))
+            fd, tmp = self._temp_for(p, name)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -306,7 +314,7 @@ class FileBackend(Backend):
                 except OSError as e:
                     if e.errno != errno.EXDEV:
                         raise self._err("write", name, e) from e
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(p))
+            fd, tmp = self._temp_for(p, name)
             try:
                 with os.fdopen(fd, "wb") as out, open(local, "rb") as src:
                     while chunk := src.read(CHUNK):

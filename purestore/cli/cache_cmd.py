@@ -445,6 +445,8 @@ def cmd_copy(args, ctx) -> int:
     from ..errors import UsageError
     if not args.to and not args.from_:
         raise UsageError("say where to copy: --to URL, --from URL, or both (from one cache to another)")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     if args.to and args.from_:
         return _copy_between(args, ctx)
     if args.no_check_sigs:
