@@ -96,6 +96,16 @@ class CacheError(PurestoreError):
     """Raised for binary cache failures (missing, unreachable, untrusted, corrupt)."""
 
 
+class CopyIncomplete(CacheError):
+    """A copy that did some of its paths but not all: ``result`` is what it did (the command's
+    result type, for its ``--json``), ``failures`` each path that failed and why."""
+
+    def __init__(self, message: str, *, result, failures: dict, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.result = result
+        self.failures = failures
+
+
 class UsageError(PurestoreError):
     """Raised when a command is called with inconsistent arguments."""
 

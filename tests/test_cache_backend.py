@@ -96,7 +96,7 @@ async def test_http_backend_against_our_server(tmp_path):
         async with open_backend(url + "/", token="tok") as b:
             await exercise(b, c)
         async with open_backend(url + "/", token="wrong") as b:
-            with pytest.raises(CacheError, match="refused \\(HTTP 401\\)"):
+            with pytest.raises(CacheError, match="refused \\(HTTP 401 Unauthorized"):
                 await b.put("x.narinfo", b"x")
         async with httpx.AsyncClient() as client:
             r = await client.put(url + "/x.narinfo", content=b"x")

@@ -159,6 +159,22 @@ def test_a_corrupt_nar_fails_its_path_and_referrers_only(tmp_path):
     assert not [n for n in files(b) if ".tmp" in n]
     run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{b}")
 
+    # --json says what was done and what failed, before the error (the same for a store)
+    lone = p["lone"].absolute("/pure/store")
+    r = mirror(f"file://{a}", f"file://{tmp_path / 'C'}", *names, check=False, extra=["--json"])
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and out["copied"] == [lone] and out["skipped"] == []
+    assert sorted(out["failed"]) == sorted([lib, app]) and "corrupt zstd data" in out["failed"][lib]
+    r = run_pure("copy", "--json", "--from", f"file://{a}", "--trusted-public-keys", PUB, *names,
+                 root=tmp_path / "store", check=False)
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and sum(line.startswith("error: ") for line in r.stderr.splitlines()) == 1
+    assert out["fetched"] == [lone] and out["skipped"] == [] and sorted(out["failed"]) == sorted([lib, app])
+    assert f"its reference '{lib}'" in out["failed"][app]
+    r = run_pure("copy", "--json", "--from", f"file://{a}", "--trusted-public-keys", PUB, lone,
+                 root=tmp_path / "store")
+    assert json.loads(r.stdout) == {"fetched": [], "skipped": [lone], "failed": {}, "narBytes": 0}
+
 
 def test_a_missing_reference_is_named_and_nothing_is_written(tmp_path):
     a, p = source(tmp_path)

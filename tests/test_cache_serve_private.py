@@ -50,7 +50,7 @@ def test_a_private_cache_is_read_only_with_its_token(tmp_path, pushed):
             extra = store.print_path(make_path(store, "extra", {"": b"extra\n"}))
         r = run_pure("copy", "--to", f"{url}?token-file={tmp_path / 'read.tok'}", extra, root=tmp_path / "a",
                      store_dir=store_dir, check=False)
-        assert r.returncode == 1 and "refused (HTTP 401)" in r.stderr
+        assert r.returncode == 1 and "refused (HTTP 401 Unauthorized" in r.stderr
         run_pure("copy", "--to", f"{url}?token-file={tmp_path / 'upload.tok'}", extra, root=tmp_path / "a",
                  store_dir=store_dir)
     finally:

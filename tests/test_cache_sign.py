@@ -109,7 +109,7 @@ def test_nix_cache_signed_over_http_with_the_upload_token(tmp_path):
     try:
         r = run_pure("cache", "sign", url, "--key-file", sec, "--trusted-public-keys", PUB, *NIX_PATHS,
                      check=False)
-        assert r.returncode == 1 and "refused (HTTP 401)" in r.stderr
+        assert r.returncode == 1 and "refused (HTTP 401 Unauthorized" in r.stderr
         r = run_pure("cache", "sign", url, "--key-file", sec, "--no-check-sigs", check=False)
         assert r.returncode == 1 and "cannot be listed over HTTP" in r.stderr
         assert contents(a) == contents(NIX_CACHE)

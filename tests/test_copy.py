@@ -128,7 +128,7 @@ def test_push_and_fetch_over_http_with_upload_token(tmp_path, keyfile):
     try:
         # without the token the server refuses uploads
         r = run_pure("copy", "--to", url, app_p, root=root, check=False)
-        assert r.returncode == 1 and "refused (HTTP 401)" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 1 and "refused (HTTP 401 Unauthorized" in r.stderr and "Traceback" not in r.stderr
         run_pure("copy", "--to", f"{url}?token-file={token}", "--secret-key-file", keyfile, app_p, root=root)
         assert (cache / f"{app.hash_part}.narinfo").exists()
         run_pure("copy", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b")

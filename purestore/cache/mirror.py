@@ -34,7 +34,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from ..errors import CacheError, NarError, ProvenanceError, SignatureError
+from ..errors import CacheError, CopyIncomplete, NarError, ProvenanceError, SignatureError
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
@@ -113,7 +113,8 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
             for p, (ni, _) in found.items():
                 n.start_soon(check, p, ni)
         if problems:
-            raise _failed(sd, src_url, problems)
+            e = _failed(sd, src_url, problems)
+            raise CopyIncomplete(e.message, result=MirrorResult(sd, (), (), 0, 0), failures=problems, hint=e.hint)
 
         await ensure_cache_info(dst, sd)
         if isinstance(dst, FileBackend):  # a prune of the destination waits for the copy
@@ -186,11 +187,13 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
                 n.start_soon(lane, n)
         if progress:
             progress.finish()
+        order_index = {p: i for i, p in enumerate(order)}
+        result = MirrorResult(sd, tuple(sorted(copied, key=order_index.__getitem__)),
+                              tuple(p for p in order if p in have), totals[0], totals[1])
         if failed:
-            raise _failed(sd, src_url, failed, copied=len(copied))
-    order_index = {p: i for i, p in enumerate(order)}
-    return MirrorResult(sd, tuple(sorted(copied, key=order_index.__getitem__)),
-                        tuple(p for p in order if p in have), totals[0], totals[1])
+            e = _failed(sd, src_url, failed, copied=len(copied))
+            raise CopyIncomplete(e.message, result=result, failures=dict(failed), hint=e.hint)
+    return result
 
 
 def _failed(sd: str, src_url: str, failures: dict[StorePath, str], copied: int | None = None) -> CacheError:

@@ -34,7 +34,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from ..errors import CacheError, FormatError, NarInfoError, SignatureError, StoreError
+from ..errors import CacheError, CopyIncomplete, FormatError, NarInfoError, SignatureError, StoreError
 from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
@@ -626,7 +626,8 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     if missing:
         lines = [f"cannot substitute {p.absolute(sd)!r}: {report.failures.get(p, 'unknown reason')}"
                  for p in missing]
-        raise CacheError("\n".join(lines) if len(lines) > 1 else lines[0])
+        raise CopyIncomplete("\n".join(lines) if len(lines) > 1 else lines[0], result=report,
+                             failures={**{p: "unknown reason" for p in missing}, **report.failures})
     return report
 
 

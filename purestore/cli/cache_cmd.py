@@ -492,15 +492,27 @@ def cmd_copy(args, ctx) -> int:
                          "signatures (use --secret-key-file FILE or ?secret-key=FILE)")
             return 0
         from ..cache.substituter import copy_from
+        from ..errors import CopyIncomplete
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
-        # fork_worker: nothing else runs in this process, so a forked restoring process is safe
-        with warnings_to(progress.note):
-            rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
-                                             progress=progress, jobs=args.jobs, fork_worker=True))
-        if args.json:
+        already = [p for p in paths if store.is_valid(p)]
+
+        def report_json(rep, failures) -> None:
             print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
+                              "skipped": [store.print_path(p) for p in already],
+                              "failed": {store.print_path(p): why for p, why in sorted(failures.items())},
                               "narBytes": rep.nar_bytes}, indent=2))
+        # fork_worker: nothing else runs in this process, so a forked restoring process is safe
+        try:
+            with warnings_to(progress.note):
+                rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
+                                                 progress=progress, jobs=args.jobs, fork_worker=True))
+        except CopyIncomplete as e:
+            if args.json:  # what was done, and what was not (the error follows on stderr)
+                report_json(e.result, e.failures)
+            raise
+        if args.json:
+            report_json(rep, {})
         else:
             ctx.info(f"fetched {_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
                      f"{args.from_.split('?')[0]}")
@@ -513,7 +525,7 @@ def _copy_between(args, ctx) -> int:
     from ..cache.mirror import copy_between
     from ..cache.progress import TextProgress, format_size as _size
     from ..cache.push import load_secret_key
-    from ..errors import UsageError
+    from ..errors import CopyIncomplete, UsageError
     from ._warnings import warnings_to
 
     recompress = [flag for flag, given in (
@@ -526,18 +538,27 @@ def _copy_between(args, ctx) -> int:
     keys = [load_secret_key(f) for f in args.secret_key_file]
     trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
     progress = TextProgress("copying", verbose=args.verbose)
-    with warnings_to(progress.note):
-        res = trio.run(lambda: copy_between(
-            ctx.settings, args.from_, args.to, paths, trusted_keys=trusted,
-            check_sigs=not args.no_check_sigs, require_provenance=args.require_provenance,
-            secret_keys=keys, write_listing=True if args.write_nar_listing else None,
-            jobs=args.jobs, progress=progress))
-    if args.json:
+
+    def report_json(res, failures) -> None:
         print(json.dumps({
             "copied": [p.absolute(res.store_dir) for p in res.copied],
             "skipped": [p.absolute(res.store_dir) for p in res.skipped],
+            "failed": {p.absolute(res.store_dir): why for p, why in sorted(failures.items())},
             "narBytes": res.nar_bytes, "fileBytes": res.file_bytes,
         }, indent=2))
+    try:
+        with warnings_to(progress.note):
+            res = trio.run(lambda: copy_between(
+                ctx.settings, args.from_, args.to, paths, trusted_keys=trusted,
+                check_sigs=not args.no_check_sigs, require_provenance=args.require_provenance,
+                secret_keys=keys, write_listing=True if args.write_nar_listing else None,
+                jobs=args.jobs, progress=progress))
+    except CopyIncomplete as e:
+        if args.json:  # what was done, and what was not (the error follows on stderr)
+            report_json(e.result, e.failures)
+        raise
+    if args.json:
+        report_json(res, {})
     else:
         ctx.info(f"copied {_paths(len(res.copied))} from {args.from_.split('?')[0]} to "
                  f"{args.to.split('?')[0]} ({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} "
