@@ -203,15 +203,18 @@ def test_a_cache_directory_that_cannot_be_written_is_an_error(tmp_path, keyfile,
 
 
 def test_server_without_token_is_read_only(tmp_path):
+    """Read-only without --upload-token-file, even with PURE_CACHE_TOKEN exported (that is for
+    clients pushing); the directory may be given as its file:// URL."""
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "nix-cache-info").write_text("StoreDir: /pure/store\n")
-    proc, url = start_server(tmp_path / "c")
+    proc, url = start_server(f"file://{tmp_path}/c", env={"PURE_CACHE_TOKEN": "s3cret"})
     try:
         import httpx
         assert httpx.get(url + "nix-cache-info").text == "StoreDir: /pure/store\n"
         assert httpx.head(url + "nix-cache-info").headers["content-length"] == "22"
         assert httpx.get(url + "missing.narinfo").status_code == 404
         assert httpx.put(url + "x.narinfo", content=b"x").status_code == 405
+        assert httpx.put(url + "x.narinfo", content=b"x", headers={"Authorization": "Bearer s3cret"}).status_code == 405
         assert httpx.get(url + "nar/%2e%2e/%2e%2e/etc/passwd").status_code in (400, 404)
     finally:
         stop_server(proc)
@@ -493,3 +496,18 @@ def test_jobs_below_one_is_a_usage_error(tmp_path, direction):
     for n in ("0", "-3"):
         r = run_pure("copy", *urls, "-j", n, "/pure/store/" + "a" * 32 + "-x", root=tmp_path / "s", check=False)
         assert r.returncode == 2 and r.stderr.startswith(f"error: --jobs must be at least 1, got {n}"), r.stderr
+
+
+def test_cache_url_mistakes_get_a_hint(tmp_path):
+    """A directory given without file://, two URLs in one argument, a file to serve."""
+    with open_store(tmp_path / "a") as store:
+        p = store.print_path(make_path(store, "x", {"": b"x\n"}))
+    r = run_pure("copy", "--to", str(tmp_path / "c"), p, root=tmp_path / "a", check=False)
+    assert r.returncode == 1 and f"error: unsupported cache URL '{tmp_path}/c'" in r.stderr
+    assert f"hint: a cache directory is given as a file URL: file://{tmp_path}/c" in r.stderr
+    r = run_pure("copy", "--to", f"file://{tmp_path}/c file://{tmp_path}/d", p, root=tmp_path / "a", check=False)
+    assert r.returncode == 1 and "contains white space" in r.stderr and "hint: give one URL here" in r.stderr
+    assert not list(tmp_path.glob("c*"))
+    (tmp_path / "k.sec").write_text(SEC)
+    r = run_pure("cache", "serve", tmp_path / "k.sec", "--listen", "127.0.0.1:0", check=False)
+    assert r.returncode == 1 and f"error: cache directory '{tmp_path}/k.sec' is not a directory" in r.stderr

@@ -81,6 +81,9 @@ _S3_PARAMS = {"region", "endpoint", "scheme", "profile", "multipart-upload", "bu
 def parse_url(url: str) -> CacheURL:
     """Parse ``file:///dir?…``, ``http(s)://host:port/prefix?…`` or ``s3://bucket[/prefix]?…``;
     raise :class:`CacheError`."""
+    if any(c.isspace() for c in url):
+        raise CacheError(f"cache URL {url!r} contains white space",
+                         hint="give one URL here; a space in a directory name is written %20")
     u = urllib.parse.urlsplit(url)
     try:
         params = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query)))
@@ -115,8 +118,14 @@ def parse_url(url: str) -> CacheURL:
             raise CacheError(f"cache URL {url!r}: an S3 cache signs its requests with AWS credentials, "
                              "not a token-file")
         return CacheURL(url, "s3", f"s3://{u.netloc}{u.path.rstrip('/')}/", params)
+    if not u.scheme:
+        hint = f"a cache directory is given as a file URL: file://{os.path.abspath(u.path)}"
+    elif u.scheme.startswith("ssh"):
+        hint = "ssh caches are not supported yet"
+    else:
+        hint = None
     raise CacheError(f"unsupported cache URL {url!r}: expected file:///dir, http(s)://host[:port]/ or s3://bucket",
-                     hint="ssh caches are not supported yet")
+                     hint=hint)
 
 
 def url_flag(cu: CacheURL, key: str) -> bool:

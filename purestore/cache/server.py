@@ -436,6 +436,8 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
     """Serve ``directory`` on ``listen`` until cancelled; ``task_status.started(urls)``.
     ``tls``: (certificate file, key file) to serve https.  ``access_log``: a file, or ``-``
     for stdout, that gets a line per request (:func:`access_logger`)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CacheError(f"cache directory {directory!r} is not a directory")
     if not os.path.isdir(directory):
         raise CacheError(f"cache directory {directory!r} does not exist",
                          hint="create it with 'pure copy --to file://DIR ...' first")

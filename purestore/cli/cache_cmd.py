@@ -56,7 +56,7 @@ adds signatures. Listings, provenance and build logs come along.
 _SERVE_HELP = """\
 Serve a binary cache directory over HTTP/1.1 (GET and HEAD).
 
-With --upload-token-file FILE (or env PURE_CACHE_TOKEN) the server also accepts PUT with
+With --upload-token-file FILE the server also accepts PUT with
 'Authorization: Bearer TOKEN', so that 'pure copy --to http://HOST:PORT/?token-file=FILE'
 can push to it. The server never needs a signing key: clients sign before uploading.
 Any static web server can serve the same directory read-only.
@@ -246,7 +246,7 @@ def register(reg) -> None:
     reg.group("cache", help="binary cache server and checks")
     p = reg.command("serve", "serve a binary cache directory over HTTP", cmd_cache_serve,
                     group="cache", description=_SERVE_HELP)
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="the cache directory (or its file:///DIR URL)")
     p.add_argument("--upload-token-file", metavar="FILE", help="enable PUT for this bearer token")
     _server_options(p, "GET and HEAD only with this bearer token (or the upload token)")
 
@@ -625,10 +625,12 @@ def cmd_cache_serve(args, ctx) -> int:
     import trio
     from ..cache.server import serve_cache
 
-    if args.upload_token_file:
-        token = _read_token_file(args.upload_token_file, "upload")
-    else:
-        token = os.environ.get("PURE_CACHE_TOKEN") or None
+    # only from a file named here: PURE_CACHE_TOKEN is for clients pushing (exported for that, it
+    # must not make a server writable)
+    token = _read_token_file(args.upload_token_file, "upload") if args.upload_token_file else None
+    if args.dir.startswith("file:"):  # the URL clients use for a cache in a directory
+        from ..cache.backend import parse_url
+        args.dir = parse_url(args.dir).base
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
     tls = _tls_args(args)
     _run_server(ctx, lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
