@@ -32,6 +32,9 @@ def test_environment_and_overrides_win_over_the_file(tmp_path):
     ("frobnicate = 1\n", "pure.conf:1: unknown setting 'frobnicate'"),
     ("\njust words\n", "pure.conf:2: expected 'key = value', got 'just words'"),
     ("sandbox = false\n", "pure.conf:1: sandbox = false is not supported: purestore always builds in the sandbox"),
+    ("# keys\ntrusted-public-keys = garbage\n",
+     "pure.conf:2: trusted-public-keys: public key 'garbage' is not of the form 'name:base64'"),
+    ("trusted-public-keys = a:" + "A" * 43 + "= b:!!\n", "pure.conf:1: trusted-public-keys: public key 'b' has invalid base64"),
 ])
 def test_bad_config_lines_name_file_and_line(text, message):
     with pytest.raises(UsageError) as e:

@@ -51,6 +51,19 @@ def test_malformed_public_keys(text, msg):
         PublicKey.parse(text)
 
 
+def test_several_keys_given_as_one_get_a_hint():
+    two = "k1:" + base64.b64encode(b"x" * 32).decode() + ",k2:" + base64.b64encode(b"y" * 32).decode()
+    with pytest.raises(KeyError_, match="has invalid base64") as e:
+        PublicKey.parse(two)
+    assert "separated by spaces" in e.value.hint
+    with pytest.raises(KeyError_, match="has invalid base64") as e:
+        SecretKey.parse(SECRET + "\n" + SECRET)
+    assert "separated by spaces" in e.value.hint and SECRET.split(":", 1)[1][:8] not in str(e.value)
+    with pytest.raises(KeyError_) as e:
+        PublicKey.parse("k:!!!!")
+    assert e.value.hint is None
+
+
 def test_a_public_key_given_for_a_secret_one_and_back_says_so():
     """The two keys of a pair are easy to swap: the error's hint says which one was given, and
     never shows any of the secret."""

@@ -42,7 +42,10 @@ def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[st
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
-        raise KeyError_(f"{what} {name!r} has invalid base64") from None
+        several = "," in b64 or ";" in b64 or ":" in b64 or (secret and any(c.isspace() for c in b64))
+        raise KeyError_(f"{what} {name!r} has invalid base64",
+                        hint=("this looks like several keys in one: give one key here (lists of keys "
+                              "are separated by spaces)") if several else None) from None
     if len(raw) != size:
         swapped = {(64, 32): "this is a public key: give the secret key instead",
                    (32, 64): "this is a secret key: give its public key ('pure key public < FILE')"}

@@ -94,6 +94,19 @@ def config_files(env: dict[str, str]) -> list[Path]:
     return files
 
 
+def _check_public_keys(keys: tuple[str, ...], loc: str) -> None:
+    """Each a well-formed public key (``name:base64``), else an error naming the line."""
+    from ..errors import FormatError
+    from ..formats.signing import PublicKey
+    for k in keys:
+        try:
+            PublicKey.parse(k)
+        except FormatError as e:
+            raise UsageError(f"{loc}: trusted-public-keys: {e}",
+                             hint="keys are separated by spaces, each NAME:BASE64 as 'pure key public' "
+                                  "prints it") from None
+
+
 def parse_config(text: str, where: str) -> dict[str, object]:
     """Parse a config file's text into Settings keyword arguments."""
     out: dict[str, object] = {}
@@ -109,6 +122,8 @@ def parse_config(text: str, where: str) -> dict[str, object]:
         field = key.replace("-", "_")
         if key in _LIST_KEYS:
             out[field] = tuple(value.split())
+            if key == "trusted-public-keys":
+                _check_public_keys(out[field], loc)  # type: ignore[arg-type]
         elif key in _INT_KEYS:
             try:
                 out[field] = int(value)
