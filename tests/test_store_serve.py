@@ -171,7 +171,7 @@ def test_nars_compressed_as_they_are_sent(tmp_path, method):
     finally:
         stop_server(proc)
     r = run_pure("store", "serve", "--compression", method, "--compression-level", "42", root=tmp_path / "a",
-                 check=False)
+                 store_dir=STORE_DIR, check=False)
     assert r.returncode == 1 and f"error: {method} compression level must be" in r.stderr
 
 
@@ -354,3 +354,11 @@ def test_a_path_being_sent_is_kept_from_the_garbage_collector(tmp_path):
     finally:
         stop_server(proc)
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_store_that_does_not_exist_is_not_served(tmp_path):
+    """A mistyped --store would otherwise make a new, empty store and serve only 404s."""
+    r = run_pure("store", "serve", "--listen", "127.0.0.1:0", root=tmp_path / "typo", store_dir=STORE_DIR,
+                 check=False)
+    assert r.returncode == 2 and f"error: there is no store at '{tmp_path}/typo' to serve" in r.stderr
+    assert not (tmp_path / "typo").exists()

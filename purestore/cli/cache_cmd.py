@@ -656,6 +656,12 @@ def cmd_store_serve(args, ctx) -> int:
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
     tls = _tls_args(args)
     check_listen_and_tls(args.listen, tls)
+    settings = ctx.settings
+    if not os.path.exists(os.path.join(settings.state_dir, "db", "db.sqlite")):
+        # opening a store makes a new one: serving that, every request would get 404
+        where = settings.root or settings.store_dir
+        raise UsageError(f"there is no store at {where!r} to serve",
+                         hint="check --store (a typo makes a new, empty store elsewhere)")
     with ctx.open_store() as store:
         cache = StoreCache(store, store.store_dir, keys, args.priority, args.compression, args.compression_level)
         app = make_store_app(cache, reader, access_logger(args.access_log) if args.access_log else None)
