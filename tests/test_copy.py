@@ -102,6 +102,14 @@ def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     assert "Signature" not in (cache / f"{lib.hash_part}.narinfo").read_text()
     r = run_pure("copy", "--to", f"file://{cache}", store.print_path(lib), root=root)
     assert "warning" not in r.stderr and "copied 0 paths" in r.stderr and "1 already there" in r.stderr, r.stderr
+    assert "note" not in r.stderr
+    # with a key now: the path already there is not signed again, and a note says how to
+    (tmp_path / "k.sec").write_text(SEC)
+    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec",
+                 store.print_path(lib), root=root)
+    assert "Signature" not in (cache / f"{lib.hash_part}.narinfo").read_text()
+    assert r.stderr.splitlines()[-1] == (f"note: 1 path already there was not signed again; 'pure cache sign "
+                                         f"--key-file KEY file://{cache}' adds signatures to narinfos in place")
 
 
 @pytest.mark.parametrize("comp,ext", [("xz", ".nar.xz"), ("none", ".nar")])

@@ -490,6 +490,11 @@ def cmd_copy(args, ctx) -> int:
             if not keys and not cu.param("secret-key") and res.uploaded:  # last, to be seen
                 ctx.info("warning: no secret key given: the narinfos carry only the paths' existing "
                          "signatures (use --secret-key-file FILE or ?secret-key=FILE)")
+            elif (keys or cu.param("secret-key")) and res.skipped and not args.json:
+                n = len(res.skipped)
+                ctx.info(f"note: {_paths(n)} already there {'was' if n == 1 else 'were'} not signed again; "
+                         f"'pure cache sign --key-file KEY {args.to.split('?')[0]}' adds signatures to "
+                         "narinfos in place")
             return 0
         from ..cache.substituter import copy_from
         from ..errors import CopyIncomplete
