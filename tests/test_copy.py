@@ -105,8 +105,7 @@ def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     assert "note" not in r.stderr
     # with a key now: the path already there is not signed again, and a note says how to
     (tmp_path / "k.sec").write_text(SEC)
-    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec",
-                 store.print_path(lib), root=root)
+    r = run_pure("copy", "--to", f"file://{cache}", "-k", tmp_path / "k.sec", store.print_path(lib), root=root)
     assert "Signature" not in (cache / f"{lib.hash_part}.narinfo").read_text()
     assert r.stderr.splitlines()[-1] == (f"note: 1 path already there was not signed again; 'pure cache sign "
                                          f"--key-file KEY file://{cache}' adds signatures to narinfos in place")
@@ -319,7 +318,7 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
     ("--to", "file://relative/dir", "file URLs must be file:///absolute/dir"),
     ("--to", "file:///x?compression=lz4", "unknown compression 'lz4'"),
     ("--to", "file:///x?bogus=1", "unknown parameter 'bogus'"),
-    ("--to", "file:///x?compression-level=99", "zstd compression level must be 1..19"),
+    ("--to", "file:///x?compression-level=99", "cache URL 'file:///x': zstd compression level must be 1..22, got 99"),
     # the path is valid already, so nothing is fetched: the URL is checked all the same
     ("--from", "ftp://cache.example/", "unsupported cache URL 'ftp://cache.example/'"),
     ("--from", "http://", "cache URL 'http://': missing host"),

@@ -393,8 +393,8 @@ def compressor(method: str, level: int | None = None, parallel: bool = False):
     if level is None:
         level = DEFAULT_LEVEL[method]
     if method == "zstd":
-        if not 1 <= level <= 19:
-            raise CacheError(f"zstd compression level must be 1..19, got {level}")
+        if not 1 <= level <= 22:  # 20..22 as Nix (libarchive) takes them too: much slower, more memory
+            raise CacheError(f"zstd compression level must be 1..22, got {level}")
         workers = cores() if parallel else 0
         return _SysZstd(level, workers) if _LIBZSTD is not None else _Zstd(level, workers)
     if method == "xz":

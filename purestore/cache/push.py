@@ -269,7 +269,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             raise CacheError(f"cache URL {url!r}: compression-level must be an integer") from None
     if parallel is None:
         parallel = url_flag(cu, "parallel-compression")
-    compressor(method, level, parallel)  # validate early
+    try:
+        compressor(method, level, parallel)  # validate early
+    except CacheError as e:
+        raise CacheError(f"cache URL {url.split('?')[0]!r}: {e}") from None
     keys = list(secret_keys)
     if cu.param("secret-key"):
         keys.append(load_secret_key(cu.param("secret-key")))  # type: ignore[arg-type]

@@ -218,7 +218,7 @@ def register(reg) -> None:
     p.add_argument("--from", dest="from_", metavar="URL",
                    help="cache to fetch from (with --to: copy from this cache to that one)")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--secret-key-file", metavar="FILE", action="append", default=[],
+    p.add_argument("--secret-key-file", "-k", metavar="FILE", action="append", default=[],
                    help="sign pushed narinfos with this key (may be repeated)")
     p.add_argument("--compression", choices=["zstd", "xz", "none"], help="NAR compression (default zstd)")
     p.add_argument("--compression-level", type=int, metavar="N", help="compression level")
