@@ -30,7 +30,7 @@ def test_text_columns_and_trust(tmp_path):
     assert r.stdout == f"{H}\ttrusted by test-key-1\n"
     r = run_pure("cache", "path-info", "--trusted-public-keys", OTHER_KEY, "--json", f"file://{NIX_CACHE}", H)
     (obj,) = json.loads(r.stdout)
-    assert obj["untrusted"] == "signed only by untrusted key 'test-key-1'"
+    assert obj["untrusted"] == "signed only by untrusted key 'test-key-1' (the trusted ones are 'other-1')"
     r = run_pure("cache", "path-info", "--sigs", f"file://{NIX_CACHE}", "hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt")
     assert r.stdout.startswith(f"{H}\ttest-key-1:8IR391I8")
 

@@ -170,7 +170,7 @@ def test_credentials_from_a_profile_and_a_reader_that_may_not_list(s3, tmp_path)
              root=dst, env=env)
     r = run_pure("copy", "--from", url(s3, prefix="/ro", profile="ci"), "--trusted-public-keys", PUB, absent,
                  root=dst, env=env, check=False)
-    assert r.returncode == 1 and "no binary cache has it" in r.stderr, r.stderr
+    assert r.returncode == 1 and "does not have it" in r.stderr, r.stderr
     # the reader may not upload: S3's refusal is reported as such
     r = run_pure("copy", "--to", url(s3, prefix="/ro", profile="ci"), absent, root=root, env=env, check=False)
     assert r.returncode == 1 and "S3 AccessDenied" in r.stderr

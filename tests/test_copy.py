@@ -518,3 +518,15 @@ def test_cache_url_mistakes_get_a_hint(tmp_path):
     (tmp_path / "k.sec").write_text(SEC)
     r = run_pure("cache", "serve", tmp_path / "k.sec", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1 and f"error: cache directory '{tmp_path}/k.sec' is not a directory" in r.stderr
+
+
+def test_a_path_the_one_cache_lacks_names_that_cache(tmp_path, keyfile):
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        lib_p, app_p = store.print_path(lib), store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "-k", keyfile, lib_p, root=root)
+    r = run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p,
+                 root=tmp_path / "b", check=False)
+    assert r.returncode == 1
+    assert f"error: cannot substitute '{app_p}': binary cache 'file://{cache}' does not have it" in r.stderr

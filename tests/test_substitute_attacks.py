@@ -88,7 +88,7 @@ def test_signature_by_untrusted_key(attack, tmp_path):
     cache, lib, app = attack
     rewrite_narinfo(cache, app, sign_with=SecretKey.generate("mallory-1").render())
     assert_refused(fetch(f"file://{cache}", app, tmp_path / "r"), tmp_path / "r", app,
-                   "signed only by untrusted key 'mallory-1'")
+                   "signed only by untrusted key 'mallory-1' (the trusted ones are 'test-key-1')")
 
 
 def test_bad_signature(attack, tmp_path):

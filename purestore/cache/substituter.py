@@ -326,7 +326,10 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             return
                 if r is None:
                     extra = "; ".join(subs.rejected.values())
-                    report.failures[p] = "no binary cache has it" + (f" ({extra})" if extra else "")
+                    if len(subs.caches) == 1 and not extra:
+                        report.failures[p] = f"binary cache {subs.caches[0].url.split('?')[0]!r} does not have it"
+                    else:
+                        report.failures[p] = "no binary cache has it" + (f" ({extra})" if extra else "")
                     return
                 found[p] = r
                 events[p] = trio.Event()

@@ -205,5 +205,7 @@ def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, Publ
     if bad:
         parts.append(f"invalid signature by {', '.join(repr(n) for n in bad)}")
     if untrusted:
-        parts.append(f"signed only by untrusted key {', '.join(repr(n) for n in untrusted)}")
+        which = (f"the trusted ones are {', '.join(repr(n) for n in sorted(trusted))}" if trusted
+                 else "no key is trusted")
+        parts.append(f"signed only by untrusted key {', '.join(repr(n) for n in untrusted)} ({which})")
     raise SignatureError("; ".join(parts))
