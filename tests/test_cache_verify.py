@@ -111,6 +111,22 @@ def test_nar_contents_are_read_only_when_asked(cache):
     assert "FileHash says" in r.stdout or "truncated" in r.stdout or "invalid" in r.stdout, r.stdout
 
 
+def test_with_r_the_closure_of_the_paths_named_is_checked(cache):
+    """A reference whose NAR file is missing: checking only the referrer passes (its narinfo's
+    references are there); -r checks the reference like the path named, and finds it."""
+    c, lib, app = cache
+    nar_path(c, lib).unlink()
+    app_p, lib_p = f"/pure/store/{app.base_name}", f"/pure/store/{lib.base_name}"
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--json", app_p)
+    assert r.returncode == 0 and report(r)["checked"] == 1
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--json", "-r", app_p)
+    rep = report(r)
+    assert r.returncode == 1 and rep["checked"] == 2
+    assert [(p["path"], p["message"].split(" '")[0]) for p in rep["problems"]] == [(lib_p, "its NAR file")]
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, "-r", lib_p)  # a path without references
+    assert r.returncode == 1 and f"checked 1 path in file://{c}: 1 bad" in r.stderr, r.stderr
+
+
 def test_a_malformed_nar_with_true_hashes_is_found_by_check_contents(cache):
     """A NAR whose hashes match its narinfo (a hostile signer made it) but that breaks the NAR
     rules (a symlink entry followed by a second entry of the same name)."""

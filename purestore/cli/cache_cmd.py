@@ -90,7 +90,7 @@ each NAR file is also read whole and checked as substitution would check it: Fil
 FileHash, NarSize, NarHash, a well-formed NAR. Nothing is written.
 
 Without PATHs, every narinfo of a file:// or s3:// cache is checked (an HTTP cache cannot be
-listed).
+listed). With -r, the closures of the PATHs are: what a substitution of them would need.
 Prints one line per problem ('bad: PATH: reason') and exits 1 if there is any.
 """
 
@@ -273,6 +273,9 @@ def register(reg) -> None:
                         "none: signatures are not checked)")
     p.add_argument("--check-contents", action="store_true",
                    help="read every NAR file and check its hashes, sizes and format")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="check the closures of the PATHs: every path they refer to, directly or not, "
+                        "is checked like them (without -r only its narinfo's presence is)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
     p = reg.command("info", "check that binary caches answer and can be used, in substitution order",
@@ -692,7 +695,8 @@ def cmd_cache_verify(args, ctx) -> int:
     progress = TextProgress("checking")
     with warnings_to(progress.note):
         rep = trio.run(lambda: verify_cache(settings, args.url, paths, trusted_keys=keys,
-                                            check_contents=args.check_contents, progress=progress))
+                                            check_contents=args.check_contents, recursive=args.recursive,
+                                            progress=progress))
     bad = rep.bad
     if args.json:
         print(json.dumps({
