@@ -215,7 +215,8 @@ def test_a_store_dir_mismatch_is_refused(tmp_path):
     b.mkdir()
     (b / "nix-cache-info").write_text("StoreDir: /nix/store\n")
     r = mirror(f"file://{a}", f"file://{b}", p["app"].absolute("/pure/store"), check=False)
-    assert r.returncode == 1 and "is for store dir '/nix/store'" in r.stderr
+    assert r.returncode == 1 and (f"is for store dir '/nix/store', but the source cache's ('file://{a}') is "
+                                  "'/pure/store'") in r.stderr, r.stderr
     assert files(b) == ["nix-cache-info"]
 
 

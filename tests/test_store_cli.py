@@ -126,6 +126,9 @@ def test_verify_exits_non_zero_and_lists_problems(pure, store_root, tmp_path):
     (["store", "add", "--name", "a b", "/etc/hostname"], "error: store path name 'a b' contains ' '"),
     (["store", "add", "--name", "x", "/etc/hostname", "/etc/hosts"], "error: --name applies to one path"),
     (["store", "path-info", "/tmp"], "error: path '/tmp' is not in the store dir '/pure/store'"),
+    (["store", "path-info", "/nix/store/00000000000000000000000000000000-x"],
+     "error: path '/nix/store/00000000000000000000000000000000-x' is not in the store dir '/pure/store'"
+     " (physically "),
     (["store", "path-info", "/pure/store/00000000000000000000000000000000-x"],
      "error: path '/pure/store/00000000000000000000000000000000-x' is not valid"),
     (["store", "references", "/pure/store/bad"], "error: '/pure/store/bad' is not a store path"),
@@ -136,6 +139,8 @@ def test_user_errors_print_error_and_exit_non_zero(pure, args, message):
     assert p.returncode != 0
     assert p.stderr.startswith(message), p.stderr
     assert "Traceback" not in p.stderr
+    if "/nix/store" in message:  # a path of another store dir: the hint says how to use one
+        assert "hint: paths of '/nix/store' need a store made for that dir (--store-dir /nix/store)" in p.stderr
 
 
 def _big_tree(d, files: int = 1500, size: int = 64 * 1024) -> None:

@@ -51,11 +51,12 @@ class CacheInfo:
             raise CacheError(f"{where}: Priority must be a non-negative integer, got {prio!r}")
         return cls(fields["StoreDir"], fields.get("WantMassQuery") == "1", int(prio))
 
-    def check_store_dir(self, store_dir: str, where: str) -> None:
+    def check_store_dir(self, store_dir: str, where: str, other: str = "this store's dir") -> None:
+        """Raise unless the cache is for ``store_dir`` (``other``: what that dir is, for the message)."""
         if self.store_dir != store_dir:
             raise CacheError(
                 f"binary cache {where!r} is for store dir {self.store_dir!r}, "
-                f"but this store's dir is {store_dir!r}",
+                f"but {other} is {store_dir!r}",
                 hint="use a cache made for the same --store-dir")
 
 

@@ -116,7 +116,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
             e = _failed(sd, src_url, problems)
             raise CopyIncomplete(e.message, result=MirrorResult(sd, (), (), 0, 0), failures=problems, hint=e.hint)
 
-        await ensure_cache_info(dst, sd)
+        await ensure_cache_info(dst, sd, f"the source cache's ({src_url.split('?')[0]!r})")
         if isinstance(dst, FileBackend):  # a prune of the destination waits for the copy
             await held.enter_async_context(push_lock(dst.dir))
         order = _topo(found)

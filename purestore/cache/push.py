@@ -137,15 +137,16 @@ def load_secret_key(path: str) -> SecretKey:
         raise KeyError_(f"secret key file {path!r}: {e}", hint=e.hint or _KEY_HINT) from None
 
 
-async def ensure_cache_info(backend: Backend, store_dir: str) -> CacheInfo:
-    """Read ``nix-cache-info`` (checking the store dir) or create it."""
+async def ensure_cache_info(backend: Backend, store_dir: str, other: str = "this store's dir") -> CacheInfo:
+    """Read ``nix-cache-info`` (checking the store dir; ``other``: whose dir it is, for the
+    error) or create it."""
     data = await backend.get("nix-cache-info")
     if data is None:
         info = CacheInfo(store_dir)
         await backend.put("nix-cache-info", info.render().encode(), "text/x-nix-cache-info")
         return info
     info = CacheInfo.parse(data, f"{backend.url}/nix-cache-info")
-    info.check_store_dir(store_dir, backend.url)
+    info.check_store_dir(store_dir, backend.url, other)
     return info
 
 

@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -208,8 +209,13 @@ class LocalStore:
             for prefix in (self.store_dir, self.real_store_dir):
                 if real.startswith(prefix + "/"):
                     return StorePath.parse_prefix(real, prefix)[0]
+        hint = None
+        m = re.match(r"(/[^\0]*?)/[0-9a-df-np-sv-z]{32}-[^/]+(/|$)", absolute)  # /<dir>/<hash>-<name>
+        if m and m.group(1) != self.store_dir:
+            hint = f"paths of {m.group(1)!r} need a store made for that dir (--store-dir {m.group(1)})"
         raise InvalidStorePath(f"path {text!r} is not in the store dir {self.store_dir!r}"
-                               + (f" (physically {self.real_store_dir!r})" if self.settings.rooted else ""))
+                               + (f" (physically {self.real_store_dir!r})" if self.settings.rooted else ""),
+                               hint=hint)
 
     # -- queries --------------------------------------------------------------------------------
 
