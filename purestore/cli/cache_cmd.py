@@ -500,7 +500,6 @@ def cmd_copy(args, ctx) -> int:
                          "narinfos in place")
             return 0
         from ..cache.substituter import copy_from
-        from ..errors import CopyIncomplete
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
         already = [p for p in paths if store.is_valid(p)]
@@ -511,30 +510,40 @@ def cmd_copy(args, ctx) -> int:
                               "failed": {store.print_path(p): why for p, why in sorted(failures.items())},
                               "narBytes": rep.nar_bytes}, indent=2))
         # fork_worker: nothing else runs in this process, so a forked restoring process is safe
-        try:
-            with warnings_to(progress.note):
-                rep = trio.run(lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
-                                                 progress=progress, jobs=args.jobs, fork_worker=True))
-        except CopyIncomplete as e:
-            if args.json:  # what was done, and what was not (the error follows on stderr)
-                report_json(e.result, e.failures)
-            raise
-        if args.json:
-            report_json(rep, {})
-        else:
+        rep = _run_copy(progress, lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
+                                                    progress=progress, jobs=args.jobs, fork_worker=True),
+                        report_json if args.json else None)
+        if not args.json:
             ctx.info(f"fetched {_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
                      f"{args.from_.split('?')[0]}")
     return 0
 
 
+def _run_copy(progress, copy, report_json):
+    """``trio.run(copy)`` with warnings shown through ``progress``; returns its result.  With
+    ``report_json(result, failures)`` (--json) the result is printed, and also what a copy that
+    failed for some paths did (:class:`CopyIncomplete`), before its error is raised."""
+    import trio
+    from ..errors import CopyIncomplete
+    from ._warnings import warnings_to
+    try:
+        with warnings_to(progress.note):
+            res = trio.run(copy)
+    except CopyIncomplete as e:
+        if report_json is not None:
+            report_json(e.result, e.failures)
+        raise
+    if report_json is not None:
+        report_json(res, {})
+    return res
+
+
 def _copy_between(args, ctx) -> int:
     """``pure copy --from A --to B``: no store involved (see :mod:`purestore.cache.mirror`)."""
-    import trio
     from ..cache.mirror import copy_between
     from ..cache.progress import TextProgress, format_size as _size
     from ..cache.push import load_secret_key
-    from ..errors import CopyIncomplete, UsageError
-    from ._warnings import warnings_to
+    from ..errors import UsageError
 
     recompress = [flag for flag, given in (
         ("--compression", args.compression), ("--compression-level", args.compression_level is not None),
@@ -554,20 +563,12 @@ def _copy_between(args, ctx) -> int:
             "failed": {p.absolute(res.store_dir): why for p, why in sorted(failures.items())},
             "narBytes": res.nar_bytes, "fileBytes": res.file_bytes,
         }, indent=2))
-    try:
-        with warnings_to(progress.note):
-            res = trio.run(lambda: copy_between(
-                ctx.settings, args.from_, args.to, paths, trusted_keys=trusted,
-                check_sigs=not args.no_check_sigs, require_provenance=args.require_provenance,
-                secret_keys=keys, write_listing=True if args.write_nar_listing else None,
-                jobs=args.jobs, progress=progress))
-    except CopyIncomplete as e:
-        if args.json:  # what was done, and what was not (the error follows on stderr)
-            report_json(e.result, e.failures)
-        raise
-    if args.json:
-        report_json(res, {})
-    else:
+    res = _run_copy(progress, lambda: copy_between(
+        ctx.settings, args.from_, args.to, paths, trusted_keys=trusted,
+        check_sigs=not args.no_check_sigs, require_provenance=args.require_provenance,
+        secret_keys=keys, write_listing=True if args.write_nar_listing else None,
+        jobs=args.jobs, progress=progress), report_json if args.json else None)
+    if not args.json:
         ctx.info(f"copied {_paths(len(res.copied))} from {args.from_.split('?')[0]} to "
                  f"{args.to.split('?')[0]} ({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} "
                  f"of NAR files transferred); {len(res.skipped)} already there")
