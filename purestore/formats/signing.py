@@ -9,6 +9,8 @@ Formats::
 Signatures are plain Ed25519 (not the pre-hashed variant) over a fingerprint string; verifiers pick
 the key by the signature's name.  Key names may not be empty nor contain ``:``.  Parsers are
 strict: wrong lengths, bad base64 and mismatched halves of a secret key raise :class:`KeyError_`.
+PyNaCl is imported only to sign, verify or derive a key: parsing public keys (every command
+that loads a config with ``trusted-public-keys`` checks them) costs no import of it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import functools
 from typing import Iterable, Mapping
 
 import attrs
-import nacl.exceptions
-import nacl.signing
 
 from ..errors import KeyError_, SignatureError
 
@@ -89,6 +89,8 @@ class PublicKey:
         if sig.name != self.name:
             return False
         data = fingerprint.encode() if isinstance(fingerprint, str) else fingerprint
+        import nacl.exceptions
+        import nacl.signing
         try:
             nacl.signing.VerifyKey(self.key).verify(data, sig.sig)
         except (nacl.exceptions.BadSignatureError, ValueError):
@@ -138,6 +140,7 @@ class SecretKey:
     def generate(cls, name: str) -> "SecretKey":
         """A fresh random key named ``name``."""
         _check_name(name)
+        import nacl.signing
         return cls(name, bytes(nacl.signing.SigningKey.generate()))
 
     @classmethod
@@ -161,9 +164,10 @@ class SecretKey:
 
 
 @functools.lru_cache(maxsize=16)
-def _signing_key(seed: bytes) -> nacl.signing.SigningKey:
+def _signing_key(seed: bytes) -> "nacl.signing.SigningKey":  # noqa: F821
     """The expanded key of a seed (deriving it costs about as much as a signature; a push signs
     one narinfo per path with the same key)."""
+    import nacl.signing
     return nacl.signing.SigningKey(seed)
 
 
