@@ -101,6 +101,19 @@ def test_keep_and_pushing_again_keep_old_paths(tmp_path):
     assert [p.name for p in cache.glob("*.narinfo")] == [narinfo(cache, n["lib"]).name]
 
 
+def test_a_reference_missing_before_the_prune_is_reported_as_data(tmp_path):
+    """A kept path whose reference the cache already lacked: a warning naming both, and in
+    --json a list of {path, reference} objects (not sentences)."""
+    root, cache, n = setup_cache(tmp_path)
+    narinfo(cache, n["lib"]).unlink()  # lost before the prune, by someone else
+    r = prune(cache, "--keep", n["app"], "--dry-run")
+    assert (f"warning: {n['app']} refers to {n['lib']}, which the cache lacks "
+            "(it was missing before this prune)") in r.stderr
+    out = json.loads(prune(cache, "--keep", n["app"], "--dry-run", "--json").stdout)
+    assert out["missingReferences"] == [{"path": n["app"], "reference": n["lib"]}]
+    assert sorted(out["removed"]) == sorted([n["other"], n["twin"]])
+
+
 def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     _root, cache, n = setup_cache(tmp_path)
     (cache / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo").write_text("garbage\n")

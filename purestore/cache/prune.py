@@ -103,7 +103,8 @@ class PrunePlan:
     removed: list[StorePath] = attrs.field(factory=list)
     files: list[str] = attrs.field(factory=list)  # in removal order
     freed: int = 0  # bytes of the files
-    missing: list[str] = attrs.field(factory=list)  # references of kept paths the cache lacks
+    # (kept path, its reference that the cache lacks)
+    missing: list[tuple[StorePath, StorePath]] = attrs.field(factory=list)
     unreadable: list[str] = attrs.field(factory=list)  # narinfos kept because they do not parse
     uploads: list[tuple[str, str]] = attrs.field(factory=list)  # (name, id): S3 uploads to abort
 
@@ -111,7 +112,10 @@ class PrunePlan:
         sd = self.store_dir
         return {"cache": directory, "dryRun": dry_run, "kept": len(self.kept),
                 "removed": [p.absolute(sd) for p in self.removed], "files": self.files,
-                "freedBytes": self.freed, "missingReferences": self.missing, "unreadable": self.unreadable,
+                "freedBytes": self.freed,
+                "missingReferences": [{"path": p.absolute(sd), "reference": r.absolute(sd)}
+                                      for p, r in self.missing],
+                "unreadable": self.unreadable,
                 "abortedUploads": [name for name, _id in self.uploads]}
 
 
@@ -230,8 +234,7 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
             if r.hash_part in infos:
                 todo.append(r.hash_part)
             else:
-                plan.missing.append(f"{infos[h].store_path.absolute(sd)} refers to {r.absolute(sd)}, "
-                                    f"which the cache lacks")
+                plan.missing.append((infos[h].store_path, r))
 
     gone = sorted(set(infos) - kept)
     plan.kept = sorted((infos[h].store_path for h in kept), key=lambda p: p.base_name)

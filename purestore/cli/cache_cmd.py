@@ -876,8 +876,9 @@ def _prune_report(args, ctx, d: str, plan, errors: list[str]) -> int:
             print(f"{verb} '{p.absolute(sd)}'")
     for line in plan.unreadable:
         ctx.info(f"warning: kept a narinfo that cannot be read: {line}")
-    for line in plan.missing:
-        ctx.info(f"warning: {line} (it was missing before this prune)")
+    for p, r in plan.missing:
+        ctx.info(f"warning: {p.absolute(sd)} refers to {r.absolute(sd)}, which the cache lacks "
+                 "(it was missing before this prune)")
     for e in errors:
         ctx.info(f"error: {e}")
     what = "would remove" if args.dry_run else "tried to remove" if errors else "removed"
