@@ -333,6 +333,19 @@ def test_bad_cache_urls(tmp_path, direction, url, msg):
     assert "Traceback" not in r.stderr
 
 
+def test_a_level_without_compression_is_pushed_with_a_warning(tmp_path):
+    """compression=none with a level: accepted (Nix accepts it), stored uncompressed, and said."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    r = run_pure("copy", "--to", f"file://{cache}?compression=none&compression-level=9", store.print_path(lib),
+                 root=root)
+    assert "warning: compression-level 9 is ignored: the NARs are stored uncompressed" in r.stderr, r.stderr
+    assert [p.suffix for p in (cache / "nar").iterdir()] == [".nar"]
+    r = run_pure("copy", "--to", f"file://{tmp_path / 'c2'}?compression=none", store.print_path(lib), root=root)
+    assert "ignored" not in r.stderr
+
+
 @pytest.mark.parametrize("content,reason", [
     (SEC.split(":", 1)[1], "is not of the form 'name:base64'"),  # the name left out
     (":" + SEC.split(":", 1)[1], "has an empty key name"),

@@ -270,6 +270,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             raise CacheError(f"cache URL {url!r}: compression-level must be an integer") from None
     if parallel is None:
         parallel = url_flag(cu, "parallel-compression")
+    if method == "none" and level is not None:  # accepted, as Nix accepts it, but said
+        import logging
+        logging.getLogger("purestore.cache").warning(
+            "warning: compression-level %s is ignored: the NARs are stored uncompressed (compression=none)", level)
     try:
         compressor(method, level, parallel)  # validate early
     except CacheError as e:
