@@ -114,6 +114,27 @@ def test_a_reference_missing_before_the_prune_is_reported_as_data(tmp_path):
     assert sorted(out["removed"]) == sorted([n["other"], n["twin"]])
 
 
+def test_temporary_files_of_killed_runs_go_once_an_hour_old(tmp_path):
+    """What a push, copy or upload killed by SIGKILL left (``.tmp-…``) goes with the next prune
+    (which holds the directory's lock); a recent one stays, as do other hidden files."""
+    root, cache, n = setup_cache(tmp_path)
+    old = [cache / "nar" / ".tmp-push-0123456789abcdef.nar", cache / ".tmp-k1x2y3", cache / "log" / ".tmp-upload-a"]
+    (cache / "log").mkdir(exist_ok=True)
+    for f in old:
+        f.write_bytes(b"partial" * 100)
+    age(old, time.time() - 2 * 3600)
+    fresh = cache / "nar" / ".tmp-push-fedcba9876543210.nar"
+    fresh.write_bytes(b"being written")
+    other = cache / "nar" / ".keep-me"
+    other.write_bytes(b"not ours")
+    age([other], OLD)
+    out = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)
+    assert out["removed"] == []
+    assert sorted(out["files"]) == sorted(f.relative_to(cache).as_posix() for f in old)
+    assert out["freedBytes"] == 3 * 700
+    assert not any(f.exists() for f in old) and fresh.exists() and other.exists()
+
+
 def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     _root, cache, n = setup_cache(tmp_path)
     (cache / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo").write_text("garbage\n")

@@ -119,6 +119,9 @@ class PrunePlan:
                 "abortedUploads": [name for name, _id in self.uploads]}
 
 
+STALE_TEMP_SECONDS = 3600  # temporary files older than this are removed by a prune
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return sorted(os.listdir(path))
@@ -273,6 +276,11 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
     kept_drvs = {infos[h].deriver.base_name for h in kept if infos[h].deriver is not None}
     for drv in sorted({infos[h].deriver.base_name for h in gone if infos[h].deriver is not None} - kept_drvs):
         add(f"log/{drv}")
+    # what killed pushes, copies and uploads left (``.tmp-…``: only ours): the prune holds the
+    # directory's lock, so none of them is running; an hour's margin all the same
+    for name in sorted(listing):
+        if name.rpartition("/")[2].startswith(".tmp-") and listing[name][1] < now - STALE_TEMP_SECONDS:
+            add(name)
     return plan
 
 

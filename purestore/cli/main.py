@@ -178,6 +178,31 @@ def _tune_runtime() -> None:
     mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
+_terminated = False
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what ``timeout``, systemd and CI runners send) stops a command as Ctrl-C does:
+    its clean-up runs (partial files in a cache or the store removed, builders killed) instead of
+    the process just vanishing.  Where Ctrl-C is ignored (a ``pure shell`` waiting for its
+    shell), SIGTERM keeps its default action and ends the process."""
+    import signal
+
+    def on_term(signum, frame):
+        global _terminated
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _terminated = True
+        signal.raise_signal(signal.SIGINT)  # handled as Ctrl-C: by trio's handler within trio.run
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (main() called by a library user)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     owners = COMMAND_OWNERS.get(_command_word(argv))
@@ -196,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = Context(args)
     _tune_runtime()
+    _stop_on_sigterm()
     try:
         rc = args.func(args, ctx)
     except PurestoreError as e:
@@ -204,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
+        if _terminated:
+            print("error: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

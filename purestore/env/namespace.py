@@ -130,6 +130,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if scratch is not None:
                 enter_store_namespace(settings.real_store_dir, settings.store_dir, scratch, cwd)
             os.execve(argv[0], list(argv), dict(env))
