@@ -330,6 +330,29 @@ async def test_attempts_must_be_at_least_one(tmp_path):
     assert parse_config("download-attempts = 2\n", "pure.conf") == {"download_attempts": 2}
 
 
+@pytest.mark.parametrize("key", ["connect-timeout", "stalled-download-timeout", "narinfo-cache-negative-ttl",
+                                 "max-jobs", "cores"])
+def test_negative_numbers_are_refused_where_they_mean_nothing(key):
+    from purestore.errors import UsageError
+    from purestore.store.settings import parse_config
+    with pytest.raises(UsageError, match=rf"pure.conf:2: {key} must be at least 0, got '-1'"):
+        parse_config(f"# a comment\n{key} = -1\n", "pure.conf")
+
+
+async def test_a_timeout_of_zero_means_no_limit_as_in_nix(tmp_path):
+    """Nix's connect-timeout is 0 by default, meaning none: a config carried over from Nix must
+    not make every HTTP cache fail at once."""
+    import math
+
+    from purestore.cache.backend import backend_for
+    from purestore.store.settings import Settings, parse_config
+    settings = Settings(**parse_config("connect-timeout = 0\nstalled-download-timeout = 0\n", "pure.conf"))
+    async with backend_for("http://127.0.0.1:1/", settings) as b:
+        assert b.client.connect_timeout == math.inf and b.client.stall_timeout == math.inf
+    async with backend_for("http://127.0.0.1:1/", Settings()) as b:
+        assert (b.client.connect_timeout, b.client.stall_timeout) == (10, 30)
+
+
 @pytest.mark.parametrize("size", [100, 600 << 10], ids=["small", "streamed"])
 async def test_cache_serve_answers_one_byte_range(tmp_path, size):
     """`pure cache serve` sends the part asked for (206 with Content-Range), 416 for a range

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import tempfile
@@ -163,8 +164,9 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
 
 def backend_for(url: str | CacheURL, settings, **kw) -> "Backend":
     """:func:`open_backend` with the timeouts, attempts and netrc file of ``settings``."""
-    return open_backend(url, connect_timeout=settings.connect_timeout,
-                        stall_timeout=settings.stalled_download_timeout,
+    # 0: no limit, as in Nix (whose connect-timeout is 0 by default)
+    return open_backend(url, connect_timeout=settings.connect_timeout or math.inf,
+                        stall_timeout=settings.stalled_download_timeout or math.inf,
                         attempts=settings.download_attempts,
                         netrc_file=getattr(settings, "netrc_file", None),
                         ssl_cert_file=getattr(settings, "ssl_cert_file", None), **kw)

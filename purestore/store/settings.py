@@ -24,7 +24,8 @@ from ..formats.store_path import DEFAULT_STORE_DIR, check_store_dir
 _LIST_KEYS = {"substituters", "trusted-public-keys"}
 _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout",
              "download-attempts"}
-_MIN = {"download-attempts": 1}
+_MIN = {"download-attempts": 1, "max-jobs": 0, "cores": 0, "narinfo-cache-negative-ttl": 0,
+        "connect-timeout": 0, "stalled-download-timeout": 0}
 _PATH_KEYS = {"netrc-file", "ssl-cert-file", "post-build-hook"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths"}
