@@ -8,12 +8,13 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
-from conftest import DATA, run_pure
+from conftest import DATA, pure_env, run_pure
 from test_cache_support import (
-    PUB, SEC, make_closure, make_path, open_store, start_server, stop_server,
+    PUB, SEC, make_closure, make_path, open_store, settings_for, start_server, stop_server,
 )
 
 GOLD = DATA / "cache" / "nix-cache"
@@ -543,3 +544,41 @@ def test_a_path_the_one_cache_lacks_names_that_cache(tmp_path, keyfile):
                  root=tmp_path / "b", check=False)
     assert r.returncode == 1
     assert f"error: cannot substitute '{app_p}': binary cache 'file://{cache}' does not have it" in r.stderr
+
+
+async def test_paths_another_process_registers_meanwhile_are_reported_not_fetched_again(tmp_path, keyfile):
+    """A second `pure copy --from` into the same store: what the other one registered while
+    this one was on its way is not downloaded again once its turn comes (or not registered
+    twice if it was), and is reported as present, not lost from the report."""
+    import trio
+
+    from purestore.cache import substituter
+    from purestore.cache.substituter import substitute_report
+
+    src, cache, dst = tmp_path / "a", tmp_path / "cache", tmp_path / "dst"
+    with open_store(src) as store:
+        lib = make_path(store, "lib-1.0", {"big": os.urandom(2 << 20)})
+        app = make_path(store, "app-2.0", {"bin/app": b"uses " + store.print_path(lib).encode()}, refs=[lib])
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=src)
+    real_download, calls = substituter.download, []
+
+    async def download_while_another_copy_runs(store, cache_, ni, *a, **kw):
+        calls.append(ni.store_path)
+        if len(calls) == 1:  # the other process fetches both paths now, start to end
+            await trio.run_process([sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB,
+                                    app_p], env=pure_env(dst, None, None))
+        return await real_download(store, cache_, ni, *a, **kw)
+
+    settings = settings_for(dst, trusted_public_keys=(PUB,))
+    with open_store(dst) as store:
+        try:
+            substituter.download = download_while_another_copy_runs
+            report = await substitute_report(store, settings, {app}, urls=[f"file://{cache}"], jobs=1)
+        finally:
+            substituter.download = real_download
+    assert len(calls) == 1, "the second path's turn came after the other process had registered it"
+    assert report.fetched == [] and not report.failures
+    assert sorted(report.present) == sorted([lib, app]) and report.valid == {app}
+    run_pure("store", "verify", "--check-contents", root=dst)
+    assert os.listdir(dst / "pure/store/.tmp") == []

@@ -62,10 +62,13 @@ AHEAD = 4  # big NARs over HTTP asked for before a lane is free to restore them 
 @attrs.define
 class SubstituteReport:
     """What a substitution run did: ``valid`` (requested paths now valid), ``fetched`` (paths
-    downloaded, requested or not), ``failures`` (path → reason; not registered)."""
+    downloaded, requested or not), ``present`` (paths that another process registered while
+    this run was on its way: not downloaded, or downloaded but not registered by this run),
+    ``failures`` (path → reason; not registered)."""
 
     valid: set[StorePath] = attrs.field(factory=set)
     fetched: list[StorePath] = attrs.field(factory=list)
+    present: list[StorePath] = attrs.field(factory=list)
     failures: dict[StorePath, str] = attrs.field(factory=dict)
     nar_bytes: int = 0
 
@@ -73,6 +76,9 @@ class SubstituteReport:
 class CacheUnusable(CacheError):
     """A cache that cannot be used at all (with ``strict``): unreachable, not a cache, another
     store dir."""
+
+
+_PRESENT = "(valid already)"  # download_from's answer for a path registered meanwhile
 
 
 class _Rejected(Exception):
@@ -391,6 +397,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 async with lanes_gate.enter(ni.nar_size) if big or local else flimit:
                     if give_back is not None:
                         give_back()
+                    if valid(p):  # registered meanwhile by another process (a second `pure copy`)
+                        return _PRESENT
                     if progress:
                         progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
                     return await download(store, cache, ni, progress, worker, opened)
@@ -405,6 +413,13 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 while tmp is None:
                     try:
                         tmp = await download_from(p, cache, ni)
+                        if tmp is _PRESENT:
+                            tmp = None
+                            ok.add(p)
+                            report.present.append(p)
+                            if progress:
+                                progress.expect(-1, -ni.nar_size)
+                            return
                     except (CacheError, FormatError, StoreError, SignatureError) as e:
                         tried.append((cache, str(e)))
                         try:
@@ -453,6 +468,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 if res is None:
                     report.fetched.append(p)
                     report.nar_bytes += ni.nar_size
+                else:
+                    report.present.append(p)
                 if progress:
                     progress.path_done(p.absolute(sd))
             finally:

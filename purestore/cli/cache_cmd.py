@@ -505,8 +505,8 @@ def cmd_copy(args, ctx) -> int:
         already = [p for p in paths if store.is_valid(p)]
 
         def report_json(rep, failures) -> None:
-            print(json.dumps({"fetched": [store.print_path(p) for p in rep.fetched],
-                              "skipped": [store.print_path(p) for p in already],
+            print(json.dumps({"fetched": sorted(store.print_path(p) for p in rep.fetched),
+                              "skipped": sorted({store.print_path(p) for p in [*already, *rep.present]}),
                               "failed": {store.print_path(p): why for p, why in sorted(failures.items())},
                               "narBytes": rep.nar_bytes}, indent=2))
         # fork_worker: nothing else runs in this process, so a forked restoring process is safe
@@ -514,8 +514,10 @@ def cmd_copy(args, ctx) -> int:
                                                     progress=progress, jobs=args.jobs, fork_worker=True),
                         report_json if args.json else None)
         if not args.json:
+            meanwhile = f"; {_paths(len(rep.present))} registered meanwhile by another process" \
+                if rep.present else ""
             ctx.info(f"fetched {_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
-                     f"{args.from_.split('?')[0]}")
+                     f"{args.from_.split('?')[0]}{meanwhile}")
     return 0
 
 
