@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import threading
 
 import pytest
@@ -158,6 +159,76 @@ def test_push_refuses_a_corrupt_path_and_leaves_no_temporary_file(tmp_path, keyf
     assert r.returncode == 1 and "is corrupt: its NAR hash is" in r.stderr and "Traceback" not in r.stderr
     assert not (cache / f"{app.hash_part}.narinfo").exists()
     assert not [p for p in (cache / "nar").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_corrupt_path_fails_alone_and_the_rest_of_the_push_goes_on(tmp_path, keyfile):
+    """lib is corrupt: lib and app (which refers to it) are not published, other is; --json
+    says so, the hint says how to repair, and the cache verifies clean."""
+    import json
+
+    from test_cache_support import PUB
+
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        other = make_path(store, "other-1.0", {"x": os.urandom(3 << 20)})  # the biggest: first
+        names = {n: store.print_path(p) for n, p in (("lib", lib), ("app", app), ("other", other))}
+    real = root / names["lib"].lstrip("/")
+    os.chmod(real, 0o644)
+    real.write_bytes(b"tampered " * 100)
+    r = run_pure("copy", "--json", "--to", f"file://{cache}", "--secret-key-file", keyfile,
+                 names["app"], names["other"], root=root, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert out["uploaded"] == [names["other"]] and out["skipped"] == []
+    assert sorted(out["failed"]) == sorted([names["lib"], names["app"]])
+    assert "is corrupt: its NAR hash is" in out["failed"][names["lib"]]
+    assert out["failed"][names["app"]] == f"its reference {names['lib']!r} could not be copied"
+    assert f"error: cannot copy {names['lib']!r}: path '{real}' is corrupt" in r.stderr
+    assert f"cannot copy {names['app']!r}: its reference" in r.stderr
+    assert "hint: run 'pure store verify --check-contents --repair'" in r.stderr
+    assert sorted(p.name for p in cache.glob("*.narinfo")) == [f"{other.hash_part}.narinfo"]
+    v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}")
+    assert v.stdout == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small tmpfs")
+def test_a_cache_that_fills_up_says_what_was_published(tmp_path, keyfile):
+    """The cache's file system fills up half way: the error says so, --json still lists what
+    was published and what was not, and the cache holds nothing half-published."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+    from test_cache_support import PUB
+
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        # pushed largest first: zeros (fit, compressed), then random bytes (do not), then the rest
+        zeros = make_path(store, "zeros-1.0", {"x": bytes(3 << 20)})
+        big = make_path(store, "big-1.0", {"x": os.urandom(3 << 19)})
+        small = [make_path(store, f"small-{i}", {"x": os.urandom(2000)}) for i in range(3)]
+        names = sorted(store.print_path(p) for p in [zeros, big, *small])
+    pure = f"{shlex.quote(sys.executable)} -m purestore.cli.main"
+    script = (f"mkdir -p {cache} && mount -t tmpfs -o size=1m tmpfs {cache} && "
+              f"{pure} copy --json -j 1 --to file://{cache} --secret-key-file {keyfile} "
+              f"{' '.join(names)} > {tmp_path}/out 2> {tmp_path}/err; echo $? > {tmp_path}/rc; "
+              f"{pure} cache verify --check-contents --trusted-public-keys '{PUB}' file://{cache} "
+              f"> {tmp_path}/verify 2>&1; echo $? >> {tmp_path}/rc")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], env=pure_env(root), check=True, timeout=120)
+    rc, vrc = (tmp_path / "rc").read_text().split()
+    err = (tmp_path / "err").read_text()
+    assert rc == "1" and "No space left on device" in err and "Traceback" not in err, err
+    out = json.loads((tmp_path / "out").read_text())
+    assert out["uploaded"] == [store.print_path(zeros)]
+    assert sorted([*out["uploaded"], *out["failed"]]) == names
+    big_p = store.print_path(big)
+    assert out["failed"][big_p].startswith("cannot write ") and "No space left on device" in out["failed"][big_p]
+    assert all(out["failed"][store.print_path(p)].startswith("not copied: cannot write ") for p in small)
+    assert f"error: cannot copy {big_p!r}: cannot write " in err and "3 more paths not copied" in err
+    assert vrc == "0", (tmp_path / "verify").read_text()
 
 
 def test_push_of_big_referrers_first_still_writes_references_narinfos_first(tmp_path, monkeypatch):

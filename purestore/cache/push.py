@@ -32,7 +32,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from ..errors import CacheError, KeyError_, StoreError
+from ..errors import CacheError, CopyIncomplete, KeyError_, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
@@ -256,8 +256,12 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     ``parallel-compression`` (true/1: each NAR compressed on all cores, see :mod:`.compression`),
     ``secret-key`` (a key file; added to ``secret_keys``), ``write-nar-listing`` (true/1),
     ``index-debug-info`` (true/1: ``debuginfo/<build id>`` links, :func:`debug_info_files`).
-    Keyword arguments override them.  Raises :class:`CacheError` for cache failures, :class:`StoreError` for a
-    corrupt or missing local path.  ``fork_worker``: compress in a forked copy of this process
+    Keyword arguments override them.  Raises :class:`StoreError` for a path that is not valid
+    here (before anything is copied), :class:`CacheError` when the cache cannot be used, and
+    :class:`CopyIncomplete` (a CacheError, with the partial :class:`PushResult` and each failed
+    path's reason) when some paths were not copied: a corrupt local path fails alone, with the
+    paths that refer to it, and the rest is copied; a cache that fails (full, gone) stops the
+    push.  ``fork_worker``: compress in a forked copy of this process
     as well (:mod:`.forked`); only for a caller whose other threads are all idle (the CLI).
     """
     cu = parse_url(url)
@@ -309,7 +313,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 
-        done = {p: trio.Event() for p in todo}
+        done = {p: trio.Event() for p in todo}  # set when p's narinfo is written, or p failed
+        failed: dict[StorePath, str] = {}
+        hints: list[str | None] = []
+        published: list[StorePath] = []
         tmp_dir = await nar_temp_dir(backend)
         totals = [0, 0]
 
@@ -326,11 +333,20 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 tmp = push_temp_name(tmp_dir)
                 args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, parallel, tmp,
                         write_listing)
-                ran, res = await run_claimed(
-                    worker, lambda: worker.call(compress_path, *args, progress=progress),
-                    lambda: _unlink_quietly(tmp))
-                if not ran:
-                    res = await trio.to_thread.run_sync(compress_path, *args, progress)
+                try:
+                    ran, res = await run_claimed(
+                        worker, lambda: worker.call(compress_path, *args, progress=progress),
+                        lambda: _unlink_quietly(tmp))
+                    if not ran:
+                        res = await trio.to_thread.run_sync(compress_path, *args, progress)
+                except StoreError as e:  # this path's own fault (corrupt, unreadable): the rest goes on
+                    failed[p] = str(e)
+                    hints.append(e.hint)
+                    done[p].set()
+                    continue
+                except CacheError as e:  # the cache's (full, gone): the push stops, naming this path
+                    failed[p] = str(e)
+                    raise
                 n.start_soon(push_one, p, *res)
 
         async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
@@ -369,7 +385,12 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             for r in info.references:
                 if r != p and r in done:
                     await done[r].wait()
+                    if r in failed:  # never a narinfo whose references the cache lacks
+                        failed[p] = f"its reference {r.absolute(store_dir)!r} could not be copied"
+                        done[p].set()
+                        return
             await backend.put(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), "text/x-nix-narinfo")
+            published.append(p)
             done[p].set()
             if progress:
                 progress.path_done(p.absolute(store_dir))
@@ -378,13 +399,28 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         # one lane compresses in a forked copy of this process (see .forked): forked now, while
         # no thread of ours is busy
         worker = ForkedWorker.start() if fork_worker and lanes >= 2 else None
+        skipped = tuple(p for p in order if p in have)
         try:
             async with open_nursery() as n:
                 for i in range(lanes):
                     n.start_soon(compress_worker, n, worker if i == 0 else None)
+        except CacheError as e:  # the cache failed (full, refused, gone): what was done is said
+            res = PushResult(tuple(published), skipped, totals[0], totals[1])
+            rest = [p for p in todo if p not in failed and p not in published]
+            lines = [f"cannot copy {p.absolute(store_dir)!r}: {failed[p]}" for p in order if p in failed] or [str(e)]
+            if rest:
+                lines.append(f"{len(rest)} more path{'s' if len(rest) > 1 else ''} not copied")
+            raise CopyIncomplete("\n".join(lines), result=res, hint=e.hint,
+                                 failures={**failed, **{p: f"not copied: {e}" for p in rest}}) from e
         finally:
             if worker is not None:
                 await worker.aclose()
         if progress:
             progress.finish()
-    return PushResult(tuple(todo), tuple(p for p in order if p in have), totals[0], totals[1])
+    res = PushResult(tuple(p for p in todo if p not in failed), skipped, totals[0], totals[1])
+    if failed:
+        lines = [f"cannot copy {p.absolute(store_dir)!r}: {why}"
+                 for p in order if (why := failed.get(p)) is not None]  # references (the causes) first
+        raise CopyIncomplete("\n".join(lines), result=res, failures=failed,
+                             hint=next((h for h in hints if h), None))
+    return res

@@ -441,10 +441,7 @@ def _paths(n: int) -> str:
 
 
 def cmd_copy(args, ctx) -> int:
-    import trio
     from ..cache.progress import TextProgress, format_size as _size
-    from ._warnings import warnings_to
-
     from ..errors import UsageError
     if not args.to and not args.from_:
         raise UsageError("say where to copy: --to URL, --from URL, or both (from one cache to another)")
@@ -474,19 +471,21 @@ def cmd_copy(args, ctx) -> int:
             cu = parse_url(args.to)
             keys = [load_secret_key(f) for f in args.secret_key_file]
             paths = [store.parse_path(p, valid=True) for p in args.paths]
-            with warnings_to(progress.note):
-                res = trio.run(lambda: copy_to(
-                    store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
-                    level=args.compression_level, parallel=True if args.parallel_compression else None,
-                    write_listing=True if args.write_nar_listing else None,
-                    jobs=args.jobs, progress=progress, fork_worker=True))  # nothing else runs here
-            if args.json:
+
+            def push_json(res, failures) -> None:
                 print(json.dumps({
-                    "uploaded": [store.print_path(p) for p in res.uploaded],
-                    "skipped": [store.print_path(p) for p in res.skipped],
+                    "uploaded": sorted(store.print_path(p) for p in res.uploaded),
+                    "skipped": sorted(store.print_path(p) for p in res.skipped),
+                    "failed": {store.print_path(p): why for p, why in sorted(failures.items())},
                     "narBytes": res.nar_bytes, "fileBytes": res.file_bytes,
                 }, indent=2))
-            else:
+            res = _run_copy(progress, lambda: copy_to(
+                store, settings, args.to, paths, secret_keys=keys, compression=args.compression,
+                level=args.compression_level, parallel=True if args.parallel_compression else None,
+                write_listing=True if args.write_nar_listing else None,
+                jobs=args.jobs, progress=progress, fork_worker=True),  # nothing else runs here
+                push_json if args.json else None)
+            if not args.json:
                 ctx.info(f"copied {_paths(len(res.uploaded))} to {args.to.split('?')[0]} "
                          f"({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} compressed); "
                          f"{len(res.skipped)} already there")
