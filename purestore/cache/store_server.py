@@ -145,16 +145,26 @@ class _Check:
     def update(self, data) -> None:
         self.n += len(data)
         if self.n > self.info.nar_size:
-            raise StoreError(f"path {self.where!r} is corrupt: its NAR is longer than the registered "
-                             f"{self.info.nar_size} bytes", hint="run 'pure store verify --check-contents --repair'")
+            raise _Corrupt(f"path {self.where!r} is corrupt: its NAR is longer than the registered "
+                           f"{self.info.nar_size} bytes", where=self.where,
+                           hint="run 'pure store verify --check-contents --repair'")
         self.h.update(data)
 
     def finish(self) -> None:
         got = Hash("sha256", self.h.digest())
         if self.n != self.info.nar_size or got != self.info.nar_hash:
-            raise StoreError(f"path {self.where!r} is corrupt: its NAR hash is {got.typed()} ({self.n} bytes), "
-                             f"but the store registered {self.info.nar_hash.typed()} ({self.info.nar_size} bytes)",
-                             hint="run 'pure store verify --check-contents --repair'")
+            raise _Corrupt(f"path {self.where!r} is corrupt: its NAR hash is {got.typed()} ({self.n} bytes), "
+                           f"but the store registered {self.info.nar_hash.typed()} ({self.info.nar_size} bytes)",
+                           where=self.where, hint="run 'pure store verify --check-contents --repair'")
+
+
+class _Corrupt(StoreError):
+    """A path whose files no longer match what the store registered: said to the client (the
+    path and its hash are what the narinfo publishes anyway), not only in the server's log."""
+
+    def __init__(self, message: str, *, where: str, **kw):
+        super().__init__(message, **kw)
+        self.where = where
 
 
 class _Stopped(Exception):
@@ -283,6 +293,11 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
                     await _whole(send, data, b"text/plain; charset=utf-8", head)
             else:
                 await respond(send, 404, b"not found\n", head=head)
+        except _Corrupt as e:
+            log.error("error: %s", e)
+            await respond(send, 500, f"path {e.where!r} is corrupt on this server: its NAR does not "
+                                     f"match the registered hash; the server's owner must repair it\n".encode(),
+                          head=head)
         except StoreError as e:
             log.error("error: %s", e)
             await respond(send, 500, b"cannot read the store\n", head=head)
