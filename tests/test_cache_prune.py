@@ -7,9 +7,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
+
+import pytest
 
 from conftest import REPO, pure_env, run_pure
 from test_cache_support import PUB, SEC, make_path, open_store, start_server, stop_server
@@ -133,6 +137,45 @@ def test_temporary_files_of_killed_runs_go_once_an_hour_old(tmp_path):
     assert sorted(out["files"]) == sorted(f.relative_to(cache).as_posix() for f in old)
     assert out["freedBytes"] == 3 * 700
     assert not any(f.exists() for f in old) and fresh.exists() and other.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a read-only bind mount")
+def test_a_read_only_cache_is_refused_before_anything_is_said_removed(tmp_path):
+    root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
+    before = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
+    pure = f"{shlex.quote(sys.executable)} -m purestore.cli.main"
+    script = (f"mount --bind {cache} {cache} && mount -o remount,ro,bind {cache} && "
+              f"{pure} cache prune {cache} --older-than 30d > {tmp_path}/out 2> {tmp_path}/err; echo $? > {tmp_path}/rc")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], env=pure_env(root), check=True, timeout=60)
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", err
+    assert f"error: cannot prune '{cache}': Read-only file system" in err and "Traceback" not in err, err
+    assert (tmp_path / "out").read_text() == ""  # no "removing ..." for what stays
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == before
+
+
+def test_a_narinfo_that_cannot_be_removed_keeps_its_path_and_every_other_file(tmp_path):
+    """One narinfo refuses removal (immutable): that path is kept and not reported removed, and
+    no NAR, listing or log goes in this run (the narinfo left may need them)."""
+    root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
+    stuck = narinfo(cache, n["other"])
+    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        nars = sorted(cache.glob("nar/*"))
+        r = prune(cache, "--keep", n["app"], check=False)
+    finally:
+        subprocess.run(["chattr", "-i", stuck], check=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: cannot remove '{stuck.name}' from '{cache}': Operation not permitted" in r.stderr
+    assert "the other files of the removed paths were kept" in r.stderr
+    assert r.stdout == f"removing '{n['twin']}'\n"  # other stays: not said removed
+    assert stuck.exists() and not narinfo(cache, n["twin"]).exists()
+    assert sorted(cache.glob("nar/*")) == nars
+    v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}")
+    assert v.stdout == ""
 
 
 def test_bad_input_is_refused_and_changes_nothing(tmp_path):

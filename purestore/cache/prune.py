@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -286,9 +287,22 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
 
 def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]) -> int:
     """Remove the plan's files in its order; returns how many were removed (a file already gone
-    counts as removed; another failure is reported and the rest goes on)."""
+    counts as removed; another failure is reported and the rest goes on, except that when a
+    narinfo could not be removed no other file is: it may be one that narinfo needs).  A path
+    whose narinfo stays is moved from ``plan.removed`` to ``plan.kept``.  A directory that
+    cannot be written to at all (read-only) is an error before anything."""
+    if plan.files:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-prune-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CacheError(f"cannot prune {directory!r}: {e.strerror}") from e
     n = 0
+    kept_narinfo = False
     for name in plan.files:
+        if kept_narinfo and not name.endswith(".narinfo"):
+            continue
         try:
             os.unlink(os.path.join(directory, name))
             n += 1
@@ -296,4 +310,11 @@ def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]
             n += 1
         except OSError as e:
             on_error(f"cannot remove {name!r} from {directory!r}: {e.strerror}")
+            if name.endswith(".narinfo"):
+                kept_narinfo = True
+                stays = [p for p in plan.removed if f"{p.hash_part}.narinfo" == name]
+                plan.removed = [p for p in plan.removed if p not in stays]
+                plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
+    if kept_narinfo:
+        on_error("the other files of the removed paths were kept (a narinfo left in place may need them)")
     return n
