@@ -364,3 +364,14 @@ def test_a_store_that_does_not_exist_is_not_served(tmp_path):
                  check=False)
     assert r.returncode == 2 and f"error: there is no store at '{tmp_path}/typo' to serve" in r.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_store_of_another_store_dir_names_the_store_dir_to_give(tmp_path):
+    with open_store(tmp_path / "a", "/nix/store") as store:
+        make_path(store, "lib", {"": b"lib\n"})
+    r = run_pure("store", "serve", "--listen", "127.0.0.1:0", root=tmp_path / "a", store_dir="/pure/store",
+                 check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: the store at '{tmp_path}/a' is for store dir '/nix/store', not '/pure/store'" in r.stderr
+    assert "hint: give --store-dir /nix/store" in r.stderr
+    assert not (tmp_path / "a" / "pure").exists()

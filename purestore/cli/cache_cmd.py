@@ -670,8 +670,12 @@ def cmd_store_serve(args, ctx) -> int:
     if not os.path.exists(os.path.join(settings.state_dir, "db", "db.sqlite")):
         # opening a store makes a new one: serving that, every request would get 404
         where = settings.root or settings.store_dir
+        other = _other_store_dir(settings.root) if settings.root else None
+        if other is not None:
+            raise UsageError(f"the store at {where!r} is for store dir {other!r}, not {settings.store_dir!r}",
+                             hint=f"give --store-dir {other}")
         raise UsageError(f"there is no store at {where!r} to serve",
-                         hint="check --store (a typo makes a new, empty store elsewhere)")
+                         hint="check --store and --store-dir (a typo makes a new, empty store elsewhere)")
     with ctx.open_store() as store:
         cache = StoreCache(store, store.store_dir, keys, args.priority, args.compression, args.compression_level)
         app = make_store_app(cache, reader, access_logger(args.access_log) if args.access_log else None)
@@ -888,6 +892,20 @@ def _prune_report(args, ctx, d: str, plan, errors: list[str]) -> int:
     ctx.info(f"{what} {_paths(len(plan.removed))} ({len(plan.files)} files, {format_size(plan.freed)}) "
              f"from {d!r}; {_paths(len(plan.kept))} kept{uploads}")
     return 1 if errors else 0
+
+
+def _other_store_dir(root: str) -> str | None:
+    """The store dir of a rooted store at ``root`` made for another store dir than the one asked
+    for: its database is at ``<root><parent of store dir>/var/pure/db``, next to the store."""
+    import glob
+    base = glob.escape(root)
+    for db in sorted([*glob.glob(os.path.join(base, "*", "var", "pure", "db", "db.sqlite")),
+                      *glob.glob(os.path.join(base, "*", "*", "var", "pure", "db", "db.sqlite"))]):
+        parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(db))))
+        for name in sorted(os.listdir(parent)):
+            if name != "var" and os.path.isdir(os.path.join(parent, name)):
+                return "/" + os.path.relpath(os.path.join(parent, name), root)
+    return None
 
 
 def _browse_keys(args):
