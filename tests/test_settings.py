@@ -26,6 +26,15 @@ def test_environment_and_overrides_win_over_the_file(tmp_path):
     assert s.state_dir == str(tmp_path / "r" / "nix" / "var" / "pure")
 
 
+def test_a_config_file_named_by_pure_config_must_exist(tmp_path):
+    """A mistyped PURE_CONFIG is an error, not the same as no config; the default files may be
+    missing."""
+    with pytest.raises(UsageError, match=r"config file '.*/typo.conf' \(named by PURE_CONFIG\) does not exist"):
+        load_settings(env={"PURE_CONFIG": str(tmp_path / "typo.conf")})
+    assert load_settings(env={"PURE_CONFIG": "/dev/null"}).substituters == ()
+    assert load_settings(env={"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")}).max_jobs >= 1
+
+
 @pytest.mark.parametrize("text, message", [
     ("max-jobs = many\n", "pure.conf:1: max-jobs must be an integer, got 'many'"),
     ("keep-outputs = maybe\n", "pure.conf:1: expected true or false, got 'maybe'"),

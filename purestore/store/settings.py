@@ -155,6 +155,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
         try:
             text = f.read_text()
         except FileNotFoundError:
+            if env.get("PURE_CONFIG"):  # named on purpose: a typo must not pass for "no config"
+                raise UsageError(f"config file {str(f)!r} (named by PURE_CONFIG) does not exist",
+                                 hint="PURE_CONFIG=/dev/null reads no config file") from None
             continue
         except OSError as e:
             raise UsageError(f"cannot read config file {str(f)!r}: {e.strerror}") from e
