@@ -104,7 +104,7 @@ async def test_a_failing_nar_falls_back_to_the_next_cache(source, tmp_path, capl
         await push(store, s, f"file://{tmp_path}/{name}", [app])
     (tmp_path / "near" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 10\n")
     _spoil_nar(tmp_path / "near", lib, how)
-    near, far = f"file://{tmp_path}/near", f"file://{tmp_path}/far"
+    near, far = f"file://{tmp_path}/near?priority=10", f"file://{tmp_path}/far"
     d, ds = dest(tmp_path, far, near)
     with d:
         rep = await substitute_report(d, ds, {app})
@@ -114,6 +114,8 @@ async def test_a_failing_nar_falls_back_to_the_next_cache(source, tmp_path, capl
         assert came == {d.print_path(lib): far, d.print_path(app): near}
     assert f"cannot substitute '{d.print_path(lib)}' from '{near}'" in caplog.text
     assert f"trying '{far}'" in caplog.text
+    # the NAR's place is named without the cache URL's parameters
+    assert f"file://{tmp_path}/near/nar/" in caplog.text and "?priority=10/" not in caplog.text
     # every cache fails: the reason names each one, and nothing is registered
     _spoil_nar(tmp_path / "far", lib, how)
     d2, ds2 = dest(tmp_path, far, near, name="dst2")

@@ -162,6 +162,12 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
                              netrc_file=netrc_file, ssl_cert_file=ssl_cert_file)
 
 
+def file_url(url: str, name: str) -> str:
+    """Where a file of the cache at ``url`` is, for messages: the URL without its parameters
+    (``?priority=…``, ``?region=…``), then the name."""
+    return f"{url.split('?')[0].rstrip('/')}/{name}"
+
+
 def backend_for(url: str | CacheURL, settings, **kw) -> "Backend":
     """:func:`open_backend` with the timeouts, attempts and netrc file of ``settings``."""
     # 0: no limit, as in Nix (whose connect-timeout is 0 by default)

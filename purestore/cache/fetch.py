@@ -22,7 +22,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend
+from .backend import Backend, FileBackend, file_url
 from .forked import DATA, run_claimed
 from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
@@ -113,7 +113,7 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
     (downloaded here, restored there).  ``opened``: the big NAR's response, already asked for."""
     p = ni.store_path
     backend = cache.backend
-    where = f"{cache.url.rstrip('/')}/{ni.url}"
+    where = file_url(cache.url, ni.url)
     tmp = S.temp_path(store, p)
     # a store that flushes before it registers gets the big files' data written straight to disk
     direct = bool(getattr(store, "durable", False))

@@ -52,7 +52,7 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
             with open(cu.param("token-file")) as f:  # type: ignore[arg-type]
                 token = f.read().strip()
         except OSError as e:
-            raise CacheError(f"cannot read upload token file {cu.param('token-file')!r}: {e.strerror}") from e
+            raise CacheError(f"cannot read the cache's token file {cu.param('token-file')!r}: {e.strerror}") from e
     host = urllib.parse.urlsplit(cu.base).hostname or ""
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
                        max_connections=max_connections, token=token, attempts=attempts,

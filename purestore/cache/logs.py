@@ -18,6 +18,7 @@ import attrs
 from ..errors import CacheError, NarInfoError
 from ..formats.narinfo import NarInfo
 from ..formats.store_path import StorePath
+from .backend import file_url
 from .substituter import Substituters
 
 log = logging.getLogger("purestore.cache")
@@ -54,7 +55,7 @@ async def _deriver_in(cache, path: StorePath, store_dir: str) -> StorePath | Non
     data = await cache.backend.get(name)
     if data is None:
         return None
-    where = f"{cache.url.rstrip('/')}/{name}"
+    where = file_url(cache.url, name)
     try:
         ni = NarInfo.parse(data, store_dir, where=where)
     except NarInfoError as e:

@@ -20,6 +20,7 @@ import trio
 
 from ..errors import CacheError
 from ._nursery import open_nursery
+from .backend import file_url
 from .info import CacheInfo
 from .prune import PrunePlan, check_what_to_keep, plan_from_listing
 
@@ -35,7 +36,7 @@ async def plan_prune_bucket(backend, *, older_than: float | None, keep: Iterable
     data = await backend.get("nix-cache-info")
     if data is None:
         raise CacheError(f"{backend.url!r} is not a binary cache (it has no nix-cache-info)")
-    info = CacheInfo.parse(data, f"{backend.url.rstrip('/')}/nix-cache-info")
+    info = CacheInfo.parse(data, file_url(backend.url, "nix-cache-info"))
     now = time.time() if now is None else now
     listing = await backend.list_files()
     narinfos: dict[str, bytes | str] = {}

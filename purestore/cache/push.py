@@ -38,7 +38,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, backend_for, parse_url, url_flag
+from .backend import Backend, FileBackend, backend_for, file_url, parse_url, url_flag
 from .compression import compressor, extension
 from .info import CacheInfo
 from .forked import ForkedWorker, run_claimed
@@ -145,7 +145,7 @@ async def ensure_cache_info(backend: Backend, store_dir: str, other: str = "this
         info = CacheInfo(store_dir)
         await backend.put("nix-cache-info", info.render().encode(), "text/x-nix-cache-info")
         return info
-    info = CacheInfo.parse(data, f"{backend.url}/nix-cache-info")
+    info = CacheInfo.parse(data, file_url(backend.url, "nix-cache-info"))
     info.check_store_dir(store_dir, backend.url, other)
     return info
 

@@ -39,7 +39,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, backend_for, check_name, parse_url
+from .backend import Backend, FileBackend, backend_for, check_name, file_url, parse_url
 from .fetch import SMALL_NAR, Opened, download, install_batch, remove_temp
 from .forked import ForkedWorker
 from .info import read_cache_info
@@ -197,7 +197,7 @@ class Substituters:
         if data is None:
             self.negative.add(cache.url, path.hash_part)
             return None
-        where = f"{cache.url.rstrip('/')}/{name}"
+        where = file_url(cache.url, name)
         try:
             ni = NarInfo.parse(data, sd, where=where)
         except NarInfoError as e:
@@ -227,7 +227,7 @@ class Substituters:
         from ..errors import ProvenanceError
         from ..formats.provenance import provenance_file_name, verify_for_path
         name = provenance_file_name(path.hash_part)
-        where = f"{cache.url.rstrip('/')}/{name}"
+        where = file_url(cache.url, name)
         try:
             data = await cache.backend.get(name)
         except CacheError as e:

@@ -29,7 +29,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._nursery import open_nursery
-from .backend import CacheMissing, FileBackend, check_name, backend_for
+from .backend import CacheMissing, FileBackend, check_name, backend_for, file_url
 from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader
@@ -181,7 +181,7 @@ async def _check(backend, sd: str, name: str, trusted, nar_limit: trio.CapacityL
 async def check_nar(backend, ni: NarInfo, name: str, progress) -> None:
     """Read the NAR file whole through the substituter's verifying reader, parse the NAR."""
     from ..formats.nar import NarRegular, parse_nar
-    where = f"{backend.url.rstrip('/')}/{ni.url}"
+    where = file_url(backend.url, ni.url)
 
     def read_all(next_chunk) -> None:
         reader = VerifyingReader(next_chunk, ni, where, progress)
