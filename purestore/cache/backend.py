@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from ..errors import CacheError
+from ._files import open_regular
 
 CHUNK = 1 << 20
 
@@ -243,7 +244,7 @@ class FileBackend(Backend):
 
         def read():
             try:
-                with open(p, "rb") as f:
+                with open_regular(p) as f:
                     return f.read()
             except FileNotFoundError:
                 return None
@@ -255,7 +256,7 @@ class FileBackend(Backend):
     async def open_read(self, name: str):
         p = self._path(name)
         try:
-            f = await trio.to_thread.run_sync(open, p, "rb")
+            f = await trio.to_thread.run_sync(open_regular, p)
         except FileNotFoundError:
             raise CacheMissing(f"cache {self.url!r} has no file {name!r}") from None
         except OSError as e:

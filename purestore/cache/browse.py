@@ -26,6 +26,7 @@ from ..formats import nar as _nar
 from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
+from ._files import open_regular
 from .backend import FileBackend, backend_for, check_name
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader
@@ -144,7 +145,7 @@ async def _nar_file(backend, loc: Located, stack) -> str:
 def _read_nar(nar_file: str, loc: Located, want: tuple[str, ...] | None, spool):
     """Parse and check the NAR; returns the tree.  With ``want``, the chunks of that regular
     file go to ``spool``."""
-    with open(nar_file, "rb") as f:
+    with open_regular(nar_file) as f:
         reader = VerifyingReader(lambda: f.read(1 << 20), loc.info, loc.where, None)
         root = None
         dirs: dict[tuple, Node] = {}

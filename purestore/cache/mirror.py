@@ -38,6 +38,7 @@ from ..errors import CacheError, CopyIncomplete, NarError, ProvenanceError, Sign
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
+from ._files import open_regular
 from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, backend_for, check_name, parse_url
 from .fetch import stream_to_thread
@@ -318,7 +319,7 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
     try:
         if isinstance(src, FileBackend):
             def read_local():
-                with open(src.local_path(ni.url), "rb") as f:
+                with open_regular(src.local_path(ni.url)) as f:
                     return consume(lambda: f.read(1 << 20))
             try:
                 listing = await trio.to_thread.run_sync(read_local)

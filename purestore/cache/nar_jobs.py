@@ -29,6 +29,7 @@ from typing import Callable
 from ..errors import CacheError, NarError, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
+from ._files import open_regular
 from .compression import compress_to, compressor, decompressor, flush_to
 from .progress import Progress
 
@@ -305,7 +306,7 @@ def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Pro
                  direct: bool = False) -> None:
     """Restore the NAR file of a ``file://`` cache (read in place) into ``tmp``."""
     try:
-        f = open(nar_file, "rb")
+        f = open_regular(nar_file)
     except FileNotFoundError:
         raise CacheError(f"{where} is missing from the cache") from None
     except OSError as e:
