@@ -242,11 +242,9 @@ def test_cli_copy_from_file_cache_with_the_worker(tmp_path):
 
 @pytest.mark.parametrize("to", ["group", "command"])
 def test_ctrl_c_while_the_worker_and_a_thread_restore_leaves_nothing_behind(tmp_path, to):
-    """Two big NARs served two thirds of the way, then held: one restore is in the worker, one
-    in a thread of the command, both waiting for more, when SIGINT reaches the process group
-    (Ctrl-C: the worker dies of it at once) or the command alone (it must stop the worker
-    itself)."""
-    import http.server
+    """Both NARs are FIFOs fed two thirds of the way: one restore is in the worker, one in a thread of the
+    command, both waiting for more, when SIGINT reaches the process group (Ctrl-C: the worker
+    dies of it at once) or the command alone (it must stop the worker itself)."""
     import subprocess
     import sys
     import threading
@@ -255,7 +253,7 @@ def test_ctrl_c_while_the_worker_and_a_thread_restore_leaves_nothing_behind(tmp_
     from test_cache_support import PUB
 
     src = tmp_path / "src"
-    with open_store(src) as store:  # NARs of 3 MiB: streamed, each restored by a lane of its own
+    with open_store(src) as store:  # NARs of 3 MiB: the restores read 1 MiB at a time
         lib = make_path(store, "big-lib", {"": os.urandom(3 << 20)})
         app = make_path(store, "big-app", {"data": os.urandom(3 << 20)}, refs=[lib])
     key = tmp_path / "k.sec"
@@ -267,35 +265,26 @@ def test_ctrl_c_while_the_worker_and_a_thread_restore_leaves_nothing_behind(tmp_
     started = []
     release = threading.Event()
 
-    class Holding(http.server.BaseHTTPRequestHandler):
-        """Serves the cache; a NAR's body stops after 2 MiB until ``release``."""
-
-        def do_GET(self):
-            f = cache / self.path.lstrip("/")
-            if not f.is_file():
-                self.send_error(404)
-                return
-            data = f.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if not self.path.startswith("/nar/"):
-                self.wfile.write(data)
-                return
-            self.wfile.write(data[: 2 << 20])
-            self.wfile.flush()
-            started.append(self.path)
+    def feed(fifo, data):
+        with open(fifo, "wb", buffering=0) as f:  # blocks until pure opens it for reading
+            f.write(data[: 2 << 20])
+            started.append(fifo)
             release.wait(30)
 
-        def log_message(self, *args):
-            pass
+    feeders = []
+    for sp in (lib, app):
+        text = (cache / f"{sp.hash_part}.narinfo").read_text()
+        nar = cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+        data = nar.read_bytes()
+        nar.unlink()
+        os.mkfifo(nar)
+        t = threading.Thread(target=feed, args=(nar, data), daemon=True)
+        t.start()
+        feeders.append(t)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Holding)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     dst = tmp_path / "dst"
     p = subprocess.Popen(
-        [sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"http://127.0.0.1:{server.server_port}/",
+        [sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"file://{cache}",
          "--trusted-public-keys", PUB, f"/pure/store/{app.base_name}"],
         env=pure_env(dst, None, None), stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -313,14 +302,12 @@ def test_ctrl_c_while_the_worker_and_a_thread_restore_leaves_nothing_behind(tmp_
         else:
             os.kill(p.pid, signal.SIGINT)
         time.sleep(0.3)
-        release.set()
+        release.set()  # the thread's read ends (the worker's was killed)
         err = p.communicate(timeout=60)[1]
     finally:
         release.set()
         if p.poll() is None:
             p.kill()
-        server.shutdown()
-        server.server_close()
     assert p.returncode == 130, err
     assert "error: interrupted" in err and "Traceback" not in err, err
     store_dir = dst / "pure/store"
