@@ -584,24 +584,46 @@ async def test_paths_another_process_registers_meanwhile_are_reported_not_fetche
     assert os.listdir(dst / "pure/store/.tmp") == []
 
 
-@pytest.mark.parametrize("which", ["nar", "narinfo"])
-def test_a_fifo_in_a_cache_is_refused_not_waited_on(tmp_path, keyfile, which):
-    """Someone replaced a file of a file:// cache with a FIFO: readers say so instead of waiting
-    forever for a writer."""
+def test_a_cache_file_that_is_no_file_is_refused_and_a_fifo_not_waited_on_forever(tmp_path, keyfile, monkeypatch):
+    """Someone put a directory, device or FIFO where a NAR should be: readers say so instead of
+    failing strangely or waiting forever for a FIFO's writer (a FIFO that is fed is read)."""
+    import threading
+
+    from purestore.cache import _files
+    from purestore.cache.nar_jobs import restore_file
+    from purestore.errors import CacheError
+    from purestore.formats.narinfo import NarInfo
+
     root, cache = tmp_path / "a", tmp_path / "cache"
     with open_store(root) as store:
         lib, _app = make_closure(store)
         lib_p = store.print_path(lib)
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, lib_p, root=root)
+    run_pure("copy", "--to", f"file://{cache}?compression=none", "--secret-key-file", keyfile, lib_p, root=root)
     info = cache / f"{lib.hash_part}.narinfo"
-    victim = info if which == "narinfo" else cache / next(
-        ln[5:] for ln in info.read_text().splitlines() if ln.startswith("URL: "))
-    victim.unlink()
-    os.mkfifo(victim)
+    ni = NarInfo.parse(info.read_bytes(), "/pure/store")
+    nar = cache / ni.url
+    data = nar.read_bytes()
+    nar.unlink()
+    nar.mkdir()
     r = run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, lib_p,
                  root=tmp_path / "b", check=False, timeout=60)
     assert r.returncode == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr, r.stderr
     v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}",
                  check=False, timeout=60)
-    if which == "nar":  # (a FIFO is not listed as a narinfo: nothing to check then, and no hang)
-        assert v.returncode == 1 and "not a regular file" in v.stdout + v.stderr, v.stdout + v.stderr
+    assert v.returncode == 1 and "not a regular file" in v.stdout + v.stderr, v.stdout + v.stderr
+    with pytest.raises(OSError, match="not a regular file"):
+        _files.open_regular("/dev/null")
+    nar.rmdir()
+    os.mkfifo(nar)
+    monkeypatch.setattr(_files, "FIFO_WAIT", 0.3)
+    with pytest.raises(CacheError, match="a FIFO that nothing was written to in 0.3 s"):
+        restore_file(str(nar), ni, str(nar), str(tmp_path / "out"))
+
+    def feed():
+        with open(nar, "wb") as w:
+            w.write(data)
+    t = threading.Thread(target=feed)
+    t.start()
+    restore_file(str(nar), ni, str(nar), str(tmp_path / "out"))
+    t.join()
+    assert (tmp_path / "out").read_bytes() == (root / lib_p.lstrip("/")).read_bytes()

@@ -1,25 +1,36 @@
 """Opening a local cache's files for reading.
 
-A cache directory may hold anything its owner (or anyone who can write there) put in it.
-Opening a FIFO for reading blocks until someone writes to it, so a reader would hang; a device
-or a directory is no NAR either.  :func:`open_regular` opens without blocking, then refuses
-anything but a regular file with an ``OSError`` whose text says so.
+A cache directory may hold anything its owner (or anyone who can write there) put in it.  A
+device, socket or directory is no cache file: :func:`open_regular` refuses them.  A FIFO is
+read as the stream someone feeds into it (a tool streaming a NAR in, the tests), but opening one
+blocks until a writer comes and reading one waits for its bytes, so a FIFO nobody writes to
+would hang the reader: it is opened without blocking and given :data:`FIFO_WAIT` seconds for
+its first bytes.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
+
+FIFO_WAIT = 30.0  # seconds a FIFO may take to give its first bytes (as stalled-download-timeout)
 
 
 def open_regular(path: str):
-    """``open(path, "rb")`` for a regular file; OSError(EINVAL, "not a regular file") for a
-    FIFO, device, socket or directory (FileNotFoundError and the like as ``open`` raises them)."""
+    """``open(path, "rb")`` for a regular file (or a FIFO that is being written to);
+    ``OSError`` saying why for anything else (FileNotFoundError and the like as ``open``
+    raises them)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        if stat.S_ISFIFO(mode):
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if not p.poll(FIFO_WAIT * 1000):
+                raise OSError(errno.ETIMEDOUT, f"a FIFO that nothing was written to in {FIFO_WAIT:g} s", path)
+        elif not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
