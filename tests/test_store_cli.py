@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,3 +209,26 @@ def test_two_processes_adding_the_same_tree_both_succeed_with_one_copy(tmp_path,
     assert os.listdir(store_dir / ".tmp") == []
     assert run_pure("store", "ls", root=store_root).stdout.split() == [path]
     run_pure("store", "verify", "--check-contents", root=store_root)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small tmpfs")
+def test_a_full_disk_is_named_when_the_database_cannot_be_opened(tmp_path):
+    """SQLite says "disk I/O error" or "database or disk is full"; the error adds which."""
+    import shlex
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("hello\n")
+    full = tmp_path / "full"
+    full.mkdir()
+    pure = f"{shlex.quote(sys.executable)} -m purestore.cli.main"
+    script = (f"mount -t tmpfs -o size=2m tmpfs {full} && {pure} --store {full}/st store add {src} >/dev/null && "
+              f"(dd if=/dev/zero of={full}/fill bs=64k 2>/dev/null; true) && "
+              f"{pure} --store {full}/st store verify 2> {tmp_path}/err1; echo $? > {tmp_path}/rc; "
+              f"{pure} --store {full}/new store verify 2> {tmp_path}/err2; echo $? >> {tmp_path}/rc")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], env=pure_env(None), check=True, timeout=120)
+    assert (tmp_path / "rc").read_text().split() == ["1", "1"]
+    for err in ("err1", "err2"):
+        text = (tmp_path / err).read_text()
+        assert "error: cannot open the store database" in text and "Traceback" not in text, text
+        assert "(the file system holding it has no space left)" in text, text

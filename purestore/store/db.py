@@ -102,7 +102,7 @@ class StoreDB:
                 transient = isinstance(e, sqlite3.OperationalError) and (
                     "locked" in str(e) or "busy" in str(e))
                 if not transient or time.monotonic() + delay > deadline:
-                    raise StoreError(f"cannot open the store database {path!r}: {e}") from e
+                    raise StoreError(f"cannot open the store database {path!r}: {e}{_full(path)}") from e
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.1)
 
@@ -208,3 +208,13 @@ class StoreDB:
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+
+def _full(path: str) -> str:
+    """A note when the file system holding ``path`` has no space left (SQLite then reports
+    "disk I/O error" or "database or disk is full", which does not say which)."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return ""
+    return " (the file system holding it has no space left)" if st.f_bavail == 0 and st.f_blocks else ""
