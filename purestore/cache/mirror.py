@@ -138,7 +138,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
             if why is not None:
                 failed[p] = why
             done[p].set()
-            if progress:
+            if progress and why is None:  # (a failed path stays uncounted: "3/5 paths" at the end)
                 progress.path_done(p.absolute(sd))
 
         async def publish(p: StorePath) -> None:
