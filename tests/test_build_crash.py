@@ -116,18 +116,21 @@ def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tm
 
 
 @pytest.mark.slow
-def test_ctrl_c_kills_the_builders_removes_temporaries_and_releases_locks(expr, tmp_path, store_root, pure):
-    marker = f"MARK{os.getpid()}int"
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_kills_the_builders_removes_temporaries_and_releases_locks(expr, tmp_path, store_root, pure, sig):
+    """Ctrl-C, or SIGTERM (as `timeout`, systemd and CI runners send it): the same clean-up."""
+    marker = f"MARK{os.getpid()}{sig}"
     f = expr(f'default = [sh(f"int{{i}}", f": {marker}; $B sleep 30; echo {{i}} > $out") for i in range(2)]\n')
     p = start_build(store_root, tmp_path, f, "-j", "2")
     wait_for_line(p.stderr, "building")
     running_sandbox(marker)
     t = time.monotonic()
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     rest = p.stderr.read()
     p.wait(timeout=30)
     assert time.monotonic() - t < 10
-    assert p.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    code, word = (130, "interrupted") if sig == "SIGINT" else (143, "terminated")
+    assert p.returncode == code and word in rest and "Traceback" not in rest, rest
     assert processes_with(marker) == []  # killed before pure exited
     st = open_store(store_root)
     try:
