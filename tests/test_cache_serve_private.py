@@ -100,3 +100,101 @@ def test_https_with_a_certificate_of_our_own(tmp_path, pushed):
     finally:
         stop_server(proc)
     run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+
+
+def test_basic_authentication_with_the_token_as_password_is_accepted(tmp_path, pushed):
+    """Nix 2.8 can only send a netrc login (HTTP basic): its password is taken as the token, for
+    reads and for uploads, whatever the user name; 401s offer both schemes."""
+    import httpx
+
+    cache, app, store_dir = pushed
+    (tmp_path / "read.tok").write_text("reader-s3cret\n")
+    (tmp_path / "upload.tok").write_text("uploader-s3cret\n")
+    proc, url = start_server(cache, "--read-token-file", tmp_path / "read.tok", token_file=tmp_path / "upload.tok")
+    try:
+        r = httpx.get(url + "nix-cache-info")
+        assert r.status_code == 401
+        assert r.headers.get_list("www-authenticate") == ['Basic realm="pure cache"', "Bearer"]
+        assert httpx.get(url + "nix-cache-info", auth=("anyone", "reader-s3cret")).status_code == 200
+        assert httpx.get(url + "nix-cache-info", auth=("anyone", "wrong")).status_code == 401
+        assert httpx.get(url + "nix-cache-info", headers={"Authorization": "Basic !!!"}).status_code == 401
+        assert httpx.put(url + "x.narinfo", content=b"x", auth=("ci", "reader-s3cret")).status_code == 401
+        assert httpx.put(url + "x.narinfo", content=b"x", auth=("ci", "uploader-s3cret")).status_code == 201
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.skipif(not HAVE_NIX, reason="needs Nix")
+def test_nix_reads_a_private_cache_and_pushes_to_it_with_a_netrc_login(tmp_path, pushed):
+    from test_cache_support import SEC
+
+    cache, app, store_dir = pushed
+    if store_dir != "/nix/store":
+        pytest.skip("the closure is not in /nix/store")
+    (tmp_path / "read.tok").write_text("reader-s3cret\n")
+    (tmp_path / "upload.tok").write_text("uploader-s3cret\n")
+    proc, url = start_server(cache, "--read-token-file", tmp_path / "read.tok", token_file=tmp_path / "upload.tok")
+    try:
+        host = url.split("//")[1].split(":")[0]
+        (tmp_path / "netrc").write_text(f"machine {host} login nix password uploader-s3cret\n")
+        netrc = {"NIX_CONFIG": f"substituters =\nexperimental-features = nix-command\nnetrc-file = {tmp_path / 'netrc'}"}
+        r = nix_copy_from(tmp_path, url.rstrip("/"), app, env=netrc)
+        assert r.returncode == 0, r.stderr
+        # Nix pushes a path of its own store, signed with the test key
+        import os
+        (tmp_path / "k.sec").write_text(SEC)
+        (tmp_path / "from-nix").write_text("pushed by nix\n")
+        nenv = {**os.environ, **netrc, "XDG_CACHE_HOME": str(tmp_path / "xdg2")}
+        extra = subprocess.run(["nix", "store", "add-file", "--store", str(tmp_path / "nixsrc"),
+                                str(tmp_path / "from-nix")], env=nenv, capture_output=True, text=True,
+                               check=True, timeout=120).stdout.strip()
+        r = subprocess.run(["nix", "copy", "--store", str(tmp_path / "nixsrc"), "--to",
+                            f"{url.rstrip('/')}?secret-key={tmp_path / 'k.sec'}", extra],
+                           env=nenv, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        base = extra.rsplit("/", 1)[1][:32]
+        assert (cache / f"{base}.narinfo").exists()
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root to mount a small tmpfs")
+def test_an_upload_to_a_full_disk_is_refused_at_once_with_the_reason(tmp_path):
+    """The server's disk fills up during an upload: 500 with "No space left on device" (the
+    rest of the body read and dropped), no traceback, no partial file; the client fails at once
+    instead of waiting for a server that stopped reading."""
+    import os
+    import re
+    import shlex
+    import sys
+    import time
+
+    from conftest import pure_env
+    from test_cache_support import SEC, make_path
+
+    (tmp_path / "k.sec").write_text(SEC)
+    (tmp_path / "upload.tok").write_text("uploader-s3cret\n")
+    with open_store(tmp_path / "a") as store:
+        big = store.print_path(make_path(store, "big", {"blob": os.urandom(6 << 20)}))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    pure = f"{shlex.quote(sys.executable)} -m purestore.cli.main"
+    proc = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=2m tmpfs {cache} && exec {pure} cache serve {cache} "
+                                      f"--listen 127.0.0.1:0 --upload-token-file {tmp_path / 'upload.tok'}"],
+        env=pure_env(None), stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r"on (http://\S+)", proc.stderr.readline())
+        assert m, "the server did not start"
+        url = m.group(1).rstrip("/")
+        t = time.monotonic()
+        r = run_pure("copy", "--to", f"{url}/?token-file={tmp_path / 'upload.tok'}&compression=none",
+                     "--secret-key-file", tmp_path / "k.sec", big, root=tmp_path / "a", check=False)
+        took = time.monotonic() - t
+    finally:
+        stop_server(proc)
+    err = proc.stderr.read()
+    assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr
+    assert took < 20, f"the client waited {took:.0f} s"
+    assert "Traceback" not in err and "cannot store nar/" in err and "No space left on device" in err, err

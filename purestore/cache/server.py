@@ -8,12 +8,14 @@ client depends on.  It answers:
   the directory (``..``, hidden files, absolute) are refused with 400.  One byte range
   (``Range: bytes=N-`` or ``bytes=N-M``) gets ``206 Partial Content``: a client resumes a broken
   download that way; other range forms get the whole file, as RFC 9110 allows.
-- ``PUT`` only when started with an upload token, and only with ``Authorization: Bearer TOKEN``;
+- ``PUT`` only when started with an upload token, and only with ``Authorization: Bearer TOKEN``
+  (or HTTP basic authentication whose password is the token, any user name: what Nix sends
+  from a netrc file);
   the body is written to a temporary file and renamed into place (under the directory's shared
   lock, which ``cache prune`` takes exclusively), so readers never see partial files.  Uploads
   never need a signing key: clients sign before they upload.
-- With a read token (a private cache), ``GET``/``HEAD`` too only with ``Authorization: Bearer``
-  and that token (or the upload token); 401 otherwise.
+- With a read token (a private cache), ``GET``/``HEAD`` too only with that token (or the upload
+  token), as a bearer token or a basic password; 401 otherwise.
 - Over TLS when given a certificate and its key (``https://``).
 
 :func:`make_app` returns the ASGI application; :func:`serve_cache` runs it (``task_status``
@@ -126,20 +128,44 @@ async def respond(send, status: int, body: bytes = b"", headers=(), head=False) 
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
+def presented_token(scope) -> bytes:
+    """The token a request carries: ``Authorization: Bearer TOKEN``, or HTTP basic
+    authentication with the token as the password (Nix 2.8 can only send a netrc login);
+    ``b""`` without either."""
+    auth = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, value = auth.partition(b" ")
+    scheme = scheme.lower()
+    if scheme == b"bearer":
+        return value.strip()
+    if scheme == b"basic":
+        import base64
+        import binascii
+        try:
+            return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
+            return b""
+    return b""
+
+
+# (pure's client keeps the last of repeated headers: Bearer, for its hint about token files)
+CHALLENGE = [(b"www-authenticate", b'Basic realm="pure cache"'), (b"www-authenticate", b"Bearer")]
+
+
 def read_check(read_token: str | None, *others: str | None):
-    """The check of ``Authorization`` for reads: None when anyone may read (no ``read_token``),
-    else a function of the ASGI scope, true for ``Bearer`` and the read token or one of
-    ``others`` (compared with all of them: the time taken says nothing)."""
+    """The check of a request's token for reads: None when anyone may read (no ``read_token``),
+    else a function of the ASGI scope, true for the read token or one of ``others`` (as a
+    bearer token or a basic password; compared with all of them: the time taken says
+    nothing)."""
     if not read_token:
         return None
-    readers = [b"Bearer " + t.encode() for t in (read_token, *others) if t]
+    readers = [t.encode() for t in (read_token, *others) if t]
 
     def may_read(scope) -> bool:
-        auth = dict(scope["headers"]).get(b"authorization", b"")
+        given = presented_token(scope)
         ok = False
         for r in readers:
-            ok |= hmac.compare_digest(auth, r)
-        return ok
+            ok |= hmac.compare_digest(given, r)
+        return ok and bool(given)
     return may_read
 
 
@@ -192,8 +218,7 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
         method = scope["method"]
         name = scope["path"].lstrip("/")  # already percent-decoded by the server
         if may_read is not None and method in ("GET", "HEAD") and not may_read(scope):
-            await respond(send, 401, b"this cache needs a read token\n", [(b"www-authenticate", b"Bearer")],
-                          head=method == "HEAD")
+            await respond(send, 401, b"this cache needs a read token\n", CHALLENGE, head=method == "HEAD")
             return
         if method in ("GET", "HEAD") and name == "":
             await respond(send, 200, b"purestore binary cache\n", head=method == "HEAD")
@@ -216,11 +241,9 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
                 await respond(send, 405, b"uploads are disabled (start the server with an upload token)\n",
                               [(b"allow", b"GET, HEAD")])
                 return
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(auth, b"Bearer " + token):
+            if not hmac.compare_digest(presented_token(scope), token):
                 await _drain(receive)
-                await respond(send, 401, b"bad or missing upload token\n",
-                              [(b"www-authenticate", b"Bearer")])
+                await respond(send, 401, b"bad or missing upload token\n", CHALLENGE)
                 return
             await _put(receive, send, directory, path, name, respond)
         else:
@@ -372,21 +395,30 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
         return
     ok = False
     try:
-        with os.fdopen(fd, "wb") as f:
-            total = 0
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return
-                body = msg.get("body", b"")
-                total += len(body)
-                if total > MAX_UPLOAD:
-                    await respond(send, 413, b"upload too large\n")
-                    return
-                if body:
-                    await trio.to_thread.run_sync(f.write, body)
-                if not msg.get("more_body", False):
-                    break
+        complete = False  # the whole body received
+        try:
+            with os.fdopen(fd, "wb") as f:
+                total = 0
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    body = msg.get("body", b"")
+                    total += len(body)
+                    if total > MAX_UPLOAD:
+                        await respond(send, 413, b"upload too large\n")
+                        return
+                    complete = not msg.get("more_body", False)
+                    if body:
+                        await trio.to_thread.run_sync(f.write, body)
+                    if complete:
+                        break
+        except OSError as e:  # the disk is full, or the file system failed: said, not a traceback
+            log.error("error: cannot store %s: %s", name, e.strerror or e)
+            if not complete:
+                await _drain(receive)
+            await respond(send, 500, f"cannot store {name}: {e.strerror or e}\n".encode())
+            return
         try:
             await trio.to_thread.run_sync(_publish, directory, tmp, path)
         except (OSError, CacheError) as e:

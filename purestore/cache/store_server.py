@@ -46,7 +46,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import CHUNK
 from .compression import compressor, extension
-from .server import asgi_app, read_check, respond
+from .server import CHALLENGE, asgi_app, read_check, respond
 
 log = logging.getLogger("purestore.cache.store_server")
 
@@ -252,7 +252,7 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
                           [(b"allow", b"GET, HEAD")])
             return
         if may_read is not None and not may_read(scope):
-            await respond(send, 401, b"this cache needs a read token\n", [(b"www-authenticate", b"Bearer")],
+            await respond(send, 401, b"this cache needs a read token\n", CHALLENGE,
                           head=head)
             return
         name = scope["path"].lstrip("/")
