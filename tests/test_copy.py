@@ -484,6 +484,23 @@ def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
         lib, _app = make_closure(store)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, store.print_path(lib), root=root)
     assert not old.exists() and fresh.exists()
+    # a push over HTTP makes its NAR files in the temporary directory: the same clean-up there,
+    # of its own files only
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    mine, theirs, recent = tmp / ".tmp-push-0123.nar", tmp / ".tmp-other", tmp / ".tmp-push-4567.nar"
+    for f in (mine, theirs, recent):
+        f.write_bytes(b"x")
+    os.utime(mine, (1, 1))
+    os.utime(theirs, (1, 1))
+    (tmp_path / "served").mkdir()
+    proc, url = start_server(tmp_path / "served", token_file=_token(tmp_path))
+    try:
+        run_pure("copy", "--to", f"{url}?token-file={_token(tmp_path)}", "--secret-key-file", keyfile,
+                 store.print_path(lib), root=root, env={"TMPDIR": str(tmp)})
+    finally:
+        stop_server(proc)
+    assert not mine.exists() and theirs.exists() and recent.exists()
 
 
 @pytest.mark.parametrize("served", [False, True])
@@ -627,3 +644,10 @@ def test_a_cache_file_that_is_no_file_is_refused_and_a_fifo_not_waited_on_foreve
     restore_file(str(nar), ni, str(nar), str(tmp_path / "out"))
     t.join()
     assert (tmp_path / "out").read_bytes() == (root / lib_p.lstrip("/")).read_bytes()
+
+
+def _token(tmp_path):
+    f = tmp_path / "upload.tok"
+    if not f.exists():
+        f.write_text("s3cret\n")
+    return f

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import stat
+import tempfile
 from typing import Iterable
 
 import attrs
@@ -206,9 +207,11 @@ async def mark_present(backend: Backend, have: Iterable[StorePath]) -> None:
 
 async def nar_temp_dir(backend: Backend) -> str | None:
     """Where NAR files are made before they are put into the cache: its ``nar/`` directory
-    for a ``file://`` cache (so that putting one is a rename; temporary files left by killed
-    runs are removed), else None (the system's temporary directory)."""
+    for a ``file://`` cache (so that putting one is a rename), else None (the system's
+    temporary directory).  Temporary NAR files left there by killed runs are removed once a
+    day old."""
     if not isinstance(backend, FileBackend):
+        await trio.to_thread.run_sync(_remove_stale_temps, tempfile.gettempdir(), ".tmp-push-")
         return None
     tmp_dir = os.path.join(backend.dir, "nar")
     try:
@@ -226,14 +229,14 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _remove_stale_temps(directory: str) -> None:
+def _remove_stale_temps(directory: str, prefix: str = ".tmp-") -> None:
     """Remove temporary files of pushes that were killed (older than a day, so never a live one's)."""
     import time
     now = time.time()
     try:
         with os.scandir(directory) as it:
             for e in it:
-                if e.name.startswith(".tmp-"):
+                if e.name.startswith(prefix) and e.is_file(follow_symlinks=False):
                     try:
                         if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
                             os.unlink(e.path)
