@@ -187,6 +187,9 @@ def test_credentials_from_a_profile_and_a_reader_that_may_not_list(s3, tmp_path)
     ("s3://bucket?endpoint=host/path", "endpoint must be HOST[:PORT]"),
     ("s3://bucket?token-file=/t", "signs its requests with AWS credentials"),
     ("http://host/?region=eu-west-1", "'region' applies to s3:// caches only"),
+    ("s3://bucket?regin=x", "unknown parameter 'regin', expected one of buffer-size, compression, "),
+    ("s3://bucket?endpoint=ftp://host", "endpoint must be HOST[:PORT]"),
+    ("s3://bucket?endpoint=http://host&scheme=https", "endpoint 'http://host' and scheme 'https' disagree"),
 ])
 def test_bad_s3_urls(bad, message):
     r = run_pure("cache", "path-info", bad, "/pure/store/0rzqlwgy4qwib41y722122yp0p6a6qrq-lib-1.0", check=False)
@@ -219,6 +222,9 @@ def test_signatures_equal_botocore_and_urls():
     assert http_url(parse_url("s3://my-bucket?region=eu-west-1"))[0] == "https://my-bucket.s3.eu-west-1.amazonaws.com/"
     assert http_url(parse_url("s3://b1b?endpoint=minio:9000&scheme=http"))[0] == "http://minio:9000/b1b/"
     assert http_url(parse_url("s3://b1b/a/b/?endpoint=minio"))[0] == "https://minio/b1b/a/b/"
+    # an endpoint given as a URL keeps its scheme (as the AWS SDK behind Nix does)
+    assert http_url(parse_url("s3://b1b?endpoint=http://minio:9000/"))[0] == "http://minio:9000/b1b/"
+    assert http_url(parse_url("s3://b1b?endpoint=https://minio&scheme=https"))[0] == "https://minio/b1b/"
 
 
 def test_where_credentials_come_from(tmp_path):

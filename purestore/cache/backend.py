@@ -91,8 +91,10 @@ def parse_url(url: str) -> CacheURL:
         params = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query)))
     except ValueError:
         raise CacheError(f"cache URL {url!r}: malformed query {u.query!r}") from None
-    if u.scheme == "s3":
-        unknown = sorted(set(params) - _KNOWN_PARAMS - _S3_PARAMS - {"token-file"})
+    allowed = _KNOWN_PARAMS
+    if u.scheme == "s3":  # (token-file gets an error of its own, below)
+        unknown = sorted(set(params) - _KNOWN_PARAMS - _S3_PARAMS)
+        allowed = (_KNOWN_PARAMS | _S3_PARAMS) - {"token-file"}
     else:
         unknown = sorted(set(params) - _KNOWN_PARAMS)
         s3_only = sorted(set(params) & _S3_PARAMS)
@@ -100,7 +102,7 @@ def parse_url(url: str) -> CacheURL:
             raise CacheError(f"cache URL {url!r}: {s3_only[0]!r} applies to s3:// caches only")
     if unknown:
         raise CacheError(f"cache URL {url!r}: unknown parameter {unknown[0]!r}, expected one of "
-                         f"{', '.join(sorted(_KNOWN_PARAMS))}")
+                         f"{', '.join(sorted(allowed))}")
     if u.scheme == "file":
         if u.netloc not in ("", "localhost"):
             raise CacheError(f"cache URL {url!r}: file URLs must be file:///absolute/dir")

@@ -162,18 +162,26 @@ def http_url(cu: CacheURL) -> tuple[str, str, str]:
     region = cu.param("region") or "us-east-1"
     if not _REGION.match(region):
         raise CacheError(f"cache URL {cu.url!r}: bad region {region!r}")
-    scheme = cu.param("scheme") or "https"
-    if scheme not in ("http", "https"):
+    scheme = cu.param("scheme")
+    if scheme is not None and scheme not in ("http", "https"):
         raise CacheError(f"cache URL {cu.url!r}: scheme must be https or http, got {scheme!r}")
     prefix = u.path.strip("/")
     prefix = urllib.parse.quote(prefix + "/", safe="/-_.~") if prefix else ""
     endpoint = cu.param("endpoint")
     if endpoint:
-        endpoint = endpoint.split("://", 1)[-1].rstrip("/")  # tolerate a URL where a host is expected
+        given, sep, host = endpoint.partition("://")  # a URL where a host is expected: its scheme counts
+        if sep:
+            if given not in ("http", "https") or (scheme is not None and scheme != given):
+                raise CacheError(f"cache URL {cu.url!r}: endpoint {endpoint!r} and scheme {scheme!r} disagree"
+                                 if given in ("http", "https") else
+                                 f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got {endpoint!r}")
+            scheme, endpoint = given, host
+        scheme = scheme or "https"
+        endpoint = endpoint.rstrip("/")
         if not endpoint or "/" in endpoint:
             raise CacheError(f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got {cu.param('endpoint')!r}")
         return f"{scheme}://{endpoint}/{bucket}/{prefix}", bucket, region
-    return f"{scheme}://{bucket}.s3.{region}.amazonaws.com/{prefix}", bucket, region
+    return f"{scheme or 'https'}://{bucket}.s3.{region}.amazonaws.com/{prefix}", bucket, region
 
 
 def upload_options(cu: CacheURL) -> tuple[bool, int]:
