@@ -379,7 +379,7 @@ def test_a_public_key_file_given_as_the_secret_key_says_so(tmp_path):
         r = run_pure(*args, store.print_path(lib), root=root, check=False)
         assert r.returncode == 1 and r.stderr.splitlines() == [
             f"error: secret key file '{pub}': secret key 'test-key-1' decodes to 32 bytes, expected 64",
-            "hint: this is a public key: give the secret key instead"], r.stderr
+            "hint: 32 bytes are a public key (or only the first half of a secret key): give the whole secret key, as 'pure key generate' writes it"], r.stderr
 
 
 def test_a_malformed_trusted_key_is_an_error_even_with_nothing_to_fetch(tmp_path):
@@ -389,7 +389,8 @@ def test_a_malformed_trusted_key_is_an_error_even_with_nothing_to_fetch(tmp_path
     (tmp_path / "cache").mkdir()
     r = run_pure("copy", "--from", f"file://{tmp_path / 'cache'}", "--trusted-public-keys", "not-a-key",
                  store.print_path(lib), root=root, check=False)
-    assert r.returncode == 1 and r.stderr.startswith("error: public key 'not-a-key' is not of the form"), r.stderr
+    assert r.returncode == 2, r.stderr  # a bad option value: a usage error, naming the option
+    assert r.stderr.startswith("error: --trusted-public-keys: public key 'not-a-key' is not of the form"), r.stderr
 
 
 def _free_port() -> int:

@@ -60,7 +60,8 @@ async def plan_prune_bucket(backend, *, older_than: float | None, keep: Iterable
               if (name.endswith(".narinfo") and "/" not in name) or name.startswith("debuginfo/")]
     if say is not None:
         count = sum(1 for name in wanted if name.endswith(".narinfo"))
-        say(f"reading the {count} narinfos among the {len(listing)} files of {backend.url.split('?')[0]!r}...")
+        say(f"reading the {count} narinfo{'' if count == 1 else 's'} among the {len(listing)} files of "
+            f"{backend.url.split('?')[0]!r}...")
     async with open_nursery() as n:
         for name in wanted:
             n.start_soon(read, name)

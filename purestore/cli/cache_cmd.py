@@ -395,8 +395,12 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
 
 
 def cmd_key_generate(args, ctx) -> int:
+    from ..errors import KeyError_, UsageError
     from ..formats.signing import SecretKey
-    key = SecretKey.generate(args.name)
+    try:
+        key = SecretKey.generate(args.name)
+    except KeyError_ as e:  # a bad --name: a usage error, as a clash of output files is (status 2)
+        raise UsageError(f"--name: {e}", hint=e.hint) from None
     files = []
     if args.secret_out:
         files.append((args.secret_out, key.render(), 0o600))

@@ -203,6 +203,17 @@ def _stop_on_sigterm() -> None:
         pass
 
 
+def _check_key_options(args: argparse.Namespace) -> None:
+    """Every --trusted-public-keys given (global or a command's) well-formed, else an error that
+    names the option (a key's own error does not say where it came from)."""
+    given = [v for dest, v in vars(args).items()
+             if v and (dest == "global_trusted_public_keys" or dest.endswith("_trusted_keys"))]
+    if given:
+        from ..store.settings import check_public_keys
+        for value in given:
+            check_public_keys(tuple(value.split()), "--trusted-public-keys")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     owners = COMMAND_OWNERS.get(_command_word(argv))
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     _tune_runtime()
     _stop_on_sigterm()
     try:
+        _check_key_options(args)
         rc = args.func(args, ctx)
     except PurestoreError as e:
         print(f"error: {e}", file=sys.stderr)

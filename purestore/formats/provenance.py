@@ -141,7 +141,8 @@ class Envelope:
             parts.append(f"the signature by {', '.join(map(repr, bad))} does not verify "
                          "(the statement or signature was modified, or another key was used)")
         if untrusted:
-            parts.append(f"signed only by untrusted key {', '.join(map(repr, untrusted))}")
+            parts.append(f"signed only by untrusted key{'s' if len(untrusted) > 1 else ''} "
+                         f"{', '.join(map(repr, untrusted))}")
         raise ProvenanceError(f"{where}: " + "; ".join(parts),
                               hint="pass the signer's public key with --trusted-key" if untrusted and not bad else None)
 

@@ -47,7 +47,8 @@ def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[st
                         hint=("this looks like several keys in one: give one key here (lists of keys "
                               "are separated by spaces)") if several else None) from None
     if len(raw) != size:
-        swapped = {(64, 32): "this is a public key: give the secret key instead",
+        swapped = {(64, 32): "32 bytes are a public key (or only the first half of a secret key): "
+                             "give the whole secret key, as 'pure key generate' writes it",
                    (32, 64): "this is a secret key: give its public key ('pure key public < FILE')"}
         raise KeyError_(f"{what} {name!r} decodes to {len(raw)} bytes, expected {size}",
                         hint=swapped.get((size, len(raw))))
@@ -211,5 +212,6 @@ def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, Publ
     if untrusted:
         which = (f"the trusted ones are {', '.join(repr(n) for n in sorted(trusted))}" if trusted
                  else "no key is trusted")
-        parts.append(f"signed only by untrusted key {', '.join(repr(n) for n in untrusted)} ({which})")
+        parts.append(f"signed only by untrusted key{'s' if len(untrusted) > 1 else ''} "
+                     f"{', '.join(repr(n) for n in untrusted)} ({which})")
     raise SignatureError("; ".join(parts))

@@ -95,15 +95,16 @@ def config_files(env: dict[str, str]) -> list[Path]:
     return files
 
 
-def _check_public_keys(keys: tuple[str, ...], loc: str) -> None:
-    """Each a well-formed public key (``name:base64``), else an error naming the line."""
+def check_public_keys(keys: tuple[str, ...], where: str) -> None:
+    """Each a well-formed public key (``name:base64``), else an error naming ``where`` they
+    came from (a config file's line, an option)."""
     from ..errors import FormatError
     from ..formats.signing import PublicKey
     for k in keys:
         try:
             PublicKey.parse(k)
         except FormatError as e:
-            raise UsageError(f"{loc}: trusted-public-keys: {e}",
+            raise UsageError(f"{where}: {e}",
                              hint="keys are separated by spaces, each NAME:BASE64 as 'pure key public' "
                                   "prints it") from None
 
@@ -124,7 +125,7 @@ def parse_config(text: str, where: str) -> dict[str, object]:
         if key in _LIST_KEYS:
             out[field] = tuple(value.split())
             if key == "trusted-public-keys":
-                _check_public_keys(out[field], loc)  # type: ignore[arg-type]
+                check_public_keys(out[field], f"{loc}: trusted-public-keys")  # type: ignore[arg-type]
         elif key in _INT_KEYS:
             try:
                 out[field] = int(value)
