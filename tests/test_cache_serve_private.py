@@ -74,6 +74,16 @@ def test_server_token_and_tls_options_are_checked(tmp_path):
                  tmp_path / "key.pem", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1
     assert f"error: cannot use the TLS certificate '{tmp_path / 'cert.pem'}' with the key" in r.stderr
+    # a token file others can read is said (the server starts all the same); a private one is not
+    import os
+    tok = tmp_path / "up.tok"
+    tok.write_text("s3cret\n")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        os.chmod(tok, mode)  # (a bad --listen: the command stops after reading the token)
+        r = run_pure("cache", "serve", tmp_path / "c", "--upload-token-file", tok, "--listen", "nowhere",
+                     check=False)
+        assert r.returncode != 0 and "--listen 'nowhere'" in r.stderr, r.stderr
+        assert (f"warning: upload token file '{tok}' can be read by others (mode 0644)" in r.stderr) == warned
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
