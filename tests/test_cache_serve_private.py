@@ -195,7 +195,11 @@ def test_an_upload_to_a_full_disk_is_refused_at_once_with_the_reason(tmp_path):
                                       f"--listen 127.0.0.1:0 --upload-token-file {tmp_path / 'upload.tok'}"],
         env=pure_env(None), stderr=subprocess.PIPE, text=True)
     try:
-        m = re.search(r"on (http://\S+)", proc.stderr.readline())
+        m = None
+        for line in iter(proc.stderr.readline, ""):
+            m = re.search(r"on (http://\S+)", line)
+            if m:
+                break
         assert m, "the server did not start"
         url = m.group(1).rstrip("/")
         t = time.monotonic()
