@@ -205,7 +205,7 @@ def test_a_cache_directory_that_cannot_be_written_is_an_error(tmp_path, keyfile,
         _immutable(target, False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     err = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(err) == 1 and err[0].startswith(f"error: cache 'file://{cache}?"), r.stderr
+    assert len(err) == 1 and err[0].startswith(f"error: cannot copy {app_p!r}: cache 'file://{cache}?"), r.stderr
     assert re.search(r"cannot (write|create directory) .*: Operation not permitted$", err[0]), err
     assert not [p for p in cache.rglob(".tmp-*")]
 

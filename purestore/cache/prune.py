@@ -120,7 +120,7 @@ class PrunePlan:
                 "abortedUploads": [name for name, _id in self.uploads]}
 
 
-STALE_TEMP_SECONDS = 3600  # temporary files older than this are removed by a prune
+TEMPS_GO_AFTER = 3600  # seconds: a prune removes ``.tmp-`` files older than this
 
 
 def _listdir(path: str) -> list[str]:
@@ -280,7 +280,7 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
     # what killed pushes, copies and uploads left (``.tmp-…``: only ours): the prune holds the
     # directory's lock, so none of them is running; an hour's margin all the same
     for name in sorted(listing):
-        if name.rpartition("/")[2].startswith(".tmp-") and listing[name][1] < now - STALE_TEMP_SECONDS:
+        if name.rpartition("/")[2].startswith(".tmp-") and listing[name][1] < now - TEMPS_GO_AFTER:
             add(name)
     return plan
 

@@ -318,6 +318,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
 
         done = {p: trio.Event() for p in todo}  # set when p's narinfo is written, or p failed
         failed: dict[StorePath, str] = {}
+        cache_failed: list[CacheError] = []
         hints: list[str | None] = []
         published: list[StorePath] = []
         tmp_dir = await nar_temp_dir(backend)
@@ -328,7 +329,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         pending = collections.deque(sorted(todo, key=lambda p: -infos[p].nar_size))
 
         async def compress_worker(n, worker: ForkedWorker | None) -> None:
-            while pending:
+            while pending and not cache_failed:
                 p = pending.popleft()
                 info = infos[p]
                 if progress:
@@ -347,15 +348,23 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                     hints.append(e.hint)
                     done[p].set()
                     continue
-                except CacheError as e:  # the cache's (full, gone): the push stops, naming this path
-                    failed[p] = str(e)
-                    raise
+                except CacheError as e:  # the cache's (full, gone): no path is started after this one,
+                    failed[p] = str(e)  # those under way are published if the cache takes them
+                    cache_failed.append(e)
+                    done[p].set()
+                    return
                 n.start_soon(push_one, p, *res)
 
         async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
+            try:
+                await publish(p, tmp, file_hash, file_size, ls)
+            except CacheError as e:  # the cache's (full, refused, gone): the push stops, as above
+                failed[p] = str(e)
+                cache_failed.append(e)
+                done[p].set()
+
+        async def publish(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
             info = infos[p]
-            totals[0] += info.nar_size
-            totals[1] += file_size
             nar_name = f"nar/{file_hash.nix32}.nar{ext}"
             try:
                 if await backend.exists(nar_name):
@@ -394,6 +403,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                         return
             await backend.put(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), "text/x-nix-narinfo")
             published.append(p)
+            totals[0] += info.nar_size
+            totals[1] += file_size
             done[p].set()
             if progress:
                 progress.path_done(p.absolute(store_dir))
@@ -403,21 +414,27 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         # no thread of ours is busy
         worker = ForkedWorker.start() if fork_worker and lanes >= 2 else None
         skipped = tuple(p for p in order if p in have)
-        try:
-            async with open_nursery() as n:
-                for i in range(lanes):
-                    n.start_soon(compress_worker, n, worker if i == 0 else None)
-        except CacheError as e:  # the cache failed (full, refused, gone): what was done is said
+
+        def stopped(e: CacheError) -> CopyIncomplete:
+            """The cache failed (full, refused, gone): what was done is said."""
             res = PushResult(tuple(published), skipped, totals[0], totals[1])
             rest = [p for p in todo if p not in failed and p not in published]
             lines = [f"cannot copy {p.absolute(store_dir)!r}: {failed[p]}" for p in order if p in failed] or [str(e)]
             if rest:
                 lines.append(f"{len(rest)} more path{'s' if len(rest) > 1 else ''} not copied")
-            raise CopyIncomplete("\n".join(lines), result=res, hint=e.hint,
-                                 failures={**failed, **{p: f"not copied: {e}" for p in rest}}) from e
+            return CopyIncomplete("\n".join(lines), result=res, hint=e.hint,
+                                  failures={**failed, **{p: f"not copied: {e}" for p in rest}})
+        try:
+            async with open_nursery() as n:
+                for i in range(lanes):
+                    n.start_soon(compress_worker, n, worker if i == 0 else None)
+        except CacheError as e:
+            raise stopped(e) from e
         finally:
             if worker is not None:
                 await worker.aclose()
+        if cache_failed:
+            raise stopped(cache_failed[0]) from cache_failed[0]
         if progress:
             progress.finish()
     res = PushResult(tuple(p for p in todo if p not in failed), skipped, totals[0], totals[1])

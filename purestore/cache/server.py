@@ -24,6 +24,8 @@ reports the bound URLs, which is how tests learn an ephemeral port).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import os
@@ -138,8 +140,6 @@ def presented_token(scope) -> bytes:
     if scheme == b"bearer":
         return value.strip()
     if scheme == b"basic":
-        import base64
-        import binascii
         try:
             return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
         except (binascii.Error, ValueError):
