@@ -38,3 +38,41 @@ def test_top_level_help_lists_all_commands():
     out = run_pure("--help").stdout
     for name in ("build", "store", "hash", "copy", "gc", "sbom"):
         assert name in out
+
+
+def test_run_skips_teardown_but_runs_atexit_and_flushes(tmp_path):
+    """``pure`` exits through os._exit after the command: the atexit functions still run and
+    block-buffered stdout (a file) is written out, with the command's status."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "from purestore.cli.main import run\n"
+        "sys.argv[1:] = sys.argv[2:]\n"  # drop the marker argument given to python -c
+        "run()\n"
+        "raise SystemExit('run() returned')\n"
+    )
+    src = tmp_path / "files"
+    src.mkdir()
+    for i in range(3):  # a few lines: left in stdout's buffer until the exit flushes it
+        (src / f"f{i:03d}").write_text("x" * i)
+    out = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered stdout
+    with open(out, "w") as f:
+        p = subprocess.run([sys.executable, "-c", script, "-", "--store", str(tmp_path / "store"),
+                            "hash", "file", *sorted(map(str, src.iterdir()))],
+                           stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert marker.read_text() == "yes"
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and all(line.startswith("sha256") for line in lines), lines[-3:]
+    # a failing command keeps its status
+    p = subprocess.run([sys.executable, "-c", script, "-", "hash", "file", str(tmp_path / "missing")],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 1 and "error:" in p.stderr and "run() returned" not in p.stderr
