@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DATA, pure_env, run_pure
 from test_cache_support import (
-    PUB, SEC, make_closure, make_path, open_store, settings_for, start_server, stop_server,
+    PUB, SEC, make_closure, make_path, open_store, pushed_closure, settings_for, start_server, stop_server,
 )
 
 GOLD = DATA / "cache" / "nix-cache"
@@ -652,3 +652,51 @@ def _token(tmp_path):
     if not f.exists():
         f.write_text("s3cret\n")
     return f
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small tmpfs")
+def test_a_database_that_cannot_be_written_fails_the_substitution_cleanly(tmp_path, keyfile):
+    """The NAR restores (the store dir has room) but registering it fails: the state dir is a
+    tmpfs that fills up while the NAR comes in (its cache file is a FIFO fed by the test).
+    SQLite rolls the transaction back by itself on a full disk; that must not turn into a
+    traceback ("cannot rollback - no transaction is active").  The error names the database
+    and the full file system, --json still reports, and the restored tree is not left behind."""
+    import shlex
+
+    cache = tmp_path / "cache"
+    with open_store(tmp_path / "a") as store:
+        lib, app = (store.print_path(p) for p in make_closure(store))
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app, root=tmp_path / "a")
+    root = tmp_path / "dst"
+    run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, lib, root=root)
+    nar = cache / re.search(r"^URL: (\S+)$", (cache / (app.split("/")[-1][:32] + ".narinfo")).read_text(), re.M)[1]
+    state = root / "pure" / "var" / "pure" / "db"  # the database's own directory
+    assert (state / "db.sqlite").is_file()
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    pure = f"{shlex.quote(sys.executable)} -m purestore.cli.main --store {q(root)}"
+    script = f"""
+        cp -a {q(state)} {q(tmp_path / 'saved')}
+        mount -t tmpfs -o size=4m tmpfs {q(state)} && cp -a {q(tmp_path / 'saved')}/. {q(state)} || exit 9
+        mv {q(nar)} {q(nar)}.real && mkfifo {q(nar)}
+        {pure} copy --json --from file://{q(cache)} --trusted-public-keys {shlex.quote(PUB)} {app} \
+            > {q(tmp_path / 'out')} 2> {q(tmp_path / 'err')} &
+        pid=$!
+        exec 3> {q(nar)}
+        cat {q(nar)}.real >&3
+        sleep 0.5
+        dd if=/dev/zero of={q(state)}/fill bs=4k 2>/dev/null
+        exec 3>&-
+        wait $pid; echo $? > {q(tmp_path / 'rc')}
+        rm -f {q(state)}/fill
+        {pure} store verify --check-contents > {q(tmp_path / 'vout')} 2>&1; echo $? >> {q(tmp_path / 'rc')}
+    """
+    subprocess.run(["unshare", "-m", "sh", "-c", script], env=pure_env(None), check=True, timeout=120)
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().split() == ["1", "0"], (err, (tmp_path / "vout").read_text())
+    assert "Traceback" not in err and "no transaction is active" not in err, err
+    assert "error: " in err and "store database" in err and "no space left" in err, err
+    report = json.loads((tmp_path / "out").read_text())
+    assert report["fetched"] == [] and list(report["failed"]) == [app], report
+    real = root / "pure" / "store"
+    assert sorted(os.listdir(real)) == sorted([".tmp", lib.split("/")[-1]])  # no unregistered app
+    assert os.listdir(real / ".tmp") == []

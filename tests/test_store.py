@@ -476,3 +476,23 @@ def test_concurrent_cleaners_of_one_leftover_do_not_trip_over_each_other(setting
     assert [c.communicate()[0] for c in cleaners] == ["ok\n"] * 3
     assert [c.returncode for c in cleaners] == [0, 0, 0]
     assert not os.path.exists(leftover)
+
+
+def test_a_statement_that_fills_the_database_is_a_store_error_not_a_failed_rollback(tmp_path):
+    """SQLite rolls a transaction back by itself on SQLITE_FULL; the transaction's own ROLLBACK
+    then fails ("no transaction is active") and must not replace the real error."""
+    from purestore.errors import StoreError
+    from purestore.store.db import StoreDB
+
+    db = StoreDB(str(tmp_path / "db.sqlite"), "/pure/store")
+    pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
+    db.conn.execute(f"PRAGMA max_page_count = {pages}")  # no room for one more page
+    with pytest.raises(StoreError, match=r"cannot write to the store database .*full"):
+        with db.transaction() as c:
+            c.execute("CREATE TABLE Filler (x BLOB)")
+            c.execute("INSERT INTO Filler VALUES (?)", (b"x" * 100_000,))
+    assert not db.conn.in_transaction
+    db.conn.execute(f"PRAGMA max_page_count = {pages + 1000}")
+    with db.transaction() as c:  # still usable
+        c.execute("CREATE TABLE Other (x)")
+    db.close()

@@ -73,6 +73,10 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
         except StoreError as e:
             for info, _u in new:
                 result[info.path] = e
+                try:  # not valid after all: no unregistered copy stays in the store dir
+                    remove_temp(store, S.real_path(store, info.path))
+                except (OSError, StoreError):
+                    pass  # the next install of the path replaces it
             return result
     for info, url in new:
         _record(store, settings, info.path, url, info.nar_size)

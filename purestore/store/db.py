@@ -141,11 +141,11 @@ class StoreDB:
                         self.conn.execute("ROLLBACK")
                     if begin == "BEGIN" and ("locked" in str(e) or "busy" in str(e)):
                         continue  # lost a race for the write lock: wait for it properly
-                    raise StoreError(f"cannot create tables in {self.path!r}: {e}") from e
+                    raise StoreError(f"cannot create tables in {self.path!r}: {e}{_full(self.path)}") from e
                 except sqlite3.Error as e:
                     if self.conn.in_transaction:
                         self.conn.execute("ROLLBACK")
-                    raise StoreError(f"cannot create tables in {self.path!r}: {e}") from e
+                    raise StoreError(f"cannot create tables in {self.path!r}: {e}{_full(self.path)}") from e
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[sqlite3.Connection]:
@@ -186,16 +186,29 @@ class StoreDB:
             self._depth = 1
             try:
                 yield self.conn
-            except BaseException:
+            except BaseException as e:
                 self._depth = 0
-                self.conn.execute("ROLLBACK")
+                self._rollback()
+                if isinstance(e, sqlite3.Error):  # a statement failed: a full disk, a broken file
+                    raise StoreError(f"cannot write to the store database {self.path!r}: {e}"
+                                     f"{_full(self.path)}") from e
                 raise
             self._depth = 0
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.Error as e:
+                self._rollback()
+                raise StoreError(f"cannot commit to the store database {self.path!r}: {e}{_full(self.path)}") from e
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already done so: after some errors
+        (a full disk) it rolls back by itself, and a ROLLBACK then fails with "no transaction is
+        active", which must not hide the error that caused it."""
+        if self.conn.in_transaction:
+            try:
                 self.conn.execute("ROLLBACK")
-                raise StoreError(f"cannot commit to {self.path!r}: {e}") from e
+            except sqlite3.Error:
+                pass
 
     def query(self, sql: str, params=()) -> list[tuple]:
         """Run a read query and return all rows."""
@@ -211,10 +224,19 @@ class StoreDB:
 
 
 def _full(path: str) -> str:
-    """A note when the file system holding ``path`` has no space left (SQLite then reports
-    "disk I/O error" or "database or disk is full", which does not say which)."""
+    """A note on why SQLite failed on ``path`` when the file system says more than SQLite does:
+    no space left (SQLite reports "disk I/O error" or "database or disk is full", which does not
+    say which), or a directory that cannot be written (SQLite: "unable to open database file",
+    or "attempt to write a readonly database")."""
+    d = os.path.dirname(path) or "."
     try:
-        st = os.statvfs(os.path.dirname(path) or ".")
+        st = os.statvfs(d)
     except OSError:
         return ""
-    return " (the file system holding it has no space left)" if st.f_bavail == 0 and st.f_blocks else ""
+    if st.f_bavail == 0 and st.f_blocks:
+        return " (the file system holding it has no space left)"
+    if st.f_flag & os.ST_RDONLY:
+        return " (the file system holding it is mounted read-only)"
+    if os.path.isdir(d) and not os.access(d, os.W_OK):
+        return f" (its directory {d!r} is not writable for this user)"
+    return ""
