@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -564,40 +565,53 @@ def test_a_path_the_one_cache_lacks_names_that_cache(tmp_path, keyfile):
     assert f"error: cannot substitute '{app_p}': binary cache 'file://{cache}' does not have it" in r.stderr
 
 
-async def test_paths_another_process_registers_meanwhile_are_reported_not_fetched_again(tmp_path, keyfile):
-    """A second `pure copy --from` into the same store: what the other one registered while
-    this one was on its way is not downloaded again once its turn comes (or not registered
-    twice if it was), and is reported as present, not lost from the report."""
-    import trio
-
-    from purestore.cache import substituter
-    from purestore.cache.substituter import substitute_report
+def test_a_second_copy_of_the_same_paths_waits_for_the_first_instead_of_downloading_again(tmp_path, keyfile):
+    """Two `pure copy --from` of one closure into one store at once: the second waits on the
+    path locks the first holds until it has registered the paths, then reports them as there
+    ("skipped"), without reading their NARs (Nix's path locks).  The first is held up on a NAR
+    fed by the test through a FIFO, so the second surely comes while it is under way."""
+    import threading
 
     src, cache, dst = tmp_path / "a", tmp_path / "cache", tmp_path / "dst"
     with open_store(src) as store:
         lib = make_path(store, "lib-1.0", {"big": os.urandom(2 << 20)})
         app = make_path(store, "app-2.0", {"bin/app": b"uses " + store.print_path(lib).encode()}, refs=[lib])
-        app_p = store.print_path(app)
+        lib_p, app_p = store.print_path(lib), store.print_path(app)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=src)
-    real_download, calls = substituter.download, []
-
-    async def download_while_another_copy_runs(store, cache_, ni, *a, **kw):
-        calls.append(ni.store_path)
-        if len(calls) == 1:  # the other process fetches both paths now, start to end
-            await trio.run_process([sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB,
-                                    app_p], env=pure_env(dst, None, None))
-        return await real_download(store, cache_, ni, *a, **kw)
-
-    settings = settings_for(dst, trusted_public_keys=(PUB,))
-    with open_store(dst) as store:
-        try:
-            substituter.download = download_while_another_copy_runs
-            report = await substitute_report(store, settings, {app}, urls=[f"file://{cache}"], jobs=1)
-        finally:
-            substituter.download = real_download
-    assert len(calls) == 1, "the second path's turn came after the other process had registered it"
-    assert report.fetched == [] and not report.failures
-    assert sorted(report.present) == sorted([lib, app]) and report.valid == {app}
+    nar = cache / re.search(r"^URL: (\S+)$", (cache / f"{lib.hash_part}.narinfo").read_text(), re.M)[1]
+    data = nar.read_bytes()
+    nar.unlink()
+    os.mkfifo(nar)
+    cmd = [sys.executable, "-m", "purestore.cli.main", "copy", "--json", "--from", f"file://{cache}",
+           "--trusted-public-keys", PUB, app_p]
+    env = pure_env(dst, None, None)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        with open(nar, "wb") as fifo:  # returns once the first copy opened the NAR to restore it
+            second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(second.stderr), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 60
+            while not any("waiting for another process to finish" in line for line in lines):
+                assert second.poll() is None and time.monotonic() < deadline, lines
+                time.sleep(0.05)
+            fifo.write(data)
+        out1, err1 = first.communicate(timeout=60)
+        out2, _ = second.communicate(timeout=60)
+        reader.join(10)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert first.returncode == 0, err1
+    assert json.loads(out1)["fetched"] == sorted([lib_p, app_p])
+    assert second.returncode == 0, lines
+    rep = json.loads(out2)
+    assert rep["fetched"] == [] and rep["skipped"] == sorted([lib_p, app_p]) and rep["narBytes"] == 0, rep
+    assert "waiting for another process to finish " + repr(lib_p) in "".join(lines) or \
+        "waiting for another process to finish " + repr(app_p) in "".join(lines), lines
     run_pure("store", "verify", "--check-contents", root=dst)
     assert os.listdir(dst / "pure/store/.tmp") == []
 

@@ -133,20 +133,6 @@ def unwrap(eg: BaseExceptionGroup) -> BaseException:
     return found[0] if len(found) == 1 else eg
 
 
-def wait_flock(path: str) -> None:
-    import fcntl
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    finally:
-        os.close(fd)
-
-
-
-
 def keep_dir(top: str, name: str) -> str:
     """Move a failed build's top dir out of the store's temp area (which is cleaned on open)."""
     dest = tempfile.mkdtemp(prefix=f"pure-build-{name}-")

@@ -41,7 +41,7 @@ from .logs import BuildLog
 from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
 from ..store.fstree import remove_tree
-from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap, wait_flock
+from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap
 
 log = logging.getLogger("purestore.build")
 NOT_IN_CACHES = "no binary cache has it"  # cache.substituter.query_substitutable's reason
@@ -450,7 +450,7 @@ class _Realiser:
             for name in names:
                 while not locks.acquire(name, blocking=False):
                     # another process builds it: wait for its flock in a thread, then retry
-                    await trio.to_thread.run_sync(wait_flock, locks._file(name), abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(locks.wait_released, name, abandon_on_cancel=True)
                 taken.append(name)
         except BaseException:
             for name in reversed(taken):

@@ -33,9 +33,10 @@ TINY_NAR = 32 << 10  # NARs up to this size (signed NarSize, enforced) restore i
 
 
 def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repair: set[StorePath],
-                   provenance: dict[StorePath, bytes] | None = None) -> dict:
+                   provenance: dict[StorePath, bytes] | None = None, *, locked: bool = False) -> dict:
     """Worker thread: under the path locks, rename restored trees into place, flush the file
-    system once, and register the whole batch in one transaction.
+    system once, and register the whole batch in one transaction.  ``locked``: the caller
+    holds the items' path locks already (taken in another thread: not taken again here).
 
     ``items`` are (info, tmp, cache url); every reference of every item is already valid.
     Returns path → None (installed and registered), "valid" (someone else got it first) or the
@@ -44,7 +45,7 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
     paths = [info.path for info, _t, _u in items]
     result: dict = {}
     store.add_temp_roots(paths)
-    with store.lock_paths(paths):
+    with contextlib.nullcontext() if locked else store.lock_paths(paths):
         new: list[tuple[PathInfo, str]] = []
         for info, tmp, url in items:
             p = info.path

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+from functools import partial
 from typing import Iterable
 
 import attrs
@@ -317,6 +318,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         ahead_gate = LargestFirst(min(lanes, AHEAD))
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
+        locks = getattr(store, "locks", None)  # the store's path locks (a local store has them)
 
         async def visit(p: StorePath, queries, fetches):
             """Query p's narinfo; on success start fetching it at once and query its references."""
@@ -362,8 +364,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             break
                     items = [(info, tmp, url) for info, tmp, url, _e in batch]
                     try:
-                        res = await trio.to_thread.run_sync(install_batch, store, settings, items, repair,
-                                                            subs.provenance)
+                        res = await trio.to_thread.run_sync(partial(
+                            install_batch, store, settings, items, repair, subs.provenance,
+                            locked=locks is not None))
                     except StoreError as e:
                         res = {info.path: e for info, _t, _u in items}
                     for info, _tmp, _url, done in batch:
@@ -406,7 +409,18 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         async def fetch(p: StorePath):
             cache, ni = found[p]
             tmp = None
+            locked = False
             try:
+                if locks is not None:
+                    # held until p is registered: a second process substituting (or building) p
+                    # waits here, then finds it valid, instead of downloading it again (Nix's
+                    # path locks); taken before a lane, so that waiting holds none
+                    try:
+                        await _take_path_lock(locks, p, progress, sd)
+                    except StoreError as e:  # the lock file cannot be made (say, a full disk)
+                        report.failures[p] = str(e)
+                        return
+                    locked = True
                 # a cache whose NAR fails (missing, corrupt, cut off) is passed over for the next
                 # one with a trusted narinfo for the path, as Nix does
                 tried: list[tuple[_Cache, str]] = []
@@ -477,6 +491,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 if tmp is not None and os.path.lexists(tmp):
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(remove_temp, store, tmp)
+                if locked:
+                    locks.release(p.base_name)
 
         async with open_nursery() as outer:
             outer.start_soon(registrar)
@@ -519,6 +535,18 @@ async def _forked_worker(wanted: bool):
     finally:
         if worker is not None:
             await worker.aclose()
+
+
+async def _take_path_lock(locks, p: StorePath, progress: Progress | None, store_dir: str) -> None:
+    """Take ``p``'s path lock in the trio thread (it is released there too) without blocking
+    it: while someone else holds the lock, wait for it in a worker thread (saying so once)."""
+    told = False
+    while not locks.acquire(p.base_name, blocking=False):
+        if not told:
+            told = True
+            if hasattr(progress, "note"):
+                progress.note(f"waiting for another process to finish {p.absolute(store_dir)!r}")
+        await trio.to_thread.run_sync(locks.wait_released, p.base_name, abandon_on_cancel=True)
 
 
 def _topo(found: dict[StorePath, tuple[_Cache, NarInfo]]) -> list[StorePath]:

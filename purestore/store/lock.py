@@ -111,6 +111,21 @@ class PathLocks:
                 continue
             return fd
 
+    def wait_released(self, name: str) -> None:
+        """Block until nobody holds ``name`` (returns at once when nobody does); then try
+        :meth:`acquire` again.  For a waiter that must not block its own thread while it holds
+        other things: run this in a worker thread.  A shared ``flock`` on the lock file waits
+        for the holder's exclusive one, whoever holds it (another process, or another thread
+        of this one)."""
+        try:
+            fd = os.open(self._file(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Hold ``name`` for the duration of the ``with`` block."""
