@@ -375,3 +375,47 @@ def test_a_fork_that_fails_gives_no_worker_and_leaks_nothing(monkeypatch):
     monkeypatch.setattr(os, "fork", no_fork)
     assert ForkedWorker.start() is None
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGTERM-in-background"])
+def test_ctrl_c_stops_a_slow_compression_in_a_thread_at_once(tmp_path, sig):
+    """One lane (-j 1: a thread of the command, no forked worker) compressing a NAR that takes
+    many seconds (xz at level 9): the signal stops it within a chunk, not at the end of the NAR,
+    and its temporary file is removed.  "in-background": started with SIGINT ignored, as a
+    background job of a non-interactive shell (`pure copy … &` in a script) is."""
+    background = sig.endswith("-in-background")
+    sig = sig.split("-")[0]
+    sigint = signal.SIG_IGN if background else signal.SIG_DFL
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+
+    src = tmp_path / "src"
+    with open_store(src) as store:
+        big = make_path(store, "big", {"": os.urandom(48 << 20)})  # xz -9: well over 10 s here
+        big_p = store.print_path(big)
+    cache = tmp_path / "cache"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "purestore.cli.main", "copy", "-j", "1", "--to",
+         f"file://{cache}?compression=xz&compression-level=9", big_p],
+        env=pure_env(src, None, None), stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob("nar/.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1)  # well into the NAR
+        assert p.poll() is None, p.communicate()[1]
+        t0 = time.monotonic()
+        os.kill(p.pid, getattr(signal, sig))
+        err = p.communicate(timeout=60)[1]
+        stopped_after = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == (130 if sig == "SIGINT" else 143), err
+    assert ("error: interrupted" if sig == "SIGINT" else "error: terminated (SIGTERM)") in err, err
+    assert "Traceback" not in err, err
+    assert stopped_after < 5, f"took {stopped_after:.1f} s to stop"
+    assert not list(cache.glob("nar/.tmp-*")) and not list(cache.glob("*.narinfo"))

@@ -264,3 +264,38 @@ def test_push_of_big_referrers_first_still_writes_references_narinfos_first(tmp_
     assert written.index(base.hash_part) < written.index(mid.hash_part) < written.index(top.hash_part)
     assert all(written.index(base.hash_part) < written.index(o.hash_part) for o in others)
     assert sorted(written) == sorted(p.hash_part for p in res.uploaded)
+
+
+async def test_run_stoppable_stops_its_thread_and_waits_for_it_or_never_starts_it():
+    import threading
+
+    import trio
+
+    from purestore.cache._nursery import run_stoppable
+
+    calls, finished = [], threading.Event()
+
+    def work(n, stop):
+        calls.append(n)
+        while not stop.wait(0.01):
+            pass
+        finished.set()  # the caller is still waiting for this
+        return n
+
+    with trio.move_on_after(0.2):
+        await run_stoppable(work, 1)
+    assert calls == [1] and finished.is_set()  # stopped, and waited for before it returned
+
+    def pre_cancelled():  # in a run of its own: if it waited forever, the test still ends
+        async def go():
+            with trio.CancelScope() as scope:
+                scope.cancel()  # cancelled before the thread is started: it never runs
+                await run_stoppable(work, 2)
+        trio.run(go)
+    t = threading.Thread(target=pre_cancelled, daemon=True)
+    t.start()
+    await trio.to_thread.run_sync(t.join, 10)
+    assert not t.is_alive(), "run_stoppable waits for a thread that was never started"
+    await trio.sleep(0.1)
+    assert calls == [1]
+    assert await run_stoppable(lambda n, stop: n * 2, 21) == 42

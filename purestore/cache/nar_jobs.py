@@ -215,6 +215,10 @@ def nar_listing(nar_source) -> bytes:
     return json.dumps({"version": 1, "root": root}, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+class Stopped(Exception):
+    """A job was told to stop (its caller was cancelled); what it wrote is removed."""
+
+
 class _CompressSink:
     """NAR bytes in: hashed and counted, compressed to a file whose bytes are hashed and counted.
 
@@ -222,7 +226,8 @@ class _CompressSink:
     compressor's buffer, hashed and written with ``os.write`` straight from there."""
 
     def __init__(self, fd: int, path: str, method: str, level: int | None, progress: Progress | None,
-                 parallel: bool = False):
+                 parallel: bool = False, stop: threading.Event | None = None):
+        self.stop = stop
         self.fd = fd
         self.path = path
         self.comp = compressor(method, level, parallel)
@@ -247,6 +252,8 @@ class _CompressSink:
             raise CacheError(f"cannot write {self.path!r}: {e.strerror}") from e
 
     def write(self, data) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"stopped while compressing into {self.path!r}")
         self.nar.update(data)
         self.nar_size += len(data)
         compress_to(self.comp, data, self._emit)
@@ -263,10 +270,12 @@ def push_temp_name(tmp_dir: str | None) -> str:
 
 
 def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: int | None,
-                  parallel: bool, tmp: str, listing: bool, progress: Progress | None = None):
+                  parallel: bool, tmp: str, listing: bool, progress: Progress | None = None, *,
+                  stop: threading.Event | None = None):
     """NAR of the path at ``real`` compressed (on all cores if ``parallel``) into the new file ``tmp`` (see
     :func:`push_temp_name`; removed again on failure), its NAR hash and size checked against the
-    registered ones; returns (tmp, file hash, file size, listing)."""
+    registered ones; returns (tmp, file hash, file size, listing).  ``stop``: when it is set,
+    the work stops at the next chunk (at most 1 MiB of NAR later) with :class:`Stopped`."""
     from ..store.fsnar import dump_path, stream_path
 
     try:
@@ -275,7 +284,7 @@ def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: 
         raise CacheError(f"cannot create {tmp!r}: {e.strerror}") from e
     try:
         try:
-            sink = _CompressSink(fd, tmp, method, level, progress, parallel)
+            sink = _CompressSink(fd, tmp, method, level, progress, parallel, stop)
             stream_path(real, sink.write)
             sink.finish()
         finally:

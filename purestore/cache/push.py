@@ -44,7 +44,7 @@ from .compression import compressor, extension
 from .info import CacheInfo
 from .forked import ForkedWorker, run_claimed
 from .nar_jobs import compress_path, nar_listing, push_temp_name  # noqa: F401 (nar_listing: API)
-from ._nursery import open_nursery
+from ._nursery import open_nursery, run_stoppable
 from .progress import Progress
 from .prune import mark_used, open_dir_lock
 
@@ -341,8 +341,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                     ran, res = await run_claimed(
                         worker, lambda: worker.call(compress_path, *args, progress=progress),
                         lambda: _unlink_quietly(tmp))
-                    if not ran:
-                        res = await trio.to_thread.run_sync(compress_path, *args, progress)
+                    if not ran:  # in a thread of this process, stopped at once by Ctrl-C
+                        res = await run_stoppable(compress_path, *args, progress)
                 except StoreError as e:  # this path's own fault (corrupt, unreadable): the rest goes on
                     failed[p] = str(e)
                     hints.append(e.hint)

@@ -101,7 +101,7 @@ def _realise(ctx, store, drvs, args):
                 print(json.dumps({"type": "plan", "will_build": [], "will_check": [], "will_substitute": []},
                                  sort_keys=True))
             return done
-    import trio
+    from ._trio import run_trio
     from ..build.progress import Progress
     from ..build.scheduler import realise
     from ._warnings import warnings_to
@@ -109,7 +109,7 @@ def _realise(ctx, store, drvs, args):
     settings = ctx.settings.evolve(require_provenance=True) if getattr(args, "require_provenance", False) \
         else ctx.settings
     with warnings_to(None if args.json else progress.message):  # --json: stderr as it is
-        return trio.run(realise, store, settings, drvs, _options(args, settings), progress)
+        return run_trio(realise, store, settings, drvs, _options(args, settings), progress)
 
 
 def _drv_paths_from_file(ctx, store, args):
@@ -161,7 +161,7 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
 
 
 def _dry_run(ctx, store, drvs, args) -> int:
-    import trio
+    from ._trio import run_trio
     from ..build.progress import build_lines, fetch_lines
     from ..build.scheduler import plan
     from ._warnings import warnings_to
@@ -169,7 +169,7 @@ def _dry_run(ctx, store, drvs, args) -> int:
         from ..errors import UsageError
         raise UsageError("--dry-run does not combine with --check or --rounds")
     with warnings_to(ctx.info):
-        p = trio.run(plan, store, ctx.settings, drvs)
+        p = run_trio(plan, store, ctx.settings, drvs)
     if args.json:
         print(json.dumps(p.to_json(), sort_keys=True))
         return 0
@@ -235,9 +235,9 @@ def cmd_log(args, ctx) -> int:
             raise PathNotValid(f"no build log for {store.print_path(sp)!r} ({where}; "
                                + ("--offline: binary caches not asked)" if settings.offline
                                   else "no binary caches configured)"))
-        import trio
+        from ._trio import run_trio
         from ..cache.logs import fetch_build_log
-        search = trio.run(fetch_build_log, settings, sp, candidates)
+        search = run_trio(fetch_build_log, settings, sp, candidates)
         if search.found is None:
             caches = f"the binary caches {' '.join(search.caches)}"
             if search.drvs:

@@ -528,12 +528,12 @@ def _run_copy(progress, copy, report_json):
     """``trio.run(copy)`` with warnings shown through ``progress``; returns its result.  With
     ``report_json(result, failures)`` (--json) the result is printed, and also what a copy that
     failed for some paths did (:class:`CopyIncomplete`), before its error is raised."""
-    import trio
+    from ._trio import run_trio
     from ..errors import CopyIncomplete
     from ._warnings import warnings_to
     try:
         with warnings_to(progress.note):
-            res = trio.run(copy)
+            res = run_trio(copy)
     except CopyIncomplete as e:
         if report_json is not None:
             report_json(e.result, e.failures)
@@ -623,6 +623,7 @@ def _run_server(ctx, start, describe) -> None:
     import signal
 
     import trio
+    from ._trio import run_trio
     from ..cache._nursery import open_nursery
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -636,7 +637,7 @@ def _run_server(ctx, start, describe) -> None:
                     n.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    run_trio(main)
 
 
 def cmd_cache_serve(args, ctx) -> int:
@@ -698,7 +699,7 @@ def cmd_store_serve(args, ctx) -> int:
 
 
 def cmd_cache_verify(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.progress import TextProgress
     from ..cache.verify import verify_cache
     from ._warnings import warnings_to
@@ -708,7 +709,7 @@ def cmd_cache_verify(args, ctx) -> int:
     keys = args.verify_trusted_keys.split() if args.verify_trusted_keys is not None else None
     progress = TextProgress("checking")
     with warnings_to(progress.note):
-        rep = trio.run(lambda: verify_cache(settings, args.url, paths, trusted_keys=keys,
+        rep = run_trio(lambda: verify_cache(settings, args.url, paths, trusted_keys=keys,
                                             check_contents=args.check_contents, recursive=args.recursive,
                                             progress=progress))
     bad = rep.bad
@@ -732,7 +733,7 @@ def cmd_cache_verify(args, ctx) -> int:
 
 
 def cmd_cache_info(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.ping import cache_status
     from ..errors import UsageError
 
@@ -741,7 +742,7 @@ def cmd_cache_info(args, ctx) -> int:
     if not urls:
         raise UsageError("no binary caches to check: the substituters setting is empty",
                          hint="give URLs, or set substituters in pure.conf (or --substituters)")
-    found = trio.run(lambda: cache_status(settings, urls))
+    found = run_trio(lambda: cache_status(settings, urls))
     keys = list(settings.trusted_public_keys)
     if args.json:
         print(json.dumps({"caches": [c.to_json() for c in found], "offline": settings.offline,
@@ -767,14 +768,14 @@ def _caches(n: int) -> str:
 
 
 def cmd_cache_path_info(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.query import cache_path_infos
 
     settings = ctx.settings
     paths = _base_name_paths(args.paths)
     keys = (args.info_trusted_keys.split() if args.info_trusted_keys is not None
             else list(settings.trusted_public_keys))
-    q = trio.run(lambda: cache_path_infos(settings, args.url, paths, recursive=args.recursive,
+    q = run_trio(lambda: cache_path_infos(settings, args.url, paths, recursive=args.recursive,
                                           closure_sizes=args.closure_size, trusted_keys=keys))
     if args.json:
         out = []
@@ -807,7 +808,7 @@ def cmd_cache_path_info(args, ctx) -> int:
 
 
 def cmd_cache_sign(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.progress import TextProgress
     from ..cache.push import load_secret_key
     from ..cache.sign import sign_cache
@@ -821,7 +822,7 @@ def cmd_cache_sign(args, ctx) -> int:
     trusted = args.sign_trusted_keys.split() if args.sign_trusted_keys is not None else None
     progress = TextProgress("checking" if args.check_contents else "signing")
     with warnings_to(progress.note):
-        res = trio.run(lambda: sign_cache(ctx.settings, args.url, keys, paths, recursive=args.recursive,
+        res = run_trio(lambda: sign_cache(ctx.settings, args.url, keys, paths, recursive=args.recursive,
                                           trusted_keys=trusted, check_sigs=not args.no_check_sigs,
                                           check_contents=args.check_contents, progress=progress))
     if args.json:
@@ -861,7 +862,7 @@ def cmd_cache_prune(args, ctx) -> int:
 
 
 def _prune_bucket(ctx, url: str, age, keep, dry_run: bool, errors: list[str]):
-    import trio
+    from ._trio import run_trio
 
     from ..cache.backend import backend_for
     from ..cache.prune_bucket import apply_prune_bucket, plan_prune_bucket
@@ -872,7 +873,7 @@ def _prune_bucket(ctx, url: str, age, keep, dry_run: bool, errors: list[str]):
             if not dry_run:
                 await apply_prune_bucket(backend, plan, errors.append)
             return plan
-    return trio.run(run)
+    return run_trio(run)
 
 
 def _prune_report(args, ctx, d: str, plan, errors: list[str]) -> int:
@@ -921,10 +922,10 @@ def _browse_keys(args):
 
 
 def cmd_cache_ls(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.browse import cache_tree, find, ls_lines
 
-    loc, root = trio.run(lambda: cache_tree(ctx.settings, args.url, args.path, trusted_keys=_browse_keys(args),
+    loc, root = run_trio(lambda: cache_tree(ctx.settings, args.url, args.path, trusted_keys=_browse_keys(args),
                                             check_sigs=not args.no_check_sigs, use_listing=not args.no_listing))
     node = find(root, loc)
     if args.json:
@@ -936,11 +937,11 @@ def cmd_cache_ls(args, ctx) -> int:
 
 
 def cmd_cache_cat(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.browse import cache_cat
 
     out = sys.stdout.buffer
-    trio.run(lambda: cache_cat(ctx.settings, args.url, args.path, out, trusted_keys=_browse_keys(args),
+    run_trio(lambda: cache_cat(ctx.settings, args.url, args.path, out, trusted_keys=_browse_keys(args),
                                check_sigs=not args.no_check_sigs))
     out.flush()
     return 0

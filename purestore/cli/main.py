@@ -184,8 +184,10 @@ _terminated = False
 def _stop_on_sigterm() -> None:
     """SIGTERM (what ``timeout``, systemd and CI runners send) stops a command as Ctrl-C does:
     its clean-up runs (partial files in a cache or the store removed, builders killed) instead of
-    the process just vanishing.  Where Ctrl-C is ignored (a ``pure shell`` waiting for its
-    shell), SIGTERM keeps its default action and ends the process."""
+    the process just vanishing.  Where Ctrl-C is ignored, SIGTERM keeps its default action and
+    ends the process (a ``pure shell`` waiting for its shell), except in the trio runs of the
+    commands, which then listen for SIGTERM themselves (:mod:`._trio`: a background job of a
+    non-interactive shell inherits SIGINT ignored)."""
     import signal
 
     def on_term(signum, frame):
@@ -241,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_status
-    except KeyboardInterrupt:
-        if _terminated:
+    except KeyboardInterrupt as e:
+        from ._trio import Terminated
+        if _terminated or isinstance(e, Terminated):
             print("error: terminated (SIGTERM)", file=sys.stderr)
             return 143
         print("error: interrupted", file=sys.stderr)

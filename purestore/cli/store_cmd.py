@@ -246,10 +246,10 @@ def cmd_verify(args, ctx) -> int:
         paths = _chosen_paths(store, args) if args.paths else None
         more_sigs = None
         if args.substituter:
-            import trio
+            from ._trio import run_trio
             from ..cache.sigs import cache_narinfos, sigs_for_same_contents
             chosen = paths if paths is not None else store.valid_paths()
-            found = trio.run(lambda: cache_narinfos(ctx.settings, chosen, args.substituter))
+            found = run_trio(lambda: cache_narinfos(ctx.settings, chosen, args.substituter))
             _warn_failures(ctx, store, found.failures)
             more_sigs, differs = sigs_for_same_contents(store, found)
             for sp, url, why in differs:
@@ -274,7 +274,7 @@ def cmd_verify(args, ctx) -> int:
 
 
 def cmd_copy_sigs(args, ctx) -> int:
-    import trio
+    from ._trio import run_trio
     from ..cache.sigs import copy_sigs
     from ..errors import UsageError
     trusted = _trusted_keys(ctx, "copy-sigs (it copies only signatures by trusted keys)")
@@ -286,7 +286,7 @@ def cmd_copy_sigs(args, ctx) -> int:
     with ctx.open_store() as store:
         paths = _chosen_paths(store, args)
         # caches named with -s must work; of the configured ones, an unusable one is a warning
-        copies, found = trio.run(lambda: copy_sigs(store, ctx.settings, paths, urls, trusted,
+        copies, found = run_trio(lambda: copy_sigs(store, ctx.settings, paths, urls, trusted,
                                                    strict=bool(args.substituter)))
         _warn_failures(ctx, store, found.failures)
         if args.json:

@@ -1,0 +1,57 @@
+"""``run_trio``: ``trio.run`` for the commands, with SIGTERM stopping them as Ctrl-C does.
+
+SIGTERM normally reaches trio through SIGINT: the handler of :mod:`.main` raises SIGINT, and
+trio's own Ctrl-C handling cancels the run, so that every clean-up runs.  Where SIGINT is
+ignored, that road is closed: a background job of a non-interactive shell (``pure copy … &``
+in a script, or under ``timeout`` started from one) inherits SIGINT ignored, so that Ctrl-C at
+the terminal leaves it alone, and trio then installs no handler.  Such a run listens for
+SIGTERM itself and, when it comes, stops the command the same way, with :class:`Terminated`.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as Ctrl-C would be: the command's clean-up has run."""
+
+
+def _leaves(eg: BaseExceptionGroup):
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
+
+
+def run_trio(fn, *args):
+    """``trio.run(fn, *args)``; see the module docstring."""
+    import trio
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return trio.run(fn, *args)
+    result: list = []
+
+    async def watch(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as received:
+            task_status.started()
+            async for _ in received:
+                raise Terminated
+
+    async def guarded() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(watch)
+            result.append(await fn(*args))
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(guarded)
+    except BaseExceptionGroup as eg:
+        leaves = list(_leaves(eg))
+        if any(isinstance(e, Terminated) for e in leaves):
+            raise Terminated from eg
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+    return result[0]
