@@ -299,3 +299,25 @@ async def test_run_stoppable_stops_its_thread_and_waits_for_it_or_never_starts_i
     await trio.sleep(0.1)
     assert calls == [1]
     assert await run_stoppable(lambda n, stop: n * 2, 21) == 42
+
+
+def test_a_nar_file_of_the_wrong_size_under_the_right_name_is_replaced(tmp_path, keyfile):
+    """NAR files are named by their hash, so a push that finds the name takes it as its NAR;
+    but a file of another size there (something else wrote it) is not: it is replaced, and the
+    cache verifies.  One of the right size is kept as it is."""
+    from test_cache_support import PUB
+
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    nars = sorted(cache.glob("nar/*"))
+    good = {n: n.read_bytes() for n in nars}
+    for n in cache.glob("*.narinfo"):
+        n.unlink()
+    nars[0].write_bytes(b"x\n")  # the right name, another size
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    assert {n: n.read_bytes() for n in nars} == good
+    v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}")
+    assert v.stdout == ""

@@ -193,6 +193,11 @@ class Backend:
     async def exists(self, name: str) -> bool:
         raise NotImplementedError
 
+    async def size(self, name: str) -> int | None:
+        """The size of the file ``name`` in bytes, -1 when it exists but its size is not known,
+        None when it does not exist."""
+        return -1 if await self.exists(name) else None
+
     async def get(self, name: str) -> bytes | None:
         raise NotImplementedError
 
@@ -240,6 +245,18 @@ class FileBackend(Backend):
     async def exists(self, name: str) -> bool:
         p = self._path(name)
         return await trio.to_thread.run_sync(os.path.exists, p)
+
+    async def size(self, name: str) -> int | None:
+        p = self._path(name)
+
+        def size() -> int | None:
+            try:
+                return os.stat(p).st_size
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise self._err("query", name, e) from e
+        return await trio.to_thread.run_sync(size)
 
     async def get(self, name: str) -> bytes | None:
         p = self._path(name)

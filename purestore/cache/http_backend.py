@@ -366,12 +366,16 @@ class HttpBackend(Backend):
         return await self._retrying(once)
 
     async def exists(self, name: str) -> bool:
+        return await self.size(name) is not None
+
+    async def size(self, name: str) -> int | None:
         r, _ = await self._request("query", name, "HEAD")
         if r.status in (404, 403, 410):
-            return False
+            return None
         if r.status != 200:
             raise self._status("query", name, r)
-        return True
+        length = r.headers.get("content-length", "")
+        return int(length) if length.isdigit() and is_identity(r.headers.get("content-encoding")) else -1
 
     async def get(self, name: str) -> bytes | None:
         r, data = await self._request("get", name, "GET")

@@ -363,11 +363,23 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 cache_failed.append(e)
                 done[p].set()
 
+        def reference_failed(p: StorePath) -> bool:
+            r = next((r for r in infos[p].references if r != p and r in failed), None)
+            if r is not None:  # never a narinfo whose references the cache lacks
+                failed[p] = f"its reference {r.absolute(store_dir)!r} could not be copied"
+                done[p].set()
+            return r is not None
+
         async def publish(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
             info = infos[p]
             nar_name = f"nar/{file_hash.nix32}.nar{ext}"
             try:
-                if await backend.exists(nar_name):
+                if reference_failed(p):  # already known: upload none of its files
+                    os.unlink(tmp)
+                    return
+                # a NAR file is named by its hash, so one that is there is this one, unless
+                # something else wrote that name: a size that is not the NAR's is replaced
+                if await backend.size(nar_name) in (file_size, -1):
                     os.unlink(tmp)
                     if isinstance(backend, FileBackend):  # used again: recent for `cache prune`
                         mark_used(backend.local_path(nar_name))
@@ -397,10 +409,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             for r in info.references:
                 if r != p and r in done:
                     await done[r].wait()
-                    if r in failed:  # never a narinfo whose references the cache lacks
-                        failed[p] = f"its reference {r.absolute(store_dir)!r} could not be copied"
-                        done[p].set()
-                        return
+            if reference_failed(p):
+                return
             await backend.put(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), "text/x-nix-narinfo")
             published.append(p)
             totals[0] += info.nar_size
