@@ -119,6 +119,7 @@ class PushResult:
     file_bytes: int
 
 
+_LISTED = 10  # paths a failed push names one by one on stderr (--json lists them all)
 _KEY_HINT = "create one with 'pure key generate --name NAME --secret-out FILE --public-out FILE'"
 
 
@@ -318,7 +319,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
 
         done = {p: trio.Event() for p in todo}  # set when p's narinfo is written, or p failed
         failed: dict[StorePath, str] = {}
-        cache_failed: list[CacheError] = []
+        cache_failed: list[tuple[StorePath, CacheError]] = []  # (the path it failed on, why)
         hints: list[str | None] = []
         published: list[StorePath] = []
         tmp_dir = await nar_temp_dir(backend)
@@ -350,7 +351,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                     continue
                 except CacheError as e:  # the cache's (full, gone): no path is started after this one,
                     failed[p] = str(e)  # those under way are published if the cache takes them
-                    cache_failed.append(e)
+                    cache_failed.append((p, e))
                     done[p].set()
                     return
                 n.start_soon(push_one, p, *res)
@@ -360,7 +361,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 await publish(p, tmp, file_hash, file_size, ls)
             except CacheError as e:  # the cache's (full, refused, gone): the push stops, as above
                 failed[p] = str(e)
-                cache_failed.append(e)
+                cache_failed.append((p, e))
                 done[p].set()
 
         def reference_failed(p: StorePath) -> bool:
@@ -425,26 +426,30 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         worker = ForkedWorker.start() if fork_worker and lanes >= 2 else None
         skipped = tuple(p for p in order if p in have)
 
-        def stopped(e: CacheError) -> CopyIncomplete:
-            """The cache failed (full, refused, gone): what was done is said."""
+        def stopped(e: CacheError, where: StorePath | None) -> CopyIncomplete:
+            """The cache failed (full, refused, gone): what was done is said, and each path not
+            copied (the first few on stderr, all in ``failures``)."""
             res = PushResult(tuple(published), skipped, totals[0], totals[1])
-            rest = [p for p in todo if p not in failed and p not in published]
+            rest = [p for p in order if p in done and p not in failed and p not in published]
+            why = ("not started: the push stopped when the cache failed"
+                   + (f" on {where.absolute(store_dir)!r}" if where is not None else f": {e}"))
             lines = [f"cannot copy {p.absolute(store_dir)!r}: {failed[p]}" for p in order if p in failed] or [str(e)]
-            if rest:
-                lines.append(f"{len(rest)} more path{'s' if len(rest) > 1 else ''} not copied")
+            lines += [f"cannot copy {p.absolute(store_dir)!r}: {why}" for p in rest[:_LISTED]]
+            if len(rest) > _LISTED:
+                lines.append(f"... and {len(rest) - _LISTED} more paths not copied (--json lists them all)")
             return CopyIncomplete("\n".join(lines), result=res, hint=e.hint,
-                                  failures={**failed, **{p: f"not copied: {e}" for p in rest}})
+                                  failures={**failed, **{p: why for p in rest}})
         try:
             async with open_nursery() as n:
                 for i in range(lanes):
                     n.start_soon(compress_worker, n, worker if i == 0 else None)
         except CacheError as e:
-            raise stopped(e) from e
+            raise stopped(e, None) from e
         finally:
             if worker is not None:
                 await worker.aclose()
         if cache_failed:
-            raise stopped(cache_failed[0]) from cache_failed[0]
+            raise stopped(cache_failed[0][1], cache_failed[0][0]) from cache_failed[0][1]
         if progress:
             progress.finish()
     res = PushResult(tuple(p for p in todo if p not in failed), skipped, totals[0], totals[1])
