@@ -112,3 +112,34 @@ def test_json_equals_nix_for_a_built_path_with_a_reference_and_a_deriver(tmp_pat
     assert ours.rstrip("\n") == theirs
     objs = json.loads(ours)
     assert len(objs) == 2 and any(o.get("deriver") for o in objs) and any(o["references"] for o in objs)
+
+
+def test_a_path_of_another_store_dir_is_not_taken_for_the_caches_own(tmp_path):
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    """/pure/store/<hash>-h.txt is another path than the cache's /nix/store/<hash>-h.txt: refused
+    with the cache's store dir named, by path-info, verify and sign alike; the base name alone,
+    or a symlink to the path (`./result`), names it."""
+    import shutil
+
+    other = "/pure/store/" + H.rsplit("/", 1)[1]
+    shutil.copytree(NIX_CACHE, tmp_path / "cache")  # sign must not touch the golden files, whatever happens
+    url = f"file://{tmp_path / 'cache'}"
+    for cmd in (("cache", "path-info"), ("cache", "verify", "--trusted-public-keys", PUB),
+                ("cache", "sign", "--key-file", str(key))):
+        r = run_pure(*cmd, url, other, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"error: {other!r} is not in the store dir of {url!r}, '/nix/store'" in r.stderr, r.stderr
+    link = tmp_path / "result"
+    link.symlink_to(H)
+    r = run_pure("cache", "path-info", url, str(link), H.rsplit("/", 1)[1])
+    assert set(r.stdout.splitlines()) == {H}, r.stdout
+
+
+def test_verify_json_names_a_path_the_cache_lacks():
+    missing = "/nix/store/" + "a" * 32 + "-x"
+    r = run_pure("cache", "verify", "--json", "--trusted-public-keys", PUB, f"file://{NIX_CACHE}", missing,
+                 check=False)
+    assert r.returncode == 1
+    problems = json.loads(r.stdout)["problems"]
+    assert [(p["path"], p["message"]) for p in problems] == [(missing, "the cache has no narinfo for it")]

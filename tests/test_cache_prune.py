@@ -183,14 +183,19 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     (cache / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo").write_text("garbage\n")
     before = sorted(p.name for p in cache.rglob("*"))
     gone = "/pure/store/" + "0" * 32 + "-gone"
+    elsewhere = n["other"].replace("/pure/store/", "/nix/store/")
     for args, msg in ((["--older-than", "soon"], "cannot read the age 'soon'"),
                       ([], "say what to keep"),
-                      (["--keep", gone], f"--keep {gone!r}: the cache has no such path")):
+                      (["--keep", gone], f"--keep {gone!r}: the cache has no such path"),
+                      (["--keep", elsewhere], f"--keep {elsewhere!r} is not in the cache's store dir '/pure/store'")):
         r = prune(cache, *args, check=False)
         assert r.returncode != 0 and f"error: {msg}" in r.stderr, r.stderr
     assert sorted(p.name for p in cache.rglob("*")) == before
     r = prune(tmp_path / "nowhere", "--older-than", "1d", check=False)
     assert r.returncode != 0 and "does not exist" in r.stderr
+    (tmp_path / "afile").write_text("")
+    r = prune(tmp_path / "afile", "--older-than", "1d", check=False)
+    assert r.returncode != 0 and "is not a directory" in r.stderr, r.stderr
     r = run_pure("cache", "prune", "http://127.0.0.1:1/", "--older-than", "1d", check=False)
     assert r.returncode != 0 and "only a local cache directory" in r.stderr
     # an unreadable narinfo is kept and reported, and so is the NAR its URL line names; the

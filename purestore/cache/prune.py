@@ -223,6 +223,8 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
             sp = StorePath.from_base_name(base)
         except FormatError as e:
             raise CacheError(f"--keep {k!r} is not a store path: {e}") from None
+        if k.startswith("/") and os.path.dirname(k.rstrip("/")) != sd:
+            raise CacheError(f"--keep {k!r} is not in the cache's store dir {sd!r}")
         if sp.hash_part not in infos:
             raise CacheError(f"--keep {k!r}: the cache has no such path")
         roots.add(sp.hash_part)

@@ -80,6 +80,8 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
         else:
             names = sorted({f"{p.hash_part}.narinfo" for p in paths})
         report = CacheReport(url, sd, bool(trusted), check_contents)
+        for p in paths or ():  # named even when the cache has no narinfo for it
+            report.paths[f"{p.hash_part}.narinfo"] = p.absolute(sd)
         if progress:
             progress.expect(len(names), 0)
         present: dict[str, bool] = {}  # narinfo name → the cache has it (references' checks)

@@ -559,6 +559,7 @@ def _copy_between(args, ctx) -> int:
     paths = _base_name_paths(args.paths)
     keys = [load_secret_key(f) for f in args.secret_key_file]
     trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
+    _check_store_dir(args.paths, args.from_, ctx.settings)
     progress = TextProgress("copying", verbose=args.verbose)
 
     def report_json(res, failures) -> None:
@@ -707,6 +708,7 @@ def cmd_cache_verify(args, ctx) -> int:
     settings = ctx.settings
     paths = _base_name_paths(args.paths) if args.paths else None
     keys = args.verify_trusted_keys.split() if args.verify_trusted_keys is not None else None
+    _check_store_dir(args.paths, args.url, settings)
     progress = TextProgress("checking")
     with warnings_to(progress.note):
         rep = run_trio(lambda: verify_cache(settings, args.url, paths, trusted_keys=keys,
@@ -775,6 +777,7 @@ def cmd_cache_path_info(args, ctx) -> int:
     paths = _base_name_paths(args.paths)
     keys = (args.info_trusted_keys.split() if args.info_trusted_keys is not None
             else list(settings.trusted_public_keys))
+    _check_store_dir(args.paths, args.url, settings)
     q = run_trio(lambda: cache_path_infos(settings, args.url, paths, recursive=args.recursive,
                                           closure_sizes=args.closure_size, trusted_keys=keys))
     if args.json:
@@ -820,6 +823,7 @@ def cmd_cache_sign(args, ctx) -> int:
     keys = [load_secret_key(f) for f in args.key_file]
     paths = _base_name_paths(args.paths) if args.paths else None
     trusted = args.sign_trusted_keys.split() if args.sign_trusted_keys is not None else None
+    _check_store_dir(args.paths, args.url, ctx.settings)
     progress = TextProgress("checking" if args.check_contents else "signing")
     with warnings_to(progress.note):
         res = run_trio(lambda: sign_cache(ctx.settings, args.url, keys, paths, recursive=args.recursive,
@@ -852,7 +856,7 @@ def cmd_cache_prune(args, ctx) -> int:
                              "bucket can be pruned", hint="prune an HTTP cache on the machine that holds its files")
         d = cu.base
     if not os.path.isdir(d):
-        raise UsageError(f"cache directory {d!r} does not exist")
+        raise UsageError(f"cache directory {d!r} " + ("is not a directory" if os.path.lexists(d) else "does not exist"))
     with cache_lock(d, exclusive=True,
                     on_wait=lambda: ctx.info(f"waiting for the push into {d!r} to finish...")):
         plan = plan_prune(d, older_than=age, keep=args.keep)
@@ -948,13 +952,40 @@ def cmd_cache_cat(args, ctx) -> int:
 
 
 def _base_name_paths(texts):
-    """Store paths named by their base names: a cache's store dir is known only once it is read."""
+    """Store paths named by their base names: a cache's store dir is known only once it is read
+    (:func:`_check_store_dir`).  A symlink (``./result``) names the store path it points to."""
     from ..errors import InvalidStorePath, UsageError
     from ..formats.store_path import StorePath
     paths = []
     for p in texts:
+        name = os.readlink(p) if os.path.islink(p) else p
         try:
-            paths.append(StorePath.from_base_name(os.path.basename(p.rstrip("/"))))
+            paths.append(StorePath.from_base_name(os.path.basename(name.rstrip("/"))))
         except InvalidStorePath as e:
             raise UsageError(f"{p!r} is not a store path: {e}") from None
     return paths
+
+
+def _check_store_dir(texts, url: str, settings) -> None:
+    """The absolute paths among ``texts`` are in the store dir of the cache at ``url`` (read
+    now): a path of another store dir is another path, even with the same base name."""
+    from ..errors import CacheError, UsageError
+    from ._trio import run_trio
+    given = [p for p in texts or () if p.startswith("/") and not os.path.islink(p)]
+    if not given:
+        return
+    try:
+        sd = run_trio(lambda: _cache_store_dir(settings, url))
+    except CacheError:
+        return  # an unusable cache: the command itself says why, in its own words
+    for p in given:
+        if os.path.dirname(p.rstrip("/")) != sd:
+            raise UsageError(f"{p!r} is not in the store dir of {url.split('?')[0]!r}, {sd!r}",
+                             hint=f"name it by its base name, or as {sd}/{os.path.basename(p.rstrip('/'))}")
+
+
+async def _cache_store_dir(settings, url: str) -> str:
+    from ..cache.backend import backend_for, parse_url
+    from ..cache.info import read_cache_info
+    async with backend_for(parse_url(url), settings) as backend:
+        return (await read_cache_info(backend, url)).store_dir
