@@ -545,6 +545,8 @@ def test_cache_url_mistakes_get_a_hint(tmp_path):
     r = run_pure("copy", "--to", str(tmp_path / "c"), p, root=tmp_path / "a", check=False)
     assert r.returncode == 1 and f"error: unsupported cache URL '{tmp_path}/c'" in r.stderr
     assert f"hint: a cache directory is given as a file URL: file://{tmp_path}/c" in r.stderr
+    r = run_pure("copy", "--to", "127.0.0.1:8080", p, root=tmp_path / "a", check=False)
+    assert r.returncode == 1 and "hint: an HTTP cache is given with its scheme: http://127.0.0.1:8080" in r.stderr
     r = run_pure("copy", "--to", f"file://{tmp_path}/c file://{tmp_path}/d", p, root=tmp_path / "a", check=False)
     assert r.returncode == 1 and "contains white space" in r.stderr and "hint: give one URL here" in r.stderr
     assert not list(tmp_path.glob("c*"))
@@ -714,3 +716,19 @@ def test_a_database_that_cannot_be_written_fails_the_substitution_cleanly(tmp_pa
     real = root / "pure" / "store"
     assert sorted(os.listdir(real)) == sorted([".tmp", lib.split("/")[-1]])  # no unregistered app
     assert os.listdir(real / ".tmp") == []
+
+
+def test_a_url_parameter_and_an_option_that_disagree_are_refused(tmp_path, keyfile):
+    with open_store(tmp_path / "a") as store:
+        p = store.print_path(make_path(store, "x", {"": b"x\n"}))
+    for url, opts, msg in (
+            (f"file://{tmp_path}/c?compression=xz", ["--compression", "zstd"],
+             "asks for compression=xz, the option for zstd"),
+            (f"file://{tmp_path}/c?compression-level=9", ["--compression-level", "3"],
+             "asks for compression-level=9, the option for 3"),
+            (f"file://{tmp_path}/c?priority=abc", [], "priority must be a whole number, got 'abc'")):
+        r = run_pure("copy", "--to", url, *opts, p, root=tmp_path / "a", check=False)
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "c").exists()
+    r = run_pure("copy", "--to", f"file://{tmp_path}/c?compression=xz", "--compression", "xz", p, root=tmp_path / "a")
+    assert list((tmp_path / "c" / "nar").glob("*.nar.xz"))

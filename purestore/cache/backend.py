@@ -103,6 +103,9 @@ def parse_url(url: str) -> CacheURL:
     if unknown:
         raise CacheError(f"cache URL {url!r}: unknown parameter {unknown[0]!r}, expected one of "
                          f"{', '.join(sorted(allowed))}")
+    prio = params.get("priority")
+    if prio is not None and not prio.isdigit():
+        raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
     if u.scheme == "file":
         if u.netloc not in ("", "localhost"):
             raise CacheError(f"cache URL {url!r}: file URLs must be file:///absolute/dir")
@@ -122,7 +125,9 @@ def parse_url(url: str) -> CacheURL:
             raise CacheError(f"cache URL {url!r}: an S3 cache signs its requests with AWS credentials, "
                              "not a token-file")
         return CacheURL(url, "s3", f"s3://{u.netloc}{u.path.rstrip('/')}/", params)
-    if not u.scheme:
+    if re.fullmatch(r"[A-Za-z0-9.-]+:\d+(/.*)?", url.split("?")[0]):  # host:port, no scheme
+        hint = f"an HTTP cache is given with its scheme: http://{url}"
+    elif not u.scheme:
         hint = f"a cache directory is given as a file URL: file://{os.path.abspath(u.path)}"
     elif u.scheme.startswith("ssh"):
         hint = "ssh caches are not supported yet"

@@ -269,6 +269,12 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     as well (:mod:`.forked`); only for a caller whose other threads are all idle (the CLI).
     """
     cu = parse_url(url)
+    where = url.split("?")[0]
+    for option, param in ((compression, "compression"), (level, "compression-level")):
+        given = cu.param(param)
+        if option is not None and given is not None and str(option) != given:
+            raise CacheError(f"cache URL {where!r} asks for {param}={given}, the option for {option}: "
+                             "give it once")
     method = compression or cu.param("compression") or "zstd"
     ext = extension(method)
     if level is None and cu.param("compression-level"):

@@ -114,10 +114,8 @@ class Substituters:
     async def __aenter__(self) -> "Substituters":
         async def open_one(i: int, url: str):
             try:
-                cu = parse_url(url)
+                cu = parse_url(url)  # (a priority that is no whole number is an error there)
                 prio = cu.param("priority")
-                if prio is not None and not prio.isdigit():
-                    raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
                 backend = backend_for(cu, self.settings)
             except CacheError as e:
                 self.rejected[url] = str(e)
