@@ -109,8 +109,20 @@ def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     (tmp_path / "k.sec").write_text(SEC)
     r = run_pure("copy", "--to", f"file://{cache}", "-k", tmp_path / "k.sec", store.print_path(lib), root=root)
     assert "Signature" not in (cache / f"{lib.hash_part}.narinfo").read_text()
-    assert r.stderr.splitlines()[-1] == (f"note: 1 path already there was not signed again; 'pure cache sign "
-                                         f"--key-file KEY file://{cache}' adds signatures to narinfos in place")
+    note = r.stderr.splitlines()[-1]
+    lib_p = store.print_path(lib)
+    command = f"pure cache sign --key-file KEY -r file://{cache} {lib_p}"
+    assert note == (f"note: 1 path already there was not signed again; to add signatures in place: {command} "
+                    "(it signs only what a trusted key signed already: add --trusted-public-keys KEYS, or "
+                    "--no-check-sigs)")
+    # the command works as said (this narinfo has no signature: --no-check-sigs)
+    args = command.split()[1:]
+    args[args.index("KEY")] = str(tmp_path / "k.sec")
+    run_pure(*args, "--no-check-sigs")
+    assert "Sig: test-key-1:" in (cache / f"{lib.hash_part}.narinfo").read_text()
+    from purestore.cli.cache_cmd import _sign_again_command
+    assert _sign_again_command("http://h:1/?token-file=/t&secret-key=/k.sec&compression=xz", ["/a", "/b", "/c", "/d"]) \
+        == "pure cache sign --key-file KEY -r 'http://h:1/?token-file=/t' /a /b /c ..."
 
 
 @pytest.mark.parametrize("comp,ext", [("xz", ".nar.xz"), ("none", ".nar")])

@@ -499,8 +499,9 @@ def cmd_copy(args, ctx) -> int:
             elif (keys or cu.param("secret-key")) and res.skipped and not args.json:
                 n = len(res.skipped)
                 ctx.info(f"note: {_paths(n)} already there {'was' if n == 1 else 'were'} not signed again; "
-                         f"'pure cache sign --key-file KEY {args.to.split('?')[0]}' adds signatures to "
-                         "narinfos in place")
+                         f"to add signatures in place: {_sign_again_command(args.to, args.paths)} (it signs "
+                         "only what a trusted key signed already: add --trusted-public-keys KEYS, or "
+                         "--no-check-sigs)")
             return 0
         from ..cache.substituter import copy_from
         paths = [store.parse_path(p) for p in args.paths]
@@ -522,6 +523,21 @@ def cmd_copy(args, ctx) -> int:
             ctx.info(f"fetched {_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
                      f"{args.from_.split('?')[0]}{meanwhile}")
     return 0
+
+
+def _sign_again_command(url: str, roots: list[str]) -> str:
+    """The `pure cache sign` that signs the closures of ``roots`` in the cache at ``url`` (the
+    URL without the push's own parameters; over HTTP it keeps its token-file)."""
+    import shlex
+    import urllib.parse
+    base, _, query = url.partition("?")
+    keep = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+            if k not in ("secret-key", "compression", "compression-level", "parallel-compression",
+                         "write-nar-listing", "index-debug-info")]
+    if keep:
+        base += "?" + urllib.parse.urlencode(keep, safe="/")
+    shown = " ".join(shlex.quote(p) for p in roots[:3]) + (" ..." if len(roots) > 3 else "")
+    return f"pure cache sign --key-file KEY -r {shlex.quote(base)} {shown}"
 
 
 def _run_copy(progress, copy, report_json):
