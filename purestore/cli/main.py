@@ -143,7 +143,8 @@ def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--trusted-public-keys", dest="global_trusted_public_keys", metavar="KEYS",
                         default=None, help="space-separated NAME:BASE64 keys trusted for substitution")
     parser.add_argument("--offline", dest="global_offline", action="store_true",
-                        help="do not use binary caches")
+                        help="do not ask the substituters (builds and shells use what the store has); "
+                             "a cache named explicitly (copy --from/--to) is still used")
     parser.add_argument("--post-build-hook", dest="global_post_build_hook", metavar="PROGRAM", default=None,
                         help="run PROGRAM after each build, with DRV_PATH and OUT_PATHS set (e.g. to push "
                              "the outputs to a binary cache; docs/building.md); '' turns the setting off")
