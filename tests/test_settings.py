@@ -58,3 +58,29 @@ def test_fsync_setting_controls_store_durability(tmp_path):
         s = load_settings(env={"PURE_CONFIG": str(conf)}, root=str(tmp_path / value))
         with LocalStore.open(s) as store:
             assert store.durable is expected
+
+
+K1 = "k1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+K2 = "k2:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+
+
+def test_nix_extra_settings_add_to_the_lists_and_substitute_false_is_offline(tmp_path):
+    """Nix's extra-substituters / extra-trusted-public-keys append (a later plain setting
+    replaces, as in Nix); `substitute = false` means no substituters (offline)."""
+    conf = tmp_path / "pure.conf"
+    conf.write_text(f"substituters = file:///a\nextra-substituters = file:///b file:///c\n"
+                    f"extra-trusted-public-keys = {K1}\ntrusted-public-keys = {K2}\nsubstitute = false\n")
+    s = load_settings(env={"PURE_CONFIG": str(conf)})
+    assert s.substituters == ("file:///a", "file:///b", "file:///c")
+    assert s.trusted_public_keys == (K2,) and s.offline is True
+    assert parse_config("substitute = true\n", "x") == {"offline": False}
+    # an extra- alone adds to the default (and to what files read before set)
+    home = tmp_path / "home"
+    (home / "pure").mkdir(parents=True)
+    (home / "pure" / "pure.conf").write_text(f"extra-trusted-public-keys = {K1}\n")
+    s = load_settings(env={"XDG_CONFIG_HOME": str(home)})
+    assert K1 in s.trusted_public_keys
+    with pytest.raises(UsageError, match=r"pure.conf:1: extra-trusted-public-keys: "):
+        parse_config("extra-trusted-public-keys = nonsense\n", "pure.conf")
+    with pytest.raises(UsageError, match="unknown setting 'extra-max-jobs'"):
+        parse_config("extra-max-jobs = 3\n", "pure.conf")

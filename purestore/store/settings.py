@@ -124,8 +124,22 @@ def parse_config(text: str, where: str) -> dict[str, object]:
         field = key.replace("-", "_")
         if key in _LIST_KEYS:
             out[field] = tuple(value.split())
+            out.pop(f"extra_{field}", None)  # set after an extra-: the setting wins, as in Nix
             if key == "trusted-public-keys":
                 check_public_keys(out[field], f"{loc}: trusted-public-keys")  # type: ignore[arg-type]
+        elif key.startswith("extra-") and key[len("extra-"):] in _LIST_KEYS:
+            # Nix's extra-substituters / extra-trusted-public-keys: added to the list (of this
+            # file, or of the files read before it), not replacing it
+            values = tuple(value.split())
+            if key == "extra-trusted-public-keys":
+                check_public_keys(values, f"{loc}: {key}")
+            base = field[len("extra_"):]
+            if base in out:
+                out[base] = (*out[base], *values)  # type: ignore[misc]
+            else:
+                out[field] = (*out.get(field, ()), *values)  # type: ignore[misc]
+        elif key == "substitute":  # Nix's name for the opposite of offline
+            out["offline"] = not _parse_bool(value, loc)
         elif key in _INT_KEYS:
             try:
                 out[field] = int(value)
@@ -162,7 +176,11 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
             continue
         except OSError as e:
             raise UsageError(f"cannot read config file {str(f)!r}: {e.strerror}") from e
-        kw.update(parse_config(text, str(f)))
+        for k, v in parse_config(text, str(f)).items():
+            if k.startswith("extra_"):  # appended to what the files before set
+                kw[k[len("extra_"):]] = (*kw.get(k[len("extra_"):], ()), *v)  # type: ignore[misc]
+            else:
+                kw[k] = v
     if env.get("PURE_STORE"):
         kw["root"] = env["PURE_STORE"]
     if env.get("PURE_STORE_DIR"):
