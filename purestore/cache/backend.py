@@ -282,7 +282,7 @@ class FileBackend(Backend):
         try:
             f = await trio.to_thread.run_sync(open_regular, p)
         except FileNotFoundError:
-            raise CacheMissing(f"cache {self.url!r} has no file {name!r}") from None
+            raise CacheMissing(f"{file_url(self.url, name)} is missing from the cache") from None
         except OSError as e:
             raise self._err("read", name, e) from e
 

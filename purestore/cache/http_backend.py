@@ -30,7 +30,7 @@ import urllib.parse
 import trio
 
 from ..errors import CacheError
-from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name
+from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name, file_url
 from .content_encoding import decode, is_identity
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -419,7 +419,7 @@ class HttpBackend(Backend):
                     raise self._err("download", name, e, via) from e
                 client, target, via = nxt
             if r.status in (404, 410):
-                raise CacheMissing(f"cache {self.url!r} has no file {name!r}")
+                raise CacheMissing(f"{file_url(self.url, name)} is missing from the cache")
             if r.status in (200, 206) and not is_identity(r.headers.get("content-encoding")):
                 raise CacheError(f"cache {self.url!r}: {name!r} is sent with Content-Encoding "
                                  f"{r.headers.get('content-encoding')!r}: a NAR file streamed must come as it "

@@ -40,7 +40,7 @@ from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._files import open_regular
 from ._nursery import open_nursery
-from .backend import CacheMissing, FileBackend, backend_for, check_name, parse_url
+from .backend import CacheMissing, FileBackend, backend_for, check_name, file_url, parse_url
 from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader, nar_listing
@@ -324,7 +324,7 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
             try:
                 listing = await trio.to_thread.run_sync(read_local)
             except FileNotFoundError:
-                raise CacheMissing(f"cache {src.url!r} has no file {ni.url!r}") from None
+                raise CacheMissing(f"{file_url(src.url, ni.url)} is missing from the cache") from None
             except OSError as e:
                 raise CacheError(f"cannot read {where}: {e.strerror}") from e
         else:
