@@ -289,3 +289,29 @@ def test_an_upload_through_cache_serve_waits_for_a_prune(tmp_path):
     finally:
         os.close(fd)
         stop_server(proc)
+
+
+def test_old_logs_no_narinfo_names_go_with_an_age(tmp_path):
+    """A log whose path never got a narinfo (a push that failed after uploading it) goes once
+    older than the age, as an unused NAR file does; a recent one stays, and so does every log
+    in a prune without an age (--keep only); the log of a kept path stays however old."""
+    from purestore.formats.store_path import StorePath
+    from test_cache_support import keep_build_log
+
+    root, cache = tmp_path / "src", tmp_path / "cache"
+    drv = StorePath("1" * 32, "thing.drv")
+    with open_store(root) as store:
+        out = store.print_path(make_path(store, "thing", {"": b"built\n"}, deriver=drv))
+        keep_build_log(store, drv, b"the build's log\n")
+    run_pure("copy", "--to", f"file://{cache}", out, root=root)
+    own = cache / "log" / drv.base_name
+    orphan = cache / "log" / ("z" * 32 + "-orphan.drv")
+    orphan.write_text("a log\n")
+    recent = cache / "log" / ("y" * 32 + "-recent.drv")
+    recent.write_text("a log\n")
+    age([*cache.glob("nar/*"), own, orphan])
+    res = json.loads(prune(cache, "--keep", out, "--json").stdout)
+    assert res["files"] == [] and orphan.exists()
+    res = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)  # the narinfo is recent
+    assert res["removed"] == [] and res["files"] == ["log/" + orphan.name], res
+    assert not orphan.exists() and recent.exists() and own.exists()

@@ -8,7 +8,7 @@ everything those refer to, transitively, so every kept narinfo's references stay
 cache.  Everything else goes: its narinfo, its ``.ls`` listing and ``.provenance``, the NAR
 file no kept narinfo uses (once it is older than the age: a push that finds a NAR present
 marks it used), the ``debuginfo/`` links to such NARs, and the build logs of its derivers
-(``log/<drv>``) when no kept path has the same deriver.  NAR files no narinfo uses at all
+(``log/<drv>``) when no kept path has the same deriver.  NAR files and logs no narinfo uses at all
 (left by interrupted pushes) go when they are older than the age too.  A narinfo that cannot
 be parsed is kept and reported, with the NAR its ``URL:`` line names (and when one cannot be
 read at all, no NAR file is removed): nothing is removed on a guess.
@@ -277,8 +277,15 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
         if target in removed_nars:
             add(name)
     kept_drvs = {infos[h].deriver.base_name for h in kept if infos[h].deriver is not None}
-    for drv in sorted({infos[h].deriver.base_name for h in gone if infos[h].deriver is not None} - kept_drvs):
-        add(f"log/{drv}")
+    gone_logs = {f"log/{infos[h].deriver.base_name}" for h in gone if infos[h].deriver is not None} \
+        - {f"log/{d}" for d in kept_drvs}
+    for name in sorted(listing):
+        if not name.startswith("log/") or name[4:].startswith(".") or name[4:] in kept_drvs:
+            continue
+        # the logs of removed paths; with an age, also an old log no narinfo names (its path
+        # never got one: a push that failed), as for NAR files
+        if name in gone_logs or (cutoff is not None and not blind and listing[name][1] < cutoff):
+            add(name)
     # what killed pushes, copies and uploads left (``.tmp-…``: only ours): the prune holds the
     # directory's lock, so none of them is running; an hour's margin all the same
     for name in sorted(listing):
