@@ -233,3 +233,49 @@ def test_a_malformed_substituter_url_is_warned_about_and_left_out(scene, pure, t
     assert p.stderr.count(f"warning: not using binary cache: cache URL '{bad_prio}': priority must be a "
                           "whole number, got 'high'") == 1, p.stderr
     assert "building" not in p.stderr
+
+
+def test_a_nar_that_failed_is_not_downloaded_again_when_the_build_falls_back(pure, expr, tmp_path, store_root):
+    """app refers to tool, which it is also built with.  tool's NAR in the cache is corrupt:
+    fetching app fails with it, app is built instead, and tool, now an input, is built too,
+    without downloading its bad NAR a second time (one warning, one GET; a static server that
+    records requests)."""
+    import functools
+    import http.server
+    import threading
+
+    f = expr('''\\
+tool = sh("tool", "$B mkdir $out; echo tool > $out/t")
+default = sh("app", f"$B mkdir $out; $B cat {tool}/t > $out/f; echo {tool} > $out/ref")
+''')
+    app = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    tool = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-tool"))
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = tmp_path / "cache"
+    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", app)
+    text = (cache / (tool.rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
+    tool_nar = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    (cache / tool_nar).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 10)
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(cache)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root = tmp_path / "b"
+        root.mkdir()
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        p = pure("--substituters", url, "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+                 "build", f, "--no-link", root=root, cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert p.stdout.strip() == app
+    assert asked.count("/" + tool_nar) == 1, asked
+    assert p.stderr.count(f"warning: cannot substitute '{tool}'") == 1, p.stderr
+    built = _events(root)[0]
+    assert sorted(d.rsplit("-", 1)[1] for d in built) == ["app.drv", "tool.drv"]  # both built

@@ -105,10 +105,16 @@ async def test_a_failing_nar_falls_back_to_the_next_cache(source, tmp_path, capl
     (tmp_path / "near" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 10\n")
     _spoil_nar(tmp_path / "near", lib, how)
     near, far = f"file://{tmp_path}/near?priority=10", f"file://{tmp_path}/far"
+    from purestore.cache.progress import Progress
     d, ds = dest(tmp_path, far, near)
     with d:
-        rep = await substitute_report(d, ds, {app})
+        progress = Progress()
+        rep = await substitute_report(d, ds, {app}, progress=progress)
         assert rep.valid == {app} and not rep.failures
+        # the failed download is counted out again: the totals are the two paths, once each
+        sizes = sum(d.query_path_info(p).nar_size for p in (lib, app))
+        assert (progress.paths_done, progress.paths_total) == (2, 2)
+        assert progress.bytes_done == progress.bytes_total == sizes
         assert d.verify(check_contents=True).ok
         came = {e["path"]: e["cache"] for e in events.query_substitutions(d)}
         assert came == {d.print_path(lib): far, d.print_path(app): near}
@@ -120,8 +126,10 @@ async def test_a_failing_nar_falls_back_to_the_next_cache(source, tmp_path, capl
     _spoil_nar(tmp_path / "far", lib, how)
     d2, ds2 = dest(tmp_path, far, near, name="dst2")
     with d2:
-        rep = await substitute_report(d2, ds2, {app})
+        progress = Progress()
+        rep = await substitute_report(d2, ds2, {app}, progress=progress)
         assert rep.valid == set() and d2.valid_paths() == []
+        assert (progress.paths_done, progress.paths_total, progress.bytes_done, progress.bytes_total) == (0, 0, 0, 0)
         why = rep.failures[lib]
         assert why.startswith(f"from '{near}': ") and f"; from '{far}': " in why
         assert "could not be substituted" in rep.failures[app]

@@ -330,6 +330,9 @@ class _Realiser:
                 break
             for p in failed:
                 found.pop(p, None)
+            for p in list(found):  # a reference of a failed path whose NAR failed too (warned about)
+                if (found[p][0], p.hash_part) in session.failed:
+                    del found[p]
             fetch = self._choose(found)[0] - got
         return got
 

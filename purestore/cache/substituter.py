@@ -107,6 +107,9 @@ class Substituters:
         self.caches: list[_Cache] = []
         self.rejected: dict[str, str] = {}
         self.provenance: dict[StorePath, bytes] = {}  # verified statements (require-provenance)
+        # (cache URL, hash part) → why its NAR could not be used: not downloaded again in this
+        # session (a build that falls back to building a path may need its inputs fetched)
+        self.failed: dict[tuple[str, str], str] = {}
         ttl = settings.narinfo_cache_negative_ttl if negative_ttl is None else negative_ttl
         self.negative = NegativeCache(getattr(settings, "state_dir", None), ttl)
         self.strict = strict
@@ -189,6 +192,9 @@ class Substituters:
         name = f"{path.hash_part}.narinfo"
         if self.negative.is_negative(cache.url, path.hash_part):
             return None
+        why = self.failed.get((cache.url, path.hash_part))
+        if why is not None:
+            return f"its NAR from {cache.url.split('?')[0]!r} failed earlier in this run: {why}"
         try:
             data = await cache.backend.get(name)
         except CacheError as e:
@@ -321,7 +327,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         async def visit(p: StorePath, queries, fetches):
             """Query p's narinfo; on success start fetching it at once and query its references."""
             try:
-                if p in known and known[p][0] in by_url:
+                if p in known and known[p][0] in by_url and (known[p][0], p.hash_part) not in subs.failed:
                     r = (by_url[known[p][0]], known[p][1])
                 else:
                     async with qlimit:
@@ -389,7 +395,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             chunks = await stack.enter_async_context(cache.backend.open_read(ni.url))
             return Opened(chunks), give_back
 
-        async def download_from(p: StorePath, cache: _Cache, ni: NarInfo) -> str:
+        async def download_from(p: StorePath, cache: _Cache, ni: NarInfo, counted: Progress | None) -> str:
             big = (ni.file_size if ni.file_size is not None else ni.nar_size) > SMALL_NAR
             local = isinstance(cache.backend, FileBackend)
             async with contextlib.AsyncExitStack() as stack:
@@ -402,12 +408,16 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         return _PRESENT
                     if progress:
                         progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
-                    return await download(store, cache, ni, progress, worker, opened)
+                    return await download(store, cache, ni, counted, worker, opened)
 
         async def fetch(p: StorePath):
             cache, ni = found[p]
             tmp = None
             locked = False
+            # p's bytes in the progress, so that a download that is not used (failed, or another
+            # process had registered p meanwhile) is taken back out of the counts
+            counted = _PathBytes(progress) if progress else None
+            fetched = False
             try:
                 if locks is not None:
                     # held until p is registered: a second process substituting (or building) p
@@ -424,16 +434,18 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 tried: list[tuple[_Cache, str]] = []
                 while tmp is None:
                     try:
-                        tmp = await download_from(p, cache, ni)
+                        tmp = await download_from(p, cache, ni, counted)
                         if tmp is _PRESENT:
                             tmp = None
                             ok.add(p)
                             report.present.append(p)
-                            if progress:
-                                progress.expect(-1, -ni.nar_size)
                             return
                     except (CacheError, FormatError, StoreError, SignatureError) as e:
                         tried.append((cache, str(e)))
+                        if not isinstance(e, StoreError):  # the cache's NAR: not tried again this session
+                            subs.failed[(cache.url, p.hash_part)] = str(e)
+                        if counted is not None:
+                            counted.take_back()
                         try:
                             nxt = await subs.query(p, exclude=[c for c, _ in tried])
                         except _Rejected:
@@ -444,9 +456,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             return
                         log.warning("warning: cannot substitute %r from %r: %s; trying %r",
                                     p.absolute(sd), cache.url, e, nxt[0].url)
-                        cache, ni = found[p] = nxt
                         if progress:
-                            progress.expect(0, ni.nar_size)
+                            progress.expect(0, nxt[1].nar_size - ni.nar_size)
+                        cache, ni = found[p] = nxt
                 # references before referrers: wait until each is registered (or has failed)
                 for r in sorted(ni.references):
                     if r == p:
@@ -480,11 +492,15 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 if res is None:
                     report.fetched.append(p)
                     report.nar_bytes += ni.nar_size
+                    fetched = True
+                    if progress:
+                        progress.path_done(p.absolute(sd))
                 else:
                     report.present.append(p)
-                if progress:
-                    progress.path_done(p.absolute(sd))
             finally:
+                if progress and not fetched:  # not fetched by this run: out of the totals
+                    counted.take_back()
+                    progress.expect(-1, -ni.nar_size)
                 events[p].set()
                 if tmp is not None and os.path.lexists(tmp):
                     with trio.CancelScope(shield=True):
@@ -533,6 +549,30 @@ async def _forked_worker(wanted: bool):
     finally:
         if worker is not None:
             await worker.aclose()
+
+
+class _PathBytes(Progress):
+    """One path's share of a substitution's progress: bytes go on to ``outer`` and are counted,
+    so that a download that is not used can be taken back out (:meth:`take_back`)."""
+
+    def __init__(self, outer: Progress):
+        super().__init__(outer.verb)
+        self.outer = outer
+        self.n = 0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:  # (the restoring thread, or the trio thread relaying a forked worker)
+            self.n += n
+        self.outer.add_bytes(n)
+
+    def message(self, text: str) -> None:
+        self.outer.message(text)
+
+    def take_back(self) -> None:
+        with self._lock:
+            n, self.n = self.n, 0
+        if n:
+            self.outer.add_bytes(-n)
 
 
 async def _take_path_lock(locks, p: StorePath, progress: Progress | None, store_dir: str) -> None:
