@@ -128,3 +128,34 @@ def test_a_malformed_listing_is_an_error_and_no_listing_reads_the_nar(tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     assert f"error: listing file://{cache}/nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls is malformed: .: unknown type 'socket'" in r.stderr
     assert ls(cache, "--no-listing", "-lR", TREE).stdout.rstrip("\n") == NIX_LS[("-lR", TREE)].rstrip("\n")
+
+
+def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
+    """A file named by bytes that are not UTF-8: the .ls listing holds its bytes as they are
+    (as Nix writes it), `cache ls` prints them (from the listing and from the NAR alike), and
+    `cache cat` finds the file by the name given on the command line."""
+    import sys
+
+    from conftest import REPO, pure_env
+    from test_cache_support import make_path, open_store
+
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    root, cache = tmp_path / "src", tmp_path / "cache"
+    name = b"\xff\xfe-bin"
+    with open_store(root) as store:
+        sp = store.print_path(make_path(store, "odd", {"ok": b"fine\n", os.fsdecode(name): b"odd contents\n"}))
+    run_pure("copy", "--to", f"file://{cache}?write-nar-listing=true", "--secret-key-file", key, sp, root=root)
+    listing = (cache / (sp.rsplit("/", 1)[1][:32] + ".ls")).read_bytes()
+    assert b'"' + name + b'":{"type":"regular"' in listing, listing
+
+    def pure_bytes(*args):
+        p = subprocess.run([sys.executable, "-m", "purestore.cli.main", *args], env=pure_env(None),
+                           capture_output=True, cwd=REPO, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    for extra in ((), ("--no-listing",)):
+        out = pure_bytes("cache", "ls", *extra, "--trusted-public-keys", PUB, f"file://{cache}", sp)
+        assert out.splitlines() == [b"./ok", b"./" + name], out  # byte order, as in the NAR
+    assert pure_bytes("cache", "cat", "--trusted-public-keys", PUB, f"file://{cache}",
+                      os.fsdecode(sp.encode() + b"/" + name)) == b"odd contents\n"

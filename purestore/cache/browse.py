@@ -151,12 +151,14 @@ def _read_nar(nar_file: str, loc: Located, want: tuple[str, ...] | None, spool):
         dirs: dict[tuple, Node] = {}
         try:
             for ev in _nar.parse_nar(reader):
-                name_path = tuple(p.decode("utf-8", "replace") for p in ev.path)
+                # names that are not UTF-8 keep their bytes through surrogateescape (as a path
+                # given on the command line has them: ``cache cat`` finds such a file)
+                name_path = tuple(p.decode("utf-8", "surrogateescape") for p in ev.path)
                 if isinstance(ev, _nar.NarDirectory):
                     node = Node("directory", entries={})
                     dirs[ev.path] = node
                 elif isinstance(ev, _nar.NarSymlink):
-                    node = Node("symlink", target=ev.target.decode("utf-8", "replace"))
+                    node = Node("symlink", target=ev.target.decode("utf-8", "surrogateescape"))
                 else:
                     node = Node("regular", size=ev.size, executable=ev.executable, nar_offset=ev.offset)
                     copy = want is not None and name_path == want
@@ -194,7 +196,7 @@ def _from_listing(data: bytes, where: str) -> Node:
             return Node("regular", size=size, executable=bool(obj.get("executable", False)), nar_offset=off)
         raise ValueError(f"{at}: unknown type {t!r}")
     try:
-        doc = json.loads(data)
+        doc = json.loads(data.decode("utf-8", "surrogateescape"))  # Nix writes such names' bytes as they are
         if not isinstance(doc, dict) or doc.get("version") != 1:
             raise ValueError("not a version 1 listing")
         return node(doc.get("root"), ".")
@@ -266,7 +268,8 @@ def ls_lines(node: Node, loc: Located, *, long: bool, recursive: bool, directory
             list_dir(n, rel)
 
     def list_dir(n: Node, rel: str) -> None:
-        for name, e in sorted((n.entries or {}).items()):
+        # in byte order, as the NAR has them (names that are not UTF-8 are surrogate-escaped)
+        for name, e in sorted((n.entries or {}).items(), key=lambda i: i[0].encode("utf-8", "surrogateescape")):
             show(e, f"{rel}/{name}")
 
     if node.type == "directory" and not directory:

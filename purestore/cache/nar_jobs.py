@@ -200,7 +200,7 @@ def nar_listing(nar_source) -> bytes:
             node: dict = {"type": "directory", "entries": {}}
             dirs[ev.path] = node
         elif isinstance(ev, _nar.NarSymlink):
-            node = {"type": "symlink", "target": ev.target.decode("utf-8", "replace")}
+            node = {"type": "symlink", "target": ev.target.decode("utf-8", "surrogateescape")}
         else:
             node = {"type": "regular", "size": ev.size}
             if ev.executable:
@@ -211,8 +211,10 @@ def nar_listing(nar_source) -> bytes:
         if not ev.path:
             root = node
         else:
-            dirs[ev.path[:-1]]["entries"][ev.path[-1].decode("utf-8", "replace")] = node
-    return json.dumps({"version": 1, "root": root}, separators=(",", ":"), ensure_ascii=False).encode()
+            dirs[ev.path[:-1]]["entries"][ev.path[-1].decode("utf-8", "surrogateescape")] = node
+    # names that are not UTF-8 keep their bytes, as in Nix's listing (surrogateescape both ways)
+    return json.dumps({"version": 1, "root": root}, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8", "surrogateescape")
 
 
 class Stopped(Exception):

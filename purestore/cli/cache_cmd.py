@@ -951,8 +951,12 @@ def cmd_cache_ls(args, ctx) -> int:
     if args.json:
         print(json.dumps(node.to_json(args.recursive), separators=(",", ":")))
     else:
-        for line in ls_lines(node, loc, long=args.long, recursive=args.recursive, directory=args.directory):
-            print(line)
+        # names that are not UTF-8 are printed as their bytes, as Nix does (and as ls does)
+        sys.stdout.flush()
+        sys.stdout.buffer.write("".join(
+            line + "\n" for line in ls_lines(node, loc, long=args.long, recursive=args.recursive,
+                                              directory=args.directory)).encode("utf-8", "surrogateescape"))
+        sys.stdout.buffer.flush()
     return 0
 
 
