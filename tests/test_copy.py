@@ -744,3 +744,20 @@ def test_a_url_parameter_and_an_option_that_disagree_are_refused(tmp_path, keyfi
         assert not (tmp_path / "c").exists()
     r = run_pure("copy", "--to", f"file://{tmp_path}/c?compression=xz", "--compression", "xz", p, root=tmp_path / "a")
     assert list((tmp_path / "c" / "nar").glob("*.nar.xz"))
+
+
+def test_cache_files_get_the_umask_as_nix_s_do(tmp_path, keyfile):
+    """0644 under the usual umask 022; a cache pushed under umask 077 stays private (its
+    directories already did)."""
+    import stat as st_
+
+    with open_store(tmp_path / "a") as store:
+        p = store.print_path(make_path(store, "x", {"": b"x\n"}))
+    for umask, cache in ((0o022, tmp_path / "open"), (0o077, tmp_path / "private")):
+        env = pure_env(tmp_path / "a", None, None)
+        r = subprocess.run(["sh", "-c", f"umask {umask:03o} && exec \"$@\"", "sh", sys.executable, "-m",
+                            "purestore.cli.main", "copy", "--to", f"file://{cache}", "--secret-key-file",
+                            str(keyfile), p], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        files = [f for f in cache.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        assert files and {st_.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}, (umask, files)

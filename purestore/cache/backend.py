@@ -170,6 +170,13 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
                              netrc_file=netrc_file, ssl_cert_file=ssl_cert_file)
 
 
+def file_mode() -> int:
+    """The mode of a file written into a cache directory: 0644 less what the umask takes away,
+    as Nix's files get (a cache made under umask 077 stays private)."""
+    from ..store.fstree import read_umask
+    return 0o666 & ~read_umask()
+
+
 def file_url(url: str, name: str) -> str:
     """Where a file of the cache at ``url`` is, for messages: the URL without its parameters
     (``?priority=…``, ``?region=…``), then the name."""
@@ -332,7 +339,7 @@ class FileBackend(Backend):
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, file_mode())
                 os.replace(tmp, p)
             except OSError as e:
                 _unlink(tmp)
@@ -350,7 +357,7 @@ class FileBackend(Backend):
             self._ensure_dir(p)
             if move:
                 try:
-                    os.chmod(local, 0o644)
+                    os.chmod(local, file_mode())
                     os.replace(local, p)
                     return
                 except OSError as e:
@@ -361,7 +368,7 @@ class FileBackend(Backend):
                 with os.fdopen(fd, "wb") as out, open(local, "rb") as src:
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, file_mode())
                 os.replace(tmp, p)
             except OSError as e:
                 _unlink(tmp)

@@ -35,7 +35,7 @@ import tempfile
 import trio
 
 from ..errors import CacheError
-from .backend import CHUNK, check_name
+from .backend import CHUNK, check_name, file_mode
 from .prune import cache_lock, mark_used
 
 log = logging.getLogger("purestore.cache.server")
@@ -360,7 +360,7 @@ def _publish(directory: str, tmp: str, path: str) -> None:
     into a directory does: a ``cache prune`` (which holds it exclusively from its plan to its
     last removal) never removes a file that an upload put back after it planned."""
     with cache_lock(directory, exclusive=False):
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
 
 

@@ -60,7 +60,7 @@ def restore_nar(source, dest: str, *, canonical: bool = False, direct: bool = Fa
     base = os.fsencode(os.path.basename(os.path.abspath(dest)))
     dirs: list[tuple[tuple, int]] = []  # open directories: (path, fd)
     fchmod, utime, close = os.fchmod, os.utime, os.close
-    umask = _read_umask() if canonical else 0o777  # read for each restore: callers may change it
+    umask = read_umask() if canonical else 0o777  # read for each restore: callers may change it
     writer = _DirectWriter() if direct and _O_DIRECT else None
     try:
         for ev in _nar.parse_nar(source):
@@ -200,7 +200,7 @@ class _DirectWriter:
         return True
 
 
-def _read_umask() -> int:
+def read_umask() -> int:
     """The process's umask, without changing it (Linux reports it in /proc since 4.7)."""
     try:
         with open("/proc/self/status") as f:
