@@ -279,3 +279,23 @@ default = sh("app", f"$B mkdir $out; $B cat {tool}/t > $out/f; echo {tool} > $ou
     assert p.stderr.count(f"warning: cannot substitute '{tool}'") == 1, p.stderr
     built = _events(root)[0]
     assert sorted(d.rsplit("-", 1)[1] for d in built) == ["app.drv", "tool.drv"]  # both built
+
+
+def test_json_events_use_camel_case_and_say_a_fetch_failed(scene, pure, tmp_path):
+    """build --json: keys as in the other --json outputs (willFetch, downloadSize…), and a
+    planned fetch that fails says so (fetch-failed) before the path is built instead."""
+    import json as json_
+
+    scene.push(scene.app, scene.tool)
+    hash_part = scene.app.rsplit("/", 1)[1].split("-", 1)[0]
+    text = (scene.cache / f"{hash_part}.narinfo").read_text()
+    (scene.cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))).write_bytes(b"junk")
+    p, _root = scene.fresh("j", "--json")
+    events = [json_.loads(line) for line in p.stdout.splitlines()]
+    fetch_plan = next(e for e in events if e["type"] == "fetch-plan")
+    assert set(fetch_plan) == {"type", "willFetch", "downloadSize", "narSize"} and fetch_plan["willFetch"] == [scene.app]
+    failed = [e for e in events if e["type"] == "fetch-failed"]
+    assert [e["path"] for e in failed] == [scene.app] and "/nar/" in failed[0]["error"], failed
+    plan = next(e for e in events if e["type"] == "plan")
+    assert scene.app_drv in plan["willBuild"] and "willSubstitute" in plan
+    assert [e["type"] for e in events][-2:] == ["done", "result"]

@@ -43,7 +43,9 @@ class Progress:
 
     def event(self, type_: str, **fields) -> None:
         if self.json_stream is not None:
-            self.json_stream.write(json.dumps({"type": type_, **fields}, sort_keys=True) + "\n")
+            # keys in camelCase, as in every other --json of pure (and Nix's): willBuild, narSize
+            obj = {"type": type_, **{_camel(k): v for k, v in fields.items()}}
+            self.json_stream.write(json.dumps(obj, sort_keys=True) + "\n")
             self.json_stream.flush()
         if type_ == "fetch-plan":
             if self.json_stream is None and not self.quiet:
@@ -173,6 +175,11 @@ def _fetch_status(c) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f} MiB"
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(w.capitalize() for w in rest)
 
 
 def fetch_lines(paths, download: int, unpacked: int) -> list[str]:

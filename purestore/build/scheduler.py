@@ -311,7 +311,7 @@ class _Realiser:
         if not found:
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
             return set()
-        from ..cache.substituter import substitute
+        from ..cache.substituter import substitute_report
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
         self._announce(self._fetch_list(fetch, found))
@@ -320,10 +320,14 @@ class _Realiser:
             if not fetch:
                 break
             try:
-                new = await substitute(self.store, self.settings, fetch, self.progress.fetch_progress(),
-                                       fork_worker=self.options.fork_worker, known=found, session=session)
+                rep = await substitute_report(self.store, self.settings, fetch, progress=self.progress.fetch_progress(),
+                                              fork_worker=self.options.fork_worker, known=found, session=session)
             finally:
                 self.progress.fetch_finished()
+            for p, why in sorted(rep.failures.items()):  # then built instead, where it is needed
+                log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
+                self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
+            new = rep.valid
             got |= new
             failed = fetch - new
             if not failed:
