@@ -98,7 +98,7 @@ def _realise(ctx, store, drvs, args):
         if done is not None:
             store.add_temp_roots([p for outs in done.values() for p in outs.values()])
             if args.json:
-                print(json.dumps({"type": "plan", "will_build": [], "will_check": [], "will_substitute": []},
+                print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willSubstitute": []},
                                  sort_keys=True))
             return done
     from ._trio import run_trio
