@@ -61,6 +61,8 @@ def test_old_paths_go_and_closures_stay(tmp_path):
     dry = prune(cache, "--older-than", "30d", "--dry-run", "--json")
     plan = json.loads(dry.stdout)
     assert plan["dryRun"] and plan["removed"] == [n["other"]]
+    assert plan["keptPaths"] == sorted((n["lib"], n["app"], n["twin"]), key=lambda p: p.rsplit("/", 1)[1])
+    assert plan["kept"] == 3
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == before
     r = prune(cache, "--older-than", "30d")
     assert r.stdout == f"removing '{n['other']}'\n"

@@ -112,6 +112,7 @@ class PrunePlan:
     def to_json(self, directory: str, dry_run: bool) -> dict:
         sd = self.store_dir
         return {"cache": directory, "dryRun": dry_run, "kept": len(self.kept),
+                "keptPaths": [p.absolute(sd) for p in self.kept],
                 "removed": [p.absolute(sd) for p in self.removed], "files": self.files,
                 "freedBytes": self.freed,
                 "missingReferences": [{"path": p.absolute(sd), "reference": r.absolute(sd)}
