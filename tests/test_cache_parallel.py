@@ -167,3 +167,23 @@ def test_golden_files_are_what_nix_writes(tmp_path, keyfile):
     nix("nix", "copy", "--store", tmp_path / "nix2", "--from", f"file://{ours}", "--option",
         "trusted-public-keys", PUB, path)
     nix("nix-store", "--store", tmp_path / "nix2", "--verify", "--check-contents")
+
+
+def test_a_copy_between_caches_writes_the_same_debug_info_links(tmp_path, keyfile):
+    """`copy --from A --to 'B?index-debug-info=true'`: the links come from the path's listing
+    (made from the NAR, which is checked anyway), the same as a push from the store writes and
+    as Nix 2.8 wrote them; no .ls is written unless asked for."""
+    root = tmp_path / "pure"
+    path = run_pure("store", "add", make_parallel_tree(tmp_path / "tree"), root=root,
+                    store_dir="/nix/store").stdout.strip()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run_pure("copy", "--to", f"file://{src}?secret-key={keyfile}", path, root=root, store_dir="/nix/store")
+    assert not (src / "debuginfo").exists()
+    run_pure("copy", "--from", f"file://{src}", "--to", f"file://{dst}?index-debug-info=true",
+             "--trusted-public-keys", PUB, path)
+    assert sorted(os.listdir(dst / "debuginfo")) == sorted(os.listdir(GOLD / "debuginfo"))
+    nar_url = next(line.split(": ")[1] for line in (dst / f"{GOLD_HASH}.narinfo").read_text().splitlines()
+                   if line.startswith("URL: "))
+    link = json.loads((dst / "debuginfo" / f"{BUILD_ID}.debug").read_text())
+    assert link == {**json.loads((GOLD / "debuginfo" / f"{BUILD_ID}.debug").read_text()), "archive": "../" + nar_url}
+    assert not list(dst.glob("*.ls"))

@@ -45,13 +45,13 @@ from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader, nar_listing
 from .progress import Progress
-from .push import (cached_paths, ensure_cache_info, load_secret_key, mark_present, nar_temp_dir, push_lock,
-                   push_temp_name)
+from .push import (cached_paths, debug_info_members, ensure_cache_info, load_secret_key,
+                   mark_present, nar_temp_dir, push_lock, push_temp_name, write_debug_links)
 from .query import CONCURRENCY, read_narinfo
 
 # URL parameters of a push that choose how NARs are written; a copy between caches keeps the
 # source's NAR files as they are, so these would silently do nothing
-_PUSH_ONLY_PARAMS = ("compression", "compression-level", "parallel-compression", "index-debug-info")
+_PUSH_ONLY_PARAMS = ("compression", "compression-level", "parallel-compression")
 
 
 @attrs.frozen
@@ -89,6 +89,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
         keys.append(load_secret_key(dst_cu.param("secret-key")))  # type: ignore[arg-type]
     if write_listing is None:
         write_listing = url_flag(dst_cu, "write-nar-listing")
+    debug_links = url_flag(dst_cu, "index-debug-info")
     trusted = parse_public_keys(list(settings.trusted_public_keys if trusted_keys is None else trusted_keys))
     if (check_sigs or require_provenance) and not trusted:
         raise CacheError(f"no trusted public keys to check the narinfos of {src_url!r} with",
@@ -173,8 +174,13 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
                 if progress:
                     progress.message(f"copying path {p.absolute(sd)!r} from {src_url.split('?')[0]!r}")
                 try:
-                    listing = await _copy_nar(src, dst, ni, tmp_dir, write_listing, progress, totals)
-                    await _copy_extras(src, dst, ni, listing)
+                    # index-debug-info needs the path's listing: the source's, or made from the NAR
+                    listing = await _copy_nar(src, dst, ni, tmp_dir, write_listing or debug_links, progress, totals)
+                    await _copy_extras(src, dst, ni, listing if write_listing else None)
+                    if debug_links:
+                        listing = listing or await src.get(f"{ni.store_path.hash_part}.ls")
+                        if listing is not None:
+                            await write_debug_links(dst, debug_info_members(listing), ni.url)
                 except (CacheError, NarError) as e:
                     finish(p, str(e))
                     continue

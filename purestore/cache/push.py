@@ -92,13 +92,33 @@ def debug_info_files(real: str) -> list[tuple[str, str]]:
     return found
 
 
-async def _index_debug_info(backend: Backend, real: str, nar_name: str) -> None:
-    """Write ``debuginfo/<build id>`` links to the NAR holding each debug file (kept when the
-    cache has one already, as Nix does), for debuggers that look debug info up by build id."""
+def debug_info_members(listing: bytes) -> list[tuple[str, str]]:
+    """:func:`debug_info_files` from a path's ``.ls`` listing instead of its files (a copy
+    between caches has no store)."""
     try:
-        files = await trio.to_thread.run_sync(debug_info_files, real)
-    except OSError as e:
-        raise StoreError(f"cannot list the debug files of {real!r}: {e.strerror}") from e
+        node = json.loads(listing.decode("utf-8", "surrogateescape")).get("root") or {}
+    except (ValueError, AttributeError):
+        return []
+    for part in _BUILD_ID_DIR:
+        node = (node.get("entries") or {}).get(part) if node.get("type") == "directory" else None
+        if not isinstance(node, dict):
+            return []
+    found = []
+    for s1, sub in sorted((node.get("entries") or {}).items()):
+        if len(s1) != 2 or not set(s1) <= _HEX or not isinstance(sub, dict) or sub.get("type") != "directory":
+            continue
+        for s2, f in sorted((sub.get("entries") or {}).items()):
+            stem = s2[:-len(".debug")]
+            if s2.endswith(".debug") and len(stem) == 38 and set(stem) <= _HEX and isinstance(f, dict) \
+                    and f.get("type") == "regular":
+                found.append((f"debuginfo/{s1}{s2}", "/".join((*_BUILD_ID_DIR, s1, s2))))
+    return found
+
+
+async def write_debug_links(backend: Backend, files: list[tuple[str, str]], nar_name: str) -> None:
+    """Write ``debuginfo/<build id>`` links to the NAR holding each debug file (kept when the
+    cache has one already, as Nix does), for debuggers that look debug info up by build id;
+    ``files`` as :func:`debug_info_files` gives them."""
     limit = trio.CapacityLimiter(8)
 
     async def one(key: str, member: str) -> None:
@@ -399,7 +419,12 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             if ls is not None:
                 await backend.put(f"{p.hash_part}.ls", ls, "application/json")
             if index_debug_info:
-                await _index_debug_info(backend, S.real_path(store, p), nar_name)
+                real = S.real_path(store, p)
+                try:
+                    files = await trio.to_thread.run_sync(debug_info_files, real)
+                except OSError as e:
+                    raise StoreError(f"cannot list the debug files of {real!r}: {e.strerror}") from e
+                await write_debug_links(backend, files, nar_name)
             if upload_logs and info.deriver is not None:
                 log = await trio.to_thread.run_sync(S.build_log, store, info.deriver)
                 if log is not None:
