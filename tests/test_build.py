@@ -428,3 +428,49 @@ default = sh("top", f"$B cat {dep}/uid > $out; $B hostname >> $out")
         assert os.stat(work / "root" / "pure" / "store").st_uid == 65534
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def test_output_locks_are_taken_all_or_none(tmp_path):
+    """While one output's lock is busy (another process substitutes it, and may wait for our
+    other output), the builder holds none of them: no cycle of waits (a deadlock between a
+    build and a copy of a multi-output derivation's outputs)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import trio
+
+    from purestore.build.scheduler import _Realiser
+    from purestore.formats.store_path import StorePath
+    from purestore.store.lock import PathLocks
+
+    locks_dir = tmp_path / "locks"
+    locks_dir.mkdir()
+    out, dev = StorePath("a" * 32, "mo"), StorePath("b" * 32, "mo-dev")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from purestore.store.lock import PathLocks; l = PathLocks(sys.argv[1]); "
+        "l.acquire(sys.argv[2]); print('held', flush=True); sys.stdin.readline()"), str(locks_dir), dev.base_name],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        me = SimpleNamespace(store=SimpleNamespace(locks=PathLocks(str(locks_dir))))
+        node = SimpleNamespace(outputs={"out": out, "dev": dev})
+        got = []
+
+        async def lock():
+            got.append(await _Realiser._lock_outputs(me, node))
+        async with trio.open_nursery() as n:
+            n.start_soon(lock)
+            await trio.sleep(0.3)
+            # waiting for dev, it does not hold out: another process can take out meanwhile
+            probe = subprocess.run([sys.executable, "-c", (
+                "import sys; from purestore.store.lock import PathLocks; "
+                "sys.exit(0 if PathLocks(sys.argv[1]).acquire(sys.argv[2], blocking=False) else 1)"),
+                str(locks_dir), out.base_name])
+            assert probe.returncode == 0 and not got
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+        assert sorted(got[0]) == sorted([out.base_name, dev.base_name])
+    finally:
+        holder.kill()
+        holder.wait()

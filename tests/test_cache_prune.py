@@ -95,7 +95,10 @@ def test_keep_and_pushing_again_keep_old_paths(tmp_path):
     run_pure("copy", "--to", f"file://{src}", n["twin"], root=root)
     run_pure("copy", "--from", f"file://{src}", "--to", f"file://{cache}", "--no-check-sigs", n["twin"])
     assert narinfo(cache, n["twin"]).stat().st_mtime > time.time() - 600
-    out = json.loads(prune(cache, "--older-than", "30d", "--keep", n["app"], "--json").stdout)
+    link = tmp_path / "result"  # a result symlink (through a second link, with a slash) names its path
+    link.symlink_to(n["app"])
+    (tmp_path / "again").symlink_to(link)
+    out = json.loads(prune(cache, "--older-than", "30d", "--keep", f"{tmp_path}/again/", "--json").stdout)
     assert out["removed"] == []
     age([narinfo(cache, n["twin"])])
     out = json.loads(prune(cache, "--older-than", "30d", "--keep", n["app"], "--json").stdout)

@@ -738,11 +738,14 @@ def test_a_url_parameter_and_an_option_that_disagree_are_refused(tmp_path, keyfi
              "asks for compression=xz, the option for zstd"),
             (f"file://{tmp_path}/c?compression-level=9", ["--compression-level", "3"],
              "asks for compression-level=9, the option for 3"),
-            (f"file://{tmp_path}/c?priority=abc", [], "priority must be a whole number, got 'abc'")):
+            (f"file://{tmp_path}/c?priority=abc", [], "priority must be a whole number, got 'abc'"),
+            (f"file://{tmp_path}/c?parallel-compression=false", ["--parallel-compression"],
+             "asks for parallel-compression=false, the option for true")):
         r = run_pure("copy", "--to", url, *opts, p, root=tmp_path / "a", check=False)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "c").exists()
-    r = run_pure("copy", "--to", f"file://{tmp_path}/c?compression=xz", "--compression", "xz", p, root=tmp_path / "a")
+    r = run_pure("copy", "--to", f"file://{tmp_path}/c?compression=xz&compression-level=03", "--compression", "xz",
+                 "--compression-level", "3", p, root=tmp_path / "a")  # the same, written differently
     assert list((tmp_path / "c" / "nar").glob("*.nar.xz"))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import random
 import shutil
 import threading
@@ -301,6 +302,15 @@ async def test_run_stoppable_stops_its_thread_and_waits_for_it_or_never_starts_i
     await trio.sleep(0.1)
     assert calls == [1]
     assert await run_stoppable(lambda n, stop: n * 2, 21) == 42
+    # a thread that finishes its work all the same: what it made is handed to discard
+    discarded = []
+
+    def finishes(n, stop):
+        time.sleep(0.2)  # does not look at stop
+        return f"file-{n}"
+    with trio.move_on_after(0.05):
+        await run_stoppable(finishes, 3, discard=discarded.append)
+    assert discarded == ["file-3"]
 
 
 def test_a_nar_file_of_the_wrong_size_under_the_right_name_is_replaced(tmp_path, keyfile):

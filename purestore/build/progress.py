@@ -93,6 +93,9 @@ class Progress:
             def update(self, force: bool = False) -> None:
                 outer._fetch_update(force)
 
+            def note(self, text: str) -> None:  # a line of its own (say, waiting for a path lock)
+                outer._line(text)
+
         self.fetch = _Fetch("fetching")
         self._fetch_started = time.monotonic()
         return self.fetch

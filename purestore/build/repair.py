@@ -25,7 +25,7 @@ def repair_report(store, settings, report, info: Callable[[str], None] | None = 
     ``info`` receives one progress line per path.  Never raises for one path's failure: the
     problem stays in the returned report with why it could not be repaired.
     """
-    import trio
+    from .._run import run_trio
 
     from ..cache.substituter import fetch_path
 
@@ -41,7 +41,7 @@ def repair_report(store, settings, report, info: Callable[[str], None] | None = 
     else:
         for path, sp in sorted(targets.items()):
             try:
-                trio.run(lambda: fetch_path(store, settings.evolve(offline=False), sp, repair=True))
+                run_trio(lambda: fetch_path(store, settings.evolve(offline=False), sp, repair=True))
             except (CacheError, StoreError, SignatureError, FormatError) as e:
                 failures[path] = str(e)
                 if info:

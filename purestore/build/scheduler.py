@@ -316,6 +316,7 @@ class _Realiser:
         self._warn_unfetchable(build)
         self._announce(self._fetch_list(fetch, found))
         got: set[StorePath] = set()
+        failed_all: set[StorePath] = set()  # warned about once each, and not tried again
         for _round in range(3):  # what failed to come is built, which may need inputs fetched
             if not fetch:
                 break
@@ -325,18 +326,26 @@ class _Realiser:
             finally:
                 self.progress.fetch_finished()
             for p, why in sorted(rep.failures.items()):  # then built instead, where it is needed
-                log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
-                self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
+                if p not in failed_all:
+                    log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
+                    self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
+            failed_all |= set(rep.failures)
             new = rep.valid
             got |= new
             failed = fetch - new
             if not failed:
                 break
-            for p in failed:
-                found.pop(p, None)
-            for p in list(found):  # a reference of a failed path whose NAR failed too (warned about)
-                if (found[p][0], p.hash_part) in session.failed:
-                    del found[p]
+            failed_all |= failed
+            # not tried again: what failed, and what needs it (its closure would fail again)
+            stale = True
+            while stale:
+                stale = False
+                for p in list(found):
+                    if p in failed_all or (found[p][0], p.hash_part) in session.failed or any(
+                            r != p and r in failed_all for r in found[p][1].references):
+                        del found[p]
+                        failed_all.add(p)
+                        stale = True
             fetch = self._choose(found)[0] - got
         return got
 
@@ -449,21 +458,31 @@ class _Realiser:
             self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))
 
     async def _lock_outputs(self, node: _Node) -> list[str]:
-        """Take the path locks of ``node``'s outputs in the trio thread (without blocking it)."""
+        """Take the path locks of ``node``'s outputs in the trio thread (without blocking it),
+        all or none: while one is busy (another process builds or substitutes it) none is held,
+        so that no cycle of waits can form with a process that holds that one and waits for
+        another output of ours (a substitution holds a path's lock until its references are
+        registered)."""
         names = sorted(o.base_name for o in node.outputs.values())
         locks = self.store.locks
-        taken: list[str] = []
-        try:
-            for name in names:
-                while not locks.acquire(name, blocking=False):
-                    # another process builds it: wait for its flock in a thread, then retry
-                    await trio.to_thread.run_sync(locks.wait_released, name, abandon_on_cancel=True)
-                taken.append(name)
-        except BaseException:
+        while True:
+            taken: list[str] = []
+            busy = None
+            try:
+                for name in names:
+                    if not locks.acquire(name, blocking=False):
+                        busy = name
+                        break
+                    taken.append(name)
+            except BaseException:
+                for name in reversed(taken):
+                    locks.release(name)
+                raise
+            if busy is None:
+                return taken
             for name in reversed(taken):
                 locks.release(name)
-            raise
-        return taken
+            await trio.to_thread.run_sync(locks.wait_released, busy, abandon_on_cancel=True)
 
     def _unlock(self, taken: list[str]) -> None:
         for name in reversed(taken):

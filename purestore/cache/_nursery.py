@@ -40,23 +40,27 @@ async def open_nursery():
         raise
 
 
-async def run_stoppable(fn, *args):
+async def run_stoppable(fn, *args, discard=None):
     """``fn(*args, stop=event)`` in a worker thread, stopped when this task is cancelled.
 
     ``trio.to_thread.run_sync`` waits for its thread to finish whatever happens, and a thread
     that compresses a big NAR (xz, or zstd at a high level) takes minutes: Ctrl-C would wait for
     it.  Here the task gives up waiting at once when cancelled, sets ``event`` (which ``fn``
     checks between chunks of its work, raising when it is set) and waits, shielded, until the
-    thread has ended: its clean-up (removing its temporary file) is done when this raises.
+    thread has ended: its clean-up (removing its temporary file) is done when this raises.  A
+    result the thread returned all the same (it finished as the cancellation came) is handed
+    to ``discard`` (say, to remove the file it made).
     """
     stop, started, ended = threading.Event(), threading.Event(), threading.Event()
+    result: list = []
 
     def work():
         started.set()
         try:
             if stop.is_set():  # cancelled before this thread got going: nothing to do
                 return None
-            return fn(*args, stop=stop)
+            result.append(fn(*args, stop=stop))
+            return result[0]
         finally:
             ended.set()
     try:
@@ -70,4 +74,6 @@ async def run_stoppable(fn, *args):
         if started.is_set():
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(ended.wait)
+            if result and discard is not None:
+                discard(result[0])
         raise

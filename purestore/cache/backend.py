@@ -127,6 +127,9 @@ def parse_url(url: str) -> CacheURL:
         return CacheURL(url, "s3", f"s3://{u.netloc}{u.path.rstrip('/')}/", params)
     if re.fullmatch(r"[A-Za-z0-9.-]+:\d+(/.*)?", url.split("?")[0]):  # host:port, no scheme
         hint = f"an HTTP cache is given with its scheme: http://{url}"
+    elif not u.scheme and "/" not in u.path and "." in u.path and not os.path.exists(u.path):
+        hint = (f"an HTTP cache is given with its scheme (http://{u.path}/), a cache directory as a "
+                f"file URL (file://{os.path.abspath(u.path)})")
     elif not u.scheme:
         hint = f"a cache directory is given as a file URL: file://{os.path.abspath(u.path)}"
     elif u.scheme.startswith("ssh"):

@@ -290,11 +290,16 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     """
     cu = parse_url(url)
     where = url.split("?")[0]
-    for option, param in ((compression, "compression"), (level, "compression-level")):
+    for option, param in ((compression, "compression"), (level, "compression-level"),
+                          (parallel, "parallel-compression")):
         given = cu.param(param)
-        if option is not None and given is not None and str(option) != given:
-            raise CacheError(f"cache URL {where!r} asks for {param}={given}, the option for {option}: "
-                             "give it once")
+        if option is None or given is None:
+            continue
+        same = (str(option).lower() == given.lower() if param != "compression-level"
+                else given.lstrip("-").isdigit() and int(given) == option)
+        if not same:
+            raise CacheError(f"cache URL {where!r} asks for {param}={given}, the option for "
+                             f"{str(option).lower()}: give it once")
     method = compression or cu.param("compression") or "zstd"
     ext = extension(method)
     if level is None and cu.param("compression-level"):
@@ -369,7 +374,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                         worker, lambda: worker.call(compress_path, *args, progress=progress),
                         lambda: _unlink_quietly(tmp))
                     if not ran:  # in a thread of this process, stopped at once by Ctrl-C
-                        res = await run_stoppable(compress_path, *args, progress)
+                        res = await run_stoppable(compress_path, *args, progress,
+                                                  discard=lambda res: _unlink_quietly(res[0]))
                 except StoreError as e:  # this path's own fault (corrupt, unreadable): the rest goes on
                     failed[p] = str(e)
                     hints.append(e.hint)

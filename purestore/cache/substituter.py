@@ -429,6 +429,10 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         report.failures[p] = str(e)
                         return
                     locked = True
+                    if valid(p):  # the process we waited for registered it: nothing is asked for
+                        ok.add(p)
+                        report.present.append(p)
+                        return
                 # a cache whose NAR fails (missing, corrupt, cut off) is passed over for the next
                 # one with a trusted narinfo for the path, as Nix does
                 tried: list[tuple[_Cache, str]] = []

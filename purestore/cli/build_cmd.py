@@ -101,7 +101,7 @@ def _realise(ctx, store, drvs, args):
                 print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willSubstitute": []},
                                  sort_keys=True))
             return done
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..build.progress import Progress
     from ..build.scheduler import realise
     from ._warnings import warnings_to
@@ -161,7 +161,7 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
 
 
 def _dry_run(ctx, store, drvs, args) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..build.progress import build_lines, fetch_lines
     from ..build.scheduler import plan
     from ._warnings import warnings_to
@@ -235,7 +235,7 @@ def cmd_log(args, ctx) -> int:
             raise PathNotValid(f"no build log for {store.print_path(sp)!r} ({where}; "
                                + ("--offline: binary caches not asked)" if settings.offline
                                   else "no binary caches configured)"))
-        from ._trio import run_trio
+        from .._run import run_trio
         from ..cache.logs import fetch_build_log
         search = run_trio(fetch_build_log, settings, sp, candidates)
         if search.found is None:

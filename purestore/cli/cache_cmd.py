@@ -544,7 +544,7 @@ def _run_copy(progress, copy, report_json):
     """``trio.run(copy)`` with warnings shown through ``progress``; returns its result.  With
     ``report_json(result, failures)`` (--json) the result is printed, and also what a copy that
     failed for some paths did (:class:`CopyIncomplete`), before its error is raised."""
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..errors import CopyIncomplete
     from ._warnings import warnings_to
     try:
@@ -640,7 +640,7 @@ def _run_server(ctx, start, describe) -> None:
     import signal
 
     import trio
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache._nursery import open_nursery
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -716,7 +716,7 @@ def cmd_store_serve(args, ctx) -> int:
 
 
 def cmd_cache_verify(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.progress import TextProgress
     from ..cache.verify import verify_cache
     from ._warnings import warnings_to
@@ -751,7 +751,7 @@ def cmd_cache_verify(args, ctx) -> int:
 
 
 def cmd_cache_info(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.ping import cache_status
     from ..errors import UsageError
 
@@ -786,7 +786,7 @@ def _caches(n: int) -> str:
 
 
 def cmd_cache_path_info(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.query import cache_path_infos
 
     settings = ctx.settings
@@ -827,7 +827,7 @@ def cmd_cache_path_info(args, ctx) -> int:
 
 
 def cmd_cache_sign(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.progress import TextProgress
     from ..cache.push import load_secret_key
     from ..cache.sign import sign_cache
@@ -865,7 +865,7 @@ def cmd_cache_prune(args, ctx) -> int:
         from ..cache.backend import parse_url  # (imports trio: only for a URL)
         cu = parse_url(d)
         if cu.scheme == "s3":
-            plan = _prune_bucket(ctx, d, age, args.keep, args.dry_run, errors)
+            plan = _prune_bucket(ctx, d, age, [_link_target(k) for k in args.keep], args.dry_run, errors)
             return _prune_report(args, ctx, d.split("?")[0], plan, errors)
         if cu.scheme != "file":
             raise UsageError(f"cannot prune {d!r}: only a local cache directory (file:// URL) or an s3:// "
@@ -875,14 +875,14 @@ def cmd_cache_prune(args, ctx) -> int:
         raise UsageError(f"cache directory {d!r} " + ("is not a directory" if os.path.lexists(d) else "does not exist"))
     with cache_lock(d, exclusive=True,
                     on_wait=lambda: ctx.info(f"waiting for the push into {d!r} to finish...")):
-        plan = plan_prune(d, older_than=age, keep=args.keep)
+        plan = plan_prune(d, older_than=age, keep=[_link_target(k) for k in args.keep])
         if not args.dry_run:
             apply_prune(d, plan, errors.append)
     return _prune_report(args, ctx, d, plan, errors)
 
 
 def _prune_bucket(ctx, url: str, age, keep, dry_run: bool, errors: list[str]):
-    from ._trio import run_trio
+    from .._run import run_trio
 
     from ..cache.backend import backend_for
     from ..cache.prune_bucket import apply_prune_bucket, plan_prune_bucket
@@ -942,7 +942,7 @@ def _browse_keys(args):
 
 
 def cmd_cache_ls(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.browse import cache_tree, find, ls_lines
 
     loc, root = run_trio(lambda: cache_tree(ctx.settings, args.url, args.path, trusted_keys=_browse_keys(args),
@@ -961,7 +961,7 @@ def cmd_cache_ls(args, ctx) -> int:
 
 
 def cmd_cache_cat(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.browse import cache_cat
 
     out = sys.stdout.buffer
@@ -978,7 +978,7 @@ def _base_name_paths(texts):
     from ..formats.store_path import StorePath
     paths = []
     for p in texts:
-        name = os.readlink(p) if os.path.islink(p) else p
+        name = _link_target(p)
         try:
             paths.append(StorePath.from_base_name(os.path.basename(name.rstrip("/"))))
         except InvalidStorePath as e:
@@ -986,12 +986,23 @@ def _base_name_paths(texts):
     return paths
 
 
+def _link_target(text: str) -> str:
+    """What a symlink (``./result``, a link to one…) names in the end; any other text as it is."""
+    p = text.rstrip("/") or text
+    for _ in range(40):  # as the kernel's limit on links followed
+        if not os.path.islink(p):
+            break
+        target = os.readlink(p)
+        p = target if os.path.isabs(target) else os.path.join(os.path.dirname(p), target)
+    return p
+
+
 def _check_store_dir(texts, url: str, settings) -> None:
     """The absolute paths among ``texts`` are in the store dir of the cache at ``url`` (read
     now): a path of another store dir is another path, even with the same base name."""
     from ..errors import CacheError, UsageError
-    from ._trio import run_trio
-    given = [p for p in texts or () if p.startswith("/") and not os.path.islink(p)]
+    from .._run import run_trio
+    given = [p for p in texts or () if p.startswith("/") and _link_target(p) == (p.rstrip("/") or p)]
     if not given:
         return
     try:

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt as e:
-        from ._trio import Terminated
+        from .._run import Terminated
         if _terminated or isinstance(e, Terminated):
             print("error: terminated (SIGTERM)", file=sys.stderr)
             return 143
@@ -278,6 +278,8 @@ def run() -> None:
     import atexit
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # closed when the process started (`pure … >&-`)
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (`pure ... | head`) or a closed stream

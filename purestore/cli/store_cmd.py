@@ -246,7 +246,7 @@ def cmd_verify(args, ctx) -> int:
         paths = _chosen_paths(store, args) if args.paths else None
         more_sigs = None
         if args.substituter:
-            from ._trio import run_trio
+            from .._run import run_trio
             from ..cache.sigs import cache_narinfos, sigs_for_same_contents
             chosen = paths if paths is not None else store.valid_paths()
             found = run_trio(lambda: cache_narinfos(ctx.settings, chosen, args.substituter))
@@ -274,7 +274,7 @@ def cmd_verify(args, ctx) -> int:
 
 
 def cmd_copy_sigs(args, ctx) -> int:
-    from ._trio import run_trio
+    from .._run import run_trio
     from ..cache.sigs import copy_sigs
     from ..errors import UsageError
     trusted = _trusted_keys(ctx, "copy-sigs (it copies only signatures by trusted keys)")

@@ -64,13 +64,12 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
 
 def _realise(store, settings, drvs: list[StorePath], sources: list[dict], max_jobs, progress,
              fork_worker: bool = False) -> list[Built]:
-    import trio
-
+    from .._run import run_trio
     from ..build.scheduler import BuildOptions, realise
 
     store.add_temp_roots(drvs)
     opts = BuildOptions(max_jobs=max_jobs or settings.max_jobs, cores=settings.cores, fork_worker=fork_worker)
-    results = trio.run(realise, store, settings, drvs, opts, progress)
+    results = run_trio(realise, store, settings, drvs, opts, progress)
     out = []
     for drv, src in zip(drvs, sources):
         outs = results[drv]

@@ -1,6 +1,6 @@
 """``run_trio``: ``trio.run`` for the commands, with SIGTERM stopping them as Ctrl-C does.
 
-SIGTERM normally reaches trio through SIGINT: the handler of :mod:`.main` raises SIGINT, and
+SIGTERM normally reaches trio through SIGINT: the handler of :mod:`.cli.main` raises SIGINT, and
 trio's own Ctrl-C handling cancels the run, so that every clean-up runs.  Where SIGINT is
 ignored, that road is closed: a background job of a non-interactive shell (``pure copy … &``
 in a script, or under ``timeout`` started from one) inherits SIGINT ignored, so that Ctrl-C at
