@@ -17,10 +17,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered as Ctrl-C would be: the command's clean-up has run."""
 
 
-def _leaves(eg: BaseExceptionGroup):
+def group_leaves(eg: BaseExceptionGroup):
+    """The exceptions of a group and of the groups in it, in order."""
     for e in eg.exceptions:
         if isinstance(e, BaseExceptionGroup):
-            yield from _leaves(e)
+            yield from group_leaves(e)
         else:
             yield e
 
@@ -48,7 +49,7 @@ def run_trio(fn, *args):
     try:
         trio.run(guarded)
     except BaseExceptionGroup as eg:
-        leaves = list(_leaves(eg))
+        leaves = list(group_leaves(eg))
         if any(isinstance(e, Terminated) for e in leaves):
             raise Terminated from eg
         if len(leaves) == 1:

@@ -14,15 +14,10 @@ import threading
 
 import trio
 
+from .._run import group_leaves
 from ..errors import PurestoreError
 
 
-def _leaves(eg: BaseExceptionGroup):
-    for e in eg.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            yield from _leaves(e)
-        else:
-            yield e
 
 
 @contextlib.asynccontextmanager
@@ -31,7 +26,7 @@ async def open_nursery():
         async with trio.open_nursery() as n:
             yield n
     except BaseExceptionGroup as eg:
-        leaves = list(_leaves(eg))
+        leaves = list(group_leaves(eg))
         for e in leaves:
             if isinstance(e, KeyboardInterrupt):
                 raise KeyboardInterrupt from eg
