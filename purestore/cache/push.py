@@ -65,54 +65,55 @@ _BUILD_ID_DIR = ("lib", "debug", ".build-id")
 _HEX = frozenset("0123456789abcdef")
 
 
-def debug_info_files(real: str) -> list[tuple[str, str]]:
-    """The separate debug files of a path, as Nix's ``index-debug-info`` finds them: regular
+def _debug_files(kind, names) -> list[tuple[str, str]]:
+    """The separate debug files of a tree, as Nix's ``index-debug-info`` finds them: regular
     files ``lib/debug/.build-id/XX/YYYY….debug`` (2 and 38 lower-case hex digits; nothing
     through a symlink).  Returns (cache key ``debuginfo/XXYYYY….debug``, member) pairs; the
-    key keeps the ``.debug`` suffix, as Nix 2.8 writes it."""
-    d = real
-    for part in _BUILD_ID_DIR:
-        d = os.path.join(d, part)
-        try:
-            if not stat.S_ISDIR(os.lstat(d).st_mode):
-                return []
-        except OSError:
-            return []
+    key keeps the ``.debug`` suffix, as Nix 2.8 writes it.  ``kind(parts)``: "directory",
+    "regular" or None for the entry at those path components; ``names(parts)``: a
+    directory's entry names."""
+    if any(kind(_BUILD_ID_DIR[:i]) != "directory" for i in range(1, len(_BUILD_ID_DIR) + 1)):
+        return []
     found = []
-    for s1 in sorted(os.listdir(d)):
-        sub = os.path.join(d, s1)
-        if len(s1) != 2 or not set(s1) <= _HEX or not stat.S_ISDIR(os.lstat(sub).st_mode):
+    for s1 in sorted(names(_BUILD_ID_DIR)):
+        if len(s1) != 2 or not set(s1) <= _HEX or kind((*_BUILD_ID_DIR, s1)) != "directory":
             continue
-        for s2 in sorted(os.listdir(sub)):
+        for s2 in sorted(names((*_BUILD_ID_DIR, s1))):
             stem = s2[:-len(".debug")]
-            if not (s2.endswith(".debug") and len(stem) == 38 and set(stem) <= _HEX):
-                continue
-            if stat.S_ISREG(os.lstat(os.path.join(sub, s2)).st_mode):
+            if s2.endswith(".debug") and len(stem) == 38 and set(stem) <= _HEX \
+                    and kind((*_BUILD_ID_DIR, s1, s2)) == "regular":
                 found.append((f"debuginfo/{s1}{s2}", "/".join((*_BUILD_ID_DIR, s1, s2))))
     return found
+
+
+def debug_info_files(real: str) -> list[tuple[str, str]]:
+    """:func:`_debug_files` of the path at ``real`` on disk."""
+    def kind(parts) -> str | None:
+        try:
+            mode = os.lstat(os.path.join(real, *parts)).st_mode
+        except OSError:
+            return None
+        return "directory" if stat.S_ISDIR(mode) else "regular" if stat.S_ISREG(mode) else None
+    return _debug_files(kind, lambda parts: os.listdir(os.path.join(real, *parts)))
 
 
 def debug_info_members(listing: bytes) -> list[tuple[str, str]]:
-    """:func:`debug_info_files` from a path's ``.ls`` listing instead of its files (a copy
-    between caches has no store)."""
+    """:func:`_debug_files` from a path's ``.ls`` listing instead of its files (a copy between
+    caches has no store)."""
     try:
-        node = json.loads(listing.decode("utf-8", "surrogateescape")).get("root") or {}
+        root = json.loads(listing.decode("utf-8", "surrogateescape")).get("root")
     except (ValueError, AttributeError):
         return []
-    for part in _BUILD_ID_DIR:
-        node = (node.get("entries") or {}).get(part) if node.get("type") == "directory" else None
-        if not isinstance(node, dict):
-            return []
-    found = []
-    for s1, sub in sorted((node.get("entries") or {}).items()):
-        if len(s1) != 2 or not set(s1) <= _HEX or not isinstance(sub, dict) or sub.get("type") != "directory":
-            continue
-        for s2, f in sorted((sub.get("entries") or {}).items()):
-            stem = s2[:-len(".debug")]
-            if s2.endswith(".debug") and len(stem) == 38 and set(stem) <= _HEX and isinstance(f, dict) \
-                    and f.get("type") == "regular":
-                found.append((f"debuginfo/{s1}{s2}", "/".join((*_BUILD_ID_DIR, s1, s2))))
-    return found
+
+    def node(parts):
+        n = root
+        for part in parts:
+            if not isinstance(n, dict) or n.get("type") != "directory":
+                return None
+            n = (n.get("entries") or {}).get(part)
+        return n if isinstance(n, dict) else None
+    return _debug_files(lambda parts: (node(parts) or {}).get("type"),
+                        lambda parts: list((node(parts) or {}).get("entries") or {}))
 
 
 async def write_debug_links(backend: Backend, files: list[tuple[str, str]], nar_name: str) -> None:

@@ -1002,7 +1002,7 @@ def _check_store_dir(texts, url: str, settings) -> None:
     now): a path of another store dir is another path, even with the same base name."""
     from ..errors import CacheError, UsageError
     from .._run import run_trio
-    given = [p for p in texts or () if p.startswith("/") and _link_target(p) == (p.rstrip("/") or p)]
+    given = [p for p in texts or () if p.startswith("/") and not os.path.islink(p.rstrip("/") or p)]
     if not given:
         return
     try:
