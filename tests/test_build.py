@@ -474,3 +474,21 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_json_failures_end_with_an_error_line(pure, expr, tmp_path):
+    """--json: a build that fails, or an expression that does not evaluate, ends stdout with an
+    ``error`` object (message, hint, exit status), as well as the ``error:`` line on stderr."""
+    f = expr('default = sh("jf", "echo about-to-fail; exit 3")\n')
+    p = build(pure, tmp_path, f, "--json", check=False)
+    assert p.returncode == 1
+    evs = [json.loads(l) for l in p.stdout.splitlines()]
+    assert any(e["type"] == "failed" for e in evs)
+    assert evs[-1]["type"] == "error" and evs[-1]["exitStatus"] == 1
+    assert evs[-1]["error"] in p.stderr
+    bad = tmp_path / "bad.py"
+    bad.write_text("default = undefined_name\n")
+    p = build(pure, tmp_path, bad, "--json", check=False)
+    assert p.returncode == 1
+    [ev] = [json.loads(l) for l in p.stdout.splitlines()]
+    assert ev["type"] == "error" and "undefined_name" in ev["error"]

@@ -76,3 +76,24 @@ def test_run_skips_teardown_but_runs_atexit_and_flushes(tmp_path):
     p = subprocess.run([sys.executable, "-c", script, "-", "hash", "file", str(tmp_path / "missing")],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 1 and "error:" in p.stderr and "run() returned" not in p.stderr
+
+
+def test_json_gives_an_error_object_when_a_command_fails_outright(tmp_path):
+    """A script reading `--json` output gets one JSON object saying what went wrong, not an
+    empty stdout; the error line on stderr and the exit status stay as they are."""
+    import json
+    store = str(tmp_path / "store")
+    missing = "/pure/store/" + "a" * 32 + "-missing"
+    p = run_pure("store", "path-info", "--json", missing, root=store, check=False)
+    assert p.returncode == 1
+    ev = json.loads(p.stdout)
+    assert ev["type"] == "error" and ev["exitStatus"] == 1 and missing in ev["error"]
+    assert f"error: {ev['error']}" in p.stderr
+    # with a hint
+    p = run_pure("copy", "--json", "--from", "127.0.0.1:1", missing, root=store, check=False)
+    ev = json.loads(p.stdout)
+    assert p.returncode == ev["exitStatus"] != 0
+    assert ev["hint"] and f"hint: {ev['hint']}" in p.stderr
+    # without --json stdout stays empty
+    p = run_pure("store", "path-info", missing, root=store, check=False)
+    assert p.returncode == 1 and p.stdout == ""

@@ -217,6 +217,49 @@ def _check_key_options(args: argparse.Namespace) -> None:
             check_public_keys(tuple(value.split()), "--trusted-public-keys")
 
 
+class _JsonWatch:
+    """Stands in for stdout under ``--json`` and notes whether the command printed anything.
+
+    A command that fails outright (an unknown path, a cache that cannot be read) has no result
+    to print; a script reading its stdout would get nothing at all.  It then gets one line,
+    ``{"type": "error", "error": MESSAGE, "hint": HINT, "exitStatus": N}``, as well as the
+    ``error:`` line on stderr.  A command that printed (JSON lines of ``build``, or its result
+    before failing) gets the same line after them only when it streams lines (``json_lines`` set
+    by its parser); one that already printed its single object is left alone, so stdout stays
+    one JSON document.
+    """
+
+    def __init__(self, stream, lines: bool):
+        self._stream = stream
+        self._lines = lines
+        self.written = False
+
+    @classmethod
+    def install(cls, args: argparse.Namespace) -> _JsonWatch | None:
+        if not getattr(args, "json", False) or sys.stdout is None:
+            return None
+        sys.stdout = watch = cls(sys.stdout, lines=getattr(args, "json_lines", False))
+        return watch
+
+    def write(self, text: str) -> int:
+        if text:
+            self.written = True
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def error(self, e: PurestoreError) -> None:
+        if self.written and not self._lines:
+            return
+        import json
+        try:
+            print(json.dumps({"type": "error", "error": str(e), "hint": e.hint,
+                              "exitStatus": e.exit_status}), file=self._stream, flush=True)
+        except (OSError, ValueError):  # stdout closed or a broken pipe: stderr has it
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     owners = COMMAND_OWNERS.get(_command_word(argv))
@@ -236,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args)
     _tune_runtime()
     _stop_on_sigterm()
+    out = _JsonWatch.install(args)
     try:
         _check_key_options(args)
         rc = args.func(args, ctx)
@@ -243,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
+        if out is not None:
+            out.error(e)
         return e.exit_status
     except KeyboardInterrupt as e:
         from .._run import Terminated
