@@ -101,6 +101,11 @@ def test_https_with_a_certificate_of_our_own(tmp_path, pushed):
         r = run_pure("copy", "--from", url, "--trusted-public-keys", PUB, app, root=tmp_path / "b",
                      store_dir=store_dir, env={"PURE_CONFIG": str(conf)}, check=False)
         assert r.returncode == 1 and "TLS certificate verify failed: self-signed certificate" in r.stderr
+        # plain http to the https server: the server hangs up, and the error says what to check
+        plain = url.replace("https://", "http://")
+        r = run_pure("copy", "--from", plain, "--trusted-public-keys", PUB, app, root=tmp_path / "b",
+                     store_dir=store_dir, env={"PURE_CONFIG": str(conf)}, check=False)
+        assert r.returncode == 1 and "if it serves https, the URL must start with https://" in r.stderr, r.stderr
         conf.write_text(f"ssl-cert-file = {cert}\n")
         r = run_pure("copy", "--json", "--from", url, "--trusted-public-keys", PUB, app, root=tmp_path / "b",
                      store_dir=store_dir, env={"PURE_CONFIG": str(conf)})

@@ -58,13 +58,14 @@ class Response:
 
 
 class _Conn:
-    __slots__ = ("stream", "h", "socket", "received", "idle_since")
+    __slots__ = ("stream", "h", "socket", "received", "idle_since", "first_bytes")
 
     def __init__(self, stream: trio.abc.Stream, socket):
         self.stream = stream
         self.socket = socket
         self.h = h11.Connection(h11.CLIENT)
         self.received = 0  # bytes read from the server so far
+        self.first_bytes = b""  # the first few of them (a TLS record instead of HTTP?)
         self.idle_since = 0.0
 
     def reusable(self) -> bool:
@@ -171,8 +172,9 @@ class HttpClient:
             except h11.RemoteProtocolError as e:
                 if h.trailing_data[1]:  # the server hung up
                     what = "a response" if state is h11.SEND_RESPONSE else "the whole body"
-                    raise Broken(f"server closed the connection before sending {what}") from e
-                raise Broken(str(e)) from e
+                    raise Broken(f"server closed the connection before sending {what}"
+                                 f"{self._tls_hint(conn, state)}") from e
+                raise Broken(f"{e}{self._tls_hint(conn, state)}") from e
             if ev is not h11.NEED_DATA:
                 return ev
             try:
@@ -181,12 +183,25 @@ class HttpClient:
             except trio.TooSlowError:
                 raise Stalled(f"no data for {self.stall_timeout:g} s") from None
             except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
-                raise Broken(_describe(e)) from e
+                raise Broken(f"{_describe(e)}{self._tls_hint(conn, state)}") from e
+            if conn.received < 3:
+                conn.first_bytes += data[:3 - conn.received]
             conn.received += len(data)
             try:
                 h.receive_data(data)  # b"" is the end of the stream
             except h11.RemoteProtocolError as e:
-                raise Broken(str(e)) from e
+                raise Broken(f"{e}{self._tls_hint(conn, state)}") from e
+
+    def _tls_hint(self, conn: _Conn, state) -> str:
+        """What to add when plain HTTP got no response at all, or a TLS record for one: the
+        usual cause is an ``http://`` URL for an https server (which hangs up, as hypercorn
+        does, or answers with a TLS alert)."""
+        if self.scheme != "http" or state is not h11.SEND_RESPONSE:
+            return ""
+        first = conn.first_bytes
+        if first and not (first[:1] in (b"\x15", b"\x16") and first[1:2] == b"\x03"):
+            return ""
+        return "; if it serves https, the URL must start with https://"
 
     async def _send(self, conn: _Conn, data: bytes) -> None:
         try:
