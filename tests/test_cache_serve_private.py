@@ -87,6 +87,33 @@ def test_server_token_and_tls_options_are_checked(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_files_that_cannot_be_used_are_named_with_what_is_wrong(tmp_path):
+    """OpenSSL says only "PEM lib": the error says which file is wrong and how; an encrypted key
+    is refused at once (the server has no terminal to ask for its passphrase)."""
+    (tmp_path / "c").mkdir()
+
+    def pair(name):
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+        return cert, key
+
+    cert, key = pair("a")
+    cert_b, key_b = pair("b")
+    enc = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:secret", "-out", enc],
+                   check=True, capture_output=True)
+    for c, k, words in ((key, key, f"'{key}' holds no PEM certificate"),
+                        (cert, cert, f"'{cert}' holds no PEM private key"),
+                        (cert, key_b, "the key is not the certificate's (key values mismatch)"),
+                        (cert, enc, f"the TLS key '{enc}' is encrypted with a passphrase")):
+        r = run_pure("cache", "serve", tmp_path / "c", "--tls-cert", c, "--tls-key", k, "--listen",
+                     "127.0.0.1:0", check=False, timeout=30)
+        assert r.returncode == 1 and words in r.stderr, r.stderr
+        assert "PEM lib" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_https_with_a_certificate_of_our_own(tmp_path, pushed):
     cache, app, store_dir = pushed
     key, cert = tmp_path / "tls.key", tmp_path / "tls.pem"

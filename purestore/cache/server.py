@@ -29,6 +29,7 @@ import binascii
 import hmac
 import logging
 import os
+import re
 import stat
 import tempfile
 
@@ -253,18 +254,54 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
 
 
 def _check_tls(cert: str, key: str) -> None:
-    """Load the certificate and key as the server will, for an error that names them."""
+    """Load the certificate and key as the server will, for an error that names them and says
+    what is wrong with which (OpenSSL itself only says ``PEM lib``)."""
     import ssl
+
+    def no_password():
+        raise _EncryptedKey
+
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=no_password)
     except FileNotFoundError as e:
         raise CacheError(f"TLS certificate or key file {e.filename or cert!r} does not exist") from None
+    except _EncryptedKey:
+        raise CacheError(f"the TLS key {key!r} is encrypted with a passphrase; the server cannot ask for it",
+                         hint=f"write it out unencrypted: openssl pkey -in {key} -out KEYFILE") from None
     except ssl.SSLError as e:
-        from .http import ssl_message
-        raise CacheError(f"cannot use the TLS certificate {cert!r} with the key {key!r}: {ssl_message(e)}",
+        raise CacheError(f"cannot use the TLS certificate {cert!r} with the key {key!r}: "
+                         f"{_tls_problem(cert, key) or _tls_words(e)}",
                          hint="--tls-cert is a PEM certificate (chain), --tls-key its PEM private key") from None
     except OSError as e:
         raise CacheError(f"cannot read the TLS certificate {cert!r} or key {key!r}: {e.strerror or e}") from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _tls_problem(cert: str, key: str) -> str | None:
+    """Which file OpenSSL did not like, when it can be told from their PEM headers."""
+    try:
+        with open(cert, "rb") as f:
+            cert_text = f.read(1 << 20)
+        with open(key, "rb") as f:
+            key_text = f.read(1 << 20)
+    except OSError:
+        return None
+    if b"-----BEGIN CERTIFICATE-----" not in cert_text:
+        return f"{cert!r} holds no PEM certificate (no '-----BEGIN CERTIFICATE-----' line)"
+    if not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", key_text):
+        return f"{key!r} holds no PEM private key (no '-----BEGIN … PRIVATE KEY-----' line)"
+    return None
+
+
+def _tls_words(e) -> str:
+    from .http import ssl_message
+    text = ssl_message(e)
+    if "key values mismatch" in text:
+        return "the key is not the certificate's (key values mismatch)"
+    return text
 
 
 SMALL_FILE = 1 << 18  # read in the event loop: a page-cache read is quicker than a thread hop
