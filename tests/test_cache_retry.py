@@ -296,6 +296,25 @@ async def test_connect_failures_are_retried_only_once_the_cache_has_answered(tmp
                 await fresh.get("nix-cache-info")
 
 
+async def test_a_cache_that_never_answered_and_stalls_costs_one_stall_timeout(tmp_path):
+    """A server that accepts connections and never says a word: one stall timeout, not one per
+    attempt; the error says it stalled."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepted by the kernel, never read nor answered
+    try:
+        async with open_backend(f"http://127.0.0.1:{listener.getsockname()[1]}/", attempts=5,
+                                stall_timeout=0.5) as b:
+            b.retry_delay = 0.01
+            start = trio.current_time()
+            with pytest.raises(CacheError, match=r"timed out \(server stalled: no data for 0.5 s\)$"):
+                await b.get("nix-cache-info")
+            assert trio.current_time() - start < 1.5
+    finally:
+        listener.close()
+
+
 async def test_an_upload_refused_for_a_while_is_retried(tmp_path):
     """PUT answered 503 twice, then stored: the push goes on (bytes and file bodies alike)."""
     from test_http_client import Scripted

@@ -180,8 +180,9 @@ class HttpBackend(Backend):
     all, after a pause that doubles each time (0.25 s, 0.5 s, 1 s, ..., with some jitter so that
     many clients do not come back at once), or as long as the server's ``Retry-After`` asks (at
     most a minute) when that is longer; each retry is logged as a warning.  A cache that has
-    not answered once yet is not retried when it cannot be connected to: nothing listens there,
-    and a build should not wait seconds to learn it.  A NAR download broken half way goes on
+    not answered once yet is not retried when it cannot be connected to (nothing listens there,
+    and a build should not wait seconds to learn it) nor when it stalls (a server that accepts
+    connections and never answers would cost five stall timeouts).  A NAR download broken half way goes on
     where it stopped: the next request asks for the rest (``Range: bytes=N-``), and a server that
     sends the whole file instead has the part already received skipped.
     """
@@ -277,6 +278,7 @@ class HttpBackend(Backend):
         transient = True
         if isinstance(e, http.Stalled):
             reason = f"timed out (server stalled: {e})"
+            transient = self._answered  # a server hung from the start: one wait, not five
         elif isinstance(e, http.Broken):
             reason = f"connection broken ({e})"
         elif isinstance(e, http.ConnectFailed):
