@@ -166,6 +166,28 @@ def test_basic_authentication_with_the_token_as_password_is_accepted(tmp_path, p
         stop_server(proc)
 
 
+def test_a_refused_netrc_login_is_said_even_where_a_token_would_do(tmp_path, pushed):
+    """Our server offers basic and bearer (its 401 names both): a client that sent a netrc login
+    is told the login was refused, not that the cache wants a token."""
+    cache, app, store_dir = pushed
+    (tmp_path / "read.tok").write_text("reader-s3cret\n")
+    proc, url = start_server(cache, "--read-token-file", tmp_path / "read.tok")
+    try:
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login alice password wrong\n")
+        netrc.chmod(0o600)
+        conf = tmp_path / "pure.conf"
+        conf.write_text(f"netrc-file = {netrc}\n")
+        r = run_pure("cache", "info", url, root=tmp_path / "b", store_dir=store_dir,
+                     env={"PURE_CONFIG": str(conf)}, check=False)
+        assert r.returncode == 1
+        assert f"(the cache refused the login 'alice' for 127.0.0.1 in {netrc})" in r.stdout + r.stderr
+        netrc.write_text("machine 127.0.0.1 login alice password reader-s3cret\n")
+        run_pure("cache", "info", url, root=tmp_path / "b", store_dir=store_dir, env={"PURE_CONFIG": str(conf)})
+    finally:
+        stop_server(proc)
+
+
 @pytest.mark.skipif(not HAVE_NIX, reason="needs Nix")
 def test_nix_reads_a_private_cache_and_pushes_to_it_with_a_netrc_login(tmp_path, pushed):
     from test_cache_support import SEC

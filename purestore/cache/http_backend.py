@@ -302,10 +302,10 @@ class HttpBackend(Backend):
             host = self.client.host
             if self.token:
                 msg += " (the cache refused the token of the URL's token-file)"
+            elif self.login:  # sent, and refused (whatever else the server would take)
+                msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
             elif r.headers.get("www-authenticate", "").lower().startswith("bearer"):
                 msg += " (the cache wants a token: give its file with ?token-file=FILE in the cache's URL)"
-            elif self.login:
-                msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
             elif self.netrc_file:
                 msg += (f" (the cache wants a login: put 'machine {host} login NAME password SECRET' "
                         f"in {self.netrc_file}, the netrc-file setting)")
