@@ -473,6 +473,36 @@ def test_serve_writes_an_access_log_in_the_combined_format(tmp_path, keyfile):
     assert r.returncode == 1 and "cannot open access log" in r.stderr
 
 
+def test_serve_logs_a_download_cut_short_as_499_and_stops_reading(tmp_path):
+    """A client that closes half way through a big file is logged as nginx logs it, 499, with
+    the bytes handed out until then, not as a whole 200; the server stops reading the file."""
+    import socket
+    import time
+    cache = tmp_path / "served"
+    (cache / "nar").mkdir(parents=True)
+    size = 64 << 20
+    with open(cache / "nar" / "big.nar", "wb") as f:
+        f.truncate(size)
+    log = tmp_path / "access.log"
+    proc, url = start_server(cache, "--access-log", log)
+    try:
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /nar/big.nar HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200" in s.recv(1024)
+            time.sleep(0.3)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+        deadline = time.monotonic() + 10
+        while "/nar/big.nar" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop_server(proc)
+    [line] = [x for x in log.read_text().splitlines() if "/nar/big.nar" in x]
+    status, sent = re.search(r'" (\d{3}) (\d+) "', line).groups()
+    assert status == "499" and int(sent) < size, line
+
+
 def test_serve_errors_are_clear(tmp_path):
     r = run_pure("cache", "serve", tmp_path / "missing", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -235,7 +235,7 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
             for k, v in scope["headers"]:
                 if k == b"range":
                     rng = v
-            await _get(send, path, name, head=method == "HEAD", respond=respond, rng=rng)
+            await _get(send, path, name, head=method == "HEAD", respond=respond, rng=rng, receive=receive)
         elif method == "PUT":
             if token is None:
                 await _drain(receive)
@@ -327,7 +327,8 @@ def parse_range(value: bytes | None, size: int) -> tuple[int, int] | None | str:
     return a, b
 
 
-async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | None = None) -> None:
+async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | None = None,
+               receive=None) -> None:
     try:
         # Opening and reading a small file from the page cache takes microseconds; doing it here
         # instead of in a worker thread roughly halves the cost of a narinfo request.
@@ -380,16 +381,44 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
                 length = os.fstat(f.fileno()).st_size
                 start["headers"][0] = (b"content-length", str(length).encode())
         await send(start)
-        sent = 0
-        while sent < length:
-            data = await trio.to_thread.run_sync(f.read, min(CHUNK, length - sent))
-            if not data:
-                break  # truncated meanwhile: the client sees a short body and refuses it
-            sent += len(data)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+
+        async def stream() -> None:
+            sent = 0
+            while sent < length:
+                data = await trio.to_thread.run_sync(f.read, min(CHUNK, length - sent))
+                if not data:
+                    break  # truncated meanwhile: the client sees a short body and refuses it
+                sent += len(data)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        if receive is None:
+            await stream()
+        else:
+            await until_disconnect(receive, stream)
     finally:
         f.close()
+
+
+async def until_disconnect(receive, sending) -> bool:
+    """``await sending()`` (the rest of a response), stopped when the client goes away; True
+    if it did.
+
+    The server takes the body of a response whose client has gone and drops it without a
+    word: a big file was read to its end for nobody, and logged as sent whole.  The request
+    (without a body: a GET) has been read, so ``receive`` has nothing more to say than the
+    disconnect."""
+    gone = False
+    async with trio.open_nursery() as n:
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            n.cancel_scope.cancel()
+        n.start_soon(watch)
+        await sending()
+        n.cancel_scope.cancel()
+    return gone
 
 
 def _publish(directory: str, tmp: str, path: str) -> None:
