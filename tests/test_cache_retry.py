@@ -296,6 +296,36 @@ async def test_connect_failures_are_retried_only_once_the_cache_has_answered(tmp
                 await fresh.get("nix-cache-info")
 
 
+async def test_requests_waiting_to_retry_give_up_when_another_has_used_up_its_attempts(tmp_path):
+    """A server gone in the middle of a push: each request in flight would otherwise go through
+    all its attempts; once one has given up, the others waiting to retry give up at once."""
+    from test_http_client import Scripted, ok
+    server = Scripted(lambda req: ok(b"StoreDir: /pure/store\n"), close_after=1)
+    errors = {}
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        b = open_backend(f"http://127.0.0.1:{server.port}/", attempts=4)
+        b.retry_delay = 0.2
+        assert await b.get("nix-cache-info") == b"StoreDir: /pure/store\n"
+        n.cancel_scope.cancel()
+
+    async def get(name, after):
+        await trio.sleep(after)
+        with pytest.raises(CacheError) as e:
+            await b.get(name)
+        errors[name] = (str(e.value), trio.current_time())
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(get, "first", 0)
+        n.start_soon(get, "second", 0.5)
+    await b.aclose()
+    first, first_at = errors["first"]
+    second, second_at = errors["second"]
+    assert first.endswith("(4 attempts)")
+    assert "attempts; the cache failed other requests meanwhile)" in second
+    assert second_at - first_at < 0.1 and first_at - start < 3
+
+
 async def test_a_cache_that_never_answered_and_stalls_costs_one_stall_timeout(tmp_path):
     """A server that accepts connections and never says a word: one stall timeout, not one per
     attempt; the error says it stalled."""

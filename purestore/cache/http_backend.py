@@ -204,6 +204,7 @@ class HttpBackend(Backend):
         self.retry_delay = RETRY_DELAY if retry_delay is None else retry_delay
         self._answered = False  # the server has answered a request of this backend
         self._failing = False  # a request used up its attempts, and none has succeeded since
+        self._gave_up: trio.Event | None = None  # set when a request gives up (others waiting to retry stop)
         u = urllib.parse.urlsplit(cu.base)
         try:
             port = u.port or (443 if u.scheme == "https" else 80)
@@ -325,11 +326,23 @@ class HttpBackend(Backend):
         minute), so that a cache answering 500 to everything costs a build seconds, not minutes."""
         if attempt >= (1 if self._failing else self.attempts):
             self._failing = True
+            if self._gave_up is not None:
+                self._gave_up.set()
+                self._gave_up = None
             tries = f" ({attempt} attempts)" if attempt > 1 else ""
             raise CacheError(f"{e}{tries}", hint=e.hint) from None
         delay = max(self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)), e.wait)
         log.warning("warning: %s; retrying in %.1f s (attempt %d of %d)", e, delay, attempt + 1, self.attempts)
-        await trio.sleep(delay)
+        # Requests made at the same time fail at the same time (a server that went away): once
+        # one of them has used up its attempts, the others waiting to try again give up too,
+        # rather than each going on through its own attempts.
+        if self._gave_up is None:
+            self._gave_up = trio.Event()
+        gave_up = self._gave_up
+        with trio.move_on_after(delay):
+            await gave_up.wait()
+            raise CacheError(f"{e} ({attempt} attempts; the cache failed other requests meanwhile)",
+                             hint=e.hint) from None
 
     async def _retrying(self, once):
         """``await once()`` until it does not fail transiently (or the attempts are used up)."""
