@@ -31,8 +31,10 @@ def test_text_columns_and_trust(tmp_path):
     r = run_pure("cache", "path-info", "--trusted-public-keys", OTHER_KEY, "--json", f"file://{NIX_CACHE}", H)
     (obj,) = json.loads(r.stdout)
     assert obj["untrusted"] == "signed only by untrusted key 'test-key-1' (the trusted ones are 'other-1')"
-    r = run_pure("cache", "path-info", "--sigs", f"file://{NIX_CACHE}", "hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt")
-    assert r.stdout.startswith(f"{H}\ttest-key-1:8IR391I8")
+    # the line `nix path-info --sigs -s --store URL` prints (Nix 2.8): a content address first
+    r = run_pure("cache", "path-info", "--sigs", "-s", f"file://{NIX_CACHE}", "hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt")
+    assert r.stdout == (f"{H}\t        120\tca:fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw "
+                        "test-key-1:8IR391I8XdhF5VHOZTZZY+2QWzBs1RJOCf6VhhGhAwxXgv3EhH7SIQnfYKQe/XH7BX4kg12TnSofGg51XLtEDw==\n")
 
 
 @pytest.fixture

@@ -816,8 +816,8 @@ def cmd_cache_path_info(args, ctx) -> int:
             cols.append(f"{ni.file_size or 0:>11}")
         if args.closure_size:
             cols.append(f"{i.closure_size:>11}")
-        if args.sigs:
-            cols.append(" ".join(ni.sigs))
+        if args.sigs:  # as Nix: the content address first, as "ca:…"
+            cols.append(" ".join([*([f"ca:{ni.ca}"] if ni.ca else []), *ni.sigs]))
         if i.trusted:
             cols.append(f"trusted by {i.trusted}")
         elif i.untrusted_reason:
