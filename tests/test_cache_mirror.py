@@ -239,6 +239,10 @@ def test_usage_errors(tmp_path):
     r = run_pure("copy", "--from", f"file://{tmp_path}", "--no-check-sigs",
                  "/pure/store/0rzqlwgy4qwib41y722122yp0p6a6qrq-lib-1.0", check=False)
     assert r.returncode == 2 and "always need a trusted signature" in r.stderr
+    r = run_pure("copy", "--to", f"file://{tmp_path}/B", "--require-provenance",
+                 "/pure/store/0rzqlwgy4qwib41y722122yp0p6a6qrq-lib-1.0", check=False)
+    assert r.returncode == 2 and "--require-provenance applies to fetching (--from)" in r.stderr
+    assert not (tmp_path / "B").exists()
     r = run_pure("copy", "--from", f"file://{tmp_path}", "--to", f"file://{tmp_path}/B", "not-a-path",
                  check=False)
     assert r.returncode == 2 and "'not-a-path' is not a store path" in r.stderr

@@ -464,6 +464,9 @@ def cmd_copy(args, ctx) -> int:
             ("--write-nar-listing", args.write_nar_listing)) if given]
         if push_only:
             raise UsageError(f"{push_only[0]} applies to pushing (--to), not to --from")
+    elif getattr(args, "require_provenance", False):
+        raise UsageError("--require-provenance applies to fetching (--from), not to pushing (--to): "
+                         "a push sends what the store holds")
     settings = ctx.settings
     if getattr(args, "require_provenance", False):
         settings = settings.evolve(require_provenance=True)
