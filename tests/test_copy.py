@@ -506,6 +506,8 @@ def test_serve_logs_a_download_cut_short_as_499_and_stops_reading(tmp_path):
 def test_serve_errors_are_clear(tmp_path):
     r = run_pure("cache", "serve", tmp_path / "missing", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_pure("cache", "serve", "https://cache.example.org/", "--listen", "127.0.0.1:0", check=False)
+    assert r.returncode == 2 and "serves a directory (or a file:// URL) on this machine" in r.stderr
     r = run_pure("cache", "serve", tmp_path, "--listen", "127.0.0.1:99999", check=False)
     assert r.returncode == 1 and "expected HOST:PORT" in r.stderr
     proc, url = start_server(tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 _KEYGEN_HELP = """\
@@ -667,6 +668,11 @@ def cmd_cache_serve(args, ctx) -> int:
     # only from a file named here: PURE_CACHE_TOKEN is for clients pushing (exported for that, it
     # must not make a server writable)
     token = _read_token_file(args.upload_token_file, "upload") if args.upload_token_file else None
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", args.dir) and not args.dir.startswith("file:"):
+        from ..errors import UsageError
+        raise UsageError(f"cannot serve {args.dir!r}: pure cache serve serves a directory (or a file:// URL) "
+                         "on this machine", hint="to make a local copy of another cache, use "
+                         f"'pure copy --from {args.dir} --to file://DIR PATH…', then serve DIR")
     if args.dir.startswith("file:"):  # the URL clients use for a cache in a directory
         from ..cache.backend import parse_url
         args.dir = parse_url(args.dir).base
