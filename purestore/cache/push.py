@@ -303,6 +303,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                              f"{str(option).lower()}: give it once")
     method = compression or cu.param("compression") or "zstd"
     ext = extension(method)
+    chosen_by = "--compression-level" if level is not None else f"cache URL {where!r}"  # for an error
     if level is None and cu.param("compression-level"):
         try:
             level = int(cu.param("compression-level"))  # type: ignore[arg-type]
@@ -317,7 +318,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     try:
         compressor(method, level, parallel)  # validate early
     except CacheError as e:
-        raise CacheError(f"cache URL {url.split('?')[0]!r}: {e}") from None
+        raise CacheError(f"{chosen_by}: {e}") from None
     keys = list(secret_keys)
     if cu.param("secret-key"):
         keys.append(load_secret_key(cu.param("secret-key")))  # type: ignore[arg-type]
