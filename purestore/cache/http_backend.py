@@ -34,6 +34,8 @@ from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name
 from .content_encoding import decode, is_identity
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Sent by `pure store serve` with a 500 that another attempt cannot mend (a corrupt path)
+NO_RETRY_HEADER = "x-pure-retry"
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5  # redirects followed for one request (curl's default is 50; a cache needs one)
 RETRY_DELAY = 0.25  # seconds before the second attempt; doubled for each further one
@@ -312,7 +314,7 @@ class HttpBackend(Backend):
                         f"in {self.netrc_file}, the netrc-file setting)")
             else:
                 msg += " (the cache wants a login: set netrc-file)"
-        if r.status not in TRANSIENT_STATUS:
+        if r.status not in TRANSIENT_STATUS or r.headers.get(NO_RETRY_HEADER) == "no":
             return CacheError(msg)
         e = _Transient(msg)
         e.wait = _retry_after_header(r)
@@ -375,7 +377,7 @@ class HttpBackend(Backend):
                     break
                 client, target, via = nxt
             if r.status in TRANSIENT_STATUS:
-                raise self._status(what, name, r, _server_says(r, data))
+                raise self._status(what, name, r, _server_says(r, data))  # (may be final: see there)
             self._failing = False
             return r, data
         return await self._retrying(once)

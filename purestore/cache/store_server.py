@@ -297,7 +297,7 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
             log.error("error: %s", e)
             await respond(send, 500, f"path {e.where!r} is corrupt on this server: its NAR does not "
                                      f"match the registered hash; the server's owner must repair it\n".encode(),
-                          head=head)
+                          [(b"x-pure-retry", b"no")], head=head)  # (pure's clients do not ask again)
         except StoreError as e:
             log.error("error: %s", e)
             await respond(send, 500, b"cannot read the store\n", head=head)
