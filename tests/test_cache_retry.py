@@ -322,7 +322,7 @@ async def test_requests_waiting_to_retry_give_up_when_another_has_used_up_its_at
     first, first_at = errors["first"]
     second, second_at = errors["second"]
     assert first.endswith("(4 attempts)")
-    assert "attempts; the cache failed other requests meanwhile)" in second
+    assert "; the cache could not be reached for other requests either)" in second
     assert second_at - first_at < 0.1 and first_at - start < 3
 
 

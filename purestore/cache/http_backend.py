@@ -144,6 +144,7 @@ class _Transient(CacheError):
     server asked for (``Retry-After``), if any."""
 
     wait: float = 0.0
+    unreachable: bool = False  # the server could not be connected to (not one file's trouble)
 
 
 MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
@@ -296,7 +297,9 @@ class HttpBackend(Backend):
             transient = False
         if via:
             reason += f" (redirected to {via})"
-        return (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
+        err = (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
+        err.unreachable = isinstance(e, http.ConnectFailed)
+        return err
 
     def _status(self, what: str, name: str, r, said: str = "") -> CacheError:
         """The error for answer ``r`` (``said``: what its body says, see :func:`_server_says`)."""
@@ -328,22 +331,23 @@ class HttpBackend(Backend):
         minute), so that a cache answering 500 to everything costs a build seconds, not minutes."""
         if attempt >= (1 if self._failing else self.attempts):
             self._failing = True
-            if self._gave_up is not None:
+            if self._gave_up is not None and e.unreachable:
                 self._gave_up.set()
                 self._gave_up = None
             tries = f" ({attempt} attempts)" if attempt > 1 else ""
             raise CacheError(f"{e}{tries}", hint=e.hint) from None
         delay = max(self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)), e.wait)
         log.warning("warning: %s; retrying in %.1f s (attempt %d of %d)", e, delay, attempt + 1, self.attempts)
-        # Requests made at the same time fail at the same time (a server that went away): once
-        # one of them has used up its attempts, the others waiting to try again give up too,
-        # rather than each going on through its own attempts.
+        # A server that went away fails every request in flight: once one of them has used up
+        # its attempts to connect, the others waiting to try again give up too, rather than each
+        # going on through its own attempts.
         if self._gave_up is None:
             self._gave_up = trio.Event()
         gave_up = self._gave_up
         with trio.move_on_after(delay):
             await gave_up.wait()
-            raise CacheError(f"{e} ({attempt} attempts; the cache failed other requests meanwhile)",
+            tries = f"{attempt} attempt" + ("s" if attempt > 1 else "")
+            raise CacheError(f"{e} ({tries}; the cache could not be reached for other requests either)",
                              hint=e.hint) from None
 
     async def _retrying(self, once):
