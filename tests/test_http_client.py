@@ -355,3 +355,37 @@ async def test_https_verifies_the_certificate(tmp_path):
             assert (r.status, body) == (200, b"secure")
         await c.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_a_file_read_whole_is_not_read_past_its_limit():
+    """A server that sends a narinfo (or a small NAR) without end: the client stops at the
+    limit for that kind of file and says so, instead of filling the memory."""
+    from purestore.cache.backend import open_backend
+    from purestore.cache.http_backend import MAX_SMALL_FILE
+    from purestore.errors import CacheError
+
+    sent = {"bytes": 0}
+
+    def respond(req):
+        async def endless(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"10000\r\n" + b"X" * 0x10000 + b"\r\n"
+            while sent["bytes"] < 4 * MAX_SMALL_FILE:  # the test's own bound
+                await stream.send_all(chunk)
+                sent["bytes"] += 0x10000
+            return False
+        return endless
+
+    server = Scripted(respond)
+
+    async def check(port):
+        async with open_backend(f"http://127.0.0.1:{port}/", attempts=3) as b:
+            with pytest.raises(CacheError, match=r"cannot get 'x\.narinfo': the answer is longer than "
+                                                 rf"{MAX_SMALL_FILE} bytes, too long for what it should be$"):
+                await b.get("x.narinfo")
+            assert sent["bytes"] < 2 * MAX_SMALL_FILE
+            sent["bytes"] = 0
+            with pytest.raises(CacheError, match=r"the answer is longer than 5000 bytes"):
+                await b.get("nar/x.nar.zst", limit=5000)
+            assert len(server.requests) == 2  # not retried
+    await with_server(server, check)

@@ -213,7 +213,10 @@ class Backend:
         None when it does not exist."""
         return -1 if await self.exists(name) else None
 
-    async def get(self, name: str) -> bytes | None:
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+        """The whole file ``name``, None when it does not exist.  ``limit``: the most bytes it
+        should have (a remote cache's answer is not read past it; by default a limit for the
+        kind of file, :func:`~.http_backend.whole_limit`)."""
         raise NotImplementedError
 
     def open_read(self, name: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
@@ -273,8 +276,8 @@ class FileBackend(Backend):
                 raise self._err("query", name, e) from e
         return await trio.to_thread.run_sync(size)
 
-    async def get(self, name: str) -> bytes | None:
-        p = self._path(name)
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+        p = self._path(name)  # (a file of our own disk: read as it is, ``limit`` or not)
 
         def read():
             try:

@@ -132,7 +132,8 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
                 await trio.to_thread.run_sync(from_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
-            data = await backend.get(ni.url)
+            # (a little over FileSize: a Content-Encoding may add some; FileSize is checked after)
+            data = await backend.get(ni.url, limit=ni.file_size + (ni.file_size >> 4) + 4096)
             if data is None:
                 raise CacheError(f"{where} is missing from the cache")
             chunks = iter((data, b""))

@@ -50,6 +50,10 @@ class Broken(HttpError):
     """The connection broke or the server spoke malformed HTTP."""
 
 
+class TooLarge(HttpError):
+    """A body read whole went past the limit the caller set."""
+
+
 @attrs.define
 class Response:
     status: int
@@ -314,10 +318,17 @@ class HttpClient:
                 raise Broken("server closed the connection in the middle of the body")
 
     async def request(self, method: str, target: str, *, headers: dict[str, str] | None = None,
-                      body: bytes | AsyncIterable[bytes] | None = None) -> tuple[Response, bytes]:
-        """Make a request and read the whole response body."""
+                      body: bytes | AsyncIterable[bytes] | None = None,
+                      limit: int | None = None) -> tuple[Response, bytes]:
+        """Make a request and read the whole response body: :class:`TooLarge` past ``limit``
+        bytes (a server sending without end must not fill the memory)."""
         async with self.stream(method, target, headers=headers, body=body) as (resp, chunks):
-            parts = [c async for c in chunks]
+            parts, size = [], 0
+            async for c in chunks:
+                size += len(c)
+                if limit is not None and size > limit:
+                    raise TooLarge(f"the answer is longer than {limit} bytes")
+                parts.append(c)
         return resp, b"".join(parts)
 
 

@@ -139,6 +139,19 @@ def _small(r, limit: int = 1 << 16) -> bool:
         return False
 
 
+MAX_SMALL_FILE = 16 << 20  # bytes of a narinfo or nix-cache-info read at most
+
+
+def whole_limit(name: str) -> int:
+    """The most bytes read of file ``name`` of a cache, fetched whole: a narinfo or
+    ``nix-cache-info`` is a few KiB (16 MiB would be a path with 200,000 references), a small
+    NAR is fetched whole only up to 1 MiB; listings and logs may be big, but not without end."""
+    from .content_encoding import MAX_DECODED
+    if name == "nix-cache-info" or name.endswith(".narinfo"):
+        return MAX_SMALL_FILE
+    return MAX_DECODED
+
+
 class _Transient(CacheError):
     """A failure worth another attempt (see :data:`TRANSIENT_STATUS`); ``wait``: the seconds the
     server asked for (``Retry-After``), if any."""
@@ -285,6 +298,9 @@ class HttpBackend(Backend):
             transient = self._answered  # a server hung from the start: one wait, not five
         elif isinstance(e, http.Broken):
             reason = f"connection broken ({e})"
+        elif isinstance(e, http.TooLarge):
+            reason = f"{e}, too long for what it should be"
+            transient = False
         elif isinstance(e, http.ConnectFailed):
             reason = f"cannot connect ({e})"
             if "certificate verify failed" in str(e) and any(m in str(e) for m in _UNKNOWN_CA):
@@ -398,8 +414,8 @@ class HttpBackend(Backend):
         length = r.headers.get("content-length", "")
         return int(length) if length.isdigit() and is_identity(r.headers.get("content-encoding")) else -1
 
-    async def get(self, name: str) -> bytes | None:
-        r, data = await self._request("get", name, "GET")
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+        r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit)
         if r.status in (404, 403, 410):
             return None
         if r.status != 200:

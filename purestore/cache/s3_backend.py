@@ -51,7 +51,7 @@ from ..errors import CacheError
 from ._nursery import open_nursery
 from .backend import CacheURL, _unlink, url_flag
 from .content_encoding import WRITABLE as WRITABLE_ENCODINGS, encode
-from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend, _status_line
+from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend, _status_line, whole_limit
 
 log = logging.getLogger("purestore.cache")
 
@@ -341,8 +341,8 @@ class S3Backend(HttpBackend):
             return False
         raise self._s3_status("query", name, r, data)
 
-    async def get(self, name: str) -> bytes | None:
-        r, data = await self._request("get", name, "GET")
+    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+        r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit)
         if r.status == 200:
             return self._decoded(name, r, data)
         if r.status in (403, 404) and _missing(r, data):
