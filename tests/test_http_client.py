@@ -389,3 +389,25 @@ async def test_a_file_read_whole_is_not_read_past_its_limit():
                 await b.get("nar/x.nar.zst", limit=5000)
             assert len(server.requests) == 2  # not retried
     await with_server(server, check)
+
+
+async def test_a_streamed_upload_on_a_connection_the_server_closed_is_sent_again_on_another(tmp_path):
+    """A server may close an idle keep-alive connection at any moment (here: right after each
+    response, without saying so).  A NAR file uploaded as a stream is then sent again, from
+    its start, on a new connection, without counting as a failed attempt."""
+    from purestore.cache.backend import open_backend
+
+    server = Scripted(lambda req: b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", close_after=1)
+    files = []
+    for i in range(6):
+        f = tmp_path / f"n{i}.nar"
+        f.write_bytes(os.urandom(300_000 + i))
+        files.append(f)
+
+    async def check(port):
+        async with open_backend(f"http://127.0.0.1:{port}/", attempts=1) as b:
+            for f in files:
+                await b.put_file(f"nar/{f.name}", str(f))
+        bodies = sorted(len(r.partition(b"\r\n\r\n")[2]) for r in server.requests if r.startswith(b"PUT"))
+        assert bodies == sorted(f.stat().st_size for f in files)  # each whole, once
+    await with_server(server, check)

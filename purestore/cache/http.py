@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 import ssl
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Callable
 
 import attrs
 import h11
@@ -274,15 +274,18 @@ class HttpClient:
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, target: str, *, headers: dict[str, str] | None = None,
-                     body: bytes | AsyncIterable[bytes] | None = None
+                     body: bytes | AsyncIterable[bytes] | Callable[[], AsyncIterable[bytes]] | None = None
                      ) -> AsyncIterator[tuple[Response, AsyncIterator[bytes]]]:
         """Make a request; yield the response head and an iterator over the body's chunks.
 
         The connection returns to the pool when the body was read to its end; leaving early
-        closes it.  ``target`` is the path (and query), already percent-encoded.
+        closes it.  ``target`` is the path (and query), already percent-encoded.  ``body``: a
+        stream is read once; a function that makes the stream afresh lets a request whose
+        reused connection turned out closed be sent again on another (an HTTP/1.1 server may
+        close an idle connection at any moment).
         """
         hdrs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-        replayable = body is None or isinstance(body, (bytes, bytearray, memoryview))
+        replayable = body is None or callable(body) or isinstance(body, (bytes, bytearray, memoryview))
         async with self._limit:
             conn: _Conn | None = None
             try:
@@ -293,14 +296,18 @@ class HttpClient:
                         conn = await self._connect()
                     else:
                         reused = True
+                    this_body = body() if callable(body) else body
                     try:
-                        resp = await self._exchange(conn, reused, method, target, hdrs, body)
+                        resp = await self._exchange(conn, reused, method, target, hdrs, this_body)
                     except _NothingReceived as e:
                         _close_now(conn)
                         conn = None
                         if not replayable:
                             raise e.cause from None
                         continue  # the next round takes another idle one or connects afresh
+                    finally:
+                        if this_body is not body and hasattr(this_body, "aclose"):
+                            await this_body.aclose()  # (an async generator: its file is closed)
                     break
                 yield resp, self._body(conn)
             finally:
@@ -318,7 +325,7 @@ class HttpClient:
                 raise Broken("server closed the connection in the middle of the body")
 
     async def request(self, method: str, target: str, *, headers: dict[str, str] | None = None,
-                      body: bytes | AsyncIterable[bytes] | None = None,
+                      body: bytes | AsyncIterable[bytes] | Callable[[], AsyncIterable[bytes]] | None = None,
                       limit: int | None = None) -> tuple[Response, bytes]:
         """Make a request and read the whole response body: :class:`TooLarge` past ``limit``
         bytes (a server sending without end must not fill the memory)."""

@@ -388,7 +388,7 @@ class HttpBackend(Backend):
             for hops in range(MAX_REDIRECTS + 1):
                 try:
                     r, data = await client.request(method, target, headers=self._headers(client, method, headers, target),
-                                                   body=body() if callable(body) else body, **kw)
+                                                   body=body, **kw)  # (a function: made afresh for each send)
                 except self._http.HttpError as e:
                     raise self._err(what, name, e, via) from e
                 self._answered = True
