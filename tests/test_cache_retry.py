@@ -27,6 +27,10 @@ class FlakyCache(Scripted):
     - ``"stall"``: the same, then nothing more (the client's stall timeout ends it);
     - ``"503"``: HTTP 503 Service Unavailable; ``"429-wait-1"``: 429 with ``Retry-After: 1``;
     - ``"bad-range"``: a ``206`` whose Content-Range starts elsewhere than asked.
+    - ``"all-but-the-end"``: the whole body under a Content-Length 100 bytes too long, then the
+      connection is closed (as a chunked body cut before its last mark).
+
+    A range that starts at or past the end gets ``416`` with ``Content-Range: bytes */SIZE``.
 
     ``ranges=False``: ``Range`` headers are ignored (the whole file is sent, as RFC 9110 allows).
     ``login=(name, password)``: a request without that HTTP basic login gets 401.
@@ -98,6 +102,11 @@ class FlakyCache(Scripted):
         status, first, extra = 200, 0, b""
         if rng and self.ranges:
             first = int(rng.removeprefix("bytes=").rstrip("-"))
+            if first >= len(data):
+                self.asked.append((method, name, rng, 416))
+                await stream.send_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */%d\r\n"
+                                      b"Content-Length: 0\r\n\r\n" % len(data))
+                return True
             status = 206
             shown = first + 1 if fault == "bad-range" else first
             extra = b"Content-Range: bytes %d-%d/%d\r\n" % (shown, len(data) - 1, len(data))
@@ -112,6 +121,10 @@ class FlakyCache(Scripted):
         if method == "HEAD":
             await stream.send_all(out)
             return True
+        if fault == "all-but-the-end":
+            await stream.send_all(out.replace(b"Content-Length: %d" % len(body),
+                                              b"Content-Length: %d" % (len(body) + 100)) + body)
+            return False
         if fault in ("cut", "stall"):
             await stream.send_all(out + body[: len(body) // 2])
             if fault == "stall":
@@ -210,6 +223,21 @@ async def test_a_download_cut_half_way_resumes_where_it_stopped(cache, tmp_path,
     assert any(r for _m, _n, r, _s in reqs)
     warnings = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(warnings) == 3 and all("(attempt 2 of 3)" in w and "connection broken" in w for w in warnings)
+
+
+async def test_a_download_that_lost_only_its_end_is_complete(cache, tmp_path, retry_fast):
+    """Every byte came but the response was cut before its end: asking for the rest gets 416
+    (nothing is left), which completes the download; the checks of the whole NAR pass."""
+    c, lib, app, big = cache
+    big_nar = next(ln[5:] for ln in (c / f"{big.hash_part}.narinfo").read_text().splitlines()
+                   if ln.startswith("URL: "))
+    server = FlakyCache(c, {big_nar: ["all-but-the-end"]})
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        rep, _root = await fetch_all(tmp_path, server, [big])
+        n.cancel_scope.cancel()
+    assert big in rep.fetched
+    assert [st for _m, name, _r, st in server.asked if name == big_nar] == [200, 416]
 
 
 async def test_a_stalled_download_resumes(cache, tmp_path, retry_fast):

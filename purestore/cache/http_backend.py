@@ -139,6 +139,11 @@ def _small(r, limit: int = 1 << 16) -> bool:
         return False
 
 
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield
+
+
 MAX_SMALL_FILE = 16 << 20  # bytes of a narinfo or nix-cache-info read at most
 
 
@@ -470,6 +475,16 @@ class HttpBackend(Backend):
                                      f"{r.headers.get('content-range')!r}")
                 self._failing = False
                 return body, 0
+            if offset and r.status == 416:
+                total = r.headers.get("content-range", "").rpartition("/")[2]
+                if total == str(offset):
+                    # every byte had come; only the end of the response was lost (a chunked
+                    # body cut before its last mark): the checks of the whole file decide
+                    self._failing = False
+                    return _no_chunks(), 0
+                raise CacheError(f"cache {self.url!r}: cannot download {name!r}: asked for the rest "
+                                 f"from byte {offset}, got {_status_line(r)} (the file has "
+                                 f"{total or 'an unknown number of'} bytes)")
             if r.status != 200:
                 raise self._status("download", name, r)
             self._failing = False
