@@ -12,7 +12,7 @@ import socket
 import pytest
 import trio
 
-from purestore.cache.http import Broken, ConnectFailed, HttpClient, Stalled
+from purestore.cache.http import Broken, ConnectFailed, HttpClient, NotHttp, Stalled
 from purestore.cache.server import serve_cache
 from test_cache_support import read_http_request
 
@@ -272,7 +272,7 @@ async def test_error_messages_say_what_the_server_did():
             await c.request("GET", "/1")
         with pytest.raises(Broken, match="before sending the whole body"):
             await c.request("GET", "/2")
-        with pytest.raises(Broken):
+        with pytest.raises(NotHttp, match=r"^the answer is not HTTP \(illegal status line: b'garbage'\)$"):
             await c.request("GET", "/3")
         await c.aclose()
     await with_server(server, go)
@@ -410,4 +410,62 @@ async def test_a_streamed_upload_on_a_connection_the_server_closed_is_sent_again
                 await b.put_file(f"nar/{f.name}", str(f))
         bodies = sorted(len(r.partition(b"\r\n\r\n")[2]) for r in server.requests if r.startswith(b"PUT"))
         assert bodies == sorted(f.stat().st_size for f in files)  # each whole, once
+    await with_server(server, check)
+
+
+async def test_an_answer_that_is_not_http_is_not_asked_again_and_is_quoted_plainly():
+    """Garbage (another protocol) instead of a status line: one request, an error quoting the
+    first bytes."""
+    from purestore.cache.backend import open_backend
+    from purestore.errors import CacheError
+
+    answered = []
+
+    def respond(req):
+        if b"nix-cache-info" in req and not answered:
+            answered.append(True)
+            return ok(b"StoreDir: /pure/store\n")
+        return b"THIS IS NOT HTTP\r\n\r\n"
+
+    server = Scripted(respond, close_after=1)
+
+    async def check(port):
+        async with open_backend(f"http://127.0.0.1:{port}/", attempts=5) as b:
+            b.retry_delay = 0.01
+            assert await b.get("nix-cache-info") == b"StoreDir: /pure/store\n"
+            with pytest.raises(CacheError) as e:
+                await b.get("x.narinfo")
+        assert str(e.value).endswith("cannot get 'x.narinfo': the answer is not HTTP "
+                                     "(illegal status line: b'THIS IS NOT HTTP')"), str(e.value)
+        assert len(server.requests) == 2
+        async with open_backend(f"http://127.0.0.1:{port}/", attempts=5) as fresh:  # never answered
+            with pytest.raises(CacheError, match=r"\(illegal status line: b'THIS IS NOT HTTP'\)$"):
+                await fresh.get("nix-cache-info")  # (not a TLS record: no https hint)
+    await with_server(server, check)
+
+
+async def test_the_https_hint_is_only_for_a_server_that_never_answered_plain_http():
+    """Plain http that gets no response at all may be an https server; one that answered a
+    moment ago and then hangs up is not."""
+    from purestore.cache.backend import open_backend
+    from purestore.errors import CacheError
+
+    first = []
+
+    def respond(req):
+        if not first:
+            first.append(True)
+            return ok(b"StoreDir: /pure/store\n")
+        return None  # hang up without a word
+
+    server = Scripted(respond, close_after=1)
+
+    async def check(port):
+        async with open_backend(f"http://127.0.0.1:{port}/", attempts=1) as b:
+            await b.get("nix-cache-info")
+            with pytest.raises(CacheError, match=r"before sending a response\)$"):
+                await b.get("x.narinfo")
+        async with open_backend(f"http://127.0.0.1:{port}/", attempts=1) as fresh:
+            with pytest.raises(CacheError, match=r"if it serves https, the URL must start with https://\)$"):
+                await fresh.get("nix-cache-info")
     await with_server(server, check)

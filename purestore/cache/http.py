@@ -50,6 +50,10 @@ class Broken(HttpError):
     """The connection broke or the server spoke malformed HTTP."""
 
 
+class NotHttp(HttpError):
+    """The server's answer is not an HTTP response (another protocol, garbage)."""
+
+
 class TooLarge(HttpError):
     """A body read whole went past the limit the caller set."""
 
@@ -114,6 +118,7 @@ class HttpClient:
         self.host_header = self._host_header.decode()  # what requests send as Host (signers need it)
         self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
         self._closed = False
+        self.answered = False  # a response has come (on any connection)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -178,7 +183,9 @@ class HttpClient:
                     what = "a response" if state is h11.SEND_RESPONSE else "the whole body"
                     raise Broken(f"server closed the connection before sending {what}"
                                  f"{self._tls_hint(conn, state)}") from e
-                raise Broken(f"{e}{self._tls_hint(conn, state)}") from e
+                if state is h11.SEND_RESPONSE:  # not a word of HTTP: asking again will not mend it
+                    raise NotHttp(f"the answer is not HTTP ({_h11_words(e)}){self._tls_hint(conn, state)}") from e
+                raise Broken(_h11_words(e)) from e
             if ev is not h11.NEED_DATA:
                 return ev
             try:
@@ -194,14 +201,14 @@ class HttpClient:
             try:
                 h.receive_data(data)  # b"" is the end of the stream
             except h11.RemoteProtocolError as e:
-                raise Broken(f"{e}{self._tls_hint(conn, state)}") from e
+                raise Broken(f"{_h11_words(e)}{self._tls_hint(conn, state)}") from e
 
     def _tls_hint(self, conn: _Conn, state) -> str:
         """What to add when plain HTTP got no response at all, or a TLS record for one: the
         usual cause is an ``http://`` URL for an https server (which hangs up, as hypercorn
         does, or answers with a TLS alert)."""
-        if self.scheme != "http" or state is not h11.SEND_RESPONSE:
-            return ""
+        if self.scheme != "http" or state is not h11.SEND_RESPONSE or self.answered:
+            return ""  # (a server that answered plain HTTP before is not an https one)
         first = conn.first_bytes
         if first and not (first[:1] in (b"\x15", b"\x16") and first[1:2] == b"\x03"):
             return ""
@@ -255,6 +262,7 @@ class HttpClient:
             raise Broken("server closed the connection without a response")
         if not isinstance(ev, h11.Response):
             raise Broken(f"unexpected {type(ev).__name__} instead of a response")
+        self.answered = True
         return _response(ev)
 
     async def _early_response(self, conn: _Conn) -> Response | None:
@@ -337,6 +345,13 @@ class HttpClient:
                     raise TooLarge(f"the answer is longer than {limit} bytes")
                 parts.append(c)
         return resp, b"".join(parts)
+
+
+def _h11_words(e: h11.RemoteProtocolError) -> str:
+    """h11's message without Python's reprs: ``illegal status line: bytearray(b'X')`` →
+    ``illegal status line: b'X'`` (at most 80 characters of it)."""
+    text = re.sub(r"bytearray\((b(['\"]).*?\2)\)", r"\1", str(e))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _response(ev: h11.Response) -> Response:

@@ -26,6 +26,7 @@ import os
 import random
 import time
 import urllib.parse
+from typing import AsyncIterator
 
 import trio
 
@@ -303,6 +304,9 @@ class HttpBackend(Backend):
             transient = self._answered  # a server hung from the start: one wait, not five
         elif isinstance(e, http.Broken):
             reason = f"connection broken ({e})"
+        elif isinstance(e, http.NotHttp):
+            reason = str(e)
+            transient = False
         elif isinstance(e, http.TooLarge):
             reason = f"{e}, too long for what it should be"
             transient = False
