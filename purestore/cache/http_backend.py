@@ -433,11 +433,21 @@ class HttpBackend(Backend):
 
     def _decoded(self, name: str, r, data: bytes) -> bytes:
         """The body of a whole file as the cache meant it: its Content-Encoding undone (as Nix
-        does; S3 caches may store narinfos, listings and logs compressed)."""
+        does; S3 caches may store narinfos, listings and logs compressed).  NAR files are
+        refused so, small or big alike."""
         encoding = r.headers.get("content-encoding")
         if is_identity(encoding):
             return data
+        if name.startswith("nar/"):
+            raise self._nar_encoded(name, r)
         return decode(encoding, data, f"cache {self.url!r}: {name!r}")
+
+    def _nar_encoded(self, name: str, r) -> CacheError:
+        return CacheError(f"cache {self.url!r}: {name!r} is sent with Content-Encoding "
+                          f"{r.headers.get('content-encoding')!r}: a NAR file must come as it is stored "
+                          "(its FileHash is that of the stored bytes)",
+                          hint="serve NAR files without a Content-Encoding (their compression is part "
+                               "of the file)")
 
     @contextlib.asynccontextmanager
     async def open_read(self, name: str):
@@ -467,10 +477,7 @@ class HttpBackend(Backend):
             if r.status in (404, 410):
                 raise CacheMissing(f"{file_url(self.url, name)} is missing from the cache")
             if r.status in (200, 206) and not is_identity(r.headers.get("content-encoding")):
-                raise CacheError(f"cache {self.url!r}: {name!r} is sent with Content-Encoding "
-                                 f"{r.headers.get('content-encoding')!r}: a NAR file streamed must come as it "
-                                 "is stored", hint="serve NAR files without a Content-Encoding (their "
-                                 "compression is part of the file)")
+                raise self._nar_encoded(name, r)
             if offset and r.status == 206:
                 first = r.headers.get("content-range", "").partition(" ")[2].partition("-")[0]
                 if first != str(offset):

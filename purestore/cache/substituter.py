@@ -71,6 +71,7 @@ class SubstituteReport:
     fetched: list[StorePath] = attrs.field(factory=list)
     present: list[StorePath] = attrs.field(factory=list)
     failures: dict[StorePath, str] = attrs.field(factory=dict)
+    hints: dict[StorePath, str] = attrs.field(factory=dict)  # what to do about a failure, if known
     nar_bytes: int = 0
 
 
@@ -446,6 +447,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                             return
                     except (CacheError, FormatError, StoreError, SignatureError) as e:
                         tried.append((cache, str(e)))
+                        if getattr(e, "hint", None) and len(tried) == 1:
+                            report.hints[p] = e.hint
                         if not isinstance(e, StoreError):  # the cache's NAR: not tried again this session
                             subs.failed[(cache.url, p.hash_part)] = str(e)
                         if counted is not None:
@@ -716,8 +719,10 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     if missing:
         lines = [f"cannot substitute {p.absolute(sd)!r}: {report.failures.get(p, 'unknown reason')}"
                  for p in missing]
+        hints = {report.hints.get(p) for p in missing}  # one for all of them, or none
         raise CopyIncomplete("\n".join(lines) if len(lines) > 1 else lines[0], result=report,
-                             failures={**{p: "unknown reason" for p in missing}, **report.failures})
+                             failures={**{p: "unknown reason" for p in missing}, **report.failures},
+                             hint=hints.pop() if len(hints) == 1 else None)
     return report
 
 
