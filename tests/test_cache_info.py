@@ -61,3 +61,18 @@ def test_the_configured_substituters_are_checked_by_default(tmp_path):
     assert "1 of 1 cache usable" in r.stderr and "offline: caches are not asked" in r.stderr
     r = run_pure("cache", "info", check=False)  # PURE_CONFIG=/dev/null: nothing configured
     assert r.returncode == 2 and "error: no binary caches to check" in r.stderr
+
+
+def test_a_web_page_instead_of_nix_cache_info_is_said_so(tmp_path):
+    """A URL that answers with an HTML page (a captive portal, a mistyped path): the error
+    names the file once, without a doubled slash, and says it looks like a web page."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "nix-cache-info").write_text("<html><body>Please log in</body></html>\n")
+    proc, served = start_server(tmp_path / "site")
+    try:
+        r = run_pure("cache", "info", served, check=False)
+    finally:
+        stop_server(proc)
+    assert r.returncode == 1
+    assert (f"{served}nix-cache-info:1: expected 'Key: value', got '<html><body>Please log in</body></html>' "
+            "(a web page: is the URL a binary cache's?)") in r.stdout + r.stderr

@@ -42,7 +42,8 @@ class CacheInfo:
                 continue
             key, sep, value = line.partition(":")
             if not sep:
-                raise CacheError(f"{where}:{lineno}: expected 'Key: value', got {line[:60]!r}")
+                looks = " (a web page: is the URL a binary cache's?)" if line.lstrip().startswith("<") else ""
+                raise CacheError(f"{where}:{lineno}: expected 'Key: value', got {line[:60]!r}{looks}")
             fields[key.strip()] = value.strip()
         if "StoreDir" not in fields:
             raise CacheError(f"{where}: no 'StoreDir' line")
@@ -71,4 +72,4 @@ async def read_cache_info(backend, url: str) -> CacheInfo:
         if isinstance(backend, FileBackend) and not os.path.isdir(backend.dir):
             raise CacheError(f"binary cache {url!r}: directory {backend.dir!r} does not exist")
         raise CacheError(f"binary cache {url!r} has no nix-cache-info (is it a cache?)")
-    return CacheInfo.parse(data, f"{url}/nix-cache-info")
+    return CacheInfo.parse(data, url.partition("?")[0].rstrip("/") + "/nix-cache-info")
