@@ -397,6 +397,33 @@ async def test_an_upload_refused_for_a_while_is_retried(tmp_path):
     assert stored == [None, None, b"narinfo text", None, None, b"nar bytes " * 1000]
 
 
+async def test_uploads_refused_say_why_and_where(tmp_path):
+    """A PUT answered with a redirect says where to (uploads are not redirected); a 403 with
+    the server's reason quotes it, without blaming the token; a redirect of a read to a bad
+    port says so."""
+    from purestore.errors import CacheError
+    from test_http_client import Scripted
+    answers = iter([
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://upload.example/c/x.narinfo\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 15\r\n\r\nquota exceeded\n",
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:99999/x\r\nContent-Length: 0\r\n\r\n",
+    ])
+    server = Scripted(lambda req: next(answers))
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        async with open_backend(f"http://127.0.0.1:{server.port}/", attempts=1) as b:
+            with pytest.raises(CacheError) as e:
+                await b.put("x.narinfo", b"narinfo text")
+            assert "refused (HTTP 307 Temporary Redirect to 'http://upload.example/c/x.narinfo'): uploads are " \
+                   "not redirected" in str(e.value)
+            with pytest.raises(CacheError) as e:
+                await b.put("y.narinfo", b"narinfo text")
+            assert str(e.value).endswith('refused (HTTP 403 Forbidden: "quota exceeded")') and e.value.hint is None
+            with pytest.raises(CacheError, match=r"redirected to 'http://127.0.0.1:99999/x', whose port is not valid"):
+                await b.get("z.narinfo")
+        n.cancel_scope.cancel()
+
+
 async def test_attempts_must_be_at_least_one(tmp_path):
     from purestore.errors import UsageError
     from purestore.store.settings import parse_config

@@ -278,8 +278,10 @@ class HttpBackend(Backend):
             port = u.port or (443 if u.scheme == "https" else 80)
         except ValueError:
             port = None
-        if u.scheme not in ("http", "https") or not u.hostname or port is None:
+        if u.scheme not in ("http", "https") or not u.hostname:
             raise CacheError(f"{where}: redirected to {new!r}, which is not an http(s) URL")
+        if port is None:
+            raise CacheError(f"{where}: redirected to {new!r}, whose port is not valid")
         if self.client.scheme == "https" and u.scheme == "http":
             raise CacheError(f"{where}: redirected from https to {new!r}: refused (plain http)")
         key = (u.scheme, u.hostname, port)
@@ -565,6 +567,14 @@ class HttpBackend(Backend):
         """The error for an upload the server did not take (``data``: its answer's body, quoted
         when it is a short line of text)."""
         said = _server_says(r, data)
+        if r.status in REDIRECT_STATUS:  # not followed: a body would have to be sent again elsewhere
+            location = r.headers.get("location", "").strip()
+            return CacheError(f"cache {self.url!r}: upload of {name!r} refused ({_status_line(r)}"
+                              f"{f' to {location!r}' if location else ''}): uploads are not redirected",
+                              hint="give the URL uploads are to go to" + (f" (perhaps {location!r})" if location else ""))
+        if r.status == 403 and said:
+            # a reason given (a quota, a read-only bucket): not necessarily the token
+            return CacheError(f"cache {self.url!r}: upload of {name!r} refused ({_status_line(r)}{said})")
         if r.status in (401, 403):
             msg = f"cache {self.url!r}: upload of {name!r} refused ({_status_line(r)}{said})"
             if self.token or self.upload_token:
