@@ -101,7 +101,7 @@ async def test_redirects_that_lead_nowhere_are_errors(cache, tmp_path, how, says
     ("http://cache.example.org/", "ftp://cdn.example.org/nar/x.nar", "redirected to "
      "'ftp://cdn.example.org/nar/x.nar', which is not an http(s) URL"),
     ("http://cache.example.org/", "http://cdn.example.org:99999/x", "redirected to "
-     "'http://cdn.example.org:99999/x', which is not an http(s) URL"),
+     "'http://cdn.example.org:99999/x', whose port is not valid"),
 ])
 def test_redirects_not_followed(base, location, says):
     import types
