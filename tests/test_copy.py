@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import DATA, pure_env, run_pure
+from conftest import DATA, REPO, pure_env, run_pure
 from test_cache_support import (
     PUB, SEC, make_closure, make_path, open_store, pushed_closure, settings_for, start_server, stop_server,
 )
@@ -760,6 +760,46 @@ def test_a_database_that_cannot_be_written_fails_the_substitution_cleanly(tmp_pa
     real = root / "pure" / "store"
     assert sorted(os.listdir(real)) == sorted([".tmp", lib.split("/")[-1]])  # no unregistered app
     assert os.listdir(real / ".tmp") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to mount a small tmpfs")
+def test_a_push_to_a_cache_that_fills_up_stops_even_with_a_referrer_waiting(tmp_path, keyfile):
+    """The biggest NAR is compressed first, so a referrer can be uploaded and wait for a
+    reference not started yet.  When the cache's disk then fills up (on the next path), the push
+    ends, naming each path, instead of waiting for that reference for ever; the referrer gets
+    no narinfo, and the cache stays consistent."""
+    import shlex
+
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        small = make_path(store, "small", {"f": os.urandom(10_000)})
+        middle = make_path(store, "middle", {"f": os.urandom(1_200_000)})
+        big = make_path(store, "big", {"f": os.urandom(1_500_000)}, refs=[small])
+        big_p, middle_p, small_p = (store.print_path(p) for p in (big, middle, small))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    pure = f"{shlex.quote(sys.executable)} -m purestore.cli.main --store {q(root)}"
+    script = f"""
+        mount -t tmpfs -o size=2600k tmpfs {q(cache)} || exit 9
+        timeout 60 {pure} copy -j 1 --json --to 'file://{cache}?compression=none' --secret-key-file {q(keyfile)} \
+            {big_p} {middle_p} > {q(tmp_path / 'out')} 2> {q(tmp_path / 'err')}
+        echo $? > {q(tmp_path / 'rc')}
+        ls -a {q(cache)} {q(cache / 'nar')} > {q(tmp_path / 'ls')}
+        cat {q(cache)}/*.narinfo > {q(tmp_path / 'narinfos')} 2>/dev/null
+        true
+    """
+    subprocess.run(["unshare", "-m", "sh", "-c", script], env=pure_env(None), check=True, timeout=120,
+                   cwd=REPO)
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", err
+    assert "Traceback" not in err
+    failed = json.loads((tmp_path / "out").read_text())["failed"]
+    assert set(failed) == {big_p, middle_p, small_p}, failed
+    assert "No space left on device" in failed[middle_p] and failed[small_p].startswith("not started")
+    assert failed[big_p].startswith(f"its reference '{small_p}' was not copied")
+    assert (tmp_path / "narinfos").read_text() == ""  # no narinfo at all
+    assert ".tmp-push" not in (tmp_path / "ls").read_text()
 
 
 def test_a_url_parameter_and_an_option_that_disagree_are_refused(tmp_path, keyfile):

@@ -355,6 +355,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         cache_failed: list[tuple[StorePath, CacheError]] = []  # (the path it failed on, why)
         hints: list[str | None] = []
         published: list[StorePath] = []
+        published_set: set[StorePath] = set()
         tmp_dir = await nar_temp_dir(backend)
         totals = [0, 0]
 
@@ -387,8 +388,15 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                     failed[p] = str(e)  # those under way are published if the cache takes them
                     cache_failed.append((p, e))
                     done[p].set()
+                    stop_pending()
                     return
                 n.start_soon(push_one, p, *res)
+
+        def stop_pending() -> None:
+            """The cache failed: the paths not started never will be; a referrer waiting for one
+            (compressed first, being bigger) stops waiting, and is not published (see publish)."""
+            while pending:
+                done[pending.popleft()].set()
 
         async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
             try:
@@ -397,6 +405,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 failed[p] = str(e)
                 cache_failed.append((p, e))
                 done[p].set()
+                stop_pending()
 
         def reference_failed(p: StorePath) -> bool:
             r = next((r for r in infos[p].references if r != p and r in failed), None)
@@ -451,8 +460,15 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                     await done[r].wait()
             if reference_failed(p):
                 return
+            unpublished = next((r for r in info.references if r != p and r in done and r not in published_set), None)
+            if unpublished is not None:  # never started: the cache failed meanwhile
+                failed[p] = (f"its reference {unpublished.absolute(store_dir)!r} was not copied "
+                             "(the push stopped when the cache failed)")
+                done[p].set()
+                return
             await backend.put(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), "text/x-nix-narinfo")
             published.append(p)
+            published_set.add(p)
             totals[0] += info.nar_size
             totals[1] += file_size
             done[p].set()
