@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 import sys
 import time
 
@@ -800,6 +801,85 @@ def test_a_push_to_a_cache_that_fills_up_stops_even_with_a_referrer_waiting(tmp_
     assert failed[big_p].startswith(f"its reference '{small_p}' was not copied")
     assert (tmp_path / "narinfos").read_text() == ""  # no narinfo at all
     assert ".tmp-push" not in (tmp_path / "ls").read_text()
+
+
+def test_a_gc_during_a_substitution_keeps_the_valid_references_it_relies_on(tmp_path, keyfile):
+    """`pure gc` while a substitution waits on a NAR (fed through a FIFO): the valid reference
+    it relies on (not rooted otherwise) was temp-rooted first, so the collection spares it and
+    the substitution succeeds."""
+    import threading
+
+    src, dst, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    with open_store(src) as store:
+        lib, app = make_closure(store)
+        lib_p, app_p = store.print_path(lib), store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=src)
+    run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, lib_p, root=dst)  # unrooted
+    nar = cache / re.search(r"^URL: (\S+)$", (cache / f"{app.hash_part}.narinfo").read_text(), re.M)[1]
+    real = nar.with_name(nar.name + ".real")
+    os.rename(nar, real)
+    os.mkfifo(nar)
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"file://{cache}",
+                             "--trusted-public-keys", PUB, app_p], env=pure_env(dst),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    opened, gc_done = threading.Event(), threading.Event()
+
+    def feed():
+        with open(nar, "wb") as w:  # blocks until the copy opens it to read
+            opened.set()
+            gc_done.wait(60)
+            w.write(real.read_bytes())
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        assert opened.wait(60), proc.communicate(timeout=60)
+        gc = run_pure("gc", "--json", root=dst)
+        gc_done.set()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        gc_done.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert lib_p not in json.loads(gc.stdout)["deleted"]
+    with open_store(dst) as store:
+        assert store.is_valid(lib) and store.is_valid(app)
+    run_pure("store", "verify", "--check-contents", root=dst)
+
+
+def test_a_gc_during_a_push_keeps_the_closure_being_pushed(tmp_path, keyfile):
+    """`pure gc` while a push compresses (stopped with SIGSTOP once its first temporary NAR
+    file appears): the closure was temp-rooted before the push relied on it, so the collection
+    spares it and the push completes."""
+    import signal
+
+    src, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(src) as store:
+        lib = make_path(store, "lib-1.0", {f"f{i}": os.urandom(200_000) for i in range(40)})
+        app = make_path(store, "app-2.0", {f"f{i}": os.urandom(200_000) for i in range(40)}, refs=[lib])
+        app_p = store.print_path(app)
+    (cache / "nar").mkdir(parents=True)
+    (cache / "nix-cache-info").write_text("StoreDir: /pure/store\n")
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "copy", "-j", "1", "--to",
+                             f"file://{cache}?compression=xz", "--secret-key-file", str(keyfile), app_p],
+                            env=pure_env(src), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.startswith(".tmp-push") for n in os.listdir(cache / "nar")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            gc = run_pure("gc", "--json", root=src)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(gc.stdout)["deleted"] == []
+    run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}", app_p)
 
 
 def test_a_url_parameter_and_an_option_that_disagree_are_refused(tmp_path, keyfile):

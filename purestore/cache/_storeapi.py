@@ -61,6 +61,15 @@ def add_temp_root(store, path: StorePath) -> None:
         fn(path)
 
 
+def add_temp_roots(store, paths: Iterable[StorePath]) -> None:
+    """Keep ``paths`` from garbage collection until this process exits: taken before relying
+    on a path being valid (a collection running meanwhile would otherwise delete it)."""
+    paths = list(paths)
+    fn = getattr(store, "add_temp_roots", None)
+    if fn is not None and paths:
+        fn(paths)
+
+
 def remove_temp_root(store, path: StorePath) -> None:
     fn = getattr(store, "remove_temp_root", None)
     if fn is not None:

@@ -332,6 +332,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     store_dir = settings.store_dir
 
     paths = set(paths)
+    S.add_temp_roots(store, paths)  # with their closures, kept by a `pure gc` meanwhile
     for p in paths:
         if not S.is_valid(store, p):
             raise StoreError(f"path {p.absolute(store_dir)!r} is not valid in the local store")

@@ -285,6 +285,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     def valid(p: StorePath) -> bool:
         return p not in repair and S.is_valid(store, p)
 
+    # A path found valid is relied on (the paths asked for, the references of what is fetched):
+    # its temporary root comes first, so that a `pure gc` meanwhile cannot delete it.
+    S.add_temp_roots(store, paths)
     wanted = {p for p in paths if not valid(p)}
     if not wanted:
         report.valid = set(paths)
@@ -348,6 +351,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 events[p] = trio.Event()
                 if progress:
                     progress.expect(1, r[1].nar_size)
+                S.add_temp_roots(store, [ref for ref in r[1].references if ref != p and ref not in seen])
                 for ref in r[1].references:
                     if ref != p and ref not in seen and not valid(ref):
                         seen.add(ref)
