@@ -483,8 +483,9 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         if r not in ok:
                             report.failures.setdefault(p, ref_failure(p, r))
                             return
-                    elif not S.is_valid(store, r):
-                        report.failures[p] = ref_failure(p, r)
+                    elif not S.is_valid(store, r):  # valid when asked, deleted since (by hand)
+                        report.failures[p] = (f"its reference {r.absolute(sd)!r} was valid but is not any "
+                                              "more (deleted meanwhile)")
                         return
                 if p in report.failures:  # part of a reference cycle
                     return
