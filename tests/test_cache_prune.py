@@ -183,6 +183,50 @@ def test_a_narinfo_that_cannot_be_removed_keeps_its_path_and_every_other_file(tm
     assert v.stdout == ""
 
 
+def test_a_narinfo_that_cannot_be_removed_keeps_its_closure(tmp_path):
+    """The narinfo of a referrer refuses removal: its references' narinfos stay too (the cache
+    never holds a narinfo whose references are gone), and are reported kept."""
+    root, cache, n = setup_cache(tmp_path)
+    age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
+    stuck = narinfo(cache, n["app"])
+    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        r = prune(cache, "--older-than", "1d", "--json", check=False)
+    finally:
+        subprocess.run(["chattr", "-i", stuck], check=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert sorted(out["keptPaths"]) == sorted([n["app"], n["lib"]]) and n["lib"] not in out["removed"]
+    assert narinfo(cache, n["lib"]).exists() and not narinfo(cache, n["other"]).exists()
+    v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}")
+    assert v.stdout == "", v.stdout
+
+
+def test_narinfos_go_referrers_first(tmp_path):
+    """Removed in an order where each narinfo goes before those of its references: a prune
+    stopped half way, or a reader meanwhile, never meets a narinfo whose references are gone."""
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    root = tmp_path / "src"
+    with open_store(root) as store:
+        chain = [make_path(store, "p0", {"": b"p0\n"})]
+        for i in range(1, 12):  # p_i refers to p_{i-1} and, every third, to p0
+            refs = [chain[-1]] + ([chain[0]] if i % 3 == 0 else [])
+            chain.append(make_path(store, f"p{i}", {"": f"p{i}\n".encode()}, refs=refs))
+        top = store.print_path(chain[-1])
+        refs_of = {p.hash_part: [r.hash_part for r in store.query_path_info(p).references if r != p] for p in chain}
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", key, top, root=root)
+    age(cache.glob("*.narinfo"))
+    out = json.loads(prune(cache, "--older-than", "1d", "--dry-run", "--json").stdout)
+    order = [f[: -len(".narinfo")] for f in out["files"] if f.endswith(".narinfo")]
+    assert sorted(order) == sorted(refs_of)
+    for h, refs in refs_of.items():
+        for r in refs:
+            assert order.index(h) < order.index(r), (h, r)
+
+
 def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     _root, cache, n = setup_cache(tmp_path)
     (cache / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo").write_text("garbage\n")

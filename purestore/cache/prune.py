@@ -13,9 +13,10 @@ marks it used), the ``debuginfo/`` links to such NARs, and the build logs of its
 be parsed is kept and reported, with the NAR its ``URL:`` line names (and when one cannot be
 read at all, no NAR file is removed): nothing is removed on a guess.
 
-Order: narinfos first, then the files only they pointed to, so a reader at any moment finds
-either a narinfo with its NAR or no narinfo; a prune stopped half way leaves a consistent cache
-(and unused files the next prune removes).
+Order: narinfos first, each before those of its references, then the files only they pointed
+to, so a reader at any moment finds either a narinfo with its NAR and its references' narinfos,
+or no narinfo; a prune stopped half way leaves a consistent cache (and unused files the next
+prune removes).
 
 Pushes: ``pure copy --to file://DIR`` holds a shared lock (``flock``) on the directory itself
 while it runs (no lock file is added to the cache), and a prune takes it exclusively, so a prune never removes a NAR that a running push found
@@ -108,6 +109,9 @@ class PrunePlan:
     missing: list[tuple[StorePath, StorePath]] = attrs.field(factory=list)
     unreadable: list[str] = attrs.field(factory=list)  # narinfos kept because they do not parse
     uploads: list[tuple[str, str]] = attrs.field(factory=list)  # (name, id): S3 uploads to abort
+    # hash part of a removed path → those of its references removed too (to spare them, with the
+    # path, when its narinfo cannot be removed)
+    gone_refs: dict[str, list[str]] = attrs.field(factory=dict)
 
     def to_json(self, directory: str, dry_run: bool) -> dict:
         sd = self.store_dir
@@ -252,8 +256,10 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
             plan.files.append(name)
             plan.freed += listing[name][0]
 
-    for h in gone:  # narinfos first: from here on nobody is sent to the files below
-        add(f"{h}.narinfo")
+    gone_set = set(gone)
+    plan.gone_refs = {h: sorted({r.hash_part for r in infos[h].references} & gone_set - {h}) for h in gone}
+    for h in _referrers_first(gone, plan.gone_refs):  # narinfos first: from here on nobody is
+        add(f"{h}.narinfo")                            # sent to the files below
     for h in gone:
         add(f"{h}.ls")
         add(provenance_file_name(h))
@@ -295,11 +301,35 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
     return plan
 
 
+def _referrers_first(hashes: list[str], refs: dict[str, list[str]]) -> list[str]:
+    """``hashes`` ordered so that each comes before its references: removed in that order, a
+    narinfo never refers to one already gone (for a reader meanwhile, or a prune stopped half
+    way)."""
+    post: list[str] = []  # references before referrers (depth first), reversed at the end
+    seen: set[str] = set()
+    for start in hashes:
+        if start in seen:
+            continue
+        seen.add(start)
+        stack = [(start, iter(refs.get(start, ())))]
+        while stack:
+            h, it = stack[-1]
+            nxt = next((r for r in it if r not in seen), None)
+            if nxt is None:
+                stack.pop()
+                post.append(h)
+            else:
+                seen.add(nxt)
+                stack.append((nxt, iter(refs.get(nxt, ()))))
+    return post[::-1]
+
+
 def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]) -> int:
     """Remove the plan's files in its order; returns how many were removed (a file already gone
     counts as removed; another failure is reported and the rest goes on, except that when a
-    narinfo could not be removed no other file is: it may be one that narinfo needs).  A path
-    whose narinfo stays is moved from ``plan.removed`` to ``plan.kept``.  A directory that
+    narinfo could not be removed no other file is: it may be one that narinfo needs, and neither
+    is the narinfo of a path it refers to).  A path whose narinfo stays is moved from
+    ``plan.removed`` to ``plan.kept``.  A directory that
     cannot be written to at all (read-only) is an error before anything."""
     if plan.files:
         try:
@@ -310,8 +340,11 @@ def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]
             raise CacheError(f"cannot prune {directory!r}: {e.strerror}") from e
     n = 0
     kept_narinfo = False
+    spared: set[str] = set()  # hash parts of narinfos that stay, with their closures
     for name in plan.files:
         if kept_narinfo and not name.endswith(".narinfo"):
+            continue
+        if name.endswith(".narinfo") and name[: -len(".narinfo")] in spared:
             continue
         try:
             os.unlink(os.path.join(directory, name))
@@ -322,9 +355,17 @@ def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]
             on_error(f"cannot remove {name!r} from {directory!r}: {e.strerror}")
             if name.endswith(".narinfo"):
                 kept_narinfo = True
-                stays = [p for p in plan.removed if f"{p.hash_part}.narinfo" == name]
-                plan.removed = [p for p in plan.removed if p not in stays]
-                plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
+                # it stays, and so do its references (not removed yet: referrers go first)
+                todo = [name[: -len(".narinfo")]]
+                while todo:
+                    h = todo.pop()
+                    if h not in spared:
+                        spared.add(h)
+                        todo.extend(plan.gone_refs.get(h, ()))
+    if spared:
+        stays = [p for p in plan.removed if p.hash_part in spared]
+        plan.removed = [p for p in plan.removed if p.hash_part not in spared]
+        plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
     if kept_narinfo:
         on_error("the other files of the removed paths were kept (a narinfo left in place may need them)")
     return n
