@@ -96,6 +96,23 @@ def test_push_skips_paths_already_in_cache(tmp_path, keyfile):
     assert f"copying path '{lib_p}' from 'file://{cache}'" in r.stderr
 
 
+def test_an_empty_narinfo_is_written_again(tmp_path, keyfile):
+    """What a crash of the machine can leave of a narinfo written just before, an empty file,
+    does not count as the path being in the cache: the next push writes it again."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    ni = cache / f"{app.hash_part}.narinfo"
+    text = ni.read_text()
+    ni.write_text("")
+    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    assert "copied 1 path" in r.stderr and "1 already there" in r.stderr, r.stderr
+    assert ni.read_text() == text
+    run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}", app_p)
+
+
 def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     root, cache = tmp_path / "a", tmp_path / "cache"
     with open_store(root) as store:

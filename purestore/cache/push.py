@@ -200,13 +200,15 @@ async def push_lock(directory: str):
 
 
 async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32) -> set[StorePath]:
-    """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time)."""
+    """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time).  An empty
+    narinfo (what a crash of the machine can leave of one written just before) does not
+    count: it is written again."""
     have: set[StorePath] = set()
     limit = trio.CapacityLimiter(concurrency)
 
     async def ask(p: StorePath) -> None:
         async with limit:
-            if await backend.exists(f"{p.hash_part}.narinfo"):
+            if await backend.size(f"{p.hash_part}.narinfo") not in (None, 0):
                 have.add(p)
     async with open_nursery() as n:
         for p in paths:
