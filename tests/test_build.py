@@ -492,3 +492,17 @@ def test_json_failures_end_with_an_error_line(pure, expr, tmp_path):
     assert p.returncode == 1
     [ev] = [json.loads(l) for l in p.stdout.splitlines()]
     assert ev["type"] == "error" and "undefined_name" in ev["error"]
+
+
+def test_a_result_link_replaces_only_a_link(pure, expr, tmp_path):
+    """-o names something that is not a symlink (a file of the user's, /dev/null): it is left
+    alone and the error says why; an old result link is replaced as usual."""
+    f = expr('default = sh("rl", "echo x > $out")\n')
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine\n")
+    p = build(pure, tmp_path, f, "-o", keep, check=False)
+    assert p.returncode == 1 and "something else than a symlink is there" in p.stderr
+    assert keep.read_text() == "mine\n"
+    build(pure, tmp_path, f, "-o", tmp_path / "res")
+    build(pure, tmp_path, f, "-o", tmp_path / "res")
+    assert os.path.islink(tmp_path / "res")

@@ -295,6 +295,38 @@ def test_key_generate_writes_both_files_or_neither(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pub", "k.sec"]  # no temporary files left
 
 
+def test_outputs_that_are_not_regular_files_are_written_into_never_replaced(tmp_path):
+    """A device, a FIFO or /dev/stdout given as an output is written into, as a shell's `>`
+    writes: renaming a file over it would replace /dev/null or /dev/stdout for the whole
+    machine.  (Checked with FIFOs, which a regression would replace harmlessly.)"""
+    import threading
+
+    def fifo_reader(path):
+        os.mkfifo(path)
+        got = []
+        t = threading.Thread(target=lambda: got.append(open(path).read()), daemon=True)
+        t.start()
+        return t, got
+
+    pub = tmp_path / "pub.fifo"
+    t, got = fifo_reader(pub)
+    run_pure("key", "generate", "--name", "k-1", "--secret-out", tmp_path / "k.sec", "--public-out", pub)
+    t.join(30)
+    assert stat.S_ISFIFO(os.lstat(pub).st_mode)
+    assert got == [run_pure("key", "public", input=(tmp_path / "k.sec").read_text()).stdout.strip()]
+    # /dev/stdout, to a pipe: the public key is printed
+    r = run_pure("key", "generate", "--name", "k-2", "--secret-out", tmp_path / "k2.sec", "--public-out", "/dev/stdout")
+    assert r.stdout.startswith("k-2:") and os.path.islink("/dev/stdout")
+    # an SBOM written to a FIFO
+    with open_store(tmp_path / "a") as store:
+        p = store.print_path(make_path(store, "x", {"": b"x\n"}))
+    out = tmp_path / "sbom.fifo"
+    t, got = fifo_reader(out)
+    run_pure("sbom", "-o", out, p, root=tmp_path / "a")
+    t.join(30)
+    assert stat.S_ISFIFO(os.lstat(out).st_mode) and json.loads(got[0])
+
+
 def test_vector_key_public():
     assert run_pure("key", "public", input=SEC).stdout.strip() == PUB
 

@@ -145,6 +145,9 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
             link = base + (f"-{i + 1}" if i else "") + ("" if name == "out" else f"-{name}")
             link = os.path.abspath(link)
             target = store.print_path(sp) if not ctx.settings.rooted else store.real_path(sp)
+            if os.path.lexists(link) and not os.path.islink(link):
+                raise StoreError(f"cannot create the result link {link!r}: something else than a "
+                                 "symlink is there (only a link is replaced)")
             tmp = f"{link}.tmp-{os.getpid()}"
             try:
                 os.symlink(target, tmp)

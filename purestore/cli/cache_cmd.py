@@ -357,13 +357,25 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
     if len(set(paths)) != len(paths):
         raise UsageError(f"{files[0][0]!r} is given for both keys: the secret and the public key need "
                          "a file each")
-    for (path, _t, _m), full in zip(files, paths):
+    from ._outfiles import write_through, written_through
+    special = [written_through(full) for full in paths]  # /dev/stdout, a FIFO: written into
+    for (path, _t, _m), full, through in zip(files, paths, special):
+        if through:
+            continue
         if not os.path.isdir(os.path.dirname(full)):
             raise UsageError(f"cannot write {path!r}: directory {os.path.dirname(full)!r} does not exist")
         if os.path.isdir(full):
             raise UsageError(f"cannot write {path!r}: it is a directory")
         if not force and os.path.lexists(full):
             raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it")
+    for (path, text, _m), full, through in zip(files, paths, special):
+        if through:
+            try:
+                write_through(full, text)
+            except OSError as e:
+                raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+    files = [f for f, through in zip(files, special) if not through]
+    paths = [p for p, through in zip(paths, special) if not through]
     temps: list[str] = []
     try:
         for (path, text, mode), full in zip(files, paths):

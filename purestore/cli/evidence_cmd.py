@@ -84,10 +84,12 @@ def register(reg) -> None:
 
 def _emit(text: str, output: str | None) -> None:
     if output and output != "-":
-        tmp = output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, output)
+        from ..errors import UsageError
+        from ._outfiles import replace_file
+        try:
+            replace_file(output, text)
+        except OSError as e:
+            raise UsageError(f"cannot write {output!r}: {e.strerror}") from e
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
