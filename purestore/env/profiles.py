@@ -176,6 +176,9 @@ class Profile:
         return os.path.join(self.dir, f"{self.name}-{n}-link")
 
     def _switch_to(self, n: int) -> None:
+        if os.path.lexists(self.link) and not os.path.islink(self.link):
+            raise ProfileError(f"cannot switch profile {self.link!r} to generation {n}: something else "
+                               "than a symlink is there (only a profile's link is replaced)")
         tmp = f"{self.link}.tmp-{os.getpid()}"
         try:
             if os.path.lexists(tmp):
