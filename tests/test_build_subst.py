@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -197,3 +198,38 @@ def test_ctrl_c_while_pure_build_restores_in_the_forked_copy_leaves_nothing_behi
     assert not (other / out.lstrip("/")).exists()
     assert os.listdir(other / "pure/store/.tmp") == []
     pure("store", "verify", "--check-contents", root=other)
+
+
+def test_only_the_outputs_a_build_uses_are_fetched_or_needed(pure, expr, tmp_path, store_root):
+    """An input derivation is wanted for the outputs its referrers name: a cache holding only
+    base's "out" (not its "doc") serves a build that uses base's "out" (base is not rebuilt,
+    "doc" is not fetched), and so does the store once "out" is valid, offline."""
+    f = expr('base = sh("base", "$B mkdir $out $doc; echo b > $out/x; echo manual > $doc/d", outputs=["out", "doc"])\n'
+             'app = sh("app", f"$B mkdir $out; $B cat {base}/x > $out/w; echo {base} > $out/ref")\n'
+             'default = app\n')
+    outs = pure("build", f, "-A", "base", "--no-link", cwd=tmp_path).stdout.split()
+    base_out, base_doc = (next(o for o in outs if o.endswith(suffix)) for suffix in ("-base", "-base-doc"))
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = f"file://{tmp_path / 'cache'}"
+    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", base_out)  # not base_doc
+    pub = (tmp_path / "k.pub").read_text().strip()
+    other = tmp_path / "other-root"
+    other.mkdir()
+    p = pure("--substituters", cache, "--trusted-public-keys", pub, "build", f, "--no-link", "--json",
+             root=other, cwd=tmp_path)
+    evs = [json.loads(line) for line in p.stdout.splitlines()]
+    plan = next(e for e in evs if e["type"] == "plan")
+    fetch_plan = next(e for e in evs if e["type"] == "fetch-plan")
+    assert fetch_plan["willFetch"] == [base_out]
+    assert [d.rsplit("-", 1)[1] for d in plan["willBuild"]] == ["app.drv"], plan
+    st = open_store(other)
+    try:
+        assert st.is_valid(st.parse_path(base_out)) and not st.is_valid(st.parse_path(base_doc))
+    finally:
+        st.close()
+    # offline, with base's "out" valid and its "doc" missing: only app is built again
+    (tmp_path / "e.py").write_text((tmp_path / "e.py").read_text().replace('echo {base} > $out/ref', 'echo {base} >> $out/ref'))
+    p = pure("--offline", "build", f, "--no-link", "--json", root=other, cwd=tmp_path)
+    plan = next(json.loads(line) for line in p.stdout.splitlines() if json.loads(line)["type"] == "plan")
+    assert [d.rsplit("-", 1)[1] for d in plan["willBuild"]] == ["app.drv"], plan

@@ -73,6 +73,9 @@ class _Node:
     label: str
     outputs: dict[str, StorePath]
     deps: list["_Node"] = attrs.field(factory=list)
+    # the outputs something wants: all of a requested derivation's, those an input derivation's
+    # referrers name (a package fetched for its "out" does not need its "doc")
+    wanted: set[str] = attrs.field(factory=set)
     needed: bool = False
     top: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)  # finished: outputs valid (ok) or failed
@@ -180,39 +183,57 @@ class _Realiser:
     def _load_graph(self, tops: list[StorePath]) -> None:
         """Read the .drv closure of ``tops`` and mark what must be built (blocking).
 
-        A derivation whose recorded outputs are all valid is not needed: its ``.drv`` is not
-        even parsed (unless it is to be checked), and its inputs are not visited."""
+        A derivation is needed when an output something wants of it is not valid: all the
+        outputs of a requested one, the outputs its referrers name of an input one.  One that
+        is not needed is not even parsed when the store knows its outputs (unless it is to be
+        checked), and its inputs are not visited."""
         store = self.store
         store.add_temp_roots(tops)
         reparse = self.options.check or self.options.rounds > 1
         top_set = set(tops)
-        stack = list(tops)
+        stack: list[tuple[StorePath, frozenset[str] | None]] = [(t, None) for t in tops]  # None: all
         order: list[_Node] = []
+
+        def parse(node: _Node) -> None:
+            node.drv = self._read_drv(node.path)
+            node.outputs = {n: StorePath.parse(o.path, self.sd) for n, o in node.drv.outputs.items()}
+
         while stack:
-            p = stack.pop()
-            if p in self.nodes:
-                continue
-            known = store.query_derivation_outputs(p)
-            if known and all(store.is_valid(o) for o in known.values()) and not (reparse and p in top_set):
-                node = _Node(p, None, store.print_path(p), known, ok=True)
-                node.finish()
+            p, names = stack.pop()
+            node = self.nodes.get(p)
+            if node is None:
+                node = _Node(p, None, store.print_path(p), dict(store.query_derivation_outputs(p) or {}))
                 self.nodes[p] = node
+                if not node.outputs or (reparse and p in top_set):
+                    parse(node)
+            want = set(node.outputs) if names is None else set(names)
+            if node.drv is None and not want <= set(node.outputs):
+                parse(node)  # an output the store does not know of (the .drv says what there is)
+                if names is None:
+                    want = set(node.outputs)
+            if want <= node.wanted:
                 continue
-            drv = self._read_drv(p)
-            outs = {n: StorePath.parse(o.path, self.sd) for n, o in drv.outputs.items()}
-            node = _Node(p, drv, store.print_path(p), outs)
-            self.nodes[p] = node
-            if all(store.is_valid(o) for o in outs.values()):
-                node.ok = True
-                node.finish()
+            node.wanted |= want
+            if node.needed or all(store.is_valid(node.outputs[n]) for n in node.wanted if n in node.outputs):
                 continue
+            if node.drv is None:
+                parse(node)
             node.needed = True
             order.append(node)
-            stack.extend(StorePath.parse(d, self.sd) for d in drv.input_drvs)
+            stack.extend((StorePath.parse(d, self.sd), frozenset(outs)) for d, outs in node.drv.input_drvs.items())
         for node in order:
             node.deps = [self.nodes[StorePath.parse(d, self.sd)] for d in node.drv.input_drvs]
+        for node in self.nodes.values():
+            if not node.needed:
+                node.ok = True
+                node.finish()
         for t in tops:
             self.nodes[t].top = True
+
+    def _wanted_missing(self, n: _Node) -> list[StorePath]:
+        """The outputs of ``n`` that something wants and that are not valid."""
+        return [n.outputs[name] for name in sorted(n.wanted)
+                if name in n.outputs and not self.store.is_valid(n.outputs[name])]
 
     def _read_drv(self, p: StorePath) -> Derivation:
         real = self.store.real_path(p)
@@ -229,8 +250,7 @@ class _Realiser:
         """The missing outputs of needed derivations, when binary caches are to be asked."""
         if not self.settings.substituters or self.settings.offline:
             return set()
-        return {o for n in self.nodes.values() if n.needed for o in n.outputs.values()
-                if not self.store.is_valid(o)}
+        return {o for n in self.nodes.values() if n.needed for o in self._wanted_missing(n)}
 
     async def _query(self, session, wanted: set[StorePath]) -> dict:
         """The substitutable ``wanted`` outputs (and the missing paths they refer to):
@@ -242,9 +262,11 @@ class _Realiser:
 
     def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
         """``(outputs to fetch, derivations to build)``, walking down from the requested ones: a
-        needed derivation whose missing outputs can all be fetched is fetched, and then its
-        inputs are not needed (as in Nix, a build-time dependency is not downloaded for a
-        package that is); any other is built, and its inputs are visited."""
+        needed derivation whose missing wanted outputs can all be fetched is fetched (those
+        outputs only), and then its inputs are not needed (as in Nix, a build-time dependency
+        is not downloaded for a package that is); one with none missing any more (another
+        process made them meanwhile) needs nothing; any other is built, and its inputs are
+        visited."""
         fetch: set[StorePath] = set()
         build: set[StorePath] = set()
         seen: set[StorePath] = set()
@@ -257,8 +279,10 @@ class _Realiser:
             n = self.nodes[p]
             if not n.needed:
                 continue
-            missing = [o for o in n.outputs.values() if not self.store.is_valid(o)]
-            if missing and all(o in found for o in missing):
+            missing = self._wanted_missing(n)
+            if not missing:
+                continue
+            if all(o in found for o in missing):
                 fetch.update(missing)
             else:
                 build.add(p)
@@ -300,7 +324,7 @@ class _Realiser:
         async with Substituters(self.settings) as session:
             got = await self._fetch(session, wanted)
         for node in self.nodes.values():
-            if node.needed and all(o in got or self.store.is_valid(o) for o in node.outputs.values()):
+            if node.needed and all(o in got for o in self._wanted_missing(node)):
                 node.needed = False
         # dependencies of substituted nodes are no longer needed unless a needed node uses them
         self._recompute_needed()
