@@ -233,3 +233,24 @@ def test_only_the_outputs_a_build_uses_are_fetched_or_needed(pure, expr, tmp_pat
     p = pure("--offline", "build", f, "--no-link", "--json", root=other, cwd=tmp_path)
     plan = next(json.loads(line) for line in p.stdout.splitlines() if json.loads(line)["type"] == "plan")
     assert [d.rsplit("-", 1)[1] for d in plan["willBuild"]] == ["app.drv"], plan
+
+
+def test_dry_run_honours_require_provenance_as_the_real_run_does(pure, expr, tmp_path, store_root):
+    """A cache whose paths have no provenance statement: with --require-provenance, --dry-run
+    says they will be built, as the real run then builds them."""
+    f = expr('default = sh("noprov", "$B mkdir $out; echo x > $out/f")\n')
+    out = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = f"file://{tmp_path / 'cache'}"
+    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", out)
+    pub = (tmp_path / "k.pub").read_text().strip()
+    other = tmp_path / "other-root"
+    other.mkdir()
+    common = ("--substituters", cache, "--trusted-public-keys", pub, "build", f, "--no-link")
+    dry = json.loads(pure(*common, "--dry-run", "--json", root=other, cwd=tmp_path).stdout)
+    assert [w["path"] for w in dry["willFetch"]] == [out] and dry["willBuild"] == []
+    dry = json.loads(pure(*common, "--dry-run", "--json", "--require-provenance", root=other, cwd=tmp_path).stdout)
+    assert dry["willFetch"] == [] and len(dry["willBuild"]) == 1, dry
+    real = pure(*common, "--require-provenance", root=other, cwd=tmp_path)
+    assert "will be fetched" not in real.stderr and "will be built" in real.stderr

@@ -92,6 +92,13 @@ def _options(args, settings):
                         rounds=args.rounds, fork_worker=True)  # a command: nothing else runs
 
 
+def _settings(ctx, args):
+    """The settings with this command's --require-provenance (a real run and --dry-run alike)."""
+    if getattr(args, "require_provenance", False):
+        return ctx.settings.evolve(require_provenance=True)
+    return ctx.settings
+
+
 def _realise(ctx, store, drvs, args):
     if not args.check and args.rounds == 1:
         from ..build.plan import valid_outputs
@@ -107,8 +114,7 @@ def _realise(ctx, store, drvs, args):
     from ..build.scheduler import realise
     from ._warnings import warnings_to
     progress = Progress(json_stream=sys.stdout if args.json else None, print_logs=args.print_build_logs)
-    settings = ctx.settings.evolve(require_provenance=True) if getattr(args, "require_provenance", False) \
-        else ctx.settings
+    settings = _settings(ctx, args)
     with warnings_to(None if args.json else progress.message):  # --json: stderr as it is
         return run_trio(realise, store, settings, drvs, _options(args, settings), progress)
 
@@ -173,7 +179,7 @@ def _dry_run(ctx, store, drvs, args) -> int:
         from ..errors import UsageError
         raise UsageError("--dry-run does not combine with --check or --rounds")
     with warnings_to(ctx.info):
-        p = run_trio(plan, store, ctx.settings, drvs)
+        p = run_trio(plan, store, _settings(ctx, args), drvs)
     if args.json:
         print(json.dumps(p.to_json(), sort_keys=True))
         return 0
