@@ -219,6 +219,14 @@ def test_an_unusable_cache_is_warned_about_once(scene, pure, tmp_path):
     warning = f"warning: not using binary cache 'file://{gone}': directory '{gone}' does not exist"
     assert p.stderr.count(warning) == 1, p.stderr
     assert p.stderr.count("binary cache") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    root2 = tmp_path / "u2"
+    root2.mkdir()
+    p = pure("--substituters", f"file://{empty} {scene.url}", "--trusted-public-keys", scene.pub,
+             "build", scene.f, "--no-link", root=root2, cwd=tmp_path)
+    assert (f"warning: not using binary cache 'file://{empty}': it has no nix-cache-info (is it a cache?)"
+            in p.stderr), p.stderr
 
 
 def test_a_malformed_substituter_url_is_warned_about_and_left_out(scene, pure, tmp_path):

@@ -138,11 +138,11 @@ class Substituters:
                 self.rejected[url] = str(e)
                 failed.append(e)
                 if not self.strict:
-                    why = str(e)
-                    if why.startswith(f"binary cache {url!r}"):  # said once is enough
-                        log.warning("warning: not using %s", why)
-                    else:
-                        log.warning("warning: not using binary cache %r: %s", url, why)
+                    why, named = str(e), f"binary cache {url!r}"
+                    if why.startswith(named):  # the URL said once is enough
+                        rest = why[len(named):]  # ": directory … does not exist", " is for store dir …"
+                        why = rest[2:] if rest.startswith(": ") else "it" + rest
+                    log.warning("warning: not using binary cache %r: %s", url, why)
                 return
             priority = int(prio) if prio is not None else info.priority
             opened.append((priority, i, _Cache(url, backend, priority)))
