@@ -157,5 +157,8 @@ def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
     for extra in ((), ("--no-listing",)):
         out = pure_bytes("cache", "ls", *extra, "--trusted-public-keys", PUB, f"file://{cache}", sp)
         assert out.splitlines() == [b"./ok", b"./" + name], out  # byte order, as in the NAR
+        # --json as `nix store ls --json` prints it: the name's bytes, not escapes of them
+        out = pure_bytes("cache", "ls", *extra, "--json", "--trusted-public-keys", PUB, f"file://{cache}", sp)
+        assert b'"' + name + b'":{}' in out and b"\\u" not in out, out
     assert pure_bytes("cache", "cat", "--trusted-public-keys", PUB, f"file://{cache}",
                       os.fsdecode(sp.encode() + b"/" + name)) == b"odd contents\n"

@@ -970,7 +970,11 @@ def cmd_cache_ls(args, ctx) -> int:
                                             check_sigs=not args.no_check_sigs, use_listing=not args.no_listing))
     node = find(root, loc)
     if args.json:
-        print(json.dumps(node.to_json(args.recursive), separators=(",", ":")))
+        # as `nix store ls --json`: names as they are (UTF-8, or their bytes when they are not)
+        sys.stdout.flush()
+        sys.stdout.buffer.write((json.dumps(node.to_json(args.recursive), ensure_ascii=False, separators=(",", ":"))
+                                 + "\n").encode("utf-8", "surrogateescape"))
+        sys.stdout.buffer.flush()
     else:
         # names that are not UTF-8 are printed as their bytes, as Nix does (and as ls does)
         sys.stdout.flush()
