@@ -24,8 +24,9 @@ def test_json_is_the_bytes_nix_prints_for_its_own_cache():
 
 def test_text_columns_and_trust(tmp_path):
     r = run_pure("cache", "path-info", "-sS", "--download-size", f"file://{NIX_CACHE}", TREE, H)
+    # as Nix: the path column padded to the longest path
     assert r.stdout.splitlines() == [f"{H}\t{120:>11}\t{91:>11}\t{120:>11}",
-                                     f"{TREE}\t{880:>11}\t{234:>11}\t{880:>11}"]
+                                     f"{TREE} \t{880:>11}\t{234:>11}\t{880:>11}"]
     r = run_pure("cache", "path-info", "--trusted-public-keys", PUB, f"file://{NIX_CACHE}", H)
     assert r.stdout == f"{H}\ttrusted by test-key-1\n"
     r = run_pure("cache", "path-info", "--trusted-public-keys", OTHER_KEY, "--json", f"file://{NIX_CACHE}", H)
@@ -112,6 +113,10 @@ def test_json_equals_nix_for_a_built_path_with_a_reference_and_a_deriver(tmp_pat
     theirs = _nix("nix", "path-info", "--json", "-rS", "--store", url, out)
     ours = run_pure("cache", "path-info", "--json", "-rS", url, out).stdout
     assert ours.rstrip("\n") == theirs
+    # the text lines too: references first, the path column padded
+    for flags in (["-r"], ["-rsS"], ["-r", "--sigs"], ["-s"]):
+        assert run_pure("cache", "path-info", *flags, url, out).stdout.rstrip("\n") == \
+            _nix("nix", "path-info", *flags, "--store", url, out).rstrip("\n"), flags
     objs = json.loads(ours)
     assert len(objs) == 2 and any(o.get("deriver") for o in objs) and any(o["references"] for o in objs)
 

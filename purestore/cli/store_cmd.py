@@ -168,8 +168,10 @@ def cmd_path_info(args, ctx) -> int:
         if args.json:
             _print_json([i.to_json(store.store_dir, closure.get(i.path)) for i in infos])
             return 0
+        width = max((len(store.print_path(i.path)) for i in infos), default=0)
         for i in infos:
-            cols = [store.print_path(i.path)]
+            name = store.print_path(i.path)
+            cols = [name.ljust(width) if args.size or args.closure_size else name]  # padded, as Nix
             if args.size:
                 cols.append(f"{i.nar_size:>11}")
             if args.closure_size:
