@@ -32,8 +32,10 @@ class CacheInfo:
         return out
 
     @classmethod
-    def parse(cls, text: bytes | str, where: str) -> "CacheInfo":
-        """Parse ``nix-cache-info``; raise :class:`CacheError` naming ``where`` and the line."""
+    def parse(cls, text: bytes | str, where: str, default_store_dir: str | None = None) -> "CacheInfo":
+        """Parse ``nix-cache-info``; raise :class:`CacheError` naming ``where`` and the line.
+        Without a ``StoreDir`` line the cache is taken to be for ``default_store_dir`` (as Nix
+        takes it to be for its own), when one is given."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
         fields: dict[str, str] = {}
@@ -46,7 +48,9 @@ class CacheInfo:
                 raise CacheError(f"{where}:{lineno}: expected 'Key: value', got {line[:60]!r}{looks}")
             fields[key.strip()] = value.strip()
         if "StoreDir" not in fields:
-            raise CacheError(f"{where}: no 'StoreDir' line")
+            if default_store_dir is None:
+                raise CacheError(f"{where}: no 'StoreDir' line")
+            fields["StoreDir"] = default_store_dir
         prio = fields.get("Priority", "50")
         if not prio.isdigit():
             raise CacheError(f"{where}: Priority must be a non-negative integer, got {prio!r}")
@@ -61,7 +65,7 @@ class CacheInfo:
                 hint="use a cache made for the same --store-dir")
 
 
-async def read_cache_info(backend, url: str) -> CacheInfo:
+async def read_cache_info(backend, url: str, default_store_dir: str | None = None) -> CacheInfo:
     """Read and parse the ``nix-cache-info`` of the cache behind ``backend``; raise
     :class:`CacheError` when there is none (naming a ``file://`` directory that does not exist)."""
     import os
@@ -72,4 +76,4 @@ async def read_cache_info(backend, url: str) -> CacheInfo:
         if isinstance(backend, FileBackend) and not os.path.isdir(backend.dir):
             raise CacheError(f"binary cache {url!r}: directory {backend.dir!r} does not exist")
         raise CacheError(f"binary cache {url!r} has no nix-cache-info (is it a cache?)")
-    return CacheInfo.parse(data, url.partition("?")[0].rstrip("/") + "/nix-cache-info")
+    return CacheInfo.parse(data, url.partition("?")[0].rstrip("/") + "/nix-cache-info", default_store_dir)

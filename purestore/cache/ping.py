@@ -59,7 +59,7 @@ async def cache_status(settings, urls: Iterable[str]) -> list[CacheStatus]:
         async with backend:
             start = time.perf_counter()
             try:
-                info = await read_cache_info(backend, url)
+                info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
             except CacheError as e:
                 st.error = str(e)
                 return

@@ -131,7 +131,8 @@ class Substituters:
                         log.warning("warning: not using binary cache %r: %s", url, e)
                 return
             try:
-                info = await read_cache_info(backend, url)
+                # (no StoreDir line: a cache for any store dir, as Nix takes it)
+                info = await read_cache_info(backend, url, default_store_dir=self.settings.store_dir)
                 info.check_store_dir(self.settings.store_dir, url)
             except CacheError as e:
                 await backend.aclose()
