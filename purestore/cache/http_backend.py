@@ -40,6 +40,7 @@ NO_RETRY_HEADER = "x-pure-retry"
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5  # redirects followed for one request (curl's default is 50; a cache needs one)
 RETRY_DELAY = 0.25  # seconds before the second attempt; doubled for each further one
+DISABLED_FOR = 60.0  # seconds a cache that failed (unreachable, stalled, 5xx) is not asked, as in Nix
 
 log = logging.getLogger("purestore.cache")
 
@@ -163,7 +164,7 @@ class _Transient(CacheError):
     server asked for (``Retry-After``), if any."""
 
     wait: float = 0.0
-    unreachable: bool = False  # the server could not be connected to (not one file's trouble)
+    cache_wide: bool = False  # the server's trouble (no connection, a stall, 5xx), not one file's
 
 
 MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
@@ -227,6 +228,7 @@ class HttpBackend(Backend):
         self._answered = False  # the server has answered a request of this backend
         self._failing = False  # a request used up its attempts, and none has succeeded since
         self._gave_up: trio.Event | None = None  # set when a request gives up (others waiting to retry stop)
+        self._disabled_until = 0.0  # time.monotonic() until which nothing is asked (it failed)
         u = urllib.parse.urlsplit(cu.base)
         try:
             port = u.port or (443 if u.scheme == "https" else 80)
@@ -325,7 +327,7 @@ class HttpBackend(Backend):
         if via:
             reason += f" (redirected to {via})"
         err = (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
-        err.unreachable = isinstance(e, http.ConnectFailed)
+        err.cache_wide = isinstance(e, (http.ConnectFailed, http.Stalled))
         return err
 
     def _status(self, what: str, name: str, r, said: str = "") -> CacheError:
@@ -348,6 +350,7 @@ class HttpBackend(Backend):
             return CacheError(msg)
         e = _Transient(msg)
         e.wait = _retry_after_header(r)
+        e.cache_wide = True
         return e
 
     async def _retry_after(self, e: _Transient, attempt: int) -> None:
@@ -358,9 +361,11 @@ class HttpBackend(Backend):
         minute), so that a cache answering 500 to everything costs a build seconds, not minutes."""
         if attempt >= (1 if self._failing else self.attempts):
             self._failing = True
-            if self._gave_up is not None and e.unreachable:
-                self._gave_up.set()
-                self._gave_up = None
+            if e.cache_wide:  # not asked for a while (as Nix disables such a cache for a minute)
+                self._disabled_until = time.monotonic() + DISABLED_FOR
+                if self._gave_up is not None:
+                    self._gave_up.set()
+                    self._gave_up = None
             tries = f" ({attempt} attempts)" if attempt > 1 else ""
             raise CacheError(f"{e}{tries}", hint=e.hint) from None
         delay = max(self.retry_delay * 2 ** (attempt - 1 + random.uniform(0, 0.5)), e.wait)
@@ -374,8 +379,13 @@ class HttpBackend(Backend):
         with trio.move_on_after(delay):
             await gave_up.wait()
             tries = f"{attempt} attempt" + ("s" if attempt > 1 else "")
-            raise CacheError(f"{e} ({tries}; the cache could not be reached for other requests either)",
-                             hint=e.hint) from None
+            raise CacheError(f"{e} ({tries}; the cache failed other requests meanwhile)", hint=e.hint) from None
+
+    def _check_enabled(self, what: str, name: str) -> None:
+        """Refuse at once a request to a cache that failed a moment ago (see _retry_after)."""
+        if self._disabled_until and time.monotonic() < self._disabled_until:
+            raise CacheError(f"cache {self.url!r}: cannot {what} {name!r}: not asked, since the cache failed "
+                             f"other requests less than {DISABLED_FOR:g} s ago")
 
     async def _retrying(self, once):
         """``await once()`` until it does not fail transiently (or the attempts are used up)."""
@@ -395,6 +405,7 @@ class HttpBackend(Backend):
         headers = kw.pop("headers", None)
 
         async def once():
+            self._check_enabled(what, name)
             client, target, via = self.client, self._target(name) + (f"?{query}" if query else ""), None
             for hops in range(MAX_REDIRECTS + 1):
                 try:
@@ -460,6 +471,7 @@ class HttpBackend(Backend):
         async def respond(offset: int):
             """Request the file from ``offset`` on; return (body chunks, bytes to skip)."""
             nonlocal via
+            self._check_enabled("download", name)
             client, target, via = self.client, self._target(name), None
             for hops in range(MAX_REDIRECTS + 1):
                 await current.aclose()

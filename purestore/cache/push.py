@@ -200,15 +200,17 @@ async def push_lock(directory: str):
 
 
 async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32) -> set[StorePath]:
-    """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time).  An empty
-    narinfo (what a crash of the machine can leave of one written just before) does not
-    count: it is written again."""
+    """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time).  In a
+    directory, an empty narinfo (what a crash of the machine can leave of one written just
+    before) does not count: it is written again."""
     have: set[StorePath] = set()
     limit = trio.CapacityLimiter(concurrency)
+    local = isinstance(backend, FileBackend)
 
     async def ask(p: StorePath) -> None:
+        name = f"{p.hash_part}.narinfo"
         async with limit:
-            if await backend.size(f"{p.hash_part}.narinfo") not in (None, 0):
+            if (await backend.size(name) not in (None, 0)) if local else await backend.exists(name):
                 have.add(p)
     async with open_nursery() as n:
         for p in paths:
