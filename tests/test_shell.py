@@ -71,6 +71,22 @@ def test_run_passes_arguments_and_picks_the_program(pure, expr, tmp_path):
     assert pure("run", out, "--", "by-path").stdout == "hello from run by-path\n"
 
 
+def test_run_of_a_store_path_fetches_it_from_the_caches(pure, expr, tmp_path, store_root):
+    """`pure run /pure/store/…` of a path this store lacks: fetched from the substituters (as
+    `nix shell /nix/store/…` does); with none, the error says how to get it."""
+    out = pure("build", expr, "-A", "hello", "--no-link", cwd=tmp_path).stdout.strip()
+    pure("key", "generate", "--name", "t-1", "--secret-out", tmp_path / "k.sec", "--public-out", tmp_path / "k.pub")
+    cache = f"file://{tmp_path / 'cache'}"
+    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", out)
+    other = tmp_path / "other"
+    other.mkdir()
+    r = pure("run", out, "--", "x", root=other, check=False)
+    assert r.returncode == 1 and "not valid" in r.stderr and "hint: with substituters configured" in r.stderr
+    r = pure("--substituters", cache, "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+             "run", out, "--", "fetched", root=other)
+    assert r.stdout == "hello from run fetched\n"
+
+
 def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, store_root):
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "hello", "--pure",
                              "--command", "echo ready; read x; ls $(echo $PATH | cut -d: -f1) 2>&1"],

@@ -33,7 +33,7 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
                          progress=None, fork_worker: bool = False) -> list[Built]:
     """Evaluate ``file`` (each attribute of ``attrs_``), build what is missing and return the
     packages.  ``file`` may instead be a store path (or a link to one such as ``result``), which
-    must be valid.  All returned paths are temporary roots of this process.
+    is fetched from the substituters when it is not valid.  All returned paths are temporary roots of this process.
 
     ``fork_worker``: substitutions may restore in a forked copy of this process (see
     ``BuildOptions``; the CLI's commands, nothing else running).
@@ -45,8 +45,10 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
     if is_store_path_text(store, file):
         if attrs_ != [None]:
             raise UsageError(f"-A/--attr makes no sense with the store path {file!r}")
-        sp = store.parse_path(file, valid=True)
+        sp = store.parse_path(file)
         store.add_temp_root(sp)
+        if not store.is_valid(sp):
+            _fetch(store, settings, sp, progress, fork_worker)
         if sp.name.endswith(".drv"):
             return _realise(store, settings, [sp], [{"drv": store.print_path(sp)}], max_jobs, progress,
                             fork_worker)
@@ -60,6 +62,27 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
         drvs.extend(got)
         sources.extend({"file": os.path.abspath(file), "attr": a or "default"} for _ in got)
     return _realise(store, settings, drvs, sources, max_jobs, progress, fork_worker)
+
+
+def _fetch(store, settings, sp: StorePath, progress, fork_worker: bool) -> None:
+    """Fetch the store path ``sp`` (not valid here) from the substituters, as ``nix shell
+    /nix/store/…`` does; an error that says why when it cannot be had."""
+    from .._run import run_trio
+    from ..errors import PathNotValid
+    where = f"path {store.print_path(sp)!r} is not valid in the store at {store.real_store_dir!r}"
+    if settings.offline or not settings.substituters:
+        raise PathNotValid(where, hint="with substituters configured (docs/caches.md) it is fetched; or "
+                                       "fetch it from a cache with 'pure copy --from URL PATH'")
+    from ..cache.substituter import substitute_report
+    fetch_progress = progress.fetch_progress() if progress is not None and hasattr(progress, "fetch_progress") else None
+    try:
+        rep = run_trio(lambda: substitute_report(store, settings, [sp], progress=fetch_progress,
+                                                 fork_worker=fork_worker))
+    finally:
+        if fetch_progress is not None:
+            progress.fetch_finished()
+    if sp not in rep.valid:
+        raise PathNotValid(f"{where}, and it cannot be fetched: {rep.failures.get(sp, 'no binary cache has it')}")
 
 
 def _realise(store, settings, drvs: list[StorePath], sources: list[dict], max_jobs, progress,
