@@ -307,3 +307,15 @@ def test_json_events_use_camel_case_and_say_a_fetch_failed(scene, pure, tmp_path
     plan = next(e for e in events if e["type"] == "plan")
     assert scene.app_drv in plan["willBuild"] and "willSubstitute" in plan
     assert [e["type"] for e in events][-2:] == ["done", "result"]
+
+
+def test_offline_may_follow_the_build_command(scene, pure, tmp_path):
+    """`pure build FILE --offline` as `pure --offline build FILE`: no cache is asked."""
+    root = tmp_path / "off"
+    root.mkdir()
+    gone = tmp_path / "gone"
+    p = pure("--substituters", f"file://{gone}", "build", scene.f, "--no-link", "--offline", "--dry-run",
+             root=root, cwd=tmp_path)
+    assert "binary cache" not in p.stderr and "will be built" in p.stderr, p.stderr
+    p = pure("--substituters", f"file://{gone}", "build", scene.f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
+    assert "not using binary cache" in p.stderr  # (without it, the cache is asked)

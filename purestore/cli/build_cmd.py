@@ -41,6 +41,9 @@ def _add_build_options(p) -> None:
     p.add_argument("-L", "--print-build-logs", action="store_true", help="print build logs as they come")
     p.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
     p.set_defaults(json_lines=True)
+    import argparse
+    p.add_argument("--offline", dest="global_offline", action="store_true", default=argparse.SUPPRESS,
+                   help="ask no binary cache (the same as `pure --offline build ...`)")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="only say what would be built and what fetched from the binary caches "
                         "(with download sizes); build, fetch and link nothing")
