@@ -138,6 +138,16 @@ def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     args[args.index("KEY")] = str(tmp_path / "k.sec")
     run_pure(*args, "--no-check-sigs")
     assert "Sig: test-key-1:" in (cache / f"{lib.hash_part}.narinfo").read_text()
+    # pushed again with the key: already signed by it, nothing to say
+    r = run_pure("copy", "--to", f"file://{cache}", "-k", tmp_path / "k.sec", store.print_path(lib), root=root)
+    assert "note" not in r.stderr, r.stderr
+    # a referrer pushed with it into a cache whose lib is unsigned: the note names lib only
+    cache2 = tmp_path / "cache2"
+    run_pure("copy", "--to", f"file://{cache2}", lib_p, root=root)
+    r = run_pure("copy", "--to", f"file://{cache2}", "-k", tmp_path / "k.sec", store.print_path(_app), root=root)
+    assert r.stderr.splitlines()[-1].startswith(
+        f"note: 1 path already there was not signed again; to add signatures in place: "
+        f"pure cache sign --key-file KEY -r file://{cache2} {lib_p} ("), r.stderr
     from purestore.cli.cache_cmd import _sign_again_command
     assert _sign_again_command("http://h:1/?token-file=/t&secret-key=/k.sec&compression=xz", ["/a", "/b", "/c", "/d"]) \
         == "pure cache sign --key-file KEY -r 'http://h:1/?token-file=/t' /a /b /c ..."

@@ -33,7 +33,7 @@ from typing import Iterable
 import attrs
 import trio
 
-from ..errors import CacheError, CopyIncomplete, KeyError_, StoreError
+from ..errors import CacheError, CopyIncomplete, FormatError, KeyError_, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
@@ -138,6 +138,8 @@ class PushResult:
     skipped: tuple[StorePath, ...]
     nar_bytes: int
     file_bytes: int
+    # skipped paths whose narinfo lacks a signature by one of the push's keys (None: not known)
+    unsigned: tuple[StorePath, ...] | None = None
 
 
 _LISTED = 10  # paths a failed push names one by one on stderr (--json lists them all)
@@ -197,6 +199,32 @@ async def push_lock(directory: str):
         yield
     finally:
         os.close(fd)
+
+
+async def unsigned_paths(backend: Backend, have: Iterable[StorePath], key_names: set[str],
+                         store_dir: str, concurrency: int = 32) -> tuple[StorePath, ...] | None:
+    """Which of ``have`` (paths the cache has) lack a signature by one of ``key_names`` in their
+    narinfo: what a push with those keys did not sign (it does not sign again).  None for a
+    bucket, whose narinfos are not read (a ranged GET each told that they are there)."""
+    from .s3_backend import S3Backend
+    if not key_names or isinstance(backend, S3Backend):
+        return None
+    lacking: list[StorePath] = []
+    limit = trio.CapacityLimiter(concurrency)
+
+    async def read(p: StorePath) -> None:
+        async with limit:
+            data = await backend.get(f"{p.hash_part}.narinfo")
+        try:
+            sigs = NarInfo.parse(data, store_dir).sigs if data is not None else ()
+        except (FormatError, UnicodeDecodeError):
+            sigs = ()
+        if not key_names <= {sig.partition(":")[0] for sig in sigs}:
+            lacking.append(p)
+    async with open_nursery() as n:
+        for p in have:
+            n.start_soon(read, p)
+    return tuple(sorted(lacking, key=lambda p: p.base_name))
 
 
 async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32) -> set[StorePath]:
@@ -352,6 +380,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         have = await cached_paths(backend, order)
         todo = [p for p in order if p not in have]
         await mark_present(backend, have)
+        unsigned = await unsigned_paths(backend, [p for p in order if p in have], {k.name for k in keys}, store_dir)
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 
@@ -512,7 +541,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             raise stopped(cache_failed[0][1], cache_failed[0][0]) from cache_failed[0][1]
         if progress:
             progress.finish()
-    res = PushResult(tuple(p for p in todo if p not in failed), skipped, totals[0], totals[1])
+    res = PushResult(tuple(p for p in todo if p not in failed), skipped, totals[0], totals[1], unsigned)
     if failed:
         lines = [f"cannot copy {p.absolute(store_dir)!r}: {why}"
                  for p in order if (why := failed.get(p)) is not None]  # references (the causes) first

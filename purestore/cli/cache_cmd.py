@@ -512,12 +512,16 @@ def cmd_copy(args, ctx) -> int:
             if not keys and not cu.param("secret-key") and res.uploaded:  # last, to be seen
                 ctx.info("warning: no secret key given: the narinfos carry only the paths' existing "
                          "signatures (use --secret-key-file FILE or ?secret-key=FILE)")
-            elif (keys or cu.param("secret-key")) and res.skipped and not args.json:
-                n = len(res.skipped)
-                ctx.info(f"note: {_paths(n)} already there {'was' if n == 1 else 'were'} not signed again; "
-                         f"to add signatures in place: {_sign_again_command(args.to, args.paths)} (it signs "
-                         "only what a trusted key signed already: add --trusted-public-keys KEYS, or "
-                         "--no-check-sigs)")
+            elif (keys or cu.param("secret-key")) and res.skipped and not args.json and res.unsigned != ():
+                # the paths already there without this key's signature (all of them, for a bucket,
+                # whose narinfos are not read)
+                lacking = res.skipped if res.unsigned is None else res.unsigned
+                n = len(lacking)
+                ctx.info(f"note: {_paths(n)} already there {'was' if n == 1 else 'were'} not signed again"
+                         f"{'' if res.unsigned is not None else ' (if they lack the key)'}; to add signatures "
+                         f"in place: {_sign_again_command(args.to, [store.print_path(p) for p in lacking])} "
+                         "(it signs only what a trusted key signed already: add --trusted-public-keys KEYS, "
+                         "or --no-check-sigs)")
             return 0
         from ..cache.substituter import copy_from
         paths = [store.parse_path(p) for p in args.paths]
