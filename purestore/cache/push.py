@@ -201,49 +201,51 @@ async def push_lock(directory: str):
         os.close(fd)
 
 
-async def unsigned_paths(backend: Backend, have: Iterable[StorePath], key_names: set[str],
-                         store_dir: str, concurrency: int = 32) -> tuple[StorePath, ...] | None:
-    """Which of ``have`` (paths the cache has) lack a signature by one of ``key_names`` in their
-    narinfo: what a push with those keys did not sign (it does not sign again).  None for a
-    bucket, whose narinfos are not read (a ranged GET each told that they are there)."""
-    from .s3_backend import S3Backend
-    if not key_names or isinstance(backend, S3Backend):
-        return None
-    lacking: list[StorePath] = []
-    limit = trio.CapacityLimiter(concurrency)
-
-    async def read(p: StorePath) -> None:
-        async with limit:
-            data = await backend.get(f"{p.hash_part}.narinfo")
-        try:
-            sigs = NarInfo.parse(data, store_dir).sigs if data is not None else ()
-        except (FormatError, UnicodeDecodeError):
-            sigs = ()
-        if not key_names <= {sig.partition(":")[0] for sig in sigs}:
-            lacking.append(p)
-    async with open_nursery() as n:
-        for p in have:
-            n.start_soon(read, p)
-    return tuple(sorted(lacking, key=lambda p: p.base_name))
-
-
-async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32) -> set[StorePath]:
+async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32, *,
+                       key_names: set[str] | None = None, store_dir: str | None = None
+                       ) -> set[StorePath]:
     """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time).  In a
     directory, an empty narinfo (what a crash of the machine can leave of one written just
-    before) does not count: it is written again."""
-    have: set[StorePath] = set()
+    before) does not count: it is written again.
+
+    With ``key_names`` (a push's keys), each narinfo is read instead (one request all the same)
+    and the paths whose narinfo lacks a signature by one of them are put in the returned set's
+    ``unsigned`` attribute; not for a bucket (``unsigned`` None), whose ranged GETs note what
+    ``cache prune`` needs."""
+    from .s3_backend import S3Backend
+    have = _Have()
     limit = trio.CapacityLimiter(concurrency)
     local = isinstance(backend, FileBackend)
+    read = bool(key_names) and not isinstance(backend, S3Backend)
+    lacking: list[StorePath] = []
 
     async def ask(p: StorePath) -> None:
         name = f"{p.hash_part}.narinfo"
         async with limit:
-            if (await backend.size(name) not in (None, 0)) if local else await backend.exists(name):
+            if read:
+                data = await backend.get(name)
+                if data is None or (local and not data):
+                    return
+                have.add(p)
+                try:
+                    sigs = NarInfo.parse(data, store_dir).sigs
+                except (FormatError, UnicodeDecodeError):
+                    sigs = ()
+                if not key_names <= {sig.partition(":")[0] for sig in sigs}:
+                    lacking.append(p)
+            elif (await backend.size(name) not in (None, 0)) if local else await backend.exists(name):
                 have.add(p)
     async with open_nursery() as n:
         for p in paths:
             n.start_soon(ask, p)
+    have.unsigned = tuple(sorted(lacking, key=lambda p: p.base_name)) if read else None
     return have
+
+
+class _Have(set):
+    """The paths a cache has; ``unsigned``: see :func:`cached_paths`."""
+
+    unsigned: tuple[StorePath, ...] | None = None
 
 
 async def mark_present(backend: Backend, have: Iterable[StorePath]) -> None:
@@ -377,10 +379,10 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         await ensure_cache_info(backend, store_dir)
         if isinstance(backend, FileBackend):  # a prune of this directory waits for the push
             await held.enter_async_context(push_lock(backend.dir))
-        have = await cached_paths(backend, order)
+        have = await cached_paths(backend, order, key_names={k.name for k in keys}, store_dir=store_dir)
+        unsigned = have.unsigned
         todo = [p for p in order if p not in have]
         await mark_present(backend, have)
-        unsigned = await unsigned_paths(backend, [p for p in order if p in have], {k.name for k in keys}, store_dir)
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 
