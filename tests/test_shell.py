@@ -87,6 +87,24 @@ def test_run_of_a_store_path_fetches_it_from_the_caches(pure, expr, tmp_path, st
     assert r.stdout == "hello from run fetched\n"
 
 
+def test_shell_of_a_package_fetched_from_a_cache_has_its_build_inputs(pure, tmp_path, store_root):
+    """A package fetched from a cache comes without its build-time inputs; `pure shell` puts
+    them in the environment all the same (fetched or built then), as for a package built here."""
+    f = busybox_expr(tmp_path, '''
+        devtool = sh("devtool-1.0", f"mkdir -p $out/bin; ln -s {bb}/bin/busybox $out/bin/devtool")
+        pkg = sh("pkg-1.0", f"ls -d {devtool} > /dev/null; mkdir $out; echo built > $out/x")
+    ''')
+    out = _build(pure, f, "-A", "pkg", "--no-link", cwd=tmp_path).stdout.strip()
+    pure("key", "generate", "--name", "t-1", "--secret-out", tmp_path / "k.sec", "--public-out", tmp_path / "k.pub")
+    cache = f"file://{tmp_path / 'cache'}"
+    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", out)  # pkg only
+    other = tmp_path / "other"
+    other.mkdir()
+    r = pure("--substituters", cache, "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+             "shell", f, "-A", "pkg", "--command", "command -v devtool", root=other, cwd=tmp_path)
+    assert r.stdout.strip().endswith("-devtool-1.0/bin/devtool"), r.stdout + r.stderr
+
+
 def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, store_root):
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "hello", "--pure",
                              "--command", "echo ready; read x; ls $(echo $PATH | cut -d: -f1) 2>&1"],

@@ -204,12 +204,22 @@ def _built(ctx, store, args):
                                     include_paths=args.include, progress=progress, fork_worker=True)
 
 
+def _inputs(ctx, store, built) -> None:
+    from ..build.progress import Progress
+    from ..env.installable import realise_inputs
+    from ._warnings import warnings_to
+    progress = Progress()
+    with warnings_to(progress.message):
+        realise_inputs(store, ctx.settings, built, progress=progress, fork_worker=True)
+
+
 def cmd_shell(args, ctx) -> int:
     from ..env.namespace import spawn
     from ..env.shell import shell_environment
 
     with ctx.open_store() as store:
         built = _built(ctx, store, args)
+        _inputs(ctx, store, built)  # a package fetched came without its build inputs
         senv = shell_environment(store, built, pure=args.pure)
         env = dict(senv.env)
         if args.command is not None:

@@ -64,6 +64,24 @@ def realise_installables(store, settings, file: str, attrs_: Iterable[str | None
     return _realise(store, settings, drvs, sources, max_jobs, progress, fork_worker)
 
 
+def realise_inputs(store, settings, built: Iterable[Built], *, progress=None, fork_worker: bool = False) -> None:
+    """Make valid the outputs of the input derivations of ``built`` (what ``pure shell`` puts
+    in the environment besides the packages): a package fetched from a cache came without its
+    build-time inputs, which are then fetched or built now."""
+    from ..expr.loader import read_derivation
+    missing: list[StorePath] = []
+    for b in built:
+        if b.drv is None or not store.is_valid(b.drv):
+            continue
+        for inp, names in sorted(read_derivation(store, b.drv).input_drvs.items()):
+            dp = store.parse_path(inp)
+            outs = store.query_derivation_outputs(dp) or {}
+            if any(n not in outs or not store.is_valid(outs[n]) for n in names):
+                missing.append(dp)
+    if missing:
+        _realise(store, settings, list(dict.fromkeys(missing)), [{} for _ in missing], None, progress, fork_worker)
+
+
 def _fetch(store, settings, sp: StorePath, progress, fork_worker: bool) -> None:
     """Fetch the store path ``sp`` (not valid here) from the substituters, as ``nix shell
     /nix/store/…`` does; an error that says why when it cannot be had."""
