@@ -98,6 +98,9 @@ class Progress:
 
         self.fetch = _Fetch("fetching")
         self._fetch_started = time.monotonic()
+        # without a terminal, the first line after 5 s: the plan said what comes, and the totals
+        # are still being added up at the start (a line then would say "0/1 paths")
+        self._last_fetch_line = self._fetch_started
         return self.fetch
 
     def fetch_finished(self) -> None:

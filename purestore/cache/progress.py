@@ -64,7 +64,9 @@ class TextProgress(Progress):
         self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.verbose = verbose
-        self._last = 0.0
+        # without a terminal, the first line after 5 s (the totals grow as the narinfos come:
+        # at once, it would say "0/1 paths"); a quick copy prints its final line only
+        self._last = 0.0 if self.tty else time.monotonic()
         self._shown = False
 
     def line(self) -> str:
