@@ -222,6 +222,7 @@ def test_only_the_outputs_a_build_uses_are_fetched_or_needed(pure, expr, tmp_pat
     plan = next(e for e in evs if e["type"] == "plan")
     fetch_plan = next(e for e in evs if e["type"] == "fetch-plan")
     assert fetch_plan["willFetch"] == [base_out]
+    assert [e["path"] for e in evs if e["type"] == "fetched"] == [base_out] == plan["willSubstitute"]
     assert [d.rsplit("-", 1)[1] for d in plan["willBuild"]] == ["app.drv"], plan
     st = open_store(other)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -38,6 +39,7 @@ class Progress:
         self.fetch = None  # the counters of a running substitution (see fetch_progress)
         self._last_fetch_line = 0.0
         self._fetch_started = 0.0
+        self._json_lock = threading.Lock()  # events come from worker threads too (fetched)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -45,8 +47,9 @@ class Progress:
         if self.json_stream is not None:
             # keys in camelCase, as in every other --json of pure (and Nix's): willBuild, narSize
             obj = {"type": type_, **{_camel(k): v for k, v in fields.items()}}
-            self.json_stream.write(json.dumps(obj, sort_keys=True) + "\n")
-            self.json_stream.flush()
+            with self._json_lock:
+                self.json_stream.write(json.dumps(obj, sort_keys=True) + "\n")
+                self.json_stream.flush()
         if type_ == "fetch-plan":
             if self.json_stream is None and not self.quiet:
                 for line in fetch_lines(fields["will_fetch"], fields["download_size"], fields["nar_size"]):
@@ -95,6 +98,11 @@ class Progress:
 
             def note(self, text: str) -> None:  # a line of its own (say, waiting for a path lock)
                 outer._line(text)
+
+            def path_done(self, path: str) -> None:
+                super().path_done(path)
+                if outer.json_stream is not None:
+                    outer.event("fetched", path=path)
 
         self.fetch = _Fetch("fetching")
         self._fetch_started = time.monotonic()

@@ -322,24 +322,26 @@ class _Realiser:
         if not wanted:
             return []
         async with Substituters(self.settings) as session:
-            got = await self._fetch(session, wanted)
+            got, fetched = await self._fetch(session, wanted)
         for node in self.nodes.values():
             if node.needed and all(o in got for o in self._wanted_missing(node)):
                 node.needed = False
         # dependencies of substituted nodes are no longer needed unless a needed node uses them
         self._recompute_needed()
-        return sorted(self.store.print_path(p) for p in got)
+        return sorted(self.store.print_path(p) for p in fetched)
 
-    async def _fetch(self, session, wanted: set[StorePath]) -> set[StorePath]:
+    async def _fetch(self, session, wanted: set[StorePath]) -> tuple[set[StorePath], set[StorePath]]:
+        """(the wanted outputs now valid, every path downloaded: those and their references)."""
         found = await self._query(session, wanted)
         if not found:
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
-            return set()
+            return set(), set()
         from ..cache.substituter import substitute_report
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
         self._announce(self._fetch_list(fetch, found))
         got: set[StorePath] = set()
+        fetched: set[StorePath] = set()
         failed_all: set[StorePath] = set()  # warned about once each, and not tried again
         for _round in range(3):  # what failed to come is built, which may need inputs fetched
             if not fetch:
@@ -354,6 +356,7 @@ class _Realiser:
                     log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
                     self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
             failed_all |= set(rep.failures)
+            fetched.update(rep.fetched)
             new = rep.valid
             got |= new
             failed = fetch - new
@@ -371,7 +374,7 @@ class _Realiser:
                         failed_all.add(p)
                         stale = True
             fetch = self._choose(found)[0] - got
-        return got
+        return got, fetched
 
     def _announce(self, listed) -> None:
         """Say what will be fetched before fetching it (the builds are announced with the plan)."""
