@@ -116,3 +116,14 @@ def test_random_corruption_raises_only_narinfo_error(junk, pos):
         NarInfo.parse(mutated, NIXSD)
     except NarInfoError:
         pass
+
+
+def test_references_are_read_as_nix_reads_them():
+    """Several spaces between references, or a repeated one, are accepted as Nix accepts them
+    (Nix 2.8 tokenizes the line into a set)."""
+    from purestore.formats.narinfo import NarInfo
+    a, b = "0" * 31 + "1-a", "0" * 31 + "2-b"
+    base = ("StorePath: /nix/store/" + "0" * 31 + "3-c\nURL: nar/x.nar\nCompression: none\n"
+            "NarHash: sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\nNarSize: 1\n")
+    ni = NarInfo.parse(base + f"References:  {a}  {b} {a} \n", "/nix/store")
+    assert [r.base_name for r in ni.references] == [a, b]

@@ -168,13 +168,10 @@ def _url(value: str, _sd: str) -> str:
 
 
 def _refs(value: str, _sd: str) -> tuple[StorePath, ...]:
-    names = value.split(" ") if value else []
-    if any(not n for n in names):
-        raise ValueError("references must be separated by single spaces")
-    refs = [StorePath.from_base_name(n) for n in names]
-    if len(set(refs)) != len(refs):
-        raise ValueError("duplicate reference")
-    return tuple(refs)
+    # as Nix reads them: words between spaces (several spaces are one), a set (a repeated one
+    # counts once; the signed fingerprint is made from the set either way)
+    refs = [StorePath.from_base_name(n) for n in value.split(" ") if n]
+    return tuple(dict.fromkeys(refs))
 
 
 def _deriver(value: str, _sd: str) -> StorePath | None:
