@@ -127,6 +127,7 @@ def cmd_show(args, ctx):
         drvs = result.graph.values() if args.recursive else result.selected
         for d in drvs:
             out.update(to_json(d.drv_path, d.drv))
+    out = dict(sorted(out.items()))  # by .drv path, as Nix prints them
     json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
     print()
     return 0
