@@ -91,10 +91,13 @@ def test_shell_of_a_package_fetched_from_a_cache_has_its_build_inputs(pure, tmp_
     """A package fetched from a cache comes without its build-time inputs; `pure shell` puts
     them in the environment all the same (fetched or built then), as for a package built here."""
     f = busybox_expr(tmp_path, '''
-        devtool = sh("devtool-1.0", f"mkdir -p $out/bin; ln -s {bb}/bin/busybox $out/bin/devtool")
+        devtool = sh("devtool-1.0", f"mkdir -p $out/bin $doc; ln -s {bb}/bin/busybox $out/bin/devtool; "
+                     "echo manual > $doc/d", outputs=["out", "doc"])
         pkg = sh("pkg-1.0", f"ls -d {devtool} > /dev/null; mkdir $out; echo built > $out/x")
     ''')
     out = _build(pure, f, "-A", "pkg", "--no-link", cwd=tmp_path).stdout.strip()
+    tool_out = next(o for o in _build(pure, f, "-A", "devtool", "--no-link", cwd=tmp_path).stdout.split()
+                    if o.endswith("-devtool-1.0"))
     pure("key", "generate", "--name", "t-1", "--secret-out", tmp_path / "k.sec", "--public-out", tmp_path / "k.pub")
     cache = f"file://{tmp_path / 'cache'}"
     pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", out)  # pkg only
@@ -103,6 +106,13 @@ def test_shell_of_a_package_fetched_from_a_cache_has_its_build_inputs(pure, tmp_
     r = pure("--substituters", cache, "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
              "shell", f, "-A", "pkg", "--command", "command -v devtool", root=other, cwd=tmp_path)
     assert r.stdout.strip().endswith("-devtool-1.0/bin/devtool"), r.stdout + r.stderr
+    # devtool's "out" in the cache (not its "doc"): fetched, not built
+    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", tool_out)
+    third = tmp_path / "third"
+    third.mkdir()
+    r = pure("--substituters", cache, "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+             "shell", f, "-A", "pkg", "--command", "command -v devtool", root=third, cwd=tmp_path)
+    assert r.stdout.strip() == f"{tool_out}/bin/devtool" and "will be built" not in r.stderr, r.stderr
 
 
 def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, store_root):

@@ -106,14 +106,19 @@ class NotReproducible(BuildError):
 
 
 async def realise(store, settings, drv_paths: Iterable[StorePath], options: BuildOptions,
-                  progress: Progress | None = None) -> dict[StorePath, dict[str, StorePath]]:
+                  progress: Progress | None = None, *, outputs: dict[StorePath, Iterable[str]] | None = None
+                  ) -> dict[StorePath, dict[str, StorePath]]:
     """Make the outputs of ``drv_paths`` valid; returns drv -> {output name: path}.
+    ``outputs``: the output names wanted of some of them (else all of theirs), as an input
+    derivation is wanted for the outputs its referrers use.
 
     Raises :class:`BuildFailures` when a build fails (after stopping the others, or after
     building everything possible with ``keep_going``), :class:`NotReproducible` when a check
     finds a difference, :class:`StoreError` for store problems.
     """
-    return await _Realiser(store, settings, options, progress or Progress(quiet=True)).run(list(drv_paths))
+    r = _Realiser(store, settings, options, progress or Progress(quiet=True))
+    r.top_outputs = {d: frozenset(names) for d, names in (outputs or {}).items()}
+    return await r.run(list(drv_paths))
 
 
 @attrs.frozen
@@ -171,6 +176,7 @@ class _Realiser:
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.query_failures: dict[StorePath, str] = {}
+        self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -191,7 +197,8 @@ class _Realiser:
         store.add_temp_roots(tops)
         reparse = self.options.check or self.options.rounds > 1
         top_set = set(tops)
-        stack: list[tuple[StorePath, frozenset[str] | None]] = [(t, None) for t in tops]  # None: all
+        stack: list[tuple[StorePath, frozenset[str] | None]] = \
+            [(t, self.top_outputs.get(t)) for t in tops]  # None: all
         order: list[_Node] = []
 
         def parse(node: _Node) -> None:

@@ -68,8 +68,10 @@ def realise_inputs(store, settings, built: Iterable[Built], *, progress=None, fo
     """Make valid the outputs of the input derivations of ``built`` (what ``pure shell`` puts
     in the environment besides the packages): a package fetched from a cache came without its
     build-time inputs, which are then fetched or built now."""
+    from .._run import run_trio
+    from ..build.scheduler import BuildOptions, realise
     from ..expr.loader import read_derivation
-    missing: list[StorePath] = []
+    missing: dict[StorePath, set[str]] = {}  # input derivation → the outputs used
     for b in built:
         if b.drv is None or not store.is_valid(b.drv):
             continue
@@ -77,9 +79,12 @@ def realise_inputs(store, settings, built: Iterable[Built], *, progress=None, fo
             dp = store.parse_path(inp)
             outs = store.query_derivation_outputs(dp) or {}
             if any(n not in outs or not store.is_valid(outs[n]) for n in names):
-                missing.append(dp)
-    if missing:
-        _realise(store, settings, list(dict.fromkeys(missing)), [{} for _ in missing], None, progress, fork_worker)
+                missing.setdefault(dp, set()).update(names)
+    if missing:  # only the outputs used: a cache's "out" of an input serves without its "doc"
+        store.add_temp_roots(missing)
+        opts = BuildOptions(max_jobs=settings.max_jobs, cores=settings.cores, fork_worker=fork_worker)
+        results = run_trio(lambda: realise(store, settings, list(missing), opts, progress, outputs=missing))
+        store.add_temp_roots([results[d][n] for d, names in missing.items() for n in names if n in results[d]])
 
 
 def _fetch(store, settings, sp: StorePath, progress, fork_worker: bool) -> None:
