@@ -327,6 +327,20 @@ def test_outputs_that_are_not_regular_files_are_written_into_never_replaced(tmp_
     # /dev/stdout, to a pipe: the public key is printed
     r = run_pure("key", "generate", "--name", "k-2", "--secret-out", tmp_path / "k2.sec", "--public-out", "/dev/stdout")
     assert r.stdout.startswith("k-2:") and os.path.islink("/dev/stdout")
+    # /dev/stdout, appending to a file (`>> log`): written through the descriptor, nothing truncated
+    log = tmp_path / "keys.log"
+    log.write_text("kept\n")
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-m", "purestore.cli.main", "key", "generate", "--name", "k-3", "--secret-out",
+                        str(tmp_path / "k3.sec"), "--public-out", "/dev/stdout"], stdout=out, env=pure_env(None),
+                       check=True, cwd=REPO)
+    assert log.read_text().startswith("kept\nk-3:")
+    # a symlink to a regular file stays a link: the file it points to gets the key
+    (tmp_path / "real.pub").write_text("old\n")
+    os.symlink("real.pub", tmp_path / "link.pub")
+    run_pure("key", "generate", "--name", "k-4", "--secret-out", tmp_path / "k4.sec", "--public-out",
+             tmp_path / "link.pub", "--force")
+    assert os.path.islink(tmp_path / "link.pub") and (tmp_path / "real.pub").read_text().startswith("k-4:")
     # an SBOM written to a FIFO
     with open_store(tmp_path / "a") as store:
         p = store.print_path(make_path(store, "x", {"": b"x\n"}))

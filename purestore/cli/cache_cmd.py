@@ -357,8 +357,9 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
     if len(set(paths)) != len(paths):
         raise UsageError(f"{files[0][0]!r} is given for both keys: the secret and the public key need "
                          "a file each")
-    from ._outfiles import write_through, written_through
+    from ._outfiles import final_path, write_through, written_through
     special = [written_through(full) for full in paths]  # /dev/stdout, a FIFO: written into
+    paths = [full if through else final_path(full) for full, through in zip(paths, special)]  # links stay links
     for (path, _t, _m), full, through in zip(files, paths, special):
         if through:
             continue
