@@ -83,3 +83,12 @@ def test_a_cache_info_without_a_store_dir_is_for_any_store_dir_as_in_nix(tmp_pat
     bare = cache_dir(tmp_path / "bare", "Priority: 10\n")
     r = run_pure("cache", "info", bare)
     assert r.stdout.startswith(f"1. {bare}  ok (") and "StoreDir /pure/store, Priority 10" in r.stdout, r.stdout
+    # pushed to and read from alike
+    from test_cache_support import SEC, make_path, open_store
+    (tmp_path / "k.sec").write_text(SEC)
+    with open_store(tmp_path / "a") as store:
+        p = store.print_path(make_path(store, "x", {"": b"x\n"}))
+    run_pure("copy", "--to", bare, "--secret-key-file", tmp_path / "k.sec", p, root=tmp_path / "a")
+    assert run_pure("cache", "path-info", bare, p).stdout.startswith(p)
+    run_pure("cache", "verify", "--trusted-public-keys", PUB, bare, p)
+    run_pure("copy", "--from", bare, "--trusted-public-keys", PUB, p, root=tmp_path / "b")

@@ -98,7 +98,7 @@ async def locate(settings, url: str, text: str, *, trusted_keys: Iterable[str] |
     backend."""
     backend = backend_for(url, settings)
     try:
-        info = await read_cache_info(backend, url)
+        info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
         sd = info.store_dir
         path, sub = _split(text, sd, url)
         ni = await _narinfo(backend, url, sd, path, None)

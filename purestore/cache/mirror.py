@@ -100,7 +100,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
     src = backend_for(src_url, settings)
     dst = backend_for(dst_cu, settings)
     async with src, dst, contextlib.AsyncExitStack() as held:
-        sd = (await read_cache_info(src, src_url)).store_dir
+        sd = (await read_cache_info(src, src_url, default_store_dir=settings.store_dir)).store_dir
         found = await _read_closure(src, src_url, sd, wanted)
         problems: dict[StorePath, str] = {}
         limit = trio.CapacityLimiter(CONCURRENCY)  # provenance statements are fetched

@@ -170,7 +170,7 @@ async def ensure_cache_info(backend: Backend, store_dir: str, other: str = "this
         info = CacheInfo(store_dir)
         await backend.put("nix-cache-info", info.render().encode(), "text/x-nix-cache-info")
         return info
-    info = CacheInfo.parse(data, file_url(backend.url, "nix-cache-info"))
+    info = CacheInfo.parse(data, file_url(backend.url, "nix-cache-info"), default_store_dir=store_dir)
     info.check_store_dir(store_dir, backend.url, other)
     return info
 

@@ -68,7 +68,7 @@ async def cache_path_infos(settings, url: str, paths: Iterable[StorePath], *, re
     trusted = parse_public_keys(trusted_keys or ())
     backend = backend_for(url, settings)
     async with backend:
-        info = await read_cache_info(backend, url)
+        info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
         sd = info.store_dir
         got: dict[StorePath, NarInfo] = {}
         wanted = list(dict.fromkeys(paths))

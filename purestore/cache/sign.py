@@ -56,7 +56,7 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
                               "--no-check-sigs to sign what the cache holds as it is")
     backend = backend_for(url, settings)
     async with backend, contextlib.AsyncExitStack() as held:
-        sd = (await read_cache_info(backend, url)).store_dir
+        sd = (await read_cache_info(backend, url, default_store_dir=settings.store_dir)).store_dir
         if isinstance(backend, FileBackend):  # a prune must not remove what is read to be rewritten
             await held.enter_async_context(push_lock(backend.dir))
         if paths is None:

@@ -70,7 +70,7 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
     trusted = parse_public_keys(keys)
     backend = backend_for(url, settings)
     async with backend:
-        info = await read_cache_info(backend, url)
+        info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
         sd = info.store_dir
         if paths is None:
             names = await backend.list_narinfos()

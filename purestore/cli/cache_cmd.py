@@ -1078,4 +1078,4 @@ async def _cache_store_dir(settings, url: str) -> str:
     from ..cache.backend import backend_for, parse_url
     from ..cache.info import read_cache_info
     async with backend_for(parse_url(url), settings) as backend:
-        return (await read_cache_info(backend, url)).store_dir
+        return (await read_cache_info(backend, url, default_store_dir=settings.store_dir)).store_dir
