@@ -254,6 +254,10 @@ class HttpClient:
             if reused and conn.received == start:
                 raise _NothingReceived(e) from e
             raise
+        except NotHttp as e:  # on a reused connection: maybe bytes left over from before
+            if reused:
+                raise _NothingReceived(e) from e
+            raise
         while isinstance(ev, h11.InformationalResponse):  # 100 Continue and the like
             ev = await self._receive_event(conn)
         if isinstance(ev, h11.ConnectionClosed):
