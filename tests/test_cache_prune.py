@@ -364,3 +364,50 @@ def test_old_logs_no_narinfo_names_go_with_an_age(tmp_path):
     res = json.loads(prune(cache, "--older-than", "30d", "--json").stdout)  # the narinfo is recent
     assert res["removed"] == [] and res["files"] == ["log/" + orphan.name], res
     assert not orphan.exists() and recent.exists() and own.exists()
+
+
+def test_a_bucket_prune_deletes_referrers_in_earlier_batches_and_spares_a_closure():
+    """S3 deletes a batch in no order: a referrer's narinfo goes in an earlier batch than its
+    references'; one S3 refuses to delete keeps its references' narinfos (not sent at all)."""
+    import trio
+
+    from purestore.cache.prune import PrunePlan
+    from purestore.cache.prune_bucket import apply_prune_bucket
+    from purestore.formats.store_path import StorePath
+
+    def sp(c, name):
+        return StorePath(c * 32, name)
+    top, mid, leaf, alone = sp("a", "top"), sp("b", "mid"), sp("c", "leaf"), sp("d", "alone")
+    plan = PrunePlan("/pure/store", removed=[top, mid, leaf, alone],
+                     files=[f"{p.hash_part}.narinfo" for p in (top, alone, mid, leaf)] + ["nar/x.nar"],
+                     gone_refs={top.hash_part: [mid.hash_part], mid.hash_part: [leaf.hash_part],
+                                leaf.hash_part: [], alone.hash_part: []})
+
+    class Bucket:
+        url = "s3://b"
+
+        def __init__(self, refuse):
+            self.batches, self.refuse = [], refuse
+
+        async def delete_files(self, names):
+            self.batches.append(list(names))
+            return [f"cannot remove {n!r} from 's3://b': S3 AccessDenied: no" for n in names if n in self.refuse]
+
+        async def abort_upload(self, name, uid):
+            return None
+
+    b = Bucket(set())
+    errors = []
+    trio.run(apply_prune_bucket, b, plan, errors.append)
+    order = [n for batch in b.batches for n in batch]
+    assert order.index(f"{top.hash_part}.narinfo") < order.index(f"{mid.hash_part}.narinfo") < \
+        order.index(f"{leaf.hash_part}.narinfo")
+    assert all(len({f"{x.hash_part}.narinfo" for x in (top, mid)} & set(batch)) < 2 for batch in b.batches)
+    assert errors == []
+
+    plan.removed, plan.kept = [top, mid, leaf, alone], []
+    b = Bucket({f"{mid.hash_part}.narinfo"})
+    trio.run(apply_prune_bucket, b, plan, errors.append)
+    sent = {n for batch in b.batches for n in batch}
+    assert f"{leaf.hash_part}.narinfo" not in sent and "nar/x.nar" not in sent
+    assert plan.removed == [top, alone] and plan.kept == [mid, leaf]

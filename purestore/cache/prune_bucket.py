@@ -80,13 +80,42 @@ async def apply_prune_bucket(backend, plan: PrunePlan, on_error: Callable[[str],
     narinfos = [f for f in plan.files if f.endswith(".narinfo") and "/" not in f]
     first = set(narinfos)
     rest = [f for f in plan.files if f not in first]
-    problems = await backend.delete_files(narinfos)
-    for p in problems:
-        on_error(p)
+    # One batch of deletions (unordered within it, in S3) per layer: a path's referrers go in an
+    # earlier batch than it, so that no narinfo left refers to a removed one, even when the prune
+    # stops half way.  A narinfo that cannot be removed keeps its references' narinfos too.
+    layer: dict[str, int] = {}
+    for name in narinfos:  # referrers first (see plan_from_listing): their layers are known
+        h = name[: -len(".narinfo")]
+        layer.setdefault(h, 0)
+        for r in plan.gone_refs.get(h, ()):
+            layer[r] = max(layer.get(r, 0), layer[h] + 1)
+    spared: set[str] = set()
+    problems: list[str] = []
+    removed = 0
+    for depth in range(max(layer.values(), default=-1) + 1):
+        batch = [n for n in narinfos if layer[n[: -len(".narinfo")]] == depth and n[: -len(".narinfo")] not in spared]
+        failed = await backend.delete_files(batch)
+        removed += len(batch) - len(failed)
+        for p in failed:
+            on_error(p)
+        problems += failed
+        for name in batch:
+            h = name[: -len(".narinfo")]
+            if any(f"'{name}'" in p for p in failed):  # it stays, and so does its closure
+                todo = [h]
+                while todo:
+                    x = todo.pop()
+                    if x not in spared:
+                        spared.add(x)
+                        todo.extend(plan.gone_refs.get(x, ()))
+    if spared:
+        stays = [p for p in plan.removed if p.hash_part in spared]
+        plan.removed = [p for p in plan.removed if p.hash_part not in spared]
+        plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
     if problems:
         on_error(f"no other file was removed from {backend.url!r}, since a narinfo that was not "
                  "may still point to it")
-        return len(narinfos) - len(problems)
+        return removed
     more = await backend.delete_files(rest)
     for p in more:
         on_error(p)
