@@ -27,14 +27,7 @@ def test_outputs_in_a_trusted_cache_are_fetched_not_built(pure, expr, tmp_path, 
         pytest.skip("the caches layer is not installed")
     f = expr('default = sh("fetchme", "$B mkdir $out; echo from-cache > $out/f")\n')
     out = build(pure, tmp_path, f, "--no-link").stdout.strip()
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = f"file://{tmp_path / 'cache'}"
-    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", out)
-    pub = (tmp_path / "k.pub").read_text().strip()
-
-    other = tmp_path / "other-root"
-    other.mkdir()
+    cache, pub, other = pushed(pure, tmp_path, out)
     p = pure("--substituters", cache, "--trusted-public-keys", pub, "build", f, "--no-link",
              root=other, cwd=tmp_path)
     assert p.stdout.strip() == out
@@ -209,13 +202,7 @@ def test_only_the_outputs_a_build_uses_are_fetched_or_needed(pure, expr, tmp_pat
              'default = app\n')
     outs = pure("build", f, "-A", "base", "--no-link", cwd=tmp_path).stdout.split()
     base_out, base_doc = (next(o for o in outs if o.endswith(suffix)) for suffix in ("-base", "-base-doc"))
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = f"file://{tmp_path / 'cache'}"
-    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", base_out)  # not base_doc
-    pub = (tmp_path / "k.pub").read_text().strip()
-    other = tmp_path / "other-root"
-    other.mkdir()
+    cache, pub, other = pushed(pure, tmp_path, base_out)  # not base_doc
     p = pure("--substituters", cache, "--trusted-public-keys", pub, "build", f, "--no-link", "--json",
              root=other, cwd=tmp_path)
     evs = [json.loads(line) for line in p.stdout.splitlines()]
@@ -241,13 +228,7 @@ def test_dry_run_honours_require_provenance_as_the_real_run_does(pure, expr, tmp
     says they will be built, as the real run then builds them."""
     f = expr('default = sh("noprov", "$B mkdir $out; echo x > $out/f")\n')
     out = build(pure, tmp_path, f, "--no-link").stdout.strip()
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = f"file://{tmp_path / 'cache'}"
-    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", out)
-    pub = (tmp_path / "k.pub").read_text().strip()
-    other = tmp_path / "other-root"
-    other.mkdir()
+    cache, pub, other = pushed(pure, tmp_path, out)
     common = ("--substituters", cache, "--trusted-public-keys", pub, "build", f, "--no-link")
     dry = json.loads(pure(*common, "--dry-run", "--json", root=other, cwd=tmp_path).stdout)
     assert [w["path"] for w in dry["willFetch"]] == [out] and dry["willBuild"] == []
@@ -255,3 +236,15 @@ def test_dry_run_honours_require_provenance_as_the_real_run_does(pure, expr, tmp
     assert dry["willFetch"] == [] and len(dry["willBuild"]) == 1, dry
     real = pure(*common, "--require-provenance", root=other, cwd=tmp_path)
     assert "will be fetched" not in real.stderr and "will be built" in real.stderr
+
+
+def pushed(pure, tmp_path, *paths):
+    """A key pair, ``paths`` pushed to a file:// cache signed with it, and a second, empty
+    store root: returns (cache URL, public key, that root)."""
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = f"file://{tmp_path / 'cache'}"
+    pure("copy", "--to", cache, "--secret-key-file", tmp_path / "k.sec", *paths)
+    other = tmp_path / "other-root"
+    other.mkdir()
+    return cache, (tmp_path / "k.pub").read_text().strip(), other

@@ -324,6 +324,23 @@ def _referrers_first(hashes: list[str], refs: dict[str, list[str]]) -> list[str]
     return post[::-1]
 
 
+def spare(plan: PrunePlan, spared: set[str], h: str) -> None:
+    """The narinfo of hash part ``h`` stays (it could not be removed), and so do those of its
+    references the plan removes: added to ``spared``, and their paths moved from
+    ``plan.removed`` to ``plan.kept``."""
+    todo, new = [h], set()
+    while todo:
+        x = todo.pop()
+        if x not in spared:
+            spared.add(x)
+            new.add(x)
+            todo.extend(plan.gone_refs.get(x, ()))
+    stays = [p for p in plan.removed if p.hash_part in new]
+    if stays:
+        plan.removed = [p for p in plan.removed if p.hash_part not in new]
+        plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
+
+
 def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]) -> int:
     """Remove the plan's files in its order; returns how many were removed (a file already gone
     counts as removed; another failure is reported and the rest goes on, except that when a
@@ -356,16 +373,7 @@ def apply_prune(directory: str, plan: PrunePlan, on_error: Callable[[str], None]
             if name.endswith(".narinfo"):
                 kept_narinfo = True
                 # it stays, and so do its references (not removed yet: referrers go first)
-                todo = [name[: -len(".narinfo")]]
-                while todo:
-                    h = todo.pop()
-                    if h not in spared:
-                        spared.add(h)
-                        todo.extend(plan.gone_refs.get(h, ()))
-    if spared:
-        stays = [p for p in plan.removed if p.hash_part in spared]
-        plan.removed = [p for p in plan.removed if p.hash_part not in spared]
-        plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
+                spare(plan, spared, name[: -len(".narinfo")])
     if kept_narinfo:
         on_error("the other files of the removed paths were kept (a narinfo left in place may need them)")
     return n

@@ -22,7 +22,7 @@ from ..errors import CacheError
 from ._nursery import open_nursery
 from .backend import file_url
 from .info import CacheInfo
-from .prune import PrunePlan, check_what_to_keep, plan_from_listing
+from .prune import PrunePlan, check_what_to_keep, plan_from_listing, spare
 
 
 async def plan_prune_bucket(backend, *, older_than: float | None, keep: Iterable[str] = (),
@@ -100,18 +100,8 @@ async def apply_prune_bucket(backend, plan: PrunePlan, on_error: Callable[[str],
             on_error(p)
         problems += failed
         for name in batch:
-            h = name[: -len(".narinfo")]
             if any(f"'{name}'" in p for p in failed):  # it stays, and so does its closure
-                todo = [h]
-                while todo:
-                    x = todo.pop()
-                    if x not in spared:
-                        spared.add(x)
-                        todo.extend(plan.gone_refs.get(x, ()))
-    if spared:
-        stays = [p for p in plan.removed if p.hash_part in spared]
-        plan.removed = [p for p in plan.removed if p.hash_part not in spared]
-        plan.kept = sorted([*plan.kept, *stays], key=lambda p: p.base_name)
+                spare(plan, spared, name[: -len(".narinfo")])
     if problems:
         on_error(f"no other file was removed from {backend.url!r}, since a narinfo that was not "
                  "may still point to it")
