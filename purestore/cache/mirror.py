@@ -39,6 +39,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._files import open_regular
+from ._graph import references_first
 from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, backend_for, check_name, file_url, parse_url
 from .fetch import stream_to_thread
@@ -261,24 +262,7 @@ async def _refusal(src, sd: str, ni: NarInfo, trusted, provenance_keys) -> str |
 
 def _topo(found: dict[StorePath, tuple[NarInfo, bytes]]) -> list[StorePath]:
     """The paths, references before referrers (ties by name, for a stable order)."""
-    out: list[StorePath] = []
-    seen: set[StorePath] = set()
-    for root in sorted(found):
-        if root in seen:
-            continue
-        seen.add(root)
-        stack = [(root, iter(sorted(found[root][0].references)))]
-        while stack:
-            p, refs = stack[-1]
-            for r in refs:
-                if r not in seen and r in found:
-                    seen.add(r)
-                    stack.append((r, iter(sorted(found[r][0].references))))
-                    break
-            else:
-                stack.pop()
-                out.append(p)
-    return out
+    return references_first(found, lambda p: found[p][0].references)
 
 
 async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: bool,

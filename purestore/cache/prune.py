@@ -41,6 +41,7 @@ from ..errors import CacheError, FormatError
 from ..formats.narinfo import NarInfo
 from ..formats.provenance import provenance_file_name
 from ..formats.store_path import StorePath
+from ._graph import references_first
 from .info import CacheInfo
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -258,8 +259,10 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
 
     gone_set = set(gone)
     plan.gone_refs = {h: sorted({r.hash_part for r in infos[h].references} & gone_set - {h}) for h in gone}
-    for h in _referrers_first(gone, plan.gone_refs):  # narinfos first: from here on nobody is
-        add(f"{h}.narinfo")                            # sent to the files below
+    # narinfos first (from here on nobody is sent to the files below), each before those of its
+    # references: a narinfo never refers to one already gone
+    for h in reversed(references_first(gone, plan.gone_refs.__getitem__)):
+        add(f"{h}.narinfo")
     for h in gone:
         add(f"{h}.ls")
         add(provenance_file_name(h))
@@ -299,29 +302,6 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
         if name.rpartition("/")[2].startswith(".tmp-") and listing[name][1] < now - TEMPS_GO_AFTER:
             add(name)
     return plan
-
-
-def _referrers_first(hashes: list[str], refs: dict[str, list[str]]) -> list[str]:
-    """``hashes`` ordered so that each comes before its references: removed in that order, a
-    narinfo never refers to one already gone (for a reader meanwhile, or a prune stopped half
-    way)."""
-    post: list[str] = []  # references before referrers (depth first), reversed at the end
-    seen: set[str] = set()
-    for start in hashes:
-        if start in seen:
-            continue
-        seen.add(start)
-        stack = [(start, iter(refs.get(start, ())))]
-        while stack:
-            h, it = stack[-1]
-            nxt = next((r for r in it if r not in seen), None)
-            if nxt is None:
-                stack.pop()
-                post.append(h)
-            else:
-                seen.add(nxt)
-                stack.append((nxt, iter(refs.get(nxt, ()))))
-    return post[::-1]
 
 
 def spare(plan: PrunePlan, spared: set[str], h: str) -> None:

@@ -833,7 +833,9 @@ def cmd_cache_path_info(args, ctx) -> int:
             out.append(obj)
         print(json.dumps(out, separators=(",", ":")))
         return 0
-    infos = _references_first(q.infos)
+    from ..cache._graph import references_first
+    by_path = {i.info.store_path: i for i in q.infos}  # in the order of nix path-info's lines
+    infos = [by_path[p] for p in references_first(by_path, lambda p: by_path[p].info.references)]
     padded = args.size or args.download_size or args.closure_size or args.sigs
     width = max((len(i.info.store_path.absolute(q.store_dir)) for i in infos), default=0)
     for i in infos:
@@ -854,31 +856,6 @@ def cmd_cache_path_info(args, ctx) -> int:
             cols.append(f"untrusted: {i.untrusted_reason}")
         print("\t".join(cols))
     return 0
-
-
-def _references_first(infos: list) -> list:
-    """``infos`` in the order `nix path-info` prints its lines: each path after the ones it
-    refers to (depth first, the paths and their references taken in name order)."""
-    by_path = {i.info.store_path: i for i in infos}
-    out: list = []
-    seen: set = set()
-    for start in sorted(by_path, key=lambda p: p.base_name):
-        if start in seen:
-            continue
-        seen.add(start)
-        stack = [(start, iter(sorted((r for r in by_path[start].info.references if r in by_path),
-                                     key=lambda p: p.base_name)))]
-        while stack:
-            p, refs = stack[-1]
-            nxt = next((r for r in refs if r not in seen), None)
-            if nxt is None:
-                stack.pop()
-                out.append(by_path[p])
-            else:
-                seen.add(nxt)
-                stack.append((nxt, iter(sorted((r for r in by_path[nxt].info.references if r in by_path),
-                                               key=lambda p: p.base_name))))
-    return out
 
 
 def cmd_cache_sign(args, ctx) -> int:
