@@ -123,7 +123,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
         if isinstance(dst, FileBackend):  # a prune of the destination waits for the copy
             await held.enter_async_context(push_lock(dst.dir))
         order = _topo(found)
-        have = await cached_paths(dst, order, CONCURRENCY)
+        have, _ = await cached_paths(dst, order, CONCURRENCY)
         todo = [p for p in order if p not in have]
         await mark_present(dst, have)
         if progress:

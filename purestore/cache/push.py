@@ -203,17 +203,16 @@ async def push_lock(directory: str):
 
 async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32, *,
                        key_names: set[str] | None = None, store_dir: str | None = None
-                       ) -> set[StorePath]:
+                       ) -> tuple[set[StorePath], tuple[StorePath, ...] | None]:
     """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time).  In a
     directory, an empty narinfo (what a crash of the machine can leave of one written just
     before) does not count: it is written again.
 
-    With ``key_names`` (a push's keys), each narinfo is read instead (one request all the same)
-    and the paths whose narinfo lacks a signature by one of them are put in the returned set's
-    ``unsigned`` attribute; not for a bucket (``unsigned`` None), whose ranged GETs note what
-    ``cache prune`` needs."""
+    Returns them, and with ``key_names`` (a push's keys) the paths whose narinfo lacks a
+    signature by one of them: each narinfo is then read instead (one request all the same);
+    not for a bucket (None), whose ranged GETs note what ``cache prune`` needs."""
     from .s3_backend import S3Backend
-    have = _Have()
+    have: set[StorePath] = set()
     limit = trio.CapacityLimiter(concurrency)
     local = isinstance(backend, FileBackend)
     read = bool(key_names) and not isinstance(backend, S3Backend)
@@ -238,14 +237,7 @@ async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency
     async with open_nursery() as n:
         for p in paths:
             n.start_soon(ask, p)
-    have.unsigned = tuple(sorted(lacking, key=lambda p: p.base_name)) if read else None
-    return have
-
-
-class _Have(set):
-    """The paths a cache has; ``unsigned``: see :func:`cached_paths`."""
-
-    unsigned: tuple[StorePath, ...] | None = None
+    return have, (tuple(sorted(lacking)) if read else None)
 
 
 async def mark_present(backend: Backend, have: Iterable[StorePath]) -> None:
@@ -379,8 +371,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         await ensure_cache_info(backend, store_dir)
         if isinstance(backend, FileBackend):  # a prune of this directory waits for the push
             await held.enter_async_context(push_lock(backend.dir))
-        have = await cached_paths(backend, order, key_names={k.name for k in keys}, store_dir=store_dir)
-        unsigned = have.unsigned
+        have, unsigned = await cached_paths(backend, order, key_names={k.name for k in keys}, store_dir=store_dir)
         todo = [p for p in order if p not in have]
         await mark_present(backend, have)
         if progress:
