@@ -58,6 +58,24 @@ def test_cache_info_round_trip_and_store_dir_check():
         CacheInfo.parse("Priority: 1\n", "x")
 
 
+def test_cache_info_is_read_as_nix_reads_it():
+    """Lines without ':' are passed over and a priority may be negative (Nix 2.8 takes both);
+    a priority that is no whole number (Unicode digits included) is refused, not a crash."""
+    assert CacheInfo.parse("StoreDir: /nix/store\nsome junk line\nPriority: -5\n", "x") \
+        == CacheInfo("/nix/store", False, -5)
+    # only "\n" ends a line: a form feed inside a value does not make a new one
+    assert CacheInfo.parse("StoreDir: /nix/store\x0cPriority: 1\n", "x").store_dir == "/nix/store\x0cPriority: 1"
+    for bad in ("\u00b2", "10x", ""):
+        with pytest.raises(CacheError, match="Priority must be a whole number"):
+            CacheInfo.parse(f"StoreDir: /nix/store\nPriority: {bad}\n", "x")
+    with pytest.raises(CacheError, match="a web page"):
+        CacheInfo.parse("<!DOCTYPE html>\n<title>StoreDir: x</title>\n", "x")
+    assert parse_url("file:///x?priority=-3").priority == -3
+    assert parse_url("file:///x").priority is None
+    with pytest.raises(CacheError, match="priority must be a whole number, got '\u00b2'"):
+        parse_url("file:///x?priority=%C2%B2")
+
+
 async def exercise(backend, cache_dir):
     """The same checks for every backend."""
     assert await backend.get("nix-cache-info") is None

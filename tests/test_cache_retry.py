@@ -485,7 +485,8 @@ async def test_cache_serve_answers_one_byte_range(tmp_path, size):
                                                               data[-1:])
         assert await get("bytes=3-", "HEAD") == (206, f"bytes 3-{size - 1}/{size}", b"")
         assert (await get(f"bytes={size}-"))[:2] == (416, f"bytes */{size}")
-        for ignored in ("bytes=5-2", "bytes=0-1,4-5", "bytes=-10", "items=0-1", "bytes=x-"):
+        for ignored in ("bytes=5-2", "bytes=0-1,4-5", "bytes=-10", "items=0-1", "bytes=x-", "bytes=\u00b2-",
+                        "bytes=0-\u00b2"):
             assert await get(ignored) == (200, None, data), ignored
         await c.aclose()
         n.cancel_scope.cancel()
@@ -657,6 +658,7 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
     assert _retry_after_header(r("86400")) == MAX_RETRY_AFTER
     assert _retry_after_header(r(None)) == 0.0
     assert _retry_after_header(r("soon")) == 0.0
+    assert _retry_after_header(r("\u00b2")) == 0.0  # a Unicode digit: unreadable, not a crash
     # the HTTP-date form: seconds from now, nothing for a date past, capped
     import email.utils
     now = 1_800_000_000.0

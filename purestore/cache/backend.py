@@ -68,9 +68,17 @@ class CacheURL:
     def param(self, key: str, default: str | None = None) -> str | None:
         return self.params.get(key, default)
 
+    @property
+    def priority(self) -> int | None:
+        """``?priority=N`` (checked by :func:`parse_url`: a whole number, negative too as in Nix)."""
+        prio = self.params.get("priority")
+        return int(prio) if prio is not None else None
+
     def __str__(self) -> str:
         return self.url
 
+
+_WHOLE = re.compile(r"[-+]?[0-9]+")  # ASCII digits only ("²".isdigit() is true, int() refuses it)
 
 _KNOWN_PARAMS = {
     "compression", "compression-level", "secret-key", "write-nar-listing", "priority",
@@ -104,7 +112,7 @@ def parse_url(url: str) -> CacheURL:
         raise CacheError(f"cache URL {url!r}: unknown parameter {unknown[0]!r}, expected one of "
                          f"{', '.join(sorted(allowed))}")
     prio = params.get("priority")
-    if prio is not None and not prio.isdigit():
+    if prio is not None and not _WHOLE.fullmatch(prio):
         raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
     if u.scheme == "file":
         if u.netloc not in ("", "localhost"):

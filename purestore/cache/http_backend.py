@@ -174,7 +174,7 @@ def _retry_after_header(r, now: float | None = None) -> float:
     """``Retry-After: SECONDS`` or ``Retry-After: HTTP-DATE`` → seconds from ``now`` (default the
     clock), at most :data:`MAX_RETRY_AFTER`; 0 when absent, past or unreadable."""
     v = r.headers.get("retry-after", "").strip()
-    if v.isdigit():
+    if v.isascii() and v.isdigit():
         return float(min(int(v), MAX_RETRY_AFTER))
     try:
         dt = email.utils.parsedate_to_datetime(v)
@@ -434,7 +434,7 @@ class HttpBackend(Backend):
         if r.status != 200:
             raise self._status("query", name, r)
         length = r.headers.get("content-length", "")
-        return int(length) if length.isdigit() and is_identity(r.headers.get("content-encoding")) else -1
+        return int(length) if length.isascii() and length.isdigit() and is_identity(r.headers.get("content-encoding")) else -1
 
     async def get(self, name: str, limit: int | None = None) -> bytes | None:
         r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit)

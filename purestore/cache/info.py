@@ -12,9 +12,13 @@ hashes) only mean the same thing under the same store dir.
 
 from __future__ import annotations
 
+import re
+
 import attrs
 
 from ..errors import CacheError
+
+_WHOLE = re.compile(r"[-+]?[0-9]+")  # ASCII digits only ("²".isdigit() is true, int() refuses it)
 
 
 @attrs.frozen
@@ -38,22 +42,22 @@ class CacheInfo:
         takes it to be for its own), when one is given."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
+        if text.lstrip().startswith("<"):
+            raise CacheError(f"{where}: this is not a nix-cache-info but a web page "
+                             f"(is the URL a binary cache's?)")
         fields: dict[str, str] = {}
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        # as Nix reads it: lines split at "\n" only, a line without ':' ignored
+        for line in text.split("\n"):
             key, sep, value = line.partition(":")
-            if not sep:
-                looks = " (a web page: is the URL a binary cache's?)" if line.lstrip().startswith("<") else ""
-                raise CacheError(f"{where}:{lineno}: expected 'Key: value', got {line[:60]!r}{looks}")
-            fields[key.strip()] = value.strip()
+            if sep:
+                fields[key.strip()] = value.strip()
         if "StoreDir" not in fields:
             if default_store_dir is None:
                 raise CacheError(f"{where}: no 'StoreDir' line")
             fields["StoreDir"] = default_store_dir
         prio = fields.get("Priority", "50")
-        if not prio.isdigit():
-            raise CacheError(f"{where}: Priority must be a non-negative integer, got {prio!r}")
+        if not _WHOLE.fullmatch(prio):
+            raise CacheError(f"{where}: Priority must be a whole number, got {prio[:40]!r}")
         return cls(fields["StoreDir"], fields.get("WantMassQuery") == "1", int(prio))
 
     def check_store_dir(self, store_dir: str, where: str, other: str = "this store's dir") -> None:

@@ -49,9 +49,7 @@ async def cache_status(settings, urls: Iterable[str]) -> list[CacheStatus]:
         out.append(st)
         try:
             cu = parse_url(url)
-            prio = cu.param("priority")
-            if prio is not None and not prio.isdigit():
-                raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
+            prio = cu.priority
             backend = backend_for(cu, settings)
         except CacheError as e:
             st.error = str(e)
@@ -65,7 +63,7 @@ async def cache_status(settings, urls: Iterable[str]) -> list[CacheStatus]:
                 return
             st.millis = (time.perf_counter() - start) * 1000
         st.store_dir, st.want_mass_query = info.store_dir, info.want_mass_query
-        st.priority = int(prio) if prio is not None else info.priority
+        st.priority = prio if prio is not None else info.priority
         try:
             info.check_store_dir(settings.store_dir, url)
         except CacheError as e:

@@ -307,6 +307,11 @@ def _tls_words(e) -> str:
 SMALL_FILE = 1 << 18  # read in the event loop: a page-cache read is quicker than a thread hop
 
 
+def _digits(s: str) -> bool:
+    """ASCII digits only: ``"²".isdigit()`` is true, and ``int("²")`` raises."""
+    return s.isascii() and s.isdigit()
+
+
 def parse_range(value: bytes | None, size: int) -> tuple[int, int] | None | str:
     """``Range`` header → (first, last) byte to send; None: send the whole file (no header, or a
     form this server does not do: several ranges, suffix ranges, other units); "unsatisfiable"
@@ -315,8 +320,8 @@ def parse_range(value: bytes | None, size: int) -> tuple[int, int] | None | str:
         return None
     unit, _, spec = value.decode("latin-1").strip().partition("=")
     first, dash, last = spec.strip().partition("-")
-    if unit.strip().lower() != "bytes" or not dash or "," in spec or not first.isdigit() \
-            or not (last == "" or last.isdigit()):
+    if unit.strip().lower() != "bytes" or not dash or "," in spec or not _digits(first) \
+            or not (last == "" or _digits(last)):
         return None
     a = int(first)
     b = size - 1 if last == "" else min(int(last), size - 1)
@@ -505,7 +510,7 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
 def parse_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port); raise :class:`CacheError`."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not _digits(port) or not 0 <= int(port) < 65536:
         raise CacheError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]"), int(port)
 

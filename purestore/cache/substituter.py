@@ -119,7 +119,7 @@ class Substituters:
         async def open_one(i: int, url: str):
             try:
                 cu = parse_url(url)  # (a priority that is no whole number is an error there)
-                prio = cu.param("priority")
+                prio = cu.priority
                 backend = backend_for(cu, self.settings)
             except CacheError as e:
                 self.rejected[url] = str(e)
@@ -145,7 +145,7 @@ class Substituters:
                         why = rest[2:] if rest.startswith(": ") else "it" + rest
                     log.warning("warning: not using binary cache %r: %s", url, why)
                 return
-            priority = int(prio) if prio is not None else info.priority
+            priority = prio if prio is not None else info.priority
             opened.append((priority, i, _Cache(url, backend, priority)))
 
         opened: list[tuple[int, int, _Cache]] = []

@@ -140,7 +140,7 @@ class LocalStore:
         alive: dict[int, bool] = {}
         for name in names:
             pid_text = name.split("-", 1)[0]
-            if not pid_text.isdigit():
+            if not (pid_text.isascii() and pid_text.isdigit()):
                 continue
             pid = int(pid_text)
             if pid not in alive:

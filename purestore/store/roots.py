@@ -176,7 +176,7 @@ def remove_dead_temproots(state_dir: str) -> list[int]:
     except FileNotFoundError:
         return dead
     for name in names:
-        if not name.isdigit():
+        if not (name.isascii() and name.isdigit()):
             continue
         path = os.path.join(d, name)
         try:
@@ -206,7 +206,7 @@ def read_temp_roots_by_pid(state_dir: str, store_dir: str) -> list[tuple[int, St
     except FileNotFoundError:
         return out
     for name in names:
-        if not name.isdigit() or not owner_alive(state_dir, int(name)):
+        if not (name.isascii() and name.isdigit()) or not owner_alive(state_dir, int(name)):
             continue
         try:
             with open(os.path.join(d, name), "rb") as f:
