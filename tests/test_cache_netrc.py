@@ -49,6 +49,9 @@ def test_a_broken_netrc_file_is_an_error_that_says_where(tmp_path):
     d.mkdir()
     with pytest.raises(CacheError, match="cannot read netrc file .*a-dir'"):
         netrc_login(str(d), "a")
+    (tmp_path / "latin1").write_bytes(b"machine a login al\xe9 password y\n")
+    with pytest.raises(CacheError, match=r"netrc file '.*latin1' is not UTF-8 text \(byte 18\)"):
+        netrc_login(str(tmp_path / "latin1"), "a")
 
 
 def test_netrc_file_is_a_setting(tmp_path):

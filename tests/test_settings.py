@@ -1,5 +1,7 @@
 """Settings: config file parsing, environment and overrides, and what they switch."""
 
+import os
+
 import pytest
 
 from purestore.errors import UsageError
@@ -44,11 +46,24 @@ def test_a_config_file_named_by_pure_config_must_exist(tmp_path):
     ("# keys\ntrusted-public-keys = garbage\n",
      "pure.conf:2: trusted-public-keys: public key 'garbage' is not of the form 'name:base64'"),
     ("trusted-public-keys = a:" + "A" * 43 + "= b:!!\n", "pure.conf:1: trusted-public-keys: public key 'b' has invalid base64"),
+    # lines end at "\n" only (form feeds, lone CRs and the like do not count lines)
+    ("# section\x0c\nfoo = 1\n", "pure.conf:2: unknown setting 'foo'"),
+    ("max-jobs = 1\rfoo = 1\n", "pure.conf:1: max-jobs must be an integer, got '1\\rfoo = 1'"),
+    ("\nstore-dir = relative\n", "pure.conf:2: store dir 'relative' must be an absolute path without a trailing '/'"),
 ])
 def test_bad_config_lines_name_file_and_line(text, message):
     with pytest.raises(UsageError) as e:
         parse_config(text, "pure.conf")
     assert str(e.value) == message
+
+
+def test_a_config_file_that_is_not_utf8_is_read_as_nix_reads_it(tmp_path):
+    """Bytes that are not UTF-8 (here in a comment and a path) are no crash: they are kept."""
+    conf = tmp_path / "pure.conf"
+    conf.write_bytes(b"# caf\xe9\nsubstituters = file:///tmp/x\nnetrc-file = /srv/n\xe9trc\n")
+    s = load_settings(env={"PURE_CONFIG": str(conf)})
+    assert s.substituters == ("file:///tmp/x",)
+    assert os.fsencode(s.netrc_file) == b"/srv/n\xe9trc"
 
 
 def test_fsync_setting_controls_store_durability(tmp_path):

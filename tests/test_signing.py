@@ -124,3 +124,18 @@ def test_corrupted_signature_never_verifies_and_never_crashes(data, pos):
 def test_public_key_round_trip(name, key):
     pk = PublicKey(name, key)
     assert PublicKey.parse(pk.render()) == pk
+
+
+def test_every_trusted_key_of_a_name_is_trusted():
+    """Two keys listed under one name (a key being replaced): a signature by either is good,
+    whichever comes first (Nix 2.8 keeps the first key of a name and drops the other without a
+    word); a third key of the name is still refused, and a key listed twice is one key."""
+    new = SecretKey.generate("test-key-1")
+    new_sig = new.sign(FP).render()
+    for order in ([PUBLIC, new.public_key().render()], [new.public_key().render(), PUBLIC]):
+        trusted = parse_public_keys(order)
+        assert verify_any(FP, [SIG], trusted) == "test-key-1"
+        assert verify_any(FP, [new_sig], trusted) == "test-key-1"
+        with pytest.raises(SignatureError, match="invalid signature by 'test-key-1'"):
+            verify_any(FP, [SecretKey.generate("test-key-1").sign(FP).render()], trusted)
+    assert parse_public_keys([PUBLIC, PUBLIC]) == {"test-key-1": PublicKey.parse(PUBLIC)}

@@ -81,6 +81,9 @@ def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
                          hint="the format is 'machine HOST login NAME password SECRET' (see netrc-file in docs/caches.md)") from None
     except OSError as e:
         raise CacheError(f"cannot read netrc file {netrc_file!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CacheError(f"netrc file {netrc_file!r} is not UTF-8 text (byte {e.start})",
+                         hint="logins and passwords in it must be UTF-8") from None
     if entry is None or not entry[0]:
         return None
     login, _account, password = entry

@@ -801,7 +801,9 @@ def cmd_cache_info(args, ctx) -> int:
         for c in found:
             if not c.usable:  # the reason names the cache (said once is enough), else the URL does
                 print(f"-  not used: {c.error}" if c.url in c.error else f"-  {c.url}  not used: {c.error}")
-        names = ", ".join(k.split(":", 1)[0] for k in keys) or "none"
+        named = [k.split(":", 1)[0] for k in dict.fromkeys(keys)]  # a key listed twice is one
+        names = ", ".join(f"{n} ({named.count(n)} keys)" if named.count(n) > 1 else n
+                          for n in dict.fromkeys(named)) or "none"
         ctx.info(f"{n} of {_caches(len(found))} usable; trusted public keys: {names}"
                  + ("; offline: caches are not asked (--offline or offline = true)" if settings.offline else ""))
     return 0 if all(c.usable for c in found) else 1

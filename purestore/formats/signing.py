@@ -172,16 +172,39 @@ def _signing_key(seed: bytes) -> "nacl.signing.SigningKey":  # noqa: F821
     return nacl.signing.SigningKey(seed)
 
 
-def parse_public_keys(texts: Iterable[str]) -> dict[str, PublicKey]:
-    """Parse trusted public keys into a name → key map (what :func:`verify_any` takes)."""
-    out: dict[str, PublicKey] = {}
+@attrs.frozen
+class KeySet:
+    """Several trusted keys of one name (a key being replaced by a new one under its name): a
+    signature by that name is good when any of them made it."""
+
+    name: str
+    keys: tuple[PublicKey, ...]
+
+    def verify(self, fingerprint: str | bytes, sig: "Signature") -> bool:
+        return any(k.verify(fingerprint, sig) for k in self.keys)
+
+
+def parse_public_keys(texts: Iterable[str]) -> dict[str, PublicKey | KeySet]:
+    """Parse trusted public keys into a name → key map (what :func:`verify_any` takes).
+
+    Every key listed is trusted: keys that share a name make a :class:`KeySet` (Nix 2.8 keeps
+    the first key of a name and drops the others without a word; a key listed again once more
+    is one key)."""
+    out: dict[str, PublicKey | KeySet] = {}
     for t in texts:
         k = PublicKey.parse(t)
-        out[k.name] = k
+        have = out.get(k.name)
+        if have is None:
+            out[k.name] = k
+        elif isinstance(have, KeySet):
+            if k not in have.keys:
+                out[k.name] = KeySet(k.name, (*have.keys, k))
+        elif have != k:
+            out[k.name] = KeySet(k.name, (have, k))
     return out
 
 
-def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, PublicKey]) -> str:
+def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, PublicKey | KeySet]) -> str:
     """Return the name of a trusted key with a valid signature among ``sigs``.
 
     Raises :class:`SignatureError` saying why none qualifies: no signature at all, only

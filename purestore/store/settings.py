@@ -112,7 +112,9 @@ def check_public_keys(keys: tuple[str, ...], where: str) -> None:
 def parse_config(text: str, where: str) -> dict[str, object]:
     """Parse a config file's text into Settings keyword arguments."""
     out: dict[str, object] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only, as in Nix (str.splitlines would also split at form feeds and the
+    # like, and count lines differently from an editor)
+    for lineno, line in enumerate(text.split("\n"), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -154,6 +156,11 @@ def parse_config(text: str, where: str) -> dict[str, object]:
                 raise UsageError(f"{loc}: sandbox = false is not supported: purestore always builds "
                                  f"in the sandbox", hint="remove the line (see docs/building.md)")
         elif key in ("store-dir", "store"):
+            if key == "store-dir":
+                try:
+                    check_store_dir(value)
+                except ValueError as e:
+                    raise UsageError(f"{loc}: {e}") from None
             out["store_dir" if key == "store-dir" else "root"] = value
         elif key in _PATH_KEYS:
             out[field] = value
@@ -168,7 +175,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
     kw: dict[str, object] = {}
     for f in config_files(env):
         try:
-            text = f.read_text()
+            # bytes that are not UTF-8 (in a comment, a path) are kept as they are, as Nix does
+            text = f.read_bytes().decode("utf-8", "surrogateescape")
         except FileNotFoundError:
             if env.get("PURE_CONFIG"):  # named on purpose: a typo must not pass for "no config"
                 raise UsageError(f"config file {str(f)!r} (named by PURE_CONFIG) does not exist",
