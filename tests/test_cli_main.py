@@ -28,10 +28,39 @@ def test_command_word_skips_global_options():
     assert cli_main._command_word(["--version"]) is None
 
 
+def test_the_global_options_with_a_value_are_all_known_to_command_word():
+    parser = cli_main.make_parser([])
+    with_value = {s for a in parser._actions if a.option_strings and a.nargs is None
+                  and not isinstance(a, (argparse._StoreTrueAction, argparse._VersionAction, argparse._HelpAction))
+                  for s in a.option_strings}
+    assert with_value == cli_main._GLOBAL_OPTS_WITH_VALUE
+
+
 def test_unknown_command_is_a_usage_error():
     p = run_pure("frobnicate", check=False)
     assert p.returncode == 2
     assert "invalid choice" in p.stderr and "Traceback" not in p.stderr
+    # purestore's form of errors, not argparse's usage block
+    assert p.stderr.startswith("error: argument COMMAND: invalid choice: 'frobnicate'")
+    assert p.stderr.rstrip().endswith("hint: see 'pure --help'")
+    p = run_pure("key", "generate", check=False)
+    assert p.returncode == 2 and p.stderr == ("error: the following arguments are required: --name\n"
+                                              "hint: see 'pure key generate --help'\n")
+
+
+def test_extra_substituters_and_keys_add_to_the_configured_ones(tmp_path):
+    """As Nix's --extra-substituters and --extra-trusted-public-keys: added, not replacing."""
+    conf = tmp_path / "pure.conf"
+    conf.write_text("substituters = file:///a\ntrusted-public-keys = k-1:" + "A" * 43 + "=\n")
+    env = {"PURE_CONFIG": str(conf)}
+    r = run_pure("--extra-substituters", "file:///b", "--extra-trusted-public-keys", "k-2:" + "B" * 43 + "=",
+                 "cache", "info", "--json", check=False, env=env)
+    import json
+    info = json.loads(r.stdout)
+    assert [c["url"] for c in info["caches"]] == ["file:///a", "file:///b"]
+    assert info["trustedPublicKeys"] == ["k-1", "k-2"]
+    r = run_pure("--extra-trusted-public-keys", "k-2:!!", "cache", "info", check=False, env=env)
+    assert r.returncode == 2 and "error: --extra-trusted-public-keys: public key 'k-2' has invalid base64" in r.stderr
 
 
 def test_top_level_help_lists_all_commands():

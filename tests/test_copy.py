@@ -295,6 +295,10 @@ def test_key_generate_writes_both_files_or_neither(tmp_path):
     r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec,
                  "--public-out", tmp_path / "nodir" / "k.pub", check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr and not sec.exists()
+    # an empty name (--secret-out "$UNSET") is an error, not "print the secret key on stdout"
+    for opt in ("--secret-out", "--public-out"):
+        r = run_pure("key", "generate", "--name", "k-1", opt, "", check=False)
+        assert r.returncode == 2 and r.stdout == "" and f"argument {opt}: empty file name" in r.stderr
 
     sec.write_text("old secret\n")
     sec.chmod(0o644)

@@ -125,6 +125,27 @@ def test_wrong_key_fails(built, signed):
     assert p.returncode == 1 and "untrusted key 'builder-1'" in p.stderr
 
 
+def test_bad_key_files_are_errors_that_name_them(built, signed, tmp_path):
+    """Signing and verifying read key files as the cache commands do: a binary, missing or
+    malformed file is an error naming it (no traceback, no secret quoted); a missing file is
+    not taken for a malformed key."""
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00key")
+    (tmp_path / "pub-as-secret").write_text(built["key"].public_key().render())
+    for f, says in [("binary", "is not text"), ("missing", "No such file or directory"),
+                    ("pub-as-secret", "pub-as-secret")]:
+        p = pure(built, "provenance", built["app"], "--key-file", tmp_path / f, "-o", tmp_path / "out",
+                 "--allow-unrecorded", check=False)
+        assert p.returncode != 0 and f"{tmp_path / f}" in p.stderr and says in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+    for f, says in [("binary", "is not text"), ("missing", "cannot read trusted key file"),
+                    ("pub-as-secret", None), (".", "Is a directory")]:
+        p = pure(built, "provenance", "verify", signed, "--trusted-key", tmp_path / f, check=False)
+        if says is None:  # a public key file is what --trusted-key wants
+            assert p.returncode == 0, p.stderr
+            continue
+        assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_subject_that_does_not_match_the_store_fails(built, signed):
     pk = built["key"].public_key().render()
     # a valid statement about the app, checked against another path

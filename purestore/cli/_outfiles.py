@@ -18,6 +18,16 @@ import stat
 _STD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 
 
+def file_name(text: str) -> str:
+    """argparse type of an option naming an output file: an empty name (``--secret-out
+    "$UNSET"``) is an error, never taken for the option left out (that would print a secret
+    key on stdout instead)."""
+    if not text:
+        import argparse
+        raise argparse.ArgumentTypeError("empty file name (is a variable unset?)")
+    return text
+
+
 def _own_fd(path: str) -> int | None:
     """The descriptor ``path`` names (/dev/stdout, /dev/fd/N, /proc/self/fd/N), if any."""
     full = os.path.abspath(path)

@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+from ._outfiles import file_name
+
 _KEYGEN_HELP = """\
 Generate an Ed25519 signing key pair in Nix's formats.
 
@@ -199,8 +201,8 @@ def register(reg) -> None:
     p = reg.command("generate", "generate a signing key pair", cmd_key_generate, group="key",
                     description=_KEYGEN_HELP)
     p.add_argument("--name", required=True, help="key name, e.g. cache.example.org-1")
-    p.add_argument("--secret-out", metavar="FILE", help="write the secret key here (mode 0600)")
-    p.add_argument("--public-out", metavar="FILE", help="write the public key here")
+    p.add_argument("--secret-out", metavar="FILE", type=file_name, help="write the secret key here (mode 0600)")
+    p.add_argument("--public-out", metavar="FILE", type=file_name, help="write the public key here")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
     reg.command("public", "print the public key of a secret key read from stdin", cmd_key_public,
@@ -626,7 +628,7 @@ def _server_options(p, reads: str) -> None:
                    help=f"a private cache: {reads}; clients give it with ?token-file=FILE in the cache's URL")
     p.add_argument("--tls-cert", metavar="FILE", help="serve https with this PEM certificate (chain)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
-    p.add_argument("--access-log", metavar="FILE",
+    p.add_argument("--access-log", metavar="FILE", type=file_name,
                    help="append a line per request to FILE ('-': stdout), in the combined log format "
                         "of nginx and Apache")
 

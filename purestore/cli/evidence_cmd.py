@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from ._outfiles import file_name
+
 
 def register(reg) -> None:
     p = reg.command(
@@ -28,7 +30,7 @@ def register(reg) -> None:
                    help="output format (default cyclonedx-json, spec 1.6; spdx-json is SPDX 2.3)")
     p.add_argument("--runtime-only", action="store_true",
                    help="only the run-time closure (leave out build-time-only components)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("-o", "--output", metavar="FILE", type=file_name, help="write to FILE instead of standard output")
     p.add_argument("--validate", action="store_true",
                    help="validate CycloneDX output against the official schema first (takes seconds)")
 
@@ -137,7 +139,7 @@ def cmd_sbom(args, ctx) -> int:
 def _provenance_options(p, suppress: bool = False) -> None:
     d = (lambda x: argparse.SUPPRESS) if suppress else (lambda x: x)
     p.add_argument("--key-file", metavar="KEY", default=d(None), help="secret key file to sign with")
-    p.add_argument("-o", "--output", metavar="FILE", default=d(None),
+    p.add_argument("-o", "--output", metavar="FILE", default=d(None), type=file_name,
                    help="write the envelope to FILE instead of standard output")
     p.add_argument("--trusted-key", metavar="PUB", action="append", default=d([]),
                    help="trusted public key 'name:base64' or a file holding one (repeatable)")
@@ -166,15 +168,31 @@ def _reparse_provenance(args) -> None:
 
 
 def _load_trusted(specs: list[str]):
-    from ..errors import UsageError
+    """``--trusted-key`` values: a key (``NAME:BASE64``) or a file of keys; an error names the
+    value or the file."""
+    import re
+
+    from ..errors import KeyError_, UsageError
     from ..formats.signing import parse_public_keys
     texts = []
     for s in specs:
-        if os.path.isfile(s):
-            with open(s) as f:
-                texts.extend(line for line in f.read().split() if line)
-        else:
+        if not os.path.lexists(s) and re.fullmatch(r"[^/:\s]+:\S*", s):
             texts.append(s)
+            continue
+        try:
+            with open(s, encoding="utf-8") as f:
+                found = f.read().split()
+        except OSError as e:
+            raise UsageError(f"cannot read trusted key file {s!r}: {e.strerror}",
+                             hint="--trusted-key takes NAME:BASE64 or a file holding such keys") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"trusted key file {s!r} is not text",
+                             hint="--trusted-key takes NAME:BASE64 or a file holding such keys") from None
+        try:
+            parse_public_keys(found)
+        except KeyError_ as e:
+            raise KeyError_(f"trusted key file {s!r}: {e}", hint=e.hint) from None
+        texts.extend(found)
     if not texts:
         raise UsageError("no trusted key given", hint="pass --trusted-key NAME:BASE64 (or a file holding it)")
     return parse_public_keys(texts)
@@ -204,14 +222,9 @@ def cmd_provenance(args, ctx) -> int:
 
 def _provenance_make(args, ctx, target: str) -> int:
     from ..build.provenance import make_provenance
-    from ..errors import UsageError
-    from ..formats.signing import SecretKey
+    from ..cache.push import load_secret_key
     from ..store.provenance import write_provenance
-    try:
-        with open(args.key_file) as f:
-            key = SecretKey.parse(f.read())
-    except OSError as e:
-        raise UsageError(f"cannot read key file {args.key_file!r}: {e.strerror}") from e
+    key = load_secret_key(args.key_file)  # errors name the file (and never quote a secret)
     with ctx.open_store() as store:
         sp = store.parse_path(target, valid=True)
         env = make_provenance(store, sp, key, require_build_record=not args.allow_unrecorded)

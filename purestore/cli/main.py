@@ -43,7 +43,7 @@ COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
     "why-depends": ("evidence_cmd",),
 }
 _GLOBAL_OPTS_WITH_VALUE = {"--store", "--store-dir", "--substituters", "--trusted-public-keys",
-                           "--post-build-hook"}
+                           "--extra-substituters", "--extra-trusted-public-keys", "--post-build-hook"}
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -58,6 +58,16 @@ def _command_word(argv: list[str]) -> str | None:
             continue
         return word
     return None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with purestore's form of errors: ``error: …`` and where to read more (status 2),
+    not a usage block first."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: see '{self.prog} --help'", file=sys.stderr)
+        sys.exit(2)
 
 
 class Registry:
@@ -108,6 +118,11 @@ class Context:
                 offline=True if getattr(self.args, "global_offline", False) else None,
                 post_build_hook=getattr(self.args, "global_post_build_hook", None),
             )
+            more = {k: (*getattr(self._settings, k), *v) for k in ("substituters", "trusted_public_keys")
+                    if (v := _split_opt(getattr(self.args, f"global_extra_{k}", None)))}
+            if more:  # --extra-…: added to what the config files and the plain option set
+                import attrs
+                self._settings = attrs.evolve(self._settings, **more)
         return self._settings
 
     def open_store(self):
@@ -126,7 +141,7 @@ def _split_opt(value: str | None) -> tuple[str, ...] | None:
 
 def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser with the commands of ``modules`` (default: all command modules)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pure",
         description="purestore: hermetic, reproducible builds and a Nix-compatible package store.",
         epilog="Run 'pure COMMAND --help' for a command's options. Docs: docs/ in the source tree.",
@@ -142,6 +157,10 @@ def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
                         help="space-separated binary cache URLs, replacing the config file's")
     parser.add_argument("--trusted-public-keys", dest="global_trusted_public_keys", metavar="KEYS",
                         default=None, help="space-separated NAME:BASE64 keys trusted for substitution")
+    parser.add_argument("--extra-substituters", dest="global_extra_substituters", metavar="URLS", default=None,
+                        help="binary cache URLs added to the configured ones (as Nix's option)")
+    parser.add_argument("--extra-trusted-public-keys", dest="global_extra_trusted_public_keys",
+                        metavar="KEYS", default=None, help="keys added to the trusted ones")
     parser.add_argument("--offline", dest="global_offline", action="store_true",
                         help="do not ask the substituters (builds and shells use what the store has); "
                              "a cache named explicitly (copy --from/--to) is still used")
@@ -209,12 +228,13 @@ def _stop_on_sigterm() -> None:
 def _check_key_options(args: argparse.Namespace) -> None:
     """Every --trusted-public-keys given (global or a command's) well-formed, else an error that
     names the option (a key's own error does not say where it came from)."""
-    given = [v for dest, v in vars(args).items()
-             if v and (dest == "global_trusted_public_keys" or dest.endswith("_trusted_keys"))]
+    given = [(dest, v) for dest, v in vars(args).items()
+             if v and (dest.endswith("trusted_public_keys") or dest.endswith("_trusted_keys"))]
     if given:
         from ..store.settings import check_public_keys
-        for value in given:
-            check_public_keys(tuple(value.split()), "--trusted-public-keys")
+        for dest, value in given:
+            option = "--extra-trusted-public-keys" if "extra" in dest else "--trusted-public-keys"
+            check_public_keys(tuple(value.split()), option)
 
 
 class _JsonWatch:
