@@ -37,8 +37,8 @@ class CacheInfo:
 
     @classmethod
     def parse(cls, text: bytes | str, where: str, default_store_dir: str | None = None) -> "CacheInfo":
-        """Parse ``nix-cache-info``; raise :class:`CacheError` naming ``where`` and the line.
-        Without a ``StoreDir`` line the cache is taken to be for ``default_store_dir`` (as Nix
+        """Parse ``nix-cache-info`` as Nix does (a line without ':' is passed over); raise
+        :class:`CacheError` naming ``where`` for a web page or a bad priority.  Without a ``StoreDir`` line the cache is taken to be for ``default_store_dir`` (as Nix
         takes it to be for its own), when one is given."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
