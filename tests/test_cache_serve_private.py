@@ -160,8 +160,8 @@ def test_basic_authentication_with_the_token_as_password_is_accepted(tmp_path, p
         assert httpx.get(url + "nix-cache-info", auth=("anyone", "reader-s3cret")).status_code == 200
         assert httpx.get(url + "nix-cache-info", auth=("anyone", "wrong")).status_code == 401
         assert httpx.get(url + "nix-cache-info", headers={"Authorization": "Basic !!!"}).status_code == 401
-        assert httpx.put(url + "x.narinfo", content=b"x", auth=("ci", "reader-s3cret")).status_code == 401
-        assert httpx.put(url + "x.narinfo", content=b"x", auth=("ci", "uploader-s3cret")).status_code == 201
+        assert httpx.put(url + "log/x.drv", content=b"x", auth=("ci", "reader-s3cret")).status_code == 401
+        assert httpx.put(url + "log/x.drv", content=b"x", auth=("ci", "uploader-s3cret")).status_code == 201
     finally:
         stop_server(proc)
 

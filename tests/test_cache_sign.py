@@ -134,3 +134,49 @@ def test_usage(tmp_path):
     assert r.returncode == 2 and "-r needs PATHs" in r.stderr
     r = run_pure("cache", "sign", f"file://{tmp_path}/none", "--key-file", tmp_path / "missing.sec", check=False)
     assert r.returncode == 1 and "cannot read secret key file" in r.stderr
+
+
+def test_signings_at_the_same_time_keep_both_keys_signatures(tmp_path):
+    """Two `cache sign` runs with different keys over one directory at once (each reads every
+    narinfo, then writes it back with its signature): every narinfo ends with both signatures.
+    Before, the last writer of a narinfo replaced the other's signature and both said 'signed'."""
+    import trio
+
+    from purestore.cache.sign import sign_cache
+    from purestore.formats.signing import SecretKey
+    from test_cache_support import settings_for
+    a, p = source(tmp_path)
+    keys = [SecretKey.generate("two-1"), SecretKey.generate("three-1")]
+    settings = settings_for(tmp_path / "unused")
+
+    async def both():
+        async with trio.open_nursery() as n:
+            for k in keys:
+                n.start_soon(lambda k=k: sign_cache(settings, f"file://{a}", [k], trusted_keys=[PUB]))
+    trio.run(both)
+    for q in p.values():
+        assert sig_names(narinfo_file(a, q).read_text()) == ["test-key-1", "three-1", "two-1"]
+    run_pure("cache", "verify", f"file://{a}", "--trusted-public-keys", keys[0].public_key().render())
+    run_pure("cache", "verify", f"file://{a}", "--trusted-public-keys", keys[1].public_key().render())
+
+
+def test_a_narinfo_written_again_keeps_the_signatures_of_the_same_contents():
+    """merge_sigs: the signatures of the narinfo replaced are kept when it describes the same
+    contents, not when the contents differ (another build of the path), nor from garbage."""
+    import attrs
+
+    from purestore.formats.narinfo import NarInfo, merge_sigs
+    from purestore.formats.signing import SecretKey
+    sd = "/nix/store"
+    name = next(n for n in files(NIX_CACHE) if n.endswith(".narinfo"))
+    old = NarInfo.parse((NIX_CACHE / name).read_bytes(), sd)
+    new = attrs.evolve(old, sigs=(SecretKey.generate("new-1").sign(old.fingerprint(sd)).render(),),
+                       url="nar/other.nar.xz")
+    old_b, new_b = old.render(sd).encode(), new.render(sd).encode()
+    merged = NarInfo.parse(merge_sigs(new_b, old_b, sd), sd)
+    assert set(merged.sigs) == set(old.sigs) | set(new.sigs) and merged.url == "nar/other.nar.xz"
+    assert merge_sigs(new_b, None, sd) is new_b
+    assert merge_sigs(new_b, b"garbage", sd) is new_b
+    assert merge_sigs(old_b, new_b.replace(b"new-1", b"newer-1"), sd) != old_b  # (sigs are checked by readers)
+    other_b = attrs.evolve(new, nar_size=new.nar_size + 1).render(sd).encode()
+    assert merge_sigs(other_b, old_b, sd) is other_b

@@ -253,14 +253,13 @@ def test_push_of_big_referrers_first_still_writes_references_narinfos_first(tmp_
         others = [make_path(store, f"o{i}", {"": rng.randbytes(rng.randrange(1, 200_000))}, refs=[base])
                   for i in range(6)]
         written = []
-        real_put = FileBackend.put
+        real_put = FileBackend.put_narinfo
 
-        async def put(self, name, data, *a, **kw):
-            if name.endswith(".narinfo"):
-                written.append(name[:-len(".narinfo")])
+        async def put_narinfo(self, name, data, *a, **kw):
+            written.append(name[:-len(".narinfo")])
             return await real_put(self, name, data, *a, **kw)
 
-        monkeypatch.setattr(FileBackend, "put", put)
+        monkeypatch.setattr(FileBackend, "put_narinfo", put_narinfo)
         res = trio.run(lambda: push.copy_to(store, settings_for(root), f"file://{cache}", [top, *others],
                                             jobs=2))
     assert set(res.uploaded) == {base, mid, top, *others}

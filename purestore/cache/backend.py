@@ -237,6 +237,12 @@ class Backend:
                        *, move: bool = False) -> None:
         raise NotImplementedError
 
+    async def put_narinfo(self, name: str, data: bytes, store_dir: str) -> None:
+        """Write a narinfo.  A directory keeps the signatures of the one it replaces (for the same
+        contents: :func:`..formats.narinfo.merge_sigs`), as ``pure cache serve`` does with an
+        upload; a bucket or another server takes it as it is."""
+        await self.put(name, data, "text/x-nix-narinfo")
+
     async def list_narinfos(self) -> list[str] | None:
         """The names of the cache's narinfos (``<hash>.narinfo``, sorted); None when the cache
         cannot be listed (plain HTTP)."""
@@ -345,22 +351,38 @@ class FileBackend(Backend):
         except OSError as e:
             raise self._err("write", name, e) from e
 
+    def _write(self, name: str, data: bytes) -> None:
+        """Worker thread: ``data`` into a temporary file renamed to ``name``."""
+        p = self._path(name)
+        fd, tmp = self._temp_for(p, name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, p)
+        except OSError as e:
+            _unlink(tmp)
+            raise self._err("write", name, e) from e
+        except BaseException:
+            _unlink(tmp)
+            raise
+
     async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await trio.to_thread.run_sync(self._write, name, data)
+
+    async def put_narinfo(self, name: str, data: bytes, store_dir: str) -> None:
+        from ..formats.narinfo import merge_sigs
+        from .prune import narinfo_lock
         p = self._path(name)
 
         def write():
-            fd, tmp = self._temp_for(p, name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, file_mode())
-                os.replace(tmp, p)
-            except OSError as e:
-                _unlink(tmp)
-                raise self._err("write", name, e) from e
-            except BaseException:
-                _unlink(tmp)
-                raise
+            with narinfo_lock(self.dir):
+                try:
+                    with open(p, "rb") as f:
+                        old = f.read(1 << 20)
+                except OSError:  # none yet (or none to read: replaced all the same)
+                    old = None
+                self._write(name, merge_sigs(data, old, store_dir))
         await trio.to_thread.run_sync(write)
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",

@@ -155,7 +155,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
             if keys:
                 text = ni.with_sigs(k.sign(ni.fingerprint(sd)).render() for k in keys).render(sd).encode()
             try:
-                await dst.put(f"{p.hash_part}.narinfo", text, "text/x-nix-narinfo")
+                await dst.put_narinfo(f"{p.hash_part}.narinfo", text, sd)
             except CacheError as e:
                 return finish(p, str(e))
             copied.append(p)

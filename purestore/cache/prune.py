@@ -97,6 +97,26 @@ def cache_lock(directory: str, *, exclusive: bool, on_wait: Callable[[], None] |
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def narinfo_lock(directory: str):
+    """Held by each writer of a narinfo into the directory (a push, a signing, an upload through
+    ``cache serve``) while it reads the narinfo it replaces and renames the new one into place,
+    so that two of them writing one path at once keep both's signatures
+    (:func:`..formats.narinfo.merge_sigs`).  An exclusive ``flock`` on the directory's
+    ``nix-cache-info`` (the directory's own flock is the prune's lock, shared by the writers);
+    nothing to hold where there is none."""
+    try:
+        fd = os.open(os.path.join(directory, "nix-cache-info"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @attrs.define
 class PrunePlan:
     """What a prune removes (names relative to the cache directory) and keeps."""

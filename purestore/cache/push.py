@@ -493,7 +493,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                              "(the push stopped when the cache failed)")
                 done[p].set()
                 return
-            await backend.put(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), "text/x-nix-narinfo")
+            await backend.put_narinfo(f"{p.hash_part}.narinfo", ni.render(store_dir).encode(), store_dir)
             published.append(p)
             published_set.add(p)
             totals[0] += info.nar_size

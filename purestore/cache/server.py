@@ -37,7 +37,7 @@ import trio
 
 from ..errors import CacheError
 from .backend import CHUNK, check_name, file_mode
-from .prune import cache_lock, mark_used
+from .prune import cache_lock, mark_used, narinfo_lock
 
 log = logging.getLogger("purestore.cache.server")
 
@@ -426,13 +426,74 @@ async def until_disconnect(receive, sending) -> bool:
     return gone
 
 
-def _publish(directory: str, tmp: str, path: str) -> None:
+class Refused(CacheError):
+    """An upload the server does not take: answered with ``status`` and the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _publish(directory: str, tmp: str, path: str, name: str) -> None:
     """Rename an uploaded file into place under the cache directory's shared lock, as a push
     into a directory does: a ``cache prune`` (which holds it exclusively from its plan to its
-    last removal) never removes a file that an upload put back after it planned."""
+    last removal) never removes a file that an upload put back after it planned.
+
+    A narinfo (``<hash>.narinfo``) is checked first: it must parse, and the NAR file it names
+    must be here with its ``FileSize`` (a client uploads the NAR first; one that found the NAR
+    present when it started may find it pruned since: it is told so, with 409, instead of
+    leaving a narinfo without its NAR).  It keeps the signatures of the narinfo it replaces (for
+    the same contents: two pushes or signings of one path at once keep both keys' signatures)."""
     with cache_lock(directory, exclusive=False):
+        if name.endswith(".narinfo") and "/" not in name:
+            with narinfo_lock(directory):
+                _check_and_merge_narinfo(directory, tmp, path, name)
+                os.chmod(tmp, file_mode())
+                os.replace(tmp, path)
+            return
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+
+
+def _check_and_merge_narinfo(directory: str, tmp: str, path: str, name: str) -> None:
+    from ..formats.narinfo import NarInfo, merge_sigs
+    with open(tmp, "rb") as f:
+        data = f.read(MAX_NARINFO + 1)
+    m = re.search(rb"^StorePath: (/\S*)/[^/\s]+$", data, re.M)
+    if len(data) > MAX_NARINFO or m is None:
+        raise Refused(400, f"{name} is not a narinfo" + (" (too big)" if len(data) > MAX_NARINFO else
+                                                          " (no StorePath line)"))
+    store_dir = os.fsdecode(m[1])
+    try:
+        ni = NarInfo.parse(data, store_dir, where=name)
+    except ValueError as e:
+        raise Refused(400, f"{e}") from None
+    if ni.store_path.hash_part != name[:-len(".narinfo")]:
+        raise Refused(400, f"{name} describes {ni.store_path.absolute(store_dir)!r}, another path")
+    try:
+        nar = os.path.join(directory, check_name(ni.url, name))
+    except CacheError:
+        raise Refused(400, f"{name}: its URL {ni.url!r} points outside the cache") from None
+    try:
+        size = os.stat(nar).st_size
+    except FileNotFoundError:
+        size = None
+    if size is None or (ni.file_size is not None and size != ni.file_size):
+        raise Refused(409, f"its NAR {ni.url} is "
+                           f"{'not in the cache' if size is None else f'{size} bytes, not {ni.file_size}'}"
+                           f" (pruned since the push found it?): run the push again")
+    try:
+        with open(path, "rb") as f:
+            old = f.read(MAX_NARINFO)
+    except OSError:
+        return
+    merged = merge_sigs(data, old, store_dir)
+    if merged is not data:
+        with open(tmp, "wb") as f:
+            f.write(merged)
+
+
+MAX_NARINFO = 1 << 20  # bytes of an uploaded narinfo (Nix's are well under 1 KiB a reference)
 
 
 DRAIN_MAX = 1 << 30  # bytes of a refused upload read (and dropped) before the answer
@@ -491,7 +552,11 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
             await respond(send, 500, f"cannot store {name}: {e.strerror or e}\n".encode())
             return
         try:
-            await trio.to_thread.run_sync(_publish, directory, tmp, path)
+            await trio.to_thread.run_sync(_publish, directory, tmp, path, name)
+        except Refused as e:
+            log.error("error: refused %s: %s", name, e)
+            await respond(send, e.status, f"{e}\n".encode())
+            return
         except (OSError, CacheError) as e:
             log.error("error: cannot store %s: %s", name, getattr(e, "strerror", None) or e)
             await respond(send, 500, f"cannot store {name}: {getattr(e, 'strerror', None) or e}\n".encode())

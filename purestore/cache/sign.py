@@ -142,7 +142,7 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
                 unchanged.append(ni.store_path)
             else:
                 async with limit:
-                    await backend.put(f"{h}.narinfo", ni.with_sigs(new).render(sd).encode(), "text/x-nix-narinfo")
+                    await backend.put_narinfo(f"{h}.narinfo", ni.with_sigs(new).render(sd).encode(), sd)
                 signed.append(ni.store_path)
             if progress:
                 progress.path_done(ni.store_path.absolute(sd))

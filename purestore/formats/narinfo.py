@@ -159,6 +159,23 @@ def _sha256(value: str, _sd: str) -> Hash:
     return h
 
 
+def merge_sigs(new: bytes, old: bytes | None, store_dir: str) -> bytes:
+    """The narinfo ``new`` that is to replace ``old``, with ``old``'s signatures added when both
+    describe the same contents (path, NAR hash and size, references): two writers of one path at
+    once (pushes with different keys, ``cache sign``) then keep each other's signatures.
+    Otherwise (other contents, nothing to add, or either does not parse) ``new`` as it is."""
+    if not old:
+        return new
+    try:
+        a, b = NarInfo.parse(new, store_dir), NarInfo.parse(old, store_dir)
+    except ValueError:  # (every FormatError is one)
+        return new
+    if (a.store_path, a.nar_hash, a.nar_size, a.references) != (b.store_path, b.nar_hash, b.nar_size, b.references) \
+            or set(b.sigs) <= set(a.sigs):
+        return new
+    return a.with_sigs(b.sigs).render(store_dir).encode()
+
+
 def _url(value: str, _sd: str) -> str:
     if not value:
         raise ValueError("URL is empty")
