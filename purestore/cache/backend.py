@@ -208,6 +208,7 @@ class Backend:
     """Interface of a cache backend (see the module docstring)."""
 
     cache_url: CacheURL
+    bucket = False  # an object store (S3): files have no times of use, only Last-Modified
 
     @property
     def url(self) -> str:

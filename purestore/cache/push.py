@@ -211,11 +211,10 @@ async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency
     Returns them, and with ``key_names`` (a push's keys) the paths whose narinfo lacks a
     signature by one of them: each narinfo is then read instead (one request all the same);
     not for a bucket (None), whose ranged GETs note what ``cache prune`` needs."""
-    from .s3_backend import S3Backend
     have: set[StorePath] = set()
     limit = trio.CapacityLimiter(concurrency)
     local = isinstance(backend, FileBackend)
-    read = bool(key_names) and not isinstance(backend, S3Backend)
+    read = bool(key_names) and not backend.bucket
     lacking: list[StorePath] = []
 
     async def ask(p: StorePath) -> None:

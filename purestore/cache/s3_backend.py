@@ -271,6 +271,7 @@ class S3Backend(HttpBackend):
     """An S3 bucket as a cache (see the module docstring): the HTTP backend, each request to the
     bucket signed with :func:`sign_v4`."""
 
+    bucket = True
     list_page = 1000  # keys asked for per ListObjectsV2 request (S3's most)
 
     single_put_max = SINGLE_PUT_MAX  # files over this are uploaded in parts whatever the URL says
