@@ -100,3 +100,27 @@ async def test_a_bad_narinfo_upload_is_refused_with_400(tmp_path, text, says):
         assert "400" in str(e.value) and says in str(e.value)
         assert (d / name).read_bytes() == before
     await with_cache(tmp_path, job)
+
+
+async def test_a_fifo_in_place_of_a_narinfo_is_replaced_not_waited_on(tmp_path):
+    """Writing a narinfo reads the one it replaces: a FIFO there (nobody writing to it) must not
+    hang the writer, in a directory or behind `cache serve`."""
+    import os
+    name = narinfo_name(NIX_PATHS[0])
+    d = tmp_path / "dir"
+    shutil.copytree(NIX_CACHE, d)
+    data = (d / name).read_bytes()
+    (d / name).unlink()
+    os.mkfifo(d / name)
+    with trio.fail_after(10):
+        async with backend_for(f"file://{d}", settings_for(tmp_path / "s", SD)) as b:
+            await b.put_narinfo(name, data, SD)
+    assert (d / name).read_bytes() == data
+
+    async def job(b, served):
+        (served / name).unlink()
+        os.mkfifo(served / name)
+        with trio.fail_after(10):
+            await b.put_narinfo(name, data, SD)
+        assert (served / name).read_bytes() == data
+    await with_cache(tmp_path, job)

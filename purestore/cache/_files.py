@@ -37,3 +37,21 @@ def open_regular(path: str):
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_if_regular(path: str, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of the regular file at ``path`` (symlinks followed); None when
+    there is none, or something else is there (a FIFO is never waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from ..errors import CacheError
-from ._files import open_regular
+from ._files import open_regular, read_if_regular
 
 CHUNK = 1 << 20
 
@@ -378,11 +378,7 @@ class FileBackend(Backend):
 
         def write():
             with narinfo_lock(self.dir):
-                try:
-                    with open(p, "rb") as f:
-                        old = f.read(1 << 20)
-                except OSError:  # none yet (or none to read: replaced all the same)
-                    old = None
+                old = read_if_regular(p, 1 << 20)  # (none yet, or nothing to read: replaced all the same)
                 self._write(name, merge_sigs(data, old, store_dir))
         await trio.to_thread.run_sync(write)
 

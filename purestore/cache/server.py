@@ -36,6 +36,7 @@ import tempfile
 import trio
 
 from ..errors import CacheError
+from ._files import read_if_regular
 from .backend import CHUNK, check_name, file_mode
 from .prune import cache_lock, mark_used, narinfo_lock
 
@@ -482,10 +483,8 @@ def _check_and_merge_narinfo(directory: str, tmp: str, path: str, name: str) -> 
         raise Refused(409, f"its NAR {ni.url} is "
                            f"{'not in the cache' if size is None else f'{size} bytes, not {ni.file_size}'}"
                            f" (pruned since the push found it?): run the push again")
-    try:
-        with open(path, "rb") as f:
-            old = f.read(MAX_NARINFO)
-    except OSError:
+    old = read_if_regular(path, MAX_NARINFO)
+    if old is None:
         return
     merged = merge_sigs(data, old, store_dir)
     if merged is not data:
