@@ -54,6 +54,43 @@ async def test_an_uploaded_narinfo_keeps_the_signatures_of_the_one_it_replaces(t
     await with_cache(tmp_path, job)
 
 
+async def test_what_nix_writes_is_taken_any_compression_and_size(tmp_path):
+    """The server checks only what a reader needs: a compression pure does not read (lz4, as
+    `nix copy --to …?compression=lz4` writes), fields it does not know, a narinfo of several MiB
+    (a path with very many references) are stored as they are."""
+    name = narinfo_name(NIX_PATHS[0])
+
+    async def job(b, d):
+        text = (d / name).read_bytes()
+        (d / name).unlink()
+        odd = text.replace(b"Compression: zstd", b"Compression: lz4").replace(b"Compression: xz", b"Compression: lz4")
+        odd += b"Future: 1\n"
+        await b.put_narinfo(name, odd, SD)
+        assert (d / name).read_bytes() == odd
+        many = b" ".join(b"%032d-ref" % i for i in range(60_000))
+        big = b"".join((line if not line.startswith(b"References:") else b"References: " + many)
+                       + b"\n" for line in text[:-1].split(b"\n"))
+        assert len(big) > 2 << 20
+        (d / name).unlink()
+        await b.put_narinfo(name, big, SD)
+        assert (d / name).read_bytes() == big
+    await with_cache(tmp_path, job)
+
+
+async def test_signing_a_narinfo_again_needs_no_nar(tmp_path):
+    """Only a new narinfo needs its NAR in the cache: one signed again (same contents) is taken
+    (as before the check; `cache sign` and `nix store sign` over HTTP)."""
+    name = narinfo_name(NIX_PATHS[0])
+
+    async def job(b, d):
+        old = NarInfo.parse((d / name).read_bytes(), SD)
+        (d / old.url).unlink()
+        k = SecretKey.generate("two-1")
+        await b.put_narinfo(name, old.with_sigs([k.sign(old.fingerprint(SD)).render()]).render(SD).encode(), SD)
+        assert "Sig: two-1:" in (d / name).read_text()
+    await with_cache(tmp_path, job)
+
+
 async def test_a_narinfo_whose_nar_is_gone_is_refused_with_409_and_said_so(tmp_path):
     """What a push meets when a prune removed the NAR it had found present: the narinfo is not
     published (no narinfo without its NAR), and the error says what to do."""
@@ -66,7 +103,7 @@ async def test_a_narinfo_whose_nar_is_gone_is_refused_with_409_and_said_so(tmp_p
         (d / name).unlink()
         with pytest.raises(CacheError) as e:
             await b.put_narinfo(name, before, SD)
-        assert f"HTTP 409 Conflict: \"its NAR {ni.url} is not in the cache (pruned since" in str(e.value)
+        assert f"HTTP 409 Conflict: \"its NAR {ni.url} is not in the cache (a push uploads it first; pruned since" in str(e.value)
         assert "run the push again" in str(e.value)
         assert not (d / name).exists()
         # a NAR of another size than the narinfo's FileSize: the same
@@ -78,8 +115,8 @@ async def test_a_narinfo_whose_nar_is_gone_is_refused_with_409_and_said_so(tmp_p
 
 
 @pytest.mark.parametrize("text, says", [
-    (b"hello\n", "is not a narinfo (no StorePath line)"),
-    (b"StorePath: /nix/store/" + b"a" * 32 + b"-x\nURL: nar/x\n", "missing field 'NarHash'"),
+    (b"hello\n", "is not a narinfo ('Key: value' lines with StorePath, URL, NarHash and NarSize)"),
+    (b"StorePath: /nix/store/" + b"a" * 32 + b"-x\nURL: nar/x\n", "is not a narinfo"),
     (None, "another path"),
     ("escape", "points outside the cache"),
 ])
@@ -124,3 +161,44 @@ async def test_a_fifo_in_place_of_a_narinfo_is_replaced_not_waited_on(tmp_path):
             await b.put_narinfo(name, data, SD)
         assert (served / name).read_bytes() == data
     await with_cache(tmp_path, job)
+
+
+def test_a_push_waiting_for_the_narinfo_lock_says_so_and_stops_on_sigterm(tmp_path):
+    """The lock of narinfo writers is held for milliseconds; one held longer (another process
+    stuck) is waited for with a word, and SIGTERM still stops the push at once, leaving no
+    narinfo."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import pure_env
+    from test_cache_support import SEC, make_closure, open_store
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    with open_store(tmp_path / "a") as store:
+        _lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "nix-cache-info").write_text("StoreDir: /pure/store\n")
+    fd = os.open(cache / "nix-cache-info", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "copy", "--to", f"file://{cache}",
+                                 "--secret-key-file", str(key), app_p], env=pure_env(tmp_path / "a", "/pure/store"),
+                                stderr=subprocess.PIPE, text=True)
+        line = ""
+        deadline = time.monotonic() + 30
+        while "waiting for another writer" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        assert f"waiting for another writer of '{cache}'" in line
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20)
+        assert rc == 143 and time.monotonic() - start < 5
+    finally:
+        os.close(fd)
+    assert not list(cache.glob("*.narinfo")) and not list(cache.glob(".tmp-*"))

@@ -43,6 +43,9 @@ def test_unknown_command_is_a_usage_error():
     # purestore's form of errors, not argparse's usage block
     assert p.stderr.startswith("error: argument COMMAND: invalid choice: 'frobnicate'")
     assert p.stderr.rstrip().endswith("hint: see 'pure --help'")
+    p = run_pure("store", "add", "--bogus", "x", check=False)  # the command's own help is named
+    assert p.returncode == 2 and p.stderr == ("error: unrecognized arguments: --bogus\n"
+                                              "hint: see 'pure store add --help'\n")
     p = run_pure("key", "generate", check=False)
     assert p.returncode == 2 and p.stderr == ("error: the following arguments are required: --name\n"
                                               "hint: see 'pure key generate --help'\n")

@@ -99,3 +99,18 @@ def test_nix_extra_settings_add_to_the_lists_and_substitute_false_is_offline(tmp
         parse_config("extra-trusted-public-keys = nonsense\n", "pure.conf")
     with pytest.raises(UsageError, match="unknown setting 'extra-max-jobs'"):
         parse_config("extra-max-jobs = 3\n", "pure.conf")
+
+
+def test_a_setting_that_is_not_utf8_is_printed_as_its_bytes(tmp_path):
+    """A substituter named with bytes that are not UTF-8 (kept as they are) is printed as those
+    bytes, even where stdout would be strict UTF-8: no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+    conf = tmp_path / "pure.conf"
+    conf.write_bytes(b"substituters = file://" + os.fsencode(tmp_path) + b"/caf\xe9\n")
+    r = subprocess.run([sys.executable, "-m", "purestore.cli.main", "cache", "info"], capture_output=True,
+                       env=pure_env(None, extra={"PURE_CONFIG": str(conf), "PYTHONIOENCODING": "utf-8"}))
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+    assert b"/caf\xe9  not used: " in r.stdout and b"does not exist" in r.stdout

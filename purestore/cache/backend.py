@@ -262,6 +262,29 @@ class Backend:
 # -- file:// ------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _narinfo_lock(directory: str):
+    """:func:`.prune.open_narinfo_lock`'s lock, polled for so that Ctrl-C stops a writer that
+    waits for it; said once when the wait passes a second (it is held for milliseconds)."""
+    from .prune import open_narinfo_lock, try_lock
+    fd = open_narinfo_lock(directory)
+    if fd is None:
+        yield
+        return
+    try:
+        waited = 0.0
+        while not try_lock(fd):
+            if waited < 1 <= waited + 0.02:
+                import logging
+                logging.getLogger("purestore.cache").warning(
+                    "waiting for another writer of %r (a lock on its nix-cache-info)", directory)
+            waited += 0.02
+            await trio.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
 class FileBackend(Backend):
     """A cache in a local directory; writes are atomic (temporary file, fsync-free rename)."""
 
@@ -372,15 +395,14 @@ class FileBackend(Backend):
         await trio.to_thread.run_sync(self._write, name, data)
 
     async def put_narinfo(self, name: str, data: bytes, store_dir: str) -> None:
-        from ..formats.narinfo import merge_sigs
-        from .prune import narinfo_lock
+        from ..formats.narinfo import MAX_SIZE, merge_sigs
         p = self._path(name)
 
         def write():
-            with narinfo_lock(self.dir):
-                old = read_if_regular(p, 1 << 20)  # (none yet, or nothing to read: replaced all the same)
-                self._write(name, merge_sigs(data, old, store_dir))
-        await trio.to_thread.run_sync(write)
+            old = read_if_regular(p, MAX_SIZE)  # (none yet, or nothing to read: replaced all the same)
+            self._write(name, merge_sigs(data, old))
+        async with _narinfo_lock(self.dir):
+            await trio.to_thread.run_sync(write)
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
                        *, move: bool = False) -> None:

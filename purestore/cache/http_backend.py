@@ -31,6 +31,7 @@ from typing import AsyncIterator
 import trio
 
 from ..errors import CacheError
+from ..formats.narinfo import MAX_SIZE
 from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name, file_url
 from .content_encoding import decode, is_identity
 
@@ -149,7 +150,7 @@ async def _no_chunks() -> AsyncIterator[bytes]:
     yield
 
 
-MAX_SMALL_FILE = 16 << 20  # bytes of a narinfo or nix-cache-info read at most
+MAX_SMALL_FILE = MAX_SIZE  # bytes of a narinfo or nix-cache-info read at most
 
 
 def whole_limit(name: str) -> int:

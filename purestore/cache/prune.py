@@ -97,21 +97,42 @@ def cache_lock(directory: str, *, exclusive: bool, on_wait: Callable[[], None] |
         os.close(fd)  # releases the lock
 
 
+def open_narinfo_lock(directory: str) -> int | None:
+    """The descriptor whose exclusive ``flock`` each writer of a narinfo into the directory (a
+    push, a signing, an upload through ``cache serve``) holds while it reads the narinfo it
+    replaces and renames the new one into place, so that two of them writing one path at once
+    keep both's signatures (:func:`..formats.narinfo.merge_sigs`): the directory's
+    ``nix-cache-info`` (the directory's own flock is the prune's lock, shared by the writers).
+    None where there is none to lock (then nothing is held)."""
+    try:
+        return os.open(os.path.join(directory, "nix-cache-info"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive ``flock`` on ``fd`` if it is free; True when taken or when the file
+    system cannot lock it this way (NFS refuses an exclusive lock on a file opened for reading:
+    then it is written unlocked, as before there was a lock)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 @contextlib.contextmanager
 def narinfo_lock(directory: str):
-    """Held by each writer of a narinfo into the directory (a push, a signing, an upload through
-    ``cache serve``) while it reads the narinfo it replaces and renames the new one into place,
-    so that two of them writing one path at once keep both's signatures
-    (:func:`..formats.narinfo.merge_sigs`).  An exclusive ``flock`` on the directory's
-    ``nix-cache-info`` (the directory's own flock is the prune's lock, shared by the writers);
-    nothing to hold where there is none."""
-    try:
-        fd = os.open(os.path.join(directory, "nix-cache-info"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    """:func:`open_narinfo_lock`'s lock, waited for (a thread of ``cache serve``)."""
+    fd = open_narinfo_lock(directory)
+    if fd is None:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        while not try_lock(fd):
+            time.sleep(0.02)
         yield
     finally:
         os.close(fd)

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import stat
 import tempfile
 from typing import Iterable
@@ -322,7 +323,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         if option is None or given is None:
             continue
         same = (str(option).lower() == given.lower() if param != "compression-level"
-                else given.lstrip("-").isascii() and given.lstrip("-").isdigit() and int(given) == option)
+                else re.fullmatch(r"-?[0-9]+", given) is not None and int(given) == option)
         if not same:
             raise CacheError(f"cache URL {where!r} asks for {param}={given}, the option for "
                              f"{str(option).lower()}: give it once")

@@ -280,8 +280,21 @@ class _JsonWatch:
             pass
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` are for (``pure store add``'s, say), for its errors."""
+    dest = "command"
+    while True:
+        subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        word = getattr(args, dest, None)
+        if subs is None or word not in subs.choices:
+            return parser
+        parser, dest = subs.choices[word], f"{word}_command"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # names that are not UTF-8 are printed as their bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     owners = COMMAND_OWNERS.get(_command_word(argv))
     parser = make_parser(list(owners) if owners else None)
     args, extra = parser.parse_known_args(argv)
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         # ``intermixed`` and take the stray positionals into it
         into = getattr(args, "intermixed", None)
         if into is None or any(a.startswith("-") for a in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, into, [*getattr(args, into), *extra])
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -159,21 +159,85 @@ def _sha256(value: str, _sd: str) -> Hash:
     return h
 
 
-def merge_sigs(new: bytes, old: bytes | None, store_dir: str) -> bytes:
-    """The narinfo ``new`` that is to replace ``old``, with ``old``'s signatures added when both
-    describe the same contents (path, NAR hash and size, references): two writers of one path at
-    once (pushes with different keys, ``cache sign``) then keep each other's signatures.
-    Otherwise (other contents, nothing to add, or either does not parse) ``new`` as it is."""
+def narinfo_fields(text: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The ``Key: value`` lines of a narinfo, read leniently (any key, any value: what a cache
+    server stores is whatever Nix writes, compressions pure does not read included); None when
+    ``text`` is not lines of that form."""
+    if not text.endswith(b"\n"):
+        return None
+    out = []
+    for line in text[:-1].split(b"\n"):
+        k, sep, v = line.partition(b": ")
+        if not sep or not k:
+            return None
+        out.append((k, v))
+    return out
+
+
+MAX_SIZE = 16 << 20  # bytes of a narinfo read or stored at most (200,000 references would fit)
+
+_SAME_CONTENTS = (b"StorePath", b"NarHash", b"NarSize", b"References")
+
+
+def first_fields(fields: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Each key's first value (what a reader takes)."""
+    first: dict[bytes, bytes] = {}
+    for k, v in fields:
+        first.setdefault(k, v)
+    return first
+
+
+def _contents(fields: list[tuple[bytes, bytes]]):
+    first = first_fields(fields)
+    got: dict[bytes, object] = {k: first.get(k) for k in _SAME_CONTENTS}
+    got[b"References"] = tuple(sorted((first.get(b"References") or b"").split()))
+    return got if got[b"StorePath"] is not None and got[b"NarHash"] is not None else None
+
+
+def same_contents(a: list[tuple[bytes, bytes]] | None, b: list[tuple[bytes, bytes]] | None) -> bool:
+    """Two narinfos (:func:`narinfo_fields`) describe the same path with the same contents: path,
+    NAR hash and size, references (as text: Nix writes them one way)."""
+    if a is None or b is None:
+        return False
+    ca = _contents(a)
+    return ca is not None and ca == _contents(b)
+
+
+def merge_sigs(new: bytes, old: bytes | None) -> bytes:
+    """The narinfo ``new`` that is to replace ``old``, with ``old``'s well-formed signatures
+    added when both describe the same contents (:func:`same_contents`): two writers of one path
+    at once (pushes with different keys, ``cache sign``) then keep each other's signatures.
+    Otherwise (other contents, nothing to add, or either is no narinfo) ``new`` as it is.  The
+    text of ``new`` is kept but for its ``Sig`` lines, which stay where they were, sorted as Nix
+    writes them (before ``CA``, else at the end, when it had none).  Garbage signatures are not
+    carried on (nor are signatures ever removed this way: a replaced narinfo's go on)."""
+    from .signing import Signature
+
     if not old:
         return new
-    try:
-        a, b = NarInfo.parse(new, store_dir), NarInfo.parse(old, store_dir)
-    except ValueError:  # (every FormatError is one)
+    a, b = narinfo_fields(new), narinfo_fields(old)
+    if not same_contents(a, b):
         return new
-    if (a.store_path, a.nar_hash, a.nar_size, a.references) != (b.store_path, b.nar_hash, b.nar_size, b.references) \
-            or set(b.sigs) <= set(a.sigs):
+    have = {v for k, v in a if k == b"Sig"}
+    add = set()
+    for k, v in b:
+        if k == b"Sig" and v not in have:
+            try:
+                Signature.parse(v.decode())
+            except (ValueError, UnicodeDecodeError):  # (KeyError_ is a ValueError)
+                continue  # garbage is not carried on
+            add.add(v)
+    if not add:
         return new
-    return a.with_sigs(b.sigs).render(store_dir).encode()
+    sigs = [(b"Sig", v) for v in sorted(have | add)]
+    rest = [(k, v) for k, v in a if k != b"Sig"]
+    at = next((i for i, (k, _v) in enumerate(a) if k == b"Sig"), None)
+    if at is None:
+        at = next((i for i, (k, _v) in enumerate(rest) if k == b"CA"), len(rest))
+    else:
+        at = sum(1 for k, _v in a[:at] if k != b"Sig")
+    out = rest[:at] + sigs + rest[at:]
+    return b"".join(k + b": " + v + b"\n" for k, v in out)
 
 
 def _url(value: str, _sd: str) -> str:
