@@ -614,10 +614,50 @@ async def test_a_cache_that_keeps_failing_costs_one_attempt_per_request_after_th
                                                 wanted, trusted_keys=[PUB])
         n.cancel_scope.cancel()
     asked = [n for _m, n, _r, st in server.asked if n.endswith(".narinfo")]
-    # at most the 16 queries in flight used their 4 attempts; the others were not asked
-    assert len(asked) <= 16 * 4 and len(set(asked)) <= 16, len(asked)
+    # at most the 16 queries in flight used their 4 attempts (and one more started when the
+    # first gave up: one file failing is not the cache failing, two are); the others were not asked
+    assert len(asked) <= 16 * 4 + 1 and len(set(asked)) <= 17, len(asked)
     assert "HTTP 503 Service Unavailable" in str(e.value)
     assert "not asked, since the cache failed other requests less than 60 s ago" in str(e.value)
+
+
+async def test_one_file_failing_does_not_stop_the_others_of_a_cache_that_answers(cache, tmp_path, retry_fast):
+    """One narinfo answered 503 every time while the cache answers the others: only that path
+    fails; the NARs of the others (fetched after it gave up, as a build asks all its narinfos
+    first) still come from the cache, which is not taken for down (before, it was not asked
+    for a minute, and a build built everything)."""
+    from purestore.cache.substituter import Substituters, _Rejected, substitute_report
+    c, lib, app, big = cache
+    server = FlakyCache(c, {big.hash_part: ["503"] * 1000})
+    root = tmp_path / "dst"
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        settings = settings_for(root, download_attempts=3)
+        with open_store(root) as store, trio.fail_after(60):
+            async with Substituters(settings, [server.url], [PUB]) as session:
+                assert (await session.query(app))[1].store_path == app
+                with pytest.raises(_Rejected, match=r"HTTP 503 Service Unavailable \(3 attempts\)"):
+                    await session.query(big)
+                rep = await substitute_report(store, settings, [app], session=session)
+            assert rep.failures == {} and {app, lib} <= set(store.valid_paths())
+        n.cancel_scope.cancel()
+
+
+async def test_a_stalled_cache_of_lower_priority_does_not_hold_up_a_better_one(cache, tmp_path):
+    """The first cache has the path; the second stalls on every narinfo: the path comes from the
+    first at once, the second is not waited for (Nix does not ask it at all)."""
+    from purestore.cache import substituter
+    c, lib, app, big = cache
+    server = FlakyCache(c, {".narinfo": ["stall"] * 100})
+    root = tmp_path / "dst"
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store:
+            with trio.fail_after(10):  # the stall timeout is 30 s
+                rep = await substituter.substitute_report(store, settings_for(root), [app],
+                                                          urls=[f"file://{c}", server.url], trusted_keys=[PUB])
+            assert rep.failures == {} and {app, lib} <= set(store.valid_paths())
+        n.cancel_scope.cancel()
 
 
 def test_a_warning_during_a_build_clears_the_build_status_line():

@@ -169,6 +169,8 @@ class _Transient(CacheError):
 
     wait: float = 0.0
     cache_wide: bool = False  # the server's trouble (no connection, a stall, 5xx), not one file's
+    unreachable: bool = False  # no connection at all
+    name: str = ""  # the file asked for
 
 
 MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
@@ -231,6 +233,7 @@ class HttpBackend(Backend):
         self.retry_delay = RETRY_DELAY if retry_delay is None else retry_delay
         self._answered = False  # the server has answered a request of this backend
         self._failing = False  # a request used up its attempts, and none has succeeded since
+        self._gave_up_on: set[str] = set()  # files whose requests gave up since the last answer
         self._gave_up: trio.Event | None = None  # set when a request gives up (others waiting to retry stop)
         self._disabled_until = 0.0  # time.monotonic() until which nothing is asked (it failed)
         u = urllib.parse.urlsplit(cu.base)
@@ -332,6 +335,8 @@ class HttpBackend(Backend):
             reason += f" (redirected to {via})"
         err = (_Transient if transient else CacheError)(f"cache {self.url!r}: cannot {what} {name!r}: {reason}")
         err.cache_wide = isinstance(e, (http.ConnectFailed, http.Stalled))
+        err.unreachable = isinstance(e, http.ConnectFailed)
+        err.name = name
         return err
 
     def _status(self, what: str, name: str, r, said: str = "") -> CacheError:
@@ -355,17 +360,28 @@ class HttpBackend(Backend):
         e = _Transient(msg)
         e.wait = _retry_after_header(r)
         e.cache_wide = True
+        e.name = name
         return e
+
+    def _ok(self) -> None:
+        """An answer that was no transient failure came."""
+        self._failing = False
+        self._gave_up_on.clear()
 
     async def _retry_after(self, e: _Transient, attempt: int) -> None:
         """After failed attempt number ``attempt``: raise the final error, or warn and wait.
 
         Once a request has used up its attempts, the cache is taken to be failing: later
-        requests get one attempt each until one succeeds again (Nix disables such a cache for a
-        minute), so that a cache answering 500 to everything costs a build seconds, not minutes."""
+        requests get one attempt each until one succeeds again; and when the cache cannot be
+        reached, or requests for two files have given up (a stall, 5xx) with no answer in
+        between, nothing is asked for a minute (as Nix disables such a cache), so that a cache
+        answering 500 to everything costs a build seconds, not minutes.  One file that fails
+        while the cache answers the others is that file's trouble: the others (NARs whose
+        narinfo came) are still fetched from it."""
         if attempt >= (1 if self._failing else self.attempts):
             self._failing = True
-            if e.cache_wide:  # not asked for a while (as Nix disables such a cache for a minute)
+            self._gave_up_on.add(e.name)
+            if e.cache_wide and (e.unreachable or len(self._gave_up_on) > 1):
                 self._disabled_until = time.monotonic() + DISABLED_FOR
                 if self._gave_up is not None:
                     self._gave_up.set()
@@ -424,7 +440,7 @@ class HttpBackend(Backend):
                 client, target, via = nxt
             if r.status in TRANSIENT_STATUS:
                 raise self._status(what, name, r, _server_says(r, data))  # (may be final: see there)
-            self._failing = False
+            self._ok()
             return r, data
         return await self._retrying(once)
 
@@ -502,21 +518,21 @@ class HttpBackend(Backend):
                     raise CacheError(f"cache {self.url!r}: cannot download {name!r}: asked for the rest "
                                      f"from byte {offset}, got Content-Range "
                                      f"{r.headers.get('content-range')!r}")
-                self._failing = False
+                self._ok()
                 return body, 0
             if offset and r.status == 416:
                 total = r.headers.get("content-range", "").rpartition("/")[2]
                 if total == str(offset):
                     # every byte had come; only the end of the response was lost (a chunked
                     # body cut before its last mark): the checks of the whole file decide
-                    self._failing = False
+                    self._ok()
                     return _no_chunks(), 0
                 raise CacheError(f"cache {self.url!r}: cannot download {name!r}: asked for the rest "
                                  f"from byte {offset}, got {_status_line(r)} (the file has "
                                  f"{total or 'an unknown number of'} bytes)")
             if r.status != 200:
                 raise self._status("download", name, r)
-            self._failing = False
+            self._ok()
             return body, offset  # the whole file again: skip what was received
 
         async def chunks(body, attempt: int):

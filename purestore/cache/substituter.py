@@ -174,9 +174,24 @@ class Substituters:
         skip = {id(c) for c in exclude}
         caches = [c for c in self.caches if id(c) not in skip]
         results: list[NarInfo | str | None] = [None] * len(caches)
+        answered = [False] * len(caches)
+
+        def decided() -> bool:
+            """A cache has a good narinfo and every cache before it (in priority order) has
+            answered: the caches after it are not waited for (a slow or stalled one of lower
+            priority must not hold up what a better one has: Nix does not ask them at all)."""
+            for r, done in zip(results, answered):
+                if not done:
+                    return False
+                if isinstance(r, NarInfo):
+                    return True
+            return True
 
         async def one(i: int, cache: _Cache):
             results[i] = await self._query_one(cache, path)
+            answered[i] = True
+            if decided():
+                n.cancel_scope.cancel()
 
         async with open_nursery() as n:
             for i, c in enumerate(caches):
