@@ -148,6 +148,24 @@ async def test_negative_lookups_are_cached_briefly(source, tmp_path):
         assert await substitute(d, ds.evolve(narinfo_cache_negative_ttl=0), {app}) == {app}
 
 
+async def test_a_push_from_this_store_forgets_that_the_path_was_missing(source, tmp_path):
+    """The store remembered "not in c" for app; this store then pushes app to c (with other URL
+    parameters than the substituter's): the next lookup asks c again and fetches it, as Nix
+    records a push.  (A push from elsewhere cannot tell this store: the test above.)"""
+    from purestore.cache import substitute
+    store, s, lib, app = source
+    c, c2 = f"file://{tmp_path}/c", f"file://{tmp_path}/c2"
+    await push(store, s, c, [lib])
+    await push(store, s, c2, [app])
+    d, ds = dest(tmp_path, c, narinfo_cache_negative_ttl=3600)
+    with d:
+        assert await substitute(d, ds, {app}) == set()  # remembered: c lacks app
+        assert await substitute(d, ds.evolve(substituters=(c2,)), {app}) == {app}
+        await push(d, ds, c + "?compression=xz", [app])
+        d.delete([app])
+        assert await substitute(d, ds, {app}) == {app}
+
+
 async def test_offline_and_no_substituters_do_nothing(source, tmp_path):
     from purestore.cache import substitute
     store, s, lib, app = source

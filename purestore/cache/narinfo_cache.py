@@ -68,6 +68,27 @@ class NegativeCache:
                 except sqlite3.Error:
                     pass
 
+    @staticmethod
+    def forget_pushed(state_dir: str | None, hash_parts) -> None:
+        """Paths just pushed to a cache are in a cache now: whatever "not in this cache" was
+        remembered of them (for any cache: the one pushed to may be named otherwise, with other
+        URL parameters, as a substituter) is forgotten, so that the next build asks again (as
+        Nix records a push).  Nothing is made where no memory was kept."""
+        hash_parts = list(hash_parts)
+        if not state_dir or not hash_parts:
+            return
+        path = os.path.join(state_dir, "narinfo-cache.sqlite")
+        if not os.path.exists(path):
+            return
+        try:
+            db = sqlite3.connect(path, timeout=5, isolation_level=None)
+            try:
+                db.executemany("DELETE FROM Negative WHERE hash = ?", [(h,) for h in hash_parts])
+            finally:
+                db.close()
+        except sqlite3.Error:
+            pass
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()

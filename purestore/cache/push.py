@@ -43,6 +43,7 @@ from . import _storeapi as S
 from .backend import Backend, FileBackend, backend_for, file_url, parse_url, url_flag
 from .compression import compressor, extension
 from .info import CacheInfo
+from .narinfo_cache import NegativeCache
 from .forked import ForkedWorker, run_claimed
 from .nar_jobs import compress_path, nar_listing, push_temp_name  # noqa: F401 (nar_listing: API)
 from ._nursery import open_nursery, run_stoppable
@@ -530,6 +531,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         finally:
             if worker is not None:
                 await worker.aclose()
+            NegativeCache.forget_pushed(getattr(settings, "state_dir", None), (p.hash_part for p in published))
         if cache_failed:
             raise stopped(cache_failed[0][1], cache_failed[0][0]) from cache_failed[0][1]
         if progress:
