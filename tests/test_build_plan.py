@@ -319,3 +319,35 @@ def test_offline_may_follow_the_build_command(scene, pure, tmp_path):
     assert "binary cache" not in p.stderr and "will be built" in p.stderr, p.stderr
     p = pure("--substituters", f"file://{gone}", "build", scene.f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
     assert "not using binary cache" in p.stderr  # (without it, the cache is asked)
+
+
+def test_fallback_goes_down_a_chain_of_build_inputs_as_far_as_it_must(pure, expr, tmp_path, store_root):
+    """d4 is built with d3, d3 with d2 … d1 with d0 (build-time inputs only).  The cache has all
+    five, but the NARs of d1 to d4 are corrupt: each fails in turn and is built, and d0, which
+    the cache has intact, is fetched, not built (before, the fallback gave up after three
+    rounds and built d1 and d0 without trying them), each fetch said before it is made."""
+    body = 'd0 = sh("d0", "$B mkdir $out; echo d0 > $out/f")\n'
+    for i in range(1, 5):
+        body += f'd{i} = sh("d{i}", f"$B mkdir $out; $B cat {{d{i - 1}}}/f > $out/f; echo d{i} >> $out/f")\n'
+    body += "default = d4\n"
+    f = expr(body)
+    build(pure, tmp_path, f, "--no-link")
+    outs = {p.rsplit("-", 1)[1]: p for p in pure("store", "ls").stdout.split() if not p.endswith(".drv")
+            and p.rsplit("-", 1)[1] in {f"d{i}" for i in range(5)}}
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = tmp_path / "cache"
+    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", *outs.values())
+    for i in range(1, 5):
+        text = (cache / (outs[f"d{i}"].rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
+        nar = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+        (cache / nar).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 10)
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+             "build", f, "--no-link", "--json", root=root, cwd=tmp_path)
+    built, fetched = _events(root)
+    assert sorted(d.rsplit("-", 1)[1] for d in built) == ["d1.drv", "d2.drv", "d3.drv", "d4.drv"]
+    assert fetched == [outs["d0"]]
+    plans = [json.loads(line) for line in p.stdout.splitlines() if '"fetch-plan"' in line]
+    assert [e["willFetch"] for e in plans] == [[outs[f"d{i}"]] for i in (4, 3, 2, 1, 0)], plans

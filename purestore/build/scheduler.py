@@ -346,13 +346,15 @@ class _Realiser:
         from ..cache.substituter import substitute_report
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
-        self._announce(self._fetch_list(fetch, found))
+        listed = self._fetch_list(fetch, found)
+        self._announce(listed)
+        announced = {x[0] for x in listed}
         got: set[StorePath] = set()
         fetched: set[StorePath] = set()
         failed_all: set[StorePath] = set()  # warned about once each, and not tried again
-        for _round in range(3):  # what failed to come is built, which may need inputs fetched
-            if not fetch:
-                break
+        # what failed to come is built, which may need inputs fetched: rounds until nothing is
+        # left to fetch (each round takes what failed, and what needs it, out of ``found``)
+        while fetch:
             try:
                 rep = await substitute_report(self.store, self.settings, fetch, progress=self.progress.fetch_progress(),
                                               fork_worker=self.options.fork_worker, known=found, session=session)
@@ -381,6 +383,10 @@ class _Realiser:
                         failed_all.add(p)
                         stale = True
             fetch = self._choose(found)[0] - got
+            more = [x for x in self._fetch_list(fetch, found) if x[0] not in announced]
+            if more:  # inputs of what is built instead, said before they are fetched too
+                self._announce(more)
+                announced.update(x[0] for x in more)
         return got, fetched
 
     def _announce(self, listed) -> None:
