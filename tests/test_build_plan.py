@@ -49,11 +49,11 @@ def scene(pure, expr, tmp_path, store_root):
     def push(*paths):
         pure("copy", "--to", s.url, "--secret-key-file", tmp_path / "k.sec", *paths)
 
-    def fresh(name, *args, check=True):
+    def fresh(name, *args, check=True, env=None):
         root = tmp_path / name
         root.mkdir(exist_ok=True)
         return pure("--substituters", s.url, "--trusted-public-keys", s.pub, "build", f, "--no-link",
-                    *args, root=root, cwd=tmp_path, check=check), root
+                    *args, root=root, cwd=tmp_path, check=check, env=env), root
 
     s.push, s.fresh = push, fresh
     return s
@@ -351,3 +351,35 @@ def test_fallback_goes_down_a_chain_of_build_inputs_as_far_as_it_must(pure, expr
     assert fetched == [outs["d0"]]
     plans = [json.loads(line) for line in p.stdout.splitlines() if '"fetch-plan"' in line]
     assert [e["willFetch"] for e in plans] == [[outs[f"d{i}"]] for i in (4, 3, 2, 1, 0)], plans
+
+
+def test_max_jobs_0_fetches_and_never_builds(scene, tmp_path):
+    """max-jobs = 0 (or -j 0), as in Nix: what the caches have is fetched, and a build that would
+    be needed is an error that names it, with nothing built."""
+    scene.push(scene.tool)
+    p, root = scene.fresh("b", "-j", "0", check=False)
+    assert p.returncode == 1 and "cannot build 1 derivation (" + scene.app_drv + "): max-jobs is 0" in p.stderr
+    assert _events(root)[0] == [] and not _valid(root, scene.app)
+    scene.push(scene.app)
+    conf = tmp_path / "jobs0.conf"
+    conf.write_text("max-jobs = 0\n")
+    p, root = scene.fresh("c", check=False, env={"PURE_CONFIG": str(conf)})
+    assert p.returncode == 0 and p.stdout.strip() == scene.app
+    assert _events(root) == ([], [scene.app])
+    p, _root = scene.fresh("d", "-j", "-1", check=False)
+    assert p.returncode == 2 and "--max-jobs must be 0" in p.stderr
+
+
+def test_fallback_false_fails_where_a_fetch_fails_instead_of_building(scene, tmp_path):
+    """fallback = false (Nix's default; pure's is true): the cache lists app but its NAR is
+    corrupt: the build fails naming it, and nothing is built."""
+    scene.push(scene.app, scene.tool)
+    hash_part = scene.app.rsplit("/", 1)[1].split("-", 1)[0]
+    text = (scene.cache / f"{hash_part}.narinfo").read_text()
+    (scene.cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))).write_bytes(b"junk")
+    conf = tmp_path / "nofallback.conf"
+    conf.write_text("fallback = false\n")
+    p, root = scene.fresh("b", check=False, env={"PURE_CONFIG": str(conf)})
+    assert p.returncode == 1 and f"warning: cannot substitute '{scene.app}'" in p.stderr
+    assert "1 path listed by the substituters could not be fetched (said above), and fallback = false" in p.stderr
+    assert _events(root)[0] == []

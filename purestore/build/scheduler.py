@@ -364,6 +364,12 @@ class _Realiser:
                 if p not in failed_all:
                     log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
                     self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
+            if rep.failures and not getattr(self.settings, "fallback", True):
+                n = len(rep.failures)
+                raise BuildError(f"{n} path{'s' if n > 1 else ''} listed by the substituters could not be "
+                                 f"fetched (said above), and fallback = false: "
+                                 f"{'they are' if n > 1 else 'it is'} not built here instead",
+                                 hint="set fallback = true (the default) to build what cannot be fetched")
             failed_all |= set(rep.failures)
             fetched.update(rep.fetched)
             new = rep.valid
@@ -424,6 +430,12 @@ class _Realiser:
         await trio.to_thread.run_sync(setup)
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
+        if to_build and self.options.max_jobs == 0:
+            names = ", ".join(sorted(n.label for n in to_build)[:5]) + (" …" if len(to_build) > 5 else "")
+            raise BuildError(f"cannot build {len(to_build)} derivation{'s' if len(to_build) > 1 else ''} "
+                             f"({names}): max-jobs is 0, so nothing is built here, and the substituters "
+                             f"did not have {'them' if len(to_build) > 1 else 'it'}",
+                             hint="set max-jobs (or -j) to 1 or more to build them here")
         if to_build and self.settings.post_build_hook:
             check_hook(self.settings.post_build_hook)
         checks = []

@@ -28,7 +28,7 @@ _MIN = {"download-attempts": 1, "max-jobs": 0, "cores": 0, "narinfo-cache-negati
         "connect-timeout": 0, "stalled-download-timeout": 0}
 _PATH_KEYS = {"netrc-file", "ssl-cert-file", "post-build-hook"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
-              "fsync-store-paths"}
+              "fsync-store-paths", "fallback"}
 
 
 def _parse_bool(v: str, where: str) -> bool:
@@ -54,6 +54,8 @@ class Settings:
     offline: bool = False
     sandbox: bool = True
     require_provenance: bool = False
+    # build what a cache listed but could not give (Nix's default is false: fail instead)
+    fallback: bool = True
     # flush the file system before registering a new path (power-loss safety; Nix does not)
     fsync_store_paths: bool = True
     narinfo_cache_negative_ttl: int = 300
