@@ -177,6 +177,10 @@ class _Realiser:
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.query_failures: dict[StorePath, str] = {}
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
+        # outputs a cache has, not fetched only because a reference of theirs failed to come:
+        # fetched once their derivation's inputs are built (see _fetch_late), as Nix does
+        self.fetch_after_build: dict[StorePath, tuple] = {}
+        self.found_all: dict[StorePath, tuple] = {}
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -344,6 +348,8 @@ class _Realiser:
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
             return set(), set()
         from ..cache.substituter import substitute_report
+        self.found_all = dict(found)
+        outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}  # built, if not fetched
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
         listed = self._fetch_list(fetch, found)
@@ -383,8 +389,11 @@ class _Realiser:
             while stale:
                 stale = False
                 for p in list(found):
-                    if p in failed_all or (found[p][0], p.hash_part) in session.failed or any(
-                            r != p and r in failed_all for r in found[p][1].references):
+                    own = (found[p][0], p.hash_part) in session.failed  # its NAR failed
+                    refs = [r for r in found[p][1].references if r != p]
+                    if p in failed_all or own or any(r in failed_all for r in refs):
+                        if not own and all(r in outputs_here or r not in failed_all for r in refs):
+                            self.fetch_after_build[p] = found[p]  # once what failed is built
                         del found[p]
                         failed_all.add(p)
                         stale = True
@@ -475,6 +484,9 @@ class _Realiser:
             if failed:
                 node.error = f"dependency {failed[0].label} failed"
                 return
+            if not self.options.check and await self._fetch_late(node):
+                node.ok = True
+                return
             rounds = self.options.rounds if node.top else 1
             built = await self._build_node(node, rounds)
             node.ok = True
@@ -489,6 +501,28 @@ class _Realiser:
                 scope.cancel()
         finally:
             node.finish()
+
+    async def _fetch_late(self, node: _Node) -> bool:
+        """Fetch ``node``'s outputs now that its inputs are built, when a cache had them and
+        only a reference of theirs had failed to come (its inputs' outputs, built here now,
+        have the same paths).  True when they all came; else it is built (the failure said)."""
+        outs = self._wanted_missing(node)
+        if not outs or not all(o in self.fetch_after_build for o in outs):
+            return False
+        from ..cache.substituter import substitute_report
+        rep = await substitute_report(self.store, self.settings, outs, known=self.found_all,
+                                      fork_worker=False)
+        for p, why in sorted(rep.failures.items()):
+            log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
+            self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
+        if not all(o in rep.valid for o in outs):
+            for o in outs:
+                self.fetch_after_build.pop(o, None)
+            return False
+        for p in sorted(rep.fetched, key=lambda q: q.base_name):
+            self.progress.message(f"fetched {p.absolute(self.sd)} (once what it refers to was built here)")
+            self.progress.event("fetched", path=p.absolute(self.sd))
+        return True
 
     async def _post_build_hook(self, node: _Node, scope: trio.CancelScope) -> None:
         drv, outs = node.label, [self.store.print_path(node.outputs[n]) for n in sorted(node.outputs)]
