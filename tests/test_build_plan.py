@@ -387,3 +387,43 @@ def test_fallback_false_fails_where_a_fetch_fails_instead_of_building(scene, tmp
     assert p.returncode == 1 and f"warning: cannot substitute '{scene.app}'" in p.stderr
     assert "1 path listed by the substituters could not be fetched (said above), and fallback = false" in p.stderr
     assert _events(root)[0] == []
+
+
+def test_check_with_max_jobs_0_is_refused(scene):
+    scene.push(scene.app)
+    p, _root = scene.fresh("b")
+    p, _root = scene.fresh("b", "--check", "-j", "0", check=False)
+    assert p.returncode == 1 and "--check builds again, and max-jobs is 0" in p.stderr
+
+
+def test_many_packages_above_a_library_whose_nar_fails_are_fetched_once_it_is_built(pure, expr, tmp_path, store_root):
+    """lib's NAR in the cache is corrupt; twelve packages refer to lib and are built with it.
+    lib is built (its bad NAR fetched and warned about once), and each package is then fetched,
+    once lib is registered (not while it is being registered: then lib was fetched again)."""
+    body = 'lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
+    for i in range(12):
+        body += f'p{i} = sh("p{i}", f"$B mkdir $out; echo {{lib}} > $out/ref")\n'
+    body += "default = [" + ", ".join(f"p{i}" for i in range(12)) + "]\n"
+    f = expr(body)
+    build(pure, tmp_path, f, "--no-link")
+    outs = [p for p in pure("store", "ls").stdout.split() if not p.endswith(".drv")]
+    lib = next(p for p in outs if p.endswith("-lib"))
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = tmp_path / "cache"
+    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", *outs)
+    text = (cache / (lib.rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
+    (cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))).write_bytes(b"junk")
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+             "build", f, "--no-link", "-j", "4", root=root, cwd=tmp_path)
+    built, fetched = _events(root)
+    assert [d.rsplit("-", 1)[1] for d in built] == ["lib.drv"], built
+    assert len(fetched) == 12 and lib not in fetched
+    assert p.stderr.count(f"warning: cannot substitute '{lib}'") == 1, p.stderr
+    st = open_store(root)
+    try:
+        assert st.verify(check_contents=True).ok
+    finally:
+        st.close()

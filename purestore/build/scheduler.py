@@ -181,6 +181,7 @@ class _Realiser:
         # fetched once their derivation's inputs are built (see _fetch_late), as Nix does
         self.fetch_after_build: dict[StorePath, tuple] = {}
         self.found_all: dict[StorePath, tuple] = {}
+        self.session = None  # the substitution's, kept open for the late fetches
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -332,8 +333,15 @@ class _Realiser:
             wanted = set()
         if not wanted:
             return []
-        async with Substituters(self.settings) as session:
+        session = Substituters(self.settings)
+        await session.__aenter__()
+        try:
             got, fetched = await self._fetch(session, wanted)
+        finally:
+            if self.fetch_after_build:  # kept for them: what failed, and which caches fail, is known
+                self.session = session
+            else:
+                await session.aclose()
         for node in self.nodes.values():
             if node.needed and all(o in got for o in self._wanted_missing(node)):
                 node.needed = False
@@ -439,12 +447,15 @@ class _Realiser:
         await trio.to_thread.run_sync(setup)
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
-        if to_build and self.options.max_jobs == 0:
+        if self.options.max_jobs == 0 and (to_build or self.options.check):
+            if not to_build:
+                raise BuildError("--check builds again, and max-jobs is 0: nothing is built here",
+                                 hint="set max-jobs to 1 or more (the setting, or -j N)")
             names = ", ".join(sorted(n.label for n in to_build)[:5]) + (" …" if len(to_build) > 5 else "")
             raise BuildError(f"cannot build {len(to_build)} derivation{'s' if len(to_build) > 1 else ''} "
-                             f"({names}): max-jobs is 0, so nothing is built here, and the substituters "
-                             f"did not have {'them' if len(to_build) > 1 else 'it'}",
-                             hint="set max-jobs (or -j) to 1 or more to build them here")
+                             f"({names}): max-jobs is 0, so nothing is built here, and "
+                             f"{'they' if len(to_build) > 1 else 'it'} could not be fetched",
+                             hint="set max-jobs to 1 or more (the setting, or -j N where the command has it)")
         if to_build and self.settings.post_build_hook:
             check_hook(self.settings.post_build_hook)
         checks = []
@@ -467,6 +478,10 @@ class _Realiser:
         finally:
             if self.fork_server is not None:
                 self.fork_server.close()
+            if self.session is not None:
+                with trio.CancelScope(shield=True):
+                    await self.session.aclose()
+                self.session = None
             self.progress.event("done")
         if self.errors:
             raise BuildFailures(self.errors)
@@ -507,11 +522,17 @@ class _Realiser:
         only a reference of theirs had failed to come (its inputs' outputs, built here now,
         have the same paths).  True when they all came; else it is built (the failure said)."""
         outs = self._wanted_missing(node)
-        if not outs or not all(o in self.fetch_after_build for o in outs):
+        if not outs or not all(o in self.fetch_after_build for o in outs) or self.session is None:
             return False
+        for d in node.deps:  # registered, not only complete on disk
+            await d.done.wait()
+        store = self.store
+        refs = {r for o in outs for r in self.fetch_after_build[o][1].references if r not in outs}
+        if not all(await trio.to_thread.run_sync(lambda: [store.is_valid(r) for r in refs])):
+            return False  # what failed to come was not built before this one (another output of it)
         from ..cache.substituter import substitute_report
         rep = await substitute_report(self.store, self.settings, outs, known=self.found_all,
-                                      fork_worker=False)
+                                      fork_worker=False, session=self.session)
         for p, why in sorted(rep.failures.items()):
             log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
             self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)

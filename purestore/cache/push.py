@@ -531,7 +531,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         finally:
             if worker is not None:
                 await worker.aclose()
-            NegativeCache.forget_pushed(getattr(settings, "state_dir", None), (p.hash_part for p in published))
+            NegativeCache.forget_pushed(getattr(settings, "state_dir", None),
+                                        (p.hash_part for p in (*published, *have)))
         if cache_failed:
             raise stopped(cache_failed[0][1], cache_failed[0][0]) from cache_failed[0][1]
         if progress:
