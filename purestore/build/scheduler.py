@@ -335,13 +335,11 @@ class _Realiser:
             return []
         session = Substituters(self.settings)
         await session.__aenter__()
-        try:
-            got, fetched = await self._fetch(session, wanted)
-        finally:
-            if self.fetch_after_build:  # kept for them: what failed, and which caches fail, is known
-                self.session = session
-            else:
-                await session.aclose()
+        self.session = session  # closed by run(); kept open for the late fetches, if any
+        got, fetched = await self._fetch(session, wanted)
+        if not self.fetch_after_build:
+            self.session = None
+            await session.aclose()
         for node in self.nodes.values():
             if node.needed and all(o in got for o in self._wanted_missing(node)):
                 node.needed = False
@@ -445,6 +443,15 @@ class _Realiser:
             os.makedirs(self.root_mount, mode=0o755, exist_ok=True)
             self._load_graph(tops)
         await trio.to_thread.run_sync(setup)
+        try:
+            return await self._run(tops)
+        finally:
+            if self.session is not None:  # (kept open by _substitute for the late fetches)
+                with trio.CancelScope(shield=True):
+                    await self.session.aclose()
+                self.session = None
+
+    async def _run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
         if self.options.max_jobs == 0 and (to_build or self.options.check):
@@ -478,10 +485,6 @@ class _Realiser:
         finally:
             if self.fork_server is not None:
                 self.fork_server.close()
-            if self.session is not None:
-                with trio.CancelScope(shield=True):
-                    await self.session.aclose()
-                self.session = None
             self.progress.event("done")
         if self.errors:
             raise BuildFailures(self.errors)
