@@ -375,13 +375,14 @@ class FileBackend(Backend):
         except OSError as e:
             raise self._err("write", name, e) from e
 
-    def _write(self, name: str, data: bytes) -> None:
-        """Worker thread: ``data`` into a temporary file renamed to ``name``."""
+    def _write_with(self, name: str, fill) -> None:
+        """Worker thread: ``fill(file)`` writes a temporary file that is then renamed to ``name``
+        (removed again if anything fails)."""
         p = self._path(name)
         fd, tmp = self._temp_for(p, name)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                fill(f)
             os.chmod(tmp, file_mode())
             os.replace(tmp, p)
         except OSError as e:
@@ -390,6 +391,9 @@ class FileBackend(Backend):
         except BaseException:
             _unlink(tmp)
             raise
+
+    def _write(self, name: str, data: bytes) -> None:
+        self._write_with(name, lambda f: f.write(data))
 
     async def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         await trio.to_thread.run_sync(self._write, name, data)
@@ -418,16 +422,11 @@ class FileBackend(Backend):
                 except OSError as e:
                     if e.errno != errno.EXDEV:
                         raise self._err("write", name, e) from e
-            fd, tmp = self._temp_for(p, name)
-            try:
-                with os.fdopen(fd, "wb") as out, open(local, "rb") as src:
+            def copy(out):
+                with open(local, "rb") as src:
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
-                os.chmod(tmp, file_mode())
-                os.replace(tmp, p)
-            except OSError as e:
-                _unlink(tmp)
-                raise self._err("write", name, e) from e
+            self._write_with(name, copy)
             if move:
                 _unlink(local)
         await trio.to_thread.run_sync(write)
