@@ -374,7 +374,12 @@ class _Realiser:
                 self.progress.fetch_finished()
             for p, why in sorted(rep.failures.items()):  # then built instead, where it is needed
                 if p not in failed_all:
-                    log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
+                    # one that failed only with a reference is not warned about: the reference
+                    # is (the cause), and it is fetched once that is built, or built
+                    by_reference = p in found and (found[p][0], p.hash_part) not in session.failed and any(
+                        r != p and r in rep.failures for r in found[p][1].references)
+                    if not by_reference:
+                        log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
                     self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
             if rep.failures and not getattr(self.settings, "fallback", True):
                 n = len(rep.failures)
