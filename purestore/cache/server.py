@@ -440,10 +440,11 @@ def _publish(directory: str, tmp: str, path: str, name: str) -> None:
     into a directory does: a ``cache prune`` (which holds it exclusively from its plan to its
     last removal) never removes a file that an upload put back after it planned.
 
-    A narinfo (``<hash>.narinfo``) is checked first: it must parse, and the NAR file it names
-    must be here with its ``FileSize`` (a client uploads the NAR first; one that found the NAR
-    present when it started may find it pruned since: it is told so, with 409, instead of
-    leaving a narinfo without its NAR).  It keeps the signatures of the narinfo it replaces (for
+    A narinfo (``<hash>.narinfo``) is checked first (:func:`_check_and_merge_narinfo`): it must
+    have what a reader needs (400), and when it is new, the NAR file it names must be here with
+    its ``FileSize`` (a client uploads the NAR first; one that found the NAR present when it
+    started may find it pruned since: it is told so, with 409, instead of leaving a narinfo
+    without its NAR).  It keeps the signatures of the narinfo it replaces (for
     the same contents: two pushes or signings of one path at once keep both keys' signatures)."""
     with cache_lock(directory, exclusive=False):
         if name.endswith(".narinfo") and "/" not in name:
