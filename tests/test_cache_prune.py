@@ -4,6 +4,7 @@ run touches nothing, and a prune waits for a push into the same directory."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -47,6 +48,18 @@ def narinfo(cache, path: str):
 def age(files, when=OLD):
     for f in files:
         os.utime(f, (when, when))
+
+
+@contextlib.contextmanager
+def immutable(path):
+    """``path`` made immutable (``chattr +i``: not even root removes it) while the block runs;
+    the test is skipped where the file system cannot."""
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
 
 
 def prune(cache, *args, check=True):
@@ -166,13 +179,9 @@ def test_a_narinfo_that_cannot_be_removed_keeps_its_path_and_every_other_file(tm
     root, cache, n = setup_cache(tmp_path)
     age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
     stuck = narinfo(cache, n["other"])
-    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i does not work here")
-    try:
-        nars = sorted(cache.glob("nar/*"))
+    nars = sorted(cache.glob("nar/*"))
+    with immutable(stuck):
         r = prune(cache, "--keep", n["app"], check=False)
-    finally:
-        subprocess.run(["chattr", "-i", stuck], check=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"error: cannot remove '{stuck.name}' from '{cache}': Operation not permitted" in r.stderr
     assert "the other files of the removed paths were kept" in r.stderr
@@ -189,12 +198,8 @@ def test_a_narinfo_that_cannot_be_removed_keeps_its_closure(tmp_path):
     root, cache, n = setup_cache(tmp_path)
     age([*cache.glob("*.narinfo"), *cache.glob("nar/*")])
     stuck = narinfo(cache, n["app"])
-    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i does not work here")
-    try:
+    with immutable(stuck):
         r = prune(cache, "--older-than", "1d", "--json", check=False)
-    finally:
-        subprocess.run(["chattr", "-i", stuck], check=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     out = json.loads(r.stdout)
     assert sorted(out["keptPaths"]) == sorted([n["app"], n["lib"]]) and n["lib"] not in out["removed"]
