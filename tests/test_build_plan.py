@@ -389,6 +389,28 @@ def test_fallback_false_fails_where_a_fetch_fails_instead_of_building(scene, tmp
     assert _events(root)[0] == []
 
 
+def test_fallback_false_fails_where_a_lookup_fails_instead_of_building(scene, tmp_path):
+    """fallback = false, as Nix without --fallback: a cache that cannot be asked for a path (its
+    narinfo unreadable: an error, not an answer) fails the build with nothing built; with the
+    default (true) the path is built, with a warning that says why."""
+    scene.push(scene.app, scene.tool)
+    hash_part = scene.app.rsplit("/", 1)[1].split("-", 1)[0]
+    narinfo = scene.cache / f"{hash_part}.narinfo"
+    narinfo.unlink()
+    narinfo.mkdir()  # read fails: "not a regular file"
+    conf = tmp_path / "nofallback.conf"
+    conf.write_text("fallback = false\n")
+    p, root = scene.fresh("b", check=False, env={"PURE_CONFIG": str(conf)})
+    assert p.returncode == 1, p.stderr
+    assert f"error: cannot look up '{scene.app}' in the binary caches: " in p.stderr
+    assert "not a regular file" in p.stderr and "fallback = false" in p.stderr
+    assert _events(root) == ([], [])
+    p, root = scene.fresh("c")
+    assert p.stdout.strip() == scene.app
+    assert f"warning: cannot substitute '{scene.app}': " in p.stderr and "not a regular file" in p.stderr
+    assert _events(root)[0] == [scene.app_drv]
+
+
 def test_check_with_max_jobs_0_is_refused(scene):
     scene.push(scene.app)
     p, _root = scene.fresh("b")

@@ -270,6 +270,15 @@ class _Realiser:
         from ..cache.substituter import query_substitutable
         q = await query_substitutable(self.store, self.settings, wanted, session=session)
         self.query_failures = q.failures
+        if q.lookup_errors and not getattr(self.settings, "fallback", True):
+            # as Nix without --fallback: a cache that cannot be asked fails the build (building
+            # here what a cache that is down has is what fallback = true is for)
+            p, why = min(q.lookup_errors.items(), key=lambda kv: kv[0].base_name)
+            n = len(q.lookup_errors)
+            more = f" (and {n - 1} other path{'s' if n > 2 else ''})" if n > 1 else ""
+            raise BuildError(f"cannot look up {self.store.print_path(p)!r}{more} in the binary caches: "
+                             f"{why}; and fallback = false: it is not built here instead",
+                             hint="set fallback = true (the default) to build what cannot be fetched")
         return dict(q.found)
 
     def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:

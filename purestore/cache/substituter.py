@@ -87,6 +87,11 @@ class _Rejected(Exception):
     """No cache had a usable narinfo, and at least one had an unusable one (reason)."""
 
 
+class _LookupFailed(str):
+    """Why a cache could not be asked for a narinfo (an error, not an answer: 5xx, a stall, a
+    disabled cache), as opposed to a narinfo it had that cannot be used."""
+
+
 @attrs.define
 class _Cache:
     url: str
@@ -111,6 +116,9 @@ class Substituters:
         # (cache URL, hash part) → why its NAR could not be used: not downloaded again in this
         # session (a build that falls back to building a path may need its inputs fetched)
         self.failed: dict[tuple[str, str], str] = {}
+        # path → why a cache ranked before the one that answered (or any, when none did)
+        # could not be asked for it: Nix's ``fallback = false`` fails a build on these
+        self.lookup_errors: dict[StorePath, str] = {}
         ttl = settings.narinfo_cache_negative_ttl if negative_ttl is None else negative_ttl
         self.negative = NegativeCache(getattr(settings, "state_dir", None), ttl)
         self.strict = strict
@@ -196,6 +204,16 @@ class Substituters:
         async with open_nursery() as n:
             for i, c in enumerate(caches):
                 n.start_soon(one, i, c)
+        errors = []
+        for cache, r in zip(caches, results):
+            if isinstance(r, NarInfo):
+                break
+            if isinstance(r, _LookupFailed):
+                errors.append(r)
+        if errors:
+            self.lookup_errors[path] = "; ".join(errors)
+        else:
+            self.lookup_errors.pop(path, None)
         for cache, r in zip(caches, results):
             if isinstance(r, NarInfo):
                 return cache, r
@@ -215,7 +233,7 @@ class Substituters:
         try:
             data = await cache.backend.get(name)
         except CacheError as e:
-            return str(e)
+            return _LookupFailed(e)
         if data is None:
             self.negative.add(cache.url, path.hash_part)
             return None
@@ -643,6 +661,8 @@ class Substitutable:
     found: dict[StorePath, tuple[str, NarInfo]]
     failures: dict[StorePath, str]
     urls: tuple[str, ...] = ()  # the caches that could be used (the others were warned about)
+    # path → why a cache could not be asked for it (before the one that answered, if any)
+    lookup_errors: dict[StorePath, str] = attrs.field(factory=dict)
 
 
 async def query_substitutable(store, settings, paths: Iterable[StorePath], *,
@@ -690,7 +710,8 @@ async def query_substitutable(store, settings, paths: Iterable[StorePath], *,
                 del found[p]
                 failures[p] = f"its reference {bad.absolute(settings.store_dir)!r} cannot be substituted"
                 changed = True
-    return Substitutable(found, failures, usable)
+    lookup_errors = {p: why for p, why in subs.lookup_errors.items() if p in seen}
+    return Substitutable(found, failures, usable, lookup_errors)
 
 
 async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
