@@ -44,6 +44,27 @@ def test_a_good_cache_has_no_problems(cache):
     assert r.stdout == "" and f"checked 2 paths in file://{c}: no problems (signatures checked" in r.stderr
 
 
+def test_a_narinfo_that_cannot_be_read_is_a_problem_not_passed_over(cache):
+    """A directory, or a dangling symlink, named like a narinfo in a file:// cache: verify of
+    the whole cache names each (it said "no problems" and counted only the readable ones),
+    and sign refuses to go on, as it does for a narinfo that does not parse."""
+    c, lib, app = cache
+    (c / ("c" * 32 + ".narinfo")).mkdir()
+    (c / ("g" * 32 + ".narinfo")).symlink_to(c / "nowhere")
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--json")
+    rep = report(r)
+    assert r.returncode == 1 and rep["checked"] == 4 and not rep["ok"]
+    text = json.dumps(rep["problems"])
+    assert "c" * 32 + ".narinfo" in text and "not a regular file" in text and "g" * 32 + ".narinfo" in text
+    sec = c.parent / "k.sec"
+    run_pure("key", "generate", "--name", "other-1", "--secret-out", sec, "--public-out", c.parent / "k.pub")
+    before = sorted(os.listdir(c))
+    r = run_pure("cache", "sign", f"file://{c}", "--key-file", sec, "--trusted-public-keys", PUB, check=False)
+    assert r.returncode == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(c)) == before
+    assert "other-1:" not in (c / f"{lib.hash_part}.narinfo").read_text()
+
+
 def test_without_trusted_keys_signatures_are_not_checked_and_it_says_so(cache):
     c, lib, app = cache
     rewrite_narinfo(c, lib, drop_sigs=True)

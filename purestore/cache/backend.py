@@ -351,7 +351,10 @@ class FileBackend(Backend):
     async def list_narinfos(self) -> list[str] | None:
         def names() -> list[str]:
             try:
-                return sorted(e.name for e in os.scandir(self.dir) if e.name.endswith(".narinfo") and e.is_file())
+                # every entry so named (not only regular files: one that cannot be read is a
+                # problem for verify and sign to report, not to pass over); not our temp files
+                return sorted(e.name for e in os.scandir(self.dir)
+                              if e.name.endswith(".narinfo") and not e.name.startswith("."))
             except OSError as e:
                 raise self._err("list", ".", e) from e
         return await trio.to_thread.run_sync(names)

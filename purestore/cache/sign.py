@@ -75,7 +75,11 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
         async def read(h: str, by: NarInfo | None) -> None:
             name = f"{h}.narinfo"
             async with limit:
-                data = await backend.get(name)
+                try:
+                    data = await backend.get(name)
+                except CacheError as e:
+                    problems[h] = str(e)
+                    return
             if data is None:
                 why = f", which {by.store_path.absolute(sd)!r} refers to," if by else ""
                 problems[h] = f"the cache has no narinfo {name}{why}"
