@@ -129,3 +129,11 @@ def test_json_gives_an_error_object_when_a_command_fails_outright(tmp_path):
     # without --json stdout stays empty
     p = run_pure("store", "path-info", missing, root=store, check=False)
     assert p.returncode == 1 and p.stdout == ""
+    # a usage error (argparse's) too, with status 2
+    for args in (["cache", "verify", "--json", "file:///nowhere", "--bogus"], ["copy", "--json", "--to", "file:///x"]):
+        p = run_pure(*args, root=store, check=False)
+        ev = json.loads(p.stdout)
+        assert p.returncode == ev["exitStatus"] == 2 and f"error: {ev['error']}" in p.stderr
+        assert ev["hint"] == f"see 'pure {args[0]}{' verify' if args[0] == 'cache' else ''} --help'"
+    p = run_pure("copy", "--to", "file:///x", root=store, check=False)
+    assert p.returncode == 2 and p.stdout == ""

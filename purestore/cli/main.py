@@ -64,9 +64,19 @@ class _Parser(argparse.ArgumentParser):
     """argparse with purestore's form of errors: ``error: …`` and where to read more (status 2),
     not a usage block first."""
 
+    argv: list[str] = []  # the command line being parsed (set by :func:`main`)
+
     def error(self, message: str):
+        hint = f"see '{self.prog} --help'"
         print(f"error: {message}", file=sys.stderr)
-        print(f"hint: see '{self.prog} --help'", file=sys.stderr)
+        print(f"hint: {hint}", file=sys.stderr)
+        if "--json" in self._option_string_actions and "--json" in self.argv:
+            # a script reading stdout gets the error object there too (see _JsonWatch)
+            import json
+            try:
+                print(json.dumps({"type": "error", "error": message, "hint": hint, "exitStatus": 2}), flush=True)
+            except (OSError, ValueError):
+                pass
         sys.exit(2)
 
 
@@ -297,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="surrogateescape")
     owners = COMMAND_OWNERS.get(_command_word(argv))
     parser = make_parser(list(owners) if owners else None)
+    _Parser.argv = list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # argparse gives an optional list of positionals (nargs="*") nothing once an option
