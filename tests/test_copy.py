@@ -979,18 +979,22 @@ def test_a_url_parameter_and_an_option_that_disagree_are_refused(tmp_path, keyfi
     assert list((tmp_path / "c" / "nar").glob("*.nar.xz"))
 
 
-def test_cache_files_get_the_umask_as_nix_s_do(tmp_path, keyfile):
-    """0644 under the usual umask 022; a cache pushed under umask 077 stays private (its
-    directories already did)."""
+def test_cache_files_are_0644_and_directories_0755_whatever_the_umask_as_nix_s(tmp_path, keyfile):
+    """Nix 2.8 sets umask 022 at start-up: its cache files are 0644 and its directories 0755 even
+    under umask 077, so a web server running as another user can serve them.  A cache pushed by
+    pure under umask 077 was unreadable to nginx's workers (403)."""
     import stat as st_
 
     with open_store(tmp_path / "a") as store:
         p = store.print_path(make_path(store, "x", {"": b"x\n"}))
-    for umask, cache in ((0o022, tmp_path / "open"), (0o077, tmp_path / "private")):
+    for umask, cache in ((0o022, tmp_path / "open"), (0o077, tmp_path / "strict" / "c")):
         env = pure_env(tmp_path / "a", None, None)
         r = subprocess.run(["sh", "-c", f"umask {umask:03o} && exec \"$@\"", "sh", sys.executable, "-m",
                             "purestore.cli.main", "copy", "--to", f"file://{cache}", "--secret-key-file",
                             str(keyfile), p], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         files = [f for f in cache.rglob("*") if f.is_file() and not f.name.startswith(".")]
-        assert files and {st_.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}, (umask, files)
+        dirs = [cache, *(f for f in cache.rglob("*") if f.is_dir())]
+        assert files and {st_.S_IMODE(f.stat().st_mode) for f in files} == {0o644}, (umask, files)
+        assert {st_.S_IMODE(d.stat().st_mode) for d in dirs} == {0o755}, (umask, dirs)
+    assert st_.S_IMODE((tmp_path / "strict").stat().st_mode) == 0o755

@@ -182,10 +182,28 @@ def open_backend(url: str | CacheURL, *, connect_timeout: float = 10, stall_time
 
 
 def file_mode() -> int:
-    """The mode of a file written into a cache directory: 0644 less what the umask takes away,
-    as Nix's files get (a cache made under umask 077 stays private)."""
-    from ..store.fstree import read_umask
-    return 0o666 & ~read_umask()
+    """The mode of a file written into a cache directory: 0644 whatever the umask, as Nix's
+    (it sets umask 022 at start-up): a cache is written to be served, and a web server running
+    as another user must read it.  A private cache is a matter of its directory's mode, or of
+    the server's tokens."""
+    return 0o644
+
+
+def make_dirs(d: str) -> None:
+    """``os.makedirs(d)`` with mode 0755 for each directory made, whatever the umask (as Nix's:
+    see :func:`file_mode`); an existing directory keeps its mode."""
+    if os.path.isdir(d):
+        return
+    parent = os.path.dirname(d)
+    if parent and parent != d:
+        make_dirs(parent)
+    try:
+        os.mkdir(d, 0o755)
+    except FileExistsError:
+        if os.path.isdir(d):
+            return
+        raise
+    os.chmod(d, 0o755)
 
 
 def file_url(url: str, name: str) -> str:
@@ -366,7 +384,7 @@ class FileBackend(Backend):
     def _ensure_dir(self, p: str) -> None:
         d = os.path.dirname(p)
         try:
-            os.makedirs(d, exist_ok=True)
+            make_dirs(d)
         except OSError as e:
             raise CacheError(f"cache {self.url!r}: cannot create directory {d!r}: {e.strerror}") from e
 

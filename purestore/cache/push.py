@@ -40,7 +40,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, backend_for, file_url, parse_url, url_flag
+from .backend import Backend, FileBackend, backend_for, file_url, make_dirs, parse_url, url_flag
 from .compression import compressor, extension
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache
@@ -264,7 +264,7 @@ async def nar_temp_dir(backend: Backend) -> str | None:
         return None
     tmp_dir = os.path.join(backend.dir, "nar")
     try:
-        os.makedirs(tmp_dir, exist_ok=True)
+        make_dirs(tmp_dir)
     except OSError as e:
         raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
     await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)

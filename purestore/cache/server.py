@@ -37,7 +37,7 @@ import trio
 
 from ..errors import CacheError
 from ._files import read_if_regular
-from .backend import CHUNK, check_name, file_mode
+from .backend import CHUNK, check_name, file_mode, make_dirs
 from .prune import cache_lock, mark_used, narinfo_lock
 
 log = logging.getLogger("purestore.cache.server")
@@ -522,7 +522,7 @@ async def _drain(receive) -> None:
 async def _put(receive, send, directory: str, path: str, name: str, respond) -> None:
     parent = os.path.dirname(path)
     try:
-        await trio.to_thread.run_sync(lambda: os.makedirs(parent, exist_ok=True))
+        await trio.to_thread.run_sync(make_dirs, parent)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
     except OSError as e:
         log.error("error: cannot store %s: cannot create a file in %r: %s", name, parent, e.strerror or e)
