@@ -153,6 +153,9 @@ def test_narinfo_equals_nix_for_big_compressible_paths(tmp_path, keyfile):
 
 @pytest.mark.parametrize("query", ["compression=xz", "compression=none", "compression=zstd&compression-level=9",
                                    "compression=zstd&compression-level=20",
+                                   # Nix's own default value (-1), zstd's default (0), a fast level
+                                   "compression=zstd&compression-level=-1", "compression=zstd&compression-level=0",
+                                   "compression=zstd&compression-level=-7", "compression=xz&compression-level=-1",
                                    "compression=xz&compression-level=2&write-nar-listing=true"])
 def test_narinfo_equals_nix_for_other_compressions(tmp_path, keyfile, query):
     """Single-threaded xz (Python's lzma on the system liblzma, as libarchive), no compression and

@@ -410,7 +410,7 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
     ("--to", "file://relative/dir", "file URLs must be file:///absolute/dir"),
     ("--to", "file:///x?compression=lz4", "unknown compression 'lz4'"),
     ("--to", "file:///x?bogus=1", "unknown parameter 'bogus'"),
-    ("--to", "file:///x?compression-level=99", "cache URL 'file:///x': zstd compression level must be 1..22, got 99"),
+    ("--to", "file:///x?compression-level=99", "cache URL 'file:///x': zstd compression level must be -131072..22 (-1 or 0: the default, 3), got 99"),
     # the path is valid already, so nothing is fetched: the URL is checked all the same
     ("--from", "ftp://cache.example/", "unsupported cache URL 'ftp://cache.example/'"),
     ("--from", "http://", "cache URL 'http://': missing host"),

@@ -37,6 +37,7 @@ from ..formats.narinfo import COMPRESSIONS
 
 WRITABLE = ("zstd", "xz", "none")
 DEFAULT_LEVEL = {"zstd": 3, "xz": 6, "none": 0}
+ZSTD_MIN_LEVEL = -131072  # ZSTD_minCLevel() of libzstd 1.5
 
 
 def extension(method: str) -> str:
@@ -390,16 +391,21 @@ def compressor(method: str, level: int | None = None, parallel: bool = False):
     """A streaming compressor; ``parallel``: on all cores (see the module's docstring)."""
     if method not in WRITABLE:
         raise CacheError(f"cannot write compression {method!r}, expected one of {', '.join(WRITABLE)}")
-    if level is None:
+    if level is None or level == -1:  # -1: Nix's compression-level default, the library's
         level = DEFAULT_LEVEL[method]
     if method == "zstd":
-        if not 1 <= level <= 22:  # 20..22 as Nix (libarchive) takes them too: much slower, more memory
-            raise CacheError(f"zstd compression level must be 1..22, got {level}")
+        # as libarchive takes them from Nix: zstd's negative (fast) levels, 0 (zstd's default,
+        # 3), and 20..22 (much slower, more memory)
+        if not ZSTD_MIN_LEVEL <= level <= 22:
+            raise CacheError(f"zstd compression level must be {ZSTD_MIN_LEVEL}..22 "
+                             f"(-1 or 0: the default, 3), got {level}")
+        if level == 0:
+            level = DEFAULT_LEVEL["zstd"]
         workers = cores() if parallel else 0
         return _SysZstd(level, workers) if _LIBZSTD is not None else _Zstd(level, workers)
     if method == "xz":
         if not 0 <= level <= 9:
-            raise CacheError(f"xz compression level must be 0..9, got {level}")
+            raise CacheError(f"xz compression level must be 0..9 (-1: the default, 6), got {level}")
         if parallel:
             return _XzMT(level, cores())
         return lzma.LZMACompressor(lzma.FORMAT_XZ, preset=level)
