@@ -408,7 +408,7 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
 @pytest.mark.parametrize("direction,url,msg", [
     ("--to", "ssh://host", "unsupported cache URL"),
     ("--to", "file://relative/dir", "file URLs must be file:///absolute/dir"),
-    ("--to", "file:///x?compression=lz4", "unknown compression 'lz4'"),
+    ("--to", "file:///x?compression=lz4", "cannot write compression 'lz4', expected one of zstd, xz, none"),
     ("--to", "file:///x?bogus=1", "unknown parameter 'bogus'"),
     ("--to", "file:///x?compression-level=99", "cache URL 'file:///x': zstd compression level must be -131072..22 (-1 or 0: the default, 3), got 99"),
     # the path is valid already, so nothing is fetched: the URL is checked all the same

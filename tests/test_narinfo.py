@@ -63,7 +63,7 @@ BASE = GOLD.joinpath("hp4xhizqijy1k440fq06xfq6xpl37pf6.narinfo").read_text() if 
     (lambda t: t.replace("NarSize: 120", "NarSize: 0"), "NarSize is 0"),
     (lambda t: t.replace("NarHash: sha256:04", "NarHash: sha256:e4"), "bad NarHash"),
     (lambda t: t.replace("NarHash: sha256:", "NarHash: md5:"), "bad NarHash"),
-    (lambda t: t.replace("Compression: zstd", "Compression: lz4"), "unknown compression"),
+    (lambda t: t.replace("Compression: zstd", "Compression: lz5"), "unknown compression"),
     (lambda t: t.replace("References: ", "References: ../etc"), "bad References"),
     (lambda t: "\n".join(l for l in t.split("\n") if not l.startswith("NarHash")), "missing field 'NarHash'"),
     (lambda t: t + "NarSize: 120\n", "duplicate field 'NarSize'"),

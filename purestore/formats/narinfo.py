@@ -33,7 +33,9 @@ from .hash import Hash
 from .path_info import PathInfo
 from .store_path import StorePath
 
-COMPRESSIONS = {"none": "", "zstd": ".zst", "xz": ".xz", "bzip2": ".bz2", "br": ".br", "gzip": ".gz"}
+# method → the NAR file's extension, as Nix names them (gzip NARs are plain ``.nar``)
+COMPRESSIONS = {"none": "", "zstd": ".zst", "xz": ".xz", "bzip2": ".bz2", "br": ".br", "gzip": "",
+                "lz4": ".lz4", "lzip": ".lzip"}
 _INT_RE = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
 _MAX_SIZE = 1 << 62
 
