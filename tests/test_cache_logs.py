@@ -32,15 +32,15 @@ def _keep_log(store, drv, data: bytes) -> None:
         f.write(zstandard.ZstdCompressor().compress(data))
 
 
-def _pushed(tmp_path, keyfile, *, store_dir="/pure/store", log=LOG, cache=None):
-    """A path built by ``thing.drv`` whose log the store keeps, pushed to a file:// cache.
+def _pushed(tmp_path, keyfile, *, store_dir="/pure/store", log=LOG, cache=None, name="thing"):
+    """A path built by ``<name>.drv`` whose log the store keeps, pushed to a file:// cache.
     Returns (cache dir, output path, drv path), both paths printed."""
     from purestore.formats.store_path import StorePath
     root = tmp_path / "builder"
     cache = cache or tmp_path / "cache"
-    drv = StorePath("1" * 32, "thing.drv")
+    drv = StorePath("1" * 32, f"{name}.drv")
     with open_store(root, store_dir) as store:
-        out = make_path(store, "thing", {"": b"built\n"}, deriver=drv)
+        out = make_path(store, name, {"": b"built\n"}, deriver=drv)
         _keep_log(store, drv, log)
         out_p, drv_p = store.print_path(out), store.print_path(drv)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, out_p, root=root, store_dir=store_dir)
@@ -130,8 +130,14 @@ def test_a_bad_narinfo_in_a_cache_is_warned_about_not_trusted(tmp_path, keyfile)
     assert r.stderr.splitlines()[-1].startswith(f"error: no build log for {out!r} (its deriver is unknown")
 
 
-def test_log_over_http_from_pure_cache_serve(tmp_path, keyfile):
-    cache, out, drv = _pushed(tmp_path, keyfile)
+@pytest.mark.parametrize("name", ["thing", "q?x=y+z"])
+def test_log_over_http_from_pure_cache_serve(tmp_path, keyfile, name):
+    """Also for a derivation whose name has a `?` (Nix allows it in store path names): its log
+    was refused as "a bad segment", and its push failed with the narinfo not written."""
+    cache, out, drv = _pushed(tmp_path, keyfile, name=name)
+    assert f"{out.rsplit('/', 1)[1][:32]}.narinfo" in os.listdir(cache)
+    r = run_pure("--substituters", f"file://{cache}", "log", out, root=tmp_path / "other")
+    assert r.stdout == LOG.decode()
     proc, url = start_server(cache)
     try:
         r = run_pure("--substituters", url, "log", out, root=tmp_path / "other")

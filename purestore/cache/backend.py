@@ -37,7 +37,8 @@ from ._files import open_regular, read_if_regular
 
 CHUNK = 1 << 20
 
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9+_=-][A-Za-z0-9+_.=-]*\Z")
+# a store path name's characters (Nix's: `?` too, as in a build log's `log/<hash>-q?x.drv`), not `.` first
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9+_=?-][A-Za-z0-9+_.=?-]*\Z")
 
 
 class CacheMissing(CacheError, FileNotFoundError):
