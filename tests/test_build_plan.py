@@ -411,6 +411,46 @@ def test_fallback_false_fails_where_a_lookup_fails_instead_of_building(scene, tm
     assert _events(root)[0] == [scene.app_drv]
 
 
+@pytest.mark.parametrize("gap", ["no narinfo", "untrusted narinfo"])
+def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_is_built(
+        pure, expr, tmp_path, store_root, gap):
+    """The cache has app, which refers to lib, but not lib (or lib signed by a key not trusted):
+    lib is built here, then app is fetched (its reference now has the same path here), as Nix
+    does.  Before, the lookup already marked app unfetchable and it was built too."""
+    f = expr('lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
+             'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref")\n')
+    app = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    lib = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib"))
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = tmp_path / "cache"
+    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", app)
+    lib_narinfo = cache / (lib.rsplit("/", 1)[1][:32] + ".narinfo")
+    if gap == "no narinfo":
+        lib_narinfo.unlink()
+    else:
+        pure("key", "generate", "--name", "other-1", "--secret-out", tmp_path / "o.sec",
+             "--public-out", tmp_path / "o.pub")
+        text = "".join(line for line in lib_narinfo.read_text().splitlines(True) if not line.startswith("Sig: "))
+        lib_narinfo.write_text(text)
+        pure("cache", "sign", f"file://{cache}", "--key-file", tmp_path / "o.sec", "--no-check-sigs")
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
+             "build", f, "--no-link", root=root, cwd=tmp_path)
+    assert p.stdout.strip() == app
+    built, fetched = _events(root)
+    assert [d.rsplit("-", 1)[1] for d in built] == ["lib.drv"], built
+    assert fetched == [app]
+    assert f"fetched {app} (once what it refers to was built here)" in p.stderr
+    assert f"cannot substitute '{app}'" not in p.stderr
+    st = open_store(root)
+    try:
+        assert st.verify(check_contents=True).ok
+    finally:
+        st.close()
+
+
 def test_check_with_max_jobs_0_is_refused(scene):
     scene.push(scene.app)
     p, _root = scene.fresh("b")

@@ -176,6 +176,7 @@ class _Realiser:
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.query_failures: dict[StorePath, str] = {}
+        self.query_blocked: dict[StorePath, tuple] = {}  # see Substitutable.blocked
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
         # outputs a cache has, not fetched only because a reference of theirs failed to come:
         # fetched once their derivation's inputs are built (see _fetch_late), as Nix does
@@ -270,6 +271,7 @@ class _Realiser:
         from ..cache.substituter import query_substitutable
         q = await query_substitutable(self.store, self.settings, wanted, session=session)
         self.query_failures = q.failures
+        self.query_blocked = q.blocked
         if q.lookup_errors and not getattr(self.settings, "fallback", True):
             # as Nix without --fallback: a cache that cannot be asked fails the build (building
             # here what a cache that is down has is what fallback = true is for)
@@ -316,7 +318,7 @@ class _Realiser:
         for p in sorted(build):
             for o in self.nodes[p].outputs.values():
                 why = self.query_failures.get(o)
-                if why and why != NOT_IN_CACHES:
+                if why and why != NOT_IN_CACHES and o not in self.fetch_after_build:
                     log.warning("warning: cannot substitute %r: %s; building it", self.store.print_path(o), why)
 
     def _fetch_list(self, fetch: set[StorePath], found: dict) -> tuple[tuple[str, str, int, int], ...]:
@@ -359,12 +361,19 @@ class _Realiser:
     async def _fetch(self, session, wanted: set[StorePath]) -> tuple[set[StorePath], set[StorePath]]:
         """(the wanted outputs now valid, every path downloaded: those and their references)."""
         found = await self._query(session, wanted)
+        outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}  # built, if not fetched
+        # what a cache has but whose missing reference no cache can give (not there, untrusted):
+        # fetched once that reference is built here, as Nix does (it has the same path), when
+        # every reference of it is in a cache, or made here
+        self.found_all = dict(found)
+        for p, entry in self.query_blocked.items():
+            if all(r == p or r in found or r in outputs_here or r in self.query_blocked
+                   for r in entry[1].references):
+                self.fetch_after_build[p] = self.found_all[p] = entry
         if not found:
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
             return set(), set()
         from ..cache.substituter import substitute_report
-        self.found_all = dict(found)
-        outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}  # built, if not fetched
         fetch, build = self._choose(found)
         self._warn_unfetchable(build)
         listed = self._fetch_list(fetch, found)

@@ -663,6 +663,9 @@ class Substitutable:
     urls: tuple[str, ...] = ()  # the caches that could be used (the others were warned about)
     # path → why a cache could not be asked for it (before the one that answered, if any)
     lookup_errors: dict[StorePath, str] = attrs.field(factory=dict)
+    # the paths in ``failures`` only because a missing reference of theirs cannot be
+    # substituted: (cache URL, narinfo), for a build to fetch them once it has made that reference
+    blocked: dict[StorePath, tuple[str, NarInfo]] = attrs.field(factory=dict)
 
 
 async def query_substitutable(store, settings, paths: Iterable[StorePath], *,
@@ -702,16 +705,17 @@ async def query_substitutable(store, settings, paths: Iterable[StorePath], *,
             for p in wanted:
                 n.start_soon(visit, p, n)
     changed = True
+    blocked: dict[StorePath, tuple[str, NarInfo]] = {}
     while changed:  # a path is only as substitutable as its missing references
         changed = False
         for p, (_url, ni) in list(found.items()):
             bad = next((r for r in ni.references if r != p and r in failures), None)
             if bad is not None:
-                del found[p]
+                blocked[p] = found.pop(p)
                 failures[p] = f"its reference {bad.absolute(settings.store_dir)!r} cannot be substituted"
                 changed = True
     lookup_errors = {p: why for p, why in subs.lookup_errors.items() if p in seen}
-    return Substitutable(found, failures, usable, lookup_errors)
+    return Substitutable(found, failures, usable, lookup_errors, blocked)
 
 
 async def substitute(store, settings, paths: set[StorePath], progress: Progress | None = None, *,
