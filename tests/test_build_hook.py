@@ -115,3 +115,46 @@ def test_a_hook_named_without_a_slash_is_found_on_path(pure, expr, tmp_path):
     f2 = expr('default = sh("two", "$B mkdir $out; echo 2 > $out/x")\n', name="e2.py")  # not built yet
     p = pure("--post-build-hook", "no-such-hook-anywhere", "build", f2, "--no-link", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "error: post-build hook 'no-such-hook-anywhere' is not on PATH" in p.stderr
+
+
+def test_an_interrupted_build_stops_the_hook_and_what_it_started(expr, tmp_path, store_root):
+    """Ctrl-C while a hook runs: the hook and the processes it started (a script's children,
+    as `pure copy --to` run without exec) are stopped with it; they kept running, re-parented to
+    init, after pure had exited."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import pure_env
+    pids = tmp_path / "pids"
+    h = hook(tmp_path, f'sleep 300 &\necho $! >> {pids}\necho $$ >> {pids}\necho started\nsleep 300\n')
+    f = expr('default = sh("one", "$B mkdir $out")\n')
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "--post-build-hook", str(h), "build", str(f),
+                          "--no-link"], env=pure_env(store_root), cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and len(pids.read_text().split()) == 2):
+            assert time.monotonic() < deadline and p.poll() is None, "the hook did not start"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "error: interrupted" in err, err
+    left = []
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 5
+        while True:
+            try:  # gone, or a zombie (PID 1 of a container may not reap what it inherits)
+                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            if time.monotonic() > deadline:
+                left.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    assert left == [], f"processes of the hook still running: {left}"

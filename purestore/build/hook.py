@@ -18,6 +18,7 @@ started) fails the command: the outputs stay built and valid.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import trio
@@ -25,6 +26,7 @@ import trio
 from ..errors import BuildError
 
 TAIL = 20  # lines of a failed hook's output repeated in the error
+GRACE = 2.0  # seconds a cancelled hook's processes have between SIGTERM and SIGKILL
 
 
 def resolve_hook(path: str) -> str:
@@ -67,9 +69,11 @@ async def run_hook(settings, drv_path: str, out_paths: list[str], emit) -> None:
     try:
         proc = await trio.lowlevel.open_process(
             [resolve_hook(hook)], env=hook_env(settings, drv_path, out_paths), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: what it starts is stopped with it
     except OSError as e:
         raise BuildError(f"post-build hook {hook!r} for {drv_path} cannot be run: {e.strerror}") from e
+    code = None
     try:
         buf = b""
         async with proc.stdout:
@@ -86,12 +90,27 @@ async def run_hook(settings, drv_path: str, out_paths: list[str], emit) -> None:
                 emit(line)
         code = await proc.wait()
     finally:
-        if proc.returncode is None:  # cancelled (Ctrl-C, another build failed): stop it
-            proc.kill()
+        if code is None:  # cancelled (Ctrl-C, another build failed): stop it and its children
             with trio.CancelScope(shield=True):
-                await proc.wait()
+                await _stop_group(proc)
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         shown = "\n".join(f"  {line}" for line in tail)
         raise BuildError(f"post-build hook {hook!r} {how} after building {drv_path}; its outputs are "
                          f"built and valid" + (f"; its last lines:\n{shown}" if tail else ""))
+
+
+async def _stop_group(proc) -> None:
+    """Stop a cancelled hook and every process it started (its process group, which a shell
+    script's children share): SIGTERM, then SIGKILL after :data:`GRACE` seconds.  A hook running
+    ``pure copy --to`` without ``exec`` kept uploading after pure had exited."""
+    def signal_group(sig) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    signal_group(signal.SIGTERM)
+    with trio.move_on_after(GRACE):
+        await proc.wait()
+    signal_group(signal.SIGKILL)  # what is left of the group (and the hook, if it is still there)
+    await proc.wait()  # (the hook itself; a child that had exited the group is not waited for)
