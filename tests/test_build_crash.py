@@ -117,6 +117,23 @@ def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_json_build_ends_with_an_error_event(expr, tmp_path, store_root, sig):
+    """`pure build --json` stopped by a signal: its last stdout line is the error event the README
+    promises (there was none: a script saw the stream end, or end at "done", status aside)."""
+    import json
+    marker = f"JSON{os.getpid()}{sig}"
+    f = expr(f'default = sh("slow", ": {marker}; $B sleep 30; echo x > $out")\n')
+    p = start_build(store_root, tmp_path, f, "--json", "--no-link")
+    running_sandbox(marker)
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=30)
+    code, word = (130, "interrupted") if sig == "SIGINT" else (143, "terminated (SIGTERM)")
+    assert p.returncode == code, err
+    last = json.loads(out.splitlines()[-1])
+    assert last == {"type": "error", "error": word, "hint": None, "exitStatus": code}
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_kills_the_builders_removes_temporaries_and_releases_locks(expr, tmp_path, store_root, pure, sig):
     """Ctrl-C, or SIGTERM (as `timeout`, systemd and CI runners send it): the same clean-up."""
     marker = f"MARK{os.getpid()}{sig}"

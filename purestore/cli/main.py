@@ -336,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_status
     except KeyboardInterrupt as e:
         from .._run import Terminated
-        if _terminated or isinstance(e, Terminated):
-            print("error: terminated (SIGTERM)", file=sys.stderr)
-            return 143
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        stopped = PurestoreError("terminated (SIGTERM)" if _terminated or isinstance(e, Terminated) else "interrupted")
+        stopped.exit_status = 143 if stopped.message.startswith("terminated") else 130
+        print(f"error: {stopped}", file=sys.stderr)
+        if out is not None:  # a --json reader learns of it too (build: as the last event)
+            out.error(stopped)
+        return stopped.exit_status
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")
