@@ -262,6 +262,8 @@ def serve(sock_fd):
             msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 22, 2)
         except InterruptedError:
             continue
+        except ConnectionResetError:  # pure closed its end with a reply unread (interrupted)
+            return
         if not msg:
             return
         req = pickle.loads(msg)
@@ -279,9 +281,13 @@ def serve(sock_fd):
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             pidfd = -1
-        socket.send_fds(sock, [struct.pack("i", pid)], [pidfd] if pidfd >= 0 else [])
-        if pidfd >= 0:
-            os.close(pidfd)
+        try:
+            socket.send_fds(sock, [struct.pack("i", pid)], [pidfd] if pidfd >= 0 else [])
+        except (BrokenPipeError, ConnectionResetError):  # pure is gone (interrupted)
+            return
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
 
 if __name__ == "__main__":
