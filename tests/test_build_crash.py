@@ -93,6 +93,26 @@ right = sh("right", f"echo {' '.join(map(str, shared))} right > $out")
         st.close()
 
 
+def test_a_build_waiting_for_another_process_says_so(expr, tmp_path, store_root):
+    """A second `pure build` of what another process is building waits for it, and says so once
+    (it printed the plan and then nothing while it waited), also as a `waiting` JSON event."""
+    import json
+    marker = f"WAIT{os.getpid()}"
+    f = expr(f'default = sh("slow", ": {marker}; $B sleep 5; echo x > $out")\n')
+    p1 = start_build(store_root, tmp_path, f, "--no-link")
+    running_sandbox(marker)
+    p2 = start_build(store_root, tmp_path, f, "--no-link")
+    p3 = start_build(store_root, tmp_path, f, "--no-link", "--json")
+    o2, e2 = p2.communicate(timeout=120)
+    o3, e3 = p3.communicate(timeout=120)
+    o1, e1 = p1.communicate(timeout=120)
+    assert p1.returncode == p2.returncode == p3.returncode == 0, (e1, e2, e3)
+    out = o1.strip()
+    assert o2.strip() == out and e2.count(f"waiting for another process to finish '{out}'") == 1, e2
+    waiting = [json.loads(line) for line in o3.splitlines() if '"waiting"' in line]
+    assert len(waiting) == 1 and waiting[0]["path"] == out and waiting[0]["drv"].endswith("-slow.drv")
+
+
 @pytest.mark.slow
 def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tmp_path, store_root, pure):
     marker = f"MARK{os.getpid()}kill"

@@ -598,6 +598,7 @@ class _Realiser:
         registered)."""
         names = sorted(o.base_name for o in node.outputs.values())
         locks = self.store.locks
+        told = False
         while True:
             taken: list[str] = []
             busy = None
@@ -615,6 +616,11 @@ class _Realiser:
                 return taken
             for name in reversed(taken):
                 locks.release(name)
+            if not told:  # said once, as a substitution says it
+                told = True
+                path = self.store.print_path(next(o for o in node.outputs.values() if o.base_name == busy))
+                self.progress.message(f"waiting for another process to finish '{path}'")
+                self.progress.event("waiting", drv=node.label, path=path)
             await trio.to_thread.run_sync(locks.wait_released, busy, abandon_on_cancel=True)
 
     def _unlock(self, taken: list[str]) -> None:
