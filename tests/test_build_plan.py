@@ -311,6 +311,9 @@ def test_json_events_use_camel_case_and_say_a_fetch_failed(scene, pure, tmp_path
     plan = next(e for e in events if e["type"] == "plan")
     assert scene.app_drv in plan["willBuild"] and "willSubstitute" in plan
     assert [e["type"] for e in events][-2:] == ["done", "result"]
+    # nothing to do (a shortcut past the scheduler): the same frame of events
+    p, _root = scene.fresh("j", "--json")
+    assert [json_.loads(line)["type"] for line in p.stdout.splitlines()] == ["plan", "done", "result"]
 
 
 def test_offline_may_follow_the_build_command(scene, pure, tmp_path):

@@ -113,6 +113,7 @@ def _realise(ctx, store, drvs, args):
             if args.json:
                 print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willSubstitute": []},
                                  sort_keys=True))
+                print(json.dumps({"type": "done"}))  # the same events as a run of the scheduler
             return done
     from .._run import run_trio
     from ..build.progress import Progress
