@@ -453,8 +453,12 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        me = SimpleNamespace(store=SimpleNamespace(locks=PathLocks(str(locks_dir))))
-        node = SimpleNamespace(outputs={"out": out, "dev": dev})
+        said = []
+        me = SimpleNamespace(store=SimpleNamespace(locks=PathLocks(str(locks_dir)),
+                                                   print_path=lambda p: p.absolute("/pure/store")),
+                             progress=SimpleNamespace(message=said.append,
+                                                      event=lambda *a, **kw: said.append((a, kw))))
+        node = SimpleNamespace(outputs={"out": out, "dev": dev}, label="/pure/store/x-mo.drv")
         got = []
 
         async def lock():
@@ -471,6 +475,8 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
             holder.stdin.write("\n")
             holder.stdin.flush()
         assert sorted(got[0]) == sorted([out.base_name, dev.base_name])
+        assert said == [f"waiting for another process to finish '{dev.absolute('/pure/store')}'",
+                        (("waiting",), {"drv": node.label, "path": dev.absolute("/pure/store")})]
     finally:
         holder.kill()
         holder.wait()
