@@ -408,6 +408,12 @@ def test_fallback_false_fails_where_a_lookup_fails_instead_of_building(scene, tm
     assert f"error: cannot look up '{scene.app}' in the binary caches: " in p.stderr
     assert "not a regular file" in p.stderr and "fallback = false" in p.stderr
     assert _events(root) == ([], [])
+    assert "hint: give --fallback, or set fallback = true" in p.stderr
+    # the options, as Nix's: --no-fallback as the setting, --fallback over the setting
+    p, root = scene.fresh("n", "--no-fallback", check=False)
+    assert p.returncode == 1 and f"error: cannot look up '{scene.app}'" in p.stderr
+    p, root = scene.fresh("f", "--fallback", env={"PURE_CONFIG": str(conf)})
+    assert p.stdout.strip() == scene.app and _events(root)[0] == [scene.app_drv]
     p, root = scene.fresh("c")
     assert p.stdout.strip() == scene.app
     assert f"warning: cannot substitute '{scene.app}': " in p.stderr and "not a regular file" in p.stderr

@@ -280,7 +280,7 @@ class _Realiser:
             more = f" (and {n - 1} other path{'s' if n > 2 else ''})" if n > 1 else ""
             raise BuildError(f"cannot look up {self.store.print_path(p)!r}{more} in the binary caches: "
                              f"{why}; and fallback = false: it is not built here instead",
-                             hint="set fallback = true (the default) to build what cannot be fetched")
+                             hint="give --fallback, or set fallback = true (the default), to build what cannot be fetched")
         return dict(q.found)
 
     def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
@@ -404,7 +404,7 @@ class _Realiser:
                 raise BuildError(f"{n} path{'s' if n > 1 else ''} listed by the substituters could not be "
                                  f"fetched (said above), and fallback = false: "
                                  f"{'they are' if n > 1 else 'it is'} not built here instead",
-                                 hint="set fallback = true (the default) to build what cannot be fetched")
+                                 hint="give --fallback, or set fallback = true (the default), to build what cannot be fetched")
             failed_all |= set(rep.failures)
             fetched.update(rep.fetched)
             new = rep.valid

@@ -45,6 +45,9 @@ def _add_build_options(p) -> None:
     import argparse
     p.add_argument("--offline", dest="global_offline", action="store_true", default=argparse.SUPPRESS,
                    help="ask no binary cache (the same as `pure --offline build ...`)")
+    p.add_argument("--fallback", dest="global_fallback", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="build what a cache lists but cannot give (the default); --no-fallback: fail instead")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="only say what would be built and what fetched from the binary caches "
                         "(with download sizes); build, fetch and link nothing")

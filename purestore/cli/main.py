@@ -126,6 +126,7 @@ class Context:
                 substituters=_split_opt(getattr(self.args, "global_substituters", None)),
                 trusted_public_keys=_split_opt(getattr(self.args, "global_trusted_public_keys", None)),
                 offline=True if getattr(self.args, "global_offline", False) else None,
+                fallback=getattr(self.args, "global_fallback", None),
                 post_build_hook=getattr(self.args, "global_post_build_hook", None),
             )
             more = {k: (*getattr(self._settings, k), *v) for k in ("substituters", "trusted_public_keys")
@@ -174,6 +175,9 @@ def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--offline", dest="global_offline", action="store_true",
                         help="do not ask the substituters (builds and shells use what the store has); "
                              "a cache named explicitly (copy --from/--to) is still used")
+    parser.add_argument("--fallback", dest="global_fallback", action=argparse.BooleanOptionalAction, default=None,
+                        help="build what a cache lists but cannot give (the default; `fallback` setting); "
+                             "--no-fallback fails the build instead, as Nix does without --fallback")
     parser.add_argument("--post-build-hook", dest="global_post_build_hook", metavar="PROGRAM", default=None,
                         help="run PROGRAM after each build, with DRV_PATH and OUT_PATHS set (e.g. to push "
                              "the outputs to a binary cache; docs/building.md); '' turns the setting off")
