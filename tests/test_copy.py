@@ -113,6 +113,29 @@ def test_an_empty_narinfo_is_written_again(tmp_path, keyfile):
     run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}", app_p)
 
 
+@pytest.mark.parametrize("junk", [b"garbage\n", b"\xff\xfe", "another path"])
+def test_a_push_with_keys_writes_a_narinfo_that_cannot_be_used_again(tmp_path, keyfile, junk):
+    """A narinfo in the cache that does not parse, or describes another path, was counted as
+    "already there", and the note then offered a `pure cache sign` that fails on it.  A push
+    with keys (which reads the narinfos) says so and writes it again."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p = store.print_path(app)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    ni = cache / f"{app.hash_part}.narinfo"
+    text = ni.read_text()
+    if junk == "another path":
+        ni.write_text((cache / f"{lib.hash_part}.narinfo").read_text())
+    else:
+        ni.write_bytes(junk)
+    r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+    assert f"warning: the cache's narinfo of '{app_p}' cannot be used (" in r.stderr, r.stderr
+    assert "copied 1 path" in r.stderr and "1 already there" in r.stderr and "note:" not in r.stderr, r.stderr
+    assert ni.read_text() == text
+    run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{cache}")
+
+
 def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     root, cache = tmp_path / "a", tmp_path / "cache"
     with open_store(root) as store:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import re
 import stat
@@ -184,7 +185,6 @@ STALE_TEMP_SECONDS = 24 * 3600
 async def push_lock(directory: str):
     """The cache directory's lock, shared (see :mod:`.prune`); waits for a running prune."""
     import fcntl
-    import logging
 
     fd = open_dir_lock(directory)
     try:
@@ -226,12 +226,19 @@ async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency
                 data = await backend.get(name)
                 if data is None or (local and not data):
                     return
-                have.add(p)
                 try:
-                    sigs = NarInfo.parse(data, store_dir).sigs
-                except (FormatError, UnicodeDecodeError):
-                    sigs = ()
-                if not key_names <= {sig.partition(":")[0] for sig in sigs}:
+                    ni = NarInfo.parse(data, store_dir, where=file_url(backend.url, name))
+                    if ni.store_path != p:
+                        raise FormatError(f"it describes {ni.store_path.absolute(store_dir)!r}")
+                except (FormatError, UnicodeDecodeError) as e:
+                    # pushed again, which writes a good one in its place (Nix, which only asks
+                    # whether the file exists, would leave it as it is)
+                    logging.getLogger("purestore.cache").warning(
+                        "warning: the cache's narinfo of %r cannot be used (%s): it is written again",
+                        p.absolute(store_dir), e)
+                    return
+                have.add(p)
+                if not key_names <= {sig.partition(":")[0] for sig in ni.sigs}:
                     lacking.append(p)
             elif (await backend.size(name) not in (None, 0)) if local else await backend.exists(name):
                 have.add(p)
@@ -339,7 +346,6 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     if parallel is None:
         parallel = url_flag(cu, "parallel-compression")
     if method == "none" and level is not None:  # accepted, as Nix accepts it, but said
-        import logging
         logging.getLogger("purestore.cache").warning(
             "warning: compression-level %s is ignored: the NARs are stored uncompressed (compression=none)", level)
     try:
