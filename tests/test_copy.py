@@ -507,6 +507,29 @@ def test_a_malformed_trusted_key_is_an_error_even_with_nothing_to_fetch(tmp_path
     assert r.stderr.startswith("error: --trusted-public-keys: public key 'not-a-key' is not of the form"), r.stderr
 
 
+def test_fetch_failure_names_what_failed_in_the_closure_too(tmp_path, keyfile):
+    """app's NAR corrupt and lib's (its reference) missing: the error names both, each with its
+    reason (lib's was only in --json's `failed`: fixing app, the user met lib's next)."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, app = make_closure(store)
+        app_p, lib_p = store.print_path(app), store.print_path(lib)
+    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
+
+    def nar(p):
+        text = (cache / f"{p.hash_part}.narinfo").read_text()
+        return cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    nar(lib).unlink()
+    nar(app).write_bytes(b"junk")
+    r = run_pure("copy", "--from", f"file://{cache}", "--trusted-public-keys", PUB, app_p, root=tmp_path / "b",
+                 check=False)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith(f"error: cannot substitute '{app_p}': ") and "corrupt zstd data" in lines[0], lines
+    assert lines[1].startswith(f"cannot substitute '{lib_p}' (a reference): ") and "is missing from the cache" in lines[1]
+    assert len(lines) == 2, lines
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as sock:

@@ -765,6 +765,11 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     if missing:
         lines = [f"cannot substitute {p.absolute(sd)!r}: {report.failures.get(p, 'unknown reason')}"
                  for p in missing]
+        # and what failed in their closures, each once (what failed only with a reference of its
+        # own is said by that reference's line): one run shows every problem of the cache
+        lines += [f"cannot substitute {p.absolute(sd)!r} (a reference): {why}"
+                  for p, why in sorted(report.failures.items())
+                  if p not in paths and not why.startswith("its reference ")]
         hints = {report.hints.get(p) for p in missing}  # one for all of them, or none
         raise CopyIncomplete("\n".join(lines) if len(lines) > 1 else lines[0], result=report,
                              failures={**{p: "unknown reason" for p in missing}, **report.failures},
