@@ -48,6 +48,21 @@ def test_parse_url():
         parse_url("file:///x?nope=1")
 
 
+def test_parse_url_refuses_an_unmatched_bracket_with_a_cache_error():
+    """A '[' without its ']' in the host is a CacheError naming the URL, not urlsplit's ValueError."""
+    for url in ("http://[::1/", "file://[x/", "https://[::1:8080/"):
+        with pytest.raises(CacheError, match=r"cache URL '.*\[.*': malformed host") as e:
+            parse_url(url)
+        assert e.value.hint and "[::1]" in e.value.hint
+
+
+def test_port_0_in_a_cache_url_is_refused():
+    """Port 0 is no port a server listens on; it does not silently mean the scheme's default."""
+    for url in ("http://127.0.0.1:0/", "https://h:0/prefix"):
+        with pytest.raises(CacheError, match="port 0 is not"):
+            open_backend(url)
+
+
 def test_cache_info_round_trip_and_store_dir_check():
     info = CacheInfo.parse("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n", "x")
     assert info == CacheInfo("/nix/store", True, 40)

@@ -95,7 +95,11 @@ def parse_url(url: str) -> CacheURL:
     if any(c.isspace() for c in url):
         raise CacheError(f"cache URL {url!r} contains white space",
                          hint="give one URL here; a space in a directory name is written %20")
-    u = urllib.parse.urlsplit(url)
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError as e:  # a '[' without its ']' in the host ("Invalid IPv6 URL"), or the like
+        raise CacheError(f"cache URL {url!r}: malformed host ({e})",
+                         hint="an IPv6 address is written between '[' and ']': http://[::1]:8080/") from None
     try:
         params = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query)))
     except ValueError:

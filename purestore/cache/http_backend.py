@@ -238,9 +238,13 @@ class HttpBackend(Backend):
         self._disabled_until = 0.0  # time.monotonic() until which nothing is asked (it failed)
         u = urllib.parse.urlsplit(cu.base)
         try:
-            port = u.port or (443 if u.scheme == "https" else 80)
+            port = u.port
         except ValueError:
             raise CacheError(f"cache URL {cu.url!r}: bad port") from None
+        if port == 0:  # not the default port: no server listens on port 0
+            raise CacheError(f"cache URL {cu.url!r}: port 0 is not a port a server can listen on",
+                             hint="leave the port out for the scheme's default (80 for http, 443 for https)")
+        port = port or (443 if u.scheme == "https" else 80)
         if not u.hostname:
             raise CacheError(f"cache URL {cu.url!r}: missing host")
         self._prefix = u.path  # ends with '/'
