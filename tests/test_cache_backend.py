@@ -142,6 +142,28 @@ async def test_http_backend_against_our_server(tmp_path):
         n.cancel_scope.cancel()
 
 
+def test_a_token_that_cannot_be_sent_is_an_error_naming_its_source(tmp_path, monkeypatch):
+    """A token file (or PURE_CACHE_TOKEN) with several lines, a byte a header cannot carry, or
+    nothing in it is refused when the cache is opened: one error naming the file (or the
+    variable), without the token, instead of a header error retried as a transient failure."""
+    monkeypatch.delenv("PURE_CACHE_TOKEN", raising=False)
+    for content, said in ((b"s3cret\nmore\n", "has several lines"), (b"s3\rcret", "has several lines"),
+                          (b"s3cr\xfft\n", "has a character an HTTP header cannot carry"),
+                          (b"s3 cret\n", "has a character an HTTP header cannot carry"), (b"\n\n", "is empty")):
+        tok = tmp_path / "t.tok"
+        tok.write_bytes(content)
+        with pytest.raises(CacheError, match=f"token file '{tok}' {said}") as e:
+            open_backend(f"http://127.0.0.1:9/?token-file={tok}")
+        assert "s3" not in str(e.value)
+    tok.write_text("s3cret\n")
+    monkeypatch.setenv("PURE_CACHE_TOKEN", "s3cret\nmore")
+    with pytest.raises(CacheError, match="environment variable PURE_CACHE_TOKEN has several lines") as e:
+        open_backend(f"http://127.0.0.1:9/?token-file={tok}")
+    assert "s3" not in str(e.value)
+    monkeypatch.setenv("PURE_CACHE_TOKEN", "s3cret\n")  # white space at the ends is not the token's
+    assert open_backend("http://127.0.0.1:9/").upload_token == "s3cret"
+
+
 async def test_http_backend_connect_error_is_a_cache_error(tmp_path):
     async with open_backend("http://127.0.0.1:9/", connect_timeout=2) as b:
         with pytest.raises(CacheError, match="cannot connect"):

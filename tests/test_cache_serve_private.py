@@ -62,6 +62,14 @@ def test_server_token_and_tls_options_are_checked(tmp_path):
     (tmp_path / "empty.tok").write_text("\n")
     r = run_pure("cache", "serve", tmp_path / "c", "--read-token-file", tmp_path / "empty.tok", check=False)
     assert r.returncode == 2 and f"read token file '{tmp_path / 'empty.tok'}' is empty" in r.stderr
+    # a token a client cannot send in a header is refused, without quoting it
+    for content, said in ((b"s3cret\nmore\n", "has several lines"),
+                          (b"s3cr\xfft\n", "has a character an HTTP header cannot carry")):
+        (tmp_path / "bad.tok").write_bytes(content)
+        r = run_pure("cache", "serve", tmp_path / "c", "--upload-token-file", tmp_path / "bad.tok",
+                     "--listen", "nowhere", check=False)
+        assert r.returncode == 2 and f"upload token file '{tmp_path / 'bad.tok'}' {said}" in r.stderr, r.stderr
+        assert "s3" not in r.stderr and "Traceback" not in r.stderr
     r = run_pure("cache", "serve", tmp_path / "c", "--tls-cert", tmp_path / "cert.pem", check=False)
     assert r.returncode == 2 and "--tls-cert and --tls-key go together" in r.stderr
     r = run_pure("cache", "serve", tmp_path / "c", "--tls-cert", tmp_path / "cert.pem", "--tls-key",

@@ -53,17 +53,44 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
     context.  ``token`` (given, or read from the URL's ``token-file``) goes with every request;
     ``PURE_CACHE_TOKEN`` with uploads only."""
     if token is None and cu.param("token-file"):
+        path = cu.param("token-file")
         try:
-            with open(cu.param("token-file")) as f:  # type: ignore[arg-type]
-                token = f.read().strip()
+            with open(path, "rb") as f:  # type: ignore[arg-type]
+                raw = f.read().strip()
         except OSError as e:
-            raise CacheError(f"cannot read the cache's token file {cu.param('token-file')!r}: {e.strerror}") from e
+            raise CacheError(f"cannot read the cache's token file {path!r}: {e.strerror}") from e
+        problem = token_problem(raw)
+        if problem:
+            raise CacheError(f"the cache's token file {path!r} {problem}")
+        token = raw.decode("ascii")
+    upload_token = os.environ.get("PURE_CACHE_TOKEN") or None
+    if upload_token is not None:
+        raw = os.fsencode(upload_token).strip()
+        problem = token_problem(raw)
+        if problem:
+            raise CacheError(f"the token in the environment variable PURE_CACHE_TOKEN {problem}")
+        upload_token = raw.decode("ascii")
     host = urllib.parse.urlsplit(cu.base).hostname or ""
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
                        max_connections=max_connections, token=token, attempts=attempts,
-                       upload_token=os.environ.get("PURE_CACHE_TOKEN") or None,
+                       upload_token=upload_token,
                        login=netrc_login(netrc_file, host), netrc_file=netrc_file,
                        ssl_context=_ssl_context(ssl_cert_file) if cu.scheme == "https" else None)
+
+
+def token_problem(token: bytes) -> str | None:
+    """What makes ``token`` (a token file's bytes, white space at its ends stripped) unfit to be
+    sent as ``Authorization: Bearer TOKEN``, said so that it follows the token's source
+    ("... is empty"); None when it is fit.  The message never quotes the token."""
+    if not token:
+        return "is empty"
+    if b"\n" in token or b"\r" in token:
+        return "has several lines: a token is one line"
+    bad = next((i for i, b in enumerate(token) if not 0x21 <= b <= 0x7e), None)
+    if bad is not None:
+        return (f"has a character an HTTP header cannot carry as a token (byte {bad + 1}): a token is "
+                "printable ASCII characters without spaces")
+    return None
 
 
 def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
