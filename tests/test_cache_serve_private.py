@@ -94,6 +94,18 @@ def test_server_token_and_tls_options_are_checked(tmp_path):
         assert (f"warning: upload token file '{tok}' can be read by others (mode 0644)" in r.stderr) == warned
 
 
+def test_a_bad_listen_is_a_usage_error_that_says_what_is_wrong(tmp_path):
+    """--listen with a '[' but no ']' is refused (it was taken as host '::1'), a port past 65535
+    is said to be out of range; both exit 2 (bad usage), for cache serve and store serve."""
+    (tmp_path / "c").mkdir()
+    for listen, said in (("[::1:80", "expected HOST:PORT"), ("::1]:80", "expected HOST:PORT"),
+                         ("127.0.0.1:99999", "port 99999 is out of range (0 to 65535)"),
+                         ("nowhere", "expected HOST:PORT")):
+        for cmd in (("cache", "serve", tmp_path / "c"), ("store", "serve")):
+            r = run_pure(*cmd, "--listen", listen, root=tmp_path / "a", check=False, timeout=60)
+            assert r.returncode == 2 and f"error: --listen '{listen}': {said}" in r.stderr, (cmd, r.stderr)
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_files_that_cannot_be_used_are_named_with_what_is_wrong(tmp_path):
     """OpenSSL says only "PEM lib": the error says which file is wrong and how; an encrypted key

@@ -579,9 +579,16 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
 def parse_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port); raise :class:`CacheError`."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not _digits(port) or not 0 <= int(port) < 65536:
+    if not sep or not host or not _digits(port):
         raise CacheError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]"), int(port)
+    if host.startswith("["):
+        host = host[1:-1] if host.endswith("]") else ""
+    if not host or "[" in host or "]" in host:
+        raise CacheError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080",
+                         hint="an IPv6 address is written between '[' and ']': [::1]:8080")
+    if int(port) > 65535:
+        raise CacheError(f"--listen {listen!r}: port {int(port)} is out of range (0 to 65535)")
+    return host, int(port)
 
 
 def access_logger(target: str) -> logging.Logger:

@@ -652,6 +652,16 @@ def _read_token_file(path: str, what: str) -> str:
     return text
 
 
+def _check_listen(listen: str) -> None:
+    """A --listen that is no HOST:PORT is a usage error (status 2), not a failure to listen."""
+    from ..cache.server import parse_listen
+    from ..errors import CacheError, UsageError
+    try:
+        parse_listen(listen)
+    except CacheError as e:
+        raise UsageError(e.message, hint=e.hint) from None
+
+
 def _tls_args(args) -> tuple[str, str] | None:
     from ..errors import UsageError
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -699,6 +709,7 @@ def cmd_cache_serve(args, ctx) -> int:
         from ..cache.backend import parse_url
         args.dir = parse_url(args.dir).base
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
+    _check_listen(args.listen)
     tls = _tls_args(args)
     _run_server(ctx, lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
         args.dir, args.listen, upload_token=token, read_token=reader, tls=tls,
@@ -721,6 +732,7 @@ def cmd_store_serve(args, ctx) -> int:
                          "(NARs are sent uncompressed by default)")
     keys = [load_secret_key(f) for f in args.secret_key_file]
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
+    _check_listen(args.listen)
     tls = _tls_args(args)
     check_listen_and_tls(args.listen, tls)
     settings = ctx.settings
