@@ -51,6 +51,26 @@ def test_malformed_public_keys(text, msg):
         PublicKey.parse(text)
 
 
+def test_a_key_file_starting_with_a_byte_order_mark_says_so():
+    """strip() keeps U+FEFF: it would have become the first character of the key's name."""
+    for parse, text in ((SecretKey.parse, SECRET), (PublicKey.parse, PUBLIC)):
+        with pytest.raises(KeyError_, match="starts with a byte-order mark") as e:
+            parse("\ufeff" + text + "\n")
+        assert "without one" in e.value.hint
+
+
+@pytest.mark.parametrize("name", ["a\x01b", "\ufeffx", "x\ufeff", "x\u200by", "k\x7f", "\u202ek"])
+def test_key_names_with_characters_that_are_not_printable_are_refused(name):
+    """Control characters, U+FEFF and other invisible characters make names that look alike."""
+    with pytest.raises(KeyError_, match="not printable"):
+        SecretKey.generate(name)
+    said = "byte-order mark" if name.startswith("\ufeff") else "not printable"
+    with pytest.raises(KeyError_, match=said):
+        PublicKey.parse(name + PUBLIC[len("test-key-1"):])
+    with pytest.raises(KeyError_, match=said):
+        Signature.parse(name + SIG[len("test-key-1"):])
+
+
 def test_several_keys_given_as_one_get_a_hint():
     two = "k1:" + base64.b64encode(b"x" * 32).decode() + ",k2:" + base64.b64encode(b"y" * 32).decode()
     with pytest.raises(KeyError_, match="has invalid base64") as e:
@@ -119,7 +139,8 @@ def test_corrupted_signature_never_verifies_and_never_crashes(data, pos):
     assert not PublicKey.parse(PUBLIC).verify(FP, sig)
 
 
-@given(st.text(min_size=1, max_size=20).filter(lambda n: ":" not in n and not any(c.isspace() for c in n)),
+@given(st.text(min_size=1, max_size=20).filter(lambda n: ":" not in n and not any(c.isspace() for c in n)
+                                               and n.isprintable()),
        st.binary(min_size=32, max_size=32))
 def test_public_key_round_trip(name, key):
     pk = PublicKey(name, key)

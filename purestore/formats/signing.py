@@ -31,6 +31,9 @@ def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[st
     if not isinstance(text, str):
         raise KeyError_(f"{what} must be text, got {type(text).__name__}")
     text = text.strip()
+    if text.startswith("\ufeff"):  # str.strip() keeps it: it would be part of the key's name
+        raise KeyError_(f"{what} starts with a byte-order mark (U+FEFF)",
+                        hint="save the file without one (some editors add it to UTF-8 text)")
     name, sep, b64 = text.partition(":")
     shown = "" if secret else f" {_short(text)!r}"
     if not sep:
@@ -39,6 +42,8 @@ def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[st
         raise KeyError_(f"{what}{shown} has an empty key name")
     if any(c.isspace() for c in name):
         raise KeyError_(f"{what} name {name!r} contains white space")
+    if not name.isprintable():  # control characters, U+FEFF and other invisible ones
+        raise KeyError_(f"{what} name {name!r} contains a character that is not printable")
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
@@ -60,8 +65,9 @@ def _short(text: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not name or ":" in name or any(c.isspace() for c in name):
-        raise KeyError_(f"key name {name!r} must be non-empty, without ':' or white space")
+    if not name or ":" in name or any(c.isspace() for c in name) or not name.isprintable():
+        raise KeyError_(f"key name {name!r} must be non-empty, without ':', white space or characters "
+                        "that are not printable (control characters, U+FEFF)")
     return name
 
 
