@@ -54,6 +54,30 @@ def test_a_broken_netrc_file_is_an_error_that_says_where(tmp_path):
         netrc_login(str(tmp_path / "latin1"), "a")
 
 
+@pytest.mark.parametrize("text,line,says", [
+    ("machine 127.0.0.1 login", 1, "'login' has no value (the file ends after it)"),
+    ("machine a login alice password\n", 1, "'password' has no value (the file ends after it)"),
+    ("machine a\n  login alice\n  password\ndefault login b password c\n", 3,
+     "'password' has no value (the next word is 'default')"),
+    ("# notes\nmacdef init\nlogin\n\nmachine a login alice account\n", 5, "'account' has no value"),
+])
+def test_a_keyword_without_its_value_is_an_error_that_says_where(tmp_path, text, line, says):
+    """The standard parser takes a missing value as an empty one (or the next entry's first word
+    as the value); the docs promise an error naming the file and the line."""
+    f = write_netrc(tmp_path / "netrc", text)
+    with pytest.raises(CacheError) as e:
+        netrc_login(str(f), "a")
+    assert str(e.value).startswith(f"netrc file {str(f)!r}, line {line}: {says}")
+    assert "machine HOST login NAME password SECRET" in e.value.hint
+
+
+def test_values_that_look_like_keywords_or_comments_are_values(tmp_path):
+    f = write_netrc(tmp_path / "netrc", '# login\nmacdef m\npassword\n\nmachine a login "" password "#machine"\n'
+                                        'machine b login "password" password machines # password\n')
+    assert netrc_login(str(f), "a") is None  # (no login: no basic authentication)
+    assert netrc_login(str(f), "b") == ("password", "machines")
+
+
 def test_netrc_file_is_a_setting(tmp_path):
     from purestore.store.settings import load_settings, parse_config
     assert settings_for(tmp_path).netrc_file == "/etc/pure/netrc"  # as Nix's /etc/nix/netrc

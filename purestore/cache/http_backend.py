@@ -100,18 +100,24 @@ def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
     if not netrc_file or not os.path.lexists(netrc_file):  # the usual case: no module to import
         return None
     import netrc
+
+    from ._netrc import missing_value
+    hint = "the format is 'machine HOST login NAME password SECRET' (see netrc-file in docs/caches.md)"
     try:
         entry = netrc.netrc(netrc_file).authenticators(host)
+        with open(netrc_file, encoding="utf-8") as f:
+            missing = missing_value(f.read())
     except FileNotFoundError:
         return None
     except netrc.NetrcParseError as e:
-        raise CacheError(f"netrc file {netrc_file!r}, line {e.lineno}: {e.msg}",
-                         hint="the format is 'machine HOST login NAME password SECRET' (see netrc-file in docs/caches.md)") from None
+        raise CacheError(f"netrc file {netrc_file!r}, line {e.lineno}: {e.msg}", hint=hint) from None
     except OSError as e:
         raise CacheError(f"cannot read netrc file {netrc_file!r}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise CacheError(f"netrc file {netrc_file!r} is not UTF-8 text (byte {e.start})",
                          hint="logins and passwords in it must be UTF-8") from None
+    if missing is not None:
+        raise CacheError(f"netrc file {netrc_file!r}, line {missing[0]}: {missing[1]}", hint=hint)
     if entry is None or not entry[0]:
         return None
     login, _account, password = entry
