@@ -246,10 +246,10 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
         assert r.returncode != 0 and f"error: {msg}" in r.stderr, r.stderr
     assert sorted(p.name for p in cache.rglob("*")) == before
     r = prune(tmp_path / "nowhere", "--older-than", "1d", check=False)
-    assert r.returncode != 0 and "does not exist" in r.stderr
+    assert r.returncode == 1 and "does not exist" in r.stderr  # a failure, not bad usage
     (tmp_path / "afile").write_text("")
     r = prune(tmp_path / "afile", "--older-than", "1d", check=False)
-    assert r.returncode != 0 and "is not a directory" in r.stderr, r.stderr
+    assert r.returncode == 1 and "is not a directory" in r.stderr, r.stderr
     r = run_pure("cache", "prune", "http://127.0.0.1:1/", "--older-than", "1d", check=False)
     assert r.returncode != 0 and "only a local cache directory" in r.stderr
     # an unreadable narinfo is kept and reported, and so is the NAR its URL line names; the
@@ -261,6 +261,22 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     assert "warning: kept a narinfo that cannot be read: zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo" in r.stderr
     assert [p.name for p in cache.glob("*.narinfo")] == ["zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz.narinfo"]
     assert [f"nar/{p.name}" for p in cache.glob("nar/*")] == [other_nar]
+
+
+def test_an_age_without_unit_or_nothing_to_keep_is_a_usage_error(tmp_path):
+    """Status 2, whatever the directory holds (it is not read)."""
+    for args, msg in ((["--older-than", "30"], "cannot read the age '30': expected a number with a unit"),
+                      ([], "say what to keep")):
+        for where in (tmp_path, tmp_path / "nowhere"):
+            r = prune(where, *args, check=False)
+            assert r.returncode == 2 and r.stderr.startswith(f"error: {msg}"), r.stderr
+
+
+def test_a_nix_cache_info_that_cannot_be_read_is_named(tmp_path):
+    (tmp_path / "c" / "nix-cache-info").mkdir(parents=True)
+    r = prune(tmp_path / "c", "--older-than", "1d", check=False)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"error: cannot read '{tmp_path / 'c' / 'nix-cache-info'}': Is a directory")
 
 
 def test_a_prune_waits_for_a_push_into_the_directory(tmp_path):

@@ -497,7 +497,7 @@ def test_pruning_a_bucket_keeps_closures_whole(s3, tmp_path):
     assert "checked 1 path" in r.stderr and "no problems" in r.stderr
     # nothing to say what to keep, and a bucket that is not a cache: refused, nothing touched
     r = run_pure("cache", "prune", url(s3, prefix="/prune"), env=s3["env"], check=False)
-    assert r.returncode == 1 and "say what to keep" in r.stderr
+    assert r.returncode == 2 and "say what to keep" in r.stderr
     r = run_pure("cache", "prune", url(s3, "other", prefix="/nothing-here"), "--older-than", "1d", env=s3["env"],
                  check=False)
     assert r.returncode == 1 and "is not a binary cache (it has no nix-cache-info)" in r.stderr

@@ -317,7 +317,7 @@ def test_key_generate_writes_both_files_or_neither(tmp_path):
     assert r.returncode == 2 and "a file each" in r.stderr and not sec.exists()
     r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec,
                  "--public-out", tmp_path / "nodir" / "k.pub", check=False)
-    assert r.returncode == 2 and "does not exist" in r.stderr and not sec.exists()
+    assert r.returncode == 1 and "does not exist" in r.stderr and not sec.exists()  # not a usage error
     # an empty name (--secret-out "$UNSET") is an error, not "print the secret key on stdout"
     for opt in ("--secret-out", "--public-out"):
         r = run_pure("key", "generate", "--name", "k-1", opt, "", check=False)
@@ -705,6 +705,15 @@ def test_jobs_below_one_is_a_usage_error(tmp_path, direction):
     for n in ("0", "-3"):
         r = run_pure("copy", *urls, "-j", n, "/pure/store/" + "a" * 32 + "-x", root=tmp_path / "s", check=False)
         assert r.returncode == 2 and r.stderr.startswith(f"error: --jobs must be at least 1, got {n}"), r.stderr
+
+
+def test_a_compression_level_out_of_range_is_a_usage_error(tmp_path):
+    """As -j 0 is: the option's value is wrong (status 2), found before the store is read."""
+    missing = "/pure/store/" + "a" * 32 + "-x"
+    for url, level, said in ((f"file://{tmp_path}/c", "23", "zstd compression level must be 1..22, got 23"),
+                             (f"file://{tmp_path}/c?compression=xz", "10", "xz compression level must be 0..9, got 10")):
+        r = run_pure("copy", "--to", url, "--compression-level", level, missing, root=tmp_path / "s", check=False)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: --compression-level: {said}"), r.stderr
 
 
 def test_cache_url_mistakes_get_a_hint(tmp_path):

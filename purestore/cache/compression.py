@@ -388,25 +388,29 @@ class _Lzma:
             raise CacheError(f"corrupt compressed data: {e}") from e
 
 
+def check_level(method: str, level: int) -> None:
+    """Raise :class:`CacheError` when ``level`` is no level of the compression ``method`` (any
+    level goes with ``none``, which does not use it).  As libarchive takes them from Nix: -1 is
+    the default (Nix's value for it); for zstd also its negative (fast) levels, 0 (zstd's
+    default, 3), and 20..22 (much slower, more memory)."""
+    if method == "zstd" and not ZSTD_MIN_LEVEL <= level <= 22:
+        raise CacheError(f"zstd compression level must be {ZSTD_MIN_LEVEL}..22 (-1 or 0: the default, 3), got {level}")
+    if method == "xz" and not (0 <= level <= 9 or level == -1):
+        raise CacheError(f"xz compression level must be 0..9 (-1: the default, 6), got {level}")
+
+
 def compressor(method: str, level: int | None = None, parallel: bool = False):
     """A streaming compressor; ``parallel``: on all cores (see the module's docstring)."""
     if method not in WRITABLE:
         raise CacheError(f"cannot write compression {method!r}, expected one of {', '.join(WRITABLE)}")
-    if level is None or level == -1:  # -1: Nix's compression-level default, the library's
+    if level is not None:
+        check_level(method, level)
+    if level is None or level == -1 or (method == "zstd" and level == 0):
         level = DEFAULT_LEVEL[method]
     if method == "zstd":
-        # as libarchive takes them from Nix: zstd's negative (fast) levels, 0 (zstd's default,
-        # 3), and 20..22 (much slower, more memory)
-        if not ZSTD_MIN_LEVEL <= level <= 22:
-            raise CacheError(f"zstd compression level must be {ZSTD_MIN_LEVEL}..22 "
-                             f"(-1 or 0: the default, 3), got {level}")
-        if level == 0:
-            level = DEFAULT_LEVEL["zstd"]
         workers = cores() if parallel else 0
         return _SysZstd(level, workers) if _LIBZSTD is not None else _Zstd(level, workers)
     if method == "xz":
-        if not 0 <= level <= 9:
-            raise CacheError(f"xz compression level must be 0..9 (-1: the default, 6), got {level}")
         if parallel:
             return _XzMT(level, cores())
         return lzma.LZMACompressor(lzma.FORMAT_XZ, preset=level)

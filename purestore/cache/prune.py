@@ -184,13 +184,14 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
     base names).  One of the two must be given."""
     keep = list(keep)  # read twice: checked before any file is read, then planned with
     check_what_to_keep(older_than, keep)
+    info_file = os.path.join(directory, "nix-cache-info")
     try:
-        with open(os.path.join(directory, "nix-cache-info"), "rb") as f:
+        with open(info_file, "rb") as f:
             info_data = f.read()
     except FileNotFoundError:
         raise CacheError(f"{directory!r} is not a binary cache (it has no nix-cache-info)") from None
     except OSError as e:
-        raise CacheError(f"cannot read {directory!r}: {e.strerror}") from e
+        raise CacheError(f"cannot read {info_file!r}: {e.strerror}") from e
     listing: dict[str, tuple[int, float]] = {}  # name in the cache → (size, mtime)
     for sub in ("", "nar", "debuginfo", "log"):
         for n in _listdir(os.path.join(directory, sub)):
@@ -214,7 +215,7 @@ def plan_prune(directory: str, *, older_than: float | None, keep: Iterable[str] 
                     debuginfo[name] = data
             else:
                 narinfos[name] = data
-    return plan_from_listing(directory, CacheInfo.parse(info_data, os.path.join(directory, "nix-cache-info")),
+    return plan_from_listing(directory, CacheInfo.parse(info_data, info_file),
                              listing, narinfos, debuginfo, older_than=older_than, keep=keep, now=now)
 
 

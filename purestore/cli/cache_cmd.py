@@ -354,7 +354,7 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
     anything is written, each is written to a temporary name next to it (created with its mode,
     so a secret key is never readable by others, even for a moment or over an existing file)
     and then moved into place (without ``force``, never over a file that appeared meanwhile)."""
-    from ..errors import UsageError
+    from ..errors import PurestoreError, UsageError  # (not being able to write is no usage error)
     paths = [os.path.abspath(p) for p, _t, _m in files]
     if len(set(paths)) != len(paths):
         raise UsageError(f"{files[0][0]!r} is given for both keys: the secret and the public key need "
@@ -366,9 +366,9 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
         if through:
             continue
         if not os.path.isdir(os.path.dirname(full)):
-            raise UsageError(f"cannot write {path!r}: directory {os.path.dirname(full)!r} does not exist")
+            raise PurestoreError(f"cannot write {path!r}: directory {os.path.dirname(full)!r} does not exist")
         if os.path.isdir(full):
-            raise UsageError(f"cannot write {path!r}: it is a directory")
+            raise PurestoreError(f"cannot write {path!r}: it is a directory")
         if not force and os.path.lexists(full):
             raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it")
     for (path, text, _m), full, through in zip(files, paths, special):
@@ -376,7 +376,7 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
             try:
                 write_through(full, text)
             except OSError as e:
-                raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+                raise PurestoreError(f"cannot write {path!r}: {e.strerror}") from e
     files = [f for f, through in zip(files, special) if not through]
     paths = [p for p, through in zip(paths, special) if not through]
     temps: list[str] = []
@@ -386,7 +386,7 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             except OSError as e:
-                raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+                raise PurestoreError(f"cannot write {path!r}: {e.strerror}") from e
             temps.append(tmp)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
@@ -401,7 +401,7 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
             except FileExistsError:
                 raise UsageError(f"{path!r} already exists", hint="use --force to overwrite it") from None
             except OSError as e:
-                raise UsageError(f"cannot write {path!r}: {e.strerror}") from e
+                raise PurestoreError(f"cannot write {path!r}: {e.strerror}") from e
     finally:
         for tmp in temps:
             try:
@@ -469,6 +469,15 @@ def cmd_copy(args, ctx) -> int:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     if args.to and args.from_:
         return _copy_between(args, ctx)
+    if args.to and args.compression_level is not None:  # (with --from: refused below)
+        from ..cache.backend import parse_url
+        from ..cache.compression import check_level
+        from ..errors import CacheError
+        try:
+            check_level(args.compression or parse_url(args.to).param("compression") or "zstd",
+                        args.compression_level)
+        except CacheError as e:
+            raise UsageError(f"--compression-level: {e}") from None
     if args.no_check_sigs:
         raise UsageError("--no-check-sigs applies to copies between two caches (--from with --to); "
                          "paths installed into the store always need a trusted signature")
@@ -906,11 +915,15 @@ def cmd_cache_sign(args, ctx) -> int:
 
 
 def cmd_cache_prune(args, ctx) -> int:
-    from ..cache.prune import apply_prune, cache_lock, parse_age, plan_prune
-    from ..errors import UsageError
+    from ..cache.prune import apply_prune, cache_lock, check_what_to_keep, parse_age, plan_prune
+    from ..errors import CacheError, UsageError
 
     d = args.directory
-    age = parse_age(args.older_than) if args.older_than is not None else None
+    try:  # a bad age, or nothing to go by: usage errors (status 2), found before the cache is read
+        age = parse_age(args.older_than) if args.older_than is not None else None
+        check_what_to_keep(age, args.keep)
+    except CacheError as e:
+        raise UsageError(e.message, hint=e.hint) from None
     errors: list[str] = []
     if "://" in d:
         from ..cache.backend import parse_url  # (imports trio: only for a URL)
@@ -923,7 +936,7 @@ def cmd_cache_prune(args, ctx) -> int:
                              "bucket can be pruned", hint="prune an HTTP cache on the machine that holds its files")
         d = cu.base
     if not os.path.isdir(d):
-        raise UsageError(f"cache directory {d!r} " + ("is not a directory" if os.path.lexists(d) else "does not exist"))
+        raise CacheError(f"cache directory {d!r} " + ("is not a directory" if os.path.lexists(d) else "does not exist"))
     with cache_lock(d, exclusive=True,
                     on_wait=lambda: ctx.info(f"waiting for the push into {d!r} to finish...")):
         plan = plan_prune(d, older_than=age, keep=[_link_target(k) for k in args.keep])
