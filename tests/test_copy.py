@@ -710,8 +710,10 @@ def test_jobs_below_one_is_a_usage_error(tmp_path, direction):
 def test_a_compression_level_out_of_range_is_a_usage_error(tmp_path):
     """As -j 0 is: the option's value is wrong (status 2), found before the store is read."""
     missing = "/pure/store/" + "a" * 32 + "-x"
-    for url, level, said in ((f"file://{tmp_path}/c", "23", "zstd compression level must be 1..22, got 23"),
-                             (f"file://{tmp_path}/c?compression=xz", "10", "xz compression level must be 0..9, got 10")):
+    for url, level, said in ((f"file://{tmp_path}/c", "23",
+                              "zstd compression level must be -131072..22 (-1 or 0: the default, 3), got 23"),
+                             (f"file://{tmp_path}/c?compression=xz", "10",
+                              "xz compression level must be 0..9 (-1: the default, 6), got 10")):
         r = run_pure("copy", "--to", url, "--compression-level", level, missing, root=tmp_path / "s", check=False)
         assert r.returncode == 2 and r.stderr.startswith(f"error: --compression-level: {said}"), r.stderr
 
