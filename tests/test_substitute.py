@@ -50,8 +50,9 @@ async def test_substitute_fetches_closure_and_records_event(source, tmp_path):
         assert all(e["cache"] == f"file://{tmp_path}/c" for e in subs)
 
 
-async def test_priority_order_and_untrusted_cache_skipped(source, tmp_path):
+async def test_priority_order_and_untrusted_cache_skipped(source, tmp_path, caplog):
     """The cache with the lower Priority wins; a cache with bad signatures is passed over."""
+    import logging
     from purestore.cache import substitute
     from purestore.formats.signing import SecretKey
     from purestore.store import events
@@ -62,9 +63,14 @@ async def test_priority_order_and_untrusted_cache_skipped(source, tmp_path):
     (tmp_path / "fast" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 10\n")
     (tmp_path / "evil" / "nix-cache-info").write_text("StoreDir: /pure/store\nPriority: 1\n")
     d, ds = dest(tmp_path, f"file://{tmp_path}/evil", f"file://{tmp_path}/slow", f"file://{tmp_path}/fast")
-    with d:
+    with d, caplog.at_level(logging.WARNING, logger="purestore.cache"):
         assert await substitute(d, ds, {app}) == {app}
         assert {e["cache"] for e in events.query_substitutions(d)} == {f"file://{tmp_path}/fast"}
+    # the narinfo passed over is said, for each path, naming both caches (as Nix warns of it)
+    said = sorted(r.getMessage() for r in caplog.records if "not using" in r.getMessage())
+    assert len(said) == 2 and all(f"from 'file://{tmp_path}/evil'" in m and "is not trusted" in m
+                                  and m.endswith(f"; using 'file://{tmp_path}/fast'") for m in said), said
+    assert {m.split("'")[1] for m in said} == {d.print_path(app), d.print_path(lib)}
 
 
 async def test_partial_success_and_nothing_untrusted_registered(source, tmp_path):

@@ -87,6 +87,11 @@ class _Rejected(Exception):
     """No cache had a usable narinfo, and at least one had an unusable one (reason)."""
 
 
+class _Refused(str):
+    """Why a narinfo a cache has cannot be used (not trusted, altered, another path, a URL
+    outside the cache...)."""
+
+
 class _LookupFailed(str):
     """Why a cache could not be asked for a narinfo (an error, not an answer: 5xx, a stall, a
     disabled cache), as opposed to a narinfo it had that cannot be used."""
@@ -214,8 +219,12 @@ class Substituters:
             self.lookup_errors[path] = "; ".join(errors)
         else:
             self.lookup_errors.pop(path, None)
-        for cache, r in zip(caches, results):
+        for i, (cache, r) in enumerate(zip(caches, results)):
             if isinstance(r, NarInfo):
+                for bad, why in zip(caches[:i], results[:i]):  # said, as Nix says it
+                    if isinstance(why, _Refused):
+                        log.warning("warning: not using %r from %r: %s; using %r", path.absolute(self.settings.store_dir),
+                                    bad.url.split("?")[0], why, cache.url.split("?")[0])
                 return cache, r
         reasons = [r for r in results if isinstance(r, str)]
         if reasons:
@@ -241,23 +250,23 @@ class Substituters:
         try:
             ni = NarInfo.parse(data, sd, where=where)
         except NarInfoError as e:
-            return f"bad narinfo: {e}"
+            return _Refused(f"bad narinfo: {e}")
         if ni.store_path != path:
-            return f"{where} describes {ni.store_path.absolute(sd)!r}, not the path asked for"
+            return _Refused(f"{where} describes {ni.store_path.absolute(sd)!r}, not the path asked for")
         try:
             verify_any(ni.fingerprint(sd), ni.sigs, self.trusted)
         except SignatureError as e:
-            return f"narinfo {where} is not trusted: {e}"
+            return _Refused(f"narinfo {where} is not trusted: {e}")
         try:
             check_name(ni.url, where)
         except CacheError:
-            return f"narinfo {where} has URL {ni.url!r}, which points outside the cache"
+            return _Refused(f"narinfo {where} has URL {ni.url!r}, which points outside the cache")
         if getattr(self.settings, "require_provenance", False) and ni.ca is None:
             # content-addressed paths (sources, texts, fixed-output fetches) are checked by their
             # content address; provenance is required of input-addressed (built) paths
             reason = await self._check_provenance(cache, path, ni)
             if reason:
-                return reason
+                return _Refused(reason)
         return ni
 
     async def _check_provenance(self, cache: _Cache, path: StorePath, ni: NarInfo) -> str | None:
