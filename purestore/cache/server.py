@@ -396,18 +396,24 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
                     break  # truncated meanwhile: the client sees a short body and refuses it
                 sent += len(data)
                 await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+        # the end of the body is sent once the watch for a disconnect is over: on a connection
+        # the server closes after this response (HTTP/1.0, "Connection: close"), the server says
+        # the client is gone while it sends the end, and the watch would cancel that send half
+        # way, before the server closed the connection: it then stayed open for good
+        gone = False
         if receive is None:
             await stream()
         else:
-            await until_disconnect(receive, stream)
+            gone = await until_disconnect(receive, stream)
+        if not gone:
+            await send({"type": "http.response.body", "body": b""})
     finally:
         f.close()
 
 
 async def until_disconnect(receive, sending) -> bool:
-    """``await sending()`` (the rest of a response), stopped when the client goes away; True
-    if it did.
+    """``await sending()`` (the rest of a response but its end, which the caller sends when
+    this returns False), stopped when the client goes away; True if it did.
 
     The server takes the body of a response whose client has gone and drops it without a
     word: a big file was read to its end for nobody, and logged as sent whole.  The request
