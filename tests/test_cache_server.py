@@ -53,3 +53,13 @@ async def test_a_streamed_file_on_a_connection_to_close_is_sent_and_the_connecti
                 out = await exchange(port, request)
                 assert status_of(out) == 200 and out.endswith(data)
 
+
+async def test_a_range_with_a_huge_number_is_ignored_not_a_server_error(tmp_path):
+    """A position of thousands of digits (past what int() converts) is a form the server does
+    not do: the whole file, as for other malformed ranges; more than 20 digits likewise."""
+    (tmp_path / "nix-cache-info").write_bytes(b"StoreDir: /pure/store\n")
+    async with serving(tmp_path) as port:
+        for rng in ("bytes=1" + "0" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=0-" + "9" * 21):
+            out = await exchange(port, f"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nRange: {rng}\r\n"
+                                       f"Connection: close\r\n\r\n".encode())
+            assert status_of(out) == 200 and out.endswith(b"\r\n\r\nStoreDir: /pure/store\n"), rng

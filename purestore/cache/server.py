@@ -313,16 +313,20 @@ def _digits(s: str) -> bool:
     return s.isascii() and s.isdigit()
 
 
+MAX_RANGE_DIGITS = 20  # a byte position of more digits than 2**64 has is no file's
+
+
 def parse_range(value: bytes | None, size: int) -> tuple[int, int] | None | str:
     """``Range`` header → (first, last) byte to send; None: send the whole file (no header, or a
-    form this server does not do: several ranges, suffix ranges, other units); "unsatisfiable"
-    when the range starts at or beyond the end."""
+    form this server does not do: several ranges, suffix ranges, other units, or a position of
+    more than :data:`MAX_RANGE_DIGITS` digits); "unsatisfiable" when the range starts at or
+    beyond the end."""
     if value is None:
         return None
     unit, _, spec = value.decode("latin-1").strip().partition("=")
     first, dash, last = spec.strip().partition("-")
     if unit.strip().lower() != "bytes" or not dash or "," in spec or not _digits(first) \
-            or not (last == "" or _digits(last)):
+            or not (last == "" or _digits(last)) or max(len(first), len(last)) > MAX_RANGE_DIGITS:
         return None
     a = int(first)
     b = size - 1 if last == "" else min(int(last), size - 1)
