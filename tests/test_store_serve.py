@@ -376,3 +376,38 @@ def test_a_store_of_another_store_dir_names_the_store_dir_to_give(tmp_path):
     assert f"error: the store at '{tmp_path}/a' is for store dir '/nix/store', not '/pure/store'" in r.stderr
     assert "hint: give --store-dir /nix/store" in r.stderr
     assert not (tmp_path / "a" / "pure").exists()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_download_the_client_abandons_stops_its_dump_and_is_logged_499(tmp_path, compression):
+    """A client that goes away in the middle of a big NAR: the server stops dumping (and
+    compressing) it and logs 499 with the bytes handed out until then, not a whole 200."""
+    import re
+    import socket
+    import time
+
+    with open_store(tmp_path / "a", STORE_DIR) as store:
+        sp = make_path(store, "big", {"data": os.urandom(16 << 20)})
+        info = store.query_path_info(sp)
+    access = tmp_path / "access.log"
+    proc, url = start_store_server(tmp_path / "a", STORE_DIR, "--access-log", access, "--compression", compression)
+    ext = ".nar" if compression == "none" else ".nar.zst"
+    try:
+        u = urllib.parse.urlsplit(url)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads slowly
+            sock.connect((u.hostname, u.port))
+            sock.sendall(f"GET /nar/{sp.hash_part}-{info.nar_hash.nix32}{ext} HTTP/1.1\r\n"
+                         f"Host: {u.netloc}\r\n\r\n".encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+        deadline = time.monotonic() + 10
+        while "/nar/" not in (access.read_text() if access.exists() else ""):
+            assert time.monotonic() < deadline, "no line logged"
+            time.sleep(0.05)
+    finally:
+        stop_server(proc)
+    [line] = [x for x in access.read_text().splitlines() if "/nar/" in x]
+    status, sent = re.search(r'" (\d{3}) (\d+) "', line).groups()
+    assert status == "499" and int(sent) < info.nar_size // 2, line
+    assert "Traceback" not in proc.stderr.read()

@@ -46,7 +46,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import CHUNK
 from .compression import compressor, extension
-from .server import CHALLENGE, asgi_app, read_check, respond
+from .server import CHALLENGE, asgi_app, read_check, respond, until_disconnect
 
 log = logging.getLogger("purestore.cache.store_server")
 
@@ -272,12 +272,12 @@ def make_store_app(cache: StoreCache, read_token: str | None = None, access_log:
                 if info is None or info.nar_hash.nix32 != m.group(2) or m.group(3) != cache.ext:
                     await respond(send, 404, b"no such NAR\n", head=head)
                 elif head:
-                    await _send_nar(send, cache, info, head, streams)
+                    await _send_nar(receive, send, cache, info, head, streams)
                 elif not await trio.to_thread.run_sync(cache.hold, info):  # deleted meanwhile
                     await respond(send, 404, b"no such NAR\n")
                 else:
                     try:
-                        await _send_nar(send, cache, info, head, streams)
+                        await _send_nar(receive, send, cache, info, head, streams)
                     finally:
                         with trio.CancelScope(shield=True):
                             await trio.to_thread.run_sync(cache.release, info)
@@ -314,7 +314,8 @@ async def _whole(send, body: bytes, content_type: bytes, head: bool) -> None:
 _NAR_TYPE = (b"content-type", b"application/x-nix-nar")
 
 
-async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool, streams: trio.CapacityLimiter) -> None:
+async def _send_nar(receive, send, cache: StoreCache, info: PathInfo, head: bool,
+                    streams: trio.CapacityLimiter) -> None:
     plain = cache.compression == "none"
     if head or info.nar_size <= WHOLE:
         # HEAD: the path exists (it was just looked up; a compressed size is not known before
@@ -326,10 +327,12 @@ async def _send_nar(send, cache: StoreCache, info: PathInfo, head: bool, streams
         await send({"type": "http.response.body", "body": body})
         return
     async with streams:
-        await _stream_nar(send, cache, info)
+        await _stream_nar(receive, send, cache, info)
 
 
-async def _stream_nar(send, cache: StoreCache, info: PathInfo) -> None:
+async def _stream_nar(receive, send, cache: StoreCache, info: PathInfo) -> None:
+    """Send a big NAR as it is dumped; a client that goes away stops the dump (and is logged
+    with 499), a NAR that fails its check ends the response short."""
     comp = cache.compressor()
     stream = _NarStream(S.real_path(cache.store, info.path), _Check(cache.store_dir, info), comp)
     try:
@@ -337,16 +340,22 @@ async def _stream_nar(send, cache: StoreCache, info: PathInfo) -> None:
         # compressed: the size is not known before the end (chunked transfer)
         await send({"type": "http.response.start", "status": 200, "headers": [
             _NAR_TYPE, *([(b"content-length", str(info.nar_size).encode())] if comp is None else [])]})
-        chunk = first
-        while chunk:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            try:
-                chunk = await stream.next()
-            except StoreError as e:
-                # the response has started: returning without its end makes the server close
-                # the connection short, which the client sees as a truncated download
-                log.error("error: %s", e)
-                return
-        await send({"type": "http.response.body", "body": b""})
+        whole = False  # the whole NAR dumped, checked and handed to the server
+
+        async def body() -> None:
+            nonlocal whole
+            chunk = first
+            while chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    chunk = await stream.next()
+                except StoreError as e:
+                    # the response has started: returning without its end makes the server
+                    # close the connection short, which the client sees as a truncated download
+                    log.error("error: %s", e)
+                    return
+            whole = True
+        if not await until_disconnect(receive, body) and whole:
+            await send({"type": "http.response.body", "body": b""})
     finally:
         stream.close()
