@@ -63,3 +63,72 @@ async def test_a_range_with_a_huge_number_is_ignored_not_a_server_error(tmp_path
             out = await exchange(port, f"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nRange: {rng}\r\n"
                                        f"Connection: close\r\n\r\n".encode())
             assert status_of(out) == 200 and out.endswith(b"\r\n\r\nStoreDir: /pure/store\n"), rng
+
+
+TOKEN = "s3cret"
+AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+
+def put_request(name: str, headers: str = "", body: bytes = b"") -> bytes:
+    return f"PUT /{name} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + body
+
+
+async def test_an_upload_that_stalls_is_given_up_with_408(tmp_path):
+    """A token holder's upload that sends nothing for the body timeout: 408, the connection
+    closed, no file stored nor temporary file left (it used to wait for good)."""
+    async with serving(tmp_path, upload_token=TOKEN, body_timeout=0.3) as port:
+        out = await exchange(port, put_request("nar/x.nar", AUTH + "Content-Length: 1000000\r\n", b"x" * 1000))
+    assert status_of(out) == 408
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+async def test_a_refused_upload_that_trickles_is_answered_and_closed(tmp_path):
+    """Without the token (or without uploads), a body sent a byte at a time is not waited for:
+    the answer, then the connection closed after the lingering time, though the client is still
+    sending (descriptors were held for good by clients that never end their body)."""
+    for token in (TOKEN, None):
+        async with serving(tmp_path, upload_token=token, linger=0.3) as port:
+            out = bytearray()
+            with trio.fail_after(5):
+                async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+                    await s.send_all(put_request("nar/x.nar", "Content-Length: 1000000000\r\n", b"x"))
+
+                    async def trickle():
+                        while True:
+                            await trio.sleep(0.05)
+                            await s.send_all(b"x")
+                    async with trio.open_nursery() as n:
+                        n.start_soon(trickle)
+                        try:
+                            while data := await s.receive_some(1 << 16):
+                                out += data
+                        except trio.BrokenResourceError:
+                            pass
+                        n.cancel_scope.cancel()
+        assert status_of(out) == (401 if token else 405), out
+        assert b"\r\nconnection: close\r\n" in out.lower()
+    assert not list(tmp_path.rglob("*"))
+
+
+async def test_a_refused_small_upload_keeps_the_connection_open(tmp_path):
+    """A body within the first 64 KiB is read whole before the 401: the next request on the
+    connection is answered."""
+    (tmp_path / "nix-cache-info").write_bytes(b"StoreDir: /pure/store\n")
+    async with serving(tmp_path, upload_token=TOKEN) as port:
+        out = await exchange(port, put_request("x.narinfo", "Content-Length: 5\r\n", b"hello")
+                             + b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(out) == 401 and out.endswith(b"StoreDir: /pure/store\n")
+    assert not (tmp_path / "x.narinfo").exists()
+
+
+async def test_an_upload_without_a_length_is_411_and_stores_nothing(tmp_path):
+    """Neither Content-Length nor chunked: 411 Length Required (an empty file used to be stored
+    with 201); with either, stored."""
+    async with serving(tmp_path, upload_token=TOKEN) as port:
+        out = await exchange(port, put_request("log/a", AUTH + "Connection: close\r\n"))
+        assert status_of(out) == 411 and not (tmp_path / "log" / "a").exists()
+        out = await exchange(port, put_request("log/a", AUTH + "Connection: close\r\nContent-Length: 2\r\n", b"ok"))
+        assert status_of(out) == 201 and (tmp_path / "log" / "a").read_bytes() == b"ok"
+        out = await exchange(port, put_request("log/b", AUTH + "Connection: close\r\nTransfer-Encoding: chunked\r\n",
+                                               b"2\r\nok\r\n0\r\n\r\n"))
+        assert status_of(out) == 201 and (tmp_path / "log" / "b").read_bytes() == b"ok"

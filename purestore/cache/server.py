@@ -207,14 +207,24 @@ def asgi_app(handle, access_log: logging.Logger | None = None):
     return app
 
 
+BODY_TIMEOUT = 60.0  # seconds an upload may send nothing before it is given up (nginx's client_body_timeout)
+LINGER = 5.0  # seconds the body of a refused upload is read for, before and after the answer
+
+
 def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None,
-             access_log: logging.Logger | None = None):
+             access_log: logging.Logger | None = None, *, body_timeout: float = BODY_TIMEOUT,
+             linger: float = LINGER):
     """The ASGI app serving ``directory`` (PUT allowed only when ``upload_token`` is set; reads
     only with ``read_token`` or ``upload_token`` when ``read_token`` is set).  ``access_log``
-    gets a line per request (:func:`asgi_app`)."""
+    gets a line per request (:func:`asgi_app`).  An upload that sends nothing for
+    ``body_timeout`` seconds is given up (408); a refused one is answered and closed after at
+    most twice ``linger`` seconds (:func:`_refuse`)."""
     directory = os.path.abspath(directory)
     token = upload_token.encode() if upload_token else None
     may_read = read_check(read_token, upload_token)
+
+    async def refuse(receive, send, status: int, message: bytes, headers=()) -> None:
+        await _refuse(receive, send, status, message, headers, linger=linger)
 
     async def handle(scope, receive, send):
         method = scope["method"]
@@ -239,17 +249,19 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
             await _get(send, path, name, head=method == "HEAD", respond=respond, rng=rng, receive=receive)
         elif method == "PUT":
             if token is None:
-                await _drain(receive)
-                await respond(send, 405, b"uploads are disabled (start the server with an upload token)\n",
-                              [(b"allow", b"GET, HEAD")])
+                await refuse(receive, send, 405, b"uploads are disabled (start the server with an upload token)\n",
+                             [(b"allow", b"GET, HEAD")])
                 return
             if not hmac.compare_digest(presented_token(scope), token):
-                await _drain(receive)
-                await respond(send, 401, b"bad or missing upload token\n", CHALLENGE)
+                await refuse(receive, send, 401, b"bad or missing upload token\n", CHALLENGE)
                 return
-            await _put(receive, send, directory, path, name, respond)
+            if not _has_body(scope):
+                # (without either, the request has no body: an empty file would be stored)
+                await respond(send, 411, b"an upload needs Content-Length or chunked transfer encoding\n")
+                return
+            await _put(receive, send, directory, path, name, refuse=refuse, body_timeout=body_timeout)
         else:
-            await respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
+            await refuse(receive, send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
     return asgi_app(handle, access_log)
 
@@ -510,34 +522,54 @@ def _check_and_merge_narinfo(directory: str, tmp: str, path: str, name: str) -> 
             f.write(merged)
 
 
-DRAIN_MAX = 1 << 30  # bytes of a refused upload read (and dropped) before the answer
+def _has_body(scope) -> bool:
+    """Whether a request says how long its body is: ``Content-Length`` or chunked transfer
+    encoding (the server has refused any other transfer encoding)."""
+    return any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
 
 
-async def _drain(receive) -> None:
-    """Read and drop the body of a request that is refused, before answering it (as nginx
-    does): a server that closes the connection with body bytes unread resets it, which can
-    destroy its answer before the client reads it, and the client then sees only a broken
-    connection instead of, say, 401 (a client sending a NAR of a few MB is still sending when
-    the answer comes).  Up to :data:`DRAIN_MAX` bytes; beyond that the connection is closed."""
-    total = 0
-    while total <= DRAIN_MAX:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            return
-        total += len(msg.get("body", b""))
-        if not msg.get("more_body", False):
-            return
+PEEK = 1 << 16  # bytes of a refused upload's body read before the answer
 
 
-async def _put(receive, send, directory: str, path: str, name: str, respond) -> None:
+async def _refuse(receive, send, status: int, message: bytes, headers=(), *, linger: float) -> None:
+    """Answer ``status`` to a request whose body is not wanted (a refused upload), reading
+    little of that body: up to :data:`PEEK` bytes for up to ``linger`` seconds first.  A body
+    read whole that way (a narinfo) leaves the connection open for the next request.  Else the
+    answer says ``Connection: close``, and what the client still sends is read and dropped
+    for up to ``linger`` seconds more before the connection is closed (nginx's "lingering
+    close"): a server that closes a connection with bytes unread resets it, which can destroy
+    its answer before the client reads it, and a client still sending a NAR of a few MB when
+    the answer comes would see only a broken connection instead of, say, 401.  A client that
+    sends slowly, or not at all, holds the connection no longer than that."""
+    more, total = True, 0
+    with trio.move_on_after(linger):
+        while more and total <= PEEK:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            total += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
+    if not more:
+        await respond(send, status, message, headers)
+        return
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-length", str(len(message)).encode()), (b"content-type", b"text/plain"), *headers,
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": message, "more_body": True})
+    with trio.move_on_after(linger):  # the whole answer is out: the client may close at once
+        while (msg := await receive())["type"] != "http.disconnect" and msg.get("more_body", False):
+            pass
+    await send({"type": "http.response.body", "body": b""})  # the server closes the connection
+
+
+async def _put(receive, send, directory: str, path: str, name: str, *, refuse, body_timeout: float) -> None:
     parent = os.path.dirname(path)
     try:
         await trio.to_thread.run_sync(make_dirs, parent)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
     except OSError as e:
         log.error("error: cannot store %s: cannot create a file in %r: %s", name, parent, e.strerror or e)
-        await _drain(receive)
-        await respond(send, 500, f"cannot create a file for {name}: {e.strerror or e}\n".encode())
+        await refuse(receive, send, 500, f"cannot create a file for {name}: {e.strerror or e}\n".encode())
         return
     ok = False
     try:
@@ -546,13 +578,20 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
             with os.fdopen(fd, "wb") as f:
                 total = 0
                 while True:
-                    msg = await receive()
+                    msg = None
+                    with trio.move_on_after(body_timeout):
+                        msg = await receive()
+                    if msg is None:
+                        log.error("error: upload of %s given up: nothing received for %g s (%d bytes so far)",
+                                  name, body_timeout, total)
+                        await respond(send, 408, b"nothing received for too long\n", [(b"connection", b"close")])
+                        return
                     if msg["type"] == "http.disconnect":
                         return
                     body = msg.get("body", b"")
                     total += len(body)
                     if total > MAX_UPLOAD:
-                        await respond(send, 413, b"upload too large\n")
+                        await refuse(receive, send, 413, b"upload too large\n")
                         return
                     complete = not msg.get("more_body", False)
                     if body:
@@ -561,9 +600,11 @@ async def _put(receive, send, directory: str, path: str, name: str, respond) -> 
                         break
         except OSError as e:  # the disk is full, or the file system failed: said, not a traceback
             log.error("error: cannot store %s: %s", name, e.strerror or e)
-            if not complete:
-                await _drain(receive)
-            await respond(send, 500, f"cannot store {name}: {e.strerror or e}\n".encode())
+            message = f"cannot store {name}: {e.strerror or e}\n".encode()
+            if complete:
+                await respond(send, 500, message)
+            else:
+                await refuse(receive, send, 500, message)
             return
         try:
             await trio.to_thread.run_sync(_publish, directory, tmp, path, name)
