@@ -8,6 +8,7 @@ import os
 from contextlib import asynccontextmanager
 
 import trio
+import trio.testing
 
 from purestore.cache.server import make_app, run_app
 
@@ -132,3 +133,41 @@ async def test_an_upload_without_a_length_is_411_and_stores_nothing(tmp_path):
         out = await exchange(port, put_request("log/b", AUTH + "Connection: close\r\nTransfer-Encoding: chunked\r\n",
                                                b"2\r\nok\r\n0\r\n\r\n"))
         assert status_of(out) == 201 and (tmp_path / "log" / "b").read_bytes() == b"ok"
+
+
+async def test_uploads_waiting_for_a_prune_do_not_stall_downloads(tmp_path):
+    """While a prune holds the cache's lock, 45 uploads wait to be put in place (more than the
+    40 threads of trio's default pool, which also reads big files): a download of a big file is
+    still sent at once, and the uploads are stored when the lock is released."""
+    import fcntl
+    from purestore.cache.prune import open_dir_lock
+
+    (tmp_path / "nar").mkdir()
+    data = os.urandom(600 << 10)
+    (tmp_path / "nar" / "big.nar").write_bytes(data)
+    uploads = 45
+    async with serving(tmp_path, upload_token=TOKEN) as port:
+        lock = open_dir_lock(str(tmp_path))
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what `pure cache prune` holds
+        try:
+            async with trio.open_nursery() as n:
+                answers = []
+
+                async def upload(i):
+                    answers.append(await exchange(port, put_request(
+                        f"log/l{i}", AUTH + "Connection: close\r\nContent-Length: 3\r\n", b"abc"), within=30))
+                for i in range(uploads):
+                    n.start_soon(upload, i)
+                with trio.fail_after(10):  # every upload received and waiting for the lock
+                    while len(list((tmp_path / "log").glob(".tmp-upload-*"))) < uploads:
+                        await trio.sleep(0.01)
+                    await trio.testing.wait_all_tasks_blocked(0.1)
+                out = await exchange(port, b"GET /nar/big.nar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                                     within=5)
+                assert status_of(out) == 200 and out.endswith(data)
+                assert not answers
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            os.close(lock)
+    assert len(answers) == uploads and all(status_of(a) == 201 for a in answers)
+    assert sorted(p.name for p in (tmp_path / "log").iterdir()) == sorted(f"l{i}" for i in range(uploads))

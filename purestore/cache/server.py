@@ -209,6 +209,7 @@ def asgi_app(handle, access_log: logging.Logger | None = None):
 
 BODY_TIMEOUT = 60.0  # seconds an upload may send nothing before it is given up (nginx's client_body_timeout)
 LINGER = 5.0  # seconds the body of a refused upload is read for, before and after the answer
+PUBLISHERS = 4  # uploads put in place at once (each holds a thread while it waits for the cache's lock)
 
 
 def make_app(directory: str, upload_token: str | None = None, read_token: str | None = None,
@@ -222,6 +223,9 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
     directory = os.path.abspath(directory)
     token = upload_token.encode() if upload_token else None
     may_read = read_check(read_token, upload_token)
+    # a thread of their own: uploads that wait for the cache's lock while `cache prune` holds
+    # it would otherwise take all the threads of trio's default pool, which reads big files too
+    publishing = trio.CapacityLimiter(PUBLISHERS)
 
     async def refuse(receive, send, status: int, message: bytes, headers=()) -> None:
         await _refuse(receive, send, status, message, headers, linger=linger)
@@ -259,7 +263,8 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
                 # (without either, the request has no body: an empty file would be stored)
                 await respond(send, 411, b"an upload needs Content-Length or chunked transfer encoding\n")
                 return
-            await _put(receive, send, directory, path, name, refuse=refuse, body_timeout=body_timeout)
+            await _put(receive, send, directory, path, name, refuse=refuse, body_timeout=body_timeout,
+                       publishing=publishing)
         else:
             await refuse(receive, send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
 
@@ -562,7 +567,8 @@ async def _refuse(receive, send, status: int, message: bytes, headers=(), *, lin
     await send({"type": "http.response.body", "body": b""})  # the server closes the connection
 
 
-async def _put(receive, send, directory: str, path: str, name: str, *, refuse, body_timeout: float) -> None:
+async def _put(receive, send, directory: str, path: str, name: str, *, refuse, body_timeout: float,
+               publishing: trio.CapacityLimiter) -> None:
     parent = os.path.dirname(path)
     try:
         await trio.to_thread.run_sync(make_dirs, parent)
@@ -607,7 +613,7 @@ async def _put(receive, send, directory: str, path: str, name: str, *, refuse, b
                 await refuse(receive, send, 500, message)
             return
         try:
-            await trio.to_thread.run_sync(_publish, directory, tmp, path, name)
+            await trio.to_thread.run_sync(_publish, directory, tmp, path, name, limiter=publishing)
         except Refused as e:
             log.error("error: refused %s: %s", name, e)
             await respond(send, e.status, f"{e}\n".encode())
