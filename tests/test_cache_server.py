@@ -171,3 +171,32 @@ async def test_uploads_waiting_for_a_prune_do_not_stall_downloads(tmp_path):
             os.close(lock)
     assert len(answers) == uploads and all(status_of(a) == 201 for a in answers)
     assert sorted(p.name for p in (tmp_path / "log").iterdir()) == sorted(f"l{i}" for i in range(uploads))
+
+
+async def test_names_and_methods_the_server_does_not_take_get_4xx_not_500(tmp_path):
+    """A name over 255 bytes: 404 to read, 400 to write; an upload onto a directory, or under
+    a file: 409; OPTIONS, TRACE, CONNECT (whatever their target): 405 with Allow (these were
+    500s with a traceback, or 400 "bad path")."""
+    (tmp_path / "nix-cache-info").write_bytes(b"StoreDir: /pure/store\n")
+    (tmp_path / "nar").mkdir()
+    long = "a" * 300
+    async with serving(tmp_path, upload_token=TOKEN) as port:
+        async def status(request: bytes) -> int:
+            out = await exchange(port, request)
+            if status_of(out) == 405:
+                assert b"\r\nallow: GET, HEAD, PUT\r\n" in out, out
+            return status_of(out)
+
+        async def put(name: str) -> int:
+            return await status(put_request(name, AUTH + "Connection: close\r\nContent-Length: 5\r\n", b"hello"))
+        assert await status(f"GET /nar/{long} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()) == 404
+        assert await status(f"HEAD /{long}/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()) == 404
+        assert await put(f"log/{long}") == 400
+        assert await put(f"{long}/x") == 400
+        assert await put("nar") == 409
+        assert await put("nix-cache-info/x") == 409
+        assert await put("nix-cache-info/x/y") == 409
+        for request in (b"OPTIONS * HTTP/1.1", b"TRACE / HTTP/1.1", b"CONNECT 127.0.0.1:22 HTTP/1.1",
+                        b"DELETE /nix-cache-info HTTP/1.1", b"POST /log/x HTTP/1.1"):
+            assert await status(request + b"\r\nHost: x\r\nConnection: close\r\n\r\n") == 405, request
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["nar", "nix-cache-info"]

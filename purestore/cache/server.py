@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hmac
 import logging
 import os
@@ -209,6 +210,7 @@ def asgi_app(handle, access_log: logging.Logger | None = None):
 
 BODY_TIMEOUT = 60.0  # seconds an upload may send nothing before it is given up (nginx's client_body_timeout)
 LINGER = 5.0  # seconds the body of a refused upload is read for, before and after the answer
+NAME_MAX = 255  # bytes of a file name (every Linux file system's limit)
 PUBLISHERS = 4  # uploads put in place at once (each holds a thread while it waits for the cache's lock)
 
 
@@ -233,40 +235,57 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
     async def handle(scope, receive, send):
         method = scope["method"]
         name = scope["path"].lstrip("/")  # already percent-decoded by the server
-        if may_read is not None and method in ("GET", "HEAD") and not may_read(scope):
-            await respond(send, 401, b"this cache needs a read token\n", CHALLENGE, head=method == "HEAD")
+        if method == "PUT":
+            await upload(scope, receive, send, name)
             return
-        if method in ("GET", "HEAD") and name == "":
-            await respond(send, 200, b"purestore binary cache\n", head=method == "HEAD")
+        if method not in ("GET", "HEAD"):
+            await refuse(receive, send, 405, b"method not allowed\n",
+                         [(b"allow", b"GET, HEAD, PUT" if token else b"GET, HEAD")])
+            return
+        head = method == "HEAD"
+        if may_read is not None and not may_read(scope):
+            await respond(send, 401, b"this cache needs a read token\n", CHALLENGE, head=head)
+            return
+        if name == "":
+            await respond(send, 200, b"purestore binary cache\n", head=head)
             return
         try:
             check_name(name)
         except CacheError:
-            await respond(send, 400, b"bad path\n", head=method == "HEAD")
+            await respond(send, 400, b"bad path\n", head=head)
+            return
+        rng = None
+        for k, v in scope["headers"]:
+            if k == b"range":
+                rng = v
+        await _get(send, os.path.join(directory, name), name, head=head, respond=respond, rng=rng, receive=receive)
+
+    async def upload(scope, receive, send, name: str) -> None:
+        if token is None:
+            await refuse(receive, send, 405, b"uploads are disabled (start the server with an upload token)\n",
+                         [(b"allow", b"GET, HEAD")])
+            return
+        if not hmac.compare_digest(presented_token(scope), token):
+            await refuse(receive, send, 401, b"bad or missing upload token\n", CHALLENGE)
+            return
+        try:
+            check_name(name)
+        except CacheError:
+            await refuse(receive, send, 400, b"bad path\n")
+            return
+        if any(len(os.fsencode(seg)) > NAME_MAX for seg in name.split("/")):
+            await refuse(receive, send, 400, f"a name in {name} is over {NAME_MAX} bytes\n".encode())
+            return
+        if not _has_body(scope):
+            # (without either, the request has no body: an empty file would be stored)
+            await respond(send, 411, b"an upload needs Content-Length or chunked transfer encoding\n")
             return
         path = os.path.join(directory, name)
-        if method in ("GET", "HEAD"):
-            rng = None
-            for k, v in scope["headers"]:
-                if k == b"range":
-                    rng = v
-            await _get(send, path, name, head=method == "HEAD", respond=respond, rng=rng, receive=receive)
-        elif method == "PUT":
-            if token is None:
-                await refuse(receive, send, 405, b"uploads are disabled (start the server with an upload token)\n",
-                             [(b"allow", b"GET, HEAD")])
-                return
-            if not hmac.compare_digest(presented_token(scope), token):
-                await refuse(receive, send, 401, b"bad or missing upload token\n", CHALLENGE)
-                return
-            if not _has_body(scope):
-                # (without either, the request has no body: an empty file would be stored)
-                await respond(send, 411, b"an upload needs Content-Length or chunked transfer encoding\n")
-                return
-            await _put(receive, send, directory, path, name, refuse=refuse, body_timeout=body_timeout,
-                       publishing=publishing)
-        else:
-            await refuse(receive, send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, PUT")])
+        if os.path.isdir(path):
+            await refuse(receive, send, 409, f"{name} is a directory\n".encode())
+            return
+        await _put(receive, send, directory, path, name, refuse=refuse, body_timeout=body_timeout,
+                   publishing=publishing)
 
     return asgi_app(handle, access_log)
 
@@ -361,11 +380,11 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
         # instead of in a worker thread roughly halves the cost of a narinfo request.
         # O_NONBLOCK: a FIFO planted in the cache directory must not hang the server.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        await respond(send, 404, b"not found\n", head=head)
-        return
-    except OSError:
-        await respond(send, 500, b"cannot read file\n", head=head)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG):
+            await respond(send, 404, b"not found\n", head=head)
+        else:
+            await respond(send, 500, b"cannot read file\n", head=head)
         return
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -567,6 +586,16 @@ async def _refuse(receive, send, status: int, message: bytes, headers=(), *, lin
     await send({"type": "http.response.body", "body": b""})  # the server closes the connection
 
 
+def _status_of(e: Exception) -> int:
+    """The answer to an upload that the file system refused with ``e``: 409 where the name is
+    taken by a directory or its directory by a file (``PUT /nar``, ``PUT /nix-cache-info/x``),
+    400 for a name too long, else 500 (the server's trouble: a full disk, a read-only one)."""
+    code = getattr(e, "errno", None)
+    if code in (errno.EISDIR, errno.EEXIST, errno.ENOTDIR):
+        return 409
+    return 400 if code == errno.ENAMETOOLONG else 500
+
+
 async def _put(receive, send, directory: str, path: str, name: str, *, refuse, body_timeout: float,
                publishing: trio.CapacityLimiter) -> None:
     parent = os.path.dirname(path)
@@ -575,7 +604,7 @@ async def _put(receive, send, directory: str, path: str, name: str, *, refuse, b
         fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
     except OSError as e:
         log.error("error: cannot store %s: cannot create a file in %r: %s", name, parent, e.strerror or e)
-        await refuse(receive, send, 500, f"cannot create a file for {name}: {e.strerror or e}\n".encode())
+        await refuse(receive, send, _status_of(e), f"cannot create a file for {name}: {e.strerror or e}\n".encode())
         return
     ok = False
     try:
@@ -620,7 +649,7 @@ async def _put(receive, send, directory: str, path: str, name: str, *, refuse, b
             return
         except (OSError, CacheError) as e:
             log.error("error: cannot store %s: %s", name, getattr(e, "strerror", None) or e)
-            await respond(send, 500, f"cannot store {name}: {getattr(e, 'strerror', None) or e}\n".encode())
+            await respond(send, _status_of(e), f"cannot store {name}: {getattr(e, 'strerror', None) or e}\n".encode())
             return
         ok = True
         log.info("stored %s (%d bytes)", name, total)
