@@ -200,3 +200,31 @@ async def test_names_and_methods_the_server_does_not_take_get_4xx_not_500(tmp_pa
                         b"DELETE /nix-cache-info HTTP/1.1", b"POST /log/x HTTP/1.1"):
             assert await status(request + b"\r\nHost: x\r\nConnection: close\r\n\r\n") == 405, request
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["nar", "nix-cache-info"]
+
+
+async def test_uploads_do_not_follow_links_out_of_the_cache(tmp_path, caplog):
+    """A symbolic link in the served directory that leads out of it is not written through
+    (403, logged): only one at the top named as a cache directory of its own (`nar`, `log`,
+    ...), which its owner made to keep those files elsewhere, and links that stay inside."""
+    cache, outside, nars = tmp_path / "cache", tmp_path / "outside", tmp_path / "nars"
+    for d in (cache / "log", cache / "real", outside, nars):
+        d.mkdir(parents=True)
+    (cache / "linkdir").symlink_to(outside)
+    (cache / "log" / "deep").symlink_to(outside)
+    (cache / "nar").symlink_to(nars)
+    (cache / "alias").symlink_to("real")
+    (cache / "nix-cache-info").symlink_to(outside / "info")  # a file, not a directory: replaced
+    async with serving(cache, upload_token=TOKEN) as port:
+        async def put(name: str) -> int:
+            return status_of(await exchange(port, put_request(
+                name, AUTH + "Connection: close\r\nContent-Length: 2\r\n", b"ok")))
+        assert await put("linkdir/x") == 403
+        assert await put("linkdir/sub/x") == 403
+        assert await put("log/deep/x") == 403
+        assert await put("nar/x.nar") == 201
+        assert await put("alias/x") == 201
+        assert await put("nix-cache-info") == 201
+    assert not list(outside.iterdir())
+    assert (nars / "x.nar").read_bytes() == (cache / "real" / "x").read_bytes() == b"ok"
+    assert not (cache / "nix-cache-info").is_symlink()
+    assert caplog.text.count("a symbolic link takes its directory out of") == 3

@@ -284,6 +284,11 @@ def make_app(directory: str, upload_token: str | None = None, read_token: str | 
         if os.path.isdir(path):
             await refuse(receive, send, 409, f"{name} is a directory\n".encode())
             return
+        if not _may_write(directory, name):
+            log.error("error: refused %s: a symbolic link takes its directory out of %r", name, directory)
+            await refuse(receive, send, 403, f"{name}: a symbolic link takes its directory out of the cache\n"
+                         .encode())
+            return
         await _put(receive, send, directory, path, name, refuse=refuse, body_timeout=body_timeout,
                    publishing=publishing)
 
@@ -544,6 +549,23 @@ def _check_and_merge_narinfo(directory: str, tmp: str, path: str, name: str) -> 
     if merged is not data:
         with open(tmp, "wb") as f:
             f.write(merged)
+
+
+LAYOUT = ("nar", "log", "debuginfo", "realisations")  # a cache's own directories
+
+
+def _may_write(directory: str, name: str) -> bool:
+    """Whether an upload of ``name`` may go into the directory it names: with the symbolic
+    links on the way resolved, that must be in the served ``directory``, or in what a link at
+    its top named as one of the cache's own directories (:data:`LAYOUT`: its owner may keep the
+    NARs on another disk) points to.  Any other link would let a client write anywhere the
+    server may (reads follow links, as a static web server's do)."""
+    parent = os.path.realpath(os.path.dirname(os.path.join(directory, name)))
+    roots = [os.path.realpath(directory)]
+    top, sep, _ = name.partition("/")
+    if sep and top in LAYOUT:
+        roots.append(os.path.realpath(os.path.join(directory, top)))
+    return any(parent == r or parent.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 def _has_body(scope) -> bool:
