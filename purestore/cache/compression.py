@@ -17,19 +17,16 @@ zstd and compresses single-threaded.
 ``compressor(method, level, parallel)`` returns an object with ``compress(data) -> bytes`` and
 ``flush() -> bytes``; :func:`compress_to` and :func:`flush_to` hand the output to a callback
 instead (for the system libzstd as views of its output buffer, saving a copy of every byte);
-``decompressor(method)`` one with ``decompress(data) -> bytes`` and ``eof``.  zstandard,
-libzstd, lzma and bz2 release the GIL while they work, so callers run them in worker threads
-in parallel.
+Reading compressed NARs is :mod:`.decompression`'s.  zstandard, libzstd, lzma and bz2 release
+the GIL while they work, so callers run them in worker threads in parallel.
 """
 
 from __future__ import annotations
 
-import bz2
 import ctypes
 import ctypes.util
 import lzma
 import os
-import zlib
 
 import zstandard
 
@@ -359,35 +356,6 @@ def flush_to(comp, emit) -> None:
         emit(out)
 
 
-class _ZstdD:
-    def __init__(self):
-        self._d = zstandard.ZstdDecompressor().decompressobj()
-        self.eof = False
-
-    def decompress(self, data: bytes) -> bytes:
-        try:
-            out = self._d.decompress(data)
-        except zstandard.ZstdError as e:
-            raise CacheError(f"corrupt zstd data: {e}") from e
-        self.eof = self._d.eof
-        return out
-
-
-class _Lzma:
-    def __init__(self, d):
-        self._d = d
-
-    @property
-    def eof(self) -> bool:
-        return self._d.eof
-
-    def decompress(self, data: bytes) -> bytes:
-        try:
-            return self._d.decompress(data)
-        except (lzma.LZMAError, OSError, EOFError) as e:
-            raise CacheError(f"corrupt compressed data: {e}") from e
-
-
 def check_level(method: str, level: int) -> None:
     """Raise :class:`CacheError` when ``level`` is no level of the compression ``method`` (any
     level goes with ``none``, which does not use it).  As libarchive takes them from Nix: -1 is
@@ -415,181 +383,3 @@ def compressor(method: str, level: int | None = None, parallel: bool = False):
             return _XzMT(level, cores())
         return lzma.LZMACompressor(lzma.FORMAT_XZ, preset=level)
     return _Identity()
-
-
-# -- what else Nix writes (through libarchive) and reads: gzip, br, lz4, lzip ---------------------
-
-class _Gzip:
-    def __init__(self):
-        self._d = zlib.decompressobj(31)  # gzip framing, as libarchive writes it
-
-    @property
-    def eof(self) -> bool:
-        return self._d.eof
-
-    def decompress(self, data: bytes) -> bytes:
-        try:
-            return self._d.decompress(data)
-        except zlib.error as e:
-            raise CacheError(f"corrupt gzip data: {e}") from e
-
-
-class _Brotli:
-    def __init__(self):
-        import brotli
-        self._brotli = brotli
-        self._d = brotli.Decompressor()
-
-    @property
-    def eof(self) -> bool:
-        return self._d.is_finished()
-
-    def decompress(self, data: bytes) -> bytes:
-        if self._d.is_finished():
-            raise CacheError("corrupt br data: bytes after the end of the stream")
-        try:
-            return self._d.process(data)
-        except self._brotli.error as e:
-            raise CacheError(f"corrupt br data: {e or 'invalid stream'}") from e
-
-
-_liblz4 = None
-
-
-def _load_liblz4():
-    global _liblz4
-    if _liblz4 is None:
-        try:
-            lib = ctypes.CDLL("liblz4.so.1")
-            lib.LZ4F_createDecompressionContext.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-            lib.LZ4F_createDecompressionContext.restype = ctypes.c_size_t
-            lib.LZ4F_freeDecompressionContext.argtypes = [ctypes.c_void_p]
-            lib.LZ4F_freeDecompressionContext.restype = ctypes.c_size_t
-            lib.LZ4F_decompress.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                            ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p]
-            lib.LZ4F_decompress.restype = ctypes.c_size_t
-            lib.LZ4F_isError.argtypes = [ctypes.c_size_t]
-            lib.LZ4F_isError.restype = ctypes.c_uint
-            lib.LZ4F_getErrorName.argtypes = [ctypes.c_size_t]
-            lib.LZ4F_getErrorName.restype = ctypes.c_char_p
-        except (OSError, AttributeError) as e:
-            raise CacheError(f"reading lz4 NARs needs the lz4 library (liblz4.so.1): {e}") from None
-        _liblz4 = lib
-    return _liblz4
-
-
-class _Lz4:
-    """lz4 frames (libarchive's lz4 filter, Nix's ``compression=lz4``), through the system liblz4."""
-
-    _OUT = 1 << 20
-
-    def __init__(self):
-        self._lib = _load_liblz4()
-        self._ctx = ctypes.c_void_p()
-        r = self._lib.LZ4F_createDecompressionContext(ctypes.byref(self._ctx), 100)  # LZ4F_VERSION
-        if self._lib.LZ4F_isError(r):
-            raise CacheError(f"lz4: {self._lib.LZ4F_getErrorName(r).decode()}")
-        self._obuf = ctypes.create_string_buffer(self._OUT)
-        self.eof = False
-
-    def decompress(self, data: bytes) -> bytes:
-        data = bytes(data)
-        src = ctypes.c_char_p(data)
-        base = ctypes.cast(src, ctypes.c_void_p).value or 0
-        pos, out = 0, []
-        oaddr = ctypes.addressof(self._obuf)
-        while True:
-            dst_n, src_n = ctypes.c_size_t(self._OUT), ctypes.c_size_t(len(data) - pos)
-            r = self._lib.LZ4F_decompress(self._ctx, oaddr, ctypes.byref(dst_n), base + pos if base else None,
-                                          ctypes.byref(src_n), None)
-            if self._lib.LZ4F_isError(r):
-                raise CacheError(f"corrupt lz4 data: {self._lib.LZ4F_getErrorName(r).decode()}")
-            pos += src_n.value
-            if dst_n.value:
-                out.append(ctypes.string_at(oaddr, dst_n.value))
-            self.eof = r == 0  # a frame has ended (another may follow)
-            if pos >= len(data) and dst_n.value < self._OUT:
-                return b"".join(out)
-
-    def __del__(self):
-        ctx, self._ctx = getattr(self, "_ctx", None), None
-        if ctx:
-            self._lib.LZ4F_freeDecompressionContext(ctx)
-
-
-class _Lzip:
-    """lzip (libarchive's lzip filter, Nix's ``compression=lzip``), through liblzma's lzip
-    decoder (liblzma 5.4 and later; Python's lzma module does not have it)."""
-
-    _OUT = 1 << 20
-
-    def __init__(self):
-        lib = _load_liblzma()
-        try:
-            f = lib.lzma_lzip_decoder
-        except AttributeError:
-            raise CacheError("reading lzip NARs needs liblzma 5.4 or later") from None
-        f.argtypes = [ctypes.POINTER(_LzmaStream), ctypes.c_uint64, ctypes.c_uint32]
-        f.restype = ctypes.c_int
-        self._lib = lib
-        self._strm = _LzmaStream()
-        r = f(ctypes.byref(self._strm), ctypes.c_uint64(-1).value, 0)  # one member, as libarchive writes
-        if r != _LZMA_OK:
-            raise CacheError(f"lzip: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
-        self._live = True
-        self._obuf = ctypes.create_string_buffer(self._OUT)
-        self.eof = False
-
-    def decompress(self, data: bytes) -> bytes:
-        if self.eof:
-            raise CacheError("corrupt lzip data: bytes after the end of the stream")
-        data = bytes(data)
-        strm, out = self._strm, []
-        strm.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value if data else None
-        strm.avail_in = len(data)
-        oaddr = ctypes.addressof(self._obuf)
-        while True:
-            strm.next_out, strm.avail_out = oaddr, self._OUT
-            r = self._lib.lzma_code(ctypes.byref(strm), _LZMA_RUN)
-            n = self._OUT - strm.avail_out
-            if n:
-                out.append(ctypes.string_at(oaddr, n))
-            if r == _LZMA_STREAM_END:
-                self.eof = True
-                if strm.avail_in:
-                    raise CacheError("corrupt lzip data: bytes after the end of the stream")
-                break
-            if r != _LZMA_OK:
-                raise CacheError(f"corrupt lzip data: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
-            if strm.avail_in == 0 and strm.avail_out:
-                break
-        strm.next_in, strm.avail_in = None, 0
-        return b"".join(out)
-
-    def __del__(self):
-        if getattr(self, "_live", False):
-            self._lib.lzma_end(ctypes.byref(self._strm))
-            self._live = False
-
-
-READABLE = ("zstd", "xz", "bzip2", "gzip", "br", "lz4", "lzip", "none")
-
-
-def decompressor(method: str):
-    if method == "zstd":
-        return _ZstdD()
-    if method == "xz":
-        return _Lzma(lzma.LZMADecompressor(lzma.FORMAT_XZ))
-    if method == "bzip2":
-        return _Lzma(bz2.BZ2Decompressor())
-    if method == "gzip":
-        return _Gzip()
-    if method == "br":
-        return _Brotli()
-    if method == "lz4":
-        return _Lz4()
-    if method == "lzip":
-        return _Lzip()
-    if method == "none":
-        return _Identity()
-    raise CacheError(f"cannot read compression {method!r}, expected one of {', '.join(READABLE)}")

@@ -30,22 +30,33 @@ from ..errors import CacheError, NarError, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
 from ._files import open_regular
-from .compression import compress_to, compressor, decompressor, flush_to
+from .compression import compress_to, compressor, flush_to
+from .decompression import open_reader
 from .progress import Progress
+
+
+class _Source:
+    """A file whose ``read`` is a function (what a decompressor pulls compressed bytes from)."""
+
+    def __init__(self, read: Callable[..., bytes]):
+        self.read = read
 
 
 class VerifyingReader:
     """A file-like NAR source over compressed chunks that checks sizes and hashes on the way.
 
     ``next_chunk()`` returns compressed bytes, ``b""`` at the end.  Raises :class:`CacheError`
-    when the compressed file exceeds FileSize, ends early, or decompresses beyond NarSize.
+    when the compressed file exceeds FileSize, ends early, or decompresses beyond NarSize; each
+    step decompresses at most :data:`STEP` bytes, so a bomb (a few KiB of zstd standing for
+    gigabytes) is stopped at NarSize before it is in memory.
     """
+
+    STEP = 1 << 21  # NAR bytes decompressed at most in one step
 
     def __init__(self, next_chunk: Callable[[], bytes], ni: NarInfo, where: str, progress: Progress | None):
         self._next = next_chunk
         self.ni = ni
         self.where = where
-        self.dec = decompressor(ni.compression)
         self.file_h = hashlib.sha256()
         self.file_n = 0
         self.nar_h = hashlib.sha256()
@@ -54,37 +65,49 @@ class VerifyingReader:
         self.progress = progress
         # no FileSize: no compressor expands a NAR by more than this, so stop a bottomless stream
         self.max_file = ni.file_size if ni.file_size is not None else ni.nar_size + ni.nar_size // 64 + (1 << 20)
+        self.dec = open_reader(ni.compression, _Source(self._compressed))
+
+    def _compressed(self, _n: int = -1) -> bytes:
+        """The next chunk of the compressed file, hashed and counted (the decompressor's source)."""
+        if self.ended:
+            return b""
+        c = self._next()
+        if not c:
+            self.ended = True
+            if self.ni.file_size is not None and self.file_n < self.ni.file_size:
+                raise CacheError(f"download of {self.where} is truncated: got {self.file_n} of "
+                                 f"{self.ni.file_size} bytes (FileSize)")
+            return b""
+        self.file_h.update(c)
+        self.file_n += len(c)
+        if self.file_n > self.max_file:
+            if self.ni.file_size is not None:
+                raise CacheError(f"{self.where} is larger than its FileSize {self.ni.file_size}")
+            raise CacheError(f"{self.where} is much larger than its NarSize {self.ni.nar_size} "
+                             f"(and its narinfo gives no FileSize)")
+        return c
 
     def read(self, _n: int = -1) -> bytes:
-        while not self.ended:
-            c = self._next()
-            if not c:
-                self.ended = True
-                if self.ni.file_size is not None and self.file_n < self.ni.file_size:
-                    raise CacheError(f"download of {self.where} is truncated: got {self.file_n} of "
-                                     f"{self.ni.file_size} bytes (FileSize)")
-                if not self.dec.eof:
-                    raise CacheError(f"compressed NAR {self.where} is truncated")
-                return b""
-            self.file_h.update(c)
-            self.file_n += len(c)
-            if self.file_n > self.max_file:
-                if self.ni.file_size is not None:
-                    raise CacheError(f"{self.where} is larger than its FileSize {self.ni.file_size}")
-                raise CacheError(f"{self.where} is much larger than its NarSize {self.ni.nar_size} "
-                                 f"(and its narinfo gives no FileSize)")
-            try:
-                out = self.dec.decompress(c)
-            except CacheError as e:
+        """The next NAR bytes (at most :data:`STEP`), ``b""`` at the end."""
+        try:
+            out = self.dec.read(self.STEP)
+        except CacheError as e:
+            if str(e).startswith(("corrupt ", "bytes after")):
                 raise CacheError(f"{self.where}: {e}") from e
-            if out:
-                self.nar_h.update(out)
-                self.nar_n += len(out)
-                if self.nar_n > self.ni.nar_size:
-                    raise CacheError(f"{self.where} decompresses to more than its NarSize {self.ni.nar_size}")
-                if self.progress is not None:
-                    self.progress.add_bytes(len(out))
-                return out
+            raise
+        if out:
+            self.nar_h.update(out)
+            self.nar_n += len(out)
+            if self.nar_n > self.ni.nar_size:
+                raise CacheError(f"{self.where} decompresses to more than its NarSize {self.ni.nar_size}")
+            if self.progress is not None:
+                self.progress.add_bytes(len(out))
+            return out
+        if self.dec.complete is False:
+            raise CacheError(f"compressed NAR {self.where} is truncated")
+        if self.dec.complete is None and self.nar_n < self.ni.nar_size:  # (zstd does not say)
+            raise CacheError(f"NAR {self.where} ends after {self.nar_n} bytes, NarSize says {self.ni.nar_size} "
+                             f"(the file is truncated, or another NAR)")
         return b""
 
     def verify(self) -> None:

@@ -1,0 +1,332 @@
+"""Reading compressed NARs: every compression Nix writes (zstd, xz, bzip2, gzip, br, lz4, lzip,
+none), with the output of each step bounded.
+
+A NAR file comes from a cache that may be hostile: its narinfo's NarSize is signed, its FileSize
+and FileHash are not, and a few KiB of zstd (or a MiB of gzip) can stand for gigabytes.  So a
+decompressor here never gives more than the caller asks for at once, whatever one chunk of
+input holds: the caller counts what came against NarSize after each step and stops a bomb
+before it is in memory (a chunk of a zstd file could otherwise expand to 32 GiB in one call).
+
+:func:`open_reader` ``(method, source)`` returns a reader whose ``read(n)`` gives at most ``n``
+bytes of the NAR (``b""`` at its end), pulling compressed chunks from ``source.read()`` as it
+needs them (``b""`` there: the file ended), and whose ``complete`` says whether the
+compressed stream ended where its format says it ends (None where the format reader cannot
+tell: zstd, whose missing end shows as a NAR shorter than its NarSize).  Errors are
+:class:`CacheError`; an exception of ``source.read`` goes through as it is.
+
+zstd is read with zstandard's stream reader (twice as fast as its decompressobj here, which
+also has no bound); xz and bzip2 with the standard library, gzip with zlib, br with brotli,
+lz4 with the system liblz4 and lzip with liblzma's lzip decoder (5.4 and later), both through
+ctypes.
+"""
+
+from __future__ import annotations
+
+import bz2
+import ctypes
+import lzma
+import zlib
+
+import zstandard
+
+from ..errors import CacheError
+from .compression import _LZMA_ERRORS, _LZMA_OK, _LZMA_RUN, _LZMA_STREAM_END, _LzmaStream, _load_liblzma
+
+_LZMA_BUF_ERROR = 10
+READABLE = ("zstd", "xz", "bzip2", "gzip", "br", "lz4", "lzip", "none")
+
+
+def open_reader(method: str, source):
+    if method == "zstd":
+        return _ZstdReader(source)
+    if method == "xz":
+        return _Pull(_Std(lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz"), source)
+    if method == "bzip2":
+        return _Pull(_Std(bz2.BZ2Decompressor(), "bzip2"), source)
+    if method == "gzip":
+        return _Pull(_Gzip(), source)
+    if method == "br":
+        return _Pull(_Brotli(), source)
+    if method == "lz4":
+        return _Pull(_Lz4(), source)
+    if method == "lzip":
+        return _Pull(_Lzip(), source)
+    if method == "none":
+        return _Pull(_Plain(), source)
+    raise CacheError(f"cannot read compression {method!r}, expected one of {', '.join(READABLE)}")
+
+
+class _ZstdReader:
+    complete = None  # (the stream reader does not say; NarSize does)
+
+    def __init__(self, source):
+        self._r = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, read_across_frames=True)
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._r.read(n)
+        except zstandard.ZstdError as e:
+            raise CacheError(f"corrupt zstd data: {e}") from e
+
+
+class _Pull:
+    """``read(n)`` over a decompressor with a bound (``decompress(data, n)``, ``needs_input``,
+    ``eof``): input is pulled only when the decompressor has given all it had."""
+
+    def __init__(self, dec, source):
+        self._dec = dec
+        self._source = source
+        self._ended = False
+
+    @property
+    def complete(self) -> bool:
+        return self._dec.eof
+
+    def read(self, n: int) -> bytes:
+        idle = 0  # steps in a row that neither took input nor gave output
+        while True:
+            if self._dec.needs_input:
+                if self._ended:
+                    return b""
+                data = self._source.read()
+                if not data:
+                    self._ended = True
+                    return b""
+                out = self._dec.decompress(data, n)
+            else:
+                out = self._dec.decompress(b"", n)
+                idle += not out
+                if idle > 2:
+                    raise CacheError("corrupt compressed data: the decompressor is stuck")
+            if out:
+                return out
+
+
+class _Std:
+    """lzma's and bz2's decompressors, which have the bound (``max_length``) already.  What
+    follows the end of the stream is left alone (NarHash checks what the stream gave)."""
+
+    def __init__(self, d, name: str):
+        self._d = d
+        self._name = name
+
+    @property
+    def eof(self) -> bool:
+        return self._d.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return self._d.eof or self._d.needs_input
+
+    def decompress(self, data: bytes, n: int) -> bytes:
+        if self._d.eof:
+            return b""
+        try:
+            return self._d.decompress(data, n)
+        except (lzma.LZMAError, OSError, EOFError, ValueError) as e:
+            raise CacheError(f"corrupt {self._name} data: {e}") from e
+
+
+class _Gzip:
+    def __init__(self):
+        self._d = zlib.decompressobj(31)  # gzip framing, as libarchive writes it
+        self._full = False  # the last step filled its bound: zlib may hold more
+
+    @property
+    def eof(self) -> bool:
+        return self._d.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return self._d.eof or (not self._d.unconsumed_tail and not self._full)
+
+    def decompress(self, data: bytes, n: int) -> bytes:
+        if self._d.eof:
+            return b""
+        try:
+            out = self._d.decompress(self._d.unconsumed_tail + data if self._d.unconsumed_tail else data, n)
+        except zlib.error as e:
+            raise CacheError(f"corrupt gzip data: {e}") from e
+        self._full = len(out) >= n
+        return out
+
+
+class _Brotli:
+    """brotli's ``output_buffer_limit`` is a hint (it gave 2 MiB for 1), and
+    ``can_accept_more_data`` says nothing of output still to come: a step's output beyond the
+    bound is kept for the next, and input is asked for only once a step gave nothing."""
+
+    def __init__(self):
+        import brotli
+        self._brotli = brotli
+        self._d = brotli.Decompressor()
+        self._rest = b""
+        self._drained = True  # the last step gave nothing: it needs input (or it has ended)
+
+    @property
+    def eof(self) -> bool:
+        return self._d.is_finished() and not self._rest
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._rest and (self._drained or self._d.is_finished())
+
+    def decompress(self, data: bytes, n: int) -> bytes:
+        if self._rest:
+            out, self._rest = self._rest[:n], self._rest[n:]
+            return out
+        if self._d.is_finished():
+            return b""
+        try:
+            out = self._d.process(data, output_buffer_limit=n)
+        except self._brotli.error as e:
+            raise CacheError(f"corrupt br data: {e or 'invalid stream'}") from e
+        self._drained = not out
+        if len(out) > n:
+            out, self._rest = out[:n], out[n:]
+        return out
+
+
+class _Plain:
+    eof = True
+
+    def __init__(self):
+        self._rest = b""
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._rest
+
+    def decompress(self, data: bytes, n: int) -> bytes:
+        data = self._rest + data if self._rest else data
+        self._rest = data[n:]
+        return data[:n] if len(data) > n else data
+
+
+class _CtypesStream:
+    """What the ctypes decompressors share: the input not taken yet, and whether the last step
+    filled its bound (the library may hold more output)."""
+
+    def __init__(self):
+        self._in = b""
+        self._pos = 0
+        self._full = False
+        self.eof = False
+
+    @property
+    def needs_input(self) -> bool:
+        return self.eof or (self._pos >= len(self._in) and not self._full)
+
+    def decompress(self, data: bytes, n: int) -> bytes:
+        if self.eof:
+            return b""
+        if data:
+            self._in = bytes(data) if self._pos >= len(self._in) else self._in[self._pos:] + bytes(data)
+            self._pos = 0
+        out = ctypes.create_string_buffer(n)
+        got = self._step(out, n)
+        self._full = got >= n
+        return out.raw[:got] if got < n else out.raw
+
+
+_liblz4 = None
+
+
+def _load_liblz4():
+    global _liblz4
+    if _liblz4 is None:
+        try:
+            lib = ctypes.CDLL("liblz4.so.1")
+            lib.LZ4F_createDecompressionContext.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+            lib.LZ4F_createDecompressionContext.restype = ctypes.c_size_t
+            lib.LZ4F_freeDecompressionContext.argtypes = [ctypes.c_void_p]
+            lib.LZ4F_freeDecompressionContext.restype = ctypes.c_size_t
+            lib.LZ4F_decompress.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p]
+            lib.LZ4F_decompress.restype = ctypes.c_size_t
+            lib.LZ4F_isError.argtypes = [ctypes.c_size_t]
+            lib.LZ4F_isError.restype = ctypes.c_uint
+            lib.LZ4F_getErrorName.argtypes = [ctypes.c_size_t]
+            lib.LZ4F_getErrorName.restype = ctypes.c_char_p
+        except (OSError, AttributeError) as e:
+            raise CacheError(f"reading lz4 NARs needs the lz4 library (liblz4.so.1): {e}") from None
+        _liblz4 = lib
+    return _liblz4
+
+
+class _Lz4(_CtypesStream):
+    """lz4 frames (libarchive's lz4 filter, Nix's ``compression=lz4``), through the system
+    liblz4.  One frame ends the stream (libarchive writes one); more after it is left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self._lib = _load_liblz4()
+        self._ctx = ctypes.c_void_p()
+        r = self._lib.LZ4F_createDecompressionContext(ctypes.byref(self._ctx), 100)  # LZ4F_VERSION
+        if self._lib.LZ4F_isError(r):
+            self._ctx = None
+            raise CacheError(f"lz4: {self._lib.LZ4F_getErrorName(r).decode()}")
+
+    def _step(self, out, n: int) -> int:
+        got = 0
+        base = ctypes.cast(ctypes.c_char_p(self._in), ctypes.c_void_p).value or 0
+        while got < n:
+            dst_n, src_n = ctypes.c_size_t(n - got), ctypes.c_size_t(len(self._in) - self._pos)
+            r = self._lib.LZ4F_decompress(self._ctx, ctypes.addressof(out) + got, ctypes.byref(dst_n),
+                                          base + self._pos if src_n.value else None, ctypes.byref(src_n), None)
+            if self._lib.LZ4F_isError(r):
+                raise CacheError(f"corrupt lz4 data: {self._lib.LZ4F_getErrorName(r).decode()}")
+            self._pos += src_n.value
+            got += dst_n.value
+            if r == 0:  # the frame is complete
+                self.eof = True
+                break
+            if not dst_n.value and not src_n.value:  # wants input it has not got
+                break
+        return got
+
+    def __del__(self):
+        ctx, self._ctx = getattr(self, "_ctx", None), None
+        if ctx:
+            self._lib.LZ4F_freeDecompressionContext(ctx)
+
+
+class _Lzip(_CtypesStream):
+    """lzip (libarchive's lzip filter, Nix's ``compression=lzip``), through liblzma's lzip
+    decoder (liblzma 5.4 and later; Python's lzma module does not have it).  One member."""
+
+    def __init__(self):
+        super().__init__()
+        lib = _load_liblzma()
+        try:
+            f = lib.lzma_lzip_decoder
+        except AttributeError:
+            raise CacheError("reading lzip NARs needs liblzma 5.4 or later") from None
+        f.argtypes = [ctypes.POINTER(_LzmaStream), ctypes.c_uint64, ctypes.c_uint32]
+        f.restype = ctypes.c_int
+        self._lib = lib
+        self._strm = _LzmaStream()
+        r = f(ctypes.byref(self._strm), ctypes.c_uint64(-1).value, 0)
+        if r != _LZMA_OK:
+            raise CacheError(f"lzip: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
+        self._live = True
+
+    def _step(self, out, n: int) -> int:
+        strm = self._strm
+        base = ctypes.cast(ctypes.c_char_p(self._in), ctypes.c_void_p).value or 0
+        strm.next_in = base + self._pos if self._pos < len(self._in) else None
+        strm.avail_in = len(self._in) - self._pos
+        strm.next_out, strm.avail_out = ctypes.addressof(out), n
+        r = self._lib.lzma_code(ctypes.byref(strm), _LZMA_RUN)
+        self._pos = len(self._in) - strm.avail_in
+        strm.next_in, strm.avail_in = None, 0
+        if r == _LZMA_STREAM_END:
+            self.eof = True
+        elif r not in (_LZMA_OK, _LZMA_BUF_ERROR):  # (no progress possible: it wants input)
+            raise CacheError(f"corrupt lzip data: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
+        return n - strm.avail_out
+
+    def __del__(self):
+        if getattr(self, "_live", False):
+            self._live = False
+            self._lib.lzma_end(ctypes.byref(self._strm))

@@ -1,0 +1,123 @@
+"""Reading compressed NARs with the output of each step bounded: every compression Nix writes
+gives back its bytes whatever the chunking, and a bomb (a small file standing for gigabytes)
+never gives more than a step's worth at once, so a reader checking NarSize stops it early."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import random
+import resource
+
+import pytest
+import zstandard
+
+from conftest import DATA
+from purestore.cache.decompression import READABLE, open_reader
+from purestore.errors import CacheError
+
+GOLDEN = DATA / "cache" / "nix-compressions"
+
+
+class Chunks:
+    """A source giving ``data`` in pieces of the sizes given, round and round."""
+
+    def __init__(self, data: bytes, sizes=(1, 100, 5000, 1 << 20)):
+        self.data, self.sizes, self.pos, self.i = data, sizes, 0, 0
+
+    def read(self, _n: int = -1) -> bytes:
+        k = self.sizes[self.i % len(self.sizes)]
+        self.i += 1
+        out = self.data[self.pos:self.pos + k]
+        self.pos += len(out)
+        return out
+
+
+def read_all(method, data, step=1 << 16, sizes=(1, 100, 5000, 1 << 20)):
+    r = open_reader(method, Chunks(data, sizes))
+    out = []
+    while chunk := r.read(step):
+        assert len(chunk) <= step
+        out.append(chunk)
+    return b"".join(out), r.complete
+
+
+def _compress(method: str, data: bytes) -> bytes:
+    if method == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    if method == "xz":
+        return lzma.compress(data)
+    if method == "bzip2":
+        return bz2.compress(data)
+    if method == "gzip":
+        return gzip.compress(data)
+    if method == "br":
+        import brotli
+        return brotli.compress(data)
+    return data
+
+
+SAMPLE = random.Random(5).randbytes(300_000) + bytes(2_000_000) + b"".join(b"line %d\n" % i for i in range(50_000))
+
+
+@pytest.mark.parametrize("method", ["zstd", "xz", "bzip2", "gzip", "br", "none"])
+def test_each_method_round_trips_in_bounded_steps(method):
+    got, complete = read_all(method, _compress(method, SAMPLE))
+    assert got == SAMPLE and complete in (True, None)
+
+
+@pytest.mark.parametrize("method", ["lz4", "lzip", "gzip", "br", "bzip2"])
+def test_nix_s_golden_nars_read_in_small_steps(method):
+    (nar,) = (GOLDEN / method / "nar").iterdir()
+    whole, _ = read_all(method, nar.read_bytes(), step=1 << 20)
+    small, complete = read_all(method, nar.read_bytes(), step=7, sizes=(3, 1))
+    assert small == whole and len(whole) == 880 and complete is True
+
+
+@pytest.mark.parametrize("method", ["xz", "bzip2", "gzip", "br", "lz4", "lzip"])
+def test_a_truncated_stream_is_not_complete(method):
+    data = (GOLDEN / method / "nar").iterdir().__next__().read_bytes() if method in ("lz4", "lzip") \
+        else _compress(method, SAMPLE)
+    got, complete = read_all(method, data[:len(data) // 2])
+    assert complete is False
+
+
+@pytest.mark.parametrize("method", ["zstd", "gzip", "xz", "br"])
+def test_a_bomb_gives_one_step_at_a_time(method):
+    """1 GiB of zeros in a small file: the first step is the step's size, and reading only a few
+    steps keeps the memory small (one unbounded call gave the whole GiB, and a chunk of a zstd
+    file can stand for 32 GiB)."""
+    size = 1 << 30
+    if method == "zstd":
+        co = zstandard.ZstdCompressor(level=1).compressobj()
+        data = b"".join(co.compress(bytes(64 << 20)) for _ in range(size >> 26)) + co.flush()
+    elif method == "gzip":
+        import zlib
+        co = zlib.compressobj(1, zlib.DEFLATED, 31)
+        data = b"".join(co.compress(bytes(64 << 20)) for _ in range(size >> 26)) + co.flush()
+    elif method == "xz":
+        co = lzma.LZMACompressor(preset=0)
+        data = b"".join(co.compress(bytes(64 << 20)) for _ in range(size >> 26)) + co.flush()
+    else:
+        import brotli
+        c = brotli.Compressor(quality=0)
+        data = b"".join(c.process(bytes(64 << 20)) for _ in range(size >> 26)) + c.finish()
+    assert len(data) < 8 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = open_reader(method, Chunks(data, sizes=(len(data),)))  # the whole file in one chunk
+    for _ in range(3):
+        assert 0 < len(r.read(1 << 20)) <= 1 << 20
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
+    assert grew < 200 << 10, f"memory grew by {grew} KiB"
+
+
+def test_corrupt_data_is_a_cache_error():
+    for method in ("zstd", "xz", "bzip2", "gzip", "br", "lz4", "lzip"):
+        with pytest.raises(CacheError, match=f"corrupt {method}|corrupt "):
+            read_all(method, b"\x00this is no compressed stream at all" * 100)
+
+
+def test_an_unknown_method_is_named():
+    with pytest.raises(CacheError, match="cannot read compression 'lz5', expected one of " + ", ".join(READABLE)):
+        open_reader("lz5", Chunks(b""))
