@@ -147,6 +147,32 @@ def test_nar_replaced_with_matching_file_hash(attack, tmp_path):
         assert store.verify(check_contents=True).ok
 
 
+def test_a_decompression_bomb_is_stopped_at_nar_size_in_little_memory(attack, tmp_path):
+    """The NAR file replaced by 2 GiB of zeros in 64 KiB of zstd, FileHash and FileSize fixed to
+    match (they are not signed): refused once the output passes NarSize, with the pure process
+    staying small (it decompressed each chunk whole: gigabytes at once)."""
+    import subprocess
+
+    import zstandard
+    from purestore.formats.hash import Hash
+    cache, lib, app = attack
+    co = zstandard.ZstdCompressor(level=1).compressobj()
+    bomb = b"".join(co.compress(bytes(64 << 20)) for _ in range(32)) + co.flush()
+    nar_path(cache, lib).write_bytes(bomb)
+    rewrite_narinfo(cache, lib, file_hash=Hash.of_bytes(bomb), file_size=len(bomb))
+    root = tmp_path / "r"
+    cmd = [sys.executable, "-m", "purestore.cli.main", "copy", "--from", f"file://{cache}", "--trusted-public-keys",
+           PUB, f"/pure/store/{app.base_name}"]
+    measure = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(p.stderr); print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", measure, *cmd], env=pure_env(root), capture_output=True, text=True,
+                       timeout=300)
+    code, maxrss_kib = map(int, r.stdout.split())
+    assert code == 1 and "decompresses to more than its NarSize" in r.stderr, r.stderr
+    assert maxrss_kib < 400 << 10, f"pure used {maxrss_kib >> 10} MiB"
+    assert_refused(subprocess.CompletedProcess(cmd, code, "", r.stderr), root, app, "NarSize")
+
+
 def test_truncated_nar_file(attack, tmp_path):
     cache, lib, app = attack
     nar = nar_path(cache, lib)
