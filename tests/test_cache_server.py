@@ -228,3 +228,29 @@ async def test_uploads_do_not_follow_links_out_of_the_cache(tmp_path, caplog):
     assert (nars / "x.nar").read_bytes() == (cache / "real" / "x").read_bytes() == b"ok"
     assert not (cache / "nix-cache-info").is_symlink()
     assert caplog.text.count("a symbolic link takes its directory out of") == 3
+
+
+async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_path):
+    """A client that has every byte of a streamed file (its Content-Length) may close before the
+    server sends the end of the response: that is a whole response, so the end is still given
+    to the server (which drops it), and the access log says 200 with the size.  Most such
+    downloads were logged 499 by curl's timing while the client had it all.  Here the client
+    goes while the server hands over the last bytes."""
+    from purestore.cache.server import _get, respond
+    data = os.urandom(600 << 10)
+    (tmp_path / "x.nar").write_bytes(data)
+    msgs = []
+    gone = trio.Event()
+
+    async def send(m):
+        msgs.append(m)
+        if sum(len(x.get("body", b"")) for x in msgs) == len(data) and not gone.is_set():
+            gone.set()
+            await trio.sleep(0.1)  # the disconnect is seen while this send is under way
+
+    async def receive():
+        await gone.wait()
+        return {"type": "http.disconnect"}
+    await _get(send, str(tmp_path / "x.nar"), "x.nar", head=False, respond=respond, receive=receive)
+    assert msgs[-1] == {"type": "http.response.body", "body": b""}
+    assert b"".join(m.get("body", b"") for m in msgs) == data

@@ -341,11 +341,14 @@ async def _stream_nar(receive, send, cache: StoreCache, info: PathInfo) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             _NAR_TYPE, *([(b"content-length", str(info.nar_size).encode())] if comp is None else [])]})
         whole = False  # the whole NAR dumped, checked and handed to the server
+        failed = False
+        sent = 0
 
         async def body() -> None:
-            nonlocal whole
+            nonlocal whole, failed, sent
             chunk = first
             while chunk:
+                sent += len(chunk)  # (handed to the server: a client gone during this send may have it)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 try:
                     chunk = await stream.next()
@@ -353,9 +356,13 @@ async def _stream_nar(receive, send, cache: StoreCache, info: PathInfo) -> None:
                     # the response has started: returning without its end makes the server
                     # close the connection short, which the client sees as a truncated download
                     log.error("error: %s", e)
+                    failed = True
                     return
             whole = True
-        if not await until_disconnect(receive, body) and whole:
+        gone = await until_disconnect(receive, body)
+        # a client that has every byte of a NAR of known length may close before the check at
+        # its end: that is a whole response (its end, dropped by the server, logs it as sent)
+        if (whole and not gone) or (gone and not failed and comp is None and sent == info.nar_size):
             await send({"type": "http.response.body", "body": b""})
     finally:
         stream.close()
