@@ -85,3 +85,25 @@ def test_a_bigger_path_nix_compressed_is_substituted(tmp_path, method):
     got = root / "nix/store" / path.rsplit("/", 1)[1]
     assert (got / "rand").read_bytes() == (src / "rand").read_bytes()
     assert (got / "d" / "text").read_bytes() == (src / "d" / "text").read_bytes()
+
+
+@needs_nix
+@pytest.mark.parametrize("method", ["lz4", "lzip", "gzip", "br"])
+def test_a_nar_of_exactly_a_step_s_size_is_read_whole(tmp_path, method):
+    """A NAR of exactly 2 MiB (the reader's step) or 1 MiB: the stream's end comes after a step
+    that filled its bound (lz4 once took such a NAR for truncated)."""
+    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command"}
+    keyfile = tmp_path / "k.sec"
+    keyfile.write_text(SEC)
+    for size in (1 << 20, 2 << 20):
+        f = tmp_path / f"f{size}.txt"
+        f.write_bytes(b"".join(b"line %d of text\n" % i for i in range(size // 10))[:size - 112])
+        nixroot = tmp_path / "nixroot"
+        path = subprocess.run(["nix-store", "--store", nixroot, "--add", f], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        cache = tmp_path / f"cache{size}"
+        subprocess.run(["nix", "copy", "--store", nixroot, "--to",
+                        f"file://{cache}?compression={method}&secret-key={keyfile}", path],
+                       env=env, check=True, capture_output=True)
+        assert f"NarSize: {size}\n" in next(cache.glob("*.narinfo")).read_text()
+        fetch(tmp_path / "s", f"file://{cache}", path)
