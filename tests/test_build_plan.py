@@ -420,6 +420,18 @@ def test_fallback_false_fails_where_a_lookup_fails_instead_of_building(scene, tm
     assert _events(root)[0] == [scene.app_drv]
 
 
+def test_fallback_false_ignores_a_failed_lookup_of_what_the_build_does_not_need(scene):
+    """app is in the cache; its build input tool cannot be looked up (an error): with
+    --no-fallback app is fetched all the same, as Nix does (it never asks for tool).  The
+    failed lookup of a build input failed the build."""
+    scene.push(scene.app)
+    tool_hash = scene.tool.rsplit("/", 1)[1].split("-", 1)[0]
+    (scene.cache / f"{tool_hash}.narinfo").mkdir()
+    p, root = scene.fresh("b", "--no-fallback")
+    assert p.stdout.strip() == scene.app
+    assert _events(root) == ([], [scene.app])
+
+
 @pytest.mark.parametrize("gap", ["no narinfo", "untrusted narinfo"])
 def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_is_built(
         pure, expr, tmp_path, store_root, gap):

@@ -177,6 +177,7 @@ class _Realiser:
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.query_failures: dict[StorePath, str] = {}
         self.query_blocked: dict[StorePath, tuple] = {}  # see Substitutable.blocked
+        self.query_lookup_errors: dict[StorePath, str] = {}  # see Substitutable.lookup_errors
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
         # outputs a cache has, not fetched only because a reference of theirs failed to come:
         # fetched once their derivation's inputs are built (see _fetch_late), as Nix does
@@ -272,15 +273,7 @@ class _Realiser:
         q = await query_substitutable(self.store, self.settings, wanted, session=session)
         self.query_failures = q.failures
         self.query_blocked = q.blocked
-        if q.lookup_errors and not getattr(self.settings, "fallback", True):
-            # as Nix without --fallback: a cache that cannot be asked fails the build (building
-            # here what a cache that is down has is what fallback = true is for)
-            p, why = min(q.lookup_errors.items(), key=lambda kv: kv[0].base_name)
-            n = len(q.lookup_errors)
-            more = f" (and {n - 1} other path{'s' if n > 2 else ''})" if n > 1 else ""
-            raise BuildError(f"cannot look up {self.store.print_path(p)!r}{more} in the binary caches: "
-                             f"{why}; and fallback = false: it is not built here instead",
-                             hint="give --fallback, or set fallback = true (the default), to build what cannot be fetched")
+        self.query_lookup_errors = q.lookup_errors
         return dict(q.found)
 
     def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
@@ -311,6 +304,31 @@ class _Realiser:
                 build.add(p)
                 stack.extend(d.path for d in n.deps)
         return fetch, build
+
+    def _fail_on_lookup_errors(self, fetch: set[StorePath], build: set[StorePath], found: dict) -> None:
+        """With ``fallback = false``, as Nix without ``--fallback``: a cache that could not be
+        asked for a path this build needs (an output it builds, or a path it fetches with its
+        closure) fails the build; building here what a cache that is down has is what
+        fallback = true is for.  A build input of a package that is fetched is not needed."""
+        if not self.query_lookup_errors or getattr(self.settings, "fallback", True):
+            return
+        needed = {o for p in build for o in self.nodes[p].outputs.values()}
+        todo = list(fetch)
+        while todo:
+            p = todo.pop()
+            if p not in needed:
+                needed.add(p)
+                if p in found:
+                    todo.extend(found[p][1].references)
+        errors = {p: why for p, why in self.query_lookup_errors.items() if p in needed}
+        if errors:
+            p, why = min(errors.items(), key=lambda kv: kv[0].base_name)
+            n = len(errors)
+            more = f" (and {n - 1} other path{'s' if n > 2 else ''})" if n > 1 else ""
+            raise BuildError(f"cannot look up {self.store.print_path(p)!r}{more} in the binary caches: "
+                             f"{why}; and fallback = false: it is not built here instead",
+                             hint="give --fallback, or set fallback = true (the default), to build what "
+                                  "cannot be fetched")
 
     def _warn_unfetchable(self, build: set[StorePath]) -> None:
         """Say why an output to be built could not be fetched, when a cache had it but it could
@@ -371,10 +389,12 @@ class _Realiser:
                    for r in entry[1].references):
                 self.fetch_after_build[p] = self.found_all[p] = entry
         if not found:
+            self._fail_on_lookup_errors(set(), self._choose(found)[1], found)
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
             return set(), set()
         from ..cache.substituter import substitute_report
         fetch, build = self._choose(found)
+        self._fail_on_lookup_errors(fetch, build, found)
         self._warn_unfetchable(build)
         listed = self._fetch_list(fetch, found)
         self._announce(listed)
