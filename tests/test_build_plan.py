@@ -457,8 +457,10 @@ def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_i
         pure("cache", "sign", f"file://{cache}", "--key-file", tmp_path / "o.sec", "--no-check-sigs")
     root = tmp_path / "b"
     root.mkdir()
-    p = pure("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip(),
-             "build", f, "--no-link", root=root, cwd=tmp_path)
+    keys = ("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip())
+    dry = pure(*keys, "build", f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
+    assert f"cannot substitute '{app}'" not in dry.stderr, dry.stderr  # as the run itself
+    p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
     assert p.stdout.strip() == app
     built, fetched = _events(root)
     assert [d.rsplit("-", 1)[1] for d in built] == ["lib.drv"], built

@@ -154,6 +154,7 @@ async def plan(store, settings, drv_paths: Iterable[StorePath]) -> Plan:
         found = await r._query(None, wanted) if wanted else {}
     except ImportError:  # the caches layer is not installed
         found = {}
+    r._plan_late_fetches(found)  # (not warned about: fetched once their reference is built)
     fetch, build = r._choose(found)
     r._warn_unfetchable(build)
     return Plan(tuple(sorted(r.nodes[p].label for p in build)), r._fetch_list(fetch, found))
@@ -305,6 +306,16 @@ class _Realiser:
                 stack.extend(d.path for d in n.deps)
         return fetch, build
 
+    def _plan_late_fetches(self, found: dict) -> None:
+        """What a cache has but whose missing reference no cache can give (not there, untrusted)
+        is fetched once that reference is built here, as Nix does (it has the same path), when
+        every reference of it is in a cache, or made here: noted in ``fetch_after_build``."""
+        outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}
+        for p, entry in self.query_blocked.items():
+            if all(r == p or r in found or r in outputs_here or r in self.query_blocked
+                   for r in entry[1].references):
+                self.fetch_after_build[p] = self.found_all[p] = entry
+
     def _fail_on_lookup_errors(self, fetch: set[StorePath], build: set[StorePath], found: dict) -> None:
         """With ``fallback = false``, as Nix without ``--fallback``: a cache that could not be
         asked for a path this build needs (an output it builds, or a path it fetches with its
@@ -380,14 +391,8 @@ class _Realiser:
         """(the wanted outputs now valid, every path downloaded: those and their references)."""
         found = await self._query(session, wanted)
         outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}  # built, if not fetched
-        # what a cache has but whose missing reference no cache can give (not there, untrusted):
-        # fetched once that reference is built here, as Nix does (it has the same path), when
-        # every reference of it is in a cache, or made here
         self.found_all = dict(found)
-        for p, entry in self.query_blocked.items():
-            if all(r == p or r in found or r in outputs_here or r in self.query_blocked
-                   for r in entry[1].references):
-                self.fetch_after_build[p] = self.found_all[p] = entry
+        self._plan_late_fetches(found)
         if not found:
             self._fail_on_lookup_errors(set(), self._choose(found)[1], found)
             self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
