@@ -58,7 +58,7 @@ def test_a_broken_netrc_file_is_an_error_that_says_where(tmp_path):
     ("machine 127.0.0.1 login", 1, "'login' has no value (the file ends after it)"),
     ("machine a login alice password\n", 1, "'password' has no value (the file ends after it)"),
     ("machine a\n  login alice\n  password\ndefault login b password c\n", 3,
-     "'password' has no value (the next word is 'default')"),
+     "'password' has no value (the next word is 'default'; if that is the value, quote it: \"default\")"),
     ("# notes\nmacdef init\nlogin\n\nmachine a login alice account\n", 5, "'account' has no value"),
 ])
 def test_a_keyword_without_its_value_is_an_error_that_says_where(tmp_path, text, line, says):

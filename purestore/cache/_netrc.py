@@ -67,7 +67,8 @@ def missing_value(text: str) -> tuple[int, str] | None:
         word, quoted, line, goes_on = w
         if pending is not None:
             if not quoted and word in _ENTRY:
-                return pending[1], f"'{pending[0]}' has no value (the next word is '{word}')"
+                return pending[1], (f"'{pending[0]}' has no value (the next word is '{word}'; "
+                                    f"if that is the value, quote it: \"{word}\")")
             pending = None
         elif quoted:
             continue
