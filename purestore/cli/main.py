@@ -71,7 +71,7 @@ class _Parser(argparse.ArgumentParser):
         print(f"error: {message}", file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         if "--json" in self._option_string_actions and any(
-                len(a) > 2 and "--json".startswith(a) for a in self.argv):  # (argparse takes "--js")
+                len(a) > 3 and "--json".startswith(a) for a in self.argv):  # (argparse takes "--js")
             # a script reading stdout gets the error object there too (see _JsonWatch)
             import json
             try:
