@@ -408,6 +408,8 @@ def test_fallback_false_fails_where_a_lookup_fails_instead_of_building(scene, tm
     assert f"error: cannot look up '{scene.app}' in the binary caches: " in p.stderr
     assert "not a regular file" in p.stderr and "fallback = false" in p.stderr
     assert _events(root) == ([], [])
+    dry, _root = scene.fresh("d", "--dry-run", check=False, env={"PURE_CONFIG": str(conf)})
+    assert dry.returncode == 1 and f"error: cannot look up '{scene.app}'" in dry.stderr  # as the run
     assert "hint: give --fallback, or set fallback = true" in p.stderr
     # the options, as Nix's: --no-fallback as the setting, --fallback over the setting
     p, root = scene.fresh("n", "--no-fallback", check=False)

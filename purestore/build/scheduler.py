@@ -156,6 +156,7 @@ async def plan(store, settings, drv_paths: Iterable[StorePath]) -> Plan:
         found = {}
     r._plan_late_fetches(found)  # (not warned about: fetched once their reference is built)
     fetch, build = r._choose(found)
+    r._fail_on_lookup_errors(fetch, build, found)  # as the run would
     r._warn_unfetchable(build)
     return Plan(tuple(sorted(r.nodes[p].label for p in build)), r._fetch_list(fetch, found))
 
