@@ -121,3 +121,30 @@ def test_corrupt_data_is_a_cache_error():
 def test_an_unknown_method_is_named():
     with pytest.raises(CacheError, match="cannot read compression 'lz5', expected one of " + ", ".join(READABLE)):
         open_reader("lz5", Chunks(b""))
+
+
+def _lz4_frame(data: bytes) -> bytes:
+    import ctypes
+    lib = ctypes.CDLL("liblz4.so.1")
+    lib.LZ4F_compressFrameBound.restype = ctypes.c_size_t
+    lib.LZ4F_compressFrameBound.argtypes = [ctypes.c_size_t, ctypes.c_void_p]
+    lib.LZ4F_compressFrame.restype = ctypes.c_size_t
+    lib.LZ4F_compressFrame.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                       ctypes.c_void_p]
+    bound = lib.LZ4F_compressFrameBound(len(data), None)
+    buf = ctypes.create_string_buffer(bound)
+    n = lib.LZ4F_compressFrame(buf, bound, data, len(data), None)
+    return buf.raw[:n]
+
+
+@pytest.mark.parametrize("cuts", [[], [400], [1 << 20, 2 << 20], [2 << 20, 4 << 20]])
+def test_lz4_frames_one_after_another_are_read_as_nix_reads_them(cuts):
+    """Nix reads an lz4 NAR of several frames; a step that ends exactly at a frame's end or at
+    the step's bound must not take the stream for ended or for truncated."""
+    bounds = [0, *cuts, len(SAMPLE)]
+    data = b"".join(_lz4_frame(SAMPLE[a:b]) for a, b in zip(bounds, bounds[1:]))
+    for sizes in ((1 << 20,), (len(data),), (1, 100, 5000)):
+        got, complete = read_all("lz4", data, step=1 << 21, sizes=sizes)
+        assert got == SAMPLE and complete is True
+    got, complete = read_all("lz4", data[:-5])
+    assert complete is False

@@ -256,7 +256,8 @@ def _load_liblz4():
 
 class _Lz4(_CtypesStream):
     """lz4 frames (libarchive's lz4 filter, Nix's ``compression=lz4``), through the system
-    liblz4.  One frame ends the stream (libarchive writes one); more after it is left alone."""
+    liblz4.  Frames may follow one another, as Nix reads them: ``eof`` says the last frame
+    begun is complete."""
 
     def __init__(self):
         super().__init__()
@@ -267,6 +268,19 @@ class _Lz4(_CtypesStream):
             self._ctx = None
             raise CacheError(f"lz4: {self._lib.LZ4F_getErrorName(r).decode()}")
 
+    @property
+    def needs_input(self) -> bool:
+        return self._pos >= len(self._in) and not self._full
+
+    def decompress(self, data: bytes, n: int) -> bytes:
+        if data:
+            self._in = bytes(data) if self._pos >= len(self._in) else self._in[self._pos:] + bytes(data)
+            self._pos = 0
+        out = ctypes.create_string_buffer(n)
+        got = self._step(out, n)
+        self._full = got >= n
+        return out.raw[:got] if got < n else out.raw
+
     def _step(self, out, n: int) -> int:
         got = 0
         base = ctypes.cast(ctypes.c_char_p(self._in), ctypes.c_void_p).value or 0
@@ -276,13 +290,11 @@ class _Lz4(_CtypesStream):
                                           base + self._pos if src_n.value else None, ctypes.byref(src_n), None)
             if self._lib.LZ4F_isError(r):
                 raise CacheError(f"corrupt lz4 data: {self._lib.LZ4F_getErrorName(r).decode()}")
+            if not dst_n.value and not src_n.value:  # nothing more without input
+                break
             self._pos += src_n.value
             got += dst_n.value
-            if r == 0:  # the frame is complete
-                self.eof = True
-                break
-            if not dst_n.value and not src_n.value:  # wants input it has not got
-                break
+            self.eof = r == 0  # the frame is complete (another may follow)
         return got
 
     def __del__(self):
