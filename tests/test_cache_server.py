@@ -254,3 +254,27 @@ async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_pat
     await _get(send, str(tmp_path / "x.nar"), "x.nar", head=False, respond=respond, receive=receive)
     assert msgs[-1] == {"type": "http.response.body", "body": b""}
     assert b"".join(m.get("body", b"") for m in msgs) == data
+
+
+async def test_a_client_that_leaves_during_a_file_s_one_chunk_is_not_logged_as_sent(tmp_path):
+    """A file of one chunk (under 1 MiB) whose client leaves while the server sends it: no end of
+    the response, so the log says 499 (the end was sent, and 200 logged, when the client left
+    anywhere in the last chunk).  The last 64 KiB go in a send of their own."""
+    from purestore.cache.server import LAST, _get, respond
+    data = os.urandom(600 << 10)
+    (tmp_path / "x.nar").write_bytes(data)
+    msgs = []
+    gone = trio.Event()
+
+    async def send(m):
+        msgs.append(m)
+        if m["type"] == "http.response.body" and m["body"] and not gone.is_set():
+            gone.set()
+            await trio.sleep(0.1)  # the client leaves during the first piece
+
+    async def receive():
+        await gone.wait()
+        return {"type": "http.disconnect"}
+    await _get(send, str(tmp_path / "x.nar"), "x.nar", head=False, respond=respond, receive=receive)
+    bodies = [m for m in msgs if m["type"] == "http.response.body"]
+    assert len(bodies) == 1 and len(bodies[0]["body"]) == len(data) - LAST, [len(m["body"]) for m in bodies]

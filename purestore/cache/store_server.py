@@ -46,7 +46,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import CHUNK
 from .compression import compressor, extension
-from .server import CHALLENGE, asgi_app, read_check, respond, until_disconnect
+from .server import CHALLENGE, asgi_app, last_apart, read_check, respond, until_disconnect
 
 log = logging.getLogger("purestore.cache.store_server")
 
@@ -348,8 +348,9 @@ async def _stream_nar(receive, send, cache: StoreCache, info: PathInfo) -> None:
             nonlocal whole, failed, sent
             chunk = first
             while chunk:
-                sent += len(chunk)  # (handed to the server: a client gone during this send may have it)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                for piece in last_apart(chunk, comp is None and sent + len(chunk) == info.nar_size):
+                    sent += len(piece)  # (handed over: a client gone during this send may have it)
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
                 try:
                     chunk = await stream.next()
                 except StoreError as e:
