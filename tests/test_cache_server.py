@@ -230,12 +230,9 @@ async def test_uploads_do_not_follow_links_out_of_the_cache(tmp_path, caplog):
     assert caplog.text.count("a symbolic link takes its directory out of") == 3
 
 
-async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_path):
-    """A client that has every byte of a streamed file (its Content-Length) may close before the
-    server sends the end of the response: that is a whole response, so the end is still given
-    to the server (which drops it), and the access log says 200 with the size.  Most such
-    downloads were logged 499 by curl's timing while the client had it all.  Here the client
-    goes while the server hands over the last bytes."""
+async def _get_while_the_client_leaves(tmp_path, leaves):
+    """Serve a 600 KiB file through ``_get`` to a client that goes away while the send during
+    which ``leaves(messages so far, data)`` is true is under way; returns (messages, data)."""
     from purestore.cache.server import _get, respond
     data = os.urandom(600 << 10)
     (tmp_path / "x.nar").write_bytes(data)
@@ -244,7 +241,7 @@ async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_pat
 
     async def send(m):
         msgs.append(m)
-        if sum(len(x.get("body", b"")) for x in msgs) == len(data) and not gone.is_set():
+        if not gone.is_set() and leaves(msgs, data):
             gone.set()
             await trio.sleep(0.1)  # the disconnect is seen while this send is under way
 
@@ -252,6 +249,17 @@ async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_pat
         await gone.wait()
         return {"type": "http.disconnect"}
     await _get(send, str(tmp_path / "x.nar"), "x.nar", head=False, respond=respond, receive=receive)
+    return msgs, data
+
+
+async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_path):
+    """A client that has every byte of a streamed file (its Content-Length) may close before the
+    server sends the end of the response: that is a whole response, so the end is still given
+    to the server (which drops it), and the access log says 200 with the size.  Most such
+    downloads were logged 499 by curl's timing while the client had it all.  Here the client
+    goes while the server hands over the last bytes."""
+    msgs, data = await _get_while_the_client_leaves(
+        tmp_path, lambda msgs, data: sum(len(m.get("body", b"")) for m in msgs) == len(data))
     assert msgs[-1] == {"type": "http.response.body", "body": b""}
     assert b"".join(m.get("body", b"") for m in msgs) == data
 
@@ -260,21 +268,8 @@ async def test_a_client_that_leaves_during_a_file_s_one_chunk_is_not_logged_as_s
     """A file of one chunk (under 1 MiB) whose client leaves while the server sends it: no end of
     the response, so the log says 499 (the end was sent, and 200 logged, when the client left
     anywhere in the last chunk).  The last 64 KiB go in a send of their own."""
-    from purestore.cache.server import LAST, _get, respond
-    data = os.urandom(600 << 10)
-    (tmp_path / "x.nar").write_bytes(data)
-    msgs = []
-    gone = trio.Event()
-
-    async def send(m):
-        msgs.append(m)
-        if m["type"] == "http.response.body" and m["body"] and not gone.is_set():
-            gone.set()
-            await trio.sleep(0.1)  # the client leaves during the first piece
-
-    async def receive():
-        await gone.wait()
-        return {"type": "http.disconnect"}
-    await _get(send, str(tmp_path / "x.nar"), "x.nar", head=False, respond=respond, receive=receive)
+    from purestore.cache.server import LAST
+    msgs, data = await _get_while_the_client_leaves(
+        tmp_path, lambda msgs, data: msgs[-1]["type"] == "http.response.body" and msgs[-1]["body"])
     bodies = [m for m in msgs if m["type"] == "http.response.body"]
     assert len(bodies) == 1 and len(bodies[0]["body"]) == len(data) - LAST, [len(m["body"]) for m in bodies]

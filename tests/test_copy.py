@@ -96,16 +96,22 @@ def test_push_skips_paths_already_in_cache(tmp_path, keyfile):
     assert f"copying path '{lib_p}' from 'file://{cache}'" in r.stderr
 
 
-def test_an_empty_narinfo_is_written_again(tmp_path, keyfile):
-    """What a crash of the machine can leave of a narinfo written just before, an empty file,
-    does not count as the path being in the cache: the next push writes it again."""
+def _pushed_closure(tmp_path, keyfile):
+    """lib and app pushed to a file:// cache: (store root, cache, lib, app, app printed, app's
+    narinfo file, its text)."""
     root, cache = tmp_path / "a", tmp_path / "cache"
     with open_store(root) as store:
         lib, app = make_closure(store)
         app_p = store.print_path(app)
     run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
     ni = cache / f"{app.hash_part}.narinfo"
-    text = ni.read_text()
+    return root, cache, lib, app, app_p, ni, ni.read_text()
+
+
+def test_an_empty_narinfo_is_written_again(tmp_path, keyfile):
+    """What a crash of the machine can leave of a narinfo written just before, an empty file,
+    does not count as the path being in the cache: the next push writes it again."""
+    root, cache, lib, app, app_p, ni, text = _pushed_closure(tmp_path, keyfile)
     ni.write_text("")
     r = run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
     assert "copied 1 path" in r.stderr and "1 already there" in r.stderr, r.stderr
@@ -118,13 +124,7 @@ def test_a_push_with_keys_writes_a_narinfo_that_cannot_be_used_again(tmp_path, k
     """A narinfo in the cache that does not parse, or describes another path, was counted as
     "already there", and the note then offered a `pure cache sign` that fails on it.  A push
     with keys (which reads the narinfos) says so and writes it again."""
-    root, cache = tmp_path / "a", tmp_path / "cache"
-    with open_store(root) as store:
-        lib, app = make_closure(store)
-        app_p = store.print_path(app)
-    run_pure("copy", "--to", f"file://{cache}", "--secret-key-file", keyfile, app_p, root=root)
-    ni = cache / f"{app.hash_part}.narinfo"
-    text = ni.read_text()
+    root, cache, lib, app, app_p, ni, text = _pushed_closure(tmp_path, keyfile)
     if junk == "another path":
         ni.write_text((cache / f"{lib.hash_part}.narinfo").read_text())
     else:

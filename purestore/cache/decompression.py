@@ -207,6 +207,8 @@ class _CtypesStream:
     """What the ctypes decompressors share: the input not taken yet, and whether the last step
     filled its bound (the library may hold more output)."""
 
+    ends = True  # the stream ends with ``eof`` (lz4: another frame may follow)
+
     def __init__(self):
         self._in = b""
         self._pos = 0
@@ -215,10 +217,10 @@ class _CtypesStream:
 
     @property
     def needs_input(self) -> bool:
-        return self.eof or (self._pos >= len(self._in) and not self._full)
+        return (self.eof and self.ends) or (self._pos >= len(self._in) and not self._full)
 
     def decompress(self, data: bytes, n: int) -> bytes:
-        if self.eof:
+        if self.eof and self.ends:
             return b""
         if data:
             self._in = bytes(data) if self._pos >= len(self._in) else self._in[self._pos:] + bytes(data)
@@ -259,6 +261,8 @@ class _Lz4(_CtypesStream):
     liblz4.  Frames may follow one another, as Nix reads them: ``eof`` says the last frame
     begun is complete."""
 
+    ends = False
+
     def __init__(self):
         super().__init__()
         self._lib = _load_liblz4()
@@ -267,19 +271,6 @@ class _Lz4(_CtypesStream):
         if self._lib.LZ4F_isError(r):
             self._ctx = None
             raise CacheError(f"lz4: {self._lib.LZ4F_getErrorName(r).decode()}")
-
-    @property
-    def needs_input(self) -> bool:
-        return self._pos >= len(self._in) and not self._full
-
-    def decompress(self, data: bytes, n: int) -> bytes:
-        if data:
-            self._in = bytes(data) if self._pos >= len(self._in) else self._in[self._pos:] + bytes(data)
-            self._pos = 0
-        out = ctypes.create_string_buffer(n)
-        got = self._step(out, n)
-        self._full = got >= n
-        return out.raw[:got] if got < n else out.raw
 
     def _step(self, out, n: int) -> int:
         got = 0
