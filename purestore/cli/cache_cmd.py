@@ -473,9 +473,9 @@ def cmd_copy(args, ctx) -> int:
         from ..cache.backend import parse_url
         from ..cache.compression import check_level
         from ..errors import CacheError
+        method = args.compression or parse_url(args.to).param("compression") or "zstd"  # (a bad URL: its error)
         try:
-            check_level(args.compression or parse_url(args.to).param("compression") or "zstd",
-                        args.compression_level)
+            check_level(method, args.compression_level)
         except CacheError as e:
             raise UsageError(f"--compression-level: {e}") from None
     if args.no_check_sigs:
