@@ -59,6 +59,16 @@ def scene(pure, expr, tmp_path, store_root):
     return s
 
 
+def _keyed_push(pure, tmp_path, *paths):
+    """Make the key test-cache-1 (tmp_path/k.sec, k.pub) and push ``paths`` with it to a file://
+    cache at tmp_path/cache, which is returned."""
+    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
+         "--public-out", tmp_path / "k.pub")
+    cache = tmp_path / "cache"
+    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", *paths)
+    return cache
+
+
 def _valid(root, path):
     st = open_store(root)
     try:
@@ -258,10 +268,7 @@ default = sh("app", f"$B mkdir $out; $B cat {tool}/t > $out/f; echo {tool} > $ou
 ''')
     app = build(pure, tmp_path, f, "--no-link").stdout.strip()
     tool = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-tool"))
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = tmp_path / "cache"
-    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", app)
+    cache = _keyed_push(pure, tmp_path, app)
     text = (cache / (tool.rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
     tool_nar = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
     app_text = (cache / (app.rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
@@ -341,10 +348,7 @@ def test_fallback_goes_down_a_chain_of_build_inputs_as_far_as_it_must(pure, expr
     build(pure, tmp_path, f, "--no-link")
     outs = {p.rsplit("-", 1)[1]: p for p in pure("store", "ls").stdout.split() if not p.endswith(".drv")
             and p.rsplit("-", 1)[1] in {f"d{i}" for i in range(5)}}
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = tmp_path / "cache"
-    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", *outs.values())
+    cache = _keyed_push(pure, tmp_path, *outs.values())
     for i in range(1, 5):
         text = (cache / (outs[f"d{i}"].rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
         nar = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
@@ -444,10 +448,7 @@ def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_i
              'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref")\n')
     app = build(pure, tmp_path, f, "--no-link").stdout.strip()
     lib = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib"))
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = tmp_path / "cache"
-    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", app)
+    cache = _keyed_push(pure, tmp_path, app)
     lib_narinfo = cache / (lib.rsplit("/", 1)[1][:32] + ".narinfo")
     if gap == "no narinfo":
         lib_narinfo.unlink()
@@ -495,10 +496,7 @@ def test_many_packages_above_a_library_whose_nar_fails_are_fetched_once_it_is_bu
     build(pure, tmp_path, f, "--no-link")
     outs = [p for p in pure("store", "ls").stdout.split() if not p.endswith(".drv")]
     lib = next(p for p in outs if p.endswith("-lib"))
-    pure("key", "generate", "--name", "test-cache-1", "--secret-out", tmp_path / "k.sec",
-         "--public-out", tmp_path / "k.pub")
-    cache = tmp_path / "cache"
-    pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", *outs)
+    cache = _keyed_push(pure, tmp_path, *outs)
     text = (cache / (lib.rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
     (cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))).write_bytes(b"junk")
     root = tmp_path / "b"
