@@ -148,3 +148,18 @@ def test_lz4_frames_one_after_another_are_read_as_nix_reads_them(cuts):
         assert got == SAMPLE and complete is True
     got, complete = read_all("lz4", data[:-5])
     assert complete is False
+
+
+@pytest.mark.parametrize("method", ["gzip", "xz", "bzip2"])
+def test_streams_one_after_another_are_read_as_nix_reads_them(method):
+    """A NAR compressed as several members (gzip, xz, bzip2 streams end to end): Nix reads it
+    whole; pure stopped after the first."""
+    cuts = [0, 400, 1 << 20, 1 << 20, 2 << 20, len(SAMPLE)]  # (one empty member too)
+    data = b"".join(_compress(method, SAMPLE[a:b]) for a, b in zip(cuts, cuts[1:]))
+    for sizes in ((1 << 20,), (len(data),), (1, 100, 5000)):
+        got, complete = read_all(method, data, step=1 << 21, sizes=sizes)
+        assert got == SAMPLE and complete is True
+    got, complete = read_all(method, data[:-5])
+    assert complete is False
+    with pytest.raises(CacheError, match="corrupt"):
+        read_all(method, data + b"this is no stream")

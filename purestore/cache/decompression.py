@@ -40,9 +40,9 @@ def open_reader(method: str, source):
     if method == "zstd":
         return _ZstdReader(source)
     if method == "xz":
-        return _Pull(_Std(lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz"), source)
+        return _Pull(_Std(lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz"), source)
     if method == "bzip2":
-        return _Pull(_Std(bz2.BZ2Decompressor(), "bzip2"), source)
+        return _Pull(_Std(bz2.BZ2Decompressor, "bzip2"), source)
     if method == "gzip":
         return _Pull(_Gzip(), source)
     if method == "br":
@@ -103,11 +103,13 @@ class _Pull:
 
 
 class _Std:
-    """lzma's and bz2's decompressors, which have the bound (``max_length``) already.  What
-    follows the end of the stream is left alone (NarHash checks what the stream gave)."""
+    """lzma's and bz2's decompressors, which have the bound (``max_length``) already.  Streams
+    may follow one another (members), as Nix reads them: ``eof`` says the last one begun is
+    complete; bytes after it that begin no stream are corrupt data."""
 
-    def __init__(self, d, name: str):
-        self._d = d
+    def __init__(self, new, name: str):
+        self._new = new
+        self._d = new()
         self._name = name
 
     @property
@@ -116,11 +118,14 @@ class _Std:
 
     @property
     def needs_input(self) -> bool:
-        return self._d.eof or self._d.needs_input
+        return (not self._d.unused_data) if self._d.eof else self._d.needs_input
 
     def decompress(self, data: bytes, n: int) -> bytes:
-        if self._d.eof:
-            return b""
+        if self._d.eof:  # the next stream, if anything follows
+            data = self._d.unused_data + data
+            if not data:
+                return b""
+            self._d = self._new()
         try:
             return self._d.decompress(data, n)
         except (lzma.LZMAError, OSError, EOFError, ValueError) as e:
@@ -128,8 +133,10 @@ class _Std:
 
 
 class _Gzip:
+    """gzip, as libarchive writes it; members may follow one another, as Nix reads them."""
+
     def __init__(self):
-        self._d = zlib.decompressobj(31)  # gzip framing, as libarchive writes it
+        self._d = zlib.decompressobj(31)
         self._full = False  # the last step filled its bound: zlib may hold more
 
     @property
@@ -138,13 +145,20 @@ class _Gzip:
 
     @property
     def needs_input(self) -> bool:
-        return self._d.eof or (not self._d.unconsumed_tail and not self._full)
+        if self._d.eof:
+            return not self._d.unused_data
+        return not self._d.unconsumed_tail and not self._full
 
     def decompress(self, data: bytes, n: int) -> bytes:
-        if self._d.eof:
-            return b""
+        if self._d.eof:  # the next member, if anything follows
+            data = self._d.unused_data + data
+            if not data:
+                return b""
+            self._d = zlib.decompressobj(31)
+        elif self._d.unconsumed_tail:
+            data = self._d.unconsumed_tail + data
         try:
-            out = self._d.decompress(self._d.unconsumed_tail + data if self._d.unconsumed_tail else data, n)
+            out = self._d.decompress(data, n)
         except zlib.error as e:
             raise CacheError(f"corrupt gzip data: {e}") from e
         self._full = len(out) >= n
