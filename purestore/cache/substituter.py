@@ -209,23 +209,20 @@ class Substituters:
         async with open_nursery() as n:
             for i, c in enumerate(caches):
                 n.start_soon(one, i, c)
-        errors = []
-        for cache, r in zip(caches, results):
-            if isinstance(r, NarInfo):
-                break
-            if isinstance(r, _LookupFailed):
-                errors.append(r)
+        # (the caches before the one that answers, in priority order: what failed there)
+        chosen = next((i for i, r in enumerate(results) if isinstance(r, NarInfo)), len(results))
+        errors = [r for r in results[:chosen] if isinstance(r, _LookupFailed)]
         if errors:
             self.lookup_errors[path] = "; ".join(errors)
         else:
             self.lookup_errors.pop(path, None)
-        for i, (cache, r) in enumerate(zip(caches, results)):
-            if isinstance(r, NarInfo):
-                for bad, why in zip(caches[:i], results[:i]):  # said, as Nix says it
-                    if isinstance(why, _Refused):
-                        log.warning("warning: not using %r from %r: %s; using %r", path.absolute(self.settings.store_dir),
-                                    bad.url.split("?")[0], why, cache.url.split("?")[0])
-                return cache, r
+        if chosen < len(results):
+            good = caches[chosen].url.split("?")[0]
+            for bad, why in zip(caches[:chosen], results[:chosen]):  # said, as Nix says it
+                if isinstance(why, _Refused):
+                    log.warning("warning: not using %r from %r: %s; using %r", path.absolute(self.settings.store_dir),
+                                bad.url.split("?")[0], why, good)
+            return caches[chosen], results[chosen]
         reasons = [r for r in results if isinstance(r, str)]
         if reasons:
             raise _Rejected("; ".join(reasons))
