@@ -42,6 +42,16 @@ def test_a_cache_nix_wrote_with_each_compression_is_substituted(tmp_path, method
     assert "no problems" in r.stderr
 
 
+def test_an_lzip_nar_of_two_members_is_substituted(tmp_path):
+    """The lzip NAR in two members that Nix 2.8 reads whole (tests/data/cache/README.md)."""
+    cache = tmp_path / "c"
+    shutil.copytree(DATA / "cache" / "lzip-members", cache)
+    root = tmp_path / "s"
+    fetch(root, f"file://{cache}", TREE)
+    assert (root / "nix/store" / TREE.rsplit("/", 1)[1] / "a").read_text() == "a\n"
+    run_pure("--store", root, "--store-dir", "/nix/store", "store", "verify", "--check-contents")
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
 def test_a_damaged_nar_in_each_compression_is_refused(tmp_path, method, damage):

@@ -163,3 +163,82 @@ def test_streams_one_after_another_are_read_as_nix_reads_them(method):
     assert complete is False
     with pytest.raises(CacheError, match="corrupt"):
         read_all(method, data + b"this is no stream")
+
+
+def _lzip_member(data: bytes) -> bytes:
+    """One lzip member, written by libarchive's lzip filter (the writer Nix's
+    ``compression=lzip`` uses; liblzma has an lzip decoder only)."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL("libarchive.so.13")
+    except OSError as e:
+        pytest.skip(f"writing lzip here needs libarchive (libarchive.so.13): {e}")
+    lib.archive_write_new.restype = ctypes.c_void_p
+    lib.archive_entry_new.restype = ctypes.c_void_p
+    for f in ("archive_write_add_filter_lzip", "archive_write_set_format_raw", "archive_write_close",
+              "archive_write_free"):
+        getattr(lib, f).argtypes = [ctypes.c_void_p]
+    lib.archive_write_open_memory.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                              ctypes.POINTER(ctypes.c_size_t)]
+    lib.archive_entry_set_filetype.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.archive_entry_free.argtypes = [ctypes.c_void_p]
+    lib.archive_write_header.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.archive_write_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.archive_write_data.restype = ctypes.c_ssize_t
+    lib.archive_error_string.argtypes = [ctypes.c_void_p]
+    lib.archive_error_string.restype = ctypes.c_char_p
+    buf = ctypes.create_string_buffer(len(data) + len(data) // 2 + 4096)
+    used = ctypes.c_size_t()
+    a, e = lib.archive_write_new(), lib.archive_entry_new()
+    try:
+        lib.archive_entry_set_filetype(e, 0o100000)  # a regular file: the raw format's one entry
+        ok = (lib.archive_write_add_filter_lzip(a) == 0 and lib.archive_write_set_format_raw(a) == 0
+              and lib.archive_write_open_memory(a, buf, len(buf), ctypes.byref(used)) == 0
+              and lib.archive_write_header(a, e) == 0
+              and (not data or lib.archive_write_data(a, data, len(data)) == len(data))
+              and lib.archive_write_close(a) == 0)
+        assert ok, lib.archive_error_string(a)
+    finally:
+        lib.archive_entry_free(e)
+        lib.archive_write_free(a)
+    return buf.raw[:used.value]
+
+
+def test_lzip_members_one_after_another_are_read_as_nix_reads_them():
+    """An lzip NAR of two members (made with the lzip tool, read whole by Nix 2.8:
+    tests/data/cache/README.md): pure read the first member only, and took it for the whole."""
+    (one,) = (GOLDEN / "lzip" / "nar").iterdir()
+    (two,) = (DATA / "cache" / "lzip-members" / "nar").iterdir()
+    whole, _ = read_all("lzip", one.read_bytes())
+    data = two.read_bytes()
+    for step, sizes in ((1 << 20, (1 << 20,)), (7, (3, 1)), (400, (144, 1)), (1, (145, 157))):
+        got, complete = read_all("lzip", data, step=step, sizes=sizes)
+        assert got == whole and len(got) == 880 and complete is True
+    for cut in (1, 5, 157):  # into the second member: its trailer, its data, its header
+        got, complete = read_all("lzip", data[:-cut])
+        assert complete is False and whole.startswith(got)
+    got, complete = read_all("lzip", data + b"LZI")  # (the start of a third member's magic)
+    assert complete is False
+
+
+@pytest.mark.parametrize("tail", [b"this is no stream", b"LZIPjunk", b"LZIjunk", b"\0" * 20])
+def test_bytes_after_the_last_lzip_member_are_corrupt_data(tail):
+    """As for gzip, xz and bzip2 here (Nix 2.8, through libarchive, ignores them; liblzma's
+    LZMA_CONCATENATED would too, and swallow up to three bytes equal to the magic)."""
+    (two,) = (DATA / "cache" / "lzip-members" / "nar").iterdir()
+    with pytest.raises(CacheError, match="corrupt lzip data"):
+        read_all("lzip", two.read_bytes() + tail)
+
+
+def test_lzip_members_of_a_bigger_nar_are_read_in_bounded_steps():
+    """Members ending at a step's bound, within a chunk, and an empty member between two."""
+    cuts = [0, 400, 1 << 20, 1 << 20, 2 << 20, len(SAMPLE)]
+    data = b"".join(_lzip_member(SAMPLE[a:b]) for a, b in zip(cuts, cuts[1:]))
+    for sizes in ((1 << 20,), (len(data),), (1, 100, 5000)):
+        for step in (1 << 20, 1 << 21):
+            got, complete = read_all("lzip", data, step=step, sizes=sizes)
+            assert got == SAMPLE and complete is True
+    got, complete = read_all("lzip", data[:-5])
+    assert complete is False
+    with pytest.raises(CacheError, match="corrupt lzip data: the bytes after member 5 begin no lzip member"):
+        read_all("lzip", data + b"this is no stream")

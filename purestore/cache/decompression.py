@@ -12,7 +12,9 @@ bytes of the NAR (``b""`` at its end), pulling compressed chunks from ``source.r
 needs them (``b""`` there: the file ended), and whose ``complete`` says whether the
 compressed stream ended where its format says it ends (None where the format reader cannot
 tell: zstd, whose missing end shows as a NAR shorter than its NarSize).  Errors are
-:class:`CacheError`; an exception of ``source.read`` goes through as it is.
+:class:`CacheError`; an exception of ``source.read`` goes through as it is.  Streams end to
+end (gzip, xz, bzip2 and lzip members, lz4 frames) are read as one, as Nix reads them; bytes
+after the last that begin none are corrupt data (Nix 2.8 ignores them in gzip, bzip2 and lzip).
 
 zstd is read with zstandard's stream reader (twice as fast as its decompressobj here, which
 also has no bound); xz and bzip2 with the standard library, gzip with zlib, br with brotli,
@@ -32,7 +34,7 @@ import zstandard
 from ..errors import CacheError
 from .compression import _LZMA_ERRORS, _LZMA_OK, _LZMA_RUN, _LZMA_STREAM_END, _LzmaStream, _load_liblzma
 
-_LZMA_BUF_ERROR = 10
+_LZMA_FORMAT_ERROR, _LZMA_BUF_ERROR = 7, 10
 READABLE = ("zstd", "xz", "bzip2", "gzip", "br", "lz4", "lzip", "none")
 
 
@@ -310,7 +312,16 @@ class _Lz4(_CtypesStream):
 
 class _Lzip(_CtypesStream):
     """lzip (libarchive's lzip filter, Nix's ``compression=lzip``), through liblzma's lzip
-    decoder (liblzma 5.4 and later; Python's lzma module does not have it).  One member."""
+    decoder (liblzma 5.4 and later; Python's lzma module does not have it).  Members may follow
+    one another, as Nix reads them: ``eof`` says the last member begun is complete; bytes after
+    it that begin no member are corrupt data, as for gzip, xz and bzip2.
+
+    The decoder reads one member and is started again for the next (as ``_Std`` does), rather
+    than given ``LZMA_CONCATENATED``: with that flag liblzma tells a member's end only at
+    ``LZMA_FINISH`` (the pull loop has no such call), and it ends quietly at bytes that begin no
+    member, swallowing up to three that look like the magic."""
+
+    ends = False
 
     def __init__(self):
         super().__init__()
@@ -323,25 +334,44 @@ class _Lzip(_CtypesStream):
         f.restype = ctypes.c_int
         self._lib = lib
         self._strm = _LzmaStream()
-        r = f(ctypes.byref(self._strm), ctypes.c_uint64(-1).value, 0)
+        self._members = 0  # members complete
+        self._begin()
+        self._live = True
+
+    def _begin(self):
+        """(Re)start the decoder for a member (liblzma reuses the stream's memory)."""
+        r = self._lib.lzma_lzip_decoder(ctypes.byref(self._strm), ctypes.c_uint64(-1).value, 0)
         if r != _LZMA_OK:
             raise CacheError(f"lzip: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
-        self._live = True
+        self.eof = False
 
     def _step(self, out, n: int) -> int:
         strm = self._strm
         base = ctypes.cast(ctypes.c_char_p(self._in), ctypes.c_void_p).value or 0
-        strm.next_in = base + self._pos if self._pos < len(self._in) else None
-        strm.avail_in = len(self._in) - self._pos
-        strm.next_out, strm.avail_out = ctypes.addressof(out), n
-        r = self._lib.lzma_code(ctypes.byref(strm), _LZMA_RUN)
-        self._pos = len(self._in) - strm.avail_in
-        strm.next_in, strm.avail_in = None, 0
-        if r == _LZMA_STREAM_END:
-            self.eof = True
-        elif r not in (_LZMA_OK, _LZMA_BUF_ERROR):  # (no progress possible: it wants input)
-            raise CacheError(f"corrupt lzip data: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
-        return n - strm.avail_out
+        got = 0
+        while got < n:
+            if self.eof:  # the next member, if anything follows
+                if self._pos >= len(self._in):
+                    break
+                self._begin()
+            strm.next_in = base + self._pos if self._pos < len(self._in) else None
+            strm.avail_in = len(self._in) - self._pos
+            strm.next_out, strm.avail_out = ctypes.addressof(out) + got, n - got
+            r = self._lib.lzma_code(ctypes.byref(strm), _LZMA_RUN)
+            self._pos = len(self._in) - strm.avail_in
+            got = n - strm.avail_out
+            strm.next_in, strm.avail_in = None, 0
+            if r == _LZMA_STREAM_END:  # (a member takes 36 bytes at least: the loop ends)
+                self.eof = True
+                self._members += 1
+            elif r == _LZMA_FORMAT_ERROR:
+                raise CacheError(f"corrupt lzip data: the bytes after member {self._members} begin no lzip member"
+                                 if self._members else "corrupt lzip data: the file does not begin with an lzip member")
+            elif r not in (_LZMA_OK, _LZMA_BUF_ERROR):  # (no progress possible: it wants input)
+                raise CacheError(f"corrupt lzip data: {_LZMA_ERRORS.get(r, f'liblzma error {r}')}")
+            else:  # all input taken or the bound reached
+                break
+        return got
 
     def __del__(self):
         if getattr(self, "_live", False):
