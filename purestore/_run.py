@@ -6,10 +6,13 @@ ignored, that road is closed: a background job of a non-interactive shell (``pur
 in a script, or under ``timeout`` started from one) inherits SIGINT ignored, so that Ctrl-C at
 the terminal leaves it alone, and trio then installs no handler.  Such a run listens for
 SIGTERM itself and, when it comes, stops the command the same way, with :class:`Terminated`.
+A command that works outside trio and has clean-up to run (``pure gc``: its trash) does the same
+with :func:`sigterm_interrupts`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 
@@ -56,3 +59,26 @@ def run_trio(fn, *args):
             raise leaves[0] from None
         raise
     return result[0]
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread even where
+    SIGINT is ignored (see the module docstring; where it is not, the CLI's handler already
+    makes SIGTERM a Ctrl-C).  Outside the main thread it changes nothing."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -365,3 +365,88 @@ def test_only_stale_links_under_auto_are_pruned(pure, graph, settings, tmp_path)
     p = pure("gc")
     assert os.path.islink(mine), "a stale link the user made outside gcroots/auto is left alone"
     assert "removed stale GC root" not in p.stderr
+
+
+def _dead_trees(st, n: int, files: int) -> None:
+    """Register ``n`` directory paths of ``files`` files each (dead: nothing roots them)."""
+    infos = []
+    for i in range(n):
+        sp = StorePath(nix32_encode(os.urandom(20)), f"tree{i}")
+        real = st.real_path(sp)
+        os.mkdir(real)
+        for j in range(files):
+            with open(f"{real}/f{j}", "wb") as f:
+                f.write(b"%d" % j)
+            os.chmod(f"{real}/f{j}", 0o444)
+        os.chmod(real, 0o555)
+        h, size = fsnar.hash_path(real)
+        infos.append(PathInfo(sp, h, size))
+    st.register(infos)
+
+
+def _inotify(directory: str, mask: int) -> int:
+    """An inotify descriptor that becomes readable at an event of ``mask`` in ``directory``."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0:
+        pytest.skip(f"inotify: {os.strerror(ctypes.get_errno())}")
+    if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+        os.close(fd)
+        raise AssertionError(f"cannot watch {directory!r}: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def _wait_readable(fd: int, what: str) -> None:
+    try:
+        assert select.select([fd], [], [], 120)[0], f"no {what} in two minutes"
+    finally:
+        os.close(fd)
+
+
+IN_MOVED_FROM, IN_CREATE, IN_DELETE = 0x40, 0x100, 0x200
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGTERM, SIGINT ignored"])
+@pytest.mark.parametrize("phase", ["moving", "removing"])
+def test_a_collection_stopped_by_sigterm_or_ctrl_c_removes_its_trash(pure, settings, store_root, sig, phase):
+    """SIGTERM while a collection moves dead trees into its trash, or removes them there, stops
+    it as Ctrl-C does: exit 143 (130) with an `error:` line, and its trash removed before it
+    exits (it was left to the next command to open the store).  The store verifies; dead paths
+    it had not moved yet are invalid leftovers that the next collection removes.  With SIGINT
+    ignored (a background job of a script) too: gc was then killed outright."""
+    import signal
+    sigint = "ignored" if "ignored" in sig else "default"
+    code, word = (130, "interrupted") if sig == "SIGINT" else (143, "terminated (SIGTERM)")
+
+    with _open(settings) as st:
+        _dead_trees(st, 600, 10)
+        kept = st.add_text("kept", b"kept")
+        os.symlink(st.print_path(kept), os.path.join(st.state_dir, "gcroots", "kept"))
+        kept_path = st.print_path(kept)
+        kept = os.path.basename(kept_path)
+    tmp = os.path.join(settings.real_store_dir, ".tmp")
+    watch = _inotify(settings.real_store_dir, IN_MOVED_FROM) if phase == "moving" else _inotify(tmp, IN_CREATE)
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "gc", "-q"], env=pure_env(store_root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            if sigint == "ignored" else None)
+    try:
+        if phase == "moving":
+            _wait_readable(watch, "dead path moved to the trash")
+        else:
+            _wait_readable(watch, "trash directory made")
+            _wait_readable(_inotify(f"{tmp}/{proc.pid}-gc-trash", IN_DELETE), "tree removed from the trash")
+        proc.send_signal(signal.SIGINT if sig == "SIGINT" else signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == code and err == f"error: {word}\n", (proc.returncode, err)
+    assert os.listdir(tmp) == [], "the trash (or another temporary) was left behind"
+    pure("store", "verify", "--check-contents")
+    assert valid(pure) == {kept_path}
+    left = set(os.listdir(settings.real_store_dir)) - {".tmp", kept}
+    assert len(left) < 600 and (phase == "moving" or not left)
+    assert pure("gc").stderr.endswith(f", {len(left)} invalid leftovers removed\n" if left else " freed (0.00 MiB)\n")
+    assert set(os.listdir(settings.real_store_dir)) == {".tmp", kept}

@@ -28,6 +28,7 @@ def _human(n: int) -> str:
 # ------------------------------------------------------------------------------------------ gc
 
 def cmd_gc(args, ctx) -> int:
+    from .._run import sigterm_interrupts
     from ..store import gc
 
     max_freed = parse_size(args.max_freed) if args.max_freed is not None else None
@@ -52,7 +53,8 @@ def cmd_gc(args, ctx) -> int:
             else:
                 sys.stdout.write("".join(store.print_path(p) + "\n" for p in paths))
             return 0
-        result = gc.collect_garbage(store, dry_run=args.dry_run, max_freed=max_freed)
+        with sigterm_interrupts():  # (its trash is removed before it stops)
+            result = gc.collect_garbage(store, dry_run=args.dry_run, max_freed=max_freed)
         if args.json:
             print(json.dumps(result.to_json(store.store_dir), indent=2))
             return 0

@@ -29,6 +29,8 @@ Deletion is crash-safe: dead paths are first removed from the database in one tr
 path is never valid with missing files), then renamed into a trash directory inside the store
 (``.tmp/<pid>-gc-trash``), then removed by a few threads in parallel.  A crash leaves only
 invalid files behind, which the next collection (or the store's leftover cleanup) removes.
+KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) stops the invalidating and the moving,
+and the trash is removed before it is raised again (:func:`_remove_trash`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
+import signal
 import stat
+import threading
 import time
 from typing import Iterable
 
@@ -339,28 +343,60 @@ def print_roots(store, roots: list[GcRoot]) -> list[str]:
 # deletion
 
 
+def _block_signals() -> None:
+    """In a worker thread: leave SIGINT and SIGTERM to the main thread.  Python raises
+    KeyboardInterrupt there in any case, but only once its wait ends when a worker took the
+    signal, so Ctrl-C or SIGTERM would come after the work and not stop it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _in_threads(work, parts: list[list[str]]) -> list:
+    """``work(part, stop)`` for each part, one thread each; their results in order.
+
+    An exception in the waiting main thread (KeyboardInterrupt: Ctrl-C, or SIGTERM through
+    the CLI) or in a worker sets ``stop`` (a :class:`threading.Event` the workers check between
+    items) and is raised once every worker has stopped.
+    """
+    stop = threading.Event()
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=len(parts), initializer=_block_signals)
+    try:
+        futures = [ex.submit(work, part, stop) for part in parts]
+        return [f.result() for f in futures]
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        ex.shutdown(wait=True)
+
+
+def _split(items: list[str], workers: int) -> list[list[str]]:
+    chunk = (len(items) + workers - 1) // workers
+    return [items[i:i + chunk] for i in range(0, len(items), chunk)]
+
+
 def _remove_many(paths: list[str], workers: int) -> None:
-    if not paths:
-        return
-    if workers <= 1 or len(paths) < 64:
-        for p in paths:
+    def work(part: list[str], stop: threading.Event | None = None) -> None:
+        for p in part:
+            if stop is not None and stop.is_set():
+                return
             remove_tree(p)
-        return
-    chunk = (len(paths) + workers - 1) // workers
-    parts = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
-        for f in [ex.submit(lambda ps: [remove_tree(p) for p in ps], part) for part in parts]:
-            f.result()
+
+    if workers <= 1 or len(paths) < 64:
+        work(paths)
+    else:
+        _in_threads(work, _split(paths, workers))
 
 
-def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) -> list[str]:
+def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) -> None:
     """Unlink each non-directory ``store_dir/name``; rename directories into ``trash``.
 
-    Returns the trash paths.  Runs in ``workers`` threads (the system calls release the GIL).
+    Runs in ``workers`` threads (the system calls release the GIL).  Ctrl-C or SIGTERM stops it
+    between names; those not reached stay where they are.
     """
-    def work(part: list[str]) -> list[str]:
-        out = []
+    def work(part: list[str], stop: threading.Event | None = None) -> None:
         for name in part:
+            if stop is not None and stop.is_set():
+                return
             src = f"{store_dir}/{name}"
             try:
                 os.unlink(src)
@@ -370,19 +406,15 @@ def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) 
                 if e.errno not in (errno.EISDIR, errno.EPERM):
                     raise StoreError(f"cannot remove dead path {src!r}: {e.strerror}") from e
                 try:
-                    if _rename_into(src, trash, name):
-                        out.append(f"{trash}/{name}")
+                    _rename_into(src, trash, name)
                 except OSError as e2:
                     raise StoreError(f"cannot move dead path {src!r} to the trash {trash!r}: "
                                      f"{e2.strerror}") from e2
-        return out
 
     if workers <= 1 or len(names) < 256:
-        return work(names)
-    chunk = (len(names) + workers - 1) // workers
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as ex:
-        futures = [ex.submit(work, names[i:i + chunk]) for i in range(0, len(names), chunk)]
-        return [p for f in futures for p in f.result()]
+        work(names)
+    else:
+        _in_threads(work, _split(names, workers))
 
 
 def _rename_into(src: str, trash: str, name: str) -> bool:
@@ -403,6 +435,31 @@ def _trash_dir(store) -> str:
     d = os.path.join(store.real_store_dir, ".tmp", f"{os.getpid()}{TRASH_SUFFIX}")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def _remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | None) -> None:
+    """Remove the trash directory with what is in it, then raise ``interrupted`` if given.
+
+    Ctrl-C or SIGTERM (``interrupted``: one that stopped the collection before, or one that
+    comes now) does not stop this: the trash is the collection's temporary, and a command stopped
+    so removes its temporaries before it exits.  Only a second one does; the next
+    :meth:`LocalStore.open` then removes the rest (the directory is named by this process's pid,
+    like every temporary of the store).
+    """
+    while True:
+        try:
+            try:
+                _remove_many([os.path.join(trash, n) for n in os.listdir(trash)], workers)
+                os.rmdir(trash)
+            except OSError as e:
+                raise StoreError(f"cannot remove dead paths in {trash!r}: {e.strerror}") from e
+            break
+        except KeyboardInterrupt as e:
+            if interrupted is not None:
+                raise
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def _invalidate(store, g: _Graph, order: list[int]) -> list[int]:
@@ -475,6 +532,7 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
     # Unlinking is bound by file-system latency, not CPU: many threads help even on 2 cores
     # (measured: 10,000 unlinks took 5.6 s in one thread, 0.2-0.5 s in 16).
     workers = workers or 16
+    interrupted: KeyboardInterrupt | None = None
     lock = _roots.gc_lock(state)
     try:
         roots, stale = find_roots(store, prune_stale=not dry_run)
@@ -498,24 +556,25 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
                             dry_run=True, seconds=time.perf_counter() - t0,
                             would_delete=tuple(p for i, p in zip(order_all, dead) if i in chosen_set),
                             would_free=sum(g.size.get(i, 0) for i in order))
-        order = _invalidate(store, g, order)
-        temp_names = {r.path.base_name for r in roots if r.kind == "temp"}
-        leftovers = [] if max_freed is not None else _invalid_leftovers(
-            store, {r[0] for r in store.db.query("SELECT path FROM ValidPaths")}
-            | {g.name_of[i] for i in order}, temp_names)
-        # Remove files and links, and move directories aside, while still holding the lock:
-        # once it is released a builder may temp-root one of these (now invalid) paths and write
-        # it anew at the same name.  Unlinking a file costs what renaming it would.
         trash = _trash_dir(store)
-        moved = _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order] + leftovers,
-                                trash, workers)
+        try:
+            order = _invalidate(store, g, order)
+            temp_names = {r.path.base_name for r in roots if r.kind == "temp"}
+            leftovers = [] if max_freed is not None else _invalid_leftovers(
+                store, {r[0] for r in store.db.query("SELECT path FROM ValidPaths")}
+                | {g.name_of[i] for i in order}, temp_names)
+            # Remove files and links, and move directories aside, while still holding the lock:
+            # once it is released a builder may temp-root one of these (now invalid) paths and
+            # write it anew at the same name.  Unlinking a file costs what renaming it would.
+            _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order] + leftovers,
+                            trash, workers)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: stop, and remove the trash
+            # (before the invalidation committed, nothing changed; after, the dead paths not
+            # moved yet stay in the store dir, invalid, and the next collection removes them)
+            interrupted = e
     finally:
         lock.close()
-    try:
-        _remove_many(moved, workers)
-        os.rmdir(trash)
-    except OSError as e:
-        raise StoreError(f"cannot remove dead paths in {trash!r}: {e.strerror}") from e
+    _remove_trash(trash, workers, interrupted)
     by_id = dict(zip(order_all, dead))
     deleted = tuple(by_id[i] for i in order)
     return GcResult(dead=dead, deleted=deleted, bytes_freed=sum(g.size.get(i, 0) for i in order),
