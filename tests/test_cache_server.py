@@ -268,7 +268,7 @@ async def test_a_client_that_leaves_during_a_file_s_one_chunk_is_not_logged_as_s
     """A file of one chunk (under 1 MiB) whose client leaves while the server sends it: no end of
     the response, so the log says 499 (the end was sent, and 200 logged, when the client left
     anywhere in the last chunk).  The last 64 KiB go in a send of their own."""
-    from purestore.cache.server import LAST
+    from purestore.cache.http_server import LAST
     msgs, data = await _get_while_the_client_leaves(
         tmp_path, lambda msgs, data: msgs[-1]["type"] == "http.response.body" and msgs[-1]["body"])
     bodies = [m for m in msgs if m["type"] == "http.response.body"]

@@ -46,7 +46,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import CHUNK
 from .compression import compressor, extension
-from .server import CHALLENGE, asgi_app, last_apart, read_check, respond, until_disconnect
+from .http_server import CHALLENGE, asgi_app, last_apart, read_check, respond, until_disconnect
 
 log = logging.getLogger("purestore.cache.store_server")
 

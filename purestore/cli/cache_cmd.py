@@ -663,7 +663,7 @@ def _read_token_file(path: str, what: str) -> str:
 
 def _check_listen(listen: str) -> None:
     """A --listen that is no HOST:PORT is a usage error (status 2), not a failure to listen."""
-    from ..cache.server import parse_listen
+    from ..cache.listen import parse_listen
     from ..errors import CacheError, UsageError
     try:
         parse_listen(listen)
@@ -731,8 +731,9 @@ def cmd_cache_serve(args, ctx) -> int:
 
 def cmd_store_serve(args, ctx) -> int:
     import trio
+    from ..cache.http_server import access_logger
+    from ..cache.listen import check_listen_and_tls, run_app
     from ..cache.push import load_secret_key
-    from ..cache.server import access_logger, check_listen_and_tls, run_app
     from ..cache.store_server import StoreCache, make_store_app
 
     from ..errors import UsageError
