@@ -44,7 +44,7 @@ from ..store.fstree import remove_tree
 from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap
 
 log = logging.getLogger("purestore.build")
-NOT_IN_CACHES = "no binary cache has it"  # cache.substituter.query_substitutable's reason
+NOT_IN_CACHES = "no binary cache has it"  # cache.narinfo_lookup.query_substitutable's reason
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
 
 
@@ -271,7 +271,7 @@ class _Realiser:
     async def _query(self, session, wanted: set[StorePath]) -> dict:
         """The substitutable ``wanted`` outputs (and the missing paths they refer to):
         path -> (cache URL, narinfo).  Nothing is fetched."""
-        from ..cache.substituter import query_substitutable
+        from ..cache.narinfo_lookup import query_substitutable
         q = await query_substitutable(self.store, self.settings, wanted, session=session)
         self.query_failures = q.failures
         self.query_blocked = q.blocked
@@ -369,7 +369,7 @@ class _Realiser:
         fetches (each cache is opened, and its nix-cache-info read, once)."""
         wanted = self._missing_outputs()
         try:
-            from ..cache.substituter import Substituters
+            from ..cache.narinfo_lookup import Substituters
         except ImportError:  # the caches layer is not installed: build everything
             wanted = set()
         if not wanted:

@@ -19,7 +19,7 @@ from ..errors import CacheError, NarInfoError
 from ..formats.narinfo import NarInfo
 from ..formats.store_path import StorePath
 from .backend import file_url
-from .substituter import Substituters
+from .narinfo_lookup import Substituters
 
 log = logging.getLogger("purestore.cache")
 

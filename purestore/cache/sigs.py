@@ -29,7 +29,7 @@ from ..formats.store_path import StorePath
 from ..store.verify import path_trust
 from . import _storeapi as S
 from ._nursery import open_nursery
-from .substituter import Substituters
+from .narinfo_lookup import Substituters
 
 log = logging.getLogger("purestore.cache")
 
