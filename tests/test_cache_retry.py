@@ -691,7 +691,7 @@ async def test_a_server_asking_to_wait_is_given_the_time_it_asks(cache, tmp_path
 
 def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
     import types
-    from purestore.cache.http_backend import MAX_RETRY_AFTER, _retry_after_header
+    from purestore.cache.http_response import MAX_RETRY_AFTER, _retry_after_header
     def r(v):
         return types.SimpleNamespace(headers={"retry-after": v} if v is not None else {})
     assert _retry_after_header(r("3")) == 3.0

@@ -361,7 +361,7 @@ async def test_a_file_read_whole_is_not_read_past_its_limit():
     """A server that sends a narinfo (or a small NAR) without end: the client stops at the
     limit for that kind of file and says so, instead of filling the memory."""
     from purestore.cache.backend import open_backend
-    from purestore.cache.http_backend import MAX_SMALL_FILE
+    from purestore.cache.http_response import MAX_SMALL_FILE
     from purestore.errors import CacheError
 
     sent = {"bytes": 0}

@@ -1,4 +1,4 @@
-"""The check the standard library's :mod:`netrc` parser (which :func:`.http_backend.netrc_login`
+"""The check the standard library's :mod:`netrc` parser (which :func:`.http_auth.netrc_login`
 uses) does not make: a keyword without its value.  That parser takes ``login`` or ``password``
 at the end of the file as an empty value, and an entry's first word that follows such a keyword
 as its value (``machine a password`` then ``default login x password y`` gives host a the

@@ -248,7 +248,7 @@ class Backend:
     async def get(self, name: str, limit: int | None = None) -> bytes | None:
         """The whole file ``name``, None when it does not exist.  ``limit``: the most bytes it
         should have (a remote cache's answer is not read past it; by default a limit for the
-        kind of file, :func:`~.http_backend.whole_limit`)."""
+        kind of file, :func:`~.http_response.whole_limit`)."""
         raise NotImplementedError
 
     def open_read(self, name: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:

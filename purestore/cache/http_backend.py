@@ -13,27 +13,28 @@ does): GET/HEAD to read, PUT to write, over :mod:`.http`'s pooled HTTP/1.1 clien
 - Redirects (GET and HEAD; caches that hand NAR downloads to a CDN or object store): followed
   up to :data:`MAX_REDIRECTS` times, never from https to http, and no token or login is sent to
   another origin than the cache's.
+
+The tokens, logins and CAs are found by :mod:`.http_auth`; what an answer's status and headers
+say is read by :mod:`.http_response`.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
-import email.utils
 import logging
 import os
 import random
 import time
 import urllib.parse
-from typing import AsyncIterator
 
 import trio
 
 from ..errors import CacheError
-from ..formats.narinfo import MAX_SIZE
 from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name, file_url
 from .content_encoding import decode, is_identity
+from .http_auth import _ssl_context, netrc_login, token_problem
+from .http_response import _no_chunks, _retry_after_header, _server_says, _small, _status_line, whole_limit
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Sent by `pure store serve` with a 500 that another attempt cannot mend (a corrupt path)
@@ -78,124 +79,6 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
                        ssl_context=_ssl_context(ssl_cert_file) if cu.scheme == "https" else None)
 
 
-def token_problem(token: bytes) -> str | None:
-    """What makes ``token`` (a token file's bytes, white space at its ends stripped) unfit to be
-    sent as ``Authorization: Bearer TOKEN``, said so that it follows the token's source
-    ("... is empty"); None when it is fit.  The message never quotes the token."""
-    if not token:
-        return "is empty"
-    if b"\n" in token or b"\r" in token:
-        return "has several lines: a token is one line"
-    bad = next((i for i, b in enumerate(token) if not 0x21 <= b <= 0x7e), None)
-    if bad is not None:
-        return (f"has a character an HTTP header cannot carry as a token (byte {bad + 1}): a token is "
-                "printable ASCII characters without spaces")
-    return None
-
-
-def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:
-    """The (login, password) for ``host`` in the netrc file (its ``machine HOST`` entry, else its
-    ``default`` one), as Nix's ``netrc-file`` gives curl; None when the file or an entry is
-    missing.  A file that cannot be read or parsed is an error that says where."""
-    if not netrc_file or not os.path.lexists(netrc_file):  # the usual case: no module to import
-        return None
-    import netrc
-
-    from ._netrc import missing_value
-    hint = "the format is 'machine HOST login NAME password SECRET' (see netrc-file in docs/caches.md)"
-    try:
-        entry = netrc.netrc(netrc_file).authenticators(host)
-        with open(netrc_file, encoding="utf-8") as f:
-            missing = missing_value(f.read())
-    except FileNotFoundError:
-        return None
-    except netrc.NetrcParseError as e:
-        raise CacheError(f"netrc file {netrc_file!r}, line {e.lineno}: {e.msg}", hint=hint) from None
-    except OSError as e:
-        raise CacheError(f"cannot read netrc file {netrc_file!r}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise CacheError(f"netrc file {netrc_file!r} is not UTF-8 text (byte {e.start})",
-                         hint="logins and passwords in it must be UTF-8") from None
-    if missing is not None:
-        raise CacheError(f"netrc file {netrc_file!r}, line {missing[0]}: {missing[1]}", hint=hint)
-    if entry is None or not entry[0]:
-        return None
-    login, _account, password = entry
-    return login, password or ""
-
-
-def _ssl_context(ssl_cert_file: str | None):
-    """The TLS context for https caches: the system's CAs, or those of ``ssl_cert_file``."""
-    if not ssl_cert_file:
-        return None
-    import ssl
-    try:
-        return ssl.create_default_context(cafile=ssl_cert_file)
-    except FileNotFoundError:
-        raise CacheError(f"CA certificate file {ssl_cert_file!r} (ssl-cert-file) does not exist") from None
-    except ssl.SSLError as e:
-        from .http import ssl_message
-        raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {ssl_message(e)}",
-                         hint="ssl-cert-file names a file of PEM certificates") from None
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise CacheError(f"cannot load CA certificates from {ssl_cert_file!r} (ssl-cert-file): {reason}",
-                         hint="ssl-cert-file names a file of PEM certificates") from None
-
-
-def _status_line(r) -> str:
-    """``HTTP 401 Unauthorized``: with the standard reason when the server sent none (HTTP/2
-    style servers such as hypercorn)."""
-    reason = r.reason
-    if not reason:
-        import http as stdlib_http
-        try:
-            reason = stdlib_http.HTTPStatus(r.status).phrase
-        except ValueError:
-            return f"HTTP {r.status}"
-    return f"HTTP {r.status} {reason}"
-
-
-def _server_says(r, data: bytes) -> str:
-    """``: "TEXT"`` for an answer whose body is one short line of plain text (what a cache
-    server says about a refusal), else ""."""
-    if not r.headers.get("content-type", "text/plain").lower().startswith("text/plain"):
-        return ""
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return ""
-    if not text or len(text) > 200 or "\n" in text or not text.isprintable():
-        return ""
-    return f': "{text}"'
-
-
-def _small(r, limit: int = 1 << 16) -> bool:
-    """The response declares a body of at most ``limit`` bytes."""
-    try:
-        return int(r.headers.get("content-length", "")) <= limit
-    except ValueError:
-        return False
-
-
-async def _no_chunks() -> AsyncIterator[bytes]:
-    return
-    yield
-
-
-MAX_SMALL_FILE = MAX_SIZE  # bytes of a narinfo or nix-cache-info read at most
-
-
-def whole_limit(name: str) -> int:
-    """The most bytes read of file ``name`` of a cache, fetched whole: a narinfo or
-    ``nix-cache-info`` is a few KiB (16 MiB would be a path with 200,000 references), a small
-    NAR is fetched whole only up to 1 MiB; listings and logs may be big, but not without end."""
-    from .content_encoding import MAX_DECODED
-    if name == "nix-cache-info" or name.endswith(".narinfo"):
-        return MAX_SMALL_FILE
-    return MAX_DECODED
-
-
 class _Transient(CacheError):
     """A failure worth another attempt (see :data:`TRANSIENT_STATUS`); ``wait``: the seconds the
     server asked for (``Retry-After``), if any."""
@@ -204,23 +87,6 @@ class _Transient(CacheError):
     cache_wide: bool = False  # the server's trouble (no connection, a stall, 5xx), not one file's
     unreachable: bool = False  # no connection at all
     name: str = ""  # the file asked for
-
-
-MAX_RETRY_AFTER = 60  # seconds of a server's Retry-After honoured at most
-
-
-def _retry_after_header(r, now: float | None = None) -> float:
-    """``Retry-After: SECONDS`` or ``Retry-After: HTTP-DATE`` → seconds from ``now`` (default the
-    clock), at most :data:`MAX_RETRY_AFTER`; 0 when absent, past or unreadable."""
-    v = r.headers.get("retry-after", "").strip()
-    if v.isascii() and v.isdigit():
-        return float(min(int(v), MAX_RETRY_AFTER))
-    try:
-        dt = email.utils.parsedate_to_datetime(v)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return 0.0
-    when = (dt if dt.tzinfo else dt.replace(tzinfo=datetime.timezone.utc)).timestamp()  # HTTP dates are GMT
-    return min(max(when - (time.time() if now is None else now), 0.0), float(MAX_RETRY_AFTER))
 
 
 # OpenSSL's words for a certificate signed by a CA the client does not know

@@ -51,7 +51,8 @@ from ..errors import CacheError
 from ._nursery import open_nursery
 from .backend import CacheURL, _unlink, url_flag
 from .content_encoding import WRITABLE as WRITABLE_ENCODINGS, encode
-from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend, _status_line, whole_limit
+from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend
+from .http_response import _status_line, whole_limit
 
 log = logging.getLogger("purestore.cache")
 
@@ -629,7 +630,7 @@ def _timestamp(text: str | None) -> float:
 def open_s3_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: float, max_connections: int,
                     attempts: int, ssl_cert_file: str | None) -> S3Backend:
     """:func:`.backend.open_backend` for an ``s3://`` URL."""
-    from .http_backend import _ssl_context
+    from .http_auth import _ssl_context
     base, bucket, region = http_url(cu)
     creds = load_credentials(cu.param("profile"))
     return S3Backend(cu, creds=creds, region=region, bucket=bucket, connect_timeout=connect_timeout,

@@ -643,7 +643,7 @@ def _server_options(p, reads: str) -> None:
 
 
 def _read_token_file(path: str, what: str) -> str:
-    from ..cache.http_backend import token_problem
+    from ..cache.http_auth import token_problem
     from ..errors import UsageError
     try:
         with open(path, "rb") as f:
