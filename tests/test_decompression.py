@@ -165,6 +165,16 @@ def test_streams_one_after_another_are_read_as_nix_reads_them(method):
         read_all(method, data + b"this is no stream")
 
 
+@pytest.mark.parametrize("method", ["gzip", "xz", "bzip2"])
+def test_many_empty_members_in_one_chunk_are_read(method):
+    """Empty members give no output but use input up: three of them in a row within one chunk
+    were taken for a decompressor that is stuck."""
+    data = b"".join(_compress(method, b"") for _ in range(5)) + _compress(method, SAMPLE[:1000])
+    data += b"".join(_compress(method, b"") for _ in range(4))
+    got, complete = read_all(method, data, sizes=(len(data),))
+    assert got == SAMPLE[:1000] and complete is True
+
+
 def _lzip_member(data: bytes) -> bytes:
     """One lzip member, written by libarchive's lzip filter (the writer Nix's
     ``compression=lzip`` uses; liblzma has an lzip decoder only)."""

@@ -73,7 +73,8 @@ class _ZstdReader:
 
 class _Pull:
     """``read(n)`` over a decompressor with a bound (``decompress(data, n)``, ``needs_input``,
-    ``eof``): input is pulled only when the decompressor has given all it had."""
+    ``eof``; ``members``, where streams may follow one another: how many it has begun): input is
+    pulled only when the decompressor has given all it had."""
 
     def __init__(self, dec, source):
         self._dec = dec
@@ -85,7 +86,7 @@ class _Pull:
         return self._dec.eof
 
     def read(self, n: int) -> bytes:
-        idle = 0  # steps in a row that neither took input nor gave output
+        idle = 0  # steps in a row that neither gave output nor began a member
         while True:
             if self._dec.needs_input:
                 if self._ended:
@@ -96,8 +97,10 @@ class _Pull:
                     return b""
                 out = self._dec.decompress(data, n)
             else:
+                begun = getattr(self._dec, "members", 0)
                 out = self._dec.decompress(b"", n)
-                idle += not out
+                # a step that began the next member used input up (an empty member gives nothing)
+                idle = 0 if out or getattr(self._dec, "members", 0) != begun else idle + 1
                 if idle > 2:
                     raise CacheError("corrupt compressed data: the decompressor is stuck")
             if out:
@@ -113,6 +116,7 @@ class _Std:
         self._new = new
         self._d = new()
         self._name = name
+        self.members = 1  # begun so far
 
     @property
     def eof(self) -> bool:
@@ -128,6 +132,7 @@ class _Std:
             if not data:
                 return b""
             self._d = self._new()
+            self.members += 1
         try:
             return self._d.decompress(data, n)
         except (lzma.LZMAError, OSError, EOFError, ValueError) as e:
@@ -140,6 +145,7 @@ class _Gzip:
     def __init__(self):
         self._d = zlib.decompressobj(31)
         self._full = False  # the last step filled its bound: zlib may hold more
+        self.members = 1  # begun so far
 
     @property
     def eof(self) -> bool:
@@ -157,6 +163,7 @@ class _Gzip:
             if not data:
                 return b""
             self._d = zlib.decompressobj(31)
+            self.members += 1
         elif self._d.unconsumed_tail:
             data = self._d.unconsumed_tail + data
         try:
