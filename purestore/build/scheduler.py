@@ -6,7 +6,8 @@
 
 1. Load the ``.drv`` graph (worker thread) and find what is missing: a derivation whose wanted
    outputs are all valid is not needed, nor are its inputs.
-2. Try the substituters for missing outputs (when the caches layer is installed and configured).
+2. Try the substituters for missing outputs (when the caches layer is installed and configured;
+   see :mod:`.substitution`).
 3. Announce the plan, then build: one task per derivation waits for its inputs, then for a job
    slot; it takes the output path locks (so two ``pure`` processes build a path once: the
    second waits and then finds it valid), runs the builder in the sandbox (or a builtin builder
@@ -20,7 +21,6 @@ Blocking work (reading ``.drv`` files, hashing, scanning, SQLite) runs in worker
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from typing import Iterable
@@ -42,9 +42,8 @@ from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
 from ..store.fstree import remove_tree
 from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap
+from .substitution import Substitution, wanted_missing
 
-log = logging.getLogger("purestore.build")
-NOT_IN_CACHES = "no binary cache has it"  # cache.narinfo_lookup.query_substitutable's reason
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
 
 
@@ -146,19 +145,20 @@ class Plan:
 
 async def plan(store, settings, drv_paths: Iterable[StorePath]) -> Plan:
     """What :func:`realise` would build and fetch for ``drv_paths``, doing neither: the missing
-    outputs are looked up in the substituters (narinfos only; see :meth:`_Realiser._choose`)."""
+    outputs are looked up in the substituters (narinfos only; see :meth:`.Substitution.choose`)."""
     r = _Realiser(store, settings, BuildOptions(), Progress(quiet=True))
     await trio.to_thread.run_sync(r._load_graph, list(drv_paths))
-    wanted = r._missing_outputs()
+    s = r.subst
+    wanted = s.missing_outputs()
     try:
-        found = await r._query(None, wanted) if wanted else {}
+        found = await s.query(None, wanted) if wanted else {}
     except ImportError:  # the caches layer is not installed
         found = {}
-    r._plan_late_fetches(found)  # (not warned about: fetched once their reference is built)
-    fetch, build = r._choose(found)
-    r._fail_on_lookup_errors(fetch, build, found)  # as the run would
-    r._warn_unfetchable(build)
-    return Plan(tuple(sorted(r.nodes[p].label for p in build)), r._fetch_list(fetch, found))
+    s.plan_late_fetches(found)  # (not warned about: fetched once their reference is built)
+    fetch, build = s.choose(found)
+    s.fail_on_lookup_errors(fetch, build, found)  # as the run would
+    s.warn_unfetchable(build)
+    return Plan(tuple(sorted(r.nodes[p].label for p in build)), s.fetch_list(fetch, found))
 
 
 class _Realiser:
@@ -177,15 +177,8 @@ class _Realiser:
         self.background: trio.Nursery | None = None
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
-        self.query_failures: dict[StorePath, str] = {}
-        self.query_blocked: dict[StorePath, tuple] = {}  # see Substitutable.blocked
-        self.query_lookup_errors: dict[StorePath, str] = {}  # see Substitutable.lookup_errors
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
-        # outputs a cache has, not fetched only because a reference of theirs failed to come:
-        # fetched once their derivation's inputs are built (see _fetch_late), as Nix does
-        self.fetch_after_build: dict[StorePath, tuple] = {}
-        self.found_all: dict[StorePath, tuple] = {}
-        self.session = None  # the substitution's, kept open for the late fetches
+        self.subst = Substitution(store, settings, self.nodes, progress, fork_worker=options.fork_worker)
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -246,11 +239,6 @@ class _Realiser:
         for t in tops:
             self.nodes[t].top = True
 
-    def _wanted_missing(self, n: _Node) -> list[StorePath]:
-        """The outputs of ``n`` that something wants and that are not valid."""
-        return [n.outputs[name] for name in sorted(n.wanted)
-                if name in n.outputs and not self.store.is_valid(n.outputs[name])]
-
     def _read_drv(self, p: StorePath) -> Derivation:
         real = self.store.real_path(p)
         try:
@@ -262,208 +250,18 @@ class _Realiser:
         except OSError as e:
             raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
 
-    def _missing_outputs(self) -> set[StorePath]:
-        """The missing outputs of needed derivations, when binary caches are to be asked."""
-        if not self.settings.substituters or self.settings.offline:
-            return set()
-        return {o for n in self.nodes.values() if n.needed for o in self._wanted_missing(n)}
-
-    async def _query(self, session, wanted: set[StorePath]) -> dict:
-        """The substitutable ``wanted`` outputs (and the missing paths they refer to):
-        path -> (cache URL, narinfo).  Nothing is fetched."""
-        from ..cache.narinfo_lookup import query_substitutable
-        q = await query_substitutable(self.store, self.settings, wanted, session=session)
-        self.query_failures = q.failures
-        self.query_blocked = q.blocked
-        self.query_lookup_errors = q.lookup_errors
-        return dict(q.found)
-
-    def _choose(self, found: dict) -> tuple[set[StorePath], set[StorePath]]:
-        """``(outputs to fetch, derivations to build)``, walking down from the requested ones: a
-        needed derivation whose missing wanted outputs can all be fetched is fetched (those
-        outputs only), and then its inputs are not needed (as in Nix, a build-time dependency
-        is not downloaded for a package that is); one with none missing any more (another
-        process made them meanwhile) needs nothing; any other is built, and its inputs are
-        visited."""
-        fetch: set[StorePath] = set()
-        build: set[StorePath] = set()
-        seen: set[StorePath] = set()
-        stack = [p for p, n in self.nodes.items() if n.top]
-        while stack:
-            p = stack.pop()
-            if p in seen:
-                continue
-            seen.add(p)
-            n = self.nodes[p]
-            if not n.needed:
-                continue
-            missing = self._wanted_missing(n)
-            if not missing:
-                continue
-            if all(o in found for o in missing):
-                fetch.update(missing)
-            else:
-                build.add(p)
-                stack.extend(d.path for d in n.deps)
-        return fetch, build
-
-    def _plan_late_fetches(self, found: dict) -> None:
-        """What a cache has but whose missing reference no cache can give (not there, untrusted)
-        is fetched once that reference is built here, as Nix does (it has the same path), when
-        every reference of it is in a cache, or made here: noted in ``fetch_after_build``."""
-        outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}
-        for p, entry in self.query_blocked.items():
-            if all(r == p or r in found or r in outputs_here or r in self.query_blocked
-                   for r in entry[1].references):
-                self.fetch_after_build[p] = self.found_all[p] = entry
-
-    def _fail_on_lookup_errors(self, fetch: set[StorePath], build: set[StorePath], found: dict) -> None:
-        """With ``fallback = false``, as Nix without ``--fallback``: a cache that could not be
-        asked for a path this build needs (an output it builds, or a path it fetches with its
-        closure) fails the build; building here what a cache that is down has is what
-        fallback = true is for.  A build input of a package that is fetched is not needed."""
-        if not self.query_lookup_errors or getattr(self.settings, "fallback", True):
-            return
-        needed = {o for p in build for o in self.nodes[p].outputs.values()}
-        todo = list(fetch)
-        while todo:
-            p = todo.pop()
-            if p not in needed:
-                needed.add(p)
-                if p in found:
-                    todo.extend(found[p][1].references)
-        errors = {p: why for p, why in self.query_lookup_errors.items() if p in needed}
-        if errors:
-            p, why = min(errors.items(), key=lambda kv: kv[0].base_name)
-            n = len(errors)
-            more = f" (and {n - 1} other path{'s' if n > 2 else ''})" if n > 1 else ""
-            raise BuildError(f"cannot look up {self.store.print_path(p)!r}{more} in the binary caches: "
-                             f"{why}; and fallback = false: it is not built here instead",
-                             hint="give --fallback, or set fallback = true (the default), to build what "
-                                  "cannot be fetched")
-
-    def _warn_unfetchable(self, build: set[StorePath]) -> None:
-        """Say why an output to be built could not be fetched, when a cache had it but it could
-        not be used (untrusted, a reference missing…); not when no cache has it."""
-        for p in sorted(build):
-            for o in self.nodes[p].outputs.values():
-                why = self.query_failures.get(o)
-                if why and why != NOT_IN_CACHES and o not in self.fetch_after_build:
-                    log.warning("warning: cannot substitute %r: %s; building it", self.store.print_path(o), why)
-
-    def _fetch_list(self, fetch: set[StorePath], found: dict) -> tuple[tuple[str, str, int, int], ...]:
-        """``fetch`` with the missing paths of their closures: (path, cache, download, NAR size)."""
-        todo, closure = list(fetch), set()
-        while todo:
-            p = todo.pop()
-            if p in closure or p not in found:
-                continue
-            closure.add(p)
-            todo.extend(found[p][1].references)
-        return tuple((p.absolute(self.sd), found[p][0], found[p][1].file_size or 0, found[p][1].nar_size)
-                     for p in sorted(closure, key=lambda q: q.base_name))
-
     async def _substitute(self) -> list[str]:
-        """Fetch what can be fetched (see :meth:`_choose`), announcing it first; returns the
-        requested paths that were fetched.  One session on the caches serves the lookup and the
-        fetches (each cache is opened, and its nix-cache-info read, once)."""
-        wanted = self._missing_outputs()
-        try:
-            from ..cache.narinfo_lookup import Substituters
-        except ImportError:  # the caches layer is not installed: build everything
-            wanted = set()
-        if not wanted:
+        """Fetch what the caches can give (see :meth:`.Substitution.substitute`) and take what
+        needs nothing any more out of the plan; returns the paths fetched."""
+        got = await self.subst.substitute()
+        if got is None:
             return []
-        session = Substituters(self.settings)
-        await session.__aenter__()
-        self.session = session  # closed by run(); kept open for the late fetches, if any
-        got, fetched = await self._fetch(session, wanted)
-        if not self.fetch_after_build:
-            self.session = None
-            await session.aclose()
         for node in self.nodes.values():
-            if node.needed and all(o in got for o in self._wanted_missing(node)):
+            if node.needed and all(o in got for o in wanted_missing(self.store, node)):
                 node.needed = False
         # dependencies of substituted nodes are no longer needed unless a needed node uses them
         self._recompute_needed()
-        return sorted(self.store.print_path(p) for p in fetched)
-
-    async def _fetch(self, session, wanted: set[StorePath]) -> tuple[set[StorePath], set[StorePath]]:
-        """(the wanted outputs now valid, every path downloaded: those and their references)."""
-        found = await self._query(session, wanted)
-        outputs_here = {o for n in self.nodes.values() for o in n.outputs.values()}  # built, if not fetched
-        self.found_all = dict(found)
-        self._plan_late_fetches(found)
-        if not found:
-            self._fail_on_lookup_errors(set(), self._choose(found)[1], found)
-            self._warn_unfetchable({p for p, n in self.nodes.items() if n.needed})
-            return set(), set()
-        from ..cache.substituter import substitute_report
-        fetch, build = self._choose(found)
-        self._fail_on_lookup_errors(fetch, build, found)
-        self._warn_unfetchable(build)
-        listed = self._fetch_list(fetch, found)
-        self._announce(listed)
-        announced = {x[0] for x in listed}
-        got: set[StorePath] = set()
-        fetched: set[StorePath] = set()
-        failed_all: set[StorePath] = set()  # warned about once each, and not tried again
-        # what failed to come is built, which may need inputs fetched: rounds until nothing is
-        # left to fetch (each round takes what failed, and what needs it, out of ``found``)
-        while fetch:
-            try:
-                rep = await substitute_report(self.store, self.settings, fetch, progress=self.progress.fetch_progress(),
-                                              fork_worker=self.options.fork_worker, known=found, session=session)
-            finally:
-                self.progress.fetch_finished()
-            for p, why in sorted(rep.failures.items()):  # then built instead, where it is needed
-                if p not in failed_all:
-                    # one that failed only with a reference is not warned about: the reference
-                    # is (the cause), and it is fetched once that is built, or built
-                    by_reference = p in found and (found[p][0], p.hash_part) not in session.failed and any(
-                        r != p and r in rep.failures for r in found[p][1].references)
-                    if not by_reference:
-                        log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
-                    self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
-            if rep.failures and not getattr(self.settings, "fallback", True):
-                n = len(rep.failures)
-                raise BuildError(f"{n} path{'s' if n > 1 else ''} listed by the substituters could not be "
-                                 f"fetched (said above), and fallback = false: "
-                                 f"{'they are' if n > 1 else 'it is'} not built here instead",
-                                 hint="give --fallback, or set fallback = true (the default), to build what cannot be fetched")
-            failed_all |= set(rep.failures)
-            fetched.update(rep.fetched)
-            new = rep.valid
-            got |= new
-            failed = fetch - new
-            if not failed:
-                break
-            failed_all |= failed
-            # not tried again: what failed, and what needs it (its closure would fail again)
-            stale = True
-            while stale:
-                stale = False
-                for p in list(found):
-                    own = (found[p][0], p.hash_part) in session.failed  # its NAR failed
-                    refs = [r for r in found[p][1].references if r != p]
-                    if p in failed_all or own or any(r in failed_all for r in refs):
-                        if not own and all(r in outputs_here or r not in failed_all for r in refs):
-                            self.fetch_after_build[p] = found[p]  # once what failed is built
-                        del found[p]
-                        failed_all.add(p)
-                        stale = True
-            fetch = self._choose(found)[0] - got
-            more = [x for x in self._fetch_list(fetch, found) if x[0] not in announced]
-            if more:  # inputs of what is built instead, said before they are fetched too
-                self._announce(more)
-                announced.update(x[0] for x in more)
-        return got, fetched
-
-    def _announce(self, listed) -> None:
-        """Say what will be fetched before fetching it (the builds are announced with the plan)."""
-        self.progress.event("fetch-plan", will_fetch=[p for p, _u, _d, _n in listed],
-                            download_size=sum(d for _p, _u, d, _n in listed),
-                            nar_size=sum(n for _p, _u, _d, n in listed))
+        return sorted(self.store.print_path(p) for p in self.subst.fetched)
 
     def _recompute_needed(self) -> None:
         needed_before = {p for p, n in self.nodes.items() if n.needed}
@@ -495,10 +293,7 @@ class _Realiser:
         try:
             return await self._run(tops)
         finally:
-            if self.session is not None:  # (kept open by _substitute for the late fetches)
-                with trio.CancelScope(shield=True):
-                    await self.session.aclose()
-                self.session = None
+            await self.subst.aclose()  # (the session kept open for the late fetches)
 
     async def _run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
         substituted = await self._substitute()
@@ -551,7 +346,7 @@ class _Realiser:
             if failed:
                 node.error = f"dependency {failed[0].label} failed"
                 return
-            if not self.options.check and await self._fetch_late(node):
+            if not self.options.check and await self.subst.fetch_late(node):
                 node.ok = True
                 return
             rounds = self.options.rounds if node.top else 1
@@ -568,34 +363,6 @@ class _Realiser:
                 scope.cancel()
         finally:
             node.finish()
-
-    async def _fetch_late(self, node: _Node) -> bool:
-        """Fetch ``node``'s outputs now that its inputs are built, when a cache had them and
-        only a reference of theirs had failed to come (its inputs' outputs, built here now,
-        have the same paths).  True when they all came; else it is built (the failure said)."""
-        outs = self._wanted_missing(node)
-        if not outs or not all(o in self.fetch_after_build for o in outs) or self.session is None:
-            return False
-        for d in node.deps:  # registered, not only complete on disk
-            await d.done.wait()
-        store = self.store
-        refs = {r for o in outs for r in self.fetch_after_build[o][1].references if r not in outs}
-        if not all(await trio.to_thread.run_sync(lambda: [store.is_valid(r) for r in refs])):
-            return False  # what failed to come was not built before this one (another output of it)
-        from ..cache.substituter import substitute_report
-        rep = await substitute_report(self.store, self.settings, outs, known=self.found_all,
-                                      fork_worker=False, session=self.session)
-        for p, why in sorted(rep.failures.items()):
-            log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
-            self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
-        if not all(o in rep.valid for o in outs):
-            for o in outs:
-                self.fetch_after_build.pop(o, None)
-            return False
-        for p in sorted(rep.fetched, key=lambda q: q.base_name):
-            self.progress.message(f"fetched {p.absolute(self.sd)} (once what it refers to was built here)")
-            self.progress.event("fetched", path=p.absolute(self.sd))
-        return True
 
     async def _post_build_hook(self, node: _Node, scope: trio.CancelScope) -> None:
         drv, outs = node.label, [self.store.print_path(node.outputs[n]) for n in sorted(node.outputs)]
