@@ -438,16 +438,15 @@ def test_fallback_false_ignores_a_failed_lookup_of_what_the_build_does_not_need(
     assert _events(root) == ([], [scene.app])
 
 
-@pytest.mark.parametrize("gap", ["no narinfo", "untrusted narinfo"])
-def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_is_built(
-        pure, expr, tmp_path, store_root, gap):
-    """The cache has app, which refers to lib, but not lib (or lib signed by a key not trusted):
-    lib is built here, then app is fetched (its reference now has the same path here), as Nix
-    does.  Before, the lookup already marked app unfetchable and it was built too."""
+def _library_gap(pure, expr, tmp_path, gap):
+    """app refers to lib; the cache has app but not lib (``gap``: "no narinfo"), or lib signed
+    by a key not trusted ("untrusted narinfo").  Returns (expression, app, lib, lib's .drv,
+    the global options that use the cache)."""
     f = expr('lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
              'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref")\n')
     app = build(pure, tmp_path, f, "--no-link").stdout.strip()
     lib = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib"))
+    lib_drv = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib.drv"))
     cache = _keyed_push(pure, tmp_path, app)
     lib_narinfo = cache / (lib.rsplit("/", 1)[1][:32] + ".narinfo")
     if gap == "no narinfo":
@@ -458,9 +457,19 @@ def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_i
         text = "".join(line for line in lib_narinfo.read_text().splitlines(True) if not line.startswith("Sig: "))
         lib_narinfo.write_text(text)
         pure("cache", "sign", f"file://{cache}", "--key-file", tmp_path / "o.sec", "--no-check-sigs")
+    keys = ("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip())
+    return f, app, lib, lib_drv, keys
+
+
+@pytest.mark.parametrize("gap", ["no narinfo", "untrusted narinfo"])
+def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_is_built(
+        pure, expr, tmp_path, store_root, gap):
+    """The cache has app, which refers to lib, but not lib (or lib signed by a key not trusted):
+    lib is built here, then app is fetched (its reference now has the same path here), as Nix
+    does.  Before, the lookup already marked app unfetchable and it was built too."""
+    f, app, lib, _lib_drv, keys = _library_gap(pure, expr, tmp_path, gap)
     root = tmp_path / "b"
     root.mkdir()
-    keys = ("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip())
     dry = pure(*keys, "build", f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
     assert f"cannot substitute '{app}'" not in dry.stderr, dry.stderr  # as the run itself
     p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
@@ -477,6 +486,34 @@ def test_a_package_whose_library_no_cache_can_give_is_fetched_once_the_library_i
         st.close()
 
 
+def test_the_plan_lists_a_package_fetched_once_its_library_is_built_apart_from_the_builds(
+        pure, expr, tmp_path, store_root):
+    """The plan (--dry-run, its --json, and the one printed before a build) lists app, which
+    is fetched once lib is built, as such, not among the derivations to build: before, app's
+    derivation was listed as to be built, and a script could not tell."""
+    f, app, _lib, lib_drv, keys = _library_gap(pure, expr, tmp_path, "no narinfo")
+    root = tmp_path / "b"
+    root.mkdir()
+    dry = pure(*keys, "build", f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
+    assert "this derivation will be built:\n  " + lib_drv + "\n" in dry.stderr, dry.stderr
+    assert "-app.drv" not in dry.stderr, dry.stderr
+    assert ("this path will be fetched once what it refers to is built here (0.00 MiB download, "
+            "0.00 MiB unpacked):\n  " + app) in dry.stderr, dry.stderr
+    plan = json.loads(pure(*keys, "build", f, "--no-link", "--dry-run", "--json", root=root, cwd=tmp_path).stdout)
+    assert plan["willBuild"] == [lib_drv] and plan["willFetch"] == []
+    [late] = plan["willFetchAfterBuild"]
+    assert late["path"] == app and late["narSize"] > 0 and late["downloadSize"] > 0
+    p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
+    assert "this derivation will be built:\n  " + lib_drv + "\n" in p.stderr, p.stderr
+    assert "this path will be fetched once what it refers to is built here:\n  " + app in p.stderr, p.stderr
+    assert "-app.drv" not in p.stderr, p.stderr
+    root = tmp_path / "j"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", "--json", root=root, cwd=tmp_path)
+    [plan] = [e for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "plan"]
+    assert plan["willBuild"] == [lib_drv] and plan["willFetchAfterBuild"] == [app], plan
+
+
 def test_check_with_max_jobs_0_is_refused(scene):
     scene.push(scene.app)
     p, _root = scene.fresh("b")
@@ -487,7 +524,8 @@ def test_check_with_max_jobs_0_is_refused(scene):
 def test_many_packages_above_a_library_whose_nar_fails_are_fetched_once_it_is_built(pure, expr, tmp_path, store_root):
     """lib's NAR in the cache is corrupt; twelve packages refer to lib and are built with it.
     lib is built (its bad NAR fetched and warned about once), and each package is then fetched,
-    once lib is registered (not while it is being registered: then lib was fetched again)."""
+    once lib is registered (not while it is being registered: then lib was fetched again); the
+    plan printed after the failed fetch says so (it listed the twelve among the builds)."""
     body = 'lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
     for i in range(12):
         body += f'p{i} = sh("p{i}", f"$B mkdir $out; echo {{lib}} > $out/ref")\n'
@@ -506,6 +544,9 @@ def test_many_packages_above_a_library_whose_nar_fails_are_fetched_once_it_is_bu
     built, fetched = _events(root)
     assert [d.rsplit("-", 1)[1] for d in built] == ["lib.drv"], built
     assert len(fetched) == 12 and lib not in fetched
+    lib_drv = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib.drv"))
+    assert "this derivation will be built:\n  " + lib_drv + "\n" in p.stderr, p.stderr
+    assert "these 12 paths will be fetched once what they refer to is built here:\n" in p.stderr, p.stderr
     assert p.stderr.count(f"warning: cannot substitute '{lib}'") == 1, p.stderr
     assert p.stderr.count("warning: ") == 1, p.stderr  # the cause only, not each package above it
     st = open_store(root)

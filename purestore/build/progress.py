@@ -3,7 +3,9 @@ one JSON object per line (``--json``).
 
 The scheduler calls :meth:`Progress.event` with a type and fields; every event is also what
 ``--json`` prints.  Event types: ``fetch-plan`` (will_fetch, download_size, nar_size: before
-substituting), ``plan`` (will_build, will_substitute: what was fetched), ``start`` (drv, name,
+substituting), ``plan`` (will_build, will_fetch_after_build: the paths to be fetched once what
+they refer to is built here, their derivations not built unless that fails, will_substitute:
+what was fetched), ``start`` (drv, name,
 kind, round), ``log`` (drv, line; only with ``print_logs``), ``built`` (drv, name, outputs),
 ``failed`` (drv, name, error), ``check`` (drv, reproducible, differences), ``hook`` (drv,
 name, hook: the post-build hook starts), ``hook-log`` (drv, name, line: a line of its output),
@@ -31,6 +33,7 @@ class Progress:
         self.live = (self.stream.isatty() if live is None else live) and json_stream is None
         self.start = time.monotonic()
         self.total = 0
+        self.planned: set[str] = set()  # the derivations counted in ``total``
         self.built = 0
         self.failed = 0
         self.running: dict[str, str] = {}
@@ -55,10 +58,14 @@ class Progress:
                 for line in fetch_lines(fields["will_fetch"], fields["download_size"], fields["nar_size"]):
                     self._line(line)
         elif type_ == "plan":
-            self.total = len(fields.get("will_build", ()))
+            self.planned = set(fields.get("will_build", ()))
+            self.total = len(self.planned)
             self._plan(fields)
         elif type_ == "start":
             self.running[fields["drv"]] = fields["name"]
+            if fields.get("kind") == "build" and fields["drv"] not in self.planned:
+                self.planned.add(fields["drv"])  # a fetch planned for after the builds failed
+                self.total += 1
             what = {"check": "checking", "round": f"building (round {fields.get('round')})"}.get(
                 fields.get("kind"), "building")
             self._line(f"{what} '{fields['drv']}'...")
@@ -138,7 +145,7 @@ class Progress:
     def _plan(self, f: dict) -> None:
         if self.json_stream is not None or self.quiet:
             return
-        for line in build_lines(f.get("will_build") or []):
+        for line in build_lines(f.get("will_build") or []) + after_build_lines(f.get("will_fetch_after_build") or []):
             self._line(line)
 
     def _line(self, text: str) -> None:
@@ -203,6 +210,17 @@ def fetch_lines(paths, download: int, unpacked: int) -> list[str]:
     head = "this path" if len(paths) == 1 else f"these {len(paths)} paths"
     return [f"{head} will be fetched ({_mib(download)} download, {_mib(unpacked)} unpacked):",
             *(f"  {p}" for p in paths)]
+
+
+def after_build_lines(paths, download: int | None = None, unpacked: int | None = None) -> list[str]:
+    """'these N paths will be fetched once what they refer to is built here:' and the paths
+    (with the sizes, when given): a cache has them, but not what they refer to."""
+    if not paths:
+        return []
+    head = "this path" if len(paths) == 1 else f"these {len(paths)} paths"
+    what = "what it refers to is" if len(paths) == 1 else "what they refer to is"
+    sizes = f" ({_mib(download)} download, {_mib(unpacked)} unpacked)" if download is not None else ""
+    return [f"{head} will be fetched once {what} built here{sizes}:", *(f"  {p}" for p in paths)]
 
 
 def build_lines(drvs) -> list[str]:

@@ -122,11 +122,14 @@ async def realise(store, settings, drv_paths: Iterable[StorePath], options: Buil
 
 @attrs.frozen
 class Plan:
-    """What realising would do (``pure build --dry-run``): the derivations to build (labels) and
-    the paths to fetch as ``(path, cache URL, download size, NAR size)``."""
+    """What realising would do (``pure build --dry-run``): the derivations to build (labels), the
+    paths to fetch as ``(path, cache URL, download size, NAR size)``, and the paths to fetch
+    once what they refer to is built here (the same way; their derivations are not built,
+    unless that fetch fails then).  The sizes are those of ``will_fetch``."""
 
     will_build: tuple[str, ...]
     will_fetch: tuple[tuple[str, str, int, int], ...]
+    will_fetch_after_build: tuple[tuple[str, str, int, int], ...] = ()
 
     @property
     def download_size(self) -> int:
@@ -137,9 +140,10 @@ class Plan:
         return sum(f[3] for f in self.will_fetch)
 
     def to_json(self) -> dict:
-        return {"willBuild": list(self.will_build),
-                "willFetch": [{"path": p, "url": u, "downloadSize": d, "narSize": n}
-                              for p, u, d, n in self.will_fetch],
+        def entries(fetches):
+            return [{"path": p, "url": u, "downloadSize": d, "narSize": n} for p, u, d, n in fetches]
+        return {"willBuild": list(self.will_build), "willFetch": entries(self.will_fetch),
+                "willFetchAfterBuild": entries(self.will_fetch_after_build),
                 "downloadSize": self.download_size, "narSize": self.nar_size}
 
 
@@ -158,7 +162,9 @@ async def plan(store, settings, drv_paths: Iterable[StorePath]) -> Plan:
     fetch, build = s.choose(found)
     s.fail_on_lookup_errors(fetch, build, found)  # as the run would
     s.warn_unfetchable(build)
-    return Plan(tuple(sorted(r.nodes[p].label for p in build)), s.fetch_list(fetch, found))
+    late = s.fetched_after_build(build)
+    return Plan(tuple(sorted(r.nodes[p].label for p in build - late)), s.fetch_list(fetch, found),
+                s.after_build_list(late))
 
 
 class _Realiser:
@@ -298,6 +304,8 @@ class _Realiser:
     async def _run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
+        # fetched once what they refer to is built here (built only if that fetch fails then)
+        late = set() if self.options.check else self.subst.fetched_after_build(n.path for n in to_build)
         if self.options.max_jobs == 0 and (to_build or self.options.check):
             if not to_build:
                 raise BuildError("--check builds again, and max-jobs is 0: nothing is built here",
@@ -312,7 +320,8 @@ class _Realiser:
         checks = []
         if self.options.check:
             checks = [self.nodes[t] for t in tops if not self.nodes[t].needed]
-        self.progress.event("plan", will_build=sorted(n.label for n in to_build),
+        self.progress.event("plan", will_build=sorted(n.label for n in to_build if n.path not in late),
+                            will_fetch_after_build=[p for p, _u, _d, _n in self.subst.after_build_list(late)],
                             will_substitute=substituted,
                             will_check=sorted(n.label for n in checks))
         try:

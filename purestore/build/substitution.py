@@ -14,7 +14,7 @@ without it, everything is built.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import trio
 
@@ -119,6 +119,17 @@ class Substitution:
                    for r in entry[1].references):
                 self.fetch_after_build[p] = self.found_all[p] = entry
 
+    def fetched_after_build(self, build: Iterable[StorePath]) -> set[StorePath]:
+        """The derivations of ``build`` (to be built, by :meth:`choose`) whose missing outputs
+        are all to be fetched once what they refer to is built here (``fetch_after_build``):
+        not built, unless that fetch fails then (see :meth:`fetch_late`)."""
+        late = set()
+        for p in build:
+            outs = wanted_missing(self.store, self.nodes[p])
+            if outs and all(o in self.fetch_after_build for o in outs):
+                late.add(p)
+        return late
+
     def fail_on_lookup_errors(self, fetch: set[StorePath], build: set[StorePath], found: dict) -> None:
         """With ``fallback = false``, as Nix without ``--fallback``: a cache that could not be
         asked for a path this build needs (an output it builds, or a path it fetches with its
@@ -164,6 +175,14 @@ class Substitution:
             todo.extend(found[p][1].references)
         return tuple((p.absolute(self.sd), found[p][0], found[p][1].file_size or 0, found[p][1].nar_size)
                      for p in sorted(closure, key=lambda q: q.base_name))
+
+    def after_build_list(self, late: Iterable[StorePath]) -> tuple[tuple[str, str, int, int], ...]:
+        """The missing outputs of the derivations ``late`` (see :meth:`fetched_after_build`):
+        (path, cache, download, NAR size), as :meth:`fetch_list`."""
+        outs = {o for p in late for o in wanted_missing(self.store, self.nodes[p])}
+        return tuple((o.absolute(self.sd), self.fetch_after_build[o][0],
+                      self.fetch_after_build[o][1].file_size or 0, self.fetch_after_build[o][1].nar_size)
+                     for o in sorted(outs, key=lambda q: q.base_name))
 
     async def substitute(self) -> set[StorePath] | None:
         """Fetch what can be fetched (see :meth:`choose`), announcing it first; returns the

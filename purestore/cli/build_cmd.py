@@ -26,6 +26,8 @@ Before anything is fetched, the paths to fetch from binary caches are listed wit
 download and unpacked sizes; a package found in a cache is fetched with its run-time closure
 only, not its build-time inputs. --dry-run stops there: it asks the caches (narinfos only) and
 prints what would be fetched and what built (--json: one object with willBuild and willFetch).
+A path a cache has whose reference none can give is fetched once that reference is built here
+(listed apart: willFetchAfterBuild).
 
 Exit status: 0 on success, 1 when a build failed, 104 when --check/--rounds found a difference.
 """
@@ -114,8 +116,8 @@ def _realise(ctx, store, drvs, args):
         if done is not None:
             store.add_temp_roots([p for outs in done.values() for p in outs.values()])
             if args.json:
-                print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willSubstitute": []},
-                                 sort_keys=True))
+                print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willFetchAfterBuild": [],
+                                  "willSubstitute": []}, sort_keys=True))
                 print(json.dumps({"type": "done"}))  # the same events as a run of the scheduler
             return done
     from .._run import run_trio
@@ -181,7 +183,7 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
 
 def _dry_run(ctx, store, drvs, args) -> int:
     from .._run import run_trio
-    from ..build.progress import build_lines, fetch_lines
+    from ..build.progress import after_build_lines, build_lines, fetch_lines
     from ..build.scheduler import plan
     from ._warnings import warnings_to
     if args.check or args.rounds != 1:
@@ -192,7 +194,9 @@ def _dry_run(ctx, store, drvs, args) -> int:
     if args.json:
         print(json.dumps(p.to_json(), sort_keys=True))
         return 0
-    lines = build_lines(p.will_build) + fetch_lines([f[0] for f in p.will_fetch], p.download_size, p.nar_size)
+    late = p.will_fetch_after_build
+    lines = (build_lines(p.will_build) + fetch_lines([f[0] for f in p.will_fetch], p.download_size, p.nar_size)
+             + after_build_lines([f[0] for f in late], sum(f[2] for f in late), sum(f[3] for f in late)))
     for line in lines or ["nothing to build or fetch: every output is valid"]:
         ctx.info(line)
     return 0
