@@ -514,6 +514,51 @@ def test_the_plan_lists_a_package_fetched_once_its_library_is_built_apart_from_t
     assert plan["willBuild"] == [lib_drv] and plan["willFetchAfterBuild"] == [app], plan
 
 
+def test_the_fetch_summary_counts_what_is_fetched_once_its_reference_is_built(pure, expr, tmp_path, store_root):
+    """app refers to lib and x; the cache has all three, but lib's NAR is corrupt.  x is fetched
+    before the builds, lib is built, and app is fetched then: the one summary of the run counts
+    both paths and their bytes (it counted x only, and said so before app came).  With no
+    fetch before the builds (lib not in the cache), the late fetch has its summary too (there
+    was none), and --json says "fetched" once for it."""
+    from purestore.cache.progress import format_size
+
+    f = expr('lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
+             'x = sh("x", "$B mkdir $out; echo x > $out/x")\n'
+             'default = sh("app", f"$B mkdir $out; echo {lib} {x} > $out/ref")\n')
+    app = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    outs = {p.rsplit("-", 1)[1]: p for p in pure("store", "ls").stdout.split() if not p.endswith(".drv")}
+    cache = _keyed_push(pure, tmp_path, app)
+
+    def narinfo(name):
+        return cache / (outs[name].rsplit("/", 1)[1][:32] + ".narinfo")
+
+    def field(name, key):
+        return next(line.split(": ", 1)[1] for line in narinfo(name).read_text().splitlines()
+                    if line.startswith(key + ": "))
+    (cache / field("lib", "URL")).write_bytes(b"junk")
+    keys = ("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip())
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
+    built, fetched = _events(root)
+    assert [d.rsplit("-", 1)[1] for d in built] == ["lib.drv"] and fetched == sorted([app, outs["x"]])
+    size = format_size(int(field("x", "NarSize")) + int(field("app", "NarSize")))
+    summaries = [line for line in p.stderr.splitlines() if line.startswith("fetched ") and " unpacked) in " in line]
+    assert len(summaries) == 1 and summaries[0].startswith(f"fetched 2 paths ({size} unpacked) in "), p.stderr
+    assert p.stderr.index(summaries[0]) > p.stderr.index(f"fetched {app} (once what it refers to was built here)")
+    narinfo("lib").unlink()
+    root = tmp_path / "c"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
+    summaries = [line for line in p.stderr.splitlines() if line.startswith("fetched ") and " unpacked) in " in line]
+    assert len(summaries) == 1 and summaries[0].startswith(f"fetched 2 paths ({size} unpacked) in "), p.stderr
+    root = tmp_path / "j"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", "--json", root=root, cwd=tmp_path)
+    fetched = [e["path"] for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "fetched"]
+    assert sorted(fetched) == sorted([app, outs["x"]]), fetched
+
+
 def test_check_with_max_jobs_0_is_refused(scene):
     scene.push(scene.app)
     p, _root = scene.fresh("b")

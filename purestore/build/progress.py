@@ -41,7 +41,12 @@ class Progress:
         self._last_draw = 0.0
         self.fetch = None  # the counters of a running substitution (see fetch_progress)
         self._last_fetch_line = 0.0
-        self._fetch_started = 0.0
+        # the summary of the fetches finished (see fetch_summary), and the time they took
+        self._fetched_paths = 0
+        self._fetched_bytes = 0
+        self._fetched_time = 0.0
+        self._fetching = 0  # substitutions running
+        self._busy_since = 0.0
         self._json_lock = threading.Lock()  # events come from worker threads too (fetched)
 
     # -- events ----------------------------------------------------------------------------------
@@ -92,10 +97,12 @@ class Progress:
 
     # -- substitution --------------------------------------------------------------------------
 
-    def fetch_progress(self):
+    def fetch_progress(self, *, shown: bool = True):
         """Counters for a substitution (:class:`purestore.cache.progress.Progress`) shown by this
-        display: in the status line on a terminal, else a line every few seconds.  Called from
-        trio tasks and worker threads alike, as the cache layer does."""
+        display: in the status line on a terminal, else a line every few seconds; ``shown=False``
+        (a fetch made while builds run, whose status line that is): counted in the summary only.
+        Called from trio tasks and worker threads alike, as the cache layer does; give them back
+        with :meth:`fetch_finished`."""
         from ..cache.progress import Progress as Counters
         outer = self
 
@@ -111,22 +118,46 @@ class Progress:
                 if outer.json_stream is not None:
                     outer.event("fetched", path=path)
 
-        self.fetch = _Fetch("fetching")
-        self._fetch_started = time.monotonic()
-        # without a terminal, the first line after 5 s: the plan said what comes, and the totals
-        # are still being added up at the start (a line then would say "0/1 paths")
-        self._last_fetch_line = self._fetch_started
-        return self.fetch
+        c = _Fetch("fetching")
+        now = time.monotonic()
+        if not self._fetching:
+            self._busy_since = now
+        self._fetching += 1
+        if shown:
+            self.fetch = c
+            # without a terminal, the first line after 5 s: the plan said what comes, and the
+            # totals are still being added up at the start (a line then would say "0/1 paths")
+            self._last_fetch_line = now
+        return c
 
-    def fetch_finished(self) -> None:
-        """The substitution is over: say what it fetched (one line)."""
-        c, self.fetch = self.fetch, None
-        if c is None or not c.paths_done or self.json_stream is not None or self.quiet:
+    def fetch_finished(self, counters=None, *, summary: bool = True) -> None:
+        """A substitution is over (``counters``: its counters, by default the shown ones): what
+        it fetched is added to the summary, and with ``summary`` the summary is said now (see
+        :meth:`fetch_summary`); else it waits for more fetches of the same run to join it."""
+        c = counters if counters is not None else self.fetch
+        if c is self.fetch:
+            self.fetch = None
+        if c is not None:
+            self._fetching -= 1
+            if not self._fetching:  # (the time fetching: fetches at once count once)
+                self._fetched_time += time.monotonic() - self._busy_since
+            self._fetched_paths += c.paths_done
+            self._fetched_bytes += c.bytes_done
+        if summary:
+            self.fetch_summary()
+        else:
+            self._draw(force=True)
+
+    def fetch_summary(self) -> None:
+        """Say what the substitutions finished since the last summary fetched (one line: paths,
+        unpacked bytes, time spent fetching), if anything; then start counting afresh."""
+        n, nbytes, took = self._fetched_paths, self._fetched_bytes, self._fetched_time
+        self._fetched_paths = self._fetched_bytes = 0
+        self._fetched_time = 0.0
+        if not n or self.json_stream is not None or self.quiet:
             self._draw(force=True)
             return
-        took = time.monotonic() - self._fetch_started
-        self._line(f"fetched {c.paths_done} path{'s' if c.paths_done != 1 else ''} "
-                   f"({_size(c.bytes_done)} unpacked) in {took:.1f} s")
+        self._line(f"fetched {n} path{'s' if n != 1 else ''} ({_size(nbytes)} unpacked) in {took:.1f} s")
 
     def _fetch_update(self, force: bool) -> None:
         c = self.fetch

@@ -299,6 +299,7 @@ class _Realiser:
         try:
             return await self._run(tops)
         finally:
+            self.progress.fetch_summary()  # (if an error came before _run said it)
             await self.subst.aclose()  # (the session kept open for the late fetches)
 
     async def _run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
@@ -306,6 +307,8 @@ class _Realiser:
         to_build = [n for n in self.nodes.values() if n.needed]
         # fetched once what they refer to is built here (built only if that fetch fails then)
         late = set() if self.options.check else self.subst.fetched_after_build(n.path for n in to_build)
+        if not late:
+            self.progress.fetch_summary()  # else once the late fetches are over too (below)
         if self.options.max_jobs == 0 and (to_build or self.options.check):
             if not to_build:
                 raise BuildError("--check builds again, and max-jobs is 0: nothing is built here",
@@ -338,6 +341,7 @@ class _Realiser:
         finally:
             if self.fork_server is not None:
                 self.fork_server.close()
+            self.progress.fetch_summary()  # what was fetched, the late fetches included
             self.progress.event("done")
         if self.errors:
             raise BuildFailures(self.errors)

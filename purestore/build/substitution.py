@@ -200,7 +200,11 @@ class Substitution:
         session = Substituters(self.settings)
         await session.__aenter__()
         self.session = session
-        got, self.fetched = await self._fetch(session, wanted)
+        try:
+            got, self.fetched = await self._fetch(session, wanted)
+        except BaseException:
+            self.progress.fetch_summary()  # what came before the error
+            raise
         if not self.fetch_after_build:
             self.session = None
             await session.aclose()
@@ -232,8 +236,8 @@ class Substitution:
             try:
                 rep = await substitute_report(self.store, self.settings, fetch, progress=self.progress.fetch_progress(),
                                               fork_worker=self.fork_worker, known=found, session=session)
-            finally:
-                self.progress.fetch_finished()
+            finally:  # (one summary for all the rounds, and the late fetches: see _Realiser._run)
+                self.progress.fetch_finished(summary=False)
             for p, why in sorted(rep.failures.items()):  # then built instead, where it is needed
                 if p not in failed_all:
                     # one that failed only with a reference is not warned about: the reference
@@ -297,8 +301,12 @@ class Substitution:
         if not all(await trio.to_thread.run_sync(lambda: [store.is_valid(r) for r in refs])):
             return False  # what failed to come was not built before this one (another output of it)
         from ..cache.substituter import substitute_report
-        rep = await substitute_report(self.store, self.settings, outs, known=self.found_all,
-                                      fork_worker=False, session=self.session)
+        counters = self.progress.fetch_progress(shown=False)  # counted in the summary
+        try:
+            rep = await substitute_report(self.store, self.settings, outs, known=self.found_all,
+                                          progress=counters, fork_worker=False, session=self.session)
+        finally:
+            self.progress.fetch_finished(counters, summary=False)
         for p, why in sorted(rep.failures.items()):
             log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
             self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
@@ -306,8 +314,7 @@ class Substitution:
             for o in outs:
                 self.fetch_after_build.pop(o, None)
             return False
-        for p in sorted(rep.fetched, key=lambda q: q.base_name):
+        for p in sorted(rep.fetched, key=lambda q: q.base_name):  # (a "fetched" event each: the counters')
             self.progress.message(f"fetched {p.absolute(self.sd)} (once what it refers to was built here)")
-            self.progress.event("fetched", path=p.absolute(self.sd))
         return True
 
