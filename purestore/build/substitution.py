@@ -208,6 +208,8 @@ class Substitution:
         if not self.fetch_after_build:
             self.session = None
             await session.aclose()
+        else:  # the NARs of the late fetches that came already, restored and checked, stay
+            await session.restored.discard(p for p in session.restored.paths() if p not in self.fetch_after_build)
         return got
 
     async def _fetch(self, session, wanted: set[StorePath]) -> tuple[set[StorePath], set[StorePath]]:
@@ -299,6 +301,7 @@ class Substitution:
         store = self.store
         refs = {r for o in outs for r in self.fetch_after_build[o][1].references if r not in outs}
         if not all(await trio.to_thread.run_sync(lambda: [store.is_valid(r) for r in refs])):
+            await self.session.restored.discard(outs)  # built instead
             return False  # what failed to come was not built before this one (another output of it)
         from ..cache.substituter import substitute_report
         counters = self.progress.fetch_progress(shown=False)  # counted in the summary
@@ -313,6 +316,7 @@ class Substitution:
         if not all(o in rep.valid for o in outs):
             for o in outs:
                 self.fetch_after_build.pop(o, None)
+            await self.session.restored.discard(outs)  # built instead
             return False
         for p in sorted(rep.fetched, key=lambda q: q.base_name):  # (a "fetched" event each: the counters')
             self.progress.message(f"fetched {p.absolute(self.sd)} (once what it refers to was built here)")

@@ -33,6 +33,7 @@ from . import _storeapi as S
 from .backend import Backend, backend_for, check_name, file_url, parse_url
 from .info import read_cache_info
 from .narinfo_cache import NegativeCache
+from .restored import RestoredTrees
 from ._nursery import open_nursery
 
 log = logging.getLogger("purestore.cache")
@@ -86,6 +87,9 @@ class Substituters:
         # path → why a cache ranked before the one that answered (or any, when none did)
         # could not be asked for it: Nix's ``fallback = false`` fails a build on these
         self.lookup_errors: dict[StorePath, str] = {}
+        # restored NARs of paths that failed only with a reference, for a later substitution
+        # in this session (a build's late fetch): not downloaded again
+        self.restored = RestoredTrees()
         ttl = settings.narinfo_cache_negative_ttl if negative_ttl is None else negative_ttl
         self.negative = NegativeCache(getattr(settings, "state_dir", None), ttl)
         self.strict = strict
@@ -138,6 +142,7 @@ class Substituters:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self.restored.discard()
         for c in self.caches:
             await c.backend.aclose()
         self.negative.close()

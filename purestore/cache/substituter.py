@@ -218,6 +218,12 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
             return (f"its reference {r.absolute(sd)!r} could not be substituted: "
                     f"{report.failures.get(r, 'unknown reason')}")
 
+        def keep_restored(p: StorePath, cache: _Cache, ni: NarInfo, tmp: str) -> bool:
+            """``p`` failed with a reference, its tree ``tmp`` restored and checked: kept in the
+            caller's session (for a later substitution of ``p`` in it, once the reference is
+            made), True; not in a session of this call only, which closes on the way out."""
+            return session is not None and subs.restored.keep(store, p, cache.url, ni.nar_hash, tmp)
+
         async def open_ahead(stack: contextlib.AsyncExitStack, cache: _Cache, ni: NarInfo):
             """Ask for the NAR now (holding a place of ``ahead_gate``); returns the opened
             response and the function that gives the place back (once the lane is entered)."""
@@ -270,6 +276,10 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         ok.add(p)
                         report.present.append(p)
                         return
+                # restored already by a substitution of this session that failed with a reference
+                tmp = await subs.restored.take(p, cache.url, ni.nar_hash)
+                if tmp is not None and counted is not None:
+                    counted.add_bytes(ni.nar_size)  # (what the download would have counted)
                 # a cache whose NAR fails (missing, corrupt, cut off) is passed over for the next
                 # one with a trusted narinfo for the path, as Nix does
                 tried: list[tuple[_Cache, str]] = []
@@ -310,10 +320,15 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         await queried[r].wait()
                         if r not in events:
                             report.failures[p] = ref_failure(p, r)
+                            if keep_restored(p, cache, ni, tmp):
+                                tmp = None
                             return
                         await events[r].wait()
                         if r not in ok:
-                            report.failures.setdefault(p, ref_failure(p, r))
+                            if p not in report.failures:  # (else failed already: a reference cycle)
+                                report.failures[p] = ref_failure(p, r)
+                                if keep_restored(p, cache, ni, tmp):
+                                    tmp = None
                             return
                     elif not S.is_valid(store, r):  # valid when asked, deleted since (by hand)
                         report.failures[p] = (f"its reference {r.absolute(sd)!r} was valid but is not any "
