@@ -7,8 +7,11 @@ needed) and never changes it: it says which outputs became valid, and the schedu
 
 A *late fetch*: an output a cache has, whose missing reference no cache can give (not there,
 not signed by a trusted key, or its NAR failed), is fetched once that reference is built here:
-it then has the same path as the cache's (as Nix does).  The caches layer is imported lazily:
-without it, everything is built.
+it then has the same path as the cache's (as Nix does).  The plan lists it apart from the
+builds, and the fetch summary of the run counts it.  A NAR that came and passed its checks
+before its reference failed is not downloaded again for it (the session keeps the restored
+tree: ``cache/restored.py``).  The caches layer is imported lazily: without it, everything is
+built.
 """
 
 from __future__ import annotations
