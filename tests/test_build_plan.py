@@ -519,6 +519,23 @@ def test_the_plan_lists_a_package_fetched_once_its_library_is_built_apart_from_t
     assert plan["willBuild"] == [lib_drv] and plan["willFetchAfterBuild"] == [app], plan
 
 
+def test_max_jobs_0_names_only_what_must_be_built_and_says_a_late_fetch_waits_for_it(
+        pure, expr, tmp_path, store_root):
+    """With -j 0, the cache has app but not lib: the error names lib's derivation, the one to
+    build, and says that app can only be fetched once lib is built here, which -j 0 forbids.
+    Before, it counted app's derivation among those it "cannot build" (2 derivations)."""
+    f, app, lib, lib_drv, keys = _library_gap(pure, expr, tmp_path, "no narinfo")
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", "-j", "0", root=root, cwd=tmp_path, check=False)
+    assert p.returncode == 1, p.stderr
+    assert f"error: cannot build 1 derivation ({lib_drv}): max-jobs is 0, so nothing is built here, " in p.stderr
+    assert (f"and 1 path a cache has ({app}) can only be fetched once what it refers to is built here, "
+            "which max-jobs 0 forbids") in p.stderr, p.stderr
+    assert "-app.drv" not in p.stderr, p.stderr
+    assert _events(root) == ([], []) and not _valid(root, lib)
+
+
 def test_the_fetch_summary_counts_what_is_fetched_once_its_reference_is_built(pure, expr, tmp_path, store_root):
     """app refers to lib and x; the cache has all three, but lib's NAR is corrupt.  x is fetched
     before the builds, lib is built, and app is fetched then: the one summary of the run counts
@@ -591,7 +608,8 @@ def test_many_packages_above_a_library_whose_nar_fails_are_fetched_once_it_is_bu
     root = tmp_path / "none"  # nothing built (lib must be): the restored NARs kept are removed
     root.mkdir()
     p = pure(*keys, "build", f, "--no-link", "-j", "0", root=root, cwd=tmp_path, check=False)
-    assert p.returncode == 1 and "max-jobs is 0" in p.stderr, p.stderr
+    assert p.returncode == 1 and "error: cannot build 1 derivation (" in p.stderr, p.stderr  # lib's only
+    assert "; and 12 paths a cache has (" in p.stderr and " …) can only be fetched once what they refer" in p.stderr
     assert os.listdir(root / "pure" / "store" / ".tmp") == []
     root = tmp_path / "b"
     root.mkdir()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Iterable
+from typing import Iterable, NoReturn
 
 import attrs
 import trio
@@ -102,6 +102,16 @@ class NotReproducible(BuildError):
     """Raised by ``--check``/``--rounds`` when a rebuild differs from the first build."""
 
     exit_status = 104
+
+
+def _count(items, noun: str) -> str:
+    """'1 derivation', '3 paths'."""
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _some(items, most: int = 5) -> str:
+    """The first ``most`` of ``items``, with '…' after them if there are more."""
+    return ", ".join(items[:most]) + (" …" if len(items) > most else "")
 
 
 async def realise(store, settings, drv_paths: Iterable[StorePath], options: BuildOptions,
@@ -310,14 +320,7 @@ class _Realiser:
         if not late:
             self.progress.fetch_summary()  # else once the late fetches are over too (below)
         if self.options.max_jobs == 0 and (to_build or self.options.check):
-            if not to_build:
-                raise BuildError("--check builds again, and max-jobs is 0: nothing is built here",
-                                 hint="set max-jobs to 1 or more (the setting, or -j N)")
-            names = ", ".join(sorted(n.label for n in to_build)[:5]) + (" …" if len(to_build) > 5 else "")
-            raise BuildError(f"cannot build {len(to_build)} derivation{'s' if len(to_build) > 1 else ''} "
-                             f"({names}): max-jobs is 0, so nothing is built here, and "
-                             f"{'they' if len(to_build) > 1 else 'it'} could not be fetched",
-                             hint="set max-jobs to 1 or more (the setting, or -j N where the command has it)")
+            self._refuse_to_build(to_build, late)
         if to_build and self.settings.post_build_hook:
             check_hook(self.settings.post_build_hook)
         checks = []
@@ -348,6 +351,30 @@ class _Realiser:
         if self.unreproducible:
             raise NotReproducible("\n".join(self.unreproducible))
         return {t: dict(self.nodes[t].outputs) for t in tops}
+
+    def _refuse_to_build(self, to_build: list[_Node], late: set[StorePath]) -> NoReturn:
+        """max-jobs = 0 and something is to be built: raise :class:`BuildError` naming the
+        derivations that would be built, and apart from them the paths that a cache has but
+        that can only be fetched once what they refer to is built here (``late``: their
+        derivations are not built), which max-jobs = 0 forbids too."""
+        hint = "set max-jobs to 1 or more (the setting, or -j N where the command has it)"
+        if not to_build:
+            raise BuildError("--check builds again, and max-jobs is 0: nothing is built here",
+                             hint="set max-jobs to 1 or more (the setting, or -j N)")
+        builds = sorted(n.label for n in to_build if n.path not in late)
+        after = [p for p, _u, _d, _n in self.subst.after_build_list(late)]
+        one_after = len(after) == 1
+        waits = (f"can only be fetched once what {'it refers' if one_after else 'they refer'} to is built here, "
+                 f"which max-jobs 0 forbids")
+        if not builds:  # (what they refer to is built with them: not expected, said all the same)
+            raise BuildError(f"cannot fetch {_count(after, 'path')} ({_some(after)}): a cache has "
+                             f"{'it' if one_after else 'them'}, but {'it' if one_after else 'they'} {waits}",
+                             hint=hint)
+        msg = (f"cannot build {_count(builds, 'derivation')} ({_some(builds)}): max-jobs is 0, so nothing is "
+               f"built here, and {'it' if len(builds) == 1 else 'they'} could not be fetched")
+        if after:
+            msg += f"; and {_count(after, 'path')} a cache has ({_some(after)}) {waits}"
+        raise BuildError(msg, hint=hint)
 
     async def _run_node(self, node: _Node, scope: trio.CancelScope) -> None:
         try:
