@@ -581,6 +581,80 @@ def test_the_fetch_summary_counts_what_is_fetched_once_its_reference_is_built(pu
     assert sorted(fetched) == sorted([app, outs["x"]]), fetched
 
 
+def test_a_late_fetch_shows_its_paths_and_bytes_in_the_live_status_line_beside_the_builds(
+        pure, expr, tmp_path, store_root):
+    """On a terminal, app, fetched once lib is built, shows in the status line as the fetches
+    before the builds do (paths and bytes), after the builds' counts: before, a late fetch
+    showed nothing while it ran."""
+    import pty
+    import re
+    import subprocess
+    import sys
+    from conftest import pure_env
+
+    f, app, _lib, _lib_drv, keys = _library_gap(pure, expr, tmp_path, "no narinfo")
+    root = tmp_path / "b"
+    root.mkdir()
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", *keys, "build", str(f), "--no-link"],
+                         cwd=tmp_path, env=pure_env(root), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        data += chunk
+    out = p.communicate(timeout=120)[0]
+    os.close(master)
+    text = data.decode()
+    assert p.returncode == 0 and out.decode().strip() == app, text
+    assert _events(root)[1] == [app]
+    assert re.search(r"\r\x1b\[K\[0:\d\d\] built 1/1, running 0, queued 0 \| fetching 1/1 paths, "
+                     r"\d+(\.\d)? K?i?B/\d+(\.\d)? K?i?B", text), repr(text)
+
+
+def test_the_status_line_adds_the_late_fetches_running_at_once_to_the_builds():
+    """The late fetches running at the same time count together in the status line (paths and
+    bytes, done of those expected), after the builds' counts and before the names of the
+    builds; once none runs, the line is the builds' again."""
+    import io
+    from purestore.build.progress import Progress
+    out = io.StringIO()
+    p = Progress(out, live=True)
+    p.event("plan", will_build=["/pure/store/x.drv", "/pure/store/y.drv"])
+    p.event("start", drv="/pure/store/x.drv", name="x")
+    p.event("built", drv="/pure/store/x.drv", name="x", outputs={})
+    p.event("start", drv="/pure/store/y.drv", name="y")
+    a, b = p.fetch_progress(late=True), p.fetch_progress(late=True)
+    a.expect(1, 2048)
+    b.expect(1, 1024)
+    a.add_bytes(2048)
+    a.path_done("/pure/store/a")
+    last = out.getvalue().rsplit("\r\x1b[K", 1)[1]
+    assert last == "[0:00] built 1/2, running 1, queued 0 | fetching 1/2 paths, 2.0 KiB/3.0 KiB | y", repr(last)
+    p.fetch_finished(a, summary=False)  # b goes on: a is still counted
+    b.add_bytes(1024)
+    b.path_done("/pure/store/b")
+    last = out.getvalue().rsplit("\r\x1b[K", 1)[1]
+    assert last == "[0:00] built 1/2, running 1, queued 0 | fetching 2/2 paths, 3.0 KiB/3.0 KiB | y", repr(last)
+    p.fetch_finished(b, summary=False)
+    last = out.getvalue().rsplit("\r\x1b[K", 1)[1]
+    assert last == "[0:00] built 1/2, running 1, queued 0 | y", repr(last)
+    c = p.fetch_progress(late=True)  # a new burst: counted afresh
+    c.expect(1, 10)
+    c.path_done("/pure/store/c")
+    assert out.getvalue().rsplit("\r\x1b[K", 1)[1].startswith(
+        "[0:00] built 1/2, running 1, queued 0 | fetching 1/1 paths, 0 B/10 B"), repr(out.getvalue())
+    p.fetch_finished(c, summary=False)
+    p.fetch_summary()
+    assert "fetched 3 paths (3.0 KiB unpacked) in " in out.getvalue()
+
+
 def test_check_with_max_jobs_0_is_refused(scene):
     scene.push(scene.app)
     p, _root = scene.fresh("b")

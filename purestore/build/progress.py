@@ -3,13 +3,15 @@ one JSON object per line (``--json``).
 
 The scheduler calls :meth:`Progress.event` with a type and fields; every event is also what
 ``--json`` prints.  Event types: ``fetch-plan`` (will_fetch, download_size, nar_size: before
-substituting), ``plan`` (will_build, will_fetch_after_build: the paths to be fetched once what
-they refer to is built here, their derivations not built unless that fails, will_substitute:
-what was fetched), ``start`` (drv, name,
-kind, round), ``log`` (drv, line; only with ``print_logs``), ``built`` (drv, name, outputs),
-``failed`` (drv, name, error), ``check`` (drv, reproducible, differences), ``hook`` (drv,
-name, hook: the post-build hook starts), ``hook-log`` (drv, name, line: a line of its output),
-``hook-failed`` (drv, name, error), ``done``.
+substituting), ``fetched`` (path: said by the counters of :meth:`Progress.fetch_progress`,
+those of the late fetches too), ``fetch-failed`` (path, error), ``plan`` (will_build,
+will_fetch_after_build: the paths to be fetched once what they refer to is built here, their
+derivations not built unless that fails, will_substitute: what was fetched), ``waiting``
+(drv, path), ``start`` (drv, name, kind, round), ``log`` (drv, line; only with
+``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error), ``check``
+(drv, reproducible, differences), ``hook`` (drv, name, hook: the post-build hook starts),
+``hook-log`` (drv, name, line: a line of its output), ``hook-failed`` (drv, name, error),
+``done``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Progress:
         self._status_shown = False
         self._last_draw = 0.0
         self.fetch = None  # the counters of a running substitution (see fetch_progress)
+        # late fetches (made while builds run): the counters of those running, and the paths
+        # and bytes (done, expected) of those finished while others ran, shown together
+        self._late: list = []
+        self._late_finished = (0, 0, 0, 0)
         self._last_fetch_line = 0.0
         # the summary of the fetches finished (see fetch_summary), and the time they took
         self._fetched_paths = 0
@@ -97,12 +103,13 @@ class Progress:
 
     # -- substitution --------------------------------------------------------------------------
 
-    def fetch_progress(self, *, shown: bool = True):
+    def fetch_progress(self, *, late: bool = False):
         """Counters for a substitution (:class:`purestore.cache.progress.Progress`) shown by this
-        display: in the status line on a terminal, else a line every few seconds; ``shown=False``
-        (a fetch made while builds run, whose status line that is): counted in the summary only.
-        Called from trio tasks and worker threads alike, as the cache layer does; give them back
-        with :meth:`fetch_finished`."""
+        display: in the status line on a terminal, else a line every few seconds.  ``late``: a
+        fetch made while builds run (a path fetched once what it refers to is built here): the
+        late fetches running at once are shown together, after the builds' counts in their
+        status line (else in a line every few seconds).  Called from trio tasks and worker
+        threads alike, as the cache layer does; give them back with :meth:`fetch_finished`."""
         from ..cache.progress import Progress as Counters
         outer = self
 
@@ -123,7 +130,11 @@ class Progress:
         if not self._fetching:
             self._busy_since = now
         self._fetching += 1
-        if shown:
+        if late:
+            if not self._late:  # (a new burst: for a line without a terminal, as below)
+                self._last_fetch_line = now
+            self._late.append(c)
+        else:
             self.fetch = c
             # without a terminal, the first line after 5 s: the plan said what comes, and the
             # totals are still being added up at the start (a line then would say "0/1 paths")
@@ -137,6 +148,11 @@ class Progress:
         c = counters if counters is not None else self.fetch
         if c is self.fetch:
             self.fetch = None
+        if c is not None and any(x is c for x in self._late):
+            self._late = [x for x in self._late if x is not c]
+            done = self._late_finished
+            self._late_finished = (0, 0, 0, 0) if not self._late else (
+                done[0] + c.paths_done, done[1] + c.paths_total, done[2] + c.bytes_done, done[3] + c.bytes_total)
         if c is not None:
             self._fetching -= 1
             if not self._fetching:  # (the time fetching: fetches at once count once)
@@ -160,8 +176,10 @@ class Progress:
         self._line(f"fetched {n} path{'s' if n != 1 else ''} ({_size(nbytes)} unpacked) in {took:.1f} s")
 
     def _fetch_update(self, force: bool) -> None:
-        c = self.fetch
-        if c is None or self.json_stream is not None or self.quiet or not c.paths_total:
+        if self.json_stream is not None or self.quiet:
+            return
+        counts = self._fetch_counts()
+        if counts is None:
             return
         if self.live:
             self._draw(force)
@@ -169,7 +187,21 @@ class Progress:
         now = time.monotonic()
         if now - self._last_fetch_line >= 5.0:
             self._last_fetch_line = now
-            self._line(_fetch_status(c))
+            self._line(_fetch_status(*counts))
+
+    def _fetch_counts(self) -> tuple[int, int, int, int] | None:
+        """(paths done, paths expected, bytes done, bytes expected) of the fetch to show: the
+        shown substitution's, else those of the late fetches running (with those finished
+        while they ran); None when nothing is expected yet."""
+        c = self.fetch
+        if c is not None:
+            return (c.paths_done, c.paths_total, c.bytes_done, c.bytes_total) if c.paths_total else None
+        late = list(self._late)  # (a worker thread may change the list meanwhile)
+        if not late:
+            return None
+        counts = tuple(sum(x) for x in zip(self._late_finished, *(
+            (x.paths_done, x.paths_total, x.bytes_done, x.bytes_total) for x in late)))
+        return counts if counts[1] else None
 
     # -- rendering -------------------------------------------------------------------------------
 
@@ -202,13 +234,15 @@ class Progress:
         queued = max(0, self.total - self.built - self.failed - len(self.running))
         el = int(now - self.start)
         names = ", ".join(list(self.running.values())[:3]) + (" …" if len(self.running) > 3 else "")
-        if self.fetch is not None and self.fetch.paths_total:
-            self.stream.write(f"\r\x1b[K[{el // 60}:{el % 60:02d}] " + _fetch_status(self.fetch)[:180])
+        counts = self._fetch_counts()
+        if self.fetch is not None and counts is not None:  # (the fetches before the builds)
+            self.stream.write(f"\r\x1b[K[{el // 60}:{el % 60:02d}] " + _fetch_status(*counts)[:180])
             self.stream.flush()
             self._status_shown = True
             return
         text = (f"[{el // 60}:{el % 60:02d}] built {self.built}/{self.total}, running {len(self.running)}, "
                 f"queued {queued}" + (f", failed {self.failed}" if self.failed else "")
+                + (f" | {_fetch_status(*counts)}" if counts is not None else "")  # late fetches
                 + (f" | {names}" if names else ""))
         self.stream.write("\r\x1b[K" + text[:200])
         self.stream.flush()
@@ -220,9 +254,8 @@ def _size(n: int) -> str:
     return format_size(n)
 
 
-def _fetch_status(c) -> str:
-    return (f"fetching {c.paths_done}/{c.paths_total} paths, "
-            f"{_size(c.bytes_done)}/{_size(c.bytes_total)}")
+def _fetch_status(paths_done: int, paths_total: int, bytes_done: int, bytes_total: int) -> str:
+    return f"fetching {paths_done}/{paths_total} paths, {_size(bytes_done)}/{_size(bytes_total)}"
 
 
 def _mib(n: int) -> str:

@@ -8,7 +8,8 @@ needed) and never changes it: it says which outputs became valid, and the schedu
 A *late fetch*: an output a cache has, whose missing reference no cache can give (not there,
 not signed by a trusted key, or its NAR failed), is fetched once that reference is built here:
 it then has the same path as the cache's (as Nix does).  The plan lists it apart from the
-builds, and the fetch summary of the run counts it.  A NAR that came and passed its checks
+builds, the status line shows it beside them while it runs, and the fetch summary of the run
+counts it.  A NAR that came and passed its checks
 before its reference failed is not downloaded again for it (the session keeps the restored
 tree: ``cache/restored.py``).  The caches layer is imported lazily: without it, everything is
 built.
@@ -307,7 +308,7 @@ class Substitution:
             await self.session.restored.discard(outs)  # built instead
             return False  # what failed to come was not built before this one (another output of it)
         from ..cache.substituter import substitute_report
-        counters = self.progress.fetch_progress(shown=False)  # counted in the summary
+        counters = self.progress.fetch_progress(late=True)  # shown beside the builds' status
         try:
             rep = await substitute_report(self.store, self.settings, outs, known=self.found_all,
                                           progress=counters, fork_worker=False, session=self.session)
