@@ -450,3 +450,26 @@ def test_a_collection_stopped_by_sigterm_or_ctrl_c_removes_its_trash(pure, setti
     assert len(left) < 600 and (phase == "moving" or not left)
     assert pure("gc").stderr.endswith(f", {len(left)} invalid leftovers removed\n" if left else " freed (0.00 MiB)\n")
     assert set(os.listdir(settings.real_store_dir)) == {".tmp", kept}
+
+
+def test_a_collection_that_fails_half_way_removes_its_trash(pure, settings):
+    """A dead path that cannot be moved aside (here: immutable) fails the collection with an
+    error naming it; what was moved to the trash before is removed all the same (it was left
+    for the next command to open the store), and the store verifies."""
+    with _open(settings) as st:
+        _dead_trees(st, 300, 2)
+        stuck = sorted(n for n in os.listdir(settings.real_store_dir) if n != ".tmp")[150]
+    real = os.path.join(settings.real_store_dir, stuck)
+    if subprocess.run(["chattr", "+i", real], capture_output=True).returncode != 0:
+        pytest.skip("this file system cannot make a directory immutable")
+    try:
+        r = pure("gc", check=False)
+    finally:
+        subprocess.run(["chattr", "-i", real], check=True)
+    assert r.returncode == 1 and f"cannot move dead path {real!r}" in r.stderr, r.stderr
+    tmp = os.path.join(settings.real_store_dir, ".tmp")
+    assert os.listdir(tmp) == [], "the trash was left behind"
+    pure("store", "verify", "--check-contents")
+    assert valid(pure) == set()
+    pure("gc")
+    assert os.listdir(settings.real_store_dir) == [".tmp"]

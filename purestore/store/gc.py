@@ -572,6 +572,12 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
             # (before the invalidation committed, nothing changed; after, the dead paths not
             # moved yet stay in the store dir, invalid, and the next collection removes them)
             interrupted = e
+        except StoreError:  # a dead path that cannot be moved, a busy database: the same
+            try:
+                _remove_trash(trash, workers, None)
+            except StoreError:
+                pass  # (the next open of the store removes it; the first error says more)
+            raise
     finally:
         lock.close()
     _remove_trash(trash, workers, interrupted)
