@@ -286,26 +286,32 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
-async def _narinfo_lock(directory: str):
+async def _narinfo_lock(directory: str, writes: trio.Lock):
     """:func:`.prune.open_narinfo_lock`'s lock, polled for so that Ctrl-C stops a writer that
-    waits for it; said once when the wait passes a second (it is held for milliseconds)."""
+    waits for it; said once when the wait passes a second (it is held for milliseconds).
+
+    ``writes`` first puts this process's own writers of the directory in a row: each opens the
+    lock file afresh, and two descriptors' ``flock`` exclude each other in one process too, so
+    a push's parallel narinfo writes polled for each other (a push of 200 small paths took
+    1.5 s instead of 0.3 s, and said it waited for "another writer")."""
     from .prune import open_narinfo_lock, try_lock
-    fd = open_narinfo_lock(directory)
-    if fd is None:
-        yield
-        return
-    try:
-        waited = 0.0
-        while not try_lock(fd):
-            if waited < 1 <= waited + 0.02:
-                import logging
-                logging.getLogger("purestore.cache").warning(
-                    "waiting for another writer of %r (a lock on its nix-cache-info)", directory)
-            waited += 0.02
-            await trio.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)
+    async with writes:
+        fd = open_narinfo_lock(directory)
+        if fd is None:
+            yield
+            return
+        try:
+            waited = 0.0
+            while not try_lock(fd):
+                if waited < 1 <= waited + 0.02:
+                    import logging
+                    logging.getLogger("purestore.cache").warning(
+                        "waiting for another writer of %r (a lock on its nix-cache-info)", directory)
+                waited += 0.02
+                await trio.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)
 
 
 class FileBackend(Backend):
@@ -314,6 +320,7 @@ class FileBackend(Backend):
     def __init__(self, cu: CacheURL):
         self.cache_url = cu
         self.dir = cu.base
+        self._narinfo_writes = trio.Lock()  # (see _narinfo_lock)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, check_name(name, self.url))
@@ -431,7 +438,7 @@ class FileBackend(Backend):
         def write():
             old = read_if_regular(p, MAX_SIZE)  # (none yet, or nothing to read: replaced all the same)
             self._write(name, merge_sigs(data, old))
-        async with _narinfo_lock(self.dir):
+        async with _narinfo_lock(self.dir, self._narinfo_writes):
             await trio.to_thread.run_sync(write)
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",

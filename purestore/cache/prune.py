@@ -32,6 +32,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -123,19 +124,29 @@ def try_lock(fd: int) -> bool:
     return True
 
 
+_in_process: dict[str, threading.Lock] = {}
+_in_process_guard = threading.Lock()
+
+
 @contextlib.contextmanager
 def narinfo_lock(directory: str):
-    """:func:`open_narinfo_lock`'s lock, waited for (a thread of ``cache serve``)."""
-    fd = open_narinfo_lock(directory)
-    if fd is None:
-        yield
-        return
-    try:
-        while not try_lock(fd):
-            time.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)
+    """:func:`open_narinfo_lock`'s lock, waited for (a thread of ``cache serve``).  The threads
+    of this process first wait for each other on a lock of the directory's own, so that only
+    another process's writer is polled for (two descriptors' ``flock`` exclude each other in
+    one process too)."""
+    with _in_process_guard:
+        mine = _in_process.setdefault(os.path.realpath(directory), threading.Lock())
+    with mine:
+        fd = open_narinfo_lock(directory)
+        if fd is None:
+            yield
+            return
+        try:
+            while not try_lock(fd):
+                time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)
 
 
 @attrs.define
