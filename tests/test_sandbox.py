@@ -87,6 +87,18 @@ def test_environment_is_exactly_what_was_given(tmp_path, busybox_dir):
     assert "FOO=bar baz" in out.splitlines()
 
 
+def test_a_request_bigger_than_a_socket_buffer_reaches_the_builder(tmp_path, busybox_dir):
+    """A derivation with a thousand inputs or long scripts in its environment makes a request
+    to the fork server of several hundred KiB, more than a datagram may carry (the default
+    socket send buffer is 208 KiB): it used to fail with 'Message too long'."""
+    big = {f"BIG{i}": str(i) * 100_000 for i in range(4)}  # each under execve's 128 KiB a string
+    inputs = {f"{STORE}/{i:032d}-in": str(busybox_dir) for i in range(1000)}
+    status, out, _ = run(tmp_path, busybox_dir,
+                         'echo ${#BIG0} ${#BIG3}; $B ls /pure/store | $B wc -l', env=big, inputs=inputs)
+    assert status == 0, out
+    assert out.split() == ["100000", "100000", "1001"]
+
+
 def test_no_network_to_host_loopback(tmp_path, busybox_dir, tcp_server):
     status, out, _ = run(tmp_path, busybox_dir,
                          f"$B nc -w 3 127.0.0.1 {tcp_server} </dev/null && echo REACHED; exit 0")

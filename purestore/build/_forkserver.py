@@ -5,7 +5,9 @@ page Python touches after the fork is copied).  So :class:`purestore.build.sandb
 starts this file once, as ``python -S -E _forkserver.py FD`` (stdlib only, no purestore
 imports, a few MiB), and asks it over a SOCK_SEQPACKET socket to spawn each sandbox::
 
-    request:  pickle of a plain dict (see sandbox.py) + fds [log write end, status write end]
+    request:  its size (8 bytes) + fds [log write end, status write end, a memfd holding the
+              pickle of a plain dict (see sandbox.py)]; in a datagram, a big request (many
+              inputs, a long environment) would not fit the socket's send buffer
     reply:    pid of "middle" (4 bytes) + its pidfd
 
 For each request the server forks "middle", which unshares the namespaces, maps uid 1000 / gid
@@ -259,15 +261,23 @@ def serve(sock_fd):
     sock = socket.socket(fileno=sock_fd)
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 22, 2)
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 3)
         except InterruptedError:
             continue
         except ConnectionResetError:  # pure closed its end with a reply unread (interrupted)
             return
         if not msg:
             return
-        req = pickle.loads(msg)
-        out_w, err_w = fds
+        out_w, err_w, req_fd = fds
+        (size,) = struct.unpack("Q", msg)
+        data = b""
+        while len(data) < size:
+            chunk = os.pread(req_fd, size - len(data), len(data))
+            if not chunk:
+                break
+            data += chunk
+        os.close(req_fd)
+        req = pickle.loads(data)
         pid = os.fork()
         if pid == 0:
             try:

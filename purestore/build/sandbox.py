@@ -164,9 +164,18 @@ class ForkServer:
 
     def spawn(self, req: dict, out_w: int, err_w: int) -> tuple[int, int]:
         """Send one request; returns (pid, pidfd or -1 if it already ended)."""
+        # The request goes in a memfd, not in the datagram: a SOCK_SEQPACKET message must fit
+        # the socket's send buffer (net.core.wmem_default, 208 KiB), and a derivation with a
+        # thousand inputs, or a long script in its environment, makes a bigger request.
+        data = pickle.dumps(req)
         with self.lock:
             try:
-                socket.send_fds(self.sock, [pickle.dumps(req)], [out_w, err_w])
+                req_fd = os.memfd_create("pure-sandbox-request", os.MFD_CLOEXEC)
+                try:
+                    _write_all(req_fd, data)
+                    socket.send_fds(self.sock, [struct.pack("Q", len(data))], [out_w, err_w, req_fd])
+                finally:
+                    os.close(req_fd)
                 msg, fds, _f, _a = socket.recv_fds(self.sock, 64, 1)
             except OSError as e:
                 raise SandboxError(f"the sandbox fork server failed: {e}") from e
@@ -181,6 +190,12 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @attrs.define
