@@ -309,3 +309,53 @@ async def test_small_nars_over_http_download_many_at_once_by_default(tmp_path):
         server.shutdown()
         server.server_close()
     assert 8 < now[1] <= SMALL_FETCHES, now
+
+
+async def test_waiting_for_many_paths_another_process_holds_leaves_the_threads_free(source, tmp_path):
+    """A substitution that waits for more paths than trio has default worker threads (another
+    process holds their path locks) still lets everything else of the process that needs a
+    thread go on: the waits used to take all 40, so a second substitution (or the registering
+    and cleanup of the first) stood still until the other process let go, and when that process
+    waited for this one in turn, neither ever ended (two `pure build`s fetching one closure of
+    1000 paths into one store hung for good)."""
+    from purestore.cache import substitute
+    from purestore.cache.progress import Progress
+    from purestore.cache.substituter import substitute_report
+    from purestore.store.lock import PathLocks
+
+    store, s, lib, _app = source
+    n = trio.to_thread.current_default_thread_limiter().total_tokens + 10
+    held = [make_path(store, f"held-{i}", {"": f"held {i}\n".encode()}) for i in range(n)]
+    other = make_path(store, "other", {"": b"other\n"})
+    await push(store, s, f"file://{tmp_path}/c", [*held, other])
+    d, ds = dest(tmp_path, f"file://{tmp_path}/c")
+    holder = PathLocks(d.locks.directory)  # its own lock files' descriptions: another "process"
+    for p in held:
+        assert holder.acquire(p.base_name, blocking=False)
+    all_waiting = trio.Event()
+
+    class Notes(Progress):
+        waits = 0
+
+        def note(self, text):
+            assert text.startswith("waiting for another process to finish ")
+            self.waits += 1
+            if self.waits == n:
+                all_waiting.set()
+
+    with d:
+        async with trio.open_nursery() as nursery:
+            reports = []
+
+            async def first():
+                reports.append(await substitute_report(d, ds, held, progress=Notes()))
+            nursery.start_soon(first)
+            with trio.fail_after(60):  # a hang guard, not a timing: this takes milliseconds
+                await all_waiting.wait()
+                assert await substitute(d, ds, {other}) == {other}
+            assert not any(d.is_valid(p) for p in held)
+            for p in held:
+                holder.release(p.base_name)
+        [rep] = reports
+        assert rep.valid == set(held) and sorted(rep.fetched) == sorted(held) and not rep.failures
+        assert os.listdir(d.real_path(other).rsplit("/", 1)[0] + "/.tmp") == []

@@ -426,14 +426,15 @@ class _PathBytes(Progress):
 
 async def _take_path_lock(locks, p: StorePath, progress: Progress | None, store_dir: str) -> None:
     """Take ``p``'s path lock in the trio thread (it is released there too) without blocking
-    it: while someone else holds the lock, wait for it in a worker thread (saying so once)."""
+    it: while someone else holds the lock, wait for it in a worker thread of its own (saying
+    so once; see :func:`._storeapi.wait_lock_released`)."""
     told = False
     while not locks.acquire(p.base_name, blocking=False):
         if not told:
             told = True
             if hasattr(progress, "note"):
                 progress.note(f"waiting for another process to finish {p.absolute(store_dir)!r}")
-        await trio.to_thread.run_sync(locks.wait_released, p.base_name, abandon_on_cancel=True)
+        await S.wait_lock_released(locks, p.base_name)
 
 
 def _topo(found: dict[StorePath, tuple[_Cache, NarInfo]]) -> list[StorePath]:
