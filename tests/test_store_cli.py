@@ -144,6 +144,17 @@ def test_user_errors_print_error_and_exit_non_zero(pure, args, message):
         assert "hint: paths of '/nix/store' need a store made for that dir (--store-dir /nix/store)" in p.stderr
 
 
+def test_a_physical_path_of_another_rooted_store_gets_its_logical_name_as_hint(pure):
+    """`readlink result` of a rooted store gives ROOT/pure/store/…: the hint names the path as
+    '/pure/store/…' (it used to advise --store-dir ROOT/pure/store, a store of other hashes)."""
+    phys = "/tmp/elsewhere/pure/store/00000000000000000000000000000000-x/bin/x"
+    p = pure("store", "path-info", phys, check=False)
+    assert p.returncode == 1 and "--store-dir" not in p.stderr, p.stderr
+    assert ("hint: '/tmp/elsewhere/pure/store' is where the rooted store '/tmp/elsewhere' keeps its "
+            "paths; name the path by its store dir: "
+            "'/pure/store/00000000000000000000000000000000-x/bin/x'") in p.stderr, p.stderr
+
+
 def _big_tree(d, files: int = 1500, size: int = 64 * 1024) -> None:
     import random
     rnd = random.Random(7)

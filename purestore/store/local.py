@@ -211,7 +211,13 @@ class LocalStore:
                     return StorePath.parse_prefix(real, prefix)[0]
         hint = None
         m = re.match(r"(/[^\0]*?)/[0-9a-df-np-sv-z]{32}-[^/]+(/|$)", absolute)  # /<dir>/<hash>-<name>
-        if m and m.group(1) != self.store_dir:
+        if m and m.group(1).endswith(self.store_dir) and m.group(1) != self.store_dir:
+            # the physical path of a rooted store's path (`readlink result` of another --store):
+            # the same path, by its logical name, is what to give
+            root = m.group(1)[:-len(self.store_dir)]
+            hint = (f"{m.group(1)!r} is where the rooted store {root!r} keeps its paths; name the "
+                    f"path by its store dir: '{self.store_dir}{absolute[len(m.group(1)):]}'")
+        elif m and m.group(1) != self.store_dir:
             hint = f"paths of {m.group(1)!r} need a store made for that dir (--store-dir {m.group(1)})"
         raise InvalidStorePath(f"path {text!r} is not in the store dir {self.store_dir!r}"
                                + (f" (physically {self.real_store_dir!r})" if self.settings.rooted else ""),
