@@ -334,21 +334,34 @@ async def test_waiting_for_many_paths_another_process_holds_leaves_the_threads_f
         assert holder.acquire(p.base_name, blocking=False)
     all_waiting = trio.Event()
 
-    class Notes(Progress):
+    class CountingLocks(PathLocks):
+        """The store's path locks, counting the waits for a lock held elsewhere."""
         waits = 0
 
-        def note(self, text):
-            assert text.startswith("waiting for another process to finish ")
-            self.waits += 1
-            if self.waits == n:
-                all_waiting.set()
+        def wait_released(self, name):
+            with self._mutex:
+                self.waits += 1
+                last = self.waits == n
+            if last:
+                trio.from_thread.run_sync(all_waiting.set)
+            super().wait_released(name)
 
+    class Notes(Progress):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def note(self, text):
+            self.lines.append(text)
+
+    d.locks = CountingLocks(d.locks.directory)
+    notes = Notes()
     with d:
         async with trio.open_nursery() as nursery:
             reports = []
 
             async def first():
-                reports.append(await substitute_report(d, ds, held, progress=Notes()))
+                reports.append(await substitute_report(d, ds, held, progress=notes))
             nursery.start_soon(first)
             with trio.fail_after(60):  # a hang guard, not a timing: this takes milliseconds
                 await all_waiting.wait()
@@ -359,3 +372,7 @@ async def test_waiting_for_many_paths_another_process_holds_leaves_the_threads_f
         [rep] = reports
         assert rep.valid == set(held) and sorted(rep.fetched) == sorted(held) and not rep.failures
         assert os.listdir(d.real_path(other).rsplit("/", 1)[0] + "/.tmp") == []
+    # the first wait is named, the others counted (not a line each)
+    assert len(notes.lines) == 2, notes.lines
+    assert notes.lines[0].startswith("waiting for another process to finish '/pure/store/")
+    assert notes.lines[1] == f"waited for another process to finish {n} paths in all"

@@ -159,6 +159,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
         locks = getattr(store, "locks", None)  # the store's path locks (a local store has them)
+        waited: list[StorePath] = []  # paths whose lock another process held when wanted
 
         async def visit(p: StorePath, queries, fetches):
             """Query p's narinfo; on success start fetching it at once and query its references."""
@@ -267,7 +268,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                     # waits here, then finds it valid, instead of downloading it again (Nix's
                     # path locks); taken before a lane, so that waiting holds none
                     try:
-                        await _take_path_lock(locks, p, progress, sd)
+                        await _take_path_lock(locks, p, progress, sd, waited)
                     except StoreError as e:  # the lock file cannot be made (say, a full disk)
                         report.failures[p] = str(e)
                         return
@@ -381,6 +382,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         if p not in order:
                             report.failures[p] = "its narinfo is part of a reference cycle"
                             events[p].set()
+        if progress and len(waited) > 1 and hasattr(progress, "note"):
+            progress.note(f"waited for another process to finish {len(waited)} paths in all")
         if progress:
             progress.finish()
 
@@ -424,15 +427,19 @@ class _PathBytes(Progress):
             self.outer.add_bytes(-n)
 
 
-async def _take_path_lock(locks, p: StorePath, progress: Progress | None, store_dir: str) -> None:
+async def _take_path_lock(locks, p: StorePath, progress: Progress | None, store_dir: str,
+                          waited: list[StorePath]) -> None:
     """Take ``p``'s path lock in the trio thread (it is released there too) without blocking
-    it: while someone else holds the lock, wait for it in a worker thread of its own (saying
-    so once; see :func:`._storeapi.wait_lock_released`)."""
+    it: while someone else holds the lock, wait for it in a worker thread of its own (see
+    :func:`._storeapi.wait_lock_released`).  The first path of a run that waits is named;
+    the others are only counted in ``waited`` (two runs fetching one closure of 1000 paths
+    at once said 500 lines each)."""
     told = False
     while not locks.acquire(p.base_name, blocking=False):
         if not told:
             told = True
-            if hasattr(progress, "note"):
+            waited.append(p)
+            if len(waited) == 1 and hasattr(progress, "note"):
                 progress.note(f"waiting for another process to finish {p.absolute(store_dir)!r}")
         await S.wait_lock_released(locks, p.base_name)
 
