@@ -28,6 +28,9 @@ from .prune import cache_lock, narinfo_lock
 log = logging.getLogger("purestore.cache.server")
 
 MAX_UPLOAD = 1 << 40
+# the first bytes of an upload (a narinfo, a small NAR: most uploads) are written in the event
+# loop, the rest in a worker thread (a big NAR's writes may wait for the disk)
+SMALL_UPLOAD = 1 << 18
 
 
 class Refused(CacheError):
@@ -174,7 +177,8 @@ async def _put(receive, send, directory: str, path: str, name: str, *, refuse, b
                publishing: trio.CapacityLimiter) -> None:
     parent = os.path.dirname(path)
     try:
-        await trio.to_thread.run_sync(make_dirs, parent)
+        if not os.path.isdir(parent):  # (nearly always there: a stat is quicker than a thread hop)
+            await trio.to_thread.run_sync(make_dirs, parent)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
     except OSError as e:
         log.error("error: cannot store %s: cannot create a file in %r: %s", name, parent, e.strerror or e)
@@ -203,7 +207,9 @@ async def _put(receive, send, directory: str, path: str, name: str, *, refuse, b
                         await refuse(receive, send, 413, b"upload too large\n")
                         return
                     complete = not msg.get("more_body", False)
-                    if body:
+                    if body and total <= SMALL_UPLOAD:  # into the page cache: quicker than a thread hop
+                        f.write(body)
+                    elif body:
                         await trio.to_thread.run_sync(f.write, body)
                     if complete:
                         break
