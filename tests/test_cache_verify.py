@@ -205,3 +205,50 @@ def test_the_golden_cache_written_by_nix_verifies(tmp_path):
     rep = report(verify(url, "--trusted-public-keys", other, "--json"))
     assert sorted(p["path"] for p in rep["problems"]) == [
         "/nix/store/hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt", "/nix/store/nai7hnixwpdj31gflmh2xaw00xjq4b7m-tree"]
+
+
+def test_small_nars_are_checked_without_a_thread(cache, tmp_path, monkeypatch):
+    """A NAR of a few KiB (most of a cache of small paths) is read whole and checked in the
+    event loop: --check-contents made a worker thread and a hop back to the event loop for
+    each of its chunks (2000 small paths: 3.0 s, against 1.1 s now), and makes no more thread
+    hops than the check without contents."""
+    import trio
+
+    from purestore.cache.verify import verify_cache
+    from test_cache_support import settings_for
+    c, lib, app = cache
+    hops: list[str] = []
+    to_thread, from_thread = trio.to_thread.run_sync, trio.from_thread.run
+
+    async def counting(fn, *args, **kw):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kw)
+
+    def counting_back(fn, *args, **kw):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return from_thread(fn, *args, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    monkeypatch.setattr(trio.from_thread, "run", counting_back)
+    counts = {}
+    for contents in (False, True):
+        hops.clear()
+        rep = trio.run(lambda: verify_cache(settings_for(tmp_path / "s"), f"file://{c}", trusted_keys=[PUB],
+                                            check_contents=contents))
+        assert rep.results and not rep.bad and rep.contents_checked == contents
+        counts[contents] = len(hops)
+    assert counts[True] == counts[False]
+
+
+@pytest.mark.parametrize("kind", ["NAR file missing", "NAR file truncated", "altered after signing"])
+def test_damage_is_named_the_same_when_contents_are_read(cache, kind):
+    """The small NARs read in the event loop report damage as the streamed ones do."""
+    c, lib, app = cache
+    bad, why = _corrupt(kind, c, lib, app)
+    r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--check-contents")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(f"bad: '/pure/store/{bad.base_name}': ")]
+    assert lines and "1 bad" in r.stderr, r.stdout
+    if kind == "NAR file truncated":
+        assert any("truncated" in ln for ln in lines), lines
+    else:
+        assert any(why in ln for ln in lines), lines
