@@ -146,6 +146,11 @@ class PushResult:
 
 
 _LISTED = 10  # paths a failed push names one by one on stderr (--json lists them all)
+# compressed NARs waiting for their upload, at most, besides those being compressed: a cache
+# slower than the compression (a server across a network, or at its own CPU's limit) left the
+# whole closure compressed in temporary files, and when it went away, every such path failed on
+# its own, each retrying and warning (a push of 2000 small paths: 9,300 lines)
+UPLOADS_AHEAD = 16
 _KEY_HINT = "create one with 'pure key generate --name NAME --secret-out FILE --public-out FILE'"
 
 
@@ -397,34 +402,50 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         # at the end; ``jobs`` workers compress, each handing a finished path to a publishing task.
         pending = collections.deque(sorted(todo, key=lambda p: -infos[p].nar_size))
 
+        ahead = trio.Semaphore(UPLOADS_AHEAD + jobs)  # (see UPLOADS_AHEAD)
+
         async def compress_worker(n, worker: ForkedWorker | None) -> None:
             while pending and not cache_failed:
-                p = pending.popleft()
-                info = infos[p]
-                if progress:
-                    progress.message(f"copying path {p.absolute(store_dir)!r} to {backend.url.split('?')[0]!r}")
-                tmp = push_temp_name(tmp_dir)
-                args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, parallel, tmp,
-                        write_listing)
-                try:
-                    ran, res = await run_claimed(
-                        worker, lambda: worker.call(compress_path, *args, progress=progress),
-                        lambda: _unlink_quietly(tmp))
-                    if not ran:  # in a thread of this process, stopped at once by Ctrl-C
-                        res = await run_stoppable(compress_path, *args, progress,
-                                                  discard=lambda res: _unlink_quietly(res[0]))
-                except StoreError as e:  # this path's own fault (corrupt, unreadable): the rest goes on
-                    failed[p] = str(e)
-                    hints.append(e.hint)
-                    done[p].set()
-                    continue
-                except CacheError as e:  # the cache's (full, gone): no path is started after this one,
-                    failed[p] = str(e)  # those under way are published if the cache takes them
-                    cache_failed.append((p, e))
-                    done[p].set()
-                    stop_pending()
+                await ahead.acquire()
+                if not pending or cache_failed:  # (stopped while it waited)
+                    ahead.release()
                     return
-                n.start_soon(push_one, p, *res)
+                p = pending.popleft()
+                handed = False
+                try:
+                    handed = await compress_one(n, worker, p)
+                finally:
+                    if not handed:
+                        ahead.release()
+
+        async def compress_one(n, worker: ForkedWorker | None, p: StorePath) -> bool:
+            """Compress ``p`` and start its upload (True), or fail it (False)."""
+            info = infos[p]
+            if progress:
+                progress.message(f"copying path {p.absolute(store_dir)!r} to {backend.url.split('?')[0]!r}")
+            tmp = push_temp_name(tmp_dir)
+            args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, parallel, tmp,
+                    write_listing)
+            try:
+                ran, res = await run_claimed(
+                    worker, lambda: worker.call(compress_path, *args, progress=progress),
+                    lambda: _unlink_quietly(tmp))
+                if not ran:  # in a thread of this process, stopped at once by Ctrl-C
+                    res = await run_stoppable(compress_path, *args, progress,
+                                              discard=lambda res: _unlink_quietly(res[0]))
+            except StoreError as e:  # this path's own fault (corrupt, unreadable): the rest goes on
+                failed[p] = str(e)
+                hints.append(e.hint)
+                done[p].set()
+                return False
+            except CacheError as e:  # the cache's (full, gone): no path is started after this one,
+                failed[p] = str(e)  # those under way are published if the cache takes them
+                cache_failed.append((p, e))
+                done[p].set()
+                stop_pending()
+                return False
+            n.start_soon(push_one, p, *res)
+            return True
 
         def stop_pending() -> None:
             """The cache failed: the paths not started never will be; a referrer waiting for one
@@ -433,13 +454,21 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 done[pending.popleft()].set()
 
         async def push_one(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
+            freed = [False]
+
+            def free() -> None:  # its NAR is in the cache (or never will be): the next may come
+                if not freed[0]:
+                    freed[0] = True
+                    ahead.release()
             try:
-                await publish(p, tmp, file_hash, file_size, ls)
+                await publish(p, tmp, file_hash, file_size, ls, free)
             except CacheError as e:  # the cache's (full, refused, gone): the push stops, as above
                 failed[p] = str(e)
                 cache_failed.append((p, e))
                 done[p].set()
                 stop_pending()
+            finally:
+                free()
 
         def reference_failed(p: StorePath) -> bool:
             r = next((r for r in infos[p].references if r != p and r in failed), None)
@@ -448,7 +477,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 done[p].set()
             return r is not None
 
-        async def publish(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None):
+        async def publish(p: StorePath, tmp: str, file_hash: Hash, file_size: int, ls: bytes | None, free):
             info = infos[p]
             nar_name = f"nar/{file_hash.nix32}.nar{ext}"
             try:
@@ -467,6 +496,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
+            free()
             if ls is not None:
                 await backend.put(f"{p.hash_part}.ls", ls, "application/json")
             if index_debug_info:
