@@ -17,6 +17,8 @@ following in turn (pure first in odd rounds, Nix first in even ones):
                proxy that delays everything by half of ``--rtt`` (10 ms) each way, as a cache
                across a network is: what parallel queries and downloads are for, which loopback
                cannot show (the proxy's threads use a little CPU, counted for both tools)
+   small push: the same 200 small paths pushed to a new file:// zstd cache, by each tool from
+               its own store (what a post-build hook or a `copy --to` of a whole closure does)
 4. http big:   where nginx is installed, the big closure substituted over HTTP from the cache
                each tool pushed in step 1
 
@@ -200,6 +202,10 @@ def bench(args, tree: Path, where: str) -> None:
         small_paths = subprocess.run(PURE + ["--store", small_pure, "--store-dir", "/nix/store", "store", "add",
                                              *small_files], env=PURE_ENV, capture_output=True, text=True,
                                      check=True).stdout.split()
+        small_nix = work / "small-nix"
+        nsmall = subprocess.run(["nix-store", "--store", small_nix, "--add", *small_files],
+                                env=nix_env(work / "xdg"), capture_output=True, text=True, check=True)
+        assert nsmall.stdout.split() == small_paths, "pure and Nix disagree on the small store paths"
         small_cache = work / "small-cache"
         subprocess.run(PURE + ["--store", small_pure, "--store-dir", "/nix/store", "copy", "--to",
                                f"file://{small_cache}?compression=zstd&secret-key={key}", *small_paths],
@@ -208,6 +214,7 @@ def bench(args, tree: Path, where: str) -> None:
         subprocess.run(["tar", "cf", "/dev/null", str(src_pure), str(src_nix)], check=True)
         times: dict[str, list[float]] = {k: [] for k in
                                          ("push-pure", "push-nix", "subst-pure", "subst-nix", "subst0-pure",
+                                          "spush-pure", "spush-nix",
                                           "http-pure", "http-nix", "nginx-pure", "nginx-nix",
                                           "lat-pure", "lat-nix", "hbig-pure", "hbig-nix")}
         nginx = start_nginx(work / "nginx", work)  # serves every cache of the run by its directory
@@ -264,6 +271,14 @@ def bench(args, tree: Path, where: str) -> None:
                         hpull = ["nix", "copy", "--store", hdst, "--from", url,
                                  "--option", "trusted-public-keys", pub, *small_paths]
                     times[f"http-{who}"].append(run(hpull, env, f"http-{who}"))
+                    scurl = f"file://{work / f'scache-{who}-{rnd}'}?compression=zstd&secret-key={key}"
+                    if who == "pure":  # the small paths pushed to a file:// cache of their own
+                        spush = PURE + ["--store", small_pure, "--store-dir", "/nix/store", "copy", "--to",
+                                        scurl, *small_paths]
+                    else:
+                        spush = ["nix", "copy", "--store", small_nix, "--to", scurl, *small_paths]
+                    times[f"spush-{who}"].append(run(spush, env, f"spush-{who}"))
+                    subprocess.run(["sync"], check=True)
                     if nginx is not None:
                         hpull[hpull.index(url)] = nginx[1] + "small-cache/"
                         hpull[hpull.index(hdst)] = work / f"ndst-{who}-{rnd}"
@@ -292,6 +307,7 @@ def bench(args, tree: Path, where: str) -> None:
         for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
                             ("subst0", "  the same, pure without flush"),
                             ("http", f"{args.small} small paths over HTTP"),
+                            ("spush", f"push {args.small} small paths, file://"),
                             ("nginx", "  the same served by nginx"),
                             ("lat", f"  the same, {args.rtt:g} ms away"),
                             ("hbig", "the big closure from nginx")):
