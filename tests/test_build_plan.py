@@ -443,12 +443,19 @@ def test_fallback_false_ignores_a_failed_lookup_of_what_the_build_does_not_need(
     assert _events(root) == ([], [scene.app])
 
 
-def _library_gap(pure, expr, tmp_path, gap):
+def _library_gap(pure, expr, tmp_path, gap, *, tool=None):
     """app refers to lib; the cache has app but not lib (``gap``: "no narinfo"), or lib signed
     by a key not trusted ("untrusted narinfo").  Returns (expression, app, lib, lib's .drv,
-    the global options that use the cache)."""
-    f = expr('lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
-             'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref")\n')
+    the global options that use the cache).  ``tool``: a file app is also built with (fetched
+    by a fixed-output derivation, "tool"), a build-only input: app copies its text, and does
+    not refer to it."""
+    body = 'lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
+    if tool is None:
+        body += 'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref")\n'
+    else:
+        body += (f'tool = fetchurl(url="file://{tool}", hash="{_sri(tool.read_bytes())}", name="tool")\n'
+                 'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref; $B cat {tool} >> $out/ref")\n')
+    f = expr(body)
     app = build(pure, tmp_path, f, "--no-link").stdout.strip()
     lib = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib"))
     lib_drv = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-lib.drv"))
@@ -464,6 +471,12 @@ def _library_gap(pure, expr, tmp_path, gap):
         pure("cache", "sign", f"file://{cache}", "--key-file", tmp_path / "o.sec", "--no-check-sigs")
     keys = ("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip())
     return f, app, lib, lib_drv, keys
+
+
+def _sri(data: bytes) -> str:
+    import base64
+    import hashlib
+    return "sha256-" + base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
 @pytest.mark.parametrize("gap", ["no narinfo", "untrusted narinfo"])
@@ -702,3 +715,90 @@ def test_many_packages_above_a_library_whose_nar_fails_are_fetched_once_it_is_bu
         assert st.verify(check_contents=True).ok
     finally:
         st.close()
+
+
+def _tool_gap(pure, expr, tmp_path):
+    """_library_gap with a build-only input, tool; returns its results and tool's .drv."""
+    src = tmp_path / "tool.txt"
+    src.write_text("tool\n")
+    f, app, lib, lib_drv, keys = _library_gap(pure, expr, tmp_path, "no narinfo", tool=src)
+    tool_drv = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-tool.drv"))
+    return f, app, lib, lib_drv, tool_drv, keys
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_a_package_fetched_once_its_library_is_built_does_not_wait_for_its_build_only_inputs(
+        pure, expr, tmp_path, store_root, keep_going):
+    """app refers to lib (in no cache) and is built with tool, which it does not refer to: lib
+    is built and app fetched; tool is neither built nor fetched, and its build failing (its
+    source is gone) does not fail app.  Before (as in Nix 2.8), app's late fetch waited for all
+    its inputs, tool was built for nothing, and app failed with "dependency ... failed"."""
+    f, app, lib, lib_drv, tool_drv, keys = _tool_gap(pure, expr, tmp_path)
+    (tmp_path / "tool.txt").unlink()  # tool cannot be built any more
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", *(["--keep-going"] if keep_going else []), root=root, cwd=tmp_path)
+    assert p.stdout.strip() == app, p.stderr
+    assert _events(root) == ([lib_drv], [app])
+    assert "-tool" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("tool_in_cache", [False, True])
+def test_a_package_whose_late_fetch_fails_is_built_with_its_build_only_inputs_then(
+        pure, expr, tmp_path, store_root, tool_in_cache):
+    """As above, but app's NAR in the cache is corrupt: its late fetch fails once lib is built,
+    and only then is tool needed: tool is built (or fetched, when a cache has it), then app is
+    built, although the plan did not list them."""
+    f, app, lib, lib_drv, tool_drv, keys = _tool_gap(pure, expr, tmp_path)
+    cache = tmp_path / "cache"
+    tool = next(p for p in pure("store", "ls").stdout.split() if p.endswith("-tool"))
+    if tool_in_cache:
+        pure("copy", "--to", f"file://{cache}", "--secret-key-file", tmp_path / "k.sec", tool)
+    text = (cache / (app.rsplit("/", 1)[1][:32] + ".narinfo")).read_text()
+    (cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))).write_bytes(b"junk")
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", "--json", root=root, cwd=tmp_path)
+    evs = [json.loads(line) for line in p.stdout.splitlines()]
+    [plan] = [e for e in evs if e["type"] == "plan"]
+    assert plan["willBuild"] == [lib_drv] and plan["willFetchAfterBuild"] == [app], plan
+    built = [e["drv"] for e in evs if e["type"] == "start"]  # in the order they started
+    app_drv = next(d for d in built if d.endswith("-app.drv"))
+    if tool_in_cache:
+        assert built == [lib_drv, app_drv] and _events(root)[1] == [tool], (built, _events(root))
+        root2 = tmp_path / "c"
+        root2.mkdir()
+        p2 = pure(*keys, "build", f, "--no-link", root=root2, cwd=tmp_path)
+        assert f"fetched {tool} (to build {app_drv}, whose fetch failed)" in p2.stderr, p2.stderr
+    else:
+        assert built == [lib_drv, tool_drv, app_drv] and _events(root)[1] == [], (built, _events(root))
+    assert sorted(_events(root)[0]) == sorted(built)
+    assert [e["path"] for e in evs if e["type"] == "fetch-failed"] == [app]
+    st = open_store(root)
+    try:
+        assert st.is_valid(st.parse_path(app)) and st.verify(check_contents=True).ok
+    finally:
+        st.close()
+
+
+def test_the_plan_of_a_late_fetch_does_not_list_its_build_only_inputs(pure, expr, tmp_path, store_root):
+    """The plan (--dry-run, its --json, the one printed before the build, and the build's
+    --json) lists lib as the only build, app as fetched once lib is built, and not tool: it
+    listed tool among the builds."""
+    f, app, lib, lib_drv, tool_drv, keys = _tool_gap(pure, expr, tmp_path)
+    root = tmp_path / "b"
+    root.mkdir()
+    dry = pure(*keys, "build", f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
+    assert "this derivation will be built:\n  " + lib_drv + "\n" in dry.stderr, dry.stderr
+    assert "-tool" not in dry.stderr and "-app.drv" not in dry.stderr, dry.stderr
+    plan = json.loads(pure(*keys, "build", f, "--no-link", "--dry-run", "--json", root=root, cwd=tmp_path).stdout)
+    assert plan["willBuild"] == [lib_drv] and plan["willFetch"] == [], plan
+    assert [x["path"] for x in plan["willFetchAfterBuild"]] == [app]
+    p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
+    assert "this derivation will be built:\n  " + lib_drv + "\n" in p.stderr, p.stderr
+    assert "-tool" not in p.stderr, p.stderr
+    root = tmp_path / "j"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", "--json", root=root, cwd=tmp_path)
+    [plan] = [e for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "plan"]
+    assert plan["willBuild"] == [lib_drv] and plan["willFetchAfterBuild"] == [app], plan

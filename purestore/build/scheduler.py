@@ -194,7 +194,9 @@ class _Realiser:
         self.fork_server: sb.ForkServer | None = None
         self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
-        self.subst = Substitution(store, settings, self.nodes, progress, fork_worker=options.fork_worker)
+        self.subst = Substitution(store, settings, self.nodes, progress, fork_worker=options.fork_worker,
+                                  late_fetches=not options.check)
+        self.nursery: trio.Nursery | None = None  # where the nodes' tasks run
 
     def _server(self) -> sb.ForkServer:
         """The fork server, started on first use (in the trio thread: it dies with that thread)."""
@@ -290,7 +292,7 @@ class _Realiser:
             n = self.nodes[p]
             if p in needed_before:
                 keep.add(p)
-                stack.extend(d.path for d in n.deps)
+                stack.extend(d.path for d in self.subst.waits_for(n))  # (a late fetch: not its build inputs)
         for p, n in self.nodes.items():
             n.needed = p in keep
             if not n.needed and not n.done.is_set():
@@ -335,6 +337,7 @@ class _Realiser:
                 # clean-ups (reaping sandboxes, removing build dirs) overlap with the next builds
                 self.background = background
                 async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
                     for node in to_build:
                         nursery.start_soon(self._run_node, node, nursery.cancel_scope)
                     for node in checks:
@@ -380,15 +383,16 @@ class _Realiser:
         try:
             # a dependency's outputs may be used as soon as they are complete at their real paths;
             # registering ours waits until the dependencies are registered (see _build_once)
-            for d in node.deps:
-                await d.ready.wait()
-            failed = [d for d in node.deps if d.done.is_set() and not d.ok]
-            if failed:
-                node.error = f"dependency {failed[0].label} failed"
+            waits = self.subst.waits_for(node)  # a late fetch: only what its outputs refer to
+            if not await self._inputs_ok(node, waits):
                 return
             if not self.options.check and await self.subst.fetch_late(node):
                 node.ok = True
                 return
+            if len(waits) < len(node.deps):  # its late fetch failed: built, with all its inputs
+                self._need_inputs(node)
+                if not await self._inputs_ok(node, node.deps):
+                    return
             rounds = self.options.rounds if node.top else 1
             built = await self._build_node(node, rounds)
             node.ok = True
@@ -403,6 +407,23 @@ class _Realiser:
                 scope.cancel()
         finally:
             node.finish()
+
+    async def _inputs_ok(self, node: _Node, deps: list[_Node]) -> bool:
+        """Wait for ``deps`` to be complete; False (``node.error`` said) when one failed."""
+        for d in deps:
+            await d.ready.wait()
+        failed = [d for d in deps if d.done.is_set() and not d.ok]
+        if failed:
+            node.error = f"dependency {failed[0].label} failed"
+        return not failed
+
+    def _need_inputs(self, node: _Node) -> None:
+        """``node`` is built after all (its late fetch failed): realise the inputs it needs
+        then that were left out of the plan (see :meth:`.Substitution.inputs_to_realise`)."""
+        for d in self.subst.inputs_to_realise(node):
+            d.needed, d.ok, d.error = True, False, None
+            d.done, d.ready = trio.Event(), trio.Event()  # (finished when left out: no one waited)
+            self.nursery.start_soon(self._run_node, d, self.nursery.cancel_scope)
 
     async def _post_build_hook(self, node: _Node, scope: trio.CancelScope) -> None:
         drv, outs = node.label, [self.store.print_path(node.outputs[n]) for n in sorted(node.outputs)]

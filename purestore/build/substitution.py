@@ -9,10 +9,12 @@ A *late fetch*: an output a cache has, whose missing reference no cache can give
 not signed by a trusted key, or its NAR failed), is fetched once that reference is built here:
 it then has the same path as the cache's (as Nix does).  The plan lists it apart from the
 builds, the status line shows it beside them while it runs, and the fetch summary of the run
-counts it.  A NAR that came and passed its checks
-before its reference failed is not downloaded again for it (the session keeps the restored
-tree: ``cache/restored.py``).  The caches layer is imported lazily: without it, everything is
-built.
+counts it.  It waits only for the derivations whose outputs it refers to
+(:meth:`Substitution.waits_for`): unlike Nix, its derivation's build-only inputs are realised
+only if the fetch fails and it is built after all (:meth:`Substitution.inputs_to_realise`).  A NAR that came and passed its
+checks before its reference failed is not downloaded again for it (the session keeps the
+restored tree: ``cache/restored.py``).  The caches layer is imported lazily: without it,
+everything is built.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class Substitution:
     """The binary-cache side of one realisation over the scheduler's ``nodes`` (drv path ->
     node).  ``fork_worker``: see :class:`.scheduler.BuildOptions`."""
 
-    def __init__(self, store, settings, nodes: dict, progress: "Progress", *, fork_worker: bool = False):
+    def __init__(self, store, settings, nodes: dict, progress: "Progress", *, fork_worker: bool = False,
+                 late_fetches: bool = True):
         self.store = store
+        self.late_fetches = late_fetches  # False: a late fetch is not tried, its package is built (--check)
         self.settings = settings
         self.sd = settings.store_dir
         self.nodes = nodes
@@ -57,6 +61,7 @@ class Substitution:
         # fetched once their derivation's inputs are built (see fetch_late), as Nix does
         self.fetch_after_build: dict[StorePath, tuple] = {}
         self.found_all: dict[StorePath, tuple] = {}
+        self.fetched_for: dict[StorePath, str] = {}  # fetched late as an input of (see inputs_to_realise)
         self.session = None  # the substitution's, kept open for the late fetches
         self.fetched: set[StorePath] = set()  # every path downloaded before the builds
 
@@ -89,8 +94,8 @@ class Substitution:
         needed derivation whose missing wanted outputs can all be fetched is fetched (those
         outputs only), and then its inputs are not needed (as in Nix, a build-time dependency
         is not downloaded for a package that is); one with none missing any more (another
-        process made them meanwhile) needs nothing; any other is built, and its inputs are
-        visited."""
+        process made them meanwhile) needs nothing; any other is built, or fetched late, and
+        the inputs it waits for (:meth:`waits_for`) are visited."""
         fetch: set[StorePath] = set()
         build: set[StorePath] = set()
         seen: set[StorePath] = set()
@@ -110,8 +115,46 @@ class Substitution:
                 fetch.update(missing)
             else:
                 build.add(p)
-                stack.extend(d.path for d in n.deps)
+                stack.extend(d.path for d in self.waits_for(n))
         return fetch, build
+
+    def waits_for(self, n: "_Node") -> list["_Node"]:
+        """The inputs that ``n``, a needed derivation, waits for: all of them for a build; for a
+        late fetch (its missing wanted outputs all in ``fetch_after_build``), only those whose
+        outputs these refer to.  Its build-only inputs are not realised for it unless that
+        fetch fails (see :meth:`inputs_to_realise`): Nix 2.8 builds them all the same."""
+        if not self.late_fetches or not n.deps or not self.fetch_after_build:
+            return n.deps
+        outs = wanted_missing(self.store, n)
+        if not outs or not all(o in self.fetch_after_build for o in outs):
+            return n.deps
+        refs = {r for o in outs for r in self.fetch_after_build[o][1].references}
+        return [d for d in n.deps if any(o in refs for o in d.outputs.values())]
+
+    def inputs_to_realise(self, n: "_Node") -> list["_Node"]:
+        """The inputs of ``n`` (and theirs, down the graph) that are not needed and whose wanted
+        outputs are missing: what ``n``, built after all because its late fetch failed, needs
+        realised that :meth:`waits_for` left out.  One a cache has is fetched then (noted in
+        ``fetch_after_build``: its task fetches it once what it refers to is there), if the
+        caches' session is still open; any other is built."""
+        if not wanted_missing(self.store, n):  # another process made them meanwhile
+            return []
+        todo, seen, out = list(n.deps), set(), []
+        while todo:
+            d = todo.pop()
+            if d.path in seen or d.needed or d.drv is None:
+                continue
+            seen.add(d.path)
+            missing = wanted_missing(self.store, d)
+            if not missing:
+                continue
+            if self.late_fetches and self.session is not None and all(o in self.found_all for o in missing):
+                for o in missing:
+                    self.fetch_after_build[o] = self.found_all[o]
+                    self.fetched_for[o] = n.label
+            out.append(d)
+            todo.extend(self.waits_for(d))
+        return out
 
     def plan_late_fetches(self, found: dict) -> None:
         """What a cache has but whose missing reference no cache can give (not there, untrusted)
@@ -294,18 +337,27 @@ class Substitution:
                             nar_size=sum(n for _p, _u, _d, n in listed))
 
     async def fetch_late(self, node: "_Node") -> bool:
-        """Fetch ``node``'s outputs now that its inputs are built, when a cache had them and
-        only a reference of theirs had failed to come (its inputs' outputs, built here now,
-        have the same paths).  True when they all came; else it is built (the failure said)."""
+        """Fetch ``node``'s outputs now that the inputs whose outputs they refer to are built
+        (:meth:`waits_for`), when a cache had them and only a reference of theirs had failed to
+        come (those outputs, built here now, have the same paths).  True when they all came;
+        else it is built (the failure said), and no longer counted as a late fetch: it then
+        waits for all its inputs."""
         outs = wanted_missing(self.store, node)
         if not outs or not all(o in self.fetch_after_build for o in outs) or self.session is None:
             return False
-        for d in node.deps:  # registered, not only complete on disk
+        if await self._fetch_late(node, outs):
+            return True
+        for o in outs:
+            self.fetch_after_build.pop(o, None)
+        await self.session.restored.discard(outs)  # built instead
+        return False
+
+    async def _fetch_late(self, node: "_Node", outs: list[StorePath]) -> bool:
+        for d in self.waits_for(node):  # registered, not only complete on disk
             await d.done.wait()
         store = self.store
         refs = {r for o in outs for r in self.fetch_after_build[o][1].references if r not in outs}
         if not all(await trio.to_thread.run_sync(lambda: [store.is_valid(r) for r in refs])):
-            await self.session.restored.discard(outs)  # built instead
             return False  # what failed to come was not built before this one (another output of it)
         from ..cache.substituter import substitute_report
         counters = self.progress.fetch_progress(late=True)  # shown beside the builds' status
@@ -318,11 +370,10 @@ class Substitution:
             log.warning("warning: cannot substitute %r: %s", p.absolute(self.sd), why)
             self.progress.event("fetch-failed", path=p.absolute(self.sd), error=why)
         if not all(o in rep.valid for o in outs):
-            for o in outs:
-                self.fetch_after_build.pop(o, None)
-            await self.session.restored.discard(outs)  # built instead
             return False
         for p in sorted(rep.fetched, key=lambda q: q.base_name):  # (a "fetched" event each: the counters')
-            self.progress.message(f"fetched {p.absolute(self.sd)} (once what it refers to was built here)")
+            why = (f"to build {self.fetched_for[p]}, whose fetch failed" if p in self.fetched_for
+                   else "once what it refers to was built here")
+            self.progress.message(f"fetched {p.absolute(self.sd)} ({why})")
         return True
 
