@@ -784,10 +784,12 @@ def test_a_package_whose_late_fetch_fails_is_built_with_its_build_only_inputs_th
 def test_the_plan_of_a_late_fetch_does_not_list_its_build_only_inputs(pure, expr, tmp_path, store_root):
     """The plan (--dry-run, its --json, the one printed before the build, and the build's
     --json) lists lib as the only build, app as fetched once lib is built, and not tool: it
-    listed tool among the builds."""
+    listed tool among the builds.  So does the error of -j 0 (it said "2 derivations")."""
     f, app, lib, lib_drv, tool_drv, keys = _tool_gap(pure, expr, tmp_path)
     root = tmp_path / "b"
     root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", "-j", "0", root=root, cwd=tmp_path, check=False)
+    assert p.returncode == 1 and f"error: cannot build 1 derivation ({lib_drv}): " in p.stderr, p.stderr
     dry = pure(*keys, "build", f, "--no-link", "--dry-run", root=root, cwd=tmp_path)
     assert "this derivation will be built:\n  " + lib_drv + "\n" in dry.stderr, dry.stderr
     assert "-tool" not in dry.stderr and "-app.drv" not in dry.stderr, dry.stderr
