@@ -804,3 +804,30 @@ def test_the_plan_of_a_late_fetch_does_not_list_its_build_only_inputs(pure, expr
     p = pure(*keys, "build", f, "--no-link", "--json", root=root, cwd=tmp_path)
     [plan] = [e for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "plan"]
     assert plan["willBuild"] == [lib_drv] and plan["willFetchAfterBuild"] == [app], plan
+
+
+def test_a_late_fetch_waits_for_what_it_refers_to_through_a_build_only_input(pure, expr, tmp_path, store_root):
+    """app refers to lib and, through the text it copies from tool (a build-only input), to
+    zlib, tool's input and not app's; the cache has app but neither lib nor zlib: lib and zlib
+    are built, app fetched, tool not built.  Before, app waited only for lib (the one input
+    whose output it names): its fetch found zlib missing and failed, and app, tool and zlib
+    were all built."""
+    f = expr('zlib = sh("zlib", "$B mkdir $out; echo zlib > $out/z")\n'
+             'tool = sh("tool", f"$B mkdir $out; echo {zlib} > $out/t")\n'
+             'lib = sh("lib", "$B mkdir $out; echo lib > $out/l")\n'
+             'default = sh("app", f"$B mkdir $out; echo {lib} > $out/ref; $B cat {tool}/t >> $out/ref")\n')
+    app = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    listed = pure("store", "ls").stdout.split()
+    lib, zlib = (next(p for p in listed if p.endswith(s)) for s in ("-lib", "-zlib"))
+    lib_drv, zlib_drv = (next(p for p in listed if p.endswith(s)) for s in ("-lib.drv", "-zlib.drv"))
+    cache = _keyed_push(pure, tmp_path, app)
+    for p in (lib, zlib):
+        (cache / (p.rsplit("/", 1)[1][:32] + ".narinfo")).unlink()
+    keys = ("--substituters", f"file://{cache}", "--trusted-public-keys", (tmp_path / "k.pub").read_text().strip())
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure(*keys, "build", f, "--no-link", root=root, cwd=tmp_path)
+    assert p.stdout.strip() == app, p.stderr
+    built, fetched = _events(root)
+    assert sorted(built) == sorted([lib_drv, zlib_drv]) and fetched == [app], (built, fetched, p.stderr)
+    assert "cannot substitute" not in p.stderr, p.stderr

@@ -389,7 +389,7 @@ class _Realiser:
             if not self.options.check and await self.subst.fetch_late(node):
                 node.ok = True
                 return
-            if len(waits) < len(node.deps):  # its late fetch failed: built, with all its inputs
+            if any(d not in waits for d in node.deps):  # its late fetch failed: built, with all its inputs
                 self._need_inputs(node)
                 if not await self._inputs_ok(node, node.deps):
                     return

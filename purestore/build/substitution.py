@@ -19,6 +19,7 @@ everything is built.
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import TYPE_CHECKING, Iterable
 
@@ -119,17 +120,30 @@ class Substitution:
         return fetch, build
 
     def waits_for(self, n: "_Node") -> list["_Node"]:
-        """The inputs that ``n``, a needed derivation, waits for: all of them for a build; for a
-        late fetch (its missing wanted outputs all in ``fetch_after_build``), only those whose
-        outputs these refer to.  Its build-only inputs are not realised for it unless that
-        fetch fails (see :meth:`inputs_to_realise`): Nix 2.8 builds them all the same."""
+        """The derivations that ``n``, a needed derivation, waits for: all its inputs for a
+        build; for a late fetch (its missing wanted outputs all in ``fetch_after_build``), only
+        those below it in the graph whose outputs these refer to, an input's input too (a path
+        it refers to through what it copied from a build-only input).  Its build-only inputs
+        are not realised for it unless that fetch fails (see :meth:`inputs_to_realise`): Nix
+        2.8 builds them all the same."""
         if not self.late_fetches or not n.deps or not self.fetch_after_build:
             return n.deps
         outs = wanted_missing(self.store, n)
         if not outs or not all(o in self.fetch_after_build for o in outs):
             return n.deps
-        refs = {r for o in outs for r in self.fetch_after_build[o][1].references}
-        return [d for d in n.deps if any(o in refs for o in d.outputs.values())]
+        left = {r for o in outs for r in self.fetch_after_build[o][1].references if r not in outs}
+        waits, seen, todo = [], set(), collections.deque(n.deps)
+        while todo and left:  # (breadth first: the inputs themselves before theirs)
+            d = todo.popleft()
+            if d.path in seen:
+                continue
+            seen.add(d.path)
+            made = left.intersection(d.outputs.values())
+            if made:
+                waits.append(d)
+                left -= made
+            todo.extend(d.deps)
+        return waits
 
     def inputs_to_realise(self, n: "_Node") -> list["_Node"]:
         """The inputs of ``n`` (and theirs, down the graph) that are not needed and whose wanted
