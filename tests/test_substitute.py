@@ -376,3 +376,72 @@ async def test_waiting_for_many_paths_another_process_holds_leaves_the_threads_f
     assert len(notes.lines) == 2, notes.lines
     assert notes.lines[0].startswith("waiting for another process to finish '/pure/store/")
     assert notes.lines[1] == f"waited for another process to finish {n} paths in all"
+
+
+async def test_waits_for_paths_another_process_holds_use_a_bounded_number_of_threads(source, tmp_path, monkeypatch):
+    """The waits for path locks another process holds block at most WAIT_THREADS threads of a
+    run; the others poll: a thread per path made a run waiting for 200 paths fail with "can't
+    start new thread" (a traceback) under a pids limit of 150, as a container may have.  The
+    waits still end once the locks are released, and the rest of the run goes on meanwhile."""
+    import trio.testing
+
+    from purestore import _lock_wait
+    from purestore.cache import substitute
+    from purestore.cache.substituter import substitute_report
+    from purestore.store.lock import PathLocks
+
+    monkeypatch.setattr(_lock_wait, "WAIT_THREADS", 4)
+    store, s, _lib, _app = source
+    n = 24
+    held = [make_path(store, f"held-{i}", {"": f"held {i}\n".encode()}) for i in range(n)]
+    other = make_path(store, "other", {"": b"other\n"})
+    await push(store, s, f"file://{tmp_path}/c", [*held, other])
+    d, ds = dest(tmp_path, f"file://{tmp_path}/c")
+    holder = PathLocks(d.locks.directory)  # its own lock files' descriptions: another "process"
+    for p in held:
+        assert holder.acquire(p.base_name, blocking=False)
+    all_refused, threads_in = trio.Event(), trio.Event()
+
+    class CountingLocks(PathLocks):
+        refused: set = set()
+        inside = most = 0
+
+        def acquire(self, name, *, blocking=True):
+            got = super().acquire(name, blocking=blocking)
+            if not got:
+                self.refused.add(name)
+                if len(self.refused) == n:
+                    all_refused.set()
+            return got
+
+        def wait_released(self, name):
+            with self._mutex:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+                if self.inside == 4:
+                    trio.from_thread.run_sync(threads_in.set)
+            try:
+                super().wait_released(name)
+            finally:
+                with self._mutex:
+                    self.inside -= 1
+
+    d.locks = locks = CountingLocks(d.locks.directory)
+    with d:
+        async with trio.open_nursery() as nursery:
+            reports = []
+
+            async def first():
+                reports.append(await substitute_report(d, ds, held))
+            nursery.start_soon(first)
+            with trio.fail_after(60):  # a hang guard, not a timing
+                await all_refused.wait()
+                await threads_in.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                assert await substitute(d, ds, {other}) == {other}
+            assert not any(d.is_valid(p) for p in held)
+            for p in held:
+                holder.release(p.base_name)
+        [rep] = reports
+        assert rep.valid == set(held) and sorted(rep.fetched) == sorted(held) and not rep.failures
+    assert locks.most <= 4, locks.most

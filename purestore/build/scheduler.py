@@ -28,6 +28,7 @@ from typing import Iterable, NoReturn
 import attrs
 import trio
 
+from .._lock_wait import wait_lock_released
 from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
 from ..formats.derivation import Derivation, parse_aterm
 from ..formats.hash import Hash
@@ -475,12 +476,11 @@ class _Realiser:
                 path = self.store.print_path(next(o for o in node.outputs.values() if o.base_name == busy))
                 self.progress.message(f"waiting for another process to finish '{path}'")
                 self.progress.event("waiting", drv=node.label, path=path)
-            # in a thread outside the default limiter's 40, as the substituter waits (see
-            # cache/_storeapi.py's wait_lock_released; the caches layer is optional here): a
-            # wait per busy derivation, taking those 40, would stop everything of this run
-            # that needs a thread, and so the other process if it waits for us in turn
-            await trio.to_thread.run_sync(locks.wait_released, busy, abandon_on_cancel=True,
-                                          limiter=trio.CapacityLimiter(1))
+            # in a thread outside the default limiter's 40, bounded all the same, as the
+            # substituter waits (see purestore._lock_wait): a wait per busy derivation, taking
+            # those 40, would stop everything of this run that needs a thread, and so the other
+            # process if it waits for us in turn
+            await wait_lock_released(locks, busy)
 
     def _unlock(self, taken: list[str]) -> None:
         for name in reversed(taken):

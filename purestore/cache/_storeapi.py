@@ -9,8 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable
 
-import trio
-
+from .. import _lock_wait
 from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 
@@ -98,15 +97,6 @@ def no_lock():
 
 
 async def wait_lock_released(locks, name: str) -> None:
-    """Wait, without blocking the trio thread, until nobody holds the path lock ``name``
-    (:meth:`purestore.store.lock.PathLocks.wait_released`).
-
-    The wait blocks a worker thread of its own, outside trio's default thread limiter (40
-    threads): a substitution or a build waiting for many paths that another process holds
-    would otherwise take every thread of the process, and nothing of it needing a thread
-    (restoring, registering, removing temporary trees, even on Ctrl-C) could go on; when that
-    other process waits for paths of this one the same way, neither ever ends (two `pure build`s
-    fetching one closure of a thousand paths into one store did).  A cancelled wait is abandoned:
-    its thread ends once the lock is released, holding nothing of the process meanwhile."""
-    await trio.to_thread.run_sync(locks.wait_released, name, abandon_on_cancel=True,
-                                  limiter=trio.CapacityLimiter(1))
+    """Wait, without blocking the trio thread, until nobody holds the path lock ``name`` (or
+    try again a little later when many waits are under way): see :mod:`purestore._lock_wait`."""
+    await _lock_wait.wait_lock_released(locks, name)
