@@ -252,3 +252,37 @@ def test_damage_is_named_the_same_when_contents_are_read(cache, kind):
         assert any("truncated" in ln for ln in lines), lines
     else:
         assert any(why in ln for ln in lines), lines
+
+
+def test_a_small_nar_that_is_a_fifo_is_waited_for_outside_the_event_loop(cache, tmp_path, monkeypatch):
+    """A small NAR file that is a FIFO is read as a big NAR is, in a worker thread: reading it
+    in the event loop (as a small regular file is) blocked the loop, and every other check of
+    the run, while it waited up to FIFO_WAIT (30 s) for the FIFO's first bytes: a writer that
+    needs the loop before it writes came too late.  Here the loop goes on while the check waits,
+    and the NAR written into the FIFO then checks out."""
+    import trio
+
+    from purestore.cache import _files
+    from purestore.cache.verify import verify_cache
+    from test_cache_support import settings_for
+    monkeypatch.setattr(_files, "FIFO_WAIT", 3.0)  # what the loop was blocked for
+    c, lib, app = cache
+    nar = nar_path(c, app)
+    data = nar.read_bytes()
+    nar.unlink()
+    os.mkfifo(nar)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            def write():
+                try:
+                    with open(nar, "wb") as f:  # (waits for the check to open it)
+                        trio.from_thread.run_sync(lambda: None)  # (waits for the event loop)
+                        f.write(data)
+                except BrokenPipeError:  # the check gave up
+                    pass
+            n.start_soon(trio.to_thread.run_sync, write)
+            return await verify_cache(settings_for(tmp_path / "s"), f"file://{c}", trusted_keys=[PUB],
+                                      check_contents=True)
+    rep = trio.run(main)
+    assert rep.results and not rep.bad, rep

@@ -19,6 +19,7 @@ a cache that cannot be used at all (unreachable, no ``nix-cache-info``) raises
 from __future__ import annotations
 
 import os
+import stat
 from typing import Iterable
 
 import attrs
@@ -30,7 +31,6 @@ from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, check_name, backend_for, file_url
-from ._files import open_regular
 from .fetch import TINY_NAR, stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader
@@ -206,26 +206,44 @@ async def check_nar(backend, ni: NarInfo, name: str, progress) -> None:
         data = await _read_small(backend, ni.url, ni.file_size + 1)  # one more: FileSize exceeded
         if data is None:
             raise CacheError(f"its NAR file {ni.url!r} is missing")
-        chunks = iter((data,))
-        read_all(lambda: next(chunks, b""))
-        await trio.lowlevel.checkpoint()
-        return
+        if data is not _STREAMED:
+            chunks = iter((data,))
+            read_all(lambda: next(chunks, b""))
+            await trio.lowlevel.checkpoint()
+            return
     try:
         await stream_to_thread(lambda: backend.open_read(ni.url), read_all)
     except CacheMissing:
         raise CacheError(f"its NAR file {ni.url!r} is missing") from None
 
 
-async def _read_small(backend, name: str, limit: int) -> bytes | None:
+_STREAMED = object()  # (see _read_small)
+
+
+async def _read_small(backend, name: str, limit: int) -> bytes | None | object:
     """At most ``limit`` bytes of the small file ``name`` (None: it is not there): of a
     ``file://`` cache read here (a page-cache read is quicker than a thread hop), of another
-    asked for whole."""
+    asked for whole.  ``_STREAMED`` for a file of a ``file://`` cache that is no regular file:
+    it is read as a big NAR is, in a worker thread, which waits for a FIFO's bytes (up to
+    ``FIFO_WAIT`` for the first), or refuses anything else; that wait blocked the event loop,
+    and with it every other check of the run, for 30 s a FIFO."""
     if not isinstance(backend, FileBackend):
         return await backend.get(name, limit=limit + (limit >> 4) + 4096)  # (a Content-Encoding may add some)
+    path = backend.local_path(name)
     try:
-        with open_regular(backend.local_path(name)) as f:
-            return f.read(limit)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # (not opened here: a FIFO's bytes would go)
+            return _STREAMED
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise CacheError(f"cannot read its NAR file {name!r}: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return _STREAMED
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(limit)
+    except OSError as e:
+        raise CacheError(f"cannot read its NAR file {name!r}: {e.strerror}") from e
+    finally:
+        os.close(fd)
