@@ -307,10 +307,10 @@ def bench(args, tree: Path, where: str) -> None:
         for what, label in (("push", "push to file:// zstd"), ("subst", "substitute from file://"),
                             ("subst0", "  the same, pure without flush"),
                             ("http", f"{args.small} small paths over HTTP"),
-                            ("spush", f"push {args.small} small paths, file://"),
                             ("nginx", "  the same served by nginx"),
                             ("lat", f"  the same, {args.rtt:g} ms away"),
-                            ("hbig", "the big closure from nginx")):
+                            ("hbig", "the big closure from nginx"),
+                            ("spush", f"push {args.small} small paths, file://")):
             if f"{what}-pure" not in times:
                 continue
             nwhat = "subst" if what == "subst0" else what
