@@ -700,3 +700,28 @@ def test_a_failing_direct_write_is_named_and_leaves_nothing(tmp_path, direct_ok,
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_remove_tree_removes_a_tree_deeper_than_recursion_and_path_max(tmp_path):
+    """A failed build's output nested 2000 directories deep (paths longer than PATH_MAX, deeper
+    than Python's recursion limit), read-only at every level, is removed: a recursive remover
+    crashed with RecursionError and left it in .tmp, where every later command tripped on it."""
+    root = tmp_path / "deep"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(2000):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=child), "w") as f:
+                f.write("x")
+            os.symlink("f", "l", dir_fd=child)
+            os.chmod(fd, 0o555)
+            os.close(fd)
+            fd = child
+        os.chmod(fd, 0o555)
+    finally:
+        os.close(fd)
+    os.chmod(root, 0o555)
+    fstree.remove_tree(str(root))
+    assert not root.exists()

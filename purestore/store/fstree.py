@@ -237,7 +237,12 @@ def _has_default_acl(dir_fd: int) -> bool:
 
 def remove_tree(path: str) -> None:
     """Remove a file, symlink or tree, making read-only directories (0555 store paths) writable
-    first; a missing path is fine.  The one tree remover of the store layer."""
+    first; a missing path is fine.  The one tree remover of the store layer.
+
+    It walks the tree with one directory descriptor at a time (down by name, back up by
+    ``..``), not by recursion or by full paths: a builder's output nested thousands of
+    directories deep, which the store refuses to register, must still be removable, and its
+    paths are longer than ``PATH_MAX``."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -247,14 +252,46 @@ def remove_tree(path: str) -> None:
         return
     if st.st_mode & 0o700 != 0o700:
         os.chmod(path, 0o700)
-    with os.scandir(path) as it:
-        entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
-    for p, is_dir in entries:
-        if is_dir:
-            remove_tree(p)
-        else:
-            os.unlink(p)
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        frames = [("", _clear_files(fd))]   # (name in the parent, subdirectories left to remove)
+        while True:
+            name, subdirs = frames[-1]
+            if subdirs:
+                sub = subdirs.pop()
+                if os.stat(sub, dir_fd=fd, follow_symlinks=False).st_mode & 0o700 != 0o700:
+                    os.chmod(sub, 0o700, dir_fd=fd)
+                child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                frames.append((sub, _clear_files(fd)))
+                continue
+            frames.pop()
+            if not frames:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
     os.rmdir(path)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _clear_files(dir_fd: int) -> list[str]:
+    """Unlink every entry of the directory ``dir_fd`` that is not a directory; return the names
+    of its subdirectories."""
+    subdirs = []
+    with os.scandir(dir_fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.name)
+            else:
+                os.unlink(e.name, dir_fd=dir_fd)
+    return subdirs
 
 
 def canonicalise_path(path: str, *, reject_writable: bool = False) -> None:
