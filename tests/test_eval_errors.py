@@ -155,3 +155,41 @@ def test_missing_file_and_cli_exit_status(tmp_path):
 def test_api_outside_an_evaluation_says_how_to_use_it():
     with pytest.raises(EvalError, match="work only during an evaluation"):
         derivation(name="x", system="x", builder="/b")
+
+
+@pytest.mark.parametrize("code, said", [("sys.exit(0)", "sys.exit(0)"), ("sys.exit(3)", "sys.exit(3)"),
+                                        ("raise SystemExit", "sys.exit(None)")])
+def test_an_expression_that_exits_is_an_error_not_the_commands_exit(tmp_path, code, said):
+    """sys.exit() in an expression used to end `pure` silently with its status: `sys.exit(0)`
+    made `pure build` print nothing, build nothing and succeed."""
+    f = write(tmp_path / "expr.py", f"import sys\n{code}\n")
+    with pytest.raises(EvalError) as ei:
+        ev(f)
+    assert f"the expression called {said}" in str(ei.value)
+    assert f'File "{f}", line 2, in <module>' in str(ei.value)
+    p = run_pure("instantiate", f, root=tmp_path / "root", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: evaluating") and "Traceback" not in p.stderr
+
+
+def test_a_base_exception_of_the_expression_is_an_error_not_a_traceback(tmp_path):
+    f = write(tmp_path / "expr.py", "class Stop(BaseException):\n    pass\nraise Stop('here')\n")
+    p = run_pure("instantiate", f, root=tmp_path / "root", check=False)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith(f"error: evaluating {f} failed: Stop: here\n") and "Traceback" not in p.stderr
+
+
+def test_deep_recursion_shows_the_repeated_frame_once_with_a_count(tmp_path):
+    f = write(tmp_path / "expr.py", "def f(n):\n    return f(n + 1)\ndefault = f(0)\n")
+    with pytest.raises(EvalError) as ei:
+        ev(f)
+    msg = str(ei.value)
+    assert "RecursionError" in msg
+    assert msg.count(f'File "{f}", line 2, in f') == 1
+    assert "[previous frame repeated " in msg and len(msg.splitlines()) < 12
+
+
+def test_a_nul_byte_is_a_syntax_error_with_its_line(tmp_path):
+    f = tmp_path / "expr.py"
+    f.write_bytes(b'x = 1\ny = "\0"\n')
+    with pytest.raises(EvalError, match=rf"^syntax error in {f}:2: .*null bytes"):
+        ev(f)

@@ -723,5 +723,10 @@ def test_remove_tree_removes_a_tree_deeper_than_recursion_and_path_max(tmp_path)
     finally:
         os.close(fd)
     os.chmod(root, 0o555)
-    fstree.remove_tree(str(root))
-    assert not root.exists()
+    try:
+        fstree.remove_tree(str(root))
+        assert not root.exists()
+    finally:
+        if root.exists():  # pytest's own (recursive) clean-up of tmp_path would fail on it
+            subprocess.run(["chmod", "-R", "u+w", root], check=False)
+            subprocess.run(["rm", "-rf", root], check=False)

@@ -125,7 +125,12 @@ class _Importer(importlib.abc.MetaPathFinder):
         self.files.add(file)
         try:
             return compile(src, file, "exec", dont_inherit=True)
-        except SyntaxError as e:
+        except (SyntaxError, ValueError) as e:
+            if not isinstance(e, SyntaxError) or e.lineno is None:
+                # a NUL byte: the compiler says so without a line (ValueError before 3.12)
+                at = src.find(b"\0")
+                lineno = src.count(b"\n", 0, at) + 1 if at >= 0 else 1
+                raise EvalError(f"syntax error in {file}:{lineno}: {e}") from None
             line = (e.text or "").rstrip("\n")
             caret = ""
             if line and e.offset:
@@ -327,11 +332,24 @@ def _expression_traceback(exc: BaseException, files: set[str]) -> str:
     if not frames:
         return ""
     lines = ["expression traceback (most recent call last):"]
+    last, repeats = None, 0
     for f in frames:
+        where = (f.filename, f.lineno, f.name)
+        if where == last:
+            repeats += 1     # deep recursion: said once with a count, as Python's traceback does
+            continue
+        _repeated(lines, repeats)
+        last, repeats = where, 0
         lines.append(f'  File "{f.filename}", line {f.lineno}, in {f.name}')
         if f.line:
             lines.append(f"    {f.line.strip()}")
+    _repeated(lines, repeats)
     return "\n".join(lines)
+
+
+def _repeated(lines: list[str], repeats: int) -> None:
+    if repeats:
+        lines.append(f"  [previous frame repeated {repeats} more time{'s' if repeats > 1 else ''}]")
 
 
 def evaluate(file: str, attr: str | None = None, settings=None, include_paths: Iterable[str] = (), *,
@@ -377,7 +395,11 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
                 importer.loaded.append(mod_name)
                 importer.run(module, file)
                 value = select_attr(module, attr, file)
-            except Exception as e:  # turned into an EvalError below, outside pure mode
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # turned into an EvalError below, outside pure mode
+                # SystemExit (sys.exit() in an expression) and other BaseExceptions too: an
+                # expression that exits has not defined its value, whatever the exit status
                 failure = e
     finally:
         try:
@@ -402,6 +424,10 @@ def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
     if isinstance(e, EvalError):
         msg = e.message + (f"\n{tb}" if tb and "expression traceback" not in e.message else "")
         err = type(e)(msg, hint=e.hint)
+    elif isinstance(e, SystemExit):
+        err = EvalError(f"evaluating {file} failed: the expression called sys.exit({e.code!r}); an "
+                        "expression defines values, it cannot end the command"
+                        + (f"\n{tb}" if tb else ""))
     else:
         text = str(e)
         err = EvalError(f"evaluating {file} failed: {type(e).__name__}" + (f": {text}" if text else "")
