@@ -512,3 +512,24 @@ def test_a_result_link_replaces_only_a_link(pure, expr, tmp_path):
     build(pure, tmp_path, f, "-o", tmp_path / "res")
     build(pure, tmp_path, f, "-o", tmp_path / "res")
     assert os.path.islink(tmp_path / "res")
+
+
+def test_a_drv_whose_output_path_its_contents_do_not_give_is_refused(pure, drvs, store_root):
+    """A hand-edited .drv claiming another derivation's output path (and $out) was built into
+    that path: whatever it wrote became 'victim' for everything that used victim afterwards.
+    As Nix's checkDerivationOutputs, the output paths must be those the contents give."""
+    import attrs
+    from purestore.formats.derivation import DerivationOutput
+    victim = drvs.add("victim", "echo genuine > $out")
+    stolen = drvs.out(victim)
+    honest = drvs._lookup(drvs.add("forger", "echo forged > $out"))
+    forged = attrs.evolve(honest, outputs={"out": DerivationOutput(stolen)}, env={**honest.env, "out": stolen})
+    sp = drvs.store.add_text("forger.drv", render_aterm(forged), drv_references(forged, drvs.sd))
+    p = pure("store", "realise", drvs.store.print_path(sp), check=False)
+    assert p.returncode == 1
+    assert p.stderr.startswith(f"error: derivation '{drvs.store.print_path(sp)}' has incorrect output "
+                               f"'{stolen}', should be '{drvs.sd}/")
+    assert "Traceback" not in p.stderr
+    assert not drvs.store.is_valid(drvs.store.parse_path(stolen))
+    pure("store", "realise", victim)
+    assert open(drvs.store.real_path(drvs.store.parse_path(stolen))).read() == "genuine\n"

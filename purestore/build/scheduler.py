@@ -30,7 +30,7 @@ import trio
 
 from .._lock_wait import wait_lock_released
 from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
-from ..formats.derivation import Derivation, parse_aterm
+from ..formats.derivation import Derivation, check_output_paths, parse_aterm
 from ..formats.hash import Hash
 from ..formats.store_path import StorePath
 from ..store import events
@@ -251,12 +251,27 @@ class _Realiser:
             stack.extend((StorePath.parse(d, self.sd), frozenset(outs)) for d, outs in node.drv.input_drvs.items())
         for node in order:
             node.deps = [self.nodes[StorePath.parse(d, self.sd)] for d in node.drv.input_drvs]
+        self._check_output_paths(order + [self.nodes[t] for t in tops if self.nodes[t].drv is not None])
         for node in self.nodes.values():
             if not node.needed:
                 node.ok = True
                 node.finish()
         for t in tops:
             self.nodes[t].top = True
+
+    def _check_output_paths(self, nodes: list[_Node]) -> None:
+        """Refuse a derivation to be built (or checked) whose output paths are not the ones its
+        contents give (see :func:`check_output_paths`)."""
+        cache: dict[str, bytes] = {}
+
+        def lookup(drv_path: str) -> Derivation:
+            node = self.nodes.get(StorePath.parse(drv_path, self.sd))
+            if node is not None and node.drv is not None:
+                return node.drv
+            return self._read_drv(StorePath.parse(drv_path, self.sd))
+
+        for node in {n.path: n for n in nodes}.values():
+            check_output_paths(node.drv, node.label, lookup, self.sd, cache)
 
     def _read_drv(self, p: StorePath) -> Derivation:
         real = self.store.real_path(p)

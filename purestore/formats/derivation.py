@@ -472,6 +472,29 @@ def fill_output_paths(drv: Derivation, lookup: Callable[[str], Derivation], stor
     return attrs.evolve(drv, outputs=outputs, env=env)
 
 
+def check_output_paths(drv: Derivation, drv_path: str, lookup: Callable[[str], Derivation], store_dir: str,
+                       cache: dict[str, bytes] | None = None) -> None:
+    """Raise :class:`DerivationError` unless every output path of the ``.drv`` at ``drv_path`` is
+    the one its contents give (and its environment variable says the same), as Nix's
+    ``checkDerivationOutputs`` does before it builds: a hand-edited or hostile ``.drv`` could
+    otherwise build anything into the path of another derivation's output."""
+    base = drv_path.rsplit("/", 1)[-1]
+    name = base.partition("-")[2].removesuffix(".drv")
+    if drv.is_fixed_output:
+        h, rec = drv.fixed_output_hash()
+        expected = {"out": make_fixed_output_path(name, h, rec, store_dir).absolute(store_dir)}
+    else:
+        h = hash_derivation_modulo(drv, lookup, True, cache)
+        expected = {n: make_output_path(n, h, name, store_dir).absolute(store_dir) for n in drv.outputs}
+    for n, o in drv.outputs.items():
+        if o.path != expected[n]:
+            raise DerivationError(f"derivation {drv_path!r} has incorrect output {o.path!r}, "
+                                  f"should be {expected[n]!r}")
+        if drv.env.get(n) != o.path:
+            raise DerivationError(f"derivation {drv_path!r} has incorrect environment variable {n!r}, "
+                                  f"should be {o.path!r}")
+
+
 # -- JSON ----------------------------------------------------------------------------------------
 
 
