@@ -193,3 +193,13 @@ def test_a_nul_byte_is_a_syntax_error_with_its_line(tmp_path):
     f.write_bytes(b'x = 1\ny = "\0"\n')
     with pytest.raises(EvalError, match=rf"^syntax error in {f}:2: .*null bytes"):
         ev(f)
+
+
+def test_a_missing_output_lists_the_derivations_outputs(tmp_path):
+    """`-A lib.dev` of a derivation without 'dev' said 'available: (none)'."""
+    f = write(tmp_path / "expr.py", """
+        from purestore.expr import derivation
+        lib = derivation(name="lib", system="x", builder="/b", outputs=["out", "doc"])
+    """)
+    with pytest.raises(EvalError, match=r"^attribute 'lib.dev' not found: lib has no 'dev'; available: out, doc$"):
+        ev(f, "lib.dev")

@@ -279,6 +279,8 @@ def topo_order(roots: Iterable[Drv]) -> dict[str, Drv]:
 def _available(obj) -> list[str]:
     if isinstance(obj, dict):
         return [str(k) for k in obj]
+    if isinstance(obj, Drv):  # what -A can select below a derivation: its outputs
+        return list(obj.outputs)
     names = []
     for k, v in vars(obj).items() if hasattr(obj, "__dict__") else []:
         if k.startswith("_") or type(v).__name__ == "module" or callable(v) and not isinstance(v, Drv):
