@@ -89,3 +89,17 @@ def test_diff_trees_reports_added_removed_changed_and_type_changes(tmp_path):
     assert d["t"] == {"file": "t", "change": "type", "old_type": "regular", "new_type": "directory"}
     assert "symlink target 'one' -> 'two'" in describe(d["l"])
     assert diff_trees(str(a), str(a)) == []
+
+
+@needs_sandbox
+def test_check_json_event_names_the_differences_in_camel_case(pure, expr, tmp_path):
+    """The `check` event of `build --json` said 'first_difference', 'old_size', 'new_size'."""
+    import json
+    f = expr(NONDET)
+    build(pure, tmp_path, f, "-A", "rand")
+    p = build(pure, tmp_path, f, "-A", "rand", "--check", "--json", check=False)
+    assert p.returncode == 104, p.stderr
+    [ev] = [e for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "check"]
+    [d] = ev["differences"]
+    assert (d["file"], d["oldSize"], d["newSize"]) == ("noise", 16, 16) and "firstDifference" in d
+    assert not [k for k in d if "_" in k]

@@ -42,22 +42,22 @@ def recorded(settings):
 
 def test_report_json_figures_match_the_recorded_sequence(pure, recorded):
     r = json.loads(pure("report", "--json").stdout)
-    assert r["builds"] == {"total": 3, "by_status": {"built": 2, "failed": 1}, "fixed_output": 1}
-    n = r["built_without_network"]
-    assert (n["without_network"], n["finished"]) == (2, 3)
+    assert r["builds"] == {"total": 3, "byStatus": {"built": 2, "failed": 1}, "fixedOutput": 1}
+    n = r["builtWithoutNetwork"]
+    assert (n["withoutNetwork"], n["finished"]) == (2, 3)
     assert n["share"] == pytest.approx(2 / 3)
-    assert n["non_fixed_output_with_network"] == []
-    assert r["fixed_output_pinned"]["share"] == 1.0
-    assert r["fixed_output_pinned"]["derivations"] == [F]
+    assert n["nonFixedOutputWithNetwork"] == []
+    assert r["fixedOutputPinned"]["share"] == 1.0
+    assert r["fixedOutputPinned"]["derivations"] == [F]
     rp = r["reproducibility"]
     assert (rp["reproducible"], rp["runs"]) == (2, 3) and rp["rate"] == pytest.approx(2 / 3)
     assert [f["drv"] for f in rp["failing"]] == [B]
     assert rp["failing"][0]["differences"][0]["file"] == "bin/b"
     c = r["cache"]
-    assert (c["substituted"], c["built"], c["substituted_bytes"]) == (3, 2, 160)
-    assert c["hit_rate"] == pytest.approx(3 / 5)
-    assert r["sandbox_refusals"]["count"] == 1
-    assert r["sandbox_refusals"]["refusals"][0]["what"] == "output is world-writable"
+    assert (c["substituted"], c["built"], c["substitutedBytes"]) == (3, 2, 160)
+    assert c["hitRate"] == pytest.approx(3 / 5)
+    assert r["sandboxRefusals"]["count"] == 1
+    assert r["sandboxRefusals"]["refusals"][0]["what"] == "output is world-writable"
 
 
 def test_report_text_is_readable(pure, recorded):
@@ -73,13 +73,28 @@ def test_a_networked_build_that_is_not_fixed_output_is_flagged(pure, settings):
     with LocalStore.open(settings, durable=False) as store:
         build(store, N, "built", network=True)
     r = json.loads(pure("report", "--json").stdout)
-    assert r["built_without_network"]["non_fixed_output_with_network"] == [N]
-    assert r["fixed_output_pinned"]["share"] == 0.0
+    assert r["builtWithoutNetwork"]["nonFixedOutputWithNetwork"] == [N]
+    assert r["fixedOutputPinned"]["share"] == 0.0
     assert "! had network but is not fixed-output" in pure("report").stdout
 
 
 def test_empty_store_reports_n_a_not_100_percent(pure):
     r = json.loads(pure("report", "--json").stdout)
     assert r["builds"]["total"] == 0
-    assert r["built_without_network"]["share"] is None and r["cache"]["hit_rate"] is None
+    assert r["builtWithoutNetwork"]["share"] is None and r["cache"]["hitRate"] is None
     assert "n/a" in pure("report").stdout
+
+
+def test_report_json_keys_are_camel_case_as_every_json_of_pure(pure, recorded):
+    """README: every --json has camelCase keys; report --json had 'by_status', 'hit_rate'..."""
+    def keys(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from keys(v)
+    r = json.loads(pure("report", "--json").stdout)
+    assert [k for k in keys(r) if "_" in k] == []
+    assert r["builds"]["byStatus"] == {"built": 2, "failed": 1}

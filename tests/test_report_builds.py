@@ -55,20 +55,20 @@ def test_report_after_builds_checks_and_a_substitution(tmp_path):
     assert p.returncode != 0                                            # not reproducible
 
     r = json.loads(b("report", "--json").stdout)
-    assert r["builds"]["total"] == 4 and r["builds"]["fixed_output"] == 1
-    assert r["builds"]["by_status"] == {"built": 4}
-    assert r["built_without_network"]["without_network"] == 3
-    assert r["built_without_network"]["share"] == pytest.approx(0.75)
-    assert r["built_without_network"]["non_fixed_output_with_network"] == []
-    assert r["fixed_output_pinned"]["share"] == 1.0
-    assert r["fixed_output_pinned"]["derivations"][0].endswith("-data.txt.drv")
+    assert r["builds"]["total"] == 4 and r["builds"]["fixedOutput"] == 1
+    assert r["builds"]["byStatus"] == {"built": 4}
+    assert r["builtWithoutNetwork"]["withoutNetwork"] == 3
+    assert r["builtWithoutNetwork"]["share"] == pytest.approx(0.75)
+    assert r["builtWithoutNetwork"]["nonFixedOutputWithNetwork"] == []
+    assert r["fixedOutputPinned"]["share"] == 1.0
+    assert r["fixedOutputPinned"]["derivations"][0].endswith("-data.txt.drv")
     rp = r["reproducibility"]
     assert (rp["reproducible"], rp["runs"]) == (1, 2)
     assert len(rp["failing"]) == 1 and rp["failing"][0]["drv"].endswith("-noisy-1.0.drv")
     assert rp["failing"][0]["kind"] == "rounds"
     c = r["cache"]
-    assert (c["substituted"], c["built"]) == (1, 4) and c["hit_rate"] == pytest.approx(0.2)
-    assert r["sandbox_refusals"]["count"] == 0
+    assert (c["substituted"], c["built"]) == (1, 4) and c["hitRate"] == pytest.approx(0.2)
+    assert r["sandboxRefusals"]["count"] == 0
 
     text = b("report").stdout
     assert "reproducible (--check/--rounds): 50.0% (1 of 2 runs)" in text

@@ -28,6 +28,7 @@ from typing import Iterable, NoReturn
 import attrs
 import trio
 
+from .._json import camel_case_keys
 from .._lock_wait import wait_lock_released
 from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
 from ..formats.derivation import Derivation, check_output_paths, parse_aterm
@@ -778,4 +779,5 @@ class _Realiser:
         await trio.to_thread.run_sync(lambda: events.record_check(
             self.store, node.label, kind="check" if kind == "check" else "rounds",
             rounds=rounds if kind == "round" else 2, reproducible=reproducible, differences=diffs))
-        self.progress.event("check", drv=node.label, reproducible=reproducible, differences=diffs)
+        self.progress.event("check", drv=node.label, reproducible=reproducible,
+                            differences=camel_case_keys(diffs))

@@ -265,7 +265,8 @@ def cmd_report(args, ctx) -> int:
     with ctx.open_store() as store:
         r = make_report(store, since)
     if args.json:
-        print(json.dumps(r, indent=2, sort_keys=True))
+        from .._json import camel_case_keys
+        print(json.dumps(camel_case_keys(r), indent=2, sort_keys=True))
     else:
         sys.stdout.write(render_report(r))
     return 0
