@@ -203,3 +203,33 @@ def test_a_missing_output_lists_the_derivations_outputs(tmp_path):
     """)
     with pytest.raises(EvalError, match=r"^attribute 'lib.dev' not found: lib has no 'dev'; available: out, doc$"):
         ev(f, "lib.dev")
+
+
+def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does(tmp_path):
+    """In a background job of a non-interactive shell (SIGINT ignored), SIGTERM ends pure by its
+    default action.  During an evaluation, the handler's os.kill() was refused by pure mode and
+    came out as 'pure evaluation refused to run a process (os.kill ...)', status 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from conftest import pure_env
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    f = write(tmp_path / "expr.py", f"data = open({str(go)!r}).read()\n")
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "instantiate", str(f)],
+                         env=pure_env(tmp_path / "root"), stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    def unblock_if_it_ended_early():  # so that the open below cannot wait for ever
+        p.wait()
+        os.close(os.open(go, os.O_RDONLY | os.O_NONBLOCK))
+    threading.Thread(target=unblock_if_it_ended_early, daemon=True).start()
+    with open(go, "w"):  # returns once the expression has opened it: it is being evaluated
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        err = p.stderr.read()
+        status = p.wait()
+    assert status == -signal.SIGTERM, err
+    assert "refused" not in err

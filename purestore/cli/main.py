@@ -229,7 +229,9 @@ def _stop_on_sigterm() -> None:
         global _terminated
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            # raise_signal, not os.kill: an expression being evaluated (pure mode) may not
+            # os.kill, and the refusal came out of its frame as a purity error
+            signal.raise_signal(signal.SIGTERM)
             return
         _terminated = True
         signal.raise_signal(signal.SIGINT)  # handled as Ctrl-C: by trio's handler within trio.run
