@@ -233,3 +233,33 @@ def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does
         status = p.wait()
     assert status == -signal.SIGTERM, err
     assert "refused" not in err
+
+
+@pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "error: interrupted"),
+                                               ("SIGTERM", 143, "error: terminated (SIGTERM)")])
+def test_an_interrupt_the_expression_swallows_still_interrupts(tmp_path, sig, status, said):
+    """An expression's bare `except:` caught the KeyboardInterrupt of Ctrl-C (or SIGTERM): the
+    evaluation went on and pure failed later with an unrelated error, status 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from conftest import pure_env
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    f = write(tmp_path / "expr.py", f"try:\n    open({str(go)!r}).read()\nexcept:\n    pass\ndefault = 1\n")
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "instantiate", str(f)],
+                         env=pure_env(tmp_path / "root"), stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def unblock_if_it_ended_early():  # so that the open below cannot wait for ever
+        p.wait()
+        os.close(os.open(go, os.O_RDONLY | os.O_NONBLOCK))
+    threading.Thread(target=unblock_if_it_ended_early, daemon=True).start()
+    with open(go, "w"):  # returns once the expression has opened it: it is being evaluated
+        if p.poll() is None:
+            p.send_signal(getattr(signal, sig))
+        err = p.stderr.read()
+        rc = p.wait()
+    assert (rc, err.strip()) == (status, said)

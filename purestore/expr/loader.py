@@ -18,7 +18,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Iterable
@@ -387,6 +389,7 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
     failure: BaseException | None = None
     value = None
     sys.meta_path.insert(0, importer)
+    interrupts = _InterruptWatch()
     try:
         with evaluating(store_dir, ctx), pure_mode(allowed, importer.where) as mode:
             mode.dynamic = ctx.source_roots
@@ -404,12 +407,15 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
                 # expression that exits has not defined its value, whatever the exit status
                 failure = e
     finally:
+        interrupts.close()
         try:
             sys.meta_path.remove(importer)
         except ValueError:
             pass
         for name in importer.loaded:
             sys.modules.pop(name, None)
+    if interrupts.seen:  # Ctrl-C (or SIGTERM) the expression caught (`except:`) still stops
+        raise KeyboardInterrupt
     if failure is not None:
         raise _as_eval_error(failure, file, importer.files)
     if mode.refusals:
@@ -419,6 +425,33 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
     selected = list(dict.fromkeys(selected))
     return EvalResult(file=file, attr=attr, store_dir=store_dir, value=value, selected=tuple(selected),
                       graph=topo_order(selected))
+
+
+class _InterruptWatch:
+    """Notes a SIGINT (Ctrl-C; SIGTERM is turned into one) that arrives during an evaluation,
+    whose KeyboardInterrupt an expression's ``except:`` or ``except BaseException:`` could
+    swallow; the evaluation is then interrupted all the same.  Only in the main thread, and only
+    where SIGINT is handled by Python (not ignored)."""
+
+    def __init__(self):
+        self.seen = False
+        self.old = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        old = signal.getsignal(signal.SIGINT)
+        if not callable(old):
+            return
+
+        def on_sigint(signum, frame):
+            self.seen = True
+            old(signum, frame)
+        signal.signal(signal.SIGINT, on_sigint)
+        self.old = old
+
+    def close(self) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            self.old = None
 
 
 def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
