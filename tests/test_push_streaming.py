@@ -357,13 +357,13 @@ def test_compression_runs_at_most_a_bounded_number_of_paths_ahead_of_the_uploads
         paths = [make_path(store, f"p{i}", {"": b"small %d\n" % i}) for i in range(60)]
         compressed: list[str] = []
         ahead: list[int] = []  # paths compressed while the cache took no NAR
-        real_compress, real_put = push.compress_path, FileBackend.put_file
+        real_compress, real_put = push.compress_path, FileBackend.put_nar
 
         def compress_path(*args, **kw):
             compressed.append(args[0])
             return real_compress(*args, **kw)
 
-        async def put_file(self, name, *args, **kw):
+        async def put_nar(self, name, *args, **kw):
             if name.startswith("nar/"):
                 if not ahead:
                     ahead.append(-1)
@@ -375,7 +375,124 @@ def test_compression_runs_at_most_a_bounded_number_of_paths_ahead_of_the_uploads
 
         taking = trio.Event()
         monkeypatch.setattr(push, "compress_path", compress_path)
-        monkeypatch.setattr(FileBackend, "put_file", put_file)
+        monkeypatch.setattr(FileBackend, "put_nar", put_nar)
         res = trio.run(lambda: push.copy_to(store, settings_for(root), f"file://{cache}", paths, jobs=2))
     assert set(res.uploaded) == set(paths)
     assert ahead[0] <= getattr(push, "UPLOADS_AHEAD", 16) + 2, ahead  # (jobs=2)
+
+
+def _count_hops(monkeypatch) -> list[int]:
+    """Counts trio.to_thread.run_sync calls (hops to a worker thread and back) from now on."""
+    hops = [0]
+    real = trio.to_thread.run_sync
+
+    async def hop(*args, **kw):
+        hops[0] += 1
+        return await real(*args, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", hop)
+    return hops
+
+
+def test_small_paths_are_compressed_in_the_calling_thread_and_big_ones_in_workers(tmp_path, monkeypatch):
+    """A hop to a worker thread (or a job for the forked worker) and back costs more than
+    compressing a small NAR with zstd: small paths are compressed in the event loop's thread,
+    the big ones still in worker threads, and the forked worker is started only when two or
+    more paths need it.  The NAR files and narinfos go to the cache in shared hops (a push of 200
+    small paths made 1006 hops, 5 a path; 64 since).  The cache is the same either way."""
+    from purestore.cache import push
+    from purestore.cache.forked import ForkedWorker
+    from purestore.formats.signing import SecretKey
+    from test_cache_support import PUB
+
+    root = tmp_path / "a"
+    with open_store(root) as store:
+        small = [make_path(store, f"p{i}", {"": b"small path %d\n" % i * 20}) for i in range(40)]
+        big = [make_path(store, f"big{i}", {"": _data(200 << 10, seed=i)}) for i in range(2)]
+        where: list[str] = []
+        real = push.compress_path
+
+        def compress_path(*args, **kw):
+            where.append("main" if threading.current_thread() is threading.main_thread() else "worker")
+            return real(*args, **kw)
+        forks: list[int] = []
+        monkeypatch.setattr(push, "compress_path", compress_path)
+        monkeypatch.setattr(ForkedWorker, "start", classmethod(lambda cls: forks.append(1)))  # (None: threads)
+
+        def push_to(cache, paths):
+            where.clear()
+            forks.clear()
+            hops = _count_hops(monkeypatch)
+            res = trio.run(lambda: push.copy_to(store, settings_for(root), f"file://{cache}?compression=zstd",
+                                                paths, secret_keys=[SecretKey.parse(SEC)], jobs=2,
+                                                fork_worker=True))
+            monkeypatch.undo()
+            monkeypatch.setattr(push, "compress_path", compress_path)
+            monkeypatch.setattr(ForkedWorker, "start", classmethod(lambda cls: forks.append(1)))
+            assert set(res.uploaded) == set(paths)
+            return hops[0]
+
+        hops = push_to(tmp_path / "c1", small)
+        assert where == ["main"] * 40 and forks == []
+        # compression and the existence checks: none; the rest at most two a path (NAR, narinfo)
+        assert hops <= 2 * 40 + 5, hops
+        push_to(tmp_path / "c2", [*small, *big])
+        assert sorted(where) == ["main"] * 40 + ["worker"] * 2 and forks == [1]
+    for c in ("c1", "c2"):
+        v = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{tmp_path / c}")
+        assert v.returncode == 0 and v.stdout == ""
+
+
+def test_a_small_path_grown_on_disk_is_reported_with_what_it_holds(tmp_path, keyfile, monkeypatch):
+    """A path registered small but grown on disk (corrupt) is not compressed whole in the event
+    loop: the compression there stops past INLINE_NAR_MAX, and a worker does it again to say
+    what the path holds; nothing is published, no temporary file stays."""
+    from purestore.cache import push
+    from purestore.cache.nar_jobs import INLINE_NAR_MAX
+
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        p = make_path(store, "grown", {"": b"small\n"})
+        real = root / store.print_path(p).lstrip("/")
+        os.chmod(real, 0o644)
+        real.write_bytes(b"x" * (4 * INLINE_NAR_MAX))
+        limits: list = []
+        compress = push.compress_path
+
+        def compress_path(*args, **kw):
+            limits.append(kw.get("limit"))
+            return compress(*args, **kw)
+        monkeypatch.setattr(push, "compress_path", compress_path)
+        with pytest.raises(push.CopyIncomplete) as e:
+            trio.run(lambda: push.copy_to(store, settings_for(root), f"file://{cache}", [p], jobs=2))
+    assert limits == [INLINE_NAR_MAX, None]
+    assert f"is corrupt: its NAR hash is" in str(e.value) and f"({4 * INLINE_NAR_MAX + 112} bytes)" in str(e.value)
+    assert not list(cache.glob("*.narinfo")) and not [f for f in (cache / "nar").iterdir()]
+
+
+async def test_a_directory_cache_is_asked_for_many_narinfos_in_one_hop(tmp_path, monkeypatch):
+    """cached_paths asks a directory for up to 64 narinfos in one worker thread (a stat or a
+    read of a small file costs less than the hop): 130 paths, 3 hops, with or without keys.
+    An empty narinfo does not count, one of another path is written again."""
+    from purestore.cache.backend import open_backend
+    from purestore.cache.push import cached_paths
+    from purestore.formats.store_path import StorePath
+    from test_cache_mirror import NIX_CACHE, NIX_PATHS
+
+    SD = "/nix/store"
+    d = tmp_path / "cache"
+    d.mkdir()
+    there = StorePath.parse(NIX_PATHS[0], SD)
+    ni = (NIX_CACHE / f"{there.hash_part}.narinfo").read_bytes()
+    nix32 = "0123456789abcdfghijklmnpqrsvwxyz"
+    paths = [there] + [StorePath.parse(f"{SD}/{''.join(nix32[(i >> (5 * k)) & 31] for k in range(32))}-p{i}", SD)
+                       for i in range(129)]
+    (d / f"{there.hash_part}.narinfo").write_bytes(ni)
+    (d / f"{paths[1].hash_part}.narinfo").write_bytes(b"")
+    (d / f"{paths[2].hash_part}.narinfo").write_bytes(ni)  # another path's
+    async with open_backend(f"file://{d}") as b:
+        hops = _count_hops(monkeypatch)
+        have, _ = await cached_paths(b, paths)
+        assert hops[0] == 3 and have == {there, paths[2]}  # (exists only: not read)
+        hops[0] = 0
+        have, lacking = await cached_paths(b, paths, key_names={"no-such-key"}, store_dir=SD)
+        assert hops[0] == 3 and have == {there} and lacking == (there,)

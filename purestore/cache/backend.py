@@ -10,6 +10,10 @@ A backend knows nothing of narinfo or NARs: it stores named files (``nix-cache-i
 - ``put_file(name, local_path, content_type)`` / ``put(name, data, content_type)``; ``file://``
   writes to a temporary name and renames, so a reader never sees a partial file.
 
+A ``file://`` cache also answers for many files in one worker thread (``sizes``, ``get_many``)
+and puts NAR files and narinfos that several tasks hand it at once in one hop
+(:class:`._batch.BatchedCalls`): a hop costs more than the write of a small file.
+
 Names are checked by :func:`check_name`: relative, ``/``-separated, no ``..``, no empty or hidden
 segments.  That is what keeps a narinfo ``URL`` from pointing outside the cache.
 
@@ -33,6 +37,7 @@ import attrs
 import trio
 
 from ..errors import CacheError
+from ._batch import BatchedCalls
 from ._files import open_regular, read_if_regular
 
 CHUNK = 1 << 20
@@ -261,6 +266,16 @@ class Backend:
                        *, move: bool = False) -> None:
         raise NotImplementedError
 
+    async def put_nar(self, name: str, local: str, size: int) -> None:
+        """Move the NAR file ``local`` (a temporary file of ours) to ``name``, unless the cache has
+        that file already: NAR files are named by their hash, so a file of that name is this one,
+        unless something else wrote that name: one of another size than ``size`` is replaced (one
+        whose size the cache does not say is kept).  ``local`` is gone afterwards."""
+        if await self.size(name) in (size, -1):
+            os.unlink(local)
+        else:
+            await self.put_file(name, local, "application/x-nix-nar", move=True)
+
     async def put_narinfo(self, name: str, data: bytes, store_dir: str) -> None:
         """Write a narinfo.  A directory keeps the signatures of the one it replaces (for the same
         contents: :func:`..formats.narinfo.merge_sigs`), as ``pure cache serve`` does with an
@@ -321,6 +336,9 @@ class FileBackend(Backend):
         self.cache_url = cu
         self.dir = cu.base
         self._narinfo_writes = trio.Lock()  # (see _narinfo_lock)
+        # narinfos written in batches, each under one holding of the lock; NARs put in batches
+        self._narinfo_batches = BatchedCalls(lambda: _narinfo_lock(self.dir, self._narinfo_writes))
+        self._nar_batches = BatchedCalls()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, check_name(name, self.url))
@@ -332,30 +350,45 @@ class FileBackend(Backend):
         p = self._path(name)
         return await trio.to_thread.run_sync(os.path.exists, p)
 
-    async def size(self, name: str) -> int | None:
+    def _size_now(self, name: str) -> int | None:
         p = self._path(name)
+        try:
+            return os.stat(p).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._err("query", name, e) from e
 
-        def size() -> int | None:
-            try:
-                return os.stat(p).st_size
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise self._err("query", name, e) from e
-        return await trio.to_thread.run_sync(size)
+    def _read_now(self, name: str) -> bytes | None:
+        p = self._path(name)  # (a file of our own disk: read as it is, ``limit`` or not)
+        try:
+            with open_regular(p) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._err("read", name, e) from e
+
+    async def size(self, name: str) -> int | None:
+        self._path(name)  # (checked here, in the caller's thread)
+        return await trio.to_thread.run_sync(self._size_now, name)
+
+    async def sizes(self, names: list[str]) -> list[int | None]:
+        """:meth:`size` of each of ``names``, asked in one worker thread (a thread hop costs
+        more than the ``stat`` of a file on a local disk)."""
+        for name in names:
+            self._path(name)
+        return await trio.to_thread.run_sync(lambda: [self._size_now(n) for n in names])
 
     async def get(self, name: str, limit: int | None = None) -> bytes | None:
-        p = self._path(name)  # (a file of our own disk: read as it is, ``limit`` or not)
+        self._path(name)
+        return await trio.to_thread.run_sync(self._read_now, name)
 
-        def read():
-            try:
-                with open_regular(p) as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise self._err("read", name, e) from e
-        return await trio.to_thread.run_sync(read)
+    async def get_many(self, names: list[str]) -> list[bytes | None]:
+        """:meth:`get` of each of ``names``, read in one worker thread."""
+        for name in names:
+            self._path(name)
+        return await trio.to_thread.run_sync(lambda: [self._read_now(n) for n in names])
 
     @contextlib.asynccontextmanager
     async def open_read(self, name: str):
@@ -438,31 +471,46 @@ class FileBackend(Backend):
         def write():
             old = read_if_regular(p, MAX_SIZE)  # (none yet, or nothing to read: replaced all the same)
             self._write(name, merge_sigs(data, old))
-        async with _narinfo_lock(self.dir, self._narinfo_writes):
-            await trio.to_thread.run_sync(write)
+        await self._narinfo_batches.run(write)
+
+    async def put_nar(self, name: str, local: str, size: int) -> None:
+        # one worker thread hop for the check and the move, shared with other NARs put at the
+        # same time; a NAR file found there is used again: recent for `cache prune`
+        from .prune import mark_used
+        p = self._path(name)
+
+        def put() -> None:
+            if self._size_now(name) == size:
+                os.unlink(local)
+                mark_used(p)
+            else:
+                self._put_file_now(name, local, move=True)
+        await self._nar_batches.run(put)
 
     async def put_file(self, name: str, local: str, content_type: str = "application/octet-stream",
                        *, move: bool = False) -> None:
-        p = self._path(name)
+        self._path(name)
+        await trio.to_thread.run_sync(lambda: self._put_file_now(name, local, move=move))
 
-        def write():
-            self._ensure_dir(p)
-            if move:
-                try:
-                    os.chmod(local, file_mode())
-                    os.replace(local, p)
-                    return
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise self._err("write", name, e) from e
-            def copy(out):
-                with open(local, "rb") as src:
-                    while chunk := src.read(CHUNK):
-                        out.write(chunk)
-            self._write_with(name, copy)
-            if move:
-                _unlink(local)
-        await trio.to_thread.run_sync(write)
+    def _put_file_now(self, name: str, local: str, *, move: bool) -> None:
+        """Worker thread: :meth:`put_file`."""
+        p = self._path(name)
+        self._ensure_dir(p)
+        if move:
+            try:
+                os.chmod(local, file_mode())
+                os.replace(local, p)
+                return
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise self._err("write", name, e) from e
+        def copy(out):
+            with open(local, "rb") as src:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+        self._write_with(name, copy)
+        if move:
+            _unlink(local)
 
 
 def _unlink(p: str) -> None:

@@ -4,8 +4,11 @@ For each path of the closure of the given paths that the cache lacks (``<hash>.n
 
 1. in a worker thread, dump the path's NAR, hashing it (checked against the NAR hash the store
    registered: a corrupt local path is never published) and compressing it into a temporary file
-   while hashing the compressed bytes (FileHash) (:func:`.nar_jobs.compress_path`);
-2. upload ``nar/<nix32 FileHash>.nar<ext>`` (skipped if present: NARs are content-addressed);
+   while hashing the compressed bytes (FileHash) (:func:`.nar_jobs.compress_path`); a small NAR
+   cheap to compress (:func:`.nar_jobs.compressed_inline`) in the event loop's own thread, which
+   costs less than the hop to a worker and back;
+2. upload ``nar/<nix32 FileHash>.nar<ext>`` (skipped if present: NARs are content-addressed;
+   :meth:`.backend.Backend.put_nar`);
 3. optionally upload the ``<hash>.ls`` listing and the ``debuginfo/`` links of its debug files
    (``index-debug-info``), the build log ``log/<drv>``, and extra files (:func:`extra_files_for`);
 4. sign the narinfo with the given secret keys (signing happens here, on the client; the cache
@@ -46,7 +49,8 @@ from .compression import compressor, extension
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache
 from .forked import ForkedWorker, run_claimed
-from .nar_jobs import compress_path, nar_listing, push_temp_name  # noqa: F401 (nar_listing: API)
+from .nar_jobs import (INLINE_NAR_MAX, Oversized, compress_path, compressed_inline, nar_listing,  # noqa: F401
+                       push_temp_name)  # (nar_listing: API)
 from ._nursery import open_nursery, run_stoppable
 from .progress import Progress
 from .prune import mark_used, open_dir_lock
@@ -208,6 +212,9 @@ async def push_lock(directory: str):
         os.close(fd)
 
 
+_ASKED_AT_ONCE = 64  # narinfos of a directory looked for in one worker thread
+
+
 async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32, *,
                        key_names: set[str] | None = None, store_dir: str | None = None
                        ) -> tuple[set[StorePath], tuple[StorePath, ...] | None]:
@@ -224,32 +231,55 @@ async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency
     read = bool(key_names) and not backend.bucket
     lacking: list[StorePath] = []
 
-    async def ask(p: StorePath) -> None:
+    def take(p: StorePath, data: bytes | None) -> None:
+        name = f"{p.hash_part}.narinfo"
+        if data is None or (local and not data):
+            return
+        try:
+            ni = NarInfo.parse(data, store_dir, where=file_url(backend.url, name))
+            if ni.store_path != p:
+                raise FormatError(f"it describes {ni.store_path.absolute(store_dir)!r}")
+        except (FormatError, UnicodeDecodeError) as e:
+            # pushed again, which writes a good one in its place (Nix, which only asks
+            # whether the file exists, would leave it as it is)
+            logging.getLogger("purestore.cache").warning(
+                "warning: the cache's narinfo of %r cannot be used (%s): it is written again",
+                p.absolute(store_dir), e)
+            return
+        have.add(p)
+        if not key_names <= {sig.partition(":")[0] for sig in ni.sigs}:
+            lacking.append(p)
+
+    async def ask_batch(batch: list[StorePath]) -> None:
+        """A directory's narinfos, a batch in one worker thread each: a hop to a thread and
+        back costs more than the ``stat`` or read of a small file (0.2 ms a path, most of it
+        waiting for the GIL, in a push of 200 small paths)."""
+        names = [f"{p.hash_part}.narinfo" for p in batch]
+        async with limit:
+            if read:
+                for p, data in zip(batch, await backend.get_many(names)):
+                    take(p, data)
+            else:
+                for p, size in zip(batch, await backend.sizes(names)):
+                    if size not in (None, 0):
+                        have.add(p)
+
+    async def ask(p: StorePath) -> None:  # (one request each: a bucket, a server)
         name = f"{p.hash_part}.narinfo"
         async with limit:
             if read:
-                data = await backend.get(name)
-                if data is None or (local and not data):
-                    return
-                try:
-                    ni = NarInfo.parse(data, store_dir, where=file_url(backend.url, name))
-                    if ni.store_path != p:
-                        raise FormatError(f"it describes {ni.store_path.absolute(store_dir)!r}")
-                except (FormatError, UnicodeDecodeError) as e:
-                    # pushed again, which writes a good one in its place (Nix, which only asks
-                    # whether the file exists, would leave it as it is)
-                    logging.getLogger("purestore.cache").warning(
-                        "warning: the cache's narinfo of %r cannot be used (%s): it is written again",
-                        p.absolute(store_dir), e)
-                    return
+                take(p, await backend.get(name))
+            elif await backend.exists(name):
                 have.add(p)
-                if not key_names <= {sig.partition(":")[0] for sig in ni.sigs}:
-                    lacking.append(p)
-            elif (await backend.size(name) not in (None, 0)) if local else await backend.exists(name):
-                have.add(p)
+
     async with open_nursery() as n:
-        for p in paths:
-            n.start_soon(ask, p)
+        if local:
+            paths = list(paths)
+            for i in range(0, len(paths), _ASKED_AT_ONCE):
+                n.start_soon(ask_batch, paths[i:i + _ASKED_AT_ONCE])
+        else:
+            for p in paths:
+                n.start_soon(ask, p)
     return have, (tuple(sorted(lacking)) if read else None)
 
 
@@ -427,12 +457,19 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             args = (S.real_path(store, p), info.nar_hash, info.nar_size, method, level, parallel, tmp,
                     write_listing)
             try:
-                ran, res = await run_claimed(
-                    worker, lambda: worker.call(compress_path, *args, progress=progress),
-                    lambda: _unlink_quietly(tmp))
-                if not ran:  # in a thread of this process, stopped at once by Ctrl-C
-                    res = await run_stoppable(compress_path, *args, progress,
-                                              discard=lambda res: _unlink_quietly(res[0]))
+                res = None
+                if compressed_inline(info.nar_size, method, level, parallel):  # (no thread hop)
+                    with contextlib.suppress(Oversized):  # not what the store registered: see below
+                        res = compress_path(*args, limit=INLINE_NAR_MAX)
+                    if res is not None and progress:
+                        progress.add_bytes(info.nar_size)
+                if res is None:
+                    ran, res = await run_claimed(
+                        worker, lambda: worker.call(compress_path, *args, progress=progress),
+                        lambda: _unlink_quietly(tmp))
+                    if not ran:  # in a thread of this process, stopped at once by Ctrl-C
+                        res = await run_stoppable(compress_path, *args, progress,
+                                                  discard=lambda res: _unlink_quietly(res[0]))
             except StoreError as e:  # this path's own fault (corrupt, unreadable): the rest goes on
                 failed[p] = str(e)
                 hints.append(e.hint)
@@ -484,14 +521,8 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
                 if reference_failed(p):  # already known: upload none of its files
                     os.unlink(tmp)
                     return
-                # a NAR file is named by its hash, so one that is there is this one, unless
-                # something else wrote that name: a size that is not the NAR's is replaced
-                if await backend.size(nar_name) in (file_size, -1):
-                    os.unlink(tmp)
-                    if isinstance(backend, FileBackend):  # used again: recent for `cache prune`
-                        mark_used(backend.local_path(nar_name))
-                else:
-                    await backend.put_file(nar_name, tmp, "application/x-nix-nar", move=True)
+                # kept when it is there, unless it has another size (see Backend.put_nar)
+                await backend.put_nar(nar_name, tmp, file_size)
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -541,8 +572,9 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
 
         lanes = min(jobs, len(todo))
         # one lane compresses in a forked copy of this process (see .forked): forked now, while
-        # no thread of ours is busy
-        worker = ForkedWorker.start() if fork_worker and lanes >= 2 else None
+        # no thread of ours is busy; not when every path is compressed in this thread
+        heavy = sum(not compressed_inline(infos[p].nar_size, method, level, parallel) for p in todo)
+        worker = ForkedWorker.start() if fork_worker and min(lanes, heavy) >= 2 else None
         skipped = tuple(p for p in order if p in have)
 
         def stopped(e: CacheError, where: StorePath | None) -> CopyIncomplete:
