@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -131,6 +132,49 @@ def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, 
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+def test_sigterm_to_pure_run_goes_to_the_program_and_pure_exits_with_its_status(expr, tmp_path, store_root):
+    """SIGTERM sent to `pure run` (systemd, `kill PID`) reaches the program, as if it had been
+    exec'ed, and pure waits for it and exits with its status; before, pure died at once (143)
+    and left the program running on, its closure no longer a temporary GC root."""
+    # (a Python program: a shell's trap can miss a signal that comes just before its `wait`)
+    program = ("import signal, sys\n"
+               "signal.signal(signal.SIGTERM, lambda *_: (print('got-term', flush=True), sys.exit(7)))\n"
+               "print('ready', flush=True)\n"
+               "while True: signal.pause()\n")
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "run", expr, "-A", "tools",
+                             "--program", "sh", "--", "-c", 'exec "$0" -c "$1"', sys.executable, program],
+                            cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        _kill_group(proc)
+    assert (proc.returncode, out) == (7, "got-term\n"), err
+    # a program that does not handle it is killed by it: 128 + 15, as README says
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "tools", "--pure",
+                             "--command", "echo ready; exec busybox sleep 60"],
+                            cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def _kill_group(proc) -> None:
+    """End what is left of ``proc``'s session (the program, should pure have left it behind)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare is not installed")

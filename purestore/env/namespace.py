@@ -13,6 +13,9 @@ says ``/pure/store``.  To run something from it, :func:`spawn` forks a child tha
 
 The parent waits and returns the exit status; it keeps the store open meanwhile, so the
 program's closure stays temp-rooted (a ``pure gc`` during the session does not touch it).
+Meanwhile pure ignores Ctrl-C and SIGQUIT (the terminal sends them to the program as well) and
+passes SIGTERM and SIGHUP on to the program, as if the program had been ``exec``ed (which is
+what ``nix shell -c`` does): the program decides, and pure ends with its status.
 With the default root ``/`` no namespace is needed and the program runs directly (still as a
 child, for the same reason).
 """
@@ -36,6 +39,9 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+
+# sent to pure while the program runs, these are passed on to it (pure then exits with its status)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -124,13 +130,23 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
         scratch = os.path.join(settings.state_dir, "ns-root")
         os.makedirs(scratch, exist_ok=True)
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    # SIGTERM and SIGHUP sent to pure go on to the program, and pure waits for it: they are
+    # blocked over the fork so that one arriving then is forwarded too, not lost with the
+    # program left running unrooted
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
     if pid == 0:  # child: only async-signal-safe-ish work, then exec or _exit
         try:
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for signum in FORWARDED_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             if scratch is not None:
                 enter_store_namespace(settings.real_store_dir, settings.store_dir, scratch, cwd)
             os.execve(argv[0], list(argv), dict(env))
@@ -144,6 +160,15 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
     os.close(w)
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+    def forward(signum, frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:  # it has just exited: waitpid has its status
+            pass
+
+    old_forwarded = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     try:
         with os.fdopen(r, "rb") as f:
             report = f.read()
@@ -156,6 +181,8 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGQUIT, old_quit)
+        for signum, old in old_forwarded.items():
+            signal.signal(signum, old)
     if report:
         stage, msg, err = report.decode(errors="replace").split("\0")
         hint = None
