@@ -134,6 +134,25 @@ def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, 
     assert proc.returncode == 0
 
 
+def test_pure_inside_the_shell_uses_the_store_named_with_the_store_option(expr, tmp_path, store_root):
+    """`pure --store ROOT shell …`: `pure` run inside finds ROOT's store (PURE_STORE is set), not
+    the host's, whose state dir would otherwise go with ROOT's files seen at /pure/store."""
+    from conftest import run_pure
+
+    out = run_pure("--store", store_root, "build", expr, "-A", "hello", "--no-link", cwd=tmp_path).stdout.strip()
+    inner = f'"{sys.executable}" -m purestore.cli.main store path-info {out}'
+    r = run_pure("--store", store_root, "shell", expr, "-A", "hello", "--command",
+                 f'echo "$PURE_STORE $PURE_STORE_DIR"; {inner}', cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"{store_root} /pure/store", out]
+    r = run_pure("--store", store_root, "shell", expr, "-A", "hello", "--pure", "--command",
+                 'echo "$PURE_STORE $PURE_STORE_DIR"', cwd=tmp_path)
+    assert r.stdout == f"{store_root} /pure/store\n"
+    r = run_pure("--store", store_root, "run", expr, "-A", "tools", "--program", "sh", "--", "-c",
+                 f'echo "$PURE_STORE"', cwd=tmp_path)
+    assert r.stdout == f"{store_root}\n"
+
+
 def test_sigterm_to_pure_run_goes_to_the_program_and_pure_exits_with_its_status(expr, tmp_path, store_root):
     """SIGTERM sent to `pure run` (systemd, `kill PID`) reaches the program, as if it had been
     exec'ed, and pure waits for it and exits with its status; before, pure died at once (143)

@@ -14,7 +14,8 @@ tools, like ``nix-shell``'s build inputs), then the rest of the runtime closure 
 Without ``--pure`` these are put in front of the caller's values; with ``--pure`` the caller's
 environment is cleared except ``HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL`` and ``PURE_*``
 (so ``pure`` inside the shell still finds its store), and PATH holds store paths only.
-``IN_PURE_SHELL`` is ``pure`` or ``impure``.  A derivation's ``shellHook`` attribute is run by
+``IN_PURE_SHELL`` is ``pure`` or ``impure``; ``PURE_STORE`` and ``PURE_STORE_DIR`` name this store
+(given with ``--store``/``--store-dir`` or not), so that ``pure`` inside uses it.  A derivation's ``shellHook`` attribute is run by
 the shell before the command (or before the prompt), as in ``nix-shell``.
 """
 
@@ -113,6 +114,12 @@ def make_environment(store, paths: list[StorePath], *, pure: bool,
     if pure and "PATH" not in env:
         env["PATH"] = ""
     env["IN_PURE_SHELL"] = "pure" if pure else "impure"
+    # `pure` inside finds this store, also when it was named with --store/--store-dir (not the
+    # host's store, whose state dir would otherwise go with this store's files)
+    settings = getattr(store, "settings", None)
+    if settings is not None:
+        env["PURE_STORE"] = settings.root
+        env["PURE_STORE_DIR"] = settings.store_dir
     return env
 
 
