@@ -204,20 +204,26 @@ def test_a_push_waiting_for_the_narinfo_lock_says_so_and_stops_on_sigterm(tmp_pa
     assert not list(cache.glob("*.narinfo")) and not list(cache.glob(".tmp-*"))
 
 
-async def test_a_push_s_own_narinfo_writes_do_not_wait_for_each_other(tmp_path, monkeypatch):
-    """Each narinfo write opens the lock file afresh, and two descriptors' flock exclude each
-    other in one process too: a push's parallel writes polled for each other every 20 ms (200
-    small paths took 1.5 s, not 0.5 s, and said they waited for "another writer").  The writes
-    made while one is under way are made together, under one holding of the lock."""
+@pytest.fixture
+def refused(monkeypatch):
+    """Whether each attempt at the narinfo lock found it held (True) or took it (False)."""
     from purestore.cache import prune
-    refused = []
+    seen: list[bool] = []
     try_lock = prune.try_lock
 
     def counting(fd):
         taken = try_lock(fd)
-        refused.append(not taken)
+        seen.append(not taken)
         return taken
     monkeypatch.setattr(prune, "try_lock", counting)
+    return seen
+
+
+async def test_a_push_s_own_narinfo_writes_do_not_wait_for_each_other(tmp_path, refused):
+    """Each narinfo write opens the lock file afresh, and two descriptors' flock exclude each
+    other in one process too: a push's parallel writes polled for each other every 20 ms (200
+    small paths took 1.5 s, not 0.5 s, and said they waited for "another writer").  The writes
+    made while one is under way are made together, under one holding of the lock."""
     d = tmp_path / "cache"
     d.mkdir()
     (d / "nix-cache-info").write_text(f"StoreDir: {SD}\n")
@@ -231,21 +237,13 @@ async def test_a_push_s_own_narinfo_writes_do_not_wait_for_each_other(tmp_path, 
     assert len(list(d.glob("*.narinfo"))) == 40
 
 
-def test_the_server_s_own_narinfo_writes_do_not_wait_for_each_other(tmp_path, monkeypatch):
+def test_the_server_s_own_narinfo_writes_do_not_wait_for_each_other(tmp_path, refused):
     """The same for ``cache serve``'s upload threads: they wait for each other on a lock, and
     poll the file's flock only for another process."""
     import threading
     import time
 
     from purestore.cache import prune
-    refused = []
-    try_lock = prune.try_lock
-
-    def counting(fd):
-        taken = try_lock(fd)
-        refused.append(not taken)
-        return taken
-    monkeypatch.setattr(prune, "try_lock", counting)
     d = tmp_path / "cache"
     d.mkdir()
     (d / "nix-cache-info").write_text(f"StoreDir: {SD}\n")
