@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 import pytest
 import trio
@@ -401,6 +402,7 @@ async def test_waits_for_paths_another_process_holds_use_a_bounded_number_of_thr
     for p in held:
         assert holder.acquire(p.base_name, blocking=False)
     all_refused, threads_in = trio.Event(), trio.Event()
+    counted = threading.Lock()
 
     class CountingLocks(PathLocks):
         refused: set = set()
@@ -415,15 +417,18 @@ async def test_waits_for_paths_another_process_holds_use_a_bounded_number_of_thr
             return got
 
         def wait_released(self, name):
-            with self._mutex:
+            # (its own lock: the trio thread takes PathLocks._mutex in acquire, so telling the
+            # trio thread while holding that one could wait for good)
+            with counted:
                 self.inside += 1
                 self.most = max(self.most, self.inside)
-                if self.inside == 4:
-                    trio.from_thread.run_sync(threads_in.set)
+                four = self.inside == 4
+            if four:
+                trio.from_thread.run_sync(threads_in.set)
             try:
                 super().wait_released(name)
             finally:
-                with self._mutex:
+                with counted:
                     self.inside -= 1
 
     d.locks = locks = CountingLocks(d.locks.directory)
