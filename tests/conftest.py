@@ -59,6 +59,28 @@ def run_pure(*args, root=None, store_dir=None, input=None, check=True, env=None,
     return p
 
 
+def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
+    """Run `pure ARGS` with its stderr on a pseudo-terminal (so that it draws its live status
+    line); returns (exit status, stdout bytes, everything written to the terminal)."""
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", *map(str, args)], cwd=cwd, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        data += chunk
+    out = p.communicate(timeout=timeout)[0]
+    os.close(master)
+    return p.returncode, out, data.decode()
+
+
 @pytest.fixture
 def store_root(tmp_path) -> Path:
     """An empty directory to hold a rooted store."""

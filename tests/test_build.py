@@ -297,28 +297,11 @@ def test_store_realise_and_log_of_an_output(pure, drvs, store_root):
 
 
 def test_live_status_line_on_a_terminal_plain_lines_otherwise(expr, tmp_path, store_root):
-    import pty
     import re
-    from conftest import pure_env
+    from conftest import pure_env, run_pure_on_tty
     f = expr('default = [sh(f"tty{i}", f"$B sleep 0.3; echo {i} > $out") for i in range(3)]\n')
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", str(f), "--no-link", "-j", "1"],
-                         cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    data = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the other side is closed
-            break
-        if not chunk:
-            break
-        data += chunk
-    p.wait(timeout=120)
-    os.close(master)
-    assert p.returncode == 0, data
-    text = data.decode()
+    rc, _out, text = run_pure_on_tty("build", f, "--no-link", "-j", "1", cwd=tmp_path, env=pure_env(store_root))
+    assert rc == 0, text
     assert re.search(r"\r\x1b\[K\[0:\d\d\] built \d/3, running 1, queued \d \| tty\d", text), text
     # not a terminal: no control sequences
     p2 = build(lambda *a, **k: run_pure(*a, root=store_root, **k), tmp_path, f, "--no-link", "--check")

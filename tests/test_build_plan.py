@@ -599,33 +599,14 @@ def test_a_late_fetch_shows_its_paths_and_bytes_in_the_live_status_line_beside_t
     """On a terminal, app, fetched once lib is built, shows in the status line as the fetches
     before the builds do (paths and bytes), after the builds' counts: before, a late fetch
     showed nothing while it ran."""
-    import pty
     import re
-    import subprocess
-    import sys
-    from conftest import pure_env
+    from conftest import pure_env, run_pure_on_tty
 
     f, app, _lib, _lib_drv, keys = _library_gap(pure, expr, tmp_path, "no narinfo")
     root = tmp_path / "b"
     root.mkdir()
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", *keys, "build", str(f), "--no-link"],
-                         cwd=tmp_path, env=pure_env(root), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    data = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the other side is closed
-            break
-        if not chunk:
-            break
-        data += chunk
-    out = p.communicate(timeout=120)[0]
-    os.close(master)
-    text = data.decode()
-    assert p.returncode == 0 and out.decode().strip() == app, text
+    rc, out, text = run_pure_on_tty(*keys, "build", f, "--no-link", cwd=tmp_path, env=pure_env(root))
+    assert rc == 0 and out.decode().strip() == app, text
     assert _events(root)[1] == [app]
     assert re.search(r"\r\x1b\[K\[0:\d\d\] built 1/1, running 0, queued 0 \| fetching 1/1 paths, "
                      r"\d+(\.\d)? K?i?B/\d+(\.\d)? K?i?B", text), repr(text)

@@ -205,10 +205,10 @@ def test_a_missing_output_lists_the_derivations_outputs(tmp_path):
         ev(f, "lib.dev")
 
 
-def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does(tmp_path):
-    """In a background job of a non-interactive shell (SIGINT ignored), SIGTERM ends pure by its
-    default action.  During an evaluation, the handler's os.kill() was refused by pure mode and
-    came out as 'pure evaluation refused to run a process (os.kill ...)', status 1."""
+def _signal_during_evaluation(tmp_path, body: str, sig, sigint) -> tuple[int, str]:
+    """`pure instantiate` of an expression that opens the FIFO ``{go}`` (``body`` formatted
+    with its name) and sent ``sig`` once it has (the open returns then: it is being evaluated),
+    with SIGINT's disposition set to ``sigint``; returns (status, stderr)."""
     import os
     import signal
     import subprocess
@@ -217,10 +217,10 @@ def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does
     from conftest import pure_env
     go = tmp_path / "go"
     os.mkfifo(go)
-    f = write(tmp_path / "expr.py", f"data = open({str(go)!r}).read()\n")
+    f = write(tmp_path / "expr.py", body.format(go=repr(str(go))))
     p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "instantiate", str(f)],
                          env=pure_env(tmp_path / "root"), stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
     def unblock_if_it_ended_early():  # so that the open below cannot wait for ever
         p.wait()
@@ -228,9 +228,18 @@ def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does
     threading.Thread(target=unblock_if_it_ended_early, daemon=True).start()
     with open(go, "w"):  # returns once the expression has opened it: it is being evaluated
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
         err = p.stderr.read()
-        status = p.wait()
+        return p.wait(), err
+
+
+def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does(tmp_path):
+    """In a background job of a non-interactive shell (SIGINT ignored), SIGTERM ends pure by its
+    default action.  During an evaluation, the handler's os.kill() was refused by pure mode and
+    came out as 'pure evaluation refused to run a process (os.kill ...)', status 1."""
+    import signal
+    status, err = _signal_during_evaluation(tmp_path, "data = open({go}).read()\n", signal.SIGTERM,
+                                            signal.SIG_IGN)
     assert status == -signal.SIGTERM, err
     assert "refused" not in err
 
@@ -240,26 +249,7 @@ def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does
 def test_an_interrupt_the_expression_swallows_still_interrupts(tmp_path, sig, status, said):
     """An expression's bare `except:` caught the KeyboardInterrupt of Ctrl-C (or SIGTERM): the
     evaluation went on and pure failed later with an unrelated error, status 1."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import threading
-    from conftest import pure_env
-    go = tmp_path / "go"
-    os.mkfifo(go)
-    f = write(tmp_path / "expr.py", f"try:\n    open({str(go)!r}).read()\nexcept:\n    pass\ndefault = 1\n")
-    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "instantiate", str(f)],
-                         env=pure_env(tmp_path / "root"), stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-    def unblock_if_it_ended_early():  # so that the open below cannot wait for ever
-        p.wait()
-        os.close(os.open(go, os.O_RDONLY | os.O_NONBLOCK))
-    threading.Thread(target=unblock_if_it_ended_early, daemon=True).start()
-    with open(go, "w"):  # returns once the expression has opened it: it is being evaluated
-        if p.poll() is None:
-            p.send_signal(getattr(signal, sig))
-        err = p.stderr.read()
-        rc = p.wait()
+    rc, err = _signal_during_evaluation(tmp_path, "try:\n    open({go}).read()\nexcept:\n    pass\ndefault = 1\n",
+                                        getattr(signal, sig), signal.SIG_DFL)
     assert (rc, err.strip()) == (status, said)

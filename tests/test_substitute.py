@@ -312,6 +312,21 @@ async def test_small_nars_over_http_download_many_at_once_by_default(tmp_path):
     assert 8 < now[1] <= SMALL_FETCHES, now
 
 
+async def _held_elsewhere(store, s, tmp_path, n: int):
+    """``n`` paths and one more pushed to a cache, and a destination store whose path locks of
+    the ``n`` are held through lock files of their own (another "process"): (held, other, the
+    destination store, its settings, the holder)."""
+    from purestore.store.lock import PathLocks
+    held = [make_path(store, f"held-{i}", {"": f"held {i}\n".encode()}) for i in range(n)]
+    other = make_path(store, "other", {"": b"other\n"})
+    await push(store, s, f"file://{tmp_path}/c", [*held, other])
+    d, ds = dest(tmp_path, f"file://{tmp_path}/c")
+    holder = PathLocks(d.locks.directory)
+    for p in held:
+        assert holder.acquire(p.base_name, blocking=False)
+    return held, other, d, ds, holder
+
+
 async def test_waiting_for_many_paths_another_process_holds_leaves_the_threads_free(source, tmp_path):
     """A substitution that waits for more paths than trio has default worker threads (another
     process holds their path locks) still lets everything else of the process that needs a
@@ -326,13 +341,7 @@ async def test_waiting_for_many_paths_another_process_holds_leaves_the_threads_f
 
     store, s, lib, _app = source
     n = trio.to_thread.current_default_thread_limiter().total_tokens + 10
-    held = [make_path(store, f"held-{i}", {"": f"held {i}\n".encode()}) for i in range(n)]
-    other = make_path(store, "other", {"": b"other\n"})
-    await push(store, s, f"file://{tmp_path}/c", [*held, other])
-    d, ds = dest(tmp_path, f"file://{tmp_path}/c")
-    holder = PathLocks(d.locks.directory)  # its own lock files' descriptions: another "process"
-    for p in held:
-        assert holder.acquire(p.base_name, blocking=False)
+    held, other, d, ds, holder = await _held_elsewhere(store, s, tmp_path, n)
     all_waiting = trio.Event()
 
     class CountingLocks(PathLocks):
@@ -394,13 +403,7 @@ async def test_waits_for_paths_another_process_holds_use_a_bounded_number_of_thr
     monkeypatch.setattr(_lock_wait, "WAIT_THREADS", 4)
     store, s, _lib, _app = source
     n = 24
-    held = [make_path(store, f"held-{i}", {"": f"held {i}\n".encode()}) for i in range(n)]
-    other = make_path(store, "other", {"": b"other\n"})
-    await push(store, s, f"file://{tmp_path}/c", [*held, other])
-    d, ds = dest(tmp_path, f"file://{tmp_path}/c")
-    holder = PathLocks(d.locks.directory)  # its own lock files' descriptions: another "process"
-    for p in held:
-        assert holder.acquire(p.base_name, blocking=False)
+    held, other, d, ds, holder = await _held_elsewhere(store, s, tmp_path, n)
     all_refused, threads_in = trio.Event(), trio.Event()
     counted = threading.Lock()
 
