@@ -171,7 +171,7 @@ def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
     assert r.stderr.splitlines()[-1].startswith(
         f"note: 1 path already there was not signed again; to add signatures in place: "
         f"pure cache sign --key-file KEY -r file://{cache2} {lib_p} ("), r.stderr
-    from purestore.cli.cache_cmd import _sign_again_command
+    from purestore.cli.copy_cmd import _sign_again_command
     assert _sign_again_command("http://h:1/?token-file=/t&secret-key=/k.sec&compression=xz", ["/a", "/b", "/c", "/d"]) \
         == "pure cache sign --key-file KEY -r 'http://h:1/?token-file=/t' /a /b /c ..."
 

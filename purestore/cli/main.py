@@ -23,21 +23,25 @@ COMMAND_MODULES = [
     "store_cmd",     # pure store add/path-info/ls/references/requisites/verify/delete
     "eval_cmd",      # pure eval / instantiate / show-derivation
     "build_cmd",     # pure build / log / store realise
-    "cache_cmd",     # pure key / copy / cache serve / store sign
+    "key_cmd",       # pure key generate/public, store sign
+    "copy_cmd",      # pure copy
+    "serve_cmd",     # pure cache serve, store serve
+    "cache_cmd",     # pure cache verify/info/path-info/sign/prune/ls/cat
     "env_cmd",       # pure shell / run / profile / gc
     "evidence_cmd",  # pure sbom / provenance / report / why-depends
 ]
 
-# Which modules register each top-level command or group.  Only those are imported when a
-# command runs, so `pure hash path` does not pay for building every other parser.
+# Which modules register each top-level command or group, in COMMAND_MODULES order (the order
+# of a group's commands in its --help).  Only those are imported when a command runs, so
+# `pure hash path` does not pay for building every other parser.
 # (tests/test_cli_main.py checks this table against what the modules really register.)
 COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
     "hash": ("hash_cmd",),
     "nar": ("nar_cmd",),
-    "store": ("store_cmd", "build_cmd", "cache_cmd"),
+    "store": ("store_cmd", "build_cmd", "key_cmd", "serve_cmd"),
     "eval": ("eval_cmd",), "instantiate": ("eval_cmd",), "show-derivation": ("eval_cmd",),
     "build": ("build_cmd",), "log": ("build_cmd",),
-    "key": ("cache_cmd",), "copy": ("cache_cmd",), "cache": ("cache_cmd",),
+    "key": ("key_cmd",), "copy": ("copy_cmd",), "cache": ("serve_cmd", "cache_cmd"),
     "gc": ("env_cmd",), "profile": ("env_cmd",), "shell": ("env_cmd",), "run": ("env_cmd",),
     "sbom": ("evidence_cmd",), "provenance": ("evidence_cmd",), "report": ("evidence_cmd",),
     "why-depends": ("evidence_cmd",),
