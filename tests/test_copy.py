@@ -305,6 +305,35 @@ def test_key_generate_and_public(tmp_path):
     assert bad.returncode == 1 and bad.stderr.startswith("error: secret key")
 
 
+def test_key_public_says_why_it_has_no_secret_key_to_read(tmp_path):
+    """`pure key public` with stdin closed, a directory, or bytes that are not UTF-8 text: an
+    `error:` line that says which, status 1, no traceback."""
+    pure = [sys.executable, "-m", "purestore.cli.main", "key", "public"]
+    r = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh", *pure], capture_output=True, text=True,
+                       env=pure_env(None), cwd=REPO)
+    assert (r.returncode, r.stderr.splitlines()[0]) == (
+        1, "error: cannot read the secret key from standard input: it is closed"), r.stderr
+    # `pure key public < DIR`: CPython itself refuses to start with a directory as stdin, before
+    # pure runs ("<stdin> is a directory, cannot continue")...
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        r = subprocess.run(pure, stdin=fd, capture_output=True, text=True, env=pure_env(None), cwd=REPO)
+    finally:
+        os.close(fd)
+    assert r.returncode != 0 and "is a directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # ...so pure's own error is for main() called once stdin has become a directory
+    r = subprocess.run([sys.executable, "-c", f"import os; os.dup2(os.open({str(tmp_path)!r}, os.O_RDONLY), 0); "
+                        "from purestore.cli.main import main; raise SystemExit(main(['key', 'public']))"],
+                       capture_output=True, text=True, env=pure_env(None), cwd=REPO)
+    assert (r.returncode, r.stderr.splitlines()[0]) == (
+        1, "error: cannot read the secret key from standard input: it is a directory"), r.stderr
+    # not UTF-8, whatever the locale (it was a traceback where stdin decodes strictly)
+    r = run_pure("key", "public", input=b"test-key-1:\xff\n", check=False)
+    assert (r.returncode, r.stderr.splitlines()[0]) == (
+        1, b"error: the secret key on standard input is not UTF-8 text"), r.stderr
+    r = run_pure("key", "public", input=b"test-key-1:\xff\n", check=False, env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+
 def test_key_generate_writes_both_files_or_neither(tmp_path):
     """An output that cannot be written is found before either key is: no half-made pair; and
     --force replaces an existing file by a new one of mode 0600 (never keeping the old mode)."""

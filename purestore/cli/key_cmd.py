@@ -126,8 +126,30 @@ def cmd_key_generate(args, ctx) -> int:
 
 def cmd_key_public(args, ctx) -> int:
     from ..formats.signing import SecretKey
-    print(SecretKey.parse(sys.stdin.read()).public_key().render())
+    print(SecretKey.parse(_read_secret_key_from_stdin()).public_key().render())
     return 0
+
+
+def _read_secret_key_from_stdin() -> str:
+    """The text on standard input; an error that says why when there is none to read (stdin
+    closed, a directory, an unreadable file) or it is not UTF-8 text (whatever the locale)."""
+    from ..errors import KeyError_, PurestoreError
+    cannot = "cannot read the secret key from standard input"
+    hint = "give the secret key file on stdin: pure key public < FILE"
+    if sys.stdin is None:  # (`pure key public <&-`)
+        raise PurestoreError(f"{cannot}: it is closed", hint=hint)
+    try:
+        data = sys.stdin.buffer.read()
+    except IsADirectoryError as e:
+        # (the `pure` executable does not get here: CPython refuses to start with a directory
+        # as stdin; a caller of main() whose stdin became one since does)
+        raise PurestoreError(f"{cannot}: it is a directory", hint=hint) from e
+    except OSError as e:
+        raise PurestoreError(f"{cannot}: {e.strerror}", hint=hint) from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyError_("the secret key on standard input is not UTF-8 text", hint=hint) from None
 
 
 def cmd_store_sign(args, ctx) -> int:
