@@ -423,7 +423,7 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
 
     import trio
 
-    from purestore.build.scheduler import _Realiser
+    from purestore.build.derivation_builder import DerivationBuilder
     from purestore.formats.store_path import StorePath
     from purestore.store.lock import PathLocks
 
@@ -445,7 +445,7 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
         got = []
 
         async def lock():
-            got.append(await _Realiser._lock_outputs(me, node))
+            got.append(await DerivationBuilder._lock_outputs(me, node))
         async with trio.open_nursery() as n:
             n.start_soon(lock)
             await trio.sleep(0.3)

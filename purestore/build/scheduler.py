@@ -8,10 +8,11 @@
    outputs are all valid is not needed, nor are its inputs.
 2. Try the substituters for missing outputs (when the caches layer is installed and configured;
    see :mod:`.substitution`).
-3. Announce the plan, then build: one task per derivation waits for its inputs, then for a job
-   slot; it takes the output path locks (so two ``pure`` processes build a path once: the
-   second waits and then finds it valid), runs the builder in the sandbox (or a builtin builder
-   in a thread), checks and registers the outputs, and stores the log.
+3. Announce the plan, then build: one task per derivation waits for its inputs, then hands
+   the derivation to :class:`.derivation_builder.DerivationBuilder`, which waits for a job
+   slot, takes the output path locks (so two ``pure`` processes build a path once: the second
+   waits and then finds it valid), runs the builder in the sandbox (or a builtin builder in a
+   thread), checks and registers the outputs, and stores the log.
 4. Fail fast (the first failure cancels the rest) unless ``keep_going``; cancellation (Ctrl-C)
    kills the builders (SIGKILL on the whole PID namespace), removes temporary outputs and
    releases the locks before :func:`realise` returns.
@@ -22,31 +23,19 @@ Blocking work (reading ``.drv`` files, hashing, scanning, SQLite) runs in worker
 from __future__ import annotations
 
 import os
-import signal
 from typing import Iterable, NoReturn
 
 import attrs
 import trio
 
-from .._json import camel_case_keys
-from .._lock_wait import wait_lock_released
-from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
+from ..errors import BuildError, StoreError
 from ..formats.derivation import Derivation, check_output_paths, parse_aterm
-from ..formats.hash import Hash
 from ..formats.store_path import StorePath
-from ..store import events
-from . import check as check_mod
-from . import sandbox as sb
-from .builtins import BUILTIN_BUILDERS
+from .derivation_builder import DerivationBuilder
 from .hook import check_hook, run_hook
-from .logs import BuildLog
-from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
-from ..store.fstree import remove_tree
-from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed, unwrap
+from .running import unwrap
 from .substitution import Substitution, wanted_missing
-
-SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
 
 
 @attrs.frozen
@@ -188,23 +177,11 @@ class _Realiser:
         self.sd = settings.store_dir
         self.nodes: dict[StorePath, _Node] = {}
         self.errors: list[BuildError] = []
-        self.limiter = trio.CapacityLimiter(max(1, options.max_jobs))
-        self.in_progress: dict[StorePath, trio.Event] = {}
-        self.unreproducible: list[str] = []
-        self.syncer = GroupSync(store.real_store_dir)
-        self.background: trio.Nursery | None = None
-        self.fork_server: sb.ForkServer | None = None
-        self.pending_refs: dict[StorePath, frozenset[StorePath]] = {}
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
         self.subst = Substitution(store, settings, self.nodes, progress, fork_worker=options.fork_worker,
                                   late_fetches=not options.check)
+        self.builder = DerivationBuilder(store, settings, options, progress, self.nodes, self._read_drv)
         self.nursery: trio.Nursery | None = None  # where the nodes' tasks run
-
-    def _server(self) -> sb.ForkServer:
-        """The fork server, started on first use (in the trio thread: it dies with that thread)."""
-        if self.fork_server is None:
-            self.fork_server = sb.ForkServer()
-        return self.fork_server
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -319,10 +296,8 @@ class _Realiser:
     # -- running -------------------------------------------------------------------------------
 
     async def run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
-        self.root_mount = os.path.join(self.store.state_dir, "sandbox-root")
-
         def setup():
-            os.makedirs(self.root_mount, mode=0o755, exist_ok=True)
+            os.makedirs(self.builder.root_mount, mode=0o755, exist_ok=True)
             self._load_graph(tops)
         await trio.to_thread.run_sync(setup)
         try:
@@ -352,7 +327,7 @@ class _Realiser:
         try:
             async with trio.open_nursery() as background:
                 # clean-ups (reaping sandboxes, removing build dirs) overlap with the next builds
-                self.background = background
+                self.builder.background = background
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     for node in to_build:
@@ -362,14 +337,13 @@ class _Realiser:
         except BaseExceptionGroup as eg:
             raise unwrap(eg) from None
         finally:
-            if self.fork_server is not None:
-                self.fork_server.close()
+            self.builder.close()
             self.progress.fetch_summary()  # what was fetched, the late fetches included
             self.progress.event("done")
         if self.errors:
             raise BuildFailures(self.errors)
-        if self.unreproducible:
-            raise NotReproducible("\n".join(self.unreproducible))
+        if self.builder.unreproducible:
+            raise NotReproducible("\n".join(self.builder.unreproducible))
         return {t: dict(self.nodes[t].outputs) for t in tops}
 
     def _refuse_to_build(self, to_build: list[_Node], late: set[StorePath]) -> NoReturn:
@@ -411,7 +385,7 @@ class _Realiser:
                 if not await self._inputs_ok(node, node.deps):
                     return
             rounds = self.options.rounds if node.top else 1
-            built = await self._build_node(node, rounds)
+            built = await self.builder.build(node, rounds)
             node.ok = True
             if built and self.settings.post_build_hook:
                 node.finish()  # what depends on it goes on while the hook runs
@@ -456,328 +430,7 @@ class _Realiser:
 
     async def _check_node(self, node: _Node) -> None:
         try:
-            await self._rebuild_and_compare(node, "check", 1)
+            await self.builder.rebuild_and_compare(node, "check", 1)
         except BuildError as e:
             self.errors.append(e)
             self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))
-
-    async def _lock_outputs(self, node: _Node) -> list[str]:
-        """Take the path locks of ``node``'s outputs in the trio thread (without blocking it),
-        all or none: while one is busy (another process builds or substitutes it) none is held,
-        so that no cycle of waits can form with a process that holds that one and waits for
-        another output of ours (a substitution holds a path's lock until its references are
-        registered)."""
-        names = sorted(o.base_name for o in node.outputs.values())
-        locks = self.store.locks
-        told = False
-        while True:
-            taken: list[str] = []
-            busy = None
-            try:
-                for name in names:
-                    if not locks.acquire(name, blocking=False):
-                        busy = name
-                        break
-                    taken.append(name)
-            except BaseException:
-                for name in reversed(taken):
-                    locks.release(name)
-                raise
-            if busy is None:
-                return taken
-            for name in reversed(taken):
-                locks.release(name)
-            if not told:  # said once, as a substitution says it
-                told = True
-                path = self.store.print_path(next(o for o in node.outputs.values() if o.base_name == busy))
-                self.progress.message(f"waiting for another process to finish '{path}'")
-                self.progress.event("waiting", drv=node.label, path=path)
-            # in a thread outside the default limiter's 40, bounded all the same, as the
-            # substituter waits (see purestore._lock_wait): a wait per busy derivation, taking
-            # those 40, would stop everything of this run that needs a thread, and so the other
-            # process if it waits for us in turn
-            await wait_lock_released(locks, busy)
-
-    def _unlock(self, taken: list[str]) -> None:
-        for name in reversed(taken):
-            self.store.locks.release(name)
-
-    async def _build_node(self, node: _Node, rounds: int) -> bool:
-        """Build ``node`` unless another process did meanwhile; True when this one built it."""
-        # one in-process builder per output path (two FODs may share an output path)
-        for o in node.outputs.values():
-            ev = self.in_progress.get(o)
-            if ev is not None:
-                await ev.wait()
-        evs = {o: trio.Event() for o in node.outputs.values()}
-        self.in_progress.update(evs)
-        try:
-            taken = await self._lock_outputs(node)
-            try:
-                valid = await trio.to_thread.run_sync(
-                    lambda: all(self.store.is_valid(o) for o in node.outputs.values()))
-                if not valid:
-                    await self._build_once(node, "build", 1, install=True)
-            finally:
-                self._unlock(taken)
-        finally:
-            for o, ev in evs.items():
-                self.in_progress.pop(o, None)
-                ev.set()
-        for r in range(2, rounds + 1):
-            await self._rebuild_and_compare(node, "round", r, rounds)
-        return not valid
-
-    async def _rebuild_and_compare(self, node: _Node, kind: str, round_: int, rounds: int = 2) -> None:
-        infos = await trio.to_thread.run_sync(
-            lambda: {n: self.store.query_path_info(o) for n, o in node.outputs.items()})
-        if any(i is None for i in infos.values()):
-            raise BuildError(f"cannot check {node.label}: not all of its outputs are valid")
-        await self._build_once(node, kind, round_, install=False, compare_with=infos, rounds=rounds)
-
-    def _input_closure(self, node: _Node) -> set[StorePath]:
-        roots = {StorePath.parse(s, self.sd) for s in node.drv.input_srcs}
-        for d, outs in node.drv.input_drvs.items():
-            dp = StorePath.parse(d, self.sd)
-            dep = self.nodes.get(dp)
-            dep_outs = dep.outputs if dep is not None else (
-                self.store.query_derivation_outputs(dp)
-                or {n: StorePath.parse(o.path, self.sd) for n, o in self._read_drv(dp).outputs.items()})
-            for o in outs:
-                if o not in dep_outs:
-                    raise BuildError(f"{node.label} uses output {o!r} of {d}, which has no such output")
-                roots.add(dep_outs[o])
-        self.store.add_temp_roots(roots)
-        # outputs built by this run but not registered yet: their references are known here
-        closure: set[StorePath] = set()
-        from_db: list[StorePath] = []
-        stack = list(roots)
-        while stack:
-            p = stack.pop()
-            if p in closure:
-                continue
-            refs = self.pending_refs.get(p)
-            if refs is None:
-                from_db.append(p)
-                continue
-            closure.add(p)
-            stack.extend(refs)
-        return closure | self.store.query_closure(from_db)
-
-    def _env(self, node: _Node) -> tuple[dict[str, str], dict[str, bytes]]:
-        drv = node.drv
-        cores = self.options.cores or os.cpu_count() or 1
-        env = {
-            "PATH": "/path-not-set",
-            "HOME": "/homeless-shelter",
-            "NIX_STORE": self.sd,
-            "NIX_BUILD_CORES": str(cores),
-            "NIX_BUILD_TOP": "/build",
-            "TMPDIR": "/build", "TEMPDIR": "/build", "TMP": "/build", "TEMP": "/build",
-            "PWD": "/build",
-            "NIX_LOG_FD": "2",
-            "TERM": "xterm-256color",
-            "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
-        }
-        if drv.is_fixed_output:
-            # like Nix: a fixed-output build may see the host's values of the variables it
-            # declares impure (proxies and the like); its output is checked against its hash
-            for k in drv.env.get("impureEnvVars", "").split():
-                if k in os.environ:
-                    env[k] = os.environ[k]
-        files: dict[str, bytes] = {}
-        pass_as_file = set(drv.env.get("passAsFile", "").split())
-        for k, v in drv.env.items():
-            if k in pass_as_file:
-                fn = ".attr-" + Hash.of_bytes(k.encode()).nix32  # Nix's file name
-                files[fn] = v.encode(errors="surrogateescape")
-                env[k + "Path"] = "/build/" + fn
-            else:
-                env[k] = v
-        return env, files
-
-    async def _build_once(self, node: _Node, kind: str, round_: int, *, install: bool,
-                          compare_with: dict | None = None, rounds: int = 1) -> None:
-        store, drv = self.store, node.drv
-        builtin = drv.builder.startswith("builtin:")
-        network = drv.is_fixed_output
-        if builtin and drv.builder not in BUILTIN_BUILDERS:
-            raise BuildError(f"{node.label} uses unknown builtin builder {drv.builder!r} "
-                             f"(known: {', '.join(sorted(BUILTIN_BUILDERS))})")
-        if builtin and not drv.is_fixed_output:
-            raise BuildError(f"builtin builder {drv.builder!r} of {node.label} is only allowed "
-                             f"for fixed-output derivations")
-        if drv.system not in ("x86_64-linux", "builtin") and not builtin:
-            raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
-        top = store.temp_name(node.path)
-        spec = None
-        sandboxed: Sandboxed | None = None
-        token = object()
-        await self.limiter.acquire_on_behalf_of(token)  # -j: how many builders run at once
-        holding = [True]
-
-        def release_slot():
-            if holding[0]:
-                holding[0] = False
-                self.limiter.release_on_behalf_of(token)
-
-        def begin():
-            event = events.record_build_start(store, node.label, drv.name, fixed_output=drv.is_fixed_output,
-                                              network=network, kind=kind, round=round_)
-            try:
-                closure = self._input_closure(node)
-                env, files = self._env(node)
-                inputs = {store.print_path(p): store.real_path(p) for p in closure}
-                sp = sb.SandboxSpec(argv=(drv.builder, *drv.args), env=env, top=top, store_dir=self.sd,
-                                    inputs=inputs, network=network, root_mount=self.root_mount,
-                                    ro_base=store.real_store_dir)
-                sb.prepare_root(sp)
-                for fn, data in files.items():
-                    with open(os.path.join(sp.build_dir, fn), "wb") as f:
-                        f.write(data)
-            except BaseException as e:
-                events.record_build_finish(store, event, "failed", error=str(e))
-                raise
-            return event, closure, sp
-        try:
-            event_id, closure, spec = await trio.to_thread.run_sync(begin)
-        except BaseException:
-            release_slot()
-            raise
-        self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_)
-        log = BuildLog(store.state_dir, node.path.base_name,
-                       echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
-                       if self.progress.print_logs or self.progress.json_stream else None)
-        status = "failed"
-        keep_top = False
-        outs_info = {}
-        try:
-            host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
-            if builtin:
-                await self._run_builtin(node, host_outs["out"], log)
-                release_slot()
-            else:
-                code, sandboxed = await run_sandboxed(self._server(), spec, log)
-                release_slot()  # checking and registering the outputs does not count against -j
-                if code != 0:
-                    await sandboxed.reap()
-                    keep_top = self.options.keep_failed
-                    raise self._failure(node, code, log, spec if keep_top else None)
-            built = await trio.to_thread.run_sync(
-                lambda: check_outputs(drv, node.path, host_outs, closure, self.sd, node.label))
-            outs_info = {n: (store.print_path(b.info.path), f"sha256:{b.info.nar_hash.nix32}")
-                         for n, b in built.items()}
-            if install:
-                for b in built.values():
-                    self.pending_refs[b.info.path] = b.info.references
-                moved = await trio.to_thread.run_sync(lambda: move_outputs(store, built))
-                node.ready.set()
-                if moved and store.durable:
-                    await self.syncer.sync()
-                for d in node.deps:
-                    await d.done.wait()
-                    if not d.ok:
-                        raise BuildError(f"cannot register the outputs of {node.label}: "
-                                         f"its dependency {d.label} failed")
-                await trio.to_thread.run_sync(lambda: register_outputs(store, built, moved, node.path))
-            else:
-                await self._compare(node, kind, built, compare_with, rounds)
-            status = "built"
-            self.progress.event("built", drv=node.label, name=drv.name,
-                                outputs={n: p for n, (p, _) in outs_info.items()})
-        except HashMismatch as e:
-            await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(
-                store, node.label, f"fixed-output hash mismatch: {e}"))
-            raise
-        except SandboxError as e:
-            await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
-            raise BuildError(f"cannot build {node.label}: {e}") from e
-        except BuildError as e:
-            if "suspicious" in str(e):
-                await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
-            raise
-        except BaseException as e:  # Cancelled, KeyboardInterrupt: the build was interrupted
-            if not isinstance(e, Exception):
-                status = "interrupted"
-            raise
-        finally:
-            release_slot()
-            with trio.CancelScope(shield=True):
-                try:
-                    log.close()
-                except StoreError:
-                    pass
-                def finish():
-                    if not keep_top:
-                        remove_tree(top)
-                    events.record_build_finish(store, event_id, status, outs_info,
-                                               None if status == "built" else status)
-
-                async def cleanup():
-                    # after the namespaces are gone (they hold the build dir): remove, record
-                    if sandboxed is not None:
-                        await sandboxed.reap()
-                    with trio.CancelScope(shield=True):
-                        try:
-                            await trio.to_thread.run_sync(finish)
-                        except (PurestoreError, OSError):
-                            pass
-                if status == "built" and self.background is not None:
-                    self.background.start_soon(cleanup)
-                else:
-                    await cleanup()
-
-    async def _run_builtin(self, node: _Node, out: str, log: BuildLog) -> None:
-        fn = BUILTIN_BUILDERS[node.drv.builder]
-        lines: list[str] = []
-        try:
-            await trio.to_thread.run_sync(lambda: fn(node.drv, out, lines.append), abandon_on_cancel=False)
-        finally:
-            for line in lines:
-                log.line(line)
-
-    def _failure(self, node: _Node, code: int, log: BuildLog, spec) -> BuildError:
-        tail = log.tail()
-        if code > 128:
-            how = f"was killed by signal {code - 128} ({signal.Signals(code - 128).name})" \
-                if code - 128 in signal.valid_signals() else f"exited with status {code}"
-        else:
-            how = f"exited with status {code}"
-        msg = f"builder for {node.label} {how}"
-        if tail:
-            msg += f"\nlast {len(tail)} log lines:\n" + "\n".join(f"  > {line}" for line in tail)
-        msg += f"\nfull log: {log.path} (or: pure log {node.label})"
-        if spec is not None:
-            kept = keep_dir(spec.top, node.drv.name)
-            msg += f"\nkeeping build directory {kept}/build (what the builder wrote to the store dir: {kept}/upper)"
-        return BuildError(msg)
-
-    async def _compare(self, node: _Node, kind: str, built: dict, infos: dict, rounds: int) -> None:
-        diffs: list[dict] = []
-        for n, b in built.items():
-            old = infos[n]
-            if old.nar_hash == b.info.nar_hash:
-                continue
-            real = self.store.real_path(b.info.path)
-            keep = real + ".check"
-
-            def work(b=b, real=real, keep=keep, n=n):
-                d = check_mod.diff_trees(real, b.host_path)
-                remove_tree(keep)
-                os.rename(b.host_path, keep)
-                extra = check_mod.diffoscope(real, keep)
-                return [{"output": n, **x} for x in d], extra
-            d, extra = await trio.to_thread.run_sync(work)
-            lines = [f"output {n!r} of {node.label} differs ({kind}): "
-                     f"{old.nar_hash.sri} before, {b.info.nar_hash.sri} now; the new result is kept at {keep}"]
-            lines += ["  " + check_mod.describe(x) for x in d]
-            if extra:
-                lines.append("diffoscope:\n" + extra)
-            self.unreproducible.append("\n".join(lines))
-            diffs.extend({**x, "kept": keep} for x in d)
-        reproducible = not diffs and all(infos[n].nar_hash == b.info.nar_hash for n, b in built.items())
-        await trio.to_thread.run_sync(lambda: events.record_check(
-            self.store, node.label, kind="check" if kind == "check" else "rounds",
-            rounds=rounds if kind == "round" else 2, reproducible=reproducible, differences=diffs))
-        self.progress.event("check", drv=node.label, reproducible=reproducible,
-                            differences=camel_case_keys(diffs))
