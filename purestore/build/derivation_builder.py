@@ -297,15 +297,15 @@ class DerivationBuilder:
             self.progress.event("built", drv=node.label, name=drv.name,
                                 outputs={n: p for n, (p, _) in outs_info.items()})
         except HashMismatch as e:
-            await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(
-                store, node.label, f"fixed-output hash mismatch: {e}"))
+            await trio.to_thread.run_sync(events.record_sandbox_refusal, store, node.label,
+                                          f"fixed-output hash mismatch: {e}")
             raise
         except SandboxError as e:
-            await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
+            await trio.to_thread.run_sync(events.record_sandbox_refusal, store, node.label, str(e))
             raise BuildError(f"cannot build {node.label}: {e}") from e
         except BuildError as e:
             if "suspicious" in str(e):
-                await trio.to_thread.run_sync(lambda: events.record_sandbox_refusal(store, node.label, str(e)))
+                await trio.to_thread.run_sync(events.record_sandbox_refusal, store, node.label, str(e))
             raise
         except BaseException as e:  # Cancelled, KeyboardInterrupt: the build was interrupted
             if not isinstance(e, Exception):
