@@ -420,3 +420,71 @@ def test_ctrl_c_stops_a_slow_compression_in_a_thread_at_once(tmp_path, sig):
     assert "Traceback" not in err, err
     assert stopped_after < 5, f"took {stopped_after:.1f} s to stop"
     assert not list(cache.glob("nar/.tmp-*")) and not list(cache.glob("*.narinfo"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_restore_in_a_thread_stops_at_once_when_the_command_is_interrupted(tmp_path, sig):
+    """A big NAR from a file:// cache restored in a thread of the command (``-j 1``: no forked
+    worker), its file a FIFO fed 64 KiB every 100 ms (13 s in all): SIGINT or SIGTERM stops the
+    restore at its next read (the thread is not waited for until the NAR ends), and nothing is left."""
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import pure_env
+    from test_cache_support import PUB
+
+    src = tmp_path / "src"
+    with open_store(src) as store:
+        big = make_path(store, "big", {"data": os.urandom(8 << 20)})
+    key = tmp_path / "k.sec"
+    key.write_text(SEC)
+    cache = tmp_path / "cache"
+    run_pure("copy", "--to", f"file://{cache}?compression=none", "--secret-key-file", key,
+             store.print_path(big), root=src)
+    text = (cache / f"{big.hash_part}.narinfo").read_text()
+    nar = cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    data = nar.read_bytes()
+    nar.unlink()
+    os.mkfifo(nar)
+    fed, quit_feeding = [], threading.Event()
+
+    def feed():
+        try:
+            with open(nar, "wb", buffering=0) as f:  # blocks until pure opens it for reading
+                for i in range(0, len(data), 64 << 10):  # 64 KiB every 100 ms: 13 s in all
+                    if quit_feeding.wait(0.1):
+                        return
+                    f.write(data[i:i + (64 << 10)])
+                    fed.append(i)
+        except BrokenPipeError:  # the reader is gone
+            pass
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+
+    dst = tmp_path / "dst"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "purestore.cli.main", "copy", "-j", "1", "--from", f"file://{cache}",
+         "--trusted-public-keys", PUB, f"/pure/store/{big.base_name}"],
+        env=pure_env(dst, None, None), stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 30
+        while len(fed) < 3 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        assert len(fed) >= 3, "the restore should be under way"
+        os.kill(p.pid, getattr(signal, sig))
+        t0 = time.monotonic()
+        err = p.communicate(timeout=30)[1]
+        took = time.monotonic() - t0
+    finally:
+        quit_feeding.set()
+        if p.poll() is None:
+            p.kill()
+    assert took < 5, f"the command took {took:.1f} s to stop: it waited for the restoring thread"
+    assert p.returncode == (130 if sig == "SIGINT" else 143), err
+    assert "Traceback" not in err, err
+    store_dir = dst / "pure/store"
+    assert [n for n in os.listdir(store_dir) if n != ".tmp"] == []
+    assert os.listdir(store_dir / ".tmp") == []
+    run_pure("store", "verify", "--check-contents", root=dst)

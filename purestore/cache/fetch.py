@@ -23,6 +23,7 @@ from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import Backend, FileBackend, file_url
+from ._nursery import run_stoppable
 from .forked import DATA, run_claimed
 from .nar_jobs import restore_file, restore_stream
 from .progress import Progress
@@ -133,8 +134,8 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
                 return tmp
             ran, _ = await run_claimed(worker, lambda: worker.call(from_file, *args, progress=progress),
                                        lambda: _remove_partial(store, tmp))
-            if not ran:
-                await trio.to_thread.run_sync(from_file, *args, progress)
+            if not ran:  # in a thread, stopped at its next MiB when this task is cancelled
+                await run_stoppable(from_file, *args, progress)
         elif ni.file_size is not None and ni.file_size <= SMALL_NAR:
             # small NARs: one request for the whole body, verified and restored in one go
             # (a little over FileSize: a Content-Encoding may add some; FileSize is checked after)

@@ -362,13 +362,19 @@ def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: 
 
 
 def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None, *,
-                 direct: bool = False) -> None:
-    """Restore the NAR file of a ``file://`` cache (read in place) into ``tmp``."""
+                 direct: bool = False, stop: threading.Event | None = None) -> None:
+    """Restore the NAR file of a ``file://`` cache (read in place) into ``tmp``.  ``stop``:
+    when it is set, the restore raises :class:`Stopped` at its next MiB (``tmp`` removed)."""
     try:
         f = open_regular(nar_file)
     except FileNotFoundError:
         raise CacheError(f"{where} is missing from the cache") from None
     except OSError as e:
         raise CacheError(f"cannot read {where}: {e.strerror}") from e
+    def next_chunk() -> bytes:
+        if stop is not None and stop.is_set():
+            raise Stopped(f"the restore of {where} was stopped")
+        return f.read(1 << 20)
+
     with f:
-        restore_stream(lambda: f.read(1 << 20), ni, where, tmp, progress, direct=direct)
+        restore_stream(next_chunk, ni, where, tmp, progress, direct=direct)
