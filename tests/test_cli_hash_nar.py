@@ -106,6 +106,22 @@ def test_nar_restore_rejects_bad_nars_without_traceback(tmp_path):
         assert not (tmp_path / f"o{i}").exists()
 
 
+@pytest.mark.parametrize("args", [["nar", "restore", "OUT"], ["nar", "ls", "-", "/"]])
+def test_nar_commands_with_standard_input_closed_say_so(tmp_path, args):
+    """`pure nar restore DEST <&-` (and `nar ls -`): an error saying stdin is closed, with a
+    hint, no traceback and nothing written."""
+    import os
+    import sys
+
+    from conftest import pure_env
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    p = subprocess.run([sys.executable, "-m", "purestore.cli.main", *args], capture_output=True, text=True,
+                       env=pure_env(None, None, None), stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("error: cannot read the NAR from standard input: it is closed\nhint: "), p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_nar_ls_json_matches_nix(tmp_path):
     for name in sorted(HASHES):
         got = json.loads(out("nar", "ls", "--json", "-R", str(GOLDEN / f"{name}.nar"), "/"))

@@ -66,10 +66,38 @@ def cmd_dump(args, ctx) -> int:
     return 0
 
 
+class _Stdin:
+    """Standard input as a NAR source: a read error (say, stdin is a directory) is an error
+    that says so, not a traceback."""
+
+    def __init__(self, hint: str):
+        from ..errors import PurestoreError
+
+        if sys.stdin is None:  # (`pure nar restore DEST <&-`)
+            raise PurestoreError("cannot read the NAR from standard input: it is closed", hint=hint)
+        self._f = sys.stdin.buffer
+        self._hint = hint
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except OSError as e:
+            from ..errors import PurestoreError
+
+            raise PurestoreError(f"cannot read the NAR from standard input: {e.strerror or e}",
+                                 hint=self._hint) from e
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # (standard input stays open)
+
+
 def cmd_restore(args, ctx) -> int:
     from ..store.fstree import restore_nar
 
-    restore_nar(sys.stdin.buffer, args.dest)
+    restore_nar(_Stdin("give the NAR on stdin: pure nar restore DEST < FILE.nar"), args.dest)
     return 0
 
 
@@ -83,7 +111,7 @@ def cmd_ls(args, ctx) -> int:
     if any(p in (b".", b"..") for p in want):
         raise UsageError(f"path in NAR {args.path!r} must not contain '.' or '..'")
     try:
-        f = sys.stdin.buffer if args.nar == "-" else open(args.nar, "rb")
+        f = _Stdin("give the NAR on stdin, or its file: pure nar ls FILE.nar") if args.nar == "-" else open(args.nar, "rb")
     except OSError as e:
         from ..errors import StoreError
 
