@@ -137,3 +137,37 @@ def test_json_gives_an_error_object_when_a_command_fails_outright(tmp_path):
         assert ev["hint"] == f"see 'pure {args[0]}{' verify' if args[0] == 'cache' else ''} --help'"
     p = run_pure("copy", "--to", "file:///x", root=store, check=False)
     assert p.returncode == 2 and p.stdout == ""
+
+
+def _pure_into_closed_pipe(*args, root, stderr_too=False):
+    """`pure ARGS` whose stdout (and stderr with ``stderr_too``) is a pipe nobody reads any more,
+    as after `pure ARGS | head -1` once head has exited; returns (status, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "purestore.cli.main", *map(str, args)], stdout=w,
+                           stderr=w if stderr_too else subprocess.PIPE, env=pure_env(root), timeout=120)
+    finally:
+        os.close(w)
+    return p.returncode, (p.stderr or b"").decode()
+
+
+def test_a_reader_that_goes_away_ends_pure_quietly_by_sigpipe(tmp_path):
+    """`pure report --json | head -1`: when the reader of the output has gone, pure stops as a
+    Unix tool does (ended by SIGPIPE, which a shell shows as status 141), with nothing on stderr:
+    not exit status 1, not a BrokenPipeError traceback.  The same for every command, and when the
+    error of a failing command cannot be printed either (`2>&1 | head`)."""
+    import signal
+    root = tmp_path / "store"
+    for args in (["report", "--json"], ["report"], ["hash", "path", __file__]):
+        status, err = _pure_into_closed_pipe(*args, root=root)
+        assert (status, err) == (-signal.SIGPIPE, ""), args
+    status, _ = _pure_into_closed_pipe("hash", "file", tmp_path / "missing", root=root, stderr_too=True)
+    assert status == -signal.SIGPIPE
+    # main() itself (what a library user calls) returns the shell's status of that end
+    assert cli_main.SIGPIPE_STATUS == 128 + signal.SIGPIPE

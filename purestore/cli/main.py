@@ -312,7 +312,58 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser, dest = subs.choices[word], f"{word}_command"
 
 
+SIGPIPE_STATUS = 128 + 13  # what a shell shows for a process ended by SIGPIPE
+_output_gone = False
+
+
+def _output_closed() -> bool:
+    """Whether the reader of stdout or stderr has gone (``pure … | head -1`` once head exits).
+
+    A pipe's write end polls as POLLERR once no reader is left (a socket's as POLLHUP): this
+    tells a closed output from a BrokenPipeError of some other pipe (a builder's, a cache
+    connection's), which would be a bug of purestore's to show as one.
+    """
+    import select
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            fd = stream.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0)):
+                return True
+        except (AttributeError, ValueError, OSError):  # no stream, or a closed one
+            continue
+    return False
+
+
+def _stop_output() -> int:
+    """The reader of the output has gone: stop quietly, as a Unix tool ended by SIGPIPE does
+    (:func:`run` ends the process with that signal; :func:`main` returns its shell status).
+
+    Whatever is still buffered for stdout or stderr is sent to /dev/null, so the final flush
+    does not fail again (nor print "Exception ignored" at the interpreter's exit).
+    """
+    global _output_gone
+    _output_gone = True
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return SIGPIPE_STATUS
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            os.dup2(null, stream.fileno())
+        except (AttributeError, ValueError, OSError):
+            pass
+    os.close(null)
+    return SIGPIPE_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command of ``argv`` (default ``sys.argv[1:]``); returns its exit status.
+
+    When the reader of stdout goes away (``pure report --json | head -1``) the command stops
+    without a message and the status is 141, a shell's for a process ended by SIGPIPE.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if hasattr(sys.stdout, "reconfigure"):  # names that are not UTF-8 are printed as their bytes
         sys.stdout.reconfigure(errors="surrogateescape")
@@ -336,6 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     _stop_on_sigterm()
     out = _JsonWatch.install(args)
     try:
+        return _run_command(args, ctx, out)
+    except BrokenPipeError:  # (printing the error of a failed command too: `2>&1 | head -1`)
+        if not _output_closed():
+            raise  # a pipe of purestore's own: a bug, shown as one
+        return _stop_output()
+
+
+def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None) -> int:
+    """The command's function, and its error (or interruption) printed as ``error: …``."""
+    try:
         _check_key_options(args)
         rc = args.func(args, ctx)
     except PurestoreError as e:
@@ -353,12 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:  # a --json reader learns of it too (build: as the last event)
             out.error(stopped)
         return stopped.exit_status
-    except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 1
     return rc or 0
 
 
@@ -384,8 +439,14 @@ def run() -> None:
             continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`pure ... | head`) or a closed stream
+        except BrokenPipeError:  # `pure … | head -1`: the reader has gone
+            status = _stop_output()
+        except (OSError, ValueError):  # a closed stream, a full disk
             status = status or 1
+    if _output_gone:  # end as a C program does when its reader goes: by SIGPIPE, quietly
+        import signal
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGPIPE)
     os._exit(status)
 
 
