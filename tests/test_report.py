@@ -98,3 +98,27 @@ def test_report_json_keys_are_camel_case_as_every_json_of_pure(pure, recorded):
     r = json.loads(pure("report", "--json").stdout)
     assert [k for k in keys(r) if "_" in k] == []
     assert r["builds"]["byStatus"] == {"built": 2, "failed": 1}
+
+
+def test_since_takes_seconds_or_a_duration_with_a_unit(pure, recorded):
+    """--since 1d: the builds recorded at 1000.0 (1970) are left out, the checks and
+    substitutions of now are in; a window reaching back before 1970 takes everything."""
+    r = json.loads(pure("report", "--json", "--since", "1d").stdout)
+    assert r["builds"]["total"] == 0 and r["cache"]["substituted"] == 3
+    r2 = json.loads(pure("report", "--json", "--since", "86400").stdout)   # the same in seconds
+    assert (r2["builds"]["total"], r2["cache"]["substituted"]) == (0, 3)
+    assert r2["since"] == pytest.approx(r["since"], abs=60)
+    r = json.loads(pure("report", "--json", "--since", "3000w").stdout)
+    assert r["builds"]["total"] == 3 and r["since"] == 0.0
+    assert pure("report", "--since", "1.5h").stdout.startswith("since ")
+
+
+@pytest.mark.parametrize("value", ["-5", "-0.5", "nan", "inf", "1e30", "5x", "", "d"])
+def test_since_refuses_a_negative_or_garbage_duration(pure, value):
+    """`--since -5` was taken (a window in the future: an empty report), `nan`/`inf`/`1e30`
+    ended in a traceback: each is an error naming the option and what it expects."""
+    p = pure("report", "--since", value, check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    first = p.stderr.splitlines()[0]
+    assert first.startswith("error: argument --since: expected a duration: seconds (a number >= 0)")
+    assert first.endswith(f"not {value!r}")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from ._duration import duration
 from ._outfiles import file_name
 
 
@@ -65,8 +66,8 @@ def register(reg) -> None:
             "the cache hit rate (substituted vs built); sandbox refusals. --json for dashboards."),
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--since", metavar="SECONDS", type=float,
-                   help="only records of the last SECONDS seconds")
+    p.add_argument("--since", metavar="DURATION", type=duration,
+                   help="only records of the last DURATION: seconds, or with a unit (90m, 12h, 7d, 2w)")
 
     p = reg.command(
         "why-depends", "show why PATH depends on DEP: the chain of references", cmd_why_depends,
@@ -261,7 +262,8 @@ def _provenance_verify(args, ctx, file: str, target: str | None) -> int:
 def cmd_report(args, ctx) -> int:
     import time
     from ..build.report import make_report, render_report
-    since = time.time() - args.since if args.since is not None else None
+    # (a window reaching back before 1970 takes everything: since the epoch)
+    since = max(0.0, time.time() - args.since) if args.since is not None else None
     with ctx.open_store() as store:
         r = make_report(store, since)
     if args.json:
