@@ -122,3 +122,25 @@ def test_since_refuses_a_negative_or_garbage_duration(pure, value):
     first = p.stderr.splitlines()[0]
     assert first.startswith("error: argument --since: expected a duration: seconds (a number >= 0)")
     assert first.endswith(f"not {value!r}")
+
+
+def test_a_recording_process_is_told_from_a_later_one_with_its_pid():
+    """What tells an abandoned build from a running one: the recorded process's identity (boot,
+    start time, pid namespace), not its pid alone, which a later process may be given."""
+    import subprocess
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        ident = events.process_identity(p.pid)
+        assert ident is not None and events.process_running(p.pid, ident) is True
+        boot, ticks, ns = ident.split(" ")
+        assert events.process_running(p.pid, f"{boot} {int(ticks) + 1} {ns}") is False  # a reused pid
+        assert events.process_running(p.pid, f"{'0' * len(boot)} {ticks} {ns}") is False  # another boot
+        assert events.process_running(p.pid, f"{boot} {ticks} pid:[1]") is None  # another namespace
+        p.kill()
+        import os
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # a zombie until reaped: it has ended
+        assert events.process_running(p.pid, ident) is False
+    finally:
+        p.kill()
+        p.wait()
+    assert events.process_running(p.pid, ident) is False

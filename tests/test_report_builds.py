@@ -4,6 +4,7 @@ reproduces, and a --rounds 2 of a derivation that does not."""
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import shutil
 
@@ -74,3 +75,29 @@ def test_report_after_builds_checks_and_a_substitution(tmp_path):
     assert "reproducible (--check/--rounds): 50.0% (1 of 2 runs)" in text
     assert "-noisy-1.0.drv" in text and "first difference at byte" in text
     assert "cache hit rate:                  20.0% (1 substituted, 4 built)" in text
+
+
+def test_a_build_killed_with_sigkill_is_abandoned_not_running_forever(tmp_path, store_root, pure):
+    """A `pure build` killed with kill -9 cannot record how its build ended: its record said
+    'running' for good.  The report tells it from a build really running (the process that
+    recorded it is alive), and calls it 'abandoned' once that process is gone."""
+    from test_build import HEADER
+    from test_build_crash import running_sandbox, start_build, wait_gone
+    bb = tmp_path / "bb" / "bin"
+    bb.mkdir(parents=True)
+    shutil.copy(BUSYBOX, bb / "busybox")
+    marker = f"REPORTKILL{os.getpid()}"
+    f = tmp_path / "e.py"
+    f.write_text(HEADER + f'default = sh("slow", ": {marker}; $B sleep 60; echo x > $out")\n')
+    p = start_build(store_root, tmp_path, f, "--no-link")
+    try:
+        running_sandbox(marker)
+        r = json.loads(pure("report", "--json").stdout)
+        assert r["builds"]["byStatus"] == {"running": 1}
+    finally:
+        p.kill()  # SIGKILL: no clean-up, nothing recorded
+        p.wait(timeout=30)
+    assert wait_gone(marker) == [], "the builder outlived pure"
+    r = json.loads(pure("report", "--json").stdout)
+    assert r["builds"]["total"] == 1 and r["builds"]["byStatus"] == {"abandoned": 1}
+    assert "builds run:                      1 (1 abandoned;" in pure("report").stdout

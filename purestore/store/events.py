@@ -6,6 +6,10 @@ created on first use with ``CREATE TABLE IF NOT EXISTS`` through the store's dat
     BuildEvents(id, drv, name, start, finish, status, fixed_output, network, kind, round,
                 outputs, error)
         -- one row per build attempt.  status: 'running' | 'built' | 'failed' | 'interrupted'
+    BuildProcesses(event, pid, identity)
+        -- the process recording a build still 'running' (BuildEvents.id; the row goes when the
+        -- build's end is recorded).  identity: "BOOT_ID START_TICKS PID_NAMESPACE", which tells
+        -- that process from a later one given the same pid
         -- kind: 'build' | 'check' | 'round'; round: 1-based round number (1 for a plain build)
         -- fixed_output/network: 0/1; outputs: JSON {output name: [path, "sha256:<nix32>"]}
     CheckEvents(id, drv, time, kind, rounds, reproducible, differences)
@@ -17,12 +21,20 @@ created on first use with ``CREATE TABLE IF NOT EXISTS`` through the store's dat
 
 Every ``record_*`` function takes the store (or its :class:`~purestore.store.db.StoreDB`) and
 returns the new row id; every ``query_*`` function returns plain dicts, newest first.
+
+A build whose process was killed outright (SIGKILL, a crash, a power cut) never has its end
+recorded: its row stays 'running'.  :func:`query_builds` reads such a row back as 'abandoned'
+once the process that recorded it is gone (its pid no longer names a live process started at the
+same moment of the same boot).  A row recorded in another pid namespace (a container) cannot be
+judged from here and stays 'running', as do rows recorded before processes were (no
+``BuildProcesses`` row).
 Raises :class:`~purestore.errors.StoreError` when the database cannot be written or read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import weakref
 from typing import Any, Iterable
@@ -43,6 +55,11 @@ CREATE TABLE IF NOT EXISTS BuildEvents (
     error        TEXT
 );
 CREATE INDEX IF NOT EXISTS IndexBuildEventsDrv ON BuildEvents(drv);
+CREATE TABLE IF NOT EXISTS BuildProcesses (
+    event    INTEGER PRIMARY KEY,
+    pid      INTEGER NOT NULL,
+    identity TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS CheckEvents (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     drv          TEXT NOT NULL,
@@ -96,11 +113,20 @@ def _insert(store_or_db, sql: str, params: tuple) -> int:
 
 def record_build_start(store, drv: str, name: str, *, fixed_output: bool, network: bool,
                        kind: str = "build", round: int = 1, start: float | None = None) -> int:
-    """A build began (``drv`` is the full .drv path).  Returns the event id for :func:`record_build_finish`."""
-    return _insert(store, "INSERT INTO BuildEvents(drv, name, start, status, fixed_output, network, kind, round)"
-                          " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                   (drv, name, time.time() if start is None else start, int(fixed_output), int(network),
-                    kind, round))
+    """A build began (``drv`` is the full .drv path), in this process.  Returns the event id for
+    :func:`record_build_finish`."""
+    db = _db(store)
+    identity = process_identity(os.getpid())
+    with db.transaction() as c:
+        event = c.execute(
+            "INSERT INTO BuildEvents(drv, name, start, status, fixed_output, network, kind, round)"
+            " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+            (drv, name, time.time() if start is None else start, int(fixed_output), int(network),
+             kind, round)).lastrowid
+        if identity is not None:
+            c.execute("INSERT OR REPLACE INTO BuildProcesses(event, pid, identity) VALUES (?, ?, ?)",
+                      (event, os.getpid(), identity))
+        return event
 
 
 def record_build_finish(store, event_id: int, status: str, outputs: dict[str, tuple[str, str]] | None = None,
@@ -112,13 +138,19 @@ def record_build_finish(store, event_id: int, status: str, outputs: dict[str, tu
                   (time.time() if finish is None else finish, status,
                    json.dumps({k: list(v) for k, v in (outputs or {}).items()}, sort_keys=True),
                    error, event_id))
+        c.execute("DELETE FROM BuildProcesses WHERE event = ?", (event_id,))
 
 
 def query_builds(store, drv: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Build events (optionally of one .drv), newest first."""
+    """Build events (optionally of one .drv), newest first.
+
+    ``status`` is as recorded, except that a 'running' build whose process has gone without
+    recording its end is 'abandoned' (see the module docstring); ``pid`` is the process of a
+    build still running (None otherwise, or when it was not recorded).
+    """
     db = _db(store)
-    sql = ("SELECT id, drv, name, start, finish, status, fixed_output, network, kind, round, outputs, error"
-           " FROM BuildEvents")
+    sql = ("SELECT id, drv, name, start, finish, status, fixed_output, network, kind, round, outputs, error,"
+           " pid, identity FROM BuildEvents LEFT JOIN BuildProcesses ON BuildProcesses.event = BuildEvents.id")
     params: tuple = ()
     if drv is not None:
         sql += " WHERE drv = ?"
@@ -126,10 +158,82 @@ def query_builds(store, drv: str | None = None, limit: int | None = None) -> lis
     sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
     out = []
     for r in db.query(sql, params):
-        out.append({"id": r[0], "drv": r[1], "name": r[2], "start": r[3], "finish": r[4], "status": r[5],
+        status, pid = r[5], None
+        if status == "running" and r[12] is not None:
+            if process_running(r[12], r[13]) is False:
+                status = "abandoned"
+            else:
+                pid = r[12]
+        out.append({"id": r[0], "drv": r[1], "name": r[2], "start": r[3], "finish": r[4], "status": status,
                     "fixed_output": bool(r[6]), "network": bool(r[7]), "kind": r[8], "round": r[9],
-                    "outputs": json.loads(r[10]) if r[10] else {}, "error": r[11]})
+                    "outputs": json.loads(r[10]) if r[10] else {}, "error": r[11], "pid": pid})
     return out
+
+
+# -- which process recorded a build ------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process ``pid`` from /proc, if it shows it."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    if len(fields) < 20:
+        return None
+    return fields[0], fields[19]
+
+
+def _boot_and_namespace() -> tuple[str, str] | None:
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return None if boot is None else (boot.strip(), ns)
+
+
+def process_identity(pid: int) -> str | None:
+    """``"BOOT_ID START_TICKS PID_NAMESPACE"`` of live process ``pid`` (of this pid namespace):
+    no other process of any boot has it.  None where /proc does not tell."""
+    here, started = _boot_and_namespace(), _start_ticks(pid)
+    if here is None or started is None:
+        return None
+    return f"{here[0]} {started[1]} {here[1]}"
+
+
+def process_running(pid: int, identity: str) -> bool | None:
+    """Whether the process :func:`process_identity` described as ``identity`` still runs: False
+    once it has ended (also as a zombie, or when the machine has restarted since), None when it
+    cannot be told from here (recorded in another pid namespace, /proc hiding it)."""
+    here = _boot_and_namespace()
+    parts = identity.split(" ")
+    if here is None or len(parts) != 3:
+        return None
+    boot, ticks, ns = parts
+    if boot != here[0]:
+        return False  # recorded before the machine restarted
+    if ns != here[1]:
+        return None  # another pid namespace's pid
+    started = _start_ticks(pid)
+    if started is None:  # gone, or hidden (/proc mounted with hidepid)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # EPERM: it exists, someone else's
+            return None
+        return None
+    state, start = started
+    return start == ticks and state not in ("Z", "X")
 
 
 # -- checks ------------------------------------------------------------------------------------
