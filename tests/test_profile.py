@@ -81,6 +81,29 @@ def test_history_rollback_switch_and_errors(pure, pkgs, store_root):
     assert r.returncode == 1 and "bad profile name" in r.stderr
 
 
+def test_rollback_with_nothing_to_roll_back_to_says_why(pure, pkgs, store_root):
+    """An empty profile said it had "no generation older than the current one", though it has
+    none at all; each case now says what the profile has, and how to act where one can."""
+    r = pure("profile", "rollback", check=False)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: cannot roll back profile 'default': it has no generations yet",
+        "hint: `pure profile install` makes its first generation"]
+    pure("profile", "install", pkgs["hello"])
+    r = pure("profile", "rollback", check=False)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: cannot roll back profile 'default': it has no generation older than 1 (its only one)"]
+    pure("profile", "install", pkgs["tool"])
+    pure("profile", "rollback")
+    r = pure("profile", "rollback", check=False)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: cannot roll back profile 'default': it has no generation older than 1 (generations: 1, 2)",
+        "hint: `pure profile switch-generation 2` goes to the newest"]
+    os.unlink(os.path.join(profile_dir(store_root), "default"))  # generations, none current
+    r = pure("profile", "rollback", check=False)
+    assert r.returncode == 1 and "no generation is current (generations: 1, 2)" in r.stderr
+    assert "hint: `pure profile switch-generation N`" in r.stderr
+
+
 def test_reinstalling_a_name_replaces_it(pure, pkgs, tmp_path):
     pure("profile", "install", pkgs["hello"])
     newer = make_pkg(tmp_path, pure, "hello-1.1", {"bin/hello": "#!/bin/sh\necho hello 1.1\n"})

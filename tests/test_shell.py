@@ -72,6 +72,18 @@ def test_run_passes_arguments_and_picks_the_program(pure, expr, tmp_path):
     assert pure("run", out, "--", "by-path").stdout == "hello from run by-path\n"
 
 
+@pytest.mark.parametrize("args", [[], ["-A", "hello"], ["--"]])
+def test_run_without_a_package_says_what_it_needs(pure, args):
+    """`pure run` with nothing to run: a usage error naming what is expected (argparse said
+    "the following arguments are required: FILE|PATH, -- ARGS", though ARGS are optional)."""
+    r = pure("run", *args, check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    err = r.stderr.splitlines()
+    assert err[0] == ("error: pure run needs the package to run: an expression file (-A ATTR for one "
+                      "of its attributes) or a store path; arguments for its program go after '--'")
+    assert err[1] == "hint: pure run FILE|PATH [-A ATTR] [-- ARGS...]; see 'pure run --help'"
+
+
 def test_run_of_a_store_path_fetches_it_from_the_caches(pure, expr, tmp_path, store_root):
     """`pure run /pure/store/…` of a path this store lacks: fetched from the substituters (as
     `nix shell /nix/store/…` does); with none, the error says how to get it."""

@@ -275,6 +275,10 @@ def cmd_run(args, ctx) -> int:
     from ..env.namespace import spawn
     from ..env.shell import find_program, make_environment, environment_paths
 
+    if args.file is None:
+        raise UsageError("pure run needs the package to run: an expression file (-A ATTR for one of "
+                         "its attributes) or a store path; arguments for its program go after '--'",
+                         hint="pure run FILE|PATH [-A ATTR] [-- ARGS...]; see 'pure run --help'")
     _split_run_args(args)
     with ctx.open_store() as store:
         built = _built(ctx, store, args)
@@ -362,6 +366,7 @@ def register(reg) -> None:
 
     p = reg.command(
         "run", "build a package and run its program", cmd_run,
+        usage="pure run [-h] [-A ATTR] [-I PATH] [--program NAME] FILE|PATH [-- ARGS...]",
         description=(
             "Build FILE (attribute -A ATTR; or take a store path) and run its program with ARGS:\n"
             "--program NAME from its bin/, else the only program there, else the one named like\n"
@@ -369,7 +374,8 @@ def register(reg) -> None:
             "PATH. With a rooted store the program runs in the store namespace (see pure shell).\n"
             "Exits with the program's status."),
     )
-    p.add_argument("file", metavar="FILE|PATH", help="expression file, or a store path")
+    # (optional to argparse so that cmd_run says what is missing: argparse named "-- ARGS" too)
+    p.add_argument("file", metavar="FILE|PATH", nargs="?", help="expression file, or a store path")
     p.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute")
     p.add_argument("-I", "--include", action="append", default=[], metavar="PATH",
                    help="extra directory the expression may import from")

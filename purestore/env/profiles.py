@@ -241,13 +241,29 @@ class Profile:
             raise ProfileError(f"profile {self.name!r} has no generation {n} (generations: {have})")
 
     def rollback(self) -> Generation:
-        """Switch to the newest generation older than the current one."""
+        """Switch to the newest generation older than the current one.
+
+        Raises :class:`ProfileError` when there is none: the profile has no generations, none is
+        current, or the current one is the oldest.
+        """
         with self.locked():
             cur = self.current_number()
-            older = [g for g in self.generations() if cur is not None and g.number < cur]
+            gens = self.generations()
+            have = ", ".join(str(g.number) for g in gens)
+            if not gens:
+                raise ProfileError(f"cannot roll back profile {self.name!r}: it has no generations yet",
+                                   hint="`pure profile install` makes its first generation")
+            if cur is None:
+                raise ProfileError(f"cannot roll back profile {self.name!r}: no generation is current "
+                                   f"(generations: {have})",
+                                   hint="`pure profile switch-generation N` makes generation N the current one")
+            older = [g for g in gens if g.number < cur]
             if not older:
-                raise ProfileError(f"profile {self.name!r} has no generation older than "
-                                   f"{cur if cur is not None else 'the current one'} to roll back to")
+                only = len(gens) == 1
+                raise ProfileError(
+                    f"cannot roll back profile {self.name!r}: it has no generation older than {cur} "
+                    + ("(its only one)" if only else f"(generations: {have})"),
+                    hint=None if only else f"`pure profile switch-generation {gens[-1].number}` goes to the newest")
             self._switch_to(older[-1].number)
             return attrs.evolve(older[-1], current=True)
 
