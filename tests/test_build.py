@@ -189,6 +189,31 @@ def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr
         st.close()
 
 
+def test_failed_build_tail_shows_control_sequences_the_stored_log_keeps_them(pure, expr, tmp_path, store_root):
+    """A builder's output may hold terminal control sequences (retitle the window, clear the
+    screen, overwrite with \\r or backspace): in the tail of a failed build and with -L, pure shows
+    them as text (\\x1b...) instead of sending them to the terminal; `pure log` gives the bytes."""
+    import re
+
+    from conftest import pure_env, run_pure_on_tty
+    script = r"printf 'ok\033]0;pwned\007\033[2Jwiped\rfake\010x\n'; exit 2"
+    f = expr(f"default = sh('esc', {script!r})\n")
+    shown = r"ok\x1b]0;pwned\x07\x1b[2Jwiped\rfake\x08x"
+    p = build(pure, tmp_path, f, "-L", check=False, input=b"")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "exited with status 2" in err
+    assert f"  > {shown}\n" in err and f"esc> {shown}\n" in err  # the tail, and the -L line
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", err), err
+    drv = re.search(r"pure log (\S+\.drv)\)", err)[1]
+    log = pure("log", drv, input=b"").stdout
+    assert log == b"ok\x1b]0;pwned\x07\x1b[2Jwiped\rfake\x08x\n"
+    # on a terminal (pure's own status line uses \r and \x1b[K; the builder's sequences are text)
+    rc, _, text = run_pure_on_tty("build", f, "--no-link", "-L", cwd=tmp_path, env=pure_env(store_root))
+    assert rc == 1 and shown in text
+    for raw in ("\x1b]0;", "\x07", "\x1b[2J", "\x08"):
+        assert raw not in text, raw
+
+
 def test_keep_failed_keeps_the_build_dir_and_says_where(pure, expr, tmp_path):
     f = expr('default = sh("kf", "echo data > /build/left; exit 1")\n')
     p = build(pure, tmp_path, f, "--keep-failed", check=False)

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import TextIO
 
+from .._visible import visible
+
 
 class Progress:
     """Reports build progress to ``stream`` (stderr by default; JSON goes to ``json_stream``)."""
@@ -89,11 +91,11 @@ class Progress:
             self.failed += 1
             self._draw()
         elif type_ == "log" and self.print_logs and self.json_stream is None:
-            self._line(f"{fields['name']}> {fields['line']}")
+            self._line(f"{fields['name']}> {visible(fields['line'])}")  # (a builder's: made safe)
         elif type_ == "hook" and self.json_stream is None:
             self._line(f"running post-build-hook '{fields['hook']}' for '{fields['drv']}'...")
         elif type_ == "hook-log" and self.json_stream is None:
-            self._line(f"{fields['name']} (post)> {fields['line']}")
+            self._line(f"{fields['name']} (post)> {visible(fields['line'])}")
         elif type_ == "done":
             self._clear()
 

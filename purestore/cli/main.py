@@ -14,6 +14,7 @@ import sys
 from typing import Callable
 
 from .. import __version__
+from .._visible import visible
 from ..errors import PurestoreError
 
 # Command modules, in the order their commands appear in --help.
@@ -400,9 +401,11 @@ def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None)
         _check_key_options(args)
         rc = args.func(args, ctx)
     except PurestoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # (a message may quote what a builder wrote, the tail of its log: control sequences
+        # are shown, not sent to the terminal; see purestore._visible)
+        print(f"error: {visible(str(e))}", file=sys.stderr)
         if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
+            print(f"hint: {visible(e.hint)}", file=sys.stderr)
         if out is not None:
             out.error(e)
         return e.exit_status
