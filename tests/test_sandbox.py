@@ -266,3 +266,135 @@ def test_works_for_an_unprivileged_user(tmp_path, busybox_dir):
         pytest.skip(f"unprivileged user namespaces unavailable: {p.stderr.strip()[-200:]}")
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["1000", "localhost", "1"]
+
+
+# --- the fork server and malformed requests ------------------------------------------------------
+
+
+class _Evil:
+    """Unpickling this would run ``touch`` (a request must be plain data: it is refused)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _send_raw(server, msg: bytes, fds: list[int]) -> bytes:
+    """Send ``msg`` with ``fds`` to the fork server as a request, return its reply."""
+    import socket as _socket
+    with server.lock:
+        if fds:
+            _socket.send_fds(server.sock, [msg], fds)
+        else:
+            server.sock.send(msg)
+        reply, got, _f, _a = _socket.recv_fds(server.sock, 4096, 1)
+    for fd in got:
+        os.close(fd)
+    return reply
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("test-request", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("short size", "expected the request's size"),
+    ("empty message", "expected the request's size"),
+    ("no fds", "expected 3 file descriptors"),
+    ("too few fds", "expected 3 file descriptors"),
+    ("size bigger than the data", "said to be 999 bytes"),
+    ("huge size", "said to be"),
+    ("garbage", "not a valid pickle"),
+    ("truncated pickle", "not a valid pickle"),
+    ("a pickle that calls something", "plain data only, not posix.system"),
+    ("not a dict", "must be a dict, got list"),
+    ("a field missing", "has no 'argv'"),
+    ("a field of the wrong type", "'env' must be a dict of str to str"),
+    ("a pipe for the request", "said to be 4 bytes"),
+])
+def test_fork_server_refuses_a_malformed_request_and_keeps_serving(tmp_path, busybox_dir, case, expected):
+    """A malformed request gets a refusal saying why, not the server's death; the next build
+    through the same server runs."""
+    import pickle
+    import struct
+    from purestore.build.sandbox import ForkServer, make_request
+    marker = tmp_path / "unpickled"
+    good = make_request(SandboxSpec(argv=("/bin/true",), env={}, top=str(tmp_path), store_dir=STORE))
+    log_r, log_w = os.pipe()
+    st_r, st_w = os.pipe()
+    server = ForkServer()
+    opened = []
+
+    def request(data: bytes, size: int | None = None, nfds: int = 3) -> tuple[bytes, list[int]]:
+        fd = _memfd(data)
+        opened.append(fd)
+        return struct.pack("Q", len(data) if size is None else size), [log_w, st_w, fd][:nfds]
+
+    try:
+        if case == "short size":
+            msg, fds = b"abc", request(b"")[1]
+        elif case == "empty message":
+            msg, fds = b"", request(b"")[1]
+        elif case == "no fds":
+            msg, fds = struct.pack("Q", 4), []
+        elif case == "too few fds":
+            msg, fds = request(pickle.dumps(good), nfds=2)
+        elif case == "size bigger than the data":
+            msg, fds = request(b"x" * 10, size=999)
+        elif case == "huge size":
+            msg, fds = request(b"x" * 10, size=2 ** 62)
+        elif case == "garbage":
+            msg, fds = request(b"this is not a pickle")
+        elif case == "truncated pickle":
+            msg, fds = request(pickle.dumps(good)[:-20])
+        elif case == "a pickle that calls something":
+            msg, fds = request(pickle.dumps(_Evil(marker)))
+        elif case == "not a dict":
+            msg, fds = request(pickle.dumps([1, 2]))
+        elif case == "a field missing":
+            msg, fds = request(pickle.dumps({k: v for k, v in good.items() if k != "argv"}))
+        elif case == "a field of the wrong type":
+            msg, fds = request(pickle.dumps({**good, "env": {"A": 1}}))
+        elif case == "a pipe for the request":
+            pr, pw = os.pipe()
+            os.write(pw, b"abcd")
+            opened.extend([pr, pw])
+            msg, fds = struct.pack("Q", 4), [log_w, st_w, pr]
+        reply = _send_raw(server, msg, fds)
+        assert reply.startswith(b"\0REFUSED:"), reply
+        assert expected in reply.decode(), reply
+        assert not marker.exists()
+        assert server.proc.poll() is None, "the fork server died"
+        # the same server still builds
+        top = tmp_path / "top"
+        top.mkdir()
+        spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", "still serving"), env={}, top=str(top),
+                           store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
+        assert run_sync(spec, server) == (0, b"still serving\n")
+    finally:
+        server.close()
+        for fd in (log_r, log_w, st_r, st_w, *opened):
+            os.close(fd)
+
+
+def test_a_malformed_request_through_spawn_is_a_sandbox_error(tmp_path, busybox_dir):
+    """ForkServer.spawn turns the refusal into a SandboxError that says why; the server serves on."""
+    from purestore.build.sandbox import ForkServer
+    server = ForkServer()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(SandboxError, match="refused a request.*has no 'argv'"):
+            server.spawn({"env": {}}, w, w)
+        top = tmp_path / "top"
+        top.mkdir()
+        spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", "ok"), env={}, top=str(top),
+                           store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
+        assert run_sync(spec, server) == (0, b"ok\n")
+    finally:
+        server.close()
+        os.close(r)
+        os.close(w)

@@ -8,7 +8,8 @@ imports, a few MiB), and asks it over a SOCK_SEQPACKET socket to spawn each sand
     request:  its size (8 bytes) + fds [log write end, status write end, a memfd holding the
               pickle of a plain dict (see sandbox.py)]; in a datagram, a big request (many
               inputs, a long environment) would not fit the socket's send buffer
-    reply:    pid of "middle" (4 bytes) + its pidfd
+    reply:    pid of "middle" (4 bytes) + its pidfd, or, for a malformed request (a bug in
+              ``pure``), ``\\0REFUSED:`` + why; the server then goes on serving
 
 For each request the server forks "middle", which unshares the namespaces, maps uid 1000 / gid
 100 to the caller's ids, forks the builder (PID 1 of the new PID namespace), waits for it and
@@ -23,8 +24,10 @@ ignored); ``pure`` watches them through their pidfds.
 
 import ctypes
 import fcntl
+import io
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -61,6 +64,7 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 STATUS_MARK = b"\0STATUS:"
+REFUSED = b"\0REFUSED:"
 SETUP_FAILED = 125
 
 
@@ -252,7 +256,110 @@ def run_middle(req, out_w, err_w):
         _report(err_w, f"cannot run builder {argv[0]!r} in the sandbox: {e}")
 
 
+class BadRequest(Exception):
+    """A request the server cannot run (malformed: a bug in the caller); the message says why
+    and goes back to the caller after :data:`REFUSED`."""
+
+
+# How a request's plain data must look: name -> (check, what was expected).
+def _is_str_list(v):
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+_FIELDS = {
+    "argv": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of str"),
+    "env": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                                  for k, x in v.items()), "a dict of str to str"),
+    "top": (lambda v: isinstance(v, str), "a str"),
+    "root": (lambda v: isinstance(v, str), "a str"),
+    "store": (lambda v: isinstance(v, str), "a str"),
+    "binds": (lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(b, (list, tuple)) and len(b) == 3 and isinstance(b[0], str) and isinstance(b[1], str)
+        and isinstance(b[2], bool) for b in v), "a list of (str, str, bool)"),
+    "etc": (lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], bytes)
+        for e in v), "a list of (str, bytes)"),
+    "flags": (lambda v: type(v) is int, "an int"),
+    "network": (lambda v: isinstance(v, bool), "a bool"),
+    "uid": (lambda v: type(v) is int, "an int"),
+    "gid": (lambda v: type(v) is int, "an int"),
+    "uid_inside": (lambda v: type(v) is int, "an int"),
+    "gid_inside": (lambda v: type(v) is int, "an int"),
+    "hostname": (lambda v: isinstance(v, str), "a str"),
+    "ro_base": (lambda v: v is None or isinstance(v, str), "a str or None"),
+}
+
+# A request's size is bounded (a memfd of a few MiB at most in practice); beyond this it is garbage.
+MAX_REQUEST = 1 << 30
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Plain data only (dict, list, tuple, str, bytes, int, bool, None): a malformed request
+    cannot make the server import or call anything."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"a request holds plain data only, not {module}.{name}")
+
+
+def _check_request(req):
+    if not isinstance(req, dict):
+        raise BadRequest(f"the request must be a dict, got {type(req).__name__}")
+    for name, (ok, expected) in _FIELDS.items():
+        if name not in req:
+            raise BadRequest(f"the request has no {name!r}")
+        if not ok(req[name]):
+            raise BadRequest(f"the request's {name!r} must be {expected}, got {req[name]!r:.200}")
+    return req
+
+
+def read_request(msg, fds):
+    """The request dict that ``msg`` (its size) and ``fds`` [log fd, status fd, memfd] carry.
+
+    Raises :class:`BadRequest` when the message, the fds or the data are not a request; the
+    caller closes ``fds`` then."""
+    if len(fds) != 3:
+        raise BadRequest(f"expected 3 file descriptors (log, status, request), got {len(fds)}")
+    if len(msg) != 8:
+        raise BadRequest(f"expected the request's size (8 bytes), got {len(msg)} bytes")
+    (size,) = struct.unpack("Q", msg)
+    req_fd = fds[2]
+    try:
+        have = os.fstat(req_fd).st_size
+    except OSError as e:
+        raise BadRequest(f"cannot read the request: {e}") from e
+    if size > MAX_REQUEST or size != have:
+        raise BadRequest(f"the request is said to be {size} bytes, but its file holds {have} bytes")
+    data = bytearray()
+    while len(data) < size:
+        try:
+            chunk = os.pread(req_fd, size - len(data), len(data))
+        except OSError as e:
+            raise BadRequest(f"cannot read the request: {e}") from e
+        if not chunk:
+            raise BadRequest(f"the request was truncated: {len(data)} of {size} bytes")
+        data += chunk
+    try:
+        req = _PlainUnpickler(io.BytesIO(bytes(data))).load()
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises almost anything
+        raise BadRequest(f"the request is not a valid pickle: {type(e).__name__}: {e}") from e
+    return _check_request(req)
+
+
+def _refuse(sock, why):
+    """Tell the caller its request was refused (a reply that is not a 4-byte pid)."""
+    sock.send(REFUSED + why.encode(errors="replace")[:4000])
+
+
+def _hung_up(sock):
+    """Whether the caller closed its end (an empty read is then the end, not an empty request)."""
+    p = select.poll()
+    p.register(sock, select.POLLHUP | select.POLLRDHUP)
+    return bool(p.poll(0))
+
+
 def serve(sock_fd):
+    """Answer requests until ``pure`` closes its end.  A malformed request (a bug in the
+    caller) is refused with a reply saying why; the server goes on serving the next ones."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         return
@@ -261,32 +368,36 @@ def serve(sock_fd):
     sock = socket.socket(fileno=sock_fd)
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 3)
+            msg, fds, flags, _addr = socket.recv_fds(sock, 64, 3)
         except InterruptedError:
             continue
         except ConnectionResetError:  # pure closed its end with a reply unread (interrupted)
             return
-        if not msg:
+        if not msg and not fds and _hung_up(sock):
             return
-        out_w, err_w, req_fd = fds
-        (size,) = struct.unpack("Q", msg)
-        data = b""
-        while len(data) < size:
-            chunk = os.pread(req_fd, size - len(data), len(data))
-            if not chunk:
-                break
-            data += chunk
-        os.close(req_fd)
-        req = pickle.loads(data)
-        pid = os.fork()
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise BadRequest("the request message or its file descriptors were truncated")
+            req = read_request(msg, fds)
+            pid = os.fork()
+        except BaseException as e:  # noqa: BLE001 - a bad request must not end the server
+            for fd in fds:
+                os.close(fd)
+            why = str(e) if isinstance(e, BadRequest) else f"cannot fork: {e}" if isinstance(e, OSError) \
+                else f"{type(e).__name__}: {e}"
+            try:
+                _refuse(sock, why)
+            except (BrokenPipeError, ConnectionResetError):  # pure is gone
+                return
+            continue
         if pid == 0:
             try:
                 sock.close()
-                run_middle(req, out_w, err_w)
+                run_middle(req, fds[0], fds[1])
             finally:
                 os._exit(SETUP_FAILED)
-        os.close(out_w)
-        os.close(err_w)
+        for fd in fds:
+            os.close(fd)
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:

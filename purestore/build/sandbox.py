@@ -55,6 +55,7 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 100
 SANDBOX_HOSTNAME = "localhost"
 
+_REFUSED = b"\0REFUSED:"  # the server's reply to a malformed request (see _forkserver.py)
 _SERVER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_forkserver.py")
 
 
@@ -163,7 +164,10 @@ class ForkServer:
         self.lock = threading.Lock()
 
     def spawn(self, req: dict, out_w: int, err_w: int) -> tuple[int, int]:
-        """Send one request; returns (pid, pidfd or -1 if it already ended)."""
+        """Send one request; returns (pid, pidfd or -1 if it already ended).
+
+        Raises :class:`SandboxError` when the server is gone, or refuses the request as
+        malformed (it stays up and serves the next requests)."""
         # The request goes in a memfd, not in the datagram: a SOCK_SEQPACKET message must fit
         # the socket's send buffer (net.core.wmem_default, 208 KiB), and a derivation with a
         # thousand inputs, or a long script in its environment, makes a bigger request.
@@ -179,6 +183,11 @@ class ForkServer:
                 msg, fds, _f, _a = socket.recv_fds(self.sock, 64, 1)
             except OSError as e:
                 raise SandboxError(f"the sandbox fork server failed: {e}") from e
+        if msg.startswith(_REFUSED):
+            for fd in fds:
+                os.close(fd)
+            why = msg[len(_REFUSED):].decode(errors="replace")
+            raise SandboxError(f"the sandbox fork server refused a request (a bug in purestore): {why}")
         if len(msg) != 4:
             raise SandboxError(f"the sandbox fork server died (exit status {self.proc.poll()})")
         return struct.unpack("i", msg)[0], (fds[0] if fds else -1)
