@@ -205,10 +205,12 @@ def test_a_missing_output_lists_the_derivations_outputs(tmp_path):
         ev(f, "lib.dev")
 
 
-def _signal_during_evaluation(tmp_path, body: str, sig, sigint) -> tuple[int, str]:
+def _signal_during_evaluation(tmp_path, body: str, sig, sigint, timeout: float = 60) -> tuple[int, str]:
     """`pure instantiate` of an expression that opens the FIFO ``{go}`` (``body`` formatted
     with its name) and sent ``sig`` once it has (the open returns then: it is being evaluated),
-    with SIGINT's disposition set to ``sigint``; returns (status, stderr)."""
+    with SIGINT's disposition set to ``sigint``; returns (status, stderr).  A pure that the
+    signal did not stop is SIGKILLed after ``timeout`` seconds (status -9), so that a test of
+    that fails instead of hanging."""
     import os
     import signal
     import subprocess
@@ -226,11 +228,16 @@ def _signal_during_evaluation(tmp_path, body: str, sig, sigint) -> tuple[int, st
         p.wait()
         os.close(os.open(go, os.O_RDONLY | os.O_NONBLOCK))
     threading.Thread(target=unblock_if_it_ended_early, daemon=True).start()
-    with open(go, "w"):  # returns once the expression has opened it: it is being evaluated
-        if p.poll() is None:
-            p.send_signal(sig)
-        err = p.stderr.read()
-        return p.wait(), err
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    try:
+        with open(go, "w"):  # returns once the expression has opened it: it is being evaluated
+            if p.poll() is None:
+                p.send_signal(sig)
+            err = p.stderr.read()
+            return p.wait(), err
+    finally:
+        killer.cancel()
 
 
 def test_sigterm_during_evaluation_in_a_background_job_ends_pure_as_sigterm_does(tmp_path):
@@ -253,3 +260,38 @@ def test_an_interrupt_the_expression_swallows_still_interrupts(tmp_path, sig, st
     rc, err = _signal_during_evaluation(tmp_path, "try:\n    open({go}).read()\nexcept:\n    pass\ndefault = 1\n",
                                         getattr(signal, sig), signal.SIG_DFL)
     assert (rc, err.strip()) == (status, said)
+
+
+def test_ctrl_c_stops_an_expression_that_ignores_sigint(tmp_path):
+    """An expression that set SIGINT to SIG_IGN made pure deaf to Ctrl-C for the rest of its
+    evaluation (here: for ever).  It cannot change the handler now, and Ctrl-C stops pure."""
+    import signal
+    body = ("import signal\ntry:\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\nexcept ValueError:\n"
+            "    pass\ndata = open({go}).read()\n")
+    rc, err = _signal_during_evaluation(tmp_path, body, signal.SIGINT, signal.SIG_DFL)
+    assert (rc, err.strip()) == (130, "error: interrupted")
+
+
+@pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "error: interrupted"),
+                                               ("SIGTERM", 143, "error: terminated (SIGTERM)")])
+def test_an_expression_that_keeps_catching_the_interrupt_is_still_stopped(tmp_path, sig, status, said):
+    """A loop that caught every KeyboardInterrupt kept pure evaluating after Ctrl-C (or SIGTERM):
+    the interrupt was noted but acted on only once the evaluation ended, which it never did."""
+    import signal
+    body = "while True:\n    try:\n        open({go}).read()\n    except KeyboardInterrupt:\n        pass\n"
+    rc, err = _signal_during_evaluation(tmp_path, body, getattr(signal, sig), signal.SIG_DFL)
+    assert (rc, err.strip()) == (status, said)
+
+
+def test_an_expression_may_not_set_a_signal_handler(tmp_path):
+    """signal.signal() in an expression is an evaluation error that says why (it replaced pure's
+    own handler, in the process that evaluates)."""
+    f = write(tmp_path / "expr.py", """
+        import signal
+        signal.signal(signal.SIGINT, signal.getsignal(signal.SIGINT))
+        default = 1
+    """)
+    with pytest.raises(EvalError, match="signal only works in main thread") as ei:
+        ev(f, allow_values=True)
+    assert "line 3" in str(ei.value)
+    assert "cannot change how pure handles signals" in ei.value.hint

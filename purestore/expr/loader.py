@@ -14,11 +14,11 @@ writing ``__pycache__`` and forgotten after each evaluation, so two evaluations 
 
 from __future__ import annotations
 
+import contextvars
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
-import signal
 import sys
 import threading
 import traceback
@@ -367,7 +367,45 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
     errors with file:line, exceptions with the expression frames of the traceback, missing
     attributes with the available ones), :class:`PurityError` for refused operations and
     :class:`DerivationArgumentError` for bad ``derivation()`` arguments.
+
+    The expression runs in a thread of its own (see :func:`_run_apart`): Ctrl-C (and SIGTERM,
+    which the CLI turns into one) raises KeyboardInterrupt here, in the caller, whatever the
+    expression does; an expression's ``signal.signal()`` fails (only the main thread may set
+    handlers) and it never sees the KeyboardInterrupt, so it can neither ignore nor swallow it.
     """
+    return _run_apart(_evaluate, file, attr, settings, include_paths, store_dir=store_dir, env=env,
+                      allow_values=allow_values)
+
+
+def _run_apart(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a new thread (in a copy of the caller's context), waited for.
+
+    Python runs signal handlers in the main thread only, and refuses ``signal.signal()`` in any
+    other: the expression cannot change how ``pure`` handles signals, and the wait below is what
+    a Ctrl-C interrupts (its KeyboardInterrupt propagates from here).  The thread is then left
+    behind as a daemon, to end with the process: an evaluation writes nothing (pure mode), so
+    nothing is left half done."""
+    box: dict = {}
+    ctx = contextvars.copy_context()
+
+    def run():
+        try:
+            box["value"] = ctx.run(fn, *args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            box["error"] = e
+    t = threading.Thread(target=run, name="pure-evaluation", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        try:
+            raise box["error"]
+        finally:
+            box.clear()
+    return box["value"]
+
+
+def _evaluate(file: str, attr: str | None, settings, include_paths: Iterable[str], *,
+              store_dir: str | None, env: dict[str, str] | None, allow_values: bool) -> EvalResult:
     if store_dir is None:
         if settings is None:
             raise EvalError("evaluate() needs settings or store_dir")
@@ -389,7 +427,6 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
     failure: BaseException | None = None
     value = None
     sys.meta_path.insert(0, importer)
-    interrupts = _InterruptWatch()
     try:
         with evaluating(store_dir, ctx), pure_mode(allowed, importer.where) as mode:
             mode.dynamic = ctx.source_roots
@@ -400,22 +437,17 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
                 importer.loaded.append(mod_name)
                 importer.run(module, file)
                 value = select_attr(module, attr, file)
-            except KeyboardInterrupt:
-                raise
             except BaseException as e:  # turned into an EvalError below, outside pure mode
                 # SystemExit (sys.exit() in an expression) and other BaseExceptions too: an
                 # expression that exits has not defined its value, whatever the exit status
                 failure = e
     finally:
-        interrupts.close()
         try:
             sys.meta_path.remove(importer)
         except ValueError:
             pass
         for name in importer.loaded:
             sys.modules.pop(name, None)
-    if interrupts.seen:  # Ctrl-C (or SIGTERM) the expression caught (`except:`) still stops
-        raise KeyboardInterrupt
     if failure is not None:
         raise _as_eval_error(failure, file, importer.files)
     if mode.refusals:
@@ -425,33 +457,6 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
     selected = list(dict.fromkeys(selected))
     return EvalResult(file=file, attr=attr, store_dir=store_dir, value=value, selected=tuple(selected),
                       graph=topo_order(selected))
-
-
-class _InterruptWatch:
-    """Notes a SIGINT (Ctrl-C; SIGTERM is turned into one) that arrives during an evaluation,
-    whose KeyboardInterrupt an expression's ``except:`` or ``except BaseException:`` could
-    swallow; the evaluation is then interrupted all the same.  Only in the main thread, and only
-    where SIGINT is handled by Python (not ignored)."""
-
-    def __init__(self):
-        self.seen = False
-        self.old = None
-        if threading.current_thread() is not threading.main_thread():
-            return
-        old = signal.getsignal(signal.SIGINT)
-        if not callable(old):
-            return
-
-        def on_sigint(signum, frame):
-            self.seen = True
-            old(signum, frame)
-        signal.signal(signal.SIGINT, on_sigint)
-        self.old = old
-
-    def close(self) -> None:
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-            self.old = None
 
 
 def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
@@ -465,8 +470,11 @@ def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
                         + (f"\n{tb}" if tb else ""))
     else:
         text = str(e)
+        # signal.signal() (and the like) in the expression's thread, which is not the main one
+        hint = ("an expression cannot change how pure handles signals: Ctrl-C always stops pure"
+                if isinstance(e, ValueError) and text.startswith("signal only works in main thread") else None)
         err = EvalError(f"evaluating {file} failed: {type(e).__name__}" + (f": {text}" if text else "")
-                        + (f"\n{tb}" if tb else ""))
+                        + (f"\n{tb}" if tb else ""), hint=hint)
     err.__cause__ = e
     return err
 
