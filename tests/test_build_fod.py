@@ -120,3 +120,57 @@ def test_sandboxed_fod_with_wrong_output_registers_nothing(pure, expr, tmp_path,
         assert [x for x in st.valid_paths() if x.name == "fodwrong"] == []
     finally:
         st.close()
+
+
+@pytest.fixture
+def raw_http_server():
+    """A TCP server on 127.0.0.1 that answers every request with the bytes set in
+    ``reply[0]`` and closes the connection: malformed HTTP, which http.server cannot send."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    reply = [b""]
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(65536)
+                c.sendall(reply[0])
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}", reply
+    stop.set()
+    srv.close()
+    t.join(5)
+
+
+@pytest.mark.parametrize("response, said", [
+    (b"garbage garbage\r\n\r\n", "malformed HTTP response (BadStatusLine: 'garbage garbage"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + PAYLOAD,
+     f"the connection ended before the end of the download ({1000 - len(PAYLOAD)} more bytes were expected)"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n" + PAYLOAD,
+     "the connection ended before the end of the download"),
+], ids=["bad status line", "body shorter than its length", "bad chunk"])
+def test_fetchurl_of_a_malformed_response_is_a_download_error(pure, expr, tmp_path, store_root, raw_http_server,
+                                                              response, said):
+    """A malformed HTTP response was a traceback from http.client (BadStatusLine, IncompleteRead)
+    that ended the whole build; a body cut short of its Content-Length was taken as complete,
+    then called a hash mismatch with a hint to declare the truncated file's hash."""
+    url, reply = raw_http_server
+    reply[0] = response
+    f = expr(f'default = fetchurl(url="{url}/file.txt", hash="{SRI}")\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and "hash mismatch" not in p.stderr
+    assert f"could not download file.txt:\n  {url}/file.txt: {said}" in p.stderr
+    st = open_store(store_root)
+    try:
+        assert [x for x in st.valid_paths() if x.name == "file.txt"] == []
+    finally:
+        st.close()

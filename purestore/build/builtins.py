@@ -14,6 +14,7 @@ file URLs, through urllib.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import urllib.error
@@ -46,10 +47,18 @@ def fetchurl(drv: Derivation, out: str, log: Log) -> None:
             req = urllib.request.Request(url, headers={"User-Agent": "purestore"})
             with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT) as resp, open(tmp, "wb") as f:
                 shutil.copyfileobj(resp, f, 1 << 20)
+                _check_complete(resp)
             os.rename(tmp, out)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if isinstance(e, urllib.error.HTTPError):
                 reason = f"HTTP error {e.code} ({e.reason})"
+            elif isinstance(e, http.client.IncompleteRead):
+                reason = "the connection ended before the end of the download" + (
+                    f" ({e.expected} more bytes were expected)" if e.expected else "")
+            elif isinstance(e, http.client.HTTPException) and not isinstance(e, OSError):
+                # a malformed response (BadStatusLine, LineTooLong, a bad chunk ...): a message
+                # that names the class, as the message alone may be just the offending line
+                reason = f"malformed HTTP response ({type(e).__name__}: {str(e)[:200]!r})"
             else:
                 reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
             errors.append(f"{url}: {reason}")
@@ -63,6 +72,13 @@ def fetchurl(drv: Derivation, out: str, log: Log) -> None:
         return
     raise BuildError("builtin:fetchurl could not download " + drv.env.get("name", "?") + ":\n  "
                      + "\n  ".join(errors))
+
+
+def _check_complete(resp) -> None:
+    """Raise IncompleteRead when the body ended before its Content-Length: reading in chunks
+    (``read(amt)``), http.client takes the connection closing early for the end of the body."""
+    if isinstance(resp, http.client.HTTPResponse) and resp.length:
+        raise http.client.IncompleteRead(b"", resp.length) from None
 
 
 BUILTIN_BUILDERS: dict[str, Callable[[Derivation, str, Log], None]] = {
