@@ -138,6 +138,36 @@ def test_unpack_wheel_refuses_symlinks(tmp_path):
         rf.unpack_wheel(w, str(tmp_path / "out"))
 
 
+def _corrupt_wheel(path: Path, how: str) -> Path:
+    data = bytearray(_zip(path, {"pkg/a.txt": (b"a" * 5000, 0o100644)}).read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    elif how == "not a zip":
+        data = bytearray(b"<html>502 Bad Gateway</html>")
+    elif how == "corrupted data":  # a byte of the member's contents: its CRC no longer matches
+        i = data.index(b"aaaa")
+        data[i] = ord("b")
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("how, said", [("truncated", "is not a valid zip archive"),
+                                       ("not a zip", "is not a valid zip archive"),
+                                       ("corrupted data", "is not a valid zip archive at member 'pkg/a.txt'")])
+def test_unpack_wheel_of_a_broken_zip_is_a_fetch_error(tmp_path, how, said):
+    """A truncated or corrupted wheel (fetched without a sha256 to check) came out of zipfile as
+    BadZipFile: a traceback, not a build error."""
+    w = _corrupt_wheel(tmp_path / "x.whl", how)
+    with pytest.raises(rf.FetchError, match=f"wheel 'x.whl' {said}"):
+        rf.unpack_wheel(w, str(tmp_path / "out"))
+
+
+def test_unpack_wheel_with_a_member_both_file_and_directory_is_a_fetch_error(tmp_path):
+    w = _zip(tmp_path / "x.whl", {"pkg": (b"file", 0o100644), "pkg/inside": (b"x", 0o100644)})
+    with pytest.raises(rf.FetchError, match="wheel 'x.whl': cannot unpack member 'pkg/inside'"):
+        rf.unpack_wheel(w, str(tmp_path / "out"))
+
+
 def test_fetchers_reject_bad_attributes(tmp_path):
     with pytest.raises(BuildError, match="'package' is required"):
         rf.fetch_pip(drv(version="1"), str(tmp_path / "o"), lambda _: None)

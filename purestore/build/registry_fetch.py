@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -157,27 +158,41 @@ def unpack_wheel(wheel: Path, out: str) -> None:
     """Extract a wheel (zip) into directory ``out``: regular files only, no escapes.
 
     Modes are normalised: 0555 where the zip's unix mode has the owner x bit, else 0444
-    (written as 0755/0644 so the tree stays removable; the store canonicalises afterwards)."""
+    (written as 0755/0644 so the tree stays removable; the store canonicalises afterwards).
+    Raises :class:`FetchError` for a member that would escape or is not a regular file, and for
+    a wheel that is not a valid zip (truncated, corrupted data, a member both file and directory)."""
     root = Path(out)
     root.mkdir()
-    with zipfile.ZipFile(wheel) as z:
-        for info in z.infolist():
-            name = info.filename
-            parts = name.split("/")
-            if name.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
-                raise FetchError(f"wheel {wheel.name!r}: refusing member {name!r} (escapes the target)")
-            mode = info.external_attr >> 16
-            if info.is_dir():
-                (root / name).mkdir(parents=True, exist_ok=True)
-                continue
-            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
-                raise FetchError(f"wheel {wheel.name!r}: member {name!r} is not a regular file "
-                                 f"(mode {oct(mode)})")
-            dest = root / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(info) as src, open(dest, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.chmod(dest, 0o755 if mode & 0o100 else 0o644)
+    name = None
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            for info in z.infolist():
+                name = info.filename
+                _unpack_member(z, info, wheel, root)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        where = f" at member {name!r}" if name is not None else ""
+        raise FetchError(f"wheel {wheel.name!r} is not a valid zip archive{where}: {e}") from e
+    except OSError as e:
+        raise FetchError(f"wheel {wheel.name!r}: cannot unpack member {name!r}: {e.strerror or e}") from e
+
+
+def _unpack_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, wheel: Path, root: Path) -> None:
+    name = info.filename
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+        raise FetchError(f"wheel {wheel.name!r}: refusing member {name!r} (escapes the target)")
+    mode = info.external_attr >> 16
+    if info.is_dir():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        return
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+        raise FetchError(f"wheel {wheel.name!r}: member {name!r} is not a regular file "
+                         f"(mode {oct(mode)})")
+    dest = root / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with z.open(info) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.chmod(dest, 0o755 if mode & 0o100 else 0o644)
 
 
 # ---------------------------------------------------------------------------------------------
