@@ -158,3 +158,33 @@ def test_an_interrupted_build_stops_the_hook_and_what_it_started(expr, tmp_path,
                 break
             time.sleep(0.05)
     assert left == [], f"processes of the hook still running: {left}"
+
+
+def test_hook_output_lines_are_split_and_long_ones_cut():
+    """Output split into lines in any chunking; a line longer than MAX_LINE is shown cut and the
+    rest of it skipped."""
+    from purestore.build.hook import CUT, MAX_LINE, _Lines
+    data = b"one\r\ntwo\n" + b"x" * (3 * MAX_LINE) + b"\nthree\nfour"
+    want = ["one", "two", "x" * MAX_LINE + CUT, "three", "four"]
+    for size in (1, 7, MAX_LINE - 1, len(data)):
+        lines = _Lines()
+        got = [line for i in range(0, len(data), size) for line in lines.feed(data[i:i + size])] + lines.end()
+        assert got == want, size
+
+
+def test_a_hook_printing_a_huge_line_is_shown_cut_and_read_in_linear_time(settings, tmp_path):
+    """A hook that printed a binary file (no newline for 64 MiB): its whole unfinished line was
+    kept and split again for every 64 KiB read, quadratic (40 MB took 12 s, 200 MB minutes) and
+    all of it in memory, then shown as one line."""
+    import time
+
+    import attrs
+    import trio
+
+    from purestore.build.hook import CUT, MAX_LINE, run_hook
+    h = hook(tmp_path, "head -c 67108864 /dev/zero | tr '\\0' x\necho\necho end\n")
+    lines = []
+    start = time.monotonic()
+    trio.run(run_hook, attrs.evolve(settings, post_build_hook=str(h)), "/pure/store/x.drv", [], lines.append)
+    assert lines == ["x" * MAX_LINE + CUT, "end"]
+    assert time.monotonic() - start < 30

@@ -8,7 +8,7 @@ It runs outside the sandbox, as the user running ``pure``, with the environment 
   command the hook runs (``pure copy --to URL $OUT_PATHS``) acts on the same store.
 
 Its output (stdout and stderr) is shown line by line as ``NAME (post)> LINE``, as ``nix build
--L`` shows it.  It runs only
+-L`` shows it (a line longer than :data:`MAX_LINE` bytes cut).  It runs only
 after a build, never for a path that was already valid or was fetched from a binary cache.
 Unlike Nix's, it does not hold up the other builds while it runs; the realisation waits for
 every hook before it returns, and a hook that fails (exit status other than 0, or cannot be
@@ -27,6 +27,8 @@ from ..errors import BuildError
 
 TAIL = 20  # lines of a failed hook's output repeated in the error
 GRACE = 2.0  # seconds a cancelled hook's processes have between SIGTERM and SIGKILL
+MAX_LINE = 4096  # bytes of a line of the hook's output shown; the rest is cut
+CUT = " [line cut]"
 
 
 def resolve_hook(path: str) -> str:
@@ -75,17 +77,13 @@ async def run_hook(settings, drv_path: str, out_paths: list[str], emit) -> None:
         raise BuildError(f"post-build hook {hook!r} for {drv_path} cannot be run: {e.strerror}") from e
     code = None
     try:
-        buf = b""
+        lines = _Lines()
         async with proc.stdout:
             while chunk := await proc.stdout.receive_some(65536):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                for line in lines.feed(chunk):
                     tail = (tail + [line])[-TAIL:]
                     emit(line)
-            if buf:
-                line = buf.decode("utf-8", "replace")
+            for line in lines.end():
                 tail = (tail + [line])[-TAIL:]
                 emit(line)
         code = await proc.wait()
@@ -98,6 +96,40 @@ async def run_hook(settings, drv_path: str, out_paths: list[str], emit) -> None:
         shown = "\n".join(f"  {line}" for line in tail)
         raise BuildError(f"post-build hook {hook!r} {how} after building {drv_path}; its outputs are "
                          f"built and valid" + (f"; its last lines:\n{shown}" if tail else ""))
+
+
+class _Lines:
+    """Splits output into lines of at most :data:`MAX_LINE` bytes: a longer one (a hook that
+    prints a binary file) is shown cut, ending with :data:`CUT`, and the rest of it skipped, so
+    that memory and time stay linear in the output (the whole unfinished line was kept and split
+    again for every chunk read)."""
+
+    def __init__(self):
+        self.buf = b""
+        self.skipping = False  # in the rest of a cut line
+
+    def feed(self, chunk: bytes) -> list[str]:
+        out = []
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            if not self.skipping:
+                out.append(self._text(self.buf + chunk[start:nl]))
+            self.buf, self.skipping, start = b"", False, nl + 1
+        if not self.skipping:
+            self.buf += chunk[start:]
+            if len(self.buf) > MAX_LINE:
+                out.append(self._text(self.buf))
+                self.buf, self.skipping = b"", True
+        return out
+
+    def end(self) -> list[str]:
+        return [self._text(self.buf)] if self.buf else []
+
+    @staticmethod
+    def _text(raw: bytes) -> str:
+        if len(raw) > MAX_LINE:
+            return raw[:MAX_LINE].decode("utf-8", "replace") + CUT
+        return raw.decode("utf-8", "replace").rstrip("\r")
 
 
 async def _stop_group(proc) -> None:
