@@ -398,3 +398,24 @@ def test_a_malformed_request_through_spawn_is_a_sandbox_error(tmp_path, busybox_
         server.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_fork_server_that_died_is_replaced_for_the_next_build(tmp_path, busybox_dir):
+    """A fork server killed between builds (the OOM killer, a stray kill) made every later
+    build of the run fail with 'the sandbox fork server failed: Broken pipe'."""
+    import signal
+    from purestore.build.sandbox import ForkServer
+    server = ForkServer()
+    try:
+        first = server.proc
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        top = tmp_path / "top"
+        top.mkdir()
+        spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", "ok"), env={}, top=str(top),
+                           store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
+        assert run_sync(spec, server) == (0, b"ok\n")
+        assert server.proc is not first
+    finally:
+        server.close()
+    assert server.proc.poll() is not None

@@ -143,12 +143,19 @@ def _etc_files(spec: SandboxSpec) -> tuple[tuple[str, bytes], ...]:
 
 class ForkServer:
     """The process that forks sandboxes (see the module docstring).  One per ``pure`` run;
-    thread-safe; :meth:`close` stops it (it also dies with its parent).
+    thread-safe; :meth:`close` stops it (it also dies with its parent).  When it has died
+    (killed, out of memory), the next :meth:`spawn` starts a new one, so that the builds after
+    it do not all fail.
 
     Raises :class:`SandboxError` when it cannot be started.
     """
 
     def __init__(self):
+        self.lock = threading.Lock()
+        self.closed = False
+        self._start()
+
+    def _start(self) -> None:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -161,7 +168,6 @@ class ForkServer:
         finally:
             b.close()
         self.sock = a
-        self.lock = threading.Lock()
 
     def spawn(self, req: dict, out_w: int, err_w: int) -> tuple[int, int]:
         """Send one request; returns (pid, pidfd or -1 if it already ended).
@@ -173,6 +179,11 @@ class ForkServer:
         # thousand inputs, or a long script in its environment, makes a bigger request.
         data = pickle.dumps(req)
         with self.lock:
+            if not self.closed and self.proc.poll() is not None:
+                # gone before this request: a new server (a request it was handling when it
+                # died is not retried; the error below said so to its requester)
+                self.sock.close()
+                self._start()
             try:
                 req_fd = os.memfd_create("pure-sandbox-request", os.MFD_CLOEXEC)
                 try:
@@ -193,6 +204,7 @@ class ForkServer:
         return struct.unpack("i", msg)[0], (fds[0] if fds else -1)
 
     def close(self) -> None:
+        self.closed = True
         self.sock.close()
         try:
             self.proc.wait(timeout=5)
