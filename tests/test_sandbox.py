@@ -305,6 +305,7 @@ def _memfd(data: bytes) -> int:
     ("short size", "expected the request's size"),
     ("empty message", "expected the request's size"),
     ("no fds", "expected 3 file descriptors"),
+    ("empty message and no fds", "expected 3 file descriptors"),  # not the end of the stream
     ("too few fds", "expected 3 file descriptors"),
     ("size bigger than the data", "said to be 999 bytes"),
     ("huge size", "said to be"),
@@ -341,6 +342,8 @@ def test_fork_server_refuses_a_malformed_request_and_keeps_serving(tmp_path, bus
             msg, fds = b"", request(b"")[1]
         elif case == "no fds":
             msg, fds = struct.pack("Q", 4), []
+        elif case == "empty message and no fds":
+            msg, fds = b"", []
         elif case == "too few fds":
             msg, fds = request(pickle.dumps(good), nfds=2)
         elif case == "size bigger than the data":
