@@ -248,3 +248,38 @@ def pushed(pure, tmp_path, *paths):
     other = tmp_path / "other-root"
     other.mkdir()
     return cache, (tmp_path / "k.pub").read_text().strip(), other
+
+
+async def test_a_substituter_that_stops_answering_costs_one_stall_timeout(pure, expr, tmp_path):
+    """The first substituter answers its nix-cache-info, then nothing at all (a hung server): the
+    build waits one stalled-download-timeout, says so once naming the cache and the setting, and
+    fetches the output from the next cache, without asking the silent one again (before: the
+    lookup was retried through every download attempt, a timeout each)."""
+    import trio
+    from test_cache_retry import FlakyCache
+    f = expr('default = sh("hung-mirror", "$B mkdir $out; echo from-cache > $out/f")\n')
+    out = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    cache, pub, other = pushed(pure, tmp_path, out)
+    cfg = tmp_path / "pure.conf"
+    cfg.write_text("stalled-download-timeout = 1\ndownload-attempts = 5\n")
+    server = FlakyCache(tmp_path / "cache", {".narinfo": ["silent"] * 100})
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with trio.fail_after(120):
+            r = await trio.run_process(
+                [sys.executable, "-m", "purestore.cli.main", "--substituters", f"{server.url} {cache}",
+                 "--trusted-public-keys", pub, "build", str(f), "--no-link"],
+                env=pure_env(other, extra={"PURE_CONFIG": str(cfg)}), cwd=tmp_path,
+                capture_stdout=True, capture_stderr=True, check=False)
+        n.cancel_scope.cancel()
+    stderr = r.stderr.decode()
+    assert r.returncode == 0 and r.stdout.decode().strip() == out, stderr
+    assert "will be fetched" in stderr and "will be built" not in stderr, stderr
+    assert (other / out.lstrip("/") / "f").read_text() == "from-cache\n"
+    assert "retrying" not in stderr, stderr
+    said = [line for line in stderr.splitlines() if "did not answer" in line]
+    assert said == [f"warning: binary cache {server.url!r} did not answer '{out[len('/pure/store/'):][:32]}"
+                    ".narinfo' within 1 s (stalled-download-timeout): not asking it for anything more in "
+                    "this run"], stderr
+    assert [name for _m, name, _r, _s in server.asked if name.endswith(".narinfo")] == \
+        [f"{out[len('/pure/store/'):][:32]}.narinfo"], server.asked

@@ -25,6 +25,7 @@ class FlakyCache(Scripted):
 
     - ``"cut"``: the head and half of the body asked for, then the connection is closed;
     - ``"stall"``: the same, then nothing more (the client's stall timeout ends it);
+    - ``"silent"``: no answer at all, not even a status line (a hung server);
     - ``"503"``: HTTP 503 Service Unavailable; ``"429-wait-1"``: 429 with ``Retry-After: 1``;
     - ``"bad-range"``: a ``206`` whose Content-Range starts elsewhere than asked.
     - ``"all-but-the-end"``: the whole body under a Content-Length 100 bytes too long, then the
@@ -87,6 +88,9 @@ class FlakyCache(Scripted):
                 await stream.send_all(b"HTTP/1.1 302 Found\r\n%sContent-Length: 5\r\n\r\nmoved" % location)
                 return True
         fault = self._fault(name)
+        if fault == "silent":
+            self.asked.append((method, name, rng, 0))
+            await trio.sleep_forever()
         if fault in ("503", "429-wait-1"):
             status = int(fault[:3])
             self.asked.append((method, name, rng, status))
@@ -356,8 +360,9 @@ async def test_requests_waiting_to_retry_give_up_when_another_has_used_up_its_at
 
 async def test_a_cache_that_never_answered_and_stalls_costs_one_stall_timeout(tmp_path):
     """A server that accepts connections and never says a word: one stall timeout, not one per
-    attempt; the error says it stalled."""
+    attempt; the error says it did not answer, naming the setting."""
     import socket
+    from purestore.cache.backend import CacheNotAnswering
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)  # accepted by the kernel, never read nor answered
@@ -366,7 +371,8 @@ async def test_a_cache_that_never_answered_and_stalls_costs_one_stall_timeout(tm
                                 stall_timeout=0.5) as b:
             b.retry_delay = 0.01
             start = trio.current_time()
-            with pytest.raises(CacheError, match=r"timed out \(server stalled: no data for 0.5 s\)$"):
+            with pytest.raises(CacheNotAnswering,
+                               match=r"timed out: no answer within 0.5 s \(stalled-download-timeout\)$"):
                 await b.get("nix-cache-info")
             assert trio.current_time() - start < 1.5
     finally:
@@ -658,6 +664,57 @@ async def test_a_stalled_cache_of_lower_priority_does_not_hold_up_a_better_one(c
                                                           urls=[f"file://{c}", server.url], trusted_keys=[PUB])
             assert rep.failures == {} and {app, lib} <= set(store.valid_paths())
         n.cancel_scope.cancel()
+
+
+async def test_a_cache_that_stops_answering_lookups_is_asked_nothing_more_in_the_run(cache, tmp_path, caplog):
+    """The first cache answers its nix-cache-info, then nothing at all (a hung server): the
+    narinfo lookups waiting for it end after one stall timeout, without retries, and it counts
+    as having none of the paths for the rest of the run (not asked for the references found
+    later): everything comes from the second cache, with one warning that names the cache, the
+    file and the timeout (before, each lookup waited through every attempt: five timeouts)."""
+    from purestore.cache import substituter
+    c, lib, app, big = cache
+    server = FlakyCache(c, {".narinfo": ["silent"] * 100})
+    root = tmp_path / "dst"
+    s = settings_for(root, stalled_download_timeout=1, download_attempts=5)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store, caplog.at_level(logging.WARNING, "purestore.cache"):
+            with trio.fail_after(5):  # five attempts of one lookup alone would take 8 s
+                rep = await substituter.substitute_report(store, s, [app, big],
+                                                          urls=[server.url, f"file://{c}"], trusted_keys=[PUB])
+            assert rep.failures == {} and {lib, app, big} <= set(store.valid_paths())
+        n.cancel_scope.cancel()
+    asked = [name for _m, name, _r, _st in server.asked if name.endswith(".narinfo")]
+    assert sorted(asked) == sorted(f"{p.hash_part}.narinfo" for p in (app, big)), server.asked
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("retrying" in w for w in warnings), warnings
+    silent = [w for w in warnings if "did not answer" in w]
+    assert len(silent) == 1, warnings
+    assert silent[0].startswith(f"warning: binary cache {server.url!r} did not answer '")
+    assert silent[0].endswith(".narinfo' within 1 s (stalled-download-timeout): not asking it for "
+                              "anything more in this run"), silent[0]
+
+
+async def test_a_cache_that_does_not_answer_its_nix_cache_info_is_not_used(cache, tmp_path, caplog):
+    """A server that accepts connections and never answers, first in the list: one warning
+    naming it, the file and the timeout (and the setting), and the paths come from the next."""
+    from purestore.cache import substituter
+    c, lib, app, big = cache
+    server = FlakyCache(c, {"nix-cache-info": ["silent"]})
+    root = tmp_path / "dst"
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store, caplog.at_level(logging.WARNING, "purestore.cache"):
+            with trio.fail_after(5):
+                rep = await substituter.substitute_report(store, settings_for(root, stalled_download_timeout=1),
+                                                          [app], urls=[server.url, f"file://{c}"],
+                                                          trusted_keys=[PUB])
+            assert rep.failures == {} and {lib, app} <= set(store.valid_paths())
+        n.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"warning: binary cache {server.url!r} did not answer 'nix-cache-info' within 1 s "
+                        "(stalled-download-timeout): not using it in this run"], warnings
 
 
 def test_a_warning_during_a_build_clears_the_build_status_line():

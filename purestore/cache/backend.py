@@ -50,6 +50,18 @@ class CacheMissing(CacheError, FileNotFoundError):
     """Raised by ``open_read`` when the cache does not have the named file."""
 
 
+class CacheNotAnswering(CacheError):
+    """Raised by a request to a remote cache that sent no answer at all (not even a status
+    line) within the stall timeout (``stalled-download-timeout``), when it is not asked again:
+    the cache had never answered, or the caller said not to (``retry_unanswered=False``).
+    ``name``: the file asked for; ``timeout``: the seconds waited."""
+
+    def __init__(self, message: str, *, name: str = "", timeout: float = 0.0, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.name = name
+        self.timeout = timeout
+
+
 def check_name(name: str, where: str = "cache") -> str:
     """Validate a file name inside a cache; raise :class:`CacheError` if it could leave the cache."""
     if not isinstance(name, str) or not name or len(name) > 1000:
@@ -250,10 +262,13 @@ class Backend:
         None when it does not exist."""
         return -1 if await self.exists(name) else None
 
-    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+    async def get(self, name: str, limit: int | None = None, *, retry_unanswered: bool = True) -> bytes | None:
         """The whole file ``name``, None when it does not exist.  ``limit``: the most bytes it
         should have (a remote cache's answer is not read past it; by default a limit for the
-        kind of file, :func:`~.http_response.whole_limit`)."""
+        kind of file, :func:`~.http_response.whole_limit`).  ``retry_unanswered=False``: a
+        remote cache that does not answer the request at all within the stall timeout is not
+        asked again (:class:`CacheNotAnswering`), where other failures that may pass are
+        retried (a lookup, which treats such a cache as not having the file)."""
         raise NotImplementedError
 
     def open_read(self, name: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
@@ -380,7 +395,7 @@ class FileBackend(Backend):
             self._path(name)
         return await trio.to_thread.run_sync(lambda: [self._size_now(n) for n in names])
 
-    async def get(self, name: str, limit: int | None = None) -> bytes | None:
+    async def get(self, name: str, limit: int | None = None, *, retry_unanswered: bool = True) -> bytes | None:
         self._path(name)
         return await trio.to_thread.run_sync(self._read_now, name)
 

@@ -43,7 +43,12 @@ class ConnectFailed(HttpError):
 
 
 class Stalled(HttpError):
-    pass
+    """No byte came (or could be sent) for ``stall_timeout`` seconds.  ``unanswered``: the
+    server had not begun its response (not even its status line): it did not answer at all."""
+
+    def __init__(self, message: str, *, unanswered: bool = False):
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 class Broken(HttpError):
@@ -192,6 +197,8 @@ class HttpClient:
                 with trio.fail_after(self.stall_timeout):
                     data = await conn.stream.receive_some(RECEIVE)
             except trio.TooSlowError:
+                if state is h11.SEND_RESPONSE:
+                    raise Stalled(f"no answer within {self.stall_timeout:g} s", unanswered=True) from None
                 raise Stalled(f"no data for {self.stall_timeout:g} s") from None
             except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
                 raise Broken(f"{_describe(e)}{self._tls_hint(conn, state)}") from e

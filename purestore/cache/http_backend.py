@@ -31,7 +31,7 @@ import urllib.parse
 import trio
 
 from ..errors import CacheError
-from .backend import CHUNK, Backend, CacheMissing, CacheURL, _unlink, check_name, file_url
+from .backend import CHUNK, Backend, CacheMissing, CacheNotAnswering, CacheURL, _unlink, check_name, file_url
 from .content_encoding import decode, is_identity
 from .http_auth import _ssl_context, netrc_login, token_problem
 from .http_response import _no_chunks, _retry_after_header, _server_says, _small, _status_line, whole_limit
@@ -208,12 +208,25 @@ class HttpBackend(Backend):
     def _target(self, name: str) -> str:
         return self._prefix + urllib.parse.quote(check_name(name, self.url))
 
-    def _err(self, what: str, name: str, e: Exception, via: str | None = None) -> CacheError:
+    def _err(self, what: str, name: str, e: Exception, via: str | None = None, *,
+             retry_unanswered: bool = True) -> CacheError:
         """The :class:`CacheError` for a failed request (``via``: the URL a redirect led to):
-        :class:`_Transient` when another attempt may succeed."""
+        :class:`_Transient` when another attempt may succeed; :class:`CacheNotAnswering` for a
+        request the server did not answer at all, when it is not to be made again (the server
+        never answered, or ``retry_unanswered`` is false)."""
         http = self._http
         transient = True
-        if isinstance(e, http.Stalled):
+        if isinstance(e, http.Stalled) and e.unanswered:
+            reason = f"timed out: {e} (stalled-download-timeout)"
+            # a server hung from the start: one wait, not five
+            if not (self._answered and retry_unanswered):
+                if via:
+                    reason += f" (redirected to {via})"
+                return CacheNotAnswering(f"cache {self.url!r}: cannot {what} {name!r}: {reason}", name=name,
+                                         timeout=self.client.stall_timeout,
+                                         hint="a cache slower than that needs a longer stalled-download-timeout "
+                                              "in pure.conf")
+        elif isinstance(e, http.Stalled):
             reason = f"timed out (server stalled: {e})"
             transient = self._answered  # a server hung from the start: one wait, not five
         elif isinstance(e, http.Broken):
@@ -320,10 +333,12 @@ class HttpBackend(Backend):
                 await self._retry_after(e, attempt)
                 attempt += 1
 
-    async def _request(self, what: str, name: str, method: str, *, query: str = "", **kw):
+    async def _request(self, what: str, name: str, method: str, *, query: str = "",
+                       retry_unanswered: bool = True, **kw):
         """One request, retried while it fails transiently; returns (response, body).  A
         callable ``body`` is called for each attempt (a stream is read once).  ``query``: the
-        query string sent after the file's name (without the ``?``)."""
+        query string sent after the file's name (without the ``?``).  ``retry_unanswered``:
+        see :meth:`~.backend.Backend.get`."""
         body = kw.pop("body", None)
         headers = kw.pop("headers", None)
 
@@ -335,7 +350,7 @@ class HttpBackend(Backend):
                     r, data = await client.request(method, target, headers=self._headers(client, method, headers, target),
                                                    body=body, **kw)  # (a function: made afresh for each send)
                 except self._http.HttpError as e:
-                    raise self._err(what, name, e, via) from e
+                    raise self._err(what, name, e, via, retry_unanswered=retry_unanswered) from e
                 self._answered = True
                 nxt = self._redirect(r, method, what, name, hops, via or self._base + target)
                 if nxt is None:
@@ -359,8 +374,9 @@ class HttpBackend(Backend):
         length = r.headers.get("content-length", "")
         return int(length) if length.isascii() and length.isdigit() and is_identity(r.headers.get("content-encoding")) else -1
 
-    async def get(self, name: str, limit: int | None = None) -> bytes | None:
-        r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit)
+    async def get(self, name: str, limit: int | None = None, *, retry_unanswered: bool = True) -> bytes | None:
+        r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit,
+                                      retry_unanswered=retry_unanswered)
         if r.status in (404, 403, 410):
             return None
         if r.status != 200:

@@ -9,7 +9,10 @@
   built path also needs a trusted provenance statement); the caches after the one that
   answers are not waited for.  Negative answers are remembered briefly
   (:mod:`.narinfo_cache`); what failed in a cache ranked before the one that answered is kept
-  (``lookup_errors``, for Nix's ``fallback = false``).
+  (``lookup_errors``, for Nix's ``fallback = false``).  A cache that does not answer a lookup
+  at all within the stall timeout is not asked again: it is warned about once and counts as
+  having none of the paths for the rest of the session (the lookups waiting for it end at
+  once), so that one dead cache costs one timeout, not one per path.
 - :func:`query_substitutable` asks for a closure's narinfos without fetching anything: what a
   build plans from and ``--dry-run`` shows.
 
@@ -30,7 +33,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, backend_for, check_name, file_url, parse_url
+from .backend import Backend, CacheNotAnswering, backend_for, check_name, file_url, parse_url
 from .info import read_cache_info
 from .narinfo_cache import NegativeCache
 from .restored import RestoredTrees
@@ -65,6 +68,16 @@ class _Cache:
     url: str
     backend: Backend
     priority: int
+    # why it is not asked any more (it did not answer a lookup): it has nothing, for this session
+    silent: str | None = None
+    # the lookups waiting for its answer (cancelled when it is found not to answer)
+    waiting: set = attrs.field(factory=set)
+
+
+def _not_answering(url: str, e: CacheNotAnswering, rest: str) -> str:
+    """The warning for a cache that did not answer ``e.name`` (``rest``: what is done about it)."""
+    return (f"warning: binary cache {url.split('?')[0]!r} did not answer {e.name!r} within {e.timeout:g} s "
+            f"(stalled-download-timeout): {rest}")
 
 
 class Substituters:
@@ -117,7 +130,9 @@ class Substituters:
                 await backend.aclose()
                 self.rejected[url] = str(e)
                 failed.append(e)
-                if not self.strict:
+                if not self.strict and isinstance(e, CacheNotAnswering):
+                    log.warning("%s", _not_answering(url, e, "not using it in this run"))
+                elif not self.strict:
                     why, named = str(e), f"binary cache {url!r}"
                     if why.startswith(named):  # the URL said once is enough
                         rest = why[len(named):]  # ": directory … does not exist", " is for store dir …"
@@ -203,10 +218,22 @@ class Substituters:
         why = self.failed.get((cache.url, path.hash_part))
         if why is not None:
             return f"its NAR from {cache.url.split('?')[0]!r} failed earlier in this run: {why}"
-        try:
-            data = await cache.backend.get(name)
-        except CacheError as e:
-            return _LookupFailed(e)
+        if cache.silent is not None:
+            return None
+        data = None
+        with trio.CancelScope() as waiting:
+            cache.waiting.add(waiting)
+            try:
+                data = await cache.backend.get(name, retry_unanswered=False)
+            except CacheNotAnswering as e:
+                self._silenced(cache, e)
+                return None
+            except CacheError as e:
+                return _LookupFailed(e)
+            finally:
+                cache.waiting.discard(waiting)
+        if waiting.cancelled_caught:  # the cache was found not to answer meanwhile
+            return None
         if data is None:
             self.negative.add(cache.url, path.hash_part)
             return None
@@ -232,6 +259,16 @@ class Substituters:
             if reason:
                 return _Refused(reason)
         return ni
+
+    def _silenced(self, cache: _Cache, e: CacheNotAnswering) -> None:
+        """``cache`` did not answer a lookup: said once, and it is asked nothing more in this
+        session (the lookups waiting for it end now, as if it had not had their paths)."""
+        if cache.silent is not None:
+            return
+        cache.silent = str(e)
+        log.warning("%s", _not_answering(cache.url, e, "not asking it for anything more in this run"))
+        for scope in list(cache.waiting):
+            scope.cancel()
 
     async def _check_provenance(self, cache: _Cache, path: StorePath, ni: NarInfo) -> str | None:
         """With require-provenance: the cache's ``<hash>.provenance`` must be a DSSE envelope

@@ -343,8 +343,9 @@ class S3Backend(HttpBackend):
             return False
         raise self._s3_status("query", name, r, data)
 
-    async def get(self, name: str, limit: int | None = None) -> bytes | None:
-        r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit)
+    async def get(self, name: str, limit: int | None = None, *, retry_unanswered: bool = True) -> bytes | None:
+        r, data = await self._request("get", name, "GET", limit=whole_limit(name) if limit is None else limit,
+                                      retry_unanswered=retry_unanswered)
         if r.status == 200:
             return self._decoded(name, r, data)
         if r.status in (403, 404) and _missing(r, data):
