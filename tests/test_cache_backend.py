@@ -8,7 +8,7 @@ import os
 import httpx
 import pytest
 import trio
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from purestore.cache.backend import CacheMissing, check_name, open_backend, parse_url
 from purestore.cache.info import CacheInfo
@@ -85,6 +85,43 @@ def test_cache_info_is_read_as_nix_reads_it():
             CacheInfo.parse(f"StoreDir: /nix/store\nPriority: {bad}\n", "x")
     with pytest.raises(CacheError, match="a web page"):
         CacheInfo.parse("<!DOCTYPE html>\n<title>StoreDir: x</title>\n", "x")
+
+
+def test_what_cannot_be_a_nix_cache_info_is_refused_naming_the_line():
+    """Bytes that are not text (random bytes, a NUL, a compressed answer) and text without a
+    single 'Key: value' line are no nix-cache-info: an error naming the file and the line, where
+    Nix takes either for an empty one (a cache for its own store dir); an empty file, or one of
+    blank lines, is still such a cache."""
+    where = "http://h/nix-cache-info"
+    for data, line, why in [(b"\x8f\x03\xd9garbage\xff", 1, r"not UTF-8: '\\x8f\\x03\\xd9garbage\\xff'"),
+                            (b"StoreDir: /pure/store\n\x00\x01\n", 2, r"a NUL byte: '\\x00\\x01'"),
+                            (bytes(range(256)) * 4, 1, "a NUL byte: ")]:
+        with pytest.raises(CacheError, match=rf"^{where}: this is not a nix-cache-info: line {line} is not text "
+                                             rf"\({why}") as e:
+            CacheInfo.parse(data, where, default_store_dir="/pure/store")
+        assert e.value.hint == "is the URL a binary cache's?"
+    with pytest.raises(CacheError, match=rf"^{where}: this is not a nix-cache-info: no line is 'Key: value' "
+                                         r"\(line 2: 'Service unavailable'\)$"):
+        CacheInfo.parse(b"\nService unavailable\nplease retry later\n", where, default_store_dir="/pure/store")
+    for empty in (b"", b"\n", b" \n\r\n"):
+        assert CacheInfo.parse(empty, where, default_store_dir="/pure/store") == CacheInfo("/pure/store")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=512))
+def test_random_bytes_as_nix_cache_info_are_refused_or_read_never_a_crash(data):
+    """Whatever bytes a server sends: a CacheInfo, or a CacheError; bytes that are not UTF-8
+    are always an error."""
+    try:
+        data.decode("utf-8")
+        text = True
+    except UnicodeDecodeError:
+        text = False
+    try:
+        CacheInfo.parse(data, "x", default_store_dir="/pure/store")
+    except CacheError:
+        return
+    assert text and b"\0" not in data
     assert parse_url("file:///x?priority=-3").priority == -3
     assert parse_url("file:///x").priority is None
     with pytest.raises(CacheError, match="priority must be a whole number, got '\u00b2'"):

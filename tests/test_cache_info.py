@@ -92,3 +92,26 @@ def test_a_cache_info_without_a_store_dir_is_for_any_store_dir_as_in_nix(tmp_pat
     assert run_pure("cache", "path-info", bare, p).stdout.startswith(p)
     run_pure("cache", "verify", "--trusted-public-keys", PUB, bare, p)
     run_pure("copy", "--from", bare, "--trusted-public-keys", PUB, p, root=tmp_path / "b")
+
+
+def test_a_nix_cache_info_of_random_bytes_is_refused_naming_the_url_and_the_line(tmp_path):
+    """A server whose nix-cache-info is random bytes (not 'Key: value' lines): `pure cache info`
+    leaves it out (as a build does, with a warning) and `pure copy --from` fails, each naming the
+    file's URL and the line.  (Nix, and pure before, took it for an empty nix-cache-info: a cache
+    for the reader's own store dir.)"""
+    import os
+    from test_cache_support import make_path, open_store
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "nix-cache-info").write_bytes(b"\xa3\x9c" + os.urandom(300))
+    with open_store(tmp_path / "a") as store:
+        p = store.print_path(make_path(store, "x", {"": b"x\n"}))
+    proc, served = start_server(tmp_path / "junk")
+    try:
+        info = run_pure("cache", "info", served, check=False)
+        copy = run_pure("copy", "--from", served, "--trusted-public-keys", PUB, p, root=tmp_path / "b", check=False)
+    finally:
+        stop_server(proc)
+    said = f"{served}nix-cache-info: this is not a nix-cache-info: line 1 is not text (not UTF-8: '\\xa3\\x9c"
+    assert info.returncode == 1 and info.stdout.startswith("-  not used: ") and said in info.stdout, info.stdout
+    assert copy.returncode == 1 and said in copy.stderr and "hint: is the URL a binary cache's?" in copy.stderr, \
+        copy.stderr

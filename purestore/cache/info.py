@@ -8,6 +8,12 @@
 
 A client must refuse a cache whose ``StoreDir`` differs from its own store dir: paths (and their
 hashes) only mean the same thing under the same store dir.
+
+Read as Nix reads it (a text line without a ``Key: value`` is passed over, unknown keys are
+ignored, no ``StoreDir`` line means the reader's own store dir), except that what cannot be a
+nix-cache-info at all is refused, naming the line: bytes that are not UTF-8 text or hold a NUL
+(a binary file, a compressed answer), and text with no ``Key: value`` line (another service's
+page or answer); Nix takes both for an empty nix-cache-info of a cache for its own store dir.
 """
 
 from __future__ import annotations
@@ -19,6 +25,31 @@ import attrs
 from ..errors import CacheError
 
 _WHOLE = re.compile(r"[-+]?[0-9]+")  # ASCII digits only ("²".isdigit() is true, int() refuses it)
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a field's name (StoreDir, WantMassQuery, Priority, ...)
+_HINT = "is the URL a binary cache's?"
+
+
+def _shown(line: bytes) -> str:
+    """A line for a message: its first 24 bytes, as Python writes bytes (escapes for the others)."""
+    return repr(line[:24])[1:] + ("..." if len(line) > 24 else "")
+
+
+def _text_lines(data: bytes, where: str) -> list[str]:
+    """The lines of ``data`` (split at "\n" only), each UTF-8 text without NUL; else the
+    error naming the first line that is not."""
+    lines = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line, why = "", "not UTF-8"
+        else:
+            why = "a NUL byte" if "\0" in line else ""
+        if why:
+            raise CacheError(f"{where}: this is not a nix-cache-info: line {n} is not text ({why}: "
+                             f"{_shown(raw)})", hint=_HINT)
+        lines.append(line)
+    return lines
 
 
 @attrs.frozen
@@ -37,20 +68,27 @@ class CacheInfo:
 
     @classmethod
     def parse(cls, text: bytes | str, where: str, default_store_dir: str | None = None) -> "CacheInfo":
-        """Parse ``nix-cache-info`` as Nix does (a line without ':' is passed over); raise
-        :class:`CacheError` naming ``where`` for a web page or a bad priority.  Without a ``StoreDir`` line the cache is taken to be for ``default_store_dir`` (as Nix
-        takes it to be for its own), when one is given."""
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        if text.lstrip().startswith("<"):
+        """Parse ``nix-cache-info`` as Nix does (a text line without ``Key: value`` is passed
+        over); raise :class:`CacheError` naming ``where`` (and the line) for a web page, bytes
+        that are not text, text without a ``Key: value`` line, or a bad priority.  Without a
+        ``StoreDir`` line the cache is taken to be for ``default_store_dir`` (as Nix takes it to
+        be for its own), when one is given."""
+        if isinstance(text, str):
+            text = text.encode("utf-8", "surrogateescape")
+        lines = _text_lines(text, where)
+        if "\n".join(lines).lstrip().startswith("<"):
             raise CacheError(f"{where}: this is not a nix-cache-info but a web page "
                              f"(is the URL a binary cache's?)")
         fields: dict[str, str] = {}
         # as Nix reads it: lines split at "\n" only, a line without ':' ignored
-        for line in text.split("\n"):
+        for line in lines:
             key, sep, value = line.partition(":")
-            if sep:
+            if sep and _KEY.fullmatch(key.strip()):
                 fields[key.strip()] = value.strip()
+        if not fields and any(line.strip() for line in lines):
+            n, first = next((n, line) for n, line in enumerate(lines, 1) if line.strip())
+            raise CacheError(f"{where}: this is not a nix-cache-info: no line is 'Key: value' "
+                             f"(line {n}: {_shown(first.encode())})", hint=_HINT)
         if "StoreDir" not in fields:
             if default_store_dir is None:
                 raise CacheError(f"{where}: no 'StoreDir' line")
