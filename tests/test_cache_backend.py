@@ -46,6 +46,10 @@ def test_parse_url():
     assert parse_url("https://h/prefix").base == "https://h/prefix/"
     with pytest.raises(CacheError, match="unknown parameter"):
         parse_url("file:///x?nope=1")
+    for url in ("file:///c?compression=xz&compression=zstd", "http://h/?priority=1&priority=1",
+                "s3://b?region=eu-west-1&compression=xz&region=us-east-1"):
+        with pytest.raises(CacheError, match=r"parameter '(compression|priority|region)' is given twice"):
+            parse_url(url)
 
 
 def test_parse_url_refuses_an_unmatched_bracket_with_a_cache_error():

@@ -477,6 +477,26 @@ def test_bad_cache_urls(tmp_path, direction, url, msg):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("direction,query,key,values", [
+    ("--to", "compression=xz&compression=zstd", "compression", "'xz' and 'zstd'"),
+    ("--to", "secret-key=/a.sec&compression=xz&secret-key=/b.sec", "secret-key", "'/a.sec' and '/b.sec'"),
+    ("--from", "priority=10&priority=10", "priority", "'10' and '10'"),
+])
+def test_a_cache_url_parameter_given_twice_is_an_error_naming_it(tmp_path, direction, query, key, values):
+    """`file:///c?compression=xz&compression=zstd` took the last value without a word (Nix takes
+    the first): which one was meant is not known, so it is an error naming the parameter, and
+    nothing is written."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    where = root if direction == "--to" else tmp_path / "b"
+    r = run_pure("copy", direction, f"file://{cache}?{query}", store.print_path(lib), root=where, check=False)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"error: cache URL 'file://{cache}?{query}': parameter {key!r} is given twice "
+                               f"({values})\nhint: give each parameter once"), r.stderr
+    assert not cache.exists()
+
+
 def test_a_level_without_compression_is_pushed_with_a_warning(tmp_path):
     """compression=none with a level: accepted (Nix accepts it), stored uncompressed, and said."""
     root, cache = tmp_path / "a", tmp_path / "cache"

@@ -118,9 +118,18 @@ def parse_url(url: str) -> CacheURL:
         raise CacheError(f"cache URL {url!r}: malformed host ({e})",
                          hint="an IPv6 address is written between '[' and ']': http://[::1]:8080/") from None
     try:
-        params = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query)))
+        pairs = urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query))
     except ValueError:
         raise CacheError(f"cache URL {url!r}: malformed query {u.query!r}") from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:  # which one was meant? (Nix takes the first, a dict the last)
+            raise CacheError(f"cache URL {url!r}: parameter {key!r} is given twice "
+                             f"({params[key]!r} and {value!r})",
+                             hint="give each parameter once" + (
+                                 "; more keys are given with --secret-key-file (repeatable)"
+                                 if key == "secret-key" else ""))
+        params[key] = value
     allowed = _KNOWN_PARAMS
     if u.scheme == "s3":  # (token-file gets an error of its own, below)
         unknown = sorted(set(params) - _KNOWN_PARAMS - _S3_PARAMS)
