@@ -230,9 +230,13 @@ async def test_uploads_do_not_follow_links_out_of_the_cache(tmp_path, caplog):
     assert caplog.text.count("a symbolic link takes its directory out of") == 3
 
 
-async def _get_while_the_client_leaves(tmp_path, leaves):
-    """Serve a 600 KiB file through ``_get`` to a client that goes away while the send during
-    which ``leaves(messages so far, data)`` is true is under way; returns (messages, data)."""
+async def _get_while_the_client_leaves(tmp_path, leaves, *, after: bool = False):
+    """Serve a 600 KiB file (one chunk) through ``_get`` to a client that goes away while the
+    send for which ``leaves(messages so far, data)`` is true is under way (``after``: just after
+    that send returned); returns (messages, data).  The send is hypercorn's as the server sees
+    it: one made after the watch saw the client gone is stopped before it writes anything, and
+    one under way is not cut short (hypercorn writes to the socket shielded, and drops what it
+    cannot send without a word)."""
     from purestore.cache.server import _get, respond
     data = os.urandom(600 << 10)
     (tmp_path / "x.nar").write_bytes(data)
@@ -240,10 +244,15 @@ async def _get_while_the_client_leaves(tmp_path, leaves):
     gone = trio.Event()
 
     async def send(m):
+        await trio.lowlevel.checkpoint_if_cancelled()  # (hypercorn's send lock)
         msgs.append(m)
         if not gone.is_set() and leaves(msgs, data):
-            gone.set()
-            await trio.sleep(0.1)  # the disconnect is seen while this send is under way
+            if after:
+                gone.set()
+                return
+            with trio.CancelScope(shield=True):
+                gone.set()
+                await trio.sleep(0.1)  # the disconnect is seen while this send is under way
 
     async def receive():
         await gone.wait()
@@ -252,27 +261,41 @@ async def _get_while_the_client_leaves(tmp_path, leaves):
     return msgs, data
 
 
+def _handed_over(msgs, data) -> bool:
+    return sum(len(m.get("body", b"")) for m in msgs) == len(data)
+
+
 async def test_a_download_the_client_has_whole_is_logged_as_sent_not_499(tmp_path):
     """A client that has every byte of a streamed file (its Content-Length) may close before the
     server sends the end of the response: that is a whole response, so the end is still given
     to the server (which drops it), and the access log says 200 with the size.  Most such
     downloads were logged 499 by curl's timing while the client had it all.  Here the client
-    goes while the server hands over the last bytes."""
-    msgs, data = await _get_while_the_client_leaves(
-        tmp_path, lambda msgs, data: sum(len(m.get("body", b"")) for m in msgs) == len(data))
+    goes as soon as the server has handed over the last bytes."""
+    msgs, data = await _get_while_the_client_leaves(tmp_path, _handed_over, after=True)
     assert msgs[-1] == {"type": "http.response.body", "body": b""}
     assert b"".join(m.get("body", b"") for m in msgs) == data
 
 
+async def test_a_client_that_leaves_during_the_last_bytes_is_not_logged_as_sent(tmp_path):
+    """A client seen gone while the server hands over the last 64 KiB of the body did not have
+    them all: no end of the response, so the log says 499, as for a client that leaves earlier
+    (it said 200: a disconnect during the last send was taken for a client that had it all)."""
+    from purestore.cache.http_server import LAST
+    msgs, data = await _get_while_the_client_leaves(tmp_path, _handed_over)
+    bodies = [m for m in msgs if m["type"] == "http.response.body"]
+    assert [len(m["body"]) for m in bodies] == [len(data) - LAST, LAST]  # no end
+
+
 async def test_a_client_that_leaves_during_a_file_s_one_chunk_is_not_logged_as_sent(tmp_path):
-    """A file of one chunk (under 1 MiB) whose client leaves while the server sends it: no end of
-    the response, so the log says 499 (the end was sent, and 200 logged, when the client left
-    anywhere in the last chunk).  The last 64 KiB go in a send of their own."""
+    """A file of one chunk (under 1 MiB) whose client leaves while the server sends all but its
+    last 64 KiB: those are not sent, nor the end of the response, so the log says 499 (it said
+    200: the last bytes counted as sent once their send was begun, even when the watch had
+    stopped it before it wrote anything)."""
     from purestore.cache.http_server import LAST
     msgs, data = await _get_while_the_client_leaves(
         tmp_path, lambda msgs, data: msgs[-1]["type"] == "http.response.body" and msgs[-1]["body"])
     bodies = [m for m in msgs if m["type"] == "http.response.body"]
-    assert len(bodies) == 1 and len(bodies[0]["body"]) == len(data) - LAST, [len(m["body"]) for m in bodies]
+    assert [len(m["body"]) for m in bodies] == [len(data) - LAST], [len(m["body"]) for m in bodies]
 
 
 async def test_a_small_upload_is_written_without_a_thread_hop_a_big_one_s_rest_in_threads(tmp_path, monkeypatch):

@@ -676,6 +676,52 @@ def test_serve_logs_a_download_cut_short_as_499_and_stops_reading(tmp_path):
     assert status == "499" and int(sent) < size, line
 
 
+def test_serve_logs_a_client_gone_in_a_file_s_last_chunk_as_499_and_one_that_had_it_all_as_200(tmp_path):
+    """A file of one chunk (900 KiB): a client that reads the head and resets the connection
+    while the server is still sending is logged 499, as one that leaves earlier in a big file
+    (it was logged 200 with every byte: the end of the body counted as sent once its send was
+    begun); clients that read it all and close at once (curl's way) are logged 200."""
+    import socket
+    import time
+    cache = tmp_path / "served"
+    (cache / "nar").mkdir(parents=True)
+    size = 900 << 10
+    (cache / "nar" / "one.nar").write_bytes(os.urandom(size))
+    log = tmp_path / "access.log"
+    proc, url = start_server(cache, "--access-log", log)
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    request = b"GET /nar/one.nar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def logged(n: int) -> list[tuple[str, str]]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lines = [x for x in (log.read_text() if log.exists() else "").splitlines() if "/nar/one.nar" in x]
+            if len(lines) >= n:
+                return [re.search(r'" (\d{3}) (\d+) "', x).groups() for x in lines]
+            time.sleep(0.05)
+        raise AssertionError(f"not logged: {log.read_text() if log.exists() else ''}")
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host, int(port)))
+            s.sendall(request)
+            assert b" 200 " in s.recv(64)
+            time.sleep(0.3)  # the server is stuck in the middle of the body
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+        assert logged(1)[0][0] == "499", log.read_text()
+        for _ in range(20):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(request)
+                got = b""
+                while chunk := s.recv(1 << 20):
+                    got += chunk
+                    if len(got.partition(b"\r\n\r\n")[2]) == size:
+                        break  # every byte: close at once
+        assert logged(21)[1:] == [("200", str(size))] * 20, log.read_text()
+    finally:
+        stop_server(proc)
+
+
 def test_serve_errors_are_clear(tmp_path):
     r = run_pure("cache", "serve", tmp_path / "missing", "--listen", "127.0.0.1:0", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -6,8 +6,9 @@
 - :func:`respond` sends a whole short answer; :func:`presented_token` and :func:`read_check`
   judge a request's bearer token or basic password (:data:`CHALLENGE` asks for one);
 - :func:`parse_range` reads a ``Range`` header;
-- :func:`last_apart` and :func:`until_disconnect` stream a big body so that a client that
-  leaves midway is seen gone (logged 499) and one that had every byte is not.
+- :func:`until_disconnect` and :func:`send_end` stream a big body so that a client that
+  leaves before the end of it was handed over is seen gone (logged 499), and one that had every
+  byte is not.
 
 Where and how a server listens (address, TLS, hypercorn) is :mod:`.listen`.
 """
@@ -18,6 +19,7 @@ import base64
 import binascii
 import hmac
 import logging
+import math
 
 import trio
 
@@ -200,18 +202,34 @@ def parse_range(value: bytes | None, size: int) -> tuple[int, int] | None | str:
     return a, b
 
 
-LAST = 64 << 10  # bytes of a body's end sent on their own (see last_apart)
+LAST = 64 << 10  # bytes at a body's end sent on their own (see send_end)
 
 
-def last_apart(data: bytes, last: bool) -> tuple[bytes, ...]:
-    """``data`` as the pieces to send: the last :data:`LAST` bytes of a body apart from the
-    rest.  A client that closes the moment it has every byte (curl does) may be seen gone while
-    the server still sends; with a small last send, done at once, "gone during the last send"
-    means it had the whole body (logged 200), and a client that left midway is seen gone during
-    an earlier one (499)."""
-    if not last or len(data) <= LAST:
-        return (data,)
-    return data[:-LAST], data[-LAST:]
+async def send_end(send, data: bytes) -> bool:
+    """Send ``data``, the end of a body streamed under :func:`until_disconnect`; True when its
+    last :data:`LAST` bytes were handed to the server before the client was seen gone: the
+    response is whole (a client that has every byte may close at once, as curl does, before the
+    server is told the body ended); False when it was seen gone first (499, as for a client
+    that leaves earlier in the body).
+
+    The server (hypercorn) writes to the socket what it is given, or drops it without a word
+    once the client has gone, and says so only through ``receive``, which the watch reads.  So:
+    the bytes before the last :data:`LAST` go as any others; then a checkpoint, where a
+    disconnect reported during them stops the response before the last bytes (their send is
+    cancelled before it writes anything); then the last bytes, a small send that goes out at
+    once to a client still reading, not cut short by the watch.  (A client that leaves with the
+    last bytes already in the sockets' buffers cannot be told from one that read them: as in
+    nginx, what was handed over counts.)"""
+    if len(data) > LAST:
+        await send({"type": "http.response.body", "body": data[:-LAST], "more_body": True})
+        data = data[-LAST:]
+        await trio.lowlevel.checkpoint()
+    with trio.CancelScope(shield=True):
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+    # (under until_disconnect, a client seen gone has cancelled this task's scope: no deadline
+    # left.  No scheduling round more here: one let curl's close after a whole download be seen
+    # first for 15 % of 80 downloads, against none without)
+    return trio.current_effective_deadline() != -math.inf
 
 
 async def until_disconnect(receive, sending) -> bool:

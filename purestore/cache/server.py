@@ -37,8 +37,8 @@ import trio
 
 from ..errors import CacheError
 from .backend import CHUNK, check_name
-from .http_server import (CHALLENGE, access_logger, asgi_app, last_apart, parse_range, presented_token,
-                          read_check, respond, until_disconnect)
+from .http_server import (CHALLENGE, access_logger, asgi_app, parse_range, presented_token, read_check,
+                          respond, send_end, until_disconnect)
 from .listen import check_listen_and_tls, run_app
 from .prune import mark_used
 from .server_upload import _has_body, _may_write, _put, _refuse
@@ -208,26 +208,29 @@ async def _get(send, path: str, name: str, *, head: bool, respond, rng: bytes | 
         await send(start)
 
         sent = 0
+        ended = False  # the body's last bytes went out before the client was seen gone
 
         async def stream() -> None:
-            nonlocal sent
+            nonlocal sent, ended
             while sent < length:
                 data = await trio.to_thread.run_sync(f.read, min(CHUNK, length - sent))
                 if not data:
                     break  # truncated meanwhile: the client sees a short body and refuses it
-                for piece in last_apart(data, sent + len(data) == length):
-                    sent += len(piece)  # (handed over: a client gone during this send may have it)
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
-        # the end of the body is sent once the watch for a disconnect is over: on a connection
-        # the server closes after this response (HTTP/1.0, "Connection: close"), the server says
-        # the client is gone while it sends the end, and the watch would cancel that send half
-        # way, before the server closed the connection: it then stayed open for good
+                if sent + len(data) == length:
+                    ended = await send_end(send, data)
+                else:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                sent += len(data)
+        # the end of the response is sent once the watch for a disconnect is over: on a
+        # connection the server closes after this response (HTTP/1.0, "Connection: close"), the
+        # server says the client is gone while it sends the end, and the watch would cancel that
+        # send half way, before the server closed the connection: it then stayed open for good
         gone = False
         if receive is None:
             await stream()
         else:
             gone = await until_disconnect(receive, stream)
-        if not gone or sent == length:
+        if not gone or ended:
             # (a client that has every byte may close before it is told the end: the end is
             # then dropped by the server, and the response logged as sent, not as 499)
             await send({"type": "http.response.body", "body": b""})

@@ -46,7 +46,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import CHUNK
 from .compression import compressor, extension
-from .http_server import CHALLENGE, asgi_app, last_apart, read_check, respond, until_disconnect
+from .http_server import CHALLENGE, asgi_app, read_check, respond, send_end, until_disconnect
 
 log = logging.getLogger("purestore.cache.store_server")
 
@@ -341,16 +341,19 @@ async def _stream_nar(receive, send, cache: StoreCache, info: PathInfo) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             _NAR_TYPE, *([(b"content-length", str(info.nar_size).encode())] if comp is None else [])]})
         whole = False  # the whole NAR dumped, checked and handed to the server
+        ended = False  # uncompressed: its last bytes went out before the client was seen gone
         failed = False
         sent = 0
 
         async def body() -> None:
-            nonlocal whole, failed, sent
+            nonlocal whole, ended, failed, sent
             chunk = first
             while chunk:
-                for piece in last_apart(chunk, comp is None and sent + len(chunk) == info.nar_size):
-                    sent += len(piece)  # (handed over: a client gone during this send may have it)
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                if comp is None and sent + len(chunk) == info.nar_size:
+                    ended = await send_end(send, chunk)
+                else:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
                 try:
                     chunk = await stream.next()
                 except StoreError as e:
@@ -361,9 +364,10 @@ async def _stream_nar(receive, send, cache: StoreCache, info: PathInfo) -> None:
                     return
             whole = True
         gone = await until_disconnect(receive, body)
-        # a client that has every byte of a NAR of known length may close before the check at
-        # its end: that is a whole response (its end, dropped by the server, logs it as sent)
-        if (whole and not gone) or (gone and not failed and comp is None and sent == info.nar_size):
+        # a client that has every byte of a NAR of known length may close before the stream
+        # has found its end: that is a whole response (its end, dropped by the server, logs it
+        # as sent)
+        if (whole and not gone) or (ended and not failed):
             await send({"type": "http.response.body", "body": b""})
     finally:
         stream.close()
