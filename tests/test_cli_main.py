@@ -171,3 +171,22 @@ def test_a_reader_that_goes_away_ends_pure_quietly_by_sigpipe(tmp_path):
     assert status == -signal.SIGPIPE
     # main() itself (what a library user calls) returns the shell's status of that end
     assert cli_main.SIGPIPE_STATUS == 128 + signal.SIGPIPE
+
+
+def test_cores_option_overrides_the_setting_also_with_zero():
+    """--cores 0 means all cores even when the config file sets cores = N (as in Nix); without
+    --cores the setting is used; a negative count is a usage error."""
+    import pytest
+    from purestore.cli import build_cmd
+    from purestore.errors import UsageError
+    from purestore.store.settings import Settings
+    parser = cli_main.make_parser(["build_cmd"])
+    settings = Settings(cores=4)
+
+    def cores(*argv):
+        return build_cmd._options(parser.parse_args(["build", "f.py", *argv]), settings).cores
+    assert cores() == 4
+    assert cores("--cores", "2") == 2
+    assert cores("--cores", "0") == 0
+    with pytest.raises(UsageError, match="--cores"):
+        cores("--cores", "-1")

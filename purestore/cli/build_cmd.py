@@ -36,7 +36,7 @@ Exit status: 0 on success, 1 when a build failed, 104 when --check/--rounds foun
 def _add_build_options(p) -> None:
     p.add_argument("-j", "--max-jobs", type=int, metavar="N", help="run up to N builds at once (default: settings max-jobs; 0: build nothing here, "
                         "only fetch from the substituters, as in Nix)")
-    p.add_argument("--cores", type=int, metavar="N", help="NIX_BUILD_CORES given to builders (0 = all)")
+    p.add_argument("--cores", type=int, metavar="N", help="NIX_BUILD_CORES given to builders (default: setting cores; 0 = all)")
     p.add_argument("-k", "--keep-going", action="store_true", help="after a failure, keep building what does not depend on it")
     p.add_argument("-K", "--keep-failed", action="store_true", help="keep the build directory of failed builds and say where")
     p.add_argument("--check", action="store_true", help="rebuild already valid outputs and compare their NAR hashes")
@@ -96,8 +96,11 @@ def _options(args, settings):
         raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     if args.max_jobs is not None and args.max_jobs < 0:
         raise UsageError(f"--max-jobs must be 0 (no local builds: substitution only) or more, got {args.max_jobs}")
+    if args.cores is not None and args.cores < 0:
+        raise UsageError(f"--cores must be 0 (all cores) or more, got {args.cores}")
+    # an explicit --cores 0 means all cores, also over a configured 'cores = N' (as in Nix)
     return BuildOptions(max_jobs=settings.max_jobs if args.max_jobs is None else args.max_jobs,
-                        cores=args.cores or settings.cores,
+                        cores=settings.cores if args.cores is None else args.cores,
                         keep_going=args.keep_going, keep_failed=args.keep_failed, check=args.check,
                         rounds=args.rounds, fork_worker=True)  # a command: nothing else runs
 
