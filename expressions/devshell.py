@@ -1,7 +1,7 @@
 """A toolchain environment: one ``bin/`` with the C compiler wrappers, make and the shell tools.
 
     pure build expressions/devshell.py && PATH=$PWD/result/bin:$PATH cc --version
-    pure shell expressions/devshell.py      # (when the environments engineer's `pure shell` lands)
+    pure shell expressions/devshell.py --pure --command 'cc --version && make --version'
 
 Built by the bootstrap shell: a directory of symlinks, earlier inputs winning (so ``ar`` is zig's
 and ``make`` is bmake).
