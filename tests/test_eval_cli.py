@@ -72,3 +72,37 @@ def test_show_derivation_accepts_physical_paths_and_base_names(tmp_path, pure, s
     physical = str(store_root) + drv
     assert json.loads(pure("show-derivation", physical).stdout) == want
     assert json.loads(pure("show-derivation", drv.rsplit("/", 1)[1]).stdout) == want
+
+
+def test_a_damaged_drv_is_named_with_a_hint_and_instantiate_repair_writes_it_again(tmp_path, pure, store_root):
+    """A registered .drv whose file was truncated (or removed) by hand: `pure build` and
+    `show-derivation` fail with a hint saying what to do; `pure instantiate --repair` writes it
+    again from the expression (naming it), after which the store verifies clean; a .drv intact
+    is left alone."""
+    import os
+    write(tmp_path / "inc" / "helpers.py", "NOTE = 'included'\n")
+    f = write(tmp_path / "e" / "expr.py", EXPR)
+    a_drv, b_drv = pure("instantiate", f, "-I", tmp_path / "inc").stdout.splitlines()
+    real = store_root / a_drv.lstrip("/")
+    good = real.read_bytes()
+    for damage in ("truncate", "remove"):
+        os.chmod(real.parent, 0o755)
+        if damage == "truncate":
+            os.chmod(real, 0o644)
+            real.write_bytes(good[:50])
+        else:
+            real.unlink()
+        for args in (["build", f, "-I", tmp_path / "inc", "-A", "tools.b"], ["show-derivation", a_drv]):
+            p = pure(*args, check=False)
+            assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+            assert a_drv in p.stderr and "hint: the store's copy of this derivation is damaged" in p.stderr, p.stderr
+            assert "pure instantiate --repair EXPR" in p.stderr
+        assert pure("store", "verify", "--check-contents", check=False).returncode == 1
+        r = pure("instantiate", "--repair", f, "-I", tmp_path / "inc")
+        assert r.stdout.splitlines() == [a_drv, b_drv]
+        assert r.stderr == f"repaired {a_drv!r}\n"
+        assert real.read_bytes() == good and oct(real.stat().st_mode & 0o777) == "0o444"
+        pure("store", "verify", "--check-contents")
+        pure("show-derivation", a_drv)
+    r = pure("instantiate", "--repair", f, "-I", tmp_path / "inc")
+    assert r.stderr == "" and r.stdout.splitlines() == [a_drv, b_drv]

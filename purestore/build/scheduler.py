@@ -28,7 +28,7 @@ from typing import Iterable, NoReturn
 import attrs
 import trio
 
-from ..errors import BuildError, StoreError
+from ..errors import BuildError, DerivationError, StoreError
 from ..formats.derivation import Derivation, check_output_paths, parse_aterm
 from ..formats.store_path import StorePath
 from .derivation_builder import DerivationBuilder
@@ -258,9 +258,14 @@ class _Realiser:
                 return parse_aterm(f.read(), where=self.store.print_path(p))
         except FileNotFoundError:
             raise StoreError(f"derivation {self.store.print_path(p)!r} does not exist in the store "
-                             f"at {self.store.real_store_dir!r}") from None
+                             f"at {self.store.real_store_dir!r}", hint=_damaged(self.store, p)) from None
         except OSError as e:
-            raise StoreError(f"cannot read derivation {real!r}: {e.strerror}") from e
+            raise StoreError(f"cannot read derivation {real!r}: {e.strerror}",
+                             hint=_damaged(self.store, p)) from e
+        except DerivationError as e:
+            if e.hint is None:
+                e.hint = _damaged(self.store, p)
+            raise
 
     async def _substitute(self) -> list[str]:
         """Fetch what the caches can give (see :meth:`.Substitution.substitute`) and take what
@@ -434,3 +439,8 @@ class _Realiser:
         except BuildError as e:
             self.errors.append(e)
             self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))
+
+
+def _damaged(store, drv: StorePath) -> str | None:
+    from ..store.local import damaged_drv_hint  # (only when a .drv is found damaged)
+    return damaged_drv_hint(store, drv)

@@ -30,6 +30,9 @@ def register(reg) -> None:
                     "their references) and print the .drv paths of the selected derivations, one per line.")
     _add_expr_args(p)
     p.add_argument("--json", action="store_true", help="print {attr: drv path} as JSON")
+    p.add_argument("--repair", action="store_true",
+                   help="write again the .drv files and texts of the expression that are registered "
+                        "but missing or damaged in the store (each named on stderr)")
 
     p = reg.command(
         "show-derivation", "print derivations as JSON (like nix show-derivation)", cmd_show,
@@ -88,9 +91,12 @@ def cmd_eval(args, ctx):
 def cmd_instantiate(args, ctx):
     from ..expr.loader import instantiate
     result = _settings_and_eval(args, ctx)
+    repaired: list = []
     with ctx.open_store() as store:
-        paths = instantiate(store, result)
+        paths = instantiate(store, result, repair=args.repair, repaired=repaired)
         shown = [store.print_path(p) for p in paths]
+        for p in repaired:
+            print(f"repaired {store.print_path(p)!r}", file=sys.stderr)
     if args.json:
         json.dump(shown, sys.stdout, indent=2)
         print()

@@ -482,11 +482,14 @@ def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
 # -- instantiate -------------------------------------------------------------------------------------
 
 
-def instantiate(store, result: EvalResult) -> list[StorePath]:
+def instantiate(store, result: EvalResult, *, repair: bool = False,
+                repaired: list[StorePath] | None = None) -> list[StorePath]:
     """Write the evaluation's sources, texts and ``.drv`` files into ``store``; return the ``.drv``
     paths of ``result.selected``.  Sources are copied with ``add_path``; texts and ``.drv`` files
     are registered with their references in one ``add_texts`` transaction; output paths are
-    recorded with ``register_derivation_outputs``."""
+    recorded with ``register_derivation_outputs``.  ``repair``: texts and ``.drv`` files already
+    valid whose files are missing or damaged are written again (their content is known exactly),
+    and appended to ``repaired``."""
     store_dir = result.store_dir
     if store.store_dir != store_dir:
         raise EvalError(f"the evaluation used store dir {store_dir!r} but the store's is {store.store_dir!r}")
@@ -509,6 +512,10 @@ def instantiate(store, result: EvalResult) -> list[StorePath]:
         items.append((d.name + ".drv", d.aterm, drv_references(d.drv, store_dir)))
         drvs.append((sp, d))
     if items:
+        if repair:
+            fixed = store.repair_texts(items)
+            if repaired is not None:
+                repaired.extend(fixed)
         got = store.add_texts(items)
         for (sp, d), g in zip(drvs, got[len(items) - len(drvs):]):
             if g != sp:
@@ -532,5 +539,16 @@ def read_derivation(store, drv: StorePath) -> Derivation:
         with open(real, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise EvalError(f"cannot read derivation {store.print_path(drv)!r}: {e.strerror}") from e
-    return parse_aterm(data, store.print_path(drv))
+        raise EvalError(f"cannot read derivation {store.print_path(drv)!r}: {e.strerror}",
+                        hint=_damaged(store, drv)) from e
+    try:
+        return parse_aterm(data, store.print_path(drv))
+    except DerivationError as e:
+        if e.hint is None:
+            e.hint = _damaged(store, drv)
+        raise
+
+
+def _damaged(store, drv: StorePath) -> str | None:
+    from ..store.local import damaged_drv_hint  # (only when a .drv is found damaged)
+    return damaged_drv_hint(store, drv)

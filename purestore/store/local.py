@@ -586,6 +586,32 @@ class LocalStore:
             self.register(infos.values())
         return paths
 
+    def repair_texts(self, items: Iterable[tuple[str, bytes, Iterable[StorePath]]]) -> list[StorePath]:
+        """Write again the text objects of ``items`` that are valid but whose file is missing or
+        holds other bytes (a damaged ``.drv``): a text path's content is known from ``items``
+        exactly, so no substituter is needed.  Paths not valid are left to :meth:`add_texts`.
+        Returns the paths written again."""
+        damaged: dict[StorePath, bytes] = {}
+        for name, data, refs in items:
+            if isinstance(data, str):
+                data = data.encode()
+            sp = make_text_path(name, data, frozenset(refs), self.store_dir)
+            if sp in damaged or not self.is_valid(sp):
+                continue
+            try:
+                with open(self.real_path(sp), "rb") as f:
+                    ok = stat.S_ISREG(os.fstat(f.fileno()).st_mode) and f.read(len(data) + 1) == data
+            except OSError:
+                ok = False
+            if not ok:
+                damaged[sp] = data
+        if damaged:
+            with self.lock_paths(damaged):
+                self._write_texts(list(damaged.items()))
+                if self.durable:
+                    _syncfs(self.real_store_dir)
+        return list(damaged)
+
     def _write_texts(self, todo: list[tuple[StorePath, bytes]]) -> None:
         """Write text objects at their real paths (temp name, canonical metadata, rename)."""
         for sp, data in todo:
@@ -662,3 +688,13 @@ class LocalStore:
                 except OSError as e:
                     raise StoreError(f"cannot remove {self.real_path(sp)!r}: {e.strerror}") from e
         return order
+
+
+def damaged_drv_hint(store, drv: StorePath) -> str | None:
+    """The hint for a ``.drv`` that cannot be read or parsed although it is registered: its file
+    is damaged, and re-instantiating the expression writes it again (:meth:`LocalStore.repair_texts`)."""
+    if not store.is_valid(drv):
+        return None
+    return ("the store's copy of this derivation is damaged (`pure store verify --check-contents` "
+            "checks the store); `pure instantiate --repair EXPR` writes it again from the "
+            "expression that made it")
