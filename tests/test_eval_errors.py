@@ -295,3 +295,36 @@ def test_an_expression_may_not_set_a_signal_handler(tmp_path):
         ev(f, allow_values=True)
     assert "line 3" in str(ei.value)
     assert "cannot change how pure handles signals" in ei.value.hint
+
+
+def test_deep_recursion_with_an_unlimited_stack_is_evaluated_as_in_the_main_thread(tmp_path):
+    """With `ulimit -s unlimited` the main thread's stack may grow without bound, but a thread
+    gets glibc's default of 2 MiB: since the expression runs in a thread of its own, an
+    expression that raises the recursion limit and recurses deeply (here through __init__, a C
+    frame per level) crashed pure with SIGSEGV, where it had evaluated in the main thread."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+    if resource.getrlimit(resource.RLIMIT_STACK)[1] != resource.RLIM_INFINITY:
+        pytest.skip("the hard stack limit is not unlimited: `ulimit -s unlimited` is not allowed here")
+    f = write(tmp_path / "deep.py", """
+        import sys
+        sys.setrecursionlimit(30000)
+        class Node:
+            def __init__(self, n):
+                self.child = Node(n - 1) if n else None
+        def depth(node):
+            d = 0
+            while node is not None:
+                d, node = d + 1, node.child
+            return d
+        default = depth(Node(12000))
+    """)
+
+    def unlimited_stack():
+        resource.setrlimit(resource.RLIMIT_STACK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    p = subprocess.run([sys.executable, "-m", "purestore.cli.main", "eval", str(f)], capture_output=True,
+                       text=True, env=pure_env(tmp_path / "store"), preexec_fn=unlimited_stack, timeout=120)
+    assert (p.returncode, p.stdout.strip()) == (0, "12001"), p.stderr

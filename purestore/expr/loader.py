@@ -394,7 +394,7 @@ def _run_apart(fn, *args, **kwargs):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
             box["error"] = e
     t = threading.Thread(target=run, name="pure-evaluation", daemon=True)
-    t.start()
+    _start_with_main_stack(t)
     t.join()
     if "error" in box:
         try:
@@ -402,6 +402,38 @@ def _run_apart(fn, *args, **kwargs):
         finally:
             box.clear()
     return box["value"]
+
+
+# The evaluation thread's stack where the main thread's has no limit (`ulimit -s unlimited`):
+# glibc then gives a new thread 2 MiB only, and an expression that raised the recursion limit
+# (deep recursion through C frames: __init__, __repr__, sorted's key ...) crashed pure with
+# SIGSEGV where the main thread had room.  Where the limit is finite, a thread's default stack
+# is that limit already.  Address space only: the pages are used as the recursion goes.
+UNLIMITED_STACK = 512 << 20
+_stack_lock = threading.Lock()
+
+
+def _start_with_main_stack(t: threading.Thread) -> None:
+    """Start ``t`` with as much stack as the main thread may use (see :data:`UNLIMITED_STACK`);
+    with the default one when that much cannot be had."""
+    import resource
+    if resource.getrlimit(resource.RLIMIT_STACK)[0] != resource.RLIM_INFINITY:
+        t.start()
+        return
+    with _stack_lock:  # (threading.stack_size is for every thread started meanwhile)
+        try:
+            old = threading.stack_size(UNLIMITED_STACK)
+        except (ValueError, RuntimeError):  # not settable here
+            t.start()
+            return
+        try:
+            t.start()
+            return
+        except RuntimeError:  # could not map that much: the default stack, as before
+            pass
+        finally:
+            threading.stack_size(old)
+    t.start()
 
 
 def _evaluate(file: str, attr: str | None, settings, include_paths: Iterable[str], *,
