@@ -403,6 +403,24 @@ def test_a_malformed_request_through_spawn_is_a_sandbox_error(tmp_path, busybox_
         os.close(w)
 
 
+def test_spawn_gives_the_whole_reason_of_a_refusal(tmp_path):
+    """The reason a refusal gives reaches the SandboxError whole: spawn read at most 64 bytes of
+    the reply (a pid), and a datagram is cut to what is read, so a reason over 55 bytes ended
+    half way ("... must be a dict of str to str, got {")."""
+    from purestore.build.sandbox import ForkServer, make_request
+    good = make_request(SandboxSpec(argv=("/bin/true",), env={}, top=str(tmp_path), store_dir=STORE))
+    server = ForkServer()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(SandboxError) as ei:
+            server.spawn({**good, "env": {"A": 1}}, w, w)
+        assert str(ei.value).endswith("the request's 'env' must be a dict of str to str, got {'A': 1}"), ei.value
+    finally:
+        server.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_a_fork_server_that_died_is_replaced_for_the_next_build(tmp_path, busybox_dir):
     """A fork server killed between builds (the OOM killer, a stray kill) made every later
     build of the run fail with 'the sandbox fork server failed: Broken pipe'."""

@@ -56,6 +56,8 @@ SANDBOX_GID = 100
 SANDBOX_HOSTNAME = "localhost"
 
 _REFUSED = b"\0REFUSED:"  # the server's reply to a malformed request (see _forkserver.py)
+# the longest reply: a refusal (its reason at most 4000 bytes); a datagram is cut to what is read
+_REPLY_MAX = len(_REFUSED) + 4096
 _SERVER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_forkserver.py")
 
 
@@ -191,7 +193,7 @@ class ForkServer:
                     socket.send_fds(self.sock, [struct.pack("Q", len(data))], [out_w, err_w, req_fd])
                 finally:
                     os.close(req_fd)
-                msg, fds, _f, _a = socket.recv_fds(self.sock, 64, 1)
+                msg, fds, _f, _a = socket.recv_fds(self.sock, _REPLY_MAX, 1)
             except OSError as e:
                 raise SandboxError(f"the sandbox fork server failed: {e}") from e
         if msg.startswith(_REFUSED):
