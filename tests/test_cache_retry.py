@@ -696,6 +696,44 @@ async def test_a_cache_that_stops_answering_lookups_is_asked_nothing_more_in_the
                               "anything more in this run"), silent[0]
 
 
+class BusyCache(FlakyCache):
+    """A cache server that answers every narinfo request, one at a time, each after ``delay``
+    seconds (a busy server with one worker): a request waits for those before it."""
+
+    def __init__(self, directory, delay: float):
+        super().__init__(directory)
+        self.delay = delay
+        self.one_at_a_time = trio.Lock()
+
+    async def _answer(self, stream, head: str) -> bool:
+        if ".narinfo " not in head.partition("\r\n")[0]:
+            return await super()._answer(stream, head)
+        async with self.one_at_a_time:
+            await trio.sleep(self.delay)
+            return await super()._answer(stream, head)
+
+
+async def test_a_busy_cache_that_keeps_answering_is_not_given_up(bigs, tmp_path, caplog):
+    """A cache that answers every lookup, one after the other (0.9 s each, under a stall timeout
+    of 2 s), is alive: a lookup that waited past the timeout for its turn while the others were
+    answered is asked again, and every path comes from it.  It was taken for a cache that does
+    not answer: not asked anything more in the run, and the paths it had were not fetched."""
+    from purestore.cache import substituter
+    c, paths = bigs
+    server = BusyCache(c, delay=0.9)
+    root = tmp_path / "dst"
+    s = settings_for(root, stalled_download_timeout=2, download_attempts=5)
+    async with trio.open_nursery() as n:
+        await n.start(server.run)
+        with open_store(root) as store, caplog.at_level(logging.WARNING, "purestore.cache"):
+            with trio.fail_after(30):
+                rep = await substituter.substitute_report(store, s, paths, urls=[server.url], trusted_keys=[PUB])
+            assert rep.failures == {} and set(paths) <= set(store.valid_paths()), rep.failures
+        n.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("did not answer" in w for w in warnings), warnings
+
+
 async def test_a_cache_that_does_not_answer_its_nix_cache_info_is_not_used(cache, tmp_path, caplog):
     """A server that accepts connections and never answers, first in the list: one warning
     naming it, the file and the timeout (and the setting), and the paths come from the next."""

@@ -131,6 +131,9 @@ class HttpBackend(Backend):
         self.attempts = attempts
         self.retry_delay = RETRY_DELAY if retry_delay is None else retry_delay
         self._answered = False  # the server has answered a request of this backend
+        # trio.current_time() of the last answer: a server that answered others while a request
+        # waited is busy, not hung (see _err)
+        self._last_answer: float | None = None
         self._failing = False  # a request used up its attempts, and none has succeeded since
         self._gave_up_on: set[str] = set()  # files whose requests gave up since the last answer
         self._gave_up: trio.Event | None = None  # set when a request gives up (others waiting to retry stop)
@@ -218,8 +221,10 @@ class HttpBackend(Backend):
         transient = True
         if isinstance(e, http.Stalled) and e.unanswered:
             reason = f"timed out: {e} (stalled-download-timeout)"
-            # a server hung from the start: one wait, not five
-            if not (self._answered and retry_unanswered):
+            # a server hung from the start: one wait, not five.  Without retry_unanswered, one
+            # that answered nothing else while this request waited: it has stopped answering.
+            # One that did is busy, not hung (the request waited its turn): asked again.
+            if not (self._answered and (retry_unanswered or self._answered_lately())):
                 if via:
                     reason += f" (redirected to {via})"
                 return CacheNotAnswering(f"cache {self.url!r}: cannot {what} {name!r}: {reason}", name=name,
@@ -254,6 +259,11 @@ class HttpBackend(Backend):
         err.unreachable = isinstance(e, http.ConnectFailed)
         err.name = name
         return err
+
+    def _answered_lately(self) -> bool:
+        """Whether the server answered a request within the last stall timeout."""
+        return self._last_answer is not None and \
+            trio.current_time() - self._last_answer < self.client.stall_timeout
 
     def _status(self, what: str, name: str, r, said: str = "") -> CacheError:
         """The error for answer ``r`` (``said``: what its body says, see :func:`_server_says`)."""
@@ -351,7 +361,7 @@ class HttpBackend(Backend):
                                                    body=body, **kw)  # (a function: made afresh for each send)
                 except self._http.HttpError as e:
                     raise self._err(what, name, e, via, retry_unanswered=retry_unanswered) from e
-                self._answered = True
+                self._answered, self._last_answer = True, trio.current_time()
                 nxt = self._redirect(r, method, what, name, hops, via or self._base + target)
                 if nxt is None:
                     break
@@ -417,7 +427,7 @@ class HttpBackend(Backend):
                 headers = self._headers(client, "GET", {"Range": f"bytes={offset}-"} if offset else None, target)
                 try:
                     r, body = await current.enter_async_context(client.stream("GET", target, headers=headers))
-                    self._answered = True
+                    self._answered, self._last_answer = True, trio.current_time()
                     nxt = self._redirect(r, "GET", "download", name, hops, via or self._base + target)
                     if nxt is None:
                         break
