@@ -70,6 +70,10 @@ def test_run_passes_arguments_and_picks_the_program(pure, expr, tmp_path):
     assert r.returncode == 2 and "exactly one package" in r.stderr
     out = pure("build", expr, "-A", "hello", "--no-link", cwd=tmp_path).stdout.strip()
     assert pure("run", out, "--", "by-path").stdout == "hello from run by-path\n"
+    # a '--' right after FILE (which argparse swallows): what follows is the program's, even
+    # when it looks like an option of pure run's
+    assert pure("run", out, "--", "-x", "--help").stdout == "hello from run -x --help\n"
+    assert pure("run", out, "--", "-A", "y", "--", "z").stdout == "hello from run -A y -- z\n"
 
 
 @pytest.mark.parametrize("args", [[], ["-A", "hello"], ["--"]])

@@ -247,14 +247,21 @@ def cmd_shell(args, ctx) -> int:
 
 
 def _split_run_args(args) -> None:
-    """argparse hands everything after FILE to ``args``: options before ``--`` are ours (argparse
-    swallows a ``--`` that directly follows FILE, so then everything is the program's)."""
+    """argparse hands everything after FILE to ``args``: options before ``--`` are ours, all
+    after it the program's.  argparse swallows a ``--`` that directly follows FILE, so where it
+    was is read from the command line itself (``pure run FILE -- -x``: ``-x`` is the program's)."""
     rest = list(args.args)
-    if "--" in rest:
+    raw = getattr(args, "raw_argv", None) or []
+    after = raw[raw.index("--") + 1:] if "--" in raw else None  # (no option of ours takes '--')
+    if after is not None and len(after) <= len(rest) and rest[len(rest) - len(after):] == after:
+        ours, theirs = rest[:len(rest) - len(after)], after  # (a '--' before FILE: not this)
+        if ours and ours[-1] == "--":
+            ours.pop()
+    elif "--" in rest:
         ours, theirs = rest[:rest.index("--")], rest[rest.index("--") + 1:]
     elif rest and rest[0].startswith("-"):
         ours, theirs = rest, []
-    else:  # argparse already ate the '--' right after FILE
+    else:  # no '--': words after FILE are the program's
         ours, theirs = [], rest
     if ours:
         p = argparse.ArgumentParser(prog="pure run", add_help=False)

@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    args.raw_argv = list(argv)  # (for a command that must see where '--' was: pure run)
     ctx = Context(args)
     _tune_runtime()
     _stop_on_sigterm()
