@@ -89,6 +89,12 @@ def test_cache_info_is_read_as_nix_reads_it():
             CacheInfo.parse(f"StoreDir: /nix/store\nPriority: {bad}\n", "x")
     with pytest.raises(CacheError, match="a web page"):
         CacheInfo.parse("<!DOCTYPE html>\n<title>StoreDir: x</title>\n", "x")
+    # a file written by an editor that starts it with a byte order mark: its first line is
+    # still the StoreDir line (Nix takes "\ufeffStoreDir" for an unknown key and the file for
+    # one of its own store dir; refusing it would turn away a cache Nix uses)
+    for text in ("\ufeffStoreDir: /nix/store\n", "\ufeffStoreDir: /nix/store\r\nPriority: 30\n"):
+        assert CacheInfo.parse(text, "x").store_dir == "/nix/store"
+        assert CacheInfo.parse(text.encode(), "x").store_dir == "/nix/store"
 
 
 def test_what_cannot_be_a_nix_cache_info_is_refused_naming_the_line():

@@ -75,6 +75,8 @@ class CacheInfo:
         be for its own), when one is given."""
         if isinstance(text, str):
             text = text.encode("utf-8", "surrogateescape")
+        if text.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (an editor's): not the key's
+            text = text[3:]
         lines = _text_lines(text, where)
         if "\n".join(lines).lstrip().startswith("<"):
             raise CacheError(f"{where}: this is not a nix-cache-info but a web page "
