@@ -321,6 +321,21 @@ def test_store_realise_and_log_of_an_output(pure, drvs, store_root):
     assert pure("log", d).stdout == "from-the-builder\n"
 
 
+def test_a_truncated_build_log_is_an_error_not_shown_as_complete(pure, drvs, store_root):
+    """A stored log cut short (a full disk, damage): `pure log` says so instead of printing
+    what it could decompress as if it were the whole log."""
+    import glob
+    d = drvs.add("cut", "i=0; while [ $i -lt 3000 ]; do echo line $i $i $i; i=$((i+1)); done; echo x > $out")
+    pure("store", "realise", d)
+    assert pure("log", d).stdout.endswith("line 2999 2999 2999\n")
+    (log,) = glob.glob(str(store_root / "**" / "log" / "*" / "*.zst"), recursive=True)
+    with open(log, "r+b") as f:
+        f.truncate(f.seek(0, 2) * 2 // 3)
+    p = pure("log", d, check=False)
+    assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error: the build log ") and "is truncated" in p.stderr, p.stderr
+
+
 def test_live_status_line_on_a_terminal_plain_lines_otherwise(expr, tmp_path, store_root):
     import re
     from conftest import pure_env, run_pure_on_tty

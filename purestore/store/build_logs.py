@@ -18,12 +18,20 @@ def log_path(state_dir: str, drv_base: str) -> str:
 
 def read_log(state_dir: str, drv_base: str) -> bytes | None:
     """The stored log of a derivation, or None if there is none; :class:`StoreError` when it
-    cannot be read or is corrupt."""
+    cannot be read, is corrupt or is truncated."""
     p = log_path(state_dir, drv_base)
     try:
         with open(p, "rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
+            dec = zstandard.ZstdDecompressor().decompressobj()
+            parts = []
+            while chunk := f.read(1 << 20):
+                parts.append(dec.decompress(chunk))
     except FileNotFoundError:
         return None
     except (OSError, zstandard.ZstdError) as e:
         raise StoreError(f"cannot read the build log {p!r}: {e}") from e
+    if not dec.eof:  # (a log is renamed into place complete: cut since, or the disk filled up)
+        got = sum(map(len, parts))
+        raise StoreError(f"the build log {p!r} is truncated: its compressed data ends early "
+                         f"(after {got} bytes of log)")
+    return b"".join(parts)
