@@ -111,25 +111,28 @@ async def _nar_body(backend: Backend, ni: NarInfo, opened: Opened | None):
 
 
 async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=None,
-                   opened: Opened | None = None) -> str:
+                   opened: Opened | None = None, umask: int | None = None) -> str:
     """Stream, verify and restore the NAR into a fresh temporary name in the store; return it.
 
     ``worker`` (a :class:`.forked.ForkedWorker`), when given and idle, restores in its process
     instead of a thread of this one: from a ``file://`` cache, or a big NAR streamed over HTTP
-    (downloaded here, restored there).  ``opened``: the big NAR's response, already asked for."""
+    (downloaded here, restored there).  ``opened``: the big NAR's response, already asked for.
+    ``umask``: the process's umask, read once by a caller that downloads many paths (else read
+    for each restore)."""
     p = ni.store_path
     backend = cache.backend
     where = file_url(cache.url, ni.url)
     tmp = S.temp_path(store, p)
     # a store that flushes before it registers gets the big files' data written straight to disk
     direct = bool(getattr(store, "durable", False))
-    from_file, from_stream = partial(restore_file, direct=direct), partial(restore_stream, direct=direct)
+    from_file = partial(restore_file, direct=direct, umask=umask)
+    from_stream = partial(restore_stream, direct=direct, umask=umask)
     try:
         if isinstance(backend, FileBackend):
             args = (backend.local_path(ni.url), ni, where, tmp)
             if ni.nar_size <= TINY_NAR and ni.file_size is not None and ni.file_size <= TINY_NAR:
                 # as over HTTP: restoring costs less than the hop to a worker would
-                restore_file(*args, progress)
+                from_file(*args, progress)
                 await trio.lowlevel.checkpoint()
                 return tmp
             ran, _ = await run_claimed(worker, lambda: worker.call(from_file, *args, progress=progress),
@@ -146,7 +149,7 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
             args = (lambda: next(chunks, b""), ni, where, tmp, progress)
             if ni.nar_size <= TINY_NAR:
                 # a few files of a few KiB: restoring costs less than the hop to a thread would
-                restore_stream(*args)
+                from_stream(*args)
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.to_thread.run_sync(from_stream, *args)
@@ -157,7 +160,7 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
 
             ran, _ = await run_claimed(worker, streamed_to_worker, lambda: _remove_partial(store, tmp))
             if not ran:  # (a worker that died half way used ``opened`` up: it is asked for afresh)
-                await _fetch_http(backend, ni, where, tmp, progress, opened, direct)
+                await _fetch_http(backend, ni, where, tmp, progress, opened, direct, umask)
     except BaseException:
         if os.path.lexists(tmp):
             with trio.CancelScope(shield=True):  # cancelled too (Ctrl-C): nothing writes there now
@@ -179,9 +182,10 @@ def remove_temp(store, tmp: str) -> None:
 
 
 async def _fetch_http(backend: Backend, ni: NarInfo, where: str, tmp: str, progress,
-                      opened: Opened | None = None, direct: bool = False) -> None:
+                      opened: Opened | None = None, direct: bool = False, umask: int | None = None) -> None:
     await stream_to_thread(lambda: _nar_body(backend, ni, opened),
-                           lambda next_chunk: restore_stream(next_chunk, ni, where, tmp, progress, direct=direct))
+                           lambda next_chunk: restore_stream(next_chunk, ni, where, tmp, progress, direct=direct,
+                                                             umask=umask))
 
 
 async def stream_to_thread(open_chunks, consume):

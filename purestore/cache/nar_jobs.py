@@ -177,10 +177,11 @@ class _Ahead:
 
 
 def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None, *,
-                   direct: bool = False) -> None:
+                   direct: bool = False, umask: int | None = None) -> None:
     """Stream, verify and restore into ``tmp``, with canonical metadata; when anything fails,
     ``tmp`` is removed and the error raised.  ``direct``: big files are written with ``O_DIRECT``
-    (for a store that flushes before it registers: :func:`..store.fstree.restore_nar`)."""
+    (for a store that flushes before it registers), ``umask``: the process's umask if the caller
+    read it already (both: :func:`..store.fstree.restore_nar`)."""
     from ..store.fstree import remove_tree, restore_nar
 
     reader = VerifyingReader(next_chunk, ni, where, progress)
@@ -194,7 +195,7 @@ def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Prog
 
     try:
         try:
-            restore_nar(ahead, tmp, canonical=True, direct=direct)
+            restore_nar(ahead, tmp, canonical=True, direct=direct, umask=umask)
         except NarError as e:
             # corrupt data explains a bad NAR better: read on and report a size or hash mismatch first
             try:
@@ -362,9 +363,10 @@ def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: 
 
 
 def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Progress | None = None, *,
-                 direct: bool = False, stop: threading.Event | None = None) -> None:
+                 direct: bool = False, stop: threading.Event | None = None, umask: int | None = None) -> None:
     """Restore the NAR file of a ``file://`` cache (read in place) into ``tmp``.  ``stop``:
-    when it is set, the restore raises :class:`Stopped` at its next MiB (``tmp`` removed)."""
+    when it is set, the restore raises :class:`Stopped` at its next MiB (``tmp`` removed).
+    ``direct``, ``umask``: see :func:`restore_stream`."""
     try:
         f = open_regular(nar_file)
     except FileNotFoundError:
@@ -377,4 +379,4 @@ def restore_file(nar_file: str, ni: NarInfo, where: str, tmp: str, progress: Pro
         return f.read(1 << 20)
 
     with f:
-        restore_stream(next_chunk, ni, where, tmp, progress, direct=direct)
+        restore_stream(next_chunk, ni, where, tmp, progress, direct=direct, umask=umask)

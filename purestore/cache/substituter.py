@@ -159,6 +159,8 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         send, recv = trio.open_memory_channel(math.inf)
         outcome: dict[StorePath, object] = {}
         locks = getattr(store, "locks", None)  # the store's path locks (a local store has them)
+        from ..store.fstree import read_umask
+        umask = read_umask()  # once for the run's restores, not once each (~25 µs a read)
         waited: list[StorePath] = []  # paths whose lock another process held when wanted
 
         async def visit(p: StorePath, queries, fetches):
@@ -252,7 +254,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                         return _PRESENT
                     if progress:
                         progress.message(f"copying path {p.absolute(sd)!r} from {cache.url!r}")
-                    return await download(store, cache, ni, counted, worker, opened)
+                    return await download(store, cache, ni, counted, worker, opened, umask)
 
         async def fetch(p: StorePath):
             cache, ni = found[p]
