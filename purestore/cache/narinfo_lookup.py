@@ -188,9 +188,12 @@ class Substituters:
             if decided():
                 n.cancel_scope.cancel()
 
-        async with open_nursery() as n:
-            for i, c in enumerate(caches):
-                n.start_soon(one, i, c)
+        if len(caches) == 1:  # (the usual case, `pure copy --from`): no nursery and task for it
+            results[0] = await self._query_one(caches[0], path)
+        else:
+            async with open_nursery() as n:
+                for i, c in enumerate(caches):
+                    n.start_soon(one, i, c)
         # (the caches before the one that answers, in priority order: what failed there)
         chosen = next((i for i, r in enumerate(results) if isinstance(r, NarInfo)), len(results))
         errors = [r for r in results[:chosen] if isinstance(r, _LookupFailed)]
