@@ -252,3 +252,25 @@ def test_lzip_members_of_a_bigger_nar_are_read_in_bounded_steps():
     assert complete is False
     with pytest.raises(CacheError, match="corrupt lzip data: the bytes after member 5 begin no lzip member"):
         read_all("lzip", data + b"this is no stream")
+
+
+def test_zstd_readers_of_one_thread_interleaved_or_after_an_error_each_read_their_own_stream():
+    """The zstd reader reuses its thread's decompression context from one NAR to the next: two
+    readers at once in one thread, and a reader after one stopped by corrupt data or left half
+    read, still each give their own stream's bytes."""
+    a, b = random.Random(1).randbytes(300_000), random.Random(2).randbytes(300_000)
+    za, zb = zstandard.compress(a), zstandard.compress(b)
+    with pytest.raises(CacheError):
+        read_all("zstd", za[:4] + b"\xff" * 64)
+    half = open_reader("zstd", Chunks(za))
+    assert half.read(1000) == a[:1000]
+    ra, rb = open_reader("zstd", Chunks(za)), open_reader("zstd", Chunks(zb))
+    got_a, got_b = [], []
+    while True:
+        x, y = ra.read(4096), rb.read(4096)
+        got_a.append(x)
+        got_b.append(y)
+        if not x and not y:
+            break
+    assert b"".join(got_a) == a and b"".join(got_b) == b
+    assert ra.read(10) == b"" and read_all("zstd", zb)[0] == b

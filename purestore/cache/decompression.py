@@ -27,6 +27,7 @@ from __future__ import annotations
 import bz2
 import ctypes
 import lzma
+import threading
 import zlib
 
 import zstandard
@@ -58,17 +59,38 @@ def open_reader(method: str, source):
     raise CacheError(f"cannot read compression {method!r}, expected one of {', '.join(READABLE)}")
 
 
+_spare = threading.local()  # .zstd: a list holding this thread's idle ZstdDecompressor, if any
+
+
 class _ZstdReader:
+    """zstd through a decompression context reused by the NARs read one after another in a
+    thread (making one costs ~10 us, more than decompressing a small NAR).  A reader takes its
+    thread's idle context (or makes one, when another reader of this thread holds it) and gives
+    it back when its stream has ended; a reader stopped by an error or left half read keeps it
+    (``stream_reader`` resets a context it is given anyway)."""
+
     complete = None  # (the stream reader does not say; NarSize does)
 
     def __init__(self, source):
-        self._r = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, read_across_frames=True)
+        spare = getattr(_spare, "zstd", None)
+        if spare is None:
+            spare = _spare.zstd = []
+        self._spare = spare  # (this thread's: the end may be read in another, see nar_jobs._Ahead)
+        self._d = spare.pop() if spare else zstandard.ZstdDecompressor()
+        self._r = self._d.stream_reader(source, read_size=1 << 20, read_across_frames=True)
 
     def read(self, n: int) -> bytes:
+        if self._d is None:  # ended (and the context given back)
+            return b""
         try:
-            return self._r.read(n)
+            out = self._r.read(n)
         except zstandard.ZstdError as e:
             raise CacheError(f"corrupt zstd data: {e}") from e
+        if not out:
+            d, self._d, self._r = self._d, None, None
+            if not self._spare:
+                self._spare.append(d)
+        return out
 
 
 class _Pull:
