@@ -91,6 +91,16 @@ def test_add_path_copies_with_canonical_metadata_and_registers(store, tmp_path):
     assert not store.is_valid(store.add_path(str(src), name="other", dry_run=True))
 
 
+def test_query_valid_paths_gives_the_valid_ones_of_many_asked_at_once(store, tmp_path):
+    valid = []
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text(f"file {i}\n")
+        valid.append(store.add_path(str(tmp_path / f"f{i}")))
+    missing = [store.add_path(str(tmp_path / "f0"), name=f"other{i}", dry_run=True) for i in range(1200)]
+    assert store.query_valid_paths(missing + valid + valid) == set(valid)  # (more than one query's worth)
+    assert store.query_valid_paths([]) == set()
+
+
 def test_add_flat_gives_the_formats_vector(nix_store, tmp_path):
     f = tmp_path / "h.txt"
     f.write_bytes(b"hello\n")

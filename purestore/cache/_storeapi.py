@@ -26,6 +26,14 @@ def is_valid(store, path: StorePath) -> bool:
     return store.is_valid(path)
 
 
+def valid_paths(store, paths: Iterable[StorePath]) -> set[StorePath]:
+    """Those of ``paths`` that are valid, asked at once where the store can."""
+    fn = getattr(store, "query_valid_paths", None)
+    if fn is None:
+        return {p for p in paths if store.is_valid(p)}
+    return fn(paths)
+
+
 def closure(store, paths: Iterable[StorePath]) -> set[StorePath]:
     return set(store.query_closure(set(paths)))
 

@@ -48,9 +48,10 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
     store.add_temp_roots(paths)
     with contextlib.nullcontext() if locked else store.lock_paths(paths):
         new: list[tuple[PathInfo, str]] = []
+        valid = S.valid_paths(store, paths)  # (one query: the path infos only of those)
         for info, tmp, url in items:
             p = info.path
-            existing = S.path_info(store, p)
+            existing = S.path_info(store, p) if p in valid else None
             if existing is not None and p not in repair:
                 result[p] = "valid"
                 continue

@@ -120,12 +120,12 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     # A path found valid is relied on (the paths asked for, the references of what is fetched):
     # its temporary root comes first, so that a `pure gc` meanwhile cannot delete it.
     S.add_temp_roots(store, paths)
-    wanted = {p for p in paths if not valid(p)}
+    wanted = paths - (S.valid_paths(store, paths) - repair)
     if not wanted:
         report.valid = set(paths)
         return report
     if settings.offline:
-        report.valid = {p for p in paths if S.is_valid(store, p)}
+        report.valid = S.valid_paths(store, paths)
         return report
 
     lanes = jobs if explicit_jobs else max(1, min(jobs, os.cpu_count() or 1))
@@ -133,7 +133,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
     async with _session(session, settings, urls, trusted_keys, negative_ttl=negative_ttl, strict=strict_caches) \
             as subs, _forked_worker(use_worker) as worker:
         if not subs.caches and not subs.rejected:
-            report.valid = {p for p in paths if S.is_valid(store, p)}
+            report.valid = S.valid_paths(store, paths)
             return report
         found: dict[StorePath, tuple[_Cache, NarInfo]] = {}
         by_url = {c.url: c for c in subs.caches}
@@ -186,9 +186,11 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
                 events[p] = trio.Event()
                 if progress:
                     progress.expect(1, r[1].nar_size)
-                S.add_temp_roots(store, [ref for ref in r[1].references if ref != p and ref not in seen])
-                for ref in r[1].references:
-                    if ref != p and ref not in seen and not valid(ref):
+                new_refs = [ref for ref in r[1].references if ref != p and ref not in seen]
+                S.add_temp_roots(store, new_refs)
+                have = S.valid_paths(store, new_refs) - repair if new_refs else ()
+                for ref in new_refs:
+                    if ref not in seen and ref not in have:  # (a reference repeated: seen now)
                         seen.add(ref)
                         queried[ref] = trio.Event()
                         queries.start_soon(visit, ref, queries, fetches)
@@ -389,7 +391,7 @@ async def substitute_report(store, settings, paths: Iterable[StorePath], *,
         if progress:
             progress.finish()
 
-    report.valid = {p for p in paths if S.is_valid(store, p)}
+    report.valid = S.valid_paths(store, paths)
     return report
 
 

@@ -228,6 +228,18 @@ class LocalStore:
     def is_valid(self, sp: StorePath) -> bool:
         return bool(self.db.query("SELECT 1 FROM ValidPaths WHERE path = ?", (sp.base_name,)))
 
+    def query_valid_paths(self, paths: Iterable[StorePath]) -> set[StorePath]:
+        """Those of ``paths`` that are valid (Nix's ``queryValidPaths``): one query for up to
+        500 paths instead of one each."""
+        by_name = {p.base_name: p for p in paths}
+        names = list(by_name)
+        valid: set[StorePath] = set()
+        for i in range(0, len(names), 500):
+            part = names[i:i + 500]
+            rows = self.db.query(f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(part))})", part)
+            valid.update(by_name[r[0]] for r in rows)
+        return valid
+
     def _require_valid(self, sp: StorePath) -> int:
         rows = self.db.query("SELECT id FROM ValidPaths WHERE path = ?", (sp.base_name,))
         if not rows:
