@@ -82,3 +82,16 @@ def test_valid_names_are_accepted(name):
 def test_bad_store_paths_are_rejected(text):
     with pytest.raises(InvalidStorePath):
         StorePath.parse(text, NIX)
+
+
+@given(st.lists(st.tuples(st.text(NIX32_ALPHABET, min_size=32, max_size=32),
+                          st.sampled_from(["a", "b", "a-1", "a.b", "z"])), max_size=20))
+def test_store_paths_order_by_hash_part_then_name(parts):
+    paths = [StorePath(h, n) for h, n in parts]
+    assert [(p.hash_part, p.name) for p in sorted(paths)] == sorted(parts)
+    for a in paths[:5]:
+        for b in paths[:5]:
+            key_a, key_b = (a.hash_part, a.name), (b.hash_part, b.name)
+            assert (a < b, a <= b, a > b, a >= b) == (key_a < key_b, key_a <= key_b, key_a > key_b, key_a >= key_b)
+    with pytest.raises(TypeError):
+        _ = StorePath("0" * 32, "x") < ("0" * 32, "x")

@@ -48,12 +48,35 @@ def check_store_dir(store_dir: str) -> str:
     return store_dir
 
 
-@attrs.frozen(order=True)
+@attrs.frozen
 class StorePath:
-    """A store path: hash part and name, relative to a store dir given when printed."""
+    """A store path: hash part and name, relative to a store dir given when printed.  Ordered
+    by hash part, then name."""
 
     hash_part: str
     name: str
+
+    # (written out: the methods of attrs' ``order=True`` build a tuple of each side through a
+    # generator for every comparison, and sorting 200 paths took 2 ms)
+    def __lt__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.hash_part, self.name) < (other.hash_part, other.name)
+
+    def __le__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.hash_part, self.name) <= (other.hash_part, other.name)
+
+    def __gt__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.hash_part, self.name) > (other.hash_part, other.name)
+
+    def __ge__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.hash_part, self.name) >= (other.hash_part, other.name)
 
     def __attrs_post_init__(self):
         if not _HASH_RE.match(self.hash_part):
