@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -57,6 +58,18 @@ def test_nix32_is_little_endian_base32_most_significant_digit_first(data):
     n = int.from_bytes(data, "little")
     text = nix32_encode(data)
     assert sum(NIX32_ALPHABET.index(c) << (5 * k) for k, c in enumerate(reversed(text))) == n
+
+
+@given(st.binary(min_size=1, max_size=64), st.data())
+def test_nix32_decode_names_any_character_outside_the_alphabet(data, draw):
+    """Even those that Python's int() would take as digits or let through (decode reads the
+    digits with it): upper case, other scripts' digits, '_', white space, a sign."""
+    text = list(nix32_encode(data))
+    i = draw.draw(st.integers(0, len(text) - 1))
+    bad = draw.draw(st.sampled_from(["e", "o", "t", "u", "A", "V", "\u0663", "_", " ", "+", "-", "\n"]))
+    text[i] = bad
+    with pytest.raises(BadHash, match=f"invalid character {re.escape(repr(bad))} in nix32 string"):
+        nix32_decode("".join(text), len(data))
 
 
 @given(hashes(), st.sampled_from(["base16", "nix32", "base64"]))
