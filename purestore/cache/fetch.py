@@ -81,8 +81,8 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
                 except (OSError, StoreError):
                     pass  # the next install of the path replaces it
             return result
+    _record(store, settings, [(info.path, url, info.nar_size) for info, url in new])
     for info, url in new:
-        _record(store, settings, info.path, url, info.nar_size)
         if provenance and info.path in provenance:
             _keep_provenance(store, info.path, provenance[info.path])
     return result
@@ -248,14 +248,23 @@ async def stream_to_thread(open_chunks, consume):
 
 
 
-def _record(store, settings, path: StorePath, url: str, nar_size: int) -> None:
+def _record(store, settings, paths: list[tuple[StorePath, str, int]]) -> None:
+    """Record the substitution of each (path, cache url, NAR size), all in one transaction."""
+    if not paths:
+        return
     try:
         from ..store import events
     except ImportError:
         return
+    sd = settings.store_dir
+    fn = getattr(events, "record_substitutions", None)
+    if fn is not None:
+        fn(store, [(path.absolute(sd), url, nar_size) for path, url, nar_size in paths])
+        return
     fn = getattr(events, "record_substitution", None)
     if fn is not None:
-        fn(store, path.absolute(settings.store_dir), url, nar_size)
+        for path, url, nar_size in paths:
+            fn(store, path.absolute(sd), url, nar_size)
 
 
 def _keep_provenance(store, path: StorePath, data: bytes) -> None:

@@ -268,6 +268,15 @@ def record_substitution(store, path: str, cache: str, nar_size: int | None = Non
                    (path, cache, time.time(), nar_size))
 
 
+def record_substitutions(store, rows: Iterable[tuple[str, str, int | None]]) -> None:
+    """:func:`record_substitution` of each (path, cache, nar_size) of ``rows``, in one
+    transaction (a commit each cost more than the insert)."""
+    db = _db(store)
+    with db.transaction() as c:
+        c.executemany("INSERT INTO SubstitutionEvents(path, cache, time, nar_size) VALUES (?, ?, ?, ?)",
+                      [(path, cache, time.time(), nar_size) for path, cache, nar_size in rows])
+
+
 def query_substitutions(store, path: str | None = None) -> list[dict[str, Any]]:
     db = _db(store)
     sql = "SELECT id, path, cache, time, nar_size FROM SubstitutionEvents"
