@@ -215,3 +215,30 @@ async def test_http_backend_connect_error_is_a_cache_error(tmp_path):
     async with open_backend("http://127.0.0.1:9/", connect_timeout=2) as b:
         with pytest.raises(CacheError, match="cannot connect"):
             await b.get("nix-cache-info")
+
+
+async def test_a_file_cache_reads_files_asked_for_together_and_a_fifo_holds_up_none_of_them(tmp_path):
+    """Small files asked for at once are read together in one worker thread; a FIFO among them
+    (read as the stream someone writes into it) is waited for on its own: here it is written to
+    only once the other read has come back."""
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "a.narinfo").write_bytes(b"A\n")
+    (c / "b.narinfo").write_bytes(b"B\n")
+    os.mkfifo(c / "f.narinfo")
+    got = {}
+
+    def feed() -> None:
+        with open(c / "f.narinfo", "wb") as f:
+            f.write(b"F\n")
+
+    async with open_backend(f"file://{c}") as b:
+        async def read(name: str) -> None:
+            got[name] = await b.get(name)
+            if name == "a.narinfo":
+                await trio.to_thread.run_sync(feed)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                for name in ("f.narinfo", "a.narinfo", "b.narinfo", "nope.narinfo"):
+                    n.start_soon(read, name)
+    assert got == {"a.narinfo": b"A\n", "b.narinfo": b"B\n", "f.narinfo": b"F\n", "nope.narinfo": None}

@@ -10,9 +10,10 @@ A backend knows nothing of narinfo or NARs: it stores named files (``nix-cache-i
 - ``put_file(name, local_path, content_type)`` / ``put(name, data, content_type)``; ``file://``
   writes to a temporary name and renames, so a reader never sees a partial file.
 
-A ``file://`` cache also answers for many files in one worker thread (``sizes``, ``get_many``)
-and puts NAR files and narinfos that several tasks hand it at once in one hop
-(:class:`._batch.BatchedCalls`): a hop costs more than the write of a small file.
+A ``file://`` cache also answers for many files in one worker thread (``sizes``, ``get_many``),
+reads the small files and puts the NAR files and narinfos that several tasks ask for or hand it
+at once in one hop (:class:`._batch.BatchedCalls`): a hop costs more than the read or write of
+a small file.
 
 Names are checked by :func:`check_name`: relative, ``/``-separated, no ``..``, no empty or hidden
 segments.  That is what keeps a narinfo ``URL`` from pointing outside the cache.
@@ -29,6 +30,7 @@ import errno
 import math
 import os
 import re
+import stat
 import tempfile
 import urllib.parse
 from typing import AsyncIterator
@@ -353,6 +355,9 @@ async def _narinfo_lock(directory: str, writes: trio.Lock):
             os.close(fd)
 
 
+_A_FIFO = object()  # FileBackend._read_now's answer for a FIFO it was told not to wait on
+
+
 class FileBackend(Backend):
     """A cache in a local directory; writes are atomic (temporary file, fsync-free rename)."""
 
@@ -363,6 +368,7 @@ class FileBackend(Backend):
         # narinfos written in batches, each under one holding of the lock; NARs put in batches
         self._narinfo_batches = BatchedCalls(lambda: _narinfo_lock(self.dir, self._narinfo_writes))
         self._nar_batches = BatchedCalls()
+        self._read_batches = BatchedCalls()  # (small files: see get)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, check_name(name, self.url))
@@ -383,9 +389,13 @@ class FileBackend(Backend):
         except OSError as e:
             raise self._err("query", name, e) from e
 
-    def _read_now(self, name: str) -> bytes | None:
+    def _read_now(self, name: str, fifo: bool = True) -> bytes | object | None:
+        """The file's bytes (None when there is none); ``fifo`` False: :data:`_A_FIFO` for a
+        FIFO, not read here."""
         p = self._path(name)  # (a file of our own disk: read as it is, ``limit`` or not)
         try:
+            if not fifo and stat.S_ISFIFO(os.stat(p).st_mode):
+                return _A_FIFO
             with open_regular(p) as f:
                 return f.read()
         except FileNotFoundError:
@@ -406,7 +416,12 @@ class FileBackend(Backend):
 
     async def get(self, name: str, limit: int | None = None, *, retry_unanswered: bool = True) -> bytes | None:
         self._path(name)
-        return await trio.to_thread.run_sync(self._read_now, name)
+        # the reads that tasks ask for at once (the narinfos of a substitution) in one hop; a
+        # FIFO, which may make its reader wait (see _files), is read in a thread of its own
+        data = await self._read_batches.run(lambda: self._read_now(name, fifo=False))
+        if data is _A_FIFO:
+            data = await trio.to_thread.run_sync(self._read_now, name)
+        return data
 
     async def get_many(self, names: list[str]) -> list[bytes | None]:
         """:meth:`get` of each of ``names``, read in one worker thread."""
