@@ -197,3 +197,19 @@ def test_a_log_pushed_by_pure_is_read_by_nix_log(tmp_path, keyfile):
                        capture_output=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout == LOG
+
+
+def test_a_deriver_that_is_also_recorded_as_the_derivation_of_the_output_is_named_once(tmp_path):
+    """A path built (or substituted after an instantiate) here has its deriver both in its path
+    info and in the derivation outputs table: the message names that .drv once."""
+    from purestore.formats.store_path import StorePath
+    root = tmp_path / "store"
+    drv = StorePath("1" * 32, "thing.drv")
+    with open_store(root, "/pure/store") as store:
+        out = make_path(store, "thing", {"": b"built\n"}, deriver=drv)
+        store.register_derivation_outputs(drv, {"out": out})
+        out_p, drv_p = store.print_path(out), store.print_path(drv)
+    r = run_pure("log", out_p, root=root, check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"error: no build log for {out_p!r} (looked for the logs of {drv_p}; "
+                        "no binary caches configured)\n")

@@ -249,7 +249,8 @@ def cmd_log(args, ctx) -> int:
         candidates = [sp] if sp.name.endswith(".drv") else []
         if not candidates:
             d = store.query_deriver(sp) if store.is_valid(sp) else None
-            candidates = ([d] if d else []) + store.query_derivers_of(sp)
+            # the deriver is usually also recorded as having sp as an output: name it once
+            candidates = list(dict.fromkeys(([d] if d else []) + store.query_derivers_of(sp)))
         for c in candidates:
             data = read_log(settings.state_dir, c.base_name)
             if data is not None:
