@@ -176,3 +176,40 @@ def test_usage_errors(built):
     p = pure(built, "provenance", "/pure/store/00000000000000000000000000000000-x", "--key-file",
              built["tmp"] / "sk", check=False)
     assert p.returncode == 1 and p.stderr.startswith("error: ")
+
+
+REGISTRY_EXPR = '''
+from purestore.expr import derivation, source
+
+bb = source("bb", name="busybox")
+B = f"{bb}/bin/busybox"
+src = derivation(name="data.tar.gz", system="x86_64-linux", builder="builtin:fetch-apt", kind="source",
+                 package="data", version="1.0-1", file="data_1.0.orig.tar.gz", sha256="@SHA@",
+                 outputHash="@SHA@", outputHashAlgo="sha256", outputHashMode="flat")
+app = derivation(name="app-1.0", system="x86_64-linux", builder=B, args=["sh", "-c", f"{B} cat {src} > $out"])
+default = app
+'''
+
+
+def test_an_input_fetched_by_a_registry_client_has_its_purl_as_uri(tmp_path):
+    """A builtin:fetch-apt / fetch-pip input has no URL: the statement names it by its package
+    URL, as the SBOM does, instead of leaving it without any uri."""
+    root, proj = tmp_path / "root", tmp_path / "proj"
+    (proj / "bb" / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, proj / "bb" / "bin" / "busybox")
+    (proj / "data.tar.gz").write_bytes(DATA)
+    (proj / "expr.py").write_text(REGISTRY_EXPR.replace("@SHA@", Hash.of_bytes(DATA).base16))
+    # the fixed-output path is already valid (the same path as a flat add): nothing is fetched
+    run_pure("store", "add", "--flat", proj / "data.tar.gz", root=root)
+    app = run_pure("build", "expr.py", "--no-link", cwd=proj, root=root).stdout.split()[-1]
+    key = SecretKey.generate("builder-1")
+    (tmp_path / "sk").write_text(key.render())
+    out = tmp_path / "app.provenance"
+    run_pure("provenance", app, "--key-file", tmp_path / "sk", "-o", out, root=root)
+    deps = statement_of(out)["predicate"]["buildDefinition"]["resolvedDependencies"]
+    (fetched,) = [d for d in deps if d["name"].endswith("-data.tar.gz")]
+    assert fetched["uri"] == "pkg:deb/debian/data@1.0-1?arch=source"
+    assert fetched["annotations"]["fixedOutputHash"] == "sha256:" + Hash.of_bytes(DATA).base16
+    sbom = json.loads(run_pure("sbom", app, root=root).stdout)
+    (comp,) = [c for c in sbom["components"] if c["bom-ref"] == fetched["name"]]
+    assert comp["purl"] == fetched["uri"]

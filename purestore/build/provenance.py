@@ -112,6 +112,10 @@ def make_statement_for(store, sp: StorePath, key_name: str, *, require_build_rec
                     r["uri"] = fixed.urls[0]
                     if len(fixed.urls) > 1:
                         r["annotations"]["urls"] = list(fixed.urls)
+                elif fixed.purl:
+                    # fetched by a registry client (apt, pip): no URL, its package URL says
+                    # where it comes from (as in the SBOM)
+                    r["uri"] = fixed.purl
             deps.append(r)
 
     return make_statement(
