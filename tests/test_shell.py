@@ -266,3 +266,19 @@ def test_shell_hook_runs_before_the_command_and_the_prompt(pure, expr, tmp_path)
     p = pure("shell", expr, "-A", "hooked", "-A", "tools", "--pure", input='echo "again $GREETING"\nexit\n',
              cwd=tmp_path)
     assert "again from-hook" in p.stdout
+
+
+def _ignored_signals(status: str) -> int:
+    (line,) = [l for l in status.splitlines() if l.startswith("SigIgn:")]
+    return int(line.split()[1], 16)
+
+
+def test_the_program_does_not_inherit_python_s_ignored_sigpipe(pure, expr, tmp_path):
+    """Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec: the
+    shell and its commands would then get EPIPE instead of being ended by SIGPIPE, so that
+    `while :; do echo y; done | head -1` never ended.  They start with the default action."""
+    bits = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+    p = pure("shell", expr, "-A", "tools", "--pure", "--command", "cat /proc/self/status", cwd=tmp_path)
+    assert _ignored_signals(p.stdout) & bits == 0
+    p = pure("run", expr, "-A", "tools", "--program", "cat", "--", "/proc/self/status", cwd=tmp_path)
+    assert _ignored_signals(p.stdout) & bits == 0

@@ -144,6 +144,11 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            # Python ignores these, and an ignored signal stays ignored across exec: the program
+            # (and every command of the shell) would get EPIPE instead of being ended by SIGPIPE
+            # (subprocess's restore_signals does the same)
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             for signum in FORWARDED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
