@@ -4,13 +4,15 @@
     pure shell expressions/devshell.py --pure --command 'cc --version && make --version'
 
 Built by the bootstrap shell: a directory of symlinks, earlier inputs winning (so ``ar`` is zig's
-and ``make`` is bmake).
+and ``make`` is bmake).  The shell of ``pure shell`` is busybox's, which runs its own applets
+before PATH (its ``ar`` cannot write archives): the shell hook makes ``ar`` a function calling
+zig's and exports ``AR`` (for make and configure scripts), as the stdenv does in builds.
 """
 
 from purestore.expr import derivation
 
 from pkgs.stdenv import toolchain
-from pkgs.toolchain import bootstrap_tools
+from pkgs.toolchain import bootstrap_tools, zig_cc as _zig_cc
 
 _BUILD = r"""
 PATH="$tools/bin"
@@ -36,6 +38,7 @@ devshell = derivation(
     args=["-e", "-c", _BUILD],
     tools=bootstrap_tools,
     paths=list(toolchain),
+    shellHook=f'ar() {{ "{_zig_cc}/bin/ar" "$@"; }}; export AR="{_zig_cc}/bin/ar"',
 )
 
 default = devshell

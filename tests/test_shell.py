@@ -282,3 +282,23 @@ def test_the_program_does_not_inherit_python_s_ignored_sigpipe(pure, expr, tmp_p
     assert _ignored_signals(p.stdout) & bits == 0
     p = pure("run", expr, "-A", "tools", "--program", "cat", "--", "/proc/self/status", cwd=tmp_path)
     assert _ignored_signals(p.stdout) & bits == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVSHELL.exists(), reason="expressions/devshell.py is not written yet")
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="no apt-get (the seeds are fetched with it)")
+def test_ar_in_the_devshell_is_the_toolchain_s_not_busybox_s(tmp_path, store_root):
+    """The devshell's shell is busybox's, which runs its own applets before PATH: 'ar' typed in
+    the shell was busybox's, which cannot write archives ('ar rcs lib.a x.o' failed)."""
+    from conftest import run_pure
+
+    root = os.environ.get("PURE_TEST_HELLO_STORE") or store_root
+    r = run_pure("shell", DEVSHELL, "--pure", "--command", 'ar --version; echo "AR=$AR"; '
+                 f"cd {tmp_path} && echo x > f.o && ar rcs libf.a f.o && ar t libf.a",
+                 root=root, env={"PURE_SEED_CACHE": SEED_CACHE}, check=False, cwd=REPO, timeout=3000)
+    if r.returncode != 0 and ("sandbox" in r.stderr or "namespace" in r.stderr):
+        pytest.skip(f"the devshell cannot be built here: {r.stderr.strip()[-400:]}")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "LLVM" in r.stdout and "BusyBox" not in r.stdout + r.stderr
+    assert any(l.startswith("AR=/pure/store/") and l.endswith("/bin/ar") for l in r.stdout.splitlines())
+    assert r.stdout.splitlines()[-1] == "f.o"
