@@ -49,6 +49,11 @@ def test_unknown_command_is_a_usage_error():
     p = run_pure("key", "generate", check=False)
     assert p.returncode == 2 and p.stderr == ("error: the following arguments are required: --name\n"
                                               "hint: see 'pure key generate --help'\n")
+    # pure shell's --command option is not taken for the command's name
+    for cmd in (["--command", "true"], []):
+        p = run_pure("shell", "a.py", "b.py", *cmd, check=False)
+        assert p.returncode == 2 and p.stderr == ("error: unrecognized arguments: b.py\n"
+                                                  "hint: see 'pure shell --help'\n")
 
 
 def test_extra_substituters_and_keys_add_to_the_configured_ones(tmp_path):

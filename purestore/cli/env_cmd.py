@@ -224,8 +224,8 @@ def cmd_shell(args, ctx) -> int:
         _inputs(ctx, store, built)  # a package fetched came without its build inputs
         senv = shell_environment(store, built, pure=args.pure)
         env = dict(senv.env)
-        if args.command is not None:
-            argv = [senv.shell, "-c", (senv.hook + "\n" if senv.hook else "") + args.command]
+        if args.shell_command is not None:
+            argv = [senv.shell, "-c", (senv.hook + "\n" if senv.hook else "") + args.shell_command]
             return spawn(argv, env, settings=ctx.settings)
         env.setdefault("PS1", "[pure-shell:\\w]$ ")
         argv = [senv.shell]
@@ -369,7 +369,9 @@ def register(reg) -> None:
     p.add_argument("-I", "--include", action="append", default=[], metavar="PATH",
                    help="extra directory the expression may import from")
     p.add_argument("--pure", action="store_true", help="clear the rest of the host environment")
-    p.add_argument("--command", "-c", metavar="CMD", default=None, help="run CMD with the shell, then exit")
+    # (not dest "command": that is the name of the command, which errors use to name its --help)
+    p.add_argument("--command", "-c", dest="shell_command", metavar="CMD", default=None,
+                   help="run CMD with the shell, then exit")
 
     p = reg.command(
         "run", "build a package and run its program", cmd_run,
