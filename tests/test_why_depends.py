@@ -54,3 +54,22 @@ def test_all_shows_every_route_as_a_tree(pure, settings):
 def test_invalid_path_is_a_clean_error(pure, chain):
     p = pure("why-depends", chain["a"], "/pure/store/00000000000000000000000000000000-nope", check=False)
     assert p.returncode != 0 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_all_with_json_gives_every_route_not_only_the_shortest(pure, settings):
+    """--all --json printed the shortest chain only, as --json alone: one route of several."""
+    with LocalStore.open(settings, durable=False) as store:
+        z = store.add_text("z", b"z\n")
+        x = store.add_text("x", f"{store.print_path(z)}".encode(), [z])
+        y = store.add_text("y", f"{store.print_path(z)}".encode(), [z])
+        w = store.add_text("w", b"w\n")
+        top = store.add_text("top", f"{store.print_path(x)} {store.print_path(y)} {store.print_path(w)}".encode(),
+                             [x, y, w])
+        P = store.print_path
+        got = json.loads(pure("why-depends", "--all", "--json", P(top), P(z)).stdout)
+    by_path = {n["path"]: n for n in got}
+    assert got[0]["path"] == P(top) and got[-1] == {"path": P(z)}
+    assert set(by_path) == {P(top), P(x), P(y), P(z)}  # w leads nowhere
+    assert by_path[P(top)]["references"] == sorted(
+        [{"path": P(x), "files": [""]}, {"path": P(y), "files": [""]}], key=lambda r: r["path"])
+    assert by_path[P(x)]["references"] == [{"path": P(z), "files": [""]}]

@@ -78,7 +78,8 @@ def register(reg) -> None:
     )
     p.add_argument("path", metavar="PATH")
     p.add_argument("dep", metavar="DEP")
-    p.add_argument("--all", action="store_true", help="show every path from PATH to DEP as a tree")
+    p.add_argument("--all", action="store_true",
+                   help="show every path from PATH to DEP as a tree (with --json: every node with its references)")
     p.add_argument("--json", action="store_true", help="print the chain as a JSON list")
 
 
@@ -286,7 +287,21 @@ def cmd_why_depends(args, ctx) -> int:
         if chain is None:
             ctx.info(f"{store.print_path(src)} does not depend on {store.print_path(dep)}")
             return 1
-        if args.json:
+        if args.json and args.all:
+            # every node of every route, PATH first (breadth first), DEP last: each with its
+            # references on such routes and the files that hold them
+            edges = find_all(store, src, dep)
+            order, queue = [src], [src]
+            while queue:
+                for r in edges.get(queue.pop(0), []):
+                    if r not in order and r != dep:
+                        order.append(r)
+                        queue.append(r)
+            out = [{"path": store.print_path(p), "references": [
+                {"path": store.print_path(r), "files": where_referenced(store, p, r)} for r in edges[p]]}
+                for p in order] + [{"path": store.print_path(dep)}]
+            print(json.dumps(out, indent=2))
+        elif args.json:
             out = []
             for i, sp in enumerate(chain):
                 item = {"path": store.print_path(sp)}
