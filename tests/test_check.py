@@ -69,6 +69,49 @@ def test_rounds_detects_a_timestamp(pure, expr, tmp_path, store_root):
         st.close()
 
 
+@needs_sandbox
+def test_rounds_on_valid_outputs_says_nothing_was_built(pure, expr, tmp_path, store_root):
+    """--rounds N repeats only the builds that happen (as in Nix): outputs valid already are not
+    built, and stderr says so and how to rebuild them (it said nothing); --json: the plan's `valid`."""
+    import json
+    f = expr(NONDET)
+    build(pure, tmp_path, f, "-A", "det")
+    p = build(pure, tmp_path, f, "-A", "det", "--rounds", "2")
+    assert "nothing built: the outputs are valid already" in p.stderr
+    assert "--check --rounds 2 rebuilds valid outputs" in p.stderr
+    p = build(pure, tmp_path, f, "-A", "det", "--rounds", "2", "--json")
+    [plan] = [e for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "plan"]
+    assert plan["willBuild"] == [] and len(plan["valid"]) == 1 and plan["valid"][0].endswith("-det.drv")
+    # one derivation built, another valid: the valid one is named
+    g = expr(NONDET + 'both = [det, sh("fresh", "$B mkdir $out")]\n', name="g.py")
+    p = build(pure, tmp_path, g, "-A", "both", "--rounds", "2")
+    assert "1 requested derivation not built (/pure/store/" in p.stderr and "-det.drv)" in p.stderr
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        builds = sorted((b["name"], b["kind"], b["round"]) for b in events.query_builds(st))
+        assert builds == [("det", "build", 1), ("fresh", "build", 1), ("fresh", "round", 2)]
+    finally:
+        st.close()
+
+
+@needs_sandbox
+def test_check_with_rounds_makes_n_builds_in_all(pure, expr, tmp_path, store_root):
+    """--check --rounds 3: the valid outputs and two rebuilds, each compared (it rebuilt once)."""
+    f = expr(NONDET)
+    build(pure, tmp_path, f, "-A", "det")
+    build(pure, tmp_path, f, "-A", "det", "--check", "--rounds", "3")
+    st = open_store(store_root)
+    try:
+        from purestore.store import events
+        rounds = sorted((b["kind"], b["round"]) for b in events.query_builds(st) if b["name"] == "det")
+        assert rounds == [("build", 1), ("check", 1), ("check", 2)]
+        checks = events.query_checks(st)
+        assert [(c["kind"], c["rounds"], c["reproducible"]) for c in checks] == [("check", 3, True)] * 2
+    finally:
+        st.close()
+
+
 def test_diff_trees_reports_added_removed_changed_and_type_changes(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):

@@ -389,6 +389,6 @@ class DerivationBuilder:
         reproducible = not diffs and all(infos[n].nar_hash == b.info.nar_hash for n, b in built.items())
         await trio.to_thread.run_sync(lambda: events.record_check(
             self.store, node.label, kind="check" if kind == "check" else "rounds",
-            rounds=rounds if kind == "round" else 2, reproducible=reproducible, differences=diffs))
+            rounds=rounds, reproducible=reproducible, differences=diffs))
         self.progress.event("check", drv=node.label, reproducible=reproducible,
                             differences=camel_case_keys(diffs))

@@ -6,7 +6,8 @@ The scheduler calls :meth:`Progress.event` with a type and fields; every event i
 substituting), ``fetched`` (path: said by the counters of :meth:`Progress.fetch_progress`,
 those of the late fetches too), ``fetch-failed`` (path, error), ``plan`` (will_build,
 will_fetch_after_build: the paths to be fetched once what they refer to is built here, their
-derivations not built unless that fails, will_substitute: what was fetched), ``waiting``
+derivations not built unless that fails, will_substitute: what was fetched, will_check, valid:
+the requested derivations whose outputs are valid, so not built), ``waiting``
 (drv, path), ``start`` (drv, name, kind, round), ``log`` (drv, line; only with
 ``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error), ``check``
 (drv, reproducible, differences), ``hook`` (drv, name, hook: the post-build hook starts),

@@ -43,7 +43,8 @@ class BuildOptions:
     """How to realise: ``max_jobs`` builds at once; ``cores`` (NIX_BUILD_CORES, 0 = all);
     ``keep_going`` builds what it can after a failure; ``keep_failed`` keeps failed build dirs;
     ``check`` rebuilds already valid outputs of the requested derivations and compares;
-    ``rounds`` builds each requested derivation that many times and compares;
+    ``rounds`` builds each requested derivation that is built that many times and compares
+    (with ``check``: that many builds in all, the valid outputs the first);
     ``fork_worker`` lets substitution restore in a forked copy of this process (for a caller
     with no other thread at work when the realisation starts: the CLI; see cache/forked.py)."""
 
@@ -312,6 +313,7 @@ class _Realiser:
             await self.subst.aclose()  # (the session kept open for the late fetches)
 
     async def _run(self, tops: list[StorePath]) -> dict[StorePath, dict[str, StorePath]]:
+        valid_before = {t for t in tops if not self.nodes[t].needed}
         substituted = await self._substitute()
         to_build = [n for n in self.nodes.values() if n.needed]
         # fetched once what they refer to is built here (built only if that fetch fails then)
@@ -322,13 +324,15 @@ class _Realiser:
             self._refuse_to_build(to_build, late)
         if to_build and self.settings.post_build_hook:
             check_hook(self.settings.post_build_hook)
-        checks = []
-        if self.options.check:
-            checks = [self.nodes[t] for t in tops if not self.nodes[t].needed]
+        valid = [self.nodes[t] for t in dict.fromkeys(tops) if not self.nodes[t].needed]
+        checks = valid if self.options.check else []
+        if valid and self.options.rounds > 1 and not self.options.check:
+            self._say_not_repeated(valid, bool(to_build), fetched=any(n.path not in valid_before for n in valid))
         self.progress.event("plan", will_build=sorted(n.label for n in to_build if n.path not in late),
                             will_fetch_after_build=[p for p, _u, _d, _n in self.subst.after_build_list(late)],
                             will_substitute=substituted,
-                            will_check=sorted(n.label for n in checks))
+                            will_check=sorted(n.label for n in checks),
+                            valid=sorted(n.label for n in valid))
         try:
             async with trio.open_nursery() as background:
                 # clean-ups (reaping sandboxes, removing build dirs) overlap with the next builds
@@ -350,6 +354,18 @@ class _Realiser:
         if self.builder.unreproducible:
             raise NotReproducible("\n".join(self.builder.unreproducible))
         return {t: dict(self.nodes[t].outputs) for t in tops}
+
+    def _say_not_repeated(self, valid: list[_Node], others_built: bool, *, fetched: bool) -> None:
+        """--rounds N without --check: the requested derivations in ``valid`` (their outputs
+        valid already, or just fetched) are not built, so not N times either, as in Nix; say so
+        (a line for people; ``--json`` has the plan event's ``valid``)."""
+        rounds = self.options.rounds
+        labels = sorted(n.label for n in valid)
+        what = (f"{_count(labels, 'requested derivation')} not built ({_some(labels)})" if others_built
+                else "nothing built")
+        how = "valid (already, or fetched just now)" if fetched else "valid already"
+        self.progress.message(f"{what}: the outputs are {how}, and --rounds {rounds} repeats only the builds "
+                              f"that happen; --check --rounds {rounds} rebuilds valid outputs and compares")
 
     def _refuse_to_build(self, to_build: list[_Node], late: set[StorePath]) -> NoReturn:
         """max-jobs = 0 and something is to be built: raise :class:`BuildError` naming the
@@ -434,8 +450,11 @@ class _Realiser:
                 scope.cancel()
 
     async def _check_node(self, node: _Node) -> None:
+        # --rounds N: N builds in all, the valid one the first (so at least one rebuild)
+        rounds = max(2, self.options.rounds)
         try:
-            await self.builder.rebuild_and_compare(node, "check", 1)
+            for r in range(1, rounds):
+                await self.builder.rebuild_and_compare(node, "check", r, rounds)
         except BuildError as e:
             self.errors.append(e)
             self.progress.event("failed", drv=node.label, name=node.drv.name, error=str(e))

@@ -40,7 +40,8 @@ def _add_build_options(p) -> None:
     p.add_argument("-k", "--keep-going", action="store_true", help="after a failure, keep building what does not depend on it")
     p.add_argument("-K", "--keep-failed", action="store_true", help="keep the build directory of failed builds and say where")
     p.add_argument("--check", action="store_true", help="rebuild already valid outputs and compare their NAR hashes")
-    p.add_argument("--rounds", type=int, default=1, metavar="N", help="build N times and compare (N >= 1)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N", help="build N times and compare (N >= 1); only what is built: "
+                        "outputs already valid are not, unless --check (then N builds in all, the valid one the first)")
     p.add_argument("-L", "--print-build-logs", action="store_true", help="print build logs as they come")
     p.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
     p.set_defaults(json_lines=True)
@@ -120,7 +121,8 @@ def _realise(ctx, store, drvs, args):
             store.add_temp_roots([p for outs in done.values() for p in outs.values()])
             if args.json:
                 print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willFetchAfterBuild": [],
-                                  "willSubstitute": []}, sort_keys=True))
+                                  "willSubstitute": [], "valid": sorted(store.print_path(d) for d in done)},
+                                 sort_keys=True))
                 print(json.dumps({"type": "done"}))  # the same events as a run of the scheduler
             return done
     from .._run import run_trio
