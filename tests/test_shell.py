@@ -20,6 +20,8 @@ TOOLS = '''
                f"printf '#!{tools}/bin/sh\\\\necho hello from run \\"$@\\"\\\\n' > $out/bin/hello; chmod +x $out/bin/hello")
     both = [tools, hello]
     hooked = sh("hooked", "mkdir $out", shellHook="export GREETING=from-hook; echo hook-ran")
+    many = sh("many-1.0", "mkdir -p $out/bin; for i in $(seq -w 1 30); do echo exit > $out/bin/prog$i; "
+              "chmod +x $out/bin/prog$i; done")
 '''
 
 
@@ -74,6 +76,22 @@ def test_run_passes_arguments_and_picks_the_program(pure, expr, tmp_path):
     # when it looks like an option of pure run's
     assert pure("run", out, "--", "-x", "--help").stdout == "hello from run -x --help\n"
     assert pure("run", out, "--", "-A", "y", "--", "z").stdout == "hello from run -A y -- z\n"
+
+
+def test_run_names_at_most_twenty_programs_to_choose_from(pure, expr, tmp_path, store_root):
+    """A package with many programs and no --program: the error names the first 20 and how many
+    more (it listed them all, hundreds for a big package), with the hint to use --program."""
+    r = pure("run", expr, "-A", "many", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and "do not know which program" in r.stderr, r.stderr
+    assert "30 programs: prog01, prog02," in r.stderr and "prog20 and 10 more (all of them: ls " in r.stderr
+    assert "prog21" not in r.stderr and "--program NAME" in r.stderr
+    ls = r.stderr.split("(all of them: ls ", 1)[1].split(")", 1)[0]
+    assert ls.startswith(str(store_root)) and len(os.listdir(ls)) == 30  # the real directory
+    # a --program that is not there: the same list, and the names like it
+    r = pure("run", expr, "-A", "many", "--program", "prog4", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and "has no program 'prog4'; it has 30 programs: prog01" in r.stderr, r.stderr
+    assert "and 10 more" in r.stderr and "prog21" not in r.stderr.split("hint:")[0]
+    assert "did you mean" in r.stderr
 
 
 @pytest.mark.parametrize("args", [[], ["-A", "hello"], ["--"]])

@@ -165,8 +165,11 @@ def find_program(store, built: Built, program: str | None) -> str:
         if "/" in program:
             raise ShellError(f"--program takes a name in {store.print_path(out)}/bin, got {program!r}")
         if program not in names:
-            raise ShellError(f"{store.print_path(out)}/bin has no program {program!r}; it has: "
-                             f"{', '.join(names) or 'nothing'}")
+            import difflib
+            close = difflib.get_close_matches(program, names, n=3)
+            raise ShellError(f"{store.print_path(out)}/bin has no program {program!r}; it has "
+                             f"{_program_names(names, host_bin or bindir)}",
+                             hint=f"did you mean {' or '.join(map(repr, close))}?" if close else None)
         return f"{store.print_path(out)}/bin/{program}"
     if len(names) == 1:
         return f"{store.print_path(out)}/bin/{names[0]}"
@@ -177,4 +180,15 @@ def find_program(store, built: Built, program: str | None) -> str:
     if pname in names:
         return f"{store.print_path(out)}/bin/{pname}"
     raise ShellError(f"do not know which program of {store.print_path(out)} to run: its bin/ has "
-                     f"{', '.join(names) or 'nothing'}", hint="choose one with --program NAME")
+                     f"{_program_names(names, host_bin or bindir)}", hint="choose one with --program NAME")
+
+
+def _program_names(names: list[str], bindir: str, most: int = 20) -> str:
+    """'a, b, c', or past ``most`` names the first of them and how many more (and where to see
+    them all: a package may have hundreds of programs)."""
+    if not names:
+        return "nothing"
+    if len(names) <= most:
+        return ", ".join(names)
+    return (f"{len(names)} programs: {', '.join(names[:most])} and {len(names) - most} more "
+            f"(all of them: ls {bindir})")
