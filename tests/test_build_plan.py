@@ -386,6 +386,28 @@ def test_max_jobs_0_fetches_and_never_builds(scene, tmp_path):
     assert p.returncode == 2 and "--max-jobs must be 0" in p.stderr
 
 
+def test_max_jobs_0_does_not_say_it_builds_what_it_cannot_fetch(scene, pure, tmp_path):
+    """A cache has app but it cannot be used (not signed by a trusted key, or no provenance with
+    --require-provenance); with -j 0 the warning said '; building it', and then nothing was
+    built: it says that max-jobs 0 forbids building it, before the error naming the build."""
+    scene.push(scene.app)
+    other = "test-cache-1:" + "A" * 43 + "="
+    root = tmp_path / "b"
+    root.mkdir()
+    p = pure("--substituters", scene.url, "--trusted-public-keys", other, "build", scene.f, "--no-link",
+             "-j", "0", root=root, cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "building it" not in p.stderr, p.stderr
+    assert (f"warning: cannot substitute '{scene.app}': narinfo" in p.stderr
+            and "; and max-jobs is 0, so it is not built here either" in p.stderr), p.stderr
+    assert "error: cannot build 2 derivations (" in p.stderr
+    p, _root = scene.fresh("c", "-j", "0", "--require-provenance", check=False)
+    assert p.returncode == 1 and "building it" not in p.stderr, p.stderr
+    assert "; and max-jobs is 0, so it is not built here either" in p.stderr, p.stderr
+    # with builds allowed, it is built
+    p, _root = scene.fresh("d", "--require-provenance")
+    assert f"warning: cannot substitute '{scene.app}': " in p.stderr and "; building it" in p.stderr, p.stderr
+
+
 def test_fallback_false_fails_where_a_fetch_fails_instead_of_building(scene, tmp_path):
     """fallback = false (Nix's default; pure's is true): the cache lists app but its NAR is
     corrupt: the build fails naming it, and nothing is built."""

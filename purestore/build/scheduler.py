@@ -180,7 +180,7 @@ class _Realiser:
         self.errors: list[BuildError] = []
         self.top_outputs: dict[StorePath, frozenset[str]] = {}  # see realise(outputs=)
         self.subst = Substitution(store, settings, self.nodes, progress, fork_worker=options.fork_worker,
-                                  late_fetches=not options.check)
+                                  late_fetches=not options.check, build_here=options.max_jobs != 0)
         self.builder = DerivationBuilder(store, settings, options, progress, self.nodes, self._read_drv)
         self.nursery: trio.Nursery | None = None  # where the nodes' tasks run
 

@@ -47,9 +47,10 @@ class Substitution:
     node).  ``fork_worker``: see :class:`.scheduler.BuildOptions`."""
 
     def __init__(self, store, settings, nodes: dict, progress: "Progress", *, fork_worker: bool = False,
-                 late_fetches: bool = True):
+                 late_fetches: bool = True, build_here: bool = True):
         self.store = store
         self.late_fetches = late_fetches  # False: a late fetch is not tried, its package is built (--check)
+        self.build_here = build_here  # False: max-jobs = 0, what is not fetched is an error, not built
         self.settings = settings
         self.sd = settings.store_dir
         self.nodes = nodes
@@ -218,12 +219,14 @@ class Substitution:
 
     def warn_unfetchable(self, build: set[StorePath]) -> None:
         """Say why an output to be built could not be fetched, when a cache had it but it could
-        not be used (untrusted, a reference missing…); not when no cache has it."""
+        not be used (untrusted, a reference missing…); not when no cache has it.  With max-jobs
+        0 (``build_here`` false) it is not built either: the realisation then fails, naming it."""
+        then = "building it" if self.build_here else "and max-jobs is 0, so it is not built here either"
         for p in sorted(build):
             for o in self.nodes[p].outputs.values():
                 why = self.query_failures.get(o)
                 if why and why != NOT_IN_CACHES and o not in self.fetch_after_build:
-                    log.warning("warning: cannot substitute %r: %s; building it", self.store.print_path(o), why)
+                    log.warning("warning: cannot substitute %r: %s; %s", self.store.print_path(o), why, then)
 
     def fetch_list(self, fetch: set[StorePath], found: dict) -> tuple[tuple[str, str, int, int], ...]:
         """``fetch`` with the missing paths of their closures: (path, cache, download, NAR size)."""
