@@ -386,6 +386,28 @@ def test_max_jobs_0_fetches_and_never_builds(scene, tmp_path):
     assert p.returncode == 2 and "--max-jobs must be 0" in p.stderr
 
 
+def test_json_events_come_in_the_documented_order_fetches_then_plan_then_builds(scene):
+    """docs/building.md: the fetches made before the builds come first, then `plan` (its
+    willBuild counts the builds a failed fetch adds), then the builds, `done`, `result`."""
+    scene.push(scene.tool)
+    p, _root = scene.fresh("b", "--json")
+    evs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [e["type"] for e in evs] == ["fetch-plan", "fetched", "plan", "start", "built", "done", "result"]
+    assert evs[2]["willBuild"] == [scene.app_drv] and evs[2]["willSubstitute"] == [scene.tool]
+    # app's NAR is corrupt: its fetch fails, then tool, now needed, is fetched, then the plan
+    scene.push(scene.app)
+    hash_part = scene.app.rsplit("/", 1)[1].split("-", 1)[0]
+    text = (scene.cache / f"{hash_part}.narinfo").read_text()
+    (scene.cache / next(line[5:] for line in text.splitlines() if line.startswith("URL: "))).write_bytes(b"junk")
+    p, _root = scene.fresh("c", "--json")
+    evs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [(e["type"], e.get("path") or e.get("willFetch")) for e in evs[:4]] == [
+        ("fetch-plan", [scene.app]), ("fetch-failed", scene.app), ("fetch-plan", [scene.tool]),
+        ("fetched", scene.tool)]
+    assert [e["type"] for e in evs[4:]] == ["plan", "start", "built", "done", "result"]
+    assert evs[4]["willBuild"] == [scene.app_drv]
+
+
 def test_max_jobs_0_does_not_say_it_builds_what_it_cannot_fetch(scene, pure, tmp_path):
     """A cache has app but it cannot be used (not signed by a trusted key, or no provenance with
     --require-provenance); with -j 0 the warning said '; building it', and then nothing was

@@ -12,7 +12,8 @@ the requested derivations whose outputs are valid, so not built), ``waiting``
 ``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error), ``check``
 (drv, reproducible, differences), ``hook`` (drv, name, hook: the post-build hook starts),
 ``hook-log`` (drv, name, line: a line of its output), ``hook-failed`` (drv, name, error),
-``done``.
+``done``.  They come in that order: ``plan`` after the fetches made before the builds (what
+failed to come is built instead, so only then are the builds known), then the builds' events.
 """
 
 from __future__ import annotations
