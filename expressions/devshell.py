@@ -7,6 +7,8 @@ Built by the bootstrap shell: a directory of symlinks, earlier inputs winning (s
 and ``make`` is bmake).  The shell of ``pure shell`` is busybox's, which runs its own applets
 before PATH (its ``ar`` cannot write archives): the shell hook makes ``ar`` a function calling
 zig's and exports ``AR`` (for make and configure scripts), as the stdenv does in builds.
+``make --version`` prints an empty line: bmake has no ``--version`` (it reads ``-v ersion``, the
+value of a variable ``ersion``); ``make -V MAKE_VERSION`` prints its version (docs/environments.md).
 """
 
 from purestore.expr import derivation
