@@ -281,6 +281,15 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _echoes(server, tmp_path, busybox_dir, text: str) -> None:
+    """``server`` still runs a build: busybox echoing ``text`` in a sandbox."""
+    top = tmp_path / "top"
+    top.mkdir(exist_ok=True)
+    spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", text), env={}, top=str(top),
+                       store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
+    assert run_sync(spec, server) == (0, text.encode() + b"\n")
+
+
 def _send_raw(server, msg: bytes, fds: list[int]) -> bytes:
     """Send ``msg`` with ``fds`` to the fork server as a request, return its reply."""
     import socket as _socket
@@ -373,11 +382,7 @@ def test_fork_server_refuses_a_malformed_request_and_keeps_serving(tmp_path, bus
         assert not marker.exists()
         assert server.proc.poll() is None, "the fork server died"
         # the same server still builds
-        top = tmp_path / "top"
-        top.mkdir()
-        spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", "still serving"), env={}, top=str(top),
-                           store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
-        assert run_sync(spec, server) == (0, b"still serving\n")
+        _echoes(server, tmp_path, busybox_dir, "still serving")
     finally:
         server.close()
         for fd in (log_r, log_w, st_r, st_w, *opened):
@@ -392,11 +397,7 @@ def test_a_malformed_request_through_spawn_is_a_sandbox_error(tmp_path, busybox_
     try:
         with pytest.raises(SandboxError, match="refused a request.*has no 'argv'"):
             server.spawn({"env": {}}, w, w)
-        top = tmp_path / "top"
-        top.mkdir()
-        spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", "ok"), env={}, top=str(top),
-                           store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
-        assert run_sync(spec, server) == (0, b"ok\n")
+        _echoes(server, tmp_path, busybox_dir, "ok")
     finally:
         server.close()
         os.close(r)
@@ -431,11 +432,7 @@ def test_a_fork_server_that_died_is_replaced_for_the_next_build(tmp_path, busybo
         first = server.proc
         first.send_signal(signal.SIGKILL)
         first.wait()
-        top = tmp_path / "top"
-        top.mkdir()
-        spec = SandboxSpec(argv=(f"{BB_PATH}/bin/busybox", "echo", "ok"), env={}, top=str(top),
-                           store_dir=STORE, inputs={BB_PATH: str(busybox_dir)})
-        assert run_sync(spec, server) == (0, b"ok\n")
+        _echoes(server, tmp_path, busybox_dir, "ok")
         assert server.proc is not first
     finally:
         server.close()
