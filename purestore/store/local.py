@@ -19,7 +19,6 @@ safe: the database connection is guarded by a lock and path locks exclude thread
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import hashlib
 import json
@@ -587,6 +586,7 @@ class LocalStore:
             todo.append((sp, data))
         if len(todo) > 64:
             # creating files is mostly waiting on the file system: overlap it in a few threads
+            import concurrent.futures  # (here: its import, with logging's, costs every command 6 ms)
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 for f in [pool.submit(self._write_texts, todo[i::4]) for i in range(4)]:
                     f.result()
