@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .. import __version__
 from .._visible import visible
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # names that are not UTF-8 are printed as their bytes
         sys.stdout.reconfigure(errors="surrogateescape")
     owners = COMMAND_OWNERS.get(_command_word(argv))
-    parser = make_parser(list(owners) if owners else None)
+    # `pure --version` needs no command's parser (all of them cost 20 ms of imports and set-up)
+    parser = make_parser([] if argv == ["--version"] else list(owners) if owners else None)
     _Parser.argv = list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
