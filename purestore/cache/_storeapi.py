@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable
 
-from .. import _lock_wait
 from ..formats.path_info import PathInfo
 from ..formats.store_path import StorePath
 
@@ -107,4 +106,5 @@ def no_lock():
 async def wait_lock_released(locks, name: str) -> None:
     """Wait, without blocking the trio thread, until nobody holds the path lock ``name`` (or
     try again a little later when many waits are under way): see :mod:`purestore._lock_wait`."""
+    from .. import _lock_wait  # (imports trio: not for a caller that only asks the store)
     await _lock_wait.wait_lock_released(locks, name)

@@ -77,7 +77,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
     destination URL's ``write-nar-listing``): make ``.ls`` listings the source lacks.  Raises
     :class:`CacheError` naming every path that could not be copied and why.
     """
-    from .backend import url_flag
+    from .url import url_flag
 
     dst_cu = parse_url(dst_url)
     parse_url(src_url)

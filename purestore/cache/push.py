@@ -44,7 +44,8 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, backend_for, file_url, make_dirs, parse_url, url_flag
+from .backend import Backend, FileBackend, backend_for, file_url, make_dirs
+from .url import parse_url, url_flag
 from .compression import compressor, extension
 from .info import CacheInfo
 from .narinfo_cache import NegativeCache

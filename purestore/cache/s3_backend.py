@@ -49,10 +49,11 @@ import trio
 
 from ..errors import CacheError
 from ._nursery import open_nursery
-from .backend import CacheURL, _unlink, url_flag
+from .backend import _unlink
 from .content_encoding import WRITABLE as WRITABLE_ENCODINGS, encode
 from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend
 from .http_response import _status_line, whole_limit
+from .url import CacheURL, url_flag
 
 log = logging.getLogger("purestore.cache")
 

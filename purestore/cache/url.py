@@ -1,0 +1,133 @@
+"""Cache URLs: :func:`parse_url` (``file:///dir?…``, ``http(s)://host[:port]/prefix?…``,
+``s3://bucket[/prefix]?…``) and their parameters.
+
+Kept apart from :mod:`.backend` (which re-exports these names) so that checking a URL does not
+import trio and the backends: ``pure copy --from URL PATH`` with every path valid already checks
+the URL and opens no cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+
+import attrs
+
+from ..errors import CacheError
+
+
+@attrs.frozen
+class CacheURL:
+    """A parsed cache URL: the base location and the ``?key=value`` parameters."""
+
+    url: str            # as given
+    scheme: str         # file, http, https, s3
+    base: str           # directory for file://, URL prefix ending in '/' for http(s)
+    params: dict[str, str] = attrs.field(factory=dict, hash=False)
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        return self.params.get(key, default)
+
+    @property
+    def priority(self) -> int | None:
+        """``?priority=N`` (checked by :func:`parse_url`: a whole number, negative too as in Nix)."""
+        prio = self.params.get("priority")
+        return int(prio) if prio is not None else None
+
+    def __str__(self) -> str:
+        return self.url
+
+
+_WHOLE = re.compile(r"[-+]?[0-9]+")  # ASCII digits only ("²".isdigit() is true, int() refuses it)
+
+_KNOWN_PARAMS = {
+    "compression", "compression-level", "secret-key", "write-nar-listing", "priority",
+    "want-mass-query", "token-file", "parallel-compression", "trusted", "index-debug-info",
+}
+_S3_PARAMS = {"region", "endpoint", "scheme", "profile", "multipart-upload", "buffer-size",
+              "narinfo-compression", "ls-compression", "log-compression"}  # s3:// only
+
+
+def parse_url(url: str) -> CacheURL:
+    """Parse ``file:///dir?…``, ``http(s)://host:port/prefix?…`` or ``s3://bucket[/prefix]?…``;
+    raise :class:`CacheError`."""
+    if any(c.isspace() for c in url):
+        raise CacheError(f"cache URL {url!r} contains white space",
+                         hint="give one URL here; a space in a directory name is written %20")
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError as e:  # a '[' without its ']' in the host ("Invalid IPv6 URL"), or the like
+        raise CacheError(f"cache URL {url!r}: malformed host ({e})",
+                         hint="an IPv6 address is written between '[' and ']': http://[::1]:8080/") from None
+    try:
+        pairs = urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query))
+    except ValueError:
+        raise CacheError(f"cache URL {url!r}: malformed query {u.query!r}") from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:  # which one was meant? (Nix takes the first, a dict the last)
+            raise CacheError(f"cache URL {url!r}: parameter {key!r} is given twice "
+                             f"({params[key]!r} and {value!r})",
+                             hint="give each parameter once" + (
+                                 "; more keys are given with --secret-key-file (repeatable)"
+                                 if key == "secret-key" else ""))
+        params[key] = value
+    allowed = _KNOWN_PARAMS
+    if u.scheme == "s3":  # (token-file gets an error of its own, below)
+        unknown = sorted(set(params) - _KNOWN_PARAMS - _S3_PARAMS)
+        allowed = (_KNOWN_PARAMS | _S3_PARAMS) - {"token-file"}
+    else:
+        unknown = sorted(set(params) - _KNOWN_PARAMS)
+        s3_only = sorted(set(params) & _S3_PARAMS)
+        if s3_only:
+            raise CacheError(f"cache URL {url!r}: {s3_only[0]!r} applies to s3:// caches only")
+    if unknown:
+        raise CacheError(f"cache URL {url!r}: unknown parameter {unknown[0]!r}, expected one of "
+                         f"{', '.join(sorted(allowed))}")
+    prio = params.get("priority")
+    if prio is not None and not _WHOLE.fullmatch(prio):
+        raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost"):
+            raise CacheError(f"cache URL {url!r}: file URLs must be file:///absolute/dir")
+        path = urllib.parse.unquote(u.path)
+        if not path.startswith("/"):
+            raise CacheError(f"cache URL {url!r}: expected an absolute directory")
+        return CacheURL(url, "file", os.path.normpath(path), params)
+    if u.scheme in ("http", "https"):
+        if not u.netloc:
+            raise CacheError(f"cache URL {url!r}: missing host")
+        path = u.path if u.path.endswith("/") else u.path + "/"
+        return CacheURL(url, u.scheme, f"{u.scheme}://{u.netloc}{path}", params)
+    if u.scheme == "s3":
+        if not u.netloc:
+            raise CacheError(f"cache URL {url!r}: missing bucket (s3://BUCKET[/PREFIX])")
+        if "token-file" in params:
+            raise CacheError(f"cache URL {url!r}: an S3 cache signs its requests with AWS credentials, "
+                             "not a token-file")
+        return CacheURL(url, "s3", f"s3://{u.netloc}{u.path.rstrip('/')}/", params)
+    if re.fullmatch(r"[A-Za-z0-9.-]+:\d+(/.*)?", url.split("?")[0]):  # host:port, no scheme
+        hint = f"an HTTP cache is given with its scheme: http://{url}"
+    elif not u.scheme and "/" not in u.path and "." in u.path and not os.path.exists(u.path):
+        hint = (f"an HTTP cache is given with its scheme (http://{u.path}/), a cache directory as a "
+                f"file URL (file://{os.path.abspath(u.path)})")
+    elif not u.scheme:
+        hint = f"a cache directory is given as a file URL: file://{os.path.abspath(u.path)}"
+    elif u.scheme.startswith("ssh"):
+        hint = "ssh caches are not supported yet"
+    else:
+        hint = None
+    raise CacheError(f"unsupported cache URL {url!r}: expected file:///dir, http(s)://host[:port]/ or s3://bucket",
+                     hint=hint)
+
+
+def url_flag(cu: CacheURL, key: str) -> bool:
+    """A true/false parameter of a cache URL (as Nix reads one: ``true``/``yes``/``1`` or
+    ``false``/``no``/``0``; absent: false)."""
+    v = cu.param(key, "false")
+    if v in ("true", "yes", "1"):
+        return True
+    if v in ("false", "no", "0"):
+        return False
+    raise CacheError(f"cache URL {cu.url!r}: {key} must be true or false, got {v!r}")
