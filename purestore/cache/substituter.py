@@ -36,7 +36,6 @@ import os
 from functools import partial
 from typing import Iterable
 
-import attrs
 import trio
 
 from ..errors import CacheError, CopyIncomplete, FormatError, SignatureError, StoreError
@@ -50,6 +49,7 @@ from .forked import ForkedWorker
 from .narinfo_lookup import QUERY_CONCURRENCY, CacheUnusable, Substituters, _Cache, _Rejected, _session
 from ._gate import LargestFirst
 from ._nursery import open_nursery
+from ._present import SubstituteReport, present_report
 from .progress import Progress
 
 log = logging.getLogger("purestore.cache")
@@ -60,21 +60,6 @@ log = logging.getLogger("purestore.cache")
 # restores are CPU work and go one per core whatever this is.
 SMALL_FETCHES = 16
 AHEAD = 4  # big NARs over HTTP asked for before a lane is free to restore them (at most)
-
-
-@attrs.define
-class SubstituteReport:
-    """What a substitution run did: ``valid`` (requested paths now valid), ``fetched`` (paths
-    downloaded, requested or not), ``present`` (paths that another process registered while
-    this run was on its way: not downloaded, or downloaded but not registered by this run),
-    ``failures`` (path → reason; not registered)."""
-
-    valid: set[StorePath] = attrs.field(factory=set)
-    fetched: list[StorePath] = attrs.field(factory=list)
-    present: list[StorePath] = attrs.field(factory=list)
-    failures: dict[StorePath, str] = attrs.field(factory=dict)
-    hints: dict[StorePath, str] = attrs.field(factory=dict)  # what to do about a failure, if known
-    nar_bytes: int = 0
 
 
 _PRESENT = "(valid already)"  # download_from's answer for a path registered meanwhile
@@ -497,6 +482,9 @@ async def copy_from(store, settings, url: str, paths: Iterable[StorePath], *,
     ``fork_worker``: see :func:`substitute_report`.
     """
     paths = set(paths)
+    report = present_report(store, url, paths, trusted_keys)  # (also what the CLI asks first)
+    if report is not None:
+        return report
     sd = settings.store_dir
     parse_url(url)  # a malformed URL or key is an error even when nothing needs fetching
     if trusted_keys is not None:

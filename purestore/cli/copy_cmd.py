@@ -153,7 +153,7 @@ def cmd_copy(args, ctx) -> int:
                          "(it signs only what a trusted key signed already: add --trusted-public-keys KEYS, "
                          "or --no-check-sigs)")
             return 0
-        from ..cache.substituter import copy_from
+        from ..cache._present import present_report
         paths = [store.parse_path(p) for p in args.paths]
         trusted = args.copy_trusted_keys.split() if args.copy_trusted_keys is not None else None
         already = [p for p in paths if store.is_valid(p)]
@@ -163,10 +163,17 @@ def cmd_copy(args, ctx) -> int:
                               "skipped": sorted({store.print_path(p) for p in [*already, *rep.present]}),
                               "failed": {store.print_path(p): why for p, why in sorted(failures.items())},
                               "narBytes": rep.nar_bytes}, indent=2))
-        # fork_worker: nothing else runs in this process, so a forked restoring process is safe
-        rep = _run_copy(progress, lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
-                                                    progress=progress, jobs=args.jobs, fork_worker=True),
-                        report_json if args.json else None)
+        # every path valid already: copy_from's answer without a trio run (nor trio's import)
+        rep = present_report(store, args.from_, paths, trusted) if len(already) == len(paths) else None
+        if rep is not None:
+            if args.json:
+                report_json(rep, {})
+        else:
+            from ..cache.substituter import copy_from
+            # fork_worker: nothing else runs in this process, so a forked restoring process is safe
+            rep = _run_copy(progress, lambda: copy_from(store, settings, args.from_, paths, trusted_keys=trusted,
+                                                        progress=progress, jobs=args.jobs, fork_worker=True),
+                            report_json if args.json else None)
         if not args.json:
             meanwhile = f"; {count_paths(len(rep.present))} registered meanwhile by another process" \
                 if rep.present else ""
