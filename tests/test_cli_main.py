@@ -22,6 +22,35 @@ def test_owner_table_names_only_real_commands():
     assert set(cli_main.COMMAND_OWNERS) == _top_level_names(None)
 
 
+def _group_commands(modules, group):
+    parser = cli_main.make_parser(modules)
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if group not in subs.choices:
+        return set()
+    gsubs = next(a for a in subs.choices[group]._actions if isinstance(a, argparse._SubParsersAction))
+    return set(gsubs.choices)
+
+
+def test_subcommand_owner_table_names_each_group_command_and_its_module():
+    """Every command of a group that several modules add to (store, cache) is in
+    SUBCOMMAND_OWNERS with the module that registers it, and nothing else is."""
+    groups = {g for g, mods in cli_main.COMMAND_OWNERS.items() if len(mods) > 1}
+    real = {(g, c): mod for g in groups for mod in cli_main.COMMAND_OWNERS[g] for c in _group_commands([mod], g)}
+    assert cli_main.SUBCOMMAND_OWNERS == real
+
+
+def test_only_the_module_of_a_group_command_is_loaded():
+    assert cli_main._modules_for(["store", "path-info", "/x"]) == ["store_cmd"]
+    assert cli_main._modules_for(["--store", "/r", "store", "realise", "d"]) == ["build_cmd"]
+    assert cli_main._modules_for(["cache", "serve"]) == ["serve_cmd"]
+    # the group alone, its help, or a word it does not know: all its modules (for the listing)
+    for argv in (["store"], ["store", "--help"], ["store", "-h", "path-info"], ["store", "frob"]):
+        assert cli_main._modules_for(argv) == list(cli_main.COMMAND_OWNERS["store"])
+    assert cli_main._modules_for(["hash", "path", "p"]) == ["hash_cmd"]
+    assert cli_main._modules_for(["--version"]) == []
+    assert cli_main._modules_for(["--help"]) is None and cli_main._modules_for([]) is None
+
+
 def test_command_word_skips_global_options():
     assert cli_main._command_word(["--store", "/x", "--offline", "hash", "path", "p"]) == "hash"
     assert cli_main._command_word(["--store-dir=/nix/store", "build"]) == "build"

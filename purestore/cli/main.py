@@ -47,22 +47,54 @@ COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
     "sbom": ("evidence_cmd",), "provenance": ("evidence_cmd",), "report": ("evidence_cmd",),
     "why-depends": ("evidence_cmd",),
 }
+# Which module registers each command of a group that several modules add to, so that
+# `pure store path-info` builds only store_cmd's parsers, not those of build_cmd, key_cmd and
+# serve_cmd too (`pure store` alone, or with an option or an unknown word next, builds them all).
+# (tests/test_cli_main.py checks this table too.)
+SUBCOMMAND_OWNERS: dict[tuple[str, str], str] = {
+    **{("store", c): "store_cmd" for c in ("add", "path-info", "ls", "references", "referrers",
+                                           "requisites", "verify", "copy-sigs", "delete")},
+    ("store", "realise"): "build_cmd", ("store", "sign"): "key_cmd", ("store", "serve"): "serve_cmd",
+    ("cache", "serve"): "serve_cmd",
+    **{("cache", c): "cache_cmd" for c in ("verify", "info", "path-info", "sign", "prune", "ls", "cat")},
+}
 _GLOBAL_OPTS_WITH_VALUE = {"--store", "--store-dir", "--substituters", "--trusted-public-keys",
                            "--extra-substituters", "--extra-trusted-public-keys", "--post-build-hook"}
 
 
 def _command_word(argv: list[str]) -> str | None:
     """The first positional word of argv (the command), skipping global options."""
-    it = iter(argv)
-    for word in it:
+    i = _command_index(argv)
+    return None if i is None else argv[i]
+
+
+def _command_index(argv: list[str]) -> int | None:
+    """Where :func:`_command_word` is in argv."""
+    it = iter(enumerate(argv))
+    for i, word in it:
         if word == "--":
             return None
         if word.startswith("-"):
             if word in _GLOBAL_OPTS_WITH_VALUE:
                 next(it, None)
             continue
-        return word
+        return i
     return None
+
+
+def _modules_for(argv: list[str]) -> list[str] | None:
+    """The command modules whose parsers ``argv`` needs (None: all of them)."""
+    if argv == ["--version"]:  # needs no command's parser (all of them cost 20 ms of imports and set-up)
+        return []
+    i = _command_index(argv)
+    if i is None:
+        return None
+    owners = COMMAND_OWNERS.get(argv[i])
+    if not owners:
+        return None
+    # a group's command named right after the group: only the module that registers it
+    sub = SUBCOMMAND_OWNERS.get((argv[i], argv[i + 1])) if len(owners) > 1 and i + 1 < len(argv) else None
+    return [sub] if sub else list(owners)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -368,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if hasattr(sys.stdout, "reconfigure"):  # names that are not UTF-8 are printed as their bytes
         sys.stdout.reconfigure(errors="surrogateescape")
-    owners = COMMAND_OWNERS.get(_command_word(argv))
-    # `pure --version` needs no command's parser (all of them cost 20 ms of imports and set-up)
-    parser = make_parser([] if argv == ["--version"] else list(owners) if owners else None)
+    parser = make_parser(_modules_for(argv))
     _Parser.argv = list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
