@@ -21,7 +21,6 @@ import importlib.util
 import os
 import sys
 import threading
-import traceback
 from pathlib import Path
 from typing import Iterable
 
@@ -332,6 +331,7 @@ def _missing(attr, part, where, obj) -> str:
 
 
 def _expression_traceback(exc: BaseException, files: set[str]) -> str:
+    import traceback  # (here: only a failed evaluation needs it, and with textwrap it costs 1 ms)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in files]
     if not frames:
         return ""
