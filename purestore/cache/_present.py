@@ -11,7 +11,6 @@ from typing import Iterable
 
 import attrs
 
-from ..formats.signing import parse_public_keys
 from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .url import parse_url
@@ -45,6 +44,7 @@ def present_report(store, url: str, paths: Iterable[StorePath],
     paths = set(paths)
     parse_url(url)
     if trusted_keys is not None:
+        from ..formats.signing import parse_public_keys  # (2 ms: only when keys are given)
         parse_public_keys(list(trusted_keys))
     if S.valid_paths(store, paths) != paths:
         return None
