@@ -23,7 +23,6 @@ child, for the same reason).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -43,7 +42,7 @@ MS_PRIVATE = 1 << 18
 # sent to pure while the program runs, these are passed on to it (pure then exits with its status)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded already; find_library("c") forks ldconfig (30 ms)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _libc.unshare.argtypes = [ctypes.c_int]
 
