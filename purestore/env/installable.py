@@ -68,8 +68,6 @@ def realise_inputs(store, settings, built: Iterable[Built], *, progress=None, fo
     """Make valid the outputs of the input derivations of ``built`` (what ``pure shell`` puts
     in the environment besides the packages): a package fetched from a cache came without its
     build-time inputs, which are then fetched or built now."""
-    from .._run import run_trio
-    from ..build.scheduler import BuildOptions, realise
     from ..expr.loader import read_derivation
     missing: dict[StorePath, set[str]] = {}  # input derivation → the outputs used
     for b in built:
@@ -81,6 +79,8 @@ def realise_inputs(store, settings, built: Iterable[Built], *, progress=None, fo
             if any(n not in outs or not store.is_valid(outs[n]) for n in names):
                 missing.setdefault(dp, set()).update(names)
     if missing:  # only the outputs used: a cache's "out" of an input serves without its "doc"
+        from .._run import run_trio
+        from ..build.scheduler import BuildOptions, realise
         store.add_temp_roots(missing)
         opts = BuildOptions(max_jobs=settings.max_jobs, cores=settings.cores, fork_worker=fork_worker)
         results = run_trio(lambda: realise(store, settings, list(missing), opts, progress, outputs=missing))
@@ -110,12 +110,17 @@ def _fetch(store, settings, sp: StorePath, progress, fork_worker: bool) -> None:
 
 def _realise(store, settings, drvs: list[StorePath], sources: list[dict], max_jobs, progress,
              fork_worker: bool = False) -> list[Built]:
-    from .._run import run_trio
-    from ..build.scheduler import BuildOptions, realise
+    from ..build.plan import valid_outputs
 
     store.add_temp_roots(drvs)
-    opts = BuildOptions(max_jobs=max_jobs or settings.max_jobs, cores=settings.cores, fork_worker=fork_worker)
-    results = run_trio(realise, store, settings, drvs, opts, progress)
+    # every output valid already (`pure shell` entered again): nothing for the scheduler to do,
+    # so neither it nor trio is imported, as for a no-op `pure build`
+    results = valid_outputs(store, drvs)
+    if results is None:
+        from .._run import run_trio
+        from ..build.scheduler import BuildOptions, realise
+        opts = BuildOptions(max_jobs=max_jobs or settings.max_jobs, cores=settings.cores, fork_worker=fork_worker)
+        results = run_trio(realise, store, settings, drvs, opts, progress)
     out = []
     for drv, src in zip(drvs, sources):
         outs = results[drv]
