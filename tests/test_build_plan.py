@@ -376,6 +376,11 @@ def test_max_jobs_0_fetches_and_never_builds(scene, tmp_path):
     p, root = scene.fresh("b", "-j", "0", check=False)
     assert p.returncode == 1 and "cannot build 1 derivation (" + scene.app_drv + "): max-jobs is 0" in p.stderr
     assert _events(root)[0] == [] and not _valid(root, scene.app)
+    # --dry-run -j 0 says so too (it listed what "will be built" as if it would be)
+    p, _root = scene.fresh("b2", "-j", "0", "--dry-run")
+    assert "will be built:" in p.stderr and "max-jobs is 0: a real run would build none of them" in p.stderr
+    p, _root = scene.fresh("b3", "--dry-run")
+    assert "will be built:" in p.stderr and "max-jobs is 0" not in p.stderr
     scene.push(scene.app)
     conf = tmp_path / "jobs0.conf"
     conf.write_text("max-jobs = 0\n")

@@ -202,6 +202,8 @@ def _dry_run(ctx, store, drvs, args) -> int:
     late = p.will_fetch_after_build
     lines = (build_lines(p.will_build) + fetch_lines([f[0] for f in p.will_fetch], p.download_size, p.nar_size)
              + after_build_lines([f[0] for f in late], sum(f[2] for f in late), sum(f[3] for f in late)))
+    if p.will_build and _options(args, ctx.settings).max_jobs == 0:
+        lines.append("max-jobs is 0: a real run would build none of them, and fail")
     for line in lines or ["nothing to build or fetch: every output is valid"]:
         ctx.info(line)
     return 0
