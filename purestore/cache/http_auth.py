@@ -1,5 +1,7 @@
 """What an HTTP cache client shows the server and what it trusts of it: tokens, logins, CAs.
 
+- :func:`read_token_file` reads a token file (the client's ``token-file``, a server's upload
+  and read tokens);
 - :func:`token_problem` says what makes a token (a token file's, ``PURE_CACHE_TOKEN``, or
   the token files a server is started with) unfit to be sent as ``Authorization: Bearer
   TOKEN``, without quoting it;
@@ -31,6 +33,21 @@ def token_problem(token: bytes) -> str | None:
         return (f"has a character an HTTP header cannot carry as a token (byte {bad + 1}): a token is "
                 "printable ASCII characters without spaces")
     return None
+
+
+def read_token_file(path: str, what: str) -> tuple[str, int]:
+    """The token in the file ``path`` and the file's mode; :class:`CacheError` when it cannot be
+    read or the token is unfit (:func:`token_problem`), naming it as ``what`` token file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read().strip()
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as e:
+        raise CacheError(f"cannot read {what} token file {path!r}: {e.strerror}") from e
+    problem = token_problem(raw)
+    if problem:
+        raise CacheError(f"{what} token file {path!r} {problem}")
+    return raw.decode("ascii"), mode
 
 
 def netrc_login(netrc_file: str | None, host: str) -> tuple[str, str] | None:

@@ -33,7 +33,7 @@ import trio
 from ..errors import CacheError
 from .backend import CHUNK, Backend, CacheMissing, CacheNotAnswering, CacheURL, _unlink, check_name, file_url
 from .content_encoding import decode, is_identity
-from .http_auth import _ssl_context, netrc_login, token_problem
+from .http_auth import _ssl_context, netrc_login, read_token_file, token_problem
 from .http_response import _no_chunks, _retry_after_header, _server_says, _small, _status_line, whole_limit
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -54,16 +54,7 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
     context.  ``token`` (given, or read from the URL's ``token-file``) goes with every request;
     ``PURE_CACHE_TOKEN`` with uploads only."""
     if token is None and cu.param("token-file"):
-        path = cu.param("token-file")
-        try:
-            with open(path, "rb") as f:  # type: ignore[arg-type]
-                raw = f.read().strip()
-        except OSError as e:
-            raise CacheError(f"cannot read the cache's token file {path!r}: {e.strerror}") from e
-        problem = token_problem(raw)
-        if problem:
-            raise CacheError(f"the cache's token file {path!r} {problem}")
-        token = raw.decode("ascii")
+        token, _mode = read_token_file(cu.param("token-file"), "the cache's")  # type: ignore[arg-type]
     upload_token = os.environ.get("PURE_CACHE_TOKEN") or None
     if upload_token is not None:
         raw = os.fsencode(upload_token).strip()

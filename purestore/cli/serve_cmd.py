@@ -77,18 +77,12 @@ def _server_options(p, reads: str) -> None:
 
 
 def _read_token_file(path: str, what: str) -> str:
-    from ..cache.http_auth import token_problem
-    from ..errors import UsageError
+    from ..cache.http_auth import read_token_file
+    from ..errors import CacheError, UsageError
     try:
-        with open(path, "rb") as f:
-            raw = f.read().strip()
-            mode = os.fstat(f.fileno()).st_mode
-    except OSError as e:
-        raise UsageError(f"cannot read {what} token file {path!r}: {e.strerror}") from e
-    problem = token_problem(raw)
-    if problem:
-        raise UsageError(f"{what} token file {path!r} {problem}")
-    text = raw.decode("ascii")
+        text, mode = read_token_file(path, what)
+    except CacheError as e:
+        raise UsageError(str(e)) from e
     if mode & 0o077:
         print(f"warning: {what} token file {path!r} can be read by others (mode {mode & 0o777:04o}); "
               f"'chmod 600 {path}' keeps the token yours", file=sys.stderr)
