@@ -556,3 +556,83 @@ def test_a_drv_whose_output_path_its_contents_do_not_give_is_refused(pure, drvs,
     assert not drvs.store.is_valid(drvs.store.parse_path(stolen))
     pure("store", "realise", victim)
     assert open(drvs.store.real_path(drvs.store.parse_path(stolen))).read() == "genuine\n"
+
+
+# -- limits of a build: max-silent-time, timeout, max-build-log-size -----------------------------
+
+
+def _no_sleepers_left(marker: str) -> bool:
+    """No process whose command line holds ``marker`` is alive (the sandbox was killed whole)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{d}/cmdline").read_bytes():
+                    return False
+            except OSError:
+                pass
+    return True
+
+
+def _limit_failed(p, store_root, name, how):
+    import time
+    err = p.stderr
+    assert p.returncode == 1, err
+    assert f"builder for " in err and f"{name}.drv {how}" in err, err
+    assert "Traceback" not in err and "pure log" in err
+    st = open_store(store_root)
+    try:
+        assert [q for q in st.valid_paths() if q.name == name] == []
+        from purestore.store import events
+        assert events.query_builds(st)[0]["status"] == "failed"
+    finally:
+        st.close()
+    deadline = time.monotonic() + 5
+    while not _no_sleepers_left("sleep 5171") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _no_sleepers_left("sleep 5171")
+
+
+def test_max_silent_time_kills_a_builder_that_writes_nothing(pure, expr, tmp_path, store_root):
+    """--max-silent-time N (setting max-silent-time): a builder silent for N seconds is killed
+    with its whole sandbox, the build fails naming the limit, nothing is registered; a builder
+    that keeps writing is not silent however long it runs."""
+    import time
+    f = expr('default = sh("quiet", "echo started; $B sleep 5171; $B mkdir $out")\n'
+             'chatty = sh("chatty", "for i in 1 2 3 4 5 6; do echo $i; $B sleep 0.3; done; $B mkdir $out")\n')
+    t = time.monotonic()
+    p = pure("--max-silent-time", "1", "build", f, "--no-link", cwd=tmp_path, check=False)
+    assert time.monotonic() - t < 30
+    _limit_failed(p, store_root, "quiet", "timed out after 1 second of silence (setting max-silent-time)")
+    assert "  > started" in p.stderr  # the log's tail
+    ok = pure("--max-silent-time", "1", "build", f, "-A", "chatty", "--no-link", cwd=tmp_path)
+    assert ok.stdout.strip().endswith("-chatty")
+
+
+def test_timeout_kills_a_builder_that_runs_too_long_even_while_writing(pure, expr, tmp_path, store_root):
+    f = expr('default = sh("slow", "while :; do echo tick; $B sleep 0.2; done & $B sleep 5171; $B mkdir $out")\n')
+    p = pure("--timeout", "2", "--max-silent-time", "60", "build", f, "--no-link", cwd=tmp_path, check=False)
+    _limit_failed(p, store_root, "slow", "timed out after 2 seconds (setting timeout)")
+    assert "  > tick" in p.stderr
+
+
+def test_max_build_log_size_kills_a_builder_that_writes_too_much(pure, expr, tmp_path, store_root):
+    """The setting from the config file; what was written before the limit is in the log."""
+    conf = tmp_path / "pure.conf"
+    conf.write_text("max-build-log-size = 100000\n")
+    f = expr('default = sh("loud", "$B yes loud & $B sleep 5171; $B mkdir $out")\n')
+    p = build(pure, tmp_path, f, "--no-link", check=False, env={"PURE_CONFIG": str(conf)})
+    _limit_failed(p, store_root, "loud", "was killed after writing more than 100000 bytes of log output "
+                                         "(setting max-build-log-size)")
+    drv = next(w for w in p.stderr.split() if w.endswith("loud.drv"))
+    log = pure("log", drv).stdout
+    assert log.startswith("loud\nloud\n") and len(log) > 100000
+
+
+def test_build_limits_reject_bad_values(pure, expr, tmp_path):
+    f = expr('default = sh("x", "$B mkdir $out")\n')
+    p = pure("--timeout", "-1", "build", f, cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "--timeout" in p.stderr and "expected 0 (no limit) or more, got '-1'" in p.stderr
+    conf = tmp_path / "pure.conf"
+    conf.write_text("max-silent-time = soon\n")
+    p = build(pure, tmp_path, f, check=False, env={"PURE_CONFIG": str(conf)})
+    assert p.returncode != 0 and f"{conf}:1: max-silent-time must be an integer, got 'soon'" in p.stderr

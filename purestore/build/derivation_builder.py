@@ -31,7 +31,7 @@ from .logs import BuildLog
 from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
 from ..store.fstree import remove_tree
-from .running import GroupSync, Sandboxed, keep_dir, run_sandboxed
+from .running import BuildLimitExceeded, GroupSync, Sandboxed, keep_dir, run_sandboxed
 
 if TYPE_CHECKING:
     from .scheduler import BuildOptions, _Node
@@ -48,6 +48,8 @@ class DerivationBuilder:
                  read_drv: Callable[[StorePath], Derivation]):
         self.store = store
         self.sd = settings.store_dir
+        self.limits = dict(max_silent_time=settings.max_silent_time, timeout=settings.timeout,
+                           max_log_size=settings.max_build_log_size)
         self.options = options
         self.progress = progress
         self.nodes = nodes
@@ -268,7 +270,12 @@ class DerivationBuilder:
                 await self._run_builtin(node, host_outs["out"], log)
                 release_slot()
             else:
-                code, sandboxed = await run_sandboxed(self._server(), spec, log)
+                try:
+                    code, sandboxed = await run_sandboxed(self._server(), spec, log, **self.limits)
+                except BuildLimitExceeded as e:  # killed and reaped
+                    release_slot()
+                    keep_top = self.options.keep_failed
+                    raise self._failure(node, None, log, spec if keep_top else None, how=str(e)) from None
                 release_slot()  # checking and registering the outputs does not count against -j
                 if code != 0:
                     await sandboxed.reap()
@@ -347,9 +354,11 @@ class DerivationBuilder:
             for line in lines:
                 log.line(line)
 
-    def _failure(self, node: _Node, code: int, log: BuildLog, spec) -> BuildError:
+    def _failure(self, node: _Node, code: int | None, log: BuildLog, spec, how: str = "") -> BuildError:
         tail = log.tail()
-        if code > 128:
+        if how or code is None:
+            pass
+        elif code > 128:
             how = f"was killed by signal {code - 128} ({signal.Signals(code - 128).name})" \
                 if code - 128 in signal.valid_signals() else f"exited with status {code}"
         else:

@@ -10,7 +10,7 @@ import tempfile
 
 import trio
 
-from ..errors import PurestoreError, SandboxError
+from ..errors import BuildError, PurestoreError, SandboxError
 from . import sandbox as sb
 from ..store.fstree import remove_tree
 from .logs import BuildLog
@@ -31,10 +31,25 @@ class Sandboxed:
                 self.sandbox.close()
 
 
-async def run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildLog) -> tuple[int, Sandboxed]:
+class BuildLimitExceeded(BuildError):
+    """A builder went past a limit of the settings (``max-silent-time``, ``timeout``,
+    ``max-build-log-size``) and was killed; the message says which (``timed out after 5 seconds
+    of silence``), to follow "builder for X"."""
+
+
+def _seconds(n: int) -> str:
+    return f"{n} second{'s' if n != 1 else ''}"
+
+
+async def run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildLog, *,
+                        max_silent_time: int = 0, timeout: int = 0,
+                        max_log_size: int = 0) -> tuple[int, Sandboxed]:
     """Run the builder; feed its output to ``log``; return its exit status as soon as it is known
     (with a handle to reap the sandbox later).  On cancellation the whole sandbox is SIGKILLed and
-    reaped before the Cancelled propagates.  Raises :class:`SandboxError` if it could not be set up."""
+    reaped before the Cancelled propagates.  Raises :class:`SandboxError` if it could not be set up,
+    :class:`BuildLimitExceeded` (after killing and reaping the sandbox) when the builder wrote
+    nothing for ``max_silent_time`` seconds, ran longer than ``timeout`` seconds, or wrote more
+    than ``max_log_size`` bytes (each 0: no limit)."""
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     try:
         sandbox = sb.spawn(server, spec, out_w)
@@ -46,16 +61,32 @@ async def run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildL
     handle = Sandboxed(sandbox)
     stream = trio.lowlevel.FdStream(out_r)
     err_stream = trio.lowlevel.FdStream(os.dup(sandbox.status_fd))
+    inf = float("inf")
+    deadline = trio.current_time() + timeout if timeout else inf
+
+    async def receive(s: trio.lowlevel.FdStream, size: int) -> bytes:
+        """The next bytes of ``s`` within the limits (silence counts on the status pipe too: a
+        builder that closed its output and hangs is as silent as one that writes nothing)."""
+        silent_until = trio.current_time() + max_silent_time if max_silent_time else inf
+        with trio.move_on_at(min(deadline, silent_until)):
+            return await s.receive_some(size)
+        if trio.current_time() >= deadline:
+            raise BuildLimitExceeded(f"timed out after {_seconds(timeout)} (setting timeout)")
+        raise BuildLimitExceeded(f"timed out after {_seconds(max_silent_time)} of silence (setting max-silent-time)")
+
     try:
         try:
             while True:
-                data = await stream.receive_some(65536)
+                data = await receive(stream, 65536)
                 if not data:
                     break
                 log.write(data)
+                if max_log_size and log.size > max_log_size:
+                    raise BuildLimitExceeded(f"was killed after writing more than {max_log_size} bytes of "
+                                             f"log output (setting max-build-log-size)")
             status = b""
             while True:
-                chunk = await err_stream.receive_some(4096)
+                chunk = await receive(err_stream, 4096)
                 status += chunk
                 code, err = sb.parse_status(status)
                 if code is not None or not chunk:

@@ -59,7 +59,8 @@ SUBCOMMAND_OWNERS: dict[tuple[str, str], str] = {
     **{("cache", c): "cache_cmd" for c in ("verify", "info", "path-info", "sign", "prune", "ls", "cat")},
 }
 _GLOBAL_OPTS_WITH_VALUE = {"--store", "--store-dir", "--substituters", "--trusted-public-keys",
-                           "--extra-substituters", "--extra-trusted-public-keys", "--post-build-hook"}
+                           "--extra-substituters", "--extra-trusted-public-keys", "--post-build-hook",
+                           "--max-silent-time", "--timeout", "--max-build-log-size"}
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -166,6 +167,9 @@ class Context:
                 offline=True if getattr(self.args, "global_offline", False) else None,
                 fallback=getattr(self.args, "global_fallback", None),
                 post_build_hook=getattr(self.args, "global_post_build_hook", None),
+                max_silent_time=getattr(self.args, "global_max_silent_time", None),
+                timeout=getattr(self.args, "global_timeout", None),
+                max_build_log_size=getattr(self.args, "global_max_build_log_size", None),
             )
             more = {k: (*getattr(self._settings, k), *v) for k in ("substituters", "trusted_public_keys")
                     if (v := _split_opt(getattr(self.args, f"global_extra_{k}", None)))}
@@ -182,6 +186,17 @@ class Context:
     def info(msg: str) -> None:
         """Progress and status for people: stderr, so stdout stays parseable."""
         print(msg, file=sys.stderr, flush=True)
+
+
+def _limit(text: str) -> int:
+    """An option's whole number of at least 0 (argparse names the option in its error)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (0: no limit), got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or more, got {text!r}")
+    return n
 
 
 def _split_opt(value: str | None) -> tuple[str, ...] | None:
@@ -219,6 +234,14 @@ def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--post-build-hook", dest="global_post_build_hook", metavar="PROGRAM", default=None,
                         help="run PROGRAM after each build, with DRV_PATH and OUT_PATHS set (e.g. to push "
                              "the outputs to a binary cache; docs/building.md); '' turns the setting off")
+    parser.add_argument("--max-silent-time", dest="global_max_silent_time", metavar="SECONDS", type=_limit,
+                        default=None, help="fail a build whose builder writes nothing for SECONDS "
+                                           "(setting max-silent-time; 0: no limit, the default)")
+    parser.add_argument("--timeout", dest="global_timeout", metavar="SECONDS", type=_limit, default=None,
+                        help="fail a build whose builder runs longer than SECONDS (setting timeout; 0: no limit)")
+    parser.add_argument("--max-build-log-size", dest="global_max_build_log_size", metavar="BYTES", type=_limit,
+                        default=None, help="fail a build whose builder writes more than BYTES of log "
+                                           "(setting max-build-log-size; 0: no limit)")
     reg = Registry(parser)
     for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(f"{__package__}.{name}").register(reg)

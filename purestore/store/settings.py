@@ -9,6 +9,7 @@ The config file is ``key = value`` lines; ``#`` starts a comment; lists are spac
     substituters = file:///srv/cache http://127.0.0.1:5000
     trusted-public-keys = cache-1:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=
     max-jobs = 4
+    max-silent-time = 3600
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from ..formats.store_path import DEFAULT_STORE_DIR, check_store_dir
 
 _LIST_KEYS = {"substituters", "trusted-public-keys"}
 _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout", "stalled-download-timeout",
-             "download-attempts"}
+             "download-attempts", "max-silent-time", "timeout", "max-build-log-size"}
 _MIN = {"download-attempts": 1, "max-jobs": 0, "cores": 0, "narinfo-cache-negative-ttl": 0,
-        "connect-timeout": 0, "stalled-download-timeout": 0}
+        "connect-timeout": 0, "stalled-download-timeout": 0, "max-silent-time": 0, "timeout": 0,
+        "max-build-log-size": 0}
 _PATH_KEYS = {"netrc-file", "ssl-cert-file", "post-build-hook"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths", "fallback"}
@@ -68,6 +70,11 @@ class Settings:
     ssl_cert_file: str = ""
     # a program run after each build with DRV_PATH and OUT_PATHS (Nix's post-build-hook)
     post_build_hook: str = ""
+    # limits of one build, as Nix's (0: none): kill a builder silent for this many seconds, one
+    # running longer than this many seconds, one that wrote more than this many bytes of log
+    max_silent_time: int = 0
+    timeout: int = 0
+    max_build_log_size: int = 0
 
     @property
     def real_store_dir(self) -> str:
