@@ -58,6 +58,9 @@ def test_rounds_detects_a_timestamp(pure, expr, tmp_path, store_root):
     assert p.returncode == 104 and "changed stamp" in p.stderr
     p = build(pure, tmp_path, f, "-A", "det", "--rounds", "3")
     assert p.returncode == 0
+    # each build says which round it is
+    for r in (1, 2, 3):
+        assert f"building (round {r} of 3) '/pure/store/" in p.stderr
     st = open_store(store_root)
     try:
         from purestore.store import events
@@ -100,14 +103,20 @@ def test_check_with_rounds_makes_n_builds_in_all(pure, expr, tmp_path, store_roo
     """--check --rounds 3: the valid outputs and two rebuilds, each compared (it rebuilt once)."""
     f = expr(NONDET)
     build(pure, tmp_path, f, "-A", "det")
-    build(pure, tmp_path, f, "-A", "det", "--check", "--rounds", "3")
+    p = build(pure, tmp_path, f, "-A", "det", "--check", "--rounds", "3")
+    # the valid outputs are round 1: the rebuilds are rounds 2 and 3
+    assert "checking (round 2 of 3) '" in p.stderr and "checking (round 3 of 3) '" in p.stderr
+    assert "round 1 of 3" not in p.stderr
+    p = build(pure, tmp_path, f, "-A", "det", "--check")
+    assert "checking '/pure/store/" in p.stderr and "round" not in p.stderr
     st = open_store(store_root)
     try:
         from purestore.store import events
         rounds = sorted((b["kind"], b["round"]) for b in events.query_builds(st) if b["name"] == "det")
-        assert rounds == [("build", 1), ("check", 1), ("check", 2)]
+        assert rounds == [("build", 1), ("check", 1), ("check", 1), ("check", 2)]
         checks = events.query_checks(st)
-        assert [(c["kind"], c["rounds"], c["reproducible"]) for c in checks] == [("check", 3, True)] * 2
+        assert sorted((c["kind"], c["rounds"], c["reproducible"]) for c in checks) == \
+            [("check", 2, True)] + [("check", 3, True)] * 2
     finally:
         st.close()
 

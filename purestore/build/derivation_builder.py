@@ -130,7 +130,7 @@ class DerivationBuilder:
                 valid = await trio.to_thread.run_sync(
                     lambda: all(self.store.is_valid(o) for o in node.outputs.values()))
                 if not valid:
-                    await self._build_once(node, "build", 1, install=True)
+                    await self._build_once(node, "build", 1, install=True, rounds=rounds)
             finally:
                 self._unlock(taken)
         finally:
@@ -257,7 +257,7 @@ class DerivationBuilder:
         except BaseException:
             release_slot()
             raise
-        self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_)
+        self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_, rounds=rounds)
         log = BuildLog(store.state_dir, node.path.base_name,
                        echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
                        if self.progress.print_logs or self.progress.json_stream else None)

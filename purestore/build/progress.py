@@ -8,7 +8,7 @@ those of the late fetches too), ``fetch-failed`` (path, error), ``plan`` (will_b
 will_fetch_after_build: the paths to be fetched once what they refer to is built here, their
 derivations not built unless that fails, will_substitute: what was fetched, will_check, valid:
 the requested derivations whose outputs are valid, so not built), ``waiting``
-(drv, path), ``start`` (drv, name, kind, round), ``log`` (drv, line; only with
+(drv, path), ``start`` (drv, name, kind: build, round or check, round, rounds), ``log`` (drv, line; only with
 ``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error), ``check``
 (drv, reproducible, differences), ``hook`` (drv, name, hook: the post-build hook starts),
 ``hook-log`` (drv, name, line: a line of its output), ``hook-failed`` (drv, name, error),
@@ -81,8 +81,7 @@ class Progress:
             if fields.get("kind") == "build" and fields["drv"] not in self.planned:
                 self.planned.add(fields["drv"])  # a fetch planned for after the builds failed
                 self.total += 1
-            what = {"check": "checking", "round": f"building (round {fields.get('round')})"}.get(
-                fields.get("kind"), "building")
+            what = _what_starts(fields.get("kind"), fields.get("round") or 1, fields.get("rounds") or 1)
             self._line(f"{what} '{fields['drv']}'...")
         elif type_ == "built":
             self.running.pop(fields["drv"], None)
@@ -297,3 +296,14 @@ def build_lines(drvs) -> list[str]:
         return []
     head = "this derivation" if len(drvs) == 1 else f"these {len(drvs)} derivations"
     return [f"{head} will be built:", *(f"  {d}" for d in drvs)]
+
+
+def _what_starts(kind: str | None, round_: int, rounds: int) -> str:
+    """How a build's start is shown: ``building``, ``building (round 2 of 3)`` (--rounds),
+    ``checking``, ``checking (round 3 of 3)`` (--check --rounds 3: the valid outputs were round 1,
+    so the rebuild numbered ``round_`` is round ``round_ + 1``)."""
+    if kind == "check":
+        return f"checking (round {round_ + 1} of {rounds})" if rounds > 2 else "checking"
+    if rounds > 1:
+        return f"building (round {round_} of {rounds})"
+    return "building"
