@@ -114,3 +114,54 @@ def test_a_setting_that_is_not_utf8_is_printed_as_its_bytes(tmp_path):
                        env=pure_env(None, extra={"PURE_CONFIG": str(conf), "PYTHONIOENCODING": "utf-8"}))
     assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
     assert b"/caf\xe9  not used: " in r.stdout and b"does not exist" in r.stdout
+
+
+def test_option_sets_any_setting_over_the_file_and_under_dedicated_options(tmp_path):
+    """--option NAME VALUE: any setting as the file would have it, over the file, under the
+    dedicated options; extra- lists add; a bad one names the --option; an unknown name suggests
+    the nearest."""
+    conf = tmp_path / "pure.conf"
+    conf.write_text("max-jobs = 3\nsubstituters = file:///a\ncores = 2\n")
+    env = {"PURE_CONFIG": str(conf)}
+    s = load_settings(env=env, options=[("max-jobs", "7"), ("extra-substituters", "file:///b"),
+                                        ("max-silent-time", " 60 "), ("keep-outputs", "true")], cores=1)
+    assert (s.max_jobs, s.substituters, s.max_silent_time, s.keep_outputs, s.cores) == \
+        (7, ("file:///a", "file:///b"), 60, True, 1)
+    with pytest.raises(UsageError) as e:
+        load_settings(env=env, options=[("timeout", "-2")])
+    assert str(e.value) == "--option timeout: timeout must be at least 0, got '-2'"
+    with pytest.raises(UsageError) as e:
+        load_settings(env=env, options=[("max-silent-timeout", "3")])
+    assert str(e.value) == "--option max-silent-timeout: unknown setting 'max-silent-timeout'"
+    assert e.value.hint == "did you mean 'max-silent-time'?"
+
+
+def test_every_setting_is_in_the_settings_table_of_docs_store_md():
+    """docs/store.md's Settings table lists every setting the config file accepts (and no other)."""
+    import re
+    from pathlib import Path
+
+    import attrs
+
+    from purestore.store.settings import Settings, parse_setting
+    doc = (Path(__file__).parent.parent / "docs" / "store.md").read_text()
+    table = doc.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z-]+)` \|", table, re.M))
+    fields = {f.name.replace("_", "-") for f in attrs.fields(Settings)} - {"root"} | {"store"}
+    fields |= {"extra-substituters", "extra-trusted-public-keys"}
+    assert documented == fields
+    for name in documented:  # each one the config file takes
+        try:
+            parse_setting(name, "x", "t", {})
+        except UsageError as e:
+            assert "unknown setting" not in str(e), name
+
+
+def test_option_on_the_command_line(tmp_path):
+    """`pure --option NAME VALUE COMMAND`: the two words after --option are not taken for the
+    command (the parsers of `store ls` alone are built for it)."""
+    from conftest import run_pure
+    p = run_pure("--option", "max-jobs", "x", "store", "ls", root=tmp_path, check=False)
+    assert p.returncode == 2 and "error: --option max-jobs: max-jobs must be an integer, got 'x'" in p.stderr
+    p = run_pure("--option", "substitute", "false", "--option", "cores", "3", "store", "ls", root=tmp_path)
+    assert p.returncode == 0

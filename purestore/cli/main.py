@@ -78,6 +78,9 @@ def _command_index(argv: list[str]) -> int | None:
         if word.startswith("-"):
             if word in _GLOBAL_OPTS_WITH_VALUE:
                 next(it, None)
+            elif word == "--option":  # NAME VALUE
+                next(it, None)
+                next(it, None)
             continue
         return i
     return None
@@ -161,6 +164,7 @@ class Context:
         if self._settings is None:
             from ..store.settings import load_settings
             self._settings = load_settings(
+                options=getattr(self.args, "global_option", None) or (),
                 root=self.args.store, store_dir=self.args.store_dir,
                 substituters=_split_opt(getattr(self.args, "global_substituters", None)),
                 trusted_public_keys=_split_opt(getattr(self.args, "global_trusted_public_keys", None)),
@@ -242,6 +246,9 @@ def make_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-build-log-size", dest="global_max_build_log_size", metavar="BYTES", type=_limit,
                         default=None, help="fail a build whose builder writes more than BYTES of log "
                                            "(setting max-build-log-size; 0: no limit)")
+    parser.add_argument("--option", dest="global_option", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="set a setting as the config file would (NAME = VALUE), over the config "
+                             "file; repeatable (e.g. --option max-jobs 4; docs/store.md lists them)")
     reg = Registry(parser)
     for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(f"{__package__}.{name}").register(reg)

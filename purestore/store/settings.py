@@ -2,7 +2,7 @@
 
 Sources, later ones winning: built-in defaults, the config file (``$PURE_CONFIG``, else
 ``/etc/pure/pure.conf`` then ``~/.config/pure/pure.conf``), environment variables
-(``PURE_STORE``, ``PURE_STORE_DIR``), command-line options.
+(``PURE_STORE``, ``PURE_STORE_DIR``), ``--option NAME VALUE``, the other command-line options.
 
 The config file is ``key = value`` lines; ``#`` starts a comment; lists are space-separated::
 
@@ -15,6 +15,7 @@ The config file is ``key = value`` lines; ``#`` starts a comment; lists are spac
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -132,56 +133,77 @@ def parse_config(text: str, where: str) -> dict[str, object]:
         loc = f"{where}:{lineno}"
         if not eq:
             raise UsageError(f"{loc}: expected 'key = value', got {line!r}")
-        field = key.replace("-", "_")
-        if key in _LIST_KEYS:
-            out[field] = tuple(value.split())
-            out.pop(f"extra_{field}", None)  # set after an extra-: the setting wins, as in Nix
-            if key == "trusted-public-keys":
-                check_public_keys(out[field], f"{loc}: trusted-public-keys")  # type: ignore[arg-type]
-        elif key.startswith("extra-") and key[len("extra-"):] in _LIST_KEYS:
-            # Nix's extra-substituters / extra-trusted-public-keys: added to the list (of this
-            # file, or of the files read before it), not replacing it
-            values = tuple(value.split())
-            if key == "extra-trusted-public-keys":
-                check_public_keys(values, f"{loc}: {key}")
-            base = field[len("extra_"):]
-            if base in out:
-                out[base] = (*out[base], *values)  # type: ignore[misc]
-            else:
-                out[field] = (*out.get(field, ()), *values)  # type: ignore[misc]
-        elif key == "substitute":  # Nix's name for the opposite of offline
-            out["offline"] = not _parse_bool(value, loc)
-        elif key in _INT_KEYS:
-            try:
-                out[field] = int(value)
-            except ValueError:
-                raise UsageError(f"{loc}: {key} must be an integer, got {value!r}") from None
-            if key in _MIN and out[field] < _MIN[key]:  # type: ignore[operator]
-                raise UsageError(f"{loc}: {key} must be at least {_MIN[key]}, got {value!r}")
-        elif key in _BOOL_KEYS:
-            out[field] = _parse_bool(value, loc)
-            if key == "sandbox" and not out[field]:
-                # never silently weaker than asked: a build outside the sandbox is not offered
-                raise UsageError(f"{loc}: sandbox = false is not supported: purestore always builds "
-                                 f"in the sandbox", hint="remove the line (see docs/building.md)")
-        elif key in ("store-dir", "store"):
-            if key == "store-dir":
-                try:
-                    check_store_dir(value)
-                except ValueError as e:
-                    raise UsageError(f"{loc}: {e}") from None
-            out["store_dir" if key == "store-dir" else "root"] = value
-        elif key in _PATH_KEYS:
-            out[field] = value
-        else:
-            raise UsageError(f"{loc}: unknown setting {key!r}")
+        parse_setting(key, value, loc, out)
     return out
 
 
-def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
-    """Build Settings from config files, the environment and explicit overrides (None = unset)."""
+def parse_setting(key: str, value: str, loc: str, out: dict[str, object]) -> None:
+    """Add the setting ``key = value`` (a config file's line, an ``--option``) to ``out``, the
+    Settings keyword arguments read so far; ``loc`` says where it was in an error."""
+    field = key.replace("-", "_")
+    if key in _LIST_KEYS:
+        out[field] = tuple(value.split())
+        out.pop(f"extra_{field}", None)  # set after an extra-: the setting wins, as in Nix
+        if key == "trusted-public-keys":
+            check_public_keys(out[field], f"{loc}: trusted-public-keys")  # type: ignore[arg-type]
+    elif key.startswith("extra-") and key[len("extra-"):] in _LIST_KEYS:
+        # Nix's extra-substituters / extra-trusted-public-keys: added to the list (of this
+        # file, or of the files read before it), not replacing it
+        values = tuple(value.split())
+        if key == "extra-trusted-public-keys":
+            check_public_keys(values, f"{loc}: {key}")
+        base = field[len("extra_"):]
+        if base in out:
+            out[base] = (*out[base], *values)  # type: ignore[misc]
+        else:
+            out[field] = (*out.get(field, ()), *values)  # type: ignore[misc]
+    elif key == "substitute":  # Nix's name for the opposite of offline
+        out["offline"] = not _parse_bool(value, loc)
+    elif key in _INT_KEYS:
+        try:
+            out[field] = int(value)
+        except ValueError:
+            raise UsageError(f"{loc}: {key} must be an integer, got {value!r}") from None
+        if key in _MIN and out[field] < _MIN[key]:  # type: ignore[operator]
+            raise UsageError(f"{loc}: {key} must be at least {_MIN[key]}, got {value!r}")
+    elif key in _BOOL_KEYS:
+        out[field] = _parse_bool(value, loc)
+        if key == "sandbox" and not out[field]:
+            # never silently weaker than asked: a build outside the sandbox is not offered
+            raise UsageError(f"{loc}: sandbox = false is not supported: purestore always builds "
+                             f"in the sandbox", hint="remove the line (see docs/building.md)")
+    elif key in ("store-dir", "store"):
+        if key == "store-dir":
+            try:
+                check_store_dir(value)
+            except ValueError as e:
+                raise UsageError(f"{loc}: {e}") from None
+        out["store_dir" if key == "store-dir" else "root"] = value
+    elif key in _PATH_KEYS:
+        out[field] = value
+    else:
+        import difflib
+        known = [*_LIST_KEYS, *(f"extra-{k}" for k in _LIST_KEYS), "substitute", *_INT_KEYS, *_BOOL_KEYS,
+                 "store-dir", "store", *_PATH_KEYS]
+        close = difflib.get_close_matches(key, known, n=1)
+        raise UsageError(f"{loc}: unknown setting {key!r}",
+                         hint=f"did you mean {close[0]!r}?" if close else
+                         "the settings are listed in docs/store.md (Settings)")
+
+
+def load_settings(env: dict[str, str] | None = None, options: Sequence[tuple[str, str]] = (),
+                  **overrides) -> Settings:
+    """Build Settings from config files, the environment, ``options`` (NAME, VALUE pairs as the
+    config file would have them: ``--option NAME VALUE``) and explicit overrides (None = unset)."""
     env = dict(os.environ) if env is None else env
     kw: dict[str, object] = {}
+
+    def merge(parsed: dict[str, object]) -> None:
+        for k, v in parsed.items():
+            if k.startswith("extra_"):  # appended to what was read before
+                kw[k[len("extra_"):]] = (*kw.get(k[len("extra_"):], ()), *v)  # type: ignore[misc]
+            else:
+                kw[k] = v
     for f in config_files(env):
         try:
             # bytes that are not UTF-8 (in a comment, a path) are kept as they are, as Nix does
@@ -193,15 +215,15 @@ def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
             continue
         except OSError as e:
             raise UsageError(f"cannot read config file {str(f)!r}: {e.strerror}") from e
-        for k, v in parse_config(text, str(f)).items():
-            if k.startswith("extra_"):  # appended to what the files before set
-                kw[k[len("extra_"):]] = (*kw.get(k[len("extra_"):], ()), *v)  # type: ignore[misc]
-            else:
-                kw[k] = v
+        merge(parse_config(text, str(f)))
     if env.get("PURE_STORE"):
         kw["root"] = env["PURE_STORE"]
     if env.get("PURE_STORE_DIR"):
         kw["store_dir"] = env["PURE_STORE_DIR"]
+    for name, value in options:
+        parsed: dict[str, object] = {}
+        parse_setting(name, value.strip(), f"--option {name}", parsed)
+        merge(parsed)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if "root" in kw:
         kw["root"] = os.path.abspath(str(kw["root"]))
