@@ -69,6 +69,8 @@ def cmd_gc(args, ctx) -> int:
         for link in result.pruned_links:
             ctx.info(f"removed stale GC root {link!r}")
         extra = f", {len(result.invalid_removed)} invalid leftovers removed" if result.invalid_removed else ""
+        if result.links_removed:
+            extra += f", {result.links_removed} unused links of 'pure store optimise' removed"
         ctx.info(f"{len(result.deleted)} store paths deleted, {result.bytes_freed} bytes freed "
                  f"({_human(result.bytes_freed)}){extra}")
     return 0

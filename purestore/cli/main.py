@@ -53,7 +53,8 @@ COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
 # (tests/test_cli_main.py checks this table too.)
 SUBCOMMAND_OWNERS: dict[tuple[str, str], str] = {
     **{("store", c): "store_cmd" for c in ("add", "path-info", "ls", "references", "referrers",
-                                           "requisites", "verify", "copy-sigs", "delete")},
+                                           "requisites", "verify", "copy-sigs", "delete",
+                                           "optimise")},
     ("store", "realise"): "build_cmd", ("store", "sign"): "key_cmd", ("store", "serve"): "serve_cmd",
     ("cache", "serve"): "serve_cmd",
     **{("cache", c): "cache_cmd" for c in ("verify", "info", "path-info", "sign", "prune", "ls", "cat")},

@@ -130,10 +130,51 @@ def register(reg) -> None:
                         "substituters setting)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
+    p = reg.command("optimise", "save space: hard-link files with equal contents", cmd_optimise, group="store",
+                    description=_OPTIMISE_HELP)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="only these paths (default: every valid path)")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+
     p = reg.command("delete", "delete paths that nothing refers to", cmd_delete, group="store",
                     description="Delete valid paths. Refuses (and deletes nothing) while a path is "
                                 "referenced by a valid path not being deleted too.")
     p.add_argument("paths", nargs="+", metavar="PATH")
+
+
+_OPTIMISE_HELP = """\
+Replace files with equal contents (and executable bit) by hard links to one copy, as Nix's
+`nix-store --optimise`: each file is named by its NAR hash under <store dir>/.links/. Paths keep
+their NAR hashes, modes and times. An existing .links entry is rehashed before it is used, so a
+damaged one is replaced instead of spread. `pure gc` removes the entries no path uses any more.
+Safe while builds run."""
+
+
+def cmd_optimise(args, ctx) -> int:
+    from ..store.optimise import optimise_store
+    with ctx.open_store() as store:
+        paths = [store.parse_path(p, valid=True) for p in args.paths] if args.paths else None
+        tty = sys.stderr.isatty() and not args.json
+        step = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            import time
+            now = time.monotonic()
+            if tty and (now - step[0] > 0.2 or done == total):
+                step[0] = now
+                sys.stderr.write(f"\roptimising: {done}/{total} paths\x1b[K")
+                if done == total:
+                    sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+        r = optimise_store(store, paths, progress=progress)
+    if args.json:
+        _print_json(r.to_json())
+        print()
+        return 0
+    repaired = f"; {r.entries_repaired} damaged links replaced" if r.entries_repaired else ""
+    skipped = f"; {r.skipped} files left as they were (gone meanwhile, or at the link limit)" if r.skipped else ""
+    ctx.info(f"{r.linked} files hard-linked, {r.bytes_saved} bytes ({r.bytes_saved / (1 << 20):.2f} MiB) saved; "
+             f"{r.files} files in {r.paths} paths looked at{repaired}{skipped}")
+    return 0
 
 
 def _print_json(obj) -> None:

@@ -84,6 +84,7 @@ class GcResult:
     seconds: float = 0.0
     would_delete: tuple[StorePath, ...] = ()   # dry run: what would be deleted (respecting max_freed)
     would_free: int = 0
+    links_removed: int = 0  # entries of .links (pure store optimise) no path used any more
 
     def to_json(self, store_dir: str) -> dict:
         return {
@@ -92,6 +93,7 @@ class GcResult:
             "wouldDelete": [p.absolute(store_dir) for p in self.would_delete],
             "deleted": [p.absolute(store_dir) for p in self.deleted],
             "bytesFreed": self.bytes_freed,
+            "linksRemoved": self.links_removed,
             "prunedLinks": list(self.pruned_links),
             "invalidRemoved": list(self.invalid_removed),
         }
@@ -581,9 +583,11 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
     finally:
         lock.close()
     _remove_trash(trash, workers, interrupted)
+    from .optimise import remove_unused_links
+    links_removed, _ = remove_unused_links(store.real_store_dir)
     by_id = dict(zip(order_all, dead))
     deleted = tuple(by_id[i] for i in order)
     return GcResult(dead=dead, deleted=deleted, bytes_freed=sum(g.size.get(i, 0) for i in order),
                     pruned_links=tuple(stale), invalid_removed=tuple(leftovers), dry_run=False,
-                    seconds=time.perf_counter() - t0)
+                    seconds=time.perf_counter() - t0, links_removed=links_removed)
 

@@ -1,0 +1,113 @@
+"""pure store optimise: equal files hard-linked through <store dir>/.links, hashes unchanged,
+damaged links not spread, unused links removed by the collector."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import run_pure
+from purestore.store.fsnar import hash_path
+from purestore.store.local import LocalStore
+from purestore.store.settings import load_settings
+
+
+@pytest.fixture
+def store(store_root):
+    s = LocalStore.open(load_settings(env={"PURE_CONFIG": "/dev/null"}, root=str(store_root)))
+    yield s
+    s.close()
+
+
+def _tree(tmp_path, name: str, files: dict[str, tuple[bytes, bool]]):
+    d = tmp_path / "src" / name
+    for rel, (data, exe) in files.items():
+        f = d / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+        f.chmod(0o755 if exe else 0o644)
+    return d
+
+
+def _paths(store, tmp_path):
+    big = b"shared library bytes\n" * 5000
+    a = store.add_path(str(_tree(tmp_path, "a", {"lib/libx.so": (big, False), "bin/tool": (b"#!x\n" * 100, True),
+                                                 "own": (b"only in a\n", False)})), "a")
+    b = store.add_path(str(_tree(tmp_path, "b", {"share/libx.so": (big, False), "tool": (b"#!x\n" * 100, True),
+                                                 "tool-noexec": (b"#!x\n" * 100, False)})), "b")
+    return a, b, big
+
+
+def _ino(path) -> int:
+    return os.lstat(path).st_ino
+
+
+def test_equal_files_become_one_inode_and_nothing_else_changes(store, store_root, tmp_path):
+    a, b, big = _paths(store, tmp_path)
+    ra, rb = store.real_path(a), store.real_path(b)
+    before = {p: store.query_path_info(p).nar_hash for p in (a, b)}
+    dir_times = {d: os.lstat(d).st_mtime_ns for d in (f"{ra}/lib", f"{rb}/share", rb)}
+    p = run_pure("store", "optimise", "--json", root=store_root)
+    r = json.loads(p.stdout)
+    assert r["linked"] == 2 and r["bytesSaved"] == len(big) + 400 and r["paths"] == 2
+    assert _ino(f"{ra}/lib/libx.so") == _ino(f"{rb}/share/libx.so")
+    assert _ino(f"{ra}/bin/tool") == _ino(f"{rb}/tool")
+    assert _ino(f"{rb}/tool-noexec") != _ino(f"{rb}/tool")  # the executable bit is part of the name
+    name = hash_path(f"{ra}/lib/libx.so")[0].nix32
+    assert _ino(f"{store.real_store_dir}/.links/{name}") == _ino(f"{ra}/lib/libx.so")
+    for path, h in before.items():  # the NAR hashes, modes and directory times are as they were
+        assert hash_path(store.real_path(path))[0] == h
+    assert stat.S_IMODE(os.lstat(f"{rb}/tool").st_mode) == 0o555
+    assert stat.S_IMODE(os.lstat(rb).st_mode) == 0o555
+    assert {d: os.lstat(d).st_mtime_ns for d in dir_times} == dir_times
+    assert run_pure("store", "verify", "--check-contents", root=store_root).returncode == 0
+    assert not [n for n in os.listdir(store.real_store_dir) if n.startswith(".tmp-link-")]
+    # a second run links nothing more
+    again = json.loads(run_pure("store", "optimise", "--json", root=store_root).stdout)
+    assert again["linked"] == 0 and again["entriesAdded"] == 0
+    # text output
+    p = run_pure("store", "optimise", root=store_root)
+    assert "0 files hard-linked, 0 bytes (0.00 MiB) saved; 6 files in 2 paths looked at" in p.stderr
+
+
+def test_a_damaged_link_is_replaced_not_spread(store, store_root, tmp_path):
+    """An entry of .links whose contents no longer match its name (a disk error, a hand edit) is
+    not linked into other paths: the file being optimised takes its place."""
+    a, b, big = _paths(store, tmp_path)
+    ra, rb = store.real_path(a), store.real_path(b)
+    run_pure("store", "optimise", store.print_path(a), root=store_root)  # only a: entries made
+    name = hash_path(f"{ra}/lib/libx.so")[0].nix32
+    link = f"{store.real_store_dir}/.links/{name}"
+    # damage the entry alone: make it a separate inode with other bytes
+    os.unlink(link)
+    with open(link, "wb") as f:
+        f.write(b"garbage")
+    r = json.loads(run_pure("store", "optimise", "--json", store.print_path(b), root=store_root).stdout)
+    assert r["entriesRepaired"] == 1
+    assert open(f"{rb}/share/libx.so", "rb").read() == big
+    assert open(link, "rb").read() == big and _ino(link) == _ino(f"{rb}/share/libx.so")
+    assert run_pure("store", "verify", "--check-contents", root=store_root).returncode == 0
+
+
+def test_gc_removes_links_no_path_uses(store, store_root, tmp_path):
+    a, b, big = _paths(store, tmp_path)
+    run_pure("store", "optimise", root=store_root)
+    links = f"{store.real_store_dir}/.links"
+    n_links = len(os.listdir(links))
+    assert n_links == 4  # libx.so, tool, own, tool-noexec (every non-empty file gets an entry)
+    store.close()  # (its temporary roots keep the paths it added)
+    p = run_pure("gc", root=store_root)  # no roots: both paths go, and then every entry
+    assert "2 store paths deleted" in p.stderr and f"{n_links} unused links of 'pure store optimise' removed" in p.stderr
+    assert os.listdir(links) == []
+    p = run_pure("gc", "--json", root=store_root)
+    assert json.loads(p.stdout)["linksRemoved"] == 0
+
+
+def test_optimise_errors_name_the_path(store, store_root, tmp_path):
+    p = run_pure("store", "optimise", "/pure/store/00000000000000000000000000000000-nope", root=store_root,
+                 check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "nope" in p.stderr
+    assert "Traceback" not in p.stderr
