@@ -1,5 +1,6 @@
-"""The local store: store dir, state dir, database, atomic adds, locks, closures, delete
-(verifying is in :mod:`.verify`, checking what to add in :mod:`.adding`).
+"""The local store: store dir, state dir, database, atomic adds, locks, delete (reading the
+database, closures included, is in :mod:`.query`, verifying in :mod:`.verify`, checking what to
+add in :mod:`.adding`).
 
 Layout: the store's files live in ``settings.real_store_dir`` (the logical store dir under the
 store root) and its state in ``settings.state_dir`` (see docs/internals.md).  Temporary entries
@@ -21,13 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import re
 import secrets
 import stat
 import time
-from typing import TYPE_CHECKING, Iterable, Iterator, ContextManager
+from typing import TYPE_CHECKING, Iterable, ContextManager
 
 from ..errors import InvalidStorePath, PathInUse, PathNotValid, StoreError
 from ..formats.hash import Hash
@@ -40,6 +40,7 @@ from .adding import add_error, check_add_source, compute_add_path, file_sha256  
 from .db import StoreDB
 from .fstree import remove_tree
 from .lock import PathLocks
+from .query import StoreQueries, _chunks
 from .roots import TempRoots, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
 from .settings import Settings
 
@@ -57,7 +58,6 @@ def __getattr__(name: str):
 
 
 TMP_DIR = ".tmp"
-_SQL_CHUNK = 900  # bound parameters per IN (...) query
 
 _libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would fork ldconfig
 
@@ -73,16 +73,12 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
-def _chunks(seq: list, n: int = _SQL_CHUNK) -> Iterator[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
-
-
-class LocalStore:
+class LocalStore(StoreQueries):
     """A store on the local file system.  Create it with :meth:`open`; close it (or use ``with``).
 
     Paths are :class:`StorePath` values; :meth:`print_path` gives the logical absolute path,
-    :meth:`real_path` the physical one.
+    :meth:`real_path` the physical one.  The read-only queries (validity, path infos, references,
+    closures, derivers) are inherited from :class:`~.query.StoreQueries`.
     """
 
     def __init__(self, settings: Settings, db: StoreDB, temp_roots: TempRoots, *, durable: bool):
@@ -234,175 +230,6 @@ class LocalStore:
                                + (f" (physically {self.real_store_dir!r})" if self.settings.rooted else ""),
                                hint=hint)
 
-    # -- queries --------------------------------------------------------------------------------
-
-    def is_valid(self, sp: StorePath) -> bool:
-        return bool(self.db.query("SELECT 1 FROM ValidPaths WHERE path = ?", (sp.base_name,)))
-
-    def query_valid_paths(self, paths: Iterable[StorePath]) -> set[StorePath]:
-        """Those of ``paths`` that are valid (Nix's ``queryValidPaths``): one query for up to
-        500 paths instead of one each."""
-        by_name = {p.base_name: p for p in paths}
-        names = list(by_name)
-        valid: set[StorePath] = set()
-        for i in range(0, len(names), 500):
-            part = names[i:i + 500]
-            rows = self.db.query(f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(part))})", part)
-            valid.update(by_name[r[0]] for r in rows)
-        return valid
-
-    def _require_valid(self, sp: StorePath) -> int:
-        rows = self.db.query("SELECT id FROM ValidPaths WHERE path = ?", (sp.base_name,))
-        if not rows:
-            raise PathNotValid(f"path {self.print_path(sp)!r} is not valid in the store "
-                               f"at {self.real_store_dir!r}")
-        return rows[0][0]
-
-    def query_path_info(self, sp: StorePath) -> PathInfo | None:
-        """The path info of ``sp``, or None when it is not valid."""
-        rows = self.db.query(
-            "SELECT id, hash, narSize, registrationTime, deriver, sigs, ca FROM ValidPaths WHERE path = ?",
-            (sp.base_name,))
-        if not rows:
-            return None
-        id_, h, size, rtime, deriver, sigs, ca = rows[0]
-        refs = self.db.query(
-            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?", (id_,))
-        return PathInfo(
-            path=sp, nar_hash=Hash.parse(h, "sha256"), nar_size=size,
-            references=frozenset(StorePath.from_base_name(r[0]) for r in refs),
-            deriver=StorePath.from_base_name(deriver) if deriver else None,
-            sigs=frozenset(sigs.split()) if sigs else frozenset(), ca=ca, registration_time=rtime,
-        )
-
-    def query_path_from_hash_part(self, hash_part: str) -> StorePath | None:
-        """The valid path whose hash part is ``hash_part`` (what a binary cache's
-        ``<hash part>.narinfo`` asks for), or None."""
-        rows = self.db.query("SELECT path FROM ValidPaths WHERE path >= ? AND path < ? LIMIT 1",
-                             (hash_part + "-", hash_part + "."))  # "." sorts just after "-"
-        return StorePath.from_base_name(rows[0][0]) if rows else None
-
-    def valid_paths(self) -> list[StorePath]:
-        """Every valid path, sorted."""
-        return sorted(StorePath.from_base_name(r[0]) for r in self.db.query("SELECT path FROM ValidPaths"))
-
-    def query_references(self, sp: StorePath) -> set[StorePath]:
-        """What ``sp`` refers to (raises :class:`PathNotValid` if it is not valid)."""
-        id_ = self._require_valid(sp)
-        rows = self.db.query(
-            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?", (id_,))
-        return {StorePath.from_base_name(r[0]) for r in rows}
-
-    def query_referrers(self, sp: StorePath) -> set[StorePath]:
-        """Valid paths that refer to ``sp`` (``sp`` itself if self-referencing)."""
-        id_ = self._require_valid(sp)
-        rows = self.db.query(
-            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer WHERE r.reference = ?", (id_,))
-        return {StorePath.from_base_name(r[0]) for r in rows}
-
-    def query_closure(self, paths: Iterable[StorePath]) -> set[StorePath]:
-        """``paths`` and everything they refer to, transitively.
-
-        Raises :class:`PathNotValid` if one of ``paths`` is not valid.
-        """
-        names = sorted({p.base_name for p in paths})
-        if not names:
-            return set()
-        start = json.dumps(names)
-        with self.db.lock:  # one read snapshot for both queries (no write lock taken)
-            with self.db.read_transaction() as c:
-                found = c.execute("SELECT path FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
-                                  (start,)).fetchall()
-                if len(found) != len(names):
-                    missing = sorted(set(names) - {r[0] for r in found})[0]
-                    raise PathNotValid(f"path {self.store_dir + '/' + missing!r} is not valid in the store "
-                                       f"at {self.real_store_dir!r}")
-                rows = c.execute("""
-                    WITH RECURSIVE closure(id) AS (
-                        SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
-                        UNION
-                        SELECT r.reference FROM Refs r JOIN closure ON r.referrer = closure.id)
-                    SELECT v.path FROM closure JOIN ValidPaths v ON v.id = closure.id""", (start,)).fetchall()
-        return {StorePath.from_base_name(r[0]) for r in rows}
-
-    def closure_size(self, paths: Iterable[StorePath]) -> int:
-        """Sum of the NAR sizes of the closure of ``paths``."""
-        total = 0
-        names = [p.base_name for p in self.query_closure(paths)]
-        for chunk in _chunks(names):
-            total += self.db.query(
-                f"SELECT COALESCE(SUM(narSize), 0) FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})",
-                chunk)[0][0]
-        return total
-
-    def _references_of(self, names: list[str]) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {n: set() for n in names}
-        for chunk in _chunks(names):
-            rows = self.db.query(
-                "SELECT a.path, b.path FROM Refs r JOIN ValidPaths a ON a.id = r.referrer "
-                f"JOIN ValidPaths b ON b.id = r.reference WHERE a.path IN ({','.join('?' * len(chunk))})",
-                chunk)
-            for a, b in rows:
-                out[a].add(b)
-        return out
-
-    def topo_sort(self, paths: Iterable[StorePath]) -> list[StorePath]:
-        """``paths`` ordered so that every path comes after the paths it refers to.
-
-        Only references among ``paths`` count; ties are broken by name, so the order is stable.
-        """
-        names = sorted({p.base_name for p in paths})
-        refs = self._references_of(names)
-        inset = set(names)
-        order: list[str] = []
-        state: dict[str, int] = {}
-        for root in names:
-            if root in state:
-                continue
-            stack = [(root, iter(sorted((refs[root] & inset) - {root})))]
-            state[root] = 1
-            while stack:
-                node, it = stack[-1]
-                nxt = next(it, None)
-                if nxt is None:
-                    stack.pop()
-                    state[node] = 2
-                    order.append(node)
-                elif nxt not in state:
-                    state[nxt] = 1
-                    stack.append((nxt, iter(sorted((refs[nxt] & inset) - {nxt}))))
-                elif state[nxt] == 1:
-                    raise StoreError(f"reference cycle between {self.store_dir}/{node} and {self.store_dir}/{nxt}")
-        return [StorePath.from_base_name(n) for n in order]
-
-    def query_deriver(self, sp: StorePath) -> StorePath | None:
-        rows = self.db.query("SELECT deriver FROM ValidPaths WHERE path = ?", (sp.base_name,))
-        return StorePath.from_base_name(rows[0][0]) if rows and rows[0][0] else None
-
-    def query_derivation_outputs(self, drv: StorePath) -> dict[str, StorePath]:
-        """Output name -> path recorded for derivation ``drv`` (empty if none)."""
-        rows = self.db.query("SELECT id, path FROM DerivationOutputs WHERE drv = ?", (drv.base_name,))
-        return {name: StorePath.from_base_name(p) for name, p in rows}
-
-    def query_derivers_of(self, sp: StorePath) -> list[StorePath]:
-        """Derivations recorded as having ``sp`` as an output."""
-        rows = self.db.query("SELECT drv FROM DerivationOutputs WHERE path = ? ORDER BY drv", (sp.base_name,))
-        return [StorePath.from_base_name(r[0]) for r in rows]
-
-    def register_derivation_outputs(self, drv: StorePath, outputs: dict[str, StorePath]) -> None:
-        """Record the output paths of ``drv`` (replacing earlier records of the same outputs)."""
-        with self.db.transaction() as c:
-            c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)",
-                          [(drv.base_name, name, sp.base_name) for name, sp in sorted(outputs.items())])
-
-    def register_derivation_outputs_many(self, items: Iterable[tuple[StorePath, dict[str, StorePath]]]) -> None:
-        """:meth:`register_derivation_outputs` for many derivations in ONE transaction
-        (used by ``pure instantiate``)."""
-        rows = [(drv.base_name, name, sp.base_name) for drv, outs in items for name, sp in sorted(outs.items())]
-        if rows:
-            with self.db.transaction() as c:
-                c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)", rows)
-
     # -- locks and roots ------------------------------------------------------------------------
 
     def lock_path(self, sp: StorePath) -> ContextManager[None]:
@@ -512,6 +339,20 @@ class LocalStore:
                 raise PathNotValid(f"cannot sign {self.print_path(sp)!r}: it is not valid")
             merged = set((row[0] or "").split()) | set(sigs)
             c.execute("UPDATE ValidPaths SET sigs = ? WHERE path = ?", (" ".join(sorted(merged)) or None, sp.base_name))
+
+    def register_derivation_outputs(self, drv: StorePath, outputs: dict[str, StorePath]) -> None:
+        """Record the output paths of ``drv`` (replacing earlier records of the same outputs)."""
+        with self.db.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)",
+                          [(drv.base_name, name, sp.base_name) for name, sp in sorted(outputs.items())])
+
+    def register_derivation_outputs_many(self, items: Iterable[tuple[StorePath, dict[str, StorePath]]]) -> None:
+        """:meth:`register_derivation_outputs` for many derivations in ONE transaction
+        (used by ``pure instantiate``)."""
+        rows = [(drv.base_name, name, sp.base_name) for drv, outs in items for name, sp in sorted(outs.items())]
+        if rows:
+            with self.db.transaction() as c:
+                c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)", rows)
 
     def add_path(self, src: str, name: str | None = None, *, flat: bool = False,
                  dry_run: bool = False) -> StorePath:
