@@ -12,7 +12,7 @@ store that speaks its API: MinIO, Ceph, Garage, ...), as Nix's S3 binary cache s
   ``AWS_PROFILE``, else ``default``) in the shared credentials file (``AWS_SHARED_CREDENTIALS_FILE``,
   else ``~/.aws/credentials``); with none at all, requests go unsigned (a public bucket).
 - How: every request to the bucket is signed with AWS Signature Version 4
-  (:func:`sign_v4`); bodies are sent as ``UNSIGNED-PAYLOAD`` (a NAR is checked against its
+  (:func:`.s3_auth.sign_v4`); bodies are sent as ``UNSIGNED-PAYLOAD`` (a NAR is checked against its
   narinfo by whoever reads it, and the narinfo against its signatures).  Everything else (the
   pooled connections, retries, resumed downloads, redirects) is the HTTP backend's.
 - Big files: a file over 5 GiB (S3's limit for one PUT), or over ``buffer-size`` bytes (default
@@ -28,203 +28,42 @@ store that speaks its API: MinIO, Ceph, Garage, ...), as Nix's S3 binary cache s
   403 whose error code is ``AccessDenied`` counts as "not there"; any other S3 error (a wrong
   key or signature, an expired token, a bucket that does not exist) is reported with S3's code
   and message.
+
+Reading the URL is :mod:`.s3_url`'s job, the credentials and request signing :mod:`.s3_auth`'s;
+this module is the backend itself: requests and S3's answers, listing and deleting for
+``pure cache prune``, and multipart uploads.
 """
 
 from __future__ import annotations
 
 import base64
-import configparser
 import datetime
 import email.utils
 import hashlib
-import hmac
 import logging
 import os
 import re
 import urllib.parse
 from xml.sax.saxutils import escape
 
-import attrs
 import trio
 
 from ..errors import CacheError
 from ._nursery import open_nursery
 from .backend import _unlink
-from .content_encoding import WRITABLE as WRITABLE_ENCODINGS, encode
+from .content_encoding import encode
 from .http_backend import REDIRECT_STATUS, TRANSIENT_STATUS, HttpBackend
 from .http_response import _status_line, whole_limit
-from .url import CacheURL, url_flag
+from .s3_auth import Credentials, load_credentials, sign_v4
+from .s3_url import _kind, http_url, stored_encodings, upload_options
+from .url import CacheURL
 
 log = logging.getLogger("purestore.cache")
 
-UNSIGNED = "UNSIGNED-PAYLOAD"
-MIN_PART = 5 << 20  # S3's smallest part (but the last) of a multipart upload
 MAX_PARTS = 10_000  # S3's most parts of one upload
 SINGLE_PUT_MAX = 5 << 30  # S3's biggest object of one PUT
 PARALLEL_PARTS = 4  # parts of one file uploaded at a time
 ABORT_TIMEOUT = 10  # seconds an abort of a failed multipart upload may take
-
-
-@attrs.frozen(repr=False)
-class Credentials:
-    access_key: str
-    secret_key: str
-    token: str | None = None
-    source: str = ""  # where they came from, for messages (never the secret)
-
-    def __repr__(self) -> str:
-        return f"Credentials({self.access_key!r}, from {self.source})"
-
-
-def load_credentials(profile: str | None = None, env=None) -> Credentials | None:
-    """The credentials to sign with (see the module docstring); None: none configured.
-    Raises :class:`CacheError` for a credentials file that cannot be read or lacks the
-    profile asked for by name."""
-    env = os.environ if env is None else env
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        return Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
-                           env.get("AWS_SESSION_TOKEN") or None, "the environment (AWS_ACCESS_KEY_ID)")
-    named = profile or env.get("AWS_PROFILE")
-    name = named or "default"
-    path = env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(env.get("HOME", "/root"), ".aws", "credentials")
-    if not os.path.exists(path):
-        if named:
-            raise CacheError(f"no AWS credentials file {path!r} for the profile {name!r}",
-                             hint="set AWS_SHARED_CREDENTIALS_FILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-        return None
-    cp = configparser.RawConfigParser()
-    try:
-        with open(path) as f:
-            cp.read_file(f)
-    except (OSError, configparser.Error) as e:
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise CacheError(f"cannot read AWS credentials file {path!r}: {why}") from None
-    if not cp.has_section(name):
-        if named:
-            raise CacheError(f"AWS credentials file {path!r} has no profile [{name}]")
-        return None
-    sec = cp[name]
-    if not sec.get("aws_access_key_id") or not sec.get("aws_secret_access_key"):
-        raise CacheError(f"AWS credentials file {path!r}: profile [{name}] needs aws_access_key_id "
-                         "and aws_secret_access_key")
-    return Credentials(sec["aws_access_key_id"].strip(), sec["aws_secret_access_key"].strip(),
-                       (sec.get("aws_session_token") or "").strip() or None, f"profile [{name}] of {path}")
-
-
-def _hmac(key: bytes, text: str) -> bytes:
-    return hmac.new(key, text.encode(), hashlib.sha256).digest()
-
-
-def sign_v4(method: str, host: str, target: str, headers: dict[str, str], creds: Credentials, region: str,
-            now: datetime.datetime | None = None, service: str = "s3") -> dict[str, str]:
-    """``headers`` plus what AWS Signature Version 4 adds (``x-amz-date``,
-    ``x-amz-content-sha256``, the session token, ``Authorization``) for a request of
-    ``method`` to ``target`` (the path, already URI-encoded as sent, and query) on ``host``
-    (the Host header).  Signs the host and the ``x-amz-*`` headers; the body is unsigned."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-    out = dict(headers)
-    out["x-amz-date"] = amz_date
-    out["x-amz-content-sha256"] = UNSIGNED
-    if creds.token:
-        out["x-amz-security-token"] = creds.token
-    path, _, query = target.partition("?")
-    pairs = sorted(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    canonical_query = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
-                               for k, v in pairs)
-    signed = {"host": host}
-    for k, v in out.items():
-        if k.lower().startswith("x-amz-"):
-            signed[k.lower()] = " ".join(v.split())
-    names = sorted(signed)
-    canonical = "\n".join([method, path, canonical_query, *(f"{k}:{signed[k]}" for k in names), "",
-                           ";".join(names), UNSIGNED])
-    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(("AWS4" + creds.secret_key).encode(), amz_date[:8])
-    for part in (region, service, "aws4_request"):
-        key = _hmac(key, part)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
-                            f"SignedHeaders={';'.join(names)}, Signature={signature}")
-    return out
-
-
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_REGION = re.compile(r"^[a-z0-9-]+$")
-
-
-def http_url(cu: CacheURL) -> tuple[str, str, str]:
-    """(the bucket's HTTP base URL ending in '/', the bucket, the region) for an ``s3://`` URL."""
-    u = urllib.parse.urlsplit(cu.url)
-    bucket = u.netloc
-    if not _BUCKET.match(bucket):
-        raise CacheError(f"cache URL {cu.url!r}: {bucket!r} is not an S3 bucket name",
-                         hint="bucket names have 3 to 63 lower-case letters, digits, dots and hyphens")
-    region = cu.param("region") or "us-east-1"
-    if not _REGION.match(region):
-        raise CacheError(f"cache URL {cu.url!r}: bad region {region!r}")
-    scheme = cu.param("scheme")
-    if scheme is not None and scheme not in ("http", "https"):
-        raise CacheError(f"cache URL {cu.url!r}: scheme must be https or http, got {scheme!r}")
-    prefix = u.path.strip("/")
-    prefix = urllib.parse.quote(prefix + "/", safe="/-_.~") if prefix else ""
-    endpoint = cu.param("endpoint")
-    if endpoint:
-        given, sep, host = endpoint.partition("://")  # a URL where a host is expected: its scheme counts
-        if sep:
-            if given not in ("http", "https") or (scheme is not None and scheme != given):
-                raise CacheError(f"cache URL {cu.url!r}: endpoint {endpoint!r} and scheme {scheme!r} disagree"
-                                 if given in ("http", "https") else
-                                 f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got {endpoint!r}")
-            scheme, endpoint = given, host
-        scheme = scheme or "https"
-        endpoint = endpoint.rstrip("/")
-        if not endpoint or "/" in endpoint:
-            raise CacheError(f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got {cu.param('endpoint')!r}")
-        return f"{scheme}://{endpoint}/{bucket}/{prefix}", bucket, region
-    return f"{scheme or 'https'}://{bucket}.s3.{region}.amazonaws.com/{prefix}", bucket, region
-
-
-def upload_options(cu: CacheURL) -> tuple[bool, int]:
-    """(``multipart-upload``, ``buffer-size``) of an ``s3://`` URL, checked."""
-    multipart = url_flag(cu, "multipart-upload")
-    raw = cu.param("buffer-size")
-    if raw is None:
-        return multipart, MIN_PART
-    try:
-        size = int(raw)
-    except ValueError:
-        size = -1
-    if size < MIN_PART:
-        raise CacheError(f"cache URL {cu.url!r}: buffer-size must be a number of bytes of at least "
-                         f"{MIN_PART} (5 MiB, S3's smallest part), got {raw!r}")
-    return multipart, size
-
-
-def stored_encodings(cu: CacheURL) -> dict[str, str]:
-    """Which small files of an ``s3://`` cache are stored compressed, with which method (Nix's
-    ``narinfo-compression``, ``ls-compression``, ``log-compression``): kind → method."""
-    out = {}
-    for kind in ("narinfo", "ls", "log"):
-        method = cu.param(f"{kind}-compression")
-        if method in (None, "", "none"):
-            continue
-        if method not in WRITABLE_ENCODINGS:
-            raise CacheError(f"cache URL {cu.url!r}: {kind}-compression must be one of "
-                             f"{', '.join(WRITABLE_ENCODINGS)} or none, got {method!r}")
-        out[kind] = method
-    return out
-
-
-def _kind(name: str) -> str | None:
-    if name.startswith("log/"):
-        return "log"
-    if "/" not in name and name.endswith(".narinfo"):
-        return "narinfo"
-    if "/" not in name and name.endswith(".ls"):
-        return "ls"
-    return None
 
 
 def part_size(size: int, wanted: int) -> int:
