@@ -46,8 +46,9 @@ from .fetch import stream_to_thread
 from .info import read_cache_info
 from .nar_jobs import VerifyingReader, nar_listing
 from .progress import Progress
-from .push import (cached_paths, debug_info_members, ensure_cache_info, load_secret_key,
-                   mark_present, nar_temp_dir, push_lock, push_temp_name, write_debug_links)
+from .debug_info import debug_info_members, write_debug_links
+from .destination import cached_paths, ensure_cache_info, mark_present, nar_temp_dir, push_lock
+from .push import load_secret_key, push_temp_name
 from .query import CONCURRENCY, read_narinfo
 
 # URL parameters of a push that choose how NARs are written; a copy between caches keeps the

@@ -10,7 +10,8 @@ For each path of the closure of the given paths that the cache lacks (``<hash>.n
 2. upload ``nar/<nix32 FileHash>.nar<ext>`` (skipped if present: NARs are content-addressed;
    :meth:`.backend.Backend.put_nar`);
 3. optionally upload the ``<hash>.ls`` listing and the ``debuginfo/`` links of its debug files
-   (``index-debug-info``), the build log ``log/<drv>``, and extra files (:func:`extra_files_for`);
+   (``index-debug-info``, :mod:`.debug_info`), the build log ``log/<drv>``, and extra files
+   (:func:`extra_files_for`);
 4. sign the narinfo with the given secret keys (signing happens here, on the client; the cache
    server never sees a key) and upload ``<hash>.narinfo`` only after the narinfos of all its
    references: a reader never finds a narinfo whose references are missing.
@@ -21,40 +22,41 @@ each NAR compressed single-threaded so the output is byte-identical to Nix's (un
 ``parallel-compression`` asks for each NAR on all cores: for one big path).  The bytes are not
 copied on the way: NAR chunks are views of the dumper's buffers (``fsnar.stream_path``), and the
 compressed output is hashed and written straight from the compressor's buffer.
+
+Before the uploads, the cache is prepared and asked what it has already (``nix-cache-info``, the
+directory lock, the narinfos present, where NAR files are made): :mod:`.destination`, shared with
+the copy between caches (:mod:`.mirror`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import re
-import stat
-import tempfile
 from typing import Iterable
 
 import attrs
 import trio
 
-from ..errors import CacheError, CopyIncomplete, FormatError, KeyError_, StoreError
+from ..errors import CacheError, CopyIncomplete, KeyError_, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey
 from ..formats.store_path import StorePath
 from . import _storeapi as S
-from .backend import Backend, FileBackend, backend_for, file_url, make_dirs
+from .backend import FileBackend, backend_for
 from .url import parse_url, url_flag
 from .compression import compressor, extension
-from .info import CacheInfo
+from .debug_info import debug_info_files, write_debug_links
+from .destination import cached_paths, ensure_cache_info, mark_present, nar_temp_dir, push_lock
 from .narinfo_cache import NegativeCache
 from .forked import ForkedWorker, run_claimed
 from .nar_jobs import (INLINE_NAR_MAX, Oversized, compress_path, compressed_inline, nar_listing,  # noqa: F401
                        push_temp_name)  # (nar_listing: API)
 from ._nursery import open_nursery, run_stoppable
 from .progress import Progress
-from .prune import mark_used, open_dir_lock
 
 
 def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
@@ -67,77 +69,6 @@ def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
     from ..store.provenance import read_provenance
     data = read_provenance(store, path)
     return {provenance_file_name(path.hash_part): data} if data is not None else {}
-
-
-_BUILD_ID_DIR = ("lib", "debug", ".build-id")
-_HEX = frozenset("0123456789abcdef")
-
-
-def _debug_files(kind, names) -> list[tuple[str, str]]:
-    """The separate debug files of a tree, as Nix's ``index-debug-info`` finds them: regular
-    files ``lib/debug/.build-id/XX/YYYY….debug`` (2 and 38 lower-case hex digits; nothing
-    through a symlink).  Returns (cache key ``debuginfo/XXYYYY….debug``, member) pairs; the
-    key keeps the ``.debug`` suffix, as Nix 2.8 writes it.  ``kind(parts)``: "directory",
-    "regular" or None for the entry at those path components; ``names(parts)``: a
-    directory's entry names."""
-    if any(kind(_BUILD_ID_DIR[:i]) != "directory" for i in range(1, len(_BUILD_ID_DIR) + 1)):
-        return []
-    found = []
-    for s1 in sorted(names(_BUILD_ID_DIR)):
-        if len(s1) != 2 or not set(s1) <= _HEX or kind((*_BUILD_ID_DIR, s1)) != "directory":
-            continue
-        for s2 in sorted(names((*_BUILD_ID_DIR, s1))):
-            stem = s2[:-len(".debug")]
-            if s2.endswith(".debug") and len(stem) == 38 and set(stem) <= _HEX \
-                    and kind((*_BUILD_ID_DIR, s1, s2)) == "regular":
-                found.append((f"debuginfo/{s1}{s2}", "/".join((*_BUILD_ID_DIR, s1, s2))))
-    return found
-
-
-def debug_info_files(real: str) -> list[tuple[str, str]]:
-    """:func:`_debug_files` of the path at ``real`` on disk."""
-    def kind(parts) -> str | None:
-        try:
-            mode = os.lstat(os.path.join(real, *parts)).st_mode
-        except OSError:
-            return None
-        return "directory" if stat.S_ISDIR(mode) else "regular" if stat.S_ISREG(mode) else None
-    return _debug_files(kind, lambda parts: os.listdir(os.path.join(real, *parts)))
-
-
-def debug_info_members(listing: bytes) -> list[tuple[str, str]]:
-    """:func:`_debug_files` from a path's ``.ls`` listing instead of its files (a copy between
-    caches has no store)."""
-    try:
-        root = json.loads(listing.decode("utf-8", "surrogateescape")).get("root")
-    except (ValueError, AttributeError):
-        return []
-
-    def node(parts):
-        n = root
-        for part in parts:
-            if not isinstance(n, dict) or n.get("type") != "directory":
-                return None
-            n = (n.get("entries") or {}).get(part)
-        return n if isinstance(n, dict) else None
-    return _debug_files(lambda parts: (node(parts) or {}).get("type"),
-                        lambda parts: list((node(parts) or {}).get("entries") or {}))
-
-
-async def write_debug_links(backend: Backend, files: list[tuple[str, str]], nar_name: str) -> None:
-    """Write ``debuginfo/<build id>`` links to the NAR holding each debug file (kept when the
-    cache has one already, as Nix does), for debuggers that look debug info up by build id;
-    ``files`` as :func:`debug_info_files` gives them."""
-    limit = trio.CapacityLimiter(8)
-
-    async def one(key: str, member: str) -> None:
-        async with limit:
-            if not await backend.exists(key):
-                body = json.dumps({"archive": f"../{nar_name}", "member": member}, separators=(",", ":"))
-                await backend.put(key, body.encode(), "application/json")
-    async with open_nursery() as n:
-        for key, member in files:
-            n.start_soon(one, key, member)
 
 
 @attrs.frozen
@@ -175,166 +106,10 @@ def load_secret_key(path: str) -> SecretKey:
         raise KeyError_(f"secret key file {path!r}: {e}", hint=e.hint or _KEY_HINT) from None
 
 
-async def ensure_cache_info(backend: Backend, store_dir: str, other: str = "this store's dir") -> CacheInfo:
-    """Read ``nix-cache-info`` (checking the store dir; ``other``: whose dir it is, for the
-    error) or create it."""
-    data = await backend.get("nix-cache-info")
-    if data is None:
-        info = CacheInfo(store_dir)
-        await backend.put("nix-cache-info", info.render().encode(), "text/x-nix-cache-info")
-        return info
-    info = CacheInfo.parse(data, file_url(backend.url, "nix-cache-info"), default_store_dir=store_dir)
-    info.check_store_dir(store_dir, backend.url, other)
-    return info
-
-
-STALE_TEMP_SECONDS = 24 * 3600
-
-
-@contextlib.asynccontextmanager
-async def push_lock(directory: str):
-    """The cache directory's lock, shared (see :mod:`.prune`); waits for a running prune."""
-    import fcntl
-
-    fd = open_dir_lock(directory)
-    try:
-        waited = False
-        while True:  # polled, so that Ctrl-C works while waiting
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    logging.getLogger("purestore.cache").warning("waiting for the prune of %r to finish", directory)
-                    waited = True
-                await trio.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
-
-
-_ASKED_AT_ONCE = 64  # narinfos of a directory looked for in one worker thread
-
-
-async def cached_paths(backend: Backend, paths: Iterable[StorePath], concurrency: int = 32, *,
-                       key_names: set[str] | None = None, store_dir: str | None = None
-                       ) -> tuple[set[StorePath], tuple[StorePath, ...] | None]:
-    """The ``paths`` whose narinfo the cache has (asked ``concurrency`` at a time).  In a
-    directory, an empty narinfo (what a crash of the machine can leave of one written just
-    before) does not count: it is written again.
-
-    Returns them, and with ``key_names`` (a push's keys) the paths whose narinfo lacks a
-    signature by one of them: each narinfo is then read instead (one request all the same);
-    not for a bucket (None), whose ranged GETs note what ``cache prune`` needs."""
-    have: set[StorePath] = set()
-    limit = trio.CapacityLimiter(concurrency)
-    local = isinstance(backend, FileBackend)
-    read = bool(key_names) and not backend.bucket
-    lacking: list[StorePath] = []
-
-    def take(p: StorePath, data: bytes | None) -> None:
-        name = f"{p.hash_part}.narinfo"
-        if data is None or (local and not data):
-            return
-        try:
-            ni = NarInfo.parse(data, store_dir, where=file_url(backend.url, name))
-            if ni.store_path != p:
-                raise FormatError(f"it describes {ni.store_path.absolute(store_dir)!r}")
-        except (FormatError, UnicodeDecodeError) as e:
-            # pushed again, which writes a good one in its place (Nix, which only asks
-            # whether the file exists, would leave it as it is)
-            logging.getLogger("purestore.cache").warning(
-                "warning: the cache's narinfo of %r cannot be used (%s): it is written again",
-                p.absolute(store_dir), e)
-            return
-        have.add(p)
-        if not key_names <= {sig.partition(":")[0] for sig in ni.sigs}:
-            lacking.append(p)
-
-    async def ask_batch(batch: list[StorePath]) -> None:
-        """A directory's narinfos, a batch in one worker thread each: a hop to a thread and
-        back costs more than the ``stat`` or read of a small file (0.2 ms a path, most of it
-        waiting for the GIL, in a push of 200 small paths)."""
-        names = [f"{p.hash_part}.narinfo" for p in batch]
-        async with limit:
-            if read:
-                for p, data in zip(batch, await backend.get_many(names)):
-                    take(p, data)
-            else:
-                for p, size in zip(batch, await backend.sizes(names)):
-                    if size not in (None, 0):
-                        have.add(p)
-
-    async def ask(p: StorePath) -> None:  # (one request each: a bucket, a server)
-        name = f"{p.hash_part}.narinfo"
-        async with limit:
-            if read:
-                take(p, await backend.get(name))
-            elif await backend.exists(name):
-                have.add(p)
-
-    async with open_nursery() as n:
-        if local:
-            paths = list(paths)
-            for i in range(0, len(paths), _ASKED_AT_ONCE):
-                n.start_soon(ask_batch, paths[i:i + _ASKED_AT_ONCE])
-        else:
-            for p in paths:
-                n.start_soon(ask, p)
-    return have, (tuple(sorted(lacking)) if read else None)
-
-
-async def mark_present(backend: Backend, have: Iterable[StorePath]) -> None:
-    """Paths a copy into the cache found there already count as used for ``cache prune``: a
-    directory's narinfos get the time now, a bucket's a new Last-Modified (at most once an hour)."""
-    names = sorted(f"{p.hash_part}.narinfo" for p in have)
-    if not names:
-        return
-    if isinstance(backend, FileBackend):
-        paths = [backend.local_path(n) for n in names]
-        await trio.to_thread.run_sync(lambda: [mark_used(p) for p in paths])
-    elif hasattr(backend, "mark_used"):
-        await backend.mark_used(names)
-
-
-async def nar_temp_dir(backend: Backend) -> str | None:
-    """Where NAR files are made before they are put into the cache: its ``nar/`` directory
-    for a ``file://`` cache (so that putting one is a rename), else None (the system's
-    temporary directory).  Temporary NAR files left there by killed runs are removed once a
-    day old."""
-    if not isinstance(backend, FileBackend):
-        await trio.to_thread.run_sync(_remove_stale_temps, tempfile.gettempdir(), ".tmp-push-")
-        return None
-    tmp_dir = os.path.join(backend.dir, "nar")
-    try:
-        make_dirs(tmp_dir)
-    except OSError as e:
-        raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
-    await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
-    return tmp_dir
-
-
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
-
-
-def _remove_stale_temps(directory: str, prefix: str = ".tmp-") -> None:
-    """Remove temporary files of pushes that were killed (older than a day, so never a live one's)."""
-    import time
-    now = time.time()
-    try:
-        with os.scandir(directory) as it:
-            for e in it:
-                if e.name.startswith(prefix) and e.is_file(follow_symlinks=False):
-                    try:
-                        if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
-                            os.unlink(e.path)
-                    except OSError:
-                        pass
-    except OSError:
         pass
 
 

@@ -26,7 +26,7 @@ from ._nursery import open_nursery
 from .backend import FileBackend, backend_for, check_name
 from .info import read_cache_info
 from .progress import Progress
-from .push import push_lock
+from .destination import push_lock
 from .query import CONCURRENCY
 from .verify import check_nar
 
