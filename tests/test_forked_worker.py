@@ -200,6 +200,50 @@ async def test_download_falls_back_to_a_thread_when_the_worker_is_gone(tmp_path)
     await w.aclose()
 
 
+async def test_a_tiny_nar_that_is_a_fifo_is_waited_for_outside_the_event_loop(tmp_path, monkeypatch):
+    """A tiny NAR of a file:// cache is restored in the event loop when it is a file; one that
+    is a FIFO (a tool streaming it in) is waited for in a thread, so the rest of the run goes
+    on meanwhile: here the FIFO is fed by a task of the same run, once the restore has opened
+    it.  (Restored in the event loop, the wait for its first bytes held up that task until
+    FIFO_WAIT ran out: "a FIFO that nothing was written to".)"""
+    import errno
+
+    from purestore.cache import _files
+    from purestore.cache.fetch import TINY_NAR
+
+    monkeypatch.setattr(_files, "FIFO_WAIT", 5.0)
+    cache, ni, want = pushed(tmp_path, lambda store: make_path(store, "tiny", {"f": b"a few bytes\n"}))
+    assert ni.nar_size <= TINY_NAR and ni.file_size <= TINY_NAR
+    nar = cache / ni.url
+    data = nar.read_bytes()
+    nar.unlink()
+    os.mkfifo(nar)
+    url = f"file://{cache}"
+    c = types.SimpleNamespace(url=url, backend=open_backend(url))
+
+    async def feed():
+        while True:  # (opening a FIFO to write without blocking fails until a reader has it open)
+            try:
+                fd = os.open(nar, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                await trio.sleep(0.01)
+        try:
+            os.set_blocking(fd, True)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    with open_store(tmp_path / "dst") as dst:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(feed)
+                tmp = await download(dst, c, ni, None, None)
+        assert hash_path(tmp) == want
+
+
 @pytest.mark.parametrize("kill", [False, True], ids=["worker", "worker-gone"])
 async def test_a_big_nar_asked_for_ahead_is_restored_by_the_worker_or_asked_for_again(tmp_path, kill):
     """A big NAR whose response was opened before its restore started (fetch.Opened), fed to

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from functools import partial
 
 import trio
@@ -131,8 +132,10 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
     try:
         if isinstance(backend, FileBackend):
             args = (backend.local_path(ni.url), ni, where, tmp)
-            if ni.nar_size <= TINY_NAR and ni.file_size is not None and ni.file_size <= TINY_NAR:
-                # as over HTTP: restoring costs less than the hop to a worker would
+            if ni.nar_size <= TINY_NAR and ni.file_size is not None and ni.file_size <= TINY_NAR \
+                    and _plain_file(args[0]):
+                # as over HTTP: restoring costs less than the hop to a worker would (a FIFO,
+                # which may make its reader wait, see _files, goes below: the run goes on meanwhile)
                 from_file(*args, progress)
                 await trio.lowlevel.checkpoint()
                 return tmp
@@ -168,6 +171,16 @@ async def download(store, cache, ni: NarInfo, progress: Progress | None, worker=
                 await trio.to_thread.run_sync(_remove_partial, store, tmp)
         raise
     return tmp
+
+
+def _plain_file(path: str) -> bool:
+    """Whether ``path`` is no FIFO (a file, or what :func:`.nar_jobs.restore_file` refuses or
+    finds missing, as quickly where it runs): a tiny NAR that is one may be read in the event
+    loop."""
+    try:
+        return not stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def _remove_partial(store, tmp: str) -> None:
