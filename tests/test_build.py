@@ -131,6 +131,22 @@ def test_build_links_result_registers_root_and_prints_paths(pure, expr, tmp_path
     assert p2.stdout.strip() == out and "will be built" not in p2.stderr
 
 
+def test_bad_build_options_are_usage_errors_also_when_every_output_is_valid(pure, expr, tmp_path):
+    """A negative --cores or --max-jobs, or --rounds 0, is refused whatever the store holds: a
+    no-op build (every output valid, answered without the scheduler) refuses them too, as
+    `pure store realise` does (it took them without a word)."""
+    f = expr('default = sh("noop", "$B echo hi > $out")\n')
+    out = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    for bad, said in ((["--cores", "-1"], "--cores must be 0"), (["-j", "-1"], "--max-jobs must be 0"),
+                      (["--rounds", "0"], "--rounds must be at least 1")):
+        p = build(pure, tmp_path, f, "--no-link", *bad, check=False)
+        assert p.returncode == 2 and said in p.stderr and p.stdout == "", (bad, p.stderr)
+        drv = pure("instantiate", f).stdout.strip()
+        p = pure("store", "realise", drv, *bad, check=False)
+        assert p.returncode == 2 and said in p.stderr and p.stdout == "", (bad, p.stderr)
+    assert build(pure, tmp_path, f, "--no-link", "--cores", "0").stdout.strip() == out
+
+
 def test_multiple_outputs_link_result_dash_output_and_out_link_name(pure, expr, tmp_path):
     f = expr('default = sh("multi", "$B mkdir $out $dev; echo $dev > $out/devpath; echo d > $dev/x", '
              'outputs=["out", "dev"])\n')

@@ -90,8 +90,9 @@ the logs that `pure copy --to` (or Nix's `nix store copy-log`) put there.  Logs 
 stderr says which cache a log came from.  --offline asks no cache."""
 
 
-def _options(args, settings):
-    from ..build.scheduler import BuildOptions
+def _check_options(args) -> None:
+    """Refuse option values that are never right (a usage error), before anything is done:
+    whatever the store holds (a no-op build does not run the scheduler), and --dry-run too."""
     from ..errors import UsageError
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
@@ -99,6 +100,11 @@ def _options(args, settings):
         raise UsageError(f"--max-jobs must be 0 (no local builds: substitution only) or more, got {args.max_jobs}")
     if args.cores is not None and args.cores < 0:
         raise UsageError(f"--cores must be 0 (all cores) or more, got {args.cores}")
+
+
+def _options(args, settings):
+    from ..build.scheduler import BuildOptions
+    _check_options(args)
     # an explicit --cores 0 means all cores, also over a configured 'cores = N' (as in Nix)
     return BuildOptions(max_jobs=settings.max_jobs if args.max_jobs is None else args.max_jobs,
                         cores=settings.cores if args.cores is None else args.cores,
@@ -210,6 +216,7 @@ def _dry_run(ctx, store, drvs, args) -> int:
 
 
 def cmd_build(args, ctx) -> int:
+    _check_options(args)
     with ctx.open_store() as store:
         drvs = _drv_paths_from_file(ctx, store, args)
         if args.dry_run:
@@ -221,6 +228,7 @@ def cmd_build(args, ctx) -> int:
 
 
 def cmd_realise(args, ctx) -> int:
+    _check_options(args)
     with ctx.open_store() as store:
         drvs = [store.parse_path(d, valid=True) for d in args.drvs]
         if args.dry_run:
