@@ -73,3 +73,16 @@ def test_all_with_json_gives_every_route_not_only_the_shortest(pure, settings):
     assert by_path[P(top)]["references"] == sorted(
         [{"path": P(x), "files": [""]}, {"path": P(y), "files": [""]}], key=lambda r: r["path"])
     assert by_path[P(x)]["references"] == [{"path": P(z), "files": [""]}]
+
+
+def test_a_path_depends_on_itself_in_every_form(pure, chain):
+    """PATH and DEP the same path: the route is that path alone, in the text and JSON forms,
+    with --all or without.  --all --json ended in a KeyError traceback, and --all printed
+    nothing."""
+    a = chain["a"]
+    assert pure("why-depends", a, a).stdout == f"{a}\n"
+    assert pure("why-depends", "--all", a, a).stdout == f"{a}\n"
+    assert json.loads(pure("why-depends", "--json", a, a).stdout) == [{"path": a}]
+    p = pure("why-depends", "--all", "--json", a, a, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert json.loads(p.stdout) == [{"path": a}]

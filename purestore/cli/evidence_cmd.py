@@ -287,7 +287,10 @@ def cmd_why_depends(args, ctx) -> int:
         if chain is None:
             ctx.info(f"{store.print_path(src)} does not depend on {store.print_path(dep)}")
             return 1
-        if args.json and args.all:
+        # PATH itself is DEP: its only route is the path alone, which --all (a graph of
+        # references) has no edge for; shown as the chain [PATH]
+        every_route = args.all and src != dep
+        if args.json and every_route:
             # every node of every route, PATH first (breadth first), DEP last: each with its
             # references on such routes and the files that hold them
             edges = find_all(store, src, dep)
@@ -309,7 +312,7 @@ def cmd_why_depends(args, ctx) -> int:
                     item["files"] = where_referenced(store, sp, chain[i + 1])
                 out.append(item)
             print(json.dumps(out, indent=2))
-        elif args.all:
+        elif every_route:
             sys.stdout.write(render_tree(store, find_all(store, src, dep)))
         else:
             sys.stdout.write(render_chain(store, chain))
