@@ -50,6 +50,11 @@ def test_parse_url():
                 "s3://b?region=eu-west-1&compression=xz&region=us-east-1"):
         with pytest.raises(CacheError, match=r"parameter '(compression|priority|region)' is given twice"):
             parse_url(url)
+    # a priority of more digits than int() reads (4300): an error, not a ValueError traceback
+    with pytest.raises(CacheError, match=r"priority '9+'(\.\.\.)? is out of range \(at most 18 digits\)"):
+        parse_url("file:///x?priority=" + "9" * 5000)
+    assert parse_url("file:///x?priority=-0000000000000000000000007").priority == -7
+    assert parse_url("file:///x?priority=" + "0" * 5000 + "7").priority == 7
 
 
 def test_parse_url_refuses_an_unmatched_bracket_with_a_cache_error():
@@ -87,6 +92,11 @@ def test_cache_info_is_read_as_nix_reads_it():
     for bad in ("\u00b2", "10x", ""):
         with pytest.raises(CacheError, match="Priority must be a whole number"):
             CacheInfo.parse(f"StoreDir: /nix/store\nPriority: {bad}\n", "x")
+    # digits beyond what int() reads (4300): an error, not a ValueError traceback
+    with pytest.raises(CacheError, match=r"Priority '9+'(\.\.\.)? is out of range \(at most 18 digits\)"):
+        CacheInfo.parse(f"StoreDir: /nix/store\nPriority: {'9' * 5000}\n", "x")
+    assert CacheInfo.parse("StoreDir: /nix/store\nPriority: -00000000000000000000042\n", "x").priority == -42
+    assert CacheInfo.parse(f"StoreDir: /nix/store\nPriority: +{'0' * 5000}42\n", "x").priority == 42
     with pytest.raises(CacheError, match="a web page"):
         CacheInfo.parse("<!DOCTYPE html>\n<title>StoreDir: x</title>\n", "x")
     # a file written by an editor that starts it with a byte order mark: its first line is

@@ -794,6 +794,9 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
     assert _retry_after_header(r(None)) == 0.0
     assert _retry_after_header(r("soon")) == 0.0
     assert _retry_after_header(r("\u00b2")) == 0.0  # a Unicode digit: unreadable, not a crash
+    # more digits than int() reads (4300): as long as any other big number, not a ValueError
+    assert _retry_after_header(r("9" * 5000)) == MAX_RETRY_AFTER
+    assert _retry_after_header(r("0" * 5000 + "7")) == 7.0
     # the HTTP-date form: seconds from now, nothing for a date past, capped
     import email.utils
     now = 1_800_000_000.0

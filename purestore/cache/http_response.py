@@ -79,6 +79,9 @@ def _retry_after_header(r, now: float | None = None) -> float:
     clock), at most :data:`MAX_RETRY_AFTER`; 0 when absent, past or unreadable."""
     v = r.headers.get("retry-after", "").strip()
     if v.isascii() and v.isdigit():
+        v = v.lstrip("0") or "0"
+        if len(v) > 9:  # (more than int() reads, 4300 digits, too: the most it is)
+            return float(MAX_RETRY_AFTER)
         return float(min(int(v), MAX_RETRY_AFTER))
     try:
         dt = email.utils.parsedate_to_datetime(v)

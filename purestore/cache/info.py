@@ -23,6 +23,7 @@ import re
 import attrs
 
 from ..errors import CacheError
+from .url import MAX_DIGITS, whole
 
 _WHOLE = re.compile(r"[-+]?[0-9]+")  # ASCII digits only ("²".isdigit() is true, int() refuses it)
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a field's name (StoreDir, WantMassQuery, Priority, ...)
@@ -98,7 +99,10 @@ class CacheInfo:
         prio = fields.get("Priority", "50")
         if not _WHOLE.fullmatch(prio):
             raise CacheError(f"{where}: Priority must be a whole number, got {prio[:40]!r}")
-        return cls(fields["StoreDir"], fields.get("WantMassQuery") == "1", int(prio))
+        if len(prio.lstrip("+-").lstrip("0")) > MAX_DIGITS:  # (int() refuses over 4300 digits)
+            raise CacheError(f"{where}: Priority {prio[:40]!r}{'...' if len(prio) > 40 else ''} is out of range "
+                             f"(at most {MAX_DIGITS} digits)")
+        return cls(fields["StoreDir"], fields.get("WantMassQuery") == "1", whole(prio))
 
     def check_store_dir(self, store_dir: str, where: str, other: str = "this store's dir") -> None:
         """Raise unless the cache is for ``store_dir`` (``other``: what that dir is, for the message)."""

@@ -33,13 +33,22 @@ class CacheURL:
     def priority(self) -> int | None:
         """``?priority=N`` (checked by :func:`parse_url`: a whole number, negative too as in Nix)."""
         prio = self.params.get("priority")
-        return int(prio) if prio is not None else None
+        return whole(prio) if prio is not None else None
 
     def __str__(self) -> str:
         return self.url
 
 
 _WHOLE = re.compile(r"[-+]?[0-9]+")  # ASCII digits only ("²".isdigit() is true, int() refuses it)
+MAX_DIGITS = 18  # of a priority (Nix's is an int; Python's int() reads 4300 digits at most)
+
+
+def whole(text: str) -> int:
+    """The value of ``text``, which matches :data:`_WHOLE` and has at most :data:`MAX_DIGITS`
+    digits after its leading zeros (any number of those: int() alone counts them too)."""
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    return -int(digits) if text.startswith("-") else int(digits)
+
 
 _KNOWN_PARAMS = {
     "compression", "compression-level", "secret-key", "write-nar-listing", "priority",
@@ -88,6 +97,9 @@ def parse_url(url: str) -> CacheURL:
     prio = params.get("priority")
     if prio is not None and not _WHOLE.fullmatch(prio):
         raise CacheError(f"cache URL {url!r}: priority must be a whole number, got {prio!r}")
+    if prio is not None and len(prio.lstrip("+-").lstrip("0")) > MAX_DIGITS:  # (int() reads 4300 at most)
+        raise CacheError(f"cache URL {url[:80]!r}{'...' if len(url) > 80 else ''}: priority "
+                         f"{prio[:40]!r}{'...' if len(prio) > 40 else ''} is out of range (at most {MAX_DIGITS} digits)")
     if u.scheme == "file":
         if u.netloc not in ("", "localhost"):
             raise CacheError(f"cache URL {url!r}: file URLs must be file:///absolute/dir")
