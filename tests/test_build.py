@@ -652,3 +652,30 @@ def test_build_limits_reject_bad_values(pure, expr, tmp_path):
     conf.write_text("max-silent-time = soon\n")
     p = build(pure, tmp_path, f, check=False, env={"PURE_CONFIG": str(conf)})
     assert p.returncode != 0 and f"{conf}:1: max-silent-time must be an integer, got 'soon'" in p.stderr
+
+
+def test_a_build_log_that_cannot_be_written_is_an_error_and_leaves_nothing(pure, expr, tmp_path, store_root):
+    """The disk (or the file size limit) runs out while a builder's output is logged: the build
+    stops with an `error:` naming the log and why (it was a traceback), its temporary log file is
+    removed, the store stays consistent, and the same build works once there is room again."""
+    import resource
+    f = expr('default = sh("noisy", "$B head -c 6000000 /dev/urandom; $B mkdir $out")\n')
+    build(pure, tmp_path, f, "--dry-run")  # (the busybox source goes in unlimited)
+    limit = 4 << 20  # less than the compressed log, more than anything else written
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    cmd = [sys.executable, "-m", "purestore.cli.main", "build", str(f), "--no-link"]
+    from conftest import pure_env
+    p = subprocess.run(cmd, cwd=tmp_path, env=pure_env(store_root), capture_output=True, text=True,
+                       preexec_fn=limited, timeout=600)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    last = p.stderr.splitlines()[-1]
+    assert last.startswith("error: cannot write the build log '") and last.endswith("noisy.drv.zst': File too large")
+    log_dir = store_root / "pure" / "var" / "pure" / "log"
+    assert [q.name for q in log_dir.rglob("*") if q.is_file()] == []
+    assert pure("store", "verify", "--check-contents").returncode == 0
+    out = build(pure, tmp_path, f, "--no-link").stdout.strip()
+    assert out.endswith("-noisy")
+    assert len(pure("log", out, input=b"").stdout) == 6000000

@@ -258,13 +258,14 @@ class DerivationBuilder:
             release_slot()
             raise
         self.progress.event("start", drv=node.label, name=drv.name, kind=kind, round=round_, rounds=rounds)
-        log = BuildLog(store.state_dir, node.path.base_name,
-                       echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
-                       if self.progress.print_logs or self.progress.json_stream else None)
+        log: BuildLog | None = None
         status = "failed"
         keep_top = False
         outs_info = {}
         try:
+            log = BuildLog(store.state_dir, node.path.base_name,
+                           echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
+                           if self.progress.print_logs or self.progress.json_stream else None)
             host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
             if builtin:
                 await self._run_builtin(node, host_outs["out"], log)
@@ -322,7 +323,8 @@ class DerivationBuilder:
             release_slot()
             with trio.CancelScope(shield=True):
                 try:
-                    log.close()
+                    if log is not None:
+                        log.close()
                 except StoreError:
                     pass
                 def finish():

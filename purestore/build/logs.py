@@ -28,8 +28,11 @@ class BuildLog:
     def __init__(self, state_dir: str, drv_base: str, echo: Callable[[str], None] | None = None):
         self.path = log_path(state_dir, drv_base)
         self._tmp = f"{self.path}.tmp-{os.getpid()}-{id(self)}"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._file = open(self._tmp, "wb")
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._file = open(self._tmp, "wb")
+        except OSError as e:
+            raise StoreError(f"cannot create the build log {self.path!r}: {e.strerror}") from e
         self._z = zstandard.ZstdCompressor(level=3).stream_writer(self._file, closefd=False)
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._partial = b""
@@ -37,7 +40,11 @@ class BuildLog:
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self._z.write(data)
+        try:
+            self._z.write(data)
+        except OSError as e:  # a full disk, a quota: the build cannot go on unlogged
+            self.discard()
+            raise StoreError(f"cannot write the build log {self.path!r}: {e.strerror}") from e
         self.size += len(data)
         data = self._partial + data
         *lines, self._partial = data.split(b"\n")
@@ -70,12 +77,20 @@ class BuildLog:
             self._file.close()
             os.replace(self._tmp, self.path)
         except OSError as e:
+            self.discard()
             raise StoreError(f"cannot store the build log {self.path!r}: {e.strerror}") from e
 
     def discard(self) -> None:
+        """Drop the log: close it (ignoring a failure to flush) and remove the temporary file."""
         if not self._file.closed:
-            self._z.close()
-            self._file.close()
+            try:
+                self._z.close()
+            except (OSError, zstandard.ZstdError):
+                pass
+            try:
+                self._file.close()
+            except OSError:
+                pass
         try:
             os.unlink(self._tmp)
         except FileNotFoundError:
