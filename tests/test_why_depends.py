@@ -39,6 +39,15 @@ def test_no_dependency_exits_1_with_a_message(pure, chain):
     assert "does not depend on" in p.stderr and p.stdout == ""
 
 
+def test_no_dependency_with_json_prints_an_empty_list(pure, chain):
+    """--json: stdout is JSON also when there is no route (it was empty, exit 1), with or
+    without --all; the exit status and the message stay."""
+    for extra in ([], ["--all"]):
+        p = pure("why-depends", "--json", *extra, chain["a"], chain["e"], check=False)
+        assert p.returncode == 1
+        assert json.loads(p.stdout) == [] and "does not depend on" in p.stderr
+
+
 def test_all_shows_every_route_as_a_tree(pure, settings):
     with LocalStore.open(settings, durable=False) as store:
         z = store.add_text("z", b"z\n")

@@ -74,7 +74,7 @@ def register(reg) -> None:
         description=(
             "Print a shortest chain of references from PATH to DEP (both store paths or result\n"
             "links), and for each link the files of the referrer that mention the next path.\n"
-            "Exits 1 when PATH does not depend on DEP."),
+            "Exits 1 when PATH does not depend on DEP (with --json, after printing [])."),
     )
     p.add_argument("path", metavar="PATH")
     p.add_argument("dep", metavar="DEP")
@@ -286,6 +286,8 @@ def cmd_why_depends(args, ctx) -> int:
         chain = find_chain(store, src, dep)
         if chain is None:
             ctx.info(f"{store.print_path(src)} does not depend on {store.print_path(dep)}")
+            if args.json:
+                print("[]")  # no route: stdout is JSON all the same (README: never empty)
             return 1
         # PATH itself is DEP: its only route is the path alone, which --all (a graph of
         # references) has no edge for; shown as the chain [PATH]
