@@ -37,6 +37,22 @@ def test_eval_text_and_json(tmp_path, pure):
     assert dev["type"] == "output" and dev["output"] == "dev" and dev["path"].endswith("-a-1.0-dev")
 
 
+def test_what_an_expression_prints_goes_to_stderr_not_into_the_commands_stdout(tmp_path, pure):
+    """A debugging print() (or sys.stdout.write) in an expression or a module it imports went to
+    stdout, into the output paths a script reads and the --json of eval and instantiate; it goes
+    to stderr, and pure's own stdout is as without it."""
+    write(tmp_path / "inc" / "helpers.py", "NOTE = 'included'\nprint('debug from helpers')\n")
+    f = write(tmp_path / "e" / "expr.py", "import sys\nprint('debug', 42)\nsys.stdout.write('raw\\n')\n"
+              + textwrap.dedent(EXPR))
+    text = pure("eval", f, "-I", tmp_path / "inc")
+    assert len(text.stdout.splitlines()) == 2 and text.stdout.splitlines()[0].endswith("-a-1.0")
+    assert "debug from helpers\n" in text.stderr and "debug 42\nraw\n" in text.stderr
+    j = pure("eval", f, "-A", "tools", "--json", "-I", tmp_path / "inc")
+    assert json.loads(j.stdout)["numbers"] == [1, 2] and "debug 42" in j.stderr
+    drvs = pure("instantiate", f, "-I", tmp_path / "inc", "--json").stdout
+    assert [d.endswith(".drv") for d in json.loads(drvs)] == [True, True]
+
+
 def test_instantiate_prints_one_drv_per_line_and_show_derivation_reads_them(tmp_path, pure):
     write(tmp_path / "inc" / "helpers.py", "NOTE = 'included'\n")
     f = write(tmp_path / "e" / "expr.py", EXPR)

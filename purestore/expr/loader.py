@@ -372,9 +372,17 @@ def evaluate(file: str, attr: str | None = None, settings=None, include_paths: I
     which the CLI turns into one) raises KeyboardInterrupt here, in the caller, whatever the
     expression does; an expression's ``signal.signal()`` fails (only the main thread may set
     handlers) and it never sees the KeyboardInterrupt, so it can neither ignore nor swallow it.
+
+    What the expression prints (``print()``, ``sys.stdout``) goes to stderr: stdout is the
+    command's (output paths, ``--json`` lines), which a debugging print must not corrupt.
     """
-    return _run_apart(_evaluate, file, attr, settings, include_paths, store_dir=store_dir, env=env,
-                      allow_values=allow_values)
+    saved = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        return _run_apart(_evaluate, file, attr, settings, include_paths, store_dir=store_dir, env=env,
+                          allow_values=allow_values)
+    finally:
+        sys.stdout = saved  # (also when the expression replaced sys.stdout itself)
 
 
 def _run_apart(fn, *args, **kwargs):
