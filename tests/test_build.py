@@ -258,6 +258,36 @@ default = [bad, after] + slow
     assert {"ok0", "ok1", "ok2", "ok3"} <= names and "bad" not in names and "after" not in names
 
 
+def test_keep_going_says_which_derivations_a_failure_leaves_unbuilt(pure, expr, tmp_path):
+    """-k: a derivation whose dependency failed is not built; a line and a `failed` event say
+    so (before, the plan listed it and nothing more was said of it: no event ended it, and the
+    status line counted it as queued to the end)."""
+    f = expr('''\
+bad = sh("bad", "exit 1")
+after = sh("after", f"echo {bad} > $out")
+later = sh("later", f"echo {after} > $out")
+ok = sh("fine", "echo ok > $out")
+default = [bad, later, ok]
+''')
+    p = build(pure, tmp_path, f, "-k", "--no-link", "--json", check=False)
+    assert p.returncode == 1
+    evs = [json.loads(line) for line in p.stdout.splitlines()]
+    [plan] = [e for e in evs if e["type"] == "plan"]
+    assert len(plan["willBuild"]) == 4
+    ended = {e["drv"]: e for e in evs if e["type"] in ("built", "failed")}
+    assert sorted(ended) == sorted(plan["willBuild"])
+    by_name = {e["name"]: e for e in ended.values()}
+    assert by_name["fine"]["type"] == "built" and by_name["bad"]["type"] == "failed"
+    bad, after = by_name["bad"]["drv"], by_name["after"]["drv"]
+    assert by_name["after"]["error"] == f"not built: its dependency {bad} failed"
+    assert by_name["later"]["error"] == f"not built: its dependency {after} failed"
+    assert evs[-1]["type"] == "error" and evs[-1]["error"].startswith(f"builder for {bad} exited with status 1")
+    p = build(pure, tmp_path, f, "-k", "--no-link", check=False)  # the same, for people
+    assert p.returncode == 1
+    assert f"not building '{after}': its dependency '{bad}' failed\n" in p.stderr
+    assert f"not building '{by_name['later']['drv']}': its dependency '{after}' failed\n" in p.stderr
+
+
 def test_setuid_bits_do_not_survive_and_writable_outputs_are_refused(pure, expr, tmp_path, store_root):
     f = expr('''\
 suid = sh("suid", "$B mkdir $out; $B cp $B $out/x; $B chmod 6755 $out/x; $B chmod 1755 $out")

@@ -88,8 +88,9 @@ class Progress:
             self.built += 1
             self._draw()
         elif type_ == "failed":
-            self.running.pop(fields["drv"], None)
-            self.failed += 1
+            started = self.running.pop(fields["drv"], None) is not None
+            if started or fields["drv"] in self.planned:  # (not a late fetch left undone)
+                self.failed += 1
             self._draw()
         elif type_ == "log" and self.print_logs and self.json_stream is None:
             self._line(f"{fields['name']}> {visible(fields['line'])}")  # (a builder's: made safe)

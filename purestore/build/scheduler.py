@@ -421,12 +421,19 @@ class _Realiser:
             node.finish()
 
     async def _inputs_ok(self, node: _Node, deps: list[_Node]) -> bool:
-        """Wait for ``deps`` to be complete; False (``node.error`` said) when one failed."""
+        """Wait for ``deps`` to be complete; False when one failed (``--keep-going``: without it
+        the failure cancels the rest).  The node is then not built: ``node.error``, a line and a
+        ``failed`` event say so, as Nix's "dependencies of derivation ... failed to build"; the
+        plan listed it, and without them it was neither built nor failed, the status line
+        counting it as queued to the end."""
         for d in deps:
             await d.ready.wait()
         failed = [d for d in deps if d.done.is_set() and not d.ok]
         if failed:
             node.error = f"dependency {failed[0].label} failed"
+            self.progress.message(f"not building '{node.label}': its dependency '{failed[0].label}' failed")
+            self.progress.event("failed", drv=node.label, name=node.drv.name,
+                                error=f"not built: its dependency {failed[0].label} failed")
         return not failed
 
     def _need_inputs(self, node: _Node) -> None:
