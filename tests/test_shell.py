@@ -94,6 +94,16 @@ def test_run_names_at_most_twenty_programs_to_choose_from(pure, expr, tmp_path, 
     assert "did you mean" in r.stderr
 
 
+def test_run_of_a_package_without_programs_says_so(pure, expr, tmp_path):
+    """A package with no bin/: the error said "its bin/ has nothing" and hinted to choose one
+    with --program NAME, of which there is none; it says there is no bin/ (and no hint to use
+    --program)."""
+    r = pure("run", expr, "-A", "hooked", check=False, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "-hooked has no program to run: it has no bin/ directory\n" in r.stderr, r.stderr
+    assert "--program" not in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("args", [[], ["-A", "hello"], ["--"]])
 def test_run_without_a_package_says_what_it_needs(pure, args):
     """`pure run` with nothing to run: a usage error naming what is expected (argparse said

@@ -173,6 +173,12 @@ def find_program(store, built: Built, program: str | None) -> str:
         return f"{store.print_path(out)}/bin/{program}"
     if len(names) == 1:
         return f"{store.print_path(out)}/bin/{names[0]}"
+    if not names:  # nothing to choose from: --program would not help
+        where = ("its bin/ has no executable file" if host_bin and os.path.isdir(host_bin)
+                 else "it has no bin/ directory")
+        raise ShellError(f"{store.print_path(out)} has no program to run: {where}",
+                         hint="pure run runs a program of the package's bin/; "
+                              "`pure shell` gives an environment with it instead")
     import re
 
     m = re.match(r"(.+?)-\d", built.name)
