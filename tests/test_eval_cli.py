@@ -63,6 +63,9 @@ def test_instantiate_prints_one_drv_per_line_and_show_derivation_reads_them(tmp_
     assert shown[lines[1]]["env"]["note"] == "included"
     from_file = json.loads(pure("show-derivation", f, "-A", "tools.b", "-I", tmp_path / "inc").stdout)
     assert from_file == shown
+    # --json: the same paths as a list, as its help says (it said "{attr: drv path}")
+    assert json.loads(pure("instantiate", f, "-I", tmp_path / "inc", "--json").stdout) == lines
+    assert "as a JSON list" in pure("instantiate", "--help").stdout
 
 
 def test_show_derivation_errors(tmp_path, pure):

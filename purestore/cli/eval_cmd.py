@@ -29,7 +29,7 @@ def register(reg) -> None:
         description="Evaluate FILE, add its sources, to_file texts and .drv files to the store (with "
                     "their references) and print the .drv paths of the selected derivations, one per line.")
     _add_expr_args(p)
-    p.add_argument("--json", action="store_true", help="print {attr: drv path} as JSON")
+    p.add_argument("--json", action="store_true", help="print the .drv paths as a JSON list (in the order of the lines without --json)")
     p.add_argument("--repair", action="store_true",
                    help="write again the .drv files and texts of the expression that are registered "
                         "but missing or damaged in the store (each named on stderr)")
