@@ -709,3 +709,26 @@ def test_a_build_log_that_cannot_be_written_is_an_error_and_leaves_nothing(pure,
     out = build(pure, tmp_path, f, "--no-link").stdout.strip()
     assert out.endswith("-noisy")
     assert len(pure("log", out, input=b"").stdout) == 6000000
+
+
+def test_a_store_path_that_is_not_a_derivation_is_a_usage_error(pure, expr, tmp_path, store_root):
+    """`pure build ./result` (or an output's path, logical or physical; `pure store realise`
+    alike) is a usage error naming the store path. Before, an output was read as a damaged .drv
+    ("cannot read derivation ...: Is a directory", with the hint to repair it), and a result
+    link to a file was evaluated as a Python expression."""
+    f = expr('d = sh("dir", "$B mkdir $out")\nfile = sh("file", "echo x > $out")\n')
+    out = build(pure, tmp_path, f, "-A", "d").stdout.strip()
+    build(pure, tmp_path, f, "-A", "file", "-o", "rf")
+    physical = str(store_root) + out
+    for args, named in [(["build", "./result"], f"'./result' (the store path '{out}')"),
+                        (["build", "./rf"], "'./rf' (the store path '/pure/store/"),
+                        (["build", out], f"'{out}'"),
+                        (["build", physical], f"'{physical}' (the store path '{out}')"),
+                        (["store", "realise", "./result"], f"'./result' (the store path '{out}')")]:
+        p = pure(*args, cwd=tmp_path, check=False)
+        assert p.returncode == 2, (args, p.stderr)
+        assert p.stderr.startswith(f"error: {named}"), (args, p.stderr)
+        assert "is not a derivation: this takes " in p.stderr and "Traceback" not in p.stderr
+        assert "damaged" not in p.stderr and "evaluating" not in p.stderr
+    drv = json.loads(pure("store", "path-info", "--json", out).stdout)[0]["deriver"]
+    assert build(pure, tmp_path, drv, "--no-link").stdout.strip() == out

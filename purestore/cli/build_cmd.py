@@ -145,12 +145,14 @@ def _drv_paths_from_file(ctx, store, args):
     from ..errors import UsageError
     f = args.file
     if f.endswith(".drv") and not os.path.isfile(f) or f.startswith(ctx.settings.store_dir + "/"):
-        return [store.parse_path(f, valid=True)]
+        return [_drv_arg(store, f)]
     if f.endswith(".drv") and os.path.isfile(f):
         try:
             return [store.parse_path(f, valid=True)]
         except Exception:  # noqa: BLE001 - not a store path: evaluate it as a file below
             pass
+    if os.path.dirname(os.path.realpath(f)) == os.path.realpath(store.real_store_dir):
+        _drv_arg(store, f)  # a store path itself (`./result`): not an expression to evaluate
     try:
         from ..expr.loader import evaluate, instantiate
     except ImportError as e:
@@ -160,6 +162,24 @@ def _drv_paths_from_file(ctx, store, args):
         result = evaluate(f, attr, ctx.settings, args.include)
         drvs.extend(instantiate(store, result))
     return drvs
+
+
+def _drv_arg(store, text: str, takes: str = "an expression file or a .drv store path"):
+    """The valid ``.drv`` store path ``text`` names; a store path that is not a derivation (an
+    output, a source: often a `result` link) is a :class:`UsageError` saying so.  Before, an
+    output was read as a damaged derivation (with the hint to repair it), and a `result` link
+    to a file was evaluated as an expression."""
+    from ..errors import UsageError
+    sp = store.parse_path(text)
+    if not sp.name.endswith(".drv"):
+        shown = store.print_path(sp)
+        named = repr(text) if text == shown else f"{text!r} (the store path {shown!r})"
+        raise UsageError(f"{named} is not a derivation: this takes {takes}",
+                         hint="`pure store path-info --json PATH` names the derivation that made a path; "
+                              "`pure shell` and `pure run` take a store path as it is")
+    if not store.is_valid(sp):
+        store.parse_path(text, valid=True)  # (raises PathNotValid, saying so)
+    return sp
 
 
 def _link(ctx, store, results, drvs, base: str) -> list[str]:
@@ -230,7 +250,7 @@ def cmd_build(args, ctx) -> int:
 def cmd_realise(args, ctx) -> int:
     _check_options(args)
     with ctx.open_store() as store:
-        drvs = [store.parse_path(d, valid=True) for d in args.drvs]
+        drvs = [_drv_arg(store, d, ".drv store paths") for d in args.drvs]
         if args.dry_run:
             return _dry_run(ctx, store, drvs, args)
         results = _realise(ctx, store, drvs, args)
