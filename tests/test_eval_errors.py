@@ -78,6 +78,42 @@ def test_selected_value_must_hold_derivations(tmp_path):
     assert ev(f, allow_values=True).value == {"x": 3}
 
 
+def test_a_value_that_contains_itself_is_named_and_a_deep_one_is_walked(tmp_path):
+    """A list or dict holding itself was walked until RecursionError, a traceback from pure
+    build and pure eval; now an error naming where. A deeply nested (acyclic) value is walked
+    and, for pure eval, printed as text; as JSON it is an error (it was a traceback), and so is
+    an int too long to print."""
+    f = write(tmp_path / "expr.py", """\
+        from purestore.expr import derivation
+        a = derivation(name="a", system="x86_64-linux", builder="/bin/sh")
+        x = [a]
+        x.append(x)
+        d = {"a": a, "more": {}}
+        d["more"]["back"] = d
+        shared = [a]
+        fine = {"one": shared, "two": (shared, [shared])}
+        deep = a
+        for _ in range(5000):
+            deep = [deep]
+        big = 10 ** 5000
+    """)
+    with pytest.raises(EvalError, match=r"^x\[1\] is x again, a list that contains itself \(a cycle\)"):
+        ev(f, "x")
+    with pytest.raises(EvalError, match=r"^d.more.back is d again, a dict that contains itself"):
+        ev(f, "d", allow_values=True)
+    assert len(ev(f, "fine").selected) == 1 and len(ev(f, "deep").selected) == 1
+    root = tmp_path / "root"
+    for args, said in [(["build", f, "-A", "x"], "error: x[1] is x again"),
+                       (["eval", f, "-A", "d"], "error: d.more.back is d again"),
+                       (["eval", f, "-A", "deep", "--json"], "error: the value of 'deep' is nested too deeply to print as JSON"),
+                       (["eval", f, "-A", "big"], "error: cannot print the value of 'big': Exceeds the limit")]:
+        p = run_pure(*args, root=root, check=False)
+        assert p.returncode == 1 and p.stderr.startswith(said), (args, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr
+    p = run_pure("eval", f, "-A", "deep", root=root)
+    assert p.stdout.count("/pure/store/") == 1
+
+
 BAD_ARGS = [
     (dict(system="x", builder="/b"), "required attribute 'name' is missing"),
     (dict(name="n", builder="/b"), "derivation 'n': required attribute 'system' is missing"),

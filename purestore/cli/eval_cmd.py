@@ -66,25 +66,33 @@ def _value_json(v):
 
 
 def _value_lines(v, out: list[str]) -> None:
-    if isinstance(v, dict):
-        for x in v.values():
-            _value_lines(x, out)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _value_lines(x, out)
-    else:
-        out.append(str(v))
+    todo = [v]  # (a stack, not recursion: any depth; evaluate() refused cycles)
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend(reversed(list(v.values())))
+        elif isinstance(v, (list, tuple)):
+            todo.extend(reversed(v))
+        else:
+            out.append(str(v))
 
 
 def cmd_eval(args, ctx):
+    from ..errors import EvalError
     result = _settings_and_eval(args, ctx, allow_values=True)
-    if args.json:
-        json.dump(_value_json(result.value), sys.stdout, indent=2)
-        print()
-    else:
-        lines: list[str] = []
-        _value_lines(result.value, lines)
-        print("\n".join(lines))
+    what = f"the value of {args.attr!r}" if args.attr else "the selected value"
+    try:
+        if args.json:
+            text = json.dumps(_value_json(result.value), indent=2)
+        else:
+            lines: list[str] = []
+            _value_lines(result.value, lines)
+            text = "\n".join(lines)
+    except RecursionError:
+        raise EvalError(f"{what} is nested too deeply to print as JSON") from None
+    except ValueError as e:  # an int of more than sys.get_int_max_str_digits() digits
+        raise EvalError(f"cannot print {what}: {e}") from e
+    print(text)
     return 0
 
 

@@ -222,19 +222,37 @@ class EvalResult:
 
 
 def _flatten(value, path: str, out: list, allow_values: bool) -> None:
-    if isinstance(value, Drv):
-        out.append(value)
-    elif isinstance(value, Output):
-        out.append(value.derivation)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(v, f"{path}.{k}" if path else str(k), out, allow_values)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _flatten(v, f"{path}[{i}]", out, allow_values)
-    elif not allow_values:
-        raise EvalError(f"{path or 'the selected value'} is {type(value).__name__} {_short(value)}; expected a "
-                        f"derivation, or a list or dict of derivations")
+    """Append the derivations in ``value`` (nested dicts, lists and tuples) to ``out``, in order.
+
+    Walked with a stack of its own, not by recursion: a list that holds itself (``x.append(x)``)
+    is an :class:`EvalError` naming where, and a deep nesting is no RecursionError (both were a
+    traceback).  The same container met again elsewhere (shared, not a cycle) is walked again."""
+    within: list[int] = []  # ids of the containers holding the item now walked (the way down)
+    paths: dict[int, str] = {}  # and their paths
+    todo: list = [(value, path, 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        while len(within) > depth:
+            del paths[within.pop()]
+        if isinstance(value, Drv):
+            out.append(value)
+        elif isinstance(value, Output):
+            out.append(value.derivation)
+        elif isinstance(value, (dict, list, tuple)):
+            if id(value) in paths:
+                raise EvalError(f"{path} is {paths[id(value)] or 'the selected value'} again, a "
+                                f"{type(value).__name__} that contains itself (a cycle); expected a "
+                                f"derivation, or a list or dict of derivations")
+            within.append(id(value))
+            paths[id(value)] = path
+            if isinstance(value, dict):
+                items = [(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+            else:
+                items = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            todo.extend((v, p, depth + 1) for v, p in reversed(items))
+        elif not allow_values:
+            raise EvalError(f"{path or 'the selected value'} is {type(value).__name__} {_short(value)}; expected a "
+                            f"derivation, or a list or dict of derivations")
 
 
 def _short(v) -> str:
