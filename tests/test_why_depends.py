@@ -95,3 +95,38 @@ def test_a_path_depends_on_itself_in_every_form(pure, chain):
     p = pure("why-depends", "--all", "--json", a, a, check=False)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert json.loads(p.stdout) == [{"path": a}]
+
+
+def test_all_of_a_long_chain(pure, settings):
+    """--all over a chain of more than 1000 paths was a RecursionError traceback: it is
+    answered as without --all."""
+    with LocalStore.open(settings, durable=False) as store:
+        prev = first = store.add_text("c0", b"leaf\n")
+        for i in range(1, 1200):
+            prev = store.add_text(f"c{i}", f"{store.print_path(prev)}\n".encode(), [prev])
+        top, leaf = store.print_path(prev), store.print_path(first)
+    out = pure("why-depends", "--all", top, leaf).stdout.splitlines()
+    assert len(out) == 1200 and out[0] == top and out[-1].endswith("└───" + leaf)
+    got = json.loads(pure("why-depends", "--all", "--json", top, leaf).stdout)
+    assert len(got) == 1200 and got[0]["path"] == top and got[-1] == {"path": leaf}
+
+
+def test_all_expands_a_shared_path_once(pure, settings):
+    """Shared paths (25 levels of two paths, each referring to both of the next): --all
+    expanded every route, 2**25 of them (it ran for ever); a path whose routes were shown
+    already is now shown again without them, as Nix does, and says so."""
+    with LocalStore.open(settings, durable=False) as store:
+        P = store.print_path
+        z = store.add_text("z", b"z")
+        level = [z]
+        for i in range(25):
+            text = " ".join(P(r) for r in level).encode()
+            level = [store.add_text(f"l{i}a", text + b"a", level), store.add_text(f"l{i}b", text + b"b", level)]
+        top = store.add_text("top", " ".join(P(r) for r in level).encode(), level)
+        every = {P(p) for p in store.query_closure([top])} - {P(top)}
+    out = pure("why-depends", "--all", P(top), P(z), timeout=60).stdout.splitlines()
+    assert out[0] == P(top) and len(out) == 101, len(out)  # each of the 50 shared paths twice
+    assert {line.split("───")[1].split()[0] for line in out[1:]} == every
+    again = [line for line in out if line.endswith("  (its routes onwards are shown above)")]
+    assert len(again) == 48  # all but the two under top, met once only
+    assert sum(line.endswith("───" + P(z)) for line in out) == 2

@@ -36,27 +36,27 @@ def find_chain(store, src: StorePath, dep: StorePath) -> list[StorePath] | None:
 
 
 def find_all(store, src: StorePath, dep: StorePath) -> dict[StorePath, list[StorePath]]:
-    """Edges of every reference path from ``src`` to ``dep``: node → its references on such paths."""
+    """Edges of every reference path from ``src`` to ``dep``: node → its references on such paths.
+
+    The nodes on such paths are those of ``src``'s closure from which ``dep`` is reached: found
+    by walking the references backwards from ``dep`` (with a queue: a chain thousands of paths
+    long is no RecursionError)."""
     closure = store.query_closure([src])
     if dep not in closure:
         return {}
     refs = {p: sorted(store.query_references(p) - {p}) for p in closure}
-    leads: dict[StorePath, bool] = {dep: True}
-
-    def reaches(p: StorePath, stack: set) -> bool:
-        if p in leads:
-            return leads[p]
-        stack.add(p)
-        ok = False
-        for r in refs[p]:
-            if r not in stack and reaches(r, stack):
-                ok = True
-        stack.discard(p)
-        leads[p] = ok
-        return ok
-
-    reaches(src, set())
-    return {p: [r for r in refs[p] if leads.get(r)] for p in closure if leads.get(p) and p != dep}
+    referrers: dict[StorePath, list[StorePath]] = {}
+    for p, rs in refs.items():
+        for r in rs:
+            referrers.setdefault(r, []).append(p)
+    leads = {dep}
+    queue = deque([dep])
+    while queue:
+        for p in referrers.get(queue.popleft(), []):
+            if p not in leads:
+                leads.add(p)
+                queue.append(p)
+    return {p: [r for r in refs[p] if r in leads] for p in closure if p in leads and p != dep}
 
 
 def where_referenced(store, referrer: StorePath, ref: StorePath, limit: int = 10) -> list[str]:
@@ -106,20 +106,29 @@ def render_chain(store, chain: list[StorePath]) -> str:
 
 
 def render_tree(store, edges: dict[StorePath, list[StorePath]]) -> str:
+    """Every route of ``edges`` (see :func:`find_all`) as a tree.  A path whose routes onwards
+    were shown already is not expanded again (it says so), as in Nix: expanding it at each
+    route made the output grow exponentially with the graph's shared paths."""
     if not edges:
         return ""
     roots = set(edges) - {r for rs in edges.values() for r in rs}
     lines: list[str] = []
-
-    def walk(p: StorePath, prefix: str, seen: frozenset) -> None:
-        kids = edges.get(p, [])
-        for i, k in enumerate(kids):
-            last = i == len(kids) - 1
-            lines.append(f"{prefix}{'└───' if last else '├───'}{store.print_path(k)}")
-            if k not in seen:
-                walk(k, prefix + ("    " if last else "│   "), seen | {k})
-
+    shown: set[StorePath] = set()
     for r in sorted(roots):
         lines.append(store.print_path(r))
-        walk(r, "", frozenset({r}))
+        shown.add(r)
+        stack = [(edges.get(r, []), 0, "")]  # (children, next index, prefix): no recursion
+        while stack:
+            kids, i, prefix = stack.pop()
+            if i >= len(kids):
+                continue
+            stack.append((kids, i + 1, prefix))
+            k, last = kids[i], i == len(kids) - 1
+            onwards = edges.get(k, [])
+            again = k in shown and bool(onwards)
+            lines.append(f"{prefix}{'└───' if last else '├───'}{store.print_path(k)}"
+                         + ("  (its routes onwards are shown above)" if again else ""))
+            if onwards and not again:
+                shown.add(k)
+                stack.append((onwards, 0, prefix + ("    " if last else "│   ")))
     return "\n".join(lines) + "\n"
