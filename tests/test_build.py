@@ -732,3 +732,24 @@ def test_a_store_path_that_is_not_a_derivation_is_a_usage_error(pure, expr, tmp_
         assert "damaged" not in p.stderr and "evaluating" not in p.stderr
     drv = json.loads(pure("store", "path-info", "--json", out).stdout)[0]["deriver"]
     assert build(pure, tmp_path, drv, "--no-link").stdout.strip() == out
+
+
+def test_result_link_in_a_removed_working_directory_says_so(expr, tmp_path, store_root):
+    """The working directory removed while the build ran (or before): ./result cannot be made;
+    it was a FileNotFoundError traceback after the build, it is an error saying that the
+    outputs are built, and --no-link or an absolute -o work."""
+    from conftest import pure_env
+    f = expr('default = sh("cwd", "echo x > $out")\n')
+    gone = tmp_path / "gone"
+
+    def build_in_gone(*args):
+        gone.mkdir()
+        return subprocess.run([sys.executable, "-m", "purestore.cli.main", "build", str(f), *args], cwd=gone,
+                              preexec_fn=lambda: os.rmdir(gone), capture_output=True, text=True,
+                              env=pure_env(store_root), timeout=600)
+    p = build_in_gone()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-2] == ("error: cannot create the result link 'result': the working directory "
+                                         "no longer exists (the outputs are built and valid)")
+    p = build_in_gone("-o", tmp_path / "res")
+    assert p.returncode == 0 and os.readlink(tmp_path / "res").endswith(p.stdout.strip())

@@ -224,3 +224,30 @@ def test_cores_option_overrides_the_setting_also_with_zero():
     assert cores("--cores", "0") == 0
     with pytest.raises(UsageError, match="--cores"):
         cores("--cores", "-1")
+
+
+def test_a_removed_working_directory_is_an_error_not_a_traceback(tmp_path):
+    """pure started in a directory removed meanwhile: a relative path made absolute raised
+    FileNotFoundError from os.getcwd(), a traceback (pure eval, pure build's ./result after the
+    build); it is an error saying so, with --json an error object; an absolute path still works."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import pure_env
+    expr = tmp_path / "e.py"
+    expr.write_text("default = {'x': 1}\n")
+    gone = tmp_path / "gone"
+
+    def pure_in_gone(*args):
+        gone.mkdir()
+        return subprocess.run([sys.executable, "-m", "purestore.cli.main", *map(str, args)],
+                              cwd=gone, preexec_fn=lambda: os.rmdir(gone), capture_output=True, text=True,
+                              env=pure_env(tmp_path / "root"), timeout=120)
+    for args in (["eval", "e.py"], ["eval", "--json", "e.py"]):
+        p = pure_in_gone(*args)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.startswith("error: the working directory no longer exists"), p.stderr
+    assert json.loads(p.stdout)["error"].startswith("the working directory no longer exists")
+    p = pure_in_gone("eval", "--json", expr)
+    assert p.returncode == 0 and json.loads(p.stdout) == {"x": 1}

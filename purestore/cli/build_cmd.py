@@ -191,7 +191,13 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
     for i, d in enumerate(drvs):
         for name, sp in sorted(results[d].items(), key=lambda kv: (kv[0] != "out", kv[0])):
             link = base + (f"-{i + 1}" if i else "") + ("" if name == "out" else f"-{name}")
-            link = os.path.abspath(link)
+            try:
+                link = os.path.abspath(link)
+            except FileNotFoundError:  # (os.getcwd(): the working directory was removed meanwhile)
+                raise StoreError(f"cannot create the result link {link!r}: the working directory no longer "
+                                 "exists (the outputs are built and valid)",
+                                 hint="run pure from an existing directory, or give -o an absolute path "
+                                      "(or --no-link)") from None
             target = store.print_path(sp) if not ctx.settings.rooted else store.real_path(sp)
             if os.path.lexists(link) and not os.path.islink(link):
                 raise StoreError(f"cannot create the result link {link!r}: something else than a "

@@ -472,6 +472,16 @@ def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None)
         if out is not None:
             out.error(e)
         return e.exit_status
+    except FileNotFoundError:
+        if not _cwd_gone():
+            raise  # a bug of purestore's: shown as one
+        # a relative path made absolute (os.getcwd()) in a directory removed meanwhile
+        gone = PurestoreError("the working directory no longer exists (removed before or while pure ran)",
+                              hint="cd to an existing directory and run the command again")
+        print(f"error: {gone}\nhint: {gone.hint}", file=sys.stderr)
+        if out is not None:
+            out.error(gone)
+        return gone.exit_status
     except KeyboardInterrupt as e:
         from .._run import Terminated
         stopped = PurestoreError("terminated (SIGTERM)" if _terminated or isinstance(e, Terminated) else "interrupted")
@@ -481,6 +491,14 @@ def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None)
             out.error(stopped)
         return stopped.exit_status
     return rc or 0
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def run() -> None:
