@@ -753,3 +753,13 @@ def test_result_link_in_a_removed_working_directory_says_so(expr, tmp_path, stor
                                          "no longer exists (the outputs are built and valid)")
     p = build_in_gone("-o", tmp_path / "res")
     assert p.returncode == 0 and os.readlink(tmp_path / "res").endswith(p.stdout.strip())
+
+
+def test_attr_with_a_drv_path_is_a_usage_error(pure, expr, tmp_path):
+    """`pure build X.drv -A foo` built the whole .drv and ignored -A; it is a usage error, as
+    for pure show-derivation, pure shell and pure run."""
+    f = expr('default = sh("ad", "echo x > $out")\n')
+    drv = pure("instantiate", f).stdout.strip()
+    p = build(pure, tmp_path, drv, "-A", "foo", check=False)
+    assert p.returncode == 2 and p.stderr == "error: -A selects from an expression file, not from a .drv path\n"
+    assert not (tmp_path / "result").exists()

@@ -144,13 +144,18 @@ def _realise(ctx, store, drvs, args):
 def _drv_paths_from_file(ctx, store, args):
     from ..errors import UsageError
     f = args.file
+    drv = None
     if f.endswith(".drv") and not os.path.isfile(f) or f.startswith(ctx.settings.store_dir + "/"):
-        return [_drv_arg(store, f)]
-    if f.endswith(".drv") and os.path.isfile(f):
+        drv = _drv_arg(store, f)
+    elif f.endswith(".drv") and os.path.isfile(f):
         try:
-            return [store.parse_path(f, valid=True)]
+            drv = store.parse_path(f, valid=True)
         except Exception:  # noqa: BLE001 - not a store path: evaluate it as a file below
             pass
+    if drv is not None:
+        if args.attr:  # (it was ignored: the whole .drv was built)
+            raise UsageError("-A selects from an expression file, not from a .drv path")
+        return [drv]
     if os.path.dirname(os.path.realpath(f)) == os.path.realpath(store.real_store_dir):
         _drv_arg(store, f)  # a store path itself (`./result`): not an expression to evaluate
     try:
