@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pure_env
+from conftest import pure_env, run_pure
 from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
 
 pytestmark = needs_sandbox
@@ -151,6 +151,10 @@ def test_an_interrupted_json_build_ends_with_an_error_event(expr, tmp_path, stor
     assert p.returncode == code, err
     last = json.loads(out.splitlines()[-1])
     assert last == {"type": "error", "error": word, "hint": None, "exitStatus": code}
+    # the statuses are those `pure build --help` names (it named 0, 1 and 104 only)
+    help_text = " ".join(run_pure("build", "--help").stdout.split())
+    assert f"{code} when interrupted (Ctrl-C)" in help_text or f"{code} on SIGTERM" in help_text
+    assert "2 on bad usage" in help_text
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

@@ -29,7 +29,8 @@ prints what would be fetched and what built (--json: one object with willBuild a
 A path a cache has whose reference none can give is fetched once that reference is built here
 (listed apart: willFetchAfterBuild).
 
-Exit status: 0 on success, 1 when a build failed, 104 when --check/--rounds found a difference.
+Exit status: 0 on success, 1 when a build failed (or another error), 2 on bad usage, 104 when
+--check/--rounds found a difference, 130 when interrupted (Ctrl-C), 143 on SIGTERM.
 """
 
 
