@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
+
 from conftest import run_pure
 
 
@@ -51,6 +53,15 @@ def test_what_an_expression_prints_goes_to_stderr_not_into_the_commands_stdout(t
     assert json.loads(j.stdout)["numbers"] == [1, 2] and "debug 42" in j.stderr
     drvs = pure("instantiate", f, "-I", tmp_path / "inc", "--json").stdout
     assert [d.endswith(".drv") for d in json.loads(drvs)] == [True, True]
+
+
+def test_eval_json_is_json_also_for_nan_and_infinity(tmp_path, pure):
+    """Non-finite floats were printed bare (NaN, Infinity), which no JSON parser accepts; they
+    are strings, as other values JSON has no form for."""
+    f = write(tmp_path / "e.py", "default = {'nan': float('nan'), 'inf': [float('inf'), -float('inf')], 'x': 1.5}\n")
+    out = pure("eval", "--json", f).stdout
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
+        "nan": "nan", "inf": ["inf", "-inf"], "x": 1.5}
 
 
 def test_instantiate_prints_one_drv_per_line_and_show_derivation_reads_them(tmp_path, pure):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 
@@ -60,6 +61,8 @@ def _value_json(v):
         return {str(k): _value_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_value_json(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)  # (JSON has no NaN or Infinity: json.dumps wrote them bare, not JSON)
     if v is None or isinstance(v, (str, int, float, bool)):
         return v
     return repr(v)
