@@ -155,3 +155,26 @@ def test_check_json_event_names_the_differences_in_camel_case(pure, expr, tmp_pa
     [d] = ev["differences"]
     assert (d["file"], d["oldSize"], d["newSize"]) == ("noise", 16, 16) and "firstDifference" in d
     assert not [k for k in d if "_" in k]
+
+
+@needs_sandbox
+def test_several_differing_rounds_keep_the_first_and_say_so(pure, expr, tmp_path, store_root):
+    """--check --rounds 3, both rebuilds differing: each said "the new result is kept at
+    X.check", but the second replaced the first, whose message (and hash) no longer held. The
+    first is kept; the second says it is not, and its event's `kept` is null."""
+    import json
+    f = expr(NONDET)
+    out = build(pure, tmp_path, f, "-A", "rand").stdout.strip()
+    p = build(pure, tmp_path, f, "-A", "rand", "--check", "--rounds", "3", "--json", check=False)
+    assert p.returncode == 104, p.stderr
+    kept = f"{store_root}{out}.check"
+    msgs = [line for line in p.stderr.splitlines() if " differs (check): " in line]
+    assert len(msgs) == 2
+    assert msgs[0].endswith(f"now; the new result is kept at {kept}")
+    assert msgs[1].endswith(f"now; the new result is not kept: the first result that differed is kept at {kept}")
+    first_hash = msgs[0].split(" before, ")[1].split(" now;")[0]
+    got = pure("hash", "path", kept).stdout.strip()  # what is kept is the first that differed
+    checks = [json.loads(line) for line in p.stdout.splitlines() if '"check"' in line]
+    checks = [c for c in checks if c["type"] == "check"]
+    assert [c["differences"][0]["kept"] for c in checks] == [kept, None]
+    assert got == first_hash

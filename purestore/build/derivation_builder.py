@@ -57,6 +57,7 @@ class DerivationBuilder:
         self.limiter = trio.CapacityLimiter(max(1, options.max_jobs))
         self.in_progress: dict[StorePath, trio.Event] = {}
         self.unreproducible: list[str] = []  # what --check and --rounds found different
+        self.kept_checks: set[str] = set()  # the <output>.check paths written by this run
         self.syncer = GroupSync(store.real_store_dir)
         self.background: trio.Nursery | None = None  # where clean-ups run on (set by the scheduler)
         self.fork_server: sb.ForkServer | None = None
@@ -382,21 +383,28 @@ class DerivationBuilder:
                 continue
             real = self.store.real_path(b.info.path)
             keep = real + ".check"
+            # the first result that differs is kept: a later round's (--rounds 3) replaced it,
+            # and what had been said of the first ("kept at …", its hash) was then untrue
+            first = keep not in self.kept_checks
+            self.kept_checks.add(keep)
 
-            def work(b=b, real=real, keep=keep, n=n):
+            def work(b=b, real=real, keep=keep, n=n, first=first):
                 d = check_mod.diff_trees(real, b.host_path)
-                remove_tree(keep)
-                os.rename(b.host_path, keep)
-                extra = check_mod.diffoscope(real, keep)
+                if first:
+                    remove_tree(keep)
+                    os.rename(b.host_path, keep)
+                extra = check_mod.diffoscope(real, keep if first else b.host_path)
                 return [{"output": n, **x} for x in d], extra
             d, extra = await trio.to_thread.run_sync(work)
+            where = (f"the new result is kept at {keep}" if first else
+                     f"the new result is not kept: the first result that differed is kept at {keep}")
             lines = [f"output {n!r} of {node.label} differs ({kind}): "
-                     f"{old.nar_hash.sri} before, {b.info.nar_hash.sri} now; the new result is kept at {keep}"]
+                     f"{old.nar_hash.sri} before, {b.info.nar_hash.sri} now; {where}"]
             lines += ["  " + check_mod.describe(x) for x in d]
             if extra:
                 lines.append("diffoscope:\n" + extra)
             self.unreproducible.append("\n".join(lines))
-            diffs.extend({**x, "kept": keep} for x in d)
+            diffs.extend({**x, "kept": keep if first else None} for x in d)
         reproducible = not diffs and all(infos[n].nar_hash == b.info.nar_hash for n, b in built.items())
         await trio.to_thread.run_sync(lambda: events.record_check(
             self.store, node.label, kind="check" if kind == "check" else "rounds",
