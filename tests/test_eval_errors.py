@@ -114,6 +114,23 @@ def test_a_value_that_contains_itself_is_named_and_a_deep_one_is_walked(tmp_path
     assert p.stdout.count("/pure/store/") == 1
 
 
+def test_a_missing_module_says_where_it_was_looked_for(tmp_path):
+    """ModuleNotFoundError gave "No module named 'pkgs.seeds'" alone, also when PURE_PKGS
+    named no directory: the hint says where modules (and the package set) were looked for."""
+    f = write(tmp_path / "e" / "expr.py", "from pkgs.seeds import busybox\n")
+    with pytest.raises(EvalError) as ei:
+        evaluate(str(f), None, store_dir="/pure/store", env={"PURE_PKGS": str(tmp_path / "nowhere")})
+    assert "No module named 'pkgs.seeds'" in str(ei.value)
+    assert ei.value.hint == f"the package set {str(tmp_path / 'nowhere')!r} is not a directory (PURE_PKGS names it)"
+    g = write(tmp_path / "e" / "other.py", "import helpers_not_there\n")
+    with pytest.raises(EvalError) as ei:
+        evaluate(str(g), None, include_paths=[str(tmp_path / "inc")], store_dir="/pure/store", env={})
+    assert ei.value.hint == (f"modules are looked for in {tmp_path / 'e'}, {tmp_path / 'inc'} "
+                             "(the expression's directory, -I, PURE_PATH)")
+    p = run_pure("eval", f, root=tmp_path / "root", env={"PURE_PKGS": str(tmp_path / "nowhere")}, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[-1].startswith("hint: the package set ")
+
+
 BAD_ARGS = [
     (dict(system="x", builder="/b"), "required attribute 'name' is missing"),
     (dict(name="n", builder="/b"), "derivation 'n': required attribute 'system' is missing"),

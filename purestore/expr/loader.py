@@ -507,7 +507,7 @@ def _evaluate(file: str, attr: str | None, settings, include_paths: Iterable[str
         for name in importer.loaded:
             sys.modules.pop(name, None)
     if failure is not None:
-        raise _as_eval_error(failure, file, importer.files)
+        raise _as_eval_error(failure, file, importer.files, roots=roots, pkgs_dir=pkgs_dir, env=env)
     if mode.refusals:
         raise mode.refusals[0]
     selected: list[Drv] = []
@@ -517,7 +517,21 @@ def _evaluate(file: str, attr: str | None, settings, include_paths: Iterable[str
                       graph=topo_order(selected))
 
 
-def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
+def _missing_module_hint(e: ImportError, roots: list[str], pkgs_dir: str | None, env) -> str:
+    """Where a module was looked for: the package set for ``pkgs.…`` (whose directory may be
+    wrong: a PURE_PKGS naming nothing gave only "No module named 'pkgs.seeds'"), else the roots."""
+    if (e.name or "").split(".")[0] == "pkgs":
+        if pkgs_dir is None:
+            return "no package set was found: set PURE_PKGS to the directory of the package set (expressions/)"
+        if not os.path.isdir(pkgs_dir):
+            return (f"the package set {pkgs_dir!r} is not a directory"
+                    + (" (PURE_PKGS names it)" if env.get("PURE_PKGS") else ""))
+        return f"the package set 'pkgs' is {pkgs_dir}" + (" (PURE_PKGS)" if env.get("PURE_PKGS") else "")
+    return "modules are looked for in " + ", ".join(roots) + " (the expression's directory, -I, PURE_PATH)"
+
+
+def _as_eval_error(e: BaseException, file: str, files: set[str], *, roots: list[str] = (),
+                   pkgs_dir: str | None = None, env=None) -> EvalError:
     tb = _expression_traceback(e, files)
     if isinstance(e, EvalError):
         msg = e.message + (f"\n{tb}" if tb and "expression traceback" not in e.message else "")
@@ -531,6 +545,9 @@ def _as_eval_error(e: BaseException, file: str, files: set[str]) -> EvalError:
         # signal.signal() (and the like) in the expression's thread, which is not the main one
         hint = ("an expression cannot change how pure handles signals: Ctrl-C always stops pure"
                 if isinstance(e, ValueError) and text.startswith("signal only works in main thread") else None)
+        if isinstance(e, ImportError) and e.name and (
+                isinstance(e, ModuleNotFoundError) or e.name.split(".")[0] == "pkgs"):
+            hint = _missing_module_hint(e, list(roots), pkgs_dir, os.environ if env is None else env)
         err = EvalError(f"evaluating {file} failed: {type(e).__name__}" + (f": {text}" if text else "")
                         + (f"\n{tb}" if tb else ""), hint=hint)
     err.__cause__ = e
