@@ -619,7 +619,12 @@ def _no_sleepers_left(marker: str) -> bool:
     return True
 
 
-def _limit_failed(p, store_root, name, how):
+# each test's builder sleeps for a number of seconds of its own: what it looks for in /proc is
+# then its own sandbox's process, not one of another test run on the same machine
+_SLEEP = f"sleep {50000 + os.getpid() % 10000}{{n}}"
+
+
+def _limit_failed(p, store_root, name, how, marker):
     import time
     err = p.stderr
     assert p.returncode == 1, err
@@ -633,9 +638,9 @@ def _limit_failed(p, store_root, name, how):
     finally:
         st.close()
     deadline = time.monotonic() + 5
-    while not _no_sleepers_left("sleep 5171") and time.monotonic() < deadline:
+    while not _no_sleepers_left(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _no_sleepers_left("sleep 5171")
+    assert _no_sleepers_left(marker)
 
 
 def test_max_silent_time_kills_a_builder_that_writes_nothing(pure, expr, tmp_path, store_root):
@@ -643,21 +648,23 @@ def test_max_silent_time_kills_a_builder_that_writes_nothing(pure, expr, tmp_pat
     with its whole sandbox, the build fails naming the limit, nothing is registered; a builder
     that keeps writing is not silent however long it runs."""
     import time
-    f = expr('default = sh("quiet", "echo started; $B sleep 5171; $B mkdir $out")\n'
+    marker = _SLEEP.format(n=1)
+    f = expr(f'default = sh("quiet", "echo started; $B {marker}; $B mkdir $out")\n'
              'chatty = sh("chatty", "for i in 1 2 3 4 5 6; do echo $i; $B sleep 0.3; done; $B mkdir $out")\n')
     t = time.monotonic()
     p = pure("--max-silent-time", "1", "build", f, "--no-link", cwd=tmp_path, check=False)
     assert time.monotonic() - t < 30
-    _limit_failed(p, store_root, "quiet", "timed out after 1 second of silence (setting max-silent-time)")
+    _limit_failed(p, store_root, "quiet", "timed out after 1 second of silence (setting max-silent-time)", marker)
     assert "  > started" in p.stderr  # the log's tail
     ok = pure("--max-silent-time", "1", "build", f, "-A", "chatty", "--no-link", cwd=tmp_path)
     assert ok.stdout.strip().endswith("-chatty")
 
 
 def test_timeout_kills_a_builder_that_runs_too_long_even_while_writing(pure, expr, tmp_path, store_root):
-    f = expr('default = sh("slow", "while :; do echo tick; $B sleep 0.2; done & $B sleep 5171; $B mkdir $out")\n')
+    marker = _SLEEP.format(n=2)
+    f = expr(f'default = sh("slow", "while :; do echo tick; $B sleep 0.2; done & $B {marker}; $B mkdir $out")\n')
     p = pure("--timeout", "2", "--max-silent-time", "60", "build", f, "--no-link", cwd=tmp_path, check=False)
-    _limit_failed(p, store_root, "slow", "timed out after 2 seconds (setting timeout)")
+    _limit_failed(p, store_root, "slow", "timed out after 2 seconds (setting timeout)", marker)
     assert "  > tick" in p.stderr
 
 
@@ -665,10 +672,11 @@ def test_max_build_log_size_kills_a_builder_that_writes_too_much(pure, expr, tmp
     """The setting from the config file; what was written before the limit is in the log."""
     conf = tmp_path / "pure.conf"
     conf.write_text("max-build-log-size = 100000\n")
-    f = expr('default = sh("loud", "$B yes loud & $B sleep 5171; $B mkdir $out")\n')
+    marker = _SLEEP.format(n=3)
+    f = expr(f'default = sh("loud", "$B yes loud & $B {marker}; $B mkdir $out")\n')
     p = build(pure, tmp_path, f, "--no-link", check=False, env={"PURE_CONFIG": str(conf)})
     _limit_failed(p, store_root, "loud", "was killed after writing more than 100000 bytes of log output "
-                                         "(setting max-build-log-size)")
+                                         "(setting max-build-log-size)", marker)
     drv = next(w for w in p.stderr.split() if w.endswith("loud.drv"))
     log = pure("log", drv).stdout
     assert log.startswith("loud\nloud\n") and len(log) > 100000
