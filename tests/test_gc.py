@@ -473,3 +473,23 @@ def test_a_collection_that_fails_half_way_removes_its_trash(pure, settings):
     assert valid(pure) == set()
     pure("gc")
     assert os.listdir(settings.real_store_dir) == [".tmp"]
+
+
+def test_gc_removes_temporary_log_files_of_dead_writers(store_root):
+    """A build SIGKILLed while it ran leaves its log's temporary file (<log>.tmp-<pid>-<n>):
+    `pure gc` removes those of pids that are not running, and keeps a running writer's."""
+    from conftest import run_pure
+    run_pure("store", "ls", root=store_root)  # (creates the store)
+    d = store_root / "pure" / "var" / "pure" / "log" / "ab"
+    d.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = d / f"cdefghijklmnopqrstuvwxyz012345-x.drv.zst.tmp-{dead.pid}-140000"
+    live = d / f"cdefghijklmnopqrstuvwxyz012345-y.drv.zst.tmp-{os.getpid()}-140001"
+    done = d / "cdefghijklmnopqrstuvwxyz012345-z.drv.zst"
+    for f in (stale, live, done):
+        f.write_bytes(b"x")
+    p = run_pure("gc", root=store_root)
+    assert "1 temporary build log files of killed builds removed" in p.stderr
+    assert not stale.exists() and live.exists() and done.exists()
+    assert json.loads(run_pure("gc", "--json", root=store_root).stdout)["logTempsRemoved"] == 0

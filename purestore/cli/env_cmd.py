@@ -71,6 +71,8 @@ def cmd_gc(args, ctx) -> int:
         extra = f", {len(result.invalid_removed)} invalid leftovers removed" if result.invalid_removed else ""
         if result.links_removed:
             extra += f", {result.links_removed} unused links of 'pure store optimise' removed"
+        if result.log_temps_removed:
+            extra += f", {result.log_temps_removed} temporary build log files of killed builds removed"
         ctx.info(f"{len(result.deleted)} store paths deleted, {result.bytes_freed} bytes freed "
                  f"({_human(result.bytes_freed)}){extra}")
     return 0

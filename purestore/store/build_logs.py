@@ -16,6 +16,31 @@ def log_path(state_dir: str, drv_base: str) -> str:
     return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + ".zst")
 
 
+def remove_stale_log_temps(state_dir: str) -> int:
+    """Remove the temporary files of logs whose writer died (``<log>.tmp-<pid>-…`` of a pid that
+    is not running: a SIGKILLed build); returns how many (``pure gc`` calls this)."""
+    top = os.path.join(state_dir, "log")
+    n = 0
+    try:
+        subdirs = [e.path for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return 0
+    for d in subdirs:
+        try:
+            names = [x for x in os.listdir(d) if ".tmp-" in x]
+        except OSError:
+            continue
+        for name in names:
+            pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.unlink(os.path.join(d, name))
+                    n += 1
+                except OSError:
+                    pass
+    return n
+
+
 def read_log(state_dir: str, drv_base: str) -> bytes | None:
     """The stored log of a derivation, or None if there is none; :class:`StoreError` when it
     cannot be read, is corrupt or is truncated."""

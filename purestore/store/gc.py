@@ -85,6 +85,7 @@ class GcResult:
     would_delete: tuple[StorePath, ...] = ()   # dry run: what would be deleted (respecting max_freed)
     would_free: int = 0
     links_removed: int = 0  # entries of .links (pure store optimise) no path used any more
+    log_temps_removed: int = 0  # temporary files of build logs whose writer died
 
     def to_json(self, store_dir: str) -> dict:
         return {
@@ -94,6 +95,7 @@ class GcResult:
             "deleted": [p.absolute(store_dir) for p in self.deleted],
             "bytesFreed": self.bytes_freed,
             "linksRemoved": self.links_removed,
+            "logTempsRemoved": self.log_temps_removed,
             "prunedLinks": list(self.pruned_links),
             "invalidRemoved": list(self.invalid_removed),
         }
@@ -585,9 +587,12 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
     _remove_trash(trash, workers, interrupted)
     from .optimise import remove_unused_links
     links_removed, _ = remove_unused_links(store.real_store_dir)
+    from .build_logs import remove_stale_log_temps
+    log_temps = remove_stale_log_temps(state)
     by_id = dict(zip(order_all, dead))
     deleted = tuple(by_id[i] for i in order)
     return GcResult(dead=dead, deleted=deleted, bytes_freed=sum(g.size.get(i, 0) for i in order),
                     pruned_links=tuple(stale), invalid_removed=tuple(leftovers), dry_run=False,
-                    seconds=time.perf_counter() - t0, links_removed=links_removed)
+                    seconds=time.perf_counter() - t0, links_removed=links_removed,
+                    log_temps_removed=log_temps)
 
