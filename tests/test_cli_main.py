@@ -251,3 +251,12 @@ def test_a_removed_working_directory_is_an_error_not_a_traceback(tmp_path):
     assert json.loads(p.stdout)["error"].startswith("the working directory no longer exists")
     p = pure_in_gone("eval", "--json", expr)
     assert p.returncode == 0 and json.loads(p.stdout) == {"x": 1}
+
+
+def test_provenance_verify_help_is_the_help_not_a_usage_error():
+    # everything after 'provenance' is parsed again (positionals on both sides of options), so a
+    # --help there was an 'unrecognized arguments' error before
+    for argv in (["provenance", "verify", "--help"], ["provenance", "verify", "x.provenance", "-h"]):
+        p = run_pure(*argv)
+        assert p.stdout.startswith("usage: pure provenance PATH --key-file KEY"), p.stdout
+        assert "pure provenance verify FILE --trusted-key PUB" in p.stdout and p.stderr == ""

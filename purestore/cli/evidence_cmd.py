@@ -55,6 +55,7 @@ def register(reg) -> None:
     # PATH"), so everything after the first positional is parsed again, intermixed, below.
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG", help="PATH, or 'verify' FILE [PATH]")
     _provenance_options(p)
+    p.set_defaults(provenance_parser=p)  # its help, for a -h/--help after the first positional
 
     p = reg.command(
         "report", "hermeticity report: builds, network use, pinning, reproducibility, cache hits",
@@ -202,6 +203,10 @@ def _load_trusted(specs: list[str]):
 
 def cmd_provenance(args, ctx) -> int:
     from ..errors import UsageError
+    words = args.args[:args.args.index("--")] if "--" in args.args else args.args
+    if "-h" in words or "--help" in words:  # 'pure provenance verify --help': REMAINDER took it
+        args.provenance_parser.print_help()
+        return 0
     _reparse_provenance(args)
     if not args.args:
         raise UsageError("pure provenance needs a PATH (or 'verify FILE')")
