@@ -170,6 +170,9 @@ def test_several_differing_rounds_keep_the_first_and_say_so(pure, expr, tmp_path
     kept = f"{store_root}{out}.check"
     msgs = [line for line in p.stderr.splitlines() if " differs (check): " in line]
     assert len(msgs) == 2
+    # one error that counts them, each difference an item (not an error: line and a loose one)
+    assert "error: 2 outputs differ:\n- output 'out' of " in p.stderr, p.stderr
+    assert sum(line.startswith("- output 'out' of ") for line in p.stderr.splitlines()) == 2
     assert msgs[0].endswith(f"now; the new result is kept at {kept}")
     assert msgs[1].endswith(f"now; the new result is not kept: the first result that differed is kept at {kept}")
     first_hash = msgs[0].split(" before, ")[1].split(" now;")[0]

@@ -96,6 +96,16 @@ class NotReproducible(BuildError):
     exit_status = 104
 
 
+def _differences(found: list[str]) -> str:
+    """The message of :class:`NotReproducible`: one difference as it is; several under a line
+    that counts them, each a "- " item with its lines indented (they read as one error, not as
+    an ``error:`` line followed by loose ones)."""
+    if len(found) == 1:
+        return found[0]
+    items = ["- " + text.replace("\n", "\n  ") for text in found]
+    return f"{len(found)} outputs differ:\n" + "\n".join(items)
+
+
 def _count(items, noun: str) -> str:
     """'1 derivation', '3 paths'."""
     return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
@@ -352,7 +362,7 @@ class _Realiser:
         if self.errors:
             raise BuildFailures(self.errors)
         if self.builder.unreproducible:
-            raise NotReproducible("\n".join(self.builder.unreproducible))
+            raise NotReproducible(_differences(self.builder.unreproducible))
         return {t: dict(self.nodes[t].outputs) for t in tops}
 
     def _say_not_repeated(self, valid: list[_Node], others_built: bool, *, fetched: bool) -> None:
