@@ -258,7 +258,7 @@ default = [bad, after] + slow
     assert {"ok0", "ok1", "ok2", "ok3"} <= names and "bad" not in names and "after" not in names
 
 
-def test_keep_going_says_which_derivations_a_failure_leaves_unbuilt(pure, expr, tmp_path):
+def test_keep_going_says_which_derivations_a_failure_leaves_unbuilt(pure, expr, tmp_path, store_root):
     """-k: a derivation whose dependency failed is not built; a line and a `failed` event say
     so (before, the plan listed it and nothing more was said of it: no event ended it, and the
     status line counted it as queued to the end)."""
@@ -281,11 +281,17 @@ default = [bad, later, ok]
     bad, after = by_name["bad"]["drv"], by_name["after"]["drv"]
     assert by_name["after"]["error"] == f"not built: its dependency {bad} failed"
     assert by_name["later"]["error"] == f"not built: its dependency {after} failed"
+    assert by_name["after"]["dependencyFailed"] is True and "dependencyFailed" not in by_name["bad"]
     assert evs[-1]["type"] == "error" and evs[-1]["error"].startswith(f"builder for {bad} exited with status 1")
     p = build(pure, tmp_path, f, "-k", "--no-link", check=False)  # the same, for people
     assert p.returncode == 1
     assert f"not building '{after}': its dependency '{bad}' failed\n" in p.stderr
     assert f"not building '{by_name['later']['drv']}': its dependency '{after}' failed\n" in p.stderr
+    # the status line counts the failure and what it left unbuilt apart, as the final error
+    # does ("builder for ... exited": one failure)
+    from conftest import pure_env, run_pure_on_tty
+    rc, _, text = run_pure_on_tty("build", f, "-k", "--no-link", cwd=tmp_path, env=pure_env(store_root))
+    assert rc == 1 and "failed 1, not built 2" in text and "failed 3" not in text
 
 
 def test_setuid_bits_do_not_survive_and_writable_outputs_are_refused(pure, expr, tmp_path, store_root):

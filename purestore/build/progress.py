@@ -9,7 +9,8 @@ will_fetch_after_build: the paths to be fetched once what they refer to is built
 derivations not built unless that fails, will_substitute: what was fetched, will_check, valid:
 the requested derivations whose outputs are valid, so not built), ``waiting``
 (drv, path), ``start`` (drv, name, kind: build, round or check, round, rounds), ``log`` (drv, line; only with
-``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error), ``check``
+``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error; with
+dependency_failed true for one left unbuilt because an input failed, ``-k``), ``check``
 (drv, reproducible, differences), ``hook`` (drv, name, hook: the post-build hook starts),
 ``hook-log`` (drv, name, line: a line of its output), ``hook-failed`` (drv, name, error),
 ``done``.  They come in that order: ``plan`` after the fetches made before the builds (what
@@ -42,6 +43,7 @@ class Progress:
         self.planned: set[str] = set()  # the derivations counted in ``total``
         self.built = 0
         self.failed = 0
+        self.not_built = 0  # -k: left unbuilt because a dependency failed
         self.running: dict[str, str] = {}
         self._status_shown = False
         self._last_draw = 0.0
@@ -90,7 +92,10 @@ class Progress:
         elif type_ == "failed":
             started = self.running.pop(fields["drv"], None) is not None
             if started or fields["drv"] in self.planned:  # (not a late fetch left undone)
-                self.failed += 1
+                if fields.get("dependency_failed"):
+                    self.not_built += 1  # (the final error counts the failures alone)
+                else:
+                    self.failed += 1
             self._draw()
         elif type_ == "log" and self.print_logs and self.json_stream is None:
             self._line(f"{fields['name']}> {visible(fields['line'])}")  # (a builder's: made safe)
@@ -235,7 +240,7 @@ class Progress:
         if not force and now - self._last_draw < 0.05:
             return
         self._last_draw = now
-        queued = max(0, self.total - self.built - self.failed - len(self.running))
+        queued = max(0, self.total - self.built - self.failed - self.not_built - len(self.running))
         el = int(now - self.start)
         names = ", ".join(list(self.running.values())[:3]) + (" …" if len(self.running) > 3 else "")
         counts = self._fetch_counts()
@@ -246,6 +251,7 @@ class Progress:
             return
         text = (f"[{el // 60}:{el % 60:02d}] built {self.built}/{self.total}, running {len(self.running)}, "
                 f"queued {queued}" + (f", failed {self.failed}" if self.failed else "")
+                + (f", not built {self.not_built}" if self.not_built else "")
                 + (f" | {_fetch_status(*counts)}" if counts is not None else "")  # late fetches
                 + (f" | {names}" if names else ""))
         self.stream.write("\r\x1b[K" + text[:200])

@@ -442,7 +442,7 @@ class _Realiser:
         if failed:
             node.error = f"dependency {failed[0].label} failed"
             self.progress.message(f"not building '{node.label}': its dependency '{failed[0].label}' failed")
-            self.progress.event("failed", drv=node.label, name=node.drv.name,
+            self.progress.event("failed", drv=node.label, name=node.drv.name, dependency_failed=True,
                                 error=f"not built: its dependency {failed[0].label} failed")
         return not failed
 
