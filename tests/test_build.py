@@ -205,6 +205,18 @@ def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr
         st.close()
 
 
+def test_crlf_line_ends_are_line_ends_in_the_tail_and_with_L(pure, expr, tmp_path):
+    """A builder that ends its lines with CRLF (a Windows-made script, some test runners): the
+    tail of a failed build and -L show the lines without a trailing \\r (as the post-build
+    hook's lines are shown); `pure log` gives the bytes as written."""
+    f = expr("default = sh('crlf', \"printf 'one\\\\r\\\\ntwo\\\\r\\\\n'; exit 2\")\n")
+    p = build(pure, tmp_path, f, "-L", check=False)
+    assert p.returncode == 1 and "  > one\n  > two\n" in p.stderr and "crlf> one\n" in p.stderr, p.stderr
+    assert "\\r" not in p.stderr
+    drv = next(w for w in p.stderr.split() if w.endswith("crlf.drv)")).rstrip(")")
+    assert pure("log", drv, input=b"").stdout == b"one\r\ntwo\r\n"  # (bytes: no newline translation)
+
+
 def test_failed_build_tail_shows_control_sequences_the_stored_log_keeps_them(pure, expr, tmp_path, store_root):
     """A builder's output may hold terminal control sequences (retitle the window, clear the
     screen, overwrite with \\r or backspace): in the tail of a failed build and with -L, pure shows

@@ -49,6 +49,8 @@ class BuildLog:
         data = self._partial + data
         *lines, self._partial = data.split(b"\n")
         for line in lines:
+            if line.endswith(b"\r"):  # a CRLF line end (shown: the stored log keeps it)
+                line = line[:-1]
             text = line.decode(errors="replace")
             self._tail.append(text)
             if self._echo:
