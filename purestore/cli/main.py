@@ -185,7 +185,12 @@ class Context:
 
     def open_store(self):
         from ..store.local import LocalStore
-        return LocalStore.open(self.settings)
+        store = LocalStore.open(self.settings)
+        if store.read_only:  # (an error of a write then says why it failed: see _run_command)
+            self.read_only = store.db.read_only
+        return store
+
+    read_only: str | None = None
 
     @staticmethod
     def info(msg: str) -> None:
@@ -464,6 +469,8 @@ def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None)
         _check_key_options(args)
         rc = args.func(args, ctx)
     except PurestoreError as e:
+        if ctx.read_only and str(e) != ctx.read_only and not e.hint and "denied" in str(e):
+            e.hint = ctx.read_only  # (a lock or temporary file of a store this user only reads)
         # (a message may quote what a builder wrote, the tail of its log: control sequences
         # are shown, not sent to the terminal; see purestore._visible)
         print(f"error: {visible(str(e))}", file=sys.stderr)

@@ -124,10 +124,28 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
     when the namespace cannot be set up or the program cannot be started.
     """
     cwd = cwd or os.getcwd()
-    scratch = None
+    scratch = own_scratch = None
     if settings.rooted:
         scratch = os.path.join(settings.state_dir, "ns-root")
-        os.makedirs(scratch, exist_ok=True)
+        try:
+            os.makedirs(scratch, exist_ok=True)
+        except OSError:  # a store this user only reads: a mount point of its own, removed after
+            import tempfile
+            try:
+                scratch = own_scratch = tempfile.mkdtemp(prefix="pure-ns-root-")
+            except OSError as e:
+                raise ShellError(f"cannot make a mount point for the store namespace: {e.strerror}") from e
+    try:
+        return _spawn(argv, env, settings, cwd, scratch)
+    finally:
+        if own_scratch is not None:
+            try:
+                os.rmdir(own_scratch)
+            except OSError:
+                pass
+
+
+def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scratch: str | None) -> int:
     r, w = os.pipe2(os.O_CLOEXEC)
     # SIGTERM and SIGHUP sent to pure go on to the program, and pure waits for it: they are
     # blocked over the fork so that one arriving then is forwarded too, not lost with the

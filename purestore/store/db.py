@@ -63,14 +63,46 @@ class StoreDB:
     dir or schema version.
     """
 
-    def __init__(self, path: str, store_dir: str, *, busy_timeout_ms: int = 60_000):
+    def __init__(self, path: str, store_dir: str, *, busy_timeout_ms: int = 60_000,
+                 read_only: str | None = None):
+        """``read_only``: open for reading only (the database is not writable for this user);
+        the text says why, for the error of any write (:meth:`transaction`)."""
         self.path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.conn = self._connect(path, busy_timeout_ms)
+        self.read_only = read_only
         self.lock = threading.RLock()
         self._depth = 0
-        self.ensure_schema(_SCHEMA)
+        if read_only:
+            self.conn = self._connect_read_only(path, busy_timeout_ms)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.conn = self._connect(path, busy_timeout_ms)
+            self.ensure_schema(_SCHEMA)
         self._check_config(store_dir)
+
+    @staticmethod
+    def _connect_read_only(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+        """Open the database for reading.  While a writer has it open (its ``-wal`` and
+        ``-shm`` files exist) SQLite reads it as usual, its latest commits included; when none
+        has, SQLite cannot make the ``-shm`` file in a directory this user may not write, and
+        the file is read as it is (``immutable``: it holds every commit then)."""
+        from urllib.parse import quote
+        uri = "file:" + quote(path)
+        try:
+            if not os.path.exists(path):
+                raise sqlite3.OperationalError("unable to open database file")
+            try:
+                conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=busy_timeout_ms / 1000,
+                                       isolation_level=None, check_same_thread=False)
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            except sqlite3.OperationalError:
+                if os.path.exists(path + "-wal"):
+                    raise
+                conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the store database {path!r} for reading: {e}") from e
 
     @staticmethod
     def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -107,7 +139,12 @@ class StoreDB:
                 delay = min(delay * 2, 0.1)
 
     def _check_config(self, store_dir: str) -> None:
-        rows = dict(self.query("SELECT key, value FROM Config"))
+        try:
+            rows = dict(self.query("SELECT key, value FROM Config"))
+        except StoreError:
+            if not self.read_only:
+                raise
+            raise StoreError(f"{self.path!r} is not a store database (no Config table)") from None
         if not rows:
             with self.transaction() as c:
                 rows = dict(c.execute("SELECT key, value FROM Config").fetchall())
@@ -128,6 +165,8 @@ class StoreDB:
         Tried first as a deferred transaction, which takes no write lock when everything
         exists already (the common case: every ``pure`` command opens the store).
         """
+        if self.read_only:
+            return  # (tables it lacks: the queries on them fail, saying so)
         with self.lock:
             if self._depth:
                 raise StoreError("ensure_schema cannot be called inside a transaction")
@@ -170,7 +209,10 @@ class StoreDB:
         """A write transaction (``BEGIN IMMEDIATE``); commits on success, rolls back on error.
 
         Nested calls join the outer transaction.  Holds the connection lock throughout.
+        Raises :class:`StoreError` at once when the database was opened read-only.
         """
+        if self.read_only:
+            raise StoreError(self.read_only)
         with self.lock:
             if self._depth:
                 self._depth += 1

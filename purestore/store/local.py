@@ -73,6 +73,33 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
+def _read_only_reason(settings: Settings) -> str | None:
+    """Why the store of ``settings`` can only be read by this process (its database exists, and
+    its directory or file is not writable: another user's store, a read-only mount), or None."""
+    db_dir = os.path.join(settings.state_dir, "db")
+    db_file = os.path.join(db_dir, "db.sqlite")
+    if not os.path.exists(db_file):
+        return None
+    if os.access(db_dir, os.W_OK) and os.access(db_file, os.W_OK):
+        return None
+    return (f"the store at {settings.real_store_dir!r} is read-only for this user (uid {os.getuid()}): "
+            f"its database {db_file!r} may be read, not written")
+
+
+class _NoTempRoots:
+    """The temporary roots of a read-only store: none can be written (the collector of the
+    store's owner does not see what this process uses; it only reads)."""
+
+    def add(self, logical_path: str) -> None:
+        pass
+
+    def remove(self, logical_path: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class LocalStore(StoreQueries):
     """A store on the local file system.  Create it with :meth:`open`; close it (or use ``with``).
 
@@ -94,6 +121,8 @@ class LocalStore(StoreQueries):
 
     # -- opening and closing -------------------------------------------------------------------
 
+    read_only = False  # opened by a user who may not write it (see open)
+
     @classmethod
     def open(cls, settings: Settings, *, durable: bool | None = None) -> "LocalStore":
         """Open (creating if needed) the store of ``settings`` and clean up after crashed adds.
@@ -104,6 +133,12 @@ class LocalStore(StoreQueries):
         Raises :class:`StoreError` when the directories or database cannot be created.
         """
         state = settings.state_dir
+        why = _read_only_reason(settings)
+        if why is not None:  # queries work; a write fails with `why`
+            db = StoreDB(os.path.join(state, "db", "db.sqlite"), settings.store_dir, read_only=why)
+            store = cls(settings, db, _NoTempRoots(), durable=False)
+            store.read_only = True
+            return store
         try:
             os.makedirs(settings.real_store_dir, exist_ok=True)
             os.makedirs(os.path.join(settings.real_store_dir, TMP_DIR), exist_ok=True)
@@ -350,6 +385,12 @@ class LocalStore(StoreQueries):
         """:meth:`register_derivation_outputs` for many derivations in ONE transaction
         (used by ``pure instantiate``)."""
         rows = [(drv.base_name, name, sp.base_name) for drv, outs in items for name, sp in sorted(outs.items())]
+        if rows:  # only what is not recorded yet (an evaluation of an unchanged expression: none)
+            have: set[tuple] = set()
+            for chunk in _chunks(sorted({r[0] for r in rows})):
+                have.update(self.db.query("SELECT drv, id, path FROM DerivationOutputs WHERE drv IN "
+                                          f"({','.join('?' * len(chunk))})", chunk))
+            rows = [r for r in rows if r not in have]
         if rows:
             with self.db.transaction() as c:
                 c.executemany("INSERT OR REPLACE INTO DerivationOutputs(drv, id, path) VALUES (?, ?, ?)", rows)
