@@ -111,3 +111,29 @@ def test_optimise_errors_name_the_path(store, store_root, tmp_path):
                  check=False)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "nope" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_path_the_collector_removes_meanwhile_is_skipped(store, tmp_path, monkeypatch):
+    """No lock is held: a path that `pure gc` moves aside (to delete it) while its files are
+    being hashed is skipped, not an error ("cannot link ...: No such file or directory")."""
+    from purestore.store import optimise as opt
+    a, b, big = _paths(store, tmp_path)
+    single = store.add_path(str(_tree(tmp_path, "c", {"f": (big, False)}) / "f"), "single")
+    gone = {}
+
+    def hash_then_collect(path):
+        r = real_hash(path)
+        for p in (b, single):
+            rp = store.real_path(p)
+            if (path == rp or path.startswith(rp + "/")) and os.path.lexists(rp):
+                os.rename(rp, f"{store.real_store_dir}/.gc-trash-{p.name}")  # as the collector does
+                gone[p] = True
+        return r
+    real_hash = opt.hash_path
+    monkeypatch.setattr(opt, "hash_path", hash_then_collect)
+    r = opt.optimise_store(store, [b])
+    assert gone == {b: True} and r.linked == 0 and r.entries_added == 0 and r.skipped >= 1
+    r = opt.optimise_store(store, [single])
+    assert gone[single] and r.linked == 0 and r.entries_added == 0 and r.skipped == 1
+    r = opt.optimise_store(store, [a])  # (the rest is as before)
+    assert r.entries_added == 3 and r.skipped == 0

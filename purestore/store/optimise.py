@@ -105,7 +105,10 @@ class _Optimiser:
         except FileNotFoundError:
             return  # removed by a collection meanwhile
         if stat.S_ISREG(st.st_mode):
-            self.file(top, st)
+            try:
+                self.file(top, st)
+            except FileNotFoundError:
+                self.skipped += 1
             return
         if not stat.S_ISDIR(st.st_mode):
             return
@@ -144,6 +147,9 @@ class _Optimiser:
                     os.link(path, link)
                 except FileExistsError:
                     continue  # made meanwhile (another run): look again
+                except FileNotFoundError:  # the file: its path was collected meanwhile
+                    self.skipped += 1
+                    return
                 except OSError as e:
                     if e.errno == errno.EMLINK:
                         self.skipped += 1
@@ -162,6 +168,12 @@ class _Optimiser:
                     tmp = self._tmp()
                     try:
                         os.link(path, tmp)
+                    except FileNotFoundError:  # collected meanwhile
+                        self.skipped += 1
+                        return
+                    except OSError as e:
+                        raise _fail("replace the damaged link", link, e) from e
+                    try:
                         os.rename(tmp, link)
                     except OSError as e:
                         _unlink_quietly(tmp)
