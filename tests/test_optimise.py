@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from conftest import run_pure
+from conftest import pure_env, run_pure
 from purestore.store.fsnar import hash_path
 from purestore.store.local import LocalStore
 from purestore.store.settings import load_settings
@@ -137,3 +137,31 @@ def test_a_path_the_collector_removes_meanwhile_is_skipped(store, tmp_path, monk
     assert gone[single] and r.linked == 0 and r.entries_added == 0 and r.skipped == 1
     r = opt.optimise_store(store, [a])  # (the rest is as before)
     assert r.entries_added == 3 and r.skipped == 0
+
+
+def test_a_second_run_waits_for_the_first(store, store_root, tmp_path):
+    """Two runs at once would undo each other's chmod and utime of a directory (seen as a user:
+    store directories left with a new mtime or writable, "cannot replace ...: Permission
+    denied"): a run waits while another holds the flock on .links."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+    a, b, big = _paths(store, tmp_path)
+    links = f"{store.real_store_dir}/.links"
+    os.makedirs(links, exist_ok=True)
+    fd = os.open(links, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a run in progress holds it
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "store", "optimise", "--json"],
+                             env=pure_env(store_root), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert p.poll() is None and os.listdir(links) == []
+        assert _ino(f"{store.real_path(a)}/lib/libx.so") != _ino(f"{store.real_path(b)}/share/libx.so")
+    finally:
+        os.close(fd)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "waiting for another 'pure store optimise' to finish" in err
+    assert json.loads(out)["linked"] == 2

@@ -146,7 +146,7 @@ Replace files with equal contents (and executable bit) by hard links to one copy
 `nix-store --optimise`: each file is named by its NAR hash under <store dir>/.links/. Paths keep
 their NAR hashes, modes and times. An existing .links entry is rehashed before it is used, so a
 damaged one is replaced instead of spread. `pure gc` removes the entries no path uses any more.
-Safe while builds run."""
+Safe while builds run; a second run at once waits for the first."""
 
 
 def cmd_optimise(args, ctx) -> int:
@@ -165,7 +165,8 @@ def cmd_optimise(args, ctx) -> int:
                 if done == total:
                     sys.stderr.write("\r\x1b[K")
                 sys.stderr.flush()
-        r = optimise_store(store, paths, progress=progress)
+        r = optimise_store(store, paths, progress=progress,
+                           on_wait=lambda: ctx.info("waiting for another 'pure store optimise' to finish..."))
     if args.json:
         _print_json(r.to_json())
         print()

@@ -11,12 +11,17 @@ mtime too.  The collector removes ``.links`` entries no path uses any more (link
 Safer than Nix's: an existing ``.links`` entry is rehashed (once a run) before anything is linked
 to it, so a corrupted entry (a disk error, a hand edit) is replaced instead of spreading into
 every path with that file.  No lock is held: a path the collector removes meanwhile is skipped,
-an entry it removes meanwhile is made again.
+an entry it removes meanwhile is made again.  Runs of optimise take turns (an flock on
+``.links``): two at once would each make a directory writable, rename into it and restore its
+mode and mtime, and undo each other's (a directory left writable or with a new mtime, a rename
+refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
 from typing import Callable, Iterable
@@ -233,20 +238,43 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _one_run_at_a_time(links: str, on_wait: Callable[[], None] | None):
+    """Hold an exclusive flock on the ``.links`` directory (made if missing); wait for it."""
+    try:
+        os.makedirs(links, exist_ok=True)
+        fd = os.open(links, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise _fail("create", links, e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def optimise_store(store, paths: Iterable[StorePath] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> OptimiseResult:
+                   progress: Callable[[int, int], None] | None = None,
+                   on_wait: Callable[[], None] | None = None) -> OptimiseResult:
     """Hard-link equal files of ``paths`` (default: every valid path) through ``.links``.
 
-    ``progress(done, total)`` is called after each path.  Raises :class:`StoreError` when the
+    ``progress(done, total)`` is called after each path; ``on_wait()`` once if another run holds
+    the store's optimise lock (this one then waits for it).  Raises :class:`StoreError` when the
     file system refuses (a read-only store, no space for a link)."""
-    todo = sorted(store.valid_paths() if paths is None else paths, key=lambda p: p.base_name)
     o = _Optimiser(store.real_store_dir)
-    o.start()
-    for i, p in enumerate(todo, 1):
-        if store.is_valid(p):  # (not deleted by a collection since)
-            o.walk(store.real_path(p))
-        if progress is not None:
-            progress(i, len(todo))
+    with _one_run_at_a_time(o.links, on_wait):
+        todo = sorted(store.valid_paths() if paths is None else paths, key=lambda p: p.base_name)
+        o.start()
+        for i, p in enumerate(todo, 1):
+            if store.is_valid(p):  # (not deleted by a collection since)
+                o.walk(store.real_path(p))
+            if progress is not None:
+                progress(i, len(todo))
     return OptimiseResult(paths=len(todo), files=o.files, linked=o.linked, bytes_saved=o.saved,
                           entries_added=o.added, entries_repaired=o.repaired, skipped=o.skipped)
 
