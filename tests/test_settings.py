@@ -129,10 +129,10 @@ def test_option_sets_any_setting_over_the_file_and_under_dedicated_options(tmp_p
         (7, ("file:///a", "file:///b"), 60, True, 1)
     with pytest.raises(UsageError) as e:
         load_settings(env=env, options=[("timeout", "-2")])
-    assert str(e.value) == "--option timeout: timeout must be at least 0, got '-2'"
+    assert str(e.value) == "--option: timeout must be at least 0, got '-2'"
     with pytest.raises(UsageError) as e:
         load_settings(env=env, options=[("max-silent-timeout", "3")])
-    assert str(e.value) == "--option max-silent-timeout: unknown setting 'max-silent-timeout'"
+    assert str(e.value) == "--option: unknown setting 'max-silent-timeout'"
     assert e.value.hint == "did you mean 'max-silent-time'?"
 
 
@@ -162,6 +162,6 @@ def test_option_on_the_command_line(tmp_path):
     command (the parsers of `store ls` alone are built for it)."""
     from conftest import run_pure
     p = run_pure("--option", "max-jobs", "x", "store", "ls", root=tmp_path, check=False)
-    assert p.returncode == 2 and "error: --option max-jobs: max-jobs must be an integer, got 'x'" in p.stderr
+    assert p.returncode == 2 and "error: --option: max-jobs must be an integer, got 'x'" in p.stderr
     p = run_pure("--option", "substitute", "false", "--option", "cores", "3", "store", "ls", root=tmp_path)
     assert p.returncode == 0

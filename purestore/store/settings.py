@@ -222,7 +222,7 @@ def load_settings(env: dict[str, str] | None = None, options: Sequence[tuple[str
         kw["store_dir"] = env["PURE_STORE_DIR"]
     for name, value in options:
         parsed: dict[str, object] = {}
-        parse_setting(name, value.strip(), f"--option {name}", parsed)
+        parse_setting(name, value.strip(), "--option", parsed)  # (the message names the setting)
         merge(parsed)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if "root" in kw:
