@@ -181,3 +181,27 @@ def test_several_differing_rounds_keep_the_first_and_say_so(pure, expr, tmp_path
     checks = [c for c in checks if c["type"] == "check"]
     assert [c["differences"][0]["kept"] for c in checks] == [kept, None]
     assert got == first_hash
+
+
+@needs_sandbox
+def test_a_rebuild_keeps_its_log_apart_from_the_builds(pure, expr, tmp_path, store_root):
+    """The log of the build whose outputs are valid stays what `pure log` shows: a --check or
+    --rounds rebuild writes its own (….drv.check-1.zst, ….drv.round-2.zst); it replaced it."""
+    f = expr('noisy = sh("noisy", "$B head -c 8 /dev/urandom | $B od -An -tx1; $B mkdir $out")\n')
+    out = build(pure, tmp_path, f, "-A", "noisy").stdout.strip()
+    first = pure("log", out).stdout
+    assert first.strip()
+    p = build(pure, tmp_path, f, "-A", "noisy", "--check")
+    assert p.returncode == 0
+    assert pure("log", out).stdout == first
+    drv = pure("store", "path-info", "--json", out).stdout
+    import json
+    base = os.path.basename(json.loads(drv)[0]["deriver"])
+    logs = store_root / "pure" / "var" / "pure" / "log" / base[:2]
+    assert sorted(n[len(base) - 2:] for n in os.listdir(logs) if n.startswith(base[2:])) == \
+        [".check-1.zst", ".zst"]
+    g = expr('again = sh("again", "$B head -c 8 /dev/urandom | $B od -An -tx1; $B mkdir $out")\n', name="g.py")
+    out = build(pure, tmp_path, g, "-A", "again", "--rounds", "2").stdout.strip()
+    base = os.path.basename(json.loads(pure("store", "path-info", "--json", out).stdout)[0]["deriver"])
+    names = os.listdir(store_root / "pure" / "var" / "pure" / "log" / base[:2])
+    assert sorted(n[len(base) - 2:] for n in names if n.startswith(base[2:])) == [".round-2.zst", ".zst"]

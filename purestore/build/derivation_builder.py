@@ -266,7 +266,8 @@ class DerivationBuilder:
         try:
             log = BuildLog(store.state_dir, node.path.base_name,
                            echo=(lambda line: self.progress.event("log", drv=node.label, name=drv.name, line=line))
-                           if self.progress.print_logs or self.progress.json_stream else None)
+                           if self.progress.print_logs or self.progress.json_stream else None,
+                           variant=None if kind == "build" else f"{kind}-{round_}")
             host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
             if builtin:
                 await self._run_builtin(node, host_outs["out"], log)
@@ -369,7 +370,7 @@ class DerivationBuilder:
         msg = f"builder for {node.label} {how}"
         if tail:
             msg += f"\nlast {len(tail)} log lines:\n" + "\n".join(f"  > {line}" for line in tail)
-        msg += f"\nfull log: {log.path} (or: pure log {node.label})"
+        msg += f"\nfull log: {log.path}" + ("" if log.variant else f" (or: pure log {node.label})")
         if spec is not None:
             kept = keep_dir(spec.top, node.drv.name)
             msg += f"\nkeeping build directory {kept}/build (what the builder wrote to the store dir: {kept}/upper)"

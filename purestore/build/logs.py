@@ -25,8 +25,10 @@ class BuildLog:
     ``echo`` (optional) gets every complete line as text (for ``--print-build-logs``).
     """
 
-    def __init__(self, state_dir: str, drv_base: str, echo: Callable[[str], None] | None = None):
-        self.path = log_path(state_dir, drv_base)
+    def __init__(self, state_dir: str, drv_base: str, echo: Callable[[str], None] | None = None,
+                 variant: str | None = None):
+        self.path = log_path(state_dir, drv_base, variant)
+        self.variant = variant
         self._tmp = f"{self.path}.tmp-{os.getpid()}-{id(self)}"
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)

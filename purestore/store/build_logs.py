@@ -11,9 +11,13 @@ import zstandard
 from ..errors import StoreError
 
 
-def log_path(state_dir: str, drv_base: str) -> str:
-    """Where the log of the derivation with base name ``<hash>-<name>.drv`` is kept."""
-    return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + ".zst")
+def log_path(state_dir: str, drv_base: str, variant: str | None = None) -> str:
+    """Where the log of the derivation with base name ``<hash>-<name>.drv`` is kept; with
+    ``variant`` (``check-1``, ``round-2``: a rebuild of ``--check``/``--rounds``), the log of that
+    rebuild, next to it (``….drv.check-1.zst``), so that the log of the build that made the
+    valid outputs stays what ``pure log`` shows."""
+    tail = f".{variant}.zst" if variant else ".zst"
+    return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + tail)
 
 
 def remove_stale_log_temps(state_dir: str) -> int:
