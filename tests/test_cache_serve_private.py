@@ -208,6 +208,38 @@ def test_a_refused_netrc_login_is_said_even_where_a_token_would_do(tmp_path, pus
         stop_server(proc)
 
 
+def test_a_login_in_the_url_is_sent_as_nix_sends_it(tmp_path, pushed):
+    """``http://NAME:PASSWORD@HOST/`` (percent-encoded) is a login, as curl and so Nix take it,
+    ahead of the netrc file's; a wrong one is said to come from the URL.  (It was dropped: the
+    cache answered 401 and the message asked for a token.)"""
+    cache, app, store_dir = pushed
+    (tmp_path / "read.tok").write_text("reader-s3cret\n")
+    proc, url = start_server(cache, "--read-token-file", tmp_path / "read.tok")
+    try:
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login bob password wrong\n")
+        netrc.chmod(0o600)
+        conf = tmp_path / "pure.conf"
+        conf.write_text(f"netrc-file = {netrc}\n")
+
+        def fetch(u, root):
+            return run_pure("copy", "--json", "--from", u, "--trusted-public-keys", PUB, app, root=tmp_path / root,
+                            store_dir=store_dir, env={"PURE_CONFIG": str(conf)}, check=False)
+
+        with_login = url.replace("http://", "http://alice:reader-s3cr%65t@")
+        r = fetch(with_login, "b")
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["fetched"]) == 2
+        run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+        r = fetch(url.replace("http://", "http://alice:guess@"), "c")
+        assert r.returncode == 1
+        assert "(the cache refused the login 'alice' for 127.0.0.1 in the cache's URL)" in r.stderr
+        if HAVE_NIX and store_dir == "/nix/store":  # the same URL works in Nix
+            nix_copy_from(tmp_path, with_login.rstrip("/"), app, check=True)
+    finally:
+        stop_server(proc)
+
+
 @pytest.mark.skipif(not HAVE_NIX, reason="needs Nix")
 def test_nix_reads_a_private_cache_and_pushes_to_it_with_a_netrc_login(tmp_path, pushed):
     from test_cache_support import SEC

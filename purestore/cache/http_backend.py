@@ -62,11 +62,18 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
         if problem:
             raise CacheError(f"the token in the environment variable PURE_CACHE_TOKEN {problem}")
         upload_token = raw.decode("ascii")
-    host = urllib.parse.urlsplit(cu.base).hostname or ""
+    u = urllib.parse.urlsplit(cu.base)
+    if u.username is not None:
+        # http://NAME:PASSWORD@HOST/ (percent-encoded): curl sends it, and so Nix does; it comes
+        # before the netrc file's, as in curl
+        login: tuple[str, str] | None = (urllib.parse.unquote(u.username), urllib.parse.unquote(u.password or ""))
+        login_from: str | None = "the cache's URL"
+    else:
+        login, login_from = netrc_login(netrc_file, u.hostname or ""), netrc_file
     return HttpBackend(cu, connect_timeout=connect_timeout, stall_timeout=stall_timeout,
                        max_connections=max_connections, token=token, attempts=attempts,
                        upload_token=upload_token,
-                       login=netrc_login(netrc_file, host), netrc_file=netrc_file,
+                       login=login, netrc_file=netrc_file, login_from=login_from,
                        ssl_context=_ssl_context(ssl_cert_file) if cu.scheme == "https" else None)
 
 
@@ -89,7 +96,8 @@ class HttpBackend(Backend):
     """A cache behind an HTTP server: GET/HEAD to read, PUT (with a bearer token) to write.
 
     Authorization: ``token`` (bearer) on every request; else ``upload_token`` (bearer) on
-    uploads; else ``login`` (basic authentication) when there is one.
+    uploads; else ``login`` (basic authentication: the URL's user and password, else the netrc file's)
+    when there is one.
 
     One pooled :class:`~purestore.cache.http.HttpClient` (HTTP/1.1 keep-alive) per backend.  A
     connection that delivers no bytes for ``stall_timeout`` seconds fails with :class:`CacheError`.
@@ -109,14 +117,17 @@ class HttpBackend(Backend):
     def __init__(self, cu: CacheURL, *, connect_timeout: float, stall_timeout: float,
                  max_connections: int, token: str | None, attempts: int = 5,
                  retry_delay: float | None = None, login: tuple[str, str] | None = None,
-                 netrc_file: str | None = None, ssl_context=None, upload_token: str | None = None):
+                 netrc_file: str | None = None, ssl_context=None, upload_token: str | None = None,
+                 login_from: str | None = None):
         from . import http
         self._http = http
         self.cache_url = cu
         self.token = token
         self.upload_token = upload_token
-        self.login = login  # (name, password) sent with basic authentication (from netrc_file)
+        self.login = login  # (name, password) sent with basic authentication
         self.netrc_file = netrc_file
+        # where the login comes from, for a message when it is refused: the URL, or netrc_file
+        self.login_from = login_from if login_from is not None else netrc_file
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         self.attempts = attempts
@@ -264,7 +275,7 @@ class HttpBackend(Backend):
             if self.token:
                 msg += " (the cache refused the token of the URL's token-file)"
             elif self.login:  # sent, and refused (whatever else the server would take)
-                msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.netrc_file})"
+                msg += f" (the cache refused the login {self.login[0]!r} for {host} in {self.login_from})"
             elif r.headers.get("www-authenticate", "").lower().startswith("bearer"):
                 msg += " (the cache wants a token: give its file with ?token-file=FILE in the cache's URL)"
             elif self.netrc_file:
