@@ -72,6 +72,16 @@ def test_port_0_in_a_cache_url_is_refused():
             open_backend(url)
 
 
+def test_a_port_that_is_no_port_is_named_in_the_error():
+    """A port past 65535 or not a number says what it got and what a port is (it said "bad
+    port", with no hint of which part of the URL was wrong)."""
+    for url, got in (("http://127.0.0.1:99999/", "99999"), ("https://h:abc/prefix", "abc"),
+                     ("http://u:p@h:-1/", "-1")):
+        with pytest.raises(CacheError) as e:
+            open_backend(url)
+        assert str(e.value) == f"cache URL {url!r}: the port must be a number from 1 to 65535, got {got!r}"
+
+
 def test_cache_info_round_trip_and_store_dir_check():
     info = CacheInfo.parse("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n", "x")
     assert info == CacheInfo("/nix/store", True, 40)

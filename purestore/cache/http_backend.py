@@ -143,8 +143,11 @@ class HttpBackend(Backend):
         u = urllib.parse.urlsplit(cu.base)
         try:
             port = u.port
-        except ValueError:
-            raise CacheError(f"cache URL {cu.url!r}: bad port") from None
+        except ValueError:  # not digits, or past 65535
+            given = u.netloc.rpartition("@")[2].rpartition(":")[2]
+            raise CacheError(f"cache URL {cu.url!r}: the port must be a number from 1 to 65535, got {given!r}",
+                             hint="leave the port out for the scheme's default (80 for http, 443 for https)"
+                             ) from None
         if port == 0:  # not the default port: no server listens on port 0
             raise CacheError(f"cache URL {cu.url!r}: port 0 is not a port a server can listen on",
                              hint="leave the port out for the scheme's default (80 for http, 443 for https)")
