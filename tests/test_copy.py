@@ -176,6 +176,27 @@ def test_push_without_a_key_warns_last_and_only_when_it_uploads(tmp_path):
         == "pure cache sign --key-file KEY -r 'http://h:1/?token-file=/t' /a /b /c ..."
 
 
+def test_a_plus_in_a_url_parameter_is_a_plus_as_nix_reads_it(tmp_path):
+    """``?secret-key=/keys/c++.sec`` names that file, as in Nix (whose query values are only
+    percent-decoded); form encoding made the '+' a space and the push failed with "cannot read
+    secret key file '/keys/c  .sec'".  A space is written %20, a '+' may be written %2B too."""
+    root, cache = tmp_path / "a", tmp_path / "cache"
+    keys = tmp_path / "c++ keys"
+    keys.mkdir()
+    (keys / "c++.sec").write_text(SEC)
+    with open_store(root) as store:
+        lib, _app = make_closure(store)
+    lib_p = store.print_path(lib)
+    run_pure("copy", "--to", f"file://{cache}?secret-key={tmp_path}/c++%20keys/c%2B+.sec", lib_p, root=root)
+    assert "Sig: test-key-1:" in (cache / f"{lib.hash_part}.narinfo").read_text()
+    from purestore.cache.url import parse_url
+    assert parse_url("http://h/?token-file=/t/a+b%20c&priority=+7").params == {"token-file": "/t/a+b c",
+                                                                               "priority": "+7"}
+    from purestore.cli.copy_cmd import _sign_again_command  # the note's URL reads back the same
+    assert _sign_again_command("http://h/?token-file=/t/a+b%20c&secret-key=/k+.sec", ["/a"]) \
+        == "pure cache sign --key-file KEY -r 'http://h/?token-file=/t/a+b%20c' /a"
+
+
 @pytest.mark.parametrize("comp,ext", [("xz", ".nar.xz"), ("none", ".nar")])
 def test_other_compressions_round_trip(tmp_path, keyfile, comp, ext):
     root, cache = tmp_path / "a", tmp_path / "cache"

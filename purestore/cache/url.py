@@ -58,6 +58,20 @@ _S3_PARAMS = {"region", "endpoint", "scheme", "profile", "multipart-upload", "bu
               "narinfo-compression", "ls-compression", "log-compression"}  # s3:// only
 
 
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    """The ``(key, value)`` pairs of a cache URL's query, percent-decoded as Nix decodes them:
+    a ``+`` stays a ``+`` (``secret-key=/keys/c++.sec``; form encoding, which
+    :func:`urllib.parse.parse_qsl` follows, would make it a space).  Raise ValueError for a
+    part without ``=`` (an empty one too)."""
+    pairs = []
+    for part in query.split("&") if query else ():
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad query field: {part!r}")
+        pairs.append((urllib.parse.unquote(key), urllib.parse.unquote(value)))
+    return pairs
+
+
 def parse_url(url: str) -> CacheURL:
     """Parse ``file:///dir?…``, ``http(s)://host:port/prefix?…`` or ``s3://bucket[/prefix]?…``;
     raise :class:`CacheError`."""
@@ -70,7 +84,7 @@ def parse_url(url: str) -> CacheURL:
         raise CacheError(f"cache URL {url!r}: malformed host ({e})",
                          hint="an IPv6 address is written between '[' and ']': http://[::1]:8080/") from None
     try:
-        pairs = urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=bool(u.query))
+        pairs = query_pairs(u.query)
     except ValueError:
         raise CacheError(f"cache URL {url!r}: malformed query {u.query!r}") from None
     params: dict[str, str] = {}

@@ -187,12 +187,15 @@ def _sign_again_command(url: str, roots: list[str]) -> str:
     URL without the push's own parameters; over HTTP it keeps its token-file)."""
     import shlex
     import urllib.parse
+
+    from ..cache.url import query_pairs
     base, _, query = url.partition("?")
-    keep = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+    keep = [(k, v) for k, v in query_pairs(query)
             if k not in ("secret-key", "compression", "compression-level", "parallel-compression",
                          "write-nar-listing", "index-debug-info")]
-    if keep:
-        base += "?" + urllib.parse.urlencode(keep, safe="/")
+    if keep:  # (quoted as the URL is read: a '+' is a '+', a space %20)
+        base += "?" + "&".join(f"{urllib.parse.quote(k, safe='')}={urllib.parse.quote(v, safe='/+')}"
+                               for k, v in keep)
     shown = " ".join(shlex.quote(p) for p in roots[:3]) + (" ..." if len(roots) > 3 else "")
     return f"pure cache sign --key-file KEY -r {shlex.quote(base)} {shown}"
 
