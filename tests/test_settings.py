@@ -57,6 +57,24 @@ def test_bad_config_lines_name_file_and_line(text, message):
     assert str(e.value) == message
 
 
+def test_a_secret_key_given_as_a_trusted_key_is_said_to_be_one(tmp_path):
+    """A secret key pasted where public keys go (the option, or the config file) gets the hint
+    that it is a secret key and how to get its public half, as the key parser says; the generic
+    hint about separating keys replaced it."""
+    from conftest import run_pure
+    from test_cache_support import PUB, SEC
+    conf = tmp_path / "pure.conf"
+    conf.write_text(f"trusted-public-keys = {SEC}\n")
+    for args, env in ((["--trusted-public-keys", SEC], None), ([], {"PURE_CONFIG": str(conf)})):
+        r = run_pure(*args, "cache", "info", f"file://{tmp_path}", root=tmp_path / "root", env=env, check=False)
+        assert r.returncode == 2
+        assert "public key 'test-key-1' decodes to 64 bytes, expected 32" in r.stderr
+        assert "hint: this is a secret key: give its public key ('pure key public < FILE')" in r.stderr, r.stderr
+        assert SEC.split(":")[1].strip() not in r.stderr
+    r = run_pure("--trusted-public-keys", PUB + "," + PUB, "cache", "info", f"file://{tmp_path}", check=False)
+    assert "hint: this looks like several keys in one" in r.stderr, r.stderr
+
+
 def test_a_config_file_that_is_not_utf8_is_read_as_nix_reads_it(tmp_path):
     """Bytes that are not UTF-8 (here in a comment and a path) are no crash: they are kept."""
     conf = tmp_path / "pure.conf"

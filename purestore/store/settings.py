@@ -114,9 +114,10 @@ def check_public_keys(keys: tuple[str, ...], where: str) -> None:
         try:
             PublicKey.parse(k)
         except FormatError as e:
+            # (the key's own hint first: a secret key given here says so)
             raise UsageError(f"{where}: {e}",
-                             hint="keys are separated by spaces, each NAME:BASE64 as 'pure key public' "
-                                  "prints it") from None
+                             hint=getattr(e, "hint", None) or "keys are separated by spaces, each NAME:BASE64 "
+                                  "as 'pure key public' prints it") from None
 
 
 def parse_config(text: str, where: str) -> dict[str, object]:
