@@ -84,6 +84,18 @@ def test_several_keys_given_as_one_get_a_hint():
     assert e.value.hint is None
 
 
+def test_a_space_after_the_colon_is_said_to_be_one():
+    """``name: base64`` (a secret key file written by hand) is refused for the space after the
+    ':', not with the hint that several keys were given in one."""
+    for parse, text in ((SecretKey.parse, SECRET), (PublicKey.parse, PUBLIC)):
+        name, b64 = text.split(":", 1)
+        with pytest.raises(KeyError_) as e:
+            parse(f"{name}: {b64}")
+        assert str(e.value).endswith(f"key {name!r} has white space after its ':'")
+        assert e.value.hint == "write it as NAME:BASE64, with nothing between the ':' and the key"
+        assert b64[:8] not in str(e.value)
+
+
 def test_a_public_key_given_for_a_secret_one_and_back_says_so():
     """The two keys of a pair are easy to swap: the error's hint says which one was given, and
     never shows any of the secret."""

@@ -44,6 +44,9 @@ def _split(text: str, what: str, size: int, *, secret: bool = False) -> tuple[st
         raise KeyError_(f"{what} name {name!r} contains white space")
     if not name.isprintable():  # control characters, U+FEFF and other invisible ones
         raise KeyError_(f"{what} name {name!r} contains a character that is not printable")
+    if b64[:1].isspace():  # 'name: base64', as a YAML or HTTP header line is written
+        raise KeyError_(f"{what} {name!r} has white space after its ':'",
+                        hint="write it as NAME:BASE64, with nothing between the ':' and the key")
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
