@@ -482,6 +482,12 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
     ("--to", "ssh://host", "unsupported cache URL"),
     ("--to", "file://relative/dir", "file URLs must be file:///absolute/dir"),
     ("--to", "file:///x?compression=lz4", "cannot write compression 'lz4', expected one of zstd, xz, none"),
+    # a name no cache uses is said the same way, naming the URL (it was "unknown compression
+    # 'ZSTD'", naming nothing), and a level that is no number says what it got
+    ("--to", "file:///x?compression=ZSTD",
+     "cache URL 'file:///x': cannot write compression 'ZSTD', expected one of zstd, xz, none"),
+    ("--to", "file:///x?compression-level=abc",
+     "cache URL 'file:///x?compression-level=abc': compression-level must be an integer, got 'abc'"),
     ("--to", "file:///x?bogus=1", "unknown parameter 'bogus'"),
     ("--to", "file:///x?compression-level=99", "cache URL 'file:///x': zstd compression level must be -131072..22 (-1 or 0: the default, 3), got 99"),
     # the path is valid already, so nothing is fetched: the URL is checked all the same

@@ -48,7 +48,7 @@ from ..formats.store_path import StorePath
 from . import _storeapi as S
 from .backend import FileBackend, backend_for
 from .url import parse_url, url_flag
-from .compression import compressor, extension
+from .compression import WRITABLE, compressor, extension
 from .debug_info import debug_info_files, write_debug_links
 from .destination import cached_paths, ensure_cache_info, mark_present, nar_temp_dir, push_lock
 from .narinfo_cache import NegativeCache
@@ -147,13 +147,17 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
             raise CacheError(f"cache URL {where!r} asks for {param}={given}, the option for "
                              f"{str(option).lower()}: give it once")
     method = compression or cu.param("compression") or "zstd"
+    if method not in WRITABLE:  # (an error that names where it came from, as for the level)
+        raise CacheError(f"{'compression' if compression else f'cache URL {where!r}'}: cannot write "
+                         f"compression {method!r}, expected one of {', '.join(WRITABLE)}")
     ext = extension(method)
     chosen_by = "--compression-level" if level is not None else f"cache URL {where!r}"  # for an error
     if level is None and cu.param("compression-level"):
         try:
             level = int(cu.param("compression-level"))  # type: ignore[arg-type]
         except ValueError:
-            raise CacheError(f"cache URL {url!r}: compression-level must be an integer") from None
+            raise CacheError(f"cache URL {url!r}: compression-level must be an integer, "
+                             f"got {cu.param('compression-level')!r}") from None
     if parallel is None:
         parallel = url_flag(cu, "parallel-compression")
     if method == "none" and level is not None:  # accepted, as Nix accepts it, but said
