@@ -36,6 +36,12 @@ def test_a_private_cache_is_read_only_with_its_token(tmp_path, pushed):
         assert r.returncode == 1
         assert ("HTTP 401 Unauthorized (the cache wants a token: give its file with ?token-file=FILE in the "
                 "cache's URL)") in r.stderr
+        # an empty token-file (a variable left unset) is not "no token": it was read as one,
+        # and the 401 then asked for the ?token-file= that was given
+        r = fetch(f"{url}?token-file=", "empty")
+        assert r.returncode == 1
+        assert (f"cache URL '{url}?token-file=': token-file is empty, expected the path of the file that "
+                "holds the cache's token") in r.stderr, r.stderr
         r = fetch(f"{url}?token-file={tmp_path / 'wrong.tok'}", "wrong")
         assert r.returncode == 1 and "(the cache refused the token of the URL's token-file)" in r.stderr
         for tok in ("read.tok", "upload.tok"):  # the upload token reads too

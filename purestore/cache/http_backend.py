@@ -53,6 +53,9 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
     """:func:`.backend.open_backend` for an HTTP cache: finds its tokens and login, and its TLS
     context.  ``token`` (given, or read from the URL's ``token-file``) goes with every request;
     ``PURE_CACHE_TOKEN`` with uploads only."""
+    if cu.param("token-file") == "":  # `?token-file=$FILE` with FILE unset: not "no token"
+        raise CacheError(f"cache URL {cu.url!r}: token-file is empty, expected the path of the file that "
+                         "holds the cache's token")
     if token is None and cu.param("token-file"):
         token, _mode = read_token_file(cu.param("token-file"), "the cache's")  # type: ignore[arg-type]
     upload_token = os.environ.get("PURE_CACHE_TOKEN") or None
