@@ -484,6 +484,9 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
     ("--to", "file:///x?compression=lz4", "cannot write compression 'lz4', expected one of zstd, xz, none"),
     # a name no cache uses is said the same way, naming the URL (it was "unknown compression
     # 'ZSTD'", naming nothing), and a level that is no number says what it got
+    # a '#' starts a fragment, which was dropped: the cache was file:///srv/c, named file:///srv/c#1
+    ("--to", "file:///srv/c#1", "cache URL 'file:///srv/c#1' has a fragment ('#1'), which a cache URL has no use for"),
+    ("--from", "http://h/#", "cache URL 'http://h/#' has a fragment ('#'), which a cache URL has no use for"),
     ("--to", "file:///x?compression=ZSTD",
      "cache URL 'file:///x': cannot write compression 'ZSTD', expected one of zstd, xz, none"),
     ("--to", "file:///x?compression-level=abc",

@@ -83,6 +83,10 @@ def parse_url(url: str) -> CacheURL:
     except ValueError as e:  # a '[' without its ']' in the host ("Invalid IPv6 URL"), or the like
         raise CacheError(f"cache URL {url!r}: malformed host ({e})",
                          hint="an IPv6 address is written between '[' and ']': http://[::1]:8080/") from None
+    if u.fragment or url.endswith("#"):
+        # dropped, Nix drops it too: `file:///srv/c#1` wrote to /srv/c, said to be file:///srv/c#1
+        raise CacheError(f"cache URL {url!r} has a fragment ('#{u.fragment}'), which a cache URL has no use for",
+                         hint="a '#' in a directory name is written %23")
     try:
         pairs = query_pairs(u.query)
     except ValueError:
