@@ -66,6 +66,27 @@ async def test_a_range_with_a_huge_number_is_ignored_not_a_server_error(tmp_path
             assert status_of(out) == 200 and out.endswith(b"\r\n\r\nStoreDir: /pure/store\n"), rng
 
 
+async def test_a_request_target_in_absolute_form_is_taken_by_its_path(tmp_path):
+    """``GET http://host/nix-cache-info`` (the form a client sends to a proxy, which a server
+    must accept too: RFC 9112, 3.2.2) gets the file, as nginx answers it; it got 400 "bad path".
+    Its path is checked as any other: a way out of the directory is still refused."""
+    (tmp_path / "nix-cache-info").write_bytes(b"StoreDir: /pure/store\n")
+    (tmp_path / "nar").mkdir()
+    (tmp_path / "nar" / "a+b.nar").write_bytes(b"nar")
+    async with serving(tmp_path) as port:
+        async def get(target: str, method: str = "GET") -> bytes:
+            return await exchange(port, f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                  .encode())
+        for target in (f"http://127.0.0.1:{port}/nix-cache-info", "HTTPS://cache.example/nix-cache-info?x=1"):
+            out = await get(target)
+            assert status_of(out) == 200 and out.endswith(b"\r\n\r\nStoreDir: /pure/store\n"), out
+        assert status_of(await get("http://h/nix-cache-info", "HEAD")) == 200
+        assert (await get("http://h/nar/a%2Bb.nar")).endswith(b"\r\n\r\nnar")
+        assert status_of(await get("http://h/nar/%2e%2e/nix-cache-info")) == 400
+        assert status_of(await get("http://h/missing")) == 404
+        assert status_of(await get("http://h")) == 200  # the root: what the server is
+
+
 TOKEN = "s3cret"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"
 

@@ -137,6 +137,19 @@ def read_check(read_token: str | None, *others: str | None):
     return may_read
 
 
+def _origin_form(scope):
+    """``scope`` with the path of a request whose target is in absolute form (``GET
+    http://host/nix-cache-info``, as sent to a proxy), which a server must accept (RFC 9112,
+    3.2.2): the handlers take the path of the URL, not the URL as a file name."""
+    raw = scope.get("raw_path") or b""
+    scheme, sep, rest = raw.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return scope
+    import urllib.parse
+    path = b"/" + rest.partition(b"/")[2]
+    return {**scope, "raw_path": path, "path": urllib.parse.unquote(path.decode("ascii", "replace"))}
+
+
 def asgi_app(handle, access_log: logging.Logger | None = None):
     """The ASGI application around ``handle(scope, receive, send)``, which gets HTTP requests
     only: answers the lifespan protocol, and with ``access_log`` logs a line per request in
@@ -157,13 +170,14 @@ def asgi_app(handle, access_log: logging.Logger | None = None):
             return await lifespan(receive, send)
         if scope["type"] != "http":
             return
+        asked = _origin_form(scope)  # (the log shows the request as it came)
         if access_log is None:
-            return await handle(scope, receive, send)
+            return await handle(asked, receive, send)
         import time
         t = time.time()
         logged = _Logged(send)
         try:
-            await handle(scope, receive, logged)
+            await handle(asked, receive, logged)
         except BaseException:
             logged.failed = True
             raise
