@@ -100,6 +100,24 @@ def test_server_token_and_tls_options_are_checked(tmp_path):
         assert (f"warning: upload token file '{tok}' can be read by others (mode 0644)" in r.stderr) == warned
 
 
+def test_a_read_token_that_is_the_upload_token_is_warned_of(tmp_path):
+    """The same token in --read-token-file and --upload-token-file lets every reader upload (the
+    server took it without a word); said, and the server starts all the same.  Two tokens of
+    their own are not warned of."""
+    (tmp_path / "c").mkdir()
+    for name, text in (("read.tok", "s3cret\n"), ("up.tok", "s3cret"), ("other.tok", "other\n")):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    for up, warned in (("up.tok", True), ("other.tok", False)):
+        r = run_pure("cache", "serve", tmp_path / "c", "--read-token-file", tmp_path / "read.tok",
+                     "--upload-token-file", tmp_path / up, "--listen", "nowhere", check=False)
+        assert r.returncode == 2 and "--listen 'nowhere'" in r.stderr, r.stderr  # (stops after the tokens)
+        said = (f"warning: the read token ({str(tmp_path / 'read.tok')!r}) is the upload token "
+                f"({str(tmp_path / up)!r}): whoever may read the cache may also upload to it")
+        assert (said in r.stderr) == warned, r.stderr
+        assert "s3cret" not in r.stderr
+
+
 def test_a_bad_listen_is_a_usage_error_that_says_what_is_wrong(tmp_path):
     """--listen with a '[' but no ']' is refused (it was taken as host '::1'), a port past 65535
     is said to be out of range; both exit 2 (bad usage), for cache serve and store serve."""

@@ -146,6 +146,10 @@ def cmd_cache_serve(args, ctx) -> int:
         from ..cache.backend import parse_url
         args.dir = parse_url(args.dir).base
     reader = _read_token_file(args.read_token_file, "read") if args.read_token_file else None
+    if token is not None and token == reader:  # (as with PURE_CACHE_TOKEN: reading never makes writable)
+        print(f"warning: the read token ({args.read_token_file!r}) is the upload token "
+              f"({args.upload_token_file!r}): whoever may read the cache may also upload to it; "
+              "give uploaders a token of their own", file=sys.stderr)
     _check_listen(args.listen)
     tls = _tls_args(args)
     _run_server(ctx, lambda task_status=trio.TASK_STATUS_IGNORED: serve_cache(
