@@ -197,6 +197,35 @@ def test_a_plus_in_a_url_parameter_is_a_plus_as_nix_reads_it(tmp_path):
         == "pure cache sign --key-file KEY -r 'http://h/?token-file=/t/a+b%20c' /a"
 
 
+def test_a_nar_url_with_a_query_is_asked_with_it_as_nix_asks_it(tmp_path):
+    """Harmonia's narinfos give ``URL: nar/<NAR hash>.nar?hash=<path hash>``: Nix asks for that
+    file with that query, and so does pure now (it sent the '?' quoted, as part of the name, got
+    404 and could not substitute from such a cache).  A mirror keeps the file without the query,
+    and the narinfo's URL too, so that any static server serves the copy."""
+    from conftest import HAVE_NIX
+    from test_cache_support import nix_copy_from
+    cache = tmp_path / "cache"
+    store_dir, app_p = pushed_closure(tmp_path, cache)
+    for ni in cache.glob("*.narinfo"):  # (the URL is not signed)
+        ni.write_text(re.sub(r"(?m)^URL: (.*)$", rf"URL: \1?hash={ni.name[:32]}", ni.read_text()))
+    proc, url = start_server(cache, "--access-log", tmp_path / "access.log")
+    try:
+        run_pure("copy", "--from", url, "--trusted-public-keys", PUB, app_p, root=tmp_path / "b", store_dir=store_dir)
+        run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+        asked = re.findall(r'"GET /(nar/\S+) HTTP/1.1" 200', (tmp_path / "access.log").read_text())
+        assert len(asked) == 2 and all(re.fullmatch(r"nar/[0-9a-z]{52}\.nar\.zst\?hash=[0-9a-z]{32}", a)
+                                       for a in asked), asked
+        mirror = tmp_path / "mirror"
+        run_pure("copy", "--from", url, "--to", f"file://{mirror}", "--trusted-public-keys", PUB, app_p)
+        assert sorted(f"nar/{f.name}" for f in (mirror / "nar").iterdir()) == sorted(a.split("?")[0] for a in asked)
+        assert all("?" not in ni.read_text() for ni in mirror.glob("*.narinfo"))
+        run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, f"file://{mirror}")
+        if HAVE_NIX and store_dir == "/nix/store":  # what Nix does with the same cache
+            nix_copy_from(tmp_path, url.rstrip("/"), app_p, check=True)
+    finally:
+        stop_server(proc)
+
+
 @pytest.mark.parametrize("comp,ext", [("xz", ".nar.xz"), ("none", ".nar")])
 def test_other_compressions_round_trip(tmp_path, keyfile, comp, ext):
     root, cache = tmp_path / "a", tmp_path / "cache"

@@ -216,8 +216,17 @@ class HttpBackend(Backend):
                 client = self._others[key] = self._http.HttpClient(u.scheme, u.hostname, port, **self._client_args)
         return client, (u.path or "/") + (f"?{u.query}" if u.query else ""), new
 
+    # A NAR's URL with a query, `nar/<NAR hash>.nar?hash=<path hash>` (what Harmonia's narinfos
+    # say), is that file asked with that query, as Nix's curl asks it; the '?' was sent quoted,
+    # as part of the file's name, and the file was not found.  Only under nar/: a build log's
+    # name may hold a '?' of its own (`log/…-q?x.drv`).  Not in a bucket, whose keys Nix takes
+    # as they are.
+    _nar_query = True
+
     def _target(self, name: str) -> str:
-        return self._prefix + urllib.parse.quote(check_name(name, self.url))
+        check_name(name, self.url)
+        path, sep, query = name.partition("?") if self._nar_query and name.startswith("nar/") else (name, "", "")
+        return self._prefix + urllib.parse.quote(path) + (sep + urllib.parse.quote(query, safe="=") if sep else "")
 
     def _err(self, what: str, name: str, e: Exception, via: str | None = None, *,
              retry_unanswered: bool = True) -> CacheError:

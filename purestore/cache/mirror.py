@@ -12,7 +12,8 @@ without a store: mirroring a cache, or filling an offline one.
    (FileSize, FileHash, then decompressed: NarSize, NarHash).  Only a NAR that passed is put
    under the same ``nar/…`` name.  Its ``.ls`` listing, provenance statement and build log come
    along when the source has them (with ``write_listing``, a missing listing is made from the
-   NAR, which also checks that it parses).
+   NAR, which also checks that it parses).  A NAR URL with a query (``nar/….nar?hash=…``, as
+   Harmonia serves) is asked with it, and the file kept without it, the narinfo's URL too.
 3. **Publish** the narinfo only after those of all its references, so the destination holds
    whole closures at every moment.  Without new keys it is the source's narinfo byte for byte
    (its signatures stay valid: they sign the path, not the cache); with ``secret_keys`` their
@@ -153,6 +154,10 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
             bad_ref = next((r for r in refs if r in failed), None)
             if bad_ref is not None:
                 return finish(p, f"its reference {bad_ref.absolute(sd)!r} could not be copied")
+            stored = _stored_url(src, ni)
+            if stored != ni.url:  # (a URL is not signed: the signatures stay good)
+                ni = attrs.evolve(ni, url=stored)
+                text = ni.render(sd).encode()
             if keys:
                 text = ni.with_sigs(k.sign(ni.fingerprint(sd)).render() for k in keys).render(sd).encode()
             try:
@@ -182,7 +187,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
                     if debug_links:
                         listing = listing or await src.get(f"{ni.store_path.hash_part}.ls")
                         if listing is not None:
-                            await write_debug_links(dst, debug_info_members(listing), ni.url)
+                            await write_debug_links(dst, debug_info_members(listing), _stored_url(src, ni))
                 except (CacheError, NarError) as e:
                     finish(p, str(e))
                     continue
@@ -261,6 +266,15 @@ async def _refusal(src, sd: str, ni: NarInfo, trusted, provenance_keys) -> str |
     return None
 
 
+def _stored_url(src, ni: NarInfo) -> str:
+    """The name the destination keeps ``ni``'s NAR file under: its URL, but for the query an
+    HTTP cache's narinfo may give it (``nar/<NAR hash>.nar?hash=<path hash>``: Harmonia's), which
+    the source is asked with and which is no part of a file's name (a static server drops it)."""
+    if getattr(src, "_nar_query", False) and ni.url.startswith("nar/"):
+        return ni.url.partition("?")[0]
+    return ni.url
+
+
 def _topo(found: dict[StorePath, tuple[NarInfo, bytes]]) -> list[StorePath]:
     """The paths, references before referrers (ties by name, for a stable order)."""
     return references_first(found, lambda p: found[p][0].references)
@@ -271,7 +285,8 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
     """Put ``ni``'s NAR file into ``dst`` (checked on the way) unless it is there already (and,
     with ``write_listing``, the path's listing too).  Returns the listing made from it
     (``write_listing``), else None."""
-    if await dst.exists(ni.url) and (not write_listing or await dst.exists(f"{ni.store_path.hash_part}.ls")):
+    stored = _stored_url(src, ni)
+    if await dst.exists(stored) and (not write_listing or await dst.exists(f"{ni.store_path.hash_part}.ls")):
         if progress:
             progress.add_bytes(ni.nar_size)
         return None
@@ -320,9 +335,9 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
                 raise CacheError(f"cannot read {where}: {e.strerror}") from e
         else:
             listing = await stream_to_thread(lambda: src.open_read(ni.url), consume)
-        if not await dst.exists(ni.url):  # else another path shares it, or it was there (listing)
+        if not await dst.exists(stored):  # else another path shares it, or it was there (listing)
             size = os.path.getsize(tmp)
-            await dst.put_file(ni.url, tmp, "application/x-nix-nar", move=True)
+            await dst.put_file(stored, tmp, "application/x-nix-nar", move=True)
             totals[1] += size
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -112,6 +112,8 @@ class S3Backend(HttpBackend):
     """An S3 bucket as a cache (see the module docstring): the HTTP backend, each request to the
     bucket signed with :func:`sign_v4`."""
 
+    _nar_query = False  # a '?' in a key is part of the key (see HttpBackend._target)
+
     bucket = True
     list_page = 1000  # keys asked for per ListObjectsV2 request (S3's most)
 
