@@ -130,6 +130,31 @@ def test_a_malformed_listing_is_an_error_and_no_listing_reads_the_nar(tmp_path):
     assert ls(cache, "--no-listing", "-lR", TREE).stdout.rstrip("\n") == NIX_LS[("-lR", TREE)].rstrip("\n")
 
 
+@pytest.mark.parametrize("root,said", [
+    ('{"type": "directory", "entries": {"../../etc": {"type": "regular", "size": 5}}}',
+     ".: '../../etc' is not a name a NAR can hold"),
+    ('{"type": "directory", "entries": {"sub": {"type": "directory", "entries": {"a/b": {"type": "regular"}}}}}',
+     "./sub: 'a/b' is not a name a NAR can hold"),
+    ('{"type": "directory", "entries": {"a": {"type": "regular", "size": -5}}}',
+     "./a: size and narOffset must be whole numbers of bytes, got -5 and None"),
+    ('{"type": "directory", "entries": {"a": {"type": "regular", "size": true}}}',
+     "./a: size and narOffset must be whole numbers of bytes, got True and None"),
+    ('{"type": "directory", "entries": {"a": {"type": "regular", "executable": "yes"}}}',
+     "./a: executable must be true or false, got 'yes'"),
+    ('{"type": "symlink", "target": 5}', ".: a symlink's target must be a string, got 5"),
+])
+def test_a_listing_that_no_nar_could_have_is_refused(tmp_path, root, said):
+    """A listing is not signed, and is read strictly: a name no NAR can hold ('..', one with a
+    '/'), a negative size or another type of value is an error naming the entry (they were
+    printed as they came: `./../../etc`, a size of -5)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(GOLD, cache)
+    (cache / "nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls").write_text(f'{{"version": 1, "root": {root}}}')
+    r = ls(cache, "-lR", TREE, check=False)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert f"error: listing file://{cache}/nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls is malformed: {said}" in r.stderr, r.stderr
+
+
 def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
     """A file named by bytes that are not UTF-8: the .ls listing holds its bytes as they are
     (as Nix writes it), `cache ls` prints them (from the listing and from the NAR alike), and

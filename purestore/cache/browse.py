@@ -177,6 +177,11 @@ def _read_nar(nar_file: str, loc: Located, want: tuple[str, ...] | None, spool):
     return root
 
 
+def _count(v) -> bool:
+    """A byte count or position: an int (not a bool) of 0 or more."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _from_listing(data: bytes, where: str) -> Node:
     def node(obj, at: str) -> Node:
         if not isinstance(obj, dict):
@@ -186,14 +191,22 @@ def _from_listing(data: bytes, where: str) -> Node:
             entries = obj.get("entries", {})
             if not isinstance(entries, dict):
                 raise ValueError(f"{at}: entries must be an object")
+            for n in entries:  # a NAR's names: what a file system can hold in one directory
+                if n in ("", ".", "..") or "/" in n or "\0" in n:
+                    raise ValueError(f"{at}: {n!r} is not a name a NAR can hold")
             return Node("directory", entries={n: node(e, f"{at}/{n}") for n, e in sorted(entries.items())})
         if t == "symlink":
-            return Node("symlink", target=str(obj.get("target", "")))
+            target = obj.get("target")
+            if not isinstance(target, str) or "\0" in target:
+                raise ValueError(f"{at}: a symlink's target must be a string, got {target!r}")
+            return Node("symlink", target=target)
         if t == "regular":
-            size, off = obj.get("size", 0), obj.get("narOffset")
-            if not isinstance(size, int) or (off is not None and not isinstance(off, int)):
-                raise ValueError(f"{at}: size and narOffset must be integers")
-            return Node("regular", size=size, executable=bool(obj.get("executable", False)), nar_offset=off)
+            size, off, exe = obj.get("size", 0), obj.get("narOffset"), obj.get("executable", False)
+            if not _count(size) or (off is not None and not _count(off)):
+                raise ValueError(f"{at}: size and narOffset must be whole numbers of bytes, got {size!r} and {off!r}")
+            if not isinstance(exe, bool):
+                raise ValueError(f"{at}: executable must be true or false, got {exe!r}")
+            return Node("regular", size=size, executable=exe, nar_offset=off)
         raise ValueError(f"{at}: unknown type {t!r}")
     try:
         doc = json.loads(data.decode("utf-8", "surrogateescape"))  # Nix writes such names' bytes as they are
