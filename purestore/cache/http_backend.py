@@ -66,10 +66,10 @@ def open_http_backend(cu: CacheURL, *, connect_timeout: float, stall_timeout: fl
             raise CacheError(f"the token in the environment variable PURE_CACHE_TOKEN {problem}")
         upload_token = raw.decode("ascii")
     u = urllib.parse.urlsplit(cu.base)
-    if u.username is not None:
+    if u.username or u.password:  # (not "http://@host/": no login)
         # http://NAME:PASSWORD@HOST/ (percent-encoded): curl sends it, and so Nix does; it comes
         # before the netrc file's, as in curl
-        login: tuple[str, str] | None = (urllib.parse.unquote(u.username), urllib.parse.unquote(u.password or ""))
+        login: tuple[str, str] | None = (urllib.parse.unquote(u.username or ""), urllib.parse.unquote(u.password or ""))
         login_from: str | None = "the cache's URL"
     else:
         login, login_from = netrc_login(netrc_file, u.hostname or ""), netrc_file
