@@ -814,7 +814,11 @@ def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     mine, theirs, recent = tmp / ".tmp-push-0123.nar", tmp / ".tmp-other", tmp / ".tmp-push-4567.nar"
-    for f in (mine, theirs, recent):
+    # named by a process that is gone (a killed push), fresh: removed; by a live one: kept
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone, alive = tmp / f".tmp-push-{dead.pid}-89ab.nar", tmp / f".tmp-push-{os.getpid()}-cdef.nar"
+    for f in (mine, theirs, recent, gone, alive):
         f.write_bytes(b"x")
     os.utime(mine, (1, 1))
     os.utime(theirs, (1, 1))
@@ -826,6 +830,7 @@ def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
     finally:
         stop_server(proc)
     assert not mine.exists() and theirs.exists() and recent.exists()
+    assert not gone.exists() and alive.exists()
 
 
 @pytest.mark.parametrize("served", [False, True])

@@ -150,9 +150,11 @@ async def nar_temp_dir(backend: Backend) -> str | None:
     """Where NAR files are made before they are put into the cache: its ``nar/`` directory
     for a ``file://`` cache (so that putting one is a rename), else None (the system's
     temporary directory).  Temporary NAR files left there by killed runs are removed once a
-    day old."""
+    day old; in the system's temporary directory, as soon as the process that made them is
+    gone (a killed push left up to 16 of them, each the size of a compressed NAR, for a day)."""
     if not isinstance(backend, FileBackend):
-        await trio.to_thread.run_sync(_remove_stale_temps, tempfile.gettempdir(), ".tmp-push-")
+        await trio.to_thread.run_sync(lambda: _remove_stale_temps(tempfile.gettempdir(), ".tmp-push-",
+                                                                  by_pid=True))
         return None
     tmp_dir = os.path.join(backend.dir, "nar")
     try:
@@ -164,16 +166,22 @@ async def nar_temp_dir(backend: Backend) -> str | None:
 
 
 
-def _remove_stale_temps(directory: str, prefix: str = ".tmp-") -> None:
-    """Remove temporary files of pushes that were killed (older than a day, so never a live one's)."""
+def _remove_stale_temps(directory: str, prefix: str = ".tmp-", *, by_pid: bool = False) -> None:
+    """Remove temporary files of pushes that were killed (older than a day, so never a live
+    one's); ``by_pid``: also those named by a process of this machine that is gone
+    (``<prefix><pid>-…``)."""
     import time
     now = time.time()
     try:
         with os.scandir(directory) as it:
             for e in it:
                 if e.name.startswith(prefix) and e.is_file(follow_symlinks=False):
+                    pid = e.name[len(prefix):].split("-", 1)[0]
                     try:
-                        if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                        if (by_pid and "-" in e.name[len(prefix):] and pid.isdigit()
+                                and not os.path.exists(f"/proc/{pid}")):
+                            os.unlink(e.path)
+                        elif now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
                             os.unlink(e.path)
                     except OSError:
                         pass

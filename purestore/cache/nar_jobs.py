@@ -315,7 +315,9 @@ class _CompressSink:
 
 def push_temp_name(tmp_dir: str | None) -> str:
     """A fresh name for :func:`compress_path`'s output in ``tmp_dir`` (None: the system's)."""
-    return os.path.join(tmp_dir or tempfile.gettempdir(), f".tmp-push-{secrets.token_hex(8)}.nar")
+    if tmp_dir is None:  # this machine's: named by this process, removed once it is gone
+        return os.path.join(tempfile.gettempdir(), f".tmp-push-{os.getpid()}-{secrets.token_hex(8)}.nar")
+    return os.path.join(tmp_dir, f".tmp-push-{secrets.token_hex(8)}.nar")
 
 
 def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: int | None,
