@@ -8,14 +8,13 @@ over the file).  Store paths are immutable and every file's metadata is canonica
 0555, mtime 1), so the paths' NAR hashes do not change; the directory a file is in keeps its
 mtime too.  The collector removes ``.links`` entries no path uses any more (link count 1).
 
-Safer than Nix's: an existing ``.links`` entry is rehashed (once a run) before anything is linked
-to it, so a corrupted entry (a disk error, a hand edit) is replaced instead of spreading into
-every path with that file.  Builds and collections are not locked out: a path the collector
-removes meanwhile is skipped, an entry it removes meanwhile is made again.  Runs of optimise
-take turns (an flock on
-``.links``): two at once would each make a directory writable, rename into it and restore its
-mode and mtime, and undo each other's (a directory left writable or with a new mtime, a rename
-refused).
+Safer than Nix's: an existing ``.links`` entry is rehashed (once a run) before anything is
+linked to it, so a corrupted entry (a disk error, a hand edit) is replaced instead of spreading
+into every path with that file.  Builds and collections are not locked out: a path the collector
+removes meanwhile is skipped, an entry it removes meanwhile is made again.  Runs of optimise take
+turns (an flock on ``.links``): two at once would each make a directory writable, rename into it
+and restore its mode and mtime, and undo each other's (a directory left writable or with a new
+mtime, a rename refused).
 """
 
 from __future__ import annotations
