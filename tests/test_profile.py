@@ -132,6 +132,19 @@ def test_generations_are_gc_roots_until_deleted(pure, pkgs):
     assert r.returncode == 1 and "it is the current one" in r.stderr
 
 
+def test_deleting_a_generation_named_twice_deletes_it_once(pure, pkgs, store_root):
+    """`delete-generations 1 1` deleted generation 1, then ended in a FileNotFoundError
+    traceback on unlinking its link again; the repeated number now counts once."""
+    pure("profile", "install", pkgs["hello"])
+    pure("profile", "install", pkgs["tool"])
+    pure("profile", "install", pkgs["hello"])
+    r = pure("profile", "delete-generations", "1", "2", "1", check=False)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("deleted generations 1, 2 of profile 'default'")
+    assert sorted(os.listdir(profile_dir(store_root))) == ["default", "default-3-link", "default.lock"]
+    assert [g["generation"] for g in json.loads(pure("profile", "history", "--json").stdout)] == [3]
+
+
 def test_install_builds_an_expression(pure, tmp_path, store_root):
     expr = busybox_expr(tmp_path, '''
         greeter = sh("greeter-0.1", "mkdir -p $out/bin; printf '#!/bin/sh\\necho hi\\n' > $out/bin/greet; chmod +x $out/bin/greet")

@@ -275,7 +275,8 @@ class Profile:
         with self.locked():
             cur = self.current_number()
             gens = {g.number: g for g in self.generations()}
-            wanted = [n for n in gens if n != cur] if numbers is None else list(numbers)
+            # (a number given twice is one generation to delete: its link went at the first)
+            wanted = [n for n in gens if n != cur] if numbers is None else sorted(set(numbers))
             for n in wanted:
                 if n == cur:
                     raise ProfileError(f"cannot delete generation {n} of profile {self.name!r}: it is the current one")
