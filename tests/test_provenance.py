@@ -161,6 +161,33 @@ def test_subject_that_does_not_match_the_store_fails(built, signed):
         assert p.returncode == 1 and "not about this content" in p.stderr, p.stderr
 
 
+def test_a_subject_without_a_usable_digest_fails_and_ok_names_only_what_was_checked(built, signed):
+    """Without PATH, subjects whose digest has no well-formed sha256 were left out unchecked: a
+    statement whose only subject had {} or {"sha512": ...} "matched the store for" nothing, and
+    exited 0.  With PATH, such a subject was "not a subject".  And with PATH, the "ok" line
+    named every subject, also those not checked (and not even in the store)."""
+    pk = built["key"].public_key().render()
+    for digest in ({}, {"sha512": "ab" * 64}, {"sha256": "00"}, {"sha256": "zz" * 32}, {"sha256": 5}):
+        st = statement_of(signed)
+        st["subject"][0]["digest"] = digest
+        bad = built["tmp"] / "no-digest.provenance"
+        bad.write_bytes(sign_statement(st, built["key"]).render())
+        for extra in ([built["app"]], []):
+            p = pure(built, "provenance", "verify", bad, "--trusted-key", pk, *extra, check=False)
+            assert p.returncode == 1 and p.stdout == "", (digest, extra, p.stdout)
+            assert p.stderr.startswith(f"error: {bad}: subject {built['app']!r} has no sha256 digest"), p.stderr
+    # a second subject that is not in this store: verifying PATH checks PATH, and says only that
+    st = statement_of(signed)
+    ghost = "/pure/store/00000000000000000000000000000000-ghost"
+    st["subject"].append({"name": ghost, "digest": {"sha256": "0" * 64}})
+    two = built["tmp"] / "two.provenance"
+    two.write_bytes(sign_statement(st, built["key"]).render())
+    p = pure(built, "provenance", "verify", two, "--trusted-key", pk, built["app"])
+    assert p.stdout == f"ok: {two} is signed by 'builder-1' and matches the store for {built['app']}\n"
+    p = pure(built, "provenance", "verify", two, "--trusted-key", pk, check=False)
+    assert p.returncode == 1 and f"subject {ghost!r} is not valid in this store" in p.stderr
+
+
 def test_provenance_is_kept_in_the_store_state(built, signed):
     from purestore.formats.store_path import StorePath
     sp = StorePath.parse(built["app"], "/pure/store")

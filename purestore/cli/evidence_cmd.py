@@ -257,7 +257,8 @@ def _provenance_verify(args, ctx, file: str, target: str | None) -> int:
     if args.json:
         print(json.dumps({"key": v.key_name, "statement": v.statement}, indent=2))
     else:
-        names = ", ".join(v.subject_digests())
+        # what was checked: PATH, or every subject
+        names = store.print_path(sp) if sp is not None else ", ".join(v.subject_names())
         print(f"ok: {file} is signed by {v.key_name!r} and matches the store for {names}")
     return 0
 

@@ -275,16 +275,28 @@ class VerifiedStatement:
     key_name: str
 
     def subject_digests(self) -> dict[str, Hash]:
-        """Subject name → its sha256 digest (subjects without sha256 are left out)."""
+        """Subject name → its sha256 digest (subjects without a well-formed sha256 are left out)."""
         out = {}
         for s in self.statement["subject"]:
-            hexd = s["digest"].get("sha256")
-            if isinstance(hexd, str):
-                try:
-                    out[s["name"]] = Hash("sha256", bytes.fromhex(hexd))
-                except ValueError:
-                    continue
+            h = _sha256_of(s)
+            if h is not None:
+                out[s["name"]] = h
         return out
+
+    def subject_names(self) -> list[str]:
+        """The names of every subject, in the statement's order, each once."""
+        return list(dict.fromkeys(s["name"] for s in self.statement["subject"]))
+
+
+def _sha256_of(subject: dict) -> Hash | None:
+    """A subject's ``digest.sha256`` (64 hex digits), or None when it has none or it is malformed."""
+    hexd = subject["digest"].get("sha256")
+    if not isinstance(hexd, str) or len(hexd) != 64:
+        return None
+    try:
+        return Hash("sha256", bytes.fromhex(hexd))
+    except ValueError:
+        return None
 
 
 def verify_envelope(data: bytes | str, trusted: Mapping[str, PublicKey],
@@ -308,18 +320,26 @@ def verify_envelope(data: bytes | str, trusted: Mapping[str, PublicKey],
 
 def check_subject(verified: VerifiedStatement, path: str, nar_hash: Hash,
                   where: str = "provenance") -> None:
-    """Raise :class:`ProvenanceError` unless ``path`` is a subject with digest ``nar_hash``."""
-    digests = verified.subject_digests()
-    if path not in digests:
-        names = ", ".join(repr(n) for n in digests) or "none"
+    """Raise :class:`ProvenanceError` unless ``path`` is a subject with digest ``nar_hash``.
+
+    Every subject entry naming ``path`` must have a well-formed sha256 digest equal to it.
+    """
+    entries = [s for s in verified.statement["subject"] if s["name"] == path]
+    if not entries:
+        names = ", ".join(repr(n) for n in verified.subject_names()) or "none"
         raise ProvenanceError(f"{where}: {path!r} is not a subject of the statement (subjects: {names})")
-    got = digests[path]
     if nar_hash.algo != "sha256":
         raise ProvenanceError(f"{where}: cannot compare a {nar_hash.algo} NAR hash with a sha256 subject")
-    if got.digest != nar_hash.digest:
-        raise ProvenanceError(
-            f"{where}: subject {path!r} has digest sha256:{got.base16} but the store's NAR hash is "
-            f"sha256:{nar_hash.base16}: the statement is not about this content")
+    for s in entries:
+        got = _sha256_of(s)
+        if got is None:
+            raise ProvenanceError(
+                f"{where}: subject {path!r} has no sha256 digest of 64 hex digits to check "
+                f"(its digest: {json.dumps(s['digest'])[:200]})")
+        if got.digest != nar_hash.digest:
+            raise ProvenanceError(
+                f"{where}: subject {path!r} has digest sha256:{got.base16} but the store's NAR hash is "
+                f"sha256:{nar_hash.base16}: the statement is not about this content")
 
 
 def verify_for_path(data: bytes | str, trusted: Mapping[str, PublicKey], path: str, nar_hash: Hash,
