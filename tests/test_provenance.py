@@ -240,3 +240,46 @@ def test_an_input_fetched_by_a_registry_client_has_its_purl_as_uri(tmp_path):
     sbom = json.loads(run_pure("sbom", app, root=root).stdout)
     (comp,) = [c for c in sbom["components"] if c["bom-ref"] == fetched["name"]]
     assert comp["purl"] == fetched["uri"]
+
+
+NOISY_EXPR = '''
+from purestore.expr import derivation, source
+
+bb = source("bb", name="busybox")
+B = f"{bb}/bin/busybox"
+default = derivation(name="noisy-1.0", system="x86_64-linux", builder=B,
+                     args=["sh", "-c", f"{B} cat /proc/sys/kernel/random/uuid > $out"])
+'''
+
+
+@pytest.mark.parametrize("how", ["store delete", "gc"])
+def test_a_deleted_path_loses_its_kept_provenance(tmp_path, how):
+    """The statement kept in the state dir stayed when its path was deleted (`pure store
+    delete`, `pure gc`): a rebuild of the path with other contents then went up with `pure copy
+    --to` next to the old statement, which a --require-provenance client refuses ("not about
+    this content").  The kept statement now goes with the path."""
+    root, proj = tmp_path / "root", tmp_path / "proj"
+    (proj / "bb" / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, proj / "bb" / "bin" / "busybox")
+    (proj / "expr.py").write_text(NOISY_EXPR)
+    key = SecretKey.generate("builder-1")
+    (tmp_path / "sk").write_text(key.render())
+    out = run_pure("build", "expr.py", "--no-link", cwd=proj, root=root).stdout.split()[-1]
+    hash_part = out.rsplit("/", 1)[-1][:32]
+    kept = root / "pure" / "var" / "pure" / "provenance" / f"{hash_part}.provenance"
+    run_pure("provenance", out, "--key-file", tmp_path / "sk", "-o", tmp_path / "old", root=root)
+    assert kept.exists()
+    if how == "gc":
+        assert out in run_pure("gc", root=root).stdout.split()
+    else:
+        run_pure("store", "delete", out, root=root)
+    assert not kept.exists()
+    # built again, with other contents: nothing says it has provenance, and nothing is uploaded
+    assert run_pure("build", "expr.py", "--no-link", cwd=proj, root=root).stdout.split()[-1] == out
+    run_pure("copy", "--to", f"file://{tmp_path / 'cache'}", out, root=root)
+    assert not (tmp_path / "cache" / f"{hash_part}.provenance").exists()
+    # the old statement is about the old contents
+    p = run_pure("provenance", "verify", tmp_path / "old", "--trusted-key", key.public_key().render(), out,
+                 root=root, check=False)
+    assert p.returncode == 1 and "not about this content" in p.stderr
+    run_pure("store", "verify", "--check-contents", root=root)

@@ -563,6 +563,10 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
         trash = _trash_dir(store)
         try:
             order = _invalidate(store, g, order)
+            # what is no longer valid loses its signed provenance: a later build of the path
+            # may give other contents, which `pure copy --to` must not send with the old statement
+            from .provenance import delete_provenance_of
+            delete_provenance_of(store, [StorePath.from_base_name(g.name_of[i]) for i in order])
             temp_names = {r.path.base_name for r in roots if r.kind == "temp"}
             leftovers = [] if max_freed is not None else _invalid_leftovers(
                 store, {r[0] for r in store.db.query("SELECT path FROM ValidPaths")}

@@ -588,6 +588,8 @@ class LocalStore(StoreQueries):
                     c.execute("DELETE FROM Refs WHERE referrer = ?", (row[0],))
                     c.execute("DELETE FROM DerivationOutputs WHERE drv = ?", (sp.base_name,))
                     c.execute("DELETE FROM ValidPaths WHERE id = ?", (row[0],))
+            from .provenance import delete_provenance_of  # (statements about the old contents)
+            delete_provenance_of(self, order)
             for sp in order:
                 try:
                     remove_tree(self.real_path(sp))

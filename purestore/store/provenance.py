@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import Iterable
 
 from ..errors import StoreError
 from ..formats.provenance import STATE_SUBDIR, provenance_file_name
@@ -62,3 +63,34 @@ def delete_provenance(store, sp: StorePath) -> None:
         pass
     except OSError as e:
         raise StoreError(f"cannot remove provenance of {store.print_path(sp)!r}: {e.strerror}") from e
+
+
+def delete_provenance_of(store, paths: Iterable[StorePath]) -> int:
+    """Remove the kept provenance of ``paths`` (paths that are no longer valid: deleted or
+    collected); returns how many there were.
+
+    A statement is about the contents a path had: once the path is gone, a later build of it
+    may give other contents, and the old statement must not travel with them (``pure copy
+    --to`` uploads what is kept here).  The directory is listed once, so collecting many paths
+    costs one ``listdir`` and an unlink per statement actually kept.
+    """
+    d = provenance_dir(store.state_dir)
+    try:
+        kept = set(os.listdir(d))
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise StoreError(f"cannot list provenance in {d!r}: {e.strerror}") from e
+    n = 0
+    for sp in paths:
+        name = provenance_file_name(sp.hash_part)
+        if name not in kept:
+            continue
+        try:
+            os.unlink(os.path.join(d, name))
+            n += 1
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot remove provenance of {store.print_path(sp)!r}: {e.strerror}") from e
+    return n
