@@ -283,3 +283,28 @@ def test_a_deleted_path_loses_its_kept_provenance(tmp_path, how):
                  root=root, check=False)
     assert p.returncode == 1 and "not about this content" in p.stderr
     run_pure("store", "verify", "--check-contents", root=root)
+
+
+def test_a_derivation_that_cannot_be_read_is_an_error_naming_it(tmp_path):
+    """A .drv of the store that cannot be read (here a directory in its place; or no
+    permission) ended `pure provenance` in an IsADirectoryError traceback: only a missing .drv
+    was an error.  The output's own derivation and an input derivation are both named."""
+    root, proj = tmp_path / "root", tmp_path / "proj"
+    (proj / "bb" / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, proj / "bb" / "bin" / "busybox")
+    (proj / "data.txt").write_bytes(DATA)
+    (proj / "expr.py").write_text(EXPR.replace("@SHA@", Hash.of_bytes(DATA).base16))
+    app = run_pure("build", "expr.py", "--no-link", cwd=proj, root=root).stdout.split()[-1]
+    (tmp_path / "sk").write_text(SecretKey.generate("builder-1").render())
+    drv = json.loads(run_pure("store", "path-info", "--json", app, root=root).stdout)[0]["deriver"]
+    info = json.loads(run_pure("show-derivation", drv, root=root).stdout)
+    (dep_drv,) = [d for d in info[drv]["inputDrvs"] if d.endswith("-dep-1.0.drv")]
+    store = root / "pure" / "store"
+    store.chmod(0o755)
+    for bad, says in ((dep_drv, "cannot read input derivation"), (drv, "cannot read its derivation")):
+        real = store / bad.rsplit("/", 1)[-1]
+        real.unlink()
+        real.mkdir()
+        p = run_pure("provenance", app, "--key-file", tmp_path / "sk", root=root, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr == f"error: cannot make provenance of {app!r}: {says} {bad!r}: Is a directory\n"

@@ -68,6 +68,9 @@ def make_statement_for(store, sp: StorePath, key_name: str, *, require_build_rec
     except FileNotFoundError:
         raise ProvenanceError(f"cannot make provenance of {path!r}: its derivation {drv_path!r} is not "
                               "in the store") from None
+    except OSError as e:  # a directory in its place, no permission
+        raise ProvenanceError(f"cannot make provenance of {path!r}: cannot read its derivation "
+                              f"{drv_path!r}: {e.strerror}") from e
     drv = parse_aterm(drv_text, where=drv_path)
     outputs = drv.output_paths()
     out_name = next((o for o, p in outputs.items() if p == path), None)
@@ -101,6 +104,9 @@ def make_statement_for(store, sp: StorePath, key_name: str, *, require_build_rec
         except FileNotFoundError:
             raise ProvenanceError(f"cannot make provenance of {path!r}: input derivation {idrv!r} "
                                   "is not in the store") from None
+        except OSError as e:
+            raise ProvenanceError(f"cannot make provenance of {path!r}: cannot read input derivation "
+                                  f"{idrv!r}: {e.strerror}") from e
         fixed = fixed_output_of(sub)
         for o in sorted(outs):
             ann: dict = {"role": "input", "deriver": idrv, "output": o}
