@@ -153,3 +153,24 @@ def test_sbom_of_the_derivation_equals_that_of_its_output(pure, project):
     a = json.loads(pure("sbom", drv).stdout)
     b = json.loads(pure("sbom", app).stdout)
     assert components(a).keys() == components(b).keys()
+
+
+def test_a_fetch_url_that_is_not_a_well_formed_uri_is_escaped_not_a_traceback(pure, project):
+    """A fetchurl URL with a '%' that starts no escape or a second '#' (taken as given by the
+    fetcher) ended `pure sbom` in cyclonedx's InvalidUriException traceback.  CycloneDX now gets
+    the URL as a valid URI reference ('%25', '%23'); SPDX and the property keep it as written."""
+    proj, _app = project
+    url = "https://example.com/100%off.tar?a=%41#frag#more"
+    (proj / "odd.py").write_text(
+        "from purestore.expr import derivation, source, fetchurl\n"
+        "bb = source('bb', name='busybox')\n"
+        f"src = fetchurl(url={url!r}, name='off.tar', sha256='{'0' * 64}')\n"
+        "default = derivation(name='odd-1.0', system='x86_64-linux', builder=f'{bb}/bin/busybox',\n"
+        "                     args=['sh', '-c', f'cat {src} > $out'])\n")
+    p = pure("sbom", "--validate", "odd.py", cwd=proj, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    (comp,) = [c for c in json.loads(p.stdout)["components"] if c["name"] == "off.tar"]
+    assert [r["url"] for r in comp["externalReferences"]] == ["https://example.com/100%25off.tar?a=%41#frag%23more"]
+    spdx = json.loads(pure("sbom", "--format", "spdx-json", "odd.py", cwd=proj).stdout)
+    (pkg,) = [p for p in spdx["packages"] if p["name"] == "off.tar"]
+    assert pkg["downloadLocation"] == url

@@ -333,7 +333,7 @@ def render_cyclonedx(sbom: Sbom, now: datetime.datetime | None = None, validate:
             locations = list(c.fixed.urls) or ([c.fixed.purl] if c.fixed.purl else [])
             for u in locations:
                 ext.append(ExternalReference(
-                    type=ExternalReferenceType.DISTRIBUTION, url=XsUri(u),
+                    type=ExternalReferenceType.DISTRIBUTION, url=XsUri(_uri_reference(u)),
                     comment=("pinned hash of the file as fetched" if not c.fixed.recursive
                              else "pinned hash of the unpacked tree's NAR"),
                     hashes=[cdx_hash(c.fixed.hash)]))
@@ -369,6 +369,18 @@ def render_cyclonedx(sbom: Sbom, now: datetime.datetime | None = None, validate:
     if validate:
         validate_cyclonedx(text)
     return text
+
+
+_BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _uri_reference(url: str) -> str:
+    """``url`` written as a URI reference that CycloneDX accepts: a ``%`` that starts no escape
+    (``100%off``) is escaped as ``%25``, and a ``#`` after the first (the fragment's) as ``%23``.
+    A fetcher's URL is taken as given, but XsUri refuses these two (a traceback, before)."""
+    url = _BARE_PERCENT.sub("%25", url)
+    head, sep, fragment = url.partition("#")
+    return head + sep + fragment.replace("#", "%23")
 
 
 def validate_cyclonedx(text: str) -> None:
