@@ -145,6 +145,30 @@ def test_deleting_a_generation_named_twice_deletes_it_once(pure, pkgs, store_roo
     assert [g["generation"] for g in json.loads(pure("profile", "history", "--json").stdout)] == [3]
 
 
+def test_a_current_generation_deleted_by_hand_says_how_to_recover(pure, pkgs, store_root):
+    """The current generation's link deleted by hand: list, install and remove all stopped at
+    "points to generation 2, which does not exist", saying neither what the profile has nor
+    what to do.  They say both now, and the way out works."""
+    pure("profile", "install", pkgs["hello"])
+    pure("profile", "install", pkgs["tool"])
+    os.unlink(os.path.join(profile_dir(store_root), "default-2-link"))
+    for args in (["list"], ["install", pkgs["tool"]], ["remove", "0"]):
+        r = pure("profile", *args, check=False)
+        assert r.returncode == 1 and r.stderr.splitlines() == [
+            "error: profile 'default' points to generation 2, which does not exist (generations: 1)",
+            "hint: `pure profile rollback` goes back to generation 1, "
+            "`pure profile switch-generation N` to generation N"], (args, r.stderr)
+    pure("profile", "rollback")
+    pure("profile", "install", pkgs["tool"])
+    assert [line.split()[1] for line in pure("profile", "list").stdout.splitlines()] == ["hello-1.0", "tool-2.0"]
+    os.unlink(os.path.join(profile_dir(store_root), "default-1-link"))
+    os.unlink(os.path.join(profile_dir(store_root), "default-2-link"))  # (the install made 2 again)
+    r = pure("profile", "list", check=False)
+    assert r.returncode == 1 and "(it has no generations)" in r.stderr and "hint: remove the profile link" in r.stderr
+    os.unlink(os.path.join(profile_dir(store_root), "default"))
+    pure("profile", "install", pkgs["hello"])
+
+
 def test_install_builds_an_expression(pure, tmp_path, store_root):
     expr = busybox_expr(tmp_path, '''
         greeter = sh("greeter-0.1", "mkdir -p $out/bin; printf '#!/bin/sh\\necho hi\\n' > $out/bin/greet; chmod +x $out/bin/greet")

@@ -140,7 +140,18 @@ class Profile:
         try:
             return os.readlink(self._gen_link(n))
         except FileNotFoundError:
-            raise ProfileError(f"profile {self.name!r} points to generation {n}, which does not exist") from None
+            # (its link was deleted by hand): every command reading the profile stops here, so
+            # say how to make an existing generation current again
+            older = [g.number for g in self.generations() if g.number < n]
+            have = ", ".join(str(g.number) for g in self.generations())
+            raise ProfileError(
+                f"profile {self.name!r} points to generation {n}, which does not exist"
+                + (f" (generations: {have})" if have else " (it has no generations)"),
+                hint=("`pure profile rollback` goes back to generation "
+                      f"{older[-1]}, `pure profile switch-generation N` to generation N" if older else
+                      "`pure profile switch-generation N` makes generation N the current one" if have else
+                      f"remove the profile link {self.link!r}; `pure profile install` then starts "
+                      "it afresh")) from None
 
     def elements(self, env_path: str | None = None) -> list[Element]:
         """The installed elements of the current generation (or of ``env_path``)."""
