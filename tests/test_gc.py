@@ -139,6 +139,27 @@ def test_result_link_made_by_pure_build_roots_its_output(pure, tmp_path):
     assert out in pure("gc").stdout.split()
 
 
+def test_a_result_link_in_a_directory_whose_name_is_not_utf8_roots_its_output(pure, tmp_path):
+    """`pure build` in a directory whose name is not UTF-8 made ./result, then ended in a
+    UnicodeEncodeError traceback naming its GC root: the output was left unrooted, and the next
+    `pure gc` deleted it under the link.  The root is named from the link's bytes now."""
+    expr = busybox_expr(tmp_path, '''
+        default = sh("odd-dir", "echo hi > $out")
+    ''')
+    odd = os.path.join(os.fsencode(tmp_path), b"dir-\xff")
+    os.mkdir(odd)
+    r = _build(pure, expr, cwd=odd)
+    assert "Traceback" not in r.stderr
+    out = r.stdout.split()[-1]
+    link = os.path.join(odd, b"result")
+    assert os.readlink(link).endswith(os.fsencode(out))
+    roots = pure("gc", "--print-roots", "--json").stdout
+    assert {"link": os.fsdecode(link), "path": out, "kind": "indirect"} in json.loads(roots)
+    assert out not in pure("gc").stdout.split() and out in valid(pure)
+    os.unlink(link)
+    assert out in pure("gc").stdout.split()
+
+
 @pytest.mark.slow
 def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root):
     """A collection while `pure build` runs deletes neither its .drv nor its inputs; the build

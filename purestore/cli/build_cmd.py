@@ -213,7 +213,7 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
                 os.symlink(target, tmp)
                 os.replace(tmp, link)
                 root = os.path.join(auto_roots_dir(ctx.settings.state_dir),
-                                    nix32_encode(fold20(hashlib.sha256(link.encode()).digest())))
+                                    nix32_encode(fold20(hashlib.sha256(os.fsencode(link)).digest())))
                 os.makedirs(os.path.dirname(root), exist_ok=True)
                 if os.path.islink(root):
                     os.unlink(root)
