@@ -111,6 +111,15 @@ def test_reinstalling_a_name_replaces_it(pure, pkgs, tmp_path):
     assert pure("profile", "list").stdout.splitlines() == [f"0 hello-1.1 {newer}"]
 
 
+def test_the_same_package_given_twice_is_installed_once(pure, pkgs):
+    """`profile install P P` put P in the manifest twice (listed twice, `installed` said twice,
+    and each later `remove` by index had two entries to tell apart); it is installed once."""
+    r = pure("profile", "install", pkgs["hello"], pkgs["tool"], pkgs["hello"])
+    assert r.stderr.count("installed hello-1.0") == 1
+    assert pure("profile", "list").stdout.splitlines() == [
+        f"0 hello-1.0 {pkgs['hello']}", f"1 tool-2.0 {pkgs['tool']}"]
+
+
 def test_collisions_are_refused(pure, pkgs, tmp_path):
     other = make_pkg(tmp_path, pure, "other-hello", {"bin/hello": "#!/bin/sh\necho another\n"})
     pure("profile", "install", pkgs["hello"])

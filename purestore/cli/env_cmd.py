@@ -105,8 +105,11 @@ def cmd_profile_install(args, ctx) -> int:
                 built += realise_installables(store, ctx.settings, what, args.attr or [None],
                                               include_paths=args.include, progress=progress, fork_worker=True)
         gen = prof.install([element_for(store, list(b.outputs), b.source) for b in built])
-        for b in built:
-            ctx.info(f"installed {b.name} ({', '.join(store.print_path(p) for p in b.outputs)})")
+        said = set()
+        for b in built:  # (a package given twice is installed once, and said once)
+            if tuple(b.outputs) not in said:
+                said.add(tuple(b.outputs))
+                ctx.info(f"installed {b.name} ({', '.join(store.print_path(p) for p in b.outputs)})")
         ctx.info(f"profile {prof.name!r} is now at generation {gen.number}")
         print(gen.path)
     return 0

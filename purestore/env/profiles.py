@@ -214,8 +214,15 @@ class Profile:
         return Generation(n, link, env_path, time.time(), True)
 
     def install(self, elements: Iterable[Element]) -> Generation:
-        """Add ``elements``; an installed element with the same name without version is replaced."""
-        new = list(elements)
+        """Add ``elements``; an installed element with the same name without version is replaced.
+
+        The same package given twice (the same store paths) is added once.
+        """
+        new, seen = [], set()
+        for e in elements:
+            if e.store_paths not in seen:
+                seen.add(e.store_paths)
+                new.append(e)
         for e in new:
             for p in e.store_paths:
                 self.store.parse_path(p, valid=True)
