@@ -21,17 +21,8 @@ This module is the public face of the NAR format and re-exports its parts:
 target checks), ``formats/nar_writer.py`` (:class:`NarWriter`, whole small NARs, writing from
 events) and ``formats/nar_reader.py`` (the events and the strict streaming parser).
 
-Reader events (``path`` is a tuple of ``bytes`` names relative to the root; ``()`` is the root),
-produced in NAR order, i.e. a directory before its entries, entries sorted:
-
-- :class:`NarDirectory` ``(path)``
-- :class:`NarRegular` ``(path, executable, size, chunks, offset)``: ``chunks`` iterates over the
-  contents; it must be consumed before asking for the next event, or it is skipped (read and
-  discarded) automatically.  ``offset`` is where the contents start in the NAR.
-- :class:`NarSymlink` ``(path, target)``
-
-Every malformation raises :class:`~purestore.errors.NarError` with the byte offset of the bad
-token.
+The reader's events (:class:`NarDirectory`, :class:`NarRegular`, :class:`NarSymlink`) and its
+errors are described in :mod:`.nar_reader`.
 """
 
 from __future__ import annotations
