@@ -192,6 +192,75 @@ def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root)
     assert any(r.endswith("-busybox") for r in pure("store", "references", built).stdout.split())
 
 
+@pytest.mark.slow
+def test_gc_during_a_build_keeps_inputs_that_were_valid_before_it(pure, tmp_path, store_root):
+    """An input that was valid (and unrooted) when `pure build` planned is a temporary root of
+    the build from then on: a collection while another input builds does not delete it, and the
+    build that uses it then succeeds.  (The build used to root its inputs only when it started
+    the derivation that uses them: a `pure gc` in between deleted them, and the build failed
+    with "path '…-gc-dep' is not valid".)"""
+    expr = busybox_expr(tmp_path, '''
+        dep = sh("gc-dep", "echo dep > $out")
+        slow = sh("gc-slow", "sleep 3; echo slow > $out")
+        default = sh("gc-top", f"cat {dep} {slow} > $out")
+    ''')
+    dep = _build(pure, expr, "-A", "dep", "--no-link", cwd=tmp_path).stdout.split()[-1]
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", expr], cwd=tmp_path,
+                            env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "building" in line and "gc-slow" in line:
+                break
+        else:
+            out, err = proc.communicate()
+            pytest.skip(f"pure build did not start building: {''.join(seen)}{err}"[-300:])
+        deleted = json.loads(pure("gc", "--json").stdout)["deleted"]
+        assert dep not in deleted
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, "".join(seen) + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.split()[-1] in valid(pure) and dep in valid(pure)
+
+
+def test_a_no_op_build_roots_its_outputs_before_checking_them(pure, tmp_path, settings):
+    """`valid_outputs` (a build whose outputs are all valid: no scheduler) temp-roots them before
+    it reads their validity: when a collection deletes them meanwhile, it says they are not
+    all valid, and the build builds them again.  (It used to check first and root afterwards:
+    a collection in between deleted the path that the build then printed, and linked as
+    `result`, as valid.)"""
+    import threading
+    from purestore.build.plan import valid_outputs
+    from purestore.store import gc, roots
+    expr = busybox_expr(tmp_path, '''
+        default = sh("gc-noop", "echo hi > $out")
+    ''')
+    out = _build(pure, expr, "--no-link", cwd=tmp_path).stdout.split()[-1]
+    with _open(settings) as st:
+        sp = StorePath.parse(out, st.store_dir)
+        drv = st.query_deriver(sp)
+        got = []
+        lock = roots.gc_lock(settings.state_dir)  # a collection has begun
+        t = threading.Thread(target=lambda: got.append(valid_outputs(st, [drv])))
+        try:
+            t.start()
+            t.join(2)
+            assert t.is_alive(), "valid_outputs waits for gc.lock to add its temporary roots"
+            # what the collection does while it holds the lock
+            g = gc._Graph(st)
+            assert gc._invalidate(st, g, [g.id_of[sp.base_name]]) == [g.id_of[sp.base_name]]
+            os.unlink(st.real_path(sp))
+        finally:
+            lock.close()
+            t.join()
+        assert got == [None], "it said the deleted output was valid"
+        assert valid_outputs(st, [drv]) is None
+
+
 def test_profiles_root_their_paths(pure, graph, settings):
     prof = os.path.join(settings.state_dir, "profiles")
     os.symlink(graph["d"], os.path.join(prof, "p-1-link"))

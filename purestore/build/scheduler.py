@@ -231,7 +231,15 @@ class _Realiser:
             if want <= node.wanted:
                 continue
             node.wanted |= want
-            if node.needed or all(store.is_valid(node.outputs[n]) for n in node.wanted if n in node.outputs):
+            if node.needed:
+                continue
+            # root the outputs before reading their validity (as Nix's DerivationGoal does): a
+            # valid output this run then relies on (an input of a build, a result) cannot be
+            # deleted by a `pure gc` or `pure store delete` running meanwhile, nor can one that
+            # this run or another process builds and registers later
+            outs = [node.outputs[n] for n in node.wanted if n in node.outputs]
+            store.add_temp_roots(outs)
+            if all(store.is_valid(o) for o in outs):
                 continue
             if node.drv is None:
                 parse(node)

@@ -124,8 +124,7 @@ def _realise(ctx, store, drvs, args):
     if not args.check and args.rounds == 1:
         from ..build.plan import valid_outputs
         done = valid_outputs(store, drvs)  # nothing to do: skip the scheduler (and importing trio)
-        if done is not None:
-            store.add_temp_roots([p for outs in done.values() for p in outs.values()])
+        if done is not None:  # (valid_outputs temp-rooted them before checking)
             if args.json:
                 print(json.dumps({"type": "plan", "willBuild": [], "willCheck": [], "willFetchAfterBuild": [],
                                   "willSubstitute": [], "valid": sorted(store.print_path(d) for d in done)},
