@@ -363,6 +363,55 @@ def test_store_delete_uses_the_same_liveness_rules(pure, graph):
     assert graph["d"] not in valid(pure)
 
 
+def test_store_delete_holds_gc_lock_like_a_collection(pure, graph, settings, store_root):
+    """`pure store delete` takes gc.lock exclusively while it reads the roots and deletes, as
+    a collection does: a temporary root being added (under gc.lock shared) when it starts is
+    seen, and the path is refused.  (It read the roots without the lock: a process could root a
+    path and find it valid just after, and lose it to the delete.)"""
+    from purestore.store import roots
+    with _open(settings) as st:
+        lock = roots.gc_lock(settings.state_dir, shared=True)  # this process is adding a root
+        proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "store", "delete", graph["e"]],
+                                env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=3)  # the delete waits for gc.lock
+            st.add_temp_root(st.parse_path(graph["e"]))
+        finally:
+            lock.close()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        assert err.startswith("error: ") and f"a temporary root of process {os.getpid()}" in err, err
+        assert graph["e"] in valid(pure)
+    pure("store", "delete", graph["e"])  # (the root is gone with the store that added it)
+    assert graph["e"] not in valid(pure)
+
+
+def test_store_delete_rechecks_referrers_in_its_transaction(pure, graph, settings):
+    """A referrer registered after `delete` checked the liveness of its paths (a writer that
+    did not temp-root what it refers to) makes it refuse as it refuses any referenced path,
+    deleting nothing.  (The database's foreign key kept the reference from dangling, but the
+    delete failed with "cannot write to the store database …: FOREIGN KEY constraint failed".)"""
+    from purestore.store import local
+    with _open(settings) as st:
+        c, d = st.parse_path(graph["c"]), st.parse_path(graph["d"])
+        real_is_live = st.is_live
+
+        def is_live_then_register(sp, deleting=()):
+            reason = real_is_live(sp, deleting=deleting)
+            if sp == c and not hasattr(st, "_registered"):  # just after the check of c
+                st._registered = add_output(st, "late-referrer", b"late", refs=[c])
+            return reason
+        st.is_live = is_live_then_register
+        with pytest.raises(local.PathInUse, match="referenced by"):
+            st.delete([c, d])
+        assert st.is_valid(c) and st.is_valid(d)
+        assert os.path.exists(st.real_path(c)) and os.path.exists(st.real_path(d))
+    r = pure("store", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_gc_lock_makes_temp_root_registration_wait(pure, settings, store_root):
     """While a collection holds gc.lock, adding a temporary root blocks until it is released."""
     from purestore.store import roots

@@ -41,7 +41,7 @@ from .db import StoreDB
 from .fstree import remove_tree
 from .lock import PathLocks
 from .query import StoreQueries, _chunks
-from .roots import TempRoots, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
+from .roots import TempRoots, gc_lock, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -575,8 +575,14 @@ class LocalStore(StoreQueries):
         for sp in sorted(targets):
             self._require_valid(sp)
         order = list(reversed(self.topo_sort(targets)))  # referrers first
-        with self.lock_paths(targets):
+        # gc.lock, exclusively, as a collection holds it (docs/gc.md, "Safety while builds
+        # run"): from reading the roots until the files are gone, no process can add a
+        # temporary root; one that adds it before relies on a path this then refuses to delete,
+        # one that adds it after finds the path invalid.  Without it a build could root an
+        # input and see it valid just after the roots were read, and lose it.
+        with self.lock_paths(targets), gc_lock(self.state_dir):
             for sp in order:
+                self._require_valid(sp)  # (a collection may have deleted it meanwhile)
                 reason = self.is_live(sp, deleting=targets)
                 if reason:
                     raise PathInUse(f"cannot delete {self.print_path(sp)!r}: {reason}")
@@ -585,6 +591,14 @@ class LocalStore(StoreQueries):
                     row = c.execute("SELECT id FROM ValidPaths WHERE path = ?", (sp.base_name,)).fetchone()
                     if row is None:
                         continue
+                    # a referrer registered since is_live looked (as the collector checks too)
+                    ref = c.execute(
+                        "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer "
+                        "WHERE r.reference = ? AND r.referrer != ?", (row[0], row[0])).fetchall()
+                    others = sorted(r[0] for r in ref if StorePath.from_base_name(r[0]) not in targets)
+                    if others:
+                        raise PathInUse(f"cannot delete {self.print_path(sp)!r}: it is referenced by "
+                                        f"{self.store_dir + '/' + others[0]!r}")
                     c.execute("DELETE FROM Refs WHERE referrer = ?", (row[0],))
                     c.execute("DELETE FROM DerivationOutputs WHERE drv = ?", (sp.base_name,))
                     c.execute("DELETE FROM ValidPaths WHERE id = ?", (row[0],))
