@@ -269,6 +269,34 @@ def test_verify_finds_missing_and_modified_paths(store, tmp_path):
     assert any(store.print_path(a) in p.message for p in full.problems)
 
 
+def test_verify_does_not_report_paths_deleted_while_it_runs(store, tmp_path, monkeypatch):
+    """A path that a collection (or `pure store delete`) removes while verify runs is no problem:
+    it was invalidated before its files went.  (Verify listed the valid paths once and reported
+    every path deleted after that as "missing", or "unreadable" when it went while being hashed:
+    a `pure store verify --check-contents` next to a `pure gc` reported hundreds of problems
+    and exited 1.)  A path that is still valid and missing is still reported."""
+    from purestore.store import fsnar
+    names = ["a", "b", "c", "d"]
+    sps = {}
+    for n in names:
+        (tmp_path / n).write_text(n * 1000)
+        sps[n] = store.add_path(str(tmp_path / n), name=n)
+    real_hash_path = fsnar.hash_path
+    calls = []
+
+    def hash_path_while_deleting(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:  # a collection runs while `a` is hashed: it takes `a` and `c`
+            store.delete([sps["a"], sps["c"]])
+        return real_hash_path(path, *a, **kw)
+    monkeypatch.setattr(fsnar, "hash_path", hash_path_while_deleting)
+    os.chmod(store.real_path(sps["d"]), 0o644)
+    os.unlink(store.real_path(sps["d"]))  # really missing
+    report = store.verify(check_contents=True)
+    assert [(p.kind, p.path) for p in report.problems] == [("missing", store.print_path(sps["d"]))]
+    assert calls, "check_contents hashes the paths"
+
+
 def test_delete_refuses_referenced_paths_and_deletes_sets(store):
     a = _register_file(store, "a")
     b = _register_file(store, "b", [a])

@@ -118,30 +118,41 @@ def verify_store(store, check_contents: bool = False, *, paths: Iterable[StorePa
     if paths is not None:
         chosen = {sp.base_name for sp in paths}
         rows = [r for r in rows if r[0] in chosen]
+    def still_valid(base: str, h: str) -> bool:
+        # A path that a collection (or `pure store delete`) removed while this ran is not a
+        # problem: it is invalidated in the database before its files go, so a path whose
+        # files were found missing or half gone is no longer valid when asked now.
+        now = store.db.query("SELECT hash FROM ValidPaths WHERE path = ?", (base,))
+        return bool(now) and now[0][0] == h
+
     for base, h, size in rows:
         logical = f"{store.store_dir}/{base}"
         real = f"{store.real_store_dir}/{base}"
+        found: VerifyProblem | None = None
         if not os.path.lexists(real):
-            problems.append(VerifyProblem(logical, "missing", f"path {logical!r} is valid but {real!r} does not exist"))
-            continue
-        if check_contents:
+            found = VerifyProblem(logical, "missing", f"path {logical!r} is valid but {real!r} does not exist")
+        elif check_contents:
             try:
                 got, got_size = fsnar.hash_path(real)
             except (OSError, ValueError) as e:
-                problems.append(VerifyProblem(logical, "unreadable", f"cannot read {real!r}: {e}"))
-                continue
-            want = Hash.parse(h, "sha256")
-            if got != want:
-                problems.append(VerifyProblem(
-                    logical, "hash", f"path {logical!r} was modified: expected NAR hash {want.typed()}, got {got.typed()}"))
-            elif got_size != size:
-                problems.append(VerifyProblem(
-                    logical, "size", f"path {logical!r} has NAR size {got_size}, expected {size}"))
+                found = VerifyProblem(logical, "unreadable", f"cannot read {real!r}: {e}")
+            else:
+                want = Hash.parse(h, "sha256")
+                if got != want:
+                    found = VerifyProblem(logical, "hash", f"path {logical!r} was modified: expected NAR hash "
+                                                           f"{want.typed()}, got {got.typed()}")
+                elif got_size != size:
+                    found = VerifyProblem(logical, "size", f"path {logical!r} has NAR size {got_size}, expected {size}")
+        if found is not None and still_valid(base, h):
+            problems.append(found)
     if sigs_needed > 0:
         more_sigs = more_sigs or {}
         for base, _h, _size in rows:
             sp = StorePath.from_base_name(base)
-            trust = path_trust(store.query_path_info(sp), store.store_dir, trusted or {}, more_sigs.get(sp, ()))
+            info = store.query_path_info(sp)
+            if info is None:
+                continue  # deleted meanwhile (see still_valid)
+            trust = path_trust(info, store.store_dir, trusted or {}, more_sigs.get(sp, ()))
             if not trust.enough(sigs_needed):
                 logical = f"{store.store_dir}/{base}"
                 problems.append(VerifyProblem(
