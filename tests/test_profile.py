@@ -128,6 +128,28 @@ def test_collisions_are_refused(pure, pkgs, tmp_path):
     assert len(pure("profile", "list").stdout.splitlines()) == 1
 
 
+def test_links_to_directories_of_other_store_paths_merge_in_a_rooted_store(pure, tmp_path, store_root):
+    """Two packages whose `share` is a symlink to a directory of another store path merge into
+    one `share` directory, also in a rooted store, where those links name the logical store dir
+    (/pure/store/…) that does not exist on the host: the merge follows them into the store
+    under the root.  (It listed the link as it was and failed with "cannot build the user
+    environment …: No such file or directory".)"""
+    libs = [make_pkg(tmp_path, pure, f"lib{i}", {f"share/{i}.txt": str(i)}) for i in (1, 2)]
+    wraps = []
+    for i, lib in enumerate(libs, 1):
+        d = tmp_path / "wrapsrc" / f"wrap{i}"
+        d.mkdir(parents=True)
+        os.symlink(f"{lib}/share", d / "share")
+        assert lib.startswith("/pure/store/") and not os.path.exists(lib)  # a rooted store
+        wraps.append(pure("store", "add", d, "--name", f"wrap{i}").stdout.strip())
+    pure("profile", "install", wraps[0])
+    env = pure("profile", "install", wraps[1]).stdout.strip()
+    real = os.path.join(store_root, env.lstrip("/"))
+    assert os.path.isdir(f"{real}/share") and not os.path.islink(f"{real}/share")
+    assert os.readlink(f"{real}/share/1.txt") == f"{wraps[0]}/share/1.txt"
+    assert os.readlink(f"{real}/share/2.txt") == f"{wraps[1]}/share/2.txt"
+
+
 def test_generations_are_gc_roots_until_deleted(pure, pkgs):
     pure("profile", "install", pkgs["hello"])
     pure("profile", "install", pkgs["tool"])

@@ -435,15 +435,20 @@ def _merge_entry(store, dst: str, cands: list[tuple[str, str, str]], rel: str) -
         os.mkdir(dst)
         entries: dict[str, list[tuple[str, str, str]]] = {}
         for real, logical, label in cands:
-            for n in sorted(os.listdir(real)):
+            # (a symlink to another store path names the logical store dir: in a rooted store
+            # only host_path finds it; listing ``real`` itself failed with ENOENT there)
+            for n in sorted(os.listdir(host_path(store, real))):
                 entries.setdefault(n, []).append((f"{real}/{n}", f"{logical}/{n}", label))
         for n, sub in sorted(entries.items()):
             _merge_entry(store, os.path.join(dst, n), sub, f"{rel}/{n}")
         return
-    targets = {os.path.realpath(c[0]) for c in cands}
+
+    def target(real: str) -> str:
+        return host_path(store, real) or os.path.realpath(real)
+    targets = {target(c[0]) for c in cands}
     if len(targets) == 1:  # the same file reached through different links
         os.symlink(cands[0][1], dst)
         return
-    a, b = cands[0], next(c for c in cands[1:] if os.path.realpath(c[0]) != os.path.realpath(cands[0][0]))
+    a, b = cands[0], next(c for c in cands[1:] if target(c[0]) != target(cands[0][0]))
     raise ProfileError(f"collision: {rel!r} is provided by both {a[1]!r} ({a[2]}) and {b[1]!r} ({b[2]})",
                        hint="remove one of them from the profile first")
