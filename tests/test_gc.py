@@ -498,6 +498,66 @@ def test_invalid_leftovers_are_removed_unless_temp_rooted(pure, settings):
     assert not os.path.lexists(junk)
 
 
+def test_a_leftover_with_a_stale_lock_file_is_removed_and_a_locked_one_kept(pure, settings, store_root):
+    """A writer killed outright after renaming its path into place and before registering it
+    leaves the path and its lock file (lock files go only on release).  Nobody holds that lock,
+    so the next collection removes the leftover (and the stale lock file); it used to skip every
+    leftover with a lock file, for ever.  A leftover whose lock a live process holds (being
+    written) is kept."""
+    locks = os.path.join(settings.state_dir, "locks")
+    os.makedirs(locks, exist_ok=True)
+    stale = "1" * 32 + "-killed-writer"
+    held = "2" * 32 + "-being-written"
+    for n in (stale, held):
+        os.makedirs(os.path.join(settings.real_store_dir, n, "d"))
+        open(os.path.join(locks, n + ".lock"), "w").close()
+    code = textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({os.path.join(locks, held + ".lock")!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        result = json.loads(pure("gc", "--json").stdout)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert result["invalidRemoved"] == [stale]
+    assert not os.path.lexists(os.path.join(settings.real_store_dir, stale))
+    assert not os.path.lexists(os.path.join(locks, stale + ".lock"))
+    assert os.path.isdir(os.path.join(settings.real_store_dir, held, "d"))
+    assert json.loads(pure("gc", "--json").stdout)["invalidRemoved"] == [held], "its writer is gone now"
+
+
+def test_a_leftover_registered_while_the_collection_looks_is_kept(pure, settings, monkeypatch):
+    """The collector checks a leftover's validity under its path lock, just before moving it:
+    a writer that took the lock, installed and registered the path after the store dir was read
+    keeps it (else the path would be valid with its files in the trash)."""
+    from purestore.store import gc
+    with _open(settings) as st:
+        sp = StorePath(nix32_encode(os.urandom(20)), "late")
+        real = st.real_path(sp)
+        with open(real, "wb") as f:
+            f.write(b"late")
+        os.chmod(real, 0o444)
+        real_scan = gc._invalid_leftovers
+
+        def scan_then_register(store, valid_names, temp_names):
+            found = real_scan(store, valid_names, temp_names)
+            assert sp.base_name in found
+            with st.lock_path(sp):  # a writer, between the scan and the move
+                h, size = fsnar.hash_path(real)
+                st.register([PathInfo(sp, h, size)])
+            return found
+        monkeypatch.setattr(gc, "_invalid_leftovers", scan_then_register)
+        result = gc.collect_garbage(st)
+        assert sp.base_name not in result.invalid_removed
+        assert os.path.exists(real)
+
+
 def test_only_stale_links_under_auto_are_pruned(pure, graph, settings, tmp_path):
     mine = os.path.join(settings.state_dir, "gcroots", "mine")
     os.symlink(str(tmp_path / "gone"), mine)

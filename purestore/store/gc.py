@@ -501,9 +501,9 @@ def _invalidate(store, g: _Graph, order: list[int]) -> list[int]:
 
 
 def _invalid_leftovers(store, valid_names: set[str], temp_names: set[str]) -> list[str]:
-    """Entries of the store dir that look like store paths but are not valid nor temp-rooted."""
+    """Entries of the store dir that look like store paths but are not valid nor temp-rooted
+    (candidates: :func:`_remove_leftovers` takes each one's path lock before it moves it)."""
     out = []
-    locks = os.path.join(store.state_dir, "locks")
     try:
         it = os.scandir(store.real_store_dir)
     except FileNotFoundError:
@@ -513,14 +513,51 @@ def _invalid_leftovers(store, valid_names: set[str], temp_names: set[str]) -> li
             n = e.name
             if n.startswith(".") or n in valid_names or n in temp_names:
                 continue
-            if os.path.lexists(os.path.join(locks, n + ".lock")):
-                continue  # someone holds (or just held) its path lock: being built or added
             try:
                 StorePath.from_base_name(n)
             except ValueError:
                 continue
             out.append(n)
     return out
+
+
+def _remove_leftovers(store, names: list[str], trash: str) -> list[str]:
+    """Move the invalid leftovers ``names`` into ``trash``, each under its path lock, taken
+    without waiting; returns those moved.
+
+    A path whose lock is held is being written (a build, a substitution, an add): skipped.  The
+    lock is held from the check of validity until the move, so a writer cannot install and
+    register the path in between (a leftover moved away just after it was registered would be
+    a valid path without files).  A lock *file* alone means nothing: a writer killed outright
+    leaves its lock file behind, and a leftover of such a crash (killed after its rename into
+    place, before it registered) was skipped for ever.  Taking the stale lock removes its file
+    on release.
+    """
+    moved = []
+    for n in names:
+        if not store.locks.acquire(n, blocking=False):
+            continue
+        try:
+            if store.db.query("SELECT 1 FROM ValidPaths WHERE path = ?", (n,)):
+                continue  # registered since the store dir was read
+            src = f"{store.real_store_dir}/{n}"
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                continue
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    _rename_into(src, trash, n)
+                else:
+                    os.unlink(src)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StoreError(f"cannot remove invalid path {src!r}: {e.strerror}") from e
+            moved.append(n)
+        finally:
+            store.locks.release(n)
+    return moved
 
 
 def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = None,
@@ -574,8 +611,8 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
             # Remove files and links, and move directories aside, while still holding the lock:
             # once it is released a builder may temp-root one of these (now invalid) paths and
             # write it anew at the same name.  Unlinking a file costs what renaming it would.
-            _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order] + leftovers,
-                            trash, workers)
+            _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order], trash, workers)
+            leftovers = _remove_leftovers(store, leftovers, trash)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: stop, and remove the trash
             # (before the invalidation committed, nothing changed; after, the dead paths not
             # moved yet stay in the store dir, invalid, and the next collection removes them)
