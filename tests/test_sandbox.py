@@ -33,14 +33,14 @@ def busybox_dir(tmp_path_factory):
     return d
 
 
-def run(tmp_path, busybox_dir, script: str, *, network=False, inputs=None, env=None):
+def run(tmp_path, busybox_dir, script: str, *, network=False, inputs=None, env=None, ro_base=None):
     top = tmp_path / f"top{len(list(tmp_path.iterdir()))}"
     top.mkdir()
     spec = SandboxSpec(
         argv=(f"{BB_PATH}/bin/busybox", "sh", "-c", f"B={BB_PATH}/bin/busybox\n" + script),
         env={"PATH": "/path-not-set", "HOME": "/homeless-shelter", "out": f"{STORE}/x-out", **(env or {})},
         top=str(top), store_dir=STORE, inputs={BB_PATH: str(busybox_dir), **(inputs or {})},
-        network=network,
+        network=network, ro_base=ro_base,
     )
     status, out = run_sync(spec)
     return status, out.decode(), spec
@@ -127,6 +127,30 @@ def test_store_paths_outside_the_inputs_are_invisible(tmp_path, busybox_dir):
     status, out, _ = run(tmp_path, busybox_dir, "$B ls /pure/store", inputs={dep: str(other)})
     assert status == 0, out
     assert sorted(out.split()) == sorted([BB_PATH.rsplit("/", 1)[1], dep.rsplit("/", 1)[1]])
+
+
+def test_an_input_that_is_a_symlink_is_that_symlink_not_what_it_points_to(tmp_path, busybox_dir):
+    """A store path may be a symlink (`pure store add` of a link, `source()` of one).  The builder
+    sees the link, as in Nix: one to a host directory leads nowhere inside, one to another input
+    leads there.  (Each input was bind-mounted, which follows a symlink on the host: the builder
+    read the files of the host directory the link named, and in a rooted store a link to
+    another store path failed the mount, since the host has no logical /pure/store.)"""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "s.txt").write_text("host secret")
+    store = tmp_path / "store"
+    store.mkdir()
+    out_link, in_link = "2c6kzph7l0dcbfmjap64f0czdafn3b7x-out-link", "3c6kzph7l0dcbfmjap64f0czdafn3b7x-in-link"
+    os.symlink(str(secret), store / out_link)
+    os.symlink(f"{BB_PATH}/bin", store / in_link)
+    status, out, _ = run(tmp_path, busybox_dir,
+                         f"$B readlink {STORE}/{out_link}; $B cat {STORE}/{out_link}/s.txt 2>/dev/null || echo HIDDEN; "
+                         f"$B ls {STORE}/{in_link}/",
+                         inputs={f"{STORE}/{n}": str(store / n) for n in (out_link, in_link)},
+                         ro_base=str(store))
+    assert status == 0, out
+    assert "host secret" not in out
+    assert out.split() == [str(secret), "HIDDEN", "busybox"], out
 
 
 def test_host_files_are_invisible(tmp_path, busybox_dir):

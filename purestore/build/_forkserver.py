@@ -147,6 +147,8 @@ def setup_root(req):
             os.mkdir(target)
         else:
             open(target, "wb").close()
+    for target, text in req["links"]:  # store paths that are symlinks: the link itself
+        os.symlink(text, target)
     os.chmod(store, 0o1775)
     _mount("overlay", store, "overlay", MS_NOSUID | MS_NODEV,
            f"lowerdir={store},upperdir={top}/upper,workdir={top}/work,userxattr")
@@ -287,6 +289,9 @@ _FIELDS = {
     "gid_inside": (lambda v: type(v) is int, "an int"),
     "hostname": (lambda v: isinstance(v, str), "a str"),
     "ro_base": (lambda v: v is None or isinstance(v, str), "a str or None"),
+    "links": (lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(b, (list, tuple)) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], str)
+        for b in v), "a list of (str, str)"),
 }
 
 # A request's size is bounded (a memfd of a few MiB at most in practice); beyond this it is garbage.

@@ -252,9 +252,17 @@ def make_request(spec: SandboxSpec) -> dict:
     binds = []
     base = spec.ro_base
     real_base = os.path.realpath(base) if base else None
+    links = []
     for logical, phys in sorted(spec.inputs.items()):
         if base and phys.startswith(base + "/") and "/" not in phys[len(base) + 1:]:
             real = real_base + phys[len(base):]  # a store path: canonical below the store dir
+            if os.path.islink(real):
+                # A store path that is a symlink is made as that symlink, as Nix does: a bind
+                # mount follows it on the host, which showed the builder whatever the link
+                # points to outside the store (and, in a rooted store, failed for a link to
+                # another store path, whose logical path the host does not have).
+                links.append((r + logical, os.readlink(real)))
+                continue
         else:
             real = os.path.realpath(phys)
         binds.append((real, r + logical, os.path.isdir(real)))
@@ -263,7 +271,7 @@ def make_request(spec: SandboxSpec) -> dict:
         flags |= CLONE_NEWNET
     return {
         "argv": list(spec.argv), "env": dict(spec.env), "top": top, "root": r, "store": r + spec.store_dir,
-        "binds": binds, "etc": _etc_files(spec), "flags": flags, "network": spec.network,
+        "binds": binds, "links": links, "etc": _etc_files(spec), "flags": flags, "network": spec.network,
         "uid": os.geteuid(), "gid": os.getegid(), "uid_inside": SANDBOX_UID, "gid_inside": SANDBOX_GID,
         "hostname": SANDBOX_HOSTNAME, "ro_base": real_base,
     }
