@@ -455,11 +455,23 @@ def test_pruning_a_bucket_keeps_closures_whole(s3, tmp_path):
     run_pure("copy", "--to", bucket, app.absolute(sd), other.absolute(sd), root=root, env=s3["env"])
     client = boto3.client("s3", **s3["admin"])
     stale = client.create_multipart_upload(Bucket="cache", Key="prune/nar/cut-off.nar.zst")["UploadId"]
-    time.sleep(6.5)  # the age below is 5 s: room for the commands between on a busy machine
+    # The cut-off between old and fresh is the instant `cut`, 3 s after the old uploads and 3 s
+    # before the fresh one (S3's times are whole seconds); each prune is given the age that puts
+    # it there, so that however long the commands between take, what is old stays old and what
+    # is fresh stays fresh (a fixed age of 5 s made the last prune remove `fresh` once the
+    # commands after its push took more than 5 s, on a loaded machine).  A prune's own start-up
+    # (between the age computed here and its clock read) may take up to 2 s.
+    time.sleep(3)
+    cut = time.time()
+    time.sleep(3)
+
+    def age() -> str:
+        return f"{time.time() - cut:.3f}s"
+
     run_pure("copy", "--to", bucket, fresh.absolute(sd), root=root, env=s3["env"])
     before = objects(s3, prefix="prune/")
 
-    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "5s", "--keep", app.absolute(sd),
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", age(), "--keep", app.absolute(sd),
                  "--dry-run", "--json", env=s3["env"])
     plan = json.loads(r.stdout)
     assert plan["removed"] == [other.absolute(sd)] and plan["kept"] == 3
@@ -476,14 +488,14 @@ def test_pruning_a_bucket_keeps_closures_whole(s3, tmp_path):
             "s3:GetObject", "s3:ListBucket", "s3:ListBucketMultipartUploads"]}]}))
     k = iam.create_access_key(UserName="looker")["AccessKey"]
     looker = dict(s3["env"], AWS_ACCESS_KEY_ID=k["AccessKeyId"], AWS_SECRET_ACCESS_KEY=k["SecretAccessKey"])
-    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "5s", env=looker, check=False)
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", age(), env=looker, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"error: cannot remove '{other.hash_part}.narinfo' from" in r.stderr and "S3 AccessDenied" in r.stderr
     # every narinfo refused: each path stays, with its closure, and is reported kept
     assert "no other file was removed" in r.stderr and "tried to remove 0 paths" in r.stderr and "4 paths kept" in r.stderr
     assert objects(s3, prefix="prune/") == before
 
-    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", "5s", env=s3["env"])
+    r = run_pure("cache", "prune", url(s3, prefix="/prune"), "--older-than", age(), env=s3["env"])
     assert "removed 3 paths" in r.stderr and "1 path kept" in r.stderr and "aborted 1 unfinished upload" in r.stderr
     assert sorted(r.stdout.splitlines()) == sorted(f"removing '{p.absolute(sd)}'" for p in (lib, app, other))
     left = objects(s3, prefix="prune/")
