@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -638,8 +639,9 @@ def _no_sleepers_left(marker: str) -> bool:
 
 
 # each test's builder sleeps for a number of seconds of its own: what it looks for in /proc is
-# then its own sandbox's process, not one of another test run on the same machine
-_SLEEP = f"sleep {50000 + os.getpid() % 10000}{{n}}"
+# then its own sandbox's process, not one of another test run on the same machine (a number
+# drawn for this run: pytest's pid modulo 10000 was shared by one concurrent run in 10000)
+_SLEEP = f"sleep {5 * 10**11 + uuid.uuid4().int % 10**11}{{n}}"
 
 
 def _limit_failed(p, store_root, name, how, marker):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,11 @@ def wait_for_line(stream, needle: str, timeout: float = 60) -> str:
         if needle in line:
             return line
     raise AssertionError(f"{needle!r} not seen; got {''.join(seen)!r}")
+
+
+# what a test's builder has in its command line, for processes_with() to find it: unique to this
+# run (pytest's pid was not: "WAIT123" is in another run's "WAIT1234", and pids are reused)
+_RUN = uuid.uuid4().hex
 
 
 def processes_with(marker: str) -> list[int]:
@@ -97,7 +103,7 @@ def test_a_build_waiting_for_another_process_says_so(expr, tmp_path, store_root)
     """A second `pure build` of what another process is building waits for it, and says so once
     (it printed the plan and then nothing while it waited), also as a `waiting` JSON event."""
     import json
-    marker = f"WAIT{os.getpid()}"
+    marker = f"WAIT{_RUN}"
     f = expr(f'default = sh("slow", ": {marker}; $B sleep 5; echo x > $out")\n')
     p1 = start_build(store_root, tmp_path, f, "--no-link")
     running_sandbox(marker)
@@ -115,7 +121,7 @@ def test_a_build_waiting_for_another_process_says_so(expr, tmp_path, store_root)
 
 @pytest.mark.slow
 def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tmp_path, store_root, pure):
-    marker = f"MARK{os.getpid()}kill"
+    marker = f"MARK{_RUN}kill"
     f = expr(f'default = sh("victim", ": {marker}; $B sleep 3; $B mkdir $out; echo done > $out/f")\n')
     p = start_build(store_root, tmp_path, f)
     wait_for_line(p.stderr, "building")
@@ -141,7 +147,7 @@ def test_an_interrupted_json_build_ends_with_an_error_event(expr, tmp_path, stor
     """`pure build --json` stopped by a signal: its last stdout line is the error event the README
     promises (there was none: a script saw the stream end, or end at "done", status aside)."""
     import json
-    marker = f"JSON{os.getpid()}{sig}"
+    marker = f"JSON{_RUN}{sig}"
     f = expr(f'default = sh("slow", ": {marker}; $B sleep 30; echo x > $out")\n')
     p = start_build(store_root, tmp_path, f, "--json", "--no-link")
     running_sandbox(marker)
@@ -160,7 +166,7 @@ def test_an_interrupted_json_build_ends_with_an_error_event(expr, tmp_path, stor
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_kills_the_builders_removes_temporaries_and_releases_locks(expr, tmp_path, store_root, pure, sig):
     """Ctrl-C, or SIGTERM (as `timeout`, systemd and CI runners send it): the same clean-up."""
-    marker = f"MARK{os.getpid()}{sig}"
+    marker = f"MARK{_RUN}{sig}"
     f = expr(f'default = [sh(f"int{{i}}", f": {marker}; $B sleep 30; echo {{i}} > $out") for i in range(2)]\n')
     p = start_build(store_root, tmp_path, f, "-j", "2")
     wait_for_line(p.stderr, "building")
