@@ -3,6 +3,7 @@ ones listed in the order substitution asks them, and the reason each other one i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -16,10 +17,14 @@ def cache_dir(path, text: str):
     return f"file://{path}"
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def closed_port():
+    """A port of 127.0.0.1 that refuses connections while the block runs: bound by a socket
+    that does not listen, so that no other process can take it meanwhile (a port found free and
+    released could be listened on by another program by the time the command connected)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_caches_are_listed_in_substitution_order_with_the_reasons_for_the_others(tmp_path):
@@ -29,10 +34,11 @@ def test_caches_are_listed_in_substitution_order_with_the_reasons_for_the_others
     broken = cache_dir(tmp_path / "broken", "Priority: ten\nnot a line of nix-cache-info\n")
     proc, served = start_server(tmp_path / "plain")
     try:
-        urls = [plain, nix, f"{served}?priority=20", fast, f"file://{tmp_path / 'missing'}",
-                f"http://127.0.0.1:{free_port()}/", broken, "ftp://elsewhere/"]
-        r = run_pure("--trusted-public-keys", PUB, "cache", "info", *urls, check=False)
-        info = json.loads(run_pure("cache", "info", "--json", *urls, check=False).stdout)
+        with closed_port() as port:
+            urls = [plain, nix, f"{served}?priority=20", fast, f"file://{tmp_path / 'missing'}",
+                    f"http://127.0.0.1:{port}/", broken, "ftp://elsewhere/"]
+            r = run_pure("--trusted-public-keys", PUB, "cache", "info", *urls, check=False)
+            info = json.loads(run_pure("cache", "info", "--json", *urls, check=False).stdout)
     finally:
         stop_server(proc)
     assert r.returncode == 1
