@@ -5,12 +5,14 @@ and S3's errors (wrong key, missing bucket, a 403 for a missing key) told apart.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -22,31 +24,29 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server that checks signatures; an admin user's keys; buckets 'cache' and
-    'other'.  Returns dict(endpoint, env (the admin's credentials), admin (boto3 kwargs))."""
-    port = free_port()
+    'other'.  Returns dict(endpoint, env (the admin's credentials), admin (boto3 kwargs)).
+
+    The server takes a free port itself (-p 0) and says which once it listens: a port found
+    free here and handed to it could be taken by another process meanwhile."""
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")  # the admin's creation, then signed
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # (werkzeug binds and listens before it prints this line)
+        said.append(line)
+        m = re.search(r"Running on http://127\.0\.0\.1:(\d+)", line)
+        if m:
             break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.1)
+    else:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"moto server did not start: {''.join(said)[-2000:]}")
+    # its log of requests goes on to stderr: read on, lest the pipe fill and block it
+    threading.Thread(target=lambda: collections.deque(proc.stderr, maxlen=0), daemon=True).start()
+    endpoint = f"127.0.0.1:{m[1]}"
     try:
         anon = dict(endpoint_url=f"http://{endpoint}", region_name="us-east-1",
                     aws_access_key_id="setup", aws_secret_access_key="setup")
