@@ -36,21 +36,44 @@ def nginx(tmp_path, request):
     cache.mkdir()
     prefix = tmp_path / "nginx"
     prefix.mkdir()
-    port = free_port()
-    listen, scheme, second = f"127.0.0.1:{port}", "http", ""
-    if extra == "redirect":
-        port2 = free_port()
-        second = f"server {{ listen 127.0.0.1:{port2}; root {cache}; }}"
-        extra = f"location /nar/ {{ return 302 http://127.0.0.1:{port2}$request_uri; }}"
-    if extra == "tls":
+    tls = extra == "tls"
+    if tls:
         if shutil.which("openssl") is None:
             pytest.skip("openssl is not installed")
         key, cert = prefix / "key.pem", prefix / "cert.pem"
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
                         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                        check=True, capture_output=True)
-        listen, scheme = listen + " ssl", "https"
         extra = f"ssl_certificate {cert}; ssl_certificate_key {key};"
+    # nginx is given ports found free; another process may take one before nginx binds it.  nginx
+    # then exits (after 2 s of retrying), and is started again on other ports.  Its pid file is
+    # written once it listens: the one answering on the port is this nginx, not another program.
+    pidfile = prefix / "nginx.pid"
+    for _attempt in range(5):
+        proc, port = _start_nginx(prefix, cache, extra, tls)
+        while not pidfile.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            break
+        said = proc.stderr.read().decode() + (prefix / "error.log").read_text()
+        if "Address already in use" not in said:
+            raise AssertionError(f"nginx failed: {said}")
+    else:
+        raise AssertionError("nginx found each of the ports given to it taken")
+    yield cache, f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _start_nginx(prefix, cache, extra: str, tls: bool):
+    port = free_port()
+    listen, second = f"127.0.0.1:{port}", ""
+    if extra == "redirect":
+        port2 = free_port()
+        second = f"server {{ listen 127.0.0.1:{port2}; root {cache}; }}"
+        extra = f"location /nar/ {{ return 302 http://127.0.0.1:{port2}$request_uri; }}"
+    if tls:
+        listen += " ssl"
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 daemon off;
@@ -75,19 +98,8 @@ http {{
     {second}
 }}
 """)
-    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(f"nginx failed: {proc.stderr.read().decode()}")
-            time.sleep(0.05)
-    yield cache, f"{scheme}://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(10)
+    (prefix / "error.log").write_text("")
+    return subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.PIPE), port
 
 
 def test_cache_served_by_nginx_is_substituted(tmp_path, nginx):
