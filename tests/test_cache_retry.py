@@ -680,7 +680,9 @@ async def test_a_cache_that_stops_answering_lookups_is_asked_nothing_more_in_the
     async with trio.open_nursery() as n:
         await n.start(server.run)
         with open_store(root) as store, caplog.at_level(logging.WARNING, "purestore.cache"):
-            with trio.fail_after(5):  # five attempts of one lookup alone would take 8 s
+            # (retries are seen in server.asked below; the bound only tells the 1 s stall timeout
+            # from the default 30 s, with room for a loaded machine: it was 5 s)
+            with trio.fail_after(15):
                 rep = await substituter.substitute_report(store, s, [app, big],
                                                           urls=[server.url, f"file://{c}"], trusted_keys=[PUB])
             assert rep.failures == {} and {lib, app, big} <= set(store.valid_paths())
@@ -744,7 +746,7 @@ async def test_a_cache_that_does_not_answer_its_nix_cache_info_is_not_used(cache
     async with trio.open_nursery() as n:
         await n.start(server.run)
         with open_store(root) as store, caplog.at_level(logging.WARNING, "purestore.cache"):
-            with trio.fail_after(5):
+            with trio.fail_after(15):  # the 1 s stall timeout, not the default 30 s (was 5 s: tight)
                 rep = await substituter.substitute_report(store, settings_for(root, stalled_download_timeout=1),
                                                           [app], urls=[server.url, f"file://{c}"],
                                                           trusted_keys=[PUB])
