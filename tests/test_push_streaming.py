@@ -306,6 +306,24 @@ async def test_run_stoppable_stops_its_thread_and_waits_for_it_or_never_starts_i
 
     calls, finished = [], threading.Event()
 
+    async def cancelled_while_running(fn, *args, then=lambda: None, **kw):
+        """run_stoppable(fn, *args, **kw), cancelled once ``fn`` runs in its thread (a fixed
+        delay could come before the thread started on a loaded machine), then ``then()``."""
+        running = threading.Event()
+
+        def entered(*a, stop):
+            running.set()
+            return fn(*a, stop)
+
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                async def cancel():
+                    await trio.to_thread.run_sync(running.wait)
+                    scope.cancel()  # (the waiting task has its Cancelled once this returns)
+                    then()
+                n.start_soon(cancel)
+                await run_stoppable(entered, *args, **kw)
+
     def work(n, stop):
         calls.append(n)
         while not stop.wait(0.01):
@@ -313,8 +331,7 @@ async def test_run_stoppable_stops_its_thread_and_waits_for_it_or_never_starts_i
         finished.set()  # the caller is still waiting for this
         return n
 
-    with trio.move_on_after(0.2):
-        await run_stoppable(work, 1)
+    await cancelled_while_running(work, 1)
     assert calls == [1] and finished.is_set()  # stopped, and waited for before it returned
 
     def pre_cancelled():  # in a run of its own: if it waited forever, the test still ends
@@ -333,11 +350,12 @@ async def test_run_stoppable_stops_its_thread_and_waits_for_it_or_never_starts_i
     # a thread that finishes its work all the same: what it made is handed to discard
     discarded = []
 
+    cancelled = threading.Event()
+
     def finishes(n, stop):
-        time.sleep(0.2)  # does not look at stop
+        cancelled.wait(30)  # does not look at stop: ends after the cancellation all the same
         return f"file-{n}"
-    with trio.move_on_after(0.05):
-        await run_stoppable(finishes, 3, discard=discarded.append)
+    await cancelled_while_running(finishes, 3, then=cancelled.set, discard=discarded.append)
     assert discarded == ["file-3"]
 
 
