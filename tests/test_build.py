@@ -527,6 +527,7 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
     from types import SimpleNamespace
 
     import trio
+    import trio.testing
 
     from purestore.build.derivation_builder import DerivationBuilder
     from purestore.formats.store_path import StorePath
@@ -553,7 +554,8 @@ async def test_output_locks_are_taken_all_or_none(tmp_path):
             got.append(await DerivationBuilder._lock_outputs(me, node))
         async with trio.open_nursery() as n:
             n.start_soon(lock)
-            await trio.sleep(0.3)
+            # (until it waits: it blocks in a thread, waiting for dev's lock)
+            await trio.testing.wait_all_tasks_blocked()
             # waiting for dev, it does not hold out: another process can take out meanwhile
             probe = subprocess.run([sys.executable, "-c", (
                 "import sys; from purestore.store.lock import PathLocks; "
