@@ -102,11 +102,19 @@ def test_reads_inside_the_tree_includes_and_sources_are_allowed(tmp_path):
         ev(f2)
 
 
-def test_pure_mode_ends_with_the_evaluation(tmp_path):
-    f = write(tmp_path / "expr.py", "default = []\n")
+def test_pure_mode_ends_with_the_evaluation(tmp_path, monkeypatch):
+    """After an evaluation, this process is not left in pure mode: it may read outside the
+    expression's tree again, its environment is back, and it writes bytecode as before."""
+    import sys
+    outside = write(tmp_path / "outside.txt", "mine\n")
+    f = write(tmp_path / "e" / "expr.py", "default = []\n")
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # (PYTHONDONTWRITEBYTECODE may be set)
+    environ = os.environ
+    with pytest.raises(PurityError, match="outside.txt"):  # (what pure mode refuses)
+        ev(write(tmp_path / "e" / "reads.py", f"x = open({str(outside)!r}).read()\n"))
     ev(f)
-    with open("/etc/hostname") as fh:  # this process is not left in pure mode
-        fh.read()
+    assert outside.read_text() == "mine\n"
+    assert os.environ is environ and os.environ.get("PATH") and sys.dont_write_bytecode is False
 
 
 def test_cli_prints_error_and_exits_nonzero_without_traceback(tmp_path):
