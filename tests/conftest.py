@@ -18,6 +18,18 @@ needs_nix = pytest.mark.skipif(not HAVE_NIX, reason="Nix (nix-bin) is not instal
 
 BUSYBOX = "/bin/busybox"  # Debian's busybox-static, installed by scripts/test.sh
 
+# Property-based tests run the same examples on every run and machine (derandomize: drawn from a
+# seed made of the test's name, not a fresh random one), remember nothing between runs (no
+# .hypothesis database, whose saved examples made a local run differ from CI's fresh clone),
+# and have no time limit per example: Hypothesis's default 200 ms deadline, and its too_slow
+# health check of data generation, failed tests on a loaded machine for reasons unrelated to
+# what they check.
+from hypothesis import HealthCheck, settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("purestore", derandomize=True, database=None, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow])
+_hypothesis_settings.load_profile("purestore")
+
 
 def sandbox_build_reason() -> str | None:
     """Why real sandboxed builds with a static busybox cannot run here (None: they can)."""
