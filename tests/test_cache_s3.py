@@ -105,27 +105,29 @@ def test_push_to_s3_then_substitute_and_mirror(s3, tmp_path):
     again = json.loads(run_pure("copy", "--json", "--to", url(s3, prefix=prefix), app_p, root=root,
                                 env=s3["env"]).stdout)
     assert again["uploaded"] == [] and len(again["skipped"]) == 2
-    # mirrored to another bucket and back to a directory: the same files
-    run_pure("copy", "--from", url(s3, prefix=prefix), "--to", url(s3, "other"), "--trusted-public-keys", PUB,
+    # mirrored to another bucket and back to a directory: the same files (a bucket of this
+    # test's own, listed whole below: other tests put objects in the fixture's "other")
+    boto3.client("s3", **s3["admin"]).create_bucket(Bucket="mirror")
+    run_pure("copy", "--from", url(s3, prefix=prefix), "--to", url(s3, "mirror"), "--trusted-public-keys", PUB,
              app_p, env=s3["env"])
-    assert [k for k in objects(s3, "other") if k != "nix-cache-info"] == \
+    assert [k for k in objects(s3, "mirror") if k != "nix-cache-info"] == \
         [k[len("team-a/"):] for k in keys if k != "team-a/nix-cache-info"]
-    run_pure("copy", "--from", url(s3, "other"), "--to", f"file://{tmp_path / 'G'}", "--trusted-public-keys", PUB,
+    run_pure("copy", "--from", url(s3, "mirror"), "--to", f"file://{tmp_path / 'G'}", "--trusted-public-keys", PUB,
              app_p, env=s3["env"])
     for p in (lib, app):
         assert narinfo_file(tmp_path / "G", p).read_bytes() == narinfo_file(tmp_path / "F", p).read_bytes()
     # checked and signed in place, every narinfo of the bucket (listed) or those named
-    r = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, url(s3, "other"),
+    r = run_pure("cache", "verify", "--check-contents", "--trusted-public-keys", PUB, url(s3, "mirror"),
                  env=s3["env"])
     assert "checked 2 paths" in r.stderr and "no problems" in r.stderr
     r = run_pure("cache", "verify", "--trusted-public-keys", PUB, url(s3, prefix=prefix), env=s3["env"])
     assert "checked 2 paths" in r.stderr  # the prefix's narinfos only
     k2 = tmp_path / "k2.sec"
     run_pure("key", "generate", "--name", "s3-2", "--secret-out", k2)
-    run_pure("cache", "sign", url(s3, "other"), "--key-file", k2, "--trusted-public-keys", PUB, app_p,
+    run_pure("cache", "sign", url(s3, "mirror"), "--key-file", k2, "--trusted-public-keys", PUB, app_p,
              env=s3["env"])
-    assert b"Sig: s3-2:" in body(s3, f"{app.hash_part}.narinfo", "other")
-    r = run_pure("cache", "sign", url(s3, "other"), "--key-file", k2, "--trusted-public-keys", PUB, env=s3["env"])
+    assert b"Sig: s3-2:" in body(s3, f"{app.hash_part}.narinfo", "mirror")
+    r = run_pure("cache", "sign", url(s3, "mirror"), "--key-file", k2, "--trusted-public-keys", PUB, env=s3["env"])
     assert "signed 1 path" in r.stderr and "1 had the signatures already" in r.stderr
 
 
