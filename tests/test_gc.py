@@ -223,7 +223,7 @@ def test_gc_during_a_build_keeps_inputs_that_were_valid_before_it(pure, tmp_path
                 break
         else:
             out, err = proc.communicate()
-            pytest.skip(f"pure build did not start building: {''.join(seen)}{err}"[-300:])
+            pytest.fail(f"pure build did not start building: {''.join(seen)}{err}"[-2000:])
         deleted = json.loads(pure("gc", "--json").stdout)["deleted"]
         assert dep not in deleted
         out, err = proc.communicate(timeout=120)
