@@ -15,6 +15,7 @@ from typing import Iterable
 
 import trio
 
+from .._pids import writer_gone
 from ..errors import CacheError, FormatError
 from ..formats.narinfo import NarInfo
 from ..formats.store_path import StorePath
@@ -176,10 +177,8 @@ def _remove_stale_temps(directory: str, prefix: str = ".tmp-", *, by_pid: bool =
         with os.scandir(directory) as it:
             for e in it:
                 if e.name.startswith(prefix) and e.is_file(follow_symlinks=False):
-                    pid = e.name[len(prefix):].split("-", 1)[0]
                     try:
-                        if (by_pid and "-" in e.name[len(prefix):] and pid.isdigit()
-                                and not os.path.exists(f"/proc/{pid}")):
+                        if by_pid and writer_gone(e.name, prefix):
                             os.unlink(e.path)
                         elif now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
                             os.unlink(e.path)

@@ -8,6 +8,7 @@ import os
 
 import zstandard
 
+from .._pids import writer_gone
 from ..errors import StoreError
 
 
@@ -35,8 +36,7 @@ def remove_stale_log_temps(state_dir: str) -> int:
         except OSError:
             continue
         for name in names:
-            pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            if writer_gone(name, name[:name.rindex(".tmp-") + len(".tmp-")]):
                 try:
                     os.unlink(os.path.join(d, name))
                     n += 1

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 
 import attrs
 
+from .._pids import writer_gone
 from ..errors import StoreError
 from ..formats.store_path import StorePath
 from .fsnar import hash_path
@@ -70,8 +71,7 @@ def _remove_stale_temps(rsd: str) -> None:
     except OSError:
         return
     for n in names:
-        pid = n[len(_TMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if writer_gone(n, _TMP_PREFIX):
             try:
                 os.unlink(os.path.join(rsd, n))
             except OSError:
