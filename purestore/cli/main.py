@@ -8,6 +8,7 @@ Each command group lives in its own module under ``purestore.cli`` and exposes
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -469,7 +470,8 @@ def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None)
         _check_key_options(args)
         rc = args.func(args, ctx)
     except PurestoreError as e:
-        if ctx.read_only and str(e) != ctx.read_only and not e.hint and "denied" in str(e):
+        if ctx.read_only and not e.hint and getattr(e.__cause__, "errno", None) in (
+                errno.EACCES, errno.EPERM, errno.EROFS):
             e.hint = ctx.read_only  # (a lock or temporary file of a store this user only reads)
         # (a message may quote what a builder wrote, the tail of its log: control sequences
         # are shown, not sent to the terminal; see purestore._visible)
