@@ -106,6 +106,26 @@ def test_gc_removes_links_no_path_uses(store, store_root, tmp_path):
     assert json.loads(p.stdout)["linksRemoved"] == 0
 
 
+def test_gc_counts_only_the_bytes_it_really_frees(store, store_root, tmp_path):
+    """After optimise, deleting a path whose files are still linked into a live path frees
+    nothing for them: `bytesFreed` counts a file when its last link goes (its .links entry's,
+    when that goes unused), not the deleted paths' NAR sizes."""
+    a, b, big = _paths(store, tmp_path)
+    run_pure("store", "optimise", root=store_root)
+    store.close()  # (its temporary roots keep the paths it added)
+    root = f"{store.state_dir}/gcroots/b"
+    os.symlink(store.print_path(b), root)
+    r = json.loads(run_pure("gc", "--json", root=store_root).stdout)
+    # a's libx.so and tool live on in b; only "own" (10 bytes) goes, with its .links entry
+    assert r["deleted"] == [store.print_path(a)] and r["linksRemoved"] == 1
+    assert r["bytesFreed"] == len(b"only in a\n")
+    os.unlink(root)
+    p = run_pure("gc", root=store_root)  # now b's three files go, through their .links entries
+    freed = len(big) + 400 + 400
+    assert f"1 store paths deleted, {freed} bytes freed" in p.stderr
+    assert os.listdir(f"{store.real_store_dir}/.links") == []
+
+
 def test_optimise_errors_name_the_path(store, store_root, tmp_path):
     p = run_pure("store", "optimise", "/pure/store/00000000000000000000000000000000-nope", root=store_root,
                  check=False)

@@ -241,9 +241,13 @@ def _has_default_acl(dir_fd: int) -> bool:
         return False
 
 
-def remove_tree(path: str) -> None:
+def remove_tree(path: str, *, count: bool = False) -> int:
     """Remove a file, symlink or tree, making read-only directories (0555 store paths) writable
     first; a missing path is fine.  The one tree remover of the store layer.
+
+    With ``count``, returns the bytes this freed: the sizes of the files and symlinks whose last
+    link it removed (a file hard-linked elsewhere, e.g. by ``pure store optimise``, frees
+    nothing yet), as Nix counts them; otherwise 0 (no ``lstat`` per file).
 
     It walks the tree with one directory descriptor at a time (down by name, back up by
     ``..``), not by recursion or by full paths: a builder's output nested thousands of
@@ -252,15 +256,16 @@ def remove_tree(path: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return 0
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
-        return
+        return st.st_size if count and st.st_nlink == 1 else 0
     if st.st_mode & 0o700 != 0o700:
         os.chmod(path, 0o700)
+    freed = [0] if count else None
     fd = os.open(path, _DIR_FLAGS)
     try:
-        frames = [("", _clear_files(fd))]   # (name in the parent, subdirectories left to remove)
+        frames = [("", _clear_files(fd, freed))]   # (name in the parent, subdirectories left to remove)
         while True:
             name, subdirs = frames[-1]
             if subdirs:
@@ -270,7 +275,7 @@ def remove_tree(path: str) -> None:
                 child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = child
-                frames.append((sub, _clear_files(fd)))
+                frames.append((sub, _clear_files(fd, freed)))
                 continue
             frames.pop()
             if not frames:
@@ -282,20 +287,29 @@ def remove_tree(path: str) -> None:
     finally:
         os.close(fd)
     os.rmdir(path)
+    return freed[0] if freed is not None else 0
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _clear_files(dir_fd: int) -> list[str]:
+def _clear_files(dir_fd: int, freed: list[int] | None = None) -> list[str]:
     """Unlink every entry of the directory ``dir_fd`` that is not a directory; return the names
-    of its subdirectories."""
+    of its subdirectories.  ``freed[0]`` (if given) grows by the size of each entry whose last
+    link went."""
     subdirs = []
     with os.scandir(dir_fd) as it:
         for e in it:
             if e.is_dir(follow_symlinks=False):
                 subdirs.append(e.name)
             else:
+                if freed is not None:
+                    try:
+                        st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if st.st_nlink == 1:
+                        freed[0] += st.st_size
                 os.unlink(e.name, dir_fd=dir_fd)
     return subdirs
 

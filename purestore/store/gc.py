@@ -71,7 +71,10 @@ class GcResult:
 
     ``dead``: every dead path found (referrers before references); ``deleted``: those removed
     (none on a dry run; a prefix of ``dead`` when ``max_freed`` stopped early); ``bytes_freed``:
-    the sum of their NAR sizes; ``pruned_links``: stale indirect roots removed;
+    what the collection really freed, as Nix counts it: the sizes of the files and symlinks whose
+    last link it removed (of dead paths, invalid leftovers, and ``.links`` entries no path uses
+    any more), so a file still hard-linked into a live path counts nothing; ``would_free`` (dry
+    run) is only an estimate, the NAR sizes of the paths; ``pruned_links``: stale indirect roots removed;
     ``invalid_removed``: unregistered leftovers removed from the store dir.
     """
 
@@ -378,32 +381,42 @@ def _split(items: list[str], workers: int) -> list[list[str]]:
     return [items[i:i + chunk] for i in range(0, len(items), chunk)]
 
 
-def _remove_many(paths: list[str], workers: int) -> None:
-    def work(part: list[str], stop: threading.Event | None = None) -> None:
+def _remove_many(paths: list[str], workers: int) -> int:
+    """Remove the trees ``paths``; the bytes freed (files whose last link went)."""
+    def work(part: list[str], stop: threading.Event | None = None) -> int:
+        freed = 0
         for p in part:
             if stop is not None and stop.is_set():
-                return
-            remove_tree(p)
+                break
+            freed += remove_tree(p, count=True)
+        return freed
 
     if workers <= 1 or len(paths) < 64:
-        work(paths)
-    else:
-        _in_threads(work, _split(paths, workers))
+        return work(paths)
+    return sum(_in_threads(work, _split(paths, workers)))
 
 
-def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) -> None:
+def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) -> int:
     """Unlink each non-directory ``store_dir/name``; rename directories into ``trash``.
+    Returns the bytes the unlinking freed (files whose last link went; the directories' files
+    count when the trash is removed).
 
     Runs in ``workers`` threads (the system calls release the GIL).  Ctrl-C or SIGTERM stops it
     between names; those not reached stay where they are.
     """
-    def work(part: list[str], stop: threading.Event | None = None) -> None:
+    def work(part: list[str], stop: threading.Event | None = None) -> int:
+        freed = 0
         for name in part:
             if stop is not None and stop.is_set():
-                return
+                break
             src = f"{store_dir}/{name}"
             try:
+                st = os.lstat(src)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), src)
                 os.unlink(src)
+                if st.st_nlink == 1:
+                    freed += st.st_size
             except FileNotFoundError:
                 pass
             except OSError as e:
@@ -414,11 +427,11 @@ def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) 
                 except OSError as e2:
                     raise StoreError(f"cannot move dead path {src!r} to the trash {trash!r}: "
                                      f"{e2.strerror}") from e2
+        return freed
 
     if workers <= 1 or len(names) < 256:
-        work(names)
-    else:
-        _in_threads(work, _split(names, workers))
+        return work(names)
+    return sum(_in_threads(work, _split(names, workers)))
 
 
 def _rename_into(src: str, trash: str, name: str) -> bool:
@@ -441,8 +454,9 @@ def _trash_dir(store) -> str:
     return d
 
 
-def _remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | None) -> None:
-    """Remove the trash directory with what is in it, then raise ``interrupted`` if given.
+def _remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | None) -> int:
+    """Remove the trash directory with what is in it, then raise ``interrupted`` if given;
+    returns the bytes freed (files whose last link went).
 
     Ctrl-C or SIGTERM (``interrupted``: one that stopped the collection before, or one that
     comes now) does not stop this: the trash is the collection's temporary, and a command stopped
@@ -450,10 +464,11 @@ def _remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | Non
     :meth:`LocalStore.open` then removes the rest (the directory is named by this process's pid,
     like every temporary of the store).
     """
+    freed = 0
     while True:
         try:
             try:
-                _remove_many([os.path.join(trash, n) for n in os.listdir(trash)], workers)
+                freed = _remove_many([os.path.join(trash, n) for n in os.listdir(trash)], workers)
                 os.rmdir(trash)
             except OSError as e:
                 raise StoreError(f"cannot remove dead paths in {trash!r}: {e.strerror}") from e
@@ -464,6 +479,7 @@ def _remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | Non
             interrupted = e
     if interrupted is not None:
         raise interrupted
+    return freed
 
 
 def _invalidate(store, g: _Graph, order: list[int]) -> list[int]:
@@ -521,9 +537,10 @@ def _invalid_leftovers(store, valid_names: set[str], temp_names: set[str]) -> li
     return out
 
 
-def _remove_leftovers(store, names: list[str], trash: str) -> list[str]:
+def _remove_leftovers(store, names: list[str], trash: str) -> tuple[list[str], int]:
     """Move the invalid leftovers ``names`` into ``trash``, each under its path lock, taken
-    without waiting; returns those moved.
+    without waiting; returns those moved and the bytes freed by those unlinked at once (not
+    directories: they count when the trash goes).
 
     A path whose lock is held is being written (a build, a substitution, an add): skipped.  The
     lock is held from the check of validity until the move, so a writer cannot install and
@@ -533,7 +550,7 @@ def _remove_leftovers(store, names: list[str], trash: str) -> list[str]:
     place, before it registered) was skipped for ever.  Taking the stale lock removes its file
     on release.
     """
-    moved = []
+    moved, freed = [], 0
     for n in names:
         if not store.locks.acquire(n, blocking=False):
             continue
@@ -550,6 +567,7 @@ def _remove_leftovers(store, names: list[str], trash: str) -> list[str]:
                     _rename_into(src, trash, n)
                 else:
                     os.unlink(src)
+                    freed += st.st_size if st.st_nlink == 1 else 0
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -557,7 +575,7 @@ def _remove_leftovers(store, names: list[str], trash: str) -> list[str]:
             moved.append(n)
         finally:
             store.locks.release(n)
-    return moved
+    return moved, freed
 
 
 def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = None,
@@ -574,6 +592,7 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
     # (measured: 10,000 unlinks took 5.6 s in one thread, 0.2-0.5 s in 16).
     workers = workers or 16
     interrupted: KeyboardInterrupt | None = None
+    freed = 0  # bytes really freed (files whose last link went)
     lock = _roots.gc_lock(state)
     try:
         roots, stale = find_roots(store, prune_stale=not dry_run)
@@ -611,8 +630,9 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
             # Remove files and links, and move directories aside, while still holding the lock:
             # once it is released a builder may temp-root one of these (now invalid) paths and
             # write it anew at the same name.  Unlinking a file costs what renaming it would.
-            _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order], trash, workers)
-            leftovers = _remove_leftovers(store, leftovers, trash)
+            freed += _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order], trash, workers)
+            leftovers, freed_leftovers = _remove_leftovers(store, leftovers, trash)
+            freed += freed_leftovers
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: stop, and remove the trash
             # (before the invalidation committed, nothing changed; after, the dead paths not
             # moved yet stay in the store dir, invalid, and the next collection removes them)
@@ -625,14 +645,17 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
             raise
     finally:
         lock.close()
-    _remove_trash(trash, workers, interrupted)
+    freed += _remove_trash(trash, workers, interrupted)
+    # a file hard-linked by `pure store optimise` frees its bytes when its last link goes: often
+    # the .links entry, removed here once no path uses it
     from .optimise import remove_unused_links
-    links_removed, _ = remove_unused_links(store.real_store_dir)
+    links_removed, freed_links = remove_unused_links(store.real_store_dir)
+    freed += freed_links
     from .build_logs import remove_stale_log_temps
     log_temps = remove_stale_log_temps(state)
     by_id = dict(zip(order_all, dead))
     deleted = tuple(by_id[i] for i in order)
-    return GcResult(dead=dead, deleted=deleted, bytes_freed=sum(g.size.get(i, 0) for i in order),
+    return GcResult(dead=dead, deleted=deleted, bytes_freed=freed,
                     pruned_links=tuple(stale), invalid_removed=tuple(leftovers), dry_run=False,
                     seconds=time.perf_counter() - t0, links_removed=links_removed,
                     log_temps_removed=log_temps)
