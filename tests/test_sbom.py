@@ -130,7 +130,7 @@ def test_spdx_sbom_of_a_build_validates(pure, project):
     from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
     proj, app = project
     out = proj / "sbom.spdx.json"
-    pure("sbom", "--format", "spdx-json", "-o", str(out), "./result", cwd=proj)
+    pure("sbom", "--format", "spdx-json", "--validate", "-o", str(out), "./result", cwd=proj)  # (validated by the CLI)
     msgs = validate_full_spdx_document(parse_file(str(out)))
     assert msgs == [], [m.validation_message for m in msgs]
     data = json.loads(out.read_text())

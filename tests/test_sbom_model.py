@@ -6,6 +6,7 @@ tests/test_sbom.py runs the same code through `pure sbom` on real builds.
 
 import datetime
 import json
+import re
 
 import pytest
 
@@ -122,6 +123,36 @@ def test_cyclonedx_validator_rejects_a_broken_document():
     doc["components"][0]["scope"] = "sometimes"
     with pytest.raises(SbomError, match="does not validate"):
         validate_cyclonedx(json.dumps(doc))
+
+
+def test_spdx_validation_passes_ours_and_refuses_tampered_documents():
+    """`--validate --format spdx-json` validates for real (it passed anything before): our
+    document passes the SPDX project's parser and validator; broken ones are refused with
+    what is wrong and where."""
+    from purestore.build.sbom import render
+    from purestore.build.sbom_validation import validate_spdx
+    text = render(collect(), "spdx-json", NOW, validate=True)
+    validate_spdx(text)
+    doc = json.loads(text)
+    pkg = doc["packages"][0]
+
+    def refused(change, match):
+        d = json.loads(text)
+        change(d)
+        with pytest.raises(SbomError, match=match):
+            validate_spdx(json.dumps(d))
+
+    # relationships must name elements of the document
+    refused(lambda d: d["relationships"].append({"spdxElementId": pkg["SPDXID"], "relationshipType": "DEPENDS_ON",
+                                                 "relatedSpdxElement": "SPDXRef-nowhere"}),
+            "does not validate as SPDX-2.3: .*SPDXRef-nowhere")
+    # a SHA256 checksum has 64 hex digits
+    refused(lambda d: d["packages"][0]["checksums"][0].update(checksumValue="abc"),
+            f"does not validate as SPDX-2.3: {re.escape(pkg['SPDXID'])}: .*SHA256 must consist of 64")
+    refused(lambda d: d["creationInfo"].update(created="yesterday"), "does not parse as SPDX-2.3: .*yesterday")
+    refused(lambda d: d["relationships"][0].update(relationshipType="LIKES"), "does not parse as SPDX-2.3: .*LIKES")
+    with pytest.raises(SbomError, match="not JSON"):
+        validate_spdx(text[:-10])
 
 
 def test_spdx_validates_with_the_spdx_tools_validator():

@@ -17,7 +17,8 @@ inputs of its derivation that it does not reference (build-time edges).
 
 :func:`render_cyclonedx` turns it into CycloneDX 1.6 JSON with cyclonedx-python-lib and
 validates it against the official schema bundled with that library; :func:`render_spdx` writes
-SPDX 2.3 JSON (checked in the tests by the SPDX project's own parser and validator).
+SPDX 2.3 JSON, which :func:`render` with ``validate`` checks with the SPDX project's own parser
+and validator (:mod:`purestore.build.sbom_validation`).
 """
 
 from __future__ import annotations
@@ -499,7 +500,11 @@ def render(sbom: Sbom, fmt: str, now: datetime.datetime | None = None, validate:
     if fmt == "cyclonedx-json":
         return render_cyclonedx(sbom, now, validate=validate)
     if fmt == "spdx-json":
-        return render_spdx(sbom, now)
+        text = render_spdx(sbom, now)
+        if validate:
+            from .sbom_validation import validate_spdx
+            validate_spdx(text)
+        return text
     raise SbomError(f"unknown SBOM format {fmt!r}, expected one of {', '.join(FORMATS)}")
 
 

@@ -23,7 +23,9 @@ def register(reg) -> None:
             "(in the output's reference closure: scope 'required') or only to build it (scope\n"
             "'excluded'), the dependency graph, and for fetched inputs their URLs and pinned hash.\n"
             "The CycloneDX output follows the official 1.6 schema; --validate checks it against\n"
-            "that schema (bundled with cyclonedx-python-lib) before printing."),
+            "that schema (bundled with cyclonedx-python-lib) before printing. With --format\n"
+            "spdx-json, --validate checks the SPDX 2.3 document with the SPDX project's own parser\n"
+            "and validator (spdx-tools)."),
     )
     p.add_argument("target", metavar="PATH|FILE", help="store path, .drv, result link, or expression file")
     p.add_argument("-A", "--attr", metavar="ATTR", help="attribute of the expression file (default: default)")
@@ -33,7 +35,8 @@ def register(reg) -> None:
                    help="only the run-time closure (leave out build-time-only components)")
     p.add_argument("-o", "--output", metavar="FILE", type=file_name, help="write to FILE instead of standard output")
     p.add_argument("--validate", action="store_true",
-                   help="validate CycloneDX output against the official schema first (takes seconds)")
+                   help="validate the output first: CycloneDX against the official schema (takes "
+                        "seconds), SPDX with the SPDX project's validator")
 
     p = reg.command(
         "provenance", "write or verify signed SLSA provenance of a built path", cmd_provenance,
