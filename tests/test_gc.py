@@ -315,6 +315,21 @@ def test_max_freed_deletes_referrers_first_and_stops(pure, settings):
     assert pure("gc", "--max-freed", "nonsense", check=False).stderr.startswith("error: --max-freed")
 
 
+def test_max_freed_sizes_are_parsed_exactly_and_strictly(pure):
+    """A size beyond a float (400 digits) ended in an OverflowError traceback; one beyond 2**53
+    was rounded; non-ASCII digits ('١٢') were taken as 12."""
+    from purestore.cli.env_cmd import parse_size
+    from purestore.errors import UsageError
+    assert parse_size("9007199254740993") == 2 ** 53 + 1
+    assert parse_size("1.5K") == 1536 and parse_size(" 2GiB ") == 2 << 30 and parse_size("0") == 0
+    assert parse_size("9" * 400) == 10 ** 400 - 1
+    for bad in ("\u0661\u0662", "1e3", "-1", "inf", ""):
+        with pytest.raises(UsageError, match="--max-freed: expected a size"):
+            parse_size(bad)
+    p = pure("gc", "--dry-run", "--max-freed", "9" * 400, check=False)
+    assert p.returncode == 0 and "would delete 0 of 0 dead store paths" in p.stderr, p.stderr
+
+
 def test_temp_roots_of_a_live_process_are_kept(pure, graph, store_root):
     """A running process that temp-rooted a path keeps it (and its closure); once it exits, not."""
     code = textwrap.dedent(f"""

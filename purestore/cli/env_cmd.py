@@ -9,16 +9,18 @@ import sys
 
 from ..errors import UsageError
 
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*\Z", re.I)
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)\s*\Z", re.I | re.ASCII)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """``1024``, ``10K``, ``5M``, ``2GiB``, ``1.5G`` (binary units) → bytes."""
+    """``1024``, ``10K``, ``5M``, ``2GiB``, ``1.5G`` (binary units) → bytes, exactly (no float:
+    a number too large for one is simply more than the store holds)."""
+    from fractions import Fraction
     m = _SIZE_RE.match(text)
     if not m:
         raise UsageError(f"--max-freed: expected a size such as 1024, 500M or 2GiB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _human(n: int) -> str:
