@@ -93,6 +93,31 @@ def test_require_provenance_refuses_a_path_without_a_statement(cache):
     assert copy_from(b, cache, cache["bare"]).returncode == 0  # without the flag it is fine
 
 
+def test_an_unrecorded_statement_does_not_replace_the_builders_kept_one(cache, tmp_path):
+    """A store that fetched a path with its builder's statement, then signed one of its own with
+    --allow-unrecorded, replaced the builder's (which `pure copy --to` then no longer published,
+    and which consumers trusting the builder need).  Now the kept statement stays; the new one
+    is printed, and kept only where the store had none."""
+    b = fresh(cache, "unrec")
+    assert copy_from(b, cache, cache["app"], "--require-provenance").returncode == 0
+    assert copy_from(b, cache, cache["bare"]).returncode == 0
+    b("instantiate", "expr.py", "-A", "app", cwd=cache["tmp"] / "proj")  # the .drvs a statement names
+    b("instantiate", "expr.py", "-A", "bare", cwd=cache["tmp"] / "proj")
+    other = SecretKey.generate("mirror-2")
+    (tmp_path / "sk").write_text(other.render())
+    kept = cache["tmp"] / "unrec" / "pure" / "var" / "pure" / "provenance"
+    builders = (kept / f"{hp(cache['app'])}.provenance").read_bytes()
+    p = b("provenance", cache["app"], "--key-file", tmp_path / "sk", "--allow-unrecorded", "-o", tmp_path / "mine")
+    assert "not kept in the store" in p.stderr, p.stderr
+    assert (kept / f"{hp(cache['app'])}.provenance").read_bytes() == builders
+    assert json.loads((tmp_path / "mine").read_text())["signatures"][0]["keyid"] == "mirror-2"
+    b("provenance", "verify", kept / f"{hp(cache['app'])}.provenance",
+      "--trusted-key", cache["key"].public_key().render(), cache["app"])
+    p = b("provenance", cache["bare"], "--key-file", tmp_path / "sk", "--allow-unrecorded", "-o", tmp_path / "bare")
+    assert "kept in" in p.stderr and (kept / f"{hp(cache['bare'])}.provenance").read_bytes() == \
+        (tmp_path / "bare").read_bytes()
+
+
 def test_a_mirror_carries_provenance_and_can_require_it(cache):
     """`pure copy --from A --to B`: the statements come along, byte for byte;
     --require-provenance refuses a path without one before anything is written."""
