@@ -118,6 +118,28 @@ def test_an_unrecorded_statement_does_not_replace_the_builders_kept_one(cache, t
         (tmp_path / "bare").read_bytes()
 
 
+def test_a_statement_signed_after_the_push_goes_up_with_the_next_push(cache, tmp_path):
+    """`pure copy --to` skipped a path the cache had, its provenance with it: a statement
+    signed after the first push never reached the cache.  Now it is uploaded where the cache
+    has none; one the cache has is not replaced."""
+    b = fresh(cache, "late")
+    assert copy_from(b, cache, cache["bare"]).returncode == 0
+    b("instantiate", "expr.py", "-A", "bare", cwd=cache["tmp"] / "proj")
+    url2, dir2 = f"file://{tmp_path / 'c2'}", tmp_path / "c2"
+    b("copy", "--to", url2, cache["bare"])
+    name = f"{hp(cache['bare'])}.provenance"
+    assert not (dir2 / name).exists()
+    (tmp_path / "sk").write_text(cache["key"].render())
+    b("provenance", cache["bare"], "--key-file", tmp_path / "sk", "--allow-unrecorded", "-o", tmp_path / "st")
+    p = b("copy", "--to", url2, cache["bare"])
+    assert "0 paths" in p.stderr and "1 already there" in p.stderr, p.stderr
+    assert (dir2 / name).read_bytes() == (tmp_path / "st").read_bytes()
+    kept = cache["tmp"] / "late" / "pure" / "var" / "pure" / "provenance" / name
+    kept.write_bytes(b"another statement\n")
+    b("copy", "--to", url2, cache["bare"])
+    assert (dir2 / name).read_bytes() == (tmp_path / "st").read_bytes()
+
+
 def test_a_mirror_carries_provenance_and_can_require_it(cache):
     """`pure copy --from A --to B`: the statements come along, byte for byte;
     --require-provenance refuses a path without one before anything is written."""

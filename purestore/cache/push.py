@@ -71,6 +71,17 @@ def extra_files_for(store, path: StorePath) -> dict[str, bytes]:
     return {provenance_file_name(path.hash_part): data} if data is not None else {}
 
 
+async def _put_missing_extra_files(backend, store, present: list[StorePath]) -> None:
+    """Upload the extra files (:func:`extra_files_for`) of paths the cache has already, where
+    it lacks them: a provenance statement signed after the path was pushed goes up with the
+    next push.  One the cache has is left as it is (it may be the builder's own)."""
+    extra = await trio.to_thread.run_sync(lambda: [extra_files_for(store, p) for p in present])
+    for files in extra:
+        for name, data in files.items():
+            if not await backend.exists(name):
+                await backend.put(name, data)
+
+
 @attrs.frozen
 class PushResult:
     uploaded: tuple[StorePath, ...]
@@ -196,6 +207,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         have, unsigned = await cached_paths(backend, order, key_names={k.name for k in keys}, store_dir=store_dir)
         todo = [p for p in order if p not in have]
         await mark_present(backend, have)
+        await _put_missing_extra_files(backend, store, [p for p in order if p in have])
         if progress:
             progress.expect(len(todo), sum(infos[p].nar_size for p in todo))
 
