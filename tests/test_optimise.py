@@ -126,6 +126,21 @@ def test_gc_counts_only_the_bytes_it_really_frees(store, store_root, tmp_path):
     assert os.listdir(f"{store.real_store_dir}/.links") == []
 
 
+def test_store_delete_removes_the_links_only_the_deleted_path_used(store, store_root, tmp_path):
+    """`pure store delete` left the .links entries of the deleted path's files behind, so the
+    space of a file no other path shares was not freed until the next `pure gc`."""
+    a, b, big = _paths(store, tmp_path)
+    run_pure("store", "optimise", root=store_root)
+    store.close()  # (its temporary roots keep the paths it added)
+    links = f"{store.real_store_dir}/.links"
+    own = hash_path(f"{store.real_path(a)}/own")[0].nix32
+    assert own in os.listdir(links) and len(os.listdir(links)) == 4
+    run_pure("store", "delete", store.print_path(a), root=store_root)
+    left = os.listdir(links)
+    assert own not in left and len(left) == 3  # the shared files' entries stay (b uses them)
+    assert run_pure("store", "verify", "--check-contents", root=store_root).returncode == 0
+
+
 def test_optimise_errors_name_the_path(store, store_root, tmp_path):
     p = run_pure("store", "optimise", "/pure/store/00000000000000000000000000000000-nope", root=store_root,
                  check=False)

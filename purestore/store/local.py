@@ -609,6 +609,11 @@ class LocalStore(StoreQueries):
                     remove_tree(self.real_path(sp))
                 except OSError as e:
                     raise StoreError(f"cannot remove {self.real_path(sp)!r}: {e.strerror}") from e
+        # files `pure store optimise` hard-linked free their space only when their .links entry
+        # goes: as a collection does (and as Nix's --delete does), remove the entries no path
+        # uses any more
+        from .optimise import remove_unused_links
+        remove_unused_links(self.real_store_dir)
         return order
 
 
