@@ -83,6 +83,11 @@ def test_dry_run_and_print_options_delete_nothing(pure, graph):
     assert len(roots) == 1 and roots[0].endswith(f"gcroots/b -> {graph['b']}")
     j = json.loads(pure("gc", "--print-roots", "--json").stdout)
     assert j[0]["kind"] == "direct" and j[0]["path"] == graph["b"]
+    # --json says what the text says: what would go, and how many bytes (it had no such field)
+    free = int(dry.stderr.split("freeing ")[1].split()[0])
+    j = json.loads(pure("gc", "--dry-run", "--json").stdout)
+    assert j["dryRun"] and sorted(j["wouldDelete"]) == sorted(dry.stdout.split()) and j["deleted"] == []
+    assert j["wouldFree"] == free > 0 and j["bytesFreed"] == 0
     assert valid(pure) == before
 
 

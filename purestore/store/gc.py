@@ -97,6 +97,7 @@ class GcResult:
             "wouldDelete": [p.absolute(store_dir) for p in self.would_delete],
             "deleted": [p.absolute(store_dir) for p in self.deleted],
             "bytesFreed": self.bytes_freed,
+            "wouldFree": self.would_free,
             "linksRemoved": self.links_removed,
             "logTempsRemoved": self.log_temps_removed,
             "prunedLinks": list(self.pruned_links),
