@@ -174,3 +174,16 @@ def test_a_fetch_url_that_is_not_a_well_formed_uri_is_escaped_not_a_traceback(pu
     spdx = json.loads(pure("sbom", "--format", "spdx-json", "odd.py", cwd=proj).stdout)
     (pkg,) = [p for p in spdx["packages"] if p["name"] == "off.tar"]
     assert pkg["downloadLocation"] == url
+
+
+def test_an_expression_file_that_is_not_there_is_named_as_such(pure, project):
+    """`pure sbom nothere.py` said "'nothere.py' is neither a store path nor a store path base
+    name"; like `pure build`, it says the expression file does not exist."""
+    proj, _app = project
+    (proj / "dir.py").mkdir(exist_ok=True)
+    for name in ("nothere.py", "dir.py"):
+        p = pure("sbom", name, cwd=proj, check=False)
+        assert p.returncode != 0 and p.stderr.startswith(
+            f"error: expression file '{proj / name}' does not exist or is not a file"), p.stderr
+    p = pure("sbom", "nothere", cwd=proj, check=False)  # not meant as a file: the store's message
+    assert p.returncode != 0 and "neither a store path" in p.stderr

@@ -105,12 +105,18 @@ def _emit(text: str, output: str | None) -> None:
 
 def _targets_of(store, ctx, target: str, attr: str | None) -> list[str]:
     """Store paths named by TARGET: a store path / result link, or the outputs of an expression."""
-    from ..errors import UsageError
+    from ..errors import InvalidStorePath, UsageError
     is_expr = target.endswith(".py") and os.path.isfile(target)
     if not is_expr:
         if attr:
             raise UsageError("-A ATTR needs an expression file as TARGET")
-        return [store.print_path(store.parse_path(target))]
+        try:
+            return [store.print_path(store.parse_path(target))]
+        except InvalidStorePath as e:
+            if target.endswith(".py"):  # meant as an expression file (as `pure build` says)
+                raise UsageError(f"expression file {os.path.abspath(target)!r} does not exist or "
+                                 "is not a file") from e
+            raise
     return _instantiate(store, ctx, target, attr)
 
 
