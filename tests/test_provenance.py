@@ -203,6 +203,11 @@ def test_usage_errors(built):
     p = pure(built, "provenance", "/pure/store/00000000000000000000000000000000-x", "--key-file",
              built["tmp"] / "sk", check=False)
     assert p.returncode == 1 and p.stderr.startswith("error: ")
+    # a .drv is not a build output: it was said to be "added, not built"
+    drv = json.loads(pure(built, "store", "path-info", "--json", built["app"]).stdout)[0]["deriver"]
+    p = pure(built, "provenance", drv, "--key-file", built["tmp"] / "sk", check=False)
+    assert p.returncode == 1 and p.stderr.startswith(
+        f"error: cannot make provenance of '{drv}': it is a derivation") and "pass one of its outputs" in p.stderr
 
 
 REGISTRY_EXPR = '''

@@ -58,6 +58,11 @@ def make_statement_for(store, sp: StorePath, key_name: str, *, require_build_rec
     path = store.print_path(sp)
     if info is None:
         raise PathNotValid(f"path {path!r} is not valid in the store at {store.real_store_dir!r}")
+    if info.deriver is None and sp.name.endswith(".drv"):
+        # (a .drv is written by instantiating, never built: "added, not built" misled)
+        raise ProvenanceError(f"cannot make provenance of {path!r}: it is a derivation, and "
+                              "provenance describes what building it made",
+                              hint="pass one of its outputs (`pure show-derivation` lists them)")
     if info.deriver is None:
         raise ProvenanceError(f"cannot make provenance of {path!r}: the store does not know its deriver "
                               "(it was added, not built)")
