@@ -274,6 +274,23 @@ def test_a_no_op_build_roots_its_outputs_before_checking_them(pure, tmp_path, se
         assert valid_outputs(st, [drv]) is None
 
 
+def test_a_root_naming_the_store_through_dotdot_or_a_symlinked_directory_keeps_its_path(pure, graph, settings,
+                                                                                        store_root, tmp_path):
+    """A root spelled '<root>/pure/var/../store/X', or through a symlink to the store's root
+    (the store opened by another name), was taken for a link outside the store: it rooted
+    nothing and its path was deleted."""
+    real_sd = f"{store_root}/pure/store"
+    os.symlink(store_root, tmp_path / "other-name")
+    gcroots = os.path.join(settings.state_dir, "gcroots")
+    c, e = (os.path.basename(graph[k]) for k in "ce")
+    os.symlink(f"{store_root}/pure/var/../store/{c}", f"{gcroots}/dotdot")
+    os.symlink(f"{tmp_path}/other-name/pure/store/{e}/sub", f"{gcroots}/vialink")
+    roots = pure("gc", "--print-roots").stdout
+    assert f"gcroots/dotdot -> {graph['c']}" in roots and f"gcroots/vialink -> {graph['e']}" in roots
+    assert pure("gc").stdout.split() == [graph["d"]]
+    assert {graph["c"], graph["e"]} <= valid(pure) and os.path.isdir(f"{real_sd}/{e}/sub")
+
+
 def test_profiles_root_their_paths(pure, graph, settings):
     prof = os.path.join(settings.state_dir, "profiles")
     os.symlink(graph["d"], os.path.join(prof, "p-1-link"))

@@ -114,10 +114,26 @@ def profiles_dir(state_dir: str) -> str:
 
 
 def _store_path_of(target: str, store_dir: str, real_store_dir: str) -> StorePath | None:
-    for prefix in (store_dir, real_store_dir):
+    """The store path that the absolute path ``target`` is or is inside, else None.
+
+    ``target`` may also name it with ``..`` in it or through a symlinked directory (the store's
+    root reached by another name: ``--store /data/link-to-root``), as ``LocalStore.parse_path``
+    understands it; such a root protected nothing before."""
+    target = os.path.normpath(target)
+    sp = _under(target, (store_dir, real_store_dir))
+    if sp is None and target.startswith("/"):
+        parent, name = os.path.split(target)
+        real = os.path.join(os.path.realpath(parent), name)
+        if real != target:
+            sp = _under(real, (os.path.realpath(real_store_dir),))
+    return sp
+
+
+def _under(target: str, prefixes: tuple[str, ...]) -> StorePath | None:
+    for prefix in prefixes:
         if target.startswith(prefix + "/"):
             try:
-                sp, _rest = StorePath.parse_prefix(prefix + target[len(prefix):], prefix)
+                sp, _rest = StorePath.parse_prefix(target, prefix)
             except ValueError:
                 return None
             return sp
