@@ -30,16 +30,13 @@ path is never valid with missing files), then renamed into a trash directory ins
 (``.tmp/<pid>-gc-trash``), then removed by a few threads in parallel.  A crash leaves only
 invalid files behind, which the next collection (or the store's leftover cleanup) removes.
 KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) stops the invalidating and the moving,
-and the trash is removed before it is raised again (:func:`_remove_trash`).
+and the trash is removed before it is raised again (:func:`.gc_trash.remove_trash`).
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import signal
 import stat
-import threading
 import time
 from typing import Iterable
 
@@ -48,10 +45,9 @@ import attrs
 from ..errors import StoreError
 from ..formats.store_path import StorePath
 from . import roots as _roots
-from .fstree import remove_tree
+from .gc_trash import remove_trash, rename_into, trash_dir, unlink_or_move
 
 PROFILES = "profiles"
-TRASH_SUFFIX = "-gc-trash"
 _MAX_LINK_DEPTH = 40
 
 
@@ -366,139 +362,6 @@ def print_roots(store, roots: list[GcRoot]) -> list[str]:
 # deletion
 
 
-def _block_signals() -> None:
-    """In a worker thread: leave SIGINT and SIGTERM to the main thread.  Python raises
-    KeyboardInterrupt there in any case, but only once its wait ends when a worker took the
-    signal, so Ctrl-C or SIGTERM would come after the work and not stop it."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-def _in_threads(work, parts: list[list[str]]) -> list:
-    """``work(part, stop)`` for each part, one thread each; their results in order.
-
-    An exception in the waiting main thread (KeyboardInterrupt: Ctrl-C, or SIGTERM through
-    the CLI) or in a worker sets ``stop`` (a :class:`threading.Event` the workers check between
-    items) and is raised once every worker has stopped.
-    """
-    stop = threading.Event()
-    import concurrent.futures  # (here: with logging it costs 6 ms, and a gc deleting little never gets here)
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=len(parts), initializer=_block_signals)
-    try:
-        futures = [ex.submit(work, part, stop) for part in parts]
-        return [f.result() for f in futures]
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        ex.shutdown(wait=True)
-
-
-def _split(items: list[str], workers: int) -> list[list[str]]:
-    chunk = (len(items) + workers - 1) // workers
-    return [items[i:i + chunk] for i in range(0, len(items), chunk)]
-
-
-def _remove_many(paths: list[str], workers: int) -> int:
-    """Remove the trees ``paths``; the bytes freed (files whose last link went)."""
-    def work(part: list[str], stop: threading.Event | None = None) -> int:
-        freed = 0
-        for p in part:
-            if stop is not None and stop.is_set():
-                break
-            freed += remove_tree(p, count=True)
-        return freed
-
-    if workers <= 1 or len(paths) < 64:
-        return work(paths)
-    return sum(_in_threads(work, _split(paths, workers)))
-
-
-def _unlink_or_move(store_dir: str, names: list[str], trash: str, workers: int) -> int:
-    """Unlink each non-directory ``store_dir/name``; rename directories into ``trash``.
-    Returns the bytes the unlinking freed (files whose last link went; the directories' files
-    count when the trash is removed).
-
-    Runs in ``workers`` threads (the system calls release the GIL).  Ctrl-C or SIGTERM stops it
-    between names; those not reached stay where they are.
-    """
-    def work(part: list[str], stop: threading.Event | None = None) -> int:
-        freed = 0
-        for name in part:
-            if stop is not None and stop.is_set():
-                break
-            src = f"{store_dir}/{name}"
-            try:
-                st = os.lstat(src)
-                if stat.S_ISDIR(st.st_mode):
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), src)
-                os.unlink(src)
-                if st.st_nlink == 1:
-                    freed += st.st_size
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EISDIR, errno.EPERM):
-                    raise StoreError(f"cannot remove dead path {src!r}: {e.strerror}") from e
-                try:
-                    _rename_into(src, trash, name)
-                except OSError as e2:
-                    raise StoreError(f"cannot move dead path {src!r} to the trash {trash!r}: "
-                                     f"{e2.strerror}") from e2
-        return freed
-
-    if workers <= 1 or len(names) < 256:
-        return work(names)
-    return sum(_in_threads(work, _split(names, workers)))
-
-
-def _rename_into(src: str, trash: str, name: str) -> bool:
-    dst = os.path.join(trash, name)
-    try:
-        os.rename(src, dst)
-        return True
-    except FileNotFoundError:
-        return False
-    except PermissionError:
-        # moving a directory needs write access to it (its ".." changes) unless we are root
-        os.chmod(src, 0o755)
-        os.rename(src, dst)
-        return True
-
-
-def _trash_dir(store) -> str:
-    d = os.path.join(store.real_store_dir, ".tmp", f"{os.getpid()}{TRASH_SUFFIX}")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-def _remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | None) -> int:
-    """Remove the trash directory with what is in it, then raise ``interrupted`` if given;
-    returns the bytes freed (files whose last link went).
-
-    Ctrl-C or SIGTERM (``interrupted``: one that stopped the collection before, or one that
-    comes now) does not stop this: the trash is the collection's temporary, and a command stopped
-    so removes its temporaries before it exits.  Only a second one does; the next
-    :meth:`LocalStore.open` then removes the rest (the directory is named by this process's pid,
-    like every temporary of the store).
-    """
-    freed = 0
-    while True:
-        try:
-            try:
-                freed = _remove_many([os.path.join(trash, n) for n in os.listdir(trash)], workers)
-                os.rmdir(trash)
-            except OSError as e:
-                raise StoreError(f"cannot remove dead paths in {trash!r}: {e.strerror}") from e
-            break
-        except KeyboardInterrupt as e:
-            if interrupted is not None:
-                raise
-            interrupted = e
-    if interrupted is not None:
-        raise interrupted
-    return freed
-
-
 def _invalidate(store, g: _Graph, order: list[int]) -> list[int]:
     """Remove ``order`` (referrers first) from the database in ONE transaction.
 
@@ -581,7 +444,7 @@ def _remove_leftovers(store, names: list[str], trash: str) -> tuple[list[str], i
                 continue
             try:
                 if stat.S_ISDIR(st.st_mode):
-                    _rename_into(src, trash, n)
+                    rename_into(src, trash, n)
                 else:
                     os.unlink(src)
                     freed += st.st_size if st.st_nlink == 1 else 0
@@ -633,7 +496,7 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
                             dry_run=True, seconds=time.perf_counter() - t0,
                             would_delete=tuple(p for i, p in zip(order_all, dead) if i in chosen_set),
                             would_free=sum(g.size.get(i, 0) for i in order))
-        trash = _trash_dir(store)
+        trash = trash_dir(store)
         try:
             order = _invalidate(store, g, order)
             # what is no longer valid loses its signed provenance: a later build of the path
@@ -647,7 +510,7 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
             # Remove files and links, and move directories aside, while still holding the lock:
             # once it is released a builder may temp-root one of these (now invalid) paths and
             # write it anew at the same name.  Unlinking a file costs what renaming it would.
-            freed += _unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order], trash, workers)
+            freed += unlink_or_move(store.real_store_dir, [g.name_of[i] for i in order], trash, workers)
             leftovers, freed_leftovers = _remove_leftovers(store, leftovers, trash)
             freed += freed_leftovers
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: stop, and remove the trash
@@ -656,13 +519,13 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
             interrupted = e
         except StoreError:  # a dead path that cannot be moved, a busy database: the same
             try:
-                _remove_trash(trash, workers, None)
+                remove_trash(trash, workers, None)
             except StoreError:
                 pass  # (the next open of the store removes it; the first error says more)
             raise
     finally:
         lock.close()
-    freed += _remove_trash(trash, workers, interrupted)
+    freed += remove_trash(trash, workers, interrupted)
     # a file hard-linked by `pure store optimise` frees its bytes when its last link goes: often
     # the .links entry, removed here once no path uses it
     from .optimise import remove_unused_links
