@@ -126,6 +126,22 @@ def test_gc_counts_only_the_bytes_it_really_frees(store, store_root, tmp_path):
     assert os.listdir(f"{store.real_store_dir}/.links") == []
 
 
+def test_max_freed_and_dry_run_count_what_deleting_frees_not_nar_sizes(store, store_root, tmp_path):
+    """After optimise, a dead path whose files a live path shares frees almost nothing: by NAR
+    sizes `--max-freed 1` stopped after it (freeing 10 bytes, or 0) and a dry run promised its
+    whole NAR size.  Both now count as bytesFreed does."""
+    a, b, big = _paths(store, tmp_path)                 # a shares libx.so and tool with b
+    c = store.add_text("c", b"c's own bytes\n")           # registered after a: deleted after it
+    run_pure("store", "optimise", root=store_root)
+    store.close()
+    os.symlink(store.print_path(b), f"{store.state_dir}/gcroots/b")
+    dry = json.loads(run_pure("gc", "--dry-run", "--json", root=store_root).stdout)
+    assert dry["wouldDelete"] == [store.print_path(a), store.print_path(c)]
+    assert dry["wouldFree"] == len(b"only in a\n") + len(b"c's own bytes\n")
+    p = json.loads(run_pure("gc", "--max-freed", "11", "--json", root=store_root).stdout)
+    assert p["deleted"] == [store.print_path(a), store.print_path(c)] and p["bytesFreed"] == dry["wouldFree"]
+
+
 def test_store_delete_removes_the_links_only_the_deleted_path_used(store, store_root, tmp_path):
     """`pure store delete` left the .links entries of the deleted path's files behind, so the
     space of a file no other path shares was not freed until the next `pure gc`."""

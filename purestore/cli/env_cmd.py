@@ -322,7 +322,7 @@ def register(reg) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.add_argument("--max-freed", metavar="SIZE", default=None,
-                   help="stop after freeing SIZE bytes of NAR size (e.g. 500M, 2GiB)")
+                   help="stop once the paths deleted free SIZE bytes (e.g. 500M, 2GiB)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--print-roots", action="store_true", help="print the roots ('LINK -> PATH') and exit")
     g.add_argument("--print-live", action="store_true", help="print the live paths and exit")

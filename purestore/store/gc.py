@@ -45,7 +45,7 @@ import attrs
 from ..errors import StoreError
 from ..formats.store_path import StorePath
 from . import roots as _roots
-from .gc_trash import remove_trash, rename_into, trash_dir, unlink_or_move
+from .gc_trash import linked_inodes, remove_trash, rename_into, trash_dir, unlink_or_move, would_free
 
 PROFILES = "profiles"
 _MAX_LINK_DEPTH = 40
@@ -70,7 +70,7 @@ class GcResult:
     what the collection really freed, as Nix counts it: the sizes of the files and symlinks whose
     last link it removed (of dead paths, invalid leftovers, and ``.links`` entries no path uses
     any more), so a file still hard-linked into a live path counts nothing; ``would_free`` (dry
-    run) is only an estimate, the NAR sizes of the paths; ``pruned_links``: stale indirect roots removed;
+    run): the same, estimated before deleting (:func:`.gc_trash.would_free`); ``pruned_links``: stale indirect roots removed;
     ``invalid_removed``: unregistered leftovers removed from the store dir.
     """
 
@@ -240,15 +240,13 @@ class _Graph:
 
     def __init__(self, store):
         db = store.db
-        rows = db.query("SELECT id, path, deriver, narSize FROM ValidPaths")
+        rows = db.query("SELECT id, path, deriver FROM ValidPaths")
         self.id_of: dict[str, int] = {}
         self.name_of: dict[int, str] = {}
         self.deriver: dict[int, str] = {}
-        self.size: dict[int, int] = {}
-        for id_, path, deriver, size in rows:
+        for id_, path, deriver in rows:
             self.id_of[path] = id_
             self.name_of[id_] = path
-            self.size[id_] = size or 0
             if deriver:
                 self.deriver[id_] = deriver
         self.refs: dict[int, list[int]] = {}
@@ -460,8 +458,9 @@ def _remove_leftovers(store, names: list[str], trash: str) -> tuple[list[str], i
 
 def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = None,
                     workers: int | None = None) -> GcResult:
-    """Delete every dead path of ``store`` (or, with ``max_freed``, dead paths until at least
-    that many bytes of NAR size are freed), referrers before references.
+    """Delete every dead path of ``store`` (or, with ``max_freed``, dead paths until those
+    deleted free at least that many bytes, as :func:`.gc_trash.would_free` estimates them before
+    deleting), referrers before references.
 
     Blocks while another collection runs.  Raises :class:`StoreError` when the database or the
     file system refuse an operation.
@@ -482,20 +481,30 @@ def collect_garbage(store, *, dry_run: bool = False, max_freed: int | None = Non
         dead_ids = set(g.name_of) - live
         order = order_all = g.referrers_first(dead_ids)
         dead = tuple(StorePath.from_base_name(g.name_of[i]) for i in order)
+        if max_freed is not None or dry_run:
+            # counted as bytes_freed will be (not NAR sizes: after `pure store optimise` a dead
+            # path whose files live paths share frees next to nothing)
+            linked = linked_inodes(store.real_store_dir)
+            estimate = {}
+
+            def size(i: int) -> int:
+                if i not in estimate:
+                    estimate[i] = would_free(f"{store.real_store_dir}/{g.name_of[i]}", linked)
+                return estimate[i]
         if max_freed is not None:
             chosen, total = [], 0
             for i in order:
                 if total >= max_freed:
                     break
                 chosen.append(i)
-                total += g.size.get(i, 0)
+                total += size(i)
             order = chosen
         if dry_run:
             chosen_set = set(order)
             return GcResult(dead=dead, deleted=(), bytes_freed=0, pruned_links=tuple(stale),
                             dry_run=True, seconds=time.perf_counter() - t0,
                             would_delete=tuple(p for i, p in zip(order_all, dead) if i in chosen_set),
-                            would_free=sum(g.size.get(i, 0) for i in order))
+                            would_free=sum(size(i) for i in order))
         trash = trash_dir(store)
         try:
             order = _invalidate(store, g, order)

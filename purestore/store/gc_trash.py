@@ -152,3 +152,55 @@ def remove_trash(trash: str, workers: int, interrupted: KeyboardInterrupt | None
     if interrupted is not None:
         raise interrupted
     return freed
+
+
+def linked_inodes(real_store_dir: str) -> set[int]:
+    """The inodes of the ``.links`` entries of ``pure store optimise`` (empty without any)."""
+    from .optimise import links_dir
+    out: set[int] = set()
+    try:
+        it = os.scandir(links_dir(real_store_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    with it:
+        for e in it:
+            try:
+                out.add(e.inode())
+            except OSError:
+                pass
+    return out
+
+
+def would_free(path: str, linked: set[int]) -> int:
+    """The bytes that removing the tree at ``path`` would free, known before removing it: the
+    sizes of its files and symlinks that have no other link, or whose only other link is their
+    ``.links`` entry (``linked``: :func:`linked_inodes`), which goes unused then.  A file that
+    several dead paths share counts in none of them (so this errs low); directories count
+    nothing, as when removing (:func:`remove_many`)."""
+    def size(st: os.stat_result) -> int:
+        if st.st_nlink == 1 or (st.st_nlink == 2 and st.st_ino in linked):
+            return st.st_size
+        return 0
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return size(st)
+    total, stack = 0, [path]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:  # (a 0000 directory: a builder's odd output; it frees what it frees)
+            continue
+        with it:
+            for e in it:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    else:
+                        total += size(e.stat(follow_symlinks=False))
+                except FileNotFoundError:
+                    pass
+    return total
