@@ -151,6 +151,7 @@ def test_spdx_validation_passes_ours_and_refuses_tampered_documents():
             f"does not validate as SPDX-2.3: {re.escape(pkg['SPDXID'])}: .*SHA256 must consist of 64")
     refused(lambda d: d["creationInfo"].update(created="yesterday"), "does not parse as SPDX-2.3: .*yesterday")
     refused(lambda d: d["relationships"][0].update(relationshipType="LIKES"), "does not parse as SPDX-2.3: .*LIKES")
+    refused(lambda d: d.update(packages=["x"]), "does not parse as SPDX-2.3: a field has the wrong type or shape")
     with pytest.raises(SbomError, match="not JSON"):
         validate_spdx(text[:-10])
 

@@ -45,6 +45,10 @@ def validate_spdx(text: str) -> None:
     except SPDXParsingError as e:
         raise SbomError(f"SPDX document does not parse as {version or 'SPDX'}: "
                         f"{_first(e.get_messages())}") from e
+    except (AttributeError, TypeError, KeyError, ValueError) as e:
+        # spdx-tools' parser expects objects where it walks ('packages': ["x"] reached .get)
+        raise SbomError(f"SPDX document does not parse as {version or 'SPDX'}: a field has the "
+                        f"wrong type or shape ({type(e).__name__}: {e})") from e
     msgs = validate_full_spdx_document(doc)
     if msgs:
         raise SbomError(f"SPDX document does not validate as {version}: "
