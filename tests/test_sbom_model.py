@@ -123,6 +123,11 @@ def test_cyclonedx_validator_rejects_a_broken_document():
     doc["components"][0]["scope"] = "sometimes"
     with pytest.raises(SbomError, match="does not validate"):
         validate_cyclonedx(json.dumps(doc))
+    # not JSON, not an object, a spec version that is no string: SbomError, not a traceback
+    for text, match in (("nope", "not JSON"), ("[]", "not a JSON object but list"),
+                        ('{"specVersion": 5}', "unknown CycloneDX spec version 5")):
+        with pytest.raises(SbomError, match=match):
+            validate_cyclonedx(text)
 
 
 def test_spdx_validation_passes_ours_and_refuses_tampered_documents():

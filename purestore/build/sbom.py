@@ -392,10 +392,16 @@ def validate_cyclonedx(text: str) -> None:
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 
-    version = json.loads(text).get("specVersion", "1.6")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise SbomError(f"CycloneDX document is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise SbomError(f"CycloneDX document is not a JSON object but {type(doc).__name__}")
+    version = doc.get("specVersion", "1.6")
     try:
         sv = SchemaVersion.from_version(version)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SbomError(f"unknown CycloneDX spec version {version!r}") from e
     err = JsonStrictValidator(sv).validate_str(text)
     if err is not None:
