@@ -157,6 +157,21 @@ def test_store_delete_removes_the_links_only_the_deleted_path_used(store, store_
     assert run_pure("store", "verify", "--check-contents", root=store_root).returncode == 0
 
 
+def test_a_file_in_place_of_links_does_not_break_gc_or_delete(store, store_root, tmp_path):
+    """A file named .links (damage) made `pure gc` and `pure store delete` end in a
+    NotADirectoryError traceback after they had deleted their paths."""
+    a, b, _big = _paths(store, tmp_path)
+    store.close()
+    with open(f"{store.real_store_dir}/.links", "w"):
+        pass
+    p = run_pure("store", "delete", store.print_path(a), root=store_root, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    p = run_pure("gc", root=store_root, check=False)
+    assert p.returncode == 0 and "1 store paths deleted" in p.stderr, p.stderr
+    p = run_pure("store", "optimise", root=store_root, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: cannot create") and ".links" in p.stderr
+
+
 def test_optimise_errors_name_the_path(store, store_root, tmp_path):
     p = run_pure("store", "optimise", "/pure/store/00000000000000000000000000000000-nope", root=store_root,
                  check=False)

@@ -285,8 +285,10 @@ def remove_unused_links(real_store_dir: str) -> tuple[int, int]:
     n = freed = 0
     try:
         it = os.scandir(d)
-    except FileNotFoundError:
-        return 0, 0
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, 0  # (no links; a file in its place is for `pure store optimise` to report)
+    except OSError as e:
+        raise StoreError(f"cannot read the links of 'pure store optimise' in {d!r}: {e.strerror}") from e
     with it:
         for e in it:
             try:
