@@ -153,6 +153,25 @@ def make_provenance(store, sp: StorePath, key: SecretKey, *, require_build_recor
     return sign_statement(make_statement_for(store, sp, key.name, require_build_record=require_build_record), key)
 
 
+def make_and_keep_provenance(store, sp: StorePath, key: SecretKey, *,
+                             require_build_record: bool = True) -> tuple[bytes, str | None]:
+    """Sign ``sp``'s provenance and keep it in the store's state, where ``pure copy --to``
+    publishes it; returns the rendered envelope and the file it is kept in.
+
+    A statement without a build record (``require_build_record=False`` on a path this store
+    did not build) does not replace one the store keeps already (fetched with the path from the
+    cache of the store that built it, or made here before), which says more: the file is then
+    None.  Raises as :func:`make_statement_for`, and :class:`StoreError` when it cannot write.
+    """
+    from ..store.provenance import read_provenance, write_provenance
+    statement = make_statement_for(store, sp, key.name, require_build_record=require_build_record)
+    data = sign_statement(statement, key).render()
+    recorded = bool(statement["predicate"]["runDetails"].get("metadata", {}).get("invocationId"))
+    if not recorded and read_provenance(store, sp) is not None:
+        return data, None
+    return data, write_provenance(store, sp, data)
+
+
 def verify_provenance(store, data: bytes, trusted: Mapping[str, PublicKey], sp: StorePath | None = None,
                       where: str = "provenance") -> VerifiedStatement:
     """Check ``data`` (a DSSE envelope) against trusted keys and the store.

@@ -237,23 +237,13 @@ def cmd_provenance(args, ctx) -> int:
 
 
 def _provenance_make(args, ctx, target: str) -> int:
-    from ..build.provenance import make_statement_for
+    from ..build.provenance import make_and_keep_provenance
     from ..cache.push import load_secret_key
-    from ..formats.provenance import sign_statement
-    from ..store.provenance import provenance_path, read_provenance, write_provenance
+    from ..store.provenance import provenance_path
     key = load_secret_key(args.key_file)  # errors name the file (and never quote a secret)
     with ctx.open_store() as store:
         sp = store.parse_path(target, valid=True)
-        statement = make_statement_for(store, sp, key.name, require_build_record=not args.allow_unrecorded)
-        data = sign_statement(statement, key).render()
-        recorded = bool(statement["predicate"]["runDetails"].get("metadata", {}).get("invocationId"))
-        if not recorded and read_provenance(store, sp) is not None:
-            # the statement the store keeps (fetched with the path from the cache of the store
-            # that built it, or made here before) says more than one without a build record:
-            # it stays, so that `pure copy --to` goes on publishing it
-            where = None
-        else:
-            where = write_provenance(store, sp, data)
+        data, where = make_and_keep_provenance(store, sp, key, require_build_record=not args.allow_unrecorded)
     if where is not None:
         ctx.info(f"signed provenance of {store.print_path(sp)} with key {key.name!r} (kept in {where})")
     else:
