@@ -39,7 +39,8 @@ def test_a_config_file_named_by_pure_config_must_exist(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("max-jobs = many\n", "pure.conf:1: max-jobs must be an integer, got 'many'"),
-    ("keep-outputs = maybe\n", "pure.conf:1: expected true or false, got 'maybe'"),
+    ("keep-outputs = maybe\n", "pure.conf:1: keep-outputs: expected true or false, got 'maybe'"),
+    ("substitute = maybe\n", "pure.conf:1: substitute: expected true or false, got 'maybe'"),
     ("frobnicate = 1\n", "pure.conf:1: unknown setting 'frobnicate'"),
     ("\njust words\n", "pure.conf:2: expected 'key = value', got 'just words'"),
     ("sandbox = false\n", "pure.conf:1: sandbox = false is not supported: purestore always builds in the sandbox"),
@@ -181,5 +182,10 @@ def test_option_on_the_command_line(tmp_path):
     from conftest import run_pure
     p = run_pure("--option", "max-jobs", "x", "store", "ls", root=tmp_path, check=False)
     assert p.returncode == 2 and "error: --option: max-jobs must be an integer, got 'x'" in p.stderr
+    # a boolean's error names the setting too, and the hint to drop one fits an --option
+    p = run_pure("--option", "offline", "maybe", "store", "ls", root=tmp_path, check=False)
+    assert p.returncode == 2 and "error: --option: offline: expected true or false, got 'maybe'" in p.stderr
+    p = run_pure("--option", "sandbox", "false", "store", "ls", root=tmp_path, check=False)
+    assert p.returncode == 2 and "hint: drop this --option (see docs/building.md)" in p.stderr
     p = run_pure("--option", "substitute", "false", "--option", "cores", "3", "store", "ls", root=tmp_path)
     assert p.returncode == 0

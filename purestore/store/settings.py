@@ -159,7 +159,7 @@ def parse_setting(key: str, value: str, loc: str, out: dict[str, object]) -> Non
         else:
             out[field] = (*out.get(field, ()), *values)  # type: ignore[misc]
     elif key == "substitute":  # Nix's name for the opposite of offline
-        out["offline"] = not _parse_bool(value, loc)
+        out["offline"] = not _parse_bool(value, f"{loc}: {key}")
     elif key in _INT_KEYS:
         try:
             out[field] = int(value)
@@ -168,11 +168,12 @@ def parse_setting(key: str, value: str, loc: str, out: dict[str, object]) -> Non
         if key in _MIN and out[field] < _MIN[key]:  # type: ignore[operator]
             raise UsageError(f"{loc}: {key} must be at least {_MIN[key]}, got {value!r}")
     elif key in _BOOL_KEYS:
-        out[field] = _parse_bool(value, loc)
+        out[field] = _parse_bool(value, f"{loc}: {key}")
         if key == "sandbox" and not out[field]:
             # never silently weaker than asked: a build outside the sandbox is not offered
             raise UsageError(f"{loc}: sandbox = false is not supported: purestore always builds "
-                             f"in the sandbox", hint="remove the line (see docs/building.md)")
+                             f"in the sandbox", hint=("drop this --option" if loc == "--option" else "remove the line")
+                             + " (see docs/building.md)")
     elif key in ("store-dir", "store"):
         if key == "store-dir":
             try:
