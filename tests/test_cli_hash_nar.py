@@ -67,7 +67,8 @@ def test_hash_convert():
     assert out("hash", "convert", "--from", "nix32", "--to", "sri", f"sha256:{n32}").strip() == sri
     assert out("hash", "convert", "--to", "base64", sri, f"sha256:{hexd}").split() == [sri[7:]] * 2
     assert "is in base16, expected nix32" in fails("hash", "convert", "--from", "nix32", "--to", "sri", f"sha256:{hexd}")
-    assert "does not say its algorithm" in fails("hash", "convert", "--to", "sri", hexd)
+    err = fails("hash", "convert", "--to", "sri", hexd)
+    assert "does not say its algorithm" in err and "hint: for a bare digest, name its algorithm with --type" in err
     assert "non-zero padding" in fails("hash", "convert", "--to", "sri", "sha256:z" + n32[1:])
     assert "expected sha1" in fails("hash", "convert", "--to", "sri", "--type", "sha1", sri)
 

@@ -101,13 +101,20 @@ def cmd_file(args, ctx) -> int:
 
 def cmd_convert(args, ctx) -> int:
     from ..errors import BadHash
-    from ..formats.hash import Hash
+    from ..formats.hash import ALGOS, Hash
 
     want = {"base32": "nix32"}.get(args.to, args.to)
     from_ = {"base32": "nix32"}.get(args.from_, args.from_)
     out = []
     for text in args.hashes:
-        h = Hash.parse(text, args.type)
+        try:
+            h = Hash.parse(text, args.type)
+        except BadHash as e:
+            bare = ":" not in text and not any(text.startswith(a + "-") for a in ALGOS)
+            if args.type is None and bare and e.hint is None:
+                raise BadHash(str(e), hint="for a bare digest, name its algorithm with --type "
+                              "(e.g. --type sha256)") from e
+            raise
         if from_ is not None:
             got = _encoding_of(text, h)
             if got != from_:
