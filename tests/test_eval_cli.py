@@ -136,3 +136,28 @@ def test_a_damaged_drv_is_named_with_a_hint_and_instantiate_repair_writes_it_aga
         pure("show-derivation", a_drv)
     r = pure("instantiate", "--repair", f, "-I", tmp_path / "inc")
     assert r.stderr == "" and r.stdout.splitlines() == [a_drv, b_drv]
+
+
+def test_show_derivation_of_an_output_path_shows_the_derivation_that_has_it(tmp_path, pure, store_root):
+    """`pure show-derivation ./result` (or an output path) read the path as an expression file
+    ("expression file ... does not exist"); like `nix show-derivation`, it shows the .drv the
+    store records for that output, and says so plainly when there is none."""
+    f = write(tmp_path / "e" / "expr.py", """
+        from purestore.expr import derivation
+        default = derivation(name="a", system="x86_64-linux", builder="/bin/sh", outputs=["out", "dev"])
+    """)
+    [drv] = pure("instantiate", f).stdout.split()
+    want = json.loads(pure("show-derivation", drv).stdout)
+    dev = want[drv]["outputs"]["dev"]["path"]
+    (tmp_path / "result-dev").symlink_to(f"{store_root}{dev}")
+    for name in (dev, dev.rsplit("/", 1)[1], tmp_path / "result-dev"):
+        assert json.loads(pure("show-derivation", name).stdout) == want, name
+    # an expression file inside the store (a source tree added there) is still evaluated
+    tree = pure("store", "add", f.parent).stdout.strip()
+    assert json.loads(pure("show-derivation", f"{store_root}{tree}/expr.py").stdout) == want
+    src = tmp_path / "data.txt"
+    src.write_text("x\n")
+    added = pure("store", "add", src).stdout.strip()
+    p = pure("show-derivation", added, check=False)
+    assert p.returncode == 1 and p.stderr.startswith(
+        f"error: {added!r} is not a .drv, and the store knows no valid derivation that has it as an output\nhint: ")

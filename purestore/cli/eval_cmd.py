@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 
@@ -37,9 +38,11 @@ def register(reg) -> None:
 
     p = reg.command(
         "show-derivation", "print derivations as JSON (like nix show-derivation)", cmd_show,
-        description="Print the derivation(s) of a .drv store path, or of the selected value of an "
-                    "expression FILE (evaluated, not written), as JSON in the shape of `nix show-derivation`.")
-    _add_expr_args(p, "a .drv store path, or an expression file (a .py)")
+        description="Print the derivation(s) of a .drv store path, of an output path whose derivation "
+                    "the store knows (such as ./result), or of the selected value of an expression FILE "
+                    "(evaluated, not written), as JSON in the shape of `nix show-derivation`.")
+    _add_expr_args(p, "a .drv store path, an output path (or a link to one, such as result), "
+                      "or an expression file (a .py)")
     p.add_argument("-r", "--recursive", action="store_true", help="include every input derivation, recursively")
 
 
@@ -121,13 +124,17 @@ def cmd_show(args, ctx):
     from ..formats.derivation import to_json
     out: dict = {}
     target = args.file
-    if target.endswith(".drv"):  # a store path: logical, physical, or a base name
+    if target.endswith(".drv") or _names_a_store_path(target, ctx.settings):
+        # a store path (logical, physical, a base name, a link such as `result`): a .drv, or an
+        # output whose derivation the store knows, as `nix show-derivation` takes
         from ..errors import UsageError
         from ..expr.loader import read_derivation
         if args.attr:
             raise UsageError("-A selects from an expression file, not from a .drv path")
         with ctx.open_store() as store:
             sp = store.parse_path(target)
+            if not sp.name.endswith(".drv"):
+                sp = _deriver_of(store, sp)
             todo = [sp]
             seen = set()
             while todo:
@@ -148,3 +155,35 @@ def cmd_show(args, ctx):
     json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
     print()
     return 0
+
+
+def _names_a_store_path(target: str, settings) -> bool:
+    """Whether ``target`` (not a ``.drv``) is a path into the store (logical or physical, or a
+    link resolving there, such as ``result``) rather than an expression file (a ``.py`` file is
+    one, also inside the store: a source tree added there)."""
+    if target.endswith(".py") and os.path.isfile(target):
+        return False
+    if "/" not in target and not os.path.lexists(target):
+        from ..formats.store_path import StorePath
+        try:
+            StorePath.from_base_name(target)  # a bare <hash>-<name>
+            return True
+        except ValueError:
+            return False
+    real = os.path.realpath(target)
+    return any(p == d or p.startswith(d + "/")
+               for p in (os.path.abspath(target), real)
+               for d in (settings.store_dir, settings.real_store_dir))
+
+
+def _deriver_of(store, sp):
+    """The .drv that the store records as having built (or as having) output ``sp``."""
+    from ..errors import PathNotValid
+    d = store.query_deriver(sp) if store.is_valid(sp) else None
+    known = [d] if d else store.query_derivers_of(sp)
+    for c in known:
+        if store.is_valid(c):
+            return c
+    raise PathNotValid(
+        f"{store.print_path(sp)!r} is not a .drv, and the store knows no valid derivation that has it "
+        f"as an output", hint="pass the .drv path (`pure instantiate FILE` prints it) or the expression file")
