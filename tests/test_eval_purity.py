@@ -35,7 +35,9 @@ CASES = {
     "exec": ('import os\nos.execv("/bin/true", ["true"])', "refused to run a process (os.exec"),
     "spawn": ('import os\nos.posix_spawn("/bin/true", ["true"], {})', "refused to run a process (os.posix_spawn"),
     "fork": ('import os\nos.fork()', "refused to run a process (os.fork"),
-    "ctypes": ('import ctypes\nctypes.CDLL("libc.so.6")', "refused to run a process (ctypes.dlopen"),
+    # (not "to run a process": loading a library and signalling are refused for what they are)
+    "ctypes": ('import ctypes\nctypes.CDLL("libc.so.6")', "refused to load a C library (ctypes.dlopen 'libc.so.6')"),
+    "kill": ('import os\nos.kill(os.getpid(), 0)', "refused to send a signal (os.kill"),
 }
 
 

@@ -144,7 +144,10 @@ def _hook(event: str, args) -> None:
     if event in _NETWORK:
         mode.refuse(f"network access ({event}{_brief(args)})")
     if event in _PROCESS:
-        mode.refuse(f"to run a process ({event}{_brief(args)})")
+        what = ("to load a C library" if event == "ctypes.dlopen" else
+                "to send a signal" if event in ("os.kill", "os.killpg", "signal.pthread_kill") else
+                "to run a process")
+        mode.refuse(f"{what} ({event}{_brief(args)})")
     if event in _WRITE:
         mode.refuse(f"to change the file system or the environment ({event}{_brief(args)})")
 
