@@ -103,8 +103,13 @@ def test_source_relative_to_the_calling_file_and_name_errors(tmp_path):
     names = [s.path.split("-", 1)[1] for s in r.value]
     assert names == ["dir", "a.txt", "renamed"]
     with evaluating("/nix/store"):
-        with pytest.raises(DerivationArgumentError, match=r"the name 'a b' is not a valid store path name .*pass name="):
+        with pytest.raises(DerivationArgumentError, match=r"the name 'a b' is not a valid store path name") as ei:
             source(str(tmp_path / "dir"), name="a b")
+        assert "pass name=" not in str(ei.value)  # (it was passed: that advice was no help)
+        write(tmp_path / "a b" / "x", "x\n")
+        with pytest.raises(DerivationArgumentError, match=r"the name 'a b' is not a valid store path name "
+                           r".*it is the path's base name: pass name=\.\.\. to choose a valid one"):
+            source(str(tmp_path / "a b"))
         with pytest.raises(EvalError, match="does not exist"):
             source(str(tmp_path / "missing"))
 

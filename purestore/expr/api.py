@@ -323,13 +323,16 @@ def source(path, name: str | None = None, *, base: str | None = None) -> Source:
     if not os.path.isabs(p):
         p = os.path.join(base or _caller_dir(1), p)
     p = os.path.normpath(p)
+    given = name is not None
     if name is None:
         name = os.path.basename(p)
     try:
         check_name(name)
     except InvalidStorePath as e:
+        # "pass name=" helps only where the name came from the path, not where it was passed
         raise DerivationArgumentError(f"source({path!r}): the name {name!r} is not a valid store path name "
-                                      f"({e}); pass name=...") from None
+                                      f"({e})" + ("" if given else "; it is the path's base name: pass name=... "
+                                                  "to choose a valid one")) from None
     key = (p, name)
     got = ctx.sources.get(key)
     if got is not None:
