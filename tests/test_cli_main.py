@@ -85,6 +85,21 @@ def test_unknown_command_is_a_usage_error():
                                                   "hint: see 'pure shell --help'\n")
 
 
+def test_a_global_option_after_the_command_is_told_to_go_before_it(tmp_path):
+    """`pure store ls --store ROOT` (as Nix takes it) said only "see 'pure store ls --help'", whose
+    help does not list --store; the hint says where the option goes, with its arguments."""
+    p = run_pure("store", "path-info", "x", "--store", tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr == (
+        f"error: unrecognized arguments: --store {tmp_path}\n"
+        "hint: --store is an option of pure itself: put it before the command ('pure --store ROOT "
+        "store path-info ...')\n")
+    p = run_pure("hash", "path", "--offline", "--option", "cores", "1", "x", check=False)
+    assert p.returncode == 2 and p.stderr.endswith(
+        "hint: --offline is an option of pure itself: put it before the command ('pure --offline hash path ...')\n")
+    p = run_pure("store", "ls", "--bogus", check=False)  # not a global option: the command's help
+    assert p.returncode == 2 and p.stderr.endswith("hint: see 'pure store ls --help'\n")
+
+
 def test_extra_substituters_and_keys_add_to_the_configured_ones(tmp_path):
     """As Nix's --extra-substituters and --extra-trusted-public-keys: added, not replacing."""
     conf = tmp_path / "pure.conf"

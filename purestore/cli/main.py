@@ -109,8 +109,8 @@ class _Parser(argparse.ArgumentParser):
 
     argv: list[str] = []  # the command line being parsed (set by :func:`main`)
 
-    def error(self, message: str):
-        hint = f"see '{self.prog} --help'"
+    def error(self, message: str, hint: str | None = None):
+        hint = hint or f"see '{self.prog} --help'"
         print(f"error: {message}", file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         if "--json" in self._option_string_actions and any(
@@ -371,6 +371,21 @@ class _JsonWatch:
             pass
 
 
+def _global_option_hint(parser: argparse.ArgumentParser, command: argparse.ArgumentParser,
+                        extra: list[str]) -> str | None:
+    """For a global option given after the command (`pure store ls --store ROOT`), where it goes."""
+    for word in extra:
+        opt = word.split("=", 1)[0]
+        if (opt.startswith("--") and opt in parser._option_string_actions
+                and opt not in command._option_string_actions and opt not in ("--help", "--version")):
+            action = parser._option_string_actions[opt]
+            takes = " ".join(action.metavar) if isinstance(action.metavar, tuple) else action.metavar
+            given = f"{opt} {takes}" if action.nargs != 0 and takes else opt
+            return (f"{opt} is an option of pure itself: put it before the command "
+                    f"('pure {given} {command.prog[5:]} ...')")
+    return None
+
+
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the command ``args`` are for (``pure store add``'s, say), for its errors."""
     dest = "command"
@@ -446,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         # ``intermixed`` and take the stray positionals into it
         into = getattr(args, "intermixed", None)
         if into is None or any(a.startswith("-") for a in extra):
-            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+            command = _command_parser(parser, args)
+            command.error(f"unrecognized arguments: {' '.join(extra)}", _global_option_hint(parser, command, extra))
         setattr(args, into, [*getattr(args, into), *extra])
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
