@@ -90,6 +90,9 @@ def test_help_texts_exist():
     for cmd in ("eval", "instantiate", "show-derivation"):
         p = run_pure(cmd, "--help")
         assert "-A ATTR" in p.stdout and "-I DIR" in p.stdout
+        # examples, and the description wrapped (it was one line of 200 columns)
+        assert f"examples:\n  pure {cmd} " in p.stdout
+        assert max(map(len, p.stdout.splitlines())) <= 100
 
 
 def test_show_derivation_accepts_physical_paths_and_base_names(tmp_path, pure, store_root):

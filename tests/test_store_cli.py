@@ -255,3 +255,9 @@ def test_a_full_disk_is_named_when_the_database_cannot_be_opened(tmp_path):
         text = (tmp_path / err).read_text()
         assert "error: cannot open the store database" in text and "Traceback" not in text, text
         assert "(the file system holding it has no space left)" in text, text
+
+
+@pytest.mark.parametrize("cmd", ["add", "path-info", "verify"])
+def test_help_of_the_main_store_commands_has_examples(cmd):
+    out = run_pure("store", cmd, "--help").stdout
+    assert f"examples:\n  pure store {cmd} " in out and max(map(len, out.splitlines())) <= 100

@@ -16,31 +16,62 @@ def _add_expr_args(p, file_help="the expression file (a .py)"):
                    help="add DIR to the import roots of expressions (also PURE_PATH, colon-separated)")
 
 
+_EVAL_HELP = """\
+Evaluate FILE in pure mode (no environment, no network, no subprocesses, no reads outside the
+expression's tree) and print the selected value: the module's `default`, or the dotted path
+given with -A. Derivations print as their output path, a list or dict one item per line;
+--json keeps the structure and prints a derivation's name, version, system, .drv path and
+outputs. Nothing is written to the store.
+
+examples:
+  pure eval expr.py                        the output path(s) of `default`
+  pure eval expr.py -A pkgs.hello --json   one attribute, as JSON
+  pure eval expr.py -A tools.0             the first item of the list `tools`
+  pure eval expr.py -A lib.dev             the `dev` output of `lib`
+"""
+
+_INSTANTIATE_HELP = """\
+Evaluate FILE, add its sources, to_file texts and .drv files to the store (with their
+references) and print the .drv paths of the selected derivations, one per line.
+
+examples:
+  pure instantiate expr.py
+  pure instantiate expr.py -A greet --json     the .drv paths as a JSON list
+  pure instantiate expr.py --repair            rewrite a damaged or missing .drv
+"""
+
+_SHOW_HELP = """\
+Print the derivation(s) of a .drv store path, of an output path whose derivation the store
+knows (such as ./result), or of the selected value of an expression FILE (evaluated, not
+written), as JSON in the shape of `nix show-derivation`.
+
+examples:
+  pure show-derivation expr.py -A hello        from the expression (nothing written)
+  pure show-derivation /pure/store/...-hello-2.10.drv -r
+  pure show-derivation ./result                the derivation that made ./result
+"""
+
+
 def register(reg) -> None:
     p = reg.command(
         "eval", "evaluate an expression file in pure mode and print the selected value", cmd_eval,
-        description="Evaluate FILE in pure mode (no environment, no network, no subprocesses, no reads "
-                    "outside the expression's tree) and print the selected value.\n"
-                    "Derivations print as their output path; --json prints name, version, system, "
-                    ".drv path and outputs.  Nothing is written to the store.")
+        description=_EVAL_HELP)
     _add_expr_args(p)
     p.add_argument("--json", action="store_true", help="print the value as JSON")
 
     p = reg.command(
         "instantiate", "write the .drv files of an expression into the store", cmd_instantiate,
-        description="Evaluate FILE, add its sources, to_file texts and .drv files to the store (with "
-                    "their references) and print the .drv paths of the selected derivations, one per line.")
+        description=_INSTANTIATE_HELP)
     _add_expr_args(p)
-    p.add_argument("--json", action="store_true", help="print the .drv paths as a JSON list (in the order of the lines without --json)")
+    p.add_argument("--json", action="store_true",
+                   help="print the .drv paths as a JSON list (in the order of the lines without --json)")
     p.add_argument("--repair", action="store_true",
                    help="write again the .drv files and texts of the expression that are registered "
                         "but missing or damaged in the store (each named on stderr)")
 
     p = reg.command(
         "show-derivation", "print derivations as JSON (like nix show-derivation)", cmd_show,
-        description="Print the derivation(s) of a .drv store path, of an output path whose derivation "
-                    "the store knows (such as ./result), or of the selected value of an expression FILE "
-                    "(evaluated, not written), as JSON in the shape of `nix show-derivation`.")
+        description=_SHOW_HELP)
     _add_expr_args(p, "a .drv store path, an output path (or a link to one, such as result), "
                       "or an expression file (a .py)")
     p.add_argument("-r", "--recursive", action="store_true", help="include every input derivation, recursively")

@@ -19,6 +19,12 @@ regular file and the store path is the fixed sha256 path of its contents (like
 The copy is atomic: it is written under a temporary name with canonical metadata (mtime 1,
 modes 0444/0555) while being hashed, renamed into place and then registered, so an interrupted
 add leaves nothing valid behind.
+
+examples:
+  pure store add ./src                         /pure/store/<hash>-src
+  pure store add --flat ./hello.tar.gz         the path fetchurl gives that file
+  pure store add --name patch-1 ./fix.patch
+  pure --store-dir /nix/store store add -n ./src   Nix's path for ./src, nothing copied
 """
 
 _PATH_INFO_HELP = """\
@@ -28,6 +34,11 @@ the sizes asked for (-s NAR size, -S closure size), tab-separated.
 
 PATH may be a store path, a file inside one, a symlink to one (such as `result`), the physical
 path in a rooted store, or a base name <hash>-<name>.
+
+examples:
+  pure store path-info ./result
+  pure store path-info -rsS ./result           the closure, with NAR and closure sizes
+  pure store path-info --json <hash>-hello-2.10
 """
 
 _VERIFY_HELP = """\
@@ -41,6 +52,12 @@ store records it (path, NAR hash, NAR size, references), or be content-addressed
 gives back its path, as for added sources and fetched files). Signatures that the binary
 caches given with --substituter hold for the same contents count too, without being stored
 (`pure store copy-sigs` stores them). Like `nix store verify --sigs-needed N`.
+
+examples:
+  pure store verify                            every valid path exists, no dangling reference
+  pure store verify --check-contents -r ./result   also rehash the closure of ./result
+  pure store verify --check-contents --repair  fetch damaged paths again from the substituters
+  pure store verify --sigs-needed 1 -r ./result
 """
 
 _COPY_SIGS_HELP = """\
