@@ -261,3 +261,10 @@ def test_a_full_disk_is_named_when_the_database_cannot_be_opened(tmp_path):
 def test_help_of_the_main_store_commands_has_examples(cmd):
     out = run_pure("store", cmd, "--help").stdout
     assert f"examples:\n  pure store {cmd} " in out and max(map(len, out.splitlines())) <= 100
+
+
+def test_store_delete_help_says_roots_keep_paths():
+    """Its help (one line of 115 columns) and docs/store.md said only referrers stop a delete, as if
+    GC roots did not; it refuses rooted paths as `pure gc` keeps them (tests/test_gc.py)."""
+    out = run_pure("store", "delete", "--help").stdout
+    assert "GC root" in out and max(map(len, out.splitlines())) <= 100

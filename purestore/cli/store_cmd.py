@@ -152,10 +152,12 @@ def register(reg) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH", help="only these paths (default: every valid path)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
 
-    p = reg.command("delete", "delete paths that nothing refers to", cmd_delete, group="store",
-                    description="Delete valid paths. Refuses (and deletes nothing) while a path is "
-                                "referenced by a valid path not being deleted too.")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p = reg.command("delete", "delete paths that nothing refers to and no root keeps", cmd_delete, group="store",
+                    description="Delete valid paths, like `nix-store --delete`. Refuses (and deletes nothing)\n"
+                                "while a path is referenced by a valid path not being deleted too, or kept\n"
+                                "alive by a GC root (such as ./result), a profile or a running process.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="store paths, files in them, links to them (./result) or <hash>-<name>")
 
 
 _OPTIMISE_HELP = """\
