@@ -402,8 +402,12 @@ def test_a_temp_root_can_be_dropped_again(pure, graph, settings):
 def test_store_delete_uses_the_same_liveness_rules(pure, graph):
     r = pure("store", "delete", graph["b"], check=False)
     assert r.returncode != 0 and "gcroots/b" in r.stderr and r.stderr.startswith("error: ")
+    # each refusal says what to do about it
+    assert r.stderr.endswith("\nhint: remove the root first (`pure gc --print-roots` lists the roots)\n")
     r = pure("store", "delete", graph["a"], check=False)
     assert r.returncode != 0 and "referenced by" in r.stderr
+    assert r.stderr.endswith("\nhint: delete the paths that refer to it in the same call "
+                             "(`pure store referrers` lists them)\n")
     pure("store", "delete", graph["d"])
     assert graph["d"] not in valid(pure)
 

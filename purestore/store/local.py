@@ -585,7 +585,8 @@ class LocalStore(StoreQueries):
                 self._require_valid(sp)  # (a collection may have deleted it meanwhile)
                 reason = self.is_live(sp, deleting=targets)
                 if reason:
-                    raise PathInUse(f"cannot delete {self.print_path(sp)!r}: {reason}")
+                    raise PathInUse(f"cannot delete {self.print_path(sp)!r}: {reason}", hint=_REFERRED_HINT
+                                    if reason.startswith("it is referenced by") else _ROOTED_HINT)
             with self.db.transaction() as c:
                 for sp in order:
                     row = c.execute("SELECT id FROM ValidPaths WHERE path = ?", (sp.base_name,)).fetchone()
@@ -598,7 +599,7 @@ class LocalStore(StoreQueries):
                     others = sorted(r[0] for r in ref if StorePath.from_base_name(r[0]) not in targets)
                     if others:
                         raise PathInUse(f"cannot delete {self.print_path(sp)!r}: it is referenced by "
-                                        f"{self.store_dir + '/' + others[0]!r}")
+                                        f"{self.store_dir + '/' + others[0]!r}", hint=_REFERRED_HINT)
                     c.execute("DELETE FROM Refs WHERE referrer = ?", (row[0],))
                     c.execute("DELETE FROM DerivationOutputs WHERE drv = ?", (sp.base_name,))
                     c.execute("DELETE FROM ValidPaths WHERE id = ?", (row[0],))
@@ -615,6 +616,10 @@ class LocalStore(StoreQueries):
         from .optimise import remove_unused_links
         remove_unused_links(self.real_store_dir)
         return order
+
+
+_REFERRED_HINT = "delete the paths that refer to it in the same call (`pure store referrers` lists them)"
+_ROOTED_HINT = "remove the root first (`pure gc --print-roots` lists the roots)"
 
 
 def damaged_drv_hint(store, drv: StorePath) -> str | None:
