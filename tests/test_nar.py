@@ -1,7 +1,9 @@
 """formats/nar.py: the writer, the strict streaming reader, golden NARs from Nix, malicious NARs."""
 
+import gzip
 import hashlib
 import io
+import lzma
 import struct
 
 import pytest
@@ -346,3 +348,17 @@ def test_hash_of_golden_nar_matches_nix():
         data = (GOLDEN / f"{name}.nar").read_bytes()
         assert len(data) == int(size)
         assert Hash("sha256", hashlib.sha256(data).digest()).sri == sri
+
+
+@pytest.mark.parametrize("data, said", [
+    (b"# a README, not a NAR\n" * 3, "not a NAR: it does not start with 'nix-archive-1' (at NAR offset 0)"),
+    (gzip.compress(MAGIC + FILE), "(it is gzip-compressed: decompress it first)"),
+    (lzma.compress(MAGIC + FILE), "(it is xz-compressed: decompress it first)"),
+    (b"\x28\xb5\x2f\xfd" + b"\0" * 40, "(it is zstd-compressed: decompress it first)"),
+])
+def test_a_file_that_is_no_nar_is_said_to_be_none(data, said):
+    """A text file or a compressed NAR (as binary caches keep them) given to `pure nar ls` or
+    `nar restore` was 'expected a NAR token, got a string of 8391162072992325667 bytes'."""
+    with pytest.raises(NarError) as ei:
+        parse_all(data)
+    assert said in str(ei.value) and ei.value.offset == 0

@@ -183,6 +183,18 @@ class _Contents:
 
 
 _FRAMES = {t: nar_str(t) for t in (b"(", b")", b"type", b"target", b"node", b"name", b"contents")}
+_MAGIC_FRAME = nar_str(MAGIC)
+# the first bytes of the compressed files a NAR is often kept as (binary caches' nar/*.nar.*)
+_COMPRESSED = ((b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b", "gzip"),
+               (b"BZh", "bzip2"), (b"\x04\x22\x4d\x18", "lz4"), (b"LZIP", "lzip"))
+
+
+def _compressed(head: bytes) -> str:
+    """``head`` (the first bytes of the input) as a note of the compression it shows, or ''."""
+    for magic, name in _COMPRESSED:
+        if head.startswith(magic):
+            return f" (it is {name}-compressed: decompress it first)"
+    return ""
 
 
 class _Parser:
@@ -229,7 +241,12 @@ class _Parser:
             raise NarError(f"expected {want.decode()!r} {context}{_where(path)}, got {tok!r}", at)
 
     def events(self) -> Iterator:
-        tok, at = self.token()
+        at = self.src.offset
+        head = self.src.take(8)
+        if head != _MAGIC_FRAME[:8]:
+            # not even the length of the magic: some other file (a compressed NAR, text...)
+            raise NarError(f"not a NAR: it does not start with {MAGIC.decode()!r}{_compressed(head)}", at)
+        tok = self._padded(len(MAGIC), at)
         if tok != MAGIC:
             raise NarError(f"not a NAR: wrong magic {tok!r}, expected {MAGIC.decode()!r}", at)
         yield from self.node(())
