@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from purestore.errors import DerivationArgumentError, EvalError
-from purestore.expr import derivation, evaluating, source, to_file
+from purestore.expr import derivation, evaluating, fetchurl, source, to_file
 from purestore.expr.loader import evaluate, find_pkgs_dir, instantiate, read_derivation
 from purestore.expr.values import parse_version
 
@@ -91,6 +91,22 @@ def test_to_file_refs_and_refusal_of_outputs(tmp_path):
         d = mk(name="d")
         with pytest.raises(EvalError, match=r"to_file\('bad'\): the text refers to .*can only refer to sources"):
             to_file("bad", f"{d}/bin")
+
+
+@pytest.mark.parametrize("kw, said", [
+    (dict(hash="sha256-xx"), "fetchurl('https://e.org/x'): hash='sha256-xx' is not a valid hash: invalid base64"),
+    (dict(sha256="abc"), "fetchurl('https://e.org/x'): sha256='abc' is not a valid hash: hash 'abc' has the "
+                         "wrong length"),
+    (dict(md5="z" * 32), "fetchurl('https://e.org/x'): md5='zzzz"),
+    ({}, "no hash given; expected hash= (SRI or 'sha256:...') or sha256=/sha1=/sha512=/md5="),
+])
+def test_fetchurl_errors_name_its_own_arguments(kw, said):
+    """A bad hash was reported as the derivation's "attribute 'outputHash' (outputHashAlgo '')",
+    which the expression never wrote; and md5= was missing from the list of hash arguments."""
+    with evaluating("/pure/store"):
+        with pytest.raises(DerivationArgumentError) as ei:
+            fetchurl(url="https://e.org/x", **kw)
+    assert said in str(ei.value) and "outputHash" not in str(ei.value)
 
 
 def test_source_relative_to_the_calling_file_and_name_errors(tmp_path):

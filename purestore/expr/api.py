@@ -394,18 +394,24 @@ def fetchurl(*, url: str, hash: str = "", md5: str = "", sha1: str = "", sha256:
     if not isinstance(url, str):
         raise DerivationArgumentError(f"fetchurl(): 'url' must be a string, got {_type_name(url)} {_show(url)}")
     if hash:
-        output_hash, algo = hash, ""
+        output_hash, algo, arg = hash, "", "hash"
     elif sha512:
-        output_hash, algo = sha512, "sha512"
+        output_hash, algo, arg = sha512, "sha512", "sha512"
     elif sha1:
-        output_hash, algo = sha1, "sha1"
+        output_hash, algo, arg = sha1, "sha1", "sha1"
     elif md5:
-        output_hash, algo = md5, "md5"
+        output_hash, algo, arg = md5, "md5", "md5"
     elif sha256:
-        output_hash, algo = sha256, "sha256"
+        output_hash, algo, arg = sha256, "sha256", "sha256"
     else:
         raise DerivationArgumentError(f"fetchurl({url!r}): no hash given; expected hash= (SRI or 'sha256:...') "
-                                      f"or sha256=/sha1=/sha512=")
+                                      f"or sha256=/sha1=/sha512=/md5=")
+    if isinstance(output_hash, str):  # (checked here to name fetchurl's argument, not outputHash)
+        try:
+            Hash.parse(output_hash, algo or None)
+        except BadHash as e:
+            raise DerivationArgumentError(f"fetchurl({url!r}): {arg}={output_hash!r} is not a valid hash: "
+                                          f"{e}") from None
     if name is None:
         name = url.rstrip("/").rsplit("/", 1)[-1]
     return derivation(
