@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from purestore.errors import InvalidStorePath
 from purestore.formats.hash import NIX32_ALPHABET, Hash
 from purestore.formats.store_path import (
-    StorePath, check_name, content_address, make_fixed_output_path, make_source_path,
+    StorePath, check_name, check_store_dir, content_address, make_fixed_output_path, make_source_path,
     make_text_path,
 )
 
@@ -40,6 +40,17 @@ def test_store_dir_changes_the_path():
     a = make_text_path("plain.txt", b"plain\n", [], NIX)
     b = make_text_path("plain.txt", b"plain\n", [], "/pure/store")
     assert a.name == b.name and a.hash_part != b.hash_part
+
+
+@pytest.mark.parametrize("bad, normal", [("/nix/store/../x", "/nix/x"), ("/pure/./store", "/pure/store"),
+                                         ("/a/..", "/")])
+def test_a_store_dir_with_dot_components_is_refused(bad, normal):
+    """`--store-dir /nix/store/../x` was taken as it is: part of every hash (so no cache's paths
+    match), and its files went to /nix/x; it names the normal form to write instead."""
+    with pytest.raises(InvalidStorePath, match=rf"store dir '{bad}' must not have '\.' or '\.\.' components "
+                                               rf"\(write it as '{normal}'\)"):
+        check_store_dir(bad)
+    assert check_store_dir("/nix/store") == "/nix/store" and check_store_dir("/a/.b/c..d") == "/a/.b/c..d"
 
 
 def test_references_change_the_path_and_their_order_does_not():

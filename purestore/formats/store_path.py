@@ -9,6 +9,7 @@ of ``sha256(fingerprint)`` where::
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from typing import Iterable
 
@@ -45,6 +46,11 @@ def check_name(name: str) -> str:
 def check_store_dir(store_dir: str) -> str:
     if not store_dir.startswith("/") or store_dir != "/" and store_dir.endswith("/") or "//" in store_dir:
         raise InvalidStorePath(f"store dir {store_dir!r} must be an absolute path without a trailing '/'")
+    if any(part in (".", "..") for part in store_dir.split("/")):
+        # part of every hash, and its files are found through it: '/nix/store/../x' is not
+        # Nix's store and its files would land in /nix/x
+        raise InvalidStorePath(f"store dir {store_dir!r} must not have '.' or '..' components "
+                               f"(write it as {posixpath.normpath(store_dir)!r})")
     return store_dir
 
 
