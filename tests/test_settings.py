@@ -51,6 +51,7 @@ def test_a_config_file_named_by_pure_config_must_exist(tmp_path):
     ("# section\x0c\nfoo = 1\n", "pure.conf:2: unknown setting 'foo'"),
     ("max-jobs = 1\rfoo = 1\n", "pure.conf:1: max-jobs must be an integer, got '1\\rfoo = 1'"),
     ("\nstore-dir = relative\n", "pure.conf:2: store dir 'relative' must be an absolute path without a trailing '/'"),
+    ("store =\n", "pure.conf:1: store is empty"),  # (it was the current directory)
 ])
 def test_bad_config_lines_name_file_and_line(text, message):
     with pytest.raises(UsageError) as e:
@@ -189,3 +190,14 @@ def test_option_on_the_command_line(tmp_path):
     assert p.returncode == 2 and "hint: drop this --option (see docs/building.md)" in p.stderr
     p = run_pure("--option", "substitute", "false", "--option", "cores", "3", "store", "ls", root=tmp_path)
     assert p.returncode == 0
+
+
+def test_an_empty_store_root_is_an_error_not_the_current_directory(tmp_path):
+    """`pure --store '' ...` (an unset variable in a script) made a store under the current
+    directory; it is an error, and nothing is created."""
+    from conftest import run_pure
+    p = run_pure("--store", "", "store", "ls", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: --store: the store root is empty\n")
+    p = run_pure("--option", "store", "", "store", "ls", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: --option: store is empty\n")
+    assert list(tmp_path.iterdir()) == []

@@ -175,6 +175,9 @@ def parse_setting(key: str, value: str, loc: str, out: dict[str, object]) -> Non
                              f"in the sandbox", hint=("drop this --option" if loc == "--option" else "remove the line")
                              + " (see docs/building.md)")
     elif key in ("store-dir", "store"):
+        if key == "store" and not value:  # (it would be the current directory)
+            raise UsageError(f"{loc}: store is empty", hint="give the root of a rooted store, or leave "
+                             "the setting out for the default root '/'")
         if key == "store-dir":
             try:
                 check_store_dir(value)
@@ -226,6 +229,9 @@ def load_settings(env: dict[str, str] | None = None, options: Sequence[tuple[str
         parsed: dict[str, object] = {}
         parse_setting(name, value.strip(), "--option", parsed)  # (the message names the setting)
         merge(parsed)
+    if overrides.get("root") == "":  # `--store ''`: not the current directory
+        raise UsageError("--store: the store root is empty",
+                         hint="give the root of a rooted store (--store ROOT), or leave the option out")
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if "root" in kw:
         kw["root"] = os.path.abspath(str(kw["root"]))
