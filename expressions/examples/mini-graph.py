@@ -3,6 +3,7 @@
     pure --store-dir /nix/store instantiate expressions/examples/mini-graph.py -A top
 
 prints /nix/store/lchmkny4jliss67w78hfw9xhgy07skhn-top.drv, exactly what nix-instantiate gives.
+It is for instantiating only: the builder /bin/sh does not exist in the build sandbox.
 """
 
 from purestore.expr import derivation
