@@ -195,3 +195,14 @@ def test_nar_dump_refuses_a_terminal(tmp_path):
         os.close(slave)
         os.close(master)
     assert p.returncode == 2 and p.stderr.startswith("error: refusing to write a NAR to a terminal")
+
+
+def test_a_dangling_symlink_is_said_to_be_one(tmp_path):
+    """`hash file` and `store add --flat` follow a symlink; one whose target is missing was
+    'No such file or directory', as if the link itself were not there."""
+    (tmp_path / "link").symlink_to("gone.txt")
+    err = fails("hash", "file", tmp_path / "link")
+    assert err == f"error: cannot open '{tmp_path}/link': it is a symlink to 'gone.txt', which does not exist\n"
+    err = fails("store", "add", "--flat", "-n", tmp_path / "link", root=tmp_path / "root")
+    assert err == (f"error: cannot add '{tmp_path}/link' flat: it is a symlink to 'gone.txt', which does not "
+                   "exist\nhint: without --flat the symlink itself is added\n")

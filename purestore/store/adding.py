@@ -22,6 +22,9 @@ def check_add_source(src: str, name: str | None, flat: bool) -> tuple[str, str]:
     try:
         st = os.stat(src) if flat else os.lstat(src)
     except OSError as e:
+        if flat and os.path.islink(given):  # (--flat follows it; the link is there, its target not)
+            raise StoreError(f"cannot add {given!r} flat: it is a symlink to {os.readlink(given)!r}, "
+                             f"which does not exist", hint="without --flat the symlink itself is added") from e
         raise StoreError(f"cannot add {given!r} to the store: {_lower(e.strerror)}") from e
     if name is None:  # like Nix: the base name of the path as given, even for a followed link
         name = os.path.basename(given.rstrip("/")) or "root"

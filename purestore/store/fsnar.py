@@ -495,6 +495,9 @@ def hash_file(path: str, algo: str = "sha256") -> Hash:
     try:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
+        if e.errno == errno.ENOENT and os.path.islink(p):  # (the link is there, its target is not)
+            raise StoreError(f"cannot open {_show(p)!r}: it is a symlink to {_show(os.readlink(p))!r}, "
+                             f"which does not exist") from e
         raise _oserror("open", p, e) from e
     try:
         st = os.fstat(fd)
