@@ -268,3 +268,13 @@ def test_store_delete_help_says_roots_keep_paths():
     GC roots did not; it refuses rooted paths as `pure gc` keeps them (tests/test_gc.py)."""
     out = run_pure("store", "delete", "--help").stdout
     assert "GC root" in out and max(map(len, out.splitlines())) <= 100
+
+
+def test_the_store_dir_itself_is_said_to_be_no_store_path(tmp_path):
+    """`pure store path-info /pure/store` said "path '/pure/store' is not in the store dir
+    '/pure/store'"."""
+    root = tmp_path / "r"
+    for given in ("/pure/store", f"{root}/pure/store/"):
+        p = run_pure("store", "path-info", given, root=root, check=False)
+        assert p.returncode == 1 and p.stderr == (f"error: {given!r} is the store dir itself, not a store path "
+                                                  "in it\nhint: name a path in it: /pure/store/<hash>-<name>\n")

@@ -261,6 +261,9 @@ class LocalStore(StoreQueries):
                     f"path by its store dir: '{self.store_dir}{absolute[len(m.group(1)):]}'")
         elif m and m.group(1) != self.store_dir:
             hint = f"paths of {m.group(1)!r} need a store made for that dir (--store-dir {m.group(1)})"
+        if absolute in (self.store_dir, self.real_store_dir) or real in (self.store_dir, self.real_store_dir):
+            raise InvalidStorePath(f"{text!r} is the store dir itself, not a store path in it",
+                                   hint=f"name a path in it: {self.store_dir}/<hash>-<name>")
         raise InvalidStorePath(f"path {text!r} is not in the store dir {self.store_dir!r}"
                                + (f" (physically {self.real_store_dir!r})" if self.settings.rooted else ""),
                                hint=hint)
