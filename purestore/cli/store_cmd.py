@@ -188,7 +188,6 @@ def cmd_optimise(args, ctx) -> int:
                            on_wait=lambda: ctx.info("waiting for another 'pure store optimise' to finish..."))
     if args.json:
         _print_json(r.to_json())
-        print()
         return 0
     repaired = f"; {r.entries_repaired} damaged links replaced" if r.entries_repaired else ""
     skipped = f"; {r.skipped} files left as they were (gone meanwhile, or at the link limit)" if r.skipped else ""
