@@ -123,6 +123,15 @@ def test_algorithm_mismatch_is_an_error():
         Hash.parse(h.sri, "sha512")
 
 
+@pytest.mark.parametrize("text", ["blake3-AAAA", "blake3:AAAA", "sha3:" + "0" * 64])
+def test_a_hash_of_an_unknown_algorithm_is_named_with_it(text):
+    """An SRI hash of another algorithm ('blake3-...') was 'does not say its algorithm', and a
+    typed one did not name the hash."""
+    with pytest.raises(BadHash, match=rf"hash '{text}' is of unknown algorithm '{re.split('[:-]', text)[0]}', "
+                                      r"expected one of md5, sha1, sha256, sha512"):
+        Hash.parse(text)
+
+
 def test_digest_length_is_checked():
     with pytest.raises(BadHash, match="32 bytes"):
         Hash("sha256", b"x" * 20)

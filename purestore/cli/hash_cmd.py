@@ -101,7 +101,7 @@ def cmd_file(args, ctx) -> int:
 
 def cmd_convert(args, ctx) -> int:
     from ..errors import BadHash
-    from ..formats.hash import ALGOS, Hash
+    from ..formats.hash import Hash
 
     want = {"base32": "nix32"}.get(args.to, args.to)
     from_ = {"base32": "nix32"}.get(args.from_, args.from_)
@@ -110,7 +110,7 @@ def cmd_convert(args, ctx) -> int:
         try:
             h = Hash.parse(text, args.type)
         except BadHash as e:
-            bare = ":" not in text and not any(text.startswith(a + "-") for a in ALGOS)
+            bare = ":" not in text and "-" not in text
             if args.type is None and bare and e.hint is None:
                 raise BadHash(str(e), hint="for a bare digest, name its algorithm with --type "
                               "(e.g. --type sha256)") from e

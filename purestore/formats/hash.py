@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 
 import attrs
 
@@ -119,11 +120,16 @@ class Hash:
         sri = False
         if ":" in text:
             prefix, body = text.split(":", 1)
-            algo = _check_algo(prefix)
+            if prefix not in ALGOS:
+                raise BadHash(f"hash {text!r} is of unknown algorithm {prefix!r}, expected one of {', '.join(ALGOS)}")
+            algo = prefix
         elif "-" in text and text.split("-", 1)[0] in ALGOS:
             prefix, body = text.split("-", 1)
             algo = prefix
             sri = True
+        elif re.fullmatch(r"[a-z][a-z0-9]*-.+", text):  # SRI of another algorithm ('-' is in no digest)
+            raise BadHash(f"hash {text!r} is of unknown algorithm {text.split('-', 1)[0]!r}, expected one "
+                          f"of {', '.join(ALGOS)}")
         if algo is None:
             raise BadHash(f"hash {text!r} does not say its algorithm (use 'sha256:…' or SRI 'sha256-…')")
         if given_algo is not None and given_algo != algo:
