@@ -164,3 +164,12 @@ def test_show_derivation_of_an_output_path_shows_the_derivation_that_has_it(tmp_
     p = pure("show-derivation", added, check=False)
     assert p.returncode == 1 and p.stderr.startswith(
         f"error: {added!r} is not a .drv, and the store knows no valid derivation that has it as an output\nhint: ")
+
+
+def test_a_directory_given_as_the_expression_file_is_said_to_be_one(tmp_path, pure):
+    """`pure eval expressions/mylib` (a package of the set) was "does not exist or is not a
+    file"; it says it is a directory and names the __init__.py to give."""
+    write(tmp_path / "pkg" / "__init__.py", "default = 1\n")
+    p = pure("eval", tmp_path / "pkg", check=False)
+    assert p.returncode == 1 and p.stderr == (f"error: expression file '{tmp_path}/pkg' is a directory\n"
+                                              f"hint: give its '{tmp_path}/pkg/__init__.py'\n")

@@ -471,6 +471,10 @@ def _evaluate(file: str, attr: str | None, settings, include_paths: Iterable[str
     env = os.environ if env is None else env
     file = os.path.abspath(file)
     if not os.path.isfile(file):
+        if os.path.isdir(file):
+            init = os.path.join(file, "__init__.py")
+            raise EvalError(f"expression file {file!r} is a directory",
+                            hint=f"give its {init!r}" if os.path.isfile(init) else "give a .py file")
         raise EvalError(f"expression file {file!r} does not exist or is not a file")
     pkgs_dir = find_pkgs_dir(env)
     roots = [os.path.dirname(file), *search_path(include_paths, env)]
