@@ -206,3 +206,9 @@ def test_a_dangling_symlink_is_said_to_be_one(tmp_path):
     err = fails("store", "add", "--flat", "-n", tmp_path / "link", root=tmp_path / "root")
     assert err == (f"error: cannot add '{tmp_path}/link' flat: it is a symlink to 'gone.txt', which does not "
                    "exist\nhint: without --flat the symlink itself is added\n")
+
+
+@pytest.mark.parametrize("cmd", ["path", "file", "convert"])
+def test_hash_commands_show_examples_in_their_help(cmd):
+    out = run_pure("hash", cmd, "--help").stdout
+    assert f"examples:\n  pure hash {cmd} " in out and max(map(len, out.splitlines())) <= 100

@@ -20,6 +20,11 @@ examples:
 _FILE_HELP = """\
 Print the hash of the contents of each FILE (a flat hash, as for `fetchurl`), like
 `nix hash file`. Symlinks are followed.
+
+examples:
+  pure hash file hello-2.10.tar.gz            sha256-... (SRI): fetchurl(url=..., hash="sha256-...")
+  pure hash file --base32 hello-2.10.tar.gz   bare nix32: fetchurl(url=..., sha256="...")
+  pure hash file --type sha1 --base16 a b
 """
 
 _CONVERT_HELP = """\
