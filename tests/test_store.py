@@ -70,6 +70,16 @@ def test_database_refuses_a_different_store_dir(store_root, settings):
         StoreDB(db, "/other/store")
 
 
+def test_a_store_opened_with_another_store_dir_refuses_before_making_that_dir(store_root, settings):
+    """`--store ROOT --store-dir /pure/other` on ROOT's /pure/store store (whose state dir it
+    shares) was refused only after ROOT/pure/other had been made, and left there."""
+    LocalStore.open(settings).close()
+    other = settings.evolve(store_dir="/pure/other")
+    with pytest.raises(StoreError, match="belongs to store dir '/pure/store', not '/pure/other'"):
+        LocalStore.open(other)
+    assert not os.path.lexists(other.real_store_dir)
+
+
 def test_add_path_copies_with_canonical_metadata_and_registers(store, tmp_path):
     src = make_tree(tmp_path / "src")
     sp = store.add_path(str(src))

@@ -139,19 +139,12 @@ class LocalStore(StoreQueries):
             store = cls(settings, db, _NoTempRoots(), durable=False)
             store.read_only = True
             return store
-        try:
-            os.makedirs(settings.real_store_dir, exist_ok=True)
-            os.makedirs(os.path.join(settings.real_store_dir, TMP_DIR), exist_ok=True)
-            for sub in ("db", "locks", "profiles", "log"):
-                os.makedirs(os.path.join(state, sub), exist_ok=True)
-            os.makedirs(temproots_dir(state), exist_ok=True)
-            os.makedirs(gcroots_dir(state), exist_ok=True)
-            os.makedirs(auto_roots_dir(state), exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create the store at {settings.real_store_dir!r} "
-                             f"(state {state!r}): {e.strerror}") from e
+        _make_dirs(settings, [*(os.path.join(state, sub) for sub in ("db", "locks", "profiles", "log")),
+                              temproots_dir(state), gcroots_dir(state), auto_roots_dir(state)])
+        # the database first: one made for another store dir refuses before that dir is made
         db = StoreDB(os.path.join(state, "db", "db.sqlite"), settings.store_dir)
         try:
+            _make_dirs(settings, [os.path.join(settings.real_store_dir, TMP_DIR)])
             temp_roots = TempRoots(state)
         except BaseException:
             db.close()
@@ -619,6 +612,15 @@ class LocalStore(StoreQueries):
         from .optimise import remove_unused_links
         remove_unused_links(self.real_store_dir)
         return order
+
+
+def _make_dirs(settings: Settings, dirs: list[str]) -> None:
+    try:
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the store at {settings.real_store_dir!r} "
+                         f"(state {settings.state_dir!r}): {e.strerror}") from e
 
 
 _REFERRED_HINT = "delete the paths that refer to it in the same call (`pure store referrers` lists them)"
