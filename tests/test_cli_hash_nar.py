@@ -212,3 +212,13 @@ def test_a_dangling_symlink_is_said_to_be_one(tmp_path):
 def test_hash_commands_show_examples_in_their_help(cmd):
     out = run_pure("hash", cmd, "--help").stdout
     assert f"examples:\n  pure hash {cmd} " in out and max(map(len, out.splitlines())) <= 100
+
+
+def test_restoring_under_a_missing_directory_names_that_directory(tmp_path):
+    """`pure nar restore nodir/out` said "'nodir/out': No such file or directory", as if DEST
+    had to exist, which it must not; the directory that is missing is named."""
+    from purestore.formats.nar import nar_of_bytes
+    p = run_pure("nar", "restore", tmp_path / "nodir" / "out", input=nar_of_bytes(b"x"), check=False)
+    assert p.returncode == 1 and p.stderr.decode() == (
+        f"error: cannot restore a NAR to '{tmp_path}/nodir/out': its parent directory '{tmp_path}/nodir': "
+        "No such file or directory\n")

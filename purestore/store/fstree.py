@@ -54,8 +54,9 @@ def restore_nar(source, dest: str, *, canonical: bool = False, direct: bool = Fa
     created = False
     try:
         pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StoreError(f"cannot restore a NAR to {dest!r}: {e.strerror}") from e
+    except OSError as e:  # (the parent is what is missing or unusable: name it)
+        raise StoreError(f"cannot restore a NAR to {dest!r}: its parent directory {parent!r}: "
+                         f"{e.strerror}") from e
     # New files inherit a default ACL of the directory as extended attributes: then the
     # canonical metadata needs the full pass after all (it strips them).
     walk_after = canonical and _has_default_acl(pfd)
