@@ -173,3 +173,11 @@ def test_a_directory_given_as_the_expression_file_is_said_to_be_one(tmp_path, pu
     p = pure("eval", tmp_path / "pkg", check=False)
     assert p.returncode == 1 and p.stderr == (f"error: expression file '{tmp_path}/pkg' is a directory\n"
                                               f"hint: give its '{tmp_path}/pkg/__init__.py'\n")
+
+
+def test_eval_of_an_empty_list_prints_no_line(tmp_path, pure):
+    """An empty list or dict printed one empty line, which a script reading the output paths
+    line by line took for a path; an empty string is still its one (empty) line."""
+    assert pure("eval", write(tmp_path / "l.py", "default = []\n")).stdout == ""
+    assert pure("eval", write(tmp_path / "d.py", "default = {'a': []}\n")).stdout == ""
+    assert pure("eval", write(tmp_path / "s.py", "default = ''\n")).stdout == "\n"

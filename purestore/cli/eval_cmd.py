@@ -125,6 +125,8 @@ def cmd_eval(args, ctx):
             lines: list[str] = []
             _value_lines(result.value, lines)
             text = "\n".join(lines)
+            if not lines:  # an empty list or dict: no line (not one empty line)
+                return 0
     except RecursionError:
         raise EvalError(f"{what} is nested too deeply to print as JSON") from None
     except ValueError as e:  # an int of more than sys.get_int_max_str_digits() digits
