@@ -62,7 +62,7 @@ def test_verify_sigs_needed_counts_local_and_cache_signatures(tmp_path):
     p = _b(tmp_path, *KEYS, "store", "verify", "--sigs-needed", "2", "-s", f"file://{cache}", app_p)
     assert p.returncode == 1
     assert "needs 2 valid signatures by trusted keys and has 1 (valid signature by trusted key 'test-key-1')" in p.stdout
-    assert "checked 1 paths" in p.stderr
+    assert "checked 1 path: 1 problem\n" in p.stderr  # (not "1 paths: 1 problem(s)")
     # plain verify (no --sigs-needed) does not judge trust
     assert _b(tmp_path, "store", "verify").returncode == 0
 

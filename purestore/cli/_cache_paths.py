@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+from ._words import counted
+
 
 def count_paths(n: int) -> str:
     """``1 path``, ``3 paths``."""
-    return f"{n} path" if n == 1 else f"{n} paths"
+    return counted(n, "path")
 
 
 def base_name_paths(texts):

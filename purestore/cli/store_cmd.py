@@ -189,10 +189,12 @@ def cmd_optimise(args, ctx) -> int:
     if args.json:
         _print_json(r.to_json())
         return 0
-    repaired = f"; {r.entries_repaired} damaged links replaced" if r.entries_repaired else ""
-    skipped = f"; {r.skipped} files left as they were (gone meanwhile, or at the link limit)" if r.skipped else ""
-    ctx.info(f"{r.linked} files hard-linked, {r.bytes_saved} bytes ({r.bytes_saved / (1 << 20):.2f} MiB) saved; "
-             f"{r.files} files in {r.paths} paths looked at{repaired}{skipped}")
+    from ._words import counted
+    repaired = f"; {counted(r.entries_repaired, 'damaged link')} replaced" if r.entries_repaired else ""
+    skipped = (f"; {counted(r.skipped, 'file')} left as they were (gone meanwhile, or at the link limit)"
+               if r.skipped else "")
+    ctx.info(f"{counted(r.linked, 'file')} hard-linked, {r.bytes_saved} bytes ({r.bytes_saved / (1 << 20):.2f} MiB) "
+             f"saved; {counted(r.files, 'file')} in {counted(r.paths, 'path')} looked at{repaired}{skipped}")
     return 0
 
 
@@ -330,8 +332,9 @@ def cmd_verify(args, ctx) -> int:
     else:
         for p in report.problems:
             print(f"{p.kind}: {p.message}")
-        ctx.info(f"checked {report.checked} paths: "
-                 + ("no problems" if report.ok else f"{len(report.problems)} problem(s)"))
+        from ._words import counted
+        ctx.info(f"checked {counted(report.checked, 'path')}: "
+                 + ("no problems" if report.ok else counted(len(report.problems), "problem")))
     return 0 if report.ok else 1
 
 
