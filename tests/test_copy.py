@@ -383,6 +383,12 @@ def test_key_public_says_why_it_has_no_secret_key_to_read(tmp_path):
         1, b"error: the secret key on standard input is not UTF-8 text"), r.stderr
     r = run_pure("key", "public", input=b"test-key-1:\xff\n", check=False, env={"PYTHONIOENCODING": "utf-8:strict"})
     assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+    # nothing on stdin (`< /dev/null`, an empty file): said so, not "not of the form name:base64"
+    for empty in (b"", b"\n"):
+        r = run_pure("key", "public", input=empty, check=False)
+        assert (r.returncode, r.stderr.splitlines()) == (1, [
+            b"error: standard input is empty: expected a secret key (NAME:BASE64)",
+            b"hint: give the secret key file on stdin: pure key public < FILE"]), r.stderr
 
 def test_key_generate_writes_both_files_or_neither(tmp_path):
     """An output that cannot be written is found before either key is: no half-made pair; and

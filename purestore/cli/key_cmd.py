@@ -146,6 +146,8 @@ def _read_secret_key_from_stdin() -> str:
         raise PurestoreError(f"{cannot}: it is a directory", hint=hint) from e
     except OSError as e:
         raise PurestoreError(f"{cannot}: {e.strerror}", hint=hint) from e
+    if not data.strip():  # (`pure key public < /dev/null`, an empty file, a closed pipe)
+        raise KeyError_("standard input is empty: expected a secret key (NAME:BASE64)", hint=hint)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
