@@ -17,8 +17,9 @@ FILE may also be a .drv store path, which is realised directly.
 Each build runs in a Linux namespace sandbox: it sees only its input closure (read-only), a
 writable /build and /tmp, no network (fixed-output derivations aside), uid 1000, hostname
 localhost, and exactly the environment of the derivation plus PATH=/path-not-set,
-HOME=/homeless-shelter, NIX_STORE, NIX_BUILD_CORES, NIX_BUILD_TOP, TMPDIR/TEMPDIR/TMP/TEMP/PWD=/build,
-NIX_LOG_FD=2, TERM=xterm-256color and SOURCE_DATE_EPOCH=315532800 (1980-01-01).
+HOME=/homeless-shelter, NIX_STORE, NIX_BUILD_CORES, NIX_BUILD_TOP,
+TMPDIR/TEMPDIR/TMP/TEMP/PWD=/build, NIX_LOG_FD=2, TERM=xterm-256color and
+SOURCE_DATE_EPOCH=315532800 (1980-01-01).
 
 result links are indirect GC roots. Logs are kept (zstd) in the state dir: `pure log PATH`.
 

@@ -88,9 +88,9 @@ for the prune); do not prune while Nix writes to it.
 
 An S3 bucket (s3://BUCKET[/PREFIX]?...) is pruned the same way, with one difference: a
 bucket records writes, not reads, so "used" there means pushed, or found already there by
-'pure copy --to' (which renews the narinfo's Last-Modified at most once an hour). With an age, unfinished
-multipart uploads started before it are aborted too. A bucket has no lock: do not prune
-while anyone pushes into the same prefix. Needs s3:ListBucket, s3:GetObject and
+'pure copy --to' (which renews the narinfo's Last-Modified at most once an hour). With an
+age, unfinished multipart uploads started before it are aborted too. A bucket has no lock: do
+not prune while anyone pushes into the same prefix. Needs s3:ListBucket, s3:GetObject and
 s3:DeleteObject (and s3:ListBucketMultipartUploads, s3:AbortMultipartUpload).
 """
 
@@ -117,13 +117,15 @@ for a cache whose paths an old key signed (key rotation), or a signature for pat
 without one. Like `nix store sign --store URL`.
 
   pure cache sign file:///srv/cache --key-file new.sec
-  pure cache sign https://cache.example.org/?token-file=up.token -r --key-file new.sec /pure/store/…-app
+  pure cache sign https://cache.example.org/?token-file=up.token -r \\
+      --key-file new.sec /pure/store/…-app
 
-Without PATHs every narinfo of a file:// or s3:// cache is signed (an HTTP cache cannot be listed; it
-must take uploads). A narinfo is signed only if a trusted key (--trusted-public-keys, or the
-trusted-public-keys setting) signed it already, unless --no-check-sigs; with --check-contents
-its NAR is also read and checked against it first. Every narinfo is checked before the first is
-rewritten, so a refusal changes nothing. Only Sig lines are added.
+Without PATHs every narinfo of a file:// or s3:// cache is signed (an HTTP cache cannot be
+listed; it must take uploads). A narinfo is signed only if a trusted key
+(--trusted-public-keys, or the trusted-public-keys setting) signed it already, unless
+--no-check-sigs; with --check-contents its NAR is also read and checked against it first.
+Every narinfo is checked before the first is rewritten, so a refusal changes nothing. Only Sig
+lines are added.
 """
 
 

@@ -35,8 +35,8 @@ def register(reg) -> None:
                 group="key", description="Read a secret key file on stdin; print its public key.")
 
     p = reg.command("sign", "sign valid paths with a secret key", cmd_store_sign, group="store",
-                    description="Add signatures by the secret key in KEYFILE to the path infos of "
-                                "valid paths (kept in the store database and copied into narinfos).")
+                    description="Add signatures by the secret key in KEYFILE to the path infos of valid\n"
+                                "paths (kept in the store database and copied into narinfos).")
     p.add_argument("--key-file", "-k", required=True, metavar="KEYFILE", action="append",
                    help="secret key file (may be repeated)")
     p.add_argument("-r", "--recursive", action="store_true", help="sign the closures of PATHs")
