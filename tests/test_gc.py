@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -13,7 +14,7 @@ import textwrap
 import pytest
 
 from conftest import pure_env, sandbox_build_reason
-from purestore.formats.hash import nix32_encode
+from purestore.formats.hash import fold20, nix32_encode
 from purestore.formats.path_info import PathInfo
 from purestore.formats.store_path import StorePath
 from purestore.store import fsnar
@@ -170,6 +171,26 @@ def test_a_result_link_in_a_directory_whose_name_is_not_utf8_roots_its_output(pu
     assert out not in pure("gc").stdout.split() and out in valid(pure)
     os.unlink(link)
     assert out in pure("gc").stdout.split()
+
+
+def test_a_result_link_whose_gc_root_cannot_be_made_is_not_left_unrooted(pure, tmp_path, store_root):
+    """When the GC root of ./result cannot be made (here a directory is in its place; for
+    another user's store, it is in a directory this user may not write), `pure build` made
+    ./result and then failed saying it could not create it: an unrooted link was left, whose
+    output the next collection deleted.  The link is taken away again, and the error names the
+    root."""
+    expr = busybox_expr(tmp_path, '''
+        default = sh("unrooted", "echo hi > $out")
+    ''')
+    out = _build(pure, expr, "--no-link", cwd=tmp_path).stdout.split()[-1]
+    link = os.fsencode(tmp_path / "result")
+    root = store_root / "pure/var/pure/gcroots/auto" / nix32_encode(fold20(hashlib.sha256(link).digest()))
+    (root / "in-the-way").mkdir(parents=True)  # where the root goes: a directory, not replaced
+    r = pure("build", expr, cwd=tmp_path, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot make the GC root "), r.stderr
+    assert "Traceback" not in r.stderr and "(no link made)" in r.stderr
+    assert [n for n in os.listdir(tmp_path) if n.startswith("result")] == []  # nor a temporary
+    assert out in valid(pure)
 
 
 @pytest.mark.slow

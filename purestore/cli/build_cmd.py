@@ -188,6 +188,21 @@ def _drv_arg(store, text: str, takes: str = "an expression file or a .drv store 
     return sp
 
 
+def _replace_symlink(target: str, link: str) -> None:
+    """Make ``link`` a symlink to ``target`` atomically (over what is there); no temporary is
+    left behind when it fails."""
+    tmp = f"{link}.tmp-{os.getpid()}"
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _link(ctx, store, results, drvs, base: str) -> list[str]:
     """Create result links (indirect GC roots); returns the links made."""
     from ..errors import StoreError
@@ -208,18 +223,31 @@ def _link(ctx, store, results, drvs, base: str) -> list[str]:
             if os.path.lexists(link) and not os.path.islink(link):
                 raise StoreError(f"cannot create the result link {link!r}: something else than a "
                                  "symlink is there (only a link is replaced)")
-            tmp = f"{link}.tmp-{os.getpid()}"
             try:
-                os.symlink(target, tmp)
-                os.replace(tmp, link)
-                root = os.path.join(auto_roots_dir(ctx.settings.state_dir),
-                                    nix32_encode(fold20(hashlib.sha256(os.fsencode(link)).digest())))
-                os.makedirs(os.path.dirname(root), exist_ok=True)
-                if os.path.islink(root):
-                    os.unlink(root)
-                os.symlink(link, root)
+                _replace_symlink(target, link)
             except OSError as e:
                 raise StoreError(f"cannot create the result link {link!r}: {e.strerror}") from e
+            # then its GC root (the output is temp-rooted by this process meanwhile; a root
+            # made first could be pruned as stale before the link exists, as Nix's order avoids).
+            # A root that cannot be made (a store this user may only read, a full disk) takes
+            # the link away again: left, it would look like a root while the next collection
+            # deletes what it points to.
+            root = os.path.join(auto_roots_dir(ctx.settings.state_dir),
+                                nix32_encode(fold20(hashlib.sha256(os.fsencode(link)).digest())))
+            try:
+                if not (os.path.islink(root) and os.readlink(root) == link):
+                    os.makedirs(os.path.dirname(root), exist_ok=True)
+                    _replace_symlink(link, root)
+            except OSError as e:
+                try:
+                    if os.readlink(link) == target:
+                        os.unlink(link)
+                except OSError:
+                    pass
+                raise StoreError(f"cannot make the GC root {root!r} of the result link {link!r} "
+                                 f"(no link made): {e.strerror}",
+                                 # (a store this user may only read: the CLI's hint says so)
+                                 hint=None if store.read_only else "--no-link builds without a result link") from e
             links.append(link)
     return links
 
