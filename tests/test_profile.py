@@ -150,6 +150,22 @@ def test_links_to_directories_of_other_store_paths_merge_in_a_rooted_store(pure,
     assert os.readlink(f"{real}/share/2.txt") == f"{wraps[1]}/share/2.txt"
 
 
+def test_a_package_that_is_a_link_to_another_store_path_installs_in_a_rooted_store(pure, tmp_path, store_root):
+    """A package whose store path is a symlink to another package's directory (an alias) is
+    installed in a rooted store too, where the link names the logical store dir that does not
+    exist on the host: the merge lists it through the store under the root.  (It listed the
+    link as it was and failed with "cannot build the user environment …: No such file or
+    directory", the case the merge of a package's entries already handled.)"""
+    lib = make_pkg(tmp_path, pure, "aliased", {"share/a.txt": "a"})
+    assert lib.startswith("/pure/store/") and not os.path.exists(lib)  # a rooted store
+    (tmp_path / "aliassrc").mkdir()
+    os.symlink(lib, tmp_path / "aliassrc" / "alias")
+    alias = pure("store", "add", tmp_path / "aliassrc" / "alias").stdout.strip()
+    env = pure("profile", "install", alias).stdout.strip()
+    real = os.path.join(store_root, env.lstrip("/"))
+    assert os.readlink(f"{real}/share") == f"{alias}/share"
+
+
 def test_generations_are_gc_roots_until_deleted(pure, pkgs):
     pure("profile", "install", pkgs["hello"])
     pure("profile", "install", pkgs["tool"])

@@ -418,7 +418,9 @@ def _merge_top(store, dst: str, pkgs: list[tuple[str, str, str]]) -> None:
     for real, logical, label in pkgs:
         if _host_kind(store, real) != "dir":
             raise ProfileError(f"cannot install {logical!r} ({label}): it is a file, not a directory")
-        for n in sorted(os.listdir(real)):
+        # (a package that is a symlink to another store path's directory names the logical
+        # store dir: in a rooted store only host_path finds it, as in _merge_entry)
+        for n in sorted(os.listdir(host_path(store, real))):
             if n == MANIFEST:
                 continue
             entries.setdefault(n, []).append((f"{real}/{n}", f"{logical}/{n}", label))
