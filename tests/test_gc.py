@@ -797,3 +797,21 @@ def test_gc_removes_temporary_log_files_of_dead_writers(store_root):
     assert "1 temporary build log files of killed builds removed" in p.stderr
     assert not stale.exists() and live.exists() and done.exists()
     assert json.loads(run_pure("gc", "--json", root=store_root).stdout)["logTempsRemoved"] == 0
+
+
+def test_gc_keeps_the_logs_of_derivations_whose_name_looks_like_a_temporary(store_root):
+    """A finished log of a derivation named `backup.tmp-<n>-1` (a valid name) was taken for a
+    temporary of a writer with pid <n>, and `pure gc` deleted it when no such process ran; only
+    the temporaries a build log is written to (<log>.zst.tmp-<pid>-<n>) are candidates now."""
+    from conftest import run_pure
+    run_pure("store", "ls", root=store_root)  # (creates the store)
+    d = store_root / "pure" / "var" / "pure" / "log" / "ab"
+    d.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    logs = [d / f"cdefghijklmnopqrstuvwxyz012345-backup.tmp-{dead.pid}-1.drv.zst",
+            d / f"cdefghijklmnopqrstuvwxyz012345-backup.tmp-{dead.pid}-1.drv.check-1.zst"]
+    for f in logs:
+        f.write_bytes(b"x")
+    assert json.loads(run_pure("gc", "--json", root=store_root).stdout)["logTempsRemoved"] == 0
+    assert all(f.exists() for f in logs)

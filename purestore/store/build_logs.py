@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import zstandard
 
@@ -21,6 +22,9 @@ def log_path(state_dir: str, drv_base: str, variant: str | None = None) -> str:
     return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + tail)
 
 
+_TEMP = re.compile(r"(.+\.zst\.tmp-)[0-9]+-[0-9]+")  # (see BuildLog: ``f"{path}.tmp-{pid}-{n}"``)
+
+
 def remove_stale_log_temps(state_dir: str) -> int:
     """Remove the temporary files of logs whose writer died (``<log>.tmp-<pid>-…`` of a pid that
     is not running: a SIGKILLed build); returns how many (``pure gc`` calls this)."""
@@ -32,11 +36,14 @@ def remove_stale_log_temps(state_dir: str) -> int:
         return 0
     for d in subdirs:
         try:
-            names = [x for x in os.listdir(d) if ".tmp-" in x]
+            # only what BuildLog names its temporary (``<log>.zst.tmp-<pid>-<n>``): a finished
+            # log ends in .zst, also one of a derivation named ``x.tmp-123-y`` (whose ``123``
+            # is no pid)
+            temps = [(x, m.group(1)) for x in os.listdir(d) if (m := _TEMP.fullmatch(x))]
         except OSError:
             continue
-        for name in names:
-            if writer_gone(name, name[:name.rindex(".tmp-") + len(".tmp-")]):
+        for name, prefix in temps:
+            if writer_gone(name, prefix):
                 try:
                     os.unlink(os.path.join(d, name))
                     n += 1
