@@ -712,6 +712,17 @@ def test_build_limits_reject_bad_values(pure, expr, tmp_path):
     conf.write_text("max-silent-time = soon\n")
     p = build(pure, tmp_path, f, check=False, env={"PURE_CONFIG": str(conf)})
     assert p.returncode != 0 and f"{conf}:1: max-silent-time must be an integer, got 'soon'" in p.stderr
+    # beyond 64 bits (Nix's time_t): refused; it ended in an OverflowError traceback when the
+    # builder started (the deadline is a float); the largest value is as good as no limit
+    big = "1" + "0" * 400
+    p = pure("--timeout", big, "build", f, cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "expected at most 9223372036854775807" in p.stderr, p.stderr
+    p = pure("--option", "max-silent-time", big, "build", f, cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert "--option: max-silent-time must be at most 9223372036854775807" in p.stderr
+    most = str(2**63 - 1)
+    assert pure("--timeout", most, "--max-silent-time", most, "build", f, "--no-link",
+                cwd=tmp_path).stdout.strip().endswith("-x")
 
 
 def test_a_build_log_that_cannot_be_written_is_an_error_and_leaves_nothing(pure, expr, tmp_path, store_root):

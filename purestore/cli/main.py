@@ -207,6 +207,9 @@ def _limit(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number (0: no limit), got {text!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected 0 (no limit) or more, got {text!r}")
+    from ..store.settings import INT_SETTING_MAX
+    if n > INT_SETTING_MAX:
+        raise argparse.ArgumentTypeError(f"expected at most {INT_SETTING_MAX}, got {text!r}")
     return n
 
 

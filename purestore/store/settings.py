@@ -29,6 +29,9 @@ _INT_KEYS = {"max-jobs", "cores", "narinfo-cache-negative-ttl", "connect-timeout
 _MIN = {"download-attempts": 1, "max-jobs": 0, "cores": 0, "narinfo-cache-negative-ttl": 0,
         "connect-timeout": 0, "stalled-download-timeout": 0, "max-silent-time": 0, "timeout": 0,
         "max-build-log-size": 0}
+# the largest value of a number setting: Nix's are 64-bit (time_t, uint64_t); a larger one
+# (a timeout of 10**400 seconds) ended in an OverflowError where it met a float
+INT_SETTING_MAX = 2**63 - 1
 _PATH_KEYS = {"netrc-file", "ssl-cert-file", "post-build-hook"}
 _BOOL_KEYS = {"keep-derivations", "keep-outputs", "offline", "sandbox", "require-provenance",
               "fsync-store-paths", "fallback"}
@@ -167,6 +170,8 @@ def parse_setting(key: str, value: str, loc: str, out: dict[str, object]) -> Non
             raise UsageError(f"{loc}: {key} must be an integer, got {value!r}") from None
         if key in _MIN and out[field] < _MIN[key]:  # type: ignore[operator]
             raise UsageError(f"{loc}: {key} must be at least {_MIN[key]}, got {value!r}")
+        if out[field] > INT_SETTING_MAX:  # type: ignore[operator]
+            raise UsageError(f"{loc}: {key} must be at most {INT_SETTING_MAX}, got {value!r}")
     elif key in _BOOL_KEYS:
         out[field] = _parse_bool(value, f"{loc}: {key}")
         if key == "sandbox" and not out[field]:
