@@ -191,6 +191,10 @@ def test_credentials_from_a_profile_and_a_reader_that_may_not_list(s3, tmp_path)
     ("http://host/?region=eu-west-1", "'region' applies to s3:// caches only"),
     ("s3://bucket?regin=x", "unknown parameter 'regin', expected one of buffer-size, compression, "),
     ("s3://bucket?endpoint=ftp://host", "endpoint must be HOST[:PORT]"),
+    # a host in brackets that is no IPv6 address, a '[' without its ']': a ValueError traceback
+    ("s3://bucket?endpoint=http://[minio]:9000", "endpoint must be HOST[:PORT], got 'http://[minio]:9000' "
+                                                 "(malformed host: "),
+    ("s3://bucket?endpoint=[::1:9000", "endpoint must be HOST[:PORT], got '[::1:9000' (malformed host: "),
     ("s3://bucket?endpoint=http://host&scheme=https", "endpoint 'http://host' and scheme 'https' disagree"),
 ])
 def test_bad_s3_urls(bad, message):

@@ -49,7 +49,14 @@ def http_url(cu: CacheURL) -> tuple[str, str, str]:
         endpoint = endpoint.rstrip("/")
         if not endpoint or "/" in endpoint:
             raise CacheError(f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got {cu.param('endpoint')!r}")
-        return f"{scheme}://{endpoint}/{bucket}/{prefix}", bucket, region
+        base = f"{scheme}://{endpoint}/{bucket}/{prefix}"
+        try:  # (parse_url checks the host of an http URL; this one comes from a parameter)
+            urllib.parse.urlsplit(base)
+        except ValueError as e:  # a '[' without its ']', or no IP address between them
+            raise CacheError(f"cache URL {cu.url!r}: endpoint must be HOST[:PORT], got "
+                             f"{cu.param('endpoint')!r} (malformed host: {e})",
+                             hint="an IPv6 address is written between '[' and ']': endpoint=[::1]:9000") from None
+        return base, bucket, region
     return f"{scheme or 'https'}://{bucket}.s3.{region}.amazonaws.com/{prefix}", bucket, region
 
 
