@@ -206,6 +206,21 @@ def test_a_path_the_collector_removes_meanwhile_is_skipped(store, tmp_path, monk
     assert r.entries_added == 3 and r.skipped == 0
 
 
+def test_a_leftover_temporary_of_a_killed_run_whose_pid_is_now_ours_is_removed(store, tmp_path):
+    """A run killed mid-link leaves <store dir>/.tmp-link-<pid>-<n>; when a later run gets the
+    same pid (pids are reused), the leftover is not "of a process that is gone", and its first
+    link failed: "cannot link ...: File exists". A run holds the .links lock, so a temporary
+    carrying its own pid when it starts is a leftover too."""
+    from purestore.store import optimise as opt
+    a, b, big = _paths(store, tmp_path)
+    for n in (1, 2):
+        with open(f"{store.real_store_dir}/.tmp-link-{os.getpid()}-{n}", "wb") as f:
+            f.write(b"left by a killed run")
+    r = opt.optimise_store(store)
+    assert r.linked == 2 and r.skipped == 0
+    assert [n for n in os.listdir(store.real_store_dir) if n.startswith(".tmp-link-")] == []
+
+
 def test_a_second_run_waits_for_the_first(store, store_root, tmp_path):
     """Two runs at once would undo each other's chmod and utime of a directory (seen as a user:
     store directories left with a new mtime or writable, "cannot replace ...: Permission

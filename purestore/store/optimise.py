@@ -65,13 +65,17 @@ def _fail(what: str, path: str, e: OSError) -> StoreError:
 
 
 def _remove_stale_temps(rsd: str) -> None:
-    """Temporary links of optimise runs that died (their pid is not running)."""
+    """Temporary links of optimise runs that died (their pid is not running, or is this
+    process's: a run holds the lock on ``.links`` and has made none yet, so one named by this
+    pid is a leftover of a killed run whose pid came round again, on which the first link of
+    this run would fail with EEXIST)."""
+    mine = f"{_TMP_PREFIX}{os.getpid()}-"
     try:
         names = [n for n in os.listdir(rsd) if n.startswith(_TMP_PREFIX)]
     except OSError:
         return
     for n in names:
-        if writer_gone(n, _TMP_PREFIX):
+        if n.startswith(mine) or writer_gone(n, _TMP_PREFIX):
             try:
                 os.unlink(os.path.join(rsd, n))
             except OSError:
