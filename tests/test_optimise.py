@@ -228,7 +228,6 @@ def test_a_second_run_waits_for_the_first(store, store_root, tmp_path):
     import fcntl
     import subprocess
     import sys
-    import time
     a, b, big = _paths(store, tmp_path)
     links = f"{store.real_store_dir}/.links"
     os.makedirs(links, exist_ok=True)
@@ -238,12 +237,13 @@ def test_a_second_run_waits_for_the_first(store, store_root, tmp_path):
         p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "store", "optimise", "--json"],
                              env=pure_env(store_root), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        # once it says it waits (a run that did not wait would end without the line: no hang)
+        said = p.stderr.readline()
+        assert "waiting for another 'pure store optimise' to finish" in said, said
         assert p.poll() is None and os.listdir(links) == []
         assert _ino(f"{store.real_path(a)}/lib/libx.so") != _ino(f"{store.real_path(b)}/share/libx.so")
     finally:
         os.close(fd)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
-    assert "waiting for another 'pure store optimise' to finish" in err
     assert json.loads(out)["linked"] == 2
