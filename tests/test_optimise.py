@@ -51,8 +51,8 @@ def test_equal_files_become_one_inode_and_nothing_else_changes(store, store_root
     before = {p: store.query_path_info(p).nar_hash for p in (a, b)}
     dir_times = {d: os.lstat(d).st_mtime_ns for d in (f"{ra}/lib", f"{rb}/share", rb)}
     p = run_pure("store", "optimise", "--json", root=store_root)
+    assert p.stdout.count("\n") == 1 and p.stdout.endswith("}\n"), p.stdout  # one JSON line
     r = json.loads(p.stdout)
-    assert p.stdout.count("\n") == 1  # one line (an empty one followed it)
     assert r["linked"] == 2 and r["bytesSaved"] == len(big) + 400 and r["paths"] == 2
     assert _ino(f"{ra}/lib/libx.so") == _ino(f"{rb}/share/libx.so")
     assert _ino(f"{ra}/bin/tool") == _ino(f"{rb}/tool")
