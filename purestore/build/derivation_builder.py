@@ -389,14 +389,32 @@ class DerivationBuilder:
             first = keep not in self.kept_checks
             self.kept_checks.add(keep)
 
+            # under a path lock named by the kept result: another process checking the same
+            # derivation at once removed this one's result while it was renamed into place (a
+            # FileNotFoundError or "Directory not empty" traceback), and `pure gc` takes that
+            # lock before it removes such a leftover
+            locks, lock_name = self.store.locks, os.path.basename(keep)
+
             def work(b=b, real=real, keep=keep, n=n, first=first):
-                d = check_mod.diff_trees(real, b.host_path)
-                if first:
-                    remove_tree(keep)
-                    os.rename(b.host_path, keep)
-                extra = check_mod.diffoscope(real, keep if first else b.host_path)
-                return [{"output": n, **x} for x in d], extra
-            d, extra = await trio.to_thread.run_sync(work)
+                if not locks.acquire(lock_name, blocking=False):
+                    return None  # (waited for below, outside the thread)
+                try:
+                    d = check_mod.diff_trees(real, b.host_path)
+                    if first:
+                        remove_tree(keep)
+                        os.rename(b.host_path, keep)
+                    extra = check_mod.diffoscope(real, keep if first else b.host_path)
+                    return [{"output": n, **x} for x in d], extra
+                finally:
+                    locks.release(lock_name)
+            told = False
+            while (done := await trio.to_thread.run_sync(work)) is None:
+                if not told:
+                    told = True
+                    self.progress.message(f"waiting for another process to finish checking "
+                                          f"'{self.store.print_path(b.info.path)}'")
+                await wait_lock_released(locks, lock_name)
+            d, extra = done
             where = (f"the new result is kept at {keep}" if first else
                      f"the new result is not kept: the first result that differed is kept at {keep}")
             lines = [f"output {n!r} of {node.label} differs ({kind}): "
