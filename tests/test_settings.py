@@ -201,3 +201,21 @@ def test_an_empty_store_root_is_an_error_not_the_current_directory(tmp_path):
     p = run_pure("--option", "store", "", "store", "ls", cwd=tmp_path, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: --option: store is empty\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_dir_that_is_not_utf8_is_a_usage_error(tmp_path):
+    """A store dir given with bytes that are not UTF-8 (--store-dir, PURE_STORE_DIR, --option
+    store-dir) cannot be hashed into store paths: it was a UnicodeEncodeError traceback when the
+    store's database recorded it; it is refused saying so."""
+    import subprocess
+    import sys
+
+    from conftest import pure_env
+    with pytest.raises(UsageError, match="must be UTF-8 text"):
+        load_settings(env={"PURE_CONFIG": "/dev/null"}, store_dir="/p\udcff")
+    for args, extra in ([[b"--store-dir", b"/p\xff"], {}], [[b"--option", b"store-dir", b"/p\xff"], {}],
+                        [[], {"PURE_STORE_DIR": "/p\udcff"}]):
+        r = subprocess.run([sys.executable, "-m", "purestore.cli.main", *args, b"store", b"ls"],
+                           capture_output=True, env=pure_env(None, extra={"PURE_STORE": str(tmp_path), **extra}))
+        assert r.returncode != 0 and b"Traceback" not in r.stderr, r.stderr
+        assert b"must be UTF-8 text" in r.stderr, r.stderr

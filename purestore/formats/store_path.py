@@ -51,6 +51,11 @@ def check_store_dir(store_dir: str) -> str:
         # Nix's store and its files would land in /nix/x
         raise InvalidStorePath(f"store dir {store_dir!r} must not have '.' or '..' components "
                                f"(write it as {posixpath.normpath(store_dir)!r})")
+    try:
+        store_dir.encode()
+    except UnicodeEncodeError:  # (bytes of the command line or environment that are not UTF-8)
+        raise InvalidStorePath(f"store dir {store_dir!r} must be UTF-8 text (it is hashed into every store "
+                               "path as UTF-8); it has bytes that are not") from None
     return store_dir
 
 
