@@ -155,6 +155,22 @@ def test_a_listing_that_no_nar_could_have_is_refused(tmp_path, root, said):
     assert f"error: listing file://{cache}/nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls is malformed: {said}" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("depth", [257, 5000])
+def test_a_listing_nested_deeper_than_a_nar_can_be_is_refused(tmp_path, depth):
+    """A listing of more than 256 nested directories (the NAR limit) is malformed; one nested
+    deeper than Python's JSON decoder goes was a RecursionError traceback."""
+    cache = tmp_path / "cache"
+    shutil.copytree(GOLD, cache)
+    root = '{"type": "regular", "size": 1}'
+    for _ in range(depth):
+        root = f'{{"type": "directory", "entries": {{"d": {root}}}}}'
+    (cache / "nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls").write_text(f'{{"version": 1, "root": {root}}}')
+    r = ls(cache, "-lR", TREE, check=False)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert (f"error: listing file://{cache}/nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls is malformed: "
+            in r.stderr and "nested more than 256 directories deep" in r.stderr), r.stderr
+
+
 def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
     """A file named by bytes that are not UTF-8: the .ls listing holds its bytes as they are
     (as Nix writes it), `cache ls` prints them (from the listing and from the NAR alike), and

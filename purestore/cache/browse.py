@@ -183,18 +183,20 @@ def _count(v) -> bool:
 
 
 def _from_listing(data: bytes, where: str) -> Node:
-    def node(obj, at: str) -> Node:
+    def node(obj, at: str, depth: int) -> Node:
         if not isinstance(obj, dict):
             raise ValueError(f"{at}: expected an object")
         t = obj.get("type")
         if t == "directory":
+            if depth >= _nar.MAX_DEPTH:  # (as the NAR reader counts: the root directory is depth 0)
+                raise ValueError(f"{at}: nested more than {_nar.MAX_DEPTH} directories deep, as no NAR can be")
             entries = obj.get("entries", {})
             if not isinstance(entries, dict):
                 raise ValueError(f"{at}: entries must be an object")
             for n in entries:  # a NAR's names: what a file system can hold in one directory
                 if n in ("", ".", "..") or "/" in n or "\0" in n:
                     raise ValueError(f"{at}: {n!r} is not a name a NAR can hold")
-            return Node("directory", entries={n: node(e, f"{at}/{n}") for n, e in sorted(entries.items())})
+            return Node("directory", entries={n: node(e, f"{at}/{n}", depth + 1) for n, e in sorted(entries.items())})
         if t == "symlink":
             target = obj.get("target")
             if not isinstance(target, str) or "\0" in target:
@@ -212,7 +214,10 @@ def _from_listing(data: bytes, where: str) -> Node:
         doc = json.loads(data.decode("utf-8", "surrogateescape"))  # Nix writes such names' bytes as they are
         if not isinstance(doc, dict) or doc.get("version") != 1:
             raise ValueError("not a version 1 listing")
-        return node(doc.get("root"), ".")
+        return node(doc.get("root"), ".", 0)
+    except RecursionError:  # (JSON nested deeper than Python's decoder goes: no NAR's listing)
+        raise CacheError(f"listing {where} is malformed: nested more than {_nar.MAX_DEPTH} directories deep, "
+                         "as no NAR can be") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CacheError(f"listing {where} is malformed: {e}") from None
 
