@@ -104,6 +104,26 @@ def test_push_equals_nix_golden_parallel_xz_and_debug_info(tmp_path, keyfile):
     assert (cache / "debuginfo" / f"{BUILD_ID}.debug").read_text() == "{}"
 
 
+def test_debug_links_from_a_listing_that_is_not_a_listings_shape_are_none():
+    """A copy between caches finds debug files in the source's .ls listing, which is not
+    signed: entries that are not an object, or JSON nested deeper than the decoder goes, were an
+    AttributeError or RecursionError traceback that stopped the copy; they link nothing."""
+    from purestore.cache.debug_info import debug_info_members
+
+    def listing(lib_entries) -> bytes:
+        return json.dumps({"version": 1, "root": {"type": "directory", "entries": {
+            "lib": {"type": "directory", "entries": lib_entries}}}}).encode()
+    ids = {"type": "directory", "entries": {BUILD_ID[:2]: {"type": "directory", "entries": {
+        f"{BUILD_ID[2:]}.debug": {"type": "regular", "size": 1}}}}}
+    good = listing({"debug": {"type": "directory", "entries": {".build-id": ids}}})
+    assert debug_info_members(good) == [(f"debuginfo/{BUILD_ID}.debug", f"lib/debug/.build-id/{BUILD_ID[:2]}/"
+                                                                      f"{BUILD_ID[2:]}.debug")]
+    for bad in (listing([1]), listing({"debug": {"type": "directory", "entries": "abc"}}),
+                listing({"debug": {"type": "directory", "entries": {".build-id": {**ids, "entries": [2]}}}}),
+                b"[" * 100000 + b"]" * 100000, b"null"):
+        assert debug_info_members(bad) == []
+
+
 def test_parallel_zstd_push_reads_back_and_differs_from_the_default(tmp_path, keyfile):
     root = tmp_path / "pure"
     path = run_pure("store", "add", make_parallel_tree(tmp_path / "tree"), root=root,

@@ -55,20 +55,25 @@ def debug_info_files(real: str) -> list[tuple[str, str]]:
 def debug_info_members(listing: bytes) -> list[tuple[str, str]]:
     """:func:`_debug_files` from a path's ``.ls`` listing instead of its files (a copy between
     caches has no store)."""
+    # (the listing is the source cache's, unsigned: anything that is not a listing's shape,
+    # entries that are no object or JSON nested past what the decoder takes, links nothing;
+    # they were an AttributeError or RecursionError traceback that stopped the whole copy)
     try:
         root = json.loads(listing.decode("utf-8", "surrogateescape")).get("root")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return []
+
+    def entries(n) -> dict:
+        e = n.get("entries") if isinstance(n, dict) and n.get("type") == "directory" else None
+        return e if isinstance(e, dict) else {}
 
     def node(parts):
         n = root
         for part in parts:
-            if not isinstance(n, dict) or n.get("type") != "directory":
-                return None
-            n = (n.get("entries") or {}).get(part)
+            n = entries(n).get(part)
         return n if isinstance(n, dict) else None
     return _debug_files(lambda parts: (node(parts) or {}).get("type"),
-                        lambda parts: list((node(parts) or {}).get("entries") or {}))
+                        lambda parts: list(entries(node(parts))))
 
 
 async def write_debug_links(backend: Backend, files: list[tuple[str, str]], nar_name: str) -> None:
