@@ -89,6 +89,19 @@ def test_signed_payload_that_is_not_a_slsa_statement_is_refused():
         verify_envelope(env.render(), parse_public_keys([PUBLIC]))
 
 
+def test_json_nested_too_deeply_is_a_provenance_error():
+    """An envelope (from a cache, not trusted yet) or a signed payload nested deeper than the
+    JSON decoder goes was a RecursionError, not the format's error."""
+    deep = b"[" * 100000 + b"]" * 100000
+    with pytest.raises(ProvenanceError, match="nested too deeply"):
+        Envelope.parse(deep)
+    with pytest.raises(ProvenanceError, match="nested too deeply"):
+        Envelope.parse(b'{"payloadType": "x", "payload": "", "signatures": ' + deep + b"}")
+    env = Envelope.sign(deep, SecretKey.parse(SECRET))
+    with pytest.raises(ProvenanceError, match="nested too deeply"):
+        verify_envelope(env.render(), parse_public_keys([PUBLIC]))
+
+
 @hsettings(max_examples=50, deadline=None)
 @given(st.data())
 def test_random_corruption_raises_provenance_error_only(data):

@@ -89,6 +89,8 @@ class Envelope:
             obj = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ProvenanceError(f"{where}: not a DSSE envelope: invalid JSON ({e})") from e
+        except RecursionError:  # (JSON nested deeper than the decoder goes: no envelope is)
+            raise ProvenanceError(f"{where}: not a DSSE envelope: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise ProvenanceError(f"{where}: expected a JSON object (DSSE envelope), got {type(obj).__name__}")
         for k in ("payloadType", "payload", "signatures"):
@@ -315,6 +317,8 @@ def verify_envelope(data: bytes | str, trusted: Mapping[str, PublicKey],
         statement = json.loads(env.payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProvenanceError(f"{where}: the signed payload is not JSON") from e
+    except RecursionError:
+        raise ProvenanceError(f"{where}: the signed payload is JSON nested too deeply for a statement") from None
     return VerifiedStatement(check_statement(statement, where), key_name)
 
 
