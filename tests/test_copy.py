@@ -526,6 +526,11 @@ def test_push_to_cache_of_other_store_dir_is_refused(tmp_path, keyfile):
      "cache URL 'file:///x': cannot write compression 'ZSTD', expected one of zstd, xz, none"),
     ("--to", "file:///x?compression-level=abc",
      "cache URL 'file:///x?compression-level=abc': compression-level must be an integer, got 'abc'"),
+    # empty (a variable left unset): it was taken for the default, zstd at level 3
+    ("--to", "file:///x?compression=",
+     "cache URL 'file:///x': cannot write compression '', expected one of zstd, xz, none"),
+    ("--to", "file:///x?compression-level=",
+     "cache URL 'file:///x?compression-level=': compression-level must be an integer, got ''"),
     ("--to", "file:///x?bogus=1", "unknown parameter 'bogus'"),
     ("--to", "file:///x?compression-level=99", "cache URL 'file:///x': zstd compression level must be -131072..22 (-1 or 0: the default, 3), got 99"),
     # the path is valid already, so nothing is fetched: the URL is checked all the same

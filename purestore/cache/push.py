@@ -157,13 +157,15 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
         if not same:
             raise CacheError(f"cache URL {where!r} asks for {param}={given}, the option for "
                              f"{str(option).lower()}: give it once")
-    method = compression or cu.param("compression") or "zstd"
+    # (an empty ?compression= or ?compression-level=, a variable left unset, is not the
+    # default: it was taken as zstd at level 3 without a word)
+    method = compression or cu.param("compression", "zstd")
     if method not in WRITABLE:  # (an error that names where it came from, as for the level)
         raise CacheError(f"{'compression' if compression else f'cache URL {where!r}'}: cannot write "
                          f"compression {method!r}, expected one of {', '.join(WRITABLE)}")
     ext = extension(method)
     chosen_by = "--compression-level" if level is not None else f"cache URL {where!r}"  # for an error
-    if level is None and cu.param("compression-level"):
+    if level is None and cu.param("compression-level") is not None:
         try:
             level = int(cu.param("compression-level"))  # type: ignore[arg-type]
         except ValueError:
