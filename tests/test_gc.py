@@ -193,6 +193,17 @@ def test_a_result_link_whose_gc_root_cannot_be_made_is_not_left_unrooted(pure, t
     assert out in valid(pure)
 
 
+def test_a_result_link_temporary_left_by_a_killed_run_with_this_pid_is_replaced(tmp_path):
+    """`pure build` makes ./result through ./result.tmp-<its pid>; one killed between the two
+    steps leaves that temporary, and a later run that got the same pid failed with "cannot
+    create the result link ...: File exists".  The leftover is replaced."""
+    from purestore.cli.build_cmd import _replace_symlink
+    link = str(tmp_path / "result")
+    os.symlink("/pure/store/old", f"{link}.tmp-{os.getpid()}")  # as a killed run left it
+    _replace_symlink("/pure/store/new", link)
+    assert os.readlink(link) == "/pure/store/new" and os.listdir(tmp_path) == ["result"]
+
+
 @pytest.mark.slow
 def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root):
     """A collection while `pure build` runs deletes neither its .drv nor its inputs; the build

@@ -190,9 +190,15 @@ def _drv_arg(store, text: str, takes: str = "an expression file or a .drv store 
 
 def _replace_symlink(target: str, link: str) -> None:
     """Make ``link`` a symlink to ``target`` atomically (over what is there); no temporary is
-    left behind when it fails."""
+    left behind when it fails.  The temporary is named by this process, which makes one at a
+    time: one there already is a leftover of a killed run that had this pid (pids are reused),
+    on which the symlink failed with 'File exists'."""
     tmp = f"{link}.tmp-{os.getpid()}"
-    os.symlink(target, tmp)
+    try:
+        os.symlink(target, tmp)
+    except FileExistsError:
+        os.unlink(tmp)
+        os.symlink(target, tmp)
     try:
         os.replace(tmp, link)
     except BaseException:
