@@ -221,6 +221,29 @@ def test_a_leftover_temporary_of_a_killed_run_whose_pid_is_now_ours_is_removed(s
     assert [n for n in os.listdir(store.real_store_dir) if n.startswith(".tmp-link-")] == []
 
 
+def test_a_link_the_collector_removes_meanwhile_is_made_again(store, tmp_path, monkeypatch):
+    """As documented: an entry of .links that `pure gc` removes while a file is being linked to
+    it is made again from that file.  (The file was skipped: "left as they were", counted as
+    skipped, and its path was not deduplicated.)"""
+    from purestore.store import optimise as opt
+    a, b, big = _paths(store, tmp_path)
+    assert opt.optimise_store(store, [a]).entries_added == 3
+    links = f"{store.real_store_dir}/.links/"
+
+    def hash_then_collect(path):
+        r = real_hash(path)
+        if path.startswith(links):  # the entry, rehashed before use: then collected
+            os.unlink(path)
+        return r
+    real_hash = opt.hash_path
+    monkeypatch.setattr(opt, "hash_path", hash_then_collect)
+    r = opt.optimise_store(store, [b])
+    assert r.skipped == 0 and r.entries_added == 3, r
+    rb = store.real_path(b)
+    for rel in ("share/libx.so", "tool"):
+        assert os.stat(f"{links}{real_hash(f'{rb}/{rel}')[0].nix32}").st_ino == _ino(f"{rb}/{rel}")
+
+
 def test_a_second_run_waits_for_the_first(store, store_root, tmp_path):
     """Two runs at once would undo each other's chmod and utime of a directory (seen as a user:
     store directories left with a new mtime or writable, "cannot replace ...: Permission

@@ -172,7 +172,10 @@ class _Optimiser:
                 self.linked_inodes.add(st.st_ino)
                 return
             if name not in self.checked:
-                good = stat.S_ISREG(lst.st_mode) and hash_path(link)[0] == h
+                try:
+                    good = stat.S_ISREG(lst.st_mode) and hash_path(link)[0] == h
+                except FileNotFoundError:  # the collector removed the entry meanwhile
+                    continue
                 if not good:  # a damaged entry: this file (just hashed) takes its place
                     tmp = self._tmp()
                     try:
@@ -192,21 +195,25 @@ class _Optimiser:
                     self.linked_inodes.add(st.st_ino)
                     return
                 self.checked.add(name)
-            if self._replace(path, link, st):
+            done = self._replace(path, link, st)
+            if done is None:  # the collector removed the entry meanwhile: made again from this file
+                self.checked.discard(name)
+                continue
+            if done:
                 self.linked += 1
                 self.saved += st.st_size
                 self.linked_inodes.add(lst.st_ino)
             return
         self.skipped += 1
 
-    def _replace(self, path: str, link: str, st: os.stat_result) -> bool:
-        """``path`` becomes a hard link to ``link``; False when it could not (gone, too many links)."""
+    def _replace(self, path: str, link: str, st: os.stat_result) -> bool | None:
+        """``path`` becomes a hard link to ``link``; False when it could not (gone, too many
+        links), None when ``link`` is gone (the collector removed it: no path used it)."""
         tmp = self._tmp()
         try:
             os.link(link, tmp)
         except FileNotFoundError:  # the collector removed the entry meanwhile
-            self.skipped += 1
-            return False
+            return None
         except OSError as e:
             if e.errno == errno.EMLINK:  # the file system's limit of links to one inode
                 self.skipped += 1
