@@ -261,7 +261,9 @@ def test_a_second_run_waits_for_the_first(store, store_root, tmp_path):
                              env=pure_env(store_root), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         # once it says it waits (a run that did not wait would end without the line: no hang)
-        said = p.stderr.readline()
+        said = ""
+        while "waiting for another" not in said and (line := p.stderr.readline()):
+            said += line
         assert "waiting for another 'pure store optimise' to finish" in said, said
         assert p.poll() is None and os.listdir(links) == []
         assert _ino(f"{store.real_path(a)}/lib/libx.so") != _ino(f"{store.real_path(b)}/share/libx.so")
