@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ TOOLS = '''
     hooked = sh("hooked", "mkdir $out", shellHook="export GREETING=from-hook; echo hook-ran")
     many = sh("many-1.0", "mkdir -p $out/bin; for i in $(seq -w 1 30); do echo exit > $out/bin/prog$i; "
               "chmod +x $out/bin/prog$i; done")
+    plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
 '''
 
 
@@ -293,6 +295,51 @@ def test_shell_hook_runs_before_the_command_and_the_prompt(pure, expr, tmp_path)
     p = pure("shell", expr, "-A", "hooked", "-A", "tools", "--pure", input='echo "again $GREETING"\nexit\n',
              cwd=tmp_path)
     assert "again from-hook" in p.stdout
+
+
+def _interactive(expr, tmp_path, store_root, *args, env) -> str:
+    """`pure shell EXPR ARGS` with its stdin, stdout and stderr on a pseudo-terminal (so that
+    the shell is interactive); types a line that prints P=$PATH, S=$PS1 and M=$MARK; returns
+    the terminal's output."""
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, *args], cwd=tmp_path,
+                         env=pure_env(store_root, extra=env), stdin=slave, stdout=slave, stderr=slave,
+                         start_new_session=True)
+    os.close(slave)
+    os.write(master, b'echo "P=$PATH"; echo "S=$PS1"; echo "M=$MARK"; exit\n')
+    data = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(master)
+    assert p.wait(timeout=120) == 0, data
+    return data.decode(errors="replace").replace("\r", "")
+
+
+@pytest.mark.skipif(not os.access("/bin/bash", os.X_OK), reason="no /bin/bash on this host")
+def test_an_interactive_bash_keeps_the_environment_s_path_and_prompt(expr, tmp_path, store_root):
+    """An interactive bash (the host's, for an environment without a shell) read ~/.bashrc,
+    whose PATH went in front of the environment's, and into a --pure shell's PATH (and
+    /etc/bash.bashrc replaced the prompt).  As in nix-shell: --pure reads no ~/.bashrc, an
+    impure shell reads it and then puts the environment's bin directories first again."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text('export PATH="/from-bashrc/bin:$PATH"\nMARK=bashrc-read\nPS1="bashrc$ "\n')
+    env = {"HOME": str(home), "TERM": "dumb", "PATH": "/usr/bin:/bin"}
+    out = _interactive(expr, tmp_path, store_root, "-A", "plain", "--pure", env=env)
+    path = re.search(r"^P=(/.*)$", out, re.M).group(1).split(":")
+    assert len(path) == 1 and path[0].startswith("/pure/store/") and path[0].endswith("-plain-1.0/bin"), out
+    assert re.search(r"^S=\[pure-shell:\\w\]\$ $", out, re.M) and re.search(r"^M=$", out, re.M), out
+    out = _interactive(expr, tmp_path, store_root, "-A", "plain", env=env)
+    path = re.search(r"^P=(/.*)$", out, re.M).group(1).split(":")
+    assert path[0].endswith("-plain-1.0/bin") and "/from-bashrc/bin" in path and path[-2:] == ["/usr/bin", "/bin"]
+    assert re.search(r"^M=bashrc-read$", out, re.M), out
 
 
 def _ignored_signals(status: str) -> int:

@@ -226,7 +226,7 @@ def _inputs(ctx, store, built) -> None:
 
 def cmd_shell(args, ctx) -> int:
     from ..env.namespace import spawn
-    from ..env.shell import shell_environment
+    from ..env.shell import interactive_rc, shell_environment
 
     with ctx.open_store() as store:
         built = _built(ctx, store, args)
@@ -240,18 +240,18 @@ def cmd_shell(args, ctx) -> int:
         argv = [senv.shell]
         ctx.info(f"entering a {'pure ' if args.pure else ''}shell with "
                  f"{len(senv.paths)} store paths ({senv.shell}); exit to leave")
-        if not senv.hook:
-            return spawn(argv, env, settings=ctx.settings)
         import tempfile
-        # an interactive bash reads --rcfile, a POSIX sh reads $ENV: both get the hook
-        with tempfile.NamedTemporaryFile("w", prefix="pure-shell-hook-", suffix=".sh") as rc:
-            rc.write(senv.hook + "\n")
+        # what an interactive shell reads first (the user's rc file, then PATH and PS1 made
+        # the environment's again, then the hook): bash reads --rcfile, a POSIX sh $ENV
+        with tempfile.NamedTemporaryFile("w", prefix="pure-shell-rc-", suffix=".sh") as rc:
+            rc.write(interactive_rc(senv, env))
             rc.flush()
             if senv.shell.endswith("/bash"):
-                argv += ["--rcfile", rc.name, "-i"]
+                argv += ["--rcfile", rc.name]
             else:
                 env["ENV"] = rc.name
-                argv.append("-i")  # read $ENV even when stdin is not a terminal
+            if senv.hook:
+                argv.append("-i")  # the hook runs even when stdin is not a terminal
             return spawn(argv, env, settings=ctx.settings)
 
 

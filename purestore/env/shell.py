@@ -16,7 +16,8 @@ environment is cleared except ``HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL`` 
 (so ``pure`` inside the shell still finds its store), and PATH holds store paths only.
 ``IN_PURE_SHELL`` is ``pure`` or ``impure``; ``PURE_STORE`` and ``PURE_STORE_DIR`` name this store
 (given with ``--store``/``--store-dir`` or not), so that ``pure`` inside uses it.  A derivation's ``shellHook`` attribute is run by
-the shell before the command (or before the prompt), as in ``nix-shell``.
+the shell before the command (or before the prompt), as in ``nix-shell``; an interactive shell
+reads :func:`interactive_rc` first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class ShellEnv:
     env: dict                      # the full environment for the program
     shell: str                     # the shell to run (logical path, or a host shell)
     hook: str = ""                 # the derivations' shellHook attributes, joined
+    path_dirs: str = ""            # the environment's own part of PATH (its bin directories)
+    pure: bool = False
 
 
 def shell_hook(store, built: Iterable[Built]) -> str:
@@ -106,8 +109,7 @@ def make_environment(store, paths: list[StorePath], *, pure: bool,
     else:
         env = dict(base)
     for var, subdirs in SEARCH_VARS:
-        dirs = [f"{store.print_path(p)}/{s}" for p in paths for s in subdirs
-                if _isdir(store, f"{store.real_path(p)}/{s}")]
+        dirs = _search_dirs(store, paths, subdirs)
         old = env.get(var) if not pure else None
         if dirs or old:
             env[var] = ":".join(dirs + ([old] if old else []))
@@ -121,6 +123,11 @@ def make_environment(store, paths: list[StorePath], *, pure: bool,
         env["PURE_STORE"] = settings.root
         env["PURE_STORE_DIR"] = settings.store_dir
     return env
+
+
+def _search_dirs(store, paths: list[StorePath], subdirs: tuple[str, ...]) -> list[str]:
+    return [f"{store.print_path(p)}/{s}" for p in paths for s in subdirs
+            if _isdir(store, f"{store.real_path(p)}/{s}")]
 
 
 def _isdir(store, real: str) -> bool:
@@ -148,7 +155,36 @@ def find_shell(store, paths: list[StorePath]) -> str:
 def shell_environment(store, built: list[Built], *, pure: bool, base: Mapping[str, str] | None = None) -> ShellEnv:
     paths = environment_paths(store, built)
     env = make_environment(store, paths, pure=pure, base=base)
-    return ShellEnv(tuple(paths), env, find_shell(store, paths), shell_hook(store, built))
+    return ShellEnv(tuple(paths), env, find_shell(store, paths), shell_hook(store, built),
+                    ":".join(_search_dirs(store, paths, ("bin",))), pure)
+
+
+def interactive_rc(senv: ShellEnv, env: Mapping[str, str]) -> str:
+    """The file an interactive shell of ``senv`` reads first (bash's ``--rcfile``, sh's
+    ``$ENV``), as ``nix-shell``'s: without ``--pure`` the user's own (``~/.bashrc`` for bash, the
+    caller's ``$ENV`` for sh; with ``--pure`` none); then ``PATH`` made the environment's again
+    (an rc file, or the system's ``/etc/bash.bashrc`` that bash reads first, may set it: a
+    ``--pure`` shell's PATH is the store's only, an impure one's starts with the environment's
+    directories) and ``PS1`` set to ``env``'s; then the derivations' ``shellHook``.  ``env`` is
+    the shell's environment (``senv.env`` with its ``PS1``)."""
+    import shlex
+
+    lines = []
+    if not senv.pure:
+        if senv.shell.endswith("/bash"):
+            lines.append('[ -e "$HOME/.bashrc" ] && . "$HOME/.bashrc"')
+        elif env.get("ENV"):
+            lines.append(f"[ -r {shlex.quote(env['ENV'])} ] && . {shlex.quote(env['ENV'])}")
+    if senv.pure:
+        lines.append(f"PATH={shlex.quote(env.get('PATH', ''))}")
+    elif senv.path_dirs:  # (left alone when it starts with them: a PATH only appended to)
+        d = shlex.quote(senv.path_dirs)
+        lines.append(f'case "$PATH" in {d}|{d}:*) ;; *) PATH={d}"${{PATH:+:$PATH}}" ;; esac')
+    if "PS1" in env:
+        lines.append(f"PS1={shlex.quote(env['PS1'])}")
+    if senv.hook:
+        lines.append(senv.hook)
+    return "\n".join(lines) + "\n"
 
 
 def find_program(store, built: Built, program: str | None) -> str:
