@@ -120,6 +120,25 @@ def test_the_same_package_given_twice_is_installed_once(pure, pkgs):
         f"0 hello-1.0 {pkgs['hello']}", f"1 tool-2.0 {pkgs['tool']}"]
 
 
+def test_installing_what_is_installed_makes_no_new_generation(pure, pkgs, tmp_path, store_root):
+    """Each `install` added a generation, also one identical to the newest (installing hello
+    again piled up generations), and a reinstalled package moved to the end of the list.  As in
+    Nix, a user environment the newest generation already has is switched to, not added; a
+    replaced package keeps its place."""
+    pure("profile", "install", pkgs["hello"], pkgs["tool"])
+    r = pure("profile", "install", pkgs["hello"])
+    assert "profile 'default' is unchanged: generation 1 has this already" in r.stderr, r.stderr
+    assert sorted(os.listdir(profile_dir(store_root))) == ["default", "default-1-link", "default.lock"]
+    newer = make_pkg(tmp_path, pure, "hello-1.1", {"bin/hello": "#!/bin/sh\necho hello 1.1\n"})
+    pure("profile", "install", newer)
+    assert pure("profile", "list").stdout.splitlines() == [f"0 hello-1.1 {newer}", f"1 tool-2.0 {pkgs['tool']}"]
+    pure("profile", "rollback")
+    r = pure("profile", "install", newer)  # what generation 2 holds: back to it
+    assert "profile 'default' is now at generation 2" in r.stderr, r.stderr
+    assert [g["generation"] for g in json.loads(pure("profile", "history", "--json").stdout)] == [1, 2]
+    assert os.readlink(os.path.join(profile_dir(store_root), "default")) == "default-2-link"
+
+
 def test_collisions_are_refused(pure, pkgs, tmp_path):
     other = make_pkg(tmp_path, pure, "other-hello", {"bin/hello": "#!/bin/sh\necho another\n"})
     pure("profile", "install", pkgs["hello"])
@@ -184,7 +203,7 @@ def test_deleting_a_generation_named_twice_deletes_it_once(pure, pkgs, store_roo
     traceback on unlinking its link again; the repeated number now counts once."""
     pure("profile", "install", pkgs["hello"])
     pure("profile", "install", pkgs["tool"])
-    pure("profile", "install", pkgs["hello"])
+    pure("profile", "remove", "hello")
     r = pure("profile", "delete-generations", "1", "2", "1", check=False)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("deleted generations 1, 2 of profile 'default'")

@@ -106,13 +106,17 @@ def cmd_profile_install(args, ctx) -> int:
             with warnings_to(progress.message):
                 built += realise_installables(store, ctx.settings, what, args.attr or [None],
                                               include_paths=args.include, progress=progress, fork_worker=True)
+        before = prof.current_number()
         gen = prof.install([element_for(store, list(b.outputs), b.source) for b in built])
         said = set()
         for b in built:  # (a package given twice is installed once, and said once)
             if tuple(b.outputs) not in said:
                 said.add(tuple(b.outputs))
                 ctx.info(f"installed {b.name} ({', '.join(store.print_path(p) for p in b.outputs)})")
-        ctx.info(f"profile {prof.name!r} is now at generation {gen.number}")
+        if gen.number == before:
+            ctx.info(f"profile {prof.name!r} is unchanged: generation {gen.number} has this already")
+        else:
+            ctx.info(f"profile {prof.name!r} is now at generation {gen.number}")
         print(gen.path)
     return 0
 

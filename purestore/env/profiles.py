@@ -200,10 +200,17 @@ class Profile:
             raise ProfileError(f"cannot switch profile {self.link!r} to generation {n}: {e.strerror}") from e
 
     def set_elements(self, elements: list[Element]) -> Generation:
-        """Make a new generation holding ``elements`` and switch to it (caller holds the lock)."""
+        """Make a new generation holding ``elements`` and switch to it (caller holds the lock);
+        when the newest generation holds just these, switch to that one instead."""
         env = build_user_environment(self.store, elements)
         env_path = self.store.print_path(env)
         gens = self.generations()
+        if gens and gens[-1].path == env_path:
+            # the newest generation holds this already: no new one (as Nix: installing what is
+            # installed does not pile up generations); switched to it, e.g. after a rollback
+            if not gens[-1].current:
+                self._switch_to(gens[-1].number)
+            return attrs.evolve(gens[-1], current=True)
         n = (gens[-1].number if gens else 0) + 1
         link = self._gen_link(n)
         try:
@@ -227,9 +234,19 @@ class Profile:
             for p in e.store_paths:
                 self.store.parse_path(p, valid=True)
         with self.locked():
-            pnames = {e.pname for e in new}
-            kept = [e for e in self.elements() if e.pname not in pnames]
-            return self.set_elements(kept + new)
+            # a replaced element keeps its place (and its index in `list`), so that installing
+            # what is installed already changes nothing
+            by_pname: dict[str, list[Element]] = {}
+            for e in new:
+                by_pname.setdefault(e.pname, []).append(e)
+            elements: list[Element] = []
+            for e in self.elements():
+                if e.pname not in by_pname:
+                    elements.append(e)
+                elif not any(e2 in elements for e2 in by_pname[e.pname]):
+                    elements += by_pname[e.pname]
+            elements += [e for e in new if e not in elements]
+            return self.set_elements(elements)
 
     def remove(self, selectors: Iterable[str]) -> tuple[Generation, list[Element]]:
         """Remove the elements matching ``selectors`` (an index from ``list``, a name, a name
