@@ -23,6 +23,9 @@ TOOLS = '''
     hooked = sh("hooked", "mkdir $out", shellHook="export GREETING=from-hook; echo hook-ran")
     many = sh("many-1.0", "mkdir -p $out/bin; for i in $(seq -w 1 30); do echo exit > $out/bin/prog$i; "
               "chmod +x $out/bin/prog$i; done")
+    orphan = sh("orphan-1.0", "mkdir -p $out/bin; printf '#!/nonexistent/sh\\\\necho x\\\\n' > $out/bin/orphan; "
+                "chmod +x $out/bin/orphan")
+    noshebang = sh("noshebang-1.0", "mkdir -p $out/bin; echo 'echo x' > $out/bin/noshebang; chmod +x $out/bin/noshebang")
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
 '''
 
@@ -104,6 +107,18 @@ def test_run_of_a_package_without_programs_says_so(pure, expr, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "-hooked has no program to run: it has no bin/ directory\n" in r.stderr, r.stderr
     assert "--program" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_of_a_script_that_cannot_start_says_why(pure, expr, tmp_path):
+    """A script whose #! interpreter is missing: execve's ENOENT was reported as "cannot start
+    …/bin/orphan: No such file or directory", about a file that is there.  The error names the
+    missing interpreter; a file with no #! line says it has none."""
+    r = pure("run", expr, "-A", "orphan", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
+        "-orphan-1.0/bin/orphan: the interpreter its #! line names, '/nonexistent/sh', does not exist"), r.stderr
+    r = pure("run", expr, "-A", "noshebang", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
+        "/bin/noshebang: Exec format error: it is neither an ELF program nor a script starting with a #! line"), r.stderr
 
 
 @pytest.mark.parametrize("args", [[], ["-A", "hello"], ["--"]])

@@ -116,6 +116,30 @@ def enter_store_namespace(real_store_dir: str, store_dir: str, scratch: str, cwd
         os.chdir("/")
 
 
+def _why_not_executed(path: str, err: int) -> str | None:
+    """Why ``execve(path)`` failed with ENOENT although ``path`` is there (the interpreter its
+    ``#!`` line names, or an ELF program's dynamic loader, is missing), or with ENOEXEC (it has
+    no ``#!`` line).  None when ``path`` itself is missing or this cannot be told."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if err == errno.ENOEXEC:
+        return None if head.startswith((b"#!", b"\x7fELF")) else \
+            "Exec format error: it is neither an ELF program nor a script starting with a #! line"
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        if words:
+            interp = os.fsdecode(words[0])
+            if not os.path.exists(interp):
+                return f"the interpreter its #! line names, {interp!r}, does not exist"
+            return f"the interpreter its #! line names, {interp!r}, cannot be started: No such file or directory"
+    elif head.startswith(b"\x7fELF"):
+        return "its dynamic loader (the ELF interpreter it names) does not exist"
+    return None
+
+
 def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | None = None) -> int:
     """Run ``argv`` (``argv[0]`` an absolute path as seen inside) with ``env``; wait; return its
     exit status (128 + signal number when killed by a signal).
@@ -176,6 +200,8 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
             try:
                 stage = "start " + argv[0] if isinstance(e, OSError) and e.filename == argv[0] else "set up the store namespace"
                 msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                if isinstance(e, OSError) and e.filename == argv[0] and e.errno in (errno.ENOENT, errno.ENOEXEC):
+                    msg = _why_not_executed(argv[0], e.errno) or msg
                 os.write(w, f"{stage}\0{msg}\0{getattr(e, 'errno', 0) or 0}".encode())
             finally:
                 os._exit(127)
