@@ -139,6 +139,23 @@ def test_installing_what_is_installed_makes_no_new_generation(pure, pkgs, tmp_pa
     assert os.readlink(os.path.join(profile_dir(store_root), "default")) == "default-2-link"
 
 
+def test_profile_names_may_have_dashes_and_profiles_keep_their_own_generations(pure, pkgs, store_root):
+    """`-p my-tools` was refused ("bad profile name"): names with '-' are common (Nix allows
+    them).  A profile whose name starts like another's ('my' and 'my-tools') has its own
+    generations; names that would clash with generation or temporary links stay refused."""
+    pure("profile", "install", "-p", "my-tools", pkgs["hello"])
+    pure("profile", "install", "-p", "my-tools", pkgs["tool"])
+    pure("profile", "install", "-p", "my", pkgs["tool"])
+    assert [g["generation"] for g in json.loads(pure("profile", "history", "-p", "my-tools", "--json").stdout)] == [1, 2]
+    assert [g["generation"] for g in json.loads(pure("profile", "history", "-p", "my", "--json").stdout)] == [1]
+    pure("profile", "rollback", "-p", "my-tools")
+    assert pure("profile", "list", "-p", "my-tools").stdout.splitlines() == [f"0 hello-1.0 {pkgs['hello']}"]
+    assert pure("profile", "list", "-p", "my").stdout.splitlines() == [f"0 tool-2.0 {pkgs['tool']}"]
+    for bad in ("my-2-link", "-x", "my.tmp-12", "my.lock"):
+        r = pure("profile", "list", f"--profile={bad}", check=False)
+        assert r.returncode == 1 and f"bad profile name {bad!r}" in r.stderr, r.stderr
+
+
 def test_collisions_are_refused(pure, pkgs, tmp_path):
     other = make_pkg(tmp_path, pure, "other-hello", {"bin/hello": "#!/bin/sh\necho another\n"})
     pure("profile", "install", pkgs["hello"])

@@ -37,7 +37,8 @@ from ..formats.store_path import StorePath, make_source_path
 
 MANIFEST = "manifest.json"
 ENV_NAME = "user-environment"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+]*\Z")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
+_TMP_RE = re.compile(r".+\.tmp-\d+\Z")  # (a profile's link while it is switched: see _switch_to)
 _GEN_RE = re.compile(r"(.+)-(\d+)-link\Z")
 _VERSION_RE = re.compile(r"(.+?)-(\d.*)\Z")
 
@@ -84,9 +85,9 @@ def profiles_dir(store) -> str:
 
 
 def check_profile_name(name: str) -> str:
-    if not _NAME_RE.match(name) or _GEN_RE.match(name) or name.endswith(".lock"):
-        raise ProfileError(f"bad profile name {name!r}: expected letters, digits and ._+ "
-                           f"(not ending in -<N>-link or .lock)")
+    if not _NAME_RE.match(name) or _GEN_RE.match(name) or name.endswith(".lock") or _TMP_RE.match(name):
+        raise ProfileError(f"bad profile name {name!r}: expected letters, digits and ._+- "
+                           f"(not starting with - or ., not ending in -<N>-link, .lock or .tmp-<N>)")
     return name
 
 
@@ -337,7 +338,8 @@ def list_profiles(store) -> list[str]:
         names = os.listdir(d)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if os.path.islink(os.path.join(d, n)) and not _GEN_RE.match(n))
+    return sorted(n for n in names if os.path.islink(os.path.join(d, n)) and not _GEN_RE.match(n)
+                  and not _TMP_RE.match(n))
 
 
 # -- user environments -------------------------------------------------------------------------
