@@ -26,6 +26,7 @@ TOOLS = '''
     orphan = sh("orphan-1.0", "mkdir -p $out/bin; printf '#!/nonexistent/sh\\\\necho x\\\\n' > $out/bin/orphan; "
                 "chmod +x $out/bin/orphan")
     noshebang = sh("noshebang-1.0", "mkdir -p $out/bin; echo 'echo x' > $out/bin/noshebang; chmod +x $out/bin/noshebang")
+    envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib; ln -s {tools}/bin/env $out/bin/env")
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
 '''
 
@@ -107,6 +108,20 @@ def test_run_of_a_package_without_programs_says_so(pure, expr, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "-hooked has no program to run: it has no bin/ directory\n" in r.stderr, r.stderr
     assert "--program" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_extends_path_only_and_does_not_claim_a_shell(pure, expr, tmp_path):
+    """`pure run`'s program got IN_PURE_SHELL=impure (a prompt or script looking at it took it
+    for a pure shell) and CPATH/LIBRARY_PATH of the package; as documented, only PATH is
+    extended (with PURE_STORE/PURE_STORE_DIR naming the store)."""
+    out = pure("run", expr, "-A", "envprog", env={"CPATH": "/host/include"}, cwd=tmp_path).stdout
+    env = dict(l.split("=", 1) for l in out.splitlines() if "=" in l)
+    assert "IN_PURE_SHELL" not in env and env["CPATH"] == "/host/include" and "LIBRARY_PATH" not in env, env
+    assert env["PATH"].split(":")[0].endswith("-envprog-1.0/bin") and env["PURE_STORE_DIR"] == "/pure/store"
+    # a shell of it has them
+    out = pure("shell", expr, "-A", "envprog", "--command", 'echo "$IN_PURE_SHELL $CPATH"',
+               env={"CPATH": "/host/include"}, cwd=tmp_path).stdout
+    assert out.startswith("impure /pure/store/") and out.endswith("-envprog-1.0/include:/host/include\n"), out
 
 
 def test_run_of_a_script_that_cannot_start_says_why(pure, expr, tmp_path):

@@ -305,7 +305,7 @@ def cmd_run(args, ctx) -> int:
         if len(built) != 1:
             raise UsageError(f"pure run needs exactly one package, {args.file!r} gave {len(built)}")
         prog = find_program(store, built[0], args.program)
-        env = make_environment(store, environment_paths(store, built), pure=False)
+        env = make_environment(store, environment_paths(store, built), pure=False, shell=False)
         argv = list(args.args)
         return spawn([prog, *argv], env, settings=ctx.settings)
 

@@ -102,20 +102,25 @@ def _input_outputs(store, drv: StorePath) -> list[StorePath]:
 
 
 def make_environment(store, paths: list[StorePath], *, pure: bool,
-                     base: Mapping[str, str] | None = None) -> dict:
+                     base: Mapping[str, str] | None = None, shell: bool = True) -> dict:
+    """The environment of a shell of ``paths`` (see the module docstring); with ``shell=False``
+    that of ``pure run``'s program: the caller's with only ``PATH`` extended, and no
+    ``IN_PURE_SHELL`` (it is not in a shell: a prompt or script that looks at it would say
+    so)."""
     base = dict(os.environ if base is None else base)
     if pure:
         env = {k: v for k, v in base.items() if k in KEEP_WHEN_PURE or k.startswith("PURE_")}
     else:
         env = dict(base)
-    for var, subdirs in SEARCH_VARS:
+    for var, subdirs in SEARCH_VARS if shell else SEARCH_VARS[:1]:
         dirs = _search_dirs(store, paths, subdirs)
         old = env.get(var) if not pure else None
         if dirs or old:
             env[var] = ":".join(dirs + ([old] if old else []))
     if pure and "PATH" not in env:
         env["PATH"] = ""
-    env["IN_PURE_SHELL"] = "pure" if pure else "impure"
+    if shell:
+        env["IN_PURE_SHELL"] = "pure" if pure else "impure"
     # `pure` inside finds this store, also when it was named with --store/--store-dir (not the
     # host's store, whose state dir would otherwise go with this store's files)
     settings = getattr(store, "settings", None)
