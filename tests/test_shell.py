@@ -249,7 +249,7 @@ def test_sigterm_to_pure_run_goes_to_the_program_and_pure_exits_with_its_status(
     finally:
         _kill_group(proc)
     assert (proc.returncode, out) == (7, "got-term\n"), err
-    # a program that does not handle it is killed by it: 128 + 15, as README says
+    # a program that does not handle it is killed by it, and pure ends by it too
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "tools", "--pure",
                              "--command", "echo ready; exec busybox sleep 60"],
                             cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.DEVNULL,
@@ -260,7 +260,20 @@ def test_sigterm_to_pure_run_goes_to_the_program_and_pure_exits_with_its_status(
         proc.communicate(timeout=60)
     finally:
         _kill_group(proc)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_a_program_killed_by_a_signal_ends_pure_by_that_signal(pure, expr, tmp_path):
+    """A program killed by signal N made pure exit with status 128 + N: a shell running pure in
+    a loop went on after Ctrl-C (bash stops a script at SIGINT only when its command died of
+    it; a status of 130 says the command handled it).  pure ends by the same signal, as if it
+    had exec'ed the program (and leaves no core file of its own); an exit status stays one."""
+    r = pure("shell", expr, "-A", "tools", "--pure", "--command", "kill -INT $$", check=False, cwd=tmp_path)
+    assert r.returncode == -signal.SIGINT and r.stderr.splitlines()[-1:] != ["error: interrupted"], r.stderr
+    r = pure("run", expr, "-A", "tools", "--program", "sh", "--", "-c", "kill -SEGV $$", check=False, cwd=tmp_path)
+    assert r.returncode == -signal.SIGSEGV and not any(n.startswith("core") for n in os.listdir(tmp_path))
+    r = pure("shell", expr, "-A", "tools", "--pure", "--command", "exit 130", check=False, cwd=tmp_path)
+    assert r.returncode == 130
 
 
 def _kill_group(proc) -> None:

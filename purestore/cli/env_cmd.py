@@ -375,7 +375,8 @@ def register(reg) -> None:
             "store paths only. With a rooted store (--store ROOT) the shell runs in a mount\n"
             "namespace where ROOT's store appears at the logical store dir. The shell is bash or\n"
             "sh from the environment, else the host's /bin/sh. A derivation's shellHook attribute\n"
-            "runs first (as in nix-shell). Exits with the shell's status."),
+            "runs first (as in nix-shell). Exits with the shell's status (killed by a signal:\n"
+            "pure ends by the same signal)."),
     )
     p.add_argument("file", metavar="FILE|PATH", help="expression file, or a store path")
     p.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute (repeatable)")
@@ -394,7 +395,7 @@ def register(reg) -> None:
             "--program NAME from its bin/, else the only program there, else the one named like\n"
             "the package without version. The environment's bin directories are put in front of\n"
             "PATH. With a rooted store the program runs in the store namespace (see pure shell).\n"
-            "Exits with the program's status."),
+            "Exits with the program's status (killed by a signal: pure ends by the same signal)."),
     )
     # (optional to argparse so that cmd_run says what is missing: argparse named "-- ARGS" too)
     p.add_argument("file", metavar="FILE|PATH", nargs="?", help="expression file, or a store path")

@@ -404,6 +404,22 @@ SIGPIPE_STATUS = 128 + 13  # what a shell shows for a process ended by SIGPIPE
 _output_gone = False
 
 
+def _die_by(signum: int) -> None:
+    """End this process by ``signum``, without a core dump of pure's own."""
+    import resource
+    import signal
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ValueError, OSError):
+        pass
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except (ValueError, OSError):  # SIGKILL, SIGSTOP: their action is the default one
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    signal.raise_signal(signum)
+
+
 def _output_closed() -> bool:
     """Whether the reader of stdout or stderr has gone (``pure … | head -1`` once head exits).
 
@@ -555,6 +571,12 @@ def run() -> None:
             status = _stop_output()
         except (OSError, ValueError):  # a closed stream, a full disk
             status = status or 1
+    # `pure run`/`pure shell` whose program was killed by a signal (spawn's ExitStatus says
+    # which) end by the same signal, as if pure had exec'ed the program: a shell's loop stops
+    # at Ctrl-C only when its command died of SIGINT (an exit status of 130 tells it that the
+    # command handled the signal)
+    if getattr(status, "signal", None):
+        _die_by(status.signal)  # (returns only for a signal that does not end a process)
     if _output_gone:  # end as a C program does when its reader goes: by SIGPIPE, quietly
         import signal
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

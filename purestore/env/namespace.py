@@ -47,6 +47,18 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.unshare.argtypes = [ctypes.c_int]
 
 
+class ExitStatus(int):
+    """A program's exit status: an ``int`` (128 + N when it was killed by signal N) that also
+    says by which signal, ``signal`` (None when it exited)."""
+
+    signal: int | None
+
+    def __new__(cls, status: int, signal: int | None = None) -> "ExitStatus":
+        self = super().__new__(cls, status)
+        self.signal = signal
+        return self
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         e = ctypes.get_errno()
@@ -140,9 +152,9 @@ def _why_not_executed(path: str, err: int) -> str | None:
     return None
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | None = None) -> int:
+def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | None = None) -> ExitStatus:
     """Run ``argv`` (``argv[0]`` an absolute path as seen inside) with ``env``; wait; return its
-    exit status (128 + signal number when killed by a signal).
+    exit status (128 + signal number when killed by a signal, which ``.signal`` names).
 
     For a rooted store the child enters the store namespace first.  Raises :class:`ShellError`
     when the namespace cannot be set up or the program cannot be started.
@@ -169,7 +181,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
                 pass
 
 
-def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scratch: str | None) -> int:
+def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scratch: str | None) -> ExitStatus:
     r, w = os.pipe2(os.O_CLOEXEC)
     # SIGTERM and SIGHUP sent to pure go on to the program, and pure waits for it: they are
     # blocked over the fork so that one arriving then is forwarded too, not lost with the
@@ -238,5 +250,5 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
             hint = "user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone)"
         raise ShellError(f"cannot {stage}: {msg}", hint=hint)
     if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+        return ExitStatus(128 + os.WTERMSIG(status), os.WTERMSIG(status))
+    return ExitStatus(os.WEXITSTATUS(status))
