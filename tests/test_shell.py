@@ -276,6 +276,26 @@ def test_a_program_killed_by_a_signal_ends_pure_by_that_signal(pure, expr, tmp_p
     assert r.returncode == 130
 
 
+def test_pure_killed_kills_its_program(expr, tmp_path, store_root):
+    """`pure run` killed by SIGKILL (a caller's timeout, the OOM killer) left its program running
+    on, its closure no longer temp-rooted; as if pure had exec'ed it, the program is killed too."""
+    import select
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "run", expr, "-A", "tools",
+                             "--program", "sh", "--", "-c", "echo $$; exec sleep 60"],
+                            cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        program = int(proc.stdout.readline())
+        pidfd = os.pidfd_open(program)
+        proc.kill()
+        proc.wait()
+        ready, _, _ = select.select([pidfd], [], [], 30)  # readable once the program has ended
+        os.close(pidfd)
+        assert ready, "the program outlived pure"
+    finally:
+        _kill_group(proc)
+
+
 def _kill_group(proc) -> None:
     """End what is left of ``proc``'s session (the program, should pure have left it behind)."""
     try:

@@ -15,7 +15,9 @@ The parent waits and returns the exit status; it keeps the store open meanwhile,
 program's closure stays temp-rooted (a ``pure gc`` during the session does not touch it).
 Meanwhile pure ignores Ctrl-C and SIGQUIT (the terminal sends them to the program as well) and
 passes SIGTERM and SIGHUP on to the program, as if the program had been ``exec``ed (which is
-what ``nix shell -c`` does): the program decides, and pure ends with its status.
+what ``nix shell -c`` does): the program decides, and pure ends with its status.  pure killed
+outright (SIGKILL) kills the program (its parent-death signal), which would otherwise run on
+unrooted.
 With the default root ``/`` no namespace is needed and the program runs directly (still as a
 child, for the same reason).
 """
@@ -45,6 +47,8 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded already; find_library("c") forks ldconfig (30 ms)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+PR_SET_PDEATHSIG = 1
 
 
 class ExitStatus(int):
@@ -187,6 +191,7 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
     # blocked over the fork so that one arriving then is forwarded too, not lost with the
     # program left running unrooted
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    parent = os.getpid()
     try:
         pid = os.fork()
     except BaseException:
@@ -207,6 +212,12 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             if scratch is not None:
                 enter_store_namespace(settings.real_store_dir, settings.store_dir, scratch, cwd)
+            # pure killed (SIGKILL, the OOM killer) kills the program too, as if it had been
+            # exec'ed: it would otherwise run on, its closure no longer temp-rooted (set after
+            # the namespace's change of credentials, which may clear it)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # (pure died before the prctl)
+                os._exit(128 + signal.SIGKILL)
             os.execve(argv[0], list(argv), dict(env))
         except BaseException as e:  # noqa: BLE001 - reported to the parent through the pipe
             try:
