@@ -362,7 +362,7 @@ def test_shell_hook_runs_before_the_command_and_the_prompt(pure, expr, tmp_path)
 
 def _interactive(expr, tmp_path, store_root, *args, env) -> str:
     """`pure shell EXPR ARGS` with its stdin, stdout and stderr on a pseudo-terminal (so that
-    the shell is interactive); types a line that prints P=$PATH, S=$PS1 and M=$MARK; returns
+    the shell is interactive); types a line that prints P=$PATH, S=$PS1, M=$MARK and E=$ENV; returns
     the terminal's output."""
     import pty
     master, slave = pty.openpty()
@@ -370,7 +370,7 @@ def _interactive(expr, tmp_path, store_root, *args, env) -> str:
                          env=pure_env(store_root, extra=env), stdin=slave, stdout=slave, stderr=slave,
                          start_new_session=True)
     os.close(slave)
-    os.write(master, b'echo "P=$PATH"; echo "S=$PS1"; echo "M=$MARK"; exit\n')
+    os.write(master, b'echo "P=$PATH"; echo "S=$PS1"; echo "M=$MARK"; echo "E=$ENV"; exit\n')
     data = b""
     while True:
         try:
@@ -403,6 +403,22 @@ def test_an_interactive_bash_keeps_the_environment_s_path_and_prompt(expr, tmp_p
     path = re.search(r"^P=(/.*)$", out, re.M).group(1).split(":")
     assert path[0].endswith("-plain-1.0/bin") and "/from-bashrc/bin" in path and path[-2:] == ["/usr/bin", "/bin"]
     assert re.search(r"^M=bashrc-read$", out, re.M), out
+
+
+def test_an_interactive_sh_reads_the_caller_s_env_file_and_passes_it_on(expr, tmp_path, store_root):
+    """An interactive sh reads its rc file through $ENV, which named pure's rc file in the
+    shell: every sh started in it read that file again.  Without --pure the caller's $ENV file
+    is read (then PATH put back in front) and $ENV is the caller's again; with --pure neither."""
+    shrc = tmp_path / "shrc"
+    shrc.write_text('MARK=env-read\nPATH="/from-env/bin:$PATH"\n')
+    env = {"ENV": str(shrc), "TERM": "dumb", "PATH": "/usr/bin:/bin"}
+    out = _interactive(expr, tmp_path, store_root, "-A", "tools", env=env)
+    path = re.search(r"^P=(/.*)$", out, re.M).group(1).split(":")
+    assert path[0].endswith("-bbtools-1.0/bin") and "/from-env/bin" in path, out
+    assert re.search(r"^M=env-read$", out, re.M) and re.search(rf"^E={re.escape(str(shrc))}$", out, re.M), out
+    out = _interactive(expr, tmp_path, store_root, "-A", "tools", "--pure", env=env)
+    assert re.search(r"^M=$", out, re.M) and re.search(r"^E=$", out, re.M), out
+    assert re.search(r"^P=/pure/store/[^:]*-bbtools-1.0/bin$", out, re.M), out
 
 
 def _ignored_signals(status: str) -> int:

@@ -171,10 +171,15 @@ def interactive_rc(senv: ShellEnv, env: Mapping[str, str]) -> str:
     (an rc file, or the system's ``/etc/bash.bashrc`` that bash reads first, may set it: a
     ``--pure`` shell's PATH is the store's only, an impure one's starts with the environment's
     directories) and ``PS1`` set to ``env``'s; then the derivations' ``shellHook``.  ``env`` is
-    the shell's environment (``senv.env`` with its ``PS1``)."""
+    the shell's environment (``senv.env`` with its ``PS1``), before ``ENV`` names this file: for
+    sh it is set back to the caller's (or unset), so that a shell started inside does not read
+    this file again."""
     import shlex
 
     lines = []
+    if not senv.shell.endswith("/bash"):
+        # $ENV names this file for sh: the shells started in it get the caller's again
+        lines.append(f"ENV={shlex.quote(env['ENV'])}" if env.get("ENV") else "unset ENV")
     if not senv.pure:
         if senv.shell.endswith("/bash"):
             lines.append('[ -e "$HOME/.bashrc" ] && . "$HOME/.bashrc"')
