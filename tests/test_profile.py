@@ -156,6 +156,16 @@ def test_profile_names_may_have_dashes_and_profiles_keep_their_own_generations(p
         assert r.returncode == 1 and f"bad profile name {bad!r}" in r.stderr, r.stderr
 
 
+def test_installing_an_attribute_with_no_package_is_an_error(pure, tmp_path, store_root):
+    """An attribute that is an empty list installed nothing and made an empty generation 1,
+    silently; it is an error, and the profile is left alone."""
+    expr = busybox_expr(tmp_path, "empty = []\n")
+    r = pure("profile", "install", expr, "-A", "empty", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
+        f"error: nothing to install: {expr} -A empty gives no package"), r.stderr
+    assert not os.path.lexists(os.path.join(profile_dir(store_root), "default"))
+
+
 def test_collisions_are_refused(pure, pkgs, tmp_path):
     other = make_pkg(tmp_path, pure, "other-hello", {"bin/hello": "#!/bin/sh\necho another\n"})
     pure("profile", "install", pkgs["hello"])

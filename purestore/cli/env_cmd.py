@@ -104,8 +104,13 @@ def cmd_profile_install(args, ctx) -> int:
         for what in args.installables:
             progress = Progress()
             with warnings_to(progress.message):
-                built += realise_installables(store, ctx.settings, what, args.attr or [None],
-                                              include_paths=args.include, progress=progress, fork_worker=True)
+                got = realise_installables(store, ctx.settings, what, args.attr or [None],
+                                           include_paths=args.include, progress=progress, fork_worker=True)
+            if not got:  # (an attribute that is an empty list: installing nothing is a mistake)
+                from ..errors import ProfileError
+                attrs_ = "".join(f" -A {a}" for a in args.attr or [])
+                raise ProfileError(f"nothing to install: {what}{attrs_} gives no package")
+            built += got
         before = prof.current_number()
         gen = prof.install([element_for(store, list(b.outputs), b.source) for b in built])
         said = set()
