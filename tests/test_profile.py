@@ -262,6 +262,26 @@ def test_a_current_generation_deleted_by_hand_says_how_to_recover(pure, pkgs, st
     pure("profile", "install", pkgs["hello"])
 
 
+def test_deleting_old_generations_with_none_current_deletes_nothing(pure, pkgs, store_root):
+    """`delete-generations old` (all but the current one) with the current generation's link
+    deleted by hand, or the profile link, deleted every generation, the one the error of `list`
+    says to roll back to too.  It refuses and says why; numbers given still delete."""
+    pd = profile_dir(store_root)
+    pure("profile", "install", pkgs["hello"])
+    pure("profile", "install", pkgs["tool"])
+    os.unlink(os.path.join(pd, "default-2-link"))
+    r = pure("profile", "delete-generations", "old", check=False)
+    assert r.returncode == 1 and r.stderr.splitlines()[0] == (
+        "error: cannot delete the old generations of profile 'default': its current generation 2 "
+        "does not exist (generations: 1), so every generation would go"), r.stderr
+    os.unlink(os.path.join(pd, "default"))
+    r = pure("profile", "delete-generations", "old", check=False)
+    assert r.returncode == 1 and "no generation is current (generations: 1)" in r.stderr, r.stderr
+    assert "default-1-link" in os.listdir(pd)
+    pure("profile", "delete-generations", "1")
+    assert "default-1-link" not in os.listdir(pd)
+
+
 def test_install_builds_an_expression(pure, tmp_path, store_root):
     expr = busybox_expr(tmp_path, '''
         greeter = sh("greeter-0.1", "mkdir -p $out/bin; printf '#!/bin/sh\\necho hi\\n' > $out/bin/greet; chmod +x $out/bin/greet")

@@ -306,11 +306,22 @@ class Profile:
     def delete_generations(self, numbers: Iterable[int] | None = None) -> list[int]:
         """Delete generation links (all but the current one when ``numbers`` is None).
 
-        The current generation cannot be deleted.  Their paths become garbage for ``pure gc``.
+        The current generation cannot be deleted, nor all but the current one when none is (the
+        profile link removed, or its generation's link).  Their paths become garbage for
+        ``pure gc``.
         """
         with self.locked():
             cur = self.current_number()
             gens = {g.number: g for g in self.generations()}
+            if numbers is None and gens and cur not in gens:
+                # (all but the current one would be all of them: the one to recover with too)
+                have = ", ".join(map(str, sorted(gens)))
+                now = "no generation is current" if cur is None else f"its current generation {cur} does not exist"
+                raise ProfileError(
+                    f"cannot delete the old generations of profile {self.name!r}: {now} (generations: {have}), "
+                    "so every generation would go",
+                    hint="`pure profile switch-generation N` makes generation N the current one; "
+                         "or name the generations to delete")
             # (a number given twice is one generation to delete: its link went at the first)
             wanted = [n for n in gens if n != cur] if numbers is None else sorted(set(numbers))
             for n in wanted:
