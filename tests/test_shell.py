@@ -26,7 +26,8 @@ TOOLS = '''
     orphan = sh("orphan-1.0", "mkdir -p $out/bin; printf '#!/nonexistent/sh\\\\necho x\\\\n' > $out/bin/orphan; "
                 "chmod +x $out/bin/orphan")
     noshebang = sh("noshebang-1.0", "mkdir -p $out/bin; echo 'echo x' > $out/bin/noshebang; chmod +x $out/bin/noshebang")
-    envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib; ln -s {tools}/bin/env $out/bin/env")
+    envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib $out/share/man/man1; "
+                 f"ln -s {tools}/bin/env $out/bin/env")
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
 '''
 
@@ -122,6 +123,20 @@ def test_run_extends_path_only_and_does_not_claim_a_shell(pure, expr, tmp_path):
     out = pure("shell", expr, "-A", "envprog", "--command", 'echo "$IN_PURE_SHELL $CPATH"',
                env={"CPATH": "/host/include"}, cwd=tmp_path).stdout
     assert out.startswith("impure /pure/store/") and out.endswith("-envprog-1.0/include:/host/include\n"), out
+
+
+def test_an_impure_shell_keeps_man_s_default_search_path(pure, expr, tmp_path, monkeypatch):
+    """A caller without MANPATH (man's default search path) got MANPATH=<the environment's
+    share/man> alone in an impure shell, which replaces the default: `man ls` found nothing.
+    The trailing ':' appends the default; a caller's MANPATH is kept after the environment's."""
+    monkeypatch.delenv("MANPATH", raising=False)
+    out = pure("shell", expr, "-A", "envprog", "--command", 'echo "$MANPATH"', cwd=tmp_path).stdout
+    assert re.fullmatch(r"/pure/store/[^:]*-envprog-1.0/share/man:\n", out), out
+    out = pure("shell", expr, "-A", "envprog", "--command", 'echo "$MANPATH"', env={"MANPATH": "/host/man"},
+               cwd=tmp_path).stdout
+    assert re.fullmatch(r"/pure/store/[^:]*-envprog-1.0/share/man:/host/man\n", out), out
+    out = pure("shell", expr, "-A", "envprog", "--pure", "--command", 'echo "$MANPATH"', cwd=tmp_path).stdout
+    assert re.fullmatch(r"/pure/store/[^:]*-envprog-1.0/share/man\n", out), out
 
 
 def test_run_of_a_script_that_cannot_start_says_why(pure, expr, tmp_path):

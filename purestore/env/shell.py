@@ -11,7 +11,8 @@ tools, like ``nix-shell``'s build inputs), then the rest of the runtime closure 
     PKG_CONFIG_PATH  <p>/lib/pkgconfig and <p>/share/pkgconfig
     MANPATH          <p>/share/man
 
-Without ``--pure`` these are put in front of the caller's values; with ``--pure`` the caller's
+Without ``--pure`` these are put in front of the caller's values (an unset ``MANPATH`` gets a
+trailing ``:``, man's default path); with ``--pure`` the caller's
 environment is cleared except ``HOME USER LOGNAME DISPLAY TERM TZ PAGER SHLVL`` and ``PURE_*``
 (so ``pure`` inside the shell still finds its store), and PATH holds store paths only.
 ``IN_PURE_SHELL`` is ``pure`` or ``impure``; ``PURE_STORE`` and ``PURE_STORE_DIR`` name this store
@@ -117,6 +118,11 @@ def make_environment(store, paths: list[StorePath], *, pure: bool,
         old = env.get(var) if not pure else None
         if dirs or old:
             env[var] = ":".join(dirs + ([old] if old else []))
+        if var == "MANPATH" and dirs and not pure and not old:
+            # an unset MANPATH means man's default search path, which a MANPATH of the
+            # environment's directories alone would replace (`man ls` found nothing): a
+            # trailing ':' appends it (man-db and mandoc)
+            env[var] += ":"
     if pure and "PATH" not in env:
         env["PATH"] = ""
     if shell:
