@@ -25,7 +25,8 @@ TOOLS = '''
               "chmod +x $out/bin/prog$i; done")
     orphan = sh("orphan-1.0", "mkdir -p $out/bin; printf '#!/nonexistent/sh\\\\necho x\\\\n' > $out/bin/orphan; "
                 "chmod +x $out/bin/orphan")
-    noshebang = sh("noshebang-1.0", "mkdir -p $out/bin; echo 'echo x' > $out/bin/noshebang; chmod +x $out/bin/noshebang")
+    noshebang = sh("noshebang-1.0", "mkdir -p $out/bin; echo 'echo x' > $out/bin/noshebang; "
+                   "chmod +x $out/bin/noshebang")
     envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib $out/share/man/man1; "
                  f"ln -s {tools}/bin/env $out/bin/env")
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
@@ -148,7 +149,8 @@ def test_run_of_a_script_that_cannot_start_says_why(pure, expr, tmp_path):
         "-orphan-1.0/bin/orphan: the interpreter its #! line names, '/nonexistent/sh', does not exist"), r.stderr
     r = pure("run", expr, "-A", "noshebang", check=False, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
-        "/bin/noshebang: Exec format error: it is neither an ELF program nor a script starting with a #! line"), r.stderr
+        "/bin/noshebang: Exec format error: it is neither an ELF program nor a script starting with a #! "
+        "line"), r.stderr
 
 
 @pytest.mark.parametrize("args", [[], ["-A", "hello"], ["--"]])

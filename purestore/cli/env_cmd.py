@@ -347,10 +347,12 @@ def register(reg) -> None:
                        help="profile name under <state>/profiles (default: default)")
         return q
 
-    q = sub("install", "build and add packages; makes a new generation", cmd_profile_install,
+    q = sub("install", "build and add packages; makes a new generation (if anything changes)", cmd_profile_install,
             description="Build FILE (attribute -A ATTR), or take a valid store path, and add it to the\n"
                         "profile as a new generation. An installed package with the same name (without\n"
-                        "version) is replaced. Prints the new user environment's store path.")
+                        "version) is replaced, in its place. When the newest generation holds just that\n"
+                        "already, no generation is added (the profile switches to that one). Prints the\n"
+                        "user environment's store path.")
     q.add_argument("installables", nargs="+", metavar="FILE|PATH")
     q.add_argument("-A", "--attr", action="append", metavar="ATTR", help="attribute of FILE (repeatable)")
     q.add_argument("-I", "--include", action="append", default=[], metavar="PATH",
