@@ -293,6 +293,23 @@ def test_a_program_killed_by_a_signal_ends_pure_by_that_signal(pure, expr, tmp_p
     assert r.returncode == 130
 
 
+def test_signals_pure_was_started_with_ignored_stay_ignored_for_the_program(expr, tmp_path, store_root):
+    """The program got SIGINT, SIGQUIT, SIGTERM and SIGHUP at their default action even when pure
+    had been started with them ignored: `nohup pure run …` did not protect the program from a
+    hangup (pure even passed SIGHUP on to it), and `pure run … &` in a script was ended by
+    Ctrl-C at the terminal.  As across an exec, they stay ignored."""
+    bits = {s: 1 << (s - 1) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)}
+    cmd = ["/bin/sh", "-c", 'trap "" HUP INT TERM; exec "$@"', "sh", sys.executable, "-m", "purestore.cli.main",
+           "run", expr, "-A", "tools", "--program", "cat", "--", "/proc/self/status"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=pure_env(store_root), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    ignored = _ignored_signals(p.stdout)
+    assert ignored & bits[signal.SIGHUP] and ignored & bits[signal.SIGINT] and ignored & bits[signal.SIGTERM]
+    assert not ignored & bits[signal.SIGQUIT]
+    p = subprocess.run(cmd[4:], cwd=tmp_path, env=pure_env(store_root), capture_output=True, text=True, timeout=300)
+    assert _ignored_signals(p.stdout) & sum(bits.values()) == 0, "none ignored when pure's caller ignores none"
+
+
 def test_pure_killed_kills_its_program(expr, tmp_path, store_root):
     """`pure run` killed by SIGKILL (a caller's timeout, the OOM killer) left its program running
     on, its closure no longer temp-rooted; as if pure had exec'ed it, the program is killed too."""

@@ -299,7 +299,8 @@ def _stop_on_sigterm() -> None:
     the process just vanishing.  Where Ctrl-C is ignored, SIGTERM keeps its default action and
     ends the process (a ``pure shell`` waiting for its shell), except in the trio runs of the
     commands, which then listen for SIGTERM themselves (:mod:`._trio`: a background job of a
-    non-interactive shell inherits SIGINT ignored)."""
+    non-interactive shell inherits SIGINT ignored).  Started with SIGTERM ignored, pure leaves it
+    so (and so does the program of ``pure run``/``pure shell``, as across an exec)."""
     import signal
 
     def on_term(signum, frame):
@@ -314,6 +315,8 @@ def _stop_on_sigterm() -> None:
         signal.raise_signal(signal.SIGINT)  # handled as Ctrl-C: by trio's handler within trio.run
 
     try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            return  # started with it ignored: it stays so (and so for `pure run`'s program)
         signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread (main() called by a library user)
         pass

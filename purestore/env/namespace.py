@@ -17,7 +17,8 @@ Meanwhile pure ignores Ctrl-C and SIGQUIT (the terminal sends them to the progra
 passes SIGTERM and SIGHUP on to the program, as if the program had been ``exec``ed (which is
 what ``nix shell -c`` does): the program decides, and pure ends with its status.  pure killed
 outright (SIGKILL) kills the program (its parent-death signal), which would otherwise run on
-unrooted.
+unrooted.  SIGINT, SIGQUIT, SIGTERM and SIGHUP that pure was started with ignored (``nohup``, a
+script's background job) stay ignored for the program.
 With the default root ``/`` no namespace is needed and the program runs directly (still as a
 child, for the same reason).
 """
@@ -192,6 +193,10 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
     # program left running unrooted
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     parent = os.getpid()
+    # a signal that pure was started with ignored (`nohup pure run …`: SIGHUP; `pure run … &`
+    # in a script: SIGINT and SIGQUIT) stays ignored for the program, as across an exec
+    ignored = {s for s in (signal.SIGINT, signal.SIGQUIT, *FORWARDED_SIGNALS)
+               if signal.getsignal(s) is signal.SIG_IGN}
     try:
         pid = os.fork()
     except BaseException:
@@ -200,15 +205,13 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
     if pid == 0:  # child: only async-signal-safe-ish work, then exec or _exit
         try:
             os.close(r)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            for signum in (signal.SIGINT, signal.SIGQUIT, *FORWARDED_SIGNALS):
+                signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
             # Python ignores these, and an ignored signal stays ignored across exec: the program
             # (and every command of the shell) would get EPIPE instead of being ended by SIGPIPE
             # (subprocess's restore_signals does the same)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-            for signum in FORWARDED_SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             if scratch is not None:
                 enter_store_namespace(settings.real_store_dir, settings.store_dir, scratch, cwd)
@@ -238,7 +241,9 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
         except ProcessLookupError:  # it has just exited: waitpid has its status
             pass
 
-    old_forwarded = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    # (one ignored stays so: the program ignores it too)
+    old_forwarded = {signum: signal.signal(signum, forward)
+                     for signum in FORWARDED_SIGNALS if signum not in ignored}
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     try:
         with os.fdopen(r, "rb") as f:
