@@ -29,6 +29,7 @@ TOOLS = '''
                    "chmod +x $out/bin/noshebang")
     envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib $out/share/man/man1; "
                  f"ln -s {tools}/bin/env $out/bin/env")
+    dev = sh("dev-1.0", f"mkdir $out; test -d {tools}")  # (tools: a build input it does not refer to)
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
 '''
 
@@ -225,6 +226,29 @@ def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, 
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+def test_build_inputs_in_the_shell_are_kept_by_a_gc_during_the_session(pure, expr, tmp_path, store_root):
+    """The outputs of the build inputs are in the environment though the package does not refer
+    to them; when they were valid already (nothing built) they were not temporary roots, and a
+    `pure gc` during the session deleted them from under the shell's PATH."""
+    _build(pure, expr, "-A", "dev", "--no-link", cwd=tmp_path)  # (nothing roots dev nor tools)
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "dev", "--pure",
+                             "--command", 'echo "$PATH"; read x; echo "$PATH"'],
+                            cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        path = proc.stdout.readline().strip()
+        assert path.endswith("-bbtools-1.0/bin"), path
+        deleted = pure("gc").stdout.split()
+        assert not [d for d in deleted if "bbtools" in d or "dev-1.0" in d], deleted
+        proc.communicate("\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert os.path.isdir(os.path.join(store_root, path.lstrip("/")))
 
 
 def test_pure_inside_the_shell_uses_the_store_named_with_the_store_option(expr, tmp_path, store_root):

@@ -72,6 +72,9 @@ def shell_hook(store, built: Iterable[Built]) -> str:
 
 
 def environment_paths(store, built: Iterable[Built]) -> list[StorePath]:
+    """The environment paths of ``built`` (see the module docstring), all of them temporary
+    roots of this process: a build input's output is in the environment though the packages do
+    not refer to it, and a ``pure gc`` during the session would otherwise delete it."""
     built = list(built)
     first: list[StorePath] = [p for b in built for p in b.outputs]
     for b in built:
@@ -79,7 +82,9 @@ def environment_paths(store, built: Iterable[Built]) -> list[StorePath]:
             continue
         for inp in _input_outputs(store, b.drv):
             first.append(inp)
-    first = [p for p in dict.fromkeys(first) if store.is_valid(p)]
+    first = list(dict.fromkeys(first))
+    store.add_temp_roots(first)  # (before they are found valid: then a gc keeps them, closures too)
+    first = [p for p in first if store.is_valid(p)]
     closure = store.query_closure(first)
     rest = [p for p in reversed(store.topo_sort(closure)) if p not in set(first)]
     return first + rest
