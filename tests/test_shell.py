@@ -304,6 +304,26 @@ def test_sigterm_to_pure_run_goes_to_the_program_and_pure_exits_with_its_status(
     assert proc.returncode == -signal.SIGTERM
 
 
+def test_sigterm_as_soon_as_the_program_starts_goes_to_the_program(expr, tmp_path, store_root):
+    """SIGTERM sent to pure as soon as its program had started: about one time in four it ran
+    the CLI's handler instead of passing the signal on (pure said "terminated (SIGTERM)" and
+    exited 143, the program ran on), because another thread of pure took the signal that the
+    main thread held back over the fork, before the forwarding handler was in place.  The
+    handler is in place before the fork now: every time the program gets it (and is ended)."""
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "tools",
+                                 "--pure", "--command", "echo ready; exec busybox sleep 60"],
+                                cwd=tmp_path, env=pure_env(store_root), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            _kill_group(proc)
+        assert proc.returncode == -signal.SIGTERM and "terminated" not in err, err
+
+
 def test_a_program_killed_by_a_signal_ends_pure_by_that_signal(pure, expr, tmp_path):
     """A program killed by signal N made pure exit with status 128 + N: a shell running pure in
     a loop went on after Ctrl-C (bash stops a script at SIGINT only when its command died of

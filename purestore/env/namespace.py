@@ -188,18 +188,45 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], *, settings, cwd: str | N
 
 def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scratch: str | None) -> ExitStatus:
     r, w = os.pipe2(os.O_CLOEXEC)
-    # SIGTERM and SIGHUP sent to pure go on to the program, and pure waits for it: they are
-    # blocked over the fork so that one arriving then is forwarded too, not lost with the
-    # program left running unrooted
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     parent = os.getpid()
     # a signal that pure was started with ignored (`nohup pure run …`: SIGHUP; `pure run … &`
     # in a script: SIGINT and SIGQUIT) stays ignored for the program, as across an exec
     ignored = {s for s in (signal.SIGINT, signal.SIGQUIT, *FORWARDED_SIGNALS)
                if signal.getsignal(s) is signal.SIG_IGN}
+    # SIGTERM and SIGHUP sent to pure go on to the program, and pure waits for it.  The
+    # handlers are in place before the fork: blocking a signal holds it back in this thread
+    # only, and one taken by another thread (a worker of an earlier trio run) ran the handler
+    # in place then, the CLI's (pure ended with "terminated", the program left running on).
+    # One that comes before the program's pid is known is passed on once it is.
+    child: list[int] = []
+    early: list[int] = []
+
+    def forward(signum, frame):
+        if not child:
+            early.append(signum)
+            return
+        try:
+            os.kill(child[0], signum)
+        except ProcessLookupError:  # it has just exited: waitpid has its status
+            pass
+
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    # (one ignored stays so: the program ignores it too)
+    old_forwarded = {signum: signal.signal(signum, forward)
+                     for signum in FORWARDED_SIGNALS if signum not in ignored}
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGQUIT, old_quit)
+        for signum, old in old_forwarded.items():
+            signal.signal(signum, old)
+
     try:
         pid = os.fork()
     except BaseException:
+        restore()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise
     if pid == 0:  # child: only async-signal-safe-ish work, then exec or _exit
@@ -232,20 +259,11 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
             finally:
                 os._exit(127)
     os.close(w)
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-
-    def forward(signum, frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:  # it has just exited: waitpid has its status
-            pass
-
-    # (one ignored stays so: the program ignores it too)
-    old_forwarded = {signum: signal.signal(signum, forward)
-                     for signum in FORWARDED_SIGNALS if signum not in ignored}
-    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    child.append(pid)
     try:
+        for signum in early:
+            forward(signum, None)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         with os.fdopen(r, "rb") as f:
             report = f.read()
         while True:
@@ -255,10 +273,7 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], settings, cwd: str, scra
             except InterruptedError:
                 continue
     finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGQUIT, old_quit)
-        for signum, old in old_forwarded.items():
-            signal.signal(signum, old)
+        restore()
     if report:
         stage, msg, err = report.decode(errors="replace").split("\0")
         hint = None
