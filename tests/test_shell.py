@@ -141,6 +141,19 @@ def test_an_impure_shell_keeps_man_s_default_search_path(pure, expr, tmp_path, m
     assert re.fullmatch(r"/pure/store/[^:]*-envprog-1.0/share/man\n", out), out
 
 
+def test_a_link_to_an_expression_file_is_an_expression(pure, expr, tmp_path):
+    """Any link whose name did not end in .py was taken for a store path (like `result`): a link
+    `pkgs -> expr.py` gave "-A/--attr makes no sense with the store path 'pkgs'".  A link to a
+    file outside the store is an expression file; a link into the store is still a store path."""
+    (tmp_path / "pkgs").symlink_to(expr)
+    assert pure("run", "pkgs", "-A", "hello", "--", "x", cwd=tmp_path).stdout == "hello from run x\n"
+    pure("build", expr, "-A", "hello", cwd=tmp_path)  # ./result
+    assert pure("run", "result", "--", "y", cwd=tmp_path).stdout == "hello from run y\n"
+    os.symlink("/nonexistent/thing", tmp_path / "dangling")
+    r = pure("run", "dangling", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and "'/nonexistent/thing' is not in the store dir" in r.stderr, r.stderr
+
+
 def test_run_of_a_script_that_cannot_start_says_why(pure, expr, tmp_path):
     """A script whose #! interpreter is missing: execve's ENOENT was reported as "cannot start
     …/bin/orphan: No such file or directory", about a file that is there.  The error names the

@@ -24,8 +24,18 @@ class Built:
 
 
 def is_store_path_text(store, text: str) -> bool:
-    return text.startswith(store.store_dir + "/") or text.startswith(store.real_store_dir + "/") or (
-        os.path.islink(text) and not text.endswith(".py"))
+    """Whether ``text`` names a store path (logical or physical, or a link such as ``result``
+    that leads into the store) rather than an expression file (also through a link to one)."""
+    dirs = (store.store_dir + "/", store.real_store_dir + "/")
+    if text.startswith(dirs):
+        return True
+    if not os.path.islink(text) or text.endswith(".py"):
+        return False
+    # a link to a file outside the store is an expression (`default -> shell.py`); a link into
+    # the store is not, also when it names the logical store dir of a rooted store (a path not
+    # there on the host), and the store path's checks say what is wrong with any other link
+    target = os.path.realpath(text)
+    return target.startswith(dirs) or not os.path.isfile(target)
 
 
 def realise_installables(store, settings, file: str, attrs_: Iterable[str | None] = (None,), *,
