@@ -30,6 +30,8 @@ TOOLS = '''
     envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib $out/share/man/man1; "
                  f"ln -s {tools}/bin/env $out/bin/env")
     dev = sh("dev-1.0", f"mkdir $out; test -d {tools}")  # (tools: a build input it does not refer to)
+    split = sh("split-1.0", f"mkdir -p $out/share $bin/bin; printf '#!{tools}/bin/sh\\\\necho split \\"$@\\"\\\\n' "
+               "> $bin/bin/split; chmod +x $bin/bin/split", outputs=["out", "bin"])
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
 '''
 
@@ -101,6 +103,16 @@ def test_run_names_at_most_twenty_programs_to_choose_from(pure, expr, tmp_path, 
     assert r.returncode == 1 and "has no program 'prog4'; it has 30 programs: prog01" in r.stderr, r.stderr
     assert "and 10 more" in r.stderr and "prog21" not in r.stderr.split("hint:")[0]
     assert "did you mean" in r.stderr
+
+
+def test_run_finds_the_program_in_a_bin_output(pure, expr, tmp_path):
+    """A package that keeps its programs in a `bin` output (outputs out and bin): `pure run`
+    looked in `out` only and said it "has no bin/ directory", with no way to run them; it runs
+    the program of the first output that has one (also with --program)."""
+    assert pure("run", expr, "-A", "split", "--", "a b", cwd=tmp_path).stdout == "split a b\n"
+    assert pure("run", expr, "-A", "split", "--program", "split", cwd=tmp_path).stdout == "split\n"
+    r = pure("run", expr, "-A", "split", "--program", "nope", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and "-split-1.0-bin/bin has no program 'nope'; it has split" in r.stderr, r.stderr
 
 
 def test_run_of_a_package_without_programs_says_so(pure, expr, tmp_path):

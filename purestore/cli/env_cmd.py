@@ -399,9 +399,10 @@ def register(reg) -> None:
         usage="pure run [-h] [-A ATTR] [-I PATH] [--program NAME] FILE|PATH [-- ARGS...]",
         description=(
             "Build FILE (attribute -A ATTR; or take a store path) and run its program with ARGS:\n"
-            "--program NAME from its bin/, else the only program there, else the one named like\n"
-            "the package without version. The environment's bin directories are put in front of\n"
-            "PATH. With a rooted store the program runs in the store namespace (see pure shell).\n"
+            "--program NAME from its bin/ (of the first output that has one), else the only\n"
+            "program there, else the one named like the package without version. The\n"
+            "environment's bin directories are put in front of PATH. With a rooted store the\n"
+            "program runs in the store namespace (see pure shell).\n"
             "Exits with the program's status (killed by a signal: pure ends by the same signal)."),
     )
     # (optional to argparse so that cmd_run says what is missing: argparse named "-- ARGS" too)

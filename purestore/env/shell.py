@@ -209,16 +209,15 @@ def interactive_rc(senv: ShellEnv, env: Mapping[str, str]) -> str:
 
 
 def find_program(store, built: Built, program: str | None) -> str:
-    """The program ``pure run`` starts: ``--program``, else the only executable in the first
-    output's ``bin/``, else the one named like the package without its version."""
-    out = built.outputs[0]
-    bindir = f"{store.real_path(out)}/bin"
-    host_bin = host_path(store, bindir)
-    try:
-        names = sorted(n for n in os.listdir(host_bin) if _executable(store, f"{bindir}/{n}")) if host_bin else []
-    except (FileNotFoundError, NotADirectoryError):
-        names = []
+    """The program ``pure run`` starts, from the ``bin/`` of the first output that has programs
+    there (``out`` first; a package may keep them in a ``bin`` output): ``--program`` (from
+    any output), else the only one there, else the one named like the package without its
+    version."""
+    found = [_programs(store, out) for out in built.outputs]
+    out, bindir, host_bin, names = next((f for f in found if f[3]), found[0])
     if program is not None:
+        out, bindir, host_bin, names = next((f for f in found if program in f[3]),
+                                            (out, bindir, host_bin, names))
         if "/" in program:
             raise ShellError(f"--program takes a name in {store.print_path(out)}/bin, got {program!r}")
         if program not in names:
@@ -244,6 +243,17 @@ def find_program(store, built: Built, program: str | None) -> str:
         return f"{store.print_path(out)}/bin/{pname}"
     raise ShellError(f"do not know which program of {store.print_path(out)} to run: its bin/ has "
                      f"{_program_names(names, host_bin or bindir)}", hint="choose one with --program NAME")
+
+
+def _programs(store, out: StorePath) -> tuple[StorePath, str, str | None, list[str]]:
+    """(output, its bin/ (real path), where that is on the host or None, its programs)."""
+    bindir = f"{store.real_path(out)}/bin"
+    host_bin = host_path(store, bindir)
+    try:
+        names = sorted(n for n in os.listdir(host_bin) if _executable(store, f"{bindir}/{n}")) if host_bin else []
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    return out, bindir, host_bin, names
 
 
 def _program_names(names: list[str], bindir: str, most: int = 20) -> str:
