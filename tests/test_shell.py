@@ -30,6 +30,8 @@ TOOLS = '''
     envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib $out/share/man/man1; "
                  f"ln -s {tools}/bin/env $out/bin/env")
     dev = sh("dev-1.0", f"mkdir $out; test -d {tools}")  # (tools: a build input it does not refer to)
+    slowin = sh("slowin-1.0", "sleep 3; mkdir $out")
+    dev2 = sh("dev2-1.0", f"mkdir $out; test -d {tools} && test -d {slowin}")  # (refers to neither)
     split = sh("split-1.0", f"mkdir -p $out/share $bin/bin; printf '#!{tools}/bin/sh\\\\necho split \\"$@\\"\\\\n' "
                "> $bin/bin/split; chmod +x $bin/bin/split", outputs=["out", "bin"])
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
@@ -251,6 +253,38 @@ def test_shell_closure_is_kept_by_a_gc_during_the_session(pure, expr, tmp_path, 
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_build_inputs_found_valid_are_kept_by_a_gc_while_others_build(pure, expr, tmp_path, store_root):
+    """A shell's build input that was valid (and unrooted) when `pure shell` looked is a
+    temporary root from then on: a `pure gc` while another input builds does not delete it.
+    (It was rooted only once all inputs were there: the collection deleted it, and the shell
+    started without it on PATH.)"""
+    _build(pure, expr, "-A", "dev2", "-o", str(tmp_path / "dev2"), cwd=tmp_path)  # dev2 rooted
+    pure("gc")  # slowin's and tools' outputs go (dev2 refers to neither)
+    _build(pure, expr, "-A", "tools", "--no-link", cwd=tmp_path)  # valid again, unrooted
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "dev2", "--pure",
+                             "--command", 'echo "$PATH"'],
+                            cwd=tmp_path, env=pure_env(store_root), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # the shell builds slowin again: collect meanwhile
+            seen.append(line)
+            if "building" in line and "slowin" in line:
+                break
+        else:
+            pytest.fail("pure shell did not build slowin: " + "".join(seen))
+        deleted = pure("gc").stdout.split()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(seen) + err
+    assert not [d for d in deleted if "bbtools" in d], deleted
+    assert any(d.endswith("-bbtools-1.0/bin") for d in out.strip().split(":")), out
 
 
 def test_build_inputs_in_the_shell_are_kept_by_a_gc_during_the_session(pure, expr, tmp_path, store_root):

@@ -86,6 +86,9 @@ def realise_inputs(store, settings, built: Iterable[Built], *, progress=None, fo
         for inp, names in sorted(read_derivation(store, b.drv).input_drvs.items()):
             dp = store.parse_path(inp)
             outs = store.query_derivation_outputs(dp) or {}
+            # rooted before their validity is read: a gc in between would otherwise delete one
+            # found valid here, and the environment would go without it
+            store.add_temp_roots([outs[n] for n in names if n in outs])
             if any(n not in outs or not store.is_valid(outs[n]) for n in names):
                 missing.setdefault(dp, set()).update(names)
     if missing:  # only the outputs used: a cache's "out" of an input serves without its "doc"
