@@ -247,8 +247,9 @@ def cmd_shell(args, ctx) -> int:
             return spawn(argv, env, settings=ctx.settings)
         env.setdefault("PS1", "[pure-shell:\\w]$ ")
         argv = [senv.shell]
+        from ._words import counted
         ctx.info(f"entering a {'pure ' if args.pure else ''}shell with "
-                 f"{len(senv.paths)} store paths ({senv.shell}); exit to leave")
+                 f"{counted(len(senv.paths), 'store path')} ({senv.shell}); exit to leave")
         import tempfile
         # what an interactive shell reads first (the user's rc file, then PATH and PS1 made
         # the environment's again, then the hook): bash reads --rcfile, a POSIX sh $ENV
