@@ -155,6 +155,12 @@ def test_profile_names_may_have_dashes_and_profiles_keep_their_own_generations(p
     for bad in ("my-2-link", "-x", "my.tmp-12", "my.lock"):
         r = pure("profile", "list", f"--profile={bad}", check=False)
         assert r.returncode == 1 and f"bad profile name {bad!r}" in r.stderr, r.stderr
+    # a name with no generation (misspelt): listed empty, with a word on stderr naming the others
+    for cmd in ("list", "history"):
+        r = pure("profile", cmd, "-p", "my-tool")
+        assert r.stdout in ("", "[]\n") and r.stderr == (
+            "profile 'my-tool' has no generations yet (profiles of this store: my, my-tools)\n"), r.stderr
+    assert pure("profile", "list").stderr == ""  # (the default profile, empty: nothing to say)
 
 
 def test_installing_an_attribute_with_no_package_is_an_error(pure, tmp_path, store_root):

@@ -87,6 +87,18 @@ def _profile(ctx, store, args):
     return Profile(store, args.profile)
 
 
+def _note_unknown_profile(ctx, store, prof) -> None:
+    """A profile named with -p that has no generation at all: say so on stderr (a misspelt name
+    would otherwise list nothing without a word); the default profile before its first install
+    is simply empty."""
+    if prof.name == "default" or prof.generations():
+        return
+    from ..env.profiles import list_profiles
+    others = [n for n in list_profiles(store) if n != prof.name]
+    ctx.info(f"profile {prof.name!r} has no generations yet"
+             + (f" (profiles of this store: {', '.join(others)})" if others else ""))
+
+
 def _fmt_time(t: float) -> str:
     import time
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
@@ -140,6 +152,7 @@ def cmd_profile_remove(args, ctx) -> int:
 def cmd_profile_list(args, ctx) -> int:
     with ctx.open_store() as store:
         prof = _profile(ctx, store, args)
+        _note_unknown_profile(ctx, store, prof)
         elements = prof.elements()
         if args.json:
             print(json.dumps({"profile": prof.link, "generation": prof.current_number(),
@@ -154,6 +167,7 @@ def cmd_profile_list(args, ctx) -> int:
 def cmd_profile_history(args, ctx) -> int:
     with ctx.open_store() as store:
         prof = _profile(ctx, store, args)
+        _note_unknown_profile(ctx, store, prof)
         gens = prof.generations()
         rows = []
         prev: set[str] = set()
