@@ -19,6 +19,8 @@ from test_cache_support import (
     PUB, SEC, make_closure, make_path, open_store, pushed_closure, settings_for, start_server, stop_server,
 )
 
+from purestore._pids import this_machine
+
 GOLD = DATA / "cache" / "nix-cache"
 SRC = DATA / "cache" / "src"
 NIX_H = "/nix/store/hp4xhizqijy1k440fq06xfq6xpl37pf6-h.txt"
@@ -828,8 +830,10 @@ def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
     # named by a process that is gone (a killed push), fresh: removed; by a live one: kept
     dead = subprocess.Popen(["true"])
     dead.wait()
-    gone, alive = tmp / f".tmp-push-{dead.pid}-89ab.nar", tmp / f".tmp-push-{os.getpid()}-cdef.nar"
-    for f in (mine, theirs, recent, gone, alive):
+    here = this_machine()
+    gone, alive = tmp / f".tmp-push-{dead.pid}-{here}-89ab.nar", tmp / f".tmp-push-{os.getpid()}-{here}-cdef.nar"
+    elsewhere = tmp / f".tmp-push-{dead.pid}-elsewhere.0123abcd-89ab.nar"  # another machine's (shared)
+    for f in (mine, theirs, recent, gone, alive, elsewhere):
         f.write_bytes(b"x")
     os.utime(mine, (1, 1))
     os.utime(theirs, (1, 1))
@@ -841,7 +845,7 @@ def test_push_removes_stale_temporary_files_only(tmp_path, keyfile):
     finally:
         stop_server(proc)
     assert not mine.exists() and theirs.exists() and recent.exists()
-    assert not gone.exists() and alive.exists()
+    assert not gone.exists() and alive.exists() and elsewhere.exists()
 
 
 @pytest.mark.parametrize("served", [False, True])

@@ -39,6 +39,7 @@ import trio
 from ..errors import CacheError
 from ._batch import BatchedCalls
 from ._files import open_regular, read_if_regular
+from ._temps import temp_prefix
 from .url import CacheURL, parse_url
 
 CHUNK = 1 << 20
@@ -359,7 +360,7 @@ class FileBackend(Backend):
         """A new temporary file next to ``p`` (its directory made first): (fd, path)."""
         self._ensure_dir(p)
         try:
-            return tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(p))
+            return tempfile.mkstemp(prefix=temp_prefix(), dir=os.path.dirname(p))
         except OSError as e:
             raise self._err("write", name, e) from e
 

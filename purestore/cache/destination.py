@@ -15,11 +15,11 @@ from typing import Iterable
 
 import trio
 
-from .._pids import writer_gone
 from ..errors import CacheError, FormatError
 from ..formats.narinfo import NarInfo
 from ..formats.store_path import StorePath
 from ._nursery import open_nursery
+from ._temps import remove_leftovers
 from .backend import Backend, FileBackend, file_url, make_dirs
 from .info import CacheInfo
 from .prune import mark_used, open_dir_lock
@@ -36,9 +36,6 @@ async def ensure_cache_info(backend: Backend, store_dir: str, other: str = "this
     info = CacheInfo.parse(data, file_url(backend.url, "nix-cache-info"), default_store_dir=store_dir)
     info.check_store_dir(store_dir, backend.url, other)
     return info
-
-
-STALE_TEMP_SECONDS = 24 * 3600
 
 
 @contextlib.asynccontextmanager
@@ -150,40 +147,16 @@ async def mark_present(backend: Backend, have: Iterable[StorePath]) -> None:
 async def nar_temp_dir(backend: Backend) -> str | None:
     """Where NAR files are made before they are put into the cache: its ``nar/`` directory
     for a ``file://`` cache (so that putting one is a rename), else None (the system's
-    temporary directory).  Temporary NAR files left there by killed runs are removed once a
-    day old; in the system's temporary directory, as soon as the process that made them is
-    gone (a killed push left up to 16 of them, each the size of a compressed NAR, for a day)."""
+    temporary directory).  Temporary files that killed runs left there are removed first
+    (:func:`._temps.remove_leftovers`: at once when their process of this machine is gone, else
+    once a day old)."""
     if not isinstance(backend, FileBackend):
-        await trio.to_thread.run_sync(lambda: _remove_stale_temps(tempfile.gettempdir(), ".tmp-push-",
-                                                                  by_pid=True))
+        await trio.to_thread.run_sync(lambda: remove_leftovers(tempfile.gettempdir(), ".tmp-push-"))
         return None
     tmp_dir = os.path.join(backend.dir, "nar")
     try:
         make_dirs(tmp_dir)
     except OSError as e:
         raise CacheError(f"cannot create {tmp_dir!r}: {e.strerror}") from e
-    await trio.to_thread.run_sync(_remove_stale_temps, tmp_dir)
+    await trio.to_thread.run_sync(remove_leftovers, tmp_dir)
     return tmp_dir
-
-
-
-def _remove_stale_temps(directory: str, prefix: str = ".tmp-", *, by_pid: bool = False) -> None:
-    """Remove temporary files of pushes that were killed (older than a day, so never a live
-    one's); ``by_pid``: also those named by a process of this machine that is gone
-    (``<prefix><pid>-…``)."""
-    import time
-    now = time.time()
-    try:
-        with os.scandir(directory) as it:
-            for e in it:
-                if e.name.startswith(prefix) and e.is_file(follow_symlinks=False):
-                    try:
-                        if by_pid and writer_gone(e.name, prefix):
-                            os.unlink(e.path)
-                        elif now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
-                            os.unlink(e.path)
-                    except OSError:
-                        pass
-    except OSError:
-        pass
-

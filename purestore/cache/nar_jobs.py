@@ -30,6 +30,7 @@ from ..errors import CacheError, NarError, StoreError
 from ..formats.hash import Hash
 from ..formats.narinfo import NarInfo
 from ._files import open_regular
+from ._temps import temp_prefix
 from .compression import compress_to, compressor, flush_to
 from .decompression import open_reader
 from .progress import Progress
@@ -315,9 +316,9 @@ class _CompressSink:
 
 def push_temp_name(tmp_dir: str | None) -> str:
     """A fresh name for :func:`compress_path`'s output in ``tmp_dir`` (None: the system's)."""
-    if tmp_dir is None:  # this machine's: named by this process, removed once it is gone
-        return os.path.join(tempfile.gettempdir(), f".tmp-push-{os.getpid()}-{secrets.token_hex(8)}.nar")
-    return os.path.join(tmp_dir, f".tmp-push-{secrets.token_hex(8)}.nar")
+    # named by this process and machine: removed once it is gone (_temps.remove_leftovers)
+    name = f"{temp_prefix('.tmp-push-')}{secrets.token_hex(8)}.nar"
+    return os.path.join(tempfile.gettempdir() if tmp_dir is None else tmp_dir, name)
 
 
 def compress_path(real: str, nar_hash: Hash, nar_size: int, method: str, level: int | None,

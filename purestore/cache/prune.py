@@ -43,6 +43,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.provenance import provenance_file_name
 from ..formats.store_path import StorePath
 from ._graph import references_first
+from ._temps import TEMP, left_by_killed_run
 from .info import CacheInfo
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -349,10 +350,13 @@ def plan_from_listing(where: str, info: CacheInfo, listing: dict[str, tuple[int,
         # never got one: a push that failed), as for NAR files
         if name in gone_logs or (cutoff is not None and not blind and listing[name][1] < cutoff):
             add(name)
-    # what killed pushes, copies and uploads left (``.tmp-…``: only ours): the prune holds the
-    # directory's lock, so none of them is running; an hour's margin all the same
+    # what killed pushes, copies and uploads left (``.tmp-…``: only ours): at once when they
+    # name a process of this machine that is gone; else an hour's margin (an upload writes its
+    # file before it takes the directory's lock, and a machine sharing the directory cannot be
+    # asked whether the process that names another one still runs)
     for name in sorted(listing):
-        if name.rpartition("/")[2].startswith(".tmp-") and listing[name][1] < now - TEMPS_GO_AFTER:
+        base = name.rpartition("/")[2]
+        if base.startswith(TEMP) and (listing[name][1] < now - TEMPS_GO_AFTER or left_by_killed_run(base)):
             add(name)
     return plan
 

@@ -36,12 +36,13 @@ import stat
 import trio
 
 from ..errors import CacheError
+from ._temps import remove_leftovers
 from .backend import CHUNK, check_name
 from .http_server import (CHALLENGE, access_logger, asgi_app, parse_range, presented_token, read_check,
                           respond, send_end, until_disconnect)
 from .listen import check_listen_and_tls, run_app
 from .prune import mark_used
-from .server_upload import _has_body, _may_write, _put, _refuse
+from .server_upload import LAYOUT, _has_body, _may_write, _put, _refuse
 
 log = logging.getLogger("purestore.cache.server")
 
@@ -251,6 +252,11 @@ async def serve_cache(directory: str, listen: str, *, upload_token: str | None =
         raise CacheError(f"cache directory {directory!r} does not exist",
                          hint="create it with 'pure copy --to file://DIR ...' first")
     check_listen_and_tls(listen, tls)  # before the access log is opened
+    # what uploads of a server killed outright (SIGKILL) left: gone before it serves again
+    removed = await trio.to_thread.run_sync(lambda: [
+        os.path.join(d, name) for d in ("", *LAYOUT) for name in remove_leftovers(os.path.join(directory, d))])
+    if removed:
+        log.info("removed %d temporary files of killed runs: %s", len(removed), " ".join(removed))
     app = make_app(directory, upload_token, read_token,
                    access_log=access_logger(access_log) if access_log else None)
     await run_app(app, listen, tls=tls, task_status=task_status, shutdown_trigger=shutdown_trigger)

@@ -21,6 +21,7 @@ import trio
 
 from ..errors import CacheError
 from ._files import read_if_regular
+from ._temps import temp_prefix
 from .backend import check_name, file_mode, make_dirs
 from .http_server import respond
 from .prune import cache_lock, narinfo_lock
@@ -179,7 +180,7 @@ async def _put(receive, send, directory: str, path: str, name: str, *, refuse, b
     try:
         if not os.path.isdir(parent):  # (nearly always there: a stat is quicker than a thread hop)
             await trio.to_thread.run_sync(make_dirs, parent)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-upload-", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(".tmp-upload-"), dir=parent)
     except OSError as e:
         log.error("error: cannot store %s: cannot create a file in %r: %s", name, parent, e.strerror or e)
         await refuse(receive, send, _status_of(e), f"cannot create a file for {name}: {e.strerror or e}\n".encode())
