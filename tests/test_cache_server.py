@@ -236,15 +236,15 @@ async def test_uploads_do_not_follow_links_out_of_the_cache(tmp_path, caplog):
     (cache / "alias").symlink_to("real")
     (cache / "nix-cache-info").symlink_to(outside / "info")  # a file, not a directory: replaced
     async with serving(cache, upload_token=TOKEN) as port:
-        async def put(name: str) -> int:
+        async def put(name: str, body: bytes = b"ok") -> int:
             return status_of(await exchange(port, put_request(
-                name, AUTH + "Connection: close\r\nContent-Length: 2\r\n", b"ok")))
+                name, AUTH + f"Connection: close\r\nContent-Length: {len(body)}\r\n", body)))
         assert await put("linkdir/x") == 403
         assert await put("linkdir/sub/x") == 403
         assert await put("log/deep/x") == 403
         assert await put("nar/x.nar") == 201
         assert await put("alias/x") == 201
-        assert await put("nix-cache-info") == 201
+        assert await put("nix-cache-info", b"StoreDir: /pure/store\n") == 201
     assert not list(outside.iterdir())
     assert (nars / "x.nar").read_bytes() == (cache / "real" / "x").read_bytes() == b"ok"
     assert not (cache / "nix-cache-info").is_symlink()
@@ -351,3 +351,33 @@ async def test_a_small_upload_is_written_without_a_thread_hop_a_big_one_s_rest_i
     assert (tmp_path / "log" / "x").read_bytes() == b"ok"
     assert (tmp_path / "nar" / "big.nar").read_bytes() == big
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+async def test_an_uploaded_nix_cache_info_must_be_one_for_the_cache_s_store_dir(tmp_path):
+    """One upload of a `nix-cache-info` that is not one, or that names another store dir, used
+    to be stored: every reader then refused the whole cache (its narinfos all name paths of
+    the first dir).  It is refused (400, 409) and the file left as it was; one for the same
+    dir replaces it, and a cache that has none, or one that cannot be read, takes any good one."""
+    info = tmp_path / "nix-cache-info"
+    info.write_bytes(b"StoreDir: /pure/store\n")
+
+    async def put(body: bytes) -> bytes:
+        return await exchange(port, put_request("nix-cache-info", AUTH + "Connection: close\r\n"
+                                                f"Content-Length: {len(body)}\r\n", body))
+    async with serving(tmp_path, upload_token=TOKEN) as port:
+        for body, status, said in ((b"StoreDir: /nix/store\n", 409, b"this cache is for store dir '/pure/store'"),
+                                   (b"\x28\xb5\x2f\xfd\x00garbage", 400, b"not a nix-cache-info"),
+                                   (b"<html><body>hi</body></html>\n", 400, b"web page"),
+                                   (b"Priority: 10\n", 400, b"no 'StoreDir' line"),
+                                   (b"StoreDir: /pure/store\nPriority: x\n", 400, b"Priority must be a whole number")):
+            out = await put(body)
+            assert status_of(out) == status and said in out, out
+            assert info.read_bytes() == b"StoreDir: /pure/store\n"
+        assert status_of(await put(b"StoreDir: /pure/store\nPriority: 10\n")) == 201
+        assert info.read_bytes() == b"StoreDir: /pure/store\nPriority: 10\n"
+        info.write_bytes(b"\x00broken")
+        assert status_of(await put(b"StoreDir: /nix/store\n")) == 201
+        info.unlink()
+        assert status_of(await put(b"StoreDir: /other/store\n")) == 201
+        assert info.read_bytes() == b"StoreDir: /other/store\n"
+    assert not list(tmp_path.glob(".tmp-*"))

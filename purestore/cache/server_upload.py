@@ -24,6 +24,7 @@ from ._files import read_if_regular
 from ._temps import temp_prefix
 from .backend import check_name, file_mode, make_dirs
 from .http_server import respond
+from .info import CacheInfo
 from .prune import cache_lock, narinfo_lock
 
 log = logging.getLogger("purestore.cache.server")
@@ -57,6 +58,12 @@ def _publish(directory: str, tmp: str, path: str, name: str) -> None:
         if name.endswith(".narinfo") and "/" not in name:
             with narinfo_lock(directory):
                 _check_and_merge_narinfo(directory, tmp, path, name)
+                os.chmod(tmp, file_mode())
+                os.replace(tmp, path)
+            return
+        if name == "nix-cache-info":
+            with narinfo_lock(directory):
+                _check_cache_info(tmp, path)
                 os.chmod(tmp, file_mode())
                 os.replace(tmp, path)
             return
@@ -105,6 +112,35 @@ def _check_and_merge_narinfo(directory: str, tmp: str, path: str, name: str) -> 
     if merged is not data:
         with open(tmp, "wb") as f:
             f.write(merged)
+
+
+_CACHE_INFO_MAX = 1 << 16  # bytes of an uploaded nix-cache-info (Nix's has one line)
+
+
+def _check_cache_info(tmp: str, path: str) -> None:
+    """Refuse (raise :class:`Refused`) the ``nix-cache-info`` uploaded to ``tmp`` when a reader
+    could not use it (400: not one, or without ``StoreDir``), or when it gives another store dir
+    than the one at ``path`` it replaces (409): every narinfo of the cache names paths of that
+    dir, and one such upload would turn the whole cache away from its readers.  A client writes
+    one only where there is none (a push, Nix's too); one that cannot be read may be replaced."""
+    with open(tmp, "rb") as f:
+        data = f.read(_CACHE_INFO_MAX + 1)
+    if len(data) > _CACHE_INFO_MAX:
+        raise Refused(413, f"nix-cache-info is over {_CACHE_INFO_MAX >> 10} KiB: not a nix-cache-info")
+    try:
+        new = CacheInfo.parse(data, "nix-cache-info")
+    except CacheError as e:
+        raise Refused(400, str(e)) from None
+    old = read_if_regular(path, _CACHE_INFO_MAX)
+    if not old:
+        return
+    try:
+        current = CacheInfo.parse(old, "nix-cache-info")
+    except CacheError:
+        return  # (a broken one: repaired)
+    if current.store_dir != new.store_dir:
+        raise Refused(409, f"nix-cache-info: this cache is for store dir {current.store_dir!r}, "
+                           f"not {new.store_dir!r}; its narinfos name paths of {current.store_dir!r}")
 
 
 LAYOUT = ("nar", "log", "debuginfo", "realisations")  # a cache's own directories
