@@ -402,6 +402,17 @@ def test_key_generate_writes_both_files_or_neither(tmp_path):
     assert not sec.exists() and pub.read_text() == "old\n"
     r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec, "--public-out", sec, check=False)
     assert r.returncode == 2 and "a file each" in r.stderr and not sec.exists()
+    # the same file by other names: a symlink to it, a symlink of its directory (said as
+    # "cannot write 'link.pub': File exists", the two temporary files' names colliding)
+    os.symlink("k.sec", tmp_path / "link.pub")
+    os.symlink(".", tmp_path / "here")
+    for other in (tmp_path / "link.pub", tmp_path / "here" / "k.sec"):
+        r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec, "--public-out", other, "--force",
+                     check=False)
+        assert r.returncode == 2 and f"error: '{sec}' and '{other}' lead to the same file" in r.stderr, r.stderr
+        assert not sec.exists()
+    os.unlink(tmp_path / "link.pub")
+    os.unlink(tmp_path / "here")
     r = run_pure("key", "generate", "--name", "k-1", "--secret-out", sec,
                  "--public-out", tmp_path / "nodir" / "k.pub", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and not sec.exists()  # not a usage error

@@ -53,6 +53,9 @@ def _write_files(files: list[tuple[str, str, int]], force: bool) -> None:
     if len(set(paths)) != len(paths):
         raise UsageError(f"{files[0][0]!r} is given for both keys: the secret and the public key need "
                          "a file each")
+    if len({os.path.realpath(p) for p in paths}) != len(paths):  # through a symlink (of a directory)
+        raise UsageError(f"{files[0][0]!r} and {files[1][0]!r} lead to the same file "
+                         f"({os.path.realpath(paths[0])!r}): the secret and the public key need a file each")
     from ._outfiles import final_path, write_through, written_through
     special = [written_through(full) for full in paths]  # /dev/stdout, a FIFO: written into
     paths = [full if through else final_path(full) for full, through in zip(paths, special)]  # links stay links
