@@ -134,6 +134,15 @@ def test_verify_any_reasons():
         verify_any(FP, [forged], trusted)
     # one good signature among bad ones is enough
     assert verify_any(FP, ["garbage", forged, SIG], trusted) == "test-key-1"
+    # a Sig line that is no signature (an empty one, a name alone, bad base64) is said as such,
+    # with its text: it was "invalid signature by '?'" ('test-key-1' for a name alone)
+    for text in ("", "test-key-1", "test-key-1:abc", SIG[:-4]):
+        with pytest.raises(SignatureError) as e:
+            verify_any(FP, [text], trusted)
+        assert str(e.value) == f"malformed signature {text[:40]!r}{'...' if len(text) > 40 else ''} " \
+                               "(expected NAME:BASE64 of 64 bytes)"
+    with pytest.raises(SignatureError, match=r"^invalid signature by 'test-key-1'; malformed signature ''"):
+        verify_any(FP, [forged, ""], trusted)
 
 
 @given(st.binary(min_size=0, max_size=100), st.integers(0, 87))

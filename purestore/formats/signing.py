@@ -218,18 +218,19 @@ def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, Publ
 
     Raises :class:`SignatureError` saying why none qualifies: no signature at all, only
     signatures by keys not in ``trusted`` (named), or signatures that do not verify.
-    Malformed signature lines count as invalid signatures.
+    A signature that is not ``NAME:BASE64`` of 64 bytes is said as malformed, with its text.
     """
     sigs = list(sigs)
     if not sigs:
         raise SignatureError("it has no signature")
     untrusted: list[str] = []
     bad: list[str] = []
+    malformed: list[str] = []
     for text in sigs:
         try:
             sig = Signature.parse(text)
         except KeyError_:
-            bad.append(text.partition(":")[0] or "?")
+            malformed.append(text)
             continue
         key = trusted.get(sig.name)
         if key is None:
@@ -241,6 +242,10 @@ def verify_any(fingerprint: str, sigs: Iterable[str], trusted: Mapping[str, Publ
     parts = []
     if bad:
         parts.append(f"invalid signature by {', '.join(repr(n) for n in bad)}")
+    if malformed:
+        shown = ", ".join(repr(t[:40]) + ("..." if len(t) > 40 else "") for t in malformed)
+        parts.append(f"malformed signature{'s' if len(malformed) > 1 else ''} {shown} "
+                     "(expected NAME:BASE64 of 64 bytes)")
     if untrusted:
         which = (f"the trusted ones are {', '.join(repr(n) for n in sorted(trusted))}" if trusted
                  else "no key is trusted")
