@@ -127,6 +127,7 @@ def test_a_malformed_listing_is_an_error_and_no_listing_reads_the_nar(tmp_path):
     r = ls(cache, TREE, check=False)
     assert r.returncode == 1 and r.stdout == ""
     assert f"error: listing file://{cache}/nai7hnixwpdj31gflmh2xaw00xjq4b7m.ls is malformed: .: unknown type 'socket'" in r.stderr
+    assert "hint: --no-listing reads the path's NAR instead" in r.stderr  # (the way out, said)
     assert ls(cache, "--no-listing", "-lR", TREE).stdout.rstrip("\n") == NIX_LS[("-lR", TREE)].rstrip("\n")
 
 

@@ -219,7 +219,9 @@ def _from_listing(data: bytes, where: str) -> Node:
         raise CacheError(f"listing {where} is malformed: nested more than {_nar.MAX_DEPTH} directories deep, "
                          "as no NAR can be") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise CacheError(f"listing {where} is malformed: {e}") from None
+        raise CacheError(f"listing {where} is malformed: {e}",
+                         hint="--no-listing reads the path's NAR instead (checked against its signed narinfo)"
+                         ) from None
 
 
 def find(root: Node, loc: Located) -> Node:
