@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from purestore.cache.backend import CacheMissing, check_name, open_backend, parse_url
 from purestore.cache.info import CacheInfo
 from purestore.cache.server import serve_cache
+from purestore.cache.url import hide_password
 from purestore.errors import CacheError
 
 
@@ -57,6 +58,21 @@ def test_parse_url():
     assert parse_url("file:///x?priority=" + "0" * 5000 + "7").priority == 7
 
 
+def test_a_login_s_password_is_in_the_base_only():
+    """http://NAME:PASSWORD@HOST/: the base (which the backend connects with) keeps it; the URL
+    that messages, --json and the store's records show has it as *** (and parse_url's errors)."""
+    u = parse_url("https://alice:p%40ss:w@cache.example:8443/pre?priority=3")
+    assert u.base == "https://alice:p%40ss:w@cache.example:8443/pre/"
+    assert u.url == "https://alice:***@cache.example:8443/pre?priority=3" and u.priority == 3
+    for url in ("http://alice@h/", "http://h/a:b@c", "http://h/?x=a:b@c", "file:///a:b@c", "s3://b?region=eu-west-1"):
+        assert parse_url(url.replace("?x=a:b@c", "")).url == url.replace("?x=a:b@c", "")  # nothing to hide
+    assert hide_password("http://h/?token-file=a:b@c") == "http://h/?token-file=a:b@c"
+    assert hide_password("HTTP://u:p@h") == "HTTP://u:***@h"
+    with pytest.raises(CacheError) as e:
+        parse_url("http://alice:s3cret@h/?nope=1")
+    assert "s3cret" not in str(e.value) and "'http://alice:***@h/?nope=1'" in str(e.value)
+
+
 def test_parse_url_refuses_an_unmatched_bracket_with_a_cache_error():
     """A '[' without its ']' in the host is a CacheError naming the URL, not urlsplit's ValueError."""
     for url in ("http://[::1/", "file://[x/", "https://[::1:8080/"):
@@ -79,7 +95,8 @@ def test_a_port_that_is_no_port_is_named_in_the_error():
                      ("http://u:p@h:-1/", "-1")):
         with pytest.raises(CacheError) as e:
             open_backend(url)
-        assert str(e.value) == f"cache URL {url!r}: the port must be a number from 1 to 65535, got {got!r}"
+        shown = url.replace("u:p@", "u:***@")  # (a login's password is not said)
+        assert str(e.value) == f"cache URL {shown!r}: the port must be a number from 1 to 65535, got {got!r}"
 
 
 def test_cache_info_round_trip_and_store_dir_check():

@@ -255,9 +255,17 @@ def test_a_login_in_the_url_is_sent_as_nix_sends_it(tmp_path, pushed):
         assert r.returncode == 0, r.stderr
         assert len(json.loads(r.stdout)["fetched"]) == 2
         run_pure("store", "verify", "--check-contents", root=tmp_path / "b", store_dir=store_dir)
+        # the password is not said, nor written into the store's records (it was, as given,
+        # in messages and in every substitution record of the store's database)
+        r = run_pure("copy", "--from", with_login, "--trusted-public-keys", PUB, app, root=tmp_path / "d",
+                     store_dir=store_dir, env={"PURE_CONFIG": str(conf)})
+        assert f"from {url.replace('http://', 'http://alice:***@').rstrip('/')}" in r.stderr, r.stderr
+        for f in (tmp_path / "b").rglob("*"):
+            assert not f.is_file() or b"s3cr" not in f.read_bytes(), f
         r = fetch(url.replace("http://", "http://alice:guess@"), "c")
         assert r.returncode == 1
         assert "(the cache refused the login 'alice' for 127.0.0.1 in the cache's URL)" in r.stderr
+        assert "guess" not in r.stderr + r.stdout and "http://alice:***@127.0.0.1" in r.stderr
         if HAVE_NIX and store_dir == "/nix/store":  # the same URL works in Nix
             nix_copy_from(tmp_path, with_login.rstrip("/"), app, check=True)
     finally:

@@ -97,6 +97,7 @@ async def locate(settings, url: str, text: str, *, trusted_keys: Iterable[str] |
     and check its signature; returns (backend, :class:`Located`).  The caller closes the
     backend."""
     backend = backend_for(url, settings)
+    url = backend.url  # (what is said of it: a login's password as ***)
     try:
         info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
         sd = info.store_dir

@@ -162,7 +162,7 @@ class HttpBackend(Backend):
                                       stall_timeout=stall_timeout, max_connections=max_connections,
                                       headers={"User-Agent": "purestore"}, ssl_context=ssl_context)
         self.custom_ca = ssl_context is not None
-        self._base = f"{u.scheme}://{u.netloc}"
+        self._base = f"{u.scheme}://{u.netloc.rpartition('@')[2]}"  # (for redirects' URLs: no login)
         # clients for the other origins redirects lead to, by (scheme, host, port)
         self._others: dict[tuple[str, str, int], object] = {}
         self._client_args = dict(connect_timeout=connect_timeout, stall_timeout=stall_timeout,

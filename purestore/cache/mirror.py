@@ -82,7 +82,8 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
     from .url import url_flag
 
     dst_cu = parse_url(dst_url)
-    parse_url(src_url)
+    src_cu = parse_url(src_url)
+    src_url, dst_url = src_cu.url, dst_cu.url  # (what is said of them: a login's password as ***)
     for key in _PUSH_ONLY_PARAMS:
         if dst_cu.param(key) is not None:
             raise CacheError(f"cache URL {dst_url!r}: {key} does not apply to a copy between caches "
@@ -100,7 +101,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
                               "--no-check-sigs to copy unsigned paths")
     wanted = list(dict.fromkeys(paths))
 
-    src = backend_for(src_url, settings)
+    src = backend_for(src_cu, settings)
     dst = backend_for(dst_cu, settings)
     async with src, dst, contextlib.AsyncExitStack() as held:
         sd = (await read_cache_info(src, src_url, default_store_dir=settings.store_dir)).store_dir

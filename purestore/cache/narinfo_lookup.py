@@ -37,6 +37,7 @@ from .backend import Backend, CacheNotAnswering, backend_for, check_name, file_u
 from .info import read_cache_info
 from .narinfo_cache import NegativeCache
 from .restored import RestoredTrees
+from .url import hide_password
 from ._nursery import open_nursery
 
 log = logging.getLogger("purestore.cache")
@@ -108,9 +109,10 @@ class Substituters:
         self.strict = strict
 
     async def __aenter__(self) -> "Substituters":
-        async def open_one(i: int, url: str):
+        async def open_one(i: int, given: str):
+            url = hide_password(given)  # (what is said and recorded of it)
             try:
-                cu = parse_url(url)  # (a priority that is no whole number is an error there)
+                cu = parse_url(given)  # (a priority that is no whole number is an error there)
                 prio = cu.priority
                 backend = backend_for(cu, self.settings)
             except CacheError as e:

@@ -18,6 +18,7 @@ from ..errors import CacheError
 from ._nursery import open_nursery
 from .backend import backend_for, parse_url
 from .info import read_cache_info
+from .url import hide_password
 
 
 @attrs.define
@@ -44,11 +45,12 @@ async def cache_status(settings, urls: Iterable[str]) -> list[CacheStatus]:
     """The status of each cache, asked in parallel; usable ones first, in substitution order."""
     out: list[CacheStatus] = []
 
-    async def one(i: int, url: str) -> None:
+    async def one(i: int, given: str) -> None:
+        url = hide_password(given)  # (what is said of it)
         st = CacheStatus(url, i)
         out.append(st)
         try:
-            cu = parse_url(url)
+            cu = parse_url(given)
             prio = cu.priority
             backend = backend_for(cu, settings)
         except CacheError as e:

@@ -146,6 +146,7 @@ async def copy_to(store, settings, url: str, paths: Iterable[StorePath], *,
     as well (:mod:`.forked`); only for a caller whose other threads are all idle (the CLI).
     """
     cu = parse_url(url)
+    url = cu.url  # (what is said of it: a login's password as ***)
     where = url.split("?")[0]
     for option, param in ((compression, "compression"), (level, "compression-level"),
                           (parallel, "parallel-compression")):

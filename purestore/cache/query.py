@@ -67,6 +67,7 @@ async def cache_path_infos(settings, url: str, paths: Iterable[StorePath], *, re
     narinfo is unreadable, or (when its closure is needed) a path it refers to is missing."""
     trusted = parse_public_keys(trusted_keys or ())
     backend = backend_for(url, settings)
+    url = backend.url  # (what is said of it: a login's password as ***)
     async with backend:
         info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
         sd = info.store_dir

@@ -28,6 +28,7 @@ from .info import read_cache_info
 from .progress import Progress
 from .destination import push_lock
 from .query import CONCURRENCY
+from .url import hide_password
 from .verify import check_nar
 
 
@@ -51,10 +52,12 @@ async def sign_cache(settings, url: str, keys: Iterable[SecretKey], paths: Itera
         raise CacheError("no secret key to sign with")
     trusted = parse_public_keys(list(settings.trusted_public_keys if trusted_keys is None else trusted_keys))
     if check_sigs and not trusted:
-        raise CacheError(f"no trusted public keys to check the narinfos of {url!r} with before signing them",
+        raise CacheError(f"no trusted public keys to check the narinfos of {hide_password(url)!r} with before "
+                         "signing them",
                          hint="give --trusted-public-keys KEYS (or set trusted-public-keys), or "
                               "--no-check-sigs to sign what the cache holds as it is")
     backend = backend_for(url, settings)
+    url = backend.url  # (what is said of it: a login's password as ***)
     async with backend, contextlib.AsyncExitStack() as held:
         sd = (await read_cache_info(backend, url, default_store_dir=settings.store_dir)).store_dir
         if isinstance(backend, FileBackend):  # a prune must not remove what is read to be rewritten

@@ -21,7 +21,7 @@ from ..errors import CacheError
 class CacheURL:
     """A parsed cache URL: the base location and the ``?key=value`` parameters."""
 
-    url: str            # as given
+    url: str            # as given, but for the password of a login in it (hide_password)
     scheme: str         # file, http, https, s3
     base: str           # directory for file://, URL prefix ending in '/' for http(s)
     params: dict[str, str] = attrs.field(factory=dict, hash=False)
@@ -72,14 +72,29 @@ def query_pairs(query: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def hide_password(url: str) -> str:
+    """``url`` with the password of a login in an http(s) URL (``http://NAME:PASSWORD@HOST/``)
+    written ``***``: what messages, ``--json`` and the store's records show of it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")  # (as urlsplit splits it)
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{rest[end:]}"
+
+
 def parse_url(url: str) -> CacheURL:
     """Parse ``file:///dir?…``, ``http(s)://host:port/prefix?…`` or ``s3://bucket[/prefix]?…``;
-    raise :class:`CacheError`."""
+    raise :class:`CacheError`.  The password of a login in the URL is in the result's ``base``
+    only (its ``url``, and the errors, show ``***``: :func:`hide_password`)."""
+    given, url = url, hide_password(url)
     if any(c.isspace() for c in url):
         raise CacheError(f"cache URL {url!r} contains white space",
                          hint="give one URL here; a space in a directory name is written %20")
     try:
-        u = urllib.parse.urlsplit(url)
+        u = urllib.parse.urlsplit(given)
     except ValueError as e:  # a '[' without its ']' in the host ("Invalid IPv6 URL"), or the like
         raise CacheError(f"cache URL {url!r}: malformed host ({e})",
                          hint="an IPv6 address is written between '[' and ']': http://[::1]:8080/") from None
@@ -129,7 +144,7 @@ def parse_url(url: str) -> CacheURL:
         if not u.netloc:
             raise CacheError(f"cache URL {url!r}: missing host")
         path = u.path if u.path.endswith("/") else u.path + "/"
-        return CacheURL(url, u.scheme, f"{u.scheme}://{u.netloc}{path}", params)
+        return CacheURL(url, u.scheme, f"{u.scheme}://{u.netloc}{path}", params)  # (base: with the login)
     if u.scheme == "s3":
         if not u.netloc:
             raise CacheError(f"cache URL {url!r}: missing bucket (s3://BUCKET[/PREFIX])")

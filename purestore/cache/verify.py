@@ -70,6 +70,7 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
     keys = list(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
     trusted = parse_public_keys(keys)
     backend = backend_for(url, settings)
+    url = backend.url  # (what is said of it: a login's password as ***)
     async with backend:
         info = await read_cache_info(backend, url, default_store_dir=settings.store_dir)
         sd = info.store_dir

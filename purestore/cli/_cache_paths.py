@@ -8,6 +8,13 @@ import os
 from ._words import counted
 
 
+def shown_url(url: str) -> str:
+    """A cache URL as a summary line shows it: without its parameters, and with the password of
+    a login in it written ``***``."""
+    from ..cache.url import hide_password
+    return hide_password(url).split("?")[0]
+
+
 def count_paths(n: int) -> str:
     """``1 path``, ``3 paths``."""
     return counted(n, "path")

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ._cache_paths import base_name_paths, check_store_dir, count_paths, link_target
+from ._cache_paths import base_name_paths, check_store_dir, count_paths, link_target, shown_url
 
 _VERIFY_HELP = """\
 Check a binary cache as it stands, without a store: for each path's narinfo, that it is there
@@ -245,7 +245,7 @@ def cmd_cache_verify(args, ctx) -> int:
                 print(f"bad: {rep.label(n)!r}: {m}")
         how = ["signatures checked" if rep.signatures_checked else "signatures not checked: no trusted keys",
                "NAR contents checked" if rep.contents_checked else "NAR contents not read"]
-        ctx.info(f"checked {count_paths(len(rep.results))} in {args.url.split('?')[0]}: "
+        ctx.info(f"checked {count_paths(len(rep.results))} in {shown_url(args.url)}: "
                  + ("no problems" if not bad else f"{len(bad)} bad") + f" ({'; '.join(how)})")
     return 0 if not bad else 1
 
@@ -357,7 +357,7 @@ def cmd_cache_sign(args, ctx) -> int:
         print(json.dumps({"signed": [p.absolute(res.store_dir) for p in res.signed],
                           "unchanged": [p.absolute(res.store_dir) for p in res.unchanged]}, indent=2))
     else:
-        ctx.info(f"signed {count_paths(len(res.signed))} in {args.url.split('?')[0]}; "
+        ctx.info(f"signed {count_paths(len(res.signed))} in {shown_url(args.url)}; "
                  f"{len(res.unchanged)} had the signatures already")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ._cache_paths import base_name_paths, check_store_dir, count_paths
+from ._cache_paths import base_name_paths, check_store_dir, count_paths, shown_url
 
 _COPY_HELP = """\
 Copy store paths and their closures to or from a binary cache.
@@ -136,7 +136,7 @@ def cmd_copy(args, ctx) -> int:
                 jobs=args.jobs, progress=progress, fork_worker=True),  # nothing else runs here
                 push_json if args.json else None)
             if not args.json:
-                ctx.info(f"copied {count_paths(len(res.uploaded))} to {args.to.split('?')[0]} "
+                ctx.info(f"copied {count_paths(len(res.uploaded))} to {shown_url(args.to)} "
                          f"({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} compressed); "
                          f"{len(res.skipped)} already there")
             if not keys and not cu.param("secret-key") and res.uploaded:  # last, to be seen
@@ -178,18 +178,19 @@ def cmd_copy(args, ctx) -> int:
             meanwhile = f"; {count_paths(len(rep.present))} registered meanwhile by another process" \
                 if rep.present else ""
             ctx.info(f"fetched {count_paths(len(rep.fetched))} ({_size(rep.nar_bytes)} of NAR) from "
-                     f"{args.from_.split('?')[0]}{meanwhile}")
+                     f"{shown_url(args.from_)}{meanwhile}")
     return 0
 
 
 def _sign_again_command(url: str, roots: list[str]) -> str:
     """The `pure cache sign` that signs the closures of ``roots`` in the cache at ``url`` (the
-    URL without the push's own parameters; over HTTP it keeps its token-file)."""
+    URL without the push's own parameters; over HTTP it keeps its token-file, and a login's
+    password is written ``***``)."""
     import shlex
     import urllib.parse
 
-    from ..cache.url import query_pairs
-    base, _, query = url.partition("?")
+    from ..cache.url import hide_password, query_pairs
+    base, _, query = hide_password(url).partition("?")
     keep = [(k, v) for k, v in query_pairs(query)
             if k not in ("secret-key", "compression", "compression-level", "parallel-compression",
                          "write-nar-listing", "index-debug-info")]
@@ -251,7 +252,7 @@ def _copy_between(args, ctx) -> int:
         secret_keys=keys, write_listing=True if args.write_nar_listing else None,
         jobs=args.jobs, progress=progress), report_json if args.json else None)
     if not args.json:
-        ctx.info(f"copied {count_paths(len(res.copied))} from {args.from_.split('?')[0]} to "
-                 f"{args.to.split('?')[0]} ({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} "
+        ctx.info(f"copied {count_paths(len(res.copied))} from {shown_url(args.from_)} to "
+                 f"{shown_url(args.to)} ({_size(res.nar_bytes)} of NAR, {_size(res.file_bytes)} "
                  f"of NAR files transferred); {len(res.skipped)} already there")
     return 0
