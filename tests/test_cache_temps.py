@@ -9,11 +9,14 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from conftest import pure_env, run_pure
 from test_cache_support import PUB, SEC, make_path, open_store, start_server, stop_server
@@ -133,3 +136,21 @@ def test_a_prune_removes_what_a_gone_process_of_this_machine_left_at_once(tmp_pa
         f.write_bytes(b"partial")
     r = run_pure("cache", "prune", f"file://{cache}", "--older-than", "30d", "--json")
     assert not gone.exists() and all(f.exists() for f in kept), r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a pid namespace")
+def test_pids_are_judged_only_where_proc_shows_this_pid_namespace():
+    """In a pid namespace of its own, a process's name for temporaries differs from the host's
+    (its pids are not the host's), and it judges no pid when /proc is still the host's
+    (`unshare --pid` without a /proc of its own: /proc/<pid> would be another process's)."""
+    check = ("from purestore._pids import this_machine, writer_gone; "
+             "print(this_machine()); print(writer_gone(f'.tmp-99999999-{this_machine()}-x', '.tmp-', machine=True))")
+    outs = {}
+    for mount in ((), ("--mount-proc",)):
+        r = subprocess.run(["unshare", "--pid", "--fork", *mount, sys.executable, "-c", check],
+                           capture_output=True, text=True, env=pure_env(None), timeout=60)
+        if r.returncode != 0:
+            pytest.skip(f"unshare --pid does not work here: {r.stderr.strip()}")
+        outs[bool(mount)] = r.stdout.split()
+    assert outs[False][1] == "False" and outs[True][1] == "True"
+    assert this_machine() not in (outs[False][0], outs[True][0])
