@@ -153,6 +153,11 @@ async def test_negative_lookups_are_cached_briefly(source, tmp_path):
         await push(store, s, c, [app])
         assert await substitute(d, ds, {app}) == set()  # still remembered as missing
         assert await substitute(d, ds.evolve(narinfo_cache_negative_ttl=0), {app}) == {app}
+        # found there by a run that remembers nothing (as `pure copy --from`'s): no longer
+        # remembered as missing (it was, for the TTL: the path, deleted, was not fetched again)
+        d.delete([app])
+        assert await substitute(d, ds, {app}) == {app}
+
 
 
 async def test_a_push_from_this_store_forgets_that_the_path_was_missing(source, tmp_path):

@@ -3,7 +3,9 @@
 When a cache says it does not have ``<hash>.narinfo``, that answer is remembered for
 ``narinfo-cache-negative-ttl`` seconds (setting; default 300, 0 disables), so a build that asks
 again soon does not query every cache again.  Positive answers are not cached: a narinfo is
-always fetched fresh and verified.  Any error with the file just disables the memory.
+always fetched fresh and verified, and a cache found to have it forgets that it had not (also
+in a run that remembers nothing, as ``pure copy --from``'s: the next build within the TTL would
+otherwise not ask that cache for the path).  Any error with the file just disables the memory.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ class NegativeCache:
     def __init__(self, state_dir: str | None, ttl: int):
         self.ttl = ttl
         self._mem: dict[tuple[str, str], float] = {}
+        self._found: set[tuple[str, str]] = set()  # (cache, hash part) found there: forgotten at close
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
-        if ttl > 0 and state_dir:
+        path = os.path.join(state_dir, "narinfo-cache.sqlite") if state_dir else None
+        if path is not None and (ttl > 0 or os.path.exists(path)):  # (ttl 0: only to forget)
             try:
-                os.makedirs(state_dir, exist_ok=True)
-                db = sqlite3.connect(os.path.join(state_dir, "narinfo-cache.sqlite"),
-                                     timeout=5, check_same_thread=False, isolation_level=None)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                db = sqlite3.connect(path, timeout=5, check_same_thread=False, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("CREATE TABLE IF NOT EXISTS Negative (cache TEXT NOT NULL, hash TEXT NOT NULL,"
                            " time REAL NOT NULL, PRIMARY KEY (cache, hash)) WITHOUT ROWID")
@@ -59,6 +62,14 @@ class NegativeCache:
                 except sqlite3.Error:
                     pass
 
+    def found(self, cache: str, hash_part: str) -> None:
+        """``cache`` has the path: what was remembered of it there is forgotten (all at once,
+        when the memory is closed)."""
+        with self._lock:
+            self._mem.pop((cache, hash_part), None)
+            if self._db is not None:
+                self._found.add((cache, hash_part))
+
     def forget(self, cache: str, hash_part: str) -> None:
         with self._lock:
             self._mem.pop((cache, hash_part), None)
@@ -91,5 +102,13 @@ class NegativeCache:
 
     def close(self) -> None:
         if self._db is not None:
+            if self._found:
+                try:
+                    with self._db:  # (one transaction)
+                        self._db.execute("BEGIN")
+                        self._db.executemany("DELETE FROM Negative WHERE cache = ? AND hash = ?", sorted(self._found))
+                except sqlite3.Error:
+                    pass
+                self._found.clear()
             self._db.close()
             self._db = None

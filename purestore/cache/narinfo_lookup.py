@@ -242,6 +242,7 @@ class Substituters:
         if data is None:
             self.negative.add(cache.url, path.hash_part)
             return None
+        self.negative.found(cache.url, path.hash_part)
         where = file_url(cache.url, name)
         try:
             ni = NarInfo.parse(data, sd, where=where)
