@@ -159,6 +159,27 @@ async def test_negative_lookups_are_cached_briefly(source, tmp_path):
         assert await substitute(d, ds, {app}) == {app}
 
 
+def test_remembered_answers_past_their_time_are_removed(tmp_path):
+    """The file of negative answers kept every answer for good: those older than the TTL and a
+    day go when the memory is opened; recent ones stay."""
+    import sqlite3
+    import time
+
+    from purestore.cache.narinfo_cache import NegativeCache
+    mem = NegativeCache(str(tmp_path), 300)
+    mem.add("file:///c", "a" * 32)
+    mem.close()
+    db = sqlite3.connect(tmp_path / "narinfo-cache.sqlite")
+    with db:
+        db.execute("INSERT INTO Negative VALUES (?, ?, ?)", ("file:///c", "b" * 32, time.time() - 2 * 86400))
+    db.close()
+    mem = NegativeCache(str(tmp_path), 300)
+    assert mem.is_negative("file:///c", "a" * 32)
+    mem.close()
+    db = sqlite3.connect(tmp_path / "narinfo-cache.sqlite")
+    assert [h for (h,) in db.execute("SELECT hash FROM Negative")] == ["a" * 32]
+    db.close()
+
 
 async def test_a_push_from_this_store_forgets_that_the_path_was_missing(source, tmp_path):
     """The store remembered "not in c" for app; this store then pushes app to c (with other URL

@@ -5,7 +5,8 @@ When a cache says it does not have ``<hash>.narinfo``, that answer is remembered
 again soon does not query every cache again.  Positive answers are not cached: a narinfo is
 always fetched fresh and verified, and a cache found to have it forgets that it had not (also
 in a run that remembers nothing, as ``pure copy --from``'s: the next build within the TTL would
-otherwise not ask that cache for the path).  Any error with the file just disables the memory.
+otherwise not ask that cache for the path).  Answers older than the TTL, and than a day, are
+removed when the memory is opened.  Any error with the file just disables the memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import os
 import sqlite3
 import threading
 import time
+
+
+KEPT_AT_LEAST = 24 * 3600  # seconds an answer stays in the file (a later run may have a longer TTL)
 
 
 class NegativeCache:
@@ -31,6 +35,8 @@ class NegativeCache:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("CREATE TABLE IF NOT EXISTS Negative (cache TEXT NOT NULL, hash TEXT NOT NULL,"
                            " time REAL NOT NULL, PRIMARY KEY (cache, hash)) WITHOUT ROWID")
+                if ttl > 0:
+                    db.execute("DELETE FROM Negative WHERE time < ?", (time.time() - max(ttl, KEPT_AT_LEAST),))
                 self._db = db
             except sqlite3.Error:
                 self._db = None
