@@ -176,6 +176,39 @@ def test_a_corrupt_nar_fails_its_path_and_referrers_only(tmp_path):
     assert json.loads(r.stdout) == {"fetched": [], "skipped": [lone], "failed": {}, "narBytes": 0}
 
 
+def test_a_nar_that_is_no_nar_is_not_copied_though_its_hashes_match(tmp_path):
+    """A NAR file whose hashes and sizes are the (signed) narinfo's but which is no NAR a
+    restore takes (a '..' entry, bytes after its end, cut short): refused as a substitution and
+    `cache verify --check-contents` refuse it; the copy only parsed it for a listing, so it went
+    into the mirror (which then failed every substitution and verify)."""
+    import struct
+
+    from purestore.formats.hash import Hash
+
+    def s(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b + b"\0" * (-len(b) % 8)
+
+    def nar(*tokens: bytes) -> bytes:
+        return b"".join(map(s, tokens))
+
+    regular = [b"(", b"type", b"regular", b"contents", b"x", b")"]
+    good = nar(b"nix-archive-1", b"(", b"type", b"directory", b"entry", b"(", b"name", b"a", b"node", *regular,
+               b")", b")")
+    a, p = source(tmp_path, listing=False)
+    lone = p["lone"]
+    for i, (bad, said) in enumerate(((good.replace(s(b"a"), s(b"..")), "invalid entry name b'..'"),
+                                     (good + s(b"more"), "trailing bytes after the end of the NAR"),
+                                     (good[:-16], "NAR is truncated"))):
+        ni = rewrite_narinfo(a, lone, sign_with=SEC, compression="none", url=f"nar/bad{i}.nar",
+                             nar_hash=Hash.of_bytes(bad), nar_size=len(bad), file_hash=None, file_size=None)
+        (a / ni.url).write_bytes(bad)
+        b = tmp_path / f"B{i}"
+        r = mirror(f"file://{a}", f"file://{b}", lone.absolute("/pure/store"), check=False)
+        assert r.returncode == 1 and f"NAR file://{a}/{ni.url} is invalid: {said}" in r.stderr, r.stderr
+        assert not (b / ni.url).exists() and not list(b.glob("*.narinfo"))
+        assert not [n for n in files(b) if ".tmp" in n]
+
+
 def test_a_missing_reference_is_named_and_nothing_is_written(tmp_path):
     a, p = source(tmp_path)
     narinfo_file(a, p["lib"]).unlink()

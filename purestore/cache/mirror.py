@@ -9,11 +9,12 @@ without a store: mirroring a cache, or filling an offline one.
    path, and the destination is left untouched.
 2. **Copy** what the destination lacks, the biggest NARs first, several at once: the compressed
    NAR is streamed into a temporary file while it is checked as substitution checks it
-   (FileSize, FileHash, then decompressed: NarSize, NarHash).  Only a NAR that passed is put
-   under the same ``nar/…`` name.  Its ``.ls`` listing, provenance statement and build log come
-   along when the source has them (with ``write_listing``, a missing listing is made from the
-   NAR, which also checks that it parses).  A NAR URL with a query (``nar/….nar?hash=…``, as
-   Harmonia serves) is asked with it, and the file kept without it, the narinfo's URL too.
+   (FileSize, FileHash, then decompressed: NarSize, NarHash, and that it parses as a NAR).
+   Only a NAR that passed is put under the same ``nar/…`` name.  Its ``.ls`` listing,
+   provenance statement and build log come along when the source has them (with
+   ``write_listing``, a missing listing is made from the NAR).  A NAR URL with a query
+   (``nar/….nar?hash=…``, as Harmonia serves) is asked with it, and the file kept without it,
+   the narinfo's URL too.
 3. **Publish** the narinfo only after those of all its references, so the destination holds
    whole closures at every moment.  Without new keys it is the source's narinfo byte for byte
    (its signatures stay valid: they sign the path, not the cache); with ``secret_keys`` their
@@ -36,6 +37,7 @@ import attrs
 import trio
 
 from ..errors import CacheError, CopyIncomplete, NarError, ProvenanceError, SignatureError
+from ..formats.nar import NarRegular, parse_nar
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
@@ -310,14 +312,19 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
                 return c
             reader = VerifyingReader(tee, ni, where, progress)
             listing = None
-            if write_listing:
-                try:
+            try:  # parsed, as a substitution and `cache verify --check-contents` parse it
+                if write_listing:
                     listing = nar_listing(reader)
-                except NarError as e:
-                    while reader.read():  # a size or hash mismatch explains a bad NAR better
-                        pass
-                    reader.verify()
-                    raise CacheError(f"NAR {where} is invalid: {e}") from e
+                else:
+                    for ev in parse_nar(reader):
+                        if isinstance(ev, NarRegular):
+                            for _ in ev.chunks:
+                                pass
+            except NarError as e:
+                while reader.read():  # a size or hash mismatch explains a bad NAR better
+                    pass
+                reader.verify()
+                raise CacheError(f"NAR {where} is invalid: {e}") from e
             while reader.read():
                 pass
             reader.verify()
