@@ -209,6 +209,31 @@ def test_a_nar_that_is_no_nar_is_not_copied_though_its_hashes_match(tmp_path):
         assert not [n for n in files(b) if ".tmp" in n]
 
 
+def test_a_reference_cycle_is_refused_before_anything_is_written(tmp_path):
+    """Signed narinfos that refer to each other (lib → app → lib: only a hostile or broken cache
+    has them), and one above them: each refused, naming why, the destination untouched.  The
+    copy used to wait for good, each narinfo for the other's to be published."""
+    import subprocess
+
+    a, p = source(tmp_path, listing=False)
+    sd = "/pure/store"
+    rewrite_narinfo(a, p["lib"], sign_with=SEC, references=(p["app"],))
+    rewrite_narinfo(a, p["lone"], sign_with=SEC, references=(p["app"],))
+    b = tmp_path / "B"
+    try:
+        r = run_pure("copy", "--from", f"file://{a}", "--to", f"file://{b}", "--trusted-public-keys", PUB,
+                     p["lone"].absolute(sd), check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the copy of a reference cycle did not end")
+    assert r.returncode == 1
+    for q in ("lib", "app"):
+        assert f"cannot copy '{p[q].absolute(sd)}' from 'file://{a}': its narinfo is part of a reference cycle" \
+            in r.stderr, r.stderr
+    assert (f"cannot copy '{p['lone'].absolute(sd)}' from 'file://{a}': its reference "
+            f"'{p['app'].absolute(sd)}' is part of a reference cycle or refers to one") in r.stderr
+    assert not b.exists()
+
+
 def test_a_missing_reference_is_named_and_nothing_is_written(tmp_path):
     a, p = source(tmp_path)
     narinfo_file(a, p["lib"]).unlink()

@@ -34,3 +34,37 @@ def references_first(items: Iterable[T], refs: Callable[[T], Iterable[T]]) -> li
                 seen.add(nxt)
                 stack.append((nxt, children(nxt)))
     return out
+
+
+def cycle_problems(items: Iterable[T], refs: Callable[[T], Iterable[T]]) -> dict[T, T | None]:
+    """The ``items`` no order of references first can place (only a hostile or broken cache
+    has them): each that is part of a reference cycle (through ``refs``, among ``items``; a
+    self-reference does not count) → None, and each that refers to such a one, directly or not
+    → a reference of it that is one of them."""
+    pool = set(items)
+    deps = {x: {r for r in refs(x) if r in pool and r != x} for x in pool}
+    users: dict[T, set[T]] = {x: set() for x in pool}
+    for x, ds in deps.items():
+        for d in ds:
+            users[d].add(x)
+    remaining = {x: len(ds) for x, ds in deps.items()}
+    ready = [x for x, n in remaining.items() if n == 0]
+    while ready:  # (Kahn: what is left over is in a cycle or above one)
+        for u in users[ready.pop()]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                ready.append(u)
+    left = {x for x, n in remaining.items() if n > 0}
+
+    def on_a_cycle(x: T) -> bool:
+        todo, seen = list(deps[x] & left), set()
+        while todo:
+            y = todo.pop()
+            if y == x:
+                return True
+            if y not in seen:
+                seen.add(y)
+                todo.extend(deps[y] & left)
+        return False
+    members = {x for x in left if on_a_cycle(x)}
+    return {x: None if x in members else min(deps[x] & left) for x in left}

@@ -42,7 +42,7 @@ from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
 from ._files import open_regular
-from ._graph import references_first
+from ._graph import cycle_problems, references_first
 from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, backend_for, check_name, file_url, parse_url
 from .fetch import stream_to_thread
@@ -120,6 +120,10 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
         async with open_nursery() as n:
             for p, (ni, _) in found.items():
                 n.start_soon(check, p, ni)
+        # a reference cycle (a hostile cache's): its narinfos would each wait for the other's
+        for p, via in cycle_problems(found, lambda q: found[q][0].references).items():
+            problems.setdefault(p, "its narinfo is part of a reference cycle" if via is None else
+                                f"its reference {via.absolute(sd)!r} is part of a reference cycle or refers to one")
         if problems:
             e = _failed(sd, src_url, problems)
             raise CopyIncomplete(e.message, result=MirrorResult(sd, (), (), 0, 0), failures=problems, hint=e.hint)
