@@ -44,6 +44,21 @@ def test_a_good_cache_has_no_problems(cache):
     assert r.stdout == "" and f"checked 2 paths in file://{c}: no problems (signatures checked" in r.stderr
 
 
+def test_narinfos_that_make_a_reference_cycle_are_problems(cache):
+    """lib re-signed as referring to app, which refers to lib: no substitution or copy takes
+    either (each would wait for the other), and verify said "no problems"; now each is named,
+    with or without -r from app."""
+    from test_cache_support import SEC
+    c, lib, app = cache
+    rewrite_narinfo(c, lib, sign_with=SEC, references=(app,))
+    for args in ([], ["-r", app.absolute("/pure/store")]):
+        r = verify(f"file://{c}", "--trusted-public-keys", PUB, "--json", *args)
+        rep = report(r)
+        assert r.returncode == 1 and rep["checked"] == 2, r.stdout + r.stderr
+        assert sorted((x["path"], x["message"]) for x in rep["problems"]) == sorted(
+            (p.absolute("/pure/store"), "its narinfo is part of a reference cycle") for p in (lib, app))
+
+
 def test_a_narinfo_that_cannot_be_read_is_a_problem_not_passed_over(cache):
     """A directory, or a dangling symlink, named like a narinfo in a file:// cache: verify of
     the whole cache names each (it said "no problems" and counted only the readable ones),

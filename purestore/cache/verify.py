@@ -29,6 +29,7 @@ from ..errors import CacheError, FormatError, NarError, SignatureError
 from ..formats.narinfo import NarInfo
 from ..formats.signing import parse_public_keys, verify_any
 from ..formats.store_path import StorePath
+from ._graph import cycle_problems
 from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, check_name, backend_for, file_url
 from .fetch import TINY_NAR, stream_to_thread
@@ -99,9 +100,10 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
         nar_limit = trio.CapacityLimiter(os.cpu_count() or 1)
 
         seen = set(names)
+        graph: dict[str, list[str]] = {}  # narinfo name → its references' (for cycles)
 
         async def one(name: str, n) -> None:
-            refs: list[str] = []
+            refs = graph[name] = []
             async with limit:
                 problems = report.results[name] = []
                 try:
@@ -122,6 +124,11 @@ async def verify_cache(settings, url: str, paths: Iterable[StorePath] | None = N
         async with open_nursery() as n:
             for name in names:
                 n.start_soon(one, name, n)
+        # narinfos that refer to each other, among those checked: no substitution takes them
+        for name, via in sorted(cycle_problems(graph, graph.__getitem__).items()):
+            report.results[name].append("its narinfo is part of a reference cycle" if via is None else
+                                        f"its reference {report.label(via)!r} is part of a reference "
+                                        "cycle or refers to one")
         if progress:
             progress.finish()
     return report
