@@ -181,6 +181,34 @@ def test_remembered_answers_past_their_time_are_removed(tmp_path):
     db.close()
 
 
+async def test_a_substituter_listed_twice_is_one_cache(source, tmp_path):
+    """A URL in the list twice (substituters and extra-substituters): opened and asked once
+    per path, as Nix takes it (it was asked twice for every narinfo, on a real server here)."""
+    from purestore.cache import substitute
+    from test_cache_support import start_server, stop_server
+    store, s, lib, app = source
+    c = tmp_path / "c"
+    await push(store, s, f"file://{c}", [app])
+    log = tmp_path / "access.log"
+    proc, url = start_server(c, "--access-log", log)
+    try:
+        d, ds = dest(tmp_path, url, url)
+        with d:
+            with trio.fail_after(60):
+                assert await substitute(d, ds, {app}) == {app}
+    finally:
+        stop_server(proc)
+    asked = sorted(line.split('"')[1] for line in log.read_text().splitlines() if "/nar/" not in line)
+    assert asked == sorted(f"GET /{name} HTTP/1.1" for name in
+                           ("nix-cache-info", f"{lib.hash_part}.narinfo", f"{app.hash_part}.narinfo")), asked
+    # and `pure cache info` lists it once
+    import json
+
+    from conftest import run_pure
+    out = json.loads(run_pure("cache", "info", "--json", f"file://{c}", f"file://{c}").stdout)
+    assert [x["url"] for x in out["caches"]] == [f"file://{c}"]
+
+
 async def test_a_push_from_this_store_forgets_that_the_path_was_missing(source, tmp_path):
     """The store remembered "not in c" for app; this store then pushes app to c (with other URL
     parameters than the substituter's): the next lookup asks c again and fetches it, as Nix

@@ -90,7 +90,9 @@ class Substituters:
                  trusted_keys: Iterable[str] | None = None, *, negative_ttl: int | None = None,
                  strict: bool = False):
         self.settings = settings
-        self.urls = list(settings.substituters if urls is None else urls)
+        # a URL listed twice (substituters and extra-substituters, say) is one cache, as in Nix:
+        # asked once for each path, said once when it cannot be used
+        self.urls = list(dict.fromkeys(settings.substituters if urls is None else urls))
         self.trusted = parse_public_keys(settings.trusted_public_keys if trusted_keys is None else trusted_keys)
         self.caches: list[_Cache] = []
         self.rejected: dict[str, str] = {}

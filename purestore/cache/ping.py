@@ -72,6 +72,6 @@ async def cache_status(settings, urls: Iterable[str]) -> list[CacheStatus]:
             st.error = str(e)
 
     async with open_nursery() as n:
-        for i, url in enumerate(urls):
+        for i, url in enumerate(dict.fromkeys(urls)):  # (a URL listed twice is one cache, as for substitution)
             n.start_soon(one, i, url)
     return sorted(out, key=lambda s: (not s.usable, s.priority if s.usable else 0, s.index))
