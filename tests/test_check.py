@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -111,7 +112,6 @@ def test_rounds_detects_a_timestamp(pure, expr, tmp_path, store_root):
 def test_rounds_on_valid_outputs_says_nothing_was_built(pure, expr, tmp_path, store_root):
     """--rounds N repeats only the builds that happen (as in Nix): outputs valid already are not
     built, and stderr says so and how to rebuild them (it said nothing); --json: the plan's `valid`."""
-    import json
     f = expr(NONDET)
     build(pure, tmp_path, f, "-A", "det")
     p = build(pure, tmp_path, f, "-A", "det", "--rounds", "2")
@@ -135,23 +135,27 @@ def test_rounds_on_valid_outputs_says_nothing_was_built(pure, expr, tmp_path, st
 
 @needs_sandbox
 def test_check_with_rounds_makes_n_builds_in_all(pure, expr, tmp_path, store_root):
-    """--check --rounds 3: the valid outputs and two rebuilds, each compared (it rebuilt once)."""
+    """--check --rounds 3: the valid outputs and two rebuilds, each compared (it rebuilt once).
+    The valid outputs are round 1, so the rebuilds are rounds 2 and 3 in the text, in the --json
+    `start` events and in the database alike (the events and the database said 1 and 2)."""
     f = expr(NONDET)
     build(pure, tmp_path, f, "-A", "det")
     p = build(pure, tmp_path, f, "-A", "det", "--check", "--rounds", "3")
-    # the valid outputs are round 1: the rebuilds are rounds 2 and 3
     assert "checking (round 2 of 3) '" in p.stderr and "checking (round 3 of 3) '" in p.stderr
     assert "round 1 of 3" not in p.stderr
+    p = build(pure, tmp_path, f, "-A", "det", "--check", "--rounds", "3", "--json")
+    starts = [e for e in map(json.loads, p.stdout.splitlines()) if e["type"] == "start"]
+    assert [(e["kind"], e["round"], e["rounds"]) for e in starts] == [("check", 2, 3), ("check", 3, 3)]
     p = build(pure, tmp_path, f, "-A", "det", "--check")
     assert "checking '/pure/store/" in p.stderr and "round" not in p.stderr
     st = open_store(store_root)
     try:
         from purestore.store import events
         rounds = sorted((b["kind"], b["round"]) for b in events.query_builds(st) if b["name"] == "det")
-        assert rounds == [("build", 1), ("check", 1), ("check", 1), ("check", 2)]
+        assert rounds == [("build", 1), ("check", 2), ("check", 2), ("check", 2), ("check", 3), ("check", 3)]
         checks = events.query_checks(st)
         assert sorted((c["kind"], c["rounds"], c["reproducible"]) for c in checks) == \
-            [("check", 2, True)] + [("check", 3, True)] * 2
+            [("check", 2, True)] + [("check", 3, True)] * 4
     finally:
         st.close()
 
@@ -181,7 +185,6 @@ def test_diff_trees_reports_added_removed_changed_and_type_changes(tmp_path):
 @needs_sandbox
 def test_check_json_event_names_the_differences_in_camel_case(pure, expr, tmp_path):
     """The `check` event of `build --json` said 'first_difference', 'old_size', 'new_size'."""
-    import json
     f = expr(NONDET)
     build(pure, tmp_path, f, "-A", "rand")
     p = build(pure, tmp_path, f, "-A", "rand", "--check", "--json", check=False)
@@ -197,7 +200,6 @@ def test_several_differing_rounds_keep_the_first_and_say_so(pure, expr, tmp_path
     """--check --rounds 3, both rebuilds differing: each said "the new result is kept at
     X.check", but the second replaced the first, whose message (and hash) no longer held. The
     first is kept; the second says it is not, and its event's `kept` is null."""
-    import json
     f = expr(NONDET)
     out = build(pure, tmp_path, f, "-A", "rand").stdout.strip()
     p = build(pure, tmp_path, f, "-A", "rand", "--check", "--rounds", "3", "--json", check=False)
@@ -221,7 +223,7 @@ def test_several_differing_rounds_keep_the_first_and_say_so(pure, expr, tmp_path
 @needs_sandbox
 def test_a_rebuild_keeps_its_log_apart_from_the_builds(pure, expr, tmp_path, store_root):
     """The log of the build whose outputs are valid stays what `pure log` shows: a --check or
-    --rounds rebuild writes its own (….drv.check-1.zst, ….drv.round-2.zst); it replaced it."""
+    --rounds rebuild writes its own (….drv.check-2.zst, ….drv.round-2.zst: round 2 both); it replaced it."""
     f = expr('noisy = sh("noisy", "$B head -c 8 /dev/urandom | $B od -An -tx1; $B mkdir $out")\n')
     out = build(pure, tmp_path, f, "-A", "noisy").stdout.strip()
     first = pure("log", out).stdout
@@ -230,11 +232,10 @@ def test_a_rebuild_keeps_its_log_apart_from_the_builds(pure, expr, tmp_path, sto
     assert p.returncode == 0
     assert pure("log", out).stdout == first
     drv = pure("store", "path-info", "--json", out).stdout
-    import json
     base = os.path.basename(json.loads(drv)[0]["deriver"])
     logs = store_root / "pure" / "var" / "pure" / "log" / base[:2]
     assert sorted(n[len(base) - 2:] for n in os.listdir(logs) if n.startswith(base[2:])) == \
-        [".check-1.zst", ".zst"]
+        [".check-2.zst", ".zst"]
     g = expr('again = sh("again", "$B head -c 8 /dev/urandom | $B od -An -tx1; $B mkdir $out")\n', name="g.py")
     out = build(pure, tmp_path, g, "-A", "again", "--rounds", "2").stdout.strip()
     base = os.path.basename(json.loads(pure("store", "path-info", "--json", out).stdout)[0]["deriver"])

@@ -8,13 +8,15 @@ those of the late fetches too), ``fetch-failed`` (path, error), ``plan`` (will_b
 will_fetch_after_build: the paths to be fetched once what they refer to is built here, their
 derivations not built unless that fails, will_substitute: what was fetched, will_check, valid:
 the requested derivations whose outputs are valid, so not built), ``waiting``
-(drv, path), ``start`` (drv, name, kind: build, round or check, round, rounds), ``log`` (drv, line; only with
-``print_logs``), ``built`` (drv, name, outputs), ``failed`` (drv, name, error; with
-dependency_failed true for one left unbuilt because an input failed, ``-k``), ``check``
-(drv, reproducible, differences), ``hook`` (drv, name, hook: the post-build hook starts),
-``hook-log`` (drv, name, line: a line of its output), ``hook-failed`` (drv, name, error),
-``done``.  They come in that order: ``plan`` after the fetches made before the builds (what
-failed to come is built instead, so only then are the builds known), then the builds' events.
+(drv, path), ``start`` (drv, name, kind: build, round or check, round, rounds: the build
+is round ``round`` of ``rounds``; with ``--check`` the valid outputs are round 1, so the
+rebuilds are rounds 2 to ``rounds``), ``log`` (drv, line; only with ``print_logs``),
+``built`` (drv, name, outputs), ``failed`` (drv, name, error; with dependency_failed true for
+one left unbuilt because an input failed, ``-k``), ``check`` (drv, reproducible, differences),
+``hook`` (drv, name, hook: the post-build hook starts), ``hook-log`` (drv, name, line: a line of
+its output), ``hook-failed`` (drv, name, error), ``done``.  They come in that order: ``plan``
+after the fetches made before the builds (what failed to come is built instead, so only then
+are the builds known), then the builds' events.
 """
 
 from __future__ import annotations
@@ -307,10 +309,10 @@ def build_lines(drvs) -> list[str]:
 
 def _what_starts(kind: str | None, round_: int, rounds: int) -> str:
     """How a build's start is shown: ``building``, ``building (round 2 of 3)`` (--rounds),
-    ``checking``, ``checking (round 3 of 3)`` (--check --rounds 3: the valid outputs were round 1,
-    so the rebuild numbered ``round_`` is round ``round_ + 1``)."""
+    ``checking``, ``checking (round 3 of 3)`` (--check --rounds 3: the valid outputs are round 1,
+    the rebuilds rounds 2 and 3)."""
     if kind == "check":
-        return f"checking (round {round_ + 1} of {rounds})" if rounds > 2 else "checking"
+        return f"checking (round {round_} of {rounds})" if rounds > 2 else "checking"
     if rounds > 1:
         return f"building (round {round_} of {rounds})"
     return "building"

@@ -475,10 +475,12 @@ class _Realiser:
                 scope.cancel()
 
     async def _check_node(self, node: _Node) -> None:
-        # --rounds N: N builds in all, the valid one the first (so at least one rebuild)
+        # --rounds N: N builds in all, the valid one the first (so at least one rebuild): the
+        # rebuilds are rounds 2 to N, numbered so in the events, the database and the logs, as
+        # the rebuilds of --rounds N without --check are
         rounds = max(2, self.options.rounds)
         try:
-            for r in range(1, rounds):
+            for r in range(2, rounds + 1):
                 await self.builder.rebuild_and_compare(node, "check", r, rounds)
         except BuildError as e:
             self.errors.append(e)

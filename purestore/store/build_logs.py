@@ -15,9 +15,9 @@ from ..errors import StoreError
 
 def log_path(state_dir: str, drv_base: str, variant: str | None = None) -> str:
     """Where the log of the derivation with base name ``<hash>-<name>.drv`` is kept; with
-    ``variant`` (``check-1``, ``round-2``: a rebuild of ``--check``/``--rounds``), the log of that
-    rebuild, next to it (``….drv.check-1.zst``), so that the log of the build that made the
-    valid outputs stays what ``pure log`` shows."""
+    ``variant`` (``check-2``, ``round-2``: a rebuild of ``--check``/``--rounds``, by round number,
+    the valid outputs being round 1), the log of that rebuild, next to it (``….drv.check-2.zst``),
+    so that the log of the build that made the valid outputs stays what ``pure log`` shows."""
     tail = f".{variant}.zst" if variant else ".zst"
     return os.path.join(state_dir, "log", drv_base[:2], drv_base[2:] + tail)
 
