@@ -174,3 +174,118 @@ def test_fetchurl_of_a_malformed_response_is_a_download_error(pure, expr, tmp_pa
         assert [x for x in st.valid_paths() if x.name == "file.txt"] == []
     finally:
         st.close()
+
+
+@pytest.fixture
+def stalling_http_server():
+    """A real HTTP server on 127.0.0.1 that answers with headers and the first bytes of a body,
+    then sends nothing more until the test ends; ``started`` is set once it has answered,
+    ``closed`` once the client has closed that connection (its process ended)."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    started, closed, stop = threading.Event(), threading.Event(), threading.Event()
+    conns = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + PAYLOAD)
+            started.set()
+            try:
+                while c.recv(65536):
+                    pass
+            except OSError:
+                pass
+            closed.set()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}", started, closed
+    stop.set()
+    srv.shutdown(socket.SHUT_RDWR)  # (wakes the accept)
+    srv.close()
+    for c in conns:
+        c.close()
+    t.join(5)
+
+
+@pytest.mark.parametrize("limit, said", [
+    ("--timeout", "timed out after 1 second (setting timeout)"),
+    ("--max-silent-time", "timed out after 1 second of silence (setting max-silent-time)"),
+])
+def test_build_limits_bound_a_builtin_fetch(pure, expr, tmp_path, store_root, stalling_http_server, limit, said):
+    """`timeout` and `max-silent-time` end a builtin:fetchurl whose server stalls, as they end a
+    sandboxed builder, with the same error (they did not apply to builtin builders: the fetch
+    waited for the socket's own 60 s timeout, and a server trickling bytes held it forever)."""
+    url, _, _ = stalling_http_server
+    f = expr(f'default = fetchurl(url="{url}/file.txt", hash="{SRI}")\n')
+    p = pure(limit, "1", "build", f, cwd=tmp_path, check=False, timeout=50)
+    assert p.returncode == 1, p.stderr
+    assert "error: builder for /pure/store/" in p.stderr and f"-file.txt.drv {said}" in p.stderr
+    assert f"> downloading '{url}/file.txt'..." in p.stderr  # the log's tail, as for any builder
+    assert "Traceback" not in p.stderr
+    st = open_store(store_root)
+    try:
+        assert [x for x in st.valid_paths() if x.name == "file.txt"] == []
+        assert events_status(st) == ["failed"]
+        assert st.verify(check_contents=True).ok
+    finally:
+        st.close()
+
+
+def events_status(st):
+    from purestore.store import events
+    return [b["status"] for b in events.query_builds(st)]
+
+
+def test_interrupting_a_stalled_builtin_fetch_ends_it_at_once(expr, tmp_path, store_root, stalling_http_server):
+    """SIGINT while builtin:fetchurl waits on a stalled server: `pure build` exits 130 at once,
+    the fetch ended and recorded as interrupted (it waited for the fetch's 60 s socket timeout)."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import pure_env
+    url, started, _ = stalling_http_server
+    f = expr(f'default = fetchurl(url="{url}/file.txt", hash="{SRI}")\n')
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", str(f)], cwd=tmp_path,
+                            env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert started.wait(30), "the fetch never reached the server"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    st = open_store(store_root)
+    try:
+        assert events_status(st) == ["interrupted"]
+        assert st.verify(check_contents=True).ok
+    finally:
+        st.close()
+
+
+def test_a_builtin_fetch_dies_with_a_killed_pure(expr, tmp_path, store_root, stalling_http_server):
+    """`pure build` killed outright (SIGKILL) while builtin:fetchurl waits on a stalled server: the
+    fetch ends with it (its connection closes), as a sandboxed builder does."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import pure_env
+    url, started, closed = stalling_http_server
+    f = expr(f'default = fetchurl(url="{url}/file.txt", hash="{SRI}")\n')
+    proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", str(f)], cwd=tmp_path,
+                            env=pure_env(store_root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert started.wait(30), "the fetch never reached the server"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert closed.wait(30), "the fetch went on after pure was killed"

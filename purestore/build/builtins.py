@@ -2,8 +2,11 @@
 
 Each entry of :data:`BUILTIN_BUILDERS` is ``fn(drv, out, log)``: ``drv`` the
 :class:`~purestore.formats.derivation.Derivation`, ``out`` the physical path of the output to
-create (it does not exist yet), ``log(line)`` adds a line to the build log.  It runs in a worker
-thread outside the sandbox and may use the network; it raises
+create (it does not exist yet), ``log(line)`` adds a line to the build log (and ``log.alive()``,
+where ``log`` has it, says that a download made progress: see :mod:`._builtin_child`).  It runs
+in a process of its own (:func:`.running.run_builtin`: the settings' ``timeout``,
+``max-silent-time`` and ``max-build-log-size`` bound it, and an interrupt ends it, as they do a
+sandboxed builder), outside the sandbox, and may use the network; it raises
 :class:`~purestore.errors.BuildError` on failure.  Builtin builders are only allowed for
 fixed-output derivations, whose output hash the scheduler checks afterwards.
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import urllib.error
 import urllib.request
 from typing import Callable
@@ -35,6 +37,7 @@ def fetchurl(drv: Derivation, out: str, log: Log) -> None:
         raise BuildError(f"builtin:fetchurl for {drv.env.get('name', '?')!r} has no 'url' attribute")
     if drv.env.get("unpack") == "1":
         raise BuildError("builtin:fetchurl: unpack = True is not supported")
+    alive = getattr(log, "alive", lambda: None)  # (a download that goes on is not silent)
     errors = []
     for url in urls:
         scheme = url.split(":", 1)[0].lower()
@@ -46,7 +49,9 @@ def fetchurl(drv: Derivation, out: str, log: Log) -> None:
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "purestore"})
             with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT) as resp, open(tmp, "wb") as f:
-                shutil.copyfileobj(resp, f, 1 << 20)
+                while chunk := resp.read(1 << 16):
+                    f.write(chunk)
+                    alive()
                 _check_complete(resp)
             os.rename(tmp, out)
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:

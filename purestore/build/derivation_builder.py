@@ -20,7 +20,7 @@ import trio
 from .._json import camel_case_keys
 from .._lock_wait import wait_lock_released
 from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError, StoreError
-from ..formats.derivation import Derivation
+from ..formats.derivation import Derivation, render_aterm
 from ..formats.hash import Hash
 from ..formats.store_path import StorePath
 from ..store import events
@@ -31,7 +31,7 @@ from .logs import BuildLog
 from .outputs import check_outputs, move_outputs, register_outputs
 from .progress import Progress
 from ..store.fstree import remove_tree
-from .running import BuildLimitExceeded, GroupSync, Sandboxed, keep_dir, run_sandboxed
+from .running import BuildLimitExceeded, GroupSync, Sandboxed, keep_dir, run_builtin, run_sandboxed
 
 if TYPE_CHECKING:
     from .scheduler import BuildOptions, _Node
@@ -270,8 +270,12 @@ class DerivationBuilder:
                            variant=None if kind == "build" else f"{kind}-{round_}")
             host_outs = {n: spec.host_path(store.print_path(o)) for n, o in node.outputs.items()}
             if builtin:
-                await self._run_builtin(node, host_outs["out"], log)
-                release_slot()
+                try:
+                    await run_builtin(drv.builder, render_aterm(drv), host_outs["out"], log, **self.limits)
+                except BuildLimitExceeded as e:  # killed and reaped
+                    raise self._failure(node, None, log, None, how=str(e)) from None
+                finally:
+                    release_slot()
             else:
                 try:
                     code, sandboxed = await run_sandboxed(self._server(), spec, log, **self.limits)
@@ -348,15 +352,6 @@ class DerivationBuilder:
                     self.background.start_soon(cleanup)
                 else:
                     await cleanup()
-
-    async def _run_builtin(self, node: _Node, out: str, log: BuildLog) -> None:
-        fn = BUILTIN_BUILDERS[node.drv.builder]
-        lines: list[str] = []
-        try:
-            await trio.to_thread.run_sync(lambda: fn(node.drv, out, lines.append), abandon_on_cancel=False)
-        finally:
-            for line in lines:
-                log.line(line)
 
     def _failure(self, node: _Node, code: int | None, log: BuildLog, spec, how: str = "") -> BuildError:
         tail = log.tail()

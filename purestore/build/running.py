@@ -1,17 +1,23 @@
-"""Helpers of the scheduler: running one sandboxed builder under trio, group-committed
-``syncfs``, lock waits, build directory clean-up, exception-group unwrapping."""
+"""Helpers of the scheduler: running one sandboxed builder, or one builtin builder, under trio
+within the limits of the settings, group-committed ``syncfs``, lock waits, build directory
+clean-up, exception-group unwrapping."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 
 import trio
 
-from ..errors import BuildError, PurestoreError, SandboxError
+from ..errors import BuildError, HashMismatch, PurestoreError, SandboxError
 from . import sandbox as sb
+from ._builtin_child import ERROR_MARK
 from ..store.fstree import remove_tree
 from .logs import BuildLog
 
@@ -103,6 +109,110 @@ async def run_sandboxed(server: sb.ForkServer, spec: sb.SandboxSpec, log: BuildL
         with trio.CancelScope(shield=True):
             await stream.aclose()
             await err_stream.aclose()
+
+
+_CHILD = ("import sys; sys.path.insert(0, {root!r}); from purestore.build._builtin_child import main; "
+          "sys.exit(main(sys.argv[1:]))")
+
+
+async def run_builtin(builder: str, drv_aterm: bytes, out: str, log: BuildLog, *,
+                      max_silent_time: int = 0, timeout: int = 0, max_log_size: int = 0) -> None:
+    """Run the builtin builder ``builder`` (``builtin:fetchurl``, …) for the derivation
+    ``drv_aterm`` in a process of its own (:mod:`._builtin_child`), making ``out``; feed its
+    lines to ``log``.  The same limits as :func:`run_sandboxed` apply, progress of a download
+    counting as output for ``max_silent_time``.  Raises :class:`BuildLimitExceeded` when one is
+    passed, :class:`~purestore.errors.HashMismatch` or :class:`~purestore.errors.BuildError` when
+    the builder fails; on any of these and on cancellation its whole process group is SIGKILLed
+    and reaped first."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _CHILD.format(root=root), builder, out, str(os.getpid())], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    inf = float("inf")
+    now = trio.current_time()
+    deadline = now + timeout if timeout else inf
+    last = [now]
+    err = bytearray()
+    exceeded: list[BaseException] = []
+
+    async def feed() -> None:
+        try:
+            await proc.stdin.send_all(drv_aterm)
+            await proc.stdin.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # (it died: its status says why)
+
+    async def pump(stream, sink, scope: trio.CancelScope) -> None:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            last[0] = trio.current_time()
+            try:
+                sink(data)
+            except BaseException as e:  # a full disk under the log
+                exceeded.append(e)
+                scope.cancel()
+                return
+            if max_log_size and log.size > max_log_size:
+                exceeded.append(BuildLimitExceeded(
+                    f"was killed after writing more than {max_log_size} bytes of log output "
+                    f"(setting max-build-log-size)"))
+                scope.cancel()
+                return
+
+    async def watch(scope: trio.CancelScope) -> None:
+        while True:
+            silent_until = last[0] + max_silent_time if max_silent_time else inf
+            await trio.sleep_until(min(deadline, silent_until))
+            t = trio.current_time()
+            if t >= deadline:
+                exceeded.append(BuildLimitExceeded(f"timed out after {_seconds(timeout)} (setting timeout)"))
+            elif max_silent_time and t >= last[0] + max_silent_time:
+                exceeded.append(BuildLimitExceeded(
+                    f"timed out after {_seconds(max_silent_time)} of silence (setting max-silent-time)"))
+            else:
+                continue
+            scope.cancel()
+            return
+
+    def kill() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # (not reaped yet: its pid is still its group's)
+        except ProcessLookupError:
+            pass
+
+    try:
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(watch, outer.cancel_scope)
+                async with trio.open_nursery() as pipes:
+                    pipes.start_soon(feed)
+                    pipes.start_soon(pump, proc.stdout, log.write, outer.cancel_scope)
+                    pipes.start_soon(pump, proc.stderr, err.extend, outer.cancel_scope)
+                code = await proc.wait()
+                outer.cancel_scope.cancel()
+            if exceeded:
+                raise exceeded[0]
+        except BaseException:
+            if proc.returncode is None:
+                kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+            raise
+    finally:
+        with trio.CancelScope(shield=True):
+            for s in (proc.stdin, proc.stdout, proc.stderr):
+                await s.aclose()
+    if code == 0:
+        return
+    text = err.decode(errors="replace")
+    if code == 1 and ERROR_MARK in text:
+        report = json.loads(text.rsplit(ERROR_MARK, 1)[1])
+        raise (HashMismatch if report["kind"] == "HashMismatch" else BuildError)(report["message"])
+    how = (f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
+    tail = "\n".join(text.lstrip(".").strip().splitlines()[-10:])
+    raise BuildError(f"builtin builder {builder!r} {how}" + (f":\n{tail}" if tail else ""))
 
 
 class GroupSync:
