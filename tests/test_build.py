@@ -183,6 +183,18 @@ default = [b, unrelated]
     assert by["b"]["references"] == [by["a"]["path"]]  # the unrelated hash is not an input: ignored
 
 
+def test_a_builder_killed_by_a_signal_is_told_from_one_that_exits_with_128_plus_n(pure, expr, tmp_path):
+    """A builder that dies of a signal (a stack overflow: PID 1 of its namespace ignores a `kill`)
+    is said to be killed by it; one that exits with status 139 (as a shell does after its child
+    crashed) exited with status 139: it was said to be killed by SIGSEGV too."""
+    f = expr('crash = sh("crash", "ulimit -s 256; f(){ f; }; f")\n'
+             'status = sh("status", "exit 139")\n')
+    p = build(pure, tmp_path, f, "-A", "crash", check=False)
+    assert p.returncode == 1 and "-crash.drv was killed by signal 11 (SIGSEGV)\n" in p.stderr, p.stderr
+    p = build(pure, tmp_path, f, "-A", "status", check=False)
+    assert p.returncode == 1 and "-status.drv exited with status 139\n" in p.stderr, p.stderr
+
+
 def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr, tmp_path, store_root):
     lines = "; ".join(f"echo line{i}" for i in range(40))
     f = expr(f'default = sh("broken", "{lines}; $B mkdir $out; exit 3")\n')

@@ -13,9 +13,10 @@ imports, a few MiB), and asks it over a SOCK_SEQPACKET socket to spawn each sand
 
 For each request the server forks "middle", which unshares the namespaces, maps uid 1000 / gid
 100 to the caller's ids, forks the builder (PID 1 of the new PID namespace), waits for it and
-writes ``\\0STATUS:<code>\\n`` to the status pipe before exiting (namespace teardown can be slow;
-nobody needs to wait for it).  The builder sets up its root (see sandbox.py's docstring) and
-execs; setup or exec errors go to the status pipe as text, then it exits 125.
+writes ``\\0STATUS:<code>\\n`` (its exit status, or minus the signal that killed it) to the
+status pipe before exiting (namespace teardown can be slow; nobody needs to wait for it).  The
+builder sets up its root (see sandbox.py's docstring) and execs; setup or exec errors go to the
+status pipe as text, then it exits 125.
 
 The server dies with ``pure`` (PR_SET_PDEATHSIG), and each middle and builder with its parent, so
 killing ``pure`` kills every build.  The server reaps its children automatically (SIGCHLD
@@ -228,11 +229,13 @@ def run_middle(req, out_w, err_w):
                 break
             except InterruptedError:
                 continue
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        # minus the signal that killed it, as Python's returncode: 128 + N would be taken for
+        # an exit status (a shell's `exit 139` after its child crashed)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
         try:
             os.write(err_w, STATUS_MARK + str(code).encode() + b"\n")
         finally:
-            os._exit(code)
+            os._exit(code if code >= 0 else 128 - code)
     try:
         setup_root(req)
         null = os.open("/dev/null", os.O_RDONLY)

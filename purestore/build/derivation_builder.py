@@ -357,9 +357,9 @@ class DerivationBuilder:
         tail = log.tail()
         if how or code is None:
             pass
-        elif code > 128:
-            how = f"was killed by signal {code - 128} ({signal.Signals(code - 128).name})" \
-                if code - 128 in signal.valid_signals() else f"exited with status {code}"
+        elif code < 0:  # (the fork server's report of a signal)
+            how = f"was killed by signal {-code}" + (
+                f" ({signal.Signals(-code).name})" if -code in signal.valid_signals() else "")
         else:
             how = f"exited with status {code}"
         msg = f"builder for {node.label} {how}"

@@ -299,8 +299,8 @@ STATUS_MARK = b"\0STATUS:"
 
 
 def parse_status(data: bytes) -> tuple[int | None, str]:
-    """Split what the status pipe carried into (builder exit status or None if not (yet)
-    reported, setup error message or "")."""
+    """Split what the status pipe carried into (builder exit status, or minus the signal that
+    killed it, or None if not (yet) reported; setup error message or "")."""
     i = data.find(STATUS_MARK)
     if i < 0 or not data.endswith(b"\n"):
         return None, data.decode(errors="replace")
@@ -321,7 +321,8 @@ def read_status(err_r: int) -> tuple[int | None, str]:
 
 
 def run_sync(spec: SandboxSpec, server: ForkServer | None = None) -> tuple[int, bytes]:
-    """Run ``spec`` to completion (blocking), returning (exit status, combined output).
+    """Run ``spec`` to completion (blocking), returning (exit status, or minus the signal that
+    killed the builder; combined output).
 
     For tests and tools (starts a fork server if none is given); the scheduler uses
     :func:`spawn` under trio.  Raises :class:`SandboxError` when the sandbox cannot be set up.
