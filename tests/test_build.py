@@ -195,6 +195,34 @@ def test_a_builder_killed_by_a_signal_is_told_from_one_that_exits_with_128_plus_
     assert p.returncode == 1 and "-status.drv exited with status 139\n" in p.stderr, p.stderr
 
 
+def test_an_attribute_no_environment_can_hold_is_named(pure, expr, tmp_path):
+    """A NUL byte in an attribute or an argument, an '=' in an attribute's name: the error names
+    the attribute or argument (it blamed the builder: "cannot run builder '…/busybox' in the
+    sandbox: embedded null byte", and recorded a sandbox refusal); passAsFile takes any bytes."""
+    f = expr('nul = sh("nul", "$B mkdir $out", foo="a\\0b")\n'
+             'arg = derivation(name="arg", system="x86_64-linux", builder=B, args=["-c", "x\\0y"], B=B)\n'
+             'eq = sh("eq", "$B mkdir $out", **{"A=B": "1"})\n'
+             'file = sh("file", "$B mkdir $out; $B cat $fooPath > $out/f", foo="a\\0b", passAsFile=["foo"])\n')
+    said = {"nul": "attribute 'foo' holds a NUL byte (at offset 1), which no environment variable can; "
+                   "pass it as a file instead (passAsFile = ['foo'])",
+            "arg": "its argument 2 ('x\\x00y') holds a NUL byte",
+            "eq": "attribute 'A=B' cannot be an environment variable"}
+    for attr, what in said.items():
+        p = build(pure, tmp_path, f, "-A", attr, "--no-link", check=False)
+        assert p.returncode == 1 and f"-{attr}.drv: {what}" in p.stderr, p.stderr
+        assert "busybox" not in p.stderr.split("error:", 1)[1]
+    out = build(pure, tmp_path, f, "-A", "file", "--no-link").stdout.strip()
+    assert (tmp_path / "root" / out.lstrip("/") / "f").read_bytes() == b"a\0b"
+    # a builtin builder is given the derivation, not an environment: it takes any attribute
+    import base64
+    import hashlib
+    (tmp_path / "payload").write_bytes(b"x")
+    sri = "sha256-" + base64.b64encode(hashlib.sha256(b"x").digest()).decode()
+    g = expr(f'default = fetchurl(url="file://{tmp_path}/payload", hash="{sri}", note="a\\0b", **{{"A=B": "1"}})\n',
+             name="g.py")
+    assert build(pure, tmp_path, g, "--no-link").stdout.strip().endswith("-payload")
+
+
 def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr, tmp_path, store_root):
     lines = "; ".join(f"echo line{i}" for i in range(40))
     f = expr(f'default = sh("broken", "{lines}; $B mkdir $out; exit 3")\n')

@@ -201,6 +201,8 @@ class DerivationBuilder:
                     env[k] = os.environ[k]
         files: dict[str, bytes] = {}
         pass_as_file = set(drv.env.get("passAsFile", "").split())
+        if not drv.builder.startswith("builtin:"):  # (given the derivation itself: any attribute)
+            _check_passable(node.label, drv, pass_as_file)
         for k, v in drv.env.items():
             if k in pass_as_file:
                 fn = ".attr-" + Hash.of_bytes(k.encode()).nix32  # Nix's file name
@@ -425,3 +427,28 @@ class DerivationBuilder:
             rounds=rounds, reproducible=reproducible, differences=diffs))
         self.progress.event("check", drv=node.label, reproducible=reproducible,
                             differences=camel_case_keys(diffs))
+
+
+def _cut(s: str, n: int = 60) -> str:
+    """``repr`` of ``s``, cut to about ``n`` characters."""
+    return repr(s) if len(s) <= n else repr(s[:n]) + "…"
+
+
+def _check_passable(label: str, drv: Derivation, pass_as_file: set[str]) -> None:
+    """Raise :class:`BuildError` naming an argument or attribute that ``execve`` would refuse
+    (it failed as "cannot run builder … in the sandbox: embedded null byte", blaming the
+    builder)."""
+    for i, a in enumerate((drv.builder, *drv.args)):
+        if "\0" in a:
+            what = "its builder" if i == 0 else f"its argument {i} ({_cut(a)})"
+            raise BuildError(f"cannot build {label}: {what} holds a NUL byte, which no "
+                             f"program's arguments can")
+    for k, v in drv.env.items():
+        if not k or "=" in k or "\0" in k:
+            raise BuildError(f"cannot build {label}: attribute {_cut(k)} cannot be an "
+                             f"environment variable (a name must be non-empty, without '=' or "
+                             f"a NUL byte)")
+        if k not in pass_as_file and "\0" in v:
+            raise BuildError(f"cannot build {label}: attribute {k!r} holds a NUL byte (at "
+                             f"offset {v.index(chr(0))}), which no environment variable can; "
+                             f"pass it as a file instead (passAsFile = [{k!r}])")
