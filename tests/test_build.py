@@ -844,3 +844,17 @@ def test_attr_with_a_drv_path_is_a_usage_error(pure, expr, tmp_path):
     p = build(pure, tmp_path, drv, "-A", "foo", check=False)
     assert p.returncode == 2 and p.stderr == "error: -A selects from an expression file, not from a .drv path\n"
     assert not (tmp_path / "result").exists()
+
+
+def test_a_drv_file_outside_the_store_is_a_usage_error(pure, expr, tmp_path):
+    """A .drv file outside the store (copied from another store, or written by hand) is a usage
+    error saying so; it was evaluated as a Python expression ("NameError: name 'Derive' is not
+    defined")."""
+    f = expr('default = sh("away", "echo x > $out")\n')
+    drv = pure("instantiate", f).stdout.strip()
+    copy = tmp_path / "away.drv"
+    copy.write_bytes((tmp_path / "root" / drv.lstrip("/")).read_bytes())
+    p = build(pure, tmp_path, copy, check=False)
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: '{copy}' is a derivation outside the store (/pure/store): this takes an expression file "
+        f"or a .drv store path\nhint: "), p.stderr

@@ -159,6 +159,11 @@ def _drv_paths_from_file(ctx, store, args):
         return [drv]
     if os.path.dirname(os.path.realpath(f)) == os.path.realpath(store.real_store_dir):
         _drv_arg(store, f)  # a store path itself (`./result`): not an expression to evaluate
+    if f.endswith(".drv") and _is_aterm(f):  # (it was evaluated as Python: NameError: 'Derive')
+        raise UsageError(f"{f!r} is a derivation outside the store ({ctx.settings.store_dir}): this takes "
+                         f"an expression file or a .drv store path",
+                         hint="build the expression that made it, or copy it with what it needs from the "
+                              "store that holds it (`pure copy`)")
     try:
         from ..expr.loader import evaluate, instantiate
     except ImportError as e:
@@ -168,6 +173,15 @@ def _drv_paths_from_file(ctx, store, args):
         result = evaluate(f, attr, ctx.settings, args.include)
         drvs.extend(instantiate(store, result))
     return drvs
+
+
+def _is_aterm(path: str) -> bool:
+    """Whether the file at ``path`` starts as a derivation's ATerm does."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(7) == b"Derive("
+    except OSError:
+        return False  # (the evaluation says what is wrong with it)
 
 
 def _drv_arg(store, text: str, takes: str = "an expression file or a .drv store path"):
