@@ -134,6 +134,19 @@ def test_rounds_on_valid_outputs_says_nothing_was_built(pure, expr, tmp_path, st
 
 
 @needs_sandbox
+def test_check_of_outputs_not_valid_says_they_are_built_not_checked(pure, expr, tmp_path, store_root):
+    """--check of a derivation whose outputs are not valid builds it once, with nothing to compare
+    with: stderr says so (it said nothing, and exited 0 as if a check had passed)."""
+    f = expr(NONDET)
+    p = build(pure, tmp_path, f, "-A", "det", "--check")
+    assert p.returncode == 0
+    assert "not checking 1 requested derivation (/pure/store/" in p.stderr
+    assert "-det.drv): its outputs are not valid, so there is nothing to compare with" in p.stderr
+    p = build(pure, tmp_path, f, "-A", "det", "--check")  # valid now: checked, and nothing said
+    assert "checking '/pure/store/" in p.stderr and "not checking" not in p.stderr
+
+
+@needs_sandbox
 def test_check_with_rounds_makes_n_builds_in_all(pure, expr, tmp_path, store_root):
     """--check --rounds 3: the valid outputs and two rebuilds, each compared (it rebuilt once).
     The valid outputs are round 1, so the rebuilds are rounds 2 and 3 in the text, in the --json

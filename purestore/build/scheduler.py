@@ -346,6 +346,8 @@ class _Realiser:
         checks = valid if self.options.check else []
         if valid and self.options.rounds > 1 and not self.options.check:
             self._say_not_repeated(valid, bool(to_build), fetched=any(n.path not in valid_before for n in valid))
+        if self.options.check and self.options.rounds == 1:
+            self._say_not_checked([self.nodes[t] for t in dict.fromkeys(tops) if self.nodes[t].needed])
         self.progress.event("plan", will_build=sorted(n.label for n in to_build if n.path not in late),
                             will_fetch_after_build=[p for p, _u, _d, _n in self.subst.after_build_list(late)],
                             will_substitute=substituted,
@@ -384,6 +386,18 @@ class _Realiser:
         how = "valid (already, or fetched just now)" if fetched else "valid already"
         self.progress.message(f"{what}: the outputs are {how}, and --rounds {rounds} repeats only the builds "
                               f"that happen; --check --rounds {rounds} rebuilds valid outputs and compares")
+
+    def _say_not_checked(self, unchecked: list[_Node]) -> None:
+        """--check (one round): the requested derivations in ``unchecked`` have no valid outputs
+        to compare with, so they are built once and not checked; say so, as nothing else would
+        (Nix refuses them; ``--json`` has them in the plan's ``willBuild``, not ``willCheck``)."""
+        if not unchecked:
+            return
+        labels = sorted(n.label for n in unchecked)
+        self.progress.message(f"not checking {_count(labels, 'requested derivation')} ({_some(labels)}): "
+                              f"{'its outputs are' if len(labels) == 1 else 'their outputs are'} not valid, "
+                              f"so there is nothing to compare with; building once instead (run --check "
+                              f"again to compare, or --check --rounds 2 to build twice and compare now)")
 
     def _refuse_to_build(self, to_build: list[_Node], late: set[StorePath]) -> NoReturn:
         """max-jobs = 0 and something is to be built: raise :class:`BuildError` naming the
