@@ -148,6 +148,16 @@ def test_bad_build_options_are_usage_errors_also_when_every_output_is_valid(pure
     assert build(pure, tmp_path, f, "--no-link", "--cores", "0").stdout.strip() == out
 
 
+def test_an_empty_out_link_is_a_usage_error(pure, expr, tmp_path):
+    """`-o ''` is refused before anything is built (it built, then tried to make the working
+    directory the result link: "something else than a symlink is there")."""
+    f = expr('default = sh("emptyo", "$B echo hi > $out")\n')
+    p = build(pure, tmp_path, f, "-o", "", check=False)
+    assert p.returncode == 2 and p.stdout == "" and "will be built" not in p.stderr
+    assert p.stderr == "error: -o/--out-link needs a name for the result link (or --no-link for none)\n"
+    assert build(pure, tmp_path, f, "-o", "", "--no-link").stdout.strip().endswith("-emptyo")
+
+
 def test_multiple_outputs_link_result_dash_output_and_out_link_name(pure, expr, tmp_path):
     f = expr('default = sh("multi", "$B mkdir $out $dev; echo $dev > $out/devpath; echo d > $dev/x", '
              'outputs=["out", "dev"])\n')

@@ -102,6 +102,8 @@ def _check_options(args) -> None:
         raise UsageError(f"--max-jobs must be 0 (no local builds: substitution only) or more, got {args.max_jobs}")
     if args.cores is not None and args.cores < 0:
         raise UsageError(f"--cores must be 0 (all cores) or more, got {args.cores}")
+    if getattr(args, "out_link", None) == "" and not args.no_link:  # (it linked the working directory)
+        raise UsageError("-o/--out-link needs a name for the result link (or --no-link for none)")
 
 
 def _options(args, settings):
