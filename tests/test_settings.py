@@ -18,6 +18,19 @@ def test_config_file_keys_and_types(tmp_path):
     assert (s.max_jobs, s.keep_outputs, s.fsync_store_paths) == (3, True, False)
 
 
+def test_max_jobs_auto_is_the_number_of_cores(tmp_path):
+    """`max-jobs = auto`, Nix's usual setting (and `pure build -j auto`), is the number of cores;
+    it was refused ("max-jobs must be an integer, got 'auto'")."""
+    from conftest import run_pure
+    conf = tmp_path / "pure.conf"
+    conf.write_text("max-jobs = auto\n")
+    assert load_settings(env={"PURE_CONFIG": str(conf)}).max_jobs == (os.cpu_count() or 1)
+    p = run_pure("build", "-j", "auto", "--dry-run", "--json", tmp_path / "none.py", root=tmp_path, check=False)
+    assert p.returncode == 1 and "none.py' does not exist" in p.stderr  # (-j auto taken)
+    p = run_pure("build", "-j", "many", tmp_path / "none.py", root=tmp_path, check=False)
+    assert p.returncode == 2 and "argument -j/--max-jobs: invalid int or 'auto' value: 'many'" in p.stderr
+
+
 def test_environment_and_overrides_win_over_the_file(tmp_path):
     conf = tmp_path / "pure.conf"
     conf.write_text("max-jobs = 3\n")

@@ -36,7 +36,7 @@ Exit status: 0 on success, 1 when a build failed (or another error), 2 on bad us
 
 
 def _add_build_options(p) -> None:
-    p.add_argument("-j", "--max-jobs", type=int, metavar="N", help="run up to N builds at once (default: settings max-jobs; 0: build nothing here, "
+    p.add_argument("-j", "--max-jobs", type=_max_jobs, metavar="N", help="run up to N builds at once (default: settings max-jobs; auto: the number of cores; 0: build nothing here, "
                         "only fetch from the substituters, as in Nix)")
     p.add_argument("--cores", type=int, metavar="N", help="NIX_BUILD_CORES given to builders (default: setting cores; 0 = all)")
     p.add_argument("-k", "--keep-going", action="store_true", help="after a failure, keep building what does not depend on it")
@@ -90,6 +90,16 @@ The local store's logs come first.  Then each binary cache (the configured subst
 local store knows for PATH, and for the Deriver of PATH's narinfo in that cache.  Caches hold
 the logs that `pure copy --to` (or Nix's `nix store copy-log`) put there.  Logs are not signed;
 stderr says which cache a log came from.  --offline asks no cache."""
+
+
+def _max_jobs(text: str) -> int:
+    """-j N, or -j auto (Nix's word for the number of cores)."""
+    if text == "auto":
+        return os.cpu_count() or 1
+    return int(text)
+
+
+_max_jobs.__name__ = "int or 'auto'"  # (argparse names the type in its error)
 
 
 def _check_options(args) -> None:

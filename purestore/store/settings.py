@@ -163,6 +163,8 @@ def parse_setting(key: str, value: str, loc: str, out: dict[str, object]) -> Non
             out[field] = (*out.get(field, ()), *values)  # type: ignore[misc]
     elif key == "substitute":  # Nix's name for the opposite of offline
         out["offline"] = not _parse_bool(value, f"{loc}: {key}")
+    elif key == "max-jobs" and value == "auto":  # Nix's word for the number of cores
+        out[field] = os.cpu_count() or 1
     elif key in _INT_KEYS:
         try:
             out[field] = int(value)
