@@ -71,6 +71,19 @@ def test_missing_default_and_missing_attribute_list_the_available_ones(tmp_path)
     assert ev(f, "pkgs").selected[0].name == "a"
 
 
+def test_a_missing_attribute_among_thousands_lists_some_the_closest_first(tmp_path):
+    """Of a set of 5000 names, the error lists 30 (the closest to the one asked for first) and
+    how many more there are; it listed all 5000 (an error of 40 KiB)."""
+    f = write(tmp_path / "expr.py", """
+        pkgs = {f"p{i}": i for i in range(5000)}
+    """)
+    with pytest.raises(EvalError) as ei:
+        ev(f, "pkgs.p49999")
+    msg = str(ei.value)
+    assert msg.startswith("attribute 'pkgs.p49999' not found: pkgs has no 'p49999'; available: p4999, ")
+    assert msg.endswith(", … (4970 more)") and msg.count(", ") == 30
+
+
 def test_selected_value_must_hold_derivations(tmp_path):
     f = write(tmp_path / "expr.py", "default = {'x': 3}\n")
     with pytest.raises(EvalError, match=r"x is int 3; expected a derivation, or a list or dict of derivations"):

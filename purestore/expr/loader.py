@@ -337,9 +337,18 @@ def select_attr(root, attr: str | None, file: str):
     return cur
 
 
+_SHOWN = 30  # names listed at most: a module of thousands made an error of tens of KiB
+
+
 def _missing(attr, part, where, obj) -> str:
     avail = _available(obj)
-    shown = ", ".join(avail) if avail else "(none)"
+    if len(avail) > _SHOWN:
+        import difflib
+        near = difflib.get_close_matches(part or "default", avail, n=5)
+        first = near + [a for a in avail if a not in near][:_SHOWN - len(near)]
+        shown = ", ".join(first) + f", … ({len(avail) - len(first)} more)"
+    else:
+        shown = ", ".join(avail) if avail else "(none)"
     if attr is None:
         return (f"{where} defines no 'default'; choose a value with -A ATTR; available: {shown}")
     return f"attribute {attr!r} not found: {where} has no {part!r}; available: {shown}"
