@@ -233,6 +233,20 @@ def test_an_attribute_no_environment_can_hold_is_named(pure, expr, tmp_path):
     assert build(pure, tmp_path, g, "--no-link").stdout.strip().endswith("-payload")
 
 
+def test_system_builtin_takes_only_a_builtin_builder(pure, expr, tmp_path, store_root):
+    """A derivation for system 'builtin' whose builder is a program is refused, as Nix refuses
+    it (it was run in the sandbox as if it were for x86_64-linux)."""
+    f = expr('default = derivation(name="sysb", system="builtin", builder=B, args=["sh", "-c", "$B mkdir $out"], B=B)\n')
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1 and "-sysb.drv is for system 'builtin', which only a builtin builder " \
+        "(builtin:NAME) builds, but its builder is '/pure/store/" in p.stderr, p.stderr
+    st = open_store(store_root)
+    try:
+        assert [x for x in st.valid_paths() if x.name == "sysb"] == []
+    finally:
+        st.close()
+
+
 def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr, tmp_path, store_root):
     lines = "; ".join(f"echo line{i}" for i in range(40))
     f = expr(f'default = sh("broken", "{lines}; $B mkdir $out; exit 3")\n')

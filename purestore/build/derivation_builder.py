@@ -225,6 +225,9 @@ class DerivationBuilder:
                              f"for fixed-output derivations")
         if drv.system not in ("x86_64-linux", "builtin") and not builtin:
             raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
+        if drv.system == "builtin" and not builtin:  # (as Nix: it was run in the sandbox all the same)
+            raise BuildError(f"{node.label} is for system 'builtin', which only a builtin builder "
+                             f"(builtin:NAME) builds, but its builder is {drv.builder!r}")
         top = store.temp_name(node.path)
         spec = None
         sandboxed: Sandboxed | None = None
