@@ -247,6 +247,33 @@ def test_system_builtin_takes_only_a_builtin_builder(pure, expr, tmp_path, store
         st.close()
 
 
+def test_an_attribute_or_argument_too_big_for_linux_is_named(pure, expr, tmp_path):
+    """An attribute or an argument over Linux's 128 KiB for one string is named, with passAsFile
+    as the way out; attributes too big together say so (each was "cannot run builder '…/busybox'
+    in the sandbox: Argument list too long"). One just under the limit builds."""
+    f = expr('big = sh("big", "$B mkdir $out", foo="x" * 200000)\n'
+             'edge = sh("edge", "$B mkdir $out; echo ${#foo} > $out/n", foo="x" * (131072 - 6))\n'
+             'arg = sh("arg", "$B mkdir $out #" + "x" * 200000)\n'
+             'file = sh("file", "$B mkdir $out; $B wc -c < $fooPath > $out/n", foo="x" * 200000, '
+             'passAsFile=["foo"])\n'
+             'default = [big, arg]\n')
+    p = build(pure, tmp_path, f, "--no-link", "-k", check=False)
+    assert p.returncode == 1
+    assert ("-big.drv: attribute 'foo' is too big for an environment variable (200005 bytes, Linux takes "
+            "131072 at most); pass it as a file instead (passAsFile = ['foo'])") in p.stderr
+    assert "-arg.drv: its argument 3 ('$B mkdir $out #xxx" in p.stderr
+    assert "is too big for an argument (200016 bytes, Linux takes 131072 at most)" in p.stderr
+    p = build(pure, tmp_path, f, "-A", "edge", "-A", "file", "--no-link")
+    assert [(tmp_path / "root" / o.lstrip("/") / "n").read_text().strip() for o in p.stdout.split()] == \
+        ["131066", "200000"]
+    # 7 MiB together: more than Linux takes whatever the stack limit (3/4 of 8 MiB at most)
+    g = expr('default = sh("many", "$B mkdir $out", **{f"v{i}": "x" * 100000 for i in range(70)})\n', name="g.py")
+    p = build(pure, tmp_path, g, "--no-link", check=False)
+    assert p.returncode == 1 and "-many.drv: cannot run builder '/pure/store/" in p.stderr
+    assert "Argument list too long (its arguments and environment together are more than Linux takes; pass " \
+        "the big attributes as files: passAsFile)" in p.stderr
+
+
 def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr, tmp_path, store_root):
     lines = "; ".join(f"echo line{i}" for i in range(40))
     f = expr(f'default = sh("broken", "{lines}; $B mkdir $out; exit 3")\n')

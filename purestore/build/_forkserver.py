@@ -255,7 +255,9 @@ def run_middle(req, out_w, err_w):
         os.execve(argv[0], argv, req["env"])
     except OSError as e:
         hint = (" (it must be a store path among the inputs, or a static binary inside one)"
-                if e.errno == 2 else "")
+                if e.errno == 2 else
+                " (its arguments and environment together are more than Linux takes; pass the big "
+                "attributes as files: passAsFile)" if e.errno == 7 else "")
         _report(err_w, f"cannot run builder {argv[0]!r} in the sandbox: {e.strerror}{hint}")
     except BaseException as e:  # noqa: BLE001
         _report(err_w, f"cannot run builder {argv[0]!r} in the sandbox: {e}")

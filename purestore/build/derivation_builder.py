@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .scheduler import BuildOptions, _Node
 
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01T00:00:00Z (the earliest date ZIP can store)
+_MAX_ARG_STRLEN = 131072  # Linux's limit on one argument or NAME=VALUE string (32 pages), NUL included
 
 
 class DerivationBuilder:
@@ -438,20 +439,33 @@ def _cut(s: str, n: int = 60) -> str:
 
 
 def _check_passable(label: str, drv: Derivation, pass_as_file: set[str]) -> None:
-    """Raise :class:`BuildError` naming an argument or attribute that ``execve`` would refuse
-    (it failed as "cannot run builder … in the sandbox: embedded null byte", blaming the
+    """Raise :class:`BuildError` naming an argument or attribute that ``execve`` would refuse:
+    a NUL byte, an '=' in a name, more than Linux's limit for one string (it failed as "cannot
+    run builder … in the sandbox: embedded null byte" or "Argument list too long", blaming the
     builder)."""
     for i, a in enumerate((drv.builder, *drv.args)):
+        what = "its builder" if i == 0 else f"its argument {i} ({_cut(a)})"
         if "\0" in a:
-            what = "its builder" if i == 0 else f"its argument {i} ({_cut(a)})"
             raise BuildError(f"cannot build {label}: {what} holds a NUL byte, which no "
                              f"program's arguments can")
+        size = len(a.encode(errors="surrogateescape")) + 1
+        if size > _MAX_ARG_STRLEN:
+            raise BuildError(f"cannot build {label}: {what} is too big for an argument ({size} bytes, "
+                             f"Linux takes {_MAX_ARG_STRLEN} at most); pass it in a file instead (an "
+                             f"attribute in passAsFile)")
     for k, v in drv.env.items():
         if not k or "=" in k or "\0" in k:
             raise BuildError(f"cannot build {label}: attribute {_cut(k)} cannot be an "
                              f"environment variable (a name must be non-empty, without '=' or "
                              f"a NUL byte)")
-        if k not in pass_as_file and "\0" in v:
+        if k in pass_as_file:
+            continue
+        if "\0" in v:
             raise BuildError(f"cannot build {label}: attribute {k!r} holds a NUL byte (at "
                              f"offset {v.index(chr(0))}), which no environment variable can; "
                              f"pass it as a file instead (passAsFile = [{k!r}])")
+        size = len(k.encode(errors="surrogateescape")) + len(v.encode(errors="surrogateescape")) + 2
+        if size > _MAX_ARG_STRLEN:
+            raise BuildError(f"cannot build {label}: attribute {k!r} is too big for an environment "
+                             f"variable ({size} bytes, Linux takes {_MAX_ARG_STRLEN} at most); pass it "
+                             f"as a file instead (passAsFile = [{k!r}])")
