@@ -716,6 +716,19 @@ def test_a_drv_whose_output_path_its_contents_do_not_give_is_refused(pure, drvs,
     assert open(drvs.store.real_path(drvs.store.parse_path(stolen))).read() == "genuine\n"
 
 
+def test_a_drv_with_structured_attributes_is_refused_as_such(pure, drvs, store_root):
+    """A .drv with structured attributes (__json, as Nix writes for __structuredAttrs) is refused
+    saying so; its builder was run without the .attrs.json and .attrs.sh Nix gives it, and failed
+    with whatever it made of that."""
+    import json as _json
+    d = drvs.add("structured", ". /build/.attrs.sh; $B mkdir $out", env={"__json": _json.dumps({"x": 1})})
+    p = pure("store", "realise", d, check=False)
+    assert p.returncode == 1 and (
+        f"\nerror: {d} uses structured attributes (__json), which purestore does not support") in p.stderr, p.stderr
+    assert "building '" not in p.stderr
+    assert not drvs.store.is_valid(drvs.store.parse_path(drvs.out(d)))
+
+
 # -- limits of a build: max-silent-time, timeout, max-build-log-size -----------------------------
 
 

@@ -226,6 +226,9 @@ class DerivationBuilder:
                              f"for fixed-output derivations")
         if drv.system not in ("x86_64-linux", "builtin") and not builtin:
             raise BuildError(f"{node.label} is for system {drv.system!r}, this machine builds x86_64-linux")
+        if "__json" in drv.env:  # (a Nix .drv: its builder would find no .attrs.json nor .attrs.sh)
+            raise BuildError(f"{node.label} uses structured attributes (__json), which purestore does "
+                             f"not support: Nix gives them to the builder as .attrs.json and .attrs.sh")
         if drv.system == "builtin" and not builtin:  # (as Nix: it was run in the sandbox all the same)
             raise BuildError(f"{node.label} is for system 'builtin', which only a builtin builder "
                              f"(builtin:NAME) builds, but its builder is {drv.builder!r}")
