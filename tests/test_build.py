@@ -729,6 +729,26 @@ def test_a_drv_with_structured_attributes_is_refused_as_such(pure, drvs, store_r
     assert not drvs.store.is_valid(drvs.store.parse_path(drvs.out(d)))
 
 
+def test_content_addressed_drvs_of_nix_are_refused_as_unsupported_not_damaged(pure, drvs, store_root):
+    """A .drv with a floating content-addressed output, an impure one or a deferred one (as Nix
+    writes them with its ca-derivations and impure-derivations) is refused naming what it is;
+    they were said to be damaged in the store, with the advice to repair them (a floating one:
+    "expected both or neither"), or failed with "path '' is not in the store dir"."""
+    for name, out, said in (
+            ("floating", DerivationOutput("", "r:sha256", ""), "output 'out' has hash algorithm 'r:sha256' but "
+                                                               "no hash: a content-addressed derivation"),
+            ("impure", DerivationOutput("", "r:sha256", "impure"), "output 'out' is impure"),
+            ("deferred", DerivationOutput(""), "has no path for its output 'out': a deferred output")):
+        drv = Derivation(outputs={"out": out}, input_drvs={}, input_srcs=frozenset([drvs.busybox]),
+                         system="x86_64-linux", builder=drvs.sh, args=("sh", "-c", "$B mkdir $out"),
+                         env={"name": name, "out": "", "B": drvs.sh})
+        sp = drvs.store.print_path(drvs.store.add_text(name + ".drv", render_aterm(drv),
+                                                       drv_references(drv, drvs.sd)))
+        p = pure("store", "realise", sp, check=False)
+        assert p.returncode == 1 and p.stderr.startswith(f"error: {sp}") and said in p.stderr, p.stderr
+        assert "which purestore does not support" in p.stderr and "hint:" not in p.stderr, p.stderr
+
+
 # -- limits of a build: max-silent-time, timeout, max-build-log-size -----------------------------
 
 

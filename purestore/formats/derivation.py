@@ -327,9 +327,16 @@ def parse_aterm(data: bytes, where: str = "derivation") -> Derivation:
         if not n:
             raise DerivationError(f"{where}: empty output name")
         _check_path(p, o.path, f"path of output {n!r}", allow_empty=True)
+        if o.hash_algo and not o.hash:  # (as Nix writes a floating content-addressed output)
+            raise DerivationError(f"{where}: output {n!r} has hash algorithm {o.hash_algo!r} but no hash: "
+                                  f"a content-addressed derivation (Nix's ca-derivations), which purestore "
+                                  f"does not support")
         if bool(o.hash_algo) != bool(o.hash):
             raise DerivationError(f"{where}: output {n!r} has hash algorithm {o.hash_algo!r} "
                                   f"and hash {o.hash!r}; expected both or neither")
+        if o.hash == "impure":  # (as Nix writes an impure derivation's output)
+            raise DerivationError(f"{where}: output {n!r} is impure (Nix's impure-derivations), which "
+                                  f"purestore does not support")
     _sorted_strict(p, [d for d, _ in inputs], "input derivations")
     for d, names in inputs:
         _check_path(p, d, "input derivation")
