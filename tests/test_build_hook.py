@@ -117,6 +117,21 @@ def test_a_hook_named_without_a_slash_is_found_on_path(pure, expr, tmp_path):
     assert p.returncode == 1 and "error: post-build hook 'no-such-hook-anywhere' is not on PATH" in p.stderr
 
 
+def test_a_hook_named_without_a_slash_is_not_taken_from_the_working_directory(pure, expr, tmp_path):
+    """A bare name not on PATH is refused before anything is built, even when a file of that
+    name is in the working directory (the check took that file, then the hook, looked up on
+    PATH, could not be run once the build was done: "cannot be run: No such file or directory");
+    the hint says how to name that file."""
+    hook(tmp_path, "echo ran\n", name="local-hook")
+    f = expr('default = sh("three", "$B mkdir $out")\n')
+    p = pure("--post-build-hook", "local-hook", "build", f, "--no-link", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "will be built" not in p.stderr
+    assert p.stderr == ("error: post-build hook 'local-hook' is not on PATH\n"
+                        "hint: give './local-hook' to run the one in the working directory\n")
+    p = pure("--post-build-hook", "./local-hook", "build", f, "--no-link", cwd=tmp_path)
+    assert "three (post)> ran" in p.stderr
+
+
 def test_an_interrupted_build_stops_the_hook_and_what_it_started(expr, tmp_path, store_root):
     """Ctrl-C while a hook runs: the hook and the processes it started (a script's children,
     as `pure copy --to` run without exec) are stopped with it; they kept running, re-parented to

@@ -42,6 +42,11 @@ def resolve_hook(path: str) -> str:
 def check_hook(path: str) -> None:
     """Fail early (before any build) when the hook cannot be run."""
     given, path = path, resolve_hook(path)
+    if "/" not in path:  # a bare name not on PATH: a file of that name here is not what runs
+        here = os.path.isfile(given)  # (it passed this check, then could not be run after the build)
+        raise BuildError(f"post-build hook {given!r} is not on PATH",
+                         hint=f"give './{given}' to run the one in the working directory" if here else
+                         "set post-build-hook to an executable program (or '' for none)")
     if not os.path.isfile(path):
         if os.path.exists(path):
             why = "is not a file"
