@@ -238,6 +238,30 @@ def test_an_unusable_cache_is_warned_about_once(scene, pure, tmp_path):
              "build", scene.f, "--no-link", root=root2, cwd=tmp_path)
     assert (f"warning: not using binary cache 'file://{empty}': it has no nix-cache-info (is it a cache?)"
             in p.stderr), p.stderr
+    # an HTTP cache that answers with an error: its URL is said once, not again by the reason
+    import http.server
+    import threading
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(500)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    broken = f"http://127.0.0.1:{server.server_address[1]}/"
+    root3 = tmp_path / "u3"
+    root3.mkdir()
+    try:
+        p = pure("--substituters", f"{broken} {scene.url}", "--trusted-public-keys", scene.pub,
+                 "build", scene.f, "--no-link", root=root3, cwd=tmp_path)
+    finally:
+        server.shutdown()
+    warning = [line for line in p.stderr.splitlines() if "not using binary cache" in line]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: not using binary cache '{broken}': "), p.stderr
+    assert warning[0].count(broken) == 1, warning
 
 
 def test_a_malformed_substituter_url_is_warned_about_and_left_out(scene, pure, tmp_path):

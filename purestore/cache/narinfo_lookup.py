@@ -137,10 +137,12 @@ class Substituters:
                 if not self.strict and isinstance(e, CacheNotAnswering):
                     log.warning("%s", _not_answering(url, e, "not using it in this run"))
                 elif not self.strict:
-                    why, named = str(e), f"binary cache {url!r}"
-                    if why.startswith(named):  # the URL said once is enough
-                        rest = why[len(named):]  # ": directory … does not exist", " is for store dir …"
-                        why = rest[2:] if rest.startswith(": ") else "it" + rest
+                    why = str(e)
+                    for named in (f"binary cache {url!r}", f"cache {url!r}"):
+                        if why.startswith(named):  # the URL said once is enough
+                            rest = why[len(named):]  # ": directory … does not exist", " is for store dir …"
+                            why = rest[2:] if rest.startswith(": ") else "it" + rest
+                            break
                     log.warning("warning: not using binary cache %r: %s", url, why)
                 return
             priority = prio if prio is not None else info.priority
