@@ -297,6 +297,18 @@ def test_failed_build_registers_nothing_and_shows_status_tail_and_log(pure, expr
         st.close()
 
 
+def test_long_lines_are_cut_in_the_tail_of_a_failed_build_not_in_its_log(pure, expr, tmp_path):
+    """25 lines of 50,000 characters made an error message (and a --json event) of 1.25 MB:
+    each tail line keeps its first 4096 characters and says how many more `pure log` has."""
+    f = expr("default = sh('long', \"for i in $($B seq 30); do $B head -c 50000 /dev/zero | $B tr '\\\\0' x; "
+             "echo; done; exit 2\")\n")
+    p = build(pure, tmp_path, f, check=False)
+    assert p.returncode == 1 and len(p.stderr) < 25 * 4300, len(p.stderr)
+    assert p.stderr.count(f"  > {'x' * 4096} … (45904 more characters: see `pure log`)\n") == 25, p.stderr[-500:]
+    drv = next(w for w in p.stderr.split() if w.endswith("long.drv)")).rstrip(")")
+    assert pure("log", drv).stdout.splitlines() == ["x" * 50000] * 30
+
+
 def test_crlf_line_ends_are_line_ends_in_the_tail_and_with_L(pure, expr, tmp_path):
     """A builder that ends its lines with CRLF (a Windows-made script, some test runners): the
     tail of a failed build and -L show the lines without a trailing \\r (as the post-build

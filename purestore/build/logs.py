@@ -17,6 +17,14 @@ from ..errors import StoreError
 from ..store.build_logs import log_path
 
 TAIL_LINES = 25
+TAIL_LINE_MAX = 4096  # characters of a line kept in the tail (errors, --json); the log keeps all
+
+
+def _cut(text: str) -> str:
+    """A tail line cut to :data:`TAIL_LINE_MAX` characters, saying how much was left out."""
+    if len(text) <= TAIL_LINE_MAX:
+        return text
+    return f"{text[:TAIL_LINE_MAX]} … ({len(text) - TAIL_LINE_MAX} more characters: see `pure log`)"
 
 
 class BuildLog:
@@ -54,7 +62,7 @@ class BuildLog:
             if line.endswith(b"\r"):  # a CRLF line end (shown: the stored log keeps it)
                 line = line[:-1]
             text = line.decode(errors="replace")
-            self._tail.append(text)
+            self._tail.append(_cut(text))
             if self._echo:
                 self._echo(text)
         if len(self._partial) > 65536:  # a very long line: keep its end only
@@ -67,7 +75,7 @@ class BuildLog:
     def tail(self) -> list[str]:
         lines = list(self._tail)
         if self._partial:
-            lines.append(self._partial.decode(errors="replace"))
+            lines.append(_cut(self._partial.decode(errors="replace")))
         return lines[-TAIL_LINES:]
 
     def close(self) -> None:
