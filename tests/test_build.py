@@ -212,11 +212,13 @@ def test_an_attribute_no_environment_can_hold_is_named(pure, expr, tmp_path):
     f = expr('nul = sh("nul", "$B mkdir $out", foo="a\\0b")\n'
              'arg = derivation(name="arg", system="x86_64-linux", builder=B, args=["-c", "x\\0y"], B=B)\n'
              'eq = sh("eq", "$B mkdir $out", **{"A=B": "1"})\n'
+             'empty = derivation(name="empty", system="x86_64-linux", builder="", args=[])\n'
              'file = sh("file", "$B mkdir $out; $B cat $fooPath > $out/f", foo="a\\0b", passAsFile=["foo"])\n')
     said = {"nul": "attribute 'foo' holds a NUL byte (at offset 1), which no environment variable can; "
                    "pass it as a file instead (passAsFile = ['foo'])",
             "arg": "its argument 2 ('x\\x00y') holds a NUL byte",
-            "eq": "attribute 'A=B' cannot be an environment variable"}
+            "eq": "attribute 'A=B' cannot be an environment variable",
+            "empty": "its builder is empty"}  # (was "execve: argv first element cannot be empty")
     for attr, what in said.items():
         p = build(pure, tmp_path, f, "-A", attr, "--no-link", check=False)
         assert p.returncode == 1 and f"-{attr}.drv: {what}" in p.stderr, p.stderr

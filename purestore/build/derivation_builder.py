@@ -446,6 +446,9 @@ def _check_passable(label: str, drv: Derivation, pass_as_file: set[str]) -> None
     a NUL byte, an '=' in a name, more than Linux's limit for one string (it failed as "cannot
     run builder … in the sandbox: embedded null byte" or "Argument list too long", blaming the
     builder)."""
+    if not drv.builder:
+        raise BuildError(f"cannot build {label}: its builder is empty (give the program to run, "
+                         f"e.g. builder=f\"{{bash}}/bin/bash\")")
     for i, a in enumerate((drv.builder, *drv.args)):
         what = "its builder" if i == 0 else f"its argument {i} ({_cut(a)})"
         if "\0" in a:
