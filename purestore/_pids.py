@@ -63,4 +63,10 @@ def writer_gone(name: str, prefix: str, *, machine: bool = False) -> bool:
         tag, dash, _ = rest.partition("-")
         if not dash or tag != this_machine():
             return False
-    return _proc_is_ours() and not os.path.exists(f"/proc/{pid}")
+    return process_gone(pid)
+
+
+def process_gone(pid: str) -> bool:
+    """True when ``pid`` (decimal text) names no process running on this machine; False where
+    this machine's processes cannot be seen (see :func:`writer_gone`)."""
+    return pid.isascii() and pid.isdigit() and _proc_is_ours() and not os.path.exists(f"/proc/{pid}")

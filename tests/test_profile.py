@@ -313,3 +313,30 @@ def test_a_profile_is_usable_in_pure_shell_and_run(pure, pkgs, store_root, tmp_p
     assert out[:2] == ["hello", "tool"]
     assert out[2].split(":")[0].endswith("-user-environment/bin")
     assert pure("run", link, "--program", "tool", cwd=tmp_path).stdout == "tool\n"
+
+
+def _gone_pid() -> int:
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()  # (reaped: its pid names no process now)
+    return p.pid
+
+
+def test_a_switch_link_left_by_a_killed_switch_is_no_root_and_goes(pure, pkgs, store_root):
+    """A `<name>.tmp-<pid>` link of a switch killed between symlink and rename was listed as a
+    GC root for ever: gc and the next switch of that profile now remove it (its writer gone)."""
+    pure("profile", "install", pkgs["hello"])
+    pure("profile", "install", pkgs["tool"])
+    prof = profile_dir(store_root)
+    stale = os.path.join(prof, f"default.tmp-{_gone_pid()}")
+    other = os.path.join(prof, f"other.tmp-{_gone_pid()}")
+    live = os.path.join(prof, f"default.tmp-{os.getpid()}")  # a switch still running
+    for link in (stale, other, live):
+        os.symlink("default-1-link", link)
+    roots = pure("gc", "--print-roots").stdout
+    assert "default.tmp-" not in roots.replace(live, "") and "other.tmp-" not in roots, roots
+    pure("gc")
+    assert not os.path.lexists(stale) and not os.path.lexists(other) and os.path.lexists(live)
+    os.symlink("default-1-link", stale)
+    pure("profile", "rollback")
+    assert not os.path.lexists(stale) and os.path.lexists(live)

@@ -193,12 +193,25 @@ class Profile:
                                "than a symlink is there (only a profile's link is replaced)")
         tmp = f"{self.link}.tmp-{os.getpid()}"
         try:
+            self._remove_stale_temps()
             if os.path.lexists(tmp):
                 os.unlink(tmp)
             os.symlink(f"{self.name}-{n}-link", tmp)
             os.replace(tmp, self.link)
         except OSError as e:
             raise ProfileError(f"cannot switch profile {self.link!r} to generation {n}: {e.strerror}") from e
+
+    def _remove_stale_temps(self) -> None:
+        """Remove this profile's ``<name>.tmp-<pid>`` links left by switches killed before their
+        rename (their process is gone): otherwise they stay, listed as GC roots, for ever."""
+        from ..store.gc import stale_profile_temp
+        prefix = f"{self.name}.tmp-"
+        for n in os.listdir(self.dir):
+            if n.startswith(prefix) and n[len(prefix):].isdigit() and stale_profile_temp(n):
+                try:
+                    os.unlink(os.path.join(self.dir, n))
+                except FileNotFoundError:
+                    pass
 
     def set_elements(self, elements: list[Element]) -> Generation:
         """Make a new generation holding ``elements`` and switch to it (caller holds the lock);

@@ -9,7 +9,9 @@ Roots (:func:`find_roots`):
   ``gcroots/auto/<hash>``) is followed, link by link, until it reaches the store.  An indirect
   root whose target no longer exists is *stale*: it roots nothing, and under ``gcroots/auto/``
   the collector removes it (a deleted ``result`` link stops rooting its path);
-- every symlink under ``<state_dir>/profiles/`` (profiles and their generations);
+- every symlink under ``<state_dir>/profiles/`` (profiles and their generations), but for the
+  ``<name>.tmp-<pid>`` link of a profile switch killed before its rename (its process is gone):
+  that one roots nothing, and the collector removes it;
 - the temporary roots of running ``pure`` processes (``temproots/<pid>``, see
   :mod:`purestore.store.roots`).
 
@@ -36,18 +38,21 @@ and the trash is removed before it is raised again (:func:`.gc_trash.remove_tras
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from typing import Iterable
 
 import attrs
 
+from .._pids import process_gone
 from ..errors import StoreError
 from ..formats.store_path import StorePath
 from . import roots as _roots
 from .gc_trash import linked_inodes, remove_trash, rename_into, trash_dir, unlink_or_move, would_free
 
 PROFILES = "profiles"
+_PROFILE_TMP_RE = re.compile(r".+\.tmp-(\d+)\Z")  # a profile's link while it is switched
 _MAX_LINK_DEPTH = 40
 
 
@@ -107,6 +112,13 @@ class GcResult:
 
 def profiles_dir(state_dir: str) -> str:
     return os.path.join(state_dir, PROFILES)
+
+
+def stale_profile_temp(name: str) -> bool:
+    """True when ``name`` is the ``<profile>.tmp-<pid>`` link of a profile switch whose process
+    is gone (killed between making the link and renaming it over the profile's)."""
+    m = _PROFILE_TMP_RE.match(name)
+    return m is not None and process_gone(m.group(1))
 
 
 def _store_path_of(target: str, store_dir: str, real_store_dir: str) -> StorePath | None:
@@ -186,7 +198,8 @@ def _walk_links(top: str) -> Iterable[str]:
 
 
 def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) -> tuple[list[GcRoot], list[str]]:
-    """All roots of ``store`` and the stale indirect root links (removed when ``prune_stale``).
+    """All roots of ``store`` and the stale root links: indirect ones under ``gcroots/auto`` and
+    leftover profile switch links (:func:`stale_profile_temp`), removed when ``prune_stale``.
 
     Returns ``(roots, stale_links)``.  Roots naming paths that are not valid are included; the
     caller decides (they root nothing).
@@ -217,6 +230,16 @@ def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) ->
                 except OSError as e:
                     raise StoreError(f"cannot remove stale GC root {link!r}: {e.strerror}") from e
     for link in _walk_links(profiles_dir(state)):
+        if stale_profile_temp(os.path.basename(link)):
+            stale.append(link)
+            if prune_stale:
+                try:
+                    os.unlink(link)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise StoreError(f"cannot remove the leftover profile link {link!r}: {e.strerror}") from e
+            continue
         sp, _exists = _resolve_link(link, sd, rsd)
         if sp is not None:
             found.append(GcRoot(link, sp, "profile"))
