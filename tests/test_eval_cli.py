@@ -39,6 +39,23 @@ def test_eval_text_and_json(tmp_path, pure):
     assert dev["type"] == "output" and dev["output"] == "dev" and dev["path"].endswith("-a-1.0-dev")
 
 
+def test_an_include_dir_that_does_not_exist_is_warned_of_once(tmp_path, pure):
+    """`-I DIR` naming no directory was ignored without a word (Nix warns): each such root is
+    named once on stderr, the evaluation goes on; existing roots give no warning."""
+    write(tmp_path / "inc" / "helpers.py", "NOTE = 'included'\n")
+    f = write(tmp_path / "e" / "expr.py", EXPR)
+    (tmp_path / "afile").write_text("")
+    nope = tmp_path / "nope"
+    r = pure("eval", f, "-A", "tools.numbers", "-I", nope, "-I", tmp_path / "inc", "-I", nope,
+             "-I", tmp_path / "afile", env={"PURE_PATH": f"{tmp_path / 'gone'}:{tmp_path / 'inc'}"})
+    assert r.stdout == "1\n2\n"
+    assert r.stderr.splitlines() == [
+        f"warning: -I '{nope}' does not exist; ignoring it",
+        f"warning: -I '{tmp_path / 'afile'}' is not a directory; ignoring it",
+        f"warning: PURE_PATH entry '{tmp_path / 'gone'}' does not exist; ignoring it"], r.stderr
+    assert pure("eval", f, "-I", tmp_path / "inc").stderr == ""
+
+
 def test_what_an_expression_prints_goes_to_stderr_not_into_the_commands_stdout(tmp_path, pure):
     """A debugging print() (or sys.stdout.write) in an expression or a module it imports went to
     stdout, into the output paths a script reads and the --json of eval and instantiate; it goes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Callable
 
 
@@ -34,3 +35,11 @@ def warnings_to(write: Callable[[str], None] | None, logger: str = "purestore"):
         yield
     finally:
         log.removeHandler(handler)
+
+
+def warn_missing_search_dirs(include_paths) -> None:
+    """``warning: …`` on stderr for each ``-I`` (or ``PURE_PATH``) root that is not a directory;
+    called once by each command that evaluates, before it does."""
+    from ..expr.loader import missing_search_dirs
+    for text in missing_search_dirs(include_paths):
+        print(f"warning: {text}", file=sys.stderr, flush=True)

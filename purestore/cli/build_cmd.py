@@ -180,6 +180,8 @@ def _drv_paths_from_file(ctx, store, args):
         from ..expr.loader import evaluate, instantiate
     except ImportError as e:
         raise UsageError("evaluating expression files needs purestore.expr.loader, which is not installed") from e
+    from ._warnings import warn_missing_search_dirs
+    warn_missing_search_dirs(args.include)
     drvs = []
     for attr in args.attr or [None]:
         result = evaluate(f, attr, ctx.settings, args.include)

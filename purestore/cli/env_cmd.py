@@ -110,6 +110,8 @@ def cmd_profile_install(args, ctx) -> int:
     from ..env.profiles import element_for
     from ._warnings import warnings_to
 
+    from ._warnings import warn_missing_search_dirs
+    warn_missing_search_dirs(args.include)
     with ctx.open_store() as store:
         prof = _profile(ctx, store, args)
         built = []
@@ -231,7 +233,8 @@ def cmd_profile_delete_generations(args, ctx) -> int:
 def _built(ctx, store, args):
     from ..build.progress import Progress
     from ..env.installable import realise_installables
-    from ._warnings import warnings_to
+    from ._warnings import warn_missing_search_dirs, warnings_to
+    warn_missing_search_dirs(args.include)
     progress = Progress()
     with warnings_to(progress.message):
         return realise_installables(store, ctx.settings, args.file, args.attr or [None],

@@ -79,6 +79,8 @@ def register(reg) -> None:
 
 def _settings_and_eval(args, ctx, allow_values=False):
     from ..expr.loader import evaluate
+    from ._warnings import warn_missing_search_dirs
+    warn_missing_search_dirs(args.include)
     return evaluate(args.file, args.attr, ctx.settings, args.include, allow_values=allow_values)
 
 

@@ -34,7 +34,7 @@ from .purity import pure_mode
 from .values import Drv, Output, Source
 
 __all__ = ["EvalResult", "evaluate", "instantiate", "read_derivation", "find_pkgs_dir", "search_path",
-           "select_attr"]
+           "missing_search_dirs", "select_attr"]
 
 
 # -- where things are -----------------------------------------------------------------------------
@@ -55,6 +55,23 @@ def search_path(include_paths: Iterable[str] = (), env: dict[str, str] | None = 
     roots = [os.path.abspath(p) for p in include_paths]
     roots += [os.path.abspath(p) for p in env.get("PURE_PATH", "").split(":") if p]
     return roots
+
+
+def missing_search_dirs(include_paths: Iterable[str] = (), env: dict[str, str] | None = None) -> list[str]:
+    """A warning for each root of :func:`search_path` that is not a directory (once each): the
+    importer passes over it, so a misspelt ``-I`` was ignored without a word (Nix warns)."""
+    env = os.environ if env is None else env
+    given = [(p, "-I") for p in include_paths]
+    given += [(p, "PURE_PATH entry") for p in env.get("PURE_PATH", "").split(":") if p]
+    out, seen = [], set()
+    for p, what in given:
+        root = os.path.abspath(p)
+        if root in seen or os.path.isdir(root):
+            continue
+        seen.add(root)
+        why = "is not a directory" if os.path.exists(root) else "does not exist"
+        out.append(f"{what} {p!r} {why}; ignoring it" + (f" ({root!r})" if root != p else ""))
+    return out
 
 
 # -- the importer ---------------------------------------------------------------------------------
