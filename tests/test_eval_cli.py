@@ -56,6 +56,24 @@ def test_an_include_dir_that_does_not_exist_is_warned_of_once(tmp_path, pure):
     assert pure("eval", f, "-I", tmp_path / "inc").stderr == ""
 
 
+def test_a_quoted_name_in_an_attribute_path_selects_a_key_with_dots(tmp_path, pure):
+    """`-A 'a."b.c"'` (as in Nix) selects the dict key 'b.c', which `-A a.b.c` could not; a quote
+    not closed or an empty name is a usage error saying where, before the expression runs."""
+    f = write(tmp_path / "expr.py", """
+        pkgs = {"lib.v2": {"n": [10, 20]}, "": 5}
+    """)
+    assert pure("eval", f, "-A", 'pkgs."lib.v2".n.1').stdout == "20\n"
+    assert pure("eval", f, "-A", 'pkgs.""').stdout == "5\n"
+    r = pure("eval", f, "-A", "pkgs.lib.v2", check=False)
+    assert r.returncode == 1 and 'pkgs has no \'lib\'; available: "lib.v2", ""' in r.stderr, r.stderr
+    r = pure("eval", f, "-A", 'pkgs."lib.v2".x', check=False)
+    assert "attribute 'pkgs.\"lib.v2\".x' not found: pkgs.\"lib.v2\" has no 'x'" in r.stderr, r.stderr
+    for bad, why in (('pkgs."lib.v2', "has a quote not closed (opened at position 6)"),
+                     ("pkgs..n", "has an empty name at position 6")):
+        r = pure("eval", f, "-A", bad, check=False)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: attribute path {bad!r} {why}\n"), r.stderr
+
+
 def test_what_an_expression_prints_goes_to_stderr_not_into_the_commands_stdout(tmp_path, pure):
     """A debugging print() (or sys.stdout.write) in an expression or a module it imports went to
     stdout, into the output paths a script reads and the --json of eval and instantiate; it goes

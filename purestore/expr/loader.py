@@ -30,11 +30,12 @@ from ..errors import DerivationError, EvalError
 from ..formats.derivation import Derivation, drv_references, parse_aterm
 from ..formats.store_path import StorePath
 from .api import EvalContext, evaluating
+from .attr_path import parse_attr_path, render_attr_path
 from .purity import pure_mode
 from .values import Drv, Output, Source
 
 __all__ = ["EvalResult", "evaluate", "instantiate", "read_derivation", "find_pkgs_dir", "search_path",
-           "missing_search_dirs", "select_attr"]
+           "missing_search_dirs", "parse_attr_path", "select_attr"]
 
 
 # -- where things are -----------------------------------------------------------------------------
@@ -326,12 +327,13 @@ def _available(obj) -> list[str]:
 
 
 def select_attr(root, attr: str | None, file: str):
-    """Follow the dotted ``attr`` (``default`` when None) from the module ``root``."""
-    parts = (attr or "default").split(".")
+    """Follow the dotted ``attr`` (``default`` when None; see :func:`parse_attr_path`) from
+    the module ``root``."""
+    parts = parse_attr_path(attr or "default")
     cur = root
     done: list[str] = []
     for part in parts:
-        where = ".".join(done) or file
+        where = render_attr_path(done) or file
         if isinstance(cur, dict):
             if part in cur:
                 cur = cur[part]
@@ -341,7 +343,7 @@ def select_attr(root, attr: str | None, file: str):
             try:
                 cur = cur[int(part)]
             except (ValueError, IndexError):
-                raise EvalError(f"attribute {'.'.join(parts)!r} not found: {where} is a list of {len(cur)} "
+                raise EvalError(f"attribute {attr!r} not found: {where} is a list of {len(cur)} "
                                 f"items, {part!r} is not an index into it") from None
         elif isinstance(cur, Drv) and part in cur.outputs:
             cur = cur.outputs[part]
@@ -363,9 +365,9 @@ def _missing(attr, part, where, obj) -> str:
         import difflib
         near = difflib.get_close_matches(part or "default", avail, n=5)
         first = near + [a for a in avail if a not in near][:_SHOWN - len(near)]
-        shown = ", ".join(first) + f", … ({len(avail) - len(first)} more)"
+        shown = ", ".join(render_attr_path([a]) for a in first) + f", … ({len(avail) - len(first)} more)"
     else:
-        shown = ", ".join(avail) if avail else "(none)"
+        shown = ", ".join(render_attr_path([a]) for a in avail) if avail else "(none)"
     if attr is None:
         return (f"{where} defines no 'default'; choose a value with -A ATTR; available: {shown}")
     return f"attribute {attr!r} not found: {where} has no {part!r}; available: {shown}"
@@ -496,6 +498,8 @@ def _evaluate(file: str, attr: str | None, settings, include_paths: Iterable[str
         store_dir = settings.store_dir
     env = os.environ if env is None else env
     file = os.path.abspath(file)
+    if attr:
+        parse_attr_path(attr)  # (a malformed -A is said before the expression runs)
     if not os.path.isfile(file):
         if os.path.isdir(file):
             init = os.path.join(file, "__init__.py")
