@@ -38,6 +38,8 @@ def test_outputs_in_a_trusted_cache_are_fetched_not_built(pure, expr, tmp_path, 
         from purestore.store import events
         assert events.query_builds(st) == []
         assert [s["path"] for s in events.query_substitutions(st)] == [out]
+        # its deriver is recorded with it: `pure report` counts a build avoided by it
+        assert [s["drv"] for s in events.query_substitutions(st)] == [st.print_path(st.query_deriver(st.parse_path(out)))]
     finally:
         st.close()
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from purestore.formats.store_path import StorePath
 from purestore.store import events
 from purestore.store.local import LocalStore
 
@@ -15,6 +16,10 @@ A = "/pure/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a.drv"
 B = "/pure/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b.drv"
 F = "/pure/store/ffffffffffffffffffffffffffffffff-src.tar.gz.drv"
 N = "/pure/store/nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn-net.drv"
+X = "/pure/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-c.drv"
+C_OUT = "/pure/store/cccccccccccccccccccccccccccccccc-c"
+Y = "/pure/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-h.drv"
+H = "/pure/store/hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-h"
 
 
 def build(store, drv, status, *, fod=False, network=False, kind="build", round=1):
@@ -34,9 +39,17 @@ def recorded(settings):
         events.record_check(store, B, kind="rounds", rounds=3, reproducible=False,
                             differences=[{"output": "out", "file": "bin/b", "change": "contents"}])
         events.record_check(store, B, kind="rounds", rounds=2, reproducible=True)
-        events.record_substitution(store, "/pure/store/cccccccccccccccccccccccccccccccc-c", "file:///c", 100)
-        events.record_substitution(store, "/pure/store/dddddddddddddddddddddddddddddddd-d", "file:///c", 50)
+        # the cache hit rate counts derivations: two outputs of X (one fetched twice) are one,
+        # a .drv file and a source (no deriver) none; H, recorded without its deriver (as before
+        # the column), counts by the derivation the store knows for it
+        events.record_substitution(store, C_OUT, "file:///c", 100, drv=X)
+        events.record_substitution(store, C_OUT + "-dev", "file:///c", 50, drv=X)
+        events.record_substitution(store, C_OUT, "file:///c", 100, drv=X)
+        events.record_substitution(store, X, "file:///c", 1)
         events.record_substitution(store, "/pure/store/gggggggggggggggggggggggggggggggg-g", "file:///c", 10)
+        events.record_substitution(store, H, "file:///c", 5)
+        store.register_derivation_outputs(StorePath.from_base_name(Y.rsplit("/", 1)[1]),
+                                          {"out": StorePath.from_base_name(H.rsplit("/", 1)[1])})
         events.record_sandbox_refusal(store, B, "output is world-writable")
 
 
@@ -54,8 +67,8 @@ def test_report_json_figures_match_the_recorded_sequence(pure, recorded):
     assert [f["drv"] for f in rp["failing"]] == [B]
     assert rp["failing"][0]["differences"][0]["file"] == "bin/b"
     c = r["cache"]
-    assert (c["substituted"], c["built"], c["substitutedBytes"]) == (3, 2, 160)
-    assert c["hitRate"] == pytest.approx(3 / 5)
+    assert (c["substituted"], c["built"], c["substitutedPaths"], c["substitutedBytes"]) == (2, 2, 5, 166)
+    assert c["hitRate"] == pytest.approx(2 / 4)
     assert r["sandboxRefusals"]["count"] == 1
     assert r["sandboxRefusals"]["refusals"][0]["what"] == "output is world-writable"
 
@@ -65,7 +78,7 @@ def test_report_text_is_readable(pure, recorded):
     assert "built without network:           66.7% (2 of 3)" in out
     assert "reproducible (--check/--rounds): 66.7% (2 of 3 runs)" in out
     assert f"! not reproducible: {B}" in out
-    assert "cache hit rate:                  60.0% (3 substituted, 2 built)" in out
+    assert "cache hit rate:                  50.0% (2 of 4 derivations substituted, 2 built)" in out
     assert "sandbox refusals:                1" in out
 
 
@@ -104,9 +117,9 @@ def test_since_takes_seconds_or_a_duration_with_a_unit(pure, recorded):
     """--since 1d: the builds recorded at 1000.0 (1970) are left out, the checks and
     substitutions of now are in; a window reaching back before 1970 takes everything."""
     r = json.loads(pure("report", "--json", "--since", "1d").stdout)
-    assert r["builds"]["total"] == 0 and r["cache"]["substituted"] == 3
+    assert r["builds"]["total"] == 0 and r["cache"]["substituted"] == 2
     r2 = json.loads(pure("report", "--json", "--since", "86400").stdout)   # the same in seconds
-    assert (r2["builds"]["total"], r2["cache"]["substituted"]) == (0, 3)
+    assert (r2["builds"]["total"], r2["cache"]["substituted"]) == (0, 2)
     assert r2["since"] == pytest.approx(r["since"], abs=60)
     r = json.loads(pure("report", "--json", "--since", "3000w").stdout)
     assert r["builds"]["total"] == 3 and r["since"] == 0.0
@@ -144,3 +157,24 @@ def test_a_recording_process_is_told_from_a_later_one_with_its_pid():
         p.kill()
         p.wait()
     assert events.process_running(p.pid, ident) is False
+
+
+def test_a_database_from_before_the_deriver_column_gets_it_and_its_rows_still_count(pure, settings):
+    """SubstitutionEvents made without the drv column: the column is added on first use, and a
+    row recorded before counts by the deriver the store knows of its path."""
+    import sqlite3
+    with LocalStore.open(settings, durable=False):
+        pass
+    db = sqlite3.connect(f"{settings.state_dir}/db/db.sqlite")
+    db.executescript("DROP TABLE IF EXISTS SubstitutionEvents; CREATE TABLE SubstitutionEvents (id INTEGER "
+                     "PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, cache TEXT NOT NULL, time REAL NOT NULL, "
+                     "nar_size INTEGER);")
+    db.execute("INSERT INTO SubstitutionEvents(path, cache, time, nar_size) VALUES (?, 'file:///c', 1.0, 5)", (H,))
+    db.commit()
+    db.close()
+    with LocalStore.open(settings, durable=False) as store:
+        store.register_derivation_outputs(StorePath.from_base_name(Y.rsplit("/", 1)[1]),
+                                          {"out": StorePath.from_base_name(H.rsplit("/", 1)[1])})
+        events.record_substitution(store, C_OUT, "file:///c", 100, drv=X)
+    c = json.loads(pure("report", "--json").stdout)["cache"]
+    assert (c["substituted"], c["substitutedPaths"], c["hitRate"]) == (2, 2, 1.0)

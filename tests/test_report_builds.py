@@ -74,7 +74,7 @@ def test_report_after_builds_checks_and_a_substitution(tmp_path):
     text = b("report").stdout
     assert "reproducible (--check/--rounds): 50.0% (1 of 2 runs)" in text
     assert "-noisy-1.0.drv" in text and "first difference at byte" in text
-    assert "cache hit rate:                  20.0% (1 substituted, 4 built)" in text
+    assert "cache hit rate:                  20.0% (1 of 5 derivations substituted, 4 built)" in text
 
 
 def test_a_build_killed_with_sigkill_is_abandoned_not_running_forever(tmp_path, store_root, pure):

@@ -12,7 +12,11 @@ a given time:
   network-using build without a pinned hash would be listed.
 - **reproducibility**: the share of ``--check`` / ``--rounds`` runs whose outputs were
   bit-identical, and the derivations that were not, with the first differences.
-- **cache hit rate**: substituted paths / (substituted paths + successful builds).
+- **cache hit rate**: the share of the derivations whose outputs this store got that came from a
+  cache instead of being built: derivations with an output substituted / (those + derivations
+  built successfully), each derivation counted once.  A substituted path counts by its deriver
+  (recorded from its narinfo; for older records, the one the store knows): ``.drv`` files,
+  sources and paths with no known deriver avoided no build and do not count, nor do repeats.
 - **sandbox refusals**: how many, and what.
 
 A share with nothing to measure is ``None`` (shown as ``n/a``), never a made-up 100%.
@@ -61,7 +65,9 @@ def make_report(store, since: float | None = None) -> dict[str, Any]:
     repro = [c for c in checks if c["reproducible"]]
 
     subs = recent(events.query_substitutions(store), "time")
-    built_ok = [b for b in builds if b["status"] == "built"]
+    sub_paths = {sub["path"]: sub["nar_size"] or 0 for sub in subs}
+    sub_drvs = _substituted_derivations(store, subs)
+    built_drvs = {b["drv"] for b in builds if b["status"] == "built"}
     refusals = recent(events.query_sandbox_refusals(store), "time")
 
     return {
@@ -90,16 +96,37 @@ def make_report(store, since: float | None = None) -> dict[str, Any]:
             "failing": [failing[d] for d in sorted(failing)],
         },
         "cache": {
-            "hit_rate": _share(len(subs), len(subs) + len(built_ok)),
-            "substituted": len(subs),
-            "built": len(built_ok),
-            "substituted_bytes": sum(s["nar_size"] or 0 for s in subs),
+            "hit_rate": _share(len(sub_drvs), len(sub_drvs) + len(built_drvs)),
+            "substituted": len(sub_drvs),
+            "built": len(built_drvs),
+            "substituted_paths": len(sub_paths),
+            "substituted_bytes": sum(sub_paths.values()),
         },
         "sandbox_refusals": {
             "count": len(refusals),
             "refusals": [{"drv": r["drv"], "time": r["time"], "what": r["what"]} for r in refusals],
         },
     }
+
+
+def _substituted_derivations(store, subs: list[dict]) -> set[str]:
+    """The derivations (``.drv`` paths) whose outputs the substitutions ``subs`` fetched: each
+    path's recorded deriver, else (a record older than that column) the one the store knows
+    now.  A ``.drv`` file or a source has none: it avoided no build."""
+    out: set[str] = set()
+    for sub in subs:
+        path = sub["path"]
+        if sub.get("drv"):
+            out.add(sub["drv"])
+            continue
+        if path.endswith(".drv"):
+            continue
+        dir_, _, base = path.rpartition("/")
+        rows = store.db.query("SELECT deriver FROM ValidPaths WHERE path = ? AND deriver IS NOT NULL", (base,))
+        rows = rows or store.db.query("SELECT drv FROM DerivationOutputs WHERE path = ? ORDER BY drv", (base,))
+        if rows:
+            out.add(f"{dir_}/{rows[0][0]}")
+    return out
 
 
 def _describe(d) -> str:
@@ -136,7 +163,9 @@ def render_report(r: dict[str, Any]) -> str:
         for d in fl["differences"][:3]:
             lines.append(f"      {_describe(d)}")
     c = r["cache"]
-    lines.append(f"cache hit rate:                  {_pct(c['hit_rate'])} ({c['substituted']} substituted, {c['built']} built)")
+    total = c["substituted"] + c["built"]
+    lines.append(f"cache hit rate:                  {_pct(c['hit_rate'])} ({c['substituted']} of {total} "
+                 f"derivation{'' if total == 1 else 's'} substituted, {c['built']} built)")
     sr = r["sandbox_refusals"]
     lines.append(f"sandbox refusals:                {sr['count']}")
     for x in sr["refusals"][:20]:

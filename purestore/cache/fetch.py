@@ -82,7 +82,7 @@ def install_batch(store, settings, items: list[tuple[PathInfo, str, str]], repai
                 except (OSError, StoreError):
                     pass  # the next install of the path replaces it
             return result
-    _record(store, settings, [(info.path, url, info.nar_size) for info, url in new])
+    _record(store, settings, [(info.path, url, info.nar_size, info.deriver) for info, url in new])
     for info, url in new:
         if provenance and info.path in provenance:
             _keep_provenance(store, info.path, provenance[info.path])
@@ -261,8 +261,8 @@ async def stream_to_thread(open_chunks, consume):
 
 
 
-def _record(store, settings, paths: list[tuple[StorePath, str, int]]) -> None:
-    """Record the substitution of each (path, cache url, NAR size), all in one transaction."""
+def _record(store, settings, paths: list[tuple[StorePath, str, int, StorePath | None]]) -> None:
+    """Record the substitution of each (path, cache url, NAR size, deriver), all in one transaction."""
     if not paths:
         return
     try:
@@ -272,12 +272,13 @@ def _record(store, settings, paths: list[tuple[StorePath, str, int]]) -> None:
     sd = settings.store_dir
     fn = getattr(events, "record_substitutions", None)
     if fn is not None:
-        fn(store, [(path.absolute(sd), url, nar_size) for path, url, nar_size in paths])
+        fn(store, [(path.absolute(sd), url, nar_size, drv and drv.absolute(sd))
+                   for path, url, nar_size, drv in paths])
         return
     fn = getattr(events, "record_substitution", None)
     if fn is not None:
-        for path, url, nar_size in paths:
-            fn(store, path.absolute(sd), url, nar_size)
+        for path, url, nar_size, drv in paths:
+            fn(store, path.absolute(sd), url, nar_size, drv and drv.absolute(sd))
 
 
 def _keep_provenance(store, path: StorePath, data: bytes) -> None:

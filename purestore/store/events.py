@@ -14,7 +14,9 @@ created on first use with ``CREATE TABLE IF NOT EXISTS`` through the store's dat
         -- fixed_output/network: 0/1; outputs: JSON {output name: [path, "sha256:<nix32>"]}
     CheckEvents(id, drv, time, kind, rounds, reproducible, differences)
         -- differences: JSON list of {"output", "file", "change", ...} (empty when reproducible)
-    SubstitutionEvents(id, path, cache, time, nar_size)
+    SubstitutionEvents(id, path, cache, time, nar_size, drv)
+        -- drv: the deriver of the path as its narinfo gave it (NULL: none, or a row recorded
+        -- before the column was added to an existing database)
     SandboxRefusals(id, drv, time, what)
         -- something the sandbox refused that could be detected (e.g. setup failures,
         -- suspicious output permissions)
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS SubstitutionEvents (
     path     TEXT NOT NULL,
     cache    TEXT NOT NULL,
     time     REAL NOT NULL,
-    nar_size INTEGER
+    nar_size INTEGER,
+    drv      TEXT
 );
 CREATE INDEX IF NOT EXISTS IndexSubstitutionEventsPath ON SubstitutionEvents(path);
 CREATE TABLE IF NOT EXISTS SandboxRefusals (
@@ -93,8 +96,22 @@ def _db(store_or_db):
     db = getattr(store_or_db, "db", store_or_db)
     if db not in _ready:
         db.ensure_schema(_SCHEMA)
+        _add_columns(db)
         _ready.add(db)
     return db
+
+
+def _columns(db, table: str) -> set[str]:
+    return {r[1] for r in db.query(f"PRAGMA table_info({table})")}
+
+
+def _add_columns(db) -> None:
+    """Columns added since a table was first made, added to a database made before."""
+    if db.read_only or "drv" in _columns(db, "SubstitutionEvents"):
+        return
+    with db.transaction() as c:  # (checked again under the write lock: another process may have)
+        if "drv" not in {r[1] for r in c.execute("PRAGMA table_info(SubstitutionEvents)")}:
+            c.execute("ALTER TABLE SubstitutionEvents ADD COLUMN drv TEXT")
 
 
 def ensure_tables(store_or_db) -> None:
@@ -262,29 +279,34 @@ def query_checks(store, drv: str | None = None) -> list[dict[str, Any]]:
 # -- substitutions -----------------------------------------------------------------------------
 
 
-def record_substitution(store, path: str, cache: str, nar_size: int | None = None) -> int:
-    """A path was substituted from binary cache ``cache`` (its URL)."""
-    return _insert(store, "INSERT INTO SubstitutionEvents(path, cache, time, nar_size) VALUES (?, ?, ?, ?)",
-                   (path, cache, time.time(), nar_size))
+def record_substitution(store, path: str, cache: str, nar_size: int | None = None,
+                        drv: str | None = None) -> int:
+    """A path was substituted from binary cache ``cache`` (its URL); ``drv``: its deriver."""
+    return _insert(store, "INSERT INTO SubstitutionEvents(path, cache, time, nar_size, drv) VALUES (?, ?, ?, ?, ?)",
+                   (path, cache, time.time(), nar_size, drv))
 
 
-def record_substitutions(store, rows: Iterable[tuple[str, str, int | None]]) -> None:
-    """:func:`record_substitution` of each (path, cache, nar_size) of ``rows``, in one
+def record_substitutions(store, rows: Iterable[tuple]) -> None:
+    """:func:`record_substitution` of each (path, cache, nar_size[, drv]) of ``rows``, in one
     transaction (a commit each cost more than the insert)."""
     db = _db(store)
+    now = time.time()
     with db.transaction() as c:
-        c.executemany("INSERT INTO SubstitutionEvents(path, cache, time, nar_size) VALUES (?, ?, ?, ?)",
-                      [(path, cache, time.time(), nar_size) for path, cache, nar_size in rows])
+        c.executemany("INSERT INTO SubstitutionEvents(path, cache, time, nar_size, drv) VALUES (?, ?, ?, ?, ?)",
+                      [(r[0], r[1], now, r[2], r[3] if len(r) > 3 else None) for r in rows])
 
 
 def query_substitutions(store, path: str | None = None) -> list[dict[str, Any]]:
+    """Each substitution, newest first: ``drv`` is the path's deriver as recorded (None when
+    unknown: a source, a ``.drv``, a narinfo without one, or a row older than the column)."""
     db = _db(store)
-    sql = "SELECT id, path, cache, time, nar_size FROM SubstitutionEvents"
+    drv = "drv" if "drv" in _columns(db, "SubstitutionEvents") else "NULL"  # (a read-only old database)
+    sql = f"SELECT id, path, cache, time, nar_size, {drv} FROM SubstitutionEvents"
     params: tuple = ()
     if path is not None:
         sql += " WHERE path = ?"
         params = (path,)
-    return [{"id": r[0], "path": r[1], "cache": r[2], "time": r[3], "nar_size": r[4]}
+    return [{"id": r[0], "path": r[1], "cache": r[2], "time": r[3], "nar_size": r[4], "drv": r[5]}
             for r in db.query(sql + " ORDER BY id DESC", params)]
 
 
