@@ -160,6 +160,26 @@ def test_a_mirror_carries_provenance_and_can_require_it(cache):
     assert not m2.exists()
 
 
+def test_a_mirror_copies_the_statements_of_paths_the_destination_has_already(cache, tmp_path):
+    """`pure copy --from A --to B` skipped a path B had, its provenance with it: a statement B
+    lacked never followed.  Now it does (as with a push); one B has is not replaced."""
+    pub = cache["key"].public_key().render()
+    m, url = tmp_path / "m", f"file://{tmp_path / 'm'}"
+    copy = lambda *extra: run_pure("copy", "--from", cache["url"], "--to", url, "--trusted-public-keys", pub,
+                                   *extra, cache["app"])
+    copy()
+    app, dep = (f"{hp(cache[k])}.provenance" for k in ("app", "dep"))
+    (m / app).unlink()
+    (m / dep).write_bytes(b"the destination's own\n")
+    p = copy()
+    assert "0 paths" in p.stderr and "2 already there" in p.stderr, p.stderr
+    assert (m / app).read_bytes() == (cache["dir"] / app).read_bytes()
+    assert (m / dep).read_bytes() == b"the destination's own\n"
+    (m / app).unlink()
+    copy("--require-provenance")  # (the statements read for the check are the ones copied)
+    assert (m / app).read_bytes() == (cache["dir"] / app).read_bytes()
+
+
 @pytest.mark.parametrize("tamper", ["modified", "untrusted-key", "other-subject"])
 def test_require_provenance_refuses_an_invalid_statement(cache, tamper):
     d, app = cache["dir"], cache["app"]

@@ -15,6 +15,8 @@ without a store: mirroring a cache, or filling an offline one.
    ``write_listing``, a missing listing is made from the NAR).  A NAR URL with a query
    (``nar/….nar?hash=…``, as Harmonia serves) is asked with it, and the file kept without it,
    the narinfo's URL too.
+   A path the destination has already gets the source's provenance statement where the
+   destination has none (:func:`_copy_missing_statements`), as a push does.
 3. **Publish** the narinfo only after those of all its references, so the destination holds
    whole closures at every moment.  Without new keys it is the source's narinfo byte for byte
    (its signatures stay valid: they sign the path, not the cache); with ``secret_keys`` their
@@ -110,11 +112,12 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
         found = await _read_closure(src, src_url, sd, wanted)
         problems: dict[StorePath, str] = {}
         limit = trio.CapacityLimiter(CONCURRENCY)  # provenance statements are fetched
+        statements: dict[StorePath, bytes | None] = {}  # (those fetched: not asked for again)
 
         async def check(p: StorePath, ni: NarInfo) -> None:
             async with limit:
                 why = await _refusal(src, sd, ni, trusted if check_sigs else None,
-                                     trusted if require_provenance else None)
+                                     trusted if require_provenance else None, statements)
             if why:
                 problems[p] = why
         async with open_nursery() as n:
@@ -135,6 +138,7 @@ async def copy_between(settings, src_url: str, dst_url: str, paths: Iterable[Sto
         have, _ = await cached_paths(dst, order, CONCURRENCY)
         todo = [p for p in order if p not in have]
         await mark_present(dst, have)
+        await _copy_missing_statements(src, dst, [p for p in order if p in have], statements, limit)
         if progress:
             progress.expect(len(todo), sum(found[p][0].nar_size for p in todo))
         tmp_dir = await nar_temp_dir(dst)
@@ -249,8 +253,30 @@ async def _read_closure(src, src_url: str, sd: str, wanted: list[StorePath]) -> 
     return found
 
 
-async def _refusal(src, sd: str, ni: NarInfo, trusted, provenance_keys) -> str | None:
-    """Why this narinfo must not be copied (None: it may)."""
+async def _copy_missing_statements(src, dst, present: list[StorePath], statements: dict[StorePath, bytes | None],
+                                   limit: trio.CapacityLimiter) -> None:
+    """The provenance statements of paths the destination has already, where the source has
+    one and the destination none (as a push does: a statement signed after a path was copied
+    follows with the next copy; one the destination has stays, it may be the builder's).  One
+    request to the source per path (none when ``--require-provenance`` read it already), and
+    one ``exists()`` at the destination for each that has a statement."""
+    from ..formats.provenance import provenance_file_name
+
+    async def one(p: StorePath) -> None:
+        name = provenance_file_name(p.hash_part)
+        async with limit:
+            data = statements[p] if p in statements else await src.get(name)
+            if data is not None and not await dst.exists(name):
+                await dst.put(name, data, "text/plain; charset=utf-8")
+    async with open_nursery() as n:
+        for p in present:
+            n.start_soon(one, p)
+
+
+async def _refusal(src, sd: str, ni: NarInfo, trusted, provenance_keys,
+                   statements: dict[StorePath, bytes | None]) -> str | None:
+    """Why this narinfo must not be copied (None: it may).  A provenance statement read is
+    kept in ``statements``."""
     try:
         check_name(ni.url, "narinfo")
     except CacheError:
@@ -263,7 +289,7 @@ async def _refusal(src, sd: str, ni: NarInfo, trusted, provenance_keys) -> str |
     if provenance_keys is not None and ni.ca is None:
         from ..formats.provenance import provenance_file_name, verify_for_path
         name = provenance_file_name(ni.store_path.hash_part)
-        data = await src.get(name)
+        data = statements[ni.store_path] = await src.get(name)
         if data is None:
             return "the cache has no provenance statement for it (require-provenance is set)"
         try:
