@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_pure
+from conftest import DATA, HAVE_NIX, run_pure
 
 
 def write(path, text):
@@ -119,6 +119,40 @@ def test_show_derivation_errors(tmp_path, pure):
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
     p = pure("show-derivation", "/pure/store/" + "a" * 32 + "-x.drv", "-A", "x", check=False)
     assert p.returncode == 2 and "-A selects from an expression file" in p.stderr
+
+
+EXPERIMENTAL = DATA / "drv" / "experimental"
+
+
+@pytest.mark.parametrize("name, feature", [("hdyqbrhfmn62yy8bji2jnh3k8x419znd-cafloat.drv", "ca-derivations"),
+                                           ("063k7v39p1qr74jc37ms4y5rpkw9dsbc-imp.drv", "impure-derivations")])
+def test_a_drv_of_nix_s_experimental_features_is_said_to_be_one_not_damaged(tmp_path, name, feature):
+    """A .drv Nix 2.8 wrote for a floating content-addressed or an impure derivation (an output
+    with a hash algorithm but no hash, or the hash 'impure') is refused naming the feature; it
+    was called damaged, with a hint to repair it from its expression."""
+    from purestore.formats.store_path import StorePath
+    from test_cache_support import open_store
+    with open_store(tmp_path / "root", "/nix/store") as store:
+        sp = store.add_text(name[33:-4] + ".drv", (EXPERIMENTAL / name).read_bytes())
+        assert sp == StorePath.from_base_name(name)
+    for args in (["show-derivation"], ["build", "--no-link"]):
+        p = run_pure(*args, f"/nix/store/{name}", root=tmp_path / "root", store_dir="/nix/store", check=False)
+        assert p.returncode == 1, p.stderr
+        assert f"(Nix's {feature}), which purestore does not support" in p.stderr
+        assert "damaged" not in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(not HAVE_NIX, reason="Nix (nix-bin) is not installed")
+def test_the_experimental_golden_drvs_are_what_nix_writes(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command ca-derivations "
+                                       "impure-derivations"}
+    out = subprocess.run(["nix-instantiate", "--store", str(tmp_path / "nix"), EXPERIMENTAL / "experimental.nix"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(os.path.basename(d) for d in out) == sorted(f.name for f in EXPERIMENTAL.glob("*.drv"))
+    for d in out:
+        assert (tmp_path / "nix" / d.lstrip("/")).read_bytes() == (EXPERIMENTAL / os.path.basename(d)).read_bytes()
 
 
 def test_help_texts_exist():

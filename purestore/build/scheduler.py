@@ -28,7 +28,7 @@ from typing import Iterable, NoReturn
 import attrs
 import trio
 
-from ..errors import BuildError, DerivationError, PurestoreError, StoreError
+from ..errors import BuildError, DerivationError, StoreError
 from ..formats.derivation import Derivation, check_output_paths, parse_aterm
 from ..formats.store_path import StorePath
 from .derivation_builder import DerivationBuilder
@@ -507,16 +507,5 @@ class _Realiser:
 
 
 def _damaged(store, drv: StorePath) -> str | None:
-    """The hint for a registered .drv that cannot be read or parsed, if its file is damaged: a
-    well-kept one that purestore cannot parse (a content-addressed derivation of Nix's, say)
-    was said to be damaged, with the advice to repair it."""
-    from ..store.fsnar import hash_path
     from ..store.local import damaged_drv_hint  # (only when a .drv is found damaged)
-    info = store.query_path_info(drv)
-    if info is not None:
-        try:
-            if hash_path(store.real_path(drv), info.nar_hash.algo)[0] == info.nar_hash:
-                return None  # (as registered: not damaged)
-        except (OSError, PurestoreError):
-            pass
     return damaged_drv_hint(store, drv)

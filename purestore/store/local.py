@@ -29,7 +29,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Iterable, ContextManager
 
-from ..errors import InvalidStorePath, PathInUse, PathNotValid, StoreError
+from ..errors import InvalidStorePath, PathInUse, PathNotValid, PurestoreError, StoreError
 from ..formats.hash import Hash
 from ..formats.nar import nar_of_bytes
 from ..formats.path_info import PathInfo
@@ -628,10 +628,20 @@ _ROOTED_HINT = "remove the root first (`pure gc --print-roots` lists the roots)"
 
 
 def damaged_drv_hint(store, drv: StorePath) -> str | None:
-    """The hint for a ``.drv`` that cannot be read or parsed although it is registered: its file
-    is damaged, and re-instantiating the expression writes it again (:meth:`LocalStore.repair_texts`)."""
-    if not store.is_valid(drv):
+    """The hint for a ``.drv`` that cannot be read or parsed although it is registered, if its
+    file is damaged (it no longer has the NAR hash it was registered with): re-instantiating the
+    expression writes it again (:meth:`LocalStore.repair_texts`).  None for a well-kept one that
+    purestore cannot parse (a content-addressed derivation of Nix's, say), which was said to be
+    damaged, with the advice to repair it."""
+    from .fsnar import hash_path
+    info = store.query_path_info(drv)
+    if info is None:
         return None
+    try:
+        if hash_path(store.real_path(drv), info.nar_hash.algo)[0] == info.nar_hash:
+            return None  # (as registered: not damaged)
+    except (OSError, PurestoreError):
+        pass
     return ("the store's copy of this derivation is damaged (`pure store verify --check-contents` "
             "checks the store); `pure instantiate --repair EXPR` writes it again from the "
             "expression that made it")
