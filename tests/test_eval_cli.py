@@ -142,6 +142,18 @@ def test_a_drv_of_nix_s_experimental_features_is_said_to_be_one_not_damaged(tmp_
         assert "damaged" not in p.stderr and "Traceback" not in p.stderr
 
 
+def test_a_deferred_output_is_shown_as_nix_shows_it(tmp_path):
+    """An output whose path Nix deferred (a derivation with a floating content-addressed input)
+    is ``{}`` in `nix show-derivation`; it was shown as ``{"path": ""}``."""
+    from test_cache_support import open_store
+    ca, uses = "hdyqbrhfmn62yy8bji2jnh3k8x419znd-cafloat.drv", "35i92dyg89glf7qdh04w6xja5m1nwn7x-usesca.drv"
+    with open_store(tmp_path / "root", "/nix/store") as store:
+        (ca_p,) = store.add_texts([("cafloat.drv", (EXPERIMENTAL / ca).read_bytes(), ())])
+        store.add_texts([("usesca.drv", (EXPERIMENTAL / uses).read_bytes(), [ca_p])])
+    p = run_pure("show-derivation", f"/nix/store/{uses}", root=tmp_path / "root", store_dir="/nix/store")
+    assert p.stdout == (EXPERIMENTAL / "usesca.json").read_text()  # byte for byte
+
+
 @pytest.mark.skipif(not HAVE_NIX, reason="Nix (nix-bin) is not installed")
 def test_the_experimental_golden_drvs_are_what_nix_writes(tmp_path):
     import os

@@ -509,7 +509,7 @@ def to_json(drv_path: str, drv: Derivation) -> dict:
     """``{drv_path: {...}}`` in the shape of ``nix show-derivation`` (Nix 2.8)."""
     outputs = {}
     for n, o in sorted(drv.outputs.items()):
-        d = {"path": o.path}
+        d = {"path": o.path} if o.path else {}  # a deferred output has none: Nix prints {}
         if o.hash_algo:
             d["hashAlgo"] = o.hash_algo
             d["hash"] = o.hash
@@ -531,7 +531,7 @@ def from_json(obj: dict, where: str = "derivation JSON") -> Derivation:
     """The inverse of the inner object of :func:`to_json`."""
     try:
         return Derivation(
-            outputs={n: DerivationOutput(o["path"], o.get("hashAlgo", ""), o.get("hash", ""))
+            outputs={n: DerivationOutput(o.get("path", ""), o.get("hashAlgo", ""), o.get("hash", ""))
                      for n, o in obj["outputs"].items()},
             input_drvs={p: frozenset(o) for p, o in obj["inputDrvs"].items()},
             input_srcs=frozenset(obj["inputSrcs"]),
