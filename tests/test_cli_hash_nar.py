@@ -143,6 +143,13 @@ def test_nar_ls_text(tmp_path):
                     "-r-xr-xr-x                   10 ./tool"]
     assert out("nar", "ls", "-l", nar, "/dir-link") == "lrwxrwxrwx                    0 dir-link -> sub\n"
     assert out("nar", "ls", nar, "/size-9") == "size-9\n"
+    # the root of a NAR of one file or symlink has no name (base name of "/"), as Nix prints it;
+    # it was shown as "."
+    assert out("nar", "ls", str(GOLDEN / "hello.nar")) == "\n"
+    assert out("nar", "ls", "-d", str(GOLDEN / "exec.nar"), "/") == "\n"
+    assert out("nar", "ls", "-l", str(GOLDEN / "hello.nar"), "/") == "-r--r--r--                    6 \n"
+    assert out("nar", "ls", "-l", str(GOLDEN / "dangling-symlink.nar")) == \
+        "lrwxrwxrwx                    0  -> /does/not/exist\n"
     assert json.loads(out("nar", "ls", "--json", nar, "/sub")) == {
         "type": "directory", "entries": {"inner": {}, "with space": {}, "ü": {}}}
     assert "does not exist" in fails("nar", "ls", nar, "/nope")
@@ -152,13 +159,16 @@ def test_nar_ls_text(tmp_path):
 
 @needs_nix
 def test_nar_ls_text_matches_nix():
-    nar = str(GOLDEN / "tree.nar")
-    for args, path in ((["-lR"], "/"), (["-R"], "/sub"), (["-l"], "/sub/inner"), ([], "/"),
-                       ([], "/size-9"), (["-l"], "/dir-link"), (["-l"], "/all-exec"),
-                       (["-d"], "/sub"), (["-ld"], "/size-9")):
+    cases = [(args, "tree", path) for args, path in (
+        (["-lR"], "/"), (["-R"], "/sub"), (["-l"], "/sub/inner"), ([], "/"), ([], "/size-9"), (["-l"], "/dir-link"),
+        (["-l"], "/all-exec"), (["-d"], "/sub"), (["-ld"], "/size-9"), (["-d"], "/"))]
+    # NARs of one file or symlink, listed at their root
+    cases += [(args, name, "/") for name in ("hello", "exec", "dangling-symlink") for args in ([], ["-l"], ["-d"])]
+    for args, name, path in cases:
+        nar = str(GOLDEN / f"{name}.nar")
         nix = subprocess.run(["nix", "nar", "ls", *args, nar, path], capture_output=True,
                              text=True, env=NIX_ENV, check=True).stdout
-        assert out("nar", "ls", *args, nar, path) == nix, (args, path)
+        assert out("nar", "ls", *args, nar, path) == nix, (args, name, path)
 
 
 def test_help_texts():

@@ -158,8 +158,10 @@ def cmd_ls(args, ctx) -> int:
     if root["type"] == "directory" and not args.directory:
         _list(root, ".", args.recursive, args.long, lines)
     else:
-        # like Nix: a file shows as its base name, a directory (with -d) as "."
-        name = _dec(want[-1]) if want and root["type"] != "directory" else "."
+        # like Nix: a directory (with -d) shows as ".", a file or symlink as its base name, which
+        # for the root of a NAR of one file or symlink is "" (`nix nar ls -l f.nar /` prints
+        # '-r--r--r--   6 ', with no name)
+        name = "." if root["type"] == "directory" else _dec(want[-1]) if want else ""
         lines.append(_line(root, name, args.long))
     out = "".join(line + "\n" for line in lines)
     sys.stdout.buffer.write(out.encode("utf-8", "surrogateescape"))
