@@ -18,7 +18,6 @@ GIL contention it removed, pushes got slower and substitutions no faster, so thr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import secrets
@@ -238,8 +237,8 @@ def nar_listing(nar_source) -> bytes:
         else:
             dirs[ev.path[:-1]]["entries"][ev.path[-1].decode("utf-8", "surrogateescape")] = node
     # names that are not UTF-8 keep their bytes, as in Nix's listing (surrogateescape both ways)
-    return json.dumps({"version": 1, "root": root}, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8", "surrogateescape")
+    from ..formats import nix_json
+    return nix_json.dumps({"version": 1, "root": root}, separators=(",", ":")).encode("utf-8", "surrogateescape")
 
 
 class Stopped(Exception):

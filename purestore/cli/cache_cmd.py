@@ -449,7 +449,8 @@ def cmd_cache_ls(args, ctx) -> int:
     if args.json:
         # as `nix store ls --json`: names as they are (UTF-8, or their bytes when they are not)
         sys.stdout.flush()
-        sys.stdout.buffer.write((json.dumps(node.to_json(args.recursive), ensure_ascii=False, separators=(",", ":"))
+        from ..formats import nix_json
+        sys.stdout.buffer.write((nix_json.dumps(node.to_json(args.recursive), separators=(",", ":"))
                                  + "\n").encode("utf-8", "surrogateescape"))
         sys.stdout.buffer.flush()
     else:

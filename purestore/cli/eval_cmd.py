@@ -187,8 +187,8 @@ def cmd_show(args, ctx):
         for d in drvs:
             out.update(to_json(d.drv_path, d.drv))
     out = dict(sorted(out.items()))  # by .drv path, as Nix prints them
-    json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
-    print()
+    from ..formats import nix_json
+    print(nix_json.dumps(out, indent=2))
     return 0
 
 

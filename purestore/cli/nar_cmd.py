@@ -145,13 +145,12 @@ def cmd_ls(args, ctx) -> int:
         raise NarError(f"path {args.path!r} does not exist in NAR {args.nar!r}")
 
     if args.json:
-        import json
+        from ..formats import nix_json
 
         if args.directory:
             raise UsageError("'--directory' is useless with '--json'")
 
-        text = json.dumps(_json(root, args.recursive, top=not args.directory),
-                          ensure_ascii=False, separators=(",", ":")) + "\n"
+        text = nix_json.dumps(_json(root, args.recursive, top=not args.directory), separators=(",", ":")) + "\n"
         sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
         return 0
     lines: list[str] = []
