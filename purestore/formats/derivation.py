@@ -87,11 +87,28 @@ class Derivation:
 
     @property
     def name(self) -> str:
-        """The derivation's name (``env["name"]``)."""
+        """The derivation's name (``env["name"]``, or the ``name`` in ``__json`` when Nix wrote
+        the attributes there: ``__structuredAttrs``)."""
         try:
             return self.env["name"]
         except KeyError:
-            raise DerivationError("derivation has no 'name' attribute in its environment") from None
+            pass
+        if self.structured_attrs:
+            import json
+            try:
+                name = json.loads(self.env["__json"]).get("name")
+            except (ValueError, AttributeError):
+                name = None
+            if isinstance(name, str):
+                return name
+        raise DerivationError("derivation has no 'name' attribute in its environment")
+
+    @property
+    def structured_attrs(self) -> bool:
+        """Whether Nix wrote the attributes as JSON in ``__json`` (``__structuredAttrs = true``),
+        for the builder to read from ``.attrs.json``/``.attrs.sh``, which purestore does not
+        write: such a derivation is shown and its outputs substituted, but not built."""
+        return "__json" in self.env
 
     @property
     def is_fixed_output(self) -> bool:
