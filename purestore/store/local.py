@@ -1,6 +1,6 @@
 """The local store: store dir, state dir, database, atomic adds, locks, delete (reading the
-database, closures included, is in :mod:`.query`, verifying in :mod:`.verify`, checking what to
-add in :mod:`.adding`).
+database, closures included, is in :mod:`.query`, adding text objects in :mod:`.texts`,
+verifying in :mod:`.verify`, checking what to add in :mod:`.adding`).
 
 Layout: the store's files live in ``settings.real_store_dir`` (the logical store dir under the
 store root) and its state in ``settings.state_dir`` (see docs/internals.md).  Temporary entries
@@ -20,8 +20,6 @@ safe: the database connection is guarded by a lock and path locks exclude thread
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
 import re
 import secrets
@@ -30,17 +28,17 @@ import time
 from typing import TYPE_CHECKING, Iterable, ContextManager
 
 from ..errors import InvalidStorePath, PathInUse, PathNotValid, PurestoreError, StoreError
-from ..formats.hash import Hash
-from ..formats.nar import nar_of_bytes
 from ..formats.path_info import PathInfo
 from ..formats.store_path import (
-    StorePath, make_fixed_output_path, make_source_path, make_text_path,
+    StorePath, make_fixed_output_path, make_source_path,
 )
 from .adding import add_error, check_add_source, compute_add_path, file_sha256  # noqa: F401
 from .db import StoreDB
 from .fstree import remove_tree
+from ._sync import syncfs as _syncfs
 from .lock import PathLocks
 from .query import StoreQueries, _chunks
+from .texts import TextObjects
 from .roots import TempRoots, gc_lock, owner_alive, remove_dead_temproots, temproots_dir, gcroots_dir, auto_roots_dir
 from .settings import Settings
 
@@ -58,20 +56,6 @@ def __getattr__(name: str):
 
 
 TMP_DIR = ".tmp"
-
-_libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would fork ldconfig
-
-
-def _syncfs(path: str) -> None:
-    """Flush the file system holding ``path`` (so files are on disk before they are registered)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            e = ctypes.get_errno()
-            raise StoreError(f"cannot sync the file system of {path!r}: {os.strerror(e)}")
-    finally:
-        os.close(fd)
-
 
 def _read_only_reason(settings: Settings) -> str | None:
     """Why the store of ``settings`` can only be read by this process (its database exists, and
@@ -100,7 +84,7 @@ class _NoTempRoots:
         pass
 
 
-class LocalStore(StoreQueries):
+class LocalStore(StoreQueries, TextObjects):
     """A store on the local file system.  Create it with :meth:`open`; close it (or use ``with``).
 
     Paths are :class:`StorePath` values; :meth:`print_path` gives the logical absolute path,
@@ -436,108 +420,6 @@ class LocalStore(StoreQueries):
             if self.durable:
                 _syncfs(self.real_store_dir)
             self.register([info])
-
-    def add_text(self, name: str, data: bytes, references: Iterable[StorePath] = ()) -> StorePath:
-        """Add a text object (``.drv``, ``to_file``); no-op if already valid."""
-        return self.add_texts([(name, data, references)])[0]
-
-    def add_texts(self, items: Iterable[tuple[str, bytes, Iterable[StorePath]]]) -> list[StorePath]:
-        """Add many text objects, registering all new ones in ONE transaction.
-
-        Text paths are content-addressed: two writers of one path write identical bytes, and a
-        rename over an unregistered file is atomic, so no path lock is needed.  References must
-        be valid or among ``items``.  Returns the paths in the order of ``items``.
-        """
-        prepared = []
-        for name, data, refs in items:
-            if isinstance(data, str):
-                data = data.encode()
-            refs = frozenset(refs)
-            sp = make_text_path(name, data, refs, self.store_dir)
-            prepared.append((sp, data, refs))
-        paths = [p[0] for p in prepared]
-        if not prepared:
-            return paths
-        self.add_temp_roots(dict.fromkeys(paths))
-        valid: set[str] = set()
-        names = sorted({sp.base_name for sp in paths})
-        for chunk in _chunks(names):
-            valid.update(r[0] for r in self.db.query(
-                f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(chunk))})", chunk))
-        infos: dict[StorePath, PathInfo] = {}
-        todo: list[tuple[StorePath, bytes]] = []
-        now = int(time.time())
-        for sp, data, refs in prepared:
-            if sp.base_name in valid or sp in infos:
-                continue
-            nar = nar_of_bytes(data)
-            infos[sp] = PathInfo(sp, Hash("sha256", hashlib.sha256(nar).digest()), len(nar), references=refs,
-                                 ca=f"text:sha256:{Hash.of_bytes(data).nix32}", registration_time=now)
-            todo.append((sp, data))
-        if len(todo) > 64:
-            # creating files is mostly waiting on the file system: overlap it in a few threads
-            import concurrent.futures  # (here: its import, with logging's, costs every command 6 ms)
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                for f in [pool.submit(self._write_texts, todo[i::4]) for i in range(4)]:
-                    f.result()
-        else:
-            self._write_texts(todo)
-        if infos:
-            if self.durable:
-                _syncfs(self.real_store_dir)
-            self.register(infos.values())
-        return paths
-
-    def repair_texts(self, items: Iterable[tuple[str, bytes, Iterable[StorePath]]]) -> list[StorePath]:
-        """Write again the text objects of ``items`` that are valid but whose file is missing or
-        holds other bytes (a damaged ``.drv``): a text path's content is known from ``items``
-        exactly, so no substituter is needed.  Paths not valid are left to :meth:`add_texts`.
-        Returns the paths written again."""
-        damaged: dict[StorePath, bytes] = {}
-        for name, data, refs in items:
-            if isinstance(data, str):
-                data = data.encode()
-            sp = make_text_path(name, data, frozenset(refs), self.store_dir)
-            if sp in damaged or not self.is_valid(sp):
-                continue
-            try:
-                with open(self.real_path(sp), "rb") as f:
-                    ok = stat.S_ISREG(os.fstat(f.fileno()).st_mode) and f.read(len(data) + 1) == data
-            except OSError:
-                ok = False
-            if not ok:
-                damaged[sp] = data
-        if damaged:
-            with self.lock_paths(damaged):
-                self._write_texts(list(damaged.items()))
-                if self.durable:
-                    _syncfs(self.real_store_dir)
-        return list(damaged)
-
-    def _write_texts(self, todo: list[tuple[StorePath, bytes]]) -> None:
-        """Write text objects at their real paths (temp name, canonical metadata, rename)."""
-        for sp, data in todo:
-            tmp = self.temp_name(sp)
-            real = self.real_path(sp)
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                finally:
-                    os.close(fd)
-                os.utime(tmp, (1, 1))
-                try:
-                    os.rename(tmp, real)
-                except OSError:
-                    if not os.path.isdir(real):
-                        raise
-                    remove_tree(real)  # a stale unregistered directory of that name
-                    os.rename(tmp, real)
-            except OSError as e:
-                remove_tree(tmp)
-                raise StoreError(f"cannot write {real!r}: {e.strerror}") from e
 
     # -- verify and delete ----------------------------------------------------------------------
 
