@@ -124,8 +124,21 @@ def settings(store_root):
 _SESSION_TOOLCHAIN_STORE: str | None = None
 
 
+def _default_signal_dispositions() -> None:
+    """Tests check how pure treats SIGINT, SIGQUIT, SIGHUP and SIGTERM (Ctrl-C stops a build or
+    a collection, `pure run` passes on or keeps ignored what it was given), so the processes they
+    start must get these at their default action, as from a terminal.  A run started as a
+    background job of a script (SIGINT and SIGQUIT ignored) or under nohup (SIGHUP ignored)
+    would pass the ignored ones on to every process, since an exec keeps them ignored."""
+    import signal
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
 def pytest_configure(config):
     global _SESSION_TOOLCHAIN_STORE
+    _default_signal_dispositions()
     if not os.environ.get("PURE_TEST_HELLO_STORE"):
         import tempfile
         _SESSION_TOOLCHAIN_STORE = tempfile.mkdtemp(prefix="pure-test-toolchain-", dir="/var/tmp")
