@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,37 @@ def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
     out = p.communicate(timeout=timeout)[0]
     os.close(master)
     return p.returncode, out, data.decode()
+
+
+def held_sleep() -> str:
+    """A `sleep` for a builder that lasts until release() ends it (its number of seconds,
+    thousands of years, drawn for the test, tells its process from any other's): for a builder
+    that must still run when the test gets to what it checks, however loaded the machine (a
+    fixed `sleep 5` ended first when what the test started meanwhile took that long).  Run it
+    by busybox's path (`$B sleep …`), not as a shell's builtin or applet, so that it is a
+    process of its own."""
+    return f"sleep {10**11 + uuid.uuid4().int % 10**11}"
+
+
+def release(held: str, timeout: float = 60) -> bool:
+    """Kill the builder's ``held`` sleep, waiting up to ``timeout`` seconds for it to start (the
+    builder's script goes on after it); False if it never ran or was already released."""
+    import signal
+    import time
+    want = held.encode().split()
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] == want:
+                        os.kill(int(pid), signal.SIGKILL)
+                        return True
+                except OSError:  # (gone meanwhile; ProcessLookupError is one)
+                    pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 @pytest.fixture

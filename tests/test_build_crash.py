@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import pure_env, run_pure
+from conftest import held_sleep, pure_env, release, run_pure
 from test_build import build, expr, needs_sandbox, open_store  # noqa: F401 - fixtures
 
 pytestmark = needs_sandbox
@@ -37,6 +38,16 @@ def wait_for_line(stream, needle: str, timeout: float = 60) -> str:
         seen.append(line)
         if needle in line:
             return line
+    raise AssertionError(f"{needle!r} not seen; got {''.join(seen)!r}")
+
+
+def read_until(stream, needle: str) -> str:
+    """The lines read from a pipe up to and including the first that contains ``needle``."""
+    seen = []
+    while line := stream.readline():
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
     raise AssertionError(f"{needle!r} not seen; got {''.join(seen)!r}")
 
 
@@ -101,17 +112,34 @@ right = sh("right", f"echo {' '.join(map(str, shared))} right > $out")
 
 def test_a_build_waiting_for_another_process_says_so(expr, tmp_path, store_root):
     """A second `pure build` of what another process is building waits for it, and says so once
-    (it printed the plan and then nothing while it waited), also as a `waiting` JSON event."""
+    (it printed the plan and then nothing while it waited), also as a `waiting` JSON event.
+    The first builder runs until both have said so (its `sleep 5` could end before the two
+    had started, on a loaded machine: they then found the path built and said nothing)."""
     import json
     marker = f"WAIT{_RUN}"
-    f = expr(f'default = sh("slow", ": {marker}; $B sleep 5; echo x > $out")\n')
+    held = held_sleep()
+    f = expr(f'default = sh("slow", ": {marker}; $B {held}; echo x > $out")\n')
     p1 = start_build(store_root, tmp_path, f, "--no-link")
-    running_sandbox(marker)
-    p2 = start_build(store_root, tmp_path, f, "--no-link")
-    p3 = start_build(store_root, tmp_path, f, "--no-link", "--json")
-    o2, e2 = p2.communicate(timeout=120)
-    o3, e3 = p3.communicate(timeout=120)
-    o1, e1 = p1.communicate(timeout=120)
+    p2 = p3 = None
+    guard = threading.Timer(120, release, (held, 0))  # the reads below end, whatever happens
+    guard.start()
+    try:
+        running_sandbox(marker)
+        p2 = start_build(store_root, tmp_path, f, "--no-link")
+        p3 = start_build(store_root, tmp_path, f, "--no-link", "--json")
+        e2_head = read_until(p2.stderr, "waiting for another process")
+        o3_head = read_until(p3.stdout, '"waiting"')
+        assert release(held), "the first builder's sleep was not found"
+        o2, e2 = p2.communicate(timeout=120)
+        o3, e3 = p3.communicate(timeout=120)
+        o1, e1 = p1.communicate(timeout=120)
+    finally:
+        guard.cancel()
+        for p in (p1, p2, p3):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    e2, o3 = e2_head + e2, o3_head + o3
     assert p1.returncode == p2.returncode == p3.returncode == 0, (e1, e2, e3)
     out = o1.strip()
     assert o2.strip() == out and e2.count(f"waiting for another process to finish '{out}'") == 1, e2
