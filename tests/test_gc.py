@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import pure_env, sandbox_build_reason
+from conftest import held_sleep, pure_env, release, sandbox_build_reason
 from purestore.formats.hash import fold20, nix32_encode
 from purestore.formats.path_info import PathInfo
 from purestore.formats.store_path import StorePath
@@ -207,10 +207,13 @@ def test_a_result_link_temporary_left_by_a_killed_run_with_this_pid_is_replaced(
 @pytest.mark.slow
 def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root):
     """A collection while `pure build` runs deletes neither its .drv nor its inputs; the build
-    (whose output refers to an input) then registers fine."""
+    (whose output refers to an input) then registers fine.  The builder runs until the
+    collection has ended (a `sleep 3` could end first on a loaded machine: the .drv, no longer
+    a root of the finished build, was then rightly deleted and the test failed)."""
     _skip_unless_builds_run()
-    expr = busybox_expr(tmp_path, '''
-        default = sh("slow", f"sleep 3; echo {bb} > $out")
+    held = held_sleep()
+    expr = busybox_expr(tmp_path, f'''
+        default = sh("slow", f"{{bb}}/bin/busybox {held}; echo {{bb}} > $out")
     ''')
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", expr], cwd=tmp_path,
                             env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -224,6 +227,7 @@ def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root)
             out, err = proc.communicate()
             pytest.fail(f"pure build did not start building: {''.join(seen)}{err}"[-2000:])
         p = pure("gc", "--json")
+        assert release(held), "the builder's sleep was not found"
         deleted = json.loads(p.stdout)["deleted"]
         assert not [d for d in deleted if d.endswith(".drv") or d.endswith("-busybox")], deleted
         out, err = proc.communicate(timeout=120)
@@ -243,11 +247,14 @@ def test_gc_during_a_build_keeps_inputs_that_were_valid_before_it(pure, tmp_path
     the build from then on: a collection while another input builds does not delete it, and the
     build that uses it then succeeds.  (The build used to root its inputs only when it started
     the derivation that uses them: a `pure gc` in between deleted them, and the build failed
-    with "path '…-gc-dep' is not valid".)"""
-    expr = busybox_expr(tmp_path, '''
+    with "path '…-gc-dep' is not valid".)  gc-slow runs until the collection has ended (a
+    `sleep 3` could end first on a loaded machine, and the whole build with it: dep, rightly no
+    longer rooted, was deleted)."""
+    held = held_sleep()
+    expr = busybox_expr(tmp_path, f'''
         dep = sh("gc-dep", "echo dep > $out")
-        slow = sh("gc-slow", "sleep 3; echo slow > $out")
-        default = sh("gc-top", f"cat {dep} {slow} > $out")
+        slow = sh("gc-slow", f"{{bb}}/bin/busybox {held}; echo slow > $out")
+        default = sh("gc-top", f"cat {{dep}} {{slow}} > $out")
     ''')
     dep = _build(pure, expr, "-A", "dep", "--no-link", cwd=tmp_path).stdout.split()[-1]
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", expr], cwd=tmp_path,
@@ -262,6 +269,7 @@ def test_gc_during_a_build_keeps_inputs_that_were_valid_before_it(pure, tmp_path
             out, err = proc.communicate()
             pytest.fail(f"pure build did not start building: {''.join(seen)}{err}"[-2000:])
         deleted = json.loads(pure("gc", "--json").stdout)["deleted"]
+        assert release(held), "gc-slow's sleep was not found"
         assert dep not in deleted
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, "".join(seen) + err
