@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, pure_env
+from conftest import REPO, held_sleep, pure_env, release
 from test_gc import _build, _skip_unless_builds_run, busybox_expr
 
 TOOLS = '''
@@ -30,12 +30,12 @@ TOOLS = '''
     envprog = sh("envprog-1.0", f"mkdir -p $out/bin $out/include $out/lib $out/share/man/man1; "
                  f"ln -s {tools}/bin/env $out/bin/env")
     dev = sh("dev-1.0", f"mkdir $out; test -d {tools}")  # (tools: a build input it does not refer to)
-    slowin = sh("slowin-1.0", "sleep 3; mkdir $out")
+    slowin = sh("slowin-1.0", f"{bb}/bin/busybox SLOWIN; mkdir $out")  # (until the test releases it)
     dev2 = sh("dev2-1.0", f"mkdir $out; test -d {tools} && test -d {slowin}")  # (refers to neither)
     split = sh("split-1.0", f"mkdir -p $out/share $bin/bin; printf '#!{tools}/bin/sh\\\\necho split \\"$@\\"\\\\n' "
                "> $bin/bin/split; chmod +x $bin/bin/split", outputs=["out", "bin"])
     plain = sh("plain-1.0", "mkdir -p $out/bin; echo 'echo plain' > $out/bin/plain; chmod +x $out/bin/plain")
-'''
+'''.replace("SLOWIN", SLOWIN := held_sleep())
 
 
 @pytest.fixture
@@ -260,8 +260,14 @@ def test_build_inputs_found_valid_are_kept_by_a_gc_while_others_build(pure, expr
     """A shell's build input that was valid (and unrooted) when `pure shell` looked is a
     temporary root from then on: a `pure gc` while another input builds does not delete it.
     (It was rooted only once all inputs were there: the collection deleted it, and the shell
-    started without it on PATH.)"""
+    started without it on PATH.)  slowin builds until the collection has ended (a `sleep 3`
+    could end first on a loaded machine: the shell then ran and exited, and its inputs, rightly
+    no longer rooted, were deleted)."""
+    import threading
+    releaser = threading.Thread(target=release, args=(SLOWIN,), daemon=True)  # (not held the first time)
+    releaser.start()
     _build(pure, expr, "-A", "dev2", "-o", str(tmp_path / "dev2"), cwd=tmp_path)  # dev2 rooted
+    releaser.join()
     pure("gc")  # slowin's and tools' outputs go (dev2 refers to neither)
     _build(pure, expr, "-A", "tools", "--no-link", cwd=tmp_path)  # valid again, unrooted
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "shell", expr, "-A", "dev2", "--pure",
@@ -277,6 +283,7 @@ def test_build_inputs_found_valid_are_kept_by_a_gc_while_others_build(pure, expr
         else:
             pytest.fail("pure shell did not build slowin: " + "".join(seen))
         deleted = pure("gc").stdout.split()
+        assert release(SLOWIN), "slowin's sleep was not found"
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
