@@ -149,8 +149,11 @@ def test_a_build_waiting_for_another_process_says_so(expr, tmp_path, store_root)
 
 @pytest.mark.slow
 def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tmp_path, store_root, pure):
+    """(The builder sleeps until released, not for 3 s: killed mid-build however slowly the test
+    got to the kill, and the retry goes on at once.)"""
     marker = f"MARK{_RUN}kill"
-    f = expr(f'default = sh("victim", ": {marker}; $B sleep 3; $B mkdir $out; echo done > $out/f")\n')
+    held = held_sleep()
+    f = expr(f'default = sh("victim", ": {marker}; $B {held}; $B mkdir $out; echo done > $out/f")\n')
     p = start_build(store_root, tmp_path, f)
     wait_for_line(p.stderr, "building")
     running_sandbox(marker)
@@ -165,6 +168,7 @@ def test_sigkill_mid_build_leaves_a_consistent_store_and_retry_succeeds(expr, tm
         assert list(tmp.iterdir()) == []
     finally:
         st.close()
+    threading.Thread(target=release, args=(held,), daemon=True).start()  # (the retry's builder)
     out = build(pure, tmp_path, f).stdout.strip()
     assert (store_root / out.lstrip("/") / "f").read_text() == "done\n"
 
