@@ -810,7 +810,11 @@ def test_max_silent_time_kills_a_builder_that_writes_nothing(pure, expr, tmp_pat
     import time
     marker = _SLEEP.format(n=1)
     f = expr(f'default = sh("quiet", "echo started; $B {marker}; $B mkdir $out")\n'
-             'chatty = sh("chatty", "for i in 1 2 3 4 5 6; do echo $i; $B sleep 0.3; done; $B mkdir $out")\n')
+             # a line every 0.1 s for 1.6 s at least, each wait a shell builtin's (`read -t` on a
+             # FIFO that nobody writes), not a process started: they were 0.3 s `sleep`s, 0.7 s
+             # from the limit, on a machine whose load can hold a new process up
+             'chatty = sh("chatty", "$B mkfifo never; exec 3<>never; i=0; while [ $i -lt 16 ]; do '
+             'echo $i; read -t 0.1 x <&3; i=$((i+1)); done; $B mkdir $out")\n')
     t = time.monotonic()
     p = pure("--max-silent-time", "1", "build", f, "--no-link", cwd=tmp_path, check=False)
     assert time.monotonic() - t < 30
