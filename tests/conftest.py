@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -92,6 +93,17 @@ def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
     out = p.communicate(timeout=timeout)[0]
     os.close(master)
     return p.returncode, out, data.decode()
+
+
+@contextlib.contextmanager
+def closed_port():
+    """A port of 127.0.0.1 that refuses connections while the block runs: bound by a socket
+    that does not listen, so that no other process can take it meanwhile (a port found free and
+    released could be listened on by another program by the time the command connected)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def held_sleep() -> str:

@@ -3,11 +3,9 @@ ones listed in the order substitution asks them, and the reason each other one i
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 
-from conftest import run_pure
+from conftest import closed_port, run_pure
 from test_cache_support import PUB, start_server, stop_server
 
 
@@ -15,16 +13,6 @@ def cache_dir(path, text: str):
     path.mkdir()
     (path / "nix-cache-info").write_text(text)
     return f"file://{path}"
-
-
-@contextlib.contextmanager
-def closed_port():
-    """A port of 127.0.0.1 that refuses connections while the block runs: bound by a socket
-    that does not listen, so that no other process can take it meanwhile (a port found free and
-    released could be listened on by another program by the time the command connected)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def test_caches_are_listed_in_substitution_order_with_the_reasons_for_the_others(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import DATA, REPO, pure_env, run_pure
+from conftest import DATA, REPO, closed_port, pure_env, run_pure
 from test_cache_support import (
     PUB, SEC, make_closure, make_path, open_store, pushed_closure, settings_for, start_server, stop_server,
 )
@@ -662,13 +663,6 @@ def test_fetch_failure_names_what_failed_in_the_closure_too(tmp_path, keyfile):
     assert len(lines) == 2, lines
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("kind", ["not a cache", "no such directory", "unreachable", "other store dir"])
 def test_fetch_from_an_unusable_cache_is_one_error_naming_the_paths(tmp_path, kind):
     """`pure copy --from` a cache that cannot be used at all: one `error:` line naming the
@@ -680,15 +674,18 @@ def test_fetch_from_an_unusable_cache_is_one_error_naming_the_paths(tmp_path, ki
     cache = tmp_path / "cache"
     cache.mkdir()
     url, reason = f"file://{cache}", "has no nix-cache-info (is it a cache?)"
-    if kind == "unreachable":
-        url, reason = f"http://127.0.0.1:{_free_port()}/", "cannot connect"
+    port = contextlib.ExitStack()
+    if kind == "unreachable":  # (a port held closed while the copy runs: one found free and
+        # released could be taken by another program meanwhile, which answered or did not)
+        url, reason = f"http://127.0.0.1:{port.enter_context(closed_port())}/", "cannot connect"
     elif kind == "no such directory":
         url, reason = f"file://{cache}-typo", f"directory '{cache}-typo' does not exist"
     elif kind == "other store dir":
         (cache / "nix-cache-info").write_text("StoreDir: /nix/store\n")
         reason = "is for store dir '/nix/store', but this store's dir is '/pure/store'"
     dst = tmp_path / "dst"
-    r = run_pure("copy", "--from", url, "--trusted-public-keys", PUB, *paths, root=dst, check=False)
+    with port:
+        r = run_pure("copy", "--from", url, "--trusted-public-keys", PUB, *paths, root=dst, check=False)
     assert r.returncode == 1, r.stderr
     first, *rest = r.stderr.splitlines()
     assert first.startswith(f"error: cannot substitute {', '.join(repr(p) for p in sorted(paths))}: ")

@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 
 import pytest
 import trio
 
+from conftest import closed_port
 from purestore.cache.http import Broken, ConnectFailed, HttpClient, NotHttp, Stalled
 from purestore.cache.server import serve_cache
 from test_cache_support import read_http_request
@@ -225,13 +225,10 @@ async def test_head_has_no_body_and_put_sends_an_async_body():
 
 
 async def test_refused_connection_is_connect_failed():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    c = HttpClient("http", "127.0.0.1", port, connect_timeout=2)
-    with pytest.raises(ConnectFailed):
-        await c.request("GET", "/")
+    with closed_port() as port:  # (held: a port released could be taken by another program)
+        c = HttpClient("http", "127.0.0.1", port, connect_timeout=2)
+        with pytest.raises(ConnectFailed):
+            await c.request("GET", "/")
 
 
 async def test_against_the_cache_server(tmp_path):
