@@ -4,7 +4,6 @@ reproduces, and a --rounds 2 of a derivation that does not."""
 from __future__ import annotations
 
 import hashlib
-import os
 import json
 import shutil
 
@@ -82,11 +81,13 @@ def test_a_build_killed_with_sigkill_is_abandoned_not_running_forever(tmp_path, 
     'running' for good.  The report tells it from a build really running (the process that
     recorded it is alive), and calls it 'abandoned' once that process is gone."""
     from test_build import HEADER
-    from test_build_crash import running_sandbox, start_build, wait_gone
+    from test_build_crash import _RUN, running_sandbox, start_build, wait_gone
     bb = tmp_path / "bb" / "bin"
     bb.mkdir(parents=True)
     shutil.copy(BUSYBOX, bb / "busybox")
-    marker = f"REPORTKILL{os.getpid()}"
+    # unique to this run: with pytest's pid, REPORTKILL123 was in the command line of another
+    # run's builder, REPORTKILL1234, running on the same machine (waited for, or taken for this one)
+    marker = f"REPORTKILL{_RUN}"
     f = tmp_path / "e.py"
     f.write_text(HEADER + f'default = sh("slow", ": {marker}; $B sleep 60; echo x > $out")\n')
     p = start_build(store_root, tmp_path, f, "--no-link")
