@@ -95,6 +95,26 @@ def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
     return p.returncode, out, data.decode()
 
 
+def blocked_on_lock(proc: subprocess.Popen, path, timeout: float = 60) -> bool:
+    """Wait until ``proc`` (a thread of it) is blocked waiting for a lock (flock or fcntl) on the
+    file ``path``, as /proc/locks shows it ('->'): the event to go on from, where a test slept
+    "long enough" for the process to get there (and, on a loaded machine, went on before it
+    had).  False if it ended first, or after ``timeout`` seconds."""
+    import time
+    ino = str(os.stat(path).st_ino)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            for line in f:
+                # "7: -> FLOCK  ADVISORY  WRITE 1234 fe:00:5178596 0 EOF"
+                fields = line.split()
+                if len(fields) > 6 and fields[1] == "->" and fields[5] == str(proc.pid) \
+                        and fields[6].rsplit(":", 1)[-1] == ino:
+                    return True
+        time.sleep(0.01)
+    return False
+
+
 @contextlib.contextmanager
 def closed_port():
     """A port of 127.0.0.1 that refuses connections while the block runs: bound by a socket

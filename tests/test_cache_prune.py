@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import REPO, pure_env, run_pure
+from conftest import REPO, blocked_on_lock, pure_env, run_pure
 from test_cache_support import PUB, SEC, make_path, open_store, start_server, stop_server
 
 OLD = time.time() - 40 * 86400
@@ -351,8 +351,10 @@ def test_an_upload_through_cache_serve_waits_for_a_prune(tmp_path):
                                          headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code
         t = threading.Thread(target=upload)
         t.start()
-        time.sleep(1.0)
-        assert t.is_alive() and not (cache / "nar" / "new.nar").exists()  # waiting for the lock
+        # the server waits for the lock (seen in /proc/locks: after a 1 s sleep, the request
+        # may not have reached it yet on a loaded machine, and nothing was shown)
+        assert blocked_on_lock(proc, cache), "the upload did not wait for the directory's lock"
+        assert t.is_alive() and not (cache / "nar" / "new.nar").exists()
         fcntl.flock(fd, fcntl.LOCK_UN)
         t.join(30)
         assert answer["status"] == 201 and (cache / "nar" / "new.nar").read_bytes() == b"nar bytes"
