@@ -331,6 +331,11 @@ async def test_small_nars_over_http_download_many_at_once_by_default(tmp_path):
         await push(store, s, f"file://{cache}", [top])
     lock = threading.Lock()
     now = [0, 0]  # NAR requests in flight, the most at once
+    # NAR requests are held until more than 8 are in flight (or 10 s have passed: a client that
+    # never gets there ends the wait, and the test fails on its count), then each 0.25 s more.
+    # Held 0.25 s alone, a loaded machine (the client and this server share one process) could
+    # start fewer than 9 requests before the first was answered.
+    many = threading.Event()
 
     class Slow(http.server.SimpleHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -341,7 +346,11 @@ async def test_small_nars_over_http_download_many_at_once_by_default(tmp_path):
             with lock:
                 now[0] += 1
                 now[1] = max(now)
+                if now[0] > 8:
+                    many.set()
             try:
+                if not many.wait(10):
+                    many.set()
                 time.sleep(0.25)
                 return super().do_GET()
             finally:
