@@ -136,7 +136,7 @@ class FlakyCache(Scripted):
             return False
         if self.overlap and name.startswith("nar/"):
             await stream.send_all(out + body[: len(body) // 2])
-            with trio.move_on_after(5):
+            with trio.move_on_after(30):  # (only a failing test waits this long)
                 while self.nar_asked < self.overlap:
                     await self._nar_came.wait()
             self.overlapped.append(self.nar_asked >= self.overlap)
@@ -355,7 +355,8 @@ async def test_requests_waiting_to_retry_give_up_when_another_has_used_up_its_at
     second, second_at = errors["second"]
     assert first.endswith("(4 attempts)")
     assert "attempts; the cache failed other requests meanwhile)" in second
-    assert second_at - first_at < 0.1 and first_at - start < 3
+    # (the message already says why it gave up; the time says it did not retry on its own)
+    assert second_at - first_at < 0.3 and first_at - start < 3
 
 
 async def test_a_cache_that_never_answered_and_stalls_costs_one_stall_timeout(tmp_path):
@@ -368,13 +369,13 @@ async def test_a_cache_that_never_answered_and_stalls_costs_one_stall_timeout(tm
     listener.listen(16)  # accepted by the kernel, never read nor answered
     try:
         async with open_backend(f"http://127.0.0.1:{listener.getsockname()[1]}/", attempts=5,
-                                stall_timeout=0.5) as b:
+                                stall_timeout=1) as b:
             b.retry_delay = 0.01
             start = trio.current_time()
             with pytest.raises(CacheNotAnswering,
-                               match=r"timed out: no answer within 0.5 s \(stalled-download-timeout\)$"):
+                               match=r"timed out: no answer within 1 s \(stalled-download-timeout\)$"):
                 await b.get("nix-cache-info")
-            assert trio.current_time() - start < 1.5
+            assert trio.current_time() - start < 3  # one stall timeout, not five
     finally:
         listener.close()
 

@@ -506,7 +506,8 @@ def test_ctrl_c_stops_a_slow_compression_in_a_thread_at_once(tmp_path, sig):
     assert p.returncode == (130 if sig == "SIGINT" else 143), err
     assert ("error: interrupted" if sig == "SIGINT" else "error: terminated (SIGTERM)") in err, err
     assert "Traceback" not in err, err
-    assert stopped_after < 5, f"took {stopped_after:.1f} s to stop"
+    # (finishing the 48 MiB would take 40 s and more; one xz -9 chunk took 0.95 s when loaded)
+    assert stopped_after < 15, f"took {stopped_after:.1f} s to stop"
     assert not list(cache.glob("nar/.tmp-*")) and not list(cache.glob("*.narinfo"))
 
 
