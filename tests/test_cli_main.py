@@ -2,6 +2,8 @@
 
 import argparse
 
+import pytest
+
 from purestore.cli import main as cli_main
 from conftest import run_pure
 
@@ -296,3 +298,78 @@ def test_every_help_fits_in_100_columns(monkeypatch):
 
     walk(make_parser(), "pure")
     assert not too_long, "\n".join(too_long)
+
+
+# Ctrl-C at the very start: the moment is made exact by raising SIGINT from a hook at a chosen
+# point of pure's start-up (an import, the building of the parser), in a real process.
+_SIGINT_WHEN_PARSER_IS_BUILT = """
+import signal, sys
+import purestore.cli.main as m
+make_parser = m.make_parser
+def interrupted_make_parser(*a, **kw):
+    signal.raise_signal(signal.SIGINT)  # Ctrl-C while the command modules load
+    return make_parser(*a, **kw)
+m.make_parser = interrupted_make_parser
+sys.argv = ["pure", "store", "ls"]
+m.run()
+"""
+
+_SIGINT_WHEN_MAIN_IMPORTS = """
+import _signal, runpy, sys
+class InterruptOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == MODULE:  # imported by purestore.cli.main as it loads
+            _signal.raise_signal(_signal.SIGINT)
+        return None
+sys.meta_path.insert(0, InterruptOnImport())
+sys.argv = ["pure", "store", "ls"]
+runpy.run_module("purestore.cli.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_python(code, tmp_path):
+    import subprocess
+    import sys
+    from conftest import pure_env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=pure_env(tmp_path), timeout=120)
+
+
+def test_ctrl_c_while_the_arguments_are_parsed_is_an_interruption_not_a_traceback(tmp_path):
+    """Ctrl-C in the first tens of milliseconds, while pure loaded its command modules and
+    parsed the arguments, ended in a KeyboardInterrupt traceback out of argparse or an import
+    (seen under a stress run sending signals at random moments).  Nothing is open then: pure
+    ends as an interrupted command does."""
+    r = _run_python(_SIGINT_WHEN_PARSER_IS_BUILT, tmp_path)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (r.returncode, r.stderr) == (130, "error: interrupted\n")
+
+
+@pytest.mark.parametrize("module", ["argparse", "purestore._visible"])
+def test_ctrl_c_while_python_m_loads_the_cli_module_is_an_interruption_not_a_traceback(tmp_path, module):
+    """Under `python -m purestore.cli.main` the start-up handler is in place before the module's
+    imports."""
+    r = _run_python(f"MODULE = {module!r}\n" + _SIGINT_WHEN_MAIN_IMPORTS, tmp_path)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (r.returncode, r.stderr) == (130, "error: interrupted\n")
+
+
+def test_ctrl_c_ignored_at_start_stays_ignored_while_the_arguments_are_parsed(tmp_path):
+    """A background job of a script starts with SIGINT ignored: the start-up handler is not
+    put in its place, and the command runs to its end."""
+    code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + _SIGINT_WHEN_PARSER_IS_BUILT
+    r = _run_python(code, tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_ctrl_c_once_the_command_runs_is_still_a_keyboard_interrupt_for_its_clean_up(tmp_path):
+    """The start-up handler is gone when the command starts: Ctrl-C is Python's
+    KeyboardInterrupt again, which the command's clean-up sees."""
+    code = _SIGINT_WHEN_PARSER_IS_BUILT.replace(
+        "m.make_parser = interrupted_make_parser",
+        "def check(args, ctx):\n"
+        "    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "m._check_key_options = lambda args: check(args, None)")
+    r = _run_python(code, tmp_path)
+    assert (r.returncode, r.stderr) == (130, "error: interrupted\n"), r.stderr

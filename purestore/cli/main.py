@@ -7,6 +7,11 @@ Each command group lives in its own module under ``purestore.cli`` and exposes
 
 from __future__ import annotations
 
+from . import _startup
+
+if __name__ == "__main__":  # python -m purestore.cli.main: the imports below are covered too
+    _startup.begin()
+
 import argparse
 import errno
 import importlib
@@ -290,9 +295,6 @@ def _tune_runtime() -> None:
     mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
-_terminated = False
-
-
 def _stop_on_sigterm() -> None:
     """SIGTERM (what ``timeout``, systemd and CI runners send) stops a command as Ctrl-C does:
     its clean-up runs (partial files in a cache or the store removed, builders killed) instead of
@@ -304,14 +306,13 @@ def _stop_on_sigterm() -> None:
     import signal
 
     def on_term(signum, frame):
-        global _terminated
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             # raise_signal, not os.kill: an expression being evaluated (pure mode) may not
             # os.kill, and the refusal came out of its frame as a purity error
             signal.raise_signal(signal.SIGTERM)
             return
-        _terminated = True
+        _startup.terminated = True
         signal.raise_signal(signal.SIGINT)  # handled as Ctrl-C: by trio's handler within trio.run
 
     try:
@@ -505,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None) -> int:
     """The command's function, and its error (or interruption) printed as ``error: …``."""
     try:
+        _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, seen by the clean-up
         _check_key_options(args)
         rc = args.func(args, ctx)
     except PurestoreError as e:
@@ -531,7 +533,7 @@ def _run_command(args: argparse.Namespace, ctx: Context, out: _JsonWatch | None)
         return gone.exit_status
     except KeyboardInterrupt as e:
         from .._run import Terminated
-        stopped = PurestoreError("terminated (SIGTERM)" if _terminated or isinstance(e, Terminated) else "interrupted")
+        stopped = PurestoreError("terminated (SIGTERM)" if _startup.terminated or isinstance(e, Terminated) else "interrupted")
         stopped.exit_status = 143 if stopped.message.startswith("terminated") else 130
         print(f"error: {stopped}", file=sys.stderr)
         if out is not None:  # a --json reader learns of it too (build: as the last event)
@@ -559,6 +561,7 @@ def run() -> None:
     finalizers are removed) and the standard streams are flushed.  A non-daemon thread still
     running gets the normal exit, which waits for it.
     """
+    _startup.begin()
     status = main()
     import threading
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
