@@ -107,6 +107,43 @@ def test_gc_removes_links_no_path_uses(store, store_root, tmp_path):
     assert json.loads(p.stdout)["linksRemoved"] == 0
 
 
+def _dead_pid() -> int:
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_gc_removes_the_temporary_link_of_a_killed_optimise_and_then_its_entry(store, store_root, tmp_path):
+    """`pure store optimise` killed between making <store dir>/.tmp-link-<pid>-<n> (a second
+    name of a .links entry) and renaming it over a file left that temporary in the store dir
+    (seen under a stress run sending SIGKILL at random moments): `pure gc` removed neither it nor
+    its .links entry, which it kept at two links, so the bytes stayed used until the next
+    optimise.  The collector removes the temporaries of runs that are gone, then the entry."""
+    a, b, big = _paths(store, tmp_path)
+    run_pure("store", "optimise", root=store_root)
+    links = f"{store.real_store_dir}/.links"
+    entry = hash_path(f"{store.real_path(a)}/own")[0].nix32
+    leftover = f"{store.real_store_dir}/.tmp-link-{_dead_pid()}-7"
+    os.link(f"{links}/{entry}", leftover)  # what the killed run had made
+    store.close()  # (its temporary roots keep the paths it added)
+    p = run_pure("gc", "--json", root=store_root)
+    assert json.loads(p.stdout)["linksRemoved"] == 4
+    assert not os.path.lexists(leftover) and os.listdir(links) == []
+
+
+def test_gc_leaves_the_temporary_link_of_a_running_optimise(store, store_root, tmp_path):
+    a, b, big = _paths(store, tmp_path)
+    run_pure("store", "optimise", root=store_root)
+    entry = hash_path(f"{store.real_path(a)}/own")[0].nix32
+    running = f"{store.real_store_dir}/.tmp-link-{os.getpid()}-1"  # this test's process runs
+    os.link(f"{store.real_store_dir}/.links/{entry}", running)
+    store.close()
+    run_pure("gc", root=store_root)
+    assert os.path.exists(running)
+    os.unlink(running)
+
+
 def test_gc_counts_only_the_bytes_it_really_frees(store, store_root, tmp_path):
     """After optimise, deleting a path whose files are still linked into a live path frees
     nothing for them: `bytesFreed` counts a file when its last link goes (its .links entry's,

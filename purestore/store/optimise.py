@@ -64,18 +64,18 @@ def _fail(what: str, path: str, e: OSError) -> StoreError:
     return StoreError(f"cannot {what} {path!r}: {e.strerror}", hint=hint)
 
 
-def _remove_stale_temps(rsd: str) -> None:
-    """Temporary links of optimise runs that died (their pid is not running, or is this
-    process's: a run holds the lock on ``.links`` and has made none yet, so one named by this
-    pid is a leftover of a killed run whose pid came round again, on which the first link of
-    this run would fail with EEXIST)."""
-    mine = f"{_TMP_PREFIX}{os.getpid()}-"
+def _remove_stale_temps(rsd: str, *, own_too: bool) -> None:
+    """Temporary links of optimise runs that died (their pid is not running, or, ``own_too``,
+    is this process's: a run holds the lock on ``.links`` and has made none yet, so one named by
+    this pid is a leftover of a killed run whose pid came round again, on which the first link
+    of this run would fail with EEXIST)."""
+    mine = f"{_TMP_PREFIX}{os.getpid()}-" if own_too else None
     try:
         names = [n for n in os.listdir(rsd) if n.startswith(_TMP_PREFIX)]
     except OSError:
         return
     for n in names:
-        if n.startswith(mine) or writer_gone(n, _TMP_PREFIX):
+        if (mine and n.startswith(mine)) or writer_gone(n, _TMP_PREFIX):
             try:
                 os.unlink(os.path.join(rsd, n))
             except OSError:
@@ -96,7 +96,7 @@ class _Optimiser:
             os.makedirs(self.links, exist_ok=True)
         except OSError as e:
             raise _fail("create", self.links, e) from e
-        _remove_stale_temps(self.rsd)
+        _remove_stale_temps(self.rsd, own_too=True)
         with os.scandir(self.links) as it:
             for e in it:
                 try:
@@ -291,7 +291,13 @@ def optimise_store(store, paths: Iterable[StorePath] | None = None,
 
 
 def remove_unused_links(real_store_dir: str) -> tuple[int, int]:
-    """Remove the ``.links`` entries no store path uses (link count 1): (entries, bytes)."""
+    """Remove the ``.links`` entries no store path uses (link count 1): (entries, bytes).
+
+    The temporary links of optimise runs that were killed go first: each is a second name of a
+    ``.links`` entry (made to be renamed over a file), so its entry never came down to one link
+    and was never removed, and the leftover itself stayed in the store dir until the next
+    ``pure store optimise``."""
+    _remove_stale_temps(real_store_dir, own_too=False)
     d = links_dir(real_store_dir)
     n = freed = 0
     try:
