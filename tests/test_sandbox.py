@@ -461,3 +461,17 @@ def test_a_fork_server_that_died_is_replaced_for_the_next_build(tmp_path, busybo
     finally:
         server.close()
     assert server.proc.poll() is not None
+
+
+def test_the_fork_server_is_not_in_pures_process_group_so_ctrl_c_does_not_reach_it():
+    """Ctrl-C at a terminal goes to the foreground process group, pure's.  The fork server was in
+    it and ignored SIGINT only once it had started, so a Ctrl-C while it loaded its modules
+    ended it with a KeyboardInterrupt traceback on pure's stderr (seen under a stress run
+    sending SIGINT to pure's group at random moments).  It has its own group: pure handles the
+    Ctrl-C, and the server dies with pure (its builds are in sessions of their own already)."""
+    from purestore.build.sandbox import ForkServer
+    server = ForkServer()
+    try:
+        assert os.getpgid(server.proc.pid) == server.proc.pid != os.getpgrp()
+    finally:
+        server.close()

@@ -163,6 +163,10 @@ class ForkServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-S", "-E", _SERVER_FILE, str(b.fileno())], pass_fds=(b.fileno(),),
                 stdin=subprocess.DEVNULL, close_fds=True, env={},
+                # its own process group: Ctrl-C at the terminal (sent to pure's group) is pure's
+                # to handle, and reached the server before it could ignore it, while it loaded
+                # its modules (a KeyboardInterrupt traceback on pure's stderr)
+                process_group=0,
             )
         except OSError as e:
             a.close()
