@@ -243,6 +243,28 @@ def test_a_path_the_collector_removes_meanwhile_is_skipped(store, tmp_path, monk
     assert r.entries_added == 3 and r.skipped == 0
 
 
+def test_a_path_the_collector_removes_before_its_file_is_read_is_skipped(store, tmp_path, monkeypatch):
+    """A path that `pure gc` moved aside after the walk had listed a file and before that file
+    was read ended the run with "error: cannot read '.../f': No such file or directory" (seen
+    under a stress run: optimise and gc at once).  It is skipped, as a path collected later is."""
+    from purestore.store import optimise as opt
+    a, b, big = _paths(store, tmp_path)
+    gone = {}
+
+    def collect_then_hash(path):
+        rp = store.real_path(b)
+        if path.startswith(rp + "/") and os.path.lexists(rp):
+            os.rename(rp, f"{store.real_store_dir}/.gc-trash-{b.name}")  # as the collector does
+            gone[b] = True
+        return real_hash(path)
+    real_hash = opt.hash_path
+    monkeypatch.setattr(opt, "hash_path", collect_then_hash)
+    r = opt.optimise_store(store, [b])
+    assert gone == {b: True} and r.linked == 0 and r.entries_added == 0 and r.skipped >= 1
+    r = opt.optimise_store(store, [a])  # (the rest is as before)
+    assert r.entries_added == 3 and r.skipped == 0
+
+
 def test_a_leftover_temporary_of_a_killed_run_whose_pid_is_now_ours_is_removed(store, tmp_path):
     """A run killed mid-link leaves <store dir>/.tmp-link-<pid>-<n>; when a later run gets the
     same pid (pids are reused), the leftover is not "of a process that is gone", and its first

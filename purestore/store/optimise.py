@@ -145,7 +145,10 @@ class _Optimiser:
             return  # linked already
         if st.st_size == 0:
             return  # nothing to save (Nix links empty files too; they cost no blocks)
-        h, _ = hash_path(path)
+        h = _hash_unless_gone(path)
+        if h is None:  # its path was collected meanwhile (after the walk saw the file)
+            self.skipped += 1
+            return
         name = h.nix32
         link = os.path.join(self.links, name)
         for _attempt in range(3):
@@ -172,10 +175,10 @@ class _Optimiser:
                 self.linked_inodes.add(st.st_ino)
                 return
             if name not in self.checked:
-                try:
-                    good = stat.S_ISREG(lst.st_mode) and hash_path(link)[0] == h
-                except FileNotFoundError:  # the collector removed the entry meanwhile
+                got = _hash_unless_gone(link) if stat.S_ISREG(lst.st_mode) else False
+                if got is None:  # the collector removed the entry meanwhile
                     continue
+                good = got == h
                 if not good:  # a damaged entry: this file (just hashed) takes its place
                     tmp = self._tmp()
                     try:
@@ -240,6 +243,19 @@ class _Optimiser:
             _unlink_quietly(tmp)
             raise _fail("replace", path, e) from e
         return True
+
+
+def _hash_unless_gone(path: str):
+    """The NAR hash of the file ``path``; None when it is gone (hash_path says so as a
+    StoreError "cannot read ...: No such file or directory", whose cause is the OSError)."""
+    try:
+        return hash_path(path)[0]
+    except FileNotFoundError:
+        return None
+    except StoreError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise
 
 
 def _unlink_quietly(path: str) -> None:
