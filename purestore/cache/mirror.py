@@ -39,7 +39,6 @@ import attrs
 import trio
 
 from ..errors import CacheError, CopyIncomplete, NarError, ProvenanceError, SignatureError
-from ..formats.nar import NarRegular, parse_nar
 from ..formats.narinfo import NarInfo
 from ..formats.signing import SecretKey, parse_public_keys, verify_any
 from ..formats.store_path import StorePath
@@ -49,7 +48,7 @@ from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, backend_for, check_name, file_url, parse_url
 from .fetch import stream_to_thread
 from .info import read_cache_info
-from .nar_jobs import VerifyingReader, nar_listing
+from .nar_jobs import VerifyingReader, read_checked
 from .progress import Progress
 from .debug_info import debug_info_members, write_debug_links
 from .destination import cached_paths, ensure_cache_info, mark_present, nar_temp_dir, push_lock
@@ -340,24 +339,8 @@ async def _copy_nar(src, dst, ni: NarInfo, tmp_dir: str | None, write_listing: b
                     except OSError as e:
                         raise CacheError(f"cannot write {tmp!r}: {e.strerror}") from e
                 return c
-            reader = VerifyingReader(tee, ni, where, progress)
-            listing = None
-            try:  # parsed, as a substitution and `cache verify --check-contents` parse it
-                if write_listing:
-                    listing = nar_listing(reader)
-                else:
-                    for ev in parse_nar(reader):
-                        if isinstance(ev, NarRegular):
-                            for _ in ev.chunks:
-                                pass
-            except NarError as e:
-                while reader.read():  # a size or hash mismatch explains a bad NAR better
-                    pass
-                reader.verify()
-                raise CacheError(f"NAR {where} is invalid: {e}") from e
-            while reader.read():
-                pass
-            reader.verify()
+            # parsed, as a substitution and `cache verify --check-contents` parse it
+            listing = read_checked(VerifyingReader(tee, ni, where, progress), listing=write_listing)
         return listing
 
     try:

@@ -213,6 +213,31 @@ def restore_stream(next_chunk, ni: NarInfo, where: str, tmp: str, progress: Prog
             ahead.close()
 
 
+def read_checked(reader: "VerifyingReader", *, listing: bool = False) -> bytes | None:
+    """Read the NAR of ``reader`` to its end, parsed (as a substitution parses it), then check
+    its sizes and hashes; the ``.ls`` listing of it with ``listing``.  A NAR that does not parse
+    is a :class:`CacheError` naming it, unless its size or hash explains it better (then that)."""
+    from ..formats import nar as _nar
+    made = None
+    try:
+        if listing:
+            made = nar_listing(reader)
+        else:
+            for ev in _nar.parse_nar(reader):
+                if isinstance(ev, _nar.NarRegular):
+                    for _ in ev.chunks:
+                        pass
+    except NarError as e:
+        while reader.read():  # a size or hash mismatch explains a bad NAR better
+            pass
+        reader.verify()
+        raise CacheError(f"NAR {reader.where} is invalid: {e}") from e
+    while reader.read():
+        pass
+    reader.verify()
+    return made
+
+
 def nar_listing(nar_source) -> bytes:
     """The ``.ls`` JSON listing of a NAR read from ``nar_source`` (as Nix writes it)."""
     from ..formats import nar as _nar

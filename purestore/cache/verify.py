@@ -34,7 +34,7 @@ from ._nursery import open_nursery
 from .backend import CacheMissing, FileBackend, check_name, backend_for, file_url
 from .fetch import TINY_NAR, stream_to_thread
 from .info import read_cache_info
-from .nar_jobs import VerifyingReader
+from .nar_jobs import VerifyingReader, read_checked
 from .progress import Progress
 
 CONCURRENCY = 16  # narinfos checked at once (their requests share the connection pool)
@@ -191,22 +191,10 @@ async def _check(backend, sd: str, name: str, trusted, nar_limit: trio.CapacityL
 
 async def check_nar(backend, ni: NarInfo, name: str, progress) -> None:
     """Read the NAR file whole through the substituter's verifying reader, parse the NAR."""
-    from ..formats.nar import NarRegular, parse_nar
     where = file_url(backend.url, ni.url)
 
     def read_all(next_chunk) -> None:
-        reader = VerifyingReader(next_chunk, ni, where, progress)
-        try:
-            for ev in parse_nar(reader):
-                if isinstance(ev, NarRegular):
-                    for _ in ev.chunks:
-                        pass
-        except NarError as e:
-            while reader.read():  # a size or hash mismatch explains a bad NAR better
-                pass
-            reader.verify()
-            raise CacheError(f"NAR {where} is invalid: {e}") from e
-        reader.verify()
+        read_checked(VerifyingReader(next_chunk, ni, where, progress))
 
     if ni.nar_size <= TINY_NAR and ni.file_size is not None and ni.file_size <= TINY_NAR:
         # a few KiB (most paths of a cache of small ones): read whole and checked here, which

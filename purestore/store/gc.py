@@ -180,6 +180,16 @@ def _resolve_link(link: str, store_dir: str, real_store_dir: str) -> tuple[Store
     return None, True
 
 
+def _unlink_stale(link: str, what: str) -> None:
+    """Remove ``link`` (found stale by the root scan); gone already is fine."""
+    try:
+        os.unlink(link)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot remove {what} {link!r}: {e.strerror}") from e
+
+
 def _walk_links(top: str) -> Iterable[str]:
     """Every symlink under ``top`` (not following symlinked directories)."""
     stack = [top]
@@ -223,22 +233,12 @@ def find_roots(store, *, prune_stale: bool = True, include_temp: bool = True) ->
         elif not exists and link.startswith(auto + "/"):  # like Nix, only gcroots/auto is pruned
             stale.append(link)
             if prune_stale:
-                try:
-                    os.unlink(link)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise StoreError(f"cannot remove stale GC root {link!r}: {e.strerror}") from e
+                _unlink_stale(link, "stale GC root")
     for link in _walk_links(profiles_dir(state)):
         if stale_profile_temp(os.path.basename(link)):
             stale.append(link)
             if prune_stale:
-                try:
-                    os.unlink(link)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise StoreError(f"cannot remove the leftover profile link {link!r}: {e.strerror}") from e
+                _unlink_stale(link, "the leftover profile link")
             continue
         sp, _exists = _resolve_link(link, sd, rsd)
         if sp is not None:
