@@ -73,14 +73,9 @@ def run_pure(*args, root=None, store_dir=None, input=None, check=True, env=None,
     return p
 
 
-def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
-    """Run `pure ARGS` with its stderr on a pseudo-terminal (so that it draws its live status
-    line); returns (exit status, stdout bytes, everything written to the terminal)."""
-    import pty
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", *map(str, args)], cwd=cwd, env=env,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
+def read_pty(master: int) -> bytes:
+    """Everything written to a pseudo-terminal, read from its ``master`` side until every
+    process has closed the other side."""
     data = b""
     while True:
         try:
@@ -90,6 +85,18 @@ def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
         if not chunk:
             break
         data += chunk
+    return data
+
+
+def run_pure_on_tty(*args, env, cwd, timeout=120) -> tuple[int, bytes, str]:
+    """Run `pure ARGS` with its stderr on a pseudo-terminal (so that it draws its live status
+    line); returns (exit status, stdout bytes, everything written to the terminal)."""
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", *map(str, args)], cwd=cwd, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    data = read_pty(master)
     out = p.communicate(timeout=timeout)[0]
     os.close(master)
     return p.returncode, out, data.decode()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, held_sleep, pure_env, release
+from conftest import REPO, held_sleep, pure_env, read_pty, release
 from test_gc import _build, _skip_unless_builds_run, busybox_expr
 
 TOOLS = '''
@@ -515,15 +515,7 @@ def _interactive(expr, tmp_path, store_root, *args, env) -> str:
                          start_new_session=True)
     os.close(slave)
     os.write(master, b'echo "P=$PATH"; echo "S=$PS1"; echo "M=$MARK"; echo "E=$ENV"; exit\n')
-    data = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the other side is closed
-            break
-        if not chunk:
-            break
-        data += chunk
+    data = read_pty(master)
     os.close(master)
     assert p.wait(timeout=120) == 0, data
     return data.decode(errors="replace").replace("\r", "")
