@@ -34,6 +34,7 @@ import attrs
 from .. import __version__
 from ..errors import SbomError
 from ..formats.hash import Hash
+from .sbom_validation import validate_cyclonedx, validate_spdx
 
 FORMATS = ("cyclonedx-json", "spdx-json")
 
@@ -384,30 +385,6 @@ def _uri_reference(url: str) -> str:
     return head + sep + fragment.replace("#", "%23")
 
 
-def validate_cyclonedx(text: str) -> None:
-    """Validate CycloneDX JSON against the official schema bundled with cyclonedx-python-lib.
-
-    Raises :class:`SbomError` with the first schema violation.
-    """
-    from cyclonedx.schema import SchemaVersion
-    from cyclonedx.validation.json import JsonStrictValidator
-
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise SbomError(f"CycloneDX document is not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise SbomError(f"CycloneDX document is not a JSON object but {type(doc).__name__}")
-    version = doc.get("specVersion", "1.6")
-    try:
-        sv = SchemaVersion.from_version(version)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SbomError(f"unknown CycloneDX spec version {version!r}") from e
-    err = JsonStrictValidator(sv).validate_str(text)
-    if err is not None:
-        raise SbomError(f"CycloneDX document does not validate against the {version} schema: {err}")
-
-
 # -- SPDX 2.3 --------------------------------------------------------------------------------
 
 _SPDX_ALGO = {"sha256": "SHA256", "sha1": "SHA1", "sha512": "SHA512", "md5": "MD5"}
@@ -508,7 +485,6 @@ def render(sbom: Sbom, fmt: str, now: datetime.datetime | None = None, validate:
     if fmt == "spdx-json":
         text = render_spdx(sbom, now)
         if validate:
-            from .sbom_validation import validate_spdx
             validate_spdx(text)
         return text
     raise SbomError(f"unknown SBOM format {fmt!r}, expected one of {', '.join(FORMATS)}")

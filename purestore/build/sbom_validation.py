@@ -1,7 +1,7 @@
-"""Checking an SPDX 2.3 JSON document with the SPDX project's own tools (spdx-tools).
+"""Checking the SBOM documents pure writes (``pure sbom --validate``).
 
 CycloneDX documents are checked against the official schema bundled with cyclonedx-python-lib
-(:func:`purestore.build.sbom.validate_cyclonedx`).  For SPDX the project's reference
+(:func:`validate_cyclonedx`).  For SPDX 2.3 the project's reference
 implementation, spdx-tools, does more than a JSON schema can: its parser refuses fields of the
 wrong type or shape (a bad date, an unknown relationship type, a malformed checksum), and its
 validator then checks the document against the specification (SPDX identifiers and their
@@ -16,6 +16,36 @@ import json
 from ..errors import SbomError
 
 _MAX_SHOWN = 5
+
+
+def _json_object(text: str, kind: str) -> dict:
+    """``text`` parsed, which must be a JSON object; else an :class:`SbomError` naming ``kind``."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise SbomError(f"{kind} document is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise SbomError(f"{kind} document is not a JSON object but {type(doc).__name__}")
+    return doc
+
+
+def validate_cyclonedx(text: str) -> None:
+    """Validate CycloneDX JSON against the official schema bundled with cyclonedx-python-lib.
+
+    Raises :class:`SbomError` with the first schema violation.
+    """
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    doc = _json_object(text, "CycloneDX")
+    version = doc.get("specVersion", "1.6")
+    try:
+        sv = SchemaVersion.from_version(version)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SbomError(f"unknown CycloneDX spec version {version!r}") from e
+    err = JsonStrictValidator(sv).validate_str(text)
+    if err is not None:
+        raise SbomError(f"CycloneDX document does not validate against the {version} schema: {err}")
 
 
 def validate_spdx(text: str) -> None:
@@ -33,12 +63,7 @@ def validate_spdx(text: str) -> None:
         raise SbomError(f"cannot validate SPDX: the SPDX project's validator (spdx-tools) is not "
                         f"installed ({e})", hint="install purestore with its dependencies "
                         "(spdx-tools), or validate the CycloneDX output instead") from e
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise SbomError(f"SPDX document is not JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SbomError(f"SPDX document is not a JSON object but {type(data).__name__}")
+    data = _json_object(text, "SPDX")
     version = data.get("spdxVersion")
     try:
         doc = JsonLikeDictParser().parse(data)
