@@ -73,6 +73,18 @@ def run_pure(*args, root=None, store_dir=None, input=None, check=True, env=None,
     return p
 
 
+def read_until(proc, *words: str) -> list[str]:
+    """Lines of ``proc``'s stderr (text) up to the first that holds every one of ``words``; the
+    test fails, with what was said, if the process ends first."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if all(w in line for w in words):
+            return seen
+    rest = proc.communicate()[1]
+    pytest.fail(f"no line with {' and '.join(map(repr, words))}: {''.join(seen)}{rest}"[-2000:])
+
+
 def read_pty(master: int) -> bytes:
     """Everything written to a pseudo-terminal, read from its ``master`` side until every
     process has closed the other side."""

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import blocked_on_lock, held_sleep, pure_env, release, sandbox_build_reason
+from conftest import blocked_on_lock, held_sleep, pure_env, read_until, release, sandbox_build_reason
 from purestore.formats.hash import fold20, nix32_encode
 from purestore.formats.path_info import PathInfo
 from purestore.formats.store_path import StorePath
@@ -218,14 +218,7 @@ def test_gc_during_a_build_keeps_what_the_build_uses(pure, tmp_path, store_root)
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", expr], cwd=tmp_path,
                             env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "building" in line:
-                break
-        else:
-            out, err = proc.communicate()
-            pytest.fail(f"pure build did not start building: {''.join(seen)}{err}"[-2000:])
+        seen = read_until(proc, "building")  # (pure build started building)
         p = pure("gc", "--json")
         assert release(held), "the builder's sleep was not found"
         deleted = json.loads(p.stdout)["deleted"]
@@ -260,14 +253,7 @@ def test_gc_during_a_build_keeps_inputs_that_were_valid_before_it(pure, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "purestore.cli.main", "build", expr], cwd=tmp_path,
                             env=pure_env(store_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "building" in line and "gc-slow" in line:
-                break
-        else:
-            out, err = proc.communicate()
-            pytest.fail(f"pure build did not start building: {''.join(seen)}{err}"[-2000:])
+        seen = read_until(proc, "building", "gc-slow")  # (pure build started building)
         deleted = json.loads(pure("gc", "--json").stdout)["deleted"]
         assert release(held), "gc-slow's sleep was not found"
         assert dep not in deleted

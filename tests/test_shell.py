@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, held_sleep, pure_env, read_pty, release
+from conftest import REPO, held_sleep, pure_env, read_pty, read_until, release
 from test_gc import _build, _skip_unless_builds_run, busybox_expr
 
 TOOLS = '''
@@ -275,13 +275,7 @@ def test_build_inputs_found_valid_are_kept_by_a_gc_while_others_build(pure, expr
                             cwd=tmp_path, env=pure_env(store_root), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        seen = []
-        for line in proc.stderr:  # the shell builds slowin again: collect meanwhile
-            seen.append(line)
-            if "building" in line and "slowin" in line:
-                break
-        else:
-            pytest.fail("pure shell did not build slowin: " + "".join(seen))
+        seen = read_until(proc, "building", "slowin")  # the shell builds slowin again: collect meanwhile
         deleted = pure("gc").stdout.split()
         assert release(SLOWIN), "slowin's sleep was not found"
         out, err = proc.communicate(timeout=120)
@@ -332,7 +326,7 @@ def test_pure_inside_the_shell_uses_the_store_named_with_the_store_option(expr, 
                  'echo "$PURE_STORE $PURE_STORE_DIR"', cwd=tmp_path)
     assert r.stdout == f"{store_root} /pure/store\n"
     r = run_pure("--store", store_root, "run", expr, "-A", "tools", "--program", "sh", "--", "-c",
-                 f'echo "$PURE_STORE"', cwd=tmp_path)
+                 'echo "$PURE_STORE"', cwd=tmp_path)
     assert r.stdout == f"{store_root}\n"
 
 
